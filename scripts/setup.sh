@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets up everything Tutela needs on a fresh Debian machine with Rust and Python 3, then builds the
+# workspace. Idempotent, and quick the second time: each step checks before it installs.
+#
+#   - .venv/: a Python virtualenv with the test suite's packages (tests/python/requirements.txt)
+#     and, once the site node trains with libtorch, the torch==2.11.0 wheel (scripts/setup-torch.sh);
+#   - the workspace's binaries (cargo build), in target/debug.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "python3 not found: apt-get install python3 python3-venv" >&2; exit 1; }
+
+# The virtualenv. Debian's python3 needs python3-venv for `-m venv`.
+if [ ! -x .venv/bin/python ]; then
+    say "creating the Python virtualenv .venv"
+    if ! python3 -m venv .venv 2>/dev/null; then
+        if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+            rm -rf .venv && python3 -m venv .venv
+        else
+            echo "python3 -m venv failed: install python3-venv" >&2; exit 1
+        fi
+    fi
+fi
+
+# Python packages, re-installed only when the requirements file changes.
+req_stamp=".venv/.tutela-requirements.sha256"
+req_hash=$(sha256sum tests/python/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
+    say "installing Python test packages"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+    echo "$req_hash" > "$req_stamp"
+fi
+
+if [ -f scripts/setup-torch.sh ]; then
+    # shellcheck source=/dev/null
+    source scripts/setup-torch.sh
+fi
+
+say "building the workspace"
+cargo build --workspace --bins --quiet

@@ -1,0 +1,116 @@
+//! Helpers shared by the end-to-end tests: locating the workspace's binaries and the test
+//! virtualenv's Python, starting real processes, and cleaning them up.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A binary of this workspace, built next to the test executable (`cargo test --workspace`
+/// builds every package's binaries before it runs any test).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// The Python of the test virtualenv (`TUTELA_PYTHON`, else `.venv/bin/python` in the repository),
+/// which the README's test command sets up with the packages in tests/python/requirements.txt.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("TUTELA_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = repo_root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run ./scripts/test.sh, which creates the test virtualenv",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command to completion; panics with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A free loopback port (bound then released; the tests bind it again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr} after {timeout:?}");
+}
+
+/// A child process that is killed when the guard is dropped, so a failing test leaves no
+/// server running.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        ChildGuard(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends a signal (e.g. `HUP`, `KILL`) with the system's `kill` command.
+    pub fn signal(&self, sig: &str) {
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(self.pid().to_string()),
+        );
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
