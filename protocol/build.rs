@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/tutela/v1/tensor.proto", "proto/tutela/v1/transport.proto"];
+    let protos = [
+        "proto/tutela/v1/tensor.proto",
+        "proto/tutela/v1/transport.proto",
+        "proto/tutela/v1/federation.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -12,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds_bytes = prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("tutela_descriptor.bin"), fds_bytes)?;
     tonic_prost_build::configure()
+        // Clients connect through tutela_protocol::client (mutual TLS), never tonic's plain
+        // `connect`, which would also clash with the Federation.Connect RPC.
+        .build_transport(false)
         // Tensor payloads are `bytes::Bytes`, so a received chunk is sliced from the HTTP/2 frame
         // buffer instead of copied into a fresh Vec.
         .bytes(".tutela.v1.TensorChunk.data")

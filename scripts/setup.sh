@@ -3,7 +3,7 @@
 # workspace. Idempotent, and quick the second time: each step checks before it installs.
 #
 #   - .venv/: a Python virtualenv with the test suite's packages (tests/python/requirements.txt)
-#     and, once the site node trains with libtorch, the torch==2.11.0 wheel (scripts/setup-torch.sh);
+#     and the torch==2.11.0 wheel whose libtorch the site node links (scripts/setup-torch.sh);
 #   - the workspace's binaries (cargo build), in target/debug.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,10 +35,11 @@ if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
     echo "$req_hash" > "$req_stamp"
 fi
 
-if [ -f scripts/setup-torch.sh ]; then
-    # shellcheck source=/dev/null
-    source scripts/setup-torch.sh
-fi
+# libtorch for the site node: the torch==2.11.0 wheel in the same virtualenv, and the build
+# environment that points torch-sys at it.
+scripts/setup-torch.sh
+# shellcheck source=scripts/torch-env.sh
+source scripts/torch-env.sh
 
 say "building the workspace"
 cargo build --workspace --bins --quiet

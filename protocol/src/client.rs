@@ -142,6 +142,8 @@ fn endpoint(addr: &str, tls: ClientTls) -> Result<(Endpoint, MtlsConnector), Cli
         .connect_timeout(Duration::from_secs(10))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // Large HTTP/2 frames for the server's tensor chunks (16 KiB by default).
+        .max_frame_size(1u32 << 20)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .tcp_nodelay(true);

@@ -86,6 +86,14 @@ impl DirModelStore {
     }
 }
 
+/// The digest a (validated) model id names.
+pub fn model_id_digest(model_id: &str) -> Result<[u8; 32], Status> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(model_id, &mut out)
+        .map_err(|_| Status::invalid_argument(format!("model id {model_id:?} is not hex")))?;
+    Ok(out)
+}
+
 type FrameResultStream = Pin<Box<dyn Stream<Item = Result<pb::TensorFrame, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -124,7 +132,8 @@ impl pb::model_exchange_server::ModelExchange for DirModelStore {
             )));
         }
         let source = SafetensorsFileSource::open(&path).map_err(Status::from)?;
-        let frames = stream::send(source).map(|r| r.map_err(Status::from));
+        let digest = model_id_digest(&request.get_ref().model_id)?;
+        let frames = stream::send_known_digest(source, digest).map(|r| r.map_err(Status::from));
         Ok(Response::new(Box::pin(frames)))
     }
 }

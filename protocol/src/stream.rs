@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
@@ -38,7 +38,7 @@ pub const MAX_FRAME_BYTES: usize = MAX_CHUNK_BYTES + 64 * 1024;
 
 /// Frames queued between the network and the blocking worker, each at most one chunk: this bounds
 /// the receiver's buffering to a few chunks whatever the model size.
-const QUEUE_FRAMES: usize = 4;
+const QUEUE_FRAMES: usize = 2;
 
 /// The digest of a tensor stream: SHA-256 over a domain-separation tag, the manifest's
 /// [canonical encoding](Manifest::canonical_bytes), then every tensor byte in manifest order.
@@ -434,8 +434,9 @@ where
 /// A model to send: its manifest, and its tensor bytes as one sequential reader in manifest order.
 pub trait TensorSource: Send + 'static {
     fn manifest(&self) -> &Manifest;
-    /// Reads tensor data; the concatenation of all tensors in manifest order.
-    fn read_data(&mut self, buf: &mut [u8]) -> io::Result<()>;
+    /// Returns the next `len` bytes of tensor data (the concatenation of all tensors in manifest
+    /// order). Returning `Bytes` lets an in-memory source hand out slices without copying.
+    fn read_chunk(&mut self, len: usize) -> io::Result<Bytes>;
 }
 
 /// Frames of a model being sent, produced on a blocking thread (reading and hashing) a few chunks
@@ -453,7 +454,18 @@ impl Stream for FrameStream {
 
 /// Encodes `source` as a tensor stream. A read error ends the stream with that error as its last
 /// item (and no trailer), so the receiver discards what it got.
-pub fn send<S: TensorSource>(mut source: S) -> FrameStream {
+pub fn send<S: TensorSource>(source: S) -> FrameStream {
+    send_inner(source, None)
+}
+
+/// Like [`send`], for a source whose stream digest is already known (a file of the
+/// content-addressed store is named by it): the sender skips hashing, and the receiver still
+/// checks every byte against it, which also catches a file damaged at rest.
+pub fn send_known_digest<S: TensorSource>(source: S, digest: [u8; 32]) -> FrameStream {
+    send_inner(source, Some(digest))
+}
+
+fn send_inner<S: TensorSource>(mut source: S, known: Option<[u8; 32]>) -> FrameStream {
     let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
     tokio::task::spawn_blocking(move || {
         let manifest = source.manifest().clone();
@@ -463,23 +475,35 @@ pub fn send<S: TensorSource>(mut source: S) -> FrameStream {
         if tx.blocking_send(Ok(first)).is_err() {
             return;
         }
-        let mut digest = StreamDigest::new(&manifest);
+        let mut digest = known.is_none().then(|| StreamDigest::new(&manifest));
         for index in 0..manifest.len() {
             let len = manifest.byte_len(index);
             let mut offset = 0u64;
             while offset < len {
                 let n = (len - offset).min(MAX_CHUNK_BYTES as u64) as usize;
-                let mut buf = BytesMut::zeroed(n);
-                if let Err(e) = source.read_data(&mut buf) {
-                    let _ = tx.blocking_send(Err(StreamError::Source(e)));
-                    return;
+                let data = match source.read_chunk(n) {
+                    Ok(d) if d.len() == n => d,
+                    Ok(d) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the source gave {} bytes where {n} were due", d.len()),
+                        );
+                        let _ = tx.blocking_send(Err(StreamError::Source(e)));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(StreamError::Source(e)));
+                        return;
+                    }
+                };
+                if let Some(d) = digest.as_mut() {
+                    d.update(&data);
                 }
-                digest.update(&buf);
                 let frame = pb::TensorFrame {
                     frame: Some(Frame::Chunk(pb::TensorChunk {
                         tensor_index: index as u32,
                         offset,
-                        data: buf.freeze(),
+                        data,
                     })),
                 };
                 if tx.blocking_send(Ok(frame)).is_err() {
@@ -490,7 +514,11 @@ pub fn send<S: TensorSource>(mut source: S) -> FrameStream {
         }
         let trailer = pb::TensorFrame {
             frame: Some(Frame::Trailer(pb::StreamTrailer {
-                sha256: digest.finish().to_vec(),
+                sha256: match (known, digest) {
+                    (Some(k), _) => k.to_vec(),
+                    (None, Some(d)) => d.finish().to_vec(),
+                    (None, None) => Vec::new(),
+                },
                 total_bytes: manifest.total_bytes(),
             })),
         };
@@ -695,22 +723,30 @@ impl TensorSource for MemorySource {
         &self.manifest
     }
 
-    fn read_data(&mut self, mut buf: &mut [u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            let cur = self.data.get(self.index).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "read past the last tensor")
-            })?;
-            let avail = &cur[self.offset..];
-            let n = avail.len().min(buf.len());
-            buf[..n].copy_from_slice(&avail[..n]);
-            buf = &mut buf[n..];
-            self.offset += n;
-            if self.offset == cur.len() {
-                self.index += 1;
-                self.offset = 0;
-            }
+    fn read_chunk(&mut self, len: usize) -> io::Result<Bytes> {
+        // Skip finished (and empty) tensors.
+        while self
+            .data
+            .get(self.index)
+            .is_some_and(|d| self.offset == d.len())
+        {
+            self.index += 1;
+            self.offset = 0;
         }
-        Ok(())
+        let cur = self.data.get(self.index).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "read past the last tensor")
+        })?;
+        // The encoder never asks across a tensor boundary, so this is a slice, not a copy.
+        let end = self.offset + len;
+        if end > cur.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a chunk may not span two tensors",
+            ));
+        }
+        let chunk = cur.slice(self.offset..end);
+        self.offset = end;
+        Ok(chunk)
     }
 }
 
@@ -718,7 +754,7 @@ impl TensorSource for MemorySource {
 /// the file is read front to back once, never mapped or loaded whole).
 pub struct SafetensorsFileSource {
     manifest: Manifest,
-    reader: io::BufReader<File>,
+    file: File,
 }
 
 impl SafetensorsFileSource {
@@ -777,10 +813,7 @@ impl SafetensorsFileSource {
         }
         file.seek(SeekFrom::Start(8 + header_len))
             .map_err(StreamError::Source)?;
-        Ok(SafetensorsFileSource {
-            manifest,
-            reader: io::BufReader::with_capacity(1 << 20, file),
-        })
+        Ok(SafetensorsFileSource { manifest, file })
     }
 }
 
@@ -789,9 +822,69 @@ impl TensorSource for SafetensorsFileSource {
         &self.manifest
     }
 
-    fn read_data(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.reader.read_exact(buf)
+    fn read_chunk(&mut self, len: usize) -> io::Result<Bytes> {
+        // Straight from the file into a fresh buffer: chunks are large, so a BufReader would
+        // only add a copy, and read_to_end does not zero the buffer first.
+        let mut buf = Vec::with_capacity(len);
+        (&mut self.file).take(len as u64).read_to_end(&mut buf)?;
+        Ok(Bytes::from(buf))
     }
+}
+
+/// Stores a model held in memory in `dir` as `<stream digest>.safetensors`, exactly as if it had
+/// been received as a stream (same file, same id). Returns the digest and the path.
+pub fn store_model(
+    dir: &Path,
+    manifest: &Manifest,
+    tensors: &[&[u8]],
+) -> Result<([u8; 32], PathBuf), StreamError> {
+    if tensors.len() != manifest.len() {
+        return Err(StreamError::Source(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} data buffers for {} tensors",
+                tensors.len(),
+                manifest.len()
+            ),
+        )));
+    }
+    let mut sink = SafetensorsFileSink::content_addressed(dir);
+    sink.begin(manifest)?;
+    let mut digest = StreamDigest::new(manifest);
+    for (i, data) in tensors.iter().enumerate() {
+        if data.len() as u64 != manifest.byte_len(i) {
+            return Err(StreamError::Source(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "tensor {:?} has {} bytes, its shape needs {}",
+                    manifest.tensors()[i].name,
+                    data.len(),
+                    manifest.byte_len(i)
+                ),
+            )));
+        }
+        digest.update(data);
+        sink.write(i, 0, data)?;
+    }
+    let digest = digest.finish();
+    let path = sink.commit(&digest)?;
+    Ok((digest, path))
+}
+
+/// Reads a whole safetensors model into memory: its manifest and each tensor's bytes.
+pub fn load_model(path: &Path) -> Result<(Manifest, Vec<Vec<u8>>), StreamError> {
+    let mut source = SafetensorsFileSource::open(path)?;
+    let manifest = source.manifest().clone();
+    let mut data = Vec::with_capacity(manifest.len());
+    for i in 0..manifest.len() {
+        let bytes = source
+            .read_chunk(manifest.byte_len(i) as usize)
+            .map_err(|e| {
+                StreamError::Source(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+            })?;
+        data.push(bytes.to_vec());
+    }
+    Ok((manifest, data))
 }
 
 #[cfg(test)]
