@@ -1,4 +1,45 @@
 //! The site node: the agent a hospital or bank runs next to its data.
 //!
-//! Training with tch/libtorch and the `tutela-node` binary arrive with the issue "Federated
-//! training end to end". Until then this crate does not link libtorch.
+//! This crate is the node's library; the `tutela-node` binary and its coordinator client build on
+//! it. What is here is the local-training core, each concern in its own module:
+//!
+//! - [`data`]: dataset schemas (TOML), CSV loading with errors that name file, line and column,
+//!   stratified splits, non-IID site shards for demos, feature standardisation.
+//! - [`models`]: the model registry (`mlp`, `cnn`) and [`models::Model`], a network with its
+//!   parameters, built deterministically from a name, a [`models::ModelSpec`] and a seed.
+//! - [`train`]: local training (SGD/Adam, FedProx) behind a [`train::GradientStep`] seam that
+//!   DP-SGD will implement, and evaluation.
+//! - [`weights`]: a model's parameters as named little-endian tensors (the wire format of
+//!   `tutela_protocol::tensor`), loading them back with checks, safetensors files, deltas.
+//!
+//! On top of the core, the node itself:
+//!
+//! - [`config`]: `node.toml` (every key documented in `deploy/config/node.toml`).
+//! - [`local`]: the site's configured datasets, loaded once, split and standardised.
+//! - [`jobspec`]: what the node reads of a task's job spec and strategy settings.
+//! - [`agent`]: the agent loop: connect out over mutual TLS, check each task
+//!   ([`agent::TaskGate::check_task`]), initialise, evaluate and train, filter the update
+//!   ([`agent::UpdateFilter`]), upload; reconnect with backoff.
+//! - [`offline`]: scoring a published model (`tutela-node evaluate`, `predict`) and the
+//!   centralised baseline (`tutela-node centralized`).
+//!
+//! Everything runs on CUDA when [`tch::Cuda::is_available`], on the CPU otherwise; see
+//! [`default_device`].
+
+pub mod agent;
+pub mod config;
+pub mod data;
+pub mod jobspec;
+pub mod local;
+pub mod models;
+pub mod offline;
+pub mod train;
+pub mod weights;
+
+/// The device training should use: the first CUDA GPU when libtorch sees one, the CPU otherwise.
+///
+/// libtorch_cuda is only visible when the binary keeps libtorch in its NEEDED list, which this
+/// crate's build script arranges (`--no-as-needed -ltorch`).
+pub fn default_device() -> tch::Device {
+    tch::Device::cuda_if_available()
+}

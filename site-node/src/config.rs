@@ -1,0 +1,299 @@
+//! The node's configuration file (`tutela-node run --config node.toml`).
+//!
+//! Parsed strictly: an unknown key is an error, never a silently ignored setting, and every
+//! error names the key it is about (toml's own messages name the key and show the line; our
+//! range checks say `datasets.breast_cancer.validation_fraction`). Relative paths are resolved
+//! against the directory of the config file, so a config works whatever directory the service
+//! starts in. Every key is documented in `deploy/config/node.toml`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tutela_protocol::identity::validate_segment;
+use tutela_protocol::tls::TlsFiles;
+
+/// Why the configuration cannot be used. Every variant names the file, and the key where there
+/// is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the config file: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or not the shape of a node config: toml's message names the key and shows the
+    /// offending line (unknown key, missing key, wrong type, unknown value).
+    #[error("{}: {message}", .path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// Well-formed, but a value is out of range.
+    #[error("{}: `{key}` {problem}", .path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key a range error is about (`None` for a syntax error, whose message names it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// The whole `node.toml`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The site this node serves; must equal the site in the node certificate.
+    pub site: String,
+    /// The coordinator's `HOST:PORT`; HOST must be a name or address in its certificate.
+    pub coordinator: String,
+    pub tls: TlsFiles,
+    /// The node's own directory: received global models are kept under `models/`.
+    pub work_dir: PathBuf,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Local datasets by the schema name jobs use (`data.schema` in a job spec).
+    #[serde(default)]
+    pub datasets: BTreeMap<String, DatasetConfig>,
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// Misbehaviour for tests of the coordinator. Never in production.
+    #[serde(default)]
+    pub testing: Option<TestingConfig>,
+}
+
+/// Where training runs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The first CUDA GPU when libtorch sees one, the CPU otherwise.
+    #[default]
+    Auto,
+    Cpu,
+    /// A CUDA GPU; the node refuses to start without one.
+    Cuda,
+}
+
+/// `[datasets.<schema>]`: one local dataset.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// The CSV file (gzip-compressed when its name ends in `.gz`).
+    pub csv: PathBuf,
+    /// The dataset schema (TOML) that says which columns are features and which is the label.
+    pub schema: PathBuf,
+    /// Share of every class kept aside to evaluate each round's global model, in (0, 1).
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Seed of the stratified train/validation split, so the split is the same at every start.
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+fn default_validation_fraction() -> f64 {
+    0.2
+}
+
+/// `[reconnect]`: exponential backoff between connection attempts.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff_secs: f64,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: f64,
+}
+
+fn default_initial_backoff() -> f64 {
+    1.0
+}
+
+fn default_max_backoff() -> f64 {
+    60.0
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            initial_backoff_secs: default_initial_backoff(),
+            max_backoff_secs: default_max_backoff(),
+        }
+    }
+}
+
+impl ReconnectConfig {
+    pub fn initial(&self) -> Duration {
+        Duration::from_secs_f64(self.initial_backoff_secs)
+    }
+
+    pub fn max(&self) -> Duration {
+        Duration::from_secs_f64(self.max_backoff_secs)
+    }
+}
+
+/// `[testing]`: ways to misbehave on purpose, for the coordinator's tests (refusing a corrupt
+/// update, closing a round without a node that died). Never set in production.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TestingConfig {
+    /// Corrupts every TRAIN update after it was computed, before it is uploaded.
+    #[serde(default)]
+    pub corrupt_update: Option<Corruption>,
+    /// Fetches the global model of every TRAIN task and then never answers the task.
+    #[serde(default)]
+    pub stall_after_fetch: bool,
+}
+
+/// How `[testing] corrupt_update` spoils an update.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Corruption {
+    /// The first value of the first tensor becomes NaN.
+    Nan,
+    /// The first tensor gains one element (its shape no longer matches the model's).
+    WrongShape,
+    /// Every value is multiplied by 1e6, far beyond any norm bound.
+    Scale,
+}
+
+impl NodeConfig {
+    /// Reads, parses and checks a config file; relative paths are resolved against its directory.
+    pub fn load(path: impl AsRef<Path>) -> Result<NodeConfig, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and checks config text; `origin` names it in errors, and its directory is where
+    /// relative paths start.
+    pub fn from_toml_str(text: &str, origin: impl AsRef<Path>) -> Result<NodeConfig, ConfigError> {
+        let origin = origin.as_ref();
+        let mut config: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate(origin)?;
+        let base = match origin.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        config.resolve_paths(&base);
+        Ok(config)
+    }
+
+    /// Checks every value's range; the error names the first bad key.
+    pub fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            key: key.to_string(),
+            problem,
+        };
+        validate_segment("site", &self.site).map_err(|e| invalid("site", e.to_string()))?;
+        check_host_port(&self.coordinator).map_err(|why| invalid("coordinator", why))?;
+        if self.work_dir.as_os_str().is_empty() {
+            return Err(invalid("work_dir", "must not be empty".into()));
+        }
+        if self.datasets.is_empty() {
+            return Err(invalid(
+                "datasets",
+                "has no dataset: add a [datasets.<schema name>] table with csv and schema".into(),
+            ));
+        }
+        for (name, d) in &self.datasets {
+            let key = |k: &str| format!("datasets.{name}.{k}");
+            validate_segment("dataset", name)
+                .map_err(|e| invalid(&format!("datasets.{name}"), e.to_string()))?;
+            if !(d.validation_fraction > 0.0 && d.validation_fraction < 1.0) {
+                return Err(invalid(
+                    &key("validation_fraction"),
+                    format!(
+                        "must lie strictly between 0 and 1, found {}",
+                        d.validation_fraction
+                    ),
+                ));
+            }
+        }
+        let r = &self.reconnect;
+        // Bounded so that Duration::from_secs_f64 cannot panic and a typo cannot park the node
+        // for a year.
+        const MAX_BACKOFF: f64 = 24.0 * 3600.0;
+        if !(r.initial_backoff_secs.is_finite()
+            && r.initial_backoff_secs > 0.0
+            && r.initial_backoff_secs <= MAX_BACKOFF)
+        {
+            return Err(invalid(
+                "reconnect.initial_backoff_secs",
+                format!(
+                    "must be > 0 and at most {MAX_BACKOFF}, found {}",
+                    r.initial_backoff_secs
+                ),
+            ));
+        }
+        if !(r.max_backoff_secs.is_finite()
+            && r.max_backoff_secs >= r.initial_backoff_secs
+            && r.max_backoff_secs <= MAX_BACKOFF)
+        {
+            return Err(invalid(
+                "reconnect.max_backoff_secs",
+                format!(
+                    "must be at least initial_backoff_secs ({}) and at most {MAX_BACKOFF}, found {}",
+                    r.initial_backoff_secs, r.max_backoff_secs
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        if let Some(crl) = &mut self.tls.crl {
+            fix(crl);
+        }
+        fix(&mut self.work_dir);
+        for d in self.datasets.values_mut() {
+            fix(&mut d.csv);
+            fix(&mut d.schema);
+        }
+    }
+}
+
+/// `HOST:PORT` with a host usable as a TLS server name and a port number (IPv6 hosts in
+/// brackets), as `tutela_protocol::client` accepts it.
+fn check_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("must be HOST:PORT, found {addr:?}"))?;
+    let host = host
+        .strip_prefix("https://")
+        .unwrap_or(host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("has no host: {addr:?}"));
+    }
+    // The host is the name the coordinator's certificate must carry, so it must be one.
+    rustls::pki_types::ServerName::try_from(host)
+        .map_err(|_| format!("host {host:?} is not a DNS name or IP address"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("has no valid port number: {addr:?}")),
+    }
+}

@@ -1,0 +1,237 @@
+//! `tutela-node`: the site node. Thin: it parses arguments and calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tutela_site_node::agent::Agent;
+use tutela_site_node::config::NodeConfig;
+use tutela_site_node::offline::{self, Standardization};
+
+/// The Tutela site node: runs next to a site's data, connects out to the consortium's
+/// coordinator over mutual TLS, and trains the consortium's models locally. Raw data never leaves
+/// the site; only model updates do.
+#[derive(Parser)]
+#[command(
+    name = "tutela-node",
+    version,
+    after_help = "Examples:\n  \
+    tutela-node run --config /etc/tutela/node.toml\n  \
+    tutela-node evaluate --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
+    --schema breast_cancer.schema.toml --standardize-from site-a.csv --standardize-from site-b.csv\n  \
+    tutela-node predict --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
+    --schema breast_cancer.schema.toml --standardize-self --rows 5"
+)]
+struct Cli {
+    /// Log JSON lines instead of text (the filter comes from RUST_LOG, default `info`).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the node: connects to the coordinator named in the config and serves its tasks
+    /// (build the initial model, evaluate and train each round, upload the update) until SIGINT
+    /// or SIGTERM, reconnecting with backoff whenever the coordinator goes away.
+    Run {
+        /// The node's config file; every key is documented in deploy/config/node.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Scores a model on a labelled CSV and prints {"loss":..,"accuracy":..,"n":..} as JSON.
+    ///
+    /// Features are scaled the way the sites scaled them in training. When the schema declares
+    /// [standardize] reference statistics, the sites used those and so does this command (the
+    /// options below are then ignored). Otherwise each site used its own training split's
+    /// statistics and you choose explicitly: --standardize-from the sites' training data (pooled;
+    /// uses no test row: the honest choice for a held-out test split) or --standardize-self (fits
+    /// on the scored file itself, which flatters the score slightly). Image data without
+    /// reference statistics is not standardised.
+    Evaluate(Scoring),
+    /// Prints each row's predicted class probabilities as JSON lines:
+    /// {"row":0,"predicted":1,"class":"benign","probabilities":[..]}.
+    ///
+    /// The same model loading and standardisation rules as `evaluate`.
+    Predict {
+        #[command(flatten)]
+        scoring: Scoring,
+        /// Only the first N rows of the CSV.
+        #[arg(long)]
+        rows: Option<usize>,
+    },
+    /// Trains the job's model centrally on one CSV (e.g. the union of the sites' data) for
+    /// rounds × local_epochs epochs and prints its {"loss":..,"accuracy":..,"n":..} on a test
+    /// CSV as JSON: the baseline a federated model is compared with. Features are standardised
+    /// with the schema's reference statistics, or else with the training CSV's.
+    Centralized {
+        /// The job spec (TOML): model, optimizer, epochs, seed, rounds.
+        #[arg(long)]
+        job_spec: PathBuf,
+        /// The training rows.
+        #[arg(long)]
+        csv: PathBuf,
+        /// The rows to score the trained model on.
+        #[arg(long)]
+        test_csv: PathBuf,
+        /// The dataset schema of both CSVs.
+        #[arg(long)]
+        schema: PathBuf,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct Scoring {
+    /// The model's weights (safetensors), e.g. the coordinator's published final model.
+    #[arg(long)]
+    model: PathBuf,
+    /// The job spec (TOML) the model was trained with: its [model] table rebuilds the network.
+    #[arg(long)]
+    job_spec: PathBuf,
+    /// The labelled rows to score.
+    #[arg(long)]
+    csv: PathBuf,
+    /// The dataset schema of the CSV.
+    #[arg(long)]
+    schema: PathBuf,
+    /// Standardise with the pooled statistics of these CSVs (same schema); repeat for several.
+    #[arg(long, value_name = "CSV", conflicts_with = "standardize_self")]
+    standardize_from: Vec<PathBuf>,
+    /// Standardise with the statistics of --csv itself.
+    #[arg(long)]
+    standardize_self: bool,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl Scoring {
+    fn prepare(&self) -> anyhow::Result<offline::Scoring> {
+        let standardization = if self.standardize_self {
+            Standardization::FitOnInput
+        } else if !self.standardize_from.is_empty() {
+            Standardization::FitOn(self.standardize_from.clone())
+        } else {
+            Standardization::Unspecified
+        };
+        Ok(offline::prepare(
+            &self.model,
+            &self.job_spec,
+            &self.csv,
+            &self.schema,
+            &standardization,
+            self.device.device()?,
+        )?)
+    }
+}
+
+impl DeviceArg {
+    fn device(self) -> anyhow::Result<tch::Device> {
+        Ok(match self {
+            DeviceArg::Cpu => tch::Device::Cpu,
+            DeviceArg::Auto => tutela_site_node::default_device(),
+            DeviceArg::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
+            DeviceArg::Cuda => anyhow::bail!("--device cuda: libtorch sees no CUDA GPU"),
+        })
+    }
+}
+
+fn print_eval(eval: &tutela_site_node::train::Eval) {
+    println!(
+        "{}",
+        serde_json::json!({"loss": eval.loss, "accuracy": eval.accuracy, "n": eval.n})
+    );
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // One crypto provider for the whole process (STACK.md pitfall 1); an Err means one is
+    // installed already, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tutela_protocol::logging::init(cli.log_json);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tutela-node: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message before it
+/// already quotes (our errors name their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !previous.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        previous = text;
+    }
+    out
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let config = NodeConfig::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let agent = Agent::new(config).context("the node cannot start")?;
+                agent
+                    .run(tutela_protocol::logging::shutdown_signal())
+                    .await
+                    .context("the node stopped")
+            })?;
+        }
+        Command::Evaluate(scoring) => {
+            let prepared = scoring.prepare()?;
+            print_eval(&offline::score(&prepared)?);
+        }
+        Command::Centralized {
+            job_spec,
+            csv,
+            test_csv,
+            schema,
+            device,
+        } => {
+            let eval = offline::centralized(&job_spec, &csv, &test_csv, &schema, device.device()?)?;
+            print_eval(&eval);
+        }
+        Command::Predict { scoring, rows } => {
+            let prepared = scoring.prepare()?;
+            let probabilities = offline::predict(&prepared.model, &prepared.table, rows)?;
+            let classes = &prepared.schema.label.classes;
+            for (row, p) in probabilities.iter().enumerate() {
+                let predicted = p
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i);
+                let line = serde_json::json!({
+                    "row": row,
+                    "predicted": predicted,
+                    "class": classes.get(predicted),
+                    "probabilities": p,
+                });
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1207 @@
+//! The node's config, its agent against an in-process fake coordinator over real mutual TLS
+//! (certificates made at test time), and the `tutela-node` CLI.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status, Streaming};
+use tutela_protocol::identity::Principal;
+use tutela_protocol::pb;
+use tutela_protocol::pki::{CertificateAuthority, KeyAlgorithm, LeafOptions, Validity};
+use tutela_protocol::server::MAX_MESSAGE_BYTES;
+use tutela_protocol::stream::{self, MemorySink, MemorySource, StreamDigest};
+use tutela_protocol::tensor::Manifest;
+use tutela_protocol::tls::{ReloadingServerConfig, TlsFiles};
+use tutela_site_node::agent::{Agent, AgentError, Backoff, meta};
+use tutela_site_node::config::{ConfigError, Corruption, NodeConfig};
+use tutela_site_node::models::{Model, ModelSpec};
+use tutela_site_node::weights::{NamedTensors, export_weights, f32_values, save_safetensors};
+
+const CONSORTIUM: &str = "acme";
+const SITE: &str = "hospital-a";
+/// How long a test waits for the node to do something before it fails.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn data_dir() -> PathBuf {
+    repo().join("data")
+}
+
+fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+struct Pki {
+    coordinator: TlsFiles,
+    node: TlsFiles,
+}
+
+fn write_set(dir: &Path, stem: &str, ca: &CertificateAuthority, cert: &str, key: &str) -> TlsFiles {
+    std::fs::create_dir_all(dir).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let crl = ca
+        .crl_pem(
+            &[],
+            1,
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(7),
+        )
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join(format!("{stem}.crt")), cert).unwrap();
+    std::fs::write(dir.join(format!("{stem}.key")), key).unwrap();
+    std::fs::write(dir.join("crl.pem"), crl).unwrap();
+    TlsFiles::in_dir(dir, stem)
+}
+
+/// A consortium CA, a coordinator certificate for 127.0.0.1 and a node certificate for `site`.
+fn pki(dir: &Path, site: &str) -> Pki {
+    let ca = CertificateAuthority::create(
+        CONSORTIUM,
+        KeyAlgorithm::EcdsaP256,
+        Validity::days_from_now(30),
+    )
+    .unwrap();
+    let mut server_opts = LeafOptions::new(Validity::days_from_now(30));
+    server_opts.dns_names = vec!["localhost".into()];
+    server_opts.ip_addresses = vec!["127.0.0.1".parse().unwrap()];
+    let coordinator = ca.issue(&Principal::Coordinator, &server_opts).unwrap();
+    let node = ca
+        .issue(
+            &Principal::Node { site: site.into() },
+            &LeafOptions::new(Validity::days_from_now(30)),
+        )
+        .unwrap();
+    Pki {
+        coordinator: write_set(
+            &dir.join("coordinator"),
+            "coordinator",
+            &ca,
+            &coordinator.cert_pem,
+            &coordinator.key_pem,
+        ),
+        node: write_set(
+            &dir.join("node"),
+            "node",
+            &ca,
+            &node.cert_pem,
+            &node.key_pem,
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node's config
+
+fn node_config_text(site: &str, coordinator: &str, tls: &TlsFiles, extra: &str) -> String {
+    let data = data_dir();
+    format!(
+        r#"
+site = "{site}"
+coordinator = "{coordinator}"
+work_dir = "work"
+device = "cpu"
+
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+crl = "{crl}"
+
+[datasets.breast_cancer]
+csv = "{csv}"
+schema = "{schema}"
+split_seed = 3
+
+[reconnect]
+initial_backoff_secs = 0.05
+max_backoff_secs = 0.2
+{extra}
+"#,
+        ca = tls.ca.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        crl = tls.crl.as_ref().unwrap().display(),
+        csv = data.join("breast_cancer_wisconsin.csv").display(),
+        schema = data.join("breast_cancer.schema.toml").display(),
+    )
+}
+
+fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+    NodeConfig::from_toml_str(text, "/etc/tutela/node.toml")
+}
+
+const MINIMAL: &str = r#"
+site = "hospital-a"
+coordinator = "coord.example:7443"
+work_dir = "work"
+[tls]
+ca = "ca.crt"
+cert = "node.crt"
+key = "node.key"
+[datasets.breast_cancer]
+csv = "bc.csv"
+schema = "bc.schema.toml"
+"#;
+
+#[test]
+fn config_defaults_and_relative_paths() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.site, "hospital-a");
+    assert_eq!(c.tls.ca, PathBuf::from("/etc/tutela/ca.crt"));
+    assert_eq!(c.work_dir, PathBuf::from("/etc/tutela/work"));
+    let d = &c.datasets["breast_cancer"];
+    assert_eq!(d.csv, PathBuf::from("/etc/tutela/bc.csv"));
+    assert_eq!((d.validation_fraction, d.split_seed), (0.2, 0));
+    assert_eq!(c.reconnect.initial(), Duration::from_secs(1));
+    assert_eq!(c.reconnect.max(), Duration::from_secs(60));
+    assert!(c.testing.is_none());
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        // (config text, what the error must name)
+        (&format!("sit = \"x\"\n{MINIMAL}"), "sit"),
+        (
+            &MINIMAL.replace("coordinator = \"coord.example:7443\"\n", ""),
+            "coordinator",
+        ),
+        (
+            &MINIMAL.replace("coord.example:7443", "coord.example"),
+            "`coordinator`",
+        ),
+        (
+            &MINIMAL.replace("coord.example:7443", "coord example:7443"),
+            "`coordinator`",
+        ),
+        (
+            &MINIMAL.replace("site = \"hospital-a\"", "site = \"a/b\""),
+            "`site`",
+        ),
+        (&format!("device = \"gpu\"\n{MINIMAL}"), "device"),
+        (
+            &MINIMAL.replace("csv = \"bc.csv\"", "csvv = \"bc.csv\""),
+            "csvv",
+        ),
+        (
+            &format!("{MINIMAL}validation_fraction = 1.5\n"),
+            "`datasets.breast_cancer.validation_fraction`",
+        ),
+        (
+            &format!("{MINIMAL}[reconnect]\ninitial_backoff_secs = 2.0\nmax_backoff_secs = 1.0\n"),
+            "`reconnect.max_backoff_secs`",
+        ),
+        (
+            &format!("{MINIMAL}[reconnect]\ninitial_backoff_secs = 0\n"),
+            "`reconnect.initial_backoff_secs`",
+        ),
+        (
+            &format!("{MINIMAL}[testing]\ncorrupt_update = \"zero\"\n"),
+            "corrupt_update",
+        ),
+        (&format!("{MINIMAL}[testing]\nstall = true\n"), "stall"),
+        (
+            MINIMAL.split("[datasets.breast_cancer]").next().unwrap(),
+            "`datasets`",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = parse(text).expect_err(key).to_string();
+        assert!(
+            err.contains(key),
+            "error for {key:?} does not name it: {err}"
+        );
+        assert!(err.contains("/etc/tutela/node.toml"), "no file in: {err}");
+    }
+    let err = parse(&format!("{MINIMAL}validation_fraction = 0\n")).unwrap_err();
+    assert_eq!(
+        err.key(),
+        Some("datasets.breast_cancer.validation_fraction")
+    );
+}
+
+#[test]
+fn the_documented_example_config_parses_with_every_key() {
+    let path = repo().join("deploy/config/node.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let c = NodeConfig::from_toml_str(&text, &path).unwrap();
+    assert_eq!(c.site, "hospital-a");
+    assert!(c.tls.crl.is_some());
+    assert_eq!(c.reconnect.max_backoff_secs, 60.0);
+    assert!(
+        c.testing.is_none(),
+        "[testing] must stay commented out in the example"
+    );
+    // The commented-out [testing] table is valid when uncommented.
+    let testing = text
+        .lines()
+        .skip_while(|l| *l != "# [testing]")
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let c = NodeConfig::from_toml_str(&format!("{text}\n{testing}\n"), &path).unwrap();
+    let t = c.testing.unwrap();
+    assert_eq!(t.corrupt_update, Some(Corruption::Nan));
+    assert!(t.stall_after_fetch);
+}
+
+#[test]
+fn a_certificate_of_another_site_is_refused() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), SITE);
+    let text = node_config_text("hospital-b", "127.0.0.1:1", &pki.node, "");
+    let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
+    let err = Agent::new(config)
+        .err()
+        .expect("the site mismatch must be refused");
+    assert!(matches!(err, AgentError::SiteMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("hospital-b") && msg.contains("hospital-a"),
+        "{msg}"
+    );
+
+    // A certificate that is not a node's (the coordinator's) is refused too.
+    let text = node_config_text(SITE, "127.0.0.1:1", &pki.coordinator, "");
+    let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
+    let err = Agent::new(config)
+        .err()
+        .expect("a coordinator certificate is no node's");
+    assert!(matches!(err, AgentError::NotANode { .. }), "{err}");
+}
+
+#[test]
+fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
+    let ms = Duration::from_millis;
+    let mut b = Backoff::new(ms(100), ms(1000));
+    let mut nominal = 100u64;
+    for _ in 0..8 {
+        let d = b.next_delay();
+        assert!(
+            d >= ms(nominal / 2) && d <= ms(nominal),
+            "{d:?} for {nominal} ms"
+        );
+        nominal = (nominal * 2).min(1000);
+    }
+    b.reset();
+    let d = b.next_delay();
+    assert!(d >= ms(50) && d <= ms(100), "{d:?} after reset");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fake coordinator
+
+#[derive(Debug)]
+enum Event {
+    Connected {
+        generation: u32,
+        request: pb::ConnectRequest,
+    },
+    Fetched {
+        task_id: String,
+    },
+    Update {
+        manifest: Manifest,
+        tensors: NamedTensors,
+    },
+    Declined {
+        task_id: String,
+        reason: String,
+    },
+}
+
+type TaskSender = mpsc::Sender<Result<pb::Task, Status>>;
+/// A global model as the fake serves it: its manifest and each tensor's bytes.
+type ServedModel = (Manifest, Vec<Bytes>);
+
+/// What survives a restart of the fake coordinator: the test's view.
+#[derive(Clone)]
+struct Shared {
+    events: mpsc::UnboundedSender<Event>,
+    /// The task stream of the connected node.
+    node: Arc<Mutex<Option<TaskSender>>>,
+    /// Global models by task id: (manifest, tensor bytes).
+    models: Arc<Mutex<HashMap<String, ServedModel>>>,
+}
+
+struct FakeFederation {
+    shared: Shared,
+    generation: u32,
+    closed: Arc<AtomicBool>,
+}
+
+type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::federation_server::Federation for FakeFederation {
+    type ConnectStream = BoxStream<pb::Task>;
+
+    async fn connect(
+        &self,
+        request: Request<pb::ConnectRequest>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("shutting down"));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        *self.shared.node.lock().unwrap() = Some(tx);
+        let _ = self.shared.events.send(Event::Connected {
+            generation: self.generation,
+            request: request.into_inner(),
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type FetchModelStream = BoxStream<pb::TensorFrame>;
+
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let task_id = request.into_inner().task_id;
+        let (manifest, data) = self
+            .shared
+            .models
+            .lock()
+            .unwrap()
+            .get(&task_id)
+            .cloned()
+            .ok_or_else(|| Status::failed_precondition("no such task"))?;
+        let _ = self.shared.events.send(Event::Fetched { task_id });
+        let source = MemorySource::from_parts(manifest, data).map_err(Status::from)?;
+        let frames = futures::StreamExt::map(stream::send(source), |r| r.map_err(Status::from));
+        Ok(Response::new(Box::pin(frames)))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::TensorFrame>>,
+    ) -> Result<Response<pb::UpdateReceipt>, Status> {
+        let received = stream::receive(request.into_inner(), MemorySink::default())
+            .await
+            .map_err(Status::from)?;
+        let digest = received.digest_hex();
+        let task_id = received
+            .manifest
+            .metadata
+            .get(meta::TASK)
+            .cloned()
+            .unwrap_or_default();
+        let _ = self.shared.events.send(Event::Update {
+            manifest: received.manifest,
+            tensors: received.output,
+        });
+        Ok(Response::new(pb::UpdateReceipt {
+            task_id,
+            update_digest: digest,
+        }))
+    }
+
+    async fn decline_task(
+        &self,
+        request: Request<pb::DeclineTaskRequest>,
+    ) -> Result<Response<pb::DeclineTaskReply>, Status> {
+        let r = request.into_inner();
+        let _ = self.shared.events.send(Event::Declined {
+            task_id: r.task_id,
+            reason: r.reason,
+        });
+        Ok(Response::new(pb::DeclineTaskReply {}))
+    }
+}
+
+struct Coordinator {
+    addr: SocketAddr,
+    closed: Arc<AtomicBool>,
+    shared: Shared,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+static GENERATION: AtomicU32 = AtomicU32::new(1);
+
+impl Coordinator {
+    /// Serves a fake coordinator on `addr` (port 0 for any), retrying the bind briefly so that a
+    /// restart can take over the port its predecessor just released.
+    async fn start(addr: SocketAddr, tls: &TlsFiles, shared: Shared) -> (Coordinator, u32) {
+        init_crypto();
+        let started = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("binding {addr}: {e}"),
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let generation = GENERATION.fetch_add(1, Ordering::SeqCst);
+        let closed = Arc::new(AtomicBool::new(false));
+        let service = pb::federation_server::FederationServer::new(FakeFederation {
+            shared: shared.clone(),
+            generation,
+            closed: closed.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let router = tutela_protocol::server::builder().add_service(service);
+        let config = ReloadingServerConfig::load(tls.clone()).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = tutela_protocol::server::serve(router, listener, config, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        (
+            Coordinator {
+                addr,
+                closed,
+                shared,
+                stop: Some(stop),
+                task,
+            },
+            generation,
+        )
+    }
+
+    /// Goes away: refuses new task streams, ends the node's current one, and stops serving.
+    async fn stop(mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.shared.node.lock().unwrap().take();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+        self.task.abort();
+    }
+}
+
+/// A coordinator, a node connected to it, and the stream of what the node did.
+struct Harness {
+    _dir: tempfile::TempDir,
+    pki: Pki,
+    coordinator: Option<Coordinator>,
+    events: mpsc::UnboundedReceiver<Event>,
+    stop_node: Option<oneshot::Sender<()>>,
+    node: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(extra_config: &str) -> Harness {
+        init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path(), SITE);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let shared = Shared {
+            events: events_tx,
+            node: Default::default(),
+            models: Default::default(),
+        };
+        let (coordinator, _) =
+            Coordinator::start("127.0.0.1:0".parse().unwrap(), &pki.coordinator, shared).await;
+        let text = node_config_text(SITE, &coordinator.addr.to_string(), &pki.node, extra_config);
+        let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
+        let agent = Agent::new(config).unwrap();
+        let (stop_node, stopped) = oneshot::channel::<()>();
+        let node = tokio::spawn(async move {
+            agent
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        let mut h = Harness {
+            _dir: dir,
+            pki,
+            coordinator: Some(coordinator),
+            events,
+            stop_node: Some(stop_node),
+            node,
+        };
+        let request = h.connected().await.1;
+        assert_eq!(request.datasets, vec!["breast_cancer".to_string()]);
+        assert_eq!(request.device, "cpu");
+        assert!(!request.node_version.is_empty());
+        h
+    }
+
+    async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(PATIENCE, self.events.recv())
+            .await
+            .expect("the node did nothing in time")
+            .expect("events channel closed")
+    }
+
+    /// Waits for the next connection; returns the generation of the coordinator it reached.
+    async fn connected(&mut self) -> (u32, pb::ConnectRequest) {
+        loop {
+            if let Event::Connected {
+                generation,
+                request,
+            } = self.next_event().await
+            {
+                return (generation, request);
+            }
+        }
+    }
+
+    fn coordinator(&self) -> &Coordinator {
+        self.coordinator.as_ref().unwrap()
+    }
+
+    async fn send(&self, task: pb::Task) {
+        let tx = self
+            .coordinator()
+            .shared
+            .node
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("no node connected");
+        tx.send(Ok(task)).await.unwrap();
+    }
+
+    /// Registers `tensors` as the global model of `task_id`; returns its model id.
+    fn offer_model(&self, task_id: &str, tensors: &NamedTensors) -> String {
+        let manifest = tutela_site_node::weights::manifest(tensors, BTreeMap::new()).unwrap();
+        let mut digest = StreamDigest::new(&manifest);
+        for (_, b) in tensors {
+            digest.update(b);
+        }
+        let id = hex_string(&digest.finish());
+        let data = tensors
+            .iter()
+            .map(|(_, b)| Bytes::from(b.clone()))
+            .collect();
+        self.coordinator()
+            .shared
+            .models
+            .lock()
+            .unwrap()
+            .insert(task_id.to_string(), (manifest, data));
+        id
+    }
+
+    async fn update(&mut self) -> (Manifest, NamedTensors) {
+        match self.next_event().await {
+            Event::Update { manifest, tensors } => (manifest, tensors),
+            other => panic!("expected an update, got {other:?}"),
+        }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(s) = self.stop_node.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.node).await;
+        if let Some(c) = self.coordinator.take() {
+            c.stop().await;
+        }
+    }
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+const SEED: u64 = 7;
+
+fn job_spec(schema: &str, model: &str) -> String {
+    format!(
+        r#"
+name = "test-job"
+rounds = 2
+min_sites = 1
+round_deadline_secs = 60
+update_norm_bound = 10.0
+seed = {SEED}
+a_key_the_node_does_not_know = "ignored"
+
+[model]
+name = "{model}"
+hidden = [8]
+
+[data]
+schema = "{schema}"
+
+[training]
+optimizer = "sgd"
+learning_rate = 0.05
+momentum = 0.5
+local_epochs = 1
+batch_size = 32
+"#
+    )
+}
+
+fn task(id: &str, kind: pb::TaskKind, spec: &str, model_id: &str, strategy: &str) -> pb::Task {
+    pb::Task {
+        task_id: id.into(),
+        kind: kind as i32,
+        job_id: "job-1".into(),
+        round: u32::from(kind == pb::TaskKind::Train),
+        attempt: 1,
+        job_spec_toml: spec.into(),
+        job_digest: "00".repeat(32),
+        global_model_id: model_id.into(),
+        strategy_config_json: strategy.into(),
+        deadline_unix_ms: now_ms() + 60_000,
+    }
+}
+
+/// The MLP the test job describes, built independently of the node.
+fn expected_initial_model() -> NamedTensors {
+    let spec = ModelSpec::new(vec![30], 2).with_hidden(vec![8]);
+    let model = Model::new("mlp", spec, tch::Device::Cpu, SEED).unwrap();
+    export_weights(model.var_store()).unwrap()
+}
+
+fn all_values(tensors: &NamedTensors) -> Vec<f32> {
+    tensors
+        .iter()
+        .flat_map(|(spec, bytes)| f32_values(spec, bytes).unwrap())
+        .collect()
+}
+
+fn shapes(tensors: &NamedTensors) -> Vec<(String, Vec<u64>)> {
+    tensors
+        .iter()
+        .map(|(s, _)| (s.name.clone(), s.shape.clone()))
+        .collect()
+}
+
+/// INITIALIZE then TRAIN; returns the initial weights and the TRAIN update.
+async fn initialize_and_train(
+    h: &mut Harness,
+    strategy: &str,
+) -> (NamedTensors, Manifest, NamedTensors) {
+    let spec = job_spec("breast_cancer", "mlp");
+    h.send(task("init-1", pb::TaskKind::Initialize, &spec, "", "{}"))
+        .await;
+    let (manifest, initial) = h.update().await;
+    assert_eq!(
+        manifest.metadata.get(meta::TASK).map(String::as_str),
+        Some("init-1")
+    );
+    let model_id = h.offer_model("train-1", &initial);
+    h.send(task(
+        "train-1",
+        pb::TaskKind::Train,
+        &spec,
+        &model_id,
+        strategy,
+    ))
+    .await;
+    match h.next_event().await {
+        Event::Fetched { task_id } => assert_eq!(task_id, "train-1"),
+        other => panic!("expected a FetchModel, got {other:?}"),
+    }
+    let (manifest, update) = h.update().await;
+    (initial, manifest, update)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_initializes_and_trains_over_mutual_tls() {
+    let mut h = Harness::start("").await;
+    let (initial, manifest, update) =
+        initialize_and_train(&mut h, r#"{"proximal_mu": 0.01, "server_lr": 1.0}"#).await;
+
+    // The initial model is the job's model (registry name, hyper-parameters, the schema's 30
+    // features and 2 classes) drawn from the job's seed: bit-identical to one built here.
+    assert_eq!(initial, expected_initial_model());
+
+    let m = &manifest.metadata;
+    assert_eq!(m.get(meta::TASK).map(String::as_str), Some("train-1"));
+    let number = |key: &str| -> f64 {
+        m.get(key)
+            .unwrap_or_else(|| panic!("{key} missing from {m:?}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} is not a number: {m:?}"))
+    };
+    // 569 rows: 212 malignant and 357 benign, a fifth of each held out for validation.
+    assert_eq!(number(meta::SAMPLES), 456.0);
+    assert_eq!(number(meta::EVAL_SAMPLES), 113.0);
+    let accuracy = number(meta::EVAL_ACCURACY);
+    assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
+    for key in [meta::EVAL_LOSS, meta::TRAIN_LOSS] {
+        let v = number(key);
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert!(number(meta::TRAIN_SECONDS) >= 0.0);
+
+    // The update is a delta against the global model: same tensors, finite, not all zero, and
+    // small (one epoch of SGD), so it is not the weights themselves.
+    assert_eq!(shapes(&update), shapes(&initial));
+    let delta = all_values(&update);
+    assert!(delta.iter().all(|x| x.is_finite()));
+    assert!(delta.iter().any(|&x| x != 0.0), "the delta is all zeros");
+    let norm = delta.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let weights_norm = all_values(&initial)
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt();
+    assert!(
+        norm < weights_norm,
+        "delta norm {norm} vs weights {weights_norm}"
+    );
+    // Local weights would point almost the same way as the global ones (cosine near 1); a delta
+    // does not (about 0.1 here).
+    let dot: f32 = delta
+        .iter()
+        .zip(all_values(&initial))
+        .map(|(a, b)| a * b)
+        .sum();
+    let cosine = dot / norm / weights_norm;
+    assert!(
+        cosine.abs() < 0.5,
+        "the update looks like weights, not a delta: cosine {cosine}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_the_node_cannot_do_are_declined_with_the_reason() {
+    let mut h = Harness::start("").await;
+    // Past its deadline: skipped without a word (the coordinator closed it already), so the
+    // first answer is the next task's.
+    let mut late = task(
+        "late",
+        pb::TaskKind::Initialize,
+        &job_spec("mnist", "mlp"),
+        "",
+        "{}",
+    );
+    late.deadline_unix_ms = now_ms() - 1000;
+    h.send(late).await;
+
+    let cases = [
+        (
+            task(
+                "no-data",
+                pb::TaskKind::Initialize,
+                &job_spec("mnist", "mlp"),
+                "",
+                "{}",
+            ),
+            vec!["mnist", "breast_cancer"],
+        ),
+        (
+            task(
+                "no-model",
+                pb::TaskKind::Initialize,
+                &job_spec("breast_cancer", "transformer"),
+                "",
+                "{}",
+            ),
+            vec!["unknown model", "transformer"],
+        ),
+        (
+            task(
+                "bad-spec",
+                pb::TaskKind::Initialize,
+                "this is not toml",
+                "",
+                "{}",
+            ),
+            vec!["job spec"],
+        ),
+        (
+            task(
+                "bad-strategy",
+                pb::TaskKind::Train,
+                &job_spec("breast_cancer", "mlp"),
+                "abc",
+                r#"{"proximal_mu": -1}"#,
+            ),
+            vec!["proximal_mu"],
+        ),
+        (
+            task(
+                "bad-hyper",
+                pb::TaskKind::Initialize,
+                &job_spec("breast_cancer", "mlp").replace("hidden = [8]", "hiden = [8]"),
+                "",
+                "{}",
+            ),
+            vec!["hiden"],
+        ),
+    ];
+    for (t, _) in &cases {
+        h.send(t.clone()).await;
+    }
+    for (t, needles) in &cases {
+        match h.next_event().await {
+            Event::Declined { task_id, reason } => {
+                assert_eq!(
+                    task_id, t.task_id,
+                    "declined in order; the late task is skipped"
+                );
+                for n in needles {
+                    assert!(
+                        reason.contains(n),
+                        "{task_id}: {reason:?} does not mention {n:?}"
+                    );
+                }
+            }
+            other => panic!("expected {} to be declined, got {other:?}", t.task_id),
+        }
+    }
+    // The node is still serving.
+    h.send(task(
+        "init-ok",
+        pb::TaskKind::Initialize,
+        &job_spec("breast_cancer", "mlp"),
+        "",
+        "{}",
+    ))
+    .await;
+    let (manifest, _) = h.update().await;
+    assert_eq!(manifest.metadata[meta::TASK], "init-ok");
+    // A task the coordinator sends again (after a reconnect, say) is not done twice.
+    for id in ["init-ok", "init-ok-2"] {
+        h.send(task(
+            id,
+            pb::TaskKind::Initialize,
+            &job_spec("breast_cancer", "mlp"),
+            "",
+            "{}",
+        ))
+        .await;
+    }
+    let (manifest, _) = h.update().await;
+    assert_eq!(manifest.metadata[meta::TASK], "init-ok-2");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_reconnects_after_the_coordinator_restarts() {
+    let mut h = Harness::start("").await;
+    let first = h.coordinator.take().unwrap();
+    let (addr, shared) = (first.addr, first.shared.clone());
+    first.stop().await;
+    // Nobody listens for a moment: the node keeps trying with backoff.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (second, generation) = Coordinator::start(addr, &h.pki.coordinator, shared).await;
+    h.coordinator = Some(second);
+    let started = Instant::now();
+    loop {
+        let (g, _) = h.connected().await;
+        if g == generation {
+            break;
+        }
+    }
+    eprintln!("reconnected {:?} after the restart", started.elapsed());
+    // It takes up work on the new connection.
+    h.send(task(
+        "after-restart",
+        pb::TaskKind::Initialize,
+        &job_spec("breast_cancer", "mlp"),
+        "",
+        "{}",
+    ))
+    .await;
+    let (manifest, initial) = h.update().await;
+    assert_eq!(manifest.metadata[meta::TASK], "after-restart");
+    assert_eq!(initial, expected_initial_model());
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testing_corrupt_update_scale_breaks_the_norm_bound() {
+    let mut h = Harness::start("[testing]\ncorrupt_update = \"scale\"\n").await;
+    let (initial, _, update) = initialize_and_train(&mut h, "{}").await;
+    // The initial weights are honest; the TRAIN update is blown up.
+    assert_eq!(initial, expected_initial_model());
+    let norm = all_values(&update)
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt();
+    assert!(norm > 1e3, "norm {norm}");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testing_stall_after_fetch_never_answers() {
+    let mut h = Harness::start("[testing]\nstall_after_fetch = true\n").await;
+    let spec = job_spec("breast_cancer", "mlp");
+    let model_id = h.offer_model("stalled", &expected_initial_model());
+    h.send(task("stalled", pb::TaskKind::Train, &spec, &model_id, "{}"))
+        .await;
+    match h.next_event().await {
+        Event::Fetched { task_id } => assert_eq!(task_id, "stalled"),
+        other => panic!("expected a FetchModel, got {other:?}"),
+    }
+    // Then nothing for that task; the next task is served (the answer is the next event).
+    h.send(task("init-2", pb::TaskKind::Initialize, &spec, "", "{}"))
+        .await;
+    let (manifest, _) = h.update().await;
+    assert_eq!(manifest.metadata[meta::TASK], "init-2");
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_is_not_the_one_named_is_declined() {
+    let mut h = Harness::start("").await;
+    let spec = job_spec("breast_cancer", "mlp");
+    h.offer_model("wrong-model", &expected_initial_model());
+    h.send(task(
+        "wrong-model",
+        pb::TaskKind::Train,
+        &spec,
+        &"ab".repeat(32),
+        "{}",
+    ))
+    .await;
+    loop {
+        match h.next_event().await {
+            Event::Fetched { .. } => continue,
+            Event::Declined { task_id, reason } => {
+                assert_eq!(task_id, "wrong-model");
+                assert!(reason.contains(&"ab".repeat(32)), "{reason}");
+                break;
+            }
+            other => panic!("expected a decline, got {other:?}"),
+        }
+    }
+    h.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI
+
+/// Runs the `tutela-node` binary with `command`, the common scoring arguments and `extra`.
+fn tutela_node(command: &str, base: &[OsString], extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+        .arg(command)
+        .args(base)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The repository's breast-cancer schema without its `[standardize]` table (when it has one), and
+/// the same with identity reference statistics (mean 0, std 1), written to `dir`.
+fn schema_variants(dir: &Path) -> (PathBuf, PathBuf) {
+    let text = std::fs::read_to_string(data_dir().join("breast_cancer.schema.toml")).unwrap();
+    let bare = text.split("[standardize]").next().unwrap().to_string();
+    let identity = format!(
+        "{bare}\n[standardize]\nmean = [{}]\nstd = [{}]\n",
+        vec!["0.0"; 30].join(", "),
+        vec!["1.0"; 30].join(", ")
+    );
+    let (bare_path, identity_path) = (
+        dir.join("bare.schema.toml"),
+        dir.join("identity.schema.toml"),
+    );
+    std::fs::write(&bare_path, bare).unwrap();
+    std::fs::write(&identity_path, identity).unwrap();
+    (bare_path, identity_path)
+}
+
+#[test]
+fn datasets_use_the_schema_statistics_or_else_their_training_split() {
+    use tutela_site_node::config::DatasetConfig;
+    use tutela_site_node::data::{DatasetSchema, load_csv};
+    use tutela_site_node::local::{LocalDataset, StatisticsSource};
+    let dir = tempfile::tempdir().unwrap();
+    let (bare, identity) = schema_variants(dir.path());
+    let csv = data_dir().join("breast_cancer_wisconsin.csv");
+    let config = |schema: &Path| DatasetConfig {
+        csv: csv.clone(),
+        schema: schema.to_path_buf(),
+        validation_fraction: 0.2,
+        split_seed: 3,
+    };
+    let raw = load_csv(&csv, &DatasetSchema::load(&bare).unwrap()).unwrap();
+
+    let d = LocalDataset::load("breast_cancer", &config(&identity)).unwrap();
+    assert_eq!(d.statistics, StatisticsSource::Schema);
+    assert_eq!((d.train.n_rows, d.validation.n_rows), (456, 113));
+    // Identity statistics: every value stays as in the file.
+    let total = |t: &tutela_site_node::data::Table| -> f64 {
+        t.features.iter().map(|&x| f64::from(x)).sum()
+    };
+    let (split, file) = (total(&d.train) + total(&d.validation), total(&raw));
+    assert!(
+        (split - file).abs() < 1e-6 * file.abs(),
+        "{split} vs {file}"
+    );
+
+    let d = LocalDataset::load("breast_cancer", &config(&bare)).unwrap();
+    assert_eq!(d.statistics, StatisticsSource::LocalTraining);
+    // Fitted on the training split: its features have mean 0 there.
+    let n = d.train.n_features;
+    let mean0: f64 = d
+        .train
+        .features
+        .chunks(n)
+        .map(|r| f64::from(r[0]))
+        .sum::<f64>()
+        / d.train.n_rows as f64;
+    assert!(mean0.abs() < 1e-4, "{mean0}");
+}
+
+#[test]
+fn cli_evaluate_predict_and_centralized_print_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bare, identity) = schema_variants(dir.path());
+    let model_path = dir.path().join("model.safetensors");
+    save_safetensors(&model_path, &expected_initial_model(), BTreeMap::new()).unwrap();
+    let spec_path = dir.path().join("job.toml");
+    std::fs::write(&spec_path, job_spec("breast_cancer", "mlp")).unwrap();
+    let csv = data_dir().join("breast_cancer_wisconsin.csv");
+    let args = |schema: &Path| -> Vec<OsString> {
+        vec![
+            "--model".into(),
+            model_path.clone().into(),
+            "--job-spec".into(),
+            spec_path.clone().into(),
+            "--csv".into(),
+            csv.clone().into(),
+            "--schema".into(),
+            schema.into(),
+        ]
+    };
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    // Without reference statistics, tabular data needs a choice, and the error says which.
+    let out = tutela_node("evaluate", &args(&bare), &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--standardize-from") && stderr.contains("bare.schema.toml"),
+        "{stderr}"
+    );
+    let csv_arg = csv.to_str().unwrap();
+    let pooled = json(tutela_node(
+        "evaluate",
+        &args(&bare),
+        &["--standardize-from", csv_arg],
+    ));
+    assert_eq!(pooled["n"], 569);
+    assert_eq!(pooled.as_object().unwrap().len(), 3, "{pooled}");
+    let accuracy = pooled["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{pooled}");
+    assert!(pooled["loss"].as_f64().unwrap() > 0.0, "{pooled}");
+    // Pooling the scored file alone is fitting on it.
+    let own = json(tutela_node(
+        "evaluate",
+        &args(&bare),
+        &["--standardize-self"],
+    ));
+    assert_eq!(own, pooled);
+
+    // With reference statistics, those are used and a choice is ignored.
+    let reference = json(tutela_node("evaluate", &args(&identity), &[]));
+    let ignored = json(tutela_node(
+        "evaluate",
+        &args(&identity),
+        &["--standardize-self"],
+    ));
+    assert_eq!(reference, ignored);
+    assert_ne!(
+        reference["loss"], own["loss"],
+        "identity scaling is not the fitted one"
+    );
+
+    let out = tutela_node(
+        "predict",
+        &args(&bare),
+        &["--standardize-self", "--rows", "3"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["row"], i);
+        let p: Vec<f64> = line["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(p.len(), 2);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{p:?}");
+        let predicted = line["predicted"].as_u64().unwrap() as usize;
+        assert!(p[predicted] >= p[1 - predicted]);
+        assert_eq!(line["class"], ["malignant", "benign"][predicted]);
+    }
+
+    // The centralised baseline learns (2 rounds x 1 epoch of the test job).
+    let central = json(
+        Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+            .arg("centralized")
+            .arg("--job-spec")
+            .arg(&spec_path)
+            .arg("--csv")
+            .arg(&csv)
+            .arg("--test-csv")
+            .arg(&csv)
+            .arg("--schema")
+            .arg(&bare)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(central["n"], 569);
+    assert!(central["accuracy"].as_f64().unwrap() > 0.9, "{central}");
+
+    // A model file that does not fit the job's model is refused, naming the file.
+    std::fs::write(
+        &spec_path,
+        job_spec("breast_cancer", "mlp").replace("hidden = [8]", "hidden = [4]"),
+    )
+    .unwrap();
+    let out = tutela_node("evaluate", &args(&identity), &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+}
