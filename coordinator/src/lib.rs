@@ -1,9 +1,19 @@
-//! The coordinator: the consortium operator's server that sites connect out to.
+//! The coordinator: the consortium operator's server that site nodes connect out to.
 //!
-//! Today it serves, over mutual TLS, the `Identity` service, the content-addressed
-//! `ModelExchange` store (global models and updates travel through it as chunked tensor streams),
-//! gRPC health and reflection. Jobs, rounds and aggregation arrive with the issue "Federated
-//! training end to end".
+//! It serves, over mutual TLS: `Federation` (nodes receive tasks, fetch global models, submit
+//! updates), `Jobs` (operators submit and follow jobs), `Identity`, the content-addressed
+//! `ModelExchange` store, gRPC health and reflection. Jobs and rounds are persisted with sqlx
+//! (SQLite file by default, Postgres with a URL) so that a coordinator killed mid-job resumes at the
+//! last completed round.
+
+pub mod aggregate;
+pub mod engine;
+pub mod job;
+pub mod nodes;
+pub mod service;
+pub mod store;
+pub mod strategy;
+pub mod tasks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,8 +31,12 @@ use tutela_protocol::tls::{ReloadingServerConfig, TlsFiles};
 pub struct Config {
     /// Address to listen on, `HOST:PORT`.
     pub listen: SocketAddr,
-    /// Directory of the content-addressed model store.
-    pub model_dir: PathBuf,
+    /// The coordinator's directory: `models/` (content-addressed model store), `state/`
+    /// (strategy state per round) and, by default, the SQLite database `coordinator.db`.
+    pub data_dir: PathBuf,
+    /// Database URL: `sqlite://PATH` or `postgres://...`. Default: SQLite in `data_dir`.
+    #[serde(default)]
+    pub database_url: Option<String>,
     /// How often the TLS files are checked for a new CRL or certificate, in seconds.
     #[serde(default = "default_reload_secs")]
     pub tls_reload_secs: u64,
@@ -77,16 +91,47 @@ impl Coordinator {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let store = DirModelStore::open(&self.config.model_dir)?;
-        let (router, reporter) =
-            tutela_protocol::server::router_with_standard_services(tutela_protocol::server::builder());
+        let db_url = match &self.config.database_url {
+            Some(u) => u.clone(),
+            None => {
+                std::fs::create_dir_all(&self.config.data_dir)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", self.config.data_dir.display()))?;
+                store::Store::sqlite_url(&self.config.data_dir.join("coordinator.db"))?
+            }
+        };
+        let db = store::Store::open(&db_url).await?;
+        let model_dir = self.config.data_dir.join("models");
+        let engine =
+            engine::Engine::new(db, model_dir.clone(), self.config.data_dir.join("state"))?;
+        let resumed = engine.resume().await?;
+        if resumed > 0 {
+            tracing::info!(jobs = resumed, "resumed running jobs");
+        }
+        let store = DirModelStore::open(&model_dir)?;
+        let (router, reporter) = tutela_protocol::server::router_with_standard_services(
+            tutela_protocol::server::builder(),
+        );
         reporter
             .set_serving::<pb::identity_server::IdentityServer<IdentityService>>()
             .await;
         reporter
             .set_serving::<pb::model_exchange_server::ModelExchangeServer<DirModelStore>>()
             .await;
+        reporter
+            .set_serving::<pb::federation_server::FederationServer<service::FederationService>>()
+            .await;
+        reporter
+            .set_serving::<pb::jobs_server::JobsServer<service::JobsService>>()
+            .await;
+        let federation = pb::federation_server::FederationServer::new(service::FederationService {
+            engine: engine.clone(),
+        })
+        .max_decoding_message_size(tutela_protocol::server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(tutela_protocol::server::MAX_MESSAGE_BYTES);
+        let jobs = pb::jobs_server::JobsServer::new(service::JobsService { engine });
         let router = router
+            .add_service(federation)
+            .add_service(jobs)
             .add_service(services::identity_service())
             .add_service(store.into_service());
         let _watcher = self

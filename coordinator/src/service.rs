@@ -1,0 +1,410 @@
+//! The coordinator's gRPC services: `Federation` for site nodes and `Jobs` for operators. Thin
+//! handlers: who is calling comes from the certificate ([`caller`]); the work is the engine's.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tutela_protocol::identity::{Principal, Role};
+use tutela_protocol::pb;
+use tutela_protocol::server::caller;
+use tutela_protocol::stream::{self, SafetensorsFileSource, StreamError};
+
+use crate::engine::{Engine, EngineError, mean_eval_accuracy};
+use crate::job::{JobId, JobState};
+use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
+
+fn node_site<T>(request: &Request<T>) -> Result<String, Status> {
+    match &caller(request)?.identity.principal {
+        Principal::Node { site } => Ok(site.clone()),
+        _ => Err(Status::permission_denied(format!(
+            "{} is not a site node: only node certificates may take part in training",
+            caller(request)?.identity
+        ))),
+    }
+}
+
+/// Until the policy issue brings casbin, the rule is by role: operators run jobs.
+fn require_operator<T>(request: &Request<T>) -> Result<(), Status> {
+    let c = caller(request)?;
+    if c.identity.role() == Role::Operator {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "{} may not manage jobs: only consortium operators may",
+            c.identity
+        )))
+    }
+}
+
+/// Operators and site users may read job status; nodes learn of jobs through tasks.
+fn require_reader<T>(request: &Request<T>) -> Result<(), Status> {
+    let c = caller(request)?;
+    match c.identity.role() {
+        Role::Operator | Role::User => Ok(()),
+        _ => Err(Status::permission_denied(format!(
+            "{} may not read job status",
+            c.identity
+        ))),
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Spec(e) => Status::invalid_argument(e.to_string()),
+            EngineError::Strategy(e) => Status::invalid_argument(e),
+            EngineError::NotFound(_) => Status::not_found(e.to_string()),
+            EngineError::Store(e) => Status::failed_precondition(e.to_string()),
+            other => Status::internal(other.to_string()),
+        }
+    }
+}
+
+pub struct FederationService {
+    pub engine: Arc<Engine>,
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+type FrameStream = Pin<Box<dyn Stream<Item = Result<pb::TensorFrame, Status>> + Send>>;
+
+/// A node's task stream; unregisters the node when the node goes away.
+struct NodeTasks {
+    rx: tokio::sync::mpsc::Receiver<Result<pb::Task, Status>>,
+    site: String,
+    conn_id: u64,
+    engine: Arc<Engine>,
+}
+
+impl Stream for NodeTasks {
+    type Item = Result<pb::Task, Status>;
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for NodeTasks {
+    fn drop(&mut self) {
+        self.engine.nodes.disconnect(&self.site, self.conn_id);
+    }
+}
+
+#[tonic::async_trait]
+impl pb::federation_server::Federation for FederationService {
+    type ConnectStream = TaskStream;
+
+    async fn connect(
+        &self,
+        request: Request<pb::ConnectRequest>,
+    ) -> Result<Response<TaskStream>, Status> {
+        let site = node_site(&request)?;
+        let identity = caller(&request)?.identity.clone();
+        let req = request.into_inner();
+        let (conn_id, rx) = self.engine.nodes.connect(
+            &site,
+            identity.clone(),
+            req.datasets.clone(),
+            req.device.clone(),
+        );
+        if let Err(e) = self
+            .engine
+            .store
+            .register_node(&site, &identity.uri(), time::OffsetDateTime::now_utc())
+            .await
+        {
+            tracing::warn!(%site, error = %e, "could not record the node");
+        }
+        tracing::info!(%site, datasets = ?req.datasets, device = %req.device, version = %req.node_version, "node connected");
+        Ok(Response::new(Box::pin(NodeTasks {
+            rx,
+            site,
+            conn_id,
+            engine: self.engine.clone(),
+        })))
+    }
+
+    type FetchModelStream = FrameStream;
+
+    async fn fetch_model(
+        &self,
+        request: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<FrameStream>, Status> {
+        let site = node_site(&request)?;
+        let task_id = &request.get_ref().task_id;
+        match self.engine.tasks.site_of(task_id) {
+            Some(s) if s == site => {}
+            Some(_) => {
+                return Err(Status::permission_denied(format!(
+                    "task {task_id} belongs to another site"
+                )));
+            }
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "task {task_id} is not open (its round closed)"
+                )));
+            }
+        }
+        let model = self.engine.tasks.model_of(task_id).ok_or_else(|| {
+            Status::failed_precondition(format!("task {task_id} has no global model"))
+        })?;
+        let source =
+            SafetensorsFileSource::open(&self.engine.model_path(&model)).map_err(Status::from)?;
+        let digest = tutela_protocol::services::model_id_digest(&model)?;
+        let frames = futures::StreamExt::map(stream::send_known_digest(source, digest), |r| {
+            r.map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(frames)))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::TensorFrame>>,
+    ) -> Result<Response<pb::UpdateReceipt>, Status> {
+        let site = node_site(&request)?;
+        let routed_to = Arc::new(Mutex::new(None::<String>));
+        let sink = RoutingSink::new(self.engine.tasks.clone(), site.clone(), routed_to.clone());
+        let result = stream::receive(request.into_inner(), sink).await;
+        let task_id = routed_to.lock().ok().and_then(|t| t.clone());
+        match result {
+            Ok(received) => {
+                let digest = received.digest_hex();
+                let routed = received.output;
+                self.engine.tasks.finish(
+                    &routed.task_id,
+                    Outcome::Accepted {
+                        digest: digest.clone(),
+                        metrics: routed.metrics,
+                        model_id: routed.model_id,
+                    },
+                );
+                tracing::info!(%site, task = %routed.task_id, update = %digest, "update accepted");
+                Ok(Response::new(pb::UpdateReceipt {
+                    task_id: routed.task_id,
+                    update_digest: digest,
+                }))
+            }
+            Err(e) => {
+                // A broken connection may be retried before the deadline; anything the node sent
+                // wrong is final for this task, and both the node and the operator see why.
+                if let (Some(task), false) = (&task_id, matches!(e, StreamError::Transport(_))) {
+                    self.engine.tasks.finish(
+                        task,
+                        Outcome::Refused {
+                            reason: e.to_string(),
+                        },
+                    );
+                }
+                tracing::warn!(%site, task = ?task_id, error = %e, "update refused");
+                Err(Status::from(e))
+            }
+        }
+    }
+
+    async fn decline_task(
+        &self,
+        request: Request<pb::DeclineTaskRequest>,
+    ) -> Result<Response<pb::DeclineTaskReply>, Status> {
+        let site = node_site(&request)?;
+        let req = request.into_inner();
+        match self.engine.tasks.site_of(&req.task_id) {
+            Some(s) if s == site => {
+                tracing::warn!(%site, task = %req.task_id, reason = %req.reason, "task declined");
+                self.engine
+                    .tasks
+                    .finish(&req.task_id, Outcome::Declined { reason: req.reason });
+                Ok(Response::new(pb::DeclineTaskReply {}))
+            }
+            Some(_) => Err(Status::permission_denied(format!(
+                "task {} belongs to another site",
+                req.task_id
+            ))),
+            None => Err(Status::failed_precondition(format!(
+                "task {} is not open",
+                req.task_id
+            ))),
+        }
+    }
+}
+
+pub struct JobsService {
+    pub engine: Arc<Engine>,
+}
+
+fn parse_job_id(s: &str) -> Result<JobId, Status> {
+    s.parse()
+        .map_err(|e: crate::job::BadJobId| Status::invalid_argument(e.to_string()))
+}
+
+impl JobsService {
+    async fn status(&self, id: &JobId) -> Result<pb::JobStatus, Status> {
+        job_status(&self.engine, id).await.map_err(Status::from)
+    }
+}
+
+/// The operator's view of a job, from the store and the node registry.
+pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, EngineError> {
+    let job = engine.get_job(id).await?;
+    let rounds = engine.store.rounds(id).await?;
+    let model_id = engine
+        .store
+        .global_model(id, job.current_round)
+        .await?
+        .unwrap_or_default();
+    let state = job.state;
+    Ok(pb::JobStatus {
+        job_id: id.to_string(),
+        name: job.name.clone(),
+        state: state.as_str().to_string(),
+        reason: job.state_reason.clone().unwrap_or_default(),
+        rounds_total: job.total_rounds,
+        rounds_completed: job.current_round,
+        spec_digest: job.spec_digest.to_hex(),
+        model_path: if state == JobState::Completed && !model_id.is_empty() {
+            engine.model_path(&model_id).display().to_string()
+        } else {
+            String::new()
+        },
+        model_id,
+        rounds: rounds
+            .iter()
+            .map(|c| {
+                let r = &c.record;
+                let metrics: Vec<SiteMetrics> = r
+                    .site_metrics
+                    .values()
+                    .filter_map(|v| serde_json::from_value(v.clone()).ok())
+                    .collect();
+                pb::RoundSummary {
+                    round: c.round,
+                    attempt: c.attempt,
+                    participants: r.participants.clone(),
+                    eval_accuracy: mean_eval_accuracy(&metrics),
+                    metrics: metrics
+                        .iter()
+                        .map(|m| pb::SiteMetrics {
+                            site: m.site.clone(),
+                            eval_loss: m.eval_loss,
+                            eval_accuracy: m.eval_accuracy,
+                            eval_samples: m.eval_samples,
+                            train_samples: m.train_samples,
+                            train_loss: m.train_loss,
+                            train_seconds: m.train_seconds,
+                        })
+                        .collect(),
+                    refused: r
+                        .refused
+                        .iter()
+                        .map(|x| pb::RefusedUpdate {
+                            site: x.site.clone(),
+                            reason: x.reason.clone(),
+                        })
+                        .collect(),
+                    model_id: r.global_model_digest.clone(),
+                    seconds: (r.completed_at - r.started_at).as_seconds_f64(),
+                }
+            })
+            .collect(),
+        connected_sites: engine.nodes.list().into_iter().map(|n| n.site).collect(),
+    })
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for JobsService {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        require_operator(&request)?;
+        let who = caller(&request)?.identity.clone();
+        let id = self.engine.submit(&request.get_ref().spec_toml).await?;
+        tracing::info!(job = %id, operator = %who, "job submitted");
+        Ok(Response::new(self.status(&id).await?))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        require_reader(&request)?;
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        Ok(Response::new(self.status(&id).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsReply>, Status> {
+        require_reader(&request)?;
+        let jobs = self
+            .engine
+            .store
+            .list_jobs(None)
+            .await
+            .map_err(EngineError::from)?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            out.push(self.status(&j.id).await?);
+        }
+        Ok(Response::new(pb::ListJobsReply { jobs: out }))
+    }
+
+    type WatchJobStream = StatusStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<StatusStream>, Status> {
+        require_reader(&request)?;
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        let engine = self.engine.clone();
+        let mut changes = engine.subscribe(id.as_str());
+        let first = job_status(&engine, &id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut status = first;
+            loop {
+                let done = status
+                    .state
+                    .parse::<JobState>()
+                    .is_ok_and(|s| s.is_terminal());
+                if tx.send(Ok(status)).await.is_err() || done {
+                    return;
+                }
+                // Changes, plus a slow tick so connected-site lists stay fresh.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), changes.changed())
+                    .await;
+                status = match job_status(&engine, &id).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        require_operator(&request)?;
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        let reason = format!(
+            "cancelled by {}: {}",
+            caller(&request)?.identity,
+            request.get_ref().reason
+        );
+        self.engine.cancel(&id, &reason).await?;
+        Ok(Response::new(self.status(&id).await?))
+    }
+}

@@ -1,0 +1,371 @@
+//! Tasks handed to site nodes, and the sink their results stream into.
+//!
+//! Every task a round sends is registered here with its deadline and its destination (the round's
+//! aggregator, or the model store for an initial model). A `SubmitUpdate` stream is routed by the
+//! `tutela.task` key of its manifest metadata, covered by the stream digest, and the submitting
+//! node must be the task's site (from its certificate, never from the message). An update for a
+//! closed or unknown task is refused before a single byte is folded in: a late update is never
+//! mixed into the next round.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use tutela_protocol::stream::{SafetensorsFileSink, SinkError, TensorSink};
+use tutela_protocol::tensor::Manifest;
+
+use crate::aggregate::{RoundAggregator, UpdateSink};
+
+/// Manifest metadata keys a node sets on a task's result.
+pub mod meta {
+    pub const TASK: &str = "tutela.task";
+    pub const SAMPLES: &str = "tutela.samples";
+    pub const TRAIN_LOSS: &str = "tutela.train.loss";
+    pub const TRAIN_SECONDS: &str = "tutela.train.seconds";
+    pub const EVAL_LOSS: &str = "tutela.eval.loss";
+    pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
+    pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
+}
+
+/// Where a task's result goes.
+#[derive(Clone)]
+pub enum Destination {
+    /// The job's initial weights, stored as a model.
+    InitialModel { model_dir: PathBuf },
+    /// A training update, folded into the round's aggregate.
+    Round { aggregator: Arc<RoundAggregator> },
+}
+
+/// What a site reported with its update.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SiteMetrics {
+    pub site: String,
+    pub train_samples: u64,
+    pub train_loss: f64,
+    pub train_seconds: f64,
+    pub eval_loss: f64,
+    pub eval_accuracy: f64,
+    pub eval_samples: u64,
+}
+
+/// How a task ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Accepted {
+        digest: String,
+        metrics: SiteMetrics,
+        /// For an initial-model task: the stored model's id.
+        model_id: Option<String>,
+    },
+    Refused {
+        reason: String,
+    },
+    Declined {
+        reason: String,
+    },
+}
+
+struct Entry {
+    site: String,
+    /// The global model the task starts from (empty for an initial-model task).
+    model_id: String,
+    deadline: Instant,
+    destination: Destination,
+    closed: bool,
+    in_flight: bool,
+    outcome: Option<Outcome>,
+    group: Arc<TaskGroup>,
+}
+
+/// The tasks of one round attempt: the runner waits on it until every task has an outcome or
+/// the deadline passes.
+#[derive(Default)]
+pub struct TaskGroup {
+    pub notify: Notify,
+}
+
+#[derive(Default)]
+pub struct TaskTable {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl TaskTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(
+        &self,
+        task_id: &str,
+        site: &str,
+        model_id: &str,
+        deadline: Instant,
+        destination: Destination,
+        group: Arc<TaskGroup>,
+    ) {
+        self.lock().insert(
+            task_id.to_string(),
+            Entry {
+                site: site.to_string(),
+                model_id: model_id.to_string(),
+                deadline,
+                destination,
+                closed: false,
+                in_flight: false,
+                outcome: None,
+                group,
+            },
+        );
+    }
+
+    /// Records an outcome, unless the task already has one or was closed. Returns whether it was
+    /// recorded.
+    pub fn finish(&self, task_id: &str, outcome: Outcome) -> bool {
+        let mut entries = self.lock();
+        let Some(e) = entries.get_mut(task_id) else {
+            return false;
+        };
+        e.in_flight = false;
+        if e.closed || e.outcome.is_some() {
+            return false;
+        }
+        e.outcome = Some(outcome);
+        e.group.notify.notify_waiters();
+        true
+    }
+
+    /// A stream for the task broke before it was accepted: the node may try again before the
+    /// deadline.
+    pub fn release(&self, task_id: &str) {
+        if let Some(e) = self.lock().get_mut(task_id) {
+            e.in_flight = false;
+        }
+    }
+
+    /// Whether every listed task has an outcome.
+    pub fn all_finished(&self, task_ids: &[String]) -> bool {
+        let entries = self.lock();
+        task_ids
+            .iter()
+            .all(|t| entries.get(t).is_none_or(|e| e.outcome.is_some()))
+    }
+
+    /// Closes the tasks (nothing more is accepted for them) and returns (task, site, outcome) for
+    /// each; tasks without an outcome ran out of time.
+    pub fn close(&self, task_ids: &[String]) -> Vec<(String, String, Option<Outcome>)> {
+        let mut entries = self.lock();
+        task_ids
+            .iter()
+            .filter_map(|t| {
+                let mut e = entries.remove(t)?;
+                e.closed = true;
+                Some((t.clone(), e.site, e.outcome))
+            })
+            .collect()
+    }
+
+    pub fn model_of(&self, task_id: &str) -> Option<String> {
+        self.lock()
+            .get(task_id)
+            .filter(|e| !e.model_id.is_empty())
+            .map(|e| e.model_id.clone())
+    }
+
+    /// Whether a task still accepts data (registered, not closed, not past its deadline).
+    pub fn is_open(&self, task_id: &str) -> bool {
+        self.lock()
+            .get(task_id)
+            .is_some_and(|e| !e.closed && Instant::now() <= e.deadline)
+    }
+
+    pub fn site_of(&self, task_id: &str) -> Option<String> {
+        self.lock().get(task_id).map(|e| e.site.clone())
+    }
+
+    /// Checks that `site` may submit for `task_id` now and marks the stream in flight.
+    fn claim(&self, task_id: &str, site: &str) -> Result<Destination, SinkError> {
+        let mut entries = self.lock();
+        let e = entries.get_mut(task_id).ok_or_else(|| {
+            SinkError::Rejected(format!(
+                "task {task_id} is not open: its round closed (a late update is refused and never carried into another round) or it never existed"
+            ))
+        })?;
+        if e.site != site {
+            return Err(SinkError::Rejected(format!(
+                "task {task_id} was given to site {}, not to {site}",
+                e.site
+            )));
+        }
+        if e.closed || Instant::now() > e.deadline {
+            return Err(SinkError::Rejected(format!(
+                "task {task_id} is past its deadline: the update is late and refused"
+            )));
+        }
+        if e.outcome.is_some() {
+            return Err(SinkError::Rejected(format!(
+                "task {task_id} already has a result"
+            )));
+        }
+        if e.in_flight {
+            return Err(SinkError::Rejected(format!(
+                "another upload for task {task_id} is in progress"
+            )));
+        }
+        e.in_flight = true;
+        Ok(e.destination.clone())
+    }
+}
+
+fn parse_meta<T: std::str::FromStr>(m: &Manifest, key: &str) -> Result<Option<T>, SinkError> {
+    match m.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            SinkError::Rejected(format!(
+                "manifest metadata {key} = {v:?} is not a valid value"
+            ))
+        }),
+    }
+}
+
+enum Inner {
+    Unrouted,
+    Model(SafetensorsFileSink),
+    Update(UpdateSink),
+}
+
+/// The sink of a `SubmitUpdate` stream: routed to its task's destination when the manifest
+/// arrives.
+pub struct RoutingSink {
+    tasks: Arc<TaskTable>,
+    site: String,
+    task_id: Option<String>,
+    /// The task id, shared with the handler, which records a refusal against it after the sink
+    /// is gone.
+    routed_to: Arc<Mutex<Option<String>>>,
+    metrics: SiteMetrics,
+    inner: Inner,
+}
+
+/// What a committed `SubmitUpdate` stream produced.
+pub struct Routed {
+    pub task_id: String,
+    pub metrics: SiteMetrics,
+    pub model_id: Option<String>,
+}
+
+impl RoutingSink {
+    pub fn new(tasks: Arc<TaskTable>, site: String, routed_to: Arc<Mutex<Option<String>>>) -> Self {
+        RoutingSink {
+            tasks,
+            routed_to,
+            metrics: SiteMetrics {
+                site: site.clone(),
+                ..Default::default()
+            },
+            site,
+            task_id: None,
+            inner: Inner::Unrouted,
+        }
+    }
+}
+
+impl Drop for RoutingSink {
+    fn drop(&mut self) {
+        // Not committed: let the node try again before the deadline (a refusal is recorded by
+        // the handler, which knows the reason).
+        if let Some(t) = &self.task_id {
+            self.tasks.release(t);
+        }
+    }
+}
+
+impl RoutingSink {
+    /// A stream still running when its round closes is cut off: what it folded in is undone
+    /// when the sink is dropped, and the update counts as late.
+    fn check_open(&self) -> Result<(), SinkError> {
+        match &self.task_id {
+            Some(t) if !self.tasks.is_open(t) => Err(SinkError::Rejected(format!(
+                "task {t} closed at its round's deadline before the update finished: it is late and refused"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl TensorSink for RoutingSink {
+    type Output = Routed;
+
+    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
+        let task_id = manifest.metadata.get(meta::TASK).cloned().ok_or_else(|| {
+            SinkError::Rejected(format!(
+                "the update's manifest has no {} metadata naming its task",
+                meta::TASK
+            ))
+        })?;
+        let destination = self.tasks.claim(&task_id, &self.site)?;
+        if let Ok(mut slot) = self.routed_to.lock() {
+            *slot = Some(task_id.clone());
+        }
+        self.task_id = Some(task_id);
+        let m = &mut self.metrics;
+        m.train_samples = parse_meta(manifest, meta::SAMPLES)?.unwrap_or(0);
+        m.train_loss = parse_meta(manifest, meta::TRAIN_LOSS)?.unwrap_or(0.0);
+        m.train_seconds = parse_meta(manifest, meta::TRAIN_SECONDS)?.unwrap_or(0.0);
+        m.eval_loss = parse_meta(manifest, meta::EVAL_LOSS)?.unwrap_or(0.0);
+        m.eval_accuracy = parse_meta(manifest, meta::EVAL_ACCURACY)?.unwrap_or(0.0);
+        m.eval_samples = parse_meta(manifest, meta::EVAL_SAMPLES)?.unwrap_or(0);
+        match destination {
+            Destination::InitialModel { model_dir } => {
+                let mut sink = SafetensorsFileSink::content_addressed(model_dir);
+                sink.begin(manifest)?;
+                self.inner = Inner::Model(sink);
+            }
+            Destination::Round { aggregator } => {
+                if self.metrics.train_samples == 0 {
+                    return Err(SinkError::Rejected(format!(
+                        "the update must say how many samples it was trained on ({} > 0): it is the update's weight",
+                        meta::SAMPLES
+                    )));
+                }
+                let mut sink =
+                    aggregator.update_sink(self.site.clone(), self.metrics.train_samples as f64);
+                sink.begin(manifest)?;
+                self.inner = Inner::Update(sink);
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+        self.check_open()?;
+        match &mut self.inner {
+            Inner::Model(s) => s.write(index, offset, data),
+            Inner::Update(s) => s.write(index, offset, data),
+            Inner::Unrouted => Err(SinkError::Rejected("data before the manifest".into())),
+        }
+    }
+
+    fn commit(mut self, digest: &[u8; 32]) -> Result<Routed, SinkError> {
+        self.check_open()?;
+        let inner = std::mem::replace(&mut self.inner, Inner::Unrouted);
+        let task_id = self.task_id.take().unwrap_or_default();
+        let model_id = match inner {
+            Inner::Model(s) => {
+                s.commit(digest)?;
+                Some(hex::encode(digest))
+            }
+            Inner::Update(s) => {
+                s.commit(digest)?;
+                None
+            }
+            Inner::Unrouted => return Err(SinkError::Rejected("empty stream".into())),
+        };
+        Ok(Routed {
+            task_id,
+            metrics: std::mem::take(&mut self.metrics),
+            model_id,
+        })
+    }
+}
