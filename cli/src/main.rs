@@ -4,6 +4,8 @@
 //! (`pki_cmd`, ...) and calls library code that is tested on its own.
 
 mod bench_cmd;
+mod demo;
+mod job_cmd;
 mod net_cmd;
 mod pki_cmd;
 
@@ -33,6 +35,13 @@ enum Command {
     /// Call a Tutela server over mutual TLS and print the identity it sees: checks a deployment's
     /// certificates, CA bundle and CRL end to end.
     Ping(net_cmd::PingArgs),
+    /// Submit, follow, inspect and cancel federated jobs at the coordinator.
+    #[command(subcommand)]
+    Job(job_cmd::JobCommand),
+    /// Run a whole consortium on this machine: a throwaway CA, a coordinator and one site node
+    /// per hospital as separate processes over loopback mutual TLS, a federated job on a public
+    /// dataset split non-IID across the sites, and the final model scored on held-out data.
+    Demo(demo::DemoArgs),
     /// Reproducible benchmarks (results are recorded in BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -46,6 +55,8 @@ fn main() -> ExitCode {
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Ping(args) => block_on(net_cmd::ping(args)),
         Command::Bench(cmd) => block_on(bench_cmd::run(cmd)),
+        Command::Job(cmd) => block_on(job_cmd::run(cmd)),
+        Command::Demo(args) => block_on(demo::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,7 @@ def generate_stubs(out_dir):
     import grpc_tools
 
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    protos = ["tutela/v1/tensor.proto", "tutela/v1/transport.proto"]
+    protos = ["tutela/v1/tensor.proto", "tutela/v1/transport.proto", "tutela/v1/federation.proto"]
     rc = protoc.main(
         ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}"]
         + protos

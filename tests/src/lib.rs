@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: locating the workspace's binaries and the test
 //! virtualenv's Python, starting real processes, and cleaning them up.
 
+pub mod consortium;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};

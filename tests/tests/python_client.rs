@@ -55,7 +55,7 @@ fn python_grpcio_client_is_served_over_mtls_and_refused_once_revoked() {
     let port = free_port();
     let config = format!(
         r#"listen = "127.0.0.1:{port}"
-model_dir = "{models}"
+data_dir = "{data}"
 tls_reload_secs = 3600
 [tls]
 ca = "{c}/ca.crt"
@@ -63,7 +63,7 @@ cert = "{c}/coordinator.crt"
 key = "{c}/coordinator.key"
 crl = "{ca}/crl.pem"
 "#,
-        models = d.join("models").display(),
+        data = d.join("coord").display(),
         c = d.join("coordinator").display(),
         ca = d.join("ca").display(),
     );

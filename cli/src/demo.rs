@@ -1,0 +1,512 @@
+//! `tutela demo`: a whole consortium on this machine. It makes a throwaway CA and certificates,
+//! gives each hospital a non-IID share of a public dataset (and keeps a held-out test split that no
+//! site sees), starts a coordinator and one site node per hospital as separate processes talking
+//! mutual TLS over loopback, runs a federated job round by round, and scores the final model on
+//! the test split.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use tutela_protocol::identity::Principal;
+use tutela_protocol::pb;
+use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
+
+use crate::job_cmd::{self, Connection};
+use crate::net_cmd::ClientTlsArgs;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Dataset {
+    /// Breast Cancer Wisconsin (569 rows, 30 features), an MLP, three hospitals.
+    BreastCancer,
+    /// 5,000 MNIST digits, a small CNN, five hospitals.
+    Mnist,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Which public dataset and model to use.
+    #[arg(long, value_enum, default_value_t = Dataset::BreastCancer)]
+    dataset: Dataset,
+    /// Working directory; replaced on every run.
+    #[arg(long, default_value = ".tutela/demo")]
+    dir: PathBuf,
+    /// Directory of the bundled datasets and schemas.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Number of rounds (default: the job spec's).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Seed of the data split.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+struct Plan {
+    csv: &'static str,
+    schema: &'static str,
+    schema_name: &'static str,
+    label: &'static str,
+    job: &'static str,
+    sites: &'static [&'static str],
+}
+
+fn plan(d: Dataset) -> Plan {
+    match d {
+        Dataset::BreastCancer => Plan {
+            csv: "breast_cancer_wisconsin.csv",
+            schema: "breast_cancer.schema.toml",
+            schema_name: "breast_cancer",
+            label: "diagnosis",
+            job: "deploy/jobs/breast_cancer_fedavg.toml",
+            sites: &["st-mary", "general", "riverside"],
+        },
+        Dataset::Mnist => Plan {
+            csv: "mnist_5k.csv.gz",
+            schema: "mnist.schema.toml",
+            schema_name: "mnist",
+            label: "label",
+            job: "deploy/jobs/mnist_cnn_fedavg.toml",
+            sites: &["st-mary", "general", "riverside", "northgate", "lakeside"],
+        },
+    }
+}
+
+/// Children killed when the demo ends, however it ends.
+struct Processes(Vec<(String, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found next to {}: build the workspace first (`cargo build --workspace --bins`)",
+            path.display(),
+            exe.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Reads a CSV (plain or gzip) as header + rows of raw text, so the split is byte-faithful.
+fn read_rows(path: &Path) -> Result<(String, Vec<String>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = if path.extension().is_some_and(|e| e == "gz") {
+        use std::io::Read;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_string(&mut s)
+            .with_context(|| format!("{} is not valid gzip text", path.display()))?;
+        s
+    } else {
+        String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?
+    };
+    let mut lines = text.lines();
+    let header = lines.next().context("empty dataset")?.to_string();
+    Ok((
+        header,
+        lines
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+    ))
+}
+
+/// Splits rows into a stratified held-out test set (20 %) and label-skewed site shares: each site
+/// gets most of its rows from "its" classes, as hospitals with different patient mixes would.
+fn split(
+    header: &str,
+    rows: Vec<String>,
+    label: &str,
+    sites: usize,
+    seed: u64,
+) -> Result<(Vec<Vec<String>>, Vec<String>)> {
+    let col = header
+        .split(',')
+        .position(|h| h.trim() == label)
+        .with_context(|| format!("no column {label:?} in the header"))?;
+    let mut by_class: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in rows {
+        let l = r
+            .split(',')
+            .nth(col)
+            .context("short row")?
+            .trim()
+            .to_string();
+        by_class.entry(l).or_default().push(r);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut shards = vec![Vec::new(); sites];
+    let mut test = Vec::new();
+    for (ci, (_, mut rs)) in by_class.into_iter().enumerate() {
+        rs.shuffle(&mut rng);
+        let n_test = rs.len() / 5;
+        test.extend(rs.drain(..n_test));
+        // Skew: the class's "home" site gets 60 %, the others share the rest evenly.
+        let home = ci % sites;
+        let n = rs.len();
+        let home_n = n * 3 / 5;
+        let mut it = rs.into_iter();
+        shards[home].extend(it.by_ref().take(home_n));
+        for (k, r) in it.enumerate() {
+            let others: Vec<usize> = (0..sites).filter(|&s| s != home).collect();
+            shards[others[k % others.len()]].push(r);
+        }
+    }
+    for s in &mut shards {
+        s.shuffle(&mut rng);
+    }
+    Ok((shards, test))
+}
+
+fn write_csv(path: &Path, header: &str, rows: &[String]) -> Result<()> {
+    let mut text = String::with_capacity(rows.len() * 64);
+    text.push_str(header);
+    text.push('\n');
+    for r in rows {
+        text.push_str(r);
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn toml_path(p: &Path) -> String {
+    p.display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status}; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "{what} did not listen on port {port} within 30 s; see {}",
+        log.display()
+    )
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    cmd.stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let p = plan(args.dataset);
+    let dir = std::path::absolute(&args.dir)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let data_dir = std::path::absolute(&args.data_dir)?;
+
+    // 1. A throwaway consortium: CA, coordinator, one node per hospital, an operator.
+    let ca = CaDir::init(&dir.join("ca"), "demo", KeyAlgorithm::EcdsaP256, 365, false)?;
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    let write = |stem: &str, issued: &tutela_protocol::pki::IssuedCertificate| -> Result<()> {
+        std::fs::write(certs.join(format!("{stem}.crt")), &issued.cert_pem)?;
+        tutela_protocol::pki::files::write_new(
+            &certs.join(format!("{stem}.key")),
+            issued.key_pem.as_bytes(),
+            tutela_protocol::pki::files::FileMode::Private,
+        )?;
+        Ok(())
+    };
+    std::fs::write(certs.join("ca.crt"), ca.ca().cert_pem())?;
+    let mut server_opts = LeafOptions::new(Validity::days_from_now(30));
+    server_opts.dns_names = vec!["localhost".into()];
+    server_opts.ip_addresses = vec!["127.0.0.1".parse()?];
+    write(
+        "coordinator",
+        &ca.issue(&Principal::Coordinator, &server_opts)?,
+    )?;
+    for site in p.sites {
+        write(
+            &format!("node-{site}"),
+            &ca.issue(
+                &Principal::Node {
+                    site: site.to_string(),
+                },
+                &LeafOptions::new(Validity::days_from_now(30)),
+            )?,
+        )?;
+    }
+    write(
+        "operator-demo",
+        &ca.issue(
+            &Principal::Operator {
+                name: "demo".into(),
+            },
+            &LeafOptions::new(Validity::days_from_now(30)),
+        )?,
+    )?;
+    let crl = ca.crl_path();
+    println!(
+        "consortium \"demo\": CA, coordinator, {} site nodes and an operator certified in {}",
+        p.sites.len(),
+        certs.display()
+    );
+
+    // 2. Each hospital's own data, and a test split nobody trains on.
+    let (header, rows) = read_rows(&data_dir.join(p.csv))?;
+    let total = rows.len();
+    let (shards, test) = split(&header, rows, p.label, p.sites.len(), args.seed)?;
+    let test_csv = dir.join("test.csv");
+    write_csv(&test_csv, &header, &test)?;
+    let union: Vec<String> = shards.iter().flatten().cloned().collect();
+    let union_csv = dir.join("train-union.csv");
+    write_csv(&union_csv, &header, &union)?;
+    println!(
+        "{} rows of {}: {} held out for the final test",
+        total,
+        p.csv,
+        test.len()
+    );
+
+    // 3. The coordinator.
+    let port = free_port()?;
+    let coord_dir = dir.join("coordinator");
+    std::fs::create_dir_all(&coord_dir)?;
+    let coord_toml = coord_dir.join("coordinator.toml");
+    std::fs::write(
+        &coord_toml,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
+            toml_path(&coord_dir),
+            toml_path(&crl),
+            c = toml_path(&certs)
+        ),
+    )?;
+    let mut procs = Processes(Vec::new());
+    let log = coord_dir.join("coordinator.log");
+    let mut coordinator = spawn_logged(
+        Command::new(sibling("tutela-coordinator")?)
+            .arg("--config")
+            .arg(&coord_toml),
+        &log,
+    )?;
+    wait_for_port(port, &mut coordinator, "the coordinator", &log)?;
+    procs.0.push(("coordinator".into(), coordinator));
+    println!("coordinator listening on 127.0.0.1:{port} (mutual TLS 1.3)");
+
+    // 4. One node per hospital, each with only its own share.
+    let node_bin = sibling("tutela-node")?;
+    for (site, rows) in p.sites.iter().zip(&shards) {
+        let site_dir = dir.join("sites").join(site);
+        std::fs::create_dir_all(&site_dir)?;
+        let csv = site_dir.join(format!("{}.csv", p.schema_name));
+        write_csv(&csv, &header, rows)?;
+        let toml = site_dir.join("node.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[datasets.{name}]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n",
+                w = toml_path(&site_dir.join("work")),
+                c = toml_path(&certs),
+                crl = toml_path(&crl),
+                name = p.schema_name,
+                csv = toml_path(&csv),
+                schema = toml_path(&data_dir.join(p.schema)),
+            ),
+        )?;
+        let log = site_dir.join("node.log");
+        let child = spawn_logged(
+            Command::new(&node_bin)
+                .arg("run")
+                .arg("--config")
+                .arg(&toml),
+            &log,
+        )?;
+        procs.0.push((site.to_string(), child));
+        let counts = class_counts(&header, rows, p.label)?;
+        println!("site node {site:<10} {} rows  classes {counts}", rows.len());
+    }
+
+    // 5. The job, submitted by the operator.
+    let mut spec: toml::Table = toml::from_str(
+        &std::fs::read_to_string(p.job).with_context(|| format!("cannot read {}", p.job))?,
+    )
+    .with_context(|| format!("{} is not valid TOML", p.job))?;
+    if let Some(r) = args.rounds {
+        spec.insert("rounds".into(), toml::Value::Integer(r.into()));
+    }
+    spec.insert(
+        "sites".into(),
+        toml::Value::Array(
+            p.sites
+                .iter()
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+    );
+    let spec_text = toml::to_string(&spec)?;
+    let conn = Connection {
+        coordinator: format!("localhost:{port}"),
+        tls: ClientTlsArgs {
+            tls_dir: certs.clone(),
+            stem: "operator-demo".into(),
+            crl: Some(crl.clone()),
+        },
+    };
+    let mut jobs = conn.jobs().await?;
+    let status = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec_text,
+        })
+        .await
+        .context("the coordinator refused the demo job")?
+        .into_inner();
+    println!(
+        "job {} ({}) submitted: {} rounds, spec digest {}",
+        status.job_id,
+        status.name,
+        status.rounds_total,
+        &status.spec_digest[..16]
+    );
+
+    let bar = ProgressBar::new(u64::from(status.rounds_total));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} rounds  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("training");
+    bar.set_message("waiting for the initial model");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut printed = 0;
+    let last = job_cmd::watch_job(&mut jobs, &status.job_id, |s| {
+        let since = printed;
+        for r in s.rounds.iter().filter(|r| r.round > since) {
+            let per_site: Vec<String> = r
+                .metrics
+                .iter()
+                .map(|m| format!("{} {:.3}", m.site, m.eval_accuracy))
+                .collect();
+            let line = format!(
+                "round {:>2}  accuracy {:.4}  ({})  {:.1}s{}",
+                r.round,
+                r.eval_accuracy,
+                per_site.join(", "),
+                r.seconds,
+                if r.refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "  refused: {}",
+                        r.refused
+                            .iter()
+                            .map(|x| format!("{}: {}", x.site, x.reason))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
+                }
+            );
+            // Without a terminal the bar is hidden and would swallow its println.
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+            printed = r.round;
+        }
+        bar.set_position(u64::from(s.rounds_completed));
+        bar.set_message(format!(
+            "{} | sites connected: {}",
+            s.state,
+            s.connected_sites.len()
+        ));
+    })
+    .await?;
+    bar.finish_and_clear();
+    if last.state != "completed" {
+        bail!("the job ended {}: {}", last.state, last.reason);
+    }
+
+    // 6. The final model on data no site has seen.
+    let job_spec = dir.join("job.toml");
+    std::fs::write(&job_spec, toml::to_string(&spec)?)?;
+    let out = Command::new(&node_bin)
+        .args(["evaluate", "--model"])
+        .arg(&last.model_path)
+        .arg("--job-spec")
+        .arg(&job_spec)
+        .arg("--csv")
+        .arg(&test_csv)
+        .arg("--schema")
+        .arg(data_dir.join(p.schema))
+        .arg("--standardize-from")
+        .arg(&union_csv)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "evaluating the final model failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let eval: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("tutela-node evaluate printed no JSON")?;
+    println!(
+        "final model: test accuracy {:.4} on {} held-out rows",
+        eval["accuracy"].as_f64().unwrap_or(f64::NAN),
+        eval["n"]
+    );
+    println!("model (safetensors): {}", last.model_path);
+    println!(
+        "demo finished in {:.1}s; logs and configs in {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn class_counts(header: &str, rows: &[String], label: &str) -> Result<String> {
+    let col = header
+        .split(',')
+        .position(|h| h.trim() == label)
+        .context("no label column")?;
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for r in rows {
+        *counts
+            .entry(r.split(',').nth(col).unwrap_or("").trim())
+            .or_default() += 1;
+    }
+    Ok(counts
+        .iter()
+        .map(|(k, v)| format!("{k}:{v}"))
+        .collect::<Vec<_>>()
+        .join(" "))
+}

@@ -1,0 +1,258 @@
+//! A consortium of real processes for the end-to-end tests: a CA made with the library, a
+//! `tutela-coordinator` process and `tutela-node` processes with their own data shares, talking
+//! mutual TLS over loopback, and an operator client for the `Jobs` service.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tutela_protocol::client::{self, ClientTls};
+use tutela_protocol::identity::{Identity, Principal};
+use tutela_protocol::pb;
+use tutela_protocol::pb::jobs_client::JobsClient;
+use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
+use tutela_protocol::tls::TlsFiles;
+
+use crate::{ChildGuard, bin, free_port, repo_root, wait_for_port};
+
+pub struct Consortium {
+    pub dir: PathBuf,
+    pub ca: CaDir,
+    pub port: u16,
+    pub coordinator: Option<ChildGuard>,
+    pub nodes: Vec<(String, ChildGuard)>,
+}
+
+/// Splits the breast-cancer CSV into `n` shares (label-skewed, deterministic) plus a test share
+/// of every fifth row. Returns (header, shares, test).
+pub fn breast_cancer_shares(n: usize) -> (String, Vec<Vec<String>>, Vec<String>) {
+    let text =
+        std::fs::read_to_string(repo_root().join("data/breast_cancer_wisconsin.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap().to_string();
+    let label_col = header.split(',').position(|h| h == "diagnosis").unwrap();
+    let mut shares = vec![Vec::new(); n];
+    let mut test = Vec::new();
+    let (mut k_m, mut k_b) = (0usize, 0usize);
+    for (i, line) in lines.enumerate() {
+        if i % 5 == 4 {
+            test.push(line.to_string());
+            continue;
+        }
+        // Malignant rows lean to the first site, benign to the last: non-IID shares.
+        let malignant = line.split(',').nth(label_col) == Some("malignant");
+        let site = if malignant {
+            k_m += 1;
+            if k_m % 2 == 0 { 0 } else { k_m % n }
+        } else {
+            k_b += 1;
+            if k_b % 2 == 0 { n - 1 } else { k_b % n }
+        };
+        shares[site].push(line.to_string());
+    }
+    (header, shares, test)
+}
+
+pub fn write_csv(path: &Path, header: &str, rows: &[String]) {
+    let mut s = String::from(header);
+    s.push('\n');
+    for r in rows {
+        s.push_str(r);
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+impl Consortium {
+    pub fn new(dir: &Path) -> Self {
+        let ca = CaDir::init(&dir.join("ca"), "e2e", KeyAlgorithm::EcdsaP256, 365, false).unwrap();
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::write(certs.join("ca.crt"), ca.ca().cert_pem()).unwrap();
+        let mut server = LeafOptions::new(Validity::days_from_now(30));
+        server.dns_names = vec!["localhost".into()];
+        let issued = ca.issue(&Principal::Coordinator, &server).unwrap();
+        std::fs::write(certs.join("coordinator.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(certs.join("coordinator.key"), &issued.key_pem).unwrap();
+        let op = ca
+            .issue(
+                &Principal::Operator { name: "op".into() },
+                &LeafOptions::new(Validity::days_from_now(30)),
+            )
+            .unwrap();
+        std::fs::write(certs.join("operator-op.crt"), &op.cert_pem).unwrap();
+        std::fs::write(certs.join("operator-op.key"), &op.key_pem).unwrap();
+        Consortium {
+            dir: dir.to_path_buf(),
+            ca,
+            port: free_port(),
+            coordinator: None,
+            nodes: Vec::new(),
+        }
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// Starts (or restarts) the coordinator on the consortium's port and data directory.
+    pub fn start_coordinator(&mut self) {
+        let c = self.certs();
+        let toml = format!(
+            "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntls_reload_secs = 3600\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
+            self.port,
+            self.dir.join("coordinator").display(),
+            self.ca.crl_path().display(),
+            c = c.display()
+        );
+        let path = self.dir.join("coordinator.toml");
+        std::fs::write(&path, toml).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("coordinator.log"))
+            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(bin("tutela-coordinator"))
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log)),
+        );
+        wait_for_port(
+            format!("127.0.0.1:{}", self.port).parse().unwrap(),
+            Duration::from_secs(30),
+        );
+        self.coordinator = Some(child);
+    }
+
+    /// Starts a node for `site` holding `rows`; `extra` is appended to its node.toml (e.g. a
+    /// `[testing]` table).
+    pub fn start_node(&mut self, site: &str, header: &str, rows: &[String], extra: &str) {
+        let site_dir = self.dir.join("sites").join(site);
+        std::fs::create_dir_all(&site_dir).unwrap();
+        let issued = self
+            .ca
+            .issue(
+                &Principal::Node { site: site.into() },
+                &LeafOptions::new(Validity::days_from_now(30)),
+            )
+            .unwrap();
+        std::fs::write(site_dir.join("node.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(site_dir.join("node.key"), &issued.key_pem).unwrap();
+        let csv = site_dir.join("data.csv");
+        write_csv(&csv, header, rows);
+        let toml = format!(
+            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[datasets.breast_cancer]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n{extra}\n",
+            port = self.port,
+            w = site_dir.join("work").display(),
+            c = self.certs().display(),
+            s = site_dir.display(),
+            crl = self.ca.crl_path().display(),
+            csv = csv.display(),
+            schema = repo_root().join("data/breast_cancer.schema.toml").display(),
+        );
+        let path = site_dir.join("node.toml");
+        std::fs::write(&path, toml).unwrap();
+        let log = std::fs::File::create(site_dir.join("node.log")).unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(bin("tutela-node"))
+                .arg("run")
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log)),
+        );
+        self.nodes.push((site.to_string(), child));
+    }
+
+    pub fn kill_node(&mut self, site: &str) {
+        if let Some(pos) = self.nodes.iter().position(|(s, _)| s == site) {
+            let (_, child) = self.nodes.remove(pos);
+            child.signal("KILL");
+            drop(child);
+        }
+    }
+
+    pub async fn operator(&self) -> JobsClient<tonic::transport::Channel> {
+        let files = TlsFiles::in_dir(&self.certs(), "operator-op");
+        let tls = ClientTls::load(
+            &files,
+            Some(Identity::new("e2e", Principal::Coordinator).unwrap()),
+        )
+        .unwrap();
+        let channel = client::connect(&format!("localhost:{}", self.port), tls)
+            .await
+            .unwrap();
+        JobsClient::new(channel)
+    }
+
+    /// Polls the job until it is in a final state or `timeout` passes; returns the last status.
+    pub async fn wait_for_job(
+        &self,
+        job: &str,
+        timeout: Duration,
+        until: impl Fn(&pb::JobStatus) -> bool,
+    ) -> pb::JobStatus {
+        let start = Instant::now();
+        loop {
+            let status = match self
+                .operator()
+                .await
+                .get_job(pb::GetJobRequest { job_id: job.into() })
+                .await
+            {
+                Ok(s) => Some(s.into_inner()),
+                Err(_) => None,
+            };
+            if let Some(s) = &status
+                && (until(s) || ["completed", "failed", "cancelled"].contains(&s.state.as_str()))
+            {
+                return s.clone();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "job {job} did not get there within {timeout:?}; last status {status:?}; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+}
+
+/// A breast-cancer job spec for the tests.
+pub fn job_spec(rounds: u32, min_sites: u32, deadline_secs: u64, sites: &[&str]) -> String {
+    format!(
+        r#"name = "e2e-breast-cancer"
+rounds = {rounds}
+min_sites = {min_sites}
+round_deadline_secs = {deadline_secs}
+max_round_retries = 2
+update_norm_bound = 50.0
+sites = [{sites}]
+seed = 3
+
+[model]
+name = "mlp"
+hidden = [32, 16]
+
+[data]
+schema = "breast_cancer"
+
+[training]
+optimizer = "adam"
+learning_rate = 0.01
+local_epochs = 3
+batch_size = 32
+"#,
+        sites = sites
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
