@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup.sh) and runs the whole test suite: unit tests, integration
-# tests over real loopback mutual TLS, and end-to-end tests with real processes and a Python client.
+# Sets everything up (scripts/setup.sh), makes sure a PostgreSQL server is running for the store
+# tests (scripts/test-postgres.sh), and runs the whole test suite: unit tests, integration tests
+# over real loopback mutual TLS, end-to-end tests with real processes, real libtorch training and
+# a Python client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+# shellcheck source=scripts/test-postgres.sh
+source scripts/test-postgres.sh
 export TUTELA_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace

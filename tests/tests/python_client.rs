@@ -106,7 +106,7 @@ crl = "{ca}/crl.pem"
     digest.update(&data);
     assert_eq!(reply["model_id"], hex::encode(digest.finish()));
     assert!(
-        d.join("models")
+        d.join("coord/models")
             .join(format!(
                 "{}.safetensors",
                 reply["model_id"].as_str().unwrap()
