@@ -6,9 +6,10 @@ number of examples, adds the weighted layers with `reduce(np.add, ...)` and divi
 This script runs that computation on the same sizes as the Rust benchmark (PARAMS float32
 parameters split into 4 tensors, UPDATES updates with the same sample counts, generated before
 the clock starts) and reports GB/s in the same unit: bytes of updates (4 per parameter per update)
-aggregated per second, 10^9 bytes to the GB.
+aggregated per second, 10^9 bytes to the GB. Like the Rust benchmark it times ROUNDS rounds in one
+process and reports the fastest.
 
-    python bench/fedavg_numpy.py --params 50000000 --updates 10 [--json]
+    python bench/fedavg_numpy.py --params 50000000 --updates 10 [--rounds 3] [--json]
 """
 
 import argparse
@@ -57,10 +58,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=50_000_000)
     parser.add_argument("--updates", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the fastest is reported")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
-    if args.params < 1 or args.updates < 1:
-        sys.exit("--params and --updates must both be at least 1")
+    if args.params < 1 or args.updates < 1 or args.rounds < 1:
+        sys.exit("--params, --updates and --rounds must all be at least 1")
 
     sizes = split(args.params)
     rng = np.random.default_rng(0)
@@ -78,9 +80,14 @@ def main():
     except OSError:
         pass
     rss_before = proc_status_bytes("VmRSS:")
-    start = time.perf_counter()
-    mean = aggregate(results)
-    seconds = time.perf_counter() - start
+    round_seconds = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        mean = aggregate(results)
+        round_seconds.append(time.perf_counter() - start)
+        dtype = str(mean[0].dtype)
+        del mean
+    seconds = min(round_seconds)
     peak = proc_status_bytes("VmHWM:")
 
     update_bytes = args.params * 4 * args.updates
@@ -92,12 +99,13 @@ def main():
         "tensors": len(sizes),
         "update_bytes": update_bytes,
         "seconds": seconds,
+        "round_seconds": round_seconds,
         "gb_per_s": update_bytes / seconds / 1e9,
         "model_bytes": args.params * 4,
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": peak,
         "aggregation_peak_bytes": (peak - rss_before) if peak and rss_before else None,
-        "result_dtype": str(mean[0].dtype),
+        "result_dtype": dtype,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -107,9 +115,10 @@ def main():
         f"FedAvg of {args.updates} updates x {args.params} parameters "
         f"({len(sizes)} tensors, {args.params * 4 / 2**20:.0f} MiB per model), numpy {np.__version__}"
     )
+    rounds = ", ".join(f"{s:.3f} s" for s in round_seconds)
     print(
         f"  Flower's aggregate: {seconds:.3f} s, {report['gb_per_s']:.2f} GB/s of updates "
-        f"(result {report['result_dtype']})"
+        f"(result {report['result_dtype']}); rounds: {rounds}"
     )
     print(
         f"  resident: before {mib(rss_before)}, peak {mib(peak)}, "

@@ -11,6 +11,11 @@ pub enum BenchCommand {
     /// TLS, beside a raw rustls TLS 1.3 copy of the same bytes, and report MB/s and the
     /// receiver's resident-memory growth. The server runs as a child process.
     Transport(TransportArgs),
+    /// FedAvg of UPDATES updates of PARAMS float32 parameters through the coordinator's streaming
+    /// aggregator (validation, exact-undo spool and fold, in 4 MiB chunks), beside a plain memory
+    /// copy of the same bytes and, in the same run, NumPy computing the weighted average the way
+    /// Flower's `aggregate` does (bench/fedavg_numpy.py).
+    Aggregate(AggregateArgs),
     /// Internal: the server side of `bench transport` (started by it as a child process).
     #[command(hide = true)]
     TransportServer(TransportServerArgs),
@@ -25,9 +30,28 @@ pub struct TransportArgs {
     /// directory under /var/tmp by default, removed afterwards.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Runs of each transfer (interleaved); the best time of each is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AggregateArgs {
+    /// Parameters per update.
+    #[arg(long, default_value_t = 50_000_000)]
+    params: usize,
+    /// Number of updates.
+    #[arg(long, default_value_t = 10)]
+    updates: usize,
+    /// Python with NumPy for the reference (default: .venv/bin/python, else python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// The NumPy reference script.
+    #[arg(long, default_value = "bench/fedavg_numpy.py")]
+    numpy_script: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -51,14 +75,45 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 }
             };
             let exe = std::env::current_exe()?;
-            let report =
-                tutela_protocol::bench::run_transport_bench(&exe, &dir, args.size_mib << 20)
-                    .await
-                    .map_err(|e| anyhow!("transport benchmark failed: {e}"))?;
+            let report = tutela_protocol::bench::run_transport_bench(
+                &exe,
+                &dir,
+                args.size_mib << 20,
+                args.repeats,
+            )
+            .await
+            .map_err(|e| anyhow!("transport benchmark failed: {e}"))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{report}");
+            }
+            Ok(())
+        }
+        BenchCommand::Aggregate(args) => {
+            let report =
+                tutela_coordinator::aggregate::bench::bench_fedavg(args.params, args.updates)
+                    .map_err(|e| anyhow!("aggregation benchmark failed: {e}"))?;
+            print!("{report}");
+            let python = args.python.clone().unwrap_or_else(|| {
+                let venv = PathBuf::from(".venv/bin/python");
+                if venv.exists() {
+                    venv
+                } else {
+                    PathBuf::from("python3")
+                }
+            });
+            println!("\nNumPy reference (Flower's aggregate), same sizes, same run:");
+            let status = std::process::Command::new(&python)
+                .arg(&args.numpy_script)
+                .arg("--params")
+                .arg(args.params.to_string())
+                .arg("--updates")
+                .arg(args.updates.to_string())
+                .status()
+                .map_err(|e| anyhow!("cannot run {}: {e}", python.display()))?;
+            if !status.success() {
+                return Err(anyhow!("the NumPy reference failed with {status}"));
             }
             Ok(())
         }

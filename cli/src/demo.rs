@@ -334,7 +334,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         std::fs::write(
             &toml,
             format!(
-                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[datasets.{name}]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n",
+                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[datasets.{name}]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n",
                 w = toml_path(&site_dir.join("work")),
                 c = toml_path(&certs),
                 crl = toml_path(&crl),
@@ -417,7 +417,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .map(|m| format!("{} {:.3}", m.site, m.eval_accuracy))
                 .collect();
             let line = format!(
-                "round {:>2}  accuracy {:.4}  ({})  {:.1}s{}",
+                "round {:>2}  accuracy {:.4}  ({})  {:.2}s{}",
                 r.round,
                 r.eval_accuracy,
                 per_site.join(", "),
@@ -485,6 +485,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         eval["n"]
     );
     println!("model (safetensors): {}", last.model_path);
+    print_throughput(&last);
     println!(
         "demo finished in {:.1}s; logs and configs in {}",
         started.elapsed().as_secs_f64(),
@@ -509,4 +510,29 @@ fn class_counts(header: &str, rows: &[String], label: &str) -> Result<String> {
         .map(|(k, v)| format!("{k}:{v}"))
         .collect::<Vec<_>>()
         .join(" "))
+}
+
+/// Rounds per minute, and each site's local training speed over the whole job.
+fn print_throughput(s: &pb::JobStatus) {
+    let seconds: f64 = s.rounds.iter().map(|r| r.seconds).sum();
+    if seconds > 0.0 {
+        println!(
+            "{} rounds in {:.1}s of rounds: {:.1} rounds per minute",
+            s.rounds.len(),
+            seconds,
+            s.rounds.len() as f64 * 60.0 / seconds
+        );
+    }
+    let mut per_site: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
+    for m in s.rounds.iter().flat_map(|r| &r.metrics) {
+        let e = per_site.entry(m.site.as_str()).or_default();
+        e.0 += m.train_samples;
+        e.1 += m.train_seconds;
+    }
+    let rates: Vec<String> = per_site
+        .iter()
+        .filter(|(_, (_, t))| *t > 0.0)
+        .map(|(site, (n, t))| format!("{site} {:.0}", *n as f64 / t))
+        .collect();
+    println!("local training, samples per second: {}", rates.join(", "));
 }

@@ -1,4 +1,6 @@
-//! `cargo run --release -p tutela-coordinator --example bench_aggregate -- [PARAMS] [UPDATES] [--json]`
+//! ```text
+//! cargo run --release -p tutela-coordinator --example bench_aggregate -- [PARAMS] [UPDATES] [--json]
+//! ```
 //!
 //! Runs the aggregation benchmark (the library function behind `tutela bench aggregate`):
 //! 50 million parameters × 10 updates by default.

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
-use crate::aggregate::RoundAggregator;
+use crate::aggregate::{AggregateError, AggregatorOptions, RoundAggregator};
 use crate::job::{JobId, JobSpec, JobState};
 use crate::nodes::NodeRegistry;
 use crate::store::{AcceptedUpdate, RefusedUpdate, RoundRecord, Store};
@@ -425,7 +425,11 @@ impl Engine {
         participants.sort();
 
         let (manifest, global) = stream::load_model(&self.model_path(model_id))?;
-        let aggregator = RoundAggregator::new(&manifest, spec.update_norm_bound)
+        let mut options = AggregatorOptions::new(spec.update_norm_bound);
+        // Uploads spool what they fold (for an exact undo) next to the models, on the
+        // coordinator's disk rather than a possibly small tmpfs.
+        options.spool_dir = Some(self.state_dir.clone());
+        let aggregator = RoundAggregator::with_options(&manifest, options)
             .map_err(|e| EngineError::Failed(format!("round {round}: {e}")))?;
         let strategy_json = strategy.configure_round(round);
         let deadline_ms = started + window.as_millis() as i64;
@@ -490,12 +494,15 @@ impl Engine {
                     describe_refusals(&refused)
                 )));
             }
-            Err(_) => {
+            Err(AggregateError::NothingAccepted) => {
                 return Ok(Err(format!(
                     "no update was accepted by the deadline ({})",
                     describe_refusals(&refused)
                 )));
             }
+            // An upload that could not be taken back out, or one still holding the aggregate
+            // after the wait: this attempt's aggregate cannot be trusted, so it is retried.
+            Err(e) => return Ok(Err(format!("the round's aggregate is unusable: {e}"))),
         };
 
         // The strategy turns the mean update into the next global model.

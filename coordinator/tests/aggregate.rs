@@ -558,8 +558,8 @@ fn fedavg_and_fedprox_add_the_mean_delta() {
     assert!(e.to_string().contains("tensor \"w\" has 3 values"), "{e}");
 }
 
-// Hand-computed with η = 0.1, β₁ = 0.9, β₂ = 0.99, τ = 0.01 (v starts at τ² = 1e-4), x = [1, −2, 0],
-// Δ₁ = [0.1, −0.2, 0], then Δ₂ = [0.01, 0.3, −0.005]:
+// Hand-computed with η = 0.1, β₁ = 0.9, β₂ = 0.99, τ = 0.01 (v starts at τ² = 1e-4),
+// x = [1, −2, 0], Δ₁ = [0.1, −0.2, 0], then Δ₂ = [0.01, 0.3, −0.005]:
 //
 // step 1: Δ₁² = [0.01, 0.04, 0]
 //   m = 0.1·Δ₁ = [0.01, −0.02, 0]

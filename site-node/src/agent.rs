@@ -362,6 +362,9 @@ impl Agent {
             .map_err(|e| AgentError::ServerIdentity(e.to_string()))?;
         // Fails now on TLS material rustls cannot use, rather than at every reconnect.
         ClientTls::from_material(&material, Some(coordinator.clone()))?;
+        if config.torch_threads > 0 {
+            tch::set_num_threads(config.torch_threads as i32);
+        }
         let device = match config.device {
             DeviceChoice::Auto => crate::default_device(),
             DeviceChoice::Cpu => Device::Cpu,

@@ -60,6 +60,11 @@ pub struct NodeConfig {
     pub work_dir: PathBuf,
     #[serde(default)]
     pub device: DeviceChoice,
+    /// CPU threads libtorch may use for training; 0 (the default) leaves libtorch's own choice
+    /// (one per core). Several nodes sharing a machine (a demo, a test) should set 1 each, or
+    /// their thread pools oversubscribe the cores and every node slows down.
+    #[serde(default)]
+    pub torch_threads: usize,
     /// Local datasets by the schema name jobs use (`data.schema` in a job spec).
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetConfig>,

@@ -143,7 +143,7 @@ impl Consortium {
         let csv = site_dir.join("data.csv");
         write_csv(&csv, header, rows);
         let toml = format!(
-            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[datasets.breast_cancer]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n{extra}\n",
+            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[datasets.breast_cancer]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n{extra}\n",
             port = self.port,
             w = site_dir.join("work").display(),
             c = self.certs().display(),
@@ -187,7 +187,8 @@ impl Consortium {
         JobsClient::new(channel)
     }
 
-    /// Polls the job until it is in a final state or `timeout` passes; returns the last status.
+    /// Polls the job until `until` holds, it is in a final state, or `timeout` passes; returns
+    /// the last status. Reconnects if the coordinator goes away (a restart under test).
     pub async fn wait_for_job(
         &self,
         job: &str,
@@ -195,27 +196,32 @@ impl Consortium {
         until: impl Fn(&pb::JobStatus) -> bool,
     ) -> pb::JobStatus {
         let start = Instant::now();
+        let mut client = None;
+        let mut last = None;
         loop {
-            let status = match self
-                .operator()
-                .await
-                .get_job(pb::GetJobRequest { job_id: job.into() })
-                .await
-            {
-                Ok(s) => Some(s.into_inner()),
-                Err(_) => None,
-            };
-            if let Some(s) = &status
-                && (until(s) || ["completed", "failed", "cancelled"].contains(&s.state.as_str()))
-            {
-                return s.clone();
+            if client.is_none() {
+                client = Some(self.operator().await);
+            }
+            if let Some(c) = client.as_mut() {
+                match c.get_job(pb::GetJobRequest { job_id: job.into() }).await {
+                    Ok(s) => {
+                        let s = s.into_inner();
+                        if until(&s)
+                            || ["completed", "failed", "cancelled"].contains(&s.state.as_str())
+                        {
+                            return s;
+                        }
+                        last = Some(s);
+                    }
+                    Err(_) => client = None,
+                }
             }
             assert!(
                 start.elapsed() < timeout,
-                "job {job} did not get there within {timeout:?}; last status {status:?}; logs in {}",
+                "job {job} did not get there within {timeout:?}; last status {last:?}; logs in {}",
                 self.dir.display()
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -279,7 +279,8 @@ async fn a_coordinator_killed_mid_job_resumes_without_losing_or_repeating_a_roun
     for (site, rows) in ["a", "b", "c"].iter().zip(&shares) {
         c.start_node(site, &header, rows, "");
     }
-    let rounds = 8;
+    // Enough rounds that the kill lands mid-job even though a round takes tens of milliseconds.
+    let rounds = 60;
     let job = submit(&c, job_spec(rounds, 3, 30, &["a", "b", "c"])).await;
     let status = c
         .wait_for_job(&job, Duration::from_secs(180), |s| s.rounds_completed >= 2)
