@@ -70,7 +70,7 @@ use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
 pub mod bench;
 
 /// The manifest metadata key carrying a site's training sample count (its FedAvg weight).
-pub const SAMPLES_KEY: &str = "tutela.samples";
+pub const SAMPLES_KEY: &str = tutela_protocol::federation::meta::SAMPLES;
 
 /// Default for [`AggregatorOptions::max_weight`]: 2²⁴ ≈ 16.8 million samples per update.
 pub const DEFAULT_MAX_WEIGHT: f64 = 16_777_216.0;

@@ -18,16 +18,7 @@ use tutela_protocol::tensor::Manifest;
 
 use crate::aggregate::{RoundAggregator, UpdateSink};
 
-/// Manifest metadata keys a node sets on a task's result.
-pub mod meta {
-    pub const TASK: &str = "tutela.task";
-    pub const SAMPLES: &str = "tutela.samples";
-    pub const TRAIN_LOSS: &str = "tutela.train.loss";
-    pub const TRAIN_SECONDS: &str = "tutela.train.seconds";
-    pub const EVAL_LOSS: &str = "tutela.eval.loss";
-    pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
-    pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
-}
+pub use tutela_protocol::federation::meta;
 
 /// Where a task's result goes.
 #[derive(Clone)]

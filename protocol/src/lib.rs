@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod federation;
 pub mod identity;
 pub mod logging;
 pub mod pki;

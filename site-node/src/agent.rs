@@ -73,21 +73,8 @@ use crate::weights::{
     NamedTensors, WeightsError, delta, export_weights, load_safetensors, load_weights,
 };
 
-/// Manifest metadata keys of a task's result, as the coordinator reads them.
-pub mod meta {
-    /// The task the stream answers (required).
-    pub const TASK: &str = "tutela.task";
-    /// Training rows, the update's FedAvg weight (required for TRAIN).
-    pub const SAMPLES: &str = "tutela.samples";
-    /// Mean training loss over the round's local epochs.
-    pub const TRAIN_LOSS: &str = "tutela.train.loss";
-    /// Wall-clock seconds of local training.
-    pub const TRAIN_SECONDS: &str = "tutela.train.seconds";
-    /// The round's global model on the local validation split, before training.
-    pub const EVAL_LOSS: &str = "tutela.eval.loss";
-    pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
-    pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
-}
+/// Manifest metadata keys of a task's result (shared with the coordinator).
+pub use tutela_protocol::federation::meta;
 
 /// The node software version sent with `Connect`.
 pub const NODE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -102,6 +102,19 @@ pub struct Scoring {
     pub schema: DatasetSchema,
 }
 
+/// Reads and parses a job spec file, naming the file in errors.
+fn read_job(job_spec_path: &Path) -> Result<JobView, OfflineError> {
+    let text =
+        std::fs::read_to_string(job_spec_path).map_err(|source| OfflineError::JobSpecFile {
+            path: job_spec_path.to_path_buf(),
+            source,
+        })?;
+    JobView::from_toml_str(&text).map_err(|source| OfflineError::JobSpec {
+        path: job_spec_path.to_path_buf(),
+        source,
+    })
+}
+
 /// Reads the job spec, the schema and the CSV, standardises the rows as asked, rebuilds the
 /// model and loads its weights from `model_path`.
 pub fn prepare(
@@ -112,16 +125,11 @@ pub fn prepare(
     standardization: &Standardization,
     device: Device,
 ) -> Result<Scoring, OfflineError> {
-    let text =
-        std::fs::read_to_string(job_spec_path).map_err(|source| OfflineError::JobSpecFile {
-            path: job_spec_path.to_path_buf(),
-            source,
-        })?;
+    let job = read_job(job_spec_path)?;
     let spec_err = |source| OfflineError::JobSpec {
         path: job_spec_path.to_path_buf(),
         source,
     };
-    let job = JobView::from_toml_str(&text).map_err(spec_err)?;
     let schema = DatasetSchema::load(schema_path)?;
     let mut table = load_csv(csv, &schema)?;
     let standardizer = match (standardizer_for(&schema, &table)?, standardization) {
@@ -257,16 +265,11 @@ pub fn centralized(
     schema_path: &Path,
     device: Device,
 ) -> Result<Eval, OfflineError> {
-    let text =
-        std::fs::read_to_string(job_spec_path).map_err(|source| OfflineError::JobSpecFile {
-            path: job_spec_path.to_path_buf(),
-            source,
-        })?;
+    let job = read_job(job_spec_path)?;
     let spec_err = |source| OfflineError::JobSpec {
         path: job_spec_path.to_path_buf(),
         source,
     };
-    let job = JobView::from_toml_str(&text).map_err(spec_err)?;
     let schema = DatasetSchema::load(schema_path)?;
     let mut train = load_csv(train_csv, &schema)?;
     let mut test = load_csv(test_csv, &schema)?;

@@ -1,0 +1,22 @@
+//! The vocabulary of `tutela.v1.Federation` beyond the protobuf messages: the manifest metadata
+//! keys a node sets on a task's result. They travel inside the tensor stream's manifest, so the
+//! stream digest covers them. One definition, used by the node that writes them and the
+//! coordinator that reads them.
+
+/// Manifest metadata keys of a task's result.
+pub mod meta {
+    /// The task the stream answers (required).
+    pub const TASK: &str = "tutela.task";
+    /// Training rows, the update's FedAvg weight (required for a TRAIN task).
+    pub const SAMPLES: &str = "tutela.samples";
+    /// Mean training loss over the round's local epochs.
+    pub const TRAIN_LOSS: &str = "tutela.train.loss";
+    /// Wall-clock seconds of local training.
+    pub const TRAIN_SECONDS: &str = "tutela.train.seconds";
+    /// The round's global model on the site's validation split, before training: loss.
+    pub const EVAL_LOSS: &str = "tutela.eval.loss";
+    /// ... accuracy.
+    pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
+    /// ... and the number of validation rows.
+    pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
+}
