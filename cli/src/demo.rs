@@ -404,6 +404,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    println!(
+        "each round: the accuracy of the round's global model on every site's validation split, before local training"
+    );
     bar.set_prefix("training");
     bar.set_message("waiting for the initial model");
     bar.enable_steady_tick(Duration::from_millis(200));
