@@ -8,6 +8,7 @@ mod demo;
 mod job_cmd;
 mod net_cmd;
 mod pki_cmd;
+mod privacy_cmd;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,9 @@ enum Command {
     /// Reproducible benchmarks (results are recorded in BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+    /// Privacy accounting for DP-SGD: the ε a training run spends, or the noise it needs.
+    #[command(subcommand)]
+    Privacy(privacy_cmd::PrivacyCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
     tutela_protocol::logging::init(cli.log_json);
     let result = match cli.command {
         Command::Pki(cmd) => pki_cmd::run(cmd),
+        Command::Privacy(cmd) => privacy_cmd::run(cmd),
         Command::Ping(args) => block_on(net_cmd::ping(args)),
         Command::Bench(cmd) => block_on(bench_cmd::run(cmd)),
         Command::Job(cmd) => block_on(job_cmd::run(cmd)),

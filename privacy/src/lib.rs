@@ -1,6 +1,8 @@
 //! Tutela's privacy library: differential-privacy mechanisms and accountants, clipping,
 //! anonymization transforms, secure-aggregation crypto and encryption at rest.
 //!
-//! Nothing is implemented here yet: the issues "Differential privacy with a guarantee you can
-//! state" and "Data protection at the site" fill this crate. It exists so that the workspace has
-//! the shape of `DESIGN.md` from the start.
+//! Implemented so far: [`accountant`], the privacy accountants of DP-SGD (the Poisson-subsampled
+//! Gaussian mechanism under add/remove-one neighbours): RDP with the classic and the Balle et al.
+//! conversions, a pessimistic privacy-loss-distribution accountant, and noise calibration.
+
+pub mod accountant;

@@ -1,0 +1,311 @@
+//! Privacy accountants for DP-SGD: the Poisson-subsampled Gaussian mechanism under
+//! add/remove-one neighbours, composed over steps and over jobs on the same dataset.
+//!
+//! * [`rdp`]: Rényi DP (Mironov, Talwar & Zhang 2019) with the classic (Mironov 2017) and the
+//!   Balle et al. 2020 conversions to (ε, δ).
+//! * [`pld`]: a privacy-loss-distribution accountant with pessimistic discretisation; its ε is an
+//!   upper bound and is tighter than RDP's.
+//! * [`calibrate_noise`]: the smallest noise multiplier that reaches a target ε.
+//! * [`opendp_check`]: what OpenDP provides (the Gaussian mechanism's zCDP and the zCDP →
+//!   approx-DP conversion), used to cross-check the non-subsampled case. OpenDP has no privacy
+//!   amplification by subsampling for RDP/zCDP, so the subsampled accountant is ours.
+
+pub mod opendp_check;
+pub mod pld;
+pub mod rdp;
+mod special;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What is wrong with an accountant's input, or why it could not answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AccountantError {
+    #[error("sample rate q = {0} is outside (0, 1]")]
+    SampleRate(f64),
+    #[error("noise multiplier σ = {0} must be positive and finite")]
+    NoiseMultiplier(f64),
+    #[error("δ = {0} is outside (0, 1)")]
+    Delta(f64),
+    #[error("the number of steps must be at least 1")]
+    ZeroSteps,
+    #[error("target ε = {0} must be positive and finite")]
+    TargetEpsilon(f64),
+    #[error("no RDP orders given")]
+    NoOrders,
+    #[error("RDP order α = {0} must be greater than 1")]
+    Order(f64),
+    #[error("RDP curves to compose must have the same orders and as many values as orders")]
+    CurveMismatch,
+    #[error("the composition has no steps")]
+    EmptyComposition,
+    #[error("PLD discretisation interval {0} must be positive and finite")]
+    Discretization(f64),
+    #[error("PLD grid would need {0} points; use a coarser discretisation or more noise")]
+    GridTooLarge(u64),
+    #[error("no noise multiplier up to {max_sigma} reaches ε = {target}")]
+    Unreachable { target: f64, max_sigma: f64 },
+    #[error("numerical failure: {0}")]
+    Numerical(&'static str),
+    #[error("unknown accountant {0:?}: expected rdp, rdp-classic or pld")]
+    UnknownAccountant(String),
+}
+
+pub(crate) fn validate_sample_rate(q: f64) -> Result<(), AccountantError> {
+    if q > 0.0 && q <= 1.0 {
+        Ok(())
+    } else {
+        Err(AccountantError::SampleRate(q))
+    }
+}
+
+pub(crate) fn validate_noise(sigma: f64) -> Result<(), AccountantError> {
+    if sigma > 0.0 && sigma.is_finite() {
+        Ok(())
+    } else {
+        Err(AccountantError::NoiseMultiplier(sigma))
+    }
+}
+
+pub(crate) fn validate_delta(delta: f64) -> Result<(), AccountantError> {
+    if delta > 0.0 && delta < 1.0 {
+        Ok(())
+    } else {
+        Err(AccountantError::Delta(delta))
+    }
+}
+
+pub(crate) fn validate_steps(steps: u64) -> Result<(), AccountantError> {
+    if steps == 0 {
+        Err(AccountantError::ZeroSteps)
+    } else {
+        Ok(())
+    }
+}
+
+/// `steps` steps of the Poisson-subsampled Gaussian mechanism with one (q, σ).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampledGaussian {
+    sample_rate: f64,
+    noise_multiplier: f64,
+    steps: u64,
+}
+
+impl SampledGaussian {
+    /// Checks 0 < q ≤ 1, 0 < σ < ∞ and T ≥ 1.
+    pub fn new(
+        sample_rate: f64,
+        noise_multiplier: f64,
+        steps: u64,
+    ) -> Result<Self, AccountantError> {
+        validate_sample_rate(sample_rate)?;
+        validate_noise(noise_multiplier)?;
+        validate_steps(steps)?;
+        Ok(Self {
+            sample_rate,
+            noise_multiplier,
+            steps,
+        })
+    }
+    pub fn sample_rate(&self) -> f64 {
+        self.sample_rate
+    }
+    pub fn noise_multiplier(&self) -> f64 {
+        self.noise_multiplier
+    }
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+}
+
+/// Which accountant turns a composition into (ε, δ).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Accountant {
+    /// RDP on [`rdp::default_orders`] with the Balle et al. 2020 conversion (Opacus's default).
+    Rdp,
+    /// RDP with the classic Mironov 2017 conversion (older published tables).
+    RdpClassic,
+    /// Pessimistic PLD; its ε is an upper bound, tighter than RDP's.
+    Pld(pld::PldOptions),
+}
+
+impl Accountant {
+    /// The PLD accountant with its default options.
+    pub fn pld() -> Self {
+        Self::Pld(pld::PldOptions::default())
+    }
+}
+
+impl fmt::Display for Accountant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rdp => f.write_str("rdp"),
+            Self::RdpClassic => f.write_str("rdp-classic"),
+            Self::Pld(_) => f.write_str("pld"),
+        }
+    }
+}
+
+impl FromStr for Accountant {
+    type Err = AccountantError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rdp" => Ok(Self::Rdp),
+            "rdp-classic" => Ok(Self::RdpClassic),
+            "pld" => Ok(Self::pld()),
+            other => Err(AccountantError::UnknownAccountant(other.to_owned())),
+        }
+    }
+}
+
+/// An (ε, δ) guarantee, with the RDP order that gave it (RDP accountants only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guarantee {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub order: Option<f64>,
+}
+
+/// The RDP curve of a heterogeneous composition on `orders`: the sum of the groups' curves.
+pub fn rdp_curve(
+    composition: &[SampledGaussian],
+    orders: &[f64],
+) -> Result<rdp::RdpCurve, AccountantError> {
+    let mut groups = composition.iter();
+    let first = groups.next().ok_or(AccountantError::EmptyComposition)?;
+    let mut curve = rdp::RdpCurve::sampled_gaussian(
+        first.sample_rate,
+        first.noise_multiplier,
+        first.steps,
+        orders,
+    )?;
+    for g in groups {
+        let c =
+            rdp::RdpCurve::sampled_gaussian(g.sample_rate, g.noise_multiplier, g.steps, orders)?;
+        curve = curve.compose(&c)?;
+    }
+    Ok(curve)
+}
+
+/// ε for δ of a composition of sampled-Gaussian groups (one job, or several jobs on the same
+/// dataset), by the chosen accountant.
+pub fn epsilon(
+    composition: &[SampledGaussian],
+    delta: f64,
+    accountant: Accountant,
+) -> Result<Guarantee, AccountantError> {
+    validate_delta(delta)?;
+    match accountant {
+        Accountant::Rdp | Accountant::RdpClassic => {
+            let conversion = if accountant == Accountant::Rdp {
+                rdp::Conversion::Balle
+            } else {
+                rdp::Conversion::Classic
+            };
+            let (epsilon, order) =
+                rdp_curve(composition, &rdp::default_orders())?.epsilon(delta, conversion)?;
+            Ok(Guarantee {
+                epsilon,
+                delta,
+                order: Some(order),
+            })
+        }
+        Accountant::Pld(options) => {
+            let epsilon = pld::epsilon(composition, delta, &options)?;
+            Ok(Guarantee {
+                epsilon,
+                delta,
+                order: None,
+            })
+        }
+    }
+}
+
+/// The result of [`calibrate_noise`]: `noise_multiplier` reaches the target; `below` (closer than
+/// the tolerance) does not.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    pub noise_multiplier: f64,
+    pub epsilon: f64,
+    pub below: f64,
+    pub epsilon_below: f64,
+}
+
+/// The smallest noise multiplier σ (to a relative tolerance `rel_tol`) for which `steps` steps at
+/// sampling rate `q` are (target ε, δ)-DP by `accountant`. Bisection: every accountant's ε
+/// decreases as σ grows. The returned σ always meets the target (ε(σ) ≤ target is checked, not
+/// assumed) and `below` = a σ less than `rel_tol`·σ smaller is checked to miss it.
+pub fn calibrate_noise(
+    target_epsilon: f64,
+    q: f64,
+    steps: u64,
+    delta: f64,
+    accountant: Accountant,
+    rel_tol: f64,
+) -> Result<Calibration, AccountantError> {
+    if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
+        return Err(AccountantError::TargetEpsilon(target_epsilon));
+    }
+    validate_sample_rate(q)?;
+    validate_steps(steps)?;
+    validate_delta(delta)?;
+    let rel_tol = if rel_tol > 0.0 && rel_tol < 0.5 {
+        rel_tol
+    } else {
+        1e-6
+    };
+    const MAX_SIGMA: f64 = 1e4;
+    let eps = |sigma: f64| -> Result<f64, AccountantError> {
+        Ok(epsilon(&[SampledGaussian::new(q, sigma, steps)?], delta, accountant)?.epsilon)
+    };
+    // Bracket: hi meets the target, lo misses it. For PLD, start from the RDP answer (PLD's ε is
+    // never above RDP's, so it meets the target) to keep the PLD grid small.
+    let mut hi = match accountant {
+        Accountant::Pld(_) => {
+            calibrate_noise(target_epsilon, q, steps, delta, Accountant::Rdp, 1e-3)?
+                .noise_multiplier
+        }
+        _ => 1.0,
+    };
+    let mut eps_hi = eps(hi)?;
+    while eps_hi > target_epsilon {
+        hi *= 2.0;
+        if hi > MAX_SIGMA {
+            return Err(AccountantError::Unreachable {
+                target: target_epsilon,
+                max_sigma: MAX_SIGMA,
+            });
+        }
+        eps_hi = eps(hi)?;
+    }
+    let mut lo = hi / 2.0;
+    let mut eps_lo = eps(lo)?;
+    while eps_lo <= target_epsilon {
+        hi = lo;
+        eps_hi = eps_lo;
+        lo /= 2.0;
+        if lo < 1e-6 {
+            return Err(AccountantError::Numerical(
+                "ε stays below the target as σ → 0",
+            ));
+        }
+        eps_lo = eps(lo)?;
+    }
+    while hi - lo > rel_tol * hi {
+        let mid = 0.5 * (lo + hi);
+        let e = eps(mid)?;
+        if e <= target_epsilon {
+            hi = mid;
+            eps_hi = e;
+        } else {
+            lo = mid;
+            eps_lo = e;
+        }
+    }
+    Ok(Calibration {
+        noise_multiplier: hi,
+        epsilon: eps_hi,
+        below: lo,
+        epsilon_below: eps_lo,
+    })
+}
