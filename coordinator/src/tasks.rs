@@ -360,3 +360,125 @@ impl TensorSink for RoutingSink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tutela_protocol::tensor::{DType, TensorSpec};
+
+    use super::*;
+
+    fn manifest_for(task: &str) -> Manifest {
+        Manifest::new(
+            vec![TensorSpec::new("w", DType::F32, vec![2])],
+            [(meta::TASK.to_string(), task.to_string())].into(),
+        )
+        .expect("a valid manifest")
+    }
+
+    fn table_with(
+        task: &str,
+        site: &str,
+        deadline: Instant,
+        dir: &std::path::Path,
+    ) -> Arc<TaskTable> {
+        let table = Arc::new(TaskTable::default());
+        table.register(
+            task,
+            site,
+            "",
+            deadline,
+            Destination::InitialModel {
+                model_dir: dir.to_path_buf(),
+            },
+            Arc::new(TaskGroup::default()),
+        );
+        table
+    }
+
+    fn refusal(sink: &mut RoutingSink, task: &str) -> String {
+        match sink.begin(&manifest_for(task)) {
+            Err(SinkError::Rejected(why)) => why,
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn a_late_update_is_refused_before_any_byte_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let past = Instant::now() - Duration::from_millis(1);
+        let table = table_with("t1", "a", past, dir.path());
+        let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+        let why = refusal(&mut sink, "t1");
+        assert!(why.contains("past its deadline"), "{why}");
+    }
+
+    #[test]
+    fn an_update_for_a_closed_round_is_refused_as_late() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = table_with(
+            "t1",
+            "a",
+            Instant::now() + Duration::from_secs(60),
+            dir.path(),
+        );
+        assert_eq!(table.close(&["t1".to_string()]).len(), 1);
+        let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+        let why = refusal(&mut sink, "t1");
+        assert!(why.contains("late update is refused"), "{why}");
+    }
+
+    #[test]
+    fn a_site_cannot_answer_another_sites_task_nor_answer_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = table_with(
+            "t1",
+            "a",
+            Instant::now() + Duration::from_secs(60),
+            dir.path(),
+        );
+        let mut other = RoutingSink::new(table.clone(), "b".into(), Default::default());
+        let why = refusal(&mut other, "t1");
+        assert!(why.contains("was given to site a, not to b"), "{why}");
+
+        let mut first = RoutingSink::new(table.clone(), "a".into(), Default::default());
+        first
+            .begin(&manifest_for("t1"))
+            .expect("the task's own site may answer");
+        let mut second = RoutingSink::new(table.clone(), "a".into(), Default::default());
+        let why = refusal(&mut second, "t1");
+        assert!(why.contains("in progress"), "{why}");
+        // Committed: the task has its result, and a repeat is refused.
+        let routed = first.commit(&[7u8; 32]).expect("commit");
+        assert!(table.finish(
+            &routed.task_id,
+            Outcome::Accepted {
+                digest: String::new(),
+                metrics: routed.metrics,
+                model_id: routed.model_id,
+            }
+        ));
+        let mut third = RoutingSink::new(table, "a".into(), Default::default());
+        let why = refusal(&mut third, "t1");
+        assert!(why.contains("already has a result"), "{why}");
+    }
+
+    #[test]
+    fn a_stream_cut_off_by_the_close_is_refused_at_its_next_chunk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = table_with(
+            "t1",
+            "a",
+            Instant::now() + Duration::from_secs(60),
+            dir.path(),
+        );
+        let mut sink = RoutingSink::new(table.clone(), "a".into(), Default::default());
+        sink.begin(&manifest_for("t1")).expect("open task");
+        table.close(&["t1".to_string()]);
+        match sink.write(0, 0, &[0u8; 8]) {
+            Err(SinkError::Rejected(why)) => assert!(why.contains("late"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}
