@@ -6,3 +6,4 @@
 //! conversions, a pessimistic privacy-loss-distribution accountant, and noise calibration.
 
 pub mod accountant;
+pub mod at_rest;
