@@ -21,6 +21,24 @@ pub struct Consortium {
     pub port: u16,
     pub coordinator: Option<ChildGuard>,
     pub nodes: Vec<(String, ChildGuard)>,
+    /// The coordinator's database URL; its SQLite default when `None`.
+    pub database_url: Option<String>,
+}
+
+/// A fresh, empty PostgreSQL database on the server of `TUTELA_TEST_POSTGRES_URL` (which the
+/// README's test command sets), made with `psql`; `None` when the variable is unset.
+pub fn fresh_postgres_database() -> Option<String> {
+    let base = std::env::var("TUTELA_TEST_POSTGRES_URL").ok()?;
+    let name = format!("e2e_{}_{}", std::process::id(), crate::free_port());
+    crate::run_ok(Command::new("psql").arg(&base).args([
+        "-q",
+        "-c",
+        &format!("CREATE DATABASE {name}"),
+    ]));
+    let (server, _) = base
+        .rsplit_once('/')
+        .expect("a database URL ends in /DBNAME");
+    Some(format!("{server}/{name}"))
 }
 
 /// Splits the breast-cancer CSV into `n` shares (label-skewed, deterministic) plus a test share
@@ -88,6 +106,7 @@ impl Consortium {
             port: free_port(),
             coordinator: None,
             nodes: Vec::new(),
+            database_url: None,
         }
     }
 
@@ -105,6 +124,10 @@ impl Consortium {
             self.ca.crl_path().display(),
             c = c.display()
         );
+        let toml = match &self.database_url {
+            Some(url) => format!("database_url = \"{url}\"\n{toml}"),
+            None => toml,
+        };
         let path = self.dir.join("coordinator.toml");
         std::fs::write(&path, toml).unwrap();
         let log = std::fs::OpenOptions::new()

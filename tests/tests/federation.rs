@@ -270,11 +270,36 @@ async fn a_node_killed_mid_round_is_left_behind_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_mid_job_resumes_without_losing_or_repeating_a_round() {
+    kill_and_resume(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_on_postgres_killed_mid_job_resumes_too() {
+    match tutela_e2e::consortium::fresh_postgres_database() {
+        Some(url) => kill_and_resume(Some(url)).await,
+        None => {
+            eprintln!("the PostgreSQL variant was not run: TUTELA_TEST_POSTGRES_URL is not set")
+        }
+    }
+}
+
+/// Runs a job, SIGKILLs the coordinator after two rounds, restarts it on the same database, and
+/// checks the job completes with every round recorded exactly once.
+async fn kill_and_resume(database_url: Option<String>) {
     let _serial = SERIAL.lock().await;
     init();
     let dir = tempfile::tempdir().unwrap();
     let mut c = Consortium::new(dir.path());
+    let on_postgres = database_url.is_some();
+    c.database_url = database_url;
     c.start_coordinator();
+    if on_postgres {
+        let log = c.log("coordinator.log");
+        assert!(
+            log.contains("postgres://"),
+            "the coordinator is not on Postgres:\n{log}"
+        );
+    }
     let (header, shares, _) = breast_cancer_shares(3);
     for (site, rows) in ["a", "b", "c"].iter().zip(&shares) {
         c.start_node(site, &header, rows, "");
