@@ -330,11 +330,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         std::fs::create_dir_all(&site_dir)?;
         let csv = site_dir.join(format!("{}.csv", p.schema_name));
         write_csv(&csv, &header, rows)?;
+        // The site's key-encryption key, outside the node's work directory.
+        let kek = site_dir.join("kek");
+        tutela_privacy::at_rest::LocalKek::generate_key_file(&kek)
+            .with_context(|| format!("cannot make {}", kek.display()))?;
         let toml = site_dir.join("node.toml");
         std::fs::write(
             &toml,
             format!(
-                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[datasets.{name}]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n",
+                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[datasets.{name}]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n",
+                kek = toml_path(&kek),
                 w = toml_path(&site_dir.join("work")),
                 c = toml_path(&certs),
                 crl = toml_path(&crl),

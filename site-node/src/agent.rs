@@ -63,14 +63,18 @@ use tutela_protocol::stream::{self, MemorySource, SafetensorsFileSink};
 use tutela_protocol::tensor::DType;
 use tutela_protocol::tls::{TlsError, TlsMaterial};
 
-use crate::config::{Corruption, DeviceChoice, NodeConfig, TestingConfig};
+use tutela_privacy::at_rest::{KeyEncryptionKey, LocalKek, decrypt_to_vec};
+
+use crate::at_rest::EncryptedSafetensorsSink;
+use crate::config::{AtRestConfig, Corruption, DeviceChoice, NodeConfig, TestingConfig};
 use crate::data::DataError;
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::local::LocalDataset;
 use crate::models::{Model, ModelError};
 use crate::train::{TrainError, evaluate, train_local};
 use crate::weights::{
-    NamedTensors, WeightsError, delta, export_weights, load_safetensors, load_weights,
+    NamedTensors, WeightsError, delta, export_weights, from_safetensors_bytes, load_safetensors,
+    load_weights,
 };
 
 /// Manifest metadata keys of a task's result (shared with the coordinator).
@@ -91,6 +95,8 @@ const KEEP_MODELS: usize = 8;
 pub enum AgentError {
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("[at_rest]: {0}")]
+    KeyEncryptionKey(#[from] tutela_privacy::at_rest::AtRestError),
     #[error(
         "the node certificate {} names {identity}, which is not a site node: a node needs a \
          certificate for spiffe://<consortium>/site/<site>/node",
@@ -318,6 +324,8 @@ pub struct Agent {
     coordinator: Identity,
     device: Device,
     models_dir: PathBuf,
+    /// The key-encryption key of the files the node writes; `None`: written in the clear.
+    kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
     filters: Vec<Box<dyn UpdateFilter>>,
 }
@@ -363,6 +371,25 @@ impl Agent {
             path: models_dir.clone(),
             source,
         })?;
+        let kek: Option<Arc<dyn KeyEncryptionKey>> = match &config.at_rest {
+            Some(AtRestConfig {
+                kek_file: Some(file),
+                ..
+            }) => Some(Arc::new(LocalKek::from_key_file_outside(
+                file,
+                &config.work_dir,
+            )?)),
+            Some(AtRestConfig {
+                kek_env: Some(var), ..
+            }) => Some(Arc::new(LocalKek::from_env(var)?)),
+            _ => {
+                tracing::warn!(
+                    "no [at_rest] key-encryption key: the models this node receives are written to {} in the clear",
+                    models_dir.display()
+                );
+                None
+            }
+        };
         let mut datasets = BTreeMap::new();
         for (name, d) in &config.datasets {
             let dataset = LocalDataset::load(name, d).map_err(|source| AgentError::Dataset {
@@ -392,6 +419,7 @@ impl Agent {
             coordinator,
             device,
             models_dir,
+            kek,
             gate: TaskGate::new(datasets),
             filters: Vec::new(),
             config,
@@ -438,6 +466,7 @@ impl Agent {
             site: self.config.site.clone(),
             device: self.device,
             models_dir: self.models_dir,
+            kek: self.kek,
             gate: self.gate,
             filters,
             testing: self.config.testing.clone().unwrap_or_default(),
@@ -487,6 +516,7 @@ struct Shared {
     site: String,
     device: Device,
     models_dir: PathBuf,
+    kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
     filters: Vec<Box<dyn UpdateFilter>>,
     testing: TestingConfig,
@@ -728,8 +758,17 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     let site = shared.site.clone();
     let device = shared.device;
     let (round, attempt) = (task.round, task.attempt);
+    let kek = shared.kek.clone();
     let result = tokio::task::spawn_blocking(move || {
-        local_round(&admitted, &model_path, device, round, attempt, &site)
+        local_round(
+            &admitted,
+            &model_path,
+            kek.as_deref(),
+            device,
+            round,
+            attempt,
+            &site,
+        )
     })
     .await
     .map_err(|e| Failure::Decline(format!("internal error in local training: {e}")))?
@@ -787,12 +826,26 @@ async fn fetch_model(shared: &Shared, task: &pb::Task) -> Result<PathBuf, Failur
         .await
         .map_err(|s| Failure::Coordinator(describe_status("FetchModel", &s)))?
         .into_inner();
-    let received = stream::receive(
-        frames,
-        SafetensorsFileSink::content_addressed(&shared.models_dir),
-    )
-    .await
-    .map_err(|e| Failure::Coordinator(format!("receiving the global model: {e}")))?;
+    let receive_err =
+        |e: stream::StreamError| Failure::Coordinator(format!("receiving the global model: {e}"));
+    let received = match &shared.kek {
+        // The model goes to disk encrypted, under the name of the model the task expects; a
+        // stream with another digest is caught below.
+        Some(kek) => {
+            let path = shared
+                .models_dir
+                .join(format!("{}.safetensors.enc", task.global_model_id));
+            stream::receive(frames, EncryptedSafetensorsSink::new(path, kek.clone()))
+                .await
+                .map_err(receive_err)?
+        }
+        None => stream::receive(
+            frames,
+            SafetensorsFileSink::content_addressed(&shared.models_dir),
+        )
+        .await
+        .map_err(receive_err)?,
+    };
     let digest = received.digest_hex();
     if digest != task.global_model_id {
         // The bytes verified against the sender's own digest, but they are not the model the
@@ -814,7 +867,11 @@ fn prune_models(dir: &Path, keep: usize) {
     };
     let mut models: Vec<(SystemTime, PathBuf)> = entries
         .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter(|e| {
+            e.path()
+                .extension()
+                .is_some_and(|x| x == "safetensors" || x == "enc")
+        })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     models.sort();
@@ -856,6 +913,9 @@ async fn upload(
 /// Why a local step of a task failed: the reason a task is declined with.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
+    /// The stored global model did not decrypt (tampered, truncated, or the wrong key).
+    #[error("the global model: {0}")]
+    GlobalModelAtRest(Box<tutela_privacy::at_rest::AtRestError>),
     #[error(transparent)]
     JobSpec(#[from] JobSpecError),
     #[error(transparent)]
@@ -905,6 +965,7 @@ pub struct RoundResult {
 pub fn local_round(
     admitted: &Admitted,
     global_path: &Path,
+    kek: Option<&dyn KeyEncryptionKey>,
     device: Device,
     round: u32,
     attempt: u32,
@@ -921,7 +982,14 @@ pub fn local_round(
         path: global_path.to_path_buf(),
         source: Box::new(source),
     };
-    let (global, _metadata) = load_safetensors(global_path).map_err(global_err)?;
+    let (global, _metadata) = match kek {
+        Some(kek) => {
+            let bytes = decrypt_to_vec(global_path, kek)
+                .map_err(|e| LocalError::GlobalModelAtRest(Box::new(e)))?;
+            from_safetensors_bytes(&bytes, global_path).map_err(global_err)?
+        }
+        None => load_safetensors(global_path).map_err(global_err)?,
+    };
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
     let report = train_local(&model, &dataset.train, &config)?;

@@ -70,9 +70,25 @@ pub struct NodeConfig {
     pub datasets: BTreeMap<String, DatasetConfig>,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// Encryption of the files the node writes. Without it they are written in the clear (and
+    /// the node says so at start).
+    #[serde(default)]
+    pub at_rest: Option<AtRestConfig>,
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
+}
+
+/// `[at_rest]`: where the key-encryption key comes from. Exactly one of the two.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AtRestConfig {
+    /// A key file (32 raw bytes, 64 hex digits or base64) with mode 0600, outside `work_dir`.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// An environment variable holding the key (hex or base64).
+    #[serde(default)]
+    pub kek_env: Option<String>,
 }
 
 /// Where training runs.
@@ -205,6 +221,14 @@ impl NodeConfig {
             problem,
         };
         validate_segment("site", &self.site).map_err(|e| invalid("site", e.to_string()))?;
+        if let Some(a) = &self.at_rest
+            && a.kek_file.is_some() == a.kek_env.is_some()
+        {
+            return Err(invalid(
+                "at_rest",
+                "needs exactly one of kek_file and kek_env".to_string(),
+            ));
+        }
         check_host_port(&self.coordinator).map_err(|why| invalid("coordinator", why))?;
         if self.work_dir.as_os_str().is_empty() {
             return Err(invalid("work_dir", "must not be empty".into()));
@@ -273,6 +297,9 @@ impl NodeConfig {
             fix(crl);
         }
         fix(&mut self.work_dir);
+        if let Some(kek) = self.at_rest.as_mut().and_then(|a| a.kek_file.as_mut()) {
+            fix(kek);
+        }
         for d in self.datasets.values_mut() {
             fix(&mut d.csv);
             fix(&mut d.schema);

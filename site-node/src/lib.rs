@@ -27,6 +27,7 @@
 //! [`default_device`].
 
 pub mod agent;
+pub mod at_rest;
 pub mod config;
 pub mod data;
 pub mod jobspec;

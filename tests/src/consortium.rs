@@ -163,16 +163,19 @@ impl Consortium {
             .unwrap();
         std::fs::write(site_dir.join("node.crt"), &issued.cert_pem).unwrap();
         std::fs::write(site_dir.join("node.key"), &issued.key_pem).unwrap();
+        let kek = site_dir.join("kek");
+        tutela_privacy::at_rest::LocalKek::generate_key_file(&kek).unwrap();
         let csv = site_dir.join("data.csv");
         write_csv(&csv, header, rows);
         let toml = format!(
-            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[datasets.breast_cancer]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n{extra}\n",
+            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[at_rest]\nkek_file = \"{kek}\"\n[datasets.breast_cancer]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n{extra}\n",
             port = self.port,
             w = site_dir.join("work").display(),
             c = self.certs().display(),
             s = site_dir.display(),
             crl = self.ca.crl_path().display(),
             csv = csv.display(),
+            kek = kek.display(),
             schema = repo_root().join("data/breast_cancer.schema.toml").display(),
         );
         let path = site_dir.join("node.toml");

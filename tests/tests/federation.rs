@@ -16,6 +16,23 @@ fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Every regular file under `dir`, recursively.
+fn all_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 async fn submit(c: &Consortium, spec: String) -> String {
     c.operator()
         .await
@@ -66,6 +83,33 @@ async fn three_sites_fedavg_matches_central_training_and_the_model_loads_in_pyth
         c.log("coordinator.log")
     );
     assert_eq!(status.rounds.len(), 10);
+
+    // Nothing the nodes wrote is plaintext: no model file in their work directories holds a
+    // tensor name, a safetensors header key or a row of their data.
+    let probes: Vec<Vec<u8>> = [b"fc0.weight".to_vec(), b"data_offsets".to_vec()]
+        .into_iter()
+        .chain(shares.iter().map(|rows| rows[0].as_bytes().to_vec()))
+        .collect();
+    for site in sites {
+        let work = d.join("sites").join(site).join("work");
+        let files = all_files(&work);
+        assert!(
+            !files.is_empty(),
+            "{site} wrote nothing under {}",
+            work.display()
+        );
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            for p in &probes {
+                assert!(
+                    !bytes.windows(p.len()).any(|w| w == p.as_slice()),
+                    "{} holds plaintext {:?}",
+                    f.display(),
+                    String::from_utf8_lossy(p)
+                );
+            }
+        }
+    }
     assert!(
         status
             .rounds
