@@ -1,4 +1,40 @@
-//! The audit service: an append-only, hash-chained, signed event log.
+//! The audit service's tamper-evidence core: an append-only, hash-chained event log, an RFC 6962
+//! Merkle tree over it, signed checkpoints, and a verifier that names the first bad row.
 //!
-//! Nothing is implemented here yet: the issue "The audit service" fills this crate and adds the
-//! `tutela-audit` binary. It exists so that the workspace has the shape of `DESIGN.md`.
+//! Layers, bottom up:
+//! - [`canonical`]: RFC 8785 canonical JSON, the byte string every event hash is computed over;
+//! - [`event`]: [`Event`], its [`Action`] vocabulary, [`Timestamp`], and [`Chain`], which appends;
+//! - [`merkle`]: RFC 6962 / RFC 9162 tree hashes, inclusion and consistency proofs;
+//! - [`checkpoint`]: Ed25519-signed (tree size, root) statements and the [`CheckpointVerifier`] a
+//!   site node keeps, so that history it has seen cannot be rewritten quietly;
+//! - [`verify`]: [`verify_log`], which checks a whole log against its checkpoints.
+//!
+//! Sequence numbers start at **0**, so an event's `seq` is also its leaf index in the Merkle tree and
+//! a checkpoint of `tree_size` N covers seqs `0..N`.
+//!
+//! No storage and no network here: the `tutela-audit` service builds on this library.
+
+pub mod canonical;
+pub mod checkpoint;
+pub mod event;
+pub mod merkle;
+pub mod verify;
+
+mod hexser;
+
+pub use canonical::canonical_json;
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointVerifier, SignedCheckpoint, Update};
+pub use event::{Action, Chain, ChainError, Event, Timestamp, TimestampError};
+pub use merkle::{MerkleTree, ProofError};
+pub use verify::{VerifyError, VerifyReport, verify_log};
+
+/// A SHA-256 digest.
+pub type Hash = [u8; 32];
+
+/// SHA-256 of `data`, as a fixed array.
+pub(crate) fn sha256(data: &[u8]) -> Hash {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}

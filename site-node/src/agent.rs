@@ -63,10 +63,10 @@ use tutela_protocol::stream::{self, MemorySource, SafetensorsFileSink};
 use tutela_protocol::tensor::DType;
 use tutela_protocol::tls::{TlsError, TlsMaterial};
 
-use tutela_privacy::at_rest::{KeyEncryptionKey, LocalKek, decrypt_to_vec};
+use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
 
 use crate::at_rest::EncryptedSafetensorsSink;
-use crate::config::{AtRestConfig, Corruption, DeviceChoice, NodeConfig, TestingConfig};
+use crate::config::{Corruption, DeviceChoice, NodeConfig, TestingConfig};
 use crate::data::DataError;
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::local::LocalDataset;
@@ -371,18 +371,9 @@ impl Agent {
             path: models_dir.clone(),
             source,
         })?;
-        let kek: Option<Arc<dyn KeyEncryptionKey>> = match &config.at_rest {
-            Some(AtRestConfig {
-                kek_file: Some(file),
-                ..
-            }) => Some(Arc::new(LocalKek::from_key_file_outside(
-                file,
-                &config.work_dir,
-            )?)),
-            Some(AtRestConfig {
-                kek_env: Some(var), ..
-            }) => Some(Arc::new(LocalKek::from_env(var)?)),
-            _ => {
+        let kek: Option<Arc<dyn KeyEncryptionKey>> = match config.key_encryption_key()? {
+            Some(k) => Some(Arc::new(k)),
+            None => {
                 tracing::warn!(
                     "no [at_rest] key-encryption key: the models this node receives are written to {} in the clear",
                     models_dir.display()

@@ -79,6 +79,27 @@ pub struct NodeConfig {
     pub testing: Option<TestingConfig>,
 }
 
+impl NodeConfig {
+    /// The key-encryption key of `[at_rest]`, if the config has one: loaded from its key file
+    /// (which must be mode 0600 and outside `work_dir`) or environment variable.
+    pub fn key_encryption_key(
+        &self,
+    ) -> Result<Option<tutela_privacy::at_rest::LocalKek>, tutela_privacy::at_rest::AtRestError>
+    {
+        use tutela_privacy::at_rest::LocalKek;
+        match &self.at_rest {
+            Some(AtRestConfig {
+                kek_file: Some(file),
+                ..
+            }) => LocalKek::from_key_file_outside(file, &self.work_dir).map(Some),
+            Some(AtRestConfig {
+                kek_env: Some(var), ..
+            }) => LocalKek::from_env(var).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// `[at_rest]`: where the key-encryption key comes from. Exactly one of the two.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -40,6 +40,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manages the key-encryption key (KEK) of the files the node writes.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Scores a model on a labelled CSV and prints {"loss":..,"accuracy":..,"n":..} as JSON.
     ///
     /// Features are scaled the way the sites scaled them in training. When the schema declares
@@ -186,8 +189,55 @@ fn one_line(e: &anyhow::Error) -> String {
     out
 }
 
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wraps the data key of every encrypted file under the node's work_dir from the KEK in
+    /// the config's [at_rest] to a new KEK, without re-encrypting any data. Run it while the node
+    /// is stopped, then point [at_rest] at the new key. Files that fail are listed and the
+    /// command exits non-zero; the others are rotated.
+    Rotate {
+        /// The node's config file (its [at_rest] names the current KEK).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The new KEK's key file (mode 0600, outside work_dir); `head -c 32 /dev/urandom > F`.
+        #[arg(long)]
+        new_kek_file: PathBuf,
+    },
+}
+
+fn rotate_keys(config: &std::path::Path, new_kek_file: &std::path::Path) -> anyhow::Result<()> {
+    let config = NodeConfig::load(config)?;
+    let old = config
+        .key_encryption_key()?
+        .context("the config has no [at_rest] key-encryption key to rotate from")?;
+    let new =
+        tutela_privacy::at_rest::LocalKek::from_key_file_outside(new_kek_file, &config.work_dir)?;
+    let report = tutela_privacy::at_rest::rotate_dir(&config.work_dir, &old, &new)?;
+    println!(
+        "{}: {} file(s) re-wrapped, {} already under the new key",
+        config.work_dir.display(),
+        report.rotated,
+        report.already_current
+    );
+    for path in &report.not_encrypted {
+        println!("not encrypted (look at it): {}", path.display());
+    }
+    for (path, e) in &report.failed {
+        eprintln!("FAILED {}: {e}", path.display());
+    }
+    if !report.is_complete() {
+        anyhow::bail!("{} file(s) could not be rotated", report.failed.len());
+    }
+    println!("now point [at_rest] kek_file at {}", new_kek_file.display());
+    Ok(())
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Keys(KeysCommand::Rotate {
+            config,
+            new_kek_file,
+        }) => rotate_keys(&config, &new_kek_file)?,
         Command::Run { config } => {
             let config = NodeConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
