@@ -14,7 +14,8 @@
 //!
 //! No storage and no network here: the `tutela-audit` service builds on this library.
 
-pub mod canonical;
+/// RFC 8785 canonical JSON, shared with the coordinator's job digest.
+pub use tutela_protocol::canonical;
 pub mod checkpoint;
 pub mod event;
 pub mod merkle;

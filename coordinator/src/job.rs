@@ -352,122 +352,9 @@ pub fn is_hex_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Canonical JSON text of `value`, following RFC 8785 (JSON Canonicalization Scheme) for the value
-/// types a job spec holds:
-/// - objects: members sorted by their keys' UTF-16 code units (RFC 8785 §3.2.3), no whitespace;
-/// - strings: only `"` and `\` and the control characters U+0000..U+001F escaped, the latter as
-///   `\b \t \n \f \r` or `\u00xx` with lowercase hex; everything else as literal UTF-8 (§3.2.2.2);
-/// - floats: ECMAScript's Number-to-String, i.e. the shortest digits that round-trip, in plain
-///   notation for exponents -7 < e < 21 and as `1.5e+21` / `1e-7` outside (§3.2.2.3); `-0` as `0`;
-/// - integers: exactly, in decimal. (RFC 8785 treats every number as an IEEE double; integers past
-///   2^53, which a `seed` may be, are written exactly instead of being rounded. Below 2^53 the two
-///   agree.)
-/// - `true`, `false`, `null`, arrays as in JSON.
-pub fn canonical_json(value: &serde_json::Value) -> String {
-    let mut out = String::new();
-    write_canonical(value, &mut out);
-    out
-}
-
-fn write_canonical(value: &serde_json::Value, out: &mut String) {
-    use serde_json::Value;
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                out.push_str(&i.to_string());
-            } else if let Some(u) = n.as_u64() {
-                out.push_str(&u.to_string());
-            } else {
-                out.push_str(&es_number(n.as_f64().unwrap_or(f64::NAN)));
-            }
-        }
-        Value::String(s) => write_string(s, out),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        Value::Object(map) => {
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            // UTF-16 code unit order, not byte or code point order: the two differ for characters
-            // above U+FFFF against U+E000..U+FFFF, and RFC 8785 prescribes UTF-16.
-            members.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
-            out.push('{');
-            for (i, (k, v)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(k, out);
-                out.push(':');
-                write_canonical(v, out);
-            }
-            out.push('}');
-        }
-    }
-}
-
-fn write_string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\u{c}' => out.push_str("\\f"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// ECMAScript Number::toString(x) for a finite double (ECMA-262 §6.1.6.1.20), which RFC 8785 uses.
-/// Non-finite values have no JSON form; job specs refuse them before this is reached, and `null` is
-/// written should one arrive anyway.
-fn es_number(x: f64) -> String {
-    if !x.is_finite() {
-        return "null".to_string();
-    }
-    if x == 0.0 {
-        return "0".to_string(); // covers -0
-    }
-    if x < 0.0 {
-        return format!("-{}", es_number(-x));
-    }
-    // Rust's `{:e}` prints the shortest digits that round-trip, as `d.ddddde±x`.
-    let sci = format!("{x:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    let e: i32 = exp.parse().unwrap_or(0);
-    let k = digits.len() as i32;
-    // In ECMA-262's terms the value is 0.digits × 10^n.
-    let n = e + 1;
-    if k <= n && n <= 21 {
-        format!("{digits}{}", "0".repeat((n - k) as usize))
-    } else if 0 < n && n <= 21 {
-        format!("{}.{}", &digits[..n as usize], &digits[n as usize..])
-    } else if -6 < n && n <= 0 {
-        format!("0.{}{digits}", "0".repeat((-n) as usize))
-    } else {
-        let sign = if n - 1 < 0 { '-' } else { '+' };
-        let exp = (n - 1).abs();
-        if k == 1 {
-            format!("{digits}e{sign}{exp}")
-        } else {
-            format!("{}.{}e{sign}{exp}", &digits[..1], &digits[1..])
-        }
-    }
-}
+/// Canonical JSON text of `value` (RFC 8785): the one canonicaliser of the project, shared with
+/// the audit trail's event hashes.
+pub use tutela_protocol::canonical::canonical_json;
 
 /// A job's identifier: 32 lowercase hex digits (128 random bits), made by the store when the job
 /// is created. Random rather than a database sequence so that one schema serves SQLite and
@@ -645,36 +532,6 @@ impl FromStr for RoundState {
             other => Err(format!(
                 "unknown round state {other:?}: expected open, completed or failed"
             )),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[allow(clippy::excessive_precision)] // inputs spelled as in RFC 8785's examples
-    fn es_numbers() {
-        let cases: &[(f64, &str)] = &[
-            (1.0, "1"),
-            (0.5, "0.5"),
-            (123.456, "123.456"),
-            (1e21, "1e+21"),
-            (1e20, "100000000000000000000"),
-            (1.5e21, "1.5e+21"),
-            (1e-6, "0.000001"),
-            (1e-7, "1e-7"),
-            (1.25e-7, "1.25e-7"),
-            (-0.0, "0"),
-            (-2.5, "-2.5"),
-            (5e-324, "5e-324"),
-            (1.7976931348623157e308, "1.7976931348623157e+308"),
-            (0.1 + 0.2, "0.30000000000000004"),
-            (333333333.33333329, "333333333.3333333"),
-        ];
-        for (x, want) in cases {
-            assert_eq!(es_number(*x), *want, "{x:e}");
         }
     }
 }

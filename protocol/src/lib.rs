@@ -10,6 +10,7 @@
 //! - [`pb`]: the generated protobuf and gRPC code.
 
 pub mod bench;
+pub mod canonical;
 pub mod client;
 pub mod federation;
 pub mod identity;

@@ -1,22 +1,21 @@
 //! Canonical JSON (RFC 8785, the JSON Canonicalization Scheme), the byte string an event's hash is
 //! computed over.
 //!
-//! **This algorithm must agree with `coordinator/src/job.rs::canonical_json`**, which digests job
-//! specs: an auditor recomputes both kinds of digest with one canonicaliser. It is a copy of that
-//! function's algorithm (not a dependency: a library must not depend on a service); a later
-//! refactor moves both into one shared crate. Change neither without the other.
+//! One canonicaliser for every digest a regulator may recompute: the coordinator's job-spec
+//! digest (what approvals sign) and the audit service's event hashes both use this module.
 //!
 //! - objects: members sorted by their keys' UTF-16 code units (RFC 8785 §3.2.3), no whitespace;
 //! - strings: only `"`, `\` and U+0000..U+001F escaped, the latter as `\b \t \n \f \r` or
 //!   `\u00xx` with lowercase hex; everything else as literal UTF-8 (§3.2.2.2);
 //! - floats: ECMAScript's Number-to-String (§3.2.2.3, ECMA-262 §6.1.6.1.20): the shortest digits
-//!   that round-trip (the even one on an exact tie — **the coordinator's copy misses this tie rule**,
-//!   e.g. it writes 1424953923781206.3 where RFC 8785 Appendix B has 1424953923781206.2), plain notation for decimal exponents -7 < e < 21, otherwise `1e+21` / `1e-7`;
+//!   that round-trip (the even one on an exact tie, e.g. 1424953923781206.2 as in RFC 8785
+//!   Appendix B, where Rust's shortest formatting gives ...206.3), plain notation for decimal
+//!   exponents -7 < e < 21, otherwise `1e+21` / `1e-7`;
 //!   `-0` as `0`;
 //! - integers (values `serde_json` holds as `i64`/`u64`): exactly, in decimal. **Deviation,
 //!   documented:** RFC 8785 treats every number as an IEEE double, so an integer with magnitude
 //!   above 2^53 would be rounded by a strict JCS implementation (e.g. 2^53 + 1 → `9007199254740992`).
-//!   We write it exactly, as the coordinator does. Up to 2^53 (9007199254740992) the two agree, and
+//!   We write it exactly (a job spec's `seed` may exceed 2^53). Up to 2^53 (9007199254740992) the two agree, and
 //!   producers of audit payloads should keep integers within that range (or send them as strings)
 //!   if third-party JCS verifiers must reproduce the hash.
 //! - `true`, `false`, `null`, arrays as in JSON.
