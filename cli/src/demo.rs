@@ -52,6 +52,8 @@ struct Plan {
     schema: &'static str,
     schema_name: &'static str,
     label: &'static str,
+    /// The job spec (the documented example of deploy/jobs/, compiled in so the demo runs from
+    /// any directory).
     job: &'static str,
     sites: &'static [&'static str],
 }
@@ -63,7 +65,7 @@ fn plan(d: Dataset) -> Plan {
             schema: "breast_cancer.schema.toml",
             schema_name: "breast_cancer",
             label: "diagnosis",
-            job: "deploy/jobs/breast_cancer_fedavg.toml",
+            job: include_str!("../../deploy/jobs/breast_cancer_fedavg.toml"),
             sites: &["st-mary", "general", "riverside"],
         },
         Dataset::Mnist => Plan {
@@ -71,7 +73,7 @@ fn plan(d: Dataset) -> Plan {
             schema: "mnist.schema.toml",
             schema_name: "mnist",
             label: "label",
-            job: "deploy/jobs/mnist_cnn_fedavg.toml",
+            job: include_str!("../../deploy/jobs/mnist_cnn_fedavg.toml"),
             sites: &["st-mary", "general", "riverside", "northgate", "lakeside"],
         },
     }
@@ -362,10 +364,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
 
     // 5. The job, submitted by the operator.
-    let mut spec: toml::Table = toml::from_str(
-        &std::fs::read_to_string(p.job).with_context(|| format!("cannot read {}", p.job))?,
-    )
-    .with_context(|| format!("{} is not valid TOML", p.job))?;
+    let mut spec: toml::Table =
+        toml::from_str(p.job).context("the built-in demo job spec is not valid TOML")?;
     if let Some(r) = args.rounds {
         spec.insert("rounds".into(), toml::Value::Integer(r.into()));
     }
