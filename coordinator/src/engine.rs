@@ -572,9 +572,9 @@ impl Engine {
         if state.is_empty() {
             return Ok(());
         }
-        let source = stream::MemorySource::new(state)?;
-        let manifest = tutela_protocol::stream::TensorSource::manifest(&source).clone();
-        let data: Vec<Vec<u8>> = strategy.state().into_iter().map(|(_, d)| d).collect();
+        let (specs, data): (Vec<_>, Vec<Vec<u8>>) = state.into_iter().unzip();
+        let manifest = tutela_protocol::tensor::Manifest::new(specs, Default::default())
+            .map_err(|e| EngineError::Strategy(e.to_string()))?;
         let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
         let (_, path) = stream::store_model(&self.state_dir, &manifest, &slices)?;
         std::fs::rename(&path, self.state_path(job, round))

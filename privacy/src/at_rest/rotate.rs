@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use super::error::AtRestError;
 use super::format::{FIXED_LEN, Header, MAGIC};
 use super::kek::KeyEncryptionKey;
-use super::stream::{TEMP_PREFIX, sync_parent_dir};
+use super::stream::{TEMP_PREFIX, sync_parent_dir, temp_beside};
 
 /// What [`rotate_file`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,14 +77,7 @@ pub fn rotate_file(
     file.seek(SeekFrom::Start(body_start))
         .map_err(|e| AtRestError::io(path, "seeking past header", e))?;
 
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut temp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(&dir)
-        .map_err(|e| AtRestError::io(&dir, "creating temporary file", e))?;
+    let mut temp = temp_beside(path)?;
     let perms = file
         .metadata()
         .map_err(|e| AtRestError::io(path, "reading metadata", e))?

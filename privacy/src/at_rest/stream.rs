@@ -108,14 +108,7 @@ impl EncryptedWriter {
         let fixed = Header::new_fixed(options.chunk_size, &file_id);
         let header = Header::wrap(&path, fixed, options.chunk_size, &data_key, kek)?;
 
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let mut temp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .tempfile_in(&dir)
-            .map_err(|e| AtRestError::io(&dir, "creating temporary file", e))?;
+        let mut temp = temp_beside(&path)?;
         temp.write_all(&header.encode())
             .map_err(|e| AtRestError::io(temp.path(), "writing header", e))?;
 
@@ -517,4 +510,17 @@ fn unwrap_io(e: io::Error, path: &Path, op: &'static str) -> AtRestError {
         return AtRestError::io(path, op, io::Error::other("lost inner error"));
     }
     AtRestError::io(path, op, e)
+}
+
+/// A temporary file (named with [`TEMP_PREFIX`], which rotation skips) in `path`'s directory, so
+/// that the final rename into `path` stays on one filesystem and is atomic.
+pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, AtRestError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(&dir)
+        .map_err(|e| AtRestError::io(&dir, "creating temporary file", e))
 }
