@@ -14,6 +14,7 @@ pub mod canonical;
 pub mod client;
 pub mod federation;
 pub mod identity;
+pub mod job;
 pub mod logging;
 pub mod pki;
 pub mod server;

@@ -1,0 +1,360 @@
+//! The TOML job spec an operator submits and its canonical digest.
+//!
+//! It lives in `protocol` because three parties read it: the coordinator runs it, each site node
+//! recomputes its digest to check the approvals it is shown (a site does not take the
+//! coordinator's word for what was approved), and the policy crate evaluates site policies against it.
+//!
+//! A job spec is parsed strictly (`deny_unknown_fields`: a misspelt key is an error, never a silently
+//! ignored setting) and then validated; every validation error names the key it is about, as
+//! `training.learning_rate`. The spec's [`SpecDigest`] is what compliance officers will sign when they
+//! approve a job, so it is computed over a canonical encoding (see [`canonical_json`]) of the *parsed*
+//! spec, defaults filled in: reordering keys, reformatting or adding comments to the TOML leaves it
+//! unchanged, and changing any setting — including one left to its default before — changes it.
+//!
+//! Every job spec key is documented in `deploy/jobs/*.toml`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A job spec, as written in a job's TOML file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The job's human-readable name (not unique: a job is identified by its [`JobId`]).
+    pub name: String,
+    /// Number of federated rounds.
+    pub rounds: u32,
+    /// A round completes only with at least this many accepted site updates.
+    pub min_sites: u32,
+    /// Fraction of the eligible connected sites sampled for each round, in (0, 1]. The coordinator
+    /// samples `max(min_sites, ceil(fraction * eligible))` sites.
+    #[serde(default = "default_fraction")]
+    pub fraction: f64,
+    /// Seconds from a round's start until it closes with the updates that arrived.
+    pub round_deadline_secs: u64,
+    /// How many times a round that ends with fewer than `min_sites` accepted updates is retried
+    /// before the job fails.
+    #[serde(default)]
+    pub max_round_retries: u32,
+    /// L2 bound on a site's update; an update over it is refused.
+    pub update_norm_bound: f64,
+    /// The participating sites; empty means any registered site.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// Seed of the job's randomness (site sampling, model initialisation).
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub training: TrainingSpec,
+    /// The aggregation strategy's table, parsed by the strategy module's `StrategyConfig`; absent
+    /// means FedAvg. Kept opaque here so that a new strategy needs no change to the job spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<toml::Value>,
+    /// Reserved for differential privacy settings (target ε, δ, clipping), parsed by the DP code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<toml::Value>,
+}
+
+fn default_fraction() -> f64 {
+    1.0
+}
+
+/// `[model]`: a model registry name and its free-form hyper-parameters.
+///
+/// No `deny_unknown_fields` here: every key other than `name` is a hyper-parameter for the model
+/// registry to interpret (serde cannot combine `flatten` with `deny_unknown_fields` anyway).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Model registry name, e.g. `mlp` or `cnn`.
+    pub name: String,
+    /// Hyper-parameters, e.g. `hidden = [64, 32]`, `dropout = 0.1`.
+    #[serde(flatten)]
+    pub params: toml::Table,
+}
+
+/// `[data]`: what data the sites train on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Dataset schema name, e.g. `breast_cancer`; each site maps it to its local files.
+    pub schema: String,
+}
+
+/// `[training]`: the sites' local training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    /// Passes over the local training split per round.
+    pub local_epochs: u32,
+    pub batch_size: u32,
+    /// L2 weight decay, >= 0.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// SGD momentum in [0, 1); only for `optimizer = "sgd"`.
+    #[serde(default)]
+    pub momentum: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    Sgd,
+    Adam,
+}
+
+/// A job spec that cannot be used, with the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// Not TOML, or not the shape of a job spec (unknown key, missing key, wrong type). toml's
+    /// message names the key and shows the offending line.
+    #[error("job spec: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// Well-formed, but a value is out of its range.
+    #[error("job spec: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl SpecError {
+    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        SpecError::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The dotted key a validation error is about (`None` for a TOML error, whose message names it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            SpecError::Invalid { key, .. } => Some(key),
+            SpecError::Toml(_) => None,
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates a job spec.
+    pub fn from_toml_str(text: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = toml::from_str(text)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks every value's range; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_name("name", &self.name, 64)?;
+        check_name("model.name", &self.model.name, 64)?;
+        for (k, v) in &self.model.params {
+            check_finite(&format!("model.{k}"), v)?;
+        }
+        check_name("data.schema", &self.data.schema, 64)?;
+
+        let t = &self.training;
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(SpecError::invalid(
+                "training.learning_rate",
+                format!("must be a finite number > 0, got {}", t.learning_rate),
+            ));
+        }
+        if t.local_epochs == 0 {
+            return Err(SpecError::invalid(
+                "training.local_epochs",
+                "must be at least 1",
+            ));
+        }
+        if t.batch_size == 0 {
+            return Err(SpecError::invalid(
+                "training.batch_size",
+                "must be at least 1",
+            ));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(SpecError::invalid(
+                "training.weight_decay",
+                format!("must be a finite number >= 0, got {}", t.weight_decay),
+            ));
+        }
+        if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
+            return Err(SpecError::invalid(
+                "training.momentum",
+                format!("must be in [0, 1), got {}", t.momentum),
+            ));
+        }
+        if t.optimizer != Optimizer::Sgd && t.momentum != 0.0 {
+            // Adam has its own moment estimates; a momentum that would be silently ignored is a
+            // setting the operator believes is in force and is not.
+            return Err(SpecError::invalid(
+                "training.momentum",
+                "applies only to optimizer = \"sgd\"; remove it or set it to 0",
+            ));
+        }
+
+        if self.rounds == 0 {
+            return Err(SpecError::invalid("rounds", "must be at least 1"));
+        }
+        if self.min_sites == 0 {
+            return Err(SpecError::invalid("min_sites", "must be at least 1"));
+        }
+        if !(self.fraction.is_finite() && self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(SpecError::invalid(
+                "fraction",
+                format!("must be in (0, 1], got {}", self.fraction),
+            ));
+        }
+        if self.round_deadline_secs == 0 {
+            return Err(SpecError::invalid(
+                "round_deadline_secs",
+                "must be at least 1",
+            ));
+        }
+        if !(self.update_norm_bound.is_finite() && self.update_norm_bound > 0.0) {
+            return Err(SpecError::invalid(
+                "update_norm_bound",
+                format!(
+                    "must be a finite number > 0, got {}",
+                    self.update_norm_bound
+                ),
+            ));
+        }
+        for (i, site) in self.sites.iter().enumerate() {
+            crate::identity::validate_segment("site", site).map_err(|_| {
+                SpecError::invalid(
+                    format!("sites[{i}]"),
+                    format!(
+                        "{site:?} is not a site name (1 to 63 of a-z, 0-9, '-', '_', '.', not starting with '.' or '-')"
+                    ),
+                )
+            })?;
+            if self.sites[..i].contains(site) {
+                return Err(SpecError::invalid(
+                    format!("sites[{i}]"),
+                    format!("{site:?} is listed twice"),
+                ));
+            }
+        }
+        if !self.sites.is_empty() && self.sites.len() < self.min_sites as usize {
+            return Err(SpecError::invalid(
+                "min_sites",
+                format!(
+                    "is {} but `sites` lists only {}: no round could ever complete",
+                    self.min_sites,
+                    self.sites.len()
+                ),
+            ));
+        }
+        if let Some(v) = &self.strategy {
+            check_finite("strategy", v)?;
+        }
+        if let Some(v) = &self.privacy {
+            check_finite("privacy", v)?;
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of [`canonical_json`] of this spec (defaults filled in).
+    pub fn digest(&self) -> SpecDigest {
+        // Serializing a struct of strings, numbers and toml values into a `serde_json::Value`
+        // cannot fail; the fallback keeps this function total without an `unwrap`.
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let canonical = canonical_json(&value);
+        let d = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        SpecDigest(out)
+    }
+
+    /// The canonical JSON text the digest is computed over, for a verifier to recompute it.
+    pub fn canonical_json(&self) -> String {
+        canonical_json(&serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+fn check_name(key: &str, value: &str, max: usize) -> Result<(), SpecError> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            key,
+            format!(
+                "must be 1 to {max} letters, digits, '-', '_' or '.', starting with a letter or digit; got {value:?}"
+            ),
+        ))
+    }
+}
+
+/// JSON has no NaN or infinity: serde_json would turn them into `null`, so that `nan` and `inf`
+/// would digest alike. Refuse them, naming the key.
+fn check_finite(key: &str, value: &toml::Value) -> Result<(), SpecError> {
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Err(SpecError::invalid(
+            key,
+            format!("must be a finite number, got {f}"),
+        )),
+        toml::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_finite(&format!("{key}[{i}]"), v)),
+        toml::Value::Table(t) => t
+            .iter()
+            .try_for_each(|(k, v)| check_finite(&format!("{key}.{k}"), v)),
+        _ => Ok(()),
+    }
+}
+
+/// The SHA-256 digest of a job spec's canonical JSON; shown and stored as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpecDigest(pub [u8; 32]);
+
+impl SpecDigest {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for SpecDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for SpecDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpecDigest({})", self.to_hex())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a digest: expected 64 lowercase hex digits")]
+pub struct BadDigest(pub String);
+
+impl FromStr for SpecDigest {
+    type Err = BadDigest;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !is_hex_digest(s) {
+            return Err(BadDigest(s.to_string()));
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| BadDigest(s.to_string()))?;
+        Ok(SpecDigest(out))
+    }
+}
+
+/// True for a SHA-256 digest written as 64 lowercase hex digits, the one spelling used for every
+/// digest the coordinator stores (specs, models, updates), so that equal digests compare equal as text.
+pub fn is_hex_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Canonical JSON text of `value` (RFC 8785): the one canonicaliser of the project, shared with
+/// the audit trail's event hashes.
+pub use crate::canonical::canonical_json;
