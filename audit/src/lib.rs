@@ -12,14 +12,31 @@
 //! Sequence numbers start at **0**, so an event's `seq` is also its leaf index in the Merkle tree and
 //! a checkpoint of `tree_size` N covers seqs `0..N`.
 //!
-//! No storage and no network here: the `tutela-audit` service builds on this library.
+//! On top of the core:
+//! - [`store`]: the log's database (SQLite or PostgreSQL, one schema, append-only triggers);
+//! - [`log`]: the live log: one appender task, group commit, checkpoints every N events or T
+//!   seconds, inclusion and consistency proofs;
+//! - [`approval`]: checking an officer's signed approval before it is recorded;
+//! - [`lineage`]: a model's provenance (W3C PROV-JSON) and a job's compliance report,
+//!   computed from the events;
+//! - [`service`], [`client`], [`wire`] and [`server`]: the `tutela-audit` gRPC service over mutual TLS, its
+//!   client, and its configuration file.
 
 /// RFC 8785 canonical JSON, shared with the coordinator's job digest.
 pub use tutela_protocol::canonical;
+pub mod approval;
+pub mod bench;
 pub mod checkpoint;
+pub mod client;
 pub mod event;
+pub mod lineage;
+pub mod log;
 pub mod merkle;
+pub mod server;
+pub mod service;
+pub mod store;
 pub mod verify;
+pub mod wire;
 
 mod hexser;
 

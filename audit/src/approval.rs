@@ -1,0 +1,187 @@
+//! Checking a compliance officer's approval (or rejection) before it is recorded.
+//!
+//! A `job.approved` / `job.rejected` event's payload must carry:
+//! - `spec_digest`: the job spec's SHA-256 digest, 64 lowercase hex digits
+//!   (`tutela_protocol::job::JobSpec::digest`);
+//! - `signature`: the officer's signature, lowercase hex: ECDSA P-256 SHA-256 (ASN.1 DER) or
+//!   Ed25519, whichever key `tutela pki` issued the officer. With `signed_at_ms` and
+//!   `expires_at_ms` in the payload it is over the policy crate's domain-separated message
+//!   (`tutela_policy::approval::signed_message`: job id = the event's subject, digest, window);
+//!   without them, over the 32 digest bytes;
+//! - `certificate`: the officer's certificate, PEM;
+//! - `site` (optional): the site the officer approves for; when present the certificate must be a
+//!   user of that site.
+//!
+//! The certificate must name a site user (`spiffe://<consortium>/site/<site>/user/<name>`), chain
+//! to the consortium CA and not be revoked (the service passes a [`ChainCheck`] over its TLS
+//! material), and the signature must verify with its public key. Otherwise the event is refused
+//! and nothing is stored.
+//!
+//! Hand-written with `ring` because `tutela_policy::approval` (the policy crate's approval
+//! signatures) does not exist yet; when it does, its verifier should replace [`verify_signature`].
+
+use std::sync::Arc;
+
+use ring::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey};
+use rustls_pki_types::CertificateDer;
+use tutela_protocol::identity::{Identity, Principal};
+use x509_parser::prelude::FromDer;
+
+/// Checks that a certificate chain (leaf first) chains to the consortium CA and is not revoked.
+pub type ChainCheck = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
+
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_ED25519: &str = "1.3.101.112";
+
+/// Why an approval was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approval payload: `{0}` is missing or not a string")]
+    Missing(&'static str),
+    #[error("approval payload: `{field}` {problem}")]
+    Malformed {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("approval certificate names {0}, which is not a site user (compliance officer)")]
+    NotAnOfficer(String),
+    #[error("approval certificate names {identity}, not a user of site {site:?}")]
+    WrongSite { identity: String, site: String },
+    #[error("approval certificate does not chain to the consortium CA or is revoked: {0}")]
+    Untrusted(String),
+    #[error("approval certificate's key type {0} is not ECDSA P-256 or Ed25519")]
+    UnsupportedKey(String),
+    #[error(
+        "the officer's signature over spec digest {spec_digest} does not verify with the certificate of {identity}"
+    )]
+    BadSignature {
+        spec_digest: String,
+        identity: String,
+    },
+}
+
+/// What a verified approval established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedApproval {
+    pub officer: Identity,
+    pub spec_digest: [u8; 32],
+}
+
+fn field<'a>(payload: &'a serde_json::Value, name: &'static str) -> Result<&'a str, ApprovalError> {
+    payload
+        .get(name)
+        .and_then(|v| v.as_str())
+        .ok_or(ApprovalError::Missing(name))
+}
+
+/// The message `tutela_policy::approval::signed_message` builds (the same text, rebuilt here so
+/// that the audit service does not link the policy engine; a test in audit/tests keeps them equal).
+pub fn policy_signed_message(
+    job_id: &str,
+    digest_hex: &str,
+    signed_at_ms: i64,
+    expires_at_ms: i64,
+) -> Vec<u8> {
+    format!(
+        "tutela/job-approval/v1\njob={job_id}\nspec-digest={digest_hex}\nsigned-at-ms={signed_at_ms}\nexpires-at-ms={expires_at_ms}\n"
+    )
+    .into_bytes()
+}
+
+/// Checks an approval payload for job `subject` (see the module documentation); `chain` checks
+/// the certificate's trust. Refuses unless everything holds.
+pub fn verify_approval_payload(
+    subject: &str,
+    payload: &serde_json::Value,
+    chain: Option<&ChainCheck>,
+) -> Result<VerifiedApproval, ApprovalError> {
+    let digest_hex = field(payload, "spec_digest")?;
+    let spec_digest = crate::hexser::decode_fixed::<32>(digest_hex).map_err(|problem| {
+        ApprovalError::Malformed {
+            field: "spec_digest",
+            problem,
+        }
+    })?;
+    let signature =
+        hex::decode(field(payload, "signature")?).map_err(|e| ApprovalError::Malformed {
+            field: "signature",
+            problem: format!("is not hex: {e}"),
+        })?;
+    let pem = field(payload, "certificate")?;
+    let der = pem_to_der(pem)?;
+    let officer =
+        tutela_protocol::pki::identity_of_cert_der(&der).map_err(|e| ApprovalError::Malformed {
+            field: "certificate",
+            problem: e.to_string(),
+        })?;
+    let Principal::User { site, .. } = &officer.principal else {
+        return Err(ApprovalError::NotAnOfficer(officer.uri()));
+    };
+    if let Some(claimed) = payload.get("site").and_then(|s| s.as_str())
+        && claimed != site
+    {
+        return Err(ApprovalError::WrongSite {
+            identity: officer.uri(),
+            site: claimed.to_string(),
+        });
+    }
+    if let Some(check) = chain {
+        check(&[CertificateDer::from(der.clone())]).map_err(ApprovalError::Untrusted)?;
+    }
+    let window = (
+        payload.get("signed_at_ms").and_then(|v| v.as_i64()),
+        payload.get("expires_at_ms").and_then(|v| v.as_i64()),
+    );
+    let message = match window {
+        (Some(from), Some(until)) => policy_signed_message(subject, digest_hex, from, until),
+        _ => spec_digest.to_vec(),
+    };
+    verify_signature(&der, &message, &signature).map_err(|e| match e {
+        ApprovalError::BadSignature { .. } => ApprovalError::BadSignature {
+            spec_digest: digest_hex.to_string(),
+            identity: officer.uri(),
+        },
+        other => other,
+    })?;
+    Ok(VerifiedApproval {
+        officer,
+        spec_digest,
+    })
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, ApprovalError> {
+    let bad = |problem: String| ApprovalError::Malformed {
+        field: "certificate",
+        problem,
+    };
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| bad(format!("is not a PEM certificate: {e}")))?;
+    if p.label != "CERTIFICATE" {
+        return Err(bad(format!("is a PEM {:?}, not a CERTIFICATE", p.label)));
+    }
+    Ok(p.contents)
+}
+
+/// Verifies `signature` over `message` with the public key of the DER certificate `der`.
+pub fn verify_signature(der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), ApprovalError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
+        ApprovalError::Malformed {
+            field: "certificate",
+            problem: format!("is not an X.509 certificate: {e}"),
+        }
+    })?;
+    let spki = cert.public_key();
+    let oid = spki.algorithm.algorithm.to_id_string();
+    let key: &[u8] = &spki.subject_public_key.data;
+    let result = match oid.as_str() {
+        OID_EC_PUBLIC_KEY => {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key).verify(message, signature)
+        }
+        OID_ED25519 => UnparsedPublicKey::new(&ED25519, key).verify(message, signature),
+        other => return Err(ApprovalError::UnsupportedKey(other.to_string())),
+    };
+    result.map_err(|_| ApprovalError::BadSignature {
+        spec_digest: hex::encode(message),
+        identity: String::new(),
+    })
+}

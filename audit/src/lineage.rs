@@ -1,0 +1,593 @@
+//! A model's lineage and a job's compliance report, computed from audit events alone.
+//!
+//! From a model digest: the `model.published` event (or the `job.completed` whose `model_digest`
+//! it is) names the job; the job's events give its proposal (spec digest, code version, base
+//! model), the officers' approvals, each round (participants, update digests, ε per site), refused
+//! updates and the sites' dataset commitments. [`Lineage::to_prov_json`] writes the graph as W3C
+//! PROV-JSON (<https://www.w3.org/submissions/prov-json/>). Every element cites the seq of the
+//! event it came from, so each claim can be proven against a signed checkpoint.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::event::{Action, Event};
+
+/// One approval or rejection.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ApprovalRecord {
+    pub seq: u64,
+    pub timestamp: String,
+    pub decision: String,
+    pub site: Option<String>,
+    pub officer: Option<String>,
+    pub spec_digest: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// One completed round.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RoundRecord {
+    pub seq: u64,
+    pub timestamp: String,
+    pub round: Option<u64>,
+    pub participants: Vec<String>,
+    /// Site -> update digest.
+    pub update_digests: BTreeMap<String, String>,
+    /// Site -> ε spent in this round (when the site reported it).
+    pub epsilon: BTreeMap<String, f64>,
+    pub metrics: Value,
+}
+
+/// One refused update.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RefusalRecord {
+    pub seq: u64,
+    pub timestamp: String,
+    pub actor: String,
+    pub round: Option<u64>,
+    pub site: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Everything the log says about one job (and the model it produced).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct JobRecord {
+    pub job: String,
+    pub proposed_seq: Option<u64>,
+    pub spec_digest: Option<String>,
+    pub proposed_by: Option<String>,
+    pub code_version: Option<String>,
+    pub base_model: Option<String>,
+    pub approvals: Vec<ApprovalRecord>,
+    pub started_seq: Option<u64>,
+    pub rounds: Vec<RoundRecord>,
+    pub refused_updates: Vec<RefusalRecord>,
+    /// Every site that took part in a round.
+    pub participants: Vec<String>,
+    /// Site -> total ε over the recorded rounds (or the job.completed total when given).
+    pub epsilon_per_site: BTreeMap<String, f64>,
+    /// Site -> dataset commitment, where a site reported one.
+    pub dataset_commitments: BTreeMap<String, String>,
+    /// `completed`, `failed`, `cancelled`, or `running` when no end is recorded.
+    pub outcome: String,
+    pub outcome_seq: Option<u64>,
+    pub outcome_reason: Option<String>,
+    pub model_digest: Option<String>,
+    pub published_seq: Option<u64>,
+}
+
+/// A model's lineage: the job record behind it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Lineage {
+    pub model_digest: String,
+    pub job: Option<JobRecord>,
+}
+
+fn s(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(|x| x.as_str()).map(str::to_string)
+}
+
+fn u(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(|x| x.as_u64())
+}
+
+/// A `{site: number}` object, or `{site: {key: number}}` picking `key`.
+fn per_site_numbers(v: Option<&Value>, key: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if let Some(Value::Object(m)) = v {
+        for (site, x) in m {
+            let n = x.as_f64().or_else(|| x.get(key).and_then(|y| y.as_f64()));
+            if let Some(n) = n {
+                out.insert(site.clone(), n);
+            }
+        }
+    }
+    out
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The job a model digest came from, from `events` (any superset of the relevant ones).
+pub fn job_of_model(events: &[Event], model_digest: &str) -> Option<String> {
+    events.iter().find_map(|e| match e.action {
+        Action::ModelPublished if e.subject == model_digest => s(&e.payload, "job"),
+        Action::JobCompleted if s(&e.payload, "model_digest").as_deref() == Some(model_digest) => {
+            Some(e.subject.clone())
+        }
+        _ => None,
+    })
+}
+
+/// Builds the record of `job` from `events` (in seq order).
+pub fn job_record(events: &[Event], job: &str) -> JobRecord {
+    let mut r = JobRecord {
+        job: job.to_string(),
+        proposed_seq: None,
+        spec_digest: None,
+        proposed_by: None,
+        code_version: None,
+        base_model: None,
+        approvals: Vec::new(),
+        started_seq: None,
+        rounds: Vec::new(),
+        refused_updates: Vec::new(),
+        participants: Vec::new(),
+        epsilon_per_site: BTreeMap::new(),
+        dataset_commitments: BTreeMap::new(),
+        outcome: "running".into(),
+        outcome_seq: None,
+        outcome_reason: None,
+        model_digest: None,
+        published_seq: None,
+    };
+    let mut completed_eps: Option<BTreeMap<String, f64>> = None;
+    for e in events {
+        let p = &e.payload;
+        let about_job = e.subject == job || s(p, "job").as_deref() == Some(job);
+        if !about_job {
+            continue;
+        }
+        let ts = e.timestamp.to_string();
+        match e.action {
+            Action::JobProposed => {
+                r.proposed_seq = Some(e.seq);
+                r.spec_digest = s(p, "spec_digest");
+                r.proposed_by = s(p, "operator").or_else(|| Some(e.actor.clone()));
+                r.code_version = s(p, "code_version").or(r.code_version.take());
+                r.base_model = s(p, "base_model").or(r.base_model.take());
+            }
+            Action::JobApproved | Action::JobRejected => r.approvals.push(ApprovalRecord {
+                seq: e.seq,
+                timestamp: ts,
+                decision: if e.action == Action::JobApproved {
+                    "approved"
+                } else {
+                    "rejected"
+                }
+                .into(),
+                site: s(p, "site"),
+                officer: s(p, "officer").or_else(|| {
+                    s(p, "certificate").and_then(|pem| {
+                        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+                        tutela_protocol::pki::identity_of_cert_der(&pem.contents)
+                            .ok()
+                            .map(|i| i.uri())
+                    })
+                }),
+                spec_digest: s(p, "spec_digest"),
+                reason: s(p, "reason"),
+            }),
+            Action::JobStarted => r.started_seq = Some(e.seq),
+            Action::RoundCompleted => {
+                let participants = strings(p.get("participants"));
+                let mut epsilon = per_site_numbers(p.get("epsilon"), "epsilon");
+                if epsilon.is_empty() {
+                    epsilon = per_site_numbers(p.get("metrics"), "epsilon");
+                }
+                let update_digests = match p.get("update_digests") {
+                    Some(Value::Object(m)) => m
+                        .iter()
+                        .filter_map(|(k, v)| v.as_str().map(|d| (k.clone(), d.to_string())))
+                        .collect(),
+                    _ => BTreeMap::new(),
+                };
+                if let Some(Value::Object(m)) = p.get("metrics") {
+                    for (site, x) in m {
+                        if let Some(c) = x.get("dataset_commitment").and_then(|c| c.as_str()) {
+                            r.dataset_commitments.insert(site.clone(), c.to_string());
+                        }
+                    }
+                }
+                for site in &participants {
+                    if !r.participants.contains(site) {
+                        r.participants.push(site.clone());
+                    }
+                }
+                for (site, eps) in &epsilon {
+                    *r.epsilon_per_site.entry(site.clone()).or_insert(0.0) += eps;
+                }
+                r.rounds.push(RoundRecord {
+                    seq: e.seq,
+                    timestamp: ts,
+                    round: u(p, "round"),
+                    participants,
+                    update_digests,
+                    epsilon,
+                    metrics: p.get("metrics").cloned().unwrap_or(Value::Null),
+                });
+            }
+            Action::UpdateRefused => r.refused_updates.push(RefusalRecord {
+                seq: e.seq,
+                timestamp: ts,
+                actor: e.actor.clone(),
+                round: u(p, "round"),
+                site: s(p, "site"),
+                reason: s(p, "reason"),
+            }),
+            Action::JobCompleted => {
+                r.outcome = "completed".into();
+                r.outcome_seq = Some(e.seq);
+                r.model_digest = s(p, "model_digest").or(r.model_digest.take());
+                let eps = per_site_numbers(p.get("epsilon"), "epsilon");
+                if !eps.is_empty() {
+                    completed_eps = Some(eps);
+                }
+            }
+            Action::JobFailed => {
+                r.outcome = s(p, "state").unwrap_or_else(|| "failed".into());
+                r.outcome_seq = Some(e.seq);
+                r.outcome_reason = s(p, "reason");
+            }
+            Action::ModelPublished => {
+                r.published_seq = Some(e.seq);
+                r.model_digest = Some(e.subject.clone());
+                r.code_version = s(p, "code_version").or(r.code_version.take());
+                r.base_model = s(p, "base_model").or(r.base_model.take());
+            }
+            _ => {}
+        }
+    }
+    if let Some(eps) = completed_eps {
+        r.epsilon_per_site = eps;
+    }
+    r
+}
+
+/// The lineage of `model_digest` from `events`.
+pub fn lineage(events: &[Event], model_digest: &str) -> Lineage {
+    Lineage {
+        model_digest: model_digest.to_string(),
+        job: job_of_model(events, model_digest).map(|job| job_record(events, &job)),
+    }
+}
+
+impl Lineage {
+    /// W3C PROV-JSON: entities (models, spec, updates, datasets), activities (the job, its
+    /// rounds), agents (sites, officers, the proposer) and the relations between them.
+    pub fn to_prov_json(&self) -> Value {
+        let mut entity = serde_json::Map::new();
+        let mut activity = serde_json::Map::new();
+        let mut agent = serde_json::Map::new();
+        let mut rel: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
+        let mut n = 0usize;
+        let mut add =
+            |kind: &'static str,
+             v: Value,
+             rel: &mut BTreeMap<&str, serde_json::Map<String, Value>>| {
+                n += 1;
+                rel.entry(kind).or_default().insert(format!("_:r{n}"), v);
+            };
+        let model = format!("tutela:model/{}", self.model_digest);
+        entity.insert(
+            model.clone(),
+            json!({"prov:type": "tutela:Model", "tutela:digest": self.model_digest}),
+        );
+        if let Some(j) = &self.job {
+            let job = format!("tutela:job/{}", j.job);
+            activity.insert(
+                job.clone(),
+                json!({
+                    "prov:type": "tutela:FederatedJob",
+                    "tutela:outcome": j.outcome,
+                    "tutela:code_version": j.code_version,
+                    "tutela:epsilon_per_site": j.epsilon_per_site,
+                    "tutela:audit_seq": j.outcome_seq,
+                }),
+            );
+            add(
+                "wasGeneratedBy",
+                json!({"prov:entity": model, "prov:activity": job}),
+                &mut rel,
+            );
+            if let Some(spec) = &j.spec_digest {
+                let e = format!("tutela:spec/{spec}");
+                entity.insert(e.clone(), json!({"prov:type": "tutela:JobSpec", "tutela:digest": spec, "tutela:audit_seq": j.proposed_seq}));
+                add(
+                    "used",
+                    json!({"prov:activity": job, "prov:entity": e}),
+                    &mut rel,
+                );
+            }
+            if let Some(base) = &j.base_model {
+                let e = format!("tutela:model/{base}");
+                entity.insert(
+                    e.clone(),
+                    json!({"prov:type": "tutela:Model", "tutela:digest": base}),
+                );
+                add(
+                    "wasDerivedFrom",
+                    json!({"prov:generatedEntity": model, "prov:usedEntity": e}),
+                    &mut rel,
+                );
+                add(
+                    "used",
+                    json!({"prov:activity": job, "prov:entity": e}),
+                    &mut rel,
+                );
+            }
+            if let Some(code) = &j.code_version {
+                let e = format!("tutela:code/{code}");
+                entity.insert(
+                    e.clone(),
+                    json!({"prov:type": "tutela:CodeVersion", "tutela:version": code}),
+                );
+                add(
+                    "used",
+                    json!({"prov:activity": job, "prov:entity": e}),
+                    &mut rel,
+                );
+            }
+            if let Some(p) = &j.proposed_by {
+                let a = format!("tutela:agent/{p}");
+                agent.insert(a.clone(), json!({"prov:type": "tutela:Operator"}));
+                add(
+                    "wasAssociatedWith",
+                    json!({"prov:activity": job, "prov:agent": a, "prov:role": "proposer"}),
+                    &mut rel,
+                );
+            }
+            for ap in &j.approvals {
+                let Some(officer) = &ap.officer else { continue };
+                let a = format!("tutela:agent/{officer}");
+                agent.insert(
+                    a.clone(),
+                    json!({"prov:type": "tutela:ComplianceOfficer", "tutela:site": ap.site}),
+                );
+                add(
+                    "wasAssociatedWith",
+                    json!({
+                        "prov:activity": job, "prov:agent": a,
+                        "prov:role": format!("officer:{}", ap.decision), "tutela:audit_seq": ap.seq,
+                    }),
+                    &mut rel,
+                );
+            }
+            for site in &j.participants {
+                let a = format!("tutela:site/{site}");
+                agent.insert(a.clone(), json!({"prov:type": "tutela:Site", "tutela:epsilon": j.epsilon_per_site.get(site)}));
+                add(
+                    "wasAssociatedWith",
+                    json!({"prov:activity": job, "prov:agent": a, "prov:role": "participant"}),
+                    &mut rel,
+                );
+                if let Some(c) = j.dataset_commitments.get(site) {
+                    let e = format!("tutela:dataset/{c}");
+                    entity.insert(
+                        e.clone(),
+                        json!({"prov:type": "tutela:DatasetCommitment", "tutela:commitment": c}),
+                    );
+                    add(
+                        "wasAttributedTo",
+                        json!({"prov:entity": e, "prov:agent": a}),
+                        &mut rel,
+                    );
+                }
+            }
+            for round in &j.rounds {
+                let id = format!("tutela:job/{}/round/{}", j.job, round.round.unwrap_or(0));
+                activity.insert(
+                    id.clone(),
+                    json!({
+                        "prov:type": "tutela:Round", "tutela:participants": round.participants,
+                        "tutela:epsilon": round.epsilon, "tutela:audit_seq": round.seq,
+                    }),
+                );
+                add(
+                    "wasInformedBy",
+                    json!({"prov:informed": job, "prov:informant": id}),
+                    &mut rel,
+                );
+                for (site, digest) in &round.update_digests {
+                    let e = format!("tutela:update/{digest}");
+                    entity.insert(
+                        e.clone(),
+                        json!({"prov:type": "tutela:ModelUpdate", "tutela:site": site}),
+                    );
+                    add(
+                        "used",
+                        json!({"prov:activity": id, "prov:entity": e}),
+                        &mut rel,
+                    );
+                    add(
+                        "wasAttributedTo",
+                        json!({"prov:entity": e, "prov:agent": format!("tutela:site/{site}")}),
+                        &mut rel,
+                    );
+                }
+            }
+        }
+        let mut doc = serde_json::Map::new();
+        doc.insert(
+            "prefix".into(),
+            json!({"tutela": "https://tutela.invalid/ns#"}),
+        );
+        doc.insert("entity".into(), Value::Object(entity));
+        doc.insert("activity".into(), Value::Object(activity));
+        doc.insert("agent".into(), Value::Object(agent));
+        for (k, v) in rel {
+            doc.insert(k.into(), Value::Object(v));
+        }
+        Value::Object(doc)
+    }
+}
+
+/// Output format of a job report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    Json,
+    Csv,
+    Html,
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A job's compliance report: approvals, rounds, participants, ε per site, lineage, refusals.
+pub fn render_report(r: &JobRecord, format: ReportFormat) -> String {
+    // Rows shared by CSV and HTML: section, seq, timestamp, who, detail.
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+    rows.push([
+        "proposal".into(),
+        r.proposed_seq.map(|s| s.to_string()).unwrap_or_default(),
+        String::new(),
+        opt(&r.proposed_by),
+        format!(
+            "spec_digest={} code_version={} base_model={}",
+            opt(&r.spec_digest),
+            opt(&r.code_version),
+            opt(&r.base_model)
+        ),
+    ]);
+    for a in &r.approvals {
+        rows.push([
+            "approval".into(),
+            a.seq.to_string(),
+            a.timestamp.clone(),
+            opt(&a.officer),
+            format!(
+                "{} site={} spec_digest={}{}",
+                a.decision,
+                opt(&a.site),
+                opt(&a.spec_digest),
+                a.reason
+                    .as_ref()
+                    .map(|x| format!(" reason={x}"))
+                    .unwrap_or_default()
+            ),
+        ]);
+    }
+    for rd in &r.rounds {
+        let eps: Vec<String> = rd.epsilon.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        let ups: Vec<String> = rd
+            .update_digests
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
+        rows.push([
+            "round".into(),
+            rd.seq.to_string(),
+            rd.timestamp.clone(),
+            rd.participants.join(" "),
+            format!(
+                "round={} epsilon=[{}] updates=[{}]",
+                rd.round.unwrap_or(0),
+                eps.join(" "),
+                ups.join(" ")
+            ),
+        ]);
+    }
+    for f in &r.refused_updates {
+        rows.push([
+            "refused".into(),
+            f.seq.to_string(),
+            f.timestamp.clone(),
+            f.actor.clone(),
+            format!(
+                "round={} site={} reason={}",
+                f.round.unwrap_or(0),
+                opt(&f.site),
+                opt(&f.reason)
+            ),
+        ]);
+    }
+    for (site, eps) in &r.epsilon_per_site {
+        rows.push([
+            "epsilon".into(),
+            String::new(),
+            String::new(),
+            site.clone(),
+            format!("total_epsilon={eps}"),
+        ]);
+    }
+    rows.push([
+        "outcome".into(),
+        r.outcome_seq.map(|s| s.to_string()).unwrap_or_default(),
+        String::new(),
+        String::new(),
+        format!(
+            "{} model_digest={}{}",
+            r.outcome,
+            opt(&r.model_digest),
+            r.outcome_reason
+                .as_ref()
+                .map(|x| format!(" reason={x}"))
+                .unwrap_or_default()
+        ),
+    ]);
+    match format {
+        ReportFormat::Json => serde_json::to_string_pretty(r).unwrap_or_default(),
+        ReportFormat::Csv => {
+            let mut out = String::from("section,seq,timestamp,who,detail\n");
+            for row in rows {
+                out.push_str(
+                    &row.iter()
+                        .map(|f| csv_field(f))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+                out.push('\n');
+            }
+            out
+        }
+        ReportFormat::Html => {
+            let mut out = format!(
+                "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Audit report: job {job}</title></head><body>\n<h1>Audit report: job {job}</h1>\n<p>Outcome: {outcome}. Participants: {parts}.</p>\n<table border=\"1\">\n<tr><th>section</th><th>seq</th><th>timestamp</th><th>who</th><th>detail</th></tr>\n",
+                job = html(&r.job),
+                outcome = html(&r.outcome),
+                parts = html(&r.participants.join(", "))
+            );
+            for row in rows {
+                out.push_str("<tr>");
+                for f in row {
+                    out.push_str(&format!("<td>{}</td>", html(&f)));
+                }
+                out.push_str("</tr>\n");
+            }
+            out.push_str("</table>\n</body></html>\n");
+            out
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The live audit log: one appender task that owns the hash chain and the Merkle tree, group
+//! commit, signed checkpoints every N events or T seconds, and proofs.
+//!
+//! # Group commit
+//! Appends arrive on a channel, each with a oneshot for its receipt. The appender takes whatever is
+//! queued (up to [`LogConfig::max_batch`]), gives the events dense seqs from its [`Chain`], writes
+//! them in one multi-row INSERT (one transaction), and only after COMMIT returns does it reply to
+//! each caller. So a receipt means the event is durable, one writer decides the order, and
+//! concurrent callers share one commit instead of paying one each.
+//!
+//! If the write fails, every request in the batch fails and the chain is re-read from the store
+//! (a commit whose acknowledgement was lost may in fact have landed; the store decides).
+//! Several service processes on one database are not supported: the primary key on `seq` makes
+//! a second writer's batch fail rather than fork the chain.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::approval::{ApprovalError, ChainCheck, verify_approval_payload};
+use crate::checkpoint::{Checkpoint, CheckpointError, SignedCheckpoint};
+use crate::event::{Action, Chain, ChainError, Event, Timestamp};
+use crate::merkle::{MerkleTree, ProofError};
+use crate::store::{AuditStore, StoreError};
+use crate::{Hash, verify_log};
+
+/// How the log batches and checkpoints.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// The log's id in its checkpoints (`spiffe://<consortium>/audit`).
+    pub log_id: String,
+    /// Sign a checkpoint once this many events have been appended since the last one.
+    pub checkpoint_every: u64,
+    /// …or once this much time has passed with unsigned events.
+    pub checkpoint_interval: Duration,
+    /// The most events written in one transaction.
+    pub max_batch: usize,
+}
+
+impl LogConfig {
+    pub fn new(log_id: impl Into<String>) -> LogConfig {
+        LogConfig {
+            log_id: log_id.into(),
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+            max_batch: crate::store::MAX_BATCH,
+        }
+    }
+}
+
+/// What an append returns once the event is committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    pub hash: Hash,
+    pub timestamp: Timestamp,
+}
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+    #[error("job approval refused: {0}")]
+    Approval(#[from] ApprovalError),
+    #[error("not stored: {0}")]
+    Store(String),
+    #[error("the audit log is shut down")]
+    Closed,
+}
+
+/// Why the log could not start, or a proof could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the stored log does not verify, refusing to append to it: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+    #[error("{0}")]
+    Proof(#[from] ProofError),
+    #[error("{0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("no checkpoint of size {0} was signed")]
+    NoCheckpoint(u64),
+    #[error("event {seq} is not covered by checkpoint size {tree_size}")]
+    NotCovered { seq: u64, tree_size: u64 },
+    #[error("no checkpoint has been signed yet")]
+    NoCheckpointYet,
+}
+
+struct Request {
+    actor: String,
+    action: Action,
+    subject: String,
+    payload: serde_json::Value,
+    reply: oneshot::Sender<Result<Receipt, AppendError>>,
+}
+
+/// What readers share with the appender: the Merkle tree of committed events and the latest
+/// checkpoint.
+struct Shared {
+    tree: MerkleTree,
+    latest: Option<SignedCheckpoint>,
+}
+
+/// A handle to the running log (cheap to clone).
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Request>,
+    shared: Arc<RwLock<Shared>>,
+    store: AuditStore,
+    public_key: Vec<u8>,
+    log_id: String,
+    chain_check: Option<ChainCheck>,
+}
+
+/// An inclusion proof of one event against a signed checkpoint.
+#[derive(Clone, Debug)]
+pub struct InclusionProof {
+    pub event: Event,
+    pub checkpoint: SignedCheckpoint,
+    pub path: Vec<Hash>,
+}
+
+impl AuditLog {
+    /// Starts the appender over `store`. At start it re-verifies the stored log against its
+    /// checkpoints (refusing to extend a tampered log) and rebuilds the Merkle tree.
+    pub async fn start(
+        store: AuditStore,
+        key: Ed25519KeyPair,
+        config: LogConfig,
+        chain_check: Option<ChainCheck>,
+    ) -> Result<AuditLog, LogError> {
+        let public_key = key.public_key().as_ref().to_vec();
+        let events = store.all_events().await?;
+        let checkpoints = store.checkpoints().await?;
+        verify_log(&events, &checkpoints, &public_key)
+            .map_err(|e| LogError::Corrupt(e.to_string()))?;
+        let mut tree = MerkleTree::new();
+        for e in &events {
+            tree.push_entry(&e.hash);
+        }
+        let (chain, last_ts) = match events.last() {
+            Some(last) => (Chain::resume(last)?, Some(last.timestamp)),
+            None => (Chain::new(), None),
+        };
+        drop(events);
+        let latest = checkpoints.last().cloned();
+        let checkpointed = latest.as_ref().map_or(0, |c| c.checkpoint.tree_size);
+        let shared = Arc::new(RwLock::new(Shared { tree, latest }));
+        let (tx, rx) = mpsc::channel(config.max_batch.max(1) * 8);
+        let log = AuditLog {
+            tx,
+            shared: shared.clone(),
+            store: store.clone(),
+            public_key,
+            log_id: config.log_id.clone(),
+            chain_check,
+        };
+        let appender = Appender {
+            store,
+            key,
+            config,
+            chain,
+            last_ts,
+            shared,
+            checkpointed,
+        };
+        tokio::spawn(appender.run(rx));
+        Ok(log)
+    }
+
+    /// Appends an event and returns once it is committed. `actor` is the caller's verified
+    /// identity; approvals and rejections are refused unless their signature verifies.
+    pub async fn append(
+        &self,
+        actor: impl Into<String>,
+        action: Action,
+        subject: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Result<Receipt, AppendError> {
+        let subject = subject.into();
+        if matches!(action, Action::JobApproved | Action::JobRejected) {
+            verify_approval_payload(&subject, &payload, self.chain_check.as_ref())?;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request {
+                actor: actor.into(),
+                action,
+                subject,
+                payload,
+                reply,
+            })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    pub fn store(&self) -> &AuditStore {
+        &self.store
+    }
+
+    /// The log's 32-byte Ed25519 checkpoint key.
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    pub fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    /// Committed events so far.
+    pub fn size(&self) -> u64 {
+        self.read().tree.len()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Shared> {
+        // A panic while holding the lock leaves data that is still consistent (pushes are
+        // single operations), so a poisoned lock is read through.
+        self.shared.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn latest_checkpoint(&self) -> Option<SignedCheckpoint> {
+        self.read().latest.clone()
+    }
+
+    /// The checkpoint of `tree_size`, or the latest when `tree_size` is `None`.
+    pub async fn checkpoint(&self, tree_size: Option<u64>) -> Result<SignedCheckpoint, LogError> {
+        match tree_size {
+            None => self.latest_checkpoint().ok_or(LogError::NoCheckpointYet),
+            Some(n) => self
+                .store
+                .checkpoint_at(n)
+                .await?
+                .ok_or(LogError::NoCheckpoint(n)),
+        }
+    }
+
+    /// An inclusion proof for event `seq` against the checkpoint of `tree_size` (latest if None).
+    pub async fn inclusion_proof(
+        &self,
+        seq: u64,
+        tree_size: Option<u64>,
+    ) -> Result<InclusionProof, LogError> {
+        let checkpoint = self.checkpoint(tree_size).await?;
+        let n = checkpoint.checkpoint.tree_size;
+        if seq >= n {
+            return Err(LogError::NotCovered { seq, tree_size: n });
+        }
+        let event = self
+            .store
+            .event(seq)
+            .await?
+            .ok_or(LogError::NotCovered { seq, tree_size: n })?;
+        let path = self.read().tree.audit_path(seq, n)?;
+        Ok(InclusionProof {
+            event,
+            checkpoint,
+            path,
+        })
+    }
+
+    /// A consistency proof from the tree of `old_size` events to that of `new_size`.
+    pub fn consistency_proof(&self, old_size: u64, new_size: u64) -> Result<Vec<Hash>, LogError> {
+        if old_size == new_size {
+            return Ok(Vec::new());
+        }
+        Ok(self.read().tree.consistency_proof(old_size, new_size)?)
+    }
+}
+
+type Pending = (
+    oneshot::Sender<Result<Receipt, AppendError>>,
+    Result<Receipt, AppendError>,
+);
+
+struct Appender {
+    store: AuditStore,
+    key: Ed25519KeyPair,
+    config: LogConfig,
+    chain: Chain,
+    last_ts: Option<Timestamp>,
+    shared: Arc<RwLock<Shared>>,
+    /// The tree size of the newest signed checkpoint.
+    checkpointed: u64,
+}
+
+impl Appender {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let period = self
+            .config
+            .checkpoint_interval
+            .max(Duration::from_millis(10));
+        // The first tick one period from now (a plain `interval` fires at once).
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: Vec<Request> = Vec::with_capacity(self.config.max_batch);
+        loop {
+            tokio::select! {
+                got = rx.recv_many(&mut batch, self.config.max_batch.max(1)) => {
+                    if got == 0 {
+                        // Every handle is gone: sign what is unsigned and stop.
+                        self.checkpoint_if(|size, done| size > done).await;
+                        return;
+                    }
+                    let replies = self.commit(std::mem::take(&mut batch)).await;
+                    // Checkpoint before acknowledging, so that a caller who saw its receipt
+                    // also finds the checkpoint that became due with it.
+                    let every = self.config.checkpoint_every.max(1);
+                    self.checkpoint_if(|size, done| size - done >= every).await;
+                    for (reply, result) in replies {
+                        let _ = reply.send(result);
+                    }
+                }
+                _ = tick.tick() => {
+                    self.checkpoint_if(|size, done| size > done).await;
+                }
+            }
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.chain.next_seq()
+    }
+
+    /// Writes a batch; returns each request's reply channel and result, to be sent by the caller.
+    async fn commit(&mut self, requests: Vec<Request>) -> Vec<Pending> {
+        let saved = (self.chain.clone(), self.last_ts);
+        let mut events = Vec::with_capacity(requests.len());
+        let mut replies = Vec::with_capacity(requests.len());
+        for r in requests {
+            // The log is in time order: a clock that steps back appends at the last timestamp.
+            let ts = match self.last_ts {
+                Some(last) => Timestamp::now().max(last),
+                None => Timestamp::now(),
+            };
+            match self
+                .chain
+                .append(ts, r.actor, r.action, r.subject, r.payload)
+            {
+                Ok(e) => {
+                    self.last_ts = Some(ts);
+                    replies.push((r.reply, e.seq, e.hash, e.timestamp));
+                    events.push(e);
+                }
+                Err(e) => {
+                    let _ = r.reply.send(Err(AppendError::Chain(e)));
+                }
+            }
+        }
+        if events.is_empty() {
+            return Vec::new();
+        }
+        match self.store.insert_events(&events).await {
+            Ok(()) => {
+                {
+                    let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
+                    for e in &events {
+                        shared.tree.push_entry(&e.hash);
+                    }
+                }
+                replies
+                    .into_iter()
+                    .map(|(reply, seq, hash, timestamp)| {
+                        (
+                            reply,
+                            Ok(Receipt {
+                                seq,
+                                hash,
+                                timestamp,
+                            }),
+                        )
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = events.len(), "audit batch not stored");
+                let why = e.to_string();
+                (self.chain, self.last_ts) = saved;
+                self.resync().await;
+                replies
+                    .into_iter()
+                    .map(|(reply, ..)| (reply, Err(AppendError::Store(why.clone()))))
+                    .collect()
+            }
+        }
+    }
+
+    /// After a failed write: continue from what the store actually holds.
+    async fn resync(&mut self) {
+        let last = match self.store.last_event().await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-read the audit log head; keeping the in-memory chain");
+                return;
+            }
+        };
+        let Some(last) = last else { return };
+        if last.seq < self.chain.next_seq() {
+            return; // nothing landed beyond what we know
+        }
+        match Chain::resume(&last) {
+            Ok(chain) => {
+                let known = self.chain.next_seq();
+                match self.store.hashes_from(known).await {
+                    Ok(hashes) => {
+                        let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
+                        for (_, h) in hashes {
+                            shared.tree.push_entry(&h);
+                        }
+                        self.chain = chain;
+                        self.last_ts = Some(last.timestamp);
+                        tracing::warn!(
+                            next_seq = self.chain.next_seq(),
+                            "audit log resynchronised from the store"
+                        );
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot re-read event hashes"),
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the stored head does not verify"),
+        }
+    }
+
+    async fn checkpoint_if(&mut self, due: impl Fn(u64, u64) -> bool) {
+        let size = self.size();
+        if size == 0 || !due(size, self.checkpointed) {
+            return;
+        }
+        let root = {
+            let shared = self.shared.read().unwrap_or_else(|p| p.into_inner());
+            shared.tree.root()
+        };
+        let cp = Checkpoint {
+            tree_size: size,
+            root,
+            timestamp: Timestamp::now().max(self.last_ts.unwrap_or(Timestamp::now())),
+            log_id: self.config.log_id.clone(),
+        };
+        let signed = match cp.sign(&self.key) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                return;
+            }
+        };
+        match self.store.insert_checkpoint(&signed).await {
+            Ok(()) => {
+                self.checkpointed = size;
+                let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
+                shared.latest = Some(signed);
+                tracing::debug!(tree_size = size, "audit checkpoint signed");
+            }
+            Err(e) => tracing::error!(error = %e, tree_size = size, "audit checkpoint not stored"),
+        }
+    }
+}

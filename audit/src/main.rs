@@ -1,0 +1,85 @@
+//! `tutela-audit --config audit.toml` serves the audit log; `tutela-audit keygen` makes a
+//! checkpoint key; `tutela-audit init-db` installs the schema and the append-only grants.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The Tutela audit service: an append-only, hash-chained, signed event log over mutual TLS.
+/// See deploy/config/audit.toml for every configuration key.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Path of the TOML configuration file (needed to serve).
+    #[arg(long, env = "TUTELA_AUDIT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make an Ed25519 checkpoint signing key (PKCS#8, mode 0600) and KEY.pub (hex public key).
+    Keygen {
+        /// Where to write the key; refuses to overwrite.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// As the database owner: install the schema and triggers, and limit the application role to
+    /// INSERT and SELECT (PostgreSQL).
+    InitDb {
+        /// The owner's database URL (postgres://OWNER@HOST/DB, or sqlite://PATH?mode=rwc).
+        #[arg(long, env = "TUTELA_AUDIT_OWNER_URL")]
+        database_url: String,
+        /// The login role the service connects as (PostgreSQL only).
+        #[arg(long)]
+        app_role: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    tutela_protocol::logging::init(args.log_json);
+    match args.command {
+        Some(Command::Keygen { out }) => {
+            let public = tutela_audit::server::keygen(&out)?;
+            println!("{}", hex::encode(public));
+            Ok(())
+        }
+        Some(Command::InitDb {
+            database_url,
+            app_role,
+        }) => {
+            let store = tutela_audit::store::AuditStore::open(&database_url).await?;
+            if let Some(role) = app_role {
+                store.grant_append_only(&role).await?;
+                println!(
+                    "{}: schema current; {role} may INSERT and SELECT only",
+                    store.location()
+                );
+            } else {
+                println!("{}: schema current", store.location());
+            }
+            Ok(())
+        }
+        None => {
+            let path = args
+                .config
+                .ok_or_else(|| anyhow::anyhow!("--config audit.toml is required to serve"))?;
+            let config = tutela_audit::server::Config::from_file(&path)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            tutela_audit::server::serve(
+                config,
+                listener,
+                tutela_protocol::logging::shutdown_signal(),
+            )
+            .await
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! `tutela audit ...`: the compliance officer's view of the audit log: list events, verify the
+//! whole log, prove one event, a model's lineage, a job's report.
+//!
+//! Events are read from the audit service over mutual TLS (`--audit`), or straight from its
+//! database (`--database-url`, e.g. a read-only replica) for offline verification.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use tutela_audit::client::AuditClient;
+use tutela_audit::lineage::{self, ReportFormat};
+use tutela_audit::merkle::{leaf_hash, verify_inclusion};
+use tutela_audit::store::{AuditStore, EventFilter};
+use tutela_audit::{Action, Event, SignedCheckpoint, verify_log};
+use tutela_protocol::client::ClientTls;
+use tutela_protocol::identity::{Identity, Principal};
+use tutela_protocol::tls::{TlsFiles, TlsMaterial};
+
+#[derive(Debug, Args)]
+pub struct Source {
+    /// Audit service address, HOST:PORT.
+    #[arg(long, env = "TUTELA_AUDIT", default_value = "localhost:7444")]
+    pub audit: String,
+    /// Directory holding ca.crt and <stem>.crt/.key (the output of `tutela pki issue`).
+    #[arg(long, value_name = "DIR", env = "TUTELA_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// File stem of the certificate and key in --tls-dir (e.g. user-<name>).
+    #[arg(long, env = "TUTELA_TLS_STEM")]
+    pub stem: Option<String>,
+    /// Read the log straight from its database instead of the service (sqlite://PATH or
+    /// postgres://USER@HOST/DB); no TLS options needed then.
+    #[arg(long, env = "TUTELA_AUDIT_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+enum Reader {
+    Service(AuditClient),
+    Db(AuditStore),
+}
+
+impl Source {
+    async fn open(&self) -> Result<Reader> {
+        if let Some(url) = &self.database_url {
+            return Ok(Reader::Db(AuditStore::open(url).await?));
+        }
+        let (Some(dir), Some(stem)) = (&self.tls_dir, &self.stem) else {
+            bail!(
+                "give --tls-dir and --stem to reach the audit service, or --database-url to read its database"
+            );
+        };
+        let material = TlsMaterial::load(&TlsFiles::in_dir(dir, stem))?;
+        let audit = Identity::new(&material.identity.consortium, Principal::Audit)?;
+        let tls = ClientTls::from_material(&material, Some(audit))?;
+        Ok(Reader::Service(
+            AuditClient::connect(&self.audit, tls).await?,
+        ))
+    }
+}
+
+impl Reader {
+    async fn events(&mut self, filter: &EventFilter) -> Result<Vec<Event>> {
+        Ok(match self {
+            Reader::Service(c) => c.query(filter).await?,
+            Reader::Db(s) => s.events(filter).await?,
+        })
+    }
+
+    async fn checkpoints(&mut self) -> Result<Vec<SignedCheckpoint>> {
+        Ok(match self {
+            Reader::Service(c) => c.checkpoints().await?,
+            Reader::Db(s) => s.checkpoints().await?,
+        })
+    }
+
+    /// The pinned key if given, else the service's (trust on first use, said on stderr).
+    async fn public_key(&mut self, pinned: &Option<String>) -> Result<Vec<u8>> {
+        if let Some(p) = pinned {
+            let text = if std::path::Path::new(p).exists() {
+                std::fs::read_to_string(p).with_context(|| p.clone())?
+            } else {
+                p.clone()
+            };
+            let key =
+                hex::decode(text.trim()).map_err(|e| anyhow!("--public-key: not hex: {e}"))?;
+            if key.len() != 32 {
+                bail!("--public-key: {} bytes, an Ed25519 key has 32", key.len());
+            }
+            return Ok(key);
+        }
+        match self {
+            Reader::Service(c) => {
+                let info = c.log_info().await?;
+                eprintln!(
+                    "note: checking against the key the service reports ({}); pin it with --public-key",
+                    hex::encode(&info.public_key)
+                );
+                Ok(info.public_key)
+            }
+            Reader::Db(_) => bail!("--public-key is required with --database-url"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Html,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List events (a table, or JSON lines with --json), oldest first.
+    Log {
+        #[command(flatten)]
+        source: Source,
+        /// Only events about this job (its subject, or its payload's `job`).
+        #[arg(long)]
+        job: Option<String>,
+        /// Only events by this identity (spiffe://...).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action (e.g. round.completed; see tutela_audit::Action).
+        #[arg(long)]
+        action: Option<Action>,
+        /// Only events at or after this RFC 3339 time (e.g. 2026-11-24T09:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print one JSON object per event instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every hash, every link and every checkpoint signature and root. On failure names
+    /// the first bad sequence number and what is wrong, and exits non-zero.
+    Verify {
+        #[command(flatten)]
+        source: Source,
+        /// The log's Ed25519 checkpoint key (64 hex digits, or a file holding them, e.g. the
+        /// service's checkpoint.key.pub). Default: the key the service reports.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// A checkpoint a site kept (JSON, as `tutela audit proof` or a node writes it); the log
+        /// must still extend it. Repeatable.
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Prove that event SEQ is in the log: its inclusion proof against a signed checkpoint,
+    /// checked here.
+    Proof {
+        #[command(flatten)]
+        source: Source,
+        /// The event's sequence number.
+        #[arg(long)]
+        seq: u64,
+        /// The checkpoint's tree size (default: the latest).
+        #[arg(long)]
+        tree_size: Option<u64>,
+        /// The log's key (hex or file); default: the service's.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// A model's lineage: job, base model, rounds, sites and their dataset commitments, code
+    /// version, privacy accounting, approvals.
+    Lineage {
+        #[command(flatten)]
+        source: Source,
+        /// The model's SHA-256 digest (64 hex digits).
+        #[arg(long)]
+        model: String,
+        /// Print W3C PROV-JSON instead of the lineage record.
+        #[arg(long)]
+        prov_json: bool,
+    },
+    /// A job's compliance report: approvals, rounds, participants, ε per site, lineage, refused
+    /// updates.
+    Report {
+        #[command(flatten)]
+        source: Source,
+        /// The job id.
+        #[arg(long)]
+        job: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: Format,
+    },
+}
+
+pub async fn run(cmd: AuditCommand) -> Result<()> {
+    match cmd {
+        AuditCommand::Log {
+            source,
+            job,
+            actor,
+            action,
+            since,
+            json,
+        } => {
+            let filter = EventFilter {
+                job,
+                actor,
+                action,
+                since: since
+                    .as_deref()
+                    .map(tutela_audit::wire::parse_since)
+                    .transpose()
+                    .map_err(|e| anyhow!("--since: {e}"))?,
+                ..Default::default()
+            };
+            let events = source.open().await?.events(&filter).await?;
+            if json {
+                for e in &events {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            } else {
+                println!(
+                    "{:>8}  {:<24}  {:<20}  {:<44}  {:<24}  payload",
+                    "seq", "timestamp", "action", "actor", "subject"
+                );
+                for e in &events {
+                    let mut payload = tutela_audit::canonical_json(&e.payload);
+                    if payload.len() > 100 {
+                        payload.truncate(
+                            payload
+                                .char_indices()
+                                .nth(97)
+                                .map_or(payload.len(), |(i, _)| i),
+                        );
+                        payload.push_str("...");
+                    }
+                    println!(
+                        "{:>8}  {:<24}  {:<20}  {:<44}  {:<24}  {payload}",
+                        e.seq,
+                        e.timestamp.to_string(),
+                        e.action.as_str(),
+                        e.actor,
+                        e.subject
+                    );
+                }
+            }
+            Ok(())
+        }
+        AuditCommand::Verify {
+            source,
+            public_key,
+            checkpoints,
+        } => {
+            let mut reader = source.open().await?;
+            let key = reader.public_key(&public_key).await?;
+            let events = reader
+                .events(&EventFilter::default())
+                .await
+                .map_err(|e| anyhow!("FAILED: {e:#}"))?;
+            let mut cps = reader
+                .checkpoints()
+                .await
+                .map_err(|e| anyhow!("FAILED: {e:#}"))?;
+            for path in &checkpoints {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+                let cp: SignedCheckpoint = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a signed checkpoint", path.display()))?;
+                cps.push(cp);
+            }
+            match verify_log(&events, &cps, &key) {
+                Ok(r) => {
+                    println!(
+                        "OK: {} events, {} checkpoint(s) verified (latest covers {} events); {} event(s) after it are protected by the hash chain only",
+                        r.events,
+                        r.checkpoints,
+                        r.latest_checkpoint.unwrap_or(0),
+                        r.unanchored
+                    );
+                    println!("head {}  root {}", hex::encode(r.head), hex::encode(r.root));
+                    Ok(())
+                }
+                Err(e) => bail!("FAILED: {e}"),
+            }
+        }
+        AuditCommand::Proof {
+            source,
+            seq,
+            tree_size,
+            public_key,
+        } => {
+            let mut reader = source.open().await?;
+            let key = reader.public_key(&public_key).await?;
+            let Reader::Service(client) = &mut reader else {
+                bail!("proofs come from the audit service: use --audit, not --database-url");
+            };
+            let p = client.inclusion_proof(seq, tree_size).await?;
+            p.checkpoint
+                .verify(&key)
+                .map_err(|e| anyhow!("FAILED: {e}"))?;
+            if p.event.compute_hash() != p.event.hash {
+                bail!("FAILED: event {seq}'s contents do not hash to its stored hash");
+            }
+            let n = p.checkpoint.checkpoint.tree_size;
+            verify_inclusion(
+                seq,
+                n,
+                &leaf_hash(&p.event.hash),
+                &p.path,
+                &p.checkpoint.checkpoint.root,
+            )
+            .map_err(|e| {
+                anyhow!("FAILED: event {seq} is not in the signed tree of size {n}: {e}")
+            })?;
+            let out = serde_json::json!({
+                "event": p.event,
+                "checkpoint": p.checkpoint,
+                "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
+                "verified": true,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        AuditCommand::Lineage {
+            source,
+            model,
+            prov_json,
+        } => {
+            let mut reader = source.open().await?;
+            let mut events = reader
+                .events(&EventFilter {
+                    subject: Some(model.clone()),
+                    ..Default::default()
+                })
+                .await?;
+            events.extend(
+                reader
+                    .events(&EventFilter {
+                        action: Some(Action::JobCompleted),
+                        ..Default::default()
+                    })
+                    .await?,
+            );
+            let job = lineage::job_of_model(&events, &model).ok_or_else(|| {
+                anyhow!("no model.published or job.completed event names model {model}")
+            })?;
+            let mut job_events = reader
+                .events(&EventFilter {
+                    job: Some(job),
+                    ..Default::default()
+                })
+                .await?;
+            job_events.extend(
+                events
+                    .into_iter()
+                    .filter(|e| e.action == Action::ModelPublished),
+            );
+            job_events.sort_by_key(|e| e.seq);
+            job_events.dedup_by_key(|e| e.seq);
+            let l = lineage::lineage(&job_events, &model);
+            let out = if prov_json {
+                l.to_prov_json()
+            } else {
+                serde_json::to_value(&l)?
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        AuditCommand::Report {
+            source,
+            job,
+            format,
+        } => {
+            let mut reader = source.open().await?;
+            let events = reader
+                .events(&EventFilter {
+                    job: Some(job.clone()),
+                    ..Default::default()
+                })
+                .await?;
+            if events.is_empty() {
+                bail!("no audit events about job {job}");
+            }
+            let record = lineage::job_record(&events, &job);
+            let format = match format {
+                Format::Html => ReportFormat::Html,
+                Format::Csv => ReportFormat::Csv,
+                Format::Json => ReportFormat::Json,
+            };
+            print!("{}", lineage::render_report(&record, format));
+            if format == ReportFormat::Json {
+                println!();
+            }
+            Ok(())
+        }
+    }
+}
