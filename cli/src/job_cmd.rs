@@ -1,5 +1,6 @@
 //! `tutela job ...`: submit, watch, inspect and cancel federated jobs at the coordinator, as a
-//! consortium operator (or, read-only, as a site user).
+//! consortium operator (or, read-only, as a site user); approve, reject or withdraw an approval,
+//! as a compliance officer.
 
 use std::path::PathBuf;
 
@@ -72,6 +73,50 @@ pub enum JobCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Approve a proposed job, as a compliance officer: sign the digest of its spec with the
+    /// private key of your certificate. The signature and your certificate are stored by the
+    /// coordinator and carried to every site node, which checks them itself. Connect with the same
+    /// certificate (--tls-dir/--stem): officers submit their own approvals.
+    Approve {
+        job: String,
+        /// Your private key (PKCS#8 PEM, as `tutela pki issue` writes it).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Your certificate (PEM), issued by the consortium CA.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// The job spec you reviewed: the approval is refused here unless its digest is the one
+        /// the coordinator holds for the job.
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
+        /// Days until the approval expires (it must hold until the job has run).
+        #[arg(long, default_value_t = 30)]
+        expires_in_days: u32,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Reject a proposed job, as a compliance officer: it is cancelled, with your reason.
+    Reject {
+        job: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Withdraw your approval of a job that has not started yet.
+    Withdraw {
+        job: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Replace the spec of a proposed job. Its digest changes, so every approval so far stops
+    /// counting and the officers must approve again.
+    Amend {
+        job: String,
+        spec: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 pub async fn run(cmd: JobCommand) -> Result<()> {
@@ -137,6 +182,102 @@ pub async fn run(cmd: JobCommand) -> Result<()> {
                     j.job_id, j.name, j.state, j.rounds_completed, j.rounds_total
                 );
             }
+            Ok(())
+        }
+        JobCommand::Approve {
+            job,
+            key,
+            cert,
+            spec,
+            expires_in_days,
+            conn,
+        } => {
+            let mut jobs = conn.jobs().await?;
+            let status = jobs
+                .get_job(pb::GetJobRequest {
+                    job_id: job.clone(),
+                })
+                .await?
+                .into_inner();
+            let digest: tutela_protocol::job::SpecDigest = status
+                .spec_digest
+                .parse()
+                .context("the coordinator sent a malformed spec digest")?;
+            if let Some(path) = spec {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let local = tutela_protocol::job::JobSpec::from_toml_str(&text)
+                    .with_context(|| format!("{}", path.display()))?
+                    .digest();
+                anyhow::ensure!(
+                    local == digest,
+                    "{} digests to {local}, but job {job} at the coordinator is {digest}: not approving",
+                    path.display()
+                );
+            }
+            let key_pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read {}", key.display()))?;
+            let cert_pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let now = time::OffsetDateTime::now_utc();
+            let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+            let expires_ms = now_ms + i64::from(expires_in_days) * 86_400_000;
+            let approval = tutela_policy::Approval::sign(
+                &key_pem, &cert_pem, &job, &digest, now_ms, expires_ms,
+            )?;
+            approval.check_own_signature().with_context(|| {
+                format!("{} is not the key of {}", key.display(), cert.display())
+            })?;
+            let status = jobs
+                .approve_job(pb::ApproveJobRequest {
+                    approval: Some(approval.to_pb()),
+                })
+                .await
+                .context("the coordinator refused the approval")?
+                .into_inner();
+            println!(
+                "approved job {} at spec digest {} (expires in {expires_in_days} days)",
+                status.job_id, status.spec_digest
+            );
+            print_status(&status);
+            Ok(())
+        }
+        JobCommand::Reject { job, reason, conn } => {
+            let status = conn
+                .jobs()
+                .await?
+                .reject_job(pb::RejectJobRequest {
+                    job_id: job,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            print_status(&status);
+            Ok(())
+        }
+        JobCommand::Withdraw { job, conn } => {
+            let status = conn
+                .jobs()
+                .await?
+                .withdraw_approval(pb::WithdrawApprovalRequest { job_id: job })
+                .await?
+                .into_inner();
+            print_status(&status);
+            Ok(())
+        }
+        JobCommand::Amend { job, spec, conn } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("cannot read {}", spec.display()))?;
+            let status = conn
+                .jobs()
+                .await?
+                .amend_job(pb::AmendJobRequest {
+                    job_id: job,
+                    spec_toml: text,
+                })
+                .await?
+                .into_inner();
+            print_status(&status);
             Ok(())
         }
         JobCommand::Cancel { job, reason, conn } => {
@@ -219,8 +360,26 @@ pub fn print_status(s: &pb::JobStatus) {
             format!(": {}", s.reason)
         }
     );
+    if !s.waiting_reason.is_empty() {
+        println!("waiting  {}", s.waiting_reason);
+    }
     println!("rounds   {}/{}", s.rounds_completed, s.rounds_total);
     println!("spec     {}", s.spec_digest);
+    if !s.submitted_by.is_empty() {
+        println!("by       {}", s.submitted_by);
+    }
+    if !s.approvals.is_empty() || !s.approvals_missing.is_empty() {
+        println!("approvals");
+        for a in &s.approvals {
+            println!("  {:<48} {}", a.signer, a.standing);
+        }
+        for g in &s.approvals_gathered {
+            println!("  gathered: {g}");
+        }
+        for m in &s.approvals_missing {
+            println!("  missing:  {m}");
+        }
+    }
     println!(
         "model    {}",
         if s.model_id.is_empty() {
@@ -250,6 +409,24 @@ pub fn print_status(s: &pb::JobStatus) {
                 m.train_samples,
                 m.train_seconds
             );
+            if m.dp_delta > 0.0 {
+                println!(
+                    "    {:<16} DP-SGD: ε {:.3} this round, ε {:.3} for the job so far (δ = {:e})",
+                    "", m.dp_round_epsilon, m.dp_job_epsilon, m.dp_delta
+                );
+            }
+            if !m.dataset_commitment.is_empty() {
+                println!(
+                    "    {:<16} dataset commitment {}  anonymization {}",
+                    "",
+                    m.dataset_commitment,
+                    if m.deid_config_sha256.is_empty() {
+                        "none"
+                    } else {
+                        &m.deid_config_sha256
+                    }
+                );
+            }
         }
         for x in &r.refused {
             println!("    {:<16} REFUSED: {}", x.site, x.reason);
@@ -269,6 +446,14 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "model_id": s.model_id,
         "model_path": s.model_path,
         "connected_sites": s.connected_sites,
+        "submitted_by": s.submitted_by,
+        "waiting_reason": s.waiting_reason,
+        "approvals_gathered": s.approvals_gathered,
+        "approvals_missing": s.approvals_missing,
+        "approvals": s.approvals.iter().map(|a| serde_json::json!({
+            "signer": a.signer, "spec_digest": a.spec_digest, "standing": a.standing,
+            "signed_at_unix_ms": a.signed_at_unix_ms, "expires_at_unix_ms": a.expires_at_unix_ms,
+        })).collect::<Vec<_>>(),
         "rounds": s.rounds.iter().map(|r| serde_json::json!({
             "round": r.round,
             "attempt": r.attempt,
@@ -280,6 +465,9 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
                 "site": m.site, "eval_accuracy": m.eval_accuracy, "eval_loss": m.eval_loss,
                 "eval_samples": m.eval_samples, "train_samples": m.train_samples,
                 "train_loss": m.train_loss, "train_seconds": m.train_seconds,
+                "dp_round_epsilon": m.dp_round_epsilon, "dp_job_epsilon": m.dp_job_epsilon,
+                "dp_delta": m.dp_delta, "dataset_commitment": m.dataset_commitment,
+                "deid_config_sha256": m.deid_config_sha256,
             })).collect::<Vec<_>>(),
             "refused": r.refused.iter().map(|x| serde_json::json!({"site": x.site, "reason": x.reason})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),

@@ -51,11 +51,18 @@ struct Migration {
 }
 
 /// Every schema migration, in order. Append; never edit or reorder a released one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs_rounds_nodes",
-    sql: include_str!("../migrations/0001_jobs_rounds_nodes.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs_rounds_nodes",
+        sql: include_str!("../migrations/0001_jobs_rounds_nodes.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "approvals",
+        sql: include_str!("../migrations/0002_approvals.sql"),
+    },
+];
 
 /// The table that records applied migrations. Prefixed with the component's name because the
 /// coordinator may share a PostgreSQL database with another Tutela service that keeps its own
@@ -1644,5 +1651,185 @@ mod tests {
                 .as_deref(),
             Some("sqlite:///tmp/a%3Fb%23c%25d.db?mode=rwc")
         );
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Approvals (the policy issue): who submitted a job, officers' signed approvals, amendments.
+
+/// An approval as stored, with whether it was withdrawn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalRecord {
+    pub approval: tutela_policy::Approval,
+    /// The signer's identity as recorded (checked when the approval was accepted).
+    pub signer: String,
+    pub recorded_at_ms: i64,
+    pub withdrawn_at_ms: Option<i64>,
+}
+
+impl Store {
+    /// Records who submitted `job`.
+    pub async fn record_submitter(&self, job: &JobId, submitted_by: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO job_submissions (job_id, submitted_by, submitted_at_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(job.as_str())
+        .bind(submitted_by)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(db(format!("record_submitter {job}")))?;
+        Ok(())
+    }
+
+    /// Who submitted `job`, if recorded.
+    pub async fn submitter(&self, job: &JobId) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT submitted_by FROM job_submissions WHERE job_id = $1")
+            .bind(job.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db(format!("submitter {job}")))
+    }
+
+    /// Records (or renews) `signer`'s approval; clears an earlier withdrawal of the same digest.
+    pub async fn record_approval(
+        &self,
+        job: &JobId,
+        signer: &str,
+        approval: &tutela_policy::Approval,
+    ) -> Result<()> {
+        let chain: Vec<String> = approval.signer_chain_der.iter().map(hex::encode).collect();
+        let chain = serde_json::to_string(&chain).map_err(|e| StoreError::InvalidInput {
+            what: "approval certificate chain".into(),
+            problem: e.to_string(),
+        })?;
+        sqlx::query(
+            "INSERT INTO job_approvals (job_id, signer, spec_digest, signer_chain, signature_hex,
+                                        signed_at_ms, expires_at_ms, recorded_at_ms, withdrawn_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
+             ON CONFLICT (job_id, signer, spec_digest) DO UPDATE SET
+                signer_chain = excluded.signer_chain, signature_hex = excluded.signature_hex,
+                signed_at_ms = excluded.signed_at_ms, expires_at_ms = excluded.expires_at_ms,
+                recorded_at_ms = excluded.recorded_at_ms, withdrawn_at_ms = NULL",
+        )
+        .bind(job.as_str())
+        .bind(signer)
+        .bind(approval.spec_digest.to_hex())
+        .bind(chain)
+        .bind(hex::encode(&approval.signature))
+        .bind(approval.signed_at_ms)
+        .bind(approval.expires_at_ms)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(db(format!("record_approval {job} by {signer}")))?;
+        Ok(())
+    }
+
+    /// Marks `signer`'s live approvals of `job` withdrawn; returns how many were.
+    pub async fn withdraw_approval(&self, job: &JobId, signer: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE job_approvals SET withdrawn_at_ms = $1
+             WHERE job_id = $2 AND signer = $3 AND withdrawn_at_ms IS NULL",
+        )
+        .bind(now_ms())
+        .bind(job.as_str())
+        .bind(signer)
+        .execute(&self.pool)
+        .await
+        .map_err(db(format!("withdraw_approval {job} by {signer}")))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Every approval recorded for `job`, oldest first.
+    pub async fn approvals(&self, job: &JobId) -> Result<Vec<ApprovalRecord>> {
+        let rows = sqlx::query(
+            "SELECT signer, spec_digest, signer_chain, signature_hex, signed_at_ms, expires_at_ms,
+                    recorded_at_ms, withdrawn_at_ms
+             FROM job_approvals WHERE job_id = $1 ORDER BY recorded_at_ms, signer",
+        )
+        .bind(job.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(format!("approvals {job}")))?;
+        let damaged = |what: &str| StoreError::Corrupt {
+            what: format!("stored approval of job {job}"),
+            problem: what.to_string(),
+        };
+        rows.iter()
+            .map(|r| {
+                let get = |e: sqlx::Error| damaged(&e.to_string());
+                let signer: String = r.try_get(0).map_err(get)?;
+                let digest: String = r.try_get(1).map_err(get)?;
+                let chain: String = r.try_get(2).map_err(get)?;
+                let signature: String = r.try_get(3).map_err(get)?;
+                let chain: Vec<String> =
+                    serde_json::from_str(&chain).map_err(|e| damaged(&e.to_string()))?;
+                let chain = chain
+                    .iter()
+                    .map(hex::decode)
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| damaged(&e.to_string()))?;
+                Ok(ApprovalRecord {
+                    approval: tutela_policy::Approval {
+                        job_id: job.to_string(),
+                        spec_digest: digest.parse().map_err(|e: crate::job::BadDigest| {
+                            damaged(&e.to_string())
+                        })?,
+                        signer_chain_der: chain,
+                        signature: hex::decode(&signature).map_err(|e| damaged(&e.to_string()))?,
+                        signed_at_ms: r.try_get(4).map_err(get)?,
+                        expires_at_ms: r.try_get(5).map_err(get)?,
+                    },
+                    signer,
+                    recorded_at_ms: r.try_get(6).map_err(get)?,
+                    withdrawn_at_ms: r.try_get(7).map_err(get)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Replaces the spec of a job still proposed. Its digest changes with any field, so the
+    /// approvals recorded so far (over the old digest) no longer count.
+    pub async fn amend_job(
+        &self,
+        job: &JobId,
+        spec_toml: &str,
+        spec: &JobSpec,
+        digest: &SpecDigest,
+    ) -> Result<()> {
+        let parsed = JobSpec::from_toml_str(spec_toml)?;
+        if parsed.digest() != *digest || spec.digest() != *digest {
+            return Err(StoreError::SpecMismatch(format!(
+                "the digest given, {digest}, is not the spec's, {}",
+                parsed.digest()
+            )));
+        }
+        let done = sqlx::query(
+            "UPDATE jobs SET spec_toml = $1, spec_digest = $2, name = $3, total_rounds = $4,
+                             updated_at_ms = $5
+             WHERE id = $6 AND state = $7",
+        )
+        .bind(spec_toml)
+        .bind(digest.to_hex())
+        .bind(&parsed.name)
+        .bind(i64::from(parsed.rounds))
+        .bind(now_ms())
+        .bind(job.as_str())
+        .bind(JobState::Proposed.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db(format!("amend_job {job}")))?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        match self.get_job(job).await? {
+            None => Err(StoreError::JobNotFound(job.clone())),
+            Some(j) => Err(StoreError::StaleState {
+                job: job.clone(),
+                expected: JobState::Proposed,
+                actual: j.state,
+            }),
+        }
     }
 }

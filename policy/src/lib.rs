@@ -1,5 +1,29 @@
-//! Authorization over certificate identities (casbin RBAC with domains), approval quorum rules and
-//! site-local policy.
+//! Who may do what in a Tutela consortium, and whether a job may run.
 //!
-//! Nothing is implemented here yet: the issue "Policy and signed approvals" fills this crate. It
-//! exists so that the workspace has the shape of `DESIGN.md`.
+//! - [`authz`]: casbin RBAC with domains over the SPIFFE identities of certificates. The model and
+//!   policy are files, loaded at start and reloaded on change; every [`authz::Decision`] carries
+//!   the SHA-256 digest of the policy that made it. The policy file also holds the approval
+//!   quorum rules (`p2` lines).
+//! - [`approval`]: a compliance officer's signed approval of a job's spec digest, and its
+//!   verification (certificate chain to the consortium CA with rustls's webpki verifier,
+//!   revocation, validity, signature).
+//! - [`quorum`]: which approvals a job still needs, from the policy's quorum rules.
+//! - [`site_policy`]: a site's own policy (`site-policy.toml`), the site's last word: which
+//!   officers it trusts, which operators and models it accepts, its DP floor and budget, its
+//!   training hours.
+//! - [`enforce`]: a tower layer that checks every gRPC call against the [`authz::Authorizer`]
+//!   before the handler runs, answers PERMISSION_DENIED with the rule, and hands every decision to
+//!   a [`enforce::DecisionSink`] (the audit trail).
+
+pub mod approval;
+pub mod authz;
+pub mod bench;
+pub mod enforce;
+pub mod quorum;
+pub mod site_policy;
+
+pub use approval::{Approval, ApprovalError, ApprovalVerifier, VerifiedApproval};
+pub use authz::{Authorizer, AuthzError, Decision, PolicyDigest};
+pub use enforce::{DecisionSink, EnforceLayer};
+pub use quorum::{QuorumRule, QuorumStatus};
+pub use site_policy::{Breach, SitePolicy};

@@ -1,0 +1,189 @@
+//! Approvals on the coordinator: which approvals count, whether a job's quorum is met, and the
+//! conversions between the wire's `SignedApproval` and the policy crate's `Approval`.
+//!
+//! The coordinator checks every approval when it is submitted (signature, chain to the consortium
+//! CA, the job's current digest, the signer being the caller and holding a role a quorum rule of
+//! this job asks for) and again whenever it counts the quorum (an approval can expire, be
+//! withdrawn, or lose its signer's certificate to revocation). Site nodes check their own site's
+//! approvals again themselves: this is the coordinator's gate, not theirs.
+
+use std::sync::Arc;
+
+use tutela_policy::quorum::{self, QuorumStatus};
+use tutela_policy::{Approval, ApprovalVerifier, Authorizer, VerifiedApproval};
+use tutela_protocol::identity::Identity;
+use tutela_protocol::pb;
+use tutela_protocol::tls::ReloadingServerConfig;
+
+use crate::store::{ApprovalRecord, JobRecord};
+
+/// The policy and trust anchors the coordinator judges approvals with.
+pub struct ApprovalGate {
+    pub authorizer: Arc<Authorizer>,
+    tls: Arc<ReloadingServerConfig>,
+}
+
+/// What the store's approvals of a job amount to.
+#[derive(Clone, Debug)]
+pub struct Standing {
+    pub approvals: Vec<pb::ApprovalInfo>,
+    pub quorum: QuorumStatus,
+    /// The approvals that count, for the job's tasks.
+    pub counting: Vec<pb::SignedApproval>,
+}
+
+impl ApprovalGate {
+    pub fn new(authorizer: Arc<Authorizer>, tls: Arc<ReloadingServerConfig>) -> Self {
+        ApprovalGate { authorizer, tls }
+    }
+
+    /// The verifier over the TLS material in force (so a new CRL applies to approvals too).
+    fn verifier(&self) -> Result<ApprovalVerifier, String> {
+        ApprovalVerifier::from_tls(&self.tls.material()).map_err(|e| e.to_string())
+    }
+
+    /// The (role, domain) pairs whose holders' approvals count for `job`.
+    fn wanted(&self, job: &JobRecord) -> Vec<(String, String)> {
+        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
+        quorum::evaluate(&self.authorizer.quorum_rules(), &sites, &[], |_, _, _| {
+            false
+        })
+        .requirements
+        .into_iter()
+        .map(|r| (r.role, r.domain))
+        .collect()
+    }
+
+    /// Checks a new approval of `job` by `caller`; the error says why it is refused.
+    pub fn check_new(
+        &self,
+        approval: &Approval,
+        job: &JobRecord,
+        caller: &Identity,
+        now_ms: i64,
+    ) -> Result<VerifiedApproval, String> {
+        let verified = self
+            .verifier()?
+            .verify(approval, job.id.as_str(), &job.spec_digest, now_ms)
+            .map_err(|e| e.to_string())?;
+        if verified.signer != *caller {
+            return Err(format!(
+                "the approval is signed by {}, but {caller} sent it: officers submit their own approvals",
+                verified.signer
+            ));
+        }
+        let signer = verified.signer.uri();
+        let wanted = self.wanted(job);
+        if !wanted
+            .iter()
+            .any(|(role, domain)| self.authorizer.has_role(&signer, role, domain))
+        {
+            let asked: Vec<String> = wanted.iter().map(|(r, d)| format!("{r} of {d}")).collect();
+            return Err(format!(
+                "{signer} holds none of the roles whose approval this job needs ({}) [policy {}]",
+                if asked.is_empty() {
+                    "the policy has no quorum rule".to_string()
+                } else {
+                    asked.join(", ")
+                },
+                self.authorizer.digest()
+            ));
+        }
+        Ok(verified)
+    }
+
+    /// Judges every stored approval of `job` at `now_ms` and counts the quorum.
+    pub fn standing(&self, job: &JobRecord, records: &[ApprovalRecord], now_ms: i64) -> Standing {
+        let verifier = self.verifier();
+        let mut approvals = Vec::new();
+        let mut signers = Vec::new();
+        let mut counting = Vec::new();
+        for r in records {
+            let standing = if r.withdrawn_at_ms.is_some() {
+                "withdrawn".to_string()
+            } else if r.approval.spec_digest != job.spec_digest {
+                "superseded: it approves an earlier version of the spec".to_string()
+            } else if now_ms >= r.approval.expires_at_ms {
+                "expired".to_string()
+            } else {
+                match verifier.as_ref().map_err(Clone::clone).and_then(|v| {
+                    v.verify(&r.approval, job.id.as_str(), &job.spec_digest, now_ms)
+                        .map_err(|e| e.to_string())
+                }) {
+                    Ok(v) => {
+                        signers.push(v.signer.uri());
+                        counting.push(to_pb(&r.approval));
+                        "counts".to_string()
+                    }
+                    Err(why) => format!("invalid: {why}"),
+                }
+            };
+            approvals.push(pb::ApprovalInfo {
+                signer: r.signer.clone(),
+                spec_digest: r.approval.spec_digest.to_hex(),
+                signed_at_unix_ms: r.approval.signed_at_ms,
+                expires_at_unix_ms: r.approval.expires_at_ms,
+                standing,
+            });
+        }
+        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
+        let quorum = quorum::evaluate(
+            &self.authorizer.quorum_rules(),
+            &sites,
+            &signers,
+            |s, role, domain| self.authorizer.has_role(s, role, domain),
+        );
+        Standing {
+            approvals,
+            quorum,
+            counting,
+        }
+    }
+}
+
+pub fn to_pb(a: &Approval) -> pb::SignedApproval {
+    a.to_pb()
+}
+
+pub fn from_pb(a: &pb::SignedApproval) -> Result<Approval, String> {
+    Approval::from_pb(a).map_err(|e| e.to_string())
+}
+
+/// Sends the enforcement layer's decisions to the audit trail (`policy.decision` events): every
+/// denial, and every allowed action that changes something (submit, cancel, approve, write).
+/// Allowed reads and nodes' participation calls, which are every few milliseconds of a running
+/// job, go to the tracing log only. Appends are spawned so that an RPC never waits on the audit
+/// service; a failed append is logged at ERROR by the trail with the event, for replay.
+pub struct AuditDecisionSink {
+    pub trail: Arc<crate::audit_trail::AuditTrail>,
+}
+
+impl tutela_policy::DecisionSink for AuditDecisionSink {
+    fn record(&self, d: &tutela_policy::Decision, caller: &Identity, method: &str) {
+        tutela_policy::enforce::TracingSink.record(d, caller, method);
+        if d.allowed && matches!(d.action.as_str(), "read" | "participate") {
+            return;
+        }
+        let payload = serde_json::json!({
+            "who": caller.uri(),
+            "method": method,
+            "domain": d.domain,
+            "object": d.object,
+            "action": d.action,
+            "allowed": d.allowed,
+            "rule": d.rule,
+            "policy_digest": d.policy_digest.to_hex(),
+        });
+        let trail = self.trail.clone();
+        let subject = format!("{}/{}", d.object, d.action);
+        tokio::spawn(async move {
+            trail
+                .note(
+                    crate::audit_trail::Action::PolicyDecision,
+                    &subject,
+                    payload,
+                )
+                .await;
+        });
+    }
+}

@@ -1,0 +1,542 @@
+//! Signed approvals: a compliance officer signs a job's spec digest with the private key of their
+//! certificate; anyone holding the consortium CA can check it.
+//!
+//! The signed bytes are a domain-separated message ([`signed_message`]) over the job id, the spec
+//! digest and the approval's validity window, so that a signature can never be replayed for
+//! another job, another spec, a longer window, or as anything but a Tutela approval.
+//!
+//! [`ApprovalVerifier::verify`] checks, in order: that the approval is for the job and digest
+//! expected, its window, the signer's certificate chain to the consortium CA at the time of the
+//! check (rustls's own webpki client verifier: signature chain, validity, client-auth usage, the
+//! CRLs), that the certificate names a principal of the consortium, and the signature with the
+//! certificate's key (ECDSA P-256/SHA-256 or Ed25519, via ring). Whether the signer holds the
+//! role that counts is the caller's question (the consortium policy on the coordinator, the site
+//! policy on a node).
+
+use std::sync::Arc;
+
+use ring::signature::{
+    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, ED25519, EcdsaKeyPair, Ed25519KeyPair,
+    KeyPair, UnparsedPublicKey,
+};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use tutela_protocol::identity::Identity;
+use tutela_protocol::job::SpecDigest;
+use tutela_protocol::pki;
+use tutela_protocol::tls::TlsMaterial;
+use x509_parser::prelude::FromDer;
+
+/// The domain-separation prefix of every approval signature.
+pub const APPROVAL_CONTEXT: &str = "tutela/job-approval/v1";
+
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_ED25519: &str = "1.3.101.112";
+
+/// A compliance officer's signed approval of one job's spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approval {
+    pub job_id: String,
+    pub spec_digest: SpecDigest,
+    /// The signer's certificate chain, DER, leaf first.
+    pub signer_chain_der: Vec<Vec<u8>>,
+    pub signature: Vec<u8>,
+    /// Unix milliseconds.
+    pub signed_at_ms: i64,
+    /// Unix milliseconds; the approval no longer counts from then on.
+    pub expires_at_ms: i64,
+}
+
+/// The bytes an officer signs.
+pub fn signed_message(
+    job_id: &str,
+    digest: &SpecDigest,
+    signed_at_ms: i64,
+    expires_at_ms: i64,
+) -> Vec<u8> {
+    format!(
+        "{APPROVAL_CONTEXT}\njob={job_id}\nspec-digest={}\nsigned-at-ms={signed_at_ms}\nexpires-at-ms={expires_at_ms}\n",
+        digest.to_hex()
+    )
+    .into_bytes()
+}
+
+/// Why an approval does not count (or cannot be made).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("the approval is for job {found}, not job {expected}")]
+    OtherJob { expected: String, found: String },
+    #[error(
+        "the approval signs spec digest {found}, but the job's spec digests to {expected}: the spec changed after approval, or this is another job's approval"
+    )]
+    DigestMismatch { expected: String, found: String },
+    #[error("the approval expired at {expires_at_ms} (unix ms); it is now {now_ms}")]
+    Expired { expires_at_ms: i64, now_ms: i64 },
+    #[error(
+        "the approval's window is empty or inverted (signed at {signed_at_ms}, expires at {expires_at_ms})"
+    )]
+    BadWindow {
+        signed_at_ms: i64,
+        expires_at_ms: i64,
+    },
+    #[error("the approval is dated {signed_at_ms}, in the future (now {now_ms})")]
+    FromTheFuture { signed_at_ms: i64, now_ms: i64 },
+    #[error("the approval carries no signer certificate")]
+    NoCertificate,
+    #[error("the signer's certificate does not verify against the consortium CA: {0}")]
+    Chain(String),
+    #[error("the signer's certificate: {0}")]
+    Certificate(String),
+    #[error("the signer {signer} is not a principal of consortium {consortium}")]
+    OtherConsortium { signer: String, consortium: String },
+    #[error("the signature of {signer} does not verify with the key of their certificate")]
+    BadSignature { signer: String },
+    #[error("the signing key: {0}")]
+    Key(String),
+    #[error("malformed approval: {0}")]
+    Malformed(String),
+}
+
+/// An approval whose chain and signature verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedApproval {
+    pub signer: Identity,
+    pub approval: Approval,
+}
+
+impl Approval {
+    /// Signs the approval of `job_id` at `digest` with a PKCS#8 private key (PEM, ECDSA P-256 or
+    /// Ed25519), attaching `chain_pem` (the signer's certificate, leaf first). It does not check
+    /// that the key belongs to the certificate: [`Approval::check_own_signature`] does, and every
+    /// verifier will.
+    pub fn sign(
+        key_pem: &str,
+        chain_pem: &str,
+        job_id: &str,
+        digest: &SpecDigest,
+        signed_at_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<Approval, ApprovalError> {
+        if expires_at_ms <= signed_at_ms {
+            return Err(ApprovalError::BadWindow {
+                signed_at_ms,
+                expires_at_ms,
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| ApprovalError::Key(format!("no PEM private key: {e}")))?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            return Err(ApprovalError::Key(
+                "not a PKCS#8 key (\"PRIVATE KEY\"); `tutela pki` writes PKCS#8".into(),
+            ));
+        };
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .map(|c| c.map(|c| c.as_ref().to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApprovalError::Certificate(format!("not PEM: {e}")))?;
+        if chain.is_empty() {
+            return Err(ApprovalError::NoCertificate);
+        }
+        let message = signed_message(job_id, digest, signed_at_ms, expires_at_ms);
+        let rng = ring::rand::SystemRandom::new();
+        let der = pkcs8.secret_pkcs8_der();
+        let signature =
+            if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng) {
+                k.sign(&rng, &message)
+                    .map_err(|_| ApprovalError::Key("ECDSA signing failed".into()))?
+                    .as_ref()
+                    .to_vec()
+            } else if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+                let _ = k.public_key();
+                k.sign(&message).as_ref().to_vec()
+            } else {
+                return Err(ApprovalError::Key(
+                    "neither an ECDSA P-256 nor an Ed25519 PKCS#8 key".into(),
+                ));
+            };
+        Ok(Approval {
+            job_id: job_id.to_string(),
+            spec_digest: *digest,
+            signer_chain_der: chain,
+            signature,
+            signed_at_ms,
+            expires_at_ms,
+        })
+    }
+
+    /// The signer's identity as the leaf certificate names it (unverified).
+    pub fn claimed_signer(&self) -> Result<Identity, ApprovalError> {
+        let leaf = self
+            .signer_chain_der
+            .first()
+            .ok_or(ApprovalError::NoCertificate)?;
+        pki::identity_of_cert_der(leaf).map_err(|e| ApprovalError::Certificate(e.to_string()))
+    }
+
+    /// Checks only the signature against the leaf's key: the signer's own check that the key
+    /// they used belongs to the certificate they attached.
+    pub fn check_own_signature(&self) -> Result<(), ApprovalError> {
+        let leaf = self
+            .signer_chain_der
+            .first()
+            .ok_or(ApprovalError::NoCertificate)?;
+        let signer = self.claimed_signer()?;
+        verify_signature(leaf, &self.message(), &self.signature, &signer.uri())
+    }
+
+    /// The wire form carried by `ApproveJob` and by every task.
+    pub fn to_pb(&self) -> tutela_protocol::pb::SignedApproval {
+        tutela_protocol::pb::SignedApproval {
+            job_id: self.job_id.clone(),
+            spec_digest: self.spec_digest.to_hex(),
+            signer_chain_der: self.signer_chain_der.clone(),
+            signature: self.signature.clone(),
+            signed_at_unix_ms: self.signed_at_ms,
+            expires_at_unix_ms: self.expires_at_ms,
+        }
+    }
+
+    pub fn from_pb(a: &tutela_protocol::pb::SignedApproval) -> Result<Approval, ApprovalError> {
+        let spec_digest: SpecDigest =
+            a.spec_digest
+                .parse()
+                .map_err(|e: tutela_protocol::job::BadDigest| {
+                    ApprovalError::Malformed(e.to_string())
+                })?;
+        Ok(Approval {
+            job_id: a.job_id.clone(),
+            spec_digest,
+            signer_chain_der: a.signer_chain_der.clone(),
+            signature: a.signature.clone(),
+            signed_at_ms: a.signed_at_unix_ms,
+            expires_at_ms: a.expires_at_unix_ms,
+        })
+    }
+
+    fn message(&self) -> Vec<u8> {
+        signed_message(
+            &self.job_id,
+            &self.spec_digest,
+            self.signed_at_ms,
+            self.expires_at_ms,
+        )
+    }
+}
+
+fn verify_signature(
+    leaf_der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+    signer: &str,
+) -> Result<(), ApprovalError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf_der)
+        .map_err(|e| ApprovalError::Certificate(format!("cannot parse: {e}")))?;
+    let spki = cert.public_key();
+    let oid = spki.algorithm.algorithm.to_id_string();
+    let alg: &dyn ring::signature::VerificationAlgorithm = match oid.as_str() {
+        OID_EC_PUBLIC_KEY => &ECDSA_P256_SHA256_ASN1,
+        OID_ED25519 => &ED25519,
+        other => {
+            return Err(ApprovalError::Certificate(format!(
+                "key algorithm {other} is neither ECDSA P-256 nor Ed25519"
+            )));
+        }
+    };
+    UnparsedPublicKey::new(alg, &spki.subject_public_key.data)
+        .verify(message, signature)
+        .map_err(|_| ApprovalError::BadSignature {
+            signer: signer.to_string(),
+        })
+}
+
+/// Checks approvals against the consortium CA (and its CRLs).
+#[derive(Clone)]
+pub struct ApprovalVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    consortium: String,
+}
+
+impl std::fmt::Debug for ApprovalVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalVerifier")
+            .field("consortium", &self.consortium)
+            .finish()
+    }
+}
+
+impl ApprovalVerifier {
+    /// A verifier over `roots` and `crls` for principals of `consortium`.
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+        consortium: &str,
+    ) -> Result<Self, ApprovalError> {
+        let chain = WebPkiClientVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .with_crls(crls)
+        .build()
+        .map_err(|e| ApprovalError::Chain(format!("building the verifier: {e}")))?;
+        Ok(ApprovalVerifier {
+            chain,
+            consortium: consortium.to_string(),
+        })
+    }
+
+    /// The verifier of an endpoint's TLS material: its CA bundle, its CRLs, its consortium.
+    pub fn from_tls(material: &TlsMaterial) -> Result<Self, ApprovalError> {
+        Self::new(
+            material.roots.clone(),
+            material.crls.clone(),
+            &material.identity.consortium,
+        )
+    }
+
+    /// Verifies `approval` for `job_id` at `expected` at time `now_ms` (unix ms).
+    pub fn verify(
+        &self,
+        approval: &Approval,
+        job_id: &str,
+        expected: &SpecDigest,
+        now_ms: i64,
+    ) -> Result<VerifiedApproval, ApprovalError> {
+        if approval.job_id != job_id {
+            return Err(ApprovalError::OtherJob {
+                expected: job_id.to_string(),
+                found: approval.job_id.clone(),
+            });
+        }
+        if approval.spec_digest != *expected {
+            return Err(ApprovalError::DigestMismatch {
+                expected: expected.to_hex(),
+                found: approval.spec_digest.to_hex(),
+            });
+        }
+        if approval.expires_at_ms <= approval.signed_at_ms {
+            return Err(ApprovalError::BadWindow {
+                signed_at_ms: approval.signed_at_ms,
+                expires_at_ms: approval.expires_at_ms,
+            });
+        }
+        if now_ms >= approval.expires_at_ms {
+            return Err(ApprovalError::Expired {
+                expires_at_ms: approval.expires_at_ms,
+                now_ms,
+            });
+        }
+        // Clocks differ a little between an officer's laptop and a server.
+        const SKEW_MS: i64 = 5 * 60 * 1000;
+        if approval.signed_at_ms > now_ms + SKEW_MS {
+            return Err(ApprovalError::FromTheFuture {
+                signed_at_ms: approval.signed_at_ms,
+                now_ms,
+            });
+        }
+        let (leaf, rest) = approval
+            .signer_chain_der
+            .split_first()
+            .ok_or(ApprovalError::NoCertificate)?;
+        let leaf_der = CertificateDer::from(leaf.as_slice());
+        let intermediates: Vec<CertificateDer<'_>> = rest
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_millis(
+            u64::try_from(now_ms).unwrap_or(0),
+        ));
+        self.chain
+            .verify_client_cert(&leaf_der, &intermediates, now)
+            .map_err(|e| ApprovalError::Chain(e.to_string()))?;
+        let signer = pki::identity_of_cert_der(leaf)
+            .map_err(|e| ApprovalError::Certificate(e.to_string()))?;
+        if signer.consortium != self.consortium {
+            return Err(ApprovalError::OtherConsortium {
+                signer: signer.uri(),
+                consortium: self.consortium.clone(),
+            });
+        }
+        verify_signature(
+            leaf,
+            &approval.message(),
+            &approval.signature,
+            &signer.uri(),
+        )?;
+        Ok(VerifiedApproval {
+            signer,
+            approval: approval.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tutela_protocol::identity::Principal;
+    use tutela_protocol::pki::{
+        CertificateAuthority, IssuedCertificate, KeyAlgorithm, LeafOptions, Validity,
+    };
+
+    pub fn ca(name: &str) -> CertificateAuthority {
+        CertificateAuthority::create(name, KeyAlgorithm::EcdsaP256, Validity::days_from_now(30))
+            .unwrap()
+    }
+
+    pub fn user(
+        ca: &CertificateAuthority,
+        site: &str,
+        name: &str,
+        alg: KeyAlgorithm,
+    ) -> IssuedCertificate {
+        let mut o = LeafOptions::new(Validity::days_from_now(10));
+        o.algorithm = alg;
+        ca.issue(
+            &Principal::User {
+                site: site.into(),
+                name: name.into(),
+            },
+            &o,
+        )
+        .unwrap()
+    }
+
+    pub fn verifier(ca: &CertificateAuthority) -> ApprovalVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        ApprovalVerifier::new(Arc::new(roots), vec![], ca.consortium()).unwrap()
+    }
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp() * 1000
+    }
+
+    const JOB: &str = "0123456789abcdef0123456789abcdef";
+    const DIGEST: SpecDigest = SpecDigest([7; 32]);
+
+    #[test]
+    fn an_honest_approval_verifies_with_either_key_type() {
+        let ca = ca("acme");
+        for alg in KeyAlgorithm::ALL {
+            let alice = user(&ca, "a", "alice", alg);
+            let t = now();
+            let a = Approval::sign(&alice.key_pem, &alice.cert_pem, JOB, &DIGEST, t, t + 60_000)
+                .unwrap();
+            a.check_own_signature().unwrap();
+            let v = verifier(&ca).verify(&a, JOB, &DIGEST, t + 1).unwrap();
+            assert_eq!(v.signer.uri(), "spiffe://acme/site/a/user/alice");
+        }
+    }
+
+    #[test]
+    fn forged_approvals_are_refused_each_for_its_reason() {
+        let ca_ = ca("acme");
+        let alice = user(&ca_, "a", "alice", KeyAlgorithm::EcdsaP256);
+        let mallory = user(&ca_, "a", "mallory", KeyAlgorithm::EcdsaP256);
+        let t = now();
+        let v = verifier(&ca_);
+
+        // Wrong key: Mallory's key, Alice's certificate.
+        let a = Approval::sign(
+            &mallory.key_pem,
+            &alice.cert_pem,
+            JOB,
+            &DIGEST,
+            t,
+            t + 60_000,
+        )
+        .unwrap();
+        assert!(a.check_own_signature().is_err());
+        assert!(matches!(
+            v.verify(&a, JOB, &DIGEST, t),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+
+        // A certificate from another CA, even one claiming the same identity.
+        let other = ca("acme");
+        let fake_alice = user(&other, "a", "alice", KeyAlgorithm::EcdsaP256);
+        let a = Approval::sign(
+            &fake_alice.key_pem,
+            &fake_alice.cert_pem,
+            JOB,
+            &DIGEST,
+            t,
+            t + 60_000,
+        )
+        .unwrap();
+        assert!(matches!(
+            v.verify(&a, JOB, &DIGEST, t),
+            Err(ApprovalError::Chain(_))
+        ));
+
+        // Another job's digest, and another job's id.
+        let a = Approval::sign(
+            &alice.key_pem,
+            &alice.cert_pem,
+            JOB,
+            &SpecDigest([8; 32]),
+            t,
+            t + 60_000,
+        )
+        .unwrap();
+        assert!(matches!(
+            v.verify(&a, JOB, &DIGEST, t),
+            Err(ApprovalError::DigestMismatch { .. })
+        ));
+        let a = Approval::sign(
+            &alice.key_pem,
+            &alice.cert_pem,
+            "ffff",
+            &DIGEST,
+            t,
+            t + 60_000,
+        )
+        .unwrap();
+        assert!(matches!(
+            v.verify(&a, JOB, &DIGEST, t),
+            Err(ApprovalError::OtherJob { .. })
+        ));
+
+        // Expired, and a window stretched after signing (the signature covers the window).
+        let mut a =
+            Approval::sign(&alice.key_pem, &alice.cert_pem, JOB, &DIGEST, t, t + 1000).unwrap();
+        assert!(matches!(
+            v.verify(&a, JOB, &DIGEST, t + 1000),
+            Err(ApprovalError::Expired { .. })
+        ));
+        a.expires_at_ms += 3_600_000;
+        assert!(matches!(
+            v.verify(&a, JOB, &DIGEST, t + 1000),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+
+        // A revoked certificate.
+        let serial = alice.serial_hex.clone();
+        let crl_pem = ca_
+            .crl_pem(
+                &[tutela_protocol::pki::Revocation {
+                    serial_hex: serial,
+                    revoked_at: time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+                    reason: None,
+                }],
+                1,
+                time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
+                time::OffsetDateTime::now_utc() + time::Duration::days(1),
+            )
+            .unwrap();
+        let crls = CertificateRevocationListDer::pem_slice_iter(crl_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_.cert_der().clone()).unwrap();
+        let with_crl = ApprovalVerifier::new(Arc::new(roots), crls, "acme").unwrap();
+        let a =
+            Approval::sign(&alice.key_pem, &alice.cert_pem, JOB, &DIGEST, t, t + 60_000).unwrap();
+        assert!(matches!(
+            with_crl.verify(&a, JOB, &DIGEST, t),
+            Err(ApprovalError::Chain(_))
+        ));
+    }
+}

@@ -1,0 +1,586 @@
+//! Authorization decisions: casbin RBAC with domains over certificate identities.
+//!
+//! A request is `(subject, domain, object, action)`: the subject is the caller's SPIFFE URI, the
+//! domain is `site:<site>` for a site's node or users and `consortium` for everyone else (see
+//! [`home_domain`]), the object a service (`jobs`, `federation`, ...), the action what is done
+//! to it (`read`, `submit`, `approve`, ...). Roles (operator, site_admin, compliance_officer,
+//! auditor, node) are granted to identities per domain by the policy's `g` lines; `p` lines grant
+//! or deny actions to roles or to identity patterns, where `*` stands for one path segment (so
+//! `spiffe://acme/site/*/node` names every node and never a user called `node`).
+//!
+//! The model and policy are read as bytes, digested together (SHA-256 of both, length-prefixed)
+//! and handed to casbin from those same bytes (`StringAdapter`), so the digest on a decision is
+//! the digest of exactly what decided it. A reload that fails (a typo in the file) keeps the
+//! policy in force and says why; a good one is swapped in atomically.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use casbin::function_map::OperatorFunction;
+use casbin::rhai::Dynamic;
+use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, StringAdapter};
+use tutela_protocol::identity::{Identity, Principal};
+
+use crate::quorum::QuorumRule;
+
+/// The domain of the consortium itself (operators, the coordinator, consortium officers).
+pub const CONSORTIUM_DOMAIN: &str = "consortium";
+
+/// The domain a site's roles are granted in: `site:<site>`.
+pub fn site_domain(site: &str) -> String {
+    format!("site:{site}")
+}
+
+/// The domain a principal acts in by default: its site's for nodes and site users, the
+/// consortium's for everyone else.
+pub fn home_domain(identity: &Identity) -> String {
+    match &identity.principal {
+        Principal::Node { site } | Principal::User { site, .. } => site_domain(site),
+        _ => CONSORTIUM_DOMAIN.to_string(),
+    }
+}
+
+/// SHA-256 over the model and policy files that made a decision.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyDigest(pub [u8; 32]);
+
+impl PolicyDigest {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    fn of(model: &[u8], policy: &[u8]) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [model, policy] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        PolicyDigest(out)
+    }
+}
+
+impl fmt::Display for PolicyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for PolicyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PolicyDigest({})", self.to_hex())
+    }
+}
+
+/// One authorization decision, as it is logged and audited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub subject: String,
+    pub domain: String,
+    pub object: String,
+    pub action: String,
+    /// The policy line that allowed or denied, e.g. `p, operator, consortium, jobs, submit,
+    /// allow`, or `default deny: no rule allows ...` when none matched.
+    pub rule: String,
+    pub policy_digest: PolicyDigest,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {} {} in {} by rule [{}] (policy {})",
+            if self.allowed { "ALLOW" } else { "DENY" },
+            self.subject,
+            self.action,
+            self.object,
+            self.domain,
+            self.rule,
+            self.policy_digest
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    #[error("{}: {cause}", path.display())]
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("casbin model {}: {cause}", path.display())]
+    Model { path: PathBuf, cause: String },
+    #[error("policy {}: {cause}", path.display())]
+    Policy { path: PathBuf, cause: String },
+    #[error("policy {} line {line}: {problem}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+    #[error("evaluating the policy: {0}")]
+    Enforce(String),
+}
+
+/// A loaded model and policy.
+struct Loaded {
+    enforcer: Enforcer,
+    digest: PolicyDigest,
+    quorum: Vec<QuorumRule>,
+}
+
+/// The casbin enforcer over the consortium's model and policy files, reloadable at run time.
+pub struct Authorizer {
+    model_path: PathBuf,
+    policy_path: PathBuf,
+    loaded: ArcSwap<Loaded>,
+}
+
+impl fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("model", &self.model_path)
+            .field("policy", &self.policy_path)
+            .field("digest", &self.digest())
+            .finish()
+    }
+}
+
+/// `*` matches one path segment (anything but `/`); a pattern that is just `*` matches anything.
+/// Hand-written because casbin's keyMatch treats `*` as "any suffix", which would let
+/// `spiffe://c/site/*/node` match a user of a site.
+pub fn segment_match(value: &str, pattern: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    fn go(v: &[u8], p: &[u8]) -> bool {
+        match p.split_first() {
+            None => v.is_empty(),
+            Some((b'*', rest)) => {
+                let mut i = 0;
+                loop {
+                    if go(&v[i..], rest) {
+                        return true;
+                    }
+                    if i == v.len() || v[i] == b'/' {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+            Some((c, rest)) => v.first() == Some(c) && go(&v[1..], rest),
+        }
+    }
+    go(value.as_bytes(), pattern.as_bytes())
+}
+
+fn segment_match_fn(a: Dynamic, b: Dynamic) -> Dynamic {
+    let a = casbin::function_map::dynamic_to_str(&a);
+    let b = casbin::function_map::dynamic_to_str(&b);
+    segment_match(&a, &b).into()
+}
+
+impl Authorizer {
+    /// Loads the model and policy files.
+    pub async fn load(model_path: &Path, policy_path: &Path) -> Result<Arc<Self>, AuthzError> {
+        let loaded = load(model_path, policy_path).await?;
+        tracing::info!(model = %model_path.display(), policy = %policy_path.display(), digest = %loaded.digest, "authorization policy loaded");
+        Ok(Arc::new(Authorizer {
+            model_path: model_path.to_path_buf(),
+            policy_path: policy_path.to_path_buf(),
+            loaded: ArcSwap::from_pointee(loaded),
+        }))
+    }
+
+    /// The digest of the policy in force.
+    pub fn digest(&self) -> PolicyDigest {
+        self.loaded.load().digest
+    }
+
+    pub fn policy_path(&self) -> &Path {
+        &self.policy_path
+    }
+
+    /// Re-reads the files; swaps the new policy in if it differs. Returns whether it changed. On
+    /// an error the policy in force stays.
+    pub async fn reload(&self) -> Result<bool, AuthzError> {
+        let next = load(&self.model_path, &self.policy_path).await?;
+        if next.digest == self.digest() {
+            return Ok(false);
+        }
+        let old = self.digest();
+        let new = next.digest;
+        self.loaded.store(Arc::new(next));
+        tracing::info!(old = %old, new = %new, "authorization policy reloaded");
+        Ok(true)
+    }
+
+    /// Polls the files every `interval` and reloads on change (the files' contents are compared,
+    /// not their mtimes, which a rename-into-place can keep).
+    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(this) = weak.upgrade() else { return };
+                if let Err(e) = this.reload().await {
+                    tracing::error!(error = %e, digest = %this.digest(), "policy reload failed; the policy in force stays");
+                }
+            }
+        })
+    }
+
+    /// Decides whether `subject` may `action` on `object` in `domain`.
+    pub fn decide(&self, subject: &str, domain: &str, object: &str, action: &str) -> Decision {
+        let loaded = self.loaded.load();
+        let mut decision = Decision {
+            allowed: false,
+            subject: subject.to_string(),
+            domain: domain.to_string(),
+            object: object.to_string(),
+            action: action.to_string(),
+            rule: String::new(),
+            policy_digest: loaded.digest,
+        };
+        match loaded
+            .enforcer
+            .enforce_ex((subject, domain, object, action))
+        {
+            Ok((allowed, rules)) => {
+                decision.allowed = allowed;
+                // casbin's explanation names the first matching rule, which for a request that
+                // an explicit deny overrules is the allow it overruled: name the deny instead.
+                let deny = (!allowed)
+                    .then(|| explicit_deny(&loaded.enforcer, subject, domain, object, action))
+                    .flatten();
+                decision.rule = match (deny, rules.first()) {
+                    (Some(r), _) => format!("p, {}", r.join(", ")),
+                    (None, Some(r)) if allowed => format!("p, {}", r.join(", ")),
+                    (None, _) if allowed => "allowed (no rule reported)".to_string(),
+                    (None, _) => format!(
+                        "default deny: no rule allows {subject} to {action} {object} in {domain}"
+                    ),
+                };
+            }
+            Err(e) => {
+                decision.rule = format!("deny: the policy could not be evaluated: {e}");
+            }
+        }
+        decision
+    }
+
+    /// [`decide`](Self::decide) for a verified identity in its home domain.
+    pub fn decide_for(&self, identity: &Identity, object: &str, action: &str) -> Decision {
+        self.decide(&identity.uri(), &home_domain(identity), object, action)
+    }
+
+    /// Whether `subject` holds `role` in `domain` (directly or through role inheritance).
+    pub fn has_role(&self, subject: &str, role: &str, domain: &str) -> bool {
+        let loaded = self.loaded.load();
+        let rm = loaded.enforcer.get_role_manager();
+        let rm = rm.read();
+        rm.has_link(subject, role, Some(domain))
+    }
+
+    /// The quorum rules (`p2` lines) of the policy in force.
+    pub fn quorum_rules(&self) -> Vec<QuorumRule> {
+        self.loaded.load().quorum.clone()
+    }
+}
+
+/// The first `deny` line that matches the request, by the shipped model's matcher
+/// (`deploy/policy/model.conf`); used only to name the rule of a denial that casbin decided.
+fn explicit_deny(
+    enforcer: &Enforcer,
+    subject: &str,
+    domain: &str,
+    object: &str,
+    action: &str,
+) -> Option<Vec<String>> {
+    let rm = enforcer.get_role_manager();
+    let rm = rm.read();
+    enforcer.get_named_policy("p").into_iter().find(|r| {
+        let [sub, dom, obj, act, eft] = r.as_slice() else {
+            return false;
+        };
+        eft == "deny"
+            && (rm.has_link(subject, sub, Some(domain)) || segment_match(subject, sub))
+            && segment_match(domain, dom)
+            && segment_match(object, obj)
+            && segment_match(action, act)
+    })
+}
+
+async fn read(path: &Path) -> Result<Vec<u8>, AuthzError> {
+    tokio::fs::read(path).await.map_err(|cause| AuthzError::Io {
+        path: path.to_path_buf(),
+        cause,
+    })
+}
+
+async fn load(model_path: &Path, policy_path: &Path) -> Result<Loaded, AuthzError> {
+    let model_bytes = read(model_path).await?;
+    let policy_bytes = read(policy_path).await?;
+    let digest = PolicyDigest::of(&model_bytes, &policy_bytes);
+    let utf8 = |path: &Path, b: Vec<u8>| {
+        String::from_utf8(b).map_err(|_| AuthzError::Policy {
+            path: path.to_path_buf(),
+            cause: "not UTF-8".into(),
+        })
+    };
+    let model_text = utf8(model_path, model_bytes)?;
+    let policy_text = utf8(policy_path, policy_bytes)?;
+    check_lines(policy_path, &policy_text)?;
+    let model = DefaultModel::from_str(&model_text)
+        .await
+        .map_err(|e| AuthzError::Model {
+            path: model_path.to_path_buf(),
+            cause: e.to_string(),
+        })?;
+    let mut enforcer = Enforcer::new(model, StringAdapter::new(policy_text.clone()))
+        .await
+        .map_err(|e| AuthzError::Policy {
+            path: policy_path.to_path_buf(),
+            cause: e.to_string(),
+        })?;
+    enforcer.add_function("segmentMatch", OperatorFunction::Arg2(segment_match_fn));
+    let quorum = enforcer
+        .get_named_policy("p2")
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            QuorumRule::from_tokens(rule).map_err(|problem| AuthzError::Policy {
+                path: policy_path.to_path_buf(),
+                cause: format!("quorum rule {} ({}): {problem}", i + 1, rule.join(", ")),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Evaluate once so that a matcher referring to something the model lacks fails at load, not
+    // at the first request.
+    enforcer
+        .enforce((
+            "spiffe://check/coordinator",
+            CONSORTIUM_DOMAIN,
+            "check",
+            "check",
+        ))
+        .map_err(|e| AuthzError::Model {
+            path: model_path.to_path_buf(),
+            cause: e.to_string(),
+        })?;
+    Ok(Loaded {
+        enforcer,
+        digest,
+        quorum,
+    })
+}
+
+/// casbin's string adapter skips lines it does not understand without a word; a policy is too
+/// important for that, so every line must be a comment, blank, or a known section.
+fn check_lines(path: &Path, text: &str) -> Result<(), AuthzError> {
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |problem: String| AuthzError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            problem,
+        };
+        let tokens: Vec<&str> = line.split(',').map(str::trim).collect();
+        let want = match tokens[0] {
+            "p" => 5,
+            "p2" => 3,
+            "g" => 3,
+            other => {
+                return Err(bad(format!(
+                    "unknown line type {other:?}: expected p, p2 or g"
+                )));
+            }
+        };
+        if tokens.len() != want + 1 || tokens.iter().any(|t| t.is_empty()) {
+            return Err(bad(format!(
+                "a {} line has {want} non-empty fields, this one has {}",
+                tokens[0],
+                tokens.len() - 1
+            )));
+        }
+        if line.contains('"') {
+            return Err(bad("quotes are not allowed in policy lines".into()));
+        }
+        if tokens[0] == "p" && !matches!(tokens[5], "allow" | "deny") {
+            return Err(bad(format!(
+                "the effect must be allow or deny, got {:?}",
+                tokens[5]
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const MODEL: &str = include_str!("../../deploy/policy/model.conf");
+
+    pub fn policy(consortium: &str) -> String {
+        format!(
+            "p, operator, consortium, jobs, submit, allow\n\
+             p, operator, consortium, jobs, read, allow\n\
+             p, compliance_officer, *, jobs, approve, allow\n\
+             p, compliance_officer, *, jobs, read, allow\n\
+             p, auditor, *, jobs, read, allow\n\
+             p, auditor, *, jobs, approve, deny\n\
+             p, spiffe://{consortium}/site/*/node, site:*, federation, *, allow\n\
+             g, spiffe://{consortium}/operator/op, operator, consortium\n\
+             g, spiffe://{consortium}/site/a/user/alice, compliance_officer, site:a\n\
+             g, spiffe://{consortium}/site/a/user/eve, auditor, site:a\n\
+             g, spiffe://{consortium}/site/a/user/eve, compliance_officer, site:a\n\
+             p2, site:*, compliance_officer, 1\n"
+        )
+    }
+
+    async fn authorizer(dir: &Path, policy_text: &str) -> Arc<Authorizer> {
+        std::fs::write(dir.join("model.conf"), MODEL).unwrap();
+        std::fs::write(dir.join("policy.csv"), policy_text).unwrap();
+        Authorizer::load(&dir.join("model.conf"), &dir.join("policy.csv"))
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn segment_patterns_stop_at_slashes() {
+        assert!(segment_match(
+            "spiffe://c/site/a/node",
+            "spiffe://c/site/*/node"
+        ));
+        assert!(!segment_match(
+            "spiffe://c/site/a/user/node",
+            "spiffe://c/site/*/node"
+        ));
+        assert!(segment_match("site:a", "site:*"));
+        assert!(segment_match("anything/at/all", "*"));
+        assert!(!segment_match("consortium", "site:*"));
+        assert!(segment_match("jobs", "jobs"));
+        assert!(!segment_match("jobsx", "jobs"));
+    }
+
+    #[tokio::test]
+    async fn roles_in_domains_decide_and_name_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authorizer(dir.path(), &policy("acme")).await;
+        let d = a.decide("spiffe://acme/operator/op", "consortium", "jobs", "submit");
+        assert!(d.allowed, "{d}");
+        assert_eq!(d.rule, "p, operator, consortium, jobs, submit, allow");
+        assert_eq!(d.policy_digest, a.digest());
+
+        // Alice is an officer of site a, not of site b.
+        assert!(
+            a.decide(
+                "spiffe://acme/site/a/user/alice",
+                "site:a",
+                "jobs",
+                "approve"
+            )
+            .allowed
+        );
+        let d = a.decide(
+            "spiffe://acme/site/a/user/alice",
+            "site:b",
+            "jobs",
+            "approve",
+        );
+        assert!(!d.allowed);
+        assert!(d.rule.starts_with("default deny"), "{}", d.rule);
+
+        // Nodes by pattern, only in a site domain.
+        assert!(
+            a.decide(
+                "spiffe://acme/site/x/node",
+                "site:x",
+                "federation",
+                "participate"
+            )
+            .allowed
+        );
+        assert!(
+            !a.decide(
+                "spiffe://acme/site/x/user/node",
+                "site:x",
+                "federation",
+                "participate"
+            )
+            .allowed
+        );
+        // An explicit deny wins over an allow, and is the rule reported.
+        let d = a.decide("spiffe://acme/site/a/user/eve", "site:a", "jobs", "approve");
+        assert!(!d.allowed);
+        assert_eq!(d.rule, "p, auditor, *, jobs, approve, deny");
+
+        assert!(a.has_role(
+            "spiffe://acme/site/a/user/alice",
+            "compliance_officer",
+            "site:a"
+        ));
+        assert!(!a.has_role(
+            "spiffe://acme/site/a/user/alice",
+            "compliance_officer",
+            "site:b"
+        ));
+        assert_eq!(a.quorum_rules().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_role_removed_from_the_file_takes_effect_at_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = policy("acme");
+        let a = authorizer(dir.path(), &text).await;
+        let before = a.digest();
+        assert!(!a.reload().await.unwrap(), "nothing changed yet");
+        let without_op: String = text
+            .lines()
+            .filter(|l| !l.starts_with("g, spiffe://acme/operator/op"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.path().join("policy.csv"), without_op).unwrap();
+        assert!(a.reload().await.unwrap());
+        assert_ne!(a.digest(), before);
+        let d = a.decide("spiffe://acme/operator/op", "consortium", "jobs", "submit");
+        assert!(!d.allowed);
+        assert_eq!(d.policy_digest, a.digest());
+    }
+
+    #[tokio::test]
+    async fn a_broken_policy_is_refused_and_the_old_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authorizer(dir.path(), &policy("acme")).await;
+        let before = a.digest();
+        std::fs::write(
+            dir.path().join("policy.csv"),
+            "p, operator, consortium, jobs\n",
+        )
+        .unwrap();
+        let err = a.reload().await.unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+        assert_eq!(a.digest(), before);
+        std::fs::write(dir.path().join("policy.csv"), "x, y, z\n").unwrap();
+        assert!(a.reload().await.is_err());
+        std::fs::write(
+            dir.path().join("policy.csv"),
+            "p, operator, consortium, jobs, submit, perhaps\n",
+        )
+        .unwrap();
+        assert!(a.reload().await.is_err());
+        assert!(
+            a.decide("spiffe://acme/operator/op", "consortium", "jobs", "submit")
+                .allowed
+        );
+    }
+}

@@ -1,0 +1,448 @@
+//! A site's own policy (`site-policy.toml`, on the site node): the site's last word on what runs
+//! on its data, whatever the consortium's policy says.
+//!
+//! Every key is documented in `deploy/policy/site-policy.toml`. [`SitePolicy::evaluate`] checks a
+//! job against it and names the clause a job breaks.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tutela_protocol::identity::Identity;
+use tutela_protocol::job::{JobSpec, PrivacyMode};
+
+/// `site-policy.toml`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SitePolicy {
+    /// The site this policy is for; must be the node's own site.
+    pub site: String,
+    /// The identities whose signed approval this site accepts (its compliance officers). At least
+    /// one must have approved a job before the node reads any data for it.
+    pub compliance_officers: Vec<String>,
+    /// Operators whose jobs this site runs. Absent: any consortium operator.
+    #[serde(default)]
+    pub allowed_operators: Option<Vec<String>>,
+    /// Model registry names this site trains. Absent: any.
+    #[serde(default)]
+    pub allowed_models: Option<Vec<String>>,
+    #[serde(default)]
+    pub privacy: PrivacyClauses,
+    /// When training may run (UTC). Absent: any time.
+    #[serde(default)]
+    pub hours: Option<Hours>,
+}
+
+/// `[privacy]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyClauses {
+    /// The largest ε one job may spend on this site's data. Set: a job without DP (or without a
+    /// stated `privacy.target_epsilon`) is refused.
+    #[serde(default)]
+    pub max_epsilon_per_job: Option<f64>,
+    /// The smallest noise multiplier a job may state (DP-SGD's `privacy.noise_multiplier`, or
+    /// DP-FedAvg's `privacy.central.noise_multiplier`).
+    #[serde(default)]
+    pub min_noise_multiplier: Option<f64>,
+    /// The site's total ε per dataset schema over all jobs; a job whose ε exceeds what is left
+    /// (total minus what the privacy ledger has recorded as spent) is refused.
+    #[serde(default)]
+    pub budget: std::collections::BTreeMap<String, f64>,
+}
+
+/// `[hours]`: a daily window in UTC, `start` inclusive, `end` exclusive; it may wrap midnight.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hours {
+    /// `HH:MM`.
+    pub start: String,
+    /// `HH:MM`.
+    pub end: String,
+}
+
+/// A job that breaks the site policy, with the clause it breaks.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("site policy `{clause}`: {detail}")]
+pub struct Breach {
+    /// The key of `site-policy.toml`, e.g. `allowed_models` or `privacy.budget.breast_cancer`.
+    pub clause: String,
+    pub detail: String,
+}
+
+fn breach(clause: impl Into<String>, detail: impl Into<String>) -> Breach {
+    Breach {
+        clause: clause.into(),
+        detail: detail.into(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SitePolicyError {
+    #[error("{}: {cause}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("{}: {cause}", path.display())]
+    Toml {
+        path: std::path::PathBuf,
+        cause: toml::de::Error,
+    },
+    #[error("site policy: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn minutes_of(key: &str, hhmm: &str) -> Result<u32, SitePolicyError> {
+    let bad = || SitePolicyError::Invalid {
+        key: key.to_string(),
+        problem: format!("{hhmm:?} is not a time of day HH:MM"),
+    };
+    let (h, m) = hhmm.split_once(':').ok_or_else(bad)?;
+    let h: u32 = h.parse().map_err(|_| bad())?;
+    let m: u32 = m.parse().map_err(|_| bad())?;
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+impl SitePolicy {
+    pub fn from_toml_str(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, SitePolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| SitePolicyError::Io {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        let p = Self::from_toml_str(&text).map_err(|cause| SitePolicyError::Toml {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Checks the values: officers are identities of this site's users, numbers are positive,
+    /// hours are times of day.
+    pub fn validate(&self) -> Result<(), SitePolicyError> {
+        let invalid = |key: &str, problem: String| SitePolicyError::Invalid {
+            key: key.to_string(),
+            problem,
+        };
+        if self.compliance_officers.is_empty() {
+            return Err(invalid(
+                "compliance_officers",
+                "is empty: no job could ever be approved for this site".into(),
+            ));
+        }
+        for (i, o) in self.compliance_officers.iter().enumerate() {
+            let id: Identity = o
+                .parse()
+                .map_err(|e| invalid(&format!("compliance_officers[{i}]"), format!("{e}")))?;
+            if id.principal.site() != Some(self.site.as_str()) || id.principal.name().is_none() {
+                return Err(invalid(
+                    &format!("compliance_officers[{i}]"),
+                    format!("{o} is not a user of site {:?}", self.site),
+                ));
+            }
+        }
+        for (i, o) in self.allowed_operators.iter().flatten().enumerate() {
+            o.parse::<Identity>()
+                .map_err(|e| invalid(&format!("allowed_operators[{i}]"), format!("{e}")))?;
+        }
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    format!("must be a finite number > 0, got {v}"),
+                ))
+            }
+        };
+        if let Some(e) = self.privacy.max_epsilon_per_job {
+            positive("privacy.max_epsilon_per_job", e)?;
+        }
+        if let Some(z) = self.privacy.min_noise_multiplier {
+            positive("privacy.min_noise_multiplier", z)?;
+        }
+        for (k, v) in &self.privacy.budget {
+            positive(&format!("privacy.budget.{k}"), *v)?;
+        }
+        if let Some(h) = &self.hours {
+            minutes_of("hours.start", &h.start)?;
+            minutes_of("hours.end", &h.end)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `signer` is one of this site's compliance officers.
+    pub fn is_officer(&self, signer: &str) -> bool {
+        self.compliance_officers.iter().any(|o| o == signer)
+    }
+
+    /// Checks `spec`, submitted by `submitter`, at `now`, with `spent_epsilon` already spent on
+    /// the job's dataset (from the site's privacy ledger). The first clause broken is returned.
+    pub fn evaluate(
+        &self,
+        spec: &JobSpec,
+        submitter: Option<&str>,
+        now: OffsetDateTime,
+        spent_epsilon: f64,
+    ) -> Result<(), Breach> {
+        if let Some(allowed) = &self.allowed_operators {
+            match submitter {
+                Some(s) if allowed.iter().any(|a| a == s) => {}
+                Some(s) => {
+                    return Err(breach(
+                        "allowed_operators",
+                        format!("{s} is not an operator this site runs jobs for"),
+                    ));
+                }
+                None => {
+                    return Err(breach(
+                        "allowed_operators",
+                        "the task does not say who submitted the job",
+                    ));
+                }
+            }
+        }
+        if let Some(models) = &self.allowed_models
+            && !models.iter().any(|m| *m == spec.model.name)
+        {
+            return Err(breach(
+                "allowed_models",
+                format!(
+                    "model {:?} is not allowed here (allowed: {})",
+                    spec.model.name,
+                    models.join(", ")
+                ),
+            ));
+        }
+
+        let dp = spec
+            .privacy
+            .as_ref()
+            .filter(|p| p.mode != PrivacyMode::None);
+        let epsilon = dp.and_then(|p| p.target_epsilon);
+        if let Some(max) = self.privacy.max_epsilon_per_job {
+            match epsilon {
+                None => {
+                    return Err(breach(
+                        "privacy.max_epsilon_per_job",
+                        format!(
+                            "the job states no privacy.target_epsilon (or has no DP), and this site allows at most ε = {max} per job"
+                        ),
+                    ));
+                }
+                Some(e) if e > max => {
+                    return Err(breach(
+                        "privacy.max_epsilon_per_job",
+                        format!("the job's ε = {e} exceeds this site's {max} per job"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(min) = self.privacy.min_noise_multiplier {
+            let Some(p) = dp else {
+                return Err(breach(
+                    "privacy.min_noise_multiplier",
+                    format!("the job has no DP noise, and this site requires σ ≥ {min}"),
+                ));
+            };
+            let stated = match p.mode {
+                PrivacyMode::Central => p.central.as_ref().and_then(|c| c.noise_multiplier),
+                _ => p.noise_multiplier,
+            };
+            if let Some(z) = stated
+                && z < min
+            {
+                return Err(breach(
+                    "privacy.min_noise_multiplier",
+                    format!("the job's noise multiplier {z} is below this site's minimum {min}"),
+                ));
+            }
+        }
+        if let Some(total) = self.privacy.budget.get(&spec.data.schema) {
+            let clause = format!("privacy.budget.{}", spec.data.schema);
+            let left = total - spent_epsilon;
+            match epsilon {
+                None => {
+                    return Err(breach(
+                        clause,
+                        "the job states no privacy.target_epsilon, so it cannot be charged to this site's budget",
+                    ));
+                }
+                Some(e) if e > left => {
+                    return Err(breach(
+                        clause,
+                        format!(
+                            "the job's ε = {e} exceeds what is left of this dataset's budget: {left} of {total}"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(h) = &self.hours {
+            // Validated at load; a policy built in code that skipped validation fails closed.
+            let (Ok(start), Ok(end)) = (
+                minutes_of("hours.start", &h.start),
+                minutes_of("hours.end", &h.end),
+            ) else {
+                return Err(breach("hours", "the training hours are not times of day"));
+            };
+            let now_min = u32::from(now.hour()) * 60 + u32::from(now.minute());
+            let inside = if start <= end {
+                (start..end).contains(&now_min)
+            } else {
+                now_min >= start || now_min < end
+            };
+            if !inside {
+                return Err(breach(
+                    "hours",
+                    format!(
+                        "training runs here only between {} and {} UTC; it is {:02}:{:02} UTC",
+                        h.start,
+                        h.end,
+                        now.hour(),
+                        now.minute()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = include_str!("../../deploy/policy/site-policy.toml");
+
+    fn spec(model: &str, privacy: &str) -> JobSpec {
+        JobSpec::from_toml_str(&format!(
+            r#"name = "j"
+rounds = 2
+min_sites = 1
+round_deadline_secs = 30
+update_norm_bound = 10.0
+sites = ["st-mary"]
+[model]
+name = "{model}"
+[data]
+schema = "breast_cancer"
+[training]
+optimizer = "adam"
+learning_rate = 0.01
+local_epochs = 1
+batch_size = 16
+{privacy}
+"#
+        ))
+        .unwrap()
+    }
+
+    const DP: &str = "[privacy]\nmode = \"local\"\ntarget_epsilon = 2.0\nmax_grad_norm = 1.0\nnoise_multiplier = 1.1\n";
+    const OP: &str = "spiffe://acme/operator/op";
+
+    fn policy() -> SitePolicy {
+        let p = SitePolicy::from_toml_str(POLICY).unwrap();
+        p.validate().unwrap();
+        p
+    }
+
+    fn at(h: u8) -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH.replace_hour(h).unwrap()
+    }
+
+    #[test]
+    fn the_example_policy_admits_a_conforming_job() {
+        policy()
+            .evaluate(&spec("mlp", DP), Some(OP), at(23), 0.0)
+            .unwrap();
+    }
+
+    #[test]
+    fn each_breach_names_its_clause() {
+        let p = policy();
+        let clause = |r: Result<(), Breach>| r.unwrap_err().clause;
+        assert_eq!(
+            clause(p.evaluate(
+                &spec("mlp", DP),
+                Some("spiffe://acme/operator/eve"),
+                at(23),
+                0.0
+            )),
+            "allowed_operators"
+        );
+        assert_eq!(
+            clause(p.evaluate(&spec("mlp", DP), None, at(23), 0.0)),
+            "allowed_operators"
+        );
+        assert_eq!(
+            clause(p.evaluate(&spec("transformer", DP), Some(OP), at(23), 0.0)),
+            "allowed_models"
+        );
+        let greedy = DP.replace("target_epsilon = 2.0", "target_epsilon = 9.0");
+        assert_eq!(
+            clause(p.evaluate(&spec("mlp", &greedy), Some(OP), at(23), 0.0)),
+            "privacy.max_epsilon_per_job"
+        );
+        assert_eq!(
+            clause(p.evaluate(&spec("mlp", ""), Some(OP), at(23), 0.0)),
+            "privacy.max_epsilon_per_job"
+        );
+        let quiet = DP.replace("noise_multiplier = 1.1", "noise_multiplier = 0.3");
+        assert_eq!(
+            clause(p.evaluate(&spec("mlp", &quiet), Some(OP), at(23), 0.0)),
+            "privacy.min_noise_multiplier"
+        );
+        // 2.0 fits in a budget of 10 with 7 spent, not with 8.5 spent.
+        p.evaluate(&spec("mlp", DP), Some(OP), at(23), 7.0).unwrap();
+        assert_eq!(
+            clause(p.evaluate(&spec("mlp", DP), Some(OP), at(23), 8.5)),
+            "privacy.budget.breast_cancer"
+        );
+        // The window 20:00-06:00 wraps midnight.
+        p.evaluate(&spec("mlp", DP), Some(OP), at(3), 0.0).unwrap();
+        assert_eq!(
+            clause(p.evaluate(&spec("mlp", DP), Some(OP), at(12), 0.0)),
+            "hours"
+        );
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_the_key() {
+        let cases = [
+            (
+                "compliance_officers = [\"spiffe://acme/site/other/user/x\"]",
+                "compliance_officers[0]",
+            ),
+            ("compliance_officers = []", "compliance_officers"),
+            (
+                "compliance_officers = [\"spiffe://acme/site/st-mary/node\"]",
+                "compliance_officers[0]",
+            ),
+        ];
+        for (line, key) in cases {
+            let text = format!("site = \"st-mary\"\n{line}\n");
+            let err = SitePolicy::from_toml_str(&text)
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.to_string().contains(&format!("`{key}`")), "{err}");
+        }
+        let text = "site = \"st-mary\"\ncompliance_officers = [\"spiffe://acme/site/st-mary/user/a\"]\n[hours]\nstart = \"25:00\"\nend = \"01:00\"\n";
+        assert!(SitePolicy::from_toml_str(text).unwrap().validate().is_err());
+        assert!(
+            SitePolicy::from_toml_str("site = \"x\"\ncompliance_officers = []\nbogus = 1\n")
+                .is_err()
+        );
+    }
+}
