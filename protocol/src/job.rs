@@ -53,9 +53,10 @@ pub struct JobSpec {
     /// means FedAvg. Kept opaque here so that a new strategy needs no change to the job spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<toml::Value>,
-    /// Reserved for differential privacy settings (target ε, δ, clipping), parsed by the DP code.
+    /// `[privacy]`: differential privacy (DP-SGD at the sites, or DP-FedAvg at the coordinator).
+    /// Absent: no DP. Every DP parameter is here, inside the digest the officers sign.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<toml::Value>,
+    pub privacy: Option<PrivacySpec>,
 }
 
 fn default_fraction() -> f64 {
@@ -105,6 +106,211 @@ pub struct TrainingSpec {
 pub enum Optimizer {
     Sgd,
     Adam,
+}
+
+/// `[privacy]`: where the noise is added and how much privacy the job may spend.
+///
+/// The node and the coordinator turn this into noise with the `tutela-privacy` accountant
+/// (`protocol` does not depend on it): with `noise_multiplier` absent, each site calibrates σ so
+/// that the job's planned steps on *its* dataset (Poisson rate `q = batch_size / rows`, `rounds ×
+/// local_epochs × ⌈rows / batch_size⌉` steps) spend exactly `target_epsilon` at `delta`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySpec {
+    /// `local`: DP-SGD at every site (per-example clipping, Poisson batches, noise), the guarantee
+    /// is per site dataset. `central`: DP-FedAvg at the coordinator (each site's update clipped,
+    /// noise on the aggregate), the guarantee is per site (user-level). `none`: no DP.
+    pub mode: PrivacyMode,
+    /// The job's (ε, δ) budget: per site dataset (`local`) or per site (`central`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// `local`: the per-example clipping norm C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// `local`: σ, the noise standard deviation over C. Absent: calibrated from `target_epsilon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// Which accountant turns the steps into ε.
+    #[serde(default)]
+    pub accountant: AccountantName,
+    /// `central`: DP-FedAvg's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub central: Option<CentralDpSpec>,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivacyMode {
+    Local,
+    Central,
+    None,
+}
+
+/// The accountant's name as the job spec writes it (`tutela_privacy::accountant::Accountant`
+/// parses the same names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountantName {
+    /// Rényi DP with the Balle et al. 2020 conversion.
+    #[default]
+    Rdp,
+    /// Privacy-loss distributions (tighter, slower).
+    Pld,
+}
+
+impl AccountantName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountantName::Rdp => "rdp",
+            AccountantName::Pld => "pld",
+        }
+    }
+}
+
+/// `[privacy.central]`: DP-FedAvg (McMahan et al., ICLR 2018) at the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CentralDpSpec {
+    /// C: each site's update is scaled to L2 norm at most C (the initial C with `adaptive`).
+    pub clip_norm: f64,
+    /// z: the aggregate's noise is N(0, (z·C)²) per coordinate on the sum of clipped updates.
+    /// Absent: calibrated from `privacy.target_epsilon` over `rounds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// Adaptive clipping (Andrew et al., NeurIPS 2021): C follows a quantile of the update norms.
+    #[serde(default)]
+    pub adaptive: bool,
+    /// The quantile of the sites' update norms C tracks, in (0, 1).
+    #[serde(default = "default_target_quantile")]
+    pub target_quantile: f64,
+    /// η_C: C ← C · exp(−η_C (b̃ − γ)) each round.
+    #[serde(default = "default_clip_learning_rate")]
+    pub clip_learning_rate: f64,
+    /// σ_b: noise on the count of unclipped updates (adaptive only). It is private too: the
+    /// accountant charges it together with the update noise.
+    #[serde(default = "default_count_noise")]
+    pub count_noise_multiplier: f64,
+}
+
+fn default_target_quantile() -> f64 {
+    0.5
+}
+fn default_clip_learning_rate() -> f64 {
+    0.2
+}
+fn default_count_noise() -> f64 {
+    10.0
+}
+
+fn positive(key: &str, v: f64) -> Result<(), SpecError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            key,
+            format!("must be a finite number > 0, got {v}"),
+        ))
+    }
+}
+
+impl PrivacySpec {
+    /// Checks the ranges and that the keys fit the mode; errors name the key.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(e) = self.target_epsilon {
+            positive("privacy.target_epsilon", e)?;
+        }
+        if !(self.delta.is_finite() && self.delta > 0.0 && self.delta < 1.0) {
+            return Err(SpecError::invalid(
+                "privacy.delta",
+                format!("must be in (0, 1), got {}", self.delta),
+            ));
+        }
+        if let Some(c) = self.max_grad_norm {
+            positive("privacy.max_grad_norm", c)?;
+        }
+        if let Some(z) = self.noise_multiplier {
+            positive("privacy.noise_multiplier", z)?;
+        }
+        match self.mode {
+            PrivacyMode::None => {
+                if self.target_epsilon.is_some()
+                    || self.max_grad_norm.is_some()
+                    || self.noise_multiplier.is_some()
+                    || self.central.is_some()
+                {
+                    return Err(SpecError::invalid(
+                        "privacy.mode",
+                        "is \"none\" but DP settings are given: a setting that is not in force \
+                         must not look as if it were; remove them or choose a mode",
+                    ));
+                }
+            }
+            PrivacyMode::Local => {
+                if self.max_grad_norm.is_none() {
+                    return Err(SpecError::invalid(
+                        "privacy.max_grad_norm",
+                        "is required with mode = \"local\" (the per-example clipping norm)",
+                    ));
+                }
+                if self.target_epsilon.is_none() && self.noise_multiplier.is_none() {
+                    return Err(SpecError::invalid(
+                        "privacy.target_epsilon",
+                        "is required with mode = \"local\" unless noise_multiplier is given",
+                    ));
+                }
+                if self.central.is_some() {
+                    return Err(SpecError::invalid(
+                        "privacy.central",
+                        "applies only to mode = \"central\"",
+                    ));
+                }
+            }
+            PrivacyMode::Central => {
+                let Some(c) = &self.central else {
+                    return Err(SpecError::invalid(
+                        "privacy.central",
+                        "is required with mode = \"central\" (at least clip_norm)",
+                    ));
+                };
+                if self.max_grad_norm.is_some() || self.noise_multiplier.is_some() {
+                    return Err(SpecError::invalid(
+                        "privacy.max_grad_norm",
+                        "max_grad_norm and noise_multiplier are DP-SGD's (mode = \"local\"); \
+                         with mode = \"central\" set privacy.central.clip_norm and \
+                         privacy.central.noise_multiplier",
+                    ));
+                }
+                positive("privacy.central.clip_norm", c.clip_norm)?;
+                if let Some(z) = c.noise_multiplier {
+                    positive("privacy.central.noise_multiplier", z)?;
+                } else if self.target_epsilon.is_none() {
+                    return Err(SpecError::invalid(
+                        "privacy.target_epsilon",
+                        "is required with mode = \"central\" unless \
+                         privacy.central.noise_multiplier is given",
+                    ));
+                }
+                if !(c.target_quantile > 0.0 && c.target_quantile < 1.0) {
+                    return Err(SpecError::invalid(
+                        "privacy.central.target_quantile",
+                        format!("must be in (0, 1), got {}", c.target_quantile),
+                    ));
+                }
+                positive("privacy.central.clip_learning_rate", c.clip_learning_rate)?;
+                positive(
+                    "privacy.central.count_noise_multiplier",
+                    c.count_noise_multiplier,
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A job spec that cannot be used, with the key it is about.
@@ -249,10 +455,17 @@ impl JobSpec {
         if let Some(v) = &self.strategy {
             check_finite("strategy", v)?;
         }
-        if let Some(v) = &self.privacy {
-            check_finite("privacy", v)?;
+        if let Some(p) = &self.privacy {
+            p.validate()?;
         }
         Ok(())
+    }
+
+    /// The job's privacy settings when it uses differential privacy (`mode` other than `none`).
+    pub fn dp(&self) -> Option<&PrivacySpec> {
+        self.privacy
+            .as_ref()
+            .filter(|p| p.mode != PrivacyMode::None)
     }
 
     /// SHA-256 of [`canonical_json`] of this spec (defaults filled in).

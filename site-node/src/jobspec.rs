@@ -44,6 +44,10 @@ pub struct JobView {
     pub model: toml::Table,
     pub data: DataView,
     pub training: TrainingView,
+    /// `[privacy]`, read strictly (protocol's type): a node must understand every DP setting of a
+    /// job it trains for.
+    #[serde(default)]
+    pub privacy: Option<tutela_protocol::job::PrivacySpec>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -106,6 +110,14 @@ impl JobView {
     pub fn from_toml_str(text: &str) -> Result<JobView, JobSpecError> {
         let view: JobView = toml::from_str(text)?;
         view.model_name()?;
+        if let Some(p) = &view.privacy {
+            p.validate().map_err(|e| match e {
+                tutela_protocol::job::SpecError::Invalid { key, problem } => {
+                    JobSpecError::Invalid { key, problem }
+                }
+                other => invalid("privacy", other.to_string()),
+            })?;
+        }
         Ok(view)
     }
 

@@ -43,6 +43,9 @@ enum Command {
     /// Manages the key-encryption key (KEK) of the files the node writes.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Benchmarks (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Scores a model on a labelled CSV and prints {"loss":..,"accuracy":..,"n":..} as JSON.
     ///
     /// Features are scaled the way the sites scaled them in training. When the schema declares
@@ -190,6 +193,54 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 #[derive(Subcommand)]
+enum BenchCommand {
+    /// One DP-SGD step against one plain step (same model, same batch, CPU): median time and
+    /// peak memory growth, each (model, mode) in a fresh child process.
+    DpStep {
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        #[arg(long, default_value_t = 30)]
+        iters: usize,
+        /// Internal: measure one (model, mode) in this process and print it as JSON.
+        #[arg(long, hide = true, num_args = 2, value_names = ["MODEL", "MODE"])]
+        child: Option<Vec<String>>,
+    },
+}
+
+fn bench_dp_step(batch: usize, iters: usize, child: Option<Vec<String>>) -> anyhow::Result<()> {
+    use tutela_site_node::dp_bench::{StepBench, measure};
+    if let Some(c) = child {
+        let r = measure(&c[0], c[1] == "dp", batch, 5, iters)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    println!("model  batch  plain ms  DP ms  time ratio  plain peak MiB  DP peak MiB  memory ratio");
+    for model in ["mlp", "cnn"] {
+        let mut r = Vec::new();
+        for mode in ["plain", "dp"] {
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "dp-step", "--batch", &batch.to_string()])
+                .args(["--iters", &iters.to_string(), "--child", model, mode])
+                .output()?;
+            anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            r.push(serde_json::from_slice::<StepBench>(&out.stdout)?);
+        }
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "{model:<5}  {batch:>5}  {:>8.2}  {:>5.2}  {:>10.2}  {:>14.1}  {:>11.1}  {:>12.2}",
+            r[0].seconds * 1e3,
+            r[1].seconds * 1e3,
+            r[1].seconds / r[0].seconds,
+            mib(r[0].peak_bytes),
+            mib(r[1].peak_bytes),
+            r[1].peak_bytes as f64 / r[0].peak_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Re-wraps the data key of every encrypted file under the node's work_dir from the KEK in
     /// the config's [at_rest] to a new KEK, without re-encrypting any data. Run it while the node
@@ -238,6 +289,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             config,
             new_kek_file,
         }) => rotate_keys(&config, &new_kek_file)?,
+        Command::Bench(BenchCommand::DpStep {
+            batch,
+            iters,
+            child,
+        }) => bench_dp_step(batch, iters, child)?,
         Command::Run { config } => {
             let config = NodeConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

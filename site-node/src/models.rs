@@ -14,9 +14,123 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor, nn};
 
-/// A network: what the registry builds. `nn::ModuleT` is already `Send`; the bound is spelled out
-/// because a node hands models to a training thread.
-pub type Net = Box<dyn nn::ModuleT + Send>;
+/// A network: what the registry builds. A concrete type rather than a `SequentialT` of closures,
+/// because DP-SGD must see each Linear/Conv2d layer's input and output
+/// ([`LayerNet::forward_traced`]): tch has no module hooks.
+pub type Net = LayerNet;
+
+/// One step of a [`LayerNet`].
+#[derive(Debug)]
+enum Layer {
+    /// `xs.view(shape)`: rows arrive flattened; restores `[batch, channels, height, width]`.
+    View(Vec<i64>),
+    Flatten,
+    Linear(nn::Linear),
+    Conv2d {
+        conv: nn::Conv2D,
+        kernel: i64,
+        padding: i64,
+    },
+    Relu,
+    MaxPool2,
+    Dropout(f64),
+}
+
+/// The registry's networks: a straight sequence of layers.
+#[derive(Debug)]
+pub struct LayerNet {
+    layers: Vec<Layer>,
+}
+
+/// What a parametrised layer is, for per-example gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TracedKind {
+    /// `y = x Wᵀ + b`, `x: [batch, in]`, `W: [out, in]`.
+    Linear,
+    /// 2-D convolution, square kernel, stride 1, `padding` on each side, `W: [out, in, k, k]`.
+    Conv2d { kernel: i64, padding: i64 },
+}
+
+/// A Linear or Conv2d layer as one forward pass saw it.
+#[derive(Debug)]
+pub struct LayerTrace {
+    pub kind: TracedKind,
+    /// The layer's input, detached from the graph.
+    pub input: Tensor,
+    /// The layer's output before the activation, still in the graph: the gradient of the loss
+    /// with respect to it is the per-example "backprop" signal.
+    pub output: Tensor,
+    /// The layer's parameters (shallow clones: same storage and `.grad` as the VarStore's).
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl LayerNet {
+    fn forward_layers(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        mut trace: Option<&mut Vec<LayerTrace>>,
+    ) -> Tensor {
+        let mut x = xs.shallow_clone();
+        for layer in &self.layers {
+            x = match layer {
+                Layer::View(shape) => x.view(shape.as_slice()),
+                Layer::Flatten => x.flatten(1, -1),
+                Layer::Relu => x.relu(),
+                Layer::MaxPool2 => x.max_pool2d_default(2),
+                Layer::Dropout(p) => x.dropout(*p, train),
+                Layer::Linear(linear) => {
+                    let y = x.apply(linear);
+                    if let Some(t) = trace.as_deref_mut() {
+                        t.push(LayerTrace {
+                            kind: TracedKind::Linear,
+                            input: x.detach(),
+                            output: y.shallow_clone(),
+                            weight: linear.ws.shallow_clone(),
+                            bias: linear.bs.as_ref().map(Tensor::shallow_clone),
+                        });
+                    }
+                    y
+                }
+                Layer::Conv2d {
+                    conv,
+                    kernel,
+                    padding,
+                } => {
+                    let y = x.apply(conv);
+                    if let Some(t) = trace.as_deref_mut() {
+                        t.push(LayerTrace {
+                            kind: TracedKind::Conv2d {
+                                kernel: *kernel,
+                                padding: *padding,
+                            },
+                            input: x.detach(),
+                            output: y.shallow_clone(),
+                            weight: conv.ws.shallow_clone(),
+                            bias: conv.bs.as_ref().map(Tensor::shallow_clone),
+                        });
+                    }
+                    y
+                }
+            };
+        }
+        x
+    }
+
+    /// The forward pass, recording each Linear/Conv2d layer's input and output in order.
+    pub fn forward_traced(&self, xs: &Tensor, train: bool) -> (Tensor, Vec<LayerTrace>) {
+        let mut trace = Vec::new();
+        let out = self.forward_layers(xs, train, Some(&mut trace));
+        (out, trace)
+    }
+}
+
+impl nn::ModuleT for LayerNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.forward_layers(xs, train, None)
+    }
+}
 
 /// Why a model could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -176,41 +290,35 @@ fn dim(size: usize) -> i64 {
 }
 
 /// Appends the hidden layers `fc0`, `fc1`, ... and the output layer `out`.
-fn dense_head(
-    mut net: nn::SequentialT,
-    spec: &ModelSpec,
-    vs: &nn::Path,
-    in_features: usize,
-) -> nn::SequentialT {
+fn dense_head(layers: &mut Vec<Layer>, spec: &ModelSpec, vs: &nn::Path, in_features: usize) {
     let mut width = in_features;
     for (i, &hidden) in spec.hidden.iter().enumerate() {
-        net = net
-            .add(nn::linear(
-                vs / format!("fc{i}"),
-                dim(width),
-                dim(hidden),
-                Default::default(),
-            ))
-            .add_fn(|xs| xs.relu());
+        layers.push(Layer::Linear(nn::linear(
+            vs / format!("fc{i}"),
+            dim(width),
+            dim(hidden),
+            Default::default(),
+        )));
+        layers.push(Layer::Relu);
         if spec.dropout > 0.0 {
-            let p = spec.dropout;
-            net = net.add_fn_t(move |xs, train| xs.dropout(p, train));
+            layers.push(Layer::Dropout(spec.dropout));
         }
         width = hidden;
     }
-    net.add(nn::linear(
+    layers.push(Layer::Linear(nn::linear(
         vs / "out",
         dim(width),
         dim(spec.num_classes),
         Default::default(),
-    ))
+    )));
 }
 
 fn build_mlp(spec: &ModelSpec, vs: &nn::Path) -> Result<Net, ModelError> {
     let in_features = spec.check_common("mlp")?;
     // Image-shaped inputs are accepted too: the MLP sees them flattened.
-    let net = nn::seq_t().add_fn(|xs| xs.flatten(1, -1));
-    Ok(Box::new(dense_head(net, spec, vs, in_features)))
+    let mut layers = vec![Layer::Flatten];
+    dense_head(&mut layers, spec, vs, in_features);
+    Ok(LayerNet { layers })
 }
 
 fn build_cnn(spec: &ModelSpec, vs: &nn::Path) -> Result<Net, ModelError> {
@@ -238,27 +346,34 @@ fn build_cnn(spec: &ModelSpec, vs: &nn::Path) -> Result<Net, ModelError> {
             spec.conv_channels
         )));
     }
+    const KERNEL: i64 = 3;
+    const PADDING: i64 = 1;
     let same_padding = nn::ConvConfig {
-        padding: 1,
+        padding: PADDING,
         ..Default::default()
     };
-    let shape = [-1, dim(channels), dim(height), dim(width)];
-    let net = nn::seq_t()
+    let mut layers = vec![
         // Rows arrive flattened; restore [batch, channels, height, width].
-        .add_fn(move |xs| xs.view(shape))
-        .add(nn::conv2d(
-            vs / "conv1",
-            dim(channels),
-            dim(c1),
-            3,
-            same_padding,
-        ))
-        .add_fn(|xs| xs.relu().max_pool2d_default(2))
-        .add(nn::conv2d(vs / "conv2", dim(c1), dim(c2), 3, same_padding))
-        .add_fn(|xs| xs.relu().max_pool2d_default(2))
-        .add_fn(|xs| xs.flatten(1, -1));
+        Layer::View(vec![-1, dim(channels), dim(height), dim(width)]),
+        Layer::Conv2d {
+            conv: nn::conv2d(vs / "conv1", dim(channels), dim(c1), KERNEL, same_padding),
+            kernel: KERNEL,
+            padding: PADDING,
+        },
+        Layer::Relu,
+        Layer::MaxPool2,
+        Layer::Conv2d {
+            conv: nn::conv2d(vs / "conv2", dim(c1), dim(c2), KERNEL, same_padding),
+            kernel: KERNEL,
+            padding: PADDING,
+        },
+        Layer::Relu,
+        Layer::MaxPool2,
+        Layer::Flatten,
+    ];
     let flat = c2 * (height / 4) * (width / 4);
-    Ok(Box::new(dense_head(net, spec, vs, flat)))
+    dense_head(&mut layers, spec, vs, flat);
+    Ok(LayerNet { layers })
 }
 
 /// Re-draws every variable in `vs` from an RNG seeded with `seed`, in name order.
@@ -364,7 +479,12 @@ impl Model {
     }
 
     pub fn net(&self) -> &dyn nn::ModuleT {
-        self.net.as_ref()
+        &self.net
+    }
+
+    /// The network as layers, for DP-SGD's traced forward pass.
+    pub fn layers(&self) -> &LayerNet {
+        &self.net
     }
 
     pub fn var_store(&self) -> &nn::VarStore {

@@ -5,9 +5,10 @@
 //! the weights the model holds when training starts (the round's global model).
 //!
 //! Two seams are left for DP-SGD, which replaces pieces rather than editing the loop:
-//! - [`BatchSampler`] chooses each step's rows: [`ShuffledBatches`] now, Poisson sampling later.
-//! - [`GradientStep`] turns a batch into parameter gradients: [`PlainGradient`] now, per-example
-//!   clipping plus Gaussian noise later.
+//! - [`BatchSampler`] chooses each step's rows: [`ShuffledBatches`] here, Poisson sampling in
+//!   [`crate::dp::PoissonBatchSampler`].
+//! - [`GradientStep`] turns a batch into parameter gradients: [`PlainGradient`] here, per-example
+//!   clipping plus Gaussian noise in [`crate::dp::DpSgdStep`] ([`crate::dp::train_dp`] pairs them).
 //!
 //! The proximal term's gradient `mu · (w − w_global)` is added by the loop after the
 //! [`GradientStep`], not inside it: it does not depend on any example, so DP-SGD must neither
@@ -23,7 +24,7 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::data::Table;
-use crate::models::Model;
+use crate::models::{LayerNet, Model};
 
 /// Why training or evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +163,12 @@ pub trait BatchSampler {
 
     /// The batch size the loss is normalised with when the sampler's sizes vary.
     fn expected_batch_size(&self) -> usize;
+
+    /// Whether an empty batch is still a step. Poisson sampling says yes: the accountant counts
+    /// every step, and DP-SGD releases a noise-only update for an empty batch.
+    fn steps_on_empty_batches(&self) -> bool {
+        false
+    }
 }
 
 /// Shuffle each epoch, then cut into consecutive batches; the last one may be smaller.
@@ -187,7 +194,8 @@ impl BatchSampler for ShuffledBatches {
 
 /// One step's inputs to a [`GradientStep`].
 pub struct Batch<'a> {
-    pub net: &'a dyn nn::ModuleT,
+    /// The network, as layers (DP-SGD traces its Linear/Conv2d layers).
+    pub net: &'a LayerNet,
     /// The trainable parameters, in the optimizer's order.
     pub parameters: &'a [Tensor],
     /// `[batch, input features]` on the model's device.
@@ -211,7 +219,7 @@ pub struct PlainGradient;
 
 impl GradientStep for PlainGradient {
     fn compute_gradients(&mut self, batch: &Batch<'_>) -> Result<f64, TrainError> {
-        let logits = batch.net.forward_t(batch.inputs, true);
+        let logits = nn::ModuleT::forward_t(batch.net, batch.inputs, true);
         let loss = logits
             .f_cross_entropy_loss::<Tensor>(batch.labels, None, Reduction::Mean, -100, 0.0)
             .map_err(torch("cross-entropy"))?;
@@ -278,13 +286,13 @@ pub fn train_local_with(
             .into_iter()
             .enumerate()
         {
-            if rows.is_empty() {
+            if rows.is_empty() && !sampler.steps_on_empty_batches() {
                 continue;
             }
             let (batch_inputs, batch_labels) = select_rows(&inputs, &labels, &rows, device)?;
             optimizer.zero_grad().map_err(torch("zeroing gradients"))?;
             let loss = gradient_step.compute_gradients(&Batch {
-                net: model.net(),
+                net: model.layers(),
                 parameters: &parameters,
                 inputs: &batch_inputs,
                 labels: &batch_labels,

@@ -11,6 +11,7 @@
 //!   amplification by subsampling for RDP/zCDP, so the subsampled accountant is ours.
 
 pub mod opendp_check;
+pub mod plan;
 pub mod pld;
 pub mod rdp;
 mod special;

@@ -1,0 +1,279 @@
+//! Central differential privacy at the coordinator: DP-FedAvg (McMahan, Ramage, Talwar & Zhang,
+//! "Learning differentially private recurrent language models", ICLR 2018), with adaptive
+//! clipping as an option (Andrew, Thakkar, McMahan & Ramaswamy, "Differentially private learning
+//! with adaptive clipping", NeurIPS 2021). The guarantee is *site-level* (user-level): adding or
+//! removing one site's whole contribution changes the released models by a bounded amount.
+//!
+//! Per round, with `m` participating sites and clipping norm `C`:
+//! 1. each site's update `Δ_k` is scaled to `Δ_k · min(1, C / ‖Δ_k‖)` ([`clip_factor`]);
+//! 2. the clipped updates are summed with weight 1 each (a sample-count weight would let one large
+//!    site move the sum by more than C);
+//! 3. noise `N(0, (z·C)²)` per coordinate is added to the sum ([`CentralDp::noise_sum`]), drawn
+//!    from the exact discrete Gaussian on a grid with ChaCha20 keyed from the OS, after rounding
+//!    the sum to that grid (see `tutela_privacy::noise`), in float64;
+//! 4. the mean is the noised sum over `m` — post-processing of the released sum.
+//!
+//! # Clipping a streamed update
+//!
+//! The aggregator folds an update as its chunks arrive, and an update's norm is only known after
+//! its last chunk. The clean way to clip is the aggregator's spool: it already holds exactly what
+//! was folded (for exact undo); at commit, with the norm known, reading the spool back once more
+//! and subtracting `(1 − c)·x` leaves `c·x` folded — a second pass over disk, never a second copy
+//! in memory, and exact in the aggregator's fixed-point integers up to one rounding per value.
+//! (Buffering each update until its norm is known would hold one model per upload in flight, which
+//! the streaming design exists to avoid.) [`clip_factor`] is the factor to apply.
+//!
+//! # Accounting
+//!
+//! The coordinator samples a fixed number of sites per round, which is not Poisson sampling, so
+//! no amplification is claimed: each round is the full Gaussian mechanism (`q = 1`) with noise
+//! multiplier `z` (the effective one, after the grid's sensitivity correction and, with adaptive
+//! clipping, after charging the noised count: `z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2)` inverts Andrew et
+//! al.'s Theorem 1, i.e. the update noise and the count noise together are accounted as one
+//! Gaussian mechanism of multiplier `z` when `z_Δ` is used for the updates). [`CentralDp::epsilon`]
+//! composes the rounds run so far with the RDP accountant.
+
+use std::num::NonZeroUsize;
+
+use tutela_privacy::accountant::plan::{effective_noise_multiplier, grid_for};
+use tutela_privacy::accountant::{self, Accountant, SampledGaussian};
+use tutela_privacy::noise::{NoiseError, SecureGaussian, SecureRng};
+use tutela_protocol::job::CentralDpSpec;
+
+/// Why central DP cannot be set up or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum CentralDpError {
+    #[error("central DP: {0}")]
+    Noise(#[from] NoiseError),
+    #[error("central DP accounting: {0}")]
+    Accountant(#[from] tutela_privacy::accountant::AccountantError),
+    #[error(
+        "central DP: count_noise_multiplier σ_b = {sigma_b} is too small for noise multiplier \
+         z = {z}: adaptive clipping needs 2σ_b > z (Andrew et al. 2021, Theorem 1)"
+    )]
+    CountNoiseTooSmall { sigma_b: f64, z: f64 },
+}
+
+/// `min(1, C / norm)`: the factor that scales an update of L2 norm `norm` to at most `C`.
+pub fn clip_factor(norm: f64, clip: f64) -> f64 {
+    if norm > clip { clip / norm } else { 1.0 }
+}
+
+/// The adaptive clipping state (Andrew et al. 2021, Algorithm 1, geometric update).
+#[derive(Debug)]
+struct Adaptive {
+    target_quantile: f64,
+    learning_rate: f64,
+    count_noise: SecureGaussian,
+}
+
+/// A job's central DP: the clipping norm, the noise, the adaptive clipping state and the
+/// site-level accountant.
+#[derive(Debug)]
+pub struct CentralDp {
+    clip: f64,
+    /// z, the multiplier the accountant is told (before the grid correction).
+    noise_multiplier: f64,
+    /// z_Δ, the multiplier of the update noise actually drawn.
+    update_noise_multiplier: f64,
+    adaptive: Option<Adaptive>,
+    delta: f64,
+    rounds: u64,
+    /// The effective multipliers of the rounds run, for composition.
+    spent: Vec<f64>,
+    rng_for_tests: Option<[u8; 32]>,
+    dimension: usize,
+}
+
+impl CentralDp {
+    /// From the job's `[privacy.central]`, with `noise_multiplier` z (given, or calibrated by
+    /// the caller with [`CentralDp::calibrate`]) and the model's parameter count `dimension`.
+    pub fn new(
+        spec: &CentralDpSpec,
+        noise_multiplier: f64,
+        delta: f64,
+        dimension: usize,
+    ) -> Result<Self, CentralDpError> {
+        let (update_noise_multiplier, adaptive) = if spec.adaptive {
+            let sb2 = (2.0 * spec.count_noise_multiplier).powi(-2);
+            let inv = noise_multiplier.powi(-2) - sb2;
+            if inv <= 0.0 {
+                return Err(CentralDpError::CountNoiseTooSmall {
+                    sigma_b: spec.count_noise_multiplier,
+                    z: noise_multiplier,
+                });
+            }
+            let count_noise = spec.count_noise_multiplier;
+            (
+                inv.powf(-0.5),
+                Some(Adaptive {
+                    target_quantile: spec.target_quantile,
+                    learning_rate: spec.clip_learning_rate,
+                    count_noise: SecureGaussian::new(count_noise, grid_for(count_noise))?,
+                }),
+            )
+        } else {
+            (noise_multiplier, None)
+        };
+        Ok(CentralDp {
+            clip: spec.clip_norm,
+            noise_multiplier,
+            update_noise_multiplier,
+            adaptive,
+            delta,
+            rounds: 0,
+            spent: Vec::new(),
+            rng_for_tests: None,
+            dimension,
+        })
+    }
+
+    /// The smallest z that keeps `rounds` rounds within `target_epsilon` at `delta`
+    /// (site-level, no sampling amplification).
+    pub fn calibrate(target_epsilon: f64, rounds: u64, delta: f64) -> Result<f64, CentralDpError> {
+        Ok(
+            accountant::calibrate_noise(target_epsilon, 1.0, rounds, delta, Accountant::Rdp, 1e-4)?
+                .noise_multiplier,
+        )
+    }
+
+    /// Seeds the noise (tests only: a known seed gives no privacy).
+    #[doc(hidden)]
+    pub fn insecure_seed_for_tests(&mut self, seed: [u8; 32]) {
+        self.rng_for_tests = Some(seed);
+    }
+
+    /// The current clipping norm C.
+    pub fn clip(&self) -> f64 {
+        self.clip
+    }
+
+    /// Rounds the sum of clipped updates to the noise grid and adds `N_ℤ(0, (z_Δ·C)²)` per
+    /// coordinate, in float64; the result is the round's released sum. Charges the round.
+    pub fn noise_sum(&mut self, sum: &mut [f64]) -> Result<(), CentralDpError> {
+        let sigma = self.update_noise_multiplier * self.clip;
+        let g = grid_for(sigma);
+        let mut noise = match self.rng_for_tests {
+            Some(seed) => SecureGaussian::with_rng(sigma, g, SecureRng::insecure_from_seed(seed))?,
+            None => SecureGaussian::new(sigma, g)?,
+        };
+        let mut draws = vec![0f32; sum.len()];
+        noise.fill_parallel(
+            &mut draws,
+            std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+        );
+        for (s, n) in sum.iter_mut().zip(&draws) {
+            // Exact: g is a power of two and both terms are multiples of it.
+            *s = (*s / g).round() * g + f64::from(*n);
+        }
+        let eff = effective_noise_multiplier(self.noise_multiplier, self.clip, g, self.dimension);
+        self.spent.push(eff);
+        self.rounds += 1;
+        Ok(())
+    }
+
+    /// Adaptive clipping's update after a round in which `unclipped` of `sites` updates had norm
+    /// ≤ C: the fraction is noised (σ_b), then `C ← C · exp(−η (b̃ − γ))`.
+    /// Returns the new C. Without adaptive clipping C stays.
+    pub fn end_round(&mut self, unclipped: usize, sites: usize) -> f64 {
+        if let Some(a) = &mut self.adaptive
+            && sites > 0
+        {
+            let noised =
+                unclipped as f64 + a.count_noise.sample_grid() as f64 * a.count_noise.granularity();
+            let fraction = noised / sites as f64;
+            self.clip *= (-a.learning_rate * (fraction - a.target_quantile)).exp();
+        }
+        self.clip
+    }
+
+    /// Site-level ε after the rounds run so far (0 before any).
+    pub fn epsilon(&self) -> Result<f64, CentralDpError> {
+        if self.spent.is_empty() {
+            return Ok(0.0);
+        }
+        let groups = self
+            .spent
+            .iter()
+            .map(|&z| SampledGaussian::new(1.0, z, 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(accountant::epsilon(&groups, self.delta, Accountant::Rdp)?.epsilon)
+    }
+
+    pub fn rounds(&self) -> u64 {
+        self.rounds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(adaptive: bool) -> CentralDpSpec {
+        CentralDpSpec {
+            clip_norm: 2.0,
+            noise_multiplier: None,
+            adaptive,
+            target_quantile: 0.5,
+            clip_learning_rate: 0.2,
+            count_noise_multiplier: 10.0,
+        }
+    }
+
+    #[test]
+    fn clipping_bounds_the_norm_and_leaves_small_updates_alone() {
+        let u = [3.0f64, 4.0];
+        let norm = 5.0;
+        let c = clip_factor(norm, 1.0);
+        let clipped: f64 = u.iter().map(|x| (x * c).powi(2)).sum::<f64>().sqrt();
+        assert!((clipped - 1.0).abs() < 1e-12);
+        assert_eq!(clip_factor(0.5, 1.0), 1.0);
+        assert_eq!(clip_factor(0.0, 1.0), 1.0);
+    }
+
+    #[test]
+    fn the_noise_has_variance_z_c_squared_and_rounds_are_charged() {
+        let mut dp = CentralDp::new(&spec(false), 1.5, 1e-5, 100_000).unwrap();
+        dp.insecure_seed_for_tests([4; 32]);
+        let mut sum = vec![0.0f64; 200_000];
+        dp.noise_sum(&mut sum).unwrap();
+        let var = sum.iter().map(|x| x * x).sum::<f64>() / sum.len() as f64;
+        let want = (1.5f64 * 2.0).powi(2);
+        assert!(
+            (var / want - 1.0).abs() < 5.0 * (2.0 / sum.len() as f64).sqrt(),
+            "{var}"
+        );
+        let one = dp.epsilon().unwrap();
+        dp.noise_sum(&mut sum).unwrap();
+        let two = dp.epsilon().unwrap();
+        assert!(two > one && two < 2.0 * one, "{one} {two}");
+        assert_eq!(dp.rounds(), 2);
+    }
+
+    #[test]
+    fn calibration_meets_the_target_over_the_rounds() {
+        let z = CentralDp::calibrate(3.0, 10, 1e-5).unwrap();
+        let mut dp = CentralDp::new(&spec(false), z * 1.01, 1e-5, 10).unwrap();
+        let mut sum = vec![0.0; 10];
+        for _ in 0..10 {
+            dp.noise_sum(&mut sum).unwrap();
+        }
+        let eps = dp.epsilon().unwrap();
+        assert!(eps <= 3.0, "{eps}");
+    }
+
+    #[test]
+    fn adaptive_clipping_moves_c_towards_the_quantile() {
+        let mut dp = CentralDp::new(&spec(true), 1.0, 1e-5, 10).unwrap();
+        let c0 = dp.clip();
+        // All 1000 updates unclipped: C is too large and shrinks.
+        let c1 = dp.end_round(1000, 1000);
+        assert!(c1 < c0, "{c0} -> {c1}");
+        // None unclipped: C grows.
+        let c2 = dp.end_round(0, 1000);
+        assert!(c2 > c1);
+        // The update noise is larger than z to pay for the count.
+        assert!(dp.update_noise_multiplier > 1.0);
+        assert!(CentralDp::new(&spec(true), 30.0, 1e-5, 10).is_err());
+    }
+}

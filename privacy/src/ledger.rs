@@ -1,0 +1,509 @@
+//! A site's privacy ledger: what every job has spent on one dataset, composed tightly.
+//!
+//! One ledger file per dataset. It records each job's mechanisms — groups of DP-SGD steps with
+//! one (sampling rate q, effective noise multiplier σ) — not ε values: ε does not add up
+//! tightly, RDP curves and privacy-loss distributions do. The total spent is the accountant's ε
+//! of *all* recorded groups composed together ([`crate::accountant::epsilon`] over the
+//! concatenated groups: RDP curves added order by order, or PLDs convolved).
+//!
+//! * [`Ledger::check`] is called before a job reads any data: it composes what the dataset has
+//!   spent with what the job plans to spend and refuses (with the numbers) a job whose spend would
+//!   pass the per-job or the total cap.
+//! * [`Ledger::record`] is called after each round with the steps that really ran, and is written
+//!   to disk before the round's update leaves the site: a job cut short has recorded exactly what
+//!   it spent.
+//! * The file is written atomically (a temporary file beside it, then a rename), encrypted with
+//!   [`crate::at_rest`] when the node has a key-encryption key, and read back at every start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::accountant::{self, Accountant, AccountantError, SampledGaussian};
+use crate::at_rest::{self, AtRestError, EncryptOptions, KeyEncryptionKey};
+
+/// Version of the ledger file's layout.
+const FORMAT_VERSION: u32 = 1;
+
+/// Why the ledger cannot be read or written, or refuses a job.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("privacy ledger {}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("privacy ledger {}: {source}", .path.display())]
+    AtRest {
+        path: PathBuf,
+        #[source]
+        source: Box<AtRestError>,
+    },
+    #[error("privacy ledger {}: not a ledger file: {reason}", .path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "privacy ledger {}: it is for dataset {found:?}, not {expected:?}",
+        .path.display()
+    )]
+    WrongDataset {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "privacy budget: job {job} would spend ε = {planned:.4} (δ = {delta:e}) on dataset \
+         {dataset:?}, over the per-job cap ε ≤ {cap}"
+    )]
+    JobCapExceeded {
+        job: String,
+        dataset: String,
+        planned: f64,
+        cap: f64,
+        delta: f64,
+    },
+    #[error(
+        "privacy budget: dataset {dataset:?} has spent ε = {spent:.4} (δ = {delta:e}); job {job} \
+         would bring it to ε = {after:.4}, over the total cap ε ≤ {cap}"
+    )]
+    TotalCapExceeded {
+        job: String,
+        dataset: String,
+        spent: f64,
+        after: f64,
+        cap: f64,
+        delta: f64,
+    },
+    #[error("privacy accounting: {0}")]
+    Accountant(#[from] AccountantError),
+}
+
+/// The caps a site's policy sets on one dataset, at one δ.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Caps {
+    /// ε one job may spend.
+    pub per_job_epsilon: Option<f64>,
+    /// ε all jobs together may spend.
+    pub total_epsilon: Option<f64>,
+    /// The δ every ε above is stated at.
+    pub delta: f64,
+}
+
+/// One group of identical steps, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub sample_rate: f64,
+    pub noise_multiplier: f64,
+    pub steps: u64,
+}
+
+impl Group {
+    fn mechanism(&self) -> Result<SampledGaussian, AccountantError> {
+        SampledGaussian::new(self.sample_rate, self.noise_multiplier, self.steps)
+    }
+}
+
+/// What one job spent on the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEntry {
+    pub job_id: String,
+    pub groups: Vec<Group>,
+    /// Unix milliseconds of the last record.
+    pub updated_unix_ms: i64,
+}
+
+impl JobEntry {
+    pub fn steps(&self) -> u64 {
+        self.groups.iter().map(|g| g.steps).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerFile {
+    version: u32,
+    dataset: String,
+    /// The dataset's training rows when it was last trained on: lets the node plan a job's
+    /// sampling rate before it reads the data again.
+    #[serde(default)]
+    rows: Option<usize>,
+    jobs: Vec<JobEntry>,
+}
+
+/// The outcome of a successful [`Ledger::check`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpendCheck {
+    /// ε the dataset has spent so far (all jobs).
+    pub spent: f64,
+    /// ε of this job: what it has recorded plus what it still plans.
+    pub job_planned: f64,
+    /// ε of the dataset if the job runs to its end.
+    pub total_after: f64,
+}
+
+/// A dataset's privacy ledger, loaded from (and saved to) one file.
+pub struct Ledger {
+    path: PathBuf,
+    kek: Option<Arc<dyn KeyEncryptionKey>>,
+    file: LedgerFile,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .field("encrypted", &self.kek.is_some())
+            .field("dataset", &self.file.dataset)
+            .field("jobs", &self.file.jobs.len())
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// Opens the ledger of `dataset` at `path` (a missing file is an empty ledger: nothing spent).
+    /// With `kek`, the file is encrypted at rest.
+    pub fn open(
+        path: impl Into<PathBuf>,
+        dataset: &str,
+        kek: Option<Arc<dyn KeyEncryptionKey>>,
+    ) -> Result<Self, LedgerError> {
+        let path = path.into();
+        let bytes = if !path.exists() {
+            None
+        } else {
+            Some(match &kek {
+                Some(k) => {
+                    at_rest::decrypt_to_vec(&path, k.as_ref()).map_err(|e| LedgerError::AtRest {
+                        path: path.clone(),
+                        source: Box::new(e),
+                    })?
+                }
+                None => std::fs::read(&path).map_err(|source| LedgerError::Io {
+                    path: path.clone(),
+                    source,
+                })?,
+            })
+        };
+        let file = match bytes {
+            None => LedgerFile {
+                version: FORMAT_VERSION,
+                dataset: dataset.to_owned(),
+                rows: None,
+                jobs: Vec::new(),
+            },
+            Some(b) => {
+                let file: LedgerFile =
+                    serde_json::from_slice(&b).map_err(|e| LedgerError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if file.version != FORMAT_VERSION {
+                    return Err(LedgerError::Corrupt {
+                        path,
+                        reason: format!("format version {} is not {FORMAT_VERSION}", file.version),
+                    });
+                }
+                if file.dataset != dataset {
+                    return Err(LedgerError::WrongDataset {
+                        path,
+                        expected: dataset.to_owned(),
+                        found: file.dataset,
+                    });
+                }
+                for job in &file.jobs {
+                    for g in &job.groups {
+                        g.mechanism().map_err(|e| LedgerError::Corrupt {
+                            path: path.clone(),
+                            reason: format!("job {}: {e}", job.job_id),
+                        })?;
+                    }
+                }
+                file
+            }
+        };
+        Ok(Ledger { path, kek, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn dataset(&self) -> &str {
+        &self.file.dataset
+    }
+
+    /// The dataset's training rows at the last record, if any.
+    pub fn rows(&self) -> Option<usize> {
+        self.file.rows
+    }
+
+    pub fn jobs(&self) -> &[JobEntry] {
+        &self.file.jobs
+    }
+
+    pub fn job(&self, job_id: &str) -> Option<&JobEntry> {
+        self.file.jobs.iter().find(|j| j.job_id == job_id)
+    }
+
+    fn mechanisms<'a>(
+        jobs: impl Iterator<Item = &'a JobEntry>,
+    ) -> Result<Vec<SampledGaussian>, AccountantError> {
+        let mut out = Vec::new();
+        for j in jobs {
+            for g in &j.groups {
+                out.push(g.mechanism()?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn epsilon_of(
+        mechanisms: &[SampledGaussian],
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<f64, AccountantError> {
+        if mechanisms.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(accountant::epsilon(mechanisms, delta, accountant)?.epsilon)
+    }
+
+    /// ε the dataset has spent, all jobs composed, at `delta`.
+    pub fn spent(&self, delta: f64, accountant: Accountant) -> Result<f64, LedgerError> {
+        let all = Self::mechanisms(self.file.jobs.iter())?;
+        Ok(Self::epsilon_of(&all, delta, accountant)?)
+    }
+
+    /// ε job `job_id` has spent, at `delta`.
+    pub fn spent_by_job(
+        &self,
+        job_id: &str,
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<f64, LedgerError> {
+        let mine = Self::mechanisms(self.file.jobs.iter().filter(|j| j.job_id == job_id))?;
+        Ok(Self::epsilon_of(&mine, delta, accountant)?)
+    }
+
+    /// Whether job `job_id` may go on to spend `remaining` more (its steps still to run), on
+    /// top of what it and every other job recorded, under `caps`. Refuses with the numbers.
+    pub fn check(
+        &self,
+        job_id: &str,
+        remaining: &[SampledGaussian],
+        caps: &Caps,
+        accountant: Accountant,
+    ) -> Result<SpendCheck, LedgerError> {
+        let mut mine = Self::mechanisms(self.file.jobs.iter().filter(|j| j.job_id == job_id))?;
+        mine.extend_from_slice(remaining);
+        let job_planned = Self::epsilon_of(&mine, caps.delta, accountant)?;
+        let spent = self.spent(caps.delta, accountant)?;
+        if let Some(cap) = caps.per_job_epsilon
+            && job_planned > cap
+        {
+            return Err(LedgerError::JobCapExceeded {
+                job: job_id.to_owned(),
+                dataset: self.file.dataset.clone(),
+                planned: job_planned,
+                cap,
+                delta: caps.delta,
+            });
+        }
+        let mut all = Self::mechanisms(self.file.jobs.iter())?;
+        all.extend_from_slice(remaining);
+        let total_after = Self::epsilon_of(&all, caps.delta, accountant)?;
+        if let Some(cap) = caps.total_epsilon
+            && total_after > cap
+        {
+            return Err(LedgerError::TotalCapExceeded {
+                job: job_id.to_owned(),
+                dataset: self.file.dataset.clone(),
+                spent,
+                after: total_after,
+                cap,
+                delta: caps.delta,
+            });
+        }
+        Ok(SpendCheck {
+            spent,
+            job_planned,
+            total_after,
+        })
+    }
+
+    /// Records that job `job_id` ran `mechanism` (merged into its group with the same q and σ) on
+    /// the dataset's `rows` training rows, and writes the ledger to disk before returning.
+    pub fn record(
+        &mut self,
+        job_id: &str,
+        mechanism: SampledGaussian,
+        rows: Option<usize>,
+        now_unix_ms: i64,
+    ) -> Result<(), LedgerError> {
+        if rows.is_some() {
+            self.file.rows = rows;
+        }
+        let group = Group {
+            sample_rate: mechanism.sample_rate(),
+            noise_multiplier: mechanism.noise_multiplier(),
+            steps: mechanism.steps(),
+        };
+        let idx = match self.file.jobs.iter().position(|j| j.job_id == job_id) {
+            Some(i) => i,
+            None => {
+                self.file.jobs.push(JobEntry {
+                    job_id: job_id.to_owned(),
+                    groups: Vec::new(),
+                    updated_unix_ms: now_unix_ms,
+                });
+                self.file.jobs.len() - 1
+            }
+        };
+        let job = &mut self.file.jobs[idx];
+        // Bit-equal parameters only: merging groups whose σ differ in the last bit would
+        // understate neither, but it would make the file say something that did not happen.
+        match job.groups.iter_mut().find(|g| {
+            g.sample_rate.to_bits() == group.sample_rate.to_bits()
+                && g.noise_multiplier.to_bits() == group.noise_multiplier.to_bits()
+        }) {
+            Some(g) => g.steps += group.steps,
+            None => job.groups.push(group),
+        }
+        job.updated_unix_ms = now_unix_ms;
+        self.save()
+    }
+
+    /// Writes the ledger atomically: a temporary file beside it, then a rename.
+    fn save(&self) -> Result<(), LedgerError> {
+        let bytes = serde_json::to_vec_pretty(&self.file).map_err(|e| LedgerError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let io = |source| LedgerError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        match &self.kek {
+            Some(k) => {
+                // EncryptedWriter writes a temporary file and renames it on `finish`.
+                at_rest::encrypt_bytes(&bytes, &self.path, k.as_ref(), EncryptOptions::default())
+                    .map_err(|e| LedgerError::AtRest {
+                    path: self.path.clone(),
+                    source: Box::new(e),
+                })?;
+            }
+            None => {
+                use std::io::Write;
+                let dir = match self.path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+                tmp.write_all(&bytes).map_err(io)?;
+                tmp.as_file().sync_all().map_err(io)?;
+                tmp.persist(&self.path).map_err(|e| io(e.error))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::at_rest::LocalKek;
+
+    fn sg(q: f64, s: f64, t: u64) -> SampledGaussian {
+        SampledGaussian::new(q, s, t).unwrap()
+    }
+
+    #[test]
+    fn spend_composes_tightly_not_by_summing_epsilons() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path().join("d.json"), "d", None).unwrap();
+        l.record("a", sg(0.01, 1.1, 1000), None, 1).unwrap();
+        l.record("b", sg(0.01, 1.1, 1000), None, 2).unwrap();
+        let each = accountant::epsilon(&[sg(0.01, 1.1, 1000)], 1e-5, Accountant::Rdp)
+            .unwrap()
+            .epsilon;
+        let both = l.spent(1e-5, Accountant::Rdp).unwrap();
+        let composed = accountant::epsilon(&[sg(0.01, 1.1, 2000)], 1e-5, Accountant::Rdp)
+            .unwrap()
+            .epsilon;
+        assert!((both - composed).abs() < 1e-9, "{both} vs {composed}");
+        assert!(both < 2.0 * each);
+    }
+
+    #[test]
+    fn caps_refuse_with_the_numbers_and_the_ledger_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.json.enc");
+        let kek: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::from_bytes(&[7u8; 32]));
+        let mut l = Ledger::open(&path, "d", Some(kek.clone())).unwrap();
+        l.record("a", sg(0.02, 1.0, 500), Some(25_000), 1).unwrap();
+        let spent = l.spent(1e-5, Accountant::Rdp).unwrap();
+        // Encrypted: the JSON is not on disk in the clear.
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"job_id"));
+        let l = Ledger::open(&path, "d", Some(kek)).unwrap();
+        assert_eq!(l.spent(1e-5, Accountant::Rdp).unwrap(), spent);
+        assert_eq!(l.rows(), Some(25_000));
+        let caps = Caps {
+            per_job_epsilon: Some(100.0),
+            total_epsilon: Some(spent + 0.01),
+            delta: 1e-5,
+        };
+        let err = l
+            .check("b", &[sg(0.02, 1.0, 500)], &caps, Accountant::Rdp)
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, LedgerError::TotalCapExceeded { .. }),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{spent:.4}")), "{text}");
+        let ok = l
+            .check(
+                "b",
+                &[sg(0.02, 1.0, 1)],
+                &Caps {
+                    total_epsilon: None,
+                    ..caps
+                },
+                Accountant::Rdp,
+            )
+            .unwrap();
+        assert!(ok.total_after > ok.spent);
+        let err = l
+            .check(
+                "b",
+                &[sg(0.02, 1.0, 500)],
+                &Caps {
+                    per_job_epsilon: Some(0.1),
+                    total_epsilon: None,
+                    delta: 1e-5,
+                },
+                Accountant::Rdp,
+            )
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::JobCapExceeded { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_ledger_for_another_dataset_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        let mut l = Ledger::open(&path, "x", None).unwrap();
+        l.record("a", sg(0.5, 2.0, 3), None, 1).unwrap();
+        assert!(matches!(
+            Ledger::open(&path, "y", None),
+            Err(LedgerError::WrongDataset { .. })
+        ));
+    }
+}

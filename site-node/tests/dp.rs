@@ -1,0 +1,432 @@
+//! DP-SGD at the site: per-example clipping against the per-example loop, Poisson batch sizes,
+//! the noise's variance and origin, a DP training round, and the privacy ledger's refusals.
+
+mod common;
+
+use tch::{Device, Kind, Tensor};
+use tutela_privacy::accountant::Accountant;
+use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
+use tutela_privacy::noise::SecureRng;
+use tutela_site_node::data::{Standardizer, stratified_split};
+use tutela_site_node::dp::{
+    DpSgdStep, PoissonBatchSampler, clipped_gradient_sum, clipped_gradient_sum_reference, train_dp,
+};
+use tutela_site_node::models::{Model, ModelSpec};
+use tutela_site_node::train::{OptimizerKind, TrainConfig, evaluate};
+
+fn single_threaded() {
+    tch::set_num_threads(1);
+}
+
+fn model_f64(name: &str, spec: ModelSpec) -> Model {
+    let mut model = Model::new(name, spec, Device::Cpu, 3).unwrap();
+    model.var_store_mut().double();
+    model
+}
+
+/// Random inputs and labels from a fixed torch seed (test data only; no noise comes from torch).
+fn batch(rows: i64, features: i64, classes: i64, seed: i64) -> (Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let x = Tensor::randn([rows, features], (Kind::Double, Device::Cpu));
+    let y = Tensor::randint(classes, [rows], (Kind::Int64, Device::Cpu));
+    (x, y)
+}
+
+fn max_relative_error(model: &Model, rows: i64, features: i64, classes: i64, clip: f64) {
+    let (x, y) = batch(rows, features, classes, 17 + rows);
+    let fast = clipped_gradient_sum(model.layers(), &x, &y, clip, false).unwrap();
+    let slow = clipped_gradient_sum_reference(model.layers(), &x, &y, clip).unwrap();
+    assert_eq!(fast.gradients.len(), slow.gradients.len());
+    assert_eq!(
+        fast.gradients.len(),
+        model.var_store().trainable_variables().len()
+    );
+    let norms_err = (&fast.norms - &slow.norms).abs().max().double_value(&[])
+        / slow.norms.abs().max().double_value(&[]);
+    assert!(norms_err < 1e-10, "norms differ by {norms_err:e}");
+    // Some examples must be clipped and (for batches > 1) some not, or the test shows little.
+    let clipped = slow.norms.gt(clip).sum(Kind::Int64).int64_value(&[]);
+    assert!(clipped >= 1, "no example was clipped at C = {clip}");
+    for ((pf, gf), (ps, gs)) in fast.gradients.iter().zip(&slow.gradients) {
+        assert_eq!(pf.size(), ps.size());
+        assert_eq!(gf.size(), gs.size());
+        let err = (gf - gs).norm().double_value(&[]) / gs.norm().double_value(&[]).max(1e-300);
+        assert!(
+            err < 1e-5,
+            "{} rows: relative error {err:e} for a parameter of shape {:?}",
+            rows,
+            pf.size()
+        );
+    }
+    assert!((fast.loss_sum - slow.loss_sum).abs() < 1e-9 * slow.loss_sum.abs().max(1.0));
+}
+
+#[test]
+fn fast_clipping_equals_the_per_example_loop_for_the_mlp() {
+    single_threaded();
+    let spec = ModelSpec::new(vec![12], 3).with_hidden(vec![16, 8]);
+    let model = model_f64("mlp", spec);
+    for rows in [1, 2, 7, 33] {
+        max_relative_error(&model, rows, 12, 3, 0.5);
+    }
+}
+
+#[test]
+fn fast_clipping_equals_the_per_example_loop_for_the_cnn() {
+    single_threaded();
+    let spec = ModelSpec::new(vec![1, 12, 12], 4)
+        .with_hidden(vec![10])
+        .with_conv_channels([3, 5]);
+    let model = model_f64("cnn", spec);
+    for rows in [1, 2, 9] {
+        max_relative_error(&model, rows, 144, 4, 0.3);
+    }
+}
+
+/// Regularised lower incomplete gamma's complement is overkill here: the test statistic is
+/// compared with a critical value computed once (chi-square, the df below, p = 0.001).
+#[test]
+fn poisson_batch_sizes_follow_the_binomial_distribution() {
+    let n = 200usize;
+    let expected_batch = 20usize; // q = 0.1
+    let draws = 20_000usize;
+    let mut sampler =
+        PoissonBatchSampler::with_rng(n, expected_batch, SecureRng::insecure_from_seed([9; 32]))
+            .unwrap();
+    assert_eq!(sampler.q(), 0.1);
+    let mut counts = vec![0usize; n + 1];
+    for _ in 0..draws {
+        let b = sampler.next_batch();
+        assert!(b.windows(2).all(|w| w[0] < w[1]) && b.iter().all(|&i| i < n));
+        counts[b.len()] += 1;
+    }
+    // Binomial(200, 0.1) pmf by recurrence.
+    let q: f64 = 0.1;
+    let mut pmf = vec![0f64; n + 1];
+    pmf[0] = (1.0 - q).powi(n as i32);
+    for k in 1..=n {
+        pmf[k] = pmf[k - 1] * ((n - k + 1) as f64 / k as f64) * (q / (1.0 - q));
+    }
+    // Bins with expected count ≥ 5; the tails pooled.
+    let (mut chi2, mut bins) = (0.0, 0usize);
+    let (mut lo_obs, mut lo_exp) = (0.0, 0.0);
+    let mut k = 0;
+    while k <= n && (lo_exp + pmf[k] * draws as f64) < 5.0 {
+        lo_obs += counts[k] as f64;
+        lo_exp += pmf[k] * draws as f64;
+        k += 1;
+    }
+    lo_obs += counts[k] as f64;
+    lo_exp += pmf[k] * draws as f64;
+    chi2 += (lo_obs - lo_exp).powi(2) / lo_exp;
+    bins += 1;
+    k += 1;
+    let mut hi = n;
+    let (mut hi_obs, mut hi_exp) = (0.0, 0.0);
+    while hi > k && (hi_exp + pmf[hi] * draws as f64) < 5.0 {
+        hi_obs += counts[hi] as f64;
+        hi_exp += pmf[hi] * draws as f64;
+        hi -= 1;
+    }
+    for j in k..hi {
+        let e = pmf[j] * draws as f64;
+        chi2 += (counts[j] as f64 - e).powi(2) / e;
+        bins += 1;
+    }
+    hi_obs += counts[hi] as f64;
+    hi_exp += pmf[hi] * draws as f64;
+    chi2 += (hi_obs - hi_exp).powi(2) / hi_exp;
+    bins += 1;
+    let df = bins - 1;
+    // χ²(0.999) for df in this range is below df + 3.1·√(2·df) + 8 (Wilson–Hilferty, rounded up).
+    let critical = df as f64 + 3.1 * (2.0 * df as f64).sqrt() + 8.0;
+    eprintln!("Poisson batch sizes: χ² = {chi2:.1} on {df} df (critical {critical:.1})");
+    assert!(chi2 < critical, "χ² = {chi2} on {df} df");
+    // A fixed-size batcher would fail the same test badly: every batch of size 20.
+    let fixed = {
+        let e = pmf[20] * draws as f64;
+        (draws as f64 - e).powi(2) / e
+    };
+    assert!(fixed > critical);
+}
+
+fn plan(clip: f64, sigma: f64, dimension: usize) -> DpSgdPlan {
+    DpSgdPlan::new(&DpSgdInputs {
+        rows: 1000,
+        batch_size: 50,
+        epochs_per_round: 1,
+        rounds: 1,
+        clip,
+        dimension,
+        target_epsilon: None,
+        noise_multiplier: Some(sigma),
+        delta: 1e-5,
+        accountant: Accountant::Rdp,
+    })
+    .unwrap()
+}
+
+#[test]
+fn noise_has_the_planned_variance_lies_on_the_grid_and_is_not_torchs() {
+    let p = plan(2.0, 1.5, 200_000);
+    let seed = [5u8; 32];
+    let mut step = DpSgdStep::with_rng(&p, SecureRng::insecure_from_seed(seed)).unwrap();
+    let n = 200_000i64;
+    let zeros = Tensor::zeros([n], (Kind::Float, Device::Cpu));
+    let noise = step.privatize(&zeros).unwrap();
+    assert_eq!(noise.kind(), Kind::Double);
+    let var = noise.square().mean(Kind::Double).double_value(&[]);
+    let want = (1.5f64 * 2.0).powi(2);
+    // Var of the sample variance: 2σ⁴/n → relative sd √(2/n) = 0.32%; allow 5 sd.
+    assert!(
+        (var / want - 1.0).abs() < 5.0 * (2.0 / n as f64).sqrt(),
+        "{var} vs {want}"
+    );
+    let mean = noise.mean(Kind::Double).double_value(&[]);
+    assert!(mean.abs() < 5.0 * 3.0 / (n as f64).sqrt(), "mean {mean}");
+    // Every value is a multiple of the grid step.
+    let on_grid = (&noise / p.granularity)
+        .frac()
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert_eq!(on_grid, 0.0);
+    // The clipped sum is rounded to the grid before the noise: the output stays on it.
+    let mut again = DpSgdStep::with_rng(&p, SecureRng::insecure_from_seed(seed)).unwrap();
+    let offset = Tensor::full([n], 0.123_456_789, (Kind::Float, Device::Cpu));
+    let shifted = again.privatize(&offset).unwrap();
+    assert_eq!(
+        (&shifted / p.granularity)
+            .frac()
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
+    // Not torch's generator: the same seed in torch gives other bits.
+    let torch_seed = i64::from_le_bytes(seed[..8].try_into().unwrap());
+    tch::manual_seed(torch_seed);
+    let torch_noise = Tensor::randn([n], (Kind::Double, Device::Cpu)) * (1.5 * 2.0);
+    let same = noise
+        .eq_tensor(&torch_noise)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    assert!(same < 10, "{same} values equal torch's");
+    // And two OS-keyed steps differ.
+    let mut a = DpSgdStep::new(&p).unwrap();
+    let mut b = DpSgdStep::new(&p).unwrap();
+    let small = Tensor::zeros([64], (Kind::Float, Device::Cpu));
+    assert!(
+        !a.privatize(&small)
+            .unwrap()
+            .equal(&b.privatize(&small).unwrap())
+    );
+}
+
+#[test]
+fn a_dp_round_on_breast_cancer_learns_and_counts_its_steps() {
+    single_threaded();
+    let (_, table) = common::breast_cancer();
+    let split = stratified_split(&table, 0.2, 2024).unwrap();
+    let standardizer = Standardizer::fit(&split.train).unwrap();
+    let train = standardizer.applied(&split.train).unwrap();
+    let test = standardizer.applied(&split.validation).unwrap();
+    let spec = ModelSpec::new(vec![train.n_features], train.n_classes()).with_hidden(vec![16]);
+    let model = Model::new("mlp", spec, Device::Cpu, 1).unwrap();
+    let config = TrainConfig {
+        optimizer: OptimizerKind::Sgd { momentum: 0.5 },
+        learning_rate: 0.5,
+        epochs: 10,
+        batch_size: 64,
+        weight_decay: 0.0,
+        proximal_mu: 0.0,
+        seed: 1,
+    };
+    let plan = DpSgdPlan::new(&DpSgdInputs {
+        rows: train.n_rows,
+        batch_size: 64,
+        epochs_per_round: 10,
+        rounds: 1,
+        clip: 1.0,
+        dimension: model.parameter_count(),
+        target_epsilon: Some(8.0),
+        noise_multiplier: None,
+        delta: 1e-5,
+        accountant: Accountant::Rdp,
+    })
+    .unwrap();
+    let before = evaluate(&model, &test).unwrap();
+    let (report, spend) = train_dp(&model, &train, &config, &plan);
+    let report = report.unwrap();
+    let after = evaluate(&model, &test).unwrap();
+    eprintln!(
+        "DP-SGD (ε = {:.2}, σ = {:.3}): accuracy {:.3} -> {:.3} in {} steps",
+        plan.planned_epsilon, plan.noise_multiplier, before.accuracy, after.accuracy, spend.steps
+    );
+    assert_eq!(spend.steps, plan.steps_per_round);
+    assert_eq!(report.steps as u64, spend.steps);
+    assert!(plan.planned_epsilon <= 8.0);
+    assert!(after.accuracy > 0.85, "{}", after.accuracy);
+}
+
+mod ledger {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use tutela_privacy::accountant::{self, Accountant, SampledGaussian};
+    use tutela_privacy::at_rest::{KeyEncryptionKey, LocalKek};
+    use tutela_protocol::pb;
+    use tutela_site_node::agent::{Refusal, TaskGate};
+    use tutela_site_node::config::DatasetConfig;
+    use tutela_site_node::dataset::SiteDataset;
+    use tutela_site_node::ledger::{PrivacyBudgetConfig, SiteLedgers};
+
+    fn job(target: f64) -> String {
+        format!(
+            r#"
+name = "dp-test"
+rounds = 5
+min_sites = 1
+round_deadline_secs = 60
+update_norm_bound = 10.0
+seed = 1
+[model]
+name = "mlp"
+hidden = [8]
+[data]
+schema = "breast_cancer"
+[training]
+optimizer = "sgd"
+learning_rate = 0.1
+local_epochs = 1
+batch_size = 32
+[privacy]
+mode = "local"
+target_epsilon = {target}
+delta = 1e-5
+max_grad_norm = 1.0
+"#
+        )
+    }
+
+    fn task(job_id: &str, spec: String) -> pb::Task {
+        pb::Task {
+            task_id: format!("{job_id}-r1"),
+            job_id: job_id.into(),
+            kind: pb::TaskKind::Train as i32,
+            job_spec_toml: spec,
+            global_model_id: "ab".repeat(32),
+            ..Default::default()
+        }
+    }
+
+    fn budget() -> PrivacyBudgetConfig {
+        PrivacyBudgetConfig {
+            max_epsilon_per_job: Some(5.0),
+            max_epsilon_total: Some(4.0),
+            ..PrivacyBudgetConfig::default()
+        }
+    }
+
+    /// A dataset whose file is deleted after `prepare`: any read of a record would fail, so a
+    /// refusal that names the budget was decided without reading data.
+    fn dataset_without_its_file(dir: &std::path::Path) -> Arc<SiteDataset> {
+        let data = super::common::data_dir();
+        let csv = dir.join("bc.csv");
+        std::fs::copy(data.join("breast_cancer_wisconsin.csv"), &csv).unwrap();
+        let config = DatasetConfig {
+            path: csv.clone(),
+            schema: data.join("breast_cancer.schema.toml"),
+            validation_fraction: 0.2,
+            split_seed: 1,
+            ..Default::default()
+        };
+        let ds = SiteDataset::prepare("breast_cancer", &config, None).unwrap();
+        std::fs::remove_file(&csv).unwrap();
+        Arc::new(ds)
+    }
+
+    #[test]
+    fn a_job_over_the_cap_is_refused_before_data_is_read_and_the_ledger_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::from_bytes(&[3u8; 32]));
+        let ledger_dir = dir.path().join("privacy-ledger");
+        let gate = |ledgers: SiteLedgers| {
+            TaskGate::new(BTreeMap::from([(
+                "breast_cancer".to_string(),
+                dataset_without_its_file(dir.path()),
+            )]))
+            .with_ledgers(Arc::new(ledgers))
+        };
+        let ledgers = SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget());
+
+        // Nothing spent yet: a calibrated job of ε = 3 fits under both caps; ε = 6 is over the
+        // per-job cap, ε = 4.5 over the total.
+        let g = gate(SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()));
+        g.check_task(&task("j1", job(3.0))).unwrap();
+        for (target, cap) in [(6.0, "per-job"), (4.5, "total")] {
+            match g.check_task(&task("j1", job(target))) {
+                Err(Refusal::PrivacyBudget(why)) => {
+                    assert!(
+                        why.contains(cap) && why.contains(&target.to_string()),
+                        "{why}"
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        // An earlier job spent ε ≈ 2 on the dataset (455 training rows).
+        let earlier = SampledGaussian::new(32.0 / 455.0, 1.25, 60).unwrap();
+        let earlier_eps = accountant::epsilon(&[earlier], 1e-5, Accountant::Rdp)
+            .unwrap()
+            .epsilon;
+        assert!(earlier_eps > 1.5 && earlier_eps < 3.2, "{earlier_eps}");
+        ledgers
+            .open("breast_cancer")
+            .unwrap()
+            .record("j0", earlier, Some(455), 1)
+            .unwrap();
+
+        // Restart: a new gate over the same directory reads the spend back (encrypted file).
+        let g = gate(SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()));
+        let refusal = g.check_task(&task("j1", job(3.0))).unwrap_err();
+        let Refusal::PrivacyBudget(why) = &refusal else {
+            panic!("{refusal:?}")
+        };
+        assert!(why.contains("total cap ε ≤ 4"), "{why}");
+        assert!(why.contains(&format!("{earlier_eps:.4}")), "{why}");
+        assert!(refusal.is_reported());
+        // A small job still fits, composed tightly with the earlier one.
+        g.check_task(&task("j2", job(0.5))).unwrap();
+        // One encrypted ledger file; without the key there is nothing to read it with.
+        let files: Vec<_> = std::fs::read_dir(&ledger_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            files,
+            vec![std::ffi::OsString::from("breast_cancer.json.enc")]
+        );
+    }
+
+    #[test]
+    fn a_node_with_caps_refuses_a_job_without_local_dp() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = TaskGate::new(BTreeMap::from([(
+            "breast_cancer".to_string(),
+            dataset_without_its_file(dir.path()),
+        )]))
+        .with_ledgers(Arc::new(SiteLedgers::new(
+            dir.path().join("l"),
+            None,
+            budget(),
+        )));
+        let spec = job(1.0);
+        let plain = &spec[..spec.find("[privacy]").unwrap()];
+        match gate.check_task(&task("j", plain.to_string())) {
+            Err(Refusal::PrivacyBudget(why)) => assert!(why.contains("requires DP-SGD"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
