@@ -74,6 +74,21 @@ pub struct NodeConfig {
     /// the node says so at start).
     #[serde(default)]
     pub at_rest: Option<AtRestConfig>,
+    /// The site secret (a file of at least 32 bytes, mode 0600, outside `work_dir`): the key of
+    /// pseudonyms and per-person date shifts, and the source of the salts of dataset
+    /// commitments. It never leaves the site. Needed when a dataset declares `columns`.
+    #[serde(default)]
+    pub site_secret_file: Option<PathBuf>,
+    /// The site's privacy budget per dataset (caps on ε per job and in total), enforced with the
+    /// privacy ledger under `work_dir/privacy-ledger/`. Absent: no caps (spend is still recorded).
+    #[serde(default)]
+    pub privacy: crate::ledger::PrivacyBudgetConfig,
+    /// The site's own policy (`site-policy.toml`, see deploy/policy/site-policy.toml): its
+    /// compliance officers, allowed operators and models, DP floor, training hours. Set, every
+    /// task must carry a valid approval by one of those officers and satisfy every clause.
+    /// Absent: tasks are not checked for approvals (the node says so at start).
+    #[serde(default)]
+    pub site_policy: Option<PathBuf>,
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
@@ -125,13 +140,29 @@ pub enum DeviceChoice {
 }
 
 /// `[datasets.<schema>]`: one local dataset.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// The CSV file (gzip-compressed when its name ends in `.gz`).
-    pub csv: PathBuf,
+    /// The data file, CSV (with a header line) or JSON Lines, gzip-compressed when its name ends
+    /// in `.gz`. `csv` is accepted as this key's former name.
+    #[serde(alias = "csv")]
+    pub path: PathBuf,
+    /// `csv` or `jsonl`; by default from the file name (`.jsonl`/`.ndjson` is JSON Lines).
+    #[serde(default)]
+    pub format: Option<tutela_privacy::anonymize::RecordFormat>,
     /// The dataset schema (TOML) that says which columns are features and which is the label.
     pub schema: PathBuf,
+    /// The declaration of every column of the file, its type and its data-protection role
+    /// (direct identifier, quasi-identifier, sensitive, feature, label, free text). With it, the
+    /// file is read through the anonymization pipeline before anything trains on it, and the node
+    /// refuses a dataset whose direct identifiers or free text are left in the clear.
+    #[serde(default)]
+    pub columns: Option<PathBuf>,
+    /// The anonymization pipeline (drop, pseudonymize, generalize, date shift, redact,
+    /// k-anonymity); needs `columns`. Without it every column is kept as it is, which `columns`
+    /// then allows only when no column is a direct identifier or free text.
+    #[serde(default)]
+    pub anonymize: Option<PathBuf>,
     /// Share of every class kept aside to evaluate each round's global model, in (0, 1).
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
@@ -257,7 +288,7 @@ impl NodeConfig {
         if self.datasets.is_empty() {
             return Err(invalid(
                 "datasets",
-                "has no dataset: add a [datasets.<schema name>] table with csv and schema".into(),
+                "has no dataset: add a [datasets.<schema name>] table with path and schema".into(),
             ));
         }
         for (name, d) in &self.datasets {
@@ -273,7 +304,32 @@ impl NodeConfig {
                     ),
                 ));
             }
+            if d.anonymize.is_some() && d.columns.is_none() {
+                return Err(invalid(
+                    &key("anonymize"),
+                    "needs `columns`, the declaration of the file's columns and their roles".into(),
+                ));
+            }
+            if d.columns.is_some() && self.site_secret_file.is_none() {
+                return Err(invalid(
+                    &key("columns"),
+                    "needs the top-level `site_secret_file` (the key of pseudonyms and date shifts)"
+                        .into(),
+                ));
+            }
+            if d.columns.is_none()
+                && d.format.unwrap_or_else(|| tutela_privacy::anonymize::RecordFormat::from_path(&d.path))
+                    == tutela_privacy::anonymize::RecordFormat::Jsonl
+            {
+                return Err(invalid(
+                    &key("format"),
+                    "JSON Lines needs `columns`, the declaration of the file's columns".into(),
+                ));
+            }
         }
+        self.privacy
+            .validate()
+            .map_err(|problem| invalid("privacy", problem))?;
         let r = &self.reconnect;
         // Bounded so that Duration::from_secs_f64 cannot panic and a typo cannot park the node
         // for a year.
@@ -318,12 +374,24 @@ impl NodeConfig {
             fix(crl);
         }
         fix(&mut self.work_dir);
+        if let Some(secret) = &mut self.site_secret_file {
+            fix(secret);
+        }
+        if let Some(p) = &mut self.site_policy {
+            fix(p);
+        }
         if let Some(kek) = self.at_rest.as_mut().and_then(|a| a.kek_file.as_mut()) {
             fix(kek);
         }
         for d in self.datasets.values_mut() {
-            fix(&mut d.csv);
+            fix(&mut d.path);
             fix(&mut d.schema);
+            if let Some(p) = &mut d.columns {
+                fix(p);
+            }
+            if let Some(p) = &mut d.anonymize {
+                fix(p);
+            }
         }
     }
 }

@@ -106,6 +106,20 @@ pub enum DataError {
     Split { reason: String },
     #[error("standardizer: {reason}")]
     Standardizer { reason: String },
+    /// The raw file does not match its column declaration (the error names file, line, column).
+    #[error(transparent)]
+    Raw(#[from] tutela_privacy::anonymize::ReadError),
+    /// The column declaration or the anonymization pipeline cannot be used, or refuses to let
+    /// identifying data reach training.
+    #[error("{}: {source}", .path.display())]
+    Anonymize {
+        path: PathBuf,
+        #[source]
+        source: tutela_privacy::anonymize::AnonymizeError,
+    },
+    /// The site secret could not be read.
+    #[error("the site secret: {0}")]
+    SiteSecret(String),
 }
 
 /// How a feature column's text becomes a number. Only numeric columns exist for now; categorical
@@ -303,6 +317,18 @@ impl DatasetSchema {
             }
         }
         Ok(())
+    }
+
+    /// How many feature columns the schema itself fixes (an explicit list, `count`, or the image
+    /// shape); `None` when only the file's header can tell (`all_other_columns` without `count`).
+    pub fn declared_feature_count(&self) -> Option<usize> {
+        if let Some(image) = &self.image {
+            return Some(image.shape.iter().product());
+        }
+        if !self.features.columns.is_empty() {
+            return Some(self.features.columns.len());
+        }
+        self.features.count
     }
 
     /// The shape of one example without the batch dimension: the image shape when there is one,

@@ -20,6 +20,9 @@
 
 use std::path::{Path, PathBuf};
 
+use tutela_privacy::anonymize::DeidReport;
+use tutela_privacy::commitment::DatasetCommitment;
+
 use crate::config::DatasetConfig;
 use crate::data::{DataError, DatasetSchema, Standardizer, Table, load_csv, stratified_split};
 
@@ -57,21 +60,28 @@ pub fn standardizer_for(
 pub struct LocalDataset {
     /// The schema name jobs use for it (the key of `[datasets.<name>]`).
     pub name: String,
-    pub csv: PathBuf,
+    /// The data file it was read from.
+    pub path: PathBuf,
     pub schema: DatasetSchema,
     pub train: Table,
     pub validation: Table,
     /// The statistics applied to both parts (`None`: not standardised).
     pub standardizer: Option<Standardizer>,
     pub statistics: StatisticsSource,
+    /// The salted commitment to every row read (after anonymization), for lineage; `None`
+    /// without a site secret to derive the salt from (see [`crate::dataset`]).
+    pub commitment: Option<DatasetCommitment>,
+    /// What the anonymization pipeline did, when the dataset declares its columns.
+    pub deid: Option<DeidReport>,
 }
 
 impl LocalDataset {
-    /// Loads, splits and standardises one configured dataset.
+    /// Loads, splits and standardises one configured dataset that declares no `columns` (a
+    /// plain CSV of features and label); see [`crate::dataset::SiteDataset`] for the general case.
     pub fn load(name: &str, config: &DatasetConfig) -> Result<LocalDataset, DataError> {
         let schema = DatasetSchema::load(&config.schema)?;
-        let table = load_csv(&config.csv, &schema)?;
-        Self::from_table(name, &config.csv, schema, &table, config)
+        let table = load_csv(&config.path, &schema)?;
+        Self::from_table(name, &config.path, schema, &table, config)
     }
 
     /// Splits and standardises a table already loaded.
@@ -104,12 +114,14 @@ impl LocalDataset {
         }
         Ok(LocalDataset {
             name: name.to_string(),
-            csv: csv.to_path_buf(),
+            path: csv.to_path_buf(),
             schema,
             train,
             validation,
             standardizer,
             statistics,
+            commitment: None,
+            deid: None,
         })
     }
 

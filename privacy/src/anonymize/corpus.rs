@@ -37,7 +37,7 @@ impl SplitMix64 {
     pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len() as u64) as usize]
     }
-    fn digits(&mut self, n: usize) -> String {
+    pub fn digits(&mut self, n: usize) -> String {
         (0..n)
             .map(|_| char::from(b'0' + self.below(10) as u8))
             .collect()
@@ -89,7 +89,7 @@ const MONTHS: &[&str] = &[
     "December",
 ];
 
-fn gen_value(rng: &mut SplitMix64, kind: PiiKind) -> String {
+pub(super) fn gen_value(rng: &mut SplitMix64, kind: PiiKind) -> String {
     match kind {
         PiiKind::Email => {
             let f = rng.pick(FIRST_NAMES).to_lowercase();

@@ -16,12 +16,15 @@ pub mod corpus;
 pub mod kanon;
 pub mod pii;
 pub mod pipeline;
+pub mod reader;
 pub mod schema;
+pub mod synthetic;
 pub mod transform;
 
 pub use kanon::{KAnonConfig, KAnonResult, QiLevels, anonymize_k};
 pub use pii::{PiiKind, PiiRedactor, PiiSpan};
 pub use pipeline::{ColumnReport, DeidReport, Pipeline, refuses_to_train};
+pub use reader::{ReadError, RecordFormat};
 pub use schema::{ColumnSpec, ColumnType, Date, Record, Role, Schema, Table, Value};
 pub use transform::{AnonymizeConfig, DatePrecision, SiteSecret, Transform};
 

@@ -151,37 +151,7 @@ impl LocalKek {
     /// that is not a regular file. The mode is checked on the opened file descriptor, so the
     /// file cannot be swapped between the check and the read.
     pub fn from_key_file(path: &Path) -> Result<Self, AtRestError> {
-        let file = File::open(path).map_err(|e| AtRestError::io(path, "opening key file", e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| AtRestError::io(path, "reading key file metadata", e))?;
-        if !meta.is_file() {
-            return Err(AtRestError::KeyFileFormat {
-                path: path.to_owned(),
-                reason: "not a regular file".into(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(AtRestError::KeyFilePermissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let mut content = Zeroizing::new(Vec::new());
-        file.take(MAX_KEY_FILE_LEN + 1)
-            .read_to_end(&mut content)
-            .map_err(|e| AtRestError::io(path, "reading key file", e))?;
-        if content.len() as u64 > MAX_KEY_FILE_LEN {
-            return Err(AtRestError::KeyFileFormat {
-                path: path.to_owned(),
-                reason: format!("larger than {MAX_KEY_FILE_LEN} bytes; not a key file"),
-            });
-        }
-        let key = parse_key(&content).map_err(|reason| AtRestError::KeyFileFormat {
-            path: path.to_owned(),
-            reason,
-        })?;
+        let key = read_secret_file(path)?;
         Ok(Self::from_bytes(&key))
     }
 
@@ -189,19 +159,8 @@ impl LocalKek {
     /// `data_dir` (after resolving symlinks): a key stored next to the data it protects is lost
     /// together with it on a stolen disk.
     pub fn from_key_file_outside(path: &Path, data_dir: &Path) -> Result<Self, AtRestError> {
-        let key_real = path
-            .canonicalize()
-            .map_err(|e| AtRestError::io(path, "resolving key file path", e))?;
-        let dir_real = data_dir
-            .canonicalize()
-            .map_err(|e| AtRestError::io(data_dir, "resolving data directory", e))?;
-        if key_real.starts_with(&dir_real) {
-            return Err(AtRestError::KeyInsideDataDir {
-                key: path.to_owned(),
-                data_dir: data_dir.to_owned(),
-            });
-        }
-        Self::from_key_file(path)
+        let key = read_secret_file_outside(path, data_dir)?;
+        Ok(Self::from_bytes(&key))
     }
 
     /// Loads a KEK from environment variable `var` (64 hex digits or base64 of 32 bytes).
@@ -216,6 +175,69 @@ impl LocalKek {
         })?;
         Ok(Self::from_bytes(&key))
     }
+}
+
+/// Reads a 32-byte secret from a key file (32 raw bytes, 64 hex digits or base64 of 32 bytes),
+/// as the key-encryption key and the site secret are stored.
+///
+/// Refuses a file that group or others may read or write (mode & 0o077 != 0), and anything
+/// that is not a regular file. The mode is checked on the opened file descriptor, so the
+/// file cannot be swapped between the check and the read.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, AtRestError> {
+    let file = File::open(path).map_err(|e| AtRestError::io(path, "opening key file", e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| AtRestError::io(path, "reading key file metadata", e))?;
+    if !meta.is_file() {
+        return Err(AtRestError::KeyFileFormat {
+            path: path.to_owned(),
+            reason: "not a regular file".into(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(AtRestError::KeyFilePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut content = Zeroizing::new(Vec::new());
+    file.take(MAX_KEY_FILE_LEN + 1)
+        .read_to_end(&mut content)
+        .map_err(|e| AtRestError::io(path, "reading key file", e))?;
+    if content.len() as u64 > MAX_KEY_FILE_LEN {
+        return Err(AtRestError::KeyFileFormat {
+            path: path.to_owned(),
+            reason: format!("larger than {MAX_KEY_FILE_LEN} bytes; not a key file"),
+        });
+    }
+    let key = parse_key(&content).map_err(|reason| AtRestError::KeyFileFormat {
+        path: path.to_owned(),
+        reason,
+    })?;
+    Ok(key)
+}
+
+/// Like [`read_secret_file`], and also refuses a file that lies inside `data_dir` (after
+/// resolving symlinks): a key stored next to the data it protects is lost together with it on a
+/// stolen disk.
+pub fn read_secret_file_outside(
+    path: &Path,
+    data_dir: &Path,
+) -> Result<Zeroizing<[u8; KEY_LEN]>, AtRestError> {
+    let key_real = path
+        .canonicalize()
+        .map_err(|e| AtRestError::io(path, "resolving key file path", e))?;
+    let dir_real = data_dir
+        .canonicalize()
+        .map_err(|e| AtRestError::io(data_dir, "resolving data directory", e))?;
+    if key_real.starts_with(&dir_real) {
+        return Err(AtRestError::KeyInsideDataDir {
+            key: path.to_owned(),
+            data_dir: data_dir.to_owned(),
+        });
+    }
+    read_secret_file(path)
 }
 
 #[cold]

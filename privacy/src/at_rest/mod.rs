@@ -30,7 +30,9 @@ mod stream;
 
 pub use error::{AtRestError, KekError};
 pub use format::MAX_CHUNK_SIZE;
-pub use kek::{DataKey, KEY_LEN, KeyEncryptionKey, LocalKek};
+pub use kek::{
+    DataKey, KEY_LEN, KeyEncryptionKey, LocalKek, read_secret_file, read_secret_file_outside,
+};
 pub use rotate::{RotateOutcome, RotationReport, rotate_dir, rotate_file};
 pub use stream::{
     DEFAULT_CHUNK_SIZE, EncryptOptions, EncryptedReader, EncryptedWriter, TEMP_PREFIX,

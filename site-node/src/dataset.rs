@@ -1,0 +1,352 @@
+//! The site's datasets as the node holds them: checked at start without reading a record, read
+//! the first time an admitted task needs them.
+//!
+//! [`SiteDataset::prepare`] runs when the node starts. It reads the dataset's schema, its column
+//! declaration and its anonymization pipeline, and refuses — before any record is read — a
+//! declaration that would let a direct identifier or unredacted free text reach training
+//! ([`tutela_privacy::anonymize::refuses_to_train`]). It reads no data: a task that the node's
+//! checks refuse (policy, approvals, privacy budget) never causes a record to be read.
+//!
+//! [`SiteDataset::load`] runs once, for the first admitted task, and keeps the result in memory
+//! (never on disk: nothing of the data is written under the node's work directory, so there is
+//! no plaintext copy to encrypt or leak):
+//!
+//! 1. the file is read, streamed, as its column declaration says (CSV or JSON Lines; a cell that
+//!    does not match gets an error naming file, line and column);
+//! 2. the anonymization pipeline runs (drop, pseudonymize, generalize, shift dates, redact,
+//!    k-anonymity) and produces its de-identification report;
+//! 3. the salted commitment over the anonymized rows is computed (when the node has a site secret);
+//! 4. the columns whose role is `feature` or `label` — and any other kept column the training
+//!    schema names explicitly — become the training table, which is split and standardised as
+//!    [`LocalDataset`] describes.
+//!
+//! A dataset that declares no columns is a plain CSV of features and label, read directly.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tutela_privacy::anonymize::{
+    AnonymizeConfig, Pipeline, Role, Schema, SiteSecret, Table as RawTable, reader,
+};
+use tutela_privacy::commitment::{self, CommitmentBuilder, DatasetCommitment, commitment_salt};
+
+use crate::config::DatasetConfig;
+use crate::data::{DataError, DatasetSchema, Table, load_csv, read_csv};
+use crate::local::LocalDataset;
+
+/// The anonymization a dataset goes through.
+struct Protection {
+    pipeline: Pipeline,
+    secret: SiteSecret,
+}
+
+/// One configured dataset of the site, checked and ready to load.
+pub struct SiteDataset {
+    name: String,
+    config: DatasetConfig,
+    schema: DatasetSchema,
+    n_features: usize,
+    protection: Option<Protection>,
+    salt: Option<[u8; 32]>,
+    loaded: Mutex<Option<Arc<LocalDataset>>>,
+}
+
+impl std::fmt::Debug for SiteDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteDataset")
+            .field("name", &self.name)
+            .field("path", &self.config.path)
+            .field("anonymized", &self.protection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl SiteDataset {
+    /// Checks one configured dataset without reading its records. `site_secret` is the node's
+    /// site secret (required when the dataset declares `columns`).
+    pub fn prepare(
+        name: &str,
+        config: &DatasetConfig,
+        site_secret: Option<&[u8; 32]>,
+    ) -> Result<SiteDataset, DataError> {
+        let schema = DatasetSchema::load(&config.schema)?;
+        let protection = match &config.columns {
+            None => None,
+            Some(columns_path) => {
+                let anonymize_error = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| DataError::Anonymize { path, source }
+                };
+                let columns = Schema::from_toml(&read_text(columns_path)?)
+                    .map_err(anonymize_error(columns_path))?;
+                check_training_columns(&schema, &columns, columns_path)?;
+                let (anonymize, config_path) = match &config.anonymize {
+                    Some(p) => (
+                        AnonymizeConfig::from_toml(&read_text(p)?).map_err(anonymize_error(p))?,
+                        p.as_path(),
+                    ),
+                    None => (AnonymizeConfig::default(), columns_path.as_path()),
+                };
+                let pipeline =
+                    Pipeline::new(columns, anonymize).map_err(anonymize_error(config_path))?;
+                let secret = site_secret.ok_or_else(|| {
+                    DataError::SiteSecret(format!(
+                        "dataset {name} declares its columns, which needs the node's site_secret_file"
+                    ))
+                })?;
+                let secret =
+                    SiteSecret::new(secret).map_err(|e| DataError::SiteSecret(e.to_string()))?;
+                Some(Protection { pipeline, secret })
+            }
+        };
+        let n_features = match schema.declared_feature_count() {
+            Some(n) => n,
+            // Only a plain CSV can lack a count (a declared dataset names its columns): its
+            // header line says how many, and reading the header reads no record.
+            None => header_feature_count(&config.path, &schema)?,
+        };
+        Ok(SiteDataset {
+            name: name.to_string(),
+            config: config.clone(),
+            schema,
+            n_features,
+            protection,
+            salt: site_secret.map(|s| commitment_salt(s, name)),
+            loaded: Mutex::new(None),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn schema(&self) -> &DatasetSchema {
+        &self.schema
+    }
+
+    /// Features per example, known without reading a record.
+    pub fn n_features(&self) -> usize {
+        self.n_features
+    }
+
+    /// Whether the dataset goes through the anonymization pipeline.
+    pub fn is_anonymized(&self) -> bool {
+        self.protection.is_some()
+    }
+
+    /// Reads, anonymizes, commits, splits and standardises the dataset the first time, and
+    /// returns the same in-memory result afterwards.
+    pub fn load(&self) -> Result<Arc<LocalDataset>, DataError> {
+        // A poisoned lock only means an earlier load panicked; the slot is still consistent
+        // (either empty or a finished dataset).
+        let mut slot = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = slot.as_ref() {
+            return Ok(d.clone());
+        }
+        let dataset = Arc::new(self.read()?);
+        tracing::info!(
+            dataset = %self.name,
+            path = %self.config.path.display(),
+            train_rows = dataset.train.n_rows,
+            validation_rows = dataset.validation.n_rows,
+            features = dataset.n_features(),
+            classes = dataset.train.n_classes(),
+            statistics = ?dataset.statistics,
+            anonymized = dataset.deid.is_some(),
+            commitment = dataset.commitment.map(|c| c.root_hex()).unwrap_or_default(),
+            "dataset loaded"
+        );
+        if let Some(report) = &dataset.deid {
+            tracing::info!(
+                dataset = %self.name,
+                report = %serde_json::to_string(report).unwrap_or_default(),
+                "de-identification report"
+            );
+        }
+        *slot = Some(dataset.clone());
+        Ok(dataset)
+    }
+
+    fn read(&self) -> Result<LocalDataset, DataError> {
+        let Some(protection) = &self.protection else {
+            let table = load_csv(&self.config.path, &self.schema)?;
+            let mut dataset = LocalDataset::from_table(
+                &self.name,
+                &self.config.path,
+                self.schema.clone(),
+                &table,
+                &self.config,
+            )?;
+            dataset.commitment = self.salt.map(|salt| commit_training_table(&salt, &table));
+            return Ok(dataset);
+        };
+        let raw = reader::read_file(
+            &self.config.path,
+            self.config.format,
+            protection.pipeline.schema(),
+        )?;
+        let (anonymized, report) =
+            protection
+                .pipeline
+                .run(&raw, &protection.secret)
+                .map_err(|source| DataError::Anonymize {
+                    path: self.config.path.clone(),
+                    source,
+                })?;
+        drop(raw);
+        let commitment = self
+            .salt
+            .map(|salt| commitment::commit_table(&salt, &anonymized));
+        let table = training_table(&anonymized, &self.schema, &self.config.path)?;
+        let mut dataset = LocalDataset::from_table(
+            &self.name,
+            &self.config.path,
+            self.schema.clone(),
+            &table,
+            &self.config,
+        )?;
+        dataset.commitment = commitment;
+        dataset.deid = Some(report);
+        Ok(dataset)
+    }
+}
+
+/// The training schema may only use columns the declaration lets reach training: a direct
+/// identifier or a free-text column as a feature or label is refused at start, naming it.
+fn check_training_columns(
+    schema: &DatasetSchema,
+    columns: &Schema,
+    origin: &Path,
+) -> Result<(), DataError> {
+    let refuse = |name: &str, why: &str| DataError::SchemaInvalid {
+        path: origin.to_path_buf(),
+        reason: format!("column {name:?} {why}"),
+    };
+    let mut named: Vec<&str> = schema
+        .features
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    named.push(schema.label.column.as_str());
+    for name in named {
+        let spec = columns
+            .column(name)
+            .map_err(|_| refuse(name, "is used by the training schema but not declared here"))?;
+        if matches!(spec.role, Role::DirectIdentifier | Role::FreeText) {
+            return Err(refuse(
+                name,
+                "is a direct identifier or free text and may not be a feature or the label",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The number of feature columns a plain CSV's header gives (every column but the label).
+fn header_feature_count(path: &Path, schema: &DatasetSchema) -> Result<usize, DataError> {
+    // Read the header line only: the real loader checks everything else when the data is read.
+    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+    } else {
+        Box::new(file)
+    };
+    let mut csv_reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(reader);
+    let mut record = csv::StringRecord::new();
+    match csv_reader.read_record(&mut record) {
+        Ok(true) => Ok(record
+            .iter()
+            .filter(|c| c.trim() != schema.label.column)
+            .count()),
+        Ok(false) => Err(DataError::EmptyFile {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(DataError::Csv {
+            path: path.to_path_buf(),
+            line: 1,
+            source,
+        }),
+    }
+}
+
+/// The training table from the anonymized one: columns whose role is `feature` or `label`, plus
+/// any other kept column the training schema names explicitly, read by the training schema's own
+/// loader (so the same checks and error messages apply; lines are those of the anonymized rows).
+fn training_table(
+    anonymized: &RawTable,
+    schema: &DatasetSchema,
+    origin: &Path,
+) -> Result<Table, DataError> {
+    let named_by_schema = |name: &str| {
+        schema.label.column == name || schema.features.columns.iter().any(|c| c.name == name)
+    };
+    let keep: Vec<usize> = anonymized
+        .schema
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c.role, Role::Feature | Role::Label) || named_by_schema(&c.name))
+        .map(|(i, _)| i)
+        .collect();
+    let mut text = Vec::new();
+    {
+        let mut writer = csv::Writer::from_writer(&mut text);
+        let header: Vec<&str> = keep
+            .iter()
+            .map(|&i| anonymized.schema.columns[i].name.as_str())
+            .collect();
+        let csv_error = |e: csv::Error| DataError::InconsistentTable {
+            reason: format!("re-encoding the anonymized rows: {e}"),
+        };
+        writer.write_record(&header).map_err(csv_error)?;
+        let mut cells: Vec<String> = Vec::with_capacity(keep.len());
+        for row in &anonymized.rows {
+            cells.clear();
+            cells.extend(keep.iter().map(|&i| row[i].canonical()));
+            writer.write_record(&cells).map_err(csv_error)?;
+        }
+        writer.flush().map_err(|e| DataError::Io {
+            path: origin.to_path_buf(),
+            source: e,
+        })?;
+    }
+    let origin = format!("{} (anonymized)", origin.display());
+    read_csv(text.as_slice(), origin, schema)
+}
+
+/// The commitment of a plain (undeclared) dataset: its label and features as the model sees
+/// them, each float in its shortest round-trip form.
+fn commit_training_table(salt: &[u8; 32], table: &Table) -> DatasetCommitment {
+    let mut builder = CommitmentBuilder::new(salt);
+    let mut cells: Vec<String> = Vec::with_capacity(table.n_features + 1);
+    for r in 0..table.n_rows {
+        cells.clear();
+        let label = table.labels[r] as usize;
+        cells.push(table.class_names.get(label).cloned().unwrap_or_default());
+        if let Some(row) = table.row(r) {
+            cells.extend(row.iter().map(|x| x.to_string()));
+        }
+        builder.push_row(cells.iter().enumerate().map(|(i, c)| {
+            let tag = if i == 0 {
+                commitment::tag::LABEL
+            } else {
+                commitment::tag::FLOAT
+            };
+            (tag, c.as_str())
+        }));
+    }
+    builder.finish()
+}
