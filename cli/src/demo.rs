@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use tutela_privacy::anonymize::synthetic;
 use tutela_protocol::identity::Principal;
 use tutela_protocol::pb;
 use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
@@ -45,6 +46,21 @@ pub struct DemoArgs {
     /// Seed of the data split.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// DP-SGD's target ε per site dataset (δ = 1e-5), or `inf` to train without DP. Default: the
+    /// job spec's `privacy.target_epsilon` (DP is on in the demo).
+    #[arg(long, value_parser = parse_epsilon)]
+    epsilon: Option<f64>,
+}
+
+/// A positive ε, or `inf` (no DP).
+fn parse_epsilon(text: &str) -> Result<f64, String> {
+    match text {
+        "inf" | "infinity" | "none" => Ok(f64::INFINITY),
+        _ => match text.parse::<f64>() {
+            Ok(e) if e > 0.0 => Ok(e),
+            _ => Err(format!("{text:?} is not a positive ε or `inf`")),
+        },
+    }
 }
 
 struct Plan {
@@ -186,6 +202,65 @@ fn write_csv(path: &Path, header: &str, rows: &[String]) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Prints a few of a site's records before and after the anonymization its node will run, with
+/// the same pipeline and secret, so the demo shows what leaves the raw file for training. Only
+/// the identity columns and the label are shown (the features go through unchanged).
+fn show_anonymization(
+    site: &str,
+    csv: &Path,
+    columns: &Path,
+    anonymize: &Path,
+    secret: &Path,
+    label: &str,
+) -> Result<()> {
+    use tutela_privacy::anonymize::{Pipeline, SiteSecret, Value, reader};
+    let pipeline = Pipeline::from_toml(
+        &std::fs::read_to_string(columns)?,
+        &std::fs::read_to_string(anonymize)?,
+    )?;
+    let raw = reader::read_file(csv, None, pipeline.schema())?;
+    let key = tutela_privacy::at_rest::read_secret_file(secret)?;
+    let secret = SiteSecret::new(&key[..])?;
+    let (out, report) = pipeline.run(&raw, &secret)?;
+    let shown = |table: &tutela_privacy::anonymize::Table, row: &[Value]| -> String {
+        table
+            .schema
+            .columns
+            .iter()
+            .zip(row)
+            .filter(|(c, _)| {
+                c.name == label
+                    || synthetic::IDENTITY_COLUMNS
+                        .iter()
+                        .any(|(n, _, _)| *n == c.name)
+            })
+            .map(|(_, v)| v.canonical())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    let rn = out.schema.index_of("record_number")?;
+    println!(
+        "site {site}: its records carry names, national IDs, dates of birth, postcodes and notes; \
+         the node anonymizes them before training ({} of {} rows kept, k = {}):",
+        report.rows_out,
+        report.rows_in,
+        report.k_anonymity.as_ref().map_or(0, |k| k.k_achieved)
+    );
+    for row in out.rows.iter().take(3) {
+        let pseudonym = row[rn].canonical();
+        let Some(original) = raw
+            .rows
+            .iter()
+            .find(|r| secret.pseudonym(&r[0].canonical(), pseudonym.len()) == pseudonym)
+        else {
+            continue;
+        };
+        println!("  before: {}", shown(&raw, original));
+        println!("  after:  {}", shown(&out, row));
+    }
+    Ok(())
+}
+
 fn toml_path(p: &Path) -> String {
     p.display()
         .to_string()
@@ -276,9 +351,42 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             &LeafOptions::new(Validity::days_from_now(30)),
         )?,
     )?;
+    // One compliance officer per hospital, and the consortium policy that makes them officers.
+    let mut officers = Vec::new();
+    for site in p.sites {
+        let who = Principal::User {
+            site: site.to_string(),
+            name: "officer".into(),
+        };
+        let issued = ca.issue(&who, &LeafOptions::new(Validity::days_from_now(30)))?;
+        write(&format!("officer-{site}"), &issued)?;
+        officers.push((site.to_string(), issued));
+    }
+    let policy_dir = dir.join("policy");
+    std::fs::create_dir_all(&policy_dir)?;
+    std::fs::write(
+        policy_dir.join("model.conf"),
+        include_str!("../../deploy/policy/model.conf"),
+    )?;
+    let mut policy_csv = String::from(
+        "p, operator, consortium, jobs, *, allow\np, compliance_officer, *, jobs, *, allow\n\
+         p, spiffe://demo/site/*/node, site:*, federation, participate, allow\n\
+         g, spiffe://demo/operator/demo, operator, consortium\np2, site:*, compliance_officer, 1\n",
+    );
+    for (site, o) in &officers {
+        policy_csv.push_str(&format!("g, {}, compliance_officer, site:{site}\n", o.identity));
+        std::fs::write(
+            policy_dir.join(format!("site-policy-{site}.toml")),
+            format!(
+                "site = \"{site}\"\ncompliance_officers = [\"{}\"]\nallowed_operators = [\"spiffe://demo/operator/demo\"]\n",
+                o.identity
+            ),
+        )?;
+    }
+    std::fs::write(policy_dir.join("policy.csv"), policy_csv)?;
     let crl = ca.crl_path();
     println!(
-        "consortium \"demo\": CA, coordinator, {} site nodes and an operator certified in {}",
+        "consortium \"demo\": CA, coordinator, {} site nodes, their compliance officers and an operator certified in {}",
         p.sites.len(),
         certs.display()
     );
@@ -307,10 +415,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(
         &coord_toml,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
             toml_path(&coord_dir),
             toml_path(&crl),
-            c = toml_path(&certs)
+            c = toml_path(&certs),
+            pd = toml_path(&policy_dir)
         ),
     )?;
     let mut procs = Processes(Vec::new());
@@ -327,27 +436,57 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     // 4. One node per hospital, each with only its own share.
     let node_bin = sibling("tutela-node")?;
-    for (site, rows) in p.sites.iter().zip(&shards) {
+    let features: Vec<&str> = header
+        .split(',')
+        .map(str::trim)
+        .filter(|c| *c != p.label)
+        .collect();
+    let declaration = synthetic::declaration_toml(&features, p.label);
+    for (i, (site, rows)) in p.sites.iter().zip(&shards).enumerate() {
         let site_dir = dir.join("sites").join(site);
         std::fs::create_dir_all(&site_dir)?;
+        // The hospital's records as its systems hold them: the public data's rows, each with a
+        // synthetic patient's identity (record number, name, national ID, date of birth,
+        // postcode, a clinician's note full of PII). The node anonymizes them before training.
+        let people = synthetic::synthetic_identities(args.seed.wrapping_add(i as u64), rows.len());
+        let raw_rows: Vec<String> = people
+            .iter()
+            .zip(rows)
+            .map(|(person, row)| format!("{}{row}", person.csv_prefix()))
+            .collect();
+        let raw_header = format!("{}{header}", synthetic::identity_header_prefix());
         let csv = site_dir.join(format!("{}.csv", p.schema_name));
-        write_csv(&csv, &header, rows)?;
-        // The site's key-encryption key, outside the node's work directory.
+        write_csv(&csv, &raw_header, &raw_rows)?;
+        let columns = site_dir.join(format!("{}.columns.toml", p.schema_name));
+        std::fs::write(&columns, &declaration)?;
+        let anonymize = site_dir.join(format!("{}.anonymize.toml", p.schema_name));
+        std::fs::write(&anonymize, synthetic::DEMO_ANONYMIZE_TOML)?;
+        // The site's key-encryption key and site secret, outside the node's work directory.
         let kek = site_dir.join("kek");
         tutela_privacy::at_rest::LocalKek::generate_key_file(&kek)
             .with_context(|| format!("cannot make {}", kek.display()))?;
+        let secret = site_dir.join("site-secret");
+        tutela_privacy::at_rest::LocalKek::generate_key_file(&secret)
+            .with_context(|| format!("cannot make {}", secret.display()))?;
+        if i == 0 {
+            show_anonymization(site, &csv, &columns, &anonymize, &secret, p.label)?;
+        }
         let toml = site_dir.join("node.toml");
         std::fs::write(
             &toml,
             format!(
-                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[datasets.{name}]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n",
+                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[datasets.{name}]\npath = \"{csv}\"\nschema = \"{schema}\"\ncolumns = \"{columns}\"\nanonymize = \"{anonymize}\"\n",
                 kek = toml_path(&kek),
+                secret = toml_path(&secret),
+                sp = toml_path(&policy_dir.join(format!("site-policy-{site}.toml"))),
                 w = toml_path(&site_dir.join("work")),
                 c = toml_path(&certs),
                 crl = toml_path(&crl),
                 name = p.schema_name,
                 csv = toml_path(&csv),
                 schema = toml_path(&data_dir.join(p.schema)),
+                columns = toml_path(&columns),
+                anonymize = toml_path(&anonymize),
             ),
         )?;
         let log = site_dir.join("node.log");
@@ -368,6 +507,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         toml::from_str(p.job).context("the built-in demo job spec is not valid TOML")?;
     if let Some(r) = args.rounds {
         spec.insert("rounds".into(), toml::Value::Integer(r.into()));
+    }
+    match args.epsilon {
+        Some(e) if e.is_infinite() => {
+            spec.remove("privacy");
+        }
+        Some(e) => {
+            if let Some(toml::Value::Table(privacy)) = spec.get_mut("privacy") {
+                privacy.insert("target_epsilon".into(), toml::Value::Float(e));
+            }
+        }
+        None => {}
     }
     spec.insert(
         "sites".into(),
@@ -402,6 +552,36 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         status.rounds_total,
         &status.spec_digest[..16]
     );
+    // 6. Each hospital's compliance officer signs the job's digest; the job starts with the last.
+    let digest: tutela_protocol::job::SpecDigest = status.spec_digest.parse()?;
+    for (site, officer) in &officers {
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let approval = tutela_policy::Approval::sign(
+            &officer.key_pem,
+            &officer.cert_pem,
+            &status.job_id,
+            &digest,
+            now_ms,
+            now_ms + 86_400_000,
+        )?;
+        let as_officer = Connection {
+            coordinator: format!("localhost:{port}"),
+            tls: ClientTlsArgs {
+                tls_dir: certs.clone(),
+                stem: format!("officer-{site}"),
+                crl: Some(crl.clone()),
+            },
+        };
+        as_officer
+            .jobs()
+            .await?
+            .approve_job(pb::ApproveJobRequest {
+                approval: Some(approval.to_pb()),
+            })
+            .await
+            .with_context(|| format!("the coordinator refused {}'s approval", officer.identity))?;
+        println!("approved by {} (signed spec digest)", officer.identity);
+    }
 
     let bar = ProgressBar::new(u64::from(status.rounds_total));
     bar.set_style(
@@ -424,12 +604,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .iter()
                 .map(|m| format!("{} {:.3}", m.site, m.eval_accuracy))
                 .collect();
+            // The largest ε any site has spent on this job so far (DP-SGD at the sites).
+            let epsilon = r.metrics.iter().map(|m| m.dp_job_epsilon).fold(0.0, f64::max);
             let line = format!(
-                "round {:>2}  accuracy {:.4}  ({})  {:.2}s{}",
+                "round {:>2}  accuracy {:.4}  ({})  {:.2}s{}{}",
                 r.round,
                 r.eval_accuracy,
                 per_site.join(", "),
                 r.seconds,
+                if epsilon > 0.0 {
+                    format!("  ε {epsilon:.2}")
+                } else {
+                    String::new()
+                },
                 if r.refused.is_empty() {
                     String::new()
                 } else {

@@ -3,6 +3,7 @@
 //! This file parses arguments and dispatches; each command family lives in its own module
 //! (`pki_cmd`, ...) and calls library code that is tested on its own.
 
+mod audit_cmd;
 mod bench_cmd;
 mod demo;
 mod job_cmd;
@@ -49,6 +50,10 @@ enum Command {
     /// Privacy accounting for DP-SGD: the ε a training run spends, or the noise it needs.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
+    /// The audit log, for compliance officers: list events, verify the whole log, prove an
+    /// event, a model's lineage, a job's report.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
+        Command::Audit(cmd) => block_on(audit_cmd::run(cmd)),
         Command::Ping(args) => block_on(net_cmd::ping(args)),
         Command::Bench(cmd) => block_on(bench_cmd::run(cmd)),
         Command::Job(cmd) => block_on(job_cmd::run(cmd)),

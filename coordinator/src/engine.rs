@@ -43,6 +43,9 @@ pub struct Engine {
     /// Bumped whenever a job changes, for `WatchJob`.
     changes: Mutex<HashMap<String, watch::Sender<u64>>>,
     cancels: Mutex<HashMap<String, CancellationToken>>,
+    /// Set when the coordinator runs with a `[policy]`: jobs then wait in `proposed` until their
+    /// approval quorum is met. Unset: jobs start when submitted.
+    pub approvals: std::sync::OnceLock<Arc<crate::approvals::ApprovalGate>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,7 @@ impl Engine {
             state_dir,
             changes: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            approvals: std::sync::OnceLock::new(),
         }))
     }
 
@@ -138,14 +142,30 @@ impl Engine {
         Ok(n)
     }
 
-    /// Creates a job from its spec and starts it.
+    /// Creates a job from its spec and starts it (see [`Engine::submit_by`]).
     pub async fn submit(self: &Arc<Self>, spec_toml: &str) -> Result<JobId, EngineError> {
+        self.submit_by(spec_toml, None).await
+    }
+
+    /// Creates a job submitted by `submitter`. With approvals required it stays `proposed` until
+    /// its quorum is met ([`Engine::try_start`]); otherwise it starts at once.
+    pub async fn submit_by(
+        self: &Arc<Self>,
+        spec_toml: &str,
+        submitter: Option<&str>,
+    ) -> Result<JobId, EngineError> {
         let spec = JobSpec::from_toml_str(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
         let digest = spec.digest();
         let id = self.store.create_job(spec_toml, &spec, &digest).await?;
-        // Approvals (a later issue) will gate this transition; today a job starts at once.
+        if let Some(who) = submitter {
+            self.store.record_submitter(&id, who).await?;
+        }
+        if self.approvals.get().is_some() {
+            drop(self.subscribe(id.as_str()));
+            return Ok(id);
+        }
         self.store
             .set_job_state(&id, JobState::Proposed, JobState::Running, None)
             .await?;
@@ -153,9 +173,59 @@ impl Engine {
         Ok(id)
     }
 
-    pub async fn cancel(&self, job: &JobId, reason: &str) -> Result<(), EngineError> {
+    /// Where a job's approvals stand, when approvals are required.
+    pub async fn standing(
+        &self,
+        job: &crate::store::JobRecord,
+    ) -> Result<Option<crate::approvals::Standing>, EngineError> {
+        let Some(gate) = self.approvals.get() else {
+            return Ok(None);
+        };
+        let records = self.store.approvals(&job.id).await?;
+        Ok(Some(gate.standing(job, &records, now_ms())))
+    }
+
+    /// Starts a proposed job if its approval quorum is met; returns whether it started.
+    pub async fn try_start(self: &Arc<Self>, id: &JobId) -> Result<bool, EngineError> {
+        let job = self.get_job(id).await?;
+        if job.state != JobState::Proposed {
+            return Ok(false);
+        }
+        let met = match self.standing(&job).await? {
+            Some(s) => s.quorum.is_met(),
+            None => true,
+        };
+        if met {
+            self.store
+                .set_job_state(id, JobState::Proposed, JobState::Running, None)
+                .await?;
+            tracing::info!(job = %id, "approval quorum met: job starts");
+            self.spawn(id.clone());
+        }
+        self.changed(id);
+        Ok(met)
+    }
+
+    /// Replaces a proposed job's spec; the new digest voids the approvals so far.
+    pub async fn amend(&self, id: &JobId, spec_toml: &str) -> Result<(), EngineError> {
+        let spec = JobSpec::from_toml_str(spec_toml)?;
+        StrategyConfig::from_spec(spec.strategy.as_ref())
+            .map_err(|e| EngineError::Strategy(e.to_string()))?;
         self.store
-            .set_job_state(job, JobState::Running, JobState::Cancelled, Some(reason))
+            .amend_job(id, spec_toml, &spec, &spec.digest())
+            .await?;
+        self.changed(id);
+        Ok(())
+    }
+
+    pub async fn cancel(&self, job: &JobId, reason: &str) -> Result<(), EngineError> {
+        // A proposed job (waiting for approvals) is cancelled without ever running.
+        let from = match self.get_job(job).await?.state {
+            JobState::Proposed => JobState::Proposed,
+            _ => JobState::Running,
+        };
+        self.store
+            .set_job_state(job, from, JobState::Cancelled, Some(reason))
             .await?;
         if let Some(t) = self
             .cancels
@@ -206,11 +276,19 @@ impl Engine {
         let job = self.get_job(job_id).await?;
         let spec = JobSpec::from_toml_str(&job.spec_toml)?;
         let digest_hex = job.spec_digest.to_hex();
+        // The approvals that count go with every task, for the nodes to verify themselves.
+        let approvals = match self.standing(&job).await? {
+            Some(s) => s.counting,
+            None => Vec::new(),
+        };
+        let submitted_by = self.store.submitter(job_id).await?.unwrap_or_default();
         let ctx = JobCtx {
             id: job_id,
             spec: &spec,
             spec_toml: &job.spec_toml,
             digest_hex: &digest_hex,
+            approvals: &approvals,
+            submitted_by: &submitted_by,
         };
         let mut strategy = StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?
@@ -315,6 +393,8 @@ impl Engine {
             global_model_id: model_id.to_string(),
             strategy_config_json: strategy_json.to_string(),
             deadline_unix_ms: deadline_ms,
+            approvals: job.approvals.to_vec(),
+            submitted_by: job.submitted_by.to_string(),
         }
     }
 
@@ -606,6 +686,8 @@ struct JobCtx<'a> {
     spec: &'a JobSpec,
     spec_toml: &'a str,
     digest_hex: &'a str,
+    approvals: &'a [pb::SignedApproval],
+    submitted_by: &'a str,
 }
 
 fn describe_refusals(refused: &[(String, String)]) -> String {

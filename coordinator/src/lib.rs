@@ -7,6 +7,9 @@
 //! last completed round.
 
 pub mod aggregate;
+pub mod approvals;
+pub mod audit_trail;
+pub mod central_dp;
 pub mod engine;
 pub mod job;
 pub mod nodes;
@@ -41,10 +44,34 @@ pub struct Config {
     #[serde(default = "default_reload_secs")]
     pub tls_reload_secs: u64,
     pub tls: TlsFiles,
+    /// The audit service to record events at (see `audit_trail`); absent: audit disabled.
+    #[serde(default)]
+    pub audit: Option<audit_trail::AuditConfig>,
+    /// Authorization and approvals (casbin model and policy). Absent: the built-in role checks
+    /// (operators manage jobs, site users read them) and jobs start without approval.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
 }
 
 fn default_reload_secs() -> u64 {
     10
+}
+
+/// `[policy]` of coordinator.toml.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The casbin model (deploy/policy/model.conf).
+    pub model: PathBuf,
+    /// The consortium's policy: roles, grants and approval quorum rules (deploy/policy/policy.csv).
+    pub policy: PathBuf,
+    /// How often, in seconds, the two files are checked for changes. Default 5.
+    #[serde(default = "default_policy_reload_secs")]
+    pub reload_secs: u64,
+}
+
+fn default_policy_reload_secs() -> u64 {
+    5
 }
 
 impl Config {
@@ -59,6 +86,8 @@ impl Config {
 pub struct Coordinator {
     pub config: Config,
     pub tls: Arc<ReloadingServerConfig>,
+    /// The consortium policy, when `[policy]` is configured (main reloads it on SIGHUP).
+    pub authorizer: Option<Arc<tutela_policy::Authorizer>>,
     listener: tokio::net::TcpListener,
 }
 
@@ -72,12 +101,22 @@ impl Coordinator {
                 config.tls.cert.display()
             );
         }
+        let authorizer = match &config.policy {
+            Some(p) => Some(tutela_policy::Authorizer::load(&p.model, &p.policy).await?),
+            None => {
+                tracing::warn!(
+                    "no [policy]: built-in role checks only, and jobs start without approval"
+                );
+                None
+            }
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         Ok(Coordinator {
             config,
             tls,
+            authorizer,
             listener,
         })
     }
@@ -103,6 +142,27 @@ impl Coordinator {
         let model_dir = self.config.data_dir.join("models");
         let engine =
             engine::Engine::new(db, model_dir.clone(), self.config.data_dir.join("state"))?;
+        // Every Tutela service sits behind the enforcement layer; without a [policy] it is off.
+        let enforce = match &self.authorizer {
+            Some(authz) => {
+                let gate = approvals::ApprovalGate::new(authz.clone(), self.tls.clone());
+                let _ = engine.approvals.set(Arc::new(gate));
+                let reload = self.config.policy.as_ref().map_or(5, |p| p.reload_secs);
+                authz.spawn_watcher(Duration::from_secs(reload.max(1)));
+                // Decisions go to the audit trail of `[audit]` (logged only without one).
+                let trail = match &self.config.audit {
+                    Some(a) => audit_trail::AuditTrail::connect(a, &self.tls.material())?,
+                    None => audit_trail::AuditTrail::disabled(),
+                };
+                tutela_policy::EnforceLayer::new(
+                    authz.clone(),
+                    Arc::new(approvals::AuditDecisionSink {
+                        trail: Arc::new(trail),
+                    }),
+                )
+            }
+            None => tutela_policy::EnforceLayer::off(),
+        };
         let resumed = engine.resume().await?;
         if resumed > 0 {
             tracing::info!(jobs = resumed, "resumed running jobs");
@@ -130,10 +190,10 @@ impl Coordinator {
         .max_encoding_message_size(tutela_protocol::server::MAX_MESSAGE_BYTES);
         let jobs = pb::jobs_server::JobsServer::new(service::JobsService { engine });
         let router = router
-            .add_service(federation)
-            .add_service(jobs)
-            .add_service(services::identity_service())
-            .add_service(store.into_service());
+            .add_service(enforce.wrap(federation))
+            .add_service(enforce.wrap(jobs))
+            .add_service(enforce.wrap(services::identity_service()))
+            .add_service(enforce.wrap(store.into_service()));
         let _watcher = self
             .tls
             .spawn_watcher(Duration::from_secs(self.config.tls_reload_secs.max(1)));

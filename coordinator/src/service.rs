@@ -243,6 +243,36 @@ impl JobsService {
     async fn status(&self, id: &JobId) -> Result<pb::JobStatus, Status> {
         job_status(&self.engine, id).await.map_err(Status::from)
     }
+
+    /// Without a `[policy]` the coordinator keeps its built-in role checks; with one, the
+    /// enforcement layer has decided before the handler runs.
+    fn legacy_checks(&self) -> bool {
+        self.engine.approvals.get().is_none()
+    }
+
+    fn gate(&self) -> Result<&crate::approvals::ApprovalGate, Status> {
+        self.engine.approvals.get().map(|g| g.as_ref()).ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator runs without a [policy]: jobs need no approval",
+            )
+        })
+    }
+
+    /// The job, required to be proposed (approvals are given and taken back before it starts).
+    async fn proposed(&self, id: &JobId) -> Result<crate::store::JobRecord, Status> {
+        let job = self.engine.get_job(id).await?;
+        if job.state != JobState::Proposed {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {}: approvals are given, withdrawn or refused only before a job starts",
+                job.state
+            )));
+        }
+        Ok(job)
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// The operator's view of a job, from the store and the node registry.
@@ -255,7 +285,23 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
         .await?
         .unwrap_or_default();
     let state = job.state;
+    let standing = engine.standing(&job).await?;
+    let submitted_by = engine.store.submitter(id).await?.unwrap_or_default();
+    let (approvals, approvals_gathered, approvals_missing) = match &standing {
+        Some(s) => (s.approvals.clone(), s.quorum.gathered(), s.quorum.missing()),
+        None => Default::default(),
+    };
+    let waiting_reason = if state == JobState::Proposed && !approvals_missing.is_empty() {
+        format!("waiting for approvals: {}", approvals_missing.join("; "))
+    } else {
+        String::new()
+    };
     Ok(pb::JobStatus {
+        approvals,
+        approvals_gathered,
+        approvals_missing,
+        waiting_reason,
+        submitted_by,
         job_id: id.to_string(),
         name: job.name.clone(),
         state: state.as_str().to_string(),
@@ -293,6 +339,11 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                             train_samples: m.train_samples,
                             train_loss: m.train_loss,
                             train_seconds: m.train_seconds,
+                            dataset_commitment: m.dataset_commitment.clone(),
+                            deid_config_sha256: m.deid_config_sha256.clone(),
+                            dp_round_epsilon: m.dp_round_epsilon,
+                            dp_job_epsilon: m.dp_job_epsilon,
+                            dp_delta: m.dp_delta,
                         })
                         .collect(),
                     refused: r
@@ -320,9 +371,14 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        require_operator(&request)?;
+        if self.legacy_checks() {
+            require_operator(&request)?;
+        }
         let who = caller(&request)?.identity.clone();
-        let id = self.engine.submit(&request.get_ref().spec_toml).await?;
+        let id = self
+            .engine
+            .submit_by(&request.get_ref().spec_toml, Some(&who.uri()))
+            .await?;
         tracing::info!(job = %id, operator = %who, "job submitted");
         Ok(Response::new(self.status(&id).await?))
     }
@@ -331,7 +387,9 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        require_reader(&request)?;
+        if self.legacy_checks() {
+            require_reader(&request)?;
+        }
         let id = parse_job_id(&request.get_ref().job_id)?;
         Ok(Response::new(self.status(&id).await?))
     }
@@ -340,7 +398,9 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsReply>, Status> {
-        require_reader(&request)?;
+        if self.legacy_checks() {
+            require_reader(&request)?;
+        }
         let jobs = self
             .engine
             .store
@@ -360,7 +420,9 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<StatusStream>, Status> {
-        require_reader(&request)?;
+        if self.legacy_checks() {
+            require_reader(&request)?;
+        }
         let id = parse_job_id(&request.get_ref().job_id)?;
         let engine = self.engine.clone();
         let mut changes = engine.subscribe(id.as_str());
@@ -397,7 +459,9 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        require_operator(&request)?;
+        if self.legacy_checks() {
+            require_operator(&request)?;
+        }
         let id = parse_job_id(&request.get_ref().job_id)?;
         let reason = format!(
             "cancelled by {}: {}",
@@ -406,5 +470,91 @@ impl pb::jobs_server::Jobs for JobsService {
         );
         self.engine.cancel(&id, &reason).await?;
         Ok(Response::new(self.status(&id).await?))
+    }
+
+    async fn approve_job(
+        &self,
+        request: Request<pb::ApproveJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let gate = self.gate()?;
+        let who = caller(&request)?.identity.clone();
+        let wire = request
+            .get_ref()
+            .approval
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("ApproveJob carries no approval"))?;
+        let approval =
+            crate::approvals::from_pb(wire).map_err(Status::invalid_argument)?;
+        let id = parse_job_id(&approval.job_id)?;
+        let job = self.proposed(&id).await?;
+        match gate.check_new(&approval, &job, &who, now_unix_ms()) {
+            Ok(v) => {
+                self.engine
+                    .store
+                    .record_approval(&id, &v.signer.uri(), &approval)
+                    .await
+                    .map_err(EngineError::from)?;
+                tracing::info!(target: "tutela::audit", event = "job.approved", job = %id, signer = %v.signer, spec_digest = %approval.spec_digest, signature = %hex::encode(&approval.signature), expires_at_ms = approval.expires_at_ms, "approval recorded");
+                self.engine.try_start(&id).await?;
+                Ok(Response::new(self.status(&id).await?))
+            }
+            Err(why) => {
+                tracing::warn!(target: "tutela::audit", event = "job.approval_refused", job = %id, caller = %who, reason = %why, "approval refused");
+                Err(Status::permission_denied(format!("approval refused: {why}")))
+            }
+        }
+    }
+
+    async fn reject_job(
+        &self,
+        request: Request<pb::RejectJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        self.gate()?;
+        let who = caller(&request)?.identity.clone();
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        self.proposed(&id).await?;
+        let reason = format!("rejected by {who}: {}", request.get_ref().reason);
+        tracing::info!(target: "tutela::audit", event = "job.rejected", job = %id, signer = %who, reason = %request.get_ref().reason, "job rejected");
+        self.engine.cancel(&id, &reason).await?;
+        Ok(Response::new(self.status(&id).await?))
+    }
+
+    async fn withdraw_approval(
+        &self,
+        request: Request<pb::WithdrawApprovalRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        self.gate()?;
+        let who = caller(&request)?.identity.clone();
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        self.proposed(&id).await?;
+        let n = self
+            .engine
+            .store
+            .withdraw_approval(&id, &who.uri())
+            .await
+            .map_err(EngineError::from)?;
+        if n == 0 {
+            return Err(Status::not_found(format!(
+                "{who} has no standing approval of job {id} to withdraw"
+            )));
+        }
+        tracing::info!(target: "tutela::audit", event = "job.approval_withdrawn", job = %id, signer = %who, "approval withdrawn");
+        Ok(Response::new(self.status(&id).await?))
+    }
+
+    async fn amend_job(
+        &self,
+        request: Request<pb::AmendJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        if self.legacy_checks() {
+            require_operator(&request)?;
+        }
+        let who = caller(&request)?.identity.clone();
+        let id = parse_job_id(&request.get_ref().job_id)?;
+        self.proposed(&id).await?;
+        self.engine.amend(&id, &request.get_ref().spec_toml).await?;
+        let status = self.status(&id).await?;
+        tracing::info!(target: "tutela::audit", event = "job.amended", job = %id, operator = %who, spec_digest = %status.spec_digest, "job spec amended: earlier approvals no longer count");
+        Ok(Response::new(status))
     }
 }

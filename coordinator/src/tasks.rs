@@ -39,6 +39,20 @@ pub struct SiteMetrics {
     pub eval_loss: f64,
     pub eval_accuracy: f64,
     pub eval_samples: u64,
+    /// The site's dataset commitment (hex), for lineage; empty when the node sent none.
+    #[serde(default)]
+    pub dataset_commitment: String,
+    /// SHA-256 of the site's anonymization configuration (hex); empty when none.
+    #[serde(default)]
+    pub deid_config_sha256: String,
+    /// ε this round's DP-SGD spent on the site's dataset, and ε of the job there so far (both
+    /// at `dp_delta`), as the site's own accountant reports them; 0 without DP.
+    #[serde(default)]
+    pub dp_round_epsilon: f64,
+    #[serde(default)]
+    pub dp_job_epsilon: f64,
+    #[serde(default)]
+    pub dp_delta: f64,
 }
 
 /// How a task ended.
@@ -220,6 +234,28 @@ fn parse_meta<T: std::str::FromStr>(m: &Manifest, key: &str) -> Result<Option<T>
     }
 }
 
+/// A metadata value that must be a finite number >= 0, or absent (0).
+fn finite_meta(m: &Manifest, key: &str) -> Result<f64, SinkError> {
+    match parse_meta::<f64>(m, key)? {
+        None => Ok(0.0),
+        Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Some(x) => Err(SinkError::Rejected(format!(
+            "manifest metadata {key} = {x} is not a finite number >= 0"
+        ))),
+    }
+}
+
+/// A metadata value that must be a SHA-256 digest in lowercase hex, or absent (empty).
+fn hex_meta(m: &Manifest, key: &str) -> Result<String, SinkError> {
+    match m.metadata.get(key) {
+        None => Ok(String::new()),
+        Some(v) if crate::job::is_hex_digest(v) => Ok(v.clone()),
+        Some(v) => Err(SinkError::Rejected(format!(
+            "manifest metadata {key} = {v:?} is not a SHA-256 digest (64 lowercase hex digits)"
+        ))),
+    }
+}
+
 enum Inner {
     Unrouted,
     Model(SafetensorsFileSink),
@@ -307,6 +343,11 @@ impl TensorSink for RoutingSink {
         m.eval_loss = parse_meta(manifest, meta::EVAL_LOSS)?.unwrap_or(0.0);
         m.eval_accuracy = parse_meta(manifest, meta::EVAL_ACCURACY)?.unwrap_or(0.0);
         m.eval_samples = parse_meta(manifest, meta::EVAL_SAMPLES)?.unwrap_or(0);
+        m.dataset_commitment = hex_meta(manifest, meta::DATASET_COMMITMENT)?;
+        m.deid_config_sha256 = hex_meta(manifest, meta::DEID_CONFIG)?;
+        m.dp_round_epsilon = finite_meta(manifest, meta::DP_ROUND_EPSILON)?;
+        m.dp_job_epsilon = finite_meta(manifest, meta::DP_JOB_EPSILON)?;
+        m.dp_delta = finite_meta(manifest, meta::DP_DELTA)?;
         match destination {
             Destination::InitialModel { model_dir } => {
                 let mut sink = SafetensorsFileSink::content_addressed(model_dir);

@@ -94,6 +94,15 @@ fn spec_with(path: &str, value: toml::Value) -> String {
     toml::to_string(&table).expect("serializable")
 }
 
+/// A `[privacy]` table for DP-SGD at the sites with the given target ε.
+fn privacy_table(target_epsilon: f64) -> toml::Value {
+    let mut t = toml::Table::new();
+    t.insert("mode".into(), toml::Value::String("local".into()));
+    t.insert("target_epsilon".into(), toml::Value::Float(target_epsilon));
+    t.insert("max_grad_norm".into(), toml::Value::Float(1.0));
+    toml::Value::Table(t)
+}
+
 fn spec_without(key: &str) -> String {
     let mut table = spec_table();
     table.remove(key);
@@ -411,7 +420,7 @@ fn every_validation_error_names_its_key() {
         ),
         (spec_with("strategy.mu", V::Float(f64::NAN)), "strategy.mu"),
         (
-            spec_with("privacy.target_epsilon", V::Float(f64::INFINITY)),
+            spec_with("privacy", privacy_table(f64::INFINITY)),
             "privacy.target_epsilon",
         ),
     ];
@@ -509,7 +518,8 @@ fn digest_changes_when_any_field_changes() {
         spec_with("training.weight_decay", V::Float(1e-4)),
         spec_with("training.momentum", V::Float(0.8)),
         spec_with("strategy", V::Table(strategy)),
-        spec_with("privacy.target_epsilon", V::Float(3.0)),
+        spec_with("privacy", privacy_table(3.0)),
+        spec_with("privacy", privacy_table(8.0)),
     ];
     let (_, _, base) = spec();
     let mut digests = HashSet::new();
@@ -1461,7 +1471,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
 
         let store = open(db).await;
         let info = store.describe().await.expect("describe");
-        assert_eq!(info.schema_version, 1);
+        assert_eq!(info.schema_version, 2);
         assert_eq!(
             store.get_job(&job).await.expect("get").expect("job").state,
             JobState::Running
@@ -1533,7 +1543,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
             .fetch_one(&pool)
             .await
             .expect("count");
-        assert_eq!(n, 1, "[{}] one migration row", db.label);
+        assert_eq!(n, 2, "[{}] one row per migration", db.label);
         assert_eq!(store.rounds(&job).await.expect("rounds").len(), 3);
         pool.close().await;
         store.close().await;
@@ -1570,7 +1580,7 @@ async fn migrations_refuse_an_edited_or_newer_schema() {
                 e,
                 StoreError::SchemaTooNew {
                     found: 999,
-                    known: 1,
+                    known: 2,
                     ..
                 }
             ),
@@ -1594,7 +1604,7 @@ async fn sqlite_store_runs_wal_with_synchronous_full() {
     assert_eq!(info.backend, Backend::Sqlite);
     assert_eq!(info.sqlite_journal_mode.as_deref(), Some("wal"));
     assert_eq!(info.sqlite_synchronous, Some(2), "2 is FULL");
-    assert_eq!(info.schema_version, 1);
+    assert_eq!(info.schema_version, 2);
     store.close().await;
 
     let e = Store::open("mysql://root:pw@localhost/x")

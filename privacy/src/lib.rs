@@ -10,10 +10,13 @@
 //!   power-of-two grid (no information in the low bits);
 //! - [`anonymize`]: column roles, pseudonymization, generalization, date shifting, k-anonymity
 //!   with l-diversity, free-text PII redaction, de-identification reports;
-//! - [`at_rest`]: chunked AES-256-GCM files under wrapped per-file keys, with rotation.
+//! - [`at_rest`]: chunked AES-256-GCM files under wrapped per-file keys, with rotation;
+//! - [`ledger`]: a site's per-dataset privacy ledger, composed tightly across jobs, with caps.
 
 pub mod accountant;
 pub mod anonymize;
 pub mod at_rest;
+pub mod commitment;
+pub mod ledger;
 pub mod noise;
 pub mod sampling;

@@ -19,4 +19,17 @@ pub mod meta {
     pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
     /// ... and the number of validation rows.
     pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
+    /// The salted Merkle root (hex) over the site's anonymized dataset rows
+    /// (`tutela_privacy::commitment`), for the model's lineage; absent when the node has no
+    /// site secret.
+    pub const DATASET_COMMITMENT: &str = "tutela.dataset.commitment";
+    /// SHA-256 (hex) of the anonymization configuration the dataset went through (the
+    /// de-identification report's `config_sha256`); absent for a dataset without one.
+    pub const DEID_CONFIG: &str = "tutela.dataset.deid_config_sha256";
+    /// ε this round's DP-SGD spent on the site's dataset (at [`DP_DELTA`]); absent without DP.
+    pub const DP_ROUND_EPSILON: &str = "tutela.dp.round_epsilon";
+    /// ε the job has spent on the site's dataset so far, rounds composed by the accountant.
+    pub const DP_JOB_EPSILON: &str = "tutela.dp.job_epsilon";
+    /// The δ both ε figures are stated at.
+    pub const DP_DELTA: &str = "tutela.dp.delta";
 }

@@ -69,7 +69,9 @@ use crate::at_rest::EncryptedSafetensorsSink;
 use crate::config::{Corruption, DeviceChoice, NodeConfig, TestingConfig};
 use crate::data::DataError;
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
-use crate::local::LocalDataset;
+use crate::data::DatasetSchema;
+use crate::dataset::SiteDataset;
+use crate::ledger::{RoundSpend, SiteLedgers};
 use crate::models::{Model, ModelError};
 use crate::train::{TrainError, evaluate, train_local};
 use crate::weights::{
@@ -118,6 +120,8 @@ pub enum AgentError {
     ServerIdentity(String),
     #[error("`device = \"cuda\"`, but libtorch sees no CUDA GPU; use \"auto\" or \"cpu\"")]
     NoCuda,
+    #[error("{0}")]
+    SitePolicy(String),
     #[error("`work_dir` {}: {source}", .path.display())]
     WorkDir {
         path: PathBuf,
@@ -131,6 +135,8 @@ pub enum AgentError {
         #[source]
         source: Box<DataError>,
     },
+    #[error("`site_secret_file`: {0}")]
+    SiteSecret(String),
 }
 
 /// Why the node will not do a task; decided before any data is touched.
@@ -146,6 +152,12 @@ pub enum Refusal {
     UnknownSchema { schema: String, known: String },
     #[error("a TRAIN task must name its global model (global_model_id is empty)")]
     NoGlobalModel,
+    /// The job's planned privacy spend would pass a cap of the site's budget (with the numbers).
+    #[error("{0}")]
+    PrivacyBudget(String),
+    /// Not approved by this site's officers, or against the site policy (naming the clause).
+    #[error("{0}")]
+    Policy(#[from] crate::approvals::ApprovalRefusal),
 }
 
 impl Refusal {
@@ -169,19 +181,44 @@ pub struct Admitted {
     pub work: Work,
     pub job: JobView,
     pub strategy: StrategyView,
-    pub dataset: Arc<LocalDataset>,
+    /// The dataset the job's schema names; not read yet (see [`SiteDataset::load`]).
+    pub dataset: Arc<SiteDataset>,
+    /// The task's job, for the privacy ledger.
+    pub job_id: String,
+    /// The site's privacy ledgers, when it keeps a budget (see [`crate::ledger`]).
+    pub ledgers: Option<Arc<SiteLedgers>>,
 }
 
 /// The checks a task passes before the node touches data: the seam where local policy, signed
 /// approvals and the privacy budget will plug in.
 #[derive(Debug, Clone)]
 pub struct TaskGate {
-    datasets: BTreeMap<String, Arc<LocalDataset>>,
+    datasets: BTreeMap<String, Arc<SiteDataset>>,
+    ledgers: Option<Arc<SiteLedgers>>,
+    /// The site policy and approval check (`site_policy` in node.toml); `None`: not checked.
+    approvals: Option<Arc<crate::approvals::SiteApprovals>>,
 }
 
 impl TaskGate {
-    pub fn new(datasets: BTreeMap<String, Arc<LocalDataset>>) -> Self {
-        TaskGate { datasets }
+    pub fn new(datasets: BTreeMap<String, Arc<SiteDataset>>) -> Self {
+        TaskGate {
+            datasets,
+            ledgers: None,
+            approvals: None,
+        }
+    }
+
+    /// Requires every task to carry a valid approval by one of this site's compliance officers
+    /// and to satisfy the site policy, checked before any data is read.
+    pub fn with_approvals(mut self, approvals: crate::approvals::SiteApprovals) -> Self {
+        self.approvals = Some(Arc::new(approvals));
+        self
+    }
+
+    /// Checks every TRAIN task's planned privacy spend against these ledgers' caps.
+    pub fn with_ledgers(mut self, ledgers: Arc<SiteLedgers>) -> Self {
+        self.ledgers = Some(ledgers);
+        self
     }
 
     /// The schema names this node has data for.
@@ -217,16 +254,40 @@ impl TaskGate {
                 schema: job.data.schema.clone(),
                 known: self.dataset_names().join(", "),
             })?;
+        if let Some(approvals) = &self.approvals {
+            // The ledger's own caps are checked below with the DP plan; the site policy's budget
+            // clause weighs the job's target ε against what the dataset has spent already.
+            let spent = match &self.ledgers {
+                Some(ledgers) => ledgers
+                    .spent(dataset.name())
+                    .map_err(|e| Refusal::PrivacyBudget(e.to_string()))?,
+                None => 0.0,
+            };
+            approvals.check(task, now_ms, spent)?;
+        }
         let strategy = StrategyView::from_json(&task.strategy_config_json)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         if work == Work::Train && task.global_model_id.is_empty() {
             return Err(Refusal::NoGlobalModel);
+        }
+        if work == Work::Train
+            && let Some(ledgers) = &self.ledgers
+        {
+            // The model's size enters the noise grid's correction; building it reads no data.
+            let dimension = build_model(&job, dataset.schema(), dataset.n_features(), Device::Cpu)
+                .map_err(|e| Refusal::JobSpec(e.to_string()))?
+                .parameter_count();
+            ledgers
+                .check(&task.job_id, dataset.name(), &job, dimension)
+                .map_err(Refusal::PrivacyBudget)?;
         }
         Ok(Admitted {
             work,
             job,
             strategy,
             dataset,
+            job_id: task.job_id.clone(),
+            ledgers: self.ledgers.clone(),
         })
     }
 }
@@ -381,21 +442,29 @@ impl Agent {
                 None
             }
         };
+        let site_secret = match &config.site_secret_file {
+            Some(path) => Some(
+                tutela_privacy::at_rest::read_secret_file_outside(path, &config.work_dir)
+                    .map_err(|e| AgentError::SiteSecret(e.to_string()))?,
+            ),
+            None => None,
+        };
         let mut datasets = BTreeMap::new();
         for (name, d) in &config.datasets {
-            let dataset = LocalDataset::load(name, d).map_err(|source| AgentError::Dataset {
-                name: name.clone(),
-                source: Box::new(source),
-            })?;
+            // Checks the schema, the column declaration and the anonymization pipeline; reads
+            // no record (that waits for the first task the node admits).
+            let dataset = SiteDataset::prepare(name, d, site_secret.as_deref()).map_err(
+                |source| AgentError::Dataset {
+                    name: name.clone(),
+                    source: Box::new(source),
+                },
+            )?;
             tracing::info!(
                 dataset = %name,
-                csv = %d.csv.display(),
-                train_rows = dataset.train.n_rows,
-                validation_rows = dataset.validation.n_rows,
+                path = %d.path.display(),
                 features = dataset.n_features(),
-                classes = dataset.train.n_classes(),
-                statistics = ?dataset.statistics,
-                "dataset loaded"
+                anonymized = dataset.is_anonymized(),
+                "dataset ready (read when a task first needs it)"
             );
             datasets.insert(name.clone(), Arc::new(dataset));
         }
@@ -405,13 +474,30 @@ impl Agent {
                 "[testing] is set: this node misbehaves on purpose; never use this config in production"
             );
         }
+        // The privacy ledgers live in the work directory, encrypted like everything else there.
+        let ledgers = Arc::new(SiteLedgers::new(
+            config.work_dir.join("privacy-ledger"),
+            kek.clone(),
+            config.privacy.clone(),
+        ));
         Ok(Agent {
             identity,
             coordinator,
             device,
             models_dir,
             kek,
-            gate: TaskGate::new(datasets),
+            gate: match &config.site_policy {
+                Some(path) => TaskGate::new(datasets).with_ledgers(ledgers).with_approvals(
+                    crate::approvals::SiteApprovals::load(&config.site, path, &material)
+                        .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
+                ),
+                None => {
+                    tracing::warn!(
+                        "no `site_policy`: tasks run without this site's own approval check"
+                    );
+                    TaskGate::new(datasets).with_ledgers(ledgers)
+                }
+            },
             filters: Vec::new(),
             config,
         })
@@ -731,7 +817,12 @@ async fn initialize(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Res
         "building the job's initial model"
     );
     let weights = tokio::task::spawn_blocking(move || {
-        initial_weights(&admitted.job, &admitted.dataset, device)
+        initial_weights(
+            &admitted.job,
+            admitted.dataset.schema(),
+            admitted.dataset.n_features(),
+            device,
+        )
     })
     .await
     .map_err(|e| Failure::Decline(format!("internal error building the model: {e}")))?
@@ -799,6 +890,18 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         ),
         (meta::EVAL_SAMPLES.to_string(), result.eval.n.to_string()),
     ]);
+    let mut metadata = metadata;
+    if let Some(c) = result.dataset_commitment {
+        metadata.insert(meta::DATASET_COMMITMENT.to_string(), c);
+    }
+    if let Some(d) = result.deid_config_sha256 {
+        metadata.insert(meta::DEID_CONFIG.to_string(), d);
+    }
+    if let Some(p) = &result.privacy {
+        metadata.insert(meta::DP_ROUND_EPSILON.to_string(), p.round_epsilon.to_string());
+        metadata.insert(meta::DP_JOB_EPSILON.to_string(), p.job_epsilon.to_string());
+        metadata.insert(meta::DP_DELTA.to_string(), p.delta.to_string());
+    }
     let receipt = upload(shared, update, metadata).await?;
     Ok(Done::Uploaded(receipt))
 }
@@ -920,22 +1023,35 @@ pub enum LocalError {
     },
     #[error("local training: {0}")]
     Train(#[from] TrainError),
+    /// The dataset could not be read or anonymized (the error names the file, line, column).
+    #[error("the local dataset: {0}")]
+    Data(#[source] Box<DataError>),
     #[error("computing the update: {0}")]
     Update(#[source] Box<WeightsError>),
+    /// DP-SGD could not be planned, the budget refuses it, or the ledger could not be written.
+    #[error("privacy: {0}")]
+    Privacy(String),
 }
 
-/// The job's initial weights: its model built from the job's seed for this dataset.
+/// The job's initial weights: its model built from the job's seed for data of `schema` with
+/// `n_features` features. Reads no data.
 pub fn initial_weights(
     job: &JobView,
-    dataset: &LocalDataset,
+    schema: &DatasetSchema,
+    n_features: usize,
     device: Device,
 ) -> Result<NamedTensors, LocalError> {
-    let model = build_model(job, dataset, device)?;
+    let model = build_model(job, schema, n_features, device)?;
     export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))
 }
 
-fn build_model(job: &JobView, dataset: &LocalDataset, device: Device) -> Result<Model, LocalError> {
-    let spec = job.model_spec(&dataset.schema, dataset.n_features())?;
+fn build_model(
+    job: &JobView,
+    schema: &DatasetSchema,
+    n_features: usize,
+    device: Device,
+) -> Result<Model, LocalError> {
+    let spec = job.model_spec(schema, n_features)?;
     Ok(Model::new(job.model_name()?, spec, device, job.seed)?)
 }
 
@@ -949,6 +1065,11 @@ pub struct RoundResult {
     pub train_samples: usize,
     pub train_loss: f64,
     pub train_seconds: f64,
+    /// The dataset commitment (hex) and the anonymization configuration's digest, for lineage.
+    pub dataset_commitment: Option<String>,
+    pub deid_config_sha256: Option<String>,
+    /// What the round spent of the dataset's privacy budget (DP-SGD jobs only).
+    pub privacy: Option<RoundSpend>,
 }
 
 /// Loads the global model at `global_path`, evaluates it on the validation split, trains it on
@@ -962,13 +1083,13 @@ pub fn local_round(
     attempt: u32,
     site: &str,
 ) -> Result<RoundResult, LocalError> {
-    let dataset = &admitted.dataset;
+    let dataset = admitted.dataset.load().map_err(|e| LocalError::Data(Box::new(e)))?;
     let job = &admitted.job;
     let config = job.train_config(
         &admitted.strategy,
         batch_seed(job.seed, round, attempt, site),
     )?;
-    let mut model = build_model(job, dataset, device)?;
+    let mut model = build_model(job, &dataset.schema, dataset.n_features(), device)?;
     let global_err = |source| LocalError::GlobalModel {
         path: global_path.to_path_buf(),
         source: Box::new(source),
@@ -983,7 +1104,7 @@ pub fn local_round(
     };
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
-    let report = train_local(&model, &dataset.train, &config)?;
+    let (report, privacy) = train_round(admitted, &model, &dataset.train, &config)?;
     let local = export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))?;
     // Both lists are sorted by name (export_weights and load_safetensors sort), as delta needs.
     let delta = delta(&local, &global).map_err(|e| LocalError::Update(Box::new(e)))?;
@@ -993,5 +1114,64 @@ pub fn local_round(
         train_samples: dataset.train.n_rows,
         train_loss: report.mean_loss,
         train_seconds: report.seconds,
+        dataset_commitment: dataset.commitment.map(|c| c.root_hex()),
+        deid_config_sha256: dataset.deid.as_ref().map(|r| r.config_sha256.clone()),
+        privacy,
     })
+}
+
+/// Trains one round: DP-SGD when the job says `privacy.mode = "local"` (checked against the
+/// ledger with the real row count first, and the steps that ran recorded afterwards, even when
+/// training fails part-way), plain training otherwise.
+fn train_round(
+    admitted: &Admitted,
+    model: &Model,
+    train: &crate::data::Table,
+    config: &crate::train::TrainConfig,
+) -> Result<(crate::train::TrainReport, Option<RoundSpend>), LocalError> {
+    let job = &admitted.job;
+    let dimension = model.parameter_count();
+    let dataset = admitted.dataset.name();
+    let plan = match &admitted.ledgers {
+        Some(l) => l.check_with_rows(&admitted.job_id, dataset, job, train.n_rows, dimension),
+        None => crate::ledger::plan(job, train.n_rows, dimension),
+    }
+    .map_err(LocalError::Privacy)?;
+    let Some(plan) = plan else {
+        return Ok((train_local(model, train, config)?, None));
+    };
+    let (report, spend) = crate::dp::train_dp(model, train, config, &plan);
+    let spent = match &admitted.ledgers {
+        Some(l) => l
+            .record(&admitted.job_id, dataset, train.n_rows, &plan, &spend, now_ms())
+            .map_err(LocalError::Privacy)?,
+        None => {
+            let eps = |steps| -> Result<f64, LocalError> {
+                if steps == 0 {
+                    return Ok(0.0);
+                }
+                let m = plan.mechanism(steps).map_err(|e| LocalError::Privacy(e.to_string()))?;
+                tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
+                    .map(|g| g.epsilon)
+                    .map_err(|e| LocalError::Privacy(e.to_string()))
+            };
+            let round = eps(spend.steps)?;
+            RoundSpend {
+                round_epsilon: round,
+                job_epsilon: round,
+                dataset_epsilon: round,
+                delta: plan.delta,
+            }
+        }
+    };
+    tracing::info!(
+        round_epsilon = spent.round_epsilon,
+        job_epsilon = spent.job_epsilon,
+        dataset_epsilon = spent.dataset_epsilon,
+        delta = spent.delta,
+        planned_job_epsilon = plan.planned_epsilon,
+        noise_multiplier = plan.noise_multiplier,
+        "privacy spent"
+    );
+    Ok((report?, Some(spent)))
 }

@@ -27,10 +27,16 @@
 //! [`default_device`].
 
 pub mod agent;
+pub mod approvals;
 pub mod at_rest;
+pub mod audit_checkpoint;
 pub mod config;
 pub mod data;
+pub mod dataset;
+pub mod dp;
+pub mod dp_bench;
 pub mod jobspec;
+pub mod ledger;
 pub mod local;
 pub mod models;
 pub mod offline;

@@ -167,7 +167,7 @@ fn config_defaults_and_relative_paths() {
     assert_eq!(c.tls.ca, PathBuf::from("/etc/tutela/ca.crt"));
     assert_eq!(c.work_dir, PathBuf::from("/etc/tutela/work"));
     let d = &c.datasets["breast_cancer"];
-    assert_eq!(d.csv, PathBuf::from("/etc/tutela/bc.csv"));
+    assert_eq!(d.path, PathBuf::from("/etc/tutela/bc.csv"));
     assert_eq!((d.validation_fraction, d.split_seed), (0.2, 0));
     assert_eq!(c.reconnect.initial(), Duration::from_secs(1));
     assert_eq!(c.reconnect.max(), Duration::from_secs(60));
@@ -678,6 +678,7 @@ fn task(id: &str, kind: pb::TaskKind, spec: &str, model_id: &str, strategy: &str
         global_model_id: model_id.into(),
         strategy_config_json: strategy.into(),
         deadline_unix_ms: now_ms() + 60_000,
+        ..Default::default()
     }
 }
 
@@ -1041,10 +1042,11 @@ fn datasets_use_the_schema_statistics_or_else_their_training_split() {
     let (bare, identity) = schema_variants(dir.path());
     let csv = data_dir().join("breast_cancer_wisconsin.csv");
     let config = |schema: &Path| DatasetConfig {
-        csv: csv.clone(),
+        path: csv.clone(),
         schema: schema.to_path_buf(),
         validation_fraction: 0.2,
         split_seed: 3,
+        ..Default::default()
     };
     let raw = load_csv(&csv, &DatasetSchema::load(&bare).unwrap()).unwrap();
 

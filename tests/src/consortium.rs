@@ -23,6 +23,11 @@ pub struct Consortium {
     pub nodes: Vec<(String, ChildGuard)>,
     /// The coordinator's database URL; its SQLite default when `None`.
     pub database_url: Option<String>,
+    /// Appended to coordinator.toml (e.g. a `[policy]` table).
+    pub coordinator_extra: String,
+    /// Top-level keys put at the start of every node.toml started after it is set (e.g.
+    /// `site_policy = "..."`), by site.
+    pub node_top_level: std::collections::BTreeMap<String, String>,
 }
 
 /// A fresh, empty PostgreSQL database on the server of `TUTELA_TEST_POSTGRES_URL` (which the
@@ -107,6 +112,8 @@ impl Consortium {
             coordinator: None,
             nodes: Vec::new(),
             database_url: None,
+            coordinator_extra: String::new(),
+            node_top_level: Default::default(),
         }
     }
 
@@ -128,6 +135,7 @@ impl Consortium {
             Some(url) => format!("database_url = \"{url}\"\n{toml}"),
             None => toml,
         };
+        let toml = format!("{toml}{}", self.coordinator_extra);
         let path = self.dir.join("coordinator.toml");
         std::fs::write(&path, toml).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -154,6 +162,69 @@ impl Consortium {
     pub fn start_node(&mut self, site: &str, header: &str, rows: &[String], extra: &str) {
         let site_dir = self.dir.join("sites").join(site);
         std::fs::create_dir_all(&site_dir).unwrap();
+        let csv = site_dir.join("data.csv");
+        write_csv(&csv, header, rows);
+        let dataset = format!(
+            "[datasets.breast_cancer]\npath = \"{csv}\"\nschema = \"{schema}\"\n",
+            csv = csv.display(),
+            schema = repo_root().join("data/breast_cancer.schema.toml").display(),
+        );
+        self.spawn_node(site, &dataset, extra);
+    }
+
+    /// Like [`start_node`](Self::start_node), but the site's records also carry the demo's
+    /// synthetic identities (names, national IDs, dates of birth, postcodes, notes), which the
+    /// node anonymizes before training with the demo's pipeline and its own site secret. Returns
+    /// the identities, for tests that look for them where they must not be.
+    pub fn start_node_anonymized(
+        &mut self,
+        site: &str,
+        header: &str,
+        rows: &[String],
+        extra: &str,
+    ) -> Vec<tutela_privacy::anonymize::synthetic::SyntheticIdentity> {
+        use tutela_privacy::anonymize::synthetic;
+        let site_dir = self.dir.join("sites").join(site);
+        std::fs::create_dir_all(&site_dir).unwrap();
+        let people = synthetic::synthetic_identities(site.len() as u64 * 31, rows.len());
+        let raw: Vec<String> = people
+            .iter()
+            .zip(rows)
+            .map(|(p, r)| format!("{}{r}", p.csv_prefix()))
+            .collect();
+        let csv = site_dir.join("records.csv");
+        write_csv(
+            &csv,
+            &format!("{}{header}", synthetic::identity_header_prefix()),
+            &raw,
+        );
+        let features: Vec<&str> = header.split(',').filter(|c| *c != "diagnosis").collect();
+        let columns = site_dir.join("records.columns.toml");
+        std::fs::write(
+            &columns,
+            synthetic::declaration_toml(&features, "diagnosis"),
+        )
+        .unwrap();
+        let anonymize = site_dir.join("records.anonymize.toml");
+        std::fs::write(&anonymize, synthetic::DEMO_ANONYMIZE_TOML).unwrap();
+        let secret = site_dir.join("site-secret");
+        tutela_privacy::at_rest::LocalKek::generate_key_file(&secret).unwrap();
+        let dataset = format!(
+            "site_secret_file = \"{secret}\"\n[datasets.breast_cancer]\npath = \"{csv}\"\nschema = \"{schema}\"\ncolumns = \"{columns}\"\nanonymize = \"{anonymize}\"\n",
+            secret = secret.display(),
+            csv = csv.display(),
+            columns = columns.display(),
+            anonymize = anonymize.display(),
+            schema = repo_root().join("data/breast_cancer.schema.toml").display(),
+        );
+        self.spawn_node(site, &dataset, extra);
+        people
+    }
+
+    /// Certifies a node for `site` and starts it with `dataset` (top-level keys first, then its
+    /// `[datasets.*]` table) and `extra` appended to its node.toml.
+    fn spawn_node(&mut self, site: &str, dataset: &str, extra: &str) {
+        let site_dir = self.dir.join("sites").join(site);
         let issued = self
             .ca
             .issue(
@@ -165,19 +236,20 @@ impl Consortium {
         std::fs::write(site_dir.join("node.key"), &issued.key_pem).unwrap();
         let kek = site_dir.join("kek");
         tutela_privacy::at_rest::LocalKek::generate_key_file(&kek).unwrap();
-        let csv = site_dir.join("data.csv");
-        write_csv(&csv, header, rows);
+        // `dataset` may start with top-level keys, so it comes before every table.
         let toml = format!(
-            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[at_rest]\nkek_file = \"{kek}\"\n[datasets.breast_cancer]\ncsv = \"{csv}\"\nschema = \"{schema}\"\n{extra}\n",
+            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n{dataset}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[at_rest]\nkek_file = \"{kek}\"\n{extra}\n",
             port = self.port,
             w = site_dir.join("work").display(),
             c = self.certs().display(),
             s = site_dir.display(),
             crl = self.ca.crl_path().display(),
-            csv = csv.display(),
             kek = kek.display(),
-            schema = repo_root().join("data/breast_cancer.schema.toml").display(),
         );
+        let toml = match self.node_top_level.get(site) {
+            Some(top) => format!("{top}\n{toml}"),
+            None => toml,
+        };
         let path = site_dir.join("node.toml");
         std::fs::write(&path, toml).unwrap();
         let log = std::fs::File::create(site_dir.join("node.log")).unwrap();
