@@ -4,23 +4,7 @@
 
 use std::process::Command;
 
-use tutela_e2e::{bin, repo_root, run_ok};
-
-fn all_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
+use tutela_e2e::{all_files, bin, repo_root, run_ok};
 
 #[test]
 fn the_demo_anonymizes_trains_and_leaves_no_plaintext_in_the_nodes_work_directories() {

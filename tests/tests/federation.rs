@@ -17,22 +17,6 @@ fn init() {
 }
 
 /// Every regular file under `dir`, recursively.
-fn all_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 async fn submit(c: &Consortium, spec: String) -> String {
     c.operator()
         .await
