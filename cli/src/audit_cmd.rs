@@ -186,6 +186,19 @@ pub enum AuditCommand {
     },
 }
 
+/// `tutela audit verify` in-process, quietly: (events, checkpoints) verified, or why not.
+pub async fn verify_quiet(source: &Source, public_key: Option<String>) -> Result<(u64, u64)> {
+    let mut reader = source.open().await?;
+    let key = match (&public_key, &mut reader) {
+        (None, Reader::Service(c)) => c.log_info().await?.public_key,
+        _ => reader.public_key(&public_key).await?,
+    };
+    let events = reader.events(&EventFilter::default()).await?;
+    let cps = reader.checkpoints().await?;
+    let r = verify_log(&events, &cps, &key).map_err(|e| anyhow!("FAILED: {e}"))?;
+    Ok((r.events as u64, r.checkpoints as u64))
+}
+
 pub async fn run(cmd: AuditCommand) -> Result<()> {
     match cmd {
         AuditCommand::Log {

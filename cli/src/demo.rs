@@ -331,6 +331,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "coordinator",
         &ca.issue(&Principal::Coordinator, &server_opts)?,
     )?;
+    write("audit", &ca.issue(&Principal::Audit, &server_opts)?)?;
     for site in p.sites {
         write(
             &format!("node-{site}"),
@@ -407,7 +408,34 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         test.len()
     );
 
-    // 3. The coordinator.
+    // 3. The audit service (SQLite; it makes its checkpoint key at first start), then the
+    // coordinator, which records every job, round and model there.
+    let mut procs = Processes(Vec::new());
+    let audit_port = free_port()?;
+    let audit_dir = dir.join("audit");
+    std::fs::create_dir_all(&audit_dir)?;
+    let audit_toml = audit_dir.join("audit.toml");
+    std::fs::write(
+        &audit_toml,
+        format!(
+            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_every = 1000\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n",
+            toml_path(&audit_dir),
+            toml_path(&ca.crl_path()),
+            c = toml_path(&certs),
+        ),
+    )?;
+    let audit_log = audit_dir.join("audit.log");
+    let mut audit = spawn_logged(
+        Command::new(sibling("tutela-audit")?)
+            .arg("--config")
+            .arg(&audit_toml),
+        &audit_log,
+    )?;
+    wait_for_port(audit_port, &mut audit, "the audit service", &audit_log)?;
+    procs.0.push(("audit".into(), audit));
+    println!("audit service listening on 127.0.0.1:{audit_port} (SQLite, signed checkpoints)");
+
+    // The coordinator.
     let port = free_port()?;
     let coord_dir = dir.join("coordinator");
     std::fs::create_dir_all(&coord_dir)?;
@@ -415,14 +443,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(
         &coord_toml,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\n",
             toml_path(&coord_dir),
             toml_path(&crl),
             c = toml_path(&certs),
             pd = toml_path(&policy_dir)
         ),
     )?;
-    let mut procs = Processes(Vec::new());
     let log = coord_dir.join("coordinator.log");
     let mut coordinator = spawn_logged(
         Command::new(sibling("tutela-coordinator")?)
@@ -681,6 +708,22 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     println!("model (safetensors): {}", last.model_path);
     print_throughput(&last);
+    // 7. The audit trail, checked as a regulator would (`tutela audit verify`), after the next
+    // signed checkpoint has covered the job's last events.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let source = crate::audit_cmd::Source {
+        audit: format!("localhost:{audit_port}"),
+        tls_dir: Some(certs.clone()),
+        stem: Some("operator-demo".into()),
+        database_url: None,
+    };
+    let (events, checkpoints) = crate::audit_cmd::verify_quiet(&source, None)
+        .await
+        .context("the audit trail does not verify")?;
+    println!(
+        "audit trail: {events} events, chain and {checkpoints} checkpoint(s) verified ({})",
+        audit_dir.display()
+    );
     println!(
         "demo finished in {:.1}s; logs and configs in {}",
         started.elapsed().as_secs_f64(),

@@ -337,6 +337,9 @@ pub struct AggregatorOptions {
     pub spool_dir: Option<PathBuf>,
     /// Filters run after [`FiniteValues`] and before the norm bound, in order.
     pub filters: Vec<Arc<dyn UpdateFilter>>,
+    /// Central DP (DP-FedAvg): every update is folded with weight 1, whatever its sink was
+    /// given, and scaled at commit to L2 norm at most this C (`crate::central_dp`).
+    pub clip_updates_to: Option<f64>,
 }
 
 impl AggregatorOptions {
@@ -346,6 +349,7 @@ impl AggregatorOptions {
             max_weight: DEFAULT_MAX_WEIGHT,
             spool_dir: None,
             filters: Vec::new(),
+            clip_updates_to: None,
         }
     }
 }
@@ -371,8 +375,16 @@ pub struct AcceptedUpdate {
     pub weight: f64,
     /// The tensor stream's SHA-256 digest, hex.
     pub digest: String,
-    /// L2 norm of what was folded (after the filters).
+    /// L2 norm of the update after the filters.
     pub l2_norm: f64,
+    /// The factor it was folded with under central DP's clipping, `min(1, C / l2_norm)`; 1
+    /// without central DP.
+    #[serde(default = "one")]
+    pub clip_factor: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The outcome of a round: the weighted mean of the accepted deltas.
@@ -417,6 +429,8 @@ pub struct RoundAggregator {
     /// Largest total accepted weight for which the sum cannot overflow.
     weight_capacity: f64,
     spool_dir: Option<PathBuf>,
+    /// [`AggregatorOptions::clip_updates_to`].
+    clip_updates_to: Option<f64>,
     ledger: Mutex<Ledger>,
 }
 
@@ -495,6 +509,7 @@ impl RoundAggregator {
             scale,
             weight_capacity: SUM_LIMIT / (b * scale),
             spool_dir: options.spool_dir,
+            clip_updates_to: options.clip_updates_to,
             ledger: Mutex::new(Ledger::default()),
         }))
     }
@@ -658,6 +673,19 @@ impl RoundAggregator {
 
     /// Subtracts the first `folded` values of an update, read back from its spool.
     fn take_back(&self, spool: &mut File, folded: u64, ws: f64) -> Result<(), SinkError> {
+        self.rescale(spool, folded, ws, 0.0)
+    }
+
+    /// Replaces the first `folded` values of an update, folded with `ws`, by the same values
+    /// folded with `new_ws`, read back from its spool. Exact in the fixed-point sum: the
+    /// subtraction is [`fold`]'s inverse bit for bit, and `new_ws = 0` folds nothing.
+    fn rescale(
+        &self,
+        spool: &mut File,
+        folded: u64,
+        ws: f64,
+        new_ws: f64,
+    ) -> Result<(), SinkError> {
         spool.seek(SeekFrom::Start(0))?;
         let mut bytes = vec![0u8; BLOCK * 4];
         let mut values = vec![0f32; BLOCK];
@@ -678,6 +706,9 @@ impl RoundAggregator {
                     .get_mut(element..element + n)
                     .ok_or_else(|| io::Error::other("spool longer than the tensor"))?;
                 unfold(target, &values[..n], ws);
+                if new_ws != 0.0 {
+                    fold(target, &values[..n], new_ws);
+                }
                 element += n;
                 left -= n as u64;
             }
@@ -797,6 +828,10 @@ impl UpdateSink {
     }
 
     fn weight(&self, manifest: &Manifest) -> Result<f64, SinkError> {
+        if self.agg.clip_updates_to.is_some() {
+            // DP-FedAvg: one site, one unit of weight, so that one site moves the sum by ≤ C.
+            return Ok(1.0);
+        }
         let w = match self.weight_from {
             WeightFrom::Fixed(w) => w,
             WeightFrom::Samples => {
@@ -1018,14 +1053,36 @@ impl TensorSink for UpdateSink {
             pass.end().map_err(|r| SinkError::Rejected(r.0))?;
         }
         a.norm.end().map_err(|r| SinkError::Rejected(r.0))?;
-        let Some(a) = self.active.take() else {
+        let Some(mut a) = self.active.take() else {
             return Err(io::Error::other("commit before begin").into());
         };
+        let l2_norm = a.norm.norm();
+        let clip_factor = match agg.clip_updates_to {
+            Some(c) => crate::central_dp::clip_factor(l2_norm, c),
+            None => 1.0,
+        };
+        if clip_factor < 1.0 {
+            // The norm is known only now: read what was folded back from the spool and leave
+            // it folded at clip_factor × its weight instead (one more pass over the disk).
+            if let Err(e) = agg.rescale(&mut a.spool, a.folded, a.ws, a.ws * clip_factor) {
+                // Whatever was rescaled before the failure is neither the update nor its clipped
+                // version: the round cannot be trusted.
+                let mut ledger = agg.ledger();
+                ledger.in_flight.remove(&self.site);
+                ledger.reserved_weight -= a.weight;
+                ledger.poisoned.get_or_insert(format!(
+                    "site {:?}'s update could not be clipped in the round's sum: {e}",
+                    self.site
+                ));
+                return Err(e);
+            }
+        }
         let accepted = AcceptedUpdate {
             site: self.site.clone(),
             weight: a.weight,
             digest: hex::encode(digest),
-            l2_norm: a.norm.norm(),
+            l2_norm,
+            clip_factor,
         };
         let mut ledger = agg.ledger();
         ledger.in_flight.remove(&self.site);

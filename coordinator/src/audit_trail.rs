@@ -16,6 +16,15 @@ use tutela_protocol::tls::TlsMaterial;
 
 pub use tutela_audit::Action;
 
+/// The coordinator's code version for `job.proposed` / `model.published`: the package version,
+/// plus `+<commit>` when the build set `TUTELA_GIT_COMMIT` (no build script provides it today).
+pub fn code_version() -> String {
+    match option_env!("TUTELA_GIT_COMMIT") {
+        Some(c) if !c.is_empty() => format!("{}+{c}", env!("CARGO_PKG_VERSION")),
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
 /// `[audit]` in coordinator.toml.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -52,6 +52,8 @@ pub enum CentralDpError {
          z = {z}: adaptive clipping needs 2σ_b > z (Andrew et al. 2021, Theorem 1)"
     )]
     CountNoiseTooSmall { sigma_b: f64, z: f64 },
+    #[error("central DP: {0}")]
+    Spec(String),
 }
 
 /// `min(1, C / norm)`: the factor that scales an update of L2 norm `norm` to at most `C`.
@@ -203,6 +205,127 @@ impl CentralDp {
     pub fn rounds(&self) -> u64 {
         self.rounds
     }
+
+    /// ε of the last round alone (0 before any).
+    pub fn round_epsilon(&self) -> Result<f64, CentralDpError> {
+        let Some(&z) = self.spent.last() else {
+            return Ok(0.0);
+        };
+        let one = SampledGaussian::new(1.0, z, 1)?;
+        Ok(accountant::epsilon(&[one], self.delta, Accountant::Rdp)?.epsilon)
+    }
+
+    /// Charges `rounds` rounds released before this value existed (a coordinator that resumes
+    /// a job), each at the current C's effective multiplier.
+    pub fn charge_completed_rounds(&mut self, rounds: u64) {
+        let sigma = self.update_noise_multiplier * self.clip;
+        let eff = effective_noise_multiplier(
+            self.noise_multiplier,
+            self.clip,
+            grid_for(sigma),
+            self.dimension,
+        );
+        for _ in 0..rounds {
+            self.spent.push(eff);
+        }
+        self.rounds += rounds;
+    }
+
+    /// Steps 3–4 for a finished round of the aggregator (built with
+    /// `AggregatorOptions::clip_updates_to = Some(self.clip())`, so every accepted update was
+    /// folded with weight 1 and clipped to C): the mean becomes `(Σ clipped + noise) / m`, the
+    /// round is charged, adaptive clipping updates C, and the round's figures are returned.
+    pub fn release_round(
+        &mut self,
+        result: &mut crate::aggregate::RoundResult,
+    ) -> Result<CentralDpRound, CentralDpError> {
+        let sites = result.accepted.len();
+        let m = result.total_weight;
+        let clip = self.clip;
+        // The released quantity is the sum; the mean is computed from it afterwards.
+        let mut sum: Vec<f64> = result.mean_delta.iter().flatten().map(|v| v * m).collect();
+        self.noise_sum(&mut sum)?;
+        let mut values = sum.into_iter();
+        for tensor in &mut result.mean_delta {
+            for (v, s) in tensor.iter_mut().zip(values.by_ref()) {
+                *v = s / m;
+            }
+        }
+        let unclipped = result
+            .accepted
+            .iter()
+            .filter(|a| a.clip_factor >= 1.0)
+            .count();
+        let next_clip = self.end_round(unclipped, sites);
+        Ok(CentralDpRound {
+            clip,
+            next_clip,
+            noise_multiplier: self.noise_multiplier,
+            sites,
+            unclipped,
+            round_epsilon: self.round_epsilon()?,
+            job_epsilon: self.epsilon()?,
+            delta: self.delta,
+            clip_factors: result
+                .accepted
+                .iter()
+                .map(|a| (a.site.clone(), a.clip_factor))
+                .collect(),
+        })
+    }
+}
+
+/// What one round of central DP did and spent: the coordinator stores it with the round.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CentralDpRound {
+    /// C this round's updates were clipped to.
+    pub clip: f64,
+    /// C for the next round (differs from `clip` only with adaptive clipping).
+    pub next_clip: f64,
+    /// z: the update noise's standard deviation over C as the accountant counts it.
+    pub noise_multiplier: f64,
+    pub sites: usize,
+    /// Updates whose norm was at most C.
+    pub unclipped: usize,
+    /// Site-level ε of this round alone, and of the job's rounds so far, at `delta`.
+    pub round_epsilon: f64,
+    pub job_epsilon: f64,
+    pub delta: f64,
+    /// Each accepted site's clip factor `min(1, C / ‖Δ‖)`.
+    pub clip_factors: std::collections::BTreeMap<String, f64>,
+}
+
+/// The key of the round record's `site_metrics` map under which the coordinator stores the
+/// round's [`CentralDpRound`] (not a site name: site names have no spaces or parentheses).
+pub const ROUND_RECORD_KEY: &str = "(central DP)";
+
+/// The job's central DP from its spec, or `None` when the job is not in `central` mode.
+/// `dimension` is the model's parameter count (for the grid's sensitivity correction).
+pub fn for_job(
+    spec: &tutela_protocol::job::JobSpec,
+    dimension: usize,
+) -> Result<Option<CentralDp>, CentralDpError> {
+    let Some(privacy) = spec.dp() else {
+        return Ok(None);
+    };
+    if privacy.mode != tutela_protocol::job::PrivacyMode::Central {
+        return Ok(None);
+    }
+    let Some(central) = &privacy.central else {
+        return Err(CentralDpError::Spec(
+            "privacy.mode = \"central\" needs a [privacy.central] table".into(),
+        ));
+    };
+    let z = match (central.noise_multiplier, privacy.target_epsilon) {
+        (Some(z), _) => z,
+        (None, Some(eps)) => CentralDp::calibrate(eps, u64::from(spec.rounds), privacy.delta)?,
+        (None, None) => {
+            return Err(CentralDpError::Spec(
+                "privacy.central.noise_multiplier or privacy.target_epsilon must be set".into(),
+            ));
+        }
+    };
+    CentralDp::new(central, z, privacy.delta, dimension).map(Some)
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub struct Engine {
     /// Set when the coordinator runs with a `[policy]`: jobs then wait in `proposed` until their
     /// approval quorum is met. Unset: jobs start when submitted.
     pub approvals: std::sync::OnceLock<Arc<crate::approvals::ApprovalGate>>,
+    /// The audit trail (set once by `serve`; unset: a disabled trail that only logs).
+    pub audit: std::sync::OnceLock<Arc<crate::audit_trail::AuditTrail>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,9 @@ pub enum EngineError {
     Failed(String),
     #[error("cancelled")]
     Cancelled,
+    /// A fail-closed audit append failed: the action was refused.
+    #[error("refused: the audit service did not record this action: {0}")]
+    Audit(String),
     #[error("no job {0}")]
     NotFound(String),
 }
@@ -101,7 +106,42 @@ impl Engine {
             changes: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             approvals: std::sync::OnceLock::new(),
+            audit: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The audit trail: the one `serve` set, or a disabled one.
+    pub fn trail(&self) -> Arc<crate::audit_trail::AuditTrail> {
+        static DISABLED: std::sync::LazyLock<Arc<crate::audit_trail::AuditTrail>> =
+            std::sync::LazyLock::new(|| Arc::new(crate::audit_trail::AuditTrail::disabled()));
+        self.audit.get().unwrap_or(&DISABLED).clone()
+    }
+
+    // Engine events are recorded with `note`, not `record(..)?`: a round already aggregated and
+    // stored must not be lost (nor a job failed) because the audit service blinked. A failed
+    // append is logged at ERROR with the whole event, for an operator to replay.
+
+    /// `job.started`, with the approvals counted and the job's sites.
+    async fn audit_started(&self, id: &JobId) {
+        let Ok(job) = self.get_job(id).await else {
+            return;
+        };
+        let approvals = match self.standing(&job).await {
+            Ok(Some(s)) => s.counting.len(),
+            _ => 0,
+        };
+        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
+        self.trail()
+            .note(
+                crate::audit_trail::Action::JobStarted,
+                id.as_str(),
+                serde_json::json!({
+                    "spec_digest": job.spec_digest.to_hex(),
+                    "approvals": approvals,
+                    "participants": sites,
+                }),
+            )
+            .await;
     }
 
     pub async fn get_job(&self, id: &JobId) -> Result<crate::store::JobRecord, EngineError> {
@@ -162,6 +202,35 @@ impl Engine {
         if let Some(who) = submitter {
             self.store.record_submitter(&id, who).await?;
         }
+        // Fail closed: a job the audit trail does not know of is withdrawn before it can start.
+        let proposed = self
+            .trail()
+            .record(
+                crate::audit_trail::Action::JobProposed,
+                id.as_str(),
+                serde_json::json!({
+                    "spec_digest": digest.to_hex(),
+                    "code_version": crate::audit_trail::code_version(),
+                    "base_model": spec.model.name,
+                    "name": spec.name,
+                    "operator": submitter,
+                    "participants": spec.sites,
+                    "rounds": spec.rounds,
+                    "privacy": serde_json::to_value(&spec.privacy).unwrap_or_default(),
+                }),
+            )
+            .await;
+        if let Err(e) = proposed {
+            let why = format!("the audit service did not record the proposal: {e}");
+            if let Err(e2) = self
+                .store
+                .set_job_state(&id, JobState::Proposed, JobState::Cancelled, Some(&why))
+                .await
+            {
+                tracing::error!(job = %id, error = %e2, "could not withdraw the unaudited job");
+            }
+            return Err(EngineError::Audit(e.to_string()));
+        }
         if self.approvals.get().is_some() {
             drop(self.subscribe(id.as_str()));
             return Ok(id);
@@ -169,6 +238,7 @@ impl Engine {
         self.store
             .set_job_state(&id, JobState::Proposed, JobState::Running, None)
             .await?;
+        self.audit_started(&id).await;
         self.spawn(id.clone());
         Ok(id)
     }
@@ -200,6 +270,7 @@ impl Engine {
                 .set_job_state(id, JobState::Proposed, JobState::Running, None)
                 .await?;
             tracing::info!(job = %id, "approval quorum met: job starts");
+            self.audit_started(id).await;
             self.spawn(id.clone());
         }
         self.changed(id);
@@ -219,6 +290,12 @@ impl Engine {
     }
 
     pub async fn cancel(&self, job: &JobId, reason: &str) -> Result<(), EngineError> {
+        self.cancel_as(job, reason, true).await
+    }
+
+    /// [`Engine::cancel`]; `audit`: whether to note `job.failed` (state cancelled) here, false
+    /// when the caller has already recorded the end (a rejection).
+    pub async fn cancel_as(&self, job: &JobId, reason: &str, audit: bool) -> Result<(), EngineError> {
         // A proposed job (waiting for approvals) is cancelled without ever running.
         let from = match self.get_job(job).await?.state {
             JobState::Proposed => JobState::Proposed,
@@ -227,6 +304,15 @@ impl Engine {
         self.store
             .set_job_state(job, from, JobState::Cancelled, Some(reason))
             .await?;
+        if audit {
+            self.trail()
+                .note(
+                    crate::audit_trail::Action::JobFailed,
+                    job.as_str(),
+                    serde_json::json!({"state": "cancelled", "reason": reason}),
+                )
+                .await;
+        }
         if let Some(t) = self
             .cancels
             .lock()
@@ -266,6 +352,13 @@ impl Engine {
                     {
                         tracing::error!(job = %job, error = %e2, "could not record the failure");
                     }
+                    this.trail()
+                        .note(
+                            crate::audit_trail::Action::JobFailed,
+                            job.as_str(),
+                            serde_json::json!({"state": "failed", "reason": reason}),
+                        )
+                        .await;
                 }
             }
             this.changed(&job);
@@ -308,13 +401,22 @@ impl Engine {
         if round > 0 {
             self.load_strategy_state(job_id, round, strategy.as_mut())?;
         }
+        // Central DP (DP-FedAvg): its accountant spans the job's rounds; built on the first
+        // round, when the model's size is known.
+        let mut central: Option<crate::central_dp::CentralDp> = None;
 
         while round < spec.rounds {
             let next = round + 1;
             let mut attempt = self.store.failed_attempts(job_id, next).await? + 1;
             loop {
                 match self
-                    .run_round(&ctx, (next, attempt), &model_id, strategy.as_mut())
+                    .run_round(
+                        &ctx,
+                        (next, attempt),
+                        &model_id,
+                        strategy.as_mut(),
+                        &mut central,
+                    )
                     .await?
                 {
                     Ok(new_model) => {
@@ -344,6 +446,40 @@ impl Engine {
             .set_job_state(job_id, JobState::Running, JobState::Completed, None)
             .await?;
         tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
+        // The total ε per site is the last round's accountant value (`dp_job_epsilon`).
+        let mut epsilon = serde_json::Map::new();
+        for c in self.store.rounds(job_id).await.unwrap_or_default() {
+            for (site, m) in &c.record.site_metrics {
+                if let Some(e) = m.get("dp_job_epsilon").and_then(|e| e.as_f64()) {
+                    epsilon.insert(site.clone(), serde_json::json!(e));
+                }
+            }
+        }
+        let trail = self.trail();
+        trail
+            .note(
+                crate::audit_trail::Action::JobCompleted,
+                job_id.as_str(),
+                serde_json::json!({
+                    "model_digest": model_id,
+                    "rounds": spec.rounds,
+                    "epsilon": epsilon,
+                }),
+            )
+            .await;
+        trail
+            .note(
+                crate::audit_trail::Action::ModelPublished,
+                &model_id,
+                serde_json::json!({
+                    "job": job_id.as_str(),
+                    "model_digest": model_id,
+                    "spec_digest": digest_hex,
+                    "rounds": spec.rounds,
+                    "code_version": crate::audit_trail::code_version(),
+                }),
+            )
+            .await;
         Ok(())
     }
 
@@ -479,6 +615,7 @@ impl Engine {
         (round, attempt): (u32, u32),
         model_id: &str,
         strategy: &mut dyn Strategy,
+        central: &mut Option<crate::central_dp::CentralDp>,
     ) -> Result<Result<String, String>, EngineError> {
         let (job_id, spec) = (job.id, job.spec);
         let started = now_ms();
@@ -509,6 +646,24 @@ impl Engine {
         // Uploads spool what they fold (for an exact undo) next to the models, on the
         // coordinator's disk rather than a possibly small tmpfs.
         options.spool_dir = Some(self.state_dir.clone());
+        if central.is_none() {
+            let dimension = manifest
+                .tensors()
+                .iter()
+                .map(|t| t.numel().unwrap_or(0) as usize)
+                .sum();
+            *central = crate::central_dp::for_job(spec, dimension)
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            if let Some(dp) = central.as_mut() {
+                // A resumed job: the rounds already released count against its budget.
+                dp.charge_completed_rounds(u64::from(round - 1));
+            }
+        }
+        options.clip_updates_to = central.as_ref().map(|dp| dp.clip());
+        if options.clip_updates_to.is_some() {
+            // Every update weighs 1 under central DP: the finest fixed-point scale.
+            options.max_weight = 1.0;
+        }
         let aggregator = RoundAggregator::with_options(&manifest, options)
             .map_err(|e| EngineError::Failed(format!("round {round}: {e}")))?;
         let strategy_json = strategy.configure_round(round);
@@ -585,6 +740,15 @@ impl Engine {
             Err(e) => return Ok(Err(format!("the round's aggregate is unusable: {e}"))),
         };
 
+        // Central DP: noise on the sum of the clipped updates before the strategy sees it.
+        let mut result = result;
+        let central_round = match central.as_mut() {
+            Some(dp) => Some(
+                dp.release_round(&mut result)
+                    .map_err(|e| EngineError::Failed(format!("round {round}: {e}")))?,
+            ),
+            None => None,
+        };
         // The strategy turns the mean update into the next global model.
         let mut weights = decode_f32(&manifest, &global)?;
         strategy
@@ -630,10 +794,61 @@ impl Engine {
             started_at: ms_to_time(started),
             completed_at: ms_to_time(now_ms()),
         };
+        let mut record = record;
+        if let Some(c) = &central_round {
+            tracing::info!(job = %job_id, round, epsilon = c.job_epsilon, round_epsilon = c.round_epsilon, clip = c.clip, "central DP round released");
+            record.site_metrics.insert(
+                crate::central_dp::ROUND_RECORD_KEY.to_string(),
+                serde_json::to_value(c).unwrap_or_default(),
+            );
+        }
         self.store
             .complete_round(job_id, round, attempt, &record)
             .await?;
         tracing::info!(job = %job_id, round, accepted = result.accepted.len(), model = %new_model, "round completed");
+        let trail = self.trail();
+        let update_digests: serde_json::Map<String, serde_json::Value> = record
+            .accepted
+            .iter()
+            .map(|a| (a.site.clone(), serde_json::json!(a.digest)))
+            .collect();
+        let site_metrics: serde_json::Map<String, serde_json::Value> = metrics
+            .iter()
+            .map(|m| {
+                let v = serde_json::json!({
+                    "epsilon": m.dp_job_epsilon,
+                    "round_epsilon": m.dp_round_epsilon,
+                    "delta": m.dp_delta,
+                    "dataset_commitment": m.dataset_commitment,
+                    "train_samples": m.train_samples,
+                    "eval_accuracy": m.eval_accuracy,
+                });
+                (m.site.clone(), v)
+            })
+            .collect();
+        trail
+            .note(
+                crate::audit_trail::Action::RoundCompleted,
+                job_id.as_str(),
+                serde_json::json!({
+                    "round": round,
+                    "attempt": attempt,
+                    "participants": accepted_sites,
+                    "update_digests": update_digests,
+                    "metrics": site_metrics,
+                    "model_id": new_model,
+                }),
+            )
+            .await;
+        for r in &record.refused {
+            trail
+                .note(
+                    crate::audit_trail::Action::UpdateRefused,
+                    job_id.as_str(),
+                    serde_json::json!({"round": round, "site": r.site, "reason": r.reason}),
+                )
+                .await;
+        }
         Ok(Ok(new_model))
     }
 

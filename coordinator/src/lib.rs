@@ -142,6 +142,13 @@ impl Coordinator {
         let model_dir = self.config.data_dir.join("models");
         let engine =
             engine::Engine::new(db, model_dir.clone(), self.config.data_dir.join("state"))?;
+        // One audit trail for the whole coordinator: the engine's events, the services' (submit,
+        // approve, reject, node registration) and the policy decisions all go through it.
+        let trail = Arc::new(match &self.config.audit {
+            Some(a) => audit_trail::AuditTrail::connect(a, &self.tls.material())?,
+            None => audit_trail::AuditTrail::disabled(),
+        });
+        let _ = engine.audit.set(trail.clone());
         // Every Tutela service sits behind the enforcement layer; without a [policy] it is off.
         let enforce = match &self.authorizer {
             Some(authz) => {
@@ -150,14 +157,10 @@ impl Coordinator {
                 let reload = self.config.policy.as_ref().map_or(5, |p| p.reload_secs);
                 authz.spawn_watcher(Duration::from_secs(reload.max(1)));
                 // Decisions go to the audit trail of `[audit]` (logged only without one).
-                let trail = match &self.config.audit {
-                    Some(a) => audit_trail::AuditTrail::connect(a, &self.tls.material())?,
-                    None => audit_trail::AuditTrail::disabled(),
-                };
                 tutela_policy::EnforceLayer::new(
                     authz.clone(),
                     Arc::new(approvals::AuditDecisionSink {
-                        trail: Arc::new(trail),
+                        trail: trail.clone(),
                     }),
                 )
             }

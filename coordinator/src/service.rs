@@ -11,6 +11,7 @@ use tutela_protocol::pb;
 use tutela_protocol::server::caller;
 use tutela_protocol::stream::{self, SafetensorsFileSource, StreamError};
 
+use crate::audit_trail::{Action, AuditTrailError};
 use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
@@ -57,6 +58,7 @@ impl From<EngineError> for Status {
             EngineError::Strategy(e) => Status::invalid_argument(e),
             EngineError::NotFound(_) => Status::not_found(e.to_string()),
             EngineError::Store(e) => Status::failed_precondition(e.to_string()),
+            EngineError::Audit(_) => Status::unavailable(e.to_string()),
             other => Status::internal(other.to_string()),
         }
     }
@@ -103,6 +105,7 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<TaskStream>, Status> {
         let site = node_site(&request)?;
         let identity = caller(&request)?.identity.clone();
+        let serial = caller(&request)?.serial.clone();
         let req = request.into_inner();
         let (conn_id, rx) = self.engine.nodes.connect(
             &site,
@@ -119,6 +122,19 @@ impl pb::federation_server::Federation for FederationService {
             tracing::warn!(%site, error = %e, "could not record the node");
         }
         tracing::info!(%site, datasets = ?req.datasets, device = %req.device, version = %req.node_version, "node connected");
+        self.engine
+            .trail()
+            .note(
+                Action::NodeRegistered,
+                &identity.uri(),
+                serde_json::json!({
+                    "site": site,
+                    "certificate_serial": serial,
+                    "node_version": req.node_version,
+                    "datasets": req.datasets,
+                }),
+            )
+            .await;
         Ok(Response::new(Box::pin(NodeTasks {
             rx,
             site,
@@ -269,6 +285,38 @@ impl JobsService {
         }
         Ok(job)
     }
+}
+
+/// A fail-closed audit append's error, as the RPC's: the action is refused.
+fn audit_refused(e: AuditTrailError) -> Status {
+    Status::unavailable(format!(
+        "refused: the audit service did not record this action ({e}); nothing was changed"
+    ))
+}
+
+/// DER as PEM (the audit service reads approval certificates as PEM).
+fn der_to_pem(label: &str, der: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len() * 4 / 3 + 4);
+    for c in der.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                b64.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 fn now_unix_ms() -> i64 {
@@ -489,6 +537,34 @@ impl pb::jobs_server::Jobs for JobsService {
         let job = self.proposed(&id).await?;
         match gate.check_new(&approval, &job, &who, now_unix_ms()) {
             Ok(v) => {
+                // Fail closed: an approval the audit trail did not take is not counted. The audit
+                // service verifies the signature over the policy crate's message itself.
+                let site = match &v.signer.principal {
+                    Principal::User { site, .. } => Some(site.clone()),
+                    _ => None,
+                };
+                let certificate = approval
+                    .signer_chain_der
+                    .first()
+                    .map(|der| der_to_pem("CERTIFICATE", der))
+                    .unwrap_or_default();
+                self.engine
+                    .trail()
+                    .record(
+                        Action::JobApproved,
+                        id.as_str(),
+                        serde_json::json!({
+                            "spec_digest": approval.spec_digest.to_hex(),
+                            "signature": hex::encode(&approval.signature),
+                            "certificate": certificate,
+                            "site": site,
+                            "officer": v.signer.uri(),
+                            "signed_at_ms": approval.signed_at_ms,
+                            "expires_at_ms": approval.expires_at_ms,
+                        }),
+                    )
+                    .await
+                    .map_err(audit_refused)?;
                 self.engine
                     .store
                     .record_approval(&id, &v.signer.uri(), &approval)
@@ -512,10 +588,32 @@ impl pb::jobs_server::Jobs for JobsService {
         self.gate()?;
         let who = caller(&request)?.identity.clone();
         let id = parse_job_id(&request.get_ref().job_id)?;
-        self.proposed(&id).await?;
+        let job = self.proposed(&id).await?;
         let reason = format!("rejected by {who}: {}", request.get_ref().reason);
         tracing::info!(target: "tutela::audit", event = "job.rejected", job = %id, signer = %who, reason = %request.get_ref().reason, "job rejected");
-        self.engine.cancel(&id, &reason).await?;
+        // Fail closed. RejectJobRequest carries no signed rejection, and the audit service stores
+        // `job.rejected` only with an officer's verifiable signature, so the rejection is recorded
+        // as the job's end (`job.failed`, state "rejected") with the caller's mTLS identity.
+        let site = match &who.principal {
+            Principal::User { site, .. } => Some(site.clone()),
+            _ => None,
+        };
+        self.engine
+            .trail()
+            .record(
+                Action::JobFailed,
+                id.as_str(),
+                serde_json::json!({
+                    "state": "rejected",
+                    "reason": reason,
+                    "officer": who.uri(),
+                    "site": site,
+                    "spec_digest": job.spec_digest.to_hex(),
+                }),
+            )
+            .await
+            .map_err(audit_refused)?;
+        self.engine.cancel_as(&id, &reason, false).await?;
         Ok(Response::new(self.status(&id).await?))
     }
 

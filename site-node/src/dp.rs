@@ -13,17 +13,21 @@
 //!    - Linear (`a: [B, in]`, `g: [B, out]`): the per-example weight gradient is `g_i a_iᵀ`, of
 //!      squared norm `‖g_i‖²·‖a_i‖²` (ghost norm, Li et al. 2022), never materialised; the bias's
 //!      is `‖g_i‖²`.
-//!    - Conv2d: the input is unfolded (`im2col`, `U_i: [C·k·k, L]`) and the per-example weight
-//!      gradients `G_i = g_i U_iᵀ: [C_out, C·k·k]` are computed directly with one batched
-//!      matmul. For our layers that is cheaper than the ghost norm, which needs the `L × L` Gram
-//!      matrices of `U_i` and `g_i` (L = 784 and 196 pixels for MNIST against `C·k·k·C_out` =
-//!      144 and 4608 values per example).
+//!    - Conv2d: the input is unfolded (`im2col`, `U_i: [C·k·k, L]`). Either the per-example
+//!      weight gradients `G_i = g_i U_iᵀ: [C_out, C·k·k]` are formed with one batched matmul
+//!      (direct), or only their norms `‖G_i‖² = ⟨U_iᵀU_i, g_iᵀg_i⟩` from two `L × L` Gram
+//!      matrices (ghost), whichever costs fewer multiply-adds (`C_out·C·k·k` against
+//!      `L·(C·k·k + C_out)` per position). Both MNIST convolutions take the direct path.
 //! 4. **Clip factors** `c_i = min(1, C / ‖∇ℓ_i‖)` over all layers together.
-//! 5. **Clipped sum**, one matmul per layer: `(c ⊙ g)ᵀ a` for a Linear weight, `Σ_i c_i G_i`
-//!    (a matrix-vector product) for a Conv2d weight, `(c ⊙ g)` summed for biases.
-//! 6. **Noise** (see below), then divide by the expected batch size, and hand the result to the
-//!    optimizer as the parameters' `.grad` (through the gradient of `Σ ⟨w, ĝ⟩`, exact: tch cannot
-//!    assign `.grad` directly).
+//! 5. **Clipped sum**, accumulated into ONE flat buffer holding every parameter: `addmm` of
+//!    `(c ⊙ g)ᵀ a` for a Linear weight, `addmv` of `Σ_i c_i G_i` (direct) or one matmul of the
+//!    scaled output gradients with the unfolded inputs (ghost) for a Conv2d weight, `addmv` of
+//!    `gᵀc` for biases. The batch goes through steps 1–5 in micro-batches whose per-example
+//!    tensors hold at most `MICROBATCH_VALUES` values: per-example clipping needs nothing
+//!    across examples, so this changes no result and bounds the memory.
+//! 6. **Noise** on the flat buffer (see below), then divide by the expected batch size, and
+//!    hand the result to the optimizer as the parameters' `.grad` through the gradient of
+//!    `⟨cat(θ), ĝ⟩` (exact: tch cannot assign `.grad` directly).
 //!
 //! [`clipped_gradient_sum_reference`] computes step 5's result with a loop over examples (one
 //! forward and backward each): the tests compare the two in float64.
@@ -33,13 +37,14 @@
 //! The noise is drawn on the CPU by [`SecureGaussian`]: an exact discrete Gaussian on a grid
 //! `g·ℤ` (g a power of two) from ChaCha20 keyed by the operating system — never torch's
 //! generator, whose state a user can seed and an observer can recover. The clipped sum is first
-//! rounded to the same grid in float64 (exact: `g` is a power of two), then the noise is added in
-//! float64 (exact: both are multiples of `g` far below 2^53·g). The released sum is therefore
+//! rounded to the same grid in the model's kind (exact: `g` is a power of two), then the noise is
+//! added (exact while the result is below 2^24 grid steps in float32; beyond, the addition is
+//! correctly rounded, a deterministic function of the exact sum — post-processing). The released sum is therefore
 //! exactly "grid query + discrete Gaussian", whose low-order bits carry nothing (the
 //! floating-point attacks of Mironov 2012 and Jin et al. 2022 read information out of the low bits
 //! of a float sampler's output). This holds on a GPU as well: the device only receives the
-//! already-sampled integers (scaled by `g`) and performs the exact float64 rounding and addition;
-//! nothing random is computed there. Dividing by the batch size and casting to float32 come after
+//! already-sampled integers (scaled by `g`) and performs the exact rounding and addition;
+//! nothing random is computed there. Dividing by the batch size comes after
 //! the release (post-processing). Rounding costs sensitivity `g·√d`; the plan accounts for it
 //! ([`tutela_privacy::accountant::plan`]).
 //!
@@ -52,6 +57,7 @@
 //! [`DpSgdPlan`], so a DP step is never paired with shuffled fixed-size batches.
 
 use std::num::NonZeroUsize;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use rand::rngs::StdRng;
@@ -153,27 +159,70 @@ impl BatchSampler for PoissonBatchSampler {
 /// The clipped per-example gradient sum of a batch, parameter by parameter.
 #[derive(Debug)]
 pub struct ClippedSum {
-    /// `(parameter, Σ_i c_i ∇ℓ_i for it)`, in layer order (weight, then bias).
+    /// `(parameter, Σ_i c_i ∇ℓ_i for it)`, in layer order (weight, then bias); each sum is a view
+    /// of [`ClippedSum::flat`].
     pub gradients: Vec<(Tensor, Tensor)>,
+    /// Every parameter's sum, flattened and concatenated in the order of `gradients`: the one
+    /// buffer the noise is added to.
+    pub flat: Tensor,
     /// `‖∇ℓ_i‖` before clipping, `[batch]`.
     pub norms: Tensor,
     /// Σ_i ℓ_i.
     pub loss_sum: f64,
 }
 
-/// A traced layer's parameters with the per-example quantities the norms and sums need.
-enum LayerGrads {
-    Linear {
-        a: Tensor,
-        g: Tensor,
-    },
-    Conv {
-        /// Per-example weight gradients `[B, C_out, C·k·k]`.
-        per_example: Tensor,
-        /// Per-example bias gradients `[B, C_out]`.
-        bias: Tensor,
-    },
+/// Where each traced parameter lives in the flat buffer.
+struct FlatLayout {
+    /// `(parameter, offset, shape)` in trace order.
+    slots: Vec<(Tensor, i64, Vec<i64>)>,
+    numel: i64,
 }
+
+impl FlatLayout {
+    fn of_parameters<'a>(parameters: impl Iterator<Item = &'a Tensor>) -> Self {
+        let mut slots = Vec::new();
+        let mut numel = 0;
+        for p in parameters {
+            let shape = p.size();
+            let n = shape.iter().product::<i64>();
+            slots.push((p.shallow_clone(), numel, shape));
+            numel += n;
+        }
+        FlatLayout { slots, numel }
+    }
+
+    fn of_traces(traces: &[LayerTrace]) -> Self {
+        Self::of_parameters(
+            traces
+                .iter()
+                .flat_map(|t| std::iter::once(&t.weight).chain(t.bias.as_ref())),
+        )
+    }
+
+    /// Slot `i` of `flat` as a tensor of the parameter's shape (a view: writes go to `flat`).
+    fn view(&self, flat: &Tensor, i: usize) -> Result<Tensor, tch::TchError> {
+        let (_, offset, shape) = &self.slots[i];
+        flat.f_narrow(0, *offset, shape.iter().product())?
+            .f_view(shape.as_slice())
+    }
+
+    /// Slot `i` of `flat` flattened to `[rows, numel / rows]`.
+    fn matrix(&self, flat: &Tensor, i: usize, rows: i64) -> Result<Tensor, tch::TchError> {
+        let (_, offset, shape) = &self.slots[i];
+        flat.f_narrow(0, *offset, shape.iter().product())?
+            .f_view([rows, -1])
+    }
+}
+
+/// Rows per micro-batch: the batch is clipped and summed in slices whose per-example tensors
+/// (layer inputs and outputs, output gradients, unfolded convolution inputs, per-example
+/// convolution gradients) hold at most this many values together. Per-example clipping needs
+/// nothing across examples, so slicing changes no result, only the peak memory: without it a
+/// CNN's unfolded inputs and held output gradients need several times a plain step's memory.
+const MICROBATCH_VALUES: i64 = 1 << 21;
+
+/// Rows of the first slice, before the per-example size is known.
+const PROBE_ROWS: i64 = 8;
 
 /// Step 1–5 of the module documentation: the sum of per-example gradients, each clipped to `clip`.
 pub fn clipped_gradient_sum(
@@ -183,84 +232,174 @@ pub fn clipped_gradient_sum(
     clip: f64,
     train: bool,
 ) -> Result<ClippedSum, TrainError> {
-    let (logits, traces) = net.forward_traced(inputs, train);
+    clipped_gradient_sum_sliced(net, inputs, labels, clip, train, &mut None)
+}
+
+/// [`clipped_gradient_sum`] in micro-batches of `*rows_per_slice` rows; `None` measures the
+/// per-example size on a first small slice and stores the slice size to use from then on.
+fn clipped_gradient_sum_sliced(
+    net: &LayerNet,
+    inputs: &Tensor,
+    labels: &Tensor,
+    clip: f64,
+    train: bool,
+    rows_per_slice: &mut Option<i64>,
+) -> Result<ClippedSum, TrainError> {
+    let batch = inputs.size().first().copied().unwrap_or(0);
+    let mut layout: Option<FlatLayout> = None;
+    let mut flat: Option<Tensor> = None;
+    let mut norms = Vec::new();
+    let mut loss_sum = 0.0;
+    let mut start = 0;
+    while start < batch {
+        let rows = match *rows_per_slice {
+            Some(r) => r.clamp(1, batch - start),
+            None => PROBE_ROWS.min(batch - start),
+        };
+        let x = inputs.f_narrow(0, start, rows)?;
+        let y = labels.f_narrow(0, start, rows)?;
+        let slice = clip_slice(net, &x, &y, clip, train, &mut layout, &mut flat)?;
+        if rows_per_slice.is_none() {
+            *rows_per_slice = Some((MICROBATCH_VALUES / slice.values_per_example.max(1)).max(1));
+        }
+        norms.push(slice.norms);
+        loss_sum += slice.loss_sum;
+        start += rows;
+    }
+    let (Some(layout), Some(flat)) = (layout, flat) else {
+        return Err(dp_error("clipping an empty batch".into()));
+    };
+    let gradients = (0..layout.slots.len())
+        .map(|i| Ok((layout.slots[i].0.shallow_clone(), layout.view(&flat, i)?)))
+        .collect::<Result<Vec<_>, tch::TchError>>()?;
+    Ok(ClippedSum {
+        gradients,
+        flat,
+        norms: Tensor::f_cat(&norms, 0)?,
+        loss_sum,
+    })
+}
+
+struct Slice {
+    norms: Tensor,
+    loss_sum: f64,
+    values_per_example: i64,
+}
+
+/// A traced layer's per-example quantities for the norms and the clipped sum.
+enum LayerGrads {
+    /// `a: [b, in]`, `g: [b, out]`.
+    Linear { a: Tensor, g: Tensor },
+    /// Per-example weight gradients `[b, C_out·C·k·k]` and bias gradients `[b, C_out]`.
+    ConvDirect { per_example: Tensor, bias: Tensor },
+    /// Unfolded input `[b, C·k·k, L]`, output gradients `[b, C_out, L]`, bias gradients
+    /// `[b, C_out]`: the weight gradients are never formed.
+    ConvGhost {
+        unfolded: Tensor,
+        g: Tensor,
+        bias: Tensor,
+    },
+}
+
+/// One micro-batch: forward, per-example output gradients, norms, and the clipped sum added into
+/// `flat` (created on the first slice).
+fn clip_slice(
+    net: &LayerNet,
+    inputs: &Tensor,
+    labels: &Tensor,
+    clip: f64,
+    train: bool,
+    layout: &mut Option<FlatLayout>,
+    flat: &mut Option<Tensor>,
+) -> Result<Slice, TrainError> {
+    let (logits, mut traces) = net.forward_traced(inputs, train);
     let losses = logits
         .f_cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, 0.0)
         .map_err(torch("per-example cross-entropy"))?;
     let loss_sum = losses
         .f_sum(losses.kind())
         .map_err(torch("summing losses"))?;
-    let outputs: Vec<&Tensor> = traces.iter().map(|t| &t.output).collect();
-    let output_grads = Tensor::f_run_backward(&[&loss_sum], &outputs, false, false)
-        .map_err(torch("per-example output gradients"))?;
+    let output_grads = {
+        let outputs: Vec<&Tensor> = traces.iter().map(|t| &t.output).collect();
+        Tensor::f_run_backward(&[&loss_sum], &outputs, false, false)
+            .map_err(torch("per-example output gradients"))?
+    };
     let loss_value = loss_sum
         .f_double_value(&[])
         .map_err(torch("reading the loss"))?;
-    tch::no_grad(|| -> Result<ClippedSum, TrainError> {
-        let batch = inputs.size().first().copied().unwrap_or(0);
-        let kind = logits.kind();
-        let device = logits.device();
-        let mut norms2 = Tensor::f_zeros([batch], (kind, device)).map_err(torch("norms"))?;
+    drop((logits, losses, loss_sum));
+    let rows = inputs.size().first().copied().unwrap_or(0);
+    tch::no_grad(|| -> Result<Slice, TrainError> {
+        let kind = output_grads.first().map_or(Kind::Float, Tensor::kind);
+        let device = inputs.device();
+        let layout = layout.get_or_insert_with(|| FlatLayout::of_traces(&traces));
+        let flat = match flat {
+            Some(f) => f,
+            None => flat.insert(Tensor::f_zeros([layout.numel], (kind, device))?),
+        };
+        let mut norms2 = Tensor::f_zeros([rows], (kind, device))?;
+        let mut values = 0i64;
         let mut layers = Vec::with_capacity(traces.len());
-        for (trace, g) in traces.iter().zip(output_grads) {
-            let lg = per_layer(trace, g)?;
-            let add = match &lg {
-                LayerGrads::Linear { a, g } => {
-                    let g2 = g.f_square()?.f_sum_dim_intlist(1, false, kind)?;
-                    let a2 = a.f_square()?.f_sum_dim_intlist(1, false, kind)?;
-                    let w = g2.f_mul(&a2)?;
-                    if trace.bias.is_some() {
-                        w.f_add(&g2)?
-                    } else {
-                        w
-                    }
-                }
-                LayerGrads::Conv { per_example, bias } => {
-                    let w = per_example.f_square()?.f_sum_dim_intlist(
-                        [1, 2].as_slice(),
-                        false,
-                        kind,
-                    )?;
-                    if trace.bias.is_some() {
-                        w.f_add(&bias.f_square()?.f_sum_dim_intlist(1, false, kind)?)?
-                    } else {
-                        w
-                    }
-                }
-            };
-            norms2 = norms2.f_add(&add)?;
+        for (trace, g) in traces.iter_mut().zip(output_grads) {
+            // The output is no longer needed: its gradient is in hand.
+            trace.output = Tensor::new();
+            values += trace.input.numel() as i64 + 2 * g.numel() as i64;
+            let (lg, extra) = per_layer(trace, g, &mut norms2)?;
+            values += extra;
             layers.push(lg);
         }
-        let norms = norms2.f_sqrt()?;
-        // c_i = min(1, C / ‖∇ℓ_i‖); a zero gradient gives C/0 = ∞, clamped to 1.
-        let factors = norms.f_reciprocal()?.f_mul_scalar(clip)?.f_clamp_max(1.0)?;
-        let mut gradients = Vec::with_capacity(2 * traces.len());
+        let norms = norms2.f_sqrt_()?;
+        // c_i = min(1, C / ‖∇ℓ_i‖) = C / max(C, ‖∇ℓ_i‖); a zero gradient gets 1.
+        let factors = norms
+            .f_clamp_min(clip)?
+            .f_reciprocal_()?
+            .f_mul_scalar_(clip)?;
+        let mut slot = 0;
         for (trace, lg) in traces.iter().zip(&layers) {
+            let has_bias = trace.bias.is_some();
             match lg {
                 LayerGrads::Linear { a, g } => {
                     let cg = g.f_mul(&factors.f_unsqueeze(1)?)?;
-                    gradients.push((trace.weight.shallow_clone(), cg.f_tr()?.f_mm(a)?));
-                    if let Some(b) = &trace.bias {
-                        gradients.push((b.shallow_clone(), cg.f_sum_dim_intlist(0, false, kind)?));
+                    let _ = layout.view(flat, slot)?.f_addmm_(&cg.f_tr()?, a)?;
+                    if has_bias {
+                        let _ = layout
+                            .view(flat, slot + 1)?
+                            .f_addmv_(&g.f_tr()?, &factors)?;
                     }
                 }
-                LayerGrads::Conv { per_example, bias } => {
-                    let w = per_example
-                        .f_view([batch, -1])?
-                        .f_tr()?
-                        .f_mv(&factors)?
-                        .f_view(trace.weight.size().as_slice())?;
-                    gradients.push((trace.weight.shallow_clone(), w));
-                    if let Some(b) = &trace.bias {
-                        gradients.push((b.shallow_clone(), bias.f_tr()?.f_mv(&factors)?));
+                LayerGrads::ConvDirect { per_example, bias } => {
+                    let _ = layout
+                        .matrix(flat, slot, 1)?
+                        .f_view([-1])?
+                        .f_addmv_(&per_example.f_tr()?, &factors)?;
+                    if has_bias {
+                        let _ = layout
+                            .view(flat, slot + 1)?
+                            .f_addmv_(&bias.f_tr()?, &factors)?;
+                    }
+                }
+                LayerGrads::ConvGhost { unfolded, g, bias } => {
+                    let (cout, ckk) = (g.size()[1], unfolded.size()[1]);
+                    // Σ_i c_i g_i U_iᵀ as one matmul over all (example, position) pairs.
+                    let cg = g
+                        .f_mul(&factors.f_view([-1, 1, 1])?)?
+                        .f_permute([1, 0, 2])?
+                        .f_reshape([cout, -1])?;
+                    let u = unfolded.f_permute([0, 2, 1])?.f_reshape([-1, ckk])?;
+                    let _ = layout.matrix(flat, slot, cout)?.f_addmm_(&cg, &u)?;
+                    if has_bias {
+                        let _ = layout
+                            .view(flat, slot + 1)?
+                            .f_addmv_(&bias.f_tr()?, &factors)?;
                     }
                 }
             }
+            slot += 1 + usize::from(has_bias);
         }
-        Ok(ClippedSum {
-            gradients,
+        Ok(Slice {
             norms,
             loss_sum: loss_value,
+            values_per_example: values / rows.max(1),
         })
     })
 }
@@ -274,7 +413,21 @@ impl From<tch::TchError> for TrainError {
     }
 }
 
-fn per_layer(trace: &LayerTrace, g: Tensor) -> Result<LayerGrads, TrainError> {
+/// Row-wise squared norms of `t` over every dimension but the first.
+fn row_norms2(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    let rows = t.size()[0];
+    let m = t.f_reshape([rows, -1])?;
+    m.f_mul(&m)?.f_sum_dim_intlist(1, false, m.kind())
+}
+
+/// A layer's per-example quantities, its squared per-example gradient norms added to `norms2`,
+/// and how many values per example it allocated beyond its input and output gradient.
+fn per_layer(
+    trace: &LayerTrace,
+    g: Tensor,
+    norms2: &mut Tensor,
+) -> Result<(LayerGrads, i64), TrainError> {
+    let rows = trace.input.size().first().copied().unwrap_or(0).max(1);
     match trace.kind {
         TracedKind::Linear => {
             if trace.input.dim() != 2 {
@@ -284,22 +437,58 @@ fn per_layer(trace: &LayerTrace, g: Tensor) -> Result<LayerGrads, TrainError> {
                     trace.input.size()
                 )));
             }
-            Ok(LayerGrads::Linear {
-                a: trace.input.shallow_clone(),
-                g,
-            })
+            // Ghost norm: ‖g_i a_iᵀ‖² + ‖g_i‖² = ‖g_i‖²·(‖a_i‖² + 1).
+            let g2 = row_norms2(&g)?;
+            let mut a2 = row_norms2(&trace.input)?;
+            if trace.bias.is_some() {
+                a2 = a2.f_add_scalar_(1.0)?;
+            }
+            let _ = norms2.f_addcmul_(&g2, &a2)?;
+            Ok((
+                LayerGrads::Linear {
+                    a: trace.input.shallow_clone(),
+                    g,
+                },
+                0,
+            ))
         }
         TracedKind::Conv2d { kernel, padding } => {
-            let batch = trace.input.size()[0];
             let cout = g.size()[1];
             let unfolded =
                 trace
                     .input
-                    .f_im2col([kernel, kernel], [1, 1], [padding, padding], [1, 1])?; // [B, C·k·k, L]
-            let g = g.f_reshape([batch, cout, -1])?; // [B, C_out, L]
-            let per_example = g.f_bmm(&unfolded.f_transpose(1, 2)?)?; // [B, C_out, C·k·k]
+                    .f_im2col([kernel, kernel], [1, 1], [padding, padding], [1, 1])?; // [b, C·k·k, L]
+            let (ckk, l) = (unfolded.size()[1], unfolded.size()[2]);
+            let g = g.f_reshape([rows, cout, l])?;
             let bias = g.f_sum_dim_intlist(2, false, g.kind())?;
-            Ok(LayerGrads::Conv { per_example, bias })
+            if trace.bias.is_some() {
+                let _ = norms2.f_add_(&row_norms2(&bias)?)?;
+            }
+            // Direct: C_out·C·k·k values per example and as many multiply-adds per position;
+            // ghost: two L×L Gram matrices, L²·(C·k·k + C_out) multiply-adds. Take the cheaper.
+            if cout * ckk <= l * (ckk + cout) {
+                let per_example = g
+                    .f_bmm(&unfolded.f_transpose(1, 2)?)? // [b, C_out, C·k·k]
+                    .f_view([rows, -1])?;
+                let _ = norms2.f_add_(&row_norms2(&per_example)?)?;
+                Ok((
+                    LayerGrads::ConvDirect { per_example, bias },
+                    ckk * l + cout * ckk,
+                ))
+            } else {
+                // ‖G_i‖² = ⟨U_iᵀU_i, g_iᵀg_i⟩ (L×L Gram matrices of positions).
+                let mut uu = unfolded.f_transpose(1, 2)?.f_bmm(&unfolded)?;
+                let gg = g.f_transpose(1, 2)?.f_bmm(&g)?;
+                let _ = norms2.f_add_(&uu.f_mul_(&gg)?.f_sum_dim_intlist(
+                    [1, 2].as_slice(),
+                    false,
+                    g.kind(),
+                )?)?;
+                Ok((
+                    LayerGrads::ConvGhost { unfolded, g, bias },
+                    ckk * l + 2 * l * l,
+                ))
+            }
         }
     }
 }
@@ -345,21 +534,122 @@ pub fn clipped_gradient_sum_reference(
             *s = s.f_add(&g.f_mul_scalar(c)?)?;
         }
     }
+    let flat = Tensor::f_cat(
+        &sums
+            .iter()
+            .map(|s| s.f_view([-1]))
+            .collect::<Result<Vec<_>, _>>()?,
+        0,
+    )?;
     Ok(ClippedSum {
         gradients: params.into_iter().zip(sums).collect(),
+        flat,
         norms: Tensor::f_from_slice(&norms)?,
         loss_sum,
     })
+}
+
+/// Draws noise on a background thread, one buffer ahead of the step that adds it.
+///
+/// The noise does not depend on the data, so it can be drawn before the gradients it will cover
+/// exist: the worker fills the next step's buffer while this step's forward and backward passes
+/// run, and the exact discrete Gaussian's cost (about 0.2 µs a value on this machine) stops
+/// adding to the step time whenever a core is free. The worker owns the generator and sees
+/// nothing but empty buffers; each buffer is used once and handed back to be refilled, so the
+/// released noise is the same sequence of draws as a synchronous fill would give.
+#[derive(Debug)]
+struct NoiseWorker {
+    requests: Option<mpsc::Sender<Vec<f32>>>,
+    filled: mpsc::Receiver<Vec<f32>>,
+    /// Length of the buffer being filled, if one is.
+    in_flight: Option<usize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NoiseWorker {
+    fn spawn(mut noise: SecureGaussian) -> Result<Self, TrainError> {
+        let (requests, work) = mpsc::channel::<Vec<f32>>();
+        let (done, filled) = mpsc::channel::<Vec<f32>>();
+        let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        let thread = std::thread::Builder::new()
+            .name("dp-noise".into())
+            .spawn(move || {
+                for mut buffer in work {
+                    noise.fill_parallel(&mut buffer, threads);
+                    if done.send(buffer).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| dp_error(format!("starting the noise thread: {e}")))?;
+        Ok(NoiseWorker {
+            requests: Some(requests),
+            filled,
+            in_flight: None,
+            thread: Some(thread),
+        })
+    }
+
+    fn request(&mut self, buffer: Vec<f32>) -> Result<(), TrainError> {
+        let len = buffer.len();
+        self.requests
+            .as_ref()
+            .and_then(|r| r.send(buffer).ok())
+            .ok_or_else(|| dp_error("the noise thread has stopped".into()))?;
+        self.in_flight = Some(len);
+        Ok(())
+    }
+
+    fn receive(&mut self) -> Result<Vec<f32>, TrainError> {
+        self.in_flight = None;
+        self.filled
+            .recv()
+            .map_err(|_| dp_error("the noise thread has stopped".into()))
+    }
+
+    /// `len` fresh noise values (`g·X`, `X ~ N_ℤ(0, σ_g²)`), never handed out before.
+    fn take(&mut self, len: usize) -> Result<Vec<f32>, TrainError> {
+        match self.in_flight {
+            Some(n) if n == len => self.receive(),
+            Some(_) => {
+                // A buffer of another length: recycle its storage for a fresh draw. Its values
+                // are discarded, never released.
+                let mut buffer = self.receive()?;
+                buffer.resize(len, 0.0);
+                self.request(buffer)?;
+                self.receive()
+            }
+            None => {
+                self.request(vec![0.0; len])?;
+                self.receive()
+            }
+        }
+    }
+
+    /// Hands a used buffer back to be refilled for the next step.
+    fn refill(&mut self, buffer: Vec<f32>) -> Result<(), TrainError> {
+        self.request(buffer)
+    }
+}
+
+impl Drop for NoiseWorker {
+    fn drop(&mut self) {
+        self.requests = None; // ends the worker's loop after its current fill
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// DP-SGD's gradient step: clipped per-example gradients plus secure Gaussian noise.
 #[derive(Debug)]
 pub struct DpSgdStep {
     clip: f64,
-    noise: SecureGaussian,
+    noise: NoiseWorker,
     granularity: f64,
     steps: u64,
-    noise_threads: NonZeroUsize,
+    /// Rows per micro-batch, learned on the first step ([`MICROBATCH_VALUES`]).
+    rows_per_slice: Option<i64>,
 }
 
 impl DpSgdStep {
@@ -367,7 +657,7 @@ impl DpSgdStep {
     pub fn new(plan: &DpSgdPlan) -> Result<Self, TrainError> {
         let noise = SecureGaussian::new(plan.noise_multiplier * plan.clip, plan.granularity)
             .map_err(|e| dp_error(e.to_string()))?;
-        Ok(Self::from_noise(plan.clip, noise))
+        Self::from_noise(plan.clip, noise)
     }
 
     /// As [`DpSgdStep::new`] with a given generator (tests).
@@ -375,18 +665,18 @@ impl DpSgdStep {
         let noise =
             SecureGaussian::with_rng(plan.noise_multiplier * plan.clip, plan.granularity, rng)
                 .map_err(|e| dp_error(e.to_string()))?;
-        Ok(Self::from_noise(plan.clip, noise))
+        Self::from_noise(plan.clip, noise)
     }
 
-    fn from_noise(clip: f64, noise: SecureGaussian) -> Self {
+    fn from_noise(clip: f64, noise: SecureGaussian) -> Result<Self, TrainError> {
         let granularity = noise.granularity();
-        DpSgdStep {
+        Ok(DpSgdStep {
             clip,
-            noise,
+            noise: NoiseWorker::spawn(noise)?,
             granularity,
             steps: 0,
-            noise_threads: std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
-        }
+            rows_per_slice: None,
+        })
     }
 
     /// Steps taken (each one released a noised sum): what the ledger must record.
@@ -394,64 +684,86 @@ impl DpSgdStep {
         self.steps
     }
 
-    /// Rounds `sum` to the noise grid and adds noise, in float64 on its device; returns the
-    /// released (noised) sum in float64. See the module documentation for why this is exact.
+    /// Rounds `sum` to the noise grid and adds noise, on its device and in its kind; returns the
+    /// released (noised) sum. See the module documentation for why this is exact.
     pub fn privatize(&mut self, sum: &Tensor) -> Result<Tensor, TrainError> {
-        let numel = sum.numel();
-        let mut noise = vec![0f32; numel];
-        self.noise.fill_parallel(&mut noise, self.noise_threads);
-        let noise = Tensor::f_from_slice(&noise)?
-            .f_to_kind(Kind::Double)?
-            .f_view(sum.size().as_slice())?
-            .f_to_device(sum.device())?;
+        let released = sum.f_detach_copy()?.f_reshape([-1])?;
+        let released = self.privatize_flat(released, 1.0)?;
+        Ok(released.f_view(sum.size().as_slice())?)
+    }
+
+    /// [`DpSgdStep::privatize`] in place on a flat buffer, then multiplied by `scale`
+    /// (post-processing).
+    fn privatize_flat(&mut self, mut flat: Tensor, scale: f64) -> Result<Tensor, TrainError> {
+        let values = self.noise.take(flat.numel())?;
+        let noise = Tensor::f_from_slice(&values)?;
+        self.noise.refill(values)?;
+        let noise = noise.f_to_device(flat.device())?.f_to_kind(flat.kind())?;
         let g = self.granularity;
-        Ok(sum
-            .f_to_kind(Kind::Double)?
-            .f_div_scalar(g)?
-            .f_round()?
-            .f_mul_scalar(g)?
-            .f_add(&noise)?)
+        // ×(1/g), round, ×g are exact (g is a power of two): the sum on the grid. The noise is
+        // on the grid too, so the addition is exact or, past 2^24 grid steps in float32,
+        // correctly rounded: a function of the exact release, i.e. post-processing.
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            let _ = flat.f_mul_scalar_(1.0 / g)?;
+            let _ = flat.f_round_()?;
+            let _ = flat.f_mul_scalar_(g)?;
+            let _ = flat.f_add_(&noise)?;
+            if scale != 1.0 {
+                let _ = flat.f_mul_scalar_(scale)?;
+            }
+            Ok(())
+        })?;
+        Ok(flat)
     }
 }
 
 impl GradientStep for DpSgdStep {
     fn compute_gradients(&mut self, batch: &Batch<'_>) -> Result<f64, TrainError> {
         let rows = batch.inputs.size().first().copied().unwrap_or(0);
-        let (gradients, loss_sum) = if rows > 0 {
-            let sum = clipped_gradient_sum(batch.net, batch.inputs, batch.labels, self.clip, true)?;
-            (sum.gradients, sum.loss_sum)
+        let (parameters, flat, loss_sum) = if rows > 0 {
+            let sum = clipped_gradient_sum_sliced(
+                batch.net,
+                batch.inputs,
+                batch.labels,
+                self.clip,
+                true,
+                &mut self.rows_per_slice,
+            )?;
+            let parameters: Vec<Tensor> = sum.gradients.into_iter().map(|(p, _)| p).collect();
+            (parameters, sum.flat, sum.loss_sum)
         } else {
             // An empty Poisson batch: the release is noise alone.
-            let zeros = batch
+            let layout = FlatLayout::of_parameters(batch.parameters.iter());
+            let first = batch
                 .parameters
-                .iter()
-                .map(|p| Ok((p.shallow_clone(), p.f_zeros_like()?)))
-                .collect::<Result<Vec<_>, tch::TchError>>()?;
-            (zeros, 0.0)
+                .first()
+                .ok_or_else(|| dp_error("the model has no trainable parameters".into()))?;
+            let flat = Tensor::f_zeros([layout.numel], (first.kind(), first.device()))?;
+            (
+                batch.parameters.iter().map(Tensor::shallow_clone).collect(),
+                flat,
+                0.0,
+            )
         };
-        if gradients.len() != batch.parameters.len() {
+        if parameters.len() != batch.parameters.len() {
             // A parameter outside a traced layer would be trained without clipping or noise.
             return Err(dp_error(format!(
                 "the model has {} trainable tensors, but per-example clipping covers {}",
                 batch.parameters.len(),
-                gradients.len()
+                parameters.len()
             )));
         }
         let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
-        let mut surrogate: Option<Tensor> = None;
-        for (parameter, sum) in &gradients {
-            let released = self.privatize(sum)?;
-            let grad = tch::no_grad(|| released.f_mul_scalar(scale)?.f_to_kind(parameter.kind()))?;
-            // ∂/∂w Σ⟨w, ĝ⟩ = ĝ exactly: how the optimizer is handed ĝ as `.grad`.
-            let term = parameter.f_mul(&grad)?.f_sum(parameter.kind())?;
-            surrogate = Some(match surrogate {
-                None => term,
-                Some(s) => s.f_add(&term)?,
-            });
-        }
-        if let Some(s) = surrogate {
-            s.f_backward()?;
-        }
+        let released = self.privatize_flat(flat, scale)?;
+        // Hand ĝ to the optimizer as `.grad`: ∂/∂θ ⟨θ, ĝ⟩ = ĝ exactly, with θ every parameter
+        // flattened and concatenated in ĝ's order (tch cannot assign `.grad` directly).
+        let flat_parameters = parameters
+            .iter()
+            .map(|p| p.f_view([-1]))
+            .collect::<Result<Vec<_>, _>>()?;
+        Tensor::f_cat(&flat_parameters, 0)?
+            .f_dot(&released)?
+            .f_backward()?;
         self.steps += 1;
         Ok(if rows > 0 {
             loss_sum / rows as f64
