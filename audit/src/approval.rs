@@ -17,21 +17,18 @@
 //! material), and the signature must verify with its public key. Otherwise the event is refused
 //! and nothing is stored.
 //!
-//! Hand-written with `ring` because `tutela_policy::approval` (the policy crate's approval
-//! signatures) does not exist yet; when it does, its verifier should replace [`verify_signature`].
+//! The message and the signature check are the protocol crate's (`tutela_protocol::job::
+//! approval_message`, `tutela_protocol::pki::verify_signed_by_certificate`), shared with the
+//! policy crate, so that the audit service does not link the policy engine (casbin).
 
 use std::sync::Arc;
 
-use ring::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey};
 use rustls_pki_types::CertificateDer;
 use tutela_protocol::identity::{Identity, Principal};
-use x509_parser::prelude::FromDer;
 
 /// Checks that a certificate chain (leaf first) chains to the consortium CA and is not revoked.
 pub type ChainCheck = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
 
-const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
-const OID_ED25519: &str = "1.3.101.112";
 
 /// Why an approval was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,19 +71,9 @@ fn field<'a>(payload: &'a serde_json::Value, name: &'static str) -> Result<&'a s
         .ok_or(ApprovalError::Missing(name))
 }
 
-/// The message `tutela_policy::approval::signed_message` builds (the same text, rebuilt here so
-/// that the audit service does not link the policy engine; a test in audit/tests keeps them equal).
-pub fn policy_signed_message(
-    job_id: &str,
-    digest_hex: &str,
-    signed_at_ms: i64,
-    expires_at_ms: i64,
-) -> Vec<u8> {
-    format!(
-        "tutela/job-approval/v1\njob={job_id}\nspec-digest={digest_hex}\nsigned-at-ms={signed_at_ms}\nexpires-at-ms={expires_at_ms}\n"
-    )
-    .into_bytes()
-}
+/// The message `tutela_policy::approval::signed_message` signs: both use the one definition in
+/// the protocol crate, so the audit service checks approvals without linking the policy engine.
+pub use tutela_protocol::job::approval_message as policy_signed_message;
 
 /// Checks an approval payload for job `subject` (see the module documentation); `chain` checks
 /// the certificate's trust. Refuses unless everything holds.
@@ -164,24 +151,16 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>, ApprovalError> {
 
 /// Verifies `signature` over `message` with the public key of the DER certificate `der`.
 pub fn verify_signature(der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), ApprovalError> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
-        ApprovalError::Malformed {
+    use tutela_protocol::pki::{CertSignatureError, verify_signed_by_certificate};
+    verify_signed_by_certificate(der, message, signature).map_err(|e| match e {
+        CertSignatureError::Certificate(e) => ApprovalError::Malformed {
             field: "certificate",
             problem: format!("is not an X.509 certificate: {e}"),
-        }
-    })?;
-    let spki = cert.public_key();
-    let oid = spki.algorithm.algorithm.to_id_string();
-    let key: &[u8] = &spki.subject_public_key.data;
-    let result = match oid.as_str() {
-        OID_EC_PUBLIC_KEY => {
-            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key).verify(message, signature)
-        }
-        OID_ED25519 => UnparsedPublicKey::new(&ED25519, key).verify(message, signature),
-        other => return Err(ApprovalError::UnsupportedKey(other.to_string())),
-    };
-    result.map_err(|_| ApprovalError::BadSignature {
-        spec_digest: hex::encode(message),
-        identity: String::new(),
+        },
+        CertSignatureError::UnsupportedKey(oid) => ApprovalError::UnsupportedKey(oid),
+        CertSignatureError::BadSignature => ApprovalError::BadSignature {
+            spec_digest: hex::encode(message),
+            identity: String::new(),
+        },
     })
 }

@@ -27,16 +27,16 @@ use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
 // placeholders; the one identifier (a role name in grant_append_only) is quoted.
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 
+use tutela_protocol::database;
+/// The URL with its password (and query) hidden, for messages.
+pub use tutela_protocol::database::redact_url;
+
 use crate::checkpoint::{Checkpoint, SignedCheckpoint};
 use crate::event::{Action, Event, Timestamp};
 use crate::{Hash, hexser};
 
 /// Which database a store is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use tutela_protocol::database::Backend;
 
 /// One embedded migration; `postgres` and `sqlite` differ only where the SQL dialects do.
 struct Migration {
@@ -199,31 +199,17 @@ pub struct AuditStore {
 impl AuditStore {
     /// `sqlite://PATH?mode=rwc` for a file path, with `%`, `?` and `#` percent-encoded.
     pub fn sqlite_url(path: &Path) -> Result<String> {
-        let s = path.to_str().ok_or_else(|| StoreError::InvalidInput {
+        database::sqlite_url(path).ok_or_else(|| StoreError::InvalidInput {
             what: format!("audit store path {}", path.display()),
             problem: "is not valid UTF-8".to_string(),
-        })?;
-        let mut enc = String::with_capacity(s.len());
-        for c in s.chars() {
-            match c {
-                '%' => enc.push_str("%25"),
-                '?' => enc.push_str("%3F"),
-                '#' => enc.push_str("%23"),
-                c => enc.push(c),
-            }
-        }
-        Ok(format!("sqlite://{enc}?mode=rwc"))
+        })
     }
 
     /// Opens the store and brings its schema up to date. A role that may not create tables (the
     /// append-only application role) can open a store whose schema is already current.
     pub async fn open(url: &str) -> Result<AuditStore> {
         let location = redact_url(url);
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
+        let Some(backend) = Backend::of_url(url) else {
             return Err(StoreError::UnsupportedUrl(location));
         };
         sqlx::any::install_default_drivers();
@@ -744,25 +730,4 @@ fn checkpoint_of_row(row: &AnyRow) -> Result<SignedCheckpoint> {
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(crate::sha256(data))
-}
-
-/// The URL with its password (if any) hidden.
-pub fn redact_url(url: &str) -> String {
-    if url.starts_with("sqlite:") {
-        return url.to_string();
-    }
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.chars().take_while(|c| *c != ':').collect::<String>() + ":…";
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://{user}@{host}")
-            }
-        }
-        None => url.to_string(),
-    }
 }

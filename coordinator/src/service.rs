@@ -294,31 +294,6 @@ fn audit_refused(e: AuditTrailError) -> Status {
     ))
 }
 
-/// DER as PEM (the audit service reads approval certificates as PEM).
-fn der_to_pem(label: &str, der: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len() * 4 / 3 + 4);
-    for c in der.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                b64.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 fn now_unix_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -546,7 +521,7 @@ impl pb::jobs_server::Jobs for JobsService {
                 let certificate = approval
                     .signer_chain_der
                     .first()
-                    .map(|der| der_to_pem("CERTIFICATE", der))
+                    .map(|der| tutela_protocol::pki::pem_encode("CERTIFICATE", der))
                     .unwrap_or_default();
                 self.engine
                     .trail()

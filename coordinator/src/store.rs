@@ -39,6 +39,8 @@ use sqlx::any::{Any, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row, Transaction};
 use time::OffsetDateTime;
 
+use tutela_protocol::database::{self, redact_url};
+
 use crate::job::{
     IllegalTransition, JobId, JobSpec, JobState, RoundState, SpecDigest, SpecError, is_hex_digest,
 };
@@ -81,11 +83,7 @@ const PG_MIGRATION_LOCK: &str =
     "SELECT 1 FROM (SELECT pg_advisory_xact_lock(8387236685218046831)) AS migration_lock";
 
 /// Which database a store is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use tutela_protocol::database::Backend;
 
 /// Something the store could not do, saying what and on which job, round or site.
 #[derive(Debug, thiserror::Error)]
@@ -371,30 +369,16 @@ impl Store {
     /// `sqlite://PATH?mode=rwc` for a file path, with the characters SQLite's URL parser would
     /// misread (`%`, `?`, `#`) percent-encoded.
     pub fn sqlite_url(path: &Path) -> Result<String> {
-        let s = path.to_str().ok_or_else(|| StoreError::InvalidInput {
+        database::sqlite_url(path).ok_or_else(|| StoreError::InvalidInput {
             what: format!("job store path {}", path.display()),
             problem: "is not valid UTF-8".to_string(),
-        })?;
-        let mut enc = String::with_capacity(s.len());
-        for c in s.chars() {
-            match c {
-                '%' => enc.push_str("%25"),
-                '?' => enc.push_str("%3F"),
-                '#' => enc.push_str("%23"),
-                c => enc.push(c),
-            }
-        }
-        Ok(format!("sqlite://{enc}?mode=rwc"))
+        })
     }
 
     /// Opens (and for SQLite with `mode=rwc`, creates) the store, and brings its schema up to date.
     pub async fn open(url: &str) -> Result<Store> {
         let location = redact_url(url);
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
+        let Some(backend) = Backend::of_url(url) else {
             return Err(StoreError::UnsupportedUrl(location));
         };
         // Idempotent (a `Once` inside); it panics only if some other code installed a different
@@ -1590,68 +1574,6 @@ fn from_ms(ms: i64, what: &str) -> Result<OffsetDateTime> {
             problem: format!("{ms} ms: {e}"),
         }
     })
-}
-
-/// The URL for messages and logs, with a PostgreSQL password and query string left out.
-fn redact_url(url: &str) -> String {
-    if url.starts_with("sqlite:") {
-        return url.to_string();
-    }
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // Not a URL we know; its shape is unknown, so show only its scheme-ish prefix.
-        return url.chars().take_while(|c| *c != ':').collect::<String>() + ":…";
-    };
-    let (rest, had_query) = match rest.split_once('?') {
-        Some((r, _)) => (r, true),
-        None => (rest, false),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            if userinfo.contains(':') {
-                format!("{user}:***@{host}")
-            } else {
-                format!("{user}@{host}")
-            }
-        }
-        None => authority.to_string(),
-    };
-    format!(
-        "{scheme}://{authority}{path}{}",
-        if had_query { "?…" } else { "" }
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("postgres://tutela:s3cret@db:5432/coord?sslmode=require"),
-            "postgres://tutela:***@db:5432/coord?…"
-        );
-        assert_eq!(redact_url("postgres://db/coord"), "postgres://db/coord");
-        assert_eq!(
-            redact_url("sqlite:///var/lib/x.db?mode=rwc"),
-            "sqlite:///var/lib/x.db?mode=rwc"
-        );
-    }
-
-    #[test]
-    fn sqlite_url_escapes_what_sqlite_decodes() {
-        assert_eq!(
-            Store::sqlite_url(Path::new("/tmp/a?b#c%d.db"))
-                .ok()
-                .as_deref(),
-            Some("sqlite:///tmp/a%3Fb%23c%25d.db?mode=rwc")
-        );
-    }
 }
 
 // -------------------------------------------------------------------------------------------

@@ -15,10 +15,7 @@
 
 use std::sync::Arc;
 
-use ring::signature::{
-    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, ED25519, EcdsaKeyPair, Ed25519KeyPair,
-    KeyPair, UnparsedPublicKey,
-};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
@@ -28,13 +25,9 @@ use tutela_protocol::identity::Identity;
 use tutela_protocol::job::SpecDigest;
 use tutela_protocol::pki;
 use tutela_protocol::tls::TlsMaterial;
-use x509_parser::prelude::FromDer;
 
 /// The domain-separation prefix of every approval signature.
-pub const APPROVAL_CONTEXT: &str = "tutela/job-approval/v1";
-
-const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
-const OID_ED25519: &str = "1.3.101.112";
+pub use tutela_protocol::job::APPROVAL_CONTEXT;
 
 /// A compliance officer's signed approval of one job's spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,11 +50,7 @@ pub fn signed_message(
     signed_at_ms: i64,
     expires_at_ms: i64,
 ) -> Vec<u8> {
-    format!(
-        "{APPROVAL_CONTEXT}\njob={job_id}\nspec-digest={}\nsigned-at-ms={signed_at_ms}\nexpires-at-ms={expires_at_ms}\n",
-        digest.to_hex()
-    )
-    .into_bytes()
+    tutela_protocol::job::approval_message(job_id, &digest.to_hex(), signed_at_ms, expires_at_ms)
 }
 
 /// Why an approval does not count (or cannot be made).
@@ -232,24 +221,12 @@ fn verify_signature(
     signature: &[u8],
     signer: &str,
 ) -> Result<(), ApprovalError> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf_der)
-        .map_err(|e| ApprovalError::Certificate(format!("cannot parse: {e}")))?;
-    let spki = cert.public_key();
-    let oid = spki.algorithm.algorithm.to_id_string();
-    let alg: &dyn ring::signature::VerificationAlgorithm = match oid.as_str() {
-        OID_EC_PUBLIC_KEY => &ECDSA_P256_SHA256_ASN1,
-        OID_ED25519 => &ED25519,
-        other => {
-            return Err(ApprovalError::Certificate(format!(
-                "key algorithm {other} is neither ECDSA P-256 nor Ed25519"
-            )));
-        }
-    };
-    UnparsedPublicKey::new(alg, &spki.subject_public_key.data)
-        .verify(message, signature)
-        .map_err(|_| ApprovalError::BadSignature {
+    pki::verify_signed_by_certificate(leaf_der, message, signature).map_err(|e| match e {
+        pki::CertSignatureError::BadSignature => ApprovalError::BadSignature {
             signer: signer.to_string(),
-        })
+        },
+        other => ApprovalError::Certificate(other.to_string()),
+    })
 }
 
 /// Checks approvals against the consortium CA (and its CRLs).

@@ -571,3 +571,22 @@ pub fn is_hex_digest(s: &str) -> bool {
 /// Canonical JSON text of `value` (RFC 8785): the one canonicaliser of the project, shared with
 /// the audit trail's event hashes.
 pub use crate::canonical::canonical_json;
+
+/// The domain-separation tag of a compliance officer's approval signature.
+pub const APPROVAL_CONTEXT: &str = "tutela/job-approval/v1";
+
+/// The bytes a compliance officer signs to approve job `job_id` whose spec digests to
+/// `digest_hex` (64 lowercase hex digits), valid from `signed_at_ms` until `expires_at_ms` (Unix
+/// milliseconds). One definition for the policy crate that signs and checks approvals and the
+/// audit service that checks them again before storing them.
+pub fn approval_message(
+    job_id: &str,
+    digest_hex: &str,
+    signed_at_ms: i64,
+    expires_at_ms: i64,
+) -> Vec<u8> {
+    format!(
+        "{APPROVAL_CONTEXT}\njob={job_id}\nspec-digest={digest_hex}\nsigned-at-ms={signed_at_ms}\nexpires-at-ms={expires_at_ms}\n"
+    )
+    .into_bytes()
+}

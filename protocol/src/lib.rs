@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod canonical;
 pub mod client;
+pub mod database;
 pub mod federation;
 pub mod identity;
 pub mod job;

@@ -569,7 +569,8 @@ fn requested_sans(
     Ok(out)
 }
 
-pub(super) fn pem_encode(label: &str, der: &[u8]) -> String {
+/// DER as a PEM block with `label` (e.g. `CERTIFICATE`), 64 base64 characters per line.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use std::fmt::Write;
     let b64 = base64_encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

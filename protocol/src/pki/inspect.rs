@@ -592,3 +592,40 @@ impl fmt::Display for CsrDescription {
         t.row("SHA-256 fingerprint", &self.sha256_fingerprint)
     }
 }
+
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const OID_ED25519: &str = "1.3.101.112";
+
+/// Why a signature did not verify with a certificate's public key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertSignatureError {
+    #[error("the certificate cannot be parsed: {0}")]
+    Certificate(String),
+    #[error("the certificate's key algorithm {0} is neither ECDSA P-256 nor Ed25519")]
+    UnsupportedKey(String),
+    #[error("the signature does not verify with the certificate's key")]
+    BadSignature,
+}
+
+/// Verifies `signature` over `message` with the public key of the DER certificate `der`: ECDSA
+/// P-256 with SHA-256 (ASN.1 DER signature) or Ed25519, the two key types `tutela pki` issues.
+/// Checks only the signature, not the certificate's trust (the caller verifies the chain).
+pub fn verify_signed_by_certificate(
+    der: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), CertSignatureError> {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey, VerificationAlgorithm};
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| CertSignatureError::Certificate(e.to_string()))?;
+    let spki = cert.public_key();
+    let oid = spki.algorithm.algorithm.to_id_string();
+    let alg: &dyn VerificationAlgorithm = match oid.as_str() {
+        OID_EC_PUBLIC_KEY => &ECDSA_P256_SHA256_ASN1,
+        OID_ED25519 => &ED25519,
+        _ => return Err(CertSignatureError::UnsupportedKey(oid)),
+    };
+    UnparsedPublicKey::new(alg, &spki.subject_public_key.data)
+        .verify(message, signature)
+        .map_err(|_| CertSignatureError::BadSignature)
+}

@@ -1,0 +1,109 @@
+//! Database URLs, shared by the coordinator's job store and the audit service's event store: which
+//! backend a URL names, the SQLite URL of a file path, and a URL safe to print.
+//!
+//! Pure string handling (no driver here): each store opens its own pool with its own settings.
+
+use std::path::Path;
+
+/// Which database a store is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a URL names: `sqlite:...`, or `postgres://` / `postgresql://`.
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// `sqlite://PATH?mode=rwc` for a file path, with the characters SQLite's URL parser would
+/// misread (`%`, `?`, `#`) percent-encoded; `None` for a path that is not valid UTF-8.
+pub fn sqlite_url(path: &Path) -> Option<String> {
+    let s = path.to_str()?;
+    let mut enc = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => enc.push_str("%25"),
+            '?' => enc.push_str("%3F"),
+            '#' => enc.push_str("%23"),
+            c => enc.push(c),
+        }
+    }
+    Some(format!("sqlite://{enc}?mode=rwc"))
+}
+
+/// The URL for messages and logs, with a PostgreSQL password and query string left out.
+pub fn redact_url(url: &str) -> String {
+    if url.starts_with("sqlite:") {
+        return url.to_string();
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // Not a URL we know; its shape is unknown, so show only its scheme-ish prefix.
+        return url.chars().take_while(|c| *c != ':').collect::<String>() + ":…";
+    };
+    let (rest, had_query) = match rest.split_once('?') {
+        Some((r, _)) => (r, true),
+        None => (rest, false),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            if userinfo.contains(':') {
+                format!("{user}:***@{host}")
+            } else {
+                format!("{user}@{host}")
+            }
+        }
+        None => authority.to_string(),
+    };
+    format!(
+        "{scheme}://{authority}{path}{}",
+        if had_query { "?…" } else { "" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://tutela:s3cret@db:5432/coord?sslmode=require"),
+            "postgres://tutela:***@db:5432/coord?…"
+        );
+        assert_eq!(redact_url("postgres://db/coord"), "postgres://db/coord");
+        assert_eq!(
+            redact_url("sqlite:///var/lib/x.db?mode=rwc"),
+            "sqlite:///var/lib/x.db?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn sqlite_url_escapes_what_sqlite_decodes() {
+        assert_eq!(
+            sqlite_url(Path::new("/tmp/a?b#c%d.db")).as_deref(),
+            Some("sqlite:///tmp/a%3Fb%23c%25d.db?mode=rwc")
+        );
+    }
+
+    #[test]
+    fn backends_of_urls() {
+        assert_eq!(Backend::of_url("sqlite://x.db"), Some(Backend::Sqlite));
+        assert_eq!(Backend::of_url("postgresql://h/d"), Some(Backend::Postgres));
+        assert_eq!(Backend::of_url("mysql://h/d"), None);
+    }
+}
