@@ -875,7 +875,7 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
             "training ended after the task's deadline; the update would be refused as late".into(),
         ));
     }
-    let metadata = BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         (meta::TASK.to_string(), task.task_id.clone()),
         (meta::SAMPLES.to_string(), result.train_samples.to_string()),
         (meta::TRAIN_LOSS.to_string(), result.train_loss.to_string()),
@@ -890,7 +890,6 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         ),
         (meta::EVAL_SAMPLES.to_string(), result.eval.n.to_string()),
     ]);
-    let mut metadata = metadata;
     if let Some(c) = result.dataset_commitment {
         metadata.insert(meta::DATASET_COMMITMENT.to_string(), c);
     }
