@@ -29,7 +29,6 @@ use tutela_protocol::identity::{Identity, Principal};
 /// Checks that a certificate chain (leaf first) chains to the consortium CA and is not revoked.
 pub type ChainCheck = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
 
-
 /// Why an approval was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApprovalError {

@@ -178,7 +178,10 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 println!("{k} = {v}");
             }
             for r in rates {
-                println!("{:<70} {:>9} rows in {:>7.3} s: {:>9.0} rows/s", r.what, r.rows, r.seconds, r.per_second);
+                println!(
+                    "{:<70} {:>9} rows in {:>7.3} s: {:>9.0} rows/s",
+                    r.what, r.rows, r.seconds, r.per_second
+                );
             }
             Ok(())
         }
@@ -187,7 +190,10 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 .map_err(|e| anyhow!("audit verify benchmark failed: {e:#}"))?;
             println!("{} events, mean hash input {mean} bytes", args.events);
             for r in rates {
-                println!("{:<40} {:>9} events in {:>7.3} s: {:>9.0} events/s", r.what, r.rows, r.seconds, r.per_second);
+                println!(
+                    "{:<40} {:>9} events in {:>7.3} s: {:>9.0} events/s",
+                    r.what, r.rows, r.seconds, r.per_second
+                );
             }
             Ok(())
         }
@@ -200,7 +206,10 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             )
             .await
             .map_err(|e| anyhow!("authorization benchmark failed: {e}"))?;
-            println!("policy: {} lines (deploy/policy/model.conf)", r.policy_lines);
+            println!(
+                "policy: {} lines (deploy/policy/model.conf)",
+                r.policy_lines
+            );
             println!(
                 "in-process decisions: {} in total, {:.0} decisions/s",
                 r.decisions, r.decisions_per_sec

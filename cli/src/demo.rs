@@ -375,7 +375,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
          g, spiffe://demo/operator/demo, operator, consortium\np2, site:*, compliance_officer, 1\n",
     );
     for (site, o) in &officers {
-        policy_csv.push_str(&format!("g, {}, compliance_officer, site:{site}\n", o.identity));
+        policy_csv.push_str(&format!(
+            "g, {}, compliance_officer, site:{site}\n",
+            o.identity
+        ));
         std::fs::write(
             policy_dir.join(format!("site-policy-{site}.toml")),
             format!(
@@ -632,7 +635,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .map(|m| format!("{} {:.3}", m.site, m.eval_accuracy))
                 .collect();
             // The largest ε any site has spent on this job so far (DP-SGD at the sites).
-            let epsilon = r.metrics.iter().map(|m| m.dp_job_epsilon).fold(0.0, f64::max);
+            let epsilon = r
+                .metrics
+                .iter()
+                .map(|m| m.dp_job_epsilon)
+                .fold(0.0, f64::max);
             let line = format!(
                 "round {:>2}  accuracy {:.4}  ({})  {:.2}s{}{}",
                 r.round,

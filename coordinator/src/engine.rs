@@ -295,7 +295,12 @@ impl Engine {
 
     /// [`Engine::cancel`]; `audit`: whether to note `job.failed` (state cancelled) here, false
     /// when the caller has already recorded the end (a rejection).
-    pub async fn cancel_as(&self, job: &JobId, reason: &str, audit: bool) -> Result<(), EngineError> {
+    pub async fn cancel_as(
+        &self,
+        job: &JobId,
+        reason: &str,
+        audit: bool,
+    ) -> Result<(), EngineError> {
         // A proposed job (waiting for approvals) is cancelled without ever running.
         let from = match self.get_job(job).await?.state {
             JobState::Proposed => JobState::Proposed,

@@ -35,8 +35,12 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(a) = &authorizer {
                 match a.reload().await {
-                    Ok(changed) => tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: policy reload failed; the policy in force stays"),
+                    Ok(changed) => {
+                        tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: policy reload failed; the policy in force stays")
+                    }
                 }
             }
         }

@@ -267,11 +267,15 @@ impl JobsService {
     }
 
     fn gate(&self) -> Result<&crate::approvals::ApprovalGate, Status> {
-        self.engine.approvals.get().map(|g| g.as_ref()).ok_or_else(|| {
-            Status::failed_precondition(
-                "this coordinator runs without a [policy]: jobs need no approval",
-            )
-        })
+        self.engine
+            .approvals
+            .get()
+            .map(|g| g.as_ref())
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "this coordinator runs without a [policy]: jobs need no approval",
+                )
+            })
     }
 
     /// The job, required to be proposed (approvals are given and taken back before it starts).
@@ -506,8 +510,7 @@ impl pb::jobs_server::Jobs for JobsService {
             .approval
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("ApproveJob carries no approval"))?;
-        let approval =
-            crate::approvals::from_pb(wire).map_err(Status::invalid_argument)?;
+        let approval = crate::approvals::from_pb(wire).map_err(Status::invalid_argument)?;
         let id = parse_job_id(&approval.job_id)?;
         let job = self.proposed(&id).await?;
         match gate.check_new(&approval, &job, &who, now_unix_ms()) {
@@ -551,7 +554,9 @@ impl pb::jobs_server::Jobs for JobsService {
             }
             Err(why) => {
                 tracing::warn!(target: "tutela::audit", event = "job.approval_refused", job = %id, caller = %who, reason = %why, "approval refused");
-                Err(Status::permission_denied(format!("approval refused: {why}")))
+                Err(Status::permission_denied(format!(
+                    "approval refused: {why}"
+                )))
             }
         }
     }

@@ -1695,9 +1695,9 @@ impl Store {
                 Ok(ApprovalRecord {
                     approval: tutela_policy::Approval {
                         job_id: job.to_string(),
-                        spec_digest: digest.parse().map_err(|e: crate::job::BadDigest| {
-                            damaged(&e.to_string())
-                        })?,
+                        spec_digest: digest
+                            .parse()
+                            .map_err(|e: crate::job::BadDigest| damaged(&e.to_string()))?,
                         signer_chain_der: chain,
                         signature: hex::decode(&signature).map_err(|e| damaged(&e.to_string()))?,
                         signed_at_ms: r.try_get(4).map_err(get)?,

@@ -68,9 +68,9 @@ use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
 use crate::at_rest::EncryptedSafetensorsSink;
 use crate::config::{Corruption, DeviceChoice, NodeConfig, TestingConfig};
 use crate::data::DataError;
-use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::data::DatasetSchema;
 use crate::dataset::SiteDataset;
+use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::ledger::{RoundSpend, SiteLedgers};
 use crate::models::{Model, ModelError};
 use crate::train::{TrainError, evaluate, train_local};
@@ -453,12 +453,13 @@ impl Agent {
         for (name, d) in &config.datasets {
             // Checks the schema, the column declaration and the anonymization pipeline; reads
             // no record (that waits for the first task the node admits).
-            let dataset = SiteDataset::prepare(name, d, site_secret.as_deref()).map_err(
-                |source| AgentError::Dataset {
-                    name: name.clone(),
-                    source: Box::new(source),
-                },
-            )?;
+            let dataset =
+                SiteDataset::prepare(name, d, site_secret.as_deref()).map_err(|source| {
+                    AgentError::Dataset {
+                        name: name.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
             tracing::info!(
                 dataset = %name,
                 path = %d.path.display(),
@@ -487,10 +488,12 @@ impl Agent {
             models_dir,
             kek,
             gate: match &config.site_policy {
-                Some(path) => TaskGate::new(datasets).with_ledgers(ledgers).with_approvals(
-                    crate::approvals::SiteApprovals::load(&config.site, path, &material)
-                        .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
-                ),
+                Some(path) => TaskGate::new(datasets)
+                    .with_ledgers(ledgers)
+                    .with_approvals(
+                        crate::approvals::SiteApprovals::load(&config.site, path, &material)
+                            .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
+                    ),
                 None => {
                     tracing::warn!(
                         "no `site_policy`: tasks run without this site's own approval check"
@@ -897,7 +900,10 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         metadata.insert(meta::DEID_CONFIG.to_string(), d);
     }
     if let Some(p) = &result.privacy {
-        metadata.insert(meta::DP_ROUND_EPSILON.to_string(), p.round_epsilon.to_string());
+        metadata.insert(
+            meta::DP_ROUND_EPSILON.to_string(),
+            p.round_epsilon.to_string(),
+        );
         metadata.insert(meta::DP_JOB_EPSILON.to_string(), p.job_epsilon.to_string());
         metadata.insert(meta::DP_DELTA.to_string(), p.delta.to_string());
     }
@@ -1082,7 +1088,10 @@ pub fn local_round(
     attempt: u32,
     site: &str,
 ) -> Result<RoundResult, LocalError> {
-    let dataset = admitted.dataset.load().map_err(|e| LocalError::Data(Box::new(e)))?;
+    let dataset = admitted
+        .dataset
+        .load()
+        .map_err(|e| LocalError::Data(Box::new(e)))?;
     let job = &admitted.job;
     let config = job.train_config(
         &admitted.strategy,
@@ -1142,14 +1151,23 @@ fn train_round(
     let (report, spend) = crate::dp::train_dp(model, train, config, &plan);
     let spent = match &admitted.ledgers {
         Some(l) => l
-            .record(&admitted.job_id, dataset, train.n_rows, &plan, &spend, now_ms())
+            .record(
+                &admitted.job_id,
+                dataset,
+                train.n_rows,
+                &plan,
+                &spend,
+                now_ms(),
+            )
             .map_err(LocalError::Privacy)?,
         None => {
             let eps = |steps| -> Result<f64, LocalError> {
                 if steps == 0 {
                     return Ok(0.0);
                 }
-                let m = plan.mechanism(steps).map_err(|e| LocalError::Privacy(e.to_string()))?;
+                let m = plan
+                    .mechanism(steps)
+                    .map_err(|e| LocalError::Privacy(e.to_string()))?;
                 tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
                     .map(|g| g.epsilon)
                     .map_err(|e| LocalError::Privacy(e.to_string()))

@@ -318,7 +318,8 @@ impl NodeConfig {
                 ));
             }
             if d.columns.is_none()
-                && d.format.unwrap_or_else(|| tutela_privacy::anonymize::RecordFormat::from_path(&d.path))
+                && d.format
+                    .unwrap_or_else(|| tutela_privacy::anonymize::RecordFormat::from_path(&d.path))
                     == tutela_privacy::anonymize::RecordFormat::Jsonl
             {
                 return Err(invalid(

@@ -215,7 +215,9 @@ fn bench_dp_step(batch: usize, iters: usize, child: Option<Vec<String>>) -> anyh
         return Ok(());
     }
     let exe = std::env::current_exe()?;
-    println!("model  batch  plain ms  DP ms  time ratio  plain peak MiB  DP peak MiB  memory ratio");
+    println!(
+        "model  batch  plain ms  DP ms  time ratio  plain peak MiB  DP peak MiB  memory ratio"
+    );
     for model in ["mlp", "cnn"] {
         let mut r = Vec::new();
         for mode in ["plain", "dp"] {
@@ -223,7 +225,11 @@ fn bench_dp_step(batch: usize, iters: usize, child: Option<Vec<String>>) -> anyh
                 .args(["bench", "dp-step", "--batch", &batch.to_string()])
                 .args(["--iters", &iters.to_string(), "--child", model, mode])
                 .output()?;
-            anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            anyhow::ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             r.push(serde_json::from_slice::<StepBench>(&out.stdout)?);
         }
         let mib = |b: u64| b as f64 / (1 << 20) as f64;

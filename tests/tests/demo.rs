@@ -22,7 +22,10 @@ fn the_demo_anonymizes_trains_and_leaves_no_plaintext_in_the_nodes_work_director
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("  before: "), "{stdout}");
     assert!(stdout.contains("  after:  "), "{stdout}");
-    assert!(stdout.contains("[PHONE]") || stdout.contains("[EMAIL]"), "{stdout}");
+    assert!(
+        stdout.contains("[PHONE]") || stdout.contains("[EMAIL]"),
+        "{stdout}"
+    );
 
     let sites = std::fs::read_dir(demo_dir.join("sites")).unwrap();
     let mut scanned = 0;

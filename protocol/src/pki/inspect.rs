@@ -615,7 +615,9 @@ pub fn verify_signed_by_certificate(
     message: &[u8],
     signature: &[u8],
 ) -> Result<(), CertSignatureError> {
-    use ring::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey, VerificationAlgorithm};
+    use ring::signature::{
+        ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey, VerificationAlgorithm,
+    };
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| CertSignatureError::Certificate(e.to_string()))?;
     let spki = cert.public_key();

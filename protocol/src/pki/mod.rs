@@ -28,13 +28,13 @@ use time::{Duration, OffsetDateTime};
 
 use crate::identity::{Identity, IdentityError};
 
+pub use authority::pem_encode;
 pub use authority::{CertificateAuthority, make_csr};
+pub use inspect::{CertSignatureError, verify_signed_by_certificate};
 pub use inspect::{
     CertificateDescription, CrlDescription, CsrDescription, Description, RevokedEntry, describe,
     describe_all, identity_of_cert_der, serial_of_cert_der,
 };
-pub use inspect::{CertSignatureError, verify_signed_by_certificate};
-pub use authority::pem_encode;
 pub use store::{CaDir, CaIndex, IndexEntry, IndexRevocation};
 
 /// How long a CA made by [`CaDir::init`] is valid by default, in days (about ten years).
