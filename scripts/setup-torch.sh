@@ -20,10 +20,11 @@ py="$venv/bin/python"
 
 if ! "$py" -c "import torch; assert torch.__version__.startswith('$torch_version')" >/dev/null 2>&1; then
   echo "setup-torch: installing torch==$torch_version into $venv (about 4.6 GB with its CUDA wheels)" >&2
-  "$py" -m pip install --quiet --disable-pip-version-check "torch==$torch_version"
+  # --no-cache-dir: pip would otherwise keep a second copy of the ~4 GB of wheels in its cache.
+  "$py" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch==$torch_version"
 fi
 
 if ! "$py" -c "import safetensors, numpy" >/dev/null 2>&1; then
   echo "setup-torch: installing safetensors and numpy into $venv" >&2
-  "$py" -m pip install --quiet --disable-pip-version-check safetensors numpy
+  "$py" -m pip install --quiet --disable-pip-version-check --no-cache-dir safetensors numpy
 fi

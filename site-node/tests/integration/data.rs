@@ -1,6 +1,6 @@
 //! Dataset schemas, CSV loading and its errors, splits, shards and standardisation.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

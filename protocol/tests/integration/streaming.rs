@@ -1,7 +1,7 @@
 //! Tensor streaming through the real gRPC service over mutual TLS: random tensors of every dtype
 //! round-trip bit-exactly, and every malformed stream is refused without leaving a file behind.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

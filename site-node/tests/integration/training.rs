@@ -1,6 +1,6 @@
 //! Local training on the real datasets with libtorch on the CPU (or a GPU when present).
 
-mod common;
+use crate::common;
 
 use common::{breast_cancer, mnist};
 use tutela_site_node::data::{ShardConfig, Standardizer, Table, site_shards, stratified_split};

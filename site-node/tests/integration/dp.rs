@@ -1,7 +1,7 @@
 //! DP-SGD at the site: per-example clipping against the per-example loop, Poisson batch sizes,
 //! the noise's variance and origin, a DP training round, and the privacy ledger's refusals.
 
-mod common;
+use crate::common;
 
 use tch::{Device, Kind, Tensor};
 use tutela_privacy::accountant::Accountant;

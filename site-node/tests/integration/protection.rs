@@ -2,7 +2,7 @@
 //! committed to, refused when its declaration leaves identifiers in the clear, and read as CSV or
 //! JSON Lines alike.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

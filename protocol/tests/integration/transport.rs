@@ -1,7 +1,7 @@
 //! Mutual TLS on loopback with certificates made at test time: who is served, who is refused, and
 //! how a reloaded CRL or certificate takes effect without a restart.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -304,8 +304,10 @@ fn example_job_specs_parse_and_validate() {
         "expected the example job specs in {}",
         dir.display()
     );
-    let bc = JobSpec::from_toml_str(include_str!("../../deploy/jobs/breast_cancer_fedavg.toml"))
-        .expect("breast cancer job");
+    let bc = JobSpec::from_toml_str(include_str!(
+        "../../../deploy/jobs/breast_cancer_fedavg.toml"
+    ))
+    .expect("breast cancer job");
     assert_eq!(bc.model.name, "mlp");
     assert_eq!(bc.sites.len(), 3);
     assert_eq!(bc.training.optimizer, Optimizer::Adam);
@@ -313,7 +315,7 @@ fn example_job_specs_parse_and_validate() {
         bc.model.params.get("hidden"),
         Some(&toml::Value::Array(vec![32.into(), 16.into()]))
     );
-    let mnist = JobSpec::from_toml_str(include_str!("../../deploy/jobs/mnist_cnn_fedavg.toml"))
+    let mnist = JobSpec::from_toml_str(include_str!("../../../deploy/jobs/mnist_cnn_fedavg.toml"))
         .expect("mnist job");
     assert_eq!(mnist.model.name, "cnn");
     assert_eq!(mnist.sites.len(), 5);

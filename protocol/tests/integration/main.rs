@@ -1,0 +1,10 @@
+//! Integration tests of the protocol crate: the PKI, tensor streaming and mutual TLS over loopback.
+//!
+//! One test binary for the crate, with a module per area: every integration-test binary links the
+//! whole dependency tree, so one instead of several keeps the clean build's link time and disk
+//! use down (CI runs on 2 cores with a bounded disk).
+
+mod common;
+mod pki;
+mod streaming;
+mod transport;

@@ -1,0 +1,12 @@
+//! End-to-end tests with real processes over loopback mutual TLS: federation, approvals, the audit service and trail, the demo, a Python client.
+//!
+//! One test binary for the crate, with a module per area: every integration-test binary links the
+//! whole dependency tree, so one instead of several keeps the clean build's link time and disk
+//! use down (CI runs on 2 cores with a bounded disk).
+
+mod approvals;
+mod audit;
+mod audit_trail;
+mod demo;
+mod federation;
+mod python_client;
