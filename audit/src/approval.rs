@@ -1,16 +1,25 @@
-//! Checking a compliance officer's approval (or rejection) before it is recorded.
+//! Checking a compliance officer's approval or rejection before it is recorded.
 //!
 //! A `job.approved` / `job.rejected` event's payload must carry:
 //! - `spec_digest`: the job spec's SHA-256 digest, 64 lowercase hex digits
 //!   (`tutela_protocol::job::JobSpec::digest`);
 //! - `signature`: the officer's signature, lowercase hex: ECDSA P-256 SHA-256 (ASN.1 DER) or
-//!   Ed25519, whichever key `tutela pki` issued the officer. With `signed_at_ms` and
-//!   `expires_at_ms` in the payload it is over the policy crate's domain-separated message
-//!   (`tutela_policy::approval::signed_message`: job id = the event's subject, digest, window);
-//!   without them, over the 32 digest bytes;
+//!   Ed25519, whichever key `tutela pki` issued the officer;
 //! - `certificate`: the officer's certificate, PEM;
-//! - `site` (optional): the site the officer approves for; when present the certificate must be a
+//! - `site` (optional): the site the officer decides for; when present the certificate must be a
 //!   user of that site.
+//!
+//! What the signature is over depends on the action ([`verify_officer_payload`]):
+//! - `job.approved`: with `signed_at_ms` and `expires_at_ms` in the payload, the policy crate's
+//!   domain-separated approval message (`tutela_protocol::job::approval_message`, context
+//!   `tutela/job-approval/v1`: job id = the event's subject, digest, window); without them, the 32
+//!   digest bytes;
+//! - `job.rejected`: always the rejection message (`tutela_protocol::job::rejection_message`,
+//!   context `tutela/job-rejection/v1`: job id = the event's subject, digest, `signed_at_ms`,
+//!   `reason`), so the payload must also carry `reason` and `signed_at_ms`. There is no
+//!   bare-digest form: a signature over the digest alone does not say whether it approves or
+//!   rejects, and the rejection message's own context means no approval signature verifies as a
+//!   rejection, nor a rejection signature as an approval.
 //!
 //! The certificate must name a site user (`spiffe://<consortium>/site/<site>/user/<name>`), chain
 //! to the consortium CA and not be revoked (the service passes a [`ChainCheck`] over its TLS
@@ -25,6 +34,8 @@ use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use tutela_protocol::identity::{Identity, Principal};
+
+use crate::event::Action;
 
 /// Checks that a certificate chain (leaf first) chains to the consortium CA and is not revoked.
 pub type ChainCheck = Arc<dyn Fn(&[CertificateDer<'static>]) -> Result<(), String> + Send + Sync>;
@@ -54,9 +65,11 @@ pub enum ApprovalError {
         spec_digest: String,
         identity: String,
     },
+    #[error("{0} is not an officer's signed decision (only job.approved and job.rejected are)")]
+    NotADecision(Action),
 }
 
-/// What a verified approval established.
+/// What a verified approval or rejection established.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedApproval {
     pub officer: Identity,
@@ -74,12 +87,79 @@ fn field<'a>(payload: &'a serde_json::Value, name: &'static str) -> Result<&'a s
 /// the protocol crate, so the audit service checks approvals without linking the policy engine.
 pub use tutela_protocol::job::approval_message as policy_signed_message;
 
-/// Checks an approval payload for job `subject` (see the module documentation); `chain` checks
-/// the certificate's trust. Refuses unless everything holds.
+/// The message `tutela_policy::approval::rejection_signed_message` signs, from the same one
+/// definition.
+pub use tutela_protocol::job::rejection_message as policy_rejection_message;
+
+/// Checks the payload of a `job.approved` or `job.rejected` event for job `subject` against what
+/// `action` says it is (see the module documentation); `chain` checks the certificate's trust.
+/// Refuses unless everything holds, and refuses every other action.
+pub fn verify_officer_payload(
+    action: Action,
+    subject: &str,
+    payload: &serde_json::Value,
+    chain: Option<&ChainCheck>,
+) -> Result<VerifiedApproval, ApprovalError> {
+    match action {
+        Action::JobApproved => verify_approval_payload(subject, payload, chain),
+        Action::JobRejected => verify_rejection_payload(subject, payload, chain),
+        other => Err(ApprovalError::NotADecision(other)),
+    }
+}
+
+/// Checks a `job.rejected` payload for job `subject`: the officer's certificate and its trust as
+/// for an approval, and the signature over the rejection message of `subject`, `spec_digest`,
+/// `signed_at_ms` and `reason`.
+pub fn verify_rejection_payload(
+    subject: &str,
+    payload: &serde_json::Value,
+    chain: Option<&ChainCheck>,
+) -> Result<VerifiedApproval, ApprovalError> {
+    let reason = field(payload, "reason")?;
+    if let Some(problem) = tutela_protocol::job::rejection_reason_problem(reason) {
+        return Err(ApprovalError::Malformed {
+            field: "reason",
+            problem,
+        });
+    }
+    let signed_at_ms =
+        payload
+            .get("signed_at_ms")
+            .and_then(|v| v.as_i64())
+            .ok_or(ApprovalError::Malformed {
+                field: "signed_at_ms",
+                problem: "is missing or not an integer (unix milliseconds)".to_string(),
+            })?;
+    verify_signed_payload(payload, chain, |digest_hex, _| {
+        policy_rejection_message(subject, digest_hex, reason, signed_at_ms)
+    })
+}
+
+/// Checks a `job.approved` payload for job `subject` (see the module documentation); `chain`
+/// checks the certificate's trust. Refuses unless everything holds. A `job.rejected` payload is
+/// checked by [`verify_rejection_payload`]; [`verify_officer_payload`] picks by action.
 pub fn verify_approval_payload(
     subject: &str,
     payload: &serde_json::Value,
     chain: Option<&ChainCheck>,
+) -> Result<VerifiedApproval, ApprovalError> {
+    let window = (
+        payload.get("signed_at_ms").and_then(|v| v.as_i64()),
+        payload.get("expires_at_ms").and_then(|v| v.as_i64()),
+    );
+    verify_signed_payload(payload, chain, |digest_hex, spec_digest| match window {
+        (Some(from), Some(until)) => policy_signed_message(subject, digest_hex, from, until),
+        _ => spec_digest.to_vec(),
+    })
+}
+
+/// The checks approvals and rejections share: the digest, the certificate naming a site user
+/// (of `site`, when the payload names one) that the consortium CA vouches for, and the signature
+/// over `message(digest_hex, digest)`.
+fn verify_signed_payload(
+    payload: &serde_json::Value,
+    chain: Option<&ChainCheck>,
+    message: impl FnOnce(&str, &[u8; 32]) -> Vec<u8>,
 ) -> Result<VerifiedApproval, ApprovalError> {
     let digest_hex = field(payload, "spec_digest")?;
     let spec_digest = crate::hexser::decode_fixed::<32>(digest_hex).map_err(|problem| {
@@ -114,14 +194,7 @@ pub fn verify_approval_payload(
     if let Some(check) = chain {
         check(&[CertificateDer::from(der.clone())]).map_err(ApprovalError::Untrusted)?;
     }
-    let window = (
-        payload.get("signed_at_ms").and_then(|v| v.as_i64()),
-        payload.get("expires_at_ms").and_then(|v| v.as_i64()),
-    );
-    let message = match window {
-        (Some(from), Some(until)) => policy_signed_message(subject, digest_hex, from, until),
-        _ => spec_digest.to_vec(),
-    };
+    let message = message(digest_hex, &spec_digest);
     verify_signature(&der, &message, &signature).map_err(|e| match e {
         ApprovalError::BadSignature { .. } => ApprovalError::BadSignature {
             spec_digest: digest_hex.to_string(),

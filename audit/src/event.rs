@@ -38,7 +38,8 @@ pub enum Action {
     /// `spec_digest`, the officer's Ed25519 signature over it, the site.
     JobApproved,
     /// `job.rejected`: a compliance officer rejected a job. Subject: the job id. Payload:
-    /// `spec_digest`, the signature, the site, the stated reason.
+    /// `spec_digest`, the officer's signature over the rejection message and `certificate`, the
+    /// site, the stated `reason`, `signed_at_ms`.
     JobRejected,
     /// `job.started`: the coordinator started an approved job (quorum met). Subject: the job id.
     /// Payload: the approvals counted, the participating sites.

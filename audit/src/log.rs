@@ -19,7 +19,7 @@ use std::time::Duration;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::approval::{ApprovalError, ChainCheck, verify_approval_payload};
+use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
 use crate::checkpoint::{Checkpoint, CheckpointError, SignedCheckpoint};
 use crate::event::{Action, Chain, ChainError, Event, Timestamp};
 use crate::merkle::{MerkleTree, ProofError};
@@ -185,7 +185,7 @@ impl AuditLog {
     ) -> Result<Receipt, AppendError> {
         let subject = subject.into();
         if matches!(action, Action::JobApproved | Action::JobRejected) {
-            verify_approval_payload(&subject, &payload, self.chain_check.as_ref())?;
+            verify_officer_payload(action, &subject, &payload, self.chain_check.as_ref())?;
         }
         let (reply, rx) = oneshot::channel();
         self.tx

@@ -95,11 +95,28 @@ pub enum JobCommand {
         #[command(flatten)]
         conn: Connection,
     },
-    /// Reject a proposed job, as a compliance officer: it is cancelled, with your reason.
+    /// Reject a proposed job, as a compliance officer: sign the digest of its spec and your reason
+    /// with the private key of your certificate. The job is cancelled; the coordinator stores the
+    /// signed rejection with your certificate and records it in the audit trail (`job.rejected`),
+    /// and `tutela job status` shows who rejected it and why. A rejection is signed under its own
+    /// domain-separation context, so it can never be taken for an approval. Connect with the same
+    /// certificate (--tls-dir/--stem): officers submit their own rejections.
     Reject {
         job: String,
+        /// Why the job must not run (at most 2048 bytes; signed, stored and shown to everyone
+        /// who reads the job).
         #[arg(long)]
         reason: String,
+        /// Your private key (PKCS#8 PEM, as `tutela pki issue` writes it).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Your certificate (PEM), issued by the consortium CA.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// The job spec you reviewed: the rejection is refused here unless its digest is the one
+        /// the coordinator holds for the job.
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -242,16 +259,62 @@ pub async fn run(cmd: JobCommand) -> Result<()> {
             print_status(&status);
             Ok(())
         }
-        JobCommand::Reject { job, reason, conn } => {
-            let status = conn
-                .jobs()
-                .await?
-                .reject_job(pb::RejectJobRequest {
-                    job_id: job,
-                    reason,
+        JobCommand::Reject {
+            job,
+            reason,
+            key,
+            cert,
+            spec,
+            conn,
+        } => {
+            let mut jobs = conn.jobs().await?;
+            let status = jobs
+                .get_job(pb::GetJobRequest {
+                    job_id: job.clone(),
                 })
                 .await?
                 .into_inner();
+            let digest: tutela_protocol::job::SpecDigest = status
+                .spec_digest
+                .parse()
+                .context("the coordinator sent a malformed spec digest")?;
+            if let Some(path) = spec {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let local = tutela_protocol::job::JobSpec::from_toml_str(&text)
+                    .with_context(|| format!("{}", path.display()))?
+                    .digest();
+                anyhow::ensure!(
+                    local == digest,
+                    "{} digests to {local}, but job {job} at the coordinator is {digest}: not rejecting",
+                    path.display()
+                );
+            }
+            let key_pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read {}", key.display()))?;
+            let cert_pem = std::fs::read_to_string(&cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let now_ms =
+                (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            let rejection = tutela_policy::Rejection::sign(
+                &key_pem, &cert_pem, &job, &digest, &reason, now_ms,
+            )?;
+            rejection.check_own_signature().with_context(|| {
+                format!("{} is not the key of {}", key.display(), cert.display())
+            })?;
+            let status = jobs
+                .reject_job(pb::RejectJobRequest {
+                    job_id: job,
+                    reason,
+                    rejection: Some(rejection.to_pb()),
+                })
+                .await
+                .context("the coordinator refused the rejection")?
+                .into_inner();
+            println!(
+                "rejected job {} at spec digest {}",
+                status.job_id, status.spec_digest
+            );
             print_status(&status);
             Ok(())
         }

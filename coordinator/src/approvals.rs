@@ -1,17 +1,25 @@
-//! Approvals on the coordinator: which approvals count, whether a job's quorum is met, and the
-//! conversions between the wire's `SignedApproval` and the policy crate's `Approval`.
+//! Approvals and rejections on the coordinator: which approvals count, whether a job's quorum is
+//! met, who may reject a job, and the conversions between the wire's `SignedApproval` and the
+//! policy crate's `Approval`.
 //!
 //! The coordinator checks every approval when it is submitted (signature, chain to the consortium
 //! CA, the job's current digest, the signer being the caller and holding a role a quorum rule of
 //! this job asks for) and again whenever it counts the quorum (an approval can expire, be
 //! withdrawn, or lose its signer's certificate to revocation). Site nodes check their own site's
 //! approvals again themselves: this is the coordinator's gate, not theirs.
+//!
+//! A rejection is checked once, when it is submitted, since it ends the job
+//! ([`ApprovalGate::check_rejection`]): the same signature, chain, digest and caller checks over the
+//! rejection's own message, and the signer must be a compliance officer of a site that takes part
+//! in the job, holding in that site's domain a role whose approval the job's quorum rules ask for.
 
 use std::sync::Arc;
 
-use tutela_policy::quorum::{self, QuorumStatus};
-use tutela_policy::{Approval, ApprovalVerifier, Authorizer, VerifiedApproval};
-use tutela_protocol::identity::Identity;
+use tutela_policy::quorum::{self, QuorumDomain, QuorumStatus};
+use tutela_policy::{
+    Approval, ApprovalVerifier, Authorizer, Rejection, VerifiedApproval, VerifiedRejection,
+};
+use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::pb;
 use tutela_protocol::tls::ReloadingServerConfig;
 
@@ -90,6 +98,80 @@ impl ApprovalGate {
             ));
         }
         Ok(verified)
+    }
+
+    /// Checks a rejection of `job` by `caller` at `now_ms`; the error says why it is refused.
+    pub fn check_rejection(
+        &self,
+        rejection: &Rejection,
+        job: &JobRecord,
+        caller: &Identity,
+        now_ms: i64,
+    ) -> Result<VerifiedRejection, String> {
+        let verified = self
+            .verifier()?
+            .verify_rejection(rejection, job.id.as_str(), &job.spec_digest, now_ms)
+            .map_err(|e| e.to_string())?;
+        if verified.signer != *caller {
+            return Err(format!(
+                "the rejection is signed by {}, but {caller} sent it: officers submit their own rejections",
+                verified.signer
+            ));
+        }
+        self.may_reject(job, &verified.signer)?;
+        Ok(verified)
+    }
+
+    /// Whether `signer` may reject `job`: a user of a site the job names (of any site when the
+    /// job names none, since any registered site may then take part) who holds, in that site's
+    /// domain, a role that one of the job's quorum rules (`site:*` or `site:<that site>`) asks
+    /// to approve. The consortium's own officers approve for the consortium, not for a site, so
+    /// a `consortium` quorum rule does not make its role holders able to reject.
+    fn may_reject(&self, job: &JobRecord, signer: &Identity) -> Result<(), String> {
+        let Principal::User { site, .. } = &signer.principal else {
+            return Err(format!(
+                "{signer} is not a site user: only a compliance officer of a participating site may reject a job"
+            ));
+        };
+        let spec = job
+            .spec()
+            .map_err(|e| format!("job {}'s stored spec does not parse: {e}", job.id))?;
+        if !spec.sites.is_empty() && !spec.sites.contains(site) {
+            return Err(format!(
+                "{signer} is an officer of site {site}, which does not take part in job {} (its sites: {})",
+                job.id,
+                spec.sites.join(", ")
+            ));
+        }
+        let domain = tutela_policy::authz::site_domain(site);
+        let mut roles: Vec<String> = self
+            .authorizer
+            .quorum_rules()
+            .into_iter()
+            .filter(|r| match &r.domain {
+                QuorumDomain::EachParticipatingSite => true,
+                QuorumDomain::Site(s) => s == site,
+                QuorumDomain::Consortium => false,
+            })
+            .map(|r| r.role)
+            .collect();
+        roles.sort();
+        roles.dedup();
+        if roles
+            .iter()
+            .any(|role| self.authorizer.has_role(&signer.uri(), role, &domain))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "{signer} holds none of the roles whose approval this job needs in {domain} ({}), so may not reject it [policy {}]",
+            if roles.is_empty() {
+                format!("the policy has no quorum rule for {domain}")
+            } else {
+                roles.join(", ")
+            },
+            self.authorizer.digest()
+        ))
     }
 
     /// Judges every stored approval of `job` at `now_ms` and counts the quorum.

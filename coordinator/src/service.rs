@@ -561,39 +561,104 @@ impl pb::jobs_server::Jobs for JobsService {
         }
     }
 
+    /// An officer's signed rejection: checked like an approval (signature over the rejection's
+    /// own message, chain to the consortium CA and CRLs, the job's current digest, the signer
+    /// being the caller), from a compliance officer of a participating site. Recorded in the
+    /// audit trail as `job.rejected` with the signature and certificate first (fail closed: no
+    /// record, no rejection), then stored with the job's move to cancelled in one transaction.
+    /// If a concurrent approval completes the quorum and starts the job between the two, the
+    /// store's compare-and-set refuses the rejection (FAILED_PRECONDITION) and the trail holds
+    /// the officer's signed rejection followed by the job's start: what each party did, in order.
     async fn reject_job(
         &self,
         request: Request<pb::RejectJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        self.gate()?;
+        let gate = self.gate()?;
         let who = caller(&request)?.identity.clone();
-        let id = parse_job_id(&request.get_ref().job_id)?;
+        let req = request.get_ref();
+        let wire = req.rejection.as_ref().ok_or_else(|| {
+            Status::invalid_argument(
+                "RejectJob carries no signed rejection: an officer signs it with `tutela job \
+                 reject JOB --reason TEXT --key KEY --cert CERT`",
+            )
+        })?;
+        let rejection = tutela_policy::Rejection::from_pb(wire)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.job_id != rejection.job_id {
+            return Err(Status::invalid_argument(format!(
+                "RejectJob names job {:?}, but its signed rejection is of job {:?}",
+                req.job_id, rejection.job_id
+            )));
+        }
+        if req.reason != rejection.reason {
+            return Err(Status::invalid_argument(
+                "RejectJob's reason differs from the reason its signed rejection carries",
+            ));
+        }
+        if let Some(problem) = tutela_protocol::job::rejection_reason_problem(&rejection.reason) {
+            return Err(Status::invalid_argument(format!(
+                "the rejection's reason {problem}"
+            )));
+        }
+        let id = parse_job_id(&rejection.job_id)?;
         let job = self.proposed(&id).await?;
-        let reason = format!("rejected by {who}: {}", request.get_ref().reason);
-        tracing::info!(target: "tutela::audit", event = "job.rejected", job = %id, signer = %who, reason = %request.get_ref().reason, "job rejected");
-        // Fail closed. RejectJobRequest carries no signed rejection, and the audit service stores
-        // `job.rejected` only with an officer's verifiable signature, so the rejection is recorded
-        // as the job's end (`job.failed`, state "rejected") with the caller's mTLS identity.
-        let site = match &who.principal {
+        let verified = match gate.check_rejection(&rejection, &job, &who, now_unix_ms()) {
+            Ok(v) => v,
+            Err(why) => {
+                tracing::warn!(target: "tutela::audit", event = "job.rejection_refused", job = %id, caller = %who, reason = %why, "rejection refused");
+                return Err(Status::permission_denied(format!(
+                    "rejection refused: {why}"
+                )));
+            }
+        };
+        let signer = verified.signer;
+        let site = match &signer.principal {
             Principal::User { site, .. } => Some(site.clone()),
             _ => None,
         };
+        let certificate = rejection
+            .signer_chain_der
+            .first()
+            .map(|der| tutela_protocol::pki::pem_encode("CERTIFICATE", der))
+            .unwrap_or_default();
+        // Fail closed: a rejection the audit trail did not take does not happen. The audit
+        // service verifies the signature over the rejection message itself.
         self.engine
             .trail()
             .record(
-                Action::JobFailed,
+                Action::JobRejected,
                 id.as_str(),
                 serde_json::json!({
-                    "state": "rejected",
-                    "reason": reason,
-                    "officer": who.uri(),
+                    "spec_digest": rejection.spec_digest.to_hex(),
+                    "signature": hex::encode(&rejection.signature),
+                    "certificate": certificate,
                     "site": site,
-                    "spec_digest": job.spec_digest.to_hex(),
+                    "officer": signer.uri(),
+                    "reason": rejection.reason,
+                    "signed_at_ms": rejection.signed_at_ms,
                 }),
             )
             .await
             .map_err(audit_refused)?;
-        self.engine.cancel_as(&id, &reason, false).await?;
+        let signed_at = time::OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(rejection.signed_at_ms) * 1_000_000,
+        )
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{} (unix ms)", rejection.signed_at_ms));
+        let state_reason = format!(
+            "rejected by {signer} (signed at {signed_at}): {}",
+            rejection.reason
+        );
+        self.engine
+            .store
+            .record_rejection(&id, &signer.uri(), &rejection, &state_reason)
+            .await
+            .map_err(EngineError::from)?;
+        tracing::info!(target: "tutela::audit", event = "job.rejected", job = %id, signer = %signer, spec_digest = %rejection.spec_digest, signature = %hex::encode(&rejection.signature), reason = %rejection.reason, "signed rejection recorded: job cancelled");
         Ok(Response::new(self.status(&id).await?))
     }
 

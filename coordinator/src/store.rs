@@ -64,6 +64,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "approvals",
         sql: include_str!("../migrations/0002_approvals.sql"),
     },
+    Migration {
+        version: 3,
+        name: "rejections",
+        sql: include_str!("../migrations/0003_rejections.sql"),
+    },
 ];
 
 /// The table that records applied migrations. Prefixed with the component's name because the
@@ -139,6 +144,14 @@ pub enum StoreError {
         job: JobId,
         expected: JobState,
         actual: JobState,
+    },
+    #[error(
+        "job {job}'s spec now digests to {current}, but the rejection signs {signed}: the spec was amended after it was signed; review the current spec"
+    )]
+    SpecChanged {
+        job: JobId,
+        signed: String,
+        current: String,
     },
     #[error("job {job}: {source}")]
     IllegalTransition {
@@ -1620,11 +1633,7 @@ impl Store {
         signer: &str,
         approval: &tutela_policy::Approval,
     ) -> Result<()> {
-        let chain: Vec<String> = approval.signer_chain_der.iter().map(hex::encode).collect();
-        let chain = serde_json::to_string(&chain).map_err(|e| StoreError::InvalidInput {
-            what: "approval certificate chain".into(),
-            problem: e.to_string(),
-        })?;
+        let chain = chain_to_json(&approval.signer_chain_der, "approval certificate chain")?;
         sqlx::query(
             "INSERT INTO job_approvals (job_id, signer, spec_digest, signer_chain, signature_hex,
                                         signed_at_ms, expires_at_ms, recorded_at_ms, withdrawn_at_ms)
@@ -1685,13 +1694,7 @@ impl Store {
                 let digest: String = r.try_get(1).map_err(get)?;
                 let chain: String = r.try_get(2).map_err(get)?;
                 let signature: String = r.try_get(3).map_err(get)?;
-                let chain: Vec<String> =
-                    serde_json::from_str(&chain).map_err(|e| damaged(&e.to_string()))?;
-                let chain = chain
-                    .iter()
-                    .map(hex::decode)
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| damaged(&e.to_string()))?;
+                let chain = chain_from_json(&chain).map_err(|e| damaged(&e))?;
                 Ok(ApprovalRecord {
                     approval: tutela_policy::Approval {
                         job_id: job.to_string(),
@@ -1753,5 +1756,161 @@ impl Store {
                 actual: j.state,
             }),
         }
+    }
+}
+
+/// A certificate chain (DER, leaf first) as the JSON array of hex strings the approval and
+/// rejection tables store.
+fn chain_to_json(chain: &[Vec<u8>], what: &str) -> Result<String> {
+    let chain: Vec<String> = chain.iter().map(hex::encode).collect();
+    serde_json::to_string(&chain).map_err(|e| StoreError::InvalidInput {
+        what: what.into(),
+        problem: e.to_string(),
+    })
+}
+
+/// [`chain_to_json`] read back; the error says what is wrong with the stored text.
+fn chain_from_json(text: &str) -> std::result::Result<Vec<Vec<u8>>, String> {
+    let chain: Vec<String> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    chain
+        .iter()
+        .map(hex::decode)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+// -------------------------------------------------------------------------------------------
+// Rejections: a compliance officer's signed rejection ends a proposed job.
+
+/// A rejection as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectionRecord {
+    pub rejection: tutela_policy::Rejection,
+    /// The signer's identity as recorded (checked when the rejection was accepted).
+    pub signer: String,
+    pub recorded_at_ms: i64,
+}
+
+impl Store {
+    /// Records `signer`'s verified rejection of `job` and moves the job from proposed to
+    /// cancelled with `state_reason`, in one transaction: both happen or neither. Refused, with
+    /// nothing written, unless the job is still proposed and its spec still digests to the one
+    /// the rejection signs (the state change is a compare-and-set on both).
+    pub async fn record_rejection(
+        &self,
+        job: &JobId,
+        signer: &str,
+        rejection: &tutela_policy::Rejection,
+        state_reason: &str,
+    ) -> Result<()> {
+        let op = format!("record_rejection {job} by {signer}");
+        JobState::Proposed
+            .transition(JobState::Cancelled)
+            .map_err(|source| StoreError::IllegalTransition {
+                job: job.clone(),
+                source,
+            })?;
+        if rejection.job_id != job.as_str() {
+            return Err(StoreError::InvalidInput {
+                what: op,
+                problem: format!("the rejection is of job {}", rejection.job_id),
+            });
+        }
+        let chain = chain_to_json(&rejection.signer_chain_der, "rejection certificate chain")?;
+        let digest = rejection.spec_digest.to_hex();
+        let now = now_ms();
+        let mut tx = self.begin_write(&op).await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET state = $1, state_reason = $2, updated_at_ms = $3
+             WHERE id = $4 AND state = $5 AND spec_digest = $6",
+        )
+        .bind(JobState::Cancelled.as_str())
+        .bind(state_reason)
+        .bind(now)
+        .bind(job.as_str())
+        .bind(JobState::Proposed.as_str())
+        .bind(&digest)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(format!("{op}: cancel the job")))?;
+        if done.rows_affected() != 1 {
+            // Nothing changed: say why, from the same transaction.
+            let row = sqlx::query("SELECT state, spec_digest FROM jobs WHERE id = $1")
+                .bind(job.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db(format!("{op}: read the job")))?;
+            let Some(row) = row else {
+                return Err(StoreError::JobNotFound(job.clone()));
+            };
+            let state = parse_state(&get::<String>(&row, "state")?)?;
+            if state != JobState::Proposed {
+                return Err(StoreError::StaleState {
+                    job: job.clone(),
+                    expected: JobState::Proposed,
+                    actual: state,
+                });
+            }
+            return Err(StoreError::SpecChanged {
+                job: job.clone(),
+                signed: digest,
+                current: get(&row, "spec_digest")?,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO job_rejections (job_id, signer, spec_digest, reason, signer_chain,
+                                         signature_hex, signed_at_ms, recorded_at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(job.as_str())
+        .bind(signer)
+        .bind(&digest)
+        .bind(&rejection.reason)
+        .bind(chain)
+        .bind(hex::encode(&rejection.signature))
+        .bind(rejection.signed_at_ms)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(format!("{op}: store the rejection")))?;
+        tx.commit().await.map_err(db(format!("{op}: commit")))?;
+        Ok(())
+    }
+
+    /// The rejection of `job`, if it was rejected.
+    pub async fn rejection(&self, job: &JobId) -> Result<Option<RejectionRecord>> {
+        let row = sqlx::query(
+            "SELECT signer, spec_digest, reason, signer_chain, signature_hex, signed_at_ms,
+                    recorded_at_ms
+             FROM job_rejections WHERE job_id = $1",
+        )
+        .bind(job.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(format!("rejection {job}")))?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let damaged = |problem: String| StoreError::Corrupt {
+            what: format!("stored rejection of job {job}"),
+            problem,
+        };
+        let digest: String = get(&r, "spec_digest")?;
+        let chain: String = get(&r, "signer_chain")?;
+        let signature: String = get(&r, "signature_hex")?;
+        Ok(Some(RejectionRecord {
+            rejection: tutela_policy::Rejection {
+                job_id: job.to_string(),
+                spec_digest: digest
+                    .parse()
+                    .map_err(|e: crate::job::BadDigest| damaged(e.to_string()))?,
+                reason: get(&r, "reason")?,
+                signer_chain_der: chain_from_json(&chain).map_err(damaged)?,
+                signature: hex::decode(&signature).map_err(|e| damaged(e.to_string()))?,
+                signed_at_ms: get(&r, "signed_at_ms")?,
+            },
+            signer: get(&r, "signer")?,
+            recorded_at_ms: get(&r, "recorded_at_ms")?,
+        }))
     }
 }

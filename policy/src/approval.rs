@@ -1,21 +1,26 @@
-//! Signed approvals: a compliance officer signs a job's spec digest with the private key of their
-//! certificate; anyone holding the consortium CA can check it.
+//! Signed approvals and rejections: a compliance officer signs a job's spec digest with the
+//! private key of their certificate; anyone holding the consortium CA can check it.
 //!
-//! The signed bytes are a domain-separated message ([`signed_message`]) over the job id, the spec
-//! digest and the approval's validity window, so that a signature can never be replayed for
-//! another job, another spec, a longer window, or as anything but a Tutela approval.
+//! An [`Approval`] signs a domain-separated message ([`signed_message`], context
+//! [`APPROVAL_CONTEXT`]) over the job id, the spec digest and the approval's validity window, so
+//! that a signature can never be replayed for another job, another spec, a longer window, or as
+//! anything but a Tutela approval. A [`Rejection`] signs its own message
+//! ([`rejection_signed_message`], context [`REJECTION_CONTEXT`]) over the job id, the spec digest,
+//! the time of signing and the officer's reason: the two contexts differ, so an approval's
+//! signature never verifies as a rejection, nor a rejection's as an approval.
 //!
 //! [`ApprovalVerifier::verify`] checks, in order: that the approval is for the job and digest
 //! expected, its window, the signer's certificate chain to the consortium CA at the time of the
 //! check (rustls's own webpki client verifier: signature chain, validity, client-auth usage, the
 //! CRLs), that the certificate names a principal of the consortium, and the signature with the
-//! certificate's key (ECDSA P-256/SHA-256 or Ed25519, via ring). Whether the signer holds the
-//! role that counts is the caller's question (the consortium policy on the coordinator, the site
-//! policy on a node).
+//! certificate's key (ECDSA P-256/SHA-256 or Ed25519, via ring).
+//! [`ApprovalVerifier::verify_rejection`] makes the same checks of a rejection, with its reason
+//! and freshness in place of the window. Whether the signer holds the role that counts is the
+//! caller's question (the consortium policy on the coordinator, the site policy on a node).
 
 use std::sync::Arc;
 
-use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
@@ -28,6 +33,32 @@ use tutela_protocol::tls::TlsMaterial;
 
 /// The domain-separation prefix of every approval signature.
 pub use tutela_protocol::job::APPROVAL_CONTEXT;
+/// The domain-separation prefix of every rejection signature.
+pub use tutela_protocol::job::REJECTION_CONTEXT;
+
+/// Clocks differ a little between an officer's laptop and a server: a signature dated up to this
+/// far in the future is accepted.
+const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+
+/// How old a rejection may be when it is verified. `tutela job reject` signs and submits at once;
+/// the bound keeps the signing time in the record close to the time the rejection took effect.
+pub const MAX_REJECTION_AGE_MS: i64 = 60 * 60 * 1000;
+
+/// What an officer signed: an approval or a rejection (named in errors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignedKind {
+    Approval,
+    Rejection,
+}
+
+impl std::fmt::Display for SignedKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SignedKind::Approval => "approval",
+            SignedKind::Rejection => "rejection",
+        })
+    }
+}
 
 /// A compliance officer's signed approval of one job's spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,15 +84,33 @@ pub fn signed_message(
     tutela_protocol::job::approval_message(job_id, &digest.to_hex(), signed_at_ms, expires_at_ms)
 }
 
-/// Why an approval does not count (or cannot be made).
+/// The bytes an officer signs to reject a job.
+pub fn rejection_signed_message(
+    job_id: &str,
+    digest: &SpecDigest,
+    reason: &str,
+    signed_at_ms: i64,
+) -> Vec<u8> {
+    tutela_protocol::job::rejection_message(job_id, &digest.to_hex(), reason, signed_at_ms)
+}
+
+/// Why an approval or a rejection does not count (or cannot be made).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApprovalError {
-    #[error("the approval is for job {found}, not job {expected}")]
-    OtherJob { expected: String, found: String },
+    #[error("the {kind} is for job {found}, not job {expected}")]
+    OtherJob {
+        kind: SignedKind,
+        expected: String,
+        found: String,
+    },
     #[error(
-        "the approval signs spec digest {found}, but the job's spec digests to {expected}: the spec changed after approval, or this is another job's approval"
+        "the {kind} signs spec digest {found}, but the job's spec digests to {expected}: the spec changed after it was signed, or this is another job's {kind}"
     )]
-    DigestMismatch { expected: String, found: String },
+    DigestMismatch {
+        kind: SignedKind,
+        expected: String,
+        found: String,
+    },
     #[error("the approval expired at {expires_at_ms} (unix ms); it is now {now_ms}")]
     Expired { expires_at_ms: i64, now_ms: i64 },
     #[error(
@@ -71,10 +120,24 @@ pub enum ApprovalError {
         signed_at_ms: i64,
         expires_at_ms: i64,
     },
-    #[error("the approval is dated {signed_at_ms}, in the future (now {now_ms})")]
-    FromTheFuture { signed_at_ms: i64, now_ms: i64 },
-    #[error("the approval carries no signer certificate")]
-    NoCertificate,
+    #[error("the {kind} is dated {signed_at_ms}, in the future (now {now_ms})")]
+    FromTheFuture {
+        kind: SignedKind,
+        signed_at_ms: i64,
+        now_ms: i64,
+    },
+    #[error(
+        "the rejection was signed at {signed_at_ms} (unix ms), more than {max_age_ms} ms before now ({now_ms}): sign it again"
+    )]
+    Stale {
+        signed_at_ms: i64,
+        now_ms: i64,
+        max_age_ms: i64,
+    },
+    #[error("the rejection's reason {0}")]
+    BadReason(String),
+    #[error("the {0} carries no signer certificate")]
+    NoCertificate(SignedKind),
     #[error("the signer's certificate does not verify against the consortium CA: {0}")]
     Chain(String),
     #[error("the signer's certificate: {0}")]
@@ -85,8 +148,8 @@ pub enum ApprovalError {
     BadSignature { signer: String },
     #[error("the signing key: {0}")]
     Key(String),
-    #[error("malformed approval: {0}")]
-    Malformed(String),
+    #[error("malformed {kind}: {problem}")]
+    Malformed { kind: SignedKind, problem: String },
 }
 
 /// An approval whose chain and signature verified.
@@ -115,37 +178,9 @@ impl Approval {
                 expires_at_ms,
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| ApprovalError::Key(format!("no PEM private key: {e}")))?;
-        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
-            return Err(ApprovalError::Key(
-                "not a PKCS#8 key (\"PRIVATE KEY\"); `tutela pki` writes PKCS#8".into(),
-            ));
-        };
-        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-            .map(|c| c.map(|c| c.as_ref().to_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ApprovalError::Certificate(format!("not PEM: {e}")))?;
-        if chain.is_empty() {
-            return Err(ApprovalError::NoCertificate);
-        }
         let message = signed_message(job_id, digest, signed_at_ms, expires_at_ms);
-        let rng = ring::rand::SystemRandom::new();
-        let der = pkcs8.secret_pkcs8_der();
-        let signature =
-            if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng) {
-                k.sign(&rng, &message)
-                    .map_err(|_| ApprovalError::Key("ECDSA signing failed".into()))?
-                    .as_ref()
-                    .to_vec()
-            } else if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
-                let _ = k.public_key();
-                k.sign(&message).as_ref().to_vec()
-            } else {
-                return Err(ApprovalError::Key(
-                    "neither an ECDSA P-256 nor an Ed25519 PKCS#8 key".into(),
-                ));
-            };
+        let (chain, signature) =
+            sign_with_certificate_key(key_pem, chain_pem, &message, SignedKind::Approval)?;
         Ok(Approval {
             job_id: job_id.to_string(),
             spec_digest: *digest,
@@ -158,22 +193,18 @@ impl Approval {
 
     /// The signer's identity as the leaf certificate names it (unverified).
     pub fn claimed_signer(&self) -> Result<Identity, ApprovalError> {
-        let leaf = self
-            .signer_chain_der
-            .first()
-            .ok_or(ApprovalError::NoCertificate)?;
-        pki::identity_of_cert_der(leaf).map_err(|e| ApprovalError::Certificate(e.to_string()))
+        claimed_signer(&self.signer_chain_der, SignedKind::Approval)
     }
 
     /// Checks only the signature against the leaf's key: the signer's own check that the key
     /// they used belongs to the certificate they attached.
     pub fn check_own_signature(&self) -> Result<(), ApprovalError> {
-        let leaf = self
-            .signer_chain_der
-            .first()
-            .ok_or(ApprovalError::NoCertificate)?;
-        let signer = self.claimed_signer()?;
-        verify_signature(leaf, &self.message(), &self.signature, &signer.uri())
+        check_own_signature(
+            &self.signer_chain_der,
+            &self.message(),
+            &self.signature,
+            SignedKind::Approval,
+        )
     }
 
     /// The wire form carried by `ApproveJob` and by every task.
@@ -189,12 +220,7 @@ impl Approval {
     }
 
     pub fn from_pb(a: &tutela_protocol::pb::SignedApproval) -> Result<Approval, ApprovalError> {
-        let spec_digest: SpecDigest =
-            a.spec_digest
-                .parse()
-                .map_err(|e: tutela_protocol::job::BadDigest| {
-                    ApprovalError::Malformed(e.to_string())
-                })?;
+        let spec_digest = parse_digest(&a.spec_digest, SignedKind::Approval)?;
         Ok(Approval {
             job_id: a.job_id.clone(),
             spec_digest,
@@ -213,6 +239,171 @@ impl Approval {
             self.expires_at_ms,
         )
     }
+}
+
+/// A compliance officer's signed rejection of one version of a job's spec: the job must not run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub job_id: String,
+    pub spec_digest: SpecDigest,
+    /// Why, in words ([`tutela_protocol::job::rejection_reason_problem`] says what is allowed).
+    pub reason: String,
+    /// The signer's certificate chain, DER, leaf first.
+    pub signer_chain_der: Vec<Vec<u8>>,
+    pub signature: Vec<u8>,
+    /// Unix milliseconds.
+    pub signed_at_ms: i64,
+}
+
+/// A rejection whose chain and signature verified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedRejection {
+    pub signer: Identity,
+    pub rejection: Rejection,
+}
+
+impl Rejection {
+    /// Signs the rejection of `job_id` at `digest` for `reason` with a PKCS#8 private key (PEM,
+    /// ECDSA P-256 or Ed25519), attaching `chain_pem` (the signer's certificate, leaf first). Like
+    /// [`Approval::sign`], it does not check that the key belongs to the certificate:
+    /// [`Rejection::check_own_signature`] does, and every verifier will.
+    pub fn sign(
+        key_pem: &str,
+        chain_pem: &str,
+        job_id: &str,
+        digest: &SpecDigest,
+        reason: &str,
+        signed_at_ms: i64,
+    ) -> Result<Rejection, ApprovalError> {
+        if let Some(problem) = tutela_protocol::job::rejection_reason_problem(reason) {
+            return Err(ApprovalError::BadReason(problem));
+        }
+        let message = rejection_signed_message(job_id, digest, reason, signed_at_ms);
+        let (chain, signature) =
+            sign_with_certificate_key(key_pem, chain_pem, &message, SignedKind::Rejection)?;
+        Ok(Rejection {
+            job_id: job_id.to_string(),
+            spec_digest: *digest,
+            reason: reason.to_string(),
+            signer_chain_der: chain,
+            signature,
+            signed_at_ms,
+        })
+    }
+
+    /// The signer's identity as the leaf certificate names it (unverified).
+    pub fn claimed_signer(&self) -> Result<Identity, ApprovalError> {
+        claimed_signer(&self.signer_chain_der, SignedKind::Rejection)
+    }
+
+    /// Checks only the signature against the leaf's key: the signer's own check that the key
+    /// they used belongs to the certificate they attached.
+    pub fn check_own_signature(&self) -> Result<(), ApprovalError> {
+        check_own_signature(
+            &self.signer_chain_der,
+            &self.message(),
+            &self.signature,
+            SignedKind::Rejection,
+        )
+    }
+
+    /// The wire form carried by `RejectJob`.
+    pub fn to_pb(&self) -> tutela_protocol::pb::SignedRejection {
+        tutela_protocol::pb::SignedRejection {
+            job_id: self.job_id.clone(),
+            spec_digest: self.spec_digest.to_hex(),
+            reason: self.reason.clone(),
+            signer_chain_der: self.signer_chain_der.clone(),
+            signature: self.signature.clone(),
+            signed_at_unix_ms: self.signed_at_ms,
+        }
+    }
+
+    pub fn from_pb(r: &tutela_protocol::pb::SignedRejection) -> Result<Rejection, ApprovalError> {
+        Ok(Rejection {
+            job_id: r.job_id.clone(),
+            spec_digest: parse_digest(&r.spec_digest, SignedKind::Rejection)?,
+            reason: r.reason.clone(),
+            signer_chain_der: r.signer_chain_der.clone(),
+            signature: r.signature.clone(),
+            signed_at_ms: r.signed_at_unix_ms,
+        })
+    }
+
+    /// The signed bytes.
+    pub fn message(&self) -> Vec<u8> {
+        rejection_signed_message(
+            &self.job_id,
+            &self.spec_digest,
+            &self.reason,
+            self.signed_at_ms,
+        )
+    }
+}
+
+fn parse_digest(hex: &str, kind: SignedKind) -> Result<SpecDigest, ApprovalError> {
+    hex.parse().map_err(
+        |e: tutela_protocol::job::BadDigest| ApprovalError::Malformed {
+            kind,
+            problem: format!("spec_digest: {e}"),
+        },
+    )
+}
+
+/// Signs `message` with a PKCS#8 key (PEM; ECDSA P-256 SHA-256 in ASN.1 DER, or Ed25519) and
+/// returns the certificate chain of `chain_pem` (DER, leaf first) with the signature.
+fn sign_with_certificate_key(
+    key_pem: &str,
+    chain_pem: &str,
+    message: &[u8],
+    kind: SignedKind,
+) -> Result<(Vec<Vec<u8>>, Vec<u8>), ApprovalError> {
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| ApprovalError::Key(format!("no PEM private key: {e}")))?;
+    let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+        return Err(ApprovalError::Key(
+            "not a PKCS#8 key (\"PRIVATE KEY\"); `tutela pki` writes PKCS#8".into(),
+        ));
+    };
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .map(|c| c.map(|c| c.as_ref().to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApprovalError::Certificate(format!("not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(ApprovalError::NoCertificate(kind));
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let der = pkcs8.secret_pkcs8_der();
+    let signature =
+        if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der, &rng) {
+            k.sign(&rng, message)
+                .map_err(|_| ApprovalError::Key("ECDSA signing failed".into()))?
+                .as_ref()
+                .to_vec()
+        } else if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            k.sign(message).as_ref().to_vec()
+        } else {
+            return Err(ApprovalError::Key(
+                "neither an ECDSA P-256 nor an Ed25519 PKCS#8 key".into(),
+            ));
+        };
+    Ok((chain, signature))
+}
+
+fn claimed_signer(chain: &[Vec<u8>], kind: SignedKind) -> Result<Identity, ApprovalError> {
+    let leaf = chain.first().ok_or(ApprovalError::NoCertificate(kind))?;
+    pki::identity_of_cert_der(leaf).map_err(|e| ApprovalError::Certificate(e.to_string()))
+}
+
+fn check_own_signature(
+    chain: &[Vec<u8>],
+    message: &[u8],
+    signature: &[u8],
+    kind: SignedKind,
+) -> Result<(), ApprovalError> {
+    let leaf = chain.first().ok_or(ApprovalError::NoCertificate(kind))?;
+    let signer = claimed_signer(chain, kind)?;
+    verify_signature(leaf, message, signature, &signer.uri())
 }
 
 fn verify_signature(
@@ -281,18 +472,13 @@ impl ApprovalVerifier {
         expected: &SpecDigest,
         now_ms: i64,
     ) -> Result<VerifiedApproval, ApprovalError> {
-        if approval.job_id != job_id {
-            return Err(ApprovalError::OtherJob {
-                expected: job_id.to_string(),
-                found: approval.job_id.clone(),
-            });
-        }
-        if approval.spec_digest != *expected {
-            return Err(ApprovalError::DigestMismatch {
-                expected: expected.to_hex(),
-                found: approval.spec_digest.to_hex(),
-            });
-        }
+        check_subject(
+            SignedKind::Approval,
+            &approval.job_id,
+            &approval.spec_digest,
+            job_id,
+            expected,
+        )?;
         if approval.expires_at_ms <= approval.signed_at_ms {
             return Err(ApprovalError::BadWindow {
                 signed_at_ms: approval.signed_at_ms,
@@ -305,18 +491,88 @@ impl ApprovalVerifier {
                 now_ms,
             });
         }
-        // Clocks differ a little between an officer's laptop and a server.
-        const SKEW_MS: i64 = 5 * 60 * 1000;
-        if approval.signed_at_ms > now_ms + SKEW_MS {
+        if approval.signed_at_ms > now_ms + CLOCK_SKEW_MS {
             return Err(ApprovalError::FromTheFuture {
+                kind: SignedKind::Approval,
                 signed_at_ms: approval.signed_at_ms,
                 now_ms,
             });
         }
-        let (leaf, rest) = approval
-            .signer_chain_der
+        let signer = self.verify_signed(
+            SignedKind::Approval,
+            &approval.signer_chain_der,
+            &approval.message(),
+            &approval.signature,
+            now_ms,
+        )?;
+        Ok(VerifiedApproval {
+            signer,
+            approval: approval.clone(),
+        })
+    }
+
+    /// Verifies `rejection` of `job_id` at `expected` at time `now_ms` (unix ms): the job and
+    /// digest, the reason, that it was signed within [`MAX_REJECTION_AGE_MS`] (and not in the
+    /// future), the signer's chain to the consortium CA and CRLs, and the signature over the
+    /// rejection message (never the approval message).
+    pub fn verify_rejection(
+        &self,
+        rejection: &Rejection,
+        job_id: &str,
+        expected: &SpecDigest,
+        now_ms: i64,
+    ) -> Result<VerifiedRejection, ApprovalError> {
+        check_subject(
+            SignedKind::Rejection,
+            &rejection.job_id,
+            &rejection.spec_digest,
+            job_id,
+            expected,
+        )?;
+        if let Some(problem) = tutela_protocol::job::rejection_reason_problem(&rejection.reason) {
+            return Err(ApprovalError::BadReason(problem));
+        }
+        if rejection.signed_at_ms > now_ms + CLOCK_SKEW_MS {
+            return Err(ApprovalError::FromTheFuture {
+                kind: SignedKind::Rejection,
+                signed_at_ms: rejection.signed_at_ms,
+                now_ms,
+            });
+        }
+        if rejection.signed_at_ms < now_ms.saturating_sub(MAX_REJECTION_AGE_MS) {
+            return Err(ApprovalError::Stale {
+                signed_at_ms: rejection.signed_at_ms,
+                now_ms,
+                max_age_ms: MAX_REJECTION_AGE_MS,
+            });
+        }
+        let signer = self.verify_signed(
+            SignedKind::Rejection,
+            &rejection.signer_chain_der,
+            &rejection.message(),
+            &rejection.signature,
+            now_ms,
+        )?;
+        Ok(VerifiedRejection {
+            signer,
+            rejection: rejection.clone(),
+        })
+    }
+
+    /// The checks every signed decision shares: the chain (leaf first) to the consortium CA at
+    /// `now_ms` with the CRLs, the identity it names being of this consortium, and `signature`
+    /// over `message` with the leaf's key. Returns the signer.
+    fn verify_signed(
+        &self,
+        kind: SignedKind,
+        chain: &[Vec<u8>],
+        message: &[u8],
+        signature: &[u8],
+        now_ms: i64,
+    ) -> Result<Identity, ApprovalError> {
+        let (leaf, rest) = chain
             .split_first()
-            .ok_or(ApprovalError::NoCertificate)?;
+            .ok_or(ApprovalError::NoCertificate(kind))?;
         let leaf_der = CertificateDer::from(leaf.as_slice());
         let intermediates: Vec<CertificateDer<'_>> = rest
             .iter()
@@ -336,17 +592,34 @@ impl ApprovalVerifier {
                 consortium: self.consortium.clone(),
             });
         }
-        verify_signature(
-            leaf,
-            &approval.message(),
-            &approval.signature,
-            &signer.uri(),
-        )?;
-        Ok(VerifiedApproval {
-            signer,
-            approval: approval.clone(),
-        })
+        verify_signature(leaf, message, signature, &signer.uri())?;
+        Ok(signer)
     }
+}
+
+/// That a signed decision is about job `job_id` at `expected`.
+fn check_subject(
+    kind: SignedKind,
+    signed_job: &str,
+    signed_digest: &SpecDigest,
+    job_id: &str,
+    expected: &SpecDigest,
+) -> Result<(), ApprovalError> {
+    if signed_job != job_id {
+        return Err(ApprovalError::OtherJob {
+            kind,
+            expected: job_id.to_string(),
+            found: signed_job.to_string(),
+        });
+    }
+    if signed_digest != expected {
+        return Err(ApprovalError::DigestMismatch {
+            kind,
+            expected: expected.to_hex(),
+            found: signed_digest.to_hex(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -514,6 +787,185 @@ pub(crate) mod tests {
         assert!(matches!(
             with_crl.verify(&a, JOB, &DIGEST, t),
             Err(ApprovalError::Chain(_))
+        ));
+    }
+
+    #[test]
+    fn an_honest_rejection_verifies_with_either_key_type() {
+        let ca = ca("acme");
+        for alg in KeyAlgorithm::ALL {
+            let alice = user(&ca, "a", "alice", alg);
+            let t = now();
+            let r = Rejection::sign(
+                &alice.key_pem,
+                &alice.cert_pem,
+                JOB,
+                &DIGEST,
+                "the DP budget is too high\nfor our data",
+                t,
+            )
+            .unwrap();
+            r.check_own_signature().unwrap();
+            let back = Rejection::from_pb(&r.to_pb()).unwrap();
+            assert_eq!(back, r);
+            let v = verifier(&ca)
+                .verify_rejection(&r, JOB, &DIGEST, t + 1)
+                .unwrap();
+            assert_eq!(v.signer.uri(), "spiffe://acme/site/a/user/alice");
+            assert_eq!(
+                v.rejection.reason,
+                "the DP budget is too high\nfor our data"
+            );
+        }
+    }
+
+    #[test]
+    fn an_approval_signature_is_no_rejection_and_a_rejection_signature_no_approval() {
+        let ca = ca("acme");
+        let v = verifier(&ca);
+        for alg in KeyAlgorithm::ALL {
+            let alice = user(&ca, "a", "alice", alg);
+            let t = now();
+            let approval =
+                Approval::sign(&alice.key_pem, &alice.cert_pem, JOB, &DIGEST, t, t + 60_000)
+                    .unwrap();
+            let rejection =
+                Rejection::sign(&alice.key_pem, &alice.cert_pem, JOB, &DIGEST, "no", t).unwrap();
+            // Both genuine as what they are.
+            v.verify(&approval, JOB, &DIGEST, t).unwrap();
+            v.verify_rejection(&rejection, JOB, &DIGEST, t).unwrap();
+
+            // The approval's signature carried in a rejection of the same job, digest and time.
+            let replayed_approval = Rejection {
+                signature: approval.signature.clone(),
+                ..rejection.clone()
+            };
+            assert!(replayed_approval.check_own_signature().is_err());
+            assert!(matches!(
+                v.verify_rejection(&replayed_approval, JOB, &DIGEST, t),
+                Err(ApprovalError::BadSignature { .. })
+            ));
+            // The rejection's signature carried in an approval of the same job, digest and time.
+            let replayed_rejection = Approval {
+                signature: rejection.signature.clone(),
+                ..approval.clone()
+            };
+            assert!(replayed_rejection.check_own_signature().is_err());
+            assert!(matches!(
+                v.verify(&replayed_rejection, JOB, &DIGEST, t),
+                Err(ApprovalError::BadSignature { .. })
+            ));
+            // And the messages themselves differ from the first line on.
+            assert_ne!(
+                approval.message().split(|b| *b == b'\n').next(),
+                rejection.message().split(|b| *b == b'\n').next()
+            );
+        }
+    }
+
+    #[test]
+    fn forged_rejections_are_refused_each_for_its_reason() {
+        let ca_ = ca("acme");
+        let alice = user(&ca_, "a", "alice", KeyAlgorithm::EcdsaP256);
+        let mallory = user(&ca_, "a", "mallory", KeyAlgorithm::Ed25519);
+        let t = now();
+        let v = verifier(&ca_);
+        let sign = |who: &IssuedCertificate, cert: &str, job: &str, digest: &SpecDigest| {
+            Rejection::sign(&who.key_pem, cert, job, digest, "not in our protocol", t).unwrap()
+        };
+
+        // Wrong key: Mallory's key, Alice's certificate.
+        let r = sign(&mallory, &alice.cert_pem, JOB, &DIGEST);
+        assert!(r.check_own_signature().is_err());
+        let err = v.verify_rejection(&r, JOB, &DIGEST, t).unwrap_err();
+        assert!(matches!(err, ApprovalError::BadSignature { .. }), "{err}");
+        assert!(
+            err.to_string().contains("spiffe://acme/site/a/user/alice"),
+            "{err}"
+        );
+
+        // A certificate from another CA claiming the same identity.
+        let other = ca("acme");
+        let fake_alice = user(&other, "a", "alice", KeyAlgorithm::EcdsaP256);
+        let r = sign(&fake_alice, &fake_alice.cert_pem, JOB, &DIGEST);
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t),
+            Err(ApprovalError::Chain(_))
+        ));
+
+        // Another job's digest, and another job's id.
+        let r = sign(&alice, &alice.cert_pem, JOB, &SpecDigest([8; 32]));
+        let err = v.verify_rejection(&r, JOB, &DIGEST, t).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApprovalError::DigestMismatch {
+                    kind: SignedKind::Rejection,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("the rejection signs"), "{err}");
+        let r = sign(&alice, &alice.cert_pem, "ffff", &DIGEST);
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t),
+            Err(ApprovalError::OtherJob { .. })
+        ));
+
+        // The reason changed after signing (the signature covers it).
+        let mut r = sign(&alice, &alice.cert_pem, JOB, &DIGEST);
+        r.reason = "approved after all".into();
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+
+        // The signing time moved after signing, too old, and in the future.
+        let mut r = sign(&alice, &alice.cert_pem, JOB, &DIGEST);
+        r.signed_at_ms += 1;
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t),
+            Err(ApprovalError::BadSignature { .. })
+        ));
+        let r = sign(&alice, &alice.cert_pem, JOB, &DIGEST);
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t + MAX_REJECTION_AGE_MS + 1),
+            Err(ApprovalError::Stale { .. })
+        ));
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t - CLOCK_SKEW_MS - 1),
+            Err(ApprovalError::FromTheFuture {
+                kind: SignedKind::Rejection,
+                ..
+            })
+        ));
+
+        // No reason, or no certificate.
+        assert!(matches!(
+            Rejection::sign(&alice.key_pem, &alice.cert_pem, JOB, &DIGEST, "  ", t),
+            Err(ApprovalError::BadReason(_))
+        ));
+        let mut r = sign(&alice, &alice.cert_pem, JOB, &DIGEST);
+        r.reason = String::new();
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t),
+            Err(ApprovalError::BadReason(_))
+        ));
+        let mut r = sign(&alice, &alice.cert_pem, JOB, &DIGEST);
+        r.signer_chain_der.clear();
+        assert!(matches!(
+            v.verify_rejection(&r, JOB, &DIGEST, t),
+            Err(ApprovalError::NoCertificate(SignedKind::Rejection))
+        ));
+        let mut wire = sign(&alice, &alice.cert_pem, JOB, &DIGEST).to_pb();
+        wire.spec_digest = "not hex".into();
+        assert!(matches!(
+            Rejection::from_pb(&wire),
+            Err(ApprovalError::Malformed {
+                kind: SignedKind::Rejection,
+                ..
+            })
         ));
     }
 }

@@ -4,8 +4,9 @@
 //!   policy are files, loaded at start and reloaded on change; every [`authz::Decision`] carries
 //!   the SHA-256 digest of the policy that made it. The policy file also holds the approval
 //!   quorum rules (`p2` lines).
-//! - [`approval`]: a compliance officer's signed approval of a job's spec digest, and its
-//!   verification (certificate chain to the consortium CA with rustls's webpki verifier,
+//! - [`approval`]: a compliance officer's signed approval or signed rejection of a job's spec
+//!   digest (each with its own domain-separated message, so neither can pass for the other), and
+//!   their verification (certificate chain to the consortium CA with rustls's webpki verifier,
 //!   revocation, validity, signature).
 //! - [`quorum`]: which approvals a job still needs, from the policy's quorum rules.
 //! - [`site_policy`]: a site's own policy (`site-policy.toml`), the site's last word: which
@@ -22,7 +23,10 @@ pub mod enforce;
 pub mod quorum;
 pub mod site_policy;
 
-pub use approval::{Approval, ApprovalError, ApprovalVerifier, VerifiedApproval};
+pub use approval::{
+    Approval, ApprovalError, ApprovalVerifier, Rejection, SignedKind, VerifiedApproval,
+    VerifiedRejection,
+};
 pub use authz::{Authorizer, AuthzError, Decision, PolicyDigest};
 pub use enforce::{DecisionSink, EnforceLayer};
 pub use quorum::{QuorumRule, QuorumStatus};

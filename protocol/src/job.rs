@@ -590,3 +590,119 @@ pub fn approval_message(
     )
     .into_bytes()
 }
+
+/// The domain-separation tag of a compliance officer's rejection signature. It differs from
+/// [`APPROVAL_CONTEXT`] and neither is a prefix of the other, so that no signature over one kind
+/// of message is ever a signature over the other: a rejection cannot be replayed as an approval,
+/// nor an approval as a rejection.
+pub const REJECTION_CONTEXT: &str = "tutela/job-rejection/v1";
+
+/// The longest reason a signed rejection may give, in bytes of UTF-8. A reason is for people to
+/// read in `tutela job status` and the audit trail; the bound keeps a rejection a small record.
+pub const MAX_REJECTION_REASON_BYTES: usize = 2048;
+
+/// The bytes a compliance officer signs to reject job `job_id` whose spec digests to `digest_hex`
+/// (64 lowercase hex digits), at `signed_at_ms` (Unix milliseconds), for `reason`. One definition
+/// for the policy crate that signs and checks rejections and the audit service that checks them
+/// again before storing them.
+///
+/// The reason is the last field and is preceded by its length in bytes, so that no reason (which
+/// may hold newlines or text that looks like a field) can make two different rejections sign the
+/// same bytes.
+pub fn rejection_message(
+    job_id: &str,
+    digest_hex: &str,
+    reason: &str,
+    signed_at_ms: i64,
+) -> Vec<u8> {
+    format!(
+        "{REJECTION_CONTEXT}\njob={job_id}\nspec-digest={digest_hex}\nsigned-at-ms={signed_at_ms}\nreason-bytes={}\nreason={reason}\n",
+        reason.len()
+    )
+    .into_bytes()
+}
+
+/// Why a rejection's reason is not acceptable, or `None` when it is: it must say something (not
+/// only whitespace), fit in [`MAX_REJECTION_REASON_BYTES`], and hold no control character other
+/// than newline and tab (which a terminal showing `tutela job status` would otherwise interpret).
+pub fn rejection_reason_problem(reason: &str) -> Option<String> {
+    if reason.trim().is_empty() {
+        return Some("is empty: a rejection must say why".to_string());
+    }
+    if reason.len() > MAX_REJECTION_REASON_BYTES {
+        return Some(format!(
+            "is {} bytes, over the limit of {MAX_REJECTION_REASON_BYTES}",
+            reason.len()
+        ));
+    }
+    if let Some(c) = reason
+        .chars()
+        .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+    {
+        return Some(format!(
+            "holds the control character U+{:04X}; only newlines and tabs are allowed",
+            u32::from(c)
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod signed_message_tests {
+    use super::*;
+
+    const JOB: &str = "0123456789abcdef0123456789abcdef";
+    const DIGEST: &str = "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5";
+
+    #[test]
+    fn approval_and_rejection_messages_are_domain_separated() {
+        assert!(!APPROVAL_CONTEXT.starts_with(REJECTION_CONTEXT));
+        assert!(!REJECTION_CONTEXT.starts_with(APPROVAL_CONTEXT));
+        let approval = approval_message(JOB, DIGEST, 1_700_000_000_000, 1_700_000_060_000);
+        let rejection = rejection_message(JOB, DIGEST, "no", 1_700_000_000_000);
+        assert!(approval.starts_with(format!("{APPROVAL_CONTEXT}\n").as_bytes()));
+        assert!(rejection.starts_with(format!("{REJECTION_CONTEXT}\n").as_bytes()));
+        assert_ne!(approval, rejection);
+    }
+
+    #[test]
+    fn the_rejection_message_binds_every_field() {
+        let base = rejection_message(JOB, DIGEST, "too much ε", 1);
+        assert_eq!(
+            String::from_utf8(base.clone()).unwrap(),
+            format!(
+                "tutela/job-rejection/v1\njob={JOB}\nspec-digest={DIGEST}\nsigned-at-ms=1\nreason-bytes=11\nreason=too much ε\n"
+            )
+        );
+        assert_ne!(base, rejection_message("other", DIGEST, "too much ε", 1));
+        assert_ne!(
+            base,
+            rejection_message(JOB, &"b".repeat(64), "too much ε", 1)
+        );
+        assert_ne!(base, rejection_message(JOB, DIGEST, "too much δ", 1));
+        assert_ne!(base, rejection_message(JOB, DIGEST, "too much ε", 2));
+        // A reason that imitates the tail of another message still differs by its length.
+        assert_ne!(
+            rejection_message(JOB, DIGEST, "a\nreason-bytes=1\nreason=b", 1),
+            rejection_message(JOB, DIGEST, "a", 1)
+        );
+    }
+
+    #[test]
+    fn rejection_reasons_are_checked() {
+        assert_eq!(rejection_reason_problem("the DP budget is too high"), None);
+        assert_eq!(rejection_reason_problem("line one\n\tline two"), None);
+        assert!(rejection_reason_problem("").unwrap().contains("empty"));
+        assert!(rejection_reason_problem(" \n ").unwrap().contains("empty"));
+        assert!(
+            rejection_reason_problem(&"x".repeat(MAX_REJECTION_REASON_BYTES + 1))
+                .unwrap()
+                .contains("over the limit")
+        );
+        assert!(
+            rejection_reason_problem("ok\u{1b}[2J")
+                .unwrap()
+                .contains("U+001B")
+        );
+    }
+}

@@ -336,7 +336,7 @@ noise_multiplier = 1.0
                 now(),
                 0.0,
             ),
-            "spec changed after approval",
+            "the spec changed after it was signed",
         );
         // The coordinator lying about the digest of the spec it sends.
         let mut t = task(&s, vec![signed(&f.alice, &f.alice, &s)]);
@@ -364,7 +364,7 @@ noise_multiplier = 1.0
                 now(),
                 0.0,
             ),
-            "spec changed after approval",
+            "the spec changed after it was signed",
         );
     }
 

@@ -1,4 +1,5 @@
-//! Integration tests of the coordinator: aggregation and strategies, central DP, the job store.
+//! Integration tests of the coordinator: aggregation and strategies, central DP, signed
+//! rejections, the job store.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -6,4 +7,5 @@
 
 mod aggregate;
 mod central_dp;
+mod rejections;
 mod store;
