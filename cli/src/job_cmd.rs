@@ -491,6 +491,25 @@ pub fn print_status(s: &pb::JobStatus) {
                 );
             }
         }
+        if let Some(c) = &r.central_dp {
+            println!(
+                "    {:<16} ε {:.3} this round, ε {:.3} for the job so far (δ = {:e}); noise \
+                 multiplier {:.4}, clip {:.4}{}, {} of {} updates within the clip",
+                "central DP:",
+                c.round_epsilon,
+                c.job_epsilon,
+                c.delta,
+                c.noise_multiplier,
+                c.clip,
+                if c.next_clip == c.clip {
+                    String::new()
+                } else {
+                    format!(" (next round {:.4})", c.next_clip)
+                },
+                c.unclipped,
+                c.sites
+            );
+        }
         for x in &r.refused {
             println!("    {:<16} REFUSED: {}", x.site, x.reason);
         }
@@ -533,6 +552,11 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
                 "deid_config_sha256": m.deid_config_sha256,
             })).collect::<Vec<_>>(),
             "refused": r.refused.iter().map(|x| serde_json::json!({"site": x.site, "reason": x.reason})).collect::<Vec<_>>(),
+            "central_dp": r.central_dp.as_ref().map(|c| serde_json::json!({
+                "noise_multiplier": c.noise_multiplier, "clip": c.clip, "next_clip": c.next_clip,
+                "round_epsilon": c.round_epsilon, "job_epsilon": c.job_epsilon, "delta": c.delta,
+                "sites": c.sites, "unclipped": c.unclipped,
+            })),
         })).collect::<Vec<_>>(),
     })
 }

@@ -346,11 +346,15 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
             .iter()
             .map(|c| {
                 let r = &c.record;
+                // The central-DP entry shares the map with the sites' metrics under a key no
+                // site can have; it is reported on its own, never as a site.
                 let metrics: Vec<SiteMetrics> = r
                     .site_metrics
-                    .values()
-                    .filter_map(|v| serde_json::from_value(v.clone()).ok())
+                    .iter()
+                    .filter(|(key, _)| key.as_str() != crate::central_dp::ROUND_RECORD_KEY)
+                    .filter_map(|(_, v)| serde_json::from_value(v.clone()).ok())
                     .collect();
+                let central_dp = central_dp_summary(id, c.round, &r.site_metrics);
                 pb::RoundSummary {
                     round: c.round,
                     attempt: c.attempt,
@@ -383,10 +387,43 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                         .collect(),
                     model_id: r.global_model_digest.clone(),
                     seconds: (r.completed_at - r.started_at).as_seconds_f64(),
+                    central_dp,
                 }
             })
             .collect(),
         connected_sites: engine.nodes.list().into_iter().map(|n| n.site).collect(),
+    })
+}
+
+/// The round's central-DP figures for the operator, from the [`CentralDpRound`] the engine
+/// stored in the round record (`None` for a round without central DP).
+///
+/// A stored entry that does not parse is a corrupt record; it is logged and left out rather
+/// than failing the whole status call, so the operator still sees the job.
+///
+/// [`CentralDpRound`]: crate::central_dp::CentralDpRound
+fn central_dp_summary(
+    job: &JobId,
+    round: u32,
+    site_metrics: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Option<pb::CentralDpSummary> {
+    let stored = site_metrics.get(crate::central_dp::ROUND_RECORD_KEY)?;
+    let dp: crate::central_dp::CentralDpRound = match serde_json::from_value(stored.clone()) {
+        Ok(dp) => dp,
+        Err(e) => {
+            tracing::warn!(job = %job, round, error = %e, "the round record's central DP entry does not parse; not reported");
+            return None;
+        }
+    };
+    Some(pb::CentralDpSummary {
+        noise_multiplier: dp.noise_multiplier,
+        clip: dp.clip,
+        next_clip: dp.next_clip,
+        round_epsilon: dp.round_epsilon,
+        job_epsilon: dp.job_epsilon,
+        delta: dp.delta,
+        sites: u32::try_from(dp.sites).unwrap_or(u32::MAX),
+        unclipped: u32::try_from(dp.unclipped).unwrap_or(u32::MAX),
     })
 }
 

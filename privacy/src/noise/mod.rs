@@ -11,9 +11,9 @@
 //! * `σ_g²` is the exact binary value of `(sigma / g)²` rounded **up** to a rational `a / b`
 //!   with `a < 2^48 + 1` and `b` a power of two: the relative error in σ is below `2^-47`, and it
 //!   only adds noise ([`SecureGaussian::effective_sigma`] reports the value used).
-//! * The sampler (`noise/discrete.rs`) is CKS20 Algorithms 1–3 in integer arithmetic driven by exact
-//!   uniform integers: its output distribution is exactly the discrete Gaussian (conditioned on
-//!   `|X| ≤ 2^15·σ_g`, a total-variation change below `exp(−2^29)`).
+//! * The sampler (`noise/discrete.rs`) is CKS20 Algorithms 1–3 in integer arithmetic driven by
+//!   fair bits and exact uniform integers: its output distribution is exactly the discrete
+//!   Gaussian (conditioned on `|X| ≤ 2^15·σ_g`, a total-variation change below `exp(−2^29)`).
 //! * `g · X` is converted to `f32` exactly while `|X| < 2^24` (always, unless `|X| > 256·σ_g`,
 //!   probability below `2^-46000`); even then the `f32` is a multiple of `g`. So every output is
 //!   a multiple of `g`: its low-order bits are zero and carry no information, which defeats the
@@ -42,13 +42,16 @@
 //!
 //! # Speed
 //!
-//! About 4–6 million samples/s on one core of the 2-core development machine (release build,
-//! `cargo run --release -p tutela-privacy --example bench_noise`). `fill` runs on the calling
-//! thread; [`SecureGaussian::fill_parallel`] splits the slice over threads, each with its own
-//! ChaCha20 stream (same key, distinct stream id), and gives exactly the same guarantee.
-//! Measured rates are in `examples/bench_noise.rs`.
+//! Each coin of the sampler is an exact Bernoulli of a ratio of integers decided by comparing
+//! fair bits with the ratio's binary expansion (two bits on average, 64-bit arithmetic wherever
+//! the ranges allow; see `noise/discrete.rs`), so one ChaCha20 word serves many coins.
+//! `cargo run --release -p tutela-privacy --example bench_noise` times it against the first
+//! implementation (`noise/reference.rs`, kept as the tests' reference). `fill` runs on the
+//! calling thread; [`SecureGaussian::fill_parallel`] splits the slice over threads, each with
+//! its own ChaCha20 stream (same key, distinct stream id), and gives exactly the same guarantee.
 
 mod discrete;
+mod reference;
 pub mod rng;
 
 use std::num::NonZeroUsize;
@@ -176,6 +179,23 @@ impl SecureGaussian {
     /// One draw in grid units: the noise is `granularity ×` this integer.
     pub fn sample_grid(&mut self) -> i64 {
         self.dg.sample(&mut self.rng)
+    }
+
+    /// One draw in grid units from the same distribution by the reference implementation
+    /// (`noise/reference.rs`: the first, slower sampler, one uniform integer per coin).
+    /// **Tests and benchmarks only**: the tests check that both samplers agree in distribution.
+    #[doc(hidden)]
+    pub fn sample_grid_reference(&mut self) -> i64 {
+        self.dg.reference().sample(&mut self.rng)
+    }
+
+    /// As [`SecureGaussian::fill`], by the reference implementation. **Benchmarks only**.
+    #[doc(hidden)]
+    pub fn fill_reference(&mut self, out: &mut [f32]) {
+        let reference = self.dg.reference();
+        for v in out.iter_mut() {
+            *v = (reference.sample(&mut self.rng) as f64 * self.granularity) as f32;
+        }
     }
 
     /// Fills `out` with independent noise values (overwrites; add them to the gradient).

@@ -20,9 +20,63 @@ use super::NoiseError;
 /// A ChaCha20 keystream used as a cryptographically secure generator.
 ///
 /// Construct with [`SecureRng::from_os`]. Every draw the samplers make goes through
-/// [`SecureRng::next_u64`] or [`SecureRng::below`], which are exact (no modulo bias).
+/// [`SecureRng::next_u64`], [`SecureRng::below`] or the crate's fair-bit and 32-bit-word
+/// methods, which are exact (no modulo bias; each keystream bit is used at most once).
 pub struct SecureRng {
     inner: ChaCha20Rng,
+    /// Keystream bits taken from `inner` and not yet handed out as fair bits, lowest first:
+    /// one 64-bit word serves 64 fair coins instead of one.
+    reservoir: u64,
+    /// How many of `reservoir`'s low bits are still unused.
+    reservoir_bits: u32,
+}
+
+/// The randomness the exact samplers consume: independent fair bits and uniform 32-bit words.
+/// [`SecureRng`] provides it from ChaCha20; the unit tests drive the samplers with chosen bit
+/// strings through it, to check their decisions exhaustively.
+pub(crate) trait RandomBits {
+    /// One fair bit.
+    fn bit(&mut self) -> bool;
+    /// 32 uniform bits.
+    fn word32(&mut self) -> u32;
+
+    /// A uniform draw from `{0, …, m − 1}`, `1 ≤ m ≤ 2^32`, exact: Lemire's multiply-and-reject
+    /// on 32-bit words. `x·m < 2^32 · 2^32 = 2^64`, so the product fits a `u64`; the rejected
+    /// low halves `< 2^32 mod m` make every result equally likely (Lemire, ACM TOMS 2019).
+    #[inline]
+    fn below_u32(&mut self, m: u64) -> u64 {
+        debug_assert!((1..=1u64 << 32).contains(&m));
+        let mut prod = u64::from(self.word32()) * m;
+        let mut low = prod & 0xffff_ffff;
+        if low < m {
+            // 2^32 mod m.
+            let threshold = (1u64 << 32) % m;
+            while low < threshold {
+                prod = u64::from(self.word32()) * m;
+                low = prod & 0xffff_ffff;
+            }
+        }
+        prod >> 32
+    }
+}
+
+impl RandomBits for SecureRng {
+    #[inline]
+    fn bit(&mut self) -> bool {
+        if self.reservoir_bits == 0 {
+            self.reservoir = self.inner.next_u64();
+            self.reservoir_bits = 64;
+        }
+        let bit = self.reservoir & 1 == 1;
+        self.reservoir >>= 1;
+        self.reservoir_bits -= 1;
+        bit
+    }
+
+    #[inline]
+    fn word32(&mut self) -> u32 {
+        self.inner.next_u32()
+    }
 }
 
 impl std::fmt::Debug for SecureRng {
@@ -42,15 +96,13 @@ impl SecureRng {
         let inner = ChaCha20Rng::from_seed(seed);
         // Do not leave the key on the stack longer than needed.
         seed.fill(0);
-        Ok(Self { inner })
+        Ok(Self::from_chacha(inner))
     }
 
     /// A generator keyed with `seed`. **Tests only**: noise from a known seed gives no privacy.
     #[doc(hidden)]
     pub fn insecure_from_seed(seed: [u8; 32]) -> Self {
-        Self {
-            inner: ChaCha20Rng::from_seed(seed),
-        }
+        Self::from_chacha(ChaCha20Rng::from_seed(seed))
     }
 
     /// The raw ChaCha20 keystream for `key`, with `rand_chacha`'s 64-bit block counter set to
@@ -65,7 +117,7 @@ impl SecureRng {
         let mut inner = ChaCha20Rng::from_seed(key);
         inner.set_stream(stream);
         inner.set_word_pos(u128::from(block) * 16);
-        Self { inner }
+        Self::from_chacha(inner)
     }
 
     /// A generator for an independent sub-stream: same key, a different ChaCha20 stream id.
@@ -74,7 +126,15 @@ impl SecureRng {
         let mut inner = self.inner.clone();
         inner.set_stream(stream);
         inner.set_word_pos(0);
-        Self { inner }
+        Self::from_chacha(inner)
+    }
+
+    fn from_chacha(inner: ChaCha20Rng) -> Self {
+        Self {
+            inner,
+            reservoir: 0,
+            reservoir_bits: 0,
+        }
     }
 
     /// Fills `dest` with keystream bytes.

@@ -329,6 +329,94 @@ fn noise_mean_and_variance_match_sigma_within_4_standard_errors() {
     }
 }
 
+/// Draws `n` values from `draw`, histogrammed by grid value clamped to `[-k, k]` in `width`-wide
+/// cells.
+fn histogram(n: usize, k: i64, width: i64, mut draw: impl FnMut() -> i64) -> Vec<f64> {
+    let cells = (2 * k / width + 1) as usize;
+    let mut h = vec![0.0; cells];
+    for _ in 0..n {
+        let x = draw().clamp(-k, k);
+        h[((x + k) / width) as usize] += 1.0;
+    }
+    h
+}
+
+#[test]
+fn fast_sampler_agrees_with_the_reference_implementation_by_chi_square() {
+    // Same parameters, independent seeds: the two-sample test compares the distributions, from
+    // the smallest scale the sampler accepts (σ_g = 1) through non-integer ones to the largest
+    // (σ_g = 2^16, the production grid of `grid_for`), and an odd 2^16 − 0.1.
+    let n = 60_000;
+    for (i, (sigma, g)) in [
+        (1.0, 1.0),
+        (1.5, 1.0),
+        (7.3, 1.0),
+        (1000.0, 1.0),
+        (65535.9, 1.0),
+        (1.0, 2f64.powi(-16)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let steps = sigma / g;
+        let mut fast = SecureGaussian::with_rng(sigma, g, rng(100 + i as u8)).unwrap();
+        let mut reference = SecureGaussian::with_rng(sigma, g, rng(120 + i as u8)).unwrap();
+        // Cells of about a tenth of σ over ±6σ (single grid steps for small σ).
+        let width = ((steps / 10.0).floor() as i64).max(1);
+        let k = (6.0 * steps).ceil() as i64 / width * width;
+        let a = histogram(n, k, width, || fast.sample_grid());
+        let b = histogram(n, k, width, || reference.sample_grid_reference());
+        assert_same_distribution(&format!("fast vs reference, σ_g = {steps}"), &a, &b);
+        // Each one against the exact pmf too, for the scales where the pmf is cheap to sum.
+        if steps <= 10.0 {
+            let exp: Vec<f64> = dg_pmf(fast.grid_variance(), k)
+                .iter()
+                .map(|p| p * n as f64)
+                .collect();
+            assert_chi2_fits(&format!("fast sampler pmf, σ_g = {steps}"), &a, &exp);
+            assert_chi2_fits(&format!("reference sampler pmf, σ_g = {steps}"), &b, &exp);
+        }
+    }
+}
+
+#[test]
+fn fast_and_reference_samplers_differ_in_the_bits_they_consume() {
+    // Guards the test above against comparing a sampler with itself: from one seed the two
+    // implementations read the keystream differently, so their sequences differ.
+    let mut a = SecureGaussian::with_rng(3.0, 1.0, rng(140)).unwrap();
+    let mut b = SecureGaussian::with_rng(3.0, 1.0, rng(140)).unwrap();
+    let fast: Vec<i64> = (0..200).map(|_| a.sample_grid()).collect();
+    let reference: Vec<i64> = (0..200).map(|_| b.sample_grid_reference()).collect();
+    assert_ne!(fast, reference);
+}
+
+#[test]
+fn tail_frequencies_match_the_exact_discrete_gaussian() {
+    // The coins deciding large |x| are the long loops (exp(−γ) with γ > 1, several exp(−1)
+    // coins): P(|X| ≥ 3σ) must match the exact tail at σ_g = 1.5 and 40.
+    let n = 400_000;
+    for (i, steps) in [1.5, 40.0].into_iter().enumerate() {
+        let mut noise = SecureGaussian::with_rng(steps, 1.0, rng(150 + i as u8)).unwrap();
+        let s2 = noise.grid_variance();
+        let k = (14.0 * s2.sqrt()).ceil() as i64;
+        let pmf = dg_pmf(s2, k);
+        let edge = (3.0 * steps).ceil() as i64;
+        let p_tail: f64 = pmf
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| (*j as i64 - k).abs() >= edge)
+            .map(|(_, p)| p)
+            .sum();
+        let hits = (0..n).filter(|_| noise.sample_grid().abs() >= edge).count() as f64;
+        let se = (n as f64 * p_tail * (1.0 - p_tail)).sqrt();
+        assert!(
+            (hits - n as f64 * p_tail).abs() < 5.0 * se,
+            "σ_g {steps}: {hits} draws with |x| ≥ {edge}, expected {:.0} ± {se:.0}",
+            n as f64 * p_tail
+        );
+    }
+}
+
 #[test]
 fn noise_lies_on_the_declared_grid() {
     for (i, k) in [0, 3, 10, 20, 30].into_iter().enumerate() {
