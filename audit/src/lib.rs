@@ -19,8 +19,9 @@
 //! - [`approval`]: checking an officer's signed approval before it is recorded;
 //! - [`lineage`]: a model's provenance (W3C PROV-JSON) and a job's compliance report,
 //!   computed from the events;
-//! - [`service`], [`client`], [`wire`] and [`server`]: the `tutela-audit` gRPC service over mutual TLS, its
-//!   client, and its configuration file.
+//! - [`service`], [`client`], [`wire`] and [`server`]: the `tutela-audit` gRPC service over mutual
+//!   TLS behind the consortium's casbin policy (`tutela_policy::EnforceLayer`, with its decisions
+//!   recorded in this log), its client, and its configuration file.
 
 /// RFC 8785 canonical JSON, shared with the coordinator's job digest.
 pub use tutela_protocol::canonical;

@@ -1,5 +1,6 @@
-//! `tutela-audit --config audit.toml` serves the audit log; `tutela-audit keygen` makes a
-//! checkpoint key; `tutela-audit init-db` installs the schema and the append-only grants.
+//! `tutela-audit --config audit.toml` serves the audit log behind the consortium's policy
+//! (SIGHUP reloads the TLS files and the policy); `tutela-audit keygen` makes a checkpoint key;
+//! `tutela-audit init-db` installs the schema and the append-only grants.
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -71,15 +72,37 @@ async fn main() -> anyhow::Result<()> {
                 .config
                 .ok_or_else(|| anyhow::anyhow!("--config audit.toml is required to serve"))?;
             let config = tutela_audit::server::Config::from_file(&path)?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
+            let listen = config.listen;
+            let server = tutela_audit::server::Server::load(config).await?;
+            // SIGHUP reloads the TLS files and the policy at once, besides the periodic checks.
+            let tls = server.tls().clone();
+            let authorizer = server.authorizer().cloned();
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match tls.reload() {
+                        Ok(changed) => tracing::info!(changed, "SIGHUP: TLS files checked"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
+                    }
+                    if let Some(a) = &authorizer {
+                        match a.reload().await {
+                            Ok(changed) => {
+                                tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked")
+                            }
+                            Err(e) => tracing::error!(
+                                error = %e,
+                                "SIGHUP: policy reload failed; the policy in force stays"
+                            ),
+                        }
+                    }
+                }
+            });
+            let listener = tokio::net::TcpListener::bind(listen)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-            tutela_audit::server::serve(
-                config,
-                listener,
-                tutela_protocol::logging::shutdown_signal(),
-            )
-            .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+            server
+                .serve(listener, tutela_protocol::logging::shutdown_signal())
+                .await
         }
     }
 }

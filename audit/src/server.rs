@@ -1,5 +1,14 @@
 //! The `tutela-audit` server: its configuration file, its checkpoint key, and serving the
-//! `Audit` service over mutual TLS. Every key is documented in `deploy/config/audit.toml`.
+//! `Audit` service over mutual TLS behind the consortium's policy. Every key is documented in
+//! `deploy/config/audit.toml`.
+//!
+//! Every `Audit` RPC passes `tutela_policy::EnforceLayer` before its handler runs: the caller's
+//! certificate identity must be allowed the method's `(audit, write | read | verify)` by the
+//! casbin model and policy of `[policy]` (the files the coordinator loads, reloaded when they
+//! change). The service's own decisions are recorded in its own log by
+//! [`LogDecisionSink`](crate::service::LogDecisionSink). Without `[policy]` the service refuses
+//! to start, unless `insecure_no_policy = true` says that any consortium certificate may append
+//! and read (tests of other things, never a deployment).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,12 +18,13 @@ use std::time::Duration;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::Deserialize;
+use tutela_policy::{Authorizer, EnforceLayer};
 use tutela_protocol::pb;
 use tutela_protocol::tls::{ReloadingServerConfig, TlsFiles};
 
 use crate::approval::ChainCheck;
 use crate::log::{AuditLog, LogConfig};
-use crate::service::AuditService;
+use crate::service::{AuditService, LogDecisionSink};
 use crate::store::AuditStore;
 
 /// `audit.toml`.
@@ -45,6 +55,33 @@ pub struct Config {
     #[serde(default = "default_reload")]
     pub tls_reload_secs: u64,
     pub tls: TlsFiles,
+    /// Who may append and read: the consortium's casbin model and policy. Required unless
+    /// `insecure_no_policy` is set.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+    /// Serve without `[policy]`: every caller with a consortium certificate may append and read.
+    /// For tests of other things only; logged at WARN at every start. Setting it together with
+    /// `[policy]` is a configuration error.
+    #[serde(default)]
+    pub insecure_no_policy: bool,
+}
+
+/// `[policy]` of audit.toml: the same files as the coordinator's `[policy]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The casbin model (deploy/policy/model.conf).
+    pub model: PathBuf,
+    /// The consortium's policy (deploy/policy/policy.csv); the audit service uses its `p` and
+    /// `g` lines for the `audit` object.
+    pub policy: PathBuf,
+    /// How often, in seconds, the two files are checked for changes (and reloaded on SIGHUP).
+    #[serde(default = "default_policy_reload")]
+    pub reload_secs: u64,
+}
+
+fn default_policy_reload() -> u64 {
+    5
 }
 
 fn default_every() -> u64 {
@@ -61,10 +98,31 @@ fn default_reload() -> u64 {
 }
 
 impl Config {
+    /// Reads and checks `audit.toml`; every error names the file.
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let config: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config
+            .check_authorization()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The policy to enforce, `None` when `insecure_no_policy` turns enforcement off; an error
+    /// when neither or both are configured.
+    pub fn check_authorization(&self) -> anyhow::Result<Option<&PolicyConfig>> {
+        match (&self.policy, self.insecure_no_policy) {
+            (Some(p), false) => Ok(Some(p)),
+            (None, true) => Ok(None),
+            (Some(_), true) => anyhow::bail!(
+                "both [policy] and insecure_no_policy = true are set: remove insecure_no_policy to enforce the policy, or [policy] to run without one"
+            ),
+            (None, false) => anyhow::bail!(
+                "no [policy] table: the audit service does not serve without authorization; give [policy] model and policy (deploy/policy/), or set insecure_no_policy = true for a test deployment"
+            ),
+        }
     }
 
     pub fn key_path(&self) -> PathBuf {
@@ -136,49 +194,167 @@ pub fn load_key(path: &Path) -> anyhow::Result<Ed25519KeyPair> {
         .map_err(|e| anyhow::anyhow!("{}: not an Ed25519 PKCS#8 key: {e}", path.display()))
 }
 
-/// Opens the store, starts the log and serves until `shutdown` completes.
+/// The audit service with its TLS configuration and policy loaded, before the log is opened.
+/// `main` keeps handles on both to reload them on SIGHUP.
+pub struct Server {
+    config: Config,
+    tls: Arc<ReloadingServerConfig>,
+    authorizer: Option<Arc<Authorizer>>,
+}
+
+impl Server {
+    /// Loads the TLS files (the certificate must be an audit service's) and the policy.
+    pub async fn load(config: Config) -> anyhow::Result<Server> {
+        let policy = config.check_authorization()?.cloned();
+        let tls = ReloadingServerConfig::load(config.tls.clone())?;
+        let identity = tls.identity();
+        if identity.principal != tutela_protocol::Principal::Audit {
+            anyhow::bail!(
+                "{}: this certificate is {identity}, not an audit service certificate",
+                config.tls.cert.display()
+            );
+        }
+        let authorizer = match &policy {
+            Some(p) => Some(Authorizer::load(&p.model, &p.policy).await?),
+            None => {
+                tracing::warn!(
+                    "insecure_no_policy = true: no authorization; every caller with a consortium certificate may append to and read the audit log"
+                );
+                None
+            }
+        };
+        Ok(Server {
+            config,
+            tls,
+            authorizer,
+        })
+    }
+
+    /// The TLS configuration in force (reloadable).
+    pub fn tls(&self) -> &Arc<ReloadingServerConfig> {
+        &self.tls
+    }
+
+    /// The policy in force, unless `insecure_no_policy` is set.
+    pub fn authorizer(&self) -> Option<&Arc<Authorizer>> {
+        self.authorizer.as_ref()
+    }
+
+    /// Opens the store, starts the log and serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let Server {
+            config,
+            tls,
+            authorizer,
+        } = self;
+        let identity = tls.identity();
+        let key_path = config.key_path();
+        if !key_path.exists() {
+            let public = keygen(&key_path)?;
+            tracing::warn!(key = %key_path.display(), public_key = %hex::encode(public), "made a new checkpoint key; give its public key to every site");
+        }
+        let key = load_key(&key_path)?;
+        let store = AuditStore::open(&config.database_url()?).await?;
+        let mut log_config = LogConfig::new(identity.uri());
+        log_config.checkpoint_every = config.checkpoint_every.max(1);
+        log_config.checkpoint_interval =
+            Duration::from_secs(config.checkpoint_interval_secs.max(1));
+        log_config.max_batch = config.max_batch.clamp(1, crate::store::MAX_BATCH);
+        // Officers' certificates in approvals must chain to the consortium CA and not be revoked:
+        // checked with the same (reloaded) CA and CRL that the TLS listener uses.
+        let tls_for_check = Arc::downgrade(&tls);
+        let chain_check: ChainCheck = Arc::new(move |chain| match tls_for_check.upgrade() {
+            Some(tls) => tls.reverify_client(chain).map_err(|e| e.to_string()),
+            None => Err("the service is shutting down".to_string()),
+        });
+        let log = AuditLog::start(store, key, log_config, Some(chain_check)).await?;
+        tracing::info!(events = log.size(), public_key = %hex::encode(log.public_key()), "audit log opened and verified");
+
+        // The policy decides before any handler runs; its decisions are appended to this log
+        // directly (not over gRPC, so recording a decision is never itself a decided request).
+        let enforce = match &authorizer {
+            Some(authz) => {
+                let reload = config.policy.as_ref().map_or(5, |p| p.reload_secs);
+                authz.spawn_watcher(Duration::from_secs(reload.max(1)));
+                EnforceLayer::new(authz.clone(), Arc::new(LogDecisionSink::start(log.clone())))
+            }
+            None => EnforceLayer::off(),
+        };
+        let (router, reporter) = tutela_protocol::server::router_with_standard_services(
+            tutela_protocol::server::builder(),
+        );
+        reporter
+            .set_serving::<pb::audit_server::AuditServer<AuditService>>()
+            .await;
+        let router = router
+            .add_service(enforce.wrap(pb::audit_server::AuditServer::new(AuditService { log })));
+        let _watcher = tls.spawn_watcher(Duration::from_secs(config.tls_reload_secs.max(1)));
+        tracing::info!(addr = %listener.local_addr()?, %identity, policy = %authorizer.as_ref().map_or("none (insecure_no_policy)".to_string(), |a| a.digest().to_hex()), "audit service listening");
+        tutela_protocol::server::serve(router, listener, tls, shutdown).await?;
+        Ok(())
+    }
+}
+
+/// [`Server::load`] then [`Server::serve`].
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let tls = ReloadingServerConfig::load(config.tls.clone())?;
-    let identity = tls.identity();
-    if identity.principal != tutela_protocol::Principal::Audit {
-        anyhow::bail!(
-            "{}: this certificate is {identity}, not an audit service certificate",
-            config.tls.cert.display()
-        );
-    }
-    let key_path = config.key_path();
-    if !key_path.exists() {
-        let public = keygen(&key_path)?;
-        tracing::warn!(key = %key_path.display(), public_key = %hex::encode(public), "made a new checkpoint key; give its public key to every site");
-    }
-    let key = load_key(&key_path)?;
-    let store = AuditStore::open(&config.database_url()?).await?;
-    let mut log_config = LogConfig::new(identity.uri());
-    log_config.checkpoint_every = config.checkpoint_every.max(1);
-    log_config.checkpoint_interval = Duration::from_secs(config.checkpoint_interval_secs.max(1));
-    log_config.max_batch = config.max_batch.clamp(1, crate::store::MAX_BATCH);
-    // Officers' certificates in approvals must chain to the consortium CA and not be revoked:
-    // checked with the same (reloaded) CA and CRL that the TLS listener uses.
-    let tls_for_check = Arc::downgrade(&tls);
-    let chain_check: ChainCheck = Arc::new(move |chain| match tls_for_check.upgrade() {
-        Some(tls) => tls.reverify_client(chain).map_err(|e| e.to_string()),
-        None => Err("the service is shutting down".to_string()),
-    });
-    let log = AuditLog::start(store, key, log_config, Some(chain_check)).await?;
-    tracing::info!(events = log.size(), public_key = %hex::encode(log.public_key()), "audit log opened and verified");
+    Server::load(config).await?.serve(listener, shutdown).await
+}
 
-    let (router, reporter) =
-        tutela_protocol::server::router_with_standard_services(tutela_protocol::server::builder());
-    reporter
-        .set_serving::<pb::audit_server::AuditServer<AuditService>>()
-        .await;
-    let router = router.add_service(pb::audit_server::AuditServer::new(AuditService { log }));
-    let _watcher = tls.spawn_watcher(Duration::from_secs(config.tls_reload_secs.max(1)));
-    tracing::info!(addr = %listener.local_addr()?, %identity, "audit service listening");
-    tutela_protocol::server::serve(router, listener, tls, shutdown).await?;
-    Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen = \"127.0.0.1:7444\"\ndata_dir = \"/tmp/a\"\n";
+    const TLS: &str = "[tls]\nca = \"ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n";
+    const POLICY: &str = "[policy]\nmodel = \"m.conf\"\npolicy = \"p.csv\"\n";
+
+    fn parse(dir: &Path, text: &str) -> anyhow::Result<Config> {
+        let path = dir.join("audit.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::from_file(&path)
+    }
+
+    #[test]
+    fn the_service_needs_a_policy_or_an_explicit_insecure_flag_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+
+        let c = parse(d, &format!("{BASE}{TLS}{POLICY}")).unwrap();
+        let p = c.check_authorization().unwrap().unwrap();
+        assert_eq!(p.policy, PathBuf::from("p.csv"));
+        assert_eq!(p.reload_secs, 5);
+
+        let c = parse(d, &format!("{BASE}insecure_no_policy = true\n{TLS}")).unwrap();
+        assert!(c.check_authorization().unwrap().is_none());
+
+        let e = parse(d, &format!("{BASE}{TLS}")).unwrap_err().to_string();
+        assert!(
+            e.contains("audit.toml") && e.contains("no [policy] table"),
+            "{e}"
+        );
+
+        let e = parse(
+            d,
+            &format!("{BASE}insecure_no_policy = true\n{TLS}{POLICY}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("audit.toml") && e.contains("both [policy]"),
+            "{e}"
+        );
+
+        let e = parse(d, &format!("{BASE}{TLS}{POLICY}reload = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `reload`"), "{e}");
+    }
 }

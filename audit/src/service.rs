@@ -1,11 +1,19 @@
 //! The `tutela.v1.Audit` gRPC service: thin handlers over [`AuditLog`]. The actor of every
-//! appended event is the caller's verified certificate identity.
+//! appended event is the caller's verified certificate identity: a request has no field for it,
+//! so nobody appends in another's name.
+//!
+//! Authorization happens before a handler runs (`tutela_policy::EnforceLayer`, see
+//! [`crate::server`]); [`LogDecisionSink`] records the service's own decisions in its log.
 
 use std::pin::Pin;
 use std::str::FromStr;
 
 use futures::Stream;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
+use tutela_policy::Decision;
+use tutela_policy::enforce::{DecisionSink, TracingSink};
+use tutela_protocol::identity::Identity;
 use tutela_protocol::pb;
 
 use crate::event::Action;
@@ -14,6 +22,96 @@ use crate::wire;
 
 pub struct AuditService {
     pub log: AuditLog,
+}
+
+/// The audit service's [`DecisionSink`]: appends a `policy.decision` event to the service's own
+/// log, as the service's identity, for every denial and every allowed action that is not a read
+/// (an append, or a method the policy does not know as a read). Allowed reads (`read`,
+/// `verify`) go to the tracing log only: a compliance officer's query is not a state change.
+///
+/// The payload is the coordinator's (`who`, `method`, `domain`, `object`, `action`, `allowed`,
+/// `rule`, `policy_digest`), so one query finds every decision of the consortium.
+///
+/// `record` never waits: decisions go on a bounded queue to one recorder task that appends them
+/// straight to the [`AuditLog`] in the order they were made, never through the gRPC service, so
+/// recording a decision is not itself a request to decide. A decision that finds the queue full
+/// (a flood of refused requests), or whose append fails, is logged at ERROR with its payload.
+pub struct LogDecisionSink {
+    queue: mpsc::Sender<PendingDecision>,
+}
+
+struct PendingDecision {
+    subject: String,
+    payload: serde_json::Value,
+}
+
+impl LogDecisionSink {
+    /// How many decisions may wait for the recorder.
+    pub const QUEUE: usize = 4096;
+    /// The most decisions handed to the log at once (they share its group commit).
+    const BATCH: usize = 256;
+
+    /// Starts the recorder task; it ends when the sink is dropped and its queue is drained.
+    pub fn start(log: AuditLog) -> LogDecisionSink {
+        let (queue, mut pending) = mpsc::channel::<PendingDecision>(Self::QUEUE);
+        tokio::spawn(async move {
+            let actor = log.log_id().to_string();
+            let mut batch = Vec::with_capacity(Self::BATCH);
+            while pending.recv_many(&mut batch, Self::BATCH).await > 0 {
+                // Appends are polled in order and each enqueues at its first poll, so the log
+                // keeps the decisions' order while one commit covers the batch.
+                let appends = batch.drain(..).map(|d| {
+                    let (log, actor) = (&log, &actor);
+                    async move {
+                        let result = log
+                            .append(
+                                actor.as_str(),
+                                Action::PolicyDecision,
+                                d.subject.as_str(),
+                                d.payload.clone(),
+                            )
+                            .await;
+                        (result, d)
+                    }
+                });
+                for (result, d) in futures::future::join_all(appends).await {
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, subject = %d.subject, payload = %d.payload, "policy decision NOT recorded in the audit log");
+                    }
+                }
+            }
+        });
+        LogDecisionSink { queue }
+    }
+}
+
+impl DecisionSink for LogDecisionSink {
+    fn record(&self, d: &Decision, caller: &Identity, method: &str) {
+        TracingSink.record(d, caller, method);
+        if d.allowed && matches!(d.action.as_str(), "read" | "verify") {
+            return;
+        }
+        let pending = PendingDecision {
+            subject: format!("{}/{}", d.object, d.action),
+            payload: serde_json::json!({
+                "who": caller.uri(),
+                "method": method,
+                "domain": d.domain,
+                "object": d.object,
+                "action": d.action,
+                "allowed": d.allowed,
+                "rule": d.rule,
+                "policy_digest": d.policy_digest.to_hex(),
+            }),
+        };
+        if let Err(e) = self.queue.try_send(pending) {
+            let (why, d) = match e {
+                mpsc::error::TrySendError::Full(d) => ("the queue of decisions is full", d),
+                mpsc::error::TrySendError::Closed(d) => ("the recorder has stopped", d),
+            };
+            tracing::error!(subject = %d.subject, payload = %d.payload, "policy decision NOT recorded in the audit log: {why}");
+        }
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;

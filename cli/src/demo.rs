@@ -372,7 +372,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut policy_csv = String::from(
         "p, operator, consortium, jobs, *, allow\np, compliance_officer, *, jobs, *, allow\n\
          p, spiffe://demo/site/*/node, site:*, federation, participate, allow\n\
-         g, spiffe://demo/operator/demo, operator, consortium\np2, site:*, compliance_officer, 1\n",
+         g, spiffe://demo/operator/demo, operator, consortium\np2, site:*, compliance_officer, 1\n\
+         p, spiffe://demo/coordinator, consortium, audit, write, allow\n\
+         p, spiffe://demo/site/*/node, site:*, audit, write, allow\n\
+         p, spiffe://demo/site/*/node, site:*, audit, verify, allow\n\
+         p, compliance_officer, *, audit, read, allow\n\
+         p, compliance_officer, *, audit, verify, allow\n",
     );
     for (site, o) in &officers {
         policy_csv.push_str(&format!(
@@ -421,10 +426,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(
         &audit_toml,
         format!(
-            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_every = 1000\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n",
+            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_every = 1000\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
             toml_path(&audit_dir),
             toml_path(&ca.crl_path()),
             c = toml_path(&certs),
+            pd = toml_path(&policy_dir),
         ),
     )?;
     let audit_log = audit_dir.join("audit.log");
@@ -721,7 +727,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let source = crate::audit_cmd::Source {
         audit: format!("localhost:{audit_port}"),
         tls_dir: Some(certs.clone()),
-        stem: Some("operator-demo".into()),
+        // A compliance officer reads the trail: the policy lets officers read it, not operators.
+        stem: Some(format!("officer-{}", p.sites[0])),
         database_url: None,
     };
     let (events, checkpoints) = crate::audit_cmd::verify_quiet(&source, None)

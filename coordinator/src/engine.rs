@@ -579,18 +579,20 @@ impl Engine {
             self.nodes.send(&site, task);
             self.wait_for_outcomes(&ids, &group, deadline).await;
             for (_, site, outcome) in self.tasks.close(&ids) {
-                match outcome {
+                let reason = match outcome {
                     Some(Outcome::Accepted {
                         model_id: Some(m), ..
                     }) => {
                         tracing::info!(job = %job_id, %site, model = %m, "initial model received");
                         return Ok(m);
                     }
-                    Some(Outcome::Refused { reason }) | Some(Outcome::Declined { reason }) => {
-                        last_reason = format!("site {site}: {reason}")
-                    }
-                    _ => last_reason = format!("site {site} sent no initial model by the deadline"),
-                }
+                    Some(Outcome::Refused { reason }) => reason,
+                    Some(Outcome::Declined { reason }) => format!("declined: {reason}"),
+                    _ => "sent no initial model by the deadline".to_string(),
+                };
+                last_reason = format!("site {site}: {reason}");
+                self.note_refusals(job_id, (0, attempt), &[(site, reason)])
+                    .await;
             }
         }
         Err(EngineError::Failed(format!(
@@ -724,6 +726,9 @@ impl Engine {
                 None => refused.push((site, "no update by the round's deadline".to_string())),
             }
         }
+        // Recorded now, whatever becomes of the attempt: a refusal that makes the round fail
+        // matters to a regulator as much as one the round survives.
+        self.note_refusals(job_id, (round, attempt), &refused).await;
         let result = match aggregator.finish() {
             Ok(r) if r.accepted.len() >= min => r,
             Ok(r) => {
@@ -845,16 +850,39 @@ impl Engine {
                 }),
             )
             .await;
-        for r in &record.refused {
+        Ok(Ok(new_model))
+    }
+
+    /// Records each task that brought nothing to the job as `update.refused` (subject: the job):
+    /// a node's refusal to train (`declined: ` and the node's reason: an approval missing, a site
+    /// policy clause, the privacy budget), an update the coordinator refused, or no answer by the
+    /// deadline. `round` 0 is the initial-model task. Noted, not recorded: the trail's outage
+    /// must not stop a round (a failed append is logged at ERROR with the event).
+    async fn note_refusals(
+        &self,
+        job_id: &JobId,
+        (round, attempt): (u32, u32),
+        refused: &[(String, String)],
+    ) {
+        if refused.is_empty() {
+            return;
+        }
+        let trail = self.trail();
+        for (site, reason) in refused {
+            tracing::warn!(job = %job_id, round, attempt, %site, %reason, "task refused");
             trail
                 .note(
                     crate::audit_trail::Action::UpdateRefused,
                     job_id.as_str(),
-                    serde_json::json!({"round": round, "site": r.site, "reason": r.reason}),
+                    serde_json::json!({
+                        "round": round,
+                        "attempt": attempt,
+                        "site": site,
+                        "reason": reason,
+                    }),
                 )
                 .await;
         }
-        Ok(Ok(new_model))
     }
 
     fn state_path(&self, job: &JobId, round: u32) -> PathBuf {

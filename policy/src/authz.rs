@@ -557,6 +557,35 @@ mod tests {
         assert_eq!(d.policy_digest, a.digest());
     }
 
+    /// The shipped deploy/policy/policy.csv, for the audit service: who appends, reads and
+    /// verifies, and that an auditor's append is denied by the explicit rule.
+    #[tokio::test]
+    async fn the_shipped_policy_lets_auditors_read_the_audit_log_and_never_write_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authorizer(dir.path(), include_str!("../../deploy/policy/policy.csv")).await;
+        let who = |uri: &str| uri.parse::<Identity>().unwrap();
+        let dana = who("spiffe://acme/site/general/user/dana");
+        let d = a.decide_for(&dana, "audit", "write");
+        assert!(!d.allowed);
+        assert_eq!(d.rule, "p, auditor, *, audit, write, deny");
+        for action in ["read", "verify"] {
+            assert!(a.decide_for(&dana, "audit", action).allowed, "{action}");
+        }
+        let alice = who("spiffe://acme/site/st-mary/user/alice");
+        assert!(a.decide_for(&alice, "audit", "read").allowed);
+        assert!(!a.decide_for(&alice, "audit", "write").allowed);
+        let node = who("spiffe://acme/site/general/node");
+        assert!(a.decide_for(&node, "audit", "write").allowed);
+        assert!(a.decide_for(&node, "audit", "verify").allowed);
+        let d = a.decide_for(&node, "audit", "read");
+        assert!(!d.allowed && d.rule.starts_with("default deny"), "{d}");
+        let coordinator = who("spiffe://acme/coordinator");
+        assert!(a.decide_for(&coordinator, "audit", "write").allowed);
+        assert!(!a.decide_for(&coordinator, "audit", "read").allowed);
+        let op = who("spiffe://acme/operator/op");
+        assert!(!a.decide_for(&op, "audit", "write").allowed);
+    }
+
     #[tokio::test]
     async fn a_broken_policy_is_refused_and_the_old_one_stays() {
         let dir = tempfile::tempdir().unwrap();

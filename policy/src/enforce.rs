@@ -4,8 +4,14 @@
 //! caller's verified identity (the `Caller` that `tutela_protocol::server::serve` puts in the
 //! request's extensions) is checked by the [`Authorizer`] in its home domain before the handler
 //! runs. A denial is answered with PERMISSION_DENIED naming the rule and the policy digest, and
-//! every decision, allowed or not, goes to the [`DecisionSink`] (the coordinator forwards them to
-//! the audit trail).
+//! every decision, allowed or not, goes to the [`DecisionSink`] (the coordinator and the audit
+//! service forward them to the audit trail).
+//!
+//! A handler can still refuse what the policy allowed (an approval whose signature does not
+//! verify, an update for another site's task). Such a refusal, answered with PERMISSION_DENIED
+//! before any response message, is a denial too: the layer reports it to the sink as a second,
+//! denying decision whose rule is the handler's message, so that every denial a caller sees is
+//! recorded, not only those the policy file decided.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -41,8 +47,9 @@ impl DecisionSink for TracingSink {
 }
 
 /// The `(object, action)` a gRPC method path asks for. Tutela's services are listed; any other
-/// service maps to its lower-cased short name and method name, so that a policy can still name
-/// it (`/tutela.v1.Audit/Query` → `audit`, `query`).
+/// service (and a method a listed service does not have yet) maps to its lower-cased short name
+/// and method name, so that a policy can still name it (`/tutela.v1.Reports/Export` →
+/// `reports`, `export`) and no rule written for a known action allows it by accident.
 pub fn rpc_permission(path: &str) -> (String, String) {
     let (service, method) = path
         .trim_start_matches('/')
@@ -60,6 +67,15 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         ("tutela.v1.Identity", _) => fixed("identity", "read"),
         ("tutela.v1.ModelExchange", "Upload") => fixed("models", "write"),
         ("tutela.v1.ModelExchange", _) => fixed("models", "read"),
+        // The audit service. `read` returns events (their actors, subjects and payloads);
+        // `verify` returns only signed tree heads and hash proofs, which is what a site needs to
+        // hold a checkpoint and check that history was not rewritten, without seeing the events.
+        ("tutela.v1.Audit", "Append") => fixed("audit", "write"),
+        ("tutela.v1.Audit", "Query" | "InclusionProof") => fixed("audit", "read"),
+        (
+            "tutela.v1.Audit",
+            "ListCheckpoints" | "GetCheckpoint" | "ConsistencyProof" | "LogInfo",
+        ) => fixed("audit", "verify"),
         (s, m) => (
             s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase(),
             m.to_ascii_lowercase(),
@@ -132,39 +148,218 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Some(authz) = &self.layer.authorizer {
-            let path = req.uri().path().to_string();
-            let Some(caller) = req.extensions().get::<Caller>() else {
-                let status =
-                    Status::unauthenticated("no verified client certificate on this connection");
-                return Box::pin(async move { Ok(status.into_http()) });
-            };
-            let (object, action) = rpc_permission(&path);
-            let decision = authz.decide_for(&caller.identity, &object, &action);
-            self.layer.sink.record(&decision, &caller.identity, &path);
-            if !decision.allowed {
-                let status = Status::permission_denied(format!(
-                    "{} may not {} {} (in {}): {} [policy {}]",
-                    caller.identity,
-                    decision.action,
-                    decision.object,
-                    decision.domain,
-                    decision.rule,
-                    decision.policy_digest
-                ));
-                return Box::pin(async move { Ok(status.into_http()) });
-            }
-        }
         // The clone that was polled ready is the one called (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        let Some(authz) = &self.layer.authorizer else {
+            return Box::pin(inner.call(req));
+        };
+        let path = req.uri().path().to_string();
+        let Some(caller) = req.extensions().get::<Caller>() else {
+            let status =
+                Status::unauthenticated("no verified client certificate on this connection");
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
+        let caller = caller.identity.clone();
+        let (object, action) = rpc_permission(&path);
+        let decision = authz.decide_for(&caller, &object, &action);
+        self.layer.sink.record(&decision, &caller, &path);
+        if !decision.allowed {
+            let status = Status::permission_denied(denial_message(&caller, &decision));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let sink = self.layer.sink.clone();
+        let response = inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            if let Some(refusal) = handler_refusal(&response, decision) {
+                sink.record(&refusal, &caller, &path);
+            }
+            Ok(response)
+        })
     }
+}
+
+/// The PERMISSION_DENIED message of a policy denial: who, what, where, the rule and the digest of
+/// the policy that decided.
+fn denial_message(caller: &Identity, d: &Decision) -> String {
+    format!(
+        "{caller} may not {} {} (in {}): {} [policy {}]",
+        d.action, d.object, d.domain, d.rule, d.policy_digest
+    )
+}
+
+/// The denial a handler answered, if it refused with PERMISSION_DENIED at once (a status in the
+/// response headers: tonic's trailers-only answer to a handler's `Err`). `allowed` is the
+/// policy's decision that let the request through; the refusal keeps its request and digest and
+/// names the handler's reason as its rule.
+fn handler_refusal(response: &http::Response<Body>, allowed: Decision) -> Option<Decision> {
+    let status = Status::from_header_map(response.headers())?;
+    (status.code() == tonic::Code::PermissionDenied).then(|| Decision {
+        allowed: false,
+        rule: format!("refused by the service: {}", status.message()),
+        ..allowed
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tower::Service as _;
+
     use super::*;
+
+    /// Keeps every decision it is given, in order.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(Decision, String, String)>>);
+
+    impl DecisionSink for Recorded {
+        fn record(&self, d: &Decision, caller: &Identity, method: &str) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((d.clone(), caller.uri(), method.to_string()));
+        }
+    }
+
+    /// A handler that answers every request with `answer` (OK: an empty 200 response).
+    #[derive(Clone)]
+    struct Handler {
+        answer: Option<Status>,
+        calls: Arc<Mutex<u32>>,
+    }
+
+    impl tower::Service<http::Request<()>> for Handler {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            *self.calls.lock().unwrap() += 1;
+            let response = match &self.answer {
+                Some(status) => status.clone().into_http(),
+                None => http::Response::new(Body::empty()),
+            };
+            Box::pin(async move { Ok(response) })
+        }
+    }
+
+    const POLICY: &str = "p, spiffe://t/site/*/node, site:*, audit, write, allow\n\
+                          p, auditor, *, audit, read, allow\n\
+                          p, auditor, *, audit, write, deny\n\
+                          g, spiffe://t/site/a/user/aud, auditor, site:a\n";
+
+    async fn enforced(
+        dir: &std::path::Path,
+        answer: Option<Status>,
+    ) -> (Enforced<Handler>, Arc<Recorded>, Arc<Mutex<u32>>) {
+        std::fs::write(
+            dir.join("model.conf"),
+            include_str!("../../deploy/policy/model.conf"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("policy.csv"), POLICY).unwrap();
+        let authz = Authorizer::load(&dir.join("model.conf"), &dir.join("policy.csv"))
+            .await
+            .unwrap();
+        let sink = Arc::new(Recorded::default());
+        let calls = Arc::new(Mutex::new(0));
+        let layer = EnforceLayer::new(authz, sink.clone());
+        let handler = Handler {
+            answer,
+            calls: calls.clone(),
+        };
+        (layer.wrap(handler), sink, calls)
+    }
+
+    fn request(path: &str, identity: &str) -> http::Request<()> {
+        let mut req = http::Request::builder().uri(path).body(()).unwrap();
+        req.extensions_mut().insert(Caller {
+            identity: identity.parse().unwrap(),
+            serial: "01".into(),
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+        });
+        req
+    }
+
+    #[tokio::test]
+    async fn a_policy_denial_never_reaches_the_handler_and_names_its_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut svc, sink, calls) = enforced(dir.path(), None).await;
+        let response = svc
+            .call(request(
+                "/tutela.v1.Audit/Append",
+                "spiffe://t/site/a/user/aud",
+            ))
+            .await
+            .unwrap();
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status
+                .message()
+                .contains("p, auditor, *, audit, write, deny"),
+            "{status:?}"
+        );
+        assert_eq!(*calls.lock().unwrap(), 0, "the handler must not run");
+        let recorded = sink.0.lock().unwrap();
+        assert_eq!(recorded.len(), 1);
+        let (d, who, method) = &recorded[0];
+        assert!(!d.allowed);
+        assert_eq!(d.rule, "p, auditor, *, audit, write, deny");
+        assert_eq!(who, "spiffe://t/site/a/user/aud");
+        assert_eq!(method, "/tutela.v1.Audit/Append");
+        assert!(status.message().contains(&d.policy_digest.to_hex()));
+    }
+
+    #[tokio::test]
+    async fn a_handler_refusal_after_an_allow_is_recorded_as_a_denial() {
+        let dir = tempfile::tempdir().unwrap();
+        let refusal = Status::permission_denied("approval refused: the signature does not verify");
+        let (mut svc, sink, calls) = enforced(dir.path(), Some(refusal)).await;
+        let response = svc
+            .call(request("/tutela.v1.Audit/Append", "spiffe://t/site/a/node"))
+            .await
+            .unwrap();
+        assert_eq!(*calls.lock().unwrap(), 1);
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let recorded = sink.0.lock().unwrap();
+        assert_eq!(recorded.len(), 2, "{recorded:?}");
+        assert!(recorded[0].0.allowed);
+        let (d, who, _) = &recorded[1];
+        assert!(!d.allowed);
+        assert_eq!(
+            d.rule,
+            "refused by the service: approval refused: the signature does not verify"
+        );
+        assert_eq!((d.object.as_str(), d.action.as_str()), ("audit", "write"));
+        assert_eq!(d.policy_digest, recorded[0].0.policy_digest);
+        assert_eq!(who, "spiffe://t/site/a/node");
+    }
+
+    #[tokio::test]
+    async fn an_answer_or_another_error_adds_no_decision() {
+        let dir = tempfile::tempdir().unwrap();
+        for answer in [
+            None,
+            Some(Status::invalid_argument("payload_json is not JSON")),
+        ] {
+            let (mut svc, sink, calls) = enforced(dir.path(), answer).await;
+            svc.call(request("/tutela.v1.Audit/Append", "spiffe://t/site/a/node"))
+                .await
+                .unwrap();
+            assert_eq!(*calls.lock().unwrap(), 1);
+            let recorded = sink.0.lock().unwrap();
+            assert_eq!(recorded.len(), 1, "{recorded:?}");
+            assert!(recorded[0].0.allowed);
+        }
+    }
 
     #[test]
     fn methods_map_to_objects_and_actions() {
@@ -194,8 +389,35 @@ mod tests {
             ("models".into(), "write".into())
         );
         assert_eq!(
-            p("/tutela.v1.Audit/Query"),
-            ("audit".into(), "query".into())
+            p("/tutela.v1.Audit/Append"),
+            ("audit".into(), "write".into())
+        );
+        for read in ["Query", "InclusionProof"] {
+            assert_eq!(
+                p(&format!("/tutela.v1.Audit/{read}")),
+                ("audit".into(), "read".into())
+            );
+        }
+        for verify in [
+            "ListCheckpoints",
+            "GetCheckpoint",
+            "ConsistencyProof",
+            "LogInfo",
+        ] {
+            assert_eq!(
+                p(&format!("/tutela.v1.Audit/{verify}")),
+                ("audit".into(), "verify".into())
+            );
+        }
+        // A method the map does not know yet is its own action: no rule for `write` or `read`
+        // covers it by accident.
+        assert_eq!(
+            p("/tutela.v1.Audit/Export"),
+            ("audit".into(), "export".into())
+        );
+        assert_eq!(
+            p("/tutela.v1.Reports/Export"),
+            ("reports".into(), "export".into())
         );
     }
 }

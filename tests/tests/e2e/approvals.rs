@@ -1,17 +1,23 @@
-//! Policy and signed approvals end to end, with real processes: a coordinator running the
-//! consortium's casbin policy and two site nodes with their own site policies, over loopback
-//! mutual TLS with certificates made at test time.
+//! Policy and signed approvals end to end, with real processes: a coordinator and an audit
+//! service running the consortium's casbin policy and two site nodes with their own site
+//! policies, over loopback mutual TLS with certificates made at test time. Every denial the test
+//! provokes (the policy's, the coordinator's refusals of forged approvals, a node's refusal of a
+//! task its own officer did not approve) is then found in the audit trail.
 //!
 //! A site node refusing forged approvals and site-policy breaches when the coordinator is bypassed
 //! is tested in-process against real certificates and real job specs in
 //! `site-node/src/approvals.rs` (the node's `TaskGate` check).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::Code;
+use tutela_audit::client::AuditClient;
+use tutela_audit::store::EventFilter;
+use tutela_audit::{Action, Event};
 use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::repo_root;
-use tutela_policy::Approval;
+use tutela_e2e::{ChildGuard, bin, free_port, repo_root, wait_for_port};
+use tutela_policy::{Approval, Rejection};
 use tutela_protocol::client::{self, ClientTls};
 use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::job::{JobSpec, SpecDigest};
@@ -64,13 +70,19 @@ async fn client_as(c: &Consortium, stem: &str) -> JobsClient<tonic::transport::C
     )
 }
 
+/// The consortium's policy, for the coordinator and the audit service alike. Carol is a
+/// compliance officer of site a for the consortium, but site a's own policy does not list her.
 fn policy_csv(with_operator: bool) -> String {
     let mut p = String::from(
         "p, operator, consortium, jobs, *, allow\n\
          p, compliance_officer, *, jobs, read, allow\n\
          p, compliance_officer, *, jobs, approve, allow\n\
          p, spiffe://e2e/site/*/node, site:*, federation, participate, allow\n\
+         p, spiffe://e2e/coordinator, consortium, audit, write, allow\n\
+         p, spiffe://e2e/site/*/node, site:*, audit, write, allow\n\
+         p, compliance_officer, *, audit, read, allow\n\
          g, spiffe://e2e/site/a/user/alice, compliance_officer, site:a\n\
+         g, spiffe://e2e/site/a/user/carol, compliance_officer, site:a\n\
          g, spiffe://e2e/site/b/user/bob, compliance_officer, site:b\n\
          p2, site:*, compliance_officer, 1\n",
     );
@@ -106,7 +118,7 @@ async fn approve(
         .map(|r| r.into_inner())
 }
 
-fn denied(r: Result<pb::JobStatus, tonic::Status>, what: &str, expect: &str) {
+fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str, expect: &str) {
     let e = r.expect_err(what);
     assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
     assert!(
@@ -114,6 +126,62 @@ fn denied(r: Result<pb::JobStatus, tonic::Status>, what: &str, expect: &str) {
         "{what}: expected {expect:?} in {:?}",
         e.message()
     );
+}
+
+/// Starts `tutela-audit` on a free port with the consortium's policy files in `pol` (reloaded
+/// every second), its certificate made here; returns the process and its port.
+fn start_audit(c: &Consortium, pol: &std::path::Path) -> (ChildGuard, u16) {
+    let certs = c.certs();
+    let mut opts = LeafOptions::new(Validity::days_from_now(30));
+    opts.dns_names = vec!["localhost".into()];
+    let issued = c.ca.issue(&Principal::Audit, &opts).unwrap();
+    std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
+    let port = free_port();
+    let audit_dir = c.dir.join("audit");
+    std::fs::create_dir_all(&audit_dir).unwrap();
+    let config = audit_dir.join("audit.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n[policy]\nmodel = \"{p}/model.conf\"\npolicy = \"{p}/policy.csv\"\nreload_secs = 1\n",
+            audit_dir.display(),
+            c = certs.display(),
+            crl = c.ca.crl_path().display(),
+            p = pol.display(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(c.dir.join("audit.log")).unwrap();
+    let process = ChildGuard::spawn(
+        Command::new(bin("tutela-audit"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log)),
+    );
+    wait_for_port(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(30),
+    );
+    (process, port)
+}
+
+/// One denial the trail must hold: a `policy.decision` refusing `who` the call `method`, whose
+/// rule contains `rule`.
+struct ExpectedDenial {
+    who: &'static str,
+    method: &'static str,
+    rule: &'static str,
+}
+
+fn is_denial(e: &Event, d: &ExpectedDenial) -> bool {
+    e.payload["allowed"] == false
+        && e.payload["who"] == d.who
+        && e.payload["method"] == d.method
+        && e.payload["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains(d.rule))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,6 +193,7 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
     let mut c = Consortium::new(d);
     let alice = issue_user(&c, "a", "alice");
     let bob = issue_user(&c, "b", "bob");
+    let carol = issue_user(&c, "a", "carol");
     let mallory = issue_user(&c, "a", "mallory");
 
     let pol = d.join("policy");
@@ -135,8 +204,10 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
     )
     .unwrap();
     std::fs::write(pol.join("policy.csv"), policy_csv(true)).unwrap();
+    // The audit service runs the same policy; the coordinator records everything there.
+    let (_audit, audit_port) = start_audit(&c, &pol);
     c.coordinator_extra = format!(
-        "[policy]\nmodel = \"{}\"\npolicy = \"{}\"\nreload_secs = 1\n",
+        "[policy]\nmodel = \"{}\"\npolicy = \"{}\"\nreload_secs = 1\n[audit]\nendpoint = \"localhost:{audit_port}\"\n",
         pol.join("model.conf").display(),
         pol.join("policy.csv").display()
     );
@@ -294,16 +365,52 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
         );
     }
 
-    // A rejection cancels a proposed job, with the officer's reason.
+    // The consortium's quorum met by an officer site a's own policy does not list: the job
+    // starts, and site a's node refuses its task before reading any data. The coordinator
+    // records the refusal in the trail; the job fails for want of site a.
+    let refused_spec = job_spec(1, 2, 60, &["a", "b"]);
+    let s = op
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: refused_spec,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused_job = s.job_id.clone();
+    let refused_digest: SpecDigest = s.spec_digest.parse().unwrap();
+    let mut as_carol = client_as(&c, "user-carol").await;
+    approve(&mut as_carol, sign(&carol, &refused_job, &refused_digest))
+        .await
+        .unwrap();
+    approve(&mut as_bob, sign(&bob, &refused_job, &refused_digest))
+        .await
+        .unwrap();
+    let s = c
+        .wait_for_job(&refused_job, Duration::from_secs(240), |_| false)
+        .await;
+    assert_eq!(s.state, "failed", "{s:?}\n{}", c.log("coordinator.log"));
+
+    // A rejection cancels a proposed job, with the officer's signed reason.
     let s = op
         .submit_job(pb::SubmitJobRequest { spec_toml: spec })
         .await
         .unwrap()
         .into_inner();
+    let reason = "not in our protocol";
+    let rejection = Rejection::sign(
+        &bob.key_pem,
+        &bob.cert_pem,
+        &s.job_id,
+        &s.spec_digest.parse().unwrap(),
+        reason,
+        now_ms(),
+    )
+    .unwrap();
     let s = as_bob
         .reject_job(pb::RejectJobRequest {
             job_id: s.job_id,
-            reason: "not in our protocol".into(),
+            reason: reason.into(),
+            rejection: Some(rejection.to_pb()),
         })
         .await
         .unwrap()
@@ -333,19 +440,106 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
     assert_eq!(refusal.code(), Code::PermissionDenied);
     assert!(refusal.message().contains("default deny"), "{refusal:?}");
 
-    // Every denial is in the trail the coordinator keeps (its decision log).
-    let log = c.log("coordinator.log");
-    for expect in [
-        "approval refused",
-        "does not verify with the key",
-        "does not verify against the consortium CA",
-        "spiffe://e2e/site/a/user/mallory",
-        "spiffe://e2e/operator/op",
-    ] {
+    // Every denial above is in the audit trail, read as a compliance officer would: the
+    // coordinator's policy decisions and its refusals of forged approvals (`policy.decision`,
+    // with the rule and the digest of the policy in force), and site a's refusal of its task.
+    let tls = ClientTls::load(
+        &TlsFiles::in_dir(&c.certs(), "user-alice"),
+        Some(Identity::new("e2e", Principal::Audit).unwrap()),
+    )
+    .unwrap();
+    let mut trail = AuditClient::connect(&format!("localhost:{audit_port}"), tls)
+        .await
+        .unwrap();
+    const APPROVE: &str = "/tutela.v1.Jobs/ApproveJob";
+    let expected = [
+        ExpectedDenial {
+            who: "spiffe://e2e/site/a/user/alice",
+            method: APPROVE,
+            rule: "does not verify with the key",
+        },
+        ExpectedDenial {
+            who: "spiffe://e2e/site/a/user/alice",
+            method: APPROVE,
+            rule: "does not verify against the consortium CA",
+        },
+        ExpectedDenial {
+            who: "spiffe://e2e/site/a/user/alice",
+            method: APPROVE,
+            rule: "spec digest",
+        },
+        ExpectedDenial {
+            who: "spiffe://e2e/site/a/user/mallory",
+            method: APPROVE,
+            rule: "default deny",
+        },
+        ExpectedDenial {
+            who: "spiffe://e2e/site/b/user/bob",
+            method: APPROVE,
+            rule: "officers submit their own",
+        },
+        ExpectedDenial {
+            who: "spiffe://e2e/operator/op",
+            method: "/tutela.v1.Jobs/ListJobs",
+            rule: "default deny",
+        },
+    ];
+    let decisions = EventFilter {
+        action: Some(Action::PolicyDecision),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let events = loop {
+        let events = trail.query(&decisions).await.unwrap();
+        if expected
+            .iter()
+            .all(|d| events.iter().any(|e| is_denial(e, d)))
+        {
+            break events;
+        }
         assert!(
-            log.contains(expect),
-            "{expect:?} missing from the coordinator log:\n{log}"
+            start.elapsed() < Duration::from_secs(15),
+            "denials missing from the audit trail: {:?}\n{events:#?}",
+            expected
+                .iter()
+                .filter(|d| !events.iter().any(|e| is_denial(e, d)))
+                .map(|d| (d.who, d.method, d.rule))
+                .collect::<Vec<_>>()
         );
-    }
-    assert!(log.matches("denied").count() >= 2, "{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The digest is the one the refusal named.
+    let op_denial = events.iter().rfind(|e| is_denial(e, &expected[5])).unwrap();
+    assert_eq!(op_denial.actor, "spiffe://e2e/coordinator");
+    assert!(
+        refusal
+            .message()
+            .contains(op_denial.payload["policy_digest"].as_str().unwrap()),
+        "{refusal:?} vs {op_denial:#?}"
+    );
+    // Forged approvals were sent twice with another digest: before and after the amendment.
+    assert!(
+        events.iter().filter(|e| is_denial(e, &expected[2])).count() >= 2,
+        "{events:#?}"
+    );
+    // Site a's refusal, with the node's reason.
+    let refusals = trail
+        .query(&EventFilter {
+            action: Some(Action::UpdateRefused),
+            subject: Some(refused_job.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        refusals.iter().any(|e| e.payload["site"] == "a"
+            && e.payload["reason"].as_str().is_some_and(|r| {
+                r.starts_with("declined: ") && r.contains("not approved for site a")
+            })),
+        "site a's refusal is not in the trail: {refusals:#?}"
+    );
+    assert!(
+        !refusals.iter().any(|e| e.payload["site"] == "b"),
+        "site b trained: {refusals:#?}"
+    );
 }

@@ -25,6 +25,9 @@ async fn coordinator_records_the_job_and_the_trail_verifies_with_lineage() {
     std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
     std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
 
+    // This test is about what the coordinator records; the audit service's own policy is tested
+    // in audit.rs and approvals.rs, so it runs without one here (any consortium certificate may
+    // append and read).
     let audit_port = free_port();
     let audit_dir = d.join("audit");
     std::fs::create_dir_all(&audit_dir).unwrap();
@@ -32,7 +35,7 @@ async fn coordinator_records_the_job_and_the_trail_verifies_with_lineage() {
     std::fs::write(
         &audit_toml,
         format!(
-            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\n",
+            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\ninsecure_no_policy = true\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\n",
             audit_dir.display(),
             c = certs.display()
         ),
