@@ -235,6 +235,8 @@ impl Engine {
             drop(self.subscribe(id.as_str()));
             return Ok(id);
         }
+        // Only `insecure_no_policy = true` leaves the engine without an approval gate.
+        tracing::warn!(job = %id, "insecure_no_policy = true: this job starts WITHOUT any approval");
         self.store
             .set_job_state(&id, JobState::Proposed, JobState::Running, None)
             .await?;

@@ -47,10 +47,34 @@ pub struct Config {
     /// The audit service to record events at (see `audit_trail`); absent: audit disabled.
     #[serde(default)]
     pub audit: Option<audit_trail::AuditConfig>,
-    /// Authorization and approvals (casbin model and policy). Absent: the built-in role checks
-    /// (operators manage jobs, site users read them) and jobs start without approval.
+    /// Authorization and approvals (casbin model and policy). Required: a coordinator without it
+    /// refuses to start (see [`Config::validate`]), unless `insecure_no_policy` waives it.
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
+    /// Runs without `[policy]`: the built-in role checks only (operators manage jobs, site users
+    /// read them), and every job starts the moment it is submitted, with no approval at all. For
+    /// labs and tests; the coordinator warns at start. An absent `[policy]` never means this by
+    /// itself: it has to be asked for by name, and it cannot be combined with a `[policy]`.
+    #[serde(default)]
+    pub insecure_no_policy: bool,
+}
+
+/// Why a coordinator.toml cannot be used, beyond what its TOML shape says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no [policy] table: the coordinator refuses to start without one, since its jobs would start \
+         with no compliance officer's approval. Add a [policy] table naming the casbin model and the \
+         consortium's policy with its approval quorum rules (examples: deploy/policy/model.conf and \
+         deploy/policy/policy.csv; every key: the [policy] table of deploy/config/coordinator.toml). \
+         Only for a lab or a test, `insecure_no_policy = true` runs every job without approval"
+    )]
+    NoPolicy,
+    #[error(
+        "`insecure_no_policy = true` and a [policy] table are both set: remove \
+         `insecure_no_policy`, which would waive the approvals that [policy] requires"
+    )]
+    PolicyAndInsecure,
 }
 
 fn default_reload_secs() -> u64 {
@@ -75,10 +99,27 @@ fn default_policy_reload_secs() -> u64 {
 }
 
 impl Config {
+    /// Reads, parses and checks ([`Config::validate`]) a coordinator.toml; errors name the file.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let config: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: approvals are configured (`[policy]`) or waived by name
+    /// (`insecure_no_policy = true`), never both and never neither. Fail closed: a setting left
+    /// out must not open the coordinator to unapproved jobs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.policy, self.insecure_no_policy) {
+            (Some(_), false) | (None, true) => Ok(()),
+            (None, false) => Err(ConfigError::NoPolicy),
+            (Some(_), true) => Err(ConfigError::PolicyAndInsecure),
+        }
     }
 }
 
@@ -93,6 +134,10 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        // Again here, for configs built in code rather than read by `Config::from_file`.
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("coordinator config: {e}"))?;
         let tls = ReloadingServerConfig::load(config.tls.clone())?;
         let identity = tls.identity();
         if identity.principal != tutela_protocol::Principal::Coordinator {
@@ -103,9 +148,12 @@ impl Coordinator {
         }
         let authorizer = match &config.policy {
             Some(p) => Some(tutela_policy::Authorizer::load(&p.model, &p.policy).await?),
+            // `validate` let this through only with `insecure_no_policy = true`.
             None => {
                 tracing::warn!(
-                    "no [policy]: built-in role checks only, and jobs start without approval"
+                    "insecure_no_policy = true: NO APPROVALS. Every job starts as soon as it is \
+                     submitted, without any compliance officer's approval, and only the built-in \
+                     role checks apply. Never run a consortium like this; configure [policy]"
                 );
                 None
             }
@@ -149,7 +197,8 @@ impl Coordinator {
             None => audit_trail::AuditTrail::disabled(),
         });
         let _ = engine.audit.set(trail.clone());
-        // Every Tutela service sits behind the enforcement layer; without a [policy] it is off.
+        // Every Tutela service sits behind the enforcement layer; it is off only under
+        // `insecure_no_policy = true` (the only way to have no [policy]).
         let enforce = match &self.authorizer {
             Some(authz) => {
                 let gate = approvals::ApprovalGate::new(authz.clone(), self.tls.clone());
@@ -169,6 +218,12 @@ impl Coordinator {
         let resumed = engine.resume().await?;
         if resumed > 0 {
             tracing::info!(jobs = resumed, "resumed running jobs");
+            if self.authorizer.is_none() {
+                tracing::warn!(
+                    jobs = resumed,
+                    "insecure_no_policy = true: the resumed jobs run without any approval"
+                );
+            }
         }
         let store = DirModelStore::open(&model_dir)?;
         let (router, reporter) = tutela_protocol::server::router_with_standard_services(
@@ -203,5 +258,151 @@ impl Coordinator {
         tracing::info!(addr = %self.listener.local_addr()?, identity = %self.tls.identity(), "coordinator listening");
         tutela_protocol::server::serve(router, self.listener, self.tls, shutdown).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Approvals are not optional: a coordinator.toml must configure `[policy]` or waive it by
+    //! name. Tests go through `Config::from_file` and `Coordinator::bind`, as `main` does, with
+    //! real certificates made at test time.
+
+    use std::path::{Path, PathBuf};
+
+    use tutela_protocol::identity::Principal;
+    use tutela_protocol::pki::{CertificateAuthority, KeyAlgorithm, LeafOptions, Validity};
+
+    use super::*;
+
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// A consortium CA and a coordinator certificate in `dir`; the `[tls]` table naming them.
+    fn tls_table(dir: &Path) -> String {
+        let ca = CertificateAuthority::create(
+            "acme",
+            KeyAlgorithm::EcdsaP256,
+            Validity::days_from_now(30),
+        )
+        .unwrap();
+        let mut options = LeafOptions::new(Validity::days_from_now(30));
+        options.dns_names = vec!["localhost".into()];
+        let issued = ca.issue(&Principal::Coordinator, &options).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("coordinator.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(dir.join("coordinator.key"), &issued.key_pem).unwrap();
+        format!(
+            "[tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/coordinator.crt\"\nkey = \"{d}/coordinator.key\"\n",
+            d = dir.display()
+        )
+    }
+
+    fn policy_table() -> String {
+        format!(
+            "[policy]\nmodel = \"{}\"\npolicy = \"{}\"\n",
+            repo().join("deploy/policy/model.conf").display(),
+            repo().join("deploy/policy/policy.csv").display()
+        )
+    }
+
+    /// Writes coordinator.toml with `top` (top-level keys) and `tables` after the base keys.
+    fn write_config(dir: &Path, top: &str, tables: &str) -> PathBuf {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{top}\n{}{tables}",
+            dir.join("data").display(),
+            tls_table(dir)
+        );
+        let path = dir.join("coordinator.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn init_crypto() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
+    #[tokio::test]
+    async fn without_policy_the_coordinator_refuses_to_start_and_says_what_to_add() {
+        init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "", "");
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        for needle in [
+            path.to_str().unwrap(),
+            "no [policy] table",
+            "refuses to start",
+            "deploy/policy/",
+            "deploy/config/coordinator.toml",
+            "insecure_no_policy = true",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        // A config built in code (not read through `from_file`) is refused by `bind` as well,
+        // before it listens.
+        let config: Config = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let err = Coordinator::bind(config).await.err().expect("refused");
+        assert!(err.to_string().contains("no [policy] table"), "{err}");
+        // `insecure_no_policy = false` is the same as leaving it out.
+        let path = write_config(dir.path(), "insecure_no_policy = false", "");
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("no [policy] table"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn policy_and_the_insecure_opt_out_together_are_refused() {
+        init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "insecure_no_policy = true", &policy_table());
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(path.to_str().unwrap())
+                && err.contains("`insecure_no_policy = true` and a [policy] table are both set")
+                && err.contains("remove `insecure_no_policy`"),
+            "{err}"
+        );
+        let config: Config = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let err = Coordinator::bind(config).await.err().expect("refused");
+        assert!(err.to_string().contains("both set"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_coordinator_starts_with_a_policy_or_with_the_named_opt_out() {
+        init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "", &policy_table());
+        let c = Coordinator::bind(Config::from_file(&path).unwrap())
+            .await
+            .unwrap();
+        assert!(c.authorizer.is_some());
+        drop(c);
+
+        let path = write_config(dir.path(), "insecure_no_policy = true", "");
+        let c = Coordinator::bind(Config::from_file(&path).unwrap())
+            .await
+            .unwrap();
+        assert!(c.authorizer.is_none());
+        assert!(c.config.insecure_no_policy);
+    }
+
+    #[test]
+    fn the_documented_example_config_is_valid_and_documents_the_opt_out() {
+        let path = repo().join("deploy/config/coordinator.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        assert!(config.policy.is_some() && !config.insecure_no_policy);
+        // The opt-out is documented there, commented out; uncommented next to the example's
+        // [policy] it is the documented conflict.
+        let line = text
+            .lines()
+            .find(|l| {
+                l.trim_start_matches("# ")
+                    .starts_with("insecure_no_policy = true")
+            })
+            .expect("deploy/config/coordinator.toml documents insecure_no_policy");
+        let uncommented = format!("{}\n{text}", line.trim_start_matches("# "));
+        let config: Config = toml::from_str(&uncommented).unwrap();
+        assert_eq!(config.validate(), Err(ConfigError::PolicyAndInsecure));
     }
 }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// The Tutela coordinator: the consortium's server that site nodes connect out to, over mutual
-/// TLS. See deploy/config/coordinator.toml for every configuration key.
+/// TLS. See deploy/config/coordinator.toml for every configuration key. It refuses to start
+/// without a [policy] (the casbin policy whose approval quorum every job must meet), unless the
+/// config sets `insecure_no_policy = true` for a lab or a test.
 #[derive(Parser)]
 #[command(version)]
 struct Args {

@@ -195,11 +195,14 @@ pub struct Admitted {
 pub struct TaskGate {
     datasets: BTreeMap<String, Arc<SiteDataset>>,
     ledgers: Option<Arc<SiteLedgers>>,
-    /// The site policy and approval check (`site_policy` in node.toml); `None`: not checked.
+    /// The site policy and approval check (`site_policy` in node.toml); `None`: not checked,
+    /// which the node allows only under `insecure_no_approvals = true` (each task warns).
     approvals: Option<Arc<crate::approvals::SiteApprovals>>,
 }
 
 impl TaskGate {
+    /// A gate that checks no approvals until [`with_approvals`](Self::with_approvals) adds them;
+    /// [`Agent::new`] always does, unless node.toml sets `insecure_no_approvals = true`.
     pub fn new(datasets: BTreeMap<String, Arc<SiteDataset>>) -> Self {
         TaskGate {
             datasets,
@@ -264,6 +267,14 @@ impl TaskGate {
                 None => 0.0,
             };
             approvals.check(task, now_ms, spent)?;
+        } else {
+            // Only `insecure_no_approvals = true` builds a gate without approvals; every task it
+            // lets through says so, so that no unapproved training goes unnoticed in the log.
+            tracing::warn!(
+                job = %task.job_id,
+                task = %task.task_id,
+                "insecure_no_approvals = true: running this task WITHOUT any approval check"
+            );
         }
         let strategy = StrategyView::from_json(&task.strategy_config_json)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;

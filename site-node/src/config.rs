@@ -84,11 +84,16 @@ pub struct NodeConfig {
     #[serde(default)]
     pub privacy: crate::ledger::PrivacyBudgetConfig,
     /// The site's own policy (`site-policy.toml`, see deploy/policy/site-policy.toml): its
-    /// compliance officers, allowed operators and models, DP floor, training hours. Set, every
-    /// task must carry a valid approval by one of those officers and satisfy every clause.
-    /// Absent: tasks are not checked for approvals (the node says so at start).
+    /// compliance officers, allowed operators and models, DP floor, training hours. Every task
+    /// must carry a valid approval by one of those officers and satisfy every clause. Required:
+    /// without it the config is refused, unless `insecure_no_approvals` waives it by name.
     #[serde(default)]
     pub site_policy: Option<PathBuf>,
+    /// Runs without `site_policy`: every task is done with no approval check and no site policy,
+    /// and the node warns at start and for each such task. For labs and tests only. An absent
+    /// `site_policy` never means this by itself, and the two cannot be set together.
+    #[serde(default)]
+    pub insecure_no_approvals: bool,
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
@@ -273,6 +278,30 @@ impl NodeConfig {
             problem,
         };
         validate_segment("site", &self.site).map_err(|e| invalid("site", e.to_string()))?;
+        // Fail closed: a node with no word on approvals refuses to start rather than train
+        // whatever the coordinator sends.
+        match (&self.site_policy, self.insecure_no_approvals) {
+            (Some(_), false) | (None, true) => {}
+            (None, false) => {
+                return Err(invalid(
+                    "site_policy",
+                    "is required: name this site's own policy file (its compliance officers, \
+                     whose signed approval every task must carry, and its clauses; see \
+                     deploy/policy/site-policy.toml and `site_policy` in deploy/config/node.toml). \
+                     Only for a lab or a test, `insecure_no_approvals = true` runs every task \
+                     without approval"
+                        .into(),
+                ));
+            }
+            (Some(_), true) => {
+                return Err(invalid(
+                    "insecure_no_approvals",
+                    "is set together with `site_policy`: remove `insecure_no_approvals`, which \
+                     would waive the approvals the site policy requires"
+                        .into(),
+                ));
+            }
+        }
         if let Some(a) = &self.at_rest
             && a.kek_file.is_some() == a.kek_env.is_some()
         {

@@ -35,6 +35,11 @@ enum Command {
     /// Runs the node: connects to the coordinator named in the config and serves its tasks
     /// (build the initial model, evaluate and train each round, upload the update) until SIGINT
     /// or SIGTERM, reconnecting with backoff whenever the coordinator goes away.
+    ///
+    /// Before it reads any data for a task, the node checks that the task carries a valid signed
+    /// approval by one of the compliance officers of the config's `site_policy`, and every
+    /// clause of that policy; it declines the task otherwise. A config without `site_policy` is
+    /// refused (only `insecure_no_approvals = true`, for labs and tests, runs tasks unapproved).
     Run {
         /// The node's config file; every key is documented in deploy/config/node.toml.
         #[arg(long, short)]

@@ -23,11 +23,29 @@ pub struct Consortium {
     pub nodes: Vec<(String, ChildGuard)>,
     /// The coordinator's database URL; its SQLite default when `None`.
     pub database_url: Option<String>,
-    /// Appended to coordinator.toml (e.g. a `[policy]` table).
+    /// Appended to coordinator.toml (e.g. a `[policy]` table). Without a `[policy]` table here,
+    /// the coordinator is started with `insecure_no_policy = true` (jobs need no approval).
     pub coordinator_extra: String,
     /// Top-level keys put at the start of every node.toml started after it is set (e.g.
-    /// `site_policy = "..."`), by site.
+    /// `site_policy = "..."`), by site. A site without `site_policy` here is started with
+    /// `insecure_no_approvals = true` (its node checks no approvals).
     pub node_top_level: std::collections::BTreeMap<String, String>,
+}
+
+/// Whether the TOML text has the table `[name]`.
+fn has_table(toml: &str, name: &str) -> bool {
+    toml.lines().any(|l| l.trim() == format!("[{name}]"))
+}
+
+/// Whether the TOML text sets the top-level `key` (before its first table).
+fn sets_top_level_key(toml: &str, key: &str) -> bool {
+    toml.lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with('['))
+        .any(|l| {
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
 }
 
 /// A fresh, empty PostgreSQL database on the server of `TUTELA_TEST_POSTGRES_URL` (which the
@@ -121,11 +139,18 @@ impl Consortium {
         self.dir.join("certs")
     }
 
-    /// Starts (or restarts) the coordinator on the consortium's port and data directory.
+    /// Starts (or restarts) the coordinator on the consortium's port and data directory. Unless
+    /// `coordinator_extra` configures a `[policy]`, it runs with `insecure_no_policy = true`: a
+    /// coordinator refuses to start with neither.
     pub fn start_coordinator(&mut self) {
         let c = self.certs();
+        let approvals = if has_table(&self.coordinator_extra, "policy") {
+            ""
+        } else {
+            "insecure_no_policy = true\n"
+        };
         let toml = format!(
-            "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntls_reload_secs = 3600\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
+            "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntls_reload_secs = 3600\n{approvals}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
             self.port,
             self.dir.join("coordinator").display(),
             self.ca.crl_path().display(),
@@ -222,7 +247,8 @@ impl Consortium {
     }
 
     /// Certifies a node for `site` and starts it with `dataset` (top-level keys first, then its
-    /// `[datasets.*]` table) and `extra` appended to its node.toml.
+    /// `[datasets.*]` table) and `extra` appended to its node.toml. Unless `node_top_level` gives
+    /// the site a `site_policy`, the node runs with `insecure_no_approvals = true`.
     fn spawn_node(&mut self, site: &str, dataset: &str, extra: &str) {
         let site_dir = self.dir.join("sites").join(site);
         let issued = self
@@ -246,10 +272,13 @@ impl Consortium {
             crl = self.ca.crl_path().display(),
             kek = kek.display(),
         );
-        let toml = match self.node_top_level.get(site) {
-            Some(top) => format!("{top}\n{toml}"),
-            None => toml,
+        // A node refuses to start without `site_policy` unless approvals are waived by name.
+        let top = match self.node_top_level.get(site) {
+            Some(top) if sets_top_level_key(top, "site_policy") => top.clone(),
+            Some(top) => format!("insecure_no_approvals = true\n{top}"),
+            None => "insecure_no_approvals = true".to_string(),
         };
+        let toml = format!("{top}\n{toml}");
         let path = site_dir.join("node.toml");
         std::fs::write(&path, toml).unwrap();
         let log = std::fs::File::create(site_dir.join("node.log")).unwrap();

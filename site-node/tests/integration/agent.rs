@@ -72,6 +72,11 @@ fn write_set(dir: &Path, stem: &str, ca: &CertificateAuthority, cert: &str, key:
 
 /// A consortium CA, a coordinator certificate for 127.0.0.1 and a node certificate for `site`.
 fn pki(dir: &Path, site: &str) -> Pki {
+    pki_with_ca(dir, site).0
+}
+
+/// [`pki`], and the CA, to issue more certificates (compliance officers') from.
+fn pki_with_ca(dir: &Path, site: &str) -> (Pki, CertificateAuthority) {
     let ca = CertificateAuthority::create(
         CONSORTIUM,
         KeyAlgorithm::EcdsaP256,
@@ -88,7 +93,7 @@ fn pki(dir: &Path, site: &str) -> Pki {
             &LeafOptions::new(Validity::days_from_now(30)),
         )
         .unwrap();
-    Pki {
+    let pki = Pki {
         coordinator: write_set(
             &dir.join("coordinator"),
             "coordinator",
@@ -103,13 +108,26 @@ fn pki(dir: &Path, site: &str) -> Pki {
             &node.cert_pem,
             &node.key_pem,
         ),
-    }
+    };
+    (pki, ca)
 }
 
 // ---------------------------------------------------------------------------------------------
 // The node's config
 
-fn node_config_text(site: &str, coordinator: &str, tls: &TlsFiles, extra: &str) -> String {
+/// The top-level key of a test node that checks no approvals (the agent tests that are not about
+/// approvals); a node config must have it or a `site_policy`.
+const NO_APPROVALS: &str = "insecure_no_approvals = true";
+
+/// A node config; `top_level` holds top-level keys (`site_policy`, or [`NO_APPROVALS`]), `extra`
+/// is appended after every table.
+fn node_config_text(
+    site: &str,
+    coordinator: &str,
+    tls: &TlsFiles,
+    top_level: &str,
+    extra: &str,
+) -> String {
     let data = data_dir();
     format!(
         r#"
@@ -117,6 +135,7 @@ site = "{site}"
 coordinator = "{coordinator}"
 work_dir = "work"
 device = "cpu"
+{top_level}
 
 [tls]
 ca = "{ca}"
@@ -151,6 +170,7 @@ const MINIMAL: &str = r#"
 site = "hospital-a"
 coordinator = "coord.example:7443"
 work_dir = "work"
+site_policy = "site-policy.toml"
 [tls]
 ca = "ca.crt"
 cert = "node.crt"
@@ -166,6 +186,11 @@ fn config_defaults_and_relative_paths() {
     assert_eq!(c.site, "hospital-a");
     assert_eq!(c.tls.ca, PathBuf::from("/etc/tutela/ca.crt"));
     assert_eq!(c.work_dir, PathBuf::from("/etc/tutela/work"));
+    assert_eq!(
+        c.site_policy,
+        Some(PathBuf::from("/etc/tutela/site-policy.toml"))
+    );
+    assert!(!c.insecure_no_approvals);
     let d = &c.datasets["breast_cancer"];
     assert_eq!(d.path, PathBuf::from("/etc/tutela/bc.csv"));
     assert_eq!((d.validation_fraction, d.split_seed), (0.2, 0));
@@ -261,6 +286,48 @@ fn the_documented_example_config_parses_with_every_key() {
     let t = c.testing.unwrap();
     assert_eq!(t.corrupt_update, Some(Corruption::Nan));
     assert!(t.stall_after_fetch);
+    // The example requires approvals (it names a site policy) and documents the opt-out,
+    // commented out; uncommented next to `site_policy`, it is the documented conflict.
+    assert!(c.site_policy.is_some() && !c.insecure_no_approvals);
+    assert!(
+        text.lines().any(|l| l == "# insecure_no_approvals = true"),
+        "deploy/config/node.toml must document insecure_no_approvals"
+    );
+    let err = NodeConfig::from_toml_str(&format!("insecure_no_approvals = true\n{text}"), &path)
+        .unwrap_err();
+    assert_eq!(err.key(), Some("insecure_no_approvals"), "{err}");
+}
+
+#[test]
+fn config_requires_a_site_policy_unless_approvals_are_waived_by_name() {
+    let without = MINIMAL.replace("site_policy = \"site-policy.toml\"\n", "");
+    let err = parse(&without).unwrap_err();
+    assert_eq!(err.key(), Some("site_policy"));
+    let msg = err.to_string();
+    for needle in [
+        "/etc/tutela/node.toml",
+        "`site_policy` is required",
+        "compliance officers",
+        "deploy/policy/site-policy.toml",
+        "insecure_no_approvals = true",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing from: {msg}");
+    }
+    // `false` is the same as leaving it out.
+    let err = parse(&format!("insecure_no_approvals = false\n{without}")).unwrap_err();
+    assert_eq!(err.key(), Some("site_policy"), "{err}");
+
+    let c = parse(&format!("insecure_no_approvals = true\n{without}")).unwrap();
+    assert!(c.insecure_no_approvals && c.site_policy.is_none());
+
+    let err = parse(&format!("insecure_no_approvals = true\n{MINIMAL}")).unwrap_err();
+    assert_eq!(err.key(), Some("insecure_no_approvals"));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("set together with `site_policy`")
+            && msg.contains("remove `insecure_no_approvals`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -268,7 +335,7 @@ fn a_certificate_of_another_site_is_refused() {
     init_crypto();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), SITE);
-    let text = node_config_text("hospital-b", "127.0.0.1:1", &pki.node, "");
+    let text = node_config_text("hospital-b", "127.0.0.1:1", &pki.node, NO_APPROVALS, "");
     let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
     let err = Agent::new(config)
         .err()
@@ -281,7 +348,7 @@ fn a_certificate_of_another_site_is_refused() {
     );
 
     // A certificate that is not a node's (the coordinator's) is refused too.
-    let text = node_config_text(SITE, "127.0.0.1:1", &pki.coordinator, "");
+    let text = node_config_text(SITE, "127.0.0.1:1", &pki.coordinator, NO_APPROVALS, "");
     let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
     let err = Agent::new(config)
         .err()
@@ -523,7 +590,13 @@ impl Harness {
         };
         let (coordinator, _) =
             Coordinator::start("127.0.0.1:0".parse().unwrap(), &pki.coordinator, shared).await;
-        let text = node_config_text(SITE, &coordinator.addr.to_string(), &pki.node, extra_config);
+        let text = node_config_text(
+            SITE,
+            &coordinator.addr.to_string(),
+            &pki.node,
+            NO_APPROVALS,
+            extra_config,
+        );
         let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
         let agent = Agent::new(config).unwrap();
         let (stop_node, stopped) = oneshot::channel::<()>();
@@ -575,36 +648,12 @@ impl Harness {
     }
 
     async fn send(&self, task: pb::Task) {
-        let tx = self
-            .coordinator()
-            .shared
-            .node
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("no node connected");
-        tx.send(Ok(task)).await.unwrap();
+        send_task(&self.coordinator().shared, task).await;
     }
 
     /// Registers `tensors` as the global model of `task_id`; returns its model id.
     fn offer_model(&self, task_id: &str, tensors: &NamedTensors) -> String {
-        let manifest = tutela_site_node::weights::manifest(tensors, BTreeMap::new()).unwrap();
-        let mut digest = StreamDigest::new(&manifest);
-        for (_, b) in tensors {
-            digest.update(b);
-        }
-        let id = hex_string(&digest.finish());
-        let data = tensors
-            .iter()
-            .map(|(_, b)| Bytes::from(b.clone()))
-            .collect();
-        self.coordinator()
-            .shared
-            .models
-            .lock()
-            .unwrap()
-            .insert(task_id.to_string(), (manifest, data));
-        id
+        offer_model(&self.coordinator().shared, task_id, tensors)
     }
 
     async fn update(&mut self) -> (Manifest, NamedTensors) {
@@ -623,6 +672,38 @@ impl Harness {
             c.stop().await;
         }
     }
+}
+
+/// Sends `task` down the task stream of the node connected to the fake coordinator.
+async fn send_task(shared: &Shared, task: pb::Task) {
+    let tx = shared
+        .node
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("no node connected");
+    tx.send(Ok(task)).await.unwrap();
+}
+
+/// Registers `tensors` as the global model of `task_id` at the fake coordinator; returns its
+/// model id.
+fn offer_model(shared: &Shared, task_id: &str, tensors: &NamedTensors) -> String {
+    let manifest = tutela_site_node::weights::manifest(tensors, BTreeMap::new()).unwrap();
+    let mut digest = StreamDigest::new(&manifest);
+    for (_, b) in tensors {
+        digest.update(b);
+    }
+    let id = hex_string(&digest.finish());
+    let data = tensors
+        .iter()
+        .map(|(_, b)| Bytes::from(b.clone()))
+        .collect();
+    shared
+        .models
+        .lock()
+        .unwrap()
+        .insert(task_id.to_string(), (manifest, data));
+    id
 }
 
 fn hex_string(bytes: &[u8]) -> String {
@@ -1206,4 +1287,494 @@ fn cli_evaluate_predict_and_centralized_print_json() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("model.safetensors"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Approvals, with the real `tutela-node run` process: the node refuses to start without a site
+// policy, and when the coordinator is bypassed (here, the fake coordinator hands it forged tasks)
+// it refuses every task its own compliance officers did not approve, before it reads any data.
+
+/// A `tutela-node run --config CONFIG` process, its stdout and stderr in `log`; killed when
+/// dropped, so a failing test leaves no node running.
+struct NodeProcess {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    fn start(config: &Path, log: &Path) -> NodeProcess {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        NodeProcess {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own; fails the test if it is still running after
+    /// [`PATIENCE`].
+    fn exit_status(&mut self) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "tutela-node is still running; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the log contains `needle`; fails the test after [`PATIENCE`].
+    async fn wait_for_log(&self, needle: &str) {
+        let started = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "{needle:?} never appeared in the node's log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_node_refuses_to_start_without_a_site_policy_and_with_both_settings() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    // Real certificates and data: the approval setting is the only thing wrong with the config.
+    let pki = pki(dir.path(), SITE);
+    let policy = dir.path().join("site-policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "site = \"{SITE}\"\ncompliance_officers = [\"spiffe://{CONSORTIUM}/site/{SITE}/user/alice\"]\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("node.toml");
+    let cases = [
+        (
+            String::new(),
+            vec![
+                "`site_policy` is required",
+                "deploy/policy/site-policy.toml",
+                "insecure_no_approvals = true",
+            ],
+        ),
+        (
+            format!("site_policy = \"{}\"\n{NO_APPROVALS}", policy.display()),
+            vec![
+                "`insecure_no_approvals` is set together with `site_policy`",
+                "remove `insecure_no_approvals`",
+            ],
+        ),
+    ];
+    for (top_level, needles) in cases {
+        // Port 1: a node that started anyway would keep retrying it, and the wait below fails.
+        let text = node_config_text(SITE, "127.0.0.1:1", &pki.node, &top_level, "");
+        std::fs::write(&config, text).unwrap();
+        let mut node = NodeProcess::start(&config, &dir.path().join("node.log"));
+        let status = node.exit_status();
+        let log = node.log();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains(config.to_str().unwrap()), "no file in: {log}");
+        for needle in needles {
+            assert!(log.contains(needle), "{needle:?} missing from: {log}");
+        }
+        assert!(!log.contains("site node starting"), "{log}");
+    }
+}
+
+/// The next thing the node process did other than (re)connecting; fails the test, showing the
+/// node's log, if it does nothing within [`PATIENCE`].
+async fn next_answer(events: &mut mpsc::UnboundedReceiver<Event>, node: &NodeProcess) -> Event {
+    loop {
+        let event = tokio::time::timeout(PATIENCE, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the node did nothing in time; its log:\n{}", node.log()))
+            .expect("events channel closed");
+        // A reconnect re-announces the node; it is not an answer to a task.
+        if !matches!(event, Event::Connected { .. }) {
+            return event;
+        }
+    }
+}
+
+/// A job spec the protocol's strict parser reads (the agent tests' spec has a key only the node's
+/// lenient view ignores), so that it has a digest officers can sign.
+fn approvable_job_spec() -> String {
+    job_spec("breast_cancer", "mlp").replace(
+        "a_key_the_node_does_not_know = \"ignored\"",
+        &format!("sites = [\"{SITE}\"]"),
+    )
+}
+
+fn spec_digest(spec: &str) -> tutela_protocol::job::SpecDigest {
+    tutela_protocol::job::JobSpec::from_toml_str(spec)
+        .unwrap()
+        .digest()
+}
+
+/// A user certificate of `site` from `ca`.
+fn issue_user(
+    ca: &CertificateAuthority,
+    site: &str,
+    name: &str,
+) -> tutela_protocol::pki::IssuedCertificate {
+    ca.issue(
+        &Principal::User {
+            site: site.into(),
+            name: name.into(),
+        },
+        &LeafOptions::new(Validity::days_from_now(30)),
+    )
+    .unwrap()
+}
+
+/// An approval of `job` at `digest`, signed with `key_of`'s key and carrying `cert_of`'s
+/// certificate, valid for an hour.
+fn approval(
+    key_of: &tutela_protocol::pki::IssuedCertificate,
+    cert_of: &tutela_protocol::pki::IssuedCertificate,
+    job: &str,
+    digest: &tutela_protocol::job::SpecDigest,
+) -> pb::SignedApproval {
+    let t = now_ms();
+    tutela_policy::Approval::sign(
+        &key_of.key_pem,
+        &cert_of.cert_pem,
+        job,
+        digest,
+        t,
+        t + 3_600_000,
+    )
+    .unwrap()
+    .to_pb()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_approved_one() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (pki, ca) = pki_with_ca(d, SITE);
+    let alice = issue_user(&ca, SITE, "alice");
+    let mallory = issue_user(&ca, SITE, "mallory");
+    // Another CA of the same consortium name: its "alice" is no officer of this consortium.
+    let other_ca = CertificateAuthority::create(
+        CONSORTIUM,
+        KeyAlgorithm::EcdsaP256,
+        Validity::days_from_now(30),
+    )
+    .unwrap();
+    let fake_alice = issue_user(&other_ca, SITE, "alice");
+    let policy = d.join("site-policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "site = \"{SITE}\"\ncompliance_officers = [\"spiffe://{CONSORTIUM}/site/{SITE}/user/alice\"]\n"
+        ),
+    )
+    .unwrap();
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Shared {
+        events: events_tx,
+        node: Default::default(),
+        models: Default::default(),
+    };
+    let (coordinator, _) = Coordinator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &pki.coordinator,
+        shared.clone(),
+    )
+    .await;
+    // The site's data file does not exist until the approved task: a node that read data for a
+    // forged task would fail loudly (and would have fetched the task's model first).
+    let data_file = d.join("site-data").join("breast_cancer.csv");
+    let text = node_config_text(
+        SITE,
+        &coordinator.addr.to_string(),
+        &pki.node,
+        &format!("site_policy = \"{}\"\ntorch_threads = 1", policy.display()),
+        "",
+    );
+    let repo_csv = data_dir().join("breast_cancer_wisconsin.csv");
+    let text = text.replace(repo_csv.to_str().unwrap(), data_file.to_str().unwrap());
+    assert!(text.contains(data_file.to_str().unwrap()));
+    let config = d.join("node.toml");
+    std::fs::write(&config, text).unwrap();
+    let node = NodeProcess::start(&config, &d.join("node.log"));
+
+    match tokio::time::timeout(PATIENCE, events.recv()).await {
+        Ok(Some(Event::Connected { request, .. })) => {
+            assert_eq!(request.datasets, vec!["breast_cancer".to_string()])
+        }
+        other => panic!(
+            "expected the node to connect, got {other:?}; log:\n{}",
+            node.log()
+        ),
+    }
+
+    let spec = approvable_job_spec();
+    let digest = spec_digest(&spec);
+    let other_spec = spec.replace("learning_rate = 0.05", "learning_rate = 0.5");
+    let other_digest = spec_digest(&other_spec);
+    let edited = spec.replace("rounds = 2", "rounds = 3");
+    let job = "job-1";
+    let train = |id: &str, spec: &str, job_digest: String, approvals: Vec<pb::SignedApproval>| {
+        let model_id = offer_model(&shared, id, &expected_initial_model());
+        let mut t = task(id, pb::TaskKind::Train, spec, &model_id, "{}");
+        t.job_id = job.into();
+        t.job_digest = job_digest;
+        t.approvals = approvals;
+        t.submitted_by = format!("spiffe://{CONSORTIUM}/operator/op");
+        t
+    };
+    let not_approved = format!("not approved for site {SITE}");
+    let claimed_digest = format!("the task says the job's digest is {}", digest.to_hex());
+    // An approval over the wrong digest is named by both digests (whatever the wording).
+    let signs_other_digest = format!(
+        "signs spec digest {}, but the job's spec digests to {}",
+        other_digest.to_hex(),
+        digest.to_hex()
+    );
+    let signs_unedited_digest = format!(
+        "signs spec digest {}, but the job's spec digests to {}",
+        digest.to_hex(),
+        spec_digest(&edited).to_hex()
+    );
+    let computed_digest = format!(
+        "but its spec digests to {}: refused",
+        spec_digest(&edited).to_hex()
+    );
+    let forged = [
+        (
+            train("no-approval", &spec, digest.to_hex(), vec![]),
+            vec![not_approved.as_str(), "the task carries no approvals"],
+        ),
+        (
+            // Mallory's key under Alice's certificate.
+            train(
+                "wrong-key",
+                &spec,
+                digest.to_hex(),
+                vec![approval(&mallory, &alice, job, &digest)],
+            ),
+            vec![
+                not_approved.as_str(),
+                "does not verify with the key of their certificate",
+            ],
+        ),
+        (
+            train(
+                "other-ca",
+                &spec,
+                digest.to_hex(),
+                vec![approval(&fake_alice, &fake_alice, job, &digest)],
+            ),
+            vec![
+                not_approved.as_str(),
+                "does not verify against the consortium CA",
+            ],
+        ),
+        (
+            // A valid certificate of this consortium, but not a compliance officer of the site.
+            train(
+                "not-an-officer",
+                &spec,
+                digest.to_hex(),
+                vec![approval(&mallory, &mallory, job, &digest)],
+            ),
+            vec![
+                not_approved.as_str(),
+                "user/mallory (not a compliance officer of this site)",
+            ],
+        ),
+        (
+            // The officer's signature, but over another job's spec.
+            train(
+                "other-jobs-digest",
+                &spec,
+                digest.to_hex(),
+                vec![approval(&alice, &alice, job, &other_digest)],
+            ),
+            vec![
+                not_approved.as_str(),
+                signs_other_digest.as_str(),
+                "another job's",
+            ],
+        ),
+        (
+            // The officer's approval of another job altogether.
+            train(
+                "other-jobs-approval",
+                &spec,
+                digest.to_hex(),
+                vec![approval(&alice, &alice, "job-2", &other_digest)],
+            ),
+            vec![not_approved.as_str(), "is for job job-2, not job job-1"],
+        ),
+        (
+            // The spec edited after approval, with the edited spec's own digest.
+            train(
+                "edited-spec",
+                &edited,
+                spec_digest(&edited).to_hex(),
+                vec![approval(&alice, &alice, job, &digest)],
+            ),
+            vec![not_approved.as_str(), signs_unedited_digest.as_str()],
+        ),
+        (
+            // The spec edited after approval, and the coordinator claiming the approved digest.
+            train(
+                "edited-spec-old-digest",
+                &edited,
+                digest.to_hex(),
+                vec![approval(&alice, &alice, job, &digest)],
+            ),
+            vec![claimed_digest.as_str(), computed_digest.as_str()],
+        ),
+    ];
+    for (t, needles) in forged {
+        send_task(&shared, t.clone()).await;
+        // The refusal is the node's next act: no FetchModel, no update before it.
+        match next_answer(&mut events, &node).await {
+            Event::Declined { task_id, reason } => {
+                assert_eq!(task_id, t.task_id);
+                for needle in needles {
+                    assert!(
+                        reason.contains(needle),
+                        "{task_id}: {needle:?} missing from the refusal {reason:?}"
+                    );
+                }
+            }
+            other => panic!(
+                "{}: expected a refusal, got {other:?}; log:\n{}",
+                t.task_id,
+                node.log()
+            ),
+        }
+    }
+    // Nothing of the data was read, and no model was fetched.
+    let log = node.log();
+    assert!(!log.contains("dataset loaded"), "{log}");
+    assert!(!data_file.exists());
+    let models = std::fs::read_dir(d.join("work/models")).unwrap().count();
+    assert_eq!(models, 0, "the node stored a model for a refused task");
+
+    // The officer's approval of exactly this spec: the node fetches, reads its data and trains.
+    std::fs::create_dir_all(data_file.parent().unwrap()).unwrap();
+    std::fs::copy(&repo_csv, &data_file).unwrap();
+    send_task(
+        &shared,
+        train(
+            "approved",
+            &spec,
+            digest.to_hex(),
+            vec![approval(&alice, &alice, job, &digest)],
+        ),
+    )
+    .await;
+    match next_answer(&mut events, &node).await {
+        Event::Fetched { task_id } => assert_eq!(task_id, "approved"),
+        other => panic!("expected a FetchModel, got {other:?}; log:\n{}", node.log()),
+    }
+    match next_answer(&mut events, &node).await {
+        Event::Update { manifest, tensors } => {
+            assert_eq!(manifest.metadata[meta::TASK], "approved");
+            // 569 rows, a fifth of each class held out for validation: read from the file.
+            let samples: f64 = manifest.metadata[meta::SAMPLES].parse().unwrap();
+            assert_eq!(samples, 456.0);
+            assert_eq!(shapes(&tensors), shapes(&expected_initial_model()));
+        }
+        other => panic!("expected an update, got {other:?}; log:\n{}", node.log()),
+    }
+    node.wait_for_log("dataset loaded").await;
+    let log = node.log();
+    assert!(
+        log.contains("task approved by this site's compliance officer"),
+        "{log}"
+    );
+    assert!(!log.contains("insecure_no_approvals"), "{log}");
+    drop(node);
+    coordinator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_waives_approvals_says_so_at_start_and_for_every_task() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), SITE);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Shared {
+        events: events_tx,
+        node: Default::default(),
+        models: Default::default(),
+    };
+    let (coordinator, _) = Coordinator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &pki.coordinator,
+        shared.clone(),
+    )
+    .await;
+    let config = dir.path().join("node.toml");
+    let top_level = format!("{NO_APPROVALS}\ntorch_threads = 1");
+    let text = node_config_text(
+        SITE,
+        &coordinator.addr.to_string(),
+        &pki.node,
+        &top_level,
+        "",
+    );
+    std::fs::write(&config, text).unwrap();
+    let node = NodeProcess::start(&config, &dir.path().join("node.log"));
+    node.wait_for_log("insecure_no_approvals = true: NO APPROVALS")
+        .await;
+    node.wait_for_log("connected; waiting for tasks").await;
+    for id in ["unapproved-1", "unapproved-2"] {
+        send_task(
+            &shared,
+            task(
+                id,
+                pb::TaskKind::Initialize,
+                &job_spec("breast_cancer", "mlp"),
+                "",
+                "{}",
+            ),
+        )
+        .await;
+        match next_answer(&mut events, &node).await {
+            Event::Update { manifest, .. } => assert_eq!(manifest.metadata[meta::TASK], id),
+            other => panic!("expected {id}'s update, got {other:?}"),
+        }
+    }
+    let warning = "insecure_no_approvals = true: running this task WITHOUT any approval check";
+    let log = node.log();
+    assert_eq!(log.matches(warning).count(), 2, "{log}");
+    drop(node);
+    coordinator.stop().await;
 }

@@ -33,7 +33,7 @@ fn keys_rotate_rewraps_every_file_of_the_work_dir() {
     std::fs::write(
         &config,
         format!(
-            "site = \"a\"\ncoordinator = \"localhost:1\"\nwork_dir = \"{}\"\n[tls]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n[at_rest]\nkek_file = \"{}\"\n[datasets.x]\ncsv = \"x.csv\"\nschema = \"s.toml\"\n",
+            "site = \"a\"\ncoordinator = \"localhost:1\"\nwork_dir = \"{}\"\nsite_policy = \"site-policy.toml\"\n[tls]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n[at_rest]\nkek_file = \"{}\"\n[datasets.x]\ncsv = \"x.csv\"\nschema = \"s.toml\"\n",
             work.display(),
             d.join("old.kek").display()
         ),

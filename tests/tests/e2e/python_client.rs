@@ -57,6 +57,8 @@ fn python_grpcio_client_is_served_over_mtls_and_refused_once_revoked() {
         r#"listen = "127.0.0.1:{port}"
 data_dir = "{data}"
 tls_reload_secs = 3600
+# Only the transport and the Python client are under test here; no casbin policy.
+insecure_no_policy = true
 [tls]
 ca = "{c}/ca.crt"
 cert = "{c}/coordinator.crt"
