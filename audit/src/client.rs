@@ -3,8 +3,10 @@
 
 use tonic::transport::Channel;
 use tutela_protocol::client::{self, ClientError, ClientTls};
+use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::pb;
 use tutela_protocol::pb::audit_client::AuditClient as PbClient;
+use tutela_protocol::tls::TlsMaterial;
 
 use crate::checkpoint::{CheckpointError, CheckpointVerifier, SignedCheckpoint, Update};
 use crate::event::{Action, Event};
@@ -13,8 +15,42 @@ use crate::store::EventFilter;
 use crate::wire::{self, WireError};
 use crate::{Hash, Timestamp, canonical_json};
 
+/// Where a process reaches the audit service: the `[audit]` table of coordinator.toml and
+/// node.toml.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEndpoint {
+    /// `host:port` of `tutela-audit`.
+    pub endpoint: String,
+    /// The SPIFFE identity the audit service's certificate must carry; default
+    /// `spiffe://<consortium>/audit`, the consortium being the caller's own.
+    #[serde(default)]
+    pub server_identity: Option<String>,
+}
+
+impl AuditEndpoint {
+    /// A client that connects on first use, as the holder of `tls` (its certificate identity is
+    /// the actor of every event it appends), and that accepts only the expected audit identity.
+    pub fn connect_lazy(&self, tls: &TlsMaterial) -> Result<AuditClient> {
+        let expect = match &self.server_identity {
+            Some(s) => s.parse::<Identity>().map_err(|e| {
+                AuditClientError::Config(format!(
+                    "server_identity {s:?} is not a SPIFFE identity: {e}"
+                ))
+            })?,
+            None => Identity::new(&tls.identity.consortium, Principal::Audit)
+                .map_err(|e| AuditClientError::Config(e.to_string()))?,
+        };
+        let tls = ClientTls::from_material(tls, Some(expect))
+            .map_err(|e| AuditClientError::Config(e.to_string()))?;
+        AuditClient::connect_lazy(&self.endpoint, tls)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditClientError {
+    #[error("[audit]: {0}")]
+    Config(String),
     #[error("{0}")]
     Connect(#[from] ClientError),
     #[error("audit service: {0}")]

@@ -71,11 +71,17 @@ pub enum Action {
     /// `certificate.revoked`: a certificate was revoked (added to the CRL). Subject: the SPIFFE
     /// identity. Payload: serial number, reason, the CRL number that carries it.
     CertificateRevoked,
+    /// `dataset.deidentified`: a site node anonymized a dataset before training on it, appended by
+    /// the node itself (the actor is its certificate identity). Subject: `<site>/<dataset>`.
+    /// Payload: the job it was read for, the de-identification report (each transform, rows and
+    /// cells changed, k and l achieved, suppressed rows, the configuration's digest: counts and
+    /// column names, never a value), and the dataset commitment.
+    DatasetDeidentified,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -90,6 +96,7 @@ impl Action {
         Action::PolicyDecision,
         Action::CertificateIssued,
         Action::CertificateRevoked,
+        Action::DatasetDeidentified,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -109,6 +116,7 @@ impl Action {
             Action::PolicyDecision => "policy.decision",
             Action::CertificateIssued => "certificate.issued",
             Action::CertificateRevoked => "certificate.revoked",
+            Action::DatasetDeidentified => "dataset.deidentified",
         }
     }
 }

@@ -511,8 +511,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         std::fs::write(
             &toml,
             format!(
-                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[datasets.{name}]\npath = \"{csv}\"\nschema = \"{schema}\"\ncolumns = \"{columns}\"\nanonymize = \"{anonymize}\"\n",
+                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\ncheckpoint_public_key = \"{audit_pub}\"\n[datasets.{name}]\npath = \"{csv}\"\nschema = \"{schema}\"\ncolumns = \"{columns}\"\nanonymize = \"{anonymize}\"\n",
                 kek = toml_path(&kek),
+                // The audit service made its checkpoint key at start; each site pins its public
+                // half (a real site receives it out of band).
+                audit_pub = toml_path(&audit_dir.join("checkpoint.key.pub")),
                 secret = toml_path(&secret),
                 sp = toml_path(&policy_dir.join(format!("site-policy-{site}.toml"))),
                 w = toml_path(&site_dir.join("work")),

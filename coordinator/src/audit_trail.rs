@@ -7,11 +7,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde::Deserialize;
 use tutela_audit::client::{AuditClient, AuditClientError};
 use tutela_audit::log::Receipt;
-use tutela_protocol::client::ClientTls;
-use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::tls::TlsMaterial;
 
 pub use tutela_audit::Action;
@@ -25,25 +22,14 @@ pub fn code_version() -> String {
     }
 }
 
-/// `[audit]` in coordinator.toml.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// The audit service, `HOST:PORT` (HOST must be in its certificate).
-    pub endpoint: String,
-    /// The identity its certificate must carry; default `spiffe://<consortium>/audit`.
-    #[serde(default)]
-    pub server_identity: Option<String>,
-}
+/// `[audit]` in coordinator.toml (`endpoint`, `server_identity`): the same table as a node's,
+/// less the node's pinned checkpoint key.
+pub type AuditConfig = tutela_audit::client::AuditEndpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditTrailError {
     #[error("audit: {0}")]
     Client(#[from] AuditClientError),
-    #[error("audit: server_identity {0:?} is not a SPIFFE identity: {1}")]
-    BadIdentity(String, String),
-    #[error("audit: {0}")]
-    Tls(String),
 }
 
 /// Records events at the audit service (or, when none is configured, only in the log).
@@ -63,17 +49,8 @@ impl AuditTrail {
 
     /// A lazily connecting client of the configured service, over the coordinator's own TLS.
     pub fn connect(config: &AuditConfig, tls: &TlsMaterial) -> Result<AuditTrail, AuditTrailError> {
-        let expect = match &config.server_identity {
-            Some(s) => s
-                .parse::<Identity>()
-                .map_err(|e| AuditTrailError::BadIdentity(s.clone(), e.to_string()))?,
-            None => Identity::new(&tls.identity.consortium, Principal::Audit)
-                .map_err(|e| AuditTrailError::Tls(e.to_string()))?,
-        };
-        let tls = ClientTls::from_material(tls, Some(expect))
-            .map_err(|e| AuditTrailError::Tls(e.to_string()))?;
         Ok(AuditTrail {
-            client: Some(AuditClient::connect_lazy(&config.endpoint, tls)?),
+            client: Some(config.connect_lazy(tls)?),
             warned: AtomicBool::new(false),
         })
     }

@@ -217,7 +217,7 @@ mod tests {
         let c1 = "spiffe://c/site/a/user/cons1".to_string();
         let c2 = "spiffe://c/site/b/user/cons2".to_string();
 
-        let s = evaluate(&rules, &sites, &[a.clone()], officers);
+        let s = evaluate(&rules, &sites, std::slice::from_ref(&a), officers);
         assert!(!s.is_met());
         assert_eq!(s.missing().len(), 2, "{:?}", s.missing());
         assert!(s.missing()[0].contains("site:b"));

@@ -211,7 +211,7 @@ impl SitePolicy {
             }
         }
         if let Some(models) = &self.allowed_models
-            && !models.iter().any(|m| *m == spec.model.name)
+            && !models.contains(&spec.model.name)
         {
             return Err(breach(
                 "allowed_models",

@@ -73,6 +73,7 @@ use crate::dataset::SiteDataset;
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::ledger::{RoundSpend, SiteLedgers};
 use crate::models::{Model, ModelError};
+use crate::site_audit::SiteAudit;
 use crate::train::{TrainError, evaluate, train_local};
 use crate::weights::{
     NamedTensors, WeightsError, delta, export_weights, from_safetensors_bytes, load_safetensors,
@@ -137,6 +138,8 @@ pub enum AgentError {
     },
     #[error("`site_secret_file`: {0}")]
     SiteSecret(String),
+    #[error("{0}")]
+    Audit(String),
 }
 
 /// Why the node will not do a task; decided before any data is touched.
@@ -400,6 +403,8 @@ pub struct Agent {
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
     filters: Vec<Box<dyn UpdateFilter>>,
+    /// The node's own connection to the audit trail (`[audit]`).
+    audit: Option<Arc<SiteAudit>>,
 }
 
 impl Agent {
@@ -453,6 +458,13 @@ impl Agent {
                 None
             }
         };
+        let audit = match &config.audit {
+            Some(a) => Some(Arc::new(
+                SiteAudit::new(a, &material, &config.work_dir, kek.clone())
+                    .map_err(|e| AgentError::Audit(e.to_string()))?,
+            )),
+            None => None,
+        };
         let site_secret = match &config.site_secret_file {
             Some(path) => Some(
                 tutela_privacy::at_rest::read_secret_file_outside(path, &config.work_dir)
@@ -497,19 +509,38 @@ impl Agent {
             coordinator,
             device,
             models_dir,
+            audit,
             kek,
-            gate: match &config.site_policy {
-                Some(path) => TaskGate::new(datasets)
+            gate: match (&config.site_policy, config.insecure_no_approvals) {
+                (Some(path), false) => TaskGate::new(datasets)
                     .with_ledgers(ledgers)
                     .with_approvals(
                         crate::approvals::SiteApprovals::load(&config.site, path, &material)
                             .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
                     ),
-                None => {
+                (None, true) => {
                     tracing::warn!(
-                        "no `site_policy`: tasks run without this site's own approval check"
+                        "insecure_no_approvals = true: NO APPROVALS. This node trains on its data \
+                         for any task the coordinator sends, without checking that this site's \
+                         compliance officers approved the job and without a site policy. Never \
+                         run a site like this; configure `site_policy`"
                     );
                     TaskGate::new(datasets).with_ledgers(ledgers)
+                }
+                // `NodeConfig::validate` refuses both; checked again for configs built in code.
+                (None, false) => {
+                    return Err(AgentError::SitePolicy(
+                        "`site_policy` is required (or, for a lab or a test only, \
+                         `insecure_no_approvals = true`)"
+                            .into(),
+                    ));
+                }
+                (Some(_), true) => {
+                    return Err(AgentError::SitePolicy(
+                        "`site_policy` and `insecure_no_approvals = true` are both set: remove \
+                         `insecure_no_approvals`"
+                            .into(),
+                    ));
                 }
             },
             filters: Vec::new(),
@@ -559,6 +590,7 @@ impl Agent {
             models_dir: self.models_dir,
             kek: self.kek,
             gate: self.gate,
+            audit: self.audit,
             filters,
             testing: self.config.testing.clone().unwrap_or_default(),
             client: Mutex::new(None),
@@ -609,6 +641,7 @@ struct Shared {
     models_dir: PathBuf,
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
+    audit: Option<Arc<SiteAudit>>,
     filters: Vec<Box<dyn UpdateFilter>>,
     testing: TestingConfig,
     /// The client of the latest session; the worker uses it for FetchModel, SubmitUpdate and
@@ -847,6 +880,9 @@ async fn initialize(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Res
 }
 
 async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<Done, Failure> {
+    if let Some(audit) = &shared.audit {
+        record_in_audit_trail(shared, audit, task, &admitted).await?;
+    }
     let model_path = fetch_model(shared, task).await?;
     if shared.testing.stall_after_fetch {
         return Ok(Done::Stalled);
@@ -920,6 +956,38 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     }
     let receipt = upload(shared, update, metadata).await?;
     Ok(Done::Uploaded(receipt))
+}
+
+/// Before training: the trail's history is still the one this site saw, and the dataset's
+/// de-identification report is in it (the dataset is read here, the first time, so that the report
+/// exists; see [`crate::site_audit`]).
+async fn record_in_audit_trail(
+    shared: &Shared,
+    audit: &Arc<SiteAudit>,
+    task: &pb::Task,
+    admitted: &Admitted,
+) -> Result<(), Failure> {
+    audit
+        .watch()
+        .await
+        .map_err(|e| Failure::Decline(e.to_string()))?;
+    let dataset = admitted.dataset.clone();
+    let data = tokio::task::spawn_blocking(move || dataset.load())
+        .await
+        .map_err(|e| Failure::Decline(format!("internal error reading the dataset: {e}")))?
+        .map_err(|e| Failure::Decline(e.to_string()))?;
+    let recorded = audit
+        .record_deidentification(&shared.site, &task.job_id, admitted.dataset.name(), &data)
+        .await
+        .map_err(|e| Failure::Decline(e.to_string()))?;
+    if recorded {
+        // The checkpoint that covers the new event, when the log has signed one already.
+        audit
+            .watch()
+            .await
+            .map_err(|e| Failure::Decline(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Downloads the task's global model into `work_dir/models/<id>.safetensors` and checks that its

@@ -22,8 +22,9 @@ pub enum SiteApprovalsError {
     #[error("`site_policy` {}: {source}", .path.display())]
     Policy {
         path: PathBuf,
+        // Boxed: the parse error is large and rare, and the Ok path should not pay for it.
         #[source]
-        source: tutela_policy::site_policy::SitePolicyError,
+        source: Box<tutela_policy::site_policy::SitePolicyError>,
     },
     #[error(
         "`site_policy` {}: it is the policy of site {found:?}, but this node is site {site:?}",
@@ -70,7 +71,7 @@ impl SiteApprovals {
     ) -> Result<Self, SiteApprovalsError> {
         let policy = SitePolicy::load(path).map_err(|source| SiteApprovalsError::Policy {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         if policy.site != site {
             return Err(SiteApprovalsError::OtherSite {

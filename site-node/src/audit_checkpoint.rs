@@ -2,14 +2,22 @@
 //! the consortium operator cannot rewrite audit history this site has seen: every newer
 //! checkpoint is accepted only with a consistency proof from the one held (RFC 6962), checked by
 //! [`CheckpointVerifier`]. The file survives restarts; a refused checkpoint leaves it unchanged.
+//!
+//! A checkpoint is public, signed data, but the node writes nothing in plaintext: with `[at_rest]`
+//! the file is `audit-checkpoint.json.enc`, AES-256-GCM under the node's key-encryption key like
+//! every other file it writes (and re-wrapped by `tutela-node keys rotate` with them).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tutela_audit::client::{AuditClient, AuditClientError};
 use tutela_audit::{CheckpointError, CheckpointVerifier, SignedCheckpoint, Update};
+use tutela_privacy::at_rest::{self, EncryptOptions, KeyEncryptionKey};
 
-/// The file in the work directory.
+/// The file in the work directory, without `[at_rest]`.
 pub const CHECKPOINT_FILE: &str = "audit-checkpoint.json";
+/// The file in the work directory, with `[at_rest]`.
+pub const ENCRYPTED_CHECKPOINT_FILE: &str = "audit-checkpoint.json.enc";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditCheckpointError {
@@ -24,26 +32,51 @@ pub enum AuditCheckpointError {
 /// A site's pinned view of the audit log.
 pub struct HeldCheckpoint {
     path: PathBuf,
+    kek: Option<Arc<dyn KeyEncryptionKey>>,
     verifier: CheckpointVerifier,
+}
+
+impl std::fmt::Debug for HeldCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldCheckpoint")
+            .field("path", &self.path)
+            .field("tree_size", &self.latest().map(|c| c.checkpoint.tree_size))
+            .finish_non_exhaustive()
+    }
 }
 
 impl HeldCheckpoint {
     /// Loads the checkpoint saved in `work_dir` (re-checking its signature with `public_key`), or
-    /// starts empty for `log_id`.
+    /// starts empty for `log_id`. With `kek` the file is encrypted at rest.
     pub fn open(
         work_dir: &Path,
         public_key: &[u8],
         log_id: &str,
+        kek: Option<Arc<dyn KeyEncryptionKey>>,
     ) -> Result<HeldCheckpoint, AuditCheckpointError> {
-        let path = work_dir.join(CHECKPOINT_FILE);
+        let path = work_dir.join(match kek {
+            Some(_) => ENCRYPTED_CHECKPOINT_FILE,
+            None => CHECKPOINT_FILE,
+        });
         let file_err = |why: String| AuditCheckpointError::File {
             path: path.clone(),
             why,
         };
-        let verifier = match std::fs::read_to_string(&path) {
-            Ok(text) => {
+        let bytes = match &kek {
+            Some(k) if path.exists() => Some(
+                at_rest::decrypt_to_vec(&path, k.as_ref()).map_err(|e| file_err(e.to_string()))?,
+            ),
+            Some(_) => None,
+            None => match std::fs::read(&path) {
+                Ok(b) => Some(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(file_err(e.to_string())),
+            },
+        };
+        let verifier = match bytes {
+            Some(bytes) => {
                 let cp: SignedCheckpoint =
-                    serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+                    serde_json::from_slice(&bytes).map_err(|e| file_err(e.to_string()))?;
                 if cp.checkpoint.log_id != log_id {
                     return Err(file_err(format!(
                         "holds a checkpoint of log {:?}, not {log_id:?}",
@@ -52,12 +85,13 @@ impl HeldCheckpoint {
                 }
                 CheckpointVerifier::restore(public_key, cp)?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                CheckpointVerifier::new(public_key, log_id)
-            }
-            Err(e) => return Err(file_err(e.to_string())),
+            None => CheckpointVerifier::new(public_key, log_id),
         };
-        Ok(HeldCheckpoint { path, verifier })
+        Ok(HeldCheckpoint {
+            path,
+            kek,
+            verifier,
+        })
     }
 
     pub fn latest(&self) -> Option<&SignedCheckpoint> {
@@ -100,12 +134,22 @@ impl HeldCheckpoint {
             path: self.path.clone(),
             why,
         };
-        let text = serde_json::to_string_pretty(cp).map_err(|e| file_err(e.to_string()))?;
-        let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| file_err(e.to_string()))
+        let text = serde_json::to_vec_pretty(cp).map_err(|e| file_err(e.to_string()))?;
+        match &self.kek {
+            // encrypt_bytes writes a temporary file beside the target and renames it.
+            Some(k) => {
+                at_rest::encrypt_bytes(&text, &self.path, k.as_ref(), EncryptOptions::default())
+                    .map(|_| ())
+                    .map_err(|e| file_err(e.to_string()))
+            }
+            None => {
+                let tmp = self.path.with_extension("json.tmp");
+                std::fs::write(&tmp, text)
+                    .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                    .and_then(|_| std::fs::rename(&tmp, &self.path))
+                    .map_err(|e| file_err(e.to_string()))
+            }
+        }
     }
 }
 
@@ -150,11 +194,11 @@ mod tests {
         let pk = key.public_key().as_ref().to_vec();
         let (mut chain, mut tree) = (Chain::new(), MerkleTree::new());
         grow(&mut chain, &mut tree, 10, "a");
-        let mut held = HeldCheckpoint::open(dir.path(), &pk, LOG).unwrap();
+        let mut held = HeldCheckpoint::open(dir.path(), &pk, LOG, None).unwrap();
         assert!(held.latest().is_none());
         held.accept(&sign(&tree, 10, &key), &[]).unwrap();
         // Restart: the checkpoint of size 10 is still held.
-        let mut held = HeldCheckpoint::open(dir.path(), &pk, LOG).unwrap();
+        let mut held = HeldCheckpoint::open(dir.path(), &pk, LOG, None).unwrap();
         assert_eq!(held.latest().unwrap().checkpoint.tree_size, 10);
         grow(&mut chain, &mut tree, 7, "b");
         let proof = tree.consistency_proof(10, 17).unwrap();
@@ -171,7 +215,35 @@ mod tests {
             held.accept(&forged, &proof2),
             Err(AuditCheckpointError::Refused(_))
         ));
-        let held = HeldCheckpoint::open(dir.path(), &pk, LOG).unwrap();
+        let held = HeldCheckpoint::open(dir.path(), &pk, LOG, None).unwrap();
         assert_eq!(held.latest().unwrap().checkpoint.tree_size, 17);
+    }
+
+    #[test]
+    fn with_a_key_encryption_key_the_file_is_encrypted_and_survives_restarts() {
+        use tutela_privacy::at_rest::LocalKek;
+        let dir = tempfile::tempdir().unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::from_bytes(&[7; 32]));
+        let key = Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap();
+        let pk = key.public_key().as_ref().to_vec();
+        let (mut chain, mut tree) = (Chain::new(), MerkleTree::new());
+        grow(&mut chain, &mut tree, 5, "a");
+        let mut held = HeldCheckpoint::open(dir.path(), &pk, LOG, Some(kek.clone())).unwrap();
+        held.accept(&sign(&tree, 5, &key), &[]).unwrap();
+        assert!(!dir.path().join(CHECKPOINT_FILE).exists());
+        let on_disk = std::fs::read(dir.path().join(ENCRYPTED_CHECKPOINT_FILE)).unwrap();
+        for plaintext in [&b"tree_size"[..], LOG.as_bytes()] {
+            assert!(
+                !on_disk.windows(plaintext.len()).any(|w| w == plaintext),
+                "plaintext {:?} in the encrypted checkpoint file",
+                String::from_utf8_lossy(plaintext)
+            );
+        }
+        let held = HeldCheckpoint::open(dir.path(), &pk, LOG, Some(kek)).unwrap();
+        assert_eq!(held.latest().unwrap().checkpoint.tree_size, 5);
+        // Another key-encryption key cannot open it, and says which file.
+        let other: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::from_bytes(&[8; 32]));
+        let err = HeldCheckpoint::open(dir.path(), &pk, LOG, Some(other)).unwrap_err();
+        assert!(err.to_string().contains(ENCRYPTED_CHECKPOINT_FILE), "{err}");
     }
 }

@@ -74,6 +74,12 @@ pub struct NodeConfig {
     /// the node says so at start).
     #[serde(default)]
     pub at_rest: Option<AtRestConfig>,
+    /// The consortium's audit service (see `crate::site_audit`): the node records there, as
+    /// itself, each dataset's de-identification report before training on it, and checks before
+    /// each training task that the trail's history is the one it saw (the log's checkpoint key
+    /// is pinned here). Absent: the report is only logged at the site.
+    #[serde(default)]
+    pub audit: Option<crate::site_audit::NodeAuditConfig>,
     /// The site secret (a file of at least 32 bytes, mode 0600, outside `work_dir`): the key of
     /// pseudonyms and per-person date shifts, and the source of the salts of dataset
     /// commitments. It never leaves the site. Needed when a dataset declares `columns`.

@@ -40,6 +40,7 @@ pub mod ledger;
 pub mod local;
 pub mod models;
 pub mod offline;
+pub mod site_audit;
 pub mod train;
 pub mod weights;
 

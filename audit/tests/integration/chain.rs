@@ -240,7 +240,8 @@ fn action_names_round_trip() {
             "watermark.registered",
             "policy.decision",
             "certificate.issued",
-            "certificate.revoked"
+            "certificate.revoked",
+            "dataset.deidentified"
         ]
     );
     for a in Action::ALL {

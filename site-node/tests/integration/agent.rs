@@ -270,6 +270,13 @@ fn the_documented_example_config_parses_with_every_key() {
     assert_eq!(c.site, "hospital-a");
     assert!(c.tls.crl.is_some());
     assert_eq!(c.reconnect.max_backoff_secs, 60.0);
+    let audit = c.audit.as_ref().expect("the example documents [audit]");
+    assert_eq!(audit.endpoint, "audit.consortium.example:7444");
+    assert!(
+        audit
+            .checkpoint_public_key
+            .ends_with("audit-checkpoint.pub")
+    );
     assert!(
         c.testing.is_none(),
         "[testing] must stay commented out in the example"

@@ -1,6 +1,8 @@
 //! `tutela demo`, the README's first command, end to end: it runs, the sites anonymize the
 //! identity columns of their records before training, and nothing the nodes wrote holds a byte
-//! of plaintext data (the plaintext scan of issue "Data protection at the site").
+//! of plaintext data (the plaintext scan of issue "Data protection at the site"). Each node
+//! records its de-identification report in the audit trail itself, and keeps the trail's latest
+//! checkpoint, encrypted, in its work directory.
 
 use std::process::Command;
 
@@ -63,4 +65,59 @@ fn the_demo_anonymizes_trains_and_leaves_no_plaintext_in_the_nodes_work_director
         }
     }
     assert!(scanned >= 3, "only {scanned} files scanned");
+
+    // Each site's de-identification report is in the trail, appended by the node itself.
+    let db = format!("sqlite://{}", demo_dir.join("audit/audit.db").display());
+    let out = run_ok(Command::new(bin("tutela")).args([
+        "audit",
+        "log",
+        "--database-url",
+        &db,
+        "--action",
+        "dataset.deidentified",
+        "--json",
+    ]));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut sites_reported: Vec<String> = Vec::new();
+    for e in &events {
+        let site = e["payload"]["site"].as_str().unwrap().to_string();
+        assert_eq!(
+            e["actor"].as_str().unwrap(),
+            format!("spiffe://demo/site/{site}/node"),
+            "{e}"
+        );
+        assert_eq!(
+            e["subject"].as_str().unwrap(),
+            format!("{site}/breast_cancer"),
+            "{e}"
+        );
+        let report = &e["payload"]["report"];
+        assert!(report["rows_in"].as_u64().unwrap() > 0, "{e}");
+        assert_eq!(report["config_sha256"].as_str().unwrap().len(), 64, "{e}");
+        assert!(report["cells_changed"].as_u64().unwrap() > 0, "{e}");
+        assert_eq!(
+            e["payload"]["dataset_commitment"].as_str().unwrap().len(),
+            64,
+            "{e}"
+        );
+        sites_reported.push(site);
+    }
+    sites_reported.sort();
+    sites_reported.dedup();
+    assert_eq!(sites_reported.len(), 3, "{events:?}");
+    assert_eq!(
+        events.len(),
+        3,
+        "one report per site and dataset: {events:?}"
+    );
+    for site in &sites_reported {
+        let held = demo_dir
+            .join("sites")
+            .join(site)
+            .join("work/audit-checkpoint.json.enc");
+        assert!(held.exists(), "{} holds no checkpoint", held.display());
+    }
 }

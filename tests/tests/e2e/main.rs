@@ -1,4 +1,4 @@
-//! End-to-end tests with real processes over loopback mutual TLS: federation, approvals, the audit service and trail, the demo, a Python client.
+//! End-to-end tests with real processes over loopback mutual TLS: federation, central DP, approvals, the audit service and trail, the demo, a Python client.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -7,6 +7,8 @@
 mod approvals;
 mod audit;
 mod audit_trail;
+mod central_dp;
 mod demo;
 mod federation;
 mod python_client;
+mod site_audit;

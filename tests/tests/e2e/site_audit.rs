@@ -1,0 +1,197 @@
+//! A site node's own entries in the audit trail and its watch over the trail, with real
+//! processes: `tutela-audit` (SQLite), a coordinator and two anonymizing site nodes with `[audit]`
+//! in their node.toml.
+//!
+//! - The node whose pinned checkpoint key is the log's records its de-identification report
+//!   (`dataset.deidentified`, as itself) before it trains, once per dataset.
+//! - The node that pinned another key declines to train: the log's checkpoints are not trusted.
+//! - When the trail is replaced by a fresh one (the operator deletes the database and restarts the
+//!   service with the same key), the node that held a checkpoint of the old history declines.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec};
+use tutela_e2e::{ChildGuard, bin, free_port, run_ok, wait_for_port};
+use tutela_protocol::identity::Principal;
+use tutela_protocol::pb;
+use tutela_protocol::pki::{LeafOptions, Validity};
+
+fn start_audit(d: &Path, certs: &Path, port: u16) -> ChildGuard {
+    let audit_dir = d.join("audit");
+    std::fs::create_dir_all(&audit_dir).unwrap();
+    let audit_toml = audit_dir.join("audit.toml");
+    std::fs::write(
+        &audit_toml,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n# The trail's authorization is tested in audit.rs; here any consortium member may append.\ninsecure_no_policy = true\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\n",
+            audit_dir.display(),
+            c = certs.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join("audit.log"))
+        .unwrap();
+    let child = ChildGuard::spawn(
+        Command::new(bin("tutela-audit"))
+            .arg("--config")
+            .arg(&audit_toml)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log)),
+    );
+    wait_for_port(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(30),
+    );
+    child
+}
+
+/// The trail's `dataset.deidentified` events, read from its database.
+fn deidentified_events(d: &Path) -> Vec<serde_json::Value> {
+    let db = format!("sqlite://{}", d.join("audit/audit.db").display());
+    let out = run_ok(Command::new(bin("tutela")).args([
+        "audit",
+        "log",
+        "--database-url",
+        &db,
+        "--action",
+        "dataset.deidentified",
+        "--json",
+    ]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait_for_log_line(path: &Path, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{needle:?} not in {} after {timeout:?}:\n{log}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_record_their_deidentification_and_decline_an_untrusted_or_reset_trail() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut c = Consortium::new(d);
+    let certs = c.certs();
+    let mut opts = LeafOptions::new(Validity::days_from_now(30));
+    opts.dns_names = vec!["localhost".into()];
+    let issued = c.ca.issue(&Principal::Audit, &opts).unwrap();
+    std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
+    let audit_port = free_port();
+    let audit = start_audit(d, &certs, audit_port);
+    // The service made its checkpoint key at start; st-mary pins it, general pins another.
+    let pinned = d.join("audit/checkpoint.key.pub");
+    assert!(pinned.exists());
+    let wrong = d.join("not-the-audit-key.pub");
+    std::fs::write(&wrong, format!("{}\n", hex::encode([0x5a_u8; 32]))).unwrap();
+
+    c.start_coordinator();
+    let (header, shares, _test) = breast_cancer_shares(2);
+    let audit_table = |key: &Path| {
+        format!(
+            "[audit]\nendpoint = \"localhost:{audit_port}\"\ncheckpoint_public_key = \"{}\"\n",
+            key.display()
+        )
+    };
+    let people = c.start_node_anonymized("st-mary", &header, &shares[0], &audit_table(&pinned));
+    c.start_node_anonymized("general", &header, &shares[1], &audit_table(&wrong));
+    let sites = ["st-mary", "general"];
+    let mut op = c.operator().await;
+    let mut run_job = async |rounds: u32, deadline_secs: u64| {
+        let job = op
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: job_spec(rounds, 1, deadline_secs, &sites),
+            })
+            .await
+            .expect("the job is accepted")
+            .into_inner()
+            .job_id;
+        c.wait_for_job(&job, Duration::from_secs(240), |_| false)
+            .await
+    };
+
+    // Job 1: st-mary records its report once and trains; general declines every round.
+    let last = run_job(2, 60).await;
+    assert_eq!(last.state, "completed", "{last:?}; logs in {}", d.display());
+    let general_log = d.join("sites/general/node.log");
+    wait_for_log_line(
+        &general_log,
+        "its checkpoints are not trusted",
+        Duration::from_secs(5),
+    );
+    let events = deidentified_events(d);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["actor"], "spiffe://e2e/site/st-mary/node", "{e}");
+    assert_eq!(e["subject"], "st-mary/breast_cancer", "{e}");
+    assert_eq!(e["payload"]["job"], last.job_id, "{e}");
+    let report = &e["payload"]["report"];
+    assert_eq!(
+        report["rows_in"].as_u64().unwrap(),
+        shares[0].len() as u64,
+        "{e}"
+    );
+    assert!(report["cells_changed"].as_u64().unwrap() > 0, "{e}");
+    assert!(
+        report["k_anonymity"]["k_achieved"].as_u64().unwrap() >= 2,
+        "{e}"
+    );
+    // Counts and column names only: no identity value reaches the trail.
+    let payload = e["payload"].to_string();
+    for p in &people {
+        for value in [&p.record_number, &p.name, &p.national_id, &p.date_of_birth] {
+            assert!(!payload.contains(value.as_str()), "{value:?} in {payload}");
+        }
+    }
+
+    // Job 2, after a checkpoint covers job 1: st-mary now holds a signed view of the trail, and
+    // does not record the same report twice.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let last = run_job(1, 60).await;
+    assert_eq!(last.state, "completed", "{last:?}; logs in {}", d.display());
+    assert_eq!(deidentified_events(d).len(), 1);
+    let held = d.join("sites/st-mary/work/audit-checkpoint.json.enc");
+    assert!(held.exists(), "st-mary holds no checkpoint");
+
+    // The operator replaces the trail: same key, fresh database. st-mary declines to train.
+    audit.signal("KILL");
+    drop(audit);
+    for f in std::fs::read_dir(d.join("audit")).unwrap().flatten() {
+        if f.file_name().to_string_lossy().starts_with("audit.db") {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+    }
+    let _audit = start_audit(d, &certs, audit_port);
+    // A short deadline: with both sites declining, the round is retried and the job fails.
+    let last = run_job(1, 5).await;
+    let st_mary_log = d.join("sites/st-mary/node.log");
+    // Nobody appends to the fresh log before st-mary looks (the coordinator has no [audit], and
+    // general is refused its key first), so it finds no checkpoint where it held one.
+    let log = wait_for_log_line(
+        &st_mary_log,
+        "the trail's history was reset or replaced",
+        Duration::from_secs(5),
+    );
+    assert!(log.contains("task declined"), "{log}");
+    // Neither site trained, so the round could not close.
+    assert_ne!(last.state, "completed", "{last:?}");
+}
