@@ -210,32 +210,11 @@ pub async fn run(cmd: JobCommand) -> Result<()> {
             conn,
         } => {
             let mut jobs = conn.jobs().await?;
-            let status = jobs
-                .get_job(pb::GetJobRequest {
-                    job_id: job.clone(),
-                })
-                .await?
-                .into_inner();
-            let digest: tutela_protocol::job::SpecDigest = status
-                .spec_digest
-                .parse()
-                .context("the coordinator sent a malformed spec digest")?;
-            if let Some(path) = spec {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let local = tutela_protocol::job::JobSpec::from_toml_str(&text)
-                    .with_context(|| format!("{}", path.display()))?
-                    .digest();
-                anyhow::ensure!(
-                    local == digest,
-                    "{} digests to {local}, but job {job} at the coordinator is {digest}: not approving",
-                    path.display()
-                );
-            }
-            let key_pem = std::fs::read_to_string(&key)
-                .with_context(|| format!("cannot read {}", key.display()))?;
-            let cert_pem = std::fs::read_to_string(&cert)
-                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let OfficerSigning {
+                digest,
+                key_pem,
+                cert_pem,
+            } = officer_signing(&mut jobs, &job, spec.as_deref(), &key, &cert, "approving").await?;
             let now = time::OffsetDateTime::now_utc();
             let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
             let expires_ms = now_ms + i64::from(expires_in_days) * 86_400_000;
@@ -268,32 +247,11 @@ pub async fn run(cmd: JobCommand) -> Result<()> {
             conn,
         } => {
             let mut jobs = conn.jobs().await?;
-            let status = jobs
-                .get_job(pb::GetJobRequest {
-                    job_id: job.clone(),
-                })
-                .await?
-                .into_inner();
-            let digest: tutela_protocol::job::SpecDigest = status
-                .spec_digest
-                .parse()
-                .context("the coordinator sent a malformed spec digest")?;
-            if let Some(path) = spec {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let local = tutela_protocol::job::JobSpec::from_toml_str(&text)
-                    .with_context(|| format!("{}", path.display()))?
-                    .digest();
-                anyhow::ensure!(
-                    local == digest,
-                    "{} digests to {local}, but job {job} at the coordinator is {digest}: not rejecting",
-                    path.display()
-                );
-            }
-            let key_pem = std::fs::read_to_string(&key)
-                .with_context(|| format!("cannot read {}", key.display()))?;
-            let cert_pem = std::fs::read_to_string(&cert)
-                .with_context(|| format!("cannot read {}", cert.display()))?;
+            let OfficerSigning {
+                digest,
+                key_pem,
+                cert_pem,
+            } = officer_signing(&mut jobs, &job, spec.as_deref(), &key, &cert, "rejecting").await?;
             let now_ms =
                 (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
             let rejection = tutela_policy::Rejection::sign(
@@ -410,6 +368,56 @@ fn print_final(s: &pb::JobStatus) {
     if !s.model_path.is_empty() {
         println!("final model {} at {}", s.model_id, s.model_path);
     }
+}
+
+/// What an officer signs with, for `approve` and `reject`: the job's current spec digest at the
+/// coordinator (checked against the officer's own copy of the spec when `spec` is given, so that
+/// an officer signs only a spec they have read), and their key and certificate.
+struct OfficerSigning {
+    digest: tutela_protocol::job::SpecDigest,
+    key_pem: String,
+    cert_pem: String,
+}
+
+async fn officer_signing(
+    jobs: &mut JobsClient<Channel>,
+    job: &str,
+    spec: Option<&std::path::Path>,
+    key: &std::path::Path,
+    cert: &std::path::Path,
+    verb: &str,
+) -> Result<OfficerSigning> {
+    let status = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: job.to_string(),
+        })
+        .await?
+        .into_inner();
+    let digest: tutela_protocol::job::SpecDigest = status
+        .spec_digest
+        .parse()
+        .context("the coordinator sent a malformed spec digest")?;
+    if let Some(path) = spec {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let local = tutela_protocol::job::JobSpec::from_toml_str(&text)
+            .with_context(|| format!("{}", path.display()))?
+            .digest();
+        anyhow::ensure!(
+            local == digest,
+            "{} digests to {local}, but job {job} at the coordinator is {digest}: not {verb}",
+            path.display()
+        );
+    }
+    let key_pem =
+        std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let cert_pem =
+        std::fs::read_to_string(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    Ok(OfficerSigning {
+        digest,
+        key_pem,
+        cert_pem,
+    })
 }
 
 pub fn print_status(s: &pb::JobStatus) {

@@ -15,6 +15,16 @@ use tutela_protocol::tls::TlsFiles;
 
 use crate::{ChildGuard, bin, free_port, repo_root, wait_for_port};
 
+/// How a test's `tutela-audit` authorizes its callers.
+#[derive(Clone, Copy, Debug)]
+pub enum AuditPolicy<'a> {
+    /// The casbin `model.conf` and `policy.csv` in this directory, reloaded every second.
+    Files(&'a Path),
+    /// `insecure_no_policy = true`: any consortium certificate may append and read (for tests
+    /// about what others record, not about the trail's authorization).
+    Open,
+}
+
 pub struct Consortium {
     pub dir: PathBuf,
     pub ca: CaDir,
@@ -291,6 +301,61 @@ impl Consortium {
                 .stderr(Stdio::from(log)),
         );
         self.nodes.push((site.to_string(), child));
+    }
+
+    /// Certifies the audit service (`spiffe://<consortium>/audit`, name `localhost`) and starts
+    /// `tutela-audit` on `port`: SQLite under DIR/audit (kept across restarts), a checkpoint
+    /// signed every second there are unsigned events, its output appended to DIR/audit.log.
+    /// Its checkpoint key is made at first start, with the public half in
+    /// DIR/audit/checkpoint.key.pub.
+    pub fn start_audit(&self, port: u16, policy: AuditPolicy) -> ChildGuard {
+        let certs = self.certs();
+        let mut opts = LeafOptions::new(Validity::days_from_now(30));
+        opts.dns_names = vec!["localhost".into()];
+        let issued = self.ca.issue(&Principal::Audit, &opts).unwrap();
+        std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
+        std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
+        let audit_dir = self.dir.join("audit");
+        std::fs::create_dir_all(&audit_dir).unwrap();
+        let authorization = match policy {
+            AuditPolicy::Files(dir) => format!(
+                "[policy]\nmodel = \"{p}/model.conf\"\npolicy = \"{p}/policy.csv\"\nreload_secs = 1\n",
+                p = dir.display()
+            ),
+            AuditPolicy::Open => String::new(),
+        };
+        let top = match policy {
+            AuditPolicy::Open => "insecure_no_policy = true\n",
+            AuditPolicy::Files(_) => "",
+        };
+        let config = audit_dir.join("audit.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n{top}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n{authorization}",
+                audit_dir.display(),
+                c = certs.display(),
+                crl = self.ca.crl_path().display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("audit.log"))
+            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(bin("tutela-audit"))
+                .arg("--config")
+                .arg(&config)
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log)),
+        );
+        wait_for_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(30),
+        );
+        child
     }
 
     pub fn kill_node(&mut self, site: &str) {

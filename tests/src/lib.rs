@@ -133,3 +133,22 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// The events of `action` in the audit database `db` (SQLite file), read with
+/// `tutela audit log --database-url ... --json`, oldest first.
+pub fn audit_events(db: &Path, action: &str) -> Vec<serde_json::Value> {
+    let url = format!("sqlite://{}", db.display());
+    let out = run_ok(Command::new(bin("tutela")).args([
+        "audit",
+        "log",
+        "--database-url",
+        &url,
+        "--action",
+        action,
+        "--json",
+    ]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON event per line"))
+        .collect()
+}

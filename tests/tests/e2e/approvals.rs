@@ -8,15 +8,14 @@
 //! is tested in-process against real certificates and real job specs in
 //! `site-node/src/approvals.rs` (the node's `TaskGate` check).
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::Code;
 use tutela_audit::client::AuditClient;
 use tutela_audit::store::EventFilter;
 use tutela_audit::{Action, Event};
-use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::{ChildGuard, bin, free_port, repo_root, wait_for_port};
+use tutela_e2e::consortium::{AuditPolicy, Consortium, breast_cancer_shares, job_spec};
+use tutela_e2e::{ChildGuard, free_port, repo_root};
 use tutela_policy::{Approval, Rejection};
 use tutela_protocol::client::{self, ClientTls};
 use tutela_protocol::identity::{Identity, Principal};
@@ -68,6 +67,27 @@ async fn client_as(c: &Consortium, stem: &str) -> JobsClient<tonic::transport::C
             .await
             .unwrap(),
     )
+}
+
+/// Runs `tutela job ARGS... FILE --key --cert --coordinator --tls-dir --stem` as the officer whose
+/// certificate and key are `<stem>.crt`/`.key` in the consortium's certs; returns its stdout.
+fn officer_cli(c: &Consortium, stem: &str, args: &[&str], file: &std::path::Path) -> String {
+    let certs = c.certs();
+    let out = tutela_e2e::run_ok(
+        std::process::Command::new(tutela_e2e::bin("tutela"))
+            .arg("job")
+            .args(args)
+            .arg(file)
+            .arg("--key")
+            .arg(certs.join(format!("{stem}.key")))
+            .arg("--cert")
+            .arg(certs.join(format!("{stem}.crt")))
+            .args(["--coordinator", &format!("localhost:{}", c.port)])
+            .arg("--tls-dir")
+            .arg(&certs)
+            .args(["--stem", stem]),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The consortium's policy, for the coordinator and the audit service alike. Carol is a
@@ -129,42 +149,10 @@ fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str, expect: &
 }
 
 /// Starts `tutela-audit` on a free port with the consortium's policy files in `pol` (reloaded
-/// every second), its certificate made here; returns the process and its port.
+/// every second); returns the process and its port.
 fn start_audit(c: &Consortium, pol: &std::path::Path) -> (ChildGuard, u16) {
-    let certs = c.certs();
-    let mut opts = LeafOptions::new(Validity::days_from_now(30));
-    opts.dns_names = vec!["localhost".into()];
-    let issued = c.ca.issue(&Principal::Audit, &opts).unwrap();
-    std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
-    std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
     let port = free_port();
-    let audit_dir = c.dir.join("audit");
-    std::fs::create_dir_all(&audit_dir).unwrap();
-    let config = audit_dir.join("audit.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n[policy]\nmodel = \"{p}/model.conf\"\npolicy = \"{p}/policy.csv\"\nreload_secs = 1\n",
-            audit_dir.display(),
-            c = certs.display(),
-            crl = c.ca.crl_path().display(),
-            p = pol.display(),
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(c.dir.join("audit.log")).unwrap();
-    let process = ChildGuard::spawn(
-        Command::new(bin("tutela-audit"))
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log)),
-    );
-    wait_for_port(
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(30),
-    );
-    (process, port)
+    (c.start_audit(port, AuditPolicy::Files(pol)), port)
 }
 
 /// One denial the trail must hold: a `policy.decision` refusing `who` the call `method`, whose
@@ -349,9 +337,18 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
     approve(&mut as_alice, sign(&alice, &job, &new_digest))
         .await
         .unwrap();
-    let s = approve(&mut as_bob, sign(&bob, &job, &new_digest))
+    // Bob signs with the CLI, as an officer would, against his own copy of the spec.
+    let bob_spec = d.join("bob-reviewed.toml");
+    std::fs::write(&bob_spec, &amended).unwrap();
+    let out = officer_cli(&c, "user-bob", &["approve", &job, "--spec"], &bob_spec);
+    assert!(out.contains("approved job"), "{out}");
+    let s = as_bob
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
     assert!(s.approvals_missing.is_empty(), "{s:?}");
     let s = c
         .wait_for_job(&job, Duration::from_secs(240), |_| false)
@@ -421,6 +418,33 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
             .contains("rejected by spiffe://e2e/site/b/user/bob"),
         "{s:?}"
     );
+
+    // The same with the CLI: `tutela job reject` signs the reason with the officer's key.
+    let s = op
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: job_spec(1, 2, 60, &["a", "b"]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = officer_cli(
+        &c,
+        "user-bob",
+        &[
+            "reject",
+            &s.job_id,
+            "--reason",
+            "the cohort is too small",
+            "--spec",
+        ],
+        &{
+            let p = d.join("bob-rejected.toml");
+            std::fs::write(&p, job_spec(1, 2, 60, &["a", "b"])).unwrap();
+            p
+        },
+    );
+    assert!(out.contains("cancelled"), "{out}");
+    assert!(out.contains("the cohort is too small"), "{out}");
 
     // Policy reload: the operator's role removed from the file takes effect without a restart.
     std::fs::write(pol.join("policy.csv"), policy_csv(false)).unwrap();

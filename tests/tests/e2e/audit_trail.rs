@@ -3,14 +3,12 @@
 //! participants and update digests) and the published model, `tutela audit verify` passes, and
 //! `tutela audit lineage --model DIGEST` finds the job's rounds and sites.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::{ChildGuard, bin, free_port, run_ok, wait_for_port};
-use tutela_protocol::identity::Principal;
+use tutela_e2e::consortium::{AuditPolicy, Consortium, breast_cancer_shares, job_spec};
+use tutela_e2e::{bin, free_port, run_ok};
 use tutela_protocol::pb;
-use tutela_protocol::pki::{LeafOptions, Validity};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_records_the_job_and_the_trail_verifies_with_lineage() {
@@ -18,41 +16,12 @@ async fn coordinator_records_the_job_and_the_trail_verifies_with_lineage() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut c = Consortium::new(d);
-    let certs = c.certs();
-    let mut opts = LeafOptions::new(Validity::days_from_now(30));
-    opts.dns_names = vec!["localhost".into()];
-    let issued = c.ca.issue(&Principal::Audit, &opts).unwrap();
-    std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
-    std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
-
     // This test is about what the coordinator records; the audit service's own policy is tested
     // in audit.rs and approvals.rs, so it runs without one here (any consortium certificate may
     // append and read).
     let audit_port = free_port();
-    let audit_dir = d.join("audit");
-    std::fs::create_dir_all(&audit_dir).unwrap();
-    let audit_toml = audit_dir.join("audit.toml");
-    std::fs::write(
-        &audit_toml,
-        format!(
-            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\ninsecure_no_policy = true\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\n",
-            audit_dir.display(),
-            c = certs.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(d.join("audit.log")).unwrap();
-    let _audit = ChildGuard::spawn(
-        Command::new(bin("tutela-audit"))
-            .arg("--config")
-            .arg(&audit_toml)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log)),
-    );
-    wait_for_port(
-        format!("127.0.0.1:{audit_port}").parse().unwrap(),
-        Duration::from_secs(30),
-    );
+    let _audit = c.start_audit(audit_port, AuditPolicy::Open);
+    let certs = c.certs();
 
     c.coordinator_extra = format!("[audit]\nendpoint = \"localhost:{audit_port}\"\n");
     c.start_coordinator();

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use tutela_e2e::{all_files, bin, repo_root, run_ok};
+use tutela_e2e::{all_files, audit_events, bin, repo_root, run_ok};
 
 #[test]
 fn the_demo_anonymizes_trains_and_leaves_no_plaintext_in_the_nodes_work_directories() {
@@ -67,20 +67,7 @@ fn the_demo_anonymizes_trains_and_leaves_no_plaintext_in_the_nodes_work_director
     assert!(scanned >= 3, "only {scanned} files scanned");
 
     // Each site's de-identification report is in the trail, appended by the node itself.
-    let db = format!("sqlite://{}", demo_dir.join("audit/audit.db").display());
-    let out = run_ok(Command::new(bin("tutela")).args([
-        "audit",
-        "log",
-        "--database-url",
-        &db,
-        "--action",
-        "dataset.deidentified",
-        "--json",
-    ]));
-    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = audit_events(&demo_dir.join("audit/audit.db"), "dataset.deidentified");
     let mut sites_reported: Vec<String> = Vec::new();
     for e in &events {
         let site = e["payload"]["site"].as_str().unwrap().to_string();

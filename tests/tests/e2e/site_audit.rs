@@ -9,63 +9,15 @@
 //!   service with the same key), the node that held a checkpoint of the old history declines.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::{ChildGuard, bin, free_port, run_ok, wait_for_port};
-use tutela_protocol::identity::Principal;
+use tutela_e2e::consortium::{AuditPolicy, Consortium, breast_cancer_shares, job_spec};
+use tutela_e2e::{audit_events, free_port};
 use tutela_protocol::pb;
-use tutela_protocol::pki::{LeafOptions, Validity};
 
-fn start_audit(d: &Path, certs: &Path, port: u16) -> ChildGuard {
-    let audit_dir = d.join("audit");
-    std::fs::create_dir_all(&audit_dir).unwrap();
-    let audit_toml = audit_dir.join("audit.toml");
-    std::fs::write(
-        &audit_toml,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n# The trail's authorization is tested in audit.rs; here any consortium member may append.\ninsecure_no_policy = true\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\n",
-            audit_dir.display(),
-            c = certs.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(d.join("audit.log"))
-        .unwrap();
-    let child = ChildGuard::spawn(
-        Command::new(bin("tutela-audit"))
-            .arg("--config")
-            .arg(&audit_toml)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log)),
-    );
-    wait_for_port(
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        Duration::from_secs(30),
-    );
-    child
-}
-
-/// The trail's `dataset.deidentified` events, read from its database.
+/// The trail's `dataset.deidentified` events.
 fn deidentified_events(d: &Path) -> Vec<serde_json::Value> {
-    let db = format!("sqlite://{}", d.join("audit/audit.db").display());
-    let out = run_ok(Command::new(bin("tutela")).args([
-        "audit",
-        "log",
-        "--database-url",
-        &db,
-        "--action",
-        "dataset.deidentified",
-        "--json",
-    ]));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    audit_events(&d.join("audit/audit.db"), "dataset.deidentified")
 }
 
 fn wait_for_log_line(path: &Path, needle: &str, timeout: Duration) -> String {
@@ -90,14 +42,9 @@ async fn nodes_record_their_deidentification_and_decline_an_untrusted_or_reset_t
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut c = Consortium::new(d);
-    let certs = c.certs();
-    let mut opts = LeafOptions::new(Validity::days_from_now(30));
-    opts.dns_names = vec!["localhost".into()];
-    let issued = c.ca.issue(&Principal::Audit, &opts).unwrap();
-    std::fs::write(certs.join("audit.crt"), &issued.cert_pem).unwrap();
-    std::fs::write(certs.join("audit.key"), &issued.key_pem).unwrap();
     let audit_port = free_port();
-    let audit = start_audit(d, &certs, audit_port);
+    // The trail's own authorization is tested in audit.rs; here any consortium member may append.
+    let audit = c.start_audit(audit_port, AuditPolicy::Open);
     // The service made its checkpoint key at start; st-mary pins it, general pins another.
     let pinned = d.join("audit/checkpoint.key.pub");
     assert!(pinned.exists());
@@ -180,7 +127,7 @@ async fn nodes_record_their_deidentification_and_decline_an_untrusted_or_reset_t
             std::fs::remove_file(f.path()).unwrap();
         }
     }
-    let _audit = start_audit(d, &certs, audit_port);
+    let _audit = c.start_audit(audit_port, AuditPolicy::Open);
     // A short deadline: with both sites declining, the round is retried and the job fails.
     let last = run_job(1, 5).await;
     let st_mary_log = d.join("sites/st-mary/node.log");
