@@ -199,6 +199,17 @@ pub async fn verify_quiet(source: &Source, public_key: Option<String>) -> Result
     Ok((r.events as u64, r.checkpoints as u64))
 }
 
+/// The events of one action, oldest first (for the demo's summary).
+pub async fn events_of(source: &Source, action: Action) -> Result<Vec<Event>> {
+    let mut reader = source.open().await?;
+    reader
+        .events(&EventFilter {
+            action: Some(action),
+            ..EventFilter::default()
+        })
+        .await
+}
+
 pub async fn run(cmd: AuditCommand) -> Result<()> {
     match cmd {
         AuditCommand::Log {

@@ -734,13 +734,30 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         stem: Some(format!("officer-{}", p.sites[0])),
         database_url: None,
     };
-    let (events, checkpoints) = crate::audit_cmd::verify_quiet(&source, None)
+    // Checked against the checkpoint key as a site pins it, not the one the service reports.
+    let pinned_key = audit_dir.join("checkpoint.key.pub").display().to_string();
+    let (events, checkpoints) = crate::audit_cmd::verify_quiet(&source, Some(pinned_key))
         .await
         .context("the audit trail does not verify")?;
     println!(
         "audit trail: {events} events, chain and {checkpoints} checkpoint(s) verified ({})",
         audit_dir.display()
     );
+    let reports = crate::audit_cmd::events_of(&source, tutela_audit::Action::DatasetDeidentified)
+        .await
+        .context("reading the de-identification reports from the audit trail")?;
+    for e in &reports {
+        let r = &e.payload["report"];
+        println!(
+            "  seq {:>3}  {}: de-identification report by {} ({} rows in, {} cells changed, k = {})",
+            e.seq,
+            e.subject,
+            e.actor,
+            r["rows_in"],
+            r["cells_changed"],
+            r["k_anonymity"]["k_achieved"]
+        );
+    }
     println!(
         "demo finished in {:.1}s; logs and configs in {}",
         started.elapsed().as_secs_f64(),
