@@ -116,6 +116,35 @@ fn tf_privacy_tutorial_readme_table_rows() {
     }
 }
 
+/// Opacus's examples/mnist_README.md, "Sample parameter sets" (MNIST, N = 60000, δ = 1e-5, the
+/// classic RDP conversion that Opacus used before 1.0): σ 0.7 for 45 epochs → ε 7.10, σ 1.1 for 60
+/// epochs → 3.01, σ 1.3 for 15 epochs → 1.19. They are reproduced to their printed digits with
+/// the example's batch of 256 (q = 256/60000) and its 234 full batches per epoch; and the README's
+/// epoch-1 log line (`-sr=0.004`: 250 steps of q = 0.004 → "ε = 0.71 … for α = 18.0") with its
+/// order. (Its epoch-15 log line, ε 1.18, matches neither sampling; it is not asserted.)
+#[test]
+fn opacus_mnist_readme_values() {
+    for (sigma, epochs, expected) in [(0.7, 45, 7.10), (1.1, 60, 3.01), (1.3, 15, 1.19)] {
+        let g = ok(SampledGaussian::new(256.0 / 60000.0, sigma, 234 * epochs));
+        let r = ok(accountant::epsilon(&[g], 1e-5, Accountant::RdpClassic));
+        assert_eq!(
+            (r.epsilon * 100.0).round() / 100.0,
+            expected,
+            "σ = {sigma}, {epochs} epochs: ε = {}",
+            r.epsilon
+        );
+    }
+    let g = ok(SampledGaussian::new(0.004, 1.3, 250));
+    let r = ok(accountant::epsilon(&[g], 1e-5, Accountant::RdpClassic));
+    assert_eq!(
+        (r.epsilon * 100.0).round() / 100.0,
+        0.71,
+        "ε = {}",
+        r.epsilon
+    );
+    assert_eq!(r.order, Some(18.0), "{r:?}");
+}
+
 // ---- RDP against quadrature ----
 
 #[test]
