@@ -65,11 +65,13 @@ pub enum Action {
     /// `policy.decision`: a policy decision that matters to a regulator (allow or deny). Subject:
     /// the resource decided on. Payload: the request (who, what, action), the decision, the rule.
     PolicyDecision,
-    /// `certificate.issued`: the consortium CA issued a certificate. Subject: the SPIFFE identity.
-    /// Payload: serial number, SHA-256 fingerprint, validity period.
+    /// `certificate.issued`: the consortium CA issued a certificate (`tutela pki issue|sign
+    /// --audit`). Subject: the SPIFFE identity. Payload: `serial` (hex), `sha256_fingerprint` (hex
+    /// of the DER), `not_before`, `not_after` (RFC 3339).
     CertificateIssued,
-    /// `certificate.revoked`: a certificate was revoked (added to the CRL). Subject: the SPIFFE
-    /// identity. Payload: serial number, reason, the CRL number that carries it.
+    /// `certificate.revoked`: a certificate was revoked (added to the CRL; `tutela pki revoke
+    /// --audit`). Subject: the SPIFFE identity. Payload: `serial`, `reason`, `crl_number` (an
+    /// integer: the CRL that carries it).
     CertificateRevoked,
     /// `dataset.deidentified`: a site node anonymized a dataset before training on it, appended by
     /// the node itself (the actor is its certificate identity). Subject: `<site>/<dataset>`.

@@ -1,17 +1,29 @@
 //! `tutela pki ...`: the consortium PKI on the command line. Argument parsing and printing only;
 //! the work is done by `tutela_protocol::pki`.
+//!
+//! `issue`, `sign` and `revoke` record what they did in the audit trail when given `--audit`
+//! (`certificate.issued`, `certificate.revoked`), appended as the CA administrator's own client
+//! certificate. The certificate operation is local and atomic and happens first; an event that
+//! cannot then be appended fails the command, which prints the event for the operator to record.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use tutela_audit::Action;
+use tutela_audit::client::AuditClient;
+use tutela_protocol::client::ClientTls;
 use tutela_protocol::identity::{Identity, Principal, Role};
 use tutela_protocol::pki::files::{self, FileMode};
 use tutela_protocol::pki::{
     self, CaDir, DEFAULT_CA_DAYS, DEFAULT_CRL_NEXT_UPDATE_DAYS, DEFAULT_LEAF_DAYS, KeyAlgorithm,
     LeafOptions, Validity,
 };
+use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
@@ -20,16 +32,19 @@ pub enum PkiCommand {
     Init(InitArgs),
     /// Issue a certificate and a new private key for a principal, signed by the CA. Writes
     /// OUT/<stem>.crt, OUT/<stem>.key (mode 0600) and a copy of the CA certificate as OUT/ca.crt,
-    /// where <stem> is coordinator, audit, node, user-<name> or operator-<name>.
+    /// where <stem> is coordinator, audit, node, user-<name> or operator-<name>. With --audit the
+    /// issue is recorded in the audit trail as certificate.issued.
     Issue(IssueArgs),
     /// Make a private key and a certificate signing request where the key is to stay, for the CA
     /// operator to sign with `tutela pki sign`. Writes OUT/<stem>.key (mode 0600) and
     /// OUT/<stem>.csr.
     Csr(CsrArgs),
     /// Sign a CSR made with `tutela pki csr`. The operator states whom the certificate is for
-    /// (--role/--site/--name); a CSR naming anyone else is refused.
+    /// (--role/--site/--name); a CSR naming anyone else is refused. With --audit the certificate
+    /// is recorded in the audit trail as certificate.issued.
     Sign(SignArgs),
-    /// Revoke a certificate the CA issued, and refresh the CA's crl.pem.
+    /// Revoke a certificate the CA issued, and refresh the CA's crl.pem. With --audit the
+    /// revocation is recorded in the audit trail as certificate.revoked.
     Revoke(RevokeArgs),
     /// Sign a fresh CRL of every revoked certificate and write it out (crl.pem in the CA directory
     /// is refreshed too).
@@ -107,6 +122,8 @@ pub struct IssueArgs {
     /// Overwrite existing files in DIR (an identical ca.crt is never a conflict).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    audit: AuditArgs,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +170,8 @@ pub struct SignArgs {
     /// Overwrite an existing FILE.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    audit: AuditArgs,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +186,31 @@ pub struct RevokeArgs {
     /// Why it is revoked; recorded in the CRL.
     #[arg(long, value_enum)]
     reason: Option<ReasonArg>,
+    #[command(flatten)]
+    audit: AuditArgs,
+}
+
+/// Where `issue`, `sign` and `revoke` record what they did: the audit service, reached over mutual
+/// TLS as the CA administrator's own client certificate.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Audit trail")]
+pub struct AuditArgs {
+    /// Record the event (certificate.issued or certificate.revoked) at the audit service at
+    /// HOST:PORT, appended as the holder of --audit-tls-dir/--audit-stem, whom the consortium
+    /// policy must allow to write (`audit, write`). The certificate operation happens first; if
+    /// the event cannot then be appended the command fails, saying the certificate was issued
+    /// (revoked) but not recorded, and prints the event to record by hand. Without --audit
+    /// nothing is recorded, and a line says so.
+    #[arg(long, value_name = "HOST:PORT", env = "TUTELA_AUDIT")]
+    audit: Option<String>,
+    /// Directory holding ca.crt and <stem>.crt/.key of the CA administrator's own client
+    /// certificate (e.g. an operator's, the output of `tutela pki issue --role operator`), and
+    /// optionally crl.pem to check the audit service's certificate against.
+    #[arg(long, value_name = "DIR", env = "TUTELA_AUDIT_TLS_DIR")]
+    audit_tls_dir: Option<PathBuf>,
+    /// File stem of that certificate and key in --audit-tls-dir (e.g. operator-<name>).
+    #[arg(long, value_name = "STEM", env = "TUTELA_AUDIT_STEM")]
+    audit_stem: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +333,7 @@ fn init(a: InitArgs) -> Result<()> {
 fn issue(a: IssueArgs) -> Result<()> {
     let principal = a.principal.principal()?;
     let store = CaDir::open(&a.ca)?;
+    let recorder = a.audit.recorder(store.ca().consortium())?;
     let mut opts = LeafOptions::new(Validity::days_from_now(a.days));
     (opts.dns_names, opts.ip_addresses) = a.sans.granted(principal.role());
     opts.algorithm = a.algorithm.into();
@@ -329,7 +374,16 @@ fn issue(a: IssueArgs) -> Result<()> {
     println!("  certificate:  {}", cert_path.display());
     println!("  private key:  {} (mode 0600)", key_path.display());
     println!("  CA:           {}", ca_copy.display());
-    Ok(())
+    record(
+        recorder,
+        &format!(
+            "the certificate for {} (serial {}) WAS issued and written to {}",
+            issued.identity,
+            issued.serial_hex,
+            cert_path.display()
+        ),
+        || issued_event(&issued.cert_pem, &issued.identity),
+    )
 }
 
 fn csr(a: CsrArgs) -> Result<()> {
@@ -359,6 +413,7 @@ fn sign(a: SignArgs) -> Result<()> {
     let principal = a.principal.principal()?;
     files::refuse_existing([a.out.as_path()], a.force)?;
     let store = CaDir::open(&a.ca)?;
+    let recorder = a.audit.recorder(store.ca().consortium())?;
     let csr_pem = files::read_text(&a.csr)?;
     let validity = Validity::days_from_now(a.days);
     let (dns_names, ip_addresses) = a.sans.granted(principal.role());
@@ -367,20 +422,26 @@ fn sign(a: SignArgs) -> Result<()> {
         .with_context(|| format!("refusing to sign {}", a.csr.display()))?;
     files::ensure_parent(&a.out)?;
     files::write_file(&a.out, cert_pem.as_bytes(), FileMode::Public, a.force)?;
-    println!(
-        "signed a certificate for {}",
-        store.ca().identity_for(&principal)?
-    );
+    let identity = store.ca().identity_for(&principal)?;
+    println!("signed a certificate for {identity}");
     println!("  serial:       {serial}");
     print_validity(&validity);
     print_sans(&dns_names, &ip_addresses);
     println!("  certificate:  {}", a.out.display());
     println!("  CA:           {}", store.cert_path().display());
-    Ok(())
+    record(
+        recorder,
+        &format!(
+            "the certificate for {identity} (serial {serial}) WAS issued and written to {}",
+            a.out.display()
+        ),
+        || issued_event(&cert_pem, &identity),
+    )
 }
 
 fn revoke(a: RevokeArgs) -> Result<()> {
     let store = CaDir::open(&a.ca)?;
+    let recorder = a.audit.recorder(store.ca().consortium())?;
     let entry = store.revoke(&a.serial, a.reason.map(ReasonArg::as_str))?;
     println!("revoked {} ({})", entry.serial, entry.identity);
     if let Some(r) = &entry.revocation {
@@ -394,7 +455,16 @@ fn revoke(a: RevokeArgs) -> Result<()> {
         "  CRL:          {} refreshed; give it to every server",
         store.crl_path().display()
     );
-    Ok(())
+    record(
+        recorder,
+        &format!(
+            "the certificate of {} (serial {}) WAS revoked and {} refreshed",
+            entry.identity,
+            entry.serial,
+            store.crl_path().display()
+        ),
+        || revoked_event(&store, &entry),
+    )
 }
 
 fn crl(a: CrlArgs) -> Result<()> {
@@ -434,6 +504,235 @@ fn show(a: ShowArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long recording an event may take, connection included, before the command gives up.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The audit service and the client certificate to append an event as, checked and loaded before
+/// the certificate operation so that a mistake in them changes nothing.
+struct AuditRecorder {
+    addr: String,
+    tls: ClientTls,
+    /// The identity of the client certificate: the event's actor.
+    actor: Identity,
+}
+
+impl AuditArgs {
+    /// The recorder that --audit asks for, or `None` without --audit. Fails (before anything is
+    /// done) on incomplete options or a client certificate that cannot be loaded or belongs to
+    /// another consortium than the CA's.
+    fn recorder(&self, consortium: &str) -> Result<Option<AuditRecorder>> {
+        let Some(addr) = &self.audit else {
+            if self.audit_tls_dir.is_some() || self.audit_stem.is_some() {
+                bail!(
+                    "--audit-tls-dir and --audit-stem (or TUTELA_AUDIT_TLS_DIR and TUTELA_AUDIT_STEM) \
+                     name the certificate to record the event with, but no --audit HOST:PORT \
+                     (or TUTELA_AUDIT) says where; nothing was done"
+                );
+            }
+            return Ok(None);
+        };
+        let (Some(dir), Some(stem)) = (&self.audit_tls_dir, &self.audit_stem) else {
+            bail!(
+                "--audit {addr} needs --audit-tls-dir DIR and --audit-stem STEM (or \
+                 TUTELA_AUDIT_TLS_DIR and TUTELA_AUDIT_STEM): the client certificate to record \
+                 the event with; nothing was done"
+            );
+        };
+        let material = TlsMaterial::load(&TlsFiles::in_dir(dir, stem)).with_context(|| {
+            format!(
+                "--audit-tls-dir {} --audit-stem {stem}: cannot load the client certificate to \
+                 record the event with; nothing was done",
+                dir.display()
+            )
+        })?;
+        if material.identity.consortium != consortium {
+            bail!(
+                "--audit-tls-dir {} --audit-stem {stem}: the certificate is {}'s, of consortium \
+                 {:?}, but the CA is consortium {consortium:?}'s; nothing was done",
+                dir.display(),
+                material.identity,
+                material.identity.consortium
+            );
+        }
+        let server = Identity::new(consortium, Principal::Audit)?;
+        let tls = ClientTls::from_material(&material, Some(server)).with_context(|| {
+            format!(
+                "--audit-tls-dir {} --audit-stem {stem}: unusable as a client certificate; \
+                 nothing was done",
+                dir.display()
+            )
+        })?;
+        Ok(Some(AuditRecorder {
+            addr: addr.clone(),
+            tls,
+            actor: material.identity,
+        }))
+    }
+}
+
+impl AuditRecorder {
+    /// Appends the event; returns its sequence number in the log.
+    fn append(self, event: &AuditEvent) -> Result<u64> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime for the audit client")?;
+        runtime.block_on(async {
+            let append = async {
+                let mut client = AuditClient::connect(&self.addr, self.tls).await?;
+                client
+                    .append(event.action, &event.subject, &event.payload)
+                    .await
+            };
+            let receipt = tokio::time::timeout(AUDIT_TIMEOUT, append)
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "no answer within {} seconds (the event may still be committed: check \
+                         the trail before recording it again)",
+                        AUDIT_TIMEOUT.as_secs()
+                    )
+                })?
+                .map_err(|e| anyhow!(error_chain(&e)))?;
+            Ok(receipt.seq)
+        })
+    }
+}
+
+/// An event to append: what `tutela_audit::Action` documents for the action.
+struct AuditEvent {
+    action: Action,
+    subject: String,
+    payload: serde_json::Value,
+}
+
+impl fmt::Display for AuditEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "  action:  {}", self.action)?;
+        writeln!(f, "  subject: {}", self.subject)?;
+        write!(
+            f,
+            "  payload: {}",
+            tutela_audit::canonical_json(&self.payload)
+        )
+    }
+}
+
+/// `certificate.issued` for a certificate the CA just made: its serial, the SHA-256 fingerprint
+/// of its DER (64 hex digits) and its validity (RFC 3339), all read back from the certificate.
+fn issued_event(cert_pem: &str, identity: &Identity) -> Result<AuditEvent> {
+    let pki::Description::Certificate(cert) =
+        pki::describe(cert_pem).context("reading back the new certificate")?
+    else {
+        bail!("the new certificate's PEM holds no certificate");
+    };
+    Ok(AuditEvent {
+        action: Action::CertificateIssued,
+        subject: identity.uri(),
+        payload: json!({
+            "serial": cert.serial_hex,
+            "sha256_fingerprint": cert.sha256_fingerprint.replace(':', ""),
+            "not_before": rfc3339(cert.not_before),
+            "not_after": rfc3339(cert.not_after),
+        }),
+    })
+}
+
+/// `certificate.revoked` for a certificate just revoked: its serial, the reason (`unspecified`
+/// when none was given) and the number of the CRL in the CA directory, which `CaDir::revoke` has
+/// just written and which must list the serial (a CRL written since by another administrator
+/// carries it too, as every CRL lists every revoked certificate).
+fn revoked_event(store: &CaDir, entry: &pki::IndexEntry) -> Result<AuditEvent> {
+    let path = store.crl_path();
+    let pem = files::read_text(&path)?;
+    let pki::Description::Crl(crl) =
+        pki::describe(&pem).with_context(|| format!("reading {}", path.display()))?
+    else {
+        bail!("{} holds no CRL", path.display());
+    };
+    if !crl.revoked.iter().any(|r| r.serial_hex == entry.serial) {
+        bail!(
+            "{} does not list serial {}: it was replaced by a CRL without it",
+            path.display(),
+            entry.serial
+        );
+    }
+    let number = crl
+        .crl_number
+        .as_deref()
+        .ok_or_else(|| anyhow!("{} has no CRL number", path.display()))?;
+    let number = u64::from_str_radix(number, 16).map_err(|e| {
+        anyhow!(
+            "{}: CRL number {number} (hex) is not a 64-bit number: {e}",
+            path.display()
+        )
+    })?;
+    let reason = entry
+        .revocation
+        .as_ref()
+        .and_then(|r| r.reason.as_deref())
+        .unwrap_or("unspecified");
+    Ok(AuditEvent {
+        action: Action::CertificateRevoked,
+        subject: entry.identity.clone(),
+        payload: json!({
+            "serial": entry.serial,
+            "reason": reason,
+            "crl_number": number,
+        }),
+    })
+}
+
+/// Records the event of a certificate operation that has already happened (`done` says what, for
+/// the error): appends it at the audit service, or without --audit says it is not recorded. A
+/// failed append is an error that says the operation was done but not recorded, and carries the
+/// event so that it can be recorded by hand.
+fn record(
+    recorder: Option<AuditRecorder>,
+    done: &str,
+    event: impl FnOnce() -> Result<AuditEvent>,
+) -> Result<()> {
+    let Some(recorder) = recorder else {
+        println!("  audit:        not recorded in an audit trail (no --audit given)");
+        return Ok(());
+    };
+    let (addr, actor) = (recorder.addr.clone(), recorder.actor.clone());
+    let event = event().map_err(|e| {
+        anyhow!(
+            "{done}, but NOT recorded in the audit trail at {addr}: cannot make the event: {e:#}"
+        )
+    })?;
+    match recorder.append(&event) {
+        Ok(seq) => {
+            println!(
+                "  audit:        recorded {} as event {seq} at {addr} (actor {actor})",
+                event.action
+            );
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(
+            "{done}, but NOT recorded in the audit trail at {addr}: {e:#}\n\
+             record this event by hand (tutela.v1.Audit/Append, as {actor}):\n{event}"
+        )),
+    }
+}
+
+/// An error and its causes, "a: b: c", leaving out a cause whose message the one before it
+/// already ends with (wrapped errors that repeat their source).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let message = s.to_string();
+        if !out.ends_with(&message) {
+            out.push_str(": ");
+            out.push_str(&message);
+        }
+        source = s.source();
+    }
+    out
 }
 
 impl PrincipalArgs {

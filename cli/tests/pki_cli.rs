@@ -42,6 +42,9 @@ fn tutela(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tutela"))
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("TUTELA_AUDIT")
+        .env_remove("TUTELA_AUDIT_TLS_DIR")
+        .env_remove("TUTELA_AUDIT_STEM")
         .output()
         .unwrap()
 }
@@ -557,10 +560,311 @@ fn help_explains_every_command() {
         revoke.contains("key-compromise") && revoke.contains("cessation-of-operation"),
         "{revoke}"
     );
+    // issue, sign and revoke explain how they record their event in the audit trail.
+    for (cmd, event) in [
+        ("issue", "certificate.issued"),
+        ("sign", "certificate.issued"),
+        ("revoke", "certificate.revoked"),
+    ] {
+        // Words only: the help is wrapped to the terminal's width.
+        let help = ok(&["pki", cmd, "--help"])
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for needle in [
+            "--audit <HOST:PORT>",
+            "--audit-tls-dir <DIR>",
+            "--audit-stem <STEM>",
+            "TUTELA_AUDIT",
+            "not recorded",
+            "record by hand",
+            "audit, write",
+            event,
+        ] {
+            assert!(
+                help.contains(needle),
+                "{needle} missing from {cmd} --help:\n{help}"
+            );
+        }
+    }
     let err = fails(&[
         "pki", "revoke", "--ca", "x", "--serial", "01", "--reason", "stolen",
     ]);
     assert!(err.contains("invalid value 'stolen'"), "{err}");
+}
+
+/// A loopback address where nothing listens (a port bound, then released).
+fn dead_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr.to_string()
+}
+
+fn certificate(path: &Path) -> tutela_protocol::pki::CertificateDescription {
+    let Description::Certificate(d) = describe(&read(path)).unwrap() else {
+        panic!("{} is not a certificate", path.display())
+    };
+    d
+}
+
+#[test]
+fn audit_options_are_checked_before_anything_is_done() {
+    let s = Scratch::new("audit-opts");
+    init(&s);
+    let out = ok(&[
+        "pki",
+        "issue",
+        "--ca",
+        &s.arg("ca"),
+        "--role",
+        "operator",
+        "--name",
+        "op",
+        "--out",
+        &s.arg("op"),
+    ]);
+    assert!(
+        out.contains("audit:        not recorded in an audit trail (no --audit given)"),
+        "{out}"
+    );
+    let index = read(&s.path("ca/index.json"));
+    let node = [
+        "pki",
+        "issue",
+        "--ca",
+        &s.arg("ca"),
+        "--role",
+        "node",
+        "--site",
+        "st-mary",
+        "--out",
+        &s.arg("node"),
+    ];
+    let dead = dead_address();
+    let op_dir = s.arg("op");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--audit", &dead],
+            "--audit-tls-dir DIR and --audit-stem STEM",
+        ),
+        (
+            &["--audit-tls-dir", &op_dir, "--audit-stem", "operator-op"],
+            "no --audit HOST:PORT",
+        ),
+        // No such certificate.
+        (
+            &[
+                "--audit",
+                &dead,
+                "--audit-tls-dir",
+                &op_dir,
+                "--audit-stem",
+                "operator-ed",
+            ],
+            "cannot load the client certificate",
+        ),
+        // The CA's own certificate and key: it names no identity to act as.
+        (
+            &[
+                "--audit",
+                &dead,
+                "--audit-tls-dir",
+                &op_dir,
+                "--audit-stem",
+                "../ca/ca",
+            ],
+            "cannot load the client certificate",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let err = fails(&[&node[..], flags].concat());
+        assert!(
+            err.contains(needle) && err.contains("nothing was done"),
+            "{flags:?}: {err}"
+        );
+        assert!(!s.path("node").exists(), "{flags:?}");
+        assert_eq!(read(&s.path("ca/index.json")), index, "{flags:?}");
+    }
+
+    // A client certificate of another consortium is refused before issuing.
+    ok(&[
+        "pki",
+        "init",
+        "--consortium",
+        "other",
+        "--out",
+        &s.arg("other-ca"),
+    ]);
+    ok(&[
+        "pki",
+        "issue",
+        "--ca",
+        &s.arg("other-ca"),
+        "--role",
+        "operator",
+        "--name",
+        "op",
+        "--out",
+        &s.arg("other-op"),
+    ]);
+    let other_dir = s.arg("other-op");
+    let err = fails(
+        &[
+            &node[..],
+            &[
+                "--audit",
+                &dead,
+                "--audit-tls-dir",
+                &other_dir,
+                "--audit-stem",
+                "operator-op",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        err.contains("of consortium \"other\"") && err.contains("nothing was done"),
+        "{err}"
+    );
+    assert!(!s.path("node").exists());
+    assert_eq!(read(&s.path("ca/index.json")), index);
+}
+
+#[test]
+fn an_unrecorded_sign_or_revoke_fails_after_the_fact_and_prints_the_event() {
+    let s = Scratch::new("audit-down");
+    init(&s);
+    ok(&[
+        "pki",
+        "issue",
+        "--ca",
+        &s.arg("ca"),
+        "--role",
+        "operator",
+        "--name",
+        "op",
+        "--out",
+        &s.arg("op"),
+    ]);
+    ok(&[
+        "pki",
+        "csr",
+        "--consortium",
+        "acme",
+        "--role",
+        "node",
+        "--site",
+        "st-mary",
+        "--out",
+        &s.arg("site"),
+    ]);
+    let dead = dead_address();
+    let op_dir = s.arg("op");
+    let audit = [
+        "--audit",
+        &dead,
+        "--audit-tls-dir",
+        &op_dir,
+        "--audit-stem",
+        "operator-op",
+    ];
+
+    // The CSR is signed and the certificate written; the event is not recorded, and printed.
+    let err = fails(
+        &[
+            &[
+                "pki",
+                "sign",
+                "--ca",
+                &s.arg("ca"),
+                "--csr",
+                &s.arg("site/node.csr"),
+                "--role",
+                "node",
+                "--site",
+                "st-mary",
+                "--out",
+                &s.arg("site/node.crt"),
+            ][..],
+            &audit,
+        ]
+        .concat(),
+    );
+    let cert = certificate(&s.path("site/node.crt"));
+    assert!(read(&s.path("ca/index.json")).contains(&cert.serial_hex));
+    for needle in [
+        format!(
+            "the certificate for spiffe://acme/site/st-mary/node (serial {}) WAS issued",
+            cert.serial_hex
+        ),
+        format!("NOT recorded in the audit trail at {dead}: cannot connect to {dead}"),
+        "record this event by hand (tutela.v1.Audit/Append, as spiffe://acme/operator/op)"
+            .to_string(),
+        "action:  certificate.issued".to_string(),
+        "subject: spiffe://acme/site/st-mary/node".to_string(),
+        format!(
+            "payload: {{\"not_after\":\"{}\",\"not_before\":\"{}\",\"serial\":\"{}\",\"sha256_fingerprint\":\"{}\"}}",
+            rfc3339(cert.not_after),
+            rfc3339(cert.not_before),
+            cert.serial_hex,
+            cert.sha256_fingerprint.replace(':', "")
+        ),
+    ] {
+        assert!(err.contains(&needle), "{needle:?} missing from\n{err}");
+    }
+
+    // The revocation is done and crl.pem lists it; the event names that CRL's number.
+    let err = fails(
+        &[
+            &[
+                "pki",
+                "revoke",
+                "--ca",
+                &s.arg("ca"),
+                "--serial",
+                &cert.serial_hex,
+                "--reason",
+                "key-compromise",
+            ][..],
+            &audit,
+        ]
+        .concat(),
+    );
+    let Description::Crl(crl) = describe(&read(&s.path("ca/crl.pem"))).unwrap() else {
+        panic!("crl.pem holds no CRL")
+    };
+    assert!(crl.revoked.iter().any(|r| r.serial_hex == cert.serial_hex));
+    let number = u64::from_str_radix(crl.crl_number.as_deref().unwrap(), 16).unwrap();
+    for needle in [
+        format!(
+            "the certificate of spiffe://acme/site/st-mary/node (serial {}) WAS revoked and {} refreshed",
+            cert.serial_hex,
+            s.path("ca/crl.pem").display()
+        ),
+        format!("NOT recorded in the audit trail at {dead}"),
+        "action:  certificate.revoked".to_string(),
+        format!(
+            "payload: {{\"crl_number\":{number},\"reason\":\"key-compromise\",\"serial\":\"{}\"}}",
+            cert.serial_hex
+        ),
+    ] {
+        assert!(err.contains(&needle), "{needle:?} missing from\n{err}");
+    }
+    let err = fails(&[
+        "pki",
+        "revoke",
+        "--ca",
+        &s.arg("ca"),
+        "--serial",
+        &cert.serial_hex,
+    ]);
+    assert!(err.contains("already revoked"), "{err}");
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 fn rustls_pki_types_der(pem: &str) -> Vec<u8> {

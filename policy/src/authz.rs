@@ -558,7 +558,8 @@ mod tests {
     }
 
     /// The shipped deploy/policy/policy.csv, for the audit service: who appends, reads and
-    /// verifies, and that an auditor's append is denied by the explicit rule.
+    /// verifies, that an auditor's append is denied by the explicit rule, and that the consortium
+    /// operator appends (the CA's certificate events) but reads nothing back.
     #[tokio::test]
     async fn the_shipped_policy_lets_auditors_read_the_audit_log_and_never_write_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -583,7 +584,34 @@ mod tests {
         assert!(a.decide_for(&coordinator, "audit", "write").allowed);
         assert!(!a.decide_for(&coordinator, "audit", "read").allowed);
         let op = who("spiffe://acme/operator/op");
-        assert!(!a.decide_for(&op, "audit", "write").allowed);
+        let d = a.decide_for(&op, "audit", "write");
+        assert!(d.allowed, "{d}");
+        assert_eq!(d.rule, "p, operator, consortium, audit, write, allow");
+        for action in ["read", "verify"] {
+            let d = a.decide_for(&op, "audit", action);
+            assert!(
+                !d.allowed && d.rule.starts_with("default deny"),
+                "{action}: {d}"
+            );
+        }
+        // Only an operator granted the role in the file appends, not any operator certificate.
+        let stranger = who("spiffe://acme/operator/mallory");
+        let d = a.decide_for(&stranger, "audit", "write");
+        assert!(!d.allowed && d.rule.starts_with("default deny"), "{d}");
+        // An operator who is also an auditor stays read-only: the explicit deny wins.
+        let text = format!(
+            "{}\ng, spiffe://acme/operator/audrey, operator, consortium\n\
+             g, spiffe://acme/operator/audrey, auditor, consortium\n",
+            include_str!("../../deploy/policy/policy.csv")
+        );
+        let both_dir = tempfile::tempdir().unwrap();
+        let both = authorizer(both_dir.path(), &text).await;
+        let audrey = who("spiffe://acme/operator/audrey");
+        assert!(both.decide_for(&audrey, "jobs", "read").allowed);
+        let d = both.decide_for(&audrey, "audit", "write");
+        assert!(!d.allowed, "{d}");
+        assert_eq!(d.rule, "p, auditor, *, audit, write, deny");
+        assert!(both.decide_for(&op, "audit", "write").allowed);
     }
 
     #[tokio::test]

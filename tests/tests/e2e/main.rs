@@ -10,5 +10,6 @@ mod audit_trail;
 mod central_dp;
 mod demo;
 mod federation;
+mod pki_audit;
 mod python_client;
 mod site_audit;
