@@ -75,28 +75,7 @@ async fn main() -> anyhow::Result<()> {
             let listen = config.listen;
             let server = tutela_audit::server::Server::load(config).await?;
             // SIGHUP reloads the TLS files and the policy at once, besides the periodic checks.
-            let tls = server.tls().clone();
-            let authorizer = server.authorizer().cloned();
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    match tls.reload() {
-                        Ok(changed) => tracing::info!(changed, "SIGHUP: TLS files checked"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
-                    }
-                    if let Some(a) = &authorizer {
-                        match a.reload().await {
-                            Ok(changed) => {
-                                tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked")
-                            }
-                            Err(e) => tracing::error!(
-                                error = %e,
-                                "SIGHUP: policy reload failed; the policy in force stays"
-                            ),
-                        }
-                    }
-                }
-            });
+            tutela_policy::reload_on_sighup(server.tls().clone(), server.authorizer().cloned())?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

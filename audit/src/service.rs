@@ -93,16 +93,7 @@ impl DecisionSink for LogDecisionSink {
         }
         let pending = PendingDecision {
             subject: format!("{}/{}", d.object, d.action),
-            payload: serde_json::json!({
-                "who": caller.uri(),
-                "method": method,
-                "domain": d.domain,
-                "object": d.object,
-                "action": d.action,
-                "allowed": d.allowed,
-                "rule": d.rule,
-                "policy_digest": d.policy_digest.to_hex(),
-            }),
+            payload: d.audit_payload(caller, method),
         };
         if let Err(e) = self.queue.try_send(pending) {
             let (why, d) = match e {

@@ -246,16 +246,7 @@ impl tutela_policy::DecisionSink for AuditDecisionSink {
         if d.allowed && matches!(d.action.as_str(), "read" | "participate") {
             return;
         }
-        let payload = serde_json::json!({
-            "who": caller.uri(),
-            "method": method,
-            "domain": d.domain,
-            "object": d.object,
-            "action": d.action,
-            "allowed": d.allowed,
-            "rule": d.rule,
-            "policy_digest": d.policy_digest.to_hex(),
-        });
+        let payload = d.audit_payload(caller, method);
         let trail = self.trail.clone();
         let subject = format!("{}/{}", d.object, d.action);
         tokio::spawn(async move {

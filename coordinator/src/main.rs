@@ -25,28 +25,8 @@ async fn main() -> anyhow::Result<()> {
     tutela_protocol::logging::init(args.log_json);
     let config = tutela_coordinator::Config::from_file(&args.config)?;
     let coordinator = tutela_coordinator::Coordinator::bind(config).await?;
-    let tls = coordinator.tls.clone();
-    let authorizer = coordinator.authorizer.clone();
     // SIGHUP reloads the TLS files and the policy at once, in addition to the periodic checks.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match tls.reload() {
-                Ok(changed) => tracing::info!(changed, "SIGHUP: TLS files checked"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
-            }
-            if let Some(a) = &authorizer {
-                match a.reload().await {
-                    Ok(changed) => {
-                        tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "SIGHUP: policy reload failed; the policy in force stays")
-                    }
-                }
-            }
-        }
-    });
+    tutela_policy::reload_on_sighup(coordinator.tls.clone(), coordinator.authorizer.clone())?;
     coordinator
         .serve(tutela_protocol::logging::shutdown_signal())
         .await

@@ -90,6 +90,54 @@ pub struct Decision {
     pub policy_digest: PolicyDigest,
 }
 
+impl Decision {
+    /// The payload of the `policy.decision` audit event both services record for this decision
+    /// about `caller` calling `method`: one shape, so one query finds every decision of the
+    /// consortium.
+    pub fn audit_payload(&self, caller: &Identity, method: &str) -> serde_json::Value {
+        serde_json::json!({
+            "who": caller.uri(),
+            "method": method,
+            "domain": self.domain,
+            "object": self.object,
+            "action": self.action,
+            "allowed": self.allowed,
+            "rule": self.rule,
+            "policy_digest": self.policy_digest.to_hex(),
+        })
+    }
+}
+
+/// Reloads a server's TLS files and its policy on every SIGHUP, besides their periodic checks
+/// (the `main` of the coordinator and of the audit service). A file that does not load is logged
+/// at ERROR and what is in force stays.
+pub fn reload_on_sighup(
+    tls: Arc<tutela_protocol::tls::ReloadingServerConfig>,
+    authorizer: Option<Arc<Authorizer>>,
+) -> std::io::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(changed) => tracing::info!(changed, "SIGHUP: TLS files checked"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
+            }
+            if let Some(a) = &authorizer {
+                match a.reload().await {
+                    Ok(changed) => {
+                        tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked")
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: policy reload failed; the policy in force stays"
+                    ),
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

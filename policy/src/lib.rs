@@ -27,7 +27,7 @@ pub use approval::{
     Approval, ApprovalError, ApprovalVerifier, Rejection, SignedKind, VerifiedApproval,
     VerifiedRejection,
 };
-pub use authz::{Authorizer, AuthzError, Decision, PolicyDigest};
+pub use authz::{Authorizer, AuthzError, Decision, PolicyDigest, reload_on_sighup};
 pub use enforce::{DecisionSink, EnforceLayer};
 pub use quorum::{QuorumRule, QuorumStatus};
 pub use site_policy::{Breach, SitePolicy};
