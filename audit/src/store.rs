@@ -20,9 +20,8 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
 
-use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::any::{AnyArguments, AnyRow};
 // AssertSqlSafe: every dynamic statement here is built from constant text and `$n`
 // placeholders; the one identifier (a role name in grant_append_only) is quoted.
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
@@ -212,41 +211,18 @@ impl AuditStore {
         let Some(backend) = Backend::of_url(url) else {
             return Err(StoreError::UnsupportedUrl(location));
         };
-        sqlx::any::install_default_drivers();
-        let mut options = AnyPoolOptions::new()
-            .max_connections(match backend {
-                Backend::Sqlite => 4,
-                Backend::Postgres => 16,
-            })
-            .acquire_timeout(Duration::from_secs(30));
-        if backend == Backend::Sqlite {
-            // The Any driver takes SQLite options from the URL only, which has no key for these.
-            options = options.after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
-                        .fetch_one(&mut *conn)
-                        .await?;
-                    if !mode.eq_ignore_ascii_case("wal") {
-                        tracing::warn!(journal_mode = %mode, "SQLite audit store is not in WAL mode");
-                    }
-                    // FULL: a committed event survives power loss, not only a crash.
-                    sqlx::query("PRAGMA synchronous = FULL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA busy_timeout = 30000")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = options
-            .connect(url)
-            .await
-            .map_err(|source| StoreError::Open {
-                location: location.clone(),
-                source,
-            })?;
+        let pool = database::open_pool(
+            url,
+            backend,
+            16,
+            "audit store",
+            &["PRAGMA busy_timeout = 30000"],
+        )
+        .await
+        .map_err(|source| StoreError::Open {
+            location: location.clone(),
+            source,
+        })?;
         let store = AuditStore {
             pool,
             backend,

@@ -33,9 +33,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
-use sqlx::any::{Any, AnyPoolOptions, AnyRow};
+use sqlx::any::{Any, AnyRow};
 use sqlx::{AnyPool, Row, Transaction};
 use time::OffsetDateTime;
 
@@ -394,44 +393,9 @@ impl Store {
         let Some(backend) = Backend::of_url(url) else {
             return Err(StoreError::UnsupportedUrl(location));
         };
-        // Idempotent (a `Once` inside); it panics only if some other code installed a different
-        // driver set first, which nothing in Tutela does.
-        sqlx::any::install_default_drivers();
-
-        let mut options = AnyPoolOptions::new()
-            .max_connections(match backend {
-                // Writers are serialised by SQLite's lock anyway; a few readers suffice.
-                Backend::Sqlite => 4,
-                Backend::Postgres => 8,
-            })
-            .acquire_timeout(Duration::from_secs(30));
-        if backend == Backend::Sqlite {
-            // The Any driver takes its options from the URL only, and SQLite's URL has no key for
-            // these pragmas: set them on every new connection instead.
-            options = options.after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
-                        .fetch_one(&mut *conn)
-                        .await?;
-                    if !mode.eq_ignore_ascii_case("wal") {
-                        // e.g. an in-memory database; durability then is SQLite's rollback
-                        // journal's (still crash-safe), but readers block writers.
-                        tracing::warn!(journal_mode = %mode, "SQLite job store is not in WAL mode");
-                    }
-                    sqlx::query("PRAGMA synchronous = FULL")
-                        .execute(&mut *conn)
-                        .await?;
-                    // sqlx turns foreign keys on by default; say so here too, as the schema
-                    // relies on them.
-                    sqlx::query("PRAGMA foreign_keys = ON")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = options
-            .connect(url)
+        // sqlx turns foreign keys on by default; the store says so too, as its schema relies on
+        // them.
+        let pool = database::open_pool(url, backend, 8, "job store", &["PRAGMA foreign_keys = ON"])
             .await
             .map_err(|source| StoreError::Open {
                 location: location.clone(),

@@ -1,7 +1,8 @@
 //! Database URLs, shared by the coordinator's job store and the audit service's event store: which
 //! backend a URL names, the SQLite URL of a file path, and a URL safe to print.
 //!
-//! Pure string handling (no driver here): each store opens its own pool with its own settings.
+//! The URL handling is pure string work; with the `database-pool` feature, [`open_pool`] opens the
+//! connection pool both stores use, with the SQLite settings they share.
 
 use std::path::Path;
 
@@ -73,6 +74,52 @@ pub fn redact_url(url: &str) -> String {
         "{scheme}://{authority}{path}{}",
         if had_query { "?…" } else { "" }
     )
+}
+
+/// Opens an sqlx `Any` pool on `url` (whose backend is `backend`) for the store `store` (a name for
+/// the log): at most `max_postgres` connections on PostgreSQL and 4 on SQLite (whose writers are
+/// serialised by its lock anyway), a 30 s acquire timeout. On SQLite every new connection gets WAL
+/// journaling (warned about when the database refuses it, e.g. in memory: durability is then the
+/// rollback journal's, still crash-safe, but readers block writers), `synchronous = FULL` (a
+/// committed row survives power loss, not only a crash), then `sqlite_pragmas`. The Any driver
+/// takes SQLite's options from the URL only, which has no key for these, hence per connection.
+#[cfg(feature = "database-pool")]
+pub async fn open_pool(
+    url: &str,
+    backend: Backend,
+    max_postgres: u32,
+    store: &'static str,
+    sqlite_pragmas: &'static [&'static str],
+) -> Result<sqlx::AnyPool, sqlx::Error> {
+    // Idempotent (a `Once` inside); it panics only if other code installed a different driver
+    // set first, which nothing in Tutela does.
+    sqlx::any::install_default_drivers();
+    let mut options = sqlx::any::AnyPoolOptions::new()
+        .max_connections(match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => max_postgres,
+        })
+        .acquire_timeout(std::time::Duration::from_secs(30));
+    if backend == Backend::Sqlite {
+        options = options.after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    tracing::warn!(journal_mode = %mode, "SQLite {store} is not in WAL mode");
+                }
+                sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut *conn)
+                    .await?;
+                for pragma in sqlite_pragmas {
+                    sqlx::query(*pragma).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        });
+    }
+    options.connect(url).await
 }
 
 #[cfg(test)]

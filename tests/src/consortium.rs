@@ -104,6 +104,21 @@ pub fn breast_cancer_shares(n: usize) -> (String, Vec<Vec<String>>, Vec<String>)
     (header, shares, test)
 }
 
+/// `tutela-node evaluate` of the breast-cancer `model` (a safetensors file) built as `job_spec`
+/// says, on `csv`: its JSON output (`accuracy`, `loss`, `n`).
+pub fn evaluate_breast_cancer(model: &str, job_spec: &Path, csv: &Path) -> serde_json::Value {
+    let out = crate::run_ok(
+        Command::new(bin("tutela-node"))
+            .args(["evaluate", "--model", model, "--job-spec"])
+            .arg(job_spec)
+            .arg("--csv")
+            .arg(csv)
+            .arg("--schema")
+            .arg(repo_root().join("data/breast_cancer.schema.toml")),
+    );
+    serde_json::from_slice(&out.stdout).expect("evaluate prints JSON")
+}
+
 pub fn write_csv(path: &Path, header: &str, rows: &[String]) {
     let mut s = String::from(header);
     s.push('\n');

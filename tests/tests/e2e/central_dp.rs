@@ -7,7 +7,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec, write_csv};
+use tutela_e2e::consortium::{
+    Consortium, breast_cancer_shares, evaluate_breast_cancer, job_spec, write_csv,
+};
 use tutela_e2e::*;
 use tutela_privacy::accountant::plan::{effective_noise_multiplier, grid_for};
 use tutela_privacy::accountant::{self, Accountant, SampledGaussian};
@@ -64,19 +66,6 @@ fn expected_epsilon(rounds: u64, dimension: usize) -> f64 {
     accountant::epsilon(&[mechanism], DELTA, Accountant::Rdp)
         .expect("the accountant converges")
         .epsilon
-}
-
-fn evaluate(model: &str, job_spec: &std::path::Path, csv: &std::path::Path) -> serde_json::Value {
-    let out = run_ok(
-        Command::new(bin("tutela-node"))
-            .args(["evaluate", "--model", model, "--job-spec"])
-            .arg(job_spec)
-            .arg("--csv")
-            .arg(csv)
-            .arg("--schema")
-            .arg(repo_root().join("data/breast_cancer.schema.toml")),
-    );
-    serde_json::from_slice(&out.stdout).expect("evaluate prints JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +183,7 @@ async fn central_dp_job_reports_the_accountants_epsilon_every_round_and_the_mode
     // for the noise: the released mean moves by about 0.13 per coordinate per round.
     let test_csv = d.join("test.csv");
     write_csv(&test_csv, &header, &test);
-    let accuracy = evaluate(&status.model_path, &spec_path, &test_csv)["accuracy"]
+    let accuracy = evaluate_breast_cancer(&status.model_path, &spec_path, &test_csv)["accuracy"]
         .as_f64()
         .expect("evaluate reports accuracy");
     let label = header.split(',').position(|h| h == "diagnosis").unwrap();

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tutela_e2e::consortium::{Consortium, breast_cancer_shares, job_spec, write_csv};
+use tutela_e2e::consortium::{
+    Consortium, breast_cancer_shares, evaluate_breast_cancer, job_spec, write_csv,
+};
 use tutela_e2e::*;
 use tutela_protocol::pb;
 
@@ -16,7 +18,6 @@ fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Every regular file under `dir`, recursively.
 async fn submit(c: &Consortium, spec: String) -> String {
     c.operator()
         .await
@@ -25,19 +26,6 @@ async fn submit(c: &Consortium, spec: String) -> String {
         .expect("the job is accepted")
         .into_inner()
         .job_id
-}
-
-fn evaluate(model: &str, job_spec: &std::path::Path, csv: &std::path::Path) -> serde_json::Value {
-    let out = run_ok(
-        Command::new(bin("tutela-node"))
-            .args(["evaluate", "--model", model, "--job-spec"])
-            .arg(job_spec)
-            .arg("--csv")
-            .arg(csv)
-            .arg("--schema")
-            .arg(repo_root().join("data/breast_cancer.schema.toml")),
-    );
-    serde_json::from_slice(&out.stdout).expect("evaluate prints JSON")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +116,7 @@ async fn three_sites_fedavg_matches_central_training_and_the_model_loads_in_pyth
     // The federated model on the held-out rows.
     let test_csv = d.join("test.csv");
     write_csv(&test_csv, &header, &test);
-    let fed = evaluate(&status.model_path, &spec_path, &test_csv);
+    let fed = evaluate_breast_cancer(&status.model_path, &spec_path, &test_csv);
     let fed_acc = fed["accuracy"].as_f64().unwrap();
 
     // The same model trained centrally on the union of the sites' data, same epochs in total.
