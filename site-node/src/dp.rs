@@ -32,6 +32,30 @@
 //! [`clipped_gradient_sum_reference`] computes step 5's result with a loop over examples (one
 //! forward and backward each): the tests compare the two in float64.
 //!
+//! # Networks of Linear layers on the CPU
+//!
+//! For the tabular MLPs a step is a fraction of a millisecond, and what it costs is the number of
+//! libtorch calls (each some microseconds of dispatch and allocation), not arithmetic: steps 3–6
+//! above add some eighty of them to a plain step's thirty. When every parametrised layer is
+//! Linear on `[batch, features]` rows ([`LayerNet::is_linear_on_rows`]) and the tensors live in
+//! CPU memory, [`DpSgdStep`] takes a shorter route ([`clip_linear_into_gradients`]), the same
+//! mathematics with the small loops done in Rust on the tensors' memory:
+//!
+//! 1. forward and per-example output gradients as in steps 1–2;
+//! 2. the per-example norms `Σ_layers ‖g_i‖²·(‖a_i‖² + 1)` and the clip factors `c_i`, read and
+//!    computed in Rust (no tensor op);
+//! 3. each `g` scaled by `c` in place, then one `mm` per layer writes `(c ⊙ g)ᵀ a` straight into
+//!    the weight's `.grad`, and the bias's `Σ_i c_i g_i` is summed in Rust into its `.grad`;
+//! 4. rounding to the noise grid, the noise and the division by the batch size applied to each
+//!    `.grad` in place, again in Rust.
+//!
+//! The `.grad` tensors are created once (a zero backward pass on the first step) and overwritten
+//! from then on: [`DpSgdStep`] tells the training loop not to unset them
+//! ([`GradientStep::overwrites_gradients`]), which saves the `⟨cat(θ), ĝ⟩` hand-off of step 6.
+//! That is a dozen libtorch calls beyond a plain step. Convolutions and other devices (whose
+//! memory Rust cannot read in place) take the general route; the tests check that both release
+//! the same gradients, and the per-example-loop reference.
+//!
 //! # Noise: where it is drawn and why that is safe on a GPU too
 //!
 //! The noise is drawn on the CPU by [`SecureGaussian`]: an exact discrete Gaussian on a grid
@@ -493,6 +517,296 @@ fn per_layer(
     }
 }
 
+/// What [`clip_linear_into_gradients`] put in the parameters' `.grad`.
+#[derive(Debug)]
+pub struct LinearClipped {
+    /// `‖∇ℓ_i‖` before clipping, one per example.
+    pub norms: Vec<f64>,
+    /// Σ_i ℓ_i.
+    pub loss_sum: f64,
+    /// The traced layers' parameters (weight, then bias, layer by layer): the tensors whose
+    /// `.grad` holds the clipped sum, in the order the noise is laid over them.
+    pub parameters: Vec<Tensor>,
+}
+
+/// A CPU tensor's values, borrowed in place (no copy, no libtorch call).
+enum HostValues<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// A CPU tensor's values, writable in place.
+enum HostValuesMut<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+/// Where `t`'s values start and how many there are, when it is a contiguous float32 or float64
+/// tensor in CPU memory.
+fn host_layout(t: &Tensor) -> Option<(*mut std::ffi::c_void, usize, Kind)> {
+    if t.device() != tch::Device::Cpu || !t.is_contiguous() {
+        return None;
+    }
+    let kind = t.kind();
+    if !matches!(kind, Kind::Float | Kind::Double) {
+        return None;
+    }
+    let (ptr, n) = (t.data_ptr(), t.numel());
+    (n > 0 && !ptr.is_null()).then_some((ptr, n, kind))
+}
+
+/// `t`'s values, read in place.
+fn host_values(t: &Tensor) -> Option<HostValues<'_>> {
+    let (ptr, n, kind) = host_layout(t)?;
+    // SAFETY: `host_layout` checked that `t` is contiguous, on the CPU and of this kind, so `n`
+    // values of the type start at `data_ptr` (which includes the storage offset); the slice
+    // borrows `t`, which keeps the storage alive. The callers read only tensors that no libtorch
+    // call writes while the borrow lasts.
+    Some(unsafe {
+        match kind {
+            Kind::Float => HostValues::F32(std::slice::from_raw_parts(ptr.cast(), n)),
+            _ => HostValues::F64(std::slice::from_raw_parts(ptr.cast(), n)),
+        }
+    })
+}
+
+/// `t`'s values, writable in place. The caller must hold the only handle in use to the storage
+/// (a layer's output gradient it got from autograd, a parameter's `.grad` between the backward
+/// pass and the optimizer step).
+fn host_values_mut(t: &mut Tensor) -> Option<HostValuesMut<'_>> {
+    let (ptr, n, kind) = host_layout(t)?;
+    // SAFETY: as in `host_values`; the slice borrows `t` mutably, and by the contract above
+    // nothing else reads or writes the storage while it lives.
+    Some(unsafe {
+        match kind {
+            Kind::Float => HostValuesMut::F32(std::slice::from_raw_parts_mut(ptr.cast(), n)),
+            _ => HostValuesMut::F64(std::slice::from_raw_parts_mut(ptr.cast(), n)),
+        }
+    })
+}
+
+/// Σ x² of a short row, in eight independent lanes so that it vectorises.
+fn row_sum_of_squares<T: Copy + Into<f64>>(row: &[T]) -> f64 {
+    let (chunks, rest) = row.as_chunks::<8>();
+    let mut lanes = [0f64; 8];
+    for c in chunks {
+        for j in 0..8 {
+            let x: f64 = c[j].into();
+            lanes[j] += x * x;
+        }
+    }
+    let tail: f64 = rest
+        .iter()
+        .map(|&x| {
+            let x: f64 = x.into();
+            x * x
+        })
+        .sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// The squared L2 norm of each row of the `[rows, width]` tensor `t`: read from its memory when
+/// it can be, else computed by libtorch.
+fn row_sq_norms(t: &Tensor, rows: usize) -> Result<Vec<f64>, TrainError> {
+    fn of<T: Copy + Into<f64>>(v: &[T], rows: usize) -> Vec<f64> {
+        let width = v.len() / rows.max(1);
+        v.chunks_exact(width.max(1))
+            .take(rows)
+            .map(row_sum_of_squares)
+            .collect()
+    }
+    match host_values(t) {
+        Some(HostValues::F32(v)) => Ok(of(v, rows)),
+        Some(HostValues::F64(v)) => Ok(of(v, rows)),
+        None => {
+            let norms = row_norms2(t)?.f_to_kind(Kind::Double)?.f_contiguous()?;
+            Ok(Vec::<f64>::try_from(&norms)?)
+        }
+    }
+}
+
+/// Multiplies row `i` of the `[rows, width]` tensor `g` by `factors[i]`, in place.
+fn scale_rows(g: &mut Tensor, factors: &[f64]) -> Result<(), TrainError> {
+    let rows = factors.len().max(1);
+    match host_values_mut(g) {
+        Some(HostValuesMut::F32(v)) => {
+            let width = v.len() / rows;
+            for (row, &c) in v.chunks_exact_mut(width.max(1)).zip(factors) {
+                let c = c as f32;
+                row.iter_mut().for_each(|x| *x *= c);
+            }
+        }
+        Some(HostValuesMut::F64(v)) => {
+            let width = v.len() / rows;
+            for (row, &c) in v.chunks_exact_mut(width.max(1)).zip(factors) {
+                row.iter_mut().for_each(|x| *x *= c);
+            }
+        }
+        None => {
+            let c = Tensor::f_from_slice(factors)?
+                .f_to_kind(g.kind())?
+                .f_to_device(g.device())?
+                .f_unsqueeze(1)?;
+            let _ = g.f_mul_(&c)?;
+        }
+    }
+    Ok(())
+}
+
+/// `out = Σ_i g[i]` (`accumulate`: `out += …`) over the rows of the `[rows, width]` tensor `g`:
+/// a bias's clipped gradient sum.
+fn column_sums_into(out: &mut Tensor, g: &Tensor, accumulate: bool) -> Result<(), TrainError> {
+    fn sums<T: Copy + std::ops::AddAssign + Default>(out: &mut [T], g: &[T], accumulate: bool) {
+        if !accumulate {
+            out.iter_mut().for_each(|o| *o = T::default());
+        }
+        for row in g.chunks_exact(out.len().max(1)) {
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o += x;
+            }
+        }
+    }
+    let host = match (host_values(g), host_values_mut(out)) {
+        (Some(HostValues::F32(g)), Some(HostValuesMut::F32(o))) => {
+            sums(o, g, accumulate);
+            true
+        }
+        (Some(HostValues::F64(g)), Some(HostValuesMut::F64(o))) => {
+            sums(o, g, accumulate);
+            true
+        }
+        _ => false,
+    };
+    if !host {
+        let s = g.f_sum_dim_intlist(0, false, g.kind())?;
+        if accumulate {
+            let _ = out.f_add_(&s)?;
+        } else {
+            out.f_copy_(&s)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure every parameter has a `.grad` tensor to write into: a backward pass of
+/// `⟨cat(θ), 0⟩` gives each one a zero `.grad` (once per training run: the step never unsets
+/// them, and the training loop leaves them set for a step that overwrites them).
+fn ensure_gradients(parameters: &[Tensor]) -> Result<Vec<Tensor>, TrainError> {
+    let grads = parameters
+        .iter()
+        .map(Tensor::f_grad)
+        .collect::<Result<Vec<_>, _>>()?;
+    if grads.iter().all(Tensor::defined) {
+        return Ok(grads);
+    }
+    for mut g in grads.into_iter().filter(Tensor::defined) {
+        let _ = g.f_zero_()?;
+    }
+    let flat = Tensor::f_cat(
+        &parameters
+            .iter()
+            .map(|p| p.f_view([-1]))
+            .collect::<Result<Vec<_>, _>>()?,
+        0,
+    )?;
+    flat.f_dot(&flat.f_detach()?.f_zeros_like()?)?
+        .f_backward()?;
+    Ok(parameters
+        .iter()
+        .map(Tensor::f_grad)
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Per-example clipping for a network of Linear layers on the CPU (see "Networks of Linear
+/// layers" in the module documentation): puts `Σ_i c_i ∇ℓ_i` over the rows of `inputs` into every
+/// traced parameter's `.grad` — overwriting what is there, or adding to it when `accumulate` (a
+/// later micro-batch) — and returns the per-example norms and the loss.
+pub fn clip_linear_into_gradients(
+    net: &LayerNet,
+    inputs: &Tensor,
+    labels: &Tensor,
+    clip: f64,
+    train: bool,
+    accumulate: bool,
+) -> Result<LinearClipped, TrainError> {
+    if !net.is_linear_on_rows() {
+        return Err(dp_error(
+            "this clipping route is for networks of Linear layers on [batch, features] rows".into(),
+        ));
+    }
+    let rows = usize::try_from(inputs.size().first().copied().unwrap_or(0)).unwrap_or(0);
+    let (logits, traces) = net.forward_traced(inputs, train);
+    let losses = logits
+        .f_cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, 0.0)
+        .map_err(torch("per-example cross-entropy"))?;
+    let loss_sum = losses
+        .f_sum(losses.kind())
+        .map_err(torch("summing losses"))?;
+    let mut output_grads = {
+        let outputs: Vec<&Tensor> = traces.iter().map(|t| &t.output).collect();
+        Tensor::f_run_backward(&[&loss_sum], &outputs, false, false)
+            .map_err(torch("per-example output gradients"))?
+    };
+    let loss_value = loss_sum
+        .f_double_value(&[])
+        .map_err(torch("reading the loss"))?;
+    drop((logits, losses, loss_sum));
+    let mut norms2 = vec![0f64; rows];
+    for (trace, g) in traces.iter().zip(&output_grads) {
+        if trace.input.dim() != 2 || g.dim() != 2 {
+            return Err(dp_error(format!(
+                "per-example clipping of a Linear layer needs [batch, features] inputs, found {:?}",
+                trace.input.size()
+            )));
+        }
+        // ‖g_i a_iᵀ‖² + ‖g_i‖² = ‖g_i‖²·(‖a_i‖² + 1).
+        let a2 = row_sq_norms(&trace.input, rows)?;
+        let g2 = row_sq_norms(g, rows)?;
+        let bias = if trace.bias.is_some() { 1.0 } else { 0.0 };
+        for ((n, a), g) in norms2.iter_mut().zip(&a2).zip(&g2) {
+            *n += g * (a + bias);
+        }
+    }
+    let norms: Vec<f64> = norms2.iter().map(|n| n.sqrt()).collect();
+    // c_i = min(1, C / ‖∇ℓ_i‖); a zero gradient gets 1.
+    let factors: Vec<f64> = norms.iter().map(|&n| clip / n.max(clip)).collect();
+    let parameters: Vec<Tensor> = traces
+        .iter()
+        .flat_map(|t| {
+            std::iter::once(t.weight.shallow_clone())
+                .chain(t.bias.iter().map(Tensor::shallow_clone))
+        })
+        .collect();
+    let mut grads = ensure_gradients(&parameters)?.into_iter();
+    tch::no_grad(|| -> Result<(), TrainError> {
+        for (trace, g) in traces.iter().zip(&mut output_grads) {
+            scale_rows(g, &factors)?;
+            // Σ_i c_i g_i a_iᵀ = (c ⊙ g)ᵀ a, straight into the weight's `.grad`.
+            let weight_grad = grads
+                .next()
+                .ok_or_else(|| dp_error("a layer without its weight gradient".into()))?;
+            let cg_t = g.f_tr()?;
+            if accumulate {
+                let _ = weight_grad.shallow_clone().f_addmm_(&cg_t, &trace.input)?;
+            } else {
+                let _ = cg_t.f_mm_out(&weight_grad, &trace.input)?;
+            }
+            if trace.bias.is_some() {
+                let mut bias_grad = grads
+                    .next()
+                    .ok_or_else(|| dp_error("a layer without its bias gradient".into()))?;
+                column_sums_into(&mut bias_grad, g, accumulate)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(LinearClipped {
+        norms,
+        loss_sum: loss_value,
+        parameters,
+    })
+}
+
 /// The per-example-loop reference for [`clipped_gradient_sum`]: one forward and one backward per
 /// example, each example's full gradient clipped and added. Slow; for tests only.
 pub fn clipped_gradient_sum_reference(
@@ -549,20 +863,30 @@ pub fn clipped_gradient_sum_reference(
     })
 }
 
-/// Draws noise on a background thread, one buffer ahead of the step that adds it.
+/// Values a noise buffer holds at least (when a step needs fewer, a buffer serves several steps):
+/// 2^16 draws, some milliseconds of the sampler, so that a small model's steps hand work to the
+/// worker thread once every few dozen steps rather than every step (waking a thread costs tens
+/// of microseconds on a virtual machine, a tenth of a small MLP's step).
+const NOISE_BUFFER_VALUES: usize = 1 << 16;
+
+/// Draws noise on a background thread, ahead of the steps that add it.
 ///
 /// The noise does not depend on the data, so it can be drawn before the gradients it will cover
-/// exist: the worker fills the next step's buffer while this step's forward and backward passes
-/// run, and the exact discrete Gaussian's cost (about 0.2 µs a value on this machine) stops
-/// adding to the step time whenever a core is free. The worker owns the generator and sees
-/// nothing but empty buffers; each buffer is used once and handed back to be refilled, so the
-/// released noise is the same sequence of draws as a synchronous fill would give.
+/// exist: the worker fills the next buffer while steps consume the current one, and the exact
+/// discrete Gaussian's cost (about 0.1 µs a value on this machine) stops adding to the step time
+/// whenever a core is free. The worker owns the generator and sees nothing but empty buffers;
+/// every value is handed out once, in the order drawn, so the released noise is the same
+/// sequence of draws as a synchronous fill would give. Values left over when a step needs more
+/// than the buffer has left are discarded, never released.
 #[derive(Debug)]
 struct NoiseWorker {
     requests: Option<mpsc::Sender<Vec<f32>>>,
     filled: mpsc::Receiver<Vec<f32>>,
-    /// Length of the buffer being filled, if one is.
-    in_flight: Option<usize>,
+    /// Whether a buffer is being filled.
+    in_flight: bool,
+    /// The buffer being consumed, and how much of it is used.
+    current: Vec<f32>,
+    used: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -570,7 +894,12 @@ impl NoiseWorker {
     fn spawn(mut noise: SecureGaussian) -> Result<Self, TrainError> {
         let (requests, work) = mpsc::channel::<Vec<f32>>();
         let (done, filled) = mpsc::channel::<Vec<f32>>();
-        let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        // Leave one core to the training thread: the worker runs while the step does, and a
+        // worker on every core would take a slice of the step's own core each time.
+        let threads = std::thread::available_parallelism()
+            .ok()
+            .and_then(|n| NonZeroUsize::new(n.get() - 1))
+            .unwrap_or(NonZeroUsize::MIN);
         let thread = std::thread::Builder::new()
             .name("dp-noise".into())
             .spawn(move || {
@@ -585,50 +914,54 @@ impl NoiseWorker {
         Ok(NoiseWorker {
             requests: Some(requests),
             filled,
-            in_flight: None,
+            in_flight: false,
+            current: Vec::new(),
+            used: 0,
             thread: Some(thread),
         })
     }
 
     fn request(&mut self, buffer: Vec<f32>) -> Result<(), TrainError> {
-        let len = buffer.len();
         self.requests
             .as_ref()
             .and_then(|r| r.send(buffer).ok())
             .ok_or_else(|| dp_error("the noise thread has stopped".into()))?;
-        self.in_flight = Some(len);
+        self.in_flight = true;
         Ok(())
     }
 
     fn receive(&mut self) -> Result<Vec<f32>, TrainError> {
-        self.in_flight = None;
+        self.in_flight = false;
         self.filled
             .recv()
             .map_err(|_| dp_error("the noise thread has stopped".into()))
     }
 
     /// `len` fresh noise values (`g·X`, `X ~ N_ℤ(0, σ_g²)`), never handed out before.
-    fn take(&mut self, len: usize) -> Result<Vec<f32>, TrainError> {
-        match self.in_flight {
-            Some(n) if n == len => self.receive(),
-            Some(_) => {
-                // A buffer of another length: recycle its storage for a fresh draw. Its values
-                // are discarded, never released.
-                let mut buffer = self.receive()?;
-                buffer.resize(len, 0.0);
-                self.request(buffer)?;
-                self.receive()
+    fn next(&mut self, len: usize) -> Result<&[f32], TrainError> {
+        if self.current.len() - self.used < len {
+            let size = len.max(NOISE_BUFFER_VALUES / len.max(1) * len);
+            let mut fresh = if self.in_flight {
+                self.receive()?
+            } else {
+                Vec::new()
+            };
+            if fresh.len() < len {
+                // None was being filled, or one too small for this step (the model changed):
+                // draw one of the right size now.
+                fresh.resize(size, 0.0);
+                self.request(fresh)?;
+                fresh = self.receive()?;
             }
-            None => {
-                self.request(vec![0.0; len])?;
-                self.receive()
-            }
+            let mut spent = std::mem::replace(&mut self.current, fresh);
+            self.used = 0;
+            // Refill the spent buffer's storage in the background for the steps to come.
+            spent.resize(size, 0.0);
+            self.request(spent)?;
         }
-    }
-
-    /// Hands a used buffer back to be refilled for the next step.
-    fn refill(&mut self, buffer: Vec<f32>) -> Result<(), TrainError> {
-        self.request(buffer)
+        let values = &self.current[self.used..self.used + len];
+        self.used += len;
+        Ok(values)
     }
 }
 
@@ -650,6 +983,35 @@ pub struct DpSgdStep {
     steps: u64,
     /// Rows per micro-batch, learned on the first step ([`MICROBATCH_VALUES`]).
     rows_per_slice: Option<i64>,
+    /// The same for the Linear route, whose per-example tensors are other ones.
+    linear_rows_per_slice: Option<i64>,
+    /// Whether networks of Linear layers on the CPU take their own route (the default).
+    linear_route: bool,
+}
+
+/// Rounds each value to the grid `g` (ties to even), adds its noise value and multiplies by
+/// `scale`, in the value's own precision: the same operations, in the same order, as
+/// [`DpSgdStep::privatize`]'s tensor ops (so float32 gives the same bits either way).
+fn release_in_place(values: HostValuesMut<'_>, noise: &[f32], g: f64, scale: f64) {
+    match values {
+        HostValuesMut::F32(v) => {
+            let (inv, g, scale) = ((1.0 / g) as f32, g as f32, scale as f32);
+            for (x, n) in v.iter_mut().zip(noise) {
+                *x = (*x * inv).round_ties_even() * g + n;
+                if scale != 1.0 {
+                    *x *= scale;
+                }
+            }
+        }
+        HostValuesMut::F64(v) => {
+            for (x, n) in v.iter_mut().zip(noise) {
+                *x = (*x * (1.0 / g)).round_ties_even() * g + f64::from(*n);
+                if scale != 1.0 {
+                    *x *= scale;
+                }
+            }
+        }
+    }
 }
 
 impl DpSgdStep {
@@ -676,7 +1038,106 @@ impl DpSgdStep {
             granularity,
             steps: 0,
             rows_per_slice: None,
+            linear_rows_per_slice: None,
+            linear_route: true,
         })
+    }
+
+    /// Whether networks of Linear layers on the CPU take their own route (on by default; off,
+    /// every network takes the general one). Both release the same gradients; the tests compare
+    /// them.
+    pub fn use_linear_route(&mut self, enabled: bool) {
+        self.linear_route = enabled;
+    }
+
+    /// The route for networks of Linear layers on the CPU (module documentation): the clipped
+    /// sum is written into the traced parameters' `.grad`, then released there in place.
+    /// Returns the loss sum.
+    fn linear_step(&mut self, batch: &Batch<'_>, rows: i64) -> Result<f64, TrainError> {
+        let mut loss_sum = 0.0;
+        let mut parameters = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let n = match self.linear_rows_per_slice {
+                Some(r) => r.clamp(1, rows - start),
+                None => PROBE_ROWS.min(rows - start),
+            };
+            let x = batch.inputs.f_narrow(0, start, n)?;
+            let y = batch.labels.f_narrow(0, start, n)?;
+            let slice = clip_linear_into_gradients(batch.net, &x, &y, self.clip, true, start > 0)?;
+            if self.linear_rows_per_slice.is_none() {
+                // Per example: each layer's input, output and output gradient (a weight of
+                // shape [out, in] stands for in + 2·out values).
+                let per_example: i64 = slice
+                    .parameters
+                    .iter()
+                    .filter_map(|p| match p.size().as_slice() {
+                        [out, input] => Some(input + 2 * out),
+                        _ => None,
+                    })
+                    .sum();
+                self.linear_rows_per_slice = Some((MICROBATCH_VALUES / per_example.max(1)).max(1));
+            }
+            loss_sum += slice.loss_sum;
+            parameters = slice.parameters;
+            start += n;
+        }
+        if parameters.len() != batch.parameters.len() {
+            // A parameter outside a traced layer would be trained without clipping or noise.
+            return Err(dp_error(format!(
+                "the model has {} trainable tensors, but per-example clipping covers {}",
+                batch.parameters.len(),
+                parameters.len()
+            )));
+        }
+        let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
+        self.release_gradients(&parameters, scale)?;
+        Ok(loss_sum)
+    }
+
+    /// Rounds each parameter's `.grad` to the noise grid, adds noise and multiplies by `scale`,
+    /// in place: [`DpSgdStep::privatize`] for gradients that already sit in `.grad`. The noise is
+    /// laid over the parameters in the order given (the flat buffer's order on the other route).
+    fn release_gradients(&mut self, parameters: &[Tensor], scale: f64) -> Result<(), TrainError> {
+        let mut grads = Vec::with_capacity(parameters.len());
+        for p in parameters {
+            let g = p.f_grad()?;
+            if !g.defined() {
+                return Err(dp_error(format!(
+                    "a parameter of shape {:?} received no gradient from the clipped backward pass",
+                    p.size()
+                )));
+            }
+            grads.push(g);
+        }
+        let total = grads.iter().map(Tensor::numel).sum();
+        let g = self.granularity;
+        let values = self.noise.next(total)?;
+        let mut offset = 0;
+        for grad in &mut grads {
+            let n = grad.numel();
+            let noise = &values[offset..offset + n];
+            offset += n;
+            if let Some(host) = host_values_mut(grad) {
+                release_in_place(host, noise, g, scale);
+                continue;
+            }
+            let noise = Tensor::f_from_slice(noise)?
+                .f_to_device(grad.device())?
+                .f_to_kind(grad.kind())?
+                .f_view(grad.size().as_slice())?;
+            tch::no_grad(|| -> Result<(), tch::TchError> {
+                let _ = grad.f_mul_scalar_(1.0 / g)?;
+                let _ = grad.f_round_()?;
+                let _ = grad.f_mul_scalar_(g)?;
+                let _ = grad.f_add_(&noise)?;
+                if scale != 1.0 {
+                    let _ = grad.f_mul_scalar_(scale)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Steps taken (each one released a noised sum): what the ledger must record.
@@ -695,9 +1156,7 @@ impl DpSgdStep {
     /// [`DpSgdStep::privatize`] in place on a flat buffer, then multiplied by `scale`
     /// (post-processing).
     fn privatize_flat(&mut self, mut flat: Tensor, scale: f64) -> Result<Tensor, TrainError> {
-        let values = self.noise.take(flat.numel())?;
-        let noise = Tensor::f_from_slice(&values)?;
-        self.noise.refill(values)?;
+        let noise = Tensor::f_from_slice(self.noise.next(flat.numel())?)?;
         let noise = noise.f_to_device(flat.device())?.f_to_kind(flat.kind())?;
         let g = self.granularity;
         // ×(1/g), round, ×g are exact (g is a power of two): the sum on the grid. The noise is
@@ -718,8 +1177,23 @@ impl DpSgdStep {
 }
 
 impl GradientStep for DpSgdStep {
+    /// Every route writes each parameter's whole `.grad` (copying or releasing in place), so the
+    /// tensors can stay from one step to the next instead of being unset and made anew.
+    fn overwrites_gradients(&self) -> bool {
+        true
+    }
+
     fn compute_gradients(&mut self, batch: &Batch<'_>) -> Result<f64, TrainError> {
         let rows = batch.inputs.size().first().copied().unwrap_or(0);
+        if self.linear_route
+            && rows > 0
+            && batch.inputs.device() == tch::Device::Cpu
+            && batch.net.is_linear_on_rows()
+        {
+            let loss_sum = self.linear_step(batch, rows)?;
+            self.steps += 1;
+            return Ok(loss_sum / rows as f64);
+        }
         let (parameters, flat, loss_sum) = if rows > 0 {
             let sum = clipped_gradient_sum_sliced(
                 batch.net,
@@ -755,15 +1229,37 @@ impl GradientStep for DpSgdStep {
         }
         let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
         let released = self.privatize_flat(flat, scale)?;
-        // Hand ĝ to the optimizer as `.grad`: ∂/∂θ ⟨θ, ĝ⟩ = ĝ exactly, with θ every parameter
-        // flattened and concatenated in ĝ's order (tch cannot assign `.grad` directly).
-        let flat_parameters = parameters
+        let grads = parameters
             .iter()
-            .map(|p| p.f_view([-1]))
+            .map(Tensor::f_grad)
             .collect::<Result<Vec<_>, _>>()?;
-        Tensor::f_cat(&flat_parameters, 0)?
-            .f_dot(&released)?
-            .f_backward()?;
+        if grads.iter().all(Tensor::defined) {
+            // A previous step's `.grad` tensors (the training loop leaves them, since this step
+            // overwrites them): copy ĝ in.
+            let mut offset = 0;
+            tch::no_grad(|| -> Result<(), tch::TchError> {
+                for (p, g) in parameters.iter().zip(&grads) {
+                    let n = p.numel() as i64;
+                    g.f_view([-1])?.f_copy_(&released.f_narrow(0, offset, n)?)?;
+                    offset += n;
+                }
+                Ok(())
+            })?;
+        } else {
+            for mut g in grads.into_iter().filter(Tensor::defined) {
+                let _ = g.f_zero_()?;
+            }
+            // Hand ĝ to the optimizer as `.grad`: ∂/∂θ ⟨θ, ĝ⟩ = ĝ exactly, with θ every
+            // parameter flattened and concatenated in ĝ's order (tch cannot assign `.grad`
+            // directly).
+            let flat_parameters = parameters
+                .iter()
+                .map(|p| p.f_view([-1]))
+                .collect::<Result<Vec<_>, _>>()?;
+            Tensor::f_cat(&flat_parameters, 0)?
+                .f_dot(&released)?
+                .f_backward()?;
+        }
         self.steps += 1;
         Ok(if rows > 0 {
             loss_sum / rows as f64

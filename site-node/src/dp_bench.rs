@@ -5,8 +5,9 @@
 //! peak resident memory is a per-process figure and allocators keep freed memory: measuring plain
 //! then DP in one process would charge the second with the first's leftovers. Within the child,
 //! the peak is read from `/proc/self/status` (`VmHWM`) after resetting it (`5` written to
-//! `/proc/self/clear_refs`) once the model and data are built, and reported as the growth over
-//! the resident size at that moment: the memory the steps themselves need.
+//! `/proc/self/clear_refs`) once the model and data are built, before the warm-up steps, and
+//! reported as the growth over the resident size at that moment: the memory the steps themselves
+//! need, what the allocator keeps from the first step included.
 
 use std::time::Instant;
 
@@ -99,7 +100,15 @@ pub fn measure(
             source,
         })?;
     let mut step = |sgd: &mut nn::Optimizer| -> Result<(), TrainError> {
-        sgd.zero_grad();
+        // As the training loop does: a step that overwrites every `.grad` keeps the tensors.
+        let keeps_gradients = if dp {
+            dp_step.overwrites_gradients()
+        } else {
+            plain.overwrites_gradients()
+        };
+        if !keeps_gradients {
+            sgd.zero_grad();
+        }
         let b = Batch {
             net: model.layers(),
             parameters: &parameters,
@@ -115,12 +124,14 @@ pub fn measure(
         sgd.step();
         Ok(())
     };
+    // Reset the peak to the current resident size (Linux ≥ 4.0), then measure growth over the
+    // warm-up steps too: the memory a step needs includes what the allocator keeps from the first
+    // one (counting only after warm-up gave growths of 0 or a few MiB by chance).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let base = status_kib("VmRSS:").unwrap_or(0);
     for _ in 0..warmup {
         step(&mut sgd)?;
     }
-    // Reset the peak to the current resident size (Linux ≥ 4.0), then measure growth.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let base = status_kib("VmRSS:").unwrap_or(0);
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();

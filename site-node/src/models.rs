@@ -55,7 +55,9 @@ pub enum TracedKind {
 #[derive(Debug)]
 pub struct LayerTrace {
     pub kind: TracedKind,
-    /// The layer's input, detached from the graph.
+    /// The layer's input (the same tensor the layer saw, not detached: a `detach` is one more
+    /// libtorch call per layer, which a small model's DP step feels; every use of it is read-only
+    /// or under `no_grad`).
     pub input: Tensor,
     /// The layer's output before the activation, still in the graph: the gradient of the loss
     /// with respect to it is the per-example "backprop" signal.
@@ -85,7 +87,7 @@ impl LayerNet {
                     if let Some(t) = trace.as_deref_mut() {
                         t.push(LayerTrace {
                             kind: TracedKind::Linear,
-                            input: x.detach(),
+                            input: x.shallow_clone(),
                             output: y.shallow_clone(),
                             weight: linear.ws.shallow_clone(),
                             bias: linear.bs.as_ref().map(Tensor::shallow_clone),
@@ -105,7 +107,7 @@ impl LayerNet {
                                 kernel: *kernel,
                                 padding: *padding,
                             },
-                            input: x.detach(),
+                            input: x.shallow_clone(),
                             output: y.shallow_clone(),
                             weight: conv.ws.shallow_clone(),
                             bias: conv.bs.as_ref().map(Tensor::shallow_clone),
@@ -116,6 +118,18 @@ impl LayerNet {
             };
         }
         x
+    }
+
+    /// Whether every parametrised layer is a Linear layer applied to `[batch, features]` rows
+    /// (no convolution, no reshape to images): the networks whose per-example gradient norms
+    /// follow from each layer's input and output gradient alone (`crate::dp`'s ghost clipping).
+    pub fn is_linear_on_rows(&self) -> bool {
+        self.layers.iter().all(|l| {
+            matches!(
+                l,
+                Layer::Linear(_) | Layer::Relu | Layer::Dropout(_) | Layer::Flatten
+            )
+        })
     }
 
     /// The forward pass, recording each Linear/Conv2d layer's input and output in order.

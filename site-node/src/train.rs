@@ -208,9 +208,18 @@ pub struct Batch<'a> {
 
 /// Turns a batch into gradients: the per-step seam DP-SGD replaces.
 pub trait GradientStep {
-    /// Leaves in each parameter's `.grad()` the gradient to step along (gradients are cleared on
-    /// entry) and returns the batch's mean loss, for reporting.
+    /// Leaves in each parameter's `.grad()` the gradient to step along and returns the batch's
+    /// mean loss, for reporting. On entry the gradients are unset (the optimizer's `zero_grad`),
+    /// unless [`GradientStep::overwrites_gradients`] says they need not be.
     fn compute_gradients(&mut self, batch: &Batch<'_>) -> Result<f64, TrainError>;
+
+    /// Whether [`GradientStep::compute_gradients`] writes every parameter's whole `.grad`
+    /// whatever it held, so that the training loop can skip `zero_grad` and the `.grad` tensors
+    /// are reused instead of made anew each step. A step that back-propagates (and so adds to
+    /// `.grad`) must say no.
+    fn overwrites_gradients(&self) -> bool {
+        false
+    }
 }
 
 /// Back-propagates the batch's mean cross-entropy: ordinary, non-private training.
@@ -290,7 +299,9 @@ pub fn train_local_with(
                 continue;
             }
             let (batch_inputs, batch_labels) = select_rows(&inputs, &labels, &rows, device)?;
-            optimizer.zero_grad().map_err(torch("zeroing gradients"))?;
+            if !gradient_step.overwrites_gradients() {
+                optimizer.zero_grad().map_err(torch("zeroing gradients"))?;
+            }
             let loss = gradient_step.compute_gradients(&Batch {
                 net: model.layers(),
                 parameters: &parameters,

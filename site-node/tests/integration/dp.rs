@@ -9,10 +9,11 @@ use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 use tutela_privacy::noise::SecureRng;
 use tutela_site_node::data::{Standardizer, stratified_split};
 use tutela_site_node::dp::{
-    DpSgdStep, PoissonBatchSampler, clipped_gradient_sum, clipped_gradient_sum_reference, train_dp,
+    DpSgdStep, PoissonBatchSampler, clip_linear_into_gradients, clipped_gradient_sum,
+    clipped_gradient_sum_reference, train_dp,
 };
 use tutela_site_node::models::{Model, ModelSpec};
-use tutela_site_node::train::{OptimizerKind, TrainConfig, evaluate};
+use tutela_site_node::train::{Batch, GradientStep, OptimizerKind, TrainConfig, evaluate};
 
 fn single_threaded() {
     tch::set_num_threads(1);
@@ -95,6 +96,138 @@ fn fast_clipping_equals_the_per_example_loop_for_the_cnn_with_ghost_norms() {
     for rows in [1, 3, 20] {
         max_relative_error(&model, rows, 16, 3, 0.2);
     }
+}
+
+/// Each parameter's `.grad`, copied out.
+fn grads_of(parameters: &[Tensor]) -> Vec<Tensor> {
+    parameters.iter().map(|p| p.grad().copy()).collect()
+}
+
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-300)
+}
+
+/// The Linear route writes the per-example-loop reference's clipped sum into `.grad`, whatever
+/// `.grad` held before, and adds a later micro-batch's to it.
+#[test]
+fn linear_route_equals_the_per_example_loop_and_accumulates_micro_batches() {
+    single_threaded();
+    let spec = ModelSpec::new(vec![12], 3).with_hidden(vec![16, 8]);
+    let model = model_f64("mlp", spec);
+    for rows in [1, 2, 7, 33] {
+        let (x, y) = batch(rows, 12, 3, 40 + rows);
+        let slow = clipped_gradient_sum_reference(model.layers(), &x, &y, 0.5).unwrap();
+        // Twice: the second call finds the first one's `.grad` and must overwrite it.
+        for _ in 0..2 {
+            let fast =
+                clip_linear_into_gradients(model.layers(), &x, &y, 0.5, false, false).unwrap();
+            assert_eq!(fast.parameters.len(), slow.gradients.len());
+            let slow_norms = Vec::<f64>::try_from(&slow.norms).unwrap();
+            for (f, s) in fast.norms.iter().zip(&slow_norms) {
+                assert!(
+                    (f - s).abs() <= 1e-10 * s.abs().max(1e-12),
+                    "norm {f} vs {s}"
+                );
+            }
+            assert!(slow_norms.iter().any(|&n| n > 0.5), "nothing was clipped");
+            for (p, (_, reference)) in fast.parameters.iter().zip(&slow.gradients) {
+                let err = relative_error(&p.grad(), reference);
+                assert!(
+                    err < 1e-10,
+                    "{rows} rows: relative error {err:e}, shape {:?}",
+                    p.size()
+                );
+            }
+            assert!((fast.loss_sum - slow.loss_sum).abs() < 1e-9 * slow.loss_sum.abs().max(1.0));
+        }
+    }
+    // Two micro-batches, the second accumulated, give the whole batch's sum.
+    let (x, y) = batch(30, 12, 3, 99);
+    let whole = clipped_gradient_sum_reference(model.layers(), &x, &y, 0.5).unwrap();
+    let first = clip_linear_into_gradients(
+        model.layers(),
+        &x.narrow(0, 0, 11),
+        &y.narrow(0, 0, 11),
+        0.5,
+        false,
+        false,
+    )
+    .unwrap();
+    clip_linear_into_gradients(
+        model.layers(),
+        &x.narrow(0, 11, 19),
+        &y.narrow(0, 11, 19),
+        0.5,
+        false,
+        true,
+    )
+    .unwrap();
+    for (p, (_, reference)) in first.parameters.iter().zip(&whole.gradients) {
+        let err = relative_error(&p.grad(), reference);
+        assert!(err < 1e-10, "micro-batches: relative error {err:e}");
+    }
+}
+
+/// A convolutional network is not for the Linear route: it says so instead of computing
+/// something else.
+#[test]
+fn linear_route_refuses_a_convolutional_network() {
+    let spec = ModelSpec::new(vec![1, 4, 4], 3)
+        .with_hidden(vec![6])
+        .with_conv_channels([3, 5]);
+    let model = model_f64("cnn", spec);
+    let (x, y) = batch(3, 16, 3, 5);
+    let err = clip_linear_into_gradients(model.layers(), &x, &y, 1.0, false, false).unwrap_err();
+    assert!(err.to_string().contains("Linear layers"), "{err}");
+}
+
+/// With the same noise generator, the Linear route and the general route release the same
+/// gradients: same clipped sum, same rounding to the grid, same noise values in the same places.
+#[test]
+fn both_dp_routes_release_the_same_gradients() {
+    single_threaded();
+    let spec = ModelSpec::new(vec![12], 3).with_hidden(vec![16, 8]);
+    let model = model_f64("mlp", spec);
+    let parameters = model.var_store().trainable_variables();
+    let p = plan(0.7, 1.1, model.parameter_count());
+    let (x, y) = batch(50, 12, 3, 7);
+    let seed = [9u8; 32];
+    let release = |linear_route: bool| {
+        let mut step = DpSgdStep::with_rng(&p, SecureRng::insecure_from_seed(seed)).unwrap();
+        step.use_linear_route(linear_route);
+        assert!(step.overwrites_gradients());
+        let loss = step
+            .compute_gradients(&Batch {
+                net: model.layers(),
+                parameters: &parameters,
+                inputs: &x,
+                labels: &y,
+                expected_batch_size: 50,
+            })
+            .unwrap();
+        assert!(loss.is_finite() && loss > 0.0);
+        grads_of(&parameters)
+    };
+    let general = release(false);
+    let linear = release(true);
+    // The clipped sums agree to ~1e-16; a value within that of a grid midpoint may round the
+    // other way, which moves it by one grid step (÷ the batch size). Anything more is a bug.
+    let step = p.granularity / 50.0;
+    let mut equal = 0;
+    let mut total = 0;
+    for (a, b) in linear.iter().zip(&general) {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(
+            diff <= step * 1.000_001,
+            "routes differ by {diff} (grid step {step})"
+        );
+        equal += a.eq_tensor(b).sum(Kind::Int64).int64_value(&[]);
+        total += a.numel() as i64;
+    }
+    assert!(
+        equal * 100 >= total * 99,
+        "only {equal} of {total} values are identical"
+    );
 }
 
 /// Regularised lower incomplete gamma's complement is overkill here: the test statistic is
