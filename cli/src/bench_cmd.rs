@@ -67,6 +67,9 @@ pub struct AggregateArgs {
     /// Number of updates.
     #[arg(long, default_value_t = 10)]
     updates: usize,
+    /// Threads of the concurrent round and of the parallel copy (default: the machine's cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Python with NumPy for the reference (default: .venv/bin/python, else python3).
     #[arg(long)]
     python: Option<PathBuf>,
@@ -139,9 +142,13 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Aggregate(args) => {
-            let report =
-                tutela_coordinator::aggregate::bench::bench_fedavg(args.params, args.updates)
-                    .map_err(|e| anyhow!("aggregation benchmark failed: {e}"))?;
+            let report = tutela_coordinator::aggregate::bench::bench_fedavg(
+                args.params,
+                args.updates,
+                args.threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            )
+            .map_err(|e| anyhow!("aggregation benchmark failed: {e}"))?;
             print!("{report}");
             let python = args.python.clone().unwrap_or_else(|| {
                 let venv = PathBuf::from(".venv/bin/python");

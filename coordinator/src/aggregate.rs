@@ -54,9 +54,10 @@
 //! [`AggregatorOptions::spool_dir`]; the coordinator holds updates, never site data). An upload
 //! dropped without a commit reads its spool back and subtracts it. If that fails (an I/O error),
 //! the round is marked unusable and [`RoundAggregator::finish`] refuses to produce a model from
-//! it. Spool files are reused by later uploads, so their pages in the page cache are not
-//! allocated anew for every update. Writing the spool is the largest single cost of an upload;
-//! it is the price of exact undo without holding updates in memory.
+//! it. Spool files are reused by later uploads and rounds ([`SpoolPool`]), so their pages in the
+//! page cache are not allocated anew for every update. Writing the spool is the largest single
+//! cost of an upload (`tutela bench aggregate` measures it on its own); it is the price of exact
+//! undo without holding updates in memory.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -68,6 +69,9 @@ use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
 
 pub mod bench;
+pub mod tiled;
+
+use tiled::{TILE, TiledSum, decode_le, fold_le, sum_of_squares, sum_of_squares_le, unfold_le};
 
 /// The manifest metadata key carrying a site's training sample count (its FedAvg weight).
 pub const SAMPLES_KEY: &str = tutela_protocol::federation::meta::SAMPLES;
@@ -75,17 +79,11 @@ pub const SAMPLES_KEY: &str = tutela_protocol::federation::meta::SAMPLES;
 /// Default for [`AggregatorOptions::max_weight`]: 2²⁴ ≈ 16.8 million samples per update.
 pub const DEFAULT_MAX_WEIGHT: f64 = 16_777_216.0;
 
-/// Elements an upload decodes, filters, spools and folds at a time: 256 KiB of f32, which stays
-/// in the L2 cache through all four steps, so only the input and the running sum travel to and
-/// from memory. It is also the memory each upload in flight holds besides the sum.
-pub const BLOCK: usize = 64 * 1024;
-
-/// Adding 1.5 · 2⁵² to an f64 of magnitude below 2⁵¹ gives a number whose last mantissa bit is
-/// worth exactly 1: the addition itself rounds to the nearest integer (ties to even), and that
-/// integer is the difference of the bit patterns. This converts without a per-element branch, so
-/// the compiler vectorises it on any x86-64 (there is no packed f64→i64 conversion before
-/// AVX-512).
-const MAGIC: f64 = 6_755_399_441_055_744.0;
+/// Elements an upload validates, spools and folds at a time: one tile of the running sum
+/// ([`tiled::TILE`]), 256 KiB of f32 input, which stays in the L2 cache from the norm check to the
+/// fold, so only the input and the running sum travel to and from memory. It is also at most the
+/// memory each upload in flight holds besides the sum (and only when filters rewrite values).
+pub const BLOCK: usize = TILE;
 
 /// Largest magnitude of one contribution `x · w · S` (below the 2⁵¹ the conversion allows).
 const CONTRIBUTION_LIMIT: f64 = (1u64 << 50) as f64;
@@ -94,8 +92,63 @@ const CONTRIBUTION_LIMIT: f64 = (1u64 << 50) as f64;
 /// each update's rounding and for the float error in the weight bookkeeping).
 const SUM_LIMIT: f64 = (1u64 << 62) as f64;
 
-/// Spool files kept for reuse by later uploads.
-const SPARE_SPOOLS: usize = 2;
+/// Spool files kept between uploads and between rounds.
+///
+/// A fresh file's pages have to be allocated in the page cache as it is written and freed again
+/// when it is deleted, which costs about as much as the writes themselves; a reused file's pages
+/// are already there. A file is created only when none is idle, so the pool never holds more
+/// files than were in use at once: the disk it keeps (a model's size per file) is what the
+/// busiest moment of a round needed anyway. The coordinator keeps one pool for its lifetime.
+#[derive(Debug, Default)]
+pub struct SpoolPool {
+    dir: Option<PathBuf>,
+    idle: Mutex<Vec<File>>,
+}
+
+impl SpoolPool {
+    /// Spool files go to anonymous temporary files in `dir` (the system's temporary directory if
+    /// `None`): deleted from the start, so nothing is left behind by a crash.
+    pub fn new(dir: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(SpoolPool {
+            dir,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An idle file, or a new one, positioned at its start.
+    fn take(&self) -> io::Result<File> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut file = match idle {
+            Some(f) => f,
+            None => match &self.dir {
+                Some(dir) => tempfile::tempfile_in(dir)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?,
+                None => tempfile::tempfile()?,
+            },
+        };
+        file.seek(SeekFrom::Start(0))?;
+        Ok(file)
+    }
+
+    fn give_back(&self, file: File) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(file);
+    }
+
+    /// Files idle in the pool.
+    pub fn idle(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
 
 /// Why an aggregator could not be built or could not produce a result.
 #[derive(Debug, thiserror::Error)]
@@ -253,18 +306,26 @@ impl UpdateFilter for NormBound {
     }
 }
 
-impl FilterPass for NormPass {
-    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal> {
+impl NormPass {
+    /// [`FilterPass::values`] on little-endian bytes, without decoding them first (the fast path
+    /// of an upload that no other filter rewrites).
+    pub fn values_le(&mut self, at: &ValuesAt<'_>, bytes: &[[u8; 4]]) -> Result<(), Refusal> {
         let before = self.sum_sq;
-        self.sum_sq += sum_of_squares(values);
+        self.sum_sq += sum_of_squares_le(bytes);
         if self.sum_sq <= self.bound * self.bound {
             return Ok(());
         }
+        Err(self.refusal(before, at, &decode_le(bytes)))
+    }
+
+    /// Why the run of `values` that took the sum of squares from `before` to over the bound (or
+    /// to a non-finite value) is refused.
+    fn refusal(&self, before: f64, at: &ValuesAt<'_>, values: &[f32]) -> Refusal {
         // The square of any finite f32 is finite in f64, and so is any sum of them that fits in
         // memory: a sum that is not finite means a NaN or an infinity among the values. This
         // check alone refuses them when no other filter needs protecting from them.
         if !self.sum_sq.is_finite() {
-            return Err(not_finite(at, values));
+            return not_finite(at, values);
         }
         // Find the element where the norm crossed the bound, for the site's benefit.
         let mut running = before;
@@ -281,47 +342,23 @@ impl FilterPass for NormPass {
             at.tensor.name,
             at.first_element + at_element as u64
         );
-        Err(Refusal(format!(
+        Refusal(format!(
             "the update's L2 norm exceeds the round's bound of {}: it is already {} at {position}",
             self.bound,
             self.sum_sq.sqrt()
-        )))
+        ))
     }
 }
 
-/// Σ x² in f64. Sixteen independent lanes, so the loop vectorises and its additions overlap (one
-/// running sum would be a serial dependency the compiler may not reorder); on x86-64 with AVX2
-/// the same loop runs four lanes per instruction instead of two. Both paths add the same numbers
-/// in the same order (no fused multiply-add), so they give the same bits.
-fn sum_of_squares(values: &[f32]) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { sum_of_squares_avx2(values) };
-    }
-    sum_of_squares_lanes(values)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn sum_of_squares_avx2(values: &[f32]) -> f64 {
-    sum_of_squares_lanes(values)
-}
-
-#[inline(always)]
-fn sum_of_squares_lanes(values: &[f32]) -> f64 {
-    let (chunks, rest) = values.as_chunks::<16>();
-    let mut lanes = [0f64; 16];
-    for c in chunks {
-        for j in 0..16 {
-            let v = f64::from(c[j]);
-            lanes[j] += v * v;
+impl FilterPass for NormPass {
+    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal> {
+        let before = self.sum_sq;
+        self.sum_sq += sum_of_squares(values);
+        if self.sum_sq <= self.bound * self.bound {
+            return Ok(());
         }
+        Err(self.refusal(before, at, values))
     }
-    for (j, v) in rest.iter().enumerate() {
-        lanes[j] += f64::from(*v) * f64::from(*v);
-    }
-    lanes.iter().sum()
 }
 
 /// How a round's aggregator is set up.
@@ -333,8 +370,12 @@ pub struct AggregatorOptions {
     /// the fixed-point scale: a lower value gives finer resolution (see the module comment).
     pub max_weight: f64,
     /// Where uploads in flight spool what they folded; the system's temporary directory if
-    /// `None`. Needs up to one model's size of disk per upload in flight.
+    /// `None`. Needs up to one model's size of disk per upload in flight. Ignored when
+    /// `spool_pool` is given.
     pub spool_dir: Option<PathBuf>,
+    /// Spool files shared with other rounds (the coordinator's); without one, the round keeps
+    /// its own for its uploads.
+    pub spool_pool: Option<Arc<SpoolPool>>,
     /// Filters run after [`FiniteValues`] and before the norm bound, in order.
     pub filters: Vec<Arc<dyn UpdateFilter>>,
     /// Central DP (DP-FedAvg): every update is folded with weight 1, whatever its sink was
@@ -348,6 +389,7 @@ impl AggregatorOptions {
             norm_bound,
             max_weight: DEFAULT_MAX_WEIGHT,
             spool_dir: None,
+            spool_pool: None,
             filters: Vec::new(),
             clip_updates_to: None,
         }
@@ -408,7 +450,6 @@ struct Ledger {
     accepted_weight: f64,
     reserved_weight: f64,
     poisoned: Option<String>,
-    spare_spools: Vec<File>,
 }
 
 /// The running weighted sum of one round, shared by all its uploads (wrap it in an [`Arc`]).
@@ -417,8 +458,9 @@ pub struct RoundAggregator {
     /// Elements per tensor.
     lens: Vec<usize>,
     total_elements: u64,
-    /// One lock per tensor: two uploads folding different tensors do not wait for each other.
-    acc: Vec<Mutex<Vec<i64>>>,
+    /// One running sum per tensor, one lock per tile of it: uploads folding different tiles do
+    /// not wait for each other.
+    acc: Vec<TiledSum>,
     /// [`FiniteValues`] and the options' filters (none if the options have none); the norm
     /// bound runs after them.
     filters: Vec<Arc<dyn UpdateFilter>>,
@@ -428,7 +470,7 @@ pub struct RoundAggregator {
     scale: f64,
     /// Largest total accepted weight for which the sum cannot overflow.
     weight_capacity: f64,
-    spool_dir: Option<PathBuf>,
+    spools: Arc<SpoolPool>,
     /// [`AggregatorOptions::clip_updates_to`].
     clip_updates_to: Option<f64>,
     ledger: Mutex<Ledger>,
@@ -488,7 +530,7 @@ impl RoundAggregator {
             let n = usize::try_from(elements).map_err(|_| too_large())?;
             n.checked_mul(8).ok_or_else(too_large)?;
             lens.push(n);
-            acc.push(Mutex::new(prefaulted_zeros(n)));
+            acc.push(TiledSum::zeroed(n));
         }
         // FiniteValues guarantees the other filters finite input. With none, it would only repeat
         // what the norm bound already refuses (a NaN or infinity makes the norm non-finite) at
@@ -508,7 +550,9 @@ impl RoundAggregator {
             max_weight: w,
             scale,
             weight_capacity: SUM_LIMIT / (b * scale),
-            spool_dir: options.spool_dir,
+            spools: options
+                .spool_pool
+                .unwrap_or_else(|| SpoolPool::new(options.spool_dir)),
             clip_updates_to: options.clip_updates_to,
             ledger: Mutex::new(Ledger::default()),
         }))
@@ -576,15 +620,19 @@ impl RoundAggregator {
         let unit = 1.0 / (this.scale * total_weight);
         let mut mean_delta = Vec::with_capacity(this.acc.len());
         for (t, sum) in this.tensors.iter().zip(this.acc) {
-            let sum = sum.into_inner().map_err(|_| {
-                AggregateError::Poisoned(format!(
+            if sum.is_poisoned() {
+                return Err(AggregateError::Poisoned(format!(
                     "a thread panicked while folding into tensor {:?}",
                     t.name
-                ))
-            })?;
-            // i64 and f64 have the same size and alignment, so this collect reuses the sum's
-            // allocation (std's in-place iteration): finishing allocates nothing.
-            mean_delta.push(sum.into_iter().map(|s| s as f64 * unit).collect());
+                )));
+            }
+            // i64 → f64 in place (same size and alignment: the collect reuses the buffer).
+            mean_delta.push(
+                sum.into_vec()
+                    .into_iter()
+                    .map(|s| s as f64 * unit)
+                    .collect(),
+            );
         }
         Ok(RoundResult {
             tensors: this.tensors,
@@ -600,21 +648,20 @@ impl RoundAggregator {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_sum(&self, tensor: usize) -> Result<MutexGuard<'_, Vec<i64>>, SinkError> {
-        let m = self
+    /// Tile `tile` of tensor `tensor`'s running sum, locked.
+    fn lock_tile(&self, tensor: usize, tile: usize) -> Result<tiled::TileGuard<'_>, SinkError> {
+        let sum = self
             .acc
             .get(tensor)
             .ok_or_else(|| io::Error::other(format!("no tensor #{tensor} in the global model")))?;
-        m.lock().map_err(|_| {
+        sum.lock(tile).ok_or_else(|| {
             SinkError::Io(io::Error::other(format!(
-                "the running sum of tensor {:?} was left inconsistent by a panic",
+                "tile {tile} of the running sum of tensor {:?} is missing or was left inconsistent by a panic",
                 self.tensors[tensor].name
             )))
         })
     }
 
-    /// Checks an update's manifest against the global model; the reason names the first
-    /// tensor that differs and how.
     fn check_manifest(&self, m: &Manifest) -> Result<(), String> {
         let (global, update) = (&self.tensors, m.tensors());
         for (i, (g, u)) in global.iter().zip(update).enumerate() {
@@ -657,21 +704,6 @@ impl RoundAggregator {
     }
 
     /// Takes a spare spool file or makes a new one, positioned at its start.
-    fn spool_file(&self) -> io::Result<File> {
-        let spare = self.ledger().spare_spools.pop();
-        let mut file = match spare {
-            Some(f) => f,
-            None => match &self.spool_dir {
-                Some(dir) => tempfile::tempfile_in(dir)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?,
-                None => tempfile::tempfile()?,
-            },
-        };
-        file.seek(SeekFrom::Start(0))?;
-        Ok(file)
-    }
-
-    /// Subtracts the first `folded` values of an update, read back from its spool.
     fn take_back(&self, spool: &mut File, folded: u64, ws: f64) -> Result<(), SinkError> {
         self.rescale(spool, folded, ws, 0.0)
     }
@@ -687,27 +719,27 @@ impl RoundAggregator {
         new_ws: f64,
     ) -> Result<(), SinkError> {
         spool.seek(SeekFrom::Start(0))?;
-        let mut bytes = vec![0u8; BLOCK * 4];
-        let mut values = vec![0f32; BLOCK];
+        let mut bytes = vec![[0u8; 4]; BLOCK];
         let mut left = folded;
         for (tensor, &len) in self.lens.iter().enumerate() {
             let mut element = 0usize;
             while left > 0 && element < len {
+                // The spool was written in the same tile-aligned runs, in the same order.
+                let tile = element / TILE;
                 let n = (len - element)
-                    .min(BLOCK)
+                    .min((tile + 1) * TILE - element)
                     .min(usize::try_from(left).unwrap_or(BLOCK));
-                spool.read_exact(&mut bytes[..n * 4])?;
-                let (raw, _) = bytes[..n * 4].as_chunks::<4>();
-                for (v, b) in values.iter_mut().zip(raw) {
-                    *v = f32::from_ne_bytes(*b);
-                }
-                let mut sum = self.lock_sum(tensor)?;
-                let target = sum
-                    .get_mut(element..element + n)
+                let run = &mut bytes[..n];
+                spool.read_exact(run.as_flattened_mut())?;
+                let guard = self.lock_tile(tensor, tile)?;
+                let offset = element - tile * TILE;
+                let target = guard
+                    .values
+                    .get_mut(offset..offset + n)
                     .ok_or_else(|| io::Error::other("spool longer than the tensor"))?;
-                unfold(target, &values[..n], ws);
+                unfold_le(target, run, ws);
                 if new_ws != 0.0 {
-                    fold(target, &values[..n], new_ws);
+                    fold_le(target, run, new_ws);
                 }
                 element += n;
                 left -= n as u64;
@@ -717,19 +749,6 @@ impl RoundAggregator {
     }
 }
 
-/// `n` zeros, every page already written once. A fresh allocation maps the shared zero page;
-/// the fold's first read of a page would fault it in as that, and its write fault again to copy
-/// it: writing one word per page now costs one fault per page instead of two.
-fn prefaulted_zeros(n: usize) -> Vec<i64> {
-    let mut v = vec![0i64; n];
-    for word in v.iter_mut().step_by(4096 / size_of::<i64>()) {
-        // black_box: the compiler knows the allocation is zeroed and would drop a plain store of 0.
-        *word = std::hint::black_box(0);
-    }
-    v
-}
-
-/// The largest power of two `S` with `norm_bound · max_weight · S ≤ 2⁵⁰`.
 fn fixed_point_scale(norm_bound: f64, max_weight: f64) -> Option<f64> {
     let span = norm_bound * max_weight;
     if !(span.is_finite() && span > 0.0) {
@@ -749,35 +768,6 @@ fn fixed_point_scale(norm_bound: f64, max_weight: f64) -> Option<f64> {
 
 /// `round(x · ws)` as an integer, for `|x · ws| < 2⁵¹` (see [`MAGIC`]). Deterministic: the same
 /// inputs give the same integer, which is what makes undo exact.
-#[inline(always)]
-fn quantize(x: f32, ws: f64) -> i64 {
-    ((f64::from(x) * ws + MAGIC).to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64)
-}
-
-/// `sum[i] += round(x[i] · ws)`. A plain element-wise loop, which the compiler vectorises
-/// (packed f32→f64, multiply, add, integer add); the norm is computed beside it, on the block in
-/// cache, not here, because a reduction in this loop kept it from vectorising.
-fn fold(sum: &mut [i64], x: &[f32], ws: f64) {
-    for (s, x) in sum.iter_mut().zip(x) {
-        *s = s.wrapping_add(quantize(*x, ws));
-    }
-}
-
-/// The exact inverse of [`fold`].
-fn unfold(sum: &mut [i64], x: &[f32], ws: f64) {
-    for (s, x) in sum.iter_mut().zip(x) {
-        *s = s.wrapping_sub(quantize(*x, ws));
-    }
-}
-
-/// The bytes of an f32 slice in native order, to spool without another copy.
-fn f32_bytes(values: &[f32]) -> &[u8] {
-    // SAFETY: the returned slice covers exactly the memory of `values` (size_of_val bytes from
-    // its start) and borrows it for the same lifetime; u8 has alignment 1, and every byte of an
-    // f32 is initialised (f32 has no padding).
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), size_of_val(values)) }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum WeightFrom {
     Fixed(f64),
@@ -810,7 +800,10 @@ struct Active {
     carry_len: usize,
     /// Values folded so far, counted over all tensors in order (the spool's length / 4).
     folded: u64,
+    /// Decoded values for the filters, and the filtered values re-encoded for spool and fold
+    /// (used only when filters are configured).
     scratch: Vec<f32>,
+    encoded: Vec<[u8; 4]>,
 }
 
 impl UpdateSink {
@@ -863,6 +856,13 @@ impl UpdateSink {
     }
 
     /// Decodes, filters, spools and folds whole elements of one tensor, a block at a time.
+    /// Validates, spools and folds `bytes` (whole little-endian f32 values of tensor `tensor`
+    /// from element `first` on, at most one stream chunk).
+    ///
+    /// Without filters the values are folded as they came: the norm is checked over the whole
+    /// run first, the run is spooled in one write (fewer, larger writes are cheaper), then folded
+    /// tile by tile while it is still in the cache. With filters, which may rewrite values, each
+    /// tile-aligned run is decoded, filtered, checked, spooled and folded in turn.
     fn process(&mut self, tensor: usize, first: usize, bytes: &[u8]) -> Result<(), SinkError> {
         let agg = &*self.agg;
         let a = self
@@ -871,37 +871,51 @@ impl UpdateSink {
             .ok_or_else(|| io::Error::other("write before begin"))?;
         let spec = &agg.tensors[tensor];
         let (elements, _) = bytes.as_chunks::<4>();
-        for (block_index, raw) in elements.chunks(BLOCK).enumerate() {
-            let first = first + block_index * BLOCK;
-            let n = raw.len();
-            if a.scratch.len() < n {
-                a.scratch.resize(n, 0.0);
-            }
-            let values = &mut a.scratch[..n];
-            for (v, b) in values.iter_mut().zip(raw) {
-                *v = f32::from_le_bytes(*b);
-            }
-            let at = ValuesAt {
-                tensor_index: tensor,
-                tensor: spec,
-                first_element: first as u64,
-            };
-            for pass in &mut a.passes {
-                pass.values(&at, values)
-                    .map_err(|r| SinkError::Rejected(r.0))?;
-            }
+        let at = |element: usize| ValuesAt {
+            tensor_index: tensor,
+            tensor: spec,
+            first_element: element as u64,
+        };
+        let unfiltered = a.passes.is_empty();
+        if unfiltered && !elements.is_empty() {
             a.norm
-                .values(&at, values)
+                .values_le(&at(first), elements)
                 .map_err(|r| SinkError::Rejected(r.0))?;
             // Spool before folding: a value is never in the sum without a way to take it out.
-            a.spool.write_all(f32_bytes(values))?;
-            let mut sum = agg.lock_sum(tensor)?;
-            let target = sum.get_mut(first..first + n).ok_or_else(|| {
+            a.spool.write_all(elements.as_flattened())?;
+        }
+        let mut done = 0;
+        while done < elements.len() {
+            let element = first + done;
+            let tile = element / TILE;
+            let n = (elements.len() - done).min((tile + 1) * TILE - element);
+            let raw = &elements[done..done + n];
+            let folded: &[[u8; 4]] = if unfiltered {
+                raw
+            } else {
+                a.scratch.clear();
+                a.scratch.extend(raw.iter().map(|b| f32::from_le_bytes(*b)));
+                for pass in &mut a.passes {
+                    pass.values(&at(element), &mut a.scratch)
+                        .map_err(|r| SinkError::Rejected(r.0))?;
+                }
+                a.norm
+                    .values(&at(element), &mut a.scratch)
+                    .map_err(|r| SinkError::Rejected(r.0))?;
+                a.encoded.clear();
+                a.encoded.extend(a.scratch.iter().map(|v| v.to_le_bytes()));
+                a.spool.write_all(a.encoded.as_flattened())?;
+                &a.encoded
+            };
+            let guard = agg.lock_tile(tensor, tile)?;
+            let offset = element - tile * TILE;
+            let target = guard.values.get_mut(offset..offset + n).ok_or_else(|| {
                 io::Error::other(format!("write past the end of tensor {:?}", spec.name))
             })?;
-            fold(target, values, a.ws);
-            drop(sum);
+            fold_le(target, folded, a.ws);
+            drop(guard);
             a.folded += n as u64;
+            done += n;
         }
         Ok(())
     }
@@ -930,7 +944,7 @@ impl TensorSink for UpdateSink {
             .map(|f| f.start(&info))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|r| SinkError::Rejected(r.0))?;
-        let spool = self.agg.spool_file()?;
+        let spool = self.agg.spools.take()?;
         {
             let mut ledger = self.agg.ledger();
             let refusal = if let Some(why) = &ledger.poisoned {
@@ -956,9 +970,8 @@ impl TensorSink for UpdateSink {
                 None
             };
             if let Some(why) = refusal {
-                if ledger.spare_spools.len() < SPARE_SPOOLS {
-                    ledger.spare_spools.push(spool);
-                }
+                drop(ledger);
+                self.agg.spools.give_back(spool);
                 return Err(SinkError::Rejected(why));
             }
             ledger.in_flight.insert(self.site.clone());
@@ -976,6 +989,7 @@ impl TensorSink for UpdateSink {
             carry_len: 0,
             folded: 0,
             scratch: Vec::new(),
+            encoded: Vec::new(),
         });
         Ok(())
     }
@@ -1090,9 +1104,8 @@ impl TensorSink for UpdateSink {
         ledger.reserved_weight -= a.weight;
         ledger.accepted_weight += a.weight;
         ledger.accepted.push(accepted.clone());
-        if ledger.spare_spools.len() < SPARE_SPOOLS {
-            ledger.spare_spools.push(a.spool);
-        }
+        drop(ledger);
+        agg.spools.give_back(a.spool);
         Ok(accepted)
     }
 }
@@ -1113,9 +1126,8 @@ impl Drop for UpdateSink {
         ledger.reserved_weight -= a.weight;
         match undone {
             Ok(()) => {
-                if ledger.spare_spools.len() < SPARE_SPOOLS {
-                    ledger.spare_spools.push(a.spool);
-                }
+                drop(ledger);
+                self.agg.spools.give_back(a.spool);
             }
             Err(e) => {
                 tracing::error!(site = %self.site, error = %e, "could not take a refused update back out of the round's sum");
@@ -1131,32 +1143,6 @@ impl Drop for UpdateSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantize_rounds_to_nearest_even_across_the_range() {
-        assert_eq!(quantize(1.5, 1.0), 2);
-        assert_eq!(quantize(2.5, 1.0), 2);
-        assert_eq!(quantize(-2.5, 1.0), -2);
-        assert_eq!(quantize(-0.4, 1.0), 0);
-        assert_eq!(quantize(-1.0, 3.0), -3);
-        let big = (1u64 << 50) as f64;
-        assert_eq!(quantize(1.0, big), 1i64 << 50);
-        assert_eq!(quantize(-1.0, big), -(1i64 << 50));
-        assert_eq!(quantize(0.75, big), 3i64 << 48);
-    }
-
-    #[test]
-    fn fold_then_unfold_restores_the_sum_bit_for_bit() {
-        let x: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.123_457).collect();
-        let original: Vec<i64> = (0..37).map(|i| i * 1_000_003 - 5).collect();
-        let mut sum = original.clone();
-        let ws = 3.0 * 2f64.powi(40);
-        fold(&mut sum, &x, ws);
-        assert_ne!(sum, original);
-        assert_eq!(sum[0] - original[0], quantize(x[0], ws));
-        unfold(&mut sum, &x, ws);
-        assert_eq!(sum, original);
-    }
 
     #[test]
     fn scale_keeps_the_largest_contribution_under_two_to_the_fifty() {
@@ -1176,19 +1162,6 @@ mod tests {
         }
         assert_eq!(fixed_point_scale(1.0, 1.0), Some(2f64.powi(50)));
         assert!(fixed_point_scale(f64::MAX, 1e300).is_none());
-    }
-
-    #[test]
-    fn sum_of_squares_gives_the_same_bits_on_every_path() {
-        let v: Vec<f32> = (0..1000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) % 10_007) as f32 * 1.37e-3 - 6.1)
-            .collect();
-        for n in [0, 1, 15, 16, 17, 999, 1000] {
-            assert_eq!(
-                sum_of_squares(&v[..n]).to_bits(),
-                sum_of_squares_lanes(&v[..n]).to_bits()
-            );
-        }
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct Engine {
     pub model_dir: PathBuf,
     /// Strategy state (server optimizer moments) per job and round.
     pub state_dir: PathBuf,
+    /// Spool files of the uploads' exact undo, kept between rounds (in `state_dir`).
+    spool_pool: Arc<crate::aggregate::SpoolPool>,
     /// Bumped whenever a job changes, for `WatchJob`.
     changes: Mutex<HashMap<String, watch::Sender<u64>>>,
     cancels: Mutex<HashMap<String, CancellationToken>>,
@@ -102,6 +104,7 @@ impl Engine {
             nodes: Arc::new(NodeRegistry::default()),
             tasks: Arc::new(TaskTable::default()),
             model_dir,
+            spool_pool: crate::aggregate::SpoolPool::new(Some(state_dir.clone())),
             state_dir,
             changes: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
@@ -653,8 +656,9 @@ impl Engine {
         let (manifest, global) = stream::load_model(&self.model_path(model_id))?;
         let mut options = AggregatorOptions::new(spec.update_norm_bound);
         // Uploads spool what they fold (for an exact undo) next to the models, on the
-        // coordinator's disk rather than a possibly small tmpfs.
+        // coordinator's disk rather than a possibly small tmpfs, in files kept between rounds.
         options.spool_dir = Some(self.state_dir.clone());
+        options.spool_pool = Some(self.spool_pool.clone());
         if central.is_none() {
             let dimension = manifest
                 .tensors()

@@ -1,9 +1,16 @@
 //! The aggregation benchmark behind `tutela bench aggregate`: random updates, generated in memory
 //! before the clock starts, are folded through [`UpdateSink`](super::UpdateSink)s in 4 MiB chunks
-//! (as the stream decoder hands them over after the network) and the round is finished; in the
-//! same run, a plain memory copy of the same bytes gives the bandwidth ceiling, the bare fold
-//! loops of the accumulation choices (f32, f64, i64 fixed point) show what the accumulator's width
-//! costs, and spool writes alone show what exact undo costs.
+//! (as the stream decoder hands them over after the network) and the round is finished, two ways:
+//!
+//! - **one upload at a time**, on one thread: sites that finish training at different times;
+//! - **concurrent uploads**: every update in flight at once, their chunks interleaved, folded by
+//!   as many threads as the machine has cores — what the coordinator's runtime does when the
+//!   sampled sites, having trained for about as long, upload together.
+//!
+//! In the same run, a plain memory copy of the same bytes gives the bandwidth ceiling (on one
+//! thread, and on as many threads as the concurrent round uses), the bare fold loops of the
+//! accumulation choices (f32, f64, i64 fixed point) show what the accumulator's width costs, and
+//! spool writes alone show what exact undo costs.
 //!
 //! `bench/fedavg_numpy.py` at the repository root computes the same weighted mean the way
 //! Flower's `aggregate` does, on the same sizes, and prints GB/s in the same unit: bytes of
@@ -14,7 +21,8 @@ use std::time::Instant;
 use tutela_protocol::stream::{MAX_CHUNK_BYTES, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
 
-use super::{AggregateError, AggregatorOptions, RoundAggregator, RoundResult, quantize};
+use super::tiled::quantize;
+use super::{AggregateError, AggregatorOptions, RoundAggregator, RoundResult};
 
 /// Tensors the model is split into: a few large ones, like the big layers of a real model.
 const TENSORS: usize = 4;
@@ -60,6 +68,16 @@ pub struct AggregateBenchReport {
     pub copy_gb_per_s: f64,
     /// fold_gb_per_s / copy_gb_per_s.
     pub fold_vs_copy: f64,
+    /// Threads of the concurrent round and of the parallel copy (the machine's cores).
+    pub threads: usize,
+    /// Every update in flight at once, chunks interleaved, `threads` threads: the fastest of
+    /// [`ROUNDS`] whole rounds (new, fold, finish).
+    pub concurrent_seconds: f64,
+    pub concurrent_round_seconds: Vec<f64>,
+    pub concurrent_gb_per_s: f64,
+    /// The same bytes copied by `threads` threads, each into a model-sized buffer of its own.
+    pub parallel_copy_seconds: f64,
+    pub parallel_copy_gb_per_s: f64,
     pub kernels: Vec<KernelRate>,
     /// Writing the same bytes, in the same blocks, to one reused spool file: the price of exact
     /// undo, paid by every update (see the aggregate module's docs).
@@ -101,7 +119,7 @@ impl std::fmt::Display for AggregateBenchReport {
         )?;
         writeln!(
             f,
-            "  round through UpdateSinks (new, fold, finish): {:.3} s, {:.2} GB/s of updates ({:.0}% of copy); rounds: {}",
+            "  one upload at a time, one thread, new + fold + finish: {:.3} s, {:.2} GB/s of updates ({:.0}% of the one-thread copy); rounds: {}",
             self.fold_seconds,
             self.fold_gb_per_s,
             self.fold_vs_copy * 100.0,
@@ -124,8 +142,29 @@ impl std::fmt::Display for AggregateBenchReport {
         )?;
         writeln!(
             f,
-            "  memory copy of the same bytes (ceiling): {:.3} s, {:.2} GB/s",
+            "  memory copy of the same bytes on one thread: {:.3} s, {:.2} GB/s",
             self.copy_seconds, self.copy_gb_per_s
+        )?;
+        writeln!(
+            f,
+            "  concurrent uploads ({} in flight, chunks interleaved, {} threads), new + fold + finish: {:.3} s, {:.2} GB/s ({:.0}% of the one-thread copy, {:.0}% of the {}-thread copy); rounds: {}",
+            self.updates,
+            self.threads,
+            self.concurrent_seconds,
+            self.concurrent_gb_per_s,
+            self.concurrent_gb_per_s / self.copy_gb_per_s * 100.0,
+            self.concurrent_gb_per_s / self.parallel_copy_gb_per_s * 100.0,
+            self.threads,
+            self.concurrent_round_seconds
+                .iter()
+                .map(|s| format!("{s:.3} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(
+            f,
+            "  memory copy of the same bytes on {} threads: {:.3} s, {:.2} GB/s",
+            self.threads, self.parallel_copy_seconds, self.parallel_copy_gb_per_s
         )?;
         writeln!(f, "  bare fold loops (no validation, no spool):")?;
         for k in &self.kernels {
@@ -176,6 +215,8 @@ pub enum BenchError {
     },
     #[error(transparent)]
     Manifest(#[from] tutela_protocol::tensor::ManifestError),
+    #[error("the concurrent round's mean is off by {0:e} from the one-at-a-time round's")]
+    Mismatch(f64),
 }
 
 /// Folds `updates` random updates of `params` f32 parameters through the aggregator and reports
@@ -183,8 +224,12 @@ pub enum BenchError {
 /// the same process (as in a coordinator that has been running for a while; the machine may be
 /// shared). Spools to `/var/tmp` when it exists (as `tutela bench` does: `/tmp` is often a small
 /// tmpfs), else the system's temporary directory.
-pub fn bench_fedavg(params: usize, updates: usize) -> Result<AggregateBenchReport, BenchError> {
-    if params == 0 || updates == 0 {
+pub fn bench_fedavg(
+    params: usize,
+    updates: usize,
+    threads: usize,
+) -> Result<AggregateBenchReport, BenchError> {
+    if params == 0 || updates == 0 || threads == 0 {
         return Err(BenchError::Empty);
     }
     let sizes = split(params);
@@ -218,6 +263,8 @@ pub fn bench_fedavg(params: usize, updates: usize) -> Result<AggregateBenchRepor
     if var_tmp.is_dir() {
         options.spool_dir = Some(var_tmp.to_path_buf());
     }
+    // One pool for every round, as the coordinator keeps one for its lifetime.
+    options.spool_pool = Some(super::SpoolPool::new(options.spool_dir.clone()));
 
     // Start the resident peak afresh (Linux: writing 5 to clear_refs resets VmHWM), so that it
     // reflects the aggregation, not a transient of input generation.
@@ -237,8 +284,23 @@ pub fn bench_fedavg(params: usize, updates: usize) -> Result<AggregateBenchRepor
             best = Some(timing);
         }
     }
-    let peak = proc_status_bytes("VmHWM:");
     let best = best.ok_or(BenchError::Empty)?;
+    let mut concurrent_round_seconds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let (seconds, result) =
+            time_concurrent_round(&manifest, options.clone(), &inputs, &weights, threads)?;
+        concurrent_round_seconds.push(seconds);
+        // Integer sums do not depend on the order of arrival: the same bits as one at a time.
+        let (err, _) = check(&result.mean_delta, &inputs, &weights, params);
+        if err > accuracy.0 * 1.000_001 + f64::MIN_POSITIVE {
+            return Err(BenchError::Mismatch(err));
+        }
+    }
+    let concurrent_seconds = concurrent_round_seconds
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let peak = proc_status_bytes("VmHWM:");
 
     // The ceiling: the same bytes, the same chunks, copied into a buffer allocated and touched
     // beforehand.
@@ -260,6 +322,7 @@ pub fn bench_fedavg(params: usize, updates: usize) -> Result<AggregateBenchRepor
         std::hint::black_box(&buffers);
     }
     drop(buffers);
+    let parallel_copy_seconds = parallel_copy(&inputs, &sizes, threads);
 
     let spool_write_gb_per_s = spool_rate(options.spool_dir.as_deref(), &inputs).ok();
     let kernels = vec![
@@ -297,6 +360,12 @@ pub fn bench_fedavg(params: usize, updates: usize) -> Result<AggregateBenchRepor
         copy_seconds,
         copy_gb_per_s,
         fold_vs_copy: fold_gb_per_s / copy_gb_per_s,
+        threads,
+        concurrent_seconds,
+        concurrent_round_seconds,
+        concurrent_gb_per_s: update_bytes as f64 / concurrent_seconds / 1e9,
+        parallel_copy_seconds,
+        parallel_copy_gb_per_s: update_bytes as f64 / parallel_copy_seconds / 1e9,
         kernels,
         spool_write_gb_per_s,
         model_bytes: params as u64 * 4,
@@ -360,6 +429,98 @@ fn time_round(
         },
         result,
     ))
+}
+
+/// One round with every update in flight at once: thread `k` of `threads` carries the uploads
+/// `k, k + threads, …`, writing one 4 MiB chunk of each in turn, so that chunks of all uploads
+/// interleave as they do when sites upload together. Returns the seconds of new + fold + finish.
+fn time_concurrent_round(
+    manifest: &Manifest,
+    options: AggregatorOptions,
+    inputs: &[Vec<Vec<u8>>],
+    weights: &[f64],
+    threads: usize,
+) -> Result<(f64, RoundResult), BenchError> {
+    let start = Instant::now();
+    let agg = RoundAggregator::with_options(manifest, options)?;
+    std::thread::scope(|s| -> Result<(), BenchError> {
+        let workers: Vec<_> = (0..threads)
+            .map(|k| {
+                let agg = &agg;
+                s.spawn(move || -> Result<(), BenchError> {
+                    let mine: Vec<usize> = (k..inputs.len()).step_by(threads).collect();
+                    let mut sinks = Vec::with_capacity(mine.len());
+                    for &index in &mine {
+                        let mut sink = agg.update_sink(format!("site-{index}"), weights[index]);
+                        sink.begin(manifest)
+                            .map_err(|source| BenchError::Refused { index, source })?;
+                        sinks.push(sink);
+                    }
+                    // (tensor, offset) of every chunk, in stream order.
+                    let chunks: Vec<(usize, usize)> = inputs[0]
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(t, data)| {
+                            (0..data.len())
+                                .step_by(MAX_CHUNK_BYTES)
+                                .map(move |offset| (t, offset))
+                        })
+                        .collect();
+                    for &(t, offset) in &chunks {
+                        for (sink, &index) in sinks.iter_mut().zip(&mine) {
+                            let data = &inputs[index][t];
+                            let end = (offset + MAX_CHUNK_BYTES).min(data.len());
+                            sink.write(t, offset as u64, &data[offset..end])
+                                .map_err(|source| BenchError::Refused { index, source })?;
+                        }
+                    }
+                    for (sink, &index) in sinks.into_iter().zip(&mine) {
+                        sink.commit(&[0u8; 32])
+                            .map_err(|source| BenchError::Refused { index, source })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| BenchError::Mismatch(f64::NAN))??;
+        }
+        Ok(())
+    })?;
+    let result = agg.finish()?;
+    Ok((start.elapsed().as_secs_f64(), result))
+}
+
+/// The copy ceiling on `threads` threads: each copies its share of the updates, chunk by chunk,
+/// into a model-sized buffer of its own (allocated and touched beforehand). Fastest of
+/// [`ROUNDS`], in seconds.
+fn parallel_copy(inputs: &[Vec<Vec<u8>>], sizes: &[usize], threads: usize) -> f64 {
+    let mut buffers: Vec<Vec<Vec<u8>>> = (0..threads)
+        .map(|_| sizes.iter().map(|&n| vec![1u8; n * 4]).collect())
+        .collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for (k, mine) in buffers.iter_mut().enumerate() {
+                s.spawn(move || {
+                    for update in inputs.iter().skip(k).step_by(threads) {
+                        for (dst, src) in mine.iter_mut().zip(update) {
+                            for (d, c) in dst
+                                .chunks_mut(MAX_CHUNK_BYTES)
+                                .zip(src.chunks(MAX_CHUNK_BYTES))
+                            {
+                                d.copy_from_slice(c);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+        std::hint::black_box(&buffers);
+    }
+    best
 }
 
 /// `params` split into a few tensors of nearly equal size.
@@ -510,11 +671,13 @@ mod tests {
 
     #[test]
     fn small_benchmark_runs_and_is_accurate() {
-        let r = bench_fedavg(10_001, 3).unwrap();
+        let r = bench_fedavg(10_001, 3, 2).unwrap();
         assert_eq!(r.update_bytes, 10_001 * 4 * 3);
         assert_eq!(r.tensors, 4);
         assert_eq!(r.accumulator_bytes, 10_001 * 8);
         assert!(r.fold_gb_per_s > 0.0 && r.copy_gb_per_s > 0.0);
+        assert!(r.concurrent_gb_per_s > 0.0 && r.parallel_copy_gb_per_s > 0.0);
+        assert_eq!(r.concurrent_round_seconds.len(), ROUNDS);
         assert!(r.max_abs_mean > 0.0);
         // f32 output of a mean below 1e-3: within a couple of f32 ulps of 1e-3 plus the
         // fixed-point resolution.

@@ -220,6 +220,84 @@ fn concurrent_uploads_from_threads_give_the_sequential_result_bit_for_bit() {
     }
 }
 
+/// Tensors spanning several tiles of the running sum (each locked on its own): uploads on
+/// threads, with chunks that straddle tile boundaries, and uploads dropped part-way (one after
+/// crossing several tiles, one refused over the norm bound late in the second tensor), give
+/// bit for bit the sum of the accepted updates uploaded one at a time.
+#[test]
+fn multi_tile_uploads_on_threads_with_late_refusals_leave_only_the_accepted_sum() {
+    use tutela_coordinator::aggregate::tiled::TILE;
+    let w = 3 * TILE + 123;
+    let b = TILE + 7;
+    let m = manifest(&[
+        ("w", DType::F32, &[w as u64]),
+        ("b", DType::F32, &[b as u64]),
+    ]);
+    let update = |s: u32| -> Vec<Vec<f32>> {
+        let v = |i: u32| {
+            ((i.wrapping_mul(2_654_435_761) ^ s.wrapping_mul(40_503)) % 2001) as f32 * 1e-5 - 0.01
+        };
+        vec![
+            (0..w as u32).map(v).collect(),
+            (w as u32..(w + b) as u32).map(v).collect(),
+        ]
+    };
+    let bound = 100.0;
+    let weight = |s: usize| 10.0 + 3.0 * s as f64;
+
+    let sequential = RoundAggregator::new(&m, bound).unwrap();
+    for s in 0..4 {
+        let sink = sequential.update_sink(format!("site-{s}"), weight(s));
+        upload(sink, &m, &update(s as u32), 1 << 20).unwrap();
+    }
+    let sequential = finish(sequential);
+
+    let concurrent = RoundAggregator::new(&m, bound).unwrap();
+    std::thread::scope(|scope| {
+        for s in 0..4usize {
+            let sink = concurrent.update_sink(format!("site-{s}"), weight(s));
+            let (m, u) = (&m, update(s as u32));
+            // Odd chunk sizes: chunks split elements and straddle tiles.
+            scope.spawn(move || upload(sink, m, &u, 300_001 + 4099 * s).unwrap());
+        }
+        // A site whose connection drops after two and a half tiles of "w".
+        let concurrent = &concurrent;
+        let m = &m;
+        scope.spawn(move || {
+            let mut sink = concurrent.update_sink("dropped".into(), 5.0);
+            sink.begin(m).unwrap();
+            let bytes = le(&update(99)[0]);
+            let cut = (TILE * 5 / 2) * 4 + 2;
+            for (c, piece) in bytes[..cut].chunks(77_777).enumerate() {
+                sink.write(0, (c * 77_777) as u64, piece).unwrap();
+            }
+            drop(sink);
+        });
+        // A site over the norm bound only near the end of "b": refused after everything else
+        // was folded.
+        scope.spawn(move || {
+            let mut big = update(7);
+            let last = big[1].len() - 1;
+            big[1][last] = 1000.0;
+            let sink = concurrent.update_sink("too-big".into(), 5.0);
+            let why = rejected(upload(sink, m, &big, 250_000));
+            assert!(why.contains("bound of 100"), "{why}");
+            assert!(
+                why.contains(&format!("tensor \"b\" element {last}")),
+                "{why}"
+            );
+        });
+    });
+    assert_eq!(concurrent.in_flight(), 0);
+    let concurrent = finish(concurrent);
+    assert!(
+        concurrent.mean_delta == sequential.mean_delta,
+        "the means differ"
+    );
+    assert_eq!(concurrent.accepted.len(), 4);
+    assert_eq!(concurrent.total_weight, sequential.total_weight);
+}
+
 #[test]
 fn nan_and_infinite_updates_are_refused_naming_tensor_and_element_and_leave_no_trace() {
     let m = model();
