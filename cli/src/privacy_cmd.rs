@@ -20,9 +20,13 @@ pub enum AccountantArg {
     Rdp,
     /// Rényi DP with the classic Mironov 2017 conversion (older published tables).
     RdpClassic,
-    /// Privacy loss distribution, pessimistic discretisation (an upper bound; overestimates ε
-    /// by up to steps × --pld-interval).
+    /// Privacy loss distribution, the tight accountant: each step's loss put on the grid with
+    /// mean-preserving rounding, plus a Hoeffding shift of --pld-interval × √(2·steps·ln(1/η))
+    /// that keeps the reported ε an upper bound (about 0.07 at 14,000 steps).
     Pld,
+    /// Privacy loss distribution with every loss rounded up: a strict upper bound that
+    /// overestimates ε by up to steps × --pld-interval.
+    PldPessimistic,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +76,16 @@ fn accountant_of(c: &Common) -> Result<Accountant> {
             }
             Accountant::Pld(PldOptions {
                 discretization: c.pld_interval,
+                ..PldOptions::default()
+            })
+        }
+        AccountantArg::PldPessimistic => {
+            if !(c.pld_interval > 0.0 && c.pld_interval.is_finite()) {
+                bail!("--pld-interval {} must be positive", c.pld_interval);
+            }
+            Accountant::Pld(PldOptions {
+                discretization: c.pld_interval,
+                rounding: tutela_privacy::accountant::pld::Rounding::Pessimistic,
                 ..PldOptions::default()
             })
         }

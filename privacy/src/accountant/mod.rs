@@ -126,7 +126,8 @@ pub enum Accountant {
     Rdp,
     /// RDP with the classic Mironov 2017 conversion (older published tables).
     RdpClassic,
-    /// Pessimistic PLD; its ε is an upper bound, tighter than RDP's.
+    /// Privacy loss distributions; by default mean-preserving rounding with a Hoeffding shift,
+    /// whose ε is an upper bound tighter than RDP's (`pld` module documentation).
     Pld(pld::PldOptions),
 }
 
@@ -142,6 +143,9 @@ impl fmt::Display for Accountant {
         match self {
             Self::Rdp => f.write_str("rdp"),
             Self::RdpClassic => f.write_str("rdp-classic"),
+            Self::Pld(o) if o.rounding == pld::Rounding::Pessimistic => {
+                f.write_str("pld-pessimistic")
+            }
             Self::Pld(_) => f.write_str("pld"),
         }
     }
@@ -154,6 +158,10 @@ impl FromStr for Accountant {
             "rdp" => Ok(Self::Rdp),
             "rdp-classic" => Ok(Self::RdpClassic),
             "pld" => Ok(Self::pld()),
+            "pld-pessimistic" => Ok(Self::Pld(pld::PldOptions {
+                rounding: pld::Rounding::Pessimistic,
+                ..pld::PldOptions::default()
+            })),
             other => Err(AccountantError::UnknownAccountant(other.to_owned())),
         }
     }
