@@ -1122,20 +1122,8 @@ impl DpSgdStep {
                 release_in_place(host, noise, g, scale);
                 continue;
             }
-            let noise = Tensor::f_from_slice(noise)?
-                .f_to_device(grad.device())?
-                .f_to_kind(grad.kind())?
-                .f_view(grad.size().as_slice())?;
-            tch::no_grad(|| -> Result<(), tch::TchError> {
-                let _ = grad.f_mul_scalar_(1.0 / g)?;
-                let _ = grad.f_round_()?;
-                let _ = grad.f_mul_scalar_(g)?;
-                let _ = grad.f_add_(&noise)?;
-                if scale != 1.0 {
-                    let _ = grad.f_mul_scalar_(scale)?;
-                }
-                Ok(())
-            })?;
+            let noise = Tensor::f_from_slice(noise)?.f_view(grad.size().as_slice())?;
+            release_with_tensor_ops(grad, &noise, g, scale)?;
         }
         Ok(())
     }
@@ -1156,24 +1144,39 @@ impl DpSgdStep {
     /// [`DpSgdStep::privatize`] in place on a flat buffer, then multiplied by `scale`
     /// (post-processing).
     fn privatize_flat(&mut self, mut flat: Tensor, scale: f64) -> Result<Tensor, TrainError> {
-        let noise = Tensor::f_from_slice(self.noise.next(flat.numel())?)?;
-        let noise = noise.f_to_device(flat.device())?.f_to_kind(flat.kind())?;
         let g = self.granularity;
-        // ×(1/g), round, ×g are exact (g is a power of two): the sum on the grid. The noise is
-        // on the grid too, so the addition is exact or, past 2^24 grid steps in float32,
-        // correctly rounded: a function of the exact release, i.e. post-processing.
-        tch::no_grad(|| -> Result<(), tch::TchError> {
-            let _ = flat.f_mul_scalar_(1.0 / g)?;
-            let _ = flat.f_round_()?;
-            let _ = flat.f_mul_scalar_(g)?;
-            let _ = flat.f_add_(&noise)?;
-            if scale != 1.0 {
-                let _ = flat.f_mul_scalar_(scale)?;
-            }
-            Ok(())
-        })?;
+        let noise = Tensor::f_from_slice(self.noise.next(flat.numel())?)?;
+        release_with_tensor_ops(&mut flat, &noise, g, scale)?;
         Ok(flat)
     }
+}
+
+/// Rounds `values` to the grid `g`, adds `noise` (CPU float32, moved to `values`' device and
+/// kind) and multiplies by `scale`, in place with tensor ops: the release on any device.
+///
+/// ×(1/g), round, ×g are exact (g is a power of two): the sum on the grid. The noise is on the
+/// grid too, so the addition is exact or, past 2^24 grid steps in float32, correctly rounded: a
+/// function of the exact release, i.e. post-processing.
+fn release_with_tensor_ops(
+    values: &mut Tensor,
+    noise: &Tensor,
+    g: f64,
+    scale: f64,
+) -> Result<(), TrainError> {
+    let noise = noise
+        .f_to_device(values.device())?
+        .f_to_kind(values.kind())?;
+    tch::no_grad(|| -> Result<(), tch::TchError> {
+        let _ = values.f_mul_scalar_(1.0 / g)?;
+        let _ = values.f_round_()?;
+        let _ = values.f_mul_scalar_(g)?;
+        let _ = values.f_add_(&noise)?;
+        if scale != 1.0 {
+            let _ = values.f_mul_scalar_(scale)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
 }
 
 impl GradientStep for DpSgdStep {

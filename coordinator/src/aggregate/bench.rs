@@ -303,25 +303,8 @@ pub fn bench_fedavg(
     let peak = proc_status_bytes("VmHWM:");
 
     // The ceiling: the same bytes, the same chunks, copied into a buffer allocated and touched
-    // beforehand.
-    let mut buffers: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![1u8; n * 4]).collect();
-    let mut copy_seconds = f64::INFINITY;
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        for update in &inputs {
-            for (dst, src) in buffers.iter_mut().zip(update) {
-                for (d, s) in dst
-                    .chunks_mut(MAX_CHUNK_BYTES)
-                    .zip(src.chunks(MAX_CHUNK_BYTES))
-                {
-                    d.copy_from_slice(s);
-                }
-            }
-        }
-        copy_seconds = copy_seconds.min(start.elapsed().as_secs_f64());
-        std::hint::black_box(&buffers);
-    }
-    drop(buffers);
+    // beforehand, on one thread and on as many as the concurrent round used.
+    let copy_seconds = parallel_copy(&inputs, &sizes, 1);
     let parallel_copy_seconds = parallel_copy(&inputs, &sizes, threads);
 
     let spool_write_gb_per_s = spool_rate(options.spool_dir.as_deref(), &inputs).ok();
@@ -493,7 +476,7 @@ fn time_concurrent_round(
 
 /// The copy ceiling on `threads` threads: each copies its share of the updates, chunk by chunk,
 /// into a model-sized buffer of its own (allocated and touched beforehand). Fastest of
-/// [`ROUNDS`], in seconds.
+/// [`ROUNDS`], in seconds. With one thread: every update into the same buffer.
 fn parallel_copy(inputs: &[Vec<Vec<u8>>], sizes: &[usize], threads: usize) -> f64 {
     let mut buffers: Vec<Vec<Vec<u8>>> = (0..threads)
         .map(|_| sizes.iter().map(|&n| vec![1u8; n * 4]).collect())

@@ -354,6 +354,39 @@ fn a_leaf_may_not_outlive_the_ca_nor_have_an_empty_validity() {
         err.to_string().contains("spiffe://acme/site/a/node"),
         "{err}"
     );
+    // Asked for the CA's own lifetime a few seconds after it was made (the next second's
+    // "30 days from now"): the leaf ends with the CA; two minutes more is still refused.
+    let ca_end = x509_parser::parse_x509_certificate(ca.cert_der())
+        .unwrap()
+        .1
+        .validity()
+        .not_after
+        .timestamp();
+    let ca_not_after = OffsetDateTime::from_unix_timestamp(ca_end).unwrap();
+    let late = Validity {
+        not_before: OffsetDateTime::now_utc() - time::Duration::minutes(5),
+        not_after: ca_not_after + time::Duration::seconds(3),
+    };
+    let leaf = ca.issue(&node("b"), &LeafOptions::new(late)).unwrap();
+    let leaf_pem = x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes())
+        .unwrap()
+        .1;
+    let leaf_end = x509_parser::parse_x509_certificate(&leaf_pem.contents)
+        .unwrap()
+        .1
+        .validity()
+        .not_after
+        .timestamp();
+    assert_eq!(leaf_end, ca_end);
+    let too_late = Validity {
+        not_after: ca_not_after + time::Duration::minutes(2),
+        ..late
+    };
+    assert!(matches!(
+        ca.issue(&node("b"), &LeafOptions::new(too_late))
+            .unwrap_err(),
+        PkiError::OutlivesCa { .. }
+    ));
     let now = OffsetDateTime::now_utc();
     let empty = Validity {
         not_before: now,
