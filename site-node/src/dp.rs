@@ -937,10 +937,13 @@ impl NoiseWorker {
             .map_err(|_| dp_error("the noise thread has stopped".into()))
     }
 
-    /// `len` fresh noise values (`g·X`, `X ~ N_ℤ(0, σ_g²)`), never handed out before.
-    fn next(&mut self, len: usize) -> Result<&[f32], TrainError> {
+    /// `len` fresh noise values (`g·X`, `X ~ N_ℤ(0, σ_g²)`), never handed out before; at most
+    /// `steps_left` steps of `len` values are drawn ahead (a short round does not pay for a
+    /// buffer it will not use).
+    fn next(&mut self, len: usize, steps_left: u64) -> Result<&[f32], TrainError> {
         if self.current.len() - self.used < len {
-            let size = len.max(NOISE_BUFFER_VALUES / len.max(1) * len);
+            let ahead = usize::try_from(steps_left.max(1)).unwrap_or(usize::MAX);
+            let size = len.max((NOISE_BUFFER_VALUES / len.max(1)).min(ahead) * len);
             let mut fresh = if self.in_flight {
                 self.receive()?
             } else {
@@ -981,6 +984,8 @@ pub struct DpSgdStep {
     noise: NoiseWorker,
     granularity: f64,
     steps: u64,
+    /// The plan's steps per round: how far ahead noise is worth drawing.
+    planned_steps: u64,
     /// Rows per micro-batch, learned on the first step ([`MICROBATCH_VALUES`]).
     rows_per_slice: Option<i64>,
     /// The same for the Linear route, whose per-example tensors are other ones.
@@ -1019,7 +1024,7 @@ impl DpSgdStep {
     pub fn new(plan: &DpSgdPlan) -> Result<Self, TrainError> {
         let noise = SecureGaussian::new(plan.noise_multiplier * plan.clip, plan.granularity)
             .map_err(|e| dp_error(e.to_string()))?;
-        Self::from_noise(plan.clip, noise)
+        Self::from_noise(plan.clip, noise, plan.steps_per_round)
     }
 
     /// As [`DpSgdStep::new`] with a given generator (tests).
@@ -1027,16 +1032,21 @@ impl DpSgdStep {
         let noise =
             SecureGaussian::with_rng(plan.noise_multiplier * plan.clip, plan.granularity, rng)
                 .map_err(|e| dp_error(e.to_string()))?;
-        Self::from_noise(plan.clip, noise)
+        Self::from_noise(plan.clip, noise, plan.steps_per_round)
     }
 
-    fn from_noise(clip: f64, noise: SecureGaussian) -> Result<Self, TrainError> {
+    fn from_noise(
+        clip: f64,
+        noise: SecureGaussian,
+        planned_steps: u64,
+    ) -> Result<Self, TrainError> {
         let granularity = noise.granularity();
         Ok(DpSgdStep {
             clip,
             noise: NoiseWorker::spawn(noise)?,
             granularity,
             steps: 0,
+            planned_steps,
             rows_per_slice: None,
             linear_rows_per_slice: None,
             linear_route: true,
@@ -1112,7 +1122,8 @@ impl DpSgdStep {
         }
         let total = grads.iter().map(Tensor::numel).sum();
         let g = self.granularity;
-        let values = self.noise.next(total)?;
+        let steps_left = self.planned_steps.saturating_sub(self.steps);
+        let values = self.noise.next(total, steps_left)?;
         let mut offset = 0;
         for grad in &mut grads {
             let n = grad.numel();
@@ -1145,7 +1156,8 @@ impl DpSgdStep {
     /// (post-processing).
     fn privatize_flat(&mut self, mut flat: Tensor, scale: f64) -> Result<Tensor, TrainError> {
         let g = self.granularity;
-        let noise = Tensor::f_from_slice(self.noise.next(flat.numel())?)?;
+        let steps_left = self.planned_steps.saturating_sub(self.steps);
+        let noise = Tensor::f_from_slice(self.noise.next(flat.numel(), steps_left)?)?;
         release_with_tensor_ops(&mut flat, &noise, g, scale)?;
         Ok(flat)
     }
