@@ -325,18 +325,16 @@ enum LayerGrads {
     },
 }
 
-/// One micro-batch: forward, per-example output gradients, norms, and the clipped sum added into
-/// `flat` (created on the first slice).
-fn clip_slice(
+/// Steps 1–2 of the module documentation: the traced forward pass, then one backward pass of
+/// the summed per-example losses to the layer outputs, which gives each example's own output
+/// gradients `g_i`. Returns the traces, the output gradients (one per traced layer) and Σ_i ℓ_i.
+fn traced_output_gradients(
     net: &LayerNet,
     inputs: &Tensor,
     labels: &Tensor,
-    clip: f64,
     train: bool,
-    layout: &mut Option<FlatLayout>,
-    flat: &mut Option<Tensor>,
-) -> Result<Slice, TrainError> {
-    let (logits, mut traces) = net.forward_traced(inputs, train);
+) -> Result<(Vec<LayerTrace>, Vec<Tensor>, f64), TrainError> {
+    let (logits, traces) = net.forward_traced(inputs, train);
     let losses = logits
         .f_cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, 0.0)
         .map_err(torch("per-example cross-entropy"))?;
@@ -351,7 +349,22 @@ fn clip_slice(
     let loss_value = loss_sum
         .f_double_value(&[])
         .map_err(torch("reading the loss"))?;
-    drop((logits, losses, loss_sum));
+    Ok((traces, output_grads, loss_value))
+}
+
+/// One micro-batch: forward, per-example output gradients, norms, and the clipped sum added into
+/// `flat` (created on the first slice).
+fn clip_slice(
+    net: &LayerNet,
+    inputs: &Tensor,
+    labels: &Tensor,
+    clip: f64,
+    train: bool,
+    layout: &mut Option<FlatLayout>,
+    flat: &mut Option<Tensor>,
+) -> Result<Slice, TrainError> {
+    let (mut traces, output_grads, loss_value) =
+        traced_output_gradients(net, inputs, labels, train)?;
     let rows = inputs.size().first().copied().unwrap_or(0);
     tch::no_grad(|| -> Result<Slice, TrainError> {
         let kind = output_grads.first().map_or(Kind::Float, Tensor::kind);
@@ -735,22 +748,8 @@ pub fn clip_linear_into_gradients(
         ));
     }
     let rows = usize::try_from(inputs.size().first().copied().unwrap_or(0)).unwrap_or(0);
-    let (logits, traces) = net.forward_traced(inputs, train);
-    let losses = logits
-        .f_cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, 0.0)
-        .map_err(torch("per-example cross-entropy"))?;
-    let loss_sum = losses
-        .f_sum(losses.kind())
-        .map_err(torch("summing losses"))?;
-    let mut output_grads = {
-        let outputs: Vec<&Tensor> = traces.iter().map(|t| &t.output).collect();
-        Tensor::f_run_backward(&[&loss_sum], &outputs, false, false)
-            .map_err(torch("per-example output gradients"))?
-    };
-    let loss_value = loss_sum
-        .f_double_value(&[])
-        .map_err(torch("reading the loss"))?;
-    drop((logits, losses, loss_sum));
+    let (traces, mut output_grads, loss_value) =
+        traced_output_gradients(net, inputs, labels, train)?;
     let mut norms2 = vec![0f64; rows];
     for (trace, g) in traces.iter().zip(&output_grads) {
         if trace.input.dim() != 2 || g.dim() != 2 {
@@ -977,6 +976,17 @@ impl Drop for NoiseWorker {
     }
 }
 
+/// Refuses a step whose clipping covers fewer tensors than the model trains: a parameter outside
+/// a traced layer would be trained without clipping or noise.
+fn covers_every_parameter(covered: usize, trainable: usize) -> Result<(), TrainError> {
+    if covered == trainable {
+        return Ok(());
+    }
+    Err(dp_error(format!(
+        "the model has {trainable} trainable tensors, but per-example clipping covers {covered}"
+    )))
+}
+
 /// DP-SGD's gradient step: clipped per-example gradients plus secure Gaussian noise.
 #[derive(Debug)]
 pub struct DpSgdStep {
@@ -1092,14 +1102,7 @@ impl DpSgdStep {
             parameters = slice.parameters;
             start += n;
         }
-        if parameters.len() != batch.parameters.len() {
-            // A parameter outside a traced layer would be trained without clipping or noise.
-            return Err(dp_error(format!(
-                "the model has {} trainable tensors, but per-example clipping covers {}",
-                batch.parameters.len(),
-                parameters.len()
-            )));
-        }
+        covers_every_parameter(parameters.len(), batch.parameters.len())?;
         let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
         self.release_gradients(&parameters, scale)?;
         Ok(loss_sum)
@@ -1234,14 +1237,7 @@ impl GradientStep for DpSgdStep {
                 0.0,
             )
         };
-        if parameters.len() != batch.parameters.len() {
-            // A parameter outside a traced layer would be trained without clipping or noise.
-            return Err(dp_error(format!(
-                "the model has {} trainable tensors, but per-example clipping covers {}",
-                batch.parameters.len(),
-                parameters.len()
-            )));
-        }
+        covers_every_parameter(parameters.len(), batch.parameters.len())?;
         let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
         let released = self.privatize_flat(flat, scale)?;
         let grads = parameters
