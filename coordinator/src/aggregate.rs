@@ -703,14 +703,15 @@ impl RoundAggregator {
         Ok(())
     }
 
-    /// Takes a spare spool file or makes a new one, positioned at its start.
+    /// Subtracts the first `folded` values of an update, read back from its spool.
     fn take_back(&self, spool: &mut File, folded: u64, ws: f64) -> Result<(), SinkError> {
         self.rescale(spool, folded, ws, 0.0)
     }
 
     /// Replaces the first `folded` values of an update, folded with `ws`, by the same values
     /// folded with `new_ws`, read back from its spool. Exact in the fixed-point sum: the
-    /// subtraction is [`fold`]'s inverse bit for bit, and `new_ws = 0` folds nothing.
+    /// subtraction ([`tiled::unfold_le`]) is [`tiled::fold_le`]'s inverse bit for bit, and
+    /// `new_ws = 0` folds nothing.
     fn rescale(
         &self,
         spool: &mut File,
@@ -731,10 +732,9 @@ impl RoundAggregator {
                     .min(usize::try_from(left).unwrap_or(BLOCK));
                 let run = &mut bytes[..n];
                 spool.read_exact(run.as_flattened_mut())?;
-                let guard = self.lock_tile(tensor, tile)?;
+                let mut guard = self.lock_tile(tensor, tile)?;
                 let offset = element - tile * TILE;
                 let target = guard
-                    .values
                     .get_mut(offset..offset + n)
                     .ok_or_else(|| io::Error::other("spool longer than the tensor"))?;
                 unfold_le(target, run, ws);
@@ -749,6 +749,7 @@ impl RoundAggregator {
     }
 }
 
+/// The largest power of two `S` with `norm_bound · max_weight · S ≤ 2⁵⁰`.
 fn fixed_point_scale(norm_bound: f64, max_weight: f64) -> Option<f64> {
     let span = norm_bound * max_weight;
     if !(span.is_finite() && span > 0.0) {
@@ -766,8 +767,6 @@ fn fixed_point_scale(norm_bound: f64, max_weight: f64) -> Option<f64> {
     (scale.is_normal() && (SUM_LIMIT / (norm_bound * scale)).is_finite()).then_some(scale)
 }
 
-/// `round(x · ws)` as an integer, for `|x · ws| < 2⁵¹` (see [`MAGIC`]). Deterministic: the same
-/// inputs give the same integer, which is what makes undo exact.
 #[derive(Clone, Copy, Debug)]
 enum WeightFrom {
     Fixed(f64),
@@ -855,7 +854,6 @@ impl UpdateSink {
         Ok(w)
     }
 
-    /// Decodes, filters, spools and folds whole elements of one tensor, a block at a time.
     /// Validates, spools and folds `bytes` (whole little-endian f32 values of tensor `tensor`
     /// from element `first` on, at most one stream chunk).
     ///
@@ -907,9 +905,9 @@ impl UpdateSink {
                 a.spool.write_all(a.encoded.as_flattened())?;
                 &a.encoded
             };
-            let guard = agg.lock_tile(tensor, tile)?;
+            let mut guard = agg.lock_tile(tensor, tile)?;
             let offset = element - tile * TILE;
-            let target = guard.values.get_mut(offset..offset + n).ok_or_else(|| {
+            let target = guard.get_mut(offset..offset + n).ok_or_else(|| {
                 io::Error::other(format!("write past the end of tensor {:?}", spec.name))
             })?;
             fold_le(target, folded, a.ws);

@@ -65,14 +65,12 @@ impl TiledSum {
     pub fn lock(&self, t: usize) -> Option<TileGuard<'_>> {
         let guard = self.tiles.get(t)?.lock().ok()?;
         let start = t * TILE;
-        let n = TILE.min(self.len - start);
-        // SAFETY: `start + n <= len` elements of the live buffer, disjoint from every other
-        // tile's; the mutex guard held alongside the slice makes this the only reference to them
-        // until the `TileGuard` is dropped.
-        let values = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), n) };
+        let len = TILE.min(self.len - start);
         Some(TileGuard {
             _guard: guard,
-            values,
+            // SAFETY: `start + len <= self.len`: inside the live buffer.
+            ptr: unsafe { self.ptr.add(start) },
+            len,
         })
     }
 
@@ -100,10 +98,28 @@ impl Drop for TiledSum {
     }
 }
 
-/// A locked tile: its elements, for as long as the lock is held.
+/// A locked tile: its elements, reachable only through the guard (so no slice outlives the
+/// lock).
 pub struct TileGuard<'a> {
     _guard: MutexGuard<'a, ()>,
-    pub values: &'a mut [i64],
+    ptr: *mut i64,
+    len: usize,
+}
+
+impl std::ops::Deref for TileGuard<'_> {
+    type Target = [i64];
+    fn deref(&self) -> &[i64] {
+        // SAFETY: `len` elements of the tile, disjoint from every other tile's; the tile's mutex
+        // is held for as long as `self` lives, and the returned borrow cannot outlive `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for TileGuard<'_> {
+    fn deref_mut(&mut self) -> &mut [i64] {
+        // SAFETY: as in `deref`; `&mut self` makes this the only borrow of the tile.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
 }
 
 /// Touches every page of a fresh accumulator so that the page faults (the kernel zeroing them)
@@ -304,13 +320,13 @@ mod tests {
         assert_eq!(sum.len(), len);
         let mut seen = 0;
         for t in 0.. {
-            let Some(tile) = sum.lock(t) else { break };
-            assert_eq!(tile.values.len(), if t < 2 { TILE } else { 5 });
-            assert!(tile.values.iter().all(|&v| v == 0));
-            for (i, v) in tile.values.iter_mut().enumerate() {
+            let Some(mut tile) = sum.lock(t) else { break };
+            assert_eq!(tile.len(), if t < 2 { TILE } else { 5 });
+            assert!(tile.iter().all(|&v| v == 0));
+            for (i, v) in tile.iter_mut().enumerate() {
                 *v = (t * TILE + i) as i64;
             }
-            seen += tile.values.len();
+            seen += tile.len();
         }
         assert_eq!(seen, len);
         assert!(!sum.is_poisoned());
@@ -328,9 +344,9 @@ mod tests {
                 s.spawn(|| {
                     for _ in 0..50 {
                         for t in 0..len.div_ceil(TILE) {
-                            let tile = sum.lock(t).unwrap();
-                            let n = tile.values.len();
-                            fold_le(tile.values, &ones[t * TILE..t * TILE + n], 1.0);
+                            let mut tile = sum.lock(t).unwrap();
+                            let n = tile.len();
+                            fold_le(&mut tile, &ones[t * TILE..t * TILE + n], 1.0);
                         }
                     }
                 });

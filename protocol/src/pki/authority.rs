@@ -355,16 +355,17 @@ impl CertificateAuthority {
         dns_names: &[String],
         ip_addresses: &[IpAddr],
     ) -> Result<CertificateParams, PkiError> {
-        validity.check(&format!("the certificate for {identity}"))?;
         // A leaf asked for the same lifetime as its CA moments after it (a demo or a test
         // consortium made in one go: both "30 days from now", a second apart) ends with the CA
         // instead of being refused; anything longer is the operator's mistake and is refused.
+        // Checked after the clamp, so that a clamped validity is never empty.
         let mut validity = *validity;
         if validity.not_after > self.not_after
             && validity.not_after - self.not_after <= time::Duration::minutes(1)
         {
             validity.not_after = self.not_after;
         }
+        validity.check(&format!("the certificate for {identity}"))?;
         if validity.not_after > self.not_after {
             return Err(PkiError::OutlivesCa {
                 identity: identity.uri(),
