@@ -507,32 +507,31 @@ fn exact_mean(q: f64, sigma: f64, direction: Direction, a: f64, b: f64) -> f64 {
         }
     };
     let phi = |z: f64| (-0.5 * z * z).exp() / (sigma * (2.0 * std::f64::consts::PI).sqrt());
-    let (x_lo, x_hi, density, loss): (f64, f64, Box<dyn Fn(f64) -> f64>, Box<dyn Fn(f64) -> f64>) =
-        match direction {
-            Direction::Remove => (
-                x_of(a),
-                x_of(b),
-                Box::new(move |x: f64| (1.0 - q) * phi(x / sigma) + q * phi((x - 1.0) / sigma)),
-                Box::new(log_ratio),
-            ),
-            Direction::Add => (
-                x_of(-b),
-                x_of(-a),
-                Box::new(move |x: f64| phi(x / sigma)),
-                Box::new(move |x: f64| -log_ratio(x)),
-            ),
-        };
+    let (x_lo, x_hi, density, loss): (f64, f64, TailFn<'_>, TailFn<'_>) = match direction {
+        Direction::Remove => (
+            x_of(a),
+            x_of(b),
+            Box::new(move |x: f64| (1.0 - q) * phi(x / sigma) + q * phi((x - 1.0) / sigma)),
+            Box::new(log_ratio),
+        ),
+        Direction::Add => (
+            x_of(-b),
+            x_of(-a),
+            Box::new(move |x: f64| phi(x / sigma)),
+            Box::new(move |x: f64| -log_ratio(x)),
+        ),
+    };
     // Beyond 40σ of either centre the density is below 1e-340: nothing to integrate.
     let lo = x_lo.max(-40.0 * sigma - 1.0);
     let hi = x_hi.min(40.0 * sigma + 2.0);
-    if !(hi > lo) {
+    if hi.is_nan() || lo.is_nan() || hi <= lo {
         return 0.0;
     }
     const NODES: [(f64, f64); 4] = [
-        (0.183_434_642_495_649_8, 0.362_683_783_378_362_0),
-        (0.525_532_409_916_329_0, 0.313_706_645_877_887_3),
-        (0.796_666_477_413_626_7, 0.222_381_034_453_374_5),
-        (0.960_289_856_497_536_3, 0.101_228_536_290_376_3),
+        (0.1834346424956498, 0.362683783378362),
+        (0.525532409916329, 0.3137066458778873),
+        (0.7966664774136267, 0.2223810344533745),
+        (0.9602898564975363, 0.1012285362903763),
     ];
     let panels = (((hi - lo) / (sigma / 16.0)).ceil() as usize).clamp(1, 1 << 20);
     let width = (hi - lo) / panels as f64;
