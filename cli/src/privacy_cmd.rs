@@ -3,7 +3,8 @@
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use tutela_privacy::accountant::{self, Accountant, SampledGaussian, pld::PldOptions};
+use tutela_privacy::accountant::pld::{PldOptions, Rounding};
+use tutela_privacy::accountant::{self, Accountant, SampledGaussian};
 
 #[derive(Debug, Subcommand)]
 pub enum PrivacyCommand {
@@ -67,29 +68,20 @@ pub struct NoiseArgs {
 }
 
 fn accountant_of(c: &Common) -> Result<Accountant> {
-    Ok(match c.accountant {
-        AccountantArg::Rdp => Accountant::Rdp,
-        AccountantArg::RdpClassic => Accountant::RdpClassic,
-        AccountantArg::Pld => {
-            if !(c.pld_interval > 0.0 && c.pld_interval.is_finite()) {
-                bail!("--pld-interval {} must be positive", c.pld_interval);
-            }
-            Accountant::Pld(PldOptions {
-                discretization: c.pld_interval,
-                ..PldOptions::default()
-            })
-        }
-        AccountantArg::PldPessimistic => {
-            if !(c.pld_interval > 0.0 && c.pld_interval.is_finite()) {
-                bail!("--pld-interval {} must be positive", c.pld_interval);
-            }
-            Accountant::Pld(PldOptions {
-                discretization: c.pld_interval,
-                rounding: tutela_privacy::accountant::pld::Rounding::Pessimistic,
-                ..PldOptions::default()
-            })
-        }
-    })
+    let rounding = match c.accountant {
+        AccountantArg::Rdp => return Ok(Accountant::Rdp),
+        AccountantArg::RdpClassic => return Ok(Accountant::RdpClassic),
+        AccountantArg::Pld => Rounding::MeanPreserving,
+        AccountantArg::PldPessimistic => Rounding::Pessimistic,
+    };
+    if !(c.pld_interval > 0.0 && c.pld_interval.is_finite()) {
+        bail!("--pld-interval {} must be positive", c.pld_interval);
+    }
+    Ok(Accountant::Pld(PldOptions {
+        discretization: c.pld_interval,
+        rounding,
+        ..PldOptions::default()
+    }))
 }
 
 pub fn run(cmd: PrivacyCommand) -> Result<()> {

@@ -140,14 +140,6 @@ impl SpoolPool {
             .unwrap_or_else(PoisonError::into_inner)
             .push(file);
     }
-
-    /// Files idle in the pool.
-    pub fn idle(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
 }
 
 /// Why an aggregator could not be built or could not produce a result.

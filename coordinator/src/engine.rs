@@ -657,7 +657,6 @@ impl Engine {
         let mut options = AggregatorOptions::new(spec.update_norm_bound);
         // Uploads spool what they fold (for an exact undo) next to the models, on the
         // coordinator's disk rather than a possibly small tmpfs, in files kept between rounds.
-        options.spool_dir = Some(self.state_dir.clone());
         options.spool_pool = Some(self.spool_pool.clone());
         if central.is_none() {
             let dimension = manifest

@@ -26,8 +26,8 @@
 //!    tensors hold at most `MICROBATCH_VALUES` values: per-example clipping needs nothing
 //!    across examples, so this changes no result and bounds the memory.
 //! 6. **Noise** on the flat buffer (see below), then divide by the expected batch size, and
-//!    hand the result to the optimizer as the parameters' `.grad` through the gradient of
-//!    `⟨cat(θ), ĝ⟩` (exact: tch cannot assign `.grad` directly).
+//!    copy the result into the parameters' `.grad` tensors (tch cannot assign `.grad`, only
+//!    write into one: they are made once, by a backward pass of `⟨cat(θ), 0⟩`, and kept).
 //!
 //! [`clipped_gradient_sum_reference`] computes step 5's result with a loop over examples (one
 //! forward and backward each): the tests compare the two in float64.
@@ -49,10 +49,9 @@
 //! 4. rounding to the noise grid, the noise and the division by the batch size applied to each
 //!    `.grad` in place, again in Rust.
 //!
-//! The `.grad` tensors are created once (a zero backward pass on the first step) and overwritten
-//! from then on: [`DpSgdStep`] tells the training loop not to unset them
-//! ([`GradientStep::overwrites_gradients`]), which saves the `⟨cat(θ), ĝ⟩` hand-off of step 6.
-//! That is a dozen libtorch calls beyond a plain step. Convolutions and other devices (whose
+//! As on the general route, the `.grad` tensors are made once and overwritten from then on:
+//! [`DpSgdStep`] tells the training loop not to unset them
+//! ([`GradientStep::overwrites_gradients`]). That is a dozen libtorch calls beyond a plain step. Convolutions and other devices (whose
 //! memory Rust cannot read in place) take the general route; the tests check that both release
 //! the same gradients, and the per-example-loop reference.
 //!
@@ -701,9 +700,18 @@ fn column_sums_into(out: &mut Tensor, g: &Tensor, accumulate: bool) -> Result<()
     Ok(())
 }
 
-/// Makes sure every parameter has a `.grad` tensor to write into: a backward pass of
-/// `⟨cat(θ), 0⟩` gives each one a zero `.grad` (once per training run: the step never unsets
-/// them, and the training loop leaves them set for a step that overwrites them).
+/// The tensors flattened and concatenated, in order.
+fn flattened(tensors: &[Tensor]) -> Result<Tensor, tch::TchError> {
+    let views = tensors
+        .iter()
+        .map(|t| t.f_view([-1]))
+        .collect::<Result<Vec<_>, _>>()?;
+    Tensor::f_cat(&views, 0)
+}
+
+/// Every parameter's `.grad` tensor, made if missing: a backward pass of `⟨cat(θ), 0⟩` gives
+/// each one a zero `.grad` (once per training run: the step never unsets them, and the training
+/// loop leaves them set for a step that overwrites them). Both DP routes write into them.
 fn ensure_gradients(parameters: &[Tensor]) -> Result<Vec<Tensor>, TrainError> {
     let grads = parameters
         .iter()
@@ -715,13 +723,7 @@ fn ensure_gradients(parameters: &[Tensor]) -> Result<Vec<Tensor>, TrainError> {
     for mut g in grads.into_iter().filter(Tensor::defined) {
         let _ = g.f_zero_()?;
     }
-    let flat = Tensor::f_cat(
-        &parameters
-            .iter()
-            .map(|p| p.f_view([-1]))
-            .collect::<Result<Vec<_>, _>>()?,
-        0,
-    )?;
+    let flat = flattened(parameters)?;
     flat.f_dot(&flat.f_detach()?.f_zeros_like()?)?
         .f_backward()?;
     Ok(parameters
@@ -847,13 +849,7 @@ pub fn clipped_gradient_sum_reference(
             *s = s.f_add(&g.f_mul_scalar(c)?)?;
         }
     }
-    let flat = Tensor::f_cat(
-        &sums
-            .iter()
-            .map(|s| s.f_view([-1]))
-            .collect::<Result<Vec<_>, _>>()?,
-        0,
-    )?;
+    let flat = flattened(&sums)?;
     Ok(ClippedSum {
         gradients: params.into_iter().zip(sums).collect(),
         flat,
@@ -1125,8 +1121,7 @@ impl DpSgdStep {
         }
         let total = grads.iter().map(Tensor::numel).sum();
         let g = self.granularity;
-        let steps_left = self.planned_steps.saturating_sub(self.steps);
-        let values = self.noise.next(total, steps_left)?;
+        let values = self.next_noise(total)?;
         let mut offset = 0;
         for grad in &mut grads {
             let n = grad.numel();
@@ -1140,6 +1135,12 @@ impl DpSgdStep {
             release_with_tensor_ops(grad, &noise, g, scale)?;
         }
         Ok(())
+    }
+
+    /// `len` fresh noise values for this step, drawn ahead no further than the plan's steps.
+    fn next_noise(&mut self, len: usize) -> Result<&[f32], TrainError> {
+        let steps_left = self.planned_steps.saturating_sub(self.steps);
+        self.noise.next(len, steps_left)
     }
 
     /// Steps taken (each one released a noised sum): what the ledger must record.
@@ -1159,8 +1160,7 @@ impl DpSgdStep {
     /// (post-processing).
     fn privatize_flat(&mut self, mut flat: Tensor, scale: f64) -> Result<Tensor, TrainError> {
         let g = self.granularity;
-        let steps_left = self.planned_steps.saturating_sub(self.steps);
-        let noise = Tensor::f_from_slice(self.noise.next(flat.numel(), steps_left)?)?;
+        let noise = Tensor::f_from_slice(self.next_noise(flat.numel())?)?;
         release_with_tensor_ops(&mut flat, &noise, g, scale)?;
         Ok(flat)
     }
@@ -1240,37 +1240,17 @@ impl GradientStep for DpSgdStep {
         covers_every_parameter(parameters.len(), batch.parameters.len())?;
         let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
         let released = self.privatize_flat(flat, scale)?;
-        let grads = parameters
-            .iter()
-            .map(Tensor::f_grad)
-            .collect::<Result<Vec<_>, _>>()?;
-        if grads.iter().all(Tensor::defined) {
-            // A previous step's `.grad` tensors (the training loop leaves them, since this step
-            // overwrites them): copy ĝ in.
-            let mut offset = 0;
-            tch::no_grad(|| -> Result<(), tch::TchError> {
-                for (p, g) in parameters.iter().zip(&grads) {
-                    let n = p.numel() as i64;
-                    g.f_view([-1])?.f_copy_(&released.f_narrow(0, offset, n)?)?;
-                    offset += n;
-                }
-                Ok(())
-            })?;
-        } else {
-            for mut g in grads.into_iter().filter(Tensor::defined) {
-                let _ = g.f_zero_()?;
+        // Hand ĝ to the optimizer as `.grad` (tch cannot assign `.grad`, only write into one).
+        let grads = ensure_gradients(&parameters)?;
+        let mut offset = 0;
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            for (p, g) in parameters.iter().zip(&grads) {
+                let n = p.numel() as i64;
+                g.f_view([-1])?.f_copy_(&released.f_narrow(0, offset, n)?)?;
+                offset += n;
             }
-            // Hand ĝ to the optimizer as `.grad`: ∂/∂θ ⟨θ, ĝ⟩ = ĝ exactly, with θ every
-            // parameter flattened and concatenated in ĝ's order (tch cannot assign `.grad`
-            // directly).
-            let flat_parameters = parameters
-                .iter()
-                .map(|p| p.f_view([-1]))
-                .collect::<Result<Vec<_>, _>>()?;
-            Tensor::f_cat(&flat_parameters, 0)?
-                .f_dot(&released)?
-                .f_backward()?;
-        }
+            Ok(())
+        })?;
         self.steps += 1;
         Ok(if rows > 0 {
             loss_sum / rows as f64

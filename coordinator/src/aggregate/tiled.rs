@@ -201,6 +201,7 @@ macro_rules! dispatch {
 dispatch!(fn fold_le(sum: &mut [i64], x: &[[u8; 4]], ws: f64) => fold_le_body);
 dispatch!(fn unfold_le(sum: &mut [i64], x: &[[u8; 4]], ws: f64) => unfold_le_body);
 dispatch!(fn sum_of_squares_le(x: &[[u8; 4]]) -> f64 => sum_of_squares_le_body);
+dispatch!(fn sum_of_squares(values: &[f32]) -> f64 => sum_of_squares_body);
 
 /// `sum[i] += round(x[i] · ws)`, `x` little-endian f32.
 #[inline(always)]
@@ -218,41 +219,36 @@ fn unfold_le_body(sum: &mut [i64], x: &[[u8; 4]], ws: f64) {
     }
 }
 
-/// Σ x² in f64 over little-endian f32. Sixteen independent lanes, so the loop vectorises and its
-/// additions overlap; every path adds the same numbers in the same order (no fused multiply-add:
-/// Rust does not contract), so they give the same bits.
+/// Σ x² in f64 over little-endian f32 (the stream's bytes).
 #[inline(always)]
 fn sum_of_squares_le_body(x: &[[u8; 4]]) -> f64 {
+    sum_of_squares_lanes(x, f32::from_le_bytes)
+}
+
+/// Σ x² in f64 over decoded values (the filters' path).
+#[inline(always)]
+fn sum_of_squares_body(values: &[f32]) -> f64 {
+    sum_of_squares_lanes(values, |v| v)
+}
+
+/// Σ value(x)² in f64. Sixteen independent lanes, so the loop vectorises and its additions
+/// overlap; every path adds the same numbers in the same order (no fused multiply-add: Rust does
+/// not contract), so bytes and decoded values, and every dispatch path, give the same bits.
+#[inline(always)]
+fn sum_of_squares_lanes<T: Copy>(x: &[T], value: impl Fn(T) -> f32) -> f64 {
     let (chunks, rest) = x.as_chunks::<16>();
     let mut lanes = [0f64; 16];
     for c in chunks {
         for j in 0..16 {
-            let v = f64::from(f32::from_le_bytes(c[j]));
+            let v = f64::from(value(c[j]));
             lanes[j] += v * v;
         }
     }
-    for (j, b) in rest.iter().enumerate() {
-        let v = f64::from(f32::from_le_bytes(*b));
+    for (j, x) in rest.iter().enumerate() {
+        let v = f64::from(value(*x));
         lanes[j] += v * v;
     }
     lanes.iter().sum()
-}
-
-/// The same sum over decoded values (the filters' path).
-pub fn sum_of_squares(values: &[f32]) -> f64 {
-    let mut total = [0f64; 16];
-    // Re-encoding is free on little-endian targets (the compiler removes it) and keeps one loop.
-    let (chunks, rest) = values.as_chunks::<16>();
-    for c in chunks {
-        for j in 0..16 {
-            let v = f64::from(c[j]);
-            total[j] += v * v;
-        }
-    }
-    for (j, v) in rest.iter().enumerate() {
-        total[j] += f64::from(*v) * f64::from(*v);
-    }
-    total.iter().sum()
 }
 
 /// Decodes little-endian f32.

@@ -146,17 +146,7 @@ impl Pld {
         }
         let tail = options.tail_mass.clamp(0.0, 1e-6);
         let log_1mq = (-q).ln_1p(); // −∞ when q = 1
-        // x(l): the output x at which log(dM/dN0)(x) = log(1 − q + q·e^{(2x−1)/(2σ²)}) equals l
-        // (monotone increasing), for l > log(1−q).
-        let s2 = sigma * sigma;
-        let x_of = |l: f64| -> f64 {
-            let arg = l.exp_m1() + q;
-            if arg <= 0.0 {
-                f64::NEG_INFINITY
-            } else {
-                s2 * (arg.ln() - q.ln()) + 0.5
-            }
-        };
+        let x_of = |l: f64| output_at_loss(l, q, sigma);
         // P(L ≤ l) and P(L > l), each evaluated in the form that is accurate in its small tail.
         let (cdf, sf, l_inf, l_sup): (TailFn<'_>, TailFn<'_>, f64, f64) = match direction {
             Direction::Remove => {
@@ -224,24 +214,24 @@ impl Pld {
         if n > MAX_POINTS {
             return Err(AccountantError::GridTooLarge(n));
         }
+        // (P(L ≤ l), P(L > l)) at every grid point, each evaluated once.
+        let tails = |l: f64| (cdf(l), sf(l));
+        let grid: Vec<(f64, f64)> = (i_lo..=i_hi).map(|i| tails(i as f64 * h)).collect();
         // Mass of (x, y], from whichever of the two tails is small there: no cancellation
         // against 1.
-        let mass = |x: f64, y: f64| -> f64 {
-            let (cx, cy) = (cdf(x), cdf(y));
-            let m = if cy < 0.5 { cy - cx } else { sf(x) - sf(y) };
+        let mass = |(cx, sx): (f64, f64), (cy, sy): (f64, f64)| -> f64 {
+            let m = if cy < 0.5 { cy - cx } else { sx - sy };
             m.max(0.0)
         };
         let mut pmf = Vec::with_capacity(n as usize);
         // Lowest point: everything at or below i_lo·h (the lower tail is moved up into it).
-        pmf.push(cdf(i_lo as f64 * h));
-        let mut p_inf = sf(i_hi as f64 * h).max(0.0);
+        pmf.push(grid[0].0);
+        let mut p_inf = grid[grid.len() - 1].1.max(0.0);
         let mut drift = 0.0;
         let rounded_steps = match options.rounding {
             Rounding::Pessimistic => {
                 // Bucket i reported as ih (rounded up).
-                for i in (i_lo + 1)..=i_hi {
-                    pmf.push(mass((i - 1) as f64 * h, i as f64 * h));
-                }
+                pmf.extend(grid.windows(2).map(|w| mass(w[0], w[1])));
                 0
             }
             Rounding::Optimistic => {
@@ -249,8 +239,8 @@ impl Pld {
                 // nothing to δ), above it kept at the top.
                 pmf[0] = 0.0;
                 pmf.resize(n as usize, 0.0);
-                for i in (i_lo + 1)..=i_hi {
-                    pmf[(i - 1 - i_lo) as usize] += mass((i - 1) as f64 * h, i as f64 * h);
+                for (j, w) in grid.windows(2).enumerate() {
+                    pmf[j] += mass(w[0], w[1]);
                 }
                 pmf[(i_hi - i_lo) as usize] += p_inf;
                 p_inf = 0.0;
@@ -258,22 +248,20 @@ impl Pld {
             }
             Rounding::MeanPreserving => {
                 pmf.resize(n as usize, 0.0);
-                for i in (i_lo + 1)..=i_hi {
-                    let (a, b) = ((i - 1) as f64 * h, i as f64 * h);
-                    let m = 0.5 * (a + b);
-                    let (lower_half, upper_half) = (mass(a, m), mass(m, b));
+                for (j, w) in grid.windows(2).enumerate() {
+                    let middle = tails((i_lo + j as i64) as f64 * h + 0.5 * h);
+                    let (lower_half, upper_half) = (mass(w[0], middle), mass(middle, w[1]));
                     // E[(Y − a)/h; bucket] by Simpson's rule (module documentation).
                     let up = (5.0 * upper_half + lower_half) / 6.0;
                     let down = (upper_half + 5.0 * lower_half) / 6.0;
-                    let j = (i - i_lo) as usize;
-                    pmf[j] += up;
-                    pmf[j - 1] += down;
+                    pmf[j + 1] += up;
+                    pmf[j] += down;
                 }
                 drift = mean_shortfall(
                     &pmf,
                     i_lo,
                     h,
-                    cdf(i_lo as f64 * h),
+                    grid[0].0,
                     exact_mean(q, sigma, direction, i_lo as f64 * h, i_hi as f64 * h),
                 );
                 1
@@ -461,6 +449,17 @@ impl Pld {
     }
 }
 
+/// x(l): the output x at which log(dM/dN0)(x) = log(1 − q + q·e^{(2x−1)/(2σ²)}) equals l
+/// (monotone increasing in x); −∞ for l ≤ log(1−q), the loss's infimum.
+fn output_at_loss(l: f64, q: f64, sigma: f64) -> f64 {
+    let arg = l.exp_m1() + q;
+    if arg <= 0.0 {
+        f64::NEG_INFINITY
+    } else {
+        sigma * sigma * (arg.ln() - q.ln()) + 0.5
+    }
+}
+
 /// How far the mean of the rounded losses inside the grid falls short of the true mean there,
 /// per step (0 if it does not), with a margin for the quadrature and the sums' round-off.
 ///
@@ -487,7 +486,6 @@ fn mean_shortfall(pmf: &[f64], i_lo: i64, h: f64, lower_tail: f64, exact: f64) -
 /// smooth even when L's own distribution is squeezed into a few grid buckets.
 fn exact_mean(q: f64, sigma: f64, direction: Direction, a: f64, b: f64) -> f64 {
     let s2 = sigma * sigma;
-    let log_1mq = (-q).ln_1p();
     // log(dM/dN0)(x), M = (1−q)N(0,σ²) + qN(1,σ²), computed without overflow or cancellation.
     let log_ratio = |x: f64| -> f64 {
         let u = (2.0 * x - 1.0) / (2.0 * s2);
@@ -497,15 +495,7 @@ fn exact_mean(q: f64, sigma: f64, direction: Direction, a: f64, b: f64) -> f64 {
             (q * u.exp_m1()).ln_1p()
         }
     };
-    // The x at which log(dM/dN0) equals l (−∞ at or below log(1−q)).
-    let x_of = |l: f64| -> f64 {
-        let arg = l.exp_m1() + q;
-        if l <= log_1mq || arg <= 0.0 {
-            f64::NEG_INFINITY
-        } else {
-            s2 * (arg.ln() - q.ln()) + 0.5
-        }
-    };
+    let x_of = |l: f64| output_at_loss(l, q, sigma);
     let phi = |z: f64| (-0.5 * z * z).exp() / (sigma * (2.0 * std::f64::consts::PI).sqrt());
     let (x_lo, x_hi, density, loss): (f64, f64, TailFn<'_>, TailFn<'_>) = match direction {
         Direction::Remove => (
