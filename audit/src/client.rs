@@ -118,6 +118,15 @@ impl AuditClient {
         })
     }
 
+    /// Appends a typed payload under its own action (see [`crate::payload`]).
+    pub async fn append_payload<P: crate::payload::ActionPayload>(
+        &mut self,
+        subject: &str,
+        payload: &P,
+    ) -> Result<Receipt> {
+        self.append(P::ACTION, subject, &payload.to_value()).await
+    }
+
     /// The events matching `filter`, in seq order.
     pub async fn query(&mut self, filter: &EventFilter) -> Result<Vec<Event>> {
         let mut stream = self

@@ -33,6 +33,7 @@ pub mod event;
 pub mod lineage;
 pub mod log;
 pub mod merkle;
+pub mod payload;
 pub mod server;
 pub mod service;
 pub mod store;
@@ -45,6 +46,7 @@ pub use canonical::canonical_json;
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointVerifier, SignedCheckpoint, Update};
 pub use event::{Action, Chain, ChainError, Event, Timestamp, TimestampError};
 pub use merkle::{MerkleTree, ProofError};
+pub use payload::{ActionPayload, PayloadError};
 pub use verify::{VerifyError, VerifyReport, verify_log};
 
 /// A SHA-256 digest.

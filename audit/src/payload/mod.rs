@@ -1,0 +1,66 @@
+//! Typed audit payloads: one struct per [`Action`], shared by the writers (coordinator, site
+//! node, CLI, the audit service itself) and the readers (verification, reports, lineage).
+//!
+//! Writers build the struct and append it with [`AuditClient::append_payload`]; readers decode an
+//! event with [`ActionPayload::from_event`], which checks the action and refuses a payload that
+//! does not have the struct's shape (unknown fields included), naming the event's seq. No code
+//! builds an audit payload with `json!` or reads one back by string key.
+//!
+//! [`AuditClient::append_payload`]: crate::client::AuditClient::append_payload
+
+use crate::event::{Action, Event};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The payload of one action. `ACTION` ties the struct to its action so that a writer cannot
+/// append a payload under another action's name and a reader cannot decode one as another.
+pub trait ActionPayload: Serialize + DeserializeOwned {
+    /// The action this payload belongs to.
+    const ACTION: Action;
+
+    /// The payload as the JSON value that is hashed and stored.
+    fn to_value(&self) -> serde_json::Value {
+        // A derived Serialize of plain structs (strings, numbers, maps with string keys) cannot
+        // fail; a float that is NaN or infinite becomes null, which the reader then refuses.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Decodes `event`'s payload, refusing an event of another action or a payload of another
+    /// shape.
+    fn from_event(event: &Event) -> Result<Self, PayloadError> {
+        if event.action != Self::ACTION {
+            return Err(PayloadError::WrongAction {
+                seq: event.seq,
+                expected: Self::ACTION,
+                found: event.action,
+            });
+        }
+        Self::from_value(event.seq, &event.payload)
+    }
+
+    /// Decodes a payload value (the event at `seq`, for the error).
+    fn from_value(seq: u64, value: &serde_json::Value) -> Result<Self, PayloadError> {
+        serde_json::from_value(value.clone()).map_err(|e| PayloadError::Malformed {
+            seq,
+            action: Self::ACTION,
+            problem: e.to_string(),
+        })
+    }
+}
+
+/// An event whose payload is not the typed payload of its action.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("event {seq} is {found}, not {expected}")]
+    WrongAction {
+        seq: u64,
+        expected: Action,
+        found: Action,
+    },
+    #[error("event {seq} ({action}) has a malformed payload: {problem}")]
+    Malformed {
+        seq: u64,
+        action: Action,
+        problem: String,
+    },
+}
