@@ -17,6 +17,7 @@ pub mod federation;
 pub mod identity;
 pub mod job;
 pub mod logging;
+pub mod model_registry;
 pub mod pki;
 pub mod server;
 pub mod services;
