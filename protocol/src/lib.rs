@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod canonical;
 pub mod client;
+pub mod config_range;
 pub mod database;
 pub mod federation;
 pub mod identity;

@@ -167,7 +167,7 @@ impl ModelDescription {
         let hyper = HyperParams::deserialize(toml::Value::Table(spec.params.clone())).map_err(
             |e| RegistryError::HyperParams {
                 key: "*".into(),
-                reason: format!("not understood by the model registry: {}", e.message()),
+                reason: format!("not understood by the {:?} model: {}", spec.name, e.message()),
             },
         )?;
         Self::new(&spec.name, &hyper)
@@ -175,6 +175,12 @@ impl ModelDescription {
 
     /// The description of registry model `name` with `hyper`.
     pub fn new(name: &str, hyper: &HyperParams) -> Result<Self, RegistryError> {
+        if !(hyper.dropout.is_finite() && (0.0..1.0).contains(&hyper.dropout)) {
+            return Err(RegistryError::HyperParams {
+                key: "dropout".into(),
+                reason: format!("must be in [0, 1), got {}", hyper.dropout),
+            });
+        }
         if hyper.hidden.contains(&0) {
             return Err(RegistryError::HyperParams {
                 key: "hidden".into(),
