@@ -143,9 +143,7 @@ pub enum RegistryError {
         expected: String,
         found: Vec<u64>,
     },
-    #[error(
-        "tensor {name:?} gives {var} = {found}, but an earlier tensor gave {var} = {earlier}"
-    )]
+    #[error("tensor {name:?} gives {var} = {found}, but an earlier tensor gave {var} = {earlier}")]
     Inconsistent {
         name: String,
         var: DimVar,
@@ -164,12 +162,17 @@ pub struct ModelDescription {
 impl ModelDescription {
     /// The description of a job spec's `[model]`.
     pub fn for_job(spec: &ModelSpec) -> Result<Self, RegistryError> {
-        let hyper = HyperParams::deserialize(toml::Value::Table(spec.params.clone())).map_err(
-            |e| RegistryError::HyperParams {
-                key: "*".into(),
-                reason: format!("not understood by the {:?} model: {}", spec.name, e.message()),
-            },
-        )?;
+        let hyper =
+            HyperParams::deserialize(toml::Value::Table(spec.params.clone())).map_err(|e| {
+                RegistryError::HyperParams {
+                    key: "*".into(),
+                    reason: format!(
+                        "not understood by the {:?} model: {}",
+                        spec.name,
+                        e.message()
+                    ),
+                }
+            })?;
         Self::new(&spec.name, &hyper)
     }
 
@@ -345,7 +348,11 @@ impl ModelDescription {
         if seen < self.params.len() {
             let present: std::collections::BTreeSet<&str> =
                 tensors.iter().map(|t| t.name.as_str()).collect();
-            if let Some(p) = self.params.iter().find(|p| !present.contains(p.name.as_str())) {
+            if let Some(p) = self
+                .params
+                .iter()
+                .find(|p| !present.contains(p.name.as_str()))
+            {
                 return Err(RegistryError::Missing {
                     model: self.model.clone(),
                     name: p.name.clone(),

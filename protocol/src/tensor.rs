@@ -445,8 +445,8 @@ mod tests {
             "é",
             long.as_str(),
         ] {
-            let err = Manifest::new(vec![spec(name, DType::F32, &[1])], BTreeMap::new())
-                .unwrap_err();
+            let err =
+                Manifest::new(vec![spec(name, DType::F32, &[1])], BTreeMap::new()).unwrap_err();
             assert!(
                 matches!(err, ManifestError::UnsafeName { index: 0, .. }),
                 "{name:?}: {err}"

@@ -936,14 +936,12 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     );
     let mut update = result.delta;
     for filter in &shared.filters {
-        filter
-            .apply(task, &mut update)
-            .map_err(|why| {
-                Failure::Decline(SiteFailure::new(
-                    FailureCode::UpdateFiltered,
-                    format!("update filter {}: {why}", filter.name()),
-                ))
-            })?;
+        filter.apply(task, &mut update).map_err(|why| {
+            Failure::Decline(SiteFailure::new(
+                FailureCode::UpdateFiltered,
+                format!("update filter {}: {why}", filter.name()),
+            ))
+        })?;
     }
     if task.deadline_unix_ms > 0 && now_ms() > task.deadline_unix_ms {
         return Ok(Done::Skipped(

@@ -12,10 +12,10 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
-use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_FIELD_BYTES, MAX_LINE_BYTES, TooLong};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_FIELD_BYTES, MAX_LINE_BYTES, TooLong};
 
 /// Why data could not be loaded, split or transformed.
 #[derive(Debug, thiserror::Error)]

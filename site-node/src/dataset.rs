@@ -25,10 +25,10 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_LINE_BYTES, TooLong};
 use tutela_privacy::anonymize::{
     AnonymizeConfig, Pipeline, Role, Schema, SiteSecret, Table as RawTable, reader,
 };
-use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_LINE_BYTES, TooLong};
 use tutela_privacy::commitment::{self, CommitmentBuilder, DatasetCommitment, commitment_salt};
 
 use crate::config::DatasetConfig;

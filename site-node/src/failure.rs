@@ -385,7 +385,10 @@ mod tests {
         let f = SiteFailure::from(&e);
         assert_eq!(f.wire_reason(), "data.invalid_value column=age");
         let log = f.to_string();
-        assert!(log.contains("forty-two") && log.contains("patients.csv"), "{log}");
+        assert!(
+            log.contains("forty-two") && log.contains("patients.csv"),
+            "{log}"
+        );
     }
 
     #[test]

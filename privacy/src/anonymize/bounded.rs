@@ -31,7 +31,8 @@ pub struct TooLong {
 impl TooLong {
     /// The [`TooLong`] inside an I/O error, if that is what the error is.
     pub fn from_io(e: &io::Error) -> Option<&TooLong> {
-        e.get_ref().and_then(|inner| inner.downcast_ref::<TooLong>())
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<TooLong>())
     }
 }
 

@@ -193,16 +193,20 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
         bad(line, "", BadKind::Malformed, e.to_string())
     };
     // A record's memory is bounded by the reader; a field's by this check.
-    let check_fields = |record: &csv::StringRecord, line: u64| {
-        match record.iter().position(|f| f.len() > MAX_FIELD_BYTES) {
-            Some(i) => Err(bad(
-                line,
-                "",
-                BadKind::TooLong,
-                format!("field {} is longer than the limit of {MAX_FIELD_BYTES} bytes", i + 1),
-            )),
-            None => Ok(()),
-        }
+    let check_fields = |record: &csv::StringRecord, line: u64| match record
+        .iter()
+        .position(|f| f.len() > MAX_FIELD_BYTES)
+    {
+        Some(i) => Err(bad(
+            line,
+            "",
+            BadKind::TooLong,
+            format!(
+                "field {} is longer than the limit of {MAX_FIELD_BYTES} bytes",
+                i + 1
+            ),
+        )),
+        None => Ok(()),
     };
     let mut record = csv::StringRecord::new();
     if !csv_reader
@@ -320,7 +324,14 @@ pub fn read_jsonl(reader: impl Read, origin: &Path, schema: &Schema) -> Result<T
             continue;
         }
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| bad(line, "", BadKind::Malformed, format!("not a JSON object: {e}")))?;
+            .map_err(|e| {
+                bad(
+                    line,
+                    "",
+                    BadKind::Malformed,
+                    format!("not a JSON object: {e}"),
+                )
+            })?;
         for key in object.keys() {
             if schema.index_of(key).is_err() {
                 return Err(bad(
