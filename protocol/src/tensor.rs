@@ -284,7 +284,12 @@ impl Manifest {
             });
         }
         let mut tensors = Vec::with_capacity(m.tensors.len());
-        for t in m.tensors {
+        for (index, t) in m.tensors.into_iter().enumerate() {
+            // The name first: every other error quotes it.
+            if !t.name.is_empty() && !is_safe_tensor_name(&t.name) {
+                let name: String = t.name.chars().take(64).collect();
+                return Err(ManifestError::UnsafeName { index, name });
+            }
             let dtype = DType::from_pb(t.dtype).ok_or_else(|| ManifestError::UnknownDType {
                 name: t.name.clone(),
                 value: pb::DType::try_from(t.dtype)
