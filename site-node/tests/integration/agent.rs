@@ -1546,9 +1546,13 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
         shared.clone(),
     )
     .await;
-    // The site's data file does not exist until the approved task: a node that read data for a
-    // forged task would fail loudly (and would have fetched the task's model first).
+    // The site's data file is empty until the approved task (it must exist: a missing data file
+    // stops the node at start): a node that read data for a forged task would decline it with a
+    // data error rather than the refusal each case expects (and would have fetched the task's
+    // model first).
     let data_file = d.join("site-data").join("breast_cancer.csv");
+    std::fs::create_dir_all(data_file.parent().unwrap()).unwrap();
+    std::fs::write(&data_file, "").unwrap();
     let text = node_config_text(
         SITE,
         &coordinator.addr.to_string(),
@@ -1716,12 +1720,11 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
     // Nothing of the data was read, and no model was fetched.
     let log = node.log();
     assert!(!log.contains("dataset loaded"), "{log}");
-    assert!(!data_file.exists());
+    assert!(!log.contains("data.empty"), "{log}");
     let models = std::fs::read_dir(d.join("work/models")).unwrap().count();
     assert_eq!(models, 0, "the node stored a model for a refused task");
 
     // The officer's approval of exactly this spec: the node fetches, reads its data and trains.
-    std::fs::create_dir_all(data_file.parent().unwrap()).unwrap();
     std::fs::copy(&repo_csv, &data_file).unwrap();
     send_task(
         &shared,
