@@ -84,6 +84,9 @@ fn default_policy_reload() -> u64 {
     5
 }
 
+/// The most events between two signed checkpoints `checkpoint_every` may ask for.
+pub const MAX_CHECKPOINT_EVERY: u64 = 1_000_000;
+
 fn default_every() -> u64 {
     1000
 }
@@ -107,7 +110,34 @@ impl Config {
         config
             .check_authorization()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config
+            .check_ranges()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// Every value against the range deploy/config/audit.toml documents: out of range is an
+    /// error naming the key, never clamped into range behind the operator's back.
+    pub fn check_ranges(&self) -> Result<(), tutela_protocol::config_range::OutOfRange> {
+        use tutela_protocol::config_range::{MAX_PERIOD_SECS, in_range};
+        in_range(
+            "checkpoint_every",
+            self.checkpoint_every,
+            1,
+            MAX_CHECKPOINT_EVERY,
+        )?;
+        in_range(
+            "checkpoint_interval_secs",
+            self.checkpoint_interval_secs,
+            1,
+            MAX_PERIOD_SECS,
+        )?;
+        in_range("max_batch", self.max_batch, 1, crate::store::MAX_BATCH)?;
+        in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
+        if let Some(p) = &self.policy {
+            in_range("policy.reload_secs", p.reload_secs, 1, MAX_PERIOD_SECS)?;
+        }
+        Ok(())
     }
 
     /// The policy to enforce, `None` when `insecure_no_policy` turns enforcement off; an error
@@ -356,5 +386,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `reload`"), "{e}");
+    }
+
+    /// Every range deploy/config/audit.toml documents, one value just outside it each: the
+    /// shipped file with that one change is refused, naming the key and the file.
+    #[test]
+    fn every_documented_range_of_audit_toml_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = include_str!("../../deploy/config/audit.toml");
+        parse(dir.path(), shipped).expect("the shipped audit.toml is valid");
+        let cases: &[(&str, &str, i64)] = &[
+            ("", "checkpoint_every", 0),
+            ("", "checkpoint_every", MAX_CHECKPOINT_EVERY as i64 + 1),
+            ("", "checkpoint_interval_secs", 0),
+            ("", "checkpoint_interval_secs", 86_401),
+            ("", "max_batch", 0),
+            ("", "max_batch", 5000),
+            ("", "tls_reload_secs", 0),
+            ("policy", "reload_secs", 0),
+            ("policy", "reload_secs", 86_401),
+        ];
+        for &(table, key, value) in cases {
+            let mut config: toml::Table = toml::from_str(shipped).unwrap();
+            let target = if table.is_empty() {
+                &mut config
+            } else {
+                config[table].as_table_mut().unwrap()
+            };
+            target.insert(key.to_string(), toml::Value::Integer(value));
+            let e = parse(dir.path(), &toml::to_string(&config).unwrap())
+                .expect_err(&format!("{key} = {value} must be refused"))
+                .to_string();
+            let dotted = if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            };
+            assert!(
+                e.contains("audit.toml") && e.contains(&format!("`{dotted}` = {value}")),
+                "{dotted} = {value}: {e}"
+            );
+        }
     }
 }

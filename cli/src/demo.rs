@@ -369,21 +369,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         policy_dir.join("model.conf"),
         include_str!("../../deploy/policy/model.conf"),
     )?;
-    let mut policy_csv = String::from(
-        "p, operator, consortium, jobs, *, allow\np, compliance_officer, *, jobs, *, allow\n\
-         p, spiffe://demo/site/*/node, site:*, federation, participate, allow\n\
-         g, spiffe://demo/operator/demo, operator, consortium\np2, site:*, compliance_officer, 1\n\
-         p, spiffe://demo/coordinator, consortium, audit, write, allow\n\
-         p, spiffe://demo/site/*/node, site:*, audit, write, allow\n\
-         p, spiffe://demo/site/*/node, site:*, audit, verify, allow\n\
-         p, compliance_officer, *, audit, read, allow\n\
-         p, compliance_officer, *, audit, verify, allow\n",
-    );
     for (site, o) in &officers {
-        policy_csv.push_str(&format!(
-            "g, {}, compliance_officer, site:{site}\n",
-            o.identity
-        ));
         std::fs::write(
             policy_dir.join(format!("site-policy-{site}.toml")),
             format!(
@@ -392,6 +378,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             ),
         )?;
     }
+    // The shipped consortium policy with the demo's identities: officers approve, only the
+    // operator submits and cancels.
+    let officer_ids: Vec<(String, String)> = officers
+        .iter()
+        .map(|(site, o)| (site.clone(), o.identity.to_string()))
+        .collect();
+    let policy_csv =
+        crate::demo_policy::policy_csv("demo", "spiffe://demo/operator/demo", &officer_ids);
     std::fs::write(policy_dir.join("policy.csv"), policy_csv)?;
     let crl = ca.crl_path();
     println!(

@@ -6,6 +6,7 @@
 mod audit_cmd;
 mod bench_cmd;
 mod demo;
+mod demo_policy;
 mod job_cmd;
 mod net_cmd;
 mod pki_cmd;

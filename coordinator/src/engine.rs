@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tutela_protocol::model_registry::ModelDescription;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
@@ -548,6 +549,12 @@ impl Engine {
     async fn initial_model(&self, job: &JobCtx<'_>) -> Result<String, EngineError> {
         let (job_id, spec) = (job.id, job.spec);
         let window = Duration::from_secs(spec.round_deadline_secs);
+        // What the answer must be: the job's model as the registry describes it. A spec whose
+        // model the registry cannot describe never gets an initial model.
+        let expected =
+            Arc::new(ModelDescription::for_job(&spec.model).map_err(|e| {
+                EngineError::Failed(format!("no initial model: the job's model: {e}"))
+            })?);
         let mut last_reason = String::new();
         for attempt in 1..=spec.max_round_retries + 1 {
             let deadline = Instant::now() + window;
@@ -577,6 +584,7 @@ impl Engine {
                 deadline,
                 Destination::InitialModel {
                     model_dir: self.model_dir.clone(),
+                    expected: expected.clone(),
                 },
                 group.clone(),
             );

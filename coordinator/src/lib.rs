@@ -75,6 +75,9 @@ pub enum ConfigError {
          `insecure_no_policy`, which would waive the approvals that [policy] requires"
     )]
     PolicyAndInsecure,
+    /// A value outside the range deploy/config/coordinator.toml documents.
+    #[error(transparent)]
+    OutOfRange(#[from] tutela_protocol::config_range::OutOfRange),
 }
 
 fn default_reload_secs() -> u64 {
@@ -114,12 +117,19 @@ impl Config {
     /// Checks what serde cannot: approvals are configured (`[policy]`) or waived by name
     /// (`insecure_no_policy = true`), never both and never neither. Fail closed: a setting left
     /// out must not open the coordinator to unapproved jobs.
+    /// Also checks every value against the range the example file documents.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        use tutela_protocol::config_range::{MAX_PERIOD_SECS, in_range};
         match (&self.policy, self.insecure_no_policy) {
-            (Some(_), false) | (None, true) => Ok(()),
-            (None, false) => Err(ConfigError::NoPolicy),
-            (Some(_), true) => Err(ConfigError::PolicyAndInsecure),
+            (Some(_), false) | (None, true) => {}
+            (None, false) => return Err(ConfigError::NoPolicy),
+            (Some(_), true) => return Err(ConfigError::PolicyAndInsecure),
         }
+        in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
+        if let Some(p) = &self.policy {
+            in_range("policy.reload_secs", p.reload_secs, 1, MAX_PERIOD_SECS)?;
+        }
+        Ok(())
     }
 }
 
@@ -404,5 +414,43 @@ mod tests {
         let uncommented = format!("{}\n{text}", line.trim_start_matches("# "));
         let config: Config = toml::from_str(&uncommented).unwrap();
         assert_eq!(config.validate(), Err(ConfigError::PolicyAndInsecure));
+    }
+
+    /// Every range deploy/config/coordinator.toml documents, one value just outside it each:
+    /// the shipped file with that one change is refused, naming the key and the file.
+    #[test]
+    fn every_documented_range_of_coordinator_toml_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped =
+            std::fs::read_to_string(repo().join("deploy/config/coordinator.toml")).unwrap();
+        let cases: &[(&str, &str, i64)] = &[
+            ("", "tls_reload_secs", 0),
+            ("", "tls_reload_secs", 86_401),
+            ("policy", "reload_secs", 0),
+            ("policy", "reload_secs", 86_401),
+        ];
+        for &(table, key, value) in cases {
+            let mut config: toml::Table = toml::from_str(&shipped).unwrap();
+            let target = if table.is_empty() {
+                &mut config
+            } else {
+                config[table].as_table_mut().unwrap()
+            };
+            target.insert(key.to_string(), toml::Value::Integer(value));
+            let path = dir.path().join("coordinator.toml");
+            std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+            let e = Config::from_file(&path)
+                .expect_err(&format!("{key} = {value} must be refused"))
+                .to_string();
+            let dotted = if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            };
+            assert!(
+                e.contains(path.to_str().unwrap()) && e.contains(&format!("`{dotted}` = {value}")),
+                "{dotted} = {value}: {e}"
+            );
+        }
     }
 }

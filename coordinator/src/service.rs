@@ -226,6 +226,15 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::DeclineTaskReply>, Status> {
         let site = node_site(&request)?;
         let req = request.into_inner();
+        // A reason is stored and recorded in the trail: a node sends a code and a column (see
+        // site-node::failure), and nothing longer is kept.
+        if req.reason.len() > MAX_DECLINE_REASON_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "a decline reason is at most {MAX_DECLINE_REASON_BYTES} bytes (a code, a column, \
+                 a short note); this one is {}",
+                req.reason.len()
+            )));
+        }
         match self.engine.tasks.site_of(&req.task_id) {
             Some(s) if s == site => {
                 tracing::warn!(%site, task = %req.task_id, reason = %req.reason, "task declined");
@@ -245,6 +254,9 @@ impl pb::federation_server::Federation for FederationService {
         }
     }
 }
+
+/// The longest decline reason the coordinator accepts.
+pub const MAX_DECLINE_REASON_BYTES: usize = 4096;
 
 pub struct JobsService {
     pub engine: Arc<Engine>,

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Notify;
+use tutela_protocol::model_registry::ModelDescription;
 use tutela_protocol::stream::{SafetensorsFileSink, SinkError, TensorSink};
 use tutela_protocol::tensor::Manifest;
 
@@ -23,8 +24,12 @@ pub use tutela_protocol::federation::meta;
 /// Where a task's result goes.
 #[derive(Clone)]
 pub enum Destination {
-    /// The job's initial weights, stored as a model.
-    InitialModel { model_dir: PathBuf },
+    /// The job's initial weights, stored as a model once they match `expected` (the job's
+    /// model as the registry describes it).
+    InitialModel {
+        model_dir: PathBuf,
+        expected: Arc<ModelDescription>,
+    },
     /// A training update, folded into the round's aggregate.
     Round { aggregator: Arc<RoundAggregator> },
 }
@@ -234,15 +239,63 @@ fn parse_meta<T: std::str::FromStr>(m: &Manifest, key: &str) -> Result<Option<T>
     }
 }
 
-/// A metadata value that must be a finite number >= 0, or absent (0).
-fn finite_meta(m: &Manifest, key: &str) -> Result<f64, SinkError> {
+/// The most rows or samples a metric may count: far above any site's dataset, low enough that
+/// sums and weights stay exact in an f64.
+pub const MAX_METRIC_COUNT: u64 = 1 << 40;
+
+/// A metadata value in `range` (finite), or absent (0). The reason names the metric and the range.
+fn ranged_meta(
+    m: &Manifest,
+    key: &str,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f64, SinkError> {
     match parse_meta::<f64>(m, key)? {
         None => Ok(0.0),
-        Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Some(x) if x.is_finite() && range.contains(&x) => Ok(x),
         Some(x) => Err(SinkError::Rejected(format!(
-            "manifest metadata {key} = {x} is not a finite number >= 0"
+            "manifest metadata {key} = {x} is out of range: it must be a finite number in [{}, {}]",
+            range.start(),
+            range.end()
         ))),
     }
+}
+
+/// A metadata value that must be a finite number >= 0, or absent (0).
+fn finite_meta(m: &Manifest, key: &str) -> Result<f64, SinkError> {
+    ranged_meta(m, key, 0.0..=f64::MAX)
+}
+
+/// A count that must be an integer in [0, [`MAX_METRIC_COUNT`]], or absent (0).
+fn count_meta(m: &Manifest, key: &str) -> Result<u64, SinkError> {
+    match parse_meta::<u64>(m, key)? {
+        None => Ok(0),
+        Some(n) if n <= MAX_METRIC_COUNT => Ok(n),
+        Some(n) => Err(SinkError::Rejected(format!(
+            "manifest metadata {key} = {n} is out of range: a count is at most {MAX_METRIC_COUNT}"
+        ))),
+    }
+}
+
+/// What a node reported in its result's manifest, every value range-checked where it is
+/// received: accuracy in [0, 1], losses and seconds finite and >= 0, counts bounded, ε finite
+/// and >= 0, δ in [0, 1]. Out of range is refused with a reason naming the metric, never stored
+/// or shown.
+pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, SinkError> {
+    let m = manifest;
+    Ok(SiteMetrics {
+        site: site.to_string(),
+        train_samples: count_meta(m, meta::SAMPLES)?,
+        train_loss: finite_meta(m, meta::TRAIN_LOSS)?,
+        train_seconds: finite_meta(m, meta::TRAIN_SECONDS)?,
+        eval_loss: finite_meta(m, meta::EVAL_LOSS)?,
+        eval_accuracy: ranged_meta(m, meta::EVAL_ACCURACY, 0.0..=1.0)?,
+        eval_samples: count_meta(m, meta::EVAL_SAMPLES)?,
+        dataset_commitment: hex_meta(m, meta::DATASET_COMMITMENT)?,
+        deid_config_sha256: hex_meta(m, meta::DEID_CONFIG)?,
+        dp_round_epsilon: finite_meta(m, meta::DP_ROUND_EPSILON)?,
+        dp_job_epsilon: finite_meta(m, meta::DP_JOB_EPSILON)?,
+        dp_delta: ranged_meta(m, meta::DP_DELTA, 0.0..=1.0)?,
+    })
 }
 
 /// A metadata value that must be a SHA-256 digest in lowercase hex, or absent (empty).
@@ -336,20 +389,18 @@ impl TensorSink for RoutingSink {
             *slot = Some(task_id.clone());
         }
         self.task_id = Some(task_id);
-        let m = &mut self.metrics;
-        m.train_samples = parse_meta(manifest, meta::SAMPLES)?.unwrap_or(0);
-        m.train_loss = parse_meta(manifest, meta::TRAIN_LOSS)?.unwrap_or(0.0);
-        m.train_seconds = parse_meta(manifest, meta::TRAIN_SECONDS)?.unwrap_or(0.0);
-        m.eval_loss = parse_meta(manifest, meta::EVAL_LOSS)?.unwrap_or(0.0);
-        m.eval_accuracy = parse_meta(manifest, meta::EVAL_ACCURACY)?.unwrap_or(0.0);
-        m.eval_samples = parse_meta(manifest, meta::EVAL_SAMPLES)?.unwrap_or(0);
-        m.dataset_commitment = hex_meta(manifest, meta::DATASET_COMMITMENT)?;
-        m.deid_config_sha256 = hex_meta(manifest, meta::DEID_CONFIG)?;
-        m.dp_round_epsilon = finite_meta(manifest, meta::DP_ROUND_EPSILON)?;
-        m.dp_job_epsilon = finite_meta(manifest, meta::DP_JOB_EPSILON)?;
-        m.dp_delta = finite_meta(manifest, meta::DP_DELTA)?;
+        self.metrics = site_metrics(manifest, &self.site)?;
         match destination {
-            Destination::InitialModel { model_dir } => {
+            Destination::InitialModel {
+                model_dir,
+                expected,
+            } => {
+                // The first global model must be the job's model, built as the registry builds
+                // it; anything else (another tensor set, shape or dtype) is refused here, before
+                // a byte of it is stored.
+                expected
+                    .check(manifest.tensors())
+                    .map_err(|e| SinkError::Rejected(format!("the initial model: {e}")))?;
                 let mut sink = SafetensorsFileSink::content_addressed(model_dir);
                 sink.begin(manifest)?;
                 self.inner = Inner::Model(sink);
@@ -411,11 +462,114 @@ mod tests {
     use super::*;
 
     fn manifest_for(task: &str) -> Manifest {
-        Manifest::new(
-            vec![TensorSpec::new("w", DType::F32, vec![2])],
-            [(meta::TASK.to_string(), task.to_string())].into(),
-        )
-        .expect("a valid manifest")
+        manifest_with(task, honest_model(), &[])
+    }
+
+    /// A logistic regression: the registry's `mlp` without hidden layers, 3 features, 2 classes.
+    fn expected_model() -> Arc<ModelDescription> {
+        let spec: tutela_protocol::job::ModelSpec = toml::from_str("name = \"mlp\"").unwrap();
+        Arc::new(ModelDescription::for_job(&spec).unwrap())
+    }
+
+    fn honest_model() -> Vec<TensorSpec> {
+        vec![
+            TensorSpec::new("out.bias", DType::F32, vec![2]),
+            TensorSpec::new("out.weight", DType::F32, vec![2, 3]),
+        ]
+    }
+
+    fn manifest_with(task: &str, tensors: Vec<TensorSpec>, metadata: &[(&str, &str)]) -> Manifest {
+        let mut meta_map: std::collections::BTreeMap<String, String> =
+            [(meta::TASK.to_string(), task.to_string())].into();
+        for (k, v) in metadata {
+            meta_map.insert(k.to_string(), v.to_string());
+        }
+        Manifest::new(tensors, meta_map).expect("a valid manifest")
+    }
+
+    fn open_table(dir: &std::path::Path) -> Arc<TaskTable> {
+        table_with("t1", "a", Instant::now() + Duration::from_secs(60), dir)
+    }
+
+    #[test]
+    fn a_rogue_initial_model_is_refused_at_the_manifest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rogue: Vec<(&str, Vec<TensorSpec>)> = vec![
+            ("evil", vec![TensorSpec::new("evil", DType::F32, vec![1])]),
+            ("extra", {
+                let mut t = honest_model();
+                t.push(TensorSpec::new("zz", DType::F32, vec![1]));
+                t
+            }),
+            ("shape", {
+                let mut t = honest_model();
+                t[1].shape = vec![2, 3, 1];
+                t
+            }),
+            ("dtype", {
+                let mut t = honest_model();
+                t[0].dtype = DType::F64;
+                t
+            }),
+            ("missing", honest_model()[..1].to_vec()),
+        ];
+        for (case, tensors) in rogue {
+            let table = open_table(dir.path());
+            let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+            match sink.begin(&manifest_with("t1", tensors, &[])) {
+                Err(SinkError::Rejected(why)) => {
+                    assert!(why.starts_with("the initial model: "), "{case}: {why}")
+                }
+                other => panic!("{case}: expected a refusal, got {:?}", other.err()),
+            }
+        }
+        // Nothing of them was stored.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let table = open_table(dir.path());
+        let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+        sink.begin(&manifest_for("t1")).expect("the job's model");
+    }
+
+    #[test]
+    fn out_of_range_metrics_are_refused_naming_the_metric() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = [
+            (meta::EVAL_ACCURACY, "7"),
+            (meta::EVAL_ACCURACY, "-0.1"),
+            (meta::EVAL_ACCURACY, "NaN"),
+            (meta::TRAIN_LOSS, "-1"),
+            (meta::TRAIN_LOSS, "inf"),
+            (meta::EVAL_LOSS, "NaN"),
+            (meta::TRAIN_SECONDS, "-3"),
+            (meta::SAMPLES, "-5"),
+            (meta::SAMPLES, "1e30"),
+            (meta::SAMPLES, "99999999999999999"),
+            (meta::EVAL_SAMPLES, "18446744073709551615"),
+            (meta::DP_ROUND_EPSILON, "-0.5"),
+            (meta::DP_JOB_EPSILON, "inf"),
+            (meta::DP_DELTA, "2"),
+        ];
+        for (key, value) in bad {
+            let table = open_table(dir.path());
+            let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+            match sink.begin(&manifest_with("t1", honest_model(), &[(key, value)])) {
+                Err(SinkError::Rejected(why)) => assert!(why.contains(key), "{key}={value}: {why}"),
+                other => panic!("{key}={value}: expected a refusal, got {:?}", other.err()),
+            }
+        }
+        let good = [
+            (meta::EVAL_ACCURACY, "1"),
+            (meta::EVAL_ACCURACY, "0.93"),
+            (meta::TRAIN_LOSS, "0.25"),
+            (meta::SAMPLES, "120"),
+            (meta::DP_DELTA, "0.00001"),
+        ];
+        let table = open_table(dir.path());
+        let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+        sink.begin(&manifest_with("t1", honest_model(), &good))
+            .expect("in-range metrics");
+        assert_eq!(sink.metrics.eval_accuracy, 0.93);
+        assert_eq!(sink.metrics.train_samples, 120);
     }
 
     fn table_with(
@@ -432,6 +586,7 @@ mod tests {
             deadline,
             Destination::InitialModel {
                 model_dir: dir.to_path_buf(),
+                expected: expected_model(),
             },
             Arc::new(TaskGroup::default()),
         );

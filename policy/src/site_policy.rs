@@ -325,6 +325,57 @@ mod tests {
 
     const POLICY: &str = include_str!("../../deploy/policy/site-policy.toml");
 
+    /// Every range deploy/policy/site-policy.toml documents, one value just outside it each:
+    /// the shipped file with that one change is refused, naming the key.
+    #[test]
+    fn every_documented_range_of_the_site_policy_is_enforced() {
+        use toml::Value::{Float, String as Text};
+        let shipped: toml::Table = toml::from_str(POLICY).unwrap();
+        SitePolicy::from_toml_str(POLICY)
+            .unwrap()
+            .validate()
+            .expect("the shipped site policy is valid");
+        let cases: &[(&[&str], toml::Value, &str)] = &[
+            (
+                &["privacy", "max_epsilon_per_job"],
+                Float(0.0),
+                "privacy.max_epsilon_per_job",
+            ),
+            (
+                &["privacy", "max_epsilon_per_job"],
+                Float(f64::INFINITY),
+                "privacy.max_epsilon_per_job",
+            ),
+            (
+                &["privacy", "min_noise_multiplier"],
+                Float(-0.5),
+                "privacy.min_noise_multiplier",
+            ),
+            (
+                &["privacy", "budget", "breast_cancer"],
+                Float(0.0),
+                "privacy.budget.breast_cancer",
+            ),
+            (&["hours", "start"], Text("24:00".into()), "hours"),
+            (&["hours", "end"], Text("06:60".into()), "hours"),
+        ];
+        for (path, value, key) in cases {
+            let mut table = shipped.clone();
+            let (last, parents) = path.split_last().unwrap();
+            let mut t = &mut table;
+            for p in parents {
+                t = t[*p].as_table_mut().unwrap();
+            }
+            t.insert(last.to_string(), value.clone());
+            let text = toml::to_string(&table).unwrap();
+            let err = SitePolicy::from_toml_str(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.validate().map_err(|e| e.to_string()))
+                .expect_err(&format!("{key} = {value} must be refused"));
+            assert!(err.contains(key), "{key} = {value}: {err}");
+        }
+    }
+
     fn spec(model: &str, privacy: &str) -> JobSpec {
         JobSpec::from_toml_str(&format!(
             r#"name = "j"

@@ -357,6 +357,17 @@ impl JobSpec {
         for (k, v) in &self.model.params {
             check_finite(&format!("model.{k}"), v)?;
         }
+        // The registry's own models have known hyper-parameters and ranges (dropout in [0, 1),
+        // positive widths): checked at submission rather than at the first site.
+        if crate::model_registry::MODEL_NAMES.contains(&self.model.name.as_str()) {
+            use crate::model_registry::{ModelDescription, RegistryError};
+            ModelDescription::for_job(&self.model).map_err(|e| match e {
+                RegistryError::HyperParams { key, reason } => {
+                    SpecError::invalid(format!("model.{key}"), reason)
+                }
+                other => SpecError::invalid("model", other.to_string()),
+            })?;
+        }
         check_name("data.schema", &self.data.schema, 64)?;
 
         let t = &self.training;
@@ -704,5 +715,67 @@ mod signed_message_tests {
                 .unwrap()
                 .contains("U+001B")
         );
+    }
+}
+
+#[cfg(test)]
+mod documented_range_tests {
+    use super::*;
+
+    /// Sets `key` (dotted) of `table` to `value`.
+    fn set(table: &mut toml::Table, key: &str, value: toml::Value) {
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap();
+        let mut t = table;
+        for p in parts {
+            t = t
+                .entry(p)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap();
+        }
+        t.insert(last.to_string(), value);
+    }
+
+    /// Every range deploy/jobs/*.toml documents, one value just outside it each: the shipped
+    /// file with that one change is refused, naming the key.
+    #[test]
+    fn every_documented_job_spec_range_is_enforced() {
+        use toml::Value::{Array, Float, Integer};
+        for shipped in [
+            include_str!("../../deploy/jobs/breast_cancer_fedavg.toml"),
+            include_str!("../../deploy/jobs/mnist_cnn_fedavg.toml"),
+        ] {
+            JobSpec::from_toml_str(shipped).expect("the shipped job spec is valid");
+            let cases: Vec<(&str, toml::Value)> = vec![
+                ("rounds", Integer(0)),
+                ("min_sites", Integer(0)),
+                ("fraction", Float(0.0)),
+                ("fraction", Float(1.5)),
+                ("round_deadline_secs", Integer(0)),
+                ("update_norm_bound", Float(0.0)),
+                ("update_norm_bound", Float(f64::INFINITY)),
+                ("model.dropout", Float(1.0)),
+                ("model.dropout", Float(-0.1)),
+                ("model.hidden", Array(vec![Integer(0)])),
+                ("training.learning_rate", Float(0.0)),
+                ("training.local_epochs", Integer(0)),
+                ("training.batch_size", Integer(0)),
+                ("training.weight_decay", Float(-1e-4)),
+                ("training.momentum", Float(1.0)),
+                ("privacy.target_epsilon", Float(0.0)),
+                ("privacy.delta", Float(1.0)),
+                ("privacy.delta", Float(0.0)),
+                ("privacy.max_grad_norm", Float(0.0)),
+            ];
+            for (key, value) in cases {
+                let mut table: toml::Table = toml::from_str(shipped).unwrap();
+                set(&mut table, key, value.clone());
+                let text = toml::to_string(&table).unwrap();
+                let err = JobSpec::from_toml_str(&text)
+                    .expect_err(&format!("{key} = {value} must be refused"));
+                assert_eq!(err.key(), Some(key), "{key} = {value}: {err}");
+            }
+        }
     }
 }

@@ -12,11 +12,13 @@
 pub mod bench;
 pub mod canonical;
 pub mod client;
+pub mod config_range;
 pub mod database;
 pub mod federation;
 pub mod identity;
 pub mod job;
 pub mod logging;
+pub mod model_registry;
 pub mod pki;
 pub mod server;
 pub mod services;

@@ -181,6 +181,32 @@ pub enum ManifestError {
     Overflow { name: String, shape: Vec<u64> },
     #[error("the model has more than {max} tensors")]
     TooManyTensors { max: usize },
+    /// A name outside [`is_safe_tensor_name`]'s set: it would become a safetensors header key
+    /// (where `__metadata__` is reserved) or a file name, so it is refused before anything is
+    /// stored.
+    #[error(
+        "tensor #{index} has the name {name:?}, which is not allowed: a tensor name is 1-{max} \
+         characters of A-Z a-z 0-9 _ . -, not starting with '.' or '-', and not `__metadata__`",
+        max = MAX_TENSOR_NAME_LEN
+    )]
+    UnsafeName { index: usize, name: String },
+}
+
+/// The longest tensor name accepted (Hugging Face names are well under 200 characters).
+pub const MAX_TENSOR_NAME_LEN: usize = 256;
+
+/// Whether `name` may name a tensor on the wire: 1 to [`MAX_TENSOR_NAME_LEN`] characters of
+/// `[A-Za-z0-9_.-]`, not starting with `.` or `-` (no hidden files, no option-looking names), and
+/// not `__metadata__`, the key safetensors reserves for its header metadata. No path separator
+/// can appear, so a name never escapes the directory a sink writes under.
+pub fn is_safe_tensor_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TENSOR_NAME_LEN
+        && name != "__metadata__"
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 impl Manifest {
@@ -203,6 +229,11 @@ impl Manifest {
         for (index, t) in tensors.iter().enumerate() {
             if t.name.is_empty() {
                 return Err(ManifestError::EmptyName { index });
+            }
+            if !is_safe_tensor_name(&t.name) {
+                // Shortened: the name is echoed in the error and may be huge.
+                let name: String = t.name.chars().take(64).collect();
+                return Err(ManifestError::UnsafeName { index, name });
             }
             if !seen.insert(t.name.as_str()) {
                 return Err(ManifestError::DuplicateName {
@@ -253,7 +284,12 @@ impl Manifest {
             });
         }
         let mut tensors = Vec::with_capacity(m.tensors.len());
-        for t in m.tensors {
+        for (index, t) in m.tensors.into_iter().enumerate() {
+            // The name first: every other error quotes it.
+            if !t.name.is_empty() && !is_safe_tensor_name(&t.name) {
+                let name: String = t.name.chars().take(64).collect();
+                return Err(ManifestError::UnsafeName { index, name });
+            }
             let dtype = DType::from_pb(t.dtype).ok_or_else(|| ManifestError::UnknownDType {
                 name: t.name.clone(),
                 value: pb::DType::try_from(t.dtype)
@@ -397,6 +433,44 @@ mod tests {
         assert_eq!(m.total_bytes(), 48 + 8 + 8);
         let back = Manifest::from_pb(m.to_pb()).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn unsafe_tensor_names_are_refused_at_the_manifest() {
+        let long = "a".repeat(MAX_TENSOR_NAME_LEN + 1);
+        for name in [
+            "__metadata__",
+            "../escape",
+            "a/b",
+            "a\\b",
+            ".hidden",
+            "-rf",
+            "nul\0byte",
+            "space name",
+            "é",
+            long.as_str(),
+        ] {
+            let err =
+                Manifest::new(vec![spec(name, DType::F32, &[1])], BTreeMap::new()).unwrap_err();
+            assert!(
+                matches!(err, ManifestError::UnsafeName { index: 0, .. }),
+                "{name:?}: {err}"
+            );
+            // A peer's manifest is checked the same way.
+            let mut pbm = Manifest::new(vec![spec("w", DType::F32, &[1])], BTreeMap::new())
+                .unwrap()
+                .to_pb();
+            pbm.tensors[0].name = name.to_string();
+            assert!(matches!(
+                Manifest::from_pb(pbm).unwrap_err(),
+                ManifestError::UnsafeName { .. }
+            ));
+        }
+        let hf = "model.layers.0.self_attn.q_proj.lora_A.weight";
+        let ok = ["fc0.weight", "out.bias", "conv1.weight", "a-b_c.9", hf];
+        let fine = ok.iter().map(|n| spec(n, DType::F32, &[1])).collect();
+        Manifest::new(fine, BTreeMap::new()).unwrap();
+        assert!(is_safe_tensor_name(&"a".repeat(MAX_TENSOR_NAME_LEN)));
     }
 
     #[test]

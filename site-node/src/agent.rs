@@ -70,6 +70,7 @@ use crate::config::{Corruption, DeviceChoice, NodeConfig, TestingConfig};
 use crate::data::DataError;
 use crate::data::DatasetSchema;
 use crate::dataset::SiteDataset;
+use crate::failure::{FailureCode, SiteFailure};
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::ledger::{RoundSpend, SiteLedgers};
 use crate::models::{Model, ModelError};
@@ -158,6 +159,9 @@ pub enum Refusal {
     /// The job's planned privacy spend would pass a cap of the site's budget (with the numbers).
     #[error("{0}")]
     PrivacyBudget(String),
+    /// The site's privacy ledger could not be read (the error names its file: not sent).
+    #[error("{0}")]
+    Ledger(String),
     /// Not approved by this site's officers, or against the site policy (naming the clause).
     #[error("{0}")]
     Policy(#[from] crate::approvals::ApprovalRefusal),
@@ -266,7 +270,7 @@ impl TaskGate {
             let spent = match &self.ledgers {
                 Some(ledgers) => ledgers
                     .spent(dataset.name())
-                    .map_err(|e| Refusal::PrivacyBudget(e.to_string()))?,
+                    .map_err(|e| Refusal::Ledger(e.to_string()))?,
                 None => 0.0,
             };
             approvals.check(task, now_ms, spent)?;
@@ -291,6 +295,11 @@ impl TaskGate {
             let dimension = build_model(&job, dataset.schema(), dataset.n_features(), Device::Cpu)
                 .map_err(|e| Refusal::JobSpec(e.to_string()))?
                 .parameter_count();
+            // A ledger that cannot be read is refused as such here: `check` reports it as a
+            // string that names the ledger's file, which must not be sent as a budget reason.
+            ledgers
+                .open(dataset.name())
+                .map_err(|e| Refusal::Ledger(e.to_string()))?;
             ledgers
                 .check(&task.job_id, dataset.name(), &job, dimension)
                 .map_err(Refusal::PrivacyBudget)?;
@@ -751,15 +760,16 @@ fn now_ms() -> i64 {
 /// How a task ended, for the log.
 enum Done {
     Uploaded(pb::UpdateReceipt),
-    Declined(String),
+    Declined(SiteFailure),
     Skipped(String),
     Stalled,
 }
 
 /// Why a task failed.
 enum Failure {
-    /// The node cannot do it: the coordinator is told why.
-    Decline(String),
+    /// The node cannot do it: the coordinator is told the failure's wire reason (a code, a
+    /// column), the site's log gets the detail.
+    Decline(SiteFailure),
     /// An exchange with the coordinator failed or was refused; the coordinator knows, or will
     /// re-send. Only logged.
     Coordinator(String),
@@ -785,7 +795,10 @@ async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>) {
         ));
         let result = match (&mut handle.0).await {
             Ok(r) => r,
-            Err(e) => Err(Failure::Decline(format!("internal error in the node: {e}"))),
+            Err(e) => Err(Failure::Decline(SiteFailure::new(
+                FailureCode::Internal,
+                format!("internal error in the node: {e}"),
+            ))),
         };
         async {
             match result {
@@ -793,20 +806,20 @@ async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>) {
                     shared.mark_answered(&task.task_id);
                     tracing::info!(update = %receipt.update_digest, "update accepted by the coordinator");
                 }
-                Ok(Done::Declined(reason)) => {
+                Ok(Done::Declined(failure)) => {
                     shared.mark_answered(&task.task_id);
-                    tracing::warn!(%reason, "task declined");
+                    tracing::warn!(reason = %failure, "task declined");
                 }
                 Ok(Done::Skipped(reason)) => tracing::warn!(%reason, "task skipped"),
                 Ok(Done::Stalled) => tracing::warn!("testing.stall_after_fetch: stalling; the task is left unanswered"),
                 Err(Failure::Coordinator(why)) => tracing::warn!(error = %why, "task failed at the coordinator"),
-                Err(Failure::Decline(reason)) => {
-                    match decline(&shared, &task.task_id, &reason).await {
+                Err(Failure::Decline(failure)) => {
+                    match decline(&shared, &task.task_id, &failure).await {
                         Ok(()) => {
                             shared.mark_answered(&task.task_id);
-                            tracing::warn!(%reason, "task declined");
+                            tracing::warn!(reason = %failure, "task declined");
                         }
-                        Err(e) => tracing::warn!(%reason, error = %e, "task failed, and declining it failed too"),
+                        Err(e) => tracing::warn!(reason = %failure, error = %e, "task failed, and declining it failed too"),
                     }
                 }
             }
@@ -814,6 +827,11 @@ async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>) {
         .instrument(span)
         .await;
     }
+}
+
+/// A failure inside the node itself (a panicked or cancelled blocking task): code only.
+fn internal(detail: String) -> Failure {
+    Failure::Decline(SiteFailure::new(FailureCode::Internal, detail))
 }
 
 /// Aborts a task's handling when the worker is aborted (at shutdown): its RPCs stop with it.
@@ -826,12 +844,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn decline(shared: &Shared, task_id: &str, reason: &str) -> Result<(), String> {
+/// Tells the coordinator that the node will not do `task_id`: only the failure's wire reason
+/// leaves the site (see [`crate::failure`]).
+async fn decline(shared: &Shared, task_id: &str, failure: &SiteFailure) -> Result<(), String> {
     let mut client = shared.client().ok_or("not connected")?;
     client
         .decline_task(pb::DeclineTaskRequest {
             task_id: task_id.to_string(),
-            reason: reason.to_string(),
+            reason: failure.wire_reason(),
         })
         .await
         .map(|_| ())
@@ -843,10 +863,10 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
         Ok(a) => a,
         Err(refusal) if !refusal.is_reported() => return Ok(Done::Skipped(refusal.to_string())),
         Err(refusal) => {
-            let reason = refusal.to_string();
-            return match decline(&shared, &task.task_id, &reason).await {
-                Ok(()) => Ok(Done::Declined(reason)),
-                Err(e) => Err(Failure::Coordinator(format!("declining ({reason}): {e}"))),
+            let failure = SiteFailure::from(&refusal);
+            return match decline(&shared, &task.task_id, &failure).await {
+                Ok(()) => Ok(Done::Declined(failure)),
+                Err(e) => Err(Failure::Coordinator(format!("declining ({failure}): {e}"))),
             };
         }
     };
@@ -872,8 +892,8 @@ async fn initialize(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Res
         )
     })
     .await
-    .map_err(|e| Failure::Decline(format!("internal error building the model: {e}")))?
-    .map_err(|e| Failure::Decline(e.to_string()))?;
+    .map_err(|e| internal(format!("internal error building the model: {e}")))?
+    .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
     let metadata = BTreeMap::from([(meta::TASK.to_string(), task.task_id.clone())]);
     let receipt = upload(shared, weights, metadata).await?;
     Ok(Done::Uploaded(receipt))
@@ -903,8 +923,8 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         )
     })
     .await
-    .map_err(|e| Failure::Decline(format!("internal error in local training: {e}")))?
-    .map_err(|e| Failure::Decline(e.to_string()))?;
+    .map_err(|e| internal(format!("internal error in local training: {e}")))?
+    .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
     tracing::info!(
         eval_loss = result.eval.loss,
         eval_accuracy = result.eval.accuracy,
@@ -916,9 +936,12 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     );
     let mut update = result.delta;
     for filter in &shared.filters {
-        filter
-            .apply(task, &mut update)
-            .map_err(|why| Failure::Decline(format!("update filter {}: {why}", filter.name())))?;
+        filter.apply(task, &mut update).map_err(|why| {
+            Failure::Decline(SiteFailure::new(
+                FailureCode::UpdateFiltered,
+                format!("update filter {}: {why}", filter.name()),
+            ))
+        })?;
     }
     if task.deadline_unix_ms > 0 && now_ms() > task.deadline_unix_ms {
         return Ok(Done::Skipped(
@@ -967,25 +990,23 @@ async fn record_in_audit_trail(
     task: &pb::Task,
     admitted: &Admitted,
 ) -> Result<(), Failure> {
-    audit
-        .watch()
-        .await
-        .map_err(|e| Failure::Decline(e.to_string()))?;
+    // The trail's errors may name the node's files (its pinned checkpoint): code only.
+    let audit_failure = |e: &dyn std::fmt::Display| {
+        Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, e))
+    };
+    audit.watch().await.map_err(|e| audit_failure(&e))?;
     let dataset = admitted.dataset.clone();
     let data = tokio::task::spawn_blocking(move || dataset.load())
         .await
-        .map_err(|e| Failure::Decline(format!("internal error reading the dataset: {e}")))?
-        .map_err(|e| Failure::Decline(e.to_string()))?;
+        .map_err(|e| internal(format!("internal error reading the dataset: {e}")))?
+        .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
     let recorded = audit
         .record_deidentification(&shared.site, &task.job_id, admitted.dataset.name(), &data)
         .await
-        .map_err(|e| Failure::Decline(e.to_string()))?;
+        .map_err(|e| audit_failure(&e))?;
     if recorded {
         // The checkpoint that covers the new event, when the log has signed one already.
-        audit
-            .watch()
-            .await
-            .map_err(|e| Failure::Decline(e.to_string()))?;
+        audit.watch().await.map_err(|e| audit_failure(&e))?;
     }
     Ok(())
 }
@@ -1029,9 +1050,13 @@ async fn fetch_model(shared: &Shared, task: &pb::Task) -> Result<PathBuf, Failur
         // The bytes verified against the sender's own digest, but they are not the model the
         // task is about: train on nothing rather than on the wrong model.
         let _ = std::fs::remove_file(&received.output);
-        return Err(Failure::Decline(format!(
-            "the model received has digest {digest}, but the task names model {}",
-            task.global_model_id
+        // Both digests are the coordinator's own: nothing of the site in them.
+        return Err(Failure::Decline(SiteFailure::with_public_note(
+            FailureCode::GlobalModelMismatch,
+            format!(
+                "the model received has digest {digest}, but the task names model {}",
+                task.global_model_id
+            ),
         )));
     }
     prune_models(&shared.models_dir, KEEP_MODELS);
@@ -1067,7 +1092,12 @@ async fn upload(
     tensors: NamedTensors,
     metadata: BTreeMap<String, String>,
 ) -> Result<pb::UpdateReceipt, Failure> {
-    let local = |e: &dyn std::fmt::Display| Failure::Decline(format!("preparing the upload: {e}"));
+    let local = |e: &dyn std::fmt::Display| {
+        Failure::Decline(SiteFailure::new(
+            FailureCode::UpdateFailed,
+            format!("preparing the upload: {e}"),
+        ))
+    };
     let manifest = crate::weights::manifest(&tensors, metadata).map_err(|e| local(&e))?;
     let data = tensors.into_iter().map(|(_, b)| Bytes::from(b)).collect();
     let source = MemorySource::from_parts(manifest, data).map_err(|e| local(&e))?;
@@ -1081,7 +1111,10 @@ async fn upload(
         Err(status) => {
             let source_error = source_error.lock().ok().and_then(|mut s| s.take());
             Err(match source_error {
-                Some(e) => Failure::Decline(format!("reading the update to send: {e}")),
+                Some(e) => Failure::Decline(SiteFailure::new(
+                    FailureCode::UpdateFailed,
+                    format!("reading the update to send: {e}"),
+                )),
                 None => Failure::Coordinator(describe_status("SubmitUpdate", &status)),
             })
         }

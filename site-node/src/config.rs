@@ -317,6 +317,13 @@ impl NodeConfig {
             ));
         }
         check_host_port(&self.coordinator).map_err(|why| invalid("coordinator", why))?;
+        tutela_protocol::config_range::in_range(
+            "torch_threads",
+            self.torch_threads,
+            0,
+            MAX_TORCH_THREADS,
+        )
+        .map_err(|e| invalid("torch_threads", e.to_string()))?;
         if self.work_dir.as_os_str().is_empty() {
             return Err(invalid("work_dir", "must not be empty".into()));
         }
@@ -431,6 +438,9 @@ impl NodeConfig {
         }
     }
 }
+
+/// The most libtorch threads `torch_threads` may ask for (documented in deploy/config/node.toml).
+pub const MAX_TORCH_THREADS: usize = 1024;
 
 /// `HOST:PORT` with a host usable as a TLS server name and a port number (IPv6 hosts in
 /// brackets), as `tutela_protocol::client` accepts it.

@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_FIELD_BYTES, MAX_LINE_BYTES, TooLong};
 
 /// Why data could not be loaded, split or transformed.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,14 @@ pub enum DataError {
         line: u64,
         #[source]
         source: csv::Error,
+    },
+    /// A line, record or field past the readers' limit ([`tutela_privacy::anonymize::bounded`]).
+    #[error("{}, line {line}: {what} is longer than the limit of {max} bytes", .path.display())]
+    TooLong {
+        path: PathBuf,
+        line: u64,
+        what: &'static str,
+        max: u64,
     },
     #[error("{}, line 1: the schema expects {expected} feature columns besides the label, the header has {found}", .path.display())]
     FeatureColumnCount {
@@ -485,6 +494,20 @@ pub fn read_csv(
     schema: &DatasetSchema,
 ) -> Result<Table, DataError> {
     let path = origin.as_ref();
+    // Memory stays bounded on any input: a line or record past MAX_LINE_BYTES fails the read
+    // before the csv crate's buffers grow to hold it.
+    let (bounded, record_mark) = BoundedReader::new(reader, MAX_LINE_BYTES);
+    let too_long_field = |record: &csv::StringRecord, line: u64| -> Result<(), DataError> {
+        if record.iter().any(|f| f.len() > MAX_FIELD_BYTES) {
+            return Err(DataError::TooLong {
+                path: path.to_path_buf(),
+                line,
+                what: "a field",
+                max: MAX_FIELD_BYTES as u64,
+            });
+        }
+        Ok(())
+    };
     let mut csv_reader = csv::ReaderBuilder::new()
         // The header is read as an ordinary record so that its line number and field count are
         // checked the same way as the data's.
@@ -492,10 +515,19 @@ pub fn read_csv(
         // Field counts are checked here, to name the line and both counts in the error.
         .flexible(true)
         .trim(csv::Trim::All)
-        .from_reader(BufReader::new(reader));
+        .from_reader(BufReader::new(bounded));
     let csv_error = |line: u64, source: csv::Error| {
-        // An I/O error (a truncated gzip stream, say) is about the file, not about a line.
-        if let csv::ErrorKind::Io(_) = source.kind() {
+        // An I/O error (a truncated gzip stream, say) is about the file, not about a line; a
+        // line or record past the limit is about its line.
+        if let csv::ErrorKind::Io(io) = source.kind() {
+            if let Some(t) = TooLong::from_io(io) {
+                return DataError::TooLong {
+                    path: path.to_path_buf(),
+                    line: t.line,
+                    what: "the line or record",
+                    max: t.max,
+                };
+            }
             let message = source.to_string();
             return DataError::Io {
                 path: path.to_path_buf(),
@@ -523,6 +555,8 @@ pub fn read_csv(
             path: path.to_path_buf(),
         });
     }
+    record_mark.record_done();
+    too_long_field(&record, 1)?;
     let header: Vec<String> = record.iter().map(str::to_owned).collect();
     let columns = resolve_columns(&header, schema, path)?;
 
@@ -546,8 +580,10 @@ pub fn read_csv(
         if !more {
             break;
         }
+        record_mark.record_done();
         let line = record.position().map_or(last_line + 1, |p| p.line());
         last_line = line;
+        too_long_field(&record, line)?;
         if record.len() != header.len() {
             return Err(DataError::FieldCount {
                 path: path.to_path_buf(),

@@ -25,6 +25,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_LINE_BYTES, TooLong};
 use tutela_privacy::anonymize::{
     AnonymizeConfig, Pipeline, Role, Schema, SiteSecret, Table as RawTable, reader,
 };
@@ -106,6 +107,12 @@ impl SiteDataset {
                 Some(Protection { pipeline, secret })
             }
         };
+        // The data file must be there at start: a node that cannot read its data says so now,
+        // not at its first task. Opening reads no record.
+        std::fs::File::open(&config.path).map_err(|source| DataError::Io {
+            path: config.path.clone(),
+            source,
+        })?;
         let n_features = match schema.declared_feature_count() {
             Some(n) => n,
             // Only a plain CSV can lack a count (a declared dataset names its columns): its
@@ -262,6 +269,8 @@ fn header_feature_count(path: &Path, schema: &DatasetSchema) -> Result<usize, Da
     } else {
         Box::new(file)
     };
+    // Bounded like the loader: a header line of a gigabyte is refused, not read.
+    let (reader, _) = BoundedReader::new(reader, MAX_LINE_BYTES);
     let mut csv_reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .from_reader(reader);
@@ -274,11 +283,19 @@ fn header_feature_count(path: &Path, schema: &DatasetSchema) -> Result<usize, Da
         Ok(false) => Err(DataError::EmptyFile {
             path: path.to_path_buf(),
         }),
-        Err(source) => Err(DataError::Csv {
-            path: path.to_path_buf(),
-            line: 1,
-            source,
-        }),
+        Err(source) => match source.kind() {
+            csv::ErrorKind::Io(io) if TooLong::from_io(io).is_some() => Err(DataError::TooLong {
+                path: path.to_path_buf(),
+                line: 1,
+                what: "the header line",
+                max: MAX_LINE_BYTES,
+            }),
+            _ => Err(DataError::Csv {
+                path: path.to_path_buf(),
+                line: 1,
+                source,
+            }),
+        },
     }
 }
 

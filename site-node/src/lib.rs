@@ -35,6 +35,7 @@ pub mod data;
 pub mod dataset;
 pub mod dp;
 pub mod dp_bench;
+pub mod failure;
 pub mod jobspec;
 pub mod ledger;
 pub mod local;

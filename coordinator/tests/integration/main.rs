@@ -7,5 +7,6 @@
 
 mod aggregate;
 mod central_dp;
+mod initial_model;
 mod rejections;
 mod store;

@@ -511,7 +511,8 @@ fn digest_changes_when_any_field_changes() {
         spec_with("model.name", s("cnn")),
         spec_with("model.hidden", V::Array(vec![8.into(), 5.into()])),
         spec_with("model.dropout", V::Float(0.2)),
-        spec_with("model.extra", V::Boolean(false)),
+        // (An unknown hyper-parameter of a registry model is refused at submission now.)
+        spec_with("model.conv_channels", V::Array(vec![8.into(), 16.into()])),
         spec_with("data.schema", s("mnist")),
         spec_with("training.optimizer", s("adam")).replace("momentum = 0.9", "momentum = 0.0"),
         spec_with("training.learning_rate", V::Float(0.051)),

@@ -12,6 +12,7 @@
 //! - [`pipeline`]: runs all of the above, produces the serializable [`DeidReport`], and
 //!   [`refuses_to_train`] on configurations that leave identifiers in the clear.
 
+pub mod bounded;
 pub mod corpus;
 pub mod kanon;
 pub mod pii;
@@ -24,7 +25,7 @@ pub mod transform;
 pub use kanon::{KAnonConfig, KAnonResult, QiLevels, anonymize_k};
 pub use pii::{PiiKind, PiiRedactor, PiiSpan};
 pub use pipeline::{ColumnReport, DeidReport, Pipeline, refuses_to_train};
-pub use reader::{ReadError, RecordFormat};
+pub use reader::{BadKind, ReadError, RecordFormat};
 pub use schema::{ColumnSpec, ColumnType, Date, Record, Role, Schema, Table, Value};
 pub use transform::{AnonymizeConfig, DatePrecision, SiteSecret, Transform};
 

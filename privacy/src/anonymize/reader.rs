@@ -1,7 +1,9 @@
 //! Reading a site's raw records (CSV or JSON Lines) into a [`Table`] of the declared [`Schema`].
 //!
 //! Both readers stream: they hold one line (or CSV record) at a time besides the cells already
-//! parsed, so a file far larger than its parsed table never has to be in memory as text. Every
+//! parsed, so a file far larger than its parsed table never has to be in memory as text. A line
+//! or record longer than [`MAX_LINE_BYTES`], or a field longer than [`MAX_FIELD_BYTES`], is
+//! refused as soon as the limit is passed ([`super::bounded`]): memory stays bounded on any input. Every
 //! error names the file, the line and the column, so that a site engineer can open the file at the
 //! right place: a cell that is not of its column's declared type, a JSON line that is not an
 //! object, a missing or undeclared column, a row of the wrong width.
@@ -18,6 +20,8 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use super::bounded::{BoundedReader, TooLong};
+pub use super::bounded::{MAX_FIELD_BYTES, MAX_LINE_BYTES};
 use super::schema::{ColumnType, Date, Schema, Table, Value};
 
 /// The two input formats of a site's raw data.
@@ -58,14 +62,50 @@ pub enum ReadError {
     },
     #[error("{}: the file is empty (a CSV file needs at least its header line)", .path.display())]
     Empty { path: PathBuf },
-    /// `column` is the column's name where one is known, else empty.
+    /// `column` is the column's name where one is known, else empty. `reason` may quote the
+    /// cell: it is for the site's own log; `kind` is what may be said elsewhere.
     #[error("{}:{line}{}: {reason}", .path.display(), column_suffix(.column))]
     Bad {
         path: PathBuf,
         line: u64,
         column: String,
+        kind: BadKind,
         reason: String,
     },
+}
+
+/// What is wrong with a line, without its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    /// A cell that is not of its column's declared type.
+    InvalidValue,
+    /// A column the file has and the declaration lacks.
+    UndeclaredColumn,
+    /// A declared column the file lacks.
+    MissingColumn,
+    /// A column named twice in the header.
+    DuplicateColumn,
+    /// A row of the wrong width, or a line that is not a JSON object, or CSV syntax.
+    Malformed,
+    /// A line, record or field past its limit.
+    TooLong,
+}
+
+/// The error for an I/O failure of a bounded read: a [`TooLong`] becomes [`BadKind::TooLong`].
+fn io_error(origin: &Path, source: std::io::Error) -> ReadError {
+    match TooLong::from_io(&source) {
+        Some(t) => ReadError::Bad {
+            path: origin.to_path_buf(),
+            line: t.line,
+            column: String::new(),
+            kind: BadKind::TooLong,
+            reason: t.to_string(),
+        },
+        None => ReadError::Io {
+            path: origin.to_path_buf(),
+            source,
+        },
+    }
 }
 
 fn column_suffix(column: &str) -> String {
@@ -123,21 +163,26 @@ fn parse_cell(text: &str, ty: ColumnType) -> Result<Value, String> {
 /// present, and an undeclared column is an error (it could hold anything, identifiers included,
 /// and the schema is the declaration of what the file holds).
 pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Table, ReadError> {
-    let bad = |line: u64, column: &str, reason: String| ReadError::Bad {
+    let bad = |line: u64, column: &str, kind: BadKind, reason: String| ReadError::Bad {
         path: origin.to_path_buf(),
         line,
         column: column.to_string(),
+        kind,
         reason,
     };
+    let (bounded, record_mark) = BoundedReader::new(reader, MAX_LINE_BYTES);
     let mut csv_reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(BufReader::new(reader));
+        .from_reader(BufReader::new(bounded));
     let csv_error = |fallback_line: u64, e: csv::Error| {
         if let csv::ErrorKind::Io(_) = e.kind() {
-            return ReadError::Io {
-                path: origin.to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
+            return match e.into_kind() {
+                csv::ErrorKind::Io(source) => io_error(origin, source),
+                other => ReadError::Io {
+                    path: origin.to_path_buf(),
+                    source: std::io::Error::other(format!("{other:?}")),
+                },
             };
         }
         let line = e
@@ -145,7 +190,23 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
             .map(|p| p.line())
             .filter(|&l| l > 0)
             .unwrap_or(fallback_line);
-        bad(line, "", e.to_string())
+        bad(line, "", BadKind::Malformed, e.to_string())
+    };
+    // A record's memory is bounded by the reader; a field's by this check.
+    let check_fields = |record: &csv::StringRecord, line: u64| match record
+        .iter()
+        .position(|f| f.len() > MAX_FIELD_BYTES)
+    {
+        Some(i) => Err(bad(
+            line,
+            "",
+            BadKind::TooLong,
+            format!(
+                "field {} is longer than the limit of {MAX_FIELD_BYTES} bytes",
+                i + 1
+            ),
+        )),
+        None => Ok(()),
     };
     let mut record = csv::StringRecord::new();
     if !csv_reader
@@ -156,17 +217,25 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
             path: origin.to_path_buf(),
         });
     }
+    record_mark.record_done();
+    check_fields(&record, 1)?;
     // position in the file of each declared column
     let header: Vec<String> = record.iter().map(|h| h.trim().to_string()).collect();
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     for (i, h) in header.iter().enumerate() {
         if by_name.insert(h.as_str(), i).is_some() {
-            return Err(bad(1, h, "the header names this column twice".into()));
+            return Err(bad(
+                1,
+                h,
+                BadKind::DuplicateColumn,
+                "the header names this column twice".into(),
+            ));
         }
         if schema.index_of(h).is_err() {
             return Err(bad(
                 1,
                 h,
+                BadKind::UndeclaredColumn,
                 "is not declared in the schema; declare it (with its role) or remove it".into(),
             ));
         }
@@ -179,6 +248,7 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
                 bad(
                     1,
                     &c.name,
+                    BadKind::MissingColumn,
                     "is declared in the schema but missing from the header".into(),
                 )
             })
@@ -194,11 +264,14 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
         {
             break;
         }
+        record_mark.record_done();
         line = record.position().map(|p| p.line()).unwrap_or(line + 1);
+        check_fields(&record, line)?;
         if record.len() != header.len() {
             return Err(bad(
                 line,
                 "",
+                BadKind::Malformed,
                 format!(
                     "expected {} fields (as in the header), found {}",
                     header.len(),
@@ -209,7 +282,10 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
         let mut row = Vec::with_capacity(schema.columns.len());
         for (c, &pos) in schema.columns.iter().zip(&positions) {
             let text = record.get(pos).unwrap_or("").trim();
-            row.push(parse_cell(text, c.ty).map_err(|reason| bad(line, &c.name, reason))?);
+            row.push(
+                parse_cell(text, c.ty)
+                    .map_err(|reason| bad(line, &c.name, BadKind::InvalidValue, reason))?,
+            );
         }
         rows.push(row);
     }
@@ -222,13 +298,15 @@ pub fn read_csv(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Tab
 /// Reads JSON Lines: one object per line keyed by column name; blank lines are skipped. An absent
 /// key or `null` is `Null`; a key the schema does not declare is an error, as in CSV.
 pub fn read_jsonl(reader: impl Read, origin: &Path, schema: &Schema) -> Result<Table, ReadError> {
-    let bad = |line: u64, column: &str, reason: String| ReadError::Bad {
+    let bad = |line: u64, column: &str, kind: BadKind, reason: String| ReadError::Bad {
         path: origin.to_path_buf(),
         line,
         column: column.to_string(),
+        kind,
         reason,
     };
-    let mut reader = BufReader::new(reader);
+    let (bounded, record_mark) = BoundedReader::new(reader, MAX_LINE_BYTES);
+    let mut reader = BufReader::new(bounded);
     let mut text = String::new();
     let mut rows = Vec::new();
     let mut line = 0u64;
@@ -236,24 +314,30 @@ pub fn read_jsonl(reader: impl Read, origin: &Path, schema: &Schema) -> Result<T
         text.clear();
         let n = reader
             .read_line(&mut text)
-            .map_err(|source| ReadError::Io {
-                path: origin.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| io_error(origin, source))?;
         if n == 0 {
             break;
         }
+        record_mark.record_done();
         line += 1;
         if text.trim().is_empty() {
             continue;
         }
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| bad(line, "", format!("not a JSON object: {e}")))?;
+            .map_err(|e| {
+                bad(
+                    line,
+                    "",
+                    BadKind::Malformed,
+                    format!("not a JSON object: {e}"),
+                )
+            })?;
         for key in object.keys() {
             if schema.index_of(key).is_err() {
                 return Err(bad(
                     line,
                     key,
+                    BadKind::UndeclaredColumn,
                     "is not declared in the schema; declare it (with its role) or remove it".into(),
                 ));
             }
@@ -262,7 +346,16 @@ pub fn read_jsonl(reader: impl Read, origin: &Path, schema: &Schema) -> Result<T
         for c in &schema.columns {
             let cell = match object.get(&c.name) {
                 None | Some(serde_json::Value::Null) => Value::Null,
-                Some(v) => json_cell(v, c.ty).map_err(|reason| bad(line, &c.name, reason))?,
+                Some(serde_json::Value::String(text)) if text.len() > MAX_FIELD_BYTES => {
+                    return Err(bad(
+                        line,
+                        &c.name,
+                        BadKind::TooLong,
+                        format!("the value is longer than the limit of {MAX_FIELD_BYTES} bytes"),
+                    ));
+                }
+                Some(v) => json_cell(v, c.ty)
+                    .map_err(|reason| bad(line, &c.name, BadKind::InvalidValue, reason))?,
             };
             row.push(cell);
         }

@@ -129,6 +129,23 @@ fn node_config_text(
     extra: &str,
 ) -> String {
     let data = data_dir();
+    let dataset = format!(
+        "csv = \"{}\"\nschema = \"{}\"\nsplit_seed = 3\n",
+        data.join("breast_cancer_wisconsin.csv").display(),
+        data.join("breast_cancer.schema.toml").display(),
+    );
+    node_config_with_dataset(site, coordinator, tls, top_level, extra, &dataset)
+}
+
+/// [`node_config_text`] with `dataset` as the body of `[datasets.breast_cancer]`.
+fn node_config_with_dataset(
+    site: &str,
+    coordinator: &str,
+    tls: &TlsFiles,
+    top_level: &str,
+    extra: &str,
+    dataset: &str,
+) -> String {
     format!(
         r#"
 site = "{site}"
@@ -144,9 +161,7 @@ key = "{key}"
 crl = "{crl}"
 
 [datasets.breast_cancer]
-csv = "{csv}"
-schema = "{schema}"
-split_seed = 3
+{dataset}
 
 [reconnect]
 initial_backoff_secs = 0.05
@@ -157,8 +172,6 @@ max_backoff_secs = 0.2
         cert = tls.cert.display(),
         key = tls.key.display(),
         crl = tls.crl.as_ref().unwrap().display(),
-        csv = data.join("breast_cancer_wisconsin.csv").display(),
-        schema = data.join("breast_cancer.schema.toml").display(),
     )
 }
 
@@ -586,6 +599,15 @@ struct Harness {
 
 impl Harness {
     async fn start(extra_config: &str) -> Harness {
+        Self::start_with_dataset(extra_config, None).await
+    }
+
+    /// With `dataset` (the body of `[datasets.breast_cancer]`, made from the test's directory)
+    /// instead of the repository's breast-cancer file.
+    async fn start_with_dataset(
+        extra_config: &str,
+        dataset: Option<&dyn Fn(&Path) -> String>,
+    ) -> Harness {
         init_crypto();
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), SITE);
@@ -597,13 +619,18 @@ impl Harness {
         };
         let (coordinator, _) =
             Coordinator::start("127.0.0.1:0".parse().unwrap(), &pki.coordinator, shared).await;
-        let text = node_config_text(
-            SITE,
-            &coordinator.addr.to_string(),
-            &pki.node,
-            NO_APPROVALS,
-            extra_config,
-        );
+        let addr = coordinator.addr.to_string();
+        let text = match dataset {
+            None => node_config_text(SITE, &addr, &pki.node, NO_APPROVALS, extra_config),
+            Some(d) => node_config_with_dataset(
+                SITE,
+                &addr,
+                &pki.node,
+                NO_APPROVALS,
+                extra_config,
+                &d(dir.path()),
+            ),
+        };
         let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
         let agent = Agent::new(config).unwrap();
         let (stop_node, stopped) = oneshot::channel::<()>();
@@ -1519,9 +1546,13 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
         shared.clone(),
     )
     .await;
-    // The site's data file does not exist until the approved task: a node that read data for a
-    // forged task would fail loudly (and would have fetched the task's model first).
+    // The site's data file is empty until the approved task (it must exist: a missing data file
+    // stops the node at start): a node that read data for a forged task would decline it with a
+    // data error rather than the refusal each case expects (and would have fetched the task's
+    // model first).
     let data_file = d.join("site-data").join("breast_cancer.csv");
+    std::fs::create_dir_all(data_file.parent().unwrap()).unwrap();
+    std::fs::write(&data_file, "").unwrap();
     let text = node_config_text(
         SITE,
         &coordinator.addr.to_string(),
@@ -1689,12 +1720,11 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
     // Nothing of the data was read, and no model was fetched.
     let log = node.log();
     assert!(!log.contains("dataset loaded"), "{log}");
-    assert!(!data_file.exists());
+    assert!(!log.contains("data.empty"), "{log}");
     let models = std::fs::read_dir(d.join("work/models")).unwrap().count();
     assert_eq!(models, 0, "the node stored a model for a refused task");
 
     // The officer's approval of exactly this spec: the node fetches, reads its data and trains.
-    std::fs::create_dir_all(data_file.parent().unwrap()).unwrap();
     std::fs::copy(&repo_csv, &data_file).unwrap();
     send_task(
         &shared,
@@ -1784,4 +1814,111 @@ async fn a_node_that_waives_approvals_says_so_at_start_and_for_every_task() {
     assert_eq!(log.matches(warning).count(), 2, "{log}");
     drop(node);
     coordinator.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nothing of the data leaves the site: what the fake coordinator receives as a decline reason is
+// what a real one would store and record in the trail.
+
+/// A task that fails on the site's data is declined with a code and a column; the cell's value,
+/// the file's path and the line stay in the node's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
+    const PLANTED: &str = "planted.csv";
+    let plant = |dir: &Path| -> String {
+        let text = std::fs::read_to_string(data_dir().join("breast_cancer_wisconsin.csv")).unwrap();
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let header: Vec<&str> = lines[0].split(',').collect();
+        assert_eq!(header[0], "mean_radius");
+        // Line 3 of the file: its first cell becomes text.
+        let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
+        cells[0] = "forty-two".into();
+        lines[2] = cells.join(",");
+        std::fs::write(dir.join(PLANTED), lines.join("\n") + "\n").unwrap();
+        format!(
+            "csv = \"{}\"\nschema = \"{}\"\nsplit_seed = 3\n",
+            dir.join(PLANTED).display(),
+            data_dir().join("breast_cancer.schema.toml").display()
+        )
+    };
+    let mut h = Harness::start_with_dataset("", Some(&plant)).await;
+    let dir = h._dir.path().to_path_buf();
+    let spec = job_spec("breast_cancer", "mlp");
+    // INITIALIZE reads no data: it succeeds.
+    h.send(task("init-1", pb::TaskKind::Initialize, &spec, "", "{}"))
+        .await;
+    let (_, initial) = h.update().await;
+    let cases = [
+        ("train-1", "data.invalid_value column=mean_radius"),
+        // The file gone between start and the task.
+        ("train-2", "data.unreadable"),
+    ];
+    for (id, expected) in cases {
+        if id == "train-2" {
+            std::fs::remove_file(dir.join(PLANTED)).unwrap();
+        }
+        let model_id = h.offer_model(id, &initial);
+        h.send(task(id, pb::TaskKind::Train, &spec, &model_id, "{}"))
+            .await;
+        loop {
+            match h.next_event().await {
+                Event::Fetched { .. } => continue,
+                Event::Declined { task_id, reason } => {
+                    assert_eq!(task_id, id);
+                    assert_eq!(reason, expected);
+                    for secret in ["forty-two", PLANTED, dir.to_str().unwrap(), "line"] {
+                        assert!(!reason.contains(secret), "{secret:?} leaks in {reason:?}");
+                    }
+                    break;
+                }
+                other => panic!("{id}: expected a decline, got {other:?}"),
+            }
+        }
+    }
+    h.shutdown().await;
+}
+
+/// A declared dataset whose file is missing stops `tutela-node run` at start, naming the
+/// dataset (and, in the node's own output, the path); before, it was found at the first task.
+#[test]
+fn a_missing_dataset_file_stops_the_node_at_start() {
+    use tutela_privacy::anonymize::synthetic::{DEMO_ANONYMIZE_TOML, declaration_toml};
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), SITE);
+    let text = std::fs::read_to_string(data_dir().join("breast_cancer_wisconsin.csv")).unwrap();
+    let header = text.lines().next().unwrap();
+    let features: Vec<&str> = header.split(',').filter(|c| *c != "diagnosis").collect();
+    let columns = dir.path().join("patients.columns.toml");
+    std::fs::write(&columns, declaration_toml(&features, "diagnosis")).unwrap();
+    let anonymize = dir.path().join("patients.anonymize.toml");
+    std::fs::write(&anonymize, DEMO_ANONYMIZE_TOML).unwrap();
+    let secret = dir.path().join("site.secret");
+    std::fs::write(&secret, "2a".repeat(32)).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let missing = dir.path().join("not-there").join("patients.csv");
+    let dataset = format!(
+        "path = \"{}\"\nschema = \"{}\"\ncolumns = \"{}\"\nanonymize = \"{}\"\n",
+        missing.display(),
+        data_dir().join("breast_cancer.schema.toml").display(),
+        columns.display(),
+        anonymize.display()
+    );
+    let top_level = format!(
+        "{NO_APPROVALS}\nsite_secret_file = \"{}\"",
+        secret.display()
+    );
+    let text = node_config_with_dataset(SITE, "127.0.0.1:1", &pki.node, &top_level, "", &dataset);
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut node = NodeProcess::start(&config, &dir.path().join("node.log"));
+    let status = node.exit_status();
+    let log = node.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("datasets.breast_cancer"), "{log}");
+    assert!(log.contains(missing.to_str().unwrap()), "{log}");
+    assert!(!log.contains("site node starting"), "{log}");
 }

@@ -6,7 +6,9 @@
 
 mod agent;
 mod common;
+mod config_ranges;
 mod data;
+mod data_stays_home;
 mod dp;
 mod keys;
 mod models;

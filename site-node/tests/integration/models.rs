@@ -161,3 +161,71 @@ fn libtorch_cuda_is_linked_so_gpus_can_be_found() {
         tch::Cuda::device_count()
     );
 }
+
+/// The coordinator checks a job's initial model against `tutela_protocol::model_registry`, a
+/// libtorch-free description of this registry: for every model kind and a spread of
+/// hyper-parameters and data shapes, the tch registry builds exactly the described tensors
+/// (names, dtypes, shapes), so the two cannot drift apart.
+#[test]
+fn the_registry_builds_exactly_what_the_protocol_describes() {
+    use tutela_protocol::job::ModelSpec as JobModel;
+    use tutela_protocol::model_registry::{DataDims, MODEL_NAMES, ModelDescription};
+
+    assert_eq!(known_models(), MODEL_NAMES);
+    let hyper = [
+        "",
+        "hidden = [8]",
+        "hidden = [16, 8, 4]\ndropout = 0.2",
+        "hidden = [5]\nconv_channels = [3, 6]",
+    ];
+    let data: &[(Vec<usize>, usize)] = &[
+        (vec![30], 2),
+        (vec![7], 5),
+        (vec![1, 28, 28], 10),
+        (vec![3, 9, 13], 4),
+    ];
+    let mut checked = 0;
+    for name in MODEL_NAMES {
+        for h in hyper {
+            for (input_shape, classes) in data {
+                if *name == "cnn" && input_shape.len() != 3 {
+                    continue;
+                }
+                // The same [model] table both sides read.
+                let table: JobModel = toml::from_str(&format!("name = \"{name}\"\n{h}")).unwrap();
+                let described = ModelDescription::for_job(&table)
+                    .unwrap()
+                    .concrete(&DataDims {
+                        input_shape: input_shape.iter().map(|&d| d as u64).collect(),
+                        num_classes: *classes as u64,
+                    })
+                    .unwrap();
+                let mut params = table.params.clone();
+                params.insert(
+                    "input_shape".into(),
+                    toml::Value::Array(
+                        input_shape
+                            .iter()
+                            .map(|&d| toml::Value::Integer(d as i64))
+                            .collect(),
+                    ),
+                );
+                params.insert("num_classes".into(), toml::Value::Integer(*classes as i64));
+                let spec: ModelSpec = toml::Value::Table(params).try_into().unwrap();
+                let model = Model::new(name, spec, Device::Cpu, 1).unwrap();
+                let built: Vec<_> = export_weights(model.var_store())
+                    .unwrap()
+                    .into_iter()
+                    .map(|(spec, _)| spec)
+                    .collect();
+                assert_eq!(built, described, "{name} {h:?} {input_shape:?} {classes}");
+                ModelDescription::for_job(&table)
+                    .unwrap()
+                    .check(&built)
+                    .unwrap();
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}

@@ -312,3 +312,56 @@ fn the_deploy_examples_are_valid_and_the_pipeline_is_the_demos() {
     )
     .unwrap();
 }
+
+/// The case: a malformed date in a declared dataset. The failure a task would be
+/// declined with says what and which column (`data.invalid_value column=date_of_birth`); the
+/// value, the file and the line stay in the site's log.
+#[test]
+fn a_malformed_date_leaves_the_site_as_a_code_and_a_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, columns, anonymize, _) = raw_dataset(dir.path());
+    let people = synthetic_identities(5, 1);
+    let dob = &people[0].date_of_birth;
+    let text = std::fs::read_to_string(&data).unwrap();
+    let planted = text.replacen(dob.as_str(), "1990-13-45", 1);
+    assert_ne!(
+        planted, text,
+        "the first person's date of birth is in the file"
+    );
+    std::fs::write(&data, planted).unwrap();
+    let site = SiteDataset::prepare(
+        "breast_cancer",
+        &config(&data, &columns, Some(&anonymize)),
+        Some(&SECRET),
+    )
+    .unwrap();
+    let err = site.load().unwrap_err();
+    let failure = tutela_site_node::failure::SiteFailure::from(&err);
+    assert_eq!(
+        failure.wire_reason(),
+        "data.invalid_value column=date_of_birth"
+    );
+    let log = failure.to_string();
+    assert!(
+        log.contains("1990-13-45") && log.contains("patients.csv"),
+        "{log}"
+    );
+}
+
+/// A declared dataset's file was first opened at the first task; now at start.
+#[test]
+fn a_missing_declared_data_file_is_refused_at_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, columns, anonymize, _) = raw_dataset(dir.path());
+    std::fs::remove_file(&data).unwrap();
+    let err = SiteDataset::prepare(
+        "breast_cancer",
+        &config(&data, &columns, Some(&anonymize)),
+        Some(&SECRET),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, tutela_site_node::data::DataError::Io { ref path, .. } if *path == data),
+        "{err}"
+    );
+}

@@ -8,6 +8,7 @@ mod approvals;
 mod audit;
 mod audit_trail;
 mod central_dp;
+mod data_stays_home;
 mod demo;
 mod federation;
 mod pki_audit;

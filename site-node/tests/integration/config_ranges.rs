@@ -1,0 +1,80 @@
+//! Every range deploy/config/node.toml documents is enforced: the shipped file with one value
+//! just outside its range is refused at start, with an error naming the key and the file.
+
+use std::path::Path;
+
+use tutela_site_node::config::NodeConfig;
+
+/// Sets `path` (table names, then the key) of `table` to `value`.
+fn set(table: &mut toml::Table, path: &[&str], value: toml::Value) {
+    let (last, parents) = path.split_last().unwrap();
+    let mut t = table;
+    for p in parents {
+        t = t[*p].as_table_mut().unwrap();
+    }
+    t.insert(last.to_string(), value);
+}
+
+#[test]
+fn every_documented_range_of_node_toml_is_enforced() {
+    use toml::Value::{Float, Integer};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml");
+    let shipped = std::fs::read_to_string(&path).unwrap();
+    NodeConfig::from_toml_str(&shipped, &path).expect("the shipped node.toml is valid");
+    let cases: Vec<(&[&str], toml::Value, &str)> = vec![
+        (&["torch_threads"], Integer(5000), "torch_threads"),
+        (
+            &["datasets", "breast_cancer", "validation_fraction"],
+            Float(0.0),
+            "datasets.breast_cancer.validation_fraction",
+        ),
+        (
+            &["datasets", "breast_cancer", "validation_fraction"],
+            Float(1.0),
+            "datasets.breast_cancer.validation_fraction",
+        ),
+        (
+            &["reconnect", "initial_backoff_secs"],
+            Float(0.0),
+            "reconnect.initial_backoff_secs",
+        ),
+        (
+            &["reconnect", "initial_backoff_secs"],
+            Float(86_401.0),
+            "reconnect.initial_backoff_secs",
+        ),
+        (
+            &["reconnect", "max_backoff_secs"],
+            Float(0.5),
+            "reconnect.max_backoff_secs",
+        ),
+        (
+            &["reconnect", "max_backoff_secs"],
+            Float(86_401.0),
+            "reconnect.max_backoff_secs",
+        ),
+        (
+            &["privacy", "max_epsilon_per_job"],
+            Float(0.0),
+            "privacy.max_epsilon_per_job",
+        ),
+        (
+            &["privacy", "max_epsilon_total"],
+            Float(-1.0),
+            "privacy.max_epsilon_total",
+        ),
+        (&["privacy", "delta"], Float(1.0), "privacy.delta"),
+    ];
+    for (key_path, value, key) in cases {
+        let mut table: toml::Table = toml::from_str(&shipped).unwrap();
+        set(&mut table, key_path, value.clone());
+        let text = toml::to_string(&table).unwrap();
+        let err = NodeConfig::from_toml_str(&text, &path)
+            .expect_err(&format!("{key} = {value} must be refused"))
+            .to_string();
+        assert!(
+            err.contains(key) && err.contains(path.to_str().unwrap()),
+            "{key} = {value}: {err}"
+        );
+    }
+}
