@@ -875,7 +875,7 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
     match admitted.work {
         Work::Initialize => initialize(&shared, &task, admitted).await,
         Work::Train => train(&shared, &task, admitted).await,
-        Work::Resend => resend(&shared, &task).await,
+        Work::Resend => resend(&shared, &task, admitted).await,
     }
 }
 
@@ -940,6 +940,17 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         train_samples = result.train_samples,
         "local round done"
     );
+    // Kept at once: if the spend cannot be recorded now, or the coordinator dies before it
+    // answers, the round it asks for again is answered with this same update (see
+    // [`crate::resend`]), once its spend is in the trail.
+    let released_metadata = round_metadata(task, &result);
+    shared.gate.resends().keep(ReleasedUpdate {
+        job_id: task.job_id.clone(),
+        round,
+        global_model_id: task.global_model_id.clone(),
+        update: result.delta.clone(),
+        metadata: released_metadata.clone(),
+    });
     // The spend is in the trail before anything of the round leaves the site.
     if let (Some(audit), Some(ledgers), Some(spend)) = (&shared.audit, &ledgers, &result.privacy)
         && let Some(charge) = &spend.charge
@@ -961,7 +972,6 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         .map_err(Failure::Decline)?;
     }
     let mut update = result.delta;
-    let released = update.clone();
     for filter in &shared.filters {
         filter
             .apply(task, &mut update)
@@ -972,6 +982,14 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
             "training ended after the task's deadline; the update would be refused as late".into(),
         ));
     }
+    let metadata = released_metadata;
+    let receipt = upload(shared, update, metadata).await?;
+    Ok(Done::Uploaded(receipt))
+}
+
+/// The manifest metadata of a round's update: the task, samples, metrics, dataset commitment
+/// and the round's ε.
+fn round_metadata(task: &pb::Task, result: &RoundResult) -> BTreeMap<String, String> {
     let mut metadata = BTreeMap::from([
         (meta::TASK.to_string(), task.task_id.clone()),
         (meta::SAMPLES.to_string(), result.train_samples.to_string()),
@@ -987,11 +1005,11 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         ),
         (meta::EVAL_SAMPLES.to_string(), result.eval.n.to_string()),
     ]);
-    if let Some(c) = result.dataset_commitment {
-        metadata.insert(meta::DATASET_COMMITMENT.to_string(), c);
+    if let Some(c) = &result.dataset_commitment {
+        metadata.insert(meta::DATASET_COMMITMENT.to_string(), c.clone());
     }
-    if let Some(d) = result.deid_config_sha256 {
-        metadata.insert(meta::DEID_CONFIG.to_string(), d);
+    if let Some(d) = &result.deid_config_sha256 {
+        metadata.insert(meta::DEID_CONFIG.to_string(), d.clone());
     }
     if let Some(p) = &result.privacy {
         metadata.insert(
@@ -1001,22 +1019,22 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         metadata.insert(meta::DP_JOB_EPSILON.to_string(), p.job_epsilon.to_string());
         metadata.insert(meta::DP_DELTA.to_string(), p.delta.to_string());
     }
-    // Kept before the upload: if the coordinator dies before it answers, the round it restarts
-    // is answered with this same update.
-    shared.gate.resends().keep(ReleasedUpdate {
-        job_id: task.job_id.clone(),
-        round,
-        global_model_id: task.global_model_id.clone(),
-        update: released,
-        metadata: metadata.clone(),
-    });
-    let receipt = upload(shared, update, metadata).await?;
-    Ok(Done::Uploaded(receipt))
+    metadata
 }
 
 /// Sends again the update this node released for the task's round (see [`crate::resend`]): no
 /// data is read, nothing is trained, no ε is charged.
-async fn resend(shared: &Shared, task: &pb::Task) -> Result<Done, Failure> {
+async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<Done, Failure> {
+    // Its spend is in the trail first (recorded now if that failed when it was trained).
+    if let (Some(audit), Some(ledgers)) = (&shared.audit, &admitted.ledgers) {
+        audit
+            .watch()
+            .await
+            .map_err(|e| Failure::Decline(e.to_string()))?;
+        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.dataset.name())
+            .await
+            .map_err(Failure::Decline)?;
+    }
     let Some(released) =
         shared
             .gate

@@ -557,6 +557,74 @@ max_grad_norm = 1.0
         );
     }
 
+    /// A coordinator that resumed after a crash asks for a round the node was charged for
+    /// already. Until the job's last round that fits within the job's target ε (the plan is
+    /// calibrated to the target over all rounds, and a retrain uses up one of the later rounds'
+    /// share, which the gate then refuses); once the job's rounds are all charged, retraining one
+    /// is refused, naming the round, and the gate's own check refuses it before any data is read.
+    #[test]
+    fn a_round_charged_already_is_not_trained_again_past_the_jobs_target() {
+        use tutela_site_node::dp::DpSpend;
+        use tutela_site_node::jobspec::JobView;
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers = SiteLedgers::new(dir.path().join("l"), None, PrivacyBudgetConfig::default());
+        let spec = job(1.0);
+        let view = JobView::from_toml_str(&spec).unwrap();
+        let (rows, dimension) = (455, 250);
+        let charge = |round: u32, attempt: u32| {
+            let plan = ledgers
+                .check_with_rows("j", round, "breast_cancer", &view, rows, dimension)?
+                .expect("a DP-SGD job");
+            let spend = DpSpend {
+                steps: plan.steps_per_round,
+                sample_rate: plan.sample_rate,
+                effective_noise_multiplier: plan.effective_noise_multiplier,
+            };
+            ledgers
+                .record("j", (round, attempt), "breast_cancer", rows, &plan, &spend, 1)
+                .map(|s| s.job_epsilon)
+        };
+        for round in 1..=4 {
+            charge(round, 1).unwrap();
+        }
+        // Round 4 again (the coordinator resumed): it fits, using up round 5's share.
+        let after_retrain = charge(4, 1).unwrap();
+        assert!(after_retrain <= 1.0 + 1e-9, "{after_retrain}");
+        // Round 5 would now pass the target: refused.
+        let why = charge(5, 1).unwrap_err();
+        assert!(why.contains("over the job's target ε = 1"), "{why}");
+        // And round 4 a third time is refused as a round charged already.
+        let why = charge(4, 2).unwrap_err();
+        assert!(
+            why.contains("round 4 of job j was charged already") && why.contains("attempt 1"),
+            "{why}"
+        );
+        let ledger = ledgers.open("breast_cancer").unwrap();
+        let spent = ledger.spent_by_job("j", 1e-5, Accountant::Rdp).unwrap();
+        assert!(spent <= 1.0 + 1e-9, "the job's ε {spent} is over its target");
+        assert_eq!(ledger.job("j").unwrap().charges.len(), 5);
+
+        // The gate refuses too, before any record is read (its dataset file is gone).
+        let gate = TaskGate::new(BTreeMap::from([(
+            "breast_cancer".to_string(),
+            dataset_without_its_file(dir.path()),
+        )]))
+        .with_ledgers(Arc::new(SiteLedgers::new(
+            dir.path().join("l"),
+            None,
+            PrivacyBudgetConfig::default(),
+        )));
+        let mut t = task("j", spec.clone());
+        t.round = 4;
+        t.attempt = 3;
+        match gate.check_task(&t) {
+            Err(Refusal::PrivacyBudget(why)) => {
+                assert!(why.contains("charged already"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_node_with_caps_refuses_a_job_without_local_dp() {
         let dir = tempfile::tempdir().unwrap();
