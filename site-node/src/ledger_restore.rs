@@ -187,6 +187,7 @@ pub async fn restore(
             tree_size
         }
     };
+    crate::site_audit::clear_pin_marker(&config.work_dir);
     Ok((done, held_size))
 }
 

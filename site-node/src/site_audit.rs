@@ -231,8 +231,9 @@ impl SiteAudit {
                 &info.log_id,
                 self.kek.clone(),
             )?;
-            if opened.latest().is_none() {
+            if opened.latest().is_none() && !self.pinned_without_checkpoint(&info.log_id) {
                 self.refuse_a_silent_repin(&mut client).await?;
+                self.mark_pinned(&info.log_id)?;
             }
             *held = Some(opened);
         }
@@ -240,6 +241,8 @@ impl SiteAudit {
         match checkpoint.refresh(&mut client).await {
             Ok(update) => {
                 tracing::debug!(?update, "audit trail checkpoint verified");
+                // The checkpoint file now says what the site saw; the marker is no longer needed.
+                clear_pin_marker(&self.work_dir);
                 Ok(Some(update))
             }
             Err(AuditCheckpointError::Client(AuditClientError::Rpc(s)))
@@ -260,6 +263,33 @@ impl SiteAudit {
             Err(AuditCheckpointError::Client(e)) => Err(SiteAuditError::Unreachable(e)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether this node pinned log `log_id` before it ever held a checkpoint of it (a young log
+    /// had none yet): the marker it wrote then, encrypted like its other files under `[at_rest]`.
+    fn pinned_without_checkpoint(&self, log_id: &str) -> bool {
+        let path = pin_marker_path(&self.work_dir, self.kek.is_some());
+        let bytes = match &self.kek {
+            Some(k) => tutela_privacy::at_rest::decrypt_to_vec(&path, k.as_ref()).ok(),
+            None => std::fs::read(&path).ok(),
+        };
+        bytes.is_some_and(|b| b == log_id.as_bytes())
+    }
+
+    fn mark_pinned(&self, log_id: &str) -> Result<(), SiteAuditError> {
+        let path = pin_marker_path(&self.work_dir, self.kek.is_some());
+        let written = match &self.kek {
+            Some(k) => tutela_privacy::at_rest::encrypt_bytes(
+                log_id.as_bytes(),
+                &path,
+                k.as_ref(),
+                tutela_privacy::at_rest::EncryptOptions::default(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+            None => std::fs::write(&path, log_id).map_err(|e| e.to_string()),
+        };
+        written.map_err(|why| SiteAuditError::Checkpoint(AuditCheckpointError::File { path, why }))
     }
 
     /// A node that holds no checkpoint pins the log's next one, unless the log already has
@@ -324,6 +354,24 @@ impl SiteAudit {
 
     fn lock_recorded(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, String)>> {
         self.recorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The marker a node writes when it pins a log that has no checkpoint yet, so that after a restart
+/// it can tell "never held one" from "its checkpoint file was deleted"; removed once a checkpoint
+/// is held.
+fn pin_marker_path(work_dir: &Path, encrypted: bool) -> PathBuf {
+    work_dir.join(if encrypted {
+        "audit-pinned.enc"
+    } else {
+        "audit-pinned"
+    })
+}
+
+/// Removes the pin marker (see [`pin_marker_path`]), whichever form it has.
+pub fn clear_pin_marker(work_dir: &Path) {
+    for encrypted in [true, false] {
+        let _ = std::fs::remove_file(pin_marker_path(work_dir, encrypted));
     }
 }
 
