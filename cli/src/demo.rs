@@ -374,7 +374,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
          p, spiffe://demo/site/*/node, site:*, federation, participate, allow\n\
          g, spiffe://demo/operator/demo, operator, consortium\np2, site:*, compliance_officer, 1\n\
          p, spiffe://demo/coordinator, consortium, audit, write, allow\n\
+         p, spiffe://demo/coordinator, consortium, audit, read_own, allow\n\
          p, spiffe://demo/site/*/node, site:*, audit, write, allow\n\
+         p, spiffe://demo/site/*/node, site:*, audit, read_own, allow\n\
          p, spiffe://demo/site/*/node, site:*, audit, verify, allow\n\
          p, compliance_officer, *, audit, read, allow\n\
          p, compliance_officer, *, audit, verify, allow\n",

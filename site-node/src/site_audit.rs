@@ -14,8 +14,13 @@
 //!   checkpoint and a consistency proof from the one it holds ([`HeldCheckpoint`]); the log's
 //!   checkpoint key is pinned in node.toml, never taken from the service. A checkpoint that does
 //!   not extend what the site saw, or a log with no checkpoint at all once the site has held one,
-//!   means the trail's history was rewritten or reset: the node declines to train and says so. An unreachable service or a log with no checkpoint yet is only logged
-//!   there; recording the report, when there is one, still needs the service.
+//!   means the trail's history was rewritten or reset: the node declines to train and says so. A
+//!   log with no checkpoint yet is normal for a young log. A node whose checkpoint file is gone
+//!   while the trail has its events under a signed checkpoint declines too: it does not pin the
+//!   trail again by itself (an officer's `tutela-node ledger restore` does); a marker file tells
+//!   a node that pinned a young log before any checkpoint from one whose checkpoint was deleted.
+//! - **Fail closed.** An unreachable service declines the task: nothing is trained that could not
+//!   be recorded. The node's privacy spends are recorded too ([`crate::spend_anchor`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -57,6 +62,12 @@ pub enum SiteAuditError {
          it does not train off the record ({0})"
     )]
     Unreachable(AuditClientError),
+    #[error(
+        "this node cannot read its own events back from the audit trail (the consortium policy \
+         must allow its node `audit, read_own`), so it cannot check its held checkpoint and \
+         ledger against the trail and does not train: {0}"
+    )]
+    ReadOwnEvents(AuditClientError),
     #[error(
         "this node holds no checkpoint of the audit trail, but the trail has this node's events \
          from seq {first_own_seq} on, covered by a signed checkpoint of {tree_size} events: the \
@@ -303,7 +314,7 @@ impl SiteAudit {
                 ..Default::default()
             })
             .await
-            .map_err(SiteAuditError::Unreachable)?;
+            .map_err(own_events_error)?;
         let Some(first) = own.first() else {
             return Ok(());
         };
@@ -357,6 +368,24 @@ impl SiteAudit {
     }
 }
 
+/// A failed read of the node's own events: the service could not be reached, or refused it.
+fn own_events_error(e: AuditClientError) -> SiteAuditError {
+    match &e {
+        AuditClientError::Rpc(s)
+            if matches!(
+                s.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::InvalidArgument
+            ) =>
+        {
+            SiteAuditError::ReadOwnEvents(e)
+        }
+        AuditClientError::Rpc(_) | AuditClientError::Connect(_) => SiteAuditError::Unreachable(e),
+        _ => SiteAuditError::ReadOwnEvents(e),
+    }
+}
+
 /// The marker a node writes when it pins a log that has no checkpoint yet, so that after a restart
 /// it can tell "never held one" from "its checkpoint file was deleted"; removed once a checkpoint
 /// is held.
@@ -392,9 +421,12 @@ pub async fn own_spends(
             ..Default::default()
         })
         .await
-        .map_err(|source| SiteAuditError::ReadSpends {
-            dataset: dataset.to_string(),
-            source,
+        .map_err(|source| match own_events_error(source) {
+            SiteAuditError::ReadOwnEvents(source) => SiteAuditError::ReadSpends {
+                dataset: dataset.to_string(),
+                source,
+            },
+            unreachable => unreachable,
         })?;
     let mut spends = Vec::with_capacity(events.len());
     for e in &events {
