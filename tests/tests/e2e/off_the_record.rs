@@ -420,3 +420,122 @@ async fn a_coordinator_killed_mid_round_charges_no_site_above_the_jobs_target() 
         assert!((last_eps - eps).abs() < 1e-9, "{site}: {last_eps} vs {eps}");
     }
 }
+
+/// A TCP relay the test can cut: every live connection is dropped and new ones are refused until
+/// it is opened again. It stands between the coordinator and the audit service, so that only the
+/// coordinator loses the trail (the nodes keep theirs).
+struct Relay {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(to_port: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let live: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (o, l) = (open.clone(), live.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", to_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                l.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Relay { port, open, live }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for t in self.live.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_committed_but_not_yet_in_the_trail_when_the_coordinator_dies_is_recorded_at_resume()
+ {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut c = Consortium::new(d);
+    let audit_port = free_port();
+    let _audit = c.start_audit(audit_port, AuditPolicy::Open);
+    let relay = Relay::start(audit_port).await;
+    c.coordinator_extra = format!("[audit]\nendpoint = \"localhost:{}\"\n", relay.port);
+    c.start_coordinator();
+    let (header, shares, _) = breast_cancer_shares(2);
+    let sites = ["a", "b"];
+    for (site, rows) in sites.iter().zip(&shares) {
+        c.start_node(site, &header, rows, &audit_table(d, audit_port));
+    }
+    let rounds = 4;
+    let job = submit(&c, dp_job(rounds, 2, 30, &sites, 3.0)).await;
+    c.wait_for_job(&job, Duration::from_secs(180), |s| s.rounds_completed >= 1)
+        .await;
+    // The coordinator loses the trail mid-job. Both nodes answer every round, so its next event
+    // is the `round.completed` of a round it has just committed: it waits there.
+    relay.cut();
+    wait_for_log(
+        &d.join("coordinator.log"),
+        "the audit trail cannot record this event",
+        1,
+        Duration::from_secs(60),
+    );
+    let stuck = c
+        .wait_for_job(&job, Duration::from_secs(10), |_| true)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = c
+        .wait_for_job(&job, Duration::from_secs(10), |_| true)
+        .await;
+    assert_eq!(still.rounds_completed, stuck.rounds_completed, "{still:?}");
+    let committed = stuck.rounds_completed;
+    let recorded_before = events_of_job(d, "round.completed", &job).len() as u32;
+    assert!(
+        recorded_before < committed,
+        "round {committed} is committed and should be waiting for the trail ({recorded_before} recorded)"
+    );
+    // Killed in that state: the round is in the store, not in the trail.
+    c.coordinator.take().unwrap().signal("KILL");
+    relay.reopen();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.start_coordinator();
+    let last = c
+        .wait_for_job(&job, Duration::from_secs(240), |_| false)
+        .await;
+    assert_eq!(last.state, "completed", "{last:?}; logs in {}", d.display());
+    assert!(
+        c.log("coordinator.log")
+            .contains("round committed but not in the audit trail"),
+        "{}",
+        c.log("coordinator.log")
+    );
+    let mut recorded: Vec<u64> = events_of_job(d, "round.completed", &job)
+        .iter()
+        .map(|e| e["payload"]["round"].as_u64().unwrap())
+        .collect();
+    recorded.sort_unstable();
+    assert_eq!(
+        recorded,
+        (1..=u64::from(rounds)).collect::<Vec<_>>(),
+        "every round in the trail exactly once"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    verify_trail(&c, audit_port);
+}
