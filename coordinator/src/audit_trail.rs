@@ -236,6 +236,8 @@ fn is_outage(e: &AuditClientError) -> bool {
                 | tonic::Code::AlreadyExists
         ),
         AuditClientError::Connect(_) => true,
-        AuditClientError::Config(_) | AuditClientError::Wire(_) | AuditClientError::Checkpoint(_) => false,
+        AuditClientError::Config(_)
+        | AuditClientError::Wire(_)
+        | AuditClientError::Checkpoint(_) => false,
     }
 }

@@ -332,7 +332,10 @@ impl Ledger {
         delta: f64,
         accountant: Accountant,
     ) -> Result<f64, LedgerError> {
-        let mut groups: Vec<Group> = self.job(job_id).map(|j| j.groups.clone()).unwrap_or_default();
+        let mut groups: Vec<Group> = self
+            .job(job_id)
+            .map(|j| j.groups.clone())
+            .unwrap_or_default();
         match groups.iter_mut().find(|g| {
             g.sample_rate.to_bits() == extra.sample_rate().to_bits()
                 && g.noise_multiplier.to_bits() == extra.noise_multiplier().to_bits()
@@ -717,7 +720,10 @@ mod tests {
         assert_eq!(l.unanchored().len(), 2);
         l.mark_anchored("j", (1, 1), 7).unwrap();
         let l = Ledger::open(&path, "d", None).unwrap();
-        assert_eq!(l.unanchored(), vec![("j".to_string(), l.job("j").unwrap().charges[1])]);
+        assert_eq!(
+            l.unanchored(),
+            vec![("j".to_string(), l.job("j").unwrap().charges[1])]
+        );
         assert_eq!(l.job("j").unwrap().steps(), 40);
         let spent = l.spent(1e-5, Accountant::Rdp).unwrap();
 

@@ -1035,11 +1035,10 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
             .await
             .map_err(Failure::Decline)?;
     }
-    let Some(released) =
-        shared
-            .gate
-            .resends()
-            .get(&task.job_id, task.round, &task.global_model_id)
+    let Some(released) = shared
+        .gate
+        .resends()
+        .get(&task.job_id, task.round, &task.global_model_id)
     else {
         return Err(Failure::Decline(
             "the update of this round is no longer kept; the task can be sent again".into(),
@@ -1301,13 +1300,8 @@ pub fn local_round(
     };
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
-    let (report, privacy) = train_round(
-        admitted,
-        (round, attempt),
-        &model,
-        &dataset.train,
-        &config,
-    )?;
+    let (report, privacy) =
+        train_round(admitted, (round, attempt), &model, &dataset.train, &config)?;
     let local = export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))?;
     // Both lists are sorted by name (export_weights and load_safetensors sort), as delta needs.
     let delta = delta(&local, &global).map_err(|e| LocalError::Update(Box::new(e)))?;

@@ -433,7 +433,11 @@ fn within_job_target(
     let dataset = ledger.dataset();
     let attempts: Vec<String> = ledger
         .job(job_id)
-        .map(|j| j.charges_of_round(round).map(|c| c.attempt.to_string()).collect())
+        .map(|j| {
+            j.charges_of_round(round)
+                .map(|c| c.attempt.to_string())
+                .collect()
+        })
         .unwrap_or_default();
     if attempts.is_empty() {
         Err(format!(
@@ -585,7 +589,11 @@ impl SiteLedgers {
     }
 
     /// ε of `dataset` at the site's δ if its ledger were rebuilt from `spends` (nothing written).
-    pub fn epsilon_from_trail(&self, dataset: &str, spends: &[AnchoredSpend]) -> Result<f64, String> {
+    pub fn epsilon_from_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<f64, String> {
         Ledger::from_trail(
             self.path(dataset),
             dataset,

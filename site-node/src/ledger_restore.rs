@@ -182,8 +182,7 @@ pub async fn restore(
             .map_err(|e| audit_err(&e))
             .map(|_| held.latest().map_or(0, |c| c.checkpoint.tree_size))?,
         None => {
-            held.accept(&latest, &[])
-                .map_err(|e| audit_err(&e))?;
+            held.accept(&latest, &[]).map_err(|e| audit_err(&e))?;
             tree_size
         }
     };
@@ -195,7 +194,8 @@ pub async fn restore(
 /// its compliance officers.
 fn check_officer(config: &NodeConfig, officer: &TlsMaterial) -> Result<(), RestoreError> {
     let identity = officer.identity.uri();
-    let of_site = matches!(&officer.identity.principal, Principal::User { site, .. } if *site == config.site);
+    let of_site =
+        matches!(&officer.identity.principal, Principal::User { site, .. } if *site == config.site);
     let listed = match &config.site_policy {
         Some(path) => {
             let policy = tutela_policy::site_policy::SitePolicy::load(path)

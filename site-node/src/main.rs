@@ -395,7 +395,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             for r in &restored {
                 println!(
                     "{}: {} spend(s) from the trail ({} missing from the ledger), ε = {} at δ = {:e}; recorded as ledger.restored at seq {}",
-                    r.dataset, r.spends, r.missing_spends, r.dataset_epsilon, config.privacy.delta, r.seq
+                    r.dataset,
+                    r.spends,
+                    r.missing_spends,
+                    r.dataset_epsilon,
+                    config.privacy.delta,
+                    r.seq
                 );
             }
             println!("held checkpoint: {tree_size} events");

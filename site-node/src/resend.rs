@@ -80,7 +80,10 @@ mod tests {
             global_model_id: "m".into(),
             update: Vec::new(),
             metadata: BTreeMap::from([
-                (tutela_protocol::federation::meta::TASK.to_string(), "t1".to_string()),
+                (
+                    tutela_protocol::federation::meta::TASK.to_string(),
+                    "t1".to_string(),
+                ),
                 ("tutela.samples".to_string(), "10".to_string()),
             ]),
         });
@@ -89,6 +92,10 @@ mod tests {
         assert!(!cache.holds("j", 3, "other-model"));
         assert!(!cache.holds("k", 3, "m"));
         let kept = cache.get("j", 3, "m").unwrap();
-        assert_eq!(kept.metadata.len(), 1, "the task id is written afresh on a re-send");
+        assert_eq!(
+            kept.metadata.len(),
+            1,
+            "the task id is written afresh on a re-send"
+        );
     }
 }

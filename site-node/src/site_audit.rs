@@ -86,7 +86,9 @@ pub enum SiteAuditError {
         #[source]
         source: AuditClientError,
     },
-    #[error("a privacy spend in the audit trail cannot be read, so the ledger cannot be checked: {0}")]
+    #[error(
+        "a privacy spend in the audit trail cannot be read, so the ledger cannot be checked: {0}"
+    )]
     BadSpend(tutela_audit::payload::PayloadError),
     #[error("reading this node's spends of dataset {dataset} from the audit trail: {source}")]
     ReadSpends {
@@ -319,10 +321,12 @@ impl SiteAudit {
             return Ok(());
         };
         match client.checkpoint(None).await {
-            Ok(cp) if cp.checkpoint.tree_size > first.seq => Err(SiteAuditError::CheckpointMissing {
-                first_own_seq: first.seq,
-                tree_size: cp.checkpoint.tree_size,
-            }),
+            Ok(cp) if cp.checkpoint.tree_size > first.seq => {
+                Err(SiteAuditError::CheckpointMissing {
+                    first_own_seq: first.seq,
+                    tree_size: cp.checkpoint.tree_size,
+                })
+            }
             Ok(_) => Ok(()),
             Err(AuditClientError::Rpc(s)) if s.code() == tonic::Code::NotFound => Ok(()),
             Err(e) => Err(SiteAuditError::Unreachable(e)),

@@ -27,7 +27,8 @@ pub async fn anchor_charge(
     charge: &RoundCharge,
     job_privacy: (f64, Accountant),
 ) -> Result<(), String> {
-    let payload = ledgers.spend_payload(site, dataset, job, charge, job_privacy.0, job_privacy.1)?;
+    let payload =
+        ledgers.spend_payload(site, dataset, job, charge, job_privacy.0, job_privacy.1)?;
     let seq = audit
         .record_spend(&payload)
         .await

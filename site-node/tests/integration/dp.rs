@@ -581,7 +581,15 @@ max_grad_norm = 1.0
                 effective_noise_multiplier: plan.effective_noise_multiplier,
             };
             ledgers
-                .record("j", (round, attempt), "breast_cancer", rows, &plan, &spend, 1)
+                .record(
+                    "j",
+                    (round, attempt),
+                    "breast_cancer",
+                    rows,
+                    &plan,
+                    &spend,
+                    1,
+                )
                 .map(|s| s.job_epsilon)
         };
         for round in 1..=4 {
@@ -601,7 +609,10 @@ max_grad_norm = 1.0
         );
         let ledger = ledgers.open("breast_cancer").unwrap();
         let spent = ledger.spent_by_job("j", 1e-5, Accountant::Rdp).unwrap();
-        assert!(spent <= 1.0 + 1e-9, "the job's ε {spent} is over its target");
+        assert!(
+            spent <= 1.0 + 1e-9,
+            "the job's ε {spent} is over its target"
+        );
         assert_eq!(ledger.job("j").unwrap().charges.len(), 5);
 
         // The gate refuses too, before any record is read (its dataset file is gone).

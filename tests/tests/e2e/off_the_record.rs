@@ -245,7 +245,10 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
         .wait_for_job(&job2, Duration::from_secs(120), |_| false)
         .await;
     assert_eq!(last.state, "failed", "{last:?}");
-    assert!(!ledger_file.exists(), "nothing was charged to a fresh ledger");
+    assert!(
+        !ledger_file.exists(),
+        "nothing was charged to a fresh ledger"
+    );
 
     // The held checkpoint is deleted too: refused, and not pinned again.
     assert!(held_file.exists());
@@ -263,13 +266,15 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
         .wait_for_job(&job3, Duration::from_secs(120), |_| false)
         .await;
     assert_eq!(last.state, "failed", "{last:?}");
-    assert!(!held_file.exists(), "the node pinned the trail again by itself");
+    assert!(
+        !held_file.exists(),
+        "the node pinned the trail again by itself"
+    );
 
     // A compliance officer of the site restores both from the trail.
     c.kill_node("a");
-    let officer = c
-        .ca
-        .issue(
+    let officer =
+        c.ca.issue(
             &Principal::User {
                 site: "a".into(),
                 name: "olivia".into(),
@@ -281,9 +286,8 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     std::fs::write(&cert, &officer.cert_pem).unwrap();
     std::fs::write(&key, &officer.key_pem).unwrap();
     // Another site's user may not.
-    let stranger = c
-        .ca
-        .issue(
+    let stranger =
+        c.ca.issue(
             &Principal::User {
                 site: "b".into(),
                 name: "mallory".into(),
@@ -404,7 +408,10 @@ async fn a_coordinator_killed_mid_round_charges_no_site_above_the_jobs_target() 
         let rounds_charged: Vec<u32> = charges.iter().map(|c| c.round).collect();
         assert_eq!(rounds_charged, [1, 2, 3], "{site}: {charges:?}");
         let eps = ledger.spent_by_job(&job, 1e-5, Accountant::Rdp).unwrap();
-        assert!(eps <= target + 1e-9, "{site}: ε {eps} over the target {target}");
+        assert!(
+            eps <= target + 1e-9,
+            "{site}: ε {eps} over the target {target}"
+        );
         // The trail says the same.
         let actor = format!("spiffe://e2e/site/{site}/node");
         let spends: Vec<serde_json::Value> = events_of_job(d, "privacy.spent", &job)
