@@ -456,10 +456,6 @@ impl Engine {
             round = next;
             self.changed(job_id);
         }
-        self.store
-            .set_job_state(job_id, JobState::Running, JobState::Completed, None)
-            .await?;
-        tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         // The total ε per site is the last round's accountant value (`dp_job_epsilon`).
         let mut epsilon = serde_json::Map::new();
         for c in self.store.rounds(job_id).await.unwrap_or_default() {
@@ -469,9 +465,11 @@ impl Engine {
                 }
             }
         }
+        // Recorded before the job is marked completed, and looked for first: a coordinator that
+        // stopped in between resumes the job here and records each once.
         let trail = self.trail();
         trail
-            .note_durably(
+            .record_once(
                 crate::audit_trail::Action::JobCompleted,
                 job_id.as_str(),
                 serde_json::json!({
@@ -479,10 +477,12 @@ impl Engine {
                     "rounds": spec.rounds,
                     "epsilon": epsilon,
                 }),
+                true,
+                |_| true,
             )
             .await;
         trail
-            .note_durably(
+            .record_once(
                 crate::audit_trail::Action::ModelPublished,
                 &model_id,
                 serde_json::json!({
@@ -492,8 +492,14 @@ impl Engine {
                     "rounds": spec.rounds,
                     "code_version": crate::audit_trail::code_version(),
                 }),
+                true,
+                |_| true,
             )
             .await;
+        self.store
+            .set_job_state(job_id, JobState::Running, JobState::Completed, None)
+            .await?;
+        tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         Ok(())
     }
 
@@ -843,6 +849,12 @@ impl Engine {
         let recorded = loop {
             match trail.recorded_rounds(job_id.as_str()).await {
                 Ok(r) => break r,
+                Err(crate::audit_trail::AuditTrailError::Client(e))
+                    if !crate::audit_trail::is_outage(&e) =>
+                {
+                    tracing::error!(job = %job_id, error = %e, "the coordinator may not read its own events back (the policy must allow it `audit, read_own`): a round committed before the stop may be missing from the audit trail");
+                    return Ok(());
+                }
                 Err(e) => {
                     tracing::error!(job = %job_id, error = %e, "the audit trail cannot be read: the job waits before resuming");
                     tokio::time::sleep(Duration::from_secs(1)).await;
