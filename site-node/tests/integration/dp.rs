@@ -636,6 +636,83 @@ max_grad_norm = 1.0
         }
     }
 
+    /// The ledger against the trail's spends: a ledger that lacks one is behind (naming the first
+    /// missing spend and the restore command); the rebuilt ledger holds them all, anchored, with
+    /// the same ε; charges the trail lacks are the ones left unanchored.
+    #[test]
+    fn a_ledger_behind_the_trail_is_named_and_rebuilt_from_it() {
+        use tutela_site_node::dp::DpSpend;
+        use tutela_site_node::jobspec::JobView;
+        use tutela_site_node::ledger::AnchoredSpend;
+        let dir = tempfile::tempdir().unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::from_bytes(&[5u8; 32]));
+        let ledgers = SiteLedgers::new(
+            dir.path().join("l"),
+            Some(kek.clone()),
+            PrivacyBudgetConfig::default(),
+        );
+        let view = JobView::from_toml_str(&job(2.0)).unwrap();
+        let plan = ledgers
+            .check_with_rows("j", 1, "breast_cancer", &view, 455, 266)
+            .unwrap()
+            .unwrap();
+        let spend = DpSpend {
+            steps: plan.steps_per_round,
+            sample_rate: plan.sample_rate,
+            effective_noise_multiplier: plan.effective_noise_multiplier,
+        };
+        let mut trail = Vec::new();
+        for round in 1..=2 {
+            let s = ledgers
+                .record("j", (round, 1), "breast_cancer", 455, &plan, &spend, 1)
+                .unwrap();
+            let charge = s.charge.unwrap();
+            let payload = ledgers
+                .spend_payload("a", "breast_cancer", "j", &charge, 1e-5, Accountant::Rdp)
+                .unwrap();
+            assert_eq!(
+                (payload.round, payload.steps, payload.rows),
+                (round, plan.steps_per_round, 455)
+            );
+            trail.push(AnchoredSpend {
+                seq: 10 + u64::from(round),
+                timestamp_unix_ms: 1,
+                payload,
+            });
+        }
+        assert_eq!(ledgers.unanchored("breast_cancer").unwrap().len(), 2);
+        ledgers
+            .mark_anchored("breast_cancer", "j", (1, 1), 11)
+            .unwrap();
+        assert_eq!(ledgers.unanchored("breast_cancer").unwrap().len(), 1);
+        ledgers
+            .check_against_trail("breast_cancer", &trail)
+            .unwrap();
+        let spent = ledgers.spent("breast_cancer").unwrap();
+
+        // The file is deleted: behind by both spends, naming the first and the restore.
+        let file = dir.path().join("l/breast_cancer.json.enc");
+        std::fs::remove_file(&file).unwrap();
+        let behind = ledgers
+            .check_against_trail("breast_cancer", &trail)
+            .unwrap_err();
+        assert_eq!(
+            (behind.missing, behind.first_round, behind.first_seq),
+            (2, 1, 11)
+        );
+        let text = behind.to_string();
+        assert!(text.contains("tutela-node ledger restore"), "{text}");
+        // Rebuilt: the same ε, every charge anchored at its event, the plan's rows kept.
+        let rebuilt = ledgers.restore_from_trail("breast_cancer", &trail).unwrap();
+        assert!((rebuilt - spent).abs() < 1e-12, "{rebuilt} vs {spent}");
+        assert_eq!(ledgers.spent("breast_cancer").unwrap(), rebuilt);
+        assert!(ledgers.unanchored("breast_cancer").unwrap().is_empty());
+        ledgers
+            .check_against_trail("breast_cancer", &trail)
+            .unwrap();
+        assert_eq!(ledgers.open("breast_cancer").unwrap().rows(), Some(455));
+    }
+
     #[test]
     fn a_node_with_caps_refuses_a_job_without_local_dp() {
         let dir = tempfile::tempdir().unwrap();
