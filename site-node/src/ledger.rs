@@ -18,7 +18,15 @@
 //!
 //! In every case [`crate::agent::local_round`] checks again with the real row count before the
 //! first step, and [`SiteLedgers::record`] writes each round's steps before the update is
-//! uploaded.
+//! uploaded, as a charge of (job, round, attempt) that the node then records in the audit trail
+//! ([`crate::spend_anchor`]).
+//!
+//! # The job's target
+//!
+//! Besides the site's caps, one more round of a job must keep the job's ε within its
+//! `privacy.target_epsilon` (or its plan's ε when it gives σ): a round the ledger has charged
+//! already (a coordinator that resumed, a retried attempt) is normally answered by re-sending the
+//! update released for it ([`crate::resend`]), and trained again only while that still fits.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
