@@ -483,6 +483,14 @@ impl Ledger {
         })
     }
 
+    /// The charge `(job, round, attempt)`, if in this ledger.
+    pub fn charge(&self, job_id: &str, round: u32, attempt: u32) -> Option<&RoundCharge> {
+        self.job(job_id)?
+            .charges
+            .iter()
+            .find(|c| c.round == round && c.attempt == attempt)
+    }
+
     /// The charges not yet recorded in the audit trail, with their job.
     pub fn unanchored(&self) -> Vec<(String, RoundCharge)> {
         self.file

@@ -494,7 +494,7 @@ impl AnchoredSpend {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error(
     "the privacy ledger of dataset {dataset:?} lacks {missing} spend(s) that the audit trail \
-     records for this node (first: job {first_job} round {first_round} attempt {first_attempt}, \
+     records for this node, or holds them as smaller spends (first: job {first_job} round {first_round} attempt {first_attempt}, \
      seq {first_seq}): the ledger file is missing or older than the trail, so its ε would be \
      understated. This node does not train on {dataset:?} until a compliance officer of the site \
      restores the ledger from the trail (`tutela-node ledger restore --config node.toml \
@@ -578,8 +578,10 @@ impl SiteLedgers {
         let missing: Vec<&AnchoredSpend> = spends
             .iter()
             .filter(|s| {
+                // The same key with a smaller or different spend is a ledger edited down.
                 !ledger.as_ref().is_some_and(|l| {
-                    l.has_charge(&s.payload.job, s.payload.round, s.payload.attempt)
+                    l.charge(&s.payload.job, s.payload.round, s.payload.attempt)
+                        .is_some_and(|c| c.group == s.as_trail_spend().group)
                 })
             })
             .collect();
