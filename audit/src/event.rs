@@ -79,11 +79,22 @@ pub enum Action {
     /// cells changed, k and l achieved, suppressed rows, the configuration's digest: counts and
     /// column names, never a value), and the dataset commitment.
     DatasetDeidentified,
+    /// `privacy.spent`: a site node charged its privacy ledger for one round of DP-SGD, appended
+    /// by the node itself before the round's update leaves the site, so that the site's budget
+    /// is anchored outside its own disk. Subject: `<site>/<dataset>`. Payload
+    /// ([`crate::payload::privacy::PrivacySpent`]): job, round, attempt, the (q, σ_eff, steps)
+    /// group, the training rows, ε of the job and of the dataset after the spend; no data value.
+    PrivacySpent,
+    /// `ledger.restored`: a site's compliance officer rebuilt a node's privacy ledger from the
+    /// trail's `privacy.spent` events and re-pinned its held checkpoint (`tutela-node ledger
+    /// restore`), appended as the officer. Subject: `<site>/<dataset>`. Payload
+    /// ([`crate::payload::privacy::LedgerRestored`]).
+    LedgerRestored,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 17] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -99,6 +110,8 @@ impl Action {
         Action::CertificateIssued,
         Action::CertificateRevoked,
         Action::DatasetDeidentified,
+        Action::PrivacySpent,
+        Action::LedgerRestored,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -119,6 +132,8 @@ impl Action {
             Action::CertificateIssued => "certificate.issued",
             Action::CertificateRevoked => "certificate.revoked",
             Action::DatasetDeidentified => "dataset.deidentified",
+            Action::PrivacySpent => "privacy.spent",
+            Action::LedgerRestored => "ledger.restored",
         }
     }
 }

@@ -88,7 +88,7 @@ impl LogDecisionSink {
 impl DecisionSink for LogDecisionSink {
     fn record(&self, d: &Decision, caller: &Identity, method: &str) {
         TracingSink.record(d, caller, method);
-        if d.allowed && matches!(d.action.as_str(), "read" | "verify") {
+        if d.allowed && matches!(d.action.as_str(), "read" | "read_own" | "verify") {
             return;
         }
         let pending = PendingDecision {
@@ -156,9 +156,24 @@ impl pb::audit_server::Audit for AuditService {
         &self,
         request: Request<pb::AuditQuery>,
     ) -> Result<Response<EventStream>, Status> {
-        tutela_protocol::server::caller(&request)?;
-        let filter = wire::filter_from_pb(request.get_ref())
+        let caller = tutela_protocol::server::caller(&request)?.identity.uri();
+        let mut filter = wire::filter_from_pb(request.get_ref())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if request
+            .extensions()
+            .get::<tutela_policy::enforce::OwnEventsOnly>()
+            .is_some()
+        {
+            // Allowed only `audit, read_own`: the caller's own events, whatever it asked for.
+            match &filter.actor {
+                Some(actor) if *actor != caller => {
+                    return Err(Status::permission_denied(format!(
+                        "{caller} may read only its own events (audit, read_own), not {actor}'s"
+                    )));
+                }
+                _ => filter.actor = Some(caller),
+            }
+        }
         let events = self
             .log
             .store()

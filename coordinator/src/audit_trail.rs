@@ -6,9 +6,12 @@
 //! in the tracing log, which is not tamper-evident.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use tutela_audit::Event;
 use tutela_audit::client::{AuditClient, AuditClientError};
 use tutela_audit::log::Receipt;
+use tutela_audit::store::EventFilter;
 use tutela_protocol::tls::TlsMaterial;
 
 pub use tutela_audit::Action;
@@ -32,10 +35,18 @@ pub enum AuditTrailError {
     Client(#[from] AuditClientError),
 }
 
+/// The longest wait between two tries of a durable append.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 /// Records events at the audit service (or, when none is configured, only in the log).
 pub struct AuditTrail {
     client: Option<AuditClient>,
+    /// The coordinator's identity: the actor of its events, whose own events it reads back
+    /// (`audit, read_own`) to append each one once.
+    identity: String,
     warned: AtomicBool,
+    /// The longest wait between two tries of a durable append.
+    max_backoff: Duration,
 }
 
 impl AuditTrail {
@@ -43,7 +54,9 @@ impl AuditTrail {
     pub fn disabled() -> AuditTrail {
         AuditTrail {
             client: None,
+            identity: String::new(),
             warned: AtomicBool::new(false),
+            max_backoff: MAX_BACKOFF,
         }
     }
 
@@ -51,7 +64,9 @@ impl AuditTrail {
     pub fn connect(config: &AuditConfig, tls: &TlsMaterial) -> Result<AuditTrail, AuditTrailError> {
         Ok(AuditTrail {
             client: Some(config.connect_lazy(tls)?),
+            identity: tls.identity.uri(),
             warned: AtomicBool::new(false),
+            max_backoff: MAX_BACKOFF,
         })
     }
 
@@ -88,5 +103,148 @@ impl AuditTrail {
         if let Err(e) = self.record(action, subject, payload.clone()).await {
             tracing::error!(error = %e, action = %action, subject, %payload, "audit event NOT recorded");
         }
+    }
+}
+
+/// Durable appends: what the federation does is recorded before it goes on.
+impl AuditTrail {
+    /// Records one engine event and returns only once the audit service has committed it: while
+    /// the service cannot be reached the caller (a job's runner) waits, retrying, so no round
+    /// starts, completes or publishes off the record. Before each retry it looks for the event in
+    /// the trail (an append whose answer was lost may have been committed), so the event is
+    /// recorded once. A refusal by the service (a malformed event, a denied action) is not an
+    /// outage: it is logged at ERROR with the event and the caller goes on.
+    pub async fn note_durably(&self, action: Action, subject: &str, payload: serde_json::Value) {
+        let same = payload.clone();
+        self.record_once(action, subject, payload, false, move |e| e.payload == same)
+            .await;
+    }
+
+    /// [`Self::note_durably`] for an event that may be in the trail already (one the store
+    /// committed before a crash): `is_it` recognises it among this coordinator's events of the
+    /// same action and subject; `look_first` checks before the first try too.
+    pub async fn record_once(
+        &self,
+        action: Action,
+        subject: &str,
+        payload: serde_json::Value,
+        look_first: bool,
+        is_it: impl Fn(&Event) -> bool,
+    ) {
+        let Some(client) = &self.client else {
+            let _ = self.record(action, subject, payload).await;
+            return;
+        };
+        let mut client = client.clone();
+        let mut look = look_first;
+        let mut delay = Duration::from_millis(100);
+        let mut waiting_since: Option<std::time::Instant> = None;
+        loop {
+            let outcome = async {
+                if look {
+                    match self.find(&mut client, action, subject, &is_it).await {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) if is_outage(&e) => return Err(e),
+                        // A policy without `audit, read_own` for the coordinator: the event is
+                        // appended all the same (at least once rather than never).
+                        Err(e) => tracing::warn!(error = %e, action = %action, subject, "cannot read this coordinator's own events back, so the event is appended without checking that it is there already"),
+                    }
+                }
+                client.append(action, subject, &payload).await.map(|_| ())
+            }
+            .await;
+            match outcome {
+                Ok(()) => {
+                    if let Some(since) = waiting_since {
+                        tracing::info!(action = %action, subject, waited_secs = since.elapsed().as_secs_f64(), "audit trail back: event recorded");
+                    }
+                    return;
+                }
+                Err(e) if !is_outage(&e) => {
+                    tracing::error!(error = %e, action = %action, subject, %payload, "audit event refused by the audit service: NOT recorded");
+                    return;
+                }
+                Err(e) => {
+                    if waiting_since.is_none() {
+                        tracing::error!(error = %e, action = %action, subject, "the audit trail cannot record this event: waiting for it (nothing goes on off the record)");
+                        waiting_since = Some(std::time::Instant::now());
+                    }
+                    look = true;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Whether this coordinator's events of `action` on `subject` include one `is_it` accepts.
+    async fn find(
+        &self,
+        client: &mut AuditClient,
+        action: Action,
+        subject: &str,
+        is_it: &impl Fn(&Event) -> bool,
+    ) -> Result<bool, AuditClientError> {
+        let events = client
+            .query(&EventFilter {
+                actor: Some(self.identity.clone()),
+                action: Some(action),
+                subject: Some(subject.to_string()),
+                ..Default::default()
+            })
+            .await?;
+        Ok(events.iter().any(is_it))
+    }
+
+    /// The rounds of `subject` (a job) among this coordinator's `round.completed` events; `None`
+    /// without an audit service.
+    pub async fn recorded_rounds(
+        &self,
+        subject: &str,
+    ) -> Result<Option<std::collections::BTreeSet<u32>>, AuditTrailError> {
+        let Some(client) = &self.client else {
+            return Ok(None);
+        };
+        let mut client = client.clone();
+        let events = client
+            .query(&EventFilter {
+                actor: Some(self.identity.clone()),
+                action: Some(Action::RoundCompleted),
+                subject: Some(subject.to_string()),
+                ..Default::default()
+            })
+            .await?;
+        Ok(Some(events.iter().filter_map(round_of).collect()))
+    }
+}
+
+/// The round a `round.completed` event records.
+pub fn round_of(event: &Event) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct RoundKey {
+        round: u32,
+    }
+    serde_json::from_value::<RoundKey>(event.payload.clone())
+        .ok()
+        .map(|k| k.round)
+}
+
+/// Whether an append failed because the service could not be reached or answered (retry), as
+/// opposed to refusing the event (do not).
+pub fn is_outage(e: &AuditClientError) -> bool {
+    match e {
+        AuditClientError::Rpc(s) => !matches!(
+            s.code(),
+            tonic::Code::InvalidArgument
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::AlreadyExists
+        ),
+        AuditClientError::Connect(_) => true,
+        AuditClientError::Config(_)
+        | AuditClientError::Wire(_)
+        | AuditClientError::Checkpoint(_) => false,
     }
 }

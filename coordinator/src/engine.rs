@@ -121,9 +121,12 @@ impl Engine {
         self.audit.get().unwrap_or(&DISABLED).clone()
     }
 
-    // Engine events are recorded with `note`, not `record(..)?`: a round already aggregated and
-    // stored must not be lost (nor a job failed) because the audit service blinked. A failed
-    // append is logged at ERROR with the whole event, for an operator to replay.
+    // Engine events are recorded with `note_durably`: the job's runner waits until the audit
+    // service has committed each one (retrying while it is down, and appending each once), so no
+    // round starts, completes or publishes off the record. A round committed to the store but not
+    // yet in the trail when the coordinator stopped is recorded at resume, before the job goes on
+    // (`record_committed_rounds`): the store's round is the outbox, written in the round's
+    // transaction.
 
     /// `job.started`, with the approvals counted and the job's sites.
     async fn audit_started(&self, id: &JobId) {
@@ -136,7 +139,7 @@ impl Engine {
         };
         let sites = job.spec().map(|s| s.sites).unwrap_or_default();
         self.trail()
-            .note(
+            .note_durably(
                 crate::audit_trail::Action::JobStarted,
                 id.as_str(),
                 serde_json::json!({
@@ -317,7 +320,7 @@ impl Engine {
             .await?;
         if audit {
             self.trail()
-                .note(
+                .note_durably(
                     crate::audit_trail::Action::JobFailed,
                     job.as_str(),
                     serde_json::json!({"state": "cancelled", "reason": reason}),
@@ -364,7 +367,7 @@ impl Engine {
                         tracing::error!(job = %job, error = %e2, "could not record the failure");
                     }
                     this.trail()
-                        .note(
+                        .note_durably(
                             crate::audit_trail::Action::JobFailed,
                             job.as_str(),
                             serde_json::json!({"state": "failed", "reason": reason}),
@@ -411,6 +414,7 @@ impl Engine {
             };
         if round > 0 {
             self.load_strategy_state(job_id, round, strategy.as_mut())?;
+            self.record_committed_rounds(job_id).await?;
         }
         // Central DP (DP-FedAvg): its accountant spans the job's rounds; built on the first
         // round, when the model's size is known.
@@ -453,10 +457,6 @@ impl Engine {
             round = next;
             self.changed(job_id);
         }
-        self.store
-            .set_job_state(job_id, JobState::Running, JobState::Completed, None)
-            .await?;
-        tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         // The total ε per site is the last round's accountant value (`dp_job_epsilon`).
         let mut epsilon = serde_json::Map::new();
         for c in self.store.rounds(job_id).await.unwrap_or_default() {
@@ -466,9 +466,11 @@ impl Engine {
                 }
             }
         }
+        // Recorded before the job is marked completed, and looked for first: a coordinator that
+        // stopped in between resumes the job here and records each once.
         let trail = self.trail();
         trail
-            .note(
+            .record_once(
                 crate::audit_trail::Action::JobCompleted,
                 job_id.as_str(),
                 serde_json::json!({
@@ -476,10 +478,12 @@ impl Engine {
                     "rounds": spec.rounds,
                     "epsilon": epsilon,
                 }),
+                true,
+                |_| true,
             )
             .await;
         trail
-            .note(
+            .record_once(
                 crate::audit_trail::Action::ModelPublished,
                 &model_id,
                 serde_json::json!({
@@ -489,8 +493,14 @@ impl Engine {
                     "rounds": spec.rounds,
                     "code_version": crate::audit_trail::code_version(),
                 }),
+                true,
+                |_| true,
             )
             .await;
+        self.store
+            .set_job_state(job_id, JobState::Running, JobState::Completed, None)
+            .await?;
+        tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         Ok(())
     }
 
@@ -829,41 +839,56 @@ impl Engine {
             .complete_round(job_id, round, attempt, &record)
             .await?;
         tracing::info!(job = %job_id, round, accepted = result.accepted.len(), model = %new_model, "round completed");
-        let trail = self.trail();
-        let update_digests: serde_json::Map<String, serde_json::Value> = record
-            .accepted
-            .iter()
-            .map(|a| (a.site.clone(), serde_json::json!(a.digest)))
-            .collect();
-        let site_metrics: serde_json::Map<String, serde_json::Value> = metrics
-            .iter()
-            .map(|m| {
-                let v = serde_json::json!({
-                    "epsilon": m.dp_job_epsilon,
-                    "round_epsilon": m.dp_round_epsilon,
-                    "delta": m.dp_delta,
-                    "dataset_commitment": m.dataset_commitment,
-                    "train_samples": m.train_samples,
-                    "eval_accuracy": m.eval_accuracy,
-                });
-                (m.site.clone(), v)
-            })
-            .collect();
-        trail
-            .note(
+        self.trail()
+            .note_durably(
                 crate::audit_trail::Action::RoundCompleted,
                 job_id.as_str(),
-                serde_json::json!({
-                    "round": round,
-                    "attempt": attempt,
-                    "participants": accepted_sites,
-                    "update_digests": update_digests,
-                    "metrics": site_metrics,
-                    "model_id": new_model,
-                }),
+                round_completed_payload(round, attempt, &record),
             )
             .await;
         Ok(Ok(new_model))
+    }
+
+    /// Appends `round.completed` for every round the store has committed that the trail lacks (a
+    /// coordinator stopped between a round's commit and its append), in order, each once; waits
+    /// while the trail is down. Runs at resume, before the next round starts.
+    async fn record_committed_rounds(&self, job_id: &JobId) -> Result<(), EngineError> {
+        let trail = self.trail();
+        let recorded = loop {
+            match trail.recorded_rounds(job_id.as_str()).await {
+                Ok(r) => break r,
+                Err(crate::audit_trail::AuditTrailError::Client(e))
+                    if !crate::audit_trail::is_outage(&e) =>
+                {
+                    tracing::error!(job = %job_id, error = %e, "the coordinator may not read its own events back (the policy must allow it `audit, read_own`): a round committed before the stop may be missing from the audit trail");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::error!(job = %job_id, error = %e, "the audit trail cannot be read: the job waits before resuming");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let Some(recorded) = recorded else {
+            return Ok(());
+        };
+        for c in self.store.rounds(job_id).await? {
+            if recorded.contains(&c.round) {
+                continue;
+            }
+            tracing::warn!(job = %job_id, round = c.round, "round committed but not in the audit trail: recording it before the job goes on");
+            let round = c.round;
+            trail
+                .record_once(
+                    crate::audit_trail::Action::RoundCompleted,
+                    job_id.as_str(),
+                    round_completed_payload(c.round, c.attempt, &c.record),
+                    true,
+                    move |e| crate::audit_trail::round_of(e) == Some(round),
+                )
+                .await;
+        }
+        Ok(())
     }
 
     /// Records each task that brought nothing to the job as `update.refused` (subject: the job):
@@ -884,7 +909,7 @@ impl Engine {
         for (site, reason) in refused {
             tracing::warn!(job = %job_id, round, attempt, %site, %reason, "task refused");
             trail
-                .note(
+                .note_durably(
                     crate::audit_trail::Action::UpdateRefused,
                     job_id.as_str(),
                     serde_json::json!({
@@ -996,4 +1021,40 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
         .map(|m| m.eval_accuracy * m.eval_samples as f64)
         .sum::<f64>()
         / n as f64
+}
+
+/// The `round.completed` payload of a committed round, from its stored record alone, so that a
+/// round committed before a crash is recorded at resume exactly as it would have been.
+fn round_completed_payload(round: u32, attempt: u32, record: &RoundRecord) -> serde_json::Value {
+    let update_digests: serde_json::Map<String, serde_json::Value> = record
+        .accepted
+        .iter()
+        .map(|a| (a.site.clone(), serde_json::json!(a.digest)))
+        .collect();
+    let participants: Vec<&str> = record.accepted.iter().map(|a| a.site.as_str()).collect();
+    let site_metrics: serde_json::Map<String, serde_json::Value> = record
+        .site_metrics
+        .iter()
+        .filter(|(site, _)| site.as_str() != crate::central_dp::ROUND_RECORD_KEY)
+        .filter_map(|(site, m)| {
+            let m: SiteMetrics = serde_json::from_value(m.clone()).ok()?;
+            let v = serde_json::json!({
+                "epsilon": m.dp_job_epsilon,
+                "round_epsilon": m.dp_round_epsilon,
+                "delta": m.dp_delta,
+                "dataset_commitment": m.dataset_commitment,
+                "train_samples": m.train_samples,
+                "eval_accuracy": m.eval_accuracy,
+            });
+            Some((site.clone(), v))
+        })
+        .collect();
+    serde_json::json!({
+        "round": round,
+        "attempt": attempt,
+        "participants": participants,
+        "update_digests": update_digests,
+        "metrics": site_metrics,
+        "model_id": record.global_model_digest,
+    })
 }

@@ -622,15 +622,21 @@ mod tests {
         }
         let alice = who("spiffe://acme/site/st-mary/user/alice");
         assert!(a.decide_for(&alice, "audit", "read").allowed);
-        assert!(!a.decide_for(&alice, "audit", "write").allowed);
+        // An officer records the restore of their site's ledger (`ledger.restored`) as themselves.
+        let d = a.decide_for(&alice, "audit", "write");
+        assert!(d.allowed, "{d}");
+        assert_eq!(d.rule, "p, compliance_officer, site:*, audit, write, allow");
         let node = who("spiffe://acme/site/general/node");
         assert!(a.decide_for(&node, "audit", "write").allowed);
         assert!(a.decide_for(&node, "audit", "verify").allowed);
         let d = a.decide_for(&node, "audit", "read");
         assert!(!d.allowed && d.rule.starts_with("default deny"), "{d}");
+        // Nodes and the coordinator read back their own events only.
+        assert!(a.decide_for(&node, "audit", "read_own").allowed);
         let coordinator = who("spiffe://acme/coordinator");
         assert!(a.decide_for(&coordinator, "audit", "write").allowed);
         assert!(!a.decide_for(&coordinator, "audit", "read").allowed);
+        assert!(a.decide_for(&coordinator, "audit", "read_own").allowed);
         let op = who("spiffe://acme/operator/op");
         let d = a.decide_for(&op, "audit", "write");
         assert!(d.allowed, "{d}");

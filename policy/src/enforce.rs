@@ -83,6 +83,22 @@ pub fn rpc_permission(path: &str) -> (String, String) {
     }
 }
 
+/// The narrower `(object, action)` a method falls back to when the policy denies its own: an
+/// audit `Query` by a principal allowed only `audit, read_own` (a site node, the coordinator) is
+/// let through marked [`OwnEventsOnly`], and the audit service then answers with the caller's own
+/// events and nothing else. Inclusion proofs have no narrower form.
+pub fn narrower_permission(path: &str) -> Option<(String, String)> {
+    match path.trim_start_matches('/').split_once('/') {
+        Some(("tutela.v1.Audit", "Query")) => Some(("audit".into(), "read_own".into())),
+        _ => None,
+    }
+}
+
+/// Put in a request's extensions when the policy allowed it only through its
+/// [`narrower_permission`]: the handler must answer with the caller's own records only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnEventsOnly;
+
 /// The layer. `authorizer = None` turns enforcement off (for benchmarks that measure its cost).
 #[derive(Clone)]
 pub struct EnforceLayer {
@@ -147,7 +163,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         // The clone that was polled ready is the one called (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -162,7 +178,18 @@ where
         };
         let caller = caller.identity.clone();
         let (object, action) = rpc_permission(&path);
-        let decision = authz.decide_for(&caller, &object, &action);
+        let mut decision = authz.decide_for(&caller, &object, &action);
+        if !decision.allowed
+            && let Some((object, action)) = narrower_permission(&path)
+        {
+            // Only the narrower decision is recorded: a node reading its own spends is not a
+            // denied read of the whole trail.
+            let narrow = authz.decide_for(&caller, &object, &action);
+            if narrow.allowed {
+                req.extensions_mut().insert(OwnEventsOnly);
+                decision = narrow;
+            }
+        }
         self.layer.sink.record(&decision, &caller, &path);
         if !decision.allowed {
             let status = Status::permission_denied(denial_message(&caller, &decision));
@@ -228,6 +255,8 @@ mod tests {
     struct Handler {
         answer: Option<Status>,
         calls: Arc<Mutex<u32>>,
+        /// Whether each call came marked [`OwnEventsOnly`].
+        own_only: Arc<Mutex<Vec<bool>>>,
     }
 
     impl tower::Service<http::Request<()>> for Handler {
@@ -239,8 +268,12 @@ mod tests {
             Poll::Ready(Ok(()))
         }
 
-        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+        fn call(&mut self, req: http::Request<()>) -> Self::Future {
             *self.calls.lock().unwrap() += 1;
+            self.own_only
+                .lock()
+                .unwrap()
+                .push(req.extensions().get::<OwnEventsOnly>().is_some());
             let response = match &self.answer {
                 Some(status) => status.clone().into_http(),
                 None => http::Response::new(Body::empty()),
@@ -250,6 +283,7 @@ mod tests {
     }
 
     const POLICY: &str = "p, spiffe://t/site/*/node, site:*, audit, write, allow\n\
+                          p, spiffe://t/site/*/node, site:*, audit, read_own, allow\n\
                           p, auditor, *, audit, read, allow\n\
                           p, auditor, *, audit, write, deny\n\
                           g, spiffe://t/site/a/user/aud, auditor, site:a\n";
@@ -273,6 +307,7 @@ mod tests {
         let handler = Handler {
             answer,
             calls: calls.clone(),
+            own_only: Arc::default(),
         };
         (layer.wrap(handler), sink, calls)
     }
@@ -285,6 +320,42 @@ mod tests {
             remote_addr: "127.0.0.1:1".parse().unwrap(),
         });
         req
+    }
+
+    #[tokio::test]
+    async fn a_query_allowed_only_as_read_own_is_marked_and_other_reads_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut svc, sink, calls) = enforced(dir.path(), None).await;
+        let own_only = svc.inner.own_only.clone();
+        let node = "spiffe://t/site/a/node";
+        // A node may Query (its own events: the mark tells the handler so) ...
+        let response = svc
+            .call(request("/tutela.v1.Audit/Query", node))
+            .await
+            .unwrap();
+        assert!(Status::from_header_map(response.headers()).is_none());
+        // ... but has no narrower form of an inclusion proof, which stays denied.
+        let response = svc
+            .call(request("/tutela.v1.Audit/InclusionProof", node))
+            .await
+            .unwrap();
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        // An auditor's Query is a full read, unmarked.
+        svc.call(request(
+            "/tutela.v1.Audit/Query",
+            "spiffe://t/site/a/user/aud",
+        ))
+        .await
+        .unwrap();
+        assert_eq!(*calls.lock().unwrap(), 2);
+        assert_eq!(*own_only.lock().unwrap(), [true, false]);
+        let recorded = sink.0.lock().unwrap();
+        // The node's Query is recorded once, as the read_own that allowed it.
+        assert_eq!(recorded[0].0.action, "read_own");
+        assert!(recorded[0].0.allowed);
+        assert_eq!(recorded[1].0.action, "read");
+        assert!(!recorded[1].0.allowed);
     }
 
     #[tokio::test]

@@ -99,7 +99,7 @@ pub struct Group {
 }
 
 impl Group {
-    fn mechanism(&self) -> Result<SampledGaussian, AccountantError> {
+    pub fn mechanism(&self) -> Result<SampledGaussian, AccountantError> {
         SampledGaussian::new(self.sample_rate, self.noise_multiplier, self.steps)
     }
 }
@@ -111,12 +111,48 @@ pub struct JobEntry {
     pub groups: Vec<Group>,
     /// Unix milliseconds of the last record.
     pub updated_unix_ms: i64,
+    /// Each round attempt charged, in the order charged: what lets the node see that a round was
+    /// charged already (a coordinator that resumed after a crash sends it again) and what it
+    /// anchors in the audit trail. (Ledgers written before charges were kept have none.)
+    #[serde(default)]
+    pub charges: Vec<RoundCharge>,
 }
 
 impl JobEntry {
     pub fn steps(&self) -> u64 {
         self.groups.iter().map(|g| g.steps).sum()
     }
+
+    /// The charges of round `round` (every attempt).
+    pub fn charges_of_round(&self, round: u32) -> impl Iterator<Item = &RoundCharge> {
+        self.charges.iter().filter(move |c| c.round == round)
+    }
+}
+
+/// One round attempt's spend, as charged to the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundCharge {
+    pub round: u32,
+    pub attempt: u32,
+    pub group: Group,
+    /// The seq of the `privacy.spent` event that records this charge in the audit trail; `None`
+    /// until it is recorded there (the node appends it before the round's update leaves the
+    /// site, and again before it trains next if that failed).
+    #[serde(default)]
+    pub anchored_seq: Option<u64>,
+}
+
+/// A spend as the audit trail records it, for rebuilding a ledger from the trail.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrailSpend<'a> {
+    pub job_id: &'a str,
+    pub round: u32,
+    pub attempt: u32,
+    pub group: Group,
+    pub rows: usize,
+    pub seq: u64,
+    pub timestamp_unix_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,6 +322,38 @@ impl Ledger {
         Ok(Self::epsilon_of(&mine, delta, accountant)?)
     }
 
+    /// ε job `job_id` would have spent at `delta` after `extra` more steps, merged into its group
+    /// of the same (q, σ) as [`record`](Self::record) merges them, so that the figure is the one
+    /// the ledger will report after recording them.
+    pub fn job_epsilon_after(
+        &self,
+        job_id: &str,
+        extra: SampledGaussian,
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<f64, LedgerError> {
+        let mut groups: Vec<Group> = self
+            .job(job_id)
+            .map(|j| j.groups.clone())
+            .unwrap_or_default();
+        match groups.iter_mut().find(|g| {
+            g.sample_rate.to_bits() == extra.sample_rate().to_bits()
+                && g.noise_multiplier.to_bits() == extra.noise_multiplier().to_bits()
+        }) {
+            Some(g) => g.steps += extra.steps(),
+            None => groups.push(Group {
+                sample_rate: extra.sample_rate(),
+                noise_multiplier: extra.noise_multiplier(),
+                steps: extra.steps(),
+            }),
+        }
+        let mechanisms = groups
+            .iter()
+            .map(Group::mechanism)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::epsilon_of(&mechanisms, delta, accountant)?)
+    }
+
     /// Whether job `job_id` may go on to spend `remaining` more (its steps still to run), on
     /// top of what it and every other job recorded, under `caps`. Refuses with the numbers.
     pub fn check(
@@ -341,6 +409,18 @@ impl Ledger {
         rows: Option<usize>,
         now_unix_ms: i64,
     ) -> Result<(), LedgerError> {
+        self.add_group(job_id, mechanism, rows, now_unix_ms);
+        self.save()
+    }
+
+    /// Adds `mechanism` to the job's groups in memory (see [`record`](Self::record)).
+    fn add_group(
+        &mut self,
+        job_id: &str,
+        mechanism: SampledGaussian,
+        rows: Option<usize>,
+        now_unix_ms: i64,
+    ) {
         if rows.is_some() {
             self.file.rows = rows;
         }
@@ -349,18 +429,7 @@ impl Ledger {
             noise_multiplier: mechanism.noise_multiplier(),
             steps: mechanism.steps(),
         };
-        let idx = match self.file.jobs.iter().position(|j| j.job_id == job_id) {
-            Some(i) => i,
-            None => {
-                self.file.jobs.push(JobEntry {
-                    job_id: job_id.to_owned(),
-                    groups: Vec::new(),
-                    updated_unix_ms: now_unix_ms,
-                });
-                self.file.jobs.len() - 1
-            }
-        };
-        let job = &mut self.file.jobs[idx];
+        let job = self.entry_mut(job_id, now_unix_ms);
         // Bit-equal parameters only: merging groups whose σ differ in the last bit would
         // understate neither, but it would make the file say something that did not happen.
         match job.groups.iter_mut().find(|g| {
@@ -371,7 +440,159 @@ impl Ledger {
             None => job.groups.push(group),
         }
         job.updated_unix_ms = now_unix_ms;
+    }
+
+    /// [`record`](Self::record) for one round attempt of a job: the steps also become a
+    /// [`RoundCharge`] (not yet anchored in the trail). Returns the charge.
+    pub fn record_round(
+        &mut self,
+        job_id: &str,
+        (round, attempt): (u32, u32),
+        mechanism: SampledGaussian,
+        rows: Option<usize>,
+        now_unix_ms: i64,
+    ) -> Result<RoundCharge, LedgerError> {
+        let charge = RoundCharge {
+            round,
+            attempt,
+            group: Group {
+                sample_rate: mechanism.sample_rate(),
+                noise_multiplier: mechanism.noise_multiplier(),
+                steps: mechanism.steps(),
+            },
+            anchored_seq: None,
+        };
+        // Pushed first so that the one save in `record` writes both.
+        self.entry_mut(job_id, now_unix_ms).charges.push(charge);
+        self.record(job_id, mechanism, rows, now_unix_ms)?;
+        Ok(charge)
+    }
+
+    /// Whether job `job_id` has a charge for `round` (any attempt).
+    pub fn charged(&self, job_id: &str, round: u32) -> bool {
+        self.job(job_id)
+            .is_some_and(|j| j.charges_of_round(round).next().is_some())
+    }
+
+    /// Whether the charge `(job, round, attempt)` is in this ledger.
+    pub fn has_charge(&self, job_id: &str, round: u32, attempt: u32) -> bool {
+        self.job(job_id).is_some_and(|j| {
+            j.charges
+                .iter()
+                .any(|c| c.round == round && c.attempt == attempt)
+        })
+    }
+
+    /// The charge `(job, round, attempt)`, if in this ledger.
+    pub fn charge(&self, job_id: &str, round: u32, attempt: u32) -> Option<&RoundCharge> {
+        self.job(job_id)?
+            .charges
+            .iter()
+            .find(|c| c.round == round && c.attempt == attempt)
+    }
+
+    /// The charges not yet recorded in the audit trail, with their job.
+    pub fn unanchored(&self) -> Vec<(String, RoundCharge)> {
+        self.file
+            .jobs
+            .iter()
+            .flat_map(|j| {
+                j.charges
+                    .iter()
+                    .filter(|c| c.anchored_seq.is_none())
+                    .map(|c| (j.job_id.clone(), *c))
+            })
+            .collect()
+    }
+
+    /// Notes that the charge `(job, round, attempt)` is the trail's event `seq`, and saves.
+    pub fn mark_anchored(
+        &mut self,
+        job_id: &str,
+        (round, attempt): (u32, u32),
+        seq: u64,
+    ) -> Result<(), LedgerError> {
+        let Some(job) = self.file.jobs.iter_mut().find(|j| j.job_id == job_id) else {
+            return Ok(());
+        };
+        for c in job
+            .charges
+            .iter_mut()
+            .filter(|c| c.round == round && c.attempt == attempt)
+        {
+            c.anchored_seq = Some(seq);
+        }
         self.save()
+    }
+
+    /// Rebuilds the ledger of `dataset` at `path` from the spends the audit trail holds (each
+    /// counted once per (job, round, attempt), in seq order) and writes it, replacing whatever
+    /// file was there. Every charge is anchored at its event's seq.
+    pub fn rebuild_from_trail<'a>(
+        path: impl Into<PathBuf>,
+        dataset: &str,
+        kek: Option<Arc<dyn KeyEncryptionKey>>,
+        spends: impl IntoIterator<Item = TrailSpend<'a>>,
+    ) -> Result<Self, LedgerError> {
+        let ledger = Self::from_trail(path, dataset, kek, spends)?;
+        ledger.save()?;
+        Ok(ledger)
+    }
+
+    /// [`rebuild_from_trail`](Self::rebuild_from_trail) in memory only: what the rebuilt ledger
+    /// would say, without writing it.
+    pub fn from_trail<'a>(
+        path: impl Into<PathBuf>,
+        dataset: &str,
+        kek: Option<Arc<dyn KeyEncryptionKey>>,
+        spends: impl IntoIterator<Item = TrailSpend<'a>>,
+    ) -> Result<Self, LedgerError> {
+        let mut ledger = Ledger {
+            path: path.into(),
+            kek,
+            file: LedgerFile {
+                version: FORMAT_VERSION,
+                dataset: dataset.to_owned(),
+                rows: None,
+                jobs: Vec::new(),
+            },
+        };
+        let mut spends: Vec<TrailSpend<'a>> = spends.into_iter().collect();
+        spends.sort_by_key(|s| s.seq);
+        for s in spends {
+            if ledger.has_charge(s.job_id, s.round, s.attempt) {
+                continue;
+            }
+            let mechanism = s.group.mechanism().map_err(|e| LedgerError::Corrupt {
+                path: ledger.path.clone(),
+                reason: format!("the trail's spend at seq {}: {e}", s.seq),
+            })?;
+            let entry = ledger.entry_mut(s.job_id, s.timestamp_unix_ms);
+            entry.charges.push(RoundCharge {
+                round: s.round,
+                attempt: s.attempt,
+                group: s.group,
+                anchored_seq: Some(s.seq),
+            });
+            ledger.add_group(s.job_id, mechanism, Some(s.rows), s.timestamp_unix_ms);
+        }
+        Ok(ledger)
+    }
+
+    fn entry_mut(&mut self, job_id: &str, now_unix_ms: i64) -> &mut JobEntry {
+        let idx = match self.file.jobs.iter().position(|j| j.job_id == job_id) {
+            Some(i) => i,
+            None => {
+                self.file.jobs.push(JobEntry {
+                    job_id: job_id.to_owned(),
+                    groups: Vec::new(),
+                    updated_unix_ms: now_unix_ms,
+                    charges: Vec::new(),
+                });
+                self.file.jobs.len() - 1
+            }
+        };
+        &mut self.file.jobs[idx]
     }
 
     /// Writes the ledger atomically: a temporary file beside it, then a rename.
@@ -493,6 +714,53 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, LedgerError::JobCapExceeded { .. }), "{err}");
+    }
+
+    #[test]
+    fn round_charges_are_kept_anchored_and_rebuilt_from_the_trail_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.json");
+        let mut l = Ledger::open(&path, "d", None).unwrap();
+        let m = sg(0.1, 1.3, 20);
+        l.record_round("j", (1, 1), m, Some(300), 1).unwrap();
+        l.record_round("j", (2, 1), m, Some(300), 2).unwrap();
+        assert!(l.charged("j", 1) && l.charged("j", 2) && !l.charged("j", 3));
+        assert_eq!(l.unanchored().len(), 2);
+        l.mark_anchored("j", (1, 1), 7).unwrap();
+        let l = Ledger::open(&path, "d", None).unwrap();
+        assert_eq!(
+            l.unanchored(),
+            vec![("j".to_string(), l.job("j").unwrap().charges[1])]
+        );
+        assert_eq!(l.job("j").unwrap().steps(), 40);
+        let spent = l.spent(1e-5, Accountant::Rdp).unwrap();
+
+        // The file is lost; the trail holds both spends (one of them twice, as a writer that
+        // retried an append might leave it): the rebuilt ledger counts each once.
+        std::fs::remove_file(&path).unwrap();
+        let g = Group {
+            sample_rate: 0.1,
+            noise_multiplier: 1.3,
+            steps: 20,
+        };
+        let spend = |round, seq| TrailSpend {
+            job_id: "j",
+            round,
+            attempt: 1,
+            group: g,
+            rows: 300,
+            seq,
+            timestamp_unix_ms: seq as i64,
+        };
+        let rebuilt =
+            Ledger::rebuild_from_trail(&path, "d", None, [spend(2, 9), spend(1, 7), spend(2, 12)])
+                .unwrap();
+        assert_eq!(rebuilt.spent(1e-5, Accountant::Rdp).unwrap(), spent);
+        assert_eq!(rebuilt.rows(), Some(300));
+        assert!(rebuilt.unanchored().is_empty());
+        let reopened = Ledger::open(&path, "d", None).unwrap();
+        assert_eq!(reopened.job("j").unwrap().charges.len(), 2);
+        assert_eq!(reopened.job("j").unwrap().steps(), 40);
     }
 
     #[test]

@@ -74,6 +74,7 @@ use crate::failure::{FailureCode, SiteFailure};
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::ledger::{RoundSpend, SiteLedgers};
 use crate::models::{Model, ModelError};
+use crate::resend::{ReleasedUpdate, ResendCache};
 use crate::site_audit::SiteAudit;
 use crate::train::{TrainError, evaluate, train_local};
 use crate::weights::{
@@ -180,6 +181,9 @@ impl Refusal {
 pub enum Work {
     Initialize,
     Train,
+    /// A TRAIN task for a round this node already released an update of, on the same global
+    /// model: the update is sent again, nothing is trained or charged (see [`crate::resend`]).
+    Resend,
 }
 
 /// A task that passed [`TaskGate::check_task`], with what the node needs to do it.
@@ -202,6 +206,8 @@ pub struct Admitted {
 pub struct TaskGate {
     datasets: BTreeMap<String, Arc<SiteDataset>>,
     ledgers: Option<Arc<SiteLedgers>>,
+    /// The last released update, which a repeated round is answered with.
+    resends: Arc<ResendCache>,
     /// The site policy and approval check (`site_policy` in node.toml); `None`: not checked,
     /// which the node allows only under `insecure_no_approvals = true` (each task warns).
     approvals: Option<Arc<crate::approvals::SiteApprovals>>,
@@ -214,6 +220,7 @@ impl TaskGate {
         TaskGate {
             datasets,
             ledgers: None,
+            resends: Arc::default(),
             approvals: None,
         }
     }
@@ -229,6 +236,11 @@ impl TaskGate {
     pub fn with_ledgers(mut self, ledgers: Arc<SiteLedgers>) -> Self {
         self.ledgers = Some(ledgers);
         self
+    }
+
+    /// The node's last released update.
+    pub fn resends(&self) -> &Arc<ResendCache> {
+        &self.resends
     }
 
     /// The schema names this node has data for.
@@ -288,6 +300,16 @@ impl TaskGate {
         if work == Work::Train && task.global_model_id.is_empty() {
             return Err(Refusal::NoGlobalModel);
         }
+        // A round already released on this global model is sent again: it spends nothing.
+        let work = if work == Work::Train
+            && self
+                .resends
+                .holds(&task.job_id, task.round, &task.global_model_id)
+        {
+            Work::Resend
+        } else {
+            work
+        };
         if work == Work::Train
             && let Some(ledgers) = &self.ledgers
         {
@@ -301,7 +323,7 @@ impl TaskGate {
                 .open(dataset.name())
                 .map_err(|e| Refusal::Ledger(e.to_string()))?;
             ledgers
-                .check(&task.job_id, dataset.name(), &job, dimension)
+                .check(&task.job_id, task.round, dataset.name(), &job, dimension)
                 .map_err(Refusal::PrivacyBudget)?;
         }
         Ok(Admitted {
@@ -873,6 +895,7 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
     match admitted.work {
         Work::Initialize => initialize(&shared, &task, admitted).await,
         Work::Train => train(&shared, &task, admitted).await,
+        Work::Resend => resend(&shared, &task, admitted).await,
     }
 }
 
@@ -911,6 +934,9 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     let device = shared.device;
     let (round, attempt) = (task.round, task.attempt);
     let kek = shared.kek.clone();
+    let dataset_name = admitted.dataset.name().to_string();
+    let privacy_spec = admitted.job.privacy.clone();
+    let ledgers = admitted.ledgers.clone();
     let result = tokio::task::spawn_blocking(move || {
         local_round(
             &admitted,
@@ -934,6 +960,37 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         train_samples = result.train_samples,
         "local round done"
     );
+    // Kept at once: if the spend cannot be recorded now, or the coordinator dies before it
+    // answers, the round it asks for again is answered with this same update (see
+    // [`crate::resend`]), once its spend is in the trail.
+    let released_metadata = round_metadata(task, &result);
+    shared.gate.resends().keep(ReleasedUpdate {
+        job_id: task.job_id.clone(),
+        round,
+        global_model_id: task.global_model_id.clone(),
+        update: result.delta.clone(),
+        metadata: released_metadata.clone(),
+    });
+    // The spend is in the trail before anything of the round leaves the site.
+    if let (Some(audit), Some(ledgers), Some(spend)) = (&shared.audit, &ledgers, &result.privacy)
+        && let Some(charge) = &spend.charge
+    {
+        let accountant = crate::ledger::accountant(
+            privacy_spec
+                .as_ref()
+                .map(|p| p.accountant)
+                .unwrap_or_default(),
+        );
+        crate::spend_anchor::anchor_charge(
+            audit,
+            ledgers,
+            (&shared.site, &dataset_name, &task.job_id),
+            charge,
+            (spend.delta, accountant),
+        )
+        .await
+        .map_err(|why| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, why)))?;
+    }
     let mut update = result.delta;
     for filter in &shared.filters {
         filter.apply(task, &mut update).map_err(|why| {
@@ -948,6 +1005,14 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
             "training ended after the task's deadline; the update would be refused as late".into(),
         ));
     }
+    let metadata = released_metadata;
+    let receipt = upload(shared, update, metadata).await?;
+    Ok(Done::Uploaded(receipt))
+}
+
+/// The manifest metadata of a round's update: the task, samples, metrics, dataset commitment
+/// and the round's ε.
+fn round_metadata(task: &pb::Task, result: &RoundResult) -> BTreeMap<String, String> {
     let mut metadata = BTreeMap::from([
         (meta::TASK.to_string(), task.task_id.clone()),
         (meta::SAMPLES.to_string(), result.train_samples.to_string()),
@@ -963,11 +1028,11 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         ),
         (meta::EVAL_SAMPLES.to_string(), result.eval.n.to_string()),
     ]);
-    if let Some(c) = result.dataset_commitment {
-        metadata.insert(meta::DATASET_COMMITMENT.to_string(), c);
+    if let Some(c) = &result.dataset_commitment {
+        metadata.insert(meta::DATASET_COMMITMENT.to_string(), c.clone());
     }
-    if let Some(d) = result.deid_config_sha256 {
-        metadata.insert(meta::DEID_CONFIG.to_string(), d);
+    if let Some(d) = &result.deid_config_sha256 {
+        metadata.insert(meta::DEID_CONFIG.to_string(), d.clone());
     }
     if let Some(p) = &result.privacy {
         metadata.insert(
@@ -977,6 +1042,50 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         metadata.insert(meta::DP_JOB_EPSILON.to_string(), p.job_epsilon.to_string());
         metadata.insert(meta::DP_DELTA.to_string(), p.delta.to_string());
     }
+    metadata
+}
+
+/// Sends again the update this node released for the task's round (see [`crate::resend`]): no
+/// data is read, nothing is trained, no ε is charged.
+async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<Done, Failure> {
+    // Its spend is in the trail first (recorded now if that failed when it was trained).
+    if let (Some(audit), Some(ledgers)) = (&shared.audit, &admitted.ledgers) {
+        audit.watch().await.map_err(|e| {
+            Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, e))
+        })?;
+        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.dataset.name())
+            .await
+            .map_err(|why| {
+                Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, why))
+            })?;
+    }
+    let Some(released) = shared
+        .gate
+        .resends()
+        .get(&task.job_id, task.round, &task.global_model_id)
+    else {
+        return Err(Failure::Decline(SiteFailure::new(
+            FailureCode::TaskInvalid,
+            "the update of this round is no longer kept; the task can be sent again",
+        )));
+    };
+    tracing::info!(
+        round = task.round,
+        attempt = task.attempt,
+        "this round's update was released already: sending it again, without training or \
+         charging ε again"
+    );
+    let mut update = released.update;
+    for filter in &shared.filters {
+        filter.apply(task, &mut update).map_err(|why| {
+            Failure::Decline(SiteFailure::new(
+                FailureCode::UpdateFiltered,
+                format!("update filter {}: {why}", filter.name()),
+            ))
+        })?;
+    }
+    let mut metadata = released.metadata;
+    metadata.insert(meta::TASK.to_string(), task.task_id.clone());
     let receipt = upload(shared, update, metadata).await?;
     Ok(Done::Uploaded(receipt))
 }
@@ -1004,6 +1113,13 @@ async fn record_in_audit_trail(
         .record_deidentification(&shared.site, &task.job_id, admitted.dataset.name(), &data)
         .await
         .map_err(|e| audit_failure(&e))?;
+    if let Some(ledgers) = &admitted.ledgers {
+        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.dataset.name())
+            .await
+            .map_err(|why| {
+                Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, why))
+            })?;
+    }
     if recorded {
         // The checkpoint that covers the new event, when the log has signed one already.
         audit.watch().await.map_err(|e| audit_failure(&e))?;
@@ -1224,7 +1340,8 @@ pub fn local_round(
     };
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
-    let (report, privacy) = train_round(admitted, &model, &dataset.train, &config)?;
+    let (report, privacy) =
+        train_round(admitted, (round, attempt), &model, &dataset.train, &config)?;
     let local = export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))?;
     // Both lists are sorted by name (export_weights and load_safetensors sort), as delta needs.
     let delta = delta(&local, &global).map_err(|e| LocalError::Update(Box::new(e)))?;
@@ -1245,6 +1362,7 @@ pub fn local_round(
 /// training fails part-way), plain training otherwise.
 fn train_round(
     admitted: &Admitted,
+    round_attempt: (u32, u32),
     model: &Model,
     train: &crate::data::Table,
     config: &crate::train::TrainConfig,
@@ -1253,7 +1371,14 @@ fn train_round(
     let dimension = model.parameter_count();
     let dataset = admitted.dataset.name();
     let plan = match &admitted.ledgers {
-        Some(l) => l.check_with_rows(&admitted.job_id, dataset, job, train.n_rows, dimension),
+        Some(l) => l.check_with_rows(
+            &admitted.job_id,
+            round_attempt.0,
+            dataset,
+            job,
+            train.n_rows,
+            dimension,
+        ),
         None => crate::ledger::plan(job, train.n_rows, dimension),
     }
     .map_err(LocalError::Privacy)?;
@@ -1265,6 +1390,7 @@ fn train_round(
         Some(l) => l
             .record(
                 &admitted.job_id,
+                round_attempt,
                 dataset,
                 train.n_rows,
                 &plan,
@@ -1286,6 +1412,9 @@ fn train_round(
             };
             let round = eps(spend.steps)?;
             RoundSpend {
+                charge: None,
+                rows: train.n_rows,
+                dataset_delta: plan.delta,
                 round_epsilon: round,
                 job_epsilon: round,
                 dataset_epsilon: round,

@@ -74,7 +74,8 @@ pub enum FailureCode {
     UpdateFiltered,
     /// DP-SGD could not be planned, the budget refuses it, or the ledger could not be written.
     PrivacyRefused,
-    /// The site's privacy ledger could not be read.
+    /// The site's privacy ledger could not be read, or lacks spends the audit trail holds (it
+    /// was deleted or rolled back: an officer restores it from the trail).
     PrivacyLedgerUnusable,
     /// The job's planned privacy spend would pass the site's caps.
     PrivacyBudget,

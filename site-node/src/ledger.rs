@@ -18,7 +18,15 @@
 //!
 //! In every case [`crate::agent::local_round`] checks again with the real row count before the
 //! first step, and [`SiteLedgers::record`] writes each round's steps before the update is
-//! uploaded.
+//! uploaded, as a charge of (job, round, attempt) that the node then records in the audit trail
+//! ([`crate::spend_anchor`]).
+//!
+//! # The job's target
+//!
+//! Besides the site's caps, one more round of a job must keep the job's ε within its
+//! `privacy.target_epsilon` (or its plan's ε when it gives σ): a round the ledger has charged
+//! already (a coordinator that resumed, a retried attempt) is normally answered by re-sending the
+//! update released for it ([`crate::resend`]), and trained again only while that still fits.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -27,7 +35,7 @@ use serde::Deserialize;
 use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 use tutela_privacy::accountant::{Accountant, SampledGaussian};
 use tutela_privacy::at_rest::KeyEncryptionKey;
-use tutela_privacy::ledger::{Caps, Ledger, LedgerError};
+use tutela_privacy::ledger::{Caps, Ledger, LedgerError, RoundCharge, TrailSpend};
 use tutela_protocol::job::{AccountantName, PrivacyMode, PrivacySpec};
 
 use crate::dp::DpSpend;
@@ -158,6 +166,13 @@ fn plan_for(
 /// What one round spent, for the upload's metadata and the operator.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoundSpend {
+    /// The charge written to the ledger (none when no step ran), which the node records in the
+    /// audit trail as `privacy.spent` before the update leaves the site.
+    pub charge: Option<RoundCharge>,
+    /// The dataset's training rows the round sampled from.
+    pub rows: usize,
+    /// The δ of `dataset_epsilon` (the site's).
+    pub dataset_delta: f64,
     /// ε of this round alone (at the job's δ).
     pub round_epsilon: f64,
     /// ε of the job so far on this dataset.
@@ -240,6 +255,7 @@ impl SiteLedgers {
     pub fn check(
         &self,
         job_id: &str,
+        round: u32,
         dataset: &str,
         job: &JobView,
         dimension: usize,
@@ -264,7 +280,7 @@ impl SiteLedgers {
         };
         let ledger = self.open(dataset).map_err(|e| e.to_string())?;
         if let Some(rows) = ledger.rows() {
-            return self.check_plan(&ledger, job_id, job, rows, dimension);
+            return self.check_plan(&ledger, (job_id, round), job, rows, dimension);
         }
         // Never trained on: nothing spent. A calibrated job spends at most its target.
         match (p.noise_multiplier, p.target_epsilon) {
@@ -304,7 +320,7 @@ impl SiteLedgers {
     fn check_plan(
         &self,
         ledger: &Ledger,
-        job_id: &str,
+        (job_id, round): (&str, u32),
         job: &JobView,
         rows: usize,
         dimension: usize,
@@ -312,6 +328,7 @@ impl SiteLedgers {
         let Some(plan) = plan(job, rows, dimension)? else {
             return Ok(());
         };
+        within_job_target(ledger, (job_id, round), job, &plan)?;
         let recorded = ledger.job(job_id).map_or(0, |j| j.steps());
         let remaining = plan
             .total_steps
@@ -334,6 +351,7 @@ impl SiteLedgers {
     pub fn check_with_rows(
         &self,
         job_id: &str,
+        round: u32,
         dataset: &str,
         job: &JobView,
         rows: usize,
@@ -341,14 +359,17 @@ impl SiteLedgers {
     ) -> Result<Option<DpSgdPlan>, String> {
         let _g = self.guard();
         let ledger = self.open(dataset).map_err(|e| e.to_string())?;
-        self.check_plan(&ledger, job_id, job, rows, dimension)?;
+        self.check_plan(&ledger, (job_id, round), job, rows, dimension)?;
         plan(job, rows, dimension)
     }
 
-    /// Records a round's spend (what really ran) and returns the ε figures to report.
+    /// Records a round attempt's spend (what really ran) as a charge and returns the ε figures
+    /// to report.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         job_id: &str,
+        (round, attempt): (u32, u32),
         dataset: &str,
         rows: usize,
         plan: &DpSgdPlan,
@@ -358,23 +379,27 @@ impl SiteLedgers {
         let _g = self.guard();
         let mut ledger = self.open(dataset).map_err(|e| e.to_string())?;
         let acct = accountant(self.budget.accountant);
-        let round_epsilon = if spend.steps > 0 {
+        let (round_epsilon, charge) = if spend.steps > 0 {
             let m = SampledGaussian::new(
                 spend.sample_rate,
                 spend.effective_noise_multiplier,
                 spend.steps,
             )
             .map_err(|e| e.to_string())?;
-            ledger
-                .record(job_id, m, Some(rows), now_unix_ms)
+            let charge = ledger
+                .record_round(job_id, (round, attempt), m, Some(rows), now_unix_ms)
                 .map_err(|e| e.to_string())?;
-            tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
+            let eps = tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
                 .map_err(|e| e.to_string())?
-                .epsilon
+                .epsilon;
+            (eps, Some(charge))
         } else {
-            0.0
+            (0.0, None)
         };
         Ok(RoundSpend {
+            charge,
+            rows,
+            dataset_delta: self.budget.delta,
             round_epsilon,
             job_epsilon: ledger
                 .spent_by_job(job_id, plan.delta, plan.accountant)
@@ -384,5 +409,228 @@ impl SiteLedgers {
                 .map_err(|e| e.to_string())?,
             delta: plan.delta,
         })
+    }
+}
+
+/// The job's target: the spend of one more round must keep the job's ε on the dataset within
+/// `privacy.target_epsilon` (or, for a job with an explicit noise multiplier and no target, within
+/// the ε of its plan: what the officers approved). A round the ledger has charged already (a
+/// coordinator that resumed after a crash sends it again, or a failed attempt is retried) is
+/// trained again only when it still fits; otherwise the refusal says so.
+fn within_job_target(
+    ledger: &Ledger,
+    (job_id, round): (&str, u32),
+    job: &JobView,
+    plan: &DpSgdPlan,
+) -> Result<(), String> {
+    let target = job
+        .privacy
+        .as_ref()
+        .and_then(|p| p.target_epsilon)
+        .unwrap_or(plan.planned_epsilon);
+    let next = plan
+        .mechanism(plan.steps_per_round)
+        .map_err(|e| e.to_string())?;
+    let after = ledger
+        .job_epsilon_after(job_id, next, plan.delta, plan.accountant)
+        .map_err(|e| e.to_string())?;
+    // The calibration meets the target from below; the slack only absorbs rounding.
+    if after <= target * (1.0 + 1e-9) {
+        return Ok(());
+    }
+    let dataset = ledger.dataset();
+    let attempts: Vec<String> = ledger
+        .job(job_id)
+        .map(|j| {
+            j.charges_of_round(round)
+                .map(|c| c.attempt.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if attempts.is_empty() {
+        Err(format!(
+            "privacy budget: one more round of job {job_id} would bring its ε on dataset \
+             {dataset:?} to {after:.4} (δ = {:e}), over the job's target ε = {target}",
+            plan.delta
+        ))
+    } else {
+        Err(format!(
+            "privacy budget: round {round} of job {job_id} was charged already on dataset \
+             {dataset:?} (attempt {}); training it again would bring the job's ε to {after:.4} \
+             (δ = {:e}), over its target ε = {target}, so the round is not trained twice",
+            attempts.join(", "),
+            plan.delta
+        ))
+    }
+}
+
+/// A spend of the audit trail's (`privacy.spent`, by this node), as the ledger checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnchoredSpend {
+    pub seq: u64,
+    pub timestamp_unix_ms: i64,
+    pub payload: tutela_audit::payload::privacy::PrivacySpent,
+}
+
+impl AnchoredSpend {
+    fn as_trail_spend(&self) -> TrailSpend<'_> {
+        TrailSpend {
+            job_id: &self.payload.job,
+            round: self.payload.round,
+            attempt: self.payload.attempt,
+            group: tutela_privacy::ledger::Group {
+                sample_rate: self.payload.sample_rate,
+                noise_multiplier: self.payload.noise_multiplier,
+                steps: self.payload.steps,
+            },
+            rows: self.payload.rows as usize,
+            seq: self.seq,
+            timestamp_unix_ms: self.timestamp_unix_ms,
+        }
+    }
+}
+
+/// Why a node does not train on a dataset whose ledger is behind the trail.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the privacy ledger of dataset {dataset:?} lacks {missing} spend(s) that the audit trail \
+     records for this node, or holds them as smaller spends (first: job {first_job} round {first_round} attempt {first_attempt}, \
+     seq {first_seq}): the ledger file is missing or older than the trail, so its ε would be \
+     understated. This node does not train on {dataset:?} until a compliance officer of the site \
+     restores the ledger from the trail (`tutela-node ledger restore --config node.toml \
+     --officer-cert CERT --officer-key KEY`)"
+)]
+pub struct LedgerBehindTrail {
+    pub dataset: String,
+    pub missing: usize,
+    pub first_job: String,
+    pub first_round: u32,
+    pub first_attempt: u32,
+    pub first_seq: u64,
+}
+
+impl SiteLedgers {
+    /// The charges of `dataset` not yet recorded in the audit trail, with their job.
+    pub fn unanchored(&self, dataset: &str) -> Result<Vec<(String, RoundCharge)>, String> {
+        let _g = self.guard();
+        Ok(self.open(dataset).map_err(|e| e.to_string())?.unanchored())
+    }
+
+    /// Notes that a charge is the trail's event `seq`.
+    pub fn mark_anchored(
+        &self,
+        dataset: &str,
+        job_id: &str,
+        round_attempt: (u32, u32),
+        seq: u64,
+    ) -> Result<(), String> {
+        let _g = self.guard();
+        let mut ledger = self.open(dataset).map_err(|e| e.to_string())?;
+        ledger
+            .mark_anchored(job_id, round_attempt, seq)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The `privacy.spent` payload of a charge of `dataset`, with the ε figures as the ledger
+    /// holds them now (for a charge recorded at once, the figures after the spend).
+    pub fn spend_payload(
+        &self,
+        site: &str,
+        dataset: &str,
+        job_id: &str,
+        charge: &RoundCharge,
+        job_delta: f64,
+        job_accountant: Accountant,
+    ) -> Result<tutela_audit::payload::privacy::PrivacySpent, String> {
+        let _g = self.guard();
+        let ledger = self.open(dataset).map_err(|e| e.to_string())?;
+        Ok(tutela_audit::payload::privacy::PrivacySpent {
+            site: site.to_string(),
+            dataset: dataset.to_string(),
+            job: job_id.to_string(),
+            round: charge.round,
+            attempt: charge.attempt,
+            sample_rate: charge.group.sample_rate,
+            noise_multiplier: charge.group.noise_multiplier,
+            steps: charge.group.steps,
+            rows: ledger.rows().unwrap_or(0) as u64,
+            job_epsilon: ledger
+                .spent_by_job(job_id, job_delta, job_accountant)
+                .map_err(|e| e.to_string())?,
+            dataset_epsilon: ledger
+                .spent(self.budget.delta, accountant(self.budget.accountant))
+                .map_err(|e| e.to_string())?,
+            delta: job_delta,
+            dataset_delta: self.budget.delta,
+        })
+    }
+
+    /// Checks that the ledger of `dataset` holds every spend the trail records for this node;
+    /// `spends` are the trail's `privacy.spent` events of the dataset.
+    pub fn check_against_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<(), LedgerBehindTrail> {
+        let _g = self.guard();
+        // An unreadable ledger holds none of them (the gate names its own error).
+        let ledger = self.open(dataset).ok();
+        let missing: Vec<&AnchoredSpend> = spends
+            .iter()
+            .filter(|s| {
+                // The same key with a smaller or different spend is a ledger edited down.
+                !ledger.as_ref().is_some_and(|l| {
+                    l.charge(&s.payload.job, s.payload.round, s.payload.attempt)
+                        .is_some_and(|c| c.group == s.as_trail_spend().group)
+                })
+            })
+            .collect();
+        match missing.first() {
+            None => Ok(()),
+            Some(first) => Err(LedgerBehindTrail {
+                dataset: dataset.to_string(),
+                missing: missing.len(),
+                first_job: first.payload.job.clone(),
+                first_round: first.payload.round,
+                first_attempt: first.payload.attempt,
+                first_seq: first.seq,
+            }),
+        }
+    }
+
+    /// ε of `dataset` at the site's δ if its ledger were rebuilt from `spends` (nothing written).
+    pub fn epsilon_from_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<f64, String> {
+        Ledger::from_trail(
+            self.path(dataset),
+            dataset,
+            None,
+            spends.iter().map(AnchoredSpend::as_trail_spend),
+        )
+        .and_then(|l| l.spent(self.budget.delta, accountant(self.budget.accountant)))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Rebuilds the ledger of `dataset` from the trail's spends (an officer's restore), replacing
+    /// the file; returns the dataset's ε after it, at the site's δ.
+    pub fn restore_from_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<f64, String> {
+        let _g = self.guard();
+        let ledger = Ledger::rebuild_from_trail(
+            self.path(dataset),
+            dataset,
+            self.kek.clone(),
+            spends.iter().map(AnchoredSpend::as_trail_spend),
+        )
+        .map_err(|e| e.to_string())?;
+        ledger
+            .spent(self.budget.delta, accountant(self.budget.accountant))
+            .map_err(|e| e.to_string())
     }
 }

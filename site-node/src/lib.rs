@@ -38,10 +38,13 @@ pub mod dp_bench;
 pub mod failure;
 pub mod jobspec;
 pub mod ledger;
+pub mod ledger_restore;
 pub mod local;
 pub mod models;
 pub mod offline;
+pub mod resend;
 pub mod site_audit;
+pub mod spend_anchor;
 pub mod train;
 pub mod weights;
 

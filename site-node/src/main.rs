@@ -48,6 +48,9 @@ enum Command {
     /// Manages the key-encryption key (KEK) of the files the node writes.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The node's privacy ledgers.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -117,6 +120,26 @@ struct Scoring {
     /// Where to run the model.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Rebuilds the node's privacy ledgers from its `privacy.spent` events in the audit trail
+    /// and re-pins its held checkpoint, as a compliance officer of the node's site: for a node
+    /// that refuses to train because its ledger or held checkpoint is missing or older than the
+    /// trail. Each dataset's restore is recorded first, as `ledger.restored` by the officer. Run
+    /// it with the node stopped.
+    Restore {
+        /// The node's config file (its [audit], [at_rest], [privacy], work_dir, datasets).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The officer's certificate (PEM), issued by the consortium CA to a user of this site.
+        #[arg(long)]
+        officer_cert: PathBuf,
+        /// The officer's private key (PEM).
+        #[arg(long)]
+        officer_key: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -355,6 +378,33 @@ fn run(command: Command) -> anyhow::Result<()> {
             torch_threads,
             child,
         }) => bench_dp_step(batch, iters, pairs, torch_threads, child)?,
+        Command::Ledger(LedgerCommand::Restore {
+            config,
+            officer_cert,
+            officer_key,
+        }) => {
+            let config = NodeConfig::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (restored, tree_size) = runtime
+                .block_on(tutela_site_node::ledger_restore::restore(
+                    &config,
+                    &officer_cert,
+                    &officer_key,
+                ))
+                .context("the ledger was not restored")?;
+            for r in &restored {
+                println!(
+                    "{}: {} spend(s) from the trail ({} missing from the ledger), ε = {} at δ = {:e}; recorded as ledger.restored at seq {}",
+                    r.dataset,
+                    r.spends,
+                    r.missing_spends,
+                    r.dataset_epsilon,
+                    config.privacy.delta,
+                    r.seq
+                );
+            }
+            println!("held checkpoint: {tree_size} events");
+        }
         Command::Run { config } => {
             let config = NodeConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

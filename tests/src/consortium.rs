@@ -373,6 +373,25 @@ impl Consortium {
         child
     }
 
+    /// Starts `site`'s node again with the node.toml, certificate, key-encryption key and work
+    /// directory of its first start (after [`kill_node`](Self::kill_node)); its log is appended.
+    pub fn restart_node(&mut self, site: &str) {
+        let site_dir = self.dir.join("sites").join(site);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(site_dir.join("node.log"))
+            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(bin("tutela-node"))
+                .arg("run")
+                .arg("--config")
+                .arg(site_dir.join("node.toml"))
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log)),
+        );
+        self.nodes.push((site.to_string(), child));
+    }
+
     pub fn kill_node(&mut self, site: &str) {
         if let Some(pos) = self.nodes.iter().position(|(s, _)| s == site) {
             let (_, child) = self.nodes.remove(pos);

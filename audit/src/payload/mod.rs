@@ -8,6 +8,8 @@
 //!
 //! [`AuditClient::append_payload`]: crate::client::AuditClient::append_payload
 
+pub mod privacy;
+
 use crate::event::{Action, Event};
 use serde::Serialize;
 use serde::de::DeserializeOwned;

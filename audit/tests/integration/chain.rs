@@ -241,7 +241,9 @@ fn action_names_round_trip() {
             "policy.decision",
             "certificate.issued",
             "certificate.revoked",
-            "dataset.deidentified"
+            "dataset.deidentified",
+            "privacy.spent",
+            "ledger.restored"
         ]
     );
     for a in Action::ALL {

@@ -557,6 +557,162 @@ max_grad_norm = 1.0
         );
     }
 
+    /// A coordinator that resumed after a crash asks for a round the node was charged for
+    /// already. Until the job's last round that fits within the job's target ε (the plan is
+    /// calibrated to the target over all rounds, and a retrain uses up one of the later rounds'
+    /// share, which the gate then refuses); once the job's rounds are all charged, retraining one
+    /// is refused, naming the round, and the gate's own check refuses it before any data is read.
+    #[test]
+    fn a_round_charged_already_is_not_trained_again_past_the_jobs_target() {
+        use tutela_site_node::dp::DpSpend;
+        use tutela_site_node::jobspec::JobView;
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers = SiteLedgers::new(dir.path().join("l"), None, PrivacyBudgetConfig::default());
+        let spec = job(1.0);
+        let view = JobView::from_toml_str(&spec).unwrap();
+        let (rows, dimension) = (455, 250);
+        let charge = |round: u32, attempt: u32| {
+            let plan = ledgers
+                .check_with_rows("j", round, "breast_cancer", &view, rows, dimension)?
+                .expect("a DP-SGD job");
+            let spend = DpSpend {
+                steps: plan.steps_per_round,
+                sample_rate: plan.sample_rate,
+                effective_noise_multiplier: plan.effective_noise_multiplier,
+            };
+            ledgers
+                .record(
+                    "j",
+                    (round, attempt),
+                    "breast_cancer",
+                    rows,
+                    &plan,
+                    &spend,
+                    1,
+                )
+                .map(|s| s.job_epsilon)
+        };
+        for round in 1..=4 {
+            charge(round, 1).unwrap();
+        }
+        // Round 4 again (the coordinator resumed): it fits, using up round 5's share.
+        let after_retrain = charge(4, 1).unwrap();
+        assert!(after_retrain <= 1.0 + 1e-9, "{after_retrain}");
+        // Round 5 would now pass the target: refused.
+        let why = charge(5, 1).unwrap_err();
+        assert!(why.contains("over the job's target ε = 1"), "{why}");
+        // And round 4 a third time is refused as a round charged already.
+        let why = charge(4, 2).unwrap_err();
+        assert!(
+            why.contains("round 4 of job j was charged already") && why.contains("attempt 1"),
+            "{why}"
+        );
+        let ledger = ledgers.open("breast_cancer").unwrap();
+        let spent = ledger.spent_by_job("j", 1e-5, Accountant::Rdp).unwrap();
+        assert!(
+            spent <= 1.0 + 1e-9,
+            "the job's ε {spent} is over its target"
+        );
+        assert_eq!(ledger.job("j").unwrap().charges.len(), 5);
+
+        // The gate refuses too, before any record is read (its dataset file is gone).
+        let gate = TaskGate::new(BTreeMap::from([(
+            "breast_cancer".to_string(),
+            dataset_without_its_file(dir.path()),
+        )]))
+        .with_ledgers(Arc::new(SiteLedgers::new(
+            dir.path().join("l"),
+            None,
+            PrivacyBudgetConfig::default(),
+        )));
+        let mut t = task("j", spec.clone());
+        t.round = 4;
+        t.attempt = 3;
+        match gate.check_task(&t) {
+            Err(Refusal::PrivacyBudget(why)) => {
+                assert!(why.contains("charged already"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The ledger against the trail's spends: a ledger that lacks one is behind (naming the first
+    /// missing spend and the restore command); the rebuilt ledger holds them all, anchored, with
+    /// the same ε; charges the trail lacks are the ones left unanchored.
+    #[test]
+    fn a_ledger_behind_the_trail_is_named_and_rebuilt_from_it() {
+        use tutela_site_node::dp::DpSpend;
+        use tutela_site_node::jobspec::JobView;
+        use tutela_site_node::ledger::AnchoredSpend;
+        let dir = tempfile::tempdir().unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> = Arc::new(LocalKek::from_bytes(&[5u8; 32]));
+        let ledgers = SiteLedgers::new(
+            dir.path().join("l"),
+            Some(kek.clone()),
+            PrivacyBudgetConfig::default(),
+        );
+        let view = JobView::from_toml_str(&job(2.0)).unwrap();
+        let plan = ledgers
+            .check_with_rows("j", 1, "breast_cancer", &view, 455, 266)
+            .unwrap()
+            .unwrap();
+        let spend = DpSpend {
+            steps: plan.steps_per_round,
+            sample_rate: plan.sample_rate,
+            effective_noise_multiplier: plan.effective_noise_multiplier,
+        };
+        let mut trail = Vec::new();
+        for round in 1..=2 {
+            let s = ledgers
+                .record("j", (round, 1), "breast_cancer", 455, &plan, &spend, 1)
+                .unwrap();
+            let charge = s.charge.unwrap();
+            let payload = ledgers
+                .spend_payload("a", "breast_cancer", "j", &charge, 1e-5, Accountant::Rdp)
+                .unwrap();
+            assert_eq!(
+                (payload.round, payload.steps, payload.rows),
+                (round, plan.steps_per_round, 455)
+            );
+            trail.push(AnchoredSpend {
+                seq: 10 + u64::from(round),
+                timestamp_unix_ms: 1,
+                payload,
+            });
+        }
+        assert_eq!(ledgers.unanchored("breast_cancer").unwrap().len(), 2);
+        ledgers
+            .mark_anchored("breast_cancer", "j", (1, 1), 11)
+            .unwrap();
+        assert_eq!(ledgers.unanchored("breast_cancer").unwrap().len(), 1);
+        ledgers
+            .check_against_trail("breast_cancer", &trail)
+            .unwrap();
+        let spent = ledgers.spent("breast_cancer").unwrap();
+
+        // The file is deleted: behind by both spends, naming the first and the restore.
+        let file = dir.path().join("l/breast_cancer.json.enc");
+        std::fs::remove_file(&file).unwrap();
+        let behind = ledgers
+            .check_against_trail("breast_cancer", &trail)
+            .unwrap_err();
+        assert_eq!(
+            (behind.missing, behind.first_round, behind.first_seq),
+            (2, 1, 11)
+        );
+        let text = behind.to_string();
+        assert!(text.contains("tutela-node ledger restore"), "{text}");
+        // Rebuilt: the same ε, every charge anchored at its event, the plan's rows kept.
+        let rebuilt = ledgers.restore_from_trail("breast_cancer", &trail).unwrap();
+        assert!((rebuilt - spent).abs() < 1e-12, "{rebuilt} vs {spent}");
+        assert_eq!(ledgers.spent("breast_cancer").unwrap(), rebuilt);
+        assert!(ledgers.unanchored("breast_cancer").unwrap().is_empty());
+        ledgers
+            .check_against_trail("breast_cancer", &trail)
+            .unwrap();
+        assert_eq!(ledgers.open("breast_cancer").unwrap().rows(), Some(455));
+    }
+
     #[test]
     fn a_node_with_caps_refuses_a_job_without_local_dp() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,4 @@
-//! End-to-end tests with real processes over loopback mutual TLS: federation, central DP, approvals, the audit service and trail, the demo, a Python client.
+//! End-to-end tests with real processes over loopback mutual TLS: federation, central DP, approvals, the audit service and trail (and what happens when it or the coordinator dies), the demo, a Python client.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -11,6 +11,7 @@ mod central_dp;
 mod data_stays_home;
 mod demo;
 mod federation;
+mod off_the_record;
 mod pki_audit;
 mod python_client;
 mod site_audit;

@@ -1,0 +1,77 @@
+//! Payloads of a site's privacy budget in the trail: each ledger spend (`privacy.spent`, appended
+//! by the node that spent) and an officer's rebuild of a node's ledger from those spends
+//! (`ledger.restored`, appended by the officer). Counts, rates and ε only: never a data value or
+//! a local path.
+
+use serde::{Deserialize, Serialize};
+
+use super::ActionPayload;
+use crate::event::Action;
+
+/// `privacy.spent`: one round of DP-SGD charged to a dataset's ledger. Subject:
+/// `<site>/<dataset>`; the actor is the node (only a site's own node may assert its spends).
+///
+/// `(job, round, attempt)` is the spend's key: a node appends it once, and a reader (the node
+/// checking its ledger, an officer's restore) counts it once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySpent {
+    pub site: String,
+    pub dataset: String,
+    pub job: String,
+    pub round: u32,
+    pub attempt: u32,
+    /// The Poisson sampling rate q of the steps.
+    pub sample_rate: f64,
+    /// The effective noise multiplier σ_eff the accountant is told (after the noise grid's
+    /// correction).
+    pub noise_multiplier: f64,
+    /// Steps that ran with this (q, σ_eff).
+    pub steps: u64,
+    /// The dataset's training rows (what a restored ledger plans the next job's q with).
+    pub rows: u64,
+    /// ε of the job on this dataset after the spend, at `delta`.
+    pub job_epsilon: f64,
+    /// ε of every job on this dataset after the spend, at `dataset_delta` (the site's δ).
+    pub dataset_epsilon: f64,
+    pub delta: f64,
+    pub dataset_delta: f64,
+}
+
+impl ActionPayload for PrivacySpent {
+    const ACTION: Action = Action::PrivacySpent;
+}
+
+impl PrivacySpent {
+    /// The subject every spend of `dataset` at `site` is recorded under.
+    pub fn subject(site: &str, dataset: &str) -> String {
+        format!("{site}/{dataset}")
+    }
+}
+
+/// `ledger.restored`: a site's compliance officer rebuilt a node's ledger of one dataset from the
+/// trail's `privacy.spent` events of that node, and re-pinned the node's held checkpoint. Subject:
+/// `<site>/<dataset>`; the actor is the officer (the restore runs with the officer's certificate
+/// and key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerRestored {
+    pub site: String,
+    pub dataset: String,
+    /// The node whose ledger was rebuilt (its SPIFFE identity).
+    pub node: String,
+    /// The `privacy.spent` events the ledger was rebuilt from, and the last one's seq.
+    pub spends: u64,
+    pub last_spend_seq: Option<u64>,
+    /// ε of every job on the dataset as rebuilt, at `dataset_delta`.
+    pub dataset_epsilon: f64,
+    pub dataset_delta: f64,
+    /// What the node's ledger held before: the spends of the trail it lacked.
+    pub missing_spends: u64,
+    /// The signed checkpoint (tree size) the node holds after the restore.
+    pub checkpoint_tree_size: u64,
+}
+
+impl ActionPayload for LedgerRestored {
+    const ACTION: Action = Action::LedgerRestored;
+}
