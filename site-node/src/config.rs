@@ -384,8 +384,9 @@ impl NodeConfig {
                         .into(),
                 ));
             }
-            d.check()
-                .map_err(|(key, problem)| invalid(&format!("text_datasets.{name}.{key}"), problem))?;
+            d.check().map_err(|(key, problem)| {
+                invalid(&format!("text_datasets.{name}.{key}"), problem)
+            })?;
         }
         self.privacy
             .validate()

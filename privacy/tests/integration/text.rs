@@ -46,7 +46,11 @@ fn names_in_notes(docs: &[TextDocument]) -> HashSet<String> {
     for d in docs {
         let at = d.text.find(HEADING).expect("every note has the heading") + HEADING.len();
         let line = d.text[at..].lines().next().unwrap_or_default().trim();
-        assert!(!line.is_empty(), "line {}: no name after the heading", d.line);
+        assert!(
+            !line.is_empty(),
+            "line {}: no name after the heading",
+            d.line
+        );
         names.insert(line.to_string());
     }
     names
@@ -77,7 +81,8 @@ fn all_texts(p: &ProtectedText) -> Vec<&str> {
 }
 
 fn whole_word(text: &str, word: &str) -> bool {
-    text.split(|c: char| !c.is_alphanumeric()).any(|w| w == word)
+    text.split(|c: char| !c.is_alphanumeric())
+        .any(|w| w == word)
 }
 
 #[test]
@@ -129,7 +134,12 @@ fn no_patient_name_from_the_notes_survives_redaction() {
     // one DATE span per ISO date in the input.
     let name_runs: usize = docs
         .iter()
-        .map(|d| names.iter().map(|n| d.text.matches(n.as_str()).count()).sum::<usize>())
+        .map(|d| {
+            names
+                .iter()
+                .map(|n| d.text.matches(n.as_str()).count())
+                .sum::<usize>()
+        })
         .sum();
     let dates: usize = docs.iter().map(|d| iso.find_iter(&d.text).count()).sum();
     assert_eq!(report.redaction.spans.get("NAME"), Some(&name_runs));
@@ -155,7 +165,10 @@ fn dictionary_names_are_redacted_without_the_digit_shape() {
     let (out, _) = run(
         c,
         vec![
-            doc(1, "Sumiko Larue is 16. Seen on 2020-03-04, call 555-123-4567."),
+            doc(
+                1,
+                "Sumiko Larue is 16. Seen on 2020-03-04, call 555-123-4567.",
+            ),
             doc(2, "Larue605 was seen again."),
         ],
     );
@@ -168,18 +181,12 @@ fn dictionary_names_are_redacted_without_the_digit_shape() {
 /// A note's shingles as sorted distinct hashes, for an exact Jaccard similarity (the ground
 /// truth SimHash approximates), with std's hasher rather than the fingerprint's.
 fn shingles(text: &str, n: usize) -> Vec<u64> {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let state = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    use std::hash::BuildHasher;
+    let state =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     let w = simhash::words(text);
     let n = n.min(w.len()).max(1);
-    let mut v: Vec<u64> = w
-        .windows(n)
-        .map(|s| {
-            let mut h = state.build_hasher();
-            s.hash(&mut h);
-            h.finish()
-        })
-        .collect();
+    let mut v: Vec<u64> = w.windows(n).map(|s| state.hash_one(s)).collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -199,7 +206,11 @@ fn jaccard(a: &[u64], b: &[u64]) -> f64 {
         }
     }
     let union = a.len() + b.len() - inter;
-    if union == 0 { 1.0 } else { inter as f64 / union as f64 }
+    if union == 0 {
+        1.0
+    } else {
+        inter as f64 / union as f64
+    }
 }
 
 /// The redacted notes, in file order, as the SimHash step sees them (the pipeline's output is
@@ -257,7 +268,10 @@ fn simhash_on_the_real_notes_timing_and_false_positives() {
         .iter()
         .map(|d| shingles(&d.text, nd.shingle_words))
         .collect();
-    let mut sims: Vec<f64> = matched.iter().map(|&(i, j)| jaccard(&sh[i], &sh[j])).collect();
+    let mut sims: Vec<f64> = matched
+        .iter()
+        .map(|&(i, j)| jaccard(&sh[i], &sh[j]))
+        .collect();
     sims.sort_by(f64::total_cmp);
     let false_positives = sims.iter().filter(|s| **s < 0.5).count();
     println!(
@@ -326,7 +340,11 @@ fn simhash_removes_planted_near_duplicates_and_keeps_distinct_notes() {
         .map(|(i, _)| i)
         .collect();
     let distinct: Vec<TextDocument> = kept.iter().map(|&i| docs[i].clone()).collect();
-    let hosts: Vec<&TextDocument> = distinct.iter().filter(|d| d.text.len() > 1500).take(40).collect();
+    let hosts: Vec<&TextDocument> = distinct
+        .iter()
+        .filter(|d| d.text.len() > 1500)
+        .take(40)
+        .collect();
     assert!(hosts.len() >= 20, "{} long notes", hosts.len());
     // Per host: one copy with only its whitespace re-flowed, one with 1, 2 or 3 words changed
     // (and re-flowed). Undated: considered after every dated note, so the original stays.
@@ -351,7 +369,10 @@ fn simhash_removes_planted_near_duplicates_and_keeps_distinct_notes() {
     let texts: HashSet<&str> = all_texts(&out).into_iter().collect();
     // Every distinct note stays.
     for d in &distinct {
-        assert!(texts.contains(d.text.as_str()), "a distinct note was dropped");
+        assert!(
+            texts.contains(d.text.as_str()),
+            "a distinct note was dropped"
+        );
     }
     // Caught copies, by number of words changed.
     let mut caught: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
@@ -367,8 +388,14 @@ fn simhash_removes_planted_near_duplicates_and_keeps_distinct_notes() {
     println!("planted near-duplicates caught (words changed: caught/planted): {caught:?}");
     let dropped: usize = caught.values().map(|(c, _)| c).sum();
     assert_eq!(report.near_duplicates.unwrap().documents_dropped, dropped);
-    assert_eq!(report.documents_out, distinct.len() + planted.len() - dropped);
-    assert_eq!(caught[&0].0, caught[&0].1, "whitespace-only copies are identical to SimHash");
+    assert_eq!(
+        report.documents_out,
+        distinct.len() + planted.len() - dropped
+    );
+    assert_eq!(
+        caught[&0].0, caught[&0].1,
+        "whitespace-only copies are identical to SimHash"
+    );
     // SimHash is a sketch: a few changed words move a fingerprint by a random number of bits
     // (mean about 2.5 per changed word on these notes), so a few copies escape; measured 35/40.
     let changed: (usize, usize) = caught
@@ -417,7 +444,11 @@ fn content_filter_drops_documents_or_lines_and_counts_them() {
     assert_eq!(report.documents_out, docs.len());
     assert!(all_texts(&out).iter().all(|t| !has(t)));
     // The rest of each note is still there.
-    assert!(all_texts(&out).iter().all(|t| t.contains("# Chief Complaint")));
+    assert!(
+        all_texts(&out)
+            .iter()
+            .all(|t| t.contains("# Chief Complaint"))
+    );
 }
 
 #[test]
@@ -486,7 +517,10 @@ fn split_by_patient_keeps_every_patient_on_one_side_and_is_deterministic() {
     let mut broken = docs.clone();
     broken[41].patient = None;
     let err = TextPipeline::new(c).unwrap().run(broken).unwrap_err();
-    assert!(matches!(err, AnonymizeError::BadCell { row: 42, ref column, .. } if column == "patient"), "{err}");
+    assert!(
+        matches!(err, AnonymizeError::BadCell { row: 42, ref column, .. } if column == "patient"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -542,7 +576,10 @@ fn report_counts_add_up_and_commitment_follows_the_documents() {
     // protected documents change.
     let salt = [3u8; 32];
     let root = commit_documents(&salt, &out);
-    assert_eq!(root, commit_documents(&salt, &run(c.clone(), docs.clone()).0));
+    assert_eq!(
+        root,
+        commit_documents(&salt, &run(c.clone(), docs.clone()).0)
+    );
     assert_eq!(root.rows as usize, report.documents_out);
     let mut c2 = c.clone();
     c2.near_duplicates.max_hamming = 0;

@@ -170,7 +170,10 @@ impl TextDatasetConfig {
                     ("date_field", &self.date_field),
                 ] {
                     if v.is_some() {
-                        return bad(key, "applies to JSON Lines only (format = \"jsonl\")".into());
+                        return bad(
+                            key,
+                            "applies to JSON Lines only (format = \"jsonl\")".into(),
+                        );
                     }
                 }
                 let split = self.documents.unwrap_or_default();

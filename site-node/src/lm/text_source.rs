@@ -155,9 +155,9 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>, TextSourceError> {
         source,
     })?;
     Ok(if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(BufReader::new(flate2::read::GzDecoder::new(BufReader::new(
-            file,
-        ))))
+        Box::new(BufReader::new(flate2::read::GzDecoder::new(
+            BufReader::new(file),
+        )))
     } else {
         Box::new(BufReader::new(file))
     })
@@ -229,7 +229,10 @@ impl TextSource {
     fn read_jsonl(&self) -> Result<Vec<TextDocument>, TextSourceError> {
         let path = &self.path;
         let mut reader = open(path)?;
-        let limit = self.max_document_bytes.saturating_mul(2).saturating_add(64 << 10);
+        let limit = self
+            .max_document_bytes
+            .saturating_mul(2)
+            .saturating_add(64 << 10);
         let mut buf = Vec::new();
         let mut docs = Vec::new();
         let mut line = 0u64;

@@ -96,7 +96,10 @@ fn the_synthea_notes_load_protected_split_by_patient_and_committed() {
     assert_eq!(again.load().unwrap().commitment, loaded.commitment);
     // Another site secret: another salt, another root.
     let other = TextDataset::prepare("clinical_notes", &c, &[8u8; 32]).unwrap();
-    assert_ne!(other.load().unwrap().commitment.root, loaded.commitment.root);
+    assert_ne!(
+        other.load().unwrap().commitment.root,
+        loaded.commitment.root
+    );
     println!(
         "notes: {} in, {} near-duplicates dropped, {} lines filtered, {} train / {} validation documents",
         report.documents_in,
@@ -162,13 +165,19 @@ fn malformed_lines_and_oversize_documents_are_refused_locally_by_file_and_line()
             Some("patient"),
         ),
         (
-            format!("{good}\n{{\"patient\": \"p2\", \"text\": \"{}\"}}\n", "Secret412 ".repeat(20)),
+            format!(
+                "{good}\n{{\"patient\": \"p2\", \"text\": \"{}\"}}\n",
+                "Secret412 ".repeat(20)
+            ),
             "document_too_large",
             ":2: the document is larger than max_document_bytes = 64",
             None,
         ),
         (
-            format!("{good}\n{{\"patient\": \"p2\", \"text\": \"{}\"}}\n", "x".repeat(200_000)),
+            format!(
+                "{good}\n{{\"patient\": \"p2\", \"text\": \"{}\"}}\n",
+                "x".repeat(200_000)
+            ),
             "line_too_long",
             ":2: the line is longer than",
             None,
@@ -190,7 +199,11 @@ fn malformed_lines_and_oversize_documents_are_refused_locally_by_file_and_line()
         // What may leave the site: the code and the field's name, no value, path or line.
         let public = err.public_reason();
         assert!(public.contains(code), "{public}");
-        assert!(!public.contains("Secret412") && !public.contains("notes.jsonl") && !public.contains(":2"));
+        assert!(
+            !public.contains("Secret412")
+                && !public.contains("notes.jsonl")
+                && !public.contains(":2")
+        );
     }
     // Invalid UTF-8 in a plain-text file.
     let path = dir.path().join("notes.txt");
@@ -198,7 +211,13 @@ fn malformed_lines_and_oversize_documents_are_refused_locally_by_file_and_line()
     let c = config(&format!("path = \"{}\"\n", path.display()));
     let err = load_error("notes", &c);
     assert!(
-        matches!(&err, TextDatasetError::Source { source: TextSourceError::NotUtf8 { line: 2, .. }, .. }),
+        matches!(
+            &err,
+            TextDatasetError::Source {
+                source: TextSourceError::NotUtf8 { line: 2, .. },
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -210,7 +229,10 @@ fn prepare_checks_configuration_and_files_but_reads_no_record() {
     let (_, c) = jsonl_dataset(dir.path(), "not json at all\n", "");
     let prepared = TextDataset::prepare("notes", &c, &SECRET).unwrap();
     // ...and is refused when loaded.
-    assert!(matches!(prepared.load(), Err(TextDatasetError::Source { .. })));
+    assert!(matches!(
+        prepared.load(),
+        Err(TextDatasetError::Source { .. })
+    ));
     // A missing file, a missing blocklist, bad values: refused at start, naming what.
     let missing = config("path = \"/nonexistent/notes.jsonl\"\n");
     assert!(matches!(
@@ -223,7 +245,10 @@ fn prepare_checks_configuration_and_files_but_reads_no_record() {
         "[content_filter]\nblocklist_file = \"/nonexistent/blocklist.txt\"\n",
     );
     let err = TextDataset::prepare("notes", &c, &SECRET).unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/blocklist.txt"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/blocklist.txt"),
+        "{err}"
+    );
     for (extra, key) in [
         ("validation_fraction = 1.5\n", "validation_fraction"),
         ("max_document_bytes = 0\n", "max_document_bytes"),
@@ -244,7 +269,12 @@ fn prepare_checks_configuration_and_files_but_reads_no_record() {
 fn plain_text_sources_one_per_line_delimited_or_one_per_file() {
     let dir = tempfile::tempdir().unwrap();
     let notes: Vec<String> = (0..12)
-        .map(|i| format!("Note {i}: patient Person{i} was seen on 2021-03-{:02} for a cough number {i}.", i + 1))
+        .map(|i| {
+            format!(
+                "Note {i}: patient Person{i} was seen on 2021-03-{:02} for a cough number {i}.",
+                i + 1
+            )
+        })
         .collect();
     // One per line (blank lines skipped).
     let lines = dir.path().join("lines.txt");
@@ -262,7 +292,10 @@ fn plain_text_sources_one_per_line_delimited_or_one_per_file() {
     std::fs::write(files.join(".hidden"), "ignored").unwrap();
     for (path, extra) in [
         (&lines, ""),
-        (&delimited, "documents = \"delimited\"\ndelimiter = \"---\"\n"),
+        (
+            &delimited,
+            "documents = \"delimited\"\ndelimiter = \"---\"\n",
+        ),
         (&files, "documents = \"file\"\n"),
     ] {
         // Near-duplicate removal off: these notes differ in a few words only.
@@ -270,7 +303,10 @@ fn plain_text_sources_one_per_line_delimited_or_one_per_file() {
             "path = \"{}\"\nformat = \"text\"\nvalidation_fraction = 0.25\n{extra}[near_duplicates]\nenabled = false\n",
             path.display()
         ));
-        let loaded = TextDataset::prepare("notes", &c, &SECRET).unwrap().load().unwrap();
+        let loaded = TextDataset::prepare("notes", &c, &SECRET)
+            .unwrap()
+            .load()
+            .unwrap();
         let docs: Vec<&str> = loaded
             .documents
             .train
@@ -290,8 +326,19 @@ fn plain_text_sources_one_per_line_delimited_or_one_per_file() {
     }
     // With deduplication on (the default), these twelve near-identical notes collapse.
     let c = config(&format!("path = \"{}\"\n", lines.display()));
-    let loaded = TextDataset::prepare("notes", &c, &SECRET).unwrap().load().unwrap();
-    assert!(loaded.report.near_duplicates.as_ref().unwrap().documents_dropped > 0);
+    let loaded = TextDataset::prepare("notes", &c, &SECRET)
+        .unwrap()
+        .load()
+        .unwrap();
+    assert!(
+        loaded
+            .report
+            .near_duplicates
+            .as_ref()
+            .unwrap()
+            .documents_dropped
+            > 0
+    );
 }
 
 #[test]
@@ -310,13 +357,18 @@ key = "node.key"
 path = "bc.csv"
 schema = "bc.schema.toml"
 "#;
-    let with = |table: &str| NodeConfig::from_toml_str(&format!("{base}{table}"), "/etc/tutela/node.toml");
+    let with =
+        |table: &str| NodeConfig::from_toml_str(&format!("{base}{table}"), "/etc/tutela/node.toml");
     let c = with("[text_datasets.notes]\npath = \"notes.jsonl\"\npatient_field = \"patient_id\"\n[text_datasets.notes.redaction]\nnames_file = \"names.txt\"\n").unwrap();
     let notes = &c.text_datasets["notes"];
     // Relative paths are resolved against the config's directory.
     assert_eq!(notes.path, Path::new("/etc/tutela/notes.jsonl"));
-    assert_eq!(notes.redaction.names_file.as_deref(), Some(Path::new("/etc/tutela/names.txt")));
-    let err = with("[text_datasets.notes]\npath = \"n.jsonl\"\nvalidation_fraction = 0\n").unwrap_err();
+    assert_eq!(
+        notes.redaction.names_file.as_deref(),
+        Some(Path::new("/etc/tutela/names.txt"))
+    );
+    let err =
+        with("[text_datasets.notes]\npath = \"n.jsonl\"\nvalidation_fraction = 0\n").unwrap_err();
     assert_eq!(err.key(), Some("text_datasets.notes.validation_fraction"));
     let err = with("[text_datasets.breast_cancer]\npath = \"n.jsonl\"\n").unwrap_err();
     assert_eq!(err.key(), Some("text_datasets.breast_cancer"));
@@ -325,6 +377,9 @@ schema = "bc.schema.toml"
     // The documented example declares one, with every key.
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml");
     let example = NodeConfig::load(&path).unwrap();
-    let notes = example.text_datasets.get("clinical_notes").expect("documented");
+    let notes = example
+        .text_datasets
+        .get("clinical_notes")
+        .expect("documented");
     assert!(notes.content_filter.is_some() && notes.patient_field.is_some());
 }

@@ -136,6 +136,10 @@ mod tests {
         assert!(b.matches("writes C++ code"));
         let (kept, n) = b.drop_lines("line one\nHIV test\nline three");
         assert_eq!((kept.as_str(), n), ("line one\nline three", 1));
-        assert!(!Blocklist::parse("# nothing\n", "b").unwrap().matches("anything"));
+        assert!(
+            !Blocklist::parse("# nothing\n", "b")
+                .unwrap()
+                .matches("anything")
+        );
     }
 }

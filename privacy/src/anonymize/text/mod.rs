@@ -212,8 +212,8 @@ impl TextPipeline {
                 ),
             });
         }
-        let redactor = PiiRedactor::new(&config.names)?
-            .with_digit_suffixed_names(config.digit_suffixed_names);
+        let redactor =
+            PiiRedactor::new(&config.names)?.with_digit_suffixed_names(config.digit_suffixed_names);
         Ok(TextPipeline { config, redactor })
     }
 

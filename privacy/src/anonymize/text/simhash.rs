@@ -159,9 +159,9 @@ pub fn simhash(text: &str, shingle_words: usize) -> u64 {
     let n = shingle_words.max(1).min(words.len());
     let mut counts = [0i64; 64];
     for shingle in words.windows(n) {
-        let h = shingle
-            .iter()
-            .fold(FNV_OFFSET, |acc, w| fmix64(acc ^ w).wrapping_add(0x9e37_79b9_7f4a_7c15));
+        let h = shingle.iter().fold(FNV_OFFSET, |acc, w| {
+            fmix64(acc ^ w).wrapping_add(0x9e37_79b9_7f4a_7c15)
+        });
         let h = fmix64(h);
         for (bit, count) in counts.iter_mut().enumerate() {
             *count += if (h >> bit) & 1 == 1 { 1 } else { -1 };
@@ -341,10 +341,19 @@ mod tests {
 
     #[test]
     fn fingerprint_ignores_whitespace_case_and_punctuation() {
-        let a = simhash("The patient is a 16 year-old female.\nNo known allergies.", 3);
-        let b = simhash("the  patient is a 16\tyear old female   no known ALLERGIES", 3);
+        let a = simhash(
+            "The patient is a 16 year-old female.\nNo known allergies.",
+            3,
+        );
+        let b = simhash(
+            "the  patient is a 16\tyear old female   no known ALLERGIES",
+            3,
+        );
         assert_eq!(a, b);
-        assert_ne!(a, simhash("An entirely different sentence about the weather.", 3));
+        assert_ne!(
+            a,
+            simhash("An entirely different sentence about the weather.", 3)
+        );
         assert_eq!(simhash("", 3), 0);
     }
 }

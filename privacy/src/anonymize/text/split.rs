@@ -75,7 +75,7 @@ pub fn split_by_unit(
         .iter()
         .map(|(u, n)| (*u, *n, order_key(seed, u)))
         .collect();
-    order.sort_by(|a, b| a.2.cmp(&b.2));
+    order.sort_by_key(|u| u.2);
     let target = (validation_fraction * units.len() as f64).round() as usize;
     let mut in_validation: BTreeMap<&str, bool> = BTreeMap::new();
     let mut taken = 0usize;
@@ -116,7 +116,10 @@ mod tests {
         let a = split_by_unit(&refs, 0.2, 7).unwrap();
         assert_eq!(a.validation.iter().filter(|v| **v).count(), 20);
         assert_eq!(a, split_by_unit(&refs, 0.2, 7).unwrap());
-        assert_ne!(a.validation, split_by_unit(&refs, 0.2, 8).unwrap().validation);
+        assert_ne!(
+            a.validation,
+            split_by_unit(&refs, 0.2, 8).unwrap().validation
+        );
         // Independent of the input order.
         let mut rev = refs.clone();
         rev.reverse();
