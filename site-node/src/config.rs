@@ -68,6 +68,11 @@ pub struct NodeConfig {
     /// Local datasets by the schema name jobs use (`data.schema` in a job spec).
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetConfig>,
+    /// Local text datasets (for language models) by name, read through the text protection
+    /// pipeline (`crate::lm::text_dataset`). Names are shared with `datasets`: one may not be in
+    /// both. Not yet offered to jobs (see `crate::lm`).
+    #[serde(default)]
+    pub text_datasets: BTreeMap<String, crate::lm::text_dataset::TextDatasetConfig>,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
     /// Encryption of the files the node writes. Without it they are written in the clear (and
@@ -370,6 +375,26 @@ impl NodeConfig {
                 ));
             }
         }
+        for (name, d) in &self.text_datasets {
+            validate_segment("dataset", name)
+                .map_err(|e| invalid(&format!("text_datasets.{name}"), e.to_string()))?;
+            if self.datasets.contains_key(name) {
+                return Err(invalid(
+                    &format!("text_datasets.{name}"),
+                    "has the name of a [datasets] table: a job names one dataset".into(),
+                ));
+            }
+            if self.site_secret_file.is_none() {
+                return Err(invalid(
+                    &format!("text_datasets.{name}"),
+                    "needs the top-level `site_secret_file` (the salt of its dataset commitment)"
+                        .into(),
+                ));
+            }
+            d.check().map_err(|(key, problem)| {
+                invalid(&format!("text_datasets.{name}.{key}"), problem)
+            })?;
+        }
         self.privacy
             .validate()
             .map_err(|problem| invalid("privacy", problem))?;
@@ -435,6 +460,9 @@ impl NodeConfig {
             if let Some(p) = &mut d.anonymize {
                 fix(p);
             }
+        }
+        for d in self.text_datasets.values_mut() {
+            d.resolve_paths(base);
         }
     }
 }

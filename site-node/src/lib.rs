@@ -16,6 +16,7 @@
 //!
 //! - [`config`]: `node.toml` (every key documented in `deploy/config/node.toml`).
 //! - [`local`]: the site's configured datasets, loaded once, split and standardised.
+//! - [`lm`]: text datasets for language models, read through the text protection pipeline.
 //! - [`jobspec`]: what the node reads of a task's job spec and strategy settings.
 //! - [`agent`]: the agent loop: connect out over mutual TLS, check each task
 //!   ([`agent::TaskGate::check_task`]), initialise, evaluate and train, filter the update
@@ -39,6 +40,7 @@ pub mod failure;
 pub mod jobspec;
 pub mod ledger;
 pub mod ledger_restore;
+pub mod lm;
 pub mod local;
 pub mod models;
 pub mod offline;

@@ -11,6 +11,8 @@
 //!   seeded, labelled synthetic corpus its precision and recall are measured on.
 //! - [`pipeline`]: runs all of the above, produces the serializable [`DeidReport`], and
 //!   [`refuses_to_train`] on configurations that leave identifiers in the clear.
+//! - [`text`]: the same for text datasets (language models): content filter, PII redaction,
+//!   SimHash near-duplicate removal, a split by patient or document, a [`text::TextDeidReport`].
 
 pub mod bounded;
 pub mod corpus;
@@ -20,6 +22,7 @@ pub mod pipeline;
 pub mod reader;
 pub mod schema;
 pub mod synthetic;
+pub mod text;
 pub mod transform;
 
 pub use kanon::{KAnonConfig, KAnonResult, QiLevels, anonymize_k};

@@ -11,6 +11,10 @@
 //! Names: dictionary words (the configured list plus the text of the dataset's direct-identifier
 //! columns), matched as capitalized whole words; adjacent names merge into one span. Names that
 //! are also common capitalized words (May, Will, Bill) should be left out of the dictionary.
+//! Optionally ([`PiiRedactor::with_digit_suffixed_names`]) a capitalized word with digits appended
+//! (`Sumiko254`, `Larue605`: how Synthea and some record exports write names) is a name too,
+//! whatever the dictionary says; it is off by default because product and lab codes (`Tylenol500`)
+//! share the shape, and a text dataset turns it on in its configuration.
 //!
 //! Digit boundaries: a numeric match must not continue a longer number: the character next to
 //! it may not be alphanumeric, nor a separator (`-`, `.`, `/`, `,`, space) that touches another
@@ -243,6 +247,7 @@ pub struct PiiRedactor {
     date: Regex,
     word: Regex,
     names: HashSet<String>,
+    digit_suffixed_names: bool,
 }
 
 impl PiiRedactor {
@@ -290,9 +295,35 @@ impl PiiRedactor {
             date: re(&format!(
                 r"\b(?:(?P<iy>\d{{4}})-(?P<im>\d{{1,2}})-(?P<id>\d{{1,2}})|(?P<na>\d{{1,2}})[/.](?P<nb>\d{{1,2}})[/.](?P<ny>\d{{4}})|(?P<dd>\d{{1,2}})(?:st|nd|rd|th)? (?P<dm>{MONTHS})\.? (?P<dy>\d{{4}})|(?P<mm>{MONTHS})\.? (?P<md>\d{{1,2}})(?:st|nd|rd|th)?,? (?P<my>\d{{4}}))\b"
             ))?,
-            word: re(r"\b\p{Lu}[\p{L}'-]+\b")?,
+            // A capitalized word, optionally with digits appended (see the module docs).
+            word: re(r"\b\p{Lu}[\p{L}'-]+\d*\b")?,
             names: dict,
+            digit_suffixed_names: false,
         })
+    }
+
+    /// Also treats a capitalized word with digits appended (`Sumiko254`) as a name: one capital,
+    /// then at least one lower-case letter and nothing but letters, then one or more digits.
+    pub fn with_digit_suffixed_names(mut self, on: bool) -> Self {
+        self.digit_suffixed_names = on;
+        self
+    }
+
+    /// Whether a word the `word` pattern matched is a name: in the dictionary, or (when enabled)
+    /// of the digit-suffixed shape.
+    fn is_name(&self, word: &str) -> bool {
+        if self.names.contains(word) {
+            return true;
+        }
+        if !self.digit_suffixed_names {
+            return false;
+        }
+        let letters = word.trim_end_matches(|c: char| c.is_ascii_digit());
+        let mut rest = letters.chars().skip(1);
+        letters.len() < word.len()
+            && letters.chars().next().is_some_and(char::is_uppercase)
+            && rest.clone().next().is_some()
+            && rest.all(char::is_lowercase)
     }
 
     /// Adds names to the dictionary.
@@ -373,10 +404,12 @@ impl PiiRedactor {
                 push(m.start(), m.end(), PiiKind::Date);
             }
         }
-        if !self.names.is_empty() {
+        if !self.names.is_empty() || self.digit_suffixed_names {
             let mut run: Option<(usize, usize)> = None;
             for m in self.word.find_iter(text) {
-                if !self.names.contains(m.as_str()) {
+                // Dictionary entries have no digits, so a digit-suffixed word (which the pattern
+                // now matches whole, where it used to match nothing) is never a dictionary hit.
+                if !self.is_name(m.as_str()) {
                     continue;
                 }
                 run = match run {

@@ -1,0 +1,14 @@
+//! Language-model data at the site (issue 17). So far: text datasets.
+//!
+//! - [`text_source`]: reading documents from JSON Lines or plain text, streaming, with a bound on
+//!   every line and document, and errors that name file and line locally.
+//! - [`text_dataset`]: `[text_datasets.<name>]` of node.toml and [`text_dataset::TextDataset`]:
+//!   `prepare` at node start (no record read), `load` through the text protection pipeline
+//!   (`tutela_privacy::anonymize::text`) into protected train/validation documents in memory,
+//!   with the de-identification report and a dataset commitment.
+//!
+//! Not wired into the agent yet: a language-model task will need the tokenizer (by digest) and
+//! the `llama` model; see `docs/architecture.md`, "Text datasets".
+
+pub mod text_dataset;
+pub mod text_source;
