@@ -181,7 +181,15 @@ pub enum ManifestError {
     Overflow { name: String, shape: Vec<u64> },
     #[error("the model has more than {max} tensors")]
     TooManyTensors { max: usize },
+    #[error(
+        "tensor #{index} is named {name:?}, the key a safetensors header reserves for the file's metadata"
+    )]
+    ReservedName { index: usize, name: String },
 }
+
+/// The header key safetensors reserves for a file's string metadata: a tensor of that name would
+/// be written into a file that no reader (ours, the `safetensors` crate, Python's) can read back.
+pub const SAFETENSORS_METADATA_KEY: &str = "__metadata__";
 
 impl Manifest {
     /// Bounds the size of the manifest frame a peer can make us hold; real models have at most
@@ -203,6 +211,12 @@ impl Manifest {
         for (index, t) in tensors.iter().enumerate() {
             if t.name.is_empty() {
                 return Err(ManifestError::EmptyName { index });
+            }
+            if t.name == SAFETENSORS_METADATA_KEY {
+                return Err(ManifestError::ReservedName {
+                    index,
+                    name: t.name.clone(),
+                });
             }
             if !seen.insert(t.name.as_str()) {
                 return Err(ManifestError::DuplicateName {
@@ -444,6 +458,33 @@ mod tests {
             overflow.unwrap_err(),
             ManifestError::Overflow { .. }
         ));
+    }
+
+    /// Found by the `stream_frames` fuzz target: a stream with a tensor named `__metadata__` was
+    /// accepted and stored as a file that could not be read back.
+    #[test]
+    fn a_tensor_named_like_the_safetensors_metadata_is_refused() {
+        let err = Manifest::new(
+            vec![
+                spec("w", DType::F32, &[1]),
+                spec(SAFETENSORS_METADATA_KEY, DType::U8, &[1]),
+            ],
+            BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ManifestError::ReservedName {
+                index: 1,
+                name: "__metadata__".into()
+            }
+        );
+        // A metadata key of that name is only metadata.
+        Manifest::new(
+            vec![spec("w", DType::F32, &[1])],
+            [("__metadata__".to_string(), "x".to_string())].into(),
+        )
+        .unwrap();
     }
 
     #[test]
