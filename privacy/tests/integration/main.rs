@@ -1,4 +1,5 @@
-//! Integration tests of the privacy library: accountants, anonymization, encryption at rest, noise.
+//! Integration tests of the privacy library: accountants, anonymization, encryption at rest, noise,
+//! and the fuzz corpus replayed through the fuzz harness.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -7,4 +8,5 @@
 mod accountant;
 mod anonymize;
 mod at_rest;
+mod fuzz_corpus;
 mod noise;
