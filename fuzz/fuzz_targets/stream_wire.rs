@@ -1,4 +1,4 @@
-//! See `tutela_protocol::fuzzing::stream` for what this target checks; the harness is a plain function so that
+//! The harness, and what it checks: `tutela_protocol::fuzzing::stream`. A plain function, so that
 //! `cargo test` replays this target's corpus (`fuzz/corpus/stream_wire/`) through the same code.
 #![no_main]
 

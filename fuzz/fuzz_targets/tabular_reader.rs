@@ -1,4 +1,4 @@
-//! See `tutela_privacy::fuzzing` for what this target checks; the harness is a plain function so that
+//! The harness, and what it checks: `tutela_privacy::fuzzing`. A plain function, so that
 //! `cargo test` replays this target's corpus (`fuzz/corpus/tabular_reader/`) through the same code.
 #![no_main]
 
