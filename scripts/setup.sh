@@ -4,6 +4,7 @@
 #
 #   - .venv/: a Python virtualenv with the test suite's packages (tests/python/requirements.txt)
 #     and the torch==2.11.0 wheel whose libtorch the site node links (scripts/setup-torch.sh);
+#   - cargo-fuzz, for the short fuzzing run of scripts/test.sh (scripts/fuzz.sh);
 #   - the workspace's binaries (cargo build), in target/debug.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,13 @@ source scripts/torch-env.sh
 # Incremental compilation caches are for an edit-rebuild loop; for these scripts' one-shot builds
 # they only cost disk (1.5 GB on a clean build). A developer's own `cargo build` is unaffected.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# cargo-fuzz (scripts/fuzz.sh). About a minute to build the first time; skipped once installed.
+CARGO_FUZZ_VERSION=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+    say "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --quiet
+fi
 
 say "building the workspace"
 cargo build --workspace --bins --quiet

@@ -17,6 +17,8 @@ pub mod accountant;
 pub mod anonymize;
 pub mod at_rest;
 pub mod commitment;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ledger;
 pub mod noise;
 pub mod sampling;

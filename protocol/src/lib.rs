@@ -8,6 +8,7 @@
 //!   identity handed to every handler, and connecting to them.
 //! - [`stream`]: chunked tensor streaming with an end-to-end SHA-256 digest.
 //! - [`pb`]: the generated protobuf and gRPC code.
+//! - `fuzzing` (feature `fuzzing`): the fuzz harnesses that `fuzz/` runs and the tests replay.
 
 pub mod bench;
 pub mod canonical;
@@ -15,6 +16,8 @@ pub mod client;
 pub mod config_range;
 pub mod database;
 pub mod federation;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod job;
 pub mod logging;

@@ -202,12 +202,16 @@ pub const MAX_TENSOR_NAME_LEN: usize = 256;
 pub fn is_safe_tensor_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_TENSOR_NAME_LEN
-        && name != "__metadata__"
+        && name != SAFETENSORS_METADATA_KEY
         && !name.starts_with(['.', '-'])
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
+
+/// The header key safetensors reserves for a file's string metadata: a tensor of that name would
+/// be written into a file that no reader (ours, the `safetensors` crate, Python's) can read back.
+pub const SAFETENSORS_METADATA_KEY: &str = "__metadata__";
 
 impl Manifest {
     /// Bounds the size of the manifest frame a peer can make us hold; real models have at most
@@ -518,6 +522,33 @@ mod tests {
             overflow.unwrap_err(),
             ManifestError::Overflow { .. }
         ));
+    }
+
+    /// Found by the `stream_frames` fuzz target: a stream with a tensor named `__metadata__` was
+    /// accepted and stored as a file that could not be read back.
+    #[test]
+    fn a_tensor_named_like_the_safetensors_metadata_is_refused() {
+        let err = Manifest::new(
+            vec![
+                spec("w", DType::F32, &[1]),
+                spec(SAFETENSORS_METADATA_KEY, DType::U8, &[1]),
+            ],
+            BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ManifestError::UnsafeName {
+                index: 1,
+                name: "__metadata__".into()
+            }
+        );
+        // A metadata key of that name is only metadata.
+        Manifest::new(
+            vec![spec("w", DType::F32, &[1])],
+            [("__metadata__".to_string(), "x".to_string())].into(),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Integration tests of the privacy library: accountants, anonymization, encryption at rest, noise,
-//! the text protection pipeline.
+//! and the fuzz corpus replayed through the fuzz harness.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -8,5 +8,6 @@
 mod accountant;
 mod anonymize;
 mod at_rest;
+mod fuzz_corpus;
 mod noise;
 mod text;
