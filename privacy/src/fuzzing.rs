@@ -152,11 +152,13 @@ fn relabel(e: ReadError, path: &Path, origin: &Path) -> ReadError {
             path: p,
             line,
             column,
+            kind,
             reason,
         } if p == path => ReadError::Bad {
             path: origin.to_path_buf(),
             line,
             column,
+            kind,
             reason,
         },
         other => other,
