@@ -17,6 +17,7 @@
 //! - [`log`]: the live log: one appender task, group commit, checkpoints every N events or T
 //!   seconds, inclusion and consistency proofs;
 //! - [`approval`]: checking an officer's signed approval before it is recorded;
+//! - [`authority`]: who may assert each action, enforced at append and re-checked by readers;
 //! - [`lineage`]: a model's provenance (W3C PROV-JSON) and a job's compliance report,
 //!   computed from the events;
 //! - [`service`], [`client`], [`wire`] and [`server`]: the `tutela-audit` gRPC service over mutual
@@ -26,6 +27,7 @@
 /// RFC 8785 canonical JSON, shared with the coordinator's job digest.
 pub use tutela_protocol::canonical;
 pub mod approval;
+pub mod authority;
 pub mod bench;
 pub mod checkpoint;
 pub mod client;

@@ -6,13 +6,28 @@
 //! updates and the sites' dataset commitments. [`Lineage::to_prov_json`] writes the graph as W3C
 //! PROV-JSON (<https://www.w3.org/submissions/prov-json/>). Every element cites the seq of the
 //! event it came from, so each claim can be proven against a signed checkpoint.
+//!
+//! Nothing is believed unchecked: every event is first checked against the trail's authority
+//! rules and officers' signatures ([`crate::authority`]); one that fails (a node asserting a
+//! job's completion, a replayed or forged approval, a row written straight into the database)
+//! contributes nothing and is listed in [`JobRecord::flagged`] with its seq and the reason.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
+
+/// An event a reader did not believe, and why.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FlaggedEvent {
+    pub seq: u64,
+    pub action: String,
+    pub actor: String,
+    pub reason: String,
+}
 
 /// One approval or rejection.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -76,6 +91,8 @@ pub struct JobRecord {
     pub outcome_reason: Option<String>,
     pub model_digest: Option<String>,
     pub published_seq: Option<u64>,
+    /// Events about the job that break the trail's authority rules: not believed, not counted.
+    pub flagged: Vec<FlaggedEvent>,
 }
 
 /// A model's lineage: the job record behind it.
@@ -117,9 +134,37 @@ fn strings(v: Option<&Value>) -> Vec<String> {
     }
 }
 
-/// The job a model digest came from, from `events` (any superset of the relevant ones).
-pub fn job_of_model(events: &[Event], model_digest: &str) -> Option<String> {
-    events.iter().find_map(|e| match e.action {
+/// The events of `events` that pass `check` (in seq order), and those that do not.
+fn believed<'a>(
+    events: &'a [Event],
+    check: &AuthorityCheck,
+) -> (Vec<&'a Event>, Vec<FlaggedEvent>) {
+    let violations = check.violations(events);
+    let bad: std::collections::BTreeSet<u64> = violations.iter().map(|v| v.seq).collect();
+    let flagged = violations
+        .into_iter()
+        .map(|v| FlaggedEvent {
+            seq: v.seq,
+            action: v.action.to_string(),
+            actor: v.actor,
+            reason: v.error.to_string(),
+        })
+        .collect();
+    (
+        events.iter().filter(|e| !bad.contains(&e.seq)).collect(),
+        flagged,
+    )
+}
+
+/// The job a model digest came from, from `events` (any superset of the relevant ones, in seq
+/// order), believing only events that pass `check`.
+pub fn job_of_model(
+    events: &[Event],
+    model_digest: &str,
+    check: &AuthorityCheck,
+) -> Option<String> {
+    let (events, _) = believed(events, check);
+    events.into_iter().find_map(|e| match e.action {
         Action::ModelPublished if e.subject == model_digest => s(&e.payload, "job"),
         Action::JobCompleted if s(&e.payload, "model_digest").as_deref() == Some(model_digest) => {
             Some(e.subject.clone())
@@ -128,8 +173,10 @@ pub fn job_of_model(events: &[Event], model_digest: &str) -> Option<String> {
     })
 }
 
-/// Builds the record of `job` from `events` (in seq order).
-pub fn job_record(events: &[Event], job: &str) -> JobRecord {
+/// Builds the record of `job` from `events` (in seq order), believing only events that pass
+/// `check`; the others are listed in [`JobRecord::flagged`].
+pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRecord {
+    let (events, flagged) = believed(events, check);
     let mut r = JobRecord {
         job: job.to_string(),
         proposed_seq: None,
@@ -149,6 +196,7 @@ pub fn job_record(events: &[Event], job: &str) -> JobRecord {
         outcome_reason: None,
         model_digest: None,
         published_seq: None,
+        flagged,
     };
     let mut completed_eps: Option<BTreeMap<String, f64>> = None;
     for e in events {
@@ -176,13 +224,13 @@ pub fn job_record(events: &[Event], job: &str) -> JobRecord {
                 }
                 .into(),
                 site: s(p, "site"),
-                officer: s(p, "officer").or_else(|| {
-                    s(p, "certificate").and_then(|pem| {
-                        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
-                        tutela_protocol::pki::identity_of_cert_der(&pem.contents)
-                            .ok()
-                            .map(|i| i.uri())
-                    })
+                // The certificate's identity, whose signature the check verified; never the
+                // payload's own `officer` claim.
+                officer: s(p, "certificate").and_then(|pem| {
+                    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+                    tutela_protocol::pki::identity_of_cert_der(&pem.contents)
+                        .ok()
+                        .map(|i| i.uri())
                 }),
                 spec_digest: s(p, "spec_digest"),
                 reason: s(p, "reason"),
@@ -263,11 +311,11 @@ pub fn job_record(events: &[Event], job: &str) -> JobRecord {
     r
 }
 
-/// The lineage of `model_digest` from `events`.
-pub fn lineage(events: &[Event], model_digest: &str) -> Lineage {
+/// The lineage of `model_digest` from `events`, believing only events that pass `check`.
+pub fn lineage(events: &[Event], model_digest: &str, check: &AuthorityCheck) -> Lineage {
     Lineage {
         model_digest: model_digest.to_string(),
-        job: job_of_model(events, model_digest).map(|job| job_record(events, &job)),
+        job: job_of_model(events, model_digest, check).map(|job| job_record(events, &job, check)),
     }
 }
 
@@ -540,6 +588,15 @@ pub fn render_report(r: &JobRecord, format: ReportFormat) -> String {
             String::new(),
             site.clone(),
             format!("total_epsilon={eps}"),
+        ]);
+    }
+    for f in &r.flagged {
+        rows.push([
+            "flagged".into(),
+            f.seq.to_string(),
+            String::new(),
+            f.actor.clone(),
+            format!("NOT BELIEVED: {} ({})", f.action, f.reason),
         ]);
     }
     rows.push([

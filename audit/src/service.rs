@@ -138,9 +138,13 @@ impl pb::audit_server::Audit for AuditService {
             .append(actor, action, r.subject, payload)
             .await
             .map_err(|e| match e {
-                AppendError::Approval(_) | AppendError::Chain(_) => {
-                    Status::invalid_argument(e.to_string())
+                // A forged action or approval: refused as a permission the caller lacks, which
+                // the enforcement layer records in this log as a denial (`policy.decision`,
+                // rule `refused by the service: <this message>`).
+                AppendError::Unauthorized(_) | AppendError::Approval(_) => {
+                    Status::permission_denied(e.to_string())
                 }
+                AppendError::Chain(_) => Status::invalid_argument(e.to_string()),
                 AppendError::Store(_) | AppendError::Closed => Status::unavailable(e.to_string()),
             })?;
         Ok(Response::new(pb::AuditReceipt {

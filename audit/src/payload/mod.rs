@@ -12,6 +12,19 @@ use crate::event::{Action, Event};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod job;
+mod pki;
+mod policy;
+mod site;
+
+pub use job::{
+    JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelPublished,
+    RoundCompleted, SiteRoundMetrics, UpdateRefused, WatermarkRegistered,
+};
+pub use pki::{CertificateIssued, CertificateRevoked};
+pub use policy::PolicyDecision;
+pub use site::{DatasetDeidentified, NodeRegistered};
+
 /// The payload of one action. `ACTION` ties the struct to its action so that a writer cannot
 /// append a payload under another action's name and a reader cannot decode one as another.
 pub trait ActionPayload: Serialize + DeserializeOwned {

@@ -420,7 +420,7 @@ async fn eight_concurrent_writers_get_a_dense_valid_chain() {
                             format!("spiffe://test/site/s{w}/node"),
                             Action::UpdateRefused,
                             format!("job-{w}"),
-                            json!({"writer": w, "i": i}),
+                            json!({"round": i, "site": format!("s{w}"), "reason": "declined"}),
                         )
                         .await
                         .unwrap();
@@ -456,6 +456,18 @@ async fn eight_concurrent_writers_get_a_dense_valid_chain() {
     }
 }
 
+/// A `job.proposed` payload of `digest` listing `sites`.
+pub(crate) fn proposal(digest: [u8; 32], sites: &[&str]) -> serde_json::Value {
+    json!({
+        "spec_digest": hex::encode(digest),
+        "code_version": "test",
+        "base_model": "mlp",
+        "name": "test job",
+        "participants": sites,
+        "rounds": 3,
+    })
+}
+
 /// A site officer's certificate and a signing function with its key.
 fn officer(dir: &std::path::Path) -> (String, EcdsaKeyPair, CaDir) {
     let ca = CaDir::init(&dir.join("ca"), "test", KeyAlgorithm::EcdsaP256, 30, false).unwrap();
@@ -486,7 +498,16 @@ async fn an_approval_whose_signature_does_not_verify_is_refused_and_not_stored()
     let good_sig = key.sign(&SystemRandom::new(), &digest).unwrap();
     let other_sig = key.sign(&SystemRandom::new(), &[8u8; 32]).unwrap();
     for db in databases("approval").await {
-        let (log, pk) = filled_log(&db.url, 2, 100).await;
+        let (log, pk) = filled_log(&db.url, 1, 100).await;
+        // The job, proposed by the coordinator with the digest the officer signs.
+        log.append(
+            ACTOR,
+            Action::JobProposed,
+            "job-1",
+            proposal(digest, &["hospital-a"]),
+        )
+        .await
+        .unwrap();
         let payload = |sig: &[u8]| {
             json!({
                 "spec_digest": hex::encode(digest),
