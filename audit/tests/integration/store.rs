@@ -21,7 +21,7 @@ use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
 const LOG_ID: &str = "spiffe://test/audit";
 const ACTOR: &str = "spiffe://test/coordinator";
 
-fn key_pkcs8() -> Vec<u8> {
+pub(crate) fn key_pkcs8() -> Vec<u8> {
     Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .unwrap()
         .as_ref()
@@ -29,13 +29,13 @@ fn key_pkcs8() -> Vec<u8> {
 }
 
 /// One database per test: a fresh SQLite file, and a fresh PostgreSQL database when configured.
-struct Db {
-    url: String,
-    backend: Backend,
+pub(crate) struct Db {
+    pub(crate) url: String,
+    pub(crate) backend: Backend,
     _dir: Option<tempfile::TempDir>,
 }
 
-async fn databases(test: &str) -> Vec<Db> {
+pub(crate) async fn databases(test: &str) -> Vec<Db> {
     let dir = tempfile::tempdir().unwrap();
     let mut out = vec![Db {
         url: AuditStore::sqlite_url(&dir.path().join("audit.db")).unwrap(),
@@ -469,7 +469,7 @@ pub(crate) fn proposal(digest: [u8; 32], sites: &[&str]) -> serde_json::Value {
 }
 
 /// A site officer's certificate and a signing function with its key.
-fn officer(dir: &std::path::Path) -> (String, EcdsaKeyPair, CaDir) {
+pub(crate) fn officer(dir: &std::path::Path) -> (String, EcdsaKeyPair, CaDir) {
     let ca = CaDir::init(&dir.join("ca"), "test", KeyAlgorithm::EcdsaP256, 30, false).unwrap();
     let issued = ca
         .issue(
