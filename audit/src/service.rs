@@ -18,6 +18,7 @@ use tutela_protocol::pb;
 
 use crate::event::Action;
 use crate::log::{AppendError, AuditLog, LogError};
+use crate::payload::ActionPayload;
 use crate::wire;
 
 pub struct AuditService {
@@ -93,7 +94,7 @@ impl DecisionSink for LogDecisionSink {
         }
         let pending = PendingDecision {
             subject: format!("{}/{}", d.object, d.action),
-            payload: d.audit_payload(caller, method),
+            payload: crate::payload::PolicyDecision::of(d, caller, method).to_value(),
         };
         if let Err(e) = self.queue.try_send(pending) {
             let (why, d) = match e {

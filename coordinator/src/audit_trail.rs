@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tutela_audit::client::{AuditClient, AuditClientError};
 use tutela_audit::log::Receipt;
+use tutela_audit::payload::ActionPayload;
 use tutela_protocol::tls::TlsMaterial;
 
 pub use tutela_audit::Action;
@@ -80,6 +81,20 @@ impl AuditTrail {
         // tonic clients are cheap clones sharing one channel.
         let mut client = client.clone();
         Ok(Some(client.append(action, subject, &payload).await?))
+    }
+
+    /// [`Self::record`] of a typed payload: its action is the payload's.
+    pub async fn record_payload<P: ActionPayload>(
+        &self,
+        subject: &str,
+        payload: &P,
+    ) -> Result<Option<Receipt>, AuditTrailError> {
+        self.record(P::ACTION, subject, payload.to_value()).await
+    }
+
+    /// [`Self::note`] of a typed payload: its action is the payload's.
+    pub async fn note_payload<P: ActionPayload>(&self, subject: &str, payload: &P) {
+        self.note(P::ACTION, subject, payload.to_value()).await
     }
 
     /// [`Self::record`] for events that must not stop the federation: a failure is logged at

@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tutela_audit::payload;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
@@ -135,14 +136,13 @@ impl Engine {
         };
         let sites = job.spec().map(|s| s.sites).unwrap_or_default();
         self.trail()
-            .note(
-                crate::audit_trail::Action::JobStarted,
+            .note_payload(
                 id.as_str(),
-                serde_json::json!({
-                    "spec_digest": job.spec_digest.to_hex(),
-                    "approvals": approvals,
-                    "participants": sites,
-                }),
+                &payload::JobStarted {
+                    spec_digest: job.spec_digest.to_hex(),
+                    approvals: approvals as u64,
+                    participants: sites,
+                },
             )
             .await;
     }
@@ -208,20 +208,7 @@ impl Engine {
         // Fail closed: a job the audit trail does not know of is withdrawn before it can start.
         let proposed = self
             .trail()
-            .record(
-                crate::audit_trail::Action::JobProposed,
-                id.as_str(),
-                serde_json::json!({
-                    "spec_digest": digest.to_hex(),
-                    "code_version": crate::audit_trail::code_version(),
-                    "base_model": spec.model.name,
-                    "name": spec.name,
-                    "operator": submitter,
-                    "participants": spec.sites,
-                    "rounds": spec.rounds,
-                    "privacy": serde_json::to_value(&spec.privacy).unwrap_or_default(),
-                }),
-            )
+            .record_payload(id.as_str(), &proposal(&spec, &digest, submitter))
             .await;
         if let Err(e) = proposed {
             let why = format!("the audit service did not record the proposal: {e}");
@@ -282,11 +269,25 @@ impl Engine {
         Ok(met)
     }
 
-    /// Replaces a proposed job's spec; the new digest voids the approvals so far.
+    /// Replaces a proposed job's spec; the new digest voids the approvals so far. The new spec is
+    /// proposed in the audit trail first (fail closed): officers' approvals of its digest are
+    /// accepted there only for a digest the trail shows proposed.
     pub async fn amend(&self, id: &JobId, spec_toml: &str) -> Result<(), EngineError> {
         let spec = JobSpec::from_toml_str(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
+        let submitter = self.store.submitter(id).await?;
+        self.trail()
+            .record_payload(
+                id.as_str(),
+                &proposal(&spec, &spec.digest(), submitter.as_deref()),
+            )
+            .await
+            .map_err(|e| {
+                EngineError::Failed(format!(
+                    "the audit service did not record the amended proposal, so the job keeps its spec: {e}"
+                ))
+            })?;
         self.store
             .amend_job(id, spec_toml, &spec, &spec.digest())
             .await?;
@@ -316,10 +317,12 @@ impl Engine {
             .await?;
         if audit {
             self.trail()
-                .note(
-                    crate::audit_trail::Action::JobFailed,
+                .note_payload(
                     job.as_str(),
-                    serde_json::json!({"state": "cancelled", "reason": reason}),
+                    &payload::JobFailed {
+                        state: "cancelled".into(),
+                        reason: reason.to_string(),
+                    },
                 )
                 .await;
         }
@@ -363,10 +366,12 @@ impl Engine {
                         tracing::error!(job = %job, error = %e2, "could not record the failure");
                     }
                     this.trail()
-                        .note(
-                            crate::audit_trail::Action::JobFailed,
+                        .note_payload(
                             job.as_str(),
-                            serde_json::json!({"state": "failed", "reason": reason}),
+                            &payload::JobFailed {
+                                state: "failed".into(),
+                                reason,
+                            },
                         )
                         .await;
                 }
@@ -457,37 +462,36 @@ impl Engine {
             .await?;
         tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         // The total ε per site is the last round's accountant value (`dp_job_epsilon`).
-        let mut epsilon = serde_json::Map::new();
+        let mut epsilon = std::collections::BTreeMap::new();
         for c in self.store.rounds(job_id).await.unwrap_or_default() {
             for (site, m) in &c.record.site_metrics {
                 if let Some(e) = m.get("dp_job_epsilon").and_then(|e| e.as_f64()) {
-                    epsilon.insert(site.clone(), serde_json::json!(e));
+                    epsilon.insert(site.clone(), e);
                 }
             }
         }
         let trail = self.trail();
         trail
-            .note(
-                crate::audit_trail::Action::JobCompleted,
+            .note_payload(
                 job_id.as_str(),
-                serde_json::json!({
-                    "model_digest": model_id,
-                    "rounds": spec.rounds,
-                    "epsilon": epsilon,
-                }),
+                &payload::JobCompleted {
+                    model_digest: model_id.clone(),
+                    rounds: spec.rounds,
+                    epsilon,
+                },
             )
             .await;
         trail
-            .note(
-                crate::audit_trail::Action::ModelPublished,
+            .note_payload(
                 &model_id,
-                serde_json::json!({
-                    "job": job_id.as_str(),
-                    "model_digest": model_id,
-                    "spec_digest": digest_hex,
-                    "rounds": spec.rounds,
-                    "code_version": crate::audit_trail::code_version(),
-                }),
+                &payload::ModelPublished {
+                    job: job_id.as_str().to_string(),
+                    model_digest: model_id.clone(),
+                    spec_digest: digest_hex,
+                    rounds: spec.rounds,
+                    code_version: crate::audit_trail::code_version(),
+                    base_model: None,
+                },
             )
             .await;
         Ok(())
@@ -822,37 +826,36 @@ impl Engine {
             .await?;
         tracing::info!(job = %job_id, round, accepted = result.accepted.len(), model = %new_model, "round completed");
         let trail = self.trail();
-        let update_digests: serde_json::Map<String, serde_json::Value> = record
+        let update_digests = record
             .accepted
             .iter()
-            .map(|a| (a.site.clone(), serde_json::json!(a.digest)))
+            .map(|a| (a.site.clone(), a.digest.to_string()))
             .collect();
-        let site_metrics: serde_json::Map<String, serde_json::Value> = metrics
+        let site_metrics = metrics
             .iter()
             .map(|m| {
-                let v = serde_json::json!({
-                    "epsilon": m.dp_job_epsilon,
-                    "round_epsilon": m.dp_round_epsilon,
-                    "delta": m.dp_delta,
-                    "dataset_commitment": m.dataset_commitment,
-                    "train_samples": m.train_samples,
-                    "eval_accuracy": m.eval_accuracy,
-                });
+                let v = payload::SiteRoundMetrics {
+                    epsilon: Some(m.dp_job_epsilon),
+                    round_epsilon: Some(m.dp_round_epsilon),
+                    delta: Some(m.dp_delta),
+                    dataset_commitment: Some(m.dataset_commitment.clone()),
+                    train_samples: Some(m.train_samples),
+                    eval_accuracy: Some(m.eval_accuracy),
+                };
                 (m.site.clone(), v)
             })
             .collect();
         trail
-            .note(
-                crate::audit_trail::Action::RoundCompleted,
+            .note_payload(
                 job_id.as_str(),
-                serde_json::json!({
-                    "round": round,
-                    "attempt": attempt,
-                    "participants": accepted_sites,
-                    "update_digests": update_digests,
-                    "metrics": site_metrics,
-                    "model_id": new_model,
-                }),
+                &payload::RoundCompleted {
+                    round,
+                    attempt,
+                    participants: accepted_sites.iter().map(|s| s.to_string()).collect(),
+                    update_digests,
+                    metrics: site_metrics,
+                    model_id: Some(new_model.to_string()),
+                },
             )
             .await;
         Ok(Ok(new_model))
@@ -876,15 +879,14 @@ impl Engine {
         for (site, reason) in refused {
             tracing::warn!(job = %job_id, round, attempt, %site, %reason, "task refused");
             trail
-                .note(
-                    crate::audit_trail::Action::UpdateRefused,
+                .note_payload(
                     job_id.as_str(),
-                    serde_json::json!({
-                        "round": round,
-                        "attempt": attempt,
-                        "site": site,
-                        "reason": reason,
-                    }),
+                    &payload::UpdateRefused {
+                        round,
+                        attempt,
+                        site: site.clone(),
+                        reason: reason.clone(),
+                    },
                 )
                 .await;
         }
@@ -988,4 +990,22 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
         .map(|m| m.eval_accuracy * m.eval_samples as f64)
         .sum::<f64>()
         / n as f64
+}
+
+/// The `job.proposed` payload of `spec` (at submission and at every amendment).
+fn proposal(
+    spec: &JobSpec,
+    digest: &tutela_protocol::job::SpecDigest,
+    submitter: Option<&str>,
+) -> payload::JobProposed {
+    payload::JobProposed {
+        spec_digest: digest.to_hex(),
+        code_version: crate::audit_trail::code_version(),
+        base_model: spec.model.name.clone(),
+        name: spec.name.clone(),
+        operator: submitter.map(str::to_string),
+        participants: spec.sites.clone(),
+        rounds: spec.rounds,
+        privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
+    }
 }

@@ -27,3 +27,24 @@ pub struct PolicyDecision {
 impl ActionPayload for PolicyDecision {
     const ACTION: Action = Action::PolicyDecision;
 }
+
+impl PolicyDecision {
+    /// The record of `decision` about `caller` calling `method`: one shape for the coordinator's
+    /// and the audit service's decisions, so one query finds every decision of the consortium.
+    pub fn of(
+        decision: &tutela_policy::Decision,
+        caller: &tutela_protocol::identity::Identity,
+        method: &str,
+    ) -> PolicyDecision {
+        PolicyDecision {
+            who: caller.uri(),
+            method: method.to_string(),
+            domain: decision.domain.clone(),
+            object: decision.object.clone(),
+            action: decision.action.clone(),
+            allowed: decision.allowed,
+            rule: decision.rule.clone(),
+            policy_digest: decision.policy_digest.to_hex(),
+        }
+    }
+}
