@@ -419,12 +419,28 @@ impl Appender {
         if events.is_empty() {
             return Vec::new();
         }
-        match self.store.insert_events(&events).await {
+        // A checkpoint due with this batch is signed over it and stored in the same commit, so
+        // that no acknowledged event sits under the hash chain alone.
+        let every = self.config.checkpoint_every.max(1);
+        let checkpoint = if self.size() - self.checkpointed >= every {
+            self.sign_batch(&events)
+        } else {
+            None
+        };
+        let stored = match &checkpoint {
+            Some(cp) => self.store.insert_events_with_checkpoint(&events, cp).await,
+            None => self.store.insert_events(&events).await,
+        };
+        match stored {
             Ok(()) => {
                 {
                     let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
                     for e in &events {
                         shared.tree.push_entry(&e.hash);
+                    }
+                    if let Some(cp) = checkpoint {
+                        self.checkpointed = cp.checkpoint.tree_size;
+                        shared.latest = Some(cp);
                     }
                 }
                 replies
@@ -499,6 +515,31 @@ impl Appender {
                 }
             }
             Err(e) => tracing::error!(error = %e, "the stored head does not verify"),
+        }
+    }
+
+    /// A checkpoint over the committed tree plus `events` (not yet stored), or `None` (logged)
+    /// when it cannot be signed.
+    fn sign_batch(&self, events: &[Event]) -> Option<SignedCheckpoint> {
+        let mut frontier = {
+            let shared = self.shared.read().unwrap_or_else(|p| p.into_inner());
+            shared.tree.frontier().clone()
+        };
+        for e in events {
+            frontier.push(crate::merkle::leaf_hash(&e.hash));
+        }
+        let cp = Checkpoint {
+            tree_size: frontier.size(),
+            root: frontier.root(),
+            timestamp: Timestamp::now().max(self.last_ts.unwrap_or(Timestamp::now())),
+            log_id: self.config.log_id.clone(),
+        };
+        match cp.sign(&self.key) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                None
+            }
         }
     }
 

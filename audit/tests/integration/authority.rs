@@ -585,3 +585,49 @@ fn typed_payloads_round_trip_and_refuse_unknown_fields() {
     .unwrap_err();
     assert!(err.to_string().contains("event 4"), "{err}");
 }
+
+#[tokio::test]
+async fn with_a_checkpoint_on_every_commit_no_acknowledged_event_is_unanchored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, ca) = officer(dir.path());
+    for db in databases("authority_every_commit").await {
+        let pkcs8 = key_pkcs8();
+        let log = start(&db.url, &pkcs8, &ca).await.unwrap();
+        let appends = (0..16u32).map(|i| {
+            let log = log.clone();
+            async move {
+                let r = log
+                    .append(
+                        COORDINATOR,
+                        Action::JobFailed,
+                        format!("job-{i}"),
+                        json!({"state": "failed", "reason": "test"}),
+                    )
+                    .await
+                    .unwrap();
+                // The receipt comes after the commit that stored a checkpoint covering it.
+                let covered = log.latest_checkpoint().unwrap().checkpoint.tree_size;
+                assert!(
+                    covered > r.seq,
+                    "seq {} acknowledged, checkpoint covers {covered}",
+                    r.seq
+                );
+            }
+        });
+        futures::future::join_all(appends).await;
+        let store = log.store();
+        let events = store.all_events().await.unwrap();
+        let pk = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .unwrap()
+            .public_key()
+            .as_ref()
+            .to_vec();
+        let report = verify_log(&events, &store.checkpoints().await.unwrap(), &pk).unwrap();
+        assert_eq!(
+            (report.events, report.unanchored),
+            (16, 0),
+            "{:?}",
+            db.backend
+        );
+    }
+}
