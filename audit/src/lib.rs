@@ -28,19 +28,30 @@
 pub use tutela_protocol::canonical;
 pub mod approval;
 pub mod authority;
-pub mod bench;
 pub mod checkpoint;
 pub mod client;
 pub mod event;
+pub mod filter;
 pub mod lineage;
-pub mod log;
 pub mod merkle;
 pub mod payload;
-pub mod server;
-pub mod service;
-pub mod store;
+pub mod receipt;
 pub mod verify;
 pub mod wire;
+
+// The service: its database, the live log, the gRPC service and server, the benchmarks. A site
+// node needs none of it (client, events, payloads, checkpoint verification): it depends on this
+// crate with `default-features = false` and does not compile sqlx or a database driver.
+#[cfg(feature = "server")]
+pub mod bench;
+#[cfg(feature = "server")]
+pub mod log;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod service;
+#[cfg(feature = "server")]
+pub mod store;
 
 mod hexser;
 

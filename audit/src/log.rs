@@ -65,13 +65,7 @@ impl LogConfig {
     }
 }
 
-/// What an append returns once the event is committed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    pub seq: u64,
-    pub hash: Hash,
-    pub timestamp: Timestamp,
-}
+pub use crate::receipt::{InclusionProof, Receipt};
 
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,14 +132,6 @@ pub struct AuditLog {
     store: AuditStore,
     public_key: Vec<u8>,
     log_id: String,
-}
-
-/// An inclusion proof of one event against a signed checkpoint.
-#[derive(Clone, Debug)]
-pub struct InclusionProof {
-    pub event: Event,
-    pub checkpoint: SignedCheckpoint,
-    pub path: Vec<Hash>,
 }
 
 impl AuditLog {
