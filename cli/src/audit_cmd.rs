@@ -64,9 +64,34 @@ impl Source {
             Some(cp) => cp.checkpoint.log_id.clone(),
             None => match reader {
                 Reader::Service(c) => c.log_info().await?.log_id,
-                Reader::Db(_) => bail!(
-                    "the log has no signed checkpoint, so its consortium is unknown: nothing in it can be checked"
-                ),
+                Reader::Db(store) => {
+                    // No signed checkpoint yet (nothing vouches for any row): the consortium
+                    // is the first event's actor's, and every other actor must share it.
+                    let first = store
+                        .events(&EventFilter {
+                            limit: Some(1),
+                            ..EventFilter::default()
+                        })
+                        .await?;
+                    let Some(first) = first.first() else {
+                        return Ok(AuthorityCheck::new(
+                            AuthorityRules::for_log("spiffe://empty/audit", &[])?,
+                            OfficerTrust::SignatureOnly,
+                        ));
+                    };
+                    let actor: Identity = first.actor.parse().map_err(|e| {
+                        anyhow!(
+                            "seq {}: actor {:?} is not an identity: {e}",
+                            first.seq,
+                            first.actor
+                        )
+                    })?;
+                    eprintln!(
+                        "note: the log has no signed checkpoint; its consortium is taken from its first event ({})",
+                        actor.consortium
+                    );
+                    Identity::new(&actor.consortium, Principal::Audit)?.uri()
+                }
             },
         };
         let rules = AuthorityRules::for_log(&log_id, &self.ca_admins)
