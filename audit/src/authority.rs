@@ -321,7 +321,7 @@ pub struct AuthorityViolation {
     pub seq: u64,
     pub action: Action,
     pub actor: String,
-    pub error: AuthorityError,
+    pub error: Box<AuthorityError>,
 }
 
 /// One event to check: what an append asks for, or a stored event.
@@ -582,7 +582,7 @@ impl TrailState {
                 seq: event.seq,
                 action: event.action,
                 actor: event.actor.clone(),
-                error,
+                error: Box::new(error),
             })?;
         self.apply(event.seq, effect);
         Ok(())
