@@ -37,7 +37,7 @@ use crate::Hash;
 use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
 use crate::event::{Action, Event, Timestamp};
 use crate::payload::{
-    ActionPayload, DatasetDeidentified, JobProposed, PayloadError, UpdateRefused,
+    ActionPayload, DatasetDeidentified, JobProposed, PayloadError, UpdateRefused, check_shape,
 };
 
 /// Who may assert an action (see the module documentation's table).
@@ -424,6 +424,8 @@ impl TrailState {
             });
         }
         let authority = Authority::of(a.action);
+        // What is asserted must be the action's typed payload: readers decode nothing else.
+        check_shape(a.action, a.payload).map_err(malformed)?;
         let not_allowed = || AuthorityError::NotAllowed {
             actor: a.actor.to_string(),
             action: a.action,

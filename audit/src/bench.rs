@@ -14,11 +14,12 @@ use crate::store::AuditStore;
 use crate::{Checkpoint, verify_log};
 
 fn payload(writer: usize, i: usize) -> serde_json::Value {
+    let site = format!("site-{writer}");
     serde_json::json!({
         "round": i % 100,
-        "site": format!("site-{writer}"),
-        "update_digest": format!("{:064x}", writer * 1_000_000 + i),
-        "epsilon_spent": 0.125 + (i % 13) as f64 / 1000.0,
+        "participants": [site],
+        "update_digests": {site.clone(): format!("{:064x}", writer * 1_000_000 + i)},
+        "metrics": {site: {"epsilon": 0.125 + (i % 13) as f64 / 1000.0}},
     })
 }
 

@@ -76,6 +76,8 @@ pub enum AppendError {
     Approval(#[from] ApprovalError),
     #[error("refused by the audit trail's authority rules: {0}")]
     Unauthorized(AuthorityError),
+    #[error("not the payload of its action: {0}")]
+    Payload(AuthorityError),
     #[error("not stored: {0}")]
     Store(String),
     #[error("the audit log is shut down")]
@@ -381,6 +383,7 @@ impl Appender {
                 Err(e) => {
                     let error = match e {
                         AuthorityError::Signature { source, .. } => AppendError::Approval(source),
+                        e @ AuthorityError::MalformedPayload { .. } => AppendError::Payload(e),
                         other => AppendError::Unauthorized(other),
                     };
                     let _ = r.reply.send(Err(error));

@@ -145,7 +145,9 @@ impl pb::audit_server::Audit for AuditService {
                 AppendError::Unauthorized(_) | AppendError::Approval(_) => {
                     Status::permission_denied(e.to_string())
                 }
-                AppendError::Chain(_) => Status::invalid_argument(e.to_string()),
+                AppendError::Chain(_) | AppendError::Payload(_) => {
+                    Status::invalid_argument(e.to_string())
+                }
                 AppendError::Store(_) | AppendError::Closed => Status::unavailable(e.to_string()),
             })?;
         Ok(Response::new(pb::AuditReceipt {

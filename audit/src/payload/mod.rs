@@ -77,3 +77,28 @@ pub enum PayloadError {
         problem: String,
     },
 }
+
+/// Checks that `payload` has the shape of `action`'s typed payload (the struct's fields, no
+/// others, of their types). Exhaustive: a new action must name its payload here.
+pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), PayloadError> {
+    fn shape<P: ActionPayload>(payload: &serde_json::Value) -> Result<(), PayloadError> {
+        P::from_value(0, payload).map(|_| ())
+    }
+    match action {
+        Action::NodeRegistered => shape::<NodeRegistered>(payload),
+        Action::JobProposed => shape::<JobProposed>(payload),
+        Action::JobApproved => shape::<JobApproved>(payload),
+        Action::JobRejected => shape::<JobRejected>(payload),
+        Action::JobStarted => shape::<JobStarted>(payload),
+        Action::RoundCompleted => shape::<RoundCompleted>(payload),
+        Action::UpdateRefused => shape::<UpdateRefused>(payload),
+        Action::JobCompleted => shape::<JobCompleted>(payload),
+        Action::JobFailed => shape::<JobFailed>(payload),
+        Action::ModelPublished => shape::<ModelPublished>(payload),
+        Action::WatermarkRegistered => shape::<WatermarkRegistered>(payload),
+        Action::PolicyDecision => shape::<PolicyDecision>(payload),
+        Action::CertificateIssued => shape::<CertificateIssued>(payload),
+        Action::CertificateRevoked => shape::<CertificateRevoked>(payload),
+        Action::DatasetDeidentified => shape::<DatasetDeidentified>(payload),
+    }
+}

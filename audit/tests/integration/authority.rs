@@ -209,6 +209,18 @@ async fn forged_actions_are_refused_at_append_and_nothing_is_stored() {
         log.append(NODE, Action::UpdateRefused, JOB, refusal("hospital-a"))
             .await
             .unwrap();
+        // Even the coordinator appends only its action's typed payload.
+        let mut extra = completed();
+        extra["injected"] = json!("x");
+        match log
+            .append(COORDINATOR, Action::JobCompleted, JOB, extra)
+            .await
+        {
+            Err(AppendError::Payload(e)) => {
+                assert!(e.to_string().contains("unknown field `injected`"), "{e}")
+            }
+            other => panic!("a payload with an unknown field was not refused: {other:?}"),
+        }
         // Another consortium's coordinator.
         let e = unauthorized(
             log.append(

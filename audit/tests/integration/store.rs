@@ -95,7 +95,7 @@ async fn filled_log_with_key(url: &str, n: u64, every: u64, pkcs8: &[u8]) -> (Au
             ACTOR,
             Action::RoundCompleted,
             format!("job-{}", i % 3),
-            json!({"round": i, "loss": 1.0 / (i as f64 + 3.0), "note": "ünïcode ✓"}),
+            json!({"round": i, "participants": ["ünïcode ✓"], "metrics": {"ünïcode ✓": {"epsilon": 1.0 / (i as f64 + 3.0)}}}),
         )
         .await
         .unwrap();
@@ -291,7 +291,7 @@ async fn a_rewritten_table_with_a_recomputed_chain_is_caught_by_the_signature() 
         let mut forged = Vec::new();
         for e in &original {
             let payload = if e.seq == 8 {
-                json!({"round": 8, "loss": 0.0})
+                json!({"round": 8, "participants": []})
             } else {
                 e.payload.clone()
             };
@@ -396,7 +396,12 @@ async fn the_database_refuses_update_and_delete() {
                 .await
                 .unwrap();
             let r = app_log
-                .append(ACTOR, Action::JobStarted, "job-1", json!({}))
+                .append(
+                    ACTOR,
+                    Action::JobStarted,
+                    "job-1",
+                    json!({"spec_digest": "ab", "approvals": 0, "participants": []}),
+                )
                 .await
                 .unwrap();
             assert_eq!(r.seq, 3);
