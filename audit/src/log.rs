@@ -37,7 +37,8 @@ use crate::{Hash, verify_log};
 pub struct LogConfig {
     /// The log's id in its checkpoints (`spiffe://<consortium>/audit`).
     pub log_id: String,
-    /// Sign a checkpoint once this many events have been appended since the last one.
+    /// Sign a checkpoint once this many events have been appended since the last one (1, the
+    /// default: with every commit, in the same transaction).
     pub checkpoint_every: u64,
     /// …or once this much time has passed with unsigned events.
     pub checkpoint_interval: Duration,
@@ -56,7 +57,7 @@ impl LogConfig {
     pub fn new(log_id: impl Into<String>) -> LogConfig {
         LogConfig {
             log_id: log_id.into(),
-            checkpoint_every: 1000,
+            checkpoint_every: 1,
             checkpoint_interval: Duration::from_secs(60),
             max_batch: crate::store::MAX_BATCH,
             ca_admins: Vec::new(),
