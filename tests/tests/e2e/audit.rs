@@ -684,7 +684,7 @@ async fn forged_actions_are_refused_as_denials_and_rows_written_into_the_databas
         "the coordinator's replay",
     );
     assert!(
-        replay.message().contains(&format!("replay"))
+        replay.message().contains("replay")
             && replay.message().contains(&format!("seq {}", approved.seq)),
         "{replay:?}"
     );
