@@ -74,6 +74,8 @@ pub enum ApprovalError {
 pub struct VerifiedApproval {
     pub officer: Identity,
     pub spec_digest: [u8; 32],
+    /// The message the signature is over (what makes two decisions the same one).
+    pub message: Vec<u8>,
 }
 
 fn field<'a>(payload: &'a serde_json::Value, name: &'static str) -> Result<&'a str, ApprovalError> {
@@ -205,6 +207,7 @@ fn verify_signed_payload(
     Ok(VerifiedApproval {
         officer,
         spec_digest,
+        message,
     })
 }
 

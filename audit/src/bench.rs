@@ -14,11 +14,12 @@ use crate::store::AuditStore;
 use crate::{Checkpoint, verify_log};
 
 fn payload(writer: usize, i: usize) -> serde_json::Value {
+    let site = format!("site-{writer}");
     serde_json::json!({
         "round": i % 100,
-        "site": format!("site-{writer}"),
-        "update_digest": format!("{:064x}", writer * 1_000_000 + i),
-        "epsilon_spent": 0.125 + (i % 13) as f64 / 1000.0,
+        "participants": [site],
+        "update_digests": {site.clone(): format!("{:064x}", writer * 1_000_000 + i)},
+        "metrics": {site: {"epsilon": 0.125 + (i % 13) as f64 / 1000.0}},
     })
 }
 
@@ -44,11 +45,14 @@ fn rate(what: impl Into<String>, rows: u64, t: Instant) -> Rate {
 /// Durable appends with `writers` concurrent writers, each with `in_flight` appends outstanding,
 /// beside plain single-row and 100-row INSERTs of the same rows into an unchained table on the
 /// same database. `url` should be an empty database (the audit tables are created in it).
+/// `checkpoint_every`: the log's setting (1: a checkpoint signed and stored with every commit,
+/// the service's default).
 pub async fn append(
     url: &str,
     writers: usize,
     per_writer: usize,
     in_flight: &[usize],
+    checkpoint_every: u64,
 ) -> anyhow::Result<(Vec<Rate>, Vec<(String, String)>)> {
     let store = AuditStore::open(url).await?;
     let pool = store.pool().clone();
@@ -142,14 +146,16 @@ pub async fn append(
         t,
     ));
 
-    // The audit log: hashing, chaining, group commit, checkpoints every 10,000.
+    // The audit log: authority checks, hashing, chaining, group commit, a checkpoint every
+    // `checkpoint_every` events. The writers append round.completed as the coordinator (the only
+    // one who may assert it).
     for &k in in_flight {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|_| anyhow::anyhow!("keygen"))?;
         let key =
             Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("key: {e}"))?;
         let mut config = LogConfig::new("spiffe://bench/audit");
-        config.checkpoint_every = 10_000;
+        config.checkpoint_every = checkpoint_every.max(1);
         let log = AuditLog::start(store.clone(), key, config, None).await?;
         let start = log.size();
         let t = Instant::now();
@@ -161,7 +167,7 @@ pub async fn append(
                     let mut i = lane;
                     while i < per_writer {
                         log.append(
-                            format!("spiffe://bench/site/site-{w}/node"),
+                            "spiffe://bench/coordinator",
                             Action::RoundCompleted,
                             format!("job-{w}"),
                             payload(w, i),
@@ -178,7 +184,9 @@ pub async fn append(
         }
         let n = log.size() - start;
         out.push(rate(
-            format!("audit append (durable, chained), {writers} writers x {k} in flight"),
+            format!(
+                "audit append (durable, chained, checkpoint every {checkpoint_every}), {writers} writers x {k} in flight"
+            ),
             n,
             t,
         ));

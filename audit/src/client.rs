@@ -10,8 +10,8 @@ use tutela_protocol::tls::TlsMaterial;
 
 use crate::checkpoint::{CheckpointError, CheckpointVerifier, SignedCheckpoint, Update};
 use crate::event::{Action, Event};
-use crate::log::{InclusionProof, Receipt};
-use crate::store::EventFilter;
+use crate::filter::EventFilter;
+use crate::receipt::{InclusionProof, Receipt};
 use crate::wire::{self, WireError};
 use crate::{Hash, Timestamp, canonical_json};
 

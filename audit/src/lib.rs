@@ -17,6 +17,7 @@
 //! - [`log`]: the live log: one appender task, group commit, checkpoints every N events or T
 //!   seconds, inclusion and consistency proofs;
 //! - [`approval`]: checking an officer's signed approval before it is recorded;
+//! - [`authority`]: who may assert each action, enforced at append and re-checked by readers;
 //! - [`lineage`]: a model's provenance (W3C PROV-JSON) and a job's compliance report,
 //!   computed from the events;
 //! - [`service`], [`client`], [`wire`] and [`server`]: the `tutela-audit` gRPC service over mutual
@@ -26,19 +27,31 @@
 /// RFC 8785 canonical JSON, shared with the coordinator's job digest.
 pub use tutela_protocol::canonical;
 pub mod approval;
-pub mod bench;
+pub mod authority;
 pub mod checkpoint;
 pub mod client;
 pub mod event;
+pub mod filter;
 pub mod lineage;
-pub mod log;
 pub mod merkle;
 pub mod payload;
-pub mod server;
-pub mod service;
-pub mod store;
+pub mod receipt;
 pub mod verify;
 pub mod wire;
+
+// The service: its database, the live log, the gRPC service and server, the benchmarks. A site
+// node needs none of it (client, events, payloads, checkpoint verification): it depends on this
+// crate with `default-features = false` and does not compile sqlx or a database driver.
+#[cfg(feature = "server")]
+pub mod bench;
+#[cfg(feature = "server")]
+pub mod log;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod service;
+#[cfg(feature = "server")]
+pub mod store;
 
 mod hexser;
 

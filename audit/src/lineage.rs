@@ -6,13 +6,32 @@
 //! updates and the sites' dataset commitments. [`Lineage::to_prov_json`] writes the graph as W3C
 //! PROV-JSON (<https://www.w3.org/submissions/prov-json/>). Every element cites the seq of the
 //! event it came from, so each claim can be proven against a signed checkpoint.
+//!
+//! Nothing is believed unchecked: every event is first checked against the trail's authority
+//! rules and officers' signatures ([`crate::authority`]); one that fails (a node asserting a
+//! job's completion, a replayed or forged approval, a row written straight into the database)
+//! contributes nothing and is listed in [`JobRecord::flagged`] with its seq and the reason.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
+use crate::payload::{
+    ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
+    ModelPublished, PayloadError, RoundCompleted, UpdateRefused,
+};
+
+/// An event a reader did not believe, and why.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FlaggedEvent {
+    pub seq: u64,
+    pub action: String,
+    pub actor: String,
+    pub reason: String,
+}
 
 /// One approval or rejection.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -76,6 +95,8 @@ pub struct JobRecord {
     pub outcome_reason: Option<String>,
     pub model_digest: Option<String>,
     pub published_seq: Option<u64>,
+    /// Events about the job that break the trail's authority rules: not believed, not counted.
+    pub flagged: Vec<FlaggedEvent>,
 }
 
 /// A model's lineage: the job record behind it.
@@ -85,51 +106,52 @@ pub struct Lineage {
     pub job: Option<JobRecord>,
 }
 
-fn s(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(|x| x.as_str()).map(str::to_string)
+/// The events of `events` that pass `check` (in seq order), and those that do not.
+fn believed<'a>(
+    events: &'a [Event],
+    check: &AuthorityCheck,
+) -> (Vec<&'a Event>, Vec<FlaggedEvent>) {
+    let violations = check.violations(events);
+    let bad: std::collections::BTreeSet<u64> = violations.iter().map(|v| v.seq).collect();
+    let flagged = violations
+        .into_iter()
+        .map(|v| FlaggedEvent {
+            seq: v.seq,
+            action: v.action.to_string(),
+            actor: v.actor,
+            reason: v.error.to_string(),
+        })
+        .collect();
+    (
+        events.iter().filter(|e| !bad.contains(&e.seq)).collect(),
+        flagged,
+    )
 }
 
-fn u(v: &Value, key: &str) -> Option<u64> {
-    v.get(key).and_then(|x| x.as_u64())
-}
-
-/// A `{site: number}` object, or `{site: {key: number}}` picking `key`.
-fn per_site_numbers(v: Option<&Value>, key: &str) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    if let Some(Value::Object(m)) = v {
-        for (site, x) in m {
-            let n = x.as_f64().or_else(|| x.get(key).and_then(|y| y.as_f64()));
-            if let Some(n) = n {
-                out.insert(site.clone(), n);
-            }
+/// The job a model digest came from, from `events` (any superset of the relevant ones, in seq
+/// order), believing only events that pass `check`.
+pub fn job_of_model(
+    events: &[Event],
+    model_digest: &str,
+    check: &AuthorityCheck,
+) -> Option<String> {
+    let (events, _) = believed(events, check);
+    events.into_iter().find_map(|e| match e.action {
+        Action::ModelPublished if e.subject == model_digest => {
+            ModelPublished::from_event(e).ok().map(|p| p.job)
         }
-    }
-    out
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    match v {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The job a model digest came from, from `events` (any superset of the relevant ones).
-pub fn job_of_model(events: &[Event], model_digest: &str) -> Option<String> {
-    events.iter().find_map(|e| match e.action {
-        Action::ModelPublished if e.subject == model_digest => s(&e.payload, "job"),
-        Action::JobCompleted if s(&e.payload, "model_digest").as_deref() == Some(model_digest) => {
-            Some(e.subject.clone())
-        }
+        Action::JobCompleted => JobCompleted::from_event(e)
+            .ok()
+            .filter(|p| p.model_digest == model_digest)
+            .map(|_| e.subject.clone()),
         _ => None,
     })
 }
 
-/// Builds the record of `job` from `events` (in seq order).
-pub fn job_record(events: &[Event], job: &str) -> JobRecord {
+/// Builds the record of `job` from `events` (in seq order), believing only events that pass
+/// `check`; the others are listed in [`JobRecord::flagged`].
+pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRecord {
+    let (events, flagged) = believed(events, check);
     let mut r = JobRecord {
         job: job.to_string(),
         proposed_seq: None,
@@ -149,112 +171,24 @@ pub fn job_record(events: &[Event], job: &str) -> JobRecord {
         outcome_reason: None,
         model_digest: None,
         published_seq: None,
+        flagged,
     };
     let mut completed_eps: Option<BTreeMap<String, f64>> = None;
     for e in events {
-        let p = &e.payload;
-        let about_job = e.subject == job || s(p, "job").as_deref() == Some(job);
+        let about_job =
+            e.subject == job || e.payload.get("job").and_then(|j| j.as_str()) == Some(job);
         if !about_job {
             continue;
         }
-        let ts = e.timestamp.to_string();
-        match e.action {
-            Action::JobProposed => {
-                r.proposed_seq = Some(e.seq);
-                r.spec_digest = s(p, "spec_digest");
-                r.proposed_by = s(p, "operator").or_else(|| Some(e.actor.clone()));
-                r.code_version = s(p, "code_version").or(r.code_version.take());
-                r.base_model = s(p, "base_model").or(r.base_model.take());
-            }
-            Action::JobApproved | Action::JobRejected => r.approvals.push(ApprovalRecord {
+        // Each payload is read as its action's typed struct; one that does not decode is not
+        // believed either, and is flagged.
+        if let Err(problem) = apply_event(&mut r, &mut completed_eps, e) {
+            r.flagged.push(FlaggedEvent {
                 seq: e.seq,
-                timestamp: ts,
-                decision: if e.action == Action::JobApproved {
-                    "approved"
-                } else {
-                    "rejected"
-                }
-                .into(),
-                site: s(p, "site"),
-                officer: s(p, "officer").or_else(|| {
-                    s(p, "certificate").and_then(|pem| {
-                        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
-                        tutela_protocol::pki::identity_of_cert_der(&pem.contents)
-                            .ok()
-                            .map(|i| i.uri())
-                    })
-                }),
-                spec_digest: s(p, "spec_digest"),
-                reason: s(p, "reason"),
-            }),
-            Action::JobStarted => r.started_seq = Some(e.seq),
-            Action::RoundCompleted => {
-                let participants = strings(p.get("participants"));
-                let mut epsilon = per_site_numbers(p.get("epsilon"), "epsilon");
-                if epsilon.is_empty() {
-                    epsilon = per_site_numbers(p.get("metrics"), "epsilon");
-                }
-                let update_digests = match p.get("update_digests") {
-                    Some(Value::Object(m)) => m
-                        .iter()
-                        .filter_map(|(k, v)| v.as_str().map(|d| (k.clone(), d.to_string())))
-                        .collect(),
-                    _ => BTreeMap::new(),
-                };
-                if let Some(Value::Object(m)) = p.get("metrics") {
-                    for (site, x) in m {
-                        if let Some(c) = x.get("dataset_commitment").and_then(|c| c.as_str()) {
-                            r.dataset_commitments.insert(site.clone(), c.to_string());
-                        }
-                    }
-                }
-                for site in &participants {
-                    if !r.participants.contains(site) {
-                        r.participants.push(site.clone());
-                    }
-                }
-                for (site, eps) in &epsilon {
-                    *r.epsilon_per_site.entry(site.clone()).or_insert(0.0) += eps;
-                }
-                r.rounds.push(RoundRecord {
-                    seq: e.seq,
-                    timestamp: ts,
-                    round: u(p, "round"),
-                    participants,
-                    update_digests,
-                    epsilon,
-                    metrics: p.get("metrics").cloned().unwrap_or(Value::Null),
-                });
-            }
-            Action::UpdateRefused => r.refused_updates.push(RefusalRecord {
-                seq: e.seq,
-                timestamp: ts,
+                action: e.action.to_string(),
                 actor: e.actor.clone(),
-                round: u(p, "round"),
-                site: s(p, "site"),
-                reason: s(p, "reason"),
-            }),
-            Action::JobCompleted => {
-                r.outcome = "completed".into();
-                r.outcome_seq = Some(e.seq);
-                r.model_digest = s(p, "model_digest").or(r.model_digest.take());
-                let eps = per_site_numbers(p.get("epsilon"), "epsilon");
-                if !eps.is_empty() {
-                    completed_eps = Some(eps);
-                }
-            }
-            Action::JobFailed => {
-                r.outcome = s(p, "state").unwrap_or_else(|| "failed".into());
-                r.outcome_seq = Some(e.seq);
-                r.outcome_reason = s(p, "reason");
-            }
-            Action::ModelPublished => {
-                r.published_seq = Some(e.seq);
-                r.model_digest = Some(e.subject.clone());
-                r.code_version = s(p, "code_version").or(r.code_version.take());
-                r.base_model = s(p, "base_model").or(r.base_model.take());
-            }
-            _ => {}
+                reason: problem.to_string(),
+            });
         }
     }
     if let Some(eps) = completed_eps {
@@ -263,11 +197,143 @@ pub fn job_record(events: &[Event], job: &str) -> JobRecord {
     r
 }
 
-/// The lineage of `model_digest` from `events`.
-pub fn lineage(events: &[Event], model_digest: &str) -> Lineage {
+/// Adds what `e` (an event about `r`'s job that passed the authority check) says to `r`.
+fn apply_event(
+    r: &mut JobRecord,
+    completed_eps: &mut Option<BTreeMap<String, f64>>,
+    e: &Event,
+) -> Result<(), PayloadError> {
+    let ts = e.timestamp.to_string();
+    match e.action {
+        Action::JobProposed => {
+            let p = JobProposed::from_event(e)?;
+            r.proposed_seq = Some(e.seq);
+            r.spec_digest = Some(p.spec_digest);
+            r.proposed_by = p.operator.or_else(|| Some(e.actor.clone()));
+            r.code_version = Some(p.code_version);
+            r.base_model = Some(p.base_model);
+        }
+        Action::JobApproved => {
+            let p = JobApproved::from_event(e)?;
+            r.approvals.push(ApprovalRecord {
+                seq: e.seq,
+                timestamp: ts,
+                decision: "approved".into(),
+                site: p.site,
+                officer: officer_of(&p.certificate),
+                spec_digest: Some(p.spec_digest),
+                reason: None,
+            });
+        }
+        Action::JobRejected => {
+            let p = JobRejected::from_event(e)?;
+            r.approvals.push(ApprovalRecord {
+                seq: e.seq,
+                timestamp: ts,
+                decision: "rejected".into(),
+                site: p.site,
+                officer: officer_of(&p.certificate),
+                spec_digest: Some(p.spec_digest),
+                reason: Some(p.reason),
+            });
+        }
+        Action::JobStarted => {
+            JobStarted::from_event(e)?;
+            r.started_seq = Some(e.seq);
+        }
+        Action::RoundCompleted => {
+            let p = RoundCompleted::from_event(e)?;
+            let epsilon: BTreeMap<String, f64> = p
+                .metrics
+                .iter()
+                .filter_map(|(site, m)| m.epsilon.map(|x| (site.clone(), x)))
+                .collect();
+            for (site, m) in &p.metrics {
+                if let Some(c) = m.dataset_commitment.as_ref().filter(|c| !c.is_empty()) {
+                    r.dataset_commitments.insert(site.clone(), c.clone());
+                }
+            }
+            for site in &p.participants {
+                if !r.participants.contains(site) {
+                    r.participants.push(site.clone());
+                }
+            }
+            for (site, eps) in &epsilon {
+                *r.epsilon_per_site.entry(site.clone()).or_insert(0.0) += eps;
+            }
+            let metrics = serde_json::to_value(&p.metrics).unwrap_or(Value::Null);
+            r.rounds.push(RoundRecord {
+                seq: e.seq,
+                timestamp: ts,
+                round: Some(u64::from(p.round)),
+                participants: p.participants,
+                update_digests: p.update_digests,
+                epsilon,
+                metrics,
+            });
+        }
+        Action::UpdateRefused => {
+            let p = UpdateRefused::from_event(e)?;
+            r.refused_updates.push(RefusalRecord {
+                seq: e.seq,
+                timestamp: ts,
+                actor: e.actor.clone(),
+                round: Some(u64::from(p.round)),
+                site: Some(p.site),
+                reason: Some(p.reason),
+            });
+        }
+        Action::JobCompleted => {
+            let p = JobCompleted::from_event(e)?;
+            r.outcome = "completed".into();
+            r.outcome_seq = Some(e.seq);
+            r.model_digest = Some(p.model_digest);
+            if !p.epsilon.is_empty() {
+                *completed_eps = Some(p.epsilon);
+            }
+        }
+        Action::JobFailed => {
+            let p = JobFailed::from_event(e)?;
+            r.outcome = p.state;
+            r.outcome_seq = Some(e.seq);
+            r.outcome_reason = Some(p.reason);
+        }
+        Action::ModelPublished => {
+            let p = ModelPublished::from_event(e)?;
+            r.published_seq = Some(e.seq);
+            r.model_digest = Some(e.subject.clone());
+            r.code_version = Some(p.code_version);
+            if let Some(base) = p.base_model {
+                r.base_model = Some(base);
+            }
+        }
+        // Not part of a job's record (registrations, decisions, certificates, the sites'
+        // de-identification reports and privacy spends are read where they are shown).
+        Action::PrivacySpent | Action::LedgerRestored => {}
+        Action::NodeRegistered
+        | Action::WatermarkRegistered
+        | Action::PolicyDecision
+        | Action::CertificateIssued
+        | Action::CertificateRevoked
+        | Action::DatasetDeidentified => {}
+    }
+    Ok(())
+}
+
+/// The identity in an officer's certificate (PEM), whose signature the authority check verified;
+/// never the payload's own `officer` claim.
+fn officer_of(pem: &str) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    tutela_protocol::pki::identity_of_cert_der(&pem.contents)
+        .ok()
+        .map(|i| i.uri())
+}
+
+/// The lineage of `model_digest` from `events`, believing only events that pass `check`.
+pub fn lineage(events: &[Event], model_digest: &str, check: &AuthorityCheck) -> Lineage {
     Lineage {
         model_digest: model_digest.to_string(),
-        job: job_of_model(events, model_digest).map(|job| job_record(events, &job)),
+        job: job_of_model(events, model_digest, check).map(|job| job_record(events, &job, check)),
     }
 }
 
@@ -540,6 +606,15 @@ pub fn render_report(r: &JobRecord, format: ReportFormat) -> String {
             String::new(),
             site.clone(),
             format!("total_epsilon={eps}"),
+        ]);
+    }
+    for f in &r.flagged {
+        rows.push([
+            "flagged".into(),
+            f.seq.to_string(),
+            String::new(),
+            f.actor.clone(),
+            format!("NOT BELIEVED: {} ({})", f.action, f.reason),
         ]);
     }
     rows.push([

@@ -19,7 +19,13 @@ use std::time::Duration;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
+use rustls_pki_types::TrustAnchor;
+
+use crate::approval::{ApprovalError, ChainCheck};
+use crate::authority::{
+    Assertion, AuthorityConfigError, AuthorityError, AuthorityRules, AuthorityViolation,
+    OfficerTrust, TrailState, verify_authority,
+};
 use crate::checkpoint::{Checkpoint, CheckpointError, SignedCheckpoint};
 use crate::event::{Action, Chain, ChainError, Event, Timestamp};
 use crate::merkle::{MerkleTree, ProofError};
@@ -31,32 +37,36 @@ use crate::{Hash, verify_log};
 pub struct LogConfig {
     /// The log's id in its checkpoints (`spiffe://<consortium>/audit`).
     pub log_id: String,
-    /// Sign a checkpoint once this many events have been appended since the last one.
+    /// Sign a checkpoint once this many events have been appended since the last one (1, the
+    /// default: with every commit, in the same transaction).
     pub checkpoint_every: u64,
     /// …or once this much time has passed with unsigned events.
     pub checkpoint_interval: Duration,
     /// The most events written in one transaction.
     pub max_batch: usize,
+    /// Who may assert `certificate.issued` and `certificate.revoked` (SPIFFE URIs; see
+    /// [`crate::authority`]).
+    pub ca_admins: Vec<String>,
+    /// The consortium CA, against which officers' certificates in the stored trail are
+    /// re-checked when the log is opened (valid at the time each event was recorded). Without
+    /// it, only their signatures are.
+    pub ca_roots: Option<Arc<Vec<TrustAnchor<'static>>>>,
 }
 
 impl LogConfig {
     pub fn new(log_id: impl Into<String>) -> LogConfig {
         LogConfig {
             log_id: log_id.into(),
-            checkpoint_every: 1000,
+            checkpoint_every: 1,
             checkpoint_interval: Duration::from_secs(60),
             max_batch: crate::store::MAX_BATCH,
+            ca_admins: Vec::new(),
+            ca_roots: None,
         }
     }
 }
 
-/// What an append returns once the event is committed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    pub seq: u64,
-    pub hash: Hash,
-    pub timestamp: Timestamp,
-}
+pub use crate::receipt::{InclusionProof, Receipt};
 
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +75,10 @@ pub enum AppendError {
     Chain(#[from] ChainError),
     #[error("job approval refused: {0}")]
     Approval(#[from] ApprovalError),
+    #[error("refused by the audit trail's authority rules: {0}")]
+    Unauthorized(AuthorityError),
+    #[error("not the payload of its action: {0}")]
+    Payload(AuthorityError),
     #[error("not stored: {0}")]
     Store(String),
     #[error("the audit log is shut down")]
@@ -78,6 +92,12 @@ pub enum LogError {
     Store(#[from] StoreError),
     #[error("the stored log does not verify, refusing to append to it: {0}")]
     Corrupt(String),
+    #[error(
+        "the stored log holds an event its actor may not assert, refusing to open it (and to sign any checkpoint over it): {0}"
+    )]
+    Unauthorized(#[from] AuthorityViolation),
+    #[error("{0}")]
+    Rules(#[from] AuthorityConfigError),
     #[error("{0}")]
     Chain(#[from] ChainError),
     #[error("{0}")]
@@ -115,20 +135,15 @@ pub struct AuditLog {
     store: AuditStore,
     public_key: Vec<u8>,
     log_id: String,
-    chain_check: Option<ChainCheck>,
-}
-
-/// An inclusion proof of one event against a signed checkpoint.
-#[derive(Clone, Debug)]
-pub struct InclusionProof {
-    pub event: Event,
-    pub checkpoint: SignedCheckpoint,
-    pub path: Vec<Hash>,
 }
 
 impl AuditLog {
     /// Starts the appender over `store`. At start it re-verifies the stored log against its
-    /// checkpoints (refusing to extend a tampered log) and rebuilds the Merkle tree.
+    /// checkpoints (refusing to extend a tampered log), re-checks every event against the
+    /// authority rules and officers' signatures (refusing to open a log holding an event that
+    /// entered without passing them: any checkpoint signed from now on would cover it), and
+    /// rebuilds the Merkle tree. `chain_check` is the live CA and CRL that officers' certificates
+    /// are checked against at append.
     pub async fn start(
         store: AuditStore,
         key: Ed25519KeyPair,
@@ -140,6 +155,16 @@ impl AuditLog {
         let checkpoints = store.checkpoints().await?;
         verify_log(&events, &checkpoints, &public_key)
             .map_err(|e| LogError::Corrupt(e.to_string()))?;
+        let rules = AuthorityRules::for_log(&config.log_id, &config.ca_admins)?;
+        let stored_trust = match &config.ca_roots {
+            Some(roots) => OfficerTrust::CaAt(roots.clone()),
+            None => OfficerTrust::SignatureOnly,
+        };
+        let state = verify_authority(&events, &rules, &stored_trust)?;
+        let trust = match chain_check {
+            Some(check) => OfficerTrust::Live(check),
+            None => stored_trust,
+        };
         let mut tree = MerkleTree::new();
         for e in &events {
             tree.push_entry(&e.hash);
@@ -159,7 +184,6 @@ impl AuditLog {
             store: store.clone(),
             public_key,
             log_id: config.log_id.clone(),
-            chain_check,
         };
         let appender = Appender {
             store,
@@ -169,13 +193,18 @@ impl AuditLog {
             last_ts,
             shared,
             checkpointed,
+            rules,
+            trust,
+            state,
         };
         tokio::spawn(appender.run(rx));
         Ok(log)
     }
 
     /// Appends an event and returns once it is committed. `actor` is the caller's verified
-    /// identity; approvals and rejections are refused unless their signature verifies.
+    /// identity; the event is refused unless the actor may assert it ([`crate::authority`]:
+    /// approvals and rejections also need a valid signature of an officer of a site the proposed
+    /// job lists, and must not be recorded already).
     pub async fn append(
         &self,
         actor: impl Into<String>,
@@ -184,9 +213,6 @@ impl AuditLog {
         payload: serde_json::Value,
     ) -> Result<Receipt, AppendError> {
         let subject = subject.into();
-        if matches!(action, Action::JobApproved | Action::JobRejected) {
-            verify_officer_payload(action, &subject, &payload, self.chain_check.as_ref())?;
-        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request {
@@ -288,6 +314,10 @@ struct Appender {
     shared: Arc<RwLock<Shared>>,
     /// The tree size of the newest signed checkpoint.
     checkpointed: u64,
+    rules: AuthorityRules,
+    trust: OfficerTrust,
+    /// What the committed events (and the batch being written) say the rules depend on.
+    state: TrailState,
 }
 
 impl Appender {
@@ -331,6 +361,7 @@ impl Appender {
     /// Writes a batch; returns each request's reply channel and result, to be sent by the caller.
     async fn commit(&mut self, requests: Vec<Request>) -> Vec<Pending> {
         let saved = (self.chain.clone(), self.last_ts);
+        let first_seq = self.chain.next_seq();
         let mut events = Vec::with_capacity(requests.len());
         let mut replies = Vec::with_capacity(requests.len());
         for r in requests {
@@ -339,11 +370,33 @@ impl Appender {
                 Some(last) => Timestamp::now().max(last),
                 None => Timestamp::now(),
             };
+            // Checked here, in order, so that the trail state (proposals, decisions recorded)
+            // includes every event before this one, those of this batch too.
+            let assertion = Assertion {
+                actor: &r.actor,
+                action: r.action,
+                subject: &r.subject,
+                payload: &r.payload,
+                at: ts,
+            };
+            let effect = match self.state.check(&self.rules, &self.trust, &assertion) {
+                Ok(effect) => effect,
+                Err(e) => {
+                    let error = match e {
+                        AuthorityError::Signature { source, .. } => AppendError::Approval(source),
+                        e @ AuthorityError::MalformedPayload { .. } => AppendError::Payload(e),
+                        other => AppendError::Unauthorized(other),
+                    };
+                    let _ = r.reply.send(Err(error));
+                    continue;
+                }
+            };
             match self
                 .chain
                 .append(ts, r.actor, r.action, r.subject, r.payload)
             {
                 Ok(e) => {
+                    self.state.apply(e.seq, effect);
                     self.last_ts = Some(ts);
                     replies.push((r.reply, e.seq, e.hash, e.timestamp));
                     events.push(e);
@@ -356,12 +409,28 @@ impl Appender {
         if events.is_empty() {
             return Vec::new();
         }
-        match self.store.insert_events(&events).await {
+        // A checkpoint due with this batch is signed over it and stored in the same commit, so
+        // that no acknowledged event sits under the hash chain alone.
+        let every = self.config.checkpoint_every.max(1);
+        let checkpoint = if self.size() - self.checkpointed >= every {
+            self.sign_batch(&events)
+        } else {
+            None
+        };
+        let stored = match &checkpoint {
+            Some(cp) => self.store.insert_events_with_checkpoint(&events, cp).await,
+            None => self.store.insert_events(&events).await,
+        };
+        match stored {
             Ok(()) => {
                 {
                     let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
                     for e in &events {
                         shared.tree.push_entry(&e.hash);
+                    }
+                    if let Some(cp) = checkpoint {
+                        self.checkpointed = cp.checkpoint.tree_size;
+                        shared.latest = Some(cp);
                     }
                 }
                 replies
@@ -382,6 +451,7 @@ impl Appender {
                 tracing::error!(error = %e, events = events.len(), "audit batch not stored");
                 let why = e.to_string();
                 (self.chain, self.last_ts) = saved;
+                self.state.rollback(first_seq);
                 self.resync().await;
                 replies
                     .into_iter()
@@ -407,11 +477,22 @@ impl Appender {
         match Chain::resume(&last) {
             Ok(chain) => {
                 let known = self.chain.next_seq();
-                match self.store.hashes_from(known).await {
-                    Ok(hashes) => {
+                let landed = crate::store::EventFilter {
+                    from_seq: Some(known),
+                    ..Default::default()
+                };
+                match self.store.events(&landed).await {
+                    Ok(events) => {
+                        // Events that landed passed the checks when they were batched.
+                        for e in &events {
+                            if let Err(v) = self.state.check_and_apply(&self.rules, &self.trust, e)
+                            {
+                                tracing::error!(error = %v, "a landed event does not pass the authority rules");
+                            }
+                        }
                         let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
-                        for (_, h) in hashes {
-                            shared.tree.push_entry(&h);
+                        for e in events {
+                            shared.tree.push_entry(&e.hash);
                         }
                         self.chain = chain;
                         self.last_ts = Some(last.timestamp);
@@ -424,6 +505,31 @@ impl Appender {
                 }
             }
             Err(e) => tracing::error!(error = %e, "the stored head does not verify"),
+        }
+    }
+
+    /// A checkpoint over the committed tree plus `events` (not yet stored), or `None` (logged)
+    /// when it cannot be signed.
+    fn sign_batch(&self, events: &[Event]) -> Option<SignedCheckpoint> {
+        let mut frontier = {
+            let shared = self.shared.read().unwrap_or_else(|p| p.into_inner());
+            shared.tree.frontier().clone()
+        };
+        for e in events {
+            frontier.push(crate::merkle::leaf_hash(&e.hash));
+        }
+        let cp = Checkpoint {
+            tree_size: frontier.size(),
+            root: frontier.root(),
+            timestamp: Timestamp::now().max(self.last_ts.unwrap_or(Timestamp::now())),
+            log_id: self.config.log_id.clone(),
+        };
+        match cp.sign(&self.key) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                None
+            }
         }
     }
 

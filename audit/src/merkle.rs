@@ -370,6 +370,11 @@ impl MerkleTree {
         self.frontier.push(leaf);
     }
 
+    /// The right edge of the tree, to compute the root after more entries without pushing them.
+    pub fn frontier(&self) -> &Frontier {
+        &self.frontier
+    }
+
     pub fn len(&self) -> u64 {
         self.leaves.len() as u64
     }

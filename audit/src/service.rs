@@ -18,6 +18,7 @@ use tutela_protocol::pb;
 
 use crate::event::Action;
 use crate::log::{AppendError, AuditLog, LogError};
+use crate::payload::ActionPayload;
 use crate::wire;
 
 pub struct AuditService {
@@ -93,7 +94,7 @@ impl DecisionSink for LogDecisionSink {
         }
         let pending = PendingDecision {
             subject: format!("{}/{}", d.object, d.action),
-            payload: d.audit_payload(caller, method),
+            payload: crate::payload::PolicyDecision::of(d, caller, method).to_value(),
         };
         if let Err(e) = self.queue.try_send(pending) {
             let (why, d) = match e {
@@ -138,7 +139,13 @@ impl pb::audit_server::Audit for AuditService {
             .append(actor, action, r.subject, payload)
             .await
             .map_err(|e| match e {
-                AppendError::Approval(_) | AppendError::Chain(_) => {
+                // A forged action or approval: refused as a permission the caller lacks, which
+                // the enforcement layer records in this log as a denial (`policy.decision`,
+                // rule `refused by the service: <this message>`).
+                AppendError::Unauthorized(_) | AppendError::Approval(_) => {
+                    Status::permission_denied(e.to_string())
+                }
+                AppendError::Chain(_) | AppendError::Payload(_) => {
                     Status::invalid_argument(e.to_string())
                 }
                 AppendError::Store(_) | AppendError::Closed => Status::unavailable(e.to_string()),

@@ -153,39 +153,7 @@ fn db(op: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Db { op, source }
 }
 
-/// Which events a query returns; every set field must match. Results are in seq order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EventFilter {
-    /// Events about this job: its subject is the job id, or its payload's `job` is.
-    pub job: Option<String>,
-    pub subject: Option<String>,
-    pub actor: Option<String>,
-    pub action: Option<Action>,
-    /// Events at or after this instant.
-    pub since: Option<Timestamp>,
-    /// Events with seq >= this.
-    pub from_seq: Option<u64>,
-    /// Events with seq < this.
-    pub to_seq: Option<u64>,
-    /// At most this many events.
-    pub limit: Option<u64>,
-}
-
-impl EventFilter {
-    /// True when `event` matches (the job test exactly, which SQL only narrows down).
-    pub fn matches(&self, event: &Event) -> bool {
-        let job_ok = self.job.as_deref().is_none_or(|job| {
-            event.subject == job || event.payload.get("job").and_then(|j| j.as_str()) == Some(job)
-        });
-        job_ok
-            && self.subject.as_deref().is_none_or(|s| event.subject == s)
-            && self.actor.as_deref().is_none_or(|a| event.actor == a)
-            && self.action.is_none_or(|a| event.action == a)
-            && self.since.is_none_or(|t| event.timestamp >= t)
-            && self.from_seq.is_none_or(|s| event.seq >= s)
-            && self.to_seq.is_none_or(|s| event.seq < s)
-    }
-}
+pub use crate::filter::EventFilter;
 
 /// The audit log's database.
 #[derive(Clone, Debug)]
@@ -406,49 +374,7 @@ impl AuditStore {
 
     async fn insert_rows(&self, table: &'static str, events: &[Event]) -> Result<()> {
         for chunk in events.chunks(MAX_BATCH) {
-            let mut sql = String::with_capacity(64 + chunk.len() * 48);
-            sql.push_str("INSERT INTO ");
-            sql.push_str(table);
-            sql.push_str(" (");
-            sql.push_str(EVENT_COLUMNS);
-            sql.push_str(") VALUES ");
-            let mut args = AnyArguments::default();
-            for (i, e) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                let b = i * 8;
-                sql.push_str(&format!(
-                    "(${},${},${},${},${},${},${},${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8
-                ));
-                let seq = i64::try_from(e.seq).map_err(|_| StoreError::InvalidInput {
-                    what: format!("event seq {}", e.seq),
-                    problem: "does not fit a BIGINT".into(),
-                })?;
-                use sqlx::Arguments as _;
-                let add = |r: Result<(), sqlx::error::BoxDynError>| {
-                    r.map_err(|e| StoreError::Db {
-                        op: "bind an event".into(),
-                        source: sqlx::Error::Encode(e),
-                    })
-                };
-                add(args.add(seq))?;
-                add(args.add(e.timestamp.unix_millis()))?;
-                add(args.add(e.actor.clone()))?;
-                add(args.add(e.action.as_str().to_string()))?;
-                add(args.add(e.subject.clone()))?;
-                add(args.add(crate::canonical_json(&e.payload)))?;
-                add(args.add(hex::encode(e.prev_hash)))?;
-                add(args.add(hex::encode(e.hash)))?;
-            }
+            let (sql, args) = rows_insert(table, chunk)?;
             let first = chunk.first().map_or(0, |e| e.seq);
             sqlx::query_with::<Any, _>(AssertSqlSafe(sql), args)
                 .execute(&self.pool)
@@ -457,6 +383,83 @@ impl AuditStore {
                     "insert events {first}..={}",
                     first + chunk.len() as u64 - 1
                 )))?;
+        }
+        Ok(())
+    }
+
+    /// Stores `events` (consecutive, at most [`MAX_BATCH`]) and the checkpoint that covers them
+    /// atomically: both or neither, so that no committed event waits under the hash chain alone
+    /// for a later checkpoint. PostgreSQL: one statement (the events' INSERT as a data-modifying
+    /// CTE of the checkpoint's), one round trip; SQLite: one local transaction.
+    pub async fn insert_events_with_checkpoint(
+        &self,
+        events: &[Event],
+        checkpoint: &SignedCheckpoint,
+    ) -> Result<()> {
+        if events.len() > MAX_BATCH {
+            return Err(StoreError::InvalidInput {
+                what: format!("a batch of {} events", events.len()),
+                problem: format!("more than {MAX_BATCH} with a checkpoint"),
+            });
+        }
+        let c = &checkpoint.checkpoint;
+        let what = format!(
+            "insert events {}..{} and their checkpoint",
+            events.first().map_or(c.tree_size, |e| e.seq),
+            c.tree_size
+        );
+        let cp_insert = |first: usize| {
+            format!(
+                "INSERT INTO audit_checkpoints (tree_size, root, timestamp_ms, log_id, signature) VALUES (${},${},${},${},${})",
+                first + 1,
+                first + 2,
+                first + 3,
+                first + 4,
+                first + 5
+            )
+        };
+        let bind_cp = |args: &mut AnyArguments| -> Result<()> {
+            use sqlx::Arguments as _;
+            let add = |r: std::result::Result<(), sqlx::error::BoxDynError>| {
+                r.map_err(|e| StoreError::Db {
+                    op: "bind a checkpoint".into(),
+                    source: sqlx::Error::Encode(e),
+                })
+            };
+            add(args.add(c.tree_size as i64))?;
+            add(args.add(hex::encode(c.root)))?;
+            add(args.add(c.timestamp.unix_millis()))?;
+            add(args.add(c.log_id.clone()))?;
+            add(args.add(hex::encode(checkpoint.signature)))?;
+            Ok(())
+        };
+        match self.backend {
+            Backend::Postgres if !events.is_empty() => {
+                let (rows, mut args) = rows_insert("audit_events", events)?;
+                bind_cp(&mut args)?;
+                let sql = format!("WITH ev AS ({rows}) {}", cp_insert(events.len() * 8));
+                sqlx::query_with::<Any, _>(AssertSqlSafe(sql), args)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db(what))?;
+            }
+            _ => {
+                let mut tx = self.pool.begin().await.map_err(db(what.clone()))?;
+                if !events.is_empty() {
+                    let (rows, args) = rows_insert("audit_events", events)?;
+                    sqlx::query_with::<Any, _>(AssertSqlSafe(rows), args)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db(what.clone()))?;
+                }
+                let mut args = AnyArguments::default();
+                bind_cp(&mut args)?;
+                sqlx::query_with::<Any, _>(AssertSqlSafe(cp_insert(0)), args)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(what.clone()))?;
+                tx.commit().await.map_err(db(what))?;
+            }
         }
         Ok(())
     }
@@ -706,4 +709,52 @@ fn checkpoint_of_row(row: &AnyRow) -> Result<SignedCheckpoint> {
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(crate::sha256(data))
+}
+
+/// The multi-row INSERT of `chunk` into `table` (at most [`MAX_BATCH`] rows) and its arguments.
+fn rows_insert(table: &str, chunk: &[Event]) -> Result<(String, AnyArguments)> {
+    let mut sql = String::with_capacity(64 + chunk.len() * 48);
+    sql.push_str("INSERT INTO ");
+    sql.push_str(table);
+    sql.push_str(" (");
+    sql.push_str(EVENT_COLUMNS);
+    sql.push_str(") VALUES ");
+    let mut args = AnyArguments::default();
+    for (i, e) in chunk.iter().enumerate() {
+        if i > 0 {
+            sql.push(',');
+        }
+        let b = i * 8;
+        sql.push_str(&format!(
+            "(${},${},${},${},${},${},${},${})",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            b + 6,
+            b + 7,
+            b + 8
+        ));
+        let seq = i64::try_from(e.seq).map_err(|_| StoreError::InvalidInput {
+            what: format!("event seq {}", e.seq),
+            problem: "does not fit a BIGINT".into(),
+        })?;
+        use sqlx::Arguments as _;
+        let add = |r: Result<(), sqlx::error::BoxDynError>| {
+            r.map_err(|e| StoreError::Db {
+                op: "bind an event".into(),
+                source: sqlx::Error::Encode(e),
+            })
+        };
+        add(args.add(seq))?;
+        add(args.add(e.timestamp.unix_millis()))?;
+        add(args.add(e.actor.clone()))?;
+        add(args.add(e.action.as_str().to_string()))?;
+        add(args.add(e.subject.clone()))?;
+        add(args.add(crate::canonical_json(&e.payload)))?;
+        add(args.add(hex::encode(e.prev_hash)))?;
+        add(args.add(hex::encode(e.hash)))?;
+    }
+    Ok((sql, args))
 }

@@ -8,7 +8,7 @@ use tutela_protocol::pb;
 
 use crate::checkpoint::{Checkpoint, SignedCheckpoint};
 use crate::event::{Action, Event, Timestamp};
-use crate::store::EventFilter;
+use crate::filter::EventFilter;
 use crate::{Hash, canonical_json};
 
 /// A message from the other side that does not convert.

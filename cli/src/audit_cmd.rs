@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use tutela_audit::authority::{AuthorityCheck, AuthorityRules, OfficerTrust};
 use tutela_audit::client::AuditClient;
 use tutela_audit::lineage::{self, ReportFormat};
 use tutela_audit::merkle::{leaf_hash, verify_inclusion};
@@ -32,6 +33,21 @@ pub struct Source {
     /// postgres://USER@HOST/DB); no TLS options needed then.
     #[arg(long, env = "TUTELA_AUDIT_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// The consortium CA certificate (PEM) that officers' certificates in approvals are checked
+    /// against, as of each event's time. Default: ca.crt in --tls-dir. Without either, only the
+    /// approvals' signatures are checked (said on stderr).
+    #[arg(long, value_name = "FILE", env = "TUTELA_AUDIT_CA")]
+    pub ca: Option<PathBuf>,
+    /// A CA administrator (spiffe://<consortium>/operator/<name>), the only identities whose
+    /// certificate.issued and certificate.revoked events are believed: the service's ca_admins
+    /// (audit.toml). Repeatable, or comma-separated in TUTELA_CA_ADMINS.
+    #[arg(
+        long = "ca-admin",
+        value_name = "IDENTITY",
+        env = "TUTELA_CA_ADMINS",
+        value_delimiter = ','
+    )]
+    pub ca_admins: Vec<String>,
 }
 
 enum Reader {
@@ -40,6 +56,67 @@ enum Reader {
 }
 
 impl Source {
+    /// How this reader checks who asserted what: the consortium is the log's (its checkpoints'
+    /// log id, else this reader's certificate's), officers' certificates are checked against
+    /// the CA, and certificate events are believed from `--ca-admin` only.
+    async fn authority_check(&self, reader: &mut Reader) -> Result<AuthorityCheck> {
+        let log_id = match reader.checkpoints().await?.first() {
+            Some(cp) => cp.checkpoint.log_id.clone(),
+            None => match reader {
+                Reader::Service(c) => c.log_info().await?.log_id,
+                Reader::Db(store) => {
+                    // No signed checkpoint yet (nothing vouches for any row): the consortium
+                    // is the first event's actor's, and every other actor must share it.
+                    let first = store
+                        .events(&EventFilter {
+                            limit: Some(1),
+                            ..EventFilter::default()
+                        })
+                        .await?;
+                    let Some(first) = first.first() else {
+                        return Ok(AuthorityCheck::new(
+                            AuthorityRules::for_log("spiffe://empty/audit", &[])?,
+                            OfficerTrust::SignatureOnly,
+                        ));
+                    };
+                    let actor: Identity = first.actor.parse().map_err(|e| {
+                        anyhow!(
+                            "seq {}: actor {:?} is not an identity: {e}",
+                            first.seq,
+                            first.actor
+                        )
+                    })?;
+                    eprintln!(
+                        "note: the log has no signed checkpoint; its consortium is taken from its first event ({})",
+                        actor.consortium
+                    );
+                    Identity::new(&actor.consortium, Principal::Audit)?.uri()
+                }
+            },
+        };
+        let rules = AuthorityRules::for_log(&log_id, &self.ca_admins)
+            .map_err(|e| anyhow!("--ca-admin: {e}"))?;
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| self.tls_dir.as_ref().map(|d| d.join("ca.crt")));
+        let trust = match ca {
+            Some(path) => {
+                let pem = std::fs::read_to_string(&path)
+                    .with_context(|| format!("--ca {}", path.display()))?;
+                OfficerTrust::ca_from_pem(&pem)
+                    .map_err(|e| anyhow!("--ca {}: {e}", path.display()))?
+            }
+            None => {
+                eprintln!(
+                    "note: no --ca given: approvals' signatures are checked, but not that the officers' certificates come from the consortium CA"
+                );
+                OfficerTrust::SignatureOnly
+            }
+        };
+        Ok(AuthorityCheck::new(rules, trust))
+    }
+
     async fn open(&self) -> Result<Reader> {
         if let Some(url) = &self.database_url {
             return Ok(Reader::Db(AuditStore::open(url).await?));
@@ -196,6 +273,8 @@ pub async fn verify_quiet(source: &Source, public_key: Option<String>) -> Result
     let events = reader.events(&EventFilter::default()).await?;
     let cps = reader.checkpoints().await?;
     let r = verify_log(&events, &cps, &key).map_err(|e| anyhow!("FAILED: {e}"))?;
+    let check = source.authority_check(&mut reader).await?;
+    check.verify(&events).map_err(|e| anyhow!("FAILED: {e}"))?;
     Ok((r.events as u64, r.checkpoints as u64))
 }
 
@@ -286,10 +365,16 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
                     .with_context(|| format!("{}: not a signed checkpoint", path.display()))?;
                 cps.push(cp);
             }
+            let check = source.authority_check(&mut reader).await?;
             match verify_log(&events, &cps, &key) {
                 Ok(r) => {
+                    // Every row hashes, links and is signed for: now whether its actor could
+                    // assert it (a row the database took without the service is caught here).
+                    if let Err(e) = check.verify(&events) {
+                        bail!("FAILED: {e}");
+                    }
                     println!(
-                        "OK: {} events, {} checkpoint(s) verified (latest covers {} events); {} event(s) after it are protected by the hash chain only",
+                        "OK: {} events, {} checkpoint(s) verified, every actor's authority and officer's signature checked (latest covers {} events); {} event(s) after it are protected by the hash chain only",
                         r.events,
                         r.checkpoints,
                         r.latest_checkpoint.unwrap_or(0),
@@ -345,6 +430,7 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             prov_json,
         } => {
             let mut reader = source.open().await?;
+            let check = source.authority_check(&mut reader).await?;
             let mut events = reader
                 .events(&EventFilter {
                     subject: Some(model.clone()),
@@ -359,7 +445,9 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
                     })
                     .await?,
             );
-            let job = lineage::job_of_model(&events, &model).ok_or_else(|| {
+            events.sort_by_key(|e| e.seq);
+            events.dedup_by_key(|e| e.seq);
+            let job = lineage::job_of_model(&events, &model, &check).ok_or_else(|| {
                 anyhow!("no model.published or job.completed event names model {model}")
             })?;
             let mut job_events = reader
@@ -375,7 +463,7 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             );
             job_events.sort_by_key(|e| e.seq);
             job_events.dedup_by_key(|e| e.seq);
-            let l = lineage::lineage(&job_events, &model);
+            let l = lineage::lineage(&job_events, &model, &check);
             let out = if prov_json {
                 l.to_prov_json()
             } else {
@@ -390,6 +478,7 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             format,
         } => {
             let mut reader = source.open().await?;
+            let check = source.authority_check(&mut reader).await?;
             let events = reader
                 .events(&EventFilter {
                     job: Some(job.clone()),
@@ -399,7 +488,7 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             if events.is_empty() {
                 bail!("no audit events about job {job}");
             }
-            let record = lineage::job_record(&events, &job);
+            let record = lineage::job_record(&events, &job, &check);
             let format = match format {
                 Format::Html => ReportFormat::Html,
                 Format::Csv => ReportFormat::Csv,

@@ -93,6 +93,9 @@ pub struct AuditAppendArgs {
     /// Appends each writer keeps outstanding, one run per value.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     in_flight: Vec<usize>,
+    /// Sign a checkpoint every this many events (1: with every commit, the service's default).
+    #[arg(long, default_value_t = 1)]
+    checkpoint_every: u64,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +181,7 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
                 args.writers,
                 args.per_writer,
                 &args.in_flight,
+                args.checkpoint_every,
             )
             .await
             .map_err(|e| anyhow!("audit append benchmark failed: {e:#}"))?;

@@ -727,6 +727,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         // A compliance officer reads the trail: the policy lets officers read it, not operators.
         stem: Some(format!("officer-{}", p.sites[0])),
         database_url: None,
+        ca: None,
+        ca_admins: Vec::new(),
     };
     // Checked against the checkpoint key as a site pins it, not the one the service reports.
     let pinned_key = audit_dir.join("checkpoint.key.pub").display().to_string();

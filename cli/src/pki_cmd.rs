@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::json;
 use tutela_audit::Action;
 use tutela_audit::client::AuditClient;
 use tutela_protocol::client::ClientTls;
@@ -608,6 +607,17 @@ struct AuditEvent {
     payload: serde_json::Value,
 }
 
+impl AuditEvent {
+    /// The event of a typed payload (its action is the payload's).
+    fn of<P: tutela_audit::ActionPayload>(subject: String, payload: &P) -> AuditEvent {
+        AuditEvent {
+            action: P::ACTION,
+            subject,
+            payload: payload.to_value(),
+        }
+    }
+}
+
 impl fmt::Display for AuditEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "  action:  {}", self.action)?;
@@ -628,16 +638,15 @@ fn issued_event(cert_pem: &str, identity: &Identity) -> Result<AuditEvent> {
     else {
         bail!("the new certificate's PEM holds no certificate");
     };
-    Ok(AuditEvent {
-        action: Action::CertificateIssued,
-        subject: identity.uri(),
-        payload: json!({
-            "serial": cert.serial_hex,
-            "sha256_fingerprint": cert.sha256_fingerprint.replace(':', ""),
-            "not_before": rfc3339(cert.not_before),
-            "not_after": rfc3339(cert.not_after),
-        }),
-    })
+    Ok(AuditEvent::of(
+        identity.uri(),
+        &tutela_audit::payload::CertificateIssued {
+            serial: cert.serial_hex,
+            sha256_fingerprint: cert.sha256_fingerprint.replace(':', ""),
+            not_before: rfc3339(cert.not_before),
+            not_after: rfc3339(cert.not_after),
+        },
+    ))
 }
 
 /// `certificate.revoked` for a certificate just revoked: its serial, the reason (`unspecified`
@@ -674,15 +683,14 @@ fn revoked_event(store: &CaDir, entry: &pki::IndexEntry) -> Result<AuditEvent> {
         .as_ref()
         .and_then(|r| r.reason.as_deref())
         .unwrap_or("unspecified");
-    Ok(AuditEvent {
-        action: Action::CertificateRevoked,
-        subject: entry.identity.clone(),
-        payload: json!({
-            "serial": entry.serial,
-            "reason": reason,
-            "crl_number": number,
-        }),
-    })
+    Ok(AuditEvent::of(
+        entry.identity.clone(),
+        &tutela_audit::payload::CertificateRevoked {
+            serial: entry.serial.clone(),
+            reason: reason.to_string(),
+            crl_number: number,
+        },
+    ))
 }
 
 /// Records the event of a certificate operation that has already happened (`done` says what, for

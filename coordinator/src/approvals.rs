@@ -246,17 +246,11 @@ impl tutela_policy::DecisionSink for AuditDecisionSink {
         if d.allowed && matches!(d.action.as_str(), "read" | "participate") {
             return;
         }
-        let payload = d.audit_payload(caller, method);
+        let payload = tutela_audit::payload::PolicyDecision::of(d, caller, method);
         let trail = self.trail.clone();
         let subject = format!("{}/{}", d.object, d.action);
         tokio::spawn(async move {
-            trail
-                .note(
-                    crate::audit_trail::Action::PolicyDecision,
-                    &subject,
-                    payload,
-                )
-                .await;
+            trail.note_payload(&subject, &payload).await;
         });
     }
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use tutela_audit::Event;
 use tutela_audit::client::{AuditClient, AuditClientError};
 use tutela_audit::log::Receipt;
-use tutela_audit::store::EventFilter;
+use tutela_audit::filter::EventFilter;
+use tutela_audit::payload::ActionPayload;
 use tutela_protocol::tls::TlsMaterial;
 
 pub use tutela_audit::Action;
@@ -97,6 +98,20 @@ impl AuditTrail {
         Ok(Some(client.append(action, subject, &payload).await?))
     }
 
+    /// [`Self::record`] of a typed payload: its action is the payload's.
+    pub async fn record_payload<P: ActionPayload>(
+        &self,
+        subject: &str,
+        payload: &P,
+    ) -> Result<Option<Receipt>, AuditTrailError> {
+        self.record(P::ACTION, subject, payload.to_value()).await
+    }
+
+    /// [`Self::note`] of a typed payload: its action is the payload's.
+    pub async fn note_payload<P: ActionPayload>(&self, subject: &str, payload: &P) {
+        self.note(P::ACTION, subject, payload.to_value()).await
+    }
+
     /// [`Self::record`] for events that must not stop the federation: a failure is logged at
     /// ERROR with the event, so that it can be replayed by an operator.
     pub async fn note(&self, action: Action, subject: &str, payload: serde_json::Value) {
@@ -115,9 +130,30 @@ impl AuditTrail {
     /// recorded once. A refusal by the service (a malformed event, a denied action) is not an
     /// outage: it is logged at ERROR with the event and the caller goes on.
     pub async fn note_durably(&self, action: Action, subject: &str, payload: serde_json::Value) {
-        let same = payload.clone();
-        self.record_once(action, subject, payload, false, move |e| e.payload == same)
-            .await;
+        // Compared as canonical text: a float that is a whole number (3.0) reads back from the
+        // trail as an integer (3), which `Value`'s equality would call different.
+        let same = tutela_audit::canonical_json(&payload);
+        self.record_once(action, subject, payload, false, move |e| {
+            tutela_audit::canonical_json(&e.payload) == same
+        })
+        .await;
+    }
+
+    /// [`Self::note_durably`] with a typed payload under its own action.
+    pub async fn note_payload_durably<P: ActionPayload>(&self, subject: &str, payload: &P) {
+        self.note_durably(P::ACTION, subject, payload.to_value()).await
+    }
+
+    /// [`Self::record_once`] with a typed payload under its own action.
+    pub async fn record_payload_once<P: ActionPayload>(
+        &self,
+        subject: &str,
+        payload: &P,
+        look_first: bool,
+        is_it: impl Fn(&Event) -> bool,
+    ) {
+        self.record_once(P::ACTION, subject, payload.to_value(), look_first, is_it)
+            .await
     }
 
     /// [`Self::note_durably`] for an event that may be in the trail already (one the store

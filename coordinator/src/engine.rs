@@ -21,6 +21,7 @@ use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_protocol::model_registry::ModelDescription;
+use tutela_audit::payload;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
@@ -139,14 +140,13 @@ impl Engine {
         };
         let sites = job.spec().map(|s| s.sites).unwrap_or_default();
         self.trail()
-            .note_durably(
-                crate::audit_trail::Action::JobStarted,
+            .note_payload_durably(
                 id.as_str(),
-                serde_json::json!({
-                    "spec_digest": job.spec_digest.to_hex(),
-                    "approvals": approvals,
-                    "participants": sites,
-                }),
+                &payload::JobStarted {
+                    spec_digest: job.spec_digest.to_hex(),
+                    approvals: approvals as u64,
+                    participants: sites,
+                },
             )
             .await;
     }
@@ -212,20 +212,7 @@ impl Engine {
         // Fail closed: a job the audit trail does not know of is withdrawn before it can start.
         let proposed = self
             .trail()
-            .record(
-                crate::audit_trail::Action::JobProposed,
-                id.as_str(),
-                serde_json::json!({
-                    "spec_digest": digest.to_hex(),
-                    "code_version": crate::audit_trail::code_version(),
-                    "base_model": spec.model.name,
-                    "name": spec.name,
-                    "operator": submitter,
-                    "participants": spec.sites,
-                    "rounds": spec.rounds,
-                    "privacy": serde_json::to_value(&spec.privacy).unwrap_or_default(),
-                }),
-            )
+            .record_payload(id.as_str(), &proposal(&spec, &digest, submitter))
             .await;
         if let Err(e) = proposed {
             let why = format!("the audit service did not record the proposal: {e}");
@@ -286,11 +273,25 @@ impl Engine {
         Ok(met)
     }
 
-    /// Replaces a proposed job's spec; the new digest voids the approvals so far.
+    /// Replaces a proposed job's spec; the new digest voids the approvals so far. The new spec is
+    /// proposed in the audit trail first (fail closed): officers' approvals of its digest are
+    /// accepted there only for a digest the trail shows proposed.
     pub async fn amend(&self, id: &JobId, spec_toml: &str) -> Result<(), EngineError> {
         let spec = JobSpec::from_toml_str(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
+        let submitter = self.store.submitter(id).await?;
+        self.trail()
+            .record_payload(
+                id.as_str(),
+                &proposal(&spec, &spec.digest(), submitter.as_deref()),
+            )
+            .await
+            .map_err(|e| {
+                EngineError::Failed(format!(
+                    "the audit service did not record the amended proposal, so the job keeps its spec: {e}"
+                ))
+            })?;
         self.store
             .amend_job(id, spec_toml, &spec, &spec.digest())
             .await?;
@@ -320,10 +321,12 @@ impl Engine {
             .await?;
         if audit {
             self.trail()
-                .note_durably(
-                    crate::audit_trail::Action::JobFailed,
+                .note_payload_durably(
                     job.as_str(),
-                    serde_json::json!({"state": "cancelled", "reason": reason}),
+                    &payload::JobFailed {
+                        state: "cancelled".into(),
+                        reason: reason.to_string(),
+                    },
                 )
                 .await;
         }
@@ -367,10 +370,12 @@ impl Engine {
                         tracing::error!(job = %job, error = %e2, "could not record the failure");
                     }
                     this.trail()
-                        .note_durably(
-                            crate::audit_trail::Action::JobFailed,
+                        .note_payload_durably(
                             job.as_str(),
-                            serde_json::json!({"state": "failed", "reason": reason}),
+                            &payload::JobFailed {
+                                state: "failed".into(),
+                                reason,
+                            },
                         )
                         .await;
                 }
@@ -458,11 +463,11 @@ impl Engine {
             self.changed(job_id);
         }
         // The total ε per site is the last round's accountant value (`dp_job_epsilon`).
-        let mut epsilon = serde_json::Map::new();
+        let mut epsilon = std::collections::BTreeMap::new();
         for c in self.store.rounds(job_id).await.unwrap_or_default() {
             for (site, m) in &c.record.site_metrics {
                 if let Some(e) = m.get("dp_job_epsilon").and_then(|e| e.as_f64()) {
-                    epsilon.insert(site.clone(), serde_json::json!(e));
+                    epsilon.insert(site.clone(), e);
                 }
             }
         }
@@ -470,29 +475,28 @@ impl Engine {
         // stopped in between resumes the job here and records each once.
         let trail = self.trail();
         trail
-            .record_once(
-                crate::audit_trail::Action::JobCompleted,
+            .record_payload_once(
                 job_id.as_str(),
-                serde_json::json!({
-                    "model_digest": model_id,
-                    "rounds": spec.rounds,
-                    "epsilon": epsilon,
-                }),
+                &payload::JobCompleted {
+                    model_digest: model_id.clone(),
+                    rounds: spec.rounds,
+                    epsilon,
+                },
                 true,
                 |_| true,
             )
             .await;
         trail
-            .record_once(
-                crate::audit_trail::Action::ModelPublished,
+            .record_payload_once(
                 &model_id,
-                serde_json::json!({
-                    "job": job_id.as_str(),
-                    "model_digest": model_id,
-                    "spec_digest": digest_hex,
-                    "rounds": spec.rounds,
-                    "code_version": crate::audit_trail::code_version(),
-                }),
+                &payload::ModelPublished {
+                    job: job_id.as_str().to_string(),
+                    model_digest: model_id.clone(),
+                    spec_digest: digest_hex,
+                    rounds: spec.rounds,
+                    code_version: crate::audit_trail::code_version(),
+                    base_model: None,
+                },
                 true,
                 |_| true,
             )
@@ -840,10 +844,9 @@ impl Engine {
             .await?;
         tracing::info!(job = %job_id, round, accepted = result.accepted.len(), model = %new_model, "round completed");
         self.trail()
-            .note_durably(
-                crate::audit_trail::Action::RoundCompleted,
+            .note_payload_durably(
                 job_id.as_str(),
-                round_completed_payload(round, attempt, &record),
+                &round_completed_payload(round, attempt, &record),
             )
             .await;
         Ok(Ok(new_model))
@@ -879,10 +882,9 @@ impl Engine {
             tracing::warn!(job = %job_id, round = c.round, "round committed but not in the audit trail: recording it before the job goes on");
             let round = c.round;
             trail
-                .record_once(
-                    crate::audit_trail::Action::RoundCompleted,
+                .record_payload_once(
                     job_id.as_str(),
-                    round_completed_payload(c.round, c.attempt, &c.record),
+                    &round_completed_payload(c.round, c.attempt, &c.record),
                     true,
                     move |e| crate::audit_trail::round_of(e) == Some(round),
                 )
@@ -909,15 +911,14 @@ impl Engine {
         for (site, reason) in refused {
             tracing::warn!(job = %job_id, round, attempt, %site, %reason, "task refused");
             trail
-                .note_durably(
-                    crate::audit_trail::Action::UpdateRefused,
+                .note_payload_durably(
                     job_id.as_str(),
-                    serde_json::json!({
-                        "round": round,
-                        "attempt": attempt,
-                        "site": site,
-                        "reason": reason,
-                    }),
+                    &payload::UpdateRefused {
+                        round,
+                        attempt,
+                        site: site.clone(),
+                        reason: reason.clone(),
+                    },
                 )
                 .await;
         }
@@ -1025,36 +1026,54 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
 
 /// The `round.completed` payload of a committed round, from its stored record alone, so that a
 /// round committed before a crash is recorded at resume exactly as it would have been.
-fn round_completed_payload(round: u32, attempt: u32, record: &RoundRecord) -> serde_json::Value {
-    let update_digests: serde_json::Map<String, serde_json::Value> = record
+fn round_completed_payload(round: u32, attempt: u32, record: &RoundRecord) -> payload::RoundCompleted {
+    let update_digests = record
         .accepted
         .iter()
-        .map(|a| (a.site.clone(), serde_json::json!(a.digest)))
+        .map(|a| (a.site.clone(), a.digest.to_string()))
         .collect();
-    let participants: Vec<&str> = record.accepted.iter().map(|a| a.site.as_str()).collect();
-    let site_metrics: serde_json::Map<String, serde_json::Value> = record
+    let participants = record.accepted.iter().map(|a| a.site.clone()).collect();
+    let metrics = record
         .site_metrics
         .iter()
         .filter(|(site, _)| site.as_str() != crate::central_dp::ROUND_RECORD_KEY)
         .filter_map(|(site, m)| {
             let m: SiteMetrics = serde_json::from_value(m.clone()).ok()?;
-            let v = serde_json::json!({
-                "epsilon": m.dp_job_epsilon,
-                "round_epsilon": m.dp_round_epsilon,
-                "delta": m.dp_delta,
-                "dataset_commitment": m.dataset_commitment,
-                "train_samples": m.train_samples,
-                "eval_accuracy": m.eval_accuracy,
-            });
+            let v = payload::SiteRoundMetrics {
+                epsilon: Some(m.dp_job_epsilon),
+                round_epsilon: Some(m.dp_round_epsilon),
+                delta: Some(m.dp_delta),
+                dataset_commitment: Some(m.dataset_commitment),
+                train_samples: Some(m.train_samples),
+                eval_accuracy: Some(m.eval_accuracy),
+            };
             Some((site.clone(), v))
         })
         .collect();
-    serde_json::json!({
-        "round": round,
-        "attempt": attempt,
-        "participants": participants,
-        "update_digests": update_digests,
-        "metrics": site_metrics,
-        "model_id": record.global_model_digest,
-    })
+    payload::RoundCompleted {
+        round,
+        attempt,
+        participants,
+        update_digests,
+        metrics,
+        model_id: Some(record.global_model_digest.clone()),
+    }
+}
+
+/// The `job.proposed` payload of `spec` (at submission and at every amendment).
+fn proposal(
+    spec: &JobSpec,
+    digest: &tutela_protocol::job::SpecDigest,
+    submitter: Option<&str>,
+) -> payload::JobProposed {
+    payload::JobProposed {
+        spec_digest: digest.to_hex(),
+        code_version: crate::audit_trail::code_version(),
+        base_model: spec.model.name.clone(),
+        name: spec.name.clone(),
+        operator: submitter.map(str::to_string),
+        participants: spec.sites.clone(),
+        rounds: spec.rounds,
+        privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
+    }
 }

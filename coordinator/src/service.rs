@@ -11,7 +11,7 @@ use tutela_protocol::pb;
 use tutela_protocol::server::caller;
 use tutela_protocol::stream::{self, SafetensorsFileSource, StreamError};
 
-use crate::audit_trail::{Action, AuditTrailError};
+use crate::audit_trail::AuditTrailError;
 use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
@@ -124,15 +124,14 @@ impl pb::federation_server::Federation for FederationService {
         tracing::info!(%site, datasets = ?req.datasets, device = %req.device, version = %req.node_version, "node connected");
         self.engine
             .trail()
-            .note(
-                Action::NodeRegistered,
+            .note_payload(
                 &identity.uri(),
-                serde_json::json!({
-                    "site": site,
-                    "certificate_serial": serial,
-                    "node_version": req.node_version,
-                    "datasets": req.datasets,
-                }),
+                &tutela_audit::payload::NodeRegistered {
+                    site: site.clone(),
+                    certificate_serial: Some(serial.to_string()),
+                    node_version: req.node_version.clone(),
+                    datasets: req.datasets.clone(),
+                },
             )
             .await;
         Ok(Response::new(Box::pin(NodeTasks {
@@ -577,18 +576,17 @@ impl pb::jobs_server::Jobs for JobsService {
                     .unwrap_or_default();
                 self.engine
                     .trail()
-                    .record(
-                        Action::JobApproved,
+                    .record_payload(
                         id.as_str(),
-                        serde_json::json!({
-                            "spec_digest": approval.spec_digest.to_hex(),
-                            "signature": hex::encode(&approval.signature),
-                            "certificate": certificate,
-                            "site": site,
-                            "officer": v.signer.uri(),
-                            "signed_at_ms": approval.signed_at_ms,
-                            "expires_at_ms": approval.expires_at_ms,
-                        }),
+                        &tutela_audit::payload::JobApproved {
+                            spec_digest: approval.spec_digest.to_hex(),
+                            signature: hex::encode(&approval.signature),
+                            certificate,
+                            site: site.clone(),
+                            officer: Some(v.signer.uri()),
+                            signed_at_ms: Some(approval.signed_at_ms),
+                            expires_at_ms: Some(approval.expires_at_ms),
+                        },
                     )
                     .await
                     .map_err(audit_refused)?;
@@ -674,18 +672,17 @@ impl pb::jobs_server::Jobs for JobsService {
         // service verifies the signature over the rejection message itself.
         self.engine
             .trail()
-            .record(
-                Action::JobRejected,
+            .record_payload(
                 id.as_str(),
-                serde_json::json!({
-                    "spec_digest": rejection.spec_digest.to_hex(),
-                    "signature": hex::encode(&rejection.signature),
-                    "certificate": certificate,
-                    "site": site,
-                    "officer": signer.uri(),
-                    "reason": rejection.reason,
-                    "signed_at_ms": rejection.signed_at_ms,
-                }),
+                &tutela_audit::payload::JobRejected {
+                    spec_digest: rejection.spec_digest.to_hex(),
+                    signature: hex::encode(&rejection.signature),
+                    certificate,
+                    site: site.clone(),
+                    officer: Some(signer.uri()),
+                    reason: rejection.reason.clone(),
+                    signed_at_ms: rejection.signed_at_ms,
+                },
             )
             .await
             .map_err(audit_refused)?;

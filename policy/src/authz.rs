@@ -90,24 +90,6 @@ pub struct Decision {
     pub policy_digest: PolicyDigest,
 }
 
-impl Decision {
-    /// The payload of the `policy.decision` audit event both services record for this decision
-    /// about `caller` calling `method`: one shape, so one query finds every decision of the
-    /// consortium.
-    pub fn audit_payload(&self, caller: &Identity, method: &str) -> serde_json::Value {
-        serde_json::json!({
-            "who": caller.uri(),
-            "method": method,
-            "domain": self.domain,
-            "object": self.object,
-            "action": self.action,
-            "allowed": self.allowed,
-            "rule": self.rule,
-            "policy_digest": self.policy_digest.to_hex(),
-        })
-    }
-}
-
 /// Reloads a server's TLS files and its policy on every SIGHUP, besides their periodic checks
 /// (the `main` of the coordinator and of the audit service). A file that does not load is logged
 /// at ERROR and what is in force stays.

@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
-use tutela_audit::Action;
 use tutela_audit::Update;
 use tutela_audit::client::{AuditClient, AuditClientError, AuditEndpoint};
 use tutela_audit::payload::ActionPayload;
 use tutela_audit::payload::privacy::PrivacySpent;
-use tutela_audit::store::EventFilter;
+use tutela_audit::filter::EventFilter;
+use tutela_audit::payload::DatasetDeidentified;
 use tutela_privacy::at_rest::KeyEncryptionKey;
 use tutela_protocol::tls::TlsMaterial;
 
@@ -193,20 +193,17 @@ impl SiteAudit {
         if self.lock_recorded().contains(&key) {
             return Ok(false);
         }
-        let payload = serde_json::json!({
-            "site": site,
-            "dataset": dataset,
-            "job": job_id,
-            "report": report,
-            "dataset_commitment": commitment,
-        });
+        let payload = DatasetDeidentified {
+            site: site.to_string(),
+            dataset: dataset.to_string(),
+            job: job_id.to_string(),
+            // The report is counts and column names (serialising plain data cannot fail).
+            report: serde_json::to_value(report).unwrap_or_default(),
+            dataset_commitment: commitment,
+        };
         let mut client = self.client.clone();
         let receipt = client
-            .append(
-                Action::DatasetDeidentified,
-                &format!("{site}/{dataset}"),
-                &payload,
-            )
+            .append_payload(&format!("{site}/{dataset}"), &payload)
             .await
             .map_err(|source| SiteAuditError::Record {
                 dataset: dataset.to_string(),
@@ -420,7 +417,7 @@ pub async fn own_spends(
     let events = client
         .query(&EventFilter {
             actor: Some(node.to_string()),
-            action: Some(Action::PrivacySpent),
+            action: Some(PrivacySpent::ACTION),
             subject: Some(PrivacySpent::subject(site, dataset)),
             ..Default::default()
         })

@@ -14,6 +14,19 @@ use crate::event::{Action, Event};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod job;
+mod pki;
+mod policy;
+mod site;
+
+pub use job::{
+    JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelPublished,
+    RoundCompleted, SiteRoundMetrics, UpdateRefused, WatermarkRegistered,
+};
+pub use pki::{CertificateIssued, CertificateRevoked};
+pub use policy::PolicyDecision;
+pub use site::{DatasetDeidentified, NodeRegistered};
+
 /// The payload of one action. `ACTION` ties the struct to its action so that a writer cannot
 /// append a payload under another action's name and a reader cannot decode one as another.
 pub trait ActionPayload: Serialize + DeserializeOwned {
@@ -65,4 +78,31 @@ pub enum PayloadError {
         action: Action,
         problem: String,
     },
+}
+
+/// Checks that `payload` has the shape of `action`'s typed payload (the struct's fields, no
+/// others, of their types). Exhaustive: a new action must name its payload here.
+pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), PayloadError> {
+    fn shape<P: ActionPayload>(payload: &serde_json::Value) -> Result<(), PayloadError> {
+        P::from_value(0, payload).map(|_| ())
+    }
+    match action {
+        Action::NodeRegistered => shape::<NodeRegistered>(payload),
+        Action::JobProposed => shape::<JobProposed>(payload),
+        Action::JobApproved => shape::<JobApproved>(payload),
+        Action::JobRejected => shape::<JobRejected>(payload),
+        Action::JobStarted => shape::<JobStarted>(payload),
+        Action::RoundCompleted => shape::<RoundCompleted>(payload),
+        Action::UpdateRefused => shape::<UpdateRefused>(payload),
+        Action::JobCompleted => shape::<JobCompleted>(payload),
+        Action::JobFailed => shape::<JobFailed>(payload),
+        Action::ModelPublished => shape::<ModelPublished>(payload),
+        Action::WatermarkRegistered => shape::<WatermarkRegistered>(payload),
+        Action::PolicyDecision => shape::<PolicyDecision>(payload),
+        Action::CertificateIssued => shape::<CertificateIssued>(payload),
+        Action::CertificateRevoked => shape::<CertificateRevoked>(payload),
+        Action::DatasetDeidentified => shape::<DatasetDeidentified>(payload),
+        Action::PrivacySpent => shape::<privacy::PrivacySpent>(payload),
+        Action::LedgerRestored => shape::<privacy::LedgerRestored>(payload),
+    }
 }

@@ -21,7 +21,7 @@ use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
 const LOG_ID: &str = "spiffe://test/audit";
 const ACTOR: &str = "spiffe://test/coordinator";
 
-fn key_pkcs8() -> Vec<u8> {
+pub(crate) fn key_pkcs8() -> Vec<u8> {
     Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .unwrap()
         .as_ref()
@@ -29,13 +29,13 @@ fn key_pkcs8() -> Vec<u8> {
 }
 
 /// One database per test: a fresh SQLite file, and a fresh PostgreSQL database when configured.
-struct Db {
-    url: String,
-    backend: Backend,
+pub(crate) struct Db {
+    pub(crate) url: String,
+    pub(crate) backend: Backend,
     _dir: Option<tempfile::TempDir>,
 }
 
-async fn databases(test: &str) -> Vec<Db> {
+pub(crate) async fn databases(test: &str) -> Vec<Db> {
     let dir = tempfile::tempdir().unwrap();
     let mut out = vec![Db {
         url: AuditStore::sqlite_url(&dir.path().join("audit.db")).unwrap(),
@@ -95,7 +95,7 @@ async fn filled_log_with_key(url: &str, n: u64, every: u64, pkcs8: &[u8]) -> (Au
             ACTOR,
             Action::RoundCompleted,
             format!("job-{}", i % 3),
-            json!({"round": i, "loss": 1.0 / (i as f64 + 3.0), "note": "ünïcode ✓"}),
+            json!({"round": i, "participants": ["ünïcode ✓"], "metrics": {"ünïcode ✓": {"epsilon": 1.0 / (i as f64 + 3.0)}}}),
         )
         .await
         .unwrap();
@@ -291,7 +291,7 @@ async fn a_rewritten_table_with_a_recomputed_chain_is_caught_by_the_signature() 
         let mut forged = Vec::new();
         for e in &original {
             let payload = if e.seq == 8 {
-                json!({"round": 8, "loss": 0.0})
+                json!({"round": 8, "participants": []})
             } else {
                 e.payload.clone()
             };
@@ -396,7 +396,12 @@ async fn the_database_refuses_update_and_delete() {
                 .await
                 .unwrap();
             let r = app_log
-                .append(ACTOR, Action::JobStarted, "job-1", json!({}))
+                .append(
+                    ACTOR,
+                    Action::JobStarted,
+                    "job-1",
+                    json!({"spec_digest": "ab", "approvals": 0, "participants": []}),
+                )
                 .await
                 .unwrap();
             assert_eq!(r.seq, 3);
@@ -420,7 +425,7 @@ async fn eight_concurrent_writers_get_a_dense_valid_chain() {
                             format!("spiffe://test/site/s{w}/node"),
                             Action::UpdateRefused,
                             format!("job-{w}"),
-                            json!({"writer": w, "i": i}),
+                            json!({"round": i, "site": format!("s{w}"), "reason": "declined"}),
                         )
                         .await
                         .unwrap();
@@ -456,8 +461,20 @@ async fn eight_concurrent_writers_get_a_dense_valid_chain() {
     }
 }
 
+/// A `job.proposed` payload of `digest` listing `sites`.
+pub(crate) fn proposal(digest: [u8; 32], sites: &[&str]) -> serde_json::Value {
+    json!({
+        "spec_digest": hex::encode(digest),
+        "code_version": "test",
+        "base_model": "mlp",
+        "name": "test job",
+        "participants": sites,
+        "rounds": 3,
+    })
+}
+
 /// A site officer's certificate and a signing function with its key.
-fn officer(dir: &std::path::Path) -> (String, EcdsaKeyPair, CaDir) {
+pub(crate) fn officer(dir: &std::path::Path) -> (String, EcdsaKeyPair, CaDir) {
     let ca = CaDir::init(&dir.join("ca"), "test", KeyAlgorithm::EcdsaP256, 30, false).unwrap();
     let issued = ca
         .issue(
@@ -486,7 +503,16 @@ async fn an_approval_whose_signature_does_not_verify_is_refused_and_not_stored()
     let good_sig = key.sign(&SystemRandom::new(), &digest).unwrap();
     let other_sig = key.sign(&SystemRandom::new(), &[8u8; 32]).unwrap();
     for db in databases("approval").await {
-        let (log, pk) = filled_log(&db.url, 2, 100).await;
+        let (log, pk) = filled_log(&db.url, 1, 100).await;
+        // The job, proposed by the coordinator with the digest the officer signs.
+        log.append(
+            ACTOR,
+            Action::JobProposed,
+            "job-1",
+            proposal(digest, &["hospital-a"]),
+        )
+        .await
+        .unwrap();
         let payload = |sig: &[u8]| {
             json!({
                 "spec_digest": hex::encode(digest),

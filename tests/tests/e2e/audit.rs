@@ -24,6 +24,8 @@ use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity, file_stem
 use tutela_protocol::tls::TlsFiles;
 
 const NODE: &str = "spiffe://e2e/site/st-mary/node";
+const COORDINATOR: &str = "spiffe://e2e/coordinator";
+const OPERATOR: &str = "spiffe://e2e/operator/op";
 const AUDITOR: &str = "spiffe://e2e/site/general/user/dana";
 const AUDITOR_DENY: &str = "p, auditor, *, audit, write, deny";
 const NODE_WRITE: &str = "p, spiffe://e2e/site/*/node, site:*, audit, write, allow";
@@ -80,6 +82,8 @@ impl AuditService {
             officer_pem: Default::default(),
         };
         service.issue(&Principal::Audit, true);
+        service.issue(&Principal::Coordinator, false);
+        service.issue(&Principal::Operator { name: "op".into() }, false);
         service.issue(&node(), false);
         service.issue(&user("general", "dana"), false);
         service.officer_pem = service.issue(&user("st-mary", "alice"), false);
@@ -170,6 +174,18 @@ impl AuditService {
     }
 }
 
+/// A `job.proposed` payload of `digest` listing st-mary.
+fn proposal(digest: [u8; 32]) -> serde_json::Value {
+    json!({
+        "spec_digest": hex::encode(digest),
+        "code_version": "e2e",
+        "base_model": "mlp",
+        "name": "e2e job",
+        "participants": ["st-mary"],
+        "rounds": 1,
+    })
+}
+
 /// The PERMISSION_DENIED status of a refused call; panics on anything else.
 fn denied<T: std::fmt::Debug>(r: Result<T, AuditClientError>, what: &str) -> tonic::Status {
     match r {
@@ -220,13 +236,19 @@ async fn audit_service_over_mtls_and_cli_verify_names_the_tampered_row() {
     let mut service = AuditService::new(dir.path());
     service.start();
     let mut node_client = service.client(&node()).await;
+    let mut coordinator = service.client(&Principal::Coordinator).await;
     let mut officer = service.client(&user("st-mary", "alice")).await;
+    let digest = [9u8; 32];
+    coordinator
+        .append(Action::JobProposed, "job-1", &proposal(digest))
+        .await
+        .unwrap();
 
     // Events are recorded as the caller's certificate identity. The service's own record of
     // each allowed append (a `policy.decision`) shares the sequence, so seqs only increase.
     let mut round_seqs = Vec::new();
     for round in 1..=11u64 {
-        let r = node_client
+        let r = coordinator
             .append(
                 Action::RoundCompleted,
                 "job-1",
@@ -245,7 +267,7 @@ async fn audit_service_over_mtls_and_cli_verify_names_the_tampered_row() {
         .await
         .unwrap();
     assert_eq!(rounds.iter().map(|e| e.seq).collect::<Vec<_>>(), round_seqs);
-    assert!(rounds.iter().all(|e| e.actor == NODE));
+    assert!(rounds.iter().all(|e| e.actor == COORDINATOR));
 
     // An approval signed over another digest is refused and not stored; a genuine one is stored.
     let (officer_cert, officer_key) = service.officer_pem.clone();
@@ -256,7 +278,6 @@ async fn audit_service_over_mtls_and_cli_verify_names_the_tampered_row() {
         &SystemRandom::new(),
     )
     .unwrap();
-    let digest = [9u8; 32];
     let approval = |sig: &[u8]| json!({"spec_digest": hex::encode(digest), "signature": hex::encode(sig), "certificate": officer_cert, "site": "st-mary"});
     let approvals = EventFilter {
         action: Some(Action::JobApproved),
@@ -270,17 +291,17 @@ async fn audit_service_over_mtls_and_cli_verify_names_the_tampered_row() {
     assert!(err.to_string().contains("does not verify"), "{err}");
     assert!(officer.query(&approvals).await.unwrap().is_empty());
     let good = key.sign(&SystemRandom::new(), &digest).unwrap();
-    let stored = node_client
+    let stored = coordinator
         .append(Action::JobApproved, "job-1", &approval(good.as_ref()))
         .await
         .unwrap();
     assert_eq!(officer.query(&approvals).await.unwrap()[0].seq, stored.seq);
 
     // Every append the policy allowed (the forged approval included: the policy allowed the
-    // call, the service refused its content) is recorded by the service itself: 13 decisions,
-    // so 11 + 1 + 13 events in all.
-    decisions_until(&mut officer, |d| d.len() == 13, || service.log()).await;
-    let total = 25u64;
+    // call, the service refused its content, which adds a denial) is recorded by the service
+    // itself: 15 decisions, so 1 + 11 + 1 + 15 events in all.
+    decisions_until(&mut officer, |d| d.len() == 15, || service.log()).await;
+    let total = 28u64;
 
     // A site pins a checkpoint and advances it with consistency proofs (nodes may verify the
     // log without reading its events).
@@ -408,9 +429,9 @@ async fn auditors_read_but_never_append_and_every_denial_is_in_the_trail() {
     // A node appends; the auditor reads and verifies.
     let appended = node_client
         .append(
-            Action::NodeRegistered,
-            NODE,
-            &json!({"site": "st-mary", "version": "e2e"}),
+            Action::DatasetDeidentified,
+            "st-mary/patients",
+            &json!({"site": "st-mary", "dataset": "patients", "job": "job-1", "report": {}}),
         )
         .await
         .unwrap();
@@ -531,7 +552,11 @@ async fn auditors_read_but_never_append_and_every_denial_is_in_the_trail() {
     let start = Instant::now();
     let refusal = loop {
         match node_client
-            .append(Action::NodeRegistered, NODE, &json!({"site": "st-mary"}))
+            .append(
+                Action::UpdateRefused,
+                "job-1",
+                &json!({"round": 1, "site": "st-mary", "reason": "declined"}),
+            )
             .await
         {
             Ok(_) => {
@@ -560,4 +585,263 @@ async fn auditors_read_but_never_append_and_every_denial_is_in_the_trail() {
         || service.log(),
     )
     .await;
+}
+
+/// Runs `tutela` with `args`; (success, stdout, stderr).
+fn tutela(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("tutela")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_actions_are_refused_as_denials_and_rows_written_into_the_database_are_not_believed()
+{
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = AuditService::new(dir.path());
+    service.start();
+    let mut coordinator = service.client(&Principal::Coordinator).await;
+    let mut node_client = service.client(&node()).await;
+    let mut operator = service
+        .client(&Principal::Operator { name: "op".into() })
+        .await;
+    let mut officer = service.client(&user("st-mary", "alice")).await;
+
+    // A proposed job and an officer's genuine approval, relayed by the coordinator.
+    let digest = [5u8; 32];
+    coordinator
+        .append(Action::JobProposed, "job-1", &proposal(digest))
+        .await
+        .unwrap();
+    let (officer_cert, officer_key) = service.officer_pem.clone();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(officer_key.as_bytes()).unwrap();
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &pem.contents,
+        &SystemRandom::new(),
+    )
+    .unwrap();
+    let sig = key.sign(&SystemRandom::new(), &digest).unwrap();
+    let genuine = json!({"spec_digest": hex::encode(digest), "signature": hex::encode(sig.as_ref()), "certificate": officer_cert, "site": "st-mary"});
+    let approved = coordinator
+        .append(Action::JobApproved, "job-1", &genuine)
+        .await
+        .unwrap();
+
+    // What a node's certificate did in the field, for a job still proposed: each refused,
+    // naming the rule, and nothing stored.
+    let model = "ab".repeat(32);
+    let forgeries = [
+        (
+            Action::JobCompleted,
+            "job-1".to_string(),
+            json!({"model_digest": model, "rounds": 1}),
+        ),
+        (
+            Action::RoundCompleted,
+            "job-1".to_string(),
+            json!({"round": 1, "participants": ["st-mary"]}),
+        ),
+        (
+            Action::ModelPublished,
+            model.clone(),
+            json!({"job": "job-1", "model_digest": model, "spec_digest": hex::encode(digest), "rounds": 1, "code_version": "x"}),
+        ),
+        (
+            Action::CertificateRevoked,
+            NODE.to_string(),
+            json!({"serial": "01", "reason": "unspecified", "crl_number": 1}),
+        ),
+        (
+            Action::NodeRegistered,
+            NODE.to_string(),
+            json!({"site": "st-mary", "node_version": "x"}),
+        ),
+    ];
+    for (action, subject, payload) in &forgeries {
+        let status = denied(
+            node_client.append(*action, subject, payload).await,
+            action.as_str(),
+        );
+        assert!(
+            status.message().contains(NODE) && status.message().contains(action.as_str()),
+            "{status:?}"
+        );
+        assert!(
+            status.message().contains("only the coordinator asserts it")
+                || status.message().contains("only a CA administrator"),
+            "{status:?}"
+        );
+    }
+    // The operator re-appends the officer's genuine approval: refused.
+    let replay = denied(
+        operator
+            .append(Action::JobApproved, "job-1", &genuine)
+            .await,
+        "the operator's replay",
+    );
+    assert!(replay.message().contains("job.approved"), "{replay:?}");
+    // Nor does the coordinator get to record it twice.
+    let replay = denied(
+        coordinator
+            .append(Action::JobApproved, "job-1", &genuine)
+            .await,
+        "the coordinator's replay",
+    );
+    assert!(
+        replay.message().contains("replay")
+            && replay.message().contains(&format!("seq {}", approved.seq)),
+        "{replay:?}"
+    );
+    // Each refusal is in the trail as a denial naming the rule.
+    let refused = |e: &Event, who: &str| {
+        e.payload["who"] == who
+            && e.payload["allowed"] == false
+            && e.payload["rule"].as_str().is_some_and(|r| {
+                r.starts_with(
+                    "refused by the service: refused by the audit trail's authority rules",
+                )
+            })
+    };
+    decisions_until(
+        &mut officer,
+        |d| {
+            d.iter().filter(|e| refused(e, NODE)).count() == forgeries.len()
+                && d.iter().filter(|e| refused(e, OPERATOR)).count() == 1
+                && d.iter().filter(|e| refused(e, COORDINATOR)).count() == 1
+        },
+        || service.log(),
+    )
+    .await;
+    for action in [
+        Action::JobCompleted,
+        Action::RoundCompleted,
+        Action::ModelPublished,
+    ] {
+        let stored = officer
+            .query(&EventFilter {
+                action: Some(action),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(stored.is_empty(), "{action}: {stored:?}");
+    }
+
+    // The service stops; someone with the application's database role INSERTs the forgeries
+    // with a recomputed hash chain.
+    drop(service.process.take());
+    let db_url =
+        tutela_audit::store::AuditStore::sqlite_url(&service.data().join("audit.db")).unwrap();
+    let attacker = tutela_audit::store::AuditStore::open(&db_url)
+        .await
+        .unwrap();
+    let last = attacker.last_event().await.unwrap().unwrap();
+    let mut chain = tutela_audit::Chain::resume(&last).unwrap();
+    let mut rows = Vec::new();
+    for (action, subject, payload) in forgeries.iter().take(3) {
+        rows.push(
+            chain
+                .append(
+                    last.timestamp,
+                    NODE,
+                    *action,
+                    subject.as_str(),
+                    payload.clone(),
+                )
+                .unwrap(),
+        );
+    }
+    rows.push(
+        chain
+            .append(
+                last.timestamp,
+                OPERATOR,
+                Action::JobApproved,
+                "job-1",
+                genuine.clone(),
+            )
+            .unwrap(),
+    );
+    attacker.insert_events(&rows).await.unwrap();
+    let first_forged = rows[0].seq;
+
+    // `tutela audit verify` names the first forged row and exits non-zero.
+    let pubkey = service.data().join("checkpoint.key.pub");
+    let ca = service.certs.join("ca.crt");
+    let db_args = |cmd: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--database-url".to_string(),
+            db_url.clone(),
+            "--ca".to_string(),
+            ca.display().to_string(),
+        ]);
+        v
+    };
+    let mut verify = db_args(&["audit", "verify"]);
+    verify.extend(["--public-key".to_string(), pubkey.display().to_string()]);
+    let (ok, _, stderr) = tutela(&verify.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok, "verify must fail over forged rows");
+    assert!(
+        stderr.contains(&format!("seq {first_forged}")) && stderr.contains("job.completed"),
+        "{stderr}"
+    );
+    // The report shows neither the completion nor the replayed approval as real.
+    let report = db_args(&["audit", "report", "--job", "job-1", "--format", "json"]);
+    let (ok, stdout, stderr) = tutela(&report.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{stderr}");
+    let record: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(record["outcome"], "running", "{record:#}");
+    assert!(
+        record["rounds"].as_array().unwrap().is_empty(),
+        "{record:#}"
+    );
+    let approvals = record["approvals"].as_array().unwrap();
+    assert_eq!(approvals.len(), 1, "{record:#}");
+    assert_eq!(approvals[0]["seq"], approved.seq);
+    let flagged: Vec<u64> = record["flagged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        flagged.contains(&first_forged) && flagged.contains(&rows[3].seq),
+        "{record:#}"
+    );
+
+    // The service, restarted, refuses to open the log (it would sign a checkpoint over the
+    // forged rows), naming the first.
+    let config = service.config(&service.policy_table());
+    let mut child = Command::new(bin("tutela-audit"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the audit service started over forged rows");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!status.success(), "{text}");
+    assert!(text.contains(&format!("seq {first_forged}")), "{text}");
 }

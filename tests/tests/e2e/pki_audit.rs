@@ -189,6 +189,7 @@ fn pki_issue_and_revoke_are_recorded_as_the_operator_or_fail_saying_they_were_no
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\ncheckpoint_interval_secs = 1\n\
+             ca_admins = [\"{OPERATOR}\"]\n\
              [tls]\nca = \"{t}/ca.crt\"\ncert = \"{t}/audit.crt\"\nkey = \"{t}/audit.key\"\ncrl = \"{ca}/crl.pem\"\n\
              [policy]\nmodel = \"{p}/model.conf\"\npolicy = \"{p}/policy.csv\"\nreload_secs = 1\n",
             data = data.display(),
@@ -415,6 +416,23 @@ fn pki_issue_and_revoke_are_recorded_as_the_operator_or_fail_saying_they_were_no
         &format!("sqlite://{}", db.display()),
         "--public-key",
         &data.join("checkpoint.key.pub").display().to_string(),
+        "--ca",
+        &arg("ca/ca.crt"),
+        "--ca-admin",
+        OPERATOR,
     ]);
     assert!(out.starts_with("OK: "), "{out}");
+    // Told no CA administrator, the reader does not believe the certificate events.
+    let err = fails(&[
+        "audit",
+        "verify",
+        "--database-url",
+        &format!("sqlite://{}", db.display()),
+        "--public-key",
+        &data.join("checkpoint.key.pub").display().to_string(),
+    ]);
+    assert!(
+        err.contains("certificate.issued") && err.contains("only a CA administrator"),
+        "{err}"
+    );
 }
