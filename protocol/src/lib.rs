@@ -8,15 +8,19 @@
 //!   identity handed to every handler, and connecting to them.
 //! - [`stream`]: chunked tensor streaming with an end-to-end SHA-256 digest.
 //! - [`pb`]: the generated protobuf and gRPC code.
+//! - [`lora`]: LoRA adapters as jobs state them and as they travel (PEFT names, FFA-LoRA's shared `A`).
+//! - [`checkpoint`]: Hugging Face checkpoints tensor by tensor: LoRA merge, INT8 export and loader.
 
 pub mod bench;
 pub mod canonical;
+pub mod checkpoint;
 pub mod client;
 pub mod database;
 pub mod federation;
 pub mod identity;
 pub mod job;
 pub mod logging;
+pub mod lora;
 pub mod pki;
 pub mod server;
 pub mod services;
