@@ -1,0 +1,3 @@
+//! Language models at the site.
+
+pub mod lora;
