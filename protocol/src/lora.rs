@@ -273,6 +273,72 @@ pub fn init_lora_a(seed: u64, path: &str, rank: usize, in_features: usize) -> Ve
     out
 }
 
+/// The shape of a Llama-architecture decoder, for sizing what travels (parameters, not a model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaShape {
+    pub vocab: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub layers: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub tied_embeddings: bool,
+}
+
+impl LlamaShape {
+    /// Llama-2-7B's published configuration.
+    pub const LLAMA_2_7B: LlamaShape = LlamaShape {
+        vocab: 32_000,
+        hidden: 4096,
+        intermediate: 11_008,
+        layers: 32,
+        heads: 32,
+        kv_heads: 32,
+        tied_embeddings: false,
+    };
+
+    /// `(name, out_features, in_features)` of one decoder layer's Linear modules.
+    pub fn linear_modules(&self) -> [(&'static str, u64, u64); 7] {
+        let kv = self.hidden / self.heads * self.kv_heads;
+        let (h, i) = (self.hidden, self.intermediate);
+        [
+            ("q_proj", h, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, h),
+            ("gate_proj", i, h),
+            ("up_proj", i, h),
+            ("down_proj", h, i),
+        ]
+    }
+
+    /// Every parameter of the model (embeddings, layers with their two norms, final norm, head).
+    pub fn parameters(&self) -> u64 {
+        let per_layer: u64 = self
+            .linear_modules()
+            .iter()
+            .map(|(_, o, i)| o * i)
+            .sum::<u64>()
+            + 2 * self.hidden;
+        let embeddings = self.vocab * self.hidden;
+        let head = if self.tied_embeddings { 0 } else { embeddings };
+        embeddings + self.layers * per_layer + self.hidden + head
+    }
+
+    /// `(B parameters, A parameters)` of rank-`rank` adapters on the `targets` modules of every
+    /// layer.
+    pub fn adapter_parameters(&self, rank: u64, targets: &[&str]) -> (u64, u64) {
+        let (mut b, mut a) = (0, 0);
+        for (name, out, input) in self.linear_modules() {
+            if targets.contains(&name) {
+                b += out * rank;
+                a += rank * input;
+            }
+        }
+        (self.layers * b, self.layers * a)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +351,18 @@ mod tests {
             dropout: 0.0,
             aggregation: LoraAggregation::Ffa,
         }
+    }
+
+    #[test]
+    fn llama_2_7b_has_its_published_size_and_its_adapters_are_small() {
+        let shape = LlamaShape::LLAMA_2_7B;
+        assert_eq!(shape.parameters(), 6_738_415_616);
+        let (b, a) = shape.adapter_parameters(8, &["q_proj", "v_proj"]);
+        assert_eq!((b, a), (2_097_152, 2_097_152));
+        // What travels per site per round under FFA-LoRA (B in f32) against the full model in
+        // bf16: BENCHMARKS.md quotes these.
+        assert_eq!(b * 4, 8 * 1024 * 1024);
+        assert_eq!(shape.parameters() * 2 / (b * 4), 1606);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! `adapter_model.safetensors` with `base_model.model.<path>.lora_A.weight` / `lora_B.weight`),
 //! so `peft` loads what a site trains.
 
+pub mod bench;
 pub mod dp;
 pub mod stack;
 
