@@ -265,7 +265,11 @@ fn bench_dp_step(
     let mut summary = Vec::new();
     for model in &models {
         let model = model.as_str();
-        let batch = if model == "lora" { lora_sequences } else { batch };
+        let batch = if model == "lora" {
+            lora_sequences
+        } else {
+            batch
+        };
         let mut ratios = Vec::with_capacity(pairs);
         let mut worst_memory = 0f64;
         for _ in 0..pairs {
@@ -305,7 +309,11 @@ fn bench_dp_step(
     }
     for (model, ratio, memory) in summary {
         // The targets: DP-LoRA ≤ 1.3× time and ≤ 1.5× memory; the others ≤ 1.5× and ≤ 2×.
-        let (time_target, memory_target) = if model == "lora" { (1.3, 1.5) } else { (1.5, 2.0) };
+        let (time_target, memory_target) = if model == "lora" {
+            (1.3, 1.5)
+        } else {
+            (1.5, 2.0)
+        };
         println!(
             "{model}: median time ratio {ratio:.2} (target ≤ {time_target}), largest memory ratio {memory:.2} (target ≤ {memory_target}, growths under 1 MiB counted as 1 MiB)"
         );
@@ -370,7 +378,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             models,
             lora_sequences,
             child,
-        }) => bench_dp_step(models, lora_sequences, batch, iters, pairs, torch_threads, child)?,
+        }) => bench_dp_step(
+            models,
+            lora_sequences,
+            batch,
+            iters,
+            pairs,
+            torch_threads,
+            child,
+        )?,
         Command::Run { config } => {
             let config = NodeConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -43,10 +43,30 @@ fn base(s: &Scratch) -> (Vec<f32>, Vec<f32>) {
     write(
         &s.path("base/model.safetensors"),
         &[
-            ("model.embed_tokens.weight", Dtype::F32, vec![10, 8], values(80, 3)),
-            ("model.layers.0.input_layernorm.weight", Dtype::F32, vec![8], values(8, 4)),
-            ("model.layers.0.self_attn.q_proj.weight", Dtype::F32, vec![6, 8], q.clone()),
-            ("model.layers.0.self_attn.v_proj.weight", Dtype::BF16, vec![4, 8], v.clone()),
+            (
+                "model.embed_tokens.weight",
+                Dtype::F32,
+                vec![10, 8],
+                values(80, 3),
+            ),
+            (
+                "model.layers.0.input_layernorm.weight",
+                Dtype::F32,
+                vec![8],
+                values(8, 4),
+            ),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                Dtype::F32,
+                vec![6, 8],
+                q.clone(),
+            ),
+            (
+                "model.layers.0.self_attn.v_proj.weight",
+                Dtype::BF16,
+                vec![4, 8],
+                v.clone(),
+            ),
         ],
     );
     (q, v)
@@ -70,7 +90,10 @@ fn merge_writes_w_plus_scaled_ba_in_the_base_dtype() {
         spec.peft_config_json().to_string(),
     )
     .unwrap();
-    let (qp, vp) = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj");
+    let (qp, vp) = (
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    );
     let (qa, qb, va, vb) = (values(16, 5), values(12, 6), values(16, 7), values(8, 8));
     write(
         &s.path("adapter/adapter_model.safetensors"),
@@ -82,17 +105,28 @@ fn merge_writes_w_plus_scaled_ba_in_the_base_dtype() {
         ],
     );
     let out = ok(&[
-        "model", "merge", "--base", &s.arg("base"), "--adapter", &s.arg("adapter"), "--output",
+        "model",
+        "merge",
+        "--base",
+        &s.arg("base"),
+        "--adapter",
+        &s.arg("adapter"),
+        "--output",
         &s.arg("merged"),
     ]);
-    assert!(out.contains("merged 2 adapted modules into 4 tensors"), "{out}");
+    assert!(
+        out.contains("merged 2 adapted modules into 4 tensors"),
+        "{out}"
+    );
     assert!(s.path("merged/config.json").is_file());
 
     let expected = |w: &[f32], b: &[f32], a: &[f32], rows: usize| -> Vec<f64> {
         (0..rows * 8)
             .map(|k| {
                 let (o, i) = (k / 8, k % 8);
-                let ba: f64 = (0..2).map(|r| f64::from(b[o * 2 + r]) * f64::from(a[r * 8 + i])).sum();
+                let ba: f64 = (0..2)
+                    .map(|r| f64::from(b[o * 2 + r]) * f64::from(a[r * 8 + i]))
+                    .sum();
                 f64::from(w[k]) + 1.5 * ba
             })
             .collect()
@@ -100,10 +134,16 @@ fn merge_writes_w_plus_scaled_ba_in_the_base_dtype() {
     let mut merged = SafetensorsReader::open(&s.path("merged/model.safetensors")).unwrap();
     let (_, q_merged) = merged.read_f32(&format!("{qp}.weight")).unwrap();
     for (got, want) in q_merged.iter().zip(expected(&q, &qb, &qa, 6)) {
-        assert!((f64::from(*got) - want).abs() <= want.abs() * 1e-6 + 1e-6, "{got} {want}");
+        assert!(
+            (f64::from(*got) - want).abs() <= want.abs() * 1e-6 + 1e-6,
+            "{got} {want}"
+        );
     }
     // bf16 stays bf16, the merge rounded once from the f32 result.
-    assert_eq!(merged.info(&format!("{vp}.weight")).unwrap().dtype, Dtype::BF16);
+    assert_eq!(
+        merged.info(&format!("{vp}.weight")).unwrap().dtype,
+        Dtype::BF16
+    );
     let v_base: Vec<f32> = v.iter().map(|&x| bf16(x)).collect();
     let (_, v_merged) = merged.read_f32(&format!("{vp}.weight")).unwrap();
     for (got, want) in v_merged.iter().zip(expected(&v_base, &vb, &va, 4)) {
@@ -111,18 +151,32 @@ fn merge_writes_w_plus_scaled_ba_in_the_base_dtype() {
     }
     // Untouched tensors are copied byte for byte.
     let mut original = SafetensorsReader::open(&s.path("base/model.safetensors")).unwrap();
-    for name in ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"] {
-        assert_eq!(merged.read_bytes(name).unwrap(), original.read_bytes(name).unwrap());
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+    ] {
+        assert_eq!(
+            merged.read_bytes(name).unwrap(),
+            original.read_bytes(name).unwrap()
+        );
     }
 
     // An adapter whose module the base lacks is refused, naming it.
     std::fs::write(
         s.path("adapter/adapter_config.json"),
-        spec.peft_config_json().to_string().replace("\"r\":2", "\"r\":3"),
+        spec.peft_config_json()
+            .to_string()
+            .replace("\"r\":2", "\"r\":3"),
     )
     .unwrap();
     let err = fails(&[
-        "model", "merge", "--base", &s.arg("base"), "--adapter", &s.arg("adapter"), "--output",
+        "model",
+        "merge",
+        "--base",
+        &s.arg("base"),
+        "--adapter",
+        &s.arg("adapter"),
+        "--output",
         &s.arg("merged2"),
     ]);
     assert!(err.contains("rank-3"), "{err}");
@@ -132,14 +186,30 @@ fn merge_writes_w_plus_scaled_ba_in_the_base_dtype() {
 fn int8_export_round_trips_within_half_a_step_per_channel() {
     let s = Scratch::new("model-int8");
     let (q, v) = base(&s);
-    let out = ok(&["model", "export-int8", "--model", &s.arg("base"), "--output", &s.arg("int8")]);
-    assert!(out.contains("quantized 2 Linear weights, copied 2 tensors"), "{out}");
+    let out = ok(&[
+        "model",
+        "export-int8",
+        "--model",
+        &s.arg("base"),
+        "--output",
+        &s.arg("int8"),
+    ]);
+    assert!(
+        out.contains("quantized 2 Linear weights, copied 2 tensors"),
+        "{out}"
+    );
     let file = s.path("int8/model.safetensors");
     let reader = SafetensorsReader::open(&file).unwrap();
     let q_name = "model.layers.0.self_attn.q_proj.weight";
     assert_eq!(reader.info(q_name).unwrap().dtype, Dtype::I8);
-    assert_eq!(reader.info(&int8_scale_name(q_name)).unwrap().shape, vec![6]);
-    assert_eq!(reader.info("model.embed_tokens.weight").unwrap().dtype, Dtype::F32);
+    assert_eq!(
+        reader.info(&int8_scale_name(q_name)).unwrap().shape,
+        vec![6]
+    );
+    assert_eq!(
+        reader.info("model.embed_tokens.weight").unwrap().dtype,
+        Dtype::F32
+    );
 
     let loaded = load_int8_dequantized(&file).unwrap();
     assert_eq!(loaded.len(), 4, "scales are folded into their weights");
@@ -154,13 +224,18 @@ fn int8_export_round_trips_within_half_a_step_per_channel() {
             let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
             let step = max / 127.0;
             for (a, b) in row.iter().zip(back_row) {
-                assert!((a - b).abs() <= step * 0.5 * (1.0 + 1e-5), "{name} row {r}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= step * 0.5 * (1.0 + 1e-5),
+                    "{name} row {r}: {a} vs {b}"
+                );
             }
         }
         assert_eq!(original.len(), rows * 8);
     }
     assert_eq!(loaded["model.embed_tokens.weight"].1, values(80, 3));
     // A file that is not an INT8 export is refused by the loader.
-    let err = load_int8_dequantized(&s.path("base/model.safetensors")).unwrap_err().to_string();
+    let err = load_int8_dequantized(&s.path("base/model.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("tutela-int8-v1"), "{err}");
 }

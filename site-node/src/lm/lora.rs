@@ -249,23 +249,28 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// `y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`, recording on the tape when it is started.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let base = x.linear(&self.weight, self.bias.as_ref());
+    /// `y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ`, recording on the tape when it is started. An
+    /// input whose last dimension is not the layer's `in` is an error, not a panic.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor, LoraError> {
+        let base = x.f_linear(&self.weight, self.bias.as_ref())?;
         let adapter_input = if train && self.dropout > 0.0 {
-            x.dropout(self.dropout, true)
+            x.f_dropout(self.dropout, true)?
         } else {
             x.shallow_clone()
         };
-        let projected = adapter_input.matmul(&self.a.tr());
-        let output = base + projected.matmul(&self.b.tr()) * self.scaling;
+        let projected = adapter_input.f_matmul(&self.a.f_tr()?)?;
+        let output = base.f_add(
+            &projected
+                .f_matmul(&self.b.f_tr()?)?
+                .f_mul_scalar(self.scaling)?,
+        )?;
         self.tape.record(|| LoraRecord {
             path: self.path.clone(),
             input: x.detach(),
             projected: projected.detach(),
             output: output.shallow_clone(),
         });
-        output
+        Ok(output)
     }
 
     /// `W + s · B·A`: the merged weight, in the weight's kind.
@@ -356,6 +361,115 @@ pub fn load_peft_adapter(file: &Path, layers: &mut [&mut LoraLinear]) -> Result<
         let b = read(&lora_b_name(&layer.path), &layer.b)?;
         let a = read(&lora_a_name(&layer.path), &layer.a)?;
         layer.set_factors(&b, Some(&a))?;
+    }
+    Ok(())
+}
+
+/// The adapter tensors that travel in a round's update, as wire tensors (f32, PEFT names, in
+/// layer order): each layer's `B`, and its `A` only when `A` trains. Under FFA-LoRA that is `B`
+/// alone: every site derives `A` from the job's seed, so it never needs to travel.
+pub fn adapter_update_tensors(
+    layers: &[&LoraLinear],
+) -> Result<Vec<(tutela_protocol::tensor::TensorSpec, Vec<u8>)>, LoraError> {
+    let mut out = Vec::new();
+    for layer in layers {
+        let mut factors = vec![(lora_b_name(&layer.path), &layer.b)];
+        if layer.train_a {
+            factors.push((lora_a_name(&layer.path), &layer.a));
+        }
+        for (name, t) in factors {
+            let host = t
+                .f_detach()?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(Device::Cpu)?
+                .f_contiguous()?;
+            let shape: Vec<u64> = host.size().iter().map(|&d| d.max(0) as u64).collect();
+            let values = Vec::<f32>::try_from(host.f_view([-1])?)?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            out.push((
+                tutela_protocol::tensor::TensorSpec::new(
+                    name,
+                    tutela_protocol::tensor::DType::F32,
+                    shape,
+                ),
+                bytes,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Overwrites the layers' travelling tensors ([`adapter_update_tensors`]) with `tensors`, which
+/// must name exactly those tensors, f32, with the layers' shapes. Nothing is written unless all
+/// match.
+pub fn load_adapter_update(
+    layers: &mut [&mut LoraLinear],
+    tensors: &[(tutela_protocol::tensor::TensorSpec, Vec<u8>)],
+) -> Result<(), LoraError> {
+    let mut by_name: HashMap<&str, &(tutela_protocol::tensor::TensorSpec, Vec<u8>)> =
+        HashMap::with_capacity(tensors.len());
+    for entry in tensors {
+        if by_name.insert(entry.0.name.as_str(), entry).is_some() {
+            return Err(LoraError::File(format!("{:?} appears twice", entry.0.name)));
+        }
+    }
+    let mut expected = Vec::new();
+    for layer in layers.iter() {
+        expected.push((lora_b_name(&layer.path), layer.b.size()));
+        if layer.train_a {
+            expected.push((lora_a_name(&layer.path), layer.a.size()));
+        }
+    }
+    if expected.len() != by_name.len() {
+        let unexpected: Vec<&str> = by_name
+            .keys()
+            .filter(|n| !expected.iter().any(|(e, _)| e == *n))
+            .copied()
+            .collect();
+        return Err(LoraError::File(format!(
+            "the update holds {} tensors, the adapters {} (unexpected: {unexpected:?})",
+            by_name.len(),
+            expected.len()
+        )));
+    }
+    let mut decoded = Vec::with_capacity(expected.len());
+    for (name, shape) in &expected {
+        let (spec, bytes) = by_name
+            .get(name.as_str())
+            .ok_or_else(|| LoraError::File(format!("{name:?} is missing from the update")))?;
+        let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        if spec.dtype != tutela_protocol::tensor::DType::F32 || spec.shape != want {
+            return Err(LoraError::File(format!(
+                "{name:?} is {} {:?}, the adapter's is f32 {want:?}",
+                spec.dtype, spec.shape
+            )));
+        }
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if values.len() as i64 != shape.iter().product::<i64>() {
+            return Err(LoraError::File(format!(
+                "{name:?} has the wrong number of bytes"
+            )));
+        }
+        decoded.push(Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?);
+    }
+    let mut next = decoded.into_iter();
+    for layer in layers.iter_mut() {
+        let b = next
+            .next()
+            .ok_or_else(|| LoraError::File("update too short".into()))?;
+        let b = b.f_to_kind(layer.b.kind())?.f_to_device(layer.b.device())?;
+        if layer.train_a {
+            let a = next
+                .next()
+                .ok_or_else(|| LoraError::File("update too short".into()))?;
+            let a = a.f_to_kind(layer.a.kind())?.f_to_device(layer.a.device())?;
+            layer.set_factors(&b, Some(&a))?;
+        } else {
+            layer.set_factors(&b, None)?;
+        }
     }
     Ok(())
 }

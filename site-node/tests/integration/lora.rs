@@ -16,7 +16,9 @@ use tutela_site_node::lm::lora::dp::{
     clipped_adapter_gradient_sum, clipped_adapter_gradient_sum_reference,
 };
 use tutela_site_node::lm::lora::stack::{LoraStack, LoraStackConfig};
-use tutela_site_node::lm::lora::{LoraLinear, LoraTape, save_peft_adapter};
+use tutela_site_node::lm::lora::{
+    LoraLinear, LoraTape, adapter_update_tensors, load_adapter_update, save_peft_adapter,
+};
 
 const VOCAB: i64 = 23;
 
@@ -96,7 +98,18 @@ fn merged_equals_unmerged_and_b_zero_is_the_base() {
     let bias = Tensor::randn([5], (Kind::Double, Device::Cpu));
     let layer = LoraLinear::new("m.q_proj", &w, Some(&bias), &spec, 3, &tape).unwrap();
     let x = Tensor::randn([2, 4, 9], (Kind::Double, Device::Cpu));
-    assert!(layer.forward_t(&x, true).equal(&x.linear(&w, Some(&bias))));
+    assert!(
+        layer
+            .forward_t(&x, true)
+            .unwrap()
+            .equal(&x.linear(&w, Some(&bias)))
+    );
+    // A wrong input width is an error, not a panic.
+    assert!(
+        layer
+            .forward_t(&Tensor::zeros([2, 8], (Kind::Double, Device::Cpu)), true)
+            .is_err()
+    );
     assert_eq!(layer.trainable().len(), 1, "FFA-LoRA trains B only");
     assert!(!layer.a().requires_grad());
     // A is the shared seeded init: another site builds the same bits.
@@ -419,4 +432,45 @@ fn peft_loads_our_adapter_and_our_merge_equals_merge_and_unload() {
             .fold(0f32, f32::max);
         assert!(err < 1e-6, "{}: {err}", layer.path());
     }
+}
+
+#[test]
+fn only_b_travels_under_ffa_and_an_update_loads_back_exactly() {
+    let mut sender = stack(false);
+    let update = adapter_update_tensors(&sender.lora_layers()).unwrap();
+    assert_eq!(update.len(), 3);
+    assert!(
+        update
+            .iter()
+            .all(|(s, _)| s.name.ends_with(".lora_B.weight")),
+        "{update:?}"
+    );
+    assert_eq!(update[2].0.name, "base_model.model.lm_head.lora_B.weight");
+    let mut receiver = LoraStack::new(&config(false)).unwrap();
+    {
+        let mut layers = receiver.lora_layers_mut();
+        load_adapter_update(&mut layers, &update).unwrap();
+    }
+    for (a, b) in sender.lora_layers().iter().zip(receiver.lora_layers()) {
+        assert!(
+            a.b()
+                .to_kind(Kind::Float)
+                .equal(&b.b().to_kind(Kind::Float))
+        );
+    }
+    // A missing or misnamed tensor is refused and nothing is written.
+    let before = receiver.lora_layers()[0].b().copy();
+    let mut short = update.clone();
+    short[0].0.name = "base_model.model.x.lora_B.weight".into();
+    let err = load_adapter_update(&mut receiver.lora_layers_mut(), &short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    assert!(receiver.lora_layers()[0].b().equal(&before));
+    // With A trained, A travels too.
+    sender = stack(true);
+    assert_eq!(
+        adapter_update_tensors(&sender.lora_layers()).unwrap().len(),
+        6
+    );
 }

@@ -90,6 +90,14 @@ impl LoraStack {
         Ok(())
     }
 
+    /// The adapted layers, mutable (to load a round's global adapter).
+    pub fn lora_layers_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.blocks
+            .iter_mut()
+            .chain(std::iter::once(&mut self.head))
+            .collect()
+    }
+
     /// Logits `[S, T, vocab]`; with `merged`, every layer runs with its merged weight `W + s·B·A`
     /// and no adapter (the LoRA-merged model).
     pub fn logits(
@@ -102,7 +110,7 @@ impl LoraStack {
             if merged {
                 Ok(x.f_linear(&layer.merged_weight()?, layer.bias())?)
             } else {
-                Ok(layer.forward_t(x, train))
+                layer.forward_t(x, train)
             }
         };
         let mask = batch.mask.f_unsqueeze(-1)?;
