@@ -154,7 +154,7 @@ impl SafetensorsReader {
     }
 
     /// Tensor `name` as f32 (from f32, f64, f16 or bf16), with its shape.
-    pub fn read_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
+    pub fn read_f32(&mut self, name: &str) -> Result<F32Tensor, CheckpointError> {
         let info = self
             .metadata
             .info(name)
@@ -352,12 +352,15 @@ fn copy_companions(base: &Path, output: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// A tensor read as f32: its shape and row-major values.
+pub type F32Tensor = (Vec<usize>, Vec<f32>);
+
 /// A loaded adapter: per module path, `B` `[out, r]` and `A` `[r, in]` in f32, and the scaling.
 pub struct Adapter {
     pub scaling: f64,
     pub rank: usize,
     /// module path → (B, A), each `(shape, values)`.
-    pub modules: BTreeMap<String, ((Vec<usize>, Vec<f32>), (Vec<usize>, Vec<f32>))>,
+    pub modules: BTreeMap<String, (F32Tensor, F32Tensor)>,
 }
 
 impl Adapter {
@@ -633,9 +636,7 @@ pub fn export_int8(model_dir: &Path, output: &Path) -> Result<Int8Report, Checkp
 /// Reads an INT8 export back as f32 tensors: `q · scale` for the quantized ones, every other
 /// float tensor converted; name → (shape, values). A file without the `tutela-int8-v1` tag is
 /// refused.
-pub fn load_int8_dequantized(
-    file: &Path,
-) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>, CheckpointError> {
+pub fn load_int8_dequantized(file: &Path) -> Result<BTreeMap<String, F32Tensor>, CheckpointError> {
     let mut reader = SafetensorsReader::open(file)?;
     let tag = reader
         .user_metadata()

@@ -19,6 +19,7 @@
 //!    linear map applied at every position `t`:
 //!    - `∇B_s = s · Σ_t g_t h_tᵀ = s · G_sᵀ H_s` : `[out, r]`,
 //!    - `∇A_s = s · Σ_t (Bᵀ g_t) x_tᵀ = s · (G_s B)ᵀ X_s` : `[r, in]` (only when `A` trains).
+//!
 //!    Padded positions are masked out of `G_s` (so ragged lengths in one padded batch give
 //!    exactly the unpadded gradients). Materialising is the cheaper route here: a factor's
 //!    gradient has `out·r` (or `r·in`) values per example, with `r` small, where ghost norms
