@@ -10,7 +10,7 @@ use tutela_privacy::accountant::Accountant;
 use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 use tutela_privacy::noise::SecureRng;
 use tutela_protocol::lora::{LoraAggregation, LoraSpec};
-use tutela_site_node::dp::DpSgdStep;
+use tutela_site_node::dp::{DpSgdStep, PoissonBatchSampler};
 use tutela_site_node::lm::lora::dp::{
     AdapterGradientStep, AdapterModel, DpAdapterStep, IGNORE_INDEX, SequenceBatch,
     clipped_adapter_gradient_sum, clipped_adapter_gradient_sum_reference,
@@ -156,6 +156,7 @@ fn check_against_loop(train_a: bool, lengths: &[i64], units: &[i64], n_units: us
         );
     }
     let err = relative_error(&fast.flat, &slow.flat);
+    eprintln!("{lengths:?} units {units:?} (A trains: {train_a}): relative error {err:e}");
     assert!(
         err < 1e-6,
         "{lengths:?} {units:?}: clipped sums differ by {err:e} (relative)"
@@ -473,4 +474,82 @@ fn only_b_travels_under_ffa_and_an_update_loads_back_exactly() {
         adapter_update_tensors(&sender.lora_layers()).unwrap().len(),
         6
     );
+}
+
+#[test]
+fn poisson_sampled_units_become_a_padded_batch_clipped_unit_by_unit() {
+    tch::set_num_threads(1);
+    // Six patients with ragged token windows (one window too short to train on).
+    let units: Vec<Vec<Vec<i64>>> = vec![
+        vec![vec![1, 2, 3, 4, 5], vec![6, 7]],
+        vec![vec![8, 9, 10]],
+        vec![vec![11], vec![12, 13, 14, 15, 16, 17, 18]],
+        vec![vec![19, 20, 21, 22]],
+        vec![vec![3, 1, 4, 1, 5, 9], vec![2, 6, 5], vec![3, 5]],
+        vec![vec![8, 9, 7, 9]],
+    ];
+    let mut sampler =
+        PoissonBatchSampler::with_rng(units.len(), 3, SecureRng::insecure_from_seed([9; 32]))
+            .unwrap();
+    let sampled = (0..20)
+        .map(|_| sampler.next_batch())
+        .find(|b| b.len() >= 3)
+        .expect("a batch of at least 3 units in 20 draws at q = 1/2");
+    let batch = SequenceBatch::from_units(&units, &sampled, 0, Kind::Double, Device::Cpu).unwrap();
+    let windows: usize = sampled
+        .iter()
+        .map(|&u| units[u].iter().filter(|w| w.len() >= 2).count())
+        .sum();
+    assert_eq!(batch.sequences() as usize, windows);
+    assert_eq!(batch.n_units, sampled.len());
+    let longest = sampled
+        .iter()
+        .flat_map(|&u| units[u].iter().map(|w| w.len() as i64 - 1))
+        .max()
+        .unwrap();
+    assert_eq!(batch.input_ids.size(), [windows as i64, longest]);
+    // Row 0 is the first window of the first sampled unit: inputs w[..n-1], targets w[1..].
+    let first = units[sampled[0]].iter().find(|w| w.len() >= 2).unwrap();
+    let n = first.len() as i64 - 1;
+    assert_eq!(
+        Vec::<i64>::try_from(batch.input_ids.get(0).narrow(0, 0, n)).unwrap(),
+        first[..first.len() - 1]
+    );
+    assert_eq!(
+        Vec::<i64>::try_from(batch.targets.get(0).narrow(0, 0, n)).unwrap(),
+        first[1..]
+    );
+    assert_eq!(
+        batch.mask.sum(Kind::Double).double_value(&[]) as i64,
+        batch
+            .targets
+            .ne(IGNORE_INDEX)
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    );
+
+    let model = stack(false);
+    // Clip at the median unit norm, so that some units are clipped and some not.
+    let unclipped = clipped_adapter_gradient_sum_reference(&model, &batch, f64::INFINITY).unwrap();
+    let mut norms = Vec::<f64>::try_from(&unclipped.norms).unwrap();
+    norms.sort_by(f64::total_cmp);
+    let clip = norms[norms.len() / 2] * 0.999;
+    let fast = clipped_adapter_gradient_sum(&model, &batch, clip).unwrap();
+    let slow = clipped_adapter_gradient_sum_reference(&model, &batch, clip).unwrap();
+    let clipped = slow.norms.gt(clip).sum(Kind::Int64).int64_value(&[]);
+    assert!(
+        clipped >= 1 && clipped < sampled.len() as i64,
+        "{clipped} of {} clipped",
+        sampled.len()
+    );
+    let err = relative_error(&fast.flat, &slow.flat);
+    assert!(
+        err < 1e-6,
+        "sampled patients: clipped sums differ by {err:e}"
+    );
+
+    let err = SequenceBatch::from_units(&units, &[7], 0, Kind::Double, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sampled unit 7"), "{err}");
 }

@@ -107,6 +107,59 @@ impl SequenceBatch {
         Ok(())
     }
 
+    /// The batch of the privacy units `sampled` (indices into `units`, e.g. a
+    /// [`crate::dp::PoissonBatchSampler`] batch over `units.len()` rows): every token window of
+    /// every sampled unit, as next-token pairs (inputs `w[..n-1]`, targets `w[1..]`), right-padded
+    /// with `pad_id` to the longest, targets [`IGNORE_INDEX`] and mask 0 on padding. Unit `k` of
+    /// the batch is `sampled[k]`; a window shorter than 2 tokens has no pair and is skipped.
+    pub fn from_units(
+        units: &[Vec<Vec<i64>>],
+        sampled: &[usize],
+        pad_id: i64,
+        mask_kind: Kind,
+        device: tch::Device,
+    ) -> Result<SequenceBatch, TrainError> {
+        let mut windows: Vec<(&[i64], i64)> = Vec::new();
+        for (k, &u) in sampled.iter().enumerate() {
+            let unit = units.get(u).ok_or_else(|| {
+                invalid(format!("sampled unit {u} is outside 0..{}", units.len()))
+            })?;
+            windows.extend(
+                unit.iter()
+                    .filter(|w| w.len() >= 2)
+                    .map(|w| (w.as_slice(), k as i64)),
+            );
+        }
+        let s = windows.len();
+        let t = windows.iter().map(|(w, _)| w.len() - 1).max().unwrap_or(0);
+        let mut ids = vec![pad_id; s * t];
+        let mut targets = vec![IGNORE_INDEX; s * t];
+        let mut mask = vec![0f64; s * t];
+        for (row, (w, _)) in windows.iter().enumerate() {
+            let n = w.len() - 1;
+            ids[row * t..row * t + n].copy_from_slice(&w[..n]);
+            targets[row * t..row * t + n].copy_from_slice(&w[1..]);
+            mask[row * t..row * t + n].fill(1.0);
+        }
+        let shape = [s as i64, t as i64];
+        let tensor = |values: &[i64]| {
+            Tensor::f_from_slice(values)
+                .and_then(|x| x.f_view(shape))
+                .and_then(|x| x.f_to_device(device))
+        };
+        Ok(SequenceBatch {
+            input_ids: tensor(&ids).map_err(torch("batch ids"))?,
+            targets: tensor(&targets).map_err(torch("batch targets"))?,
+            mask: Tensor::f_from_slice(&mask)
+                .and_then(|x| x.f_view(shape))
+                .and_then(|x| x.f_to_kind(mask_kind))
+                .and_then(|x| x.f_to_device(device))
+                .map_err(torch("batch mask"))?,
+            units: windows.iter().map(|&(_, k)| k).collect(),
+            n_units: sampled.len(),
+        })
+    }
+
     /// Sequence `s` alone, cut to its real length (the reference's unpadded input).
     fn unpadded(&self, s: i64) -> Result<SequenceBatch, tch::TchError> {
         let len = self
