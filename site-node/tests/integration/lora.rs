@@ -553,3 +553,79 @@ fn poisson_sampled_units_become_a_padded_batch_clipped_unit_by_unit() {
         .to_string();
     assert!(err.contains("sampled unit 7"), "{err}");
 }
+
+#[test]
+fn dp_lora_training_on_sampled_units_lowers_the_loss() {
+    use tch::nn::OptimizerConfig;
+    tch::set_num_threads(1);
+    // 40 documents that follow one rule (next token = token + 3 mod 23), ragged lengths.
+    let units: Vec<Vec<Vec<i64>>> = (0..40)
+        .map(|d| {
+            let len = 6 + d % 7;
+            vec![(0..len).map(|i| (d + 3 * i) % VOCAB).collect()]
+        })
+        .collect();
+    let all: Vec<usize> = (0..units.len()).collect();
+    let everything = SequenceBatch::from_units(&units, &all, 0, Kind::Double, Device::Cpu).unwrap();
+    let model = LoraStack::new(&config(false)).unwrap();
+    let mean_loss = |model: &LoraStack| {
+        tch::no_grad(|| {
+            model
+                .sequence_losses(&everything, false)
+                .unwrap()
+                .sum(Kind::Double)
+                .double_value(&[])
+        }) / everything
+            .targets
+            .ne(IGNORE_INDEX)
+            .sum(Kind::Int64)
+            .int64_value(&[]) as f64
+    };
+    let before = mean_loss(&model);
+    let parameters = model.adapter_parameters();
+    let dimension: i64 = parameters.iter().map(|p| p.numel() as i64).sum();
+    let expected_units = 8;
+    let p = DpSgdPlan::new(&DpSgdInputs {
+        rows: units.len(),
+        batch_size: expected_units,
+        epochs_per_round: 1,
+        rounds: 1,
+        clip: 1.0,
+        dimension: dimension as usize,
+        target_epsilon: None,
+        noise_multiplier: Some(0.5),
+        delta: 1e-5,
+        accountant: Accountant::Rdp,
+    })
+    .unwrap();
+    let mut step = DpAdapterStep::new(p.clip, DpSgdStep::new(&p).unwrap());
+    let mut sampler = PoissonBatchSampler::new(units.len(), expected_units).unwrap();
+    let mut adam = tch::nn::Adam::default().build_copt(0.05).unwrap();
+    for p in &parameters {
+        adam.add_parameters(p, 0).unwrap();
+    }
+    for _ in 0..60 {
+        let sampled = sampler.next_batch();
+        let batch =
+            SequenceBatch::from_units(&units, &sampled, 0, Kind::Double, Device::Cpu).unwrap();
+        step.compute_gradients(&model, &batch, expected_units)
+            .unwrap();
+        adam.step().unwrap();
+    }
+    assert_eq!(
+        step.steps_taken(),
+        60,
+        "every step, empty batches included, is counted"
+    );
+    let after = mean_loss(&model);
+    eprintln!("mean token loss {before:.3} -> {after:.3}");
+    assert!(
+        after < 0.7 * before,
+        "DP-LoRA did not learn: {before} -> {after}"
+    );
+    // Only the adapters moved: A is the shared init still.
+    let fresh = LoraStack::new(&config(false)).unwrap();
+    for (a, b) in model.lora_layers().iter().zip(fresh.lora_layers()) {
+        assert!(a.a().equal(b.a()));
+    }
+}
