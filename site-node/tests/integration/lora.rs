@@ -629,3 +629,26 @@ fn dp_lora_training_on_sampled_units_lowers_the_loss() {
         assert!(a.a().equal(b.a()));
     }
 }
+
+#[test]
+fn the_node_reads_the_lora_section_strictly_and_refuses_until_it_is_wired() {
+    use tutela_site_node::jobspec::{JobSpecError, JobView};
+    const EXAMPLE: &str = include_str!("../../../deploy/jobs/notes_lora_dp.toml");
+    let key = |text: &str| match JobView::from_toml_str(text) {
+        Err(JobSpecError::Invalid { key, .. }) => key,
+        other => panic!("expected a refusal naming a key, got {other:?}"),
+    };
+    assert_eq!(
+        key(&EXAMPLE.replace("dropout = 0.0", "dropout = 0.1")),
+        "lora.dropout"
+    );
+    assert_eq!(key(&EXAMPLE.replace("rank = 8", "rank = 0")), "lora.rank");
+    // A valid [lora] section is understood, and refused: the node's round does not train
+    // adapters yet, and must not train the whole model instead.
+    assert_eq!(key(EXAMPLE), "lora");
+    // Unknown keys in [lora] are errors, not ignored.
+    assert!(matches!(
+        JobView::from_toml_str(&EXAMPLE.replace("rank = 8", "rank = 8\nrnak = 8")),
+        Err(JobSpecError::Toml(_))
+    ));
+}
