@@ -355,6 +355,24 @@ fn copy_companions(base: &Path, output: &Path) -> Result<(), CheckpointError> {
 /// A tensor read as f32: its shape and row-major values.
 pub type F32Tensor = (Vec<usize>, Vec<f32>);
 
+/// Refuses an output directory that is one of the inputs: writing `model.safetensors` over the
+/// file being read (or copying `config.json` onto itself, which truncates it) would destroy the
+/// base model.
+fn distinct_output(output: &Path, inputs: &[&Path]) -> Result<(), CheckpointError> {
+    let Ok(out) = output.canonicalize() else {
+        return Ok(()); // does not exist yet: cannot be an input
+    };
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|i| i == out) {
+            return Err(CheckpointError::Adapter {
+                path: output.to_owned(),
+                reason: "is also an input directory; write the result somewhere else".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A loaded adapter: per module path, `B` `[out, r]` and `A` `[r, in]` in f32, and the scaling.
 pub struct Adapter {
     pub scaling: f64,
@@ -468,6 +486,7 @@ pub fn merge_lora(
     adapter: &Path,
     output: &Path,
 ) -> Result<MergeReport, CheckpointError> {
+    distinct_output(output, &[base, adapter])?;
     let adapter = Adapter::load(adapter)?;
     let mut reader = SafetensorsReader::open(&model_file(base)?)?;
     let names = reader.names();
@@ -581,6 +600,7 @@ pub struct Int8Report {
 /// Writes `output/` = the model in `model_dir/` with its Linear weights in INT8 (module
 /// documentation); `config.json` and the companion files are copied.
 pub fn export_int8(model_dir: &Path, output: &Path) -> Result<Int8Report, CheckpointError> {
+    distinct_output(output, &[model_dir])?;
     let input_file = model_file(model_dir)?;
     let mut reader = SafetensorsReader::open(&input_file)?;
     std::fs::create_dir_all(output).map_err(io(output))?;

@@ -161,7 +161,34 @@ fn merge_writes_w_plus_scaled_ba_in_the_base_dtype() {
         );
     }
 
-    // An adapter whose module the base lacks is refused, naming it.
+    // Writing over an input is refused, and the base is left as it was.
+    let before = std::fs::read(s.path("base/model.safetensors")).unwrap();
+    let err = fails(&[
+        "model",
+        "merge",
+        "--base",
+        &s.arg("base"),
+        "--adapter",
+        &s.arg("adapter"),
+        "--output",
+        &s.arg("base"),
+    ]);
+    assert!(err.contains("also an input"), "{err}");
+    assert_eq!(
+        std::fs::read(s.path("base/model.safetensors")).unwrap(),
+        before
+    );
+    let err = fails(&[
+        "model",
+        "export-int8",
+        "--model",
+        &s.arg("base"),
+        "--output",
+        &s.arg("base"),
+    ]);
+    assert!(err.contains("also an input"), "{err}");
+
+    // An adapter whose factors do not have the configured rank is refused, naming it.
     std::fs::write(
         s.path("adapter/adapter_config.json"),
         spec.peft_config_json()
