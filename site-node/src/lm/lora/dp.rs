@@ -160,6 +160,31 @@ impl SequenceBatch {
         })
     }
 
+    /// The sequences of units `start..end` as a batch of their own (unit `start` becomes 0), or
+    /// `None` when those units have no sequence here.
+    pub fn units_slice(&self, start: i64, end: i64) -> Result<Option<SequenceBatch>, TrainError> {
+        let rows: Vec<i64> = (0..self.units.len() as i64)
+            .filter(|&s| (start..end).contains(&self.units[s as usize]))
+            .collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let index = Tensor::f_from_slice(&rows)
+            .and_then(|i| i.f_to_device(self.input_ids.device()))
+            .map_err(torch("unit slice index"))?;
+        let pick = |t: &Tensor| t.f_index_select(0, &index);
+        Ok(Some(SequenceBatch {
+            input_ids: pick(&self.input_ids).map_err(torch("unit slice"))?,
+            targets: pick(&self.targets).map_err(torch("unit slice"))?,
+            mask: pick(&self.mask).map_err(torch("unit slice"))?,
+            units: rows
+                .iter()
+                .map(|&s| self.units[s as usize] - start)
+                .collect(),
+            n_units: (end - start) as usize,
+        }))
+    }
+
     /// Sequence `s` alone, cut to its real length (the reference's unpadded input).
     fn unpadded(&self, s: i64) -> Result<SequenceBatch, tch::TchError> {
         let len = self
@@ -399,6 +424,64 @@ pub fn clipped_adapter_gradient_sum(
     })
 }
 
+/// [`clipped_adapter_gradient_sum`] over slices of at most `units_per_chunk` units: per-unit
+/// clipping needs nothing across units, so the result is the same (up to the order of the
+/// floating-point sums) and the peak memory is that of one slice's output gradients.
+pub fn clipped_adapter_gradient_sum_chunked(
+    model: &dyn AdapterModel,
+    batch: &SequenceBatch,
+    clip: f64,
+    units_per_chunk: usize,
+) -> Result<AdapterClippedSum, TrainError> {
+    batch.check()?;
+    let n_units = batch.n_units as i64;
+    let chunk = units_per_chunk.clamp(1, batch.n_units.max(1)) as i64;
+    if chunk >= n_units {
+        return clipped_adapter_gradient_sum(model, batch, clip);
+    }
+    let mut flat: Option<Tensor> = None;
+    let mut norms = Vec::new();
+    let mut loss_sum = 0.0;
+    let mut start = 0;
+    while start < n_units {
+        let end = (start + chunk).min(n_units);
+        match batch.units_slice(start, end)? {
+            Some(slice) => {
+                let part = clipped_adapter_gradient_sum(model, &slice, clip)?;
+                loss_sum += part.loss_sum;
+                norms.push(part.norms);
+                flat = Some(match flat {
+                    None => part.flat,
+                    Some(f) => f.f_add(&part.flat).map_err(torch("adding slices"))?,
+                });
+            }
+            None => {
+                let kind = batch.mask.kind();
+                norms.push(
+                    Tensor::f_zeros([end - start], (kind, batch.mask.device()))
+                        .map_err(torch("norms"))?,
+                );
+            }
+        }
+        start = end;
+    }
+    let parameters = model.adapter_parameters();
+    let flat = match flat {
+        Some(f) => f,
+        None => {
+            let numel: i64 = parameters.iter().map(|p| p.numel() as i64).sum();
+            Tensor::f_zeros([numel], (batch.mask.kind(), batch.mask.device()))
+                .map_err(torch("zeros"))?
+        }
+    };
+    Ok(AdapterClippedSum {
+        parameters,
+        flat,
+        norms: Tensor::f_cat(&norms, 0).map_err(torch("norms"))?,
+        loss_sum,
+    })
+}
+
 /// [`clipped_adapter_gradient_sum`] by a loop over units: each unit's sequences run one at a
 /// time, unpadded, through an ordinary forward and backward; the unit's gradient is clipped and
 /// added. Slow; for the tests.
@@ -522,12 +605,25 @@ impl AdapterGradientStep for PlainAdapterGradient {
 pub struct DpAdapterStep {
     clip: f64,
     release: DpSgdStep,
+    units_per_chunk: usize,
 }
 
 impl DpAdapterStep {
-    /// `release` carries the plan's noise and granularity; `clip` is the plan's C.
+    /// `release` carries the plan's noise and granularity; `clip` is the plan's C. The whole
+    /// batch is clipped at once; see [`DpAdapterStep::with_units_per_chunk`].
     pub fn new(clip: f64, release: DpSgdStep) -> Self {
-        DpAdapterStep { clip, release }
+        DpAdapterStep {
+            clip,
+            release,
+            units_per_chunk: usize::MAX,
+        }
+    }
+
+    /// Clips at most `units` units at a time ([`clipped_adapter_gradient_sum_chunked`]): the
+    /// same release, a lower peak memory.
+    pub fn with_units_per_chunk(mut self, units: usize) -> Self {
+        self.units_per_chunk = units.max(1);
+        self
     }
 
     /// Steps released (each a noised sum): what the ledger must record.
@@ -549,7 +645,12 @@ impl AdapterGradientStep for DpAdapterStep {
     ) -> Result<f64, TrainError> {
         let sequences = batch.sequences();
         let (parameters, flat, loss_sum) = if sequences > 0 {
-            let sum = clipped_adapter_gradient_sum(model, batch, self.clip)?;
+            let sum = clipped_adapter_gradient_sum_chunked(
+                model,
+                batch,
+                self.clip,
+                self.units_per_chunk,
+            )?;
             (sum.parameters, sum.flat, sum.loss_sum)
         } else {
             // An empty Poisson batch: the release is noise alone.
