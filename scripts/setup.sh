@@ -42,6 +42,14 @@ scripts/setup-torch.sh
 # shellcheck source=scripts/torch-env.sh
 source scripts/torch-env.sh
 
+# peft (the reference for our LoRA adapter files) with --no-deps: its declared dependencies would
+# pull another torch over the pinned one. Installed only when the pinned version is absent.
+peft_version="0.21.2"
+if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('peft') == '$peft_version'" >/dev/null 2>&1; then
+    say "installing peft==$peft_version (--no-deps)"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "peft==$peft_version"
+fi
+
 # Incremental compilation caches are for an edit-rebuild loop; for these scripts' one-shot builds
 # they only cost disk (1.5 GB on a clean build). A developer's own `cargo build` is unaffected.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

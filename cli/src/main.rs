@@ -8,6 +8,7 @@ mod bench_cmd;
 mod demo;
 mod demo_policy;
 mod job_cmd;
+mod model_cmd;
 mod net_cmd;
 mod pki_cmd;
 mod privacy_cmd;
@@ -51,6 +52,9 @@ enum Command {
     /// Privacy accounting for DP-SGD: the ε a training run spends, or the noise it needs.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
+    /// Models on disk: merge a LoRA adapter into its base, export INT8 weights.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
     /// The audit log, for compliance officers: list events, verify the whole log, prove an
     /// event, a model's lineage, a job's report.
     #[command(subcommand)]
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
+        Command::Model(cmd) => model_cmd::run(cmd),
         Command::Audit(cmd) => block_on(audit_cmd::run(cmd)),
         Command::Ping(args) => block_on(net_cmd::ping(args)),
         Command::Bench(cmd) => block_on(bench_cmd::run(cmd)),

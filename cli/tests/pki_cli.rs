@@ -895,3 +895,7 @@ fn decode_base64(text: &str) -> Vec<u8> {
     }
     out
 }
+
+// `tutela model ...` lives in a module of this, the CLI's one integration-test binary.
+#[path = "pki_cli/model_cli.rs"]
+mod model_cli;

@@ -57,6 +57,10 @@ pub struct JobSpec {
     /// Absent: no DP. Every DP parameter is here, inside the digest the officers sign.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySpec>,
+    /// `[lora]`: train low-rank adapters on a frozen base model (`crate::lora`). Absent: the
+    /// whole model trains. Inside the digest, like every setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::lora::LoraSpec>,
 }
 
 fn default_fraction() -> f64 {
@@ -326,7 +330,7 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
         SpecError::Invalid {
             key: key.into(),
             problem: problem.into(),
@@ -468,6 +472,10 @@ impl JobSpec {
         }
         if let Some(p) = &self.privacy {
             p.validate()?;
+        }
+        if let Some(lora) = &self.lora {
+            let local_dp = self.dp().is_some_and(|p| p.mode == PrivacyMode::Local);
+            lora.validate(local_dp)?;
         }
         Ok(())
     }

@@ -9,9 +9,12 @@
 //! - [`stream`]: chunked tensor streaming with an end-to-end SHA-256 digest.
 //! - [`pb`]: the generated protobuf and gRPC code.
 //! - `fuzzing` (feature `fuzzing`): the fuzz harnesses that `fuzz/` runs and the tests replay.
+//! - [`lora`]: LoRA adapters as jobs state them and as they travel (PEFT names, FFA-LoRA's shared `A`).
+//! - [`checkpoint`]: Hugging Face checkpoints tensor by tensor: LoRA merge, INT8 export and loader.
 
 pub mod bench;
 pub mod canonical;
+pub mod checkpoint;
 pub mod client;
 pub mod config_range;
 pub mod database;
@@ -22,6 +25,7 @@ pub mod identity;
 pub mod job;
 pub mod logging;
 pub mod model_registry;
+pub mod lora;
 pub mod pki;
 pub mod server;
 pub mod services;

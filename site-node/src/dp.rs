@@ -1143,6 +1143,41 @@ impl DpSgdStep {
         self.noise.next(len, steps_left)
     }
 
+    /// Releases a clipped sum: `flat` holds `Σ_i c_i ∇ℓ_i` of `parameters`, flattened and
+    /// concatenated in their order. It is rounded to the noise grid, noised, divided by
+    /// `expected_batch_size` and written into the parameters' `.grad` (made when unset); the step
+    /// is counted. The route for clipped sums computed outside this module (the LoRA adapters'
+    /// sequence route, `crate::lm::lora::dp`): one release for every route.
+    pub fn release_into_gradients(
+        &mut self,
+        parameters: &[Tensor],
+        flat: Tensor,
+        expected_batch_size: usize,
+    ) -> Result<(), TrainError> {
+        let numel: i64 = parameters.iter().map(|p| p.numel() as i64).sum();
+        if flat.size() != [numel] {
+            return Err(dp_error(format!(
+                "the clipped sum has shape {:?}, the parameters hold {numel} values",
+                flat.size()
+            )));
+        }
+        let scale = 1.0 / expected_batch_size.max(1) as f64;
+        let released = self.privatize_flat(flat, scale)?;
+        // Hand ĝ to the optimizer as `.grad` (tch cannot assign `.grad`, only write into one).
+        let grads = ensure_gradients(parameters)?;
+        let mut offset = 0;
+        tch::no_grad(|| -> Result<(), tch::TchError> {
+            for (p, g) in parameters.iter().zip(&grads) {
+                let n = p.numel() as i64;
+                g.f_view([-1])?.f_copy_(&released.f_narrow(0, offset, n)?)?;
+                offset += n;
+            }
+            Ok(())
+        })?;
+        self.steps += 1;
+        Ok(())
+    }
+
     /// Steps taken (each one released a noised sum): what the ledger must record.
     pub fn steps_taken(&self) -> u64 {
         self.steps
@@ -1238,20 +1273,7 @@ impl GradientStep for DpSgdStep {
             )
         };
         covers_every_parameter(parameters.len(), batch.parameters.len())?;
-        let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
-        let released = self.privatize_flat(flat, scale)?;
-        // Hand ĝ to the optimizer as `.grad` (tch cannot assign `.grad`, only write into one).
-        let grads = ensure_gradients(&parameters)?;
-        let mut offset = 0;
-        tch::no_grad(|| -> Result<(), tch::TchError> {
-            for (p, g) in parameters.iter().zip(&grads) {
-                let n = p.numel() as i64;
-                g.f_view([-1])?.f_copy_(&released.f_narrow(0, offset, n)?)?;
-                offset += n;
-            }
-            Ok(())
-        })?;
-        self.steps += 1;
+        self.release_into_gradients(&parameters, flat, batch.expected_batch_size)?;
         Ok(if rows > 0 {
             loss_sum / rows as f64
         } else {

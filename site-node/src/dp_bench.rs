@@ -69,6 +69,9 @@ pub fn measure(
     warmup: usize,
     iters: usize,
 ) -> Result<StepBench, TrainError> {
+    if model_name == "lora" {
+        return crate::lm::lora::bench::measure(dp, batch, warmup, iters);
+    }
     let (model, features) = bench_model(model_name)?;
     let classes = model.spec().num_classes as i64;
     tch::manual_seed(0); // synthetic inputs only; no noise comes from torch
@@ -124,18 +127,28 @@ pub fn measure(
         sgd.step();
         Ok(())
     };
+    time_steps(warmup, iters, || step(&mut sgd))
+}
+
+/// Runs `warmup` then `iters` steps and returns the median step time and the peak resident
+/// memory growth over both (module documentation): one measurement for every benchmarked step.
+pub fn time_steps(
+    warmup: usize,
+    iters: usize,
+    mut step: impl FnMut() -> Result<(), TrainError>,
+) -> Result<StepBench, TrainError> {
     // Reset the peak to the current resident size (Linux ≥ 4.0), then measure growth over the
     // warm-up steps too: the memory a step needs includes what the allocator keeps from the first
     // one (counting only after warm-up gave growths of 0 or a few MiB by chance).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let base = status_kib("VmRSS:").unwrap_or(0);
     for _ in 0..warmup {
-        step(&mut sgd)?;
+        step()?;
     }
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
+    let mut times = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
         let t = Instant::now();
-        step(&mut sgd)?;
+        step()?;
         times.push(t.elapsed().as_secs_f64());
     }
     let peak = status_kib("VmHWM:").unwrap_or(0);

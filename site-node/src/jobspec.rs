@@ -48,6 +48,10 @@ pub struct JobView {
     /// job it trains for.
     #[serde(default)]
     pub privacy: Option<tutela_protocol::job::PrivacySpec>,
+    /// `[lora]`, read strictly (protocol's type), so that a LoRA job is never trained as a
+    /// full-model job by a node that ignored the section.
+    #[serde(default)]
+    pub lora: Option<tutela_protocol::lora::LoraSpec>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -117,6 +121,24 @@ impl JobView {
                 }
                 other => invalid("privacy", other.to_string()),
             })?;
+        }
+        if let Some(lora) = &view.lora {
+            let local_dp = view
+                .privacy
+                .as_ref()
+                .is_some_and(|p| p.mode == tutela_protocol::job::PrivacyMode::Local);
+            lora.validate(local_dp).map_err(|e| match e {
+                tutela_protocol::job::SpecError::Invalid { key, problem } => {
+                    JobSpecError::Invalid { key, problem }
+                }
+                other => invalid("lora", other.to_string()),
+            })?;
+            // The adapters (`crate::lm::lora`) are not wired into the node's round yet: refuse
+            // rather than train every weight of a model the officers approved for adapters only.
+            return Err(invalid(
+                "lora",
+                "LoRA training is not available in this node's training loop yet",
+            ));
         }
         Ok(view)
     }

@@ -1,4 +1,4 @@
-//! Language-model data at the site (issue 17). So far: text datasets.
+//! Language models at the site (issue 17). So far: text datasets and LoRA adapters.
 //!
 //! - [`text_source`]: reading documents from JSON Lines or plain text, streaming, with a bound on
 //!   every line and document, and errors that name file and line locally.
@@ -6,9 +6,12 @@
 //!   `prepare` at node start (no record read), `load` through the text protection pipeline
 //!   (`tutela_privacy::anonymize::text`) into protected train/validation documents in memory,
 //!   with the de-identification report and a dataset commitment.
+//! - [`lora`]: LoRA adapters on frozen Linear layers (FFA-LoRA: `A` shared and frozen, `B`
+//!   trained), their PEFT files, and DP-SGD on them without a per-example loop.
 //!
 //! Not wired into the agent yet: a language-model task will need the tokenizer (by digest) and
 //! the `llama` model; see `docs/architecture.md`, "Text datasets".
 
+pub mod lora;
 pub mod text_dataset;
 pub mod text_source;

@@ -1,0 +1,65 @@
+//! `tutela model ...`: Hugging Face checkpoints on the operator's machine, without libtorch
+//! (the arithmetic is `tutela_protocol::checkpoint`'s).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use tutela_protocol::checkpoint::{export_int8, merge_lora};
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Merge a LoRA adapter (PEFT layout) into its base model: writes a full Hugging Face
+    /// checkpoint with W' = W + (alpha / r) B A for every adapted module, in the base's dtype.
+    Merge {
+        /// The base model's directory (config.json, model.safetensors).
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter's directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model (created; existing files are overwritten).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Export a model with its Linear weights quantized to INT8 (per output channel,
+    /// symmetric; format tutela-int8-v1, see docs/architecture.md).
+    ExportInt8 {
+        /// The model's directory (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Where to write the quantized model.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Merge {
+            base,
+            adapter,
+            output,
+        } => {
+            let report = merge_lora(&base, &adapter, &output).context("merging the adapter")?;
+            println!(
+                "merged {} adapted modules into {} tensors: {}",
+                report.merged_modules,
+                report.tensors,
+                output.display()
+            );
+        }
+        ModelCommand::ExportInt8 { model, output } => {
+            let report = export_int8(&model, &output).context("exporting INT8")?;
+            println!(
+                "quantized {} Linear weights, copied {} tensors: {} bytes -> {} bytes ({})",
+                report.quantized,
+                report.copied,
+                report.bytes_in,
+                report.bytes_out,
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
