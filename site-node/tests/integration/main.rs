@@ -1,4 +1,5 @@
-//! Integration tests of the site node: agent, data, DP-SGD, keys, models, data protection, training, weights.
+//! Integration tests of the site node: agent, data, DP-SGD, keys, models, data protection, the
+//! tokenizer, training, weights.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -11,5 +12,6 @@ mod dp;
 mod keys;
 mod models;
 mod protection;
+mod tokenizer;
 mod training;
 mod weights;

@@ -237,6 +237,30 @@ pub fn train(
     })
 }
 
+/// The sequences training reads from `inputs` (lines of text files with their endings, the text
+/// of JSON Lines documents), in order, in memory: for tests and benchmarks that encode a corpus
+/// the way it was trained on.
+pub fn read_sequences(inputs: &[PathBuf], text_field: &str) -> Result<Vec<String>, TokenizerError> {
+    let failure = Mutex::new(None);
+    let mut counters = (0, 0);
+    let sequences: Vec<String> = Sequences {
+        inputs,
+        next_input: 0,
+        open: None,
+        text_field,
+        failure: &failure,
+        progress: &|_| {},
+        done: 0,
+        total: 0,
+        sequences: &mut counters,
+    }
+    .collect();
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(sequences),
+    }
+}
+
 /// The training inputs as one stream of sequences. On an unreadable input it records the error
 /// in `failure` and ends.
 struct Sequences<'a> {
