@@ -586,6 +586,11 @@ struct Harness {
 
 impl Harness {
     async fn start(extra_config: &str) -> Harness {
+        Self::start_with("", extra_config).await
+    }
+
+    /// [`start`](Self::start) with further top-level keys of node.toml.
+    async fn start_with(top_level: &str, extra_config: &str) -> Harness {
         init_crypto();
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), SITE);
@@ -601,7 +606,7 @@ impl Harness {
             SITE,
             &coordinator.addr.to_string(),
             &pki.node,
-            NO_APPROVALS,
+            &format!("{NO_APPROVALS}\n{top_level}"),
             extra_config,
         );
         let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
@@ -1086,6 +1091,71 @@ async fn a_model_that_is_not_the_one_named_is_declined() {
             other => panic!("expected a decline, got {other:?}"),
         }
     }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_tokenizer_differs_from_the_sites_is_declined_with_both_digests() {
+    use tutela_site_node::lm::tokenizer::SpecialTokens;
+    use tutela_site_node::lm::tokenizer::train::{TrainOptions, train, write_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let text = std::fs::read_to_string(data_dir().join("tinyshakespeare.txt")).unwrap();
+    std::fs::write(&corpus, &text[..40_000]).unwrap();
+    let tokenizer = |vocab_size| {
+        let options = TrainOptions {
+            vocab_size,
+            ..TrainOptions::default()
+        };
+        train(std::slice::from_ref(&corpus), &options, &|_| {}).unwrap()
+    };
+    let (held, other) = (tokenizer(300), tokenizer(301));
+    let secret = dir.path().join("secret-site-dir");
+    let file = write_dir(&held, &SpecialTokens::default(), &secret)
+        .unwrap()
+        .tokenizer_json;
+
+    let mut h = Harness::start_with(
+        &format!("tokenizers = [{:?}]", file.display().to_string()),
+        "",
+    )
+    .await;
+    let naming = |sha256: &str| {
+        job_spec("breast_cancer", "mlp").replace(
+            "hidden = [8]",
+            &format!("hidden = [8]\ntokenizer_sha256 = \"{sha256}\""),
+        )
+    };
+    h.send(task(
+        "other-tokenizer",
+        pb::TaskKind::Initialize,
+        &naming(&other.sha256()),
+        "",
+        "{}",
+    ))
+    .await;
+    match h.next_event().await {
+        Event::Declined { task_id, reason } => {
+            assert_eq!(task_id, "other-tokenizer");
+            assert!(
+                reason.contains(&other.sha256()) && reason.contains(&held.sha256()),
+                "{reason}"
+            );
+            assert!(!reason.contains("secret-site-dir"), "{reason}");
+        }
+        other => panic!("expected a decline, got {other:?}"),
+    }
+    // The tokenizer the site holds: the task is done.
+    h.send(task(
+        "held-tokenizer",
+        pb::TaskKind::Initialize,
+        &naming(&held.sha256()),
+        "",
+        "{}",
+    ))
+    .await;
+    let (manifest, _) = h.update().await;
+    assert_eq!(manifest.metadata[meta::TASK], "held-tokenizer");
     h.shutdown().await;
 }
 
