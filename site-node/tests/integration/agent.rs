@@ -197,6 +197,12 @@ fn config_defaults_and_relative_paths() {
     assert_eq!(c.reconnect.initial(), Duration::from_secs(1));
     assert_eq!(c.reconnect.max(), Duration::from_secs(60));
     assert!(c.testing.is_none());
+    assert!(c.tokenizers.is_empty());
+    let c = parse(&format!("tokenizers = [\"tok/tokenizer.json\"]\n{MINIMAL}")).unwrap();
+    assert_eq!(
+        c.tokenizers,
+        vec![PathBuf::from("/etc/tutela/tok/tokenizer.json")]
+    );
 }
 
 #[test]
@@ -243,6 +249,14 @@ fn config_errors_name_the_key() {
         ),
         (&format!("{MINIMAL}[testing]\nstall = true\n"), "stall"),
         (
+            &format!("tokenizers = [\"t.json\", \"t.json\"]\n{MINIMAL}"),
+            "`tokenizers[1]`",
+        ),
+        (
+            &format!("tokenizers = [\"\"]\n{MINIMAL}"),
+            "`tokenizers[0]`",
+        ),
+        (
             MINIMAL.split("[datasets.breast_cancer]").next().unwrap(),
             "`datasets`",
         ),
@@ -270,6 +284,12 @@ fn the_documented_example_config_parses_with_every_key() {
     assert_eq!(c.site, "hospital-a");
     assert!(c.tls.crl.is_some());
     assert_eq!(c.reconnect.max_backoff_secs, 60.0);
+    assert_eq!(
+        c.tokenizers,
+        vec![PathBuf::from(
+            "/srv/tutela/tokenizers/notes-4k/tokenizer.json"
+        )]
+    );
     let audit = c.audit.as_ref().expect("the example documents [audit]");
     assert_eq!(audit.endpoint, "audit.consortium.example:7444");
     assert!(

@@ -382,6 +382,18 @@ fn bad_inputs_are_refused_naming_file_and_line_but_no_text() {
     ));
 }
 
+#[test]
+fn the_example_jobs_tokenizer_digest_is_rebuilt_from_the_notes() {
+    let job = std::fs::read_to_string(repo().join("deploy/jobs/notes_lm_tokenizer.toml")).unwrap();
+    let spec = tutela_protocol::job::JobSpec::from_toml_str(&job).unwrap();
+    let t = trained(&[data_dir().join("synthea_clinical_notes.jsonl")], 4096);
+    assert_eq!(t.vocab_size, 2203);
+    assert_eq!(
+        spec.model.tokenizer_sha256.as_deref(),
+        Some(t.sha256().as_str())
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The CLI
 
