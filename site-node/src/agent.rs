@@ -27,7 +27,8 @@
 //!
 //! 1. [`TaskGate::check_task`] decides, before any data is touched, whether the node will do it.
 //!    Today: a known task kind, a job spec this node can read, a dataset for its schema, and a
-//!    deadline not yet passed. Local policy, signed approvals and the privacy budget plug in here.
+//!    deadline not yet passed. Local policy, signed approvals and the privacy budget plug in here,
+//!    and so does the tokenizer a language-model job names by digest ([`crate::lm::tokenizer::site`]).
 //!    A refusal is sent as `DeclineTask` with its reason, except a passed deadline, which is only
 //!    logged (the coordinator has closed the task already).
 //! 2. `INITIALIZE`: the job's model is built from its registry name and hyper-parameters, the

@@ -225,6 +225,17 @@ enum BenchCommand {
         #[arg(long, hide = true, num_args = 2, value_names = ["MODEL", "MODE"])]
         child: Option<Vec<String>>,
     },
+    /// Trains a byte-level BPE tokenizer on the inputs and encodes them with it (in one parallel
+    /// batch, then one by one), best of --repeats; prints the times and ids/s as JSON.
+    Tokenizer {
+        /// The corpus: text files (by line) or JSON Lines (`.jsonl`, by document's "text").
+        #[arg(long = "input", value_name = "FILE", required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        #[arg(long, value_name = "N", default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 fn bench_dp_step(
@@ -397,11 +408,9 @@ fn tokenizer_command(command: TokenizerCommand) -> anyhow::Result<()> {
             } else {
                 indicatif::ProgressBar::new(0)
             };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes}",
-                )?,
-            );
+            bar.set_style(indicatif::ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes}",
+            )?);
             bar.set_message("counting words");
             let started = std::time::Instant::now();
             let progress = |p: TrainProgress| match p {
@@ -483,6 +492,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             new_kek_file,
         }) => rotate_keys(&config, &new_kek_file)?,
         Command::Tokenizer(command) => tokenizer_command(command)?,
+        Command::Bench(BenchCommand::Tokenizer {
+            inputs,
+            vocab_size,
+            repeats,
+        }) => {
+            use tutela_site_node::lm::tokenizer::{bench, train::TrainOptions};
+            let options = TrainOptions {
+                vocab_size,
+                ..TrainOptions::default()
+            };
+            let result = bench::measure(&inputs, &options, repeats)?;
+            println!("{}", serde_json::to_string(&result)?);
+        }
         Command::Bench(BenchCommand::DpStep {
             batch,
             iters,

@@ -29,6 +29,7 @@
 //!   from an unapproved file.
 
 pub mod batch;
+pub mod bench;
 pub mod site;
 pub mod train;
 
