@@ -328,7 +328,10 @@ impl NodeConfig {
         }
         for (i, tokenizer) in self.tokenizers.iter().enumerate() {
             if tokenizer.as_os_str().is_empty() {
-                return Err(invalid(&format!("tokenizers[{i}]"), "must not be empty".into()));
+                return Err(invalid(
+                    &format!("tokenizers[{i}]"),
+                    "must not be empty".into(),
+                ));
             }
             if self.tokenizers[..i].contains(tokenizer) {
                 return Err(invalid(
