@@ -67,14 +67,23 @@ fn default_fraction() -> f64 {
     1.0
 }
 
-/// `[model]`: a model registry name and its free-form hyper-parameters.
+/// `[model]`: a model registry name, what the model is built from, and its free-form
+/// hyper-parameters.
 ///
-/// No `deny_unknown_fields` here: every key other than `name` is a hyper-parameter for the model
-/// registry to interpret (serde cannot combine `flatten` with `deny_unknown_fields` anyway).
+/// No `deny_unknown_fields` here: every key other than the named fields is a hyper-parameter for
+/// the model registry to interpret (serde cannot combine `flatten` with `deny_unknown_fields`
+/// anyway).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     /// Model registry name, e.g. `mlp` or `cnn`.
     pub name: String,
+    /// A language model's tokenizer: the SHA-256 of its `tokenizer.json`, 64 lowercase hex
+    /// digits (`tutela-node tokenizer digest FILE` prints it). Part of the spec, and so of the
+    /// digest the officers sign: they approve that exact file, and a site whose tokenizer file
+    /// differs declines the job. Absent (every job without a tokenizer), it is left out of the
+    /// canonical JSON, so such jobs keep the digest they had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_sha256: Option<String>,
     /// Hyper-parameters, e.g. `hidden = [64, 32]`, `dropout = 0.1`.
     #[serde(flatten)]
     pub params: toml::Table,
@@ -358,6 +367,17 @@ impl JobSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         check_name("name", &self.name, 64)?;
         check_name("model.name", &self.model.name, 64)?;
+        if let Some(d) = &self.model.tokenizer_sha256
+            && !is_hex_digest(d)
+        {
+            return Err(SpecError::invalid(
+                "model.tokenizer_sha256",
+                format!(
+                    "must be the SHA-256 of the tokenizer's tokenizer.json as 64 lowercase hex \
+                     digits (`tutela-node tokenizer digest FILE` prints it), got {d:?}"
+                ),
+            ));
+        }
         for (k, v) in &self.model.params {
             check_finite(&format!("model.{k}"), v)?;
         }
@@ -785,5 +805,88 @@ mod documented_range_tests {
                 assert_eq!(err.key(), Some(key), "{key} = {value}: {err}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tokenizer_digest_tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "notes-lm"
+rounds = 1
+min_sites = 1
+round_deadline_secs = 60
+update_norm_bound = 1.0
+[model]
+name = "llama"
+hidden_size = 64
+[data]
+schema = "notes"
+[training]
+optimizer = "adam"
+learning_rate = 0.001
+local_epochs = 1
+batch_size = 8
+"#;
+
+    const A: &str = "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5";
+    const B: &str = "a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a6";
+
+    fn with_tokenizer(digest: &str) -> String {
+        SPEC.replace(
+            "name = \"llama\"",
+            &format!("name = \"llama\"\ntokenizer_sha256 = \"{digest}\""),
+        )
+    }
+
+    #[test]
+    fn the_tokenizer_digest_is_read_and_is_not_a_hyper_parameter() {
+        let spec = JobSpec::from_toml_str(&with_tokenizer(A)).unwrap();
+        assert_eq!(spec.model.tokenizer_sha256.as_deref(), Some(A));
+        assert!(!spec.model.params.contains_key("tokenizer_sha256"));
+        assert_eq!(spec.model.params["hidden_size"], toml::Value::Integer(64));
+        let plain = JobSpec::from_toml_str(SPEC).unwrap();
+        assert_eq!(plain.model.tokenizer_sha256, None);
+        // Absent, it is not in the canonical JSON: jobs without a tokenizer keep their digest.
+        assert!(!plain.canonical_json().contains("tokenizer_sha256"));
+        assert!(
+            spec.canonical_json()
+                .contains(&format!("\"tokenizer_sha256\":\"{A}\""))
+        );
+    }
+
+    #[test]
+    fn the_job_digest_changes_with_the_tokenizer_digest() {
+        let none = JobSpec::from_toml_str(SPEC).unwrap().digest();
+        let a = JobSpec::from_toml_str(&with_tokenizer(A)).unwrap().digest();
+        let b = JobSpec::from_toml_str(&with_tokenizer(B)).unwrap().digest();
+        assert_ne!(a, b);
+        assert_ne!(a, none);
+        assert_ne!(b, none);
+        // The same tokenizer in a reformatted spec: the same digest.
+        let commented =
+            with_tokenizer(A).replace("hidden_size = 64", "hidden_size = 64 # the width");
+        assert_eq!(JobSpec::from_toml_str(&commented).unwrap().digest(), a);
+    }
+
+    #[test]
+    fn a_tokenizer_digest_must_be_64_lowercase_hex_digits() {
+        for bad in [
+            &A[..63],
+            &A.to_uppercase(),
+            &format!("{}g", &A[..63]),
+            "",
+            "sha256:abc",
+        ] {
+            let e = JobSpec::from_toml_str(&with_tokenizer(bad)).unwrap_err();
+            assert_eq!(e.key(), Some("model.tokenizer_sha256"), "{bad:?}: {e}");
+            assert!(e.to_string().contains("64 lowercase hex digits"), "{e}");
+        }
+        let not_a_string = SPEC.replace(
+            "name = \"llama\"",
+            "name = \"llama\"\ntokenizer_sha256 = 42",
+        );
+        assert!(JobSpec::from_toml_str(&not_a_string).is_err());
     }
 }

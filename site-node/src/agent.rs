@@ -27,7 +27,8 @@
 //!
 //! 1. [`TaskGate::check_task`] decides, before any data is touched, whether the node will do it.
 //!    Today: a known task kind, a job spec this node can read, a dataset for its schema, and a
-//!    deadline not yet passed. Local policy, signed approvals and the privacy budget plug in here.
+//!    deadline not yet passed. Local policy, signed approvals and the privacy budget plug in here,
+//!    and so does the tokenizer a language-model job names by digest ([`crate::lm::tokenizer::site`]).
 //!    A refusal is sent as `DeclineTask` with its reason, except a passed deadline, which is only
 //!    logged (the coordinator has closed the task already).
 //! 2. `INITIALIZE`: the job's model is built from its registry name and hyper-parameters, the
@@ -73,6 +74,7 @@ use crate::dataset::SiteDataset;
 use crate::failure::{FailureCode, SiteFailure};
 use crate::jobspec::{JobSpecError, JobView, StrategyView, batch_seed};
 use crate::ledger::{RoundSpend, SiteLedgers};
+use crate::lm::tokenizer::site::{ApprovedTokenizer, SiteTokenizers, TokenizerRefusal};
 use crate::models::{Model, ModelError};
 use crate::resend::{ReleasedUpdate, ResendCache};
 use crate::site_audit::SiteAudit;
@@ -142,6 +144,8 @@ pub enum AgentError {
     SiteSecret(String),
     #[error("{0}")]
     Audit(String),
+    #[error("`tokenizers`: {0}")]
+    Tokenizer(String),
 }
 
 /// Why the node will not do a task; decided before any data is touched.
@@ -166,6 +170,9 @@ pub enum Refusal {
     /// Not approved by this site's officers, or against the site policy (naming the clause).
     #[error("{0}")]
     Policy(#[from] crate::approvals::ApprovalRefusal),
+    /// The job's tokenizer is not one this site holds (with both digests, never a path).
+    #[error("{0}")]
+    Tokenizer(#[from] TokenizerRefusal),
 }
 
 impl Refusal {
@@ -198,6 +205,9 @@ pub struct Admitted {
     pub job_id: String,
     /// The site's privacy ledgers, when it keeps a budget (see [`crate::ledger`]).
     pub ledgers: Option<Arc<SiteLedgers>>,
+    /// The tokenizer the job names (`model.tokenizer_sha256`), read and digested when the task
+    /// was admitted: training loads these bytes, not the file again.
+    pub tokenizer: Option<ApprovedTokenizer>,
 }
 
 /// The checks a task passes before the node touches data: the seam where local policy, signed
@@ -211,6 +221,8 @@ pub struct TaskGate {
     /// The site policy and approval check (`site_policy` in node.toml); `None`: not checked,
     /// which the node allows only under `insecure_no_approvals = true` (each task warns).
     approvals: Option<Arc<crate::approvals::SiteApprovals>>,
+    /// The tokenizer files the site holds (`tokenizers` in node.toml).
+    tokenizers: SiteTokenizers,
 }
 
 impl TaskGate {
@@ -222,7 +234,15 @@ impl TaskGate {
             ledgers: None,
             resends: Arc::default(),
             approvals: None,
+            tokenizers: SiteTokenizers::default(),
         }
+    }
+
+    /// The tokenizer files a job's `model.tokenizer_sha256` is matched against; without them,
+    /// every job that names a tokenizer is declined.
+    pub fn with_tokenizers(mut self, tokenizers: SiteTokenizers) -> Self {
+        self.tokenizers = tokenizers;
+        self
     }
 
     /// Requires every task to carry a valid approval by one of this site's compliance officers
@@ -295,6 +315,14 @@ impl TaskGate {
                 "insecure_no_approvals = true: running this task WITHOUT any approval check"
             );
         }
+        // After the approvals: the digest checked here is inside the spec the officers signed.
+        let tokenizer = match job
+            .tokenizer_sha256()
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?
+        {
+            Some(wanted) => Some(self.tokenizers.approve(wanted)?),
+            None => None,
+        };
         let strategy = StrategyView::from_json(&task.strategy_config_json)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         if work == Work::Train && task.global_model_id.is_empty() {
@@ -333,6 +361,7 @@ impl TaskGate {
             dataset,
             job_id: task.job_id.clone(),
             ledgers: self.ledgers.clone(),
+            tokenizer,
         })
     }
 }
@@ -523,6 +552,13 @@ impl Agent {
             );
             datasets.insert(name.clone(), Arc::new(dataset));
         }
+        let tokenizers = SiteTokenizers::new(config.tokenizers.clone());
+        for (path, sha256) in tokenizers
+            .check()
+            .map_err(|e| AgentError::Tokenizer(e.to_string()))?
+        {
+            tracing::info!(tokenizer = %path.display(), %sha256, "tokenizer held");
+        }
         if let Some(t) = &config.testing {
             tracing::warn!(
                 testing = ?t,
@@ -545,6 +581,7 @@ impl Agent {
             gate: match (&config.site_policy, config.insecure_no_approvals) {
                 (Some(path), false) => TaskGate::new(datasets)
                     .with_ledgers(ledgers)
+                    .with_tokenizers(tokenizers)
                     .with_approvals(
                         crate::approvals::SiteApprovals::load(&config.site, path, &material)
                             .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
@@ -556,7 +593,9 @@ impl Agent {
                          compliance officers approved the job and without a site policy. Never \
                          run a site like this; configure `site_policy`"
                     );
-                    TaskGate::new(datasets).with_ledgers(ledgers)
+                    TaskGate::new(datasets)
+                        .with_ledgers(ledgers)
+                        .with_tokenizers(tokenizers)
                 }
                 // `NodeConfig::validate` refuses both; checked again for configs built in code.
                 (None, false) => {

@@ -105,6 +105,12 @@ pub struct NodeConfig {
     /// `site_policy` never means this by itself, and the two cannot be set together.
     #[serde(default)]
     pub insecure_no_approvals: bool,
+    /// The tokenizer files (`tokenizer.json`) this site holds for language-model jobs. A job
+    /// names its tokenizer by SHA-256 (`[model] tokenizer_sha256`); the node declines a job whose
+    /// digest none of these files has (see `crate::lm::tokenizer::site`). Empty: the node
+    /// declines every job that names a tokenizer.
+    #[serde(default)]
+    pub tokenizers: Vec<PathBuf>,
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
@@ -332,6 +338,20 @@ impl NodeConfig {
         if self.work_dir.as_os_str().is_empty() {
             return Err(invalid("work_dir", "must not be empty".into()));
         }
+        for (i, tokenizer) in self.tokenizers.iter().enumerate() {
+            if tokenizer.as_os_str().is_empty() {
+                return Err(invalid(
+                    &format!("tokenizers[{i}]"),
+                    "must not be empty".into(),
+                ));
+            }
+            if self.tokenizers[..i].contains(tokenizer) {
+                return Err(invalid(
+                    &format!("tokenizers[{i}]"),
+                    format!("{} is listed twice", tokenizer.display()),
+                ));
+            }
+        }
         if self.datasets.is_empty() {
             return Err(invalid(
                 "datasets",
@@ -450,6 +470,9 @@ impl NodeConfig {
         }
         if let Some(kek) = self.at_rest.as_mut().and_then(|a| a.kek_file.as_mut()) {
             fix(kek);
+        }
+        for tokenizer in &mut self.tokenizers {
+            fix(tokenizer);
         }
         for d in self.datasets.values_mut() {
             fix(&mut d.path);

@@ -89,6 +89,8 @@ pub enum FailureCode {
     DeadlinePassed,
     /// The site's audit trail could not be checked or written.
     AuditUnavailable,
+    /// The job's tokenizer (named by digest) is not one this site holds.
+    TokenizerRefused,
     /// Anything else inside the node.
     Internal,
 }
@@ -126,6 +128,7 @@ impl FailureCode {
             TaskInvalid => "task.invalid",
             DeadlinePassed => "task.deadline_passed",
             AuditUnavailable => "audit.unavailable",
+            TokenizerRefused => "model.tokenizer_refused",
             Internal => "node.internal",
         }
     }
@@ -365,6 +368,8 @@ impl From<&Refusal> for SiteFailure {
             Refusal::PrivacyBudget(_) => SiteFailure::with_public_note(PrivacyBudget, r),
             Refusal::Ledger(_) => SiteFailure::new(PrivacyLedgerUnusable, r),
             Refusal::Policy(_) => SiteFailure::with_public_note(PolicyRefused, r),
+            // Carries the digest the job names and the site's, never the file's path.
+            Refusal::Tokenizer(_) => SiteFailure::with_public_note(TokenizerRefused, r),
         }
     }
 }

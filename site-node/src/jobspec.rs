@@ -31,6 +31,9 @@ fn invalid(key: &str, problem: impl Into<String>) -> JobSpecError {
     }
 }
 
+/// The `[model]` key naming the job's tokenizer by digest (`tutela_protocol::job::ModelSpec`).
+const TOKENIZER_SHA256: &str = "tokenizer_sha256";
+
 /// What the node reads of a job spec. Unknown keys are ignored on purpose (see the module doc).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct JobView {
@@ -114,6 +117,7 @@ impl JobView {
     pub fn from_toml_str(text: &str) -> Result<JobView, JobSpecError> {
         let view: JobView = toml::from_str(text)?;
         view.model_name()?;
+        view.tokenizer_sha256()?;
         if let Some(p) = &view.privacy {
             p.validate().map_err(|e| match e {
                 tutela_protocol::job::SpecError::Invalid { key, problem } => {
@@ -160,6 +164,19 @@ impl JobView {
         }
     }
 
+    /// `model.tokenizer_sha256`: the SHA-256 of the `tokenizer.json` the job trains with (64
+    /// lowercase hex digits), when it names one.
+    pub fn tokenizer_sha256(&self) -> Result<Option<&str>, JobSpecError> {
+        match self.model.get(TOKENIZER_SHA256) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) if tutela_protocol::job::is_hex_digest(s) => Ok(Some(s)),
+            Some(other) => Err(invalid(
+                "model.tokenizer_sha256",
+                format!("must be a SHA-256 digest, 64 lowercase hex digits, found {other}"),
+            )),
+        }
+    }
+
     /// The model's spec: the job's hyper-parameters, with the input shape and class count that
     /// the local data's schema dictates. A hyper-parameter the model registry does not know is an
     /// error (the node cannot honour a setting it does not understand).
@@ -169,7 +186,10 @@ impl JobView {
         n_features: usize,
     ) -> Result<ModelSpec, JobSpecError> {
         let mut table = self.model.clone();
-        table.remove("name");
+        // What the model is built from, not a hyper-parameter of the registry's.
+        for not_a_hyper_parameter in ["name", TOKENIZER_SHA256] {
+            table.remove(not_a_hyper_parameter);
+        }
         for derived in ["input_shape", "num_classes"] {
             if table.contains_key(derived) {
                 return Err(invalid(

@@ -21,6 +21,8 @@
 //! - [`agent`]: the agent loop: connect out over mutual TLS, check each task
 //!   ([`agent::TaskGate::check_task`]), initialise, evaluate and train, filter the update
 //!   ([`agent::UpdateFilter`]), upload; reconnect with backoff.
+//! - [`lm`]: language models (issue 17); today the byte-level BPE tokenizer
+//!   ([`lm::tokenizer`]) and the check of the tokenizer a job names by digest.
 //! - [`offline`]: scoring a published model (`tutela-node evaluate`, `predict`) and the
 //!   centralised baseline (`tutela-node centralized`).
 //!

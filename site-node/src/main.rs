@@ -17,6 +17,7 @@ use tutela_site_node::offline::{self, Standardization};
     version,
     after_help = "Examples:\n  \
     tutela-node run --config /etc/tutela/node.toml\n  \
+    tutela-node tokenizer train --input notes.jsonl --vocab-size 8192 --output tok/\n  \
     tutela-node evaluate --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
     --schema breast_cancer.schema.toml --standardize-from site-a.csv --standardize-from site-b.csv\n  \
     tutela-node predict --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
@@ -51,6 +52,10 @@ enum Command {
     /// The node's privacy ledgers.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Tokenizers for language-model jobs: train one, or print a tokenizer file's digest (the
+    /// `[model] tokenizer_sha256` by which a job names its tokenizer).
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -250,6 +255,17 @@ enum BenchCommand {
         #[arg(long, hide = true, num_args = 2, value_names = ["MODEL", "MODE"])]
         child: Option<Vec<String>>,
     },
+    /// Trains a byte-level BPE tokenizer on the inputs and encodes them with it (in one parallel
+    /// batch, then one by one), best of --repeats; prints the times and ids/s as JSON.
+    Tokenizer {
+        /// The corpus: text files (by line) or JSON Lines (`.jsonl`, by document's "text").
+        #[arg(long = "input", value_name = "FILE", required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        #[arg(long, value_name = "N", default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -345,6 +361,133 @@ fn bench_dp_step(
 }
 
 #[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Trains a byte-level BPE tokenizer and writes DIR/tokenizer.json and
+    /// DIR/tokenizer_config.json, which Python's `tokenizers` and `transformers.AutoTokenizer`
+    /// load unchanged. Prints the SHA-256 of tokenizer.json and the file (as sha256sum does):
+    /// a job names its tokenizer by that digest, `[model] tokenizer_sha256 = "..."`.
+    ///
+    /// Every byte value keeps a token of its own, so any text encodes. The special tokens take
+    /// the first ids (bos, eos, pad, then each --special-token); text that contains one of their
+    /// strings is encoded as ordinary text, never as the control id. The same inputs and options
+    /// give the same file, byte for byte. The vocabulary is made of frequent strings of the
+    /// inputs: train on public text or on text already through the site's redaction.
+    Train(TokenizerTrainArgs),
+    /// Prints the SHA-256 of a tokenizer.json and the file (as sha256sum does), after checking
+    /// that it loads as a byte-level tokenizer: the value of a job's `[model] tokenizer_sha256`.
+    Digest {
+        /// The tokenizer.json file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct TokenizerTrainArgs {
+    /// A training text, read streaming: plain UTF-8 text, fed line by line, or JSON Lines
+    /// (`.jsonl`, `.ndjson`), each object's --text-field one document. Repeat the flag or list
+    /// several files after it.
+    #[arg(long = "input", value_name = "FILE", required = true, num_args = 1..)]
+    inputs: Vec<PathBuf>,
+    /// Ids in all: the 256 byte tokens, the special tokens, and the merges learned (fewer when
+    /// the text has too few frequent pairs).
+    #[arg(long, value_name = "N")]
+    vocab_size: usize,
+    /// A further special token after bos, eos and pad, e.g. `<|sep|>`; repeat for several. One
+    /// equal to the bos, eos or pad token is that token.
+    #[arg(long = "special-token", value_name = "T")]
+    special_tokens: Vec<String>,
+    /// The beginning-of-sequence token, put first in every encoded sequence (id 0).
+    #[arg(long, value_name = "T", default_value = "<|bos|>")]
+    bos_token: String,
+    /// The end-of-document token, put after every training document (id 1).
+    #[arg(long, value_name = "T", default_value = "<|eos|>")]
+    eos_token: String,
+    /// The padding token of batches, masked out by the attention mask (id 2).
+    #[arg(long, value_name = "T", default_value = "<|pad|>")]
+    pad_token: String,
+    /// Two tokens are merged only if the pair occurs at least this often: above 1, a string
+    /// seen once (a rare name, say) never becomes a token of its own.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    min_frequency: u64,
+    /// The field of each JSON Lines object that holds its text.
+    #[arg(long, value_name = "NAME", default_value = "text")]
+    text_field: String,
+    /// The directory to write into, created if absent. An existing tokenizer.json or
+    /// tokenizer_config.json there is never replaced (it may be one a job was approved with).
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// No progress bar (one is drawn only when stderr is a terminal anyway).
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn tokenizer_command(command: TokenizerCommand) -> anyhow::Result<()> {
+    use tutela_site_node::lm::tokenizer::train::{self, TrainOptions, TrainProgress};
+    use tutela_site_node::lm::tokenizer::{SpecialTokens, check_tokenizer_json, sha256_hex};
+    match command {
+        TokenizerCommand::Digest { file } => {
+            let json = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+            check_tokenizer_json(&json).with_context(|| format!("{}", file.display()))?;
+            println!("{}  {}", sha256_hex(&json), file.display());
+        }
+        TokenizerCommand::Train(args) => {
+            let roles = [&args.bos_token, &args.eos_token, &args.pad_token];
+            let options = TrainOptions {
+                vocab_size: args.vocab_size,
+                min_frequency: args.min_frequency,
+                special: SpecialTokens {
+                    extra: args
+                        .special_tokens
+                        .iter()
+                        .filter(|t| !roles.contains(t))
+                        .cloned()
+                        .collect(),
+                    bos: args.bos_token,
+                    eos: args.eos_token,
+                    pad: args.pad_token,
+                },
+                text_field: args.text_field,
+            };
+            let bar = if args.quiet {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(0)
+            };
+            bar.set_style(indicatif::ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes}",
+            )?);
+            bar.set_message("counting words");
+            let started = std::time::Instant::now();
+            let progress = |p: TrainProgress| match p {
+                TrainProgress::Reading { done, total } => {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+                TrainProgress::Merging => bar.set_message("learning merges"),
+            };
+            let trained = train::train(&args.inputs, &options, &progress)?;
+            bar.finish_and_clear();
+            let written = train::write_dir(&trained, &options.special, &args.output)?;
+            eprintln!(
+                "trained a vocabulary of {} on {} sequences ({} bytes) in {:.1} s; wrote {} and {}",
+                trained.vocab_size,
+                trained.sequences,
+                trained.bytes,
+                started.elapsed().as_secs_f64(),
+                written.tokenizer_json.display(),
+                written.tokenizer_config_json.display()
+            );
+            eprintln!(
+                "a job names this tokenizer with, in its [model] table: tokenizer_sha256 = \"{}\"",
+                written.sha256
+            );
+            println!("{}  {}", written.sha256, written.tokenizer_json.display());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Re-wraps the data key of every encrypted file under the node's work_dir from the KEK in
     /// the config's [at_rest] to a new KEK, without re-encrypting any data. Run it while the node
@@ -393,6 +536,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             config,
             new_kek_file,
         }) => rotate_keys(&config, &new_kek_file)?,
+        Command::Tokenizer(command) => tokenizer_command(command)?,
+        Command::Bench(BenchCommand::Tokenizer {
+            inputs,
+            vocab_size,
+            repeats,
+        }) => {
+            use tutela_site_node::lm::tokenizer::{bench, train::TrainOptions};
+            let options = TrainOptions {
+                vocab_size,
+                ..TrainOptions::default()
+            };
+            let result = bench::measure(&inputs, &options, repeats)?;
+            println!("{}", serde_json::to_string(&result)?);
+        }
         Command::Bench(BenchCommand::DpStep {
             batch,
             iters,

@@ -1,4 +1,5 @@
-//! Language models at the site (issue 17). So far: text datasets and LoRA adapters.
+//! Language models at the site (issue 17). So far: text datasets, the tokenizer and
+//! LoRA adapters.
 //!
 //! - [`text_source`]: reading documents from JSON Lines or plain text, streaming, with a bound on
 //!   every line and document, and errors that name file and line locally.
@@ -6,6 +7,8 @@
 //!   `prepare` at node start (no record read), `load` through the text protection pipeline
 //!   (`tutela_privacy::anonymize::text`) into protected train/validation documents in memory,
 //!   with the de-identification report and a dataset commitment.
+//! - [`tokenizer`]: byte-level BPE with the Hugging Face `tokenizers` crate, files Python loads
+//!   unchanged, and the gate that admits a job only with the tokenizer its spec names by digest.
 //! - [`lora`]: LoRA adapters on frozen Linear layers (FFA-LoRA: `A` shared and frozen, `B`
 //!   trained), their PEFT files, and DP-SGD on them without a per-example loop.
 //!
@@ -15,3 +18,4 @@
 pub mod lora;
 pub mod text_dataset;
 pub mod text_source;
+pub mod tokenizer;

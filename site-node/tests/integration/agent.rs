@@ -210,6 +210,12 @@ fn config_defaults_and_relative_paths() {
     assert_eq!(c.reconnect.initial(), Duration::from_secs(1));
     assert_eq!(c.reconnect.max(), Duration::from_secs(60));
     assert!(c.testing.is_none());
+    assert!(c.tokenizers.is_empty());
+    let c = parse(&format!("tokenizers = [\"tok/tokenizer.json\"]\n{MINIMAL}")).unwrap();
+    assert_eq!(
+        c.tokenizers,
+        vec![PathBuf::from("/etc/tutela/tok/tokenizer.json")]
+    );
 }
 
 #[test]
@@ -256,6 +262,14 @@ fn config_errors_name_the_key() {
         ),
         (&format!("{MINIMAL}[testing]\nstall = true\n"), "stall"),
         (
+            &format!("tokenizers = [\"t.json\", \"t.json\"]\n{MINIMAL}"),
+            "`tokenizers[1]`",
+        ),
+        (
+            &format!("tokenizers = [\"\"]\n{MINIMAL}"),
+            "`tokenizers[0]`",
+        ),
+        (
             MINIMAL.split("[datasets.breast_cancer]").next().unwrap(),
             "`datasets`",
         ),
@@ -283,6 +297,12 @@ fn the_documented_example_config_parses_with_every_key() {
     assert_eq!(c.site, "hospital-a");
     assert!(c.tls.crl.is_some());
     assert_eq!(c.reconnect.max_backoff_secs, 60.0);
+    assert_eq!(
+        c.tokenizers,
+        vec![PathBuf::from(
+            "/srv/tutela/tokenizers/notes-4k/tokenizer.json"
+        )]
+    );
     let audit = c.audit.as_ref().expect("the example documents [audit]");
     assert_eq!(audit.endpoint, "audit.consortium.example:7444");
     assert!(
@@ -599,12 +619,25 @@ struct Harness {
 
 impl Harness {
     async fn start(extra_config: &str) -> Harness {
-        Self::start_with_dataset(extra_config, None).await
+        Self::start_full("", extra_config, None).await
     }
 
     /// With `dataset` (the body of `[datasets.breast_cancer]`, made from the test's directory)
     /// instead of the repository's breast-cancer file.
     async fn start_with_dataset(
+        extra_config: &str,
+        dataset: Option<&dyn Fn(&Path) -> String>,
+    ) -> Harness {
+        Self::start_full("", extra_config, dataset).await
+    }
+
+    /// [`start`](Self::start) with further top-level keys of node.toml.
+    async fn start_with(top_level: &str, extra_config: &str) -> Harness {
+        Self::start_full(top_level, extra_config, None).await
+    }
+
+    async fn start_full(
+        top_level: &str,
         extra_config: &str,
         dataset: Option<&dyn Fn(&Path) -> String>,
     ) -> Harness {
@@ -620,13 +653,14 @@ impl Harness {
         let (coordinator, _) =
             Coordinator::start("127.0.0.1:0".parse().unwrap(), &pki.coordinator, shared).await;
         let addr = coordinator.addr.to_string();
+        let top = format!("{NO_APPROVALS}\n{top_level}");
         let text = match dataset {
-            None => node_config_text(SITE, &addr, &pki.node, NO_APPROVALS, extra_config),
+            None => node_config_text(SITE, &addr, &pki.node, &top, extra_config),
             Some(d) => node_config_with_dataset(
                 SITE,
                 &addr,
                 &pki.node,
-                NO_APPROVALS,
+                &top,
                 extra_config,
                 &d(dir.path()),
             ),
@@ -1113,6 +1147,71 @@ async fn a_model_that_is_not_the_one_named_is_declined() {
             other => panic!("expected a decline, got {other:?}"),
         }
     }
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_tokenizer_differs_from_the_sites_is_declined_with_both_digests() {
+    use tutela_site_node::lm::tokenizer::SpecialTokens;
+    use tutela_site_node::lm::tokenizer::train::{TrainOptions, train, write_dir};
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let text = std::fs::read_to_string(data_dir().join("tinyshakespeare.txt")).unwrap();
+    std::fs::write(&corpus, &text[..40_000]).unwrap();
+    let tokenizer = |vocab_size| {
+        let options = TrainOptions {
+            vocab_size,
+            ..TrainOptions::default()
+        };
+        train(std::slice::from_ref(&corpus), &options, &|_| {}).unwrap()
+    };
+    let (held, other) = (tokenizer(300), tokenizer(301));
+    let secret = dir.path().join("secret-site-dir");
+    let file = write_dir(&held, &SpecialTokens::default(), &secret)
+        .unwrap()
+        .tokenizer_json;
+
+    let mut h = Harness::start_with(
+        &format!("tokenizers = [{:?}]", file.display().to_string()),
+        "",
+    )
+    .await;
+    let naming = |sha256: &str| {
+        job_spec("breast_cancer", "mlp").replace(
+            "hidden = [8]",
+            &format!("hidden = [8]\ntokenizer_sha256 = \"{sha256}\""),
+        )
+    };
+    h.send(task(
+        "other-tokenizer",
+        pb::TaskKind::Initialize,
+        &naming(&other.sha256()),
+        "",
+        "{}",
+    ))
+    .await;
+    match h.next_event().await {
+        Event::Declined { task_id, reason } => {
+            assert_eq!(task_id, "other-tokenizer");
+            assert!(
+                reason.contains(&other.sha256()) && reason.contains(&held.sha256()),
+                "{reason}"
+            );
+            assert!(!reason.contains("secret-site-dir"), "{reason}");
+        }
+        other => panic!("expected a decline, got {other:?}"),
+    }
+    // The tokenizer the site holds: the task is done.
+    h.send(task(
+        "held-tokenizer",
+        pb::TaskKind::Initialize,
+        &naming(&held.sha256()),
+        "",
+        "{}",
+    ))
+    .await;
+    let (manifest, _) = h.update().await;
+    assert_eq!(manifest.metadata[meta::TASK], "held-tokenizer");
     h.shutdown().await;
 }
 

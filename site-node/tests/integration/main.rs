@@ -1,5 +1,5 @@
 //! Integration tests of the site node: agent, data, DP-SGD, keys, LoRA, models, data protection,
-//! text datasets, training, weights, and its readers on the fuzz corpus.
+//! text datasets, the tokenizer, training, weights, and its readers on the fuzz corpus.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -17,5 +17,6 @@ mod lora;
 mod models;
 mod protection;
 mod text_data;
+mod tokenizer;
 mod training;
 mod weights;

@@ -1,7 +1,6 @@
 //! Weights ↔ wire tensors ↔ safetensors files, bit for bit, and refusals that name the tensor.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use tch::Device;
@@ -11,6 +10,8 @@ use tutela_site_node::weights::{
     WeightsError, delta, export_weights, f32_values, load_safetensors, load_weights,
     save_safetensors,
 };
+
+use crate::common::python;
 
 fn cnn(seed: u64) -> Model {
     let spec = ModelSpec::new(vec![1, 28, 28], 10)
@@ -69,14 +70,6 @@ fn weights_round_trip_bit_exactly_through_a_safetensors_file() {
     let mut model = cnn(4);
     load_weights(model.var_store_mut(), &read).unwrap();
     assert_eq!(export_weights(model.var_store()).unwrap(), weights);
-}
-
-/// The venv's python (scripts/setup-torch.sh installs safetensors and numpy there), or
-/// `$TUTELA_PYTHON`.
-fn python() -> PathBuf {
-    std::env::var_os("TUTELA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
 }
 
 #[test]

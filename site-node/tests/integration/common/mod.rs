@@ -6,6 +6,14 @@ use std::sync::OnceLock;
 
 use tutela_site_node::data::{DatasetSchema, Table, load_csv};
 
+/// The venv's python (scripts/setup-torch.sh installs safetensors, numpy, tokenizers and
+/// transformers there), or `$TUTELA_PYTHON`.
+pub fn python() -> PathBuf {
+    std::env::var_os("TUTELA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+}
+
 /// The repository's `data/` directory.
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data")
