@@ -110,6 +110,14 @@ pub enum LogError {
     NotCovered { seq: u64, tree_size: u64 },
     #[error("no checkpoint has been signed yet")]
     NoCheckpointYet,
+    #[error(
+        "the stored log holds {count} event(s) from seq {first_seq} on that no signed checkpoint \
+         covers, though this log signs one with every commit (checkpoint_every = 1): they were \
+         written into the database past the service and are not signed over. Inspect them \
+         (`tutela audit log --database-url URL`); only an operator who \
+         vouches for them may start the service once with checkpoint_every > 1 to sign them"
+    )]
+    Unanchored { first_seq: u64, count: u64 },
 }
 
 struct Request {
@@ -153,7 +161,7 @@ impl AuditLog {
         let public_key = key.public_key().as_ref().to_vec();
         let events = store.all_events().await?;
         let checkpoints = store.checkpoints().await?;
-        verify_log(&events, &checkpoints, &public_key)
+        let verified = verify_log(&events, &checkpoints, &public_key)
             .map_err(|e| LogError::Corrupt(e.to_string()))?;
         let rules = AuthorityRules::for_log(&config.log_id, &config.ca_admins)?;
         let stored_trust = match &config.ca_roots {
@@ -161,6 +169,17 @@ impl AuditLog {
             None => OfficerTrust::SignatureOnly,
         };
         let state = verify_authority(&events, &rules, &stored_trust)?;
+        // A log that signs a checkpoint with every commit (in the commit's own transaction) has
+        // no acknowledged event outside a signed root. Rows past the last one were written into
+        // the database past the service: the chain's plain SHA-256 binds nothing to this log's
+        // key, so a writer with the app role could have chained rows under any actor. They are
+        // refused, never signed over.
+        if config.checkpoint_every == 1 && verified.unanchored > 0 {
+            return Err(LogError::Unanchored {
+                first_seq: verified.events - verified.unanchored,
+                count: verified.unanchored,
+            });
+        }
         let trust = match chain_check {
             Some(check) => OfficerTrust::Live(check),
             None => stored_trust,

@@ -127,8 +127,8 @@ impl AuditTrail {
     /// the service cannot be reached the caller (a job's runner) waits, retrying, so no round
     /// starts, completes or publishes off the record. Before each retry it looks for the event in
     /// the trail (an append whose answer was lost may have been committed), so the event is
-    /// recorded once. A refusal by the service (a malformed event, a denied action) is not an
-    /// outage: it is logged at ERROR with the event and the caller goes on.
+    /// recorded once. A refusal by the service (a malformed event, a denied action) stops the
+    /// caller the same way, logged at ERROR with the event at every try.
     pub async fn note_durably(&self, action: Action, subject: &str, payload: serde_json::Value) {
         // Compared as canonical text: a float that is a whole number (3.0) reads back from the
         // trail as an integer (3), which `Value`'s equality would call different.
@@ -197,9 +197,16 @@ impl AuditTrail {
                     }
                     return;
                 }
+                // A refusal (the policy no longer lets this coordinator write, a payload the
+                // service will not take) is not skipped either: going on would train, aggregate
+                // or publish off the record. The job waits, saying why at every try, until an
+                // operator fixes the policy or the service.
                 Err(e) if !is_outage(&e) => {
-                    tracing::error!(error = %e, action = %action, subject, %payload, "audit event refused by the audit service: NOT recorded");
-                    return;
+                    tracing::error!(error = %e, action = %action, subject, %payload, "audit event refused by the audit service: the job waits until it can be recorded (nothing goes on off the record)");
+                    waiting_since.get_or_insert_with(std::time::Instant::now);
+                    look = true;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.max_backoff);
                 }
                 Err(e) => {
                     if waiting_since.is_none() {

@@ -643,3 +643,59 @@ async fn with_a_checkpoint_on_every_commit_no_acknowledged_event_is_unanchored()
         );
     }
 }
+
+/// A row chained under the coordinator's own identity passes every authority rule (the `actor`
+/// column is only what the writer typed), so what refuses it is the checkpoint: a log that signs
+/// with every commit has no genuine row outside a signed root, and will not sign over one.
+#[tokio::test]
+async fn a_row_forged_as_the_coordinator_past_the_last_checkpoint_blocks_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_cert, _key, ca) = officer(dir.path());
+    for db in databases("authority_unanchored").await {
+        let pkcs8 = key_pkcs8();
+        {
+            let log = start(&db.url, &pkcs8, &ca).await.unwrap();
+            log.append(
+                COORDINATOR,
+                Action::JobProposed,
+                JOB,
+                proposal(DIGEST, &["hospital-a"]),
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = AuditStore::open(&db.url)
+            .await
+            .unwrap()
+            .checkpoints()
+            .await
+            .unwrap()
+            .len();
+        let seqs = insert_forged(&db.url, &[(COORDINATOR, Action::JobCompleted, JOB, completed())])
+            .await;
+        // The authority rules alone believe it: the coordinator may assert a completion.
+        let events = AuditStore::open(&db.url)
+            .await
+            .unwrap()
+            .all_events()
+            .await
+            .unwrap();
+        check(&ca).verify(&events).unwrap();
+        match start(&db.url, &pkcs8, &ca).await {
+            Err(LogError::Unanchored { first_seq, count }) => {
+                assert_eq!((first_seq, count), (seqs[0], 1), "{:?}", db.backend);
+            }
+            Err(other) => panic!("{:?}: refused for another reason: {other}", db.backend),
+            Ok(_) => panic!("{:?}: the forged completion was opened over", db.backend),
+        }
+        let after = AuditStore::open(&db.url)
+            .await
+            .unwrap()
+            .checkpoints()
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(before, after, "{:?}: a checkpoint was signed", db.backend);
+    }
+}
