@@ -130,7 +130,13 @@ impl Engine {
     // transaction.
 
     /// `job.started`, with the approvals counted and the job's sites.
+    /// Records `job.started` for `id` (each job once: a retry, or a resume with `look_first`,
+    /// finds one already there). The job's runner starts only after it.
     async fn audit_started(&self, id: &JobId) {
+        self.audit_started_once(id, false).await
+    }
+
+    async fn audit_started_once(&self, id: &JobId, look_first: bool) {
         let Ok(job) = self.get_job(id).await else {
             return;
         };
@@ -140,13 +146,15 @@ impl Engine {
         };
         let sites = job.spec().map(|s| s.sites).unwrap_or_default();
         self.trail()
-            .note_payload_durably(
+            .record_payload_once(
                 id.as_str(),
                 &payload::JobStarted {
                     spec_digest: job.spec_digest.to_hex(),
                     approvals: approvals as u64,
                     participants: sites,
                 },
+                look_first,
+                |_| true,
             )
             .await;
     }
@@ -184,7 +192,13 @@ impl Engine {
         let n = running.len();
         for job in running {
             tracing::info!(job = %job.id, round = job.current_round, "resuming job");
-            self.spawn(job.id);
+            // A coordinator that stopped between marking the job running and recording
+            // `job.started` (the trail down at the time) records it now, before any round.
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.audit_started_once(&job.id, true).await;
+                this.spawn(job.id);
+            });
         }
         Ok(n)
     }
