@@ -37,6 +37,7 @@ pub mod dp;
 pub mod dp_bench;
 pub mod jobspec;
 pub mod ledger;
+pub mod lm;
 pub mod local;
 pub mod models;
 pub mod offline;

@@ -1,4 +1,4 @@
-//! Integration tests of the site node: agent, data, DP-SGD, keys, models, data protection, training, weights.
+//! Integration tests of the site node: agent, data, DP-SGD, keys, language models, models, data protection, training, weights.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -9,6 +9,7 @@ mod common;
 mod data;
 mod dp;
 mod keys;
+mod lm;
 mod models;
 mod protection;
 mod training;
