@@ -491,6 +491,17 @@ fn checkpoint_digest_ignores_layout_and_sees_every_value() {
 }
 
 #[test]
+fn the_registry_knows_llama_as_a_language_model() {
+    use tutela_site_node::models::{ModelFamily, family_of};
+    assert_eq!(family_of("llama"), Some(ModelFamily::Language));
+    assert_eq!(family_of("mlp"), Some(ModelFamily::Layers));
+    assert_eq!(family_of("gpt2"), None);
+    assert_eq!(registry::known_language_models(), ["llama"]);
+    let err = registry::build("gpt2", &tiny_llama(), Device::Cpu, 0).unwrap_err();
+    assert!(err.to_string().contains("known: llama"), "{err}");
+}
+
+#[test]
 fn a_training_step_lowers_the_loss_and_reaches_every_parameter() {
     let model = LanguageModel::new(&tiny_moe(), Device::Cpu, 8).unwrap();
     let ids = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]).view([2, 6]);
@@ -513,4 +524,106 @@ fn a_training_step_lowers_the_loss_and_reaches_every_parameter() {
         last = loss.double_value(&[]);
     }
     assert!(last < first.double_value(&[]) * 0.5, "{} -> {last}", first.double_value(&[]));
+}
+
+/// A word-level tokenizer.json with `words` as ids 1.. and `[UNK]` as 0 (the CLI reads any
+/// Hugging Face tokenizer; this one is small enough to write by hand).
+fn word_tokenizer(words: &[&str]) -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert((*w).into(), (i + 1).into());
+    }
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+}
+
+#[test]
+fn the_node_prints_perplexity_and_generates_from_a_checkpoint_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let model_dir = root.path().join("model");
+    let model = LanguageModel::new(&tiny_llama(), Device::Cpu, 12).unwrap();
+    save_checkpoint(&model, &model_dir).unwrap();
+    let words = ["the", "patient", "was", "seen", "today", "for", "a", "cough"];
+    let tokenizer = root.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, word_tokenizer(&words).to_string()).unwrap();
+    let text = "the patient was seen today for a cough the patient was seen";
+    let text_path = root.path().join("notes.txt");
+    std::fs::write(&text_path, text).unwrap();
+    let ids: Vec<i64> = text
+        .split(' ')
+        .map(|w| words.iter().position(|x| *x == w).unwrap() as i64 + 1)
+        .collect();
+    let expected = perplexity(&model.decoder, &ids, 8, 4, Device::Cpu).unwrap();
+
+    let node = env!("CARGO_BIN_EXE_tutela-node");
+    let out = Command::new(node)
+        .args(["lm", "perplexity", "--window", "8", "--stride", "4"])
+        .arg("--model")
+        .arg(&model_dir)
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("--text")
+        .arg(&text_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout, format!("perplexity = {:.4}\n", expected.perplexity));
+
+    let out = Command::new(node)
+        .args(["generate", "--prompt", "the patient", "--max-new-tokens", "5"])
+        .arg("--model")
+        .arg(&model_dir)
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let greedy = generate(
+        &model.decoder,
+        &[1, 2],
+        Device::Cpu,
+        &GenerateOptions {
+            max_new_tokens: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Ids past the tokenizer's words decode to nothing (a WordLevel model has no token for
+    // them); the others to their word.
+    let continuation: Vec<&str> = greedy
+        .iter()
+        .filter_map(|&id| match id {
+            0 => Some("[UNK]"),
+            i if (i as usize) <= words.len() => Some(words[i as usize - 1]),
+            _ => None,
+        })
+        .collect();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("the patient"), "{stdout}");
+    assert_eq!(
+        stdout.trim_start_matches("the patient").split_whitespace().collect::<Vec<_>>(),
+        continuation,
+        "greedy ids {greedy:?}"
+    );
+
+    // A directory without a checkpoint: a clear error, non-zero exit.
+    let out = Command::new(node)
+        .args(["lm", "perplexity"])
+        .arg("--model")
+        .arg(root.path().join("nothing"))
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("--text")
+        .arg(&text_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("config.json"), "{stderr}");
 }
