@@ -17,12 +17,14 @@ use rand::{Rng, SeedableRng};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Tensor};
 use tutela_site_node::lm::config::DecoderConfig;
-use tutela_site_node::lm::hf::LanguageModel;
+use tutela_site_node::lm::llama::LanguageModel;
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [config, threads, batch, seq, warmup, steps] = args.as_slice() else {
-        return Err("usage: lm_train_throughput CONFIG_JSON THREADS BATCH SEQ_LEN WARMUP STEPS".into());
+        return Err(
+            "usage: lm_train_throughput CONFIG_JSON THREADS BATCH SEQ_LEN WARMUP STEPS".into(),
+        );
     };
     let (threads, batch, seq): (i32, i64, i64) = (threads.parse()?, batch.parse()?, seq.parse()?);
     let (warmup, steps): (usize, usize) = (warmup.parse()?, steps.parse()?);
@@ -32,7 +34,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut opt = tch::nn::AdamW::default().build(&model.vs, 1e-3)?;
     let mut rng = StdRng::seed_from_u64(1);
     let vocab = config.vocab_size as i64;
-    let ids: Vec<i64> = (0..batch * seq).map(|_| rng.random_range(0..vocab)).collect();
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
     let ids = Tensor::from_slice(&ids).view([batch, seq]);
     let mut step = || -> Result<f64, Box<dyn Error>> {
         let loss = model.decoder.loss(&ids, None)?;

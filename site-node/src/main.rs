@@ -380,8 +380,8 @@ fn lm_perplexity(
     use tutela_site_node::lm::{generate, hf};
     let model = hf::load_checkpoint(model, device, tch::Kind::Float)?;
     let tokenizer = load_tokenizer(tokenizer)?;
-    let text = std::fs::read_to_string(text)
-        .with_context(|| format!("reading {}", text.display()))?;
+    let text =
+        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let ids = encode(&tokenizer, &text)?;
     let window = window.unwrap_or(model.config().max_position_embeddings.min(512));
     let stride = stride.unwrap_or((window / 2).max(1));
@@ -471,7 +471,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             use tutela_site_node::lm::generate::{GenerateOptions, Sampling, generate};
             let device = device.device()?;
-            let model = tutela_site_node::lm::hf::load_checkpoint(&model, device, tch::Kind::Float)?;
+            let model =
+                tutela_site_node::lm::hf::load_checkpoint(&model, device, tch::Kind::Float)?;
             let tokenizer = load_tokenizer(&tokenizer)?;
             let ids = encode(&tokenizer, &prompt)?;
             let sampling = match top_p {

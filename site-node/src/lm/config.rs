@@ -236,9 +236,8 @@ impl DecoderConfig {
             }
             None => return Err(invalid("model_type is missing".into())),
         };
-        let required = |name: &str, v: Option<usize>| {
-            v.ok_or_else(|| invalid(format!("{name} is missing")))
-        };
+        let required =
+            |name: &str, v: Option<usize>| v.ok_or_else(|| invalid(format!("{name} is missing")));
         let vocab_size = required("vocab_size", raw.vocab_size)?;
         let hidden_size = required("hidden_size", raw.hidden_size)?;
         let intermediate_size = required("intermediate_size", raw.intermediate_size)?;
@@ -364,7 +363,10 @@ impl DecoderConfig {
             ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
-            return invalid(format!("rms_norm_eps ({}) must be positive", self.rms_norm_eps));
+            return invalid(format!(
+                "rms_norm_eps ({}) must be positive",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return invalid(format!("rope_theta ({}) must be positive", self.rope_theta));

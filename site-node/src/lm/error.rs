@@ -49,6 +49,8 @@ pub enum LmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error("{context}: {source}")]

@@ -27,7 +27,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::config::DecoderConfig;
 use super::error::LmError;
-use super::llama::Decoder;
+use super::llama::{Decoder, LanguageModel};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -35,32 +35,6 @@ pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
-
-/// A decoder with its parameters.
-#[derive(Debug)]
-pub struct LanguageModel {
-    pub vs: nn::VarStore,
-    pub decoder: Decoder,
-}
-
-impl LanguageModel {
-    /// A fresh model: parameters drawn by [`super::llama::seeded_init`] from `seed`.
-    pub fn new(config: &DecoderConfig, device: Device, seed: u64) -> Result<Self, LmError> {
-        let vs = nn::VarStore::new(device);
-        let decoder = Decoder::new(&vs.root(), config)?;
-        super::llama::seeded_init(&vs, config, seed)?;
-        Ok(LanguageModel { vs, decoder })
-    }
-
-    pub fn config(&self) -> &DecoderConfig {
-        self.decoder.config()
-    }
-
-    /// Number of scalar parameters.
-    pub fn parameter_count(&self) -> i64 {
-        self.vs.variables().values().map(Tensor::numel).map(|n| n as i64).sum()
-    }
-}
 
 /// One safetensors file's header, and the file to read tensors from.
 struct SafetensorsFile {
@@ -159,7 +133,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LmError> {
             .ok_or_else(|| bad_index("a weight_map value is not a file name".into()))?;
         // Shards live beside the index: a name with a directory part is refused.
         if Path::new(name).file_name() != Some(std::ffi::OsStr::new(name)) {
-            return Err(bad_index(format!("shard name {name:?} is not a plain file name")));
+            return Err(bad_index(format!(
+                "shard name {name:?} is not a plain file name"
+            )));
         }
         files.insert(dir.join(name));
     }
@@ -267,7 +243,8 @@ pub fn load_weights(vs: &nn::VarStore, dir: &Path) -> Result<(), LmError> {
             .and_then(|t| t.f_to_device(target.device()))
             .map_err(torch)?;
         let mut target = target.shallow_clone();
-        tch::no_grad(|| target.f_copy_(&loaded)).map_err(LmError::torch(format!("loading {name}")))?;
+        tch::no_grad(|| target.f_copy_(&loaded))
+            .map_err(LmError::torch(format!("loading {name}")))?;
     }
     Ok(())
 }
@@ -287,10 +264,7 @@ fn dtype_name(kind: Kind) -> &'static str {
 pub fn save_checkpoint(model: &LanguageModel, dir: impl AsRef<Path>) -> Result<(), LmError> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(LmError::io(dir))?;
-    let weights = crate::weights::export_weights(&model.vs).map_err(|e| LmError::Io {
-        path: dir.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let weights = crate::weights::export_weights(&model.vs)?;
     let kind = model
         .vs
         .variables()
@@ -308,12 +282,8 @@ pub fn save_checkpoint(model: &LanguageModel, dir: impl AsRef<Path>) -> Result<(
     std::fs::rename(&partial, &config_path).map_err(LmError::io(&config_path))?;
     let metadata = [("format".to_string(), "pt".to_string())].into();
     let weights_path = dir.join(WEIGHTS_FILE);
-    crate::weights::save_safetensors(&weights_path, &weights, metadata).map_err(|e| {
-        LmError::Io {
-            path: weights_path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        }
-    })
+    crate::weights::save_safetensors(&weights_path, &weights, metadata)?;
+    Ok(())
 }
 
 /// A JSON value with every object's keys sorted, recursively.

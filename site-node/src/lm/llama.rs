@@ -178,10 +178,34 @@ impl Attention {
     pub fn new(vs: &nn::Path, config: &DecoderConfig) -> Attention {
         let (h, d) = (config.hidden_size, config.head_dim);
         Attention {
-            q_proj: linear(vs, "q_proj", h, config.num_attention_heads * d, config.qkv_bias),
-            k_proj: linear(vs, "k_proj", h, config.num_key_value_heads * d, config.qkv_bias),
-            v_proj: linear(vs, "v_proj", h, config.num_key_value_heads * d, config.qkv_bias),
-            o_proj: linear(vs, "o_proj", config.num_attention_heads * d, h, config.o_bias),
+            q_proj: linear(
+                vs,
+                "q_proj",
+                h,
+                config.num_attention_heads * d,
+                config.qkv_bias,
+            ),
+            k_proj: linear(
+                vs,
+                "k_proj",
+                h,
+                config.num_key_value_heads * d,
+                config.qkv_bias,
+            ),
+            v_proj: linear(
+                vs,
+                "v_proj",
+                h,
+                config.num_key_value_heads * d,
+                config.qkv_bias,
+            ),
+            o_proj: linear(
+                vs,
+                "o_proj",
+                config.num_attention_heads * d,
+                h,
+                config.o_bias,
+            ),
             heads: dim(config.num_attention_heads),
             kv_heads: dim(config.num_key_value_heads),
             head_dim: dim(d),
@@ -198,10 +222,8 @@ impl Attention {
         cache: Option<&mut LayerCache>,
     ) -> Tensor {
         let (batch, time) = (xs.size()[0], xs.size()[1]);
-        let split = |t: Tensor, heads: i64| {
-            t.view([batch, time, heads, self.head_dim])
-                .transpose(1, 2)
-        };
+        let split =
+            |t: Tensor, heads: i64| t.view([batch, time, heads, self.head_dim]).transpose(1, 2);
         let q = rotary.apply(&split(xs.apply(&self.q_proj), self.heads));
         let mut k = rotary.apply(&split(xs.apply(&self.k_proj), self.kv_heads));
         let mut v = split(xs.apply(&self.v_proj), self.kv_heads);
@@ -440,7 +462,11 @@ impl Decoder {
 
     /// The training loss: the causal-LM cross-entropy over the non-padding targets, plus
     /// `router_aux_loss_coef` times the load-balancing loss for a mixture of experts.
-    pub fn loss(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor, LmError> {
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor, LmError> {
         let output = self.forward(input_ids, attention_mask, None)?;
         let mut loss = causal_lm_loss(&output.logits, input_ids, attention_mask)?;
         if let Some(moe) = &self.config.moe
@@ -455,6 +481,37 @@ impl Decoder {
             loss = loss + aux * moe.router_aux_loss_coef;
         }
         Ok(loss)
+    }
+}
+
+/// A decoder with its parameters.
+#[derive(Debug)]
+pub struct LanguageModel {
+    pub vs: nn::VarStore,
+    pub decoder: Decoder,
+}
+
+impl LanguageModel {
+    /// A fresh model: parameters drawn by [`seeded_init`] from `seed`.
+    pub fn new(config: &DecoderConfig, device: Device, seed: u64) -> Result<Self, LmError> {
+        let vs = nn::VarStore::new(device);
+        let decoder = Decoder::new(&vs.root(), config)?;
+        seeded_init(&vs, config, seed)?;
+        Ok(LanguageModel { vs, decoder })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        self.decoder.config()
+    }
+
+    /// Number of scalar parameters.
+    pub fn parameter_count(&self) -> i64 {
+        self.vs
+            .variables()
+            .values()
+            .map(Tensor::numel)
+            .map(|n| n as i64)
+            .sum()
     }
 }
 

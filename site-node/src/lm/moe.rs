@@ -59,11 +59,7 @@ impl SparseMoe {
                 )
             }),
             shared_expert_gate: shared.then(|| {
-                (vs / "shared_expert_gate").var(
-                    "weight",
-                    &[1, dim(hidden)],
-                    nn::Init::Const(0.0),
-                )
+                (vs / "shared_expert_gate").var("weight", &[1, dim(hidden)], nn::Init::Const(0.0))
             }),
             top_k: dim(moe.num_experts_per_tok),
             norm_topk_prob: moe.norm_topk_prob,
@@ -97,8 +93,7 @@ impl SparseMoe {
             let expert_out = expert.forward(&rows.index_select(0, &tokens)) * weights.unsqueeze(-1);
             out = out.index_add(0, &tokens, &expert_out);
         }
-        if let (Some(shared), Some(shared_gate)) = (&self.shared_expert, &self.shared_expert_gate)
-        {
+        if let (Some(shared), Some(shared_gate)) = (&self.shared_expert, &self.shared_expert_gate) {
             let gate = rows.linear::<Tensor>(shared_gate, None).sigmoid();
             out = out + gate * shared.forward(&rows);
         }

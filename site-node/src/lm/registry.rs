@@ -16,7 +16,7 @@ use tch::Device;
 
 use super::config::{Architecture, DecoderConfig};
 use super::error::LmError;
-use super::hf::LanguageModel;
+use super::llama::LanguageModel;
 
 /// A registry entry: a name, what it is, and which `config.json` architectures it builds.
 pub struct LanguageModelEntry {

@@ -10,10 +10,8 @@ use tch::{Device, Kind, Tensor};
 use tutela_site_node::lm::config::{Architecture, DecoderConfig, MoeConfig};
 use tutela_site_node::lm::error::LmError;
 use tutela_site_node::lm::generate::{GenerateOptions, Sampling, generate, perplexity};
-use tutela_site_node::lm::hf::{
-    LanguageModel, checkpoint_digest, load_checkpoint, save_checkpoint,
-};
-use tutela_site_node::lm::llama::causal_lm_loss;
+use tutela_site_node::lm::hf::{checkpoint_digest, load_checkpoint, save_checkpoint};
+use tutela_site_node::lm::llama::{LanguageModel, causal_lm_loss};
 use tutela_site_node::lm::moe::load_balancing_loss;
 use tutela_site_node::lm::registry;
 use tutela_site_node::weights::{load_safetensors, save_safetensors};
@@ -91,7 +89,10 @@ fn check_against_transformers(name: &str) {
     let diff = max_abs_diff(&output.logits, &reference["logits"]);
     assert!(diff < LOGIT_TOLERANCE, "{name}: logits differ by {diff}");
     let spread = scalar(&reference["logits"].abs().max());
-    assert!(spread > 1.0, "{name}: reference logits too small ({spread}) to catch bugs");
+    assert!(
+        spread > 1.0,
+        "{name}: reference logits too small ({spread}) to catch bugs"
+    );
 
     // A right-padded batch of ragged lengths: every real position as transformers has it, and
     // the loss over non-padding targets (with the MoE's load-balancing term, weighted as
@@ -104,7 +105,10 @@ fn check_against_transformers(name: &str) {
         &(&output.logits * &real),
         &(&reference["padded_logits"] * &real),
     );
-    assert!(diff < LOGIT_TOLERANCE, "{name}: padded logits differ by {diff}");
+    assert!(
+        diff < LOGIT_TOLERANCE,
+        "{name}: padded logits differ by {diff}"
+    );
     let loss = tch::no_grad(|| decoder.loss(padded, Some(mask))).unwrap();
     let diff = (scalar(&loss) - scalar(&reference["padded_loss"])).abs();
     assert!(diff < 1e-5, "{name}: padded loss differs by {diff}");
@@ -225,7 +229,11 @@ fn models_we_save_load_in_transformers_with_the_same_logits() {
     for (dir, logits) in dirs.iter().zip(&ours) {
         let theirs = Tensor::read_safetensors(dir.join("theirs.safetensors")).unwrap();
         let diff = max_abs_diff(logits, &theirs[0].1);
-        assert!(diff < LOGIT_TOLERANCE, "{}: differs by {diff}", dir.display());
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "{}: differs by {diff}",
+            dir.display()
+        );
     }
 }
 
@@ -321,7 +329,10 @@ fn padded_rows_give_the_logits_and_loss_of_the_rows_alone() {
             let alone = Tensor::from_slice(row).unsqueeze(0);
             let logits = model.decoder.forward(&alone, None, None).unwrap().logits;
             let n = row.len() as i64;
-            let diff = max_abs_diff(&batch.logits.narrow(0, r as i64, 1).narrow(1, 0, n), &logits);
+            let diff = max_abs_diff(
+                &batch.logits.narrow(0, r as i64, 1).narrow(1, 0, n),
+                &logits,
+            );
             assert!(diff < 1e-5, "row {r}: {diff}");
             let loss = causal_lm_loss(&logits, &alone, None).unwrap();
             nll_sum += scalar(&loss) * (n - 1) as f64;
@@ -396,7 +407,11 @@ fn missing_extra_and_misshapen_tensors_are_refused_by_name() {
     config["tie_word_embeddings"] = true.into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let err = load_checkpoint(&dir, Device::Cpu, Kind::Float).unwrap_err();
-    assert!(err.to_string().contains("not in the model [lm_head.weight]"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not in the model [lm_head.weight]"),
+        "{err}"
+    );
 
     // A shape that disagrees with the configuration.
     config["tie_word_embeddings"] = false.into();
@@ -418,8 +433,16 @@ fn unsupported_configurations_are_refused_with_the_key_named() {
             serde_json::json!({"rope_type": "llama3", "rope_theta": 5e5}),
             "rope_type \"llama3\"",
         ),
-        ("num_key_value_heads", 3.into(), "multiple of num_key_value_heads"),
-        ("vocab_size", serde_json::Value::Null, "vocab_size is missing"),
+        (
+            "num_key_value_heads",
+            3.into(),
+            "multiple of num_key_value_heads",
+        ),
+        (
+            "vocab_size",
+            serde_json::Value::Null,
+            "vocab_size is missing",
+        ),
     ];
     for (key, value, expected) in cases {
         let mut json = base.clone();
@@ -435,7 +458,10 @@ fn unsupported_configurations_are_refused_with_the_key_named() {
     // Keys we do not interpret survive a round trip.
     json["eos_token_id"] = serde_json::json!([2, 3]);
     let config = DecoderConfig::from_json(&json).unwrap();
-    assert_eq!(config.to_json("float32")["eos_token_id"], serde_json::json!([2, 3]));
+    assert_eq!(
+        config.to_json("float32")["eos_token_id"],
+        serde_json::json!([2, 3])
+    );
 }
 
 #[test]
@@ -459,7 +485,11 @@ fn checkpoint_digest_ignores_layout_and_sees_every_value() {
     let weight_map: serde_json::Map<String, serde_json::Value> = first
         .iter()
         .map(|(s, _)| (s.name.clone(), "a.safetensors".into()))
-        .chain(second.iter().map(|(s, _)| (s.name.clone(), "b.safetensors".into())))
+        .chain(
+            second
+                .iter()
+                .map(|(s, _)| (s.name.clone(), "b.safetensors".into())),
+        )
         .collect();
     std::fs::write(
         dir.join("model.safetensors.index.json"),
@@ -506,7 +536,8 @@ fn a_training_step_lowers_the_loss_and_reaches_every_parameter() {
     let model = LanguageModel::new(&tiny_moe(), Device::Cpu, 8).unwrap();
     let ids = Tensor::from_slice(&[3i64, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]).view([2, 6]);
     let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([2, 6]);
-    let mut opt = tch::nn::OptimizerConfig::build(tch::nn::Adam::default(), &model.vs, 1e-2).unwrap();
+    let mut opt =
+        tch::nn::OptimizerConfig::build(tch::nn::Adam::default(), &model.vs, 1e-2).unwrap();
     let first = model.decoder.loss(&ids, Some(&mask)).unwrap();
     opt.zero_grad();
     first.backward();
@@ -523,7 +554,11 @@ fn a_training_step_lowers_the_loss_and_reaches_every_parameter() {
         opt.step();
         last = loss.double_value(&[]);
     }
-    assert!(last < first.double_value(&[]) * 0.5, "{} -> {last}", first.double_value(&[]));
+    assert!(
+        last < first.double_value(&[]) * 0.5,
+        "{} -> {last}",
+        first.double_value(&[])
+    );
 }
 
 /// A word-level tokenizer.json with `words` as ids 1.. and `[UNK]` as 0 (the CLI reads any
@@ -548,7 +583,9 @@ fn the_node_prints_perplexity_and_generates_from_a_checkpoint_directory() {
     let model_dir = root.path().join("model");
     let model = LanguageModel::new(&tiny_llama(), Device::Cpu, 12).unwrap();
     save_checkpoint(&model, &model_dir).unwrap();
-    let words = ["the", "patient", "was", "seen", "today", "for", "a", "cough"];
+    let words = [
+        "the", "patient", "was", "seen", "today", "for", "a", "cough",
+    ];
     let tokenizer = root.path().join("tokenizer.json");
     std::fs::write(&tokenizer, word_tokenizer(&words).to_string()).unwrap();
     let text = "the patient was seen today for a cough the patient was seen";
@@ -571,19 +608,33 @@ fn the_node_prints_perplexity_and_generates_from_a_checkpoint_directory() {
         .arg(&text_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout, format!("perplexity = {:.4}\n", expected.perplexity));
 
     let out = Command::new(node)
-        .args(["generate", "--prompt", "the patient", "--max-new-tokens", "5"])
+        .args([
+            "generate",
+            "--prompt",
+            "the patient",
+            "--max-new-tokens",
+            "5",
+        ])
         .arg("--model")
         .arg(&model_dir)
         .arg("--tokenizer")
         .arg(&tokenizer)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let greedy = generate(
         &model.decoder,
         &[1, 2],
@@ -607,7 +658,10 @@ fn the_node_prints_perplexity_and_generates_from_a_checkpoint_directory() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.starts_with("the patient"), "{stdout}");
     assert_eq!(
-        stdout.trim_start_matches("the patient").split_whitespace().collect::<Vec<_>>(),
+        stdout
+            .trim_start_matches("the patient")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
         continuation,
         "greedy ids {greedy:?}"
     );
