@@ -87,6 +87,7 @@ fn check_against_transformers(name: &str) {
     let ids = &reference["ids"];
     let output = tch::no_grad(|| decoder.forward(ids, None, None)).unwrap();
     let diff = max_abs_diff(&output.logits, &reference["logits"]);
+    eprintln!("{name}: max |logit difference| from transformers {diff:e}");
     assert!(diff < LOGIT_TOLERANCE, "{name}: logits differ by {diff}");
     let spread = scalar(&reference["logits"].abs().max());
     assert!(
@@ -105,6 +106,7 @@ fn check_against_transformers(name: &str) {
         &(&output.logits * &real),
         &(&reference["padded_logits"] * &real),
     );
+    eprintln!("{name}: padded batch, max |logit difference| {diff:e}");
     assert!(
         diff < LOGIT_TOLERANCE,
         "{name}: padded logits differ by {diff}"
