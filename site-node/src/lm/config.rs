@@ -218,6 +218,14 @@ impl DecoderConfig {
         })
     }
 
+    /// Reads a configuration from a job spec's TOML table with `config.json`'s keys
+    /// (`model_type = "llama"`, `hidden_size = 256`, `rope_parameters = { rope_theta = 1e4 }`).
+    pub fn from_toml(table: &toml::Value) -> Result<DecoderConfig, LmError> {
+        let json = serde_json::to_value(table)
+            .map_err(|e| LmError::InvalidConfig(format!("the table is not JSON-shaped: {e}")))?;
+        DecoderConfig::from_json(&json)
+    }
+
     /// Reads a configuration from a JSON object with `config.json`'s keys.
     pub fn from_json(value: &Value) -> Result<DecoderConfig, LmError> {
         let invalid = |reason: String| LmError::InvalidConfig(reason);

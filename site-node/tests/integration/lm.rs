@@ -467,6 +467,75 @@ fn unsupported_configurations_are_refused_with_the_key_named() {
 }
 
 #[test]
+fn a_job_gives_the_hyper_parameters_as_config_json_keys_in_toml() {
+    let table: toml::Value = toml::from_str(
+        r#"
+model_type = "llama"
+vocab_size = 61
+hidden_size = 32
+intermediate_size = 48
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+tie_word_embeddings = true
+rope_parameters = { rope_type = "default", rope_theta = 500000.0 }
+"#,
+    )
+    .unwrap();
+    let config = DecoderConfig::from_toml(&table).unwrap();
+    assert_eq!(config.num_key_value_heads, 2);
+    assert_eq!(config.head_dim, 8);
+    assert_eq!(config.rope_theta, 500000.0);
+    assert!(config.tie_word_embeddings);
+}
+
+#[test]
+fn half_precision_files_load_into_the_kind_the_caller_asks_for() {
+    let root = tempfile::tempdir().unwrap();
+    let mut model = LanguageModel::new(&tiny_llama(), Device::Cpu, 6).unwrap();
+    let ids = Tensor::from_slice(&[1i64, 2, 3, 4]).unsqueeze(0);
+    let f32_logits = tch::no_grad(|| model.decoder.forward(&ids, None, None))
+        .unwrap()
+        .logits;
+    model.vs.set_kind(Kind::BFloat16);
+    let dir = root.path().join("bf16");
+    save_checkpoint(&model, &dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
+    // A bf16 file loads into an f32 model when f32 is asked for (not silently bf16)...
+    let widened = load_checkpoint(&dir, Device::Cpu, Kind::Float).unwrap();
+    assert!(
+        widened
+            .vs
+            .variables()
+            .values()
+            .all(|t| t.kind() == Kind::Float)
+    );
+    let logits = tch::no_grad(|| widened.decoder.forward(&ids, None, None))
+        .unwrap()
+        .logits;
+    let diff = max_abs_diff(&logits, &f32_logits);
+    assert!(
+        diff > 0.0 && diff < 0.5,
+        "bf16 rounding moved logits by {diff}"
+    );
+    // ... and stays bf16 when bf16 is asked for.
+    let narrow = load_checkpoint(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+    assert!(
+        narrow
+            .vs
+            .variables()
+            .values()
+            .all(|t| t.kind() == Kind::BFloat16)
+    );
+    let logits = tch::no_grad(|| narrow.decoder.forward(&ids, None, None))
+        .unwrap()
+        .logits;
+    assert_eq!(logits.kind(), Kind::BFloat16);
+}
+
+#[test]
 fn checkpoint_digest_ignores_layout_and_sees_every_value() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("ckpt");
