@@ -37,6 +37,12 @@ pub enum LmError {
     },
     #[error("{}: tensor {name:?} appears in more than one file", .path.display())]
     DuplicateTensor { path: PathBuf, name: String },
+    #[error("{}: the checkpoint's digest is {found}, the job names {expected}", .path.display())]
+    DigestMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("{}: {source}", .path.display())]
     Safetensors {
         path: PathBuf,

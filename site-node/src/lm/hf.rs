@@ -249,6 +249,27 @@ pub fn load_weights(vs: &nn::VarStore, dir: &Path) -> Result<(), LmError> {
     Ok(())
 }
 
+/// Loads the checkpoint in `dir` only if its [`checkpoint_digest`] is `expected` (lower-case
+/// hex): how a site starts from the base model a job names by digest. The digest is computed
+/// from the files before loading; a checkpoint that differs is refused with both digests.
+pub fn load_checkpoint_with_digest(
+    dir: impl AsRef<Path>,
+    expected: &str,
+    device: Device,
+    kind: Kind,
+) -> Result<LanguageModel, LmError> {
+    let dir = dir.as_ref();
+    let found = checkpoint_digest(dir)?;
+    if !found.eq_ignore_ascii_case(expected) {
+        return Err(LmError::DigestMismatch {
+            path: dir.to_path_buf(),
+            expected: expected.to_string(),
+            found,
+        });
+    }
+    load_checkpoint(dir, device, kind)
+}
+
 /// transformers' name for a libtorch element type, as `config.json`'s `dtype`.
 fn dtype_name(kind: Kind) -> &'static str {
     match kind {

@@ -10,7 +10,9 @@ use tch::{Device, Kind, Tensor};
 use tutela_site_node::lm::config::{Architecture, DecoderConfig, MoeConfig};
 use tutela_site_node::lm::error::LmError;
 use tutela_site_node::lm::generate::{GenerateOptions, Sampling, generate, perplexity};
-use tutela_site_node::lm::hf::{checkpoint_digest, load_checkpoint, save_checkpoint};
+use tutela_site_node::lm::hf::{
+    checkpoint_digest, load_checkpoint, load_checkpoint_with_digest, save_checkpoint,
+};
 use tutela_site_node::lm::llama::{LanguageModel, causal_lm_loss};
 use tutela_site_node::lm::moe::load_balancing_loss;
 use tutela_site_node::lm::registry;
@@ -578,6 +580,13 @@ fn checkpoint_digest_ignores_layout_and_sees_every_value() {
         )
     });
     assert_eq!(max_abs_diff(&a, &b), 0.0);
+
+    // A job names the base by digest: the same checkpoint loads, another is refused.
+    load_checkpoint_with_digest(&dir, &digest, Device::Cpu, Kind::Float).unwrap();
+    let err =
+        load_checkpoint_with_digest(&dir, &"0".repeat(64), Device::Cpu, Kind::Float).unwrap_err();
+    assert!(matches!(err, LmError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&digest), "{err}");
 
     // One changed bit of one tensor, or one changed config value, changes the digest.
     let mut changed = second.to_vec();
