@@ -7,6 +7,8 @@
 //!   stratified splits, non-IID site shards for demos, feature standardisation.
 //! - [`models`]: the model registry (`mlp`, `cnn`) and [`models::Model`], a network with its
 //!   parameters, built deterministically from a name, a [`models::ModelSpec`] and a seed.
+//! - [`lm`]: decoder language models (`llama`, with an optional mixture-of-experts MLP) in tch,
+//!   Hugging Face checkpoints (`config.json` + safetensors), KV-cache generation, perplexity.
 //! - [`train`]: local training (SGD/Adam, FedProx) behind a [`train::GradientStep`] seam that
 //!   DP-SGD will implement, and evaluation.
 //! - [`weights`]: a model's parameters as named little-endian tensors (the wire format of

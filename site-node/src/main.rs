@@ -18,6 +18,8 @@ use tutela_site_node::offline::{self, Standardization};
     after_help = "Examples:\n  \
     tutela-node run --config /etc/tutela/node.toml\n  \
     tutela-node tokenizer train --input notes.jsonl --vocab-size 8192 --output tok/\n  \
+    tutela-node lm perplexity --model ./llama-dir --tokenizer tokenizer.json --text notes.txt\n  \
+    tutela-node generate --model ./llama-dir --tokenizer tokenizer.json --prompt 'Patient' --top-p 0.9\n  \
     tutela-node evaluate --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
     --schema breast_cancer.schema.toml --standardize-from site-a.csv --standardize-from site-b.csv\n  \
     tutela-node predict --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
@@ -59,6 +61,35 @@ enum Command {
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Language models in the Hugging Face layout (config.json + safetensors).
+    #[command(subcommand)]
+    Lm(LmCommand),
+    /// Continues a prompt with a Hugging Face checkpoint (Llama or Qwen2-MoE architecture) and
+    /// prints the continuation. Greedy unless --top-p is given; sampling is seeded.
+    Generate {
+        /// The checkpoint directory (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// The tokenizer (tokenizer.json).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Nucleus sampling: draw among the most likely tokens holding this much probability.
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 1.0, requires = "top_p")]
+        temperature: f64,
+        #[arg(long, default_value_t = 0, requires = "top_p")]
+        seed: u64,
+        /// Stop after this token id (for example the tokenizer's end-of-text id).
+        #[arg(long)]
+        eos_token_id: Option<i64>,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+    },
     /// Scores a model on a labelled CSV and prints {"loss":..,"accuracy":..,"n":..} as JSON.
     ///
     /// Features are scaled the way the sites scaled them in training. When the schema declares
@@ -488,6 +519,70 @@ fn tokenizer_command(command: TokenizerCommand) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand)]
+enum LmCommand {
+    /// Prints `perplexity = X` of a Hugging Face checkpoint on a text file, in windows of at
+    /// most --window tokens advancing by --stride (each token scored once).
+    Perplexity {
+        /// The checkpoint directory (config.json, model.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// The tokenizer (tokenizer.json).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The text to score (UTF-8).
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window; default: the model's max_position_embeddings, at most 512.
+        #[arg(long)]
+        window: Option<usize>,
+        /// Tokens the window advances by; default: half the window.
+        #[arg(long)]
+        stride: Option<usize>,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+    },
+}
+
+fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(anyhow::Error::from_boxed)
+        .with_context(|| format!("reading the tokenizer {}", path.display()))
+}
+
+fn encode(tokenizer: &tokenizers::Tokenizer, text: &str) -> anyhow::Result<Vec<i64>> {
+    let encoding = tokenizer
+        .encode(text, true)
+        .map_err(anyhow::Error::from_boxed)
+        .context("tokenizing")?;
+    Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+}
+
+fn lm_perplexity(
+    model: &std::path::Path,
+    tokenizer: &std::path::Path,
+    text: &std::path::Path,
+    window: Option<usize>,
+    stride: Option<usize>,
+    device: tch::Device,
+) -> anyhow::Result<()> {
+    use tutela_site_node::lm::{generate, hf};
+    let model = hf::load_checkpoint(model, device, tch::Kind::Float)?;
+    let tokenizer = load_tokenizer(tokenizer)?;
+    let text =
+        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let ids = encode(&tokenizer, &text)?;
+    let window = window.unwrap_or(model.config().max_position_embeddings.min(512));
+    let stride = stride.unwrap_or((window / 2).max(1));
+    let result = generate::perplexity(&model.decoder, &ids, window, stride, device)?;
+    eprintln!(
+        "{} tokens scored (window {window}, stride {stride}), mean NLL {:.4} nats",
+        result.tokens, result.mean_nll
+    );
+    println!("perplexity = {:.4}", result.perplexity);
+    Ok(())
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Re-wraps the data key of every encrypted file under the node's work_dir from the KEK in
     /// the config's [at_rest] to a new KEK, without re-encrypting any data. Run it while the node
@@ -593,6 +688,57 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             println!("held checkpoint: {tree_size} events");
+        }
+        Command::Lm(LmCommand::Perplexity {
+            model,
+            tokenizer,
+            text,
+            window,
+            stride,
+            device,
+        }) => lm_perplexity(&model, &tokenizer, &text, window, stride, device.device()?)?,
+        Command::Generate {
+            model,
+            tokenizer,
+            prompt,
+            max_new_tokens,
+            top_p,
+            temperature,
+            seed,
+            eos_token_id,
+            device,
+        } => {
+            use tutela_site_node::lm::generate::{GenerateOptions, Sampling, generate};
+            let device = device.device()?;
+            let model =
+                tutela_site_node::lm::hf::load_checkpoint(&model, device, tch::Kind::Float)?;
+            let tokenizer = load_tokenizer(&tokenizer)?;
+            let ids = encode(&tokenizer, &prompt)?;
+            let sampling = match top_p {
+                Some(top_p) => Sampling::TopP {
+                    top_p,
+                    temperature,
+                    seed,
+                },
+                None => Sampling::Greedy,
+            };
+            let options = GenerateOptions {
+                max_new_tokens,
+                sampling,
+                eos_token_id,
+                use_kv_cache: true,
+            };
+            let new_ids = generate(&model.decoder, &ids, device, &options)?;
+            let new_ids: Vec<u32> = new_ids
+                .into_iter()
+                .map(u32::try_from)
+                .collect::<Result<_, _>>()
+                .context("a generated id does not fit the tokenizer's id type")?;
+            let text = tokenizer
+                .decode(&new_ids, true)
+                .map_err(anyhow::Error::from_boxed)
+                .context("decoding the generated ids")?;
+            println!("{prompt}{text}");
         }
         Command::Run { config } => {
             let config = NodeConfig::load(&config)?;

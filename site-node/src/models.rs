@@ -285,6 +285,30 @@ pub fn known_models() -> Vec<&'static str> {
     MODELS.iter().map(|m| m.name).collect()
 }
 
+/// What kind of input a registered model takes, and so which registry builds it and which
+/// training loop runs it: layer networks ([`MODELS`]) take feature rows and are built from a
+/// [`ModelSpec`]; language models ([`crate::lm::registry::LANGUAGE_MODELS`]) take token ids and
+/// are built from a [`crate::lm::config::DecoderConfig`] or a Hugging Face checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    Layers,
+    Language,
+}
+
+/// The family of the registered model `name`, or `None` for an unknown name.
+pub fn family_of(name: &str) -> Option<ModelFamily> {
+    if MODELS.iter().any(|m| m.name == name) {
+        Some(ModelFamily::Layers)
+    } else if crate::lm::registry::LANGUAGE_MODELS
+        .iter()
+        .any(|m| m.name == name)
+    {
+        Some(ModelFamily::Language)
+    } else {
+        None
+    }
+}
+
 /// Builds the named model's layers under `vs`, creating its parameters there.
 pub fn build(name: &str, spec: &ModelSpec, vs: &nn::Path) -> Result<Net, ModelError> {
     let entry = MODELS

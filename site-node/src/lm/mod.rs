@@ -1,4 +1,7 @@
-//! Language models at the site (issue 17). So far: text datasets, the tokenizer and
+//! Language models at the site (issue 17): text datasets, the tokenizer, a Llama-architecture
+//! decoder (with an optional Qwen2-MoE-style mixture-of-experts MLP) in tch with checkpoints in
+//! the Hugging Face layout and what needs only token ids (causal-LM loss, perplexity, generation
+//! with a KV cache: [`llama`], [`moe`], [`hf`], [`config`], [`generate`], [`registry`]), and
 //! LoRA adapters.
 //!
 //! - [`text_source`]: reading documents from JSON Lines or plain text, streaming, with a bound on
@@ -12,10 +15,17 @@
 //! - [`lora`]: LoRA adapters on frozen Linear layers (FFA-LoRA: `A` shared and frozen, `B`
 //!   trained), their PEFT files, and DP-SGD on them without a per-example loop.
 //!
-//! Not wired into the agent yet: a language-model task will need the tokenizer (by digest) and
-//! the `llama` model; see `docs/architecture.md`, "Text datasets".
+//! Not wired into the agent yet: see `docs/architecture.md`, "Text datasets" and "Language
+//! models".
 
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hf;
+pub mod llama;
 pub mod lora;
+pub mod moe;
+pub mod registry;
 pub mod text_dataset;
 pub mod text_source;
 pub mod tokenizer;

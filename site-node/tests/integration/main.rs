@@ -1,5 +1,6 @@
-//! Integration tests of the site node: agent, data, DP-SGD, keys, LoRA, models, data protection,
-//! text datasets, the tokenizer, training, weights, and its readers on the fuzz corpus.
+//! Integration tests of the site node: agent, data, DP-SGD, keys, language models, LoRA, models,
+//! data protection, text datasets, the tokenizer, training, weights, and its readers on the fuzz
+//! corpus.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -13,6 +14,7 @@ mod data_stays_home;
 mod dp;
 mod fuzz_corpus;
 mod keys;
+mod lm;
 mod lora;
 mod models;
 mod protection;
