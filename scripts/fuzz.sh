@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets in fuzz/ (see "Fuzzing" in docs/architecture.md).
 #
-#   scripts/fuzz.sh                        # every target for $FUZZ_SECONDS (20) each: the short
-#                                          # run scripts/test.sh does
+#   scripts/fuzz.sh                        # every target for $FUZZ_RUNS (200000) inputs each: the
+#                                          # short run scripts/test.sh does
 #   scripts/fuzz.sh stream_frames 3600     # one target for an hour: a campaign
 #
-# Each target starts from its corpus in the repository (fuzz/corpus/<target>/, only read) and keeps
-# what it finds new in fuzz/target/corpus/<target>/ (ignored by git, kept between runs). A panic (a
+# Each target starts from its corpus in the repository (fuzz/corpus/<target>/, only read). A
+# campaign keeps what it finds new in fuzz/target/corpus/<target>/ (ignored by git, kept between
+# runs); the short run starts afresh each time, with a fixed seed and input count, so it is the same
+# run on every machine. A panic (a
 # harness's property broken included), an input that takes over $FUZZ_TIMEOUT seconds (10) or an
 # allocation over $FUZZ_RSS_MB (2048) fails the run: the input is saved as
 # fuzz/artifacts/<target>/crash-* (or timeout-*, oom-*), the script prints how to reproduce it and
@@ -22,6 +24,8 @@ cd "$(dirname "$0")/.."
 
 TARGETS=(stream_frames stream_wire safetensors_file job_spec tabular_reader)
 seconds="${FUZZ_SECONDS:-20}"
+runs="${FUZZ_RUNS:-200000}"
+campaign=0
 # The short run builds with fuzz/'s dev profile (opt-level 1: a fraction of release's build time,
 # which dominates a 20 s run); a campaign with release (opt-level 3, several times the executions
 # a second). FUZZ_PROFILE=release|dev overrides.
@@ -29,6 +33,7 @@ profile="${FUZZ_PROFILE:-dev}"
 if [ $# -ge 1 ]; then
     TARGETS=("$1")
     seconds="${2:-$seconds}"
+    campaign=1
     profile="${FUZZ_PROFILE:-release}"
 fi
 case "$profile" in
@@ -59,13 +64,25 @@ cargo fuzz build -s none "${build[@]}"
 
 failed=()
 for target in "${TARGETS[@]}"; do
-    work="target/corpus/$target"
     artifacts="artifacts/$target"
+    if [ "$campaign" = 1 ]; then
+        # A campaign: for a time, growing the corpus it keeps between runs.
+        work="target/corpus/$target"
+        limit=(-max_total_time="$seconds")
+        say "fuzzing $target for ${seconds}s"
+    else
+        # The short run: a fixed number of inputs from the repository's corpus alone, with a
+        # fixed seed, so that it explores the same inputs on every machine whatever its speed:
+        # what passes here passes in CI (a time limit would run further on a faster machine).
+        work="target/corpus-short/$target"
+        rm -rf "$work"
+        limit=(-runs="$runs")
+        say "fuzzing $target for $runs inputs"
+    fi
     mkdir -p "$work" "$artifacts"
-    say "fuzzing $target for ${seconds}s"
     log="target/fuzz-$target.log"
     if ! cargo fuzz run -s none "${build[@]}" "$target" "$work" "corpus/$target" -- \
-        -max_total_time="$seconds" \
+        "${limit[@]}" \
         -seed="${FUZZ_SEED:-1}" \
         -timeout="${FUZZ_TIMEOUT:-10}" \
         -rss_limit_mb="${FUZZ_RSS_MB:-2048}" \

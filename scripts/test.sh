@@ -2,8 +2,8 @@
 # Sets everything up (scripts/setup.sh), makes sure a PostgreSQL server is running for the store
 # tests (scripts/test-postgres.sh), and runs the whole test suite: unit tests, integration tests
 # over real loopback mutual TLS, end-to-end tests with real processes, real libtorch training and
-# a Python client. Then a short fuzzing run (scripts/fuzz.sh: every cargo-fuzz target for
-# $FUZZ_SECONDS, 20 s, each; TUTELA_SKIP_FUZZ=1 skips it). `cargo test` has already replayed the
+# a Python client. Then a short fuzzing run (scripts/fuzz.sh: every cargo-fuzz target for a fixed
+# $FUZZ_RUNS, 200,000, inputs each; TUTELA_SKIP_FUZZ=1 skips it). `cargo test` has already replayed the
 # fuzz corpus through the same harnesses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
