@@ -420,7 +420,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(
         &audit_toml,
         format!(
-            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\ncheckpoint_every = 1000\ncheckpoint_interval_secs = 1\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
+            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
             toml_path(&audit_dir),
             toml_path(&ca.crl_path()),
             c = toml_path(&certs),
