@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tutela_audit::Event;
 use tutela_audit::client::{AuditClient, AuditClientError};
-use tutela_audit::log::Receipt;
 use tutela_audit::filter::EventFilter;
+use tutela_audit::log::Receipt;
 use tutela_audit::payload::ActionPayload;
 use tutela_protocol::tls::TlsMaterial;
 
@@ -141,7 +141,8 @@ impl AuditTrail {
 
     /// [`Self::note_durably`] with a typed payload under its own action.
     pub async fn note_payload_durably<P: ActionPayload>(&self, subject: &str, payload: &P) {
-        self.note_durably(P::ACTION, subject, payload.to_value()).await
+        self.note_durably(P::ACTION, subject, payload.to_value())
+            .await
     }
 
     /// [`Self::record_once`] with a typed payload under its own action.

@@ -20,8 +20,8 @@ use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tutela_protocol::model_registry::ModelDescription;
 use tutela_audit::payload;
+use tutela_protocol::model_registry::ModelDescription;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
@@ -1040,7 +1040,11 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
 
 /// The `round.completed` payload of a committed round, from its stored record alone, so that a
 /// round committed before a crash is recorded at resume exactly as it would have been.
-fn round_completed_payload(round: u32, attempt: u32, record: &RoundRecord) -> payload::RoundCompleted {
+fn round_completed_payload(
+    round: u32,
+    attempt: u32,
+    record: &RoundRecord,
+) -> payload::RoundCompleted {
     let update_digests = record
         .accepted
         .iter()

@@ -1089,9 +1089,10 @@ fn round_metadata(task: &pb::Task, result: &RoundResult) -> BTreeMap<String, Str
 async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<Done, Failure> {
     // Its spend is in the trail first (recorded now if that failed when it was trained).
     if let (Some(audit), Some(ledgers)) = (&shared.audit, &admitted.ledgers) {
-        audit.watch().await.map_err(|e| {
-            Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, e))
-        })?;
+        audit
+            .watch()
+            .await
+            .map_err(|e| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, e)))?;
         crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.dataset.name())
             .await
             .map_err(|why| {

@@ -29,10 +29,10 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use tutela_audit::Update;
 use tutela_audit::client::{AuditClient, AuditClientError, AuditEndpoint};
-use tutela_audit::payload::ActionPayload;
-use tutela_audit::payload::privacy::PrivacySpent;
 use tutela_audit::filter::EventFilter;
+use tutela_audit::payload::ActionPayload;
 use tutela_audit::payload::DatasetDeidentified;
+use tutela_audit::payload::privacy::PrivacySpent;
 use tutela_privacy::at_rest::KeyEncryptionKey;
 use tutela_protocol::tls::TlsMaterial;
 

@@ -672,8 +672,11 @@ async fn a_row_forged_as_the_coordinator_past_the_last_checkpoint_blocks_reopeni
             .await
             .unwrap()
             .len();
-        let seqs = insert_forged(&db.url, &[(COORDINATOR, Action::JobCompleted, JOB, completed())])
-            .await;
+        let seqs = insert_forged(
+            &db.url,
+            &[(COORDINATOR, Action::JobCompleted, JOB, completed())],
+        )
+        .await;
         // The authority rules alone believe it: the coordinator may assert a completion.
         let events = AuditStore::open(&db.url)
             .await

@@ -656,14 +656,9 @@ impl Harness {
         let top = format!("{NO_APPROVALS}\n{top_level}");
         let text = match dataset {
             None => node_config_text(SITE, &addr, &pki.node, &top, extra_config),
-            Some(d) => node_config_with_dataset(
-                SITE,
-                &addr,
-                &pki.node,
-                &top,
-                extra_config,
-                &d(dir.path()),
-            ),
+            Some(d) => {
+                node_config_with_dataset(SITE, &addr, &pki.node, &top, extra_config, &d(dir.path()))
+            }
         };
         let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
         let agent = Agent::new(config).unwrap();
