@@ -78,22 +78,7 @@ pub fn measure(
     let inputs = Tensor::randn([batch as i64, features as i64], (Kind::Float, Device::Cpu));
     let labels = Tensor::randint(classes, [batch as i64], (Kind::Int64, Device::Cpu));
     let parameters = model.var_store().trainable_variables();
-    let plan = DpSgdPlan::new(&DpSgdInputs {
-        rows: 60_000,
-        batch_size: batch,
-        epochs_per_round: 1,
-        rounds: 1,
-        clip: 1.0,
-        dimension: model.parameter_count(),
-        target_epsilon: None,
-        noise_multiplier: Some(1.0),
-        delta: 1e-5,
-        accountant: Accountant::Rdp,
-    })
-    .map_err(|e| TrainError::InvalidConfig {
-        field: "privacy",
-        reason: e.to_string(),
-    })?;
+    let plan = bench_plan(60_000, batch, model.parameter_count())?;
     let mut dp_step = DpSgdStep::new(&plan)?;
     let mut plain = PlainGradient;
     let mut sgd = nn::Sgd::default()
@@ -132,6 +117,31 @@ pub fn measure(
 
 /// Runs `warmup` then `iters` steps and returns the median step time and the peak resident
 /// memory growth over both (module documentation): one measurement for every benchmarked step.
+/// The DP plan the step benchmarks run under: one epoch of `rows` at `batch_size`, C = 1 and
+/// σ = 1 (fixed, not calibrated), for a model of `dimension` parameters.
+pub fn bench_plan(
+    rows: usize,
+    batch_size: usize,
+    dimension: usize,
+) -> Result<DpSgdPlan, TrainError> {
+    DpSgdPlan::new(&DpSgdInputs {
+        rows,
+        batch_size,
+        epochs_per_round: 1,
+        rounds: 1,
+        clip: 1.0,
+        dimension,
+        target_epsilon: None,
+        noise_multiplier: Some(1.0),
+        delta: 1e-5,
+        accountant: Accountant::Rdp,
+    })
+    .map_err(|e| TrainError::InvalidConfig {
+        field: "privacy",
+        reason: e.to_string(),
+    })
+}
+
 pub fn time_steps(
     warmup: usize,
     iters: usize,

@@ -4,15 +4,13 @@
 
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
-use tutela_privacy::accountant::Accountant;
-use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 
 use super::dp::{
     AdapterGradientStep, AdapterModel, DpAdapterStep, PlainAdapterGradient, SequenceBatch,
 };
 use super::stack::{LoraStack, LoraStackConfig};
 use crate::dp::DpSgdStep;
-use crate::dp_bench::{StepBench, time_steps};
+use crate::dp_bench::{StepBench, bench_plan, time_steps};
 use crate::train::TrainError;
 
 /// The benchmark's model: 4 residual blocks of width 256, a 512-token vocabulary, rank-8 adapters
@@ -65,22 +63,7 @@ pub fn measure(
     };
     let parameters = model.adapter_parameters();
     let dimension = parameters.iter().map(Tensor::numel).sum();
-    let plan = DpSgdPlan::new(&DpSgdInputs {
-        rows: 10_000,
-        batch_size: sequences.max(1),
-        epochs_per_round: 1,
-        rounds: 1,
-        clip: 1.0,
-        dimension,
-        target_epsilon: None,
-        noise_multiplier: Some(1.0),
-        delta: 1e-5,
-        accountant: Accountant::Rdp,
-    })
-    .map_err(|e| TrainError::InvalidConfig {
-        field: "privacy",
-        reason: e.to_string(),
-    })?;
+    let plan = bench_plan(10_000, sequences.max(1), dimension)?;
     let mut dp_step = DpAdapterStep::new(plan.clip, DpSgdStep::new(&plan)?);
     let mut plain = PlainAdapterGradient;
     let mut sgd = tch::nn::Sgd::default()
