@@ -26,6 +26,7 @@ pub mod llama;
 pub mod lora;
 pub mod moe;
 pub mod registry;
+pub mod round;
 pub mod text_dataset;
 pub mod text_source;
 pub mod tokenizer;
