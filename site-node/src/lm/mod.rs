@@ -21,6 +21,7 @@
 //! Not wired into the agent yet: see `docs/architecture.md`, "Text datasets" and "LoRA adapters
 //! under DP".
 
+pub mod central;
 pub mod config;
 pub mod error;
 pub mod generate;

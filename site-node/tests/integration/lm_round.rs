@@ -347,3 +347,169 @@ fn assert_missing_base_key(f: &Fixture) {
         .to_string();
     assert!(err.contains("model.base_sha256"), "{err}");
 }
+
+/// Checks with transformers that a directory loads as a model and a tokenizer, and prints the
+/// model's mean loss on the tokenizer's ids of `argv[2]`.
+const LOAD_IN_TRANSFORMERS: &str = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tok(open(sys.argv[2]).read(), return_tensors="pt").input_ids[:, :64]
+with torch.no_grad():
+    loss = model(ids, labels=ids).loss.item()
+print(f"loss {loss:.6f}")
+"#;
+
+#[test]
+fn pretraining_lowers_held_out_perplexity_and_writes_a_checkpoint_transformers_loads() {
+    use tutela_site_node::lm::central::{PretrainOptions, pretrain};
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = std::fs::read_to_string(data_dir().join("tinyshakespeare.txt"))
+        .unwrap()
+        .chars()
+        .take(30_000)
+        .collect();
+    let text_path = dir.path().join("shakespeare.txt");
+    std::fs::write(&text_path, &text).unwrap();
+    let trained = train(
+        std::slice::from_ref(&text_path),
+        &TrainOptions {
+            vocab_size: 320,
+            ..TrainOptions::default()
+        },
+        &|_| {},
+    )
+    .unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, &trained.json).unwrap();
+    let mut config = DecoderConfig::llama(trained.vocab_size, 32, 64, 2, 4, 2);
+    config.max_position_embeddings = 64;
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, config.to_json("float32").to_string()).unwrap();
+    let output = dir.path().join("base");
+    let mut seen = 0;
+    let report = pretrain(
+        &PretrainOptions {
+            text: text_path.clone(),
+            tokenizer,
+            config: config_path,
+            output: output.clone(),
+            steps: 40,
+            seq_len: 32,
+            learning_rate: 1e-2,
+            batch_size: 8,
+            validation_fraction: 0.1,
+            seed: 3,
+            device: Device::Cpu,
+        },
+        &mut |done, total, loss| {
+            assert_eq!(total, 40);
+            assert!(loss.is_finite());
+            seen = done;
+        },
+    )
+    .unwrap();
+    assert_eq!(seen, 40, "progress after every step");
+    eprintln!(
+        "held-out perplexity {:.1} -> {:.1}",
+        report.validation_before.perplexity, report.validation_after.perplexity
+    );
+    assert!(report.validation_after.perplexity < 0.5 * report.validation_before.perplexity);
+    let out = run_python_text(LOAD_IN_TRANSFORMERS, &[&output, &text_path]);
+    assert!(out.starts_with("loss "), "{out}");
+}
+
+fn run_python_text(script: &str, args: &[&std::path::Path]) -> String {
+    crate::lora::run_python(script, args)
+}
+
+#[test]
+fn the_node_fine_tunes_under_dp_by_patient_and_writes_the_adapter_and_the_merged_model() {
+    let f = fixture(true);
+    let dir = tempfile::tempdir().unwrap();
+    let notes = std::fs::read_to_string(data_dir().join("synthea_clinical_notes.jsonl")).unwrap();
+    let jsonl = dir.path().join("notes.jsonl");
+    let picked: Vec<&str> = notes.lines().step_by(20).collect();
+    std::fs::write(&jsonl, picked.join("\n") + "\n").unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, f.tokenizer.inner().to_string(false).unwrap()).unwrap();
+    let (adapter, merged) = (dir.path().join("adapter"), dir.path().join("merged"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+        .args([
+            "lm",
+            "finetune",
+            "--quiet",
+            "--epsilon",
+            "8",
+            "--unit",
+            "patient",
+        ])
+        .args([
+            "--patient-field",
+            "patient_id",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "64",
+        ])
+        .args(["--targets", "q_proj,v_proj", "--lr", "0.01"])
+        .arg("--base")
+        .arg(&f.base_dir)
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("--dataset")
+        .arg(&jsonl)
+        .arg("--output")
+        .arg(&adapter)
+        .arg("--merged")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    eprintln!("{stderr}");
+    assert!(
+        stderr.contains("ε = ") && stderr.contains("units"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("perplexity = "), "{stdout}");
+    // The adapter is PEFT's layout on the job's modules; the merged model loads.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    tutela_site_node::lm::hf::load_checkpoint(&merged, Device::Cpu, tch::Kind::Float).unwrap();
+    assert!(merged.join("tokenizer.json").exists());
+
+    // A patient unit on a dataset without a patient field is refused naming the key.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+        .args([
+            "lm",
+            "finetune",
+            "--quiet",
+            "--epsilon",
+            "8",
+            "--unit",
+            "patient",
+        ])
+        .arg("--base")
+        .arg(&f.base_dir)
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("--dataset")
+        .arg(&jsonl)
+        .arg("--output")
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("privacy.unit"), "{stderr}");
+}
