@@ -13,7 +13,8 @@ use super::{DeviceArg, encode, load_tokenizer};
 #[derive(Subcommand)]
 pub enum LmCommand {
     /// Prints `perplexity = X` of a Hugging Face checkpoint on a text file, in windows of at
-    /// most --window tokens advancing by --stride (each token scored once).
+    /// most --window tokens advancing by --stride (each token scored once). An INT8 export
+    /// (`tutela model export-int8`) is scored dequantized.
     Perplexity {
         /// The checkpoint directory (config.json, model.safetensors).
         #[arg(long)]
@@ -293,7 +294,12 @@ fn lm_perplexity(
     device: tch::Device,
 ) -> anyhow::Result<()> {
     use tutela_site_node::lm::{generate, hf};
-    let model = hf::load_checkpoint(model, device, tch::Kind::Float)?;
+    // An INT8 export is scored dequantized (its perplexity cost against the f32 model).
+    let model = if hf::is_int8_export(model) {
+        hf::load_int8_checkpoint(model, device)?
+    } else {
+        hf::load_checkpoint(model, device, tch::Kind::Float)?
+    };
     let tokenizer = load_tokenizer(tokenizer)?;
     let text =
         std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;

@@ -419,6 +419,20 @@ fn pretraining_lowers_held_out_perplexity_and_writes_a_checkpoint_transformers_l
     assert!(report.validation_after.perplexity < 0.5 * report.validation_before.perplexity);
     let out = run_python_text(LOAD_IN_TRANSFORMERS, &[&output, &text_path]);
     assert!(out.starts_with("loss "), "{out}");
+
+    // Its INT8 export loads dequantized: logits close to the f32 model's, not equal.
+    let int8 = dir.path().join("int8");
+    tutela_protocol::checkpoint::export_int8(&output, &int8).unwrap();
+    use tutela_site_node::lm::hf::{is_int8_export, load_checkpoint, load_int8_checkpoint};
+    assert!(is_int8_export(&int8) && !is_int8_export(&output));
+    let full = load_checkpoint(&output, Device::Cpu, tch::Kind::Float).unwrap();
+    let quantized = load_int8_checkpoint(&int8, Device::Cpu).unwrap();
+    let ids = tch::Tensor::arange(20, (tch::Kind::Int64, Device::Cpu)).unsqueeze(0);
+    let a = full.decoder.forward(&ids, None, None).unwrap().logits;
+    let b = quantized.decoder.forward(&ids, None, None).unwrap().logits;
+    let err = (&a - &b).norm().double_value(&[]) / a.norm().double_value(&[]);
+    eprintln!("INT8 logits: relative error {err:e}");
+    assert!(err > 0.0 && err < 0.05, "{err}");
 }
 
 fn run_python_text(script: &str, args: &[&std::path::Path]) -> String {
