@@ -15,6 +15,8 @@ mod dp;
 mod fuzz_corpus;
 mod keys;
 mod lm;
+mod lm_adapters;
+mod lm_round;
 mod lora;
 mod models;
 mod protection;
