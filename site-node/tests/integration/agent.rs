@@ -1919,16 +1919,20 @@ async fn a_node_that_waives_approvals_says_so_at_start_and_for_every_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
     const PLANTED: &str = "planted.csv";
+    let text = std::fs::read_to_string(data_dir().join("breast_cancer_wisconsin.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    assert_eq!(header[0], "mean_radius");
+    // Line 3 of the file: its first cell becomes text.
+    let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
+    cells[0] = "forty-two".into();
+    lines[2] = cells.join(",");
+    let planted = lines.join("\n") + "\n";
+    // The node checks its data at start and would not offer a bad file: the file is good at
+    // start and the bad value is planted afterwards (as when the data changes under a running
+    // node), so the task finds it.
     let plant = |dir: &Path| -> String {
-        let text = std::fs::read_to_string(data_dir().join("breast_cancer_wisconsin.csv")).unwrap();
-        let mut lines: Vec<String> = text.lines().map(String::from).collect();
-        let header: Vec<&str> = lines[0].split(',').collect();
-        assert_eq!(header[0], "mean_radius");
-        // Line 3 of the file: its first cell becomes text.
-        let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
-        cells[0] = "forty-two".into();
-        lines[2] = cells.join(",");
-        std::fs::write(dir.join(PLANTED), lines.join("\n") + "\n").unwrap();
+        std::fs::write(dir.join(PLANTED), &text).unwrap();
         format!(
             "csv = \"{}\"\nschema = \"{}\"\nsplit_seed = 3\n",
             dir.join(PLANTED).display(),
@@ -1937,6 +1941,7 @@ async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
     };
     let mut h = Harness::start_with_dataset("", Some(&plant)).await;
     let dir = h._dir.path().to_path_buf();
+    std::fs::write(dir.join(PLANTED), &planted).unwrap();
     let spec = job_spec("breast_cancer", "mlp");
     // INITIALIZE reads no data: it succeeds.
     h.send(task("init-1", pb::TaskKind::Initialize, &spec, "", "{}"))
