@@ -63,6 +63,8 @@ levels = ["I", "II", "III"]
 [[features.columns]]
 name = "smoker"
 type = "boolean"
+true_values = ["true", "yes"]
+false_values = ["false", "no"]
 
 [[features.columns]]
 name = "admitted"
@@ -665,6 +667,50 @@ fn a_header_that_does_not_match_the_schema_names_every_missing_column() {
         })
         .collect();
     assert_eq!(missing, ["ward", "admitted", "hb"]);
+}
+
+/// The documented example in deploy/ is this test's schema, so every key it shows is tested.
+#[test]
+fn the_deploy_example_schema_is_the_one_tested_here() {
+    let example = crate::common::data_dir().join("../deploy/data/clinic.schema.toml");
+    assert_eq!(
+        DatasetSchema::load(&example).unwrap(),
+        DatasetSchema::from_toml_str(SCHEMA, "clinic.schema.toml").unwrap()
+    );
+}
+
+/// The example of docs/schema.md encodes the row it shows into the features it shows.
+#[test]
+fn the_reference_page_example_encodes_as_documented() {
+    let page =
+        std::fs::read_to_string(crate::common::data_dir().join("../docs/schema.md")).unwrap();
+    let example = page
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a toml block in docs/schema.md");
+    let schema = DatasetSchema::from_toml_str(example, "docs/schema.md").unwrap();
+    let table = tutela_site_node::data::read_csv(
+        "age,sex,stage,admitted,outcome\n,M,II,2020-01-11,well\n".as_bytes(),
+        "example.csv",
+        &schema,
+    )
+    .unwrap();
+    assert_eq!(
+        table.feature_names,
+        [
+            "age",
+            "age(missing)",
+            "sex=F",
+            "sex=M",
+            "sex=X",
+            "sex=(other)",
+            "stage",
+            "admitted"
+        ]
+    );
+    assert_eq!(table.features, [61.5, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 10.0]);
+    assert!(page.contains("`61.5, 1, 0, 1, 0, 0, 1, 10`"));
 }
 
 #[test]
