@@ -55,15 +55,15 @@ pub enum DataError {
     EmptyFile { path: PathBuf },
     #[error("{}: no data rows after the header", .path.display())]
     NoRows { path: PathBuf },
-    #[error("{}, line 1: column {column:?} is missing from the header (it has: {available})", .path.display())]
+    #[error("{}, line 1: column {column:?} is missing from the header (it has: {available}); add it to the export, or ask the consortium whether the schema should name it", .path.display())]
     MissingColumn {
         path: PathBuf,
         column: String,
         available: String,
     },
-    #[error("{}, line 1: column {column:?} appears more than once in the header", .path.display())]
+    #[error("{}, line 1: column {column:?} appears more than once in the header; rename or remove one", .path.display())]
     DuplicateColumn { path: PathBuf, column: String },
-    #[error("{}, line {line}: {found} fields, but the header has {expected}", .path.display())]
+    #[error("{}, line {line}: {found} fields, but the header has {expected}; look for an unquoted comma or a cut line", .path.display())]
     FieldCount {
         path: PathBuf,
         line: u64,
@@ -76,21 +76,21 @@ pub enum DataError {
         line: u64,
         column: String,
     },
-    #[error("{}, line {line}, column {column:?}: {value:?} is not a number", .path.display())]
+    #[error("{}, line {line}, column {column:?}: {value:?} is not a number; correct it, or ask the consortium whether the column's type should be another (docs/schema.md)", .path.display())]
     NotNumeric {
         path: PathBuf,
         line: u64,
         column: String,
         value: String,
     },
-    #[error("{}, line {line}, column {column:?}: {value:?} is not a finite number (NaN, infinity, or beyond the f32 range)", .path.display())]
+    #[error("{}, line {line}, column {column:?}: {value:?} is not a finite number (NaN, infinity, or beyond the f32 range); correct it, or leave the cell empty if the column has a missing-value rule", .path.display())]
     NotFinite {
         path: PathBuf,
         line: u64,
         column: String,
         value: String,
     },
-    #[error("{}, line {line}, column {column:?}: unknown label {value:?} (the schema's classes are {known})", .path.display())]
+    #[error("{}, line {line}, column {column:?}: unknown label {value:?} (the schema's classes are {known}); correct it, or leave the row out", .path.display())]
     UnknownLabel {
         path: PathBuf,
         line: u64,

@@ -501,6 +501,107 @@ async fn one_table_as_csv_parquet_and_postgres_encodes_and_trains_the_same() {
     assert_eq!(row[11], 13.2);
 }
 
+/// The clinic table's column declaration: every column a feature or the label, no identifiers.
+const DECLARATION: &str = r#"
+[[column]]
+name = "age"
+role = "feature"
+type = "int"
+[[column]]
+name = "sex"
+role = "feature"
+type = "text"
+[[column]]
+name = "ward"
+role = "feature"
+type = "text"
+[[column]]
+name = "stage"
+role = "feature"
+type = "text"
+[[column]]
+name = "smoker"
+role = "feature"
+type = "text"
+[[column]]
+name = "admitted"
+role = "feature"
+type = "date"
+[[column]]
+name = "hb"
+role = "feature"
+type = "float"
+[[column]]
+name = "outcome"
+role = "label"
+type = "text"
+"#;
+
+/// A dataset that declares its columns goes through the anonymization pipeline from every
+/// source alike: the same training table, and the same commitment over the anonymized rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_dataset_reads_the_same_through_the_pipeline_from_every_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema_path = dir.path().join("clinic.schema.toml");
+    std::fs::write(&schema_path, SCHEMA).unwrap();
+    let columns = dir.path().join("clinic.columns.toml");
+    std::fs::write(&columns, DECLARATION).unwrap();
+    let password = dir.path().join("reader.password");
+    std::fs::write(&password, "reader-secret").unwrap();
+    let rows = visits(30, false);
+    let (csv, parquet) = (dir.path().join("c.csv"), dir.path().join("c.parquet"));
+    write_csv(&csv, &rows);
+    write_parquet(&parquet, &rows);
+    let declared = |config: DatasetConfig| DatasetConfig {
+        columns: Some(columns.clone()),
+        ..config
+    };
+    let mut configs = vec![
+        ("csv", declared(file_config(&csv, &schema_path))),
+        ("parquet", declared(file_config(&parquet, &schema_path))),
+    ];
+    let database = match std::env::var("TUTELA_TEST_POSTGRES_URL") {
+        Ok(url) => Some(TestDatabase::create(&url, &rows).await),
+        Err(_) => None,
+    };
+    if let Some(db) = &database {
+        configs.push((
+            "postgres",
+            declared(DatasetConfig {
+                path: PathBuf::new(),
+                postgres: Some(db.config(QUERY, &password)),
+                ..file_config(Path::new(""), &schema_path)
+            }),
+        ));
+    }
+    let secret = [7u8; 32];
+    let loaded: Vec<_> = configs
+        .iter()
+        .map(|(kind, config)| {
+            let dataset = tokio::task::block_in_place(|| {
+                SiteDataset::prepare("clinic", config, Some(&secret)).and_then(|d| d.load())
+            })
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            (*kind, dataset)
+        })
+        .collect();
+    let (_, reference) = &loaded[0];
+    assert!(reference.deid.is_some());
+    assert_eq!(reference.train.n_features, 12);
+    for (kind, dataset) in &loaded[1..] {
+        assert_eq!(dataset.train, reference.train, "{kind}");
+        assert_eq!(dataset.validation, reference.validation, "{kind}");
+        assert_eq!(
+            dataset.commitment.map(|c| c.root_hex()),
+            reference.commitment.map(|c| c.root_hex()),
+            "{kind}: the anonymized rows differ"
+        );
+    }
+    if let Some(db) = database {
+        db.drop().await;
+    }
+}
+
 /// A file with every kind of problem the check knows, one or more per line.
 const PLANTED: &str = "\
 age,sex,ward,stage,smoker,admitted,hb,outcome
@@ -738,4 +839,42 @@ fn schema_errors_name_the_column_and_the_key() {
     );
     let e = bad("unseen = \"other\"", "unseen = \"sometimes\"");
     assert!(e.contains("unseen") || e.contains("sometimes"), "{e}");
+}
+
+/// The node.toml keys of a query source: a password in the URL, or a query next to a file, is
+/// refused at start, naming the key (and not quoting the password).
+#[test]
+fn a_postgres_source_is_configured_without_a_password_in_node_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |dataset: &str| {
+        let text = format!(
+            "site = \"hospital-a\"\ncoordinator = \"localhost:1\"\nwork_dir = \"work\"\n\
+             insecure_no_approvals = true\n[tls]\nca = \"ca.crt\"\ncert = \"n.crt\"\nkey = \"n.key\"\n\
+             [datasets.clinic]\nschema = \"clinic.schema.toml\"\n{dataset}"
+        );
+        NodeConfig::from_toml_str(&text, dir.path().join("node.toml"))
+    };
+    let ok = config(
+        "[datasets.clinic.postgres]\nurl = \"postgres://reader@db:5432/registry\"\n\
+         query = \"SELECT * FROM visits\"\npassword_file = \"db.password\"\n",
+    )
+    .unwrap();
+    let postgres = ok.datasets["clinic"].postgres.as_ref().unwrap();
+    assert_eq!(
+        postgres.password_file.as_deref(),
+        Some(dir.path().join("db.password").as_path())
+    );
+    let e = config(
+        "[datasets.clinic.postgres]\nurl = \"postgres://reader:hunter2@db/registry\"\nquery = \"SELECT 1\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key(), Some("datasets.clinic.postgres.url"), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = config(
+        "path = \"visits.csv\"\n[datasets.clinic.postgres]\nurl = \"postgres://reader@db/registry\"\nquery = \"SELECT 1\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key(), Some("datasets.clinic.postgres"), "{e}");
+    let e = config("").unwrap_err();
+    assert_eq!(e.key(), Some("datasets.clinic.path"), "{e}");
 }
