@@ -278,3 +278,47 @@ fn a_postgres_source_is_configured_without_a_password_in_node_toml() {
     let e = config("").unwrap_err();
     assert_eq!(e.key(), Some("datasets.clinic.path"), "{e}");
 }
+
+/// A Parquet column of a type the node does not read is refused, naming the column and its type
+/// (and what to do), not a value.
+#[test]
+fn a_parquet_column_of_an_unread_type_is_named() {
+    use arrow_array::TimestampMillisecondArray;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stamped.parquet");
+    let batch = RecordBatch::try_from_iter([
+        (
+            "seen_at",
+            Arc::new(TimestampMillisecondArray::from(vec![1_700_000_000_000i64])) as ArrayRef,
+        ),
+        (
+            "outcome",
+            Arc::new(StringArray::from(vec!["well"])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    let schema = DatasetSchema::from_toml_str(
+        "name = \"s\"\n[label]\ncolumn = \"outcome\"\nclasses = [\"well\", \"ill\"]\n\
+         [features]\nall_other_columns = true\n",
+        "s.schema.toml",
+    )
+    .unwrap();
+    let e = read_table(
+        source::open("s", &file_config(&path, Path::new("s.schema.toml")))
+            .unwrap()
+            .as_mut(),
+        &schema,
+    )
+    .unwrap_err();
+    let message = e.to_string();
+    assert!(
+        message.contains("column \"seen_at\" has the type Timestamp(ms)")
+            && message.contains("export it as text, a number, a boolean or a date"),
+        "{message}"
+    );
+    assert!(!message.contains("1700000000000"), "{message}");
+}
