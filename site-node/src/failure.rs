@@ -50,6 +50,9 @@ pub enum FailureCode {
     DataInvalidValue,
     /// A label that is not one of the schema's classes.
     DataUnknownLabel,
+    /// A categorical value that is not one of the schema's categories (and the column refuses
+    /// unseen values).
+    DataUnknownCategory,
     /// The data does not match the schema's feature count or image shape.
     DataSchemaMismatch,
     /// The table cannot be split or standardised.
@@ -109,6 +112,7 @@ impl FailureCode {
             DataMissingValue => "data.missing_value",
             DataInvalidValue => "data.invalid_value",
             DataUnknownLabel => "data.unknown_label",
+            DataUnknownCategory => "data.unknown_category",
             DataSchemaMismatch => "data.schema_mismatch",
             DataUnusable => "data.unusable",
             DataAnonymization => "data.anonymization",
@@ -237,9 +241,11 @@ impl From<&DataError> for SiteFailure {
             DataError::FieldCount { .. } | DataError::Csv { .. } => at(DataMalformed),
             DataError::TooLong { .. } => at(DataTooLong),
             DataError::MissingValue { column, .. } => at(DataMissingValue).column(column),
-            DataError::NotNumeric { column, .. } | DataError::NotFinite { column, .. } => {
-                at(DataInvalidValue).column(column)
-            }
+            DataError::NotNumeric { column, .. }
+            | DataError::NotFinite { column, .. }
+            | DataError::InvalidValue { column, .. } => at(DataInvalidValue).column(column),
+            DataError::UnknownCategory { column, .. } => at(DataUnknownCategory).column(column),
+            DataError::Source { .. } => at(DataUnreadable),
             DataError::UnknownLabel { column, .. } => at(DataUnknownLabel).column(column),
             DataError::FeatureColumnCount { .. } | DataError::ImageShape { .. } => {
                 at(DataSchemaMismatch)

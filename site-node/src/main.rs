@@ -52,6 +52,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The site's datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Manages the key-encryption key (KEK) of the files the node writes.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -537,6 +540,19 @@ fn encode(tokenizer: &tokenizers::Tokenizer, text: &str) -> anyhow::Result<Vec<i
 }
 
 #[derive(Subcommand)]
+enum DataCommand {
+    /// Reads every dataset of the config (tables and text) as a task would and lists every
+    /// problem at once: file, line, column and what to do. Exits non-zero if any dataset has a
+    /// problem. The node runs the same check at start and does not offer a dataset that fails.
+    /// The output is for the site: it may quote cell values.
+    Check {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Re-wraps the data key of every encrypted file under the node's work_dir from the KEK in
     /// the config's [at_rest] to a new KEK, without re-encrypting any data. Run it while the node
@@ -581,6 +597,26 @@ fn rotate_keys(config: &std::path::Path, new_kek_file: &std::path::Path) -> anyh
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Data(DataCommand::Check { config }) => {
+            let config = NodeConfig::load(&config)?;
+            let checks = tutela_site_node::data_check::check_all(&config);
+            for check in &checks {
+                print!("{check}");
+            }
+            let failing: Vec<&str> = checks
+                .iter()
+                .filter(|c| !c.is_ok())
+                .map(|c| c.name.as_str())
+                .collect();
+            if !failing.is_empty() {
+                anyhow::bail!(
+                    "{} of {} dataset(s) failed the check: {}",
+                    failing.len(),
+                    checks.len(),
+                    failing.join(", ")
+                );
+            }
+        }
         Command::Keys(KeysCommand::Rotate {
             config,
             new_kek_file,
