@@ -114,7 +114,8 @@ impl ClientAdvertising {
     /// Phase 0: a fresh key pair for each neighbour; the public halves go to the server.
     pub fn advertise_keys(self) -> Result<(ClientAwaitingKeys, AdvertiseKeys), SecAggError> {
         let core = self.core;
-        let (keys, public) = PairKeys::generate(core.graph.neighbours(core.me), &SystemRandom::new())?;
+        let (keys, public) =
+            PairKeys::generate(core.graph.neighbours(core.me), &SystemRandom::new())?;
         let msg = AdvertiseKeys {
             round: core.tag,
             site: core.me,
@@ -219,7 +220,11 @@ pub struct ClientAwaitingShares {
 
 impl std::fmt::Debug for ClientAwaitingShares {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClientAwaitingShares(site {}, seeds hidden)", self.core.me)
+        write!(
+            f,
+            "ClientAwaitingShares(site {}, seeds hidden)",
+            self.core.me
+        )
     }
 }
 
@@ -257,7 +262,9 @@ impl ClientAwaitingShares {
             let Some(pair) = self.pairs.get(from) else {
                 return Err(core.refuse(
                     phase,
-                    format!("the relay holds shares from site {from}, which is not a live neighbour"),
+                    format!(
+                        "the relay holds shares from site {from}, which is not a live neighbour"
+                    ),
                 ));
             };
             if held.contains_key(from) {
@@ -314,7 +321,11 @@ pub struct ClientAwaitingUnmask {
 
 impl std::fmt::Debug for ClientAwaitingUnmask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClientAwaitingUnmask(site {}, shares hidden)", self.core.me)
+        write!(
+            f,
+            "ClientAwaitingUnmask(site {}, shares hidden)",
+            self.core.me
+        )
     }
 }
 

@@ -251,7 +251,12 @@ mod tests {
         let update: Vec<f32> = (0..1000).map(|i| ((i % 7) as f32 - 3.0) * 0.5).collect();
         let e = encode_with(&update, &p, &mut rng, None, 1).unwrap();
         assert!(e.clipped);
-        let norm = e.values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        let norm = e
+            .values
+            .iter()
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         assert!(norm <= rounded_norm_bound(&p, 1000));
         assert!((norm / 1024.0 - 1.0).abs() < 0.05, "{norm}");
     }
@@ -260,8 +265,8 @@ mod tests {
     fn noise_has_the_requested_spread() {
         let p = params(Some(8.0));
         let mut rng = SecureRng::insecure_from_seed([3; 32]);
-        let mut g = SecureGaussian::with_rng(8.0, 1.0, SecureRng::insecure_from_seed([4; 32]))
-            .unwrap();
+        let mut g =
+            SecureGaussian::with_rng(8.0, 1.0, SecureRng::insecure_from_seed([4; 32])).unwrap();
         let update = vec![0f32; 50_000];
         let e = encode_with(&update, &p, &mut rng, Some(&mut g), 2).unwrap();
         let var = e.values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 50_000.0;

@@ -31,7 +31,11 @@ pub(crate) struct PairKeys {
 
 impl std::fmt::Debug for PairKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PairKeys({} neighbours, private keys hidden)", self.private.len())
+        write!(
+            f,
+            "PairKeys({} neighbours, private keys hidden)",
+            self.private.len()
+        )
     }
 }
 
@@ -204,14 +208,21 @@ mod tests {
         assert!(a.agree(0, 1, &b_pub[0].1, &tag).is_none());
 
         let ct = seal(&sa.encryption_key, &tag, 0, 1, b"shares".to_vec()).unwrap();
-        assert_eq!(open(&sb.encryption_key, &tag, 0, 1, &ct).unwrap(), b"shares");
+        assert_eq!(
+            open(&sb.encryption_key, &tag, 0, 1, &ct).unwrap(),
+            b"shares"
+        );
         // Wrong direction, wrong round, altered byte, truncated: refused.
         assert!(open(&sb.encryption_key, &tag, 1, 0, &ct).is_err());
         assert!(open(&sb.encryption_key, &RoundTag([4; 32]), 0, 1, &ct).is_err());
         let mut altered = ct.clone();
         altered[2] ^= 1;
         assert!(open(&sb.encryption_key, &tag, 0, 1, &altered).is_err());
-        assert!(open(&sb.encryption_key, &tag, 0, 1, &ct[..10]).unwrap_err().contains("shorter"));
+        assert!(
+            open(&sb.encryption_key, &tag, 0, 1, &ct[..10])
+                .unwrap_err()
+                .contains("shorter")
+        );
     }
 
     #[test]

@@ -194,8 +194,8 @@ impl ShareBundle {
         let count = 1 + self.pair_seeds.len();
         let mut out = Vec::with_capacity(4 + count * ENTRY);
         out.extend_from_slice(&(count as u32).to_le_bytes());
-        let entries =
-            std::iter::once((SELF_MARK, &self.self_seed)).chain(self.pair_seeds.iter().map(|(p, y)| (*p, y)));
+        let entries = std::iter::once((SELF_MARK, &self.self_seed))
+            .chain(self.pair_seeds.iter().map(|(p, y)| (*p, y)));
         for (peer, ys) in entries {
             out.extend_from_slice(&peer.to_le_bytes());
             for y in ys {
@@ -266,10 +266,18 @@ mod tests {
         assert!(ShareBundle::decode(&[]).is_err());
         let mut dup = b.clone();
         dup.pair_seeds[1].0 = 3;
-        assert!(ShareBundle::decode(&dup.encode()).unwrap_err().contains("repeats"));
+        assert!(
+            ShareBundle::decode(&dup.encode())
+                .unwrap_err()
+                .contains("repeats")
+        );
         let mut big = b.clone();
         big.self_seed[0] = u64::MAX;
-        assert!(ShareBundle::decode(&big.encode()).unwrap_err().contains("field"));
+        assert!(
+            ShareBundle::decode(&big.encode())
+                .unwrap_err()
+                .contains("field")
+        );
         let mut no_self = bytes.clone();
         no_self[4..8].copy_from_slice(&3u32.to_le_bytes());
         assert!(ShareBundle::decode(&no_self).is_err());

@@ -28,6 +28,38 @@
 //! accepts only its own phase's kind from a site it expects, once, and refuses anything else with
 //! a [`SecAggError`] naming the site and what was wrong.
 //!
+//! A phase cannot be skipped: a site that has only advertised its keys has no way to send a masked
+//! input,
+//!
+//! ```compile_fail
+//! # use tutela_protocol::secagg::*;
+//! # fn f(config: RoundConfig, relay: SharesRelay) -> Result<(), SecAggError> {
+//! let (awaiting_keys, _advert) = ClientAdvertising::new(config, 0)?.advertise_keys()?;
+//! awaiting_keys.masked_input(relay, &[0])?; // no such method on ClientAwaitingKeys
+//! # Ok(()) }
+//! ```
+//!
+//! nor repeated: a state is consumed by its step, so a second set of shares from the same keys
+//! does not compile either,
+//!
+//! ```compile_fail
+//! # use tutela_protocol::secagg::*;
+//! # fn f(config: RoundConfig, a: KeysRelay, b: KeysRelay) -> Result<(), SecAggError> {
+//! let (awaiting_keys, _advert) = ClientAdvertising::new(config, 0)?.advertise_keys()?;
+//! let _first = awaiting_keys.share_keys(a)?;
+//! let _second = awaiting_keys.share_keys(b)?; // use of moved value
+//! # Ok(()) }
+//! ```
+//!
+//! and the server cannot unmask before it closed the masked-input phase:
+//!
+//! ```compile_fail
+//! # use tutela_protocol::secagg::*;
+//! # fn f(server: ServerCollectingMasked) {
+//! let _ = server.finish(); // finish exists only on ServerCollectingUnmask
+//! # }
+//! ```
+//!
 //! # Where this deviates from the paper, and why
 //!
 //! - **One X25519 key pair per neighbour, not two per site.** ring's agreement keys are ephemeral
@@ -55,8 +87,11 @@ pub mod masks;
 mod messages;
 mod server;
 pub mod shamir;
+pub mod simulate;
 
-pub use client::{ClientAdvertising, ClientAwaitingKeys, ClientAwaitingShares, ClientAwaitingUnmask};
+pub use client::{
+    ClientAdvertising, ClientAwaitingKeys, ClientAwaitingShares, ClientAwaitingUnmask,
+};
 pub use graph::CommunicationGraph;
 pub use messages::{
     AdvertiseKeys, ClientMessage, KeysRelay, MaskedInput, Phase, ShareKeys, SharesRelay,
@@ -116,7 +151,10 @@ impl RoundConfig {
     pub fn validate(&self) -> Result<(), SecAggError> {
         let bad = |what: String| Err(SecAggError::Config(what));
         if self.sites < 2 {
-            return bad(format!("a round needs at least 2 sites, got {}", self.sites));
+            return bad(format!(
+                "a round needs at least 2 sites, got {}",
+                self.sites
+            ));
         }
         if self.degree == 0 || self.degree >= self.sites {
             return bad(format!(
@@ -271,9 +309,7 @@ mod tests {
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold")));
         let mut c = config();
         c.min_survivors = 4;
-        assert!(
-            matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("min_survivors"))
-        );
+        assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("min_survivors")));
     }
 
     #[test]

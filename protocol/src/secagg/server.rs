@@ -23,9 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::graph::CommunicationGraph;
 use super::keys::TAG_LEN;
 use super::masks::{self, Sign};
-use super::messages::{
-    ClientMessage, KeysRelay, Phase, SharesRelay, UnmaskRequest, UnmaskShare,
-};
+use super::messages::{ClientMessage, KeysRelay, Phase, SharesRelay, UnmaskRequest, UnmaskShare};
 use super::shamir::{self, Share};
 use super::{RoundConfig, RoundTag, SecAggError, SiteIndex};
 
@@ -82,7 +80,9 @@ impl ServerCore {
             ));
         }
         if answered(site) {
-            return Err(malformed("the site already sent its message for this phase"));
+            return Err(malformed(
+                "the site already sent its message for this phase",
+            ));
         }
         Ok(())
     }
@@ -139,9 +139,13 @@ impl ServerCollectingKeys {
     /// Accepts a site's [`AdvertiseKeys`](super::AdvertiseKeys): exactly one key per neighbour.
     pub fn receive(&mut self, msg: ClientMessage) -> Result<(), SecAggError> {
         let core = &self.core;
-        core.admit(&msg, Phase::AdvertiseKeys, "server collecting keys", None, |s| {
-            self.advertised.contains_key(&s)
-        })?;
+        core.admit(
+            &msg,
+            Phase::AdvertiseKeys,
+            "server collecting keys",
+            None,
+            |s| self.advertised.contains_key(&s),
+        )?;
         let ClientMessage::AdvertiseKeys(m) = msg else {
             return Ok(());
         };
@@ -166,7 +170,11 @@ impl ServerCollectingKeys {
     /// Ends phase 0: the relays of keys, one per site that advertised.
     pub fn close(self) -> Result<(ServerCollectingShares, Vec<KeysRelay>), SecAggError> {
         let core = self.core;
-        core.need(Phase::AdvertiseKeys, self.advertised.len(), "advertised keys")?;
+        core.need(
+            Phase::AdvertiseKeys,
+            self.advertised.len(),
+            "advertised keys",
+        )?;
         let relays = self
             .advertised
             .keys()
@@ -252,7 +260,11 @@ impl ServerCollectingShares {
     /// Ends phase 1: each site that shared gets the ciphertexts addressed to it.
     pub fn close(self) -> Result<(ServerCollectingMasked, Vec<SharesRelay>), SecAggError> {
         let core = self.core;
-        core.need(Phase::ShareKeys, self.ciphertexts.len(), "shared their keys")?;
+        core.need(
+            Phase::ShareKeys,
+            self.ciphertexts.len(),
+            "shared their keys",
+        )?;
         let shared: BTreeSet<SiteIndex> = self.ciphertexts.keys().copied().collect();
         // Who receives whose shares: exactly the pairwise masks each site will apply.
         let mut relayed_from: BTreeMap<SiteIndex, BTreeSet<SiteIndex>> =
@@ -352,7 +364,11 @@ impl ServerCollectingMasked {
     /// Ends phase 2: the request every survivor answers.
     pub fn close(self) -> Result<(ServerCollectingUnmask, UnmaskRequest), SecAggError> {
         let core = self.core;
-        core.need(Phase::MaskedInput, self.received.len(), "sent their masked input")?;
+        core.need(
+            Phase::MaskedInput,
+            self.received.len(),
+            "sent their masked input",
+        )?;
         let survivors = self.received;
         let dropped: BTreeSet<SiteIndex> = self.shared.difference(&survivors).copied().collect();
         let request = UnmaskRequest {
@@ -472,7 +488,9 @@ impl ServerCollectingUnmask {
                 _ => {}
             }
             if !seen.insert((owner, peer)) {
-                return Err(malformed(format!("it sent a share of site {owner}'s seed twice")));
+                return Err(malformed(format!(
+                    "it sent a share of site {owner}'s seed twice"
+                )));
             }
         }
         for share in m.shares {
@@ -480,9 +498,11 @@ impl ServerCollectingUnmask {
                 UnmaskShare::SelfSeed { owner, share } => {
                     self.self_shares.entry(owner).or_default().push(share)
                 }
-                UnmaskShare::PairSeed { owner, peer, share } => {
-                    self.pair_shares.entry((owner, peer)).or_default().push(share)
-                }
+                UnmaskShare::PairSeed { owner, peer, share } => self
+                    .pair_shares
+                    .entry((owner, peer))
+                    .or_default()
+                    .push(share),
             }
         }
         self.responded.insert(site);

@@ -236,7 +236,10 @@ mod tests {
         let holders: Vec<u32> = (10..17).collect();
         let shares = split(&secret, 4, &holders, &mut rng());
         let err = reconstruct(&shares[..3], 4, "site 2's self-mask seed").unwrap_err();
-        assert!(err.to_string().contains("3 shares, the threshold is 4"), "{err}");
+        assert!(
+            err.to_string().contains("3 shares, the threshold is 4"),
+            "{err}"
+        );
         let mut bad = shares.clone();
         bad[5].ys[2] = add(bad[5].ys[2], 1);
         let err = reconstruct(&bad, 4, "s").unwrap_err();
