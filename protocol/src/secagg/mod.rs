@@ -88,6 +88,7 @@ mod messages;
 mod server;
 pub mod shamir;
 pub mod simulate;
+mod spec;
 
 pub use client::{
     ClientAdvertising, ClientAwaitingKeys, ClientAwaitingShares, ClientAwaitingUnmask,
@@ -101,6 +102,7 @@ pub use server::{
     AggregateOutput, ServerCollectingKeys, ServerCollectingMasked, ServerCollectingShares,
     ServerCollectingUnmask,
 };
+pub use spec::SecureAggregationSpec;
 
 /// A site's position in the round's participant list, `0..n`.
 pub type SiteIndex = u32;
