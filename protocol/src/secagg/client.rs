@@ -14,6 +14,7 @@
 //! reveals both a site's self-seed share and its pairwise-seed shares.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tutela_privacy::noise::SecureRng;
@@ -22,20 +23,37 @@ use super::graph::CommunicationGraph;
 use super::keys::{self, PairKeys, PairSecrets, Seed};
 use super::masks::{self, Sign};
 use super::messages::{
-    AdvertiseKeys, KeysRelay, MaskedInput, Phase, ShareBundle, ShareKeys, SharesRelay,
-    UnmaskRequest, UnmaskResponse, UnmaskShare,
+    AdvertiseKeys, AdvertisedKey, KeysRelay, MaskedInput, Phase, ShareBundle, ShareKeys,
+    SharesRelay, UnmaskRequest, UnmaskResponse, UnmaskShare,
 };
 use super::shamir::{self, Share};
+use super::signing::{KeySigner, KeyVerifier, key_message};
 use super::{RoundConfig, RoundTag, SecAggError, SiteIndex};
 
 /// What every state of a site knows.
-#[derive(Debug)]
 struct Core {
     config: RoundConfig,
     tag: RoundTag,
     graph: CommunicationGraph,
     me: SiteIndex,
     threads: usize,
+    /// Signs this site's advertised keys; `None`: unsigned.
+    signer: Option<Arc<dyn KeySigner>>,
+    /// Checks the neighbours' signatures; `None`: keys are taken unsigned (honest-but-curious
+    /// server only).
+    verifier: Option<Arc<dyn KeyVerifier>>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "site {} of {} (signed keys: {})",
+            self.me,
+            self.config.sites,
+            self.verifier.is_some()
+        )
+    }
 }
 
 impl Core {
@@ -101,6 +119,8 @@ impl ClientAdvertising {
                 graph,
                 me,
                 threads: masks::default_threads(),
+                signer: None,
+                verifier: None,
             },
         })
     }
@@ -111,15 +131,43 @@ impl ClientAdvertising {
         self
     }
 
-    /// Phase 0: a fresh key pair for each neighbour; the public halves go to the server.
+    /// Signs this site's advertised keys with `signer` (its identity key) and requires every
+    /// neighbour's key to carry a signature `verifier` accepts (their certificates): the defence
+    /// against a server substituting keys ([`signing`](super::signing)).
+    pub fn with_signed_keys(
+        mut self,
+        signer: Arc<dyn KeySigner>,
+        verifier: Arc<dyn KeyVerifier>,
+    ) -> Self {
+        self.core.signer = Some(signer);
+        self.core.verifier = Some(verifier);
+        self
+    }
+
+    /// Phase 0: a fresh key pair for each neighbour; the public halves go to the server, each
+    /// signed when the site signs its keys.
     pub fn advertise_keys(self) -> Result<(ClientAwaitingKeys, AdvertiseKeys), SecAggError> {
         let core = self.core;
         let (keys, public) =
             PairKeys::generate(core.graph.neighbours(core.me), &SystemRandom::new())?;
+        let mut advertised = Vec::with_capacity(public.len());
+        for (peer, public) in public {
+            let signature = match &core.signer {
+                Some(signer) => signer
+                    .sign(&key_message(&core.tag, core.me, peer, &public))
+                    .map_err(SecAggError::Crypto)?,
+                None => Vec::new(),
+            };
+            advertised.push(AdvertisedKey {
+                peer,
+                public,
+                signature,
+            });
+        }
         let msg = AdvertiseKeys {
             round: core.tag,
             site: core.me,
-            keys: public,
+            keys: advertised,
         };
         Ok((ClientAwaitingKeys { core, keys }, msg))
     }
@@ -145,9 +193,27 @@ impl ClientAwaitingKeys {
         core.check_round(&relay.round, phase)?;
         core.check_addressee(relay.to, phase)?;
         let mut pairs: BTreeMap<SiteIndex, PairSecrets> = BTreeMap::new();
-        for (peer, public) in &relay.keys {
+        for AdvertisedKey {
+            peer,
+            public,
+            signature,
+        } in &relay.keys
+        {
             if pairs.contains_key(peer) {
                 return Err(core.refuse(phase, format!("the relay repeats site {peer}'s key")));
+            }
+            if let Some(verifier) = &core.verifier {
+                verifier
+                    .verify(
+                        *peer,
+                        &key_message(&core.tag, *peer, core.me, public),
+                        signature,
+                    )
+                    .map_err(|reason| SecAggError::Malformed {
+                        site: *peer,
+                        phase: Phase::AdvertiseKeys,
+                        reason,
+                    })?;
             }
             let secrets = self
                 .keys

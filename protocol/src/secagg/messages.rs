@@ -27,12 +27,23 @@ impl fmt::Display for Phase {
     }
 }
 
+/// One X25519 public key made for one pair, with the maker's signature over it
+/// ([`signing`](super::signing); empty when the round's sites do not sign).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdvertisedKey {
+    /// In [`AdvertiseKeys`]: the neighbour the key is for. In [`KeysRelay`]: the neighbour that
+    /// made it.
+    pub peer: SiteIndex,
+    pub public: [u8; 32],
+    pub signature: Vec<u8>,
+}
+
 /// Phase 0, site → server: one X25519 public key per neighbour, addressed to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdvertiseKeys {
     pub round: RoundTag,
     pub site: SiteIndex,
-    pub keys: Vec<(SiteIndex, [u8; 32])>,
+    pub keys: Vec<AdvertisedKey>,
 }
 
 /// Server → site after phase 0: the keys of the site's neighbours that advertised, each the one
@@ -41,7 +52,7 @@ pub struct AdvertiseKeys {
 pub struct KeysRelay {
     pub round: RoundTag,
     pub to: SiteIndex,
-    pub keys: Vec<(SiteIndex, [u8; 32])>,
+    pub keys: Vec<AdvertisedKey>,
 }
 
 /// Phase 1, site → server: for each live neighbour, its shares sealed under the pair's key.
@@ -133,7 +144,13 @@ impl ClientMessage {
         const HEADER: u64 = 32 + 4 + 4;
         let n = |len: usize| len as u64;
         match self {
-            ClientMessage::AdvertiseKeys(m) => HEADER + n(m.keys.len()) * (4 + 32),
+            ClientMessage::AdvertiseKeys(m) => {
+                HEADER
+                    + m.keys
+                        .iter()
+                        .map(|k| 4 + 32 + 4 + n(k.signature.len()))
+                        .sum::<u64>()
+            }
             ClientMessage::ShareKeys(m) => {
                 HEADER
                     + m.ciphertexts

@@ -87,6 +87,7 @@ pub mod masks;
 mod messages;
 mod server;
 pub mod shamir;
+pub mod signing;
 pub mod simulate;
 mod spec;
 
@@ -95,8 +96,8 @@ pub use client::{
 };
 pub use graph::CommunicationGraph;
 pub use messages::{
-    AdvertiseKeys, ClientMessage, KeysRelay, MaskedInput, Phase, ShareKeys, SharesRelay,
-    UnmaskRequest, UnmaskResponse, UnmaskShare,
+    AdvertiseKeys, AdvertisedKey, ClientMessage, KeysRelay, MaskedInput, Phase, ShareKeys,
+    SharesRelay, UnmaskRequest, UnmaskResponse, UnmaskShare,
 };
 pub use server::{
     AggregateOutput, ServerCollectingKeys, ServerCollectingMasked, ServerCollectingShares,

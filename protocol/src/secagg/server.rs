@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::graph::CommunicationGraph;
 use super::keys::TAG_LEN;
 use super::masks::{self, Sign};
-use super::messages::{ClientMessage, KeysRelay, Phase, SharesRelay, UnmaskRequest, UnmaskShare};
+use super::messages::{
+    AdvertisedKey, ClientMessage, KeysRelay, Phase, SharesRelay, UnmaskRequest, UnmaskShare,
+};
 use super::shamir::{self, Share};
 use super::{RoundConfig, RoundTag, SecAggError, SiteIndex};
 
@@ -107,7 +109,7 @@ impl ServerCore {
 #[derive(Debug)]
 pub struct ServerCollectingKeys {
     core: ServerCore,
-    advertised: BTreeMap<SiteIndex, BTreeMap<SiteIndex, [u8; 32]>>,
+    advertised: BTreeMap<SiteIndex, BTreeMap<SiteIndex, AdvertisedKey>>,
 }
 
 impl ServerCollectingKeys {
@@ -149,9 +151,11 @@ impl ServerCollectingKeys {
         let ClientMessage::AdvertiseKeys(m) = msg else {
             return Ok(());
         };
-        let keys: BTreeMap<SiteIndex, [u8; 32]> = m.keys.iter().copied().collect();
+        let count = m.keys.len();
+        let keys: BTreeMap<SiteIndex, AdvertisedKey> =
+            m.keys.into_iter().map(|k| (k.peer, k)).collect();
         let expected = core.graph.neighbours(m.site);
-        if keys.len() != m.keys.len() || !keys.keys().copied().eq(expected.iter().copied()) {
+        if keys.len() != count || !keys.keys().copied().eq(expected.iter().copied()) {
             return Err(SecAggError::Malformed {
                 site: m.site,
                 phase: Phase::AdvertiseKeys,
@@ -159,7 +163,7 @@ impl ServerCollectingKeys {
                     "it must advertise exactly one key for each of its {} neighbours, it sent {} \
                      for other or repeated sites",
                     expected.len(),
-                    m.keys.len()
+                    count
                 ),
             });
         }
@@ -185,7 +189,13 @@ impl ServerCollectingKeys {
                     .graph
                     .neighbours(u)
                     .iter()
-                    .filter_map(|v| Some((*v, *self.advertised.get(v)?.get(&u)?)))
+                    .filter_map(|v| {
+                        let key = self.advertised.get(v)?.get(&u)?;
+                        Some(AdvertisedKey {
+                            peer: *v,
+                            ..key.clone()
+                        })
+                    })
                     .collect(),
             })
             .collect();

@@ -326,7 +326,7 @@ fn malformed_and_late_messages_are_refused() {
     let (mut server2, relays2) = server2.close().unwrap();
     let mut states: Vec<_> = fresh.into_iter().map(|(c, _)| Some(c)).collect();
     let mut poisoned = relays2[0].clone();
-    poisoned.keys[0].1 = [0; 32];
+    poisoned.keys[0].public = [0; 32];
     let victim = states[0].take().unwrap();
     let err = victim.share_keys(poisoned).unwrap_err();
     assert!(
@@ -562,4 +562,107 @@ fn distributed_noise_survives_masking_and_the_sum_carries_all_of_it() {
     let want = 40.0 * 7f64.sqrt();
     assert!((sd / want - 1.0).abs() < 0.03, "sd {sd}, want {want}");
     assert!(mean.abs() < 4.0 * want / (len as f64).sqrt(), "mean {mean}");
+}
+
+#[test]
+fn signed_keys_defeat_a_server_that_substitutes_them() {
+    use std::sync::Arc;
+    use tutela_protocol::pki::{LeafOptions, Validity};
+    use tutela_protocol::secagg::signing::{IdentityKey, SiteCertificates};
+
+    let ca = crate::common::ca(crate::common::CONSORTIUM);
+    let mut certs = SiteCertificates::new();
+    let mut keys = Vec::new();
+    for s in 0..4u32 {
+        let issued = ca
+            .issue(
+                &crate::common::node(&format!("site-{s}")),
+                &LeafOptions::new(Validity::days_from_now(1)),
+            )
+            .unwrap();
+        certs.insert_pem(s, &issued.cert_pem).unwrap();
+        keys.push(Arc::new(
+            IdentityKey::from_pkcs8_pem(&issued.key_pem).unwrap(),
+        ));
+    }
+    let certs = Arc::new(certs);
+    let cfg = config(4, 3, 2, 16);
+    let start = || -> Vec<_> {
+        (0..4u32)
+            .map(|s| {
+                ClientAdvertising::new(cfg.clone(), s)
+                    .unwrap()
+                    .with_signed_keys(keys[s as usize].clone(), certs.clone())
+                    .advertise_keys()
+                    .unwrap()
+            })
+            .collect()
+    };
+
+    // An honest round with signed keys: the exact sum.
+    let mut server = ServerCollectingKeys::new(cfg.clone()).unwrap();
+    let mut states = Vec::new();
+    for (c, msg) in start() {
+        assert!(msg.keys.iter().all(|k| !k.signature.is_empty()));
+        server.receive(msg.into()).unwrap();
+        states.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    let mut next = Vec::new();
+    for (c, r) in states.into_iter().zip(relays) {
+        let (c, msg) = c.share_keys(r).unwrap();
+        server.receive(msg.into()).unwrap();
+        next.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    let mut last = Vec::new();
+    for (s, (c, r)) in next.into_iter().zip(relays).enumerate() {
+        let (c, msg) = c.masked_input(r, &[s as i64 + 1; 16]).unwrap();
+        server.receive(msg.into()).unwrap();
+        last.push(c);
+    }
+    let (mut server, request) = server.close().unwrap();
+    for c in last {
+        server
+            .receive(c.unmask(request.clone()).unwrap().into())
+            .unwrap();
+    }
+    assert_eq!(server.finish().unwrap().sum, vec![10; 16]);
+
+    // The server puts its own key where site 1's was: site 0 refuses, naming site 1.
+    let mut server = ServerCollectingKeys::new(cfg.clone()).unwrap();
+    let mut states = Vec::new();
+    for (c, msg) in start() {
+        server.receive(msg.into()).unwrap();
+        states.push(c);
+    }
+    let (_, relays) = server.close().unwrap();
+    let (_, forged) = ClientAdvertising::new(cfg.clone(), 1)
+        .unwrap()
+        .advertise_keys()
+        .unwrap();
+    let mut mitm = relays[0].clone();
+    let slot = mitm.keys.iter().position(|k| k.peer == 1).unwrap();
+    let own = forged.keys.iter().find(|k| k.peer == 0).unwrap();
+    mitm.keys[slot].public = own.public;
+    let mut states = states.into_iter();
+    let err = states.next().unwrap().share_keys(mitm).unwrap_err();
+    assert!(
+        matches!(&err, SecAggError::Malformed { site: 1, phase: Phase::AdvertiseKeys, reason } if reason.contains("signature")),
+        "{err}"
+    );
+    // Site 1's genuine key and signature for site 2, replayed to site 3 as if made for it: the
+    // signature covers the pair, so site 3 refuses too.
+    let mut replay = relays[3].clone();
+    let for_two = relays[2].keys.iter().find(|k| k.peer == 1).unwrap().clone();
+    let slot = replay.keys.iter().position(|k| k.peer == 1).unwrap();
+    replay.keys[slot] = for_two;
+    let three = states.nth(2).unwrap();
+    assert!(
+        three
+            .share_keys(replay)
+            .unwrap_err()
+            .to_string()
+            .contains("signature")
+    );
 }
