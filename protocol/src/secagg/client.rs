@@ -23,11 +23,11 @@ use super::graph::CommunicationGraph;
 use super::keys::{self, PairKeys, PairSecrets, Seed};
 use super::masks::{self, Sign};
 use super::messages::{
-    AdvertiseKeys, AdvertisedKey, KeysRelay, MaskedInput, Phase, ShareBundle, ShareKeys,
-    SharesRelay, UnmaskRequest, UnmaskResponse, UnmaskShare,
+    AdvertiseKeys, AdvertisedKey, ConfirmedRequest, KeysRelay, MaskedInput, Phase, ShareBundle,
+    ShareKeys, SharesRelay, SurvivorsConfirmation, UnmaskRequest, UnmaskResponse, UnmaskShare,
 };
 use super::shamir::{self, Share};
-use super::signing::{KeySigner, KeyVerifier, key_message};
+use super::signing::{KeySigner, KeyVerifier, key_message, survivors_message};
 use super::{RoundConfig, RoundTag, SecAggError, SiteIndex};
 
 /// What every state of a site knows.
@@ -396,11 +396,57 @@ impl std::fmt::Debug for ClientAwaitingUnmask {
 }
 
 impl ClientAwaitingUnmask {
-    /// Phase 3: for each neighbour whose shares this site holds, the share of its self-mask seed
-    /// if it survived, or of its pairwise seeds with the survivors if it dropped. The round ends
-    /// for the site here.
+    /// Phase 3 of a round whose sites do not sign their keys: for each neighbour whose shares
+    /// this site holds, the share of its self-mask seed if it survived, or of its pairwise seeds
+    /// with the survivors if it dropped. The round ends for the site here. A site that signs its
+    /// keys refuses: it unmasks only after the consistency check ([`Self::confirm`]).
     pub fn unmask(self, request: UnmaskRequest) -> Result<UnmaskResponse, SecAggError> {
-        let phase = Phase::Unmasking;
+        if self.core.verifier.is_some() {
+            return Err(self.core.refuse(
+                Phase::Unmasking,
+                "this site signs its keys, so it unmasks only after the consistency check",
+            ));
+        }
+        self.check_request(&request, Phase::Unmasking)?;
+        self.respond(&request)
+    }
+
+    /// The consistency check (sites that sign their keys): signs the request the server sent,
+    /// after the same checks as [`Self::unmask`]. The site answers the unmasking only when enough
+    /// survivors signed this very request ([`ClientConfirmedSurvivors::unmask`]), so the server
+    /// cannot tell different sites different survivor lists.
+    pub fn confirm(
+        self,
+        request: UnmaskRequest,
+    ) -> Result<(ClientConfirmedSurvivors, SurvivorsConfirmation), SecAggError> {
+        let phase = Phase::ConsistencyCheck;
+        let Some(signer) = self.core.signer.clone() else {
+            return Err(self
+                .core
+                .refuse(phase, "this site does not sign: it has no identity key"));
+        };
+        self.check_request(&request, phase)?;
+        let signature = signer
+            .sign(&survivors_message(&request))
+            .map_err(SecAggError::Crypto)?;
+        let msg = SurvivorsConfirmation {
+            round: self.core.tag,
+            site: self.core.me,
+            signature,
+        };
+        Ok((
+            ClientConfirmedSurvivors {
+                inner: self,
+                request,
+            },
+            msg,
+        ))
+    }
+
+    /// What an honest site checks before it reveals anything: the round, no site listed twice or
+    /// both ways, itself a survivor, at least `min_survivors` survivors, and every neighbour whose
+    /// shares it holds classified.
+    fn check_request(&self, request: &UnmaskRequest, phase: Phase) -> Result<(), SecAggError> {
         let core = &self.core;
         core.check_round(&request.round, phase)?;
         let survivors: BTreeSet<SiteIndex> = request.survivors.iter().copied().collect();
@@ -433,6 +479,26 @@ impl ClientAwaitingUnmask {
                 ),
             ));
         }
+        if let Some(owner) = self
+            .held
+            .keys()
+            .find(|o| !survivors.contains(o) && !dropped.contains(o))
+        {
+            return Err(core.refuse(
+                phase,
+                format!(
+                    "site {owner} shared keys with this site but the request lists it neither as \
+                     survivor nor as dropped"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The shares a checked request asks for: never both kinds for one site.
+    fn respond(self, request: &UnmaskRequest) -> Result<UnmaskResponse, SecAggError> {
+        let core = &self.core;
+        let survivors: BTreeSet<SiteIndex> = request.survivors.iter().copied().collect();
         let x = shamir::x_of(core.me);
         let mut shares = Vec::new();
         for (&owner, bundle) in &self.held {
@@ -444,7 +510,8 @@ impl ClientAwaitingUnmask {
                         ys: bundle.self_seed,
                     },
                 });
-            } else if dropped.contains(&owner) {
+            } else {
+                // check_request: every held owner is a survivor or dropped.
                 for (peer, ys) in &bundle.pair_seeds {
                     if survivors.contains(peer) {
                         shares.push(UnmaskShare::PairSeed {
@@ -454,14 +521,6 @@ impl ClientAwaitingUnmask {
                         });
                     }
                 }
-            } else {
-                return Err(core.refuse(
-                    phase,
-                    format!(
-                        "site {owner} shared keys with this site but the request lists it neither \
-                         as survivor nor as dropped"
-                    ),
-                ));
             }
         }
         Ok(UnmaskResponse {
@@ -469,5 +528,70 @@ impl ClientAwaitingUnmask {
             site: core.me,
             shares,
         })
+    }
+}
+
+/// A site that signed the survivor list and waits for the others' signatures.
+pub struct ClientConfirmedSurvivors {
+    inner: ClientAwaitingUnmask,
+    request: UnmaskRequest,
+}
+
+impl std::fmt::Debug for ClientConfirmedSurvivors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ClientConfirmedSurvivors(site {}, shares hidden)",
+            self.inner.core.me
+        )
+    }
+}
+
+impl ClientConfirmedSurvivors {
+    /// Phase 3 after the consistency check: answers only if the server relays the very request
+    /// this site signed, with valid signatures over it from at least `min_survivors` distinct
+    /// survivors (each checked with that site's certificate).
+    pub fn unmask(self, confirmed: ConfirmedRequest) -> Result<UnmaskResponse, SecAggError> {
+        let phase = Phase::Unmasking;
+        let core = &self.inner.core;
+        if confirmed.request != self.request {
+            return Err(core.refuse(
+                phase,
+                "the server relays another survivor list than the one this site signed",
+            ));
+        }
+        let Some(verifier) = &core.verifier else {
+            return Err(core.refuse(phase, "this site cannot check signatures"));
+        };
+        let message = survivors_message(&self.request);
+        let mut signers = BTreeSet::new();
+        for (site, signature) in &confirmed.confirmations {
+            if !self.request.survivors.contains(site) || !signers.insert(*site) {
+                return Err(core.refuse(
+                    phase,
+                    format!(
+                        "a confirmation from site {site}, which is not a survivor or signed twice"
+                    ),
+                ));
+            }
+            verifier
+                .verify(*site, &message, signature)
+                .map_err(|reason| SecAggError::Malformed {
+                    site: *site,
+                    phase: Phase::ConsistencyCheck,
+                    reason: format!("its survivor-list confirmation: {reason}"),
+                })?;
+        }
+        if signers.len() < core.config.min_survivors as usize {
+            return Err(core.refuse(
+                phase,
+                format!(
+                    "{} survivors confirmed the list, fewer than the round's minimum of {}",
+                    signers.len(),
+                    core.config.min_survivors
+                ),
+            ));
+        }
+        self.inner.respond(&self.request)
     }
 }

@@ -13,6 +13,9 @@ pub enum Phase {
     AdvertiseKeys,
     ShareKeys,
     MaskedInput,
+    /// Only when the sites sign: each survivor signs the survivor list it was sent, and unmasks
+    /// only when enough survivors signed the same list.
+    ConsistencyCheck,
     Unmasking,
 }
 
@@ -22,6 +25,7 @@ impl fmt::Display for Phase {
             Phase::AdvertiseKeys => "advertise-keys",
             Phase::ShareKeys => "share-keys",
             Phase::MaskedInput => "masked-input",
+            Phase::ConsistencyCheck => "consistency-check",
             Phase::Unmasking => "unmasking",
         })
     }
@@ -89,6 +93,22 @@ pub struct UnmaskRequest {
     pub dropped: Vec<SiteIndex>,
 }
 
+/// Consistency check, site → server: the site's signature over the [`UnmaskRequest`] it was sent
+/// (`signing::survivors_message`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SurvivorsConfirmation {
+    pub round: RoundTag,
+    pub site: SiteIndex,
+    pub signature: Vec<u8>,
+}
+
+/// Server → site after the consistency check: the request and the survivors' signatures over it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfirmedRequest {
+    pub request: UnmaskRequest,
+    pub confirmations: Vec<(SiteIndex, Vec<u8>)>,
+}
+
 /// One share a site reveals in phase 3.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UnmaskShare {
@@ -116,6 +136,7 @@ pub enum ClientMessage {
     AdvertiseKeys(AdvertiseKeys),
     ShareKeys(ShareKeys),
     MaskedInput(MaskedInput),
+    Confirm(SurvivorsConfirmation),
     Unmask(UnmaskResponse),
 }
 
@@ -125,6 +146,7 @@ impl ClientMessage {
             ClientMessage::AdvertiseKeys(_) => Phase::AdvertiseKeys,
             ClientMessage::ShareKeys(_) => Phase::ShareKeys,
             ClientMessage::MaskedInput(_) => Phase::MaskedInput,
+            ClientMessage::Confirm(_) => Phase::ConsistencyCheck,
             ClientMessage::Unmask(_) => Phase::Unmasking,
         }
     }
@@ -134,6 +156,7 @@ impl ClientMessage {
             ClientMessage::AdvertiseKeys(m) => m.site,
             ClientMessage::ShareKeys(m) => m.site,
             ClientMessage::MaskedInput(m) => m.site,
+            ClientMessage::Confirm(m) => m.site,
             ClientMessage::Unmask(m) => m.site,
         }
     }
@@ -159,6 +182,7 @@ impl ClientMessage {
                         .sum::<u64>()
             }
             ClientMessage::MaskedInput(m) => HEADER + n(m.masked.len()) * 8,
+            ClientMessage::Confirm(m) => HEADER + 4 + n(m.signature.len()),
             ClientMessage::Unmask(m) => {
                 HEADER
                     + m.shares
@@ -186,6 +210,11 @@ impl From<ShareKeys> for ClientMessage {
 impl From<MaskedInput> for ClientMessage {
     fn from(m: MaskedInput) -> Self {
         ClientMessage::MaskedInput(m)
+    }
+}
+impl From<SurvivorsConfirmation> for ClientMessage {
+    fn from(m: SurvivorsConfirmation) -> Self {
+        ClientMessage::Confirm(m)
     }
 }
 impl From<UnmaskResponse> for ClientMessage {

@@ -93,15 +93,16 @@ mod spec;
 
 pub use client::{
     ClientAdvertising, ClientAwaitingKeys, ClientAwaitingShares, ClientAwaitingUnmask,
+    ClientConfirmedSurvivors,
 };
 pub use graph::CommunicationGraph;
 pub use messages::{
-    AdvertiseKeys, AdvertisedKey, ClientMessage, KeysRelay, MaskedInput, Phase, ShareKeys,
-    SharesRelay, UnmaskRequest, UnmaskResponse, UnmaskShare,
+    AdvertiseKeys, AdvertisedKey, ClientMessage, ConfirmedRequest, KeysRelay, MaskedInput, Phase,
+    ShareKeys, SharesRelay, SurvivorsConfirmation, UnmaskRequest, UnmaskResponse, UnmaskShare,
 };
 pub use server::{
-    AggregateOutput, ServerCollectingKeys, ServerCollectingMasked, ServerCollectingShares,
-    ServerCollectingUnmask,
+    AggregateOutput, ServerCollectingConfirmations, ServerCollectingKeys, ServerCollectingMasked,
+    ServerCollectingShares, ServerCollectingUnmask,
 };
 pub use spec::SecureAggregationSpec;
 

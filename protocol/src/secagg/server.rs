@@ -24,7 +24,8 @@ use super::graph::CommunicationGraph;
 use super::keys::TAG_LEN;
 use super::masks::{self, Sign};
 use super::messages::{
-    AdvertisedKey, ClientMessage, KeysRelay, Phase, SharesRelay, UnmaskRequest, UnmaskShare,
+    AdvertisedKey, ClientMessage, ConfirmedRequest, KeysRelay, Phase, SharesRelay, UnmaskRequest,
+    UnmaskShare,
 };
 use super::shamir::{self, Share};
 use super::{RoundConfig, RoundTag, SecAggError, SiteIndex};
@@ -61,6 +62,7 @@ impl ServerCore {
             ClientMessage::AdvertiseKeys(m) => &m.round,
             ClientMessage::ShareKeys(m) => &m.round,
             ClientMessage::MaskedInput(m) => &m.round,
+            ClientMessage::Confirm(m) => &m.round,
             ClientMessage::Unmask(m) => &m.round,
         };
         if *round != self.tag {
@@ -398,6 +400,76 @@ impl ServerCollectingMasked {
                 responded: BTreeSet::new(),
             },
             request,
+        ))
+    }
+}
+
+impl ServerCollectingMasked {
+    /// Ends phase 2 of a round whose sites sign (they unmask only after the consistency check):
+    /// the request every survivor signs.
+    pub fn close_with_consistency_check(
+        self,
+    ) -> Result<(ServerCollectingConfirmations, UnmaskRequest), SecAggError> {
+        let (next, request) = self.close()?;
+        Ok((
+            ServerCollectingConfirmations {
+                next,
+                request: request.clone(),
+                confirmations: BTreeMap::new(),
+            },
+            request,
+        ))
+    }
+}
+
+/// The consistency check: collecting the survivors' signatures over the survivor list.
+pub struct ServerCollectingConfirmations {
+    next: ServerCollectingUnmask,
+    request: UnmaskRequest,
+    confirmations: BTreeMap<SiteIndex, Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerCollectingConfirmations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ServerCollectingConfirmations({} of {} survivors signed)",
+            self.confirmations.len(),
+            self.request.survivors.len()
+        )
+    }
+}
+
+impl ServerCollectingConfirmations {
+    /// Accepts a survivor's [`SurvivorsConfirmation`](super::SurvivorsConfirmation). The sites
+    /// check the signatures; the server only relays them.
+    pub fn receive(&mut self, msg: ClientMessage) -> Result<(), SecAggError> {
+        self.next.core.admit(
+            &msg,
+            Phase::ConsistencyCheck,
+            "server collecting survivor-list confirmations",
+            Some(&self.next.survivors),
+            |s| self.confirmations.contains_key(&s),
+        )?;
+        if let ClientMessage::Confirm(m) = msg {
+            self.confirmations.insert(m.site, m.signature);
+        }
+        Ok(())
+    }
+
+    /// Ends the consistency check: the request and its signatures, for every survivor.
+    pub fn close(self) -> Result<(ServerCollectingUnmask, ConfirmedRequest), SecAggError> {
+        self.next.core.need(
+            Phase::ConsistencyCheck,
+            self.confirmations.len(),
+            "confirmed the survivor list",
+        )?;
+        Ok((
+            self.next,
+            ConfirmedRequest {
+                request: self.request,
+                confirmations: self.confirmations.into_iter().collect(),
+            },
         ))
     }
 }

@@ -47,6 +47,20 @@ pub(crate) fn key_message(
     m
 }
 
+/// The message a survivor signs in the consistency check: the whole request it was sent.
+pub(crate) fn survivors_message(request: &super::UnmaskRequest) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(b"tutela-secagg-v1 survivors\0");
+    m.extend_from_slice(&request.round.0);
+    for list in [&request.survivors, &request.dropped] {
+        m.extend_from_slice(&(list.len() as u32).to_le_bytes());
+        for s in list {
+            m.extend_from_slice(&s.to_le_bytes());
+        }
+    }
+    m
+}
+
 enum Pair {
     Ecdsa(EcdsaKeyPair),
     Ed25519(Ed25519KeyPair),

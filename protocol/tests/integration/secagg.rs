@@ -565,7 +565,7 @@ fn distributed_noise_survives_masking_and_the_sum_carries_all_of_it() {
 }
 
 #[test]
-fn signed_keys_defeat_a_server_that_substitutes_them() {
+fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
     use std::sync::Arc;
     use tutela_protocol::pki::{LeafOptions, Validity};
     use tutela_protocol::secagg::signing::{IdentityKey, SiteCertificates};
@@ -573,7 +573,7 @@ fn signed_keys_defeat_a_server_that_substitutes_them() {
     let ca = crate::common::ca(crate::common::CONSORTIUM);
     let mut certs = SiteCertificates::new();
     let mut keys = Vec::new();
-    for s in 0..4u32 {
+    for s in 0..6u32 {
         let issued = ca
             .issue(
                 &crate::common::node(&format!("site-{s}")),
@@ -586,9 +586,9 @@ fn signed_keys_defeat_a_server_that_substitutes_them() {
         ));
     }
     let certs = Arc::new(certs);
-    let cfg = config(4, 3, 2, 16);
+    let cfg = config(6, 5, 2, 16);
     let start = || -> Vec<_> {
-        (0..4u32)
+        (0..6u32)
             .map(|s| {
                 ClientAdvertising::new(cfg.clone(), s)
                     .unwrap()
@@ -621,13 +621,52 @@ fn signed_keys_defeat_a_server_that_substitutes_them() {
         server.receive(msg.into()).unwrap();
         last.push(c);
     }
-    let (mut server, request) = server.close().unwrap();
+    let (mut server, request) = server.close_with_consistency_check().unwrap();
+    // A signing site unmasks only after the consistency check.
+    let mut confirmed_states = Vec::new();
     for c in last {
+        let (c, msg) = c.confirm(request.clone()).unwrap();
+        server.receive(msg.into()).unwrap();
+        confirmed_states.push(c);
+    }
+    let (mut server, confirmed) = server.close().unwrap();
+    assert_eq!(confirmed.confirmations.len(), 6);
+
+    // A server that lies about the survivors: it tells site 4 that site 0 dropped, hoping for
+    // site 0's pairwise seeds (it already holds site 0's self-seed shares from the others). The
+    // signatures it holds are over the true list, so site 4 refuses; and it refuses the honest
+    // list too once it signed the false one.
+    let mut lie = confirmed.clone();
+    lie.request.survivors.retain(|&s| s != 0);
+    lie.request.dropped.push(0);
+    let mut confirmed_states = confirmed_states.into_iter();
+    let honest: Vec<_> = confirmed_states.by_ref().take(4).collect();
+    let (c4, c5) = (
+        confirmed_states.next().unwrap(),
+        confirmed_states.next().unwrap(),
+    );
+    let err = c4.unmask(lie.clone()).unwrap_err();
+    assert!(err.to_string().contains("another survivor list"), "{err}");
+    // A confirmation whose signature was altered: site 5 refuses, naming the signer.
+    let mut forged = confirmed.clone();
+    forged.confirmations[1].1[8] ^= 1;
+    let err = c5.unmask(forged).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SecAggError::Malformed {
+                phase: Phase::ConsistencyCheck,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    for c in honest {
         server
-            .receive(c.unmask(request.clone()).unwrap().into())
+            .receive(c.unmask(confirmed.clone()).unwrap().into())
             .unwrap();
     }
-    assert_eq!(server.finish().unwrap().sum, vec![10; 16]);
+    assert_eq!(server.finish().unwrap().sum, vec![21; 16]);
 
     // The server puts its own key where site 1's was: site 0 refuses, naming site 1.
     let mut server = ServerCollectingKeys::new(cfg.clone()).unwrap();
@@ -652,7 +691,7 @@ fn signed_keys_defeat_a_server_that_substitutes_them() {
         "{err}"
     );
     // Site 1's genuine key and signature for site 2, replayed to site 3 as if made for it: the
-    // signature covers the pair, so site 3 refuses too.
+    // signature covers the pair, so site 4 refuses too.
     let mut replay = relays[3].clone();
     let for_two = relays[2].keys.iter().find(|k| k.peer == 1).unwrap().clone();
     let slot = replay.keys.iter().position(|k| k.peer == 1).unwrap();
