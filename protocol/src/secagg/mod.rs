@@ -15,6 +15,7 @@
 //! | 0 advertise keys | one X25519 public key per neighbour ([`AdvertiseKeys`]) | to each site, its neighbours' keys addressed to it ([`KeysRelay`]) |
 //! | 1 share keys | to each live neighbour, a ChaCha20-Poly1305 ciphertext of Shamir shares ([`ShareKeys`]) | to each site, the ciphertexts addressed to it ([`SharesRelay`]) |
 //! | 2 masked input | `y = x + PRG(b) + Σ ±PRG(s_uv)` in `Z_2^64` ([`MaskedInput`]) | the survivors and the dropped ([`UnmaskRequest`]) |
+//! | (consistency check, sites that sign) | its signature over the request it was sent ([`SurvivorsConfirmation`]) | the request with the survivors' signatures ([`ConfirmedRequest`]) |
 //! | 3 unmasking | shares of survivors' self seeds, of dropped sites' pairwise seeds ([`UnmaskResponse`]) | — |
 //!
 //! The server then reconstructs, subtracts the survivors' self masks and the dropped sites'
@@ -77,7 +78,10 @@
 //! - **Ring.** Masks and sums live in `Z_2^64` (wrapping `u64`), the ring of the coordinator's
 //!   fixed-point accumulator (`i64`, wrapping adds): the masked aggregation can fold into it.
 //!
-//! The threat model and what is protected: `docs/architecture.md`, section "Secure aggregation".
+//! Sites given their identity key and the participants' certificates sign their advertised keys
+//! and run the consistency check ([`signing`]): the defences against a coordinator that
+//! substitutes keys or tells sites different survivor lists. The threat model and what is
+//! protected: `docs/architecture.md`, section "Secure aggregation".
 
 mod client;
 pub mod encode;
