@@ -2,6 +2,10 @@
 //! going silent at chosen phases. For the tests and the benchmark (`examples/bench_secagg.rs`);
 //! the coordinator and the site node drive the same states over gRPC.
 //!
+//! A site's own refusal (e.g. too few live neighbours) ends the simulated round with that error,
+//! so that tests see it; the real coordinator treats such a site as dropped. The sites do not
+//! sign here (no identity keys), so there is no consistency check.
+//!
 //! Sites are handled one after another within a phase, and a site's input is asked for only when
 //! it masks it and dropped right after the server folded it, so memory holds the server's sum and
 //! one input at a time, whatever the number of sites.
