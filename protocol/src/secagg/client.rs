@@ -295,6 +295,26 @@ impl std::fmt::Debug for ClientAwaitingShares {
 }
 
 impl ClientAwaitingShares {
+    /// Phase 2 from the site's real-valued update: [`encode`](super::encode::encode)s it (clip to
+    /// the job's norm bound, conditional randomized rounding onto the job's grid, this site's
+    /// share of the distributed discrete Gaussian noise when `params` has a σ), then masks it as
+    /// [`Self::masked_input`] does. Nothing of the update leaves unmasked.
+    pub fn masked_update(
+        self,
+        relay: SharesRelay,
+        update: &[f32],
+        params: &super::encode::EncodeParams,
+    ) -> Result<(ClientAwaitingUnmask, MaskedInput), SecAggError> {
+        let encoded = super::encode::encode(update, params, self.core.threads).map_err(|e| {
+            SecAggError::Refused {
+                site: self.core.me,
+                phase: Phase::MaskedInput,
+                reason: e.to_string(),
+            }
+        })?;
+        self.masked_input(relay, &encoded.values)
+    }
+
     /// Phase 2: opens and checks the neighbours' shares, then masks `input` (the site's clipped,
     /// quantized, noised update: [`encode`](super::encode)) with its self mask and one pairwise
     /// mask per neighbour that shared keys: `y = x + PRG(b) + Σ_{v > u} PRG(s_uv) − Σ_{v < u}

@@ -705,3 +705,59 @@ fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
             .contains("signature")
     );
 }
+
+#[test]
+fn a_site_encodes_and_masks_its_real_valued_update_in_one_step() {
+    // Three sites, complete graph, each masking an f32 update through `masked_update` with
+    // σ_site = 2 grid steps on a 2^-12 grid: the unmasked sum is the clipped updates' sum within
+    // the noise, and an update over the norm bound is clipped to it.
+    let cfg = config(3, 2, 2, 4);
+    let params = EncodeParams {
+        clip_norm: 1.0,
+        scale_bits: 12,
+        rounding_beta: encode::DEFAULT_ROUNDING_BETA,
+        noise_sigma_grid: Some(2.0),
+    };
+    let updates: [Vec<f32>; 3] = [
+        vec![0.5, -0.25, 0.0, 0.125],
+        vec![0.1, 0.2, 0.3, 0.4],
+        vec![30.0, 0.0, 0.0, 40.0], // norm 50: clipped to (0.6, 0, 0, 0.8)
+    ];
+    let mut server = ServerCollectingKeys::new(cfg.clone()).unwrap();
+    let mut states = Vec::new();
+    for s in 0..3 {
+        let (c, msg) = ClientAdvertising::new(cfg.clone(), s)
+            .unwrap()
+            .advertise_keys()
+            .unwrap();
+        server.receive(msg.into()).unwrap();
+        states.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    let mut next = Vec::new();
+    for (c, r) in states.into_iter().zip(relays) {
+        let (c, msg) = c.share_keys(r).unwrap();
+        server.receive(msg.into()).unwrap();
+        next.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    let mut last = Vec::new();
+    for ((c, r), u) in next.into_iter().zip(relays).zip(&updates) {
+        let (c, msg) = c.masked_update(r, u, &params).unwrap();
+        server.receive(msg.into()).unwrap();
+        last.push(c);
+    }
+    let (mut server, request) = server.close().unwrap();
+    for c in last {
+        server
+            .receive(c.unmask(request.clone()).unwrap().into())
+            .unwrap();
+    }
+    let sum = encode::decode_sum(&server.finish().unwrap().sum, 12);
+    let want = [1.2, -0.05, 0.3, 1.325];
+    for (got, want) in sum.iter().zip(want) {
+        // Noise: σ = 2·√3 grid steps of 2^-12 ≈ 0.00085; rounding: under 3 steps ≈ 0.0007.
+        // 0.01 is over 10σ away.
+        assert!((got - want).abs() < 0.01, "{got} vs {want}");
+    }
+}
