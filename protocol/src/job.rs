@@ -61,6 +61,10 @@ pub struct JobSpec {
     /// whole model trains. Inside the digest, like every setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<crate::lora::LoraSpec>,
+    /// `[secure_aggregation]`: SecAgg+ (`crate::secagg`): the coordinator sees only the sum of the
+    /// sites' clipped, quantized, masked updates. Absent: plain aggregation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<crate::secagg::SecureAggregationSpec>,
 }
 
 fn default_fraction() -> f64 {
@@ -133,7 +137,7 @@ pub enum Optimizer {
 /// `[privacy]`: where the noise is added and how much privacy the job may spend.
 ///
 /// The node and the coordinator turn this into noise with the `tutela-privacy` accountant
-/// (`protocol` does not depend on it): with `noise_multiplier` absent, each site calibrates σ so
+/// (the job spec only states the settings): with `noise_multiplier` absent, each site calibrates σ so
 /// that the job's planned steps on *its* dataset (Poisson rate `q = batch_size / rows`, `rounds ×
 /// local_epochs × ⌈rows / batch_size⌉` steps) spend exactly `target_epsilon` at `delta`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -549,6 +553,9 @@ impl JobSpec {
         if let Some(lora) = &self.lora {
             let local_dp = self.dp().is_some_and(|p| p.mode == PrivacyMode::Local);
             lora.validate(local_dp)?;
+        }
+        if let Some(secagg) = &self.secure_aggregation {
+            secagg.validate(self.update_norm_bound)?;
         }
         Ok(())
     }

@@ -11,6 +11,9 @@
 //! - `fuzzing` (feature `fuzzing`): the fuzz harnesses that `fuzz/` runs and the tests replay.
 //! - [`lora`]: LoRA adapters as jobs state them and as they travel (PEFT names, FFA-LoRA's shared `A`).
 //! - [`checkpoint`]: Hugging Face checkpoints tensor by tensor: LoRA merge, INT8 export and loader.
+//! - [`secagg`]: SecAgg+ secure aggregation with dropout recovery, as typed client and server
+//!   states (no network), and the sites' encoding for it (clipping, randomized rounding, distributed
+//!   discrete Gaussian noise).
 
 pub mod bench;
 pub mod canonical;
@@ -27,6 +30,7 @@ pub mod logging;
 pub mod lora;
 pub mod model_registry;
 pub mod pki;
+pub mod secagg;
 pub mod server;
 pub mod services;
 pub mod stream;

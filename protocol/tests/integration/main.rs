@@ -1,5 +1,5 @@
-//! Integration tests of the protocol crate: the PKI, tensor streaming, mutual TLS over loopback, and
-//! the fuzz corpus replayed through the fuzz harnesses.
+//! Integration tests of the protocol crate: the PKI, tensor streaming, mutual TLS over loopback,
+//! secure aggregation rounds in process, and the fuzz corpus replayed through the fuzz harnesses.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -8,5 +8,6 @@
 mod common;
 mod fuzz_corpus;
 mod pki;
+mod secagg;
 mod streaming;
 mod transport;

@@ -1,0 +1,218 @@
+//! `[secure_aggregation]` in the job spec: the settings every site and the coordinator must
+//! share, inside the digest the officers sign (the grid a site rounds to is part of what they
+//! approve: it bounds the rounding error and, with distributed DP, the sensitivity).
+//!
+//! Documented key by key in `deploy/jobs/breast_cancer_secagg.toml`.
+
+use serde::{Deserialize, Serialize};
+
+use super::encode::{CONTRIBUTION_LIMIT, DEFAULT_ROUNDING_BETA, EncodeParams};
+use super::{RoundConfig, default_degree, threshold_for};
+use crate::job::SpecError;
+
+/// `[secure_aggregation]`: present means the round is a SecAgg+ round (the coordinator sees only
+/// the sum of the sites' masked, quantized updates).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationSpec {
+    /// The integer grid: a site clips its update to `update_norm_bound` and rounds each value to
+    /// a multiple of `2^-scale_bits`. `update_norm_bound · 2^scale_bits` must be at most `2^50`.
+    pub scale_bits: u32,
+    /// Neighbours per site in the communication graph (even, or every other site). Absent: the
+    /// smallest even number at least `3 · log2(n)` for the round's `n` sites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbours: Option<u32>,
+    /// The fraction of a site's neighbours whose shares recover its seeds: `t = ⌊f · k⌋ + 1`.
+    /// Higher tolerates more colluding neighbours and fewer dropouts.
+    #[serde(default = "default_share_threshold")]
+    pub share_threshold: f64,
+    /// β of the sites' conditional randomized rounding (Kairouz et al. 2021), in (0, 1).
+    #[serde(default = "default_rounding_beta")]
+    pub rounding_beta: f64,
+}
+
+fn default_share_threshold() -> f64 {
+    0.5
+}
+
+fn default_rounding_beta() -> f64 {
+    DEFAULT_ROUNDING_BETA
+}
+
+impl SecureAggregationSpec {
+    /// Checks the ranges, against the job's update norm bound; errors name the key.
+    pub fn validate(&self, update_norm_bound: f64) -> Result<(), SpecError> {
+        if self.scale_bits > 62
+            || !(update_norm_bound * 2f64.powi(self.scale_bits.min(62) as i32)
+                <= CONTRIBUTION_LIMIT)
+        {
+            return Err(SpecError::invalid(
+                "secure_aggregation.scale_bits",
+                format!(
+                    "makes update_norm_bound × 2^scale_bits = {update_norm_bound} × 2^{} exceed \
+                     2^50 grid steps (the sum of the sites' values must stay exact in 64 bits): \
+                     lower it",
+                    self.scale_bits
+                ),
+            ));
+        }
+        if let Some(k) = self.neighbours
+            && k < 2
+        {
+            return Err(SpecError::invalid(
+                "secure_aggregation.neighbours",
+                format!("must be at least 2, got {k}"),
+            ));
+        }
+        if !(self.share_threshold > 0.0 && self.share_threshold < 1.0) {
+            return Err(SpecError::invalid(
+                "secure_aggregation.share_threshold",
+                format!("must be in (0, 1), got {}", self.share_threshold),
+            ));
+        }
+        if !(self.rounding_beta > 0.0 && self.rounding_beta < 1.0) {
+            return Err(SpecError::invalid(
+                "secure_aggregation.rounding_beta",
+                format!("must be in (0, 1), got {}", self.rounding_beta),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The degree for `sites` participants: the spec's (rounded up to even, at most `n − 1`) or
+    /// the default.
+    pub fn degree(&self, sites: u32) -> u32 {
+        match self.neighbours {
+            None => default_degree(sites),
+            Some(k) if k + 1 >= sites => sites.saturating_sub(1),
+            Some(k) => k + (k % 2),
+        }
+    }
+
+    /// The round's configuration for `sites` participants (the coordinator draws `graph_seed`
+    /// fresh per round). `min_sites` is the job's: the round fails below it or below `t`.
+    pub fn round_config(
+        &self,
+        job_digest: [u8; 32],
+        round: u32,
+        sites: u32,
+        min_sites: u32,
+        graph_seed: [u8; 32],
+        vector_len: u64,
+    ) -> RoundConfig {
+        let degree = self.degree(sites);
+        let threshold = threshold_for(degree, self.share_threshold);
+        RoundConfig {
+            job_digest,
+            round,
+            sites,
+            degree,
+            threshold,
+            min_survivors: min_sites.max(threshold).min(sites),
+            graph_seed,
+            vector_len,
+        }
+    }
+
+    /// How a site encodes its update: clipped to the job's `update_norm_bound`, on this grid, with
+    /// `noise_sigma_grid` (σ_site in grid steps, from the distributed accountant) or no noise.
+    pub fn encode_params(
+        &self,
+        update_norm_bound: f64,
+        noise_sigma_grid: Option<f64>,
+    ) -> EncodeParams {
+        EncodeParams {
+            clip_norm: update_norm_bound,
+            scale_bits: self.scale_bits,
+            rounding_beta: self.rounding_beta,
+            noise_sigma_grid,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SecureAggregationSpec {
+        toml::from_str("scale_bits = 20").unwrap()
+    }
+
+    #[test]
+    fn defaults_and_derived_round_parameters() {
+        let s = spec();
+        assert_eq!(s.share_threshold, 0.5);
+        assert!(s.validate(10.0).is_ok());
+        let c = s.round_config([0; 32], 1, 100, 3, [1; 32], 1000);
+        assert_eq!((c.degree, c.threshold, c.min_survivors), (20, 11, 11));
+        assert!(c.validate().is_ok());
+        let c = s.round_config([0; 32], 1, 10, 8, [1; 32], 1000);
+        assert_eq!((c.degree, c.threshold, c.min_survivors), (9, 5, 8));
+        assert!(c.validate().is_ok());
+        let mut odd = s.clone();
+        odd.neighbours = Some(7);
+        assert_eq!(odd.degree(100), 8);
+        assert_eq!(odd.degree(5), 4);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let s = spec();
+        let mut fine = s.clone();
+        fine.scale_bits = 45;
+        assert!(fine.validate(32.0).is_ok());
+        let err = fine.validate(33.0).unwrap_err();
+        assert_eq!(err.key(), Some("secure_aggregation.scale_bits"));
+        let mut t = s.clone();
+        t.share_threshold = 1.0;
+        assert_eq!(
+            t.validate(1.0).unwrap_err().key(),
+            Some("secure_aggregation.share_threshold")
+        );
+        assert!(toml::from_str::<SecureAggregationSpec>("scale_bits = 20\nneighbors = 4").is_err());
+    }
+
+    const EXAMPLE: &str = include_str!("../../../deploy/jobs/breast_cancer_secagg.toml");
+
+    fn with(key: &str, value: toml::Value) -> Result<crate::job::JobSpec, SpecError> {
+        let mut doc: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        let table = doc
+            .get_mut("secure_aggregation")
+            .and_then(toml::Value::as_table_mut)
+            .unwrap();
+        table.insert(key.into(), value);
+        crate::job::JobSpec::from_toml_str(&toml::to_string(&doc).unwrap())
+    }
+
+    #[test]
+    fn the_shipped_example_parses_and_every_documented_range_is_enforced() {
+        use toml::Value::{Float, Integer};
+        let job = crate::job::JobSpec::from_toml_str(EXAMPLE).unwrap();
+        let sa = job.secure_aggregation.clone().unwrap();
+        assert_eq!(sa.scale_bits, 20);
+        assert_eq!(sa.rounding_beta, DEFAULT_ROUNDING_BETA);
+        for (key, value) in [
+            ("scale_bits", Integer(47)),
+            ("neighbours", Integer(1)),
+            ("share_threshold", Float(0.0)),
+            ("share_threshold", Float(1.0)),
+            ("rounding_beta", Float(0.0)),
+            ("rounding_beta", Float(1.0)),
+        ] {
+            let err = with(key, value.clone()).unwrap_err();
+            assert_eq!(
+                err.key(),
+                Some(format!("secure_aggregation.{key}").as_str()),
+                "{key} = {value}: {err}"
+            );
+        }
+        // Inside the digest: the grid changes it, and so does turning secure aggregation off.
+        let finer = with("scale_bits", Integer(21)).unwrap();
+        assert_ne!(finer.digest(), job.digest());
+        let mut off = job.clone();
+        off.secure_aggregation = None;
+        assert_ne!(off.digest(), job.digest());
+        // A misspelt key is an error, not a silently ignored setting.
+        assert!(with("neighbors", Integer(4)).is_err());
+    }
+}
