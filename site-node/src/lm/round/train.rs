@@ -46,6 +46,7 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, f64);
 /// `q = batch_size / units`, each clipped per unit and released with the project's noise.
 /// Returns the spend with the result, even when training fails part-way, so that the ledger
 /// records what really ran.
+#[allow(clippy::too_many_arguments)]
 pub fn train_adapters(
     model: &dyn AdapterModel,
     data: &UnitWindows,
