@@ -72,6 +72,9 @@ pub fn measure(
     if model_name == "lora" {
         return crate::lm::lora::bench::measure(dp, batch, warmup, iters);
     }
+    if model_name == "llama-lora" {
+        return crate::lm::lora::bench::measure_decoder(dp, batch, warmup, iters);
+    }
     let (model, features) = bench_model(model_name)?;
     let classes = model.spec().num_classes as i64;
     tch::manual_seed(0); // synthetic inputs only; no noise comes from torch

@@ -37,7 +37,44 @@ fn torch(context: &'static str) -> impl FnOnce(tch::TchError) -> TrainError {
     }
 }
 
-/// Times `iters` steps (`dp` or plain) on `sequences` full-length sequences, one per unit.
+/// The decoder benchmark's model (`llama-lora`): a Llama of hidden 256, 4 layers, 8 query heads
+/// sharing 4 key/value heads, SwiGLU 688, a 512-token vocabulary, tied head; rank-8 FFA-LoRA
+/// adapters on all seven projections of every layer, float32.
+pub fn bench_decoder() -> Result<crate::lm::llama::LanguageModel, TrainError> {
+    let config = crate::lm::config::DecoderConfig {
+        tie_word_embeddings: true,
+        ..crate::lm::config::DecoderConfig::llama(512, 256, 688, 4, 8, 4)
+    };
+    let invalid = |e: crate::lm::error::LmError| TrainError::InvalidConfig {
+        field: "model",
+        reason: e.to_string(),
+    };
+    let mut model =
+        crate::lm::llama::LanguageModel::new(&config, Device::Cpu, 1).map_err(invalid)?;
+    let spec = tutela_protocol::lora::LoraSpec {
+        rank: 8,
+        alpha: 16.0,
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        dropout: 0.0,
+        aggregation: tutela_protocol::lora::LoraAggregation::Ffa,
+    };
+    model.attach_lora(&spec, 1).map_err(invalid)?;
+    Ok(model)
+}
+
+/// Times `iters` steps (`dp` or plain) on `sequences` full-length sequences, one per unit, of
+/// the [`LoraStack`] benchmark model.
 pub fn measure(
     dp: bool,
     sequences: usize,
@@ -48,11 +85,33 @@ pub fn measure(
         field: "model",
         reason: e.to_string(),
     })?;
+    measure_model(&model, BENCH_CONFIG.vocab, dp, sequences, warmup, iters)
+}
+
+/// [`measure`] on the `llama` decoder with adapters ([`bench_decoder`]).
+pub fn measure_decoder(
+    dp: bool,
+    sequences: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<StepBench, TrainError> {
+    let model = bench_decoder()?;
+    measure_model(&model.decoder, 512, dp, sequences, warmup, iters)
+}
+
+fn measure_model(
+    model: &dyn AdapterModel,
+    vocab: i64,
+    dp: bool,
+    sequences: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<StepBench, TrainError> {
     let s = sequences.max(1) as i64;
     let t = BENCH_SEQUENCE_LENGTH;
     // Synthetic tokens from torch's generator (no DP noise comes from torch).
     tch::manual_seed(0);
-    let ids = Tensor::f_randint(BENCH_CONFIG.vocab, [s, t + 1], (Kind::Int64, Device::Cpu))
+    let ids = Tensor::f_randint(vocab, [s, t + 1], (Kind::Int64, Device::Cpu))
         .map_err(torch("synthetic tokens"))?;
     let batch = SequenceBatch {
         input_ids: ids.narrow(1, 0, t),
@@ -77,7 +136,7 @@ pub fn measure(
         if !step.overwrites_gradients() {
             sgd.zero_grad().map_err(torch("zero_grad"))?;
         }
-        step.compute_gradients(&model, &batch, sequences.max(1))?;
+        step.compute_gradients(model, &batch, sequences.max(1))?;
         sgd.step().map_err(torch("optimizer step"))
     })
 }

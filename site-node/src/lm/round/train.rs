@@ -17,9 +17,10 @@ use crate::lm::lora::dp::{
 };
 use crate::train::{TrainConfig, TrainError, build_optimizer};
 
-/// Units clipped at a time under DP-SGD: the same release as the whole batch at once, with the
-/// peak memory of a few units' output gradients.
-const UNITS_PER_CHUNK: usize = 8;
+/// The most token windows in one forward pass while training: the DP release and the plain
+/// gradient are the same whatever the chunking, and the peak memory is that of one chunk's
+/// activations and output gradients.
+const WINDOWS_PER_CHUNK: usize = 64;
 
 /// What a local training run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -45,6 +46,7 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, f64);
 /// `q = batch_size / units`, each clipped per unit and released with the project's noise.
 /// Returns the spend with the result, even when training fails part-way, so that the ledger
 /// records what really ran.
+#[allow(clippy::too_many_arguments)]
 pub fn train_adapters(
     model: &dyn AdapterModel,
     data: &UnitWindows,
@@ -105,7 +107,10 @@ fn run(
     let n_units = data.units.len();
     let optimizer = &mut build_optimizer(config, &parameters)?;
     let mut loss_sum = 0.0;
-    let mut one_step = |batch: &SequenceBatch,
+    // One optimizer step over `batches` (the sampled units, cut into chunks of a bounded
+    // number of windows for plain training; one batch under DP-SGD, which clips in chunks
+    // itself): gradients accumulate over the chunks, then one step.
+    let mut one_step = |batches: &[SequenceBatch],
                         step: &mut dyn AdapterGradientStep,
                         expected_units: usize,
                         report: &mut AdapterTrainReport|
@@ -116,21 +121,22 @@ fn run(
                 source,
             })?;
         }
-        let mean = step.compute_gradients(model, batch, expected_units)?;
+        let (mut step_loss, mut tokens) = (0.0, 0usize);
+        for batch in batches {
+            let mean = step.compute_gradients(model, batch, expected_units)?;
+            let sequences = batch.sequences().max(0) as u64;
+            if sequences > 0 {
+                tokens += count_targets(&batch.targets)?;
+            }
+            step_loss += mean * sequences as f64;
+            report.sequences += sequences;
+        }
         optimizer.step().map_err(|source| TrainError::Torch {
             context: "optimizer step".into(),
             source,
         })?;
-        let sequences = batch.sequences().max(0) as u64;
-        let tokens = if sequences > 0 {
-            count_targets(&batch.targets)?
-        } else {
-            0
-        };
-        let step_loss = mean * sequences as f64;
         loss_sum += step_loss;
         report.steps += 1;
-        report.sequences += sequences;
         report.tokens += tokens as u64;
         report.mean_loss = if report.tokens > 0 {
             loss_sum / report.tokens as f64
@@ -143,6 +149,10 @@ fn run(
             0.0
         })
     };
+    // Units clipped (DP) or back-propagated (plain) at a time: as many as keep a chunk within
+    // WINDOWS_PER_CHUNK windows, at least one (a patient may hold hundreds of windows).
+    let most_windows = data.units.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let units_per_chunk = (WINDOWS_PER_CHUNK / most_windows).max(1);
     match plan {
         Some(plan) => {
             let mut sampler = PoissonBatchSampler::new(n_units, config.batch_size)?;
@@ -159,13 +169,18 @@ fn run(
                 });
             }
             let mut step = DpAdapterStep::new(plan.clip, DpSgdStep::new(plan)?)
-                .with_units_per_chunk(UNITS_PER_CHUNK);
+                .with_units_per_chunk(units_per_chunk);
             let total = steps.unwrap_or(plan.steps_per_round);
             for done in 0..total {
                 let sampled = sampler.next_batch();
                 let batch =
                     SequenceBatch::from_units(&data.units, &sampled, pad_id, mask_kind, device)?;
-                let result = one_step(&batch, &mut step, config.batch_size, report);
+                let result = one_step(
+                    std::slice::from_ref(&batch),
+                    &mut step,
+                    config.batch_size,
+                    report,
+                );
                 if let Some(s) = spend.as_mut() {
                     s.steps = step.steps_taken();
                 }
@@ -186,9 +201,13 @@ fn run(
                 }
                 let take = config.batch_size.max(1).min(order.len());
                 let sampled: Vec<usize> = order.split_off(order.len() - take);
-                let batch =
-                    SequenceBatch::from_units(&data.units, &sampled, pad_id, mask_kind, device)?;
-                let loss = one_step(&batch, &mut step, sampled.len(), report)?;
+                let batches = sampled
+                    .chunks(units_per_chunk)
+                    .map(|units| {
+                        SequenceBatch::from_units(&data.units, units, pad_id, mask_kind, device)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let loss = one_step(&batches, &mut step, sampled.len(), report)?;
                 progress(done + 1, total, loss);
             }
         }
