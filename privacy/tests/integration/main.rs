@@ -10,4 +10,5 @@ mod anonymize;
 mod at_rest;
 mod fuzz_corpus;
 mod noise;
+mod pld_reference;
 mod text;

@@ -1,0 +1,1 @@
+//! Distributed DP accounting (in progress).
