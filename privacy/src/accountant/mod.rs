@@ -53,8 +53,38 @@ pub enum AccountantError {
     Unreachable { target: f64, max_sigma: f64 },
     #[error("numerical failure: {0}")]
     Numerical(&'static str),
-    #[error("unknown accountant {0:?}: expected rdp, rdp-classic or pld")]
+    #[error("unknown accountant {0:?}: expected rdp, rdp-classic, pld or pld-pessimistic")]
     UnknownAccountant(String),
+    #[error("the clipping norm {0} must be positive and finite")]
+    Clip(f64),
+    #[error("the grid step (granularity) {0} must be positive and finite")]
+    Granularity(f64),
+    #[error("the contribution must have at least one coordinate")]
+    Dimension,
+    #[error("conditional rounding's β = {0} is outside [0, 1)")]
+    Beta(f64),
+    #[error(
+        "each site's noise is {0} grid steps; the distributed discrete Gaussian bound needs at least 0.5"
+    )]
+    SiteNoise(f64),
+    #[error(
+        "{minimum} surviving sites required of {expected} expected: need 1 ≤ minimum ≤ expected"
+    )]
+    Sites { expected: usize, minimum: usize },
+    #[error(
+        "only {survivors} sites survived the round; releasing its sum needs at least {minimum}"
+    )]
+    TooFewSurvivors { survivors: usize, minimum: usize },
+    #[error(
+        "with {survivors} survivors the job would spend ε = {epsilon}, above the planned {planned}"
+    )]
+    OverBudget {
+        survivors: usize,
+        epsilon: f64,
+        planned: f64,
+    },
+    #[error("no ring of up to {bits} bits holds the sum without likely wrap-around")]
+    Modulus { bits: u32 },
 }
 
 pub(crate) fn validate_sample_rate(q: f64) -> Result<(), AccountantError> {
