@@ -343,7 +343,9 @@ impl Ledger {
         delta: f64,
         accountant: Accountant,
     ) -> Result<f64, LedgerError> {
-        Ok(self.spent_by_job_guarantee(job_id, delta, accountant)?.epsilon)
+        Ok(self
+            .spent_by_job_guarantee(job_id, delta, accountant)?
+            .epsilon)
     }
 
     /// What job `job_id` has spent, at `delta`, with the accountant whose bound it is.
@@ -688,14 +690,16 @@ mod tests {
             l.spent_guarantee(1e-5, Accountant::pld()).unwrap().epsilon,
             0.0
         );
-        l.record("a", sg(256.0 / 60000.0, 1.1, 14_062), None, 1).unwrap();
+        l.record("a", sg(256.0 / 60000.0, 1.1, 14_062), None, 1)
+            .unwrap();
         let by_pld = l.spent_guarantee(1e-5, Accountant::pld()).unwrap();
         let by_rdp = l.spent_guarantee(1e-5, Accountant::Rdp).unwrap();
         assert_eq!(by_pld.by, Accountant::pld());
         assert_eq!(by_rdp.by, Accountant::Rdp);
         assert!(by_pld.epsilon < by_rdp.epsilon);
         assert_eq!(
-            l.spent_by_job_guarantee("a", 1e-5, Accountant::pld()).unwrap(),
+            l.spent_by_job_guarantee("a", 1e-5, Accountant::pld())
+                .unwrap(),
             by_pld
         );
         assert_eq!(l.spent(1e-5, Accountant::pld()).unwrap(), by_pld.epsilon);
