@@ -6,7 +6,7 @@ use super::{fails, ok};
 fn epsilon_of(line: &str) -> f64 {
     line.split("epsilon = ")
         .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|rest| rest.split([' ', ',']).next())
         .and_then(|x| x.parse().ok())
         .unwrap_or_else(|| panic!("no epsilon in {line:?}"))
 }
