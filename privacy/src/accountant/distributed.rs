@@ -24,8 +24,8 @@
 //! * **Sampling** (a contribution takes part in a round with probability q): the general bound
 //!   for Poisson subsampling of Zhu & Wang 2019 ("Poisson Subsampled Rényi Differential Privacy",
 //!   Theorem 5) at integer orders α ≥ 2:
-//!   ε_q(α) ≤ 1/(α−1)·log[(1−q)^{α−1}(αq − q + 1) + C(α,2)q²(1−q)^{α−2}e^{ε(2)}
-//!   + 3·Σ_{l=3}^{α} C(α,l)q^l(1−q)^{α−l}e^{(l−1)ε(l)}], taken no larger than ε(α).
+//!   ε_q(α) ≤ 1/(α−1)·log[(1−q)^{α−1}(αq − q + 1) + C(α,2)q²(1−q)^{α−2}e^{ε(2)} +
+//!   3·Σ_{l=3}^{α} C(α,l)q^l(1−q)^{α−l}e^{(l−1)ε(l)}], taken no larger than ε(α).
 //!   T rounds add their RDP; the (ε, δ) conversion is our RDP one (Balle et al. 2020) on
 //!   [`orders`].
 //! * **Survivors.** The noise in the sum is that of the sites that survive, kσ_s². A job fixes
