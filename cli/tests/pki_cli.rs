@@ -899,3 +899,7 @@ fn decode_base64(text: &str) -> Vec<u8> {
 // `tutela model ...` lives in a module of this, the CLI's one integration-test binary.
 #[path = "pki_cli/model_cli.rs"]
 mod model_cli;
+
+// `tutela privacy ...`, likewise.
+#[path = "pki_cli/privacy_cli.rs"]
+mod privacy_cli;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accountant::{self, Accountant, AccountantError, SampledGaussian};
+use crate::accountant::{self, Accountant, AccountantError, Guarantee, SampledGaussian};
 use crate::at_rest::{self, AtRestError, EncryptOptions, KeyEncryptionKey};
 
 /// Version of the ledger file's layout.
@@ -294,21 +294,46 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The guarantee of `mechanisms` composed; (0, δ) by the asked accountant when there are
+    /// none.
+    fn guarantee_of(
+        mechanisms: &[SampledGaussian],
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<Guarantee, AccountantError> {
+        if mechanisms.is_empty() {
+            return Ok(Guarantee {
+                epsilon: 0.0,
+                delta,
+                order: None,
+                by: accountant,
+            });
+        }
+        accountant::epsilon(mechanisms, delta, accountant)
+    }
+
     fn epsilon_of(
         mechanisms: &[SampledGaussian],
         delta: f64,
         accountant: Accountant,
     ) -> Result<f64, AccountantError> {
-        if mechanisms.is_empty() {
-            return Ok(0.0);
-        }
-        Ok(accountant::epsilon(mechanisms, delta, accountant)?.epsilon)
+        Ok(Self::guarantee_of(mechanisms, delta, accountant)?.epsilon)
     }
 
     /// ε the dataset has spent, all jobs composed, at `delta`.
     pub fn spent(&self, delta: f64, accountant: Accountant) -> Result<f64, LedgerError> {
+        Ok(self.spent_guarantee(delta, accountant)?.epsilon)
+    }
+
+    /// What the dataset has spent, all jobs composed, at `delta`, with the accountant whose bound
+    /// it is (with `pld` asked for, RDP's when that is the smaller).
+    pub fn spent_guarantee(
+        &self,
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<Guarantee, LedgerError> {
         let all = Self::mechanisms(self.file.jobs.iter())?;
-        Ok(Self::epsilon_of(&all, delta, accountant)?)
+        Ok(Self::guarantee_of(&all, delta, accountant)?)
     }
 
     /// ε job `job_id` has spent, at `delta`.
@@ -318,8 +343,20 @@ impl Ledger {
         delta: f64,
         accountant: Accountant,
     ) -> Result<f64, LedgerError> {
+        Ok(self
+            .spent_by_job_guarantee(job_id, delta, accountant)?
+            .epsilon)
+    }
+
+    /// What job `job_id` has spent, at `delta`, with the accountant whose bound it is.
+    pub fn spent_by_job_guarantee(
+        &self,
+        job_id: &str,
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<Guarantee, LedgerError> {
         let mine = Self::mechanisms(self.file.jobs.iter().filter(|j| j.job_id == job_id))?;
-        Ok(Self::epsilon_of(&mine, delta, accountant)?)
+        Ok(Self::guarantee_of(&mine, delta, accountant)?)
     }
 
     /// ε job `job_id` would have spent at `delta` after `extra` more steps, merged into its group
@@ -642,6 +679,30 @@ mod tests {
 
     fn sg(q: f64, s: f64, t: u64) -> SampledGaussian {
         SampledGaussian::new(q, s, t).unwrap()
+    }
+
+    /// The ledger says whose bound its spend is: PLD's when asked and tighter, RDP's otherwise.
+    #[test]
+    fn spend_names_the_accountant_whose_bound_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path().join("d.json"), "d", None).unwrap();
+        assert_eq!(
+            l.spent_guarantee(1e-5, Accountant::pld()).unwrap().epsilon,
+            0.0
+        );
+        l.record("a", sg(256.0 / 60000.0, 1.1, 14_062), None, 1)
+            .unwrap();
+        let by_pld = l.spent_guarantee(1e-5, Accountant::pld()).unwrap();
+        let by_rdp = l.spent_guarantee(1e-5, Accountant::Rdp).unwrap();
+        assert_eq!(by_pld.by, Accountant::pld());
+        assert_eq!(by_rdp.by, Accountant::Rdp);
+        assert!(by_pld.epsilon < by_rdp.epsilon);
+        assert_eq!(
+            l.spent_by_job_guarantee("a", 1e-5, Accountant::pld())
+                .unwrap(),
+            by_pld
+        );
+        assert_eq!(l.spent(1e-5, Accountant::pld()).unwrap(), by_pld.epsilon);
     }
 
     #[test]

@@ -3,13 +3,18 @@
 //!
 //! * [`rdp`]: Rényi DP (Mironov, Talwar & Zhang 2019) with the classic (Mironov 2017) and the
 //!   Balle et al. 2020 conversions to (ε, δ).
-//! * [`pld`]: a privacy-loss-distribution accountant with pessimistic discretisation; its ε is an
-//!   upper bound and is tighter than RDP's.
+//! * [`pld`]: a privacy-loss-distribution accountant (connect-the-dots discretisation, FFT
+//!   composition) to the standard of Google's dp-accounting; its ε is an upper bound, and
+//!   [`Accountant::Pld`] reports the smaller of it and RDP's, naming which ([`Guarantee::by`]).
+//! * [`distributed`]: the distributed discrete Gaussian of secure aggregation (Kairouz, Liu &
+//!   Steinke 2021): each site's noise share, the survivors a release needs, the rounding's
+//!   sensitivity, the modulus, and the ε of T rounds.
 //! * [`calibrate_noise`]: the smallest noise multiplier that reaches a target ε.
 //! * [`opendp_check`]: what OpenDP provides (the Gaussian mechanism's zCDP and the zCDP →
 //!   approx-DP conversion), used to cross-check the non-subsampled case. OpenDP has no privacy
 //!   amplification by subsampling for RDP/zCDP, so the subsampled accountant is ours.
 
+pub mod distributed;
 pub mod opendp_check;
 pub mod plan;
 pub mod pld;
@@ -48,8 +53,38 @@ pub enum AccountantError {
     Unreachable { target: f64, max_sigma: f64 },
     #[error("numerical failure: {0}")]
     Numerical(&'static str),
-    #[error("unknown accountant {0:?}: expected rdp, rdp-classic or pld")]
+    #[error("unknown accountant {0:?}: expected rdp, rdp-classic, pld or pld-pessimistic")]
     UnknownAccountant(String),
+    #[error("the clipping norm {0} must be positive and finite")]
+    Clip(f64),
+    #[error("the grid step (granularity) {0} must be positive and finite")]
+    Granularity(f64),
+    #[error("the contribution must have at least one coordinate")]
+    Dimension,
+    #[error("conditional rounding's β = {0} is outside [0, 1)")]
+    Beta(f64),
+    #[error(
+        "each site's noise is {0} grid steps; the distributed discrete Gaussian bound needs at least 0.5"
+    )]
+    SiteNoise(f64),
+    #[error(
+        "{minimum} surviving sites required of {expected} expected: need 1 ≤ minimum ≤ expected"
+    )]
+    Sites { expected: usize, minimum: usize },
+    #[error(
+        "only {survivors} sites survived the round; releasing its sum needs at least {minimum}"
+    )]
+    TooFewSurvivors { survivors: usize, minimum: usize },
+    #[error(
+        "with {survivors} survivors the job would spend ε = {epsilon}, above the planned {planned}"
+    )]
+    OverBudget {
+        survivors: usize,
+        epsilon: f64,
+        planned: f64,
+    },
+    #[error("no ring of up to {bits} bits holds the sum without likely wrap-around")]
+    Modulus { bits: u32 },
 }
 
 pub(crate) fn validate_sample_rate(q: f64) -> Result<(), AccountantError> {
@@ -126,8 +161,10 @@ pub enum Accountant {
     Rdp,
     /// RDP with the classic Mironov 2017 conversion (older published tables).
     RdpClassic,
-    /// Privacy loss distributions; by default mean-preserving rounding with a Hoeffding shift,
-    /// whose ε is an upper bound tighter than RDP's (`pld` module documentation).
+    /// Privacy loss distributions (connect the dots by default, `pld` module documentation),
+    /// with RDP beside it: [`epsilon`] reports the smaller of the two upper bounds and names the
+    /// one it took, so the answer is never worse than RDP's (and never ∞ where RDP is finite,
+    /// e.g. when the PLD grid would be too large).
     Pld(pld::PldOptions),
 }
 
@@ -143,10 +180,11 @@ impl fmt::Display for Accountant {
         match self {
             Self::Rdp => f.write_str("rdp"),
             Self::RdpClassic => f.write_str("rdp-classic"),
-            Self::Pld(o) if o.rounding == pld::Rounding::Pessimistic => {
-                f.write_str("pld-pessimistic")
-            }
-            Self::Pld(_) => f.write_str("pld"),
+            Self::Pld(o) => match o.rounding {
+                pld::Rounding::ConnectTheDots => f.write_str("pld"),
+                pld::Rounding::Pessimistic => f.write_str("pld-pessimistic"),
+                pld::Rounding::Optimistic => f.write_str("pld-optimistic"),
+            },
         }
     }
 }
@@ -167,12 +205,31 @@ impl FromStr for Accountant {
     }
 }
 
-/// An (ε, δ) guarantee, with the RDP order that gave it (RDP accountants only).
+/// An (ε, δ) guarantee, the accountant whose bound it is, and the RDP order that gave it (when
+/// that accountant is an RDP one).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Guarantee {
     pub epsilon: f64,
     pub delta: f64,
     pub order: Option<f64>,
+    /// The accountant whose bound this is: the one asked for, or [`Accountant::Rdp`] when PLD
+    /// was asked for and RDP's bound was the smaller (or PLD had none).
+    pub by: Accountant,
+}
+
+impl fmt::Display for Guarantee {
+    /// `epsilon = 2.381703 (delta = 0.00001, by pld)`, with the optimal order for RDP.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "epsilon = {:.6} (delta = {}, by {}",
+            self.epsilon, self.delta, self.by
+        )?;
+        if let Some(order) = self.order {
+            write!(f, ", optimal order {order}")?;
+        }
+        f.write_str(")")
+    }
 }
 
 /// The RDP curve of a heterogeneous composition on `orders`: the sum of the groups' curves.
@@ -197,35 +254,41 @@ pub fn rdp_curve(
 }
 
 /// ε for δ of a composition of sampled-Gaussian groups (one job, or several jobs on the same
-/// dataset), by the chosen accountant.
+/// dataset), by the chosen accountant. For [`Accountant::Pld`] the smaller of the PLD and RDP
+/// bounds (both are upper bounds on the same ε), named in [`Guarantee::by`].
 pub fn epsilon(
     composition: &[SampledGaussian],
     delta: f64,
     accountant: Accountant,
 ) -> Result<Guarantee, AccountantError> {
     validate_delta(delta)?;
+    let rdp = |conversion, by| -> Result<Guarantee, AccountantError> {
+        let (epsilon, order) =
+            rdp_curve(composition, &rdp::default_orders())?.epsilon(delta, conversion)?;
+        Ok(Guarantee {
+            epsilon,
+            delta,
+            order: Some(order),
+            by,
+        })
+    };
     match accountant {
-        Accountant::Rdp | Accountant::RdpClassic => {
-            let conversion = if accountant == Accountant::Rdp {
-                rdp::Conversion::Balle
-            } else {
-                rdp::Conversion::Classic
-            };
-            let (epsilon, order) =
-                rdp_curve(composition, &rdp::default_orders())?.epsilon(delta, conversion)?;
-            Ok(Guarantee {
-                epsilon,
-                delta,
-                order: Some(order),
-            })
-        }
+        Accountant::Rdp => rdp(rdp::Conversion::Balle, accountant),
+        Accountant::RdpClassic => rdp(rdp::Conversion::Classic, accountant),
         Accountant::Pld(options) => {
-            let epsilon = pld::epsilon(composition, delta, &options)?;
-            Ok(Guarantee {
-                epsilon,
-                delta,
-                order: None,
-            })
+            let by_rdp = rdp(rdp::Conversion::Balle, Accountant::Rdp)?;
+            match pld::epsilon(composition, delta, &options) {
+                Ok(epsilon) if epsilon < by_rdp.epsilon => Ok(Guarantee {
+                    epsilon,
+                    delta,
+                    order: None,
+                    by: accountant,
+                }),
+                Ok(_) => Ok(by_rdp),
+                // A grid too large to hold, or a numerical failure, leaves RDP's bound standing.
+                Err(AccountantError::GridTooLarge(_) | AccountantError::Numerical(_)) => Ok(by_rdp),
+                Err(e) => Err(e),
+            }
         }
     }
 }

@@ -8,6 +8,8 @@
 mod accountant;
 mod anonymize;
 mod at_rest;
+mod distributed;
 mod fuzz_corpus;
 mod noise;
+mod pld_reference;
 mod text;
