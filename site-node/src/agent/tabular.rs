@@ -1,0 +1,217 @@
+//! The local round of a layer network (MLP, CNN) on a table.
+
+use std::path::{Path, PathBuf};
+
+use tch::Device;
+
+use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
+
+use super::gate::Admitted;
+use super::now_ms;
+use crate::data::DataError;
+use crate::data::DatasetSchema;
+use crate::jobspec::{JobSpecError, JobView, batch_seed};
+use crate::ledger::RoundSpend;
+use crate::models::{Model, ModelError};
+use crate::train::{TrainError, evaluate, train_local};
+use crate::weights::{
+    NamedTensors, WeightsError, delta, export_weights, from_safetensors_bytes, load_safetensors,
+    load_weights,
+};
+
+/// Why a local step of a task failed: the reason a task is declined with.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The stored global model did not decrypt (tampered, truncated, or the wrong key).
+    #[error("the global model: {0}")]
+    GlobalModelAtRest(Box<tutela_privacy::at_rest::AtRestError>),
+    #[error(transparent)]
+    JobSpec(#[from] JobSpecError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the global model {}: {source}", .path.display())]
+    GlobalModel {
+        path: PathBuf,
+        // Boxed, like `Update`'s: WeightsError is large and this error travels in every Result.
+        #[source]
+        source: Box<WeightsError>,
+    },
+    #[error("local training: {0}")]
+    Train(#[from] TrainError),
+    /// The dataset could not be read or anonymized (the error names the file, line, column).
+    #[error("the local dataset: {0}")]
+    Data(#[source] Box<DataError>),
+    #[error("computing the update: {0}")]
+    Update(#[source] Box<WeightsError>),
+    /// DP-SGD could not be planned, the budget refuses it, or the ledger could not be written.
+    #[error("privacy: {0}")]
+    Privacy(String),
+}
+
+/// The job's initial weights: its model built from the job's seed for data of `schema` with
+/// `n_features` features. Reads no data.
+pub fn initial_weights(
+    job: &JobView,
+    schema: &DatasetSchema,
+    n_features: usize,
+    device: Device,
+) -> Result<NamedTensors, LocalError> {
+    let model = build_model(job, schema, n_features, device)?;
+    export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))
+}
+
+pub(super) fn build_model(
+    job: &JobView,
+    schema: &DatasetSchema,
+    n_features: usize,
+    device: Device,
+) -> Result<Model, LocalError> {
+    let spec = job.model_spec(schema, n_features)?;
+    Ok(Model::new(job.model_name()?, spec, device, job.seed)?)
+}
+
+/// What one local round produced.
+#[derive(Debug)]
+pub struct RoundResult {
+    /// `local − global`, F32, sorted by name.
+    pub delta: NamedTensors,
+    /// The global model on the validation split, before training.
+    pub eval: crate::train::Eval,
+    pub train_samples: usize,
+    pub train_loss: f64,
+    pub train_seconds: f64,
+    /// The dataset commitment (hex) and the anonymization configuration's digest, for lineage.
+    pub dataset_commitment: Option<String>,
+    pub deid_config_sha256: Option<String>,
+    /// What the round spent of the dataset's privacy budget (DP-SGD jobs only).
+    pub privacy: Option<RoundSpend>,
+}
+
+/// Loads the global model at `global_path`, evaluates it on the validation split, trains it on
+/// the training split and returns the delta.
+pub fn local_round(
+    admitted: &Admitted,
+    global_path: &Path,
+    kek: Option<&dyn KeyEncryptionKey>,
+    device: Device,
+    round: u32,
+    attempt: u32,
+    site: &str,
+) -> Result<RoundResult, LocalError> {
+    let dataset = admitted
+        .dataset
+        .load()
+        .map_err(|e| LocalError::Data(Box::new(e)))?;
+    let job = &admitted.job;
+    let config = job.train_config(
+        &admitted.strategy,
+        batch_seed(job.seed, round, attempt, site),
+    )?;
+    let mut model = build_model(job, &dataset.schema, dataset.n_features(), device)?;
+    let global_err = |source| LocalError::GlobalModel {
+        path: global_path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let (global, _metadata) = match kek {
+        Some(kek) => {
+            let bytes = decrypt_to_vec(global_path, kek)
+                .map_err(|e| LocalError::GlobalModelAtRest(Box::new(e)))?;
+            from_safetensors_bytes(&bytes, global_path).map_err(global_err)?
+        }
+        None => load_safetensors(global_path).map_err(global_err)?,
+    };
+    load_weights(model.var_store_mut(), &global).map_err(global_err)?;
+    let eval = evaluate(&model, &dataset.validation)?;
+    let (report, privacy) =
+        train_round(admitted, (round, attempt), &model, &dataset.train, &config)?;
+    let local = export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))?;
+    // Both lists are sorted by name (export_weights and load_safetensors sort), as delta needs.
+    let delta = delta(&local, &global).map_err(|e| LocalError::Update(Box::new(e)))?;
+    Ok(RoundResult {
+        delta,
+        eval,
+        train_samples: dataset.train.n_rows,
+        train_loss: report.mean_loss,
+        train_seconds: report.seconds,
+        dataset_commitment: dataset.commitment.map(|c| c.root_hex()),
+        deid_config_sha256: dataset.deid.as_ref().map(|r| r.config_sha256.clone()),
+        privacy,
+    })
+}
+
+/// Trains one round: DP-SGD when the job says `privacy.mode = "local"` (checked against the
+/// ledger with the real row count first, and the steps that ran recorded afterwards, even when
+/// training fails part-way), plain training otherwise.
+fn train_round(
+    admitted: &Admitted,
+    round_attempt: (u32, u32),
+    model: &Model,
+    train: &crate::data::Table,
+    config: &crate::train::TrainConfig,
+) -> Result<(crate::train::TrainReport, Option<RoundSpend>), LocalError> {
+    let job = &admitted.job;
+    let dimension = model.parameter_count();
+    let dataset = admitted.dataset.name();
+    let plan = match &admitted.ledgers {
+        Some(l) => l.check_with_rows(
+            &admitted.job_id,
+            round_attempt.0,
+            dataset,
+            job,
+            train.n_rows,
+            dimension,
+        ),
+        None => crate::ledger::plan(job, train.n_rows, dimension),
+    }
+    .map_err(LocalError::Privacy)?;
+    let Some(plan) = plan else {
+        return Ok((train_local(model, train, config)?, None));
+    };
+    let (report, spend) = crate::dp::train_dp(model, train, config, &plan);
+    let spent = match &admitted.ledgers {
+        Some(l) => l
+            .record(
+                &admitted.job_id,
+                round_attempt,
+                dataset,
+                train.n_rows,
+                &plan,
+                &spend,
+                now_ms(),
+            )
+            .map_err(LocalError::Privacy)?,
+        None => {
+            let eps = |steps| -> Result<f64, LocalError> {
+                if steps == 0 {
+                    return Ok(0.0);
+                }
+                let m = plan
+                    .mechanism(steps)
+                    .map_err(|e| LocalError::Privacy(e.to_string()))?;
+                tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
+                    .map(|g| g.epsilon)
+                    .map_err(|e| LocalError::Privacy(e.to_string()))
+            };
+            let round = eps(spend.steps)?;
+            RoundSpend {
+                charge: None,
+                rows: train.n_rows,
+                dataset_delta: plan.delta,
+                round_epsilon: round,
+                job_epsilon: round,
+                dataset_epsilon: round,
+                delta: plan.delta,
+            }
+        }
+    };
+    tracing::info!(
+        round_epsilon = spent.round_epsilon,
+        job_epsilon = spent.job_epsilon,
+        dataset_epsilon = spent.dataset_epsilon,
+        delta = spent.delta,
+        planned_job_epsilon = plan.planned_epsilon,
+        noise_multiplier = plan.noise_multiplier,
+        "privacy spent"
+    );
+    Ok((report?, Some(spent)))
+}
