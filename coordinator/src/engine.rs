@@ -1093,5 +1093,11 @@ fn proposal(
         participants: spec.sites.clone(),
         rounds: spec.rounds,
         privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
+        tokenizer_sha256: spec.model.tokenizer_sha256.clone(),
+        base_sha256: spec.model.base_sha256.clone(),
+        lora: spec
+            .lora
+            .as_ref()
+            .and_then(|l| serde_json::to_value(l).ok()),
     }
 }
