@@ -23,6 +23,8 @@ use tutela_privacy::anonymize::{AnonymizeError, BadKind, ReadError};
 use crate::agent::{LocalError, Refusal};
 use crate::data::DataError;
 use crate::jobspec::JobSpecError;
+use crate::lm::text_dataset::TextDatasetError;
+use crate::lm::text_source::TextSourceError;
 use crate::models::ModelError;
 use crate::train::TrainError;
 
@@ -91,6 +93,11 @@ pub enum FailureCode {
     AuditUnavailable,
     /// The job's tokenizer (named by digest) is not one this site holds.
     TokenizerRefused,
+    /// The job's base checkpoint (named by digest) is not one this site holds.
+    BaseModelRefused,
+    /// This node does not do this kind of round (a language-model round before its training
+    /// loop is in the node).
+    TrainingUnsupported,
     /// Anything else inside the node.
     Internal,
 }
@@ -129,6 +136,8 @@ impl FailureCode {
             DeadlinePassed => "task.deadline_passed",
             AuditUnavailable => "audit.unavailable",
             TokenizerRefused => "model.tokenizer_refused",
+            BaseModelRefused => "model.base_refused",
+            TrainingUnsupported => "training.unsupported",
             Internal => "node.internal",
         }
     }
@@ -346,9 +355,50 @@ impl From<&LocalError> for SiteFailure {
             LocalError::Model(m) => SiteFailure::from(m),
             LocalError::Train(t) => SiteFailure::from(t),
             LocalError::Data(d) => SiteFailure::from(d.as_ref()).with_detail(e.to_string()),
+            LocalError::TextData(t) => SiteFailure::from(t.as_ref()).with_detail(e.to_string()),
+            // May name the base checkpoint's or tokenizer's files: code only.
+            LocalError::LanguageModel(_) => SiteFailure::new(ModelInvalid, e),
+            // Says what this node's version cannot do: nothing of the site.
+            LocalError::Unsupported(_) => SiteFailure::with_public_note(TrainingUnsupported, e),
             LocalError::Update(_) => SiteFailure::new(UpdateFailed, e),
             // Ledger errors name the ledger's file.
             LocalError::Privacy(_) => SiteFailure::new(PrivacyRefused, e),
+        }
+    }
+}
+
+impl From<&TextDatasetError> for SiteFailure {
+    /// A text dataset's errors name files, lines and fields: only the code and a field name
+    /// (a configured key, never a value) leave the site.
+    fn from(e: &TextDatasetError) -> Self {
+        use FailureCode::*;
+        match e {
+            TextDatasetError::Config { key, .. } => {
+                SiteFailure::new(DataSchemaInvalid, e).column(key)
+            }
+            TextDatasetError::File { .. } => SiteFailure::new(DataUnreadable, e),
+            TextDatasetError::Source { source, .. } => {
+                let code = match source {
+                    TextSourceError::Io { .. } => DataUnreadable,
+                    TextSourceError::LineTooLong { .. }
+                    | TextSourceError::DocumentTooLarge { .. } => DataTooLong,
+                    TextSourceError::NotUtf8 { .. } | TextSourceError::BadJson { .. } => {
+                        DataMalformed
+                    }
+                    TextSourceError::MissingField { .. } => DataMissingValue,
+                    TextSourceError::FieldType { .. } => DataInvalidValue,
+                    TextSourceError::Empty { .. } => DataEmpty,
+                };
+                let failure = SiteFailure::new(code, e);
+                match source {
+                    TextSourceError::MissingField { field, .. }
+                    | TextSourceError::FieldType { field, .. } => failure.column(field),
+                    _ => failure,
+                }
+            }
+            TextDatasetError::Protection { source, .. } => {
+                SiteFailure::from(source).with_detail(e.to_string())
+            }
         }
     }
 }
@@ -360,7 +410,7 @@ impl From<&Refusal> for SiteFailure {
         use FailureCode::*;
         match r {
             Refusal::DeadlinePassed { .. } => SiteFailure::with_public_note(DeadlinePassed, r),
-            Refusal::UnknownKind(_) | Refusal::NoGlobalModel => {
+            Refusal::UnknownKind(_) | Refusal::NoGlobalModel | Refusal::NoTokenizer { .. } => {
                 SiteFailure::with_public_note(TaskInvalid, r)
             }
             Refusal::JobSpec(_) => SiteFailure::with_public_note(JobSpecInvalid, r),
@@ -370,6 +420,10 @@ impl From<&Refusal> for SiteFailure {
             Refusal::Policy(_) => SiteFailure::with_public_note(PolicyRefused, r),
             // Carries the digest the job names and the site's, never the file's path.
             Refusal::Tokenizer(_) => SiteFailure::with_public_note(TokenizerRefused, r),
+            // Digests only, never the checkpoint's directory.
+            Refusal::BaseModel(_) => SiteFailure::with_public_note(BaseModelRefused, r),
+            // May name a file of the site's base checkpoint.
+            Refusal::ModelUnusable(_) => SiteFailure::new(ModelInvalid, r),
         }
     }
 }
@@ -408,6 +462,7 @@ mod tests {
     #[test]
     fn a_refusal_about_the_task_is_sent_whole() {
         let r = Refusal::UnknownSchema {
+            kind: "dataset",
             schema: "mnist".into(),
             known: "breast_cancer".into(),
         };

@@ -3,16 +3,19 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tch::Device;
 use tutela_protocol::pb;
 
-
-use super::tabular::build_model;
+use super::language::LanguageRound;
+use super::round::{LocalError, LocalRound};
+use super::tabular::TabularRound;
 use super::{NODE_VERSION, now_ms};
 use crate::dataset::SiteDataset;
 use crate::jobspec::{JobView, StrategyView};
 use crate::ledger::SiteLedgers;
+use crate::lm::base::{ApprovedBase, BaseModelRefusal, SiteBaseModels};
+use crate::lm::text_dataset::TextDataset;
 use crate::lm::tokenizer::site::{ApprovedTokenizer, SiteTokenizers, TokenizerRefusal};
+use crate::models::{ModelFamily, family_of};
 use crate::resend::ResendCache;
 
 /// Why the node will not do a task; decided before any data is touched.
@@ -24,8 +27,13 @@ pub enum Refusal {
     UnknownKind(i32),
     #[error("{0}")]
     JobSpec(String),
-    #[error("this site has no dataset for schema {schema:?}; it has: {known}")]
-    UnknownSchema { schema: String, known: String },
+    #[error("this site has no {kind} for schema {schema:?}; it has: {known}")]
+    UnknownSchema {
+        /// `dataset` (a table, for a layer network) or `text dataset` (for a language model).
+        kind: &'static str,
+        schema: String,
+        known: String,
+    },
     #[error("a TRAIN task must name its global model (global_model_id is empty)")]
     NoGlobalModel,
     /// The job's planned privacy spend would pass a cap of the site's budget (with the numbers).
@@ -40,6 +48,19 @@ pub enum Refusal {
     /// The job's tokenizer is not one this site holds (with both digests, never a path).
     #[error("{0}")]
     Tokenizer(#[from] TokenizerRefusal),
+    /// A language-model job that names no tokenizer: the node will not guess one.
+    #[error(
+        "the job's model {model:?} is a language model, but the job names no tokenizer \
+         (`model.tokenizer_sha256`)"
+    )]
+    NoTokenizer { model: String },
+    /// The job's base checkpoint is not one this site holds (with digests, never a path).
+    #[error("{0}")]
+    BaseModel(#[from] BaseModelRefusal),
+    /// The job's model could not be sized from the site's base checkpoint (the error may name
+    /// its files: not sent).
+    #[error("the job's model: {0}")]
+    ModelUnusable(String),
 }
 
 impl Refusal {
@@ -66,8 +87,9 @@ pub struct Admitted {
     pub work: Work,
     pub job: JobView,
     pub strategy: StrategyView,
-    /// The dataset the job's schema names; not read yet (see [`SiteDataset::load`]).
-    pub dataset: Arc<SiteDataset>,
+    /// The round the job's model family trains, on the dataset the job's schema names (not
+    /// read yet), chosen here once.
+    pub round: Arc<dyn LocalRound>,
     /// The task's job, for the privacy ledger.
     pub job_id: String,
     /// The site's privacy ledgers, when it keeps a budget (see [`crate::ledger`]).
@@ -75,6 +97,23 @@ pub struct Admitted {
     /// The tokenizer the job names (`model.tokenizer_sha256`), read and digested when the task
     /// was admitted: training loads these bytes, not the file again.
     pub tokenizer: Option<ApprovedTokenizer>,
+    /// The base checkpoint the job names (`model.base_sha256`), found among the site's.
+    pub base: Option<ApprovedBase>,
+}
+
+/// The dataset a job's schema names, of the kind its model family reads.
+enum JobData {
+    Table(Arc<SiteDataset>),
+    Text(Arc<TextDataset>),
+}
+
+impl JobData {
+    fn name(&self) -> &str {
+        match self {
+            JobData::Table(d) => d.name(),
+            JobData::Text(d) => d.name(),
+        }
+    }
 }
 
 /// The checks a task passes before the node touches data: the seam where local policy, signed
@@ -90,6 +129,10 @@ pub struct TaskGate {
     approvals: Option<Arc<crate::approvals::SiteApprovals>>,
     /// The tokenizer files the site holds (`tokenizers` in node.toml).
     tokenizers: SiteTokenizers,
+    /// The text datasets language models train on (`[text_datasets.<name>]` in node.toml).
+    text_datasets: BTreeMap<String, Arc<TextDataset>>,
+    /// The base checkpoints the site holds, by digest (`base_models` in node.toml).
+    base_models: SiteBaseModels,
 }
 
 impl TaskGate {
@@ -102,7 +145,22 @@ impl TaskGate {
             resends: Arc::default(),
             approvals: None,
             tokenizers: SiteTokenizers::default(),
+            text_datasets: BTreeMap::new(),
+            base_models: SiteBaseModels::default(),
         }
+    }
+
+    /// The text datasets a language-model job's `data.schema` is matched against.
+    pub fn with_text_datasets(mut self, text_datasets: BTreeMap<String, Arc<TextDataset>>) -> Self {
+        self.text_datasets = text_datasets;
+        self
+    }
+
+    /// The base checkpoints a job's `model.base_sha256` is matched against; without them, every
+    /// job that names a base is declined.
+    pub fn with_base_models(mut self, base_models: SiteBaseModels) -> Self {
+        self.base_models = base_models;
+        self
     }
 
     /// The tokenizer files a job's `model.tokenizer_sha256` is matched against; without them,
@@ -130,9 +188,66 @@ impl TaskGate {
         &self.resends
     }
 
-    /// The schema names this node has data for.
+    /// The schema names this node has data for: its tables and its text datasets (node.toml
+    /// keeps the two sets of names apart).
     pub fn dataset_names(&self) -> Vec<String> {
-        self.datasets.keys().cloned().collect()
+        self.datasets
+            .keys()
+            .chain(self.text_datasets.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// The dataset the job's schema names, of the kind its model family reads: a text dataset
+    /// for a language model, a table otherwise (an unknown model name is refused later, where
+    /// the model is built, as it always was).
+    fn job_data(&self, job: &JobView) -> Result<JobData, Refusal> {
+        let language = job
+            .model_name()
+            .ok()
+            .and_then(family_of)
+            .is_some_and(|f| f == ModelFamily::Language);
+        let schema = &job.data.schema;
+        let found = if language {
+            self.text_datasets.get(schema).cloned().map(JobData::Text)
+        } else {
+            self.datasets.get(schema).cloned().map(JobData::Table)
+        };
+        found.ok_or_else(|| {
+            let (kind, known): (_, Vec<&String>) = if language {
+                ("text dataset", self.text_datasets.keys().collect())
+            } else {
+                ("dataset", self.datasets.keys().collect())
+            };
+            Refusal::UnknownSchema {
+                kind,
+                schema: schema.clone(),
+                known: known
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })
+    }
+
+    /// The round for `data`: the one place a job's model family decides how it trains.
+    fn round_for(
+        job: &JobView,
+        data: JobData,
+        tokenizer: Option<&ApprovedTokenizer>,
+        base: Option<&ApprovedBase>,
+    ) -> Result<Arc<dyn LocalRound>, Refusal> {
+        Ok(match data {
+            JobData::Table(dataset) => Arc::new(TabularRound { dataset }),
+            JobData::Text(dataset) => Arc::new(LanguageRound {
+                dataset,
+                tokenizer: tokenizer.cloned().ok_or_else(|| Refusal::NoTokenizer {
+                    model: job.model_name().unwrap_or_default().to_string(),
+                })?,
+                base: base.cloned(),
+            }),
+        })
     }
 
     /// Decides whether the node does `task` now.
@@ -155,20 +270,13 @@ impl TaskGate {
         };
         let job = JobView::from_toml_str(&task.job_spec_toml)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
-        let dataset = self
-            .datasets
-            .get(&job.data.schema)
-            .cloned()
-            .ok_or_else(|| Refusal::UnknownSchema {
-                schema: job.data.schema.clone(),
-                known: self.dataset_names().join(", "),
-            })?;
+        let data = self.job_data(&job)?;
         if let Some(approvals) = &self.approvals {
             // The ledger's own caps are checked below with the DP plan; the site policy's budget
             // clause weighs the job's target ε against what the dataset has spent already.
             let spent = match &self.ledgers {
                 Some(ledgers) => ledgers
-                    .spent(dataset.name())
+                    .spent(data.name())
                     .map_err(|e| Refusal::Ledger(e.to_string()))?,
                 None => 0.0,
             };
@@ -190,6 +298,14 @@ impl TaskGate {
             Some(wanted) => Some(self.tokenizers.approve(wanted)?),
             None => None,
         };
+        let base = match job
+            .base_sha256()
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?
+        {
+            Some(wanted) => Some(self.base_models.approve(wanted)?),
+            None => None,
+        };
+        let round = Self::round_for(&job, data, tokenizer.as_ref(), base.as_ref())?;
         let strategy = StrategyView::from_json(&task.strategy_config_json)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         if work == Work::Train && task.global_model_id.is_empty() {
@@ -209,26 +325,36 @@ impl TaskGate {
             && let Some(ledgers) = &self.ledgers
         {
             // The model's size enters the noise grid's correction; building it reads no data.
-            let dimension = build_model(&job, dataset.schema(), dataset.n_features(), Device::Cpu)
-                .map_err(|e| Refusal::JobSpec(e.to_string()))?
-                .parameter_count();
+            let dimension = round.trained_parameters(&job).map_err(|e| match e {
+                // About the job's spec: quoting it tells the coordinator nothing of the site.
+                LocalError::JobSpec(_) | LocalError::Model(_) => Refusal::JobSpec(e.to_string()),
+                // May name a file of the site (a base checkpoint's config.json).
+                other => Refusal::ModelUnusable(other.to_string()),
+            })?;
             // A ledger that cannot be read is refused as such here: `check` reports it as a
             // string that names the ledger's file, which must not be sent as a budget reason.
             ledgers
-                .open(dataset.name())
+                .open(round.dataset_name())
                 .map_err(|e| Refusal::Ledger(e.to_string()))?;
             ledgers
-                .check(&task.job_id, task.round, dataset.name(), &job, dimension)
+                .check(
+                    &task.job_id,
+                    task.round,
+                    round.dataset_name(),
+                    &job,
+                    dimension,
+                )
                 .map_err(Refusal::PrivacyBudget)?;
         }
         Ok(Admitted {
             work,
             job,
             strategy,
-            dataset,
+            round,
             job_id: task.job_id.clone(),
             ledgers: self.ledgers.clone(),
             tokenizer,
+            base,
         })
     }
 }

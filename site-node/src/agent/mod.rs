@@ -49,17 +49,23 @@
 //! - [`filter`]: [`UpdateFilter`], what an update passes through before it leaves the site.
 //! - `worker`: the sessions and the worker that take tasks one at a time and run them.
 //! - `transfer`: fetching the global model and uploading the update.
-//! - [`tabular`]: the round of a layer network (MLP, CNN) on a table.
+//! - [`round`]: [`LocalRound`], the seam between a task and what a model family does with the
+//!   site's data, chosen once by the gate from the job's model family:
+//!   - [`tabular`]: the round of a layer network (MLP, CNN) on a table;
+//!   - [`language`]: the round of a language model on a text dataset.
 
 mod filter;
 mod gate;
-mod tabular;
+pub mod language;
+pub mod round;
+pub mod tabular;
 mod transfer;
 mod worker;
 
 pub use filter::UpdateFilter;
 pub use gate::{Admitted, Refusal, TaskGate, Work};
-pub use tabular::{LocalError, RoundResult, initial_weights, local_round};
+pub use round::{Deidentification, LocalError, LocalRound, RoundInput, RoundResult};
+pub use tabular::{initial_weights, local_round};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -80,6 +86,8 @@ use crate::config::{DeviceChoice, NodeConfig};
 use crate::data::DataError;
 use crate::dataset::SiteDataset;
 use crate::ledger::SiteLedgers;
+use crate::lm::base::SiteBaseModels;
+use crate::lm::text_dataset::TextDataset;
 use crate::lm::tokenizer::site::SiteTokenizers;
 use crate::site_audit::SiteAudit;
 use filter::CorruptUpdate;
@@ -146,6 +154,10 @@ pub enum AgentError {
     Audit(String),
     #[error("`tokenizers`: {0}")]
     Tokenizer(String),
+    #[error("{0}")]
+    TextDataset(String),
+    #[error("{0}")]
+    BaseModels(String),
 }
 
 /// Exponential backoff with jitter between connection attempts.
@@ -284,6 +296,29 @@ impl Agent {
             );
             datasets.insert(name.clone(), Arc::new(dataset));
         }
+        let mut text_datasets = BTreeMap::new();
+        for (name, d) in &config.text_datasets {
+            // `NodeConfig::validate` requires the site secret for a text dataset.
+            let secret = site_secret.as_deref().ok_or_else(|| {
+                AgentError::SiteSecret(format!(
+                    "text dataset {name} needs `site_secret_file` (its commitment's salt)"
+                ))
+            })?;
+            // Checks the keys, the path and the protection files; reads no document.
+            let dataset = TextDataset::prepare(name, d, secret)
+                .map_err(|e| AgentError::TextDataset(e.to_string()))?;
+            tracing::info!(
+                dataset = %name,
+                protection = %dataset.protection_digest(),
+                "text dataset ready (read when a task first needs it)"
+            );
+            text_datasets.insert(name.clone(), Arc::new(dataset));
+        }
+        let base_models = SiteBaseModels::index(&config.base_models)
+            .map_err(|e| AgentError::BaseModels(e.to_string()))?;
+        for (sha256, dir) in base_models.held() {
+            tracing::info!(base_model = %dir.display(), %sha256, "base checkpoint held");
+        }
         let tokenizers = SiteTokenizers::new(config.tokenizers.clone());
         for (path, sha256) in tokenizers
             .check()
@@ -314,6 +349,8 @@ impl Agent {
                 (Some(path), false) => TaskGate::new(datasets)
                     .with_ledgers(ledgers)
                     .with_tokenizers(tokenizers)
+                    .with_text_datasets(text_datasets)
+                    .with_base_models(base_models)
                     .with_approvals(
                         crate::approvals::SiteApprovals::load(&config.site, path, &material)
                             .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
@@ -328,6 +365,8 @@ impl Agent {
                     TaskGate::new(datasets)
                         .with_ledgers(ledgers)
                         .with_tokenizers(tokenizers)
+                        .with_text_datasets(text_datasets)
+                        .with_base_models(base_models)
                 }
                 // `NodeConfig::validate` refuses both; checked again for configs built in code.
                 (None, false) => {

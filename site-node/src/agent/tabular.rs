@@ -1,52 +1,27 @@
 //! The local round of a layer network (MLP, CNN) on a table.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::Device;
 
 use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
 
+use std::sync::Arc;
+
+use tutela_audit::payload::DatasetDeidentified;
+
 use super::gate::Admitted;
 use super::now_ms;
-use crate::data::DataError;
+use super::round::{Deidentification, LocalError, LocalRound, RoundInput, RoundResult};
 use crate::data::DatasetSchema;
-use crate::jobspec::{JobSpecError, JobView, batch_seed};
+use crate::dataset::SiteDataset;
+use crate::jobspec::{JobView, batch_seed};
 use crate::ledger::RoundSpend;
-use crate::models::{Model, ModelError};
-use crate::train::{TrainError, evaluate, train_local};
+use crate::models::Model;
+use crate::train::{evaluate, train_local};
 use crate::weights::{
-    NamedTensors, WeightsError, delta, export_weights, from_safetensors_bytes, load_safetensors,
-    load_weights,
+    NamedTensors, delta, export_weights, from_safetensors_bytes, load_safetensors, load_weights,
 };
-
-/// Why a local step of a task failed: the reason a task is declined with.
-#[derive(Debug, thiserror::Error)]
-pub enum LocalError {
-    /// The stored global model did not decrypt (tampered, truncated, or the wrong key).
-    #[error("the global model: {0}")]
-    GlobalModelAtRest(Box<tutela_privacy::at_rest::AtRestError>),
-    #[error(transparent)]
-    JobSpec(#[from] JobSpecError),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("the global model {}: {source}", .path.display())]
-    GlobalModel {
-        path: PathBuf,
-        // Boxed, like `Update`'s: WeightsError is large and this error travels in every Result.
-        #[source]
-        source: Box<WeightsError>,
-    },
-    #[error("local training: {0}")]
-    Train(#[from] TrainError),
-    /// The dataset could not be read or anonymized (the error names the file, line, column).
-    #[error("the local dataset: {0}")]
-    Data(#[source] Box<DataError>),
-    #[error("computing the update: {0}")]
-    Update(#[source] Box<WeightsError>),
-    /// DP-SGD could not be planned, the budget refuses it, or the ledger could not be written.
-    #[error("privacy: {0}")]
-    Privacy(String),
-}
 
 /// The job's initial weights: its model built from the job's seed for data of `schema` with
 /// `n_features` features. Reads no data.
@@ -70,27 +45,79 @@ pub(super) fn build_model(
     Ok(Model::new(job.model_name()?, spec, device, job.seed)?)
 }
 
-/// What one local round produced.
-#[derive(Debug)]
-pub struct RoundResult {
-    /// `local − global`, F32, sorted by name.
-    pub delta: NamedTensors,
-    /// The global model on the validation split, before training.
-    pub eval: crate::train::Eval,
-    pub train_samples: usize,
-    pub train_loss: f64,
-    pub train_seconds: f64,
-    /// The dataset commitment (hex) and the anonymization configuration's digest, for lineage.
-    pub dataset_commitment: Option<String>,
-    pub deid_config_sha256: Option<String>,
-    /// What the round spent of the dataset's privacy budget (DP-SGD jobs only).
-    pub privacy: Option<RoundSpend>,
+/// The round of a layer network on one of the site's tables.
+#[derive(Debug, Clone)]
+pub struct TabularRound {
+    pub dataset: Arc<SiteDataset>,
+}
+
+impl LocalRound for TabularRound {
+    fn dataset_name(&self) -> &str {
+        self.dataset.name()
+    }
+
+    fn trained_parameters(&self, job: &JobView) -> Result<usize, LocalError> {
+        // Building the model reads no data.
+        Ok(build_model(
+            job,
+            self.dataset.schema(),
+            self.dataset.n_features(),
+            Device::Cpu,
+        )?
+        .parameter_count())
+    }
+
+    fn initial_weights(&self, job: &JobView, device: Device) -> Result<NamedTensors, LocalError> {
+        initial_weights(
+            job,
+            self.dataset.schema(),
+            self.dataset.n_features(),
+            device,
+        )
+    }
+
+    fn deidentification(
+        &self,
+        site: &str,
+        job_id: &str,
+    ) -> Result<Option<Deidentification>, LocalError> {
+        let data = self
+            .dataset
+            .load()
+            .map_err(|e| LocalError::Data(Box::new(e)))?;
+        let Some(report) = &data.deid else {
+            return Ok(None);
+        };
+        Ok(Some(Deidentification::Table(DatasetDeidentified {
+            site: site.to_string(),
+            dataset: self.dataset.name().to_string(),
+            job: job_id.to_string(),
+            // The report is counts and column names (serialising plain data cannot fail).
+            report: serde_json::to_value(report).unwrap_or_default(),
+            dataset_commitment: data.commitment.map(|c| c.root_hex()),
+        })))
+    }
+
+    fn run(&self, admitted: &Admitted, input: RoundInput<'_>) -> Result<RoundResult, LocalError> {
+        local_round(
+            admitted,
+            &self.dataset,
+            input.global_path,
+            input.kek,
+            input.device,
+            input.round,
+            input.attempt,
+            input.site,
+        )
+    }
 }
 
 /// Loads the global model at `global_path`, evaluates it on the validation split, trains it on
 /// the training split and returns the delta.
+#[allow(clippy::too_many_arguments)]
 pub fn local_round(
     admitted: &Admitted,
+    dataset: &SiteDataset,
     global_path: &Path,
     kek: Option<&dyn KeyEncryptionKey>,
     device: Device,
@@ -98,10 +125,8 @@ pub fn local_round(
     attempt: u32,
     site: &str,
 ) -> Result<RoundResult, LocalError> {
-    let dataset = admitted
-        .dataset
-        .load()
-        .map_err(|e| LocalError::Data(Box::new(e)))?;
+    let name = dataset.name();
+    let dataset = dataset.load().map_err(|e| LocalError::Data(Box::new(e)))?;
     let job = &admitted.job;
     let config = job.train_config(
         &admitted.strategy,
@@ -122,8 +147,14 @@ pub fn local_round(
     };
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
-    let (report, privacy) =
-        train_round(admitted, (round, attempt), &model, &dataset.train, &config)?;
+    let (report, privacy) = train_round(
+        admitted,
+        name,
+        (round, attempt),
+        &model,
+        &dataset.train,
+        &config,
+    )?;
     let local = export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))?;
     // Both lists are sorted by name (export_weights and load_safetensors sort), as delta needs.
     let delta = delta(&local, &global).map_err(|e| LocalError::Update(Box::new(e)))?;
@@ -144,6 +175,7 @@ pub fn local_round(
 /// training fails part-way), plain training otherwise.
 fn train_round(
     admitted: &Admitted,
+    dataset: &str,
     round_attempt: (u32, u32),
     model: &Model,
     train: &crate::data::Table,
@@ -151,7 +183,6 @@ fn train_round(
 ) -> Result<(crate::train::TrainReport, Option<RoundSpend>), LocalError> {
     let job = &admitted.job;
     let dimension = model.parameter_count();
-    let dataset = admitted.dataset.name();
     let plan = match &admitted.ledgers {
         Some(l) => l.check_with_rows(
             &admitted.job_id,

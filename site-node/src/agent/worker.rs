@@ -19,7 +19,7 @@ use tutela_privacy::at_rest::KeyEncryptionKey;
 use super::Backoff;
 use super::filter::UpdateFilter;
 use super::gate::{Admitted, TaskGate, Work};
-use super::tabular::{RoundResult, initial_weights, local_round};
+use super::round::{RoundInput, RoundResult};
 use super::transfer::{fetch_model, upload};
 use super::{ANSWERED_MEMORY, NODE_VERSION, now_ms};
 use crate::config::{NodeConfig, TestingConfig};
@@ -264,17 +264,11 @@ async fn initialize(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Res
         seed = admitted.job.seed,
         "building the job's initial model"
     );
-    let weights = tokio::task::spawn_blocking(move || {
-        initial_weights(
-            &admitted.job,
-            admitted.dataset.schema(),
-            admitted.dataset.n_features(),
-            device,
-        )
-    })
-    .await
-    .map_err(|e| internal(format!("internal error building the model: {e}")))?
-    .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
+    let weights =
+        tokio::task::spawn_blocking(move || admitted.round.initial_weights(&admitted.job, device))
+            .await
+            .map_err(|e| internal(format!("internal error building the model: {e}")))?
+            .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
     let metadata = BTreeMap::from([(meta::TASK.to_string(), task.task_id.clone())]);
     let receipt = upload(shared, weights, metadata).await?;
     Ok(Done::Uploaded(receipt))
@@ -292,19 +286,19 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     let device = shared.device;
     let (round, attempt) = (task.round, task.attempt);
     let kek = shared.kek.clone();
-    let dataset_name = admitted.dataset.name().to_string();
+    let dataset_name = admitted.round.dataset_name().to_string();
     let privacy_spec = admitted.job.privacy.clone();
     let ledgers = admitted.ledgers.clone();
     let result = tokio::task::spawn_blocking(move || {
-        local_round(
-            &admitted,
-            &model_path,
-            kek.as_deref(),
+        let input = RoundInput {
+            global_path: &model_path,
+            kek: kek.as_deref(),
             device,
             round,
             attempt,
-            &site,
-        )
+            site: &site,
+        };
+        admitted.round.run(&admitted, input)
     })
     .await
     .map_err(|e| internal(format!("internal error in local training: {e}")))?
@@ -412,7 +406,7 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
             .watch()
             .await
             .map_err(|e| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, e)))?;
-        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.dataset.name())
+        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.round.dataset_name())
             .await
             .map_err(|why| {
                 Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, why))
@@ -463,17 +457,22 @@ async fn record_in_audit_trail(
         Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, e))
     };
     audit.watch().await.map_err(|e| audit_failure(&e))?;
-    let dataset = admitted.dataset.clone();
-    let data = tokio::task::spawn_blocking(move || dataset.load())
-        .await
-        .map_err(|e| internal(format!("internal error reading the dataset: {e}")))?
-        .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
-    let recorded = audit
-        .record_deidentification(&shared.site, &task.job_id, admitted.dataset.name(), &data)
-        .await
-        .map_err(|e| audit_failure(&e))?;
+    let round = admitted.round.clone();
+    let (site, job_id) = (shared.site.clone(), task.job_id.clone());
+    let deidentification =
+        tokio::task::spawn_blocking(move || round.deidentification(&site, &job_id))
+            .await
+            .map_err(|e| internal(format!("internal error reading the dataset: {e}")))?
+            .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
+    let recorded = match &deidentification {
+        Some(d) => audit
+            .record_deidentification(&shared.site, d)
+            .await
+            .map_err(|e| audit_failure(&e))?,
+        None => false,
+    };
     if let Some(ledgers) = &admitted.ledgers {
-        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.dataset.name())
+        crate::spend_anchor::reconcile(audit, ledgers, &shared.site, admitted.round.dataset_name())
             .await
             .map_err(|why| {
                 Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, why))

@@ -18,6 +18,7 @@
 //! Not wired into the agent yet: see `docs/architecture.md`, "Text datasets" and "Language
 //! models".
 
+pub mod base;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -15,6 +15,7 @@ mod dp;
 mod fuzz_corpus;
 mod keys;
 mod lm;
+mod lm_admission;
 mod lora;
 mod models;
 mod protection;
