@@ -21,7 +21,7 @@ use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_audit::payload;
-use tutela_protocol::model_registry::ModelDescription;
+use tutela_protocol::initial_model::InitialModel;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
@@ -580,7 +580,7 @@ impl Engine {
         // What the answer must be: the job's model as the registry describes it. A spec whose
         // model the registry cannot describe never gets an initial model.
         let expected =
-            Arc::new(ModelDescription::for_job(&spec.model).map_err(|e| {
+            Arc::new(InitialModel::for_job(spec).map_err(|e| {
                 EngineError::Failed(format!("no initial model: the job's model: {e}"))
             })?);
         let mut last_reason = String::new();

@@ -22,6 +22,7 @@ pub mod federation;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod identity;
+pub mod initial_model;
 pub mod job;
 pub mod logging;
 pub mod lora;
