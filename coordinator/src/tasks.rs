@@ -44,6 +44,9 @@ pub struct SiteMetrics {
     pub eval_loss: f64,
     pub eval_accuracy: f64,
     pub eval_samples: u64,
+    /// A language model's validation perplexity; 0 for other models (or when not sent).
+    #[serde(default)]
+    pub eval_perplexity: f64,
     /// The site's dataset commitment (hex), for lineage; empty when the node sent none.
     #[serde(default)]
     pub dataset_commitment: String,
@@ -290,6 +293,7 @@ pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, Sink
         eval_loss: finite_meta(m, meta::EVAL_LOSS)?,
         eval_accuracy: ranged_meta(m, meta::EVAL_ACCURACY, 0.0..=1.0)?,
         eval_samples: count_meta(m, meta::EVAL_SAMPLES)?,
+        eval_perplexity: finite_meta(m, meta::EVAL_PERPLEXITY)?,
         dataset_commitment: hex_meta(m, meta::DATASET_COMMITMENT)?,
         deid_config_sha256: hex_meta(m, meta::DEID_CONFIG)?,
         dp_round_epsilon: finite_meta(m, meta::DP_ROUND_EPSILON)?,
@@ -566,6 +570,8 @@ mod tests {
             (meta::DP_ROUND_EPSILON, "-0.5"),
             (meta::DP_JOB_EPSILON, "inf"),
             (meta::DP_DELTA, "2"),
+            (meta::EVAL_PERPLEXITY, "NaN"),
+            (meta::EVAL_PERPLEXITY, "-2"),
         ];
         for (key, value) in bad {
             let table = open_table(dir.path());
@@ -578,6 +584,7 @@ mod tests {
         let good = [
             (meta::EVAL_ACCURACY, "1"),
             (meta::EVAL_ACCURACY, "0.93"),
+            (meta::EVAL_PERPLEXITY, "13.25"),
             (meta::TRAIN_LOSS, "0.25"),
             (meta::SAMPLES, "120"),
             (meta::DP_DELTA, "0.00001"),

@@ -108,6 +108,8 @@ pub struct RoundResult {
     /// The global model on the validation split, before training (for a language model: the
     /// mean next-token cross-entropy, whose exponential is the perplexity; accuracy 0).
     pub eval: crate::train::Eval,
+    /// A language model's validation perplexity (exp of `eval.loss`); `None` for other models.
+    pub eval_perplexity: Option<f64>,
     /// Training examples: rows, or documents for a language model.
     pub train_samples: usize,
     pub train_loss: f64,

@@ -161,6 +161,7 @@ pub fn local_round(
     Ok(RoundResult {
         delta,
         eval,
+        eval_perplexity: None,
         train_samples: dataset.train.n_rows,
         train_loss: report.mean_loss,
         train_seconds: report.seconds,

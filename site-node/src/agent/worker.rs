@@ -380,6 +380,9 @@ fn round_metadata(task: &pb::Task, result: &RoundResult) -> BTreeMap<String, Str
         ),
         (meta::EVAL_SAMPLES.to_string(), result.eval.n.to_string()),
     ]);
+    if let Some(p) = result.eval_perplexity {
+        metadata.insert(meta::EVAL_PERPLEXITY.to_string(), p.to_string());
+    }
     if let Some(c) = &result.dataset_commitment {
         metadata.insert(meta::DATASET_COMMITMENT.to_string(), c.clone());
     }

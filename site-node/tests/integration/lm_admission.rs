@@ -28,8 +28,7 @@ const SECRET: [u8; 32] = [7u8; 32];
 fn base_checkpoint(dir: &Path, seed: u64) -> String {
     let mut config = DecoderConfig::llama(300, 16, 32, 1, 2, 1);
     config.max_position_embeddings = 32;
-    let model =
-        tutela_site_node::lm::registry::build("llama", &config, Device::Cpu, seed).unwrap();
+    let model = tutela_site_node::lm::registry::build("llama", &config, Device::Cpu, seed).unwrap();
     save_checkpoint(&model, dir).unwrap();
     checkpoint_digest(dir).unwrap()
 }
@@ -134,7 +133,10 @@ fn site(delete_notes: bool) -> Site {
     let other_base_sha256 = base_checkpoint(&root.join("elsewhere"), 2);
     assert_ne!(base_sha256, other_base_sha256);
     let gate = TaskGate::new(BTreeMap::new())
-        .with_text_datasets(BTreeMap::from([("notes".to_string(), notes(&root, delete_notes))]))
+        .with_text_datasets(BTreeMap::from([(
+            "notes".to_string(),
+            notes(&root, delete_notes),
+        )]))
         .with_tokenizers(SiteTokenizers::new(vec![tokenizer_json]))
         .with_base_models(SiteBaseModels::index(&[bases]).unwrap());
     Site {
@@ -268,7 +270,8 @@ fn the_model_family_chooses_the_kind_of_dataset_and_a_language_model_needs_a_tok
         other => panic!("{other:?}"),
     }
     // A layer network never trains on a text dataset of the same name.
-    let mlp = lm_job("notes", None, None).replace("name = \"llama\"", "name = \"mlp\"\nhidden = [4]");
+    let mlp =
+        lm_job("notes", None, None).replace("name = \"llama\"", "name = \"mlp\"\nhidden = [4]");
     match s.gate.check_task(&initialize(mlp)) {
         Err(Refusal::UnknownSchema { kind, known, .. }) => {
             assert_eq!(kind, "dataset");
@@ -338,7 +341,10 @@ fn base_models_are_found_as_checkpoints_or_directories_of_them() {
     let mut expected = vec![a.as_str(), b.as_str(), c.as_str()];
     expected.sort();
     assert_eq!(held, expected);
-    assert_eq!(index.approve(&b).unwrap().dir(), dir.path().join("parent/b"));
+    assert_eq!(
+        index.approve(&b).unwrap().dir(),
+        dir.path().join("parent/b")
+    );
     // An entry with no checkpoint is refused at start, naming the key.
     std::fs::create_dir_all(dir.path().join("empty")).unwrap();
     match SiteBaseModels::index(&[dir.path().join("empty")]) {
