@@ -372,10 +372,12 @@ impl NodeConfig {
                 ));
             }
         }
-        if self.datasets.is_empty() {
+        if self.datasets.is_empty() && self.text_datasets.is_empty() {
             return Err(invalid(
                 "datasets",
-                "has no dataset: add a [datasets.<schema name>] table with path and schema".into(),
+                "has no dataset: add a [datasets.<schema name>] table with path and schema (or a \
+                 [text_datasets.<name>] table for language models)"
+                    .into(),
             ));
         }
         for (name, d) in &self.datasets {

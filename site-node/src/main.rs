@@ -520,6 +520,12 @@ fn tokenizer_command(command: TokenizerCommand) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 enum LmCommand {
+    /// Prints the digest that names a Hugging Face checkpoint directory (a job's
+    /// `[model] base_sha256`): SHA-256 over the canonical config.json and every tensor.
+    Digest {
+        /// The checkpoint directory (config.json, model.safetensors or its shards).
+        dir: PathBuf,
+    },
     /// Prints `perplexity = X` of a Hugging Face checkpoint on a text file, in windows of at
     /// most --window tokens advancing by --stride (each token scored once).
     Perplexity {
@@ -688,6 +694,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             println!("held checkpoint: {tree_size} events");
+        }
+        Command::Lm(LmCommand::Digest { dir }) => {
+            let digest = tutela_site_node::lm::hf::checkpoint_digest(&dir)
+                .with_context(|| format!("digesting the checkpoint {}", dir.display()))?;
+            println!("{digest}  {}", dir.display());
         }
         Command::Lm(LmCommand::Perplexity {
             model,

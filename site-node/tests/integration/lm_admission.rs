@@ -358,3 +358,64 @@ fn base_models_are_found_as_checkpoints_or_directories_of_them() {
         Err(BaseModelsError::Unreadable { .. })
     ));
 }
+
+#[test]
+fn a_language_model_site_needs_no_table_and_lists_its_base_models() {
+    let text_only = r#"
+site = "hospital-a"
+coordinator = "coord.example:7443"
+work_dir = "work"
+insecure_no_approvals = true
+site_secret_file = "secret"
+tokenizers = ["tok/tokenizer.json"]
+base_models = ["models"]
+[tls]
+ca = "ca.crt"
+cert = "node.crt"
+key = "node.key"
+[text_datasets.notes]
+path = "notes.jsonl"
+"#;
+    let c = tutela_site_node::config::NodeConfig::from_toml_str(text_only, "/etc/tutela/node.toml")
+        .unwrap();
+    // Relative to the config's directory, like every path.
+    assert_eq!(c.base_models, vec![PathBuf::from("/etc/tutela/models")]);
+    assert!(c.datasets.is_empty());
+    let twice = text_only.replace(
+        "base_models = [\"models\"]",
+        "base_models = [\"models\", \"models\"]",
+    );
+    let e = tutela_site_node::config::NodeConfig::from_toml_str(&twice, "/etc/tutela/node.toml")
+        .unwrap_err();
+    assert_eq!(e.key(), Some("base_models[1]"), "{e}");
+    // No dataset of either kind: refused.
+    let none = text_only.replace("[text_datasets.notes]\npath = \"notes.jsonl\"\n", "");
+    assert!(
+        tutela_site_node::config::NodeConfig::from_toml_str(&none, "/etc/tutela/node.toml")
+            .is_err()
+    );
+    // The example documents the key.
+    let example = tutela_site_node::config::NodeConfig::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml"),
+    )
+    .unwrap();
+    assert_eq!(example.base_models.len(), 1);
+}
+
+#[test]
+fn the_node_prints_the_digest_a_job_names_its_base_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let digest = base_checkpoint(&dir.path().join("base"), 5);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+        .args(["lm", "digest"])
+        .arg(dir.path().join("base"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with(&format!("{digest}  ")), "{stdout}");
+}
