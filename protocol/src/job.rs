@@ -119,7 +119,16 @@ pub struct TrainingSpec {
     /// SGD momentum in [0, 1); only for `optimizer = "sgd"`.
     #[serde(default)]
     pub momentum: f64,
+    /// Language models: the longest token window a sequence trains on, in 2..=[`MAX_SEQ_LEN`];
+    /// a longer document is cut into consecutive windows (all of them in its privacy unit).
+    /// Absent: the model's `max_position_embeddings`. Left out of the canonical JSON when
+    /// absent, so jobs without it keep their digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seq_len: Option<u32>,
 }
+
+/// The longest `training.max_seq_len` a job may ask for.
+pub const MAX_SEQ_LEN: u32 = 1 << 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -158,6 +167,36 @@ pub struct PrivacySpec {
     /// `central`: DP-FedAvg's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub central: Option<CentralDpSpec>,
+    /// `local`: what one "example" of the guarantee is: a `document` (the default), or a
+    /// `patient` (every document of one patient clipped and sampled together, which needs a
+    /// dataset that declares a patient field). The default is left out of the canonical JSON,
+    /// so jobs without the key keep their digest; `patient` changes it.
+    #[serde(default, skip_serializing_if = "PrivacyUnit::is_document")]
+    pub unit: PrivacyUnit,
+}
+
+/// `privacy.unit`: the privacy unit of DP-SGD at the sites.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivacyUnit {
+    /// One document (one row of a table) is one example.
+    #[default]
+    Document,
+    /// All the documents of one patient are one example.
+    Patient,
+}
+
+impl PrivacyUnit {
+    pub fn is_document(&self) -> bool {
+        *self == PrivacyUnit::Document
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrivacyUnit::Document => "document",
+            PrivacyUnit::Patient => "patient",
+        }
+    }
 }
 
 fn default_delta() -> f64 {
@@ -256,6 +295,12 @@ impl PrivacySpec {
         }
         if let Some(z) = self.noise_multiplier {
             positive("privacy.noise_multiplier", z)?;
+        }
+        if self.unit == PrivacyUnit::Patient && self.mode != PrivacyMode::Local {
+            return Err(SpecError::invalid(
+                "privacy.unit",
+                "= \"patient\" applies only to mode = \"local\" (DP-SGD's example at the sites)",
+            ));
         }
         match self.mode {
             PrivacyMode::None => {
@@ -449,6 +494,14 @@ impl JobSpec {
             return Err(SpecError::invalid(
                 "training.momentum",
                 "applies only to optimizer = \"sgd\"; remove it or set it to 0",
+            ));
+        }
+        if let Some(len) = t.max_seq_len
+            && !(2..=MAX_SEQ_LEN).contains(&len)
+        {
+            return Err(SpecError::invalid(
+                "training.max_seq_len",
+                format!("must be in 2..={MAX_SEQ_LEN} tokens, got {len}"),
             ));
         }
 
@@ -822,6 +875,87 @@ mod documented_range_tests {
                     .expect_err(&format!("{key} = {value} must be refused"));
                 assert_eq!(err.key(), Some(key), "{key} = {value}: {err}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod language_model_keys_tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "notes-lora"
+rounds = 1
+min_sites = 1
+round_deadline_secs = 60
+update_norm_bound = 1.0
+[model]
+name = "llama"
+[data]
+schema = "notes"
+[training]
+optimizer = "adam"
+learning_rate = 0.001
+local_epochs = 1
+batch_size = 8
+[privacy]
+mode = "local"
+target_epsilon = 8.0
+max_grad_norm = 1.0
+"#;
+
+    #[test]
+    fn the_privacy_unit_is_read_defaults_to_document_and_is_inside_the_digest() {
+        let plain = JobSpec::from_toml_str(SPEC).unwrap();
+        assert_eq!(plain.privacy.as_ref().unwrap().unit, PrivacyUnit::Document);
+        let explicit = SPEC.replace(
+            "max_grad_norm = 1.0",
+            "max_grad_norm = 1.0\nunit = \"document\"",
+        );
+        // The default, written or not, is the same spec with the same digest.
+        assert_eq!(
+            JobSpec::from_toml_str(&explicit).unwrap().digest(),
+            plain.digest()
+        );
+        let patient = SPEC.replace(
+            "max_grad_norm = 1.0",
+            "max_grad_norm = 1.0\nunit = \"patient\"",
+        );
+        let patient = JobSpec::from_toml_str(&patient).unwrap();
+        assert_eq!(patient.privacy.as_ref().unwrap().unit, PrivacyUnit::Patient);
+        assert_ne!(patient.digest(), plain.digest());
+        assert!(
+            JobSpec::from_toml_str(&SPEC.replace(
+                "max_grad_norm = 1.0",
+                "max_grad_norm = 1.0\nunit = \"ward\""
+            ))
+            .is_err()
+        );
+        // A patient unit means nothing without DP-SGD at the sites.
+        let central = SPEC.replace(
+            "mode = \"local\"\ntarget_epsilon = 8.0\nmax_grad_norm = 1.0",
+            "mode = \"central\"\ntarget_epsilon = 8.0\nunit = \"patient\"\n[privacy.central]\nclip_norm = 1.0",
+        );
+        let err = JobSpec::from_toml_str(&central).unwrap_err();
+        assert_eq!(err.key(), Some("privacy.unit"), "{err}");
+    }
+
+    #[test]
+    fn max_seq_len_is_checked_and_inside_the_digest() {
+        let plain = JobSpec::from_toml_str(SPEC).unwrap();
+        assert_eq!(plain.training.max_seq_len, None);
+        let with = |n: u32| {
+            SPEC.replace(
+                "batch_size = 8",
+                &format!("batch_size = 8\nmax_seq_len = {n}"),
+            )
+        };
+        let spec = JobSpec::from_toml_str(&with(128)).unwrap();
+        assert_eq!(spec.training.max_seq_len, Some(128));
+        assert_ne!(spec.digest(), plain.digest());
+        for bad in [0, 1, MAX_SEQ_LEN + 1] {
+            let err = JobSpec::from_toml_str(&with(bad)).unwrap_err();
+            assert_eq!(err.key(), Some("training.max_seq_len"), "{bad}: {err}");
         }
     }
 }

@@ -171,13 +171,19 @@ pub enum DeviceChoice {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
-    /// The data file, CSV (with a header line) or JSON Lines, gzip-compressed when its name ends
-    /// in `.gz`. `csv` is accepted as this key's former name.
-    #[serde(alias = "csv")]
+    /// The data file: CSV (with a header line) or JSON Lines, gzip-compressed when its name ends
+    /// in `.gz`, or Parquet. `csv` is accepted as this key's former name. Exactly one of `path`
+    /// and `postgres`.
+    #[serde(default, alias = "csv")]
     pub path: PathBuf,
-    /// `csv` or `jsonl`; by default from the file name (`.jsonl`/`.ndjson` is JSON Lines).
+    /// `csv`, `jsonl` or `parquet`; by default from the file name (`.jsonl`/`.ndjson` is JSON
+    /// Lines, `.parquet`/`.parq` Parquet, anything else CSV).
     #[serde(default)]
-    pub format: Option<tutela_privacy::anonymize::RecordFormat>,
+    pub format: Option<crate::data::source::FileFormat>,
+    /// `[datasets.<name>.postgres]`: the dataset is the rows of a SQL query against the site's
+    /// PostgreSQL, run in a read-only transaction (see `crate::data::source::postgres`).
+    #[serde(default)]
+    pub postgres: Option<crate::data::source::postgres::PostgresConfig>,
     /// The dataset schema (TOML) that says which columns are features and which is the label.
     pub schema: PathBuf,
     /// The declaration of every column of the file, its type and its data-protection role
@@ -406,10 +412,32 @@ impl NodeConfig {
                         .into(),
                 ));
             }
+            match (&d.postgres, d.path.as_os_str().is_empty()) {
+                (Some(_), false) => {
+                    return Err(invalid(
+                        &key("postgres"),
+                        "goes instead of `path`: give one source, a file or a query".into(),
+                    ));
+                }
+                (None, true) => {
+                    return Err(invalid(
+                        &key("path"),
+                        "is missing: give the data file, or a [postgres] query".into(),
+                    ));
+                }
+                (Some(query), true) => {
+                    if d.format.is_some() {
+                        return Err(invalid(&key("format"), "is for files, not queries".into()));
+                    }
+                    query
+                        .check()
+                        .map_err(|(k, problem)| invalid(&key(&format!("postgres.{k}")), problem))?;
+                }
+                (None, false) => {}
+            }
             if d.columns.is_none()
-                && d.format
-                    .unwrap_or_else(|| tutela_privacy::anonymize::RecordFormat::from_path(&d.path))
-                    == tutela_privacy::anonymize::RecordFormat::Jsonl
+                && crate::data::source::SourceKind::of(d)
+                    == crate::data::source::SourceKind::File(crate::data::source::FileFormat::Jsonl)
             {
                 return Err(invalid(
                     &key("format"),
@@ -500,7 +528,12 @@ impl NodeConfig {
             fix(base);
         }
         for d in self.datasets.values_mut() {
-            fix(&mut d.path);
+            if !d.path.as_os_str().is_empty() {
+                fix(&mut d.path);
+            }
+            if let Some(file) = d.postgres.as_mut().and_then(|p| p.password_file.as_mut()) {
+                fix(file);
+            }
             fix(&mut d.schema);
             if let Some(p) = &mut d.columns {
                 fix(p);

@@ -20,19 +20,23 @@
 //!    schema names explicitly — become the training table, which is split and standardised as
 //!    [`LocalDataset`] describes.
 //!
-//! A dataset that declares no columns is a plain CSV of features and label, read directly.
+//! A dataset that declares no columns is a plain table of features and label (CSV, Parquet or a
+//! PostgreSQL query), read directly through the schema's encoding.
+//!
+//! [`SiteDataset::check`] reads the whole dataset the way [`SiteDataset::load`] would and lists
+//! every problem it finds (`tutela-node data check`, and the node's check at start); it keeps
+//! nothing of what it read.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tutela_privacy::anonymize::bounded::{BoundedReader, MAX_LINE_BYTES, TooLong};
-use tutela_privacy::anonymize::{
-    AnonymizeConfig, Pipeline, Role, Schema, SiteSecret, Table as RawTable, reader,
-};
+use tutela_privacy::anonymize::{AnonymizeConfig, Pipeline, Role, Schema, SiteSecret};
 use tutela_privacy::commitment::{self, CommitmentBuilder, DatasetCommitment, commitment_salt};
 
 use crate::config::DatasetConfig;
-use crate::data::{DataError, DatasetSchema, Table, load_csv, read_csv};
+use crate::data::source::raw::{anonymized_source, read_raw};
+use crate::data::source::{self, SourceKind};
+use crate::data::{CheckReport, DataError, DatasetSchema, Table, check_source, read_table};
 use crate::local::LocalDataset;
 
 /// The anonymization a dataset goes through.
@@ -46,6 +50,8 @@ pub struct SiteDataset {
     name: String,
     config: DatasetConfig,
     schema: DatasetSchema,
+    /// SHA-256 of the schema file's bytes, hex: what a job's schema can be compared with.
+    schema_sha256: String,
     n_features: usize,
     protection: Option<Protection>,
     salt: Option<[u8; 32]>,
@@ -77,7 +83,13 @@ impl SiteDataset {
         config: &DatasetConfig,
         site_secret: Option<&[u8; 32]>,
     ) -> Result<SiteDataset, DataError> {
-        let schema = DatasetSchema::load(&config.schema)?;
+        let schema_bytes = std::fs::read(&config.schema).map_err(|source| DataError::Io {
+            path: config.schema.clone(),
+            source,
+        })?;
+        let schema_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &schema_bytes));
+        let schema =
+            DatasetSchema::from_toml_str(&String::from_utf8_lossy(&schema_bytes), &config.schema)?;
         let protection = match &config.columns {
             None => None,
             Some(columns_path) => {
@@ -109,20 +121,30 @@ impl SiteDataset {
         };
         // The data file must be there at start: a node that cannot read its data says so now,
         // not at its first task. Opening reads no record.
-        std::fs::File::open(&config.path).map_err(|source| DataError::Io {
-            path: config.path.clone(),
-            source,
-        })?;
+        if let SourceKind::File(_) = SourceKind::of(config) {
+            std::fs::File::open(&config.path).map_err(|source| DataError::Io {
+                path: config.path.clone(),
+                source,
+            })?;
+        }
         let n_features = match schema.declared_feature_count() {
             Some(n) => n,
-            // Only a plain CSV can lack a count (a declared dataset names its columns): its
-            // header line says how many, and reading the header reads no record.
-            None => header_feature_count(&config.path, &schema)?,
+            // Only a plain table can lack a count (a declared dataset names its columns): its
+            // header says how many. A CSV's or Parquet file's header reads no record.
+            None => {
+                let source = source::open(name, config)?;
+                source
+                    .header()
+                    .iter()
+                    .filter(|c| **c != schema.label.column)
+                    .count()
+            }
         };
         Ok(SiteDataset {
             name: name.to_string(),
             config: config.clone(),
             schema,
+            schema_sha256,
             n_features,
             protection,
             salt: site_secret.map(|s| commitment_salt(s, name)),
@@ -136,6 +158,46 @@ impl SiteDataset {
 
     pub fn schema(&self) -> &DatasetSchema {
         &self.schema
+    }
+
+    /// SHA-256 of the schema file, hex.
+    pub fn schema_sha256(&self) -> &str {
+        &self.schema_sha256
+    }
+
+    /// Reads the whole dataset as [`load`](Self::load) would (through the anonymization pipeline
+    /// when it declares its columns) and lists every problem; keeps nothing of the data. A
+    /// problem in the raw records of a declared dataset, or in the pipeline, ends the list (the
+    /// pipeline's reader stops at the first); the training columns' encoding lists them all.
+    pub fn check(&self) -> CheckReport {
+        let Some(protection) = &self.protection else {
+            return match source::open(&self.name, &self.config) {
+                Ok(mut source) => check_source(source.as_mut(), &self.schema),
+                Err(e) => CheckReport::with_problem(e),
+            };
+        };
+        let raw = match read_raw(&self.name, &self.config, protection.pipeline.schema()) {
+            Ok(raw) => raw,
+            Err(e) => return CheckReport::with_problem(e),
+        };
+        match protection.pipeline.run(&raw, &protection.secret) {
+            Ok((anonymized, _)) => check_source(
+                &mut anonymized_source(&anonymized, &self.schema, &self.origin()),
+                &self.schema,
+            ),
+            Err(source) => CheckReport::with_problem(DataError::Anonymize {
+                path: self.origin(),
+                source,
+            }),
+        }
+    }
+
+    /// The data file, or `postgres:<name>` for a query: what errors and logs name.
+    pub fn origin(&self) -> std::path::PathBuf {
+        match SourceKind::of(&self.config) {
+            SourceKind::File(_) => self.config.path.clone(),
+            SourceKind::Postgres => source::postgres_origin(&self.name),
+        }
     }
 
     /// Features per example, known without reading a record.
@@ -160,7 +222,7 @@ impl SiteDataset {
         let dataset = Arc::new(self.read()?);
         tracing::info!(
             dataset = %self.name,
-            path = %self.config.path.display(),
+            source = %self.origin().display(),
             train_rows = dataset.train.n_rows,
             validation_rows = dataset.validation.n_rows,
             features = dataset.n_features(),
@@ -182,11 +244,15 @@ impl SiteDataset {
     }
 
     fn read(&self) -> Result<LocalDataset, DataError> {
+        let origin = self.origin();
         let Some(protection) = &self.protection else {
-            let table = load_csv(&self.config.path, &self.schema)?;
+            let table = read_table(
+                source::open(&self.name, &self.config)?.as_mut(),
+                &self.schema,
+            )?;
             let mut dataset = LocalDataset::from_table(
                 &self.name,
-                &self.config.path,
+                &origin,
                 self.schema.clone(),
                 &table,
                 &self.config,
@@ -194,27 +260,26 @@ impl SiteDataset {
             dataset.commitment = self.salt.map(|salt| commit_training_table(&salt, &table));
             return Ok(dataset);
         };
-        let raw = reader::read_file(
-            &self.config.path,
-            self.config.format,
-            protection.pipeline.schema(),
-        )?;
+        let raw = read_raw(&self.name, &self.config, protection.pipeline.schema())?;
         let (anonymized, report) =
             protection
                 .pipeline
                 .run(&raw, &protection.secret)
                 .map_err(|source| DataError::Anonymize {
-                    path: self.config.path.clone(),
+                    path: origin.clone(),
                     source,
                 })?;
         drop(raw);
         let commitment = self
             .salt
             .map(|salt| commitment::commit_table(&salt, &anonymized));
-        let table = training_table(&anonymized, &self.schema, &self.config.path)?;
+        let table = read_table(
+            &mut anonymized_source(&anonymized, &self.schema, &origin),
+            &self.schema,
+        )?;
         let mut dataset = LocalDataset::from_table(
             &self.name,
-            &self.config.path,
+            &origin,
             self.schema.clone(),
             &table,
             &self.config,
@@ -255,93 +320,6 @@ fn check_training_columns(
         }
     }
     Ok(())
-}
-
-/// The number of feature columns a plain CSV's header gives (every column but the label).
-fn header_feature_count(path: &Path, schema: &DatasetSchema) -> Result<usize, DataError> {
-    // Read the header line only: the real loader checks everything else when the data is read.
-    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
-    } else {
-        Box::new(file)
-    };
-    // Bounded like the loader: a header line of a gigabyte is refused, not read.
-    let (reader, _) = BoundedReader::new(reader, MAX_LINE_BYTES);
-    let mut csv_reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .from_reader(reader);
-    let mut record = csv::StringRecord::new();
-    match csv_reader.read_record(&mut record) {
-        Ok(true) => Ok(record
-            .iter()
-            .filter(|c| c.trim() != schema.label.column)
-            .count()),
-        Ok(false) => Err(DataError::EmptyFile {
-            path: path.to_path_buf(),
-        }),
-        Err(source) => match source.kind() {
-            csv::ErrorKind::Io(io) if TooLong::from_io(io).is_some() => Err(DataError::TooLong {
-                path: path.to_path_buf(),
-                line: 1,
-                what: "the header line",
-                max: MAX_LINE_BYTES,
-            }),
-            _ => Err(DataError::Csv {
-                path: path.to_path_buf(),
-                line: 1,
-                source,
-            }),
-        },
-    }
-}
-
-/// The training table from the anonymized one: columns whose role is `feature` or `label`, plus
-/// any other kept column the training schema names explicitly, read by the training schema's own
-/// loader (so the same checks and error messages apply; lines are those of the anonymized rows).
-fn training_table(
-    anonymized: &RawTable,
-    schema: &DatasetSchema,
-    origin: &Path,
-) -> Result<Table, DataError> {
-    let named_by_schema = |name: &str| {
-        schema.label.column == name || schema.features.columns.iter().any(|c| c.name == name)
-    };
-    let keep: Vec<usize> = anonymized
-        .schema
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| matches!(c.role, Role::Feature | Role::Label) || named_by_schema(&c.name))
-        .map(|(i, _)| i)
-        .collect();
-    let mut text = Vec::new();
-    {
-        let mut writer = csv::Writer::from_writer(&mut text);
-        let header: Vec<&str> = keep
-            .iter()
-            .map(|&i| anonymized.schema.columns[i].name.as_str())
-            .collect();
-        let csv_error = |e: csv::Error| DataError::InconsistentTable {
-            reason: format!("re-encoding the anonymized rows: {e}"),
-        };
-        writer.write_record(&header).map_err(csv_error)?;
-        let mut cells: Vec<String> = Vec::with_capacity(keep.len());
-        for row in &anonymized.rows {
-            cells.clear();
-            cells.extend(keep.iter().map(|&i| row[i].canonical()));
-            writer.write_record(&cells).map_err(csv_error)?;
-        }
-        writer.flush().map_err(|e| DataError::Io {
-            path: origin.to_path_buf(),
-            source: e,
-        })?;
-    }
-    let origin = format!("{} (anonymized)", origin.display());
-    read_csv(text.as_slice(), origin, schema)
 }
 
 /// The commitment of a plain (undeclared) dataset: its label and features as the model sees

@@ -23,6 +23,7 @@ use tutela_privacy::anonymize::{AnonymizeError, BadKind, ReadError};
 use crate::agent::{LocalError, Refusal};
 use crate::data::DataError;
 use crate::jobspec::JobSpecError;
+use crate::lm::round::LmRoundError;
 use crate::lm::text_dataset::TextDatasetError;
 use crate::lm::text_source::TextSourceError;
 use crate::models::ModelError;
@@ -52,6 +53,9 @@ pub enum FailureCode {
     DataInvalidValue,
     /// A label that is not one of the schema's classes.
     DataUnknownLabel,
+    /// A categorical value that is not one of the schema's categories (and the column refuses
+    /// unseen values).
+    DataUnknownCategory,
     /// The data does not match the schema's feature count or image shape.
     DataSchemaMismatch,
     /// The table cannot be split or standardised.
@@ -95,9 +99,6 @@ pub enum FailureCode {
     TokenizerRefused,
     /// The job's base checkpoint (named by digest) is not one this site holds.
     BaseModelRefused,
-    /// This node does not do this kind of round (a language-model round before its training
-    /// loop is in the node).
-    TrainingUnsupported,
     /// Anything else inside the node.
     Internal,
 }
@@ -116,6 +117,7 @@ impl FailureCode {
             DataMissingValue => "data.missing_value",
             DataInvalidValue => "data.invalid_value",
             DataUnknownLabel => "data.unknown_label",
+            DataUnknownCategory => "data.unknown_category",
             DataSchemaMismatch => "data.schema_mismatch",
             DataUnusable => "data.unusable",
             DataAnonymization => "data.anonymization",
@@ -137,7 +139,6 @@ impl FailureCode {
             AuditUnavailable => "audit.unavailable",
             TokenizerRefused => "model.tokenizer_refused",
             BaseModelRefused => "model.base_refused",
-            TrainingUnsupported => "training.unsupported",
             Internal => "node.internal",
         }
     }
@@ -246,9 +247,11 @@ impl From<&DataError> for SiteFailure {
             DataError::FieldCount { .. } | DataError::Csv { .. } => at(DataMalformed),
             DataError::TooLong { .. } => at(DataTooLong),
             DataError::MissingValue { column, .. } => at(DataMissingValue).column(column),
-            DataError::NotNumeric { column, .. } | DataError::NotFinite { column, .. } => {
-                at(DataInvalidValue).column(column)
-            }
+            DataError::NotNumeric { column, .. }
+            | DataError::NotFinite { column, .. }
+            | DataError::InvalidValue { column, .. } => at(DataInvalidValue).column(column),
+            DataError::UnknownCategory { column, .. } => at(DataUnknownCategory).column(column),
+            DataError::Source { .. } => at(DataUnreadable),
             DataError::UnknownLabel { column, .. } => at(DataUnknownLabel).column(column),
             DataError::FeatureColumnCount { .. } | DataError::ImageShape { .. } => {
                 at(DataSchemaMismatch)
@@ -356,13 +359,33 @@ impl From<&LocalError> for SiteFailure {
             LocalError::Train(t) => SiteFailure::from(t),
             LocalError::Data(d) => SiteFailure::from(d.as_ref()).with_detail(e.to_string()),
             LocalError::TextData(t) => SiteFailure::from(t.as_ref()).with_detail(e.to_string()),
-            // May name the base checkpoint's or tokenizer's files: code only.
-            LocalError::LanguageModel(_) => SiteFailure::new(ModelInvalid, e),
-            // Says what this node's version cannot do: nothing of the site.
-            LocalError::Unsupported(_) => SiteFailure::with_public_note(TrainingUnsupported, e),
+            LocalError::LanguageRound(r) => {
+                SiteFailure::from(r.as_ref()).with_detail(e.to_string())
+            }
             LocalError::Update(_) => SiteFailure::new(UpdateFailed, e),
             // Ledger errors name the ledger's file.
             LocalError::Privacy(_) => SiteFailure::new(PrivacyRefused, e),
+        }
+    }
+}
+
+impl From<&LmRoundError> for SiteFailure {
+    /// The round's errors may name the base checkpoint's or the tokenizer's files: only what is
+    /// about the job (its spec) is quoted.
+    fn from(e: &LmRoundError) -> Self {
+        use FailureCode::*;
+        match e {
+            LmRoundError::JobSpec(j) => SiteFailure::from(j),
+            LmRoundError::Model(_) | LmRoundError::Tokenizer(_) => {
+                SiteFailure::new(ModelInvalid, e)
+            }
+            LmRoundError::GlobalAdapter(_) => SiteFailure::new(GlobalModelUnusable, e),
+            LmRoundError::Train(t) => SiteFailure::from(t).with_detail(e.to_string()),
+            LmRoundError::Update(_) => SiteFailure::new(UpdateFailed, e),
+            // The key is the job's or the dataset configuration's name, never a value.
+            LmRoundError::Data { key, .. } => SiteFailure::new(DataUnusable, e).column(key),
+            // Ledger errors name the ledger's file.
+            LmRoundError::Privacy(_) => SiteFailure::new(PrivacyRefused, e),
         }
     }
 }

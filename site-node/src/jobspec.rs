@@ -74,6 +74,10 @@ pub struct TrainingView {
     pub weight_decay: f64,
     #[serde(default)]
     pub momentum: f64,
+    /// Language models: the longest token window a sequence trains on
+    /// (`tutela_protocol::job::TrainingSpec::max_seq_len`).
+    #[serde(default)]
+    pub max_seq_len: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -140,11 +144,26 @@ impl JobView {
                 }
                 other => invalid("lora", other.to_string()),
             })?;
-            // The adapters (`crate::lm::lora`) are not wired into the node's round yet: refuse
-            // rather than train every weight of a model the officers approved for adapters only.
+            // Adapters train only in the language-model round (`crate::lm::round`); the layer
+            // networks' round would train every weight of a model approved for adapters only.
+            if crate::models::family_of(view.model_name()?)
+                != Some(crate::models::ModelFamily::Language)
+            {
+                return Err(invalid(
+                    "lora",
+                    "applies only to a language model (model.name = \"llama\")",
+                ));
+            }
+        }
+        if let Some(len) = view.training.max_seq_len
+            && !(2..=tutela_protocol::job::MAX_SEQ_LEN).contains(&len)
+        {
             return Err(invalid(
-                "lora",
-                "LoRA training is not available in this node's training loop yet",
+                "training.max_seq_len",
+                format!(
+                    "must be in 2..={} tokens, found {len}",
+                    tutela_protocol::job::MAX_SEQ_LEN
+                ),
             ));
         }
         Ok(view)

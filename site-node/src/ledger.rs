@@ -634,3 +634,81 @@ impl SiteLedgers {
             .map_err(|e| e.to_string())
     }
 }
+
+/// Where a round's DP-SGD spend is planned and charged: the node's ledgers, or none (central
+/// runs and tests, where ε is only computed). The two halves of a DP round's bookkeeping, for
+/// every kind of round: [`RoundCharging::plan`] before the first step (with the real count of
+/// rows or privacy units), [`RoundCharging::charge`] after the last one that ran, even when
+/// training failed part-way.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundCharging<'a> {
+    pub ledgers: Option<&'a SiteLedgers>,
+    pub job_id: &'a str,
+    /// The dataset's name: its ledger.
+    pub dataset: &'a str,
+    pub round: u32,
+    pub attempt: u32,
+}
+
+impl RoundCharging<'_> {
+    /// The plan for a round over `rows` rows (privacy units) of a model with `dimension`
+    /// trainable values, checked against the ledger and the job's target when there is a
+    /// ledger; `None` without DP-SGD. The reason for a refusal otherwise.
+    pub fn plan(
+        &self,
+        job: &JobView,
+        rows: usize,
+        dimension: usize,
+    ) -> Result<Option<DpSgdPlan>, String> {
+        match self.ledgers {
+            Some(l) => {
+                l.check_with_rows(self.job_id, self.round, self.dataset, job, rows, dimension)
+            }
+            None => plan(job, rows, dimension),
+        }
+    }
+
+    /// Charges the steps that ran (`spend`) to the ledger, or, without one, computes what they
+    /// spent; returns the ε figures to report.
+    pub fn charge(
+        &self,
+        rows: usize,
+        plan: &DpSgdPlan,
+        spend: &DpSpend,
+        now_unix_ms: i64,
+    ) -> Result<RoundSpend, String> {
+        if let Some(l) = self.ledgers {
+            return l.record(
+                self.job_id,
+                (self.round, self.attempt),
+                self.dataset,
+                rows,
+                plan,
+                spend,
+                now_unix_ms,
+            );
+        }
+        let round_epsilon = if spend.steps == 0 {
+            0.0
+        } else {
+            let m = SampledGaussian::new(
+                spend.sample_rate,
+                spend.effective_noise_multiplier,
+                spend.steps,
+            )
+            .map_err(|e| e.to_string())?;
+            tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
+                .map_err(|e| e.to_string())?
+                .epsilon
+        };
+        Ok(RoundSpend {
+            charge: None,
+            rows,
+            dataset_delta: plan.delta,
+            round_epsilon,
+            job_epsilon: round_epsilon,
+            dataset_epsilon: round_epsilon,
+            delta: plan.delta,
+        })
+    }
+}

@@ -18,6 +18,7 @@
 //!
 //! - [`config`]: `node.toml` (every key documented in `deploy/config/node.toml`).
 //! - [`local`]: the site's configured datasets, loaded once, split and standardised.
+//! - [`data_check`]: `tutela-node data check` and the node's check of its datasets at start.
 //! - [`lm`]: text datasets for language models, read through the text protection pipeline.
 //! - [`jobspec`]: what the node reads of a task's job spec and strategy settings.
 //! - [`agent`]: the agent loop: connect out over mutual TLS, check each task
@@ -37,6 +38,7 @@ pub mod at_rest;
 pub mod audit_checkpoint;
 pub mod config;
 pub mod data;
+pub mod data_check;
 pub mod dataset;
 pub mod dp;
 pub mod dp_bench;

@@ -24,7 +24,7 @@ use tutela_privacy::anonymize::DeidReport;
 use tutela_privacy::commitment::DatasetCommitment;
 
 use crate::config::DatasetConfig;
-use crate::data::{DataError, DatasetSchema, Standardizer, Table, load_csv, stratified_split};
+use crate::data::{DataError, DatasetSchema, Standardizer, Table, stratified_split};
 
 /// Where a dataset's standardisation statistics come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,8 @@ impl LocalDataset {
     /// plain CSV of features and label); see [`crate::dataset::SiteDataset`] for the general case.
     pub fn load(name: &str, config: &DatasetConfig) -> Result<LocalDataset, DataError> {
         let schema = DatasetSchema::load(&config.schema)?;
-        let table = load_csv(&config.path, &schema)?;
+        let table =
+            crate::data::read_table(crate::data::source::open(name, config)?.as_mut(), &schema)?;
         Self::from_table(name, &config.path, schema, &table, config)
     }
 

@@ -8,6 +8,8 @@ use tutela_site_node::agent::Agent;
 use tutela_site_node::config::NodeConfig;
 use tutela_site_node::offline::{self, Standardization};
 
+mod cli_lm;
+
 /// The Tutela site node: runs next to a site's data, connects out to the consortium's
 /// coordinator over mutual TLS, and trains the consortium's models locally. Raw data never leaves
 /// the site; only model updates do.
@@ -19,6 +21,8 @@ use tutela_site_node::offline::{self, Standardization};
     tutela-node run --config /etc/tutela/node.toml\n  \
     tutela-node tokenizer train --input notes.jsonl --vocab-size 8192 --output tok/\n  \
     tutela-node lm perplexity --model ./llama-dir --tokenizer tokenizer.json --text notes.txt\n  \
+    tutela-node lm pretrain --text tinyshakespeare.txt --tokenizer tok/tokenizer.json --config config.json --output base/\n  \
+    tutela-node lm finetune --base base/ --tokenizer tok/tokenizer.json --dataset notes.jsonl --epsilon 8 --output adapter/\n  \
     tutela-node generate --model ./llama-dir --tokenizer tokenizer.json --prompt 'Patient' --top-p 0.9\n  \
     tutela-node evaluate --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
     --schema breast_cancer.schema.toml --standardize-from site-a.csv --standardize-from site-b.csv\n  \
@@ -48,6 +52,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The site's datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Manages the key-encryption key (KEK) of the files the node writes.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -63,7 +70,7 @@ enum Command {
     Bench(BenchCommand),
     /// Language models in the Hugging Face layout (config.json + safetensors).
     #[command(subcommand)]
-    Lm(LmCommand),
+    Lm(cli_lm::LmCommand),
     /// Continues a prompt with a Hugging Face checkpoint (Llama or Qwen2-MoE architecture) and
     /// prints the continuation. Greedy unless --top-p is given; sampling is seeded.
     Generate {
@@ -518,37 +525,6 @@ fn tokenizer_command(command: TokenizerCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Subcommand)]
-enum LmCommand {
-    /// Prints the digest that names a Hugging Face checkpoint directory (a job's
-    /// `[model] base_sha256`): SHA-256 over the canonical config.json and every tensor.
-    Digest {
-        /// The checkpoint directory (config.json, model.safetensors or its shards).
-        dir: PathBuf,
-    },
-    /// Prints `perplexity = X` of a Hugging Face checkpoint on a text file, in windows of at
-    /// most --window tokens advancing by --stride (each token scored once).
-    Perplexity {
-        /// The checkpoint directory (config.json, model.safetensors).
-        #[arg(long)]
-        model: PathBuf,
-        /// The tokenizer (tokenizer.json).
-        #[arg(long)]
-        tokenizer: PathBuf,
-        /// The text to score (UTF-8).
-        #[arg(long)]
-        text: PathBuf,
-        /// Tokens per window; default: the model's max_position_embeddings, at most 512.
-        #[arg(long)]
-        window: Option<usize>,
-        /// Tokens the window advances by; default: half the window.
-        #[arg(long)]
-        stride: Option<usize>,
-        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-        device: DeviceArg,
-    },
-}
-
 fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
     tokenizers::Tokenizer::from_file(path)
         .map_err(anyhow::Error::from_boxed)
@@ -563,29 +539,17 @@ fn encode(tokenizer: &tokenizers::Tokenizer, text: &str) -> anyhow::Result<Vec<i
     Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
 }
 
-fn lm_perplexity(
-    model: &std::path::Path,
-    tokenizer: &std::path::Path,
-    text: &std::path::Path,
-    window: Option<usize>,
-    stride: Option<usize>,
-    device: tch::Device,
-) -> anyhow::Result<()> {
-    use tutela_site_node::lm::{generate, hf};
-    let model = hf::load_checkpoint(model, device, tch::Kind::Float)?;
-    let tokenizer = load_tokenizer(tokenizer)?;
-    let text =
-        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let ids = encode(&tokenizer, &text)?;
-    let window = window.unwrap_or(model.config().max_position_embeddings.min(512));
-    let stride = stride.unwrap_or((window / 2).max(1));
-    let result = generate::perplexity(&model.decoder, &ids, window, stride, device)?;
-    eprintln!(
-        "{} tokens scored (window {window}, stride {stride}), mean NLL {:.4} nats",
-        result.tokens, result.mean_nll
-    );
-    println!("perplexity = {:.4}", result.perplexity);
-    Ok(())
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Reads every dataset of the config (tables and text) as a task would and lists every
+    /// problem at once: file, line, column and what to do. Exits non-zero if any dataset has a
+    /// problem. The node runs the same check at start and does not offer a dataset that fails.
+    /// The output is for the site: it may quote cell values.
+    Check {
+        /// The node's config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -633,6 +597,26 @@ fn rotate_keys(config: &std::path::Path, new_kek_file: &std::path::Path) -> anyh
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Data(DataCommand::Check { config }) => {
+            let config = NodeConfig::load(&config)?;
+            let checks = tutela_site_node::data_check::check_all(&config);
+            for check in &checks {
+                print!("{check}");
+            }
+            let failing: Vec<&str> = checks
+                .iter()
+                .filter(|c| !c.is_ok())
+                .map(|c| c.name.as_str())
+                .collect();
+            if !failing.is_empty() {
+                anyhow::bail!(
+                    "{} of {} dataset(s) failed the check: {}",
+                    failing.len(),
+                    checks.len(),
+                    failing.join(", ")
+                );
+            }
+        }
         Command::Keys(KeysCommand::Rotate {
             config,
             new_kek_file,
@@ -695,19 +679,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             println!("held checkpoint: {tree_size} events");
         }
-        Command::Lm(LmCommand::Digest { dir }) => {
-            let digest = tutela_site_node::lm::hf::checkpoint_digest(&dir)
-                .with_context(|| format!("digesting the checkpoint {}", dir.display()))?;
-            println!("{digest}  {}", dir.display());
-        }
-        Command::Lm(LmCommand::Perplexity {
-            model,
-            tokenizer,
-            text,
-            window,
-            stride,
-            device,
-        }) => lm_perplexity(&model, &tokenizer, &text, window, stride, device.device()?)?,
+        Command::Lm(command) => cli_lm::run(command)?,
         Command::Generate {
             model,
             tokenizer,

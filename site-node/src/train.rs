@@ -466,7 +466,8 @@ fn select_rows(
     Ok((xs, ys))
 }
 
-fn build_optimizer(
+/// The optimizer `config` names over `parameters` (also the language-model round's).
+pub(crate) fn build_optimizer(
     config: &TrainConfig,
     parameters: &[Tensor],
 ) -> Result<tch::COptimizer, TrainError> {

@@ -138,8 +138,9 @@ pub fn read_file(
     }
 }
 
-/// Parses one text cell as `ty`; `None` text (an empty field) is `Null`.
-fn parse_cell(text: &str, ty: ColumnType) -> Result<Value, String> {
+/// Parses one text cell as `ty`; `None` text (an empty field) is `Null`. Public so that readers
+/// of other formats (the site node's Parquet and SQL sources) parse text cells the same way.
+pub fn parse_cell(text: &str, ty: ColumnType) -> Result<Value, String> {
     if text.is_empty() {
         return Ok(Value::Null);
     }

@@ -13,6 +13,7 @@ use crate::dataset::SiteDataset;
 use crate::jobspec::{JobView, StrategyView};
 use crate::ledger::SiteLedgers;
 use crate::lm::base::{ApprovedBase, BaseModelRefusal, SiteBaseModels};
+use crate::lm::round::job::LmJob;
 use crate::lm::text_dataset::TextDataset;
 use crate::lm::tokenizer::site::{ApprovedTokenizer, SiteTokenizers, TokenizerRefusal};
 use crate::models::{ModelFamily, family_of};
@@ -240,13 +241,26 @@ impl TaskGate {
     ) -> Result<Arc<dyn LocalRound>, Refusal> {
         Ok(match data {
             JobData::Table(dataset) => Arc::new(TabularRound { dataset }),
-            JobData::Text(dataset) => Arc::new(LanguageRound {
-                dataset,
-                tokenizer: tokenizer.cloned().ok_or_else(|| Refusal::NoTokenizer {
-                    model: job.model_name().unwrap_or_default().to_string(),
-                })?,
-                base: base.cloned(),
-            }),
+            JobData::Text(dataset) => {
+                // `[lora]` and `model.base_sha256` are required: a federated language model
+                // trains and sends adapters only, on a base every site holds.
+                let lm_job =
+                    LmJob::from_view(job.clone()).map_err(|e| Refusal::JobSpec(e.to_string()))?;
+                lm_job
+                    .base_sha256()
+                    .map_err(|e| Refusal::JobSpec(e.to_string()))?;
+                Arc::new(LanguageRound {
+                    job: lm_job,
+                    dataset,
+                    tokenizer: tokenizer.cloned().ok_or_else(|| Refusal::NoTokenizer {
+                        model: job.model_name().unwrap_or_default().to_string(),
+                    })?,
+                    // Named (checked just above), so approved or refused already.
+                    base: base.cloned().ok_or_else(|| {
+                        Refusal::JobSpec("job spec: `model.base_sha256` is required".into())
+                    })?,
+                })
+            }
         })
     }
 

@@ -1,11 +1,13 @@
-//! The local round of a language model on one of the site's text datasets.
+//! The local round of a language model on one of the site's text datasets: LoRA adapters on
+//! the base checkpoint the job names, trained on the protected documents
+//! ([`crate::lm::round::local_lm_round`]).
 //!
 //! Admission has already matched the job's tokenizer and base checkpoint (by digest) against
-//! the site's; this round reads the text dataset through its protection pipeline and reports
-//! the de-identification for the trail. The training itself (LoRA adapters under DP-SGD,
-//! `lm::round`) is built on another branch and plugs in at [`LanguageRound::run`] and
-//! [`LanguageRound::initial_weights`]; until it lands, a language-model task is declined there
-//! with `training.unsupported`, after every admission check has run.
+//! the site's and parsed the job as a language-model job ([`LmJob`]: `[lora]` and
+//! `model.base_sha256` required). The round reads the text dataset through its protection
+//! pipeline, reports its de-identification for the trail, and trains; the ledger is planned
+//! and charged inside the round with the real number of privacy units, as the tabular round
+//! does with rows, so spend anchoring and resend are the agent's, unchanged.
 
 use std::sync::Arc;
 
@@ -13,48 +15,43 @@ use tch::Device;
 use tutela_audit::payload::TextDatasetDeidentified;
 
 use super::gate::Admitted;
-use super::round::{Deidentification, LocalError, LocalRound, RoundInput, RoundResult};
-use crate::jobspec::JobView;
+use super::round::{
+    Deidentification, LocalError, LocalRound, RoundInput, RoundResult, read_global_model,
+};
+use crate::jobspec::{JobView, batch_seed};
+use crate::ledger::RoundCharging;
 use crate::lm::base::ApprovedBase;
-use crate::lm::config::DecoderConfig;
+use crate::lm::round::job::LmJob;
+use crate::lm::round::{
+    LmRoundError, LmRoundInputs, adapted_base, initial_adapter, local_lm_round,
+};
 use crate::lm::text_dataset::TextDataset;
 use crate::lm::tokenizer::site::ApprovedTokenizer;
+use crate::lm::tokenizer::{SpecialTokens, TextTokenizer};
 use crate::weights::NamedTensors;
 
-/// The `[model]` keys that name things rather than set a hyper-parameter of the decoder.
-const NOT_HYPER_PARAMETERS: [&str; 3] = ["name", "tokenizer_sha256", "base_sha256"];
-
-/// The round of a language model on a text dataset, with the tokenizer and base checkpoint the
-/// job names (as admitted).
+/// The round of a language model's adapters on a text dataset, with the tokenizer and base
+/// checkpoint the job names (as admitted).
 #[derive(Debug, Clone)]
 pub struct LanguageRound {
+    pub job: LmJob,
     pub dataset: Arc<TextDataset>,
     pub tokenizer: ApprovedTokenizer,
-    pub base: Option<ApprovedBase>,
+    pub base: ApprovedBase,
+}
+
+fn lm(e: LmRoundError) -> LocalError {
+    LocalError::LanguageRound(Box::new(e))
 }
 
 impl LanguageRound {
-    /// The decoder's configuration: the base checkpoint's `config.json`, or the job's `[model]`
-    /// hyper-parameters (`config.json`'s keys) for a model drawn from the job's seed.
-    pub fn decoder_config(&self, job: &JobView) -> Result<DecoderConfig, LocalError> {
-        let lm = |e| LocalError::LanguageModel(Box::new(e));
-        match &self.base {
-            Some(base) => DecoderConfig::load(base.dir().join("config.json")).map_err(lm),
-            None => {
-                let mut table = job.model.clone();
-                for key in NOT_HYPER_PARAMETERS {
-                    table.remove(key);
-                }
-                DecoderConfig::from_toml(&toml::Value::Table(table)).map_err(lm)
-            }
-        }
+    /// The tokenizer from the bytes the gate digested (its special tokens are the file's own;
+    /// the defaults name them as `tutela-node tokenizer train` writes them).
+    fn tokenizer(&self) -> Result<TextTokenizer, LocalError> {
+        self.tokenizer
+            .load(&SpecialTokens::default())
+            .map_err(|e| lm(LmRoundError::Tokenizer(e)))
     }
-}
-
-fn unsupported() -> LocalError {
-    LocalError::Unsupported(
-        "language-model training rounds are not available in this node yet".into(),
-    )
 }
 
 impl LocalRound for LanguageRound {
@@ -62,18 +59,18 @@ impl LocalRound for LanguageRound {
         self.dataset.name()
     }
 
-    fn trained_parameters(&self, job: &JobView) -> Result<usize, LocalError> {
-        let config = self.decoder_config(job)?;
-        // The full model (a job without adapters trains every weight). Built on the CPU from
-        // the configuration alone: no checkpoint and no data is read.
-        let model = crate::lm::registry::build(job.model_name()?, &config, Device::Cpu, job.seed)
-            .map_err(|e| LocalError::LanguageModel(Box::new(e)))?;
-        usize::try_from(model.parameter_count())
-            .map_err(|_| LocalError::Unsupported("the model's parameter count".into()))
+    fn trained_parameters(&self, _job: &JobView) -> Result<usize, LocalError> {
+        // The adapters' trainable values (B under FFA-LoRA), counted on the adapted base as the
+        // round counts them: the base is read (by digest), no document is.
+        let model = adapted_base(&self.job, self.base.dir(), &self.tokenizer()?, Device::Cpu)
+            .map_err(lm)?;
+        Ok(model.adapter_parameters().iter().map(|p| p.numel()).sum())
     }
 
     fn initial_weights(&self, _job: &JobView, _device: Device) -> Result<NamedTensors, LocalError> {
-        Err(unsupported())
+        // Every B zero: the adapted model starts as the base model exactly (the coordinator
+        // checks that it is all zeros).
+        initial_adapter(&self.job, self.base.dir(), &self.tokenizer()?).map_err(lm)
     }
 
     fn deidentification(
@@ -104,7 +101,54 @@ impl LocalRound for LanguageRound {
         })))
     }
 
-    fn run(&self, _admitted: &Admitted, _input: RoundInput<'_>) -> Result<RoundResult, LocalError> {
-        Err(unsupported())
+    fn run(&self, admitted: &Admitted, input: RoundInput<'_>) -> Result<RoundResult, LocalError> {
+        let text = self
+            .dataset
+            .load()
+            .map_err(|e| LocalError::TextData(Box::new(e)))?;
+        let tokenizer = self.tokenizer()?;
+        let global = read_global_model(input.global_path, input.kek)?;
+        let result = local_lm_round(&LmRoundInputs {
+            job: &self.job,
+            base_dir: self.base.dir(),
+            tokenizer: &tokenizer,
+            text: &text,
+            global_adapter: &global,
+            device: input.device,
+            charging: RoundCharging {
+                ledgers: admitted.ledgers.as_deref(),
+                job_id: &admitted.job_id,
+                dataset: self.dataset.name(),
+                round: input.round,
+                attempt: input.attempt,
+            },
+            batch_seed: batch_seed(admitted.job.seed, input.round, input.attempt, input.site),
+        })
+        .map_err(lm)?;
+        tracing::info!(
+            eval_perplexity = result.eval.perplexity,
+            eval_tokens = result.eval.tokens,
+            train_units = result.train_units,
+            train_steps = result.train_steps,
+            train_tokens = result.train_tokens,
+            "language-model round done"
+        );
+        Ok(RoundResult {
+            delta: result.delta,
+            eval: crate::train::Eval {
+                loss: result.eval.loss,
+                // Not a classifier: the perplexity says how good the model is.
+                accuracy: 0.0,
+                n: result.eval.tokens,
+            },
+            eval_perplexity: Some(result.eval.perplexity),
+            // The update's FedAvg weight: the documents it was trained on.
+            train_samples: result.train_documents,
+            train_loss: result.train_loss,
+            train_seconds: result.train_seconds,
+            dataset_commitment: Some(result.dataset_commitment),
+            deid_config_sha256: Some(result.deid_config_sha256),
+            privacy: result.privacy,
+        })
     }
 }

@@ -287,6 +287,9 @@ impl Agent {
                         source: Box::new(source),
                     }
                 })?;
+            let Some(dataset) = crate::data_check::offered(dataset) else {
+                continue;
+            };
             tracing::info!(
                 dataset = %name,
                 path = %d.path.display(),

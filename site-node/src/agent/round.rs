@@ -14,17 +14,38 @@ use std::path::{Path, PathBuf};
 
 use tch::Device;
 use tutela_audit::payload::{DatasetDeidentified, TextDatasetDeidentified};
-use tutela_privacy::at_rest::KeyEncryptionKey;
+use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
 
 use super::gate::Admitted;
 use crate::data::DataError;
 use crate::jobspec::{JobSpecError, JobView};
 use crate::ledger::RoundSpend;
-use crate::lm::error::LmError;
+use crate::lm::round::LmRoundError;
 use crate::lm::text_dataset::TextDatasetError;
 use crate::models::ModelError;
 use crate::train::TrainError;
-use crate::weights::{NamedTensors, WeightsError};
+use crate::weights::{NamedTensors, WeightsError, from_safetensors_bytes, load_safetensors};
+
+/// The round's global model as received: decrypted in memory when the node keeps it encrypted
+/// (no plaintext byte of it on disk), sorted by name.
+pub fn read_global_model(
+    path: &Path,
+    kek: Option<&dyn KeyEncryptionKey>,
+) -> Result<NamedTensors, LocalError> {
+    let global_err = |source| LocalError::GlobalModel {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let (global, _metadata) = match kek {
+        Some(kek) => {
+            let bytes = decrypt_to_vec(path, kek)
+                .map_err(|e| LocalError::GlobalModelAtRest(Box::new(e)))?;
+            from_safetensors_bytes(&bytes, path).map_err(global_err)?
+        }
+        None => load_safetensors(path).map_err(global_err)?,
+    };
+    Ok(global)
+}
 
 /// One kind of local round, chosen by the gate from the job's model family.
 pub trait LocalRound: Send + Sync + fmt::Debug {
@@ -146,13 +167,10 @@ pub enum LocalError {
     /// The text dataset could not be read or protected (the error names the file and line).
     #[error("the local text dataset: {0}")]
     TextData(#[source] Box<TextDatasetError>),
-    /// The language model, its base checkpoint or its tokenizer could not be built or read
-    /// (the error may name the site's files).
-    #[error("the language model: {0}")]
-    LanguageModel(#[source] Box<LmError>),
-    /// This node does not do this kind of round (yet).
-    #[error("{0}")]
-    Unsupported(String),
+    /// The language-model round failed (its errors may name the site's files, never a
+    /// document's text).
+    #[error("the language-model round: {0}")]
+    LanguageRound(#[source] Box<LmRoundError>),
     #[error("computing the update: {0}")]
     Update(#[source] Box<WeightsError>),
     /// DP-SGD could not be planned, the budget refuses it, or the ledger could not be written.

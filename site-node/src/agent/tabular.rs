@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tch::Device;
 
-use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
+use tutela_privacy::at_rest::KeyEncryptionKey;
 
 use std::sync::Arc;
 
@@ -12,16 +12,16 @@ use tutela_audit::payload::DatasetDeidentified;
 
 use super::gate::Admitted;
 use super::now_ms;
-use super::round::{Deidentification, LocalError, LocalRound, RoundInput, RoundResult};
+use super::round::{
+    Deidentification, LocalError, LocalRound, RoundInput, RoundResult, read_global_model,
+};
 use crate::data::DatasetSchema;
 use crate::dataset::SiteDataset;
 use crate::jobspec::{JobView, batch_seed};
 use crate::ledger::RoundSpend;
 use crate::models::Model;
 use crate::train::{evaluate, train_local};
-use crate::weights::{
-    NamedTensors, delta, export_weights, from_safetensors_bytes, load_safetensors, load_weights,
-};
+use crate::weights::{NamedTensors, delta, export_weights, load_weights};
 
 /// The job's initial weights: its model built from the job's seed for data of `schema` with
 /// `n_features` features. Reads no data.
@@ -137,14 +137,7 @@ pub fn local_round(
         path: global_path.to_path_buf(),
         source: Box::new(source),
     };
-    let (global, _metadata) = match kek {
-        Some(kek) => {
-            let bytes = decrypt_to_vec(global_path, kek)
-                .map_err(|e| LocalError::GlobalModelAtRest(Box::new(e)))?;
-            from_safetensors_bytes(&bytes, global_path).map_err(global_err)?
-        }
-        None => load_safetensors(global_path).map_err(global_err)?,
-    };
+    let global = read_global_model(global_path, kek)?;
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
     let (report, privacy) = train_round(

@@ -57,6 +57,8 @@ pub enum LmError {
     },
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
+    #[error(transparent)]
+    Lora(#[from] crate::lm::lora::LoraError),
     #[error("invalid input: {0}")]
     InvalidInput(String),
     #[error("{context}: {source}")]

@@ -370,3 +370,82 @@ pub fn checkpoint_digest(dir: impl AsRef<Path>) -> Result<String, LmError> {
     }
     Ok(hex::encode(ctx.finish().as_ref()))
 }
+
+/// Loads an INT8 weight-only export (`tutela model export-int8`, format
+/// [`tutela_protocol::checkpoint::INT8_FORMAT`]) dequantized to f32 (`W ≈ q · scale` per output
+/// channel): how its perplexity cost is measured. The tensor names must be the model's, as for
+/// [`load_checkpoint`].
+pub fn load_int8_checkpoint(
+    dir: impl AsRef<Path>,
+    device: Device,
+) -> Result<LanguageModel, LmError> {
+    let dir = dir.as_ref();
+    let config = DecoderConfig::load(dir.join(CONFIG_FILE))?;
+    let vs = nn::VarStore::new(device);
+    let decoder = Decoder::new(&vs.root(), &config)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let tensors =
+        tutela_protocol::checkpoint::load_int8_dequantized(&path).map_err(|e| LmError::Config {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let variables = vs.variables();
+    let expected: BTreeSet<&String> = variables.keys().collect();
+    let found: BTreeSet<&String> = tensors.keys().collect();
+    if expected != found {
+        return Err(LmError::TensorMismatch {
+            path,
+            missing: expected.difference(&found).map(|s| s.to_string()).collect(),
+            unexpected: found.difference(&expected).map(|s| s.to_string()).collect(),
+        });
+    }
+    for (name, (shape, values)) in &tensors {
+        let target = &variables[name];
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if dims != target.size() {
+            return Err(LmError::ShapeMismatch {
+                path,
+                name: name.clone(),
+                expected: target.size(),
+                found: shape.clone(),
+            });
+        }
+        let loaded = Tensor::f_from_slice(values)
+            .and_then(|t| t.f_view(dims.as_slice()))
+            .and_then(|t| t.f_to_device(device))
+            .map_err(LmError::torch(format!("loading {name}")))?;
+        tch::no_grad(|| target.shallow_clone().f_copy_(&loaded))
+            .map_err(LmError::torch(format!("loading {name}")))?;
+    }
+    Ok(LanguageModel { vs, decoder })
+}
+
+/// Whether `dir` holds an INT8 export (its `model.safetensors` carries the
+/// `tutela-int8-v1` quantization tag).
+pub fn is_int8_export(dir: impl AsRef<Path>) -> bool {
+    let path = dir.as_ref().join(WEIGHTS_FILE);
+    let Ok(mut file) = File::open(&path) else {
+        return false;
+    };
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES {
+        return false;
+    }
+    let mut header = vec![0u8; len as usize];
+    if file.read_exact(&mut header).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<Value>(&header)
+        .ok()
+        .and_then(|h| {
+            h.get("__metadata__")?
+                .get("quantization")?
+                .as_str()
+                .map(|s| s == tutela_protocol::checkpoint::INT8_FORMAT)
+        })
+        .unwrap_or(false)
+}

@@ -17,9 +17,14 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::config::DecoderConfig;
 use super::error::LmError;
+use super::lora::LoraTape;
 use super::moe::SparseMoe;
 
-/// Root-mean-square layer norm, computed in f32 as transformers does (`LlamaRMSNorm`).
+mod adapters;
+pub use adapters::Projection;
+
+/// Root-mean-square layer norm, computed in f32 as transformers does (`LlamaRMSNorm`), or in f64
+/// for an f64 model (the tests compare gradients in f64, which an f32 detour would blur).
 #[derive(Debug)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -36,16 +41,21 @@ impl RmsNorm {
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let input_kind = xs.kind();
-        let xs = xs.to_kind(Kind::Float);
-        let variance = xs.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let compute = if input_kind == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        let xs = xs.to_kind(compute);
+        let variance = xs.pow_tensor_scalar(2).mean_dim(-1, true, compute);
         let normed = &xs * (variance + self.eps).rsqrt();
         &self.weight * normed.to_kind(input_kind)
     }
 }
 
 /// A linear layer under `vs / name`, with transformers' names (`weight`, `bias`).
-fn linear(vs: &nn::Path, name: &str, input: usize, output: usize, bias: bool) -> nn::Linear {
-    nn::linear(
+fn linear(vs: &nn::Path, name: &str, input: usize, output: usize, bias: bool) -> Projection {
+    Projection::Base(nn::linear(
         vs / name,
         dim(input),
         dim(output),
@@ -53,7 +63,7 @@ fn linear(vs: &nn::Path, name: &str, input: usize, output: usize, bias: bool) ->
             bias,
             ..Default::default()
         },
-    )
+    ))
 }
 
 /// Sizes were checked against `i64::MAX` by [`DecoderConfig::validate`].
@@ -64,9 +74,9 @@ pub(crate) fn dim(size: usize) -> i64 {
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub struct SwiGlu {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 impl SwiGlu {
@@ -78,8 +88,14 @@ impl SwiGlu {
         }
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
-        (xs.apply(&self.gate_proj).silu() * xs.apply(&self.up_proj)).apply(&self.down_proj)
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, LmError> {
+        self.forward_t(xs, false)
+    }
+
+    /// The forward pass; `train` applies the adapters' dropout, if any.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, LmError> {
+        let gated = self.gate_proj.forward(xs, train)?.silu() * self.up_proj.forward(xs, train)?;
+        self.down_proj.forward(&gated, train)
     }
 }
 
@@ -165,10 +181,10 @@ impl KvCache {
 /// Grouped-query causal self-attention.
 #[derive(Debug)]
 pub struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    o_proj: nn::Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -220,13 +236,14 @@ impl Attention {
         rotary: &Rotary,
         mask: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
-    ) -> Tensor {
+        train: bool,
+    ) -> Result<Tensor, LmError> {
         let (batch, time) = (xs.size()[0], xs.size()[1]);
         let split =
             |t: Tensor, heads: i64| t.view([batch, time, heads, self.head_dim]).transpose(1, 2);
-        let q = rotary.apply(&split(xs.apply(&self.q_proj), self.heads));
-        let mut k = rotary.apply(&split(xs.apply(&self.k_proj), self.kv_heads));
-        let mut v = split(xs.apply(&self.v_proj), self.kv_heads);
+        let q = rotary.apply(&split(self.q_proj.forward(xs, train)?, self.heads));
+        let mut k = rotary.apply(&split(self.k_proj.forward(xs, train)?, self.kv_heads));
+        let mut v = split(self.v_proj.forward(xs, train)?, self.kv_heads);
         let mut past = 0;
         if let Some(cache) = cache {
             if let (Some(pk), Some(pv)) = (&cache.keys, &cache.values) {
@@ -250,11 +267,12 @@ impl Attention {
             None,
             self.kv_heads != self.heads,
         );
-        attended
-            .transpose(1, 2)
-            .contiguous()
-            .view([batch, time, self.heads * self.head_dim])
-            .apply(&self.o_proj)
+        let attended =
+            attended
+                .transpose(1, 2)
+                .contiguous()
+                .view([batch, time, self.heads * self.head_dim]);
+        self.o_proj.forward(&attended, train)
     }
 }
 
@@ -290,7 +308,11 @@ pub struct Decoder {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// `None` when the head is tied to the embedding.
-    lm_head: Option<nn::Linear>,
+    lm_head: Option<Projection>,
+    /// The LoRA adapters' settings once [`Decoder::attach_lora`] ran.
+    adapters: Option<adapters::Adapters>,
+    /// The recorder every adapted projection shares (DP-SGD reads it: `lora::dp`).
+    tape: LoraTape,
 }
 
 impl Decoder {
@@ -346,6 +368,8 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            adapters: None,
+            tape: LoraTape::new(),
         })
     }
 
@@ -407,7 +431,19 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<LmOutput, LmError> {
+        self.forward_t(input_ids, attention_mask, cache, false)
+    }
+
+    /// [`Decoder::forward`]; `train` applies the adapters' dropout, if any (nothing else in
+    /// the decoder behaves differently in training).
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
+        train: bool,
     ) -> Result<LmOutput, LmError> {
         let past = cache.as_ref().map_or(0, |c| c.len);
         self.check_inputs(input_ids, attention_mask, past)?;
@@ -433,13 +469,14 @@ impl Decoder {
                 &rotary,
                 mask.as_ref(),
                 layer_cache,
-            );
+                train,
+            )?;
             xs = xs + attended;
             let normed = layer.post_attention_layernorm.forward(&xs);
             let mlp_out = match &layer.mlp {
-                Mlp::Dense(mlp) => mlp.forward(&normed),
+                Mlp::Dense(mlp) => mlp.forward_t(&normed, train)?,
                 Mlp::Sparse(moe) => {
-                    let (out, logits) = moe.forward(&normed);
+                    let (out, logits) = moe.forward(&normed)?;
                     router_logits.push(logits);
                     out
                 }
@@ -451,7 +488,7 @@ impl Decoder {
         }
         let xs = self.norm.forward(&xs);
         let logits = match &self.lm_head {
-            Some(head) => xs.apply(head),
+            Some(head) => head.forward(&xs, train)?,
             None => xs.linear::<Tensor>(&self.embed_tokens.ws, None),
         };
         Ok(LmOutput {

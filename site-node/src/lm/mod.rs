@@ -13,12 +13,16 @@
 //! - [`tokenizer`]: byte-level BPE with the Hugging Face `tokenizers` crate, files Python loads
 //!   unchanged, and the gate that admits a job only with the tokenizer its spec names by digest.
 //! - [`lora`]: LoRA adapters on frozen Linear layers (FFA-LoRA: `A` shared and frozen, `B`
-//!   trained), their PEFT files, and DP-SGD on them without a per-example loop.
+//!   trained), their PEFT files, and DP-SGD on them without a per-example loop; the decoder
+//!   takes them in place of its projections (`llama::adapters`).
+//! - [`round`]: the site's language-model training round as a library (the adapters of a job
+//!   trained on a text dataset, DP-SGD over privacy units charged to the ledger).
 //!
-//! Not wired into the agent yet: see `docs/architecture.md`, "Text datasets" and "Language
-//! models".
+//! Not wired into the agent yet: see `docs/architecture.md`, "Text datasets" and "LoRA adapters
+//! under DP".
 
 pub mod base;
+pub mod central;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -27,6 +31,7 @@ pub mod llama;
 pub mod lora;
 pub mod moe;
 pub mod registry;
+pub mod round;
 pub mod text_dataset;
 pub mod text_source;
 pub mod tokenizer;

@@ -13,6 +13,7 @@
 use tch::{Kind, Tensor, nn};
 
 use super::config::MoeConfig;
+use super::error::LmError;
 use super::llama::{SwiGlu, dim};
 
 #[derive(Debug)]
@@ -69,7 +70,7 @@ impl SparseMoe {
 
     /// `xs: [batch, time, hidden]` → (output of the same shape, router logits
     /// `[batch * time, num_experts]`).
-    pub fn forward(&self, xs: &Tensor) -> (Tensor, Tensor) {
+    pub fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor), LmError> {
         let shape = xs.size();
         let rows = xs.reshape([-1, self.hidden]);
         let router_logits = rows.linear::<Tensor>(&self.gate, None);
@@ -90,14 +91,15 @@ impl SparseMoe {
             let tokens = chosen.select(1, 0);
             let slots = chosen.select(1, 1);
             let weights = top_weights.index(&[Some(&tokens), Some(&slots)]);
-            let expert_out = expert.forward(&rows.index_select(0, &tokens)) * weights.unsqueeze(-1);
+            let expert_out =
+                expert.forward(&rows.index_select(0, &tokens))? * weights.unsqueeze(-1);
             out = out.index_add(0, &tokens, &expert_out);
         }
         if let (Some(shared), Some(shared_gate)) = (&self.shared_expert, &self.shared_expert_gate) {
             let gate = rows.linear::<Tensor>(shared_gate, None).sigmoid();
-            out = out + gate * shared.forward(&rows);
+            out = out + gate * shared.forward(&rows)?;
         }
-        (out.reshape(shape.as_slice()), router_logits)
+        Ok((out.reshape(shape.as_slice()), router_logits))
     }
 }
 

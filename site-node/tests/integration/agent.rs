@@ -1640,13 +1640,15 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
         shared.clone(),
     )
     .await;
-    // The site's data file is empty until the approved task (it must exist: a missing data file
-    // stops the node at start): a node that read data for a forged task would decline it with a
-    // data error rather than the refusal each case expects (and would have fetched the task's
-    // model first).
+    // The site's data file is empty from the node's start until the approved task: a node that
+    // read data for a forged task would decline it with a data error rather than the refusal each
+    // case expects (and would have fetched the task's model first). It is whole at start, when
+    // the node checks it (a dataset that fails the check is not offered), and emptied once the
+    // node has connected offering it.
     let data_file = d.join("site-data").join("breast_cancer.csv");
     std::fs::create_dir_all(data_file.parent().unwrap()).unwrap();
-    std::fs::write(&data_file, "").unwrap();
+    let repo_csv = data_dir().join("breast_cancer_wisconsin.csv");
+    std::fs::copy(&repo_csv, &data_file).unwrap();
     let text = node_config_text(
         SITE,
         &coordinator.addr.to_string(),
@@ -1654,7 +1656,6 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
         &format!("site_policy = \"{}\"\ntorch_threads = 1", policy.display()),
         "",
     );
-    let repo_csv = data_dir().join("breast_cancer_wisconsin.csv");
     let text = text.replace(repo_csv.to_str().unwrap(), data_file.to_str().unwrap());
     assert!(text.contains(data_file.to_str().unwrap()));
     let config = d.join("node.toml");
@@ -1663,7 +1664,8 @@ async fn the_node_process_refuses_forged_tasks_before_reading_data_and_runs_an_a
 
     match tokio::time::timeout(PATIENCE, events.recv()).await {
         Ok(Some(Event::Connected { request, .. })) => {
-            assert_eq!(request.datasets, vec!["breast_cancer".to_string()])
+            assert_eq!(request.datasets, vec!["breast_cancer".to_string()]);
+            std::fs::write(&data_file, "").unwrap();
         }
         other => panic!(
             "expected the node to connect, got {other:?}; log:\n{}",
@@ -1919,16 +1921,20 @@ async fn a_node_that_waives_approvals_says_so_at_start_and_for_every_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
     const PLANTED: &str = "planted.csv";
+    let text = std::fs::read_to_string(data_dir().join("breast_cancer_wisconsin.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    assert_eq!(header[0], "mean_radius");
+    // Line 3 of the file: its first cell becomes text.
+    let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
+    cells[0] = "forty-two".into();
+    lines[2] = cells.join(",");
+    let planted = lines.join("\n") + "\n";
+    // The node checks its data at start and would not offer a bad file: the file is good at
+    // start and the bad value is planted afterwards (as when the data changes under a running
+    // node), so the task finds it.
     let plant = |dir: &Path| -> String {
-        let text = std::fs::read_to_string(data_dir().join("breast_cancer_wisconsin.csv")).unwrap();
-        let mut lines: Vec<String> = text.lines().map(String::from).collect();
-        let header: Vec<&str> = lines[0].split(',').collect();
-        assert_eq!(header[0], "mean_radius");
-        // Line 3 of the file: its first cell becomes text.
-        let mut cells: Vec<String> = lines[2].split(',').map(String::from).collect();
-        cells[0] = "forty-two".into();
-        lines[2] = cells.join(",");
-        std::fs::write(dir.join(PLANTED), lines.join("\n") + "\n").unwrap();
+        std::fs::write(dir.join(PLANTED), &text).unwrap();
         format!(
             "csv = \"{}\"\nschema = \"{}\"\nsplit_seed = 3\n",
             dir.join(PLANTED).display(),
@@ -1937,6 +1943,7 @@ async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
     };
     let mut h = Harness::start_with_dataset("", Some(&plant)).await;
     let dir = h._dir.path().to_path_buf();
+    std::fs::write(dir.join(PLANTED), &planted).unwrap();
     let spec = job_spec("breast_cancer", "mlp");
     // INITIALIZE reads no data: it succeeds.
     h.send(task("init-1", pb::TaskKind::Initialize, &spec, "", "{}"))

@@ -11,7 +11,7 @@ use tch::Device;
 use tutela_audit::Action;
 use tutela_audit::payload::{ActionPayload, check_shape};
 use tutela_protocol::pb;
-use tutela_site_node::agent::{Deidentification, Refusal, TaskGate};
+use tutela_site_node::agent::{Deidentification, Refusal, RoundInput, TaskGate};
 use tutela_site_node::failure::SiteFailure;
 use tutela_site_node::lm::base::{BaseModelRefusal, BaseModelsError, SiteBaseModels};
 use tutela_site_node::lm::config::DecoderConfig;
@@ -19,6 +19,7 @@ use tutela_site_node::lm::hf::{checkpoint_digest, save_checkpoint};
 use tutela_site_node::lm::text_dataset::{TextDataset, TextDatasetConfig};
 use tutela_site_node::lm::tokenizer::site::SiteTokenizers;
 use tutela_site_node::lm::tokenizer::train::{TrainOptions, train, write_dir};
+use tutela_site_node::weights::NamedTensors;
 
 use crate::common::data_dir;
 
@@ -97,6 +98,10 @@ optimizer = "adam"
 learning_rate = 0.001
 local_epochs = 1
 batch_size = 8
+[lora]
+rank = 2
+alpha = 4.0
+target_modules = ["q_proj", "v_proj"]
 "#
     )
 }
@@ -175,14 +180,30 @@ fn a_language_model_job_is_admitted_with_the_site_s_tokenizer_base_and_text_data
         admitted.tokenizer.as_ref().unwrap().sha256(),
         s.tokenizer_sha256
     );
-    // Until the language-model round is in this node, the task is declined there, with a code
-    // that says so (after every admission check), not trained as something else.
-    let e = admitted
+    // Its INITIALIZE answer: the adapters' B on every q_proj and v_proj, all zero (what the
+    // coordinator's initial-model check accepts), nothing of the base.
+    let initial = admitted
         .round
         .initial_weights(&admitted.job, Device::Cpu)
-        .unwrap_err();
-    let wire = SiteFailure::from(&e).wire_reason();
-    assert!(wire.starts_with("training.unsupported"), "{wire}");
+        .unwrap();
+    assert_eq!(initial.len(), 2, "one layer, two targets");
+    for (spec, bytes) in &initial {
+        assert!(spec.name.ends_with(".lora_B.weight"), "{}", spec.name);
+        assert_eq!(spec.shape[1], 2, "the job's rank");
+        assert!(bytes.iter().all(|&b| b == 0), "{} is not zero", spec.name);
+    }
+    let lora: tutela_protocol::lora::LoraSpec =
+        toml::from_str("rank = 2\nalpha = 4.0\ntarget_modules = [\"q_proj\", \"v_proj\"]").unwrap();
+    tutela_protocol::initial_model::AdapterDescription::new(&lora)
+        .check(&initial.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>())
+        .unwrap();
+    // A language-model job needs adapters: without [lora] it is refused, naming the key.
+    let without = lm_job("notes", Some(&s.tokenizer_sha256), Some(&s.base_sha256));
+    let without = without.split("[lora]").next().unwrap().to_string();
+    match s.gate.check_task(&initialize(without)) {
+        Err(Refusal::JobSpec(why)) => assert!(why.contains("lora"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -270,8 +291,12 @@ fn the_model_family_chooses_the_kind_of_dataset_and_a_language_model_needs_a_tok
         other => panic!("{other:?}"),
     }
     // A layer network never trains on a text dataset of the same name.
-    let mlp =
-        lm_job("notes", None, None).replace("name = \"llama\"", "name = \"mlp\"\nhidden = [4]");
+    let mlp = lm_job("notes", None, None)
+        .replace("name = \"llama\"", "name = \"mlp\"\nhidden = [4]")
+        .split("[lora]")
+        .next()
+        .unwrap()
+        .to_string();
     match s.gate.check_task(&initialize(mlp)) {
         Err(Refusal::UnknownSchema { kind, known, .. }) => {
             assert_eq!(kind, "dataset");
@@ -418,4 +443,51 @@ fn the_node_prints_the_digest_a_job_names_its_base_by() {
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.starts_with(&format!("{digest}  ")), "{stdout}");
+}
+
+#[test]
+fn an_admitted_train_task_runs_the_language_round_on_the_global_adapter() {
+    let s = site(false);
+    let dir = tempfile::tempdir().unwrap();
+    let mut task = initialize(lm_job(
+        "notes",
+        Some(&s.tokenizer_sha256),
+        Some(&s.base_sha256),
+    ));
+    let admitted = s.gate.check_task(&task).unwrap();
+    let initial = admitted
+        .round
+        .initial_weights(&admitted.job, Device::Cpu)
+        .unwrap();
+    let global = dir.path().join("global.safetensors");
+    tutela_site_node::weights::save_safetensors(&global, &initial, Default::default()).unwrap();
+    task.kind = pb::TaskKind::Train as i32;
+    task.global_model_id = "a".repeat(64);
+    let admitted = s.gate.check_task(&task).unwrap();
+    let result = admitted
+        .round
+        .run(
+            &admitted,
+            RoundInput {
+                global_path: &global,
+                kek: None,
+                device: Device::Cpu,
+                round: 1,
+                attempt: 0,
+                site: "hospital-a",
+            },
+        )
+        .unwrap();
+    // The round's evaluation is a language model's: perplexity, scored on tokens.
+    let ppl = result
+        .eval_perplexity
+        .expect("a language model's perplexity");
+    assert!((ppl - result.eval.loss.exp()).abs() < 1e-6 * ppl, "{ppl}");
+    assert!(result.eval.n > 0);
+    // Only the adapters' B travel, in the global adapter's names and shapes.
+    let names = |t: &NamedTensors| t.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&result.delta), names(&initial));
+    assert!(result.delta.iter().any(|(_, b)| b.iter().any(|&x| x != 0)));
+    assert!(result.train_samples > 0 && result.privacy.is_none());
+    assert_eq!(result.dataset_commitment.as_deref().map(str::len), Some(64));
 }

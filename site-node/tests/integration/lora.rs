@@ -276,7 +276,7 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
 }
 
-fn run_python(script: &str, args: &[&Path]) -> String {
+pub(crate) fn run_python(script: &str, args: &[&Path]) -> String {
     let python = python();
     let output = Command::new(&python)
         .arg("-c")
@@ -297,7 +297,7 @@ fn run_python(script: &str, args: &[&Path]) -> String {
 
 /// A tiny random Llama (GQA, untied head) written by transformers, with a large init so that a
 /// wrong merge shows (STACK.md pitfall 9).
-const MAKE_BASE: &str = r#"
+pub(crate) const MAKE_BASE: &str = r#"
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
@@ -308,13 +308,12 @@ model = LlamaForCausalLM(config).to(torch.float32)
 model.save_pretrained(sys.argv[1], safe_serialization=True)
 "#;
 
-/// Loads our adapter with peft, compares its unmerged logits with the logits of our merged
-/// checkpoint, and peft's `merge_and_unload()` weights with ours.
+/// Imports torch, transformers' `AutoModelForCausalLM` and peft's `PeftModel`.
 ///
 /// The shared virtualenv has peft (installed `--no-deps`) but not `accelerate`, which peft
 /// imports at module level and never calls on this CPU path: the script stubs it (after
 /// transformers is imported, whose version check would otherwise look for its metadata).
-const CHECK_WITH_PEFT: &str = r#"
+pub(crate) const PEFT_IMPORT: &str = r#"
 import sys, torch
 from transformers import AutoModelForCausalLM
 import sys, types, importlib.abc, importlib.machinery
@@ -339,6 +338,11 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 sys.meta_path.insert(0, _Finder())
 from peft import PeftModel
+"#;
+
+/// After [`PEFT_IMPORT`]: loads our adapter with peft, compares its unmerged logits with the
+/// logits of our merged checkpoint, and peft's `merge_and_unload()` weights with ours.
+const CHECK_WITH_PEFT: &str = r#"
 from safetensors.torch import load_file
 base_dir, adapter_dir, merged_dir = sys.argv[1:4]
 torch.manual_seed(1)
@@ -411,7 +415,10 @@ fn peft_loads_our_adapter_and_our_merge_equals_merge_and_unload() {
     save_peft_adapter(&adapter, &layers.iter().collect::<Vec<_>>(), &spec).unwrap();
     let report = tutela_protocol::checkpoint::merge_lora(&base, &adapter, &merged).unwrap();
     assert_eq!(report.merged_modules, 6);
-    let out = run_python(CHECK_WITH_PEFT, &[&base, &adapter, &merged]);
+    let out = run_python(
+        &format!("{PEFT_IMPORT}{CHECK_WITH_PEFT}"),
+        &[&base, &adapter, &merged],
+    );
     eprintln!("{out}");
 
     // Our merge is also our own layer's merged weight.
@@ -641,7 +648,7 @@ fn dp_lora_training_on_sampled_units_lowers_the_loss() {
 }
 
 #[test]
-fn the_node_reads_the_lora_section_strictly_and_refuses_until_it_is_wired() {
+fn the_node_reads_the_lora_section_strictly_and_only_for_language_models() {
     use tutela_site_node::jobspec::{JobSpecError, JobView};
     const EXAMPLE: &str = include_str!("../../../deploy/jobs/notes_lora_dp.toml");
     let key = |text: &str| match JobView::from_toml_str(text) {
@@ -653,9 +660,15 @@ fn the_node_reads_the_lora_section_strictly_and_refuses_until_it_is_wired() {
         "lora.dropout"
     );
     assert_eq!(key(&EXAMPLE.replace("rank = 8", "rank = 0")), "lora.rank");
-    // A valid [lora] section is understood, and refused: the node's round does not train
-    // adapters yet, and must not train the whole model instead.
-    assert_eq!(key(EXAMPLE), "lora");
+    // A valid [lora] section on a language model is read.
+    let view = JobView::from_toml_str(EXAMPLE).unwrap();
+    assert_eq!(view.lora.map(|l| l.rank), Some(8));
+    // On a layer network it is refused: that round would train every weight of a model the
+    // officers approved for adapters only.
+    assert_eq!(
+        key(&EXAMPLE.replace("name = \"llama\"", "name = \"mlp\"")),
+        "lora"
+    );
     // Unknown keys in [lora] are errors, not ignored.
     assert!(matches!(
         JobView::from_toml_str(&EXAMPLE.replace("rank = 8", "rank = 8\nrnak = 8")),

@@ -1,6 +1,6 @@
 //! Integration tests of the site node: agent, data, DP-SGD, keys, language models, LoRA, models,
-//! data protection, text datasets, the tokenizer, training, weights, and its readers on the fuzz
-//! corpus.
+//! data protection, site data (feature types, sources, the data check), text datasets, the
+//! tokenizer, training, weights, and its readers on the fuzz corpus.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -15,10 +15,13 @@ mod dp;
 mod fuzz_corpus;
 mod keys;
 mod lm;
+mod lm_adapters;
 mod lm_admission;
+mod lm_round;
 mod lora;
 mod models;
 mod protection;
+mod site_data;
 mod text_data;
 mod tokenizer;
 mod training;

@@ -26,6 +26,17 @@ fn bytes_under(dir: &Path) -> Vec<u8> {
     out
 }
 
+/// Waits (up to a minute) until a node's log has `needle`.
+async fn wait_for_log(log: &Path, needle: &str) {
+    for _ in 0..600 {
+        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} never said {needle:?}", log.display());
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -51,10 +62,23 @@ async fn no_cell_value_or_path_reaches_the_coordinator_or_the_trail() {
     assert_eq!(header.split(',').next(), Some("mean_radius"));
     cells[0] = "forty-two".into();
     planted[1] = cells.join(",");
-    c.start_node("riverside", &header, &planted, "");
-    // general: the malformed date, planted (atomically) after the node started: a
-    // declared dataset is read at the first task.
+    // The node checks its data at start and offers no dataset that fails, so both sites start
+    // with good data and the bad cells are planted (atomically) once each node has said its
+    // dataset is ready: the first task finds them.
+    c.start_node("riverside", &header, &shares[2], "");
+    // general: the malformed date.
     let people = c.start_node_anonymized("general", &header, &shares[1], "");
+    for site in ["riverside", "general"] {
+        wait_for_log(&d.join(format!("sites/{site}/node.log")), "dataset ready").await;
+    }
+    let riverside_csv = d.join("sites/riverside/data.csv");
+    let riverside_tmp = d.join("sites/riverside/data.csv.tmp");
+    std::fs::write(
+        &riverside_tmp,
+        format!("{header}\n{}\n", planted.join("\n")),
+    )
+    .unwrap();
+    std::fs::rename(&riverside_tmp, &riverside_csv).unwrap();
     let records = d.join("sites/general/records.csv");
     let text = std::fs::read_to_string(&records).unwrap();
     let dob = people[0].date_of_birth.clone();
