@@ -27,6 +27,7 @@ pub mod job;
 pub mod logging;
 pub mod lora;
 pub mod model_registry;
+pub mod peft_export;
 pub mod pki;
 pub mod server;
 pub mod services;

@@ -491,3 +491,75 @@ fn an_admitted_train_task_runs_the_language_round_on_the_global_adapter() {
     assert!(result.train_samples > 0 && result.privacy.is_none());
     assert_eq!(result.dataset_commitment.as_deref().map(str::len), Some(64));
 }
+
+#[test]
+fn the_published_adapters_export_as_the_peft_directory_the_sites_trained() {
+    use tutela_protocol::checkpoint::SafetensorsReader;
+    use tutela_site_node::lm::lora::dp::AdapterModel;
+    use tutela_site_node::lm::lora::{adapter_update_tensors, load_adapter_update};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base_dir = dir.path().join("base");
+    base_checkpoint(&base_dir, 3);
+    let lora: tutela_protocol::lora::LoraSpec =
+        toml::from_str("rank = 2\nalpha = 4.0\ntarget_modules = [\"q_proj\", \"v_proj\"]").unwrap();
+    let seed = 9;
+    // A site's adapters after training: A from the seed, B some trained values.
+    let mut model =
+        tutela_site_node::lm::hf::load_checkpoint(&base_dir, Device::Cpu, tch::Kind::Float)
+            .unwrap();
+    model.attach_lora(&lora, seed).unwrap();
+    let mut b = adapter_update_tensors(&model.decoder.lora_layers()).unwrap();
+    for (i, (_, bytes)) in b.iter_mut().enumerate() {
+        for (j, word) in bytes.chunks_exact_mut(4).enumerate() {
+            word.copy_from_slice(&((i * 31 + j) as f32 * 0.01 - 0.2).to_le_bytes());
+        }
+    }
+    load_adapter_update(&mut model.decoder.lora_layers_mut(), &b).unwrap();
+    let site_dir = dir.path().join("site-adapter");
+    model.decoder.save_adapter(&site_dir).unwrap();
+    // What the coordinator published: the B tensors alone.
+    let published = dir.path().join("published.safetensors");
+    tutela_site_node::weights::save_safetensors(&published, &b, Default::default()).unwrap();
+    let exported = dir.path().join("exported");
+    let report = tutela_protocol::peft_export::export_peft_adapter(
+        &lora, seed, &published, &base_dir, &exported,
+    )
+    .unwrap();
+    assert_eq!(report.modules, 2);
+    // The same tensors, bit for bit: every A as the sites derived it, every B as published.
+    let mut ours = SafetensorsReader::open(&exported.join("adapter_model.safetensors")).unwrap();
+    let mut theirs = SafetensorsReader::open(&site_dir.join("adapter_model.safetensors")).unwrap();
+    let mut names = ours.names();
+    names.sort();
+    let mut expected = theirs.names();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(names.len(), 4);
+    for name in &names {
+        assert_eq!(
+            ours.read_bytes(name).unwrap(),
+            theirs.read_bytes(name).unwrap(),
+            "{name}"
+        );
+    }
+    let config = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(config(&exported)["r"], config(&site_dir)["r"]);
+    assert_eq!(
+        config(&exported)["lora_alpha"],
+        config(&site_dir)["lora_alpha"]
+    );
+    // A model that is not adapters is refused.
+    let e = tutela_protocol::peft_export::export_peft_adapter(
+        &lora,
+        seed,
+        &base_dir.join("model.safetensors"),
+        &base_dir,
+        &dir.path().join("bad"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not a LoRA adapter"), "{e}");
+}

@@ -219,7 +219,9 @@ target_modules = ["q_proj", "v_proj"]
     let job = c
         .operator()
         .await
-        .submit_job(pb::SubmitJobRequest { spec_toml: spec })
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec.clone(),
+        })
         .await
         .expect("the job is accepted")
         .into_inner()
@@ -293,6 +295,36 @@ target_modules = ["q_proj", "v_proj"]
             .len(),
         3,
         "{lineage:#}"
+    );
+
+    // The published adapters, as the PEFT directory the sites trained, merged into the base.
+    let job_toml = shared.join("job.toml");
+    std::fs::write(&job_toml, &spec).unwrap();
+    let peft = shared.join("adapter");
+    run_ok(
+        Command::new(bin("tutela"))
+            .args(["model", "export-adapter", "--job"])
+            .arg(&job_toml)
+            .arg("--model")
+            .arg(&last.model_path)
+            .arg("--base")
+            .arg(&base)
+            .arg("--output")
+            .arg(&peft),
+    );
+    let merged = shared.join("merged");
+    let out = run_ok(
+        Command::new(bin("tutela"))
+            .args(["model", "merge", "--base"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&peft)
+            .arg("--output")
+            .arg(&merged),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("merged 4 adapted modules"),
+        "{out:?}"
     );
 
     // No note's text on any node's disk (their data files aside, which are the hospitals' own).
