@@ -509,7 +509,8 @@ impl Engine {
                     spec_digest: digest_hex,
                     rounds: spec.rounds,
                     code_version: crate::audit_trail::code_version(),
-                    base_model: None,
+                    // A language model's adapters sit on the base the signed spec names.
+                    base_model: spec.model.base_sha256.clone(),
                 },
                 true,
                 |_| true,

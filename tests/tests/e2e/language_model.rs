@@ -288,6 +288,12 @@ target_modules = ["q_proj", "v_proj"]
     assert_eq!(lm["base_sha256"], base_sha256.as_str(), "{lineage:#}");
     assert_eq!(lm["adapter_digest"], last.model_id.as_str(), "{lineage:#}");
     assert_eq!(lm["lora"]["rank"], 4, "{lineage:#}");
+    // The model.published event names the base the adapters sit on.
+    assert_eq!(
+        lineage["job"]["base_model"],
+        base_sha256.as_str(),
+        "{lineage:#}"
+    );
     assert_eq!(
         lineage["job"]["text_deidentified"]
             .as_object()
