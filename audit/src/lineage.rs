@@ -251,10 +251,9 @@ fn apply_event(
             r.proposed_by = p.operator.or_else(|| Some(e.actor.clone()));
             r.code_version = Some(p.code_version);
             r.base_model = Some(p.base_model);
-            r.language_model = (p.tokenizer_sha256.is_some()
-                || p.base_sha256.is_some()
-                || p.lora.is_some())
-            .then(|| LanguageModelRecord {
+            let language_model =
+                p.tokenizer_sha256.is_some() || p.base_sha256.is_some() || p.lora.is_some();
+            r.language_model = language_model.then_some(LanguageModelRecord {
                 tokenizer_sha256: p.tokenizer_sha256,
                 base_sha256: p.base_sha256,
                 lora: p.lora,

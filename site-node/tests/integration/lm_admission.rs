@@ -421,7 +421,7 @@ path = "notes.jsonl"
     );
     // The example documents the key.
     let example = tutela_site_node::config::NodeConfig::load(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml"),
     )
     .unwrap();
     assert_eq!(example.base_models.len(), 1);
