@@ -433,10 +433,13 @@ impl From<&Refusal> for SiteFailure {
         use FailureCode::*;
         match r {
             Refusal::DeadlinePassed { .. } => SiteFailure::with_public_note(DeadlinePassed, r),
-            Refusal::UnknownKind(_) | Refusal::NoGlobalModel | Refusal::NoTokenizer { .. } => {
+            Refusal::UnknownKind(_) | Refusal::NoGlobalModel => {
                 SiteFailure::with_public_note(TaskInvalid, r)
             }
-            Refusal::JobSpec(_) => SiteFailure::with_public_note(JobSpecInvalid, r),
+            // A language model's job must name its tokenizer: a key missing from the spec.
+            Refusal::JobSpec(_) | Refusal::NoTokenizer { .. } => {
+                SiteFailure::with_public_note(JobSpecInvalid, r)
+            }
             Refusal::UnknownSchema { .. } => SiteFailure::with_public_note(UnknownSchema, r),
             Refusal::PrivacyBudget(_) => SiteFailure::with_public_note(PrivacyBudget, r),
             Refusal::Ledger(_) => SiteFailure::new(PrivacyLedgerUnusable, r),

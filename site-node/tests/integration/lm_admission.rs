@@ -272,7 +272,7 @@ fn the_model_family_chooses_the_kind_of_dataset_and_a_language_model_needs_a_tok
         .check_task(&initialize(lm_job("notes", None, Some(&s.base_sha256))))
         .unwrap_err();
     assert!(matches!(r, Refusal::NoTokenizer { .. }), "{r:?}");
-    assert!(sent(&r).starts_with("task.invalid: "));
+    assert!(sent(&r).starts_with("job.spec_invalid: "), "{r}");
     // A language model names a text dataset: a schema the site has only as a table, or not at
     // all, is unknown, and the reason lists the text datasets.
     let r = s
