@@ -26,17 +26,20 @@
 //! # A task
 //!
 //! 1. [`TaskGate::check_task`] decides, before any data is touched, whether the node will do it.
-//!    Today: a known task kind, a job spec this node can read, a dataset for its schema, and a
-//!    deadline not yet passed. Local policy, signed approvals and the privacy budget plug in here,
-//!    and so does the tokenizer a language-model job names by digest ([`crate::lm::tokenizer::site`]).
+//!    A known task kind, a job spec this node can read, a dataset of the kind the job's model
+//!    family reads for its schema (a table, or a text dataset for a language model), a deadline
+//!    not yet passed, the signed approvals and site policy, the tokenizer and base checkpoint a
+//!    language-model job names by digest ([`crate::lm::tokenizer::site`], [`crate::lm::base`]),
+//!    and the privacy budget. It picks the job's [`LocalRound`] once.
 //!    A refusal is sent as `DeclineTask` with its reason, except a passed deadline, which is only
 //!    logged (the coordinator has closed the task already).
-//! 2. `INITIALIZE`: the job's model is built from its registry name and hyper-parameters, the
-//!    input shape and classes of the local schema, and the job's seed ([`crate::models::seeded_init`]:
-//!    every site would build bit-identical weights), and sent as the update.
+//! 2. `INITIALIZE`: the round's initial weights are sent as the update: a layer network built
+//!    from its registry name and hyper-parameters, the local schema's input shape and classes,
+//!    and the job's seed ([`crate::models::seeded_init`]: every site would build bit-identical
+//!    weights); a language model's adapters with every B zero.
 //! 3. `TRAIN`: the global model is fetched and its stream digest checked against the task's model
-//!    id; it is evaluated on the local validation split, trained on the training split with the
-//!    job's settings (FedProx's `proximal_mu` from the strategy settings), and the delta
+//!    id; the round evaluates it on the local validation split, trains it on the training split
+//!    with the job's settings (FedProx's `proximal_mu` from the strategy settings), and the delta
 //!    `local − global` goes through the [`UpdateFilter`]s (where DP clipping and noise will go)
 //!    and is uploaded with the [`meta`] keys.
 //! 4. Anything the node cannot do (bad spec, unknown model, a training error, even a panic) is
