@@ -138,7 +138,7 @@ pub struct TaskGate {
 
 impl TaskGate {
     /// A gate that checks no approvals until [`with_approvals`](Self::with_approvals) adds them;
-    /// [`Agent::new`] always does, unless node.toml sets `insecure_no_approvals = true`.
+    /// [`super::Agent::new`] always does, unless node.toml sets `insecure_no_approvals = true`.
     pub fn new(datasets: BTreeMap<String, Arc<SiteDataset>>) -> Self {
         TaskGate {
             datasets,

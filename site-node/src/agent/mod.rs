@@ -48,8 +48,8 @@
 //!
 //! # Where things are
 //!
-//! - [`gate`]: [`TaskGate`], what a task must pass before any data is touched.
-//! - [`filter`]: [`UpdateFilter`], what an update passes through before it leaves the site.
+//! - `gate`: [`TaskGate`], what a task must pass before any data is touched.
+//! - `filter`: [`UpdateFilter`], what an update passes through before it leaves the site.
 //! - `worker`: the sessions and the worker that take tasks one at a time and run them.
 //! - `transfer`: fetching the global model and uploading the update.
 //! - [`round`]: [`LocalRound`], the seam between a task and what a model family does with the
