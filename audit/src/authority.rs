@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `node.registered`, `job.proposed`, `job.started`, `round.completed`, `job.completed`, `job.failed`, `model.published`, `watermark.registered` | the coordinator |
 //! | `update.refused` | the coordinator (any site), or a site's node naming its own site in `site` |
-//! | `dataset.deidentified`, `privacy.spent` | a site's node, for a subject `<its site>/<dataset>` and `site` its own |
+//! | `dataset.deidentified`, `dataset.text_deidentified`, `privacy.spent` | a site's node, for a subject `<its site>/<dataset>` and `site` its own |
 //! | `ledger.restored` | a user of the site (the policy lets only its compliance officers write), for a subject `<its site>/<dataset>` and `site` its own |
 //! | `policy.decision` | the coordinator, or the audit service itself |
 //! | `certificate.issued`, `certificate.revoked` | a CA administrator (`ca_admins` in audit.toml) |
@@ -39,7 +39,8 @@ use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
 use crate::event::{Action, Event, Timestamp};
 use crate::payload::privacy::{LedgerRestored, PrivacySpent};
 use crate::payload::{
-    ActionPayload, DatasetDeidentified, JobProposed, PayloadError, UpdateRefused, check_shape,
+    ActionPayload, DatasetDeidentified, JobProposed, PayloadError, TextDatasetDeidentified,
+    UpdateRefused, check_shape,
 };
 
 /// Who may assert an action (see the module documentation's table).
@@ -77,7 +78,9 @@ impl Authority {
             | Action::ModelPublished
             | Action::WatermarkRegistered => Authority::Coordinator,
             Action::UpdateRefused => Authority::CoordinatorOrOwnSiteNode,
-            Action::DatasetDeidentified | Action::PrivacySpent => Authority::OwnSiteNode,
+            Action::DatasetDeidentified
+            | Action::TextDatasetDeidentified
+            | Action::PrivacySpent => Authority::OwnSiteNode,
             Action::LedgerRestored => Authority::OwnSiteUser,
             Action::PolicyDecision => Authority::CoordinatorOrAuditService,
             Action::CertificateIssued | Action::CertificateRevoked => Authority::CaAdministrator,
@@ -662,6 +665,9 @@ fn own_site_payload_site(
 ) -> Result<String, PayloadError> {
     match action {
         Action::DatasetDeidentified => Ok(DatasetDeidentified::from_value(0, payload)?.site),
+        Action::TextDatasetDeidentified => {
+            Ok(TextDatasetDeidentified::from_value(0, payload)?.site)
+        }
         Action::PrivacySpent => Ok(PrivacySpent::from_value(0, payload)?.site),
         Action::LedgerRestored => Ok(LedgerRestored::from_value(0, payload)?.site),
         other => Err(PayloadError::Malformed {

@@ -79,6 +79,13 @@ pub enum Action {
     /// cells changed, k and l achieved, suppressed rows, the configuration's digest: counts and
     /// column names, never a value), and the dataset commitment.
     DatasetDeidentified,
+    /// `dataset.text_deidentified`: a site node read a text dataset through the text protection
+    /// pipeline (content filter, PII redaction, near-duplicate removal, split by document or
+    /// patient) before a language model trained on it, appended by the node itself. Subject:
+    /// `<site>/<dataset>`. Payload ([`crate::payload::TextDatasetDeidentified`]): the job, the
+    /// pipeline's report (counts and settings, never a term, name or text), the privacy unit and
+    /// the dataset commitment over the protected documents.
+    TextDatasetDeidentified,
     /// `privacy.spent`: a site node charged its privacy ledger for one round of DP-SGD, appended
     /// by the node itself before the round's update leaves the site, so that the site's budget
     /// is anchored outside its own disk. Subject: `<site>/<dataset>`. Payload
@@ -94,7 +101,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 17] = [
+    pub const ALL: [Action; 18] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -110,6 +117,7 @@ impl Action {
         Action::CertificateIssued,
         Action::CertificateRevoked,
         Action::DatasetDeidentified,
+        Action::TextDatasetDeidentified,
         Action::PrivacySpent,
         Action::LedgerRestored,
     ];
@@ -132,6 +140,7 @@ impl Action {
             Action::CertificateIssued => "certificate.issued",
             Action::CertificateRevoked => "certificate.revoked",
             Action::DatasetDeidentified => "dataset.deidentified",
+            Action::TextDatasetDeidentified => "dataset.text_deidentified",
             Action::PrivacySpent => "privacy.spent",
             Action::LedgerRestored => "ledger.restored",
         }

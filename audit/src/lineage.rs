@@ -21,7 +21,7 @@ use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
 use crate::payload::{
     ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
-    ModelPublished, PayloadError, RoundCompleted, UpdateRefused,
+    ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified, UpdateRefused,
 };
 
 /// An event a reader did not believe, and why.
@@ -70,6 +70,33 @@ pub struct RefusalRecord {
     pub reason: Option<String>,
 }
 
+/// What a language-model job trains with and produces, as its signed spec names them.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LanguageModelRecord {
+    /// SHA-256 of the job's `tokenizer.json`.
+    pub tokenizer_sha256: Option<String>,
+    /// The base checkpoint's digest (`checkpoint_digest`).
+    pub base_sha256: Option<String>,
+    /// The `[lora]` section: rank, alpha, target modules, aggregation rule.
+    pub lora: Option<Value>,
+    /// The published adapters' digest (the job's model digest, for a LoRA job).
+    pub adapter_digest: Option<String>,
+}
+
+/// A site's text dataset as it was protected before a language model trained on it
+/// (`dataset.text_deidentified`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TextDeidentificationRecord {
+    pub seq: u64,
+    pub dataset: String,
+    pub config_sha256: String,
+    /// `document` or `patient`.
+    pub split_unit: String,
+    pub documents_in: u64,
+    pub documents_out: u64,
+    pub dataset_commitment: String,
+}
+
 /// Everything the log says about one job (and the model it produced).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct JobRecord {
@@ -89,6 +116,10 @@ pub struct JobRecord {
     pub epsilon_per_site: BTreeMap<String, f64>,
     /// Site -> dataset commitment, where a site reported one.
     pub dataset_commitments: BTreeMap<String, String>,
+    /// A language-model job's tokenizer, base and adapters; `None` for other jobs.
+    pub language_model: Option<LanguageModelRecord>,
+    /// Site -> the de-identification of its text dataset(s) for this job, in trail order.
+    pub text_deidentified: BTreeMap<String, Vec<TextDeidentificationRecord>>,
     /// `completed`, `failed`, `cancelled`, or `running` when no end is recorded.
     pub outcome: String,
     pub outcome_seq: Option<u64>,
@@ -166,6 +197,8 @@ pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRec
         participants: Vec::new(),
         epsilon_per_site: BTreeMap::new(),
         dataset_commitments: BTreeMap::new(),
+        language_model: None,
+        text_deidentified: BTreeMap::new(),
         outcome: "running".into(),
         outcome_seq: None,
         outcome_reason: None,
@@ -194,6 +227,12 @@ pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRec
     if let Some(eps) = completed_eps {
         r.epsilon_per_site = eps;
     }
+    // A LoRA job publishes its adapters: the model digest is theirs.
+    if let Some(lm) = &mut r.language_model
+        && lm.lora.is_some()
+    {
+        lm.adapter_digest = r.model_digest.clone();
+    }
     r
 }
 
@@ -212,6 +251,14 @@ fn apply_event(
             r.proposed_by = p.operator.or_else(|| Some(e.actor.clone()));
             r.code_version = Some(p.code_version);
             r.base_model = Some(p.base_model);
+            let language_model =
+                p.tokenizer_sha256.is_some() || p.base_sha256.is_some() || p.lora.is_some();
+            r.language_model = language_model.then_some(LanguageModelRecord {
+                tokenizer_sha256: p.tokenizer_sha256,
+                base_sha256: p.base_sha256,
+                lora: p.lora,
+                adapter_digest: None,
+            });
         }
         Action::JobApproved => {
             let p = JobApproved::from_event(e)?;
@@ -309,6 +356,21 @@ fn apply_event(
         }
         // Not part of a job's record (registrations, decisions, certificates, the sites'
         // de-identification reports and privacy spends are read where they are shown).
+        Action::TextDatasetDeidentified => {
+            let p = TextDatasetDeidentified::from_event(e)?;
+            r.text_deidentified
+                .entry(p.site)
+                .or_default()
+                .push(TextDeidentificationRecord {
+                    seq: e.seq,
+                    dataset: p.dataset,
+                    config_sha256: p.config_sha256,
+                    split_unit: p.split_unit,
+                    documents_in: p.documents_in,
+                    documents_out: p.documents_out,
+                    dataset_commitment: p.dataset_commitment,
+                });
+        }
         Action::PrivacySpent | Action::LedgerRestored => {}
         Action::NodeRegistered
         | Action::WatermarkRegistered

@@ -343,10 +343,10 @@ fn print_progress(s: &pb::JobStatus, printed: &mut u32) {
     for r in s.rounds.iter().filter(|r| r.round > since) {
         *printed = r.round;
         println!(
-            "round {:>3}/{:<3} accuracy {:.4} ({} sites, {:.1}s) state {}",
+            "round {:>3}/{:<3} {} ({} sites, {:.1}s) state {}",
             r.round,
             s.rounds_total,
-            r.eval_accuracy,
+            round_quality(r),
             r.participants.len(),
             r.seconds,
             s.state
@@ -420,6 +420,34 @@ async fn officer_signing(
     })
 }
 
+/// A language model's validation perplexity, for people: two decimals, or a whole number when
+/// it is large (an untrained model's is about its vocabulary size).
+fn perplexity(p: f64) -> String {
+    if p >= 1000.0 {
+        format!("{p:.0}")
+    } else {
+        format!("{p:.2}")
+    }
+}
+
+/// The round's quality as people read it: the sites' perplexity for a language model (each
+/// site's, reported as the round's global model scored on its validation split), the mean
+/// accuracy otherwise.
+fn round_quality(r: &pb::RoundSummary) -> String {
+    let ppl: Vec<f64> = r
+        .metrics
+        .iter()
+        .map(|m| m.eval_perplexity)
+        .filter(|p| *p > 0.0)
+        .collect();
+    if ppl.is_empty() {
+        format!("accuracy {:.4}", r.eval_accuracy)
+    } else {
+        let mean = ppl.iter().sum::<f64>() / ppl.len() as f64;
+        format!("perplexity {}", perplexity(mean))
+    }
+}
+
 pub fn print_status(s: &pb::JobStatus) {
     println!("job      {} ({})", s.job_id, s.name);
     println!(
@@ -462,23 +490,22 @@ pub fn print_status(s: &pb::JobStatus) {
     println!("sites    {}", s.connected_sites.join(", "));
     for r in &s.rounds {
         println!(
-            "  round {:>3} attempt {} accuracy {:.4} sites {} ({:.1}s)",
+            "  round {:>3} attempt {} {} sites {} ({:.1}s)",
             r.round,
             r.attempt,
-            r.eval_accuracy,
+            round_quality(r),
             r.participants.join(","),
             r.seconds
         );
         for m in &r.metrics {
+            let eval = if m.eval_perplexity > 0.0 {
+                format!("eval perplexity {}", perplexity(m.eval_perplexity))
+            } else {
+                format!("eval acc {:.4}", m.eval_accuracy)
+            };
             println!(
-                "    {:<16} eval acc {:.4} loss {:.4} (n={})  train loss {:.4} on {} samples in {:.2}s",
-                m.site,
-                m.eval_accuracy,
-                m.eval_loss,
-                m.eval_samples,
-                m.train_loss,
-                m.train_samples,
-                m.train_seconds
+                "    {:<16} {eval} loss {:.4} (n={})  train loss {:.4} on {} samples in {:.2}s",
+                m.site, m.eval_loss, m.eval_samples, m.train_loss, m.train_samples, m.train_seconds
             );
             if m.dp_delta > 0.0 {
                 println!(
@@ -558,6 +585,7 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
                 "dp_round_epsilon": m.dp_round_epsilon, "dp_job_epsilon": m.dp_job_epsilon,
                 "dp_delta": m.dp_delta, "dataset_commitment": m.dataset_commitment,
                 "deid_config_sha256": m.deid_config_sha256,
+                "eval_perplexity": m.eval_perplexity,
             })).collect::<Vec<_>>(),
             "refused": r.refused.iter().map(|x| serde_json::json!({"site": x.site, "reason": x.reason})).collect::<Vec<_>>(),
             "central_dp": r.central_dp.as_ref().map(|c| serde_json::json!({
@@ -567,4 +595,35 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
             })),
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(metrics: &[(f64, f64)]) -> pb::RoundSummary {
+        pb::RoundSummary {
+            eval_accuracy: 0.5,
+            metrics: metrics
+                .iter()
+                .map(|&(accuracy, perplexity)| pb::SiteMetrics {
+                    eval_accuracy: accuracy,
+                    eval_perplexity: perplexity,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_language_model_s_round_shows_perplexity_and_others_accuracy() {
+        assert_eq!(round_quality(&round(&[(0.5, 0.0)])), "accuracy 0.5000");
+        assert_eq!(
+            round_quality(&round(&[(0.0, 12.0), (0.0, 14.5)])),
+            "perplexity 13.25"
+        );
+        // An untrained model's perplexity is about its vocabulary size: no decimals then.
+        assert_eq!(round_quality(&round(&[(0.0, 4095.7)])), "perplexity 4096");
+    }
 }

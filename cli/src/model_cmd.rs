@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use tutela_protocol::checkpoint::{export_int8, merge_lora};
+use tutela_protocol::job::JobSpec;
+use tutela_protocol::peft_export::export_peft_adapter;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -19,6 +21,23 @@ pub enum ModelCommand {
         #[arg(long)]
         adapter: PathBuf,
         /// Where to write the merged model (created; existing files are overwritten).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Write a LoRA job's published model (its adapters' B, as the coordinator published them)
+    /// as a PEFT adapter directory that PEFT and `tutela model merge` read: each module's A is
+    /// the one every site derived from the job's seed, shaped by the base's module.
+    ExportAdapter {
+        /// The job spec (TOML): its `[lora]` and `seed`.
+        #[arg(long)]
+        job: PathBuf,
+        /// The published model (safetensors of the adapters' B).
+        #[arg(long)]
+        model: PathBuf,
+        /// The base checkpoint's directory (config.json, model.safetensors).
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT directory to write.
         #[arg(long)]
         output: PathBuf,
     },
@@ -46,6 +65,29 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 "merged {} adapted modules into {} tensors: {}",
                 report.merged_modules,
                 report.tensors,
+                output.display()
+            );
+        }
+        ModelCommand::ExportAdapter {
+            job,
+            model,
+            base,
+            output,
+        } => {
+            let text = std::fs::read_to_string(&job)
+                .with_context(|| format!("reading the job spec {}", job.display()))?;
+            let spec = JobSpec::from_toml_str(&text)
+                .with_context(|| format!("the job spec {}", job.display()))?;
+            let lora = spec
+                .lora
+                .as_ref()
+                .with_context(|| format!("the job spec {} has no [lora]", job.display()))?;
+            let report = export_peft_adapter(lora, spec.seed, &model, &base, &output)
+                .context("exporting the adapter")?;
+            println!(
+                "wrote the PEFT adapter ({} modules, rank {}): {}",
+                report.modules,
+                lora.rank,
                 output.display()
             );
         }

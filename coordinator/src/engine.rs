@@ -21,7 +21,7 @@ use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_audit::payload;
-use tutela_protocol::model_registry::ModelDescription;
+use tutela_protocol::initial_model::InitialModel;
 use tutela_protocol::pb;
 use tutela_protocol::stream;
 
@@ -509,7 +509,8 @@ impl Engine {
                     spec_digest: digest_hex,
                     rounds: spec.rounds,
                     code_version: crate::audit_trail::code_version(),
-                    base_model: None,
+                    // A language model's adapters sit on the base the signed spec names.
+                    base_model: spec.model.base_sha256.clone(),
                 },
                 true,
                 |_| true,
@@ -580,7 +581,7 @@ impl Engine {
         // What the answer must be: the job's model as the registry describes it. A spec whose
         // model the registry cannot describe never gets an initial model.
         let expected =
-            Arc::new(ModelDescription::for_job(&spec.model).map_err(|e| {
+            Arc::new(InitialModel::for_job(spec).map_err(|e| {
                 EngineError::Failed(format!("no initial model: the job's model: {e}"))
             })?);
         let mut last_reason = String::new();
@@ -1093,5 +1094,11 @@ fn proposal(
         participants: spec.sites.clone(),
         rounds: spec.rounds,
         privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
+        tokenizer_sha256: spec.model.tokenizer_sha256.clone(),
+        base_sha256: spec.model.base_sha256.clone(),
+        lora: spec
+            .lora
+            .as_ref()
+            .and_then(|l| serde_json::to_value(l).ok()),
     }
 }

@@ -386,6 +386,7 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                             dp_round_epsilon: m.dp_round_epsilon,
                             dp_job_epsilon: m.dp_job_epsilon,
                             dp_delta: m.dp_delta,
+                            eval_perplexity: m.eval_perplexity,
                         })
                         .collect(),
                     refused: r

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Notify;
-use tutela_protocol::model_registry::ModelDescription;
+use tutela_protocol::initial_model::InitialModel;
 use tutela_protocol::stream::{SafetensorsFileSink, SinkError, TensorSink};
 use tutela_protocol::tensor::Manifest;
 
@@ -25,10 +25,10 @@ pub use tutela_protocol::federation::meta;
 #[derive(Clone)]
 pub enum Destination {
     /// The job's initial weights, stored as a model once they match `expected` (the job's
-    /// model as the registry describes it).
+    /// model as the registry describes it, or a LoRA job's zero adapters).
     InitialModel {
         model_dir: PathBuf,
-        expected: Arc<ModelDescription>,
+        expected: Arc<InitialModel>,
     },
     /// A training update, folded into the round's aggregate.
     Round { aggregator: Arc<RoundAggregator> },
@@ -44,6 +44,9 @@ pub struct SiteMetrics {
     pub eval_loss: f64,
     pub eval_accuracy: f64,
     pub eval_samples: u64,
+    /// A language model's validation perplexity; 0 for other models (or when not sent).
+    #[serde(default)]
+    pub eval_perplexity: f64,
     /// The site's dataset commitment (hex), for lineage; empty when the node sent none.
     #[serde(default)]
     pub dataset_commitment: String,
@@ -290,6 +293,7 @@ pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, Sink
         eval_loss: finite_meta(m, meta::EVAL_LOSS)?,
         eval_accuracy: ranged_meta(m, meta::EVAL_ACCURACY, 0.0..=1.0)?,
         eval_samples: count_meta(m, meta::EVAL_SAMPLES)?,
+        eval_perplexity: finite_meta(m, meta::EVAL_PERPLEXITY)?,
         dataset_commitment: hex_meta(m, meta::DATASET_COMMITMENT)?,
         deid_config_sha256: hex_meta(m, meta::DEID_CONFIG)?,
         dp_round_epsilon: finite_meta(m, meta::DP_ROUND_EPSILON)?,
@@ -311,7 +315,11 @@ fn hex_meta(m: &Manifest, key: &str) -> Result<String, SinkError> {
 
 enum Inner {
     Unrouted,
-    Model(SafetensorsFileSink),
+    /// An initial model; `zeros_only`: every byte must be zero (a LoRA job's B = 0).
+    Model {
+        sink: SafetensorsFileSink,
+        zeros_only: bool,
+    },
     Update(UpdateSink),
 }
 
@@ -403,7 +411,10 @@ impl TensorSink for RoutingSink {
                     .map_err(|e| SinkError::Rejected(format!("the initial model: {e}")))?;
                 let mut sink = SafetensorsFileSink::content_addressed(model_dir);
                 sink.begin(manifest)?;
-                self.inner = Inner::Model(sink);
+                self.inner = Inner::Model {
+                    sink,
+                    zeros_only: expected.must_be_zero(),
+                };
             }
             Destination::Round { aggregator } => {
                 if self.metrics.train_samples == 0 {
@@ -424,7 +435,16 @@ impl TensorSink for RoutingSink {
     fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
         self.check_open()?;
         match &mut self.inner {
-            Inner::Model(s) => s.write(index, offset, data),
+            Inner::Model { sink, zeros_only } => {
+                // +0.0 is the only F32 whose bytes are all zero: -0.0 and denormals are refused.
+                if *zeros_only && data.iter().any(|&b| b != 0) {
+                    return Err(SinkError::Rejected(format!(
+                        "the initial model: tensor {index} is not all zeros; an initial adapter \
+                         is B = 0 (the base model exactly), with nothing trained in it"
+                    )));
+                }
+                sink.write(index, offset, data)
+            }
             Inner::Update(s) => s.write(index, offset, data),
             Inner::Unrouted => Err(SinkError::Rejected("data before the manifest".into())),
         }
@@ -435,8 +455,8 @@ impl TensorSink for RoutingSink {
         let inner = std::mem::replace(&mut self.inner, Inner::Unrouted);
         let task_id = self.task_id.take().unwrap_or_default();
         let model_id = match inner {
-            Inner::Model(s) => {
-                s.commit(digest)?;
+            Inner::Model { sink, .. } => {
+                sink.commit(digest)?;
                 Some(hex::encode(digest))
             }
             Inner::Update(s) => {
@@ -466,9 +486,11 @@ mod tests {
     }
 
     /// A logistic regression: the registry's `mlp` without hidden layers, 3 features, 2 classes.
-    fn expected_model() -> Arc<ModelDescription> {
+    fn expected_model() -> Arc<InitialModel> {
         let spec: tutela_protocol::job::ModelSpec = toml::from_str("name = \"mlp\"").unwrap();
-        Arc::new(ModelDescription::for_job(&spec).unwrap())
+        Arc::new(InitialModel::Layers(
+            tutela_protocol::model_registry::ModelDescription::for_job(&spec).unwrap(),
+        ))
     }
 
     fn honest_model() -> Vec<TensorSpec> {
@@ -548,6 +570,8 @@ mod tests {
             (meta::DP_ROUND_EPSILON, "-0.5"),
             (meta::DP_JOB_EPSILON, "inf"),
             (meta::DP_DELTA, "2"),
+            (meta::EVAL_PERPLEXITY, "NaN"),
+            (meta::EVAL_PERPLEXITY, "-2"),
         ];
         for (key, value) in bad {
             let table = open_table(dir.path());
@@ -560,6 +584,7 @@ mod tests {
         let good = [
             (meta::EVAL_ACCURACY, "1"),
             (meta::EVAL_ACCURACY, "0.93"),
+            (meta::EVAL_PERPLEXITY, "13.25"),
             (meta::TRAIN_LOSS, "0.25"),
             (meta::SAMPLES, "120"),
             (meta::DP_DELTA, "0.00001"),
@@ -676,5 +701,55 @@ mod tests {
             Err(SinkError::Rejected(why)) => assert!(why.contains("late"), "{why}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_lora_job_s_initial_model_is_its_zero_adapters_and_nothing_trained() {
+        let lora: tutela_protocol::lora::LoraSpec =
+            toml::from_str("rank = 2\nalpha = 4.0\ntarget_modules = [\"q_proj\"]").unwrap();
+        let expected = Arc::new(InitialModel::Adapters(
+            tutela_protocol::initial_model::AdapterDescription::new(&lora),
+        ));
+        let adapters = vec![TensorSpec::new(
+            tutela_protocol::lora::lora_b_name("model.layers.0.self_attn.q_proj"),
+            DType::F32,
+            vec![4, 2],
+        )];
+        let sink_for = |dir: &std::path::Path| {
+            let table = Arc::new(TaskTable::default());
+            table.register(
+                "t1",
+                "a",
+                "",
+                Instant::now() + Duration::from_secs(60),
+                Destination::InitialModel {
+                    model_dir: dir.to_path_buf(),
+                    expected: expected.clone(),
+                },
+                Arc::new(TaskGroup::default()),
+            );
+            RoutingSink::new(table, "a".into(), Default::default())
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The registry's layer network is not this job's model.
+        let mut sink = sink_for(dir.path());
+        match sink.begin(&manifest_for("t1")) {
+            Err(SinkError::Rejected(why)) => assert!(why.contains("not a LoRA adapter"), "{why}"),
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
+        // B with a trained value in it is refused at the byte.
+        let mut sink = sink_for(dir.path());
+        sink.begin(&manifest_with("t1", adapters.clone(), &[]))
+            .expect("the adapters' names and shapes");
+        let mut bytes = vec![0u8; 32];
+        bytes[13] = 1;
+        match sink.write(0, 0, &bytes) {
+            Err(SinkError::Rejected(why)) => assert!(why.contains("not all zeros"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // B = 0 is stored as the job's first global model.
+        let mut sink = sink_for(dir.path());
+        sink.begin(&manifest_with("t1", adapters, &[])).unwrap();
+        sink.write(0, 0, &[0u8; 32]).unwrap();
     }
 }

@@ -19,6 +19,9 @@ pub mod meta {
     pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
     /// ... and the number of validation rows.
     pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
+    /// A language model's perplexity on the validation split (exp of the mean per-token loss),
+    /// before training; absent for other models.
+    pub const EVAL_PERPLEXITY: &str = "tutela.eval.perplexity";
     /// The salted Merkle root (hex) over the site's anonymized dataset rows
     /// (`tutela_privacy::commitment`), for the model's lineage; absent when the node has no
     /// site secret.

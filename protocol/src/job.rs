@@ -88,6 +88,13 @@ pub struct ModelSpec {
     /// canonical JSON, so such jobs keep the digest they had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer_sha256: Option<String>,
+    /// A language model's base checkpoint: `checkpoint_digest` of its Hugging Face directory
+    /// (SHA-256 over the canonical `config.json` and every tensor's name, dtype, shape and
+    /// bytes; `tutela-node lm digest DIR` prints it), 64 lowercase hex digits. Inside the digest
+    /// the officers sign, so they approve that exact base; a site that holds no checkpoint with
+    /// this digest declines. Absent, it is left out of the canonical JSON, like the tokenizer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
     /// Hyper-parameters, e.g. `hidden = [64, 32]`, `dropout = 0.1`.
     #[serde(flatten)]
     pub params: toml::Table,
@@ -424,6 +431,17 @@ impl JobSpec {
                 format!(
                     "must be the SHA-256 of the tokenizer's tokenizer.json as 64 lowercase hex \
                      digits (`tutela-node tokenizer digest FILE` prints it), got {d:?}"
+                ),
+            ));
+        }
+        if let Some(d) = &self.model.base_sha256
+            && !is_hex_digest(d)
+        {
+            return Err(SpecError::invalid(
+                "model.base_sha256",
+                format!(
+                    "must be the digest of the base checkpoint as 64 lowercase hex digits \
+                     (`tutela-node lm digest DIR` prints it), got {d:?}"
                 ),
             ));
         }
@@ -1029,5 +1047,25 @@ batch_size = 8
             "name = \"llama\"\ntokenizer_sha256 = 42",
         );
         assert!(JobSpec::from_toml_str(&not_a_string).is_err());
+    }
+
+    #[test]
+    fn the_base_model_digest_is_signed_and_checked_like_the_tokenizer_s() {
+        let with_base = |digest: &str| {
+            SPEC.replace(
+                "name = \"llama\"",
+                &format!("name = \"llama\"\nbase_sha256 = \"{digest}\""),
+            )
+        };
+        let spec = JobSpec::from_toml_str(&with_base(A)).unwrap();
+        assert_eq!(spec.model.base_sha256.as_deref(), Some(A));
+        assert!(!spec.model.params.contains_key("base_sha256"));
+        let plain = JobSpec::from_toml_str(SPEC).unwrap();
+        assert!(!plain.canonical_json().contains("base_sha256"));
+        let b = JobSpec::from_toml_str(&with_base(B)).unwrap();
+        assert_ne!(spec.digest(), b.digest());
+        assert_ne!(spec.digest(), plain.digest());
+        let e = JobSpec::from_toml_str(&with_base(&A[..63])).unwrap_err();
+        assert_eq!(e.key(), Some("model.base_sha256"), "{e}");
     }
 }

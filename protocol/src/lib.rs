@@ -25,10 +25,12 @@ pub mod federation;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod identity;
+pub mod initial_model;
 pub mod job;
 pub mod logging;
 pub mod lora;
 pub mod model_registry;
+pub mod peft_export;
 pub mod pki;
 pub mod secagg;
 pub mod server;

@@ -12,6 +12,12 @@ use super::{DeviceArg, encode, load_tokenizer};
 
 #[derive(Subcommand)]
 pub enum LmCommand {
+    /// Prints the digest that names a Hugging Face checkpoint directory (a job's
+    /// `[model] base_sha256`): SHA-256 over the canonical config.json and every tensor.
+    Digest {
+        /// The checkpoint directory (config.json, model.safetensors or its shards).
+        dir: PathBuf,
+    },
     /// Prints `perplexity = X` of a Hugging Face checkpoint on a text file, in windows of at
     /// most --window tokens advancing by --stride (each token scored once). An INT8 export
     /// (`tutela model export-int8`) is scored dequantized.
@@ -153,6 +159,12 @@ fn step_bar(quiet: bool, what: &str) -> anyhow::Result<indicatif::ProgressBar> {
 
 pub fn run(command: LmCommand) -> anyhow::Result<()> {
     match command {
+        LmCommand::Digest { dir } => {
+            let digest = tutela_site_node::lm::hf::checkpoint_digest(&dir)
+                .with_context(|| format!("digesting the checkpoint {}", dir.display()))?;
+            println!("{digest}  {}", dir.display());
+            Ok(())
+        }
         LmCommand::Perplexity {
             model,
             tokenizer,

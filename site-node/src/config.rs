@@ -111,6 +111,12 @@ pub struct NodeConfig {
     /// declines every job that names a tokenizer.
     #[serde(default)]
     pub tokenizers: Vec<PathBuf>,
+    /// The base checkpoints this site holds for language-model jobs: each entry a Hugging Face
+    /// directory (`config.json` + safetensors) or a directory of such directories. A job names
+    /// its base by digest (`[model] base_sha256`); the node declines a job whose base none of
+    /// these has (see `crate::lm::base`). Empty: every job that names a base is declined.
+    #[serde(default)]
+    pub base_models: Vec<PathBuf>,
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
@@ -358,10 +364,26 @@ impl NodeConfig {
                 ));
             }
         }
-        if self.datasets.is_empty() {
+        for (i, base) in self.base_models.iter().enumerate() {
+            if base.as_os_str().is_empty() {
+                return Err(invalid(
+                    &format!("base_models[{i}]"),
+                    "must not be empty".into(),
+                ));
+            }
+            if self.base_models[..i].contains(base) {
+                return Err(invalid(
+                    &format!("base_models[{i}]"),
+                    format!("{} is listed twice", base.display()),
+                ));
+            }
+        }
+        if self.datasets.is_empty() && self.text_datasets.is_empty() {
             return Err(invalid(
                 "datasets",
-                "has no dataset: add a [datasets.<schema name>] table with path and schema".into(),
+                "has no dataset: add a [datasets.<schema name>] table with path and schema (or a \
+                 [text_datasets.<name>] table for language models)"
+                    .into(),
             ));
         }
         for (name, d) in &self.datasets {
@@ -501,6 +523,9 @@ impl NodeConfig {
         }
         for tokenizer in &mut self.tokenizers {
             fix(tokenizer);
+        }
+        for base in &mut self.base_models {
+            fix(base);
         }
         for d in self.datasets.values_mut() {
             if !d.path.as_os_str().is_empty() {

@@ -23,6 +23,9 @@ use tutela_privacy::anonymize::{AnonymizeError, BadKind, ReadError};
 use crate::agent::{LocalError, Refusal};
 use crate::data::DataError;
 use crate::jobspec::JobSpecError;
+use crate::lm::round::LmRoundError;
+use crate::lm::text_dataset::TextDatasetError;
+use crate::lm::text_source::TextSourceError;
 use crate::models::ModelError;
 use crate::train::TrainError;
 
@@ -94,6 +97,8 @@ pub enum FailureCode {
     AuditUnavailable,
     /// The job's tokenizer (named by digest) is not one this site holds.
     TokenizerRefused,
+    /// The job's base checkpoint (named by digest) is not one this site holds.
+    BaseModelRefused,
     /// Anything else inside the node.
     Internal,
 }
@@ -133,6 +138,7 @@ impl FailureCode {
             DeadlinePassed => "task.deadline_passed",
             AuditUnavailable => "audit.unavailable",
             TokenizerRefused => "model.tokenizer_refused",
+            BaseModelRefused => "model.base_refused",
             Internal => "node.internal",
         }
     }
@@ -352,9 +358,70 @@ impl From<&LocalError> for SiteFailure {
             LocalError::Model(m) => SiteFailure::from(m),
             LocalError::Train(t) => SiteFailure::from(t),
             LocalError::Data(d) => SiteFailure::from(d.as_ref()).with_detail(e.to_string()),
+            LocalError::TextData(t) => SiteFailure::from(t.as_ref()).with_detail(e.to_string()),
+            LocalError::LanguageRound(r) => {
+                SiteFailure::from(r.as_ref()).with_detail(e.to_string())
+            }
             LocalError::Update(_) => SiteFailure::new(UpdateFailed, e),
             // Ledger errors name the ledger's file.
             LocalError::Privacy(_) => SiteFailure::new(PrivacyRefused, e),
+        }
+    }
+}
+
+impl From<&LmRoundError> for SiteFailure {
+    /// The round's errors may name the base checkpoint's or the tokenizer's files: only what is
+    /// about the job (its spec) is quoted.
+    fn from(e: &LmRoundError) -> Self {
+        use FailureCode::*;
+        match e {
+            LmRoundError::JobSpec(j) => SiteFailure::from(j),
+            LmRoundError::Model(_) | LmRoundError::Tokenizer(_) => {
+                SiteFailure::new(ModelInvalid, e)
+            }
+            LmRoundError::GlobalAdapter(_) => SiteFailure::new(GlobalModelUnusable, e),
+            LmRoundError::Train(t) => SiteFailure::from(t).with_detail(e.to_string()),
+            LmRoundError::Update(_) => SiteFailure::new(UpdateFailed, e),
+            // The key is the job's or the dataset configuration's name, never a value.
+            LmRoundError::Data { key, .. } => SiteFailure::new(DataUnusable, e).column(key),
+            // Ledger errors name the ledger's file.
+            LmRoundError::Privacy(_) => SiteFailure::new(PrivacyRefused, e),
+        }
+    }
+}
+
+impl From<&TextDatasetError> for SiteFailure {
+    /// A text dataset's errors name files, lines and fields: only the code and a field name
+    /// (a configured key, never a value) leave the site.
+    fn from(e: &TextDatasetError) -> Self {
+        use FailureCode::*;
+        match e {
+            TextDatasetError::Config { key, .. } => {
+                SiteFailure::new(DataSchemaInvalid, e).column(key)
+            }
+            TextDatasetError::File { .. } => SiteFailure::new(DataUnreadable, e),
+            TextDatasetError::Source { source, .. } => {
+                let code = match source {
+                    TextSourceError::Io { .. } => DataUnreadable,
+                    TextSourceError::LineTooLong { .. }
+                    | TextSourceError::DocumentTooLarge { .. } => DataTooLong,
+                    TextSourceError::NotUtf8 { .. } | TextSourceError::BadJson { .. } => {
+                        DataMalformed
+                    }
+                    TextSourceError::MissingField { .. } => DataMissingValue,
+                    TextSourceError::FieldType { .. } => DataInvalidValue,
+                    TextSourceError::Empty { .. } => DataEmpty,
+                };
+                let failure = SiteFailure::new(code, e);
+                match source {
+                    TextSourceError::MissingField { field, .. }
+                    | TextSourceError::FieldType { field, .. } => failure.column(field),
+                    _ => failure,
+                }
+            }
+            TextDatasetError::Protection { source, .. } => {
+                SiteFailure::from(source).with_detail(e.to_string())
+            }
         }
     }
 }
@@ -369,13 +436,20 @@ impl From<&Refusal> for SiteFailure {
             Refusal::UnknownKind(_) | Refusal::NoGlobalModel => {
                 SiteFailure::with_public_note(TaskInvalid, r)
             }
-            Refusal::JobSpec(_) => SiteFailure::with_public_note(JobSpecInvalid, r),
+            // A language model's job must name its tokenizer: a key missing from the spec.
+            Refusal::JobSpec(_) | Refusal::NoTokenizer { .. } => {
+                SiteFailure::with_public_note(JobSpecInvalid, r)
+            }
             Refusal::UnknownSchema { .. } => SiteFailure::with_public_note(UnknownSchema, r),
             Refusal::PrivacyBudget(_) => SiteFailure::with_public_note(PrivacyBudget, r),
             Refusal::Ledger(_) => SiteFailure::new(PrivacyLedgerUnusable, r),
             Refusal::Policy(_) => SiteFailure::with_public_note(PolicyRefused, r),
             // Carries the digest the job names and the site's, never the file's path.
             Refusal::Tokenizer(_) => SiteFailure::with_public_note(TokenizerRefused, r),
+            // Digests only, never the checkpoint's directory.
+            Refusal::BaseModel(_) => SiteFailure::with_public_note(BaseModelRefused, r),
+            // May name a file of the site's base checkpoint.
+            Refusal::ModelUnusable(_) => SiteFailure::new(ModelInvalid, r),
         }
     }
 }
@@ -414,6 +488,7 @@ mod tests {
     #[test]
     fn a_refusal_about_the_task_is_sent_whole() {
         let r = Refusal::UnknownSchema {
+            kind: "dataset",
             schema: "mnist".into(),
             known: "breast_cancer".into(),
         };

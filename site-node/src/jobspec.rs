@@ -33,6 +33,8 @@ fn invalid(key: &str, problem: impl Into<String>) -> JobSpecError {
 
 /// The `[model]` key naming the job's tokenizer by digest (`tutela_protocol::job::ModelSpec`).
 const TOKENIZER_SHA256: &str = "tokenizer_sha256";
+/// The `[model]` key naming the job's base checkpoint by digest (`tutela_protocol::job::ModelSpec`).
+const BASE_SHA256: &str = "base_sha256";
 
 /// What the node reads of a job spec. Unknown keys are ignored on purpose (see the module doc).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -122,6 +124,7 @@ impl JobView {
         let view: JobView = toml::from_str(text)?;
         view.model_name()?;
         view.tokenizer_sha256()?;
+        view.base_sha256()?;
         if let Some(p) = &view.privacy {
             p.validate().map_err(|e| match e {
                 tutela_protocol::job::SpecError::Invalid { key, problem } => {
@@ -196,6 +199,19 @@ impl JobView {
         }
     }
 
+    /// `model.base_sha256`: the digest of the base checkpoint a language model starts from
+    /// (`lm::hf::checkpoint_digest`), when the job names one.
+    pub fn base_sha256(&self) -> Result<Option<&str>, JobSpecError> {
+        match self.model.get(BASE_SHA256) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) if tutela_protocol::job::is_hex_digest(s) => Ok(Some(s)),
+            Some(other) => Err(invalid(
+                "model.base_sha256",
+                format!("must be a SHA-256 digest, 64 lowercase hex digits, found {other}"),
+            )),
+        }
+    }
+
     /// The model's spec: the job's hyper-parameters, with the input shape and class count that
     /// the local data's schema dictates. A hyper-parameter the model registry does not know is an
     /// error (the node cannot honour a setting it does not understand).
@@ -206,7 +222,7 @@ impl JobView {
     ) -> Result<ModelSpec, JobSpecError> {
         let mut table = self.model.clone();
         // What the model is built from, not a hyper-parameter of the registry's.
-        for not_a_hyper_parameter in ["name", TOKENIZER_SHA256] {
+        for not_a_hyper_parameter in ["name", TOKENIZER_SHA256, BASE_SHA256] {
             table.remove(not_a_hyper_parameter);
         }
         for derived in ["input_shape", "num_classes"] {

@@ -31,14 +31,14 @@ use tutela_audit::Update;
 use tutela_audit::client::{AuditClient, AuditClientError, AuditEndpoint};
 use tutela_audit::filter::EventFilter;
 use tutela_audit::payload::ActionPayload;
-use tutela_audit::payload::DatasetDeidentified;
+
 use tutela_audit::payload::privacy::PrivacySpent;
 use tutela_privacy::at_rest::KeyEncryptionKey;
 use tutela_protocol::tls::TlsMaterial;
 
+use crate::agent::Deidentification;
 use crate::audit_checkpoint::{AuditCheckpointError, HeldCheckpoint};
 use crate::ledger::AnchoredSpend;
-use crate::local::LocalDataset;
 
 /// `[audit]` of node.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -169,46 +169,29 @@ impl SiteAudit {
         })
     }
 
-    /// Appends the `dataset.deidentified` event for `data` unless this process already did
-    /// (same dataset, same report and commitment). Returns whether it appended.
+    /// Appends the dataset's de-identification event (`dataset.deidentified` for a table,
+    /// `dataset.text_deidentified` for a text dataset) unless this process already did (same
+    /// dataset, same protection configuration and commitment). Returns whether it appended.
     pub async fn record_deidentification(
         &self,
         site: &str,
-        job_id: &str,
-        dataset: &str,
-        data: &LocalDataset,
+        record: &Deidentification,
     ) -> Result<bool, SiteAuditError> {
-        let Some(report) = &data.deid else {
-            return Ok(false);
-        };
-        let commitment = data.commitment.map(|c| c.root_hex());
-        let key = (
-            dataset.to_string(),
-            format!(
-                "{}:{}",
-                report.config_sha256,
-                commitment.as_deref().unwrap_or("-")
-            ),
-        );
+        let dataset = record.dataset().to_string();
+        let key = (dataset.clone(), record.identity());
         if self.lock_recorded().contains(&key) {
             return Ok(false);
         }
-        let payload = DatasetDeidentified {
-            site: site.to_string(),
-            dataset: dataset.to_string(),
-            job: job_id.to_string(),
-            // The report is counts and column names (serialising plain data cannot fail).
-            report: serde_json::to_value(report).unwrap_or_default(),
-            dataset_commitment: commitment,
-        };
+        let subject = format!("{site}/{dataset}");
         let mut client = self.client.clone();
-        let receipt = client
-            .append_payload(&format!("{site}/{dataset}"), &payload)
-            .await
-            .map_err(|source| SiteAuditError::Record {
-                dataset: dataset.to_string(),
-                source,
-            })?;
+        let appended = match record {
+            Deidentification::Table(payload) => client.append_payload(&subject, payload).await,
+            Deidentification::Text(payload) => client.append_payload(&subject, payload).await,
+        };
+        let receipt = appended.map_err(|source| SiteAuditError::Record {
+            dataset: dataset.clone(),
+            source,
+        })?;
         tracing::info!(
             %dataset,
             seq = receipt.seq,

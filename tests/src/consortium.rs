@@ -271,6 +271,14 @@ impl Consortium {
         people
     }
 
+    /// Starts a node for `site` with `dataset` as it is (top-level keys first, then its
+    /// `[datasets.*]` or `[text_datasets.*]` tables) and `extra` appended to its node.toml; the
+    /// files it names are the caller's (a language model's text, tokenizer and base checkpoint).
+    pub fn start_node_with(&mut self, site: &str, dataset: &str, extra: &str) {
+        std::fs::create_dir_all(self.dir.join("sites").join(site)).unwrap();
+        self.spawn_node(site, dataset, extra);
+    }
+
     /// Certifies a node for `site` and starts it with `dataset` (top-level keys first, then its
     /// `[datasets.*]` table) and `extra` appended to its node.toml. Unless `node_top_level` gives
     /// the site a `site_policy`, the node runs with `insecure_no_approvals = true`.

@@ -26,6 +26,16 @@ pub struct JobProposed {
     /// The job's DP parameters, as the spec states them.
     #[serde(default)]
     pub privacy: serde_json::Value,
+    /// A language model's tokenizer, as the signed spec names it (`model.tokenizer_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_sha256: Option<String>,
+    /// A language model's base checkpoint, as the signed spec names it (`model.base_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
+    /// The spec's `[lora]` section (rank, alpha, target modules, aggregation rule): the job
+    /// trains and publishes adapters only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<serde_json::Value>,
 }
 
 impl ActionPayload for JobProposed {

@@ -25,7 +25,7 @@ pub use job::{
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
 pub use policy::PolicyDecision;
-pub use site::{DatasetDeidentified, NodeRegistered};
+pub use site::{DatasetDeidentified, NodeRegistered, TextDatasetDeidentified};
 
 /// The payload of one action. `ACTION` ties the struct to its action so that a writer cannot
 /// append a payload under another action's name and a reader cannot decode one as another.
@@ -102,6 +102,7 @@ pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), Pa
         Action::CertificateIssued => shape::<CertificateIssued>(payload),
         Action::CertificateRevoked => shape::<CertificateRevoked>(payload),
         Action::DatasetDeidentified => shape::<DatasetDeidentified>(payload),
+        Action::TextDatasetDeidentified => shape::<TextDatasetDeidentified>(payload),
         Action::PrivacySpent => shape::<privacy::PrivacySpent>(payload),
         Action::LedgerRestored => shape::<privacy::LedgerRestored>(payload),
     }

@@ -19,7 +19,7 @@ use tutela_audit::lineage::{ReportFormat, job_record, render_report};
 use tutela_audit::log::{AppendError, AuditLog, LogConfig, LogError};
 use tutela_audit::payload::{
     ActionPayload, CertificateRevoked, JobApproved, JobCompleted, JobProposed, PayloadError,
-    RoundCompleted, SiteRoundMetrics, UpdateRefused,
+    RoundCompleted, SiteRoundMetrics, TextDatasetDeidentified, UpdateRefused,
 };
 use tutela_audit::store::AuditStore;
 use tutela_audit::{Action, Chain, Event, Timestamp, verify_log};
@@ -193,6 +193,48 @@ async fn forged_actions_are_refused_at_append_and_nothing_is_stored() {
         log.append(NODE, Action::DatasetDeidentified, "hospital-a/d", own)
             .await
             .unwrap();
+        // The same for a text dataset's report, by its typed payload.
+        let text = |site: &str| {
+            TextDatasetDeidentified {
+                site: site.into(),
+                dataset: "notes".into(),
+                job: JOB.into(),
+                config_sha256: "a".repeat(64),
+                split_unit: "patient".into(),
+                documents_in: 10,
+                documents_out: 8,
+                report: json!({}),
+                dataset_commitment: "b".repeat(64),
+            }
+            .to_value()
+        };
+        let e = unauthorized(
+            log.append(
+                NODE,
+                Action::TextDatasetDeidentified,
+                "hospital-b/notes",
+                text("hospital-b"),
+            )
+            .await,
+        );
+        assert!(matches!(e, AuthorityError::NotItsSite { .. }), "{e}");
+        unauthorized(
+            log.append(
+                COORDINATOR,
+                Action::TextDatasetDeidentified,
+                "hospital-a/notes",
+                text("hospital-a"),
+            )
+            .await,
+        );
+        log.append(
+            NODE,
+            Action::TextDatasetDeidentified,
+            "hospital-a/notes",
+            text("hospital-a"),
+        )
+        .await
+        .unwrap();
         let refusal = |site: &str| {
             UpdateRefused {
                 round: 1,
@@ -240,6 +282,7 @@ async fn forged_actions_are_refused_at_append_and_nothing_is_stored() {
                 Action::JobProposed,
                 Action::CertificateRevoked,
                 Action::DatasetDeidentified,
+                Action::TextDatasetDeidentified,
                 Action::UpdateRefused
             ],
             "{:?}",
@@ -534,6 +577,10 @@ fn every_action_declares_who_may_assert_it() {
         Authority::OwnSiteNode
     );
     assert_eq!(
+        Authority::of(Action::TextDatasetDeidentified),
+        Authority::OwnSiteNode
+    );
+    assert_eq!(
         Authority::of(Action::JobApproved),
         Authority::SignedByOfficer
     );
@@ -700,5 +747,64 @@ async fn a_row_forged_as_the_coordinator_past_the_last_checkpoint_blocks_reopeni
             .unwrap()
             .len();
         assert_eq!(before, after, "{:?}: a checkpoint was signed", db.backend);
+    }
+}
+
+#[tokio::test]
+async fn lineage_shows_a_language_model_job_s_tokenizer_base_adapters_and_text_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_cert, _key, ca) = officer(dir.path());
+    for db in databases("lineage_lm").await {
+        let log = start(&db.url, &key_pkcs8(), &ca).await.unwrap();
+        let mut proposed = proposal(DIGEST, &["hospital-a"]);
+        proposed["base_model"] = json!("llama");
+        proposed["tokenizer_sha256"] = json!("c".repeat(64));
+        proposed["base_sha256"] = json!("d".repeat(64));
+        proposed["lora"] = json!({"rank": 8, "alpha": 16.0, "target_modules": ["q_proj"],
+                                  "dropout": 0.0, "aggregation": "ffa"});
+        log.append(COORDINATOR, Action::JobProposed, JOB, proposed)
+            .await
+            .unwrap();
+        let text = TextDatasetDeidentified {
+            site: "hospital-a".into(),
+            dataset: "notes".into(),
+            job: JOB.into(),
+            config_sha256: "e".repeat(64),
+            split_unit: "patient".into(),
+            documents_in: 1215,
+            documents_out: 347,
+            report: json!({"documents_in": 1215}),
+            dataset_commitment: "f".repeat(64),
+        };
+        log.append(
+            NODE,
+            Action::TextDatasetDeidentified,
+            "hospital-a/notes",
+            text.to_value(),
+        )
+        .await
+        .unwrap();
+        log.append(COORDINATOR, Action::JobCompleted, JOB, completed())
+            .await
+            .unwrap();
+        let events = log.store().all_events().await.unwrap();
+        let record = job_record(&events, JOB, &check(&ca));
+        assert!(record.flagged.is_empty(), "{:?}", record.flagged);
+        let lm = record.language_model.clone().expect("a language-model job");
+        assert_eq!(lm.tokenizer_sha256, Some("c".repeat(64)));
+        assert_eq!(lm.base_sha256, Some("d".repeat(64)));
+        assert_eq!(lm.lora.as_ref().unwrap()["rank"], json!(8));
+        // A LoRA job publishes adapters: the model digest is the adapters'.
+        assert_eq!(lm.adapter_digest.as_deref(), Some(MODEL));
+        let reports = &record.text_deidentified["hospital-a"];
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].split_unit, "patient");
+        assert_eq!(reports[0].documents_out, 347);
+        assert_eq!(reports[0].dataset_commitment, "f".repeat(64));
+        // `tutela audit lineage` prints the record as JSON: the digests are in it.
+        let json = serde_json::to_string(&record).unwrap();
+        for digest in ["c".repeat(64), "d".repeat(64), MODEL.to_string()] {
+            assert!(json.contains(&digest), "{json}");
+        }
     }
 }

@@ -242,6 +242,7 @@ fn action_names_round_trip() {
             "certificate.issued",
             "certificate.revoked",
             "dataset.deidentified",
+            "dataset.text_deidentified",
             "privacy.spent",
             "ledger.restored"
         ]

@@ -18,9 +18,13 @@
 //! - [`round`]: the site's language-model training round as a library (the adapters of a job
 //!   trained on a text dataset, DP-SGD over privacy units charged to the ledger).
 //!
-//! Not wired into the agent yet: see `docs/architecture.md`, "Text datasets" and "LoRA adapters
-//! under DP".
+//! - [`base`]: the base checkpoints a site holds (node.toml `base_models`), by digest, and the
+//!   check that a job's `model.base_sha256` is one of them.
+//!
+//! The agent runs them through its round seam (`crate::agent::language`): see
+//! `docs/architecture.md`, "Site node", "Text datasets" and "LoRA adapters under DP".
 
+pub mod base;
 pub mod central;
 pub mod config;
 pub mod error;

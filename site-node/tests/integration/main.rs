@@ -16,6 +16,7 @@ mod fuzz_corpus;
 mod keys;
 mod lm;
 mod lm_adapters;
+mod lm_admission;
 mod lm_round;
 mod lora;
 mod models;

@@ -73,7 +73,11 @@ async fn no_cell_value_or_path_reaches_the_coordinator_or_the_trail() {
     }
     let riverside_csv = d.join("sites/riverside/data.csv");
     let riverside_tmp = d.join("sites/riverside/data.csv.tmp");
-    std::fs::write(&riverside_tmp, format!("{header}\n{}\n", planted.join("\n"))).unwrap();
+    std::fs::write(
+        &riverside_tmp,
+        format!("{header}\n{}\n", planted.join("\n")),
+    )
+    .unwrap();
     std::fs::rename(&riverside_tmp, &riverside_csv).unwrap();
     let records = d.join("sites/general/records.csv");
     let text = std::fs::read_to_string(&records).unwrap();

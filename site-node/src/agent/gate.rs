@@ -1,0 +1,374 @@
+//! The checks a task passes before the node touches data.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tutela_protocol::pb;
+
+use super::language::LanguageRound;
+use super::round::{LocalError, LocalRound};
+use super::tabular::TabularRound;
+use super::{NODE_VERSION, now_ms};
+use crate::dataset::SiteDataset;
+use crate::jobspec::{JobView, StrategyView};
+use crate::ledger::SiteLedgers;
+use crate::lm::base::{ApprovedBase, BaseModelRefusal, SiteBaseModels};
+use crate::lm::round::job::LmJob;
+use crate::lm::text_dataset::TextDataset;
+use crate::lm::tokenizer::site::{ApprovedTokenizer, SiteTokenizers, TokenizerRefusal};
+use crate::models::{ModelFamily, family_of};
+use crate::resend::ResendCache;
+
+/// Why the node will not do a task; decided before any data is touched.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the task's deadline passed {late_ms} ms ago")]
+    DeadlinePassed { late_ms: i64 },
+    #[error("unknown task kind {0}: this node (version {NODE_VERSION}) does INITIALIZE and TRAIN")]
+    UnknownKind(i32),
+    #[error("{0}")]
+    JobSpec(String),
+    #[error("this site has no {kind} for schema {schema:?}; it has: {known}")]
+    UnknownSchema {
+        /// `dataset` (a table, for a layer network) or `text dataset` (for a language model).
+        kind: &'static str,
+        schema: String,
+        known: String,
+    },
+    #[error("a TRAIN task must name its global model (global_model_id is empty)")]
+    NoGlobalModel,
+    /// The job's planned privacy spend would pass a cap of the site's budget (with the numbers).
+    #[error("{0}")]
+    PrivacyBudget(String),
+    /// The site's privacy ledger could not be read (the error names its file: not sent).
+    #[error("{0}")]
+    Ledger(String),
+    /// Not approved by this site's officers, or against the site policy (naming the clause).
+    #[error("{0}")]
+    Policy(#[from] crate::approvals::ApprovalRefusal),
+    /// The job's tokenizer is not one this site holds (with both digests, never a path).
+    #[error("{0}")]
+    Tokenizer(#[from] TokenizerRefusal),
+    /// A language-model job that names no tokenizer: the node will not guess one.
+    #[error(
+        "the job's model {model:?} is a language model, but the job names no tokenizer \
+         (`model.tokenizer_sha256`)"
+    )]
+    NoTokenizer { model: String },
+    /// The job's base checkpoint is not one this site holds (with digests, never a path).
+    #[error("{0}")]
+    BaseModel(#[from] BaseModelRefusal),
+    /// The job's model could not be sized from the site's base checkpoint (the error may name
+    /// its files: not sent).
+    #[error("the job's model: {0}")]
+    ModelUnusable(String),
+}
+
+impl Refusal {
+    /// Whether the refusal is sent to the coordinator. A task past its deadline is closed there
+    /// already, so telling it would only be refused in turn.
+    pub fn is_reported(&self) -> bool {
+        !matches!(self, Refusal::DeadlinePassed { .. })
+    }
+}
+
+/// What the node does for an admitted task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    Initialize,
+    Train,
+    /// A TRAIN task for a round this node already released an update of, on the same global
+    /// model: the update is sent again, nothing is trained or charged (see [`crate::resend`]).
+    Resend,
+}
+
+/// A task that passed [`TaskGate::check_task`], with what the node needs to do it.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub work: Work,
+    pub job: JobView,
+    pub strategy: StrategyView,
+    /// The round the job's model family trains, on the dataset the job's schema names (not
+    /// read yet), chosen here once.
+    pub round: Arc<dyn LocalRound>,
+    /// The task's job, for the privacy ledger.
+    pub job_id: String,
+    /// The site's privacy ledgers, when it keeps a budget (see [`crate::ledger`]).
+    pub ledgers: Option<Arc<SiteLedgers>>,
+    /// The tokenizer the job names (`model.tokenizer_sha256`), read and digested when the task
+    /// was admitted: training loads these bytes, not the file again.
+    pub tokenizer: Option<ApprovedTokenizer>,
+    /// The base checkpoint the job names (`model.base_sha256`), found among the site's.
+    pub base: Option<ApprovedBase>,
+}
+
+/// The dataset a job's schema names, of the kind its model family reads.
+enum JobData {
+    Table(Arc<SiteDataset>),
+    Text(Arc<TextDataset>),
+}
+
+impl JobData {
+    fn name(&self) -> &str {
+        match self {
+            JobData::Table(d) => d.name(),
+            JobData::Text(d) => d.name(),
+        }
+    }
+}
+
+/// The checks a task passes before the node touches data: the seam where local policy, signed
+/// approvals and the privacy budget will plug in.
+#[derive(Debug, Clone)]
+pub struct TaskGate {
+    datasets: BTreeMap<String, Arc<SiteDataset>>,
+    ledgers: Option<Arc<SiteLedgers>>,
+    /// The last released update, which a repeated round is answered with.
+    resends: Arc<ResendCache>,
+    /// The site policy and approval check (`site_policy` in node.toml); `None`: not checked,
+    /// which the node allows only under `insecure_no_approvals = true` (each task warns).
+    approvals: Option<Arc<crate::approvals::SiteApprovals>>,
+    /// The tokenizer files the site holds (`tokenizers` in node.toml).
+    tokenizers: SiteTokenizers,
+    /// The text datasets language models train on (`[text_datasets.<name>]` in node.toml).
+    text_datasets: BTreeMap<String, Arc<TextDataset>>,
+    /// The base checkpoints the site holds, by digest (`base_models` in node.toml).
+    base_models: SiteBaseModels,
+}
+
+impl TaskGate {
+    /// A gate that checks no approvals until [`with_approvals`](Self::with_approvals) adds them;
+    /// [`super::Agent::new`] always does, unless node.toml sets `insecure_no_approvals = true`.
+    pub fn new(datasets: BTreeMap<String, Arc<SiteDataset>>) -> Self {
+        TaskGate {
+            datasets,
+            ledgers: None,
+            resends: Arc::default(),
+            approvals: None,
+            tokenizers: SiteTokenizers::default(),
+            text_datasets: BTreeMap::new(),
+            base_models: SiteBaseModels::default(),
+        }
+    }
+
+    /// The text datasets a language-model job's `data.schema` is matched against.
+    pub fn with_text_datasets(mut self, text_datasets: BTreeMap<String, Arc<TextDataset>>) -> Self {
+        self.text_datasets = text_datasets;
+        self
+    }
+
+    /// The base checkpoints a job's `model.base_sha256` is matched against; without them, every
+    /// job that names a base is declined.
+    pub fn with_base_models(mut self, base_models: SiteBaseModels) -> Self {
+        self.base_models = base_models;
+        self
+    }
+
+    /// The tokenizer files a job's `model.tokenizer_sha256` is matched against; without them,
+    /// every job that names a tokenizer is declined.
+    pub fn with_tokenizers(mut self, tokenizers: SiteTokenizers) -> Self {
+        self.tokenizers = tokenizers;
+        self
+    }
+
+    /// Requires every task to carry a valid approval by one of this site's compliance officers
+    /// and to satisfy the site policy, checked before any data is read.
+    pub fn with_approvals(mut self, approvals: crate::approvals::SiteApprovals) -> Self {
+        self.approvals = Some(Arc::new(approvals));
+        self
+    }
+
+    /// Checks every TRAIN task's planned privacy spend against these ledgers' caps.
+    pub fn with_ledgers(mut self, ledgers: Arc<SiteLedgers>) -> Self {
+        self.ledgers = Some(ledgers);
+        self
+    }
+
+    /// The node's last released update.
+    pub fn resends(&self) -> &Arc<ResendCache> {
+        &self.resends
+    }
+
+    /// The schema names this node has data for: its tables and its text datasets (node.toml
+    /// keeps the two sets of names apart).
+    pub fn dataset_names(&self) -> Vec<String> {
+        self.datasets
+            .keys()
+            .chain(self.text_datasets.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// The dataset the job's schema names, of the kind its model family reads: a text dataset
+    /// for a language model, a table otherwise (an unknown model name is refused later, where
+    /// the model is built, as it always was).
+    fn job_data(&self, job: &JobView) -> Result<JobData, Refusal> {
+        let language = job
+            .model_name()
+            .ok()
+            .and_then(family_of)
+            .is_some_and(|f| f == ModelFamily::Language);
+        let schema = &job.data.schema;
+        let found = if language {
+            self.text_datasets.get(schema).cloned().map(JobData::Text)
+        } else {
+            self.datasets.get(schema).cloned().map(JobData::Table)
+        };
+        found.ok_or_else(|| {
+            let (kind, known): (_, Vec<&String>) = if language {
+                ("text dataset", self.text_datasets.keys().collect())
+            } else {
+                ("dataset", self.datasets.keys().collect())
+            };
+            Refusal::UnknownSchema {
+                kind,
+                schema: schema.clone(),
+                known: known
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })
+    }
+
+    /// The round for `data`: the one place a job's model family decides how it trains.
+    fn round_for(
+        job: &JobView,
+        data: JobData,
+        tokenizer: Option<&ApprovedTokenizer>,
+        base: Option<&ApprovedBase>,
+    ) -> Result<Arc<dyn LocalRound>, Refusal> {
+        Ok(match data {
+            JobData::Table(dataset) => Arc::new(TabularRound { dataset }),
+            JobData::Text(dataset) => {
+                // `[lora]` and `model.base_sha256` are required: a federated language model
+                // trains and sends adapters only, on a base every site holds.
+                let lm_job =
+                    LmJob::from_view(job.clone()).map_err(|e| Refusal::JobSpec(e.to_string()))?;
+                lm_job
+                    .base_sha256()
+                    .map_err(|e| Refusal::JobSpec(e.to_string()))?;
+                Arc::new(LanguageRound {
+                    job: lm_job,
+                    dataset,
+                    tokenizer: tokenizer.cloned().ok_or_else(|| Refusal::NoTokenizer {
+                        model: job.model_name().unwrap_or_default().to_string(),
+                    })?,
+                    // Named (checked just above), so approved or refused already.
+                    base: base.cloned().ok_or_else(|| {
+                        Refusal::JobSpec("job spec: `model.base_sha256` is required".into())
+                    })?,
+                })
+            }
+        })
+    }
+
+    /// Decides whether the node does `task` now.
+    pub fn check_task(&self, task: &pb::Task) -> Result<Admitted, Refusal> {
+        self.check_task_at(task, now_ms())
+    }
+
+    /// [`check_task`](Self::check_task) at a given time (Unix milliseconds), for tests.
+    pub fn check_task_at(&self, task: &pb::Task, now_ms: i64) -> Result<Admitted, Refusal> {
+        // A deadline of 0 (unset) means none.
+        if task.deadline_unix_ms > 0 && now_ms > task.deadline_unix_ms {
+            return Err(Refusal::DeadlinePassed {
+                late_ms: now_ms - task.deadline_unix_ms,
+            });
+        }
+        let work = match pb::TaskKind::try_from(task.kind) {
+            Ok(pb::TaskKind::Initialize) => Work::Initialize,
+            Ok(pb::TaskKind::Train) => Work::Train,
+            _ => return Err(Refusal::UnknownKind(task.kind)),
+        };
+        let job = JobView::from_toml_str(&task.job_spec_toml)
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?;
+        let data = self.job_data(&job)?;
+        if let Some(approvals) = &self.approvals {
+            // The ledger's own caps are checked below with the DP plan; the site policy's budget
+            // clause weighs the job's target ε against what the dataset has spent already.
+            let spent = match &self.ledgers {
+                Some(ledgers) => ledgers
+                    .spent(data.name())
+                    .map_err(|e| Refusal::Ledger(e.to_string()))?,
+                None => 0.0,
+            };
+            approvals.check(task, now_ms, spent)?;
+        } else {
+            // Only `insecure_no_approvals = true` builds a gate without approvals; every task it
+            // lets through says so, so that no unapproved training goes unnoticed in the log.
+            tracing::warn!(
+                job = %task.job_id,
+                task = %task.task_id,
+                "insecure_no_approvals = true: running this task WITHOUT any approval check"
+            );
+        }
+        // After the approvals: the digest checked here is inside the spec the officers signed.
+        let tokenizer = match job
+            .tokenizer_sha256()
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?
+        {
+            Some(wanted) => Some(self.tokenizers.approve(wanted)?),
+            None => None,
+        };
+        let base = match job
+            .base_sha256()
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?
+        {
+            Some(wanted) => Some(self.base_models.approve(wanted)?),
+            None => None,
+        };
+        let round = Self::round_for(&job, data, tokenizer.as_ref(), base.as_ref())?;
+        let strategy = StrategyView::from_json(&task.strategy_config_json)
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?;
+        if work == Work::Train && task.global_model_id.is_empty() {
+            return Err(Refusal::NoGlobalModel);
+        }
+        // A round already released on this global model is sent again: it spends nothing.
+        let work = if work == Work::Train
+            && self
+                .resends
+                .holds(&task.job_id, task.round, &task.global_model_id)
+        {
+            Work::Resend
+        } else {
+            work
+        };
+        if work == Work::Train
+            && let Some(ledgers) = &self.ledgers
+        {
+            // The model's size enters the noise grid's correction; building it reads no data.
+            let dimension = round.trained_parameters(&job).map_err(|e| match e {
+                // About the job's spec: quoting it tells the coordinator nothing of the site.
+                LocalError::JobSpec(_) | LocalError::Model(_) => Refusal::JobSpec(e.to_string()),
+                // May name a file of the site (a base checkpoint's config.json).
+                other => Refusal::ModelUnusable(other.to_string()),
+            })?;
+            // A ledger that cannot be read is refused as such here: `check` reports it as a
+            // string that names the ledger's file, which must not be sent as a budget reason.
+            ledgers
+                .open(round.dataset_name())
+                .map_err(|e| Refusal::Ledger(e.to_string()))?;
+            ledgers
+                .check(
+                    &task.job_id,
+                    task.round,
+                    round.dataset_name(),
+                    &job,
+                    dimension,
+                )
+                .map_err(Refusal::PrivacyBudget)?;
+        }
+        Ok(Admitted {
+            work,
+            job,
+            strategy,
+            round,
+            job_id: task.job_id.clone(),
+            ledgers: self.ledgers.clone(),
+            tokenizer,
+            base,
+        })
+    }
+}
