@@ -30,4 +30,4 @@ pub use approval::{
 pub use authz::{Authorizer, AuthzError, Decision, PolicyDigest, reload_on_sighup};
 pub use enforce::{DecisionSink, EnforceLayer};
 pub use quorum::{QuorumRule, QuorumStatus};
-pub use site_policy::{Breach, SitePolicy};
+pub use site_policy::{Breach, Breaches, SitePolicy};

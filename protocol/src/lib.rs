@@ -19,6 +19,7 @@ pub mod client;
 pub mod config_range;
 pub mod database;
 pub mod federation;
+pub mod human;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod identity;

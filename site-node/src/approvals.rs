@@ -6,7 +6,7 @@
 //! certificate that chains to the consortium CA the node trusts for TLS (and its CRLs), unexpired,
 //! signature valid — and is signed by one of the compliance officers listed in the site's own
 //! `site-policy.toml` (never a list from the coordinator). Then the job must satisfy every clause
-//! of the site policy; a refusal names the clause.
+//! of the site policy; a refusal names every clause it breaks, at once.
 
 use std::path::{Path, PathBuf};
 
@@ -51,7 +51,8 @@ pub enum ApprovalRefusal {
     #[error("not approved for site {site}: {why}")]
     NotApproved { site: String, why: String },
     #[error(transparent)]
-    Breach(#[from] tutela_policy::Breach),
+    /// Every site-policy clause the job breaks, all in one refusal.
+    Breach(#[from] tutela_policy::Breaches),
 }
 
 /// The site policy and the trust anchors approvals are checked against.
@@ -376,7 +377,7 @@ noise_multiplier = 1.0
             let mut t = task(spec_toml, vec![signed(&f.alice, &f.alice, spec_toml)]);
             t.submitted_by = submitter.into();
             match f.gate.check(&t, now(), spent) {
-                Err(ApprovalRefusal::Breach(b)) => b.clause,
+                Err(ApprovalRefusal::Breach(b)) => b.0[0].clause.clone(),
                 other => panic!("expected a breach, got {other:?}"),
             }
         };
@@ -399,5 +400,20 @@ noise_multiplier = 1.0
         );
         let msg = f.gate.check(&t, now(), 0.0).unwrap_err().to_string();
         assert!(msg.contains("site policy `allowed_models`"), "{msg}");
+        // A job breaking several clauses is declined once, listing them all.
+        let both = spec("cnn", 5.0);
+        let mut t = task(&both, vec![signed(&f.alice, &f.alice, &both)]);
+        t.submitted_by = OP.into();
+        match f.gate.check(&t, now(), 0.0) {
+            Err(ApprovalRefusal::Breach(b)) => {
+                assert_eq!(
+                    b.clauses(),
+                    ["allowed_models", "privacy.max_epsilon_per_job"]
+                );
+                let msg = b.to_string();
+                assert!(msg.contains("ε = 5 exceeds"), "{msg}");
+            }
+            other => panic!("expected both breaches, got {other:?}"),
+        }
     }
 }
