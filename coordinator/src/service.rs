@@ -348,7 +348,11 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
         rounds_completed: job.current_round,
         spec_digest: job.spec_digest.to_hex(),
         model_path: if state == JobState::Completed && !model_id.is_empty() {
-            engine.model_path(&model_id).display().to_string()
+            // Absolute, whatever directory the coordinator was started in: the operator copies
+            // it from `job status` to wherever they are.
+            tutela_protocol::config_path::absolute(&engine.model_path(&model_id))
+                .display()
+                .to_string()
         } else {
             String::new()
         },

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod canonical;
 pub mod checkpoint;
 pub mod client;
+pub mod config_path;
 pub mod config_range;
 pub mod database;
 pub mod federation;
