@@ -21,6 +21,7 @@ pub mod authz;
 pub mod bench;
 pub mod enforce;
 pub mod quorum;
+pub mod reload;
 pub mod site_policy;
 
 pub use approval::{

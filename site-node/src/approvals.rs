@@ -11,6 +11,9 @@
 use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
+use std::sync::Arc;
+
+use tutela_policy::site_policy::{ReloadingSitePolicy, SitePolicyError};
 use tutela_policy::{Approval, ApprovalVerifier, SitePolicy};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::pb;
@@ -59,7 +62,8 @@ pub enum ApprovalRefusal {
 #[derive(Debug, Clone)]
 pub struct SiteApprovals {
     site: String,
-    policy: SitePolicy,
+    /// Re-read in place on SIGHUP and on change (the node registers it, see [`Self::reloading`]).
+    policy: Arc<ReloadingSitePolicy>,
     verifier: ApprovalVerifier,
 }
 
@@ -70,22 +74,20 @@ impl SiteApprovals {
         path: &Path,
         material: &TlsMaterial,
     ) -> Result<Self, SiteApprovalsError> {
-        let policy = SitePolicy::load(path).map_err(|source| SiteApprovalsError::Policy {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
-        if policy.site != site {
-            return Err(SiteApprovalsError::OtherSite {
+        let policy = ReloadingSitePolicy::load(site, path).map_err(|source| match source {
+            SitePolicyError::OtherSite { path, found, site } => {
+                SiteApprovalsError::OtherSite { path, found, site }
+            }
+            source => SiteApprovalsError::Policy {
                 path: path.to_path_buf(),
-                found: policy.site,
-                site: site.to_string(),
-            });
-        }
+                source: Box::new(source),
+            },
+        })?;
         let verifier = ApprovalVerifier::from_tls(material)
             .map_err(|e| SiteApprovalsError::Verifier(e.to_string()))?;
         Ok(SiteApprovals {
             site: site.to_string(),
-            policy,
+            policy: Arc::new(policy),
             verifier,
         })
     }
@@ -94,12 +96,19 @@ impl SiteApprovals {
     pub fn new(site: &str, policy: SitePolicy, verifier: ApprovalVerifier) -> Self {
         SiteApprovals {
             site: site.to_string(),
-            policy,
+            policy: Arc::new(ReloadingSitePolicy::fixed(policy)),
             verifier,
         }
     }
 
-    pub fn policy(&self) -> &SitePolicy {
+    /// The site policy in force now.
+    pub fn policy(&self) -> Arc<SitePolicy> {
+        self.policy.current()
+    }
+
+    /// The policy as reloaded in place: the node polls it (`tutela_policy::reload::spawn_watcher`)
+    /// and re-reads it on SIGHUP (`tutela_policy::reload::reload_all_on_sighup`).
+    pub fn reloading(&self) -> &Arc<ReloadingSitePolicy> {
         &self.policy
     }
 
@@ -127,13 +136,15 @@ impl SiteApprovals {
         if task.approvals.is_empty() {
             return Err(not_approved("the task carries no approvals".into()));
         }
+        // One policy for the whole check, even if a reload swaps it meanwhile.
+        let policy = self.policy.current();
         let mut reasons = Vec::new();
         let mut approved_by = None;
         for (i, wire) in task.approvals.iter().enumerate() {
             let verified = Approval::from_pb(wire)
                 .and_then(|a| self.verifier.verify(&a, &task.job_id, &digest, now_ms));
             match verified {
-                Ok(v) if self.policy.is_officer(&v.signer.uri()) => {
+                Ok(v) if policy.is_officer(&v.signer.uri()) => {
                     approved_by = Some(v.signer.uri());
                     break;
                 }
@@ -153,7 +164,7 @@ impl SiteApprovals {
         let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let submitter = (!task.submitted_by.is_empty()).then_some(task.submitted_by.as_str());
-        self.policy.evaluate(&spec, submitter, now, spent_epsilon)?;
+        policy.evaluate(&spec, submitter, now, spent_epsilon)?;
         tracing::info!(job = %task.job_id, %officer, "task approved by this site's compliance officer and within the site policy");
         Ok(())
     }
