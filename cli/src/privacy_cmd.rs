@@ -13,6 +13,34 @@ pub enum PrivacyCommand {
     Epsilon(EpsilonArgs),
     /// Print the smallest noise multiplier σ that keeps DP-SGD within a target ε.
     Noise(NoiseArgs),
+    /// Suggest batch size, local epochs and noise multiplier for one site from its row count,
+    /// the job's ε, δ and rounds and the model's size, with the signal-to-noise they buy.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Training rows at the site.
+    #[arg(long)]
+    rows: usize,
+    /// The job's target ε for this site.
+    #[arg(long)]
+    epsilon: f64,
+    /// The job's δ; usually below 1 / rows.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// The job's rounds.
+    #[arg(long)]
+    rounds: usize,
+    /// The model's parameter count (`tutela model` lists registry models with theirs).
+    #[arg(long)]
+    parameters: usize,
+    /// Per-example clipping norm C (the job's privacy.max_grad_norm).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// How many runner-up settings to list.
+    #[arg(long, default_value_t = 3)]
+    alternatives: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -84,8 +112,79 @@ fn accountant_of(c: &Common) -> Result<Accountant> {
     }))
 }
 
+fn print_plan(a: &PlanArgs) -> Result<()> {
+    use tutela_privacy::planning::{PlanRequest, SWAMPED, suggest};
+    use tutela_protocol::human::number;
+    let advice = suggest(&PlanRequest {
+        rows: a.rows,
+        target_epsilon: a.epsilon,
+        delta: a.delta,
+        rounds: a.rounds,
+        dimension: a.parameters,
+        clip: a.clip,
+        accountant: Accountant::Rdp,
+    })?;
+    let b = advice.best;
+    println!(
+        "[training]\nbatch_size = {}\nlocal_epochs = {}\n[privacy]\nmode = \"local\"\ntarget_epsilon = {}\ndelta = {:e}\nmax_grad_norm = {}\n# noise_multiplier = {} (calibrated by the node from target_epsilon; shown for reference)\n",
+        b.batch_size,
+        b.local_epochs,
+        number(a.epsilon),
+        a.delta,
+        number(a.clip),
+        number(b.plan.noise_multiplier),
+    );
+    println!(
+        "With {} rows, a batch of {} (sampling rate {}) and {} local epoch(s), each round takes {} \
+         steps, {} in all over {} rounds; σ = {} keeps the job at ε = {} (δ = {:e}, RDP).",
+        a.rows,
+        b.batch_size,
+        number(b.plan.sample_rate),
+        b.local_epochs,
+        b.plan.steps_per_round,
+        b.plan.total_steps,
+        a.rounds,
+        number(b.plan.noise_multiplier),
+        number(b.plan.planned_epsilon),
+        a.delta,
+    );
+    println!(
+        "Per step, the noise on each coordinate of the averaged gradient is {} times the largest \
+         possible signal (σ / batch); over all {} parameters the averaged gradient's \
+         signal-to-noise is at best {} (batch / (σ·√parameters)).",
+        number(b.noise_to_signal),
+        a.parameters,
+        number(b.norm_signal_to_noise),
+    );
+    if b.noise_to_signal > SWAMPED {
+        println!(
+            "WARNING: the noise swamps the signal (σ / batch > {SWAMPED}): expect a model no \
+             better than predicting the majority class. More rows, a larger ε or fewer rounds help."
+        );
+    } else if b.norm_signal_to_noise < 1.0 {
+        println!(
+            "Expect slow, noisy learning: the noise's norm exceeds the signal's at every step. \
+             A smaller model (fewer parameters), more rows, a larger ε or fewer rounds help."
+        );
+    }
+    if a.alternatives > 0 && advice.candidates.len() > 1 {
+        println!("\nalternatives (batch, epochs: σ, σ/batch):");
+        for c in advice.candidates.iter().skip(1).take(a.alternatives) {
+            println!(
+                "  {}, {}: σ = {}, σ/batch = {}",
+                c.batch_size,
+                c.local_epochs,
+                number(c.plan.noise_multiplier),
+                number(c.noise_to_signal)
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(cmd: PrivacyCommand) -> Result<()> {
     match cmd {
+        PrivacyCommand::Plan(a) => print_plan(&a)?,
         PrivacyCommand::Epsilon(a) => {
             let acc = accountant_of(&a.common)?;
             let g = SampledGaussian::new(a.common.sample_rate, a.noise_multiplier, a.common.steps)?;
