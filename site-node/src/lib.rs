@@ -46,6 +46,7 @@ pub mod failure;
 pub mod jobspec;
 pub mod ledger;
 pub mod ledger_restore;
+pub mod metrics;
 pub mod lm;
 pub mod local;
 pub mod models;
