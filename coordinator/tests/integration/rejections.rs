@@ -719,3 +719,39 @@ async fn a_rejection_is_stored_with_the_jobs_end_or_not_at_all() {
     })
     .await;
 }
+
+/// A job naming a model no site's registry has is refused at submission (and at amendment),
+/// before any officer is asked to sign it; the answer lists the models the sites have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_naming_a_model_no_site_has_is_refused_at_submission() {
+    let c = start().await;
+    let mut op = c.as_("op").await;
+    let unknown = spec("unknown-model", &["a", "b"]).replace(
+        "name = \"mlp\"\nhidden = [8]",
+        "name = \"transformer\"",
+    );
+    assert!(unknown.contains("\"transformer\""), "{unknown}");
+    refused(
+        op.submit_job(pb::SubmitJobRequest {
+            spec_toml: unknown.clone(),
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "unknown model",
+        Code::InvalidArgument,
+        "model.name = \"transformer\": unknown model; no site's model registry has it (known models: mlp, cnn, llama)",
+    );
+    let (job, _) = submit(&mut op, "known-model").await;
+    refused(
+        op.amend_job(pb::AmendJobRequest {
+            job_id: job,
+            spec_toml: unknown,
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "unknown model in an amendment",
+        Code::InvalidArgument,
+        "unknown model",
+    );
+    c.stop().await;
+}
