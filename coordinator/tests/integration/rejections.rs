@@ -514,6 +514,18 @@ async fn a_signed_rejection_ends_the_job_and_is_stored_and_forgeries_are_refused
         .unwrap()
         .into_inner();
     assert_eq!(s.state, "running", "{s:?}");
+    // After the start, `job status` still shows who approved it and that their approvals count.
+    let signers: Vec<&str> = s.approvals.iter().map(|a| a.signer.as_str()).collect();
+    assert_eq!(s.approvals.len(), 2, "{s:?}");
+    assert!(
+        s.approvals.iter().all(|a| a.standing == "counts"),
+        "{:?}",
+        s.approvals
+    );
+    for who in [&c.alice, &c.bob] {
+        assert!(signers.contains(&who.identity.uri().as_str()), "{signers:?}");
+    }
+    assert!(s.approvals_missing.is_empty(), "{s:?}");
     refused(
         reject(
             &mut as_alice,
