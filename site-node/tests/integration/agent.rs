@@ -1331,7 +1331,34 @@ fn cli_evaluate_predict_and_centralized_print_json() {
         &["--standardize-from", csv_arg],
     ));
     assert_eq!(pooled["n"], 569);
-    assert_eq!(pooled.as_object().unwrap().len(), 3, "{pooled}");
+    // Loss, accuracy and n, then what an officer needs on unbalanced labels.
+    let keys: Vec<&str> = pooled.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "accuracy",
+            "auc",
+            "confusion",
+            "expected_calibration_error",
+            "f1",
+            "loss",
+            "n",
+            "reliability"
+        ],
+        "{pooled}"
+    );
+    for key in ["auc", "f1", "expected_calibration_error"] {
+        let v = pooled[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}: {pooled}");
+    }
+    let confusion: u64 = pooled["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(confusion, 569, "{pooled}");
     let accuracy = pooled["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy), "{pooled}");
     assert!(pooled["loss"].as_f64().unwrap() > 0.0, "{pooled}");
