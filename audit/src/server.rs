@@ -435,7 +435,9 @@ mod tests {
         let shipped = include_str!("../../deploy/config/audit.toml");
         let config: Config = toml::from_str(shipped).expect("the shipped audit.toml parses");
         config.check_authorization().unwrap();
-        config.check_ranges().expect("the shipped audit.toml's values are in range");
+        config
+            .check_ranges()
+            .expect("the shipped audit.toml's values are in range");
         let cases: &[(&str, &str, i64)] = &[
             ("", "checkpoint_every", 0),
             ("", "checkpoint_every", MAX_CHECKPOINT_EVERY as i64 + 1),
@@ -497,6 +499,9 @@ mod tests {
         let e = parse(&etc, &text.replace("\"m.conf\"", "\"nope.conf\""))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("policy.model = \"nope.conf\": no such file"), "{e}");
+        assert!(
+            e.contains("policy.model = \"nope.conf\": no such file"),
+            "{e}"
+        );
     }
 }

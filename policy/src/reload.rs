@@ -76,15 +76,25 @@ impl Reloadable for tutela_protocol::tls::ReloadingServerConfig {
         format!("TLS files ({})", self.files().cert.display())
     }
     fn reload(&self) -> ReloadFuture<'_> {
-        Box::pin(async move { tutela_protocol::tls::ReloadingServerConfig::reload(self).map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            tutela_protocol::tls::ReloadingServerConfig::reload(self).map_err(|e| e.to_string())
+        })
     }
 }
 
 impl Reloadable for crate::Authorizer {
     fn describe(&self) -> String {
-        format!("consortium policy {} (now {})", self.policy_path().display(), self.digest())
+        format!(
+            "consortium policy {} (now {})",
+            self.policy_path().display(),
+            self.digest()
+        )
     }
     fn reload(&self) -> ReloadFuture<'_> {
-        Box::pin(async move { crate::Authorizer::reload(self).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            crate::Authorizer::reload(self)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }

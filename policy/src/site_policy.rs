@@ -8,8 +8,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tutela_protocol::identity::Identity;
 use tutela_protocol::human::number;
+use tutela_protocol::identity::Identity;
 use tutela_protocol::job::{JobSpec, PrivacyMode};
 
 /// `site-policy.toml`.
@@ -373,9 +373,7 @@ impl SitePolicy {
                 )),
                 Some(p) => {
                     let stated = match p.mode {
-                        PrivacyMode::Central => {
-                            p.central.as_ref().and_then(|c| c.noise_multiplier)
-                        }
+                        PrivacyMode::Central => p.central.as_ref().and_then(|c| c.noise_multiplier),
                         _ => p.noise_multiplier,
                     };
                     if let Some(z) = stated
@@ -684,7 +682,10 @@ batch_size = 16
         std::fs::write(&path, POLICY).unwrap();
         let held = std::sync::Arc::new(ReloadingSitePolicy::load("st-mary", &path).unwrap());
         assert_eq!(held.current().privacy.max_epsilon_per_job, Some(3.0));
-        assert!(!held.reload_now().unwrap(), "unchanged file, nothing swapped");
+        assert!(
+            !held.reload_now().unwrap(),
+            "unchanged file, nothing swapped"
+        );
 
         let watcher = crate::reload::spawn_watcher(&held, std::time::Duration::from_millis(20));
         std::fs::write(
@@ -694,7 +695,10 @@ batch_size = 16
         .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while held.current().privacy.max_epsilon_per_job != Some(5.0) {
-            assert!(std::time::Instant::now() < deadline, "the watcher never reloaded");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watcher never reloaded"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         // A job the old policy refused is now admitted.

@@ -203,13 +203,19 @@ mod tests {
         let small = suggest(&request(100, 3.0)).unwrap().best;
         let large = suggest(&request(10_000, 3.0)).unwrap().best;
         let generous = suggest(&request(100, 30.0)).unwrap().best;
-        assert!(large.noise_to_signal < small.noise_to_signal, "{small:?} {large:?}");
+        assert!(
+            large.noise_to_signal < small.noise_to_signal,
+            "{small:?} {large:?}"
+        );
         assert!(generous.noise_to_signal < small.noise_to_signal);
     }
 
     #[test]
     fn impossible_requests_say_why() {
-        assert!(matches!(suggest(&request(1, 3.0)), Err(PlanError::TooFewRows(1))));
+        assert!(matches!(
+            suggest(&request(1, 3.0)),
+            Err(PlanError::TooFewRows(1))
+        ));
         let mut r = request(100, 3.0);
         r.rounds = 0;
         assert!(matches!(suggest(&r), Err(PlanError::NoRounds)));

@@ -1053,7 +1053,10 @@ batch_size = 8
                 &format!("schema = \"notes\"\nschema_sha256 = \"{d}\""),
             )
         };
-        assert!(with(A).contains("schema_sha256"), "the fixture has a [data] schema line");
+        assert!(
+            with(A).contains("schema_sha256"),
+            "the fixture has a [data] schema line"
+        );
         let plain = JobSpec::from_toml_str(SPEC).unwrap();
         assert_eq!(plain.data.schema_sha256, None);
         assert!(!plain.canonical_json().contains("schema_sha256"));
@@ -1062,7 +1065,9 @@ batch_size = 8
         assert_eq!(a.data.schema_sha256.as_deref(), Some(A));
         assert_ne!(a.digest(), b.digest());
         assert_ne!(a.digest(), plain.digest());
-        let err = JobSpec::from_toml_str(&with("ABC")).unwrap_err().to_string();
+        let err = JobSpec::from_toml_str(&with("ABC"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("data.schema_sha256"), "{err}");
     }
 }

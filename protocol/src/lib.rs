@@ -20,9 +20,9 @@ pub mod config_path;
 pub mod config_range;
 pub mod database;
 pub mod federation;
-pub mod human;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod human;
 pub mod identity;
 pub mod job;
 pub mod logging;

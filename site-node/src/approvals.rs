@@ -10,8 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use time::OffsetDateTime;
 use std::sync::Arc;
+use time::OffsetDateTime;
 
 use tutela_policy::site_policy::{ReloadingSitePolicy, SitePolicyError};
 use tutela_policy::{Approval, ApprovalVerifier, SitePolicy};

@@ -167,7 +167,10 @@ impl SiteDataset {
 
     /// Whether this dataset's schema file is the one a job names (`[data] schema_sha256`). A job
     /// without the key is accepted (jobs from before it existed); see [`check_schema_digest`].
-    pub fn check_job_schema(&self, job_schema_sha256: Option<&str>) -> Result<(), SchemaDigestMismatch> {
+    pub fn check_job_schema(
+        &self,
+        job_schema_sha256: Option<&str>,
+    ) -> Result<(), SchemaDigestMismatch> {
         check_schema_digest(job_schema_sha256, &self.schema_sha256)
     }
 
@@ -395,8 +398,17 @@ mod schema_digest_tests {
         assert_eq!(err.job, "fedcba987654");
         assert_eq!(err.site, "0123456789ab");
         let text = err.to_string();
-        assert!(text.contains("fedcba987654") && text.contains("0123456789ab"), "{text}");
-        assert!(!text.contains('/') || text.contains("data.schema_sha256"), "{text}");
-        assert!(!text.contains(&other) && !text.contains(&site), "prefixes only: {text}");
+        assert!(
+            text.contains("fedcba987654") && text.contains("0123456789ab"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('/') || text.contains("data.schema_sha256"),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&other) && !text.contains(&site),
+            "prefixes only: {text}"
+        );
     }
 }

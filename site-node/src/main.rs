@@ -746,11 +746,18 @@ fn run(command: Command) -> anyhow::Result<()> {
                 "{}",
                 tutela_site_node::metrics::render(&report, &prepared.table.class_names)
             );
-            let mut json = serde_json::json!({"loss": eval.loss, "accuracy": eval.accuracy, "n": eval.n});
+            let mut json =
+                serde_json::json!({"loss": eval.loss, "accuracy": eval.accuracy, "n": eval.n});
             if let (Some(map), Ok(serde_json::Value::Object(metrics))) =
                 (json.as_object_mut(), serde_json::to_value(&report))
             {
-                for key in ["auc", "f1", "confusion", "expected_calibration_error", "reliability"] {
+                for key in [
+                    "auc",
+                    "f1",
+                    "confusion",
+                    "expected_calibration_error",
+                    "reliability",
+                ] {
                     if let Some(v) = metrics.get(key) {
                         map.insert(key.to_string(), v.clone());
                     }

@@ -243,12 +243,23 @@ pub fn render(report: &ClassificationReport, class_names: &[String]) -> String {
     );
     let _ = writeln!(out, "confusion matrix (rows: actual, columns: predicted):");
     let header: Vec<String> = (0..report.confusion.len()).map(name).collect();
-    let _ = writeln!(out, "  {:>12} {}", "", header.iter().map(|h| format!("{h:>10}")).collect::<String>());
+    let _ = writeln!(
+        out,
+        "  {:>12} {}",
+        "",
+        header
+            .iter()
+            .map(|h| format!("{h:>10}"))
+            .collect::<String>()
+    );
     for (c, row) in report.confusion.iter().enumerate() {
         let cells: String = row.iter().map(|v| format!("{v:>10}")).collect();
         let _ = writeln!(out, "  {:>12} {cells}", name(c));
     }
-    let _ = writeln!(out, "reliability (confidence bin: rows, mean confidence, accuracy):");
+    let _ = writeln!(
+        out,
+        "reliability (confidence bin: rows, mean confidence, accuracy):"
+    );
     for b in report.reliability.iter().filter(|b| b.count > 0) {
         let _ = writeln!(
             out,
@@ -314,7 +325,13 @@ mod tests {
         assert_eq!(r.reliability.iter().map(|b| b.count).sum::<usize>(), 5);
         assert_eq!(r.single_class_predicted, None);
         let text = render(&r, &["benign".into(), "malignant".into()]);
-        for needle in ["accuracy: 0.6", "ROC AUC (positive class: malignant): 0.833", "F1", "malignant", "[0.8, 0.9): 3, 0.833, 1"] {
+        for needle in [
+            "accuracy: 0.6",
+            "ROC AUC (positive class: malignant): 0.833",
+            "F1",
+            "malignant",
+            "[0.8, 0.9): 3, 0.833, 1",
+        ] {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
     }
@@ -340,11 +357,18 @@ mod tests {
         assert_eq!(r.f1, 1.0);
         assert_eq!(
             classification_report(&probs, &[0, 1, 3], 3),
-            Err(MetricsError::Label { row: 2, label: 3, classes: 3 })
+            Err(MetricsError::Label {
+                row: 2,
+                label: 3,
+                classes: 3
+            })
         );
         assert_eq!(
             classification_report(&probs[..2], &[0, 1, 2], 3),
-            Err(MetricsError::Lengths { probabilities: 2, labels: 3 })
+            Err(MetricsError::Lengths {
+                probabilities: 2,
+                labels: 3
+            })
         );
     }
 }

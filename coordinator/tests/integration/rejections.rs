@@ -523,7 +523,10 @@ async fn a_signed_rejection_ends_the_job_and_is_stored_and_forgeries_are_refused
         s.approvals
     );
     for who in [&c.alice, &c.bob] {
-        assert!(signers.contains(&who.identity.uri().as_str()), "{signers:?}");
+        assert!(
+            signers.contains(&who.identity.uri().as_str()),
+            "{signers:?}"
+        );
     }
     assert!(s.approvals_missing.is_empty(), "{s:?}");
     refused(
@@ -738,10 +741,8 @@ async fn a_rejection_is_stored_with_the_jobs_end_or_not_at_all() {
 async fn a_job_naming_a_model_no_site_has_is_refused_at_submission() {
     let c = start().await;
     let mut op = c.as_("op").await;
-    let unknown = spec("unknown-model", &["a", "b"]).replace(
-        "name = \"mlp\"\nhidden = [8]",
-        "name = \"transformer\"",
-    );
+    let unknown = spec("unknown-model", &["a", "b"])
+        .replace("name = \"mlp\"\nhidden = [8]", "name = \"transformer\"");
     assert!(unknown.contains("\"transformer\""), "{unknown}");
     refused(
         op.submit_job(pb::SubmitJobRequest {
