@@ -726,8 +726,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .context("decoding the generated ids")?;
             println!("{prompt}{text}");
         }
-        Command::Run { config } => {
-            let config = NodeConfig::load(&config)?;
+        Command::Run { config: path } => {
+            let config = NodeConfig::load(&path)?;
+            config.check_files(&path)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let agent = Agent::new(config).context("the node cannot start")?;
