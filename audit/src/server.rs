@@ -109,11 +109,13 @@ fn default_reload() -> u64 {
 }
 
 impl Config {
-    /// Reads and checks `audit.toml`; every error names the file.
+    /// Reads and checks `audit.toml`; every error names the file. Relative paths start at the
+    /// file's directory (as in every Tutela config), and the files it names must exist: an error
+    /// names the key, the value and where it resolved.
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         config
             .check_authorization()
@@ -121,7 +123,26 @@ impl Config {
         config
             .check_ranges()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.resolve_paths(&tutela_protocol::config_path::ConfigFile::new(path))?;
         Ok(config)
+    }
+
+    /// Resolves every path against the config file's directory and checks the files that must
+    /// exist (TLS, policy); `data_dir` and `checkpoint_key` are made at first start.
+    pub fn resolve_paths(
+        &mut self,
+        file: &tutela_protocol::config_path::ConfigFile,
+    ) -> Result<(), tutela_protocol::config_path::ConfigPathError> {
+        file.resolve(&mut self.data_dir);
+        if let Some(key) = &mut self.checkpoint_key {
+            file.resolve(key);
+        }
+        file.tls_files("tls", &mut self.tls)?;
+        if let Some(p) = &mut self.policy {
+            file.existing_file("policy.model", &mut p.model)?;
+            file.existing_file("policy.policy", &mut p.policy)?;
+        }
+        Ok(())
     }
 
     /// Every value against the range deploy/config/audit.toml documents: out of range is an
@@ -360,6 +381,9 @@ mod tests {
     const POLICY: &str = "[policy]\nmodel = \"m.conf\"\npolicy = \"p.csv\"\n";
 
     fn parse(dir: &Path, text: &str) -> anyhow::Result<Config> {
+        for f in ["ca.crt", "a.crt", "a.key", "m.conf", "p.csv"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
         let path = dir.join("audit.toml");
         std::fs::write(&path, text).unwrap();
         Config::from_file(&path)
@@ -372,7 +396,9 @@ mod tests {
 
         let c = parse(d, &format!("{BASE}{TLS}{POLICY}")).unwrap();
         let p = c.check_authorization().unwrap().unwrap();
-        assert_eq!(p.policy, PathBuf::from("p.csv"));
+        // Relative paths start at audit.toml's directory, not the working directory.
+        assert_eq!(p.policy, d.join("p.csv"));
+        assert_eq!(c.tls.ca, d.join("ca.crt"));
         assert_eq!(p.reload_secs, 5);
 
         let c = parse(d, &format!("{BASE}insecure_no_policy = true\n{TLS}")).unwrap();
@@ -407,7 +433,11 @@ mod tests {
     fn every_documented_range_of_audit_toml_is_enforced() {
         let dir = tempfile::tempdir().unwrap();
         let shipped = include_str!("../../deploy/config/audit.toml");
-        parse(dir.path(), shipped).expect("the shipped audit.toml is valid");
+        let config: Config = toml::from_str(shipped).expect("the shipped audit.toml parses");
+        config.check_authorization().unwrap();
+        config
+            .check_ranges()
+            .expect("the shipped audit.toml's values are in range");
         let cases: &[(&str, &str, i64)] = &[
             ("", "checkpoint_every", 0),
             ("", "checkpoint_every", MAX_CHECKPOINT_EVERY as i64 + 1),
@@ -440,5 +470,38 @@ mod tests {
                 "{dotted} = {value}: {e}"
             );
         }
+    }
+
+    /// A TLS or policy file that is not there is named by the config file, the key, the value as
+    /// written and where it resolved, before anything is loaded.
+    #[test]
+    fn a_missing_file_names_audit_toml_the_key_and_the_resolved_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        let text = format!(
+            "{BASE}[tls]\nca = \"../certs/audit/ca.crt\"\ncert = \"a.crt\"\nkey = \"a.key\"\n{POLICY}"
+        );
+        let e = parse(&etc, &text).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: tls.ca = \"../certs/audit/ca.crt\": no such file (resolved to {})",
+                etc.join("audit.toml").display(),
+                etc.join("../certs/audit/ca.crt").display()
+            )
+        );
+        // The same file, where the relative path says, is found from any working directory.
+        std::fs::create_dir_all(dir.path().join("certs/audit")).unwrap();
+        std::fs::write(dir.path().join("certs/audit/ca.crt"), "").unwrap();
+        let c = parse(&etc, &text).unwrap();
+        assert_eq!(c.tls.ca, etc.join("../certs/audit/ca.crt"));
+        let e = parse(&etc, &text.replace("\"m.conf\"", "\"nope.conf\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy.model = \"nope.conf\": no such file"),
+            "{e}"
+        );
     }
 }

@@ -103,14 +103,23 @@ fn default_policy_reload_secs() -> u64 {
 
 impl Config {
     /// Reads, parses and checks ([`Config::validate`]) a coordinator.toml; errors name the file.
+    /// Relative paths start at the file's directory (as in every Tutela config), and the files
+    /// it names must exist: an error names the key, the value and where it resolved.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let file = tutela_protocol::config_path::ConfigFile::new(path);
+        file.resolve(&mut config.data_dir);
+        file.tls_files("tls", &mut config.tls)?;
+        if let Some(p) = &mut config.policy {
+            file.existing_file("policy.model", &mut p.model)?;
+            file.existing_file("policy.policy", &mut p.policy)?;
+        }
         Ok(config)
     }
 
@@ -452,5 +461,33 @@ mod tests {
                 "{dotted} = {value}: {e}"
             );
         }
+    }
+
+    /// coordinator.toml's relative paths start at its own directory; a missing file is named by
+    /// the config, the key, the value and where it resolved.
+    #[test]
+    fn relative_paths_start_at_coordinator_toml_and_missing_files_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "insecure_no_policy = true", "");
+        let d = dir.path().display().to_string();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&format!("\"{d}/"), "\"")
+            .replace(&format!("\"{d}\""), "\".\"");
+        assert!(text.contains("ca = \"ca.crt\""), "{text}");
+        std::fs::write(&path, &text).unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.tls.ca, dir.path().join("ca.crt"));
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        std::fs::write(&path, text.replace("\"coordinator.key\"", "\"gone.key\"")).unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: tls.key = \"gone.key\": no such file (resolved to {})",
+                path.display(),
+                dir.path().join("gone.key").display()
+            )
+        );
     }
 }

@@ -16,6 +16,20 @@ use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
 
+/// Refuses, at submission, a job whose model no site's registry has: otherwise it would be
+/// proposed, signed by officers and started, only for every site to decline it. A spec that
+/// does not parse is left to the engine, which says why.
+fn refuse_unknown_model(spec_toml: &str) -> Result<(), Status> {
+    if let Ok(spec) = tutela_protocol::job::JobSpec::from_toml_str(spec_toml)
+        && !tutela_protocol::model_registry::is_known_model(&spec.model.name)
+    {
+        return Err(Status::invalid_argument(
+            tutela_protocol::model_registry::unknown_model_message(&spec.model.name),
+        ));
+    }
+    Ok(())
+}
+
 fn node_site<T>(request: &Request<T>) -> Result<String, Status> {
     match &caller(request)?.identity.principal {
         Principal::Node { site } => Ok(site.clone()),
@@ -348,7 +362,11 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
         rounds_completed: job.current_round,
         spec_digest: job.spec_digest.to_hex(),
         model_path: if state == JobState::Completed && !model_id.is_empty() {
-            engine.model_path(&model_id).display().to_string()
+            // Absolute, whatever directory the coordinator was started in: the operator copies
+            // it from `job status` to wherever they are.
+            tutela_protocol::config_path::absolute(&engine.model_path(&model_id))
+                .display()
+                .to_string()
         } else {
             String::new()
         },
@@ -451,6 +469,7 @@ impl pb::jobs_server::Jobs for JobsService {
             require_operator(&request)?;
         }
         let who = caller(&request)?.identity.clone();
+        refuse_unknown_model(&request.get_ref().spec_toml)?;
         let id = self
             .engine
             .submit_by(&request.get_ref().spec_toml, Some(&who.uri()))
@@ -742,6 +761,7 @@ impl pb::jobs_server::Jobs for JobsService {
         let who = caller(&request)?.identity.clone();
         let id = parse_job_id(&request.get_ref().job_id)?;
         self.proposed(&id).await?;
+        refuse_unknown_model(&request.get_ref().spec_toml)?;
         self.engine.amend(&id, &request.get_ref().spec_toml).await?;
         let status = self.status(&id).await?;
         tracing::info!(target: "tutela::audit", event = "job.amended", job = %id, operator = %who, spec_digest = %status.spec_digest, "job spec amended: earlier approvals no longer count");

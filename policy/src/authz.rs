@@ -92,32 +92,16 @@ pub struct Decision {
 
 /// Reloads a server's TLS files and its policy on every SIGHUP, besides their periodic checks
 /// (the `main` of the coordinator and of the audit service). A file that does not load is logged
-/// at ERROR and what is in force stays.
+/// at ERROR and what is in force stays. See [`crate::reload`].
 pub fn reload_on_sighup(
     tls: Arc<tutela_protocol::tls::ReloadingServerConfig>,
     authorizer: Option<Arc<Authorizer>>,
 ) -> std::io::Result<()> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match tls.reload() {
-                Ok(changed) => tracing::info!(changed, "SIGHUP: TLS files checked"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
-            }
-            if let Some(a) = &authorizer {
-                match a.reload().await {
-                    Ok(changed) => {
-                        tracing::info!(changed, digest = %a.digest(), "SIGHUP: policy checked")
-                    }
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "SIGHUP: policy reload failed; the policy in force stays"
-                    ),
-                }
-            }
-        }
-    });
-    Ok(())
+    let mut items: Vec<Arc<dyn crate::reload::Reloadable>> = vec![tls];
+    if let Some(a) = authorizer {
+        items.push(a);
+    }
+    crate::reload::reload_all_on_sighup(items)
 }
 
 impl fmt::Display for Decision {
@@ -250,19 +234,9 @@ impl Authorizer {
         Ok(true)
     }
 
-    /// Polls the files every `interval` and reloads on change (the files' contents are compared,
-    /// not their mtimes, which a rename-into-place can keep).
+    /// Polls the files every `interval` and reloads on change ([`crate::reload::spawn_watcher`]).
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(this) = weak.upgrade() else { return };
-                if let Err(e) = this.reload().await {
-                    tracing::error!(error = %e, digest = %this.digest(), "policy reload failed; the policy in force stays");
-                }
-            }
-        })
+        crate::reload::spawn_watcher(self, interval)
     }
 
     /// Decides whether `subject` may `action` on `object` in `domain`.

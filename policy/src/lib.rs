@@ -21,6 +21,7 @@ pub mod authz;
 pub mod bench;
 pub mod enforce;
 pub mod quorum;
+pub mod reload;
 pub mod site_policy;
 
 pub use approval::{
@@ -30,4 +31,4 @@ pub use approval::{
 pub use authz::{Authorizer, AuthzError, Decision, PolicyDigest, reload_on_sighup};
 pub use enforce::{DecisionSink, EnforceLayer};
 pub use quorum::{QuorumRule, QuorumStatus};
-pub use site_policy::{Breach, SitePolicy};
+pub use site_policy::{Breach, Breaches, SitePolicy};

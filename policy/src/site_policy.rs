@@ -2,12 +2,13 @@
 //! on its data, whatever the consortium's policy says.
 //!
 //! Every key is documented in `deploy/policy/site-policy.toml`. [`SitePolicy::evaluate`] checks a
-//! job against it and names the clause a job breaks.
+//! job against it and names every clause a job breaks, at once.
 
 use std::path::Path;
 
 use serde::Deserialize;
 use time::OffsetDateTime;
+use tutela_protocol::human::number;
 use tutela_protocol::identity::Identity;
 use tutela_protocol::job::{JobSpec, PrivacyMode};
 
@@ -70,6 +71,34 @@ pub struct Breach {
     pub detail: String,
 }
 
+/// Every clause a job breaks (never empty), in the order of `site-policy.toml`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Breaches(pub Vec<Breach>);
+
+impl Breaches {
+    /// The clauses broken, e.g. `["allowed_models", "privacy.max_epsilon_per_job"]`.
+    pub fn clauses(&self) -> Vec<&str> {
+        self.0.iter().map(|b| b.clause.as_str()).collect()
+    }
+}
+
+impl std::fmt::Display for Breaches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.len() > 1 {
+            write!(f, "{} site-policy clauses broken: ", self.0.len())?;
+        }
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{b}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Breaches {}
+
 fn breach(clause: impl Into<String>, detail: impl Into<String>) -> Breach {
     Breach {
         clause: clause.into(),
@@ -91,6 +120,92 @@ pub enum SitePolicyError {
     },
     #[error("site policy: `{key}` {problem}")]
     Invalid { key: String, problem: String },
+    #[error("{}: it is the policy of site {found:?}, but this node is site {site:?}", .path.display())]
+    OtherSite {
+        path: std::path::PathBuf,
+        found: String,
+        site: String,
+    },
+}
+
+/// A site's policy as the node holds it while it runs: read from its file, re-read in place on
+/// SIGHUP and when the file changes ([`crate::reload::Reloadable`]), so that a site engineer's
+/// edit takes effect at the next task without a restart. A file that does not load (or is some
+/// other site's) leaves the policy in force as it was.
+#[derive(Debug)]
+pub struct ReloadingSitePolicy {
+    /// `None` for a policy built in code (never reloaded).
+    path: Option<std::path::PathBuf>,
+    site: String,
+    current: arc_swap::ArcSwap<SitePolicy>,
+}
+
+impl ReloadingSitePolicy {
+    /// Loads `path`, which must be the policy of `site`.
+    pub fn load(site: &str, path: &Path) -> Result<Self, SitePolicyError> {
+        let policy = Self::read(site, path)?;
+        Ok(ReloadingSitePolicy {
+            path: Some(path.to_path_buf()),
+            site: site.to_string(),
+            current: arc_swap::ArcSwap::from_pointee(policy),
+        })
+    }
+
+    /// A policy built in code: fixed, never reloaded.
+    pub fn fixed(policy: SitePolicy) -> Self {
+        ReloadingSitePolicy {
+            path: None,
+            site: policy.site.clone(),
+            current: arc_swap::ArcSwap::from_pointee(policy),
+        }
+    }
+
+    fn read(site: &str, path: &Path) -> Result<SitePolicy, SitePolicyError> {
+        let policy = SitePolicy::load(path)?;
+        if policy.site != site {
+            return Err(SitePolicyError::OtherSite {
+                path: path.to_path_buf(),
+                found: policy.site,
+                site: site.to_string(),
+            });
+        }
+        Ok(policy)
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> std::sync::Arc<SitePolicy> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Re-reads the file; swaps the new policy in if it differs. Returns whether it did.
+    pub fn reload_now(&self) -> Result<bool, SitePolicyError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let next = Self::read(&self.site, path)?;
+        if *self.current.load_full() == next {
+            return Ok(false);
+        }
+        self.current.store(std::sync::Arc::new(next));
+        tracing::info!(path = %path.display(), "site policy reloaded");
+        Ok(true)
+    }
+}
+
+impl crate::reload::Reloadable for ReloadingSitePolicy {
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(p) => format!("site policy {}", p.display()),
+            None => "site policy (built in code)".into(),
+        }
+    }
+    fn reload(&self) -> crate::reload::ReloadFuture<'_> {
+        Box::pin(async move { self.reload_now().map_err(|e| e.to_string()) })
+    }
 }
 
 fn minutes_of(key: &str, hhmm: &str) -> Result<u32, SitePolicyError> {
@@ -185,35 +300,34 @@ impl SitePolicy {
     }
 
     /// Checks `spec`, submitted by `submitter`, at `now`, with `spent_epsilon` already spent on
-    /// the job's dataset (from the site's privacy ledger). The first clause broken is returned.
+    /// the job's dataset (from the site's privacy ledger). Every clause the job breaks is
+    /// returned, in the file's order, so that one refusal tells the operator all there is to
+    /// change (not one clause per failed job and round of approvals).
     pub fn evaluate(
         &self,
         spec: &JobSpec,
         submitter: Option<&str>,
         now: OffsetDateTime,
         spent_epsilon: f64,
-    ) -> Result<(), Breach> {
+    ) -> Result<(), Breaches> {
+        let mut found = Vec::new();
         if let Some(allowed) = &self.allowed_operators {
             match submitter {
                 Some(s) if allowed.iter().any(|a| a == s) => {}
-                Some(s) => {
-                    return Err(breach(
-                        "allowed_operators",
-                        format!("{s} is not an operator this site runs jobs for"),
-                    ));
-                }
-                None => {
-                    return Err(breach(
-                        "allowed_operators",
-                        "the task does not say who submitted the job",
-                    ));
-                }
+                Some(s) => found.push(breach(
+                    "allowed_operators",
+                    format!("{s} is not an operator this site runs jobs for"),
+                )),
+                None => found.push(breach(
+                    "allowed_operators",
+                    "the task does not say who submitted the job",
+                )),
             }
         }
         if let Some(models) = &self.allowed_models
             && !models.contains(&spec.model.name)
         {
-            return Err(breach(
+            found.push(breach(
                 "allowed_models",
                 format!(
                     "model {:?} is not allowed here (allowed: {})",
@@ -230,92 +344,107 @@ impl SitePolicy {
         let epsilon = dp.and_then(|p| p.target_epsilon);
         if let Some(max) = self.privacy.max_epsilon_per_job {
             match epsilon {
-                None => {
-                    return Err(breach(
-                        "privacy.max_epsilon_per_job",
-                        format!(
-                            "the job states no privacy.target_epsilon (or has no DP), and this site allows at most ε = {max} per job"
-                        ),
-                    ));
-                }
-                Some(e) if e > max => {
-                    return Err(breach(
-                        "privacy.max_epsilon_per_job",
-                        format!("the job's ε = {e} exceeds this site's {max} per job"),
-                    ));
-                }
+                None => found.push(breach(
+                    "privacy.max_epsilon_per_job",
+                    format!(
+                        "the job states no privacy.target_epsilon (or has no DP), and this site allows at most ε = {} per job",
+                        number(max)
+                    ),
+                )),
+                Some(e) if e > max => found.push(breach(
+                    "privacy.max_epsilon_per_job",
+                    format!(
+                        "the job's ε = {} exceeds this site's {} per job",
+                        number(e),
+                        number(max)
+                    ),
+                )),
                 Some(_) => {}
             }
         }
         if let Some(min) = self.privacy.min_noise_multiplier {
-            let Some(p) = dp else {
-                return Err(breach(
+            match dp {
+                None => found.push(breach(
                     "privacy.min_noise_multiplier",
-                    format!("the job has no DP noise, and this site requires σ ≥ {min}"),
-                ));
-            };
-            let stated = match p.mode {
-                PrivacyMode::Central => p.central.as_ref().and_then(|c| c.noise_multiplier),
-                _ => p.noise_multiplier,
-            };
-            if let Some(z) = stated
-                && z < min
-            {
-                return Err(breach(
-                    "privacy.min_noise_multiplier",
-                    format!("the job's noise multiplier {z} is below this site's minimum {min}"),
-                ));
+                    format!(
+                        "the job has no DP noise, and this site requires σ ≥ {}",
+                        number(min)
+                    ),
+                )),
+                Some(p) => {
+                    let stated = match p.mode {
+                        PrivacyMode::Central => p.central.as_ref().and_then(|c| c.noise_multiplier),
+                        _ => p.noise_multiplier,
+                    };
+                    if let Some(z) = stated
+                        && z < min
+                    {
+                        found.push(breach(
+                            "privacy.min_noise_multiplier",
+                            format!(
+                                "the job's noise multiplier {} is below this site's minimum {}",
+                                number(z),
+                                number(min)
+                            ),
+                        ));
+                    }
+                }
             }
         }
         if let Some(total) = self.privacy.budget.get(&spec.data.schema) {
             let clause = format!("privacy.budget.{}", spec.data.schema);
-            let left = total - spent_epsilon;
+            let left = (total - spent_epsilon).max(0.0);
             match epsilon {
-                None => {
-                    return Err(breach(
-                        clause,
-                        "the job states no privacy.target_epsilon, so it cannot be charged to this site's budget",
-                    ));
-                }
-                Some(e) if e > left => {
-                    return Err(breach(
-                        clause,
-                        format!(
-                            "the job's ε = {e} exceeds what is left of this dataset's budget: {left} of {total}"
-                        ),
-                    ));
-                }
+                None => found.push(breach(
+                    clause,
+                    "the job states no privacy.target_epsilon, so it cannot be charged to this site's budget",
+                )),
+                Some(e) if e > left => found.push(breach(
+                    clause,
+                    format!(
+                        "the job's ε = {} exceeds what is left of this dataset's budget: {} of {}",
+                        number(e),
+                        number(left),
+                        number(*total)
+                    ),
+                )),
                 Some(_) => {}
             }
         }
         if let Some(h) = &self.hours {
             // Validated at load; a policy built in code that skipped validation fails closed.
-            let (Ok(start), Ok(end)) = (
+            match (
                 minutes_of("hours.start", &h.start),
                 minutes_of("hours.end", &h.end),
-            ) else {
-                return Err(breach("hours", "the training hours are not times of day"));
-            };
-            let now_min = u32::from(now.hour()) * 60 + u32::from(now.minute());
-            let inside = if start <= end {
-                (start..end).contains(&now_min)
-            } else {
-                now_min >= start || now_min < end
-            };
-            if !inside {
-                return Err(breach(
-                    "hours",
-                    format!(
-                        "training runs here only between {} and {} UTC; it is {:02}:{:02} UTC",
-                        h.start,
-                        h.end,
-                        now.hour(),
-                        now.minute()
-                    ),
-                ));
+            ) {
+                (Ok(start), Ok(end)) => {
+                    let now_min = u32::from(now.hour()) * 60 + u32::from(now.minute());
+                    let inside = if start <= end {
+                        (start..end).contains(&now_min)
+                    } else {
+                        now_min >= start || now_min < end
+                    };
+                    if !inside {
+                        found.push(breach(
+                            "hours",
+                            format!(
+                                "training runs here only between {} and {} UTC; it is {:02}:{:02} UTC",
+                                h.start,
+                                h.end,
+                                now.hour(),
+                                now.minute()
+                            ),
+                        ));
+                    }
+                }
+                _ => found.push(breach("hours", "the training hours are not times of day")),
             }
         }
-        Ok(())
+        if found.is_empty() {
+            Ok(())
+        } else {
+            Err(Breaches(found))
+        }
     }
 }
 
@@ -422,7 +551,7 @@ batch_size = 16
     #[test]
     fn each_breach_names_its_clause() {
         let p = policy();
-        let clause = |r: Result<(), Breach>| r.unwrap_err().clause;
+        let clause = |r: Result<(), Breaches>| r.unwrap_err().0[0].clause.clone();
         assert_eq!(
             clause(p.evaluate(
                 &spec("mlp", DP),
@@ -495,5 +624,104 @@ batch_size = 16
             SitePolicy::from_toml_str("site = \"x\"\ncompliance_officers = []\nbogus = 1\n")
                 .is_err()
         );
+    }
+
+    /// A job breaking five clauses is refused once, naming all five with plain numbers: the
+    /// operator fixes everything in one edit, not one failed job per clause.
+    #[test]
+    fn every_broken_clause_is_reported_at_once_with_plain_numbers() {
+        let p = policy();
+        let greedy = DP
+            .replace("target_epsilon = 2.0", "target_epsilon = 9.0")
+            .replace("noise_multiplier = 1.1", "noise_multiplier = 0.3");
+        let all = p
+            .evaluate(
+                &spec("transformer", &greedy),
+                Some("spiffe://acme/operator/eve"),
+                at(12),
+                8.5,
+            )
+            .unwrap_err();
+        assert_eq!(
+            all.clauses(),
+            [
+                "allowed_operators",
+                "allowed_models",
+                "privacy.max_epsilon_per_job",
+                "privacy.min_noise_multiplier",
+                "privacy.budget.breast_cancer",
+                "hours",
+            ]
+        );
+        let text = all.to_string();
+        assert!(text.starts_with("6 site-policy clauses broken: "), "{text}");
+        for clause in all.clauses() {
+            assert!(text.contains(&format!("`{clause}`")), "{clause}: {text}");
+        }
+        assert!(
+            text.contains("ε = 9 exceeds this site's 3 per job"),
+            "{text}"
+        );
+        assert!(text.contains("1.5 of 10"), "{text}");
+        assert!(!text.contains("Some("), "{text}");
+        // Without DP, both ε clauses and the noise floor say so, with the cap as a number.
+        let none = p
+            .evaluate(&spec("mlp", ""), Some(OP), at(23), 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(none.contains("at most ε = 3 per job"), "{none}");
+        assert!(!none.contains("Some(") && !none.contains(".0 "), "{none}");
+    }
+
+    /// An edit of site-policy.toml takes effect in place: on the next poll of a watcher, or at
+    /// once on reload; a broken edit or another site's file leaves the policy in force.
+    #[tokio::test]
+    async fn the_site_policy_is_reloaded_on_change_and_a_bad_edit_keeps_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site-policy.toml");
+        std::fs::write(&path, POLICY).unwrap();
+        let held = std::sync::Arc::new(ReloadingSitePolicy::load("st-mary", &path).unwrap());
+        assert_eq!(held.current().privacy.max_epsilon_per_job, Some(3.0));
+        assert!(
+            !held.reload_now().unwrap(),
+            "unchanged file, nothing swapped"
+        );
+
+        let watcher = crate::reload::spawn_watcher(&held, std::time::Duration::from_millis(20));
+        std::fs::write(
+            &path,
+            POLICY.replace("max_epsilon_per_job = 3.0", "max_epsilon_per_job = 5.0"),
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while held.current().privacy.max_epsilon_per_job != Some(5.0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watcher never reloaded"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // A job the old policy refused is now admitted.
+        let greedy = DP.replace("target_epsilon = 2.0", "target_epsilon = 4.0");
+        held.current()
+            .evaluate(&spec("mlp", &greedy), Some(OP), at(23), 0.0)
+            .unwrap();
+        // The rest is driven by hand, with no watcher racing it.
+        watcher.abort();
+
+        // A broken edit and another site's policy are refused; 5.0 stays in force.
+        std::fs::write(&path, "site = \"st-mary\"\nthis is not toml").unwrap();
+        let err = held.reload_now().unwrap_err().to_string();
+        assert!(err.contains("site-policy.toml"), "{err}");
+        std::fs::write(&path, POLICY.replace("st-mary", "other")).unwrap();
+        assert!(matches!(
+            held.reload_now(),
+            Err(SitePolicyError::OtherSite { .. })
+        ));
+        assert_eq!(held.current().privacy.max_epsilon_per_job, Some(5.0));
+        // Through the seam SIGHUP uses.
+        std::fs::write(&path, POLICY).unwrap();
+        assert!(crate::reload::reload_logged(held.as_ref(), "SIGHUP").await);
+        assert_eq!(held.current().privacy.max_epsilon_per_job, Some(3.0));
     }
 }

@@ -21,4 +21,5 @@ pub mod commitment;
 pub mod fuzzing;
 pub mod ledger;
 pub mod noise;
+pub mod planning;
 pub mod sampling;

@@ -106,6 +106,14 @@ pub struct ModelSpec {
 pub struct DataSpec {
     /// Dataset schema name, e.g. `breast_cancer`; each site maps it to its local files.
     pub schema: String,
+    /// The SHA-256 of the consortium's schema file (64 lowercase hex digits; `tutela-node data
+    /// check` prints it per dataset). Part of the spec, and so of the digest the officers sign:
+    /// they approve that exact schema (columns, types, categories, encoding), and a site whose
+    /// schema file differs declines the job naming both digests' prefixes. Optional: a job
+    /// without it (every job written before it existed) keeps its digest and is checked by the
+    /// schema's name only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_sha256: Option<String>,
 }
 
 /// `[training]`: the sites' local training.
@@ -460,6 +468,17 @@ impl JobSpec {
             })?;
         }
         check_name("data.schema", &self.data.schema, 64)?;
+        if let Some(d) = &self.data.schema_sha256
+            && !is_hex_digest(d)
+        {
+            return Err(SpecError::invalid(
+                "data.schema_sha256",
+                format!(
+                    "must be the SHA-256 of the dataset schema file as 64 lowercase hex digits \
+                     (`tutela-node data check` prints it), got {d:?}"
+                ),
+            ));
+        }
 
         let t = &self.training;
         if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
@@ -1067,5 +1086,33 @@ batch_size = 8
         assert_ne!(spec.digest(), plain.digest());
         let e = JobSpec::from_toml_str(&with_base(&A[..63])).unwrap_err();
         assert_eq!(e.key(), Some("model.base_sha256"), "{e}");
+    }
+
+    /// `[data] schema_sha256` is inside the signed digest when given, absent from the canonical
+    /// JSON when not (old jobs keep their digest), and must be a digest.
+    #[test]
+    fn the_schema_digest_is_signed_and_optional() {
+        let with = |d: &str| {
+            SPEC.replace(
+                "schema = \"notes\"",
+                &format!("schema = \"notes\"\nschema_sha256 = \"{d}\""),
+            )
+        };
+        assert!(
+            with(A).contains("schema_sha256"),
+            "the fixture has a [data] schema line"
+        );
+        let plain = JobSpec::from_toml_str(SPEC).unwrap();
+        assert_eq!(plain.data.schema_sha256, None);
+        assert!(!plain.canonical_json().contains("schema_sha256"));
+        let a = JobSpec::from_toml_str(&with(A)).unwrap();
+        let b = JobSpec::from_toml_str(&with(B)).unwrap();
+        assert_eq!(a.data.schema_sha256.as_deref(), Some(A));
+        assert_ne!(a.digest(), b.digest());
+        assert_ne!(a.digest(), plain.digest());
+        let err = JobSpec::from_toml_str(&with("ABC"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.schema_sha256"), "{err}");
     }
 }

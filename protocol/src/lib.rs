@@ -19,11 +19,13 @@ pub mod bench;
 pub mod canonical;
 pub mod checkpoint;
 pub mod client;
+pub mod config_path;
 pub mod config_range;
 pub mod database;
 pub mod federation;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod human;
 pub mod identity;
 pub mod initial_model;
 pub mod job;

@@ -115,6 +115,29 @@ fn default_conv_channels() -> [u64; 2] {
 /// The registry's models, by name.
 pub const MODEL_NAMES: &[&str] = &["mlp", "cnn"];
 
+/// The site node's language models (`site-node::lm::registry::LANGUAGE_MODELS`; a site-node
+/// test keeps the two lists equal). Listed here so that the coordinator, which does not link
+/// libtorch, can refuse at submission a job naming a model no site could build.
+pub const LANGUAGE_MODEL_NAMES: &[&str] = &["llama"];
+
+/// Whether a site node can build model `name` (a layer network or a language model).
+pub fn is_known_model(name: &str) -> bool {
+    MODEL_NAMES.contains(&name) || LANGUAGE_MODEL_NAMES.contains(&name)
+}
+
+/// Why a job's model is refused at submission: no site's registry has it.
+pub fn unknown_model_message(name: &str) -> String {
+    format!(
+        "model.name = {name:?}: unknown model; no site's model registry has it (known models: {})",
+        MODEL_NAMES
+            .iter()
+            .chain(LANGUAGE_MODEL_NAMES)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// The `cnn`'s convolution kernel side (3×3, stride 1, same padding).
 const CNN_KERNEL: u64 = 3;
 

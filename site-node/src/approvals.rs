@@ -6,11 +6,14 @@
 //! certificate that chains to the consortium CA the node trusts for TLS (and its CRLs), unexpired,
 //! signature valid — and is signed by one of the compliance officers listed in the site's own
 //! `site-policy.toml` (never a list from the coordinator). Then the job must satisfy every clause
-//! of the site policy; a refusal names the clause.
+//! of the site policy; a refusal names every clause it breaks, at once.
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
 use time::OffsetDateTime;
+
+use tutela_policy::site_policy::{ReloadingSitePolicy, SitePolicyError};
 use tutela_policy::{Approval, ApprovalVerifier, SitePolicy};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::pb;
@@ -51,14 +54,16 @@ pub enum ApprovalRefusal {
     #[error("not approved for site {site}: {why}")]
     NotApproved { site: String, why: String },
     #[error(transparent)]
-    Breach(#[from] tutela_policy::Breach),
+    /// Every site-policy clause the job breaks, all in one refusal.
+    Breach(#[from] tutela_policy::Breaches),
 }
 
 /// The site policy and the trust anchors approvals are checked against.
 #[derive(Debug, Clone)]
 pub struct SiteApprovals {
     site: String,
-    policy: SitePolicy,
+    /// Re-read in place on SIGHUP and on change (the node registers it, see [`Self::reloading`]).
+    policy: Arc<ReloadingSitePolicy>,
     verifier: ApprovalVerifier,
 }
 
@@ -69,22 +74,20 @@ impl SiteApprovals {
         path: &Path,
         material: &TlsMaterial,
     ) -> Result<Self, SiteApprovalsError> {
-        let policy = SitePolicy::load(path).map_err(|source| SiteApprovalsError::Policy {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
-        if policy.site != site {
-            return Err(SiteApprovalsError::OtherSite {
+        let policy = ReloadingSitePolicy::load(site, path).map_err(|source| match source {
+            SitePolicyError::OtherSite { path, found, site } => {
+                SiteApprovalsError::OtherSite { path, found, site }
+            }
+            source => SiteApprovalsError::Policy {
                 path: path.to_path_buf(),
-                found: policy.site,
-                site: site.to_string(),
-            });
-        }
+                source: Box::new(source),
+            },
+        })?;
         let verifier = ApprovalVerifier::from_tls(material)
             .map_err(|e| SiteApprovalsError::Verifier(e.to_string()))?;
         Ok(SiteApprovals {
             site: site.to_string(),
-            policy,
+            policy: Arc::new(policy),
             verifier,
         })
     }
@@ -93,12 +96,19 @@ impl SiteApprovals {
     pub fn new(site: &str, policy: SitePolicy, verifier: ApprovalVerifier) -> Self {
         SiteApprovals {
             site: site.to_string(),
-            policy,
+            policy: Arc::new(ReloadingSitePolicy::fixed(policy)),
             verifier,
         }
     }
 
-    pub fn policy(&self) -> &SitePolicy {
+    /// The site policy in force now.
+    pub fn policy(&self) -> Arc<SitePolicy> {
+        self.policy.current()
+    }
+
+    /// The policy as reloaded in place: the node polls it (`tutela_policy::reload::spawn_watcher`)
+    /// and re-reads it on SIGHUP (`tutela_policy::reload::reload_all_on_sighup`).
+    pub fn reloading(&self) -> &Arc<ReloadingSitePolicy> {
         &self.policy
     }
 
@@ -126,13 +136,15 @@ impl SiteApprovals {
         if task.approvals.is_empty() {
             return Err(not_approved("the task carries no approvals".into()));
         }
+        // One policy for the whole check, even if a reload swaps it meanwhile.
+        let policy = self.policy.current();
         let mut reasons = Vec::new();
         let mut approved_by = None;
         for (i, wire) in task.approvals.iter().enumerate() {
             let verified = Approval::from_pb(wire)
                 .and_then(|a| self.verifier.verify(&a, &task.job_id, &digest, now_ms));
             match verified {
-                Ok(v) if self.policy.is_officer(&v.signer.uri()) => {
+                Ok(v) if policy.is_officer(&v.signer.uri()) => {
                     approved_by = Some(v.signer.uri());
                     break;
                 }
@@ -152,7 +164,7 @@ impl SiteApprovals {
         let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let submitter = (!task.submitted_by.is_empty()).then_some(task.submitted_by.as_str());
-        self.policy.evaluate(&spec, submitter, now, spent_epsilon)?;
+        policy.evaluate(&spec, submitter, now, spent_epsilon)?;
         tracing::info!(job = %task.job_id, %officer, "task approved by this site's compliance officer and within the site policy");
         Ok(())
     }
@@ -376,7 +388,7 @@ noise_multiplier = 1.0
             let mut t = task(spec_toml, vec![signed(&f.alice, &f.alice, spec_toml)]);
             t.submitted_by = submitter.into();
             match f.gate.check(&t, now(), spent) {
-                Err(ApprovalRefusal::Breach(b)) => b.clause,
+                Err(ApprovalRefusal::Breach(b)) => b.0[0].clause.clone(),
                 other => panic!("expected a breach, got {other:?}"),
             }
         };
@@ -399,5 +411,20 @@ noise_multiplier = 1.0
         );
         let msg = f.gate.check(&t, now(), 0.0).unwrap_err().to_string();
         assert!(msg.contains("site policy `allowed_models`"), "{msg}");
+        // A job breaking several clauses is declined once, listing them all.
+        let both = spec("cnn", 5.0);
+        let mut t = task(&both, vec![signed(&f.alice, &f.alice, &both)]);
+        t.submitted_by = OP.into();
+        match f.gate.check(&t, now(), 0.0) {
+            Err(ApprovalRefusal::Breach(b)) => {
+                assert_eq!(
+                    b.clauses(),
+                    ["allowed_models", "privacy.max_epsilon_per_job"]
+                );
+                let msg = b.to_string();
+                assert!(msg.contains("ε = 5 exceeds"), "{msg}");
+            }
+            other => panic!("expected both breaches, got {other:?}"),
+        }
     }
 }

@@ -35,6 +35,9 @@ pub enum ConfigError {
         key: String,
         problem: String,
     },
+    /// A file the config names is not there (see [`NodeConfig::check_files`]).
+    #[error(transparent)]
+    Missing(Box<tutela_protocol::config_path::ConfigPathError>),
 }
 
 impl ConfigError {
@@ -42,6 +45,7 @@ impl ConfigError {
     pub fn key(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Missing(e) => Some(&e.key),
             _ => None,
         }
     }
@@ -280,6 +284,54 @@ impl NodeConfig {
             source,
         })?;
         Self::from_toml_str(&text, path)
+    }
+
+    /// Checks, before the node starts, that the files a running node reads at once exist (TLS,
+    /// the at-rest key file, the site secret): an error names `origin`, the key, the value as
+    /// written in the file and where it resolved, e.g. `node.toml: tls.ca = "../certs/ca.crt":
+    /// no such file (resolved to /etc/certs/ca.crt)`. Not part of [`NodeConfig::load`], which
+    /// offline commands use without those files.
+    pub fn check_files(&self, origin: &Path) -> Result<(), ConfigError> {
+        let written: toml::Table = std::fs::read_to_string(origin)
+            .ok()
+            .and_then(|t| toml::from_str(&t).ok())
+            .unwrap_or_default();
+        let as_written = |key: &str| -> Option<PathBuf> {
+            let mut v = None::<&toml::Value>;
+            let mut table = Some(&written);
+            for part in key.split('.') {
+                v = table.and_then(|t| t.get(part));
+                table = v.and_then(|x| x.as_table());
+            }
+            v.and_then(|x| x.as_str()).map(PathBuf::from)
+        };
+        let file = tutela_protocol::config_path::ConfigFile::new(origin);
+        let mut files: Vec<(&str, &PathBuf)> = vec![
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ];
+        if let Some(crl) = &self.tls.crl {
+            files.push(("tls.crl", crl));
+        }
+        if let Some(kek) = self.at_rest.as_ref().and_then(|a| a.kek_file.as_ref()) {
+            files.push(("at_rest.kek_file", kek));
+        }
+        if let Some(secret) = &self.site_secret_file {
+            files.push(("site_secret_file", secret));
+        }
+        for (key, resolved) in files {
+            let mut path = resolved.clone();
+            if let Err(e) = file.existing_file(key, &mut path) {
+                return Err(ConfigError::Missing(Box::new(
+                    tutela_protocol::config_path::ConfigPathError {
+                        written: as_written(key).unwrap_or(e.written.clone()),
+                        ..e
+                    },
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Parses and checks config text; `origin` names it in errors, and its directory is where

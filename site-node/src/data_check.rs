@@ -68,7 +68,7 @@ impl fmt::Display for DatasetCheck {
                 schema_sha256,
             } => writeln!(
                 f,
-                "{kind} dataset {name}: ready, {rows} rows, {features} features, schema sha256 {schema_sha256}"
+                "{kind} dataset {name}: ready, {rows} rows, {features} features, schema sha256 {schema_sha256}\n  a job on it names, in its [data] table: schema_sha256 = \"{schema_sha256}\""
             ),
             Outcome::TextReady { documents } => {
                 writeln!(f, "{kind} dataset {name}: ready, {documents} documents")

@@ -165,6 +165,15 @@ impl SiteDataset {
         &self.schema_sha256
     }
 
+    /// Whether this dataset's schema file is the one a job names (`[data] schema_sha256`). A job
+    /// without the key is accepted (jobs from before it existed); see [`check_schema_digest`].
+    pub fn check_job_schema(
+        &self,
+        job_schema_sha256: Option<&str>,
+    ) -> Result<(), SchemaDigestMismatch> {
+        check_schema_digest(job_schema_sha256, &self.schema_sha256)
+    }
+
     /// Reads the whole dataset as [`load`](Self::load) would (through the anonymization pipeline
     /// when it declares its columns) and lists every problem; keeps nothing of the data. A
     /// problem in the raw records of a declared dataset, or in the pipeline, ends the list (the
@@ -344,4 +353,62 @@ fn commit_training_table(salt: &[u8; 32], table: &Table) -> DatasetCommitment {
         }));
     }
     builder.finish()
+}
+
+/// A job names a schema file other than this site's (`[data] schema_sha256`): the officers
+/// signed another schema (columns, categories, encoding) than the one this site would train
+/// with. The message names both digests' first 12 hex digits and nothing of the site (no path),
+/// so it may leave the site as the decline's reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the job's schema is sha256 {job}…, this site's schema file is sha256 {site}…: update the \
+     site's schema file to the consortium's, or the job's data.schema_sha256"
+)]
+pub struct SchemaDigestMismatch {
+    /// The job's digest, first 12 hex digits.
+    pub job: String,
+    /// This site's, first 12 hex digits.
+    pub site: String,
+}
+
+/// Compares a job's `[data] schema_sha256` with the site's schema file's digest. Absent from
+/// the job: accepted (the schema is then matched by name only, as before the key existed).
+pub fn check_schema_digest(job: Option<&str>, site: &str) -> Result<(), SchemaDigestMismatch> {
+    const PREFIX: usize = 12;
+    match job {
+        Some(wanted) if !wanted.eq_ignore_ascii_case(site) => Err(SchemaDigestMismatch {
+            job: wanted.chars().take(PREFIX).collect(),
+            site: site.chars().take(PREFIX).collect(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod schema_digest_tests {
+    use super::*;
+
+    #[test]
+    fn a_job_naming_another_schema_is_refused_with_both_prefixes_and_no_path() {
+        let site = "0123456789abcdef".repeat(4);
+        let other = "fedcba9876543210".repeat(4);
+        check_schema_digest(Some(&site), &site).unwrap();
+        check_schema_digest(None, &site).unwrap();
+        let err = check_schema_digest(Some(&other), &site).unwrap_err();
+        assert_eq!(err.job, "fedcba987654");
+        assert_eq!(err.site, "0123456789ab");
+        let text = err.to_string();
+        assert!(
+            text.contains("fedcba987654") && text.contains("0123456789ab"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('/') || text.contains("data.schema_sha256"),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&other) && !text.contains(&site),
+            "prefixes only: {text}"
+        );
+    }
 }

@@ -62,6 +62,11 @@ pub struct JobView {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct DataView {
     pub schema: String,
+    /// The SHA-256 of the schema file the officers signed (see `tutela_protocol::job::DataSpec`);
+    /// a dataset whose schema file differs declines the job
+    /// (`crate::dataset::check_schema_digest`).
+    #[serde(default)]
+    pub schema_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -269,10 +269,10 @@ impl SiteLedgers {
             if self.budget.requires_local_dp() {
                 return Err(format!(
                     "this site requires DP-SGD (privacy.mode = \"local\") for every job on \
-                     dataset {dataset:?}: its privacy budget caps ε (per job {:?}, total {:?} at \
+                     dataset {dataset:?}: its privacy budget caps ε (per job {}, total {} at \
                      δ = {:e}), and an update without local noise has no bounded ε",
-                    self.budget.max_epsilon_per_job,
-                    self.budget.max_epsilon_total,
+                    tutela_protocol::human::optional(self.budget.max_epsilon_per_job),
+                    tutela_protocol::human::optional(self.budget.max_epsilon_total),
                     self.budget.delta
                 ));
             }

@@ -48,6 +48,7 @@ pub mod ledger;
 pub mod ledger_restore;
 pub mod lm;
 pub mod local;
+pub mod metrics;
 pub mod models;
 pub mod offline;
 pub mod resend;

@@ -97,7 +97,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
-    /// Scores a model on a labelled CSV and prints {"loss":..,"accuracy":..,"n":..} as JSON.
+    /// Scores a model on a labelled CSV and prints {"loss":..,"accuracy":..,"n":..,"auc":..,
+    /// "f1":..,"confusion":[[..]],"expected_calibration_error":..,"reliability":[..]} as JSON on
+    /// stdout, and the same rounded for people (ROC AUC with ties counted half, F1 of the
+    /// positive class or macro, the confusion matrix, a 10-bin reliability table) on stderr.
     ///
     /// Features are scaled the way the sites scaled them in training. When the schema declares
     /// [standardize] reference statistics, the sites used those and so does this command (the
@@ -724,8 +727,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .context("decoding the generated ids")?;
             println!("{prompt}{text}");
         }
-        Command::Run { config } => {
-            let config = NodeConfig::load(&config)?;
+        Command::Run { config: path } => {
+            let config = NodeConfig::load(&path)?;
+            config.check_files(&path)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let agent = Agent::new(config).context("the node cannot start")?;
@@ -737,7 +741,31 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Evaluate(scoring) => {
             let prepared = scoring.prepare()?;
-            print_eval(&offline::score(&prepared)?);
+            let eval = offline::score(&prepared)?;
+            let report = offline::classification(&prepared)?;
+            // People read the rounded report (stderr); scripts read the JSON line (stdout).
+            eprint!(
+                "{}",
+                tutela_site_node::metrics::render(&report, &prepared.table.class_names)
+            );
+            let mut json =
+                serde_json::json!({"loss": eval.loss, "accuracy": eval.accuracy, "n": eval.n});
+            if let (Some(map), Ok(serde_json::Value::Object(metrics))) =
+                (json.as_object_mut(), serde_json::to_value(&report))
+            {
+                for key in [
+                    "auc",
+                    "f1",
+                    "confusion",
+                    "expected_calibration_error",
+                    "reliability",
+                ] {
+                    if let Some(v) = metrics.get(key) {
+                        map.insert(key.to_string(), v.clone());
+                    }
+                }
+            }
+            println!("{json}");
         }
         Command::Centralized {
             job_spec,

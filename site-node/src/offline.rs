@@ -62,6 +62,8 @@ pub enum OfflineError {
     },
     #[error(transparent)]
     Train(#[from] TrainError),
+    #[error("classification metrics: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error(
         "{}: the schema declares no [standardize] reference statistics, so say which statistics \
          standardise the rows: --standardize-from CSV (e.g. the sites' training data; \
@@ -212,6 +214,27 @@ fn pooled(
 /// Mean cross-entropy and accuracy on the prepared rows.
 pub fn score(scoring: &Scoring) -> Result<Eval, OfflineError> {
     Ok(evaluate(&scoring.model, &scoring.table)?)
+}
+
+/// AUC, F1, the confusion matrix and calibration of the scored model on the scored table.
+pub fn classification(
+    scoring: &Scoring,
+) -> Result<crate::metrics::ClassificationReport, OfflineError> {
+    let probabilities = predict(&scoring.model, &scoring.table, None)?;
+    let labels: Vec<usize> = scoring
+        .table
+        .labels
+        .iter()
+        .map(|&l| usize::try_from(l).unwrap_or(usize::MAX))
+        .collect();
+    let classes = probabilities
+        .first()
+        .map_or(scoring.table.class_names.len(), Vec::len);
+    Ok(crate::metrics::classification_report(
+        &probabilities,
+        &labels,
+        classes,
+    )?)
 }
 
 /// Class probabilities (softmax of the model's outputs, dropout off) of the first `rows` rows

@@ -514,6 +514,21 @@ async fn a_signed_rejection_ends_the_job_and_is_stored_and_forgeries_are_refused
         .unwrap()
         .into_inner();
     assert_eq!(s.state, "running", "{s:?}");
+    // After the start, `job status` still shows who approved it and that their approvals count.
+    let signers: Vec<&str> = s.approvals.iter().map(|a| a.signer.as_str()).collect();
+    assert_eq!(s.approvals.len(), 2, "{s:?}");
+    assert!(
+        s.approvals.iter().all(|a| a.standing == "counts"),
+        "{:?}",
+        s.approvals
+    );
+    for who in [&c.alice, &c.bob] {
+        assert!(
+            signers.contains(&who.identity.uri().as_str()),
+            "{signers:?}"
+        );
+    }
+    assert!(s.approvals_missing.is_empty(), "{s:?}");
     refused(
         reject(
             &mut as_alice,
@@ -718,4 +733,38 @@ async fn a_rejection_is_stored_with_the_jobs_end_or_not_at_all() {
         store.close().await;
     })
     .await;
+}
+
+/// A job naming a model no site's registry has is refused at submission (and at amendment),
+/// before any officer is asked to sign it; the answer lists the models the sites have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_naming_a_model_no_site_has_is_refused_at_submission() {
+    let c = start().await;
+    let mut op = c.as_("op").await;
+    let unknown = spec("unknown-model", &["a", "b"])
+        .replace("name = \"mlp\"\nhidden = [8]", "name = \"transformer\"");
+    assert!(unknown.contains("\"transformer\""), "{unknown}");
+    refused(
+        op.submit_job(pb::SubmitJobRequest {
+            spec_toml: unknown.clone(),
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "unknown model",
+        Code::InvalidArgument,
+        "model.name = \"transformer\": unknown model; no site's model registry has it (known models: mlp, cnn, llama)",
+    );
+    let (job, _) = submit(&mut op, "known-model").await;
+    refused(
+        op.amend_job(pb::AmendJobRequest {
+            job_id: job,
+            spec_toml: unknown,
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "unknown model in an amendment",
+        Code::InvalidArgument,
+        "unknown model",
+    );
+    c.stop().await;
 }

@@ -62,3 +62,16 @@ pub fn build(
     }
     LanguageModel::new(config, device, seed)
 }
+
+#[cfg(test)]
+mod registry_names {
+    /// The coordinator refuses jobs by `tutela_protocol::model_registry::LANGUAGE_MODEL_NAMES`:
+    /// it must be this registry's list.
+    #[test]
+    fn the_protocol_lists_exactly_these_language_models() {
+        assert_eq!(
+            super::known_language_models(),
+            tutela_protocol::model_registry::LANGUAGE_MODEL_NAMES
+        );
+    }
+}

@@ -1331,7 +1331,39 @@ fn cli_evaluate_predict_and_centralized_print_json() {
         &["--standardize-from", csv_arg],
     ));
     assert_eq!(pooled["n"], 569);
-    assert_eq!(pooled.as_object().unwrap().len(), 3, "{pooled}");
+    // Loss, accuracy and n, then what an officer needs on unbalanced labels.
+    let keys: Vec<&str> = pooled
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "accuracy",
+            "auc",
+            "confusion",
+            "expected_calibration_error",
+            "f1",
+            "loss",
+            "n",
+            "reliability"
+        ],
+        "{pooled}"
+    );
+    for key in ["auc", "f1", "expected_calibration_error"] {
+        let v = pooled[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}: {pooled}");
+    }
+    let confusion: u64 = pooled["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(confusion, 569, "{pooled}");
     let accuracy = pooled["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy), "{pooled}");
     assert!(pooled["loss"].as_f64().unwrap() > 0.0, "{pooled}");
@@ -1534,6 +1566,33 @@ fn the_node_refuses_to_start_without_a_site_policy_and_with_both_settings() {
         }
         assert!(!log.contains("site node starting"), "{log}");
     }
+}
+
+/// A TLS file that is not where node.toml says stops `tutela-node run` with the file, the key,
+/// the value as written and where it resolved, not the bare `No such file or directory` of the
+/// path alone.
+#[test]
+fn a_missing_tls_file_is_named_by_node_toml_its_key_and_the_resolved_path() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), SITE);
+    let config = dir.path().join("node.toml");
+    let text = node_config_text(SITE, "127.0.0.1:1", &pki.node, NO_APPROVALS, "").replace(
+        &format!("ca = \"{}\"", pki.node.ca.display()),
+        "ca = \"../certs/ca.crt\"",
+    );
+    assert!(text.contains("ca = \"../certs/ca.crt\""), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let mut node = NodeProcess::start(&config, &dir.path().join("node.log"));
+    let status = node.exit_status();
+    let log = node.log();
+    assert!(!status.success(), "{log}");
+    let expect = format!(
+        "{}: tls.ca = \"../certs/ca.crt\": no such file (resolved to {})",
+        config.display(),
+        dir.path().join("../certs/ca.crt").display()
+    );
+    assert!(log.contains(&expect), "{expect:?} missing from: {log}");
 }
 
 /// The next thing the node process did other than (re)connecting; fails the test, showing the
