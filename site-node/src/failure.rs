@@ -441,6 +441,8 @@ impl From<&Refusal> for SiteFailure {
                 SiteFailure::with_public_note(JobSpecInvalid, r)
             }
             Refusal::UnknownSchema { .. } => SiteFailure::with_public_note(UnknownSchema, r),
+            // The two digests' first hex digits, never the schema file's path.
+            Refusal::SchemaDigest(_) => SiteFailure::with_public_note(DataSchemaMismatch, r),
             Refusal::PrivacyBudget(_) => SiteFailure::with_public_note(PrivacyBudget, r),
             Refusal::Ledger(_) => SiteFailure::new(PrivacyLedgerUnusable, r),
             Refusal::Policy(_) => SiteFailure::with_public_note(PolicyRefused, r),

@@ -37,6 +37,9 @@ pub enum Refusal {
     },
     #[error("a TRAIN task must name its global model (global_model_id is empty)")]
     NoGlobalModel,
+    /// The job names a schema file other than this site's (digest prefixes only, never a path).
+    #[error("{0}")]
+    SchemaDigest(#[from] crate::dataset::SchemaDigestMismatch),
     /// The job's planned privacy spend would pass a cap of the site's budget (with the numbers).
     #[error("{0}")]
     PrivacyBudget(String),
@@ -178,6 +181,12 @@ impl TaskGate {
         self
     }
 
+    /// The site policy in force, reloaded in place (`None` without approvals): the agent polls
+    /// it and re-reads it on SIGHUP, so an officer's edit takes effect without a restart.
+    pub fn site_policy(&self) -> Option<&Arc<tutela_policy::site_policy::ReloadingSitePolicy>> {
+        self.approvals.as_ref().map(|a| a.reloading())
+    }
+
     /// Checks every TRAIN task's planned privacy spend against these ledgers' caps.
     pub fn with_ledgers(mut self, ledgers: Arc<SiteLedgers>) -> Self {
         self.ledgers = Some(ledgers);
@@ -285,6 +294,11 @@ impl TaskGate {
         let job = JobView::from_toml_str(&task.job_spec_toml)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         let data = self.job_data(&job)?;
+        // Before the approvals: a site whose schema file is not the one the officers signed
+        // would encode other columns than the job expects, whatever its officers said.
+        if let JobData::Table(dataset) = &data {
+            dataset.check_job_schema(job.data.schema_sha256.as_deref())?;
+        }
         if let Some(approvals) = &self.approvals {
             // The ledger's own caps are checked below with the DP plan; the site policy's budget
             // clause weighs the job's target ε against what the dataset has spent already.

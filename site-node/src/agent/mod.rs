@@ -104,6 +104,8 @@ pub const NODE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Tasks queued between the task stream and the worker.
 const TASK_QUEUE: usize = 64;
+/// How often the site policy file is compared with the policy in force.
+const SITE_POLICY_POLL: Duration = Duration::from_secs(5);
 /// How many answered task ids are remembered, to skip a task the coordinator sends again.
 const ANSWERED_MEMORY: usize = 1024;
 /// How many received global models are kept under `work_dir/models`.
@@ -443,6 +445,15 @@ impl Agent {
             client: Mutex::new(None),
             answered: Mutex::new(VecDeque::new()),
         });
+        // The site policy is re-read when its file changes and on SIGHUP, like the
+        // coordinator's; a file that does not load leaves the policy in force (logged). The
+        // watcher ends by itself once the gate (and its policy) is dropped.
+        if let Some(policy) = shared.gate.site_policy() {
+            if let Err(e) = tutela_policy::reload::reload_all_on_sighup(vec![policy.clone()]) {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: the site policy is reloaded on file change only");
+            }
+            tutela_policy::reload::spawn_watcher(policy, SITE_POLICY_POLL);
+        }
         let (tx, rx) = mpsc::channel(TASK_QUEUE);
         let worker = tokio::spawn(worker(shared.clone(), rx));
         let mut backoff =

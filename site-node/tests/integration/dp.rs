@@ -557,6 +557,33 @@ max_grad_norm = 1.0
         );
     }
 
+    /// A job that pins another schema file (`[data] schema_sha256`) is declined before anything
+    /// else is checked, with both digests' prefixes and no path; the site's own digest, or none,
+    /// is admitted.
+    #[test]
+    fn a_job_pinning_another_schema_file_is_declined_with_digest_prefixes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let dataset = dataset_without_its_file(dir.path());
+        let site_digest = dataset.schema_sha256().to_string();
+        let gate = TaskGate::new(BTreeMap::from([("breast_cancer".to_string(), dataset)]));
+        let pinned = |digest: &str| {
+            job(3.0).replace(
+                "schema = \"breast_cancer\"",
+                &format!("schema = \"breast_cancer\"\nschema_sha256 = \"{digest}\""),
+            )
+        };
+        gate.check_task(&task("j1", pinned(&site_digest))).unwrap();
+        gate.check_task(&task("j1", job(3.0))).unwrap();
+        let other = "0f".repeat(32);
+        let refusal = gate.check_task(&task("j1", pinned(&other))).unwrap_err();
+        assert!(matches!(refusal, Refusal::SchemaDigest(_)), "{refusal:?}");
+        let failure = tutela_site_node::failure::SiteFailure::from(&refusal);
+        let wire = failure.wire_reason();
+        assert!(wire.starts_with("data.schema_mismatch"), "{wire}");
+        assert!(wire.contains(&other[..12]) && wire.contains(&site_digest[..12]), "{wire}");
+        assert!(!wire.contains(&other) && !wire.contains("schema.toml"), "{wire}");
+    }
+
     /// A coordinator that resumed after a crash asks for a round the node was charged for
     /// already. Until the job's last round that fits within the job's target ε (the plan is
     /// calibrated to the target over all rounds, and a retrain uses up one of the later rounds'
