@@ -18,6 +18,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod aggregation;
+pub use aggregation::{AggregationRuleName, AggregationSpec};
+
 /// A job spec, as written in a job's TOML file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +64,10 @@ pub struct JobSpec {
     /// whole model trains. Inside the digest, like every setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<crate::lora::LoraSpec>,
+    /// `[aggregation]`: how the coordinator combines a round's updates (`aggregation`). Absent:
+    /// FedAvg's streaming weighted sum, and the digest of a job without it is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<AggregationSpec>,
 }
 
 fn default_fraction() -> f64 {
@@ -496,6 +503,9 @@ impl JobSpec {
         if let Some(lora) = &self.lora {
             let local_dp = self.dp().is_some_and(|p| p.mode == PrivacyMode::Local);
             lora.validate(local_dp)?;
+        }
+        if let Some(a) = &self.aggregation {
+            a.validate(self)?;
         }
         Ok(())
     }
