@@ -367,28 +367,44 @@ impl TaskGate {
 }
 
 /// Transforms an update before it leaves the site: the seam where DP clipping and noise (and
-/// secure-aggregation masking) plug in. Filters run in the order they were added, on TRAIN
-/// updates only (initial weights are drawn from the job's seed and carry no data).
-pub trait UpdateFilter: Send + Sync {
-    fn name(&self) -> &str;
-    /// Changes `update` in place, or says why the update may not leave the site.
-    fn apply(&self, task: &pb::Task, update: &mut NamedTensors) -> Result<(), String>;
+/// secure-aggregation masking) plug in. It is the coordinator's trait too
+/// (`tutela_protocol::update_filter`: one meaning of a filter on both sides); here the chain runs
+/// on the update in memory ([`tutela_protocol::update_filter::filter_in_memory`]), in the order
+/// the filters were added, on TRAIN updates only (initial weights are drawn from the job's seed
+/// and carry no data).
+pub use tutela_protocol::update_filter::UpdateFilter;
+
+/// Runs the node's filters on an update, then `[testing] corrupt_update` if set (after every
+/// honest filter, as a broken or malicious node would bypass them).
+fn filter_update(shared: &Shared, update: &mut NamedTensors) -> Result<(), Failure> {
+    let declined = |why: String| {
+        Failure::Decline(SiteFailure::new(FailureCode::UpdateFiltered, why))
+    };
+    if !shared.filters.is_empty() {
+        let manifest = tutela_protocol::update_filter::manifest_of(update)
+            .map_err(|e| declined(format!("the update's tensors: {e}")))?;
+        let info = tutela_protocol::update_filter::UpdateInfo {
+            site: &shared.site,
+            weight: 1.0,
+            manifest: &manifest,
+        };
+        tutela_protocol::update_filter::filter_in_memory(&shared.filters, &info, update)
+            .map_err(|why| declined(format!("update filter: {why}")))?;
+    }
+    if let Some(c) = shared.testing.corrupt_update {
+        corrupt_update(c, update);
+    }
+    Ok(())
 }
 
-/// `[testing] corrupt_update`: spoils an update after every honest filter, like a malicious or
-/// broken node would.
-struct CorruptUpdate(Corruption);
-
-impl UpdateFilter for CorruptUpdate {
-    fn name(&self) -> &str {
-        "testing.corrupt_update"
-    }
-
-    fn apply(&self, _task: &pb::Task, update: &mut NamedTensors) -> Result<(), String> {
+/// `[testing] corrupt_update`: spoils an update like a malicious or broken node would (it may
+/// change a shape, which no filter can, so it is not one).
+fn corrupt_update(corruption: Corruption, update: &mut NamedTensors) {
+    {
         let Some((spec, bytes)) = update.first_mut() else {
-            return Ok(());
+            return;
         };
-        match self.0 {
+        match corruption {
             Corruption::Nan => {
                 if spec.dtype == DType::F32 && bytes.len() >= 4 {
                     bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
@@ -399,20 +415,24 @@ impl UpdateFilter for CorruptUpdate {
                 spec.shape = vec![numel + 1];
                 bytes.extend_from_slice(&vec![0u8; spec.dtype.size() as usize]);
             }
-            Corruption::Scale => {
-                for (spec, bytes) in update.iter_mut() {
-                    if spec.dtype != DType::F32 {
-                        continue;
-                    }
-                    for word in bytes.chunks_exact_mut(4) {
-                        let mut w = [0u8; 4];
-                        w.copy_from_slice(word);
-                        word.copy_from_slice(&(f32::from_le_bytes(w) * 1e6).to_le_bytes());
-                    }
-                }
-            }
+            Corruption::Scale => scale_update(update, 1e6),
+            Corruption::Scale100 => scale_update(update, 100.0),
+            Corruption::SignFlip => scale_update(update, -10.0),
         }
-        Ok(())
+    }
+}
+
+/// Multiplies every F32 value of `update` by `factor`.
+fn scale_update(update: &mut NamedTensors, factor: f32) {
+    for (spec, bytes) in update.iter_mut() {
+        if spec.dtype != DType::F32 {
+            continue;
+        }
+        for word in bytes.chunks_exact_mut(4) {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(word);
+            word.copy_from_slice(&(f32::from_le_bytes(w) * factor).to_le_bytes());
+        }
     }
 }
 
@@ -462,7 +482,7 @@ pub struct Agent {
     /// The key-encryption key of the files the node writes; `None`: written in the clear.
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
-    filters: Vec<Box<dyn UpdateFilter>>,
+    filters: Vec<Arc<dyn UpdateFilter>>,
     /// The node's own connection to the audit trail (`[audit]`).
     audit: Option<Arc<SiteAudit>>,
 }
@@ -620,7 +640,7 @@ impl Agent {
 
     /// Adds an update filter (DP clipping and noise, later masking). Filters run in the order
     /// they are added; a `[testing]` corruption runs after all of them.
-    pub fn with_update_filter(mut self, filter: Box<dyn UpdateFilter>) -> Self {
+    pub fn with_update_filter(mut self, filter: Arc<dyn UpdateFilter>) -> Self {
         self.filters.push(filter);
         self
     }
@@ -649,11 +669,7 @@ impl Agent {
     /// is lost. Returns only at shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let device_name = self.device_name();
-        let mut filters = self.filters;
-        // After the honest filters, as a broken or malicious node would bypass them.
-        if let Some(c) = self.config.testing.as_ref().and_then(|t| t.corrupt_update) {
-            filters.push(Box::new(CorruptUpdate(c)));
-        }
+        let filters = self.filters;
         let shared = Arc::new(Shared {
             site: self.config.site.clone(),
             device: self.device,
@@ -712,7 +728,7 @@ struct Shared {
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
     audit: Option<Arc<SiteAudit>>,
-    filters: Vec<Box<dyn UpdateFilter>>,
+    filters: Vec<Arc<dyn UpdateFilter>>,
     testing: TestingConfig,
     /// The client of the latest session; the worker uses it for FetchModel, SubmitUpdate and
     /// DeclineTask. tonic's channel reconnects by itself, and a new session replaces it.
@@ -1031,14 +1047,7 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         .map_err(|why| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, why)))?;
     }
     let mut update = result.delta;
-    for filter in &shared.filters {
-        filter.apply(task, &mut update).map_err(|why| {
-            Failure::Decline(SiteFailure::new(
-                FailureCode::UpdateFiltered,
-                format!("update filter {}: {why}", filter.name()),
-            ))
-        })?;
-    }
+    filter_update(shared, &mut update)?;
     if task.deadline_unix_ms > 0 && now_ms() > task.deadline_unix_ms {
         return Ok(Done::Skipped(
             "training ended after the task's deadline; the update would be refused as late".into(),
@@ -1116,14 +1125,7 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
          charging ε again"
     );
     let mut update = released.update;
-    for filter in &shared.filters {
-        filter.apply(task, &mut update).map_err(|why| {
-            Failure::Decline(SiteFailure::new(
-                FailureCode::UpdateFiltered,
-                format!("update filter {}: {why}", filter.name()),
-            ))
-        })?;
-    }
+    filter_update(shared, &mut update)?;
     let mut metadata = released.metadata;
     metadata.insert(meta::TASK.to_string(), task.task_id.clone());
     let receipt = upload(shared, update, metadata).await?;

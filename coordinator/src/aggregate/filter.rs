@@ -1,119 +1,13 @@
-//! Update filters: the stages every update passes, value by value, before it is aggregated.
-//!
-//! The same chain runs in every aggregation (`super::RoundAggregation`): validate
-//! ([`FiniteValues`]), then the job's filters (central DP's clip, ...), last the round's
-//! [`NormBound`]. A filter sees the update in stream order, a block at a time, and never holds a
-//! whole update.
+//! The coordinator's side of the update filters (the trait and [`FiniteValues`] are
+//! `tutela_protocol::update_filter`'s, shared with the site node): the round's [`NormBound`],
+//! last in every aggregation's chain, and the checks every aggregation runs at an update's
+//! manifest (tensors, weight).
 
 use super::tiled::{decode_le, sum_of_squares, sum_of_squares_le};
+pub use tutela_protocol::update_filter::{
+    FilterPass, FiniteValues, Refusal, UpdateFilter, UpdateInfo, ValuesAt, not_finite,
+};
 use tutela_protocol::tensor::{Manifest, TensorSpec};
-
-/// An update's refusal by a filter: the reason is sent to the site.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
-
-impl Refusal {
-    pub fn new(reason: impl Into<String>) -> Self {
-        Refusal(reason.into())
-    }
-}
-
-/// What a filter knows about the update it starts on.
-#[derive(Clone, Copy, Debug)]
-pub struct UpdateInfo<'a> {
-    pub site: &'a str,
-    pub weight: f64,
-    /// The update's manifest; its tensors already match the global model's.
-    pub manifest: &'a Manifest,
-}
-
-/// Where a run of values handed to a filter sits in the update.
-#[derive(Clone, Copy, Debug)]
-pub struct ValuesAt<'a> {
-    pub tensor_index: usize,
-    pub tensor: &'a TensorSpec,
-    /// Flat (row-major) index within the tensor of the first value.
-    pub first_element: u64,
-}
-
-/// One stage every update passes through before it is folded: validate, clip, noise, mask.
-///
-/// A filter is shared by the round; [`UpdateFilter::start`] makes the per-update state (a running
-/// norm, a noise generator, a mask stream) that sees the update's values.
-pub trait UpdateFilter: Send + Sync {
-    /// A short name for logs.
-    fn name(&self) -> &str;
-    /// Starts on one update, or refuses it from its manifest and weight alone.
-    fn start(&self, update: &UpdateInfo<'_>) -> Result<Box<dyn FilterPass>, Refusal>;
-    /// Whether its passes look at (or rewrite) the values. A filter that only acts at the end
-    /// (a clip, from the update's norm) says no, and an aggregation may then skip decoding the
-    /// values for it.
-    fn reads_values(&self) -> bool {
-        true
-    }
-}
-
-/// A filter's pass over one update.
-pub trait FilterPass: Send {
-    /// Sees, in stream order and in runs of at most [`BLOCK`] values of one tensor, every value
-    /// of the update before it is folded, and may rewrite it in place: what is folded (and
-    /// spooled for undo) is the slice after the last filter.
-    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal>;
-    /// Every value was seen and the stream's digest verified: the filter's last word.
-    fn end(&mut self) -> Result<(), Refusal> {
-        Ok(())
-    }
-    /// The factor the whole update is aggregated with, known once every value was seen and the
-    /// update's L2 norm after all filters (`l2_norm`, the norm bound's) is: central DP's clip
-    /// `min(1, C / l2_norm)`. 1 leaves the update as it is.
-    fn fold_factor(&mut self, _l2_norm: f64) -> f64 {
-        1.0
-    }
-}
-
-/// Refuses an update holding a NaN or an infinity, naming the tensor and element.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FiniteValues;
-
-impl UpdateFilter for FiniteValues {
-    fn name(&self) -> &str {
-        "finite-values"
-    }
-
-    fn start(&self, _: &UpdateInfo<'_>) -> Result<Box<dyn FilterPass>, Refusal> {
-        Ok(Box::new(FiniteValues))
-    }
-}
-
-impl FilterPass for FiniteValues {
-    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal> {
-        // A branch-free scan of the exponent bits (all ones: ±inf or NaN) that the compiler
-        // vectorises; the position is looked up only on refusal.
-        let mut bad = 0u32;
-        for v in values.iter() {
-            bad |= u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
-        }
-        if bad == 0 {
-            return Ok(());
-        }
-        Err(not_finite(at, values))
-    }
-}
-
-/// The refusal for a run holding a NaN or an infinity: names the first one.
-fn not_finite(at: &ValuesAt<'_>, values: &[f32]) -> Refusal {
-    let (i, v) = values
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !v.is_finite())
-        .map_or((0, f32::NAN), |(i, v)| (i, *v));
-    Refusal(format!(
-        "tensor {:?} element {} is {v}: an update must hold finite numbers only",
-        at.tensor.name,
-        at.first_element + i as u64
-    ))
-}
 
 /// Refuses an update as soon as its running L2 norm exceeds the bound.
 #[derive(Clone, Copy, Debug)]
