@@ -671,6 +671,17 @@ fn round_completed_payload(
             Some((site.clone(), v))
         })
         .collect();
+    // The robust rule's report, as the round record stored it (one source for the live round
+    // and for a round recorded at resume).
+    let aggregation = record
+        .site_metrics
+        .get(crate::aggregate::plan::ROUND_RECORD_KEY)
+        .and_then(|v| serde_json::from_value::<crate::aggregate::RobustReport>(v.clone()).ok())
+        .map(|r| payload::RobustAggregation {
+            rule: r.rule,
+            excluded: r.excluded,
+            trimmed: r.trimmed,
+        });
     payload::RoundCompleted {
         round,
         attempt,
@@ -678,5 +689,6 @@ fn round_completed_payload(
         update_digests,
         metrics,
         model_id: Some(record.global_model_digest.clone()),
+        aggregation,
     }
 }
