@@ -221,6 +221,35 @@ batch_size = 16
         assert!(typo.to_string().contains("betta"), "{typo}");
     }
 
+    /// The shipped example: valid, and each documented range enforced on it.
+    #[test]
+    fn the_shipped_robust_example_is_valid_and_its_ranges_are_enforced() {
+        const SHIPPED: &str = include_str!("../../../deploy/jobs/breast_cancer_robust.toml");
+        let spec = JobSpec::from_toml_str(SHIPPED).expect("the shipped robust job is valid");
+        assert_eq!(
+            spec.aggregation.as_ref().map(|a| (a.rule, a.beta)),
+            Some((AggregationRuleName::TrimmedMean, Some(0.2)))
+        );
+        let krum = |f_m: &str| {
+            SHIPPED
+                .replace("rule = \"trimmed_mean\"", "rule = \"multi_krum\"")
+                .replace("beta = 0.2", f_m)
+        };
+        let cases = [
+            (SHIPPED.replace("beta = 0.2", "beta = 0.5"), "aggregation.beta"),
+            (SHIPPED.replace("beta = 0.2", "beta = -0.01"), "aggregation.beta"),
+            (krum("f = 2"), "aggregation.f"),
+            (krum("f = 1\nm = 5"), "aggregation.m"),
+            (krum("f = 1\nm = 0"), "aggregation.m"),
+        ];
+        for (text, key) in cases {
+            assert_ne!(text, SHIPPED);
+            let e = JobSpec::from_toml_str(&text).expect_err(key);
+            assert_eq!(e.key(), Some(key), "{e}");
+        }
+        JobSpec::from_toml_str(&krum("f = 1\nm = 3")).expect("the documented Multi-Krum settings");
+    }
+
     #[test]
     fn robust_rules_are_refused_with_central_dp_naming_both_keys() {
         let central = "[privacy]\nmode = \"central\"\ntarget_epsilon = 3.0\n[privacy.central]\nclip_norm = 1.0\n";

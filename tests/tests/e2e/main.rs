@@ -14,4 +14,5 @@ mod federation;
 mod off_the_record;
 mod pki_audit;
 mod python_client;
+mod robust;
 mod site_audit;
