@@ -27,6 +27,7 @@ use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
 
 pub mod bench;
+pub mod bench_rules;
 pub mod buffered;
 pub mod filter;
 pub mod plan;
