@@ -27,6 +27,9 @@ pub struct RuleTiming {
     pub round_seconds: f64,
     /// Of which: `finish` (the combination, for the buffered rules).
     pub finish_seconds: f64,
+    /// CPU time (user + system) the process spent in the round: on a shared machine, the
+    /// figure that does not depend on what else runs.
+    pub cpu_seconds: Option<f64>,
     /// Resident peak during the round minus resident memory before it.
     pub peak_added_bytes: Option<u64>,
 }
@@ -53,14 +56,21 @@ impl std::fmt::Display for RulesBenchReport {
             MAX_CHUNK_BYTES / 1024
         )?;
         let fedavg = self.rules.first().map_or(f64::NAN, |r| r.round_seconds);
+        let fedavg_cpu = self
+            .rules
+            .first()
+            .and_then(|r| r.cpu_seconds)
+            .unwrap_or(f64::NAN);
         for r in &self.rules {
             writeln!(
                 f,
-                "  {:<26} round {:>7.3} s ({:>5.1}× FedAvg), finish {:>7.3} s, resident peak added {}",
+                "  {:<26} round {:>7.3} s ({:>5.1}× FedAvg), finish {:>7.3} s, CPU {}, resident peak added {}",
                 r.rule,
                 r.round_seconds,
                 r.round_seconds / fedavg,
                 r.finish_seconds,
+                r.cpu_seconds
+                    .map_or("n/a".to_string(), |c| format!("{c:.2} s ({:.1}× FedAvg)", c / fedavg_cpu)),
                 r.peak_added_bytes
                     .map_or("n/a".to_string(), |b| format!("{:.0} MiB", mib(b)))
             )?;
@@ -136,6 +146,7 @@ pub fn bench_rules(
     for (name, open) in &rules {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let before = proc_status_bytes("VmRSS:");
+        let cpu_before = cpu_seconds();
         let start = Instant::now();
         let agg = open()?;
         for (index, update) in inputs.iter().enumerate() {
@@ -154,11 +165,13 @@ pub fn bench_rules(
         let finished = agg.finish()?;
         let total = start.elapsed();
         let peak = proc_status_bytes("VmHWM:");
+        let cpu = cpu_seconds().zip(cpu_before).map(|(a, b)| a - b);
         drop(finished);
         timings.push(RuleTiming {
             rule: name.clone(),
             round_seconds: total.as_secs_f64(),
             finish_seconds: (total - folded).as_secs_f64(),
+            cpu_seconds: cpu,
             peak_added_bytes: peak.zip(before).map(|(p, b)| p.saturating_sub(b)),
         });
     }
@@ -168,6 +181,19 @@ pub fn bench_rules(
         inputs_bytes: params as u64 * 4 * updates as u64,
         rules: timings,
     })
+}
+
+/// User + system CPU time of this process so far (Linux: `/proc/self/stat`, in clock ticks of
+/// 1/100 s, the kernel's USER_HZ on every Linux architecture that matters here).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 #[cfg(test)]
