@@ -165,13 +165,15 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::AggregateRules(args) => {
             let temp = match &args.work_dir {
                 Some(_) => None,
-                None => Some(tempfile::Builder::new().prefix("tutela-bench-rules-").tempdir_in(
-                    if std::path::Path::new("/var/tmp").is_dir() {
-                        "/var/tmp"
-                    } else {
-                        "."
-                    },
-                )?),
+                None => Some(
+                    tempfile::Builder::new()
+                        .prefix("tutela-bench-rules-")
+                        .tempdir_in(if std::path::Path::new("/var/tmp").is_dir() {
+                            "/var/tmp"
+                        } else {
+                            "."
+                        })?,
+                ),
             };
             let dir = match (&args.work_dir, &temp) {
                 (Some(d), _) => d.clone(),

@@ -40,7 +40,9 @@ pub use filter::{
     FilterPass, FiniteValues, NormBound, NormPass, Refusal, UpdateFilter, UpdateInfo, ValuesAt,
 };
 pub use robust::{RobustReport, RobustRule};
-pub use streaming::{AggregatorOptions, BLOCK, DEFAULT_MAX_WEIGHT, RoundAggregator, SpoolPool, UpdateSink};
+pub use streaming::{
+    AggregatorOptions, BLOCK, DEFAULT_MAX_WEIGHT, RoundAggregator, SpoolPool, UpdateSink,
+};
 
 /// The manifest metadata key carrying a site's training sample count (its FedAvg weight).
 pub const SAMPLES_KEY: &str = tutela_protocol::federation::meta::SAMPLES;

@@ -111,7 +111,9 @@ impl Engine {
             // A data key's generator: 32 bytes from the OS, zeroed when dropped.
             let key = tutela_privacy::at_rest::DataKey::generate()
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            Arc::new(tutela_privacy::at_rest::LocalKek::from_bytes(key.as_bytes()))
+            Arc::new(tutela_privacy::at_rest::LocalKek::from_bytes(
+                key.as_bytes(),
+            ))
         };
         Ok(Arc::new(Engine {
             store,
@@ -543,7 +545,6 @@ impl Engine {
         tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         Ok(())
     }
-
 }
 
 /// What every task of a job carries.
@@ -555,7 +556,6 @@ struct JobCtx<'a> {
     approvals: &'a [pb::SignedApproval],
     submitted_by: &'a str,
 }
-
 
 /// Metrics of a completed round, for the operator.
 pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {

@@ -125,7 +125,6 @@ pub fn not_finite(at: &ValuesAt<'_>, values: &[f32]) -> Refusal {
     ))
 }
 
-
 /// Runs `filters` over an update held in memory (`tensors`: names, shapes and little-endian
 /// bytes), every F32 tensor in runs of at most [`FILTER_BLOCK`] values, as an aggregation does
 /// over a stream; then, if the passes ask for it, scales every F32 value by their combined
@@ -164,7 +163,10 @@ pub fn filter_in_memory(
             for pass in &mut passes {
                 pass.values(&at, &mut values)?;
             }
-            sum_sq += values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>();
+            sum_sq += values
+                .iter()
+                .map(|v| f64::from(*v) * f64::from(*v))
+                .sum::<f64>();
             for (c, v) in chunk.chunks_exact_mut(4).zip(&values) {
                 c.copy_from_slice(&v.to_le_bytes());
             }
@@ -194,7 +196,9 @@ pub fn filter_in_memory(
 }
 
 /// The manifest an in-memory update would be streamed with (no metadata), for [`UpdateInfo`].
-pub fn manifest_of(tensors: &[(TensorSpec, Vec<u8>)]) -> Result<Manifest, crate::tensor::ManifestError> {
+pub fn manifest_of(
+    tensors: &[(TensorSpec, Vec<u8>)],
+) -> Result<Manifest, crate::tensor::ManifestError> {
     Manifest::new(
         tensors.iter().map(|(s, _)| s.clone()).collect(),
         Default::default(),
@@ -253,7 +257,8 @@ mod tests {
             weight: 1.0,
             manifest: &m,
         };
-        let filters: Vec<Arc<dyn UpdateFilter>> = vec![Arc::new(FiniteValues), Arc::new(NegateAndClip)];
+        let filters: Vec<Arc<dyn UpdateFilter>> =
+            vec![Arc::new(FiniteValues), Arc::new(NegateAndClip)];
         filter_in_memory(&filters, &info, &mut t).unwrap();
         // Negated, then halved: the norm (0.25 · √n) is over 1.
         assert!(values(&t).iter().all(|v| *v == -0.125));
@@ -264,7 +269,8 @@ mod tests {
         bad = update(&raw);
         let why = filter_in_memory(&filters, &info, &mut bad).unwrap_err();
         assert!(
-            why.0.contains(&format!("\"w\" element {}", FILTER_BLOCK + 1)),
+            why.0
+                .contains(&format!("\"w\" element {}", FILTER_BLOCK + 1)),
             "{why}"
         );
     }

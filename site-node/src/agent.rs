@@ -377,9 +377,8 @@ pub use tutela_protocol::update_filter::UpdateFilter;
 /// Runs the node's filters on an update, then `[testing] corrupt_update` if set (after every
 /// honest filter, as a broken or malicious node would bypass them).
 fn filter_update(shared: &Shared, update: &mut NamedTensors) -> Result<(), Failure> {
-    let declined = |why: String| {
-        Failure::Decline(SiteFailure::new(FailureCode::UpdateFiltered, why))
-    };
+    let declined =
+        |why: String| Failure::Decline(SiteFailure::new(FailureCode::UpdateFiltered, why));
     if !shared.filters.is_empty() {
         let manifest = tutela_protocol::update_filter::manifest_of(update)
             .map_err(|e| declined(format!("the update's tensors: {e}")))?;

@@ -69,8 +69,10 @@ impl std::fmt::Display for RulesBenchReport {
                 r.round_seconds,
                 r.round_seconds / fedavg,
                 r.finish_seconds,
-                r.cpu_seconds
-                    .map_or("n/a".to_string(), |c| format!("{c:.2} s ({:.1}× FedAvg)", c / fedavg_cpu)),
+                r.cpu_seconds.map_or("n/a".to_string(), |c| format!(
+                    "{c:.2} s ({:.1}× FedAvg)",
+                    c / fedavg_cpu
+                )),
                 r.peak_added_bytes
                     .map_or("n/a".to_string(), |b| format!("{:.0} MiB", mib(b)))
             )?;
@@ -123,7 +125,10 @@ pub fn bench_rules(
         )?)
     };
     let f = (updates - 3) / 2;
-    let rules: Vec<(String, Box<dyn Fn() -> Result<Arc<dyn RoundAggregation>, BenchError>>)> = vec![
+    let rules: Vec<(
+        String,
+        Box<dyn Fn() -> Result<Arc<dyn RoundAggregation>, BenchError>>,
+    )> = vec![
         (
             "fedavg (streaming sum)".into(),
             Box::new(|| {
@@ -207,7 +212,12 @@ mod tests {
         let names: Vec<&str> = report.rules.iter().map(|r| r.rule.as_str()).collect();
         assert_eq!(
             names,
-            ["fedavg (streaming sum)", "median", "trimmed_mean(beta=0.2)", "multi_krum(f=1, m=n-f)"]
+            [
+                "fedavg (streaming sum)",
+                "median",
+                "trimmed_mean(beta=0.2)",
+                "multi_krum(f=1, m=n-f)"
+            ]
         );
         assert!(report.rules.iter().all(|r| r.round_seconds > 0.0));
         assert!(report.to_string().contains("median"));

@@ -120,9 +120,8 @@ impl BufferedAggregator {
             })?;
             lens.push(n);
         }
-        std::fs::create_dir_all(&options.spool_dir).map_err(|e| {
-            AggregateError::Spool(format!("{}: {e}", options.spool_dir.display()))
-        })?;
+        std::fs::create_dir_all(&options.spool_dir)
+            .map_err(|e| AggregateError::Spool(format!("{}: {e}", options.spool_dir.display())))?;
         // The rules compare values across sites: every one must be finite, whatever the filters.
         let mut filters: Vec<Arc<dyn UpdateFilter>> = vec![Arc::new(FiniteValues)];
         filters.extend(options.filters);
@@ -167,7 +166,10 @@ impl BufferedAggregator {
     }
 
     /// Combines the spooled updates with the rule.
-    fn combine(&self, spooled: &[Spooled]) -> Result<(Vec<Vec<f64>>, RobustReport), AggregateError> {
+    fn combine(
+        &self,
+        spooled: &[Spooled],
+    ) -> Result<(Vec<Vec<f64>>, RobustReport), AggregateError> {
         let n = spooled.len();
         self.rule.check_count(n)?;
         let sites: Vec<&str> = spooled.iter().map(|s| s.accepted.site.as_str()).collect();
@@ -179,7 +181,11 @@ impl BufferedAggregator {
         let mut mean_delta: Vec<Vec<f64>> = self.lens.iter().map(|&len| vec![0.0; len]).collect();
         match self.rule {
             RobustRule::Median => self.each_block(spooled, |t, at, block| {
-                robust::median_into(block, &mut mean_delta[t][at..at + block[0].len()], &mut tally)
+                robust::median_into(
+                    block,
+                    &mut mean_delta[t][at..at + block[0].len()],
+                    &mut tally,
+                )
             })?,
             RobustRule::TrimmedMean { beta } => {
                 let k = robust::trim_count(beta, n);
@@ -199,14 +205,20 @@ impl BufferedAggregator {
                 })?;
                 let (selected, scores) = robust::krum_select(&d2, n, f, m)?;
                 self.each_block(spooled, |t, at, block| {
-                    robust::mean_of_into(block, &selected, &mut mean_delta[t][at..at + block[0].len()])
+                    robust::mean_of_into(
+                        block,
+                        &selected,
+                        &mut mean_delta[t][at..at + block[0].len()],
+                    )
                 })?;
                 for (i, site) in sites.iter().enumerate() {
                     let out = !selected.contains(&i);
                     if out {
                         report.excluded.push(site.to_string());
                     }
-                    report.trimmed.insert(site.to_string(), if out { 1.0 } else { 0.0 });
+                    report
+                        .trimmed
+                        .insert(site.to_string(), if out { 1.0 } else { 0.0 });
                     report.scores.insert(site.to_string(), scores[i]);
                 }
                 report.excluded.sort();
@@ -215,7 +227,9 @@ impl BufferedAggregator {
         }
         let total = self.total_elements.max(1) as f64;
         for (i, site) in sites.iter().enumerate() {
-            report.trimmed.insert(site.to_string(), tally[i] as f64 / total);
+            report
+                .trimmed
+                .insert(site.to_string(), tally[i] as f64 / total);
         }
         Ok((mean_delta, report))
     }
@@ -233,7 +247,10 @@ impl BufferedAggregator {
         };
         let mut readers = spooled
             .iter()
-            .map(|s| EncryptedReader::open(&s.path, self.kek.as_ref()).map_err(|e| spool_err(&s.path, &e)))
+            .map(|s| {
+                EncryptedReader::open(&s.path, self.kek.as_ref())
+                    .map_err(|e| spool_err(&s.path, &e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut bytes = vec![0u8; BLOCK * 4];
         let mut values: Vec<Vec<f32>> = vec![Vec::with_capacity(BLOCK); spooled.len()];
@@ -271,7 +288,11 @@ impl RoundAggregation for BufferedAggregator {
     }
 
     fn accepted(&self) -> Vec<AcceptedUpdate> {
-        self.ledger().spooled.iter().map(|s| s.accepted.clone()).collect()
+        self.ledger()
+            .spooled
+            .iter()
+            .map(|s| s.accepted.clone())
+            .collect()
     }
 
     fn in_flight(&self) -> usize {
@@ -352,7 +373,8 @@ impl BufferedSink {
                 .values(&at, &mut a.scratch)
                 .map_err(|r| SinkError::Rejected(r.0))?;
             a.encoded.clear();
-            a.encoded.extend(a.scratch.iter().flat_map(|v| v.to_le_bytes()));
+            a.encoded
+                .extend(a.scratch.iter().flat_map(|v| v.to_le_bytes()));
             a.writer.write_all(&a.encoded)?;
             a.written += a.scratch.len() as u64;
         }
@@ -396,10 +418,10 @@ impl TensorSink for BufferedSink {
                 )));
             }
         }
-        let writer = self
-            .agg
-            .spool_path()
-            .and_then(|p| EncryptedWriter::create(&p, self.agg.kek.as_ref()).map_err(|e| io::Error::other(e.to_string()).into()));
+        let writer = self.agg.spool_path().and_then(|p| {
+            EncryptedWriter::create(&p, self.agg.kek.as_ref())
+                .map_err(|e| io::Error::other(e.to_string()).into())
+        });
         let writer = match writer {
             Ok(w) => w,
             Err(e) => {

@@ -4,10 +4,10 @@
 //! manifest (tensors, weight).
 
 use super::tiled::{decode_le, sum_of_squares, sum_of_squares_le};
+use tutela_protocol::tensor::{Manifest, TensorSpec};
 pub use tutela_protocol::update_filter::{
     FilterPass, FiniteValues, Refusal, UpdateFilter, UpdateInfo, ValuesAt, not_finite,
 };
-use tutela_protocol::tensor::{Manifest, TensorSpec};
 
 /// Refuses an update as soon as its running L2 norm exceeds the bound.
 #[derive(Clone, Copy, Debug)]
@@ -153,7 +153,11 @@ pub enum WeightFrom {
 }
 
 /// The update's weight, refused unless positive, finite and at most `max_weight`.
-pub fn update_weight(from: WeightFrom, manifest: &Manifest, max_weight: f64) -> Result<f64, String> {
+pub fn update_weight(
+    from: WeightFrom,
+    manifest: &Manifest,
+    max_weight: f64,
+) -> Result<f64, String> {
     let w = match from {
         WeightFrom::Unit => return Ok(1.0),
         WeightFrom::Fixed(w) => w,

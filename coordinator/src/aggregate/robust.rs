@@ -119,13 +119,13 @@ impl RobustReport {
     /// The site with the largest trimmed fraction (the first by name on a tie), if any was
     /// trimmed at all.
     pub fn most_trimmed(&self) -> Option<(&str, f64)> {
-        self.trimmed
-            .iter()
-            .filter(|(_, f)| **f > 0.0)
-            .fold(None, |best: Option<(&str, f64)>, (s, f)| match best {
+        self.trimmed.iter().filter(|(_, f)| **f > 0.0).fold(
+            None,
+            |best: Option<(&str, f64)>, (s, f)| match best {
                 Some((_, b)) if b >= *f => best,
                 _ => Some((s.as_str(), *f)),
-            })
+            },
+        )
     }
 }
 
@@ -176,7 +176,11 @@ pub fn trimmed_mean_into(block: &[&[f32]], k: usize, out: &mut [f64], tally: &mu
     for (j, o) in out.iter_mut().enumerate() {
         gather(block, j, &mut column);
         sort_column(&mut column);
-        *o = column[k..n - k].iter().map(|(v, _)| f64::from(*v)).sum::<f64>() / kept;
+        *o = column[k..n - k]
+            .iter()
+            .map(|(v, _)| f64::from(*v))
+            .sum::<f64>()
+            / kept;
         for (_, site) in column[..k].iter().chain(&column[n - k..]) {
             tally[*site as usize] += 1;
         }
@@ -232,7 +236,11 @@ pub fn krum_select(
 pub fn mean_of_into(block: &[&[f32]], selected: &[usize], out: &mut [f64]) {
     let count = selected.len() as f64;
     for (j, o) in out.iter_mut().enumerate() {
-        *o = selected.iter().map(|&i| f64::from(block[i][j])).sum::<f64>() / count;
+        *o = selected
+            .iter()
+            .map(|&i| f64::from(block[i][j]))
+            .sum::<f64>()
+            / count;
     }
 }
 
@@ -315,7 +323,11 @@ mod tests {
             for j in 0..129 {
                 let column: Vec<f32> = rows.iter().map(|r| r[j]).collect();
                 let want = direct_trimmed(&column, beta);
-                assert!((out[j] - want).abs() <= 1e-12, "n={n} β={beta} j={j}: {} vs {want}", out[j]);
+                assert!(
+                    (out[j] - want).abs() <= 1e-12,
+                    "n={n} β={beta} j={j}: {} vs {want}",
+                    out[j]
+                );
             }
             assert_eq!(tally.iter().sum::<u64>(), (2 * k * 129) as u64);
         }
@@ -373,7 +385,10 @@ mod tests {
         }
         let (selected, scores) = krum_select(&d2, n, 1, None).unwrap();
         for i in 0..n {
-            let mut row: Vec<f64> = (0..n).filter(|&k| k != i).map(|k| dist(&rows[i], &rows[k])).collect();
+            let mut row: Vec<f64> = (0..n)
+                .filter(|&k| k != i)
+                .map(|k| dist(&rows[i], &rows[k]))
+                .collect();
             row.sort_by(f64::total_cmp);
             assert_eq!(scores[i], row[0] + row[1], "site {i}");
         }
@@ -393,10 +408,16 @@ mod tests {
         let (selected, _) = krum_select(&d2, 5, 1, Some(2)).unwrap();
         assert_eq!(selected, vec![0, 1]);
         match krum_select(&d2[..16], 4, 1, None) {
-            Err(AggregateError::TooFewForRule { need: 5, have: 4, .. }) => {}
+            Err(AggregateError::TooFewForRule {
+                need: 5, have: 4, ..
+            }) => {}
             other => panic!("expected too few, got {other:?}"),
         }
-        assert!(RobustRule::MultiKrum { f: 1, m: Some(4) }.check_count(4).is_err());
+        assert!(
+            RobustRule::MultiKrum { f: 1, m: Some(4) }
+                .check_count(4)
+                .is_err()
+        );
         assert!(RobustRule::Median.check_count(1).is_ok());
     }
 
@@ -405,8 +426,12 @@ mod tests {
         let r = RobustReport {
             rule: "median".into(),
             excluded: vec![],
-            trimmed: [("a".to_string(), 0.1), ("b".to_string(), 0.9), ("c".to_string(), 0.9)]
-                .into(),
+            trimmed: [
+                ("a".to_string(), 0.1),
+                ("b".to_string(), 0.9),
+                ("c".to_string(), 0.9),
+            ]
+            .into(),
             scores: BTreeMap::new(),
         };
         assert_eq!(r.most_trimmed(), Some(("b", 0.9)));

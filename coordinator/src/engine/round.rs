@@ -64,7 +64,12 @@ impl Engine {
     /// — until a grace period (a quarter of the round's window) has passed, or until `deadline`.
     /// The grace period keeps a round from starting with the first `need` sites when the others
     /// are seconds away (nodes reconnecting after a coordinator restart, say).
-    pub(super) async fn wait_for_sites(&self, spec: &JobSpec, need: usize, deadline: Instant) -> Vec<String> {
+    pub(super) async fn wait_for_sites(
+        &self,
+        spec: &JobSpec,
+        need: usize,
+        deadline: Instant,
+    ) -> Vec<String> {
         let mut changes = self.nodes.subscribe();
         let window = Duration::from_secs(spec.round_deadline_secs);
         let grace_until = Instant::now() + window / 4;
@@ -179,7 +184,12 @@ impl Engine {
         )))
     }
 
-    pub(super) async fn wait_for_outcomes(&self, ids: &[String], group: &TaskGroup, deadline: Instant) {
+    pub(super) async fn wait_for_outcomes(
+        &self,
+        ids: &[String],
+        group: &TaskGroup,
+        deadline: Instant,
+    ) {
         loop {
             let notified = group.notify.notified();
             if self.tasks.all_finished(ids) {
@@ -279,7 +289,9 @@ impl Engine {
             );
         }
         let Some(plan) = aggregation.as_ref() else {
-            return Err(EngineError::Failed("the job's aggregation is missing".into()));
+            return Err(EngineError::Failed(
+                "the job's aggregation is missing".into(),
+            ));
         };
         let aggregator = plan
             .open_round(&manifest)

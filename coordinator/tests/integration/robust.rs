@@ -94,7 +94,10 @@ fn check_coordinatewise(
         for (j, got) in tensor.iter().enumerate() {
             let column: Vec<f64> = updates.iter().map(|u| f64::from(u[t][j])).collect();
             let want = direct(column);
-            assert!((got - want).abs() <= 1e-12, "tensor {t} element {j}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-12,
+                "tensor {t} element {j}: {got} vs {want}"
+            );
         }
     }
 }
@@ -115,7 +118,10 @@ fn median_and_trimmed_mean_match_a_direct_computation_for_odd_and_even_counts() 
             let sites: Vec<&str> = result.accepted.iter().map(|a| a.site.as_str()).collect();
             let expected: Vec<String> = (0..n).map(|i| format!("site-{i}")).collect();
             assert_eq!(sites, expected, "accepted in site order");
-            assert!(result.accepted.iter().all(|a| a.weight == 1.0), "sites weigh equally");
+            assert!(
+                result.accepted.iter().all(|a| a.weight == 1.0),
+                "sites weigh equally"
+            );
             let k = (0.2 * n as f64).floor() as usize;
             match rule {
                 RobustRule::Median => check_coordinatewise(result, &updates, median),
@@ -153,8 +159,11 @@ fn multi_krum_leaves_out_a_scaled_update_and_averages_the_rest() {
     let selected = [0usize, 1, 3, 4];
     for (t, tensor) in finished.result.mean_delta.iter().enumerate() {
         for (j, got) in tensor.iter().enumerate() {
-            let want =
-                selected.iter().map(|&i| f64::from(updates[i][t][j])).sum::<f64>() / 4.0;
+            let want = selected
+                .iter()
+                .map(|&i| f64::from(updates[i][t][j]))
+                .sum::<f64>()
+                / 4.0;
             assert!((got - want).abs() <= 1e-15, "{t}/{j}");
         }
     }
@@ -168,7 +177,11 @@ fn multi_krum_with_too_few_updates_fails_the_round_with_the_reason() {
         upload(agg.clone().open(format!("s{i}"), 1.0), &update(i), 1 << 16).unwrap();
     }
     match agg.finish() {
-        Err(e @ AggregateError::TooFewForRule { need: 5, have: 4, .. }) => {
+        Err(
+            e @ AggregateError::TooFewForRule {
+                need: 5, have: 4, ..
+            },
+        ) => {
             assert!(e.to_string().contains("multi_krum"), "{e}")
         }
         other => panic!("expected too few updates, got {:?}", other.map(|_| ())),
@@ -184,7 +197,10 @@ fn nan_and_infinity_are_refused_naming_the_element_and_nothing_is_kept() {
         u[0][BLOCK + 5] = bad;
         match upload(agg.clone().open("a".into(), 1.0), &u, 1 << 16) {
             Err(SinkError::Rejected(why)) => {
-                assert!(why.contains(&format!("\"w\" element {}", BLOCK + 5)), "{why}");
+                assert!(
+                    why.contains(&format!("\"w\" element {}", BLOCK + 5)),
+                    "{why}"
+                );
             }
             other => panic!("{bad}: expected a refusal, got {other:?}"),
         }
@@ -228,7 +244,10 @@ fn what_the_coordinator_spools_is_encrypted() {
         .collect();
     assert_eq!(files.len(), 1, "one spool for one update");
     let stored = std::fs::read(&files[0]).unwrap();
-    assert!(stored.len() > (BLOCK + 1_003) * 4, "the whole update is spooled");
+    assert!(
+        stored.len() > (BLOCK + 1_003) * 4,
+        "the whole update is spooled"
+    );
     let needle = marker.to_le_bytes();
     let plain = stored.windows(4).filter(|w| *w == needle).count();
     // Random ciphertext holds a given 4-byte pattern about once per 4 GiB.
@@ -263,8 +282,16 @@ batch_size = 16
     };
     let cases = [
         ("", Method::Streaming, "fedavg"),
-        ("[aggregation]\nrule = \"fedavg\"\n", Method::Streaming, "fedavg"),
-        ("[aggregation]\nrule = \"median\"\n", Method::Buffered(RobustRule::Median), "median"),
+        (
+            "[aggregation]\nrule = \"fedavg\"\n",
+            Method::Streaming,
+            "fedavg",
+        ),
+        (
+            "[aggregation]\nrule = \"median\"\n",
+            Method::Buffered(RobustRule::Median),
+            "median",
+        ),
         (
             "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.2\n",
             Method::Buffered(RobustRule::TrimmedMean { beta: 0.2 }),

@@ -123,9 +123,7 @@ impl AggregationSpec {
                     if m == 0 || u64::from(m) > most {
                         return Err(SpecError::invalid(
                             "aggregation.m",
-                            format!(
-                                "must be in [1, min_sites − f] = [1, {most}], got {m}"
-                            ),
+                            format!("must be in [1, min_sites − f] = [1, {most}], got {m}"),
                         ));
                     }
                 }
@@ -192,23 +190,51 @@ batch_size = 16
             digests.push(spec.digest());
         }
         let distinct: std::collections::HashSet<_> = digests.iter().collect();
-        assert_eq!(distinct.len(), digests.len(), "every setting changes the digest");
+        assert_eq!(
+            distinct.len(),
+            digests.len(),
+            "every setting changes the digest"
+        );
     }
 
     #[test]
     fn bad_parameters_are_refused_naming_the_key() {
         let cases = [
-            ("[aggregation]\nrule = \"trimmed_mean\"\n", "aggregation.beta"),
-            ("[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.5\n", "aggregation.beta"),
-            ("[aggregation]\nrule = \"trimmed_mean\"\nbeta = -0.1\n", "aggregation.beta"),
-            ("[aggregation]\nrule = \"trimmed_mean\"\nbeta = nan\n", "aggregation.beta"),
-            ("[aggregation]\nrule = \"median\"\nbeta = 0.1\n", "aggregation.beta"),
+            (
+                "[aggregation]\nrule = \"trimmed_mean\"\n",
+                "aggregation.beta",
+            ),
+            (
+                "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.5\n",
+                "aggregation.beta",
+            ),
+            (
+                "[aggregation]\nrule = \"trimmed_mean\"\nbeta = -0.1\n",
+                "aggregation.beta",
+            ),
+            (
+                "[aggregation]\nrule = \"trimmed_mean\"\nbeta = nan\n",
+                "aggregation.beta",
+            ),
+            (
+                "[aggregation]\nrule = \"median\"\nbeta = 0.1\n",
+                "aggregation.beta",
+            ),
             ("[aggregation]\nrule = \"median\"\nf = 1\n", "aggregation.f"),
             ("[aggregation]\nrule = \"multi_krum\"\n", "aggregation.f"),
             // min_sites = 5 allows f = 1 (2f + 3 = 5) but not f = 2.
-            ("[aggregation]\nrule = \"multi_krum\"\nf = 2\n", "aggregation.f"),
-            ("[aggregation]\nrule = \"multi_krum\"\nf = 1\nm = 0\n", "aggregation.m"),
-            ("[aggregation]\nrule = \"multi_krum\"\nf = 1\nm = 5\n", "aggregation.m"),
+            (
+                "[aggregation]\nrule = \"multi_krum\"\nf = 2\n",
+                "aggregation.f",
+            ),
+            (
+                "[aggregation]\nrule = \"multi_krum\"\nf = 1\nm = 0\n",
+                "aggregation.m",
+            ),
+            (
+                "[aggregation]\nrule = \"multi_krum\"\nf = 1\nm = 5\n",
+                "aggregation.m",
+            ),
             ("[aggregation]\nrule = \"fedavg\"\nm = 2\n", "aggregation.m"),
         ];
         for (extra, key) in cases {
@@ -236,8 +262,14 @@ batch_size = 16
                 .replace("beta = 0.2", f_m)
         };
         let cases = [
-            (SHIPPED.replace("beta = 0.2", "beta = 0.5"), "aggregation.beta"),
-            (SHIPPED.replace("beta = 0.2", "beta = -0.01"), "aggregation.beta"),
+            (
+                SHIPPED.replace("beta = 0.2", "beta = 0.5"),
+                "aggregation.beta",
+            ),
+            (
+                SHIPPED.replace("beta = 0.2", "beta = -0.01"),
+                "aggregation.beta",
+            ),
             (krum("f = 2"), "aggregation.f"),
             (krum("f = 1\nm = 5"), "aggregation.m"),
             (krum("f = 1\nm = 0"), "aggregation.m"),

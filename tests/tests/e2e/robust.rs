@@ -27,7 +27,10 @@ fn init() {
 fn spec(sites: &[&str], aggregation: &str) -> String {
     let base = job_spec(ROUNDS, 5, 60, sites)
         .replace("update_norm_bound = 50.0", "update_norm_bound = 100000.0");
-    assert!(base.contains("update_norm_bound = 100000.0"), "the base spec changed: {base}");
+    assert!(
+        base.contains("update_norm_bound = 100000.0"),
+        "the base spec changed: {base}"
+    );
     format!("{base}\n{aggregation}")
 }
 
@@ -54,7 +57,11 @@ async fn robust_rules_survive_a_poisoning_site_that_wrecks_fedavg() {
     let runs = [
         ("honest fedavg", &HONEST, ""),
         ("attacked fedavg", &ATTACKED, ""),
-        ("attacked median", &ATTACKED, "[aggregation]\nrule = \"median\"\n"),
+        (
+            "attacked median",
+            &ATTACKED,
+            "[aggregation]\nrule = \"median\"\n",
+        ),
         (
             "attacked trimmed_mean",
             &ATTACKED,
@@ -79,7 +86,9 @@ async fn robust_rules_survive_a_poisoning_site_that_wrecks_fedavg() {
             .unwrap_or_else(|e| panic!("{name}: the job is refused: {e}"))
             .into_inner()
             .job_id;
-        let status = c.wait_for_job(&job, Duration::from_secs(120), |_| false).await;
+        let status = c
+            .wait_for_job(&job, Duration::from_secs(120), |_| false)
+            .await;
         assert_eq!(
             status.state,
             "completed",
@@ -88,7 +97,13 @@ async fn robust_rules_survive_a_poisoning_site_that_wrecks_fedavg() {
         );
         assert_eq!(status.rounds.len(), ROUNDS as usize, "{name}");
         for r in &status.rounds {
-            assert_eq!(r.metrics.len(), 5, "{name} round {}: {:?}", r.round, r.refused);
+            assert_eq!(
+                r.metrics.len(),
+                5,
+                "{name} round {}: {:?}",
+                r.round,
+                r.refused
+            );
             let report = r.robust_aggregation.as_ref();
             if aggregation.is_empty() {
                 assert!(report.is_none(), "{name}: FedAvg reports no robust rule");
@@ -96,7 +111,12 @@ async fn robust_rules_survive_a_poisoning_site_that_wrecks_fedavg() {
             }
             let report = report.unwrap_or_else(|| panic!("{name} round {}: no report", r.round));
             if aggregation.contains("multi_krum") {
-                assert_eq!(report.excluded, ["mallory"], "{name} round {}: {report:?}", r.round);
+                assert_eq!(
+                    report.excluded,
+                    ["mallory"],
+                    "{name} round {}: {report:?}",
+                    r.round
+                );
             } else {
                 // The poisoned values sit at the extremes: the attacker is trimmed most.
                 assert_eq!(

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::Manifest;
 
+use super::super::AcceptedUpdate;
 use super::super::filter::{
     FilterPass, NormPass, UpdateInfo, ValuesAt, WeightFrom, check_update_manifest, update_weight,
 };
 use super::super::tiled::{TILE, fold_le};
-use super::super::AcceptedUpdate;
 use super::RoundAggregator;
 
 /// Folds one site's update into the round as it streams in. See the [module](self) docs.
@@ -354,4 +354,3 @@ impl Drop for UpdateSink {
         }
     }
 }
-
