@@ -16,6 +16,10 @@ pub enum BenchCommand {
     /// copy of the same bytes and, in the same run, NumPy computing the weighted average the way
     /// Flower's `aggregate` does (bench/fedavg_numpy.py).
     Aggregate(AggregateArgs),
+    /// One round of each aggregation rule (FedAvg's streaming sum, then the buffered median,
+    /// trimmed mean and Multi-Krum) on UPDATES random updates of PARAMS float32 parameters,
+    /// through the coordinator's real sinks: round time and the resident peak each added.
+    AggregateRules(AggregateRulesArgs),
     /// Durable audit appends to a database with concurrent writers (group commit), beside plain
     /// single-row and 100-row INSERTs of the same rows into an unchained table in the same run.
     AuditAppend(AuditAppendArgs),
@@ -57,6 +61,20 @@ pub struct AuthzArgs {
     /// Sites in the generated policy (one officer grant each).
     #[arg(long, default_value_t = 50)]
     sites: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct AggregateRulesArgs {
+    /// Parameters per update.
+    #[arg(long, default_value_t = 10_000_000)]
+    params: usize,
+    /// Number of updates (at least 3).
+    #[arg(long, default_value_t = 10)]
+    updates: usize,
+    /// Where the spools go (about params × 4 bytes × updates of disk); a temporary directory
+    /// under /var/tmp by default, removed afterwards.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +160,33 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
             } else {
                 print!("{report}");
             }
+            Ok(())
+        }
+        BenchCommand::AggregateRules(args) => {
+            let temp = match &args.work_dir {
+                Some(_) => None,
+                None => Some(
+                    tempfile::Builder::new()
+                        .prefix("tutela-bench-rules-")
+                        .tempdir_in(if std::path::Path::new("/var/tmp").is_dir() {
+                            "/var/tmp"
+                        } else {
+                            "."
+                        })?,
+                ),
+            };
+            let dir = match (&args.work_dir, &temp) {
+                (Some(d), _) => d.clone(),
+                (None, Some(t)) => t.path().to_path_buf(),
+                (None, None) => return Err(anyhow!("no working directory")),
+            };
+            let report = tutela_coordinator::aggregate::bench_rules::bench_rules(
+                args.params,
+                args.updates,
+                &dir,
+            )
+            .map_err(|e| anyhow!("aggregation rules benchmark failed: {e}"))?;
+            print!("{report}");
             Ok(())
         }
         BenchCommand::Aggregate(args) => {

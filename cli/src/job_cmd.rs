@@ -545,6 +545,30 @@ pub fn print_status(s: &pb::JobStatus) {
                 c.sites
             );
         }
+        if let Some(a) = &r.robust_aggregation {
+            let most: Vec<String> = a
+                .trimmed
+                .iter()
+                .filter(|t| t.fraction > 0.0)
+                .take(3)
+                .map(|t| format!("{} {:.1}%", t.site, 100.0 * t.fraction))
+                .collect();
+            println!(
+                "    {:<16} {}; excluded: {}; trimmed most: {}",
+                "aggregation:",
+                a.rule,
+                if a.excluded.is_empty() {
+                    "none".to_string()
+                } else {
+                    a.excluded.join(", ")
+                },
+                if most.is_empty() {
+                    "none".to_string()
+                } else {
+                    most.join(", ")
+                }
+            );
+        }
         for x in &r.refused {
             println!("    {:<16} REFUSED: {}", x.site, x.reason);
         }
@@ -592,6 +616,10 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
                 "noise_multiplier": c.noise_multiplier, "clip": c.clip, "next_clip": c.next_clip,
                 "round_epsilon": c.round_epsilon, "job_epsilon": c.job_epsilon, "delta": c.delta,
                 "sites": c.sites, "unclipped": c.unclipped,
+            })),
+            "robust_aggregation": r.robust_aggregation.as_ref().map(|a| serde_json::json!({
+                "rule": a.rule, "excluded": a.excluded,
+                "trimmed": a.trimmed.iter().map(|t| serde_json::json!({"site": t.site, "fraction": t.fraction})).collect::<Vec<_>>(),
             })),
         })).collect::<Vec<_>>(),
     })

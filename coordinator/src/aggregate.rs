@@ -1,145 +1,120 @@
-//! Streaming aggregation of one round's model updates.
+//! A round's aggregation: the one seam every way of combining updates plugs into.
 //!
-//! A site's update (local weights − global weights, F32 tensors named and shaped like the global
-//! model) arrives as a chunked tensor stream. [`RoundAggregator::update_sink`] gives the stream
-//! decoder an [`UpdateSink`] that folds every chunk into the round's running weighted sum *as it
-//! arrives*: memory holds one accumulator for the round and one [`BLOCK`] of values per upload in
-//! flight, never a whole update, so it does not grow with the number of sites.
+//! A round opens one [`RoundAggregation`] (chosen once per job, from its spec, by
+//! [`plan::JobAggregation`] — nowhere else names a concrete aggregation). The task router asks it
+//! for a [`SiteSink`] per upload ([`RoundAggregation::open`]): the stream decoder's `TensorSink`,
+//! which runs every value through the [`filter`] chain (finite values, the job's filters such as
+//! central DP's clip, the round's norm bound) and hands the result to the implementation. At the
+//! round's end, [`RoundAggregation::finish`] turns what was accepted into the round's mean delta
+//! ([`RoundResult`]) and its report (which sites a robust rule excluded or trimmed); the job's
+//! release steps ([`plan::ReleaseStep`], central DP's noise) then act on it before the strategy
+//! makes the next global model.
 //!
-//! # Every value passes the filters before it is folded
+//! The implementations:
+//! - [`streaming::RoundAggregator`]: FedAvg's weighted sum, folded in exact fixed-point integers
+//!   as the chunks arrive (memory: one sum for the round, never an update);
+//! - [`buffered::BufferedAggregator`]: each update spooled to disk, encrypted at rest, then
+//!   combined tensor by tensor by a [`robust`] rule (coordinate-wise median, trimmed mean,
+//!   Multi-Krum), streaming from the spools (memory: one tensor × sites).
 //!
-//! An update goes through a chain of [`UpdateFilter`]s, block by block, before any of its values
-//! reach the sum: first [`FiniteValues`], then the filters given in [`AggregatorOptions::filters`]
-//! (later: robust-aggregation checks, noise, masking), last [`NormBound`], so the bound holds for
-//! exactly what is folded. (Without other filters, [`FiniteValues`] is left out: the norm bound
-//! refuses a NaN or an infinity too, naming it the same way, and one pass over the values is
-//! saved.) The norm bound is always last and not optional: the fixed-point range
-//! below relies on it, and its running norm is the one recorded in [`AcceptedUpdate::l2_norm`].
-//! The global model's names, dtypes and shapes are checked in [`TensorSink::begin`], before the
-//! first chunk.
-//!
-//! # Accumulation: fixed-point integers
-//!
-//! The running sum is kept in `i64` fixed point: a value `x` of an update with weight `w` adds
-//! `round(x · w · S)`, where the scale `S` is a power of two chosen per round from the norm bound
-//! `B` and the largest weight allowed ([`AggregatorOptions::max_weight`]) so that one
-//! contribution stays under 2⁵⁰ and the sum of all accepted ones under 2⁶². We chose this over
-//! `f64` (same 8 bytes per parameter, so the same memory traffic) and `f32` because:
-//!
-//! - **Undo is exact.** A refusal can come after part of an update was folded: the norm bound is
-//!   crossed in a later chunk, or the decoder finds the digest wrong or the stream truncated at the
-//!   end. Subtracting the same integers again restores the sum bit for bit; in floating point,
-//!   `(a + c) − c` is not `a`.
-//! - **The sum does not depend on arrival order.** Integer addition is associative, so concurrent
-//!   uploads give the same bits as sequential ones, and anyone holding the accepted updates can
-//!   recompute the round's model — and its digest in the lineage — exactly.
-//! - **It is the ring secure aggregation works in.** Additive masks cancel exactly only in integer
-//!   arithmetic modulo 2ⁿ; the sum already uses wrapping `i64` arithmetic, so masked updates can be
-//!   folded by this same accumulator.
-//!
-//! The price is resolution: one unit of the sum is `1/S`, so the mean's rounding error per
-//! element is at most `n / (2 · S · W)` for `n` updates of total weight `W`. With the default
-//! `max_weight` of 2²⁴ samples and a norm bound of 1 that is 7.5 · 10⁻⁹ when every weight is 1 and
-//! below 10⁻¹¹ for sample counts in the thousands — under the f32 rounding of the model weights the
-//! delta is later added to. A round that weighs every site equally should set `max_weight = 1`.
-//!
-//! `f32` accumulation would move 12 instead of 20 bytes per parameter. Alone, its fold loop is
-//! about 1.6× faster ([`bench`](mod@bench) measures both in the same run), but in an upload the
-//! fold is about a sixth of the time (the spool below is a third), so it would gain some 6%, and
-//! lose all three properties above.
-//!
-//! # Undo: a spool of what was folded
-//!
-//! Each upload in flight writes the values it folded to an anonymous temporary file (on disk, in
-//! [`AggregatorOptions::spool_dir`]; the coordinator holds updates, never site data). An upload
-//! dropped without a commit reads its spool back and subtracts it. If that fails (an I/O error),
-//! the round is marked unusable and [`RoundAggregator::finish`] refuses to produce a model from
-//! it. Spool files are reused by later uploads and rounds ([`SpoolPool`]), so their pages in the
-//! page cache are not allocated anew for every update. Writing the spool is the largest single
-//! cost of an upload (`tutela bench aggregate` measures it on its own); it is the price of exact
-//! undo without holding updates in memory.
+//! A protocol with phases of its own (secure aggregation's key exchange and unmasking) is another
+//! implementation, and its extra round trips are further states of the engine's round
+//! (`engine::round`), not branches inside these.
 
-use std::collections::HashSet;
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
 
 pub mod bench;
+pub mod bench_rules;
+pub mod buffered;
+pub mod filter;
+pub mod plan;
+pub mod robust;
+pub mod streaming;
 pub mod tiled;
 
-use tiled::{TILE, TiledSum, decode_le, fold_le, sum_of_squares, sum_of_squares_le, unfold_le};
+pub use buffered::BufferedAggregator;
+pub use filter::{
+    FilterPass, FiniteValues, NormBound, NormPass, Refusal, UpdateFilter, UpdateInfo, ValuesAt,
+};
+pub use robust::{RobustReport, RobustRule};
+pub use streaming::{
+    AggregatorOptions, BLOCK, DEFAULT_MAX_WEIGHT, RoundAggregator, SpoolPool, UpdateSink,
+};
 
 /// The manifest metadata key carrying a site's training sample count (its FedAvg weight).
 pub const SAMPLES_KEY: &str = tutela_protocol::federation::meta::SAMPLES;
 
-/// Default for [`AggregatorOptions::max_weight`]: 2²⁴ ≈ 16.8 million samples per update.
-pub const DEFAULT_MAX_WEIGHT: f64 = 16_777_216.0;
-
-/// Elements an upload validates, spools and folds at a time: one tile of the running sum
-/// ([`tiled::TILE`]), 256 KiB of f32 input, which stays in the L2 cache from the norm check to the
-/// fold, so only the input and the running sum travel to and from memory. It is also at most the
-/// memory each upload in flight holds besides the sum (and only when filters rewrite values).
-pub const BLOCK: usize = TILE;
-
-/// Largest magnitude of one contribution `x · w · S` (below the 2⁵¹ the conversion allows).
-const CONTRIBUTION_LIMIT: f64 = (1u64 << 50) as f64;
-
-/// Largest magnitude of the sum of accepted contributions (half the `i64` range, leaving room for
-/// each update's rounding and for the float error in the weight bookkeeping).
-const SUM_LIMIT: f64 = (1u64 << 62) as f64;
-
-/// Spool files kept between uploads and between rounds.
+/// One round's aggregation: opens a sink per site's update, and finishes the round.
 ///
-/// A fresh file's pages have to be allocated in the page cache as it is written and freed again
-/// when it is deleted, which costs about as much as the writes themselves; a reused file's pages
-/// are already there. A file is created only when none is idle, so the pool never holds more
-/// files than were in use at once: the disk it keeps (a model's size per file) is what the
-/// busiest moment of a round needed anyway. The coordinator keeps one pool for its lifetime.
-#[derive(Debug, Default)]
-pub struct SpoolPool {
-    dir: Option<PathBuf>,
-    idle: Mutex<Vec<File>>,
+/// Shared by the round's uploads behind an [`Arc`]; every [`SiteSink`] holds a reference, so
+/// [`finish`](RoundAggregation::finish) refuses while an upload is still in flight.
+pub trait RoundAggregation: Send + Sync + 'static {
+    /// A short name for logs and the round's report: `"fedavg"`, `"median"`, ...
+    fn name(&self) -> &'static str;
+    /// A sink for `site`'s update, weighted by `weight` (its sample count) where the
+    /// aggregation weighs updates. An unacceptable weight is refused when the stream begins.
+    fn open(self: Arc<Self>, site: String, weight: f64) -> SiteSink;
+    /// Updates committed so far, in arrival order.
+    fn accepted(&self) -> Vec<AcceptedUpdate>;
+    /// Uploads that began and have neither committed nor been dropped.
+    fn in_flight(&self) -> usize;
+    /// The round's mean delta and report. Every upload must be over.
+    fn finish(self: Arc<Self>) -> Result<FinishedRound, AggregateError>;
 }
 
-impl SpoolPool {
-    /// Spool files go to anonymous temporary files in `dir` (the system's temporary directory if
-    /// `None`): deleted from the start, so nothing is left behind by a crash.
-    pub fn new(dir: Option<PathBuf>) -> Arc<Self> {
-        Arc::new(SpoolPool {
-            dir,
-            idle: Mutex::new(Vec::new()),
-        })
-    }
+/// One upload's side of an aggregation: [`TensorSink`] in a form that can be boxed (its
+/// `commit` takes the box).
+pub trait UpdateReceiver: Send + 'static {
+    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError>;
+    fn write(&mut self, tensor_index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError>;
+    fn commit(self: Box<Self>, digest: &[u8; 32]) -> Result<AcceptedUpdate, SinkError>;
+}
 
-    /// An idle file, or a new one, positioned at its start.
-    fn take(&self) -> io::Result<File> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let mut file = match idle {
-            Some(f) => f,
-            None => match &self.dir {
-                Some(dir) => tempfile::tempfile_in(dir)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?,
-                None => tempfile::tempfile()?,
-            },
-        };
-        file.seek(SeekFrom::Start(0))?;
-        Ok(file)
+impl<T: TensorSink<Output = AcceptedUpdate>> UpdateReceiver for T {
+    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
+        TensorSink::begin(self, manifest)
     }
+    fn write(&mut self, tensor_index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+        TensorSink::write(self, tensor_index, offset, data)
+    }
+    fn commit(self: Box<Self>, digest: &[u8; 32]) -> Result<AcceptedUpdate, SinkError> {
+        TensorSink::commit(*self, digest)
+    }
+}
 
-    fn give_back(&self, file: File) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(file);
+/// The sink of one site's update into a round's aggregation, whichever it is. Dropped without a
+/// commit, it takes back everything of the update.
+pub struct SiteSink(Box<dyn UpdateReceiver>);
+
+impl SiteSink {
+    pub fn new(receiver: impl UpdateReceiver) -> Self {
+        SiteSink(Box::new(receiver))
     }
+}
+
+impl TensorSink for SiteSink {
+    type Output = AcceptedUpdate;
+
+    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
+        self.0.begin(manifest)
+    }
+    fn write(&mut self, tensor_index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+        self.0.write(tensor_index, offset, data)
+    }
+    fn commit(self, digest: &[u8; 32]) -> Result<AcceptedUpdate, SinkError> {
+        self.0.commit(digest)
+    }
+}
+
+/// A finished round: its mean delta, and what a robust rule reports of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishedRound {
+    pub result: RoundResult,
+    /// Which sites a robust rule excluded or trimmed most; `None` for the weighted sum.
+    pub robust: Option<RobustReport>,
 }
 
 /// Why an aggregator could not be built or could not produce a result.
@@ -167,239 +142,14 @@ pub enum AggregateError {
     InFlight(usize),
     #[error("the round's aggregate is unusable: {0}")]
     Poisoned(String),
-}
-
-/// An update's refusal by a filter: the reason is sent to the site.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
-
-impl Refusal {
-    pub fn new(reason: impl Into<String>) -> Self {
-        Refusal(reason.into())
-    }
-}
-
-/// What a filter knows about the update it starts on.
-#[derive(Clone, Copy, Debug)]
-pub struct UpdateInfo<'a> {
-    pub site: &'a str,
-    pub weight: f64,
-    /// The update's manifest; its tensors already match the global model's.
-    pub manifest: &'a Manifest,
-}
-
-/// Where a run of values handed to a filter sits in the update.
-#[derive(Clone, Copy, Debug)]
-pub struct ValuesAt<'a> {
-    pub tensor_index: usize,
-    pub tensor: &'a TensorSpec,
-    /// Flat (row-major) index within the tensor of the first value.
-    pub first_element: u64,
-}
-
-/// One stage every update passes through before it is folded: validate, clip, noise, mask.
-///
-/// A filter is shared by the round; [`UpdateFilter::start`] makes the per-update state (a running
-/// norm, a noise generator, a mask stream) that sees the update's values.
-pub trait UpdateFilter: Send + Sync {
-    /// A short name for logs.
-    fn name(&self) -> &str;
-    /// Starts on one update, or refuses it from its manifest and weight alone.
-    fn start(&self, update: &UpdateInfo<'_>) -> Result<Box<dyn FilterPass>, Refusal>;
-}
-
-/// A filter's pass over one update.
-pub trait FilterPass: Send {
-    /// Sees, in stream order and in runs of at most [`BLOCK`] values of one tensor, every value
-    /// of the update before it is folded, and may rewrite it in place: what is folded (and
-    /// spooled for undo) is the slice after the last filter.
-    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal>;
-    /// Every value was seen and the stream's digest verified: the filter's last word.
-    fn end(&mut self) -> Result<(), Refusal> {
-        Ok(())
-    }
-}
-
-/// Refuses an update holding a NaN or an infinity, naming the tensor and element.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FiniteValues;
-
-impl UpdateFilter for FiniteValues {
-    fn name(&self) -> &str {
-        "finite-values"
-    }
-
-    fn start(&self, _: &UpdateInfo<'_>) -> Result<Box<dyn FilterPass>, Refusal> {
-        Ok(Box::new(FiniteValues))
-    }
-}
-
-impl FilterPass for FiniteValues {
-    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal> {
-        // A branch-free scan of the exponent bits (all ones: ±inf or NaN) that the compiler
-        // vectorises; the position is looked up only on refusal.
-        let mut bad = 0u32;
-        for v in values.iter() {
-            bad |= u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
-        }
-        if bad == 0 {
-            return Ok(());
-        }
-        Err(not_finite(at, values))
-    }
-}
-
-/// The refusal for a run holding a NaN or an infinity: names the first one.
-fn not_finite(at: &ValuesAt<'_>, values: &[f32]) -> Refusal {
-    let (i, v) = values
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !v.is_finite())
-        .map_or((0, f32::NAN), |(i, v)| (i, *v));
-    Refusal(format!(
-        "tensor {:?} element {} is {v}: an update must hold finite numbers only",
-        at.tensor.name,
-        at.first_element + i as u64
-    ))
-}
-
-/// Refuses an update as soon as its running L2 norm exceeds the bound.
-#[derive(Clone, Copy, Debug)]
-pub struct NormBound {
-    pub bound: f64,
-}
-
-/// [`NormBound`]'s pass: the running sum of squares of the values seen.
-#[derive(Clone, Copy, Debug)]
-pub struct NormPass {
-    bound: f64,
-    sum_sq: f64,
-}
-
-impl NormPass {
-    pub fn new(bound: f64) -> Self {
-        NormPass { bound, sum_sq: 0.0 }
-    }
-
-    /// The L2 norm of the values seen so far.
-    pub fn norm(&self) -> f64 {
-        self.sum_sq.sqrt()
-    }
-}
-
-impl UpdateFilter for NormBound {
-    fn name(&self) -> &str {
-        "norm-bound"
-    }
-
-    fn start(&self, _: &UpdateInfo<'_>) -> Result<Box<dyn FilterPass>, Refusal> {
-        Ok(Box::new(NormPass::new(self.bound)))
-    }
-}
-
-impl NormPass {
-    /// [`FilterPass::values`] on little-endian bytes, without decoding them first (the fast path
-    /// of an upload that no other filter rewrites).
-    pub fn values_le(&mut self, at: &ValuesAt<'_>, bytes: &[[u8; 4]]) -> Result<(), Refusal> {
-        let before = self.sum_sq;
-        self.sum_sq += sum_of_squares_le(bytes);
-        if self.sum_sq <= self.bound * self.bound {
-            return Ok(());
-        }
-        Err(self.refusal(before, at, &decode_le(bytes)))
-    }
-
-    /// Why the run of `values` that took the sum of squares from `before` to over the bound (or
-    /// to a non-finite value) is refused.
-    fn refusal(&self, before: f64, at: &ValuesAt<'_>, values: &[f32]) -> Refusal {
-        // The square of any finite f32 is finite in f64, and so is any sum of them that fits in
-        // memory: a sum that is not finite means a NaN or an infinity among the values. This
-        // check alone refuses them when no other filter needs protecting from them.
-        if !self.sum_sq.is_finite() {
-            return not_finite(at, values);
-        }
-        // Find the element where the norm crossed the bound, for the site's benefit.
-        let mut running = before;
-        let mut at_element = values.len().saturating_sub(1);
-        for (i, v) in values.iter().enumerate() {
-            running += f64::from(*v) * f64::from(*v);
-            if running > self.bound * self.bound {
-                at_element = i;
-                break;
-            }
-        }
-        let position = format!(
-            "tensor {:?} element {}",
-            at.tensor.name,
-            at.first_element + at_element as u64
-        );
-        Refusal(format!(
-            "the update's L2 norm exceeds the round's bound of {}: it is already {} at {position}",
-            self.bound,
-            self.sum_sq.sqrt()
-        ))
-    }
-}
-
-impl FilterPass for NormPass {
-    fn values(&mut self, at: &ValuesAt<'_>, values: &mut [f32]) -> Result<(), Refusal> {
-        let before = self.sum_sq;
-        self.sum_sq += sum_of_squares(values);
-        if self.sum_sq <= self.bound * self.bound {
-            return Ok(());
-        }
-        Err(self.refusal(before, at, values))
-    }
-}
-
-/// How a round's aggregator is set up.
-#[derive(Clone)]
-pub struct AggregatorOptions {
-    /// Largest L2 norm an update may have.
-    pub norm_bound: f64,
-    /// Largest weight (sample count) one update may carry. Together with the norm bound it fixes
-    /// the fixed-point scale: a lower value gives finer resolution (see the module comment).
-    pub max_weight: f64,
-    /// Where uploads in flight spool what they folded; the system's temporary directory if
-    /// `None`. Needs up to one model's size of disk per upload in flight. Ignored when
-    /// `spool_pool` is given.
-    pub spool_dir: Option<PathBuf>,
-    /// Spool files shared with other rounds (the coordinator's); without one, the round keeps
-    /// its own for its uploads.
-    pub spool_pool: Option<Arc<SpoolPool>>,
-    /// Filters run after [`FiniteValues`] and before the norm bound, in order.
-    pub filters: Vec<Arc<dyn UpdateFilter>>,
-    /// Central DP (DP-FedAvg): every update is folded with weight 1, whatever its sink was
-    /// given, and scaled at commit to L2 norm at most this C (`crate::central_dp`).
-    pub clip_updates_to: Option<f64>,
-}
-
-impl AggregatorOptions {
-    pub fn new(norm_bound: f64) -> Self {
-        AggregatorOptions {
-            norm_bound,
-            max_weight: DEFAULT_MAX_WEIGHT,
-            spool_dir: None,
-            spool_pool: None,
-            filters: Vec::new(),
-            clip_updates_to: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for AggregatorOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AggregatorOptions")
-            .field("norm_bound", &self.norm_bound)
-            .field("max_weight", &self.max_weight)
-            .field("spool_dir", &self.spool_dir)
-            .field(
-                "filters",
-                &self.filters.iter().map(|f| f.name()).collect::<Vec<_>>(),
-            )
-            .finish()
-    }
+    #[error("{rule} needs at least {need} accepted updates, the round has {have}")]
+    TooFewForRule {
+        rule: String,
+        need: usize,
+        have: usize,
+    },
+    #[error("the round's update spool: {0}")]
+    Spool(String),
 }
 
 /// An update that was folded into the round and committed.
@@ -432,734 +182,4 @@ pub struct RoundResult {
     /// Sorted by site, then digest, so the result does not depend on arrival order.
     pub accepted: Vec<AcceptedUpdate>,
     pub total_weight: f64,
-}
-
-#[derive(Default)]
-struct Ledger {
-    accepted: Vec<AcceptedUpdate>,
-    contributed: HashSet<String>,
-    in_flight: HashSet<String>,
-    accepted_weight: f64,
-    reserved_weight: f64,
-    poisoned: Option<String>,
-}
-
-/// The running weighted sum of one round, shared by all its uploads (wrap it in an [`Arc`]).
-pub struct RoundAggregator {
-    tensors: Vec<TensorSpec>,
-    /// Elements per tensor.
-    lens: Vec<usize>,
-    total_elements: u64,
-    /// One running sum per tensor, one lock per tile of it: uploads folding different tiles do
-    /// not wait for each other.
-    acc: Vec<TiledSum>,
-    /// [`FiniteValues`] and the options' filters (none if the options have none); the norm
-    /// bound runs after them.
-    filters: Vec<Arc<dyn UpdateFilter>>,
-    norm_bound: f64,
-    max_weight: f64,
-    /// The fixed-point scale `S`, a power of two.
-    scale: f64,
-    /// Largest total accepted weight for which the sum cannot overflow.
-    weight_capacity: f64,
-    spools: Arc<SpoolPool>,
-    /// [`AggregatorOptions::clip_updates_to`].
-    clip_updates_to: Option<f64>,
-    ledger: Mutex<Ledger>,
-}
-
-impl std::fmt::Debug for RoundAggregator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoundAggregator")
-            .field("tensors", &self.tensors.len())
-            .field("elements", &self.total_elements)
-            .field("scale", &self.scale)
-            .field("max_weight", &self.max_weight)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RoundAggregator {
-    /// An aggregator for updates of `global`, refusing any whose L2 norm exceeds `norm_bound`,
-    /// with the default options otherwise.
-    pub fn new(global: &Manifest, norm_bound: f64) -> Result<Arc<Self>, AggregateError> {
-        Self::with_options(global, AggregatorOptions::new(norm_bound))
-    }
-
-    pub fn with_options(
-        global: &Manifest,
-        options: AggregatorOptions,
-    ) -> Result<Arc<Self>, AggregateError> {
-        if global.is_empty() {
-            return Err(AggregateError::EmptyModel);
-        }
-        let b = options.norm_bound;
-        if !(b.is_finite() && b > 0.0) {
-            return Err(AggregateError::InvalidNormBound(b));
-        }
-        let w = options.max_weight;
-        if !(w.is_finite() && w > 0.0) {
-            return Err(AggregateError::InvalidMaxWeight(w));
-        }
-        let scale = fixed_point_scale(b, w).ok_or(AggregateError::ScaleOutOfRange {
-            norm_bound: b,
-            max_weight: w,
-        })?;
-        let mut lens = Vec::with_capacity(global.len());
-        let mut acc = Vec::with_capacity(global.len());
-        for t in global.tensors() {
-            if t.dtype != DType::F32 {
-                return Err(AggregateError::NotF32 {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                });
-            }
-            let elements = t.numel().unwrap_or(u64::MAX);
-            let too_large = || AggregateError::TooLarge {
-                name: t.name.clone(),
-                elements,
-            };
-            let n = usize::try_from(elements).map_err(|_| too_large())?;
-            n.checked_mul(8).ok_or_else(too_large)?;
-            lens.push(n);
-            acc.push(TiledSum::zeroed(n));
-        }
-        // FiniteValues guarantees the other filters finite input. With none, it would only repeat
-        // what the norm bound already refuses (a NaN or infinity makes the norm non-finite) at
-        // the cost of another pass over every value.
-        let mut filters: Vec<Arc<dyn UpdateFilter>> = Vec::with_capacity(options.filters.len() + 1);
-        if !options.filters.is_empty() {
-            filters.push(Arc::new(FiniteValues));
-            filters.extend(options.filters);
-        }
-        Ok(Arc::new(RoundAggregator {
-            tensors: global.tensors().to_vec(),
-            total_elements: lens.iter().map(|&n| n as u64).sum(),
-            lens,
-            acc,
-            filters,
-            norm_bound: b,
-            max_weight: w,
-            scale,
-            weight_capacity: SUM_LIMIT / (b * scale),
-            spools: options
-                .spool_pool
-                .unwrap_or_else(|| SpoolPool::new(options.spool_dir)),
-            clip_updates_to: options.clip_updates_to,
-            ledger: Mutex::new(Ledger::default()),
-        }))
-    }
-
-    /// A sink for `site`'s update, folded with `weight` (its sample count for FedAvg). An
-    /// unacceptable weight is refused, with the reason, when the stream begins.
-    pub fn update_sink(self: &Arc<Self>, site: String, weight: f64) -> UpdateSink {
-        UpdateSink::new(self.clone(), site, WeightFrom::Fixed(weight))
-    }
-
-    /// A sink for `site`'s update weighted by the sample count its manifest declares under
-    /// [`SAMPLES_KEY`]: for an upload handler that learns the weight from the stream itself.
-    pub fn update_sink_by_samples(self: &Arc<Self>, site: String) -> UpdateSink {
-        UpdateSink::new(self.clone(), site, WeightFrom::Samples)
-    }
-
-    /// The global model's tensors, in order.
-    pub fn tensors(&self) -> &[TensorSpec] {
-        &self.tensors
-    }
-
-    /// The fixed-point scale `S`: one unit of the running sum is worth `1/S`.
-    pub fn scale(&self) -> f64 {
-        self.scale
-    }
-
-    /// Bytes of the running sum (8 per parameter): the aggregator's own memory besides one
-    /// [`BLOCK`] per upload in flight.
-    pub fn accumulator_bytes(&self) -> u64 {
-        self.total_elements * 8
-    }
-
-    /// Updates committed so far, in arrival order.
-    pub fn accepted(&self) -> Vec<AcceptedUpdate> {
-        self.ledger().accepted.clone()
-    }
-
-    /// Uploads that began and have neither committed nor been dropped.
-    pub fn in_flight(&self) -> usize {
-        self.ledger().in_flight.len()
-    }
-
-    /// The weighted mean of the accepted updates. Every upload must be over (committed or
-    /// dropped): an [`UpdateSink`] still alive holds the aggregator, and finishing refuses.
-    pub fn finish(self: Arc<Self>) -> Result<RoundResult, AggregateError> {
-        let this = Arc::try_unwrap(self)
-            .map_err(|shared| AggregateError::InFlight(Arc::strong_count(&shared) - 1))?;
-        let ledger = this
-            .ledger
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(why) = ledger.poisoned {
-            return Err(AggregateError::Poisoned(why));
-        }
-        if ledger.accepted.is_empty() {
-            return Err(AggregateError::NothingAccepted);
-        }
-        let mut accepted = ledger.accepted;
-        accepted.sort_by(|a, b| (&a.site, &a.digest).cmp(&(&b.site, &b.digest)));
-        // Summed in a fixed order so that the float total, too, ignores arrival order.
-        let mut weights: Vec<f64> = accepted.iter().map(|u| u.weight).collect();
-        weights.sort_by(f64::total_cmp);
-        let total_weight: f64 = weights.iter().sum();
-        let unit = 1.0 / (this.scale * total_weight);
-        let mut mean_delta = Vec::with_capacity(this.acc.len());
-        for (t, sum) in this.tensors.iter().zip(this.acc) {
-            if sum.is_poisoned() {
-                return Err(AggregateError::Poisoned(format!(
-                    "a thread panicked while folding into tensor {:?}",
-                    t.name
-                )));
-            }
-            // i64 → f64 in place (same size and alignment: the collect reuses the buffer).
-            mean_delta.push(
-                sum.into_vec()
-                    .into_iter()
-                    .map(|s| s as f64 * unit)
-                    .collect(),
-            );
-        }
-        Ok(RoundResult {
-            tensors: this.tensors,
-            mean_delta,
-            accepted,
-            total_weight,
-        })
-    }
-
-    fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        // The ledger's invariants hold between statements that cannot panic; a poisoned lock
-        // still holds a consistent ledger.
-        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Tile `tile` of tensor `tensor`'s running sum, locked.
-    fn lock_tile(&self, tensor: usize, tile: usize) -> Result<tiled::TileGuard<'_>, SinkError> {
-        let sum = self
-            .acc
-            .get(tensor)
-            .ok_or_else(|| io::Error::other(format!("no tensor #{tensor} in the global model")))?;
-        sum.lock(tile).ok_or_else(|| {
-            SinkError::Io(io::Error::other(format!(
-                "tile {tile} of the running sum of tensor {:?} is missing or was left inconsistent by a panic",
-                self.tensors[tensor].name
-            )))
-        })
-    }
-
-    fn check_manifest(&self, m: &Manifest) -> Result<(), String> {
-        let (global, update) = (&self.tensors, m.tensors());
-        for (i, (g, u)) in global.iter().zip(update).enumerate() {
-            if u.name != g.name {
-                return Err(format!(
-                    "tensor #{i} is {:?} but the global model's tensor #{i} is {:?}: an update must have the global model's tensors, in its order",
-                    u.name, g.name
-                ));
-            }
-            if u.dtype != g.dtype {
-                return Err(format!(
-                    "tensor {:?} is {} but the global model's is {}: updates are F32 deltas",
-                    u.name, u.dtype, g.dtype
-                ));
-            }
-            if u.shape != g.shape {
-                return Err(format!(
-                    "tensor {:?} has shape {:?} but the global model's has shape {:?}",
-                    u.name, u.shape, g.shape
-                ));
-            }
-        }
-        if update.len() < global.len() {
-            return Err(format!(
-                "the update has {} tensors but the global model has {}: {:?} is missing",
-                update.len(),
-                global.len(),
-                global[update.len()].name
-            ));
-        }
-        if update.len() > global.len() {
-            return Err(format!(
-                "the update has {} tensors but the global model has {}: {:?} is not in the global model",
-                update.len(),
-                global.len(),
-                update[global.len()].name
-            ));
-        }
-        Ok(())
-    }
-
-    /// Subtracts the first `folded` values of an update, read back from its spool.
-    fn take_back(&self, spool: &mut File, folded: u64, ws: f64) -> Result<(), SinkError> {
-        self.rescale(spool, folded, ws, 0.0)
-    }
-
-    /// Replaces the first `folded` values of an update, folded with `ws`, by the same values
-    /// folded with `new_ws`, read back from its spool. Exact in the fixed-point sum: the
-    /// subtraction ([`tiled::unfold_le`]) is [`tiled::fold_le`]'s inverse bit for bit, and
-    /// `new_ws = 0` folds nothing.
-    fn rescale(
-        &self,
-        spool: &mut File,
-        folded: u64,
-        ws: f64,
-        new_ws: f64,
-    ) -> Result<(), SinkError> {
-        spool.seek(SeekFrom::Start(0))?;
-        let mut bytes = vec![[0u8; 4]; BLOCK];
-        let mut left = folded;
-        for (tensor, &len) in self.lens.iter().enumerate() {
-            let mut element = 0usize;
-            while left > 0 && element < len {
-                // The spool was written in the same tile-aligned runs, in the same order.
-                let tile = element / TILE;
-                let n = (len - element)
-                    .min((tile + 1) * TILE - element)
-                    .min(usize::try_from(left).unwrap_or(BLOCK));
-                let run = &mut bytes[..n];
-                spool.read_exact(run.as_flattened_mut())?;
-                let mut guard = self.lock_tile(tensor, tile)?;
-                let offset = element - tile * TILE;
-                let target = guard
-                    .get_mut(offset..offset + n)
-                    .ok_or_else(|| io::Error::other("spool longer than the tensor"))?;
-                unfold_le(target, run, ws);
-                if new_ws != 0.0 {
-                    fold_le(target, run, new_ws);
-                }
-                element += n;
-                left -= n as u64;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The largest power of two `S` with `norm_bound · max_weight · S ≤ 2⁵⁰`.
-fn fixed_point_scale(norm_bound: f64, max_weight: f64) -> Option<f64> {
-    let span = norm_bound * max_weight;
-    if !(span.is_finite() && span > 0.0) {
-        return None;
-    }
-    let mut exp = (CONTRIBUTION_LIMIT / span).log2().floor() as i32;
-    // log2 can be off by one ulp at exact powers of two: settle the exponent by checking.
-    while span * 2f64.powi(exp) > CONTRIBUTION_LIMIT {
-        exp -= 1;
-    }
-    while span * 2f64.powi(exp + 1) <= CONTRIBUTION_LIMIT {
-        exp += 1;
-    }
-    let scale = 2f64.powi(exp);
-    (scale.is_normal() && (SUM_LIMIT / (norm_bound * scale)).is_finite()).then_some(scale)
-}
-
-#[derive(Clone, Copy, Debug)]
-enum WeightFrom {
-    Fixed(f64),
-    Samples,
-}
-
-/// Folds one site's update into the round as it streams in. See the [module](self) docs.
-pub struct UpdateSink {
-    agg: Arc<RoundAggregator>,
-    site: String,
-    weight_from: WeightFrom,
-    /// Set by `begin`; while set, the site and its weight are reserved in the ledger and the
-    /// values folded so far are in the spool.
-    active: Option<Active>,
-}
-
-struct Active {
-    weight: f64,
-    /// weight × scale: what a value is multiplied by before rounding.
-    ws: f64,
-    passes: Vec<Box<dyn FilterPass>>,
-    /// The last filter, held by type: its running norm is the accepted update's `l2_norm`.
-    norm: NormPass,
-    spool: File,
-    /// Position of the next byte expected: tensor and byte offset within it.
-    tensor: usize,
-    byte: u64,
-    /// Bytes of an element split across two chunks.
-    carry: [u8; 4],
-    carry_len: usize,
-    /// Values folded so far, counted over all tensors in order (the spool's length / 4).
-    folded: u64,
-    /// Decoded values for the filters, and the filtered values re-encoded for spool and fold
-    /// (used only when filters are configured).
-    scratch: Vec<f32>,
-    encoded: Vec<[u8; 4]>,
-}
-
-impl UpdateSink {
-    fn new(agg: Arc<RoundAggregator>, site: String, weight_from: WeightFrom) -> Self {
-        UpdateSink {
-            agg,
-            site,
-            weight_from,
-            active: None,
-        }
-    }
-
-    pub fn site(&self) -> &str {
-        &self.site
-    }
-
-    fn weight(&self, manifest: &Manifest) -> Result<f64, SinkError> {
-        if self.agg.clip_updates_to.is_some() {
-            // DP-FedAvg: one site, one unit of weight, so that one site moves the sum by ≤ C.
-            return Ok(1.0);
-        }
-        let w = match self.weight_from {
-            WeightFrom::Fixed(w) => w,
-            WeightFrom::Samples => {
-                let raw = manifest.metadata.get(SAMPLES_KEY).ok_or_else(|| {
-                    SinkError::Rejected(format!(
-                        "the update's manifest has no {SAMPLES_KEY:?} metadata (the site's training sample count, its weight)"
-                    ))
-                })?;
-                let n: u64 = raw.trim().parse().map_err(|_| {
-                    SinkError::Rejected(format!(
-                        "{SAMPLES_KEY} is {raw:?}, not a whole number of samples"
-                    ))
-                })?;
-                n as f64
-            }
-        };
-        if !(w.is_finite() && w > 0.0) {
-            return Err(SinkError::Rejected(format!(
-                "the update's weight {w} is not a positive number"
-            )));
-        }
-        if w > self.agg.max_weight {
-            return Err(SinkError::Rejected(format!(
-                "the update's weight {w} is over this round's max_weight of {} (the operator can raise it)",
-                self.agg.max_weight
-            )));
-        }
-        Ok(w)
-    }
-
-    /// Validates, spools and folds `bytes` (whole little-endian f32 values of tensor `tensor`
-    /// from element `first` on, at most one stream chunk).
-    ///
-    /// Without filters the values are folded as they came: the norm is checked over the whole
-    /// run first, the run is spooled in one write (fewer, larger writes are cheaper), then folded
-    /// tile by tile while it is still in the cache. With filters, which may rewrite values, each
-    /// tile-aligned run is decoded, filtered, checked, spooled and folded in turn.
-    fn process(&mut self, tensor: usize, first: usize, bytes: &[u8]) -> Result<(), SinkError> {
-        let agg = &*self.agg;
-        let a = self
-            .active
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write before begin"))?;
-        let spec = &agg.tensors[tensor];
-        let (elements, _) = bytes.as_chunks::<4>();
-        let at = |element: usize| ValuesAt {
-            tensor_index: tensor,
-            tensor: spec,
-            first_element: element as u64,
-        };
-        let unfiltered = a.passes.is_empty();
-        if unfiltered && !elements.is_empty() {
-            a.norm
-                .values_le(&at(first), elements)
-                .map_err(|r| SinkError::Rejected(r.0))?;
-            // Spool before folding: a value is never in the sum without a way to take it out.
-            a.spool.write_all(elements.as_flattened())?;
-        }
-        let mut done = 0;
-        while done < elements.len() {
-            let element = first + done;
-            let tile = element / TILE;
-            let n = (elements.len() - done).min((tile + 1) * TILE - element);
-            let raw = &elements[done..done + n];
-            let folded: &[[u8; 4]] = if unfiltered {
-                raw
-            } else {
-                a.scratch.clear();
-                a.scratch.extend(raw.iter().map(|b| f32::from_le_bytes(*b)));
-                for pass in &mut a.passes {
-                    pass.values(&at(element), &mut a.scratch)
-                        .map_err(|r| SinkError::Rejected(r.0))?;
-                }
-                a.norm
-                    .values(&at(element), &mut a.scratch)
-                    .map_err(|r| SinkError::Rejected(r.0))?;
-                a.encoded.clear();
-                a.encoded.extend(a.scratch.iter().map(|v| v.to_le_bytes()));
-                a.spool.write_all(a.encoded.as_flattened())?;
-                &a.encoded
-            };
-            let mut guard = agg.lock_tile(tensor, tile)?;
-            let offset = element - tile * TILE;
-            let target = guard.get_mut(offset..offset + n).ok_or_else(|| {
-                io::Error::other(format!("write past the end of tensor {:?}", spec.name))
-            })?;
-            fold_le(target, folded, a.ws);
-            drop(guard);
-            a.folded += n as u64;
-            done += n;
-        }
-        Ok(())
-    }
-}
-
-impl TensorSink for UpdateSink {
-    type Output = AcceptedUpdate;
-
-    fn begin(&mut self, manifest: &Manifest) -> Result<(), SinkError> {
-        if self.active.is_some() {
-            return Err(io::Error::other("begin called twice").into());
-        }
-        self.agg
-            .check_manifest(manifest)
-            .map_err(SinkError::Rejected)?;
-        let weight = self.weight(manifest)?;
-        let info = UpdateInfo {
-            site: &self.site,
-            weight,
-            manifest,
-        };
-        let passes = self
-            .agg
-            .filters
-            .iter()
-            .map(|f| f.start(&info))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|r| SinkError::Rejected(r.0))?;
-        let spool = self.agg.spools.take()?;
-        {
-            let mut ledger = self.agg.ledger();
-            let refusal = if let Some(why) = &ledger.poisoned {
-                Some(format!("the round's aggregate is unusable: {why}"))
-            } else if ledger.contributed.contains(&self.site) {
-                Some(format!(
-                    "site {:?} already contributed an update to this round",
-                    self.site
-                ))
-            } else if ledger.in_flight.contains(&self.site) {
-                Some(format!(
-                    "site {:?} already has an upload in progress for this round",
-                    self.site
-                ))
-            } else if ledger.accepted_weight + ledger.reserved_weight + weight
-                > self.agg.weight_capacity
-            {
-                Some(format!(
-                    "the round's total weight would exceed {} (the fixed-point range for max_weight {})",
-                    self.agg.weight_capacity, self.agg.max_weight
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = refusal {
-                drop(ledger);
-                self.agg.spools.give_back(spool);
-                return Err(SinkError::Rejected(why));
-            }
-            ledger.in_flight.insert(self.site.clone());
-            ledger.reserved_weight += weight;
-        }
-        self.active = Some(Active {
-            weight,
-            ws: weight * self.agg.scale,
-            passes,
-            norm: NormPass::new(self.agg.norm_bound),
-            spool,
-            tensor: 0,
-            byte: 0,
-            carry: [0; 4],
-            carry_len: 0,
-            folded: 0,
-            scratch: Vec::new(),
-            encoded: Vec::new(),
-        });
-        Ok(())
-    }
-
-    fn write(&mut self, tensor_index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
-        let agg = self.agg.clone();
-        let a = self
-            .active
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write before begin"))?;
-        // The decoder guarantees order; the spool's layout relies on it, so check it here too.
-        while a.tensor < agg.lens.len() && a.byte == agg.lens[a.tensor] as u64 * 4 {
-            a.tensor += 1;
-            a.byte = 0;
-        }
-        if tensor_index != a.tensor || offset != a.byte {
-            return Err(io::Error::other(format!(
-                "chunk for tensor #{tensor_index} at byte {offset} arrived where tensor #{} at byte {} was expected",
-                a.tensor, a.byte
-            ))
-            .into());
-        }
-        let tensor_bytes = agg.lens[tensor_index] as u64 * 4;
-        let end = offset + data.len() as u64;
-        if end > tensor_bytes {
-            return Err(io::Error::other(format!(
-                "chunk ends at byte {end}, past the {tensor_bytes} bytes of tensor {:?}",
-                agg.tensors[tensor_index].name
-            ))
-            .into());
-        }
-        // Index of the element the carried bytes (or, without any, the chunk) start.
-        let first = ((offset - a.carry_len as u64) / 4) as usize;
-        let mut data = data;
-        let mut next = first;
-        if a.carry_len > 0 {
-            let take = (4 - a.carry_len).min(data.len());
-            a.carry[a.carry_len..a.carry_len + take].copy_from_slice(&data[..take]);
-            a.carry_len += take;
-            data = &data[take..];
-            if a.carry_len == 4 {
-                a.carry_len = 0;
-                let element = a.carry;
-                self.process(tensor_index, next, &element)?;
-                next += 1;
-            }
-        }
-        let whole = data.len() / 4 * 4;
-        self.process(tensor_index, next, &data[..whole])?;
-        let a = self
-            .active
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write before begin"))?;
-        let tail = &data[whole..];
-        a.carry[a.carry_len..a.carry_len + tail.len()].copy_from_slice(tail);
-        a.carry_len += tail.len();
-        a.byte = end;
-        Ok(())
-    }
-
-    fn commit(mut self, digest: &[u8; 32]) -> Result<AcceptedUpdate, SinkError> {
-        let agg = self.agg.clone();
-        let a = self
-            .active
-            .as_mut()
-            .ok_or_else(|| io::Error::other("commit before begin"))?;
-        if a.folded != agg.total_elements || a.carry_len != 0 {
-            return Err(io::Error::other(format!(
-                "commit after {} of the model's {} values",
-                a.folded, agg.total_elements
-            ))
-            .into());
-        }
-        for pass in &mut a.passes {
-            pass.end().map_err(|r| SinkError::Rejected(r.0))?;
-        }
-        a.norm.end().map_err(|r| SinkError::Rejected(r.0))?;
-        let Some(mut a) = self.active.take() else {
-            return Err(io::Error::other("commit before begin").into());
-        };
-        let l2_norm = a.norm.norm();
-        let clip_factor = match agg.clip_updates_to {
-            Some(c) => crate::central_dp::clip_factor(l2_norm, c),
-            None => 1.0,
-        };
-        if clip_factor < 1.0 {
-            // The norm is known only now: read what was folded back from the spool and leave
-            // it folded at clip_factor × its weight instead (one more pass over the disk).
-            if let Err(e) = agg.rescale(&mut a.spool, a.folded, a.ws, a.ws * clip_factor) {
-                // Whatever was rescaled before the failure is neither the update nor its clipped
-                // version: the round cannot be trusted.
-                let mut ledger = agg.ledger();
-                ledger.in_flight.remove(&self.site);
-                ledger.reserved_weight -= a.weight;
-                ledger.poisoned.get_or_insert(format!(
-                    "site {:?}'s update could not be clipped in the round's sum: {e}",
-                    self.site
-                ));
-                return Err(e);
-            }
-        }
-        let accepted = AcceptedUpdate {
-            site: self.site.clone(),
-            weight: a.weight,
-            digest: hex::encode(digest),
-            l2_norm,
-            clip_factor,
-        };
-        let mut ledger = agg.ledger();
-        ledger.in_flight.remove(&self.site);
-        ledger.contributed.insert(self.site.clone());
-        ledger.reserved_weight -= a.weight;
-        ledger.accepted_weight += a.weight;
-        ledger.accepted.push(accepted.clone());
-        drop(ledger);
-        agg.spools.give_back(a.spool);
-        Ok(accepted)
-    }
-}
-
-impl Drop for UpdateSink {
-    /// An upload that ends without a commit takes back everything it folded.
-    fn drop(&mut self) {
-        let Some(mut a) = self.active.take() else {
-            return;
-        };
-        let undone = if a.folded > 0 {
-            self.agg.take_back(&mut a.spool, a.folded, a.ws)
-        } else {
-            Ok(())
-        };
-        let mut ledger = self.agg.ledger();
-        ledger.in_flight.remove(&self.site);
-        ledger.reserved_weight -= a.weight;
-        match undone {
-            Ok(()) => {
-                drop(ledger);
-                self.agg.spools.give_back(a.spool);
-            }
-            Err(e) => {
-                tracing::error!(site = %self.site, error = %e, "could not take a refused update back out of the round's sum");
-                ledger.poisoned.get_or_insert(format!(
-                    "site {:?}'s refused update could not be taken back out of the sum: {e}",
-                    self.site
-                ));
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scale_keeps_the_largest_contribution_under_two_to_the_fifty() {
-        for (b, w) in [
-            (1.0, 1.0),
-            (10.0, DEFAULT_MAX_WEIGHT),
-            (0.3, 7.0),
-            (1e-3, 1e6),
-        ] {
-            let s = fixed_point_scale(b, w).unwrap();
-            assert!(b * w * s <= CONTRIBUTION_LIMIT, "{b} {w} {s}");
-            assert!(
-                b * w * s * 2.0 > CONTRIBUTION_LIMIT,
-                "{b} {w} {s} not the largest"
-            );
-            assert_eq!(s.log2().fract(), 0.0, "not a power of two");
-        }
-        assert_eq!(fixed_point_scale(1.0, 1.0), Some(2f64.powi(50)));
-        assert!(fixed_point_scale(f64::MAX, 1e300).is_none());
-    }
-
-    #[test]
-    fn sum_of_squares_covers_the_remainder() {
-        let v: Vec<f32> = (1..=11).map(|i| i as f32).collect();
-        assert_eq!(
-            sum_of_squares(&v),
-            (1..=11).map(|i| (i * i) as f64).sum::<f64>()
-        );
-    }
 }

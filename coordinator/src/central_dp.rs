@@ -61,6 +61,46 @@ pub fn clip_factor(norm: f64, clip: f64) -> f64 {
     if norm > clip { clip / norm } else { 1.0 }
 }
 
+/// Central DP's clip as an update filter: each update is aggregated at `min(1, C / ‖Δ‖)` of
+/// itself, the factor known once its norm is (the aggregation applies it: the streaming sum
+/// re-folds the update from its spool, the buffered one scales it as it reads it back). It does
+/// not look at the values, so the streaming sum keeps its fast path.
+#[derive(Clone, Copy, Debug)]
+pub struct ClipToNorm {
+    pub clip: f64,
+}
+
+impl crate::aggregate::UpdateFilter for ClipToNorm {
+    fn name(&self) -> &str {
+        "central-dp-clip"
+    }
+
+    fn start(
+        &self,
+        _: &crate::aggregate::UpdateInfo<'_>,
+    ) -> Result<Box<dyn crate::aggregate::FilterPass>, crate::aggregate::Refusal> {
+        Ok(Box::new(*self))
+    }
+
+    fn reads_values(&self) -> bool {
+        false
+    }
+}
+
+impl crate::aggregate::FilterPass for ClipToNorm {
+    fn values(
+        &mut self,
+        _: &crate::aggregate::ValuesAt<'_>,
+        _: &mut [f32],
+    ) -> Result<(), crate::aggregate::Refusal> {
+        Ok(())
+    }
+
+    fn fold_factor(&mut self, l2_norm: f64) -> f64 {
+        clip_factor(l2_norm, self.clip)
+    }
+}
+
 /// The adaptive clipping state (Andrew et al. 2021, Algorithm 1, geometric update).
 #[derive(Debug)]
 struct Adaptive {
@@ -231,9 +271,9 @@ impl CentralDp {
         self.rounds += rounds;
     }
 
-    /// Steps 3–4 for a finished round of the aggregator (built with
-    /// `AggregatorOptions::clip_updates_to = Some(self.clip())`, so every accepted update was
-    /// folded with weight 1 and clipped to C): the mean becomes `(Σ clipped + noise) / m`, the
+    /// Steps 3–4 for a finished round of the aggregation (with unit weights and the
+    /// [`ClipToNorm`] filter at `self.clip()`, so every accepted update was folded with weight 1
+    /// and clipped to C): the mean becomes `(Σ clipped + noise) / m`, the
     /// round is charged, adaptive clipping updates C, and the round's figures are returned.
     pub fn release_round(
         &mut self,
@@ -272,6 +312,24 @@ impl CentralDp {
                 .map(|a| (a.site.clone(), a.clip_factor))
                 .collect(),
         })
+    }
+}
+
+/// Central DP's noise is the release step of its rounds' aggregation: the sum of the clipped
+/// updates is noised (and the accountant charged) before the strategy or anyone else sees it.
+impl crate::aggregate::plan::ReleaseStep for CentralDp {
+    fn name(&self) -> &str {
+        "central-dp-noise"
+    }
+
+    fn release(
+        &mut self,
+        result: &mut crate::aggregate::RoundResult,
+        report: &mut crate::aggregate::plan::RoundReport,
+    ) -> Result<(), String> {
+        let round = self.release_round(result).map_err(|e| e.to_string())?;
+        report.central_dp = Some(round);
+        Ok(())
     }
 }
 

@@ -14,26 +14,21 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use rand::SeedableRng;
-use rand::seq::IndexedRandom;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_audit::payload;
-use tutela_protocol::initial_model::InitialModel;
 use tutela_protocol::pb;
-use tutela_protocol::stream;
 
-use crate::aggregate::{AggregateError, AggregatorOptions, RoundAggregator};
+use crate::aggregate::plan::{JobAggregation, Spools};
 use crate::job::{JobId, JobSpec, JobState};
 use crate::nodes::NodeRegistry;
-use crate::store::{AcceptedUpdate, RefusedUpdate, RoundRecord, Store};
-use crate::strategy::{Strategy, StrategyConfig};
-use crate::tasks::{Destination, Outcome, SiteMetrics, TaskGroup, TaskTable};
+use crate::store::Store;
+use crate::strategy::StrategyConfig;
+use crate::tasks::{SiteMetrics, TaskTable};
 
-/// How long a round waits between checks while it has too few sites.
-const SITE_WAIT_POLL: Duration = Duration::from_millis(250);
+mod round;
 
 pub struct Engine {
     pub store: Store,
@@ -44,6 +39,9 @@ pub struct Engine {
     pub state_dir: PathBuf,
     /// Spool files of the uploads' exact undo, kept between rounds (in `state_dir`).
     spool_pool: Arc<crate::aggregate::SpoolPool>,
+    /// The key the buffered aggregation's update spools are encrypted under: random, held in
+    /// memory only, since a spool never outlives the process (an interrupted round is rerun).
+    spool_kek: Arc<tutela_privacy::at_rest::LocalKek>,
     /// Bumped whenever a job changes, for `WatchJob`.
     changes: Mutex<HashMap<String, watch::Sender<u64>>>,
     cancels: Mutex<HashMap<String, CancellationToken>>,
@@ -75,6 +73,9 @@ pub enum EngineError {
     NotFound(String),
 }
 
+/// The buffered aggregation's spools, under `state_dir`.
+const UPDATE_SPOOL_DIR: &str = "update-spools";
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -101,18 +102,41 @@ impl Engine {
     pub fn new(store: Store, model_dir: PathBuf, state_dir: PathBuf) -> std::io::Result<Arc<Self>> {
         std::fs::create_dir_all(&model_dir)?;
         std::fs::create_dir_all(&state_dir)?;
+        // Spools a previous process left (encrypted under a key that died with it) are useless.
+        let update_spools = state_dir.join(UPDATE_SPOOL_DIR);
+        if update_spools.exists() {
+            std::fs::remove_dir_all(&update_spools)?;
+        }
+        let spool_kek = {
+            // A data key's generator: 32 bytes from the OS, zeroed when dropped.
+            let key = tutela_privacy::at_rest::DataKey::generate()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Arc::new(tutela_privacy::at_rest::LocalKek::from_bytes(
+                key.as_bytes(),
+            ))
+        };
         Ok(Arc::new(Engine {
             store,
             nodes: Arc::new(NodeRegistry::default()),
             tasks: Arc::new(TaskTable::default()),
             model_dir,
             spool_pool: crate::aggregate::SpoolPool::new(Some(state_dir.clone())),
+            spool_kek,
             state_dir,
             changes: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             approvals: std::sync::OnceLock::new(),
             audit: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Where a round's aggregation spools updates.
+    fn spools(&self) -> Spools {
+        Spools {
+            pool: self.spool_pool.clone(),
+            dir: self.state_dir.join(UPDATE_SPOOL_DIR),
+            kek: self.spool_kek.clone(),
+        }
     }
 
     /// The audit trail: the one `serve` set, or a disabled one.
@@ -435,9 +459,9 @@ impl Engine {
             self.load_strategy_state(job_id, round, strategy.as_mut())?;
             self.record_committed_rounds(job_id).await?;
         }
-        // Central DP (DP-FedAvg): its accountant spans the job's rounds; built on the first
-        // round, when the model's size is known.
-        let mut central: Option<crate::central_dp::CentralDp> = None;
+        // The job's aggregation (and central DP's accountant, which spans the job's rounds);
+        // set up on the first round, when the model's size is known.
+        let mut aggregation: Option<JobAggregation> = None;
 
         while round < spec.rounds {
             let next = round + 1;
@@ -449,7 +473,7 @@ impl Engine {
                         (next, attempt),
                         &model_id,
                         strategy.as_mut(),
-                        &mut central,
+                        &mut aggregation,
                     )
                     .await?
                 {
@@ -522,464 +546,6 @@ impl Engine {
         tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
         Ok(())
     }
-
-    /// Waits for sites: until every site the job lists is connected, or — once at least `need` are
-    /// — until a grace period (a quarter of the round's window) has passed, or until `deadline`.
-    /// The grace period keeps a round from starting with the first `need` sites when the others
-    /// are seconds away (nodes reconnecting after a coordinator restart, say).
-    async fn wait_for_sites(&self, spec: &JobSpec, need: usize, deadline: Instant) -> Vec<String> {
-        let mut changes = self.nodes.subscribe();
-        let window = Duration::from_secs(spec.round_deadline_secs);
-        let grace_until = Instant::now() + window / 4;
-        let want_all = if spec.sites.is_empty() {
-            need
-        } else {
-            spec.sites.len()
-        };
-        loop {
-            let sites = self.nodes.eligible(&spec.data.schema, &spec.sites);
-            let now = Instant::now();
-            if sites.len() >= want_all
-                || (sites.len() >= need && now >= grace_until)
-                || now >= deadline
-            {
-                return sites;
-            }
-            let _ = tokio::time::timeout(SITE_WAIT_POLL, changes.changed()).await;
-        }
-    }
-
-    fn task(
-        &self,
-        job: &JobCtx<'_>,
-        kind: pb::TaskKind,
-        (round, attempt): (u32, u32),
-        model_id: &str,
-        strategy_json: &str,
-        deadline_ms: i64,
-    ) -> pb::Task {
-        pb::Task {
-            task_id: new_task_id(),
-            kind: kind as i32,
-            job_id: job.id.to_string(),
-            round,
-            attempt,
-            job_spec_toml: job.spec_toml.to_string(),
-            job_digest: job.digest_hex.to_string(),
-            global_model_id: model_id.to_string(),
-            strategy_config_json: strategy_json.to_string(),
-            deadline_unix_ms: deadline_ms,
-            approvals: job.approvals.to_vec(),
-            submitted_by: job.submitted_by.to_string(),
-        }
-    }
-
-    /// Asks one site for the job's initial weights, retrying with another site on failure.
-    async fn initial_model(&self, job: &JobCtx<'_>) -> Result<String, EngineError> {
-        let (job_id, spec) = (job.id, job.spec);
-        let window = Duration::from_secs(spec.round_deadline_secs);
-        // What the answer must be: the job's model as the registry describes it. A spec whose
-        // model the registry cannot describe never gets an initial model.
-        let expected =
-            Arc::new(InitialModel::for_job(spec).map_err(|e| {
-                EngineError::Failed(format!("no initial model: the job's model: {e}"))
-            })?);
-        let mut last_reason = String::new();
-        for attempt in 1..=spec.max_round_retries + 1 {
-            let deadline = Instant::now() + window;
-            let sites = self.wait_for_sites(spec, 1, deadline).await;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed ^ u64::from(attempt));
-            let Some(site) = sites.choose(&mut rng).cloned() else {
-                last_reason = format!(
-                    "no site with data of schema {:?} connected within {}s",
-                    spec.data.schema, spec.round_deadline_secs
-                );
-                continue;
-            };
-            let deadline_ms = now_ms() + window.as_millis() as i64;
-            let task = self.task(
-                job,
-                pb::TaskKind::Initialize,
-                (0, attempt),
-                "",
-                "{}",
-                deadline_ms,
-            );
-            let group = Arc::new(TaskGroup::default());
-            self.tasks.register(
-                &task.task_id,
-                &site,
-                "",
-                deadline,
-                Destination::InitialModel {
-                    model_dir: self.model_dir.clone(),
-                    expected: expected.clone(),
-                },
-                group.clone(),
-            );
-            let ids = vec![task.task_id.clone()];
-            self.nodes.send(&site, task);
-            self.wait_for_outcomes(&ids, &group, deadline).await;
-            for (_, site, outcome) in self.tasks.close(&ids) {
-                let reason = match outcome {
-                    Some(Outcome::Accepted {
-                        model_id: Some(m), ..
-                    }) => {
-                        tracing::info!(job = %job_id, %site, model = %m, "initial model received");
-                        return Ok(m);
-                    }
-                    Some(Outcome::Refused { reason }) => reason,
-                    Some(Outcome::Declined { reason }) => format!("declined: {reason}"),
-                    _ => "sent no initial model by the deadline".to_string(),
-                };
-                last_reason = format!("site {site}: {reason}");
-                self.note_refusals(job_id, (0, attempt), &[(site, reason)])
-                    .await;
-            }
-        }
-        Err(EngineError::Failed(format!(
-            "no initial model: {last_reason}"
-        )))
-    }
-
-    async fn wait_for_outcomes(&self, ids: &[String], group: &TaskGroup, deadline: Instant) {
-        loop {
-            let notified = group.notify.notified();
-            if self.tasks.all_finished(ids) {
-                return;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            let _ = tokio::time::timeout(deadline - now, notified).await;
-        }
-    }
-
-    /// One attempt at a round. `Ok(Ok(model))`: completed and recorded. `Ok(Err(reason))`: the
-    /// attempt failed (too few sites); the caller records it and retries.
-    async fn run_round(
-        &self,
-        job: &JobCtx<'_>,
-        (round, attempt): (u32, u32),
-        model_id: &str,
-        strategy: &mut dyn Strategy,
-        central: &mut Option<crate::central_dp::CentralDp>,
-    ) -> Result<Result<String, String>, EngineError> {
-        let (job_id, spec) = (job.id, job.spec);
-        let started = now_ms();
-        let window = Duration::from_secs(spec.round_deadline_secs);
-        let deadline = Instant::now() + window;
-        let min = spec.min_sites as usize;
-        let eligible = self.wait_for_sites(spec, min, deadline).await;
-        if eligible.len() < min {
-            return Ok(Err(format!(
-                "only {} of the {} sites needed were connected with data of schema {:?}",
-                eligible.len(),
-                min,
-                spec.data.schema
-            )));
-        }
-        // Sample ceil(fraction × eligible) sites, at least min_sites, reproducibly.
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            spec.seed ^ (u64::from(round) << 32) ^ u64::from(attempt),
-        );
-        let k =
-            ((spec.fraction * eligible.len() as f64).ceil() as usize).clamp(min, eligible.len());
-        let mut participants: Vec<String> =
-            eligible.choose_multiple(&mut rng, k).cloned().collect();
-        participants.sort();
-
-        let (manifest, global) = stream::load_model(&self.model_path(model_id))?;
-        let mut options = AggregatorOptions::new(spec.update_norm_bound);
-        // Uploads spool what they fold (for an exact undo) next to the models, on the
-        // coordinator's disk rather than a possibly small tmpfs, in files kept between rounds.
-        options.spool_pool = Some(self.spool_pool.clone());
-        if central.is_none() {
-            let dimension = manifest
-                .tensors()
-                .iter()
-                .map(|t| t.numel().unwrap_or(0) as usize)
-                .sum();
-            *central = crate::central_dp::for_job(spec, dimension)
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
-            if let Some(dp) = central.as_mut() {
-                // A resumed job: the rounds already released count against its budget.
-                dp.charge_completed_rounds(u64::from(round - 1));
-            }
-        }
-        options.clip_updates_to = central.as_ref().map(|dp| dp.clip());
-        if options.clip_updates_to.is_some() {
-            // Every update weighs 1 under central DP: the finest fixed-point scale.
-            options.max_weight = 1.0;
-        }
-        let aggregator = RoundAggregator::with_options(&manifest, options)
-            .map_err(|e| EngineError::Failed(format!("round {round}: {e}")))?;
-        let strategy_json = strategy.configure_round(round);
-        let deadline_ms = started + window.as_millis() as i64;
-        let group = Arc::new(TaskGroup::default());
-        let mut ids = Vec::new();
-        for site in &participants {
-            let task = self.task(
-                job,
-                pb::TaskKind::Train,
-                (round, attempt),
-                model_id,
-                &strategy_json,
-                deadline_ms,
-            );
-            self.tasks.register(
-                &task.task_id,
-                site,
-                model_id,
-                deadline,
-                Destination::Round {
-                    aggregator: aggregator.clone(),
-                },
-                group.clone(),
-            );
-            ids.push(task.task_id.clone());
-            if !self.nodes.send(site, task) {
-                tracing::warn!(%site, round, "could not hand the task to the site's node; it may reconnect before the deadline");
-            }
-        }
-        tracing::info!(job = %job_id, round, attempt, sites = ?participants, "round started");
-        self.wait_for_outcomes(&ids, &group, deadline).await;
-        // Streams still in progress at the deadline are cut off by closing their tasks; wait for
-        // their sinks to be dropped so nothing touches the aggregate after this point.
-        let outcomes = self.tasks.close(&ids);
-        // Uploads cut off by the close notice it at their next chunk and drop their sinks, which
-        // undoes what they folded in; the aggregate is final once no sink holds it.
-        let mut waited = 0;
-        while Arc::strong_count(&aggregator) > 1 && waited < 500 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 1;
-        }
-
-        let mut metrics = Vec::new();
-        let mut refused = Vec::new();
-        for (_, site, outcome) in outcomes {
-            match outcome {
-                Some(Outcome::Accepted { metrics: m, .. }) => metrics.push(m),
-                Some(Outcome::Refused { reason }) => refused.push((site, reason)),
-                Some(Outcome::Declined { reason }) => {
-                    refused.push((site, format!("declined: {reason}")))
-                }
-                None => refused.push((site, "no update by the round's deadline".to_string())),
-            }
-        }
-        // Recorded now, whatever becomes of the attempt: a refusal that makes the round fail
-        // matters to a regulator as much as one the round survives.
-        self.note_refusals(job_id, (round, attempt), &refused).await;
-        let result = match aggregator.finish() {
-            Ok(r) if r.accepted.len() >= min => r,
-            Ok(r) => {
-                return Ok(Err(format!(
-                    "{} of the {} updates needed were accepted by the deadline ({})",
-                    r.accepted.len(),
-                    min,
-                    describe_refusals(&refused)
-                )));
-            }
-            Err(AggregateError::NothingAccepted) => {
-                return Ok(Err(format!(
-                    "no update was accepted by the deadline ({})",
-                    describe_refusals(&refused)
-                )));
-            }
-            // An upload that could not be taken back out, or one still holding the aggregate
-            // after the wait: this attempt's aggregate cannot be trusted, so it is retried.
-            Err(e) => return Ok(Err(format!("the round's aggregate is unusable: {e}"))),
-        };
-
-        // Central DP: noise on the sum of the clipped updates before the strategy sees it.
-        let mut result = result;
-        let central_round = match central.as_mut() {
-            Some(dp) => Some(
-                dp.release_round(&mut result)
-                    .map_err(|e| EngineError::Failed(format!("round {round}: {e}")))?,
-            ),
-            None => None,
-        };
-        // The strategy turns the mean update into the next global model.
-        let mut weights = decode_f32(&manifest, &global)?;
-        strategy
-            .apply(&mut weights, &result)
-            .map_err(|e| EngineError::Strategy(e.to_string()))?;
-        let bytes: Vec<Vec<u8>> = weights
-            .iter()
-            .map(|t| t.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
-        let slices: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
-        let (digest, _) = stream::store_model(&self.model_dir, &manifest, &slices)?;
-        let new_model = hex::encode(digest);
-        self.save_strategy_state(job_id, round, strategy)?;
-
-        let accepted_sites: Vec<&str> = result.accepted.iter().map(|a| a.site.as_str()).collect();
-        let record = RoundRecord {
-            participants: participants.clone(),
-            accepted: result
-                .accepted
-                .iter()
-                .map(|a| AcceptedUpdate {
-                    site: a.site.clone(),
-                    digest: a.digest.clone(),
-                    weight: a.weight,
-                    norm: a.l2_norm,
-                })
-                .collect(),
-            refused: refused
-                .iter()
-                .filter(|(s, _)| !accepted_sites.contains(&s.as_str()))
-                .map(|(s, r)| RefusedUpdate {
-                    site: s.clone(),
-                    digest: None,
-                    norm: None,
-                    reason: r.clone(),
-                })
-                .collect(),
-            site_metrics: metrics
-                .iter()
-                .map(|m| (m.site.clone(), serde_json::to_value(m).unwrap_or_default()))
-                .collect(),
-            global_model_digest: new_model.clone(),
-            started_at: ms_to_time(started),
-            completed_at: ms_to_time(now_ms()),
-        };
-        let mut record = record;
-        if let Some(c) = &central_round {
-            tracing::info!(job = %job_id, round, epsilon = c.job_epsilon, round_epsilon = c.round_epsilon, clip = c.clip, "central DP round released");
-            record.site_metrics.insert(
-                crate::central_dp::ROUND_RECORD_KEY.to_string(),
-                serde_json::to_value(c).unwrap_or_default(),
-            );
-        }
-        self.store
-            .complete_round(job_id, round, attempt, &record)
-            .await?;
-        tracing::info!(job = %job_id, round, accepted = result.accepted.len(), model = %new_model, "round completed");
-        self.trail()
-            .note_payload_durably(
-                job_id.as_str(),
-                &round_completed_payload(round, attempt, &record),
-            )
-            .await;
-        Ok(Ok(new_model))
-    }
-
-    /// Appends `round.completed` for every round the store has committed that the trail lacks (a
-    /// coordinator stopped between a round's commit and its append), in order, each once; waits
-    /// while the trail is down. Runs at resume, before the next round starts.
-    async fn record_committed_rounds(&self, job_id: &JobId) -> Result<(), EngineError> {
-        let trail = self.trail();
-        let recorded = loop {
-            match trail.recorded_rounds(job_id.as_str()).await {
-                Ok(r) => break r,
-                Err(crate::audit_trail::AuditTrailError::Client(e))
-                    if !crate::audit_trail::is_outage(&e) =>
-                {
-                    tracing::error!(job = %job_id, error = %e, "the coordinator may not read its own events back (the policy must allow it `audit, read_own`): a round committed before the stop may be missing from the audit trail");
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::error!(job = %job_id, error = %e, "the audit trail cannot be read: the job waits before resuming");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
-        let Some(recorded) = recorded else {
-            return Ok(());
-        };
-        for c in self.store.rounds(job_id).await? {
-            if recorded.contains(&c.round) {
-                continue;
-            }
-            tracing::warn!(job = %job_id, round = c.round, "round committed but not in the audit trail: recording it before the job goes on");
-            let round = c.round;
-            trail
-                .record_payload_once(
-                    job_id.as_str(),
-                    &round_completed_payload(c.round, c.attempt, &c.record),
-                    true,
-                    move |e| crate::audit_trail::round_of(e) == Some(round),
-                )
-                .await;
-        }
-        Ok(())
-    }
-
-    /// Records each task that brought nothing to the job as `update.refused` (subject: the job):
-    /// a node's refusal to train (`declined: ` and the node's reason: an approval missing, a site
-    /// policy clause, the privacy budget), an update the coordinator refused, or no answer by the
-    /// deadline. `round` 0 is the initial-model task. Noted, not recorded: the trail's outage
-    /// must not stop a round (a failed append is logged at ERROR with the event).
-    async fn note_refusals(
-        &self,
-        job_id: &JobId,
-        (round, attempt): (u32, u32),
-        refused: &[(String, String)],
-    ) {
-        if refused.is_empty() {
-            return;
-        }
-        let trail = self.trail();
-        for (site, reason) in refused {
-            tracing::warn!(job = %job_id, round, attempt, %site, %reason, "task refused");
-            trail
-                .note_payload_durably(
-                    job_id.as_str(),
-                    &payload::UpdateRefused {
-                        round,
-                        attempt,
-                        site: site.clone(),
-                        reason: reason.clone(),
-                    },
-                )
-                .await;
-        }
-    }
-
-    fn state_path(&self, job: &JobId, round: u32) -> PathBuf {
-        self.state_dir
-            .join(format!("{job}-round-{round}.safetensors"))
-    }
-
-    fn save_strategy_state(
-        &self,
-        job: &JobId,
-        round: u32,
-        strategy: &dyn Strategy,
-    ) -> Result<(), EngineError> {
-        let state = strategy.state();
-        if state.is_empty() {
-            return Ok(());
-        }
-        let (specs, data): (Vec<_>, Vec<Vec<u8>>) = state.into_iter().unzip();
-        let manifest = tutela_protocol::tensor::Manifest::new(specs, Default::default())
-            .map_err(|e| EngineError::Strategy(e.to_string()))?;
-        let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
-        let (_, path) = stream::store_model(&self.state_dir, &manifest, &slices)?;
-        std::fs::rename(&path, self.state_path(job, round))
-            .map_err(|e| EngineError::Failed(format!("saving the strategy state: {e}")))?;
-        Ok(())
-    }
-
-    fn load_strategy_state(
-        &self,
-        job: &JobId,
-        round: u32,
-        strategy: &mut dyn Strategy,
-    ) -> Result<(), EngineError> {
-        let path = self.state_path(job, round);
-        if !path.exists() {
-            return Ok(());
-        }
-        let (manifest, data) = stream::load_model(&path)?;
-        let tensors = manifest.tensors().iter().cloned().zip(data).collect();
-        strategy
-            .load_state(tensors)
-            .map_err(|e| EngineError::Strategy(e.to_string()))
-    }
 }
 
 /// What every task of a job carries.
@@ -990,40 +556,6 @@ struct JobCtx<'a> {
     digest_hex: &'a str,
     approvals: &'a [pb::SignedApproval],
     submitted_by: &'a str,
-}
-
-fn describe_refusals(refused: &[(String, String)]) -> String {
-    if refused.is_empty() {
-        return "no site reported".to_string();
-    }
-    refused
-        .iter()
-        .map(|(s, r)| format!("{s}: {r}"))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// The global model's tensors as f32 values (Tutela's models are float32).
-fn decode_f32(
-    manifest: &tutela_protocol::tensor::Manifest,
-    data: &[Vec<u8>],
-) -> Result<Vec<Vec<f32>>, EngineError> {
-    manifest
-        .tensors()
-        .iter()
-        .zip(data)
-        .map(|(t, d)| {
-            if t.dtype != tutela_protocol::tensor::DType::F32 {
-                return Err(EngineError::Failed(format!(
-                    "global model tensor {:?} is {}, only F32 models are aggregated",
-                    t.name, t.dtype
-                )));
-            }
-            Ok(d.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        })
-        .collect()
 }
 
 /// Metrics of a completed round, for the operator.
@@ -1037,46 +569,6 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
         .map(|m| m.eval_accuracy * m.eval_samples as f64)
         .sum::<f64>()
         / n as f64
-}
-
-/// The `round.completed` payload of a committed round, from its stored record alone, so that a
-/// round committed before a crash is recorded at resume exactly as it would have been.
-fn round_completed_payload(
-    round: u32,
-    attempt: u32,
-    record: &RoundRecord,
-) -> payload::RoundCompleted {
-    let update_digests = record
-        .accepted
-        .iter()
-        .map(|a| (a.site.clone(), a.digest.to_string()))
-        .collect();
-    let participants = record.accepted.iter().map(|a| a.site.clone()).collect();
-    let metrics = record
-        .site_metrics
-        .iter()
-        .filter(|(site, _)| site.as_str() != crate::central_dp::ROUND_RECORD_KEY)
-        .filter_map(|(site, m)| {
-            let m: SiteMetrics = serde_json::from_value(m.clone()).ok()?;
-            let v = payload::SiteRoundMetrics {
-                epsilon: Some(m.dp_job_epsilon),
-                round_epsilon: Some(m.dp_round_epsilon),
-                delta: Some(m.dp_delta),
-                dataset_commitment: Some(m.dataset_commitment),
-                train_samples: Some(m.train_samples),
-                eval_accuracy: Some(m.eval_accuracy),
-            };
-            Some((site.clone(), v))
-        })
-        .collect();
-    payload::RoundCompleted {
-        round,
-        attempt,
-        participants,
-        update_digests,
-        metrics,
-        model_id: Some(record.global_model_digest.clone()),
-    }
 }
 
 /// The `job.proposed` payload of `spec` (at submission and at every amendment).

@@ -380,7 +380,7 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                 let metrics: Vec<SiteMetrics> = r
                     .site_metrics
                     .iter()
-                    .filter(|(key, _)| key.as_str() != crate::central_dp::ROUND_RECORD_KEY)
+                    .filter(|(key, _)| !crate::aggregate::plan::is_report_key(key))
                     .filter_map(|(_, v)| serde_json::from_value(v.clone()).ok())
                     .collect();
                 let central_dp = central_dp_summary(id, c.round, &r.site_metrics);
@@ -418,6 +418,7 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                     model_id: r.global_model_digest.clone(),
                     seconds: (r.completed_at - r.started_at).as_seconds_f64(),
                     central_dp,
+                    robust_aggregation: robust_summary(id, c.round, &r.site_metrics),
                 }
             })
             .collect(),
@@ -454,6 +455,38 @@ fn central_dp_summary(
         delta: dp.delta,
         sites: u32::try_from(dp.sites).unwrap_or(u32::MAX),
         unclipped: u32::try_from(dp.unclipped).unwrap_or(u32::MAX),
+    })
+}
+
+/// The round's robust-rule report for the operator (`None` for FedAvg's weighted sum); a
+/// stored entry that does not parse is logged and left out, like central DP's.
+fn robust_summary(
+    job: &JobId,
+    round: u32,
+    site_metrics: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Option<pb::RobustAggregationSummary> {
+    let stored = site_metrics.get(crate::aggregate::plan::ROUND_RECORD_KEY)?;
+    let report: crate::aggregate::RobustReport = match serde_json::from_value(stored.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(job = %job, round, error = %e, "the round record's aggregation entry does not parse; not reported");
+            return None;
+        }
+    };
+    let mut trimmed: Vec<pb::SiteTrimmed> = report
+        .trimmed
+        .iter()
+        .map(|(site, fraction)| pb::SiteTrimmed {
+            site: site.clone(),
+            fraction: *fraction,
+        })
+        .collect();
+    // Most trimmed first; the sort is stable, so ties keep the sites' order.
+    trimmed.sort_by(|a, b| b.fraction.total_cmp(&a.fraction));
+    Some(pb::RobustAggregationSummary {
+        rule: report.rule,
+        excluded: report.excluded,
+        trimmed,
     })
 }
 

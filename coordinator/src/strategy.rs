@@ -2,11 +2,11 @@
 //!
 //! Modelled on Flower's `Strategy`: a strategy *configures a round* (what the sites are told:
 //! Flower's `configure_fit` config, our task's `strategy_config_json`) and *turns the round's
-//! results into the next global model* (Flower's `aggregate_fit`). The weighted mean of the
-//! updates is not the strategy's job: [`RoundAggregator`](crate::aggregate::RoundAggregator)
-//! computes it as the updates stream in, and every strategy here starts from that
-//! [`RoundResult`]. A strategy that needs the individual updates (a robust median, say) would
-//! need another aggregator, not a change to this trait.
+//! results into the next global model* (Flower's `aggregate_fit`). Combining the updates is not
+//! the strategy's job: the round's [`RoundAggregation`](crate::aggregate::RoundAggregation)
+//! (FedAvg's weighted sum as the updates stream in, or a robust rule over the buffered updates)
+//! computes the round's mean delta, and every strategy here starts from that [`RoundResult`], so
+//! a robust rule composes with FedAdam as well as with FedAvg.
 //!
 //! - [`FedAvg`]: x ← x + Δ, Δ the sample-weighted mean of the sites' deltas (McMahan et al. 2017).
 //! - [`FedProx`]: the same server rule; its round configuration tells the sites the proximal

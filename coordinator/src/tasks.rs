@@ -17,7 +17,7 @@ use tutela_protocol::initial_model::InitialModel;
 use tutela_protocol::stream::{SafetensorsFileSink, SinkError, TensorSink};
 use tutela_protocol::tensor::Manifest;
 
-use crate::aggregate::{RoundAggregator, UpdateSink};
+use crate::aggregate::{RoundAggregation, SiteSink};
 
 pub use tutela_protocol::federation::meta;
 
@@ -30,8 +30,10 @@ pub enum Destination {
         model_dir: PathBuf,
         expected: Arc<InitialModel>,
     },
-    /// A training update, folded into the round's aggregate.
-    Round { aggregator: Arc<RoundAggregator> },
+    /// A training update, into the round's aggregation (whichever the job's is).
+    Round {
+        aggregator: Arc<dyn RoundAggregation>,
+    },
 }
 
 /// What a site reported with its update.
@@ -320,7 +322,7 @@ enum Inner {
         sink: SafetensorsFileSink,
         zeros_only: bool,
     },
-    Update(UpdateSink),
+    Update(SiteSink),
 }
 
 /// The sink of a `SubmitUpdate` stream: routed to its task's destination when the manifest
@@ -424,7 +426,7 @@ impl TensorSink for RoutingSink {
                     )));
                 }
                 let mut sink =
-                    aggregator.update_sink(self.site.clone(), self.metrics.train_samples as f64);
+                    aggregator.open(self.site.clone(), self.metrics.train_samples as f64);
                 sink.begin(manifest)?;
                 self.inner = Inner::Update(sink);
             }

@@ -40,6 +40,7 @@ pub mod services;
 pub mod stream;
 pub mod tensor;
 pub mod tls;
+pub mod update_filter;
 
 /// Generated protobuf messages and tonic services of package `tutela.v1`.
 pub mod pb {

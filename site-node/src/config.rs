@@ -273,6 +273,13 @@ pub enum Corruption {
     WrongShape,
     /// Every value is multiplied by 1e6, far beyond any norm bound.
     Scale,
+    /// Every value is multiplied by 100: a poisoned update that a loose norm bound lets through
+    /// (for the robust aggregation rules' tests).
+    #[serde(rename = "scale_100")]
+    Scale100,
+    /// Every value's sign is flipped, and the update boosted ×10, as a model-poisoning site
+    /// pulling the model the other way would.
+    SignFlip,
 }
 
 impl NodeConfig {

@@ -136,6 +136,25 @@ pub struct RoundCompleted {
     /// The global model after the round.
     #[serde(default)]
     pub model_id: Option<String>,
+    /// A robust aggregation rule's report (which sites it excluded or trimmed most); absent for
+    /// FedAvg's weighted sum, and in rounds recorded before robust rules existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregation: Option<RobustAggregation>,
+}
+
+/// What a robust aggregation rule did in a round (`round.completed`'s `aggregation`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RobustAggregation {
+    /// The rule with its parameters: `median`, `trimmed_mean(beta=0.2)`, `multi_krum(f=1, m=3)`.
+    pub rule: String,
+    /// Sites whose update was left out entirely (Multi-Krum's unselected).
+    #[serde(default)]
+    pub excluded: Vec<String>,
+    /// Site -> the fraction of the model's coordinates at which its value was discarded
+    /// (trimmed, an extreme the median ignored, or 1 for an excluded update).
+    #[serde(default)]
+    pub trimmed: BTreeMap<String, f64>,
 }
 
 impl ActionPayload for RoundCompleted {

@@ -21,7 +21,7 @@ mod site;
 
 pub use job::{
     JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelPublished,
-    RoundCompleted, SiteRoundMetrics, UpdateRefused, WatermarkRegistered,
+    RobustAggregation, RoundCompleted, SiteRoundMetrics, UpdateRefused, WatermarkRegistered,
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
 pub use policy::PolicyDecision;

@@ -616,6 +616,15 @@ fn typed_payloads_round_trip_and_refuse_unknown_fields() {
         )]
         .into(),
         model_id: Some("m".into()),
+        aggregation: Some(tutela_audit::payload::RobustAggregation {
+            rule: "multi_krum(f=1, m=n-f)".into(),
+            excluded: vec!["hospital-b".into()],
+            trimmed: [
+                ("hospital-a".to_string(), 0.0),
+                ("hospital-b".to_string(), 1.0),
+            ]
+            .into(),
+        }),
     };
     let e = event(Action::RoundCompleted, round.to_value());
     assert_eq!(RoundCompleted::from_event(&e).unwrap(), round);

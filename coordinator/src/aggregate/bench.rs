@@ -513,7 +513,7 @@ fn parallel_copy(inputs: &[Vec<Vec<u8>>], sizes: &[usize], threads: usize) -> f6
 }
 
 /// `params` split into a few tensors of nearly equal size.
-fn split(params: usize) -> Vec<usize> {
+pub(super) fn split(params: usize) -> Vec<usize> {
     let count = TENSORS.min(params);
     (0..count)
         .map(|i| params / count + usize::from(i < params % count))
@@ -522,7 +522,7 @@ fn split(params: usize) -> Vec<usize> {
 
 /// `n` f32 values uniform in (−amplitude, amplitude), little-endian (xorshift64: cheap and
 /// reproducible; the benchmark needs incompressible numbers, not statistical quality).
-fn random_f32_bytes(n: usize, amplitude: f32, state: &mut u64) -> Vec<u8> {
+pub(super) fn random_f32_bytes(n: usize, amplitude: f32, state: &mut u64) -> Vec<u8> {
     let mut out = vec![0u8; n * 4];
     let (words, _) = out.as_chunks_mut::<4>();
     for w in words {
@@ -647,7 +647,7 @@ fn fold_i64(sum: &mut [i64], chunk: &[u8], w: f64) {
 }
 
 /// A line of `/proc/self/status` in bytes (its values are in kB).
-fn proc_status_bytes(key: &str) -> Option<u64> {
+pub(super) fn proc_status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -3,7 +3,7 @@
 //! and the site-level ε reported.
 
 use tutela_coordinator::aggregate::{AggregatorOptions, RoundAggregator, UpdateSink};
-use tutela_coordinator::central_dp::{CentralDp, clip_factor};
+use tutela_coordinator::central_dp::{CentralDp, ClipToNorm, clip_factor};
 use tutela_protocol::job::CentralDpSpec;
 use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
@@ -58,7 +58,10 @@ fn each_site_is_clipped_to_c_weighted_once_and_the_noised_sum_reports_epsilon() 
     let m = model();
     let clip = 1.0;
     let mut options = AggregatorOptions::new(100.0);
-    options.clip_updates_to = Some(clip);
+    options
+        .filters
+        .push(std::sync::Arc::new(ClipToNorm { clip: clip }));
+    options.unit_weights = true;
     // Every weight is 1 under central DP: the finest fixed-point scale.
     options.max_weight = 1.0;
     let agg = RoundAggregator::with_options(&m, options).unwrap();
@@ -130,7 +133,10 @@ fn each_site_is_clipped_to_c_weighted_once_and_the_noised_sum_reports_epsilon() 
     // A second round composes: the job's ε grows, but by less than a second round's worth.
     let agg = {
         let mut options = AggregatorOptions::new(100.0);
-        options.clip_updates_to = Some(dp.clip());
+        options
+            .filters
+            .push(std::sync::Arc::new(ClipToNorm { clip: dp.clip() }));
+        options.unit_weights = true;
         options.max_weight = 1.0;
         RoundAggregator::with_options(&m, options).unwrap()
     };

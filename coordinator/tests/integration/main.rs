@@ -9,4 +9,5 @@ mod aggregate;
 mod central_dp;
 mod initial_model;
 mod rejections;
+mod robust;
 mod store;

@@ -93,7 +93,6 @@ use crate::lm::base::SiteBaseModels;
 use crate::lm::text_dataset::TextDataset;
 use crate::lm::tokenizer::site::SiteTokenizers;
 use crate::site_audit::SiteAudit;
-use filter::CorruptUpdate;
 use worker::{Session, Shared, worker};
 
 /// Manifest metadata keys of a task's result (shared with the coordinator).
@@ -211,7 +210,7 @@ pub struct Agent {
     /// The key-encryption key of the files the node writes; `None`: written in the clear.
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     gate: TaskGate,
-    filters: Vec<Box<dyn UpdateFilter>>,
+    filters: Vec<Arc<dyn UpdateFilter>>,
     /// The node's own connection to the audit trail (`[audit]`).
     audit: Option<Arc<SiteAudit>>,
 }
@@ -399,7 +398,7 @@ impl Agent {
 
     /// Adds an update filter (DP clipping and noise, later masking). Filters run in the order
     /// they are added; a `[testing]` corruption runs after all of them.
-    pub fn with_update_filter(mut self, filter: Box<dyn UpdateFilter>) -> Self {
+    pub fn with_update_filter(mut self, filter: Arc<dyn UpdateFilter>) -> Self {
         self.filters.push(filter);
         self
     }
@@ -428,11 +427,7 @@ impl Agent {
     /// is lost. Returns only at shutdown.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let device_name = self.device_name();
-        let mut filters = self.filters;
-        // After the honest filters, as a broken or malicious node would bypass them.
-        if let Some(c) = self.config.testing.as_ref().and_then(|t| t.corrupt_update) {
-            filters.push(Box::new(CorruptUpdate(c)));
-        }
+        let filters = self.filters;
         let shared = Arc::new(Shared {
             site: self.config.site.clone(),
             device: self.device,

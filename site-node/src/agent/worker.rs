@@ -38,7 +38,7 @@ pub(super) struct Shared {
     pub(super) kek: Option<Arc<dyn KeyEncryptionKey>>,
     pub(super) gate: TaskGate,
     pub(super) audit: Option<Arc<SiteAudit>>,
-    pub(super) filters: Vec<Box<dyn UpdateFilter>>,
+    pub(super) filters: Vec<Arc<dyn UpdateFilter>>,
     pub(super) testing: TestingConfig,
     /// The client of the latest session; the worker uses it for FetchModel, SubmitUpdate and
     /// DeclineTask. tonic's channel reconnects by itself, and a new session replaces it.
@@ -344,14 +344,7 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         .map_err(|why| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, why)))?;
     }
     let mut update = result.delta;
-    for filter in &shared.filters {
-        filter.apply(task, &mut update).map_err(|why| {
-            Failure::Decline(SiteFailure::new(
-                FailureCode::UpdateFiltered,
-                format!("update filter {}: {why}", filter.name()),
-            ))
-        })?;
-    }
+    super::filter::filter_update(shared, &mut update)?;
     if task.deadline_unix_ms > 0 && now_ms() > task.deadline_unix_ms {
         return Ok(Done::Skipped(
             "training ended after the task's deadline; the update would be refused as late".into(),
@@ -432,14 +425,7 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
          charging ε again"
     );
     let mut update = released.update;
-    for filter in &shared.filters {
-        filter.apply(task, &mut update).map_err(|why| {
-            Failure::Decline(SiteFailure::new(
-                FailureCode::UpdateFiltered,
-                format!("update filter {}: {why}", filter.name()),
-            ))
-        })?;
-    }
+    super::filter::filter_update(shared, &mut update)?;
     let mut metadata = released.metadata;
     metadata.insert(meta::TASK.to_string(), task.task_id.clone());
     let receipt = upload(shared, update, metadata).await?;

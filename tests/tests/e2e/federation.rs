@@ -334,7 +334,14 @@ async fn kill_and_resume(database_url: Option<String>) {
     c.database_url = database_url;
     c.start_coordinator();
     if on_postgres {
-        let log = c.log("coordinator.log");
+        // The listener is bound before the store is opened: the migration's log line (naming
+        // the database) may come a moment after the port opens, later on a loaded machine.
+        let mut log = c.log("coordinator.log");
+        let waited = std::time::Instant::now();
+        while !log.contains("postgres://") && waited.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            log = c.log("coordinator.log");
+        }
         assert!(
             log.contains("postgres://"),
             "the coordinator is not on Postgres:\n{log}"

@@ -15,4 +15,5 @@ mod language_model;
 mod off_the_record;
 mod pki_audit;
 mod python_client;
+mod robust;
 mod site_audit;
