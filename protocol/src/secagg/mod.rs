@@ -127,7 +127,9 @@ pub struct RoundConfig {
     /// Neighbours per site, `k` (see [`graph`]); `n − 1` makes the graph complete.
     pub degree: u32,
     /// Shamir threshold `t`: this many of a site's neighbours recover its seeds, fewer learn
-    /// nothing about them.
+    /// nothing about them. More than half the degree (`2t > k`, checked by
+    /// [`validate`](RoundConfig::validate)); with `c` neighbours colluding with the server the
+    /// site stays protected while `2t > k + c`.
     pub threshold: u32,
     /// The round fails when fewer sites than this are left after any phase.
     pub min_survivors: u32,
@@ -179,10 +181,16 @@ impl RoundConfig {
                 self.degree
             ));
         }
-        if self.threshold == 0 || self.threshold > self.degree {
+        // 2t > k: a site's neighbours cannot be split into two groups that each hold t of its
+        // shares, so a server cannot collect its self seed from the ones it calls survivors and
+        // its pairwise seeds from the ones it calls dropped (with t ≤ k/2 a consistent survivor
+        // list that "drops" t neighbours unmasks the site: Bell et al. 2020, §3).
+        let min_threshold = self.degree / 2 + 1;
+        if self.threshold < min_threshold || self.threshold > self.degree {
             return bad(format!(
-                "threshold must be in 1..={} (the degree), got {}",
-                self.degree, self.threshold
+                "threshold must be in {min_threshold}..={} (more than half the degree {}, at most \
+                 the degree), got {}",
+                self.degree, self.degree, self.threshold
             ));
         }
         if self.min_survivors < self.threshold || self.min_survivors > self.sites {
@@ -314,6 +322,16 @@ mod tests {
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("even")));
         let mut c = config();
         c.threshold = 0;
+        assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold")));
+        // 2t > k: with k = 9, t = 4 would let a consistent server unmask a site.
+        let mut c = config();
+        c.threshold = 4;
+        c.min_survivors = 4;
+        assert!(
+            matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold must be in 5..=9"))
+        );
+        let mut c = config();
+        c.threshold = 10;
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold")));
         let mut c = config();
         c.min_survivors = 4;

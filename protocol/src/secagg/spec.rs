@@ -23,7 +23,8 @@ pub struct SecureAggregationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neighbours: Option<u32>,
     /// The fraction of a site's neighbours whose shares recover its seeds: `t = ⌊f · k⌋ + 1`.
-    /// Higher tolerates more colluding neighbours and fewer dropouts.
+    /// Higher tolerates more colluding neighbours and fewer dropouts. In `[0.5, 1)`: at least
+    /// half, so that `2t > k` (see [`RoundConfig::threshold`]).
     #[serde(default = "default_share_threshold")]
     pub share_threshold: f64,
     /// β of the sites' conditional randomized rounding (Kairouz et al. 2021), in (0, 1).
@@ -64,10 +65,16 @@ impl SecureAggregationSpec {
                 format!("must be at least 2, got {k}"),
             ));
         }
-        if !(self.share_threshold > 0.0 && self.share_threshold < 1.0) {
+        // t = ⌊f·k⌋ + 1 > f·k ≥ k/2 for f ≥ 0.5: the 2t > k that RoundConfig::validate requires,
+        // whatever the degree. Below 0.5 a server could unmask a site with one consistent list.
+        if !(self.share_threshold >= 0.5 && self.share_threshold < 1.0) {
             return Err(SpecError::invalid(
                 "secure_aggregation.share_threshold",
-                format!("must be in (0, 1), got {}", self.share_threshold),
+                format!(
+                    "must be in [0.5, 1) (more than half of a site's neighbours must be needed to \
+                     recover its masks), got {}",
+                    self.share_threshold
+                ),
             ));
         }
         if !(self.rounding_beta > 0.0 && self.rounding_beta < 1.0) {
@@ -163,7 +170,19 @@ mod tests {
         assert!(fine.validate(32.0).is_ok());
         let err = fine.validate(33.0).unwrap_err();
         assert_eq!(err.key(), Some("secure_aggregation.scale_bits"));
+        let mut half = s.clone();
+        half.share_threshold = 0.5;
+        for sites in 2..200 {
+            let k = half.degree(sites);
+            let c = half.round_config([0; 32], 1, sites, 2, [1; 32], 10);
+            assert!(2 * c.threshold > k && c.validate().is_ok(), "{sites} sites");
+        }
         let mut t = s.clone();
+        t.share_threshold = 0.3;
+        assert_eq!(
+            t.validate(1.0).unwrap_err().key(),
+            Some("secure_aggregation.share_threshold")
+        );
         t.share_threshold = 1.0;
         assert_eq!(
             t.validate(1.0).unwrap_err().key(),
@@ -195,6 +214,7 @@ mod tests {
             ("scale_bits", Integer(47)),
             ("neighbours", Integer(1)),
             ("share_threshold", Float(0.0)),
+            ("share_threshold", Float(0.49)),
             ("share_threshold", Float(1.0)),
             ("rounding_beta", Float(0.0)),
             ("rounding_beta", Float(1.0)),

@@ -586,7 +586,7 @@ fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
         ));
     }
     let certs = Arc::new(certs);
-    let cfg = config(6, 5, 2, 16);
+    let cfg = config(6, 5, 3, 16);
     let start = || -> Vec<_> {
         (0..6u32)
             .map(|s| {
