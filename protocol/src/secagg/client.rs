@@ -432,9 +432,9 @@ impl ClientAwaitingUnmask {
     }
 
     /// The consistency check (sites that sign their keys): signs the request the server sent,
-    /// after the same checks as [`Self::unmask`]. The site answers the unmasking only when enough
-    /// survivors signed this very request ([`ClientConfirmedSurvivors::unmask`]), so the server
-    /// cannot tell different sites different survivor lists.
+    /// after the same checks as [`Self::unmask`]. The site answers the unmasking only when `t` of
+    /// its neighbours signed this very request ([`ClientConfirmedSurvivors::unmask`]), so the
+    /// server cannot tell different neighbours of a site different survivor lists.
     pub fn confirm(
         self,
         request: UnmaskRequest,
@@ -569,8 +569,14 @@ impl std::fmt::Debug for ClientConfirmedSurvivors {
 
 impl ClientConfirmedSurvivors {
     /// Phase 3 after the consistency check: answers only if the server relays the very request
-    /// this site signed, with valid signatures over it from at least `min_survivors` distinct
-    /// survivors (each checked with that site's certificate).
+    /// this site signed, every signature relayed is valid (each checked with that site's
+    /// certificate), and at least `t` of them come from this site's own neighbours.
+    ///
+    /// Why neighbours and `t` (Bell et al. 2020, as their consistency check): an honest
+    /// neighbour signs one list only, so two different lists can gather `t` signatures each among
+    /// this site's `k` neighbours only if `2t − c ≤ k` for `c` neighbours colluding with the
+    /// server; [`RoundConfig::validate`](super::RoundConfig::validate) keeps `2t > k`. Counting
+    /// signatures from anyone let two disjoint halves of the sites each confirm their own list.
     pub fn unmask(self, confirmed: ConfirmedRequest) -> Result<UnmaskResponse, SecAggError> {
         let phase = Phase::Unmasking;
         let core = &self.inner.core;
@@ -602,13 +608,17 @@ impl ClientConfirmedSurvivors {
                     reason: format!("its survivor-list confirmation: {reason}"),
                 })?;
         }
-        if signers.len() < core.config.min_survivors as usize {
+        let from_neighbours = signers
+            .iter()
+            .filter(|s| core.graph.are_neighbours(core.me, **s))
+            .count();
+        if from_neighbours < core.config.threshold as usize {
             return Err(core.refuse(
                 phase,
                 format!(
-                    "{} survivors confirmed the list, fewer than the round's minimum of {}",
-                    signers.len(),
-                    core.config.min_survivors
+                    "{from_neighbours} of this site's neighbours confirmed the survivor list, \
+                     fewer than the threshold {}",
+                    core.config.threshold
                 ),
             ));
         }

@@ -5,11 +5,10 @@
 use std::sync::Arc;
 
 use tutela_protocol::pki::{LeafOptions, Validity};
-use tutela_protocol::secagg::shamir::{self, Share};
 use tutela_protocol::secagg::signing::{IdentityKey, SiteCertificates};
 use tutela_protocol::secagg::{
-    ClientAdvertising, ClientAwaitingUnmask, ConfirmedRequest, MaskedInput, RoundConfig,
-    SecAggError, ServerCollectingKeys, SharesRelay, SiteIndex, UnmaskRequest, UnmaskShare,
+    ClientAdvertising, ClientAwaitingUnmask, ConfirmedRequest, MaskedInput, Phase, RoundConfig,
+    SecAggError, ServerCollectingKeys, SharesRelay, SiteIndex, UnmaskRequest,
 };
 
 /// `n` sites with identity keys and certificates from a consortium CA made now.
@@ -134,17 +133,72 @@ fn a_threshold_of_half_the_degree_or_less_is_refused_and_the_split_fails_above_i
         request,
         confirmations,
     };
-    let mut self0: Vec<Share> = Vec::new();
+    // Each survivor has only two neighbours' signatures on the list (the other two survivors),
+    // fewer than t = 3: every one refuses, and the server gets no share at all.
     for c in confirmed_states {
-        if let Ok(resp) = c.unmask(confirmed.clone()) {
-            for sh in resp.shares {
-                if let UnmaskShare::SelfSeed { owner: 0, share } = sh {
-                    self0.push(share);
-                }
-            }
-        }
+        let err = c.unmask(confirmed.clone()).unwrap_err();
+        assert!(
+            matches!(&err, SecAggError::Refused { phase: Phase::Unmasking, reason, .. }
+                if reason.contains("2 of this site's neighbours confirmed")),
+            "{err}"
+        );
     }
-    // Only the survivors 4 and 5 hold shares of site 0's self seed: fewer than t.
-    assert!(self0.len() < 3, "{} self-seed shares", self0.len());
-    assert!(shamir::reconstruct(&self0, 3, "b0").is_err());
+}
+
+/// The review's second attack, at default parameters (complete graph n = 10, k = 9, t = 5 =
+/// threshold_for(9, 0.5), min_survivors = 5): the server tells sites {0,…,4} "nobody dropped" and
+/// sites {5,…,9} "site 0 dropped". Each list gathered min_survivors valid signatures from anyone,
+/// so every honest site answered: 4 shares of site 0's self seed and 5 of each of its pairwise
+/// seeds (one colluding neighbour would have supplied the missing self-seed share). Now a site
+/// counts only its own neighbours' signatures and needs t of them: each list has at most 4 other
+/// signers among any site's neighbours, so every site refuses.
+#[test]
+fn two_disjoint_survivor_lists_cannot_both_pass_the_consistency_check() {
+    let cfg = config(10, 9, 5, 4);
+    let sites = through_masking(&cfg, |s| vec![s as i64; 4], |_| {});
+    let r_a = UnmaskRequest {
+        round: cfg.tag(),
+        survivors: (0..10).collect(),
+        dropped: vec![],
+    };
+    let r_b = UnmaskRequest {
+        round: cfg.tag(),
+        survivors: (1..10).collect(),
+        dropped: vec![0],
+    };
+    let (mut signed_a, mut signed_b) = (Vec::new(), Vec::new());
+    let (mut conf_a, mut conf_b) = (Vec::new(), Vec::new());
+    for (s, (c, _)) in sites.into_iter().enumerate() {
+        let (list, signed, conf) = if s < 5 {
+            (&r_a, &mut signed_a, &mut conf_a)
+        } else {
+            (&r_b, &mut signed_b, &mut conf_b)
+        };
+        let (c, m) = c.confirm(list.clone()).unwrap();
+        conf.push((m.site, m.signature));
+        signed.push(c);
+    }
+    let ca_req = ConfirmedRequest {
+        request: r_a,
+        confirmations: conf_a,
+    };
+    let cb_req = ConfirmedRequest {
+        request: r_b,
+        confirmations: conf_b,
+    };
+    let mut refused = 0;
+    for (c, req) in signed_a
+        .into_iter()
+        .map(|c| (c, &ca_req))
+        .chain(signed_b.into_iter().map(|c| (c, &cb_req)))
+    {
+        let err = c.unmask(req.clone()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("4 of this site's neighbours confirmed the survivor list, fewer than the threshold 5"),
+            "{err}"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, 10);
 }
