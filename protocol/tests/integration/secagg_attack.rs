@@ -8,7 +8,8 @@ use tutela_protocol::pki::{LeafOptions, Validity};
 use tutela_protocol::secagg::signing::{IdentityKey, SiteCertificates};
 use tutela_protocol::secagg::{
     ClientAdvertising, ClientAwaitingUnmask, ConfirmedRequest, MaskedInput, Phase, RoundConfig,
-    SecAggError, ServerCollectingKeys, SharesRelay, SiteIndex, UnmaskRequest,
+    SecAggError, ServerCollectingKeys, SharesRelay, SiteIndex, SurvivorsConfirmation,
+    UnmaskRequest,
 };
 
 /// `n` sites with identity keys and certificates from a consortium CA made now.
@@ -38,7 +39,16 @@ fn through_masking(
     input: impl Fn(SiteIndex) -> Vec<i64>,
     tamper: impl FnOnce(&mut Vec<SharesRelay>),
 ) -> Vec<(ClientAwaitingUnmask, MaskedInput)> {
-    let (keys, certs) = identities(cfg.sites);
+    through_masking_as(&identities(cfg.sites), cfg, input, tamper)
+}
+
+/// [`through_masking`] with given identities (the same sites in two attempts of a round).
+fn through_masking_as(
+    (keys, certs): &(Vec<Arc<IdentityKey>>, Arc<SiteCertificates>),
+    cfg: &RoundConfig,
+    input: impl Fn(SiteIndex) -> Vec<i64>,
+    tamper: impl FnOnce(&mut Vec<SharesRelay>),
+) -> Vec<(ClientAwaitingUnmask, MaskedInput)> {
     let mut server = ServerCollectingKeys::new(cfg.clone()).unwrap();
     let mut states = Vec::new();
     for s in 0..cfg.sites {
@@ -64,6 +74,28 @@ fn through_masking(
         .enumerate()
         .map(|(s, (c, r))| c.masked_input(r, &input(s as SiteIndex)).unwrap())
         .collect()
+}
+
+/// What a server routes to site `to`: `request` with every signature addressed to `to` among
+/// `confirmations` (the attacker's best: all it has).
+fn addressed(
+    to: SiteIndex,
+    request: &UnmaskRequest,
+    confirmations: &[SurvivorsConfirmation],
+) -> ConfirmedRequest {
+    ConfirmedRequest {
+        request: request.clone(),
+        to,
+        confirmations: confirmations
+            .iter()
+            .flat_map(|c| {
+                c.signatures
+                    .iter()
+                    .filter(|(t, _)| *t == to)
+                    .map(|(_, sig)| (c.site, sig.clone()))
+            })
+            .collect(),
+    }
 }
 
 fn config(sites: u32, degree: u32, threshold: u32, vector_len: u64) -> RoundConfig {
@@ -126,17 +158,15 @@ fn a_threshold_of_half_the_degree_or_less_is_refused_and_the_split_fails_above_i
             continue;
         }
         let (c, msg) = c.confirm(request.clone()).unwrap();
-        confirmations.push((msg.site, msg.signature));
-        confirmed_states.push(c);
+        confirmations.push(msg);
+        confirmed_states.push((s as SiteIndex, c));
     }
-    let confirmed = ConfirmedRequest {
-        request,
-        confirmations,
-    };
     // Each survivor has only two neighbours' signatures on the list (the other two survivors),
     // fewer than t = 3: every one refuses, and the server gets no share at all.
-    for c in confirmed_states {
-        let err = c.unmask(confirmed.clone()).unwrap_err();
+    for (s, c) in confirmed_states {
+        let err = c
+            .unmask(addressed(s, &request, &confirmations))
+            .unwrap_err();
         assert!(
             matches!(&err, SecAggError::Refused { phase: Phase::Unmasking, reason, .. }
                 if reason.contains("2 of this site's neighbours confirmed")),
@@ -166,39 +196,95 @@ fn two_disjoint_survivor_lists_cannot_both_pass_the_consistency_check() {
         survivors: (1..10).collect(),
         dropped: vec![0],
     };
-    let (mut signed_a, mut signed_b) = (Vec::new(), Vec::new());
-    let (mut conf_a, mut conf_b) = (Vec::new(), Vec::new());
+    let mut signed = Vec::new();
+    let mut confirmations = Vec::new();
     for (s, (c, _)) in sites.into_iter().enumerate() {
-        let (list, signed, conf) = if s < 5 {
-            (&r_a, &mut signed_a, &mut conf_a)
-        } else {
-            (&r_b, &mut signed_b, &mut conf_b)
-        };
+        let list = if s < 5 { &r_a } else { &r_b };
         let (c, m) = c.confirm(list.clone()).unwrap();
-        conf.push((m.site, m.signature));
-        signed.push(c);
+        confirmations.push((list, m));
+        signed.push((s as SiteIndex, list, c));
     }
-    let ca_req = ConfirmedRequest {
-        request: r_a,
-        confirmations: conf_a,
-    };
-    let cb_req = ConfirmedRequest {
-        request: r_b,
-        confirmations: conf_b,
-    };
     let mut refused = 0;
-    for (c, req) in signed_a
-        .into_iter()
-        .map(|c| (c, &ca_req))
-        .chain(signed_b.into_iter().map(|c| (c, &cb_req)))
-    {
-        let err = c.unmask(req.clone()).unwrap_err();
+    for (s, list, c) in signed {
+        // The server routes to each site every signature on that site's list.
+        let on_list: Vec<SurvivorsConfirmation> = confirmations
+            .iter()
+            .filter(|(l, _)| *l == list)
+            .map(|(_, m)| m.clone())
+            .collect();
+        let err = c.unmask(addressed(s, list, &on_list)).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("4 of this site's neighbours confirmed the survivor list, fewer than the threshold 5"),
+            err.to_string().contains(
+                "4 of this site's neighbours confirmed the survivor list, fewer than the threshold 5"
+            ),
             "{err}"
         );
         refused += 1;
     }
     assert_eq!(refused, 10);
+}
+
+/// Replaying an earlier attempt's confirmations (review item 3). Two attempts of one round with
+/// the same [`RoundConfig`] (same tag): in the first, sites 1–4 are told "site 0 dropped" (list
+/// B) and sites 5–9 "nobody dropped" (list A), they sign and the server aborts. In the second,
+/// sites 0–4 get A and 5–9 get B: each list has only 4 fresh neighbour signatures at any site, but
+/// with the first attempt's signatures on the same list added it had 8 or 9, and every site
+/// answered (4 shares of site 0's self seed, 5 of each of its pairwise seeds: one colluding
+/// neighbour from its input). The signatures now cover the key the signer advertised to the
+/// receiver in that attempt, so the replayed ones do not verify and every site refuses.
+#[test]
+fn an_earlier_attempts_confirmations_cannot_be_replayed() {
+    let cfg = config(10, 9, 5, 4);
+    let ids = identities(cfg.sites);
+    let all = UnmaskRequest {
+        round: cfg.tag(),
+        survivors: (0..10).collect(),
+        dropped: vec![],
+    };
+    let without_0 = UnmaskRequest {
+        round: cfg.tag(),
+        survivors: (1..10).collect(),
+        dropped: vec![0],
+    };
+    // Attempt 1: signatures on both lists, then an abort.
+    let mut first = Vec::new();
+    for (s, (c, _)) in through_masking_as(&ids, &cfg, |s| vec![s as i64; 4], |_| {})
+        .into_iter()
+        .enumerate()
+    {
+        let list = match s {
+            0 => continue,
+            1..=4 => &without_0,
+            _ => &all,
+        };
+        first.push(c.confirm(list.clone()).unwrap().1);
+    }
+    // Attempt 2, same configuration, fresh keys: the split the other way round.
+    let mut second = Vec::new();
+    let mut states = Vec::new();
+    for (s, (c, _)) in through_masking_as(&ids, &cfg, |s| vec![s as i64; 4], |_| {})
+        .into_iter()
+        .enumerate()
+    {
+        let list = if s < 5 { &all } else { &without_0 };
+        let (c, m) = c.confirm(list.clone()).unwrap();
+        second.push(m);
+        states.push((s as SiteIndex, list, c));
+    }
+    let replayed: Vec<SurvivorsConfirmation> = first.iter().chain(&second).cloned().collect();
+    for (s, list, c) in states {
+        let relay = addressed(s, list, &replayed);
+        // Enough signers on the list if the old ones counted: the attack is there to be refused.
+        assert!(
+            relay.confirmations.len() >= 8,
+            "{}",
+            relay.confirmations.len()
+        );
+        let err = c.unmask(relay).unwrap_err();
+        assert!(
+            matches!(&err, SecAggError::Malformed { phase: Phase::ConsistencyCheck, reason, .. }
+                if reason.contains("survivor-list confirmation")),
+            "site {s}: {err}"
+        );
+    }
 }
