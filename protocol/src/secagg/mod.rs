@@ -110,6 +110,12 @@ pub use server::{
 };
 pub use spec::SecureAggregationSpec;
 
+/// The most participants a round may have. [`encode`]'s grid keeps the sum of this many sites'
+/// values exact in `Z_2^64` (no wrap-around), and it bounds what a site builds from a config the
+/// coordinator sends (the graph is `O(n)` memory; a hostile `n` of 200,000 must be refused, not
+/// built).
+pub const MAX_SITES: u32 = 2048;
+
 /// A site's position in the round's participant list, `0..n`.
 pub type SiteIndex = u32;
 
@@ -160,9 +166,10 @@ impl RoundConfig {
     /// Checks the parameters fit together; the error says which does not.
     pub fn validate(&self) -> Result<(), SecAggError> {
         let bad = |what: String| Err(SecAggError::Config(what));
-        if self.sites < 2 {
+        if self.sites < 2 || self.sites > MAX_SITES {
             return bad(format!(
-                "a round needs at least 2 sites, got {}",
+                "sites must be in 2..={MAX_SITES} (the most whose sum stays exact in 64 bits), \
+                 got {}",
                 self.sites
             ));
         }
@@ -314,6 +321,16 @@ mod tests {
     #[test]
     fn config_checks_name_the_parameter() {
         assert!(config().validate().is_ok());
+        let mut c = config();
+        c.sites = 200_000;
+        assert!(
+            matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("sites must be in 2..=2048"))
+        );
+        (c.sites, c.degree, c.threshold, c.min_survivors) = (MAX_SITES, 34, 18, 18);
+        assert!(c.validate().is_ok());
+        let mut c = config();
+        c.sites = 1;
+        assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("sites")));
         let mut c = config();
         c.degree = 10;
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("degree")));

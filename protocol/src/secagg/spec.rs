@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::encode::{CONTRIBUTION_LIMIT, DEFAULT_ROUNDING_BETA, EncodeParams};
-use super::{RoundConfig, default_degree, threshold_for};
+use super::{MAX_SITES, RoundConfig, default_degree, threshold_for};
 use crate::job::SpecError;
 
 /// `[secure_aggregation]`: present means the round is a SecAgg+ round (the coordinator sees only
@@ -58,11 +58,14 @@ impl SecureAggregationSpec {
             ));
         }
         if let Some(k) = self.neighbours
-            && k < 2
+            && !(2..MAX_SITES).contains(&k)
         {
             return Err(SpecError::invalid(
                 "secure_aggregation.neighbours",
-                format!("must be at least 2, got {k}"),
+                format!(
+                    "must be in 2..={} (a round has at most {MAX_SITES} sites), got {k}",
+                    MAX_SITES - 1
+                ),
             ));
         }
         // t = ⌊f·k⌋ + 1 > f·k ≥ k/2 for f ≥ 0.5: the 2t > k that RoundConfig::validate requires,
@@ -91,7 +94,8 @@ impl SecureAggregationSpec {
     pub fn degree(&self, sites: u32) -> u32 {
         match self.neighbours {
             None => default_degree(sites),
-            Some(k) if k + 1 >= sites => sites.saturating_sub(1),
+            // checked: k = u32::MAX in a spec that skipped validate must not wrap to 0.
+            Some(k) if k.checked_add(1).is_none_or(|k1| k1 >= sites) => sites.saturating_sub(1),
             Some(k) => k + (k % 2),
         }
     }
@@ -160,6 +164,19 @@ mod tests {
         odd.neighbours = Some(7);
         assert_eq!(odd.degree(100), 8);
         assert_eq!(odd.degree(5), 4);
+        // No overflow at the top of the range: every other site.
+        let mut huge = s.clone();
+        huge.neighbours = Some(u32::MAX);
+        assert_eq!(huge.degree(100), 99);
+        assert_eq!(
+            huge.validate(1.0).unwrap_err().key(),
+            Some("secure_aggregation.neighbours")
+        );
+        // More participants than a round may have: the derived config is refused.
+        let c = s.round_config([0; 32], 1, 200_000, 3, [1; 32], 10);
+        assert!(
+            matches!(c.validate(), Err(super::super::SecAggError::Config(m)) if m.contains("sites"))
+        );
     }
 
     #[test]
@@ -213,6 +230,7 @@ mod tests {
         for (key, value) in [
             ("scale_bits", Integer(47)),
             ("neighbours", Integer(1)),
+            ("neighbours", Integer(2048)),
             ("share_threshold", Float(0.0)),
             ("share_threshold", Float(0.49)),
             ("share_threshold", Float(1.0)),

@@ -288,3 +288,27 @@ fn an_earlier_attempts_confirmations_cannot_be_replayed() {
         );
     }
 }
+
+/// Review item 4: a hostile configuration with 200,000 sites (or a degree near `u32::MAX`) would
+/// have a site build a huge graph; the site and the server refuse it before building anything.
+#[test]
+fn a_hostile_participant_count_is_refused_before_any_graph_is_built() {
+    let mut cfg = config(200_000, 34, 18, 4);
+    for bad in [
+        ClientAdvertising::new(cfg.clone(), 0).unwrap_err(),
+        ServerCollectingKeys::new(cfg.clone()).unwrap_err(),
+    ] {
+        assert!(
+            matches!(&bad, SecAggError::Config(m) if m.contains("sites must be in 2..=2048") && m.ends_with("got 200000")),
+            "{bad}"
+        );
+    }
+    cfg.sites = 100;
+    cfg.degree = u32::MAX - 1;
+    assert!(
+        ClientAdvertising::new(cfg, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("degree")
+    );
+}
