@@ -119,9 +119,11 @@ pub const MAX_SITES: u32 = 2048;
 /// A site's position in the round's participant list, `0..n`.
 pub type SiteIndex = u32;
 
-/// Everything every party of one round agrees on before it starts. The coordinator fixes it (the
-/// graph seed fresh per round) and sends it to each site; a site refuses one that does not
-/// [`validate`](RoundConfig::validate).
+/// Everything every party of one round agrees on before it starts. The coordinator derives it
+/// from the job spec ([`SecureAggregationSpec::round_config`], the graph seed from job digest,
+/// round and attempt) and sends it to each site; a site refuses one that does not
+/// [`validate`](RoundConfig::validate) or that the spec does not give
+/// ([`SecureAggregationSpec::check_offered`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoundConfig {
     /// The job spec's digest: binds every key, share and ciphertext to this job.
@@ -139,10 +141,28 @@ pub struct RoundConfig {
     pub threshold: u32,
     /// The round fails when fewer sites than this are left after any phase.
     pub min_survivors: u32,
-    /// The public seed the communication graph is derived from.
+    /// The public seed the communication graph is derived from ([`derive_graph_seed`] when the
+    /// config comes from a job spec).
     pub graph_seed: [u8; 32],
     /// Length of every input vector (parameters of the model).
     pub vector_len: u64,
+}
+
+/// The communication graph's seed for one attempt of one round: SHA-256 of a label, the job
+/// digest, the round and the attempt number. Derived, not drawn by the coordinator, so that a
+/// site recomputes it ([`SecureAggregationSpec::check_offered`]) and the coordinator cannot grind
+/// seeds until the graph surrounds a victim with sites it controls; all it can do is abort and
+/// start another attempt, which every site sees (the attempt number is in the seed, hence in the
+/// round's tag).
+pub fn derive_graph_seed(job_digest: &[u8; 32], round: u32, attempt: u32) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"tutela-secagg-v1 graph seed\0");
+    ctx.update(job_digest);
+    ctx.update(&round.to_le_bytes());
+    ctx.update(&attempt.to_le_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// Default neighbours per site for `n` participants: the smallest even number at least
