@@ -6,16 +6,18 @@
 //!
 //! # The round, phase by phase
 //!
-//! Every party starts from the same [`RoundConfig`] (the coordinator fixes it, sites check it):
-//! the participants, the public seed of the sparse communication [`graph`] (each site has
-//! `k = O(log n)` neighbours), the Shamir threshold `t` and the vector length.
+//! Every party starts from the same [`RoundConfig`] (derived from the job spec, which sites
+//! recompute: [`SecureAggregationSpec::check_offered`]): at most [`MAX_SITES`] participants, the
+//! public seed of the sparse communication [`graph`] (each site has `k = O(log n)` neighbours;
+//! the seed is [`derive_graph_seed`] of job, round and attempt), the Shamir threshold `t`
+//! (`2t > k`) and the vector length.
 //!
 //! | phase | site sends | server relays |
 //! |---|---|---|
 //! | 0 advertise keys | one X25519 public key per neighbour ([`AdvertiseKeys`]) | to each site, its neighbours' keys addressed to it ([`KeysRelay`]) |
 //! | 1 share keys | to each live neighbour, a ChaCha20-Poly1305 ciphertext of Shamir shares ([`ShareKeys`]) | to each site, the ciphertexts addressed to it ([`SharesRelay`]) |
 //! | 2 masked input | `y = x + PRG(b) + Σ ±PRG(s_uv)` in `Z_2^64` ([`MaskedInput`]) | the survivors and the dropped ([`UnmaskRequest`]) |
-//! | (consistency check, sites that sign) | its signature over the request it was sent ([`SurvivorsConfirmation`]) | the request with the survivors' signatures ([`ConfirmedRequest`]) |
+//! | (consistency check, sites that sign) | per neighbour, its signature over the request it was sent and the key it advertised to that neighbour ([`SurvivorsConfirmation`]) | to each site, the request with its neighbours' signatures ([`ConfirmedRequest`]); a site needs `t` |
 //! | 3 unmasking | shares of survivors' self seeds, of dropped sites' pairwise seeds ([`UnmaskResponse`]) | — |
 //!
 //! The server then reconstructs, subtracts the survivors' self masks and the dropped sites'
