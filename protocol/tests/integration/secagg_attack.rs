@@ -312,3 +312,67 @@ fn a_hostile_participant_count_is_refused_before_any_graph_is_built() {
             .contains("degree")
     );
 }
+
+/// The control for the fixes above: an honest signed round on a sparse graph (n = 12, k = 4,
+/// t = 3) with one site silent from the masked input on still passes the neighbours-only
+/// consistency check and gives the exact sum; the server refuses a confirmation addressed to a
+/// site that is not the signer's neighbour.
+#[test]
+fn an_honest_sparse_signed_round_passes_the_neighbours_check() {
+    let cfg = config(12, 4, 3, 6);
+    let (keys, certs) = identities(cfg.sites);
+    let mut server = ServerCollectingKeys::new(cfg.clone()).unwrap();
+    let mut states = Vec::new();
+    for s in 0..cfg.sites {
+        let (c, msg) = ClientAdvertising::new(cfg.clone(), s)
+            .unwrap()
+            .with_signed_keys(keys[s as usize].clone(), certs.clone())
+            .advertise_keys()
+            .unwrap();
+        server.receive(msg.into()).unwrap();
+        states.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    let mut next = Vec::new();
+    for (c, r) in states.into_iter().zip(relays) {
+        let (c, msg) = c.share_keys(r).unwrap();
+        server.receive(msg.into()).unwrap();
+        next.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    let silent: SiteIndex = 7;
+    let mut last = Vec::new();
+    for (s, (c, r)) in next.into_iter().zip(relays).enumerate() {
+        if s as SiteIndex == silent {
+            continue;
+        }
+        let (c, msg) = c.masked_input(r, &[s as i64 + 1; 6]).unwrap();
+        server.receive(msg.into()).unwrap();
+        last.push(c);
+    }
+    let (mut server, request) = server.close_with_consistency_check().unwrap();
+    assert_eq!(request.dropped, vec![silent]);
+    let graph = tutela_protocol::secagg::CommunicationGraph::harary(12, 4, &cfg.graph_seed);
+    let mut confirmed = Vec::new();
+    for c in last {
+        let (c, msg) = c.confirm(request.clone()).unwrap();
+        assert_eq!(msg.signatures.len(), 4);
+        if msg.site == 0 {
+            let stranger = (1..12).find(|v| !graph.are_neighbours(0, *v)).unwrap();
+            let mut astray = msg.clone();
+            astray.signatures[0].0 = stranger;
+            let err = server.receive(astray.into()).unwrap_err();
+            assert!(err.to_string().contains("not a neighbour"), "{err}");
+        }
+        server.receive(msg.into()).unwrap();
+        confirmed.push(c);
+    }
+    let (mut server, relays) = server.close().unwrap();
+    for (c, relay) in confirmed.into_iter().zip(relays) {
+        // Each site's live neighbours' signatures: 4, or 3 next to the silent site.
+        assert!(relay.confirmations.len() >= 3, "{relay:?}");
+        server.receive(c.unmask(relay).unwrap().into()).unwrap();
+    }
+    let expected: i64 = (1..=12).filter(|&v| v != i64::from(silent) + 1).sum();
+    assert_eq!(server.finish().unwrap().sum, vec![expected; 6]);
+}
