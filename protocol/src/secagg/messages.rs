@@ -110,7 +110,7 @@ pub struct SurvivorsConfirmation {
 pub struct ConfirmedRequest {
     pub request: UnmaskRequest,
     pub to: SiteIndex,
-    /// `(signer, its signature for `to`)`.
+    /// (signer, its signature for `to`).
     pub confirmations: Vec<(SiteIndex, Vec<u8>)>,
 }
 
