@@ -42,6 +42,12 @@ struct Core {
     /// Checks the neighbours' signatures; `None`: keys are taken unsigned (honest-but-curious
     /// server only).
     verifier: Option<Arc<dyn KeyVerifier>>,
+    /// The public key this site advertised for each neighbour (this attempt's, fresh).
+    advertised: BTreeMap<SiteIndex, [u8; 32]>,
+    /// The public key each neighbour advertised for this site, as relayed (and, when signing,
+    /// verified). With `advertised`: this attempt's transcript of each pair, which the
+    /// consistency check's signatures bind.
+    received: BTreeMap<SiteIndex, [u8; 32]>,
 }
 
 impl std::fmt::Debug for Core {
@@ -121,6 +127,8 @@ impl ClientAdvertising {
                 threads: masks::default_threads(),
                 signer: None,
                 verifier: None,
+                advertised: BTreeMap::new(),
+                received: BTreeMap::new(),
             },
         })
     }
@@ -147,11 +155,12 @@ impl ClientAdvertising {
     /// Phase 0: a fresh key pair for each neighbour; the public halves go to the server, each
     /// signed when the site signs its keys.
     pub fn advertise_keys(self) -> Result<(ClientAwaitingKeys, AdvertiseKeys), SecAggError> {
-        let core = self.core;
+        let mut core = self.core;
         let (keys, public) =
             PairKeys::generate(core.graph.neighbours(core.me), &SystemRandom::new())?;
         let mut advertised = Vec::with_capacity(public.len());
         for (peer, public) in public {
+            core.advertised.insert(peer, public);
             let signature = match &core.signer {
                 Some(signer) => signer
                     .sign(&key_message(&core.tag, core.me, peer, &public))
@@ -193,6 +202,7 @@ impl ClientAwaitingKeys {
         core.check_round(&relay.round, phase)?;
         core.check_addressee(relay.to, phase)?;
         let mut pairs: BTreeMap<SiteIndex, PairSecrets> = BTreeMap::new();
+        let mut received = BTreeMap::new();
         for AdvertisedKey {
             peer,
             public,
@@ -230,6 +240,7 @@ impl ClientAwaitingKeys {
                     reason,
                 })?;
             pairs.insert(*peer, secrets);
+            received.insert(*peer, *public);
         }
         core.enough(pairs.len(), phase)?;
 
@@ -266,6 +277,7 @@ impl ClientAwaitingKeys {
             site: core.me,
             ciphertexts,
         };
+        self.core.received = received;
         Ok((
             ClientAwaitingShares {
                 core: self.core,
@@ -432,9 +444,9 @@ impl ClientAwaitingUnmask {
     }
 
     /// The consistency check (sites that sign their keys): signs the request the server sent,
-    /// after the same checks as [`Self::unmask`]. The site answers the unmasking only when enough
-    /// survivors signed this very request ([`ClientConfirmedSurvivors::unmask`]), so the server
-    /// cannot tell different sites different survivor lists.
+    /// after the same checks as [`Self::unmask`]. The site answers the unmasking only when `t` of
+    /// its neighbours signed this very request ([`ClientConfirmedSurvivors::unmask`]), so the
+    /// server cannot tell different neighbours of a site different survivor lists.
     pub fn confirm(
         self,
         request: UnmaskRequest,
@@ -446,13 +458,16 @@ impl ClientAwaitingUnmask {
                 .refuse(phase, "this site does not sign: it has no identity key"));
         };
         self.check_request(&request, phase)?;
-        let signature = signer
-            .sign(&survivors_message(&request))
-            .map_err(SecAggError::Crypto)?;
+        let core = &self.core;
+        let mut signatures = Vec::with_capacity(core.advertised.len());
+        for (&peer, public) in &core.advertised {
+            let message = survivors_message(&request, core.me, peer, public);
+            signatures.push((peer, signer.sign(&message).map_err(SecAggError::Crypto)?));
+        }
         let msg = SurvivorsConfirmation {
-            round: self.core.tag,
-            site: self.core.me,
-            signature,
+            round: core.tag,
+            site: core.me,
+            signatures,
         };
         Ok((
             ClientConfirmedSurvivors {
@@ -569,8 +584,16 @@ impl std::fmt::Debug for ClientConfirmedSurvivors {
 
 impl ClientConfirmedSurvivors {
     /// Phase 3 after the consistency check: answers only if the server relays the very request
-    /// this site signed, with valid signatures over it from at least `min_survivors` distinct
-    /// survivors (each checked with that site's certificate).
+    /// this site signed, addressed to this site, every signature relayed is valid (each checked
+    /// with that site's certificate, over the key that site advertised to this one in this
+    /// attempt, so an earlier attempt's signature does not verify), and at least `t` of them
+    /// come from this site's own neighbours.
+    ///
+    /// Why neighbours and `t` (Bell et al. 2020, as their consistency check): an honest
+    /// neighbour signs one list only, so two different lists can gather `t` signatures each among
+    /// this site's `k` neighbours only if `2t − c ≤ k` for `c` neighbours colluding with the
+    /// server; [`RoundConfig::validate`](super::RoundConfig::validate) keeps `2t > k`. Counting
+    /// signatures from anyone let two disjoint halves of the sites each confirm their own list.
     pub fn unmask(self, confirmed: ConfirmedRequest) -> Result<UnmaskResponse, SecAggError> {
         let phase = Phase::Unmasking;
         let core = &self.inner.core;
@@ -580,10 +603,10 @@ impl ClientConfirmedSurvivors {
                 "the server relays another survivor list than the one this site signed",
             ));
         }
+        core.check_addressee(confirmed.to, phase)?;
         let Some(verifier) = &core.verifier else {
             return Err(core.refuse(phase, "this site cannot check signatures"));
         };
-        let message = survivors_message(&self.request);
         let mut signers = BTreeSet::new();
         for (site, signature) in &confirmed.confirmations {
             if !self.request.survivors.contains(site) || !signers.insert(*site) {
@@ -594,6 +617,18 @@ impl ClientConfirmedSurvivors {
                     ),
                 ));
             }
+            // Only a neighbour that advertised a key to this site in this attempt can sign for
+            // it: the signature covers that key.
+            let Some(key) = core.received.get(site) else {
+                return Err(core.refuse(
+                    phase,
+                    format!(
+                        "a confirmation from site {site}, which advertised no key to this site in \
+                         this round"
+                    ),
+                ));
+            };
+            let message = survivors_message(&self.request, *site, core.me, key);
             verifier
                 .verify(*site, &message, signature)
                 .map_err(|reason| SecAggError::Malformed {
@@ -602,13 +637,15 @@ impl ClientConfirmedSurvivors {
                     reason: format!("its survivor-list confirmation: {reason}"),
                 })?;
         }
-        if signers.len() < core.config.min_survivors as usize {
+        // Every signer has a key relayed to this site: a neighbour (share_keys checked it).
+        let from_neighbours = signers.len();
+        if from_neighbours < core.config.threshold as usize {
             return Err(core.refuse(
                 phase,
                 format!(
-                    "{} survivors confirmed the list, fewer than the round's minimum of {}",
-                    signers.len(),
-                    core.config.min_survivors
+                    "{from_neighbours} of this site's neighbours confirmed the survivor list, \
+                     fewer than the threshold {}",
+                    core.config.threshold
                 ),
             ));
         }

@@ -7,7 +7,8 @@
 //! a value `x` is represented by the integer nearest-ish `x · 2^k`, as in the coordinator's
 //! fixed-point accumulator (a power-of-two scale, `i64` wrapping sums). The update norm bound `C`
 //! times `2^k` must be at most `2^50`, the coordinator's per-contribution limit, so that with the
-//! noise (at most `2^31` grid steps by the sampler's tail cut) the sum of up to 2048 sites stays
+//! noise (at most `2^31` grid steps by the sampler's tail cut) the sum of up to 2048 sites ([`MAX_SITES`](super::MAX_SITES), which
+//! `RoundConfig::validate` enforces) stays
 //! below `2^62` and the `Z_2^64` sum read as `i64` never wraps.
 //!
 //! # Randomized rounding, conditional (Kairouz, Liu & Steinke, ICML 2021, Algorithm 1)

@@ -5,8 +5,9 @@
 //! the public seed fixes a permutation (Fisher–Yates driven by ChaCha20 keyed with the seed, exact
 //! uniform draws), the sites sit on a ring in that order, and each is joined to the `k / 2` sites
 //! on either side. Every site has exactly `k` neighbours, the relation is symmetric, and because
-//! the order is fresh per round (the coordinator draws a new seed) no site can choose whom it
-//! neighbours. `k = n − 1` is the complete graph (the original SecAgg).
+//! the order is fresh per round and attempt (the seed is [`derive_graph_seed`](super::derive_graph_seed)
+//! of job digest, round and attempt, which every site recomputes) neither a site nor the
+//! coordinator can choose whom it neighbours. `k = n − 1` is the complete graph (the original SecAgg).
 
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};

@@ -93,19 +93,24 @@ pub struct UnmaskRequest {
     pub dropped: Vec<SiteIndex>,
 }
 
-/// Consistency check, site → server: the site's signature over the [`UnmaskRequest`] it was sent
-/// (`signing::survivors_message`).
+/// Consistency check, site → server: the site's signatures over the [`UnmaskRequest`] it was
+/// sent, one for each neighbour it advertised a key to (`signing::survivors_message`: each binds
+/// the key the site advertised for that neighbour in this attempt).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SurvivorsConfirmation {
     pub round: RoundTag,
     pub site: SiteIndex,
-    pub signature: Vec<u8>,
+    /// `(neighbour, signature for that neighbour)`.
+    pub signatures: Vec<(SiteIndex, Vec<u8>)>,
 }
 
-/// Server → site after the consistency check: the request and the survivors' signatures over it.
+/// Server → site `to` after the consistency check: the request and the signatures over it that
+/// `to`'s neighbours addressed to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfirmedRequest {
     pub request: UnmaskRequest,
+    pub to: SiteIndex,
+    /// (signer, its signature for `to`).
     pub confirmations: Vec<(SiteIndex, Vec<u8>)>,
 }
 
@@ -182,7 +187,14 @@ impl ClientMessage {
                         .sum::<u64>()
             }
             ClientMessage::MaskedInput(m) => HEADER + n(m.masked.len()) * 8,
-            ClientMessage::Confirm(m) => HEADER + 4 + n(m.signature.len()),
+            ClientMessage::Confirm(m) => {
+                HEADER
+                    + 4
+                    + m.signatures
+                        .iter()
+                        .map(|(_, sig)| 4 + 4 + n(sig.len()))
+                        .sum::<u64>()
+            }
             ClientMessage::Unmask(m) => {
                 HEADER
                     + m.shares

@@ -6,16 +6,18 @@
 //!
 //! # The round, phase by phase
 //!
-//! Every party starts from the same [`RoundConfig`] (the coordinator fixes it, sites check it):
-//! the participants, the public seed of the sparse communication [`graph`] (each site has
-//! `k = O(log n)` neighbours), the Shamir threshold `t` and the vector length.
+//! Every party starts from the same [`RoundConfig`] (derived from the job spec, which sites
+//! recompute: [`SecureAggregationSpec::check_offered`]): at most [`MAX_SITES`] participants, the
+//! public seed of the sparse communication [`graph`] (each site has `k = O(log n)` neighbours;
+//! the seed is [`derive_graph_seed`] of job, round and attempt), the Shamir threshold `t`
+//! (`2t > k`) and the vector length.
 //!
 //! | phase | site sends | server relays |
 //! |---|---|---|
 //! | 0 advertise keys | one X25519 public key per neighbour ([`AdvertiseKeys`]) | to each site, its neighbours' keys addressed to it ([`KeysRelay`]) |
 //! | 1 share keys | to each live neighbour, a ChaCha20-Poly1305 ciphertext of Shamir shares ([`ShareKeys`]) | to each site, the ciphertexts addressed to it ([`SharesRelay`]) |
 //! | 2 masked input | `y = x + PRG(b) + Σ ±PRG(s_uv)` in `Z_2^64` ([`MaskedInput`]) | the survivors and the dropped ([`UnmaskRequest`]) |
-//! | (consistency check, sites that sign) | its signature over the request it was sent ([`SurvivorsConfirmation`]) | the request with the survivors' signatures ([`ConfirmedRequest`]) |
+//! | (consistency check, sites that sign) | per neighbour, its signature over the request it was sent and the key it advertised to that neighbour ([`SurvivorsConfirmation`]) | to each site, the request with its neighbours' signatures ([`ConfirmedRequest`]); a site needs `t` |
 //! | 3 unmasking | shares of survivors' self seeds, of dropped sites' pairwise seeds ([`UnmaskResponse`]) | — |
 //!
 //! The server then reconstructs, subtracts the survivors' self masks and the dropped sites'
@@ -110,12 +112,20 @@ pub use server::{
 };
 pub use spec::SecureAggregationSpec;
 
+/// The most participants a round may have. [`encode`]'s grid keeps the sum of this many sites'
+/// values exact in `Z_2^64` (no wrap-around), and it bounds what a site builds from a config the
+/// coordinator sends (the graph is `O(n)` memory; a hostile `n` of 200,000 must be refused, not
+/// built).
+pub const MAX_SITES: u32 = 2048;
+
 /// A site's position in the round's participant list, `0..n`.
 pub type SiteIndex = u32;
 
-/// Everything every party of one round agrees on before it starts. The coordinator fixes it (the
-/// graph seed fresh per round) and sends it to each site; a site refuses one that does not
-/// [`validate`](RoundConfig::validate).
+/// Everything every party of one round agrees on before it starts. The coordinator derives it
+/// from the job spec ([`SecureAggregationSpec::round_config`], the graph seed from job digest,
+/// round and attempt) and sends it to each site; a site refuses one that does not
+/// [`validate`](RoundConfig::validate) or that the spec does not give
+/// ([`SecureAggregationSpec::check_offered`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoundConfig {
     /// The job spec's digest: binds every key, share and ciphertext to this job.
@@ -127,14 +137,34 @@ pub struct RoundConfig {
     /// Neighbours per site, `k` (see [`graph`]); `n − 1` makes the graph complete.
     pub degree: u32,
     /// Shamir threshold `t`: this many of a site's neighbours recover its seeds, fewer learn
-    /// nothing about them.
+    /// nothing about them. More than half the degree (`2t > k`, checked by
+    /// [`validate`](RoundConfig::validate)); with `c` neighbours colluding with the server the
+    /// site stays protected while `2t > k + c`.
     pub threshold: u32,
     /// The round fails when fewer sites than this are left after any phase.
     pub min_survivors: u32,
-    /// The public seed the communication graph is derived from.
+    /// The public seed the communication graph is derived from ([`derive_graph_seed`] when the
+    /// config comes from a job spec).
     pub graph_seed: [u8; 32],
     /// Length of every input vector (parameters of the model).
     pub vector_len: u64,
+}
+
+/// The communication graph's seed for one attempt of one round: SHA-256 of a label, the job
+/// digest, the round and the attempt number. Derived, not drawn by the coordinator, so that a
+/// site recomputes it ([`SecureAggregationSpec::check_offered`]) and the coordinator cannot grind
+/// seeds until the graph surrounds a victim with sites it controls; all it can do is abort and
+/// start another attempt, which every site sees (the attempt number is in the seed, hence in the
+/// round's tag).
+pub fn derive_graph_seed(job_digest: &[u8; 32], round: u32, attempt: u32) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"tutela-secagg-v1 graph seed\0");
+    ctx.update(job_digest);
+    ctx.update(&round.to_le_bytes());
+    ctx.update(&attempt.to_le_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// Default neighbours per site for `n` participants: the smallest even number at least
@@ -158,9 +188,10 @@ impl RoundConfig {
     /// Checks the parameters fit together; the error says which does not.
     pub fn validate(&self) -> Result<(), SecAggError> {
         let bad = |what: String| Err(SecAggError::Config(what));
-        if self.sites < 2 {
+        if self.sites < 2 || self.sites > MAX_SITES {
             return bad(format!(
-                "a round needs at least 2 sites, got {}",
+                "sites must be in 2..={MAX_SITES} (the most whose sum stays exact in 64 bits), \
+                 got {}",
                 self.sites
             ));
         }
@@ -179,10 +210,16 @@ impl RoundConfig {
                 self.degree
             ));
         }
-        if self.threshold == 0 || self.threshold > self.degree {
+        // 2t > k: a site's neighbours cannot be split into two groups that each hold t of its
+        // shares, so a server cannot collect its self seed from the ones it calls survivors and
+        // its pairwise seeds from the ones it calls dropped (with t ≤ k/2 a consistent survivor
+        // list that "drops" t neighbours unmasks the site: Bell et al. 2020, §3).
+        let min_threshold = self.degree / 2 + 1;
+        if self.threshold < min_threshold || self.threshold > self.degree {
             return bad(format!(
-                "threshold must be in 1..={} (the degree), got {}",
-                self.degree, self.threshold
+                "threshold must be in {min_threshold}..={} (more than half the degree {}, at most \
+                 the degree), got {}",
+                self.degree, self.degree, self.threshold
             ));
         }
         if self.min_survivors < self.threshold || self.min_survivors > self.sites {
@@ -307,6 +344,16 @@ mod tests {
     fn config_checks_name_the_parameter() {
         assert!(config().validate().is_ok());
         let mut c = config();
+        c.sites = 200_000;
+        assert!(
+            matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("sites must be in 2..=2048"))
+        );
+        (c.sites, c.degree, c.threshold, c.min_survivors) = (MAX_SITES, 34, 18, 18);
+        assert!(c.validate().is_ok());
+        let mut c = config();
+        c.sites = 1;
+        assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("sites")));
+        let mut c = config();
         c.degree = 10;
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("degree")));
         let mut c = config();
@@ -314,6 +361,16 @@ mod tests {
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("even")));
         let mut c = config();
         c.threshold = 0;
+        assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold")));
+        // 2t > k: with k = 9, t = 4 would let a consistent server unmask a site.
+        let mut c = config();
+        c.threshold = 4;
+        c.min_survivors = 4;
+        assert!(
+            matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold must be in 5..=9"))
+        );
+        let mut c = config();
+        c.threshold = 10;
         assert!(matches!(c.validate(), Err(SecAggError::Config(m)) if m.contains("threshold")));
         let mut c = config();
         c.min_survivors = 4;

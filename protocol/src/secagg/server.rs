@@ -422,11 +422,13 @@ impl ServerCollectingMasked {
     }
 }
 
-/// The consistency check: collecting the survivors' signatures over the survivor list.
+/// The consistency check: collecting the survivors' signatures over the survivor list, one per
+/// signer and neighbour.
 pub struct ServerCollectingConfirmations {
     next: ServerCollectingUnmask,
     request: UnmaskRequest,
-    confirmations: BTreeMap<SiteIndex, Vec<u8>>,
+    /// signer → `(neighbour, signature for it)`.
+    confirmations: BTreeMap<SiteIndex, Vec<(SiteIndex, Vec<u8>)>>,
 }
 
 impl std::fmt::Debug for ServerCollectingConfirmations {
@@ -441,8 +443,9 @@ impl std::fmt::Debug for ServerCollectingConfirmations {
 }
 
 impl ServerCollectingConfirmations {
-    /// Accepts a survivor's [`SurvivorsConfirmation`](super::SurvivorsConfirmation). The sites
-    /// check the signatures; the server only relays them.
+    /// Accepts a survivor's [`SurvivorsConfirmation`](super::SurvivorsConfirmation): one signature
+    /// per neighbour, each addressed to a neighbour once. The sites check the signatures; the
+    /// server only routes them.
     pub fn receive(&mut self, msg: ClientMessage) -> Result<(), SecAggError> {
         self.next.core.admit(
             &msg,
@@ -452,25 +455,53 @@ impl ServerCollectingConfirmations {
             |s| self.confirmations.contains_key(&s),
         )?;
         if let ClientMessage::Confirm(m) = msg {
-            self.confirmations.insert(m.site, m.signature);
+            let mut seen = BTreeSet::new();
+            for (to, _) in &m.signatures {
+                if !self.next.core.graph.are_neighbours(m.site, *to) || !seen.insert(*to) {
+                    return Err(SecAggError::Malformed {
+                        site: m.site,
+                        phase: Phase::ConsistencyCheck,
+                        reason: format!(
+                            "a signature addressed to site {to}, which is not a neighbour or is \
+                             addressed twice"
+                        ),
+                    });
+                }
+            }
+            self.confirmations.insert(m.site, m.signatures);
         }
         Ok(())
     }
 
-    /// Ends the consistency check: the request and its signatures, for every survivor.
-    pub fn close(self) -> Result<(ServerCollectingUnmask, ConfirmedRequest), SecAggError> {
+    /// Ends the consistency check: for every survivor that confirmed, the request and the
+    /// signatures its neighbours addressed to it.
+    pub fn close(self) -> Result<(ServerCollectingUnmask, Vec<ConfirmedRequest>), SecAggError> {
         self.next.core.need(
             Phase::ConsistencyCheck,
             self.confirmations.len(),
             "confirmed the survivor list",
         )?;
-        Ok((
-            self.next,
-            ConfirmedRequest {
-                request: self.request,
-                confirmations: self.confirmations.into_iter().collect(),
-            },
-        ))
+        let mut addressed: BTreeMap<SiteIndex, Vec<(SiteIndex, Vec<u8>)>> = self
+            .confirmations
+            .keys()
+            .map(|&site| (site, Vec::new()))
+            .collect();
+        for (&signer, signatures) in &self.confirmations {
+            for (to, signature) in signatures {
+                if let Some(list) = addressed.get_mut(to) {
+                    list.push((signer, signature.clone()));
+                }
+            }
+        }
+        let relays = addressed
+            .into_iter()
+            .map(|(to, confirmations)| ConfirmedRequest {
+                request: self.request.clone(),
+                to,
+                confirmations,
+            })
+            .collect();
+        Ok((self.next, relays))
     }
 }
 

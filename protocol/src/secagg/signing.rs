@@ -47,11 +47,23 @@ pub(crate) fn key_message(
     m
 }
 
-/// The message a survivor signs in the consistency check: the whole request it was sent.
-pub(crate) fn survivors_message(request: &super::UnmaskRequest) -> Vec<u8> {
+/// The message survivor `from` signs for its neighbour `to` in the consistency check: the whole
+/// request it was sent, bound to this attempt's transcript of the pair, the X25519 public key
+/// `from` advertised for `to` (fresh per attempt, signed in phase 0 and held by `to`). A
+/// signature from an earlier attempt with the same [`RoundConfig`](super::RoundConfig) (same tag)
+/// covers another key, so it cannot be replayed to make a different list pass.
+pub(crate) fn survivors_message(
+    request: &super::UnmaskRequest,
+    from: SiteIndex,
+    to: SiteIndex,
+    key_from_for_to: &[u8; 32],
+) -> Vec<u8> {
     let mut m = Vec::new();
-    m.extend_from_slice(b"tutela-secagg-v1 survivors\0");
+    m.extend_from_slice(b"tutela-secagg-v2 survivors\0");
     m.extend_from_slice(&request.round.0);
+    m.extend_from_slice(&from.to_le_bytes());
+    m.extend_from_slice(&to.to_le_bytes());
+    m.extend_from_slice(key_from_for_to);
     for list in [&request.survivors, &request.dropped] {
         m.extend_from_slice(&(list.len() as u32).to_le_bytes());
         for s in list {

@@ -9,5 +9,6 @@ mod common;
 mod fuzz_corpus;
 mod pki;
 mod secagg;
+mod secagg_attack;
 mod streaming;
 mod transport;

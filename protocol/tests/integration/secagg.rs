@@ -586,7 +586,7 @@ fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
         ));
     }
     let certs = Arc::new(certs);
-    let cfg = config(6, 5, 2, 16);
+    let cfg = config(6, 5, 3, 16);
     let start = || -> Vec<_> {
         (0..6u32)
             .map(|s| {
@@ -630,13 +630,18 @@ fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
         confirmed_states.push(c);
     }
     let (mut server, confirmed) = server.close().unwrap();
-    assert_eq!(confirmed.confirmations.len(), 6);
+    // One relay per survivor, with the signatures its five neighbours addressed to it.
+    assert_eq!(confirmed.len(), 6);
+    for (s, c) in confirmed.iter().enumerate() {
+        assert_eq!(c.to, s as SiteIndex);
+        assert_eq!(c.confirmations.len(), 5);
+    }
 
     // A server that lies about the survivors: it tells site 4 that site 0 dropped, hoping for
     // site 0's pairwise seeds (it already holds site 0's self-seed shares from the others). The
     // signatures it holds are over the true list, so site 4 refuses; and it refuses the honest
     // list too once it signed the false one.
-    let mut lie = confirmed.clone();
+    let mut lie = confirmed[4].clone();
     lie.request.survivors.retain(|&s| s != 0);
     lie.request.dropped.push(0);
     let mut confirmed_states = confirmed_states.into_iter();
@@ -648,7 +653,7 @@ fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
     let err = c4.unmask(lie.clone()).unwrap_err();
     assert!(err.to_string().contains("another survivor list"), "{err}");
     // A confirmation whose signature was altered: site 5 refuses, naming the signer.
-    let mut forged = confirmed.clone();
+    let mut forged = confirmed[5].clone();
     forged.confirmations[1].1[8] ^= 1;
     let err = c5.unmask(forged).unwrap_err();
     assert!(
@@ -661,9 +666,9 @@ fn signed_keys_and_the_consistency_check_defeat_a_lying_server() {
         ),
         "{err}"
     );
-    for c in honest {
+    for (c, relay) in honest.into_iter().zip(&confirmed) {
         server
-            .receive(c.unmask(confirmed.clone()).unwrap().into())
+            .receive(c.unmask(relay.clone()).unwrap().into())
             .unwrap();
     }
     assert_eq!(server.finish().unwrap().sum, vec![21; 16]);
