@@ -323,7 +323,7 @@ async fn long_text_and_too_many_rows_are_refused_as_in_csv() {
     let row_of = |outcome: &str| {
         vec![
             ("grade", Arc::new(Float64Array::from(vec![1.0])) as ArrayRef),
-            ("dose", Arc::new(Float32Array::from(vec![0.1]))),
+            ("dose", Arc::new(Float64Array::from(vec![0.1]))),
             ("price", Arc::new(StringArray::from(vec!["1.5"]))),
             ("smoker", Arc::new(BooleanArray::from(vec![true]))),
             ("flag", Arc::new(BooleanArray::from(vec![true]))),
