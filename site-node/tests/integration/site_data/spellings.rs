@@ -384,3 +384,21 @@ async fn long_text_and_too_many_rows_are_refused_as_in_csv() {
     );
     db.drop().await;
 }
+
+/// A label is matched as a category is: pandas' `1.0` is the class `1`.
+#[test]
+fn a_numeric_label_matches_its_class_by_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema_path = dir.path().join("s.schema.toml");
+    std::fs::write(
+        &schema_path,
+        "name = \"n\"\n[label]\ncolumn = \"y\"\nclasses = [\"0\", \"1\"]\n\
+         [[features.columns]]\nname = \"x\"\n",
+    )
+    .unwrap();
+    let schema = DatasetSchema::load(&schema_path).unwrap();
+    let csv = dir.path().join("t.csv");
+    std::fs::write(&csv, "x,y\n0.5,1.0\n1.5,0.0\n2.5,1\n").unwrap();
+    let table = tutela_site_node::data::load_csv(&csv, &schema).unwrap();
+    assert_eq!(table.labels, [1, 0, 1]);
+}
