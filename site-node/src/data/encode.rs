@@ -4,9 +4,9 @@
 //! A source gives each cell as a [`Cell`]: text (CSV, JSON, SQL `text`, Parquet strings), a
 //! number, a boolean or a date (typed sources). The encoders accept both forms, so the same data
 //! read from a CSV file, a Parquet file or a database yields the same features: a number is
-//! parsed as f64 and then kept as f32 whichever way it came, a category or level given as a
-//! number is matched by its shortest decimal form (`3`, not `3.0`), a typed date skips the text
-//! format.
+//! parsed as f64 and then kept as f32 whichever way it came, a category, level or boolean
+//! spelling is matched by [`LevelKey`] (a number by its value, so `1`, `1.0` and a Parquet `1`
+//! are one level; other text exactly), a typed date skips the text format.
 
 use std::collections::HashMap;
 
@@ -73,6 +73,40 @@ impl<'a> Cell<'a> {
             }
             Cell::Bool(b) => b.to_string(),
             Cell::Date(d) => d.to_string(),
+        }
+    }
+}
+
+/// What a category, level or boolean spelling is matched by: text that parses as a finite number
+/// by that number (so `1.0` written by pandas, a Parquet `1` and PostgreSQL's `1.00` are one
+/// level, whichever side spells it how), any other text exactly as written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LevelKey {
+    /// The number's bits, with -0 as 0.
+    Number(u64),
+    Text(String),
+}
+
+impl LevelKey {
+    /// The key of a level as the schema spells it (or of a text cell).
+    pub fn of_text(text: &str) -> LevelKey {
+        match text.parse::<f64>() {
+            Ok(x) if x.is_finite() => LevelKey::of_number(x),
+            _ => LevelKey::Text(text.to_string()),
+        }
+    }
+
+    fn of_number(x: f64) -> LevelKey {
+        LevelKey::Number(if x == 0.0 { 0 } else { x.to_bits() })
+    }
+
+    /// The key of a cell: a number by its value, a boolean as `true`/`false`, a date as
+    /// `YYYY-MM-DD`, text as [`of_text`](Self::of_text).
+    pub fn of_cell(cell: Cell<'_>) -> LevelKey {
+        match cell {
+            Cell::Number(x) if x.is_finite() => LevelKey::of_number(x),
+            Cell::Text(t) => LevelKey::of_text(t),
+            other => LevelKey::Text(other.canonical()),
         }
     }
 }
@@ -176,16 +210,18 @@ enum ValueEncoding {
         scale: Option<f32>,
     },
     Categorical {
-        index: HashMap<String, usize>,
+        index: HashMap<LevelKey, usize>,
         known: String,
         unseen: UnseenRule,
         width: usize,
     },
     Ordinal {
-        index: HashMap<String, usize>,
+        index: HashMap<LevelKey, usize>,
         known: String,
     },
     Boolean {
+        /// Each spelling's key and the value it spells.
+        spellings: HashMap<LevelKey, bool>,
         truthy: Vec<String>,
         falsy: Vec<String>,
     },
@@ -220,7 +256,7 @@ fn only_for(present: bool, key: &str, kind: &str, column_kind: FeatureKind) -> R
     Ok(())
 }
 
-fn listed(values: &[String], key: &str) -> Result<(HashMap<String, usize>, String), String> {
+fn listed(values: &[String], key: &str) -> Result<(HashMap<LevelKey, usize>, String), String> {
     if values.is_empty() {
         return Err(format!("`{key}` is empty"));
     }
@@ -231,8 +267,10 @@ fn listed(values: &[String], key: &str) -> Result<(HashMap<String, usize>, Strin
                 "`{key}` has {v:?}: values are compared trimmed, so none may be empty or have surrounding spaces"
             ));
         }
-        if index.insert(v.clone(), i).is_some() {
-            return Err(format!("`{key}` lists {v:?} twice"));
+        if index.insert(LevelKey::of_text(v), i).is_some() {
+            return Err(format!(
+                "`{key}` lists {v:?} twice (numbers are compared by value: `1` and `1.0` are one)"
+            ));
         }
     }
     Ok((index, abbreviated(values)))
@@ -321,12 +359,23 @@ impl ColumnEncoder {
                     .false_values
                     .clone()
                     .unwrap_or_else(|| vec!["false".into(), "0".into()]);
-                listed(&truthy, "true_values")?;
-                listed(&falsy, "false_values")?;
-                if let Some(both) = truthy.iter().find(|t| falsy.contains(t)) {
-                    return Err(format!("{both:?} is both a true and a false value"));
+                let (true_keys, _) = listed(&truthy, "true_values")?;
+                let (false_keys, _) = listed(&falsy, "false_values")?;
+                let mut spellings: HashMap<LevelKey, bool> =
+                    true_keys.into_keys().map(|k| (k, true)).collect();
+                for (key, i) in false_keys {
+                    if spellings.insert(key, false).is_some() {
+                        return Err(format!("{:?} is both a true and a false value", falsy[i]));
+                    }
                 }
-                (ValueEncoding::Boolean { truthy, falsy }, vec![name.clone()])
+                (
+                    ValueEncoding::Boolean {
+                        spellings,
+                        truthy,
+                        falsy,
+                    },
+                    vec![name.clone()],
+                )
             }
             Date => {
                 let format = DateFormat::parse(
@@ -456,7 +505,7 @@ impl ColumnEncoder {
             } => {
                 let start = out.len();
                 out.resize(start + width, 0.0);
-                match (index.get(cell.canonical().as_str()), unseen) {
+                match (index.get(&LevelKey::of_cell(cell)), unseen) {
                     (Some(&i), _) => out[start + i] = 1.0,
                     (None, UnseenRule::Other) => out[start + width - 1] = 1.0,
                     (None, UnseenRule::Ignore) => {}
@@ -471,27 +520,24 @@ impl ColumnEncoder {
             }
             ValueEncoding::Ordinal { index, known } => {
                 let &level = index
-                    .get(cell.canonical().as_str())
+                    .get(&LevelKey::of_cell(cell))
                     .ok_or_else(|| invalid(format!("one of the schema's levels ({known})")))?;
                 out.push(level as f32);
             }
-            ValueEncoding::Boolean { truthy, falsy } => {
+            ValueEncoding::Boolean {
+                spellings,
+                truthy,
+                falsy,
+            } => {
                 let value = match cell {
                     Cell::Bool(b) => b,
-                    _ => {
-                        let text = cell.canonical();
-                        if truthy.contains(&text) {
-                            true
-                        } else if falsy.contains(&text) {
-                            false
-                        } else {
-                            return Err(invalid(format!(
-                                "a boolean the schema spells ({} for true, {} for false)",
-                                abbreviated(truthy),
-                                abbreviated(falsy)
-                            )));
-                        }
-                    }
+                    _ => *spellings.get(&LevelKey::of_cell(cell)).ok_or_else(|| {
+                        invalid(format!(
+                            "a boolean the schema spells ({} for true, {} for false)",
+                            abbreviated(truthy),
+                            abbreviated(falsy)
+                        ))
+                    })?,
                 };
                 out.push(if value { 1.0 } else { 0.0 });
             }
@@ -503,7 +549,9 @@ impl ColumnEncoder {
                     })?,
                     _ => return Err(invalid(format!("a date in the format {:?}", format.text))),
                 };
-                out.push((date.0 - epoch.0) as f32);
+                // In i64: two i32 day counts (a Parquet date32 may be any i32) can differ by more
+                // than an i32 holds.
+                out.push((i64::from(date.0) - i64::from(epoch.0)) as f32);
             }
         }
         Ok(())
@@ -600,6 +648,57 @@ mod tests {
         assert_eq!(encode(&date, Cell::Date(typed)).unwrap(), [10.0]);
         assert!(encode(&date, Cell::text("2000-01-02")).is_err());
         assert!(encode(&date, Cell::text("31/02/2000")).is_err());
+    }
+
+    #[test]
+    fn levels_match_numbers_by_value_and_text_exactly() {
+        let grade = ColumnEncoder::compile(
+            &column("name = \"g\"\ntype = \"categorical\"\ncategories = [\"1\", \"1.5\", \"n/a\"]"),
+            None,
+        )
+        .unwrap();
+        for one in [
+            Cell::text("1.0"),
+            Cell::text("1"),
+            Cell::text("1e0"),
+            Cell::Number(1.0),
+        ] {
+            assert_eq!(encode(&grade, one).unwrap(), [1.0, 0.0, 0.0], "{one:?}");
+        }
+        for half in [Cell::text("1.50"), Cell::Number(1.5)] {
+            assert_eq!(encode(&grade, half).unwrap(), [0.0, 1.0, 0.0], "{half:?}");
+        }
+        assert_eq!(encode(&grade, Cell::text("n/a")).unwrap(), [0.0, 0.0, 1.0]);
+        assert!(encode(&grade, Cell::text("N/A")).is_err());
+        assert!(encode(&grade, Cell::text("inf")).is_err());
+        // pandas writes a boolean column with gaps as 1.0/0.0: the default spellings match.
+        let flag =
+            ColumnEncoder::compile(&column("name = \"f\"\ntype = \"boolean\""), None).unwrap();
+        assert_eq!(encode(&flag, Cell::text("1.0")).unwrap(), [1.0]);
+        assert_eq!(encode(&flag, Cell::Number(0.0)).unwrap(), [0.0]);
+        assert!(encode(&flag, Cell::text("True")).is_err());
+        let e = ColumnEncoder::compile(
+            &column(
+                "name = \"f\"\ntype = \"boolean\"\ntrue_values = [\"1\"]\nfalse_values = [\"1.0\"]",
+            ),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn days_since_the_epoch_do_not_overflow() {
+        let date = ColumnEncoder::compile(
+            &column("name = \"d\"\ntype = \"date\"\nformat = \"%Y-%m-%d\"\nepoch = \"2000-01-01\""),
+            None,
+        )
+        .unwrap();
+        let epoch = i64::from(Date::parse_iso("2000-01-01").unwrap().0);
+        assert_eq!(
+            encode(&date, Cell::Date(Date(i32::MIN))).unwrap(),
+            [(i64::from(i32::MIN) - epoch) as f32]
+        );
     }
 
     #[test]

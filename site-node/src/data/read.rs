@@ -7,7 +7,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
-use super::encode::{CellProblem, ColumnEncoder, abbreviated};
+use super::encode::{CellProblem, ColumnEncoder, LevelKey, abbreviated};
 use super::schema::{DatasetSchema, FeatureColumn};
 use super::source::csv::CsvSource;
 use super::source::{Record, RecordSource};
@@ -151,12 +151,12 @@ fn read_with(
         return Ok(None);
     };
     let n_features: usize = columns.features.iter().map(|(_, e)| e.width()).sum();
-    let class_index: HashMap<&str, i64> = schema
+    let class_index: HashMap<LevelKey, i64> = schema
         .label
         .classes
         .iter()
         .enumerate()
-        .map(|(i, c)| (c.as_str(), i as i64))
+        .map(|(i, c)| (LevelKey::of_text(c), i as i64))
         .collect();
     let label_column = &schema.label.column;
 
@@ -237,14 +237,15 @@ fn read_with(
 fn label_of(
     record: &Record<'_>,
     position: usize,
-    classes: &HashMap<&str, i64>,
+    classes: &HashMap<LevelKey, i64>,
 ) -> Result<i64, Option<String>> {
     match record.cell(position) {
         Cell::Missing => Err(None),
-        cell => {
-            let text = cell.canonical();
-            classes.get(text.as_str()).copied().ok_or(Some(text))
-        }
+        // Matched as a category is: pandas' `1.0` is the class `1`.
+        cell => classes
+            .get(&LevelKey::of_cell(cell))
+            .copied()
+            .ok_or_else(|| Some(cell.canonical())),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::encode::{ColumnEncoder, OwnedCell};
+use super::encode::{ColumnEncoder, LevelKey, OwnedCell};
 use super::{DataError, Standardizer};
 
 /// How a feature column's cells become numbers (see `docs/schema.md`). The encoding is done by
@@ -273,9 +273,10 @@ impl DatasetSchema {
                 self.label.classes.len()
             )));
         }
+        // Classes are matched as categories are (a number by its value), so `1` and `1.0` are one.
         let mut seen = HashSet::new();
         for class in &self.label.classes {
-            if !seen.insert(class.as_str()) {
+            if !seen.insert(LevelKey::of_text(class)) {
                 return Err(invalid(format!("label.classes lists {class:?} twice")));
             }
         }

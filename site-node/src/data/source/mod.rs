@@ -191,3 +191,47 @@ impl RecordSource for CellsSource {
         }
     }
 }
+
+/// A single-precision float as the number its shortest decimal text is (`0.1f32` as 0.1, not
+/// 0.10000000149011612), so a `float4`/Parquet float32 cell matches the level or category a
+/// CSV export of it spells, and narrows back to the same f32.
+pub fn f32_as_decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// An exact decimal (`unscaled` × 10^-`scale`) as its decimal text with `scale` fraction digits,
+/// as PostgreSQL writes a `numeric` (Parquet `Decimal128(_, 2)` 150 is `1.50`), so both sources
+/// give the same cell.
+pub fn decimal_text(unscaled: i128, scale: i8) -> String {
+    let digits = unscaled.unsigned_abs().to_string();
+    let sign = if unscaled < 0 { "-" } else { "" };
+    if scale <= 0 {
+        let zeros = if unscaled == 0 {
+            0
+        } else {
+            usize::from(scale.unsigned_abs())
+        };
+        return format!("{sign}{digits}{}", "0".repeat(zeros));
+    }
+    let scale = usize::from(scale.unsigned_abs());
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    format!("{sign}{whole}.{fraction}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_and_floats_as_their_decimal_text() {
+        assert_eq!(decimal_text(150, 2), "1.50");
+        assert_eq!(decimal_text(-5, 2), "-0.05");
+        assert_eq!(decimal_text(0, 3), "0.000");
+        assert_eq!(decimal_text(7, -2), "700");
+        assert_eq!(decimal_text(42, 0), "42");
+        assert_eq!(f32_as_decimal(0.1), 0.1);
+        assert_eq!(f32_as_decimal(0.1) as f32, 0.1f32);
+        assert_eq!(f32_as_decimal(3.0), 3.0);
+    }
+}

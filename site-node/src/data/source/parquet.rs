@@ -1,9 +1,12 @@
 //! Parquet files, read as Arrow record batches (a batch of rows in memory at a time besides the
 //! parquet reader's column chunk buffers). Each top-level column becomes a header name; its
 //! values become cells by their Arrow type: strings (also dictionary-encoded, as pandas writes
-//! categoricals) as text, integers, floats and decimals as numbers, booleans, dates; a null is a
-//! missing cell. Other types (timestamps, lists, structs) are refused, naming the column and its
-//! type, so the site engineer can cast them in the export.
+//! categoricals) as text, integers and floats as numbers (a float32 as its shortest decimal,
+//! [`super::f32_as_decimal`]), decimals as their decimal text (as a PostgreSQL `numeric` is,
+//! [`super::decimal_text`]), booleans, dates; a null is a missing cell. Other types (timestamps,
+//! lists, structs) are refused, naming the column and its type, so the site engineer can cast them
+//! in the export. A text longer than CSV's field limit ([`MAX_FIELD_BYTES`]) and a `date64` beyond
+//! the dates a CSV file can spell are refused, naming line and column (never the value).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,8 +20,9 @@ use arrow_array::{Array, ArrowPrimitiveType, RecordBatch};
 use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use tutela_privacy::anonymize::Date;
+use tutela_privacy::anonymize::bounded::MAX_FIELD_BYTES;
 
-use super::{Record, RecordSource};
+use super::{Record, RecordSource, decimal_text, f32_as_decimal};
 use crate::data::{DataError, OwnedCell};
 
 /// Rows per batch: small enough that a wide table's batch stays a few MiB.
@@ -81,15 +85,32 @@ impl ParquetSource {
     /// A batch as rows of cells.
     fn decode(&self, batch: &RecordBatch) -> Result<Vec<Vec<OwnedCell>>, DataError> {
         let mut rows = vec![Vec::with_capacity(batch.num_columns()); batch.num_rows()];
+        // The batch's first row is the line after the last one given out.
+        let line_of = |row: usize| self.line + 1 + row as u64;
         for (c, column) in batch.columns().iter().enumerate() {
-            let cells = cells_of(column.as_ref()).map_err(|type_name| DataError::Source {
+            let name = self.header.get(c).map(String::as_str).unwrap_or("");
+            let source = |reason: String| DataError::Source {
                 origin: self.origin.display().to_string(),
-                reason: format!(
-                    "column {:?} has the type {type_name}, which the node does not read; export it as text, a number, a boolean or a date",
-                    self.header.get(c).map(String::as_str).unwrap_or("")
-                ),
+                reason,
+            };
+            let cells = cells_of(column.as_ref()).map_err(|problem| match problem {
+                ColumnProblem::Unsupported(type_name) => source(format!(
+                    "column {name:?} has the type {type_name}, which the node does not read; export it as text, a number, a boolean or a date"
+                )),
+                ColumnProblem::DateOutOfRange(row) => source(format!(
+                    "line {}, column {name:?}: a date64 value outside the dates the node reads (those of a 32-bit day count, as in a CSV file); correct the value",
+                    line_of(row)
+                )),
             })?;
-            for (row, cell) in rows.iter_mut().zip(cells) {
+            for (i, (row, cell)) in rows.iter_mut().zip(cells).enumerate() {
+                if matches!(&cell, OwnedCell::Text(t) if t.len() > MAX_FIELD_BYTES) {
+                    return Err(DataError::TooLong {
+                        path: self.origin.clone(),
+                        line: line_of(i),
+                        what: "a field",
+                        max: MAX_FIELD_BYTES as u64,
+                    });
+                }
                 row.push(cell);
             }
         }
@@ -113,21 +134,37 @@ where
         .collect()
 }
 
-fn dates<T>(array: &dyn Array, to_days: impl Fn(T::Native) -> i64) -> Vec<OwnedCell>
+/// Why a column's values cannot be cells.
+enum ColumnProblem {
+    /// A type the node does not read, by name.
+    Unsupported(String),
+    /// A date whose day count does not fit the node's dates, at this row of the batch. Refused
+    /// rather than read as missing, which the schema might then impute.
+    DateOutOfRange(usize),
+}
+
+fn dates<T>(
+    array: &dyn Array,
+    to_days: impl Fn(T::Native) -> i64,
+) -> Result<Vec<OwnedCell>, ColumnProblem>
 where
     T: ArrowPrimitiveType,
 {
     let array = array.as_primitive::<T>();
     (0..array.len())
-        .map(|i| match i32::try_from(to_days(array.value(i))) {
-            Ok(days) if !array.is_null(i) => OwnedCell::Date(Date(days)),
-            _ => OwnedCell::Missing,
+        .map(|i| {
+            if array.is_null(i) {
+                return Ok(OwnedCell::Missing);
+            }
+            i32::try_from(to_days(array.value(i)))
+                .map(|days| OwnedCell::Date(Date(days)))
+                .map_err(|_| ColumnProblem::DateOutOfRange(i))
         })
         .collect()
 }
 
-/// The cells of one column; `Err` with the type's name for a type the node does not read.
-fn cells_of(array: &dyn Array) -> Result<Vec<OwnedCell>, String> {
+/// The cells of one column.
+fn cells_of(array: &dyn Array) -> Result<Vec<OwnedCell>, ColumnProblem> {
     let text = |value: Option<&str>| {
         value.map_or(OwnedCell::Missing, |v| {
             OwnedCell::Text(v.trim().to_string())
@@ -150,28 +187,37 @@ fn cells_of(array: &dyn Array) -> Result<Vec<OwnedCell>, String> {
         DataType::UInt16 => numbers::<UInt16Type>(array, f64::from),
         DataType::UInt32 => numbers::<UInt32Type>(array, f64::from),
         DataType::UInt64 => numbers::<UInt64Type>(array, |x| x as f64),
-        DataType::Float32 => numbers::<Float32Type>(array, f64::from),
+        DataType::Float32 => numbers::<Float32Type>(array, f32_as_decimal),
         DataType::Float64 => numbers::<Float64Type>(array, |x| x),
-        // Exact integers over an exact power of ten: correctly rounded, as parsing its decimal
-        // text would be (while both stay below 2^53).
         DataType::Decimal128(_, scale) => {
-            let scale = i32::from(*scale);
-            numbers::<Decimal128Type>(array, |x| {
-                if scale >= 0 {
-                    x as f64 / 10f64.powi(scale)
-                } else {
-                    x as f64 * 10f64.powi(-scale)
-                }
-            })
+            let array = array.as_primitive::<Decimal128Type>();
+            (0..array.len())
+                .map(|i| {
+                    if array.is_null(i) {
+                        OwnedCell::Missing
+                    } else {
+                        OwnedCell::Text(decimal_text(array.value(i), *scale))
+                    }
+                })
+                .collect()
         }
-        DataType::Date32 => dates::<Date32Type>(array, i64::from),
-        DataType::Date64 => dates::<Date64Type>(array, |ms| ms.div_euclid(86_400_000)),
+        DataType::Date32 => dates::<Date32Type>(array, i64::from)?,
+        DataType::Date64 => dates::<Date64Type>(array, |ms| ms.div_euclid(86_400_000))?,
         DataType::Dictionary(_, _) => {
             let dictionary = array.as_any_dictionary();
-            let values = cells_of(dictionary.values().as_ref())?;
-            dictionary
-                .normalized_keys()
-                .into_iter()
+            let keys = dictionary.normalized_keys();
+            let values =
+                cells_of(dictionary.values().as_ref()).map_err(|problem| match problem {
+                    // The first row that uses the value.
+                    ColumnProblem::DateOutOfRange(value) => ColumnProblem::DateOutOfRange(
+                        keys.iter()
+                            .enumerate()
+                            .position(|(i, &k)| k == value && !array.is_null(i))
+                            .unwrap_or(0),
+                    ),
+                    other => other,
+                })?;
+            keys.into_iter()
                 .enumerate()
                 .map(|(i, key)| {
                     if array.is_null(i) {
@@ -182,7 +228,7 @@ fn cells_of(array: &dyn Array) -> Result<Vec<OwnedCell>, String> {
                 })
                 .collect()
         }
-        other => return Err(other.to_string()),
+        other => return Err(ColumnProblem::Unsupported(other.to_string())),
     })
 }
 

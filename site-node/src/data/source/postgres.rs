@@ -7,21 +7,28 @@
 //! or a file (`password_env`, `password_file`), and a URL with a password in it is refused when
 //! the config is read. Errors name the dataset (`postgres:<name>`), never the URL.
 //!
-//! Columns become cells by their SQL type: text types as text, integers, floats and `numeric` as
-//! numbers (`numeric` through its decimal text, so it matches a CSV export digit for digit),
-//! `boolean`, `date`; NULL is a missing cell. Other types are refused, naming the column and its
-//! type (cast them in the query).
+//! Columns become cells by their SQL type: text types as text, integers and floats as numbers
+//! (`real` as its shortest decimal, [`super::f32_as_decimal`]), `numeric` as its decimal text (as
+//! a Parquet decimal is, and as a CSV export writes it), `boolean`, `date`; NULL is a missing
+//! cell. Other types are refused, naming the column and its type (cast them in the query), and so
+//! are the dates `infinity` and `-infinity` and a text longer than CSV's field limit
+//! ([`MAX_FIELD_BYTES`]), naming line and column (never a value).
+//!
+//! Rows are streamed from the server and decoded one at a time; a query that returns more than
+//! `max_rows` rows is refused (the rows become one table in memory).
 
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgValueFormat};
 use sqlx::{Column, Connection, Executor, Row, SqlSafeStr, Statement, TypeInfo, ValueRef};
 use tutela_privacy::anonymize::Date;
+use tutela_privacy::anonymize::bounded::MAX_FIELD_BYTES;
 
-use super::{CellsSource, postgres_origin};
+use super::{CellsSource, f32_as_decimal, postgres_origin};
 use crate::data::{DataError, OwnedCell};
 
 /// `[datasets.<name>.postgres]` in node.toml.
@@ -41,10 +48,17 @@ pub struct PostgresConfig {
     /// How long connecting and the query may take, in seconds.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// The most rows the query may return; more is refused (the dataset is held in memory).
+    #[serde(default = "default_max_rows")]
+    pub max_rows: u64,
 }
 
 fn default_timeout_secs() -> u64 {
     300
+}
+
+fn default_max_rows() -> u64 {
+    10_000_000
 }
 
 impl PostgresConfig {
@@ -84,6 +98,9 @@ impl PostgresConfig {
                 "password_env",
                 "give password_env or password_file, not both".into(),
             ));
+        }
+        if self.max_rows == 0 {
+            return Err(("max_rows", "must be at least 1".into()));
         }
         if !(1..=86_400).contains(&self.timeout_secs) {
             return Err((
@@ -140,7 +157,7 @@ pub fn fetch(dataset: &str, config: &PostgresConfig) -> Result<CellsSource, Data
                     .build()
                     .map_err(|e| error(format!("cannot start a runtime: {e}")))?;
                 runtime.block_on(async {
-                    tokio::time::timeout(timeout, run_query(&options, &query))
+                    tokio::time::timeout(timeout, run_query(&options, &query, config.max_rows))
                         .await
                         .map_err(|_| {
                             error(format!(
@@ -160,6 +177,7 @@ pub fn fetch(dataset: &str, config: &PostgresConfig) -> Result<CellsSource, Data
 async fn run_query(
     options: &PgConnectOptions,
     query: &str,
+    max_rows: u64,
 ) -> Result<(Vec<String>, Vec<Vec<OwnedCell>>), String> {
     let mut connection = PgConnection::connect_with(options)
         .await
@@ -179,20 +197,30 @@ async fn run_query(
         .iter()
         .map(|c| c.name().trim().to_string())
         .collect();
-    let rows = statement
-        .query()
-        .fetch_all(&mut *transaction)
-        .await
-        .map_err(|e| format!("the query: {e}"))?;
+    // Streamed: each row is decoded as it arrives, so the server's rows and their cells are not
+    // both held at once, and a query past `max_rows` stops there.
+    let mut rows = Vec::new();
+    {
+        let mut stream = statement.query().fetch(&mut *transaction);
+        while let Some(row) = stream
+            .try_next()
+            .await
+            .map_err(|e| format!("the query: {e}"))?
+        {
+            if rows.len() as u64 >= max_rows {
+                return Err(format!(
+                    "the query returns more than {max_rows} rows (max_rows); raise max_rows or narrow the query"
+                ));
+            }
+            // The header is line 1.
+            let line = rows.len() as u64 + 2;
+            let cells = (0..row.len())
+                .map(|i| cell(&row, i).map_err(|reason| format!("line {line}, {reason}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.push(cells);
+        }
+    }
     let _ = transaction.rollback().await;
-    let rows = rows
-        .iter()
-        .map(|row| {
-            (0..row.len())
-                .map(|i| cell(row, i))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     Ok((header, rows))
 }
 
@@ -208,16 +236,22 @@ fn cell(row: &PgRow, i: usize) -> Result<OwnedCell, String> {
         return Ok(OwnedCell::Missing);
     }
     Ok(match type_name.as_str() {
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" => OwnedCell::Text(
-            row.try_get::<String, _>(i)
-                .map_err(unreadable)?
-                .trim()
-                .to_string(),
-        ),
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" => {
+            let text = row.try_get::<&str, _>(i).map_err(unreadable)?.trim();
+            if text.len() > MAX_FIELD_BYTES {
+                return Err(format!(
+                    "column {:?}: a field is longer than the limit of {MAX_FIELD_BYTES} bytes",
+                    column.name()
+                ));
+            }
+            OwnedCell::Text(text.to_string())
+        }
         "INT2" => OwnedCell::Number(row.try_get::<i16, _>(i).map_err(unreadable)?.into()),
         "INT4" => OwnedCell::Number(row.try_get::<i32, _>(i).map_err(unreadable)?.into()),
         "INT8" => OwnedCell::Number(row.try_get::<i64, _>(i).map_err(unreadable)? as f64),
-        "FLOAT4" => OwnedCell::Number(row.try_get::<f32, _>(i).map_err(unreadable)?.into()),
+        "FLOAT4" => OwnedCell::Number(f32_as_decimal(
+            row.try_get::<f32, _>(i).map_err(unreadable)?,
+        )),
         "FLOAT8" => OwnedCell::Number(row.try_get::<f64, _>(i).map_err(unreadable)?),
         "BOOL" => OwnedCell::Bool(row.try_get::<bool, _>(i).map_err(unreadable)?),
         "DATE" | "NUMERIC" => {
@@ -225,14 +259,26 @@ fn cell(row: &PgRow, i: usize) -> Result<OwnedCell, String> {
                 .as_bytes()
                 .map_err(|e| format!("column {:?} ({type_name}): {e}", column.name()))?;
             let binary = value.format() == PgValueFormat::Binary;
+            let infinite = || {
+                format!(
+                    "column {:?} (DATE): an infinite date (infinity or -infinity), which is no day; correct the value or map it in the query",
+                    column.name()
+                )
+            };
             let decoded = match (type_name.as_str(), binary) {
-                ("DATE", true) => <[u8; 4]>::try_from(bytes)
-                    .ok()
-                    .map(|b| OwnedCell::Date(Date(i32::from_be_bytes(b) + PG_EPOCH_DAYS))),
-                ("DATE", false) => std::str::from_utf8(bytes)
-                    .ok()
-                    .and_then(Date::parse_iso)
-                    .map(OwnedCell::Date),
+                ("DATE", true) => match <[u8; 4]>::try_from(bytes).map(i32::from_be_bytes) {
+                    // PostgreSQL's infinity and -infinity.
+                    Ok(i32::MAX | i32::MIN) => return Err(infinite()),
+                    Ok(days) => days
+                        .checked_add(PG_EPOCH_DAYS)
+                        .map(|d| OwnedCell::Date(Date(d))),
+                    Err(_) => None,
+                },
+                ("DATE", false) => match std::str::from_utf8(bytes) {
+                    Ok("infinity" | "-infinity") => return Err(infinite()),
+                    Ok(text) => Date::parse_iso(text).map(OwnedCell::Date),
+                    Err(_) => None,
+                },
                 (_, true) => numeric_text(bytes).map(OwnedCell::Text),
                 (_, false) => std::str::from_utf8(bytes)
                     .ok()
@@ -353,6 +399,7 @@ mod tests {
             password_env: None,
             password_file: None,
             timeout_secs: 10,
+            max_rows: 100,
         };
         assert!(config("postgres://reader@db:5432/clinic").check().is_ok());
         let (key, why) = config("postgres://reader:secret@db/clinic")

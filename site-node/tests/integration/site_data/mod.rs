@@ -11,6 +11,7 @@
 
 mod check;
 mod sources;
+mod spellings;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -276,6 +277,31 @@ async fn execute(url: &str, statements: &[String]) {
 
 impl TestDatabase {
     async fn create(admin_url: &str, rows: &[Visit]) -> TestDatabase {
+        let mut statements = vec![
+            "CREATE TABLE visits (id serial PRIMARY KEY, age int8, sex text, ward varchar(8), \
+             stage text, smoker boolean, admitted date, hb numeric(4,1), outcome text)"
+                .to_string(),
+        ];
+        for v in rows {
+            let text = |t: Option<&str>| t.map_or("NULL".to_string(), |t| format!("'{t}'"));
+            statements.push(format!(
+                "INSERT INTO visits (age, sex, ward, stage, smoker, admitted, hb, outcome) \
+                 VALUES ({}, {}, '{}', '{}', {}, '{}', {}, '{}')",
+                v.age.map_or("NULL".to_string(), |a| a.to_string()),
+                text(v.sex),
+                v.ward,
+                v.stage,
+                v.smoker,
+                v.admitted,
+                v.hb.clone().unwrap_or_else(|| "NULL".into()),
+                v.outcome
+            ));
+        }
+        TestDatabase::with_table(admin_url, "visits", &statements).await
+    }
+
+    /// A database of its own in which `statements` make `table`, which the reader may select.
+    async fn with_table(admin_url: &str, table: &str, statements: &[String]) -> TestDatabase {
         let unique = format!(
             "{}_{}",
             std::process::id(),
@@ -298,28 +324,9 @@ impl TestDatabase {
             ],
         )
         .await;
-        let mut inserts = vec![
-            "CREATE TABLE visits (id serial PRIMARY KEY, age int8, sex text, ward varchar(8), \
-             stage text, smoker boolean, admitted date, hb numeric(4,1), outcome text)"
-                .to_string(),
-            format!("GRANT SELECT ON visits TO {}", db.role),
-        ];
-        for v in rows {
-            let text = |t: Option<&str>| t.map_or("NULL".to_string(), |t| format!("'{t}'"));
-            inserts.push(format!(
-                "INSERT INTO visits (age, sex, ward, stage, smoker, admitted, hb, outcome) \
-                 VALUES ({}, {}, '{}', '{}', {}, '{}', {}, '{}')",
-                v.age.map_or("NULL".to_string(), |a| a.to_string()),
-                text(v.sex),
-                v.ward,
-                v.stage,
-                v.smoker,
-                v.admitted,
-                v.hb.clone().unwrap_or_else(|| "NULL".into()),
-                v.outcome
-            ));
-        }
-        execute(&with_database(admin_url, &db.name), &inserts).await;
+        let mut statements = statements.to_vec();
+        statements.push(format!("GRANT SELECT ON {table} TO {}", db.role));
+        execute(&with_database(admin_url, &db.name), &statements).await;
         db
     }
 
@@ -330,6 +337,7 @@ impl TestDatabase {
             password_env: None,
             password_file: Some(password_file.to_path_buf()),
             timeout_secs: 60,
+            max_rows: 10_000,
         }
     }
 
