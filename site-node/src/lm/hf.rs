@@ -320,41 +320,74 @@ fn canonical_json(value: &Value) -> Value {
     }
 }
 
+/// The digest's framing, shared by [`checkpoint_digest`] (files) and
+/// [`checkpoint_digest_of_bytes`] (a checkpoint received into memory), so both name a
+/// checkpoint identically.
+struct CheckpointHasher(ring::digest::Context);
+
+impl CheckpointHasher {
+    /// Starts the digest with the canonical form of `config.json`'s text (`path` names it in
+    /// errors).
+    fn new(config_text: &[u8], path: &Path) -> Result<CheckpointHasher, LmError> {
+        let config: Value = serde_json::from_slice(config_text).map_err(|e| LmError::Config {
+            path: path.to_path_buf(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        let canonical =
+            serde_json::to_vec(&canonical_json(&config)).map_err(|e| LmError::Config {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let mut hasher = CheckpointHasher(ring::digest::Context::new(&ring::digest::SHA256));
+        hasher.field(b"tutela/hf-checkpoint/v1");
+        hasher.field(&canonical);
+        Ok(hasher)
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn tensor_count(&mut self, count: usize) {
+        self.0.update(&(count as u64).to_le_bytes());
+    }
+
+    /// A tensor's name, dtype, shape and byte length; its bytes follow through [`Self::bytes`].
+    fn tensor_header(&mut self, name: &str, dtype: Dtype, shape: &[usize], len: usize) {
+        self.field(name.as_bytes());
+        self.field(format!("{dtype:?}").as_bytes());
+        self.0.update(&(shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            self.0.update(&(d as u64).to_le_bytes());
+        }
+        self.0.update(&(len as u64).to_le_bytes());
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> String {
+        hex::encode(self.0.finish().as_ref())
+    }
+}
+
 /// The SHA-256 digest (lower-case hex) that names the checkpoint in `dir`: the canonical form of
 /// `config.json` (keys sorted, no whitespace), then for each tensor in name order its name,
 /// dtype, shape and bytes, each length-prefixed. Tensors are streamed, 1 MiB at a time.
 pub fn checkpoint_digest(dir: impl AsRef<Path>) -> Result<String, LmError> {
     let dir = dir.as_ref();
     let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(LmError::io(&config_path))?;
-    let config: Value = serde_json::from_str(&text).map_err(|e| LmError::Config {
-        path: config_path.clone(),
-        reason: format!("not valid JSON: {e}"),
-    })?;
-    let canonical = serde_json::to_vec(&canonical_json(&config)).map_err(|e| LmError::Config {
-        path: config_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let field = |ctx: &mut ring::digest::Context, bytes: &[u8]| {
-        ctx.update(&(bytes.len() as u64).to_le_bytes());
-        ctx.update(bytes);
-    };
-    field(&mut ctx, b"tutela/hf-checkpoint/v1");
-    field(&mut ctx, &canonical);
+    let text = std::fs::read(&config_path).map_err(LmError::io(&config_path))?;
+    let mut hasher = CheckpointHasher::new(&text, &config_path)?;
     let (mut files, tensors) = open_tensors(dir)?;
-    ctx.update(&(tensors.len() as u64).to_le_bytes());
+    hasher.tensor_count(tensors.len());
     let mut buffer = vec![0u8; 1 << 20];
     for (name, (file, info)) in &tensors {
-        field(&mut ctx, name.as_bytes());
-        field(&mut ctx, format!("{:?}", info.dtype).as_bytes());
-        ctx.update(&(info.shape.len() as u64).to_le_bytes());
-        for &d in &info.shape {
-            ctx.update(&(d as u64).to_le_bytes());
-        }
         let file = &mut files[*file];
         let (start, end) = info.data_offsets;
-        ctx.update(&((end - start) as u64).to_le_bytes());
+        hasher.tensor_header(name, info.dtype, &info.shape, end - start);
         file.file
             .seek(SeekFrom::Start(file.data_start + start as u64))
             .map_err(LmError::io(&file.path))?;
@@ -364,11 +397,36 @@ pub fn checkpoint_digest(dir: impl AsRef<Path>) -> Result<String, LmError> {
             file.file
                 .read_exact(&mut buffer[..chunk])
                 .map_err(LmError::io(&file.path))?;
-            ctx.update(&buffer[..chunk]);
+            hasher.bytes(&buffer[..chunk]);
             left -= chunk;
         }
     }
-    Ok(hex::encode(ctx.finish().as_ref()))
+    Ok(hasher.finish())
+}
+
+/// The [`checkpoint_digest`] of a checkpoint held in memory: `config.json`'s text and one
+/// safetensors file's bytes (`label` names the checkpoint in errors: e.g. "the base received
+/// from the coordinator"). How a site checks a base it received before anything of it is kept.
+pub fn checkpoint_digest_of_bytes(
+    config_json: &[u8],
+    weights: &[u8],
+    label: &str,
+) -> Result<String, LmError> {
+    let base = Path::new(label);
+    let mut hasher = CheckpointHasher::new(config_json, &base.join(CONFIG_FILE))?;
+    let file =
+        safetensors::SafeTensors::deserialize(weights).map_err(|source| LmError::Safetensors {
+            path: base.join(WEIGHTS_FILE),
+            source,
+        })?;
+    let mut tensors = file.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    hasher.tensor_count(tensors.len());
+    for (name, view) in &tensors {
+        hasher.tensor_header(name, view.dtype(), view.shape(), view.data().len());
+        hasher.bytes(view.data());
+    }
+    Ok(hasher.finish())
 }
 
 /// Loads an INT8 weight-only export (`tutela model export-int8`, format
