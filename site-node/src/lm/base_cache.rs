@@ -110,7 +110,9 @@ pub enum BaseCacheError {
     },
     #[error(transparent)]
     AtRest(#[from] AtRestError),
-    #[error("the cached base model (sha256 {digest}) no longer has that digest (found {found}): it was removed")]
+    #[error(
+        "the cached base model (sha256 {digest}) no longer has that digest (found {found}): it was removed"
+    )]
     Corrupted { digest: String, found: String },
 }
 
@@ -179,7 +181,10 @@ impl std::fmt::Debug for BaseModelCache {
 }
 
 fn is_digest(name: &str) -> bool {
-    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl BaseModelCache {
@@ -195,7 +200,11 @@ impl BaseModelCache {
         std::fs::create_dir_all(&dir).map_err(BaseCacheError::io(&dir))?;
         for entry in std::fs::read_dir(&dir).map_err(BaseCacheError::io(&dir))? {
             let entry = entry.map_err(BaseCacheError::io(&dir))?;
-            if entry.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(PARTIAL_PREFIX)
+            {
                 let path = entry.path();
                 std::fs::remove_dir_all(&path).map_err(BaseCacheError::io(&path))?;
             }
@@ -368,9 +377,10 @@ impl BaseModelCache {
         }
         let entry = self.entry_dir(sha256);
         match std::fs::remove_dir_all(&entry) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(BaseCacheError::Io { path: entry, source: e })
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BaseCacheError::Io {
+                path: entry,
+                source: e,
+            }),
             _ => Ok(()),
         }
     }
@@ -392,15 +402,27 @@ impl BaseModelCache {
             let path = entry.join(format!("{name}{ENCRYPTED_SUFFIX}"));
             decrypt_to_vec(&path, self.kek.as_ref()).map_err(BaseCacheError::from)
         };
-        let (config_json, weights) = match read(CONFIG_FILE).and_then(|c| Ok((c, read(WEIGHTS_FILE)?))) {
-            Ok(pair) => pair,
-            Err(e) => {
-                // Ciphertext that does not authenticate is of no use: drop it so that the next
-                // admission fetches the base again.
-                self.remove(sha256)?;
-                return Err(e);
-            }
-        };
+        let (config_json, weights) =
+            match read(CONFIG_FILE).and_then(|c| Ok((c, read(WEIGHTS_FILE)?))) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Ciphertext that does not authenticate is of no use: drop it so that the next
+                    // admission fetches the base again. Not so for another KEK, a KEK backend or
+                    // an I/O failure: the entry may be sound, and the operator's to fix.
+                    let sound = matches!(
+                        e,
+                        BaseCacheError::AtRest(
+                            AtRestError::WrongKek { .. }
+                                | AtRestError::Kek { .. }
+                                | AtRestError::Io { .. }
+                        )
+                    );
+                    if !sound {
+                        self.remove(sha256)?;
+                    }
+                    return Err(e);
+                }
+            };
         let found = checkpoint_digest_of_bytes(&config_json, &weights, "a cached base model")
             .unwrap_or_else(|e: LmError| format!("unreadable ({e})"));
         if found != sha256 {

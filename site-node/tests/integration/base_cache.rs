@@ -116,6 +116,9 @@ fn a_cached_base_is_only_ciphertext_on_disk_and_loads_by_digest() {
         .unwrap()
         .with_scratch(&scratch);
     assert!(other.open(&digest).is_err());
+    // ...and a KEK mistake does not cost the entry.
+    assert!(cache.contains(&digest));
+    drop(cache.open(&digest).unwrap().unwrap());
 }
 
 #[test]
@@ -135,7 +138,10 @@ fn a_base_whose_digest_differs_is_refused_with_both_and_nothing_kept() {
     assert_eq!(expected, &digest);
     assert_ne!(found, &digest);
     let message = err.to_string();
-    assert!(message.contains(&digest) && message.contains(found.as_str()), "{message}");
+    assert!(
+        message.contains(&digest) && message.contains(found.as_str()),
+        "{message}"
+    );
     assert!(!err.is_local());
     assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 0);
 

@@ -69,7 +69,11 @@ fn every_documented_range_of_node_toml_is_enforced() {
             Integer(0),
             "base_cache.max_entries",
         ),
-        (&["base_cache", "max_bytes"], Integer(0), "base_cache.max_bytes"),
+        (
+            &["base_cache", "max_bytes"],
+            Integer(0),
+            "base_cache.max_bytes",
+        ),
     ];
     for (key_path, value, key) in cases {
         let mut table: toml::Table = toml::from_str(&shipped).unwrap();
