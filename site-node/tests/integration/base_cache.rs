@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tch::{Device, Kind};
 use tutela_privacy::at_rest::{KeyEncryptionKey, LocalKek};
 use tutela_site_node::config::NodeConfig;
+use tutela_site_node::lm::base::{BaseModelRefusal, SiteBaseModels};
 use tutela_site_node::lm::base_cache::{
     BaseCacheError, BaseCacheLimits, BaseModelCache, ReceivedBase,
 };
@@ -274,4 +275,51 @@ fn base_cache_config_defaults_and_bounds() {
     assert!(err.contains("base_cache.max_bytes"), "{err}");
     let err = parse("[base_cache]\nmax_entrys = 3\n").unwrap_err();
     assert!(err.contains("max_entrys"), "{err}");
+}
+
+#[test]
+fn admission_takes_a_base_the_site_lacks_from_the_cache_for_as_long_as_the_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (received, digest) = received_base(&tmp.path().join("sent"), 20);
+    let held_dir = tmp.path().join("held");
+    let (_, held_digest) = received_base(&held_dir, 21);
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let cache =
+        BaseModelCache::open_dir(tmp.path().join("cache"), kek(3), BaseCacheLimits::default())
+            .unwrap()
+            .with_scratch(&scratch);
+    let bases = SiteBaseModels::index(&[held_dir.clone()])
+        .unwrap()
+        .with_cache(cache.clone());
+
+    // Not held and not cached: declined with digests only.
+    let refusal = bases.approve(&digest).unwrap_err();
+    assert_eq!(
+        refusal,
+        BaseModelRefusal::NotHeld {
+            wanted: digest.clone(),
+            held: vec![held_digest.clone()],
+        }
+    );
+    // The site's own base is used in place, not from the cache.
+    let own = bases.approve(&held_digest).unwrap();
+    assert!(!own.is_cached());
+    assert_eq!(own.dir(), held_dir);
+
+    cache.insert(&digest, &received, &BTreeSet::new()).unwrap();
+    let approved = bases.approve(&digest).unwrap();
+    assert!(approved.is_cached());
+    let dir = approved.dir().to_path_buf();
+    assert!(dir.starts_with(&scratch));
+    // A clone (the round's) keeps the directory alive; the last drop removes it.
+    let round = approved.clone();
+    drop(approved);
+    load_checkpoint_with_digest(round.dir(), &digest, Device::Cpu, Kind::Float).unwrap();
+    drop(round);
+    assert!(!dir.exists());
+
+    // A base cached while fetching is off is not used.
+    let without = SiteBaseModels::index(&[held_dir]).unwrap();
+    assert!(without.approve(&digest).is_err());
 }
