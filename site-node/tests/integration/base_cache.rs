@@ -289,7 +289,7 @@ fn admission_takes_a_base_the_site_lacks_from_the_cache_for_as_long_as_the_round
         BaseModelCache::open_dir(tmp.path().join("cache"), kek(3), BaseCacheLimits::default())
             .unwrap()
             .with_scratch(&scratch);
-    let bases = SiteBaseModels::index(&[held_dir.clone()])
+    let bases = SiteBaseModels::index(std::slice::from_ref(&held_dir))
         .unwrap()
         .with_cache(cache.clone());
 
