@@ -57,6 +57,7 @@
 //!   - [`tabular`]: the round of a layer network (MLP, CNN) on a table;
 //!   - [`language`]: the round of a language model on a text dataset.
 
+mod base_fetch;
 mod filter;
 mod gate;
 pub mod language;

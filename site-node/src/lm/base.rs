@@ -170,6 +170,12 @@ impl SiteBaseModels {
             .map(|(d, p)| (d.as_str(), p.as_path()))
     }
 
+    /// Whether the site holds base `wanted` or has it in its cache of fetched bases.
+    pub fn holds(&self, wanted: &str) -> bool {
+        self.by_digest.contains_key(wanted)
+            || self.cache.as_ref().is_some_and(|c| c.contains(wanted))
+    }
+
     /// The site's checkpoint whose digest is `wanted`, else the cached one decrypted for this
     /// use. A cached base that cannot be read (its error names the site's files: logged here,
     /// not sent) or no longer has its digest (dropped from the cache) is as good as not held.

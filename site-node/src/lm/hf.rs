@@ -24,6 +24,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor, nn};
+use tutela_protocol::checkpoint_digest::CheckpointHasher;
 
 use super::config::DecoderConfig;
 use super::error::LmError;
@@ -307,70 +308,14 @@ pub fn save_checkpoint(model: &LanguageModel, dir: impl AsRef<Path>) -> Result<(
     Ok(())
 }
 
-/// A JSON value with every object's keys sorted, recursively.
-fn canonical_json(value: &Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let sorted: BTreeMap<&String, Value> =
-                map.iter().map(|(k, v)| (k, canonical_json(v))).collect();
-            Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
-        }
-        Value::Array(items) => Value::Array(items.iter().map(canonical_json).collect()),
-        other => other.clone(),
-    }
-}
-
-/// The digest's framing, shared by [`checkpoint_digest`] (files) and
-/// [`checkpoint_digest_of_bytes`] (a checkpoint received into memory), so both name a
-/// checkpoint identically.
-struct CheckpointHasher(ring::digest::Context);
-
-impl CheckpointHasher {
-    /// Starts the digest with the canonical form of `config.json`'s text (`path` names it in
-    /// errors).
-    fn new(config_text: &[u8], path: &Path) -> Result<CheckpointHasher, LmError> {
-        let config: Value = serde_json::from_slice(config_text).map_err(|e| LmError::Config {
-            path: path.to_path_buf(),
-            reason: format!("not valid JSON: {e}"),
-        })?;
-        let canonical =
-            serde_json::to_vec(&canonical_json(&config)).map_err(|e| LmError::Config {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        let mut hasher = CheckpointHasher(ring::digest::Context::new(&ring::digest::SHA256));
-        hasher.field(b"tutela/hf-checkpoint/v1");
-        hasher.field(&canonical);
-        Ok(hasher)
-    }
-
-    fn field(&mut self, bytes: &[u8]) {
-        self.0.update(&(bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
-    }
-
-    fn tensor_count(&mut self, count: usize) {
-        self.0.update(&(count as u64).to_le_bytes());
-    }
-
-    /// A tensor's name, dtype, shape and byte length; its bytes follow through [`Self::bytes`].
-    fn tensor_header(&mut self, name: &str, dtype: Dtype, shape: &[usize], len: usize) {
-        self.field(name.as_bytes());
-        self.field(format!("{dtype:?}").as_bytes());
-        self.0.update(&(shape.len() as u64).to_le_bytes());
-        for &d in shape {
-            self.0.update(&(d as u64).to_le_bytes());
-        }
-        self.0.update(&(len as u64).to_le_bytes());
-    }
-
-    fn bytes(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-
-    fn finish(self) -> String {
-        hex::encode(self.0.finish().as_ref())
-    }
+/// The digest's framing, [`tutela_protocol::checkpoint_digest`]'s (one implementation for the
+/// CLI, the coordinator and the site), started with `config.json`'s text (`path` names it in
+/// errors).
+fn checkpoint_hasher(config_text: &[u8], path: &Path) -> Result<CheckpointHasher, LmError> {
+    CheckpointHasher::new(config_text).map_err(|e| LmError::Config {
+        path: path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })
 }
 
 /// The SHA-256 digest (lower-case hex) that names the checkpoint in `dir`: the canonical form of
@@ -380,7 +325,7 @@ pub fn checkpoint_digest(dir: impl AsRef<Path>) -> Result<String, LmError> {
     let dir = dir.as_ref();
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read(&config_path).map_err(LmError::io(&config_path))?;
-    let mut hasher = CheckpointHasher::new(&text, &config_path)?;
+    let mut hasher = checkpoint_hasher(&text, &config_path)?;
     let (mut files, tensors) = open_tensors(dir)?;
     hasher.tensor_count(tensors.len());
     let mut buffer = vec![0u8; 1 << 20];
@@ -412,21 +357,11 @@ pub fn checkpoint_digest_of_bytes(
     weights: &[u8],
     label: &str,
 ) -> Result<String, LmError> {
-    let base = Path::new(label);
-    let mut hasher = CheckpointHasher::new(config_json, &base.join(CONFIG_FILE))?;
-    let file =
-        safetensors::SafeTensors::deserialize(weights).map_err(|source| LmError::Safetensors {
-            path: base.join(WEIGHTS_FILE),
-            source,
-        })?;
-    let mut tensors = file.tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    hasher.tensor_count(tensors.len());
-    for (name, view) in &tensors {
-        hasher.tensor_header(name, view.dtype(), view.shape(), view.data().len());
-        hasher.bytes(view.data());
-    }
-    Ok(hasher.finish())
+    tutela_protocol::checkpoint_digest::checkpoint_digest_of_bytes(config_json, weights, label)
+        .map_err(|e| LmError::Config {
+            path: PathBuf::from(label),
+            reason: e.to_string(),
+        })
 }
 
 /// Loads an INT8 weight-only export (`tutela model export-int8`, format
