@@ -439,6 +439,15 @@ mod tests {
             p("/tutela.v1.Jobs/SubmitJob"),
             ("jobs".into(), "submit".into())
         );
+        // Uploading a job's base model is part of submitting it.
+        assert_eq!(
+            p("/tutela.v1.Jobs/UploadBaseModel"),
+            ("jobs".into(), "submit".into())
+        );
+        assert_eq!(
+            p("/tutela.v1.Federation/FetchBaseModel"),
+            ("federation".into(), "participate".into())
+        );
         assert_eq!(
             p("/tutela.v1.Jobs/WatchJob"),
             ("jobs".into(), "read".into())
