@@ -38,10 +38,19 @@ impl Connection {
 pub enum JobCommand {
     /// Submit a job spec (TOML; see deploy/jobs/ for every key) and print its id. With --watch,
     /// follow it round by round until it ends.
+    ///
+    /// With --base-model DIR (a Hugging Face checkpoint: config.json and model.safetensors), the
+    /// job's base for sites that do not hold it: its checkpoint digest is computed here and must
+    /// be the spec's model.base_sha256 (a mismatch is refused, naming both), then it is uploaded
+    /// to the coordinator, which checks it again and keeps it by digest for the sites to fetch
+    /// once ([base_cache] in node.toml).
     Submit {
         spec: PathBuf,
         #[arg(long)]
         watch: bool,
+        /// The job's base checkpoint directory, uploaded before the job is submitted.
+        #[arg(long, value_name = "DIR")]
+        base_model: Option<PathBuf>,
         #[command(flatten)]
         conn: Connection,
     },
@@ -138,10 +147,38 @@ pub enum JobCommand {
 
 pub async fn run(cmd: JobCommand) -> Result<()> {
     match cmd {
-        JobCommand::Submit { spec, watch, conn } => {
+        JobCommand::Submit {
+            spec,
+            watch,
+            base_model,
+            conn,
+        } => {
             let text = std::fs::read_to_string(&spec)
                 .with_context(|| format!("cannot read {}", spec.display()))?;
             let mut jobs = conn.jobs().await?;
+            if let Some(dir) = &base_model {
+                let parsed = tutela_protocol::job::JobSpec::from_toml_str(&text)
+                    .with_context(|| format!("{} is not a valid job spec", spec.display()))?;
+                let (sha256, config_json, weights) = tutela_protocol::base_model::read_for_upload(
+                    dir,
+                    parsed.model.base_sha256.as_deref(),
+                )?;
+                let receipt = jobs
+                    .upload_base_model(tutela_protocol::base_model::chunk_stream(
+                        &sha256,
+                        config_json,
+                        &weights,
+                    ))
+                    .await
+                    .with_context(|| {
+                        format!("the coordinator refused the base model {}", dir.display())
+                    })?
+                    .into_inner();
+                println!(
+                    "base model {} uploaded ({} bytes)",
+                    receipt.sha256, receipt.bytes
+                );
+            }
             let status = jobs
                 .submit_job(pb::SubmitJobRequest { spec_toml: text })
                 .await

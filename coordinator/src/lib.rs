@@ -9,6 +9,7 @@
 pub mod aggregate;
 pub mod approvals;
 pub mod audit_trail;
+pub mod base_models;
 pub mod central_dp;
 pub mod engine;
 pub mod job;

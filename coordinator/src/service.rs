@@ -12,6 +12,7 @@ use tutela_protocol::server::caller;
 use tutela_protocol::stream::{self, SafetensorsFileSource, StreamError};
 
 use crate::audit_trail::AuditTrailError;
+use crate::base_models::{BaseModelStore, BaseModelStoreError};
 use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
@@ -265,6 +266,52 @@ impl pb::federation_server::Federation for FederationService {
                 req.task_id
             ))),
         }
+    }
+    type FetchBaseModelStream =
+        Pin<Box<dyn Stream<Item = Result<pb::BaseModelChunk, Status>> + Send + 'static>>;
+
+    async fn fetch_base_model(
+        &self,
+        request: Request<pb::FetchBaseModelRequest>,
+    ) -> Result<Response<Self::FetchBaseModelStream>, Status> {
+        let site = node_site(&request)?;
+        let req = request.into_inner();
+        let id = parse_job_id(&req.job_id)?;
+        let job = self.engine.get_job(&id).await?;
+        // As for the global model: a site taking part in the running job, and only its base.
+        if job.state != JobState::Running {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is not running"
+            )));
+        }
+        let spec = job
+            .spec()
+            .map_err(|e| Status::internal(format!("job {id}: stored spec: {e}")))?;
+        if !spec.sites.is_empty() && !spec.sites.contains(&site) {
+            return Err(Status::permission_denied(format!(
+                "site {site} does not take part in job {id}"
+            )));
+        }
+        if spec.model.base_sha256.as_deref() != Some(req.sha256.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "job {id} does not name base model {}",
+                req.sha256.chars().take(80).collect::<String>()
+            )));
+        }
+        let store = BaseModelStore::in_state_dir(&self.engine.state_dir);
+        let (config_json, weights) = store.read(&req.sha256).map_err(|e| match e {
+            BaseModelStoreError::NotFound { .. } => Status::not_found(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "reading a stored base model");
+                Status::internal(format!("base model {} cannot be read", req.sha256))
+            }
+        })?;
+        let served = BaseModelStore::count_served();
+        tracing::info!(%site, job = %id, sha256 = %req.sha256, bytes = weights.len(), served, "base model served");
+        let chunks = tutela_protocol::base_model::chunks(&req.sha256, config_json, &weights);
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
     }
 }
 
@@ -800,4 +847,32 @@ impl pb::jobs_server::Jobs for JobsService {
         tracing::info!(target: "tutela::audit", event = "job.amended", job = %id, operator = %who, spec_digest = %status.spec_digest, "job spec amended: earlier approvals no longer count");
         Ok(Response::new(status))
     }
+
+    async fn upload_base_model(
+        &self,
+        request: Request<Streaming<pb::BaseModelChunk>>,
+    ) -> Result<Response<pb::BaseModelReceipt>, Status> {
+        if self.legacy_checks() {
+            require_operator(&request)?;
+        }
+        let who = caller(&request)?.identity.clone();
+        let received =
+            tutela_protocol::base_model::receive(request.into_inner(), MAX_BASE_MODEL_BYTES)
+                .await
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let store = BaseModelStore::in_state_dir(&self.engine.state_dir);
+        let (sha256, bytes) = store.store(&received).map_err(|e| match e {
+            BaseModelStoreError::Io { .. } => {
+                tracing::error!(error = %e, "storing an uploaded base model");
+                Status::internal("the base model could not be stored")
+            }
+            other => Status::invalid_argument(other.to_string()),
+        })?;
+        tracing::info!(operator = %who, %sha256, bytes, "base model stored");
+        Ok(Response::new(pb::BaseModelReceipt { sha256, bytes }))
+    }
 }
+
+/// The largest base checkpoint an operator may upload (config.json + weights), held whole in
+/// memory while its digest is checked.
+pub const MAX_BASE_MODEL_BYTES: u64 = 16 << 30;

@@ -57,7 +57,7 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         .unwrap_or((path, ""));
     let fixed = |o: &str, a: &str| (o.to_string(), a.to_string());
     match (service, method) {
-        ("tutela.v1.Jobs", "SubmitJob" | "AmendJob") => fixed("jobs", "submit"),
+        ("tutela.v1.Jobs", "SubmitJob" | "AmendJob" | "UploadBaseModel") => fixed("jobs", "submit"),
         ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob") => fixed("jobs", "read"),
         ("tutela.v1.Jobs", "CancelJob") => fixed("jobs", "cancel"),
         ("tutela.v1.Jobs", "ApproveJob" | "RejectJob" | "WithdrawApproval") => {
@@ -438,6 +438,15 @@ mod tests {
         assert_eq!(
             p("/tutela.v1.Jobs/SubmitJob"),
             ("jobs".into(), "submit".into())
+        );
+        // Uploading a job's base model is part of submitting it.
+        assert_eq!(
+            p("/tutela.v1.Jobs/UploadBaseModel"),
+            ("jobs".into(), "submit".into())
+        );
+        assert_eq!(
+            p("/tutela.v1.Federation/FetchBaseModel"),
+            ("federation".into(), "participate".into())
         );
         assert_eq!(
             p("/tutela.v1.Jobs/WatchJob"),

@@ -11,13 +11,18 @@
 //! - `fuzzing` (feature `fuzzing`): the fuzz harnesses that `fuzz/` runs and the tests replay.
 //! - [`lora`]: LoRA adapters as jobs state them and as they travel (PEFT names, FFA-LoRA's shared `A`).
 //! - [`checkpoint`]: Hugging Face checkpoints tensor by tensor: LoRA merge, INT8 export and loader.
+//! - [`checkpoint_digest`]: the digest that names a Hugging Face checkpoint (one implementation for
+//!   the CLI, the coordinator and the site node).
+//! - [`base_model`]: a job's base checkpoint on the wire (upload by the operator, fetch by a site).
 //! - [`secagg`]: SecAgg+ secure aggregation with dropout recovery, as typed client and server
 //!   states (no network), and the sites' encoding for it (clipping, randomized rounding, distributed
 //!   discrete Gaussian noise).
 
+pub mod base_model;
 pub mod bench;
 pub mod canonical;
 pub mod checkpoint;
+pub mod checkpoint_digest;
 pub mod client;
 pub mod config_path;
 pub mod config_range;

@@ -121,9 +121,63 @@ pub struct NodeConfig {
     /// these has (see `crate::lm::base`). Empty: every job that names a base is declined.
     #[serde(default)]
     pub base_models: Vec<PathBuf>,
+    /// Whether the node may fetch a job's base checkpoint from the coordinator when it holds none
+    /// with that digest, and how large its encrypted cache of fetched bases may grow
+    /// (`crate::lm::base_cache`). Default: fetching allowed, 8 GiB and 4 bases.
+    #[serde(default)]
+    pub base_cache: BaseCacheConfig,
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
+}
+
+/// `[base_cache]` of node.toml: fetching a job's base from the coordinator, and the bounds of the
+/// encrypted cache the fetched bases are kept in (`work_dir/base-models/`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BaseCacheConfig {
+    /// Whether a base this site does not hold may be fetched (default true). False: a job whose
+    /// base is not in `base_models` is declined, as before fetching existed.
+    #[serde(default = "default_true")]
+    pub fetch: bool,
+    /// Most plaintext bytes over all cached bases (default 8 GiB).
+    #[serde(default = "BaseCacheConfig::default_max_bytes")]
+    pub max_bytes: u64,
+    /// Most cached bases (default 4).
+    #[serde(default = "BaseCacheConfig::default_max_entries")]
+    pub max_entries: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl BaseCacheConfig {
+    fn default_max_bytes() -> u64 {
+        crate::lm::base_cache::BaseCacheLimits::default().max_bytes
+    }
+
+    fn default_max_entries() -> usize {
+        crate::lm::base_cache::BaseCacheLimits::default().max_entries
+    }
+
+    /// The cache's bounds.
+    pub fn limits(&self) -> crate::lm::base_cache::BaseCacheLimits {
+        crate::lm::base_cache::BaseCacheLimits {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+        }
+    }
+}
+
+impl Default for BaseCacheConfig {
+    fn default() -> Self {
+        BaseCacheConfig {
+            fetch: true,
+            max_bytes: Self::default_max_bytes(),
+            max_entries: Self::default_max_entries(),
+        }
+    }
 }
 
 impl NodeConfig {
@@ -436,6 +490,18 @@ impl NodeConfig {
                     format!("{} is listed twice", base.display()),
                 ));
             }
+        }
+        if self.base_cache.max_entries == 0 {
+            return Err(invalid(
+                "base_cache.max_entries",
+                "must be at least 1 (set `fetch = false` to never fetch a base)".into(),
+            ));
+        }
+        if self.base_cache.max_bytes == 0 {
+            return Err(invalid(
+                "base_cache.max_bytes",
+                "must be at least 1 (set `fetch = false` to never fetch a base)".into(),
+            ));
         }
         if self.datasets.is_empty() && self.text_datasets.is_empty() {
             return Err(invalid(

@@ -167,6 +167,11 @@ impl TaskGate {
         self
     }
 
+    /// The site's base checkpoints and its cache of fetched ones.
+    pub fn base_models(&self) -> &SiteBaseModels {
+        &self.base_models
+    }
+
     /// The tokenizer files a job's `model.tokenizer_sha256` is matched against; without them,
     /// every job that names a tokenizer is declined.
     pub fn with_tokenizers(mut self, tokenizers: SiteTokenizers) -> Self {

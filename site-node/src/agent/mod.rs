@@ -57,6 +57,7 @@
 //!   - [`tabular`]: the round of a layer network (MLP, CNN) on a table;
 //!   - [`language`]: the round of a language model on a text dataset.
 
+mod base_fetch;
 mod filter;
 mod gate;
 pub mod language;
@@ -326,6 +327,25 @@ impl Agent {
         for (sha256, dir) in base_models.held() {
             tracing::info!(base_model = %dir.display(), %sha256, "base checkpoint held");
         }
+        // Fetched bases are kept only encrypted: without a KEK there is no cache.
+        let base_models = match (&kek, config.base_cache.fetch) {
+            (Some(kek), true) => base_models.with_cache(
+                crate::lm::base_cache::BaseModelCache::open_dir(
+                    config.work_dir.join("base-models"),
+                    kek.clone(),
+                    config.base_cache.limits(),
+                )
+                .map_err(|e| AgentError::BaseModels(e.to_string()))?,
+            ),
+            (None, true) => {
+                tracing::warn!(
+                    "[base_cache] fetch = true but no [at_rest] KEK: fetched base models are kept \
+                     only encrypted, so none is cached or used"
+                );
+                base_models
+            }
+            (_, false) => base_models,
+        };
         let tokenizers = SiteTokenizers::new(config.tokenizers.clone());
         for (path, sha256) in tokenizers
             .check()

@@ -239,6 +239,7 @@ async fn decline(shared: &Shared, task_id: &str, failure: &SiteFailure) -> Resul
 }
 
 async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failure> {
+    super::base_fetch::fetch_missing_base(&shared, &task).await?;
     let admitted = match shared.gate.check_task(&task) {
         Ok(a) => a,
         Err(refusal) if !refusal.is_reported() => return Ok(Done::Skipped(refusal.to_string())),

@@ -8,6 +8,10 @@
 //! reads every tensor, too slow to repeat per task for a large model) and declines a job whose
 //! base none has. The reason carries digests, never a path.
 //!
+//! A base the site does not hold but fetched before is taken from the node's encrypted cache
+//! ([`super::base_cache`], `[base_cache]` in node.toml): decrypted at admission into a private
+//! directory that lives as long as the [`ApprovedBase`] (the round) and is removed after.
+//!
 //! Admission does not trust the index for what trains: the round loads the checkpoint with
 //! [`super::hf::load_checkpoint_with_digest`], which digests it again as it reads and refuses a
 //! checkpoint that changed since the node started.
@@ -16,6 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::base_cache::{BaseModelCache, DecryptedBase};
 use super::error::LmError;
 use super::hf::checkpoint_digest;
 
@@ -26,14 +31,26 @@ const CONFIG_FILE: &str = "config.json";
 #[derive(Clone, Debug, Default)]
 pub struct SiteBaseModels {
     by_digest: Arc<BTreeMap<String, PathBuf>>,
+    /// Bases fetched before, encrypted (`None`: fetching is off or the node has no KEK).
+    cache: Option<BaseModelCache>,
 }
 
-/// The base checkpoint a job named, found among the site's.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The base checkpoint a job named, found among the site's or in its cache of fetched bases.
+#[derive(Clone, Debug)]
 pub struct ApprovedBase {
     sha256: String,
     dir: PathBuf,
+    /// A cached base's decrypted directory, removed when the last clone is dropped.
+    decrypted: Option<Arc<DecryptedBase>>,
 }
+
+impl PartialEq for ApprovedBase {
+    fn eq(&self, other: &Self) -> bool {
+        self.sha256 == other.sha256 && self.dir == other.dir
+    }
+}
+
+impl Eq for ApprovedBase {}
 
 impl ApprovedBase {
     /// The digest the job names, equal to the checkpoint's when the node started.
@@ -44,6 +61,11 @@ impl ApprovedBase {
     /// The checkpoint's directory at the site (never sent).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the base came from the cache of fetched bases (decrypted for this use).
+    pub fn is_cached(&self) -> bool {
+        self.decrypted.is_some()
     }
 }
 
@@ -122,7 +144,19 @@ impl SiteBaseModels {
         }
         Ok(SiteBaseModels {
             by_digest: Arc::new(by_digest),
+            cache: None,
         })
+    }
+
+    /// Also approves the bases in `cache` (fetched before), after the site's own.
+    pub fn with_cache(mut self, cache: BaseModelCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The cache of fetched bases, if fetching is on.
+    pub fn cache(&self) -> Option<&BaseModelCache> {
+        self.cache.as_ref()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -136,12 +170,36 @@ impl SiteBaseModels {
             .map(|(d, p)| (d.as_str(), p.as_path()))
     }
 
-    /// The site's checkpoint whose digest is `wanted`.
+    /// Whether the site holds base `wanted` or has it in its cache of fetched bases.
+    pub fn holds(&self, wanted: &str) -> bool {
+        self.by_digest.contains_key(wanted)
+            || self.cache.as_ref().is_some_and(|c| c.contains(wanted))
+    }
+
+    /// The site's checkpoint whose digest is `wanted`, else the cached one decrypted for this
+    /// use. A cached base that cannot be read (its error names the site's files: logged here,
+    /// not sent) or no longer has its digest (dropped from the cache) is as good as not held.
     pub fn approve(&self, wanted: &str) -> Result<ApprovedBase, BaseModelRefusal> {
-        match self.by_digest.get(wanted) {
-            Some(dir) => Ok(ApprovedBase {
+        if let Some(dir) = self.by_digest.get(wanted) {
+            return Ok(ApprovedBase {
                 sha256: wanted.to_string(),
                 dir: dir.clone(),
+                decrypted: None,
+            });
+        }
+        let cached = match self.cache.as_ref().map(|c| c.open(wanted)) {
+            Some(Ok(Some(decrypted))) => Some(decrypted),
+            Some(Err(e)) => {
+                tracing::warn!(sha256 = %wanted, error = %e, "a cached base model could not be used");
+                None
+            }
+            Some(Ok(None)) | None => None,
+        };
+        match cached {
+            Some(decrypted) => Ok(ApprovedBase {
+                sha256: wanted.to_string(),
+                dir: decrypted.dir().to_path_buf(),
+                decrypted: Some(Arc::new(decrypted)),
             }),
             None => Err(BaseModelRefusal::NotHeld {
                 wanted: wanted.to_string(),

@@ -24,6 +24,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor, nn};
+use tutela_protocol::checkpoint_digest::CheckpointHasher;
 
 use super::config::DecoderConfig;
 use super::error::LmError;
@@ -307,17 +308,14 @@ pub fn save_checkpoint(model: &LanguageModel, dir: impl AsRef<Path>) -> Result<(
     Ok(())
 }
 
-/// A JSON value with every object's keys sorted, recursively.
-fn canonical_json(value: &Value) -> Value {
-    match value {
-        Value::Object(map) => {
-            let sorted: BTreeMap<&String, Value> =
-                map.iter().map(|(k, v)| (k, canonical_json(v))).collect();
-            Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
-        }
-        Value::Array(items) => Value::Array(items.iter().map(canonical_json).collect()),
-        other => other.clone(),
-    }
+/// The digest's framing, [`tutela_protocol::checkpoint_digest`]'s (one implementation for the
+/// CLI, the coordinator and the site), started with `config.json`'s text (`path` names it in
+/// errors).
+fn checkpoint_hasher(config_text: &[u8], path: &Path) -> Result<CheckpointHasher, LmError> {
+    CheckpointHasher::new(config_text).map_err(|e| LmError::Config {
+        path: path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })
 }
 
 /// The SHA-256 digest (lower-case hex) that names the checkpoint in `dir`: the canonical form of
@@ -326,35 +324,15 @@ fn canonical_json(value: &Value) -> Value {
 pub fn checkpoint_digest(dir: impl AsRef<Path>) -> Result<String, LmError> {
     let dir = dir.as_ref();
     let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(LmError::io(&config_path))?;
-    let config: Value = serde_json::from_str(&text).map_err(|e| LmError::Config {
-        path: config_path.clone(),
-        reason: format!("not valid JSON: {e}"),
-    })?;
-    let canonical = serde_json::to_vec(&canonical_json(&config)).map_err(|e| LmError::Config {
-        path: config_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let field = |ctx: &mut ring::digest::Context, bytes: &[u8]| {
-        ctx.update(&(bytes.len() as u64).to_le_bytes());
-        ctx.update(bytes);
-    };
-    field(&mut ctx, b"tutela/hf-checkpoint/v1");
-    field(&mut ctx, &canonical);
+    let text = std::fs::read(&config_path).map_err(LmError::io(&config_path))?;
+    let mut hasher = checkpoint_hasher(&text, &config_path)?;
     let (mut files, tensors) = open_tensors(dir)?;
-    ctx.update(&(tensors.len() as u64).to_le_bytes());
+    hasher.tensor_count(tensors.len());
     let mut buffer = vec![0u8; 1 << 20];
     for (name, (file, info)) in &tensors {
-        field(&mut ctx, name.as_bytes());
-        field(&mut ctx, format!("{:?}", info.dtype).as_bytes());
-        ctx.update(&(info.shape.len() as u64).to_le_bytes());
-        for &d in &info.shape {
-            ctx.update(&(d as u64).to_le_bytes());
-        }
         let file = &mut files[*file];
         let (start, end) = info.data_offsets;
-        ctx.update(&((end - start) as u64).to_le_bytes());
+        hasher.tensor_header(name, info.dtype, &info.shape, end - start);
         file.file
             .seek(SeekFrom::Start(file.data_start + start as u64))
             .map_err(LmError::io(&file.path))?;
@@ -364,11 +342,26 @@ pub fn checkpoint_digest(dir: impl AsRef<Path>) -> Result<String, LmError> {
             file.file
                 .read_exact(&mut buffer[..chunk])
                 .map_err(LmError::io(&file.path))?;
-            ctx.update(&buffer[..chunk]);
+            hasher.bytes(&buffer[..chunk]);
             left -= chunk;
         }
     }
-    Ok(hex::encode(ctx.finish().as_ref()))
+    Ok(hasher.finish())
+}
+
+/// The [`checkpoint_digest`] of a checkpoint held in memory: `config.json`'s text and one
+/// safetensors file's bytes (`label` names the checkpoint in errors: e.g. "the base received
+/// from the coordinator"). How a site checks a base it received before anything of it is kept.
+pub fn checkpoint_digest_of_bytes(
+    config_json: &[u8],
+    weights: &[u8],
+    label: &str,
+) -> Result<String, LmError> {
+    tutela_protocol::checkpoint_digest::checkpoint_digest_of_bytes(config_json, weights, label)
+        .map_err(|e| LmError::Config {
+            path: PathBuf::from(label),
+            reason: e.to_string(),
+        })
 }
 
 /// Loads an INT8 weight-only export (`tutela model export-int8`, format

@@ -20,11 +20,14 @@
 //!
 //! - [`base`]: the base checkpoints a site holds (node.toml `base_models`), by digest, and the
 //!   check that a job's `model.base_sha256` is one of them.
+//! - [`base_cache`]: the bases a site fetched from the coordinator, verified by digest before
+//!   anything is kept, cached by digest encrypted at rest, bounded with LRU eviction.
 //!
 //! The agent runs them through its round seam (`crate::agent::language`): see
 //! `docs/architecture.md`, "Site node", "Text datasets" and "LoRA adapters under DP".
 
 pub mod base;
+pub mod base_cache;
 pub mod central;
 pub mod config;
 pub mod error;

@@ -536,6 +536,17 @@ impl pb::federation_server::Federation for FakeFederation {
         });
         Ok(Response::new(pb::DeclineTaskReply {}))
     }
+
+    type FetchBaseModelStream = BoxStream<pb::BaseModelChunk>;
+
+    // The e2e test (tests/tests/e2e/language_model.rs) fetches bases from the real coordinator;
+    // this fake holds none.
+    async fn fetch_base_model(
+        &self,
+        _request: Request<pb::FetchBaseModelRequest>,
+    ) -> Result<Response<Self::FetchBaseModelStream>, Status> {
+        Err(Status::not_found("this fake coordinator holds no base models"))
+    }
 }
 
 struct Coordinator {

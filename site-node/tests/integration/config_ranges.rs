@@ -64,6 +64,16 @@ fn every_documented_range_of_node_toml_is_enforced() {
             "privacy.max_epsilon_total",
         ),
         (&["privacy", "delta"], Float(1.0), "privacy.delta"),
+        (
+            &["base_cache", "max_entries"],
+            Integer(0),
+            "base_cache.max_entries",
+        ),
+        (
+            &["base_cache", "max_bytes"],
+            Integer(0),
+            "base_cache.max_bytes",
+        ),
     ];
     for (key_path, value, key) in cases {
         let mut table: toml::Table = toml::from_str(&shipped).unwrap();

@@ -7,6 +7,7 @@
 //! use down (CI runs on 2 cores with a bounded disk).
 
 mod agent;
+mod base_cache;
 mod common;
 mod config_ranges;
 mod data;

@@ -21,6 +21,8 @@ use tutela_e2e::{audit_events, bin, free_port, repo_root, run_ok};
 use tutela_protocol::pb;
 
 const SITES: [&str; 3] = ["st-mary", "general", "riverside"];
+/// The site that does not hold the base checkpoint and fetches it from the coordinator.
+const FETCHING_SITE: &str = "riverside";
 
 /// The notes, grouped by patient, each patient's notes going to one site (round robin).
 fn notes_by_site() -> Vec<Vec<String>> {
@@ -161,13 +163,20 @@ async fn three_hospitals_fine_tune_adapters_under_dp_on_notes_split_by_patient()
         snippets.extend(note_snippets(notes));
         let secret = site_dir.join("site-secret");
         tutela_privacy::at_rest::LocalKek::generate_key_file(&secret).unwrap();
+        // The last site does not hold the base: it fetches it from the coordinator (the
+        // operator uploads it with the job), into its encrypted cache (`[base_cache]`, on by
+        // default with a KEK).
+        let base_models = if *site == FETCHING_SITE {
+            String::new()
+        } else {
+            format!("base_models = [\"{}\"]\n", base.display())
+        };
         let dataset = format!(
-            "site_secret_file = \"{secret}\"\ntokenizers = [\"{tokenizer}\"]\nbase_models = [\"{base}\"]\n\
+            "site_secret_file = \"{secret}\"\ntokenizers = [\"{tokenizer}\"]\n{base_models}\
              [text_datasets.notes]\npath = \"{notes}\"\ntext_field = \"text\"\nid_field = \"note_id\"\n\
              patient_field = \"patient_id\"\ndate_field = \"date\"\nvalidation_fraction = 0.25\n",
             secret = secret.display(),
             tokenizer = tokenizer.display(),
-            base = base.display(),
             notes = notes_path.display(),
         );
         let audit = format!(
@@ -216,16 +225,32 @@ alpha = 8.0
 target_modules = ["q_proj", "v_proj"]
 "#
     );
-    let job = c
-        .operator()
-        .await
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec.clone(),
-        })
-        .await
-        .expect("the job is accepted")
-        .into_inner()
-        .job_id;
+    // Submitted with its base, which the coordinator keeps by digest for the site that lacks it.
+    let job_toml = shared.join("job.toml");
+    std::fs::write(&job_toml, &spec).unwrap();
+    let submitted = run_ok(
+        Command::new(bin("tutela"))
+            .args(["job", "submit"])
+            .arg(&job_toml)
+            .arg("--base-model")
+            .arg(&base)
+            .arg("--coordinator")
+            .arg(format!("localhost:{}", c.port))
+            .arg("--tls-dir")
+            .arg(c.certs())
+            .args(["--stem", "operator-op"]),
+    );
+    let submitted = String::from_utf8_lossy(&submitted.stdout).to_string();
+    assert!(
+        submitted.contains(&format!("base model {base_sha256} uploaded")),
+        "{submitted}"
+    );
+    let job = submitted
+        .lines()
+        .find_map(|l| l.strip_prefix("job "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the job id")
+        .to_string();
     let last = c
         .wait_for_job(&job, Duration::from_secs(420), |_| false)
         .await;
@@ -303,9 +328,112 @@ target_modules = ["q_proj", "v_proj"]
         "{lineage:#}"
     );
 
+    // The base was fetched once, by the one site that lacked it, for both rounds.
+    assert_eq!(
+        c.log("coordinator.log")
+            .matches("base model served")
+            .count(),
+        1,
+        "logs in {}",
+        d.display()
+    );
+    let fetcher_log = c.log(&format!("sites/{FETCHING_SITE}/node.log"));
+    assert!(
+        fetcher_log.contains("base model fetched and cached"),
+        "{fetcher_log}"
+    );
+
+    // A second job on the same base, for the fetching site alone: it takes the base from its
+    // cache, and the coordinator serves nothing more.
+    let for_fetcher = |name: &str, base_digest: &str| {
+        spec.replace("notes-lora-dp", name)
+            .replace("rounds = 2", "rounds = 1")
+            .replace("min_sites = 3", "min_sites = 1")
+            .replace(
+                r#"sites = ["st-mary", "general", "riverside"]"#,
+                &format!("sites = [\"{FETCHING_SITE}\"]"),
+            )
+            .replace(&base_sha256, base_digest)
+    };
+    let submit = |spec_toml: String| {
+        let c = &c;
+        async move {
+            c.operator()
+                .await
+                .submit_job(pb::SubmitJobRequest { spec_toml })
+                .await
+                .expect("the job is accepted")
+                .into_inner()
+                .job_id
+        }
+    };
+    let second = submit(for_fetcher("notes-again", &base_sha256)).await;
+    let second = c
+        .wait_for_job(&second, Duration::from_secs(240), |_| false)
+        .await;
+    assert_eq!(
+        second.state,
+        "completed",
+        "{second:?}; logs in {}",
+        d.display()
+    );
+    assert_eq!(
+        c.log("coordinator.log")
+            .matches("base model served")
+            .count(),
+        1,
+        "logs in {}",
+        d.display()
+    );
+
+    // A base whose file is damaged on the coordinator's disk is refused at the site by digest:
+    // another base (its config differs), stored as if uploaded, with one weight byte flipped.
+    let other_base = shared.join("other-base");
+    std::fs::create_dir_all(&other_base).unwrap();
+    let mut other_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    other_config["rms_norm_eps"] = serde_json::json!(1e-5);
+    std::fs::write(other_base.join("config.json"), other_config.to_string()).unwrap();
+    std::fs::copy(
+        base.join("model.safetensors"),
+        other_base.join("model.safetensors"),
+    )
+    .unwrap();
+    let other_sha256 = first_word(&run_ok(
+        Command::new(&node).args(["lm", "digest"]).arg(&other_base),
+    ));
+    let stored = d.join("coordinator/state/base-models").join(&other_sha256);
+    std::fs::create_dir_all(&stored).unwrap();
+    std::fs::write(stored.join("config.json"), other_config.to_string()).unwrap();
+    let mut damaged = std::fs::read(base.join("model.safetensors")).unwrap();
+    let last_byte = damaged.len() - 1;
+    damaged[last_byte] ^= 0x40;
+    std::fs::write(stored.join("model.safetensors"), &damaged).unwrap();
+    let third = submit(for_fetcher("notes-damaged-base", &other_sha256)).await;
+    let third = c
+        .wait_for_job(&third, Duration::from_secs(240), |_| false)
+        .await;
+    assert_ne!(third.state, "completed", "{third:?}");
+    let coordinator_log = c.log("coordinator.log");
+    let refusal = coordinator_log
+        .lines()
+        .find(|l| l.contains("task declined") && l.contains("model.base_refused"))
+        .unwrap_or_else(|| panic!("no refusal of the damaged base; logs in {}", d.display()));
+    assert!(
+        refusal.contains(&other_sha256) && refusal.contains("but the job names"),
+        "{refusal}"
+    );
+    assert!(!refusal.contains(&d.display().to_string()), "{refusal}");
+    assert!(
+        !d.join("sites")
+            .join(FETCHING_SITE)
+            .join("work/base-models")
+            .join(&other_sha256)
+            .exists(),
+        "the damaged base was kept"
+    );
+
     // The published adapters, as the PEFT directory the sites trained, merged into the base.
-    let job_toml = shared.join("job.toml");
-    std::fs::write(&job_toml, &spec).unwrap();
     let peft = shared.join("adapter");
     run_ok(
         Command::new(bin("tutela"))
@@ -335,6 +463,23 @@ target_modules = ["q_proj", "v_proj"]
 
     // No note's text on any node's disk (their data files aside, which are the hospitals' own).
     drop(c);
+    // The fetched base is on the fetching site's disk only as ciphertext: neither config.json's
+    // text nor the bytes of a tensor (the last 256 of the weights file) appear in any file.
+    let config_text = std::fs::read(base.join("config.json")).unwrap();
+    let weights = std::fs::read(base.join("model.safetensors")).unwrap();
+    let tensor_bytes = &weights[weights.len() - 256..];
+    let fetcher_files = files(&d.join("sites").join(FETCHING_SITE).join("work"));
+    assert!(!fetcher_files.is_empty());
+    for f in fetcher_files {
+        let bytes = std::fs::read(&f).unwrap();
+        for needle in [config_text.as_slice(), tensor_bytes] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "plaintext of the fetched base in {}",
+                f.display()
+            );
+        }
+    }
     for site in SITES {
         for f in files(&d.join("sites").join(site)) {
             if f.file_name().is_some_and(|n| n == "notes.jsonl") {
