@@ -268,6 +268,42 @@ fn split_by_patient(
     })
 }
 
+/// The held-out notes as the sites' models see text: through the same protection pipeline as a
+/// node's defaults (names and dates redacted, near-duplicates dropped), so the score is about the
+/// notes and not about names no site ever trained on. Joined by blank lines.
+fn protected_text(notes: &[(String, String)], seed: u64) -> Result<String> {
+    use tutela_privacy::anonymize::text::{SplitUnit, TextDocument, TextPipeline, TextProtectionConfig};
+    let pipeline = TextPipeline::new(TextProtectionConfig {
+        names: Vec::new(),
+        digit_suffixed_names: true,
+        content_filter: None,
+        near_duplicates: Default::default(),
+        split_unit: SplitUnit::Document,
+        // Both sides are scored: the split only has to be a valid one.
+        validation_fraction: 0.5,
+        split_seed: seed,
+    })?;
+    let documents = notes
+        .iter()
+        .enumerate()
+        .map(|(i, (_, text))| TextDocument {
+            line: i as u64 + 1,
+            id: None,
+            patient: None,
+            date: None,
+            text: text.clone(),
+        })
+        .collect();
+    let (protected, _) = pipeline.run(documents)?;
+    Ok(protected
+        .train
+        .iter()
+        .chain(&protected.validation)
+        .map(|d| d.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n"))
+}
+
 /// The note lines worth looking for on a disk (long enough to be the note's own, not a heading).
 fn snippets(notes: &[(String, String)]) -> Vec<String> {
     let mut out: Vec<String> = notes
@@ -382,15 +418,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     let eval_dir = dir.join("evaluation");
     std::fs::create_dir_all(&eval_dir)?;
     let held_out_text = eval_dir.join("held-out.txt");
-    std::fs::write(
-        &held_out_text,
-        split
-            .held_out
-            .iter()
-            .map(|(_, t)| t.as_str())
-            .collect::<Vec<_>>()
-            .join("\n\n"),
-    )?;
+    std::fs::write(&held_out_text, protected_text(&split.held_out, args.seed)?)?;
     let pooled = eval_dir.join("pooled.jsonl");
     std::fs::write(
         &pooled,
