@@ -60,8 +60,10 @@ const BASE: BaseRecipe = BaseRecipe {
 /// The federated fine-tuning's schedule (the rest is deploy/jobs/notes_lora_dp.toml's).
 const ROUNDS: u32 = 3;
 const LOCAL_EPOCHS: u32 = 1;
-const LEARNING_RATE: f64 = 0.01;
-const BATCH_SIZE: u32 = 4;
+const LEARNING_RATE: f64 = 0.02;
+/// One patient expected per Poisson batch: a site holds only about four patients, and a larger
+/// batch would leave one noisy step per round.
+const BATCH_SIZE: u32 = 1;
 const SEQ_LEN: u32 = 64;
 const EPSILON: f64 = 8.0;
 
