@@ -101,7 +101,9 @@ fn default_cache_dir() -> Result<PathBuf> {
 
 /// Runs a command to completion, its stderr (progress bars) on the terminal; returns stdout.
 fn run_step(cmd: &mut Command, what: &str) -> Result<String> {
+    // The child's progress bar and summary, without its info logs.
     let out = cmd
+        .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -524,6 +526,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     } else {
         let mut privacy = table(&mut spec, "privacy")?;
         privacy.insert("target_epsilon".into(), epsilon.into());
+        privacy.insert("unit".into(), args.privacy_unit.clone().into());
         spec.insert("privacy".into(), privacy.into());
     }
     spec.insert("rounds".into(), i64::from(rounds).into());
@@ -623,7 +626,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
         if epsilon.is_infinite() {
             "no DP".to_string()
         } else {
-            format!("ε = {epsilon} by patient")
+            format!("ε = {epsilon} by {}", args.privacy_unit)
         },
         rounds * LOCAL_EPOCHS
     );
@@ -636,7 +639,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
         .arg(&base.tokenizer)
         .arg("--dataset")
         .arg(&pooled)
-        .args(["--patient-field", "patient_id", "--unit", "patient"])
+        .args(["--patient-field", "patient_id", "--unit", &args.privacy_unit])
         .arg("--output")
         .arg(dir.join("central-adapter"))
         .arg("--merged")
