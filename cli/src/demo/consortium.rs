@@ -254,13 +254,7 @@ impl Consortium {
 
     /// The part of a node.toml every demo site shares: identity, coordinator, work directory,
     /// keys, TLS, encryption at rest and the audit service. The caller appends its datasets.
-    pub fn node_toml_head(
-        &self,
-        site: &str,
-        site_dir: &Path,
-        kek: &Path,
-        secret: &Path,
-    ) -> String {
+    pub fn node_toml_head(&self, site: &str, site_dir: &Path, kek: &Path, secret: &Path) -> String {
         format!(
             "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\ncheckpoint_public_key = \"{audit_pub}\"\n",
             port = self.port,

@@ -278,7 +278,9 @@ fn split_by_patient(
 /// node's defaults (names and dates redacted, near-duplicates dropped), so the score is about the
 /// notes and not about names no site ever trained on. Joined by blank lines.
 fn protected_text(notes: &[(String, String)], seed: u64) -> Result<String> {
-    use tutela_privacy::anonymize::text::{SplitUnit, TextDocument, TextPipeline, TextProtectionConfig};
+    use tutela_privacy::anonymize::text::{
+        SplitUnit, TextDocument, TextPipeline, TextProtectionConfig,
+    };
     let pipeline = TextPipeline::new(TextProtectionConfig {
         names: Vec::new(),
         digit_suffixed_names: true,
@@ -409,9 +411,8 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     // 1. The base model and tokenizer, from public text only.
     let base = cached_base(&node, &data_dir, &cache_dir)?;
     let tokenizer_bytes = std::fs::read(&base.tokenizer)?;
-    let tokenizer_sha256 = hex::encode(
-        ring::digest::digest(&ring::digest::SHA256, &tokenizer_bytes).as_ref(),
-    );
+    let tokenizer_sha256 =
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &tokenizer_bytes).as_ref());
     let base_sha256 = run_quiet(
         Command::new(&node).args(["lm", "digest"]).arg(&base.model),
         "digesting the base model",
@@ -484,10 +485,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
         )?;
         let log = site_dir.join("node.log");
         let child = spawn_logged(
-            Command::new(&node)
-                .arg("run")
-                .arg("--config")
-                .arg(&toml),
+            Command::new(&node).arg("run").arg("--config").arg(&toml),
             &log,
         )?;
         consortium.procs.0.push((site.to_string(), child));
@@ -507,10 +505,9 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     }
 
     // 4. The job: the documented example with the demo's digests and schedule.
-    let mut spec: toml::Table = toml::from_str(include_str!(
-        "../../../deploy/jobs/notes_lora_dp.toml"
-    ))
-    .context("the built-in notes job spec is not valid TOML")?;
+    let mut spec: toml::Table =
+        toml::from_str(include_str!("../../../deploy/jobs/notes_lora_dp.toml"))
+            .context("the built-in notes job spec is not valid TOML")?;
     let table = |spec: &mut toml::Table, key: &str| -> Result<toml::Table> {
         match spec.remove(key) {
             Some(toml::Value::Table(t)) => Ok(t),
@@ -645,7 +642,12 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
         .arg(&base.tokenizer)
         .arg("--dataset")
         .arg(&pooled)
-        .args(["--patient-field", "patient_id", "--unit", &args.privacy_unit])
+        .args([
+            "--patient-field",
+            "patient_id",
+            "--unit",
+            &args.privacy_unit,
+        ])
         .arg("--output")
         .arg(dir.join("central-adapter"))
         .arg("--merged")
@@ -696,8 +698,14 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
         base_ppl / central_ppl
     );
     println!("greedy sample of the base model:\n{}", indented(&before));
-    println!("greedy sample after federated fine-tuning:\n{}", indented(&after));
-    println!("federated model (Hugging Face checkpoint): {}", federated.display());
+    println!(
+        "greedy sample after federated fine-tuning:\n{}",
+        indented(&after)
+    );
+    println!(
+        "federated model (Hugging Face checkpoint): {}",
+        federated.display()
+    );
 
     // 6. No note's text in any node's work directory, and the trail.
     drop(jobs);

@@ -138,7 +138,14 @@ fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() 
     let demo_dir = dir.path().join("demo");
     let out = run_ok(
         Command::new(bin("tutela"))
-            .args(["demo", "--dataset", "notes", "--privacy-unit", "document", "--dir"])
+            .args([
+                "demo",
+                "--dataset",
+                "notes",
+                "--privacy-unit",
+                "document",
+                "--dir",
+            ])
             .arg(&demo_dir)
             .arg("--data-dir")
             .arg(repo_root().join("data")),
@@ -153,7 +160,10 @@ fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() 
         "held-out perplexity {federated} is not below the base's {base}:\n{stdout}"
     );
     assert!(stdout.contains("validation perplexity"), "{stdout}");
-    assert!(stdout.contains("greedy sample after federated fine-tuning"), "{stdout}");
+    assert!(
+        stdout.contains("greedy sample after federated fine-tuning"),
+        "{stdout}"
+    );
 
     // Independently of the demo's own check: no line of a hospital's notes in its node's work
     // directory (the notes.jsonl beside it is the hospital's own record system).
