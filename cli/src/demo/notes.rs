@@ -674,7 +674,7 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     let after = sample(&node, &federated, &base.tokenizer)?;
     scoring.finish_and_clear();
     println!(
-        "held-out perplexity ({} notes of {} patients no site holds):",
+        "held-out perplexity (up to {HELD_OUT_DOCUMENTS} distinct notes of the {} notes of {} patients no site holds):",
         split.held_out.len(),
         split.held_out_patients
     );
