@@ -108,3 +108,92 @@ fn the_demo_anonymizes_trains_and_leaves_no_plaintext_in_the_nodes_work_director
         assert!(held.exists(), "{} holds no checkpoint", held.display());
     }
 }
+
+/// The first number after `label` on the demo's summary line that starts with it (after
+/// trimming), as in "federated, 3 hospitals, DP ε = 8/site   211.3  (2.29x lower)".
+fn summary_value(stdout: &str, label: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no line {label:?} in\n{stdout}"));
+    line[label.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {line:?}"))
+}
+
+/// `tutela demo --dataset notes`: three hospitals fine-tune LoRA adapters federated under DP
+/// (ε = 8 per site) on the Synthea notes split by patient, and the held-out patients' perplexity
+/// falls below the base model's (a merged model equal to the base, or adapters that did not
+/// travel, fail this). The demo's own configuration, its base cached in target/demo-cache after
+/// the first run. Issue 17's target, halving, is not reached by this schedule (see the report in
+/// docs/architecture.md, "The `tutela` CLI"): the document is the unit here, as by patient a
+/// site trains on two or three patients and DP noise leaves the base nearly unchanged. No
+/// note's text in any node's work directory.
+#[test]
+fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let out = run_ok(
+        Command::new(bin("tutela"))
+            .args([
+                "demo",
+                "--dataset",
+                "notes",
+                "--privacy-unit",
+                "document",
+                "--dir",
+            ])
+            .arg(&demo_dir)
+            .arg("--data-dir")
+            .arg(repo_root().join("data")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let base = summary_value(&stdout, "base model (tinyshakespeare only)");
+    let federated = summary_value(&stdout, "federated, 3 hospitals, DP ε = 8/site");
+    assert!(base.is_finite() && federated > 1.0, "{stdout}");
+    println!("{stdout}");
+    assert!(
+        federated < base,
+        "held-out perplexity {federated} is not below the base's {base}:\n{stdout}"
+    );
+    assert!(stdout.contains("validation perplexity"), "{stdout}");
+    assert!(
+        stdout.contains("greedy sample after federated fine-tuning"),
+        "{stdout}"
+    );
+
+    // Independently of the demo's own check: no line of a hospital's notes in its node's work
+    // directory (the notes.jsonl beside it is the hospital's own record system).
+    for site in ["st-mary", "general", "riverside"] {
+        let site_dir = demo_dir.join("sites").join(site);
+        let notes = std::fs::read_to_string(site_dir.join("notes.jsonl")).unwrap();
+        let probes: Vec<String> = notes
+            .lines()
+            .step_by(5)
+            .flat_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["text"]
+                    .as_str()
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.trim().len() > 40)
+                    .map(|l| l.trim().to_string())
+                    .take(2)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(probes.len() > 5, "{site}: {probes:?}");
+        let files = all_files(&site_dir.join("work"));
+        assert!(!files.is_empty(), "{} wrote nothing", site_dir.display());
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            let content = String::from_utf8_lossy(&bytes);
+            for p in &probes {
+                assert!(!content.contains(p.as_str()), "{p:?} in {}", f.display());
+            }
+        }
+    }
+}

@@ -2,10 +2,14 @@
 //! gives each hospital a non-IID share of a public dataset (and keeps a held-out test split that no
 //! site sees), starts a coordinator and one site node per hospital as separate processes talking
 //! mutual TLS over loopback, runs a federated job round by round, and scores the final model on
-//! the test split.
+//! the test split. With `--dataset notes` ([`notes`]), the hospitals fine-tune a small language
+//! model on clinical notes instead.
+
+mod consortium;
+mod notes;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,12 +18,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use tutela_privacy::anonymize::synthetic;
-use tutela_protocol::identity::Principal;
 use tutela_protocol::pb;
-use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
 
-use crate::job_cmd::{self, Connection};
-use crate::net_cmd::ClientTlsArgs;
+use self::consortium::{Consortium, sibling, spawn_logged, toml_path};
+use crate::job_cmd;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Dataset {
@@ -27,6 +29,12 @@ pub enum Dataset {
     BreastCancer,
     /// 5,000 MNIST digits, a small CNN, five hospitals.
     Mnist,
+    /// Synthea clinical notes split by patient across three hospitals, which fine-tune LoRA
+    /// adapters under DP (ε = 8 per site, the patient as privacy unit) on a small Llama-style
+    /// base pretrained on tinyshakespeare (built once, then cached: see --cache-dir); prints
+    /// held-out perplexity per round, against the base and a central fine-tune, and a greedy
+    /// sample before and after.
+    Notes,
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +58,16 @@ pub struct DemoArgs {
     /// job spec's `privacy.target_epsilon` (DP is on in the demo).
     #[arg(long, value_parser = parse_epsilon)]
     epsilon: Option<f64>,
+    /// `--dataset notes` only: where the pretrained base model and its tokenizer are cached,
+    /// one subdirectory per digest of their configuration, corpus and steps. Default:
+    /// `demo-cache/` in the target directory `tutela` was built in (`target/demo-cache/`).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// `--dataset notes` only: the privacy unit of each site's ε, `patient` (all of a patient's
+    /// notes are one example of the guarantee) or `document`. With 13 patients, a site trains on
+    /// two or three of them: by patient, DP noise swamps what so few units can teach.
+    #[arg(long, default_value = "patient", value_parser = ["patient", "document"])]
+    privacy_unit: String,
 }
 
 /// A positive ε, or `inf` (no DP).
@@ -74,14 +92,16 @@ struct Plan {
     sites: &'static [&'static str],
 }
 
-fn plan(d: Dataset) -> Plan {
-    match d {
+/// The tabular demos' data and job; `None` for the notes demo.
+fn plan(d: Dataset) -> Option<Plan> {
+    Some(match d {
+        Dataset::Notes => return None,
         Dataset::BreastCancer => Plan {
             csv: "breast_cancer_wisconsin.csv",
             schema: "breast_cancer.schema.toml",
             schema_name: "breast_cancer",
             label: "diagnosis",
-            job: include_str!("../../deploy/jobs/breast_cancer_fedavg.toml"),
+            job: include_str!("../../../deploy/jobs/breast_cancer_fedavg.toml"),
             sites: &["st-mary", "general", "riverside"],
         },
         Dataset::Mnist => Plan {
@@ -89,35 +109,10 @@ fn plan(d: Dataset) -> Plan {
             schema: "mnist.schema.toml",
             schema_name: "mnist",
             label: "label",
-            job: include_str!("../../deploy/jobs/mnist_cnn_fedavg.toml"),
+            job: include_str!("../../../deploy/jobs/mnist_cnn_fedavg.toml"),
             sites: &["st-mary", "general", "riverside", "northgate", "lakeside"],
         },
-    }
-}
-
-/// Children killed when the demo ends, however it ends.
-struct Processes(Vec<(String, Child)>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} not found next to {}: build the workspace first (`cargo build --workspace --bins`)",
-            path.display(),
-            exe.display()
-        );
-    }
-    Ok(path)
+    })
 }
 
 /// Reads a CSV (plain or gzip) as header + rows of raw text, so the split is byte-faithful.
@@ -261,48 +256,15 @@ fn show_anonymization(
     Ok(())
 }
 
-fn toml_path(p: &Path) -> String {
-    p.display()
-        .to_string()
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("{what} exited with {status}; see {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!(
-        "{what} did not listen on port {port} within 30 s; see {}",
-        log.display()
-    )
-}
-
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
-    let out = std::fs::File::create(log)?;
-    let err = out.try_clone()?;
-    cmd.stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))
-}
-
 pub async fn run(args: DemoArgs) -> Result<()> {
+    match plan(args.dataset) {
+        Some(p) => run_tabular(args, p).await,
+        None => notes::run(args).await,
+    }
+}
+
+async fn run_tabular(args: DemoArgs, p: Plan) -> Result<()> {
     let started = Instant::now();
-    let p = plan(args.dataset);
     let dir = std::path::absolute(&args.dir)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
@@ -311,88 +273,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let data_dir = std::path::absolute(&args.data_dir)?;
 
     // 1. A throwaway consortium: CA, coordinator, one node per hospital, an operator.
-    let ca = CaDir::init(&dir.join("ca"), "demo", KeyAlgorithm::EcdsaP256, 365, false)?;
-    let certs = dir.join("certs");
-    std::fs::create_dir_all(&certs)?;
-    let write = |stem: &str, issued: &tutela_protocol::pki::IssuedCertificate| -> Result<()> {
-        std::fs::write(certs.join(format!("{stem}.crt")), &issued.cert_pem)?;
-        tutela_protocol::pki::files::write_new(
-            &certs.join(format!("{stem}.key")),
-            issued.key_pem.as_bytes(),
-            tutela_protocol::pki::files::FileMode::Private,
-        )?;
-        Ok(())
-    };
-    std::fs::write(certs.join("ca.crt"), ca.ca().cert_pem())?;
-    let mut server_opts = LeafOptions::new(Validity::days_from_now(30));
-    server_opts.dns_names = vec!["localhost".into()];
-    server_opts.ip_addresses = vec!["127.0.0.1".parse()?];
-    write(
-        "coordinator",
-        &ca.issue(&Principal::Coordinator, &server_opts)?,
-    )?;
-    write("audit", &ca.issue(&Principal::Audit, &server_opts)?)?;
-    for site in p.sites {
-        write(
-            &format!("node-{site}"),
-            &ca.issue(
-                &Principal::Node {
-                    site: site.to_string(),
-                },
-                &LeafOptions::new(Validity::days_from_now(30)),
-            )?,
-        )?;
-    }
-    write(
-        "operator-demo",
-        &ca.issue(
-            &Principal::Operator {
-                name: "demo".into(),
-            },
-            &LeafOptions::new(Validity::days_from_now(30)),
-        )?,
-    )?;
-    // One compliance officer per hospital, and the consortium policy that makes them officers.
-    let mut officers = Vec::new();
-    for site in p.sites {
-        let who = Principal::User {
-            site: site.to_string(),
-            name: "officer".into(),
-        };
-        let issued = ca.issue(&who, &LeafOptions::new(Validity::days_from_now(30)))?;
-        write(&format!("officer-{site}"), &issued)?;
-        officers.push((site.to_string(), issued));
-    }
-    let policy_dir = dir.join("policy");
-    std::fs::create_dir_all(&policy_dir)?;
-    std::fs::write(
-        policy_dir.join("model.conf"),
-        include_str!("../../deploy/policy/model.conf"),
-    )?;
-    for (site, o) in &officers {
-        std::fs::write(
-            policy_dir.join(format!("site-policy-{site}.toml")),
-            format!(
-                "site = \"{site}\"\ncompliance_officers = [\"{}\"]\nallowed_operators = [\"spiffe://demo/operator/demo\"]\n",
-                o.identity
-            ),
-        )?;
-    }
-    // The shipped consortium policy with the demo's identities: officers approve, only the
-    // operator submits and cancels.
-    let officer_ids: Vec<(String, String)> = officers
-        .iter()
-        .map(|(site, o)| (site.clone(), o.identity.to_string()))
-        .collect();
-    let policy_csv =
-        crate::demo_policy::policy_csv("demo", "spiffe://demo/operator/demo", &officer_ids);
-    std::fs::write(policy_dir.join("policy.csv"), policy_csv)?;
-    let crl = ca.crl_path();
-    println!(
-        "consortium \"demo\": CA, coordinator, {} site nodes, their compliance officers and an operator certified in {}",
-        p.sites.len(),
-        certs.display()
-    );
+    let mut consortium = Consortium::certify(&dir, p.sites)?;
 
     // 2. Each hospital's own data, and a test split nobody trains on.
     let (header, rows) = read_rows(&data_dir.join(p.csv))?;
@@ -410,59 +291,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         test.len()
     );
 
-    // 3. The audit service (SQLite; it makes its checkpoint key at first start), then the
-    // coordinator, which records every job, round and model there.
-    let mut procs = Processes(Vec::new());
-    let audit_port = free_port()?;
-    let audit_dir = dir.join("audit");
-    std::fs::create_dir_all(&audit_dir)?;
-    let audit_toml = audit_dir.join("audit.toml");
-    std::fs::write(
-        &audit_toml,
-        format!(
-            "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
-            toml_path(&audit_dir),
-            toml_path(&ca.crl_path()),
-            c = toml_path(&certs),
-            pd = toml_path(&policy_dir),
-        ),
-    )?;
-    let audit_log = audit_dir.join("audit.log");
-    let mut audit = spawn_logged(
-        Command::new(sibling("tutela-audit")?)
-            .arg("--config")
-            .arg(&audit_toml),
-        &audit_log,
-    )?;
-    wait_for_port(audit_port, &mut audit, "the audit service", &audit_log)?;
-    procs.0.push(("audit".into(), audit));
-    println!("audit service listening on 127.0.0.1:{audit_port} (SQLite, signed checkpoints)");
-
-    // The coordinator.
-    let port = free_port()?;
-    let coord_dir = dir.join("coordinator");
-    std::fs::create_dir_all(&coord_dir)?;
-    let coord_toml = coord_dir.join("coordinator.toml");
-    std::fs::write(
-        &coord_toml,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\n",
-            toml_path(&coord_dir),
-            toml_path(&crl),
-            c = toml_path(&certs),
-            pd = toml_path(&policy_dir)
-        ),
-    )?;
-    let log = coord_dir.join("coordinator.log");
-    let mut coordinator = spawn_logged(
-        Command::new(sibling("tutela-coordinator")?)
-            .arg("--config")
-            .arg(&coord_toml),
-        &log,
-    )?;
-    wait_for_port(port, &mut coordinator, "the coordinator", &log)?;
-    procs.0.push(("coordinator".into(), coordinator));
-    println!("coordinator listening on 127.0.0.1:{port} (mutual TLS 1.3)");
+    // 3. The audit service and the coordinator.
+    consortium.start()?;
 
     // 4. One node per hospital, each with only its own share.
     let node_bin = sibling("tutela-node")?;
@@ -505,16 +335,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         std::fs::write(
             &toml,
             format!(
-                "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\ncheckpoint_public_key = \"{audit_pub}\"\n[datasets.{name}]\npath = \"{csv}\"\nschema = \"{schema}\"\ncolumns = \"{columns}\"\nanonymize = \"{anonymize}\"\n",
-                kek = toml_path(&kek),
-                // The audit service made its checkpoint key at start; each site pins its public
-                // half (a real site receives it out of band).
-                audit_pub = toml_path(&audit_dir.join("checkpoint.key.pub")),
-                secret = toml_path(&secret),
-                sp = toml_path(&policy_dir.join(format!("site-policy-{site}.toml"))),
-                w = toml_path(&site_dir.join("work")),
-                c = toml_path(&certs),
-                crl = toml_path(&crl),
+                "{}[datasets.{name}]\npath = \"{csv}\"\nschema = \"{schema}\"\ncolumns = \"{columns}\"\nanonymize = \"{anonymize}\"\n",
+                consortium.node_toml_head(site, &site_dir, &kek, &secret),
                 name = p.schema_name,
                 csv = toml_path(&csv),
                 schema = toml_path(&data_dir.join(p.schema)),
@@ -530,7 +352,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .arg(&toml),
             &log,
         )?;
-        procs.0.push((site.to_string(), child));
+        consortium.procs.0.push((site.to_string(), child));
         let counts = class_counts(&header, rows, p.label)?;
         println!("site node {site:<10} {} rows  classes {counts}", rows.len());
     }
@@ -562,59 +384,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ),
     );
     let spec_text = toml::to_string(&spec)?;
-    let conn = Connection {
-        coordinator: format!("localhost:{port}"),
-        tls: ClientTlsArgs {
-            tls_dir: certs.clone(),
-            stem: "operator-demo".into(),
-            crl: Some(crl.clone()),
-        },
-    };
-    let mut jobs = conn.jobs().await?;
-    let status = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec_text,
-        })
-        .await
-        .context("the coordinator refused the demo job")?
-        .into_inner();
-    println!(
-        "job {} ({}) submitted: {} rounds, spec digest {}",
-        status.job_id,
-        status.name,
-        status.rounds_total,
-        &status.spec_digest[..16]
-    );
-    // 6. Each hospital's compliance officer signs the job's digest; the job starts with the last.
-    let digest: tutela_protocol::job::SpecDigest = status.spec_digest.parse()?;
-    for (site, officer) in &officers {
-        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-        let approval = tutela_policy::Approval::sign(
-            &officer.key_pem,
-            &officer.cert_pem,
-            &status.job_id,
-            &digest,
-            now_ms,
-            now_ms + 86_400_000,
-        )?;
-        let as_officer = Connection {
-            coordinator: format!("localhost:{port}"),
-            tls: ClientTlsArgs {
-                tls_dir: certs.clone(),
-                stem: format!("officer-{site}"),
-                crl: Some(crl.clone()),
-            },
-        };
-        as_officer
-            .jobs()
-            .await?
-            .approve_job(pb::ApproveJobRequest {
-                approval: Some(approval.to_pb()),
-            })
-            .await
-            .with_context(|| format!("the coordinator refused {}'s approval", officer.identity))?;
-        println!("approved by {} (signed spec digest)", officer.identity);
-    }
+    let (mut jobs, status) = consortium.submit_and_approve(spec_text).await?;
 
     let bar = ProgressBar::new(u64::from(status.rounds_total));
     bar.set_style(
@@ -718,27 +488,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     println!("model (safetensors): {}", last.model_path);
     print_throughput(&last);
-    // 7. The audit trail, checked as a regulator would (`tutela audit verify`), after the next
-    // signed checkpoint has covered the job's last events.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let source = crate::audit_cmd::Source {
-        audit: format!("localhost:{audit_port}"),
-        tls_dir: Some(certs.clone()),
-        // A compliance officer reads the trail: the policy lets officers read it, not operators.
-        stem: Some(format!("officer-{}", p.sites[0])),
-        database_url: None,
-        ca: None,
-        ca_admins: Vec::new(),
-    };
-    // Checked against the checkpoint key as a site pins it, not the one the service reports.
-    let pinned_key = audit_dir.join("checkpoint.key.pub").display().to_string();
-    let (events, checkpoints) = crate::audit_cmd::verify_quiet(&source, Some(pinned_key))
-        .await
-        .context("the audit trail does not verify")?;
-    println!(
-        "audit trail: {events} events, chain and {checkpoints} checkpoint(s) verified ({})",
-        audit_dir.display()
-    );
+    // 7. The audit trail, checked as a regulator would (`tutela audit verify`).
+    let source = consortium.verify_trail().await?;
     let reports = crate::audit_cmd::events_of(&source, tutela_audit::Action::DatasetDeidentified)
         .await
         .context("reading the de-identification reports from the audit trail")?;
