@@ -545,7 +545,9 @@ impl pb::federation_server::Federation for FakeFederation {
         &self,
         _request: Request<pb::FetchBaseModelRequest>,
     ) -> Result<Response<Self::FetchBaseModelStream>, Status> {
-        Err(Status::not_found("this fake coordinator holds no base models"))
+        Err(Status::not_found(
+            "this fake coordinator holds no base models",
+        ))
     }
 }
 
