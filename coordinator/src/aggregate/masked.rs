@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tutela_protocol::secagg::{
-    AggregateOutput, ClientMessage, KeysRelay, MaskedInput, Phase, RoundConfig, SecAggError,
+    AggregateOutput, ClientMessage, MaskedInput, Phase, RoundConfig, SecAggError,
     ServerCollectingKeys, ServerCollectingMasked, ServerCollectingShares, ServerCollectingUnmask,
-    SharesRelay, SiteIndex, UnmaskRequest, encode,
+    SiteIndex, encode,
 };
 use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
@@ -39,16 +39,8 @@ use super::{
 /// The name of the one tensor a site's masked input is streamed as.
 pub const MASKED_TENSOR: &str = "secagg.masked";
 
-/// What the server relays to one site at the end of a phase.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Relay {
-    /// After the key advertisement: its neighbours' keys.
-    Keys(KeysRelay),
-    /// After the key sharing: the share ciphertexts addressed to it.
-    Shares(SharesRelay),
-    /// After the masked inputs: who survived and who dropped.
-    Unmask(UnmaskRequest),
-}
+/// What the server relays to one site at the end of a phase (the wire's own type).
+pub use tutela_protocol::secagg::wire::ServerRelay as Relay;
 
 /// A round with phases of its own, which the engine closes one after another.
 pub trait PhasedRound: Send + Sync {
@@ -63,6 +55,12 @@ pub trait PhasedRound: Send + Sync {
     fn close_phase(&self) -> Result<(), SecAggError>;
     /// Resolves when a site's message arrives or a phase closes.
     fn changed(&self) -> tokio::sync::futures::Notified<'_>;
+    /// A message from `site` (the caller's mTLS identity) for the current phase.
+    fn receive(&self, site: &str, msg: ClientMessage) -> Result<(), SecAggError>;
+    /// What the last phase close relayed to `site`, taken once.
+    fn relay_for(&self, site: &str) -> Option<Relay>;
+    /// Why the round failed, if it did.
+    fn failure(&self) -> Option<String>;
 }
 
 enum ServerState {
@@ -177,7 +175,7 @@ impl MaskedAggregation {
 
     /// A message from `site` (the mTLS identity of the caller): refused unless it speaks for the
     /// site's own index and belongs to the phase being collected.
-    pub fn receive(&self, site: &str, msg: ClientMessage) -> Result<(), SecAggError> {
+    fn receive_message(&self, site: &str, msg: ClientMessage) -> Result<(), SecAggError> {
         let Some(index) = self.index_of(site) else {
             return Err(SecAggError::Refused {
                 site: msg.site(),
@@ -216,20 +214,6 @@ impl MaskedAggregation {
         result
     }
 
-    /// What the server relayed to `site` at the end of the last phase, taken once.
-    pub fn relay_for(&self, site: &str) -> Option<Relay> {
-        let index = self.index_of(site)?;
-        self.lock().relays.remove(&index)
-    }
-
-    /// Why the round failed, if it did.
-    pub fn failure(&self) -> Option<String> {
-        match &self.lock().state {
-            ServerState::Failed(_, reason) => Some(reason.clone()),
-            _ => None,
-        }
-    }
-
     /// Everything the server holds of the sites' inputs while it collects them: the running sum
     /// of masked inputs (for the tests that check nothing unmasked is kept); `None` outside that
     /// phase.
@@ -241,7 +225,12 @@ impl MaskedAggregation {
         }
     }
 
-    fn fold(&self, site: &str, masked: Vec<u64>, accepted: AcceptedUpdate) -> Result<(), SinkError> {
+    fn fold(
+        &self,
+        site: &str,
+        masked: Vec<u64>,
+        accepted: AcceptedUpdate,
+    ) -> Result<(), SinkError> {
         let index = self
             .index_of(site)
             .ok_or_else(|| SinkError::Rejected(format!("{site} is not in this round")))?;
@@ -250,7 +239,7 @@ impl MaskedAggregation {
             site: index,
             masked,
         });
-        self.receive(site, msg)
+        self.receive_message(site, msg)
             .map_err(|e| SinkError::Rejected(e.to_string()))?;
         self.lock().accepted.push(accepted);
         Ok(())
@@ -331,6 +320,22 @@ impl PhasedRound for MaskedAggregation {
 
     fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
+    }
+
+    fn receive(&self, site: &str, msg: ClientMessage) -> Result<(), SecAggError> {
+        self.receive_message(site, msg)
+    }
+
+    fn relay_for(&self, site: &str) -> Option<Relay> {
+        let index = self.index_of(site)?;
+        self.lock().relays.remove(&index)
+    }
+
+    fn failure(&self) -> Option<String> {
+        match &self.lock().state {
+            ServerState::Failed(_, reason) => Some(reason.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -490,5 +495,45 @@ impl TensorSink for MaskedSink {
         };
         self.round.fold(&self.site, masked, accepted.clone())?;
         Ok(accepted)
+    }
+}
+
+/// The secure aggregation rounds in progress, by task id: the `SecAgg` handler finds a node's
+/// round here (the task table closes a round's tasks when its uploads are in, before the
+/// unmasking phase that still needs the nodes).
+#[derive(Default)]
+pub struct SecAggRoutes {
+    routes: Mutex<BTreeMap<String, (String, Arc<dyn RoundAggregation>)>>,
+}
+
+impl SecAggRoutes {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, Arc<dyn RoundAggregation>)>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `task_id` of `site` speaks to `round`.
+    pub fn insert(&self, task_id: &str, site: &str, round: Arc<dyn RoundAggregation>) {
+        self.lock()
+            .insert(task_id.to_string(), (site.to_string(), round));
+    }
+
+    /// The round of `task_id`, if `site` holds it; `Err` names what is wrong.
+    pub fn get(&self, task_id: &str, site: &str) -> Result<Arc<dyn RoundAggregation>, String> {
+        match self.lock().get(task_id) {
+            Some((s, round)) if s == site => Ok(round.clone()),
+            Some(_) => Err(format!("task {task_id} belongs to another site")),
+            None => Err(format!(
+                "task {task_id} is not a secure aggregation round in progress"
+            )),
+        }
+    }
+
+    pub fn remove(&self, task_ids: &[String]) {
+        let mut routes = self.lock();
+        for t in task_ids {
+            routes.remove(t);
+        }
     }
 }

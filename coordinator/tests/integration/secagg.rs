@@ -36,7 +36,8 @@ fn names() -> Vec<String> {
 }
 
 fn config() -> RoundConfig {
-    let spec: SecureAggregationSpec = toml::from_str(&format!("scale_bits = {SCALE_BITS}")).unwrap();
+    let spec: SecureAggregationSpec =
+        toml::from_str(&format!("scale_bits = {SCALE_BITS}")).unwrap();
     spec.round_config([9; 32], 1, SITES, 3, [4; 32], 7)
 }
 
@@ -83,7 +84,7 @@ fn round(phase: Phase, dropped: &[u32]) -> Result<RoundResult, String> {
         .map_err(|e| e.to_string())?;
     let silent = |p: Phase, i: u32| p >= phase && dropped.contains(&i);
     let phases: &dyn PhasedRound = round.masked().expect("a masked round has phases");
-    let relay = |i: u32| round.relay_for(&names[i as usize]);
+    let relay = |i: u32| phases.relay_for(&names[i as usize]);
 
     // Phase 0: advertise keys.
     assert_eq!(phases.phase(), Some(Phase::AdvertiseKeys));
@@ -96,7 +97,7 @@ fn round(phase: Phase, dropped: &[u32]) -> Result<RoundResult, String> {
             .unwrap()
             .advertise_keys()
             .unwrap();
-        round
+        phases
             .receive(&names[i as usize], ClientMessage::from(msg))
             .unwrap();
         awaiting_keys.insert(i, state);
@@ -114,7 +115,7 @@ fn round(phase: Phase, dropped: &[u32]) -> Result<RoundResult, String> {
             continue;
         }
         let (state, msg) = state.share_keys(keys).map_err(|e| e.to_string())?;
-        round
+        phases
             .receive(&names[i as usize], ClientMessage::from(msg))
             .unwrap();
         awaiting_shares.insert(i, state);
@@ -155,7 +156,7 @@ fn round(phase: Phase, dropped: &[u32]) -> Result<RoundResult, String> {
             continue;
         }
         let msg = state.unmask(request).map_err(|e| e.to_string())?;
-        round
+        phases
             .receive(&names[i as usize], ClientMessage::from(msg))
             .unwrap();
     }
@@ -217,7 +218,10 @@ fn three_of_ten_dropping_at_each_phase_in_turn_are_recovered() {
             "dropped at {phase}"
         );
         let sites: Vec<&str> = result.accepted.iter().map(|a| a.site.as_str()).collect();
-        let expected: Vec<String> = in_sum.iter().map(|&i| names()[i as usize].clone()).collect();
+        let expected: Vec<String> = in_sum
+            .iter()
+            .map(|&i| names()[i as usize].clone())
+            .collect();
         assert_eq!(sites, expected, "dropped at {phase}");
     }
 }
@@ -241,11 +245,12 @@ fn a_site_cannot_speak_for_another_or_upload_another_shape() {
         .unwrap()
         .advertise_keys()
         .unwrap();
-    let e = round
+    let phases = round.masked().unwrap();
+    let e = phases
         .receive(&names[4], ClientMessage::from(msg.clone()))
         .unwrap_err();
     assert!(e.to_string().contains("index 3"), "{e}");
-    let e = round
+    let e = phases
         .receive("site-99", ClientMessage::from(msg))
         .unwrap_err();
     assert!(e.to_string().contains("not a participant"), "{e}");

@@ -536,6 +536,15 @@ impl pb::federation_server::Federation for FakeFederation {
         });
         Ok(Response::new(pb::DeclineTaskReply {}))
     }
+
+    async fn sec_agg(
+        &self,
+        _request: Request<pb::SecAggRequest>,
+    ) -> Result<Response<pb::SecAggReply>, Status> {
+        Err(Status::unimplemented(
+            "the fake coordinator runs no secure aggregation",
+        ))
+    }
 }
 
 struct Coordinator {
