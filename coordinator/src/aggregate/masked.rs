@@ -36,8 +36,7 @@ use super::{
     AcceptedUpdate, AggregateError, FinishedRound, RoundAggregation, RoundResult, SiteSink,
 };
 
-/// The name of the one tensor a site's masked input is streamed as.
-pub const MASKED_TENSOR: &str = "secagg.masked";
+pub use tutela_protocol::secagg::wire::MASKED_TENSOR;
 
 /// What the server relays to one site at the end of a phase (the wire's own type).
 pub use tutela_protocol::secagg::wire::ServerRelay as Relay;

@@ -12,6 +12,10 @@ use crate::pb;
 use crate::pb::sec_agg_reply::Relay as PbRelay;
 use crate::pb::sec_agg_request::Message as PbMessage;
 
+/// The name of the one `I64` tensor a site's masked input is streamed as (its `Z_2^64` values bit
+/// for bit), through the ordinary update upload.
+pub const MASKED_TENSOR: &str = "secagg.masked";
+
 /// The graph seed of a round: SHA-256 over the job digest, the round and the attempt. Public and
 /// fresh per attempt, and derived rather than drawn, so that a site can check it.
 pub fn graph_seed(job_digest: &[u8; 32], round: u32, attempt: u32) -> [u8; 32] {
