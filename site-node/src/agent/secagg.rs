@@ -183,8 +183,7 @@ impl SecAggSession {
                 site: masked.site,
             }),
         });
-        let ServerRelay::Unmask(request) = send(shared, &self.task_id, Some(request)).await?
-        else {
+        let ServerRelay::Unmask(request) = send(shared, &self.task_id, Some(request)).await? else {
             return Err(Failure::Coordinator(
                 "SecAgg: the coordinator answered the masked input with something else".into(),
             ));
