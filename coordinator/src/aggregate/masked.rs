@@ -502,13 +502,14 @@ impl TensorSink for MaskedSink {
 /// unmasking phase that still needs the nodes).
 #[derive(Default)]
 pub struct SecAggRoutes {
-    routes: Mutex<BTreeMap<String, (String, Arc<dyn RoundAggregation>)>>,
+    routes: Mutex<BTreeMap<String, Route>>,
 }
 
+/// A task's site and its round.
+type Route = (String, Arc<dyn RoundAggregation>);
+
 impl SecAggRoutes {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, Arc<dyn RoundAggregation>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Route>> {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 

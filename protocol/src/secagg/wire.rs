@@ -128,9 +128,10 @@ fn ciphertexts_to_pb(
     }
 }
 
-fn ciphertexts_from_pb(
-    m: &pb::SecAggShareKeys,
-) -> Result<(RoundTag, SiteIndex, Vec<(SiteIndex, Vec<u8>)>), WireError> {
+/// A message's round, sender (or addressee) and ciphertexts by peer.
+type Ciphertexts = (RoundTag, SiteIndex, Vec<(SiteIndex, Vec<u8>)>);
+
+fn ciphertexts_from_pb(m: &pb::SecAggShareKeys) -> Result<Ciphertexts, WireError> {
     let (round, site) = header(m.header.as_ref())?;
     Ok((
         round,
