@@ -32,6 +32,13 @@ fn refuse(note: impl std::fmt::Display) -> Failure {
     ))
 }
 
+/// What decides whether a task's round is a secure one.
+#[derive(serde::Deserialize)]
+struct SecureView {
+    #[serde(default)]
+    secure_aggregation: Option<toml::Value>,
+}
+
 /// A round's secure aggregation after the key phases, waiting for the trained update.
 pub(super) struct SecAggSession {
     task_id: String,
@@ -49,9 +56,16 @@ pub(super) async fn open(
     task: &pb::Task,
     vector_len: u64,
 ) -> Result<Option<SecAggSession>, Failure> {
+    // Read leniently first, as the node reads specs (unknown keys ignored): only a secure job
+    // is parsed strictly, for its digest (the coordinator accepted it strictly).
+    let view: SecureView = toml::from_str(&task.job_spec_toml)
+        .map_err(|e| refuse(format!("the job spec: {}", e.message())))?;
+    let participants = &task.secagg_participants;
+    if view.secure_aggregation.is_none() && participants.is_empty() {
+        return Ok(None);
+    }
     let spec = JobSpec::from_toml_str(&task.job_spec_toml)
         .map_err(|e| refuse(format!("the job spec: {e}")))?;
-    let participants = &task.secagg_participants;
     let secure = match (&spec.secure_aggregation, participants.is_empty()) {
         (None, true) => return Ok(None),
         (None, false) => {
