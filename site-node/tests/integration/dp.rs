@@ -580,14 +580,8 @@ max_grad_norm = 1.0
         let failure = tutela_site_node::failure::SiteFailure::from(&refusal);
         let wire = failure.wire_reason();
         assert!(wire.starts_with("data.schema_mismatch"), "{wire}");
-        assert!(
-            wire.contains(&other[..12]) && wire.contains(&site_digest[..12]),
-            "{wire}"
-        );
-        assert!(
-            !wire.contains(&other) && !wire.contains("schema.toml"),
-            "{wire}"
-        );
+        assert!(wire.contains(&other[..12]) && wire.contains(&site_digest[..12]), "{wire}");
+        assert!(!wire.contains(&other) && !wire.contains("schema.toml"), "{wire}");
     }
 
     /// A coordinator that resumed after a crash asks for a round the node was charged for
