@@ -17,9 +17,11 @@
 //!   combined tensor by tensor by a [`robust`] rule (coordinate-wise median, trimmed mean,
 //!   Multi-Krum), streaming from the spools (memory: one tensor × sites).
 //!
-//! A protocol with phases of its own (secure aggregation's key exchange and unmasking) is another
-//! implementation, and its extra round trips are further states of the engine's round
-//! (`engine::round`), not branches inside these.
+//! - [`masked::MaskedAggregation`]: secure aggregation (SecAgg+): the sites' masked inputs summed
+//!   in `Z_2^64`, unmasked after the protocol's last phase (memory: the masked sum, and one
+//!   upload's masked input while it streams). Its extra round trips (key exchange, unmasking)
+//!   are further states of the engine's round (`engine::round`), driven through
+//!   [`RoundAggregation::masked`], not branches inside the others.
 
 use std::sync::Arc;
 
@@ -30,6 +32,7 @@ pub mod bench;
 pub mod bench_rules;
 pub mod buffered;
 pub mod filter;
+pub mod masked;
 pub mod plan;
 pub mod robust;
 pub mod streaming;
@@ -61,6 +64,11 @@ pub trait RoundAggregation: Send + Sync + 'static {
     fn accepted(&self) -> Vec<AcceptedUpdate>;
     /// Uploads that began and have neither committed nor been dropped.
     fn in_flight(&self) -> usize;
+    /// The protocol phases of a secure aggregation round, which the engine runs around the
+    /// uploads; `None` (the default) for an aggregation that only takes uploads.
+    fn masked(&self) -> Option<&dyn masked::PhasedRound> {
+        None
+    }
     /// The round's mean delta and report. Every upload must be over.
     fn finish(self: Arc<Self>) -> Result<FinishedRound, AggregateError>;
 }
@@ -150,6 +158,33 @@ pub enum AggregateError {
     },
     #[error("the round's update spool: {0}")]
     Spool(String),
+    #[error("secure aggregation: {0}")]
+    SecureAggregation(String),
+}
+
+/// The element count of each tensor of the global model, which must all be F32 (updates are F32
+/// deltas) and addressable.
+pub(crate) fn f32_tensor_lens(global: &Manifest) -> Result<Vec<usize>, AggregateError> {
+    if global.is_empty() {
+        return Err(AggregateError::EmptyModel);
+    }
+    global
+        .tensors()
+        .iter()
+        .map(|t| {
+            if t.dtype != DType::F32 {
+                return Err(AggregateError::NotF32 {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                });
+            }
+            let elements = t.numel().unwrap_or(u64::MAX);
+            usize::try_from(elements).map_err(|_| AggregateError::TooLarge {
+                name: t.name.clone(),
+                elements,
+            })
+        })
+        .collect()
 }
 
 /// An update that was folded into the round and committed.

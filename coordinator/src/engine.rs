@@ -50,6 +50,8 @@ pub struct Engine {
     pub approvals: std::sync::OnceLock<Arc<crate::approvals::ApprovalGate>>,
     /// The audit trail (set once by `serve`; unset: a disabled trail that only logs).
     pub audit: std::sync::OnceLock<Arc<crate::audit_trail::AuditTrail>>,
+    /// Secure aggregation rounds in progress, by task: where a node's `SecAgg` messages go.
+    pub secagg: crate::aggregate::masked::SecAggRoutes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,7 @@ impl Engine {
             cancels: Mutex::new(HashMap::new()),
             approvals: std::sync::OnceLock::new(),
             audit: std::sync::OnceLock::new(),
+            secagg: Default::default(),
         }))
     }
 

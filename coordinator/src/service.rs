@@ -17,6 +17,8 @@ use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
 
+mod secagg;
+
 /// Refuses, at submission, a job whose model no site's registry has: otherwise it would be
 /// proposed, signed by officers and started, only for every site to decline it. A spec that
 /// does not parse is left to the engine, which says why.
@@ -312,6 +314,16 @@ impl pb::federation_server::Federation for FederationService {
         Ok(Response::new(Box::pin(futures::stream::iter(
             chunks.into_iter().map(Ok),
         ))))
+    }
+
+    async fn sec_agg(
+        &self,
+        request: Request<pb::SecAggRequest>,
+    ) -> Result<Response<pb::SecAggReply>, Status> {
+        let site = node_site(&request)?;
+        secagg::exchange(&self.engine, &site, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

@@ -4,9 +4,9 @@
 //! the job's rounds: which [`RoundAggregation`] a round opens (the streaming weighted sum for
 //! FedAvg, the buffered one for a robust rule), which filters every update passes (central DP's
 //! [`ClipToNorm`]), and which [`ReleaseStep`]s act on the finished round before the strategy
-//! sees it (central DP's noise). Nothing else in the coordinator names a concrete aggregation: a
-//! new one (the masked sum of secure aggregation) is a new branch here and a new implementation
-//! of the trait.
+//! sees it (central DP's noise). Nothing else in the coordinator names a concrete aggregation:
+//! `[secure_aggregation]` chooses [`MaskedAggregation`] here, and the engine drives its extra
+//! phases through [`RoundAggregation::masked`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +15,10 @@ use tutela_privacy::at_rest::KeyEncryptionKey;
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::tensor::Manifest;
 
+use tutela_protocol::secagg::SecureAggregationSpec;
+
 use super::buffered::{BufferedAggregator, BufferedOptions};
+use super::masked::MaskedAggregation;
 use super::robust::{RobustReport, RobustRule};
 use super::streaming::{AggregatorOptions, RoundAggregator, SpoolPool};
 use super::{AggregateError, FinishedRound, RoundAggregation, RoundResult, UpdateFilter};
@@ -69,6 +72,22 @@ pub enum Method {
     Streaming,
     /// Every update buffered, then combined by a robust rule.
     Buffered(RobustRule),
+    /// Secure aggregation: only the masked sum is ever seen.
+    Masked,
+}
+
+/// Who takes part in one round, for an aggregation that must know before the uploads (secure
+/// aggregation: the participant list is the protocol's index space).
+#[derive(Clone, Copy, Debug)]
+pub struct RoundContext<'a> {
+    /// The job spec's digest.
+    pub job_digest: [u8; 32],
+    pub round: u32,
+    pub attempt: u32,
+    /// Sorted site names.
+    pub participants: &'a [String],
+    /// The job's `min_sites`.
+    pub min_sites: u32,
 }
 
 /// A job's aggregation across its rounds (the accountant of central DP lives here).
@@ -76,6 +95,7 @@ pub struct JobAggregation {
     method: Method,
     norm_bound: f64,
     central: Option<CentralDp>,
+    secure: Option<SecureAggregationSpec>,
     spools: Spools,
 }
 
@@ -98,9 +118,22 @@ impl JobAggregation {
         completed_rounds: u32,
         spools: Spools,
     ) -> Result<Self, String> {
-        let method = match RobustRule::from_spec(spec.aggregation.as_ref())? {
-            Some(rule) => Method::Buffered(rule),
-            None => Method::Streaming,
+        let method = match (
+            RobustRule::from_spec(spec.aggregation.as_ref())?,
+            &spec.secure_aggregation,
+        ) {
+            (Some(_), Some(_)) => {
+                // The spec's validation refuses this at submission (a robust rule needs every
+                // update, secure aggregation shows only the sum); a stored spec from before it
+                // is refused here.
+                return Err(
+                    "aggregation.rule: a robust rule does not compose with [secure_aggregation]"
+                        .into(),
+                );
+            }
+            (Some(rule), None) => Method::Buffered(rule),
+            (None, Some(_)) => Method::Masked,
+            (None, None) => Method::Streaming,
         };
         let mut central = crate::central_dp::for_job(spec, dimension).map_err(|e| e.to_string())?;
         if let Some(dp) = central.as_mut() {
@@ -118,6 +151,7 @@ impl JobAggregation {
             method,
             norm_bound: spec.update_norm_bound,
             central,
+            secure: spec.secure_aggregation.clone(),
             spools,
         })
     }
@@ -130,6 +164,7 @@ impl JobAggregation {
     pub fn open_round(
         &self,
         global: &Manifest,
+        round: &RoundContext<'_>,
     ) -> Result<Arc<dyn RoundAggregation>, AggregateError> {
         let mut filters: Vec<Arc<dyn UpdateFilter>> = Vec::new();
         if let Some(dp) = &self.central {
@@ -160,6 +195,34 @@ impl JobAggregation {
                     filters,
                 },
             )?,
+            Method::Masked => {
+                let Some(secure) = &self.secure else {
+                    return Err(AggregateError::SecureAggregation(
+                        "the job has no [secure_aggregation]".into(),
+                    ));
+                };
+                let vector_len = super::f32_tensor_lens(global)?
+                    .iter()
+                    .map(|&n| n as u64)
+                    .sum();
+                let config = tutela_protocol::secagg::wire::round_config(
+                    secure,
+                    round.job_digest,
+                    (round.round, round.attempt),
+                    round.participants.len(),
+                    round.min_sites,
+                    vector_len,
+                );
+                config
+                    .validate()
+                    .map_err(|e| AggregateError::SecureAggregation(e.to_string()))?;
+                MaskedAggregation::new(
+                    global,
+                    round.participants.to_vec(),
+                    config,
+                    secure.scale_bits,
+                )?
+            }
         })
     }
 

@@ -14,12 +14,14 @@ use tutela_protocol::stream;
 use tutela_protocol::tensor::Manifest;
 
 use super::{Engine, EngineError, JobCtx, ms_to_time, new_task_id, now_ms};
-use crate::aggregate::plan::JobAggregation;
+use crate::aggregate::masked::PhasedRound;
+use crate::aggregate::plan::{JobAggregation, RoundContext};
 use crate::aggregate::{AggregateError, FinishedRound, RoundAggregation};
 use crate::job::{JobId, JobSpec};
 use crate::store::{AcceptedUpdate, RefusedUpdate, RoundRecord};
 use crate::strategy::Strategy;
 use crate::tasks::{Destination, Outcome, SiteMetrics, TaskGroup};
+use tutela_protocol::secagg::Phase;
 
 /// How long a round waits between checks while it has too few sites.
 const SITE_WAIT_POLL: Duration = Duration::from_millis(250);
@@ -28,6 +30,7 @@ const SITE_WAIT_POLL: Duration = Duration::from_millis(250);
 struct Dispatched {
     round: (u32, u32),
     started: i64,
+    started_instant: Instant,
     deadline: Instant,
     participants: Vec<String>,
     ids: Vec<String>,
@@ -113,6 +116,7 @@ impl Engine {
             deadline_unix_ms: deadline_ms,
             approvals: job.approvals.to_vec(),
             submitted_by: job.submitted_by.to_string(),
+            secagg_participants: Vec::new(),
         }
     }
 
@@ -227,6 +231,7 @@ impl Engine {
             Ok(d) => d,
             Err(reason) => return Ok(Err(reason)),
         };
+        self.key_exchange(job.spec, &dispatched).await;
         let collected = self.collect(job.id, dispatched).await;
         let Some(aggregation) = aggregation.as_mut() else {
             return Err(EngineError::Failed(format!(
@@ -253,8 +258,9 @@ impl Engine {
     ) -> Result<Result<Dispatched, String>, EngineError> {
         let (job_id, spec) = (job.id, job.spec);
         let started = now_ms();
+        let started_instant = Instant::now();
         let window = Duration::from_secs(spec.round_deadline_secs);
-        let deadline = Instant::now() + window;
+        let deadline = started_instant + window;
         let min = spec.min_sites as usize;
         let eligible = self.wait_for_sites(spec, min, deadline).await;
         if eligible.len() < min {
@@ -293,15 +299,29 @@ impl Engine {
                 "the job's aggregation is missing".into(),
             ));
         };
+        let mut job_digest = [0u8; 32];
+        hex::decode_to_slice(job.digest_hex, &mut job_digest).map_err(|e| {
+            EngineError::Failed(format!(
+                "round {round}: the job digest is not hex SHA-256: {e}"
+            ))
+        })?;
+        let context = RoundContext {
+            job_digest,
+            round,
+            attempt,
+            participants: &participants,
+            min_sites: spec.min_sites,
+        };
         let aggregator = plan
-            .open_round(&manifest)
+            .open_round(&manifest, &context)
             .map_err(|e| EngineError::Failed(format!("round {round}: {e}")))?;
+        let secure = aggregator.masked().is_some();
         let strategy_json = strategy.configure_round(round);
         let deadline_ms = started + window.as_millis() as i64;
         let group = Arc::new(TaskGroup::default());
         let mut ids = Vec::new();
         for site in &participants {
-            let task = self.task(
+            let mut task = self.task(
                 job,
                 pb::TaskKind::Train,
                 (round, attempt),
@@ -309,6 +329,11 @@ impl Engine {
                 &strategy_json,
                 deadline_ms,
             );
+            if secure {
+                // The node rebuilds the round's configuration from these and the signed spec.
+                task.secagg_participants = participants.clone();
+                self.secagg.insert(&task.task_id, site, aggregator.clone());
+            }
             self.tasks.register(
                 &task.task_id,
                 site,
@@ -328,6 +353,7 @@ impl Engine {
         Ok(Ok(Dispatched {
             round: (round, attempt),
             started,
+            started_instant,
             deadline,
             participants,
             ids,
@@ -337,6 +363,39 @@ impl Engine {
             manifest,
             global,
         }))
+    }
+
+    /// Secure aggregation's phases before the uploads (advertise keys, share keys), each closed
+    /// once every expected node answered or a quarter of the round's window passed; nothing for
+    /// other aggregations. A failure is kept in the round's aggregation, whose `finish` reports it.
+    async fn key_exchange(&self, spec: &JobSpec, d: &Dispatched) {
+        let Some(phases) = d.aggregator.masked() else {
+            return;
+        };
+        let window = Duration::from_secs(spec.round_deadline_secs) / 4;
+        run_phases(phases, Some(Phase::MaskedInput), window, d.deadline).await;
+    }
+
+    /// Secure aggregation's phases after the uploads: the masked inputs' phase is closed (the
+    /// survivors are those whose upload committed) and the unmasking runs to its end.
+    async fn unmasking(&self, d: &Dispatched) {
+        let Some(phases) = d.aggregator.masked() else {
+            return;
+        };
+        let (round, attempt) = d.round;
+        if phases.phase() == Some(Phase::MaskedInput)
+            && let Err(e) = phases.close_phase()
+        {
+            tracing::warn!(round, attempt, error = %e, "secure aggregation failed");
+        }
+        // The window's quarter again, from now: the nodes answer at once.
+        let window = d
+            .deadline
+            .saturating_duration_since(d.started_instant)
+            .max(Duration::from_secs(4))
+            / 4;
+        run_phases(phases, None, window, Instant::now() + window).await;
+        self.secagg.remove(&d.ids);
     }
 
     /// Phase 2: waits until every task has ended or the deadline passed, closes the tasks, waits
@@ -369,6 +428,7 @@ impl Engine {
         // Recorded now, whatever becomes of the attempt: a refusal that makes the round fail
         // matters to a regulator as much as one the round survives.
         self.note_refusals(job_id, (round, attempt), &refused).await;
+        self.unmasking(&d).await;
         Collected {
             round: d.round,
             started: d.started,
@@ -616,6 +676,36 @@ impl Engine {
         strategy
             .load_state(tensors)
             .map_err(|e| EngineError::Strategy(e.to_string()))
+    }
+}
+
+/// Closes secure aggregation's phases one after another until the phase `stop` is reached (or,
+/// with `None`, the protocol ends): each when every expected node answered, or after `window`,
+/// never later than `deadline`. A failed close ends the protocol (the aggregation keeps why).
+async fn run_phases(
+    phases: &dyn PhasedRound,
+    stop: Option<Phase>,
+    window: Duration,
+    deadline: Instant,
+) {
+    while let Some(phase) = phases.phase() {
+        if Some(phase) == stop {
+            return;
+        }
+        let until = (Instant::now() + window).min(deadline);
+        loop {
+            // Registered before the check, so an answer between the two is not missed.
+            let changed = phases.changed();
+            let now = Instant::now();
+            if phases.pending() == 0 || now >= until {
+                break;
+            }
+            let _ = tokio::time::timeout((until - now).min(SITE_WAIT_POLL), changed).await;
+        }
+        if let Err(e) = phases.close_phase() {
+            tracing::warn!(%phase, error = %e, "secure aggregation failed");
+            return;
+        }
     }
 }
 

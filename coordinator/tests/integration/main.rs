@@ -10,4 +10,5 @@ mod central_dp;
 mod initial_model;
 mod rejections;
 mod robust;
+mod secagg;
 mod store;

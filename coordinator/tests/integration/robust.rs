@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tutela_coordinator::aggregate::buffered::{BufferedAggregator, BufferedOptions};
-use tutela_coordinator::aggregate::plan::{JobAggregation, Method, Spools};
+use tutela_coordinator::aggregate::plan::{JobAggregation, Method, RoundContext, Spools};
 use tutela_coordinator::aggregate::{
     AggregateError, BLOCK, RobustRule, RoundAggregation, SiteSink, SpoolPool,
 };
@@ -302,11 +302,24 @@ batch_size = 16
             Method::Buffered(RobustRule::MultiKrum { f: 1, m: Some(3) }),
             "multi_krum",
         ),
+        (
+            "[secure_aggregation]\nscale_bits = 16\n",
+            Method::Masked,
+            "secagg",
+        ),
     ];
+    let participants: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    let round = RoundContext {
+        job_digest: [1; 32],
+        round: 1,
+        attempt: 1,
+        participants: &participants,
+        min_sites: 2,
+    };
     for (extra, method, name) in cases {
         let spec = JobSpec::from_toml_str(&format!("{base}{extra}")).unwrap();
         let plan = JobAggregation::for_job(&spec, 100, 0, spools.clone()).unwrap();
         assert_eq!(plan.method(), method, "{extra}");
-        assert_eq!(plan.open_round(&model()).unwrap().name(), name);
+        assert_eq!(plan.open_round(&model(), &round).unwrap().name(), name);
     }
 }

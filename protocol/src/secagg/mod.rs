@@ -96,6 +96,7 @@ pub mod shamir;
 pub mod signing;
 pub mod simulate;
 mod spec;
+pub mod wire;
 
 pub use client::{
     ClientAdvertising, ClientAwaitingKeys, ClientAwaitingShares, ClientAwaitingUnmask,

@@ -62,6 +62,7 @@ mod filter;
 mod gate;
 pub mod language;
 pub mod round;
+mod secagg;
 pub mod tabular;
 mod transfer;
 mod worker;

@@ -283,6 +283,13 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     if shared.testing.stall_after_fetch {
         return Ok(Done::Stalled);
     }
+    // Secure aggregation's key phases run before the training (the coordinator closes them
+    // within a quarter of the round's window); the session masks the update afterwards.
+    let trained = admitted
+        .round
+        .trained_parameters(&admitted.job)
+        .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
+    let secure = super::secagg::open(shared, task, trained as u64).await?;
     let site = shared.site.clone();
     let device = shared.device;
     let (round, attempt) = (task.round, task.attempt);
@@ -352,7 +359,10 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         ));
     }
     let metadata = released_metadata;
-    let receipt = upload(shared, update, metadata).await?;
+    let receipt = match secure {
+        Some(session) => session.masked_upload(shared, update, metadata).await?,
+        None => upload(shared, update, metadata).await?,
+    };
     Ok(Done::Uploaded(receipt))
 }
 

@@ -549,6 +549,15 @@ impl pb::federation_server::Federation for FakeFederation {
             "this fake coordinator holds no base models",
         ))
     }
+
+    async fn sec_agg(
+        &self,
+        _request: Request<pb::SecAggRequest>,
+    ) -> Result<Response<pb::SecAggReply>, Status> {
+        Err(Status::unimplemented(
+            "the fake coordinator runs no secure aggregation",
+        ))
+    }
 }
 
 struct Coordinator {

@@ -16,4 +16,5 @@ mod off_the_record;
 mod pki_audit;
 mod python_client;
 mod robust;
+mod secagg;
 mod site_audit;

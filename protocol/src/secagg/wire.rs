@@ -1,0 +1,301 @@
+//! The protocol's messages on the wire (`SecAgg` in `federation.proto`) and the round
+//! configuration both sides derive on their own: the coordinator and every site build the same
+//! [`RoundConfig`] from the signed job spec, the round, the attempt and the participant list, so a
+//! site never takes the configuration from the coordinator.
+
+use super::{
+    AdvertiseKeys, AdvertisedKey, ClientMessage, KeysRelay, RoundConfig, RoundTag,
+    SecureAggregationSpec, ShareKeys, SharesRelay, SiteIndex, UnmaskRequest, UnmaskResponse,
+    UnmaskShare, shamir::CHUNKS, shamir::Share,
+};
+use crate::pb;
+use crate::pb::sec_agg_reply::Relay as PbRelay;
+use crate::pb::sec_agg_request::Message as PbMessage;
+
+/// The name of the one `I64` tensor a site's masked input is streamed as (its `Z_2^64` values bit
+/// for bit), through the ordinary update upload.
+pub const MASKED_TENSOR: &str = "secagg.masked";
+
+/// The round's configuration, as the coordinator and every site compute it.
+pub fn round_config(
+    spec: &SecureAggregationSpec,
+    job_digest: [u8; 32],
+    (round, attempt): (u32, u32),
+    participants: usize,
+    min_sites: u32,
+    vector_len: u64,
+) -> RoundConfig {
+    let sites = u32::try_from(participants).unwrap_or(u32::MAX);
+    // The graph seed is derived from (job digest, round, attempt) inside: nobody chooses it.
+    spec.round_config(job_digest, round, attempt, sites, min_sites, vector_len)
+}
+
+/// A wire message that does not decode into a protocol message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("secure aggregation message: {0}")]
+pub struct WireError(pub String);
+
+fn tag(bytes: &[u8]) -> Result<RoundTag, WireError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(RoundTag)
+        .map_err(|_| WireError(format!("round tag has {} bytes, not 32", bytes.len())))
+}
+
+fn header(h: Option<&pb::SecAggHeader>) -> Result<(RoundTag, SiteIndex), WireError> {
+    let h = h.ok_or_else(|| WireError("the header is missing".into()))?;
+    Ok((tag(&h.round_tag)?, h.site))
+}
+
+fn pb_header(round: RoundTag, site: SiteIndex) -> Option<pb::SecAggHeader> {
+    Some(pb::SecAggHeader {
+        round_tag: round.0.to_vec(),
+        site,
+    })
+}
+
+fn keys_to_pb(round: RoundTag, site: SiteIndex, keys: &[AdvertisedKey]) -> pb::SecAggAdvertiseKeys {
+    pb::SecAggAdvertiseKeys {
+        header: pb_header(round, site),
+        keys: keys
+            .iter()
+            .map(|k| pb::SecAggKey {
+                peer: k.peer,
+                public_key: k.public.to_vec(),
+                signature: k.signature.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn keys_from_pb(
+    m: &pb::SecAggAdvertiseKeys,
+) -> Result<(RoundTag, SiteIndex, Vec<AdvertisedKey>), WireError> {
+    let (round, site) = header(m.header.as_ref())?;
+    let keys = m
+        .keys
+        .iter()
+        .map(|k| {
+            let public = <[u8; 32]>::try_from(k.public_key.as_slice()).map_err(|_| {
+                WireError(format!(
+                    "key for peer {} has {} bytes, not 32",
+                    k.peer,
+                    k.public_key.len()
+                ))
+            })?;
+            Ok(AdvertisedKey {
+                peer: k.peer,
+                public,
+                signature: k.signature.clone(),
+            })
+        })
+        .collect::<Result<_, WireError>>()?;
+    Ok((round, site, keys))
+}
+
+fn ciphertexts_to_pb(
+    round: RoundTag,
+    site: SiteIndex,
+    c: &[(SiteIndex, Vec<u8>)],
+) -> pb::SecAggShareKeys {
+    pb::SecAggShareKeys {
+        header: pb_header(round, site),
+        ciphertexts: c
+            .iter()
+            .map(|(peer, ciphertext)| pb::SecAggCiphertext {
+                peer: *peer,
+                ciphertext: ciphertext.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A message's round, sender (or addressee) and ciphertexts by peer.
+type Ciphertexts = (RoundTag, SiteIndex, Vec<(SiteIndex, Vec<u8>)>);
+
+fn ciphertexts_from_pb(m: &pb::SecAggShareKeys) -> Result<Ciphertexts, WireError> {
+    let (round, site) = header(m.header.as_ref())?;
+    Ok((
+        round,
+        site,
+        m.ciphertexts
+            .iter()
+            .map(|c| (c.peer, c.ciphertext.clone()))
+            .collect(),
+    ))
+}
+
+/// A site's message to the wire. `None` for a masked input: that goes as a tensor stream.
+pub fn request_message(msg: &ClientMessage) -> Option<PbMessage> {
+    Some(match msg {
+        ClientMessage::AdvertiseKeys(m) => {
+            PbMessage::AdvertiseKeys(keys_to_pb(m.round, m.site, &m.keys))
+        }
+        ClientMessage::ShareKeys(m) => {
+            PbMessage::ShareKeys(ciphertexts_to_pb(m.round, m.site, &m.ciphertexts))
+        }
+        ClientMessage::Unmask(m) => PbMessage::Unmask(pb::SecAggUnmaskResponse {
+            header: pb_header(m.round, m.site),
+            shares: m
+                .shares
+                .iter()
+                .map(|s| match s {
+                    UnmaskShare::SelfSeed { owner, share } => pb::SecAggShare {
+                        owner: *owner,
+                        peer: None,
+                        x: share.x,
+                        ys: share.ys.to_vec(),
+                    },
+                    UnmaskShare::PairSeed { owner, peer, share } => pb::SecAggShare {
+                        owner: *owner,
+                        peer: Some(*peer),
+                        x: share.x,
+                        ys: share.ys.to_vec(),
+                    },
+                })
+                .collect(),
+        }),
+        ClientMessage::MaskedInput(_) | ClientMessage::Confirm(_) => return None,
+    })
+}
+
+/// What the coordinator received, as a protocol message; `Ok(None)` for the request that only
+/// waits for the survivor list.
+pub fn decode_request(msg: &PbMessage) -> Result<Option<ClientMessage>, WireError> {
+    Ok(Some(match msg {
+        PbMessage::AdvertiseKeys(m) => {
+            let (round, site, keys) = keys_from_pb(m)?;
+            ClientMessage::AdvertiseKeys(AdvertiseKeys { round, site, keys })
+        }
+        PbMessage::ShareKeys(m) => {
+            let (round, site, ciphertexts) = ciphertexts_from_pb(m)?;
+            ClientMessage::ShareKeys(ShareKeys {
+                round,
+                site,
+                ciphertexts,
+            })
+        }
+        PbMessage::AwaitUnmask(_) => return Ok(None),
+        PbMessage::Unmask(m) => {
+            let (round, site) = header(m.header.as_ref())?;
+            let shares = m
+                .shares
+                .iter()
+                .map(|s| {
+                    let ys = <[u64; CHUNKS]>::try_from(s.ys.as_slice()).map_err(|_| {
+                        WireError(format!(
+                            "a share of site {}'s seed has {} elements, not {CHUNKS}",
+                            s.owner,
+                            s.ys.len()
+                        ))
+                    })?;
+                    let share = Share { x: s.x, ys };
+                    Ok(match s.peer {
+                        None => UnmaskShare::SelfSeed {
+                            owner: s.owner,
+                            share,
+                        },
+                        Some(peer) => UnmaskShare::PairSeed {
+                            owner: s.owner,
+                            peer,
+                            share,
+                        },
+                    })
+                })
+                .collect::<Result<_, WireError>>()?;
+            ClientMessage::Unmask(UnmaskResponse {
+                round,
+                site,
+                shares,
+            })
+        }
+    }))
+}
+
+/// What the server relays to a site, for the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerRelay {
+    Keys(KeysRelay),
+    Shares(SharesRelay),
+    Unmask(UnmaskRequest),
+    Done,
+}
+
+pub fn reply(relay: &ServerRelay) -> pb::SecAggReply {
+    let relay = match relay {
+        ServerRelay::Keys(r) => PbRelay::Keys(keys_to_pb(r.round, r.to, &r.keys)),
+        ServerRelay::Shares(r) => PbRelay::Shares(ciphertexts_to_pb(r.round, r.to, &r.ciphertexts)),
+        ServerRelay::Unmask(r) => PbRelay::UnmaskRequest(pb::SecAggUnmaskRequest {
+            round_tag: r.round.0.to_vec(),
+            survivors: r.survivors.clone(),
+            dropped: r.dropped.clone(),
+        }),
+        ServerRelay::Done => PbRelay::Done(pb::SecAggDone {}),
+    };
+    pb::SecAggReply { relay: Some(relay) }
+}
+
+pub fn decode_reply(reply: &pb::SecAggReply) -> Result<ServerRelay, WireError> {
+    Ok(match &reply.relay {
+        None => return Err(WireError("the reply is empty".into())),
+        Some(PbRelay::Keys(m)) => {
+            let (round, to, keys) = keys_from_pb(m)?;
+            ServerRelay::Keys(KeysRelay { round, to, keys })
+        }
+        Some(PbRelay::Shares(m)) => {
+            let (round, to, ciphertexts) = ciphertexts_from_pb(m)?;
+            ServerRelay::Shares(SharesRelay {
+                round,
+                to,
+                ciphertexts,
+            })
+        }
+        Some(PbRelay::UnmaskRequest(m)) => ServerRelay::Unmask(UnmaskRequest {
+            round: tag(&m.round_tag)?,
+            survivors: m.survivors.clone(),
+            dropped: m.dropped.clone(),
+        }),
+        Some(PbRelay::Done(_)) => ServerRelay::Done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secagg::{ClientAdvertising, ServerCollectingKeys};
+
+    #[test]
+    fn messages_and_relays_survive_the_wire() {
+        let spec: SecureAggregationSpec = toml::from_str("scale_bits = 16").unwrap();
+        let config = round_config(&spec, [3; 32], (2, 1), 4, 2, 5);
+        assert_eq!(config, round_config(&spec, [3; 32], (2, 1), 4, 2, 5));
+        assert_ne!(
+            config.graph_seed,
+            round_config(&spec, [3; 32], (2, 2), 4, 2, 5).graph_seed,
+            "a retried round gets a fresh graph"
+        );
+        let mut server = ServerCollectingKeys::new(config.clone()).unwrap();
+        for site in 0..4 {
+            let (_, advert) = ClientAdvertising::new(config.clone(), site)
+                .unwrap()
+                .advertise_keys()
+                .unwrap();
+            let msg = ClientMessage::from(advert);
+            let wire = request_message(&msg).unwrap();
+            assert_eq!(decode_request(&wire).unwrap(), Some(msg.clone()));
+            server.receive(msg).unwrap();
+        }
+        let (_, relays) = server.close().unwrap();
+        for r in relays {
+            let relay = ServerRelay::Keys(r);
+            assert_eq!(decode_reply(&reply(&relay)).unwrap(), relay);
+        }
+        let bad = PbMessage::AdvertiseKeys(pb::SecAggAdvertiseKeys {
+            header: Some(pb::SecAggHeader {
+                round_tag: vec![0; 31],
+                site: 0,
+            }),
+            keys: vec![],
+        });
+        assert!(decode_request(&bad).unwrap_err().0.contains("31 bytes"));
+    }
+}
