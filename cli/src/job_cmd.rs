@@ -45,6 +45,15 @@ pub enum JobCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Ask every site the job would run at whether it would (dataset, schema digest, each
+    /// site-policy clause, tokenizer and base model, remaining privacy budget), before it is
+    /// submitted and signed. Prints every refusal of every site; exits non-zero if there is any.
+    /// Nothing is stored, proposed, spent or approved.
+    Check {
+        spec: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Show a job: its state, rounds, each site's metrics and refused updates.
     Status {
         job: String,
@@ -136,6 +145,26 @@ pub enum JobCommand {
     },
 }
 
+/// A job check's answers: one line per site that would run the job, one per refusal otherwise
+/// (site, code, reason).
+pub fn format_check(sites: &[pb::SiteCheck]) -> String {
+    if sites.is_empty() {
+        return "no site would take part: the job names no site and no connected node offers \
+                its dataset\n"
+            .to_string();
+    }
+    let mut out = String::new();
+    for site in sites {
+        if site.refusals.is_empty() {
+            out.push_str(&format!("{}\twould run the job\n", site.site));
+        }
+        for r in &site.refusals {
+            out.push_str(&format!("{}\t{}\t{}\n", site.site, r.code, r.reason));
+        }
+    }
+    out
+}
+
 pub async fn run(cmd: JobCommand) -> Result<()> {
     match cmd {
         JobCommand::Submit { spec, watch, conn } => {
@@ -158,6 +187,32 @@ pub async fn run(cmd: JobCommand) -> Result<()> {
                 })
                 .await?;
                 print_final(&last);
+            }
+            Ok(())
+        }
+        JobCommand::Check { spec, conn } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("cannot read {}", spec.display()))?;
+            let reply = conn
+                .jobs()
+                .await?
+                .check_job(pb::CheckJobRequest { spec_toml: text })
+                .await
+                .with_context(|| format!("the coordinator refused to check {}", spec.display()))?
+                .into_inner();
+            print!("{}", format_check(&reply.sites));
+            let refusals: usize = reply.sites.iter().map(|s| s.refusals.len()).sum();
+            if refusals > 0 {
+                anyhow::bail!(
+                    "{} would not run as written: {refusals} refusal(s) at {} of {} site(s)",
+                    spec.display(),
+                    reply
+                        .sites
+                        .iter()
+                        .filter(|s| !s.refusals.is_empty())
+                        .count(),
+                    reply.sites.len()
+                );
             }
             Ok(())
         }

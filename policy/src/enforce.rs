@@ -57,7 +57,8 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         .unwrap_or((path, ""));
     let fixed = |o: &str, a: &str| (o.to_string(), a.to_string());
     match (service, method) {
-        ("tutela.v1.Jobs", "SubmitJob" | "AmendJob") => fixed("jobs", "submit"),
+        // Checking a job asks the sites what submitting it would: whoever may submit may check.
+        ("tutela.v1.Jobs", "SubmitJob" | "AmendJob" | "CheckJob") => fixed("jobs", "submit"),
         ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob") => fixed("jobs", "read"),
         ("tutela.v1.Jobs", "CancelJob") => fixed("jobs", "cancel"),
         ("tutela.v1.Jobs", "ApproveJob" | "RejectJob" | "WithdrawApproval") => {
@@ -437,6 +438,10 @@ mod tests {
         let p = |s: &str| rpc_permission(s);
         assert_eq!(
             p("/tutela.v1.Jobs/SubmitJob"),
+            ("jobs".into(), "submit".into())
+        );
+        assert_eq!(
+            p("/tutela.v1.Jobs/CheckJob"),
             ("jobs".into(), "submit".into())
         );
         assert_eq!(

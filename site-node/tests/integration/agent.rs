@@ -536,6 +536,15 @@ impl pb::federation_server::Federation for FakeFederation {
         });
         Ok(Response::new(pb::DeclineTaskReply {}))
     }
+
+    async fn answer_check(
+        &self,
+        request: Request<pb::CheckAnswer>,
+    ) -> Result<Response<pb::CheckAnswerReply>, Status> {
+        // This fake sends no CHECK task (see `job_check`): an answer is simply taken.
+        let _ = request;
+        Ok(Response::new(pb::CheckAnswerReply {}))
+    }
 }
 
 struct Coordinator {
