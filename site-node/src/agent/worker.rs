@@ -419,6 +419,19 @@ fn round_metadata(task: &pb::Task, result: &RoundResult) -> BTreeMap<String, Str
         metadata.insert(meta::DP_JOB_EPSILON.to_string(), p.job_epsilon.to_string());
         metadata.insert(meta::DP_DELTA.to_string(), p.delta.to_string());
     }
+    if let Some(n) = &result.dp_noise {
+        metadata.insert(
+            meta::DP_NOISE_MULTIPLIER.to_string(),
+            n.noise_multiplier.to_string(),
+        );
+        metadata.insert(
+            meta::DP_EXPECTED_BATCH.to_string(),
+            n.expected_batch.to_string(),
+        );
+    }
+    if let Some(class) = result.single_class_predicted {
+        metadata.insert(meta::SINGLE_CLASS_PREDICTED.to_string(), class.to_string());
+    }
     metadata
 }
 
