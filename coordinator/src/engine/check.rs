@@ -26,10 +26,13 @@ pub const NO_ANSWER: &str = "site.no_answer";
 /// The longest answer a node may send (all its refusals' texts together), like a decline's.
 const MAX_ANSWER_BYTES: usize = 16 * 1024;
 
-/// CHECK tasks sent and not yet answered: task id → (site, where the answer goes).
+/// Task id → (the site asked, where its answer goes).
+type Waiting = HashMap<String, (String, oneshot::Sender<Vec<pb::CheckRefusal>>)>;
+
+/// CHECK tasks sent and not yet answered.
 #[derive(Default)]
 pub struct PendingChecks {
-    pending: Mutex<HashMap<String, (String, oneshot::Sender<Vec<pb::CheckRefusal>>)>>,
+    pending: Mutex<Waiting>,
 }
 
 /// Why a node's answer to a check is refused.
@@ -46,10 +49,7 @@ pub enum CheckAnswerError {
 }
 
 impl PendingChecks {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<Vec<pb::CheckRefusal>>)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -305,7 +305,7 @@ mod tests {
         tch::no_grad(|| {
             for (name, mut v) in model.var_store().variables() {
                 if name.ends_with("bias") && v.size() == [2] {
-                    let _ = v.copy_(&tch::Tensor::from_slice(&[-5.0f32, 5.0]));
+                    v.copy_(&tch::Tensor::from_slice(&[-5.0f32, 5.0]));
                 } else {
                     let _ = v.zero_();
                 }
@@ -327,7 +327,7 @@ mod tests {
                 };
                 if let Some(values) = values {
                     let shaped = tch::Tensor::from_slice(&values).view(v.size().as_slice());
-                    let _ = v.copy_(&shaped);
+                    v.copy_(&shaped);
                 }
             }
         });
