@@ -3,6 +3,8 @@
 //! lists every clause each site would refuse it for (two sites breaking different clauses, two
 //! each), the site whose node is not connected, and the site that would run it; the CLI prints
 //! them all and exits non-zero. Nothing is proposed: the coordinator lists no job afterwards.
+//! And the other side of a refusal: a round every site declines fails at once, with each site's
+//! reason, not at its deadline.
 
 use std::time::{Duration, Instant};
 
@@ -156,4 +158,51 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
         .into_inner()
         .jobs;
     assert!(jobs.is_empty(), "{jobs:#?}");
+}
+
+/// Two sites whose node.toml caps ε at 1 per job: both build the initial model (INITIALIZE
+/// spends nothing), then decline the job's TRAIN task at once (it plans ε = 5). The round ends
+/// as soon as both have answered, and fails with every site's reason, not at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_every_site_declined_fails_at_once_with_each_site_s_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Consortium::new(dir.path());
+    c.start_coordinator();
+    let (header, shares, _) = breast_cancer_shares(2);
+    for (site, rows) in ["a", "b"].iter().zip(&shares) {
+        c.start_node(
+            site,
+            &header,
+            rows,
+            "[privacy]\nmax_epsilon_per_job = 1.0\nmax_epsilon_total = 2.0\n",
+        );
+    }
+    // A long deadline: the job must fail long before it.
+    let spec = job_spec(1, 2, 120, &["a", "b"])
+        .replace("max_round_retries = 2", "max_round_retries = 0")
+        + "\n[privacy]\nmode = \"local\"\ntarget_epsilon = 5.0\ndelta = 1e-5\nmax_grad_norm = 1.0\n";
+    let mut op = c.operator().await;
+    let job = op
+        .submit_job(pb::SubmitJobRequest { spec_toml: spec })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let started = Instant::now();
+    let status = c
+        .wait_for_job(&job, Duration::from_secs(90), |_| false)
+        .await;
+    assert_eq!(status.state, "failed", "{status:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the round waited for its deadline: {:?}",
+        started.elapsed()
+    );
+    let reason = &status.reason;
+    assert!(
+        reason.contains("every site declined: a: privacy.budget"),
+        "{reason}"
+    );
+    assert!(reason.contains("; b: privacy.budget"), "{reason}");
+    assert!(!reason.contains("deadline"), "{reason}");
 }
