@@ -54,6 +54,15 @@ pub enum JobCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Ask every site the job would run at whether it would (dataset, schema digest, each
+    /// site-policy clause, tokenizer and base model, remaining privacy budget), before it is
+    /// submitted and signed. Prints every refusal of every site; exits non-zero if there is any.
+    /// Nothing is stored, proposed, spent or approved.
+    Check {
+        spec: PathBuf,
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Show a job: its state, rounds, each site's metrics and refused updates.
     Status {
         job: String,
@@ -145,6 +154,69 @@ pub enum JobCommand {
     },
 }
 
+/// A job check's answers: one line per site that would run the job, one per refusal otherwise
+/// (site, code, reason).
+pub fn format_check(sites: &[pb::SiteCheck]) -> String {
+    if sites.is_empty() {
+        return "no site would take part: the job names no site and no connected node offers \
+                its dataset\n"
+            .to_string();
+    }
+    let mut out = String::new();
+    for site in sites {
+        if site.refusals.is_empty() {
+            out.push_str(&format!("{}\twould run the job\n", site.site));
+        }
+        for r in &site.refusals {
+            out.push_str(&format!("{}\t{}\t{}\n", site.site, r.code, r.reason));
+        }
+    }
+    out
+}
+
+/// One site's round report as `job status --json` prints it.
+fn site_metrics_json(m: &pb::SiteMetrics) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "site": m.site, "eval_accuracy": m.eval_accuracy, "eval_loss": m.eval_loss,
+        "eval_samples": m.eval_samples, "train_samples": m.train_samples,
+        "train_loss": m.train_loss, "train_seconds": m.train_seconds,
+        "dp_round_epsilon": m.dp_round_epsilon, "dp_job_epsilon": m.dp_job_epsilon,
+        "dp_delta": m.dp_delta, "dataset_commitment": m.dataset_commitment,
+        "deid_config_sha256": m.deid_config_sha256,
+        "eval_perplexity": m.eval_perplexity,
+    });
+    v["dp_noise_multiplier"] = m.dp_noise_multiplier.into();
+    v["dp_expected_batch"] = m.dp_expected_batch.into();
+    v["single_class_predicted"] = m.single_class_predicted.into();
+    v["warnings"] = site_warnings(m).into();
+    v
+}
+
+/// What a site's round report says is wrong: DP noise that swamps the signal (σ / B above
+/// `tutela_privacy::planning::SWAMPED`), a trained model that predicts one class for every row.
+pub fn site_warnings(m: &pb::SiteMetrics) -> Vec<String> {
+    use tutela_privacy::planning::{SWAMPED, noise_to_signal};
+    let mut out = Vec::new();
+    if m.dp_noise_multiplier > 0.0 && m.dp_expected_batch > 0.0 {
+        let ratio = noise_to_signal(m.dp_noise_multiplier, m.dp_expected_batch);
+        if ratio > SWAMPED {
+            out.push(format!(
+                "DP noise swamps the signal: σ = {:.3} over an expected batch of {:.1} rows is \
+                 σ/B = {ratio:.3} > {SWAMPED}; see `tutela privacy plan` for a larger batch, \
+                 fewer steps or a larger ε",
+                m.dp_noise_multiplier, m.dp_expected_batch
+            ));
+        }
+    }
+    if let Some(class) = m.single_class_predicted {
+        out.push(format!(
+            "the trained model predicts class {class} for every validation row: it has learnt \
+             the majority class only"
+        ));
+    }
+    out
+}
+
 pub async fn run(cmd: JobCommand) -> Result<()> {
     match cmd {
         JobCommand::Submit {
@@ -195,6 +267,32 @@ pub async fn run(cmd: JobCommand) -> Result<()> {
                 })
                 .await?;
                 print_final(&last);
+            }
+            Ok(())
+        }
+        JobCommand::Check { spec, conn } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("cannot read {}", spec.display()))?;
+            let reply = conn
+                .jobs()
+                .await?
+                .check_job(pb::CheckJobRequest { spec_toml: text })
+                .await
+                .with_context(|| format!("the coordinator refused to check {}", spec.display()))?
+                .into_inner();
+            print!("{}", format_check(&reply.sites));
+            let refusals: usize = reply.sites.iter().map(|s| s.refusals.len()).sum();
+            if refusals > 0 {
+                anyhow::bail!(
+                    "{} would not run as written: {refusals} refusal(s) at {} of {} site(s)",
+                    spec.display(),
+                    reply
+                        .sites
+                        .iter()
+                        .filter(|s| !s.refusals.is_empty())
+                        .count(),
+                    reply.sites.len()
+                );
             }
             Ok(())
         }
@@ -550,6 +648,9 @@ pub fn print_status(s: &pb::JobStatus) {
                     "", m.dp_round_epsilon, m.dp_job_epsilon, m.dp_delta
                 );
             }
+            for warning in site_warnings(m) {
+                println!("    {:<16} WARNING: {warning}", "");
+            }
             if !m.dataset_commitment.is_empty() {
                 println!(
                     "    {:<16} dataset commitment {}  anonymization {}",
@@ -639,15 +740,7 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
             "eval_accuracy": r.eval_accuracy,
             "model_id": r.model_id,
             "seconds": r.seconds,
-            "metrics": r.metrics.iter().map(|m| serde_json::json!({
-                "site": m.site, "eval_accuracy": m.eval_accuracy, "eval_loss": m.eval_loss,
-                "eval_samples": m.eval_samples, "train_samples": m.train_samples,
-                "train_loss": m.train_loss, "train_seconds": m.train_seconds,
-                "dp_round_epsilon": m.dp_round_epsilon, "dp_job_epsilon": m.dp_job_epsilon,
-                "dp_delta": m.dp_delta, "dataset_commitment": m.dataset_commitment,
-                "deid_config_sha256": m.deid_config_sha256,
-                "eval_perplexity": m.eval_perplexity,
-            })).collect::<Vec<_>>(),
+            "metrics": r.metrics.iter().map(site_metrics_json).collect::<Vec<_>>(),
             "refused": r.refused.iter().map(|x| serde_json::json!({"site": x.site, "reason": x.reason})).collect::<Vec<_>>(),
             "central_dp": r.central_dp.as_ref().map(|c| serde_json::json!({
                 "noise_multiplier": c.noise_multiplier, "clip": c.clip, "next_clip": c.next_clip,
@@ -679,6 +772,32 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn status_warns_of_swamping_noise_and_a_single_predicted_class() {
+        let healthy = pb::SiteMetrics {
+            dp_noise_multiplier: 1.1,
+            dp_expected_batch: 64.0,
+            ..Default::default()
+        };
+        assert!(site_warnings(&healthy).is_empty());
+        // A 100-row site at batch 4 with σ = 5: σ/B = 1.25.
+        let swamped = pb::SiteMetrics {
+            dp_noise_multiplier: 5.0,
+            dp_expected_batch: 4.0,
+            single_class_predicted: Some(0),
+            ..Default::default()
+        };
+        let w = site_warnings(&swamped);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("σ/B = 1.250 > 1"), "{w:?}");
+        assert!(
+            w[1].contains("predicts class 0 for every validation row"),
+            "{w:?}"
+        );
+        // No DP: nothing to weigh.
+        assert!(site_warnings(&pb::SiteMetrics::default()).is_empty());
     }
 
     #[test]

@@ -28,12 +28,17 @@ use crate::store::Store;
 use crate::strategy::StrategyConfig;
 use crate::tasks::{SiteMetrics, TaskTable};
 
+mod check;
 mod round;
+
+pub use check::{CHECK_WAIT, CheckAnswerError, PendingChecks};
 
 pub struct Engine {
     pub store: Store,
     pub nodes: Arc<NodeRegistry>,
     pub tasks: Arc<TaskTable>,
+    /// `tutela job check`'s CHECK tasks waiting for their nodes' answers.
+    pub checks: PendingChecks,
     pub model_dir: PathBuf,
     /// Strategy state (server optimizer moments) per job and round.
     pub state_dir: PathBuf,
@@ -121,6 +126,7 @@ impl Engine {
             store,
             nodes: Arc::new(NodeRegistry::default()),
             tasks: Arc::new(TaskTable::default()),
+            checks: PendingChecks::default(),
             model_dir,
             spool_pool: crate::aggregate::SpoolPool::new(Some(state_dir.clone())),
             spool_kek,

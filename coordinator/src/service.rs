@@ -251,6 +251,26 @@ impl pb::federation_server::Federation for FederationService {
                 req.reason.len()
             )));
         }
+        // A node that could not answer a check (it failed inside) declines it: its reason is
+        // the check's answer, under the decline's code.
+        if self.engine.checks.is_pending(&req.task_id) {
+            let (code, reason) = req
+                .reason
+                .split_once(": ")
+                .unwrap_or((req.reason.as_str(), ""));
+            let refusal = pb::CheckRefusal {
+                code: code.to_string(),
+                reason: reason.to_string(),
+            };
+            return match self
+                .engine
+                .checks
+                .answer(&req.task_id, &site, vec![refusal])
+            {
+                Ok(()) => Ok(Response::new(pb::DeclineTaskReply {})),
+                Err(e) => Err(Status::failed_precondition(e.to_string())),
+            };
+        }
         match self.engine.tasks.site_of(&req.task_id) {
             Some(s) if s == site => {
                 tracing::warn!(%site, task = %req.task_id, reason = %req.reason, "task declined");
@@ -324,6 +344,24 @@ impl pb::federation_server::Federation for FederationService {
         secagg::exchange(&self.engine, &site, request.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn answer_check(
+        &self,
+        request: Request<pb::CheckAnswer>,
+    ) -> Result<Response<pb::CheckAnswerReply>, Status> {
+        let site = node_site(&request)?;
+        let req = request.into_inner();
+        match self.engine.checks.answer(&req.task_id, &site, req.refusals) {
+            Ok(()) => Ok(Response::new(pb::CheckAnswerReply {})),
+            Err(e @ crate::engine::CheckAnswerError::OtherSite(_)) => {
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e @ crate::engine::CheckAnswerError::TooLong(_)) => {
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
     }
 }
 
@@ -464,6 +502,9 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                             dp_job_epsilon: m.dp_job_epsilon,
                             dp_delta: m.dp_delta,
                             eval_perplexity: m.eval_perplexity,
+                            dp_noise_multiplier: m.dp_noise_multiplier,
+                            dp_expected_batch: m.dp_expected_batch,
+                            single_class_predicted: m.single_class_predicted,
                         })
                         .collect(),
                     refused: r
@@ -568,6 +609,26 @@ impl pb::jobs_server::Jobs for JobsService {
             .await?;
         tracing::info!(job = %id, operator = %who, "job submitted");
         Ok(Response::new(self.status(&id).await?))
+    }
+
+    async fn check_job(
+        &self,
+        request: Request<pb::CheckJobRequest>,
+    ) -> Result<Response<pb::CheckJobReply>, Status> {
+        if self.legacy_checks() {
+            require_operator(&request)?;
+        }
+        let who = caller(&request)?.identity.clone();
+        refuse_unknown_model(&request.get_ref().spec_toml)?;
+        let sites = self
+            .engine
+            .check_job(
+                &request.get_ref().spec_toml,
+                Some(&who.uri()),
+                crate::engine::CHECK_WAIT,
+            )
+            .await?;
+        Ok(Response::new(pb::CheckJobReply { sites }))
     }
 
     async fn get_job(

@@ -63,6 +63,14 @@ pub struct SiteMetrics {
     pub dp_job_epsilon: f64,
     #[serde(default)]
     pub dp_delta: f64,
+    /// DP-SGD's noise multiplier and expected batch at the site; 0 without DP.
+    #[serde(default)]
+    pub dp_noise_multiplier: f64,
+    #[serde(default)]
+    pub dp_expected_batch: f64,
+    /// The class the site's trained model predicted for every validation row, when it did.
+    #[serde(default)]
+    pub single_class_predicted: Option<u32>,
 }
 
 /// How a task ended.
@@ -301,6 +309,9 @@ pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, Sink
         dp_round_epsilon: finite_meta(m, meta::DP_ROUND_EPSILON)?,
         dp_job_epsilon: finite_meta(m, meta::DP_JOB_EPSILON)?,
         dp_delta: ranged_meta(m, meta::DP_DELTA, 0.0..=1.0)?,
+        dp_noise_multiplier: finite_meta(m, meta::DP_NOISE_MULTIPLIER)?,
+        dp_expected_batch: finite_meta(m, meta::DP_EXPECTED_BATCH)?,
+        single_class_predicted: parse_meta::<u32>(m, meta::SINGLE_CLASS_PREDICTED)?,
     })
 }
 
@@ -574,6 +585,10 @@ mod tests {
             (meta::DP_DELTA, "2"),
             (meta::EVAL_PERPLEXITY, "NaN"),
             (meta::EVAL_PERPLEXITY, "-2"),
+            (meta::DP_NOISE_MULTIPLIER, "-1"),
+            (meta::DP_EXPECTED_BATCH, "NaN"),
+            (meta::SINGLE_CLASS_PREDICTED, "-1"),
+            (meta::SINGLE_CLASS_PREDICTED, "first"),
         ];
         for (key, value) in bad {
             let table = open_table(dir.path());
@@ -590,6 +605,9 @@ mod tests {
             (meta::TRAIN_LOSS, "0.25"),
             (meta::SAMPLES, "120"),
             (meta::DP_DELTA, "0.00001"),
+            (meta::DP_NOISE_MULTIPLIER, "4.5"),
+            (meta::DP_EXPECTED_BATCH, "3.2"),
+            (meta::SINGLE_CLASS_PREDICTED, "1"),
         ];
         let table = open_table(dir.path());
         let mut sink = RoutingSink::new(table, "a".into(), Default::default());
@@ -597,6 +615,14 @@ mod tests {
             .expect("in-range metrics");
         assert_eq!(sink.metrics.eval_accuracy, 0.93);
         assert_eq!(sink.metrics.train_samples, 120);
+        assert_eq!(
+            (
+                sink.metrics.dp_noise_multiplier,
+                sink.metrics.dp_expected_batch,
+                sink.metrics.single_class_predicted
+            ),
+            (4.5, 3.2, Some(1))
+        );
     }
 
     fn table_with(

@@ -57,7 +57,10 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         .unwrap_or((path, ""));
     let fixed = |o: &str, a: &str| (o.to_string(), a.to_string());
     match (service, method) {
-        ("tutela.v1.Jobs", "SubmitJob" | "AmendJob" | "UploadBaseModel") => fixed("jobs", "submit"),
+        // Checking a job asks the sites what submitting it would: whoever may submit may check.
+        ("tutela.v1.Jobs", "SubmitJob" | "AmendJob" | "UploadBaseModel" | "CheckJob") => {
+            fixed("jobs", "submit")
+        }
         ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob") => fixed("jobs", "read"),
         ("tutela.v1.Jobs", "CancelJob") => fixed("jobs", "cancel"),
         ("tutela.v1.Jobs", "ApproveJob" | "RejectJob" | "WithdrawApproval") => {
@@ -447,6 +450,10 @@ mod tests {
         assert_eq!(
             p("/tutela.v1.Federation/FetchBaseModel"),
             ("federation".into(), "participate".into())
+        );
+        assert_eq!(
+            p("/tutela.v1.Jobs/CheckJob"),
+            ("jobs".into(), "submit".into())
         );
         assert_eq!(
             p("/tutela.v1.Jobs/WatchJob"),

@@ -35,4 +35,13 @@ pub mod meta {
     pub const DP_JOB_EPSILON: &str = "tutela.dp.job_epsilon";
     /// The δ both ε figures are stated at.
     pub const DP_DELTA: &str = "tutela.dp.delta";
+    /// DP-SGD's noise multiplier σ as the round trained with it (after the noise grid's
+    /// correction); absent without DP.
+    pub const DP_NOISE_MULTIPLIER: &str = "tutela.dp.noise_multiplier";
+    /// The expected batch size of the round's Poisson sampling (sample rate × training rows):
+    /// with σ, the noise-to-signal ratio σ / B (`tutela_privacy::planning::noise_to_signal`).
+    pub const DP_EXPECTED_BATCH: &str = "tutela.dp.expected_batch";
+    /// Set when the trained model predicts one class for every validation row: that class's
+    /// index in the schema's class list (it has learnt the majority class only).
+    pub const SINGLE_CLASS_PREDICTED: &str = "tutela.train.single_class_predicted";
 }

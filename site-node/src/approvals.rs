@@ -161,13 +161,39 @@ impl SiteApprovals {
                 reasons.join("; ")
             )));
         };
-        let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let submitter = (!task.submitted_by.is_empty()).then_some(task.submitted_by.as_str());
-        policy.evaluate(&spec, submitter, now, spent_epsilon)?;
+        evaluate(&policy, &spec, task, now_ms, spent_epsilon)?;
         tracing::info!(job = %task.job_id, %officer, "task approved by this site's compliance officer and within the site policy");
         Ok(())
     }
+
+    /// The site policy alone, as [`check`](Self::check) weighs it after the approvals: for a
+    /// job check (`tutela job check`), which comes before any officer signs. Every clause the
+    /// job breaks is in the one refusal.
+    pub fn check_policy(
+        &self,
+        task: &pb::Task,
+        now_ms: i64,
+        spent_epsilon: f64,
+    ) -> Result<(), ApprovalRefusal> {
+        let spec = JobSpec::from_toml_str(&task.job_spec_toml)
+            .map_err(|e| ApprovalRefusal::Spec(e.to_string()))?;
+        evaluate(&self.policy.current(), &spec, task, now_ms, spent_epsilon)
+    }
+}
+
+/// `policy`'s clauses over `spec`, submitted by whom `task` says, at `now_ms`.
+fn evaluate(
+    policy: &SitePolicy,
+    spec: &JobSpec,
+    task: &pb::Task,
+    now_ms: i64,
+    spent_epsilon: f64,
+) -> Result<(), ApprovalRefusal> {
+    let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let submitter = (!task.submitted_by.is_empty()).then_some(task.submitted_by.as_str());
+    policy.evaluate(spec, submitter, now, spent_epsilon)?;
+    Ok(())
 }
 
 #[cfg(test)]

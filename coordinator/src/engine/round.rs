@@ -462,11 +462,16 @@ impl Engine {
                     describe_refusals(&c.refused)
                 )));
             }
+            // Every site said no at once (the collect phase ends as soon as all have answered):
+            // their reasons, not a deadline that was never waited for.
             Err(AggregateError::NothingAccepted) => {
-                return Ok(Err(format!(
-                    "no update was accepted by the deadline ({})",
-                    describe_refusals(&c.refused)
-                )));
+                return Ok(Err(match every_site_declined(&c.refused) {
+                    Some(reasons) => format!("every site declined: {reasons}"),
+                    None => format!(
+                        "no update was accepted by the deadline ({})",
+                        describe_refusals(&c.refused)
+                    ),
+                }));
             }
             // A robust rule short of the updates it needs: the attempt is retried like one short
             // of min_sites.
@@ -720,6 +725,17 @@ fn describe_refusals(refused: &[(String, String)]) -> String {
         .join("; ")
 }
 
+/// `site: reason; ...` when every refusal of a round is a node's decline (`declined: ` and its
+/// reason, as [`Engine::collect`] writes them); `None` when any site failed otherwise or none
+/// answered.
+fn every_site_declined(refused: &[(String, String)]) -> Option<String> {
+    let reasons = refused
+        .iter()
+        .map(|(s, r)| r.strip_prefix("declined: ").map(|r| format!("{s}: {r}")))
+        .collect::<Option<Vec<_>>>()?;
+    (!reasons.is_empty()).then(|| reasons.join("; "))
+}
+
 /// The global model's tensors as f32 values (Tutela's models are float32).
 fn decode_f32(
     manifest: &tutela_protocol::tensor::Manifest,
@@ -792,5 +808,38 @@ fn round_completed_payload(
         metrics,
         model_id: Some(record.global_model_digest.clone()),
         aggregation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::every_site_declined;
+
+    fn refused(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(s, r)| (s.to_string(), r.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_round_every_site_declined_names_each_site_and_reason() {
+        let r = refused(&[
+            ("a", "declined: data.missing: no dataset"),
+            ("b", "declined: not approved for site b"),
+        ]);
+        assert_eq!(
+            every_site_declined(&r).as_deref(),
+            Some("a: data.missing: no dataset; b: not approved for site b")
+        );
+    }
+
+    #[test]
+    fn a_site_that_timed_out_or_was_refused_is_not_a_decline() {
+        let timed_out = refused(&[
+            ("a", "declined: not approved for site a"),
+            ("b", "no update by the round's deadline"),
+        ]);
+        assert_eq!(every_site_declined(&timed_out), None);
+        assert_eq!(every_site_declined(&[]), None);
     }
 }

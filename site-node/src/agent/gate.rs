@@ -1,5 +1,7 @@
 //! The checks a task passes before the node touches data.
 
+mod check;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -24,7 +26,10 @@ use crate::resend::ResendCache;
 pub enum Refusal {
     #[error("the task's deadline passed {late_ms} ms ago")]
     DeadlinePassed { late_ms: i64 },
-    #[error("unknown task kind {0}: this node (version {NODE_VERSION}) does INITIALIZE and TRAIN")]
+    #[error(
+        "unknown task kind {0}: this node (version {NODE_VERSION}) does INITIALIZE and TRAIN \
+         (and answers CHECK without training)"
+    )]
     UnknownKind(i32),
     #[error("{0}")]
     JobSpec(String),

@@ -134,6 +134,8 @@ impl LocalRound for LanguageRound {
             "language-model round done"
         );
         Ok(RoundResult {
+            dp_noise: None,
+            single_class_predicted: None,
             delta: result.delta,
             eval: crate::train::Eval {
                 loss: result.eval.loss,

@@ -69,7 +69,7 @@ mod worker;
 
 pub use filter::UpdateFilter;
 pub use gate::{Admitted, Refusal, TaskGate, Work};
-pub use round::{Deidentification, LocalError, LocalRound, RoundInput, RoundResult};
+pub use round::{Deidentification, DpNoise, LocalError, LocalRound, RoundInput, RoundResult};
 pub use tabular::{initial_weights, local_round};
 
 use std::collections::{BTreeMap, VecDeque};

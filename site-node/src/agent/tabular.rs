@@ -13,7 +13,7 @@ use tutela_audit::payload::DatasetDeidentified;
 use super::gate::Admitted;
 use super::now_ms;
 use super::round::{
-    Deidentification, LocalError, LocalRound, RoundInput, RoundResult, read_global_model,
+    Deidentification, DpNoise, LocalError, LocalRound, RoundInput, RoundResult, read_global_model,
 };
 use crate::data::DatasetSchema;
 use crate::dataset::SiteDataset;
@@ -140,7 +140,7 @@ pub fn local_round(
     let global = read_global_model(global_path, kek)?;
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
-    let (report, privacy) = train_round(
+    let (report, privacy, dp_noise) = train_round(
         admitted,
         name,
         (round, attempt),
@@ -148,6 +148,15 @@ pub fn local_round(
         &dataset.train,
         &config,
     )?;
+    let single_class_predicted = single_class_predicted(&model, &dataset.validation);
+    if let Some(class) = single_class_predicted {
+        tracing::warn!(
+            class,
+            rows = dataset.validation.n_rows,
+            "the trained model predicts one class for every validation row: it has learnt the \
+             majority class only (see `tutela privacy plan` for the noise, `tutela-node evaluate`)"
+        );
+    }
     let local = export_weights(model.var_store()).map_err(|e| LocalError::Update(Box::new(e)))?;
     // Both lists are sorted by name (export_weights and load_safetensors sort), as delta needs.
     let delta = delta(&local, &global).map_err(|e| LocalError::Update(Box::new(e)))?;
@@ -161,7 +170,27 @@ pub fn local_round(
         dataset_commitment: dataset.commitment.map(|c| c.root_hex()),
         deid_config_sha256: dataset.deid.as_ref().map(|r| r.config_sha256.clone()),
         privacy,
+        dp_noise,
+        single_class_predicted,
     })
+}
+
+/// The class `model` predicts for every row of `validation`, when it predicts only one (and
+/// there are at least two rows); a report that cannot be made is no warning.
+fn single_class_predicted(model: &Model, validation: &crate::data::Table) -> Option<usize> {
+    if validation.n_rows < 2 {
+        return None;
+    }
+    let probabilities = crate::offline::predict(model, validation, None).ok()?;
+    let labels: Vec<usize> = validation
+        .labels
+        .iter()
+        .map(|&l| usize::try_from(l).unwrap_or(usize::MAX))
+        .collect();
+    let classes = probabilities.first().map_or(0, Vec::len);
+    crate::metrics::classification_report(&probabilities, &labels, classes)
+        .ok()?
+        .single_class_predicted
 }
 
 /// Trains one round: DP-SGD when the job says `privacy.mode = "local"` (checked against the
@@ -174,7 +203,14 @@ fn train_round(
     model: &Model,
     train: &crate::data::Table,
     config: &crate::train::TrainConfig,
-) -> Result<(crate::train::TrainReport, Option<RoundSpend>), LocalError> {
+) -> Result<
+    (
+        crate::train::TrainReport,
+        Option<RoundSpend>,
+        Option<DpNoise>,
+    ),
+    LocalError,
+> {
     let job = &admitted.job;
     let dimension = model.parameter_count();
     let plan = match &admitted.ledgers {
@@ -190,7 +226,7 @@ fn train_round(
     }
     .map_err(LocalError::Privacy)?;
     let Some(plan) = plan else {
-        return Ok((train_local(model, train, config)?, None));
+        return Ok((train_local(model, train, config)?, None, None));
     };
     let (report, spend) = crate::dp::train_dp(model, train, config, &plan);
     let spent = match &admitted.ledgers {
@@ -238,5 +274,65 @@ fn train_round(
         noise_multiplier = plan.noise_multiplier,
         "privacy spent"
     );
-    Ok((report?, Some(spent)))
+    let noise = DpNoise {
+        noise_multiplier: plan.effective_noise_multiplier,
+        expected_batch: plan.sample_rate * train.n_rows as f64,
+    };
+    Ok((report?, Some(spent), Some(noise)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ModelSpec;
+
+    fn table(rows: usize) -> crate::data::Table {
+        crate::data::Table {
+            features: (0..rows * 3).map(|i| i as f32 / 10.0).collect(),
+            n_rows: rows,
+            n_features: 3,
+            labels: (0..rows as i64).map(|i| i % 2).collect(),
+            feature_names: vec!["a".into(), "b".into(), "c".into()],
+            class_names: vec!["no".into(), "yes".into()],
+        }
+    }
+
+    #[test]
+    fn a_model_that_predicts_one_class_for_every_row_is_reported() {
+        let spec = ModelSpec::new(vec![3], 2).with_hidden(vec![4]);
+        let model = Model::new("mlp", spec, Device::Cpu, 1).unwrap();
+        // Zero weights and an output bias for class 1: every row is predicted 1.
+        tch::no_grad(|| {
+            for (name, mut v) in model.var_store().variables() {
+                if name.ends_with("bias") && v.size() == [2] {
+                    v.copy_(&tch::Tensor::from_slice(&[-5.0f32, 5.0]));
+                } else {
+                    let _ = v.zero_();
+                }
+            }
+        });
+        assert_eq!(single_class_predicted(&model, &table(6)), Some(1));
+        // Class 1's logit is feature a (hidden unit 0 = relu(a)), class 0's a constant 0.7: the
+        // rows with a below it are predicted 0, the others 1, so no warning.
+        let spec = ModelSpec::new(vec![3], 2).with_hidden(vec![4]);
+        let model = Model::new("mlp", spec, Device::Cpu, 1).unwrap();
+        tch::no_grad(|| {
+            for (_, mut v) in model.var_store().variables() {
+                let _ = v.zero_();
+                let values: Option<Vec<f32>> = match v.size().as_slice() {
+                    [4, 3] => Some(vec![1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]),
+                    [2, 4] => Some(vec![0., 0., 0., 0., 1., 0., 0., 0.]),
+                    [2] => Some(vec![0.7, 0.]),
+                    _ => None,
+                };
+                if let Some(values) = values {
+                    let shaped = tch::Tensor::from_slice(&values).view(v.size().as_slice());
+                    v.copy_(&shaped);
+                }
+            }
+        });
+        assert_eq!(single_class_predicted(&model, &table(6)), None);
+        // Too few rows to say anything.
+        assert_eq!(single_class_predicted(&model, &table(1)), None);
+    }
 }

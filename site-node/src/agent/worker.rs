@@ -143,6 +143,8 @@ pub(super) enum Done {
     Declined(SiteFailure),
     Skipped(String),
     Stalled,
+    /// A job check answered, with this many refusals.
+    Checked(usize),
 }
 
 /// Why a task failed.
@@ -191,6 +193,10 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
                     tracing::warn!(reason = %failure, "task declined");
                 }
                 Ok(Done::Skipped(reason)) => tracing::warn!(%reason, "task skipped"),
+                Ok(Done::Checked(refusals)) => {
+                    shared.mark_answered(&task.task_id);
+                    tracing::info!(refusals, "job check answered");
+                }
                 Ok(Done::Stalled) => tracing::warn!("testing.stall_after_fetch: stalling; the task is left unanswered"),
                 Err(Failure::Coordinator(why)) => tracing::warn!(error = %why, "task failed at the coordinator"),
                 Err(Failure::Decline(failure)) => {
@@ -239,6 +245,9 @@ async fn decline(shared: &Shared, task_id: &str, failure: &SiteFailure) -> Resul
 }
 
 async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failure> {
+    if task.kind == pb::TaskKind::Check as i32 {
+        return answer_check(&shared, &task).await;
+    }
     super::base_fetch::fetch_missing_base(&shared, &task).await?;
     let admitted = match shared.gate.check_task(&task) {
         Ok(a) => a,
@@ -256,6 +265,26 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
         Work::Train => train(&shared, &task, admitted).await,
         Work::Resend => resend(&shared, &task, admitted).await,
     }
+}
+
+/// A CHECK task: the gate's findings, all of them, without reading data or spending anything.
+async fn answer_check(shared: &Shared, task: &pb::Task) -> Result<Done, Failure> {
+    let refusals = shared.gate.check_job(task);
+    for r in &refusals {
+        tracing::info!(code = %r.code, reason = %r.reason, "job check: this site would refuse");
+    }
+    let count = refusals.len();
+    let mut client = shared
+        .client()
+        .ok_or_else(|| Failure::Coordinator("answering a job check: not connected".into()))?;
+    client
+        .answer_check(pb::CheckAnswer {
+            task_id: task.task_id.clone(),
+            refusals,
+        })
+        .await
+        .map_err(|s| Failure::Coordinator(describe_status("AnswerCheck", &s)))?;
+    Ok(Done::Checked(count))
 }
 
 async fn initialize(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<Done, Failure> {
@@ -400,6 +429,19 @@ fn round_metadata(task: &pb::Task, result: &RoundResult) -> BTreeMap<String, Str
         );
         metadata.insert(meta::DP_JOB_EPSILON.to_string(), p.job_epsilon.to_string());
         metadata.insert(meta::DP_DELTA.to_string(), p.delta.to_string());
+    }
+    if let Some(n) = &result.dp_noise {
+        metadata.insert(
+            meta::DP_NOISE_MULTIPLIER.to_string(),
+            n.noise_multiplier.to_string(),
+        );
+        metadata.insert(
+            meta::DP_EXPECTED_BATCH.to_string(),
+            n.expected_batch.to_string(),
+        );
+    }
+    if let Some(class) = result.single_class_predicted {
+        metadata.insert(meta::SINGLE_CLASS_PREDICTED.to_string(), class.to_string());
     }
     metadata
 }

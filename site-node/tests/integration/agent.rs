@@ -558,6 +558,15 @@ impl pb::federation_server::Federation for FakeFederation {
             "the fake coordinator runs no secure aggregation",
         ))
     }
+
+    async fn answer_check(
+        &self,
+        request: Request<pb::CheckAnswer>,
+    ) -> Result<Response<pb::CheckAnswerReply>, Status> {
+        // This fake sends no CHECK task (see `job_check`): an answer is simply taken.
+        let _ = request;
+        Ok(Response::new(pb::CheckAnswerReply {}))
+    }
 }
 
 struct Coordinator {
@@ -955,6 +964,50 @@ async fn node_initializes_and_trains_over_mutual_tls() {
     assert!(
         cosine.abs() < 0.5,
         "the update looks like weights, not a delta: cosine {cosine}"
+    );
+    h.shutdown().await;
+}
+
+/// A DP-SGD round reports the noise it trained under: σ (on the noise grid) and the expected
+/// batch B = sample rate × rows, which the coordinator shows and `job status` weighs (σ / B).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dp_round_reports_its_noise_multiplier_and_expected_batch() {
+    let mut h = Harness::start("").await;
+    let spec = job_spec("breast_cancer", "mlp").replace("batch_size = 32", "batch_size = 4")
+        + "[privacy]\nmode = \"local\"\nnoise_multiplier = 8.0\ndelta = 1e-5\nmax_grad_norm = 1.0\n";
+    h.send(task("init-dp", pb::TaskKind::Initialize, &spec, "", "{}"))
+        .await;
+    let (_, initial) = h.update().await;
+    let model_id = h.offer_model("train-dp", &initial);
+    h.send(task(
+        "train-dp",
+        pb::TaskKind::Train,
+        &spec,
+        &model_id,
+        "{}",
+    ))
+    .await;
+    let (manifest, _) = loop {
+        match h.next_event().await {
+            Event::Fetched { .. } => continue,
+            Event::Update { manifest, tensors } => break (manifest, tensors),
+            other => panic!("expected the DP round's update, got {other:?}"),
+        }
+    };
+    let m = &manifest.metadata;
+    let number = |key: &str| -> f64 {
+        m.get(key)
+            .unwrap_or_else(|| panic!("{key} missing from {m:?}"))
+            .parse()
+            .unwrap()
+    };
+    // σ = 8 on the noise grid (within its correction), B = 4 of the 456 training rows.
+    let sigma = number(meta::DP_NOISE_MULTIPLIER);
+    assert!((sigma - 8.0).abs() < 0.05, "{sigma}");
+    let batch = number(meta::DP_EXPECTED_BATCH);
+    assert!((batch - 4.0).abs() < 1e-9, "{batch}");
+    assert!(
+        tutela_privacy::planning::noise_to_signal(sigma, batch) > tutela_privacy::planning::SWAMPED
     );
     h.shutdown().await;
 }

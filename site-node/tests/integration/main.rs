@@ -14,6 +14,7 @@ mod data;
 mod data_stays_home;
 mod dp;
 mod fuzz_corpus;
+mod job_check;
 mod keys;
 mod lm;
 mod lm_adapters;

@@ -11,6 +11,7 @@ mod central_dp;
 mod data_stays_home;
 mod demo;
 mod federation;
+mod job_check;
 mod language_model;
 mod off_the_record;
 mod pki_audit;
