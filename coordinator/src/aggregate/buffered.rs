@@ -25,8 +25,8 @@ use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
 
 use super::filter::{
-    FilterPass, FiniteValues, NormPass, UpdateFilter, UpdateInfo, ValuesAt, WeightFrom,
-    check_update_manifest, update_weight,
+    ElementCursor, FilterPass, FiniteValues, NormPass, UpdateFilter, UpdateInfo, ValuesAt,
+    WeightFrom, check_update_manifest, update_weight,
 };
 use super::robust::{self, RobustReport, RobustRule};
 use super::{
@@ -335,11 +335,8 @@ struct Active {
     passes: Vec<Box<dyn FilterPass>>,
     norm: NormPass,
     writer: EncryptedWriter,
-    /// Position of the next byte expected: tensor and byte offset within it.
-    tensor: usize,
-    byte: u64,
-    carry: [u8; 4],
-    carry_len: usize,
+    /// Position of the next byte expected, and an element split across chunks.
+    cursor: ElementCursor,
     written: u64,
     scratch: Vec<f32>,
     encoded: Vec<u8>,
@@ -433,10 +430,7 @@ impl TensorSink for BufferedSink {
             passes,
             norm: NormPass::new(self.agg.norm_bound),
             writer,
-            tensor: 0,
-            byte: 0,
-            carry: [0; 4],
-            carry_len: 0,
+            cursor: ElementCursor::default(),
             written: 0,
             scratch: Vec::new(),
             encoded: Vec::new(),
@@ -446,57 +440,20 @@ impl TensorSink for BufferedSink {
 
     fn write(&mut self, tensor_index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
         let agg = self.agg.clone();
-        let a = self
+        let mut cursor = self
             .active
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write before begin"))?;
-        // The spool's layout is the manifest's order: check it, as the decoder does.
-        while a.tensor < agg.lens.len() && a.byte == agg.lens[a.tensor] as u64 * 4 {
-            a.tensor += 1;
-            a.byte = 0;
+            .as_ref()
+            .ok_or_else(|| io::Error::other("write before begin"))?
+            .cursor;
+        let walked = cursor.feed(
+            (&agg.tensors, &agg.lens),
+            (tensor_index, offset, data),
+            |tensor, first, bytes| self.process(tensor, first, bytes),
+        );
+        if let Some(a) = self.active.as_mut() {
+            a.cursor = cursor;
         }
-        if tensor_index != a.tensor || offset != a.byte {
-            return Err(io::Error::other(format!(
-                "chunk for tensor #{tensor_index} at byte {offset} arrived where tensor #{} at byte {} was expected",
-                a.tensor, a.byte
-            ))
-            .into());
-        }
-        let tensor_bytes = agg.lens[tensor_index] as u64 * 4;
-        let end = offset + data.len() as u64;
-        if end > tensor_bytes {
-            return Err(io::Error::other(format!(
-                "chunk ends at byte {end}, past the {tensor_bytes} bytes of tensor {:?}",
-                agg.tensors[tensor_index].name
-            ))
-            .into());
-        }
-        let first = ((offset - a.carry_len as u64) / 4) as usize;
-        let mut data = data;
-        let mut next = first;
-        if a.carry_len > 0 {
-            let take = (4 - a.carry_len).min(data.len());
-            a.carry[a.carry_len..a.carry_len + take].copy_from_slice(&data[..take]);
-            a.carry_len += take;
-            data = &data[take..];
-            if a.carry_len == 4 {
-                a.carry_len = 0;
-                let element = a.carry;
-                self.process(tensor_index, next, &element)?;
-                next += 1;
-            }
-        }
-        let whole = data.len() / 4 * 4;
-        self.process(tensor_index, next, &data[..whole])?;
-        let a = self
-            .active
-            .as_mut()
-            .ok_or_else(|| io::Error::other("write before begin"))?;
-        let tail = &data[whole..];
-        a.carry[a.carry_len..a.carry_len + tail.len()].copy_from_slice(tail);
-        a.carry_len += tail.len();
-        a.byte = end;
-        Ok(())
+        walked
     }
 
     fn commit(mut self, digest: &[u8; 32]) -> Result<AcceptedUpdate, SinkError> {
@@ -507,7 +464,7 @@ impl TensorSink for BufferedSink {
         // From here on, an early return drops the writer (deleting its temporary file); the
         // ledger is released below whatever happens.
         let outcome = (|| {
-            if a.written != agg.total_elements || a.carry_len != 0 {
+            if a.written != agg.total_elements || a.cursor.has_partial_element() {
                 return Err(SinkError::from(io::Error::other(format!(
                     "commit after {} of the model's {} values",
                     a.written, agg.total_elements

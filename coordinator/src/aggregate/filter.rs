@@ -185,3 +185,78 @@ pub fn update_weight(
     }
     Ok(w)
 }
+
+/// Where an update's next chunk must start, and the bytes of an f32 element split across two
+/// chunks: the one chunk walk every aggregation that reads values shares (the streaming sum and
+/// the buffered spools lay values out in the manifest's order, so they check it, as the decoder
+/// does).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ElementCursor {
+    tensor: usize,
+    byte: u64,
+    carry: [u8; 4],
+    carry_len: usize,
+}
+
+impl ElementCursor {
+    /// Whether a partial element is still waiting for its last bytes (an update that ends so
+    /// is short).
+    pub fn has_partial_element(&self) -> bool {
+        self.carry_len != 0
+    }
+
+    /// Takes chunk `data` of tensor `tensor_index` at byte `offset`, which must be the next
+    /// bytes of the update in the manifest's order (`tensors` and their element counts `lens`,
+    /// f32 each), and hands `whole(tensor, first_element, bytes)` the whole little-endian
+    /// elements it completes, in order; a split element's bytes wait for the next chunk.
+    pub fn feed(
+        &mut self,
+        (tensors, lens): (&[TensorSpec], &[usize]),
+        (tensor_index, offset, data): (usize, u64, &[u8]),
+        mut whole: impl FnMut(usize, usize, &[u8]) -> Result<(), tutela_protocol::stream::SinkError>,
+    ) -> Result<(), tutela_protocol::stream::SinkError> {
+        let other = |msg: String| -> tutela_protocol::stream::SinkError {
+            std::io::Error::other(msg).into()
+        };
+        while self.tensor < lens.len() && self.byte == lens[self.tensor] as u64 * 4 {
+            self.tensor += 1;
+            self.byte = 0;
+        }
+        if tensor_index != self.tensor || offset != self.byte {
+            return Err(other(format!(
+                "chunk for tensor #{tensor_index} at byte {offset} arrived where tensor #{} at byte {} was expected",
+                self.tensor, self.byte
+            )));
+        }
+        let tensor_bytes = lens[tensor_index] as u64 * 4;
+        let end = offset + data.len() as u64;
+        if end > tensor_bytes {
+            return Err(other(format!(
+                "chunk ends at byte {end}, past the {tensor_bytes} bytes of tensor {:?}",
+                tensors[tensor_index].name
+            )));
+        }
+        // Index of the element the carried bytes (or, without any, the chunk) start.
+        let mut next = ((offset - self.carry_len as u64) / 4) as usize;
+        let mut data = data;
+        if self.carry_len > 0 {
+            let take = (4 - self.carry_len).min(data.len());
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&data[..take]);
+            self.carry_len += take;
+            data = &data[take..];
+            if self.carry_len == 4 {
+                self.carry_len = 0;
+                let element = self.carry;
+                whole(tensor_index, next, &element)?;
+                next += 1;
+            }
+        }
+        let whole_len = data.len() / 4 * 4;
+        whole(tensor_index, next, &data[..whole_len])?;
+        let tail = &data[whole_len..];
+        self.carry[self.carry_len..self.carry_len + tail.len()].copy_from_slice(tail);
+        self.carry_len += tail.len();
+        self.byte = end;
+        Ok(())
+    }
+}
