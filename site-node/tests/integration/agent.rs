@@ -1595,6 +1595,55 @@ impl Drop for NodeProcess {
     }
 }
 
+/// The running node re-reads its site policy: on SIGHUP (logged), and by polling the file, where
+/// a broken edit is logged and the policy in force stays.
+#[tokio::test]
+async fn the_running_node_reloads_its_site_policy_on_sighup_and_keeps_it_on_a_broken_edit() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), SITE);
+    let policy = dir.path().join("site-policy.toml");
+    let officers = |names: &str| format!("site = \"{SITE}\"\ncompliance_officers = [{names}]\n");
+    std::fs::write(
+        &policy,
+        officers(&format!("\"spiffe://{CONSORTIUM}/site/{SITE}/user/alice\"")),
+    )
+    .unwrap();
+    let config = dir.path().join("node.toml");
+    // Port 1: the node keeps retrying the coordinator, and runs meanwhile.
+    let top_level = format!("site_policy = \"{}\"", policy.display());
+    std::fs::write(
+        &config,
+        node_config_text(SITE, "127.0.0.1:1", &pki.node, &top_level, ""),
+    )
+    .unwrap();
+    let node = NodeProcess::start(&config, &dir.path().join("node.log"));
+    // The agent installs its SIGHUP handler and the watcher before it says it is starting.
+    node.wait_for_log("site node starting").await;
+
+    std::fs::write(
+        &policy,
+        officers(&format!(
+            "\"spiffe://{CONSORTIUM}/site/{SITE}/user/alice\", \"spiffe://{CONSORTIUM}/site/{SITE}/user/bob\""
+        )),
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    node.wait_for_log("SIGHUP: reloaded").await;
+
+    std::fs::write(
+        &policy,
+        "site = \"another-site\"\ncompliance_officers = [\"x\"]\n",
+    )
+    .unwrap();
+    node.wait_for_log("reload failed; what is in force stays")
+        .await;
+}
+
 #[test]
 fn the_node_refuses_to_start_without_a_site_policy_and_with_both_settings() {
     init_crypto();
