@@ -63,10 +63,12 @@ pub struct DemoArgs {
     /// `demo-cache/` in the target directory `tutela` was built in (`target/demo-cache/`).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// `--dataset notes` only: the privacy unit of each site's ε, `patient` (all of a patient's
-    /// notes are one example of the guarantee) or `document`. With 13 patients, a site trains on
-    /// two or three of them: by patient, DP noise swamps what so few units can teach.
-    #[arg(long, default_value = "patient", value_parser = ["patient", "document"])]
+    /// `--dataset notes` only: the privacy unit of each site's ε, `document` (each note is one
+    /// example of the guarantee) or `patient` (all of a patient's notes are one: the stronger
+    /// guarantee). Train, validation and held-out notes are split by patient either way. With 13
+    /// patients, a site trains on two or three of them: by patient, DP noise swamps what so few
+    /// units can teach, and the model barely moves from the base.
+    #[arg(long, default_value = "document", value_parser = ["patient", "document"])]
     privacy_unit: String,
 }
 

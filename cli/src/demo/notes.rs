@@ -58,7 +58,12 @@ const BASE: BaseRecipe = BaseRecipe {
 };
 
 /// The federated fine-tuning's schedule (the rest is deploy/jobs/notes_lora_dp.toml's).
-const ROUNDS: u32 = 3;
+const ROUNDS: u32 = 10;
+const UPDATE_NORM_BOUND: f64 = 100.0;
+/// The projections that get adapters: every attention and MLP projection of the small base.
+const TARGET_MODULES: [&str; 7] = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+];
 const LOCAL_EPOCHS: u32 = 1;
 const LEARNING_RATE: f64 = 0.02;
 /// One patient expected per Poisson batch: a site holds only about four patients, and a larger
@@ -524,6 +529,15 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     training.insert("batch_size".into(), i64::from(BATCH_SIZE).into());
     training.insert("max_seq_len".into(), i64::from(SEQ_LEN).into());
     spec.insert("training".into(), training.into());
+    let mut lora = table(&mut spec, "lora")?;
+    lora.insert(
+        "target_modules".into(),
+        toml::Value::Array(TARGET_MODULES.iter().map(|m| (*m).into()).collect()),
+    );
+    spec.insert("lora".into(), lora.into());
+    // Adapters on every projection carry DP noise in every coordinate: their update's norm is
+    // larger than the q/v-only example's bound allows.
+    spec.insert("update_norm_bound".into(), UPDATE_NORM_BOUND.into());
     if epsilon.is_infinite() {
         spec.remove("privacy");
     } else {

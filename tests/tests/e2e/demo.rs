@@ -126,12 +126,12 @@ fn summary_value(stdout: &str, label: &str) -> f64 {
 
 /// `tutela demo --dataset notes`: three hospitals fine-tune LoRA adapters federated under DP
 /// (ε = 8 per site) on the Synthea notes split by patient, and the held-out patients' perplexity
-/// falls below the base model's (a merged model equal to the base, or adapters that did not
-/// travel, fail this). The demo's own configuration, its base cached in target/demo-cache after
-/// the first run. Issue 17's target, halving, is not reached by this schedule (see the report in
-/// docs/architecture.md, "The `tutela` CLI"): the document is the unit here, as by patient a
-/// site trains on two or three patients and DP noise leaves the base nearly unchanged. No
-/// note's text in any node's work directory.
+/// falls at least 1.5× below the base model's (a merged model equal to the base, or adapters
+/// that did not travel, fail this; measured: 1.88×). The demo's own configuration, its base cached
+/// in target/demo-cache after the first run. Issue 17's target, halving, is not quite reached by
+/// this schedule (see docs/architecture.md, "The `tutela` CLI"): the document is the unit, as by
+/// patient a site trains on two or three patients and DP noise leaves the base nearly unchanged.
+/// No note's text in any node's work directory.
 #[test]
 fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,8 +156,8 @@ fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() 
     assert!(base.is_finite() && federated > 1.0, "{stdout}");
     println!("{stdout}");
     assert!(
-        federated < base,
-        "held-out perplexity {federated} is not below the base's {base}:\n{stdout}"
+        federated * 1.5 < base,
+        "held-out perplexity {federated} is not 1.5x below the base's {base}:\n{stdout}"
     );
     assert!(stdout.contains("validation perplexity"), "{stdout}");
     assert!(
