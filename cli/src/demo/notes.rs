@@ -62,7 +62,13 @@ const ROUNDS: u32 = 10;
 const UPDATE_NORM_BOUND: f64 = 100.0;
 /// The projections that get adapters: every attention and MLP projection of the small base.
 const TARGET_MODULES: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 const LOCAL_EPOCHS: u32 = 1;
 const LEARNING_RATE: f64 = 0.02;
