@@ -368,3 +368,19 @@ impl Consortium {
         Ok(source)
     }
 }
+
+/// The rounds' progress bar both demos show while a job runs, "training" with `waiting` as its
+/// message until the first round is in.
+pub(super) fn rounds_bar(rounds_total: u32, waiting: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(u64::from(rounds_total));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} rounds  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("training");
+    bar.set_message(waiting.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

@@ -10,11 +10,10 @@ mod notes;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use tutela_privacy::anonymize::synthetic;
@@ -388,18 +387,10 @@ async fn run_tabular(args: DemoArgs, p: Plan) -> Result<()> {
     let spec_text = toml::to_string(&spec)?;
     let (mut jobs, status) = consortium.submit_and_approve(spec_text).await?;
 
-    let bar = ProgressBar::new(u64::from(status.rounds_total));
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} rounds  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
     println!(
         "each round: the accuracy of the round's global model on every site's validation split, before local training"
     );
-    bar.set_prefix("training");
-    bar.set_message("waiting for the initial model");
-    bar.enable_steady_tick(Duration::from_millis(200));
+    let bar = consortium::rounds_bar(status.rounds_total, "waiting for the initial model");
     let mut printed = 0;
     let last = job_cmd::watch_job(&mut jobs, &status.job_id, |s| {
         let since = printed;

@@ -25,7 +25,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use super::DemoArgs;
-use super::consortium::{Consortium, sibling, spawn_logged, toml_path};
+use super::consortium::{self, Consortium, sibling, spawn_logged, toml_path};
 use crate::job_cmd;
 
 const SITES: [&str; 3] = ["st-mary", "general", "riverside"];
@@ -562,18 +562,10 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(&job_toml, &spec_text)?;
     let (mut jobs, status) = consortium.submit_and_approve(spec_text.clone()).await?;
 
-    let bar = ProgressBar::new(u64::from(status.rounds_total));
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} rounds  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
     println!(
         "each round: the perplexity of the round's starting model on every site's validation notes (its own patients'), before local training"
     );
-    bar.set_prefix("training");
-    bar.set_message("waiting for the initial adapters");
-    bar.enable_steady_tick(Duration::from_millis(200));
+    let bar = consortium::rounds_bar(status.rounds_total, "waiting for the initial adapters");
     let mut printed = 0;
     let last = job_cmd::watch_job(&mut jobs, &status.job_id, |s| {
         let since = printed;
