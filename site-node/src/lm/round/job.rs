@@ -8,9 +8,6 @@ use crate::jobspec::{JobSpecError, JobView};
 use crate::lm::config::DecoderConfig;
 use crate::models::{ModelFamily, family_of};
 
-/// The `[model]` key naming the base checkpoint by its [`crate::lm::hf::checkpoint_digest`].
-pub const BASE_SHA256: &str = "base_sha256";
-
 /// A language-model job as the round needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LmJob {
@@ -49,32 +46,19 @@ impl LmJob {
                 "is required for a language-model job: its round trains and sends adapters only",
             ));
         };
-        if let Some(value) = view.model.get(BASE_SHA256) {
-            let ok = value
-                .as_str()
-                .is_some_and(tutela_protocol::job::is_hex_digest);
-            if !ok {
-                return Err(invalid(
-                    "model.base_sha256",
-                    format!("must be a checkpoint digest, 64 lowercase hex digits, found {value}"),
-                ));
-            }
-        }
+        // The key's form is the node's one check (`JobView::base_sha256`).
+        view.base_sha256()?;
         Ok(LmJob { view, lora })
     }
 
     /// `[model] base_sha256`: the digest of the base checkpoint the adapters sit on.
     pub fn base_sha256(&self) -> Result<&str, JobSpecError> {
-        self.view
-            .model
-            .get(BASE_SHA256)
-            .and_then(toml::Value::as_str)
-            .ok_or_else(|| {
-                invalid(
-                    "model.base_sha256",
-                    "is required: the base checkpoint's digest (`lm::hf::checkpoint_digest`)",
-                )
-            })
+        self.view.base_sha256()?.ok_or_else(|| {
+            invalid(
+                "model.base_sha256",
+                "is required: the base checkpoint's digest (`lm::hf::checkpoint_digest`)",
+            )
+        })
     }
 
     /// Whether the sites run DP-SGD (`privacy.mode = "local"`).
