@@ -269,6 +269,22 @@ impl DataDictionary {
         })
     }
 
+    /// The dictionary as a statistics file (TOML): what the coordinator writes and a schema's
+    /// `[standardize] statistics` names, by this text's SHA-256.
+    pub fn to_file_text(&self) -> Result<String, StatsError> {
+        let body = toml::to_string(self).map_err(|e| StatsError::File(e.to_string()))?;
+        Ok(format!(
+            "# Consortium statistics (tutela): a data dictionary computed across sites under \
+             differential privacy.\n# Every figure is noised; each *_bound holds at the stated \
+             confidence (docs/schema.md).\n{body}"
+        ))
+    }
+
+    /// A statistics file's dictionary.
+    pub fn from_file_text(text: &str) -> Result<Self, StatsError> {
+        toml::from_str(text).map_err(|e| StatsError::File(e.to_string()))
+    }
+
     pub fn column(&self, name: &str) -> Option<&ColumnDictionary> {
         self.columns.iter().find(|c| c.name() == name)
     }

@@ -80,6 +80,8 @@ pub enum StatsError {
     Noise(#[from] crate::noise::NoiseError),
     #[error("statistics privacy: {0}")]
     Privacy(String),
+    #[error("not a statistics file: {0}")]
+    File(String),
 }
 
 /// The most histogram bins a numeric column may have.

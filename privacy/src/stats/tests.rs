@@ -253,6 +253,12 @@ fn federated_statistics_equal_the_pooled_within_the_stated_bound() {
         quantiles.iter().all(|q| q.rank_bound < 0.05),
         "{quantiles:?}"
     );
+    // Its file reads back as the same dictionary.
+    let text = dict.to_file_text().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        DataDictionary::from_file_text(&text).unwrap_or_else(|e| panic!("{e}")),
+        dict
+    );
     // And a dictionary off by more than its bound is caught.
     let mut shifted = dict.clone();
     if let Some(ColumnDictionary::Numeric {
