@@ -1,7 +1,10 @@
-//! `tutela privacy ...`: privacy accounting for DP-SGD on the command line. Argument parsing and
-//! printing only; the work is done by `tutela_privacy::accountant`.
+//! `tutela privacy ...`: privacy accounting for DP-SGD on the command line, and consortium
+//! statistics files printed for people. Argument parsing and printing only; the work is done by
+//! `tutela_privacy::accountant` and `tutela_privacy::stats`.
 
-use anyhow::{Result, bail};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use tutela_privacy::accountant::pld::{PldOptions, Rounding};
 use tutela_privacy::accountant::{self, Accountant, SampledGaussian};
@@ -17,6 +20,13 @@ pub enum PrivacyCommand {
     /// Suggest batch size, local epochs and noise multiplier for one site from its row count,
     /// the job's ε, δ and rounds and the model's size, with the signal-to-noise they buy.
     Plan(PlanArgs),
+    /// Print a consortium statistics file (a data dictionary computed across sites under DP, the
+    /// file a schema's `[standardize] statistics` names), rounded for people, each figure with
+    /// its bound at the file's stated confidence.
+    Stats {
+        /// The statistics file (TOML).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +258,13 @@ fn print_plan(a: &PlanArgs) -> Result<()> {
 
 pub fn run(cmd: PrivacyCommand) -> Result<()> {
     match cmd {
+        PrivacyCommand::Stats { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let dictionary = tutela_privacy::stats::DataDictionary::from_file_text(&text)
+                .with_context(|| file.display().to_string())?;
+            print!("{}", render_dictionary(&dictionary));
+        }
         PrivacyCommand::Plan(a) => print_plan(&a)?,
         PrivacyCommand::Epsilon(a) => {
             let acc = accountant_of(&a.common)?;
@@ -348,4 +365,100 @@ mod tests {
         .unwrap();
         assert_eq!((r.dimension, r.delta, r.clip), (10, 1e-5, 1.0));
     }
+}
+
+/// A data dictionary for people: 3 significant digits, each figure with its bound.
+fn render_dictionary(d: &tutela_privacy::stats::DataDictionary) -> String {
+    use std::fmt::Write as _;
+    use tutela_privacy::stats::ColumnDictionary;
+    let n = |v: f64| tutela_protocol::human::significant(v, 3);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "consortium statistics over {} sites: {} rows (± {}); epsilon {} at delta {} per site; \
+         every figure within its ± bound at confidence {}",
+        d.sites,
+        n(d.rows),
+        n(d.rows_bound),
+        n(d.epsilon),
+        d.delta,
+        d.bound.confidence
+    );
+    for column in &d.columns {
+        match column {
+            ColumnDictionary::Numeric {
+                name,
+                present,
+                present_bound,
+                missing,
+                missing_bound,
+                mean,
+                mean_bound,
+                std,
+                std_bound,
+                quantiles,
+                low,
+                high,
+                ..
+            } => {
+                let qs: Vec<String> = quantiles
+                    .iter()
+                    .map(|q| format!("{}% {}", n(100.0 * q.p), n(q.value)))
+                    .collect();
+                let rank = quantiles.iter().map(|q| q.rank_bound).fold(0.0, f64::max);
+                let _ = writeln!(
+                    out,
+                    "{name} (range {} to {}): present {} ± {}, missing {} ± {}, mean {} ± {}, \
+                     std {} ± {}, quantiles {} (rank ± {}%)",
+                    n(*low),
+                    n(*high),
+                    n(*present),
+                    n(*present_bound),
+                    n(*missing),
+                    n(*missing_bound),
+                    n(*mean),
+                    n(*mean_bound),
+                    n(*std),
+                    n(*std_bound),
+                    qs.join(", "),
+                    n(100.0 * rank)
+                );
+            }
+            ColumnDictionary::Categorical {
+                name,
+                categories,
+                counts,
+                other,
+                missing,
+                count_bound,
+            } => {
+                let total: f64 = counts.iter().map(|c| c.max(0.0)).sum::<f64>()
+                    + other.max(0.0)
+                    + missing.max(0.0);
+                let share = |c: f64| {
+                    if total > 0.0 {
+                        format!(" ({}%)", n(100.0 * c.max(0.0) / total))
+                    } else {
+                        String::new()
+                    }
+                };
+                let cats: Vec<String> = categories
+                    .iter()
+                    .zip(counts)
+                    .map(|(k, c)| format!("{k} {}{}", n(*c), share(*c)))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "{name}: {}, (other) {}{}, missing {}{}; each count ± {}",
+                    cats.join(", "),
+                    n(*other),
+                    share(*other),
+                    n(*missing),
+                    share(*missing),
+                    n(*count_bound)
+                );
+            }
+        }
+    }
+    out
 }

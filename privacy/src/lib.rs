@@ -11,7 +11,9 @@
 //! - [`anonymize`]: column roles, pseudonymization, generalization, date shifting, k-anonymity
 //!   with l-diversity, free-text PII redaction, de-identification reports;
 //! - [`at_rest`]: chunked AES-256-GCM files under wrapped per-file keys, with rotation;
-//! - [`ledger`]: a site's per-dataset privacy ledger, composed tightly across jobs, with caps.
+//! - [`ledger`]: a site's per-dataset privacy ledger, composed tightly across jobs, with caps;
+//! - [`stats`]: consortium statistics (the schema's data dictionary) under DP, summed across
+//!   sites with or without secure aggregation, with error bounds.
 
 pub mod accountant;
 pub mod anonymize;
@@ -23,3 +25,4 @@ pub mod ledger;
 pub mod noise;
 pub mod planning;
 pub mod sampling;
+pub mod stats;

@@ -98,3 +98,77 @@ fn noise_meets_the_target_and_names_the_accountant() {
     ]);
     assert!(err.contains("sample rate"), "{err}");
 }
+
+/// `tutela privacy stats FILE` prints a consortium statistics file rounded for people, every
+/// figure with its bound; a file that is not one is refused naming it.
+#[test]
+fn stats_prints_a_statistics_file_rounded_with_its_bounds() {
+    use tutela_privacy::accountant::Accountant;
+    use tutela_privacy::noise::SecureRng;
+    use tutela_privacy::stats::{
+        ColumnLayout, DataDictionary, SiteStatistics, StatsAggregation, StatsLayout, StatsPlan,
+        StatsPrivacy, StatsValue,
+    };
+    let layout = StatsLayout::new(vec![
+        ColumnLayout::Numeric {
+            name: "age".into(),
+            low: 0.0,
+            high: 100.0,
+            bins: 10,
+        },
+        ColumnLayout::Categorical {
+            name: "sex".into(),
+            categories: vec!["F".into(), "M".into()],
+        },
+    ])
+    .unwrap();
+    let privacy = StatsPrivacy {
+        target_epsilon: 1.0,
+        delta: 1e-6,
+        accountant: Accountant::Rdp,
+    };
+    let plan = StatsPlan::new(&layout, &privacy, StatsAggregation::Plain).unwrap();
+    let mut site = SiteStatistics::new(&layout, plan.scale()).unwrap();
+    for i in 0..5000u32 {
+        let sex = StatsValue::Category(Some(i as usize % 2));
+        site.add_row(&[StatsValue::Number(f64::from(i % 80) + 10.0), sex])
+            .unwrap();
+    }
+    let mut sums = site.into_sums();
+    plan.noise_site_with(&mut sums, SecureRng::insecure_from_seed([1; 32]))
+        .unwrap();
+    let dict = DataDictionary::from_sum(&layout, &plan, &sums, 1, 0.999).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clinic.stats.toml");
+    std::fs::write(&file, dict.to_file_text().unwrap()).unwrap();
+    let out = ok(&["privacy", "stats", file.to_str().unwrap()]);
+    assert!(
+        out.contains("over 1 sites") && out.contains("epsilon 1 at delta"),
+        "{out}"
+    );
+    let age = out
+        .lines()
+        .find(|l| l.starts_with("age"))
+        .unwrap_or_else(|| panic!("{out}"));
+    // Mean 49.5 (± a fraction of a year), printed with 3 significant digits.
+    assert!(
+        age.contains("mean 49.") && age.contains("quantiles 5%"),
+        "{age}"
+    );
+    let sex = out
+        .lines()
+        .find(|l| l.starts_with("sex"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        sex.contains("F 2") && sex.contains("(5") && sex.contains("each count ±"),
+        "{sex}"
+    );
+
+    let bad = dir.path().join("not.toml");
+    std::fs::write(&bad, "rows = 3\n").unwrap();
+    let e = fails(&["privacy", "stats", bad.to_str().unwrap()]);
+    assert!(
+        e.contains("not.toml") && e.contains("not a statistics file"),
+        "{e}"
+    );
+}

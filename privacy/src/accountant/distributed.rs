@@ -163,6 +163,39 @@ impl DistributedGaussian {
         })
     }
 
+    /// The mechanism for a contribution that is already an integer vector on the grid, with a
+    /// known exact sensitivity (in grid units): no randomized rounding, so no rounding term is
+    /// added (what a consortium statistics query is: every row's contribution is rounded to the
+    /// grid on its own, so the sum's sensitivity is the rows' bound, `privacy::stats`).
+    /// `site_noise` is in the units the grid step `granularity` is in, at least γ/2.
+    pub fn for_integer_query(
+        sensitivity: Sensitivity,
+        granularity: f64,
+        dimension: usize,
+        site_noise: f64,
+    ) -> Result<Self, AccountantError> {
+        if !(granularity > 0.0 && granularity.is_finite()) {
+            return Err(AccountantError::Granularity(granularity));
+        }
+        if !(sensitivity.l2 > 0.0 && sensitivity.l2.is_finite() && sensitivity.l1.is_finite()) {
+            return Err(AccountantError::Clip(sensitivity.l2 * granularity));
+        }
+        if dimension == 0 {
+            return Err(AccountantError::Dimension);
+        }
+        if !(site_noise.is_finite() && site_noise / granularity >= 0.5) {
+            return Err(AccountantError::SiteNoise(site_noise / granularity));
+        }
+        Ok(Self {
+            clip: sensitivity.l2 * granularity,
+            granularity,
+            dimension,
+            beta: 0.0,
+            site_noise,
+            sensitivity,
+        })
+    }
+
     pub fn clip(&self) -> f64 {
         self.clip
     }

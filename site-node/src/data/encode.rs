@@ -469,6 +469,21 @@ impl ColumnEncoder {
         Ok(())
     }
 
+    /// Appends a present cell's value features only (no imputation, no indicator): what the
+    /// consortium statistics count (`data::stats`). A missing cell is [`CellProblem::Missing`].
+    pub(crate) fn encode_present(
+        &self,
+        cell: Cell<'_>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), CellProblem> {
+        let start = out.len();
+        let result = self.encode_value(cell, out);
+        if result.is_err() {
+            out.truncate(start);
+        }
+        result
+    }
+
     fn encode_value(&self, cell: Cell<'_>, out: &mut Vec<f32>) -> Result<(), CellProblem> {
         if cell == Cell::Missing {
             return Err(CellProblem::Missing);

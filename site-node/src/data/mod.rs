@@ -13,7 +13,8 @@
 //!
 //! Sections: [`schema`] (the schema file), [`encode`] (cells to feature values), [`read`] (records
 //! to a table, problems), [`source`] (one [`RecordSource`] per kind of input, chosen in
-//! [`source::open`]), [`table`] (the table, splits, shards), [`standardize`].
+//! [`source::open`]), [`table`] (the table, splits, shards), [`standardize`], [`stats`] (a site's
+//! share of the consortium statistics).
 
 use std::path::PathBuf;
 
@@ -22,13 +23,15 @@ pub mod read;
 pub mod schema;
 pub mod source;
 pub mod standardize;
+pub mod stats;
 pub mod table;
 
 pub use encode::{Cell, OwnedCell};
 pub use read::{CheckReport, check_source, load_csv, read_csv, read_table};
 pub use schema::{
     DatasetSchema, FeatureColumn, FeatureKind, FeatureSpec, ImageSpec, Imputation, ImputeValue,
-    LabelSpec, MissingRule, StandardizeSpec, Statistic, UnseenRule,
+    LabelSpec, MissingRule, StandardizeSpec, Statistic, StatisticsRange, StatisticsSpec,
+    UnseenRule,
 };
 pub use source::RecordSource;
 pub use standardize::Standardizer;

@@ -15,11 +15,11 @@ use super::{Cell, DataError, Table};
 
 /// Where the problems of a read go: the first ends it ([`FailFast`]), or each is listed
 /// ([`CheckReport`]) and the read goes on with the next record.
-trait Problems {
+pub(super) trait Problems {
     fn report(&mut self, problem: DataError) -> Result<(), DataError>;
 }
 
-struct FailFast;
+pub(super) struct FailFast;
 
 impl Problems for FailFast {
     fn report(&mut self, problem: DataError) -> Result<(), DataError> {
@@ -135,9 +135,9 @@ pub fn read_csv(
 }
 
 /// Column positions in the source of the label and of each feature column, with its encoder.
-struct ResolvedColumns {
-    label: usize,
-    features: Vec<(usize, ColumnEncoder)>,
+pub(super) struct ResolvedColumns {
+    pub(super) label: usize,
+    pub(super) features: Vec<(usize, ColumnEncoder)>,
 }
 
 fn read_with(
@@ -249,7 +249,7 @@ fn label_of(
     }
 }
 
-fn cell_error(problem: CellProblem, path: &Path, line: u64, column: &str) -> DataError {
+pub(super) fn cell_error(problem: CellProblem, path: &Path, line: u64, column: &str) -> DataError {
     let (path, column) = (path.to_path_buf(), column.to_string());
     match problem {
         CellProblem::Missing => DataError::MissingValue { path, line, column },
@@ -284,7 +284,7 @@ fn cell_error(problem: CellProblem, path: &Path, line: u64, column: &str) -> Dat
 
 /// Matches the header to the schema; every missing or doubled column is reported, and `None`
 /// returned when any was.
-fn resolve_columns(
+pub(super) fn resolve_columns(
     header: &[String],
     schema: &DatasetSchema,
     path: &Path,

@@ -216,14 +216,57 @@ pub struct DatasetSchema {
     /// model identically scaled features whatever their local mix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standardize: Option<StandardizeSpec>,
+    /// `[statistics]`: the public ranges of the numeric columns, which bound each row's influence
+    /// on the consortium statistics (`data::stats`). Part of the schema, so of its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<StatisticsSpec>,
+}
+
+/// `[statistics]` of a schema: what a statistics job may assume of the data without looking at
+/// it (see `docs/schema.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatisticsSpec {
+    /// Histogram bins over a numeric or date column's range, unless its range says otherwise.
+    #[serde(default = "default_bins")]
+    pub bins: u32,
+    /// One entry per numeric or date feature column (with `all_other_columns`: per feature
+    /// column, in the file's order).
+    #[serde(default)]
+    pub ranges: Vec<StatisticsRange>,
+}
+
+fn default_bins() -> u32 {
+    20
+}
+
+/// `{ column = "age", low = 0, high = 110 }`: a column's public range (a value outside it is
+/// clipped to the nearer end in the statistics, never in training).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatisticsRange {
+    pub column: String,
+    pub low: f64,
+    pub high: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bins: Option<u32>,
 }
 
 /// `[standardize]` of a schema: one mean and one standard deviation per feature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StandardizeSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mean: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub std: Vec<f32>,
+    /// Instead of `mean` and `std`: a consortium statistics file (relative to the schema file)
+    /// whose dictionary gives them ([`super::stats::standardize_from`]), with its SHA-256, so
+    /// the schema's digest binds the statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl DatasetSchema {
@@ -248,12 +291,13 @@ impl DatasetSchema {
     /// Parses and validates a schema; `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: impl AsRef<Path>) -> Result<Self, DataError> {
         let origin = origin.as_ref();
-        let schema: DatasetSchema =
+        let mut schema: DatasetSchema =
             toml::from_str(text).map_err(|source| DataError::SchemaSyntax {
                 path: origin.to_path_buf(),
                 source,
             })?;
         schema.validate(origin)?;
+        super::stats::resolve_standardize(&mut schema, origin)?;
         Ok(schema)
     }
 
@@ -335,6 +379,11 @@ impl DatasetSchema {
                     column.name
                 )));
             }
+        }
+        if self.statistics.is_some() {
+            // The layout checks every range against the columns, so a bad one is found when the
+            // schema is read, not when a statistics job runs.
+            super::stats::layout_of(self, origin)?;
         }
         if let Some(image) = &self.image {
             if image.shape.contains(&0) {

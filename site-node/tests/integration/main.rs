@@ -1,6 +1,7 @@
 //! Integration tests of the site node: agent, data, DP-SGD, keys, language models, LoRA, models,
 //! data protection, site data (feature types, sources, the data check), text datasets, the
-//! tokenizer, training, weights, and its readers on the fuzz corpus.
+//! tokenizer, training, weights, consortium statistics from site data, and its readers on the
+//! fuzz corpus.
 //!
 //! One test binary for the crate, with a module per area: every integration-test binary links the
 //! whole dependency tree, so one instead of several keeps the clean build's link time and disk
@@ -13,6 +14,7 @@ mod config_ranges;
 mod data;
 mod data_stays_home;
 mod dp;
+mod fed_stats;
 mod fuzz_corpus;
 mod job_check;
 mod keys;

@@ -1,0 +1,367 @@
+//! Consortium statistics from site data (`data::stats` over `tutela_privacy::stats`): three
+//! sites read their own files through the schema's encoders, noise their clipped sufficient
+//! statistics and the sum (plain, or through the SecAgg+ state machines) equals the pooled
+//! statistics within the dictionary's stated bound at confidence 1 − 10⁻⁶. Also: the breast
+//! cancer data split over three sites gives the schema's own `[standardize]` (computed over the
+//! pooled public data) within the bound, and the `[statistics]` section's mistakes are named.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use tutela_privacy::accountant::Accountant;
+use tutela_privacy::noise::SecureRng;
+use tutela_privacy::stats::reference::Pooled;
+use tutela_privacy::stats::{
+    ColumnDictionary, DataDictionary, StatsAggregation, StatsPlan, StatsPrivacy, StatsValue,
+};
+use tutela_protocol::secagg::simulate::{Dropouts, run_round};
+use tutela_protocol::secagg::{RoundConfig, threshold_for};
+use tutela_site_node::data::source::csv::CsvSource;
+use tutela_site_node::data::stats::{layout_of, site_statistics, standardize_from};
+use tutela_site_node::data::{DataError, DatasetSchema};
+
+/// Every feature type, missing-value rules, an unseen-category rule, and the ranges.
+const SCHEMA: &str = r#"
+name = "clinic"
+
+[label]
+column = "outcome"
+classes = ["well", "ill"]
+
+[[features.columns]]
+name = "age"
+missing = "impute_with_indicator"
+impute = { statistic = "median", value = 61.5 }
+
+[[features.columns]]
+name = "sex"
+type = "categorical"
+categories = ["F", "M", "X"]
+unseen = "other"
+missing = "impute"
+impute = { statistic = "mode", value = "F" }
+
+[[features.columns]]
+name = "stage"
+type = "ordinal"
+levels = ["I", "II", "III"]
+
+[[features.columns]]
+name = "smoker"
+type = "boolean"
+true_values = ["yes"]
+false_values = ["no"]
+
+[[features.columns]]
+name = "admitted"
+type = "date"
+format = "%Y-%m-%d"
+epoch = "2020-01-01"
+
+[statistics]
+bins = 16
+ranges = [
+  { column = "age", low = 0, high = 110 },
+  { column = "admitted", low = 0, high = 1461, bins = 48 },
+]
+"#;
+
+fn schema() -> DatasetSchema {
+    DatasetSchema::from_toml_str(SCHEMA, "clinic.schema.toml").unwrap()
+}
+
+/// Writes site `site`'s `n` rows as CSV and returns the values the statistics should see,
+/// in the layout's order (label, age, sex, stage, smoker, admitted), computed here, not read
+/// back. Site 1 has no sex "X" and some unseen values; ages above 110 are clipped.
+fn write_site(dir: &Path, site: u64, n: usize) -> (PathBuf, Vec<Vec<StatsValue>>) {
+    let mut r = rand::rngs::StdRng::seed_from_u64(500 + site);
+    let mut csv = String::from("id,outcome,age,sex,stage,smoker,admitted\n");
+    let mut values = Vec::with_capacity(n);
+    for i in 0..n {
+        let ill = r.random_range(0..4) == 0;
+        let age: Option<f64> = match r.random_range(0..100) {
+            0..=11 => None,
+            12 => Some(130.0),
+            _ => Some(f64::from(r.random_range(20..90)) + 10.0 * site as f64 * 0.5),
+        };
+        let sex = match (r.random_range(0..20), site) {
+            (0, 1) => ("U", StatsValue::Category(None)),
+            (1, _) => ("", StatsValue::Missing),
+            (2, 0) | (2, 2) => ("X", StatsValue::Category(Some(2))),
+            (k, _) if k < 11 => ("F", StatsValue::Category(Some(0))),
+            _ => ("M", StatsValue::Category(Some(1))),
+        };
+        let stage = r.random_range(0..3usize);
+        let smoker = r.random_range(0..3) == 0;
+        let day = r.random_range(0..1461i64);
+        let date = tutela_privacy::anonymize::Date(
+            tutela_privacy::anonymize::Date::from_ymd(2020, 1, 1)
+                .unwrap()
+                .0
+                + day as i32,
+        );
+        let _ = writeln!(
+            csv,
+            "{i},{},{},{},{},{},{date}",
+            if ill { "ill" } else { "well" },
+            age.map_or(String::new(), |a| a.to_string()),
+            sex.0,
+            ["I", "II", "III"][stage],
+            if smoker { "yes" } else { "no" },
+        );
+        values.push(vec![
+            StatsValue::Category(Some(usize::from(ill))),
+            age.map_or(StatsValue::Missing, StatsValue::Number),
+            sex.1,
+            StatsValue::Number(stage as f64),
+            StatsValue::Category(Some(usize::from(smoker))),
+            StatsValue::Number(day as f64),
+        ]);
+    }
+    let path = dir.join(format!("site{site}.csv"));
+    std::fs::write(&path, csv).unwrap();
+    (path, values)
+}
+
+fn privacy() -> StatsPrivacy {
+    StatsPrivacy {
+        target_epsilon: 1.0,
+        delta: 1e-6,
+        accountant: Accountant::Rdp,
+    }
+}
+
+/// Each site's noised statistics of its own file.
+fn site_vectors(schema: &DatasetSchema, plan: &StatsPlan, files: &[PathBuf]) -> Vec<Vec<i64>> {
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let mut source = CsvSource::open(path).unwrap();
+            let stats = site_statistics(&mut source, schema, plan.scale()).unwrap();
+            let mut v = stats.into_sums();
+            plan.noise_site_with(&mut v, SecureRng::insecure_from_seed([i as u8 + 9; 32]))
+                .unwrap();
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn three_sites_files_give_the_pooled_statistics_within_the_bound_plain_and_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let layout = layout_of(&schema, Path::new("clinic.schema.toml")).unwrap();
+    let (files, rows): (Vec<_>, Vec<_>) = (0..3).map(|s| write_site(dir.path(), s, 12_000)).unzip();
+    let pooled = Pooled::of_rows(&layout, rows.iter().flatten().map(Vec::as_slice));
+
+    // Plain: each site's noised vector is released and the coordinator adds them.
+    let plan = StatsPlan::new(&layout, &privacy(), StatsAggregation::Plain).unwrap();
+    let mut sum = vec![0i64; layout.len()];
+    for v in site_vectors(&schema, &plan, &files) {
+        sum.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+    }
+    let plain = DataDictionary::from_sum(&layout, &plan, &sum, 3, 1.0 - 1e-6).unwrap();
+    let bad = plain.violations(&pooled);
+    assert!(bad.is_empty(), "plain: {bad:#?}");
+
+    // Secure: the same through SecAgg+; each site adds a third of the noise variance.
+    let plan = StatsPlan::new(
+        &layout,
+        &privacy(),
+        StatsAggregation::Secure { min_survivors: 3 },
+    )
+    .unwrap();
+    let vectors = site_vectors(&schema, &plan, &files);
+    let config = RoundConfig {
+        job_digest: [3; 32],
+        round: 1,
+        sites: 3,
+        degree: 2,
+        threshold: threshold_for(2, 0.5),
+        min_survivors: 2,
+        graph_seed: [4; 32],
+        vector_len: layout.len() as u64,
+    };
+    let (out, _) = run_round(
+        &config,
+        |s| vectors[s as usize].clone(),
+        &Dropouts::none(),
+        1,
+        1,
+        None,
+    )
+    .unwrap();
+    let secure = DataDictionary::from_sum(&layout, &plan, &out.sum, 3, 1.0 - 1e-6).unwrap();
+    let bad = secure.violations(&pooled);
+    assert!(bad.is_empty(), "secure: {bad:#?}");
+    assert!(secure.epsilon <= 1.0 + 1e-9 && plain.epsilon <= 1.0 + 1e-9);
+
+    // The figures are useful at this size: age's mean within 1 year, the stage's within 0.05.
+    let Some(ColumnDictionary::Numeric { mean_bound, .. }) = secure.column("age") else {
+        panic!("no age")
+    };
+    assert!(*mean_bound < 1.0, "{mean_bound}");
+    let Some(ColumnDictionary::Numeric {
+        mean, mean_bound, ..
+    }) = secure.column("stage")
+    else {
+        panic!("no stage")
+    };
+    assert!(
+        *mean_bound < 0.05 && (*mean - 1.0).abs() < 0.1,
+        "{mean} ± {mean_bound}"
+    );
+
+    // The schema's [standardize] from the dictionary: one mean and std per encoded feature.
+    let spec = standardize_from(&schema, &secure, Path::new("clinic.schema.toml")).unwrap();
+    assert_eq!(spec.mean.len(), schema.declared_feature_count().unwrap());
+    // age(missing) is the missing share (12%), sex=F about half, smoker a third.
+    assert!((spec.mean[1] - 0.12).abs() < 0.02, "{:?}", spec.mean);
+    assert!((spec.mean[2] - 0.5).abs() < 0.1, "{:?}", spec.mean);
+    assert!((spec.mean[7] - 1.0 / 3.0).abs() < 0.02, "{:?}", spec.mean);
+
+    // Written as a statistics file, named by a schema with its digest: the schema standardizes
+    // with it, and a file with another digest is refused naming both.
+    let text = secure.to_file_text().unwrap();
+    std::fs::write(dir.path().join("clinic.stats.toml"), &text).unwrap();
+    let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()));
+    let naming = |digest: &str| {
+        format!(
+            "{SCHEMA}\n[standardize]\nstatistics = \"clinic.stats.toml\"\nsha256 = \"{digest}\"\n"
+        )
+    };
+    let schema_path = dir.path().join("clinic.schema.toml");
+    std::fs::write(&schema_path, naming(&digest)).unwrap();
+    let bound = DatasetSchema::load(&schema_path).unwrap();
+    let standardize = bound.standardize.as_ref().unwrap();
+    assert_eq!(standardize.mean, spec.mean);
+    assert_eq!(standardize.std, spec.std);
+    assert!(bound.standardizer().unwrap().is_some());
+    let other = "0".repeat(64);
+    std::fs::write(&schema_path, naming(&other)).unwrap();
+    let e = DatasetSchema::load(&schema_path).unwrap_err().to_string();
+    assert!(
+        e.contains(&digest) && e.contains(&other) && e.contains("clinic.schema.toml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn breast_cancer_over_three_sites_gives_the_schemas_pooled_standardization_within_the_bound() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let schema_path = root.join("data/breast_cancer.schema.toml");
+    let schema = DatasetSchema::load(&schema_path).unwrap();
+    let layout = layout_of(&schema, &schema_path).unwrap();
+    let text = std::fs::read_to_string(root.join("data/breast_cancer_wisconsin.csv")).unwrap();
+    let (header, body) = text.split_once('\n').unwrap();
+    let lines: Vec<&str> = body.lines().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = (0..3)
+        .map(|s| {
+            let path = dir.path().join(format!("site{s}.csv"));
+            let part: Vec<&str> = lines.iter().skip(s).step_by(3).copied().collect();
+            std::fs::write(&path, format!("{header}\n{}\n", part.join("\n"))).unwrap();
+            path
+        })
+        .collect();
+    // A generous ε: 569 rows over 31 columns are few; the bound says how few.
+    let privacy = StatsPrivacy {
+        target_epsilon: 8.0,
+        ..privacy()
+    };
+    let plan = StatsPlan::new(&layout, &privacy, StatsAggregation::Plain).unwrap();
+    let mut sum = vec![0i64; layout.len()];
+    for v in site_vectors(&schema, &plan, &files) {
+        sum.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+    }
+    let dict = DataDictionary::from_sum(&layout, &plan, &sum, 3, 1.0 - 1e-6).unwrap();
+    assert!(
+        (dict.rows - 569.0).abs() <= dict.rows_bound,
+        "{} ± {}",
+        dict.rows,
+        dict.rows_bound
+    );
+    // The schema's [standardize] was computed over the same 569 rows (all inside the ranges).
+    let reference = schema.standardize.as_ref().unwrap();
+    let mut within = 0;
+    for (i, column) in dict.columns.iter().skip(1).enumerate() {
+        let ColumnDictionary::Numeric {
+            name,
+            mean,
+            mean_bound,
+            std,
+            std_bound,
+            low,
+            high,
+            ..
+        } = column
+        else {
+            panic!("{column:?}")
+        };
+        // The schema rounds to 6 significant digits.
+        let (m, s) = (f64::from(reference.mean[i]), f64::from(reference.std[i]));
+        let slack = 1e-5 * m.abs().max(s);
+        assert!(
+            (mean - m).abs() <= mean_bound + slack,
+            "{name}: mean {mean} ± {mean_bound}, pooled {m}"
+        );
+        assert!(
+            (std - s).abs() <= std_bound + slack,
+            "{name}: std {std} ± {std_bound}, pooled {s}"
+        );
+        // Better than knowing nothing (the mean is somewhere in the range: a bound of half of
+        // it at best): at this size and ε the bounds are 0.2 to 0.4 of the range.
+        eprintln!(
+            "{name}: mean bound {:.3} of the range",
+            mean_bound / (high - low)
+        );
+        within += usize::from(*mean_bound < 0.4 * (high - low));
+    }
+    assert!(
+        within >= 27,
+        "only {within} of 30 mean bounds under 0.4 of their range"
+    );
+}
+
+#[test]
+fn the_statistics_section_names_its_mistakes() {
+    let refused = |from: &str, to: &str| -> String {
+        let text = SCHEMA.replace(from, to);
+        assert_ne!(text, SCHEMA, "{from:?} not in the schema");
+        match DatasetSchema::from_toml_str(&text, "clinic.schema.toml") {
+            Err(e @ DataError::SchemaInvalid { .. }) => e.to_string(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let e = refused("  { column = \"age\", low = 0, high = 110 },\n", "");
+    assert!(
+        e.contains("clinic.schema.toml") && e.contains("no range for \"numeric\" column \"age\""),
+        "{e}"
+    );
+    let e = refused("column = \"admitted\"", "column = \"discharged\"");
+    assert!(e.contains("\"discharged\""), "{e}");
+    let e = refused("low = 0, high = 110", "low = 110, high = 0");
+    assert!(e.contains("\"age\"") && e.contains("low < high"), "{e}");
+    let e = refused(
+        "  { column = \"age\", low = 0, high = 110 },\n",
+        "  { column = \"age\", low = 0, high = 110 },\n  { column = \"stage\", low = 0, high = 2 },\n",
+    );
+    assert!(e.contains("\"stage\"") && e.contains("not numeric"), "{e}");
+
+    // A site whose file holds text in a numeric column: the read's error names file, line, column.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.csv");
+    std::fs::write(
+        &path,
+        "outcome,age,sex,stage,smoker,admitted\nwell,40,F,I,no,2020-01-02\nill,forty,M,II,yes,2020-01-03\n",
+    )
+    .unwrap();
+    let e = site_statistics(&mut CsvSource::open(&path).unwrap(), &schema(), 1024).unwrap_err();
+    let e = e.to_string();
+    assert!(
+        e.contains("bad.csv") && e.contains("line 3") && e.contains("\"age\""),
+        "{e}"
+    );
+}
