@@ -138,6 +138,61 @@ impl BaseModelStore {
     }
 }
 
+/// Why a site is not served a job's base model (`Federation.FetchBaseModel`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BaseFetchRefusal {
+    #[error("job {job} is not running")]
+    NotRunning { job: String },
+    #[error("site {site} does not take part in job {job}")]
+    NotAParticipant { site: String, job: String },
+    #[error("job {job} does not name base model {sha256}")]
+    NotTheJobsBase { job: String, sha256: String },
+    #[error(
+        "site {site} holds no open task of job {job}: a base is served to a site for the task \
+         it was sent, while that task is open"
+    )]
+    NoOpenTask { site: String, job: String },
+}
+
+/// Whether `site` may be served base `sha256` for job `job_id` (its spec `spec`, `running` or
+/// not): the job runs, names that base, lists the site (or lists none), and the site holds an
+/// open task of the job now (`holds_open_task`). A node fetches a base only when a task of the
+/// job reaches it, so a site never sampled for the job, or whose task closed, gets nothing,
+/// even from a job open to every site (`sites = []`).
+pub fn may_serve(
+    job_id: &str,
+    running: bool,
+    spec: &crate::job::JobSpec,
+    site: &str,
+    sha256: &str,
+    holds_open_task: bool,
+) -> Result<(), BaseFetchRefusal> {
+    let job = job_id.to_string();
+    if !running {
+        return Err(BaseFetchRefusal::NotRunning { job });
+    }
+    if !spec.sites.is_empty() && !spec.sites.iter().any(|s| s == site) {
+        return Err(BaseFetchRefusal::NotAParticipant {
+            site: site.to_string(),
+            job,
+        });
+    }
+    if spec.model.base_sha256.as_deref() != Some(sha256) {
+        return Err(BaseFetchRefusal::NotTheJobsBase {
+            job,
+            // The caller's text, bounded.
+            sha256: sha256.chars().take(80).collect(),
+        });
+    }
+    if !holds_open_task {
+        return Err(BaseFetchRefusal::NoOpenTask {
+            site: site.to_string(),
+            job,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +244,47 @@ mod tests {
         assert!(matches!(
             store.read("../../etc"),
             Err(BaseModelStoreError::BadDigest { .. })
+        ));
+    }
+
+    /// Attacks on `FetchBaseModel`: a site asks for the base of a job it is not part of, of a
+    /// job open to every site while it holds no task of it (never sampled, or its task closed),
+    /// for another base than the job's, or after the job ended.
+    #[test]
+    fn a_base_is_served_only_to_a_site_holding_an_open_task_of_the_running_job() {
+        let sha = "a".repeat(64);
+        let spec = |sites: &str| -> crate::job::JobSpec {
+            toml::from_str(&format!(
+                "name = \"j\"\nrounds = 1\nmin_sites = 1\nround_deadline_secs = 60\n\
+                 update_norm_bound = 10.0\nsites = {sites}\n\
+                 [model]\nname = \"llama\"\nbase_sha256 = \"{sha}\"\n\
+                 [data]\nschema = \"notes\"\n\
+                 [training]\noptimizer = \"sgd\"\nlearning_rate = 0.1\nlocal_epochs = 1\nbatch_size = 4\n"
+            ))
+            .unwrap()
+        };
+        let listed = spec("[\"a\", \"b\"]");
+        let open_to_all = spec("[]");
+        assert_eq!(may_serve("j1", true, &listed, "a", &sha, true), Ok(()));
+        assert_eq!(may_serve("j1", true, &open_to_all, "c", &sha, true), Ok(()));
+        assert!(matches!(
+            may_serve("j1", true, &listed, "c", &sha, true),
+            Err(BaseFetchRefusal::NotAParticipant { .. })
+        ));
+        // Open to every site, but this one holds no task of the job.
+        let e = may_serve("j1", true, &open_to_all, "c", &sha, false).unwrap_err();
+        assert!(matches!(e, BaseFetchRefusal::NoOpenTask { .. }), "{e}");
+        assert!(matches!(
+            may_serve("j1", true, &listed, "a", &sha, false),
+            Err(BaseFetchRefusal::NoOpenTask { .. })
+        ));
+        assert!(matches!(
+            may_serve("j1", true, &listed, "a", &"b".repeat(64), true),
+            Err(BaseFetchRefusal::NotTheJobsBase { .. })
+        ));
+        assert!(matches!(
+            may_serve("j1", false, &listed, "a", &sha, true),
+            Err(BaseFetchRefusal::NotRunning { .. })
         ));
     }
 }

@@ -300,26 +300,27 @@ impl pb::federation_server::Federation for FederationService {
         let req = request.into_inner();
         let id = parse_job_id(&req.job_id)?;
         let job = self.engine.get_job(&id).await?;
-        // As for the global model: a site taking part in the running job, and only its base.
-        if job.state != JobState::Running {
-            return Err(Status::failed_precondition(format!(
-                "job {id} is not running"
-            )));
-        }
         let spec = job
             .spec()
             .map_err(|e| Status::internal(format!("job {id}: stored spec: {e}")))?;
-        if !spec.sites.is_empty() && !spec.sites.contains(&site) {
-            return Err(Status::permission_denied(format!(
-                "site {site} does not take part in job {id}"
-            )));
-        }
-        if spec.model.base_sha256.as_deref() != Some(req.sha256.as_str()) {
-            return Err(Status::permission_denied(format!(
-                "job {id} does not name base model {}",
-                req.sha256.chars().take(80).collect::<String>()
-            )));
-        }
+        // As for the global model: a site with an open task of the running job, and only its
+        // base.
+        crate::base_models::may_serve(
+            id.as_str(),
+            job.state == JobState::Running,
+            &spec,
+            &site,
+            &req.sha256,
+            self.engine
+                .tasks
+                .site_holds_open_task_of(&site, id.as_str()),
+        )
+        .map_err(|refusal| match refusal {
+            crate::base_models::BaseFetchRefusal::NotRunning { .. } => {
+                Status::failed_precondition(refusal.to_string())
+            }
+            _ => Status::permission_denied(refusal.to_string()),
+        })?;
         let store = BaseModelStore::in_state_dir(&self.engine.state_dir);
         let (config_json, weights) = store.read(&req.sha256).map_err(|e| match e {
             BaseModelStoreError::NotFound { .. } => Status::not_found(e.to_string()),

@@ -92,6 +92,8 @@ pub enum Outcome {
 
 struct Entry {
     site: String,
+    /// The job the task is of: a site may fetch the job's base only while it holds one.
+    job_id: String,
     /// The global model the task starts from (empty for an initial-model task).
     model_id: String,
     deadline: Instant,
@@ -122,6 +124,7 @@ impl TaskTable {
     pub fn register(
         &self,
         task_id: &str,
+        job_id: &str,
         site: &str,
         model_id: &str,
         deadline: Instant,
@@ -132,6 +135,7 @@ impl TaskTable {
             task_id.to_string(),
             Entry {
                 site: site.to_string(),
+                job_id: job_id.to_string(),
                 model_id: model_id.to_string(),
                 deadline,
                 destination,
@@ -201,6 +205,15 @@ impl TaskTable {
         self.lock()
             .get(task_id)
             .is_some_and(|e| !e.closed && Instant::now() <= e.deadline)
+    }
+
+    /// Whether `site` holds a task of `job_id` that is open now (registered, not closed, not past
+    /// its deadline): what entitles a site to the job's base model.
+    pub fn site_holds_open_task_of(&self, site: &str, job_id: &str) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .any(|e| e.site == site && e.job_id == job_id && !e.closed && now <= e.deadline)
     }
 
     pub fn site_of(&self, task_id: &str) -> Option<String> {
@@ -625,6 +638,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_site_holds_an_open_task_of_a_job_until_it_closes_or_its_deadline_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = table_with(
+            "t1",
+            "a",
+            Instant::now() + Duration::from_secs(60),
+            dir.path(),
+        );
+        assert!(table.site_holds_open_task_of("a", "job"));
+        assert!(!table.site_holds_open_task_of("b", "job"));
+        assert!(!table.site_holds_open_task_of("a", "other-job"));
+        table.close(&["t1".to_string()]);
+        assert!(!table.site_holds_open_task_of("a", "job"));
+        let late = table_with(
+            "t2",
+            "a",
+            Instant::now() - Duration::from_secs(1),
+            dir.path(),
+        );
+        assert!(!late.site_holds_open_task_of("a", "job"));
+    }
+
     fn table_with(
         task: &str,
         site: &str,
@@ -634,6 +670,7 @@ mod tests {
         let table = Arc::new(TaskTable::default());
         table.register(
             task,
+            "job",
             site,
             "",
             deadline,
@@ -747,6 +784,7 @@ mod tests {
             let table = Arc::new(TaskTable::default());
             table.register(
                 "t1",
+                "job",
                 "a",
                 "",
                 Instant::now() + Duration::from_secs(60),

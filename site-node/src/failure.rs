@@ -408,6 +408,7 @@ impl From<&TextDatasetError> for SiteFailure {
                     TextSourceError::NotUtf8 { .. } | TextSourceError::BadJson { .. } => {
                         DataMalformed
                     }
+                    TextSourceError::DuplicateField { .. } => DataUnexpectedColumn,
                     TextSourceError::MissingField { .. } => DataMissingValue,
                     TextSourceError::FieldType { .. } => DataInvalidValue,
                     TextSourceError::Empty { .. } => DataEmpty,

@@ -154,6 +154,7 @@ impl Engine {
             let group = Arc::new(TaskGroup::default());
             self.tasks.register(
                 &task.task_id,
+                &task.job_id,
                 &site,
                 "",
                 deadline,
@@ -336,6 +337,7 @@ impl Engine {
             }
             self.tasks.register(
                 &task.task_id,
+                &task.job_id,
                 site,
                 model_id,
                 deadline,

@@ -16,6 +16,7 @@
 
 pub mod bounded;
 pub mod corpus;
+pub mod json_line;
 pub mod kanon;
 pub mod pii;
 pub mod pipeline;

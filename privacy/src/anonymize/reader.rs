@@ -6,7 +6,8 @@
 //! refused as soon as the limit is passed ([`super::bounded`]): memory stays bounded on any input. Every
 //! error names the file, the line and the column, so that a site engineer can open the file at the
 //! right place: a cell that is not of its column's declared type, a JSON line that is not an
-//! object, a missing or undeclared column, a row of the wrong width.
+//! object (or one that gives a key twice: [`super::json_line`]), a missing or undeclared column, a
+//! row of the wrong width.
 //!
 //! Cell syntax, by declared [`ColumnType`]:
 //! - `int`: a decimal integer (CSV), or a JSON integer;
@@ -324,15 +325,21 @@ pub fn read_jsonl(reader: impl Read, origin: &Path, schema: &Schema) -> Result<T
         if text.trim().is_empty() {
             continue;
         }
-        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| {
-                bad(
-                    line,
-                    "",
-                    BadKind::Malformed,
-                    format!("not a JSON object: {e}"),
-                )
-            })?;
+        let object = super::json_line::parse_object(text.as_bytes()).map_err(|e| match e {
+            // A key given twice: which value is the cell would be the parser's choice.
+            super::json_line::JsonLineError::DuplicateKey(key) => bad(
+                line,
+                &key,
+                BadKind::DuplicateColumn,
+                "is given twice in the line's object; keep one".into(),
+            ),
+            other => bad(
+                line,
+                "",
+                BadKind::Malformed,
+                format!("not a JSON object: {other}"),
+            ),
+        })?;
         for key in object.keys() {
             if schema.index_of(key).is_err() {
                 return Err(bad(
@@ -564,6 +571,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("1.5 is not an integer"), "{e}");
+        // Attack: a key given twice (serde_json would keep the last value, another tool the
+        // first). Refused naming the column, never either value.
+        let e = read_jsonl(
+            "{\"id\":\"p1\",\"age\":40,\"age\":97}\n".as_bytes(),
+            Path::new("raw.jsonl"),
+            &s,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ReadError::Bad { kind: BadKind::DuplicateColumn, column, line: 1, .. } if column == "age"),
+            "{e}"
+        );
+        let e = e.to_string();
+        assert!(
+            e.contains("given twice") && !e.contains("97") && !e.contains("40"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -587,3 +587,54 @@ fn report_counts_add_up_and_commitment_follows_the_documents() {
     assert_ne!(report2.config_sha256, report.config_sha256);
     assert_ne!(commit_documents(&salt, &out2).root, root.root);
 }
+
+/// Attack (a new site engineer's export): one patient's id spelt with a trailing space, in
+/// another case, or padded, by a second export tool. Were these three patients, the patient's
+/// notes would be three privacy units (each clipped and sampled on its own: the patient's
+/// contribution to the model up to three times what the guarantee allows) and could fall on
+/// both sides of the split. The spellings are one unit: trimmed and compared case-insensitively
+/// (merging two units only makes a unit larger, which the guarantee allows).
+#[test]
+fn one_patient_spelt_several_ways_is_one_privacy_unit() {
+    let spellings = ["MRN-0042", " MRN-0042", "mrn-0042 ", "\tMrn-0042\n"];
+    let mut docs = Vec::new();
+    for (i, p) in spellings.iter().enumerate() {
+        docs.push(TextDocument {
+            line: i as u64 + 1,
+            id: None,
+            patient: Some(p.to_string()),
+            date: None,
+            text: format!("note {i} of the patient with the four spellings: cough and fever"),
+        });
+    }
+    for k in 0..8 {
+        docs.push(TextDocument {
+            line: 100 + k,
+            id: None,
+            patient: Some(format!("MRN-{:04}", 100 + k)),
+            date: None,
+            text: format!("note of another patient number {k}: a broken wrist, cast applied"),
+        });
+    }
+    let mut c = config();
+    c.near_duplicates.enabled = false;
+    c.validation_fraction = 0.3;
+    for seed in 0..6 {
+        c.split_seed = seed;
+        let (out, report) = run(c.clone(), docs.clone());
+        let units: HashSet<u32> = out
+            .train
+            .iter()
+            .chain(&out.validation)
+            .filter(|d| d.text.contains("four spellings"))
+            .map(|d| d.unit)
+            .collect();
+        assert_eq!(units.len(), 1, "seed {seed}: one patient, units {units:?}");
+        assert_eq!(report.split.train_units + report.split.validation_units, 9);
+        let sides = [&out.train, &out.validation]
+            .iter()
+            .filter(|side| side.iter().any(|d| d.text.contains("four spellings")))
+            .count();
+        assert_eq!(sides, 1, "seed {seed}: the patient's notes on both sides");
+    }
+}

@@ -13,7 +13,8 @@ use crate::jobspec::JobView;
 use crate::lm::base_cache::{BaseCacheError, ReceivedBase};
 
 /// Fetches the task's base when the job names one that neither the site's `base_models` nor the
-/// cache holds and fetching is on. Nothing to fetch, or a coordinator that cannot serve it, is
+/// cache holds, fetching is on, and the site's officers approved the job
+/// ([`super::gate::TaskGate::approves_fetch`]). Nothing to fetch, or a coordinator that cannot serve it, is
 /// not an error here: the gate then declines the task as it would without fetching. A base that
 /// arrives with another digest (or unreadable, or too large) is declined here, naming digests
 /// and sizes only.
@@ -30,6 +31,11 @@ pub(super) async fn fetch_missing_base(shared: &Shared, task: &pb::Task) -> Resu
         return Ok(());
     };
     if base_models.holds(wanted) {
+        return Ok(());
+    }
+    // Only a base a signed, allowed spec names: the gate declines the task right after.
+    if !shared.gate.approves_fetch(task) {
+        tracing::info!(job = %task.job_id, sha256 = %wanted, "not fetching the base of a task that is not approved");
         return Ok(());
     }
     let Some(mut client) = shared.client() else {

@@ -283,6 +283,26 @@ impl TaskGate {
         })
     }
 
+    /// Whether `task`'s job is one this site's officers approved and its policy allows, so that
+    /// the base its signed spec names may be fetched: checked before a base is fetched, so that
+    /// a coordinator cannot make the node download and cache a base no officer signed for (and
+    /// evict the site's cached ones for it). Always true without approvals
+    /// (`insecure_no_approvals`). A refusal is not reported here: the gate declines the task
+    /// right after, with its reason.
+    pub fn approves_fetch(&self, task: &pb::Task) -> bool {
+        let Some(approvals) = &self.approvals else {
+            return true;
+        };
+        let Ok(job) = JobView::from_toml_str(&task.job_spec_toml) else {
+            return false;
+        };
+        let spent = match (&self.ledgers, self.job_data(&job)) {
+            (Some(ledgers), Ok(data)) => ledgers.spent(data.name()).unwrap_or(0.0),
+            _ => 0.0,
+        };
+        approvals.check(task, now_ms(), spent).is_ok()
+    }
+
     /// Decides whether the node does `task` now.
     pub fn check_task(&self, task: &pb::Task) -> Result<Admitted, Refusal> {
         self.check_task_at(task, now_ms())

@@ -98,6 +98,14 @@ pub enum TextSourceError {
         line: u64,
         detail: String,
     },
+    /// A key given twice in a line's object: which value counts would be the parser's choice
+    /// (`tutela_privacy::anonymize::json_line`).
+    #[error("{}:{line}: the key `{field}` is given twice in the line's object; keep one", .path.display())]
+    DuplicateField {
+        path: PathBuf,
+        line: u64,
+        field: String,
+    },
     #[error("{}:{line}: field `{field}` is missing or null", .path.display())]
     MissingField {
         path: PathBuf,
@@ -124,6 +132,7 @@ impl TextSourceError {
             TextSourceError::DocumentTooLarge { .. } => "document_too_large",
             TextSourceError::NotUtf8 { .. } => "not_utf8",
             TextSourceError::BadJson { .. } => "bad_json",
+            TextSourceError::DuplicateField { .. } => "duplicate_field",
             TextSourceError::MissingField { .. } => "missing_field",
             TextSourceError::FieldType { .. } => "field_type",
             TextSourceError::Empty { .. } => "empty",
@@ -135,6 +144,8 @@ impl TextSourceError {
         match self {
             TextSourceError::MissingField { field, .. }
             | TextSourceError::FieldType { field, .. } => Some(field),
+            // Only a configured field is named: another key could be anything the export wrote.
+            TextSourceError::DuplicateField { .. } => None,
             _ => None,
         }
     }
@@ -146,6 +157,18 @@ impl TextSourceError {
             Some(f) => format!("text dataset unreadable: {} (field `{f}`)", self.code()),
             None => format!("text dataset unreadable: {}", self.code()),
         }
+    }
+}
+
+/// A JSON number as an id: `42`, `42.0` and `4.2e1` are one id, `"42"`, as one patient's serial
+/// is when one export writes it as an integer and another as a float. Two spellings of one
+/// patient would otherwise be two privacy units.
+fn number_as_id(n: &serde_json::Number) -> String {
+    // Integers beyond 2^53 are not exact as floats: those keep their own digits.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < EXACT => format!("{}", f as i64),
+        _ => n.to_string(),
     }
 }
 
@@ -258,19 +281,20 @@ impl TextSource {
             if buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let value: serde_json::Value =
-                serde_json::from_slice(&buf).map_err(|e| TextSourceError::BadJson {
-                    path: path.clone(),
-                    line,
-                    detail: e.to_string(),
-                })?;
-            let serde_json::Value::Object(object) = value else {
-                return Err(TextSourceError::BadJson {
-                    path: path.clone(),
-                    line,
-                    detail: "the line is JSON but not an object".into(),
-                });
-            };
+            let object = tutela_privacy::anonymize::json_line::parse_object(&buf).map_err(|e| {
+                match e.duplicate_key() {
+                    Some(field) => TextSourceError::DuplicateField {
+                        path: path.clone(),
+                        line,
+                        field: field.to_string(),
+                    },
+                    None => TextSourceError::BadJson {
+                        path: path.clone(),
+                        line,
+                        detail: e.to_string(),
+                    },
+                }
+            })?;
             let get = |field: &str, required: bool| -> Result<Option<String>, TextSourceError> {
                 match object.get(field) {
                     None | Some(serde_json::Value::Null) if required => {
@@ -284,7 +308,7 @@ impl TextSource {
                     Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
                     // Ids and dates are sometimes numbers (a serial, a Unix time).
                     Some(serde_json::Value::Number(n)) if field != self.text_field => {
-                        Ok(Some(n.to_string()))
+                        Ok(Some(number_as_id(n)))
                     }
                     Some(_) => Err(TextSourceError::FieldType {
                         path: path.clone(),

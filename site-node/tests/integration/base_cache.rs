@@ -174,6 +174,44 @@ fn a_cached_base_tampered_on_disk_is_refused_and_dropped() {
     assert!(!cache.contains(&digest));
 }
 
+/// Attack with write access to the node's disk but not its KEK: put one cached base's
+/// ciphertext (valid, under the same KEK) in another's entry, its weights or all of it, so that a
+/// job naming the second trains on the first. Each file authenticates, but the entry's digest
+/// is checked again over the plaintext before use: refused and dropped.
+#[test]
+fn a_cached_base_swapped_into_another_s_entry_is_refused_and_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, first_sha) = received_base(&tmp.path().join("first"), 8);
+    let (second, second_sha) = received_base(&tmp.path().join("second"), 9);
+    assert_ne!(first_sha, second_sha);
+    let cache_dir = tmp.path().join("cache");
+    let cache = BaseModelCache::open_dir(&cache_dir, kek(3), BaseCacheLimits::default())
+        .unwrap()
+        .with_scratch(tmp.path());
+    // The two bases share their config.json: the weights are what a swap changes.
+    cache.insert(&first_sha, &first, &BTreeSet::new()).unwrap();
+    cache.insert(&second_sha, &second, &BTreeSet::new()).unwrap();
+    let name = format!("{WEIGHTS_FILE}.enc");
+    std::fs::copy(
+        cache_dir.join(&first_sha).join(&name),
+        cache_dir.join(&second_sha).join(&name),
+    )
+    .unwrap();
+    let e = cache.open(&second_sha).unwrap_err();
+    assert!(
+        matches!(e, BaseCacheError::Corrupted { ref digest, .. } if *digest == second_sha),
+        "{e}"
+    );
+    assert!(!cache.contains(&second_sha));
+    // The other entry is untouched and still opens.
+    assert!(cache.open(&first_sha).unwrap().is_some());
+    // The whole entry renamed to the other digest: refused as well.
+    cache.remove(&second_sha).unwrap();
+    std::fs::rename(cache_dir.join(&first_sha), cache_dir.join(&second_sha)).unwrap();
+    assert!(cache.open(&second_sha).is_err());
+    assert!(!cache.contains(&second_sha));
+}
+
 #[test]
 fn the_cache_evicts_the_least_recently_used_base_no_job_uses() {
     let tmp = tempfile::tempdir().unwrap();

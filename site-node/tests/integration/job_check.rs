@@ -163,4 +163,61 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
         refusals[0].reason.contains("breast_cancer"),
         "{refusals:#?}"
     );
+
+    // Attack: a coordinator sends a task (any kind) whose job no officer signed, naming a base
+    // the site lacks, to make the node download and cache it (evicting the site's cached
+    // bases). The node fetches a base only for a task its gate's approvals accept; a job the
+    // site would run but nobody signed is not one. Without approvals (`insecure_no_approvals`)
+    // the gate approves every fetch, as it admits every task.
+    let mut unsigned = task(&good, OP);
+    unsigned.kind = pb::TaskKind::Train as i32;
+    assert!(!gate("mlp").approves_fetch(&unsigned));
+    unsigned.job_digest = "0".repeat(64);
+    assert!(!gate("mlp").approves_fetch(&unsigned));
+    let insecure = TaskGate::new(BTreeMap::from([(
+        "breast_cancer".to_string(),
+        dataset.clone(),
+    )]));
+    assert!(insecure.approves_fetch(&unsigned));
+    // Signed by the site's officer: fetched.
+    let mut options = tutela_protocol::pki::LeafOptions::new(Validity::days_from_now(3));
+    options.algorithm = KeyAlgorithm::EcdsaP256;
+    let alice = ca
+        .issue(
+            &tutela_protocol::identity::Principal::User {
+                site: "st-mary".into(),
+                name: "alice".into(),
+            },
+            &options,
+        )
+        .unwrap();
+    let digest = JobSpec::from_toml_str(&good).unwrap().digest();
+    let mut signed = unsigned.clone();
+    signed.job_id = "0123456789abcdef0123456789abcdef".into();
+    signed.job_digest = digest.to_hex();
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    signed.approvals = vec![
+        tutela_policy::Approval::sign(
+            &alice.key_pem,
+            &alice.cert_pem,
+            &signed.job_id,
+            &digest,
+            at - 1_000,
+            at + 600_000,
+        )
+        .unwrap()
+        .to_pb(),
+    ];
+    assert!(gate("mlp").approves_fetch(&signed));
+    // The same signature on a spec the coordinator changed afterwards: not fetched.
+    let mut tampered = signed.clone();
+    tampered.job_spec_toml = good.replace("rounds = ", "rounds = 1");
+    tampered.job_digest = JobSpec::from_toml_str(&tampered.job_spec_toml)
+        .unwrap()
+        .digest()
+        .to_hex();
+    assert!(!gate("mlp").approves_fetch(&tampered));
 }

@@ -164,6 +164,22 @@ fn malformed_lines_and_oversize_documents_are_refused_locally_by_file_and_line()
             ":2: field `patient`",
             Some("patient"),
         ),
+        // Attack: a key given twice. serde_json would keep the last value, a review tool the
+        // first: the node would train on (and group by) a value nobody looked at.
+        (
+            format!(
+                "{good}\n{{\"patient\": \"p2\", \"text\": \"ok\", \"patient\": \"Secret412\"}}\n"
+            ),
+            "duplicate_field",
+            ":2: the key `patient` is given twice",
+            None,
+        ),
+        (
+            format!("{good}\n{{\"patient\": \"p2\", \"text\": \"Secret412\", \"text\": \"ok\"}}\n"),
+            "duplicate_field",
+            ":2: the key `text` is given twice",
+            None,
+        ),
         (
             format!(
                 "{good}\n{{\"patient\": \"p2\", \"text\": \"{}\"}}\n",
@@ -220,6 +236,45 @@ fn malformed_lines_and_oversize_documents_are_refused_locally_by_file_and_line()
         ),
         "{err}"
     );
+}
+
+/// Attack (a new site engineer's exports): one patient's serial written as `7` by one tool, `7.0`
+/// and `" 7"` by others. Three spellings must not be three privacy units (each clipped and
+/// sampled on its own, the patient's weight in the model tripled).
+#[test]
+fn a_patient_serial_spelt_as_integer_float_or_padded_text_is_one_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = vec![
+        r#"{"patient": 7, "text": "first note of patient seven: cough"}"#.to_string(),
+        r#"{"patient": 7.0, "text": "second note of patient seven: fever"}"#.to_string(),
+        r#"{"patient": " 7", "text": "third note of patient seven: rash"}"#.to_string(),
+        r#"{"patient": 7e0, "text": "fourth note of patient seven: better"}"#.to_string(),
+    ];
+    for k in 0..8 {
+        lines.push(format!(
+            r#"{{"patient": {}, "text": "a note of patient {k}: a broken wrist"}}"#,
+            100 + k
+        ));
+    }
+    let (_, c) = jsonl_dataset(dir.path(), &(lines.join("\n") + "\n"), "");
+    let loaded = TextDataset::prepare("notes", &c, &SECRET)
+        .unwrap()
+        .load()
+        .unwrap();
+    let docs: Vec<_> = loaded
+        .documents
+        .train
+        .iter()
+        .chain(&loaded.documents.validation)
+        .collect();
+    let seven: HashSet<u32> = docs
+        .iter()
+        .filter(|d| d.text.contains("patient seven"))
+        .map(|d| d.unit)
+        .collect();
+    assert_eq!(seven.len(), 1, "patient 7 is {} units", seven.len());
+    let split = &loaded.report.split;
+    assert_eq!(split.train_units + split.validation_units, 9);
 }
 
 #[test]

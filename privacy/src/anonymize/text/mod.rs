@@ -55,6 +55,14 @@ pub struct TextDocument {
     pub text: String,
 }
 
+/// The privacy unit a patient id names: the id trimmed and case-folded, so that one patient
+/// spelt two ways by two exports (`"MRN-0042"`, `" mrn-0042"`) is one unit, clipped and sampled
+/// once and on one side of the split. Merging two ids into one unit only makes a unit larger,
+/// which the guarantee allows; splitting one patient into two would weaken it.
+pub fn patient_key(patient: &str) -> String {
+    patient.trim().to_lowercase()
+}
+
 /// A document after the pipeline: redacted text and its privacy unit (a dense index: the n-th
 /// distinct patient, or document, among the documents kept), never the raw id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,7 +340,7 @@ impl TextPipeline {
         let unit_keys: Vec<String> = docs
             .iter()
             .map(|d| match config.split_unit {
-                SplitUnit::Patient => d.patient.clone().unwrap_or_default(),
+                SplitUnit::Patient => patient_key(d.patient.as_deref().unwrap_or_default()),
                 // A declared id names the document; without one, its line does.
                 SplitUnit::Document => d.id.clone().unwrap_or_else(|| format!("line:{}", d.line)),
             })

@@ -1,8 +1,11 @@
 //! A dataset read by a SQL query against the site's PostgreSQL.
 //!
 //! The query runs in a read-only transaction on a session whose default is read-only as well
-//! (`default_transaction_read_only`), so a query that would write is refused by the server; the
-//! site should still give the node a role that can only `SELECT` what the query needs. The URL
+//! (`default_transaction_read_only`), so a query that would write is refused by the server. The
+//! session's role must not be able to write either ([`check_role`]): a superuser, a role that may
+//! write server files or run server programs (which a read-only transaction does not stop), and
+//! a role that may change any table of the database are refused before the query runs; so is a
+//! statement that returns no columns (`COPY ... TO`, `TRUNCATE`): the node reads rows only. The URL
 //! and the query are in node.toml, the password never is: it comes from an environment variable
 //! or a file (`password_env`, `password_file`), and a URL with a password in it is refused when
 //! the config is read. Errors name the dataset (`postgres:<name>`), never the URL.
@@ -186,12 +189,22 @@ async fn run_query(
         .begin_with("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
         .map_err(|e| format!("cannot begin a read-only transaction: {e}"))?;
+    check_role(&mut transaction).await?;
     // Prepared first so that the header is known even when the query returns no row.
     // The query is the site's own, from its node.toml (no one else's text is in it).
     let statement = (&mut *transaction)
         .prepare(sqlx::AssertSqlSafe(query.to_string()).into_sql_str())
         .await
         .map_err(|e| format!("the query: {e}"))?;
+    // A statement without a result (`COPY ... TO 'file'`, `TRUNCATE`, `CALL`) is no dataset: it
+    // is refused before it runs.
+    if statement.columns().is_empty() {
+        return Err(
+            "the query returns no columns: it must be a SELECT (or VALUES, TABLE) whose rows are \
+             the dataset; it was not run"
+                .into(),
+        );
+    }
     let header: Vec<String> = statement
         .columns()
         .iter()
@@ -222,6 +235,60 @@ async fn run_query(
     }
     let _ = transaction.rollback().await;
     Ok((header, rows))
+}
+
+/// Refuses a session role that could write, although the transaction is read-only: a superuser
+/// or a member of `pg_write_server_files` / `pg_execute_server_program` writes files or runs
+/// programs on the server from a read-only transaction (`COPY ... TO 'file'`, `TO PROGRAM`,
+/// `lo_export`), and a role that may change a table is one `dblink` (a second session, not
+/// read-only) away from doing so. The role and the table are named (local: the error stays at
+/// the site).
+async fn check_role(connection: &mut PgConnection) -> Result<(), String> {
+    let row = sqlx::query(
+        "SELECT current_user::text, r.rolsuper, \
+         pg_has_role(current_user, 'pg_write_server_files', 'USAGE'), \
+         pg_has_role(current_user, 'pg_execute_server_program', 'USAGE') \
+         FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .fetch_one(&mut *connection)
+    .await
+    .map_err(|e| format!("cannot read the session role's privileges: {e}"))?;
+    let field = |e: sqlx::Error| format!("cannot read the session role's privileges: {e}");
+    let role: String = row.try_get(0).map_err(field)?;
+    let superuser: bool = row.try_get(1).map_err(field)?;
+    let server_files: bool = row.try_get(2).map_err(field)?;
+    let server_programs: bool = row.try_get(3).map_err(field)?;
+    let refuse = |what: &str| {
+        format!(
+            "the role {role:?} {what}: give the node a role that may only SELECT what the query \
+             reads (the query runs read-only, but this role could write through it); nothing was \
+             read"
+        )
+    };
+    if superuser {
+        return Err(refuse("is a superuser"));
+    }
+    if server_files || server_programs {
+        return Err(refuse(
+            "may write server files or run server programs (pg_write_server_files or \
+             pg_execute_server_program)",
+        ));
+    }
+    let writable: Option<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'f') \
+         AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+         AND has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') \
+         ORDER BY 1 LIMIT 1",
+    )
+    .fetch_optional(&mut *connection)
+    .await
+    .map_err(|e| format!("cannot read the session role's privileges: {e}"))?;
+    match writable {
+        Some(table) => Err(refuse(&format!("may change table {table}"))),
+        None => Ok(()),
+    }
 }
 
 /// Days from 1970-01-01 to PostgreSQL's epoch, 2000-01-01.

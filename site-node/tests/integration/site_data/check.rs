@@ -321,4 +321,61 @@ fn a_parquet_column_of_an_unread_type_is_named() {
         "{message}"
     );
     assert!(!message.contains("1700000000000"), "{message}");
+
+    // Attack (a new site engineer's export): nested columns, a struct and a list, holding
+    // identifying text. Refused naming the column and its type, never a value inside.
+    let street = Arc::new(StringArray::from(vec!["221B Baker Street"])) as ArrayRef;
+    let nested: [(&str, ArrayRef); 2] = [
+        (
+            "address",
+            Arc::new(arrow_array::StructArray::from(vec![(
+                Arc::new(arrow_schema::Field::new(
+                    "street",
+                    arrow_schema::DataType::Utf8,
+                    false,
+                )),
+                street.clone(),
+            )])),
+        ),
+        (
+            "streets",
+            Arc::new(arrow_array::ListArray::from_iter_primitive::<
+                arrow_array::types::Int32Type,
+                _,
+                _,
+            >(vec![Some(vec![Some(987_654_321)])])),
+        ),
+    ];
+    for (name, column) in nested {
+        let path = dir.path().join(format!("{name}.parquet"));
+        let batch = RecordBatch::try_from_iter([
+            (name, column),
+            (
+                "outcome",
+                Arc::new(StringArray::from(vec!["well"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut writer =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None)
+                .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let message = read_table(
+            source::open("s", &file_config(&path, Path::new("s.schema.toml")))
+                .unwrap()
+                .as_mut(),
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            message.contains(&format!("column \"{name}\" has the type")),
+            "{message}"
+        );
+        assert!(
+            !message.contains("Baker") && !message.contains("987654321"),
+            "{message}"
+        );
+    }
 }

@@ -10,6 +10,7 @@
 //! config's errors, and the documented examples.
 
 mod check;
+mod read_only;
 mod sources;
 mod spellings;
 
