@@ -428,11 +428,15 @@ fn now_unix_ms() -> i64 {
 pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, EngineError> {
     let job = engine.get_job(id).await?;
     let rounds = engine.store.rounds(id).await?;
-    let model_id = engine
-        .store
-        .global_model(id, job.current_round)
-        .await?
-        .unwrap_or_default();
+    // A completed job shows the model it published (watermarked, when it asked for that).
+    let model_id = match engine.published_model(id) {
+        Some(published) if job.state == JobState::Completed => published,
+        _ => engine
+            .store
+            .global_model(id, job.current_round)
+            .await?
+            .unwrap_or_default(),
+    };
     let state = job.state;
     let standing = engine.standing(&job).await?;
     let submitted_by = engine.store.submitter(id).await?.unwrap_or_default();

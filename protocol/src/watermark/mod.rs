@@ -230,6 +230,18 @@ pub fn marks_shape(shape: &[usize]) -> bool {
     shape.iter().product::<usize>() >= MIN_MARKED_VALUES
 }
 
+/// A p-value given by its `log10`, rounded for people and never understated: `= 0.42` down to
+/// 0.001, below that `< 1e-N` with `N` rounded down (a p-value of `3e-46` reads `< 1e-45`).
+pub fn human_p_value(log10_p: f64) -> String {
+    if !log10_p.is_finite() || log10_p >= 0.0 {
+        return "= 1".into();
+    }
+    if log10_p >= -3.0 {
+        return format!("= {:.3}", 10f64.powf(log10_p));
+    }
+    format!("< 1e{}", log10_p.ceil() as i64)
+}
+
 /// Mean and standard deviation (population), in f64.
 pub(crate) fn mean_std(values: &[f32]) -> (f64, f64) {
     let n = values.len() as f64;

@@ -246,3 +246,18 @@ fn survives_pruning_quantization_and_noise() {
     println!("noise 0.3σ: z = {:.2}, log10 p = {:.1}", d.z, d.log10_p());
     assert!(d.log10_p() < -9.0);
 }
+
+#[test]
+fn p_values_read_for_people_are_never_smaller_than_the_bound() {
+    assert_eq!(human_p_value(0.0), "= 1");
+    assert_eq!(human_p_value(-0.5), "= 0.316");
+    assert_eq!(human_p_value(-45.3), "< 1e-45");
+    assert_eq!(human_p_value(-9.0), "< 1e-9");
+    assert_eq!(human_p_value(f64::NAN), "= 1");
+    let d = Detection { z: 6.5, tensors: 1, values: 1 };
+    assert!(d.log10_p() < -9.0 && d.log10_p() > -9.5);
+    // Bonferroni over 10 entries adds one decade, and never passes 1.
+    assert!((d.log10_p_among(10) - d.log10_p() - 1.0).abs() < 1e-12);
+    let weak = Detection { z: 0.1, tensors: 1, values: 1 };
+    assert_eq!(weak.log10_p_among(1000), 0.0);
+}
