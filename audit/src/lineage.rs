@@ -405,6 +405,18 @@ fn apply_event(
         }
         Action::WatermarkRegistered => {
             let p = WatermarkRegistered::from_event(e)?;
+            if p.model_digest != e.subject {
+                r.flagged.push(FlaggedEvent {
+                    seq: e.seq,
+                    action: e.action.to_string(),
+                    actor: e.actor.clone(),
+                    reason: format!(
+                        "filed under {} but registers model {}",
+                        e.subject, p.model_digest
+                    ),
+                });
+                return Ok(());
+            }
             r.watermark = Some(WatermarkRecord {
                 seq: e.seq,
                 timestamp: ts,

@@ -210,8 +210,7 @@ async fn verify_watermark(
         }
     };
     let marks: Vec<_> = candidates.iter().map(|c| key.mark(&c.mark_id)).collect();
-    let detections = detect_file_marks(file, &marks)
-        .with_context(|| format!("reading {}", file.display()))?;
+    let detections = detect_file_marks(file, &marks)?;
     let tried = candidates.len();
     // The best entry, its p-value corrected for the entries tried (Bonferroni).
     let Some((best, detection)) = candidates
@@ -243,14 +242,14 @@ async fn verify_watermark(
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "watermark: {} — p {} (z = {:.1} over {} values in {} tensors; {} registry entr{} tried under key {})",
+            "watermark: {} — p {} (z = {:.1} over {} values in {} tensors; {} mark{} tried under key {})",
             if detected { "DETECTED" } else { "not detected" },
             human_p_value(log10_p),
             detection.z,
             detection.values,
             detection.tensors,
             tried,
-            if tried == 1 { "y" } else { "ies" },
+            if tried == 1 { "" } else { "s" },
             &commitment[..16],
         );
         if detected {

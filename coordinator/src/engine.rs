@@ -83,6 +83,10 @@ pub enum EngineError {
     Audit(String),
     #[error("no job {0}")]
     NotFound(String),
+    /// The job asks for something this coordinator is not set up for (a watermark without a
+    /// key): refused at submission.
+    #[error("{0}")]
+    NotConfigured(String),
 }
 
 /// The buffered aggregation's spools, under `state_dir`.

@@ -76,6 +76,7 @@ impl From<EngineError> for Status {
             EngineError::NotFound(_) => Status::not_found(e.to_string()),
             EngineError::Store(e) => Status::failed_precondition(e.to_string()),
             EngineError::Audit(_) => Status::unavailable(e.to_string()),
+            EngineError::NotConfigured(e) => Status::failed_precondition(e),
             other => Status::internal(other.to_string()),
         }
     }

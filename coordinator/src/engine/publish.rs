@@ -46,7 +46,7 @@ impl Engine {
     /// Refuses, at submission, a job asking for a watermark this coordinator cannot embed.
     pub(super) fn check_watermark_key(&self, spec: &JobSpec) -> Result<(), EngineError> {
         if spec.watermark.is_some() && self.watermark_key.get().is_none() {
-            return Err(EngineError::Failed(
+            return Err(EngineError::NotConfigured(
                 "watermark: the job asks for a watermark, but this coordinator has no key \
                  (coordinator.toml: [watermark] key_file); remove [watermark] from the job or \
                  configure the consortium's key"

@@ -326,3 +326,149 @@ fn cnn_watermark_costs_nothing_is_not_found_in_independent_models_and_survives_a
     // depend on how long a model trained, only on its independence from the key).
     run_case(&case, 20, 1);
 }
+
+mod language_model {
+    //! The demo's `llama` shape (vocabulary 512, hidden 64, 2 layers) with rank-8 adapters on
+    //! every projection, merged, written as a Hugging Face checkpoint and watermarked: the
+    //! perplexity cost on text the model itself writes, detection, no detection in 20 other
+    //! seeds' merged models, and pruning and INT8 export.
+
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+    use tutela_protocol::lora::{LoraAggregation, LoraSpec};
+    use tutela_site_node::lm::config::DecoderConfig;
+    use tutela_site_node::lm::hf::{load_checkpoint, save_checkpoint};
+    use tutela_site_node::lm::llama::LanguageModel;
+
+    fn config() -> DecoderConfig {
+        let mut c = DecoderConfig::llama(512, 64, 128, 2, 4, 2);
+        c.max_position_embeddings = 128;
+        c.tie_word_embeddings = true;
+        // Peaked next-token distributions, so that text the model writes has a low perplexity
+        // the mark could visibly raise.
+        c.initializer_range = 0.15;
+        c
+    }
+
+    /// A merged LoRA model of `seed`, written to `dir` (config.json, model.safetensors).
+    fn merged_checkpoint(seed: u64, dir: &Path) {
+        let mut model = LanguageModel::new(&config(), Device::Cpu, seed).unwrap();
+        let spec = LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            dropout: 0.0,
+            aggregation: LoraAggregation::Ffa,
+        };
+        model.attach_lora(&spec, seed + 1).unwrap();
+        tch::manual_seed(seed as i64 + 2);
+        for layer in model.decoder.lora_layers_mut() {
+            let b = layer.b().randn_like() * 0.05;
+            layer.set_factors(&b, None).unwrap();
+        }
+        save_checkpoint(&model.merged().unwrap(), dir).unwrap();
+    }
+
+    /// Perplexity of the checkpoint in `dir` on `ids` (`[batch, time + 1]`).
+    fn perplexity(dir: &Path, ids: &Tensor) -> f64 {
+        let model = load_checkpoint(dir, Device::Cpu, Kind::Float).unwrap();
+        let t = ids.size()[1] - 1;
+        let logits = tch::no_grad(|| {
+            model
+                .decoder
+                .forward(&ids.narrow(1, 0, t), None, None)
+                .unwrap()
+                .logits
+        });
+        let loss = logits
+            .view([-1, 512])
+            .cross_entropy_for_logits(&ids.narrow(1, 1, t).reshape([-1]));
+        loss.double_value(&[]).exp()
+    }
+
+    /// 16 sequences of 48 tokens sampled from the checkpoint in `dir`.
+    fn sample(dir: &Path) -> Tensor {
+        let model = load_checkpoint(dir, Device::Cpu, Kind::Float).unwrap();
+        tch::manual_seed(5);
+        let mut ids = Tensor::randint(512, [16, 1], (Kind::Int64, Device::Cpu));
+        tch::no_grad(|| {
+            for _ in 0..48 {
+                let logits = model.decoder.forward(&ids, None, None).unwrap().logits;
+                let last = logits.select(1, -1).softmax(-1, Kind::Float);
+                let next = last.multinomial(1, true);
+                ids = Tensor::cat(&[ids.shallow_clone(), next], 1);
+            }
+        });
+        ids
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        std::fs::copy(from.join("config.json"), to.join("config.json")).unwrap();
+    }
+
+    #[test]
+    fn merged_lora_llama_is_marked_within_1_percent_perplexity_and_detected_after_attacks() {
+        tch::set_num_threads(1);
+        let dir = tempfile::tempdir().unwrap();
+        let mark = WatermarkKey::from_bytes([0x5a; 32]).mark("job-lm");
+        let clean = dir.path().join("clean");
+        merged_checkpoint(7, &clean);
+        let marked = dir.path().join("marked");
+        copy_dir(&clean, &marked);
+        let (_, _, embedded) = embed_stream(
+            &clean.join("model.safetensors"),
+            SafetensorsFileSink::at(marked.join("model.safetensors")),
+            &mark,
+            STRENGTH,
+        )
+        .unwrap();
+        let text = sample(&clean);
+        let (before, after) = (perplexity(&clean, &text), perplexity(&marked, &text));
+        eprintln!(
+            "watermark | llama merged LoRA | embedded: amplitude {:.4} σ over {} values in {} tensors, expected z {:.1} | perplexity {before:.3} -> {after:.3} ({:+.2}%)",
+            embedded.amplitude,
+            embedded.values,
+            embedded.tensors,
+            embedded.expected_z,
+            100.0 * (after / before - 1.0)
+        );
+        assert!(after / before - 1.0 <= 0.01, "perplexity {before} -> {after}");
+        let d = detect_file(&marked.join("model.safetensors"), &mark).unwrap();
+        report("llama merged LoRA", "watermarked", &d, None);
+        assert!(d.log10_p() < -9.0, "{d:?}");
+        let d = detect_file(&clean.join("model.safetensors"), &mark).unwrap();
+        report("llama merged LoRA", "unmarked", &d, None);
+        assert!(d.p_value() > 0.01, "{d:?}");
+
+        let mut smallest = 1.0f64;
+        for seed in 100..120 {
+            let other = dir.path().join(format!("other-{seed}"));
+            merged_checkpoint(seed, &other);
+            let d = detect_file(&other.join("model.safetensors"), &mark).unwrap();
+            assert!(d.p_value() > 0.01, "seed {seed}: {d:?}");
+            smallest = smallest.min(d.p_value());
+            std::fs::remove_dir_all(&other).unwrap();
+        }
+        eprintln!("watermark | llama merged LoRA | 20 other seeds | smallest p = {smallest:.3}");
+
+        let pruned = dir.path().join("pruned");
+        copy_dir(&clean, &pruned);
+        write(
+            &pruned.join("model.safetensors"),
+            &prune(&read(&marked.join("model.safetensors")), 0.3),
+        );
+        let d = detect_file(&pruned.join("model.safetensors"), &mark).unwrap();
+        report("llama merged LoRA", "30% magnitude pruning", &d, None);
+        assert!(d.log10_p() < -9.0, "{d:?}");
+
+        let int8 = dir.path().join("int8");
+        export_int8(&marked, &int8).unwrap();
+        let d = detect_file(&int8.join("model.safetensors"), &mark).unwrap();
+        report("llama merged LoRA", "INT8 export", &d, None);
+        assert!(d.log10_p() < -9.0, "{d:?}");
+    }
+}
