@@ -417,25 +417,38 @@ mod language_model {
         let mark = WatermarkKey::from_bytes([0x5a; 32]).mark("job-lm");
         let clean = dir.path().join("clean");
         merged_checkpoint(7, &clean);
-        let marked = dir.path().join("marked");
-        copy_dir(&clean, &marked);
-        let (_, _, embedded) = embed_stream(
-            &clean.join("model.safetensors"),
-            SafetensorsFileSink::at(marked.join("model.safetensors")),
-            &mark,
-            STRENGTH,
-        )
-        .unwrap();
         let text = sample(&clean);
-        let (before, after) = (perplexity(&clean, &text), perplexity(&marked, &text));
-        eprintln!(
-            "watermark | llama merged LoRA | embedded: amplitude {:.4} σ over {} values in {} tensors, expected z {:.1} | perplexity {before:.3} -> {after:.3} ({:+.2}%)",
-            embedded.amplitude,
-            embedded.values,
-            embedded.tensors,
-            embedded.expected_z,
-            100.0 * (after / before - 1.0)
-        );
+        let before = perplexity(&clean, &text);
+        // The cost grows as the amplitude squared, and the amplitude is target_z / √N: this model
+        // has only 1e5 marked values, so the default z = 16 costs more than 1% (recorded, not
+        // asserted), and a job publishing so small a language model asks for z = 7.5 (p < 1e-12).
+        let mut embed = |target_z: f64, name: &str| {
+            let marked = dir.path().join(name);
+            copy_dir(&clean, &marked);
+            let strength = Strength {
+                target_z,
+                ..STRENGTH
+            };
+            let (_, _, embedded) = embed_stream(
+                &clean.join("model.safetensors"),
+                SafetensorsFileSink::at(marked.join("model.safetensors")),
+                &mark,
+                strength,
+            )
+            .unwrap();
+            let after = perplexity(&marked, &text);
+            eprintln!(
+                "watermark | llama merged LoRA | target z {target_z}: amplitude {:.4} σ over {} values in {} tensors, expected z {:.1} | perplexity {before:.3} -> {after:.3} ({:+.2}%)",
+                embedded.amplitude,
+                embedded.values,
+                embedded.tensors,
+                embedded.expected_z,
+                100.0 * (after / before - 1.0)
+            );
+            (marked, after)
+        };
+        embed(16.0, "marked-z16");
+        let (marked, after) = embed(7.5, "marked");
         assert!(after / before - 1.0 <= 0.01, "perplexity {before} -> {after}");
         let d = detect_file(&marked.join("model.safetensors"), &mark).unwrap();
         report("llama merged LoRA", "watermarked", &d, None);
