@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
+use tutela_audit::lineage::WatermarkRecord;
 use tutela_protocol::checkpoint::{export_int8, merge_lora};
 use tutela_protocol::job::JobSpec;
-use tutela_audit::lineage::WatermarkRecord;
 use tutela_protocol::peft_export::export_peft_adapter;
 use tutela_protocol::watermark::{WatermarkKey, detect_file_marks, human_p_value};
 
@@ -264,7 +264,10 @@ async fn verify_watermark(
 
 fn print_match(best: &Candidate, lineage: Option<&tutela_audit::lineage::JobRecord>) {
     let Some(entry) = &best.entry else {
-        println!("mark id {} (given with --mark-id; the trail was not read)", best.mark_id);
+        println!(
+            "mark id {} (given with --mark-id; the trail was not read)",
+            best.mark_id
+        );
         return;
     };
     let w = &entry.registered;
@@ -277,12 +280,21 @@ fn print_match(best: &Candidate, lineage: Option<&tutela_audit::lineage::JobReco
         "job {}: {}{}, {} round(s), proposed by {} (spec {})",
         r.job,
         r.outcome,
-        r.outcome_seq.map(|s| format!(" at seq {s}")).unwrap_or_default(),
+        r.outcome_seq
+            .map(|s| format!(" at seq {s}"))
+            .unwrap_or_default(),
         r.rounds.len(),
         r.proposed_by.as_deref().unwrap_or("?"),
         r.spec_digest.as_deref().unwrap_or("?"),
     );
-    println!("sites: {}", if r.participants.is_empty() { "-".into() } else { r.participants.join(", ") });
+    println!(
+        "sites: {}",
+        if r.participants.is_empty() {
+            "-".into()
+        } else {
+            r.participants.join(", ")
+        }
+    );
     for a in &r.approvals {
         println!(
             "  {} by {} (site {}) at seq {}",
@@ -293,6 +305,9 @@ fn print_match(best: &Candidate, lineage: Option<&tutela_audit::lineage::JobReco
         );
     }
     for f in &r.flagged {
-        println!("  NOT BELIEVED: seq {} {} by {}: {}", f.seq, f.action, f.actor, f.reason);
+        println!(
+            "  NOT BELIEVED: seq {} {} by {}: {}",
+            f.seq, f.action, f.actor, f.reason
+        );
     }
 }

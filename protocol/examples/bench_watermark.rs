@@ -51,13 +51,24 @@ fn cpu_seconds() -> f64 {
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the stat line, 12 and 13 after the ')'.
     (ticks(11) + ticks(12)) / 100.0
 }
 
 fn shapes(params: u64) -> Vec<Vec<usize>> {
-    let d: usize = if params >= 500_000_000 { 2048 } else if params >= 50_000_000 { 1024 } else { 512 };
+    let d: usize = if params >= 500_000_000 {
+        2048
+    } else if params >= 50_000_000 {
+        1024
+    } else {
+        512
+    };
     let mut out = vec![vec![32000usize.min(params as usize / d / 4).max(1), d]];
     let mut total = (out[0][0] * d) as u64;
     'blocks: loop {
@@ -110,11 +121,17 @@ fn main() {
         target_z: 16.0,
         max_amplitude: 0.25,
     };
-    println!("| parameters | file | largest tensor | copy (I/O floor) | embed: wall / CPU | embed peak RSS | detect: wall / CPU | detect peak RSS | z |");
+    println!(
+        "| parameters | file | largest tensor | copy (I/O floor) | embed: wall / CPU | embed peak RSS | detect: wall / CPU | detect peak RSS | z |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in params {
         let shapes = shapes(p);
-        let largest = shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(0);
+        let largest = shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .max()
+            .unwrap_or(0);
         let input = work.path().join("input.safetensors");
         let n = write_model(&input, &shapes);
         let bytes = std::fs::metadata(&input).map(|m| m.len()).unwrap_or(0);

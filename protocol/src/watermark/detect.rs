@@ -130,10 +130,7 @@ pub fn detect_file(path: &Path, mark: &MarkKey) -> Result<Detection, WatermarkEr
 
 /// [`detect_file`] for several mark keys at once (a registry's entries), reading the file once:
 /// one [`Detection`] per key, in order.
-pub fn detect_file_marks(
-    path: &Path,
-    marks: &[MarkKey],
-) -> Result<Vec<Detection>, WatermarkError> {
+pub fn detect_file_marks(path: &Path, marks: &[MarkKey]) -> Result<Vec<Detection>, WatermarkError> {
     let mut reader = SafetensorsReader::open(path)?;
     let names = reader.names();
     let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
@@ -141,8 +138,7 @@ pub fn detect_file_marks(
         let Some(info) = reader.info(name) else {
             continue;
         };
-        let quantized =
-            info.dtype == Dtype::I8 && reader.info(&int8_scale_name(name)).is_some();
+        let quantized = info.dtype == Dtype::I8 && reader.info(&int8_scale_name(name)).is_some();
         let is_scale = name
             .strip_suffix("_scale")
             .and_then(|base| reader.info(base))

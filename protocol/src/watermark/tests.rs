@@ -180,7 +180,11 @@ fn streamed_file_is_matched_after_rename_reorder_and_reserialization() {
         STRENGTH,
     )
     .unwrap();
-    assert_eq!(path, dir.path().join(format!("{}.safetensors", hex::encode(digest))));
+    assert_eq!(
+        path,
+        dir.path()
+            .join(format!("{}.safetensors", hex::encode(digest)))
+    );
     assert_eq!(report.tensors, 4);
     assert!((report.expected_z - 16.0).abs() < 0.01, "{report:?}");
     let d = detect_file(&path, &mark).unwrap();
@@ -214,10 +218,16 @@ fn survives_pruning_quantization_and_noise() {
         let mut mags: Vec<f32> = v.iter().map(|x| x.abs()).collect();
         mags.sort_by(f32::total_cmp);
         let cut = mags[(mags.len() * 3) / 10];
-        v.iter_mut().filter(|x| x.abs() < cut).for_each(|x| *x = 0.0);
+        v.iter_mut()
+            .filter(|x| x.abs() < cut)
+            .for_each(|x| *x = 0.0);
     }
     let d = detect_mem(&mark, &pruned);
-    println!("30% magnitude pruning: z = {:.2}, log10 p = {:.1}", d.z, d.log10_p());
+    println!(
+        "30% magnitude pruning: z = {:.2}, log10 p = {:.1}",
+        d.z,
+        d.log10_p()
+    );
     assert!(d.log10_p() < -9.0);
 
     // INT8 export (per-channel, protocol::checkpoint::export_int8), detected from the file.
@@ -254,10 +264,18 @@ fn p_values_read_for_people_are_never_smaller_than_the_bound() {
     assert_eq!(human_p_value(-45.3), "< 1e-45");
     assert_eq!(human_p_value(-9.0), "< 1e-9");
     assert_eq!(human_p_value(f64::NAN), "= 1");
-    let d = Detection { z: 6.5, tensors: 1, values: 1 };
+    let d = Detection {
+        z: 6.5,
+        tensors: 1,
+        values: 1,
+    };
     assert!(d.log10_p() < -9.0 && d.log10_p() > -9.5);
     // Bonferroni over 10 entries adds one decade, and never passes 1.
     assert!((d.log10_p_among(10) - d.log10_p() - 1.0).abs() < 1e-12);
-    let weak = Detection { z: 0.1, tensors: 1, values: 1 };
+    let weak = Detection {
+        z: 0.1,
+        tensors: 1,
+        values: 1,
+    };
     assert_eq!(weak.log10_p_among(1000), 0.0);
 }

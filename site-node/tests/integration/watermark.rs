@@ -119,7 +119,10 @@ fn add_noise(tensors: &Tensors, rel: f64, seed: u64) -> Tensors {
         .iter()
         .map(|(n, s, v)| {
             let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
-            let std = (v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>()
+            let std = (v
+                .iter()
+                .map(|&x| (f64::from(x) - mean).powi(2))
+                .sum::<f64>()
                 / v.len() as f64)
                 .sqrt();
             let noisy = v
@@ -190,14 +193,22 @@ fn run_case(case: &Case, nulls: usize, null_epochs: usize) {
     // No detection: the same aggregate unmarked, and independently trained models.
     let d = detect_file(&clean, &mark).unwrap();
     report(case.name, "unmarked aggregate", &d, Some(acc_clean));
-    assert!(d.p_value() > 0.01, "{}: the unmarked aggregate {d:?}", case.name);
+    assert!(
+        d.p_value() > 0.01,
+        "{}: the unmarked aggregate {d:?}",
+        case.name
+    );
     let mut smallest = 1.0f64;
     for seed in 0..nulls as u64 {
         let other = case.trained(100 + seed, &case.train, null_epochs);
         let path = case.path("independent.safetensors");
         save(&other, &path);
         let d = detect_file(&path, &mark).unwrap();
-        assert!(d.p_value() > 0.01, "{}: independent model {seed}: {d:?}", case.name);
+        assert!(
+            d.p_value() > 0.01,
+            "{}: independent model {seed}: {d:?}",
+            case.name
+        );
         smallest = smallest.min(d.p_value());
     }
     eprintln!(
@@ -219,14 +230,24 @@ fn run_case(case: &Case, nulls: usize, null_epochs: usize) {
     let tuned = case.path("fine-tuned.safetensors");
     save(&thief, &tuned);
     let d = detect_file(&tuned, &mark).unwrap();
-    report(case.name, "fine-tuned: 10% of the data, 5 epochs", &d, Some(case.model_accuracy(&thief)));
+    report(
+        case.name,
+        "fine-tuned: 10% of the data, 5 epochs",
+        &d,
+        Some(case.model_accuracy(&thief)),
+    );
     assert!(d.log10_p() < -9.0, "{}: fine-tuned {d:?}", case.name);
 
     // 30% magnitude pruning.
     let pruned = case.path("pruned.safetensors");
     write(&pruned, &prune(&read(&marked), 0.3));
     let d = detect_file(&pruned, &mark).unwrap();
-    report(case.name, "30% magnitude pruning", &d, Some(case.accuracy(&pruned)));
+    report(
+        case.name,
+        "30% magnitude pruning",
+        &d,
+        Some(case.accuracy(&pruned)),
+    );
     assert!(d.log10_p() < -9.0, "{}: pruned {d:?}", case.name);
 
     // INT8 weight-only quantization (protocol::checkpoint::export_int8).
@@ -279,7 +300,9 @@ fn mlp_watermark_costs_nothing_is_not_found_in_independent_models_and_survives_a
         .with_dropout(0.1);
     let case = Case {
         name: "mlp breast cancer",
-        build: Box::new(move |seed| Model::new("mlp", spec.clone(), default_device(), seed).unwrap()),
+        build: Box::new(move |seed| {
+            Model::new("mlp", spec.clone(), default_device(), seed).unwrap()
+        }),
         train,
         test,
         config: TrainConfig {
@@ -308,7 +331,9 @@ fn cnn_watermark_costs_nothing_is_not_found_in_independent_models_and_survives_a
         .with_hidden(vec![64]);
     let case = Case {
         name: "cnn mnist",
-        build: Box::new(move |seed| Model::new("cnn", spec.clone(), default_device(), seed).unwrap()),
+        build: Box::new(move |seed| {
+            Model::new("cnn", spec.clone(), default_device(), seed).unwrap()
+        }),
         train,
         test,
         config: TrainConfig {
@@ -356,10 +381,18 @@ mod language_model {
         let spec = LoraSpec {
             rank: 8,
             alpha: 16.0,
-            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
             dropout: 0.0,
             aggregation: LoraAggregation::Ffa,
         };
@@ -449,7 +482,10 @@ mod language_model {
         };
         embed(16.0, "marked-z16");
         let (marked, after) = embed(7.5, "marked");
-        assert!(after / before - 1.0 <= 0.01, "perplexity {before} -> {after}");
+        assert!(
+            after / before - 1.0 <= 0.01,
+            "perplexity {before} -> {after}"
+        );
         let d = detect_file(&marked.join("model.safetensors"), &mark).unwrap();
         report("llama merged LoRA", "watermarked", &d, None);
         assert!(d.log10_p() < -9.0, "{d:?}");

@@ -49,7 +49,11 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     let _audit = c.start_audit(audit_port, AuditPolicy::Open);
     let certs = c.certs();
     let key = d.join("watermark.key");
-    run_ok(Command::new(bin("tutela")).args(["model", "watermark-key", "--output"]).arg(&key));
+    run_ok(
+        Command::new(bin("tutela"))
+            .args(["model", "watermark-key", "--output"])
+            .arg(&key),
+    );
     let sites = ["st-mary", "general", "riverside"];
     let spec = format!("{}\n[watermark]\n", job_spec(2, 3, 60, &sites));
 
@@ -116,7 +120,9 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     assert_eq!(p["job"], job.as_str());
     assert_eq!(p["scheme"], "spread_spectrum_v1");
     let key_hex = std::fs::read_to_string(&key).unwrap();
-    assert!(!out.stdout.is_empty() && !String::from_utf8_lossy(&out.stdout).contains(key_hex.trim()));
+    assert!(
+        !out.stdout.is_empty() && !String::from_utf8_lossy(&out.stdout).contains(key_hex.trim())
+    );
     assert!(registered["seq"].as_u64() < seq_of("model.published")["seq"].as_u64());
     let source_digest = p["source_digest"].as_str().unwrap().to_string();
     assert_ne!(source_digest, published);
@@ -130,7 +136,11 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     let copy = d.join("leaked.safetensors");
     disguised_copy(std::path::Path::new(&last.model_path), &copy);
     let mut verify = Command::new(bin("tutela"));
-    verify.args(["model", "verify-watermark"]).arg(&copy).arg("--key").arg(&key);
+    verify
+        .args(["model", "verify-watermark"])
+        .arg(&copy)
+        .arg("--key")
+        .arg(&key);
     source(&mut verify);
     let out = run_ok(&mut verify);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -151,15 +161,29 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     source(&mut unmarked);
     let out = unmarked.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("not detected"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not detected"),
+        "{out:?}"
+    );
     let other_key = d.join("other.key");
-    run_ok(Command::new(bin("tutela")).args(["model", "watermark-key", "--output"]).arg(&other_key));
+    run_ok(
+        Command::new(bin("tutela"))
+            .args(["model", "watermark-key", "--output"])
+            .arg(&other_key),
+    );
     let mut other = Command::new(bin("tutela"));
-    other.args(["model", "verify-watermark"]).arg(&copy).arg("--key").arg(&other_key);
+    other
+        .args(["model", "verify-watermark"])
+        .arg(&copy)
+        .arg("--key")
+        .arg(&other_key);
     source(&mut other);
     let out = other.output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("none under this key"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("none under this key"),
+        "{out:?}"
+    );
 
     let mut check = Command::new(bin("tutela"));
     check.args(["audit", "verify"]);
