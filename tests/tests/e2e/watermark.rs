@@ -144,6 +144,7 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     source(&mut verify);
     let out = run_ok(&mut verify);
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("tutela model verify-watermark (leaked copy):\n{text}");
     assert!(text.contains("DETECTED"), "{text}");
     assert!(text.contains(&job) && text.contains(&published), "{text}");
     for site in sites {
