@@ -572,6 +572,24 @@ impl Lineage {
                     );
                 }
             }
+            // A watermarked model was derived from the unmarked aggregate by the mark.
+            if let Some(w) = &j.watermark {
+                let w_ = &w.registered;
+                let source = format!("tutela:model/{}", w_.source_digest);
+                entity.insert(
+                    source.clone(),
+                    json!({"prov:type": "tutela:Model", "tutela:digest": w_.source_digest}),
+                );
+                add(
+                    "wasDerivedFrom",
+                    json!({
+                        "prov:generatedEntity": model, "prov:usedEntity": source,
+                        "prov:type": "tutela:Watermark", "tutela:scheme": w_.scheme,
+                        "tutela:key_commitment": w_.key_commitment, "tutela:audit_seq": w.seq,
+                    }),
+                    &mut rel,
+                );
+            }
             for round in &j.rounds {
                 let id = format!("tutela:job/{}/round/{}", j.job, round.round.unwrap_or(0));
                 activity.insert(

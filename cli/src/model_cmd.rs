@@ -10,7 +10,7 @@ use tutela_audit::lineage::WatermarkRecord;
 use tutela_protocol::checkpoint::{export_int8, merge_lora};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::peft_export::export_peft_adapter;
-use tutela_protocol::watermark::{WatermarkKey, detect_file_marks, human_p_value};
+use tutela_protocol::watermark::{WatermarkKey, detect_file_marks, human_p_value, verdict};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -212,16 +212,12 @@ async fn verify_watermark(
     let marks: Vec<_> = candidates.iter().map(|c| key.mark(&c.mark_id)).collect();
     let detections = detect_file_marks(file, &marks)?;
     let tried = candidates.len();
-    // The best entry, its p-value corrected for the entries tried (Bonferroni).
-    let Some((best, detection)) = candidates
-        .iter()
-        .zip(&detections)
-        .min_by(|a, b| a.1.log10_p().total_cmp(&b.1.log10_p()))
-    else {
+    let thresholds: Vec<f64> = candidates.iter().map(|c| c.threshold).collect();
+    let Some(v) = verdict(&detections, &thresholds) else {
         anyhow::bail!("no registry entry to test");
     };
-    let log10_p = detection.log10_p_among(tried);
-    let detected = log10_p <= best.threshold.log10();
+    let (best, detection, log10_p, detected) =
+        (&candidates[v.index], v.detection, v.log10_p, v.detected);
     let lineage = match (&best.entry, detected) {
         (Some(e), true) => Some(crate::audit_cmd::job_record(source, &e.registered.job).await?),
         _ => None,

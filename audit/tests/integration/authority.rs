@@ -836,7 +836,13 @@ fn the_watermark_registry_believes_the_coordinator_only_and_the_lineage_shows_it
     let mut chain = Chain::new();
     let mut append = |actor: &str, subject: &str, payload: serde_json::Value| {
         chain
-            .append(Timestamp::now(), actor, Action::WatermarkRegistered, subject, payload)
+            .append(
+                Timestamp::now(),
+                actor,
+                Action::WatermarkRegistered,
+                subject,
+                payload,
+            )
             .unwrap()
     };
     let genuine = append(COORDINATOR, MODEL, entry.to_value());
@@ -851,14 +857,31 @@ fn the_watermark_registry_believes_the_coordinator_only_and_the_lineage_shows_it
 
     let record = job_record(&events, JOB, &check(&ca));
     assert_eq!(record.watermark.as_ref().map(|w| w.seq), Some(genuine.seq));
-    assert!(record.flagged.iter().any(|f| f.reason.contains("filed under")));
+    assert!(
+        record
+            .flagged
+            .iter()
+            .any(|f| f.reason.contains("filed under"))
+    );
     assert!(
         record.flagged.iter().any(|f| f.seq == forged.seq),
         "{:?}",
         record.flagged
     );
+    let lineage = tutela_audit::lineage::Lineage {
+        model_digest: MODEL.into(),
+        job: Some(record.clone()),
+    };
+    let prov = lineage.to_prov_json().to_string();
+    assert!(
+        prov.contains("tutela:Watermark") && prov.contains(&"e".repeat(64)),
+        "{prov}"
+    );
     let csv = render_report(&record, ReportFormat::Csv);
-    assert!(csv.contains("watermark") && csv.contains(&"c".repeat(64)), "{csv}");
+    assert!(
+        csv.contains("watermark") && csv.contains(&"c".repeat(64)),
+        "{csv}"
+    );
     // An extra field is refused like any typed payload's.
     let mut extra = entry.to_value();
     extra["key"] = json!("00");

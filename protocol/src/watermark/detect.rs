@@ -42,6 +42,37 @@ impl Detection {
     }
 }
 
+/// The decision over several candidate marks tested on one model (a registry's entries under
+/// one key): the candidate with the smallest p-value, that p-value multiplied by the number of
+/// candidates (Bonferroni, so the false-match rate over the whole registry stays at most the
+/// threshold), and whether it is at or below the candidate's own threshold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Verdict {
+    /// Which candidate.
+    pub index: usize,
+    pub detection: Detection,
+    /// `log10` of the corrected p-value.
+    pub log10_p: f64,
+    pub detected: bool,
+}
+
+/// [`Verdict`] of `detections[i]`, each with its registered threshold `thresholds[i]`; `None`
+/// without candidates.
+pub fn verdict(detections: &[Detection], thresholds: &[f64]) -> Option<Verdict> {
+    let (index, detection) = detections
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.log10_p().total_cmp(&b.1.log10_p()))?;
+    let log10_p = detection.log10_p_among(detections.len());
+    let threshold = thresholds.get(index).copied().unwrap_or(0.0);
+    Some(Verdict {
+        index,
+        detection: *detection,
+        log10_p,
+        detected: threshold > 0.0 && log10_p <= threshold.log10(),
+    })
+}
+
 /// Running sums over shape groups.
 #[derive(Default)]
 struct Correlation {

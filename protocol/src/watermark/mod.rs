@@ -67,7 +67,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 mod detect;
 mod embed;
 
-pub use detect::{Detection, detect_file, detect_file_marks, detect_tensors};
+pub use detect::{Detection, Verdict, detect_file, detect_file_marks, detect_tensors, verdict};
 pub use embed::{EmbedReport, embed_stream, embed_tensor, plan_amplitude};
 
 /// The scheme's name, as the job spec and the trail write it.

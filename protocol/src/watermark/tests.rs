@@ -279,3 +279,27 @@ fn p_values_read_for_people_are_never_smaller_than_the_bound() {
     };
     assert_eq!(weak.log10_p_among(1000), 0.0);
 }
+
+#[test]
+fn the_verdict_takes_the_best_candidate_and_corrects_for_the_others() {
+    let d = |z: f64| Detection {
+        z,
+        tensors: 1,
+        values: 1,
+    };
+    // z = 5.5 alone: p ≈ 2.7e-7 ≤ 1e-6, detected; among 10 candidates: 2.7e-6, not.
+    let one = verdict(&[d(5.5)], &[1e-6]).unwrap();
+    assert!(one.detected, "{one:?}");
+    let many: Vec<Detection> = std::iter::once(d(0.3))
+        .chain((0..9).map(|_| d(5.5)))
+        .collect();
+    let v = verdict(&many, &[1e-6; 10]).unwrap();
+    assert_eq!(v.index, 1);
+    assert!(!v.detected, "{v:?}");
+    let strong = verdict(&[d(0.1), d(12.0)], &[1e-6, 1e-6]).unwrap();
+    assert_eq!(strong.index, 1);
+    assert!(strong.detected && strong.log10_p < -30.0, "{strong:?}");
+    assert!(verdict(&[], &[]).is_none());
+    // A threshold of 0 (or none given) never detects.
+    assert!(!verdict(&[d(30.0)], &[0.0]).unwrap().detected);
+}
