@@ -22,6 +22,7 @@ use crate::event::{Action, Event};
 use crate::payload::{
     ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
     ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified, UpdateRefused,
+    WatermarkRegistered,
 };
 
 /// An event a reader did not believe, and why.
@@ -97,6 +98,34 @@ pub struct TextDeidentificationRecord {
     pub dataset_commitment: String,
 }
 
+/// A watermark registered for a job's published model (`watermark.registered`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WatermarkRecord {
+    pub seq: u64,
+    pub timestamp: String,
+    #[serde(flatten)]
+    pub registered: WatermarkRegistered,
+}
+
+/// Every watermark the trail registered, in trail order, believing only events that pass
+/// `check`: the registry `tutela model verify-watermark` tries a model against.
+pub fn watermark_registry(events: &[Event], check: &AuthorityCheck) -> Vec<WatermarkRecord> {
+    let (events, _) = believed(events, check);
+    events
+        .into_iter()
+        .filter(|e| e.action == Action::WatermarkRegistered)
+        .filter_map(|e| {
+            let registered = WatermarkRegistered::from_event(e).ok()?;
+            // The subject is what the event is filed under: it must be the digest it claims.
+            (registered.model_digest == e.subject).then(|| WatermarkRecord {
+                seq: e.seq,
+                timestamp: e.timestamp.to_string(),
+                registered,
+            })
+        })
+        .collect()
+}
+
 /// Everything the log says about one job (and the model it produced).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct JobRecord {
@@ -126,6 +155,8 @@ pub struct JobRecord {
     pub outcome_reason: Option<String>,
     pub model_digest: Option<String>,
     pub published_seq: Option<u64>,
+    /// The watermark registered for the published model, when the job asked for one.
+    pub watermark: Option<WatermarkRecord>,
     /// Events about the job that break the trail's authority rules: not believed, not counted.
     pub flagged: Vec<FlaggedEvent>,
 }
@@ -204,6 +235,7 @@ pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRec
         outcome_reason: None,
         model_digest: None,
         published_seq: None,
+        watermark: None,
         flagged,
     };
     let mut completed_eps: Option<BTreeMap<String, f64>> = None;
@@ -371,9 +403,28 @@ fn apply_event(
                     dataset_commitment: p.dataset_commitment,
                 });
         }
+        Action::WatermarkRegistered => {
+            let p = WatermarkRegistered::from_event(e)?;
+            if p.model_digest != e.subject {
+                r.flagged.push(FlaggedEvent {
+                    seq: e.seq,
+                    action: e.action.to_string(),
+                    actor: e.actor.clone(),
+                    reason: format!(
+                        "filed under {} but registers model {}",
+                        e.subject, p.model_digest
+                    ),
+                });
+                return Ok(());
+            }
+            r.watermark = Some(WatermarkRecord {
+                seq: e.seq,
+                timestamp: ts,
+                registered: p,
+            });
+        }
         Action::PrivacySpent | Action::LedgerRestored => {}
         Action::NodeRegistered
-        | Action::WatermarkRegistered
         | Action::PolicyDecision
         | Action::CertificateIssued
         | Action::CertificateRevoked
@@ -520,6 +571,24 @@ impl Lineage {
                         &mut rel,
                     );
                 }
+            }
+            // A watermarked model was derived from the unmarked aggregate by the mark.
+            if let Some(w) = &j.watermark {
+                let w_ = &w.registered;
+                let source = format!("tutela:model/{}", w_.source_digest);
+                entity.insert(
+                    source.clone(),
+                    json!({"prov:type": "tutela:Model", "tutela:digest": w_.source_digest}),
+                );
+                add(
+                    "wasDerivedFrom",
+                    json!({
+                        "prov:generatedEntity": model, "prov:usedEntity": source,
+                        "prov:type": "tutela:Watermark", "tutela:scheme": w_.scheme,
+                        "tutela:key_commitment": w_.key_commitment, "tutela:audit_seq": w.seq,
+                    }),
+                    &mut rel,
+                );
             }
             for round in &j.rounds {
                 let id = format!("tutela:job/{}/round/{}", j.job, round.round.unwrap_or(0));
@@ -668,6 +737,19 @@ pub fn render_report(r: &JobRecord, format: ReportFormat) -> String {
             String::new(),
             site.clone(),
             format!("total_epsilon={eps}"),
+        ]);
+    }
+    if let Some(w) = &r.watermark {
+        let w_ = &w.registered;
+        rows.push([
+            "watermark".into(),
+            w.seq.to_string(),
+            w.timestamp.clone(),
+            String::new(),
+            format!(
+                "scheme={} model_digest={} source_digest={} key_commitment={} expected_z={:.1}",
+                w_.scheme, w_.model_digest, w_.source_digest, w_.key_commitment, w_.expected_z
+            ),
         ]);
     }
     for f in &r.flagged {

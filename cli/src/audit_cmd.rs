@@ -289,6 +289,36 @@ pub async fn events_of(source: &Source, action: Action) -> Result<Vec<Event>> {
         .await
 }
 
+/// The watermark registry: every `watermark.registered` event the trail holds that passes the
+/// authority check, oldest first (for `tutela model verify-watermark`).
+pub async fn watermark_registry(source: &Source) -> Result<Vec<lineage::WatermarkRecord>> {
+    let mut reader = source.open().await?;
+    let check = source.authority_check(&mut reader).await?;
+    let events = reader
+        .events(&EventFilter {
+            action: Some(Action::WatermarkRegistered),
+            ..EventFilter::default()
+        })
+        .await?;
+    Ok(lineage::watermark_registry(&events, &check))
+}
+
+/// What the trail says about `job` (its approvals, rounds and sites), believing only events
+/// that pass the authority check.
+pub async fn job_record(source: &Source, job: &str) -> Result<lineage::JobRecord> {
+    let mut reader = source.open().await?;
+    let check = source.authority_check(&mut reader).await?;
+    let mut events = reader
+        .events(&EventFilter {
+            job: Some(job.to_string()),
+            ..EventFilter::default()
+        })
+        .await?;
+    events.sort_by_key(|e| e.seq);
+    events.dedup_by_key(|e| e.seq);
+    Ok(lineage::job_record(&events, job, &check))
+}
+
 pub async fn run(cmd: AuditCommand) -> Result<()> {
     match cmd {
         AuditCommand::Log {

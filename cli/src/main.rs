@@ -52,7 +52,8 @@ enum Command {
     /// Privacy accounting for DP-SGD: the ε a training run spends, or the noise it needs.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
-    /// Models on disk: merge a LoRA adapter into its base, export INT8 weights.
+    /// Models on disk: merge a LoRA adapter into its base, export INT8 weights, verify a
+    /// watermark against the audit trail's registry.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
     /// The audit log, for compliance officers: list events, verify the whole log, prove an
@@ -68,7 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Privacy(cmd) => privacy_cmd::run(cmd),
-        Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Model(cmd) => block_on(model_cmd::run(cmd)),
         Command::Audit(cmd) => block_on(audit_cmd::run(cmd)),
         Command::Ping(args) => block_on(net_cmd::ping(args)),
         Command::Bench(cmd) => block_on(bench_cmd::run(cmd)),

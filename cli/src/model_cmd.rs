@@ -1,13 +1,16 @@
 //! `tutela model ...`: Hugging Face checkpoints on the operator's machine, without libtorch
-//! (the arithmetic is `tutela_protocol::checkpoint`'s).
+//! (the arithmetic is `tutela_protocol::checkpoint`'s), and watermark verification against the
+//! audit trail's registry (`tutela_protocol::watermark`, `tutela_audit::lineage`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
+use tutela_audit::lineage::WatermarkRecord;
 use tutela_protocol::checkpoint::{export_int8, merge_lora};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::peft_export::export_peft_adapter;
+use tutela_protocol::watermark::{WatermarkKey, detect_file_marks, human_p_value, verdict};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -51,9 +54,36 @@ pub enum ModelCommand {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Make a consortium watermark key (32 random bytes as 64 hex digits), for the
+    /// `key_file` of coordinator.toml's `[watermark]`. The file is created readable by its owner only.
+    WatermarkKey {
+        /// The key file to create (an existing file is not overwritten).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Test a model file (safetensors, or an INT8 export) for the consortium's watermark: tries
+    /// every watermark the audit trail registered under this key and prints the decision, the
+    /// p-value, and the entry it matched with its job's lineage (sites, approvals). Matches by
+    /// detection, not by file digest: a renamed, reordered or re-serialized copy still matches.
+    /// Exits with status 1 when nothing is detected.
+    VerifyWatermark {
+        /// The model file to test.
+        file: PathBuf,
+        /// The consortium's watermark key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Test one mark id (a job id) without reading the trail.
+        #[arg(long)]
+        mark_id: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        source: crate::audit_cmd::Source,
+    },
 }
 
-pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Merge {
             base,
@@ -102,6 +132,178 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 output.display()
             );
         }
+        ModelCommand::WatermarkKey { output } => {
+            let key = WatermarkKey::generate()
+                .map_err(|_| anyhow::anyhow!("the system's random generator failed"))?;
+            write_private(&output, &key.to_hex())
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "wrote a watermark key to {} (commitment {})",
+                output.display(),
+                key.commitment()
+            );
+        }
+        ModelCommand::VerifyWatermark {
+            file,
+            key,
+            mark_id,
+            json,
+            source,
+        } => return verify_watermark(&file, &key, mark_id, json, &source).await,
     }
     Ok(())
+}
+
+/// Creates `path` with `text`, readable and writable by its owner only; refuses to overwrite.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    writeln!(f, "{text}")?;
+    f.sync_all()
+}
+
+/// One candidate mark tried: the registry entry (absent for `--mark-id`) and its detection.
+struct Candidate {
+    entry: Option<WatermarkRecord>,
+    mark_id: String,
+    threshold: f64,
+}
+
+async fn verify_watermark(
+    file: &std::path::Path,
+    key_file: &std::path::Path,
+    mark_id: Option<String>,
+    json: bool,
+    source: &crate::audit_cmd::Source,
+) -> anyhow::Result<()> {
+    let key = WatermarkKey::read_file(key_file)?;
+    let commitment = key.commitment();
+    let candidates: Vec<Candidate> = match mark_id {
+        Some(id) => vec![Candidate {
+            entry: None,
+            mark_id: id,
+            threshold: tutela_coordinator::engine::DETECTION_THRESHOLD,
+        }],
+        None => {
+            let registry = crate::audit_cmd::watermark_registry(source).await?;
+            let total = registry.len();
+            let mine: Vec<Candidate> = registry
+                .into_iter()
+                .filter(|e| e.registered.key_commitment == commitment)
+                .map(|e| Candidate {
+                    mark_id: e.registered.mark_id.clone(),
+                    threshold: e.registered.threshold,
+                    entry: Some(e),
+                })
+                .collect();
+            if mine.is_empty() {
+                anyhow::bail!(
+                    "the audit trail registers {total} watermark(s), none under this key \
+                     (commitment {commitment}): nothing to test against"
+                );
+            }
+            mine
+        }
+    };
+    let marks: Vec<_> = candidates.iter().map(|c| key.mark(&c.mark_id)).collect();
+    let detections = detect_file_marks(file, &marks)?;
+    let tried = candidates.len();
+    let thresholds: Vec<f64> = candidates.iter().map(|c| c.threshold).collect();
+    let Some(v) = verdict(&detections, &thresholds) else {
+        anyhow::bail!("no registry entry to test");
+    };
+    let (best, detection, log10_p, detected) =
+        (&candidates[v.index], v.detection, v.log10_p, v.detected);
+    let lineage = match (&best.entry, detected) {
+        (Some(e), true) => Some(crate::audit_cmd::job_record(source, &e.registered.job).await?),
+        _ => None,
+    };
+    if json {
+        let out = serde_json::json!({
+            "file": file.display().to_string(),
+            "detected": detected,
+            "p_value": human_p_value(log10_p),
+            "log10_p": log10_p,
+            "z": detection.z,
+            "entries_tried": tried,
+            "key_commitment": commitment,
+            "mark_id": best.mark_id,
+            "entry": best.entry,
+            "lineage": lineage,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "watermark: {} — p {} (z = {:.1} over {} values in {} tensors; {} mark{} tried under key {})",
+            if detected { "DETECTED" } else { "not detected" },
+            human_p_value(log10_p),
+            detection.z,
+            detection.values,
+            detection.tensors,
+            tried,
+            if tried == 1 { "" } else { "s" },
+            &commitment[..16],
+        );
+        if detected {
+            print_match(best, lineage.as_ref());
+        }
+    }
+    if !detected {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn print_match(best: &Candidate, lineage: Option<&tutela_audit::lineage::JobRecord>) {
+    let Some(entry) = &best.entry else {
+        println!(
+            "mark id {} (given with --mark-id; the trail was not read)",
+            best.mark_id
+        );
+        return;
+    };
+    let w = &entry.registered;
+    println!(
+        "registry entry: seq {} at {}: job {}, scheme {}, published model {} (made from aggregate {})",
+        entry.seq, entry.timestamp, w.job, w.scheme, w.model_digest, w.source_digest
+    );
+    let Some(r) = lineage else { return };
+    println!(
+        "job {}: {}{}, {} round(s), proposed by {} (spec {})",
+        r.job,
+        r.outcome,
+        r.outcome_seq
+            .map(|s| format!(" at seq {s}"))
+            .unwrap_or_default(),
+        r.rounds.len(),
+        r.proposed_by.as_deref().unwrap_or("?"),
+        r.spec_digest.as_deref().unwrap_or("?"),
+    );
+    println!(
+        "sites: {}",
+        if r.participants.is_empty() {
+            "-".into()
+        } else {
+            r.participants.join(", ")
+        }
+    );
+    for a in &r.approvals {
+        println!(
+            "  {} by {} (site {}) at seq {}",
+            a.decision,
+            a.officer.as_deref().unwrap_or("?"),
+            a.site.as_deref().unwrap_or("?"),
+            a.seq
+        );
+    }
+    for f in &r.flagged {
+        println!(
+            "  NOT BELIEVED: seq {} {} by {}: {}",
+            f.seq, f.action, f.actor, f.reason
+        );
+    }
 }

@@ -29,9 +29,11 @@ use crate::strategy::StrategyConfig;
 use crate::tasks::{SiteMetrics, TaskTable};
 
 mod check;
+mod publish;
 mod round;
 
 pub use check::{CHECK_WAIT, CheckAnswerError, PendingChecks};
+pub use publish::DETECTION_THRESHOLD;
 
 pub struct Engine {
     pub store: Store,
@@ -57,6 +59,9 @@ pub struct Engine {
     pub audit: std::sync::OnceLock<Arc<crate::audit_trail::AuditTrail>>,
     /// Secure aggregation rounds in progress, by task: where a node's `SecAgg` messages go.
     pub secagg: crate::aggregate::masked::SecAggRoutes,
+    /// The consortium's watermark key (`[watermark] key_file`), set once by `serve`; unset: jobs
+    /// with a `[watermark]` section are refused at submission.
+    pub watermark_key: std::sync::OnceLock<Arc<tutela_protocol::watermark::WatermarkKey>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +83,10 @@ pub enum EngineError {
     Audit(String),
     #[error("no job {0}")]
     NotFound(String),
+    /// The job asks for something this coordinator is not set up for (a watermark without a
+    /// key): refused at submission.
+    #[error("{0}")]
+    NotConfigured(String),
 }
 
 /// The buffered aggregation's spools, under `state_dir`.
@@ -136,6 +145,7 @@ impl Engine {
             approvals: std::sync::OnceLock::new(),
             audit: std::sync::OnceLock::new(),
             secagg: Default::default(),
+            watermark_key: std::sync::OnceLock::new(),
         }))
     }
 
@@ -251,6 +261,7 @@ impl Engine {
         let spec = JobSpec::from_toml_str(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
+        self.check_watermark_key(&spec)?;
         let digest = spec.digest();
         let id = self.store.create_job(spec_toml, &spec, &digest).await?;
         if let Some(who) = submitter {
@@ -327,6 +338,7 @@ impl Engine {
         let spec = JobSpec::from_toml_str(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
+        self.check_watermark_key(&spec)?;
         let submitter = self.store.submitter(id).await?;
         self.trail()
             .record_payload(
@@ -518,6 +530,9 @@ impl Engine {
                 }
             }
         }
+        // The published model: the final global model, watermarked first when the job asks.
+        let publication = self.publication(job_id, &spec, &model_id).await?;
+        let published = publication.model_id.clone();
         // Recorded before the job is marked completed, and looked for first: a coordinator that
         // stopped in between resumes the job here and records each once.
         let trail = self.trail();
@@ -525,7 +540,7 @@ impl Engine {
             .record_payload_once(
                 job_id.as_str(),
                 &payload::JobCompleted {
-                    model_digest: model_id.clone(),
+                    model_digest: published.clone(),
                     rounds: spec.rounds,
                     epsilon,
                 },
@@ -533,12 +548,18 @@ impl Engine {
                 |_| true,
             )
             .await;
+        // The watermark is registered before the model is published under it.
+        if let Some(registered) = &publication.watermark {
+            trail
+                .record_payload_once(&published, registered, true, |_| true)
+                .await;
+        }
         trail
             .record_payload_once(
-                &model_id,
+                &published,
                 &payload::ModelPublished {
                     job: job_id.as_str().to_string(),
-                    model_digest: model_id.clone(),
+                    model_digest: published.clone(),
                     spec_digest: digest_hex,
                     rounds: spec.rounds,
                     code_version: crate::audit_trail::code_version(),
@@ -552,7 +573,7 @@ impl Engine {
         self.store
             .set_job_state(job_id, JobState::Running, JobState::Completed, None)
             .await?;
-        tracing::info!(job = %job_id, model = %model_id, path = %self.model_path(&model_id).display(), "final model published");
+        tracing::info!(job = %job_id, model = %published, path = %self.model_path(&published).display(), "final model published");
         Ok(())
     }
 }

@@ -58,6 +58,18 @@ pub struct Config {
     /// itself: it has to be asked for by name, and it cannot be combined with a `[policy]`.
     #[serde(default)]
     pub insecure_no_policy: bool,
+    /// `[watermark]`: the consortium's watermark key, for jobs whose spec has a `[watermark]`
+    /// section. Absent: such jobs are refused at submission.
+    #[serde(default)]
+    pub watermark: Option<WatermarkConfig>,
+}
+
+/// `[watermark]` of coordinator.toml.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkConfig {
+    /// The key file: 32 bytes as 64 hex digits (`tutela model watermark-key`).
+    pub key_file: PathBuf,
 }
 
 /// Why a coordinator.toml cannot be used, beyond what its TOML shape says.
@@ -120,6 +132,9 @@ impl Config {
         if let Some(p) = &mut config.policy {
             file.existing_file("policy.model", &mut p.model)?;
             file.existing_file("policy.policy", &mut p.policy)?;
+        }
+        if let Some(w) = &mut config.watermark {
+            file.existing_file("watermark.key_file", &mut w.key_file)?;
         }
         Ok(config)
     }
@@ -217,6 +232,13 @@ impl Coordinator {
             None => audit_trail::AuditTrail::disabled(),
         });
         let _ = engine.audit.set(trail.clone());
+        if let Some(w) = &self.config.watermark {
+            // Read at start: a key file that cannot be used stops the coordinator here, not at
+            // the end of a job. Its contents never appear in an error.
+            let key = tutela_protocol::watermark::WatermarkKey::read_file(&w.key_file)?;
+            tracing::info!(key_commitment = %key.commitment(), "watermark key loaded");
+            let _ = engine.watermark_key.set(Arc::new(key));
+        }
         // Every Tutela service sits behind the enforcement layer; it is off only under
         // `insecure_no_policy = true` (the only way to have no [policy]).
         let enforce = match &self.authorizer {

@@ -76,6 +76,7 @@ impl From<EngineError> for Status {
             EngineError::NotFound(_) => Status::not_found(e.to_string()),
             EngineError::Store(e) => Status::failed_precondition(e.to_string()),
             EngineError::Audit(_) => Status::unavailable(e.to_string()),
+            EngineError::NotConfigured(e) => Status::failed_precondition(e),
             other => Status::internal(other.to_string()),
         }
     }
@@ -429,11 +430,15 @@ fn now_unix_ms() -> i64 {
 pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, EngineError> {
     let job = engine.get_job(id).await?;
     let rounds = engine.store.rounds(id).await?;
-    let model_id = engine
-        .store
-        .global_model(id, job.current_round)
-        .await?
-        .unwrap_or_default();
+    // A completed job shows the model it published (watermarked, when it asked for that).
+    let model_id = match engine.published_model(id) {
+        Some(published) if job.state == JobState::Completed => published,
+        _ => engine
+            .store
+            .global_model(id, job.current_round)
+            .await?
+            .unwrap_or_default(),
+    };
     let state = job.state;
     let standing = engine.standing(&job).await?;
     let submitted_by = engine.store.submitter(id).await?.unwrap_or_default();

@@ -674,29 +674,8 @@ pub fn load_int8_dequantized(file: &Path) -> Result<BTreeMap<String, F32Tensor>,
             continue;
         };
         if info.dtype == Dtype::I8 {
-            let scale_name = int8_scale_name(&name);
-            let (scale_shape, scales) = reader.read_f32(&scale_name)?;
-            let bytes = reader.read_bytes(&name)?;
-            let (rows, cols) = match info.shape.as_slice() {
-                [r, c] if scale_shape == [*r] => (*r, *c),
-                _ => {
-                    return Err(CheckpointError::Tensor {
-                        path: file.to_owned(),
-                        name,
-                        reason: format!(
-                            "an int8 tensor of shape {:?} needs a scale of shape [rows], found {scale_shape:?}",
-                            info.shape
-                        ),
-                    });
-                }
-            };
-            let values = (0..rows)
-                .flat_map(|r| {
-                    let (bytes, scale) = (&bytes, scales[r]);
-                    (0..cols).map(move |c| f32::from(bytes[r * cols + c] as i8) * scale)
-                })
-                .collect();
-            out.insert(name, (info.shape, values));
+            let (shape, values) = dequantize_int8_tensor(&mut reader, &name)?;
+            out.insert(name, (shape, values));
         } else if name.ends_with("_scale")
             && reader
                 .info(name.trim_end_matches("_scale"))
@@ -708,6 +687,45 @@ pub fn load_int8_dequantized(file: &Path) -> Result<BTreeMap<String, F32Tensor>,
         }
     }
     Ok(out)
+}
+
+/// One quantized tensor of an INT8 export read back as f32 (`q · scale`, per row): its shape and
+/// values. One tensor in memory at a time, for readers that stream.
+pub fn dequantize_int8_tensor(
+    reader: &mut SafetensorsReader,
+    name: &str,
+) -> Result<F32Tensor, CheckpointError> {
+    let path = reader.path().to_owned();
+    let info = reader
+        .info(name)
+        .cloned()
+        .ok_or_else(|| CheckpointError::Tensor {
+            path: path.clone(),
+            name: name.to_owned(),
+            reason: "is not in the file".into(),
+        })?;
+    let (scale_shape, scales) = reader.read_f32(&int8_scale_name(name))?;
+    let bytes = reader.read_bytes(name)?;
+    let (rows, cols) = match info.shape.as_slice() {
+        [r, c] if info.dtype == Dtype::I8 && scale_shape == [*r] => (*r, *c),
+        _ => {
+            return Err(CheckpointError::Tensor {
+                path,
+                name: name.to_owned(),
+                reason: format!(
+                    "an int8 tensor of shape {:?} needs a scale of shape [rows], found {scale_shape:?}",
+                    info.shape
+                ),
+            });
+        }
+    };
+    let values = (0..rows)
+        .flat_map(|r| {
+            let (bytes, scale) = (&bytes, scales[r]);
+            (0..cols).map(move |c| f32::from(bytes[r * cols + c] as i8) * scale)
+        })
+        .collect();
+    Ok((info.shape, values))
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 mod aggregation;
 pub use aggregation::{AggregationRuleName, AggregationSpec};
 
+mod watermark;
+pub use watermark::{WatermarkScheme, WatermarkSpec};
+
 /// A job spec, as written in a job's TOML file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +75,10 @@ pub struct JobSpec {
     /// FedAvg's streaming weighted sum, and the digest of a job without it is unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregation: Option<AggregationSpec>,
+    /// `[watermark]`: the final model is watermarked before it is published (`watermark`).
+    /// Absent: published as aggregated, and the digest of a job without it is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<WatermarkSpec>,
 }
 
 fn default_fraction() -> f64 {
@@ -603,6 +610,9 @@ impl JobSpec {
         }
         if let Some(a) = &self.aggregation {
             a.validate(self)?;
+        }
+        if let Some(w) = &self.watermark {
+            w.validate()?;
         }
         Ok(())
     }

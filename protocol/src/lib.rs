@@ -46,6 +46,7 @@ pub mod stream;
 pub mod tensor;
 pub mod tls;
 pub mod update_filter;
+pub mod watermark;
 
 /// Generated protobuf messages and tonic services of package `tutela.v1`.
 pub mod pb {

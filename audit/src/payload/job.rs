@@ -223,14 +223,29 @@ impl ActionPayload for ModelPublished {
     const ACTION: Action = Action::ModelPublished;
 }
 
-/// `watermark.registered` (subject: the model digest).
+/// `watermark.registered` (subject: the published model's digest): the job's final model was
+/// watermarked before publication (`tutela_protocol::watermark`). The key itself is never here:
+/// a verifier holding it checks `key_commitment` and derives the model's mark key from
+/// `mark_id`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WatermarkRegistered {
     pub job: String,
-    /// SHA-256 commitment to the watermark key, hex.
+    /// The published (watermarked) model's digest, as the subject.
+    pub model_digest: String,
+    /// The unmarked aggregate it was made from (the last round's global model).
+    pub source_digest: String,
+    /// `spread_spectrum_v1`.
+    pub scheme: String,
+    /// SHA-256 commitment to the consortium's watermark key, hex.
     pub key_commitment: String,
-    /// The detection threshold.
+    /// What the model's mark key is derived from with the consortium key (the job id).
+    pub mark_id: String,
+    /// The amplitude embedded, relative to each tensor's standard deviation.
+    pub amplitude: f64,
+    /// The detection z-score the unaltered published model shows.
+    pub expected_z: f64,
+    /// The p-value at or below which a verifier reports the mark detected.
     pub threshold: f64,
 }
 

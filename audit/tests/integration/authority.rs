@@ -817,3 +817,73 @@ async fn lineage_shows_a_language_model_job_s_tokenizer_base_adapters_and_text_r
         }
     }
 }
+
+#[test]
+fn the_watermark_registry_believes_the_coordinator_only_and_the_lineage_shows_its_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, ca) = officer(dir.path());
+    let entry = tutela_audit::payload::WatermarkRegistered {
+        job: JOB.into(),
+        model_digest: MODEL.into(),
+        source_digest: "e".repeat(64),
+        scheme: "spread_spectrum_v1".into(),
+        key_commitment: "c".repeat(64),
+        mark_id: JOB.into(),
+        amplitude: 0.01,
+        expected_z: 16.0,
+        threshold: 1e-6,
+    };
+    let mut chain = Chain::new();
+    let mut append = |actor: &str, subject: &str, payload: serde_json::Value| {
+        chain
+            .append(
+                Timestamp::now(),
+                actor,
+                Action::WatermarkRegistered,
+                subject,
+                payload,
+            )
+            .unwrap()
+    };
+    let genuine = append(COORDINATOR, MODEL, entry.to_value());
+    // A node asserting a watermark, and one filed under another model's digest.
+    let forged = append(NODE, MODEL, entry.to_value());
+    let misfiled = append(COORDINATOR, &"f".repeat(64), entry.to_value());
+    let events = vec![genuine.clone(), forged.clone(), misfiled];
+    let registry = tutela_audit::lineage::watermark_registry(&events, &check(&ca));
+    assert_eq!(registry.len(), 1, "{registry:?}");
+    assert_eq!(registry[0].seq, genuine.seq);
+    assert_eq!(registry[0].registered, entry);
+
+    let record = job_record(&events, JOB, &check(&ca));
+    assert_eq!(record.watermark.as_ref().map(|w| w.seq), Some(genuine.seq));
+    assert!(
+        record
+            .flagged
+            .iter()
+            .any(|f| f.reason.contains("filed under"))
+    );
+    assert!(
+        record.flagged.iter().any(|f| f.seq == forged.seq),
+        "{:?}",
+        record.flagged
+    );
+    let lineage = tutela_audit::lineage::Lineage {
+        model_digest: MODEL.into(),
+        job: Some(record.clone()),
+    };
+    let prov = lineage.to_prov_json().to_string();
+    assert!(
+        prov.contains("tutela:Watermark") && prov.contains(&"e".repeat(64)),
+        "{prov}"
+    );
+    let csv = render_report(&record, ReportFormat::Csv);
+    assert!(
+        csv.contains("watermark") && csv.contains(&"c".repeat(64)),
+        "{csv}"
+    );
+    // An extra field is refused like any typed payload's.
+    let mut extra = entry.to_value();
+    extra["key"] = json!("00");
+    assert!(tutela_audit::payload::WatermarkRegistered::from_value(1, &extra).is_err());
+}

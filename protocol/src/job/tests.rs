@@ -329,3 +329,48 @@ batch_size = 8
         assert!(err.contains("data.schema_sha256"), "{err}");
     }
 }
+
+mod watermark_section_tests {
+    use crate::job::*;
+
+    const SHIPPED: &str = include_str!("../../../deploy/jobs/breast_cancer_fedavg.toml");
+
+    fn with(section: &str) -> String {
+        format!("{SHIPPED}\n[watermark]\n{section}\n")
+    }
+
+    #[test]
+    fn the_watermark_section_is_strict_defaulted_and_inside_the_digest() {
+        let plain = JobSpec::from_toml_str(SHIPPED).unwrap();
+        assert!(plain.watermark.is_none());
+        let marked = JobSpec::from_toml_str(&with("")).unwrap();
+        let w = marked.watermark.clone().unwrap();
+        assert_eq!(w.scheme, WatermarkScheme::SpreadSpectrumV1);
+        assert_eq!((w.target_z, w.max_amplitude), (16.0, 0.25));
+        assert_ne!(plain.digest(), marked.digest());
+        // Spelling the defaults out is the same spec.
+        let explicit = JobSpec::from_toml_str(&with(
+            "scheme = \"spread_spectrum_v1\"\ntarget_z = 16.0\nmax_amplitude = 0.25",
+        ))
+        .unwrap();
+        assert_eq!(explicit.digest(), marked.digest());
+        let stronger = JobSpec::from_toml_str(&with("target_z = 20.0")).unwrap();
+        assert_ne!(stronger.digest(), marked.digest());
+
+        // A misspelt key, an unknown scheme, and values out of range are refused by name.
+        let err = JobSpec::from_toml_str(&with("target = 20.0")).unwrap_err();
+        assert!(err.to_string().contains("target"), "{err}");
+        let err = JobSpec::from_toml_str(&with("scheme = \"lsb\"")).unwrap_err();
+        assert!(err.to_string().contains("lsb"), "{err}");
+        for (key, value) in [
+            ("watermark.target_z", "6.0"),
+            ("watermark.target_z", "nan"),
+            ("watermark.max_amplitude", "0.0"),
+            ("watermark.max_amplitude", "0.6"),
+        ] {
+            let short = key.trim_start_matches("watermark.");
+            let err = JobSpec::from_toml_str(&with(&format!("{short} = {value}"))).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{short} = {value}: {err}");
+        }
+    }
+}

@@ -29,4 +29,5 @@ mod site_data;
 mod text_data;
 mod tokenizer;
 mod training;
+mod watermark;
 mod weights;

@@ -19,3 +19,4 @@ mod python_client;
 mod robust;
 mod secagg;
 mod site_audit;
+mod watermark;
