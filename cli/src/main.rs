@@ -12,6 +12,7 @@ mod model_cmd;
 mod net_cmd;
 mod pki_cmd;
 mod privacy_cmd;
+mod registry_cmd;
 
 use std::process::ExitCode;
 
@@ -52,7 +53,8 @@ enum Command {
     /// Privacy accounting for DP-SGD: the ε a training run spends, or the noise it needs.
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
-    /// Models on disk: merge a LoRA adapter into its base, export INT8 weights.
+    /// Models on disk: merge a LoRA adapter into its base, export INT8 weights; the
+    /// coordinator's model registry: list, show, promote, rollback, fetch.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
     /// The audit log, for compliance officers: list events, verify the whole log, prove an

@@ -51,10 +51,14 @@ pub enum ModelCommand {
         #[arg(long)]
         output: PathBuf,
     },
+    /// The coordinator's model registry: list, show, promote, rollback, fetch.
+    #[command(flatten)]
+    Registry(crate::registry_cmd::RegistryCommand),
 }
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Registry(cmd) => return crate::block_on(crate::registry_cmd::run(cmd)),
         ModelCommand::Merge {
             base,
             adapter,

@@ -57,6 +57,9 @@ pub struct Engine {
     pub audit: std::sync::OnceLock<Arc<crate::audit_trail::AuditTrail>>,
     /// Secure aggregation rounds in progress, by task: where a node's `SecAgg` messages go.
     pub secagg: crate::aggregate::masked::SecAggRoutes,
+    /// Held while a stage move of the model registry is checked, recorded and applied
+    /// (`crate::registry::move_stage`): moves are applied one at a time.
+    pub registry_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,7 @@ impl Engine {
             approvals: std::sync::OnceLock::new(),
             audit: std::sync::OnceLock::new(),
             secagg: Default::default(),
+            registry_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -549,6 +553,8 @@ impl Engine {
                 |_| true,
             )
             .await;
+        // The model becomes the next version of its registry name, a candidate.
+        crate::registry::register_published(self, job_id, &spec, &model_id).await;
         self.store
             .set_job_state(job_id, JobState::Running, JobState::Completed, None)
             .await?;

@@ -68,7 +68,7 @@ hidden = [ 8, 4 ]
 name = "mlp"
 "#;
 
-fn spec() -> (String, JobSpec, SpecDigest) {
+pub(crate) fn spec() -> (String, JobSpec, SpecDigest) {
     let spec = JobSpec::from_toml_str(SPEC).expect("the test spec is valid");
     let digest = spec.digest();
     (SPEC.to_string(), spec, digest)
@@ -162,8 +162,8 @@ fn record(round: u32) -> RoundRecord {
 // ------------------------------------------------------------------------------------------------
 // Running one test body on every backend
 
-struct TestDb {
-    label: &'static str,
+pub(crate) struct TestDb {
+    pub(crate) label: &'static str,
     url: String,
     _dir: Option<tempfile::TempDir>,
     /// PostgreSQL: (admin URL, database to drop).
@@ -203,7 +203,7 @@ async fn admin_exec(admin_url: &str, sql: String) {
 }
 
 /// Runs `body` on SQLite, then on PostgreSQL if `TUTELA_TEST_POSTGRES_URL` is set.
-async fn for_each_backend(test: &str, body: impl AsyncFn(&TestDb)) {
+pub(crate) async fn for_each_backend(test: &str, body: impl AsyncFn(&TestDb)) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = Store::sqlite_url(&dir.path().join("coordinator.db")).expect("utf-8 path");
     let sqlite = TestDb {
@@ -241,7 +241,7 @@ async fn for_each_backend(test: &str, body: impl AsyncFn(&TestDb)) {
     }
 }
 
-async fn open(db: &TestDb) -> Store {
+pub(crate) async fn open(db: &TestDb) -> Store {
     Store::open(&db.url)
         .await
         .unwrap_or_else(|e| panic!("[{}] open: {e}", db.label))
