@@ -41,7 +41,9 @@ pub enum RegistryCommand {
     /// their quorum of signatures: each signer runs the same command.
     Promote {
         name: String,
-        version: u64,
+        /// The version to move (a number, as `list` shows it without the `v`).
+        #[arg(value_name = "VERSION")]
+        number: u64,
         /// canary, production or retired.
         #[arg(long)]
         to: Stage,
@@ -130,7 +132,7 @@ pub async fn run(cmd: RegistryCommand) -> Result<()> {
         }
         RegistryCommand::Promote {
             name,
-            version,
+            number,
             to,
             reason,
             signing,
@@ -138,7 +140,7 @@ pub async fn run(cmd: RegistryCommand) -> Result<()> {
         } => {
             let mut registry = conn.registry().await?;
             let m = get(&mut registry, &name).await?;
-            let moves = plan_promote(&name, &states(&m)?, version, to)?;
+            let moves = plan_promote(&name, &states(&m)?, number, to)?;
             sign_and_send(
                 &mut registry,
                 &name,

@@ -57,6 +57,7 @@ p, compliance_officer, *, jobs, approve, allow
 p, compliance_officer, *, registry, read, allow
 p, compliance_officer, *, registry, stage, allow
 p, compliance_officer, *, audit, read, allow
+p, site_admin, site:*, registry, read, allow
 p, site_admin, site:*, registry, stage, allow
 p, spiffe://e2e/site/*/node, site:*, federation, participate, allow
 p, spiffe://e2e/site/*/node, site:*, registry, fetch, allow
@@ -182,17 +183,24 @@ fn stage_of(m: &pb::RegisteredModel, version: u64) -> String {
         .unwrap_or_default()
 }
 
-/// `tutela audit ARGS --database-url <the audit db> --ca <ca.crt>`.
+/// `tutela audit ARGS --database-url <the audit db> --ca <ca.crt>` (and, for `verify`, the log's
+/// checkpoint key).
 fn audit_cli(c: &Consortium, args: &[&str]) -> std::process::Output {
-    let db = c.dir.join("audit").join("audit.db");
-    Command::new(bin("tutela"))
-        .arg("audit")
+    let audit = c.dir.join("audit");
+    let mut cmd = Command::new(bin("tutela"));
+    cmd.arg("audit")
         .args(args)
-        .args(["--database-url", &format!("sqlite://{}", db.display())])
+        .args([
+            "--database-url",
+            &format!("sqlite://{}", audit.join("audit.db").display()),
+        ])
         .arg("--ca")
-        .arg(c.certs().join("ca.crt"))
-        .output()
-        .unwrap()
+        .arg(c.certs().join("ca.crt"));
+    if args.first() == Some(&"verify") {
+        cmd.arg("--public-key")
+            .arg(audit.join("checkpoint.key.pub"));
+    }
+    cmd.output().unwrap()
 }
 
 fn sha256_file(path: &Path) -> String {
@@ -446,7 +454,8 @@ async fn versions_move_through_every_stage_by_signed_quorum_and_rollback_restore
         "{show}"
     );
 
-    // A node may not move stages (no `registry, stage`): the policy refuses, and records it.
+    // A node may not move stages (nor read the registry to plan a move): the policy refuses, and
+    // records it.
     let out = model_cli(&c, "node-a", &["rollback", "cancer", "--reason", "x"], true);
     assert!(!out.status.success());
 
@@ -455,12 +464,12 @@ async fn versions_move_through_every_stage_by_signed_quorum_and_rollback_restore
     loop {
         let out = audit_cli(&c, &["log", "--action", "policy.decision", "--json"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        let denied = |who: &str, rule: &str| {
+        let denied = |who: &str, method: &str, rule: &str| {
             text.lines().any(|l| {
                 let e: serde_json::Value = serde_json::from_str(l).unwrap();
                 e["payload"]["allowed"] == false
                     && e["payload"]["who"] == who
-                    && e["payload"]["method"] == "/tutela.v1.Registry/MoveStage"
+                    && e["payload"]["method"] == format!("/tutela.v1.Registry/{method}")
                     && e["payload"]["rule"]
                         .as_str()
                         .is_some_and(|r| r.contains(rule))
@@ -468,8 +477,9 @@ async fn versions_move_through_every_stage_by_signed_quorum_and_rollback_restore
         };
         if denied(
             "spiffe://e2e/site/a/user/mallory",
+            "MoveStage",
             "holds none of the roles",
-        ) && denied("spiffe://e2e/site/a/node", "default deny")
+        ) && denied("spiffe://e2e/site/a/node", "GetModel", "default deny")
         {
             break;
         }
