@@ -624,6 +624,25 @@ mod tests {
                 "{action}: {d}"
             );
         }
+        // The model registry: operators and officers sign stage moves, auditors only read, nodes
+        // fetch; the stage rules (p3) say whose signatures a move into each stage needs.
+        assert!(a.decide_for(&op, "registry", "stage").allowed);
+        assert!(a.decide_for(&alice, "registry", "stage").allowed);
+        assert!(a.decide_for(&dana, "registry", "read").allowed);
+        assert!(!a.decide_for(&dana, "registry", "stage").allowed);
+        assert!(a.decide_for(&node, "registry", "fetch").allowed);
+        assert!(!a.decide_for(&node, "registry", "stage").allowed);
+        let stages: Vec<_> = a.stage_rules().iter().map(|r| r.stage).collect();
+        use tutela_protocol::release::Stage;
+        assert_eq!(
+            stages,
+            [
+                Stage::Canary,
+                Stage::Production,
+                Stage::Production,
+                Stage::Retired
+            ]
+        );
         // Only an operator granted the role in the file appends, not any operator certificate.
         let stranger = who("spiffe://acme/operator/mallory");
         let d = a.decide_for(&stranger, "audit", "write");
