@@ -418,6 +418,9 @@ struct Proposal {
     sites: Vec<String>,
 }
 
+/// A registered version's model digest and its stages, as (seq, stage) oldest first.
+type StageHistory = (String, Vec<(u64, Stage)>);
+
 /// What the trail so far says that the rules depend on: each job's proposals and the officers'
 /// decisions recorded. Built by replaying the trail ([`TrailState::check_and_apply`]).
 #[derive(Clone, Debug, Default)]
@@ -426,7 +429,7 @@ pub struct TrailState {
     decisions: HashMap<DecisionKey, u64>,
     /// Each registered (name, version)'s model digest and stage history: (seq, stage), oldest
     /// first.
-    stages: HashMap<(String, u64), (String, Vec<(u64, Stage)>)>,
+    stages: HashMap<(String, u64), StageHistory>,
 }
 
 fn malformed(e: PayloadError) -> AuthorityError {
