@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tutela/v1/transport.proto",
         "proto/tutela/v1/federation.proto",
         "proto/tutela/v1/audit.proto",
+        "proto/tutela/v1/registry.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -211,7 +211,7 @@ fn verify_signed_payload(
     })
 }
 
-fn pem_to_der(pem: &str) -> Result<Vec<u8>, ApprovalError> {
+pub(crate) fn pem_to_der(pem: &str) -> Result<Vec<u8>, ApprovalError> {
     let bad = |problem: String| ApprovalError::Malformed {
         field: "certificate",
         problem,

@@ -14,6 +14,8 @@
 //! | `policy.decision` | the coordinator, or the audit service itself |
 //! | `certificate.issued`, `certificate.revoked` | a CA administrator (`ca_admins` in audit.toml) |
 //! | `job.approved`, `job.rejected` | the officer's signature over the job's digest, relayed by the coordinator or appended by the signing officer |
+//! | `model.registered` | the coordinator, once per name and version |
+//! | `model.stage_changed` | the coordinator, relaying the signatures of the persons whose quorum the policy's stage rules asked for; every signature must verify ([`crate::stage`]) and every move start where the trail left the version |
 //!
 //! An officer's decision is further checked against the trail itself ([`TrailState`]): the job
 //! must have been proposed (`job.proposed`) with the digest signed, the officer must be a user
@@ -39,9 +41,10 @@ use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
 use crate::event::{Action, Event, Timestamp};
 use crate::payload::privacy::{LedgerRestored, PrivacySpent};
 use crate::payload::{
-    ActionPayload, DatasetDeidentified, JobProposed, PayloadError, TextDatasetDeidentified,
-    UpdateRefused, check_shape,
+    ActionPayload, DatasetDeidentified, JobProposed, ModelRegistered, ModelStageChanged,
+    PayloadError, TextDatasetDeidentified, UpdateRefused, check_shape,
 };
+use tutela_protocol::release::{Stage, VersionMove};
 
 /// Who may assert an action (see the module documentation's table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,9 @@ pub enum Authority {
     /// An officer's signature over the job's digest, relayed by the coordinator or appended by
     /// the officer.
     SignedByOfficer,
+    /// Relayed by the coordinator with the signatures of the persons who moved a registered
+    /// model's stage, each verifying, over moves that start where the trail left each version.
+    SignedStageMove,
 }
 
 impl Authority {
@@ -76,7 +82,9 @@ impl Authority {
             | Action::JobCompleted
             | Action::JobFailed
             | Action::ModelPublished
-            | Action::WatermarkRegistered => Authority::Coordinator,
+            | Action::WatermarkRegistered
+            | Action::ModelRegistered => Authority::Coordinator,
+            Action::ModelStageChanged => Authority::SignedStageMove,
             Action::UpdateRefused => Authority::CoordinatorOrOwnSiteNode,
             Action::DatasetDeidentified
             | Action::TextDatasetDeidentified
@@ -107,6 +115,9 @@ impl Authority {
             }
             Authority::SignedByOfficer => {
                 "valid only with the signature of an officer of a site the proposed job lists, relayed by the coordinator or appended by that officer, once"
+            }
+            Authority::SignedStageMove => {
+                "only the coordinator asserts it, with a valid signature of every person who moved the stage, over moves that start where the trail left each version"
             }
         }
     }
@@ -324,6 +335,17 @@ pub enum AuthorityError {
         officer: String,
         first_seq: u64,
     },
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// A registry event that does not fit the trail's registry history (see [`crate::stage`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{action} of {subject:?}: {problem}")]
+pub struct RegistryError {
+    pub action: Action,
+    pub subject: String,
+    pub problem: String,
 }
 
 /// An event that breaks the rules, found in a stored trail.
@@ -372,6 +394,11 @@ pub enum Effect {
     Decision {
         key: DecisionKey,
     },
+    /// A version registered (as a candidate) or versions moved.
+    Stages {
+        name: String,
+        moves: Vec<VersionMove>,
+    },
 }
 
 /// What makes two officers' decisions the same: the job, the officer, the action and the message
@@ -391,12 +418,18 @@ struct Proposal {
     sites: Vec<String>,
 }
 
+/// A registered version's model digest and its stages, as (seq, stage) oldest first.
+type StageHistory = (String, Vec<(u64, Stage)>);
+
 /// What the trail so far says that the rules depend on: each job's proposals and the officers'
 /// decisions recorded. Built by replaying the trail ([`TrailState::check_and_apply`]).
 #[derive(Clone, Debug, Default)]
 pub struct TrailState {
     proposals: HashMap<String, Vec<Proposal>>,
     decisions: HashMap<DecisionKey, u64>,
+    /// Each registered (name, version)'s model digest and stage history: (seq, stage), oldest
+    /// first.
+    stages: HashMap<(String, u64), StageHistory>,
 }
 
 fn malformed(e: PayloadError) -> AuthorityError {
@@ -451,6 +484,9 @@ impl TrailState {
         };
         match (authority, &actor.principal) {
             (Authority::Coordinator, Principal::Coordinator) => {
+                if a.action == Action::ModelRegistered {
+                    return self.check_registration(a).map_err(AuthorityError::from);
+                }
                 if a.action == Action::JobProposed {
                     let p = JobProposed::from_value(0, a.payload).map_err(malformed)?;
                     return Ok(Effect::Proposal {
@@ -492,6 +528,9 @@ impl TrailState {
                 }
             }
             (Authority::SignedByOfficer, _) => self.check_decision(trust, &actor, a),
+            (Authority::SignedStageMove, Principal::Coordinator) => self
+                .check_stage_move(trust, a)
+                .map_err(AuthorityError::from),
             _ => Err(not_allowed()),
         }
     }
@@ -556,10 +595,92 @@ impl TrailState {
         Ok(Effect::Decision { key })
     }
 
+    /// A `model.registered`: its subject is its name and version, registered once.
+    fn check_registration(&self, a: &Assertion<'_>) -> Result<Effect, RegistryError> {
+        let bad = |problem: String| RegistryError {
+            action: a.action,
+            subject: a.subject.to_string(),
+            problem,
+        };
+        let p = ModelRegistered::from_value(0, a.payload).map_err(|e| bad(e.to_string()))?;
+        if a.subject != p.subject() {
+            return Err(bad(format!("its subject is not {}", p.subject())));
+        }
+        if let Some(problem) = tutela_protocol::release::name_problem(&p.name) {
+            return Err(bad(format!("name {problem}")));
+        }
+        if let Some((digest, history)) = self.stages.get(&(p.name.clone(), p.version)) {
+            return Err(bad(format!(
+                "{} v{} is already registered (model {digest}, seq {})",
+                p.name,
+                p.version,
+                history.first().map_or(0, |h| h.0)
+            )));
+        }
+        Ok(Effect::Stages {
+            name: p.name,
+            moves: vec![VersionMove {
+                version: p.version,
+                model_digest: p.model_digest,
+                // Registration: no stage before it; `apply` records the candidate.
+                from: Stage::Candidate,
+                to: Stage::Candidate,
+            }],
+        })
+    }
+
+    /// A `model.stage_changed`: every signature verifies, and every move starts where the trail
+    /// left its version and is one the stage machine allows.
+    fn check_stage_move(
+        &self,
+        trust: &OfficerTrust,
+        a: &Assertion<'_>,
+    ) -> Result<Effect, RegistryError> {
+        let bad = |problem: String| RegistryError {
+            action: a.action,
+            subject: a.subject.to_string(),
+            problem,
+        };
+        let p = ModelStageChanged::from_value(0, a.payload).map_err(|e| bad(e.to_string()))?;
+        if a.subject != p.name {
+            return Err(bad(format!("its subject is not its name {:?}", p.name)));
+        }
+        let check = trust.chain_check(a.at);
+        crate::stage::verify_stage_signatures(&p, check.as_ref()).map_err(bad)?;
+        tutela_protocol::release::check_move(p.kind, &p.moves, |version, digest| {
+            self.stages
+                .get(&(p.name.clone(), version))
+                .filter(|(d, _)| d == digest)
+                .and_then(|(_, h)| h.last().map(|(_, s)| *s))
+        })
+        .map_err(bad)?;
+        Ok(Effect::Stages {
+            name: p.name,
+            moves: p.moves,
+        })
+    }
+
+    /// The stage history the trail shows for `name`'s `version`: its model digest and
+    /// (seq, stage) from its registration on.
+    pub fn stage_history(&self, name: &str, version: u64) -> Option<(&str, &[(u64, Stage)])> {
+        self.stages
+            .get(&(name.to_string(), version))
+            .map(|(d, h)| (d.as_str(), h.as_slice()))
+    }
+
     /// Records what the event at `seq` added.
     pub fn apply(&mut self, seq: u64, effect: Effect) {
         match effect {
             Effect::None => {}
+            Effect::Stages { name, moves } => {
+                for m in moves {
+                    self.stages
+                        .entry((name.clone(), m.version))
+                        .or_insert_with(|| (m.model_digest.clone(), Vec::new()))
+                        .1
+                        .push((seq, m.to));
+                }
+            }
             Effect::Proposal {
                 job,
                 spec_digest,
@@ -582,6 +703,10 @@ impl TrailState {
             !ps.is_empty()
         });
         self.decisions.retain(|_, s| *s < seq);
+        self.stages.retain(|_, (_, history)| {
+            history.retain(|(s, _)| *s < seq);
+            !history.is_empty()
+        });
     }
 
     /// [`TrailState::check`], then [`TrailState::apply`] if it holds.

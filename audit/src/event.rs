@@ -97,11 +97,22 @@ pub enum Action {
     /// restore`), appended as the officer. Subject: `<site>/<dataset>`. Payload
     /// ([`crate::payload::privacy::LedgerRestored`]).
     LedgerRestored,
+    /// `model.registered`: the coordinator gave a published model its registry name and version
+    /// (as a candidate). Subject: `<name>/v<version>`. Payload
+    /// ([`crate::payload::ModelRegistered`]): name, version, model digest, job, spec digest.
+    ModelRegistered,
+    /// `model.stage_changed`: versions of a registered name moved between stages (candidate,
+    /// canary, production, retired), relayed by the coordinator with the signature of every
+    /// principal whose signature made the policy's quorum. Subject: the name. Payload
+    /// ([`crate::payload::ModelStageChanged`]): kind (promote or rollback), the moves with their
+    /// model digests, the reason, the signatures; readers re-check each signature and that each
+    /// move starts where the trail's history left the version.
+    ModelStageChanged,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 20] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -120,6 +131,8 @@ impl Action {
         Action::TextDatasetDeidentified,
         Action::PrivacySpent,
         Action::LedgerRestored,
+        Action::ModelRegistered,
+        Action::ModelStageChanged,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -143,6 +156,8 @@ impl Action {
             Action::TextDatasetDeidentified => "dataset.text_deidentified",
             Action::PrivacySpent => "privacy.spent",
             Action::LedgerRestored => "ledger.restored",
+            Action::ModelRegistered => "model.registered",
+            Action::ModelStageChanged => "model.stage_changed",
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod lineage;
 pub mod merkle;
 pub mod payload;
 pub mod receipt;
+pub mod stage;
 pub mod verify;
 pub mod wire;
 

@@ -7,6 +7,9 @@
 //! PROV-JSON (<https://www.w3.org/submissions/prov-json/>). Every element cites the seq of the
 //! event it came from, so each claim can be proven against a signed checkpoint.
 //!
+//! The model's registry versions and their stage histories (who moved each version, when, why,
+//! under which policy) are in [`Lineage::registry`].
+//!
 //! Nothing is believed unchecked: every event is first checked against the trail's authority
 //! rules and officers' signatures ([`crate::authority`]); one that fails (a node asserting a
 //! job's completion, a replayed or forged approval, a row written straight into the database)
@@ -15,6 +18,9 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+
+mod registry;
+pub use registry::{RegistryEntry, StageRecord};
 use serde_json::{Value, json};
 
 use crate::authority::AuthorityCheck;
@@ -166,6 +172,8 @@ pub struct JobRecord {
 pub struct Lineage {
     pub model_digest: String,
     pub job: Option<JobRecord>,
+    /// The registry versions the model was registered as, with their stage histories.
+    pub registry: Vec<RegistryEntry>,
 }
 
 /// The events of `events` that pass `check` (in seq order), and those that do not.
@@ -424,6 +432,8 @@ fn apply_event(
             });
         }
         Action::PrivacySpent | Action::LedgerRestored => {}
+        // The registry's events are the lineage's own part (`lineage::registry`).
+        Action::ModelRegistered | Action::ModelStageChanged => {}
         Action::NodeRegistered
         | Action::PolicyDecision
         | Action::CertificateIssued
@@ -444,9 +454,11 @@ fn officer_of(pem: &str) -> Option<String> {
 
 /// The lineage of `model_digest` from `events`, believing only events that pass `check`.
 pub fn lineage(events: &[Event], model_digest: &str, check: &AuthorityCheck) -> Lineage {
+    let (believed_events, _) = believed(events, check);
     Lineage {
         model_digest: model_digest.to_string(),
         job: job_of_model(events, model_digest, check).map(|job| job_record(events, &job, check)),
+        registry: registry::registry_entries(&believed_events, model_digest),
     }
 }
 

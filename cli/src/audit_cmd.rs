@@ -238,7 +238,8 @@ pub enum AuditCommand {
         public_key: Option<String>,
     },
     /// A model's lineage: job, base model, rounds, sites and their dataset commitments, code
-    /// version, privacy accounting, approvals.
+    /// version, privacy accounting, approvals; the registry versions it is and their stage
+    /// histories (who moved each, when and why).
     Lineage {
         #[command(flatten)]
         source: Source,
@@ -491,6 +492,18 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
                     .into_iter()
                     .filter(|e| e.action == Action::ModelPublished),
             );
+            // The registry's history (every registration and stage move: a move is believed
+            // only against the history of every version it moves).
+            for action in [Action::ModelRegistered, Action::ModelStageChanged] {
+                job_events.extend(
+                    reader
+                        .events(&EventFilter {
+                            action: Some(action),
+                            ..Default::default()
+                        })
+                        .await?,
+                );
+            }
             job_events.sort_by_key(|e| e.seq);
             job_events.dedup_by_key(|e| e.seq);
             let l = lineage::lineage(&job_events, &model, &check);

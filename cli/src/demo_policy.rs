@@ -2,7 +2,7 @@
 //! identities.
 //!
 //! The demo must show the policy a consortium would run, not a looser one of its own: every
-//! rule (`p`) and quorum rule (`p2`) line of the shipped file is kept as it is (its consortium
+//! rule (`p`), quorum rule (`p2`) and stage rule (`p3`) line of the shipped file is kept as it is (its consortium
 //! name replaced by the demo's), and only the role grants (`g`) are the demo's: its operator, one
 //! compliance officer per hospital, and — as the shipped file makes its first two sites'
 //! officers — the first two officers also the consortium's compliance officers, so that its
@@ -26,7 +26,7 @@ pub fn policy_csv(consortium: &str, operator: &str, officers: &[(String, String)
     );
     for line in SHIPPED_POLICY.lines() {
         let kind = line.split(',').next().unwrap_or("").trim();
-        if kind == "p" || kind == "p2" {
+        if matches!(kind, "p" | "p2" | "p3") {
             out.push_str(&line.replace(&shipped_prefix, &demo_prefix));
             out.push('\n');
         }
@@ -111,7 +111,7 @@ mod tests {
         let csv = policy_csv("demo", "spiffe://demo/operator/demo", &officers());
         let rules = |text: &str| -> usize {
             text.lines()
-                .filter(|l| matches!(l.split(',').next().map(str::trim), Some("p" | "p2")))
+                .filter(|l| matches!(l.split(',').next().map(str::trim), Some("p" | "p2" | "p3")))
                 .count()
         };
         assert_eq!(rules(&csv), rules(SHIPPED_POLICY));

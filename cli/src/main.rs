@@ -12,6 +12,7 @@ mod model_cmd;
 mod net_cmd;
 mod pki_cmd;
 mod privacy_cmd;
+mod registry_cmd;
 
 use std::process::ExitCode;
 
@@ -53,7 +54,8 @@ enum Command {
     #[command(subcommand)]
     Privacy(privacy_cmd::PrivacyCommand),
     /// Models on disk: merge a LoRA adapter into its base, export INT8 weights, verify a
-    /// watermark against the audit trail's registry.
+    /// watermark against the audit trail's registry; the coordinator's model registry: list,
+    /// show, promote, rollback, fetch.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
     /// The audit log, for compliance officers: list events, verify the whole log, prove an

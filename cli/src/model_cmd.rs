@@ -81,10 +81,14 @@ pub enum ModelCommand {
         #[command(flatten)]
         source: crate::audit_cmd::Source,
     },
+    /// The coordinator's model registry: list, show, promote, rollback, fetch.
+    #[command(flatten)]
+    Registry(crate::registry_cmd::RegistryCommand),
 }
 
 pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Registry(cmd) => return crate::block_on(crate::registry_cmd::run(cmd)),
         ModelCommand::Merge {
             base,
             adapter,

@@ -46,7 +46,7 @@ impl ApprovalGate {
     }
 
     /// The verifier over the TLS material in force (so a new CRL applies to approvals too).
-    fn verifier(&self) -> Result<ApprovalVerifier, String> {
+    pub fn verifier(&self) -> Result<ApprovalVerifier, String> {
         ApprovalVerifier::from_tls(&self.tls.material()).map_err(|e| e.to_string())
     }
 

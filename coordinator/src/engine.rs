@@ -62,6 +62,9 @@ pub struct Engine {
     /// The consortium's watermark key (`[watermark] key_file`), set once by `serve`; unset: jobs
     /// with a `[watermark]` section are refused at submission.
     pub watermark_key: std::sync::OnceLock<Arc<tutela_protocol::watermark::WatermarkKey>>,
+    /// Held while a stage move of the model registry is checked, recorded and applied
+    /// (`crate::registry::move_stage`): moves are applied one at a time.
+    pub registry_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +149,7 @@ impl Engine {
             audit: std::sync::OnceLock::new(),
             secagg: Default::default(),
             watermark_key: std::sync::OnceLock::new(),
+            registry_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -570,6 +574,8 @@ impl Engine {
                 |_| true,
             )
             .await;
+        // The published (watermarked) model becomes the next version of its registry name, a candidate.
+        crate::registry::register_published(self, job_id, &spec, &published).await;
         self.store
             .set_job_state(job_id, JobState::Running, JobState::Completed, None)
             .await?;

@@ -14,6 +14,7 @@ pub mod central_dp;
 pub mod engine;
 pub mod job;
 pub mod nodes;
+pub mod registry;
 pub mod service;
 pub mod store;
 pub mod strategy;
@@ -283,15 +284,22 @@ impl Coordinator {
         reporter
             .set_serving::<pb::jobs_server::JobsServer<service::JobsService>>()
             .await;
+        reporter
+            .set_serving::<pb::registry_server::RegistryServer<service::RegistryService>>()
+            .await;
         let federation = pb::federation_server::FederationServer::new(service::FederationService {
             engine: engine.clone(),
         })
         .max_decoding_message_size(tutela_protocol::server::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(tutela_protocol::server::MAX_MESSAGE_BYTES);
+        let registry = pb::registry_server::RegistryServer::new(service::RegistryService {
+            engine: engine.clone(),
+        });
         let jobs = pb::jobs_server::JobsServer::new(service::JobsService { engine });
         let router = router
             .add_service(enforce.wrap(federation))
             .add_service(enforce.wrap(jobs))
+            .add_service(enforce.wrap(registry))
             .add_service(enforce.wrap(services::identity_service()))
             .add_service(enforce.wrap(store.into_service()));
         let _watcher = self

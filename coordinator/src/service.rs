@@ -17,7 +17,10 @@ use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
 
+mod registry;
 mod secagg;
+
+pub use registry::RegistryService;
 
 /// Refuses, at submission, a job whose model no site's registry has: otherwise it would be
 /// proposed, signed by officers and started, only for every site to decline it. A spec that

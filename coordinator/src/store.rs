@@ -40,6 +40,9 @@ use time::OffsetDateTime;
 
 use tutela_protocol::database::{self, redact_url};
 
+mod registry;
+pub use registry::{PendingSignature, RegisteredVersion, StageMoveRecord};
+
 use crate::job::{
     IllegalTransition, JobId, JobSpec, JobState, RoundState, SpecDigest, SpecError, is_hex_digest,
 };
@@ -67,6 +70,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "rejections",
         sql: include_str!("../migrations/0003_rejections.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "model_registry",
+        sql: include_str!("../migrations/0004_model_registry.sql"),
     },
 ];
 
@@ -218,6 +226,9 @@ pub enum StoreError {
     },
     #[error("{what}: {problem}")]
     InvalidInput { what: String, problem: String },
+    /// A stage move whose versions are no longer where the move says (another move came first).
+    #[error("model {name}: {problem}")]
+    StageConflict { name: String, problem: String },
     #[error("create_job: {0}")]
     Spec(#[from] SpecError),
     #[error("create_job: {0}")]

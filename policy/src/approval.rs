@@ -38,7 +38,7 @@ pub use tutela_protocol::job::REJECTION_CONTEXT;
 
 /// Clocks differ a little between an officer's laptop and a server: a signature dated up to this
 /// far in the future is accepted.
-const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
+pub(crate) const CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
 /// How old a rejection may be when it is verified. `tutela job reject` signs and submits at once;
 /// the bound keeps the signing time in the record close to the time the rejection took effect.
@@ -49,6 +49,8 @@ pub const MAX_REJECTION_AGE_MS: i64 = 60 * 60 * 1000;
 pub enum SignedKind {
     Approval,
     Rejection,
+    /// A move of a registered model's stage (`crate::stage`).
+    StageMove,
 }
 
 impl std::fmt::Display for SignedKind {
@@ -56,6 +58,7 @@ impl std::fmt::Display for SignedKind {
         f.write_str(match self {
             SignedKind::Approval => "approval",
             SignedKind::Rejection => "rejection",
+            SignedKind::StageMove => "stage move",
         })
     }
 }
@@ -352,7 +355,7 @@ fn parse_digest(hex: &str, kind: SignedKind) -> Result<SpecDigest, ApprovalError
 
 /// Signs `message` with a PKCS#8 key (PEM; ECDSA P-256 SHA-256 in ASN.1 DER, or Ed25519) and
 /// returns the certificate chain of `chain_pem` (DER, leaf first) with the signature.
-fn sign_with_certificate_key(
+pub(crate) fn sign_with_certificate_key(
     key_pem: &str,
     chain_pem: &str,
     message: &[u8],
@@ -390,12 +393,15 @@ fn sign_with_certificate_key(
     Ok((chain, signature))
 }
 
-fn claimed_signer(chain: &[Vec<u8>], kind: SignedKind) -> Result<Identity, ApprovalError> {
+pub(crate) fn claimed_signer(
+    chain: &[Vec<u8>],
+    kind: SignedKind,
+) -> Result<Identity, ApprovalError> {
     let leaf = chain.first().ok_or(ApprovalError::NoCertificate(kind))?;
     pki::identity_of_cert_der(leaf).map_err(|e| ApprovalError::Certificate(e.to_string()))
 }
 
-fn check_own_signature(
+pub(crate) fn check_own_signature(
     chain: &[Vec<u8>],
     message: &[u8],
     signature: &[u8],
@@ -562,7 +568,7 @@ impl ApprovalVerifier {
     /// The checks every signed decision shares: the chain (leaf first) to the consortium CA at
     /// `now_ms` with the CRLs, the identity it names being of this consortium, and `signature`
     /// over `message` with the leaf's key. Returns the signer.
-    fn verify_signed(
+    pub(crate) fn verify_signed(
         &self,
         kind: SignedKind,
         chain: &[Vec<u8>],

@@ -146,6 +146,7 @@ struct Loaded {
     enforcer: Enforcer,
     digest: PolicyDigest,
     quorum: Vec<QuorumRule>,
+    stage_rules: Vec<crate::stage::StageRule>,
 }
 
 /// The casbin enforcer over the consortium's model and policy files, reloadable at run time.
@@ -295,6 +296,12 @@ impl Authorizer {
     pub fn quorum_rules(&self) -> Vec<QuorumRule> {
         self.loaded.load().quorum.clone()
     }
+
+    /// The stage rules (`p3` lines) of the policy in force: who must sign a registered model's
+    /// stage moves ([`crate::stage`]).
+    pub fn stage_rules(&self) -> Vec<crate::stage::StageRule> {
+        self.loaded.load().stage_rules.clone()
+    }
 }
 
 /// The first `deny` line that matches the request, by the shipped model's matcher
@@ -364,6 +371,17 @@ async fn load(model_path: &Path, policy_path: &Path) -> Result<Loaded, AuthzErro
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let stage_rules = enforcer
+        .get_named_policy("p3")
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            crate::stage::StageRule::from_tokens(rule).map_err(|problem| AuthzError::Policy {
+                path: policy_path.to_path_buf(),
+                cause: format!("stage rule {} ({}): {problem}", i + 1, rule.join(", ")),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     // Evaluate once so that a matcher referring to something the model lacks fails at load, not
     // at the first request.
     enforcer
@@ -381,6 +399,7 @@ async fn load(model_path: &Path, policy_path: &Path) -> Result<Loaded, AuthzErro
         enforcer,
         digest,
         quorum,
+        stage_rules,
     })
 }
 
@@ -401,10 +420,11 @@ fn check_lines(path: &Path, text: &str) -> Result<(), AuthzError> {
         let want = match tokens[0] {
             "p" => 5,
             "p2" => 3,
+            "p3" => 4,
             "g" => 3,
             other => {
                 return Err(bad(format!(
-                    "unknown line type {other:?}: expected p, p2 or g"
+                    "unknown line type {other:?}: expected p, p2, p3 or g"
                 )));
             }
         };
@@ -604,6 +624,25 @@ mod tests {
                 "{action}: {d}"
             );
         }
+        // The model registry: operators and officers sign stage moves, auditors only read, nodes
+        // fetch; the stage rules (p3) say whose signatures a move into each stage needs.
+        assert!(a.decide_for(&op, "registry", "stage").allowed);
+        assert!(a.decide_for(&alice, "registry", "stage").allowed);
+        assert!(a.decide_for(&dana, "registry", "read").allowed);
+        assert!(!a.decide_for(&dana, "registry", "stage").allowed);
+        assert!(a.decide_for(&node, "registry", "fetch").allowed);
+        assert!(!a.decide_for(&node, "registry", "stage").allowed);
+        let stages: Vec<_> = a.stage_rules().iter().map(|r| r.stage).collect();
+        use tutela_protocol::release::Stage;
+        assert_eq!(
+            stages,
+            [
+                Stage::Canary,
+                Stage::Production,
+                Stage::Production,
+                Stage::Retired
+            ]
+        );
         // Only an operator granted the role in the file appends, not any operator certificate.
         let stranger = who("spiffe://acme/operator/mallory");
         let d = a.decide_for(&stranger, "audit", "write");

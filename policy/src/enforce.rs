@@ -70,6 +70,12 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         ("tutela.v1.Identity", _) => fixed("identity", "read"),
         ("tutela.v1.ModelExchange", "Upload") => fixed("models", "write"),
         ("tutela.v1.ModelExchange", _) => fixed("models", "read"),
+        // The model registry: reading names, versions and stage histories; signing a stage move
+        // (who must sign is the policy's `p3` stage rules, checked by the handler); fetching a
+        // version's file (consumers: site nodes, serving processes).
+        ("tutela.v1.Registry", "ListModels" | "GetModel") => fixed("registry", "read"),
+        ("tutela.v1.Registry", "MoveStage") => fixed("registry", "stage"),
+        ("tutela.v1.Registry", "FetchModel") => fixed("registry", "fetch"),
         // The audit service. `read` returns events (their actors, subjects and payloads);
         // `verify` returns only signed tree heads and hash proofs, which is what a site needs to
         // hold a checkpoint and check that history was not rewritten, without seeing the events.
@@ -479,6 +485,17 @@ mod tests {
             p("/tutela.v1.Audit/Append"),
             ("audit".into(), "write".into())
         );
+        for (method, action) in [
+            ("ListModels", "read"),
+            ("GetModel", "read"),
+            ("MoveStage", "stage"),
+            ("FetchModel", "fetch"),
+        ] {
+            assert_eq!(
+                p(&format!("/tutela.v1.Registry/{method}")),
+                ("registry".into(), action.into())
+            );
+        }
         for read in ["Query", "InclusionProof"] {
             assert_eq!(
                 p(&format!("/tutela.v1.Audit/{read}")),

@@ -9,6 +9,8 @@
 //!   their verification (certificate chain to the consortium CA with rustls's webpki verifier,
 //!   revocation, validity, signature).
 //! - [`quorum`]: which approvals a job still needs, from the policy's quorum rules.
+//! - [`stage`]: signed stage moves of registered models and the policy's stage rules (`p3`
+//!   lines): who must sign a move into canary, production or retired.
 //! - [`site_policy`]: a site's own policy (`site-policy.toml`), the site's last word: which
 //!   officers it trusts, which operators and models it accepts, its DP floor and budget, its
 //!   training hours.
@@ -23,6 +25,7 @@ pub mod enforce;
 pub mod quorum;
 pub mod reload;
 pub mod site_policy;
+pub mod stage;
 
 pub use approval::{
     Approval, ApprovalError, ApprovalVerifier, Rejection, SignedKind, VerifiedApproval,

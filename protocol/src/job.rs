@@ -79,6 +79,18 @@ pub struct JobSpec {
     /// Absent: published as aggregated, and the digest of a job without it is unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<WatermarkSpec>,
+    /// `[publish]`: how the final model is published (its registry name). Absent: the job's
+    /// `name` is its registry name, and the digest of a job without it is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishSpec>,
+}
+
+/// `[publish]`: the model registry entry a job's final model becomes (`crate::release`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSpec {
+    /// The registry name; each model published under it is its next version.
+    pub name: String,
 }
 
 fn default_fraction() -> f64 {
@@ -614,7 +626,18 @@ impl JobSpec {
         if let Some(w) = &self.watermark {
             w.validate()?;
         }
+        if let Some(p) = &self.publish
+            && let Some(problem) = crate::release::name_problem(&p.name)
+        {
+            return Err(SpecError::invalid("publish.name", problem));
+        }
         Ok(())
+    }
+
+    /// The registry name the job's final model is published under: `[publish] name`, or the
+    /// job's own `name` (which satisfies the same rule).
+    pub fn registry_name(&self) -> &str {
+        self.publish.as_ref().map_or(&self.name, |p| &p.name)
     }
 
     /// The job's privacy settings when it uses differential privacy (`mode` other than `none`).

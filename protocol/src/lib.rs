@@ -13,6 +13,7 @@
 //! - [`checkpoint`]: Hugging Face checkpoints tensor by tensor: LoRA merge, INT8 export and loader.
 //! - [`checkpoint_digest`]: the digest that names a Hugging Face checkpoint (one implementation for
 //!   the CLI, the coordinator and the site node).
+//! - [`release`]: staged release of published models: stages, moves, the signed move message.
 //! - [`base_model`]: a job's base checkpoint on the wire (upload by the operator, fetch by a site).
 //! - [`secagg`]: SecAgg+ secure aggregation with dropout recovery, as typed client and server
 //!   states (no network), and the sites' encoding for it (clipping, randomized rounding, distributed
@@ -39,6 +40,7 @@ pub mod lora;
 pub mod model_registry;
 pub mod peft_export;
 pub mod pki;
+pub mod release;
 pub mod secagg;
 pub mod server;
 pub mod services;

@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 mod job;
 mod pki;
 mod policy;
+mod registry;
 mod site;
 
 pub use job::{
@@ -25,6 +26,7 @@ pub use job::{
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
 pub use policy::PolicyDecision;
+pub use registry::{ModelRegistered, ModelStageChanged, StageSignature};
 pub use site::{DatasetDeidentified, NodeRegistered, TextDatasetDeidentified};
 
 /// The payload of one action. `ACTION` ties the struct to its action so that a writer cannot
@@ -105,5 +107,7 @@ pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), Pa
         Action::TextDatasetDeidentified => shape::<TextDatasetDeidentified>(payload),
         Action::PrivacySpent => shape::<privacy::PrivacySpent>(payload),
         Action::LedgerRestored => shape::<privacy::LedgerRestored>(payload),
+        Action::ModelRegistered => shape::<ModelRegistered>(payload),
+        Action::ModelStageChanged => shape::<ModelStageChanged>(payload),
     }
 }

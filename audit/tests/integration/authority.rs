@@ -584,6 +584,14 @@ fn every_action_declares_who_may_assert_it() {
         Authority::of(Action::JobApproved),
         Authority::SignedByOfficer
     );
+    assert_eq!(
+        Authority::of(Action::ModelRegistered),
+        Authority::Coordinator
+    );
+    assert_eq!(
+        Authority::of(Action::ModelStageChanged),
+        Authority::SignedStageMove
+    );
     // A CA administrator must be a person of the log's consortium.
     assert!(AuthorityRules::for_log(LOG_ID, &["spiffe://test/coordinator".into()]).is_err());
     assert!(AuthorityRules::for_log(LOG_ID, &["spiffe://other/operator/a".into()]).is_err());

@@ -244,7 +244,9 @@ fn action_names_round_trip() {
             "dataset.deidentified",
             "dataset.text_deidentified",
             "privacy.spent",
-            "ledger.restored"
+            "ledger.restored",
+            "model.registered",
+            "model.stage_changed"
         ]
     );
     for a in Action::ALL {

@@ -8,6 +8,7 @@
 mod aggregate;
 mod central_dp;
 mod initial_model;
+mod registry;
 mod rejections;
 mod robust;
 mod secagg;

@@ -68,7 +68,7 @@ hidden = [ 8, 4 ]
 name = "mlp"
 "#;
 
-fn spec() -> (String, JobSpec, SpecDigest) {
+pub(crate) fn spec() -> (String, JobSpec, SpecDigest) {
     let spec = JobSpec::from_toml_str(SPEC).expect("the test spec is valid");
     let digest = spec.digest();
     (SPEC.to_string(), spec, digest)
@@ -162,8 +162,8 @@ fn record(round: u32) -> RoundRecord {
 // ------------------------------------------------------------------------------------------------
 // Running one test body on every backend
 
-struct TestDb {
-    label: &'static str,
+pub(crate) struct TestDb {
+    pub(crate) label: &'static str,
     url: String,
     _dir: Option<tempfile::TempDir>,
     /// PostgreSQL: (admin URL, database to drop).
@@ -203,7 +203,7 @@ async fn admin_exec(admin_url: &str, sql: String) {
 }
 
 /// Runs `body` on SQLite, then on PostgreSQL if `TUTELA_TEST_POSTGRES_URL` is set.
-async fn for_each_backend(test: &str, body: impl AsyncFn(&TestDb)) {
+pub(crate) async fn for_each_backend(test: &str, body: impl AsyncFn(&TestDb)) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = Store::sqlite_url(&dir.path().join("coordinator.db")).expect("utf-8 path");
     let sqlite = TestDb {
@@ -241,7 +241,7 @@ async fn for_each_backend(test: &str, body: impl AsyncFn(&TestDb)) {
     }
 }
 
-async fn open(db: &TestDb) -> Store {
+pub(crate) async fn open(db: &TestDb) -> Store {
     Store::open(&db.url)
         .await
         .unwrap_or_else(|e| panic!("[{}] open: {e}", db.label))
@@ -1474,7 +1474,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
 
         let store = open(db).await;
         let info = store.describe().await.expect("describe");
-        assert_eq!(info.schema_version, 3);
+        assert_eq!(info.schema_version, 4);
         assert_eq!(
             store.get_job(&job).await.expect("get").expect("job").state,
             JobState::Running
@@ -1546,7 +1546,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
             .fetch_one(&pool)
             .await
             .expect("count");
-        assert_eq!(n, 3, "[{}] one row per migration", db.label);
+        assert_eq!(n, 4, "[{}] one row per migration", db.label);
         assert_eq!(store.rounds(&job).await.expect("rounds").len(), 3);
         pool.close().await;
         store.close().await;
@@ -1583,7 +1583,7 @@ async fn migrations_refuse_an_edited_or_newer_schema() {
                 e,
                 StoreError::SchemaTooNew {
                     found: 999,
-                    known: 3,
+                    known: 4,
                     ..
                 }
             ),
@@ -1607,7 +1607,7 @@ async fn sqlite_store_runs_wal_with_synchronous_full() {
     assert_eq!(info.backend, Backend::Sqlite);
     assert_eq!(info.sqlite_journal_mode.as_deref(), Some("wal"));
     assert_eq!(info.sqlite_synchronous, Some(2), "2 is FULL");
-    assert_eq!(info.schema_version, 3);
+    assert_eq!(info.schema_version, 4);
     store.close().await;
 
     let e = Store::open("mysql://root:pw@localhost/x")

@@ -374,3 +374,34 @@ mod watermark_section_tests {
         }
     }
 }
+
+mod publish_tests {
+    use crate::job::*;
+
+    const SHIPPED: &str = include_str!("../../../deploy/jobs/breast_cancer_fedavg.toml");
+
+    #[test]
+    fn the_registry_name_is_the_publish_name_or_the_job_s_and_is_inside_the_digest() {
+        let plain = JobSpec::from_toml_str(SHIPPED).unwrap();
+        assert_eq!(plain.publish, None);
+        assert_eq!(plain.registry_name(), plain.name);
+        let with = |name: &str| format!("{SHIPPED}\n[publish]\nname = \"{name}\"\n");
+        let named = JobSpec::from_toml_str(&with("cancer-screening")).unwrap();
+        assert_eq!(named.registry_name(), "cancer-screening");
+        assert_ne!(named.digest(), plain.digest());
+        assert_ne!(
+            named.digest(),
+            JobSpec::from_toml_str(&with("cancer-screening-2"))
+                .unwrap()
+                .digest()
+        );
+        for bad in ["", "-x", "a/b", &"x".repeat(65)] {
+            let err = JobSpec::from_toml_str(&with(bad)).unwrap_err();
+            assert_eq!(err.key(), Some("publish.name"), "{bad:?}: {err}");
+        }
+        // Strict: a misspelt key is an error, not a silently ignored setting.
+        let err =
+            JobSpec::from_toml_str(&format!("{SHIPPED}\n[publish]\nnmae = \"x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("nmae"), "{err}");
+    }
+}

@@ -16,6 +16,7 @@ mod language_model;
 mod off_the_record;
 mod pki_audit;
 mod python_client;
+mod registry;
 mod robust;
 mod secagg;
 mod site_audit;
