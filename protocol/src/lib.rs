@@ -39,6 +39,7 @@ pub mod lora;
 pub mod model_registry;
 pub mod peft_export;
 pub mod pki;
+pub mod refusal;
 pub mod secagg;
 pub mod server;
 pub mod services;
