@@ -44,6 +44,11 @@ pub enum Action {
     /// `job.started`: the coordinator started an approved job (quorum met). Subject: the job id.
     /// Payload: the approvals counted, the participating sites.
     JobStarted,
+    /// `model.initialized`: the coordinator accepted a job's first global model (round 0) from a
+    /// site's node, after checking that its tensors are the job's model and its values finite.
+    /// Subject: the job id. Payload ([`crate::payload::ModelInitialized`]): the model's digest,
+    /// the site whose node supplied it, the attempt.
+    ModelInitialized,
     /// `round.completed`: the coordinator aggregated a round. Subject: the job id. Payload: the
     /// round number, participants, each update's digest, metrics, ε spent per site.
     RoundCompleted,
@@ -101,7 +106,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 19] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -120,6 +125,7 @@ impl Action {
         Action::TextDatasetDeidentified,
         Action::PrivacySpent,
         Action::LedgerRestored,
+        Action::ModelInitialized,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -143,6 +149,7 @@ impl Action {
             Action::TextDatasetDeidentified => "dataset.text_deidentified",
             Action::PrivacySpent => "privacy.spent",
             Action::LedgerRestored => "ledger.restored",
+            Action::ModelInitialized => "model.initialized",
         }
     }
 }

@@ -17,6 +17,7 @@ use tutela_protocol::initial_model::InitialModel;
 use tutela_protocol::stream::{SafetensorsFileSink, SinkError, TensorSink};
 use tutela_protocol::tensor::Manifest;
 
+use crate::aggregate::filter::{ElementCursor, FilterPass, FiniteValues, ValuesAt};
 use crate::aggregate::{RoundAggregation, SiteSink};
 
 pub use tutela_protocol::federation::meta;
@@ -326,12 +327,58 @@ fn hex_meta(m: &Manifest, key: &str) -> Result<String, SinkError> {
     }
 }
 
+/// An initial model's values as they arrive, checked finite: a NaN or an infinity in the model
+/// every round starts from would poison each site's training and every aggregate after it.
+struct FiniteModel {
+    tensors: Vec<tutela_protocol::tensor::TensorSpec>,
+    lens: Vec<usize>,
+    cursor: ElementCursor,
+    scratch: Vec<f32>,
+}
+
+impl FiniteModel {
+    /// The check of a model with `manifest`'s tensors, which must be F32 (the aggregation's
+    /// global model is, and every round starts from this one).
+    fn new(manifest: &Manifest) -> Result<FiniteModel, SinkError> {
+        let lens = crate::aggregate::f32_tensor_lens(manifest)
+            .map_err(|e| SinkError::Rejected(format!("the initial model: {e}")))?;
+        Ok(FiniteModel {
+            tensors: manifest.tensors().to_vec(),
+            lens,
+            cursor: ElementCursor::default(),
+            scratch: Vec::new(),
+        })
+    }
+
+    fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+        let (tensors, scratch) = (&self.tensors, &mut self.scratch);
+        self.cursor
+            .feed((tensors, &self.lens), (index, offset, data), |t, first, bytes| {
+                scratch.clear();
+                scratch.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                );
+                let at = ValuesAt {
+                    tensor_index: t,
+                    tensor: &tensors[t],
+                    first_element: first as u64,
+                };
+                FiniteValues
+                    .values(&at, scratch)
+                    .map_err(|r| SinkError::Rejected(format!("the initial model: {}", r.0)))
+            })
+    }
+}
+
 enum Inner {
     Unrouted,
     /// An initial model; `zeros_only`: every byte must be zero (a LoRA job's B = 0).
     Model {
         sink: SafetensorsFileSink,
         zeros_only: bool,
+        finite: Box<FiniteModel>,
     },
     Update(SiteSink),
 }
@@ -422,11 +469,13 @@ impl TensorSink for RoutingSink {
                 expected
                     .check(manifest.tensors())
                     .map_err(|e| SinkError::Rejected(format!("the initial model: {e}")))?;
+                let finite = Box::new(FiniteModel::new(manifest)?);
                 let mut sink = SafetensorsFileSink::content_addressed(model_dir);
                 sink.begin(manifest)?;
                 self.inner = Inner::Model {
                     sink,
                     zeros_only: expected.must_be_zero(),
+                    finite,
                 };
             }
             Destination::Round { aggregator } => {
@@ -448,7 +497,11 @@ impl TensorSink for RoutingSink {
     fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
         self.check_open()?;
         match &mut self.inner {
-            Inner::Model { sink, zeros_only } => {
+            Inner::Model {
+                sink,
+                zeros_only,
+                finite,
+            } => {
                 // +0.0 is the only F32 whose bytes are all zero: -0.0 and denormals are refused.
                 if *zeros_only && data.iter().any(|&b| b != 0) {
                     return Err(SinkError::Rejected(format!(
@@ -456,6 +509,7 @@ impl TensorSink for RoutingSink {
                          is B = 0 (the base model exactly), with nothing trained in it"
                     )));
                 }
+                finite.write(index, offset, data)?;
                 sink.write(index, offset, data)
             }
             Inner::Update(s) => s.write(index, offset, data),

@@ -244,7 +244,8 @@ fn action_names_round_trip() {
             "dataset.deidentified",
             "dataset.text_deidentified",
             "privacy.spent",
-            "ledger.restored"
+            "ledger.restored",
+            "model.initialized"
         ]
     );
     for a in Action::ALL {
