@@ -21,7 +21,8 @@ use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
 use crate::payload::{
     ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
-    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified, UpdateRefused,
+    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified,
+    UpdateRefused,
 };
 
 /// An event a reader did not believe, and why.

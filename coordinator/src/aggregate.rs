@@ -158,7 +158,9 @@ pub enum AggregateError {
         need: usize,
         have: usize,
     },
-    #[error("{rule} trims nothing at any number of updates: it is the plain mean, which one site moves at will")]
+    #[error(
+        "{rule} trims nothing at any number of updates: it is the plain mean, which one site moves at will"
+    )]
     NeverRobust { rule: String },
     #[error("the round's update spool: {0}")]
     Spool(String),

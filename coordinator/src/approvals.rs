@@ -66,7 +66,10 @@ impl ApprovalGate {
     /// hold, in its domain, a role one of the quorum rules (`site:*` or `site:<that site>`) asks
     /// to approve. Written into the job's `job.proposed`, so that the audit trail and its readers
     /// refuse a decision by any other user of the site without the policy at hand.
-    pub fn approvers(&self, spec: &tutela_protocol::job::JobSpec) -> std::collections::BTreeMap<String, Vec<String>> {
+    pub fn approvers(
+        &self,
+        spec: &tutela_protocol::job::JobSpec,
+    ) -> std::collections::BTreeMap<String, Vec<String>> {
         let rules = self.authorizer.quorum_rules();
         spec.sites
             .iter()

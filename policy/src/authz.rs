@@ -492,7 +492,10 @@ mod tests {
             ]
         );
         assert!(a.holders("compliance_officer", "site:b").is_empty());
-        assert_eq!(a.holders("auditor", "site:a"), vec!["spiffe://acme/site/a/user/eve".to_string()]);
+        assert_eq!(
+            a.holders("auditor", "site:a"),
+            vec!["spiffe://acme/site/a/user/eve".to_string()]
+        );
         assert!(a.holders("operator", "site:a").is_empty());
     }
 

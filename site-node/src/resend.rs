@@ -176,7 +176,8 @@ mod tests {
         let update = released(Some((2, 1)));
         let why = check_spend_durable(&update, &ledger, true).unwrap_err();
         assert!(why.contains("not yet recorded in the audit trail"), "{why}");
-        check_spend_durable(&update, &ledger, false).expect("no trail: the ledger's charge is enough");
+        check_spend_durable(&update, &ledger, false)
+            .expect("no trail: the ledger's charge is enough");
         ledger.mark_anchored("j", (2, 1), 7).unwrap();
         check_spend_durable(&update, &ledger, true).expect("charged and anchored");
         // Another attempt's charge does not stand for this one.

@@ -21,7 +21,8 @@ mod site;
 
 pub use job::{
     JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelInitialized,
-    ModelPublished, RobustAggregation, RoundCompleted, SiteRoundMetrics, UpdateRefused, WatermarkRegistered,
+    ModelPublished, RobustAggregation, RoundCompleted, SiteRoundMetrics, UpdateRefused,
+    WatermarkRegistered,
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
 pub use policy::PolicyDecision;

@@ -74,7 +74,8 @@ async fn start(url: &str, pkcs8: &[u8], ca: &CaDir) -> Result<AuditLog, LogError
 /// The officer's approval of `job` at `digest`, signed over the job-bound approval message.
 fn approval(cert: &str, key: &EcdsaKeyPair, job: &str, digest: [u8; 32]) -> serde_json::Value {
     let (from, until) = (1_700_000_000_000, 4_000_000_000_000);
-    let message = tutela_audit::approval::policy_signed_message(job, &hex::encode(digest), from, until);
+    let message =
+        tutela_audit::approval::policy_signed_message(job, &hex::encode(digest), from, until);
     let sig = key.sign(&SystemRandom::new(), &message).unwrap();
     JobApproved {
         spec_digest: hex::encode(digest),
@@ -346,7 +347,10 @@ async fn approvals_need_a_proposal_and_an_officer_of_a_listed_site_and_are_never
                 )
                 .await,
             );
-            assert!(matches!(e, AuthorityError::NotAnApprover { .. }), "{job}: {e}");
+            assert!(
+                matches!(e, AuthorityError::NotAnApprover { .. }),
+                "{job}: {e}"
+            );
             assert!(e.to_string().contains("officer role"), "{e}");
         }
         // Proposed with another digest than the one signed.

@@ -468,7 +468,12 @@ async fn eight_concurrent_writers_get_a_dense_valid_chain() {
 pub(crate) fn proposal(digest: [u8; 32], sites: &[&str]) -> serde_json::Value {
     let approvers: serde_json::Map<String, serde_json::Value> = sites
         .iter()
-        .map(|s| (s.to_string(), json!([format!("spiffe://test/site/{s}/user/officer")])))
+        .map(|s| {
+            (
+                s.to_string(),
+                json!([format!("spiffe://test/site/{s}/user/officer")]),
+            )
+        })
         .collect();
     json!({
         "spec_digest": hex::encode(digest),
@@ -512,12 +517,18 @@ async fn an_approval_whose_signature_does_not_verify_is_refused_and_not_stored()
     let message = |job: &str, d: [u8; 32]| {
         tutela_audit::approval::policy_signed_message(job, &hex::encode(d), from, until)
     };
-    let good_sig = key.sign(&SystemRandom::new(), &message("job-1", digest)).unwrap();
-    let other_sig = key.sign(&SystemRandom::new(), &message("job-1", [8u8; 32])).unwrap();
+    let good_sig = key
+        .sign(&SystemRandom::new(), &message("job-1", digest))
+        .unwrap();
+    let other_sig = key
+        .sign(&SystemRandom::new(), &message("job-1", [8u8; 32]))
+        .unwrap();
     // The legacy form: the bare 32 digest bytes, bound to no job.
     let bare_sig = key.sign(&SystemRandom::new(), &digest).unwrap();
     // The same spec's approval for another job (an identical spec resubmitted).
-    let other_job_sig = key.sign(&SystemRandom::new(), &message("job-0", digest)).unwrap();
+    let other_job_sig = key
+        .sign(&SystemRandom::new(), &message("job-0", digest))
+        .unwrap();
     for db in databases("approval").await {
         let (log, pk) = filled_log(&db.url, 1, 100).await;
         // The job, proposed by the coordinator with the digest the officer signs.
@@ -549,7 +560,10 @@ async fn an_approval_whose_signature_does_not_verify_is_refused_and_not_stored()
             .await
             .unwrap_err();
         assert!(err.to_string().contains("bare digest"), "{err}");
-        for (what, sig) in [("bare digest", &bare_sig), ("another job's", &other_job_sig)] {
+        for (what, sig) in [
+            ("bare digest", &bare_sig),
+            ("another job's", &other_job_sig),
+        ] {
             let err = log
                 .append(ACTOR, Action::JobApproved, "job-1", payload(sig.as_ref()))
                 .await

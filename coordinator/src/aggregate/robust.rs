@@ -448,7 +448,11 @@ mod tests {
         assert!(trimmed.check_count(4).is_err());
         assert!(trimmed.check_count(5).is_ok());
         assert_eq!(RobustRule::TrimmedMean { beta: 0.0 }.min_count(), None);
-        assert!(RobustRule::TrimmedMean { beta: 0.0 }.check_count(100).is_err());
+        assert!(
+            RobustRule::TrimmedMean { beta: 0.0 }
+                .check_count(100)
+                .is_err()
+        );
     }
 
     #[test]

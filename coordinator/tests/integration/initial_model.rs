@@ -249,7 +249,10 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
                 .contains("declined: data.invalid_value column=date_of_birth"),
         "{status:?}"
     );
-    assert!(!status.reason.contains("SECRET"), "a site's note was kept: {status:?}");
+    assert!(
+        !status.reason.contains("SECRET"),
+        "a site's note was kept: {status:?}"
+    );
     assert!(status.model_id.is_empty(), "{status:?}");
     let stored: Vec<_> = std::fs::read_dir(data_dir.join("models"))
         .map(|d| d.flatten().map(|e| e.path()).collect())

@@ -350,7 +350,10 @@ fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn run(rule: RobustRule, updates: &[Vec<Vec<f32>>]) -> Result<(Vec<Vec<f64>>, Vec<String>), AggregateError> {
+fn run(
+    rule: RobustRule,
+    updates: &[Vec<Vec<f32>>],
+) -> Result<(Vec<Vec<f64>>, Vec<String>), AggregateError> {
     let dir = tempfile::tempdir().unwrap();
     let agg = aggregator(dir.path(), rule);
     for (i, u) in updates.iter().enumerate() {
@@ -410,7 +413,10 @@ fn a_rule_short_of_the_updates_it_needs_to_be_robust_fails_the_round_with_the_re
                 assert!(why.contains(&format!("at least {need}")), "{rule:?}: {why}");
                 assert!(why.contains("Byzantine"), "{rule:?}: {why}");
             }
-            other => panic!("{rule:?} over {n}: expected a refusal, got {:?}", other.map(|_| ())),
+            other => panic!(
+                "{rule:?} over {n}: expected a refusal, got {:?}",
+                other.map(|_| ())
+            ),
         }
     }
     match run(RobustRule::TrimmedMean { beta: 0.0 }, &updates) {
@@ -427,17 +433,25 @@ fn a_rule_short_of_the_updates_it_needs_to_be_robust_fails_the_round_with_the_re
 #[test]
 fn the_median_tolerates_a_minority_of_colluding_sites_and_no_more() {
     let bad = |u: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-        u.iter().map(|t| t.iter().map(|_| 0.3f32).collect()).collect()
+        u.iter()
+            .map(|t| t.iter().map(|_| 0.3f32).collect())
+            .collect()
     };
     let mut two = honest(5);
     two[3] = bad(&two[3]);
     two[4] = bad(&two[4]);
     let (result, _) = run(RobustRule::Median, &two).unwrap();
-    assert!(result.iter().flatten().all(|v| *v <= 0.0131), "two of five moved the median");
+    assert!(
+        result.iter().flatten().all(|v| *v <= 0.0131),
+        "two of five moved the median"
+    );
     let mut three = two.clone();
     three[2] = bad(&three[2]);
     let (result, _) = run(RobustRule::Median, &three).unwrap();
-    assert!(result.iter().flatten().all(|v| *v == f64::from(0.3f32)), "a majority sets the median");
+    assert!(
+        result.iter().flatten().all(|v| *v == f64::from(0.3f32)),
+        "a majority sets the median"
+    );
 }
 
 /// Ties: five identical updates (or two sybils sending the same values) give the exact value,
@@ -509,7 +523,11 @@ fn an_update_of_the_wrong_length_or_dtype_is_refused_and_nothing_is_kept() {
         ),
         (
             "a missing tensor",
-            manifest(vec![TensorSpec::new("w", DType::F32, vec![BLOCK as u64 + 1_000])]),
+            manifest(vec![TensorSpec::new(
+                "w",
+                DType::F32,
+                vec![BLOCK as u64 + 1_000],
+            )]),
             "missing",
         ),
         (
@@ -541,10 +559,17 @@ fn an_update_of_the_wrong_length_or_dtype_is_refused_and_nothing_is_kept() {
     sink.write(0, 0, &vec![0u8; (BLOCK + 1_000) * 4]).unwrap();
     sink.write(1, 0, &[0u8; 8]).unwrap();
     let short = sink.commit(&[7u8; 32]);
-    assert!(short.is_err(), "an update with a tensor missing its values was accepted");
+    assert!(
+        short.is_err(),
+        "an update with a tensor missing its values was accepted"
+    );
     assert_eq!(agg.accepted().len(), 0);
     assert_eq!(agg.in_flight(), 0);
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no spool is left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no spool is left"
+    );
 }
 
 /// A site sending two updates to one round: while the first is still uploading, and after it
@@ -566,9 +591,19 @@ fn a_site_sending_two_updates_is_counted_once() {
     let again = upload(agg.clone().open("a".into(), 1.0), &update(2), 1 << 16);
     assert!(matches!(again, Err(SinkError::Rejected(w)) if w.contains("already contributed")));
     for i in 1..3u64 {
-        upload(agg.clone().open(format!("s{i}"), 1.0), &update(i + 2), 1 << 16).unwrap();
+        upload(
+            agg.clone().open(format!("s{i}"), 1.0),
+            &update(i + 2),
+            1 << 16,
+        )
+        .unwrap();
     }
     let finished = agg.finish().unwrap();
-    let sites: Vec<&str> = finished.result.accepted.iter().map(|a| a.site.as_str()).collect();
+    let sites: Vec<&str> = finished
+        .result
+        .accepted
+        .iter()
+        .map(|a| a.site.as_str())
+        .collect();
     assert_eq!(sites, vec!["a", "s1", "s2"]);
 }

@@ -299,7 +299,12 @@ fn a_masked_vector_of_the_wrong_length_or_dtype_is_refused_and_nothing_is_folded
     assert_eq!(phases.phase(), Some(Phase::MaskedInput));
     let before = round.stored_masked_sum();
 
-    for (len, dtype) in [(6u64, DType::I64), (8, DType::I64), (7, DType::F64), (7, DType::U8)] {
+    for (len, dtype) in [
+        (6u64, DType::I64),
+        (8, DType::I64),
+        (7, DType::F64),
+        (7, DType::U8),
+    ] {
         let mut sink = round.clone().open(names[0].clone(), 1.0);
         let manifest = Manifest::new(
             vec![TensorSpec::new("secagg.masked", dtype, vec![len])],
@@ -323,22 +328,35 @@ fn a_masked_vector_of_the_wrong_length_or_dtype_is_refused_and_nothing_is_folded
     .unwrap();
     sink.begin(&manifest).unwrap();
     sink.write(0, 0, &[1u8; 48]).unwrap();
-    assert!(sink.commit(&[1; 32]).is_err(), "a short masked vector was folded");
+    assert!(
+        sink.commit(&[1; 32]).is_err(),
+        "a short masked vector was folded"
+    );
     // A chunk sent twice in place of another (a gap the sink would fill with zeros).
     let mut sink = round.clone().open(names[0].clone(), 1.0);
     sink.begin(&manifest).unwrap();
     sink.write(0, 0, &[1u8; 8]).unwrap();
-    assert!(sink.write(0, 0, &[1u8; 8]).is_err(), "a duplicated chunk was taken");
+    assert!(
+        sink.write(0, 0, &[1u8; 8]).is_err(),
+        "a duplicated chunk was taken"
+    );
     drop(sink);
     assert_eq!(round.in_flight(), 0);
     assert_eq!(round.stored_masked_sum(), before, "nothing was folded");
-    assert_eq!(phases.pending(), SITES as usize, "no site counts as answered");
+    assert_eq!(
+        phases.pending(),
+        SITES as usize,
+        "no site counts as answered"
+    );
     // The site can still send its genuine masked input.
     upload(&round, &names[0], &[5u64; 7]).unwrap();
     assert_ne!(round.stored_masked_sum(), before);
     // And only once.
     let again = upload(&round, &names[0], &[5u64; 7]);
-    assert!(again.is_err(), "a second masked input from the same site was folded");
+    assert!(
+        again.is_err(),
+        "a second masked input from the same site was folded"
+    );
 }
 
 /// A coordinator (or anyone) replaying an earlier round's or attempt's messages: an advertisement
@@ -348,10 +366,11 @@ fn a_masked_vector_of_the_wrong_length_or_dtype_is_refused_and_nothing_is_folded
 fn an_old_round_s_messages_are_refused_when_replayed() {
     let spec: SecureAggregationSpec =
         toml::from_str(&format!("scale_bits = {SCALE_BITS}")).unwrap();
-    let attempt = |round: u32, attempt: u32| spec.round_config([9; 32], round, attempt, SITES, 3, 7);
+    let attempt =
+        |round: u32, attempt: u32| spec.round_config([9; 32], round, attempt, SITES, 3, 7);
     let names = names();
-    let current = MaskedAggregation::new(&model(), names.clone(), attempt(1, 2), SCALE_BITS)
-        .unwrap();
+    let current =
+        MaskedAggregation::new(&model(), names.clone(), attempt(1, 2), SCALE_BITS).unwrap();
     let phases = current.masked().unwrap();
     for old in [attempt(1, 1), attempt(0, 2), attempt(2, 2)] {
         let (_, stale) = ClientAdvertising::new(old.clone(), 4)
@@ -386,8 +405,8 @@ fn to_unmasking() -> (
 ) {
     let config = config();
     let names = names();
-    let round = MaskedAggregation::new(&model(), names.clone(), config.clone(), SCALE_BITS)
-        .unwrap();
+    let round =
+        MaskedAggregation::new(&model(), names.clone(), config.clone(), SCALE_BITS).unwrap();
     let phases = round.masked().unwrap();
     let mut advertising = BTreeMap::new();
     for i in 0..SITES {
@@ -452,13 +471,16 @@ fn an_unmask_request_that_isolates_a_site_is_refused_by_the_sites() {
             .unmask(request)
             .expect_err("an honest site refuses the request");
         assert!(
-            e.to_string().contains("survivor") || e.to_string().contains("twice")
+            e.to_string().contains("survivor")
+                || e.to_string().contains("twice")
                 || e.to_string().contains("both"),
             "{case} (site {i}): {e}"
         );
     }
     let (_, honest) = states.next().unwrap();
-    honest.unmask(genuine).expect("the genuine request is answered");
+    honest
+        .unmask(genuine)
+        .expect("the genuine request is answered");
 }
 
 /// A coordinator relaying a forged key advertisement (its own X25519 key in place of site 3's,
@@ -473,8 +495,8 @@ fn an_unmask_request_that_isolates_a_site_is_refused_by_the_sites() {
 fn a_forged_key_advertisement_relayed_by_the_coordinator_is_refused() {
     let config = config();
     let names = names();
-    let round = MaskedAggregation::new(&model(), names.clone(), config.clone(), SCALE_BITS)
-        .unwrap();
+    let round =
+        MaskedAggregation::new(&model(), names.clone(), config.clone(), SCALE_BITS).unwrap();
     let phases = round.masked().unwrap();
     let mut site0 = None;
     for i in 0..SITES {
@@ -493,11 +515,7 @@ fn a_forged_key_advertisement_relayed_by_the_coordinator_is_refused() {
     let Some(Relay::Keys(mut keys)) = phases.relay_for(&names[0]) else {
         panic!("no keys for site 0");
     };
-    let forged = keys
-        .keys
-        .iter_mut()
-        .next()
-        .expect("site 0 has neighbours");
+    let forged = keys.keys.iter_mut().next().expect("site 0 has neighbours");
     forged.public = [42u8; 32];
     assert!(
         site0.unwrap().share_keys(keys).is_err(),

@@ -300,7 +300,8 @@ batch_size = 16
     fn a_rule_that_tolerates_no_byzantine_site_is_refused_with_the_reason() {
         let at = |min_sites: u32, extra: &str| {
             JobSpec::from_toml_str(
-                &format!("{BASE}{extra}").replace("min_sites = 5", &format!("min_sites = {min_sites}")),
+                &format!("{BASE}{extra}")
+                    .replace("min_sites = 5", &format!("min_sites = {min_sites}")),
             )
         };
         let median = "[aggregation]\nrule = \"median\"\n";
@@ -313,7 +314,10 @@ batch_size = 16
         let trimmed = "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.2\n";
         let e = at(4, trimmed).expect_err("⌊0.2 × 4⌋ = 0 trims nothing");
         assert_eq!(e.key(), Some("aggregation.beta"), "{e}");
-        assert!(e.to_string().contains("trims nothing") || e.to_string().contains("= 0 values"), "{e}");
+        assert!(
+            e.to_string().contains("trims nothing") || e.to_string().contains("= 0 values"),
+            "{e}"
+        );
         at(5, trimmed).expect("⌊0.2 × 5⌋ = 1");
         let e = at(2, "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.49\n")
             .expect_err("two sites cannot trim one at each end and keep one");

@@ -479,9 +479,9 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
     // Sent again only while its spend is durable (in the ledger, and in the trail when the node
     // keeps one): a ledger deleted while the trail was down must not let it out unrecorded.
     if let Some(ledgers) = &admitted.ledgers {
-        let ledger = ledgers
-            .open(admitted.round.dataset_name())
-            .map_err(|e| Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, e)))?;
+        let ledger = ledgers.open(admitted.round.dataset_name()).map_err(|e| {
+            Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, e))
+        })?;
         if let Err(why) =
             crate::resend::check_spend_durable(&released, &ledger, shared.audit.is_some())
         {

@@ -558,9 +558,9 @@ async fn a_job_runs_only_with_its_sites_approvals_and_forgeries_are_refused() {
         .unwrap();
     assert!(
         refusals.iter().any(|e| e.payload["site"] == "a"
-            && e.payload["reason"].as_str().is_some_and(|r| {
-                r == "declined: policy.refused"
-            })),
+            && e.payload["reason"]
+                .as_str()
+                .is_some_and(|r| { r == "declined: policy.refused" })),
         "site a's refusal is not in the trail: {refusals:#?}"
     );
     assert!(

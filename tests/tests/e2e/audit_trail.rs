@@ -94,7 +94,10 @@ async fn coordinator_records_the_job_and_the_trail_verifies_with_lineage() {
         "{init:#}"
     );
     assert!(
-        init["seq"].as_u64() < of("round.completed").first().and_then(|r| r["seq"].as_u64()),
+        init["seq"].as_u64()
+            < of("round.completed")
+                .first()
+                .and_then(|r| r["seq"].as_u64()),
         "{events:#?}"
     );
     assert!(of("node.registered").len() >= 3, "{events:#?}");
