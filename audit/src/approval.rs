@@ -10,10 +10,12 @@
 //!   user of that site.
 //!
 //! What the signature is over depends on the action ([`verify_officer_payload`]):
-//! - `job.approved`: with `signed_at_ms` and `expires_at_ms` in the payload, the policy crate's
-//!   domain-separated approval message (`tutela_protocol::job::approval_message`, context
-//!   `tutela/job-approval/v1`: job id = the event's subject, digest, window); without them, the 32
-//!   digest bytes;
+//! - `job.approved`: the policy crate's domain-separated approval message
+//!   (`tutela_protocol::job::approval_message`, context `tutela/job-approval/v1`: job id = the
+//!   event's subject, digest, window), so the payload must carry `signed_at_ms` and
+//!   `expires_at_ms`. The legacy form, a signature over the 32 digest bytes alone, is refused: it
+//!   is not bound to the job id, so an identical spec resubmitted as a new job could reuse it
+//!   (the coordinator and the nodes have never accepted it; the trail no longer does either);
 //! - `job.rejected`: always the rejection message (`tutela_protocol::job::rejection_message`,
 //!   context `tutela/job-rejection/v1`: job id = the event's subject, digest, `signed_at_ms`,
 //!   `reason`), so the payload must also carry `reason` and `signed_at_ms`. There is no
@@ -145,13 +147,21 @@ pub fn verify_approval_payload(
     payload: &serde_json::Value,
     chain: Option<&ChainCheck>,
 ) -> Result<VerifiedApproval, ApprovalError> {
-    let window = (
-        payload.get("signed_at_ms").and_then(|v| v.as_i64()),
-        payload.get("expires_at_ms").and_then(|v| v.as_i64()),
-    );
-    verify_signed_payload(payload, chain, |digest_hex, spec_digest| match window {
-        (Some(from), Some(until)) => policy_signed_message(subject, digest_hex, from, until),
-        _ => spec_digest.to_vec(),
+    let window_end = |name: &'static str| {
+        payload
+            .get(name)
+            .and_then(|v| v.as_i64())
+            .ok_or(ApprovalError::Malformed {
+                field: name,
+                problem: "is missing or not an integer (unix milliseconds): an approval is \
+                          signed over its job id, digest and validity window, never over the \
+                          bare digest"
+                    .to_string(),
+            })
+    };
+    let (from, until) = (window_end("signed_at_ms")?, window_end("expires_at_ms")?);
+    verify_signed_payload(payload, chain, |digest_hex, _| {
+        policy_signed_message(subject, digest_hex, from, until)
     })
 }
 

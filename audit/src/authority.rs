@@ -7,7 +7,7 @@
 //!
 //! | action | who may assert it |
 //! |---|---|
-//! | `node.registered`, `job.proposed`, `job.started`, `round.completed`, `job.completed`, `job.failed`, `model.published`, `watermark.registered` | the coordinator |
+//! | `node.registered`, `job.proposed`, `job.started`, `model.initialized`, `round.completed`, `job.completed`, `job.failed`, `model.published`, `watermark.registered` | the coordinator |
 //! | `update.refused` | the coordinator (any site), or a site's node naming its own site in `site` |
 //! | `dataset.deidentified`, `dataset.text_deidentified`, `privacy.spent` | a site's node, for a subject `<its site>/<dataset>` and `site` its own |
 //! | `ledger.restored` | a user of the site (the policy lets only its compliance officers write), for a subject `<its site>/<dataset>` and `site` its own |
@@ -19,7 +19,9 @@
 //!
 //! An officer's decision is further checked against the trail itself ([`TrailState`]): the job
 //! must have been proposed (`job.proposed`) with the digest signed, the officer must be a user
-//! of a site the proposal lists, and a decision already recorded (the same officer, job and
+//! of a site the proposal lists and one of the `approvers` the proposal names for that site (the
+//! holders of the policy's officer role, as the coordinator's policy said: any other user of the
+//! site, or any user at all under a proposal that names none, is refused), and a decision already recorded (the same officer, job and
 //! signed message) is a replay and is refused. Every actor must be of the log's consortium.
 //!
 //! The signature is checked against the consortium CA: at append with the service's live CA and
@@ -28,7 +30,7 @@
 //! ([`OfficerTrust::CaAt`]), so that a certificate revoked or expired since does not turn a
 //! genuine past decision into a forgery.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +80,7 @@ impl Authority {
             Action::NodeRegistered
             | Action::JobProposed
             | Action::JobStarted
+            | Action::ModelInitialized
             | Action::RoundCompleted
             | Action::JobCompleted
             | Action::JobFailed
@@ -327,6 +330,16 @@ pub enum AuthorityError {
         sites: Vec<String>,
     },
     #[error(
+        "{action} of job {job:?} by {officer}: not one of the approvers the job's proposal names for site {site:?} ({approvers:?}): only the holders of the policy's officer role decide for a site"
+    )]
+    NotAnApprover {
+        action: Action,
+        job: String,
+        officer: String,
+        site: String,
+        approvers: Vec<String>,
+    },
+    #[error(
         "{action} of job {job:?} by {officer} is a replay: the same signed decision is already recorded at seq {first_seq}"
     )]
     Replay {
@@ -390,6 +403,7 @@ pub enum Effect {
         job: String,
         spec_digest: String,
         sites: Vec<String>,
+        approvers: BTreeMap<String, Vec<String>>,
     },
     Decision {
         key: DecisionKey,
@@ -416,6 +430,8 @@ struct Proposal {
     seq: u64,
     spec_digest: String,
     sites: Vec<String>,
+    /// Per site, who may decide for it (the proposal's `approvers`; empty when it named none).
+    approvers: BTreeMap<String, Vec<String>>,
 }
 
 /// A registered version's model digest and its stages, as (seq, stage) oldest first.
@@ -493,6 +509,7 @@ impl TrailState {
                         job: a.subject.to_string(),
                         spec_digest: p.spec_digest,
                         sites: p.participants,
+                        approvers: p.approvers.unwrap_or_default(),
                     });
                 }
                 Ok(Effect::None)
@@ -576,6 +593,16 @@ impl TrailState {
                 officer,
                 site: site.to_string(),
                 sites: proposal.sites.clone(),
+            });
+        }
+        let approvers = proposal.approvers.get(site).cloned().unwrap_or_default();
+        if !approvers.contains(&officer) {
+            return Err(AuthorityError::NotAnApprover {
+                action: a.action,
+                job: a.subject.to_string(),
+                officer,
+                site: site.to_string(),
+                approvers,
             });
         }
         let key = DecisionKey {
@@ -685,10 +712,12 @@ impl TrailState {
                 job,
                 spec_digest,
                 sites,
+                approvers,
             } => self.proposals.entry(job).or_default().push(Proposal {
                 seq,
                 spec_digest,
                 sites,
+                approvers,
             }),
             Effect::Decision { key } => {
                 self.decisions.entry(key).or_insert(seq);

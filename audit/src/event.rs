@@ -44,6 +44,11 @@ pub enum Action {
     /// `job.started`: the coordinator started an approved job (quorum met). Subject: the job id.
     /// Payload: the approvals counted, the participating sites.
     JobStarted,
+    /// `model.initialized`: the coordinator accepted a job's first global model (round 0) from a
+    /// site's node, after checking that its tensors are the job's model and its values finite.
+    /// Subject: the job id. Payload ([`crate::payload::ModelInitialized`]): the model's digest,
+    /// the site whose node supplied it, the attempt.
+    ModelInitialized,
     /// `round.completed`: the coordinator aggregated a round. Subject: the job id. Payload: the
     /// round number, participants, each update's digest, metrics, ε spent per site.
     RoundCompleted,
@@ -112,7 +117,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 20] = [
+    pub const ALL: [Action; 21] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -133,6 +138,7 @@ impl Action {
         Action::LedgerRestored,
         Action::ModelRegistered,
         Action::ModelStageChanged,
+        Action::ModelInitialized,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -158,6 +164,7 @@ impl Action {
             Action::LedgerRestored => "ledger.restored",
             Action::ModelRegistered => "model.registered",
             Action::ModelStageChanged => "model.stage_changed",
+            Action::ModelInitialized => "model.initialized",
         }
     }
 }

@@ -27,8 +27,8 @@ use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
 use crate::payload::{
     ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
-    ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified, UpdateRefused,
-    WatermarkRegistered,
+    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified,
+    UpdateRefused, WatermarkRegistered,
 };
 
 /// An event a reader did not believe, and why.
@@ -75,6 +75,16 @@ pub struct RefusalRecord {
     pub round: Option<u64>,
     pub site: Option<String>,
     pub reason: Option<String>,
+}
+
+/// A job's first global model (`model.initialized`): which site's node supplied it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct InitialModelRecord {
+    pub seq: u64,
+    pub timestamp: String,
+    pub model_digest: String,
+    pub site: String,
+    pub attempt: u32,
 }
 
 /// What a language-model job trains with and produces, as its signed spec names them.
@@ -143,6 +153,9 @@ pub struct JobRecord {
     pub base_model: Option<String>,
     pub approvals: Vec<ApprovalRecord>,
     pub started_seq: Option<u64>,
+    /// The first global model and the site that supplied it; the last one recorded (an
+    /// initialization retried after a coordinator restart records another).
+    pub initial_model: Option<InitialModelRecord>,
     pub rounds: Vec<RoundRecord>,
     pub refused_updates: Vec<RefusalRecord>,
     /// Every site that took part in a round.
@@ -231,6 +244,7 @@ pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRec
         base_model: None,
         approvals: Vec::new(),
         started_seq: None,
+        initial_model: None,
         rounds: Vec::new(),
         refused_updates: Vec::new(),
         participants: Vec::new(),
@@ -327,6 +341,16 @@ fn apply_event(
         Action::JobStarted => {
             JobStarted::from_event(e)?;
             r.started_seq = Some(e.seq);
+        }
+        Action::ModelInitialized => {
+            let p = ModelInitialized::from_event(e)?;
+            r.initial_model = Some(InitialModelRecord {
+                seq: e.seq,
+                timestamp: e.timestamp.to_string(),
+                model_digest: p.model_digest,
+                site: p.site,
+                attempt: p.attempt,
+            });
         }
         Action::RoundCompleted => {
             let p = RoundCompleted::from_event(e)?;
@@ -706,6 +730,15 @@ pub fn render_report(r: &JobRecord, format: ReportFormat) -> String {
                     .map(|x| format!(" reason={x}"))
                     .unwrap_or_default()
             ),
+        ]);
+    }
+    if let Some(m) = &r.initial_model {
+        rows.push([
+            "initial_model".into(),
+            m.seq.to_string(),
+            m.timestamp.clone(),
+            m.site.clone(),
+            format!("model_digest={} attempt={}", m.model_digest, m.attempt),
         ]);
     }
     for rd in &r.rounds {

@@ -150,12 +150,18 @@ pub enum AggregateError {
     InFlight(usize),
     #[error("the round's aggregate is unusable: {0}")]
     Poisoned(String),
-    #[error("{rule} needs at least {need} accepted updates, the round has {have}")]
+    #[error(
+        "{rule} needs at least {need} accepted updates to tolerate a Byzantine site (with fewer, one site moves the result at will), the round has {have}"
+    )]
     TooFewForRule {
         rule: String,
         need: usize,
         have: usize,
     },
+    #[error(
+        "{rule} trims nothing at any number of updates: it is the plain mean, which one site moves at will"
+    )]
+    NeverRobust { rule: String },
     #[error("the round's update spool: {0}")]
     Spool(String),
     #[error("secure aggregation: {0}")]

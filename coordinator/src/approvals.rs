@@ -62,6 +62,40 @@ impl ApprovalGate {
         .collect()
     }
 
+    /// Per site `spec` lists, the identities that may decide for it: the users of that site who
+    /// hold, in its domain, a role one of the quorum rules (`site:*` or `site:<that site>`) asks
+    /// to approve. Written into the job's `job.proposed`, so that the audit trail and its readers
+    /// refuse a decision by any other user of the site without the policy at hand.
+    pub fn approvers(
+        &self,
+        spec: &tutela_protocol::job::JobSpec,
+    ) -> std::collections::BTreeMap<String, Vec<String>> {
+        let rules = self.authorizer.quorum_rules();
+        spec.sites
+            .iter()
+            .map(|site| {
+                let domain = tutela_policy::authz::site_domain(site);
+                let mut who: Vec<String> = rules
+                    .iter()
+                    .filter(|r| match &r.domain {
+                        QuorumDomain::EachParticipatingSite => true,
+                        QuorumDomain::Site(s) => s == site,
+                        QuorumDomain::Consortium => false,
+                    })
+                    .flat_map(|r| self.authorizer.holders(&r.role, &domain))
+                    .filter(|id| {
+                        id.parse::<Identity>().is_ok_and(|i| {
+                            matches!(&i.principal, Principal::User { site: s, .. } if s == site)
+                        })
+                    })
+                    .collect();
+                who.sort();
+                who.dedup();
+                (site.clone(), who)
+            })
+            .collect()
+    }
+
     /// Checks a new approval of `job` by `caller`; the error says why it is refused.
     pub fn check_new(
         &self,

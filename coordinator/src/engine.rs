@@ -206,6 +206,12 @@ impl Engine {
             .await;
     }
 
+    /// Who may decide for each site `spec` lists, by the policy in force (`None` without a
+    /// policy: the trail then admits no officer's decision of the job).
+    fn approvers(&self, spec: &JobSpec) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+        self.approvals.get().map(|gate| gate.approvers(spec))
+    }
+
     pub async fn get_job(&self, id: &JobId) -> Result<crate::store::JobRecord, EngineError> {
         self.store
             .get_job(id)
@@ -274,7 +280,10 @@ impl Engine {
         // Fail closed: a job the audit trail does not know of is withdrawn before it can start.
         let proposed = self
             .trail()
-            .record_payload(id.as_str(), &proposal(&spec, &digest, submitter))
+            .record_payload(
+                id.as_str(),
+                &proposal(&spec, &digest, submitter, self.approvers(&spec)),
+            )
             .await;
         if let Err(e) = proposed {
             let why = format!("the audit service did not record the proposal: {e}");
@@ -347,7 +356,12 @@ impl Engine {
         self.trail()
             .record_payload(
                 id.as_str(),
-                &proposal(&spec, &spec.digest(), submitter.as_deref()),
+                &proposal(
+                    &spec,
+                    &spec.digest(),
+                    submitter.as_deref(),
+                    self.approvers(&spec),
+                ),
             )
             .await
             .map_err(|e| {
@@ -612,6 +626,7 @@ fn proposal(
     spec: &JobSpec,
     digest: &tutela_protocol::job::SpecDigest,
     submitter: Option<&str>,
+    approvers: Option<std::collections::BTreeMap<String, Vec<String>>>,
 ) -> payload::JobProposed {
     payload::JobProposed {
         spec_digest: digest.to_hex(),
@@ -620,6 +635,7 @@ fn proposal(
         name: spec.name.clone(),
         operator: submitter.map(str::to_string),
         participants: spec.sites.clone(),
+        approvers,
         rounds: spec.rounds,
         privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
         tokenizer_sha256: spec.model.tokenizer_sha256.clone(),

@@ -247,7 +247,7 @@ impl pb::federation_server::Federation for FederationService {
         let site = node_site(&request)?;
         let req = request.into_inner();
         // A reason is stored and recorded in the trail: a node sends a code and a column (see
-        // site-node::failure), and nothing longer is kept.
+        // site-node::failure, tutela_protocol::refusal), and nothing else is kept.
         if req.reason.len() > MAX_DECLINE_REASON_BYTES {
             return Err(Status::invalid_argument(format!(
                 "a decline reason is at most {MAX_DECLINE_REASON_BYTES} bytes (a code, a column, \
@@ -255,16 +255,24 @@ impl pb::federation_server::Federation for FederationService {
                 req.reason.len()
             )));
         }
-        // A node that could not answer a check (it failed inside) declines it: its reason is
-        // the check's answer, under the decline's code.
+        // Only the typed refusal (its code and column) is kept: free text from a site is
+        // neither stored nor relayed into the trail, whatever the node sends.
+        let typed = tutela_protocol::refusal::TypedRefusal::parse(&req.reason).map_err(|e| {
+            Status::invalid_argument(format!(
+                "a decline reason is a refusal code, optionally with ` column=NAME` \
+                 (tutela_protocol::refusal): {e}"
+            ))
+        })?;
+        // A node that could not answer a check (it failed inside) declines it: its answer is
+        // the decline's code.
         if self.engine.checks.is_pending(&req.task_id) {
-            let (code, reason) = req
-                .reason
-                .split_once(": ")
-                .unwrap_or((req.reason.as_str(), ""));
             let refusal = pb::CheckRefusal {
-                code: code.to_string(),
-                reason: reason.to_string(),
+                code: typed.code.to_string(),
+                reason: typed
+                    .column
+                    .as_ref()
+                    .map(|c| format!("column={c}"))
+                    .unwrap_or_default(),
             };
             return match self
                 .engine
@@ -277,10 +285,11 @@ impl pb::federation_server::Federation for FederationService {
         }
         match self.engine.tasks.site_of(&req.task_id) {
             Some(s) if s == site => {
-                tracing::warn!(%site, task = %req.task_id, reason = %req.reason, "task declined");
+                let reason = typed.to_string();
+                tracing::warn!(%site, task = %req.task_id, %reason, "task declined");
                 self.engine
                     .tasks
-                    .finish(&req.task_id, Outcome::Declined { reason: req.reason });
+                    .finish(&req.task_id, Outcome::Declined { reason });
                 Ok(Response::new(pb::DeclineTaskReply {}))
             }
             Some(_) => Err(Status::permission_denied(format!(

@@ -19,6 +19,9 @@ use tutela_protocol::tensor::Manifest;
 
 use crate::aggregate::{RoundAggregation, SiteSink};
 
+mod initial_model;
+use initial_model::FiniteModel;
+
 pub use tutela_protocol::federation::meta;
 
 /// Where a task's result goes.
@@ -345,6 +348,7 @@ enum Inner {
     Model {
         sink: SafetensorsFileSink,
         zeros_only: bool,
+        finite: Box<FiniteModel>,
     },
     Update(SiteSink),
 }
@@ -435,11 +439,13 @@ impl TensorSink for RoutingSink {
                 expected
                     .check(manifest.tensors())
                     .map_err(|e| SinkError::Rejected(format!("the initial model: {e}")))?;
+                let finite = Box::new(FiniteModel::new(manifest)?);
                 let mut sink = SafetensorsFileSink::content_addressed(model_dir);
                 sink.begin(manifest)?;
                 self.inner = Inner::Model {
                     sink,
                     zeros_only: expected.must_be_zero(),
+                    finite,
                 };
             }
             Destination::Round { aggregator } => {
@@ -461,7 +467,11 @@ impl TensorSink for RoutingSink {
     fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
         self.check_open()?;
         match &mut self.inner {
-            Inner::Model { sink, zeros_only } => {
+            Inner::Model {
+                sink,
+                zeros_only,
+                finite,
+            } => {
                 // +0.0 is the only F32 whose bytes are all zero: -0.0 and denormals are refused.
                 if *zeros_only && data.iter().any(|&b| b != 0) {
                     return Err(SinkError::Rejected(format!(
@@ -469,6 +479,7 @@ impl TensorSink for RoutingSink {
                          is B = 0 (the base model exactly), with nothing trained in it"
                     )));
                 }
+                finite.write(index, offset, data)?;
                 sink.write(index, offset, data)
             }
             Inner::Update(s) => s.write(index, offset, data),

@@ -292,6 +292,25 @@ impl Authorizer {
         rm.has_link(subject, role, Some(domain))
     }
 
+    /// The identities the policy's `g` lines link to `role` in `domain`, sorted (roles linked to
+    /// roles are not expanded: an approver is named by identity). What the coordinator writes in
+    /// a proposal as the approvers of a site, so that the audit trail and its readers check an
+    /// officer's role without the policy.
+    pub fn holders(&self, role: &str, domain: &str) -> Vec<String> {
+        let loaded = self.loaded.load();
+        let mut holders: Vec<String> = loaded
+            .enforcer
+            .get_named_grouping_policy("g")
+            .into_iter()
+            .filter(|g| g.len() >= 3 && g[1] == role && g[2] == domain)
+            .map(|g| g[0].clone())
+            .filter(|who| who.parse::<Identity>().is_ok())
+            .collect();
+        holders.sort();
+        holders.dedup();
+        holders
+    }
+
     /// The quorum rules (`p2` lines) of the policy in force.
     pub fn quorum_rules(&self) -> Vec<QuorumRule> {
         self.loaded.load().quorum.clone()
@@ -477,6 +496,27 @@ mod tests {
         Authorizer::load(&dir.join("model.conf"), &dir.join("policy.csv"))
             .await
             .unwrap()
+    }
+
+    /// The approvers a proposal names: the identities a `g` line links to the role in the
+    /// domain, not another role's holders, nor another domain's.
+    #[tokio::test]
+    async fn holders_are_the_identities_linked_to_a_role_in_a_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authorizer(dir.path(), &policy("acme")).await;
+        assert_eq!(
+            a.holders("compliance_officer", "site:a"),
+            vec![
+                "spiffe://acme/site/a/user/alice".to_string(),
+                "spiffe://acme/site/a/user/eve".to_string()
+            ]
+        );
+        assert!(a.holders("compliance_officer", "site:b").is_empty());
+        assert_eq!(
+            a.holders("auditor", "site:a"),
+            vec!["spiffe://acme/site/a/user/eve".to_string()]
+        );
+        assert!(a.holders("operator", "site:a").is_empty());
     }
 
     #[test]

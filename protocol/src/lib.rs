@@ -40,6 +40,7 @@ pub mod lora;
 pub mod model_registry;
 pub mod peft_export;
 pub mod pki;
+pub mod refusal;
 pub mod release;
 pub mod secagg;
 pub mod server;

@@ -29,129 +29,8 @@ use crate::lm::text_source::TextSourceError;
 use crate::models::ModelError;
 use crate::train::TrainError;
 
-/// The stable codes of [`SiteFailure`]. Their strings are an interface: the coordinator, the
-/// trail and officers' tooling may match on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FailureCode {
-    /// The dataset's file could not be opened or read.
-    DataUnreadable,
-    /// The dataset's schema or column declaration is unusable.
-    DataSchemaInvalid,
-    /// The file has no header or no rows.
-    DataEmpty,
-    /// A line of the wrong width, or not CSV/JSON as declared.
-    DataMalformed,
-    /// A line, record or field longer than the readers' limit.
-    DataTooLong,
-    /// A column the schema needs is not in the file.
-    DataMissingColumn,
-    /// A column the file has twice, or the declaration does not declare.
-    DataUnexpectedColumn,
-    /// A cell is empty where a value is needed.
-    DataMissingValue,
-    /// A cell is not of its column's type (not a number, not a date, not finite).
-    DataInvalidValue,
-    /// A label that is not one of the schema's classes.
-    DataUnknownLabel,
-    /// A categorical value that is not one of the schema's categories (and the column refuses
-    /// unseen values).
-    DataUnknownCategory,
-    /// The data does not match the schema's feature count or image shape.
-    DataSchemaMismatch,
-    /// The table cannot be split or standardised.
-    DataUnusable,
-    /// The anonymization pipeline refused or failed.
-    DataAnonymization,
-    /// The site secret is missing or unusable.
-    SiteSecret,
-    /// The job spec or the strategy settings the coordinator sent cannot be used.
-    JobSpecInvalid,
-    /// The job's model cannot be built from its spec.
-    ModelInvalid,
-    /// The global model could not be read, decrypted or loaded.
-    GlobalModelUnusable,
-    /// The global model received is not the one the task names.
-    GlobalModelMismatch,
-    /// Local training failed.
-    TrainingFailed,
-    /// The update could not be computed or prepared for upload.
-    UpdateFailed,
-    /// An update filter (DP, masking) refused the update.
-    UpdateFiltered,
-    /// DP-SGD could not be planned, the budget refuses it, or the ledger could not be written.
-    PrivacyRefused,
-    /// The site's privacy ledger could not be read, or lacks spends the audit trail holds (it
-    /// was deleted or rolled back: an officer restores it from the trail).
-    PrivacyLedgerUnusable,
-    /// The job's planned privacy spend would pass the site's caps.
-    PrivacyBudget,
-    /// Not approved by this site's officers, or against the site policy.
-    PolicyRefused,
-    /// The task names a schema this site has no dataset for.
-    UnknownSchema,
-    /// The task is of a kind this node does not do, or lacks what its kind needs.
-    TaskInvalid,
-    /// The task's deadline passed before the node could start.
-    DeadlinePassed,
-    /// The site's audit trail could not be checked or written.
-    AuditUnavailable,
-    /// The job's tokenizer (named by digest) is not one this site holds.
-    TokenizerRefused,
-    /// The job's base checkpoint (named by digest) is not one this site holds.
-    BaseModelRefused,
-    /// Anything else inside the node.
-    Internal,
-}
-
-impl FailureCode {
-    pub fn as_str(self) -> &'static str {
-        use FailureCode::*;
-        match self {
-            DataUnreadable => "data.unreadable",
-            DataSchemaInvalid => "data.schema_invalid",
-            DataEmpty => "data.empty",
-            DataMalformed => "data.malformed",
-            DataTooLong => "data.too_long",
-            DataMissingColumn => "data.missing_column",
-            DataUnexpectedColumn => "data.unexpected_column",
-            DataMissingValue => "data.missing_value",
-            DataInvalidValue => "data.invalid_value",
-            DataUnknownLabel => "data.unknown_label",
-            DataUnknownCategory => "data.unknown_category",
-            DataSchemaMismatch => "data.schema_mismatch",
-            DataUnusable => "data.unusable",
-            DataAnonymization => "data.anonymization",
-            SiteSecret => "site.secret_unusable",
-            JobSpecInvalid => "job.spec_invalid",
-            ModelInvalid => "model.invalid",
-            GlobalModelUnusable => "model.global_unusable",
-            GlobalModelMismatch => "model.global_mismatch",
-            TrainingFailed => "training.failed",
-            UpdateFailed => "update.failed",
-            UpdateFiltered => "update.filtered",
-            PrivacyRefused => "privacy.refused",
-            PrivacyLedgerUnusable => "privacy.ledger_unusable",
-            PrivacyBudget => "privacy.budget",
-            PolicyRefused => "policy.refused",
-            UnknownSchema => "task.unknown_schema",
-            TaskInvalid => "task.invalid",
-            DeadlinePassed => "task.deadline_passed",
-            AuditUnavailable => "audit.unavailable",
-            TokenizerRefused => "model.tokenizer_refused",
-            BaseModelRefused => "model.base_refused",
-            Internal => "node.internal",
-        }
-    }
-}
-
-impl fmt::Display for FailureCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The longest column name a wire reason carries.
-const MAX_COLUMN_NAME: usize = 64;
+/// The stable codes of [`SiteFailure`] (the protocol crate's, which the coordinator parses).
+pub use tutela_protocol::refusal::FailureCode;
 
 /// Why a site could not do a task: what may leave the site ([`wire_reason`](Self::wire_reason))
 /// and, for its own log only, the full detail (`Display`).
@@ -192,11 +71,7 @@ impl SiteFailure {
 
     /// Names the column at fault, when its name is a plain identifier.
     pub fn column(mut self, column: &str) -> Self {
-        let plain = !column.is_empty()
-            && column.len() <= MAX_COLUMN_NAME
-            && column
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        let plain = tutela_protocol::refusal::is_plain_column(column);
         self.column = plain.then(|| column.to_string());
         self
     }

@@ -22,6 +22,12 @@ pub struct JobProposed {
     pub operator: Option<String>,
     /// The sites the job lists: only their officers' decisions count.
     pub participants: Vec<String>,
+    /// Per listed site, the identities the consortium policy lets decide for it (holders, in
+    /// `site:<site>`, of a role the job's quorum rules ask to approve), as the coordinator's
+    /// policy said at the proposal. Only their signed decisions count; a proposal without it (no
+    /// policy, or written before it existed) admits no officer's decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<std::collections::BTreeMap<String, Vec<String>>>,
     pub rounds: u32,
     /// The job's DP parameters, as the spec states them.
     #[serde(default)]
@@ -98,6 +104,22 @@ pub struct JobStarted {
 
 impl ActionPayload for JobStarted {
     const ACTION: Action = Action::JobStarted;
+}
+
+/// `model.initialized` (subject: the job id): the job's first global model, and who supplied it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInitialized {
+    /// The model's SHA-256 digest (its id in the coordinator's model store), hex.
+    pub model_digest: String,
+    /// The site whose node sent it.
+    pub site: String,
+    /// The attempt (of the job's initialization) it answered.
+    pub attempt: u32,
+}
+
+impl ActionPayload for ModelInitialized {
+    const ACTION: Action = Action::ModelInitialized;
 }
 
 /// One site's figures in a `round.completed`.

@@ -21,8 +21,9 @@ mod registry;
 mod site;
 
 pub use job::{
-    JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelPublished,
-    RobustAggregation, RoundCompleted, SiteRoundMetrics, UpdateRefused, WatermarkRegistered,
+    JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelInitialized,
+    ModelPublished, RobustAggregation, RoundCompleted, SiteRoundMetrics, UpdateRefused,
+    WatermarkRegistered,
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
 pub use policy::PolicyDecision;
@@ -94,6 +95,7 @@ pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), Pa
         Action::JobApproved => shape::<JobApproved>(payload),
         Action::JobRejected => shape::<JobRejected>(payload),
         Action::JobStarted => shape::<JobStarted>(payload),
+        Action::ModelInitialized => shape::<ModelInitialized>(payload),
         Action::RoundCompleted => shape::<RoundCompleted>(payload),
         Action::UpdateRefused => shape::<UpdateRefused>(payload),
         Action::JobCompleted => shape::<JobCompleted>(payload),

@@ -294,9 +294,19 @@ fn an_approval_signature_is_never_a_rejection_nor_a_rejection_an_approval() {
         .unwrap_err();
     assert!(matches!(err, ApprovalError::BadSignature { .. }), "{err}");
 
-    // The rejection's payload recorded as job.approved, with and without a window.
+    // The rejection's payload recorded as job.approved, with and without a window (without
+    // one it is refused before any signature check: there is no bare-digest approval).
     let err = verify_officer_payload(Action::JobApproved, JOB, &rejected, check).unwrap_err();
-    assert!(matches!(err, ApprovalError::BadSignature { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ApprovalError::Malformed {
+                field: "expires_at_ms",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let mut rejection_as_approval = rejected.clone();
     rejection_as_approval["expires_at_ms"] = json!(t + 3_600_000);
     let err = verify_officer_payload(Action::JobApproved, JOB, &rejection_as_approval, check)

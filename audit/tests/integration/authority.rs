@@ -71,16 +71,20 @@ async fn start(url: &str, pkcs8: &[u8], ca: &CaDir) -> Result<AuditLog, LogError
     .await
 }
 
-fn approval(cert: &str, key: &EcdsaKeyPair, digest: [u8; 32]) -> serde_json::Value {
-    let sig = key.sign(&SystemRandom::new(), &digest).unwrap();
+/// The officer's approval of `job` at `digest`, signed over the job-bound approval message.
+fn approval(cert: &str, key: &EcdsaKeyPair, job: &str, digest: [u8; 32]) -> serde_json::Value {
+    let (from, until) = (1_700_000_000_000, 4_000_000_000_000);
+    let message =
+        tutela_audit::approval::policy_signed_message(job, &hex::encode(digest), from, until);
+    let sig = key.sign(&SystemRandom::new(), &message).unwrap();
     JobApproved {
         spec_digest: hex::encode(digest),
         signature: hex::encode(sig.as_ref()),
         certificate: cert.to_string(),
         site: Some("hospital-a".into()),
         officer: Some(OFFICER.into()),
-        signed_at_ms: None,
-        expires_at_ms: None,
+        signed_at_ms: Some(from),
+        expires_at_ms: Some(until),
     }
     .to_value()
 }
@@ -297,7 +301,7 @@ async fn approvals_need_a_proposal_and_an_officer_of_a_listed_site_and_are_never
     let (cert, key, ca) = officer(dir.path());
     for db in databases("authority_approval").await {
         let log = start(&db.url, &key_pkcs8(), &ca).await.unwrap();
-        let genuine = approval(&cert, &key, DIGEST);
+        let genuine = approval(&cert, &key, JOB, DIGEST);
         // No proposal of the job yet.
         let e = unauthorized(
             log.append(COORDINATOR, Action::JobApproved, JOB, genuine.clone())
@@ -314,10 +318,41 @@ async fn approvals_need_a_proposal_and_an_officer_of_a_listed_site_and_are_never
         .await
         .unwrap();
         let e = unauthorized(
-            log.append(COORDINATOR, Action::JobApproved, "job-2", genuine.clone())
-                .await,
+            log.append(
+                COORDINATOR,
+                Action::JobApproved,
+                "job-2",
+                approval(&cert, &key, "job-2", DIGEST),
+            )
+            .await,
         );
         assert!(matches!(e, AuthorityError::SiteNotInJob { .. }), "{e}");
+        // A job that lists the officer's site but names another approver for it (the officer is
+        // a user of the site without the policy's officer role), or names none at all.
+        let mut other_approver = proposal(DIGEST, &["hospital-a"]);
+        other_approver["approvers"] =
+            json!({"hospital-a": ["spiffe://test/site/hospital-a/user/someone-else"]});
+        let mut no_approvers = proposal(DIGEST, &["hospital-a"]);
+        no_approvers.as_object_mut().unwrap().remove("approvers");
+        for (job, p) in [("job-4", other_approver), ("job-5", no_approvers)] {
+            log.append(COORDINATOR, Action::JobProposed, job, p)
+                .await
+                .unwrap();
+            let e = unauthorized(
+                log.append(
+                    COORDINATOR,
+                    Action::JobApproved,
+                    job,
+                    approval(&cert, &key, job, DIGEST),
+                )
+                .await,
+            );
+            assert!(
+                matches!(e, AuthorityError::NotAnApprover { .. }),
+                "{job}: {e}"
+            );
+            assert!(e.to_string().contains("officer role"), "{e}");
+        }
         // Proposed with another digest than the one signed.
         log.append(
             COORDINATOR,
@@ -372,7 +407,7 @@ async fn approvals_need_a_proposal_and_an_officer_of_a_listed_site_and_are_never
         )
         .await
         .unwrap();
-        let p = approval(&cert, &key, [3u8; 32]);
+        let p = approval(&cert, &key, "job-3", [3u8; 32]);
         let (x, y) = tokio::join!(
             log.append(OFFICER, Action::JobApproved, "job-3", p.clone()),
             log.append(COORDINATOR, Action::JobApproved, "job-3", p)
@@ -421,7 +456,7 @@ async fn rows_written_into_the_database_are_named_by_verify_not_believed_by_the_
     let (cert, key, ca) = officer(dir.path());
     for db in databases("authority_inserted").await {
         let pkcs8 = key_pkcs8();
-        let genuine = approval(&cert, &key, DIGEST);
+        let genuine = approval(&cert, &key, JOB, DIGEST);
         {
             let log = start(&db.url, &pkcs8, &ca).await.unwrap();
             log.append(
@@ -537,7 +572,7 @@ async fn the_log_refuses_to_reopen_over_an_approval_with_a_bogus_signature() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Signed over another digest than the one it claims.
-        let mut bogus = approval(&cert, &key, [9u8; 32]);
+        let mut bogus = approval(&cert, &key, JOB, [9u8; 32]);
         bogus["spec_digest"] = json!(hex::encode(DIGEST));
         let seqs = insert_forged(&db.url, &[(COORDINATOR, Action::JobApproved, JOB, bogus)]).await;
         let err = match start(&db.url, &pkcs8, &ca).await {

@@ -246,7 +246,8 @@ fn action_names_round_trip() {
             "privacy.spent",
             "ledger.restored",
             "model.registered",
-            "model.stage_changed"
+            "model.stage_changed",
+            "model.initialized"
         ]
     );
     for a in Action::ALL {

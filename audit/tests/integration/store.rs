@@ -464,13 +464,24 @@ async fn eight_concurrent_writers_get_a_dense_valid_chain() {
 }
 
 /// A `job.proposed` payload of `digest` listing `sites`.
+/// A proposal of a job listing `sites`, naming each site's `officer` the one approver.
 pub(crate) fn proposal(digest: [u8; 32], sites: &[&str]) -> serde_json::Value {
+    let approvers: serde_json::Map<String, serde_json::Value> = sites
+        .iter()
+        .map(|s| {
+            (
+                s.to_string(),
+                json!([format!("spiffe://test/site/{s}/user/officer")]),
+            )
+        })
+        .collect();
     json!({
         "spec_digest": hex::encode(digest),
         "code_version": "test",
         "base_model": "mlp",
         "name": "test job",
         "participants": sites,
+        "approvers": approvers,
         "rounds": 3,
     })
 }
@@ -502,8 +513,22 @@ async fn an_approval_whose_signature_does_not_verify_is_refused_and_not_stored()
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, _ca) = officer(dir.path());
     let digest = [7u8; 32];
-    let good_sig = key.sign(&SystemRandom::new(), &digest).unwrap();
-    let other_sig = key.sign(&SystemRandom::new(), &[8u8; 32]).unwrap();
+    let (from, until) = (1_700_000_000_000i64, 4_000_000_000_000i64);
+    let message = |job: &str, d: [u8; 32]| {
+        tutela_audit::approval::policy_signed_message(job, &hex::encode(d), from, until)
+    };
+    let good_sig = key
+        .sign(&SystemRandom::new(), &message("job-1", digest))
+        .unwrap();
+    let other_sig = key
+        .sign(&SystemRandom::new(), &message("job-1", [8u8; 32]))
+        .unwrap();
+    // The legacy form: the bare 32 digest bytes, bound to no job.
+    let bare_sig = key.sign(&SystemRandom::new(), &digest).unwrap();
+    // The same spec's approval for another job (an identical spec resubmitted).
+    let other_job_sig = key
+        .sign(&SystemRandom::new(), &message("job-0", digest))
+        .unwrap();
     for db in databases("approval").await {
         let (log, pk) = filled_log(&db.url, 1, 100).await;
         // The job, proposed by the coordinator with the digest the officer signs.
@@ -521,8 +546,30 @@ async fn an_approval_whose_signature_does_not_verify_is_refused_and_not_stored()
                 "signature": hex::encode(sig),
                 "certificate": cert,
                 "site": "hospital-a",
+                "signed_at_ms": from,
+                "expires_at_ms": until,
             })
         };
+        // The legacy bare-digest approval: without a window it is refused as such, and with
+        // one its signature does not verify over the job-bound message.
+        let mut legacy = payload(bare_sig.as_ref());
+        legacy.as_object_mut().unwrap().remove("signed_at_ms");
+        legacy.as_object_mut().unwrap().remove("expires_at_ms");
+        let err = log
+            .append(ACTOR, Action::JobApproved, "job-1", legacy)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("bare digest"), "{err}");
+        for (what, sig) in [
+            ("bare digest", &bare_sig),
+            ("another job's", &other_job_sig),
+        ] {
+            let err = log
+                .append(ACTOR, Action::JobApproved, "job-1", payload(sig.as_ref()))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("does not verify"), "{what}: {err}");
+        }
         // A signature over another digest.
         let err = log
             .append(

@@ -349,6 +349,7 @@ impl RoundAggregation for MaskedAggregation {
             round: self,
             site,
             bytes: Vec::new(),
+            written: 0,
         })
     }
 
@@ -436,6 +437,10 @@ struct MaskedSink {
     round: Arc<MaskedAggregation>,
     site: String,
     bytes: Vec<u8>,
+    /// How many bytes arrived, in order: the sink folds only a whole masked input. (The stream
+    /// layer checks order and completeness too; the sink does not rely on its caller for it: a
+    /// gap would fold zeros in place of masked values.)
+    written: usize,
 }
 
 impl Drop for MaskedSink {
@@ -474,11 +479,26 @@ impl TensorSink for MaskedSink {
                 self.bytes.len()
             )));
         }
+        if start != self.written {
+            return Err(SinkError::Rejected(format!(
+                "masked input chunk at byte {start} arrived where byte {} was expected (chunks \
+                 reordered, lost or duplicated)",
+                self.written
+            )));
+        }
         self.bytes[start..end].copy_from_slice(data);
+        self.written = end;
         Ok(())
     }
 
     fn commit(mut self, digest: &[u8; 32]) -> Result<AcceptedUpdate, SinkError> {
+        if self.written != self.bytes.len() || self.bytes.is_empty() {
+            return Err(SinkError::Rejected(format!(
+                "the masked input ended after {} of its {} bytes: nothing is folded",
+                self.written,
+                self.bytes.len()
+            )));
+        }
         let masked: Vec<u64> = std::mem::take(&mut self.bytes)
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))

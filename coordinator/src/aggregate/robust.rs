@@ -80,11 +80,29 @@ impl RobustRule {
         }
     }
 
-    /// Refuses a round of `n` updates the rule cannot combine.
+    /// The fewest updates with which the rule tolerates the Byzantine sites it is meant to: one
+    /// for the median (three values, so that one extreme is never the middle one) and for the
+    /// trimmed mean (⌊β·n⌋ ≥ 1: a trimmed mean that trims nothing is the plain mean, which one
+    /// site moves at will), f for Multi-Krum (n ≥ 2f + 3, and m + f). `None` when no count
+    /// suffices (β = 0 trims nothing at any n).
+    pub fn min_count(&self) -> Option<usize> {
+        match *self {
+            RobustRule::Median => Some(3),
+            RobustRule::TrimmedMean { beta } => {
+                (3..=MAX_ROUND_SITES).find(|&n| trim_count(beta, n) >= 1)
+            }
+            RobustRule::MultiKrum { f, m } => Some((2 * f + 3).max(m.map_or(0, |m| m + f))),
+        }
+    }
+
+    /// Refuses a round of `n` updates the rule cannot combine robustly: with fewer than
+    /// [`min_count`](Self::min_count) the result is not robust (a median of two is their mean),
+    /// so the round fails, saying so, rather than aggregate as if it were.
     pub fn check_count(&self, n: usize) -> Result<(), AggregateError> {
-        let need = match *self {
-            RobustRule::Median | RobustRule::TrimmedMean { .. } => 1,
-            RobustRule::MultiKrum { f, m } => (2 * f + 3).max(m.map_or(0, |m| m + f)),
+        let Some(need) = self.min_count() else {
+            return Err(AggregateError::NeverRobust {
+                rule: self.describe(),
+            });
         };
         if n < need {
             return Err(AggregateError::TooFewForRule {
@@ -160,6 +178,9 @@ pub fn median_into(block: &[&[f32]], out: &mut [f64], tally: &mut [u64]) {
         }
     }
 }
+
+/// The most sites a round is searched for when a rule's smallest robust count is computed.
+const MAX_ROUND_SITES: usize = 1 << 20;
 
 /// How many values trimmed mean drops at each end of a coordinate of `n`.
 pub fn trim_count(beta: f64, n: usize) -> usize {
@@ -418,7 +439,20 @@ mod tests {
                 .check_count(4)
                 .is_err()
         );
-        assert!(RobustRule::Median.check_count(1).is_ok());
+        // Fewer than three: a median of one or two is their mean, which one site moves at will.
+        assert!(RobustRule::Median.check_count(2).is_err());
+        assert!(RobustRule::Median.check_count(3).is_ok());
+        // ⌊0.2·4⌋ = 0 trims nothing (the plain mean); ⌊0.2·5⌋ = 1 trims one at each end.
+        let trimmed = RobustRule::TrimmedMean { beta: 0.2 };
+        assert_eq!(trimmed.min_count(), Some(5));
+        assert!(trimmed.check_count(4).is_err());
+        assert!(trimmed.check_count(5).is_ok());
+        assert_eq!(RobustRule::TrimmedMean { beta: 0.0 }.min_count(), None);
+        assert!(
+            RobustRule::TrimmedMean { beta: 0.0 }
+                .check_count(100)
+                .is_err()
+        );
     }
 
     #[test]

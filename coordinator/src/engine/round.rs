@@ -173,6 +173,18 @@ impl Engine {
                         model_id: Some(m), ..
                     }) => {
                         tracing::info!(job = %job_id, %site, model = %m, "initial model received");
+                        // Who supplied the model every round starts from is on the record
+                        // before any round does.
+                        self.trail()
+                            .note_payload_durably(
+                                job_id.as_str(),
+                                &payload::ModelInitialized {
+                                    model_digest: m.clone(),
+                                    site: site.clone(),
+                                    attempt,
+                                },
+                            )
+                            .await;
                         return Ok(m);
                     }
                     Some(Outcome::Refused { reason }) => reason,

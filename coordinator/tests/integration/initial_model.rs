@@ -27,7 +27,7 @@ fn spec(name: &str) -> String {
 rounds = 1
 min_sites = 1
 round_deadline_secs = 20
-max_round_retries = 1
+max_round_retries = 4
 update_norm_bound = 50.0
 sites = ["a"]
 
@@ -47,11 +47,13 @@ batch_size = 16
     )
 }
 
-/// An upload of `tensors` (zeros) answering `task`.
+/// An upload of `tensors` (zeros, but `poison`'s value at its (tensor, element)) answering
+/// `task`.
 async fn upload(
     node: &mut FederationClient<tonic::transport::Channel>,
     task: &str,
     tensors: Vec<TensorSpec>,
+    poison: Option<(usize, usize, f32)>,
 ) -> Result<pb::UpdateReceipt, tonic::Status> {
     let manifest = Manifest::new(
         tensors,
@@ -59,7 +61,15 @@ async fn upload(
     )
     .unwrap();
     let data = (0..manifest.len())
-        .map(|i| Bytes::from(vec![0u8; manifest.byte_len(i) as usize]))
+        .map(|i| {
+            let mut bytes = vec![0u8; manifest.byte_len(i) as usize];
+            if let Some((t, e, v)) = poison
+                && t == i
+            {
+                bytes[e * 4..e * 4 + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            Bytes::from(bytes)
+        })
         .collect();
     let (frames, _) = stream::send_for_upload(MemorySource::from_parts(manifest, data).unwrap());
     node.submit_update(frames).await.map(|r| r.into_inner())
@@ -143,7 +153,7 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
         .into_inner()
         .job_id;
 
-    // Two attempts (max_round_retries = 1), two rogue answers.
+    // Five attempts (max_round_retries = 4): four rogue answers, then a decline.
     let honest = vec![
         TensorSpec::new("fc0.bias", DType::F32, vec![4]),
         TensorSpec::new("fc0.weight", DType::F32, vec![4, 3]),
@@ -155,18 +165,31 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
     let rogue = [
         (
             vec![TensorSpec::new("evil", DType::F32, vec![1])],
+            None,
             "\"evil\" is not a parameter",
         ),
-        (with_extra, "\"zz.backdoor\" is not a parameter"),
+        (with_extra, None, "\"zz.backdoor\" is not a parameter"),
+        // The job's tensors, with a NaN or an infinity among the values: every round would start
+        // from a poisoned model.
+        (
+            honest.clone(),
+            Some((1, 5, f32::NAN)),
+            "tensor \"fc0.weight\" element 5 is NaN",
+        ),
+        (
+            honest.clone(),
+            Some((3, 7, f32::NEG_INFINITY)),
+            "tensor \"out.weight\" element 7 is -inf",
+        ),
     ];
-    for (tensors, expected) in rogue {
+    for (tensors, poison, expected) in rogue {
         let task = tokio::time::timeout(Duration::from_secs(30), tasks.message())
             .await
             .expect("an INITIALIZE task in time")
             .unwrap()
             .expect("the task stream is open");
         assert_eq!(task.kind, pb::TaskKind::Initialize as i32);
-        let status = upload(&mut node, &task.task_id, tensors)
+        let status = upload(&mut node, &task.task_id, tensors, poison)
             .await
             .expect_err("a rogue initial model is refused");
         assert!(
@@ -174,6 +197,34 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
             "{status:?}"
         );
     }
+    // The fifth attempt: the node declines. Free text (a cell value, a path) is refused; the typed
+    // refusal is taken, and only its code and column are kept, not the note after them.
+    let task = tokio::time::timeout(Duration::from_secs(30), tasks.message())
+        .await
+        .expect("an INITIALIZE task in time")
+        .unwrap()
+        .expect("the task stream is open");
+    for free_text in [
+        "patient 4711: HIV positive",
+        "/srv/hospital/patients.csv:3: \"1990-13-45\" is not a date",
+        "data.invalid_value column=date of birth",
+    ] {
+        let status = node
+            .decline_task(pb::DeclineTaskRequest {
+                task_id: task.task_id.clone(),
+                reason: free_text.to_string(),
+            })
+            .await
+            .expect_err("free text is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    node.decline_task(pb::DeclineTaskRequest {
+        task_id: task.task_id.clone(),
+        reason: "data.invalid_value column=date_of_birth: SECRET-1990-13-45".into(),
+    })
+    .await
+    .expect("a typed refusal is taken");
+
     // The job fails without a global model; nothing was stored as one.
     let started = Instant::now();
     let status = loop {
@@ -192,8 +243,15 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
     };
     assert_eq!(status.state, "failed", "{status:?}");
     assert!(
-        status.reason.contains("no initial model") && status.reason.contains("the initial model"),
+        status.reason.contains("no initial model")
+            && status
+                .reason
+                .contains("declined: data.invalid_value column=date_of_birth"),
         "{status:?}"
+    );
+    assert!(
+        !status.reason.contains("SECRET"),
+        "a site's note was kept: {status:?}"
     );
     assert!(status.model_id.is_empty(), "{status:?}");
     let stored: Vec<_> = std::fs::read_dir(data_dir.join("models"))

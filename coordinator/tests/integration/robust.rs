@@ -104,7 +104,9 @@ fn check_coordinatewise(
 
 #[test]
 fn median_and_trimmed_mean_match_a_direct_computation_for_odd_and_even_counts() {
-    for n in [4usize, 5] {
+    // ⌊0.2·n⌋ = 1 at 5 and 6; at 4 the trimmed mean would trim nothing and is refused (see
+    // `a_rule_short_of_the_updates_it_needs_to_be_robust_fails_the_round_with_the_reason`).
+    for n in [5usize, 6] {
         let updates: Vec<_> = (0..n as u64).map(|i| update(i + 1)).collect();
         for rule in [RobustRule::Median, RobustRule::TrimmedMean { beta: 0.2 }] {
             let dir = tempfile::tempdir().unwrap();
@@ -322,4 +324,286 @@ batch_size = 16
         assert_eq!(plan.method(), method, "{extra}");
         assert_eq!(plan.open_round(&model(), &round).unwrap().name(), name);
     }
+}
+
+// Attacks on the robust rules (docs/security-review.md, "Holes from the 2026-11 review, and
+// aggregation"): what a Byzantine site can send, through the same sinks the task router uses.
+
+/// The honest sites' updates: small values around a common direction, so that the honest
+/// result is known and an attacker's pull is measurable.
+fn honest(n: usize) -> Vec<Vec<Vec<f32>>> {
+    (0..n as u64)
+        .map(|i| {
+            update(i + 11)
+                .into_iter()
+                .map(|t| t.into_iter().map(|v| v + 0.01).collect())
+                .collect()
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn run(
+    rule: RobustRule,
+    updates: &[Vec<Vec<f32>>],
+) -> Result<(Vec<Vec<f64>>, Vec<String>), AggregateError> {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = aggregator(dir.path(), rule);
+    for (i, u) in updates.iter().enumerate() {
+        upload(agg.clone().open(format!("site-{i}"), 1.0), u, 1 << 16).unwrap();
+    }
+    let finished = agg.finish()?;
+    let excluded = finished.robust.map(|r| r.excluded).unwrap_or_default();
+    Ok((finished.result.mean_delta, excluded))
+}
+
+/// A sign-flipped update (−20× the honest mean direction, inside the norm bound) drags the plain
+/// mean the wrong way; the median, the trimmed mean and Multi-Krum stay within the honest
+/// values' spread, and Multi-Krum leaves the flipped site out.
+#[test]
+fn a_sign_flipped_update_does_not_turn_the_robust_rules_around() {
+    let mut updates = honest(5);
+    let flipped: Vec<Vec<f32>> = updates[0]
+        .iter()
+        .map(|t| t.iter().map(|_| -0.2f32).collect())
+        .collect();
+    updates[4] = flipped;
+    // The honest values are in [0.007, 0.013]: each coordinate's median and 1-trimmed mean must
+    // stay there; the flipped site's -0.2 would pull the plain mean to about -0.03.
+    for rule in [
+        RobustRule::Median,
+        RobustRule::TrimmedMean { beta: 0.2 },
+        RobustRule::MultiKrum { f: 1, m: None },
+    ] {
+        let (result, excluded) = run(rule, &updates).unwrap();
+        for v in result.iter().flatten() {
+            assert!(
+                (0.0069..=0.0131).contains(v),
+                "{rule:?}: a coordinate moved to {v} by the sign-flipped site"
+            );
+        }
+        if let RobustRule::MultiKrum { .. } = rule {
+            assert_eq!(excluded, vec!["site-4".to_string()]);
+        }
+    }
+}
+
+/// More Byzantine sites than the rule tolerates is refused, at submission (see the protocol
+/// crate's `a_rule_that_tolerates_no_byzantine_site_is_refused_with_the_reason`) and again at
+/// the round: a median of two values or a trimmed mean that trims nothing is the plain mean, and
+/// the round fails saying so instead of aggregating as if it were robust.
+#[test]
+fn a_rule_short_of_the_updates_it_needs_to_be_robust_fails_the_round_with_the_reason() {
+    let updates = honest(4);
+    for (rule, n, need) in [
+        (RobustRule::Median, 2usize, 3usize),
+        (RobustRule::TrimmedMean { beta: 0.2 }, 4, 5),
+        (RobustRule::MultiKrum { f: 1, m: None }, 4, 5),
+    ] {
+        match run(rule, &updates[..n]) {
+            Err(e @ AggregateError::TooFewForRule { .. }) => {
+                let why = e.to_string();
+                assert!(why.contains(&format!("at least {need}")), "{rule:?}: {why}");
+                assert!(why.contains("Byzantine"), "{rule:?}: {why}");
+            }
+            other => panic!(
+                "{rule:?} over {n}: expected a refusal, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+    match run(RobustRule::TrimmedMean { beta: 0.0 }, &updates) {
+        Err(e @ AggregateError::NeverRobust { .. }) => {
+            assert!(e.to_string().contains("trims nothing"), "{e}")
+        }
+        other => panic!("beta = 0: expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// Two colluding sites against the median of five: the rule tolerates two (the middle of five
+/// values is never one of two extremes on the same side); three of five move it, as the
+/// definition says, and the test pins that boundary.
+#[test]
+fn the_median_tolerates_a_minority_of_colluding_sites_and_no_more() {
+    let bad = |u: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        u.iter()
+            .map(|t| t.iter().map(|_| 0.3f32).collect())
+            .collect()
+    };
+    let mut two = honest(5);
+    two[3] = bad(&two[3]);
+    two[4] = bad(&two[4]);
+    let (result, _) = run(RobustRule::Median, &two).unwrap();
+    assert!(
+        result.iter().flatten().all(|v| *v <= 0.0131),
+        "two of five moved the median"
+    );
+    let mut three = two.clone();
+    three[2] = bad(&three[2]);
+    let (result, _) = run(RobustRule::Median, &three).unwrap();
+    assert!(
+        result.iter().flatten().all(|v| *v == f64::from(0.3f32)),
+        "a majority sets the median"
+    );
+}
+
+/// Ties: five identical updates (or two sybils sending the same values) give the exact value,
+/// Multi-Krum's equal scores are broken by site order, and the result does not depend on the
+/// order the updates arrived in.
+#[test]
+fn ties_give_the_same_result_whatever_the_arrival_order() {
+    let same = update(5);
+    let updates = vec![same.clone(); 5];
+    for rule in [
+        RobustRule::Median,
+        RobustRule::TrimmedMean { beta: 0.2 },
+        RobustRule::MultiKrum { f: 1, m: None },
+    ] {
+        let (result, excluded) = run(rule, &updates).unwrap();
+        let want: Vec<Vec<f64>> = same
+            .iter()
+            .map(|t| t.iter().map(|v| f64::from(*v)).collect())
+            .collect();
+        assert_eq!(max_abs_diff(&result, &want), 0.0, "{rule:?}");
+        if let RobustRule::MultiKrum { .. } = rule {
+            // Every score is 0: the last site by order is the one left out.
+            assert_eq!(excluded, vec!["site-4".to_string()]);
+        }
+    }
+    // Sybils: two identical outliers, arriving first or last, are treated the same.
+    let mut forward = honest(7);
+    forward[5] = vec![vec![0.3; BLOCK + 1_000], vec![0.3; 3]];
+    forward[6] = forward[5].clone();
+    for rule in [RobustRule::Median, RobustRule::MultiKrum { f: 2, m: None }] {
+        let dir = tempfile::tempdir().unwrap();
+        let agg = aggregator(dir.path(), rule);
+        for (i, u) in forward.iter().enumerate().rev() {
+            upload(agg.clone().open(format!("site-{i}"), 1.0), u, 1 << 16).unwrap();
+        }
+        let reversed = agg.finish().unwrap();
+        let (in_order, excluded) = run(rule, &forward).unwrap();
+        assert_eq!(reversed.result.mean_delta, in_order, "{rule:?}");
+        if let RobustRule::MultiKrum { .. } = rule {
+            assert_eq!(excluded, vec!["site-5".to_string(), "site-6".to_string()]);
+        }
+    }
+}
+
+/// Updates of the wrong shape: a tensor of another length or dtype in the manifest, a tensor
+/// missing or added, more bytes than the manifest declares, or fewer, are each refused with the
+/// reason, and none is counted or leaves a spool.
+#[test]
+fn an_update_of_the_wrong_length_or_dtype_is_refused_and_nothing_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = aggregator(dir.path(), RobustRule::Median);
+    let manifest = |tensors: Vec<TensorSpec>| Manifest::new(tensors, Default::default()).unwrap();
+    let cases = [
+        (
+            "a shorter tensor",
+            manifest(vec![
+                TensorSpec::new("w", DType::F32, vec![BLOCK as u64 + 999]),
+                TensorSpec::new("b", DType::F32, vec![3]),
+            ]),
+            "shape",
+        ),
+        (
+            "another dtype",
+            manifest(vec![
+                TensorSpec::new("w", DType::F64, vec![BLOCK as u64 + 1_000]),
+                TensorSpec::new("b", DType::F32, vec![3]),
+            ]),
+            "F32",
+        ),
+        (
+            "a missing tensor",
+            manifest(vec![TensorSpec::new(
+                "w",
+                DType::F32,
+                vec![BLOCK as u64 + 1_000],
+            )]),
+            "missing",
+        ),
+        (
+            "an extra tensor",
+            manifest(vec![
+                TensorSpec::new("w", DType::F32, vec![BLOCK as u64 + 1_000]),
+                TensorSpec::new("b", DType::F32, vec![3]),
+                TensorSpec::new("x", DType::F32, vec![1]),
+            ]),
+            "not in the global model",
+        ),
+    ];
+    for (case, m, needle) in cases {
+        let mut sink = agg.clone().open("a".into(), 1.0);
+        match sink.begin(&m) {
+            Err(SinkError::Rejected(why)) => assert!(why.contains(needle), "{case}: {why}"),
+            other => panic!("{case}: expected a refusal, got {other:?}"),
+        }
+    }
+    // The right manifest, then bytes past the tensor's end.
+    let mut sink = agg.clone().open("a".into(), 1.0);
+    sink.begin(&model()).unwrap();
+    let past = sink.write(0, 0, &vec![0u8; (BLOCK + 1_000) * 4 + 4]);
+    assert!(past.is_err(), "bytes past the tensor's end: {past:?}");
+    drop(sink);
+    // The right manifest, then fewer bytes than it declares.
+    let mut sink = agg.clone().open("a".into(), 1.0);
+    sink.begin(&model()).unwrap();
+    sink.write(0, 0, &vec![0u8; (BLOCK + 1_000) * 4]).unwrap();
+    sink.write(1, 0, &[0u8; 8]).unwrap();
+    let short = sink.commit(&[7u8; 32]);
+    assert!(
+        short.is_err(),
+        "an update with a tensor missing its values was accepted"
+    );
+    assert_eq!(agg.accepted().len(), 0);
+    assert_eq!(agg.in_flight(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no spool is left"
+    );
+}
+
+/// A site sending two updates to one round: while the first is still uploading, and after it
+/// was accepted. Both are refused; its one update counts once.
+#[test]
+fn a_site_sending_two_updates_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = aggregator(dir.path(), RobustRule::Median);
+    let mut first = agg.clone().open("a".into(), 1.0);
+    first.begin(&model()).unwrap();
+    let mut second = agg.clone().open("a".into(), 1.0);
+    match second.begin(&model()) {
+        Err(SinkError::Rejected(why)) => assert!(why.contains("in progress"), "{why}"),
+        other => panic!("a concurrent second upload: {other:?}"),
+    }
+    drop(second);
+    drop(first);
+    upload(agg.clone().open("a".into(), 1.0), &update(1), 1 << 16).unwrap();
+    let again = upload(agg.clone().open("a".into(), 1.0), &update(2), 1 << 16);
+    assert!(matches!(again, Err(SinkError::Rejected(w)) if w.contains("already contributed")));
+    for i in 1..3u64 {
+        upload(
+            agg.clone().open(format!("s{i}"), 1.0),
+            &update(i + 2),
+            1 << 16,
+        )
+        .unwrap();
+    }
+    let finished = agg.finish().unwrap();
+    let sites: Vec<&str> = finished
+        .result
+        .accepted
+        .iter()
+        .map(|a| a.site.as_str())
+        .collect();
+    assert_eq!(sites, vec!["a", "s1", "s2"]);
 }

@@ -84,7 +84,19 @@ impl AggregationSpec {
             return Err(only_for("m", "multi_krum"));
         }
         match self.rule {
-            Fedavg | Median => {}
+            Fedavg => {}
+            // A median of one or two values is their mean, which one site moves at will.
+            Median if job.min_sites < 3 => {
+                return Err(SpecError::invalid(
+                    "aggregation.rule",
+                    format!(
+                        "\"median\" needs at least 3 updates a round to tolerate one Byzantine \
+                         site (a median of two is their mean), but min_sites is {}",
+                        job.min_sites
+                    ),
+                ));
+            }
+            Median => {}
             TrimmedMean => {
                 let beta = self.beta.ok_or_else(|| {
                     SpecError::invalid(
@@ -96,6 +108,21 @@ impl AggregationSpec {
                     return Err(SpecError::invalid(
                         "aggregation.beta",
                         format!("must be in [0, 0.5), got {beta}"),
+                    ));
+                }
+                // ⌊β·n⌋ = 0 trims nothing: the plain mean, which one site moves at will. Every
+                // round has at least min_sites updates, so ⌊β·min_sites⌋ ≥ 1 holds in each.
+                if (beta * f64::from(job.min_sites)).floor() < 1.0 || job.min_sites < 3 {
+                    return Err(SpecError::invalid(
+                        "aggregation.beta",
+                        format!(
+                            "is {beta}, which trims ⌊{beta} × min_sites {}⌋ = {} values at each \
+                             end: a trimmed mean that trims nothing is the plain mean, which one \
+                             site moves at will; raise beta or min_sites so that \
+                             beta × min_sites ≥ 1 (and min_sites ≥ 3)",
+                            job.min_sites,
+                            (beta * f64::from(job.min_sites)).floor()
+                        ),
                     ));
                 }
             }
@@ -190,7 +217,7 @@ batch_size = 16
             "[aggregation]\nrule = \"fedavg\"\n",
             "[aggregation]\nrule = \"median\"\n",
             "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.2\n",
-            "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.1\n",
+            "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.25\n",
             "[aggregation]\nrule = \"multi_krum\"\nf = 1\n",
             "[aggregation]\nrule = \"multi_krum\"\nf = 1\nm = 3\n",
         ];
@@ -247,6 +274,15 @@ batch_size = 16
                 "aggregation.m",
             ),
             ("[aggregation]\nrule = \"fedavg\"\nm = 2\n", "aggregation.m"),
+            // ⌊0.1 × 5⌋ = 0 and β = 0 trim nothing: the plain mean, robust to nobody.
+            (
+                "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.1\n",
+                "aggregation.beta",
+            ),
+            (
+                "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.0\n",
+                "aggregation.beta",
+            ),
         ];
         for (extra, key) in cases {
             let e = with(extra).expect_err(extra);
@@ -256,6 +292,36 @@ batch_size = 16
         assert!(unknown.to_string().contains("mean"), "{unknown}");
         let typo = with("[aggregation]\nrule = \"median\"\nbetta = 0.1\n").unwrap_err();
         assert!(typo.to_string().contains("betta"), "{typo}");
+    }
+
+    /// A rule configured so that it tolerates no Byzantine site is refused at submission, with
+    /// the reason: it would aggregate as the plain mean while the job says it is robust.
+    #[test]
+    fn a_rule_that_tolerates_no_byzantine_site_is_refused_with_the_reason() {
+        let at = |min_sites: u32, extra: &str| {
+            JobSpec::from_toml_str(
+                &format!("{BASE}{extra}")
+                    .replace("min_sites = 5", &format!("min_sites = {min_sites}")),
+            )
+        };
+        let median = "[aggregation]\nrule = \"median\"\n";
+        for n in [1, 2] {
+            let e = at(n, median).expect_err("a median of two is their mean");
+            assert_eq!(e.key(), Some("aggregation.rule"), "{e}");
+            assert!(e.to_string().contains("min_sites is"), "{e}");
+        }
+        at(3, median).expect("three values have a middle one");
+        let trimmed = "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.2\n";
+        let e = at(4, trimmed).expect_err("⌊0.2 × 4⌋ = 0 trims nothing");
+        assert_eq!(e.key(), Some("aggregation.beta"), "{e}");
+        assert!(
+            e.to_string().contains("trims nothing") || e.to_string().contains("= 0 values"),
+            "{e}"
+        );
+        at(5, trimmed).expect("⌊0.2 × 5⌋ = 1");
+        let e = at(2, "[aggregation]\nrule = \"trimmed_mean\"\nbeta = 0.49\n")
+            .expect_err("two sites cannot trim one at each end and keep one");
+        assert_eq!(e.key(), Some("aggregation.beta"), "{e}");
     }
 
     /// The shipped example: valid, and each documented range enforced on it.

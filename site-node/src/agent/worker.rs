@@ -359,6 +359,11 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         global_model_id: task.global_model_id.clone(),
         update: result.delta.clone(),
         metadata: released_metadata.clone(),
+        charge: result
+            .privacy
+            .as_ref()
+            .and_then(|p| p.charge.as_ref())
+            .map(|c| (c.round, c.attempt)),
     });
     // The spend is in the trail before anything of the round leaves the site.
     if let (Some(audit), Some(ledgers), Some(spend)) = (&shared.audit, &ledgers, &result.privacy)
@@ -471,6 +476,25 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
             "the update of this round is no longer kept; the task can be sent again",
         )));
     };
+    // Sent again only while its spend is durable (in the ledger, and in the trail when the node
+    // keeps one): a ledger deleted while the trail was down must not let it out unrecorded.
+    if let Some(ledgers) = &admitted.ledgers {
+        let ledger = ledgers.open(admitted.round.dataset_name()).map_err(|e| {
+            Failure::Decline(SiteFailure::new(FailureCode::PrivacyLedgerUnusable, e))
+        })?;
+        if let Err(why) =
+            crate::resend::check_spend_durable(&released, &ledger, shared.audit.is_some())
+        {
+            shared
+                .gate
+                .resends()
+                .forget(&task.job_id, task.round, &task.global_model_id);
+            return Err(Failure::Decline(SiteFailure::new(
+                FailureCode::PrivacyLedgerUnusable,
+                why,
+            )));
+        }
+    }
     tracing::info!(
         round = task.round,
         attempt = task.attempt,

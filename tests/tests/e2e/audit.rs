@@ -175,6 +175,15 @@ impl AuditService {
 }
 
 /// A `job.proposed` payload of `digest` listing st-mary.
+/// The validity window of the approvals these tests sign (unix ms).
+const WINDOW: (i64, i64) = (1_700_000_000_000, 4_000_000_000_000);
+
+/// The job-bound message an officer signs to approve `job` at `digest` within [`WINDOW`] (the
+/// bare digest is refused).
+fn approval_message(job: &str, digest: [u8; 32]) -> Vec<u8> {
+    tutela_audit::approval::policy_signed_message(job, &hex::encode(digest), WINDOW.0, WINDOW.1)
+}
+
 fn proposal(digest: [u8; 32]) -> serde_json::Value {
     json!({
         "spec_digest": hex::encode(digest),
@@ -182,6 +191,7 @@ fn proposal(digest: [u8; 32]) -> serde_json::Value {
         "base_model": "mlp",
         "name": "e2e job",
         "participants": ["st-mary"],
+        "approvers": {"st-mary": ["spiffe://e2e/site/st-mary/user/alice"]},
         "rounds": 1,
     })
 }
@@ -278,7 +288,7 @@ async fn audit_service_over_mtls_and_cli_verify_names_the_tampered_row() {
         &SystemRandom::new(),
     )
     .unwrap();
-    let approval = |sig: &[u8]| json!({"spec_digest": hex::encode(digest), "signature": hex::encode(sig), "certificate": officer_cert, "site": "st-mary"});
+    let approval = |sig: &[u8]| json!({"spec_digest": hex::encode(digest), "signature": hex::encode(sig), "certificate": officer_cert, "site": "st-mary", "signed_at_ms": WINDOW.0, "expires_at_ms": WINDOW.1});
     let approvals = EventFilter {
         action: Some(Action::JobApproved),
         ..Default::default()
@@ -290,7 +300,9 @@ async fn audit_service_over_mtls_and_cli_verify_names_the_tampered_row() {
         .unwrap_err();
     assert!(err.to_string().contains("does not verify"), "{err}");
     assert!(officer.query(&approvals).await.unwrap().is_empty());
-    let good = key.sign(&SystemRandom::new(), &digest).unwrap();
+    let good = key
+        .sign(&SystemRandom::new(), &approval_message("job-1", digest))
+        .unwrap();
     let stored = coordinator
         .append(Action::JobApproved, "job-1", &approval(good.as_ref()))
         .await
@@ -625,8 +637,10 @@ async fn forged_actions_are_refused_as_denials_and_rows_written_into_the_databas
         &SystemRandom::new(),
     )
     .unwrap();
-    let sig = key.sign(&SystemRandom::new(), &digest).unwrap();
-    let genuine = json!({"spec_digest": hex::encode(digest), "signature": hex::encode(sig.as_ref()), "certificate": officer_cert, "site": "st-mary"});
+    let sig = key
+        .sign(&SystemRandom::new(), &approval_message("job-1", digest))
+        .unwrap();
+    let genuine = json!({"spec_digest": hex::encode(digest), "signature": hex::encode(sig.as_ref()), "certificate": officer_cert, "site": "st-mary", "signed_at_ms": WINDOW.0, "expires_at_ms": WINDOW.1});
     let approved = coordinator
         .append(Action::JobApproved, "job-1", &genuine)
         .await

@@ -79,6 +79,27 @@ async fn coordinator_records_the_job_and_the_trail_verifies_with_lineage() {
             .any(|e| e["subject"] == job.as_str()),
         "{events:#?}"
     );
+    // Which site supplied the model every round started from is on the record, before round 1.
+    let initialized = of("model.initialized");
+    assert_eq!(initialized.len(), 1, "{events:#?}");
+    let init = &initialized[0];
+    assert_eq!(init["subject"], job.as_str(), "{init:#}");
+    assert!(
+        sites.contains(&init["payload"]["site"].as_str().unwrap()),
+        "{init:#}"
+    );
+    assert_eq!(
+        init["payload"]["model_digest"].as_str().unwrap().len(),
+        64,
+        "{init:#}"
+    );
+    assert!(
+        init["seq"].as_u64()
+            < of("round.completed")
+                .first()
+                .and_then(|r| r["seq"].as_u64()),
+        "{events:#?}"
+    );
     assert!(of("node.registered").len() >= 3, "{events:#?}");
     let rounds = of("round.completed");
     assert_eq!(rounds.len(), 2, "{events:#?}");
