@@ -7,8 +7,10 @@
 
 mod aggregate;
 mod central_dp;
+mod distributed_dp;
 mod initial_model;
 mod rejections;
 mod robust;
 mod secagg;
+mod secagg_signed;
 mod store;

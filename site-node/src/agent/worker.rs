@@ -40,6 +40,9 @@ pub(super) struct Shared {
     pub(super) audit: Option<Arc<SiteAudit>>,
     pub(super) filters: Vec<Arc<dyn UpdateFilter>>,
     pub(super) testing: TestingConfig,
+    /// The node's key and certificate for secure aggregation's signatures; `None` when its key
+    /// cannot sign (a secure task is then declined, naming why).
+    pub(super) secagg_identity: Option<Arc<super::secagg::SecAggIdentity>>,
     /// The client of the latest session; the worker uses it for FetchModel, SubmitUpdate and
     /// DeclineTask. tonic's channel reconnects by itself, and a new session replaces it.
     pub(super) client: Mutex<Option<FederationClient<Channel>>>,
