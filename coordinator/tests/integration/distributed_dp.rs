@@ -22,6 +22,7 @@ fn job() -> JobSpec {
 name = "distributed"
 rounds = 5
 min_sites = 5
+round_deadline_secs = 60
 update_norm_bound = 1.0
 sites = ["site-00", "site-01", "site-02", "site-03", "site-04", "site-05"]
 

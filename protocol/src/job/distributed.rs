@@ -94,6 +94,7 @@ mod tests {
 name = "dist"
 rounds = 10
 min_sites = 4
+round_deadline_secs = 60
 update_norm_bound = 1.0
 sites = ["a", "b", "c", "d", "e"]
 

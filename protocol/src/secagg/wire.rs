@@ -403,4 +403,67 @@ mod tests {
         });
         assert!(decode_request(&bad).unwrap_err().0.contains("31 bytes"));
     }
+
+    #[test]
+    fn certificates_confirmations_and_confirmed_requests_survive_the_wire() {
+        let spec: SecureAggregationSpec = toml::from_str("scale_bits = 16").unwrap();
+        let config = round_config(&spec, [4; 32], (1, 1), 3, 2, 5);
+        let (_, advert) = ClientAdvertising::new(config.clone(), 1)
+            .unwrap()
+            .advertise_keys()
+            .unwrap();
+        let pb = advertise_request(&advert, b"certificate of site 1");
+        assert_eq!(
+            advertised_certificate(&pb),
+            Some(&b"certificate of site 1"[..])
+        );
+        assert_eq!(
+            decode_request(&pb).unwrap(),
+            Some(ClientMessage::AdvertiseKeys(advert.clone()))
+        );
+        assert_eq!(
+            advertised_certificate(&request_message(&advert.clone().into()).unwrap()),
+            None
+        );
+        let keys = KeysRelay {
+            round: advert.round,
+            to: 0,
+            keys: advert
+                .keys
+                .iter()
+                .map(|k| AdvertisedKey {
+                    peer: 1,
+                    ..k.clone()
+                })
+                .collect(),
+        };
+        let signed = ServerRelay::SignedKeys {
+            keys: keys.clone(),
+            certificates: Certificates::from([(1, b"certificate of site 1".to_vec())]),
+        };
+        assert_eq!(decode_reply(&reply(&signed)).unwrap(), signed);
+        let unsigned = ServerRelay::Keys(keys);
+        assert_eq!(decode_reply(&reply(&unsigned)).unwrap(), unsigned);
+
+        let request = UnmaskRequest {
+            round: config.tag(),
+            survivors: vec![0, 1],
+            dropped: vec![2],
+        };
+        let confirm = ClientMessage::Confirm(SurvivorsConfirmation {
+            round: config.tag(),
+            site: 1,
+            signatures: vec![(0, vec![1, 2, 3]), (2, vec![4])],
+        });
+        assert_eq!(
+            decode_request(&request_message(&confirm).unwrap()).unwrap(),
+            Some(confirm)
+        );
+        let confirmed = ServerRelay::Confirmed(ConfirmedRequest {
+            request,
+            to: 1,
+            confirmations: vec![(0, vec![9; 64])],
+        });
+        assert_eq!(decode_reply(&reply(&confirmed)).unwrap(), confirmed);
+    }
 }

@@ -238,6 +238,12 @@ pub(super) async fn open(
         }
     }
     let (state, share) = state.share_keys(keys).map_err(protocol)?;
+    tracing::info!(
+        task = %task.task_id,
+        round = task.round,
+        attempt = task.attempt,
+        "secure aggregation: neighbours' keys and certificates checked; sharing seeds"
+    );
     let ServerRelay::Shares(shares) = exchange(shared, task, ClientMessage::from(share)).await?
     else {
         return Err(Failure::Coordinator(
@@ -308,6 +314,9 @@ impl SecAggSession {
             );
         }
         drop(update);
+        if shared.testing.record_unmasked_updates {
+            record_unmasked(shared, &self.task_id, &flat);
+        }
         if flat.len() as u64 != self.config.vector_len {
             return Err(refuse(format!(
                 "the update has {} parameters, the round {}",
@@ -328,6 +337,10 @@ impl SecAggSession {
         let bytes: Vec<u8> = masked.masked.iter().flat_map(|v| v.to_le_bytes()).collect();
         let tensor = TensorSpec::new(MASKED_TENSOR, DType::I64, vec![self.config.vector_len]);
         let receipt = upload(shared, vec![(tensor, bytes)], metadata).await?;
+        tracing::info!(
+            task = %self.task_id,
+            "secure aggregation: masked update uploaded; waiting for the survivor list"
+        );
         let request = pb::sec_agg_request::Message::AwaitUnmask(pb::SecAggAwaitUnmask {
             header: Some(pb::SecAggHeader {
                 round_tag: self.config.tag().0.to_vec(),
@@ -396,4 +409,19 @@ impl SecAggSession {
 /// How many survivors a survivor list names.
 fn survivors_of(request: &UnmaskRequest) -> usize {
     request.survivors.len()
+}
+
+/// `[testing] record_unmasked_updates`: the plain update, beside the node's models.
+fn record_unmasked(shared: &Shared, task_id: &str, flat: &[f32]) {
+    let dir = shared
+        .models_dir
+        .parent()
+        .unwrap_or(&shared.models_dir)
+        .join("testing-unmasked");
+    let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{task_id}.f32")), bytes));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "testing.record_unmasked_updates: not written");
+    }
 }
