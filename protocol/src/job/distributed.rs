@@ -104,6 +104,12 @@ name = "mlp"
 [data]
 schema = "breast_cancer"
 
+[training]
+optimizer = "adam"
+learning_rate = 0.01
+local_epochs = 1
+batch_size = 32
+
 {extra}
 "#
         ))
