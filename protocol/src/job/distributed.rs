@@ -139,9 +139,12 @@ batch_size = 32
 
     #[test]
     fn the_plan_meets_the_target_with_the_minimum_of_survivors_and_refuses_fewer() {
-        let spec = job("[privacy]\nmode = \"distributed\"\ntarget_epsilon = 1.0\n\
-             [secure_aggregation]\nscale_bits = 16\n")
-        .unwrap();
+        let privacy = "[privacy]\nmode = \"distributed\"\ntarget_epsilon = 1.0\n";
+        // σ/√4 ≈ 6.4: 419,200 steps of 2^-16, beyond the sampler's 2^16: refused, naming why.
+        let fine = job(&format!("{privacy}[secure_aggregation]\nscale_bits = 16\n")).unwrap();
+        let e = plan(&fine, 62).unwrap_err();
+        assert_eq!(e.key(), Some("secure_aggregation.scale_bits"), "{e}");
+        let spec = job(&format!("{privacy}[secure_aggregation]\nscale_bits = 12\n")).unwrap();
         let plan = plan(&spec, 62).unwrap().unwrap();
         assert_eq!(plan.min_survivors, 4);
         assert!(
