@@ -576,6 +576,29 @@ impl ApprovalVerifier {
         signature: &[u8],
         now_ms: i64,
     ) -> Result<Identity, ApprovalError> {
+        let signer = self.verify_chain(kind, chain, now_ms)?;
+        let leaf = chain.first().ok_or(ApprovalError::NoCertificate(kind))?;
+        verify_signature(leaf, message, signature, &signer.uri())?;
+        Ok(signer)
+    }
+
+    /// A certificate chain (DER, leaf first) checked as the signers' are: to the consortium CA
+    /// at `now_ms` with the CRLs, its identity of this consortium. Returns that identity. (Secure
+    /// aggregation's node certificates, relayed by the coordinator, are checked with it.)
+    pub fn verify_certificate(
+        &self,
+        chain: &[Vec<u8>],
+        now_ms: i64,
+    ) -> Result<Identity, ApprovalError> {
+        self.verify_chain(SignedKind::Approval, chain, now_ms)
+    }
+
+    fn verify_chain(
+        &self,
+        kind: SignedKind,
+        chain: &[Vec<u8>],
+        now_ms: i64,
+    ) -> Result<Identity, ApprovalError> {
         let (leaf, rest) = chain
             .split_first()
             .ok_or(ApprovalError::NoCertificate(kind))?;
@@ -598,7 +621,6 @@ impl ApprovalVerifier {
                 consortium: self.consortium.clone(),
             });
         }
-        verify_signature(leaf, message, signature, &signer.uri())?;
         Ok(signer)
     }
 }

@@ -19,6 +19,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod aggregation;
+pub mod distributed;
 pub use aggregation::{AggregationRuleName, AggregationSpec};
 
 mod watermark;
@@ -246,6 +247,10 @@ fn default_delta() -> f64 {
 pub enum PrivacyMode {
     Local,
     Central,
+    /// Distributed DP over secure aggregation: each site clips its update, rounds it onto the
+    /// job's grid and adds its share of the discrete Gaussian noise; only the masked sum, which
+    /// carries the job's noise, is ever seen (`job::distributed`).
+    Distributed,
     None,
 }
 
@@ -371,6 +376,24 @@ impl PrivacySpec {
                     return Err(SpecError::invalid(
                         "privacy.central",
                         "applies only to mode = \"central\"",
+                    ));
+                }
+            }
+            PrivacyMode::Distributed => {
+                if self.max_grad_norm.is_some() || self.central.is_some() {
+                    return Err(SpecError::invalid(
+                        "privacy.max_grad_norm",
+                        "max_grad_norm is DP-SGD's and privacy.central the coordinator's; with \
+                         mode = \"distributed\" each site clips its whole update to \
+                         update_norm_bound and privacy.noise_multiplier (if given) is the total \
+                         noise of the sum in units of update_norm_bound",
+                    ));
+                }
+                if self.target_epsilon.is_none() && self.noise_multiplier.is_none() {
+                    return Err(SpecError::invalid(
+                        "privacy.target_epsilon",
+                        "is required with mode = \"distributed\" unless noise_multiplier is \
+                         given",
                     ));
                 }
             }
@@ -620,6 +643,7 @@ impl JobSpec {
         if let Some(secagg) = &self.secure_aggregation {
             secagg.validate(self.update_norm_bound)?;
         }
+        distributed::validate(self)?;
         if let Some(a) = &self.aggregation {
             a.validate(self)?;
         }

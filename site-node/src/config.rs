@@ -315,6 +315,11 @@ pub struct TestingConfig {
     /// Fetches the global model of every TRAIN task and then never answers the task.
     #[serde(default)]
     pub stall_after_fetch: bool,
+    /// Writes every secure round's plain update (F32, little-endian, before clipping and
+    /// masking) to `work_dir/testing-unmasked/<task>.f32`, for the tests that check the
+    /// coordinator stores none of it.
+    #[serde(default)]
+    pub record_unmasked_updates: bool,
 }
 
 /// How `[testing] corrupt_update` spoils an update.

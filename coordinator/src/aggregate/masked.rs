@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 
 use tutela_protocol::secagg::{
     AggregateOutput, ClientMessage, MaskedInput, Phase, RoundConfig, SecAggError,
-    ServerCollectingKeys, ServerCollectingMasked, ServerCollectingShares, ServerCollectingUnmask,
-    SiteIndex, encode,
+    ServerCollectingConfirmations, ServerCollectingKeys, ServerCollectingMasked,
+    ServerCollectingShares, ServerCollectingUnmask, SiteIndex, encode,
 };
 use tutela_protocol::stream::{SinkError, TensorSink};
 use tutela_protocol::tensor::{DType, Manifest, TensorSpec};
@@ -56,6 +56,10 @@ pub trait PhasedRound: Send + Sync {
     fn changed(&self) -> tokio::sync::futures::Notified<'_>;
     /// A message from `site` (the caller's mTLS identity) for the current phase.
     fn receive(&self, site: &str, msg: ClientMessage) -> Result<(), SecAggError>;
+    /// `site`'s node certificate (DER), which came with its key advertisement: relayed to its
+    /// neighbours with its keys, so they can check the keys' signatures. Given before the
+    /// advertisement itself.
+    fn present_certificate(&self, site: &str, der: Vec<u8>) -> Result<(), SecAggError>;
     /// What the last phase close relayed to `site`, taken once.
     fn relay_for(&self, site: &str) -> Option<Relay>;
     /// Why the round failed, if it did.
@@ -66,6 +70,7 @@ enum ServerState {
     Keys(ServerCollectingKeys),
     Shares(ServerCollectingShares),
     Masked(ServerCollectingMasked),
+    Confirm(ServerCollectingConfirmations),
     Unmask(ServerCollectingUnmask),
     Done(AggregateOutput),
     /// The phase it failed in, and why.
@@ -82,7 +87,25 @@ struct Inner {
     answered: Vec<SiteIndex>,
     relays: BTreeMap<SiteIndex, Relay>,
     accepted: Vec<AcceptedUpdate>,
+    /// The node certificates (DER) the sites advertised their keys with (signed rounds).
+    certificates: BTreeMap<SiteIndex, Vec<u8>>,
 }
+
+/// Whether the round's sites sign their keys and run the consistency check before unmasking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signing {
+    /// Sites sign their keys (each advertisement carries the site's node certificate, relayed to
+    /// its neighbours) and confirm the survivor list before they unmask: the wired protocol.
+    Required,
+    /// Unsigned keys, no consistency check: protects against an honest-but-curious coordinator
+    /// only (the library's tests of dropouts and masking).
+    Unsigned,
+}
+
+/// The check a round's survivors must pass before the sites are asked to unmask (distributed
+/// DP's `DistributedPlan::check_release`): given the number of masked inputs received, `Err`
+/// with the reason refuses the release, and the round fails before any mask is removed.
+pub type ReleaseCheck = Arc<dyn Fn(usize) -> Result<(), String> + Send + Sync>;
 
 /// One secure aggregation round (see the module's documentation).
 pub struct MaskedAggregation {
@@ -90,6 +113,8 @@ pub struct MaskedAggregation {
     participants: Vec<String>,
     tensors: Vec<TensorSpec>,
     scale_bits: u32,
+    signing: Signing,
+    release_check: Option<ReleaseCheck>,
     inner: Mutex<Inner>,
     in_flight: AtomicUsize,
     notify: tokio::sync::Notify,
@@ -107,12 +132,33 @@ impl std::fmt::Debug for MaskedAggregation {
 
 impl MaskedAggregation {
     /// A round on the global model `global` among `participants` (index `i` of the protocol is
-    /// `participants[i]`), on the grid `2^-scale_bits`.
+    /// `participants[i]`), on the grid `2^-scale_bits`, whose sites do not sign
+    /// ([`Signing::Unsigned`]).
     pub fn new(
         global: &Manifest,
         participants: Vec<String>,
         config: RoundConfig,
         scale_bits: u32,
+    ) -> Result<Arc<Self>, AggregateError> {
+        Self::with_signing(
+            global,
+            participants,
+            config,
+            scale_bits,
+            Signing::Unsigned,
+            None,
+        )
+    }
+
+    /// As [`Self::new`], with the sites signing as `signing` says and, before the unmasking,
+    /// `release_check` on the number of survivors.
+    pub fn with_signing(
+        global: &Manifest,
+        participants: Vec<String>,
+        config: RoundConfig,
+        scale_bits: u32,
+        signing: Signing,
+        release_check: Option<ReleaseCheck>,
     ) -> Result<Arc<Self>, AggregateError> {
         let lens = super::f32_tensor_lens(global)?;
         let len: u64 = lens.iter().map(|&n| n as u64).sum();
@@ -140,11 +186,14 @@ impl MaskedAggregation {
                 answered: Vec::new(),
                 relays: BTreeMap::new(),
                 accepted: Vec::new(),
+                certificates: BTreeMap::new(),
             }),
             config,
             participants,
             tensors,
             scale_bits,
+            signing,
+            release_check,
             in_flight: AtomicUsize::new(0),
             notify: tokio::sync::Notify::new(),
         }))
@@ -193,10 +242,23 @@ impl MaskedAggregation {
             });
         }
         let mut inner = self.lock();
+        if self.signing == Signing::Required
+            && matches!(msg, ClientMessage::AdvertiseKeys(_))
+            && !inner.certificates.contains_key(&index)
+        {
+            return Err(SecAggError::Malformed {
+                site: index,
+                phase: Phase::AdvertiseKeys,
+                reason: "its keys came without its node certificate, which its neighbours need \
+                         to check their signatures"
+                    .into(),
+            });
+        }
         let result = match &mut inner.state {
             ServerState::Keys(s) => s.receive(msg),
             ServerState::Shares(s) => s.receive(msg),
             ServerState::Masked(s) => s.receive(msg),
+            ServerState::Confirm(s) => s.receive(msg),
             ServerState::Unmask(s) => s.receive(msg),
             ServerState::Done(_) | ServerState::Failed(..) | ServerState::Moving => {
                 Err(SecAggError::RoundFailed {
@@ -251,6 +313,7 @@ impl PhasedRound for MaskedAggregation {
             ServerState::Keys(_) => Some(Phase::AdvertiseKeys),
             ServerState::Shares(_) => Some(Phase::ShareKeys),
             ServerState::Masked(_) => Some(Phase::MaskedInput),
+            ServerState::Confirm(_) => Some(Phase::ConsistencyCheck),
             ServerState::Unmask(_) => Some(Phase::Unmasking),
             _ => None,
         }
@@ -270,10 +333,30 @@ impl PhasedRound for MaskedAggregation {
         let state = std::mem::replace(&mut inner.state, ServerState::Moving);
         let phase = self.phase_of(&state).unwrap_or(Phase::Unmasking);
         let mut relays = BTreeMap::new();
+        let signed = self.signing == Signing::Required;
+        let refused = match (&state, &self.release_check) {
+            (ServerState::Masked(s), Some(check)) => check(s.received().len()).err(),
+            _ => None,
+        };
         let next = match state {
             ServerState::Keys(s) => s.close().map(|(next, out)| {
                 for r in out {
-                    relays.insert(r.to, Relay::Keys(r));
+                    let relay = if signed {
+                        let certificates = r
+                            .keys
+                            .iter()
+                            .filter_map(|k| {
+                                inner.certificates.get(&k.peer).map(|c| (k.peer, c.clone()))
+                            })
+                            .collect();
+                        Relay::SignedKeys {
+                            keys: r,
+                            certificates,
+                        }
+                    } else {
+                        Relay::Keys(r)
+                    };
+                    relays.insert(relay_to(&relay), relay);
                 }
                 ServerState::Shares(next)
             }),
@@ -283,9 +366,28 @@ impl PhasedRound for MaskedAggregation {
                 }
                 ServerState::Masked(next)
             }),
+            // Nothing is unmasked: the sites are never sent a survivor list.
+            ServerState::Masked(_) if refused.is_some() => Err(SecAggError::RoundFailed {
+                phase: Phase::MaskedInput,
+                reason: refused.unwrap_or_default(),
+            }),
+            ServerState::Masked(s) if signed => {
+                s.close_with_consistency_check().map(|(next, request)| {
+                    for &site in &request.survivors {
+                        relays.insert(site, Relay::Unmask(request.clone()));
+                    }
+                    ServerState::Confirm(next)
+                })
+            }
             ServerState::Masked(s) => s.close().map(|(next, request)| {
                 for &site in &request.survivors {
                     relays.insert(site, Relay::Unmask(request.clone()));
+                }
+                ServerState::Unmask(next)
+            }),
+            ServerState::Confirm(s) => s.close().map(|(next, confirmed)| {
+                for c in confirmed {
+                    relays.insert(c.to, Relay::Confirmed(c));
                 }
                 ServerState::Unmask(next)
             }),
@@ -323,6 +425,26 @@ impl PhasedRound for MaskedAggregation {
 
     fn receive(&self, site: &str, msg: ClientMessage) -> Result<(), SecAggError> {
         self.receive_message(site, msg)
+    }
+
+    fn present_certificate(&self, site: &str, der: Vec<u8>) -> Result<(), SecAggError> {
+        let Some(index) = self.index_of(site) else {
+            return Err(SecAggError::Refused {
+                site: u32::MAX,
+                phase: Phase::AdvertiseKeys,
+                reason: format!("{site} is not a participant of this round"),
+            });
+        };
+        let mut inner = self.lock();
+        if !matches!(inner.state, ServerState::Keys(_)) {
+            return Err(SecAggError::Refused {
+                site: index,
+                phase: Phase::AdvertiseKeys,
+                reason: "a certificate outside the key advertisement phase".into(),
+            });
+        }
+        inner.certificates.insert(index, der);
+        Ok(())
     }
 
     fn relay_for(&self, site: &str) -> Option<Relay> {
@@ -425,9 +547,20 @@ impl MaskedAggregation {
             ServerState::Keys(_) => Some(Phase::AdvertiseKeys),
             ServerState::Shares(_) => Some(Phase::ShareKeys),
             ServerState::Masked(_) => Some(Phase::MaskedInput),
+            ServerState::Confirm(_) => Some(Phase::ConsistencyCheck),
             ServerState::Unmask(_) => Some(Phase::Unmasking),
             _ => None,
         }
+    }
+}
+
+/// The site a keys relay is addressed to.
+fn relay_to(relay: &Relay) -> SiteIndex {
+    match relay {
+        Relay::Keys(r) | Relay::SignedKeys { keys: r, .. } => r.to,
+        Relay::Shares(r) => r.to,
+        Relay::Confirmed(c) => c.to,
+        Relay::Unmask(_) | Relay::Done => SiteIndex::MAX,
     }
 }
 

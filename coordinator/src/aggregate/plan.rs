@@ -18,11 +18,12 @@ use tutela_protocol::tensor::Manifest;
 use tutela_protocol::secagg::SecureAggregationSpec;
 
 use super::buffered::{BufferedAggregator, BufferedOptions};
-use super::masked::MaskedAggregation;
+use super::masked::{MaskedAggregation, ReleaseCheck, Signing};
 use super::robust::{RobustReport, RobustRule};
 use super::streaming::{AggregatorOptions, RoundAggregator, SpoolPool};
 use super::{AggregateError, FinishedRound, RoundAggregation, RoundResult, UpdateFilter};
 use crate::central_dp::{CentralDp, CentralDpRound, ClipToNorm};
+use tutela_privacy::accountant::distributed::DistributedPlan;
 
 /// The round record's key (in its `site_metrics`, beside the sites) for a robust rule's report.
 /// Site names cannot contain parentheses, so it never collides with a site.
@@ -96,6 +97,9 @@ pub struct JobAggregation {
     norm_bound: f64,
     central: Option<CentralDp>,
     secure: Option<SecureAggregationSpec>,
+    /// `[privacy] mode = "distributed"`: the plan whose release check every masked round runs
+    /// before it asks the sites to unmask.
+    distributed: Option<Arc<DistributedPlan>>,
     spools: Spools,
 }
 
@@ -147,11 +151,26 @@ impl JobAggregation {
                     .into(),
             );
         }
+        let distributed = tutela_protocol::job::distributed::plan(spec, dimension)
+            .map_err(|e| e.to_string())?
+            .map(Arc::new);
+        if let Some(plan) = &distributed {
+            tracing::info!(
+                site_noise = plan.site_noise(),
+                total_noise = plan.total_noise,
+                min_survivors = plan.min_survivors,
+                planned_epsilon = plan.planned_epsilon,
+                delta = plan.delta,
+                "distributed DP: each site adds its share of the noise; a round is released only \
+                 with at least the plan's survivors"
+            );
+        }
         Ok(JobAggregation {
             method,
             norm_bound: spec.update_norm_bound,
             central,
             secure: spec.secure_aggregation.clone(),
+            distributed,
             spools,
         })
     }
@@ -216,11 +235,23 @@ impl JobAggregation {
                 config
                     .validate()
                     .map_err(|e| AggregateError::SecureAggregation(e.to_string()))?;
-                MaskedAggregation::new(
+                // The wired protocol always signs: every node holds its certificate's key, and
+                // without signatures a coordinator could substitute keys or split the survivor
+                // list (docs/architecture.md, "Threat model").
+                let release_check = self.distributed.clone().map(|plan| -> ReleaseCheck {
+                    Arc::new(move |survivors| {
+                        plan.check_release(survivors)
+                            .map(|_| ())
+                            .map_err(|e| format!("distributed DP refuses the release: {e}"))
+                    })
+                });
+                MaskedAggregation::with_signing(
                     global,
                     round.participants.to_vec(),
                     config,
                     secure.scale_bits,
+                    Signing::Required,
+                    release_check,
                 )?
             }
         })

@@ -422,8 +422,15 @@ impl Engine {
         let outcomes = self.tasks.close(&d.ids);
         // Uploads cut off by the close notice it at their next chunk and drop their sinks, which
         // undoes what they folded in; the aggregate is final once no sink holds it.
+        // A secure round's task routes (`Engine::secagg`, one per task, removed after the
+        // unmasking) hold it too: counting them as sinks cost every secure round this wait's 10 s.
+        let routes = if d.aggregator.masked().is_some() {
+            d.ids.len()
+        } else {
+            0
+        };
         let mut waited = 0;
-        while Arc::strong_count(&d.aggregator) > 1 && waited < 500 {
+        while Arc::strong_count(&d.aggregator) > 1 + routes && waited < 500 {
             tokio::time::sleep(Duration::from_millis(20)).await;
             waited += 1;
         }

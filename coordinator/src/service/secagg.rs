@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use tonic::Status;
+use tutela_protocol::identity::Principal;
 use tutela_protocol::pb;
 use tutela_protocol::secagg::ClientMessage;
 use tutela_protocol::secagg::wire::{self, ServerRelay};
@@ -36,6 +37,25 @@ pub(super) async fn exchange(
         .ok_or_else(|| Status::invalid_argument("the SecAgg request carries no message"))?;
     let decoded =
         wire::decode_request(message).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Some(der) = wire::advertised_certificate(message) {
+        // The neighbours check the certificate themselves (a coordinator is not trusted with
+        // it); this check only keeps an honest coordinator from relaying a certificate that
+        // is not the caller's.
+        let named = tutela_protocol::pki::identity_of_cert_der(der)
+            .map_err(|e| Status::invalid_argument(format!("the advertised certificate: {e}")))?;
+        if named.principal
+            != (Principal::Node {
+                site: site.to_string(),
+            })
+        {
+            return Err(Status::invalid_argument(format!(
+                "the advertised certificate names {named}, not the caller's node of site {site}"
+            )));
+        }
+        phases
+            .present_certificate(site, der.to_vec())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    }
     if let Some(msg) = decoded {
         let last = matches!(msg, ClientMessage::Unmask(_));
         phases

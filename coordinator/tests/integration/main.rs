@@ -7,9 +7,11 @@
 
 mod aggregate;
 mod central_dp;
+mod distributed_dp;
 mod initial_model;
 mod registry;
 mod rejections;
 mod robust;
 mod secagg;
+mod secagg_signed;
 mod store;

@@ -20,7 +20,7 @@ const SITES: u32 = 10;
 const SCALE_BITS: u32 = 16;
 
 /// A two-tensor model of 7 parameters.
-fn model() -> Manifest {
+pub(crate) fn model() -> Manifest {
     Manifest::new(
         vec![
             TensorSpec::new("w", DType::F32, vec![2, 3]),
@@ -42,14 +42,18 @@ fn config() -> RoundConfig {
 }
 
 /// Site `i`'s quantized input: grid integers of either sign, different per site.
-fn input(i: u32) -> Vec<i64> {
+pub(crate) fn input(i: u32) -> Vec<i64> {
     (0..7)
         .map(|j| (i64::from(i) * 7919 + j * 104_729) % 65_536 - 30_000)
         .collect()
 }
 
 /// Streams a masked input through the site's sink, 13 bytes at a time (chunks split elements).
-fn upload(round: &Arc<MaskedAggregation>, site: &str, masked: &[u64]) -> Result<(), String> {
+pub(crate) fn upload(
+    round: &Arc<MaskedAggregation>,
+    site: &str,
+    masked: &[u64],
+) -> Result<(), String> {
     let mut sink = round.clone().open(site.to_string(), 1.0);
     let manifest = Manifest::new(
         vec![TensorSpec::new(

@@ -3,10 +3,12 @@
 //! [`RoundConfig`] from the signed job spec, the round, the attempt and the participant list, so a
 //! site never takes the configuration from the coordinator.
 
+use std::collections::BTreeMap;
+
 use super::{
-    AdvertiseKeys, AdvertisedKey, ClientMessage, KeysRelay, RoundConfig, RoundTag,
-    SecureAggregationSpec, ShareKeys, SharesRelay, SiteIndex, UnmaskRequest, UnmaskResponse,
-    UnmaskShare, shamir::CHUNKS, shamir::Share,
+    AdvertiseKeys, AdvertisedKey, ClientMessage, ConfirmedRequest, KeysRelay, RoundConfig,
+    RoundTag, SecureAggregationSpec, ShareKeys, SharesRelay, SiteIndex, SurvivorsConfirmation,
+    UnmaskRequest, UnmaskResponse, UnmaskShare, shamir::CHUNKS, shamir::Share,
 };
 use crate::pb;
 use crate::pb::sec_agg_reply::Relay as PbRelay;
@@ -53,7 +55,15 @@ fn pb_header(round: RoundTag, site: SiteIndex) -> Option<pb::SecAggHeader> {
     })
 }
 
-fn keys_to_pb(round: RoundTag, site: SiteIndex, keys: &[AdvertisedKey]) -> pb::SecAggAdvertiseKeys {
+/// Node certificates (DER) by site index, as relayed with the keys.
+pub type Certificates = BTreeMap<SiteIndex, Vec<u8>>;
+
+fn keys_to_pb(
+    round: RoundTag,
+    site: SiteIndex,
+    keys: &[AdvertisedKey],
+    certificates: &Certificates,
+) -> pb::SecAggAdvertiseKeys {
     pb::SecAggAdvertiseKeys {
         header: pb_header(round, site),
         keys: keys
@@ -62,9 +72,44 @@ fn keys_to_pb(round: RoundTag, site: SiteIndex, keys: &[AdvertisedKey]) -> pb::S
                 peer: k.peer,
                 public_key: k.public.to_vec(),
                 signature: k.signature.clone(),
+                certificate: certificates.get(&k.peer).cloned().unwrap_or_default(),
             })
             .collect(),
+        certificate: Vec::new(),
     }
+}
+
+fn signatures_to_pb(signatures: &[(SiteIndex, Vec<u8>)]) -> Vec<pb::SecAggSignature> {
+    signatures
+        .iter()
+        .map(|(peer, signature)| pb::SecAggSignature {
+            peer: *peer,
+            signature: signature.clone(),
+        })
+        .collect()
+}
+
+fn signatures_from_pb(signatures: &[pb::SecAggSignature]) -> Vec<(SiteIndex, Vec<u8>)> {
+    signatures
+        .iter()
+        .map(|s| (s.peer, s.signature.clone()))
+        .collect()
+}
+
+fn unmask_request_to_pb(r: &UnmaskRequest) -> pb::SecAggUnmaskRequest {
+    pb::SecAggUnmaskRequest {
+        round_tag: r.round.0.to_vec(),
+        survivors: r.survivors.clone(),
+        dropped: r.dropped.clone(),
+    }
+}
+
+fn unmask_request_from_pb(m: &pb::SecAggUnmaskRequest) -> Result<UnmaskRequest, WireError> {
+    Ok(UnmaskRequest {
+        round: tag(&m.round_tag)?,
+        survivors: m.survivors.clone(),
+        dropped: m.dropped.clone(),
+    })
 }
 
 fn keys_from_pb(
@@ -124,11 +169,28 @@ fn ciphertexts_from_pb(m: &pb::SecAggShareKeys) -> Result<Ciphertexts, WireError
     ))
 }
 
-/// A site's message to the wire. `None` for a masked input: that goes as a tensor stream.
+/// A site's key advertisement with its node certificate (DER), which the coordinator relays with
+/// each of its keys so that the neighbours can check the keys' signatures.
+pub fn advertise_request(m: &AdvertiseKeys, certificate: &[u8]) -> PbMessage {
+    let mut keys = keys_to_pb(m.round, m.site, &m.keys, &Certificates::new());
+    keys.certificate = certificate.to_vec();
+    PbMessage::AdvertiseKeys(keys)
+}
+
+/// The node certificate a key advertisement carries (empty when the site does not sign).
+pub fn advertised_certificate(msg: &PbMessage) -> Option<&[u8]> {
+    match msg {
+        PbMessage::AdvertiseKeys(m) if !m.certificate.is_empty() => Some(&m.certificate),
+        _ => None,
+    }
+}
+
+/// A site's message to the wire. `None` for a masked input: that goes as a tensor stream. A key
+/// advertisement goes without certificate here ([`advertise_request`] adds it).
 pub fn request_message(msg: &ClientMessage) -> Option<PbMessage> {
     Some(match msg {
         ClientMessage::AdvertiseKeys(m) => {
-            PbMessage::AdvertiseKeys(keys_to_pb(m.round, m.site, &m.keys))
+            PbMessage::AdvertiseKeys(keys_to_pb(m.round, m.site, &m.keys, &Certificates::new()))
         }
         ClientMessage::ShareKeys(m) => {
             PbMessage::ShareKeys(ciphertexts_to_pb(m.round, m.site, &m.ciphertexts))
@@ -154,7 +216,11 @@ pub fn request_message(msg: &ClientMessage) -> Option<PbMessage> {
                 })
                 .collect(),
         }),
-        ClientMessage::MaskedInput(_) | ClientMessage::Confirm(_) => return None,
+        ClientMessage::Confirm(m) => PbMessage::Confirm(pb::SecAggConfirm {
+            header: pb_header(m.round, m.site),
+            signatures: signatures_to_pb(&m.signatures),
+        }),
+        ClientMessage::MaskedInput(_) => return None,
     })
 }
 
@@ -175,6 +241,14 @@ pub fn decode_request(msg: &PbMessage) -> Result<Option<ClientMessage>, WireErro
             })
         }
         PbMessage::AwaitUnmask(_) => return Ok(None),
+        PbMessage::Confirm(m) => {
+            let (round, site) = header(m.header.as_ref())?;
+            ClientMessage::Confirm(SurvivorsConfirmation {
+                round,
+                site,
+                signatures: signatures_from_pb(&m.signatures),
+            })
+        }
         PbMessage::Unmask(m) => {
             let (round, site) = header(m.header.as_ref())?;
             let shares = m
@@ -215,19 +289,33 @@ pub fn decode_request(msg: &PbMessage) -> Result<Option<ClientMessage>, WireErro
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServerRelay {
     Keys(KeysRelay),
+    /// The keys of a round whose sites sign, each with its maker's node certificate.
+    SignedKeys {
+        keys: KeysRelay,
+        certificates: Certificates,
+    },
     Shares(SharesRelay),
     Unmask(UnmaskRequest),
+    /// The consistency check's outcome for one site: the survivor list and its neighbours'
+    /// signatures over it.
+    Confirmed(ConfirmedRequest),
     Done,
 }
 
 pub fn reply(relay: &ServerRelay) -> pb::SecAggReply {
     let relay = match relay {
-        ServerRelay::Keys(r) => PbRelay::Keys(keys_to_pb(r.round, r.to, &r.keys)),
+        ServerRelay::Keys(r) => {
+            PbRelay::Keys(keys_to_pb(r.round, r.to, &r.keys, &Certificates::new()))
+        }
+        ServerRelay::SignedKeys { keys, certificates } => {
+            PbRelay::Keys(keys_to_pb(keys.round, keys.to, &keys.keys, certificates))
+        }
         ServerRelay::Shares(r) => PbRelay::Shares(ciphertexts_to_pb(r.round, r.to, &r.ciphertexts)),
-        ServerRelay::Unmask(r) => PbRelay::UnmaskRequest(pb::SecAggUnmaskRequest {
-            round_tag: r.round.0.to_vec(),
-            survivors: r.survivors.clone(),
-            dropped: r.dropped.clone(),
+        ServerRelay::Unmask(r) => PbRelay::UnmaskRequest(unmask_request_to_pb(r)),
+        ServerRelay::Confirmed(c) => PbRelay::Confirmed(pb::SecAggConfirmedRequest {
+            request: Some(unmask_request_to_pb(&c.request)),
+            to: c.to,
+            confirmations: signatures_to_pb(&c.confirmations),
         }),
         ServerRelay::Done => PbRelay::Done(pb::SecAggDone {}),
     };
@@ -239,7 +327,18 @@ pub fn decode_reply(reply: &pb::SecAggReply) -> Result<ServerRelay, WireError> {
         None => return Err(WireError("the reply is empty".into())),
         Some(PbRelay::Keys(m)) => {
             let (round, to, keys) = keys_from_pb(m)?;
-            ServerRelay::Keys(KeysRelay { round, to, keys })
+            let keys = KeysRelay { round, to, keys };
+            if m.keys.iter().any(|k| !k.certificate.is_empty()) {
+                let certificates = m
+                    .keys
+                    .iter()
+                    .filter(|k| !k.certificate.is_empty())
+                    .map(|k| (k.peer, k.certificate.clone()))
+                    .collect();
+                ServerRelay::SignedKeys { keys, certificates }
+            } else {
+                ServerRelay::Keys(keys)
+            }
         }
         Some(PbRelay::Shares(m)) => {
             let (round, to, ciphertexts) = ciphertexts_from_pb(m)?;
@@ -249,10 +348,15 @@ pub fn decode_reply(reply: &pb::SecAggReply) -> Result<ServerRelay, WireError> {
                 ciphertexts,
             })
         }
-        Some(PbRelay::UnmaskRequest(m)) => ServerRelay::Unmask(UnmaskRequest {
-            round: tag(&m.round_tag)?,
-            survivors: m.survivors.clone(),
-            dropped: m.dropped.clone(),
+        Some(PbRelay::UnmaskRequest(m)) => ServerRelay::Unmask(unmask_request_from_pb(m)?),
+        Some(PbRelay::Confirmed(m)) => ServerRelay::Confirmed(ConfirmedRequest {
+            request: unmask_request_from_pb(
+                m.request
+                    .as_ref()
+                    .ok_or_else(|| WireError("the confirmed request is missing".into()))?,
+            )?,
+            to: m.to,
+            confirmations: signatures_from_pb(&m.confirmations),
         }),
         Some(PbRelay::Done(_)) => ServerRelay::Done,
     })
@@ -295,7 +399,71 @@ mod tests {
                 site: 0,
             }),
             keys: vec![],
+            certificate: vec![],
         });
         assert!(decode_request(&bad).unwrap_err().0.contains("31 bytes"));
+    }
+
+    #[test]
+    fn certificates_confirmations_and_confirmed_requests_survive_the_wire() {
+        let spec: SecureAggregationSpec = toml::from_str("scale_bits = 16").unwrap();
+        let config = round_config(&spec, [4; 32], (1, 1), 3, 2, 5);
+        let (_, advert) = ClientAdvertising::new(config.clone(), 1)
+            .unwrap()
+            .advertise_keys()
+            .unwrap();
+        let pb = advertise_request(&advert, b"certificate of site 1");
+        assert_eq!(
+            advertised_certificate(&pb),
+            Some(&b"certificate of site 1"[..])
+        );
+        assert_eq!(
+            decode_request(&pb).unwrap(),
+            Some(ClientMessage::AdvertiseKeys(advert.clone()))
+        );
+        assert_eq!(
+            advertised_certificate(&request_message(&advert.clone().into()).unwrap()),
+            None
+        );
+        let keys = KeysRelay {
+            round: advert.round,
+            to: 0,
+            keys: advert
+                .keys
+                .iter()
+                .map(|k| AdvertisedKey {
+                    peer: 1,
+                    ..k.clone()
+                })
+                .collect(),
+        };
+        let signed = ServerRelay::SignedKeys {
+            keys: keys.clone(),
+            certificates: Certificates::from([(1, b"certificate of site 1".to_vec())]),
+        };
+        assert_eq!(decode_reply(&reply(&signed)).unwrap(), signed);
+        let unsigned = ServerRelay::Keys(keys);
+        assert_eq!(decode_reply(&reply(&unsigned)).unwrap(), unsigned);
+
+        let request = UnmaskRequest {
+            round: config.tag(),
+            survivors: vec![0, 1],
+            dropped: vec![2],
+        };
+        let confirm = ClientMessage::Confirm(SurvivorsConfirmation {
+            round: config.tag(),
+            site: 1,
+            signatures: vec![(0, vec![1, 2, 3]), (2, vec![4])],
+        });
+        assert_eq!(
+            decode_request(&request_message(&confirm).unwrap()).unwrap(),
+            Some(confirm)
+        );
+        let confirmed = ServerRelay::Confirmed(ConfirmedRequest {
+            request,
+            to: 1,
+            confirmations: vec![(0, vec![9; 64])],
+        });
+        assert_eq!(decode_reply(&reply(&confirmed)).unwrap(), confirmed);
     }
 }

@@ -215,6 +215,8 @@ pub struct Agent {
     filters: Vec<Arc<dyn UpdateFilter>>,
     /// The node's own connection to the audit trail (`[audit]`).
     audit: Option<Arc<SiteAudit>>,
+    /// Signs and checks secure aggregation's keys and survivor lists.
+    secagg_identity: Option<Arc<secagg::SecAggIdentity>>,
 }
 
 impl Agent {
@@ -366,7 +368,19 @@ impl Agent {
             kek.clone(),
             config.privacy.clone(),
         ));
+        let secagg_identity = match secagg::SecAggIdentity::from_tls(&material) {
+            Ok(id) => Some(Arc::new(id)),
+            Err(why) => {
+                tracing::warn!(
+                    %why,
+                    "this node cannot sign secure aggregation keys: it will decline secure \
+                     aggregation tasks"
+                );
+                None
+            }
+        };
         Ok(Agent {
+            secagg_identity,
             identity,
             coordinator,
             device,
@@ -458,6 +472,7 @@ impl Agent {
             audit: self.audit,
             filters,
             testing: self.config.testing.clone().unwrap_or_default(),
+            secagg_identity: self.secagg_identity,
             client: Mutex::new(None),
             answered: Mutex::new(VecDeque::new()),
         });

@@ -7,18 +7,32 @@
 //! training ([`open`]); after it, the update is clipped to the job's norm bound, rounded onto the
 //! job's grid and masked ([`SecAggSession::masked_upload`]), then streamed as one `I64` tensor
 //! like any update, and the node answers the unmasking. Nothing of the update leaves unmasked.
+//!
+//! The node signs: each key it advertises is signed with its node certificate's key, and the
+//! advertisement carries that certificate, which the coordinator relays with the keys. A
+//! neighbour's key is taken only with a certificate that chains to this node's CA (CRLs
+//! included), names the node of the site the participant list puts at that index, and verifies
+//! the key's signature ([`SecAggIdentity`]). Before unmasking, the node signs the survivor list
+//! it was sent and reveals shares only when at least the threshold of its neighbours signed the
+//! same list (the consistency check, `secagg::signing`).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
+use tutela_policy::ApprovalVerifier;
+use tutela_privacy::accountant::distributed::DistributedPlan;
+use tutela_protocol::identity::Principal;
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::pb;
 use tutela_protocol::pb::sec_agg_request::Message as PbMessage;
+use tutela_protocol::secagg::signing::{IdentityKey, KeySigner, KeyVerifier};
 use tutela_protocol::secagg::wire::{self, MASKED_TENSOR, ServerRelay};
 use tutela_protocol::secagg::{
     ClientAdvertising, ClientAwaitingShares, ClientMessage, RoundConfig, SecureAggregationSpec,
-    SharesRelay,
+    SharesRelay, SiteIndex, UnmaskRequest,
 };
 use tutela_protocol::tensor::{DType, TensorSpec};
+use tutela_protocol::tls::TlsMaterial;
 
 use super::transfer::upload;
 use super::worker::{Failure, Shared, describe_status};
@@ -30,6 +44,82 @@ fn refuse(note: impl std::fmt::Display) -> Failure {
         FailureCode::TaskInvalid,
         format!("secure aggregation: {note}"),
     ))
+}
+
+/// What the node signs and checks with in secure aggregation: its certificate's key, its
+/// certificate (sent with its keys) and the chain verifier of its own CA and CRLs.
+pub struct SecAggIdentity {
+    key: Arc<IdentityKey>,
+    certificate: Vec<u8>,
+    chains: ApprovalVerifier,
+}
+
+impl std::fmt::Debug for SecAggIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecAggIdentity(key hidden)")
+    }
+}
+
+impl SecAggIdentity {
+    /// From the node's TLS material (its key must be PKCS#8, ECDSA P-256 or Ed25519, as
+    /// `tutela pki` writes it).
+    pub fn from_tls(material: &TlsMaterial) -> Result<Self, String> {
+        let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = material.key.as_ref() else {
+            return Err("the node's key is not PKCS#8 (`tutela pki` writes PKCS#8)".into());
+        };
+        let pem = tutela_protocol::pki::pem_encode("PRIVATE KEY", pkcs8.secret_pkcs8_der());
+        let key = IdentityKey::from_pkcs8_pem(&pem).map_err(|e| e.to_string())?;
+        let certificate = material
+            .chain
+            .first()
+            .ok_or("the node's certificate chain is empty")?
+            .as_ref()
+            .to_vec();
+        let chains = ApprovalVerifier::from_tls(material).map_err(|e| e.to_string())?;
+        Ok(SecAggIdentity {
+            key: Arc::new(key),
+            certificate,
+            chains,
+        })
+    }
+
+    /// Site `peer`'s node certificate, as relayed: it must chain to this node's CA, not be
+    /// revoked, and name the node of `site` (the participant list's entry at `peer`).
+    fn check_certificate(&self, peer: SiteIndex, site: &str, der: &[u8]) -> Result<(), String> {
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let named = self
+            .chains
+            .verify_certificate(&[der.to_vec()], now_ms)
+            .map_err(|e| format!("site {peer}'s certificate ({site}): {e}"))?;
+        if named.principal
+            != (Principal::Node {
+                site: site.to_string(),
+            })
+        {
+            return Err(format!(
+                "the certificate relayed for site {peer} names {named}, not the node of {site}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The neighbours' certificates, filled in when the keys relay arrives (after this node has
+/// advertised its own keys), each checked by [`SecAggIdentity::check_certificate`] first.
+#[derive(Default)]
+struct RelayedCertificates {
+    der: RwLock<BTreeMap<SiteIndex, Vec<u8>>>,
+}
+
+impl KeyVerifier for RelayedCertificates {
+    fn verify(&self, site: SiteIndex, message: &[u8], signature: &[u8]) -> Result<(), String> {
+        let der = self.der.read().unwrap_or_else(|p| p.into_inner());
+        let der = der
+            .get(&site)
+            .ok_or_else(|| format!("no certificate was relayed for site {site}"))?;
+        tutela_protocol::pki::verify_signed_by_certificate(der, message, signature)
+            .map_err(|e| format!("its signature: {e}"))
+    }
 }
 
 /// What decides whether a task's round is a secure one.
@@ -44,6 +134,11 @@ pub(super) struct SecAggSession {
     task_id: String,
     config: RoundConfig,
     spec: SecureAggregationSpec,
+    /// The neighbours' certificates, checked at the keys relay; the consistency check verifies
+    /// their survivor-list signatures with them.
+    certificates: Arc<RelayedCertificates>,
+    /// `[privacy] mode = "distributed"`: this site's noise share and its own release check.
+    distributed: Option<DistributedPlan>,
     norm_bound: f64,
     state: ClientAwaitingShares,
     shares: SharesRelay,
@@ -97,16 +192,58 @@ pub(super) async fn open(
         vector_len,
     );
     let protocol = |e: tutela_protocol::secagg::SecAggError| refuse(e);
+    // Planned from the signed spec and the model's size, as the coordinator plans it.
+    let distributed = tutela_protocol::job::distributed::plan(&spec, vector_len as usize)
+        .map_err(|e| refuse(format!("the job spec: {e}")))?;
+    let identity = shared
+        .secagg_identity
+        .clone()
+        .ok_or_else(|| refuse("this node has no signing key (see its start-up log)"))?;
+    let certificates = Arc::new(RelayedCertificates::default());
+    let signer: Arc<dyn KeySigner> = identity.key.clone();
     let (state, advert) = ClientAdvertising::new(config.clone(), me as u32)
         .map_err(protocol)?
+        .with_signed_keys(signer, certificates.clone())
         .advertise_keys()
         .map_err(protocol)?;
-    let ServerRelay::Keys(keys) = exchange(shared, task, ClientMessage::from(advert)).await? else {
-        return Err(Failure::Coordinator(
-            "SecAgg: the coordinator answered the keys with something else".into(),
+    let request = wire::advertise_request(&advert, &identity.certificate);
+    let ServerRelay::SignedKeys {
+        keys,
+        certificates: relayed,
+    } = send(shared, &task.task_id, Some(request)).await?
+    else {
+        return Err(refuse(
+            "the coordinator relayed the neighbours' keys without their certificates",
         ));
     };
+    {
+        let mut held = certificates.der.write().unwrap_or_else(|p| p.into_inner());
+        for key in &keys.keys {
+            let site = participants.get(key.peer as usize).ok_or_else(|| {
+                refuse(format!(
+                    "a key from site index {}, outside the list",
+                    key.peer
+                ))
+            })?;
+            let der = relayed.get(&key.peer).ok_or_else(|| {
+                refuse(format!(
+                    "no certificate came with site {}'s key ({site})",
+                    key.peer
+                ))
+            })?;
+            identity
+                .check_certificate(key.peer, site, der)
+                .map_err(refuse)?;
+            held.insert(key.peer, der.clone());
+        }
+    }
     let (state, share) = state.share_keys(keys).map_err(protocol)?;
+    tracing::info!(
+        task = %task.task_id,
+        round = task.round,
+        attempt = task.attempt,
+        "secure aggregation: neighbours' keys and certificates checked; sharing seeds"
+    );
     let ServerRelay::Shares(shares) = exchange(shared, task, ClientMessage::from(share)).await?
     else {
         return Err(Failure::Coordinator(
@@ -117,6 +254,8 @@ pub(super) async fn open(
         task_id: task.task_id.clone(),
         config,
         spec: secure,
+        certificates,
+        distributed,
         norm_bound: spec.update_norm_bound,
         state,
         shares,
@@ -175,6 +314,9 @@ impl SecAggSession {
             );
         }
         drop(update);
+        if shared.testing.record_unmasked_updates {
+            record_unmasked(shared, &self.task_id, &flat);
+        }
         if flat.len() as u64 != self.config.vector_len {
             return Err(refuse(format!(
                 "the update has {} parameters, the round {}",
@@ -182,7 +324,11 @@ impl SecAggSession {
                 self.config.vector_len
             )));
         }
-        let params = self.spec.encode_params(self.norm_bound, None);
+        // Distributed DP: this site's share of the sum's noise, in grid steps (checked in range
+        // when the plan was made).
+        let scale = 2f64.powi(self.spec.scale_bits as i32);
+        let noise = self.distributed.as_ref().map(|p| p.site_noise() * scale);
+        let params = self.spec.encode_params(self.norm_bound, noise);
         let (state, masked) = self
             .state
             .masked_update(self.shares, &flat, &params)
@@ -191,6 +337,10 @@ impl SecAggSession {
         let bytes: Vec<u8> = masked.masked.iter().flat_map(|v| v.to_le_bytes()).collect();
         let tensor = TensorSpec::new(MASKED_TENSOR, DType::I64, vec![self.config.vector_len]);
         let receipt = upload(shared, vec![(tensor, bytes)], metadata).await?;
+        tracing::info!(
+            task = %self.task_id,
+            "secure aggregation: masked update uploaded; waiting for the survivor list"
+        );
         let request = pb::sec_agg_request::Message::AwaitUnmask(pb::SecAggAwaitUnmask {
             header: Some(pb::SecAggHeader {
                 round_tag: self.config.tag().0.to_vec(),
@@ -202,7 +352,45 @@ impl SecAggSession {
                 "SecAgg: the coordinator answered the masked input with something else".into(),
             ));
         };
-        let response = state.unmask(request).map_err(refuse)?;
+        let survivors = survivors_of(&request);
+        // The consistency check: sign the list, then unmask only if enough neighbours signed it.
+        let (state, confirmation) = state.confirm(request).map_err(refuse)?;
+        let ServerRelay::Confirmed(confirmed) = send(
+            shared,
+            &self.task_id,
+            wire::request_message(&ClientMessage::from(confirmation)),
+        )
+        .await?
+        else {
+            return Err(Failure::Coordinator(
+                "SecAgg: the coordinator answered the survivor-list confirmation with something \
+                 else"
+                    .into(),
+            ));
+        };
+        // `unmask` refuses a list other than the one signed, so `survivors` is the verified one.
+        let response = state.unmask(confirmed).map_err(refuse)?;
+        // Distributed DP: this site's own release check on the confirmed survivor list (never
+        // the coordinator's word): with too few survivors, or more than the plan allows, it
+        // reveals nothing and its update stays masked.
+        if let Some(plan) = &self.distributed {
+            let epsilon = plan
+                .check_release(survivors)
+                .map_err(|e| refuse(format!("distributed DP: this site refuses to unmask: {e}")))?;
+            tracing::info!(
+                task = %self.task_id,
+                survivors,
+                job_epsilon_at_this_survivor_count = epsilon,
+                planned_epsilon = plan.planned_epsilon,
+                "distributed DP: the release is within the plan"
+            );
+        }
+        drop(self.certificates);
+        tracing::info!(
+            task = %self.task_id,
+            survivors,
+            "secure aggregation: the survivor list is confirmed by the neighbours; unmasking"
+        );
         match send(
             shared,
             &self.task_id,
@@ -215,5 +403,25 @@ impl SecAggSession {
                 "SecAgg: the coordinator answered the unmasking with something else".into(),
             )),
         }
+    }
+}
+
+/// How many survivors a survivor list names.
+fn survivors_of(request: &UnmaskRequest) -> usize {
+    request.survivors.len()
+}
+
+/// `[testing] record_unmasked_updates`: the plain update, beside the node's models.
+fn record_unmasked(shared: &Shared, task_id: &str, flat: &[f32]) {
+    let dir = shared
+        .models_dir
+        .parent()
+        .unwrap_or(&shared.models_dir)
+        .join("testing-unmasked");
+    let bytes: Vec<u8> = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{task_id}.f32")), bytes));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "testing.record_unmasked_updates: not written");
     }
 }

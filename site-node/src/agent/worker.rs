@@ -40,6 +40,9 @@ pub(super) struct Shared {
     pub(super) audit: Option<Arc<SiteAudit>>,
     pub(super) filters: Vec<Arc<dyn UpdateFilter>>,
     pub(super) testing: TestingConfig,
+    /// The node's key and certificate for secure aggregation's signatures; `None` when its key
+    /// cannot sign (a secure task is then declined, naming why).
+    pub(super) secagg_identity: Option<Arc<super::secagg::SecAggIdentity>>,
     /// The client of the latest session; the worker uses it for FetchModel, SubmitUpdate and
     /// DeclineTask. tonic's channel reconnects by itself, and a new session replaces it.
     pub(super) client: Mutex<Option<FederationClient<Channel>>>,
@@ -505,7 +508,30 @@ async fn resend(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<
     super::filter::filter_update(shared, &mut update)?;
     let mut metadata = released.metadata;
     metadata.insert(meta::TASK.to_string(), task.task_id.clone());
-    let receipt = upload(shared, update, metadata).await?;
+    // A secure round is re-run from its first phase: this attempt's configuration, fresh keys
+    // and fresh masks (never the earlier attempt's masks on another survivor set).
+    let distributed = admitted
+        .job
+        .privacy
+        .as_ref()
+        .is_some_and(|p| p.mode == tutela_protocol::job::PrivacyMode::Distributed);
+    if distributed {
+        // Its noise is drawn at encoding: a second encoding of the same update is a second
+        // release, which the job's plan did not count.
+        return Err(Failure::Decline(SiteFailure::with_public_note(
+            FailureCode::TaskInvalid,
+            "distributed DP: this round's update was released already; sending it again with \
+             fresh noise would spend privacy the plan did not count",
+        )));
+    }
+    let parameters: u64 = update
+        .iter()
+        .map(|(spec, _)| spec.numel().unwrap_or(0))
+        .sum();
+    let receipt = match super::secagg::open(shared, task, parameters).await? {
+        Some(session) => session.masked_upload(shared, update, metadata).await?,
+        None => upload(shared, update, metadata).await?,
+    };
     Ok(Done::Uploaded(receipt))
 }
 
