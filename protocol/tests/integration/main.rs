@@ -7,6 +7,7 @@
 
 mod common;
 mod fuzz_corpus;
+mod health;
 mod pki;
 mod secagg;
 mod secagg_attack;
