@@ -4,6 +4,7 @@
 #
 #   - .venv/: a Python virtualenv with the test suite's packages (tests/python/requirements.txt)
 #     and the torch==2.11.0 wheel whose libtorch the site node links (scripts/setup-torch.sh);
+#   - .venv-deploy/: the Helm chart check's packages (scripts/setup-deploy-check.sh);
 #   - cargo-fuzz, for the short fuzzing run of scripts/test.sh (scripts/fuzz.sh);
 #   - the workspace's binaries (cargo build), in target/debug.
 set -euo pipefail
@@ -41,6 +42,10 @@ fi
 scripts/setup-torch.sh
 # shellcheck source=scripts/torch-env.sh
 source scripts/torch-env.sh
+
+# The deploy check's own virtualenv (.venv-deploy): Helm's engine and the Kubernetes schemas, for
+# scripts/check_deploy.py.
+scripts/setup-deploy-check.sh
 
 # peft (the reference for our LoRA adapter files) with --no-deps: its declared dependencies would
 # pull another torch over the pinned one. Installed only when the pinned version is absent.

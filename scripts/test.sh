@@ -2,8 +2,9 @@
 # Sets everything up (scripts/setup.sh), makes sure a PostgreSQL server is running for the store
 # tests (scripts/test-postgres.sh), and runs the whole test suite: unit tests, integration tests
 # over real loopback mutual TLS, end-to-end tests with real processes, real libtorch training and
-# a Python client. Then a short fuzzing run (scripts/fuzz.sh: every cargo-fuzz target for a fixed
-# $FUZZ_RUNS, 200,000, inputs each; TUTELA_SKIP_FUZZ=1 skips it). `cargo test` has already replayed the
+# a Python client; the deploy check (scripts/check_deploy.py). Then a short fuzzing run
+# (scripts/fuzz.sh: every cargo-fuzz target for a fixed $FUZZ_RUNS, 200,000, inputs each;
+# TUTELA_SKIP_FUZZ=1 skips it). `cargo test` has already replayed the
 # fuzz corpus through the same harnesses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,9 @@ source scripts/setup.sh
 source scripts/test-postgres.sh
 export TUTELA_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace
+# deploy/: the Helm chart rendered by Helm's engine for each values file and validated against the
+# Kubernetes schemas, the Pod Security and NetworkPolicy rules, the Containerfiles' rules.
+.venv-deploy/bin/python scripts/check_deploy.py
 if [ -z "${TUTELA_SKIP_FUZZ:-}" ]; then
     scripts/fuzz.sh
 fi

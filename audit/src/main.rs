@@ -1,7 +1,9 @@
 //! `tutela-audit --config audit.toml` serves the audit log behind the consortium's policy
 //! (SIGHUP reloads the TLS files and the policy); `tutela-audit keygen` makes a checkpoint key;
-//! `tutela-audit init-db` installs the schema and the append-only grants.
+//! `tutela-audit init-db` installs the schema and the append-only grants; `tutela-audit probe`
+//! checks a running service's health.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -32,11 +34,28 @@ enum Command {
     /// INSERT and SELECT (PostgreSQL).
     InitDb {
         /// The owner's database URL (postgres://OWNER@HOST/DB, or sqlite://PATH?mode=rwc).
-        #[arg(long, env = "TUTELA_AUDIT_OWNER_URL")]
-        database_url: String,
+        #[arg(
+            long,
+            env = "TUTELA_AUDIT_OWNER_URL",
+            required_unless_present = "database_url_file",
+            conflicts_with = "database_url_file"
+        )]
+        database_url: Option<String>,
+        /// ...or a file holding that URL alone (a mounted Secret), so that the owner's password
+        /// is neither on the command line nor in the environment.
+        #[arg(long)]
+        database_url_file: Option<PathBuf>,
         /// The login role the service connects as (PostgreSQL only).
         #[arg(long)]
         app_role: Option<String>,
+    },
+    /// Check that the service of --config is serving: grpc.health.v1 over mutual TLS on loopback,
+    /// with the service's own certificate (a container's liveness and readiness probe:
+    /// Kubernetes' own gRPC probe has no TLS). Exits 0 when it answers SERVING.
+    Probe {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
     },
 }
 
@@ -53,8 +72,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::InitDb {
             database_url,
+            database_url_file,
             app_role,
         }) => {
+            let database_url = tutela_protocol::database::url_from_config(
+                database_url.as_deref(),
+                database_url_file.as_deref(),
+            )?
+            .ok_or_else(|| anyhow::anyhow!("give --database-url or --database-url-file"))?;
             let store = tutela_audit::store::AuditStore::open(&database_url).await?;
             if let Some(role) = app_role {
                 store.grant_append_only(&role).await?;
@@ -65,6 +90,20 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("{}: schema current", store.location());
             }
+            Ok(())
+        }
+        Some(Command::Probe { timeout_secs }) => {
+            let path = args
+                .config
+                .ok_or_else(|| anyhow::anyhow!("--config audit.toml is required to probe"))?;
+            let config = tutela_audit::server::Config::from_file(&path)?;
+            tutela_protocol::health::probe_own_server(
+                &config.tls,
+                config.listen,
+                Duration::from_secs(timeout_secs),
+            )
+            .await?;
+            println!("serving");
             Ok(())
         }
         None => {

@@ -38,6 +38,10 @@ pub struct Config {
     /// `sqlite://PATH?mode=rwc` or `postgres://...`; default SQLite `data_dir/audit.db`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// A file holding the database URL instead (a mounted Secret): read at load into
+    /// `database_url`, so that a password is in neither the config file nor the environment.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
     /// Ed25519 PKCS#8 checkpoint signing key; default `data_dir/checkpoint.key`, made (mode
     /// 0600) at first start if missing.
     #[serde(default)]
@@ -124,6 +128,11 @@ impl Config {
             .check_ranges()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         config.resolve_paths(&tutela_protocol::config_path::ConfigFile::new(path))?;
+        config.database_url = tutela_protocol::database::url_from_config(
+            config.database_url.as_deref(),
+            config.database_url_file.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -136,6 +145,9 @@ impl Config {
         file.resolve(&mut self.data_dir);
         if let Some(key) = &mut self.checkpoint_key {
             file.resolve(key);
+        }
+        if let Some(url_file) = &mut self.database_url_file {
+            file.resolve(url_file);
         }
         file.tls_files("tls", &mut self.tls)?;
         if let Some(p) = &mut self.policy {
@@ -387,6 +399,31 @@ mod tests {
         let path = dir.join("audit.toml");
         std::fs::write(&path, text).unwrap();
         Config::from_file(&path)
+    }
+
+    #[test]
+    fn the_database_url_file_is_read_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("db-url"), "postgres://a:s3cret@db/audit\n").unwrap();
+        let c = parse(
+            d,
+            &format!("{BASE}database_url_file = \"db-url\"\n{TLS}{POLICY}"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url.as_deref(),
+            Some("postgres://a:s3cret@db/audit")
+        );
+        assert_eq!(c.database_url().unwrap(), "postgres://a:s3cret@db/audit");
+        let both = format!(
+            "{BASE}database_url = \"sqlite://x.db\"\ndatabase_url_file = \"db-url\"\n{TLS}{POLICY}"
+        );
+        let err = parse(d, &both).unwrap_err().to_string();
+        assert!(
+            err.contains("both set") && err.contains("audit.toml"),
+            "{err}"
+        );
     }
 
     #[test]

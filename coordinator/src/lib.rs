@@ -42,6 +42,10 @@ pub struct Config {
     /// Database URL: `sqlite://PATH` or `postgres://...`. Default: SQLite in `data_dir`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// A file holding the database URL instead (a mounted Secret): read at load into
+    /// `database_url`, so that a password is in neither the config file nor the environment.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
     /// How often the TLS files are checked for a new CRL or certificate, in seconds.
     #[serde(default = "default_reload_secs")]
     pub tls_reload_secs: u64,
@@ -129,6 +133,14 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let file = tutela_protocol::config_path::ConfigFile::new(path);
         file.resolve(&mut config.data_dir);
+        if let Some(url_file) = &mut config.database_url_file {
+            file.resolve(url_file);
+        }
+        config.database_url = tutela_protocol::database::url_from_config(
+            config.database_url.as_deref(),
+            config.database_url_file.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         file.tls_files("tls", &mut config.tls)?;
         if let Some(p) = &mut config.policy {
             file.existing_file("policy.model", &mut p.model)?;
@@ -370,6 +382,43 @@ mod tests {
 
     fn init_crypto() {
         let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
+    #[test]
+    fn the_database_url_file_is_read_beside_the_config_and_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Relative to coordinator.toml's directory, as every path of the file.
+        std::fs::write(dir.path().join("db-url"), "postgres://c:s3cret@db/t\n").unwrap();
+        let path = write_config(
+            dir.path(),
+            "database_url_file = \"db-url\"",
+            &policy_table(),
+        );
+        let config = Config::from_file(&path).unwrap();
+        assert_eq!(
+            config.database_url.as_deref(),
+            Some("postgres://c:s3cret@db/t")
+        );
+
+        let path = write_config(
+            dir.path(),
+            "database_url = \"sqlite://x.db\"\ndatabase_url_file = \"db-url\"",
+            &policy_table(),
+        );
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("both set") && err.contains("coordinator.toml"),
+            "{err}"
+        );
+
+        std::fs::write(dir.path().join("db-url"), "s3cret").unwrap();
+        let path = write_config(
+            dir.path(),
+            "database_url_file = \"db-url\"",
+            &policy_table(),
+        );
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("db-url") && !err.contains("s3cret"), "{err}");
     }
 
     #[tokio::test]

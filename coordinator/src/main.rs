@@ -1,7 +1,8 @@
-//! `tutela-coordinator --config coordinator.toml`
+//! `tutela-coordinator --config coordinator.toml`; `... probe` checks a running one's health.
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// The Tutela coordinator: the consortium's server that site nodes connect out to, over mutual
 /// TLS. See deploy/config/coordinator.toml for every configuration key. It refuses to start
@@ -16,6 +17,20 @@ struct Args {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that the coordinator of --config is serving: grpc.health.v1 over mutual TLS on
+    /// loopback, with the coordinator's own certificate (a container's liveness and readiness
+    /// probe: Kubernetes' own gRPC probe has no TLS). Exits 0 when it answers SERVING.
+    Probe {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -24,6 +39,16 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tutela_protocol::logging::init(args.log_json);
     let config = tutela_coordinator::Config::from_file(&args.config)?;
+    if let Some(Command::Probe { timeout_secs }) = args.command {
+        tutela_protocol::health::probe_own_server(
+            &config.tls,
+            config.listen,
+            Duration::from_secs(timeout_secs),
+        )
+        .await?;
+        println!("serving");
+        return Ok(());
+    }
     let coordinator = tutela_coordinator::Coordinator::bind(config).await?;
     // SIGHUP reloads the TLS files and the policy at once, in addition to the periodic checks.
     tutela_policy::reload_on_sighup(coordinator.tls.clone(), coordinator.authorizer.clone())?;

@@ -5,6 +5,7 @@
 //! and, when an expected identity is given, the server's certificate must name exactly that
 //! principal: a node talks to `spiffe://<consortium>/coordinator`, not to any server the CA signed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,6 +134,15 @@ impl tower::Service<http::Uri> for MtlsConnector {
 /// TLS. The host is the name the server certificate must carry (a DNS or IP SAN).
 fn endpoint(addr: &str, tls: ClientTls) -> Result<(Endpoint, MtlsConnector), ClientError> {
     let (hostport, server_name) = parse_addr(addr)?;
+    endpoint_for(addr, hostport, server_name, tls)
+}
+
+fn endpoint_for(
+    addr: &str,
+    hostport: String,
+    server_name: ServerName<'static>,
+    tls: ClientTls,
+) -> Result<(Endpoint, MtlsConnector), ClientError> {
     // The scheme is http because TLS is done by our connector, not by tonic.
     let endpoint = Endpoint::from_shared(format!("http://{hostport}"))
         .map_err(|e| ClientError::Address {
@@ -167,6 +177,26 @@ pub async fn connect(addr: &str, tls: ClientTls) -> Result<Channel, ClientError>
             addr: addr.to_string(),
             source,
         })
+}
+
+/// Connects now to `dial` (an address to open the TCP connection to) while checking the server's
+/// certificate for `server_name` (a DNS or IP SAN it carries): for a probe inside the server's
+/// own pod, which dials loopback but must verify the name the certificate was issued for.
+pub async fn connect_at(
+    dial: SocketAddr,
+    server_name: &str,
+    tls: ClientTls,
+) -> Result<Channel, ClientError> {
+    let addr = format!("{server_name} via {dial}");
+    let name = ServerName::try_from(server_name.to_string()).map_err(|_| ClientError::Address {
+        addr: addr.clone(),
+        why: "the server name is not a DNS name or IP address".to_string(),
+    })?;
+    let (endpoint, connector) = endpoint_for(&addr, dial.to_string(), name, tls)?;
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| ClientError::Connect { addr, source })
 }
 
 /// A channel that connects on first use and reconnects after a failure: for long-lived agents.

@@ -76,6 +76,52 @@ pub fn redact_url(url: &str) -> String {
     )
 }
 
+/// Why a config's database URL cannot be used. Never shows the URL itself: it may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatabaseUrlError {
+    #[error("database_url and database_url_file are both set: keep one")]
+    Both,
+    #[error("database_url_file = {path:?}: {why}")]
+    File {
+        path: std::path::PathBuf,
+        why: String,
+    },
+}
+
+/// The URL a config names, written in the file (`database_url`) or kept in a file of its own
+/// (`database_url_file`: a Kubernetes Secret mounted read-only, a file of mode 0600), so that a
+/// password never sits in a config map or a process's environment. The file holds the URL alone;
+/// surrounding whitespace (a final newline) is ignored. `None` when neither is set (the store's
+/// SQLite default).
+pub fn url_from_config(
+    url: Option<&str>,
+    url_file: Option<&Path>,
+) -> Result<Option<String>, DatabaseUrlError> {
+    match (url, url_file) {
+        (Some(_), Some(_)) => Err(DatabaseUrlError::Both),
+        (Some(u), None) => Ok(Some(u.to_string())),
+        (None, None) => Ok(None),
+        (None, Some(path)) => {
+            let bad = |why: String| DatabaseUrlError::File {
+                path: path.to_path_buf(),
+                why,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            let u = text.trim();
+            if u.is_empty() {
+                return Err(bad("the file is empty".to_string()));
+            }
+            // Nothing of the contents in the message: a password pasted alone would be shown.
+            if Backend::of_url(u).is_none() {
+                return Err(bad(
+                    "the file does not hold a sqlite: or postgres:// URL".to_string()
+                ));
+            }
+            Ok(Some(u.to_string()))
+        }
+    }
+}
+
 /// Opens an sqlx `Any` pool on `url` (whose backend is `backend`) for the store `store` (a name for
 /// the log): at most `max_postgres` connections on PostgreSQL and 4 on SQLite (whose writers are
 /// serialised by its lock anyway), a 30 s acquire timeout. On SQLite every new connection gets WAL
@@ -124,6 +170,49 @@ pub async fn open_pool(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_database_url_file_is_read_trimmed_and_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("database-url");
+        std::fs::write(&f, "postgres://tutela:s3cret@db:5432/tutela\n").unwrap();
+        assert_eq!(
+            url_from_config(None, Some(&f)).unwrap().as_deref(),
+            Some("postgres://tutela:s3cret@db:5432/tutela")
+        );
+        assert_eq!(
+            url_from_config(Some("sqlite://x.db"), None)
+                .unwrap()
+                .as_deref(),
+            Some("sqlite://x.db")
+        );
+        assert_eq!(url_from_config(None, None).unwrap(), None);
+        assert_eq!(
+            url_from_config(Some("sqlite://x.db"), Some(&f)).unwrap_err(),
+            DatabaseUrlError::Both
+        );
+
+        std::fs::write(&f, "  \n").unwrap();
+        let err = url_from_config(None, Some(&f)).unwrap_err().to_string();
+        assert!(
+            err.contains("empty") && err.contains("database-url"),
+            "{err}"
+        );
+        // Not a URL of ours (another database's, a password pasted alone): refused without
+        // showing any of it.
+        for text in ["mysql://u:s3cret@h/db", "s3cret"] {
+            std::fs::write(&f, text).unwrap();
+            let err = url_from_config(None, Some(&f)).unwrap_err().to_string();
+            assert!(
+                !err.contains("s3cret") && err.contains("postgres://"),
+                "{err}"
+            );
+        }
+        let err = url_from_config(None, Some(&dir.path().join("absent")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absent"), "{err}");
+    }
+
     use super::*;
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`pki`]: the consortium CA: issuing, signing CSRs, revoking, CRLs (rcgen).
 //! - [`tls`]: rustls server and client configurations (TLS 1.3 only, mutual authentication,
 //!   revocation), reloaded from disk without a restart.
+//! - [`health`]: the in-container probe of a server's gRPC health over its own mutual TLS.
 //! - [`server`] and [`client`]: serving tonic services over that TLS with the caller's verified
 //!   identity handed to every handler, and connecting to them.
 //! - [`stream`]: chunked tensor streaming with an end-to-end SHA-256 digest.
@@ -31,6 +32,7 @@ pub mod database;
 pub mod federation;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod health;
 pub mod human;
 pub mod identity;
 pub mod initial_model;

@@ -9,6 +9,7 @@
 mod common;
 mod fed_stats;
 mod fuzz_corpus;
+mod health;
 mod pki;
 mod secagg;
 mod secagg_attack;
