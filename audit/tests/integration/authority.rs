@@ -914,6 +914,7 @@ fn the_watermark_registry_believes_the_coordinator_only_and_the_lineage_shows_it
     let lineage = tutela_audit::lineage::Lineage {
         model_digest: MODEL.into(),
         job: Some(record.clone()),
+        registry: Vec::new(),
     };
     let prov = lineage.to_prov_json().to_string();
     assert!(
