@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tutela_protocol::identity::{Principal, Role};
 use tutela_protocol::pb;
@@ -335,7 +335,7 @@ impl pb::federation_server::Federation for FederationService {
             _ => Status::permission_denied(refusal.to_string()),
         })?;
         let store = BaseModelStore::in_state_dir(&self.engine.state_dir);
-        let (config_json, weights) = store.read(&req.sha256).map_err(|e| match e {
+        let stored = store.open(&req.sha256).map_err(|e| match e {
             BaseModelStoreError::NotFound { .. } => Status::not_found(e.to_string()),
             other => {
                 tracing::error!(error = %other, "reading a stored base model");
@@ -343,11 +343,22 @@ impl pb::federation_server::Federation for FederationService {
             }
         })?;
         let served = BaseModelStore::count_served();
-        tracing::info!(%site, job = %id, sha256 = %req.sha256, bytes = weights.len(), served, "base model served");
-        let chunks = tutela_protocol::base_model::chunks(&req.sha256, config_json, &weights);
-        Ok(Response::new(Box::pin(futures::stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        tracing::info!(%site, job = %id, sha256 = %req.sha256, bytes = stored.weights_len, served, "base model served");
+        // From disk a chunk at a time as the site takes them: never the whole base in memory.
+        let sha256 = req.sha256.clone();
+        let chunks = tutela_protocol::base_model::file_chunk_stream(
+            &req.sha256,
+            stored.config_json,
+            stored.weights,
+            stored.weights_len,
+        )
+        .map(move |chunk| {
+            chunk.map_err(|e| {
+                tracing::error!(error = %e, %sha256, "reading a stored base model while serving it");
+                Status::internal(format!("base model {sha256} cannot be read"))
+            })
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn sec_agg(
@@ -947,23 +958,24 @@ impl pb::jobs_server::Jobs for JobsService {
             require_operator(&request)?;
         }
         let who = caller(&request)?.identity.clone();
-        let received =
-            tutela_protocol::base_model::receive(request.into_inner(), MAX_BASE_MODEL_BYTES)
-                .await
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let store = BaseModelStore::in_state_dir(&self.engine.state_dir);
-        let (sha256, bytes) = store.store(&received).map_err(|e| match e {
-            BaseModelStoreError::Io { .. } => {
-                tracing::error!(error = %e, "storing an uploaded base model");
-                Status::internal("the base model could not be stored")
-            }
-            other => Status::invalid_argument(other.to_string()),
-        })?;
+        // Spooled to disk as it arrives: memory stays at one chunk whatever the base's size.
+        let (sha256, bytes) = store
+            .store_stream(request.into_inner(), MAX_BASE_MODEL_BYTES)
+            .await
+            .map_err(|e| {
+                if e.is_internal() {
+                    tracing::error!(error = %e, "storing an uploaded base model");
+                    Status::internal("the base model could not be stored")
+                } else {
+                    Status::invalid_argument(e.to_string())
+                }
+            })?;
         tracing::info!(operator = %who, %sha256, bytes, "base model stored");
         Ok(Response::new(pb::BaseModelReceipt { sha256, bytes }))
     }
 }
 
-/// The largest base checkpoint an operator may upload (config.json + weights), held whole in
-/// memory while its digest is checked.
+/// The largest base checkpoint an operator may upload (config.json + weights): a bound on the
+/// coordinator's disk, since an upload is spooled to a file as it arrives (`base_models`).
 pub const MAX_BASE_MODEL_BYTES: u64 = 16 << 30;

@@ -35,6 +35,9 @@ pub enum BaseTransferError {
     TooLarge { len: u64, max: u64 },
     #[error("the base-model stream broke: {0}")]
     Transport(String),
+    /// Where the weights were being written failed (a full disk): the receiver's side.
+    #[error("keeping the received weights: {0}")]
+    Sink(#[source] std::io::Error),
 }
 
 /// The chunks that carry a base: the first with the digest, `config.json` and the total
@@ -109,14 +112,64 @@ pub fn read_for_upload(
     Ok((found, read(CONFIG_FILE)?, read(WEIGHTS_FILE)?))
 }
 
-/// Receives a base whole, refusing one larger than `max_bytes` (config + weights) before
-/// reading its weights, a chunk over [`CHUNK_BYTES`], and a stream that ends short or runs long.
-pub async fn receive<S>(
-    mut stream: S,
-    max_bytes: u64,
-) -> Result<ReceivedBaseModel, BaseTransferError>
+/// Where [`receive_into`] puts a base's weights as they arrive: memory ([`Vec<u8>`], what
+/// [`receive`] uses), or a spool file that hashes as it writes (the coordinator's).
+pub trait WeightsSink {
+    /// The announced length of the weights (already checked against the caller's bound),
+    /// before any of them arrive.
+    fn announced(&mut self, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The next piece of the weights, in order, at most [`CHUNK_BYTES`].
+    fn write_chunk(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+impl WeightsSink for Vec<u8> {
+    fn announced(&mut self, len: u64) -> std::io::Result<()> {
+        self.reserve_exact(len as usize);
+        Ok(())
+    }
+    fn write_chunk(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// What the first chunk of a base announced: the claimed digest (not yet checked),
+/// `config.json`'s text and the weights' length.
+#[derive(Debug, Clone)]
+pub struct Announcement {
+    pub claimed_sha256: String,
+    pub config_json: Vec<u8>,
+    pub weights_len: u64,
+}
+
+/// Receives a base whole into memory; see [`receive_into`] for the bounds.
+pub async fn receive<S>(stream: S, max_bytes: u64) -> Result<ReceivedBaseModel, BaseTransferError>
 where
     S: Stream<Item = Result<pb::BaseModelChunk, tonic::Status>> + Unpin,
+{
+    let mut weights = Vec::new();
+    let announced = receive_into(stream, max_bytes, &mut weights).await?;
+    Ok(ReceivedBaseModel {
+        claimed_sha256: announced.claimed_sha256,
+        config_json: announced.config_json,
+        weights,
+    })
+}
+
+/// Receives a base, handing its weights to `sink` chunk by chunk as they arrive (nothing is
+/// buffered here beyond the chunk in hand), refusing one larger than `max_bytes` (config +
+/// weights) before any weights reach the sink, a chunk over [`CHUNK_BYTES`], and a stream that
+/// ends short or runs long. An error of the sink is [`BaseTransferError::Sink`].
+pub async fn receive_into<S, W>(
+    mut stream: S,
+    max_bytes: u64,
+    sink: &mut W,
+) -> Result<Announcement, BaseTransferError>
+where
+    S: Stream<Item = Result<pb::BaseModelChunk, tonic::Status>> + Unpin,
+    W: WeightsSink + ?Sized,
 {
     let transport =
         |s: tonic::Status| BaseTransferError::Transport(format!("{:?}: {}", s.code(), s.message()));
@@ -140,35 +193,78 @@ where
             max: max_bytes,
         });
     }
-    let expected = first.weights_len as usize;
-    let mut weights = Vec::with_capacity(expected);
-    weights.extend_from_slice(&first.weights);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(transport)?;
-        if chunk.weights.len() > CHUNK_BYTES {
+    let expected = first.weights_len;
+    sink.announced(expected).map_err(BaseTransferError::Sink)?;
+    let mut received = 0u64;
+    let mut take = |bytes: &[u8], sink: &mut W| -> Result<(), BaseTransferError> {
+        if bytes.len() > CHUNK_BYTES {
             return Err(BaseTransferError::Malformed(format!(
                 "a chunk of {} bytes (at most {CHUNK_BYTES})",
-                chunk.weights.len()
+                bytes.len()
             )));
         }
-        if weights.len() + chunk.weights.len() > expected {
+        if received + bytes.len() as u64 > expected {
             return Err(BaseTransferError::Malformed(format!(
                 "more weight bytes than the {expected} announced"
             )));
         }
-        weights.extend_from_slice(&chunk.weights);
+        received += bytes.len() as u64;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        sink.write_chunk(bytes).map_err(BaseTransferError::Sink)
+    };
+    take(&first.weights, sink)?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(transport)?;
+        take(&chunk.weights, sink)?;
     }
-    if weights.len() != expected {
+    if received != expected {
         return Err(BaseTransferError::Malformed(format!(
-            "{} weight bytes received, {expected} announced",
-            weights.len()
+            "{received} weight bytes received, {expected} announced"
         )));
     }
-    Ok(ReceivedBaseModel {
+    Ok(Announcement {
         claimed_sha256: first.sha256,
         config_json: first.config_json,
-        weights,
+        weights_len: expected,
     })
+}
+
+/// A stored base served from disk: the first chunk (digest, `config.json`, the weights' length)
+/// then the weights file read [`CHUNK_BYTES`] at a time as the receiver takes them, so at most
+/// one chunk of it is in memory whatever its size. A file that changes length while it is
+/// served ends the stream with an error (the receiver also checks the announced length).
+pub fn file_chunk_stream(
+    sha256: &str,
+    config_json: Vec<u8>,
+    weights: std::fs::File,
+    weights_len: u64,
+) -> impl Stream<Item = Result<pb::BaseModelChunk, std::io::Error>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    let first = pb::BaseModelChunk {
+        sha256: sha256.to_string(),
+        config_json,
+        weights_len,
+        weights: Vec::new(),
+    };
+    let rest = futures::stream::try_unfold(
+        (tokio::fs::File::from_std(weights), weights_len),
+        |(mut file, left)| async move {
+            if left == 0 {
+                return Ok::<_, std::io::Error>(None);
+            }
+            let n = CHUNK_BYTES.min(left as usize);
+            let mut bytes = vec![0u8; n];
+            file.read_exact(&mut bytes).await?;
+            let chunk = pb::BaseModelChunk {
+                weights: bytes,
+                ..Default::default()
+            };
+            Ok(Some((chunk, (file, left - n as u64))))
+        },
+    );
+    futures::stream::once(async move { Ok(first) }).chain(rest)
 }
 
 #[cfg(test)]

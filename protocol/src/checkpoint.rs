@@ -153,6 +153,35 @@ impl SafetensorsReader {
         Ok(bytes)
     }
 
+    /// The raw bytes of tensor `name`, handed to `each` in pieces of at most `chunk` bytes, in
+    /// order: a tensor of any size read in bounded memory (one reused buffer).
+    pub fn read_chunks(
+        &mut self,
+        name: &str,
+        chunk: usize,
+        each: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), CheckpointError> {
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| self.tensor_error(name, "is not in the file"))?;
+        let (start, end) = info.data_offsets;
+        self.file
+            .seek(SeekFrom::Start(self.data_start + start as u64))
+            .map_err(io(&self.path))?;
+        let mut left = end - start;
+        let mut buffer = vec![0u8; chunk.max(1).min(left)];
+        while left > 0 {
+            let n = buffer.len().min(left);
+            self.file
+                .read_exact(&mut buffer[..n])
+                .map_err(io(&self.path))?;
+            each(&buffer[..n]);
+            left -= n;
+        }
+        Ok(())
+    }
+
     /// Tensor `name` as f32 (from f32, f64, f16 or bf16), with its shape.
     pub fn read_f32(&mut self, name: &str) -> Result<F32Tensor, CheckpointError> {
         let info = self

@@ -122,29 +122,43 @@ pub fn checkpoint_digest_of_bytes(
     Ok(hasher.finish())
 }
 
-/// The digest of the checkpoint in `dir` (`config.json` and one `model.safetensors`), read one
-/// tensor at a time: how `tutela job submit --base-model` names the base it uploads.
+/// The digest of the checkpoint in `dir` (`config.json` and one `model.safetensors`): how
+/// `tutela job submit --base-model` names the base it uploads.
 pub fn checkpoint_digest_of_dir(dir: &Path) -> Result<String, DigestError> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read(&config_path).map_err(|source| DigestError::Io {
         path: config_path.clone(),
         source,
     })?;
-    let mut hasher = CheckpointHasher::new(&text).map_err(|e| DigestError::Config {
-        label: dir.display().to_string(),
+    checkpoint_digest_of_files(&text, &dir.join(WEIGHTS_FILE), &dir.display().to_string())
+}
+
+/// Most bytes of a tensor read at a time while digesting a weights file.
+pub const DIGEST_READ_BYTES: usize = 1 << 20;
+
+/// The digest of `config.json`'s text and the safetensors file at `weights`, which is read one
+/// tensor at a time in pieces of [`DIGEST_READ_BYTES`]: memory stays bounded whatever the size
+/// of the checkpoint or of its largest tensor (`label` names it in errors).
+pub fn checkpoint_digest_of_files(
+    config_json: &[u8],
+    weights: &Path,
+    label: &str,
+) -> Result<String, DigestError> {
+    let mut hasher = CheckpointHasher::new(config_json).map_err(|e| DigestError::Config {
+        label: label.to_string(),
         reason: e.to_string(),
     })?;
-    let mut reader = SafetensorsReader::open(&dir.join(WEIGHTS_FILE))?;
+    let mut reader = SafetensorsReader::open(weights)?;
     let mut names = reader.names();
     names.sort();
     hasher.tensor_count(names.len());
     for name in &names {
-        let bytes = reader.read_bytes(name)?;
         let Some(info) = reader.info(name) else {
             continue;
         };
-        hasher.tensor_header(name, info.dtype, &info.shape, bytes.len());
-        hasher.bytes(&bytes);
+        let (start, end) = info.data_offsets;
+        hasher.tensor_header(name, info.dtype, &info.shape.clone(), end - start);
+        reader.read_chunks(name, DIGEST_READ_BYTES, &mut |bytes| hasher.bytes(bytes))?;
     }
     Ok(hasher.finish())
 }

@@ -1290,6 +1290,26 @@ pub struct DpSpend {
     pub effective_noise_multiplier: f64,
 }
 
+/// DP-SGD's noise multiplier σ (as trained with, on the noise grid) and its expected batch
+/// B = sample rate × training rows (or privacy units): σ / B is the noise-to-signal ratio of one
+/// step. What every DP-SGD round reports (job status, the round's trail event), made in one
+/// place from the round's plan ([`DpNoise::of_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpNoise {
+    pub noise_multiplier: f64,
+    pub expected_batch: f64,
+}
+
+impl DpNoise {
+    /// The noise of a round planned as `plan` over `rows` training rows (privacy units).
+    pub fn of_plan(plan: &DpSgdPlan, rows: usize) -> DpNoise {
+        DpNoise {
+            noise_multiplier: plan.effective_noise_multiplier,
+            expected_batch: plan.sample_rate * rows as f64,
+        }
+    }
+}
+
 /// Trains `model` on `data` with DP-SGD as `plan` says: Poisson batches and [`DpSgdStep`].
 /// Returns the spend even when training fails part-way, so that the ledger records what really
 /// ran.

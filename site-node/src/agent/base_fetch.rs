@@ -1,7 +1,9 @@
 //! A language-model job's base the site does not hold, fetched once from the coordinator
 //! (`Federation.FetchBaseModel`) into memory and put in the encrypted cache of fetched bases
-//! (`crate::lm::base_cache`), which checks its digest before keeping anything. Runs before the
-//! task gate, which is synchronous: the gate then finds the base in the cache.
+//! (`crate::lm::base_cache`), which checks its digest before keeping anything. Runs between the
+//! gate's two halves: after [`super::gate::TaskGate::approve`] (a job this site's officers did
+//! not sign, or whose tokenizer the site does not hold, fetches nothing and leaves the cache as
+//! it is) and before [`super::gate::TaskGate::admit`], which then finds the base in the cache.
 
 use std::collections::BTreeSet;
 
@@ -12,17 +14,16 @@ use crate::failure::{FailureCode, SiteFailure};
 use crate::jobspec::JobView;
 use crate::lm::base_cache::{BaseCacheError, ReceivedBase};
 
-/// Fetches the task's base when the job names one that neither the site's `base_models` nor the
-/// cache holds, fetching is on, and the site's officers approved the job
-/// ([`super::gate::TaskGate::approves_fetch`]). Nothing to fetch, or a coordinator that cannot serve it, is
+/// Fetches the approved task's base when the job names one that neither the site's `base_models` nor the
+/// cache holds and fetching is on. Nothing to fetch, or a coordinator that cannot serve it, is
 /// not an error here: the gate then declines the task as it would without fetching. A base that
 /// arrives with another digest (or unreadable, or too large) is declined here, naming digests
 /// and sizes only.
-pub(super) async fn fetch_missing_base(shared: &Shared, task: &pb::Task) -> Result<(), Failure> {
-    // A spec that does not parse is declined by the gate, with its reason.
-    let Ok(job) = JobView::from_toml_str(&task.job_spec_toml) else {
-        return Ok(());
-    };
+pub(super) async fn fetch_missing_base(
+    shared: &Shared,
+    task: &pb::Task,
+    job: &JobView,
+) -> Result<(), Failure> {
     let Ok(Some(wanted)) = job.base_sha256() else {
         return Ok(());
     };
@@ -31,11 +32,6 @@ pub(super) async fn fetch_missing_base(shared: &Shared, task: &pb::Task) -> Resu
         return Ok(());
     };
     if base_models.holds(wanted) {
-        return Ok(());
-    }
-    // Only a base a signed, allowed spec names: the gate declines the task right after.
-    if !shared.gate.approves_fetch(task) {
-        tracing::info!(job = %task.job_id, sha256 = %wanted, "not fetching the base of a task that is not approved");
         return Ok(());
     }
     let Some(mut client) = shared.client() else {

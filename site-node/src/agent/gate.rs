@@ -110,6 +110,23 @@ pub struct Admitted {
     pub base: Option<ApprovedBase>,
 }
 
+/// A task that passed the first half of the gate ([`TaskGate::approve`]): approved by the
+/// site's officers and policy, its tokenizer the site's. What the node may fetch for it (a base
+/// model) is fetched only now; [`TaskGate::admit`] finishes the checks.
+pub struct Approved {
+    work: Work,
+    job: JobView,
+    data: JobData,
+    tokenizer: Option<ApprovedTokenizer>,
+}
+
+impl Approved {
+    /// The task's job spec, as the gate parsed it.
+    pub fn job(&self) -> &JobView {
+        &self.job
+    }
+}
+
 /// The dataset a job's schema names, of the kind its model family reads.
 enum JobData {
     Table(Arc<SiteDataset>),
@@ -283,33 +300,30 @@ impl TaskGate {
         })
     }
 
-    /// Whether `task`'s job is one this site's officers approved and its policy allows, so that
-    /// the base its signed spec names may be fetched: checked before a base is fetched, so that
-    /// a coordinator cannot make the node download and cache a base no officer signed for (and
-    /// evict the site's cached ones for it). Always true without approvals
-    /// (`insecure_no_approvals`). A refusal is not reported here: the gate declines the task
-    /// right after, with its reason.
-    pub fn approves_fetch(&self, task: &pb::Task) -> bool {
-        let Some(approvals) = &self.approvals else {
-            return true;
-        };
-        let Ok(job) = JobView::from_toml_str(&task.job_spec_toml) else {
-            return false;
-        };
-        let spent = match (&self.ledgers, self.job_data(&job)) {
-            (Some(ledgers), Ok(data)) => ledgers.spent(data.name()).unwrap_or(0.0),
-            _ => 0.0,
-        };
-        approvals.check(task, now_ms(), spent).is_ok()
-    }
-
-    /// Decides whether the node does `task` now.
+    /// Decides whether the node does `task` now: [`approve`](Self::approve), then
+    /// [`admit`](Self::admit).
     pub fn check_task(&self, task: &pb::Task) -> Result<Admitted, Refusal> {
         self.check_task_at(task, now_ms())
     }
 
     /// [`check_task`](Self::check_task) at a given time (Unix milliseconds), for tests.
     pub fn check_task_at(&self, task: &pb::Task, now_ms: i64) -> Result<Admitted, Refusal> {
+        let approved = self.approve_at(task, now_ms)?;
+        self.admit(task, approved)
+    }
+
+    /// The first half of the gate: what the job's officers and the site decide, before the node
+    /// fetches anything for the task (a base model it lacks): the deadline, the task's kind,
+    /// the spec, the dataset its schema names (and the table's schema digest), the signed
+    /// approvals and site policy, and the tokenizer. A job no officer of this site signed, or
+    /// that the site would decline anyway for its tokenizer, never makes the node download a
+    /// base or touch its cache.
+    pub fn approve(&self, task: &pb::Task) -> Result<Approved, Refusal> {
+        self.approve_at(task, now_ms())
+    }
+
+    /// [`approve`](Self::approve) at a given time (Unix milliseconds), for tests.
+    pub fn approve_at(&self, task: &pb::Task, now_ms: i64) -> Result<Approved, Refusal> {
         // A deadline of 0 (unset) means none.
         if task.deadline_unix_ms > 0 && now_ms > task.deadline_unix_ms {
             return Err(Refusal::DeadlinePassed {
@@ -356,6 +370,24 @@ impl TaskGate {
             Some(wanted) => Some(self.tokenizers.approve(wanted)?),
             None => None,
         };
+        Ok(Approved {
+            work,
+            job,
+            data,
+            tokenizer,
+        })
+    }
+
+    /// The second half of the gate, on a task [`approve`](Self::approve) passed: the base
+    /// checkpoint (the site's own, or one fetched after approval), the round, the strategy, a
+    /// resend, and the privacy budget.
+    pub fn admit(&self, task: &pb::Task, approved: Approved) -> Result<Admitted, Refusal> {
+        let Approved {
+            work,
+            job,
+            data,
+            tokenizer,
+        } = approved;
         let base = match job
             .base_sha256()
             .map_err(|e| Refusal::JobSpec(e.to_string()))?

@@ -134,7 +134,7 @@ impl LocalRound for LanguageRound {
             "language-model round done"
         );
         Ok(RoundResult {
-            dp_noise: None,
+            dp_noise: result.dp_noise,
             single_class_predicted: None,
             delta: result.delta,
             eval: crate::train::Eval {

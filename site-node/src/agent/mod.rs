@@ -68,7 +68,7 @@ mod transfer;
 mod worker;
 
 pub use filter::UpdateFilter;
-pub use gate::{Admitted, Refusal, TaskGate, Work};
+pub use gate::{Admitted, Approved, Refusal, TaskGate, Work};
 pub use round::{Deidentification, DpNoise, LocalError, LocalRound, RoundInput, RoundResult};
 pub use tabular::{initial_weights, local_round};
 

@@ -18,6 +18,7 @@ use tutela_privacy::at_rest::{KeyEncryptionKey, decrypt_to_vec};
 
 use super::gate::Admitted;
 use crate::data::DataError;
+pub use crate::dp::DpNoise;
 use crate::jobspec::{JobSpecError, JobView};
 use crate::ledger::RoundSpend;
 use crate::lm::round::LmRoundError;
@@ -140,20 +141,13 @@ pub struct RoundResult {
     pub deid_config_sha256: Option<String>,
     /// What the round spent of the dataset's privacy budget (DP-SGD jobs only).
     pub privacy: Option<RoundSpend>,
-    /// The DP-SGD noise the round trained under (a tabular DP-SGD job), for the coordinator's
-    /// noise-to-signal warning; `None` otherwise.
+    /// The DP-SGD noise the round trained under (any DP-SGD round, tabular or language
+    /// model), for job status, the round's trail event and the coordinator's noise-to-signal
+    /// warning; `None` without DP-SGD.
     pub dp_noise: Option<DpNoise>,
     /// The class the trained model predicted for every validation row, when it did (it has
     /// learnt the majority class only); `None` otherwise, and for language models.
     pub single_class_predicted: Option<usize>,
-}
-
-/// DP-SGD's noise multiplier σ (as trained with, on the noise grid) and its expected batch
-/// B = sample rate × training rows: σ / B is the noise-to-signal ratio of one step.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DpNoise {
-    pub noise_multiplier: f64,
-    pub expected_batch: f64,
 }
 
 /// Why a local step of a task failed: the reason a task is declined with.

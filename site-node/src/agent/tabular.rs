@@ -274,10 +274,7 @@ fn train_round(
         noise_multiplier = plan.noise_multiplier,
         "privacy spent"
     );
-    let noise = DpNoise {
-        noise_multiplier: plan.effective_noise_multiplier,
-        expected_batch: plan.sample_rate * train.n_rows as f64,
-    };
+    let noise = DpNoise::of_plan(&plan, train.n_rows);
     Ok((report?, Some(spent), Some(noise)))
 }
 

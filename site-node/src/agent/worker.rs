@@ -18,7 +18,7 @@ use tutela_privacy::at_rest::KeyEncryptionKey;
 
 use super::Backoff;
 use super::filter::UpdateFilter;
-use super::gate::{Admitted, TaskGate, Work};
+use super::gate::{Admitted, Refusal, TaskGate, Work};
 use super::round::{RoundInput, RoundResult};
 use super::transfer::{fetch_model, upload};
 use super::{ANSWERED_MEMORY, NODE_VERSION, now_ms};
@@ -251,22 +251,33 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
     if task.kind == pb::TaskKind::Check as i32 {
         return answer_check(&shared, &task).await;
     }
-    super::base_fetch::fetch_missing_base(&shared, &task).await?;
-    let admitted = match shared.gate.check_task(&task) {
+    // Approved first: a job this site's officers did not sign never makes it fetch a base.
+    let approved = match shared.gate.approve(&task) {
         Ok(a) => a,
-        Err(refusal) if !refusal.is_reported() => return Ok(Done::Skipped(refusal.to_string())),
-        Err(refusal) => {
-            let failure = SiteFailure::from(&refusal);
-            return match decline(&shared, &task.task_id, &failure).await {
-                Ok(()) => Ok(Done::Declined(failure)),
-                Err(e) => Err(Failure::Coordinator(format!("declining ({failure}): {e}"))),
-            };
-        }
+        Err(refusal) => return refused(&shared, &task, refusal).await,
+    };
+    super::base_fetch::fetch_missing_base(&shared, &task, approved.job()).await?;
+    let admitted = match shared.gate.admit(&task, approved) {
+        Ok(a) => a,
+        Err(refusal) => return refused(&shared, &task, refusal).await,
     };
     match admitted.work {
         Work::Initialize => initialize(&shared, &task, admitted).await,
         Work::Train => train(&shared, &task, admitted).await,
         Work::Resend => resend(&shared, &task, admitted).await,
+    }
+}
+
+/// A task the gate refused: declined with the refusal's wire reason, or skipped when the
+/// coordinator has closed it already.
+async fn refused(shared: &Shared, task: &pb::Task, refusal: Refusal) -> Result<Done, Failure> {
+    if !refusal.is_reported() {
+        return Ok(Done::Skipped(refusal.to_string()));
+    }
+    let failure = SiteFailure::from(&refusal);
+    match decline(shared, &task.task_id, &failure).await {
+        Ok(()) => Ok(Done::Declined(failure)),
+        Err(e) => Err(Failure::Coordinator(format!("declining ({failure}): {e}"))),
     }
 }
 

@@ -27,10 +27,10 @@ use tutela_site_node::config::{ConfigError, Corruption, NodeConfig};
 use tutela_site_node::models::{Model, ModelSpec};
 use tutela_site_node::weights::{NamedTensors, export_weights, f32_values, save_safetensors};
 
-const CONSORTIUM: &str = "acme";
-const SITE: &str = "hospital-a";
+pub(crate) const CONSORTIUM: &str = "acme";
+pub(crate) const SITE: &str = "hospital-a";
 /// How long a test waits for the node to do something before it fails.
-const PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -40,16 +40,16 @@ fn data_dir() -> PathBuf {
     repo().join("data")
 }
 
-fn init_crypto() {
+pub(crate) fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
 
-struct Pki {
-    coordinator: TlsFiles,
-    node: TlsFiles,
+pub(crate) struct Pki {
+    pub(crate) coordinator: TlsFiles,
+    pub(crate) node: TlsFiles,
 }
 
 fn write_set(dir: &Path, stem: &str, ca: &CertificateAuthority, cert: &str, key: &str) -> TlsFiles {
@@ -76,7 +76,7 @@ fn pki(dir: &Path, site: &str) -> Pki {
 }
 
 /// [`pki`], and the CA, to issue more certificates (compliance officers') from.
-fn pki_with_ca(dir: &Path, site: &str) -> (Pki, CertificateAuthority) {
+pub(crate) fn pki_with_ca(dir: &Path, site: &str) -> (Pki, CertificateAuthority) {
     let ca = CertificateAuthority::create(
         CONSORTIUM,
         KeyAlgorithm::EcdsaP256,
@@ -121,7 +121,7 @@ const NO_APPROVALS: &str = "insecure_no_approvals = true";
 
 /// A node config; `top_level` holds top-level keys (`site_policy`, or [`NO_APPROVALS`]), `extra`
 /// is appended after every table.
-fn node_config_text(
+pub(crate) fn node_config_text(
     site: &str,
     coordinator: &str,
     tls: &TlsFiles,
@@ -418,7 +418,7 @@ fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
 // A fake coordinator
 
 #[derive(Debug)]
-enum Event {
+pub(crate) enum Event {
     Connected {
         generation: u32,
         request: pb::ConnectRequest,
@@ -434,20 +434,24 @@ enum Event {
         task_id: String,
         reason: String,
     },
+    /// The node asked for a job's base model (`Federation.FetchBaseModel`).
+    BaseFetched {
+        sha256: String,
+    },
 }
 
-type TaskSender = mpsc::Sender<Result<pb::Task, Status>>;
+pub(crate) type TaskSender = mpsc::Sender<Result<pb::Task, Status>>;
 /// A global model as the fake serves it: its manifest and each tensor's bytes.
-type ServedModel = (Manifest, Vec<Bytes>);
+pub(crate) type ServedModel = (Manifest, Vec<Bytes>);
 
 /// What survives a restart of the fake coordinator: the test's view.
 #[derive(Clone)]
-struct Shared {
-    events: mpsc::UnboundedSender<Event>,
+pub(crate) struct Shared {
+    pub(crate) events: mpsc::UnboundedSender<Event>,
     /// The task stream of the connected node.
-    node: Arc<Mutex<Option<TaskSender>>>,
+    pub(crate) node: Arc<Mutex<Option<TaskSender>>>,
     /// Global models by task id: (manifest, tensor bytes).
-    models: Arc<Mutex<HashMap<String, ServedModel>>>,
+    pub(crate) models: Arc<Mutex<HashMap<String, ServedModel>>>,
 }
 
 struct FakeFederation {
@@ -540,11 +544,14 @@ impl pb::federation_server::Federation for FakeFederation {
     type FetchBaseModelStream = BoxStream<pb::BaseModelChunk>;
 
     // The e2e test (tests/tests/e2e/language_model.rs) fetches bases from the real coordinator;
-    // this fake holds none.
+    // this fake holds none, but records every request (`base_fetch`: when a node fetches).
     async fn fetch_base_model(
         &self,
-        _request: Request<pb::FetchBaseModelRequest>,
+        request: Request<pb::FetchBaseModelRequest>,
     ) -> Result<Response<Self::FetchBaseModelStream>, Status> {
+        let _ = self.shared.events.send(Event::BaseFetched {
+            sha256: request.into_inner().sha256,
+        });
         Err(Status::not_found(
             "this fake coordinator holds no base models",
         ))
@@ -569,8 +576,8 @@ impl pb::federation_server::Federation for FakeFederation {
     }
 }
 
-struct Coordinator {
-    addr: SocketAddr,
+pub(crate) struct Coordinator {
+    pub(crate) addr: SocketAddr,
     closed: Arc<AtomicBool>,
     shared: Shared,
     stop: Option<oneshot::Sender<()>>,
@@ -582,7 +589,11 @@ static GENERATION: AtomicU32 = AtomicU32::new(1);
 impl Coordinator {
     /// Serves a fake coordinator on `addr` (port 0 for any), retrying the bind briefly so that a
     /// restart can take over the port its predecessor just released.
-    async fn start(addr: SocketAddr, tls: &TlsFiles, shared: Shared) -> (Coordinator, u32) {
+    pub(crate) async fn start(
+        addr: SocketAddr,
+        tls: &TlsFiles,
+        shared: Shared,
+    ) -> (Coordinator, u32) {
         init_crypto();
         let started = Instant::now();
         let listener = loop {
@@ -627,7 +638,7 @@ impl Coordinator {
     }
 
     /// Goes away: refuses new task streams, ends the node's current one, and stops serving.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.closed.store(true, Ordering::SeqCst);
         self.shared.node.lock().unwrap().take();
         if let Some(stop) = self.stop.take() {
@@ -813,7 +824,7 @@ fn now_ms() -> i64 {
 
 const SEED: u64 = 7;
 
-fn job_spec(schema: &str, model: &str) -> String {
+pub(crate) fn job_spec(schema: &str, model: &str) -> String {
     format!(
         r#"
 name = "test-job"
@@ -841,7 +852,7 @@ batch_size = 32
     )
 }
 
-fn task(id: &str, kind: pb::TaskKind, spec: &str, model_id: &str, strategy: &str) -> pb::Task {
+pub(crate) fn task(id: &str, kind: pb::TaskKind, spec: &str, model_id: &str, strategy: &str) -> pb::Task {
     pb::Task {
         task_id: id.into(),
         kind: kind as i32,
@@ -1736,21 +1747,21 @@ async fn next_answer(events: &mut mpsc::UnboundedReceiver<Event>, node: &NodePro
 
 /// A job spec the protocol's strict parser reads (the agent tests' spec has a key only the node's
 /// lenient view ignores), so that it has a digest officers can sign.
-fn approvable_job_spec() -> String {
+pub(crate) fn approvable_job_spec() -> String {
     job_spec("breast_cancer", "mlp").replace(
         "a_key_the_node_does_not_know = \"ignored\"",
         &format!("sites = [\"{SITE}\"]"),
     )
 }
 
-fn spec_digest(spec: &str) -> tutela_protocol::job::SpecDigest {
+pub(crate) fn spec_digest(spec: &str) -> tutela_protocol::job::SpecDigest {
     tutela_protocol::job::JobSpec::from_toml_str(spec)
         .unwrap()
         .digest()
 }
 
 /// A user certificate of `site` from `ca`.
-fn issue_user(
+pub(crate) fn issue_user(
     ca: &CertificateAuthority,
     site: &str,
     name: &str,
@@ -1767,7 +1778,7 @@ fn issue_user(
 
 /// An approval of `job` at `digest`, signed with `key_of`'s key and carrying `cert_of`'s
 /// certificate, valid for an hour.
-fn approval(
+pub(crate) fn approval(
     key_of: &tutela_protocol::pki::IssuedCertificate,
     cert_of: &tutela_protocol::pki::IssuedCertificate,
     job: &str,

@@ -166,19 +166,19 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
 
     // Attack: a coordinator sends a task (any kind) whose job no officer signed, naming a base
     // the site lacks, to make the node download and cache it (evicting the site's cached
-    // bases). The node fetches a base only for a task its gate's approvals accept; a job the
+    // bases). The node fetches a base only for a task its gate approves (`TaskGate::approve`); a job the
     // site would run but nobody signed is not one. Without approvals (`insecure_no_approvals`)
     // the gate approves every fetch, as it admits every task.
     let mut unsigned = task(&good, OP);
     unsigned.kind = pb::TaskKind::Train as i32;
-    assert!(!gate("mlp").approves_fetch(&unsigned));
+    assert!(!gate("mlp").approve(&unsigned).is_ok());
     unsigned.job_digest = "0".repeat(64);
-    assert!(!gate("mlp").approves_fetch(&unsigned));
+    assert!(!gate("mlp").approve(&unsigned).is_ok());
     let insecure = TaskGate::new(BTreeMap::from([(
         "breast_cancer".to_string(),
         dataset.clone(),
     )]));
-    assert!(insecure.approves_fetch(&unsigned));
+    assert!(insecure.approve(&unsigned).is_ok());
     // Signed by the site's officer: fetched.
     let mut options = tutela_protocol::pki::LeafOptions::new(Validity::days_from_now(3));
     options.algorithm = KeyAlgorithm::EcdsaP256;
@@ -211,7 +211,7 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
         .unwrap()
         .to_pb(),
     ];
-    assert!(gate("mlp").approves_fetch(&signed));
+    assert!(gate("mlp").approve(&signed).is_ok());
     // The same signature on a spec the coordinator changed afterwards: not fetched.
     let mut tampered = signed.clone();
     tampered.job_spec_toml = good.replace("rounds = ", "rounds = 1");
@@ -219,5 +219,5 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
         .unwrap()
         .digest()
         .to_hex();
-    assert!(!gate("mlp").approves_fetch(&tampered));
+    assert!(!gate("mlp").approve(&tampered).is_ok());
 }

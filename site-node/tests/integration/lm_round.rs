@@ -182,6 +182,7 @@ fn a_round_without_dp_lowers_the_validation_loss_and_sends_exactly_the_adapters_
 
     let result = round(&f, &job, &initial, None).unwrap();
     assert!(result.privacy.is_none());
+    assert!(result.dp_noise.is_none());
     let names = |t: &NamedTensors| {
         t.iter()
             .map(|(s, _)| (s.name.clone(), s.shape.clone(), s.dtype))
@@ -261,6 +262,21 @@ unit = "patient""#,
         .unwrap();
     assert_eq!(result.train_steps, plan.steps_per_round);
     assert_eq!(plan.sample_rate, 4.0 / patients as f64);
+    // σ and the expected batch (of patients) are reported as a tabular round reports them.
+    let noise = result
+        .dp_noise
+        .expect("a DP round reports its noise multiplier and expected batch");
+    assert_eq!(noise.noise_multiplier, plan.effective_noise_multiplier);
+    assert!(
+        (noise.noise_multiplier - 1.0).abs() < 0.05,
+        "σ_eff {} is the job's 1.0 up to the grid's correction",
+        noise.noise_multiplier
+    );
+    assert!(
+        (noise.expected_batch - 4.0).abs() < 1e-12,
+        "{}",
+        noise.expected_batch
+    );
     let expected = tutela_privacy::accountant::epsilon(
         &[plan.mechanism(result.train_steps).unwrap()],
         plan.delta,

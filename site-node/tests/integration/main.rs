@@ -9,6 +9,7 @@
 
 mod agent;
 mod base_cache;
+mod base_fetch;
 mod common;
 mod config_ranges;
 mod data;

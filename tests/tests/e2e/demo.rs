@@ -126,12 +126,13 @@ fn summary_value(stdout: &str, label: &str) -> f64 {
 
 /// `tutela demo --dataset notes`: three hospitals fine-tune LoRA adapters federated under DP
 /// (ε = 8 per site) on the Synthea notes split by patient, and the held-out patients' perplexity
-/// falls at least 1.5× below the base model's (a merged model equal to the base, or adapters
-/// that did not travel, fail this; measured: 1.88×). The demo's own configuration, its base cached
-/// in target/demo-cache after the first run. Issue 17's target, halving, is not quite reached by
-/// this schedule (see docs/architecture.md, "The `tutela` CLI"): the document is the unit, as by
+/// at least halves from the base model's: issue 17's end-to-end target (a merged model equal to
+/// the base, or adapters that did not travel, fail this). The demo's own configuration
+/// (measured over three seeds in BENCHMARKS.md, "The notes demo against the halving target"), its
+/// base cached in target/demo-cache after the first run; the document is the privacy unit, as by
 /// patient a site trains on two or three patients and DP noise leaves the base nearly unchanged.
-/// No note's text in any node's work directory.
+/// Every round reports each site's σ and expected batch (job status). No note's text in any
+/// node's work directory.
 #[test]
 fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,10 +157,28 @@ fn the_notes_demo_lowers_held_out_perplexity_under_dp_and_leaves_no_note_text() 
     assert!(base.is_finite() && federated > 1.0, "{stdout}");
     println!("{stdout}");
     assert!(
-        federated * 1.5 < base,
-        "held-out perplexity {federated} is not 1.5x below the base's {base}:\n{stdout}"
+        federated * 2.0 <= base,
+        "held-out perplexity {federated} is not half the base's {base} or less:\n{stdout}"
     );
     assert!(stdout.contains("validation perplexity"), "{stdout}");
+    // σ and the expected batch of every site in every round (σ/B of three sites).
+    let rounds: Vec<&str> = stdout.lines().filter(|l| l.starts_with("round ")).collect();
+    assert!(!rounds.is_empty(), "{stdout}");
+    for line in &rounds {
+        let noise = line
+            .split("σ/B ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no σ/B in {line:?}"));
+        let sites: Vec<(f64, f64)> = noise
+            .split_whitespace()
+            .map(|pair| {
+                let (sigma, batch) = pair.split_once('/').unwrap();
+                (sigma.parse().unwrap(), batch.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(sites.len(), 3, "{line}");
+        assert!(sites.iter().all(|&(s, b)| s > 0.1 && b >= 1.0), "{line}");
+    }
     assert!(
         stdout.contains("greedy sample after federated fine-tuning"),
         "{stdout}"

@@ -651,6 +651,25 @@ impl AdapterGradientStep for DpAdapterStep {
                 self.clip,
                 self.units_per_chunk,
             )?;
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // The per-unit gradient norms against C: how much clipping shapes the step
+                // (choosing C, the notes demo's schedule).
+                let norms =
+                    Vec::<f64>::try_from(sum.norms.to_kind(tch::Kind::Double)).unwrap_or_default();
+                if !norms.is_empty() {
+                    let mut sorted = norms.clone();
+                    sorted.sort_by(f64::total_cmp);
+                    let clipped = norms.iter().filter(|n| **n > self.clip).count();
+                    tracing::debug!(
+                        units = norms.len(),
+                        median_norm = sorted[sorted.len() / 2],
+                        max_norm = sorted[sorted.len() - 1],
+                        clip = self.clip,
+                        clipped,
+                        "per-unit adapter gradient norms"
+                    );
+                }
+            }
             (sum.parameters, sum.flat, sum.loss_sum)
         } else {
             // An empty Poisson batch: the release is noise alone.

@@ -34,6 +34,7 @@ use tutela_protocol::job::PrivacyUnit;
 use self::data::{LmEval, UnitWindows, evaluate, tokenize_units};
 use self::job::LmJob;
 use self::train::train_adapters;
+use crate::dp::DpNoise;
 use crate::jobspec::{JobSpecError, StrategyView};
 use crate::ledger::{RoundCharging, RoundSpend};
 use crate::lm::error::LmError;
@@ -115,6 +116,9 @@ pub struct LmRoundResult {
     pub deid_config_sha256: String,
     /// What the round spent of the dataset's privacy budget (DP-SGD jobs only).
     pub privacy: Option<RoundSpend>,
+    /// The noise multiplier and expected batch (of privacy units) it trained under (DP-SGD
+    /// jobs only), reported as a tabular round reports them.
+    pub dp_noise: Option<DpNoise>,
 }
 
 fn now_ms() -> i64 {
@@ -232,6 +236,7 @@ pub fn local_lm_round(inputs: &LmRoundInputs<'_>) -> Result<LmRoundResult, LmRou
         device,
         &mut |_, _, _| {},
     );
+    let dp_noise = plan.as_ref().map(|plan| DpNoise::of_plan(plan, rows));
     let privacy = match (&plan, spend) {
         (Some(plan), Some(spend)) => {
             let spent = inputs
@@ -269,5 +274,6 @@ pub fn local_lm_round(inputs: &LmRoundInputs<'_>) -> Result<LmRoundResult, LmRou
         dataset_commitment: inputs.text.commitment.root_hex(),
         deid_config_sha256: inputs.text.report.config_sha256.clone(),
         privacy,
+        dp_noise,
     })
 }
