@@ -658,6 +658,27 @@ impl NodeConfig {
         self.privacy
             .validate()
             .map_err(|problem| invalid("privacy", problem))?;
+        // One home for each ε cap: the site policy, which the officers own and the node reloads.
+        let names: Vec<String> = self
+            .datasets
+            .keys()
+            .chain(self.text_datasets.keys())
+            .cloned()
+            .collect();
+        if let Some((key, lines)) = self.privacy.moved_caps(&names).into_iter().next() {
+            let policy = match &self.site_policy {
+                Some(p) => format!("the site policy {}", p.display()),
+                None => "the site policy (`site_policy`, see deploy/policy/site-policy.toml)".into(),
+            };
+            return Err(invalid(
+                key,
+                format!(
+                    "has moved to {policy}, the one home of the ε caps, which the compliance \
+                     officers own and the node reloads on change: remove it from node.toml and \
+                     write there:\n{lines}"
+                ),
+            ));
+        }
         let (r, c) = (&self.reconnect, &self.recheck);
         for (initial, max) in [
             (

@@ -371,11 +371,11 @@ impl Agent {
             );
         }
         // The privacy ledgers live in the work directory, encrypted like everything else there.
-        let ledgers = Arc::new(SiteLedgers::new(
+        let ledgers = SiteLedgers::new(
             config.work_dir.join("privacy-ledger"),
             kek.clone(),
             config.privacy.clone(),
-        ));
+        );
         Ok(Agent {
             identity,
             coordinator,
@@ -384,15 +384,19 @@ impl Agent {
             audit,
             kek,
             gate: match (&config.site_policy, config.insecure_no_approvals) {
-                (Some(path), false) => TaskGate::with_tables(tables)
-                    .with_ledgers(ledgers)
-                    .with_tokenizers(tokenizers)
-                    .with_text_datasets(text_datasets)
-                    .with_base_models(base_models)
-                    .with_approvals(
+                (Some(path), false) => {
+                    let approvals =
                         crate::approvals::SiteApprovals::load(&config.site, path, &material)
-                            .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
-                    ),
+                            .map_err(|e| AgentError::SitePolicy(e.to_string()))?;
+                    // The ε caps are the site policy's, read as it is reloaded.
+                    let ledgers = ledgers.with_caps(approvals.reloading().clone());
+                    TaskGate::with_tables(tables)
+                        .with_ledgers(Arc::new(ledgers))
+                        .with_tokenizers(tokenizers)
+                        .with_text_datasets(text_datasets)
+                        .with_base_models(base_models)
+                        .with_approvals(approvals)
+                }
                 (None, true) => {
                     tracing::warn!(
                         "insecure_no_approvals = true: NO APPROVALS. This node trains on its data \
@@ -400,8 +404,9 @@ impl Agent {
                          compliance officers approved the job and without a site policy. Never \
                          run a site like this; configure `site_policy`"
                     );
+                    // No site policy, so no ε caps: the spend is still recorded.
                     TaskGate::with_tables(tables)
-                        .with_ledgers(ledgers)
+                        .with_ledgers(Arc::new(ledgers))
                         .with_tokenizers(tokenizers)
                         .with_text_datasets(text_datasets)
                         .with_base_models(base_models)

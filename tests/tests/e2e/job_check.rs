@@ -160,8 +160,9 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     assert!(jobs.is_empty(), "{jobs:#?}");
 }
 
-/// Two sites whose node.toml caps ε at 1 per job: both build the initial model (INITIALIZE
-/// spends nothing), then decline the job's TRAIN task at once (it plans ε = 5). The round ends
+/// Two sites whose node.toml requires DP-SGD (`require_local_dp`; the ε caps themselves live in
+/// the site policy): both build the initial model (INITIALIZE spends nothing), then decline the
+/// job's TRAIN task at once (it has no local DP). The round ends
 /// as soon as both have answered, and fails with every site's reason, not at the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_every_site_declined_fails_at_once_with_each_site_s_reason() {
@@ -174,13 +175,12 @@ async fn a_round_every_site_declined_fails_at_once_with_each_site_s_reason() {
             site,
             &header,
             rows,
-            "[privacy]\nmax_epsilon_per_job = 1.0\nmax_epsilon_total = 2.0\n",
+            "[privacy]\nrequire_local_dp = true\n",
         );
     }
     // A long deadline: the job must fail long before it.
     let spec = job_spec(1, 2, 120, &["a", "b"])
-        .replace("max_round_retries = 2", "max_round_retries = 0")
-        + "\n[privacy]\nmode = \"local\"\ntarget_epsilon = 5.0\ndelta = 1e-5\nmax_grad_norm = 1.0\n";
+        .replace("max_round_retries = 2", "max_round_retries = 0");
     let mut op = c.operator().await;
     let job = op
         .submit_job(pb::SubmitJobRequest { spec_toml: spec })
