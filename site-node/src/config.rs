@@ -363,7 +363,9 @@ fn check_backoff(
     if !(max.is_finite() && max >= initial && max <= MAX_BACKOFF) {
         return Err((
             max_key,
-            format!("must be at least {initial_key} ({initial}) and at most {MAX_BACKOFF}, found {max}"),
+            format!(
+                "must be at least {initial_key} ({initial}) and at most {MAX_BACKOFF}, found {max}"
+            ),
         ));
     }
     Ok(())
@@ -668,7 +670,9 @@ impl NodeConfig {
         if let Some((key, lines)) = self.privacy.moved_caps(&names).into_iter().next() {
             let policy = match &self.site_policy {
                 Some(p) => format!("the site policy {}", p.display()),
-                None => "the site policy (`site_policy`, see deploy/policy/site-policy.toml)".into(),
+                None => {
+                    "the site policy (`site_policy`, see deploy/policy/site-policy.toml)".into()
+                }
             };
             return Err(invalid(
                 key,

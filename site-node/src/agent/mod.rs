@@ -308,6 +308,9 @@ impl Agent {
         // A table that fails its check now (a database that is down, bad rows) is kept as not
         // ready: `run` re-checks it and announces it once it passes.
         let tables = Arc::new(readiness::TableReadiness::checked_at_start(datasets));
+        for name in tables.ready_names() {
+            tracing::info!(dataset = %name, "dataset ready (read when a task first needs it)");
+        }
         for name in tables.not_ready_names() {
             tracing::warn!(
                 dataset = %name,

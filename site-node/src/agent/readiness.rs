@@ -158,9 +158,8 @@ impl Reloadable for TableReadiness {
         Box::pin(async move {
             // The check reads whole tables (a PostgreSQL query runs on a thread of its own): off
             // the runtime's worker where the runtime allows it.
-            let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-                h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-            });
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             Ok(if multi_thread {
                 tokio::task::block_in_place(|| self.recheck())
             } else {

@@ -124,10 +124,18 @@ impl Session<'_> {
                         Ok(r) => {
                             let old = std::mem::replace(&mut stream, r.into_inner());
                             tokio::spawn(forward_rest(old, self.tasks.clone()));
-                            tracing::info!(?datasets, withdrawn = ?announced.iter().filter(|d| !datasets.contains(d)).collect::<Vec<_>>(), "announced the datasets ready now to the coordinator");
+                            let withdrawn: Vec<&String> =
+                                announced.iter().filter(|d| !datasets.contains(d)).collect();
+                            tracing::info!(
+                                ?datasets,
+                                ?withdrawn,
+                                "announced the datasets ready now to the coordinator"
+                            );
                             announced = datasets;
                         }
-                        Err(status) => return describe_status("Connect (announcing datasets)", &status),
+                        Err(status) => {
+                            return describe_status("Connect (announcing datasets)", &status);
+                        }
                     }
                     continue;
                 }

@@ -53,9 +53,17 @@ fn every_documented_range_of_node_toml_is_enforced() {
             Float(86_401.0),
             "reconnect.max_backoff_secs",
         ),
-        (&["recheck", "initial_secs"], Float(0.0), "recheck.initial_secs"),
+        (
+            &["recheck", "initial_secs"],
+            Float(0.0),
+            "recheck.initial_secs",
+        ),
         (&["recheck", "max_secs"], Float(1.0), "recheck.max_secs"),
-        (&["recheck", "max_secs"], Float(86_401.0), "recheck.max_secs"),
+        (
+            &["recheck", "max_secs"],
+            Float(86_401.0),
+            "recheck.max_secs",
+        ),
         (&["privacy", "delta"], Float(1.0), "privacy.delta"),
         (
             &["base_cache", "max_entries"],
@@ -121,7 +129,10 @@ fn node_toml_epsilon_caps_are_refused_with_the_lines_for_the_site_policy() {
         let message = err.to_string();
         for needle in [
             path.to_str().unwrap(),
-            &format!("`{dotted}` has moved to the site policy {}", policy.display()),
+            &format!(
+                "`{dotted}` has moved to the site policy {}",
+                policy.display()
+            ),
             "remove it from node.toml and write there:",
             &lines,
         ] {

@@ -793,12 +793,9 @@ max_grad_norm = 1.0
             "breast_cancer".to_string(),
             dataset_without_its_file(dir.path()),
         )]))
-        .with_ledgers(Arc::new(SiteLedgers::new(
-            dir.path().join("l"),
-            None,
-            budget(),
-        )
-        .with_caps(caps())));
+        .with_ledgers(Arc::new(
+            SiteLedgers::new(dir.path().join("l"), None, budget()).with_caps(caps()),
+        ));
         let spec = job(1.0);
         let plain = &spec[..spec.find("[privacy]").unwrap()];
         match gate.check_task(&task("j", plain.to_string())) {

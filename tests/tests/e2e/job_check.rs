@@ -87,12 +87,22 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     let names: Vec<&str> = sites.iter().map(|s| s.site.as_str()).collect();
     assert_eq!(names, ["a", "b", "c", "d"], "{sites:#?}");
     let policy = |clause: &str| ("policy.refused".to_string(), clause.to_string());
+    // a's cap is the site policy's, which is also its privacy ledger's (the one home of the ε
+    // caps): a capped dataset requires DP-SGD there too, so the ledger refuses the job without
+    // DP as well.
     assert_eq!(
         codes_and_clauses(&sites[0]),
         [
             policy("allowed_models"),
-            policy("privacy.max_epsilon_per_job")
+            policy("privacy.max_epsilon_per_job"),
+            ("privacy.budget".to_string(), String::new()),
         ],
+        "{sites:#?}"
+    );
+    assert!(
+        sites[0].refusals[2]
+            .reason
+            .contains("requires DP-SGD (privacy.mode = \"local\")"),
         "{sites:#?}"
     );
     assert_eq!(
@@ -135,6 +145,7 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     for line in [
         "a\tpolicy.refused\tsite policy `allowed_models`",
         "a\tpolicy.refused\tsite policy `privacy.max_epsilon_per_job`",
+        "a\tprivacy.budget\tthis site requires DP-SGD",
         "b\tpolicy.refused\tsite policy `allowed_operators`",
         "b\tpolicy.refused\tsite policy `privacy.min_noise_multiplier`",
         "c\tsite.not_connected\t",
@@ -146,7 +157,7 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
         );
     }
     assert!(
-        stderr.contains("5 refusal(s) at 3 of 4 site(s)"),
+        stderr.contains("6 refusal(s) at 3 of 4 site(s)"),
         "{stderr}"
     );
 
@@ -171,16 +182,11 @@ async fn a_round_every_site_declined_fails_at_once_with_each_site_s_reason() {
     c.start_coordinator();
     let (header, shares, _) = breast_cancer_shares(2);
     for (site, rows) in ["a", "b"].iter().zip(&shares) {
-        c.start_node(
-            site,
-            &header,
-            rows,
-            "[privacy]\nrequire_local_dp = true\n",
-        );
+        c.start_node(site, &header, rows, "[privacy]\nrequire_local_dp = true\n");
     }
     // A long deadline: the job must fail long before it.
-    let spec = job_spec(1, 2, 120, &["a", "b"])
-        .replace("max_round_retries = 2", "max_round_retries = 0");
+    let spec =
+        job_spec(1, 2, 120, &["a", "b"]).replace("max_round_retries = 2", "max_round_retries = 0");
     let mut op = c.operator().await;
     let job = op
         .submit_job(pb::SubmitJobRequest { spec_toml: spec })

@@ -137,8 +137,14 @@ async fn a_database_down_at_start_is_announced_when_it_comes_up_and_withdrawn_wh
         .await;
     let (_, initial) = h.update().await;
     let model_id = h.offer_model("train-down", &initial);
-    h.send(task("train-down", pb::TaskKind::Train, &spec, &model_id, "{}"))
-        .await;
+    h.send(task(
+        "train-down",
+        pb::TaskKind::Train,
+        &spec,
+        &model_id,
+        "{}",
+    ))
+    .await;
     let withdrawn = loop {
         match h.next_event().await {
             Event::Fetched { .. } => continue,
@@ -171,9 +177,15 @@ async fn a_database_down_at_start_is_announced_when_it_comes_up_and_withdrawn_wh
             other => panic!("expected the round's update, got {other:?}"),
         }
     };
-    assert_eq!(manifest.metadata.get(meta::TASK).map(String::as_str), Some("train-1"));
+    assert_eq!(
+        manifest.metadata.get(meta::TASK).map(String::as_str),
+        Some("train-1")
+    );
     // 120 rows, a fifth of each class held out: 96 train.
-    assert_eq!(manifest.metadata.get(meta::SAMPLES).map(String::as_str), Some("96"));
+    assert_eq!(
+        manifest.metadata.get(meta::SAMPLES).map(String::as_str),
+        Some("96")
+    );
     assert!(all_values(&update).iter().any(|&x| x != 0.0));
     for value in manifest.metadata.values() {
         assert_nothing_of_the_source(value, &secrets);
@@ -194,7 +206,10 @@ fn recheck_defaults_to_5_up_to_300_seconds_and_its_errors_name_the_key() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.recheck.initial(), Duration::from_secs(5));
     assert_eq!(c.recheck.max(), Duration::from_secs(300));
-    let c = parse(&format!("{MINIMAL}[recheck]\ninitial_secs = 0.5\nmax_secs = 30\n")).unwrap();
+    let c = parse(&format!(
+        "{MINIMAL}[recheck]\ninitial_secs = 0.5\nmax_secs = 30\n"
+    ))
+    .unwrap();
     assert_eq!(c.recheck.initial(), Duration::from_millis(500));
     assert_eq!(c.recheck.max(), Duration::from_secs(30));
     for (table, key) in [
