@@ -79,6 +79,10 @@ pub struct NodeConfig {
     pub text_datasets: BTreeMap<String, crate::lm::text_dataset::TextDatasetConfig>,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// How often a dataset that is not ready (its source down, its data failing the check) is
+    /// read again; a SIGHUP re-reads at once.
+    #[serde(default)]
+    pub recheck: RecheckConfig,
     /// Encryption of the files the node writes. Without it they are written in the clear (and
     /// the node says so at start).
     #[serde(default)]
@@ -302,6 +306,69 @@ impl ReconnectConfig {
     pub fn max(&self) -> Duration {
         Duration::from_secs_f64(self.max_backoff_secs)
     }
+}
+
+/// `[recheck]`: exponential backoff (with jitter) between the checks of a dataset that is not
+/// ready, from `initial_secs` up to `max_secs`; the node announces a dataset when it passes.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecheckConfig {
+    #[serde(default = "default_initial_recheck")]
+    pub initial_secs: f64,
+    #[serde(default = "default_max_recheck")]
+    pub max_secs: f64,
+}
+
+fn default_initial_recheck() -> f64 {
+    5.0
+}
+
+fn default_max_recheck() -> f64 {
+    300.0
+}
+
+impl Default for RecheckConfig {
+    fn default() -> Self {
+        RecheckConfig {
+            initial_secs: default_initial_recheck(),
+            max_secs: default_max_recheck(),
+        }
+    }
+}
+
+impl RecheckConfig {
+    pub fn initial(&self) -> Duration {
+        Duration::from_secs_f64(self.initial_secs)
+    }
+
+    pub fn max(&self) -> Duration {
+        Duration::from_secs_f64(self.max_secs)
+    }
+}
+
+/// Checks a backoff's bounds (`[reconnect]`, `[recheck]`): `(key, problem)` naming the key.
+fn check_backoff(
+    (initial_key, initial): (&'static str, f64),
+    (max_key, max): (&'static str, f64),
+) -> Result<(), (&'static str, String)> {
+    // Bounded so that Duration::from_secs_f64 cannot panic and a typo cannot park the node
+    // for a year.
+    const MAX_BACKOFF: f64 = 24.0 * 3600.0;
+    if !(initial.is_finite() && initial > 0.0 && initial <= MAX_BACKOFF) {
+        return Err((
+            initial_key,
+            format!("must be > 0 and at most {MAX_BACKOFF}, found {initial}"),
+        ));
+    }
+    if !(max.is_finite() && max >= initial && max <= MAX_BACKOFF) {
+        return Err((
+            max_key,
+            format!(
+                "must be at least {initial_key} ({initial}) and at most {MAX_BACKOFF}, found {max}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `[testing]`: ways to misbehave on purpose, for the coordinator's tests (refusing a corrupt
@@ -598,33 +665,41 @@ impl NodeConfig {
         self.privacy
             .validate()
             .map_err(|problem| invalid("privacy", problem))?;
-        let r = &self.reconnect;
-        // Bounded so that Duration::from_secs_f64 cannot panic and a typo cannot park the node
-        // for a year.
-        const MAX_BACKOFF: f64 = 24.0 * 3600.0;
-        if !(r.initial_backoff_secs.is_finite()
-            && r.initial_backoff_secs > 0.0
-            && r.initial_backoff_secs <= MAX_BACKOFF)
-        {
+        // One home for each ε cap: the site policy, which the officers own and the node reloads.
+        let names: Vec<String> = self
+            .datasets
+            .keys()
+            .chain(self.text_datasets.keys())
+            .cloned()
+            .collect();
+        if let Some((key, lines)) = self.privacy.moved_caps(&names).into_iter().next() {
+            let policy = match &self.site_policy {
+                Some(p) => format!("the site policy {}", p.display()),
+                None => {
+                    "the site policy (`site_policy`, see deploy/policy/site-policy.toml)".into()
+                }
+            };
             return Err(invalid(
-                "reconnect.initial_backoff_secs",
+                key,
                 format!(
-                    "must be > 0 and at most {MAX_BACKOFF}, found {}",
-                    r.initial_backoff_secs
+                    "has moved to {policy}, the one home of the ε caps, which the compliance \
+                     officers own and the node reloads on change: remove it from node.toml and \
+                     write there:\n{lines}"
                 ),
             ));
         }
-        if !(r.max_backoff_secs.is_finite()
-            && r.max_backoff_secs >= r.initial_backoff_secs
-            && r.max_backoff_secs <= MAX_BACKOFF)
-        {
-            return Err(invalid(
-                "reconnect.max_backoff_secs",
-                format!(
-                    "must be at least initial_backoff_secs ({}) and at most {MAX_BACKOFF}, found {}",
-                    r.initial_backoff_secs, r.max_backoff_secs
-                ),
-            ));
+        let (r, c) = (&self.reconnect, &self.recheck);
+        for (initial, max) in [
+            (
+                ("reconnect.initial_backoff_secs", r.initial_backoff_secs),
+                ("reconnect.max_backoff_secs", r.max_backoff_secs),
+            ),
+            (
+                ("recheck.initial_secs", c.initial_secs),
+                ("recheck.max_secs", c.max_secs),
+            ),
+        ] {
+            check_backoff(initial, max).map_err(|(key, problem)| invalid(key, problem))?;
         }
         Ok(())
     }

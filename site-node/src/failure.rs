@@ -317,6 +317,8 @@ impl From<&Refusal> for SiteFailure {
                 SiteFailure::with_public_note(JobSpecInvalid, r)
             }
             Refusal::UnknownSchema { .. } => SiteFailure::with_public_note(UnknownSchema, r),
+            // The dataset's name (announced already), never the problems its check found.
+            Refusal::DatasetNotReady { .. } => SiteFailure::with_public_note(DataUnreadable, r),
             // The two digests' first hex digits, never the schema file's path.
             Refusal::SchemaDigest(_) => SiteFailure::with_public_note(DataSchemaMismatch, r),
             Refusal::PrivacyBudget(_) => SiteFailure::with_public_note(PrivacyBudget, r),

@@ -1,9 +1,13 @@
-//! The node's privacy budget: its caps (`[privacy]` in `node.toml`), the plan of a job's DP-SGD
-//! on a dataset, and the per-dataset ledgers ([`tutela_privacy::ledger`]) under
-//! `work_dir/privacy-ledger/`.
+//! The node's privacy budget: its caps, the plan of a job's DP-SGD on a dataset, and the
+//! per-dataset ledgers ([`tutela_privacy::ledger`]) under `work_dir/privacy-ledger/`.
 //!
-//! The caps are read from the node config's `[privacy]` section. (The site policy file of the
-//! `policy` crate will hold them once it exists; this section is the interim home.)
+//! The ε caps have one home, the site policy (`site-policy.toml`: `privacy.max_epsilon_per_job`
+//! and `privacy.budget.<dataset>`), which the compliance officers own and the node reloads on
+//! change and on SIGHUP; the ledger reads them through [`EpsilonCaps`] at every check, so the
+//! policy's clauses and the ledger's composed spend weigh the same numbers. node.toml's
+//! `[privacy]` keeps what is the node's own: the δ the caps are stated at, the accountant, and
+//! `require_local_dp`; its former cap keys are refused, naming where they moved
+//! ([`PrivacyBudgetConfig::moved_caps`]).
 //!
 //! # When the check happens
 //!
@@ -41,16 +45,18 @@ use tutela_protocol::job::{AccountantName, PrivacyMode, PrivacySpec};
 use crate::dp::DpSpend;
 use crate::jobspec::JobView;
 
-/// `[privacy]` in `node.toml`: the site's privacy budget per dataset.
+/// `[privacy]` in `node.toml`: how the node accounts for its privacy budget. The caps themselves
+/// are in the site policy ([`EpsilonCaps`]).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyBudgetConfig {
-    /// ε one job may spend on one dataset. Absent: no per-job cap.
-    #[serde(default)]
-    pub max_epsilon_per_job: Option<f64>,
-    /// ε all jobs together may spend on one dataset. Absent: no total cap.
-    #[serde(default)]
-    pub max_epsilon_total: Option<f64>,
+    /// Read only to be refused, naming where it moved (`privacy.max_epsilon_per_job` of
+    /// site-policy.toml): see [`Self::moved_caps`].
+    #[serde(default, rename = "max_epsilon_per_job")]
+    pub moved_max_epsilon_per_job: Option<f64>,
+    /// Read only to be refused (`[privacy.budget]` of site-policy.toml, one line per dataset).
+    #[serde(default, rename = "max_epsilon_total")]
+    pub moved_max_epsilon_total: Option<f64>,
     /// The δ the caps are stated at.
     #[serde(default = "default_delta")]
     pub delta: f64,
@@ -70,8 +76,8 @@ fn default_delta() -> f64 {
 impl Default for PrivacyBudgetConfig {
     fn default() -> Self {
         PrivacyBudgetConfig {
-            max_epsilon_per_job: None,
-            max_epsilon_total: None,
+            moved_max_epsilon_per_job: None,
+            moved_max_epsilon_total: None,
             delta: default_delta(),
             accountant: AccountantName::Rdp,
             require_local_dp: None,
@@ -82,16 +88,6 @@ impl Default for PrivacyBudgetConfig {
 impl PrivacyBudgetConfig {
     /// Checks the ranges; the error names the key.
     pub fn validate(&self) -> Result<(), String> {
-        for (key, v) in [
-            ("privacy.max_epsilon_per_job", self.max_epsilon_per_job),
-            ("privacy.max_epsilon_total", self.max_epsilon_total),
-        ] {
-            if let Some(v) = v
-                && !(v.is_finite() && v > 0.0)
-            {
-                return Err(format!("`{key}` must be a finite number > 0, got {v}"));
-            }
-        }
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return Err(format!(
                 "`privacy.delta` must be in (0, 1), got {}",
@@ -101,20 +97,70 @@ impl PrivacyBudgetConfig {
         Ok(())
     }
 
-    fn caps(&self) -> Caps {
-        Caps {
-            per_job_epsilon: self.max_epsilon_per_job,
-            total_epsilon: self.max_epsilon_total,
-            delta: self.delta,
+    /// The former cap keys this config still sets, each with the lines the site policy needs
+    /// instead (`datasets`: the node's dataset names, one `[privacy.budget]` line each):
+    /// `(key, lines)`. Refused at start: two homes for one cap could disagree.
+    pub fn moved_caps(&self, datasets: &[String]) -> Vec<(&'static str, String)> {
+        let mut moved = Vec::new();
+        if let Some(v) = self.moved_max_epsilon_per_job {
+            moved.push((
+                "privacy.max_epsilon_per_job",
+                format!("[privacy]\nmax_epsilon_per_job = {}", number(v)),
+            ));
         }
+        if let Some(v) = self.moved_max_epsilon_total {
+            let mut lines = String::from("[privacy.budget]");
+            for d in datasets {
+                lines.push_str(&format!("\n{d} = {}", number(v)));
+            }
+            moved.push(("privacy.max_epsilon_total", lines));
+        }
+        moved
     }
 
-    fn has_caps(&self) -> bool {
-        self.max_epsilon_per_job.is_some() || self.max_epsilon_total.is_some()
+    fn requires_local_dp(&self, caps: &Caps) -> bool {
+        self.require_local_dp
+            .unwrap_or(caps.per_job_epsilon.is_some() || caps.total_epsilon.is_some())
     }
+}
 
-    fn requires_local_dp(&self) -> bool {
-        self.require_local_dp.unwrap_or(self.has_caps())
+/// A number as TOML and people write it (`3.0`, `0.5`, `20.0`).
+fn number(v: f64) -> String {
+    let text = v.to_string();
+    if text.contains(['.', 'e', 'E', 'i', 'N']) {
+        text
+    } else {
+        format!("{text}.0")
+    }
+}
+
+/// Where the ledger's ε caps come from, read at every check: the site policy in force
+/// ([`tutela_policy::site_policy::ReloadingSitePolicy`]) on a node, fixed caps in tests and tools.
+pub trait EpsilonCaps: Send + Sync {
+    /// `(per job, total)` ε on `dataset`; `None`: no such cap.
+    fn epsilon_caps(&self, dataset: &str) -> (Option<f64>, Option<f64>);
+}
+
+/// Caps that do not change; [`FixedCaps::default`] caps nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FixedCaps {
+    pub per_job: Option<f64>,
+    pub total: Option<f64>,
+}
+
+impl EpsilonCaps for FixedCaps {
+    fn epsilon_caps(&self, _dataset: &str) -> (Option<f64>, Option<f64>) {
+        (self.per_job, self.total)
+    }
+}
+
+impl EpsilonCaps for tutela_policy::site_policy::ReloadingSitePolicy {
+    fn epsilon_caps(&self, dataset: &str) -> (Option<f64>, Option<f64>) {
+        let policy = self.current();
+        (
+            policy.privacy.max_epsilon_per_job,
+            policy.privacy.budget.get(dataset).copied(),
+        )
     }
 }
 
@@ -187,6 +233,8 @@ pub struct SiteLedgers {
     dir: PathBuf,
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     budget: PrivacyBudgetConfig,
+    /// The ε caps (the site policy's), read at every check.
+    caps: Arc<dyn EpsilonCaps>,
     /// Reads and writes of the ledgers are serialised (a node runs one task at a time, but the
     /// gate and a finishing round may overlap).
     lock: Mutex<()>,
@@ -213,12 +261,29 @@ impl SiteLedgers {
             dir: dir.into(),
             kek,
             budget,
+            caps: Arc::new(FixedCaps::default()),
             lock: Mutex::new(()),
         }
     }
 
+    /// Caps every dataset's ε by `caps` (without: no caps, the spend is still recorded).
+    pub fn with_caps(mut self, caps: Arc<dyn EpsilonCaps>) -> Self {
+        self.caps = caps;
+        self
+    }
+
     pub fn budget(&self) -> &PrivacyBudgetConfig {
         &self.budget
+    }
+
+    /// The caps in force for `dataset`, at the site's δ.
+    pub fn caps(&self, dataset: &str) -> Caps {
+        let (per_job_epsilon, total_epsilon) = self.caps.epsilon_caps(dataset);
+        Caps {
+            per_job_epsilon,
+            total_epsilon,
+            delta: self.budget.delta,
+        }
     }
 
     fn path(&self, dataset: &str) -> PathBuf {
@@ -265,15 +330,16 @@ impl SiteLedgers {
             .privacy
             .as_ref()
             .filter(|p| p.mode == PrivacyMode::Local);
+        let caps = self.caps(dataset);
         let Some(p) = local else {
-            if self.budget.requires_local_dp() {
+            if self.budget.requires_local_dp(&caps) {
                 return Err(format!(
                     "this site requires DP-SGD (privacy.mode = \"local\") for every job on \
                      dataset {dataset:?}: its privacy budget caps ε (per job {}, total {} at \
                      δ = {:e}), and an update without local noise has no bounded ε",
-                    tutela_protocol::human::optional(self.budget.max_epsilon_per_job),
-                    tutela_protocol::human::optional(self.budget.max_epsilon_total),
-                    self.budget.delta
+                    tutela_protocol::human::optional(caps.per_job_epsilon),
+                    tutela_protocol::human::optional(caps.total_epsilon),
+                    caps.delta
                 ));
             }
             return Ok(());
@@ -285,7 +351,6 @@ impl SiteLedgers {
         // Never trained on: nothing spent. A calibrated job spends at most its target.
         match (p.noise_multiplier, p.target_epsilon) {
             (None, Some(target)) => {
-                let caps = self.budget.caps();
                 // The job's target is stated at its δ; the caps at the site's. A target at a
                 // larger δ than the site's says nothing about ε at the site's δ.
                 if p.delta > caps.delta {
@@ -339,7 +404,7 @@ impl SiteLedgers {
             .check(
                 job_id,
                 &[mechanism],
-                &self.budget.caps(),
+                &self.caps(ledger.dataset()),
                 accountant(self.budget.accountant),
             )
             .map(|_| ())

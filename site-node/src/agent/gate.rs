@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tutela_protocol::pb;
 
 use super::language::LanguageRound;
+use super::readiness::TableReadiness;
 use super::round::{LocalError, LocalRound};
 use super::tabular::TabularRound;
 use super::{NODE_VERSION, now_ms};
@@ -33,6 +34,13 @@ pub enum Refusal {
     UnknownKind(i32),
     #[error("{0}")]
     JobSpec(String),
+    /// A table the site has but whose last data check failed (its source down, bad rows): the
+    /// node re-checks it and announces it once it passes. The problems stay in the site's log.
+    #[error(
+        "this site's dataset {schema:?} is not ready (it failed its last data check; the node \
+         re-checks it and announces it when it passes)"
+    )]
+    DatasetNotReady { schema: String },
     #[error("this site has no {kind} for schema {schema:?}; it has: {known}")]
     UnknownSchema {
         /// `dataset` (a table, for a layer network) or `text dataset` (for a language model).
@@ -146,7 +154,8 @@ impl JobData {
 /// approvals and the privacy budget will plug in.
 #[derive(Debug, Clone)]
 pub struct TaskGate {
-    datasets: BTreeMap<String, Arc<SiteDataset>>,
+    /// The site's tables and which of them are ready (see [`super::readiness`]).
+    datasets: Arc<TableReadiness>,
     ledgers: Option<Arc<SiteLedgers>>,
     /// The last released update, which a repeated round is answered with.
     resends: Arc<ResendCache>,
@@ -164,7 +173,14 @@ pub struct TaskGate {
 impl TaskGate {
     /// A gate that checks no approvals until [`with_approvals`](Self::with_approvals) adds them;
     /// [`super::Agent::new`] always does, unless node.toml sets `insecure_no_approvals = true`.
+    /// Every table in `datasets` is taken as ready; [`with_tables`](Self::with_tables) gives
+    /// tables checked at start.
     pub fn new(datasets: BTreeMap<String, Arc<SiteDataset>>) -> Self {
+        Self::with_tables(Arc::new(TableReadiness::all_ready(datasets)))
+    }
+
+    /// A gate over tables whose readiness the agent keeps up to date.
+    pub fn with_tables(datasets: Arc<TableReadiness>) -> Self {
         TaskGate {
             datasets,
             ledgers: None,
@@ -227,12 +243,18 @@ impl TaskGate {
 
     /// The schema names this node has data for: its tables and its text datasets (node.toml
     /// keeps the two sets of names apart).
+    /// Only the ready tables are named.
     pub fn dataset_names(&self) -> Vec<String> {
         self.datasets
-            .keys()
-            .chain(self.text_datasets.keys())
-            .cloned()
+            .ready_names()
+            .into_iter()
+            .chain(self.text_datasets.keys().cloned())
             .collect()
+    }
+
+    /// The site's tables and their readiness.
+    pub fn tables(&self) -> &Arc<TableReadiness> {
+        &self.datasets
     }
 
     /// The dataset the job's schema names, of the kind its model family reads: a text dataset
@@ -248,13 +270,18 @@ impl TaskGate {
         let found = if language {
             self.text_datasets.get(schema).cloned().map(JobData::Text)
         } else {
-            self.datasets.get(schema).cloned().map(JobData::Table)
+            self.datasets.ready(schema).map(JobData::Table)
         };
+        if found.is_none() && !language && self.datasets.is_configured(schema) {
+            return Err(Refusal::DatasetNotReady {
+                schema: schema.clone(),
+            });
+        }
         found.ok_or_else(|| {
-            let (kind, known): (_, Vec<&String>) = if language {
-                ("text dataset", self.text_datasets.keys().collect())
+            let (kind, known): (_, Vec<String>) = if language {
+                ("text dataset", self.text_datasets.keys().cloned().collect())
             } else {
-                ("dataset", self.datasets.keys().collect())
+                ("dataset", self.datasets.ready_names())
             };
             Refusal::UnknownSchema {
                 kind,

@@ -50,6 +50,8 @@
 //!
 //! - `gate`: [`TaskGate`], what a task must pass before any data is touched.
 //! - `filter`: [`UpdateFilter`], what an update passes through before it leaves the site.
+//! - [`readiness`]: which tables are ready, re-checked until they are, and announced when that
+//!   changes.
 //! - `worker`: the sessions and the worker that take tasks one at a time and run them.
 //! - `transfer`: fetching the global model and uploading the update.
 //! - [`round`]: [`LocalRound`], the seam between a task and what a model family does with the
@@ -61,6 +63,7 @@ mod base_fetch;
 mod filter;
 mod gate;
 pub mod language;
+pub mod readiness;
 pub mod round;
 mod secagg;
 pub mod tabular;
@@ -295,17 +298,27 @@ impl Agent {
                         source: Box::new(source),
                     }
                 })?;
-            let Some(dataset) = crate::data_check::offered(dataset) else {
-                continue;
-            };
             tracing::info!(
                 dataset = %name,
                 path = %d.path.display(),
                 features = dataset.n_features(),
                 anonymized = dataset.is_anonymized(),
-                "dataset ready (read when a task first needs it)"
+                "dataset prepared; checking its data"
             );
             datasets.insert(name.clone(), Arc::new(dataset));
+        }
+        // A table that fails its check now (a database that is down, bad rows) is kept as not
+        // ready: `run` re-checks it and announces it once it passes.
+        let tables = Arc::new(readiness::TableReadiness::checked_at_start(datasets));
+        for name in tables.ready_names() {
+            tracing::info!(dataset = %name, "dataset ready (read when a task first needs it)");
+        }
+        for name in tables.not_ready_names() {
+            tracing::warn!(
+                dataset = %name,
+                retry_in_secs = config.recheck.initial_secs,
+                "dataset not ready: not offered to jobs; re-checked on a backoff and on SIGHUP"
+            );
         }
         let mut text_datasets = BTreeMap::new();
         for (name, d) in &config.text_datasets {
@@ -363,11 +376,11 @@ impl Agent {
             );
         }
         // The privacy ledgers live in the work directory, encrypted like everything else there.
-        let ledgers = Arc::new(SiteLedgers::new(
+        let ledgers = SiteLedgers::new(
             config.work_dir.join("privacy-ledger"),
             kek.clone(),
             config.privacy.clone(),
-        ));
+        );
         let secagg_identity = match secagg::SecAggIdentity::from_tls(&material) {
             Ok(id) => Some(Arc::new(id)),
             Err(why) => {
@@ -388,15 +401,19 @@ impl Agent {
             audit,
             kek,
             gate: match (&config.site_policy, config.insecure_no_approvals) {
-                (Some(path), false) => TaskGate::new(datasets)
-                    .with_ledgers(ledgers)
-                    .with_tokenizers(tokenizers)
-                    .with_text_datasets(text_datasets)
-                    .with_base_models(base_models)
-                    .with_approvals(
+                (Some(path), false) => {
+                    let approvals =
                         crate::approvals::SiteApprovals::load(&config.site, path, &material)
-                            .map_err(|e| AgentError::SitePolicy(e.to_string()))?,
-                    ),
+                            .map_err(|e| AgentError::SitePolicy(e.to_string()))?;
+                    // The ε caps are the site policy's, read as it is reloaded.
+                    let ledgers = ledgers.with_caps(approvals.reloading().clone());
+                    TaskGate::with_tables(tables)
+                        .with_ledgers(Arc::new(ledgers))
+                        .with_tokenizers(tokenizers)
+                        .with_text_datasets(text_datasets)
+                        .with_base_models(base_models)
+                        .with_approvals(approvals)
+                }
                 (None, true) => {
                     tracing::warn!(
                         "insecure_no_approvals = true: NO APPROVALS. This node trains on its data \
@@ -404,8 +421,9 @@ impl Agent {
                          compliance officers approved the job and without a site policy. Never \
                          run a site like this; configure `site_policy`"
                     );
-                    TaskGate::new(datasets)
-                        .with_ledgers(ledgers)
+                    // No site policy, so no ε caps: the spend is still recorded.
+                    TaskGate::with_tables(tables)
+                        .with_ledgers(Arc::new(ledgers))
                         .with_tokenizers(tokenizers)
                         .with_text_datasets(text_datasets)
                         .with_base_models(base_models)
@@ -478,13 +496,21 @@ impl Agent {
         });
         // The site policy is re-read when its file changes and on SIGHUP, like the
         // coordinator's; a file that does not load leaves the policy in force (logged). The
-        // watcher ends by itself once the gate (and its policy) is dropped.
+        // tables that are not ready are re-checked on SIGHUP too, and on a backoff. The watchers
+        // end by themselves once the gate (and its policy and tables) is dropped.
+        let tables = shared.gate.tables().clone();
+        let mut on_sighup: Vec<Arc<dyn tutela_policy::reload::Reloadable>> = vec![tables.clone()];
         if let Some(policy) = shared.gate.site_policy() {
-            if let Err(e) = tutela_policy::reload::reload_all_on_sighup(vec![policy.clone()]) {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP: the site policy is reloaded on file change only");
-            }
+            on_sighup.push(policy.clone());
             tutela_policy::reload::spawn_watcher(policy, SITE_POLICY_POLL);
         }
+        if let Err(e) = tutela_policy::reload::reload_all_on_sighup(on_sighup) {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: the site policy is reloaded on file change only, datasets re-checked on the backoff only");
+        }
+        readiness::spawn_rechecks(
+            &tables,
+            Backoff::new(self.config.recheck.initial(), self.config.recheck.max()),
+        );
         let (tx, rx) = mpsc::channel(TASK_QUEUE);
         let worker = tokio::spawn(worker(shared.clone(), rx));
         let mut backoff =
@@ -502,6 +528,7 @@ impl Agent {
             coordinator = %self.config.coordinator,
             device = device_name,
             datasets = ?shared.gate.dataset_names(),
+            not_ready = ?shared.gate.tables().not_ready_names(),
             version = NODE_VERSION,
             "site node starting"
         );

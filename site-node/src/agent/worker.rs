@@ -103,35 +103,90 @@ impl Session<'_> {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         *self.shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
         tracing::info!(coordinator = %self.config.coordinator, "connecting");
-        let request = pb::ConnectRequest {
-            datasets: self.shared.gate.dataset_names(),
-            node_version: NODE_VERSION.to_string(),
-            device: self.device_name.to_string(),
-        };
-        let mut stream = match client.connect(request).await {
+        let mut readiness = self.shared.gate.tables().subscribe();
+        readiness.borrow_and_update();
+        let mut announced = self.shared.gate.dataset_names();
+        let mut stream = match client.connect(self.connect_request(&announced)).await {
             Ok(r) => r.into_inner(),
             Err(status) => return describe_status("Connect", &status),
         };
         backoff.reset();
         tracing::info!(coordinator = %self.config.coordinator, "connected; waiting for tasks");
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                Ok(()) = readiness.changed() => {
+                    let datasets = self.shared.gate.dataset_names();
+                    if datasets == announced {
+                        continue;
+                    }
+                    // The announcement is `Connect` itself: a new stream with the new names
+                    // replaces the old one at the coordinator, which then ends the old stream
+                    // after the tasks it holds; those are still forwarded (make before break).
+                    match client.connect(self.connect_request(&datasets)).await {
+                        Ok(r) => {
+                            let old = std::mem::replace(&mut stream, r.into_inner());
+                            tokio::spawn(forward_rest(old, self.tasks.clone()));
+                            let withdrawn: Vec<&String> =
+                                announced.iter().filter(|d| !datasets.contains(d)).collect();
+                            tracing::info!(
+                                ?datasets,
+                                ?withdrawn,
+                                "announced the datasets ready now to the coordinator"
+                            );
+                            announced = datasets;
+                        }
+                        Err(status) => {
+                            return describe_status("Connect (announcing datasets)", &status);
+                        }
+                    }
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(task)) => {
-                    tracing::info!(
-                        task = %task.task_id,
-                        job = %task.job_id,
-                        round = task.round,
-                        attempt = task.attempt,
-                        kind = ?pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified),
-                        "task received"
-                    );
-                    if self.tasks.send(task).await.is_err() {
+                    if !self.forward(task).await {
                         return "the task worker stopped".into();
                     }
                 }
                 Ok(None) => return "the coordinator ended the task stream".into(),
                 Err(status) => return describe_status("the task stream", &status),
             }
+        }
+    }
+
+    fn connect_request(&self, datasets: &[String]) -> pb::ConnectRequest {
+        pb::ConnectRequest {
+            datasets: datasets.to_vec(),
+            node_version: NODE_VERSION.to_string(),
+            device: self.device_name.to_string(),
+        }
+    }
+
+    /// Hands a task to the worker; false if the worker is gone.
+    async fn forward(&self, task: pb::Task) -> bool {
+        log_received(&task);
+        self.tasks.send(task).await.is_ok()
+    }
+}
+
+fn log_received(task: &pb::Task) {
+    tracing::info!(
+        task = %task.task_id,
+        job = %task.job_id,
+        round = task.round,
+        attempt = task.attempt,
+        kind = ?pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified),
+        "task received"
+    );
+}
+
+/// The tasks a replaced task stream still delivers before the coordinator ends it.
+async fn forward_rest(mut stream: tonic::Streaming<pb::Task>, tasks: mpsc::Sender<pb::Task>) {
+    while let Ok(Some(task)) = stream.message().await {
+        log_received(&task);
+        if tasks.send(task).await.is_err() {
+            return;
         }
     }
 }
@@ -353,7 +408,15 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     })
     .await
     .map_err(|e| internal(format!("internal error in local training: {e}")))?
-    .map_err(|e| Failure::Decline(SiteFailure::from(&e)))?;
+    .map_err(|e| {
+        let failure = SiteFailure::from(&e);
+        // Its source failed (a database gone down before the table was first read): withdrawn
+        // until a re-check passes, so the coordinator stops sampling this site for it.
+        if failure.code() == FailureCode::DataUnreadable {
+            shared.gate.tables().mark_unreadable(&dataset_name);
+        }
+        Failure::Decline(failure)
+    })?;
     tracing::info!(
         eval_loss = result.eval.loss,
         eval_accuracy = result.eval.accuracy,

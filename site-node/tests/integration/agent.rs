@@ -27,6 +27,10 @@ use tutela_site_node::config::{ConfigError, Corruption, NodeConfig};
 use tutela_site_node::models::{Model, ModelSpec};
 use tutela_site_node::weights::{NamedTensors, export_weights, f32_values, save_safetensors};
 
+/// A dataset whose source is down at start: re-checked, announced when it comes up, withdrawn
+/// when it fails a task.
+mod readiness;
+
 pub(crate) const CONSORTIUM: &str = "acme";
 pub(crate) const SITE: &str = "hospital-a";
 /// How long a test waits for the node to do something before it fails.
@@ -683,6 +687,20 @@ impl Harness {
         extra_config: &str,
         dataset: Option<&dyn Fn(&Path) -> String>,
     ) -> Harness {
+        let mut h = Self::launch(top_level, extra_config, dataset).await;
+        let request = h.connected().await.1;
+        assert_eq!(request.datasets, vec!["breast_cancer".to_string()]);
+        assert_eq!(request.device, "cpu");
+        assert!(!request.node_version.is_empty());
+        h
+    }
+
+    /// The node started and serving; its first `Connect` is the caller's to read.
+    async fn launch(
+        top_level: &str,
+        extra_config: &str,
+        dataset: Option<&dyn Fn(&Path) -> String>,
+    ) -> Harness {
         init_crypto();
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), SITE);
@@ -713,19 +731,14 @@ impl Harness {
                 .await
                 .unwrap();
         });
-        let mut h = Harness {
+        Harness {
             _dir: dir,
             pki,
             coordinator: Some(coordinator),
             events,
             stop_node: Some(stop_node),
             node,
-        };
-        let request = h.connected().await.1;
-        assert_eq!(request.datasets, vec!["breast_cancer".to_string()]);
-        assert_eq!(request.device, "cpu");
-        assert!(!request.node_version.is_empty());
-        h
+        }
     }
 
     async fn next_event(&mut self) -> Event {
@@ -2155,9 +2168,16 @@ async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
         let model_id = h.offer_model(id, &initial);
         h.send(task(id, pb::TaskKind::Train, &spec, &model_id, "{}"))
             .await;
+        // A file that cannot be read withdraws the dataset from the coordinator (see
+        // `agent::readiness`), by a new `Connect` that names no dataset.
+        let mut withdrawn = false;
         loop {
             match h.next_event().await {
                 Event::Fetched { .. } => continue,
+                Event::Connected { request, .. } if id == "train-2" => {
+                    assert_eq!(request.datasets, Vec::<String>::new());
+                    withdrawn = true;
+                }
                 Event::Declined { task_id, reason } => {
                     assert_eq!(task_id, id);
                     assert_eq!(reason, expected);
@@ -2168,6 +2188,9 @@ async fn declines_carry_a_code_and_a_column_never_a_value_or_a_path() {
                 }
                 other => panic!("{id}: expected a decline, got {other:?}"),
             }
+        }
+        if id == "train-2" && !withdrawn {
+            assert_eq!(h.connected().await.1.datasets, Vec::<String>::new());
         }
     }
     h.shutdown().await;

@@ -54,14 +54,15 @@ fn every_documented_range_of_node_toml_is_enforced() {
             "reconnect.max_backoff_secs",
         ),
         (
-            &["privacy", "max_epsilon_per_job"],
+            &["recheck", "initial_secs"],
             Float(0.0),
-            "privacy.max_epsilon_per_job",
+            "recheck.initial_secs",
         ),
+        (&["recheck", "max_secs"], Float(1.0), "recheck.max_secs"),
         (
-            &["privacy", "max_epsilon_total"],
-            Float(-1.0),
-            "privacy.max_epsilon_total",
+            &["recheck", "max_secs"],
+            Float(86_401.0),
+            "recheck.max_secs",
         ),
         (&["privacy", "delta"], Float(1.0), "privacy.delta"),
         (
@@ -86,5 +87,56 @@ fn every_documented_range_of_node_toml_is_enforced() {
             err.contains(key) && err.contains(path.to_str().unwrap()),
             "{key} = {value}: {err}"
         );
+    }
+}
+
+/// The ε caps have one home, site-policy.toml: node.toml's former cap keys are refused, each
+/// error naming the key, the file, where it moved and the exact lines to write there.
+#[test]
+fn node_toml_epsilon_caps_are_refused_with_the_lines_for_the_site_policy() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml");
+    let shipped = std::fs::read_to_string(&path).unwrap();
+    let config = NodeConfig::from_toml_str(&shipped, &path).unwrap();
+    let policy = config.site_policy.clone().unwrap();
+    for (key, value, lines) in [
+        (
+            "max_epsilon_per_job",
+            toml::Value::Float(8.0),
+            "[privacy]\nmax_epsilon_per_job = 8.0".to_string(),
+        ),
+        (
+            "max_epsilon_total",
+            toml::Value::Integer(20),
+            // One line per dataset of the node, tables and text alike.
+            format!(
+                "[privacy.budget]\n{}",
+                config
+                    .datasets
+                    .keys()
+                    .chain(config.text_datasets.keys())
+                    .map(|d| format!("{d} = 20.0"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        ),
+    ] {
+        let mut table: toml::Table = toml::from_str(&shipped).unwrap();
+        set(&mut table, &["privacy", key], value);
+        let text = toml::to_string(&table).unwrap();
+        let err = NodeConfig::from_toml_str(&text, &path).unwrap_err();
+        let dotted = format!("privacy.{key}");
+        assert_eq!(err.key(), Some(dotted.as_str()), "{err}");
+        let message = err.to_string();
+        for needle in [
+            path.to_str().unwrap(),
+            &format!(
+                "`{dotted}` has moved to the site policy {}",
+                policy.display()
+            ),
+            "remove it from node.toml and write there:",
+            &lines,
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
     }
 }

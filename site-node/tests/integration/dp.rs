@@ -426,7 +426,7 @@ mod ledger {
     use tutela_site_node::agent::{Refusal, TaskGate};
     use tutela_site_node::config::DatasetConfig;
     use tutela_site_node::dataset::SiteDataset;
-    use tutela_site_node::ledger::{PrivacyBudgetConfig, SiteLedgers};
+    use tutela_site_node::ledger::{FixedCaps, PrivacyBudgetConfig, SiteLedgers};
 
     fn job(target: f64) -> String {
         format!(
@@ -467,12 +467,16 @@ max_grad_norm = 1.0
         }
     }
 
+    /// The site policy's caps (per job 5, total 4), as the node reads them from it.
+    fn caps() -> Arc<FixedCaps> {
+        Arc::new(FixedCaps {
+            per_job: Some(5.0),
+            total: Some(4.0),
+        })
+    }
+
     fn budget() -> PrivacyBudgetConfig {
-        PrivacyBudgetConfig {
-            max_epsilon_per_job: Some(5.0),
-            max_epsilon_total: Some(4.0),
-            ..PrivacyBudgetConfig::default()
-        }
+        PrivacyBudgetConfig::default()
     }
 
     /// A dataset whose file is deleted after `prepare`: any read of a record would fail, so a
@@ -493,6 +497,42 @@ max_grad_norm = 1.0
         Arc::new(ds)
     }
 
+    /// The ledger's caps are the site policy's (its one home), read at every check: an officer's
+    /// edit of the file, once reloaded, moves the cap the ledger weighs a job's plan against.
+    #[test]
+    fn the_ledgers_caps_are_the_site_policy_in_force_and_follow_its_reload() {
+        use tutela_policy::site_policy::ReloadingSitePolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site-policy.toml");
+        let policy = |total: f64| {
+            format!(
+                "site = \"st-mary\"\ncompliance_officers = [\"spiffe://acme/site/st-mary/user/alice\"]\n\
+                 [privacy]\nmax_epsilon_per_job = 5.0\n[privacy.budget]\nbreast_cancer = {total}\n"
+            )
+        };
+        std::fs::write(&path, policy(4.0)).unwrap();
+        let site_policy = Arc::new(ReloadingSitePolicy::load("st-mary", &path).unwrap());
+        let g = TaskGate::new(BTreeMap::from([(
+            "breast_cancer".to_string(),
+            dataset_without_its_file(dir.path()),
+        )]))
+        .with_ledgers(Arc::new(
+            SiteLedgers::new(dir.path().join("l"), None, budget()).with_caps(site_policy.clone()),
+        ));
+        match g.check_task(&task("j", job(4.5))) {
+            Err(Refusal::PrivacyBudget(why)) => assert!(why.contains("total cap ε ≤ 4"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&path, policy(10.0)).unwrap();
+        assert!(site_policy.reload_now().unwrap());
+        g.check_task(&task("j", job(4.5))).unwrap();
+        // The per-job cap is the policy's too.
+        match g.check_task(&task("j", job(6.0))) {
+            Err(Refusal::PrivacyBudget(why)) => assert!(why.contains("per-job cap ε ≤ 5"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_job_over_the_cap_is_refused_before_data_is_read_and_the_ledger_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -505,11 +545,11 @@ max_grad_norm = 1.0
             )]))
             .with_ledgers(Arc::new(ledgers))
         };
-        let ledgers = SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget());
+        let ledgers = SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()).with_caps(caps());
 
         // Nothing spent yet: a calibrated job of ε = 3 fits under both caps; ε = 6 is over the
         // per-job cap, ε = 4.5 over the total.
-        let g = gate(SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()));
+        let g = gate(SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()).with_caps(caps()));
         g.check_task(&task("j1", job(3.0))).unwrap();
         for (target, cap) in [(6.0, "per-job"), (4.5, "total")] {
             match g.check_task(&task("j1", job(target))) {
@@ -536,7 +576,7 @@ max_grad_norm = 1.0
             .unwrap();
 
         // Restart: a new gate over the same directory reads the spend back (encrypted file).
-        let g = gate(SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()));
+        let g = gate(SiteLedgers::new(&ledger_dir, Some(kek.clone()), budget()).with_caps(caps()));
         let refusal = g.check_task(&task("j1", job(3.0))).unwrap_err();
         let Refusal::PrivacyBudget(why) = &refusal else {
             panic!("{refusal:?}")
@@ -753,11 +793,9 @@ max_grad_norm = 1.0
             "breast_cancer".to_string(),
             dataset_without_its_file(dir.path()),
         )]))
-        .with_ledgers(Arc::new(SiteLedgers::new(
-            dir.path().join("l"),
-            None,
-            budget(),
-        )));
+        .with_ledgers(Arc::new(
+            SiteLedgers::new(dir.path().join("l"), None, budget()).with_caps(caps()),
+        ));
         let spec = job(1.0);
         let plain = &spec[..spec.find("[privacy]").unwrap()];
         match gate.check_task(&task("j", plain.to_string())) {

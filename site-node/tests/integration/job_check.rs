@@ -13,7 +13,7 @@ use tutela_site_node::agent::TaskGate;
 use tutela_site_node::approvals::SiteApprovals;
 use tutela_site_node::config::DatasetConfig;
 use tutela_site_node::dataset::SiteDataset;
-use tutela_site_node::ledger::{PrivacyBudgetConfig, SiteLedgers};
+use tutela_site_node::ledger::{FixedCaps, PrivacyBudgetConfig, SiteLedgers};
 
 const OP: &str = "spiffe://acme/operator/op";
 
@@ -86,14 +86,18 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
             .unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert_der().clone()).unwrap();
-    let ledgers = Arc::new(SiteLedgers::new(
-        dir.path().join("ledger"),
-        None,
-        PrivacyBudgetConfig {
-            max_epsilon_total: Some(4.0),
-            ..PrivacyBudgetConfig::default()
-        },
-    ));
+    // The site policy's total for the dataset (its `[privacy.budget]`), as the node reads it.
+    let ledgers = Arc::new(
+        SiteLedgers::new(
+            dir.path().join("ledger"),
+            None,
+            PrivacyBudgetConfig::default(),
+        )
+        .with_caps(Arc::new(FixedCaps {
+            per_job: None,
+            total: Some(4.0),
+        })),
+    );
     let roots = Arc::new(roots);
     let gate = |allowed_model: &str| {
         let verifier = ApprovalVerifier::new(roots.clone(), vec![], "acme").unwrap();

@@ -87,12 +87,22 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     let names: Vec<&str> = sites.iter().map(|s| s.site.as_str()).collect();
     assert_eq!(names, ["a", "b", "c", "d"], "{sites:#?}");
     let policy = |clause: &str| ("policy.refused".to_string(), clause.to_string());
+    // a's cap is the site policy's, which is also its privacy ledger's (the one home of the ε
+    // caps): a capped dataset requires DP-SGD there too, so the ledger refuses the job without
+    // DP as well.
     assert_eq!(
         codes_and_clauses(&sites[0]),
         [
             policy("allowed_models"),
-            policy("privacy.max_epsilon_per_job")
+            policy("privacy.max_epsilon_per_job"),
+            ("privacy.budget".to_string(), String::new()),
         ],
+        "{sites:#?}"
+    );
+    assert!(
+        sites[0].refusals[2]
+            .reason
+            .contains("requires DP-SGD (privacy.mode = \"local\")"),
         "{sites:#?}"
     );
     assert_eq!(
@@ -135,6 +145,7 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     for line in [
         "a\tpolicy.refused\tsite policy `allowed_models`",
         "a\tpolicy.refused\tsite policy `privacy.max_epsilon_per_job`",
+        "a\tprivacy.budget\tthis site requires DP-SGD",
         "b\tpolicy.refused\tsite policy `allowed_operators`",
         "b\tpolicy.refused\tsite policy `privacy.min_noise_multiplier`",
         "c\tsite.not_connected\t",
@@ -146,7 +157,7 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
         );
     }
     assert!(
-        stderr.contains("5 refusal(s) at 3 of 4 site(s)"),
+        stderr.contains("6 refusal(s) at 3 of 4 site(s)"),
         "{stderr}"
     );
 
@@ -160,8 +171,9 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     assert!(jobs.is_empty(), "{jobs:#?}");
 }
 
-/// Two sites whose node.toml caps ε at 1 per job: both build the initial model (INITIALIZE
-/// spends nothing), then decline the job's TRAIN task at once (it plans ε = 5). The round ends
+/// Two sites whose node.toml requires DP-SGD (`require_local_dp`; the ε caps themselves live in
+/// the site policy): both build the initial model (INITIALIZE spends nothing), then decline the
+/// job's TRAIN task at once (it has no local DP). The round ends
 /// as soon as both have answered, and fails with every site's reason, not at the deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_every_site_declined_fails_at_once_with_each_site_s_reason() {
@@ -170,17 +182,11 @@ async fn a_round_every_site_declined_fails_at_once_with_each_site_s_reason() {
     c.start_coordinator();
     let (header, shares, _) = breast_cancer_shares(2);
     for (site, rows) in ["a", "b"].iter().zip(&shares) {
-        c.start_node(
-            site,
-            &header,
-            rows,
-            "[privacy]\nmax_epsilon_per_job = 1.0\nmax_epsilon_total = 2.0\n",
-        );
+        c.start_node(site, &header, rows, "[privacy]\nrequire_local_dp = true\n");
     }
     // A long deadline: the job must fail long before it.
-    let spec = job_spec(1, 2, 120, &["a", "b"])
-        .replace("max_round_retries = 2", "max_round_retries = 0")
-        + "\n[privacy]\nmode = \"local\"\ntarget_epsilon = 5.0\ndelta = 1e-5\nmax_grad_norm = 1.0\n";
+    let spec =
+        job_spec(1, 2, 120, &["a", "b"]).replace("max_round_retries = 2", "max_round_retries = 0");
     let mut op = c.operator().await;
     let job = op
         .submit_job(pb::SubmitJobRequest { spec_toml: spec })

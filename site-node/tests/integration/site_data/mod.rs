@@ -238,7 +238,7 @@ struct TestDatabase {
     role: String,
 }
 
-fn with_database(url: &str, db: &str) -> String {
+pub(crate) fn with_database(url: &str, db: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
@@ -255,14 +255,14 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 /// `url` with its user replaced by `user` (no password: it goes in a file).
-fn with_user(url: &str, user: &str) -> String {
+pub(crate) fn with_user(url: &str, user: &str) -> String {
     let scheme_end = url.find("://").map_or(0, |i| i + 3);
     let rest = &url[scheme_end..];
     let host_and_path = rest.split_once('@').map_or(rest, |(_, h)| h);
     format!("{}{user}@{host_and_path}", &url[..scheme_end])
 }
 
-async fn execute(url: &str, statements: &[String]) {
+pub(crate) async fn execute(url: &str, statements: &[String]) {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(url)
         .await
