@@ -43,7 +43,7 @@ use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
 use crate::event::{Action, Event, Timestamp};
 use crate::payload::privacy::{LedgerRestored, PrivacySpent};
 use crate::payload::{
-    ActionPayload, DatasetDeidentified, JobProposed, ModelRegistered, ModelStageChanged,
+    ActionPayload, AuditQuarantined, DatasetDeidentified, JobProposed, ModelRegistered, ModelStageChanged,
     PayloadError, TextDatasetDeidentified, UpdateRefused, check_shape,
 };
 use tutela_protocol::release::{Stage, VersionMove};
@@ -70,6 +70,9 @@ pub enum Authority {
     /// Relayed by the coordinator with the signatures of the persons who moved a registered
     /// model's stage, each verifying, over moves that start where the trail left each version.
     SignedStageMove,
+    /// Recorded by the audit service itself, with the signatures of the consortium operator who
+    /// ordered the quarantine and of the officers who countersigned it ([`crate::quarantine`]).
+    SignedQuarantine,
 }
 
 impl Authority {
@@ -88,6 +91,7 @@ impl Authority {
             | Action::WatermarkRegistered
             | Action::ModelRegistered => Authority::Coordinator,
             Action::ModelStageChanged => Authority::SignedStageMove,
+            Action::AuditQuarantined => Authority::SignedQuarantine,
             Action::UpdateRefused => Authority::CoordinatorOrOwnSiteNode,
             Action::DatasetDeidentified
             | Action::TextDatasetDeidentified
@@ -121,6 +125,9 @@ impl Authority {
             }
             Authority::SignedStageMove => {
                 "only the coordinator asserts it, with a valid signature of every person who moved the stage, over moves that start where the trail left each version"
+            }
+            Authority::SignedQuarantine => {
+                "only the audit service asserts it, with the valid signatures of a consortium operator and of officers over the quarantined rows"
             }
         }
     }
@@ -227,7 +234,8 @@ impl OfficerTrust {
         Ok(OfficerTrust::CaAt(Arc::new(anchors)))
     }
 
-    fn chain_check(&self, at: Timestamp) -> Option<ChainCheck> {
+    /// The check of a certificate chain at `at`, or `None` for [`OfficerTrust::SignatureOnly`].
+    pub fn chain_check(&self, at: Timestamp) -> Option<ChainCheck> {
         match self {
             OfficerTrust::Live(check) => Some(check.clone()),
             OfficerTrust::CaAt(anchors) => {
@@ -548,6 +556,22 @@ impl TrailState {
             (Authority::SignedStageMove, Principal::Coordinator) => self
                 .check_stage_move(trust, a)
                 .map_err(AuthorityError::from),
+            (Authority::SignedQuarantine, Principal::Audit) => {
+                let p = AuditQuarantined::from_value(0, a.payload).map_err(malformed)?;
+                let bad = |problem: String| AuthorityError::MalformedPayload {
+                    action: a.action,
+                    problem,
+                };
+                if a.subject != format!("seq/{}", p.terms.from_seq) {
+                    return Err(bad(format!(
+                        "its subject is not seq/{} (the first quarantined seq)",
+                        p.terms.from_seq
+                    )));
+                }
+                let check = trust.chain_check(a.at);
+                crate::quarantine::verify_signatures(&p, check.as_ref()).map_err(bad)?;
+                Ok(Effect::None)
+            }
             _ => Err(not_allowed()),
         }
     }

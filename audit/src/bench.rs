@@ -201,6 +201,8 @@ pub async fn append(
 /// append-only, so they are dropped and recreated (only ever on the benchmark's own database).
 async fn break_chain_for_next_run(store: &AuditStore) -> anyhow::Result<()> {
     for s in [
+        // Its triggers use audit_refuse_change(), dropped below.
+        "DROP TABLE audit_quarantine",
         "DROP TABLE audit_events",
         "DROP TABLE audit_checkpoints",
         "DROP TABLE audit_schema_migrations",
@@ -208,9 +210,12 @@ async fn break_chain_for_next_run(store: &AuditStore) -> anyhow::Result<()> {
         sqlx::query(s).execute(store.pool()).await?;
     }
     if store.backend() == crate::store::Backend::Postgres {
-        sqlx::query("DROP FUNCTION audit_refuse_change()")
-            .execute(store.pool())
-            .await?;
+        for f in [
+            "DROP FUNCTION audit_refuse_change()",
+            "DROP FUNCTION audit_release_quarantined()",
+        ] {
+            sqlx::query(f).execute(store.pool()).await?;
+        }
     }
     store.migrate_again().await?;
     Ok(())

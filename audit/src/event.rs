@@ -113,11 +113,21 @@ pub enum Action {
     /// model digests, the reason, the signatures; readers re-check each signature and that each
     /// move starts where the trail's history left the version.
     ModelStageChanged,
+    /// `audit.quarantined`: rows written into the database past the service (forged: never
+    /// signed over by a checkpoint) were moved out of the log into `audit_quarantine`, by an
+    /// operator's order countersigned by the policy's quorum of officers (`tutela audit
+    /// quarantine`), and recorded by the audit service itself when it next opened the log, at
+    /// the seq of the first quarantined row. Subject: `seq/<first quarantined seq>`. Payload
+    /// ([`crate::payload::AuditQuarantined`]): the signed terms (each row's seq, hash, actor,
+    /// action, subject; the reason; the sites whose officers signed), the operator's and the
+    /// officers' signatures, the quorum met and the policy's digest; readers re-check every
+    /// signature.
+    AuditQuarantined,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 21] = [
+    pub const ALL: [Action; 22] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -139,6 +149,7 @@ impl Action {
         Action::ModelRegistered,
         Action::ModelStageChanged,
         Action::ModelInitialized,
+        Action::AuditQuarantined,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -165,6 +176,7 @@ impl Action {
             Action::ModelRegistered => "model.registered",
             Action::ModelStageChanged => "model.stage_changed",
             Action::ModelInitialized => "model.initialized",
+            Action::AuditQuarantined => "audit.quarantined",
         }
     }
 }

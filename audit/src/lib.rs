@@ -35,6 +35,7 @@ pub mod filter;
 pub mod lineage;
 pub mod merkle;
 pub mod payload;
+pub mod quarantine;
 pub mod receipt;
 pub mod stage;
 pub mod verify;

@@ -455,7 +455,7 @@ fn apply_event(
                 registered: p,
             });
         }
-        Action::PrivacySpent | Action::LedgerRestored => {}
+        Action::PrivacySpent | Action::LedgerRestored | Action::AuditQuarantined => {}
         // The registry's events are the lineage's own part (`lineage::registry`).
         Action::ModelRegistered | Action::ModelStageChanged => {}
         Action::NodeRegistered

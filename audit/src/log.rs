@@ -83,6 +83,10 @@ pub enum AppendError {
     Store(String),
     #[error("the audit log is shut down")]
     Closed,
+    #[error(
+        "the audit log is halted: {0}; restart the service (it will refuse the log until the row is quarantined: docs/runbooks/audit-forged-row.md)"
+    )]
+    Halted(String),
 }
 
 /// Why the log could not start, or a proof could not be made.
@@ -118,6 +122,8 @@ pub enum LogError {
          vouches for them may start the service once with checkpoint_every > 1 to sign them"
     )]
     Unanchored { first_seq: u64, count: u64 },
+    #[error("cannot record the quarantine of seq {from_seq} on: {why}")]
+    Quarantine { from_seq: u64, why: String },
 }
 
 struct Request {
@@ -180,6 +186,17 @@ impl AuditLog {
                 count: verified.unanchored,
             });
         }
+        // Orders applied by `tutela audit quarantine apply` while the service was stopped, not
+        // yet on the record: appended first, as this service, before anything else.
+        let pending = crate::quarantine::apply::pending(&store, &events)
+            .await
+            .map_err(|e| LogError::Quarantine {
+                from_seq: verified.events,
+                why: e.to_string(),
+            })?;
+        // Readers re-check quarantine signatures against the CA at the time of the event; at
+        // start the stored trust is that check (the live one may not be wired to the CA yet).
+        let quarantine_trust = stored_trust.clone();
         let trust = match chain_check {
             Some(check) => OfficerTrust::Live(check),
             None => stored_trust,
@@ -215,8 +232,36 @@ impl AuditLog {
             rules,
             trust,
             state,
+            halted: None,
         };
         tokio::spawn(appender.run(rx));
+        for order in pending {
+            let from_seq = order.terms.from_seq;
+            crate::quarantine::verify_signatures(
+                &order,
+                quarantine_trust.chain_check(Timestamp::now()).as_ref(),
+            )
+            .map_err(|why| LogError::Quarantine { from_seq, why })?;
+            let receipt = log
+                .append(
+                    log.log_id.clone(),
+                    Action::AuditQuarantined,
+                    format!("seq/{from_seq}"),
+                    crate::payload::ActionPayload::to_value(&order),
+                )
+                .await
+                .map_err(|e| LogError::Quarantine {
+                    from_seq,
+                    why: e.to_string(),
+                })?;
+            tracing::warn!(
+                seq = receipt.seq,
+                from_seq,
+                rows = order.terms.rows.len(),
+                reason = %order.terms.reason,
+                "recorded the quarantine of forged audit rows"
+            );
+        }
         Ok(log)
     }
 
@@ -337,6 +382,9 @@ struct Appender {
     trust: OfficerTrust,
     /// What the committed events (and the batch being written) say the rules depend on.
     state: TrailState,
+    /// Set when a row this appender did not write was found in the log: nothing more is
+    /// appended or signed (a checkpoint now would sign over it).
+    halted: Option<String>,
 }
 
 impl Appender {
@@ -379,6 +427,12 @@ impl Appender {
 
     /// Writes a batch; returns each request's reply channel and result, to be sent by the caller.
     async fn commit(&mut self, requests: Vec<Request>) -> Vec<Pending> {
+        if let Some(why) = &self.halted {
+            return requests
+                .into_iter()
+                .map(|r| (r.reply, Err(AppendError::Halted(why.clone()))))
+                .collect();
+        }
         let saved = (self.chain.clone(), self.last_ts);
         let first_seq = self.chain.next_seq();
         let mut events = Vec::with_capacity(requests.len());
@@ -471,7 +525,7 @@ impl Appender {
                 let why = e.to_string();
                 (self.chain, self.last_ts) = saved;
                 self.state.rollback(first_seq);
-                self.resync().await;
+                self.resync(&events).await;
                 replies
                     .into_iter()
                     .map(|(reply, ..)| (reply, Err(AppendError::Store(why.clone()))))
@@ -480,8 +534,11 @@ impl Appender {
         }
     }
 
-    /// After a failed write: continue from what the store actually holds.
-    async fn resync(&mut self) {
+    /// After a failed write: continue from what the store actually holds, if what landed is the
+    /// batch this appender tried to write (a commit whose acknowledgement was lost). A row it did
+    /// not write (written into the database past the service) halts the log: chaining onto it
+    /// would have the next checkpoint sign over a forgery.
+    async fn resync(&mut self, attempted: &[Event]) {
         let last = match self.store.last_event().await {
             Ok(last) => last,
             Err(e) => {
@@ -502,7 +559,20 @@ impl Appender {
                 };
                 match self.store.events(&landed).await {
                     Ok(events) => {
-                        // Events that landed passed the checks when they were batched.
+                        if let Some(foreign) = events
+                            .iter()
+                            .find(|e| !attempted.iter().any(|a| a.seq == e.seq && a.hash == e.hash))
+                        {
+                            let why = format!(
+                                "row seq {} ({} by {}) was written into the database past the service",
+                                foreign.seq, foreign.action, foreign.actor
+                            );
+                            tracing::error!(seq = foreign.seq, "{why}: the audit log halts");
+                            self.halted = Some(why);
+                            return;
+                        }
+                        // Events that landed are this appender's own batch: they passed the
+                        // checks when they were batched.
                         for e in &events {
                             if let Err(v) = self.state.check_and_apply(&self.rules, &self.trust, e)
                             {

@@ -148,7 +148,9 @@ impl pb::audit_server::Audit for AuditService {
                 AppendError::Chain(_) | AppendError::Payload(_) => {
                     Status::invalid_argument(e.to_string())
                 }
-                AppendError::Store(_) | AppendError::Closed => Status::unavailable(e.to_string()),
+                AppendError::Store(_) | AppendError::Closed | AppendError::Halted(_) => {
+                    Status::unavailable(e.to_string())
+                }
             })?;
         Ok(Response::new(pb::AuditReceipt {
             seq: receipt.seq,

@@ -61,6 +61,12 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("../migrations/0002_append_only.postgres.sql"),
         sqlite: include_str!("../migrations/0002_append_only.sqlite.sql"),
     },
+    Migration {
+        version: 3,
+        name: "quarantine",
+        postgres: include_str!("../migrations/0003_quarantine.postgres.sql"),
+        sqlite: include_str!("../migrations/0003_quarantine.sqlite.sql"),
+    },
 ];
 
 /// Prefixed so that the audit service can share a PostgreSQL database with the coordinator, which
@@ -340,10 +346,10 @@ impl AuditStore {
         let quoted = format!("\"{}\"", role.replace('"', "\"\""));
         let statements = [
             format!(
-                "REVOKE ALL ON audit_events, audit_checkpoints, audit_schema_migrations FROM {quoted}"
+                "REVOKE ALL ON audit_events, audit_checkpoints, audit_schema_migrations, audit_quarantine FROM {quoted}"
             ),
             format!("GRANT SELECT, INSERT ON audit_events, audit_checkpoints TO {quoted}"),
-            format!("GRANT SELECT ON audit_schema_migrations TO {quoted}"),
+            format!("GRANT SELECT ON audit_schema_migrations, audit_quarantine TO {quoted}"),
         ];
         let mut tx = self.pool.begin().await.map_err(db("grant: begin"))?;
         for s in &statements {

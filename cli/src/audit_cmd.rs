@@ -250,6 +250,10 @@ pub enum AuditCommand {
         #[arg(long)]
         prov_json: bool,
     },
+    /// Quarantine forged rows (never signed over) under an operator's order countersigned by the
+    /// policy's quorum of officers: docs/runbooks/audit-forged-row.md.
+    #[command(subcommand)]
+    Quarantine(crate::quarantine_cmd::QuarantineCommand),
     /// A job's compliance report: approvals, rounds, participants, ε per site, lineage, refused
     /// updates.
     Report {
@@ -262,6 +266,35 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
     },
+}
+
+/// What `verify` says of each recorded quarantine: when, by whom, of what, why (its signatures
+/// were re-checked with every other event's authority).
+pub fn quarantine_lines(events: &[Event]) -> Vec<String> {
+    use tutela_audit::ActionPayload as _;
+    events
+        .iter()
+        .filter(|e| e.action == Action::AuditQuarantined)
+        .map(|e| match tutela_audit::payload::AuditQuarantined::from_event(e) {
+            Ok(q) => {
+                let rows: Vec<String> = q
+                    .terms
+                    .rows
+                    .iter()
+                    .map(|r| format!("seq {} ({} by {})", r.seq, r.action, r.actor))
+                    .collect();
+                format!(
+                    "QUARANTINE recorded at seq {} ({}): {} moved to audit_quarantine, reason {:?}, quorum: {}",
+                    e.seq,
+                    e.timestamp,
+                    rows.join(", "),
+                    q.terms.reason,
+                    q.quorum.join(", ")
+                )
+            }
+            Err(err) => format!("QUARANTINE at seq {}: {err}", e.seq),
+        })
+        .collect()
 }
 
 /// `tutela audit verify` in-process, quietly: (events, checkpoints) verified, or why not.
@@ -412,11 +445,22 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
                         r.unanchored
                     );
                     println!("head {}  root {}", hex::encode(r.head), hex::encode(r.root));
+                    if r.unanchored > 0 {
+                        println!(
+                            "WARNING: seq {} on ({} row(s)) is covered by no signed checkpoint: a service that signs with every commit never leaves such rows; if the service refuses to start over them, see docs/runbooks/audit-forged-row.md",
+                            r.events - r.unanchored,
+                            r.unanchored
+                        );
+                    }
+                    for line in quarantine_lines(&events) {
+                        println!("{line}");
+                    }
                     Ok(())
                 }
                 Err(e) => bail!("FAILED: {e}"),
             }
         }
+        AuditCommand::Quarantine(cmd) => crate::quarantine_cmd::run(cmd).await,
         AuditCommand::Proof {
             source,
             seq,

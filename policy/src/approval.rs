@@ -51,6 +51,8 @@ pub enum SignedKind {
     Rejection,
     /// A move of a registered model's stage (`crate::stage`).
     StageMove,
+    /// An order quarantining forged audit rows (`tutela_audit::quarantine`).
+    AuditQuarantine,
 }
 
 impl std::fmt::Display for SignedKind {
@@ -59,6 +61,7 @@ impl std::fmt::Display for SignedKind {
             SignedKind::Approval => "approval",
             SignedKind::Rejection => "rejection",
             SignedKind::StageMove => "stage move",
+            SignedKind::AuditQuarantine => "audit quarantine order",
         })
     }
 }
@@ -351,6 +354,17 @@ fn parse_digest(hex: &str, kind: SignedKind) -> Result<SpecDigest, ApprovalError
             problem: format!("spec_digest: {e}"),
         },
     )
+}
+
+/// Signs the terms of an audit quarantine order (`tutela_audit::quarantine::terms_message`, built
+/// by the caller: this crate does not depend on the audit crate) with a PKCS#8 key (PEM), returning
+/// the certificate chain of `chain_pem` (DER, leaf first) and the signature.
+pub fn sign_quarantine_terms(
+    key_pem: &str,
+    chain_pem: &str,
+    message: &[u8],
+) -> Result<(Vec<Vec<u8>>, Vec<u8>), ApprovalError> {
+    sign_with_certificate_key(key_pem, chain_pem, message, SignedKind::AuditQuarantine)
 }
 
 /// Signs `message` with a PKCS#8 key (PEM; ECDSA P-256 SHA-256 in ASN.1 DER, or Ed25519) and

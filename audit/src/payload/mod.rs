@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 mod job;
 mod pki;
 mod policy;
+mod quarantine;
 mod registry;
 mod site;
 
@@ -27,6 +28,7 @@ pub use job::{
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
 pub use policy::PolicyDecision;
+pub use quarantine::{AuditQuarantined, QuarantineSignature, QuarantineTerms, QuarantinedRow};
 pub use registry::{ModelRegistered, ModelStageChanged, StageSignature};
 pub use site::{DatasetDeidentified, NodeRegistered, TextDatasetDeidentified};
 
@@ -111,5 +113,6 @@ pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), Pa
         Action::LedgerRestored => shape::<privacy::LedgerRestored>(payload),
         Action::ModelRegistered => shape::<ModelRegistered>(payload),
         Action::ModelStageChanged => shape::<ModelStageChanged>(payload),
+        Action::AuditQuarantined => shape::<AuditQuarantined>(payload),
     }
 }

@@ -247,7 +247,8 @@ fn action_names_round_trip() {
             "ledger.restored",
             "model.registered",
             "model.stage_changed",
-            "model.initialized"
+            "model.initialized",
+            "audit.quarantined"
         ]
     );
     for a in Action::ALL {

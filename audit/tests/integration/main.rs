@@ -7,4 +7,5 @@
 mod approval_message;
 mod authority;
 mod chain;
+mod quarantine;
 mod store;

@@ -109,6 +109,7 @@ async fn drop_triggers(store: &AuditStore) {
     let statements: &[&str] = match store.backend() {
         Backend::Postgres => &[
             "DROP TRIGGER audit_events_append_only ON audit_events",
+            "DROP TRIGGER audit_events_release_quarantined ON audit_events",
             "DROP TRIGGER audit_events_no_truncate ON audit_events",
             "DROP TRIGGER audit_checkpoints_append_only ON audit_checkpoints",
         ],
