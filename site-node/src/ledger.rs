@@ -28,6 +28,7 @@
 //! already (a coordinator that resumed, a retried attempt) is normally answered by re-sending the
 //! update released for it ([`crate::resend`]), and trained again only while that still fits.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -187,6 +188,9 @@ pub struct SiteLedgers {
     dir: PathBuf,
     kek: Option<Arc<dyn KeyEncryptionKey>>,
     budget: PrivacyBudgetConfig,
+    /// Each file dataset's source, by name: its budget key is what its data determines
+    /// ([`crate::budget_identity`]). A dataset not listed (a Postgres source) is keyed by name.
+    sources: BTreeMap<String, PathBuf>,
     /// Reads and writes of the ledgers are serialised (a node runs one task at a time, but the
     /// gate and a finishing round may overlap).
     lock: Mutex<()>,
@@ -213,26 +217,96 @@ impl SiteLedgers {
             dir: dir.into(),
             kek,
             budget,
+            sources: BTreeMap::new(),
             lock: Mutex::new(()),
         }
+    }
+
+    /// Keys the budgets of these datasets (name → source file) by their data.
+    pub fn with_sources(mut self, sources: BTreeMap<String, PathBuf>) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// The source files of a node's datasets and text datasets (not its Postgres sources).
+    pub fn sources_of(config: &crate::config::NodeConfig) -> BTreeMap<String, PathBuf> {
+        let tables = config
+            .datasets
+            .iter()
+            .filter(|(_, d)| d.postgres.is_none())
+            .map(|(name, d)| (name.clone(), d.path.clone()));
+        let texts = config
+            .text_datasets
+            .iter()
+            .map(|(name, d)| (name.clone(), d.path.clone()));
+        tables.chain(texts).collect()
+    }
+
+    /// The budget key of `dataset` ([`crate::budget_identity`]), learning its name and data
+    /// version in the identity map.
+    pub fn key(&self, dataset: &str) -> Result<String, LedgerError> {
+        self.resolve(dataset).map(|r| r.0)
+    }
+
+    /// The key and the data's fingerprint (none for a dataset keyed by name).
+    fn resolve(
+        &self,
+        dataset: &str,
+    ) -> Result<(String, Option<tutela_audit::payload::privacy::DatasetSource>), LedgerError> {
+        let Some(source) = self.sources.get(dataset) else {
+            return Ok((dataset.to_string(), None));
+        };
+        let to_ledger_err = |e: crate::budget_identity::IdentityError| LedgerError::Corrupt {
+            path: self.dir.clone(),
+            reason: e.to_string(),
+        };
+        let mut map = crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
+            .map_err(to_ledger_err)?;
+        let legacy = self.path(dataset).exists();
+        let r = map
+            .resolve(dataset, source, legacy)
+            .map_err(to_ledger_err)?;
+        Ok((r.key, Some(r.source)))
+    }
+
+    /// The source file of `dataset`, when its budget is keyed by its data.
+    pub fn source_of(&self, dataset: &str) -> Option<&std::path::Path> {
+        self.sources.get(dataset).map(PathBuf::as_path)
+    }
+
+    /// Binds `dataset`'s data to the budget `key` the trail holds it under (an officer's restore
+    /// after the identity map was lost).
+    pub fn bind_to_trail_key(&self, dataset: &str, key: &str) -> Result<(), String> {
+        let _g = self.guard();
+        let Some(source) = self.sources.get(dataset) else {
+            return Ok(());
+        };
+        let source_fp = crate::budget_identity::fingerprint(source).map_err(|e| {
+            format!("the source of dataset {dataset:?} could not be read ({})", e.kind())
+        })?;
+        crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
+            .and_then(|mut m| m.bind(dataset, key, &source_fp))
+            .map_err(|e| e.to_string())
     }
 
     pub fn budget(&self) -> &PrivacyBudgetConfig {
         &self.budget
     }
 
-    fn path(&self, dataset: &str) -> PathBuf {
+    /// The ledger file of a budget key.
+    fn path(&self, key: &str) -> PathBuf {
         let ext = if self.kek.is_some() {
             "json.enc"
         } else {
             "json"
         };
-        self.dir.join(format!("{dataset}.{ext}"))
+        self.dir.join(format!("{key}.{ext}"))
     }
 
-    /// The ledger of `dataset`, as on disk now.
+    /// The ledger of `dataset`'s budget, as on disk now.
     pub fn open(&self, dataset: &str) -> Result<Ledger, LedgerError> {
-        Ledger::open(self.path(dataset), dataset, self.kek.clone())
+        let key = self.key(dataset)?;
+        Ledger::open(self.path(&key), &key, self.kek.clone())
     }
 
     /// ε every job together has spent on `dataset`, composed by the site's accountant at its
@@ -543,10 +617,14 @@ impl SiteLedgers {
         job_accountant: Accountant,
     ) -> Result<tutela_audit::payload::privacy::PrivacySpent, String> {
         let _g = self.guard();
-        let ledger = self.open(dataset).map_err(|e| e.to_string())?;
+        let (key, source) = self.resolve(dataset).map_err(|e| e.to_string())?;
+        let ledger = Ledger::open(self.path(&key), &key, self.kek.clone())
+            .map_err(|e| e.to_string())?;
         Ok(tutela_audit::payload::privacy::PrivacySpent {
             site: site.to_string(),
-            dataset: dataset.to_string(),
+            // The budget's key: a rename or a copy of the data spends under the same subject.
+            dataset: key,
+            source,
             job: job_id.to_string(),
             round: charge.round,
             attempt: charge.attempt,
@@ -598,15 +676,79 @@ impl SiteLedgers {
         }
     }
 
+    /// Checks that the trail holds no spend of `dataset`'s data under another budget key than the
+    /// one the node resolves (the identity map deleted, then the data changed); `all_spends` are
+    /// every `privacy.spent` of this node. Returns the key.
+    pub fn check_identity_against_trail(
+        &self,
+        dataset: &str,
+        all_spends: &[AnchoredSpend],
+    ) -> Result<String, String> {
+        let _g = self.guard();
+        let key = self.key(dataset).map_err(|e| e.to_string())?;
+        let Some(path) = self.sources.get(dataset) else {
+            return Ok(key);
+        };
+        let in_trail = crate::budget_identity::key_in_trail(
+            dataset,
+            path,
+            all_spends.iter().map(|s| {
+                (
+                    s.seq,
+                    s.payload.dataset.as_str(),
+                    s.payload.source.as_ref(),
+                )
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        match in_trail {
+            Some((trail_key, first_seq)) if trail_key != key => Err(
+                crate::budget_identity::IdentityBehindTrail {
+                    dataset: dataset.to_string(),
+                    resolved: key,
+                    trail_key,
+                    first_seq,
+                }
+                .to_string(),
+            ),
+            _ => Ok(key),
+        }
+    }
+
+    /// The key the trail holds `dataset`'s data under, if any of `all_spends` recorded it.
+    pub fn trail_key(
+        &self,
+        dataset: &str,
+        all_spends: &[AnchoredSpend],
+    ) -> Result<Option<String>, String> {
+        let Some(path) = self.sources.get(dataset) else {
+            return Ok(None);
+        };
+        crate::budget_identity::key_in_trail(
+            dataset,
+            path,
+            all_spends.iter().map(|s| {
+                (
+                    s.seq,
+                    s.payload.dataset.as_str(),
+                    s.payload.source.as_ref(),
+                )
+            }),
+        )
+        .map(|found| found.map(|(k, _)| k))
+        .map_err(|e| e.to_string())
+    }
+
     /// ε of `dataset` at the site's δ if its ledger were rebuilt from `spends` (nothing written).
     pub fn epsilon_from_trail(
         &self,
         dataset: &str,
         spends: &[AnchoredSpend],
     ) -> Result<f64, String> {
+        let key = self.key(dataset).map_err(|e| e.to_string())?;
         Ledger::from_trail(
-            self.path(dataset),
-            dataset,
+            self.path(&key),
+            &key,
             None,
             spends.iter().map(AnchoredSpend::as_trail_spend),
         )
@@ -622,9 +764,10 @@ impl SiteLedgers {
         spends: &[AnchoredSpend],
     ) -> Result<f64, String> {
         let _g = self.guard();
+        let key = self.key(dataset).map_err(|e| e.to_string())?;
         let ledger = Ledger::rebuild_from_trail(
-            self.path(dataset),
-            dataset,
+            self.path(&key),
+            &key,
             self.kek.clone(),
             spends.iter().map(AnchoredSpend::as_trail_spend),
         )

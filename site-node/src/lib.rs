@@ -44,6 +44,7 @@ pub mod dp;
 pub mod dp_bench;
 pub mod failure;
 pub mod jobspec;
+pub mod budget_identity;
 pub mod ledger;
 pub mod ledger_restore;
 pub mod lm;

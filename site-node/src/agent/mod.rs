@@ -365,7 +365,8 @@ impl Agent {
             config.work_dir.join("privacy-ledger"),
             kek.clone(),
             config.privacy.clone(),
-        ));
+        )
+        .with_sources(SiteLedgers::sources_of(&config)));
         Ok(Agent {
             identity,
             coordinator,

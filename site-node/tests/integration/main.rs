@@ -9,6 +9,7 @@
 
 mod agent;
 mod base_cache;
+mod budget_keys;
 mod common;
 mod config_ranges;
 mod data;

@@ -75,17 +75,35 @@ fn events_of_job(d: &Path, action: &str, job: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The file of a site's one dataset budget: its ledgers are named by the budget's key, which the
+/// data determines (`site-node::budget_identity`), beside the identity map.
+fn ledger_file(d: &Path, site: &str) -> std::path::PathBuf {
+    let dir = d.join("sites").join(site).join("work/privacy-ledger");
+    let ledgers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.ends_with(".json.enc") && !name.starts_with("identities.")
+        })
+        .collect();
+    assert_eq!(ledgers.len(), 1, "{ledgers:?}");
+    ledgers[0].clone()
+}
+
 /// A site's dataset ledger, read with its key-encryption key.
 fn ledger_of(d: &Path, site: &str) -> Ledger {
     let site_dir = d.join("sites").join(site);
     let kek: Arc<dyn KeyEncryptionKey> =
         Arc::new(LocalKek::from_key_file(&site_dir.join("kek")).unwrap());
-    Ledger::open(
-        site_dir.join("work/privacy-ledger/breast_cancer.json.enc"),
-        "breast_cancer",
-        Some(kek),
-    )
-    .unwrap()
+    let file = ledger_file(d, site);
+    let key = file
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".json.enc")
+        .to_string();
+    Ledger::open(file, &key, Some(kek)).unwrap()
 }
 
 fn verify_trail(c: &Consortium, audit_port: u16) {
@@ -215,7 +233,6 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     c.start_node("a", &header, &shares[0], &audit_table(d, audit_port));
     let work = d.join("sites/a/work");
     let node_log = d.join("sites/a/node.log");
-    let ledger_file = work.join("privacy-ledger/breast_cancer.json.enc");
     let held_file = work.join("audit-checkpoint.json.enc");
 
     // Job 1 spends on the dataset; the trail holds its two spends.
@@ -227,6 +244,7 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     let spent_before = ledger_of(d, "a").spent(1e-5, Accountant::Rdp).unwrap();
     assert!(spent_before > 0.5, "{spent_before}");
     assert_eq!(events_of_job(d, "privacy.spent", &job1).len(), 2);
+    let ledger_file = ledger_file(d, "a");
     // A checkpoint covering the spends, held by the node (it advances before each task).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
