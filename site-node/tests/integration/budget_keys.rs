@@ -21,7 +21,7 @@ const DIMENSION: usize = 266;
 
 fn budget() -> PrivacyBudgetConfig {
     PrivacyBudgetConfig {
-        max_epsilon_total: Some(1.5),
+        max_epsilon_total: Some(1.2),
         ..PrivacyBudgetConfig::default()
     }
 }
@@ -78,7 +78,7 @@ fn charge(ledgers: &SiteLedgers, job_id: &str, round: u32, dataset: &str, seq: u
 }
 
 /// A job of ε = 1 on `dataset` (its whole planned spend is weighed): refused by the site's
-/// total cap of 1.5 once ε ≈ 1 is spent.
+/// total cap of 1.2 once ε ≈ 1 is spent.
 fn big_job_refused(ledgers: &SiteLedgers, dataset: &str) -> String {
     let view = JobView::from_toml_str(&job(1.0)).unwrap();
     ledgers
@@ -108,7 +108,7 @@ fn a_dataset_renamed_in_node_toml_keeps_its_spent_epsilon_and_a_job_over_the_cap
     let again = after.spent("cohort_v2").unwrap();
     assert!((again - spent).abs() < 1e-12, "{again} vs {spent}");
     let why = big_job_refused(&after, "cohort_v2");
-    assert!(why.contains("total cap ε ≤ 1.5"), "{why}");
+    assert!(why.contains("total cap ε ≤ 1.2"), "{why}");
 }
 
 #[test]
@@ -156,6 +156,11 @@ fn the_file_copied_elsewhere_under_a_new_name_and_with_rows_appended_shares_the_
     let fresh = node(dir.path(), &[("other", &other)]);
     assert_ne!(fresh.key("other").unwrap(), key);
     assert_eq!(fresh.spent("other").unwrap(), 0.0);
+    // ...on which the job refused above is admitted: the refusals are the spent budget's.
+    let view = JobView::from_toml_str(&job(1.0)).unwrap();
+    fresh
+        .check_with_rows("big", 1, "other", &view, ROWS, DIMENSION)
+        .unwrap();
 }
 
 #[test]
