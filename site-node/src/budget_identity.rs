@@ -156,7 +156,9 @@ impl BudgetIdentities {
             }
         } else {
             let bytes = match &kek {
-                Some(k) => at_rest::decrypt_to_vec(&path, k.as_ref()).map_err(|e| err(e.to_string()))?,
+                Some(k) => {
+                    at_rest::decrypt_to_vec(&path, k.as_ref()).map_err(|e| err(e.to_string()))?
+                }
                 None => std::fs::read(&path).map_err(|e| err(e.to_string()))?,
             };
             let file: MapFile = serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
@@ -284,10 +286,12 @@ impl BudgetIdentities {
             None => {
                 use std::io::Write;
                 let dir = self.path.parent().unwrap_or(Path::new("."));
-                let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| err(e.to_string()))?;
+                let mut tmp =
+                    tempfile::NamedTempFile::new_in(dir).map_err(|e| err(e.to_string()))?;
                 tmp.write_all(&bytes).map_err(|e| err(e.to_string()))?;
                 tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
-                tmp.persist(&self.path).map_err(|e| err(e.error.to_string()))?;
+                tmp.persist(&self.path)
+                    .map_err(|e| err(e.error.to_string()))?;
             }
         }
         Ok(())
@@ -391,6 +395,9 @@ mod tests {
         assert_eq!(found, Some(("b-old".to_string(), 3)));
         let other = dir.path().join("b.csv");
         write(&other, "y\n1\n");
-        assert_eq!(key_in_trail("d", &other, [(3, "b-old", Some(&seen))]).unwrap(), None);
+        assert_eq!(
+            key_in_trail("d", &other, [(3, "b-old", Some(&seen))]).unwrap(),
+            None
+        );
     }
 }

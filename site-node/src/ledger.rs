@@ -252,7 +252,13 @@ impl SiteLedgers {
     fn resolve(
         &self,
         dataset: &str,
-    ) -> Result<(String, Option<tutela_audit::payload::privacy::DatasetSource>), LedgerError> {
+    ) -> Result<
+        (
+            String,
+            Option<tutela_audit::payload::privacy::DatasetSource>,
+        ),
+        LedgerError,
+    > {
         let Some(source) = self.sources.get(dataset) else {
             return Ok((dataset.to_string(), None));
         };
@@ -282,7 +288,10 @@ impl SiteLedgers {
             return Ok(());
         };
         let source_fp = crate::budget_identity::fingerprint(source).map_err(|e| {
-            format!("the source of dataset {dataset:?} could not be read ({})", e.kind())
+            format!(
+                "the source of dataset {dataset:?} could not be read ({})",
+                e.kind()
+            )
         })?;
         crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
             .and_then(|mut m| m.bind(dataset, key, &source_fp))
@@ -618,8 +627,8 @@ impl SiteLedgers {
     ) -> Result<tutela_audit::payload::privacy::PrivacySpent, String> {
         let _g = self.guard();
         let (key, source) = self.resolve(dataset).map_err(|e| e.to_string())?;
-        let ledger = Ledger::open(self.path(&key), &key, self.kek.clone())
-            .map_err(|e| e.to_string())?;
+        let ledger =
+            Ledger::open(self.path(&key), &key, self.kek.clone()).map_err(|e| e.to_string())?;
         Ok(tutela_audit::payload::privacy::PrivacySpent {
             site: site.to_string(),
             // The budget's key: a rename or a copy of the data spends under the same subject.
@@ -692,25 +701,21 @@ impl SiteLedgers {
         let in_trail = crate::budget_identity::key_in_trail(
             dataset,
             path,
-            all_spends.iter().map(|s| {
-                (
-                    s.seq,
-                    s.payload.dataset.as_str(),
-                    s.payload.source.as_ref(),
-                )
-            }),
+            all_spends
+                .iter()
+                .map(|s| (s.seq, s.payload.dataset.as_str(), s.payload.source.as_ref())),
         )
         .map_err(|e| e.to_string())?;
         match in_trail {
-            Some((trail_key, first_seq)) if trail_key != key => Err(
-                crate::budget_identity::IdentityBehindTrail {
+            Some((trail_key, first_seq)) if trail_key != key => {
+                Err(crate::budget_identity::IdentityBehindTrail {
                     dataset: dataset.to_string(),
                     resolved: key,
                     trail_key,
                     first_seq,
                 }
-                .to_string(),
-            ),
+                .to_string())
+            }
             _ => Ok(key),
         }
     }
@@ -727,13 +732,9 @@ impl SiteLedgers {
         crate::budget_identity::key_in_trail(
             dataset,
             path,
-            all_spends.iter().map(|s| {
-                (
-                    s.seq,
-                    s.payload.dataset.as_str(),
-                    s.payload.source.as_ref(),
-                )
-            }),
+            all_spends
+                .iter()
+                .map(|s| (s.seq, s.payload.dataset.as_str(), s.payload.source.as_ref())),
         )
         .map(|found| found.map(|(k, _)| k))
         .map_err(|e| e.to_string())

@@ -144,7 +144,9 @@ pub async fn restore(
                 .bind_to_trail_key(dataset, &trail_key)
                 .map_err(dataset_err)?;
         }
-        let key = ledgers.key(dataset).map_err(|e| dataset_err(e.to_string()))?;
+        let key = ledgers
+            .key(dataset)
+            .map_err(|e| dataset_err(e.to_string()))?;
         // Two names of one budget: restored once.
         if !restored_keys.insert(key.clone()) {
             continue;

@@ -403,7 +403,13 @@ pub async fn own_spends(
     site: &str,
     dataset: &str,
 ) -> Result<Vec<AnchoredSpend>, SiteAuditError> {
-    spends_by(client, node, Some(PrivacySpent::subject(site, dataset)), dataset).await
+    spends_by(
+        client,
+        node,
+        Some(PrivacySpent::subject(site, dataset)),
+        dataset,
+    )
+    .await
 }
 
 /// Every `privacy.spent` event of `node`, whatever its budget, in seq order: what tells which

@@ -52,8 +52,10 @@ pub async fn reconcile(
     let spends: Vec<_> = all
         .into_iter()
         .filter(|s| {
-            tutela_audit::payload::privacy::PrivacySpent::subject(&s.payload.site, &s.payload.dataset)
-                == subject
+            tutela_audit::payload::privacy::PrivacySpent::subject(
+                &s.payload.site,
+                &s.payload.dataset,
+            ) == subject
         })
         .collect();
     ledgers

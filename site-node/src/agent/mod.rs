@@ -361,12 +361,14 @@ impl Agent {
             );
         }
         // The privacy ledgers live in the work directory, encrypted like everything else there.
-        let ledgers = Arc::new(SiteLedgers::new(
-            config.work_dir.join("privacy-ledger"),
-            kek.clone(),
-            config.privacy.clone(),
-        )
-        .with_sources(SiteLedgers::sources_of(&config)));
+        let ledgers = Arc::new(
+            SiteLedgers::new(
+                config.work_dir.join("privacy-ledger"),
+                kek.clone(),
+                config.privacy.clone(),
+            )
+            .with_sources(SiteLedgers::sources_of(&config)),
+        );
         Ok(Agent {
             identity,
             coordinator,

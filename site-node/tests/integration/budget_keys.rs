@@ -50,7 +50,13 @@ fn csv(path: &Path, rows: usize) {
 
 /// Charges one round of a job (ε target 1.0 over 5 rounds) on `dataset`; returns its trail
 /// spend as the node would append it.
-fn charge(ledgers: &SiteLedgers, job_id: &str, round: u32, dataset: &str, seq: u64) -> AnchoredSpend {
+fn charge(
+    ledgers: &SiteLedgers,
+    job_id: &str,
+    round: u32,
+    dataset: &str,
+    seq: u64,
+) -> AnchoredSpend {
     let view = JobView::from_toml_str(&job(1.0)).unwrap();
     let plan = ledgers
         .check_with_rows(job_id, round, dataset, &view, ROWS, DIMENSION)
@@ -65,7 +71,14 @@ fn charge(ledgers: &SiteLedgers, job_id: &str, round: u32, dataset: &str, seq: u
         .record(job_id, (round, 1), dataset, ROWS, &plan, &spend, 1)
         .unwrap();
     let payload = ledgers
-        .spend_payload("a", dataset, job_id, &s.charge.unwrap(), 1e-5, Accountant::Rdp)
+        .spend_payload(
+            "a",
+            dataset,
+            job_id,
+            &s.charge.unwrap(),
+            1e-5,
+            Accountant::Rdp,
+        )
         .unwrap();
     ledgers
         .mark_anchored(dataset, job_id, (round, 1), seq)
@@ -119,7 +132,10 @@ fn the_same_file_declared_twice_under_two_names_shares_one_budget() {
     let ledgers = node(dir.path(), &[("first", &data), ("second", &data)]);
     let (spent, _) = spend_the_budget(&ledgers, "first");
     assert!((ledgers.spent("second").unwrap() - spent).abs() < 1e-12);
-    assert_eq!(ledgers.key("first").unwrap(), ledgers.key("second").unwrap());
+    assert_eq!(
+        ledgers.key("first").unwrap(),
+        ledgers.key("second").unwrap()
+    );
     let why = big_job_refused(&ledgers, "second");
     assert!(why.contains("total cap"), "{why}");
 }
@@ -191,7 +207,11 @@ fn a_deleted_identity_map_or_ledger_is_caught_by_the_trail_and_the_restore_rebui
     let ledgers = node(dir.path(), &[("cohort", &data)]);
     let (spent, trail) = spend_the_budget(&ledgers, "cohort");
     let key = ledgers.key("cohort").unwrap();
-    assert!(trail.iter().all(|s| s.payload.dataset == key && s.payload.source.is_some()));
+    assert!(
+        trail
+            .iter()
+            .all(|s| s.payload.dataset == key && s.payload.source.is_some())
+    );
     let subject = |s: &AnchoredSpend| s.payload.dataset.clone();
 
     // The ledger deleted: behind the trail, as before budget keys.
@@ -206,7 +226,11 @@ fn a_deleted_identity_map_or_ledger_is_caught_by_the_trail_and_the_restore_rebui
     csv(&data, ROWS + 20);
     let reset = node(dir.path(), &[("renamed", &data)]);
     assert_ne!(reset.key("renamed").unwrap(), key);
-    assert_eq!(reset.spent("renamed").unwrap(), 0.0, "the reset the trail must catch");
+    assert_eq!(
+        reset.spent("renamed").unwrap(),
+        0.0,
+        "the reset the trail must catch"
+    );
     let why = reset
         .check_identity_against_trail("renamed", &trail)
         .unwrap_err();
@@ -222,12 +246,18 @@ fn a_deleted_identity_map_or_ledger_is_caught_by_the_trail_and_the_restore_rebui
     assert_eq!(trail_key.as_deref(), Some(key.as_str()));
     reset.bind_to_trail_key("renamed", &key).unwrap();
     assert_eq!(reset.key("renamed").unwrap(), key);
-    let own: Vec<_> = trail.iter().filter(|s| subject(s) == key).cloned().collect();
+    let own: Vec<_> = trail
+        .iter()
+        .filter(|s| subject(s) == key)
+        .cloned()
+        .collect();
     let rebuilt = reset.restore_from_trail("renamed", &own).unwrap();
     assert!((rebuilt - spent).abs() < 1e-9, "{rebuilt} vs {spent}");
     reset.check_against_trail("renamed", &trail).unwrap();
     assert_eq!(
-        reset.check_identity_against_trail("renamed", &trail).unwrap(),
+        reset
+            .check_identity_against_trail("renamed", &trail)
+            .unwrap(),
         key
     );
     assert!(big_job_refused(&reset, "renamed").contains("total cap"));
