@@ -228,16 +228,19 @@ impl SiteLedgers {
         self
     }
 
-    /// The source files of a node's datasets and text datasets (not its Postgres sources).
+    /// The source files of a node's datasets and text datasets (not its Postgres sources, nor a
+    /// text dataset that is a directory).
     pub fn sources_of(config: &crate::config::NodeConfig) -> BTreeMap<String, PathBuf> {
         let tables = config
             .datasets
             .iter()
             .filter(|(_, d)| d.postgres.is_none())
             .map(|(name, d)| (name.clone(), d.path.clone()));
+        // A directory of text files has no one byte stream to fingerprint: keyed by name.
         let texts = config
             .text_datasets
             .iter()
+            .filter(|(_, d)| !d.path.is_dir())
             .map(|(name, d)| (name.clone(), d.path.clone()));
         tables.chain(texts).collect()
     }
