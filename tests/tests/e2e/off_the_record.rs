@@ -6,7 +6,8 @@
 //!   restart the job completes with every round in the trail exactly once; `verify` passes.
 //! - A node's ledger deleted: it refuses to train, naming why; its held checkpoint deleted: it
 //!   refuses and does not pin the trail again; an officer's `tutela-node ledger restore`: it
-//!   trains again with the ε spent before carried over.
+//!   trains again with the ε spent before carried over; renamed in node.toml, the dataset spends
+//!   the same budget (its key is its data's, not its name).
 //! - The coordinator SIGKILLed mid-round: on resume the nodes send the round's update again
 //!   rather than training it twice, and no site ends above the job's target ε (its ledger and the
 //!   trail agree).
@@ -364,6 +365,36 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     assert!(
         dataset_eps > spent_before && dataset_eps > job_eps,
         "job 1's ε was not carried over: dataset {dataset_eps}, job {job_eps}, before {spent_before}"
+    );
+
+    // The dataset renamed in node.toml (hole (b)): the same data spends the same budget, under
+    // the same key in the trail, and its ε carries on.
+    let key = spends[0]["payload"]["dataset"].as_str().unwrap().to_string();
+    assert!(key.starts_with("b-"), "{key}");
+    c.kill_node("a");
+    let node_toml = d.join("sites/a/node.toml");
+    let toml = std::fs::read_to_string(&node_toml).unwrap();
+    assert!(toml.contains("[datasets.breast_cancer]"));
+    std::fs::write(
+        &node_toml,
+        toml.replace("[datasets.breast_cancer]", "[datasets.cohort_renamed]"),
+    )
+    .unwrap();
+    c.restart_node("a");
+    let renamed_job = dp_job(1, 1, 30, &["a"], 1.0)
+        .replace("schema = \"breast_cancer\"", "schema = \"cohort_renamed\"");
+    let job5 = submit(&c, renamed_job).await;
+    let last = c
+        .wait_for_job(&job5, Duration::from_secs(120), |_| false)
+        .await;
+    assert_eq!(last.state, "completed", "{last:?}; logs in {}", d.display());
+    let spends = events_of_job(d, "privacy.spent", &job5);
+    assert_eq!(spends.len(), 1, "{spends:#?}");
+    assert_eq!(spends[0]["payload"]["dataset"], key.as_str());
+    let renamed_eps = spends[0]["payload"]["dataset_epsilon"].as_f64().unwrap();
+    assert!(
+        renamed_eps > dataset_eps,
+        "the rename reset the budget: {renamed_eps} after, {dataset_eps} before"
     );
 }
 
