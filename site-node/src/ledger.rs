@@ -32,6 +32,7 @@
 //! already (a coordinator that resumed, a retried attempt) is normally answered by re-sending the
 //! update released for it ([`crate::resend`]), and trained again only while that still fits.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +40,7 @@ use serde::Deserialize;
 use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 use tutela_privacy::accountant::{Accountant, SampledGaussian};
 use tutela_privacy::at_rest::KeyEncryptionKey;
-use tutela_privacy::ledger::{Caps, Ledger, LedgerError, RoundCharge, TrailSpend};
+use tutela_privacy::ledger::{Caps, Ledger, LedgerError, RoundCharge};
 use tutela_protocol::job::{AccountantName, PrivacyMode, PrivacySpec};
 
 use crate::dp::DpSpend;
@@ -235,6 +236,9 @@ pub struct SiteLedgers {
     budget: PrivacyBudgetConfig,
     /// The ε caps (the site policy's), read at every check.
     caps: Arc<dyn EpsilonCaps>,
+    /// Each file dataset's source, by name: its budget key is what its data determines
+    /// ([`crate::budget_identity`]). A dataset not listed (a Postgres source) is keyed by name.
+    sources: BTreeMap<String, PathBuf>,
     /// Reads and writes of the ledgers are serialised (a node runs one task at a time, but the
     /// gate and a finishing round may overlap).
     lock: Mutex<()>,
@@ -262,6 +266,7 @@ impl SiteLedgers {
             kek,
             budget,
             caps: Arc::new(FixedCaps::default()),
+            sources: BTreeMap::new(),
             lock: Mutex::new(()),
         }
     }
@@ -270,6 +275,85 @@ impl SiteLedgers {
     pub fn with_caps(mut self, caps: Arc<dyn EpsilonCaps>) -> Self {
         self.caps = caps;
         self
+    }
+
+    /// Keys the budgets of these datasets (name → source file) by their data.
+    pub fn with_sources(mut self, sources: BTreeMap<String, PathBuf>) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// The source files of a node's datasets and text datasets (not its Postgres sources, nor a
+    /// text dataset that is a directory).
+    pub fn sources_of(config: &crate::config::NodeConfig) -> BTreeMap<String, PathBuf> {
+        let tables = config
+            .datasets
+            .iter()
+            .filter(|(_, d)| d.postgres.is_none())
+            .map(|(name, d)| (name.clone(), d.path.clone()));
+        // A directory of text files has no one byte stream to fingerprint: keyed by name.
+        let texts = config
+            .text_datasets
+            .iter()
+            .filter(|(_, d)| !d.path.is_dir())
+            .map(|(name, d)| (name.clone(), d.path.clone()));
+        tables.chain(texts).collect()
+    }
+
+    /// The budget key of `dataset` ([`crate::budget_identity`]), learning its name and data
+    /// version in the identity map.
+    pub fn key(&self, dataset: &str) -> Result<String, LedgerError> {
+        self.resolve(dataset).map(|r| r.0)
+    }
+
+    /// The key and the data's fingerprint (none for a dataset keyed by name).
+    fn resolve(
+        &self,
+        dataset: &str,
+    ) -> Result<
+        (
+            String,
+            Option<tutela_audit::payload::privacy::DatasetSource>,
+        ),
+        LedgerError,
+    > {
+        let Some(source) = self.sources.get(dataset) else {
+            return Ok((dataset.to_string(), None));
+        };
+        let to_ledger_err = |e: crate::budget_identity::IdentityError| LedgerError::Corrupt {
+            path: self.dir.clone(),
+            reason: e.to_string(),
+        };
+        let mut map = crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
+            .map_err(to_ledger_err)?;
+        let legacy = self.path(dataset).exists();
+        let r = map
+            .resolve(dataset, source, legacy)
+            .map_err(to_ledger_err)?;
+        Ok((r.key, Some(r.source)))
+    }
+
+    /// The source file of `dataset`, when its budget is keyed by its data.
+    pub fn source_of(&self, dataset: &str) -> Option<&std::path::Path> {
+        self.sources.get(dataset).map(PathBuf::as_path)
+    }
+
+    /// Binds `dataset`'s data to the budget `key` the trail holds it under (an officer's restore
+    /// after the identity map was lost).
+    pub fn bind_to_trail_key(&self, dataset: &str, key: &str) -> Result<(), String> {
+        let _g = self.guard();
+        let Some(source) = self.sources.get(dataset) else {
+            return Ok(());
+        };
+        let source_fp = crate::budget_identity::fingerprint(source).map_err(|e| {
+            format!(
+                "the source of dataset {dataset:?} could not be read ({})",
+                e.kind()
+            )
+        })?;
+        crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
+            .and_then(|mut m| m.bind(dataset, key, &source_fp))
+            .map_err(|e| e.to_string())
     }
 
     pub fn budget(&self) -> &PrivacyBudgetConfig {
@@ -286,18 +370,20 @@ impl SiteLedgers {
         }
     }
 
-    fn path(&self, dataset: &str) -> PathBuf {
+    /// The ledger file of a budget key.
+    fn path(&self, key: &str) -> PathBuf {
         let ext = if self.kek.is_some() {
             "json.enc"
         } else {
             "json"
         };
-        self.dir.join(format!("{dataset}.{ext}"))
+        self.dir.join(format!("{key}.{ext}"))
     }
 
-    /// The ledger of `dataset`, as on disk now.
+    /// The ledger of `dataset`'s budget, as on disk now.
     pub fn open(&self, dataset: &str) -> Result<Ledger, LedgerError> {
-        Ledger::open(self.path(dataset), dataset, self.kek.clone())
+        let key = self.key(dataset)?;
+        Ledger::open(self.path(&key), &key, self.kek.clone())
     }
 
     /// ε every job together has spent on `dataset`, composed by the site's accountant at its
@@ -346,7 +432,7 @@ impl SiteLedgers {
         };
         let ledger = self.open(dataset).map_err(|e| e.to_string())?;
         if let Some(rows) = ledger.rows() {
-            return self.check_plan(&ledger, (job_id, round), job, rows, dimension);
+            return self.check_plan(&ledger, dataset, (job_id, round), job, rows, dimension);
         }
         // Never trained on: nothing spent. A calibrated job spends at most its target.
         match (p.noise_multiplier, p.target_epsilon) {
@@ -382,9 +468,12 @@ impl SiteLedgers {
         }
     }
 
+    /// `dataset` is the name the site policy's caps are stated under; `ledger` is its budget
+    /// (keyed by its data, [`crate::budget_identity`]).
     fn check_plan(
         &self,
         ledger: &Ledger,
+        dataset: &str,
         (job_id, round): (&str, u32),
         job: &JobView,
         rows: usize,
@@ -404,7 +493,7 @@ impl SiteLedgers {
             .check(
                 job_id,
                 &[mechanism],
-                &self.caps(ledger.dataset()),
+                &self.caps(dataset),
                 accountant(self.budget.accountant),
             )
             .map(|_| ())
@@ -424,7 +513,7 @@ impl SiteLedgers {
     ) -> Result<Option<DpSgdPlan>, String> {
         let _g = self.guard();
         let ledger = self.open(dataset).map_err(|e| e.to_string())?;
-        self.check_plan(&ledger, (job_id, round), job, rows, dimension)?;
+        self.check_plan(&ledger, dataset, (job_id, round), job, rows, dimension)?;
         plan(job, rows, dimension)
     }
 
@@ -529,176 +618,8 @@ fn within_job_target(
     }
 }
 
-/// A spend of the audit trail's (`privacy.spent`, by this node), as the ledger checks it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AnchoredSpend {
-    pub seq: u64,
-    pub timestamp_unix_ms: i64,
-    pub payload: tutela_audit::payload::privacy::PrivacySpent,
-}
-
-impl AnchoredSpend {
-    fn as_trail_spend(&self) -> TrailSpend<'_> {
-        TrailSpend {
-            job_id: &self.payload.job,
-            round: self.payload.round,
-            attempt: self.payload.attempt,
-            group: tutela_privacy::ledger::Group {
-                sample_rate: self.payload.sample_rate,
-                noise_multiplier: self.payload.noise_multiplier,
-                steps: self.payload.steps,
-            },
-            rows: self.payload.rows as usize,
-            seq: self.seq,
-            timestamp_unix_ms: self.timestamp_unix_ms,
-        }
-    }
-}
-
-/// Why a node does not train on a dataset whose ledger is behind the trail.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error(
-    "the privacy ledger of dataset {dataset:?} lacks {missing} spend(s) that the audit trail \
-     records for this node, or holds them as smaller spends (first: job {first_job} round {first_round} attempt {first_attempt}, \
-     seq {first_seq}): the ledger file is missing or older than the trail, so its ε would be \
-     understated. This node does not train on {dataset:?} until a compliance officer of the site \
-     restores the ledger from the trail (`tutela-node ledger restore --config node.toml \
-     --officer-cert CERT --officer-key KEY`)"
-)]
-pub struct LedgerBehindTrail {
-    pub dataset: String,
-    pub missing: usize,
-    pub first_job: String,
-    pub first_round: u32,
-    pub first_attempt: u32,
-    pub first_seq: u64,
-}
-
-impl SiteLedgers {
-    /// The charges of `dataset` not yet recorded in the audit trail, with their job.
-    pub fn unanchored(&self, dataset: &str) -> Result<Vec<(String, RoundCharge)>, String> {
-        let _g = self.guard();
-        Ok(self.open(dataset).map_err(|e| e.to_string())?.unanchored())
-    }
-
-    /// Notes that a charge is the trail's event `seq`.
-    pub fn mark_anchored(
-        &self,
-        dataset: &str,
-        job_id: &str,
-        round_attempt: (u32, u32),
-        seq: u64,
-    ) -> Result<(), String> {
-        let _g = self.guard();
-        let mut ledger = self.open(dataset).map_err(|e| e.to_string())?;
-        ledger
-            .mark_anchored(job_id, round_attempt, seq)
-            .map_err(|e| e.to_string())
-    }
-
-    /// The `privacy.spent` payload of a charge of `dataset`, with the ε figures as the ledger
-    /// holds them now (for a charge recorded at once, the figures after the spend).
-    pub fn spend_payload(
-        &self,
-        site: &str,
-        dataset: &str,
-        job_id: &str,
-        charge: &RoundCharge,
-        job_delta: f64,
-        job_accountant: Accountant,
-    ) -> Result<tutela_audit::payload::privacy::PrivacySpent, String> {
-        let _g = self.guard();
-        let ledger = self.open(dataset).map_err(|e| e.to_string())?;
-        Ok(tutela_audit::payload::privacy::PrivacySpent {
-            site: site.to_string(),
-            dataset: dataset.to_string(),
-            job: job_id.to_string(),
-            round: charge.round,
-            attempt: charge.attempt,
-            sample_rate: charge.group.sample_rate,
-            noise_multiplier: charge.group.noise_multiplier,
-            steps: charge.group.steps,
-            rows: ledger.rows().unwrap_or(0) as u64,
-            job_epsilon: ledger
-                .spent_by_job(job_id, job_delta, job_accountant)
-                .map_err(|e| e.to_string())?,
-            dataset_epsilon: ledger
-                .spent(self.budget.delta, accountant(self.budget.accountant))
-                .map_err(|e| e.to_string())?,
-            delta: job_delta,
-            dataset_delta: self.budget.delta,
-        })
-    }
-
-    /// Checks that the ledger of `dataset` holds every spend the trail records for this node;
-    /// `spends` are the trail's `privacy.spent` events of the dataset.
-    pub fn check_against_trail(
-        &self,
-        dataset: &str,
-        spends: &[AnchoredSpend],
-    ) -> Result<(), LedgerBehindTrail> {
-        let _g = self.guard();
-        // An unreadable ledger holds none of them (the gate names its own error).
-        let ledger = self.open(dataset).ok();
-        let missing: Vec<&AnchoredSpend> = spends
-            .iter()
-            .filter(|s| {
-                // The same key with a smaller or different spend is a ledger edited down.
-                !ledger.as_ref().is_some_and(|l| {
-                    l.charge(&s.payload.job, s.payload.round, s.payload.attempt)
-                        .is_some_and(|c| c.group == s.as_trail_spend().group)
-                })
-            })
-            .collect();
-        match missing.first() {
-            None => Ok(()),
-            Some(first) => Err(LedgerBehindTrail {
-                dataset: dataset.to_string(),
-                missing: missing.len(),
-                first_job: first.payload.job.clone(),
-                first_round: first.payload.round,
-                first_attempt: first.payload.attempt,
-                first_seq: first.seq,
-            }),
-        }
-    }
-
-    /// ε of `dataset` at the site's δ if its ledger were rebuilt from `spends` (nothing written).
-    pub fn epsilon_from_trail(
-        &self,
-        dataset: &str,
-        spends: &[AnchoredSpend],
-    ) -> Result<f64, String> {
-        Ledger::from_trail(
-            self.path(dataset),
-            dataset,
-            None,
-            spends.iter().map(AnchoredSpend::as_trail_spend),
-        )
-        .and_then(|l| l.spent(self.budget.delta, accountant(self.budget.accountant)))
-        .map_err(|e| e.to_string())
-    }
-
-    /// Rebuilds the ledger of `dataset` from the trail's spends (an officer's restore), replacing
-    /// the file; returns the dataset's ε after it, at the site's δ.
-    pub fn restore_from_trail(
-        &self,
-        dataset: &str,
-        spends: &[AnchoredSpend],
-    ) -> Result<f64, String> {
-        let _g = self.guard();
-        let ledger = Ledger::rebuild_from_trail(
-            self.path(dataset),
-            dataset,
-            self.kek.clone(),
-            spends.iter().map(AnchoredSpend::as_trail_spend),
-        )
-        .map_err(|e| e.to_string())?;
-        ledger
-            .spent(self.budget.delta, accountant(self.budget.accountant))
-            .map_err(|e| e.to_string())
-    }
-}
+mod trail;
+pub use trail::{AnchoredSpend, LedgerBehindTrail};
 
 /// Where a round's DP-SGD spend is planned and charged: the node's ledgers, or none (central
 /// runs and tests, where ε is only computed). The two halves of a DP round's bookkeeping, for

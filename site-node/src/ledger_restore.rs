@@ -30,7 +30,7 @@ use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 use crate::audit_checkpoint::HeldCheckpoint;
 use crate::config::NodeConfig;
 use crate::ledger::SiteLedgers;
-use crate::site_audit::{own_spends, read_public_key};
+use crate::site_audit::{all_own_spends, own_spends, read_public_key};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -122,19 +122,41 @@ pub async fn restore(
         config.work_dir.join("privacy-ledger"),
         kek.clone(),
         config.privacy.clone(),
-    );
+    )
+    .with_sources(SiteLedgers::sources_of(config));
+    let all_spends = all_own_spends(&mut client, &node)
+        .await
+        .map_err(|e| audit_err(&e))?;
     let mut done = Vec::new();
-    for dataset in config.datasets.keys() {
-        let spends = own_spends(&mut client, &node, &config.site, dataset)
+    let mut restored_keys = std::collections::BTreeSet::new();
+    for dataset in config.datasets.keys().chain(config.text_datasets.keys()) {
+        let dataset_err = |why: String| RestoreError::Dataset {
+            dataset: dataset.clone(),
+            why,
+        };
+        // The identity map first: the data goes back under the budget the trail holds it under
+        // (the map may have been deleted with the ledger).
+        if let Some(trail_key) = ledgers
+            .trail_key(dataset, &all_spends)
+            .map_err(dataset_err)?
+        {
+            ledgers
+                .bind_to_trail_key(dataset, &trail_key)
+                .map_err(dataset_err)?;
+        }
+        let key = ledgers
+            .key(dataset)
+            .map_err(|e| dataset_err(e.to_string()))?;
+        // Two names of one budget: restored once.
+        if !restored_keys.insert(key.clone()) {
+            continue;
+        }
+        let spends = own_spends(&mut client, &node, &config.site, &key)
             .await
             .map_err(|e| audit_err(&e))?;
         let missing = match ledgers.check_against_trail(dataset, &spends) {
             Ok(()) => 0,
             Err(behind) => behind.missing as u64,
-        };
-        let dataset_err = |why: String| RestoreError::Dataset {
-            dataset: dataset.clone(),
-            why,
         };
         // What the ledger will say, computed before the event that announces it.
         let epsilon = ledgers
@@ -142,7 +164,8 @@ pub async fn restore(
             .map_err(dataset_err)?;
         let event = LedgerRestored {
             site: config.site.clone(),
-            dataset: dataset.clone(),
+            // The budget's key, as the spends' subject.
+            dataset: key.clone(),
             node: node.clone(),
             spends: spends.len() as u64,
             last_spend_seq: spends.last().map(|s| s.seq),
@@ -152,7 +175,7 @@ pub async fn restore(
             checkpoint_tree_size: tree_size,
         };
         let receipt = client
-            .append_payload(&format!("{}/{dataset}", config.site), &event)
+            .append_payload(&format!("{}/{key}", config.site), &event)
             .await
             .map_err(|e| audit_err(&e))?;
         ledgers

@@ -36,6 +36,7 @@ pub mod agent;
 pub mod approvals;
 pub mod at_rest;
 pub mod audit_checkpoint;
+pub mod budget_identity;
 pub mod config;
 pub mod data;
 pub mod data_check;

@@ -323,6 +323,12 @@ impl SiteAudit {
         own_spends(&mut client, &self.identity, site, dataset).await
     }
 
+    /// Every `privacy.spent` event of this node, in seq order.
+    pub async fn all_own_spends(&self) -> Result<Vec<AnchoredSpend>, SiteAuditError> {
+        let mut client = self.client.clone();
+        all_own_spends(&mut client, &self.identity).await
+    }
+
     /// Appends a `privacy.spent` event; returns its seq.
     pub async fn record_spend(&self, spend: &PrivacySpent) -> Result<u64, SiteAuditError> {
         let mut client = self.client.clone();
@@ -397,11 +403,36 @@ pub async fn own_spends(
     site: &str,
     dataset: &str,
 ) -> Result<Vec<AnchoredSpend>, SiteAuditError> {
+    spends_by(
+        client,
+        node,
+        Some(PrivacySpent::subject(site, dataset)),
+        dataset,
+    )
+    .await
+}
+
+/// Every `privacy.spent` event of `node`, whatever its budget, in seq order: what tells which
+/// budget key the trail holds each version of a dataset's data under
+/// ([`crate::budget_identity`]).
+pub async fn all_own_spends(
+    client: &mut AuditClient,
+    node: &str,
+) -> Result<Vec<AnchoredSpend>, SiteAuditError> {
+    spends_by(client, node, None, "(all)").await
+}
+
+async fn spends_by(
+    client: &mut AuditClient,
+    node: &str,
+    subject: Option<String>,
+    dataset: &str,
+) -> Result<Vec<AnchoredSpend>, SiteAuditError> {
     let events = client
         .query(&EventFilter {
             actor: Some(node.to_string()),
             action: Some(PrivacySpent::ACTION),
-            subject: Some(PrivacySpent::subject(site, dataset)),
+            subject,
             ..Default::default()
         })
         .await

@@ -44,10 +44,20 @@ pub async fn reconcile(
     site: &str,
     dataset: &str,
 ) -> Result<(), String> {
-    let spends = audit
-        .own_spends(site, dataset)
-        .await
-        .map_err(|e| e.to_string())?;
+    // One read of every spend of this node: it also tells which budget the trail holds this
+    // dataset's data under, so that a deleted identity map cannot open a fresh budget.
+    let all = audit.all_own_spends().await.map_err(|e| e.to_string())?;
+    let key = ledgers.check_identity_against_trail(dataset, &all)?;
+    let subject = tutela_audit::payload::privacy::PrivacySpent::subject(site, &key);
+    let spends: Vec<_> = all
+        .into_iter()
+        .filter(|s| {
+            tutela_audit::payload::privacy::PrivacySpent::subject(
+                &s.payload.site,
+                &s.payload.dataset,
+            ) == subject
+        })
+        .collect();
     ledgers
         .check_against_trail(dataset, &spends)
         .map_err(|e| e.to_string())?;

@@ -9,7 +9,9 @@ use super::ActionPayload;
 use crate::event::Action;
 
 /// `privacy.spent`: one round of DP-SGD charged to a dataset's ledger. Subject:
-/// `<site>/<dataset>`; the actor is the node (only a site's own node may assert its spends).
+/// `<site>/<dataset>`, where `dataset` is the dataset's *budget key* (the identity its data
+/// determines, `site-node::budget_identity`; a ledger from before budget keys keeps the dataset's
+/// name as its key); the actor is the node (only a site's own node may assert its spends).
 ///
 /// `(job, round, attempt)` is the spend's key: a node appends it once, and a reader (the node
 /// checking its ledger, an officer's restore) counts it once.
@@ -36,6 +38,25 @@ pub struct PrivacySpent {
     pub dataset_epsilon: f64,
     pub delta: f64,
     pub dataset_delta: f64,
+    /// The fingerprint of the data the budget was charged for (a prefix of its source file):
+    /// anchors the mapping from data to budget key in the trail, so that a node whose local
+    /// mapping was deleted is caught, and an officer's restore rebinds the data to its budget.
+    /// Absent in spends written before budget keys, and for sources without a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<DatasetSource>,
+}
+
+/// What identifies a dataset's data, whatever the operator calls it or wherever the file lies:
+/// the SHA-256 (under a domain tag) of the first `prefix_len` bytes of its source file, where
+/// `prefix_len` is the file's length when first seen, at most 64 KiB. A file *extends* a
+/// fingerprint when it is at least `prefix_len` long and its first `prefix_len` bytes hash to
+/// it: the same file renamed, declared twice, copied, or with rows appended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSource {
+    pub prefix_len: u64,
+    /// Hex SHA-256 of `tutela/dataset-source/v1` followed by the prefix.
+    pub prefix_sha256: String,
 }
 
 impl ActionPayload for PrivacySpent {

@@ -380,7 +380,8 @@ impl Agent {
             config.work_dir.join("privacy-ledger"),
             kek.clone(),
             config.privacy.clone(),
-        );
+        )
+        .with_sources(SiteLedgers::sources_of(&config));
         let secagg_identity = match secagg::SecAggIdentity::from_tls(&material) {
             Ok(id) => Some(Arc::new(id)),
             Err(why) => {

@@ -416,7 +416,7 @@ fn a_dp_round_on_breast_cancer_learns_and_counts_its_steps() {
     assert!(after.accuracy > 0.85, "{}", after.accuracy);
 }
 
-mod ledger {
+pub(crate) mod ledger {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -428,7 +428,7 @@ mod ledger {
     use tutela_site_node::dataset::SiteDataset;
     use tutela_site_node::ledger::{FixedCaps, PrivacyBudgetConfig, SiteLedgers};
 
-    fn job(target: f64) -> String {
+    pub(crate) fn job(target: f64) -> String {
         format!(
             r#"
 name = "dp-test"

@@ -10,6 +10,7 @@
 mod agent;
 mod base_cache;
 mod base_fetch;
+mod budget_keys;
 mod common;
 mod config_ranges;
 mod data;

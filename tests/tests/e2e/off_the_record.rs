@@ -6,7 +6,8 @@
 //!   restart the job completes with every round in the trail exactly once; `verify` passes.
 //! - A node's ledger deleted: it refuses to train, naming why; its held checkpoint deleted: it
 //!   refuses and does not pin the trail again; an officer's `tutela-node ledger restore`: it
-//!   trains again with the ε spent before carried over.
+//!   trains again with the ε spent before carried over; renamed in node.toml, the dataset spends
+//!   the same budget (its key is its data's, not its name).
 //! - The coordinator SIGKILLed mid-round: on resume the nodes send the round's update again
 //!   rather than training it twice, and no site ends above the job's target ε (its ledger and the
 //!   trail agree).
@@ -75,17 +76,35 @@ fn events_of_job(d: &Path, action: &str, job: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The file of a site's one dataset budget: its ledgers are named by the budget's key, which the
+/// data determines (`site-node::budget_identity`), beside the identity map.
+fn ledger_file(d: &Path, site: &str) -> std::path::PathBuf {
+    let dir = d.join("sites").join(site).join("work/privacy-ledger");
+    let ledgers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.ends_with(".json.enc") && !name.starts_with("identities.")
+        })
+        .collect();
+    assert_eq!(ledgers.len(), 1, "{ledgers:?}");
+    ledgers[0].clone()
+}
+
 /// A site's dataset ledger, read with its key-encryption key.
 fn ledger_of(d: &Path, site: &str) -> Ledger {
     let site_dir = d.join("sites").join(site);
     let kek: Arc<dyn KeyEncryptionKey> =
         Arc::new(LocalKek::from_key_file(&site_dir.join("kek")).unwrap());
-    Ledger::open(
-        site_dir.join("work/privacy-ledger/breast_cancer.json.enc"),
-        "breast_cancer",
-        Some(kek),
-    )
-    .unwrap()
+    let file = ledger_file(d, site);
+    let key = file
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".json.enc")
+        .to_string();
+    Ledger::open(file, &key, Some(kek)).unwrap()
 }
 
 fn verify_trail(c: &Consortium, audit_port: u16) {
@@ -215,7 +234,6 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     c.start_node("a", &header, &shares[0], &audit_table(d, audit_port));
     let work = d.join("sites/a/work");
     let node_log = d.join("sites/a/node.log");
-    let ledger_file = work.join("privacy-ledger/breast_cancer.json.enc");
     let held_file = work.join("audit-checkpoint.json.enc");
 
     // Job 1 spends on the dataset; the trail holds its two spends.
@@ -227,6 +245,7 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     let spent_before = ledger_of(d, "a").spent(1e-5, Accountant::Rdp).unwrap();
     assert!(spent_before > 0.5, "{spent_before}");
     assert_eq!(events_of_job(d, "privacy.spent", &job1).len(), 2);
+    let ledger_file = ledger_file(d, "a");
     // A checkpoint covering the spends, held by the node (it advances before each task).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -346,6 +365,36 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
     assert!(
         dataset_eps > spent_before && dataset_eps > job_eps,
         "job 1's ε was not carried over: dataset {dataset_eps}, job {job_eps}, before {spent_before}"
+    );
+
+    // The dataset renamed in node.toml (hole (b)): the same data spends the same budget, under
+    // the same key in the trail, and its ε carries on.
+    let key = spends[0]["payload"]["dataset"].as_str().unwrap().to_string();
+    assert!(key.starts_with("b-"), "{key}");
+    c.kill_node("a");
+    let node_toml = d.join("sites/a/node.toml");
+    let toml = std::fs::read_to_string(&node_toml).unwrap();
+    assert!(toml.contains("[datasets.breast_cancer]"));
+    std::fs::write(
+        &node_toml,
+        toml.replace("[datasets.breast_cancer]", "[datasets.cohort_renamed]"),
+    )
+    .unwrap();
+    c.restart_node("a");
+    let renamed_job = dp_job(1, 1, 30, &["a"], 1.0)
+        .replace("schema = \"breast_cancer\"", "schema = \"cohort_renamed\"");
+    let job5 = submit(&c, renamed_job).await;
+    let last = c
+        .wait_for_job(&job5, Duration::from_secs(120), |_| false)
+        .await;
+    assert_eq!(last.state, "completed", "{last:?}; logs in {}", d.display());
+    let spends = events_of_job(d, "privacy.spent", &job5);
+    assert_eq!(spends.len(), 1, "{spends:#?}");
+    assert_eq!(spends[0]["payload"]["dataset"], key.as_str());
+    let renamed_eps = spends[0]["payload"]["dataset_epsilon"].as_f64().unwrap();
+    assert!(
+        renamed_eps > dataset_eps,
+        "the rename reset the budget: {renamed_eps} after, {dataset_eps} before"
     );
 }
 

@@ -1,0 +1,240 @@
+//! The ledgers against the audit trail: the `privacy.spent` payload of a charge, the check that a
+//! ledger (and the identity map, [`crate::budget_identity`]) holds every spend the trail records
+//! for this node, and an officer's rebuild from those spends.
+
+use tutela_privacy::accountant::Accountant;
+use tutela_privacy::ledger::{Ledger, RoundCharge, TrailSpend};
+
+use super::{SiteLedgers, accountant};
+
+/// A spend of the audit trail's (`privacy.spent`, by this node), as the ledger checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnchoredSpend {
+    pub seq: u64,
+    pub timestamp_unix_ms: i64,
+    pub payload: tutela_audit::payload::privacy::PrivacySpent,
+}
+
+impl AnchoredSpend {
+    fn as_trail_spend(&self) -> TrailSpend<'_> {
+        TrailSpend {
+            job_id: &self.payload.job,
+            round: self.payload.round,
+            attempt: self.payload.attempt,
+            group: tutela_privacy::ledger::Group {
+                sample_rate: self.payload.sample_rate,
+                noise_multiplier: self.payload.noise_multiplier,
+                steps: self.payload.steps,
+            },
+            rows: self.payload.rows as usize,
+            seq: self.seq,
+            timestamp_unix_ms: self.timestamp_unix_ms,
+        }
+    }
+}
+
+/// Why a node does not train on a dataset whose ledger is behind the trail.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the privacy ledger of dataset {dataset:?} lacks {missing} spend(s) that the audit trail \
+     records for this node, or holds them as smaller spends (first: job {first_job} round {first_round} attempt {first_attempt}, \
+     seq {first_seq}): the ledger file is missing or older than the trail, so its ε would be \
+     understated. This node does not train on {dataset:?} until a compliance officer of the site \
+     restores the ledger from the trail (`tutela-node ledger restore --config node.toml \
+     --officer-cert CERT --officer-key KEY`)"
+)]
+pub struct LedgerBehindTrail {
+    pub dataset: String,
+    pub missing: usize,
+    pub first_job: String,
+    pub first_round: u32,
+    pub first_attempt: u32,
+    pub first_seq: u64,
+}
+
+impl SiteLedgers {
+    /// The charges of `dataset` not yet recorded in the audit trail, with their job.
+    pub fn unanchored(&self, dataset: &str) -> Result<Vec<(String, RoundCharge)>, String> {
+        let _g = self.guard();
+        Ok(self.open(dataset).map_err(|e| e.to_string())?.unanchored())
+    }
+
+    /// Notes that a charge is the trail's event `seq`.
+    pub fn mark_anchored(
+        &self,
+        dataset: &str,
+        job_id: &str,
+        round_attempt: (u32, u32),
+        seq: u64,
+    ) -> Result<(), String> {
+        let _g = self.guard();
+        let mut ledger = self.open(dataset).map_err(|e| e.to_string())?;
+        ledger
+            .mark_anchored(job_id, round_attempt, seq)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The `privacy.spent` payload of a charge of `dataset`, with the ε figures as the ledger
+    /// holds them now (for a charge recorded at once, the figures after the spend).
+    pub fn spend_payload(
+        &self,
+        site: &str,
+        dataset: &str,
+        job_id: &str,
+        charge: &RoundCharge,
+        job_delta: f64,
+        job_accountant: Accountant,
+    ) -> Result<tutela_audit::payload::privacy::PrivacySpent, String> {
+        let _g = self.guard();
+        let (key, source) = self.resolve(dataset).map_err(|e| e.to_string())?;
+        let ledger =
+            Ledger::open(self.path(&key), &key, self.kek.clone()).map_err(|e| e.to_string())?;
+        Ok(tutela_audit::payload::privacy::PrivacySpent {
+            site: site.to_string(),
+            // The budget's key: a rename or a copy of the data spends under the same subject.
+            dataset: key,
+            source,
+            job: job_id.to_string(),
+            round: charge.round,
+            attempt: charge.attempt,
+            sample_rate: charge.group.sample_rate,
+            noise_multiplier: charge.group.noise_multiplier,
+            steps: charge.group.steps,
+            rows: ledger.rows().unwrap_or(0) as u64,
+            job_epsilon: ledger
+                .spent_by_job(job_id, job_delta, job_accountant)
+                .map_err(|e| e.to_string())?,
+            dataset_epsilon: ledger
+                .spent(self.budget.delta, accountant(self.budget.accountant))
+                .map_err(|e| e.to_string())?,
+            delta: job_delta,
+            dataset_delta: self.budget.delta,
+        })
+    }
+
+    /// Checks that the ledger of `dataset` holds every spend the trail records for this node;
+    /// `spends` are the trail's `privacy.spent` events of the dataset.
+    pub fn check_against_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<(), LedgerBehindTrail> {
+        let _g = self.guard();
+        // An unreadable ledger holds none of them (the gate names its own error).
+        let ledger = self.open(dataset).ok();
+        let missing: Vec<&AnchoredSpend> = spends
+            .iter()
+            .filter(|s| {
+                // The same key with a smaller or different spend is a ledger edited down.
+                !ledger.as_ref().is_some_and(|l| {
+                    l.charge(&s.payload.job, s.payload.round, s.payload.attempt)
+                        .is_some_and(|c| c.group == s.as_trail_spend().group)
+                })
+            })
+            .collect();
+        match missing.first() {
+            None => Ok(()),
+            Some(first) => Err(LedgerBehindTrail {
+                dataset: dataset.to_string(),
+                missing: missing.len(),
+                first_job: first.payload.job.clone(),
+                first_round: first.payload.round,
+                first_attempt: first.payload.attempt,
+                first_seq: first.seq,
+            }),
+        }
+    }
+
+    /// Checks that the trail holds no spend of `dataset`'s data under another budget key than the
+    /// one the node resolves (the identity map deleted, then the data changed); `all_spends` are
+    /// every `privacy.spent` of this node. Returns the key.
+    pub fn check_identity_against_trail(
+        &self,
+        dataset: &str,
+        all_spends: &[AnchoredSpend],
+    ) -> Result<String, String> {
+        let _g = self.guard();
+        let key = self.key(dataset).map_err(|e| e.to_string())?;
+        let Some(path) = self.sources.get(dataset) else {
+            return Ok(key);
+        };
+        let in_trail = crate::budget_identity::key_in_trail(
+            dataset,
+            path,
+            all_spends
+                .iter()
+                .map(|s| (s.seq, s.payload.dataset.as_str(), s.payload.source.as_ref())),
+        )
+        .map_err(|e| e.to_string())?;
+        match in_trail {
+            Some((trail_key, first_seq)) if trail_key != key => {
+                Err(crate::budget_identity::IdentityBehindTrail {
+                    dataset: dataset.to_string(),
+                    resolved: key,
+                    trail_key,
+                    first_seq,
+                }
+                .to_string())
+            }
+            _ => Ok(key),
+        }
+    }
+
+    /// The key the trail holds `dataset`'s data under, if any of `all_spends` recorded it.
+    pub fn trail_key(
+        &self,
+        dataset: &str,
+        all_spends: &[AnchoredSpend],
+    ) -> Result<Option<String>, String> {
+        let Some(path) = self.sources.get(dataset) else {
+            return Ok(None);
+        };
+        crate::budget_identity::key_in_trail(
+            dataset,
+            path,
+            all_spends
+                .iter()
+                .map(|s| (s.seq, s.payload.dataset.as_str(), s.payload.source.as_ref())),
+        )
+        .map(|found| found.map(|(k, _)| k))
+        .map_err(|e| e.to_string())
+    }
+
+    /// ε of `dataset` at the site's δ if its ledger were rebuilt from `spends` (nothing written).
+    pub fn epsilon_from_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<f64, String> {
+        let key = self.key(dataset).map_err(|e| e.to_string())?;
+        Ledger::from_trail(
+            self.path(&key),
+            &key,
+            None,
+            spends.iter().map(AnchoredSpend::as_trail_spend),
+        )
+        .and_then(|l| l.spent(self.budget.delta, accountant(self.budget.accountant)))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Rebuilds the ledger of `dataset` from the trail's spends (an officer's restore), replacing
+    /// the file; returns the dataset's ε after it, at the site's δ.
+    pub fn restore_from_trail(
+        &self,
+        dataset: &str,
+        spends: &[AnchoredSpend],
+    ) -> Result<f64, String> {
+        let _g = self.guard();
+        let key = self.key(dataset).map_err(|e| e.to_string())?;
+        let ledger = Ledger::rebuild_from_trail(
+            self.path(&key),
+            &key,
+            self.kek.clone(),
+            spends.iter().map(AnchoredSpend::as_trail_spend),
+        )
+        .map_err(|e| e.to_string())?;
+        ledger
+            .spent(self.budget.delta, accountant(self.budget.accountant))
+            .map_err(|e| e.to_string())
+    }
+}
