@@ -88,7 +88,7 @@ pub enum ModelCommand {
 
 pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
-        ModelCommand::Registry(cmd) => return crate::block_on(crate::registry_cmd::run(cmd)),
+        ModelCommand::Registry(cmd) => return crate::registry_cmd::run(cmd).await,
         ModelCommand::Merge {
             base,
             adapter,
