@@ -43,8 +43,8 @@ use crate::approval::{ApprovalError, ChainCheck, verify_officer_payload};
 use crate::event::{Action, Event, Timestamp};
 use crate::payload::privacy::{LedgerRestored, PrivacySpent};
 use crate::payload::{
-    ActionPayload, AuditQuarantined, DatasetDeidentified, JobProposed, ModelRegistered, ModelStageChanged,
-    PayloadError, TextDatasetDeidentified, UpdateRefused, check_shape,
+    ActionPayload, AuditQuarantined, DatasetDeidentified, JobProposed, ModelRegistered,
+    ModelStageChanged, PayloadError, TextDatasetDeidentified, UpdateRefused, check_shape,
 };
 use tutela_protocol::release::{Stage, VersionMove};
 

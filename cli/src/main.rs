@@ -4,7 +4,6 @@
 //! (`pki_cmd`, ...) and calls library code that is tested on its own.
 
 mod audit_cmd;
-mod quarantine_cmd;
 mod bench_cmd;
 mod demo;
 mod demo_policy;
@@ -13,6 +12,7 @@ mod model_cmd;
 mod net_cmd;
 mod pki_cmd;
 mod privacy_cmd;
+mod quarantine_cmd;
 mod registry_cmd;
 
 use std::process::ExitCode;

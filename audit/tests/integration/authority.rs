@@ -427,7 +427,10 @@ async fn approvals_need_a_proposal_and_an_officer_of_a_listed_site_and_are_never
 
 /// Writes `forged` after the stored log's head with a recomputed hash chain, as the
 /// application's database role can (INSERT), bypassing the service.
-pub(crate) async fn insert_forged(url: &str, forged: &[(&str, Action, &str, serde_json::Value)]) -> Vec<u64> {
+pub(crate) async fn insert_forged(
+    url: &str,
+    forged: &[(&str, Action, &str, serde_json::Value)],
+) -> Vec<u64> {
     let store = AuditStore::open(url).await.unwrap();
     let last = store.last_event().await.unwrap().unwrap();
     let mut chain = Chain::resume(&last).unwrap();

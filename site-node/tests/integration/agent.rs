@@ -865,7 +865,13 @@ batch_size = 32
     )
 }
 
-pub(crate) fn task(id: &str, kind: pb::TaskKind, spec: &str, model_id: &str, strategy: &str) -> pb::Task {
+pub(crate) fn task(
+    id: &str,
+    kind: pb::TaskKind,
+    spec: &str,
+    model_id: &str,
+    strategy: &str,
+) -> pb::Task {
     pb::Task {
         task_id: id.into(),
         kind: kind as i32,

@@ -369,7 +369,10 @@ async fn a_lost_ledger_or_checkpoint_stops_training_until_an_officer_restores_it
 
     // The dataset renamed in node.toml (hole (b)): the same data spends the same budget, under
     // the same key in the trail, and its ε carries on.
-    let key = spends[0]["payload"]["dataset"].as_str().unwrap().to_string();
+    let key = spends[0]["payload"]["dataset"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(key.starts_with("b-"), "{key}");
     c.kill_node("a");
     let node_toml = d.join("sites/a/node.toml");
