@@ -12,18 +12,19 @@ use tutela_privacy::accountant::Accountant;
 use tutela_privacy::at_rest::{KeyEncryptionKey, LocalKek};
 use tutela_site_node::dp::DpSpend;
 use tutela_site_node::jobspec::JobView;
-use tutela_site_node::ledger::{AnchoredSpend, PrivacyBudgetConfig, SiteLedgers};
+use tutela_site_node::ledger::{AnchoredSpend, FixedCaps, PrivacyBudgetConfig, SiteLedgers};
 
 use super::dp::ledger::job;
 
 const ROWS: usize = 455;
 const DIMENSION: usize = 266;
 
-fn budget() -> PrivacyBudgetConfig {
-    PrivacyBudgetConfig {
-        max_epsilon_total: Some(1.2),
-        ..PrivacyBudgetConfig::default()
-    }
+/// The site's total cap on each budget (the site policy's `[privacy.budget]`).
+fn caps() -> Arc<FixedCaps> {
+    Arc::new(FixedCaps {
+        per_job: None,
+        total: Some(1.2),
+    })
 }
 
 fn kek() -> Arc<dyn KeyEncryptionKey> {
@@ -37,7 +38,13 @@ fn node(dir: &Path, datasets: &[(&str, &Path)]) -> SiteLedgers {
         .iter()
         .map(|(n, p)| (n.to_string(), p.to_path_buf()))
         .collect();
-    SiteLedgers::new(dir.join("privacy-ledger"), Some(kek()), budget()).with_sources(sources)
+    SiteLedgers::new(
+        dir.join("privacy-ledger"),
+        Some(kek()),
+        PrivacyBudgetConfig::default(),
+    )
+    .with_sources(sources)
+    .with_caps(caps())
 }
 
 fn csv(path: &Path, rows: usize) {
@@ -185,7 +192,12 @@ fn a_ledger_keyed_by_the_dataset_name_is_adopted_then_follows_a_rename() {
     let data = dir.path().join("cohort.csv");
     csv(&data, ROWS);
     // A node from before budget keys: its ledger is privacy-ledger/cohort.json.enc.
-    let legacy = SiteLedgers::new(dir.path().join("privacy-ledger"), Some(kek()), budget());
+    let legacy = SiteLedgers::new(
+        dir.path().join("privacy-ledger"),
+        Some(kek()),
+        PrivacyBudgetConfig::default(),
+    )
+    .with_caps(caps());
     let (spent, _) = spend_the_budget(&legacy, "cohort");
     assert!(dir.path().join("privacy-ledger/cohort.json.enc").exists());
 
