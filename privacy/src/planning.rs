@@ -130,6 +130,7 @@ pub fn suggest(request: &PlanRequest) -> Result<PlanAdvice, PlanError> {
                 noise_multiplier: None,
                 delta: request.delta,
                 accountant: request.accountant,
+                metrics: None,
             };
             match DpSgdPlan::new(&inputs) {
                 Ok(plan) => {
