@@ -36,6 +36,13 @@ pub struct PrivacySpent {
     pub dataset_epsilon: f64,
     pub delta: f64,
     pub dataset_delta: f64,
+    /// The round's evaluation metrics released under DP with the update (unsampled Gaussian
+    /// releases, `tutela_privacy::metrics`): their σ and how many sums. Absent for spends
+    /// without DP metrics (and in events written before they were charged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_noise_multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_releases: Option<u64>,
 }
 
 impl ActionPayload for PrivacySpent {

@@ -61,6 +61,7 @@ mod base_fetch;
 mod filter;
 mod gate;
 pub mod language;
+mod metrics;
 pub mod round;
 mod secagg;
 pub mod tabular;
