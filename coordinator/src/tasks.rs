@@ -49,6 +49,11 @@ pub struct SiteMetrics {
     /// A language model's validation perplexity; 0 for other models (or when not sent).
     #[serde(default)]
     pub eval_perplexity: f64,
+    /// Under DP, the standard deviations of the noised eval loss and accuracy; 0 when exact.
+    #[serde(default)]
+    pub eval_loss_stddev: f64,
+    #[serde(default)]
+    pub eval_accuracy_stddev: f64,
     /// The site's dataset commitment (hex), for lineage; empty when the node sent none.
     #[serde(default)]
     pub dataset_commitment: String,
@@ -320,6 +325,8 @@ pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, Sink
         eval_accuracy: ranged_meta(m, meta::EVAL_ACCURACY, f64::MIN..=f64::MAX)?,
         eval_samples: count_meta(m, meta::EVAL_SAMPLES)?,
         eval_perplexity: finite_meta(m, meta::EVAL_PERPLEXITY)?,
+        eval_loss_stddev: finite_meta(m, meta::EVAL_LOSS_STDDEV)?,
+        eval_accuracy_stddev: finite_meta(m, meta::EVAL_ACCURACY_STDDEV)?,
         dataset_commitment: hex_meta(m, meta::DATASET_COMMITMENT)?,
         deid_config_sha256: hex_meta(m, meta::DEID_CONFIG)?,
         dp_round_epsilon: finite_meta(m, meta::DP_ROUND_EPSILON)?,

@@ -113,6 +113,33 @@ impl MetricsRelease {
         })
     }
 
+    /// A job's release from its spec's settings (`privacy.metrics_noise_multiplier`,
+    /// `metrics_epsilon_share`, `metrics_loss_max`, `target_epsilon`): σ as given; else
+    /// calibrated to the share (default [`DEFAULT_METRICS_EPSILON_SHARE`]) of the target; else
+    /// (no target) [`DEFAULT_METRICS_NOISE_MULTIPLIER`]. The one place the node, its gate and
+    /// `tutela privacy plan` choose it.
+    pub fn for_job(
+        (noise_multiplier, share, loss_max): (Option<f64>, Option<f64>, Option<f64>),
+        target_epsilon: Option<f64>,
+        rounds: u64,
+        delta: f64,
+        accountant: crate::accountant::Accountant,
+    ) -> Result<Self, MetricsError> {
+        let loss_max = loss_max.unwrap_or(DEFAULT_METRICS_LOSS_MAX);
+        match (noise_multiplier, target_epsilon) {
+            (Some(sigma), _) => Self::new(sigma, loss_max),
+            (None, Some(target)) => Self::calibrated(
+                target,
+                share.unwrap_or(DEFAULT_METRICS_EPSILON_SHARE),
+                rounds,
+                delta,
+                accountant,
+                loss_max,
+            ),
+            (None, None) => Self::new(DEFAULT_METRICS_NOISE_MULTIPLIER, loss_max),
+        }
+    }
+
     /// The release whose σ makes `rounds` rounds of metrics alone spend `share · target_epsilon`
     /// at `delta`, by `accountant`.
     pub fn calibrated(

@@ -38,10 +38,7 @@ use tutela_privacy::at_rest::KeyEncryptionKey;
 use tutela_privacy::ledger::{
     Caps, Group, Ledger, LedgerError, MechanismKind, RoundCharge, TrailSpend,
 };
-use tutela_privacy::metrics::{
-    DEFAULT_METRICS_EPSILON_SHARE, DEFAULT_METRICS_LOSS_MAX, DEFAULT_METRICS_NOISE_MULTIPLIER,
-    MetricsRelease,
-};
+use tutela_privacy::metrics::MetricsRelease;
 use tutela_protocol::job::{AccountantName, PrivacyMode, PrivacySpec};
 
 use crate::dp::DpSpend;
@@ -187,20 +184,17 @@ pub fn releases_dp_metrics(job: &JobView) -> bool {
 /// spend `privacy.metrics_epsilon_share` (default 10 %) of the target, else (no target) the
 /// default σ. The job's DP-SGD plan is calibrated beside it.
 pub fn metrics_release(p: &PrivacySpec, rounds: u64) -> Result<MetricsRelease, String> {
-    let loss_max = p.metrics_loss_max.unwrap_or(DEFAULT_METRICS_LOSS_MAX);
-    match (p.metrics_noise_multiplier, p.target_epsilon) {
-        (Some(sigma), _) => MetricsRelease::new(sigma, loss_max),
-        (None, Some(target)) => MetricsRelease::calibrated(
-            target,
-            p.metrics_epsilon_share
-                .unwrap_or(DEFAULT_METRICS_EPSILON_SHARE),
-            rounds,
-            p.delta,
-            accountant(p.accountant),
-            loss_max,
+    MetricsRelease::for_job(
+        (
+            p.metrics_noise_multiplier,
+            p.metrics_epsilon_share,
+            p.metrics_loss_max,
         ),
-        (None, None) => MetricsRelease::new(DEFAULT_METRICS_NOISE_MULTIPLIER, loss_max),
-    }
+        p.target_epsilon,
+        rounds,
+        p.delta,
+        accountant(p.accountant),
+    )
     .map_err(|e| format!("the job's metrics release: {e}"))
 }
 

@@ -16,6 +16,9 @@ use tutela_protocol::job::PrivacySpec;
 
 use super::round::RoundResult;
 
+/// Below ln(f64::MAX) ≈ 709.8: the perplexity of any noised loss is a finite number.
+const MAX_EXP_ARGUMENT: f64 = 700.0;
+
 /// Rewrites the metrics in `metadata` (the exact ones, as [`super::worker`] wrote them) for a
 /// DP job: noised as charged, or withheld. `spec` is the job's privacy section.
 pub fn release_under_dp(
@@ -60,8 +63,9 @@ pub fn release_under_dp(
         (m.units.max(0.0) as u64).to_string(),
     );
     if result.eval_perplexity.is_some() {
-        // exp of a noised loss; capped so that a wildly noised value stays a finite number.
-        let ppl = m.loss_mean.min(loss_max).exp();
+        // exp of the noised loss (post-processing): below 1 when the noise made the loss
+        // negative. Capped only where exp would overflow, so ln(perplexity) = loss.
+        let ppl = m.loss_mean.min(MAX_EXP_ARGUMENT).exp();
         metadata.insert(meta::EVAL_PERPLEXITY.to_string(), ppl.to_string());
     } else {
         metadata.insert(meta::EVAL_ACCURACY.to_string(), m.accuracy.to_string());
