@@ -153,15 +153,23 @@ impl MetricsRelease {
         if !(share.is_finite() && share > 0.0 && share < 1.0) {
             return Err(MetricsError::Share(share));
         }
-        let sigma = crate::accountant::calibrate_noise(
+        let sigma = match crate::accountant::calibrate_noise(
             share * target_epsilon,
             1.0,
             rounds.max(1) * RELEASES_PER_ROUND,
             delta,
             accountant,
             1e-4,
-        )?
-        .noise_multiplier;
+        ) {
+            Ok(c) => c.noise_multiplier,
+            // A share so small that no σ reaches it on its own (the RDP-to-(ε, δ) conversion
+            // has a floor near ln(1/δ)/max order): the largest σ the calibration tries. Its
+            // RDP is negligible, so composed with DP-SGD (which is calibrated beside it) the job
+            // still meets its target; its metrics are then noise, which is what so small an ε
+            // buys.
+            Err(crate::accountant::AccountantError::Unreachable { max_sigma, .. }) => max_sigma,
+            Err(e) => return Err(e.into()),
+        };
         // At least 1 (the sampler's and `new`'s floor): only more noise.
         Self::new(sigma.max(1.0), loss_max)
     }
@@ -197,10 +205,12 @@ impl MetricsRelease {
         rng: SecureRng,
     ) -> Result<NoisedMetrics, MetricsError> {
         let sigma = self.noise_multiplier;
-        let mut values = SecureGaussian::with_rng(sigma, GRID, rng)?;
+        // 2^-10, or coarser for a σ the sampler would otherwise not take (σ / grid ≤ 2^16).
+        let grid = GRID.max(crate::accountant::plan::grid_for(sigma));
+        let mut values = SecureGaussian::with_rng(sigma, grid, rng)?;
         let on_grid = |x: f64| -> i64 {
             let x = if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
-            (x / GRID).round() as i64
+            (x / grid).round() as i64
         };
         let loss_grid: i64 = units
             .iter()
@@ -213,12 +223,12 @@ impl MetricsRelease {
             })
             .sum();
         let correct_grid: i64 = units.iter().map(|u| on_grid(u.correct)).sum();
-        let loss_sum = (loss_grid + values.sample_grid()) as f64 * GRID;
-        let correct_sum = (correct_grid + values.sample_grid()) as f64 * GRID;
+        let loss_sum = (loss_grid + values.sample_grid()) as f64 * grid;
+        let correct_sum = (correct_grid + values.sample_grid()) as f64 * grid;
         // The count on the grid 2^-10 too (σ/grid must be ≥ 1 and one sampler serves all three),
         // rounded to an integer afterwards: post-processing.
-        let count_grid = units.len() as i64 * 1024 + values.sample_grid();
-        let count = (count_grid as f64 * GRID).round();
+        let count_grid = units.len() as i64 * (1.0 / grid) as i64 + values.sample_grid();
+        let count = (count_grid as f64 * grid).round();
         let denominator = count.max(1.0);
         let loss_mean = self.loss_max * loss_sum / denominator;
         let accuracy = correct_sum / denominator;
@@ -347,6 +357,25 @@ mod tests {
         ));
         let eps = ok(epsilon(&[ok(r.mechanism(10))], 1e-5, Accountant::Rdp)).epsilon;
         assert!(eps <= 0.3 && eps > 0.29, "{eps}");
+    }
+
+    #[test]
+    fn a_tiny_share_gets_the_largest_sigma_and_still_releases() {
+        let r = ok(MetricsRelease::calibrated(
+            0.5,
+            0.01,
+            10,
+            1e-5,
+            Accountant::Rdp,
+            10.0,
+        ));
+        assert!(r.noise_multiplier() >= 1000.0, "{}", r.noise_multiplier());
+        let units = [UnitMetric {
+            loss: 1.0,
+            correct: 1.0,
+        }; 10];
+        let m = ok(r.release_with(&units, SecureRng::insecure_from_seed([3; 32])));
+        assert!(m.loss_mean.is_finite() && m.accuracy.is_finite());
     }
 
     #[test]
