@@ -190,9 +190,7 @@ fn a_cached_base_swapped_into_another_s_entry_is_refused_and_dropped() {
         .with_scratch(tmp.path());
     // The two bases share their config.json: the weights are what a swap changes.
     cache.insert(&first_sha, &first, &BTreeSet::new()).unwrap();
-    cache
-        .insert(&second_sha, &second, &BTreeSet::new())
-        .unwrap();
+    cache.insert(&second_sha, &second, &BTreeSet::new()).unwrap();
     let name = format!("{WEIGHTS_FILE}.enc");
     std::fs::copy(
         cache_dir.join(&first_sha).join(&name),
