@@ -565,6 +565,57 @@ fn perplexity(p: f64) -> String {
     }
 }
 
+/// One site's round metrics for people. Under DP they are noised releases (the site's
+/// `tutela_privacy::metrics`, stddev > 0): shown clamped to their range, with ± one standard
+/// deviation rounded for people and marked "noised"; no training loss is sent then.
+fn site_metrics_line(m: &pb::SiteMetrics) -> String {
+    let noised = m.eval_loss_stddev > 0.0;
+    if !noised {
+        let eval = if m.eval_perplexity > 0.0 {
+            format!("eval perplexity {}", perplexity(m.eval_perplexity))
+        } else {
+            format!("eval acc {:.4}", m.eval_accuracy)
+        };
+        return format!(
+            "{eval} loss {:.4} (n={})  train loss {:.4} on {} samples in {:.2}s",
+            m.eval_loss, m.eval_samples, m.train_loss, m.train_samples, m.train_seconds
+        );
+    }
+    let loss = m.eval_loss.max(0.0);
+    let eval = if m.eval_perplexity > 0.0 {
+        // exp(loss ± s): the interval, as perplexity is not symmetric.
+        format!(
+            "eval perplexity {} (noised, {}..{})",
+            perplexity(loss.exp()),
+            perplexity((loss - m.eval_loss_stddev).max(0.0).exp()),
+            perplexity((loss + m.eval_loss_stddev).exp()),
+        )
+    } else {
+        format!(
+            "eval acc {} ± {} (noised)",
+            round_for_people(m.eval_accuracy.clamp(0.0, 1.0)),
+            round_for_people(m.eval_accuracy_stddev),
+        )
+    };
+    format!(
+        "{eval} loss {} ± {} (noised, n≈{})  trained on {} samples in {:.2}s",
+        round_for_people(loss),
+        round_for_people(m.eval_loss_stddev),
+        m.eval_samples,
+        m.train_samples,
+        m.train_seconds
+    )
+}
+
+/// Two significant digits: a noised figure's precision is its ±, not its last decimal.
+fn round_for_people(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let digits = (1 - x.abs().log10().floor() as i32).max(0) as usize;
+    format!("{x:.digits$}")
+}
+
 /// The round's quality as people read it: the sites' perplexity for a language model (each
 /// site's, reported as the round's global model scored on its validation split), the mean
 /// accuracy otherwise.
@@ -633,15 +684,7 @@ pub fn print_status(s: &pb::JobStatus) {
             r.seconds
         );
         for m in &r.metrics {
-            let eval = if m.eval_perplexity > 0.0 {
-                format!("eval perplexity {}", perplexity(m.eval_perplexity))
-            } else {
-                format!("eval acc {:.4}", m.eval_accuracy)
-            };
-            println!(
-                "    {:<16} {eval} loss {:.4} (n={})  train loss {:.4} on {} samples in {:.2}s",
-                m.site, m.eval_loss, m.eval_samples, m.train_loss, m.train_samples, m.train_seconds
-            );
+            println!("    {:<16} {}", m.site, site_metrics_line(m));
             if m.dp_delta > 0.0 {
                 println!(
                     "    {:<16} DP-SGD: ε {:.3} this round, ε {:.3} for the job so far (δ = {:e})",
@@ -809,5 +852,44 @@ mod tests {
         );
         // An untrained model's perplexity is about its vocabulary size: no decimals then.
         assert_eq!(round_quality(&round(&[(0.0, 4095.7)])), "perplexity 4096");
+    }
+
+    /// Noised metrics read as noised, clamped for display, with a ± rounded for people; exact
+    /// metrics read as before.
+    #[test]
+    fn noised_metrics_are_shown_clamped_with_their_plus_minus() {
+        let exact = pb::SiteMetrics {
+            site: "a".into(),
+            eval_loss: 0.25,
+            eval_accuracy: 0.9,
+            eval_samples: 100,
+            ..Default::default()
+        };
+        let line = site_metrics_line(&exact);
+        assert!(
+            line.contains("eval acc 0.9000 loss 0.2500") && !line.contains("noised"),
+            "{line}"
+        );
+        let noised = pb::SiteMetrics {
+            eval_loss: -0.3,
+            eval_accuracy: 1.07,
+            eval_loss_stddev: 0.8123,
+            eval_accuracy_stddev: 0.0412,
+            ..exact.clone()
+        };
+        let line = site_metrics_line(&noised);
+        assert!(line.contains("eval acc 1.0 ± 0.041 (noised)"), "{line}");
+        assert!(line.contains("loss 0 ± 0.81 (noised"), "{line}");
+        let lm = pb::SiteMetrics {
+            eval_loss: 2.0,
+            eval_perplexity: 2f64.exp(),
+            eval_loss_stddev: 0.5,
+            ..exact
+        };
+        let line = site_metrics_line(&lm);
+        assert!(
+            line.contains("eval perplexity") && line.contains("(noised, "),
+            "{line}"
+        );
     }
 }

@@ -110,10 +110,26 @@ fn plan_request(a: &PlanArgs) -> Result<tutela_privacy::planning::PlanRequest> {
             bail!("give --parameters (the model's parameter count), or --job with --features")
         }
     };
+    let delta = a.delta.or(privacy.map(|p| p.delta)).unwrap_or(1e-5);
+    // Under DP each round's metrics are a release too (`tutela_privacy::metrics`): the plan is
+    // calibrated beside them, with the job's metrics_* settings (the defaults without a job).
+    let metrics = tutela_privacy::metrics::MetricsRelease::for_job(
+        (
+            privacy.and_then(|p| p.metrics_noise_multiplier),
+            privacy.and_then(|p| p.metrics_epsilon_share),
+            privacy.and_then(|p| p.metrics_loss_max),
+        ),
+        Some(epsilon),
+        rounds as u64,
+        delta,
+        Accountant::Rdp,
+    )
+    .and_then(|m| m.mechanism(rounds as u64))
+    .context("the job's metrics release")?;
     Ok(tutela_privacy::planning::PlanRequest {
         rows: a.rows,
         target_epsilon: epsilon,
-        delta: a.delta.or(privacy.map(|p| p.delta)).unwrap_or(1e-5),
+        delta,
         rounds,
         dimension: parameters,
         clip: a
@@ -121,6 +137,7 @@ fn plan_request(a: &PlanArgs) -> Result<tutela_privacy::planning::PlanRequest> {
             .or(privacy.and_then(|p| p.max_grad_norm))
             .unwrap_or(1.0),
         accountant: Accountant::Rdp,
+        metrics: Some(metrics),
     })
 }
 

@@ -531,6 +531,8 @@ pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, En
                             dp_job_epsilon: m.dp_job_epsilon,
                             dp_delta: m.dp_delta,
                             eval_perplexity: m.eval_perplexity,
+                            eval_loss_stddev: m.eval_loss_stddev,
+                            eval_accuracy_stddev: m.eval_accuracy_stddev,
                             dp_noise_multiplier: m.dp_noise_multiplier,
                             dp_expected_batch: m.dp_expected_batch,
                             single_class_predicted: m.single_class_predicted,

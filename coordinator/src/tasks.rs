@@ -52,6 +52,11 @@ pub struct SiteMetrics {
     /// A language model's validation perplexity; 0 for other models (or when not sent).
     #[serde(default)]
     pub eval_perplexity: f64,
+    /// Under DP, the standard deviations of the noised eval loss and accuracy; 0 when exact.
+    #[serde(default)]
+    pub eval_loss_stddev: f64,
+    #[serde(default)]
+    pub eval_accuracy_stddev: f64,
     /// The site's dataset commitment (hex), for lineage; empty when the node sent none.
     #[serde(default)]
     pub dataset_commitment: String,
@@ -306,7 +311,8 @@ fn count_meta(m: &Manifest, key: &str) -> Result<u64, SinkError> {
 }
 
 /// What a node reported in its result's manifest, every value range-checked where it is
-/// received: accuracy in [0, 1], losses and seconds finite and >= 0, counts bounded, ε finite
+/// received: eval loss and accuracy finite (noised under DP, so any sign), train loss and seconds
+/// finite and >= 0, counts bounded, ε finite
 /// and >= 0, δ in [0, 1]. Out of range is refused with a reason naming the metric, never stored
 /// or shown.
 pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, SinkError> {
@@ -316,10 +322,14 @@ pub fn site_metrics(manifest: &Manifest, site: &str) -> Result<SiteMetrics, Sink
         train_samples: count_meta(m, meta::SAMPLES)?,
         train_loss: finite_meta(m, meta::TRAIN_LOSS)?,
         train_seconds: finite_meta(m, meta::TRAIN_SECONDS)?,
-        eval_loss: finite_meta(m, meta::EVAL_LOSS)?,
-        eval_accuracy: ranged_meta(m, meta::EVAL_ACCURACY, 0.0..=1.0)?,
+        // Under DP these are noised releases (`tutela_privacy::metrics`): an honest value may be
+        // below 0 or above 1. They are taken as they come (finite only) and clamped for display.
+        eval_loss: ranged_meta(m, meta::EVAL_LOSS, f64::MIN..=f64::MAX)?,
+        eval_accuracy: ranged_meta(m, meta::EVAL_ACCURACY, f64::MIN..=f64::MAX)?,
         eval_samples: count_meta(m, meta::EVAL_SAMPLES)?,
         eval_perplexity: finite_meta(m, meta::EVAL_PERPLEXITY)?,
+        eval_loss_stddev: finite_meta(m, meta::EVAL_LOSS_STDDEV)?,
+        eval_accuracy_stddev: finite_meta(m, meta::EVAL_ACCURACY_STDDEV)?,
         dataset_commitment: hex_meta(m, meta::DATASET_COMMITMENT)?,
         deid_config_sha256: hex_meta(m, meta::DEID_CONFIG)?,
         dp_round_epsilon: finite_meta(m, meta::DP_ROUND_EPSILON)?,
@@ -593,9 +603,8 @@ mod tests {
     fn out_of_range_metrics_are_refused_naming_the_metric() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bad = [
-            (meta::EVAL_ACCURACY, "7"),
-            (meta::EVAL_ACCURACY, "-0.1"),
             (meta::EVAL_ACCURACY, "NaN"),
+            (meta::EVAL_ACCURACY, "inf"),
             (meta::TRAIN_LOSS, "-1"),
             (meta::TRAIN_LOSS, "inf"),
             (meta::EVAL_LOSS, "NaN"),
@@ -621,6 +630,17 @@ mod tests {
                 Err(SinkError::Rejected(why)) => assert!(why.contains(key), "{key}={value}: {why}"),
                 other => panic!("{key}={value}: expected a refusal, got {:?}", other.err()),
             }
+        }
+        // Noised metrics of an honest site under DP can leave [0, 1] and go below 0.
+        for (key, value) in [
+            (meta::EVAL_ACCURACY, "1.07"),
+            (meta::EVAL_ACCURACY, "-0.1"),
+            (meta::EVAL_LOSS, "-0.4"),
+        ] {
+            let table = open_table(dir.path());
+            let mut sink = RoutingSink::new(table, "a".into(), Default::default());
+            sink.begin(&manifest_with("t1", honest_model(), &[(key, value)]))
+                .unwrap_or_else(|e| panic!("{key}={value}: a noised metric is refused: {e:?}"));
         }
         let good = [
             (meta::EVAL_ACCURACY, "1"),

@@ -90,17 +90,57 @@ pub struct Caps {
     pub delta: f64,
 }
 
+/// What a group's steps released. Every kind is a (sampled) Gaussian mechanism, so the
+/// accountant composes them all alike; the kind keeps them apart in the file, the trail and the
+/// plan (a job's DP-SGD steps still to run count only DP-SGD groups).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MechanismKind {
+    /// DP-SGD steps: Poisson-sampled, clipped, noised gradient sums.
+    #[default]
+    DpSgd,
+    /// A round's evaluation metrics (`crate::metrics`): unsampled (`q = 1`) Gaussian releases of
+    /// clipped per-unit sums, one step per released sum.
+    Metrics,
+}
+
+impl MechanismKind {
+    pub fn is_dp_sgd(&self) -> bool {
+        *self == MechanismKind::DpSgd
+    }
+}
+
 /// One group of identical steps, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Group {
     pub sample_rate: f64,
     pub noise_multiplier: f64,
     pub steps: u64,
+    /// Left out of the file for DP-SGD, so ledgers written before metrics read and write alike.
+    #[serde(default, skip_serializing_if = "MechanismKind::is_dp_sgd")]
+    pub kind: MechanismKind,
 }
 
 impl Group {
     pub fn mechanism(&self) -> Result<SampledGaussian, AccountantError> {
         SampledGaussian::new(self.sample_rate, self.noise_multiplier, self.steps)
+    }
+
+    /// The group of `mechanism`'s steps, of `kind`.
+    pub fn of(kind: MechanismKind, mechanism: SampledGaussian) -> Self {
+        Group {
+            sample_rate: mechanism.sample_rate(),
+            noise_multiplier: mechanism.noise_multiplier(),
+            steps: mechanism.steps(),
+            kind,
+        }
+    }
+
+    /// Whether `other` may be merged into this group (same kind, bit-equal q and σ).
+    fn merges_with(&self, other: &Group) -> bool {
+        self.kind == other.kind
+            && self.sample_rate.to_bits() == other.sample_rate.to_bits()
+            && self.noise_multiplier.to_bits() == other.noise_multiplier.to_bits()
     }
 }
 
@@ -119,8 +159,13 @@ pub struct JobEntry {
 }
 
 impl JobEntry {
+    /// DP-SGD steps recorded (metric releases are not training steps).
     pub fn steps(&self) -> u64 {
-        self.groups.iter().map(|g| g.steps).sum()
+        self.groups
+            .iter()
+            .filter(|g| g.kind.is_dp_sgd())
+            .map(|g| g.steps)
+            .sum()
     }
 
     /// The charges of round `round` (every attempt).
@@ -136,6 +181,9 @@ pub struct RoundCharge {
     pub round: u32,
     pub attempt: u32,
     pub group: Group,
+    /// The round's metric releases, charged with its steps (absent: none under DP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Group>,
     /// The seq of the `privacy.spent` event that records this charge in the audit trail; `None`
     /// until it is recorded there (the node appends it before the round's update leaves the
     /// site, and again before it trains next if that failed).
@@ -150,6 +198,8 @@ pub struct TrailSpend<'a> {
     pub round: u32,
     pub attempt: u32,
     pub group: Group,
+    /// The round's metric releases recorded with the spend.
+    pub metrics: Option<Group>,
     pub rows: usize,
     pub seq: u64,
     pub timestamp_unix_ms: i64,
@@ -176,6 +226,16 @@ pub struct SpendCheck {
     pub job_planned: f64,
     /// ε of the dataset if the job runs to its end.
     pub total_after: f64,
+}
+
+/// Merges `group` into the group of `groups` with the same kind and bit-equal q and σ, or appends
+/// it. Bit-equal parameters only: merging groups whose σ differ in the last bit would understate
+/// neither, but it would make the file say something that did not happen.
+fn merge_group(groups: &mut Vec<Group>, group: Group) {
+    match groups.iter_mut().find(|g| g.merges_with(&group)) {
+        Some(g) => g.steps += group.steps,
+        None => groups.push(group),
+    }
 }
 
 /// A dataset's privacy ledger, loaded from (and saved to) one file.
@@ -369,20 +429,29 @@ impl Ledger {
         delta: f64,
         accountant: Accountant,
     ) -> Result<f64, LedgerError> {
+        self.job_epsilon_after_groups(
+            job_id,
+            &[Group::of(MechanismKind::DpSgd, extra)],
+            delta,
+            accountant,
+        )
+    }
+
+    /// [`job_epsilon_after`](Self::job_epsilon_after) for several groups (a round's steps and
+    /// its metric releases).
+    pub fn job_epsilon_after_groups(
+        &self,
+        job_id: &str,
+        extra: &[Group],
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<f64, LedgerError> {
         let mut groups: Vec<Group> = self
             .job(job_id)
             .map(|j| j.groups.clone())
             .unwrap_or_default();
-        match groups.iter_mut().find(|g| {
-            g.sample_rate.to_bits() == extra.sample_rate().to_bits()
-                && g.noise_multiplier.to_bits() == extra.noise_multiplier().to_bits()
-        }) {
-            Some(g) => g.steps += extra.steps(),
-            None => groups.push(Group {
-                sample_rate: extra.sample_rate(),
-                noise_multiplier: extra.noise_multiplier(),
-                steps: extra.steps(),
-            }),
+        for e in extra {
+            merge_group(&mut groups, *e);
         }
         let mechanisms = groups
             .iter()
@@ -458,24 +527,20 @@ impl Ledger {
         rows: Option<usize>,
         now_unix_ms: i64,
     ) {
+        self.add_group_of(
+            job_id,
+            Group::of(MechanismKind::DpSgd, mechanism),
+            rows,
+            now_unix_ms,
+        );
+    }
+
+    fn add_group_of(&mut self, job_id: &str, group: Group, rows: Option<usize>, now_unix_ms: i64) {
         if rows.is_some() {
             self.file.rows = rows;
         }
-        let group = Group {
-            sample_rate: mechanism.sample_rate(),
-            noise_multiplier: mechanism.noise_multiplier(),
-            steps: mechanism.steps(),
-        };
         let job = self.entry_mut(job_id, now_unix_ms);
-        // Bit-equal parameters only: merging groups whose σ differ in the last bit would
-        // understate neither, but it would make the file say something that did not happen.
-        match job.groups.iter_mut().find(|g| {
-            g.sample_rate.to_bits() == group.sample_rate.to_bits()
-                && g.noise_multiplier.to_bits() == group.noise_multiplier.to_bits()
-        }) {
-            Some(g) => g.steps += group.steps,
-            None => job.groups.push(group),
-        }
+        merge_group(&mut job.groups, group);
         job.updated_unix_ms = now_unix_ms;
     }
 
@@ -489,18 +554,34 @@ impl Ledger {
         rows: Option<usize>,
         now_unix_ms: i64,
     ) -> Result<RoundCharge, LedgerError> {
+        self.record_round_with_metrics(job_id, (round, attempt), mechanism, None, rows, now_unix_ms)
+    }
+
+    /// [`record_round`](Self::record_round) with the round's metric releases (`crate::metrics`),
+    /// charged in the same write and the same [`RoundCharge`] as the steps: a round's update and
+    /// its metrics leave the site together, so they are spent together.
+    pub fn record_round_with_metrics(
+        &mut self,
+        job_id: &str,
+        (round, attempt): (u32, u32),
+        mechanism: SampledGaussian,
+        metrics: Option<SampledGaussian>,
+        rows: Option<usize>,
+        now_unix_ms: i64,
+    ) -> Result<RoundCharge, LedgerError> {
+        let metrics = metrics.map(|m| Group::of(MechanismKind::Metrics, m));
         let charge = RoundCharge {
             round,
             attempt,
-            group: Group {
-                sample_rate: mechanism.sample_rate(),
-                noise_multiplier: mechanism.noise_multiplier(),
-                steps: mechanism.steps(),
-            },
+            group: Group::of(MechanismKind::DpSgd, mechanism),
+            metrics,
             anchored_seq: None,
         };
         // Pushed first so that the one save in `record` writes both.
         self.entry_mut(job_id, now_unix_ms).charges.push(charge);
+        if let Some(m) = metrics {
+            self.add_group_of(job_id, m, None, now_unix_ms);
+        }
         self.record(job_id, mechanism, rows, now_unix_ms)?;
         Ok(charge)
     }
@@ -609,8 +690,16 @@ impl Ledger {
                 round: s.round,
                 attempt: s.attempt,
                 group: s.group,
+                metrics: s.metrics,
                 anchored_seq: Some(s.seq),
             });
+            if let Some(m) = s.metrics {
+                m.mechanism().map_err(|e| LedgerError::Corrupt {
+                    path: ledger.path.clone(),
+                    reason: format!("the trail's metrics spend at seq {}: {e}", s.seq),
+                })?;
+                ledger.add_group_of(s.job_id, m, None, s.timestamp_unix_ms);
+            }
             ledger.add_group(s.job_id, mechanism, Some(s.rows), s.timestamp_unix_ms);
         }
         Ok(ledger)
@@ -803,12 +892,14 @@ mod tests {
             sample_rate: 0.1,
             noise_multiplier: 1.3,
             steps: 20,
+            kind: MechanismKind::DpSgd,
         };
         let spend = |round, seq| TrailSpend {
             job_id: "j",
             round,
             attempt: 1,
             group: g,
+            metrics: None,
             rows: 300,
             seq,
             timestamp_unix_ms: seq as i64,
@@ -834,5 +925,98 @@ mod tests {
             Ledger::open(&path, "y", None),
             Err(LedgerError::WrongDataset { .. })
         ));
+    }
+
+    /// A round's metrics are charged with its steps, as the accountant composes the Gaussian
+    /// releases with them: the job's ε grows by exactly what the accountant says, not by a sum.
+    /// The file, a reopened ledger and a ledger rebuilt from the trail all say the same, and the
+    /// metric releases are not counted as training steps.
+    #[test]
+    fn metrics_are_charged_with_the_round_and_composed_by_the_accountant() {
+        let dir = tempfile::tempdir().unwrap();
+        let steps = sg(0.1, 1.3, 20);
+        let metrics = crate::metrics::MetricsRelease::new(4.0, 10.0)
+            .unwrap()
+            .mechanism(1)
+            .unwrap();
+        let mut without = Ledger::open(dir.path().join("a.json"), "a", None).unwrap();
+        let path = dir.path().join("b.json");
+        let mut with = Ledger::open(&path, "b", None).unwrap();
+        for round in 1..=3 {
+            without
+                .record_round("j", (round, 1), steps, Some(300), 1)
+                .unwrap();
+            with.record_round_with_metrics("j", (round, 1), steps, Some(metrics), Some(300), 1)
+                .unwrap();
+        }
+        let (delta, acct) = (1e-5, Accountant::Rdp);
+        let eps_without = without.spent_by_job("j", delta, acct).unwrap();
+        let eps_with = with.spent_by_job("j", delta, acct).unwrap();
+        let expected = crate::accountant::epsilon(
+            &[
+                sg(0.1, 1.3, 60),
+                crate::metrics::MetricsRelease::new(4.0, 10.0)
+                    .unwrap()
+                    .mechanism(3)
+                    .unwrap(),
+            ],
+            delta,
+            acct,
+        )
+        .unwrap()
+        .epsilon;
+        assert!(eps_with > eps_without, "{eps_with} <= {eps_without}");
+        assert!(
+            (eps_with - expected).abs() < 1e-12,
+            "{eps_with} vs {expected}"
+        );
+        let reopened = Ledger::open(&path, "b", None).unwrap();
+        assert_eq!(reopened.job("j").unwrap().steps(), 60);
+        assert_eq!(reopened.spent_by_job("j", delta, acct).unwrap(), eps_with);
+        let charges = reopened.job("j").unwrap().charges.clone();
+        let trail: Vec<TrailSpend> = charges
+            .iter()
+            .enumerate()
+            .map(|(i, c)| TrailSpend {
+                job_id: "j",
+                round: c.round,
+                attempt: c.attempt,
+                group: c.group,
+                metrics: c.metrics,
+                rows: 300,
+                seq: i as u64 + 1,
+                timestamp_unix_ms: 1,
+            })
+            .collect();
+        let rebuilt = Ledger::from_trail(dir.path().join("c.json"), "b", None, trail).unwrap();
+        assert_eq!(rebuilt.spent_by_job("j", delta, acct).unwrap(), eps_with);
+    }
+
+    /// A job whose training alone fits the per-job cap, but whose metrics push it over, is
+    /// refused by the check (before training) with the numbers.
+    #[test]
+    fn metrics_that_push_a_job_over_its_cap_are_refused_before_it_trains() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path().join("d.json"), "d", None).unwrap();
+        let steps = sg(0.01, 1.0, 1000);
+        let metrics = crate::metrics::MetricsRelease::new(1.0, 10.0)
+            .unwrap()
+            .mechanism(10)
+            .unwrap();
+        let acct = Accountant::Rdp;
+        let alone = crate::accountant::epsilon(&[steps], 1e-5, acct)
+            .unwrap()
+            .epsilon;
+        let caps = Caps {
+            per_job_epsilon: Some(alone * 1.01),
+            total_epsilon: None,
+            delta: 1e-5,
+        };
+        l.check("j", &[steps], &caps, acct).unwrap();
+        let err = l.check("j", &[steps, metrics], &caps, acct).unwrap_err();
+        assert!(
+            matches!(err, LedgerError::JobCapExceeded { planned, .. } if planned > alone * 1.01),
+            "{err}"
+        );
     }
 }

@@ -22,6 +22,7 @@ pub mod commitment;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod ledger;
+pub mod metrics;
 pub mod noise;
 pub mod planning;
 pub mod sampling;

@@ -32,6 +32,9 @@ pub struct PlanRequest {
     /// The per-example clipping norm C (σ and the ratios do not depend on it).
     pub clip: f64,
     pub accountant: Accountant,
+    /// The job's metric releases over all rounds (`crate::metrics`), which every candidate is
+    /// calibrated beside; `None` for a job that releases none under DP.
+    pub metrics: Option<crate::accountant::SampledGaussian>,
 }
 
 /// One candidate: the settings and what they buy.
@@ -130,6 +133,7 @@ pub fn suggest(request: &PlanRequest) -> Result<PlanAdvice, PlanError> {
                 noise_multiplier: None,
                 delta: request.delta,
                 accountant: request.accountant,
+                metrics: request.metrics,
             };
             match DpSgdPlan::new(&inputs) {
                 Ok(plan) => {
@@ -175,6 +179,7 @@ mod tests {
             dimension: 1000,
             clip: 1.0,
             accountant: Accountant::Rdp,
+            metrics: None,
         }
     }
 

@@ -17,7 +17,12 @@ pub mod meta {
     pub const EVAL_LOSS: &str = "tutela.eval.loss";
     /// ... accuracy.
     pub const EVAL_ACCURACY: &str = "tutela.eval.accuracy";
-    /// ... and the number of validation rows.
+    /// Under DP (`tutela_privacy::metrics`), the standard deviation of the noised `EVAL_LOSS`
+    /// (its ± for people); absent when the loss is exact.
+    pub const EVAL_LOSS_STDDEV: &str = "tutela.eval.loss_stddev";
+    /// ... and of the noised `EVAL_ACCURACY`.
+    pub const EVAL_ACCURACY_STDDEV: &str = "tutela.eval.accuracy_stddev";
+    /// ... and the number of validation rows (under DP: privacy units, noised).
     pub const EVAL_SAMPLES: &str = "tutela.eval.samples";
     /// A language model's perplexity on the validation split (exp of the mean per-token loss),
     /// before training; absent for other models.

@@ -212,6 +212,22 @@ pub struct PrivacySpec {
     /// so jobs without the key keep their digest; `patient` changes it.
     #[serde(default, skip_serializing_if = "PrivacyUnit::is_document")]
     pub unit: PrivacyUnit,
+    /// `local`: σ of the noise on each round's released metric sums (clipped per-unit loss,
+    /// correct predictions, unit count; `tutela_privacy::metrics`), in units of each sum's
+    /// sensitivity. Absent: calibrated from `metrics_epsilon_share` of `target_epsilon`, or
+    /// `tutela_privacy::metrics::DEFAULT_METRICS_NOISE_MULTIPLIER` for a job without a target.
+    /// Absent keys are left out of the canonical JSON, so older jobs keep their digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_noise_multiplier: Option<f64>,
+    /// `local`: the share of `target_epsilon` the metric releases alone may spend (default
+    /// `tutela_privacy::metrics::DEFAULT_METRICS_EPSILON_SHARE`); DP-SGD is calibrated beside
+    /// them so that both together spend the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_epsilon_share: Option<f64>,
+    /// `local`: the public upper clip of a unit's mean loss in the released metrics (nats,
+    /// default `tutela_privacy::metrics::DEFAULT_METRICS_LOSS_MAX`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_loss_max: Option<f64>,
 }
 
 /// `privacy.unit`: the privacy unit of DP-SGD at the sites.
@@ -338,6 +354,35 @@ impl PrivacySpec {
         }
         if let Some(z) = self.noise_multiplier {
             positive("privacy.noise_multiplier", z)?;
+        }
+        if let Some(z) = self.metrics_noise_multiplier
+            && !(z.is_finite() && z >= 1.0)
+        {
+            return Err(SpecError::invalid(
+                "privacy.metrics_noise_multiplier",
+                format!("must be a finite number >= 1, got {z}"),
+            ));
+        }
+        if let Some(share) = self.metrics_epsilon_share
+            && !(share.is_finite() && share > 0.0 && share < 1.0)
+        {
+            return Err(SpecError::invalid(
+                "privacy.metrics_epsilon_share",
+                format!("must be in (0, 1), got {share}"),
+            ));
+        }
+        if let Some(l) = self.metrics_loss_max {
+            positive("privacy.metrics_loss_max", l)?;
+        }
+        let metrics_keys = self.metrics_noise_multiplier.is_some()
+            || self.metrics_epsilon_share.is_some()
+            || self.metrics_loss_max.is_some();
+        if metrics_keys && self.mode != PrivacyMode::Local {
+            return Err(SpecError::invalid(
+                "privacy.metrics_noise_multiplier",
+                "and the other metrics_* keys apply only to mode = \"local\" (the sites' \
+                 metrics are released under DP there)",
+            ));
         }
         if self.unit == PrivacyUnit::Patient && self.mode != PrivacyMode::Local {
             return Err(SpecError::invalid(

@@ -138,6 +138,7 @@ pub fn bench_plan(
         noise_multiplier: Some(1.0),
         delta: 1e-5,
         accountant: Accountant::Rdp,
+        metrics: None,
     })
     .map_err(|e| TrainError::InvalidConfig {
         field: "privacy",

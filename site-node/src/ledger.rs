@@ -40,7 +40,8 @@ use serde::Deserialize;
 use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 use tutela_privacy::accountant::{Accountant, SampledGaussian};
 use tutela_privacy::at_rest::KeyEncryptionKey;
-use tutela_privacy::ledger::{Caps, Ledger, LedgerError, RoundCharge};
+use tutela_privacy::ledger::{Caps, Group, Ledger, LedgerError, MechanismKind, RoundCharge};
+use tutela_privacy::metrics::MetricsRelease;
 use tutela_protocol::job::{AccountantName, PrivacyMode, PrivacySpec};
 
 use crate::dp::DpSpend;
@@ -206,8 +207,54 @@ fn plan_for(
         noise_multiplier: p.noise_multiplier,
         delta: p.delta,
         accountant: accountant(p.accountant),
+        metrics: Some(
+            metrics_release(p, job.rounds() as u64)?
+                .mechanism(job.rounds() as u64)
+                .map_err(|e| e.to_string())?,
+        ),
     })
     .map_err(|e| format!("planning DP-SGD on {rows} rows: {e}"))
+}
+
+/// Whether `job` releases its per-round metrics under DP (a DP-SGD job: `privacy.mode =
+/// "local"`); other jobs' metrics stay exact.
+pub fn releases_dp_metrics(job: &JobView) -> bool {
+    job.privacy
+        .as_ref()
+        .is_some_and(|p| p.mode == PrivacyMode::Local)
+}
+
+/// How a DP job's per-round metrics are released (`tutela_privacy::metrics`): σ from
+/// `privacy.metrics_noise_multiplier`, else calibrated so that `rounds` rounds of metrics alone
+/// spend `privacy.metrics_epsilon_share` (default 10 %) of the target, else (no target) the
+/// default σ. The job's DP-SGD plan is calibrated beside it.
+pub fn metrics_release(p: &PrivacySpec, rounds: u64) -> Result<MetricsRelease, String> {
+    MetricsRelease::for_job(
+        (
+            p.metrics_noise_multiplier,
+            p.metrics_epsilon_share,
+            p.metrics_loss_max,
+        ),
+        p.target_epsilon,
+        rounds,
+        p.delta,
+        accountant(p.accountant),
+    )
+    .map_err(|e| format!("the job's metrics release: {e}"))
+}
+
+/// One round's metric releases of `plan` (as charged with the round), if it releases any.
+pub fn round_metrics(plan: &DpSgdPlan) -> Result<Option<SampledGaussian>, String> {
+    plan.metrics
+        .map(|m| {
+            SampledGaussian::new(
+                1.0,
+                m.noise_multiplier(),
+                tutela_privacy::metrics::RELEASES_PER_ROUND,
+            )
+        })
+        .transpose()
+        .map_err(|e| e.to_string())
 }
 
 /// What one round spent, for the upload's metadata and the operator.
@@ -489,10 +536,27 @@ impl SiteLedgers {
             .saturating_sub(recorded)
             .max(plan.steps_per_round);
         let mechanism = plan.mechanism(remaining).map_err(|e| e.to_string())?;
+        let mut remaining_mechanisms = vec![mechanism];
+        // The metrics of every round still to run (at least this one), as for the steps.
+        if let Some(m) = plan.metrics {
+            let released = ledger.job(job_id).map_or(0, |j| {
+                j.groups
+                    .iter()
+                    .filter(|g| g.kind == MechanismKind::Metrics)
+                    .map(|g| g.steps)
+                    .sum::<u64>()
+            });
+            let per_round = tutela_privacy::metrics::RELEASES_PER_ROUND;
+            let steps = m.steps().saturating_sub(released).max(per_round);
+            remaining_mechanisms.push(
+                SampledGaussian::new(1.0, m.noise_multiplier(), steps)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
         ledger
             .check(
                 job_id,
-                &[mechanism],
+                &remaining_mechanisms,
                 &self.caps(dataset),
                 accountant(self.budget.accountant),
             )
@@ -540,10 +604,21 @@ impl SiteLedgers {
                 spend.steps,
             )
             .map_err(|e| e.to_string())?;
+            // The round's metrics leave with its update: charged in the same record.
+            let metrics = round_metrics(plan)?;
             let charge = ledger
-                .record_round(job_id, (round, attempt), m, Some(rows), now_unix_ms)
+                .record_round_with_metrics(
+                    job_id,
+                    (round, attempt),
+                    m,
+                    metrics,
+                    Some(rows),
+                    now_unix_ms,
+                )
                 .map_err(|e| e.to_string())?;
-            let eps = tutela_privacy::accountant::epsilon(&[m], plan.delta, plan.accountant)
+            let mut released = vec![m];
+            released.extend(metrics);
+            let eps = tutela_privacy::accountant::epsilon(&released, plan.delta, plan.accountant)
                 .map_err(|e| e.to_string())?
                 .epsilon;
             (eps, Some(charge))
@@ -585,8 +660,12 @@ fn within_job_target(
     let next = plan
         .mechanism(plan.steps_per_round)
         .map_err(|e| e.to_string())?;
+    let mut next_round = vec![Group::of(MechanismKind::DpSgd, next)];
+    if let Some(m) = round_metrics(plan)? {
+        next_round.push(Group::of(MechanismKind::Metrics, m));
+    }
     let after = ledger
-        .job_epsilon_after(job_id, next, plan.delta, plan.accountant)
+        .job_epsilon_after_groups(job_id, &next_round, plan.delta, plan.accountant)
         .map_err(|e| e.to_string())?;
     // The calibration meets the target from below; the slack only absorbs rounding.
     if after <= target * (1.0 + 1e-9) {

@@ -401,6 +401,48 @@ pub fn evaluate(model: &Model, data: &Table) -> Result<Eval, TrainError> {
     })
 }
 
+/// Each row's cross-entropy and whether its highest-scoring class is the label: the per-unit
+/// values a DP job releases its metrics from (`tutela_privacy::metrics`; a row is the unit of a
+/// tabular job). They never leave the site as they are.
+pub fn evaluate_units(
+    model: &Model,
+    data: &Table,
+) -> Result<Vec<tutela_privacy::metrics::UnitMetric>, TrainError> {
+    const CHUNK: i64 = 1024;
+    check_fits(model, data, "the evaluation table")?;
+    let (inputs, labels) = table_tensors(data, model.device())?;
+    let n = data.n_rows as i64;
+    tch::no_grad(|| {
+        let mut out = Vec::with_capacity(data.n_rows);
+        let mut start = 0i64;
+        while start < n {
+            let len = CHUNK.min(n - start);
+            let xs = inputs.f_narrow(0, start, len).map_err(torch("slicing"))?;
+            let ys = labels.f_narrow(0, start, len).map_err(torch("slicing"))?;
+            let logits = model.net().forward_t(&xs, false);
+            let losses = logits
+                .f_cross_entropy_loss::<Tensor>(&ys, None, Reduction::None, -100, 0.0)
+                .and_then(|l| l.f_to_kind(Kind::Double))
+                .and_then(|l| Vec::<f64>::try_from(&l))
+                .map_err(torch("evaluation loss per row"))?;
+            let hits = logits
+                .f_argmax(1, false)
+                .and_then(|p| p.f_eq_tensor(&ys))
+                .and_then(|h| h.f_to_kind(Kind::Double))
+                .and_then(|h| Vec::<f64>::try_from(&h))
+                .map_err(torch("evaluation accuracy per row"))?;
+            out.extend(
+                losses
+                    .into_iter()
+                    .zip(hits)
+                    .map(|(loss, correct)| tutela_privacy::metrics::UnitMetric { loss, correct }),
+            );
+            start += len;
+        }
+        Ok(out)
+    })
+}
+
 /// Refuses data the network would choke on (libtorch panics on shape mismatches inside
 /// `forward_t`), naming what differs.
 fn check_fits(model: &Model, data: &Table, what: &'static str) -> Result<(), TrainError> {

@@ -44,6 +44,13 @@ pub struct PrivacySpent {
     /// Absent in spends written before budget keys, and for sources without a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<DatasetSource>,
+    /// The round's evaluation metrics released under DP with the update (unsampled Gaussian
+    /// releases, `tutela_privacy::metrics`): their σ and how many sums. Absent for spends
+    /// without DP metrics (and in events written before they were charged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_noise_multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_releases: Option<u64>,
 }
 
 /// What identifies a dataset's data, whatever the operator calls it or wherever the file lies:

@@ -315,6 +315,21 @@ pub fn calibrate_noise(
     accountant: Accountant,
     rel_tol: f64,
 ) -> Result<Calibration, AccountantError> {
+    calibrate_noise_beside(target_epsilon, q, steps, &[], delta, accountant, rel_tol)
+}
+
+/// [`calibrate_noise`] for steps that run beside other, fixed mechanisms (a job's DP metric
+/// releases): the smallest σ for which the steps *composed with* `beside` meet the target.
+/// Refuses when `beside` alone spends the target.
+pub fn calibrate_noise_beside(
+    target_epsilon: f64,
+    q: f64,
+    steps: u64,
+    beside: &[SampledGaussian],
+    delta: f64,
+    accountant: Accountant,
+    rel_tol: f64,
+) -> Result<Calibration, AccountantError> {
     if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
         return Err(AccountantError::TargetEpsilon(target_epsilon));
     }
@@ -327,15 +342,32 @@ pub fn calibrate_noise(
         1e-6
     };
     const MAX_SIGMA: f64 = 1e4;
+    if !beside.is_empty() && epsilon(beside, delta, accountant)?.epsilon >= target_epsilon {
+        return Err(AccountantError::Numerical(
+            "the job's metric releases alone spend its target ε: raise \
+             privacy.metrics_noise_multiplier or the target",
+        ));
+    }
     let eps = |sigma: f64| -> Result<f64, AccountantError> {
-        Ok(epsilon(&[SampledGaussian::new(q, sigma, steps)?], delta, accountant)?.epsilon)
+        let mut all = Vec::with_capacity(beside.len() + 1);
+        all.push(SampledGaussian::new(q, sigma, steps)?);
+        all.extend_from_slice(beside);
+        Ok(epsilon(&all, delta, accountant)?.epsilon)
     };
     // Bracket: hi meets the target, lo misses it. For PLD, start from the RDP answer (PLD's ε is
     // never above RDP's, so it meets the target) to keep the PLD grid small.
     let mut hi = match accountant {
         Accountant::Pld(_) => {
-            calibrate_noise(target_epsilon, q, steps, delta, Accountant::Rdp, 1e-3)?
-                .noise_multiplier
+            calibrate_noise_beside(
+                target_epsilon,
+                q,
+                steps,
+                beside,
+                delta,
+                Accountant::Rdp,
+                1e-3,
+            )?
+            .noise_multiplier
         }
         _ => 1.0,
     };

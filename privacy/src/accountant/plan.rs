@@ -15,7 +15,7 @@
 //! the target, so the correction costs noise, never ε.
 
 use super::{
-    Accountant, AccountantError, SampledGaussian, calibrate_noise, epsilon, validate_delta,
+    Accountant, AccountantError, SampledGaussian, calibrate_noise_beside, epsilon, validate_delta,
 };
 
 /// What a DP-SGD plan is computed from.
@@ -37,6 +37,10 @@ pub struct DpSgdInputs {
     pub noise_multiplier: Option<f64>,
     pub delta: f64,
     pub accountant: Accountant,
+    /// The job's DP metric releases over all its rounds (`crate::metrics`), composed with the
+    /// steps: a calibrated σ leaves room for them, and `planned_epsilon` includes them. `None`:
+    /// the job releases no metrics under DP (or they are accounted elsewhere).
+    pub metrics: Option<SampledGaussian>,
 }
 
 /// A DP-SGD plan: how to train, and what it costs.
@@ -52,10 +56,13 @@ pub struct DpSgdPlan {
     pub effective_noise_multiplier: f64,
     /// The noise grid step g (a power of two).
     pub granularity: f64,
-    /// ε the whole job spends at `delta` if every step runs.
+    /// ε the whole job spends at `delta` if every step runs and every round's metrics are
+    /// released.
     pub planned_epsilon: f64,
     pub delta: f64,
     pub accountant: Accountant,
+    /// The metric releases of the whole job, as in [`DpSgdInputs::metrics`].
+    pub metrics: Option<SampledGaussian>,
 }
 
 /// The finest grid the discrete Gaussian sampler accepts for standard deviation `sigma_real`:
@@ -105,10 +112,11 @@ impl DpSgdPlan {
                 )
             }
             (None, Some(target)) => {
-                let needed = calibrate_noise(
+                let needed = calibrate_noise_beside(
                     target,
                     sample_rate,
                     total_steps,
+                    inputs.metrics.as_slice(),
                     inputs.delta,
                     inputs.accountant,
                     1e-4,
@@ -136,12 +144,9 @@ impl DpSgdPlan {
             }
             (None, None) => return Err(AccountantError::TargetEpsilon(f64::NAN)),
         };
-        let planned_epsilon = epsilon(
-            &[SampledGaussian::new(sample_rate, sigma_eff, total_steps)?],
-            inputs.delta,
-            inputs.accountant,
-        )?
-        .epsilon;
+        let mut all = vec![SampledGaussian::new(sample_rate, sigma_eff, total_steps)?];
+        all.extend(inputs.metrics);
+        let planned_epsilon = epsilon(&all, inputs.delta, inputs.accountant)?.epsilon;
         Ok(DpSgdPlan {
             sample_rate,
             steps_per_round,
@@ -153,6 +158,7 @@ impl DpSgdPlan {
             planned_epsilon,
             delta: inputs.delta,
             accountant: inputs.accountant,
+            metrics: inputs.metrics,
         })
     }
 
@@ -178,6 +184,7 @@ mod tests {
             noise_multiplier: None,
             delta: 1e-5,
             accountant: Accountant::Rdp,
+            metrics: None,
         }
     }
 
@@ -218,5 +225,43 @@ mod tests {
         .unwrap()
         .epsilon;
         assert_eq!(plan.planned_epsilon, direct);
+    }
+
+    /// A calibrated plan leaves room for the job's metric releases: steps and metrics together
+    /// meet the target, so a job that fits its cap still fits it with its metrics.
+    #[test]
+    fn a_calibrated_plan_with_metrics_meets_its_target_with_them() {
+        let metrics = SampledGaussian::new(1.0, 20.0, 3 * 15).unwrap();
+        let plain = DpSgdPlan::new(&inputs()).unwrap();
+        let with = DpSgdPlan::new(&DpSgdInputs {
+            metrics: Some(metrics),
+            ..inputs()
+        })
+        .unwrap();
+        assert!(with.noise_multiplier > plain.noise_multiplier);
+        assert!(
+            with.planned_epsilon <= 3.0 && with.planned_epsilon > 2.9,
+            "{}",
+            with.planned_epsilon
+        );
+        let composed = epsilon(
+            &[with.mechanism(with.total_steps).unwrap(), metrics],
+            1e-5,
+            Accountant::Rdp,
+        )
+        .unwrap()
+        .epsilon;
+        assert_eq!(composed, with.planned_epsilon);
+        // Metrics that alone spend the target are refused.
+        let greedy = SampledGaussian::new(1.0, 1.0, 300).unwrap();
+        let err = DpSgdPlan::new(&DpSgdInputs {
+            metrics: Some(greedy),
+            ..inputs()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("metrics_noise_multiplier"),
+            "{err}"
+        );
     }
 }

@@ -181,6 +181,51 @@ max_grad_norm = 1.0
     }
 
     #[test]
+    fn the_metrics_keys_are_checked_and_inside_the_digest() {
+        let plain = JobSpec::from_toml_str(SPEC).unwrap();
+        let p = plain.privacy.as_ref().unwrap();
+        assert_eq!(
+            (
+                p.metrics_noise_multiplier,
+                p.metrics_epsilon_share,
+                p.metrics_loss_max
+            ),
+            (None, None, None)
+        );
+        let with = |keys: &str| {
+            SPEC.replace(
+                "max_grad_norm = 1.0",
+                &format!("max_grad_norm = 1.0\n{keys}"),
+            )
+        };
+        for keys in [
+            "metrics_noise_multiplier = 25.0",
+            "metrics_epsilon_share = 0.2",
+            "metrics_loss_max = 8.0",
+        ] {
+            let spec = JobSpec::from_toml_str(&with(keys)).unwrap();
+            assert_ne!(spec.digest(), plain.digest(), "{keys}");
+        }
+        for (keys, key) in [
+            (
+                "metrics_noise_multiplier = 0.5",
+                "privacy.metrics_noise_multiplier",
+            ),
+            (
+                "metrics_epsilon_share = 1.0",
+                "privacy.metrics_epsilon_share",
+            ),
+            ("metrics_loss_max = -1.0", "privacy.metrics_loss_max"),
+            ("metrics_epsilon = 0.1", ""),
+        ] {
+            let err = JobSpec::from_toml_str(&with(keys)).unwrap_err();
+            if !key.is_empty() {
+                assert_eq!(err.key(), Some(key), "{err}");
+            }
+        }
+    }
+
+    #[test]
     fn max_seq_len_is_checked_and_inside_the_digest() {
         let plain = JobSpec::from_toml_str(SPEC).unwrap();
         assert_eq!(plain.training.max_seq_len, None);

@@ -144,6 +144,11 @@ impl LocalRound for LanguageRound {
                 n: result.eval.tokens,
             },
             eval_perplexity: Some(result.eval.perplexity),
+            eval_units: if crate::ledger::releases_dp_metrics(&admitted.job) {
+                result.eval.units.clone()
+            } else {
+                Vec::new()
+            },
             // The update's FedAvg weight: the documents it was trained on.
             train_samples: result.train_documents,
             train_loss: result.train_loss,

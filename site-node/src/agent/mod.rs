@@ -63,6 +63,7 @@ mod base_fetch;
 mod filter;
 mod gate;
 pub mod language;
+mod metrics;
 pub mod readiness;
 pub mod round;
 mod secagg;

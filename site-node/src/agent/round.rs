@@ -132,6 +132,9 @@ pub struct RoundResult {
     pub eval: crate::train::Eval,
     /// A language model's validation perplexity (exp of `eval.loss`); `None` for other models.
     pub eval_perplexity: Option<f64>,
+    /// Each validation privacy unit's loss and accuracy, for a DP job's noised metrics
+    /// (`tutela_privacy::metrics`); empty without DP. Never leaves the site as is.
+    pub eval_units: Vec<tutela_privacy::metrics::UnitMetric>,
     /// Training examples: rows, or documents for a language model.
     pub train_samples: usize,
     pub train_loss: f64,

@@ -140,6 +140,11 @@ pub fn local_round(
     let global = read_global_model(global_path, kek)?;
     load_weights(model.var_store_mut(), &global).map_err(global_err)?;
     let eval = evaluate(&model, &dataset.validation)?;
+    let eval_units = if crate::ledger::releases_dp_metrics(job) {
+        crate::train::evaluate_units(&model, &dataset.validation)?
+    } else {
+        Vec::new()
+    };
     let (report, privacy, dp_noise) = train_round(
         admitted,
         name,
@@ -164,6 +169,7 @@ pub fn local_round(
         delta,
         eval,
         eval_perplexity: None,
+        eval_units,
         train_samples: dataset.train.n_rows,
         train_loss: report.mean_loss,
         train_seconds: report.seconds,

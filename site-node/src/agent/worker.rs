@@ -429,7 +429,14 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     // Kept at once: if the spend cannot be recorded now, or the coordinator dies before it
     // answers, the round it asks for again is answered with this same update (see
     // [`crate::resend`]), once its spend is in the trail.
-    let released_metadata = round_metadata(task, &result);
+    let mut released_metadata = round_metadata(task, &result);
+    if let Some(spec) = privacy_spec
+        .as_ref()
+        .filter(|p| p.mode == tutela_protocol::job::PrivacyMode::Local)
+    {
+        super::metrics::release_under_dp(&mut released_metadata, &result, spec)
+            .map_err(|e| internal(format!("internal error releasing the round's metrics: {e}")))?;
+    }
     shared.gate.resends().keep(ReleasedUpdate {
         job_id: task.job_id.clone(),
         round,

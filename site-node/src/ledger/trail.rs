@@ -3,7 +3,7 @@
 //! for this node, and an officer's rebuild from those spends.
 
 use tutela_privacy::accountant::Accountant;
-use tutela_privacy::ledger::{Ledger, RoundCharge, TrailSpend};
+use tutela_privacy::ledger::{Group, Ledger, MechanismKind, RoundCharge, TrailSpend};
 
 use super::{SiteLedgers, accountant};
 
@@ -25,6 +25,19 @@ impl AnchoredSpend {
                 sample_rate: self.payload.sample_rate,
                 noise_multiplier: self.payload.noise_multiplier,
                 steps: self.payload.steps,
+                kind: MechanismKind::DpSgd,
+            },
+            metrics: match (
+                self.payload.metrics_noise_multiplier,
+                self.payload.metrics_releases,
+            ) {
+                (Some(noise_multiplier), Some(steps)) => Some(Group {
+                    sample_rate: 1.0,
+                    noise_multiplier,
+                    steps,
+                    kind: MechanismKind::Metrics,
+                }),
+                _ => None,
             },
             rows: self.payload.rows as usize,
             seq: self.seq,
@@ -109,6 +122,8 @@ impl SiteLedgers {
                 .map_err(|e| e.to_string())?,
             delta: job_delta,
             dataset_delta: self.budget.delta,
+            metrics_noise_multiplier: charge.metrics.map(|m| m.noise_multiplier),
+            metrics_releases: charge.metrics.map(|m| m.steps),
         })
     }
 

@@ -86,7 +86,7 @@ pub struct PretrainOptions {
 }
 
 /// What a pretraining run did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PretrainReport {
     pub parameters: i64,
     pub train_tokens: usize,

@@ -1031,6 +1031,20 @@ async fn a_dp_round_reports_its_noise_multiplier_and_expected_batch() {
             .parse()
             .unwrap()
     };
+    // Under DP no metric leaves exact (the metric oracle, `tutela_privacy::metrics`): the
+    // training loss and the one-class flag are not sent, and the validation loss leaves only as
+    // a noised release with its σ (when the round's ledger charged it), never exactly.
+    assert!(!m.contains_key(meta::TRAIN_LOSS), "{m:?}");
+    assert!(!m.contains_key(meta::SINGLE_CLASS_PREDICTED), "{m:?}");
+    assert_eq!(
+        m.contains_key(meta::EVAL_LOSS),
+        m.contains_key(meta::EVAL_LOSS_STDDEV),
+        "{m:?}"
+    );
+    if m.contains_key(meta::EVAL_LOSS) {
+        assert!(number(meta::EVAL_LOSS_STDDEV) > 0.0, "{m:?}");
+        assert!(number(meta::EVAL_ACCURACY_STDDEV) > 0.0, "{m:?}");
+    }
     // σ = 8 on the noise grid (within its correction), B = 4 of the 456 training rows.
     let sigma = number(meta::DP_NOISE_MULTIPLIER);
     assert!((sigma - 8.0).abs() < 0.05, "{sigma}");

@@ -309,6 +309,7 @@ fn plan(clip: f64, sigma: f64, dimension: usize) -> DpSgdPlan {
         noise_multiplier: Some(sigma),
         delta: 1e-5,
         accountant: Accountant::Rdp,
+        metrics: None,
     })
     .unwrap()
 }
@@ -400,6 +401,7 @@ fn a_dp_round_on_breast_cancer_learns_and_counts_its_steps() {
         noise_multiplier: None,
         delta: 1e-5,
         accountant: Accountant::Rdp,
+        metrics: None,
     })
     .unwrap();
     let before = evaluate(&model, &test).unwrap();

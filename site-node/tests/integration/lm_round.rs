@@ -277,13 +277,30 @@ unit = "patient""#,
         "{}",
         noise.expected_batch
     );
-    let expected = tutela_privacy::accountant::epsilon(
+    // The round's metrics are charged with it (`tutela_privacy::metrics`): the accountant
+    // composes them with the steps, so a round with metrics costs more than its steps alone.
+    let metrics = tutela_site_node::ledger::round_metrics(&plan)
+        .unwrap()
+        .expect("a DP job releases its metrics under DP");
+    let steps_alone = tutela_privacy::accountant::epsilon(
         &[plan.mechanism(result.train_steps).unwrap()],
         plan.delta,
         plan.accountant,
     )
     .unwrap()
     .epsilon;
+    let expected = tutela_privacy::accountant::epsilon(
+        &[plan.mechanism(result.train_steps).unwrap(), metrics],
+        plan.delta,
+        plan.accountant,
+    )
+    .unwrap()
+    .epsilon;
+    assert!(expected > steps_alone, "{expected} vs {steps_alone}");
+    assert!(
+        spent.charge.and_then(|c| c.metrics).is_some(),
+        "the charge holds the round's metrics"
+    );
     assert!(
         (spent.round_epsilon - expected).abs() < 1e-12,
         "{} vs {expected}",
@@ -304,11 +321,12 @@ unit = "patient""#,
             .any(|(_, bytes)| bytes.iter().any(|&b| b != 0))
     );
 
-    // Without a ledger the round computes the same ε.
+    // Without a ledger the round computes the ε of its steps: nothing charges its metrics, so
+    // the node sends none (`agent::metrics`).
     let unrecorded = round(&f, &job, &initial, None).unwrap();
     let spent = unrecorded.privacy.unwrap();
     assert!(spent.charge.is_none());
-    assert!((spent.round_epsilon - expected).abs() < 1e-12);
+    assert!((spent.round_epsilon - steps_alone).abs() < 1e-12);
 }
 
 #[test]

@@ -194,6 +194,7 @@ fn plan(clip: f64, sigma: f64, dimension: usize) -> DpSgdPlan {
         noise_multiplier: Some(sigma),
         delta: 1e-5,
         accountant: Accountant::Rdp,
+        metrics: None,
     })
     .unwrap()
 }
@@ -612,6 +613,7 @@ fn dp_lora_training_on_sampled_units_lowers_the_loss() {
         noise_multiplier: Some(0.5),
         delta: 1e-5,
         accountant: Accountant::Rdp,
+        metrics: None,
     })
     .unwrap();
     // Clipped three units at a time (the same release, less memory).

@@ -80,7 +80,7 @@ pub fn tokenize_units(
 }
 
 /// A model's loss over one side of a dataset.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LmEval {
     /// Mean next-token cross-entropy per target token (nats).
     pub loss: f64,
@@ -88,6 +88,9 @@ pub struct LmEval {
     pub perplexity: f64,
     /// Target tokens scored.
     pub tokens: usize,
+    /// Each privacy unit's mean loss per target token (accuracy 0: not a classifier), what a DP
+    /// job releases its metrics from (`tutela_privacy::metrics`); never leaves the site as is.
+    pub units: Vec<tutela_privacy::metrics::UnitMetric>,
 }
 
 /// Windows per forward pass when evaluating.
@@ -100,14 +103,18 @@ pub fn evaluate(
     pad_id: i64,
     device: Device,
 ) -> Result<LmEval, TrainError> {
-    // One "unit" per window here: grouping does not matter for a sum.
-    let windows: Vec<Vec<Vec<i64>>> = data
+    // One batch "unit" per window here (each window its own sequence); `owner` keeps the
+    // privacy unit of each window, for the per-unit losses DP metrics are released from.
+    let (windows, owner): (Vec<Vec<Vec<i64>>>, Vec<usize>) = data
         .units
         .iter()
-        .flatten()
-        .filter(|w| w.len() >= 2)
-        .map(|w| vec![w.clone()])
-        .collect();
+        .enumerate()
+        .flat_map(|(u, ws)| ws.iter().map(move |w| (u, w)))
+        .filter(|(_, w)| w.len() >= 2)
+        .map(|(u, w)| (vec![w.clone()], u))
+        .unzip();
+    let mut unit_loss = vec![0.0f64; data.units.len()];
+    let mut unit_tokens = vec![0usize; data.units.len()];
     let mut loss_sum = 0.0;
     let mut tokens = 0usize;
     for start in (0..windows.len()).step_by(EVAL_WINDOWS_PER_BATCH) {
@@ -115,6 +122,17 @@ pub fn evaluate(
         let picked: Vec<usize> = (start..end).collect();
         let batch = SequenceBatch::from_units(&windows, &picked, pad_id, Kind::Float, device)?;
         let losses = tch::no_grad(|| model.sequence_losses(&batch, false))?;
+        let per_window = losses
+            .f_to_kind(Kind::Double)
+            .and_then(|l| Vec::<f64>::try_from(&l))
+            .map_err(|source| TrainError::Torch {
+                context: "validation loss per window".into(),
+                source,
+            })?;
+        for (i, l) in (start..end).zip(per_window) {
+            unit_loss[owner[i]] += l;
+            unit_tokens[owner[i]] += windows[i][0].len() - 1;
+        }
         loss_sum += losses
             .f_sum(Kind::Double)
             .and_then(|l| l.f_double_value(&[]))
@@ -131,10 +149,20 @@ pub fn evaluate(
         });
     }
     let loss = loss_sum / tokens as f64;
+    let units = unit_loss
+        .iter()
+        .zip(&unit_tokens)
+        .filter(|(_, t)| **t > 0)
+        .map(|(l, t)| tutela_privacy::metrics::UnitMetric {
+            loss: l / *t as f64,
+            correct: 0.0,
+        })
+        .collect();
     Ok(LmEval {
         loss,
         perplexity: loss.exp(),
         tokens,
+        units,
     })
 }
 
