@@ -319,6 +319,8 @@ impl From<&Refusal> for SiteFailure {
             Refusal::UnknownSchema { .. } => SiteFailure::with_public_note(UnknownSchema, r),
             // The dataset's name (announced already), never the problems its check found.
             Refusal::DatasetNotReady { .. } => SiteFailure::with_public_note(DataUnreadable, r),
+            // The code alone, as for a read that failed: the reason names the dataset only.
+            Refusal::SourceUnreadable { .. } => SiteFailure::new(DataUnreadable, r),
             // The two digests' first hex digits, never the schema file's path.
             Refusal::SchemaDigest(_) => SiteFailure::with_public_note(DataSchemaMismatch, r),
             Refusal::PrivacyBudget(_) => SiteFailure::with_public_note(PrivacyBudget, r),

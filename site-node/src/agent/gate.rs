@@ -41,6 +41,11 @@ pub enum Refusal {
          re-checks it and announces it when it passes)"
     )]
     DatasetNotReady { schema: String },
+    /// The dataset's source file cannot be read now (gone since the node started): its budget,
+    /// keyed by the file's data (`crate::budget_identity`), cannot be told either. The node
+    /// withdraws the dataset until a re-check passes (`agent::readiness`).
+    #[error("this site's dataset {dataset:?} cannot be read now")]
+    SourceUnreadable { dataset: String },
     #[error("this site has no {kind} for schema {schema:?}; it has: {known}")]
     UnknownSchema {
         /// `dataset` (a table, for a layer network) or `text dataset` (for a language model).
@@ -365,6 +370,15 @@ impl TaskGate {
         let job = JobView::from_toml_str(&task.job_spec_toml)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         let data = self.job_data(&job)?;
+        if let (JobData::Table(_), Some(ledgers)) = (&data, &self.ledgers)
+            && ledgers
+                .source_of(data.name())
+                .is_some_and(|source| std::fs::metadata(source).is_err())
+        {
+            return Err(Refusal::SourceUnreadable {
+                dataset: data.name().to_string(),
+            });
+        }
         // Before the approvals: a site whose schema file is not the one the officers signed
         // would encode other columns than the job expects, whatever its officers said.
         if let JobData::Table(dataset) = &data {

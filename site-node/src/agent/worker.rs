@@ -330,6 +330,10 @@ async fn refused(shared: &Shared, task: &pb::Task, refusal: Refusal) -> Result<D
         return Ok(Done::Skipped(refusal.to_string()));
     }
     let failure = SiteFailure::from(&refusal);
+    // A source gone since the start: withdrawn until a re-check passes, as for a failed read.
+    if let Refusal::SourceUnreadable { dataset } = &refusal {
+        shared.gate.tables().mark_unreadable(dataset);
+    }
     match decline(shared, &task.task_id, &failure).await {
         Ok(()) => Ok(Done::Declined(failure)),
         Err(e) => Err(Failure::Coordinator(format!("declining ({failure}): {e}"))),
