@@ -455,7 +455,7 @@ mod language_model {
         // The cost grows as the amplitude squared, and the amplitude is target_z / √N: this model
         // has only 1e5 marked values, so the default z = 16 costs more than 1% (recorded, not
         // asserted), and a job publishing so small a language model asks for z = 7.5 (p < 1e-12).
-        let mut embed = |target_z: f64, name: &str| {
+        let embed = |target_z: f64, name: &str| {
             let marked = dir.path().join(name);
             copy_dir(&clean, &marked);
             let strength = Strength {
