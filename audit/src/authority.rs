@@ -15,7 +15,8 @@
 //! | `certificate.issued`, `certificate.revoked` | a CA administrator (`ca_admins` in audit.toml) |
 //! | `job.approved`, `job.rejected` | the officer's signature over the job's digest, relayed by the coordinator or appended by the signing officer |
 //! | `model.registered` | the coordinator, once per name and version |
-//! | `model.stage_changed` | the coordinator, relaying the signatures of the persons whose quorum the policy's stage rules asked for; every signature must verify ([`crate::stage`]) and every move start where the trail left the version |
+//! | `policy.loaded` | the coordinator, with the policy's text whose digest is the subject |
+//! | `model.stage_changed` | the coordinator, relaying the signatures of the persons whose quorum the stage rules of the policy it names (a `policy.loaded` earlier in the trail) ask for, over the sites whose updates the trail shows in the moved versions' jobs; every signature must verify, be signed within a day before the event and never have counted before ([`crate::stage`]), and every move start where the trail left the version |
 //!
 //! An officer's decision is further checked against the trail itself ([`TrailState`]): the job
 //! must have been proposed (`job.proposed`) with the digest signed, the officer must be a user
@@ -44,8 +45,10 @@ use crate::event::{Action, Event, Timestamp};
 use crate::payload::privacy::{LedgerRestored, PrivacySpent};
 use crate::payload::{
     ActionPayload, AuditQuarantined, DatasetDeidentified, JobProposed, ModelRegistered,
-    ModelStageChanged, PayloadError, TextDatasetDeidentified, UpdateRefused, check_shape,
+    ModelStageChanged, PayloadError, PolicyLoaded, RoundCompleted, TextDatasetDeidentified,
+    UpdateRefused, check_shape,
 };
+use tutela_policy::stage::StagePolicy;
 use tutela_protocol::release::{Stage, VersionMove};
 
 /// Who may assert an action (see the module documentation's table).
@@ -89,7 +92,8 @@ impl Authority {
             | Action::JobFailed
             | Action::ModelPublished
             | Action::WatermarkRegistered
-            | Action::ModelRegistered => Authority::Coordinator,
+            | Action::ModelRegistered
+            | Action::PolicyLoaded => Authority::Coordinator,
             Action::ModelStageChanged => Authority::SignedStageMove,
             Action::AuditQuarantined => Authority::SignedQuarantine,
             Action::UpdateRefused => Authority::CoordinatorOrOwnSiteNode,
@@ -124,7 +128,7 @@ impl Authority {
                 "valid only with the signature of an officer of a site the proposed job lists, relayed by the coordinator or appended by that officer, once"
             }
             Authority::SignedStageMove => {
-                "only the coordinator asserts it, with a valid signature of every person who moved the stage, over moves that start where the trail left each version"
+                "only the coordinator asserts it, with a fresh, never reused, valid signature of every person who moved the stage, meeting the stage rules of a policy recorded in the trail, over moves that start where the trail left each version"
             }
             Authority::SignedQuarantine => {
                 "only the audit service asserts it, with the valid signatures of a consortium operator and of officers over the quarantined rows"
@@ -420,7 +424,15 @@ pub enum Effect {
     Stages {
         name: String,
         moves: Vec<VersionMove>,
+        /// For a registration: the job whose model it is.
+        job: Option<String>,
+        /// For a move: the signatures that counted (each may count once).
+        signatures: Vec<Hash>,
     },
+    /// A policy's text recorded (`policy.loaded`).
+    Policy { digest: String, policy: StagePolicy },
+    /// A round's accepted sites (`round.completed`, subject the job).
+    Round { job: String, sites: Vec<String> },
 }
 
 /// What makes two officers' decisions the same: the job, the officer, the action and the message
@@ -454,6 +466,16 @@ pub struct TrailState {
     /// Each registered (name, version)'s model digest and stage history: (seq, stage), oldest
     /// first.
     stages: HashMap<(String, u64), StageHistory>,
+    /// Each registered (name, version)'s job, with the seq of its registration.
+    registered_jobs: HashMap<(String, u64), (u64, String)>,
+    /// Each job's rounds as the trail shows them: (seq, accepted sites).
+    rounds: HashMap<String, Vec<(u64, Vec<String>)>>,
+    /// Each policy recorded (`policy.loaded`), by digest: the first seq and what stage moves
+    /// are re-checked with.
+    policies: HashMap<String, (u64, StagePolicy)>,
+    /// Every stage-move signature that counted (the hash of its signer and signed message),
+    /// with its seq: a signature counts once.
+    stage_signatures: HashMap<Hash, u64>,
 }
 
 fn malformed(e: PayloadError) -> AuthorityError {
@@ -510,6 +532,16 @@ impl TrailState {
             (Authority::Coordinator, Principal::Coordinator) => {
                 if a.action == Action::ModelRegistered {
                     return self.check_registration(a).map_err(AuthorityError::from);
+                }
+                if a.action == Action::PolicyLoaded {
+                    return self.check_policy_loaded(a).map_err(AuthorityError::from);
+                }
+                if a.action == Action::RoundCompleted {
+                    let p = RoundCompleted::from_value(0, a.payload).map_err(malformed)?;
+                    return Ok(Effect::Round {
+                        job: a.subject.to_string(),
+                        sites: p.participants,
+                    });
                 }
                 if a.action == Action::JobProposed {
                     let p = JobProposed::from_value(0, a.payload).map_err(malformed)?;
@@ -677,7 +709,43 @@ impl TrailState {
                 from: Stage::Candidate,
                 to: Stage::Candidate,
             }],
+            job: Some(p.job),
+            signatures: Vec::new(),
         })
+    }
+
+    /// A `policy.loaded`: its subject and digest are the digest of the text it carries, and the
+    /// text reads as a policy (stage rules and role grants).
+    fn check_policy_loaded(&self, a: &Assertion<'_>) -> Result<Effect, RegistryError> {
+        let bad = |problem: String| RegistryError {
+            action: a.action,
+            subject: a.subject.to_string(),
+            problem,
+        };
+        let p = PolicyLoaded::from_value(0, a.payload).map_err(|e| bad(e.to_string()))?;
+        let digest = p.recomputed_digest();
+        if p.digest != digest || a.subject != digest {
+            return Err(bad(format!(
+                "the text it carries has digest {digest}, not the {} it claims (subject {})",
+                p.digest, a.subject
+            )));
+        }
+        let policy = StagePolicy::parse(&p.policy).map_err(bad)?;
+        Ok(Effect::Policy { digest, policy })
+    }
+
+    /// The sites whose updates the trail shows in the rounds of the jobs that made `versions`
+    /// of `name` (the `site:*` of a stage rule), as the coordinator counts them.
+    fn contributing_sites(&self, name: &str, versions: &[u64]) -> Vec<String> {
+        let mut sites = BTreeSet::new();
+        for v in versions {
+            if let Some((_, job)) = self.registered_jobs.get(&(name.to_string(), *v)) {
+                for (_, accepted) in self.rounds.get(job).into_iter().flatten() {
+                    sites.extend(accepted.iter().cloned());
+                }
+            }
+        }
+        sites.into_iter().collect()
     }
 
     /// A `model.stage_changed`: every signature verifies, and every move starts where the trail
@@ -697,7 +765,7 @@ impl TrailState {
             return Err(bad(format!("its subject is not its name {:?}", p.name)));
         }
         let check = trust.chain_check(a.at);
-        crate::stage::verify_stage_signatures(&p, check.as_ref()).map_err(bad)?;
+        let signed = crate::stage::verify_stage_signatures(&p, check.as_ref(), a.at).map_err(bad)?;
         tutela_protocol::release::check_move(p.kind, &p.moves, |version, digest| {
             self.stages
                 .get(&(p.name.clone(), version))
@@ -705,9 +773,34 @@ impl TrailState {
                 .and_then(|(_, h)| h.last().map(|(_, s)| *s))
         })
         .map_err(bad)?;
+        // A signature counts once: the same signed move (a rollback back and forth restores
+        // the very same moves, reason and all) is signed again, never replayed.
+        for s in &signed {
+            if let Some(first) = self.stage_signatures.get(&s.key) {
+                return Err(bad(format!(
+                    "the signature of {} already counted at seq {first}: a stage move's signature counts once",
+                    s.signer
+                )));
+            }
+        }
+        // The signers' roles, against the policy the event names, as the trail records it.
+        let (_, policy) = self.policies.get(&p.policy_digest).ok_or_else(|| {
+            bad(format!(
+                "it names policy {}, which no policy.loaded before it records: its signers' roles cannot be re-checked",
+                p.policy_digest
+            ))
+        })?;
+        let versions: Vec<u64> = p.moves.iter().map(|m| m.version).collect();
+        let sites = self.contributing_sites(&p.name, &versions);
+        let signers: Vec<String> = signed.iter().map(|s| s.signer.uri()).collect();
+        policy
+            .check_signers(&p.moves, &sites, &signers)
+            .map_err(|e| bad(format!("under policy {}: {e}", p.policy_digest)))?;
         Ok(Effect::Stages {
             name: p.name,
             moves: p.moves,
+            job: None,
+            signatures: signed.into_iter().map(|s| s.key).collect(),
         })
     }
 
@@ -723,7 +816,20 @@ impl TrailState {
     pub fn apply(&mut self, seq: u64, effect: Effect) {
         match effect {
             Effect::None => {}
-            Effect::Stages { name, moves } => {
+            Effect::Stages {
+                name,
+                moves,
+                job,
+                signatures,
+            } => {
+                if let (Some(job), Some(first)) = (job, moves.first()) {
+                    self.registered_jobs
+                        .entry((name.clone(), first.version))
+                        .or_insert((seq, job));
+                }
+                for key in signatures {
+                    self.stage_signatures.entry(key).or_insert(seq);
+                }
                 for m in moves {
                     self.stages
                         .entry((name.clone(), m.version))
@@ -746,6 +852,10 @@ impl TrailState {
             Effect::Decision { key } => {
                 self.decisions.entry(key).or_insert(seq);
             }
+            Effect::Policy { digest, policy } => {
+                self.policies.entry(digest).or_insert((seq, policy));
+            }
+            Effect::Round { job, sites } => self.rounds.entry(job).or_default().push((seq, sites)),
         }
     }
 
@@ -760,6 +870,13 @@ impl TrailState {
             history.retain(|(s, _)| *s < seq);
             !history.is_empty()
         });
+        self.registered_jobs.retain(|_, (s, _)| *s < seq);
+        self.rounds.retain(|_, rounds| {
+            rounds.retain(|(s, _)| *s < seq);
+            !rounds.is_empty()
+        });
+        self.policies.retain(|_, (s, _)| *s < seq);
+        self.stage_signatures.retain(|_, s| *s < seq);
     }
 
     /// [`TrailState::check`], then [`TrailState::apply`] if it holds.

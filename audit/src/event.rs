@@ -123,11 +123,18 @@ pub enum Action {
     /// officers' signatures, the quorum met and the policy's digest; readers re-check every
     /// signature.
     AuditQuarantined,
+    /// `policy.loaded`: the text of the consortium policy (casbin model and policy files) under
+    /// which the coordinator is about to record a decision that readers must re-check against
+    /// it (a registered model's stage move), recorded once per policy digest before the first
+    /// such event. Subject: the policy digest. Payload ([`crate::payload::PolicyLoaded`]): the
+    /// digest and both files' text; readers recompute the digest and re-check each
+    /// `model.stage_changed` naming it against its stage rules and role grants.
+    PolicyLoaded,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 22] = [
+    pub const ALL: [Action; 23] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -150,6 +157,7 @@ impl Action {
         Action::ModelStageChanged,
         Action::ModelInitialized,
         Action::AuditQuarantined,
+        Action::PolicyLoaded,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -177,6 +185,7 @@ impl Action {
             Action::ModelStageChanged => "model.stage_changed",
             Action::ModelInitialized => "model.initialized",
             Action::AuditQuarantined => "audit.quarantined",
+            Action::PolicyLoaded => "policy.loaded",
         }
     }
 }

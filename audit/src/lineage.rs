@@ -460,6 +460,7 @@ fn apply_event(
         Action::ModelRegistered | Action::ModelStageChanged => {}
         Action::NodeRegistered
         | Action::PolicyDecision
+        | Action::PolicyLoaded
         | Action::CertificateIssued
         | Action::CertificateRevoked
         | Action::DatasetDeidentified => {}

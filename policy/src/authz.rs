@@ -52,7 +52,9 @@ impl PolicyDigest {
         hex::encode(self.0)
     }
 
-    fn of(model: &[u8], policy: &[u8]) -> Self {
+    /// The digest of a model and a policy file's bytes: what a decision names, and what a reader
+    /// recomputes from a policy recorded in the audit trail (`policy.loaded`).
+    pub fn of(model: &[u8], policy: &[u8]) -> Self {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         for part in [model, policy] {
             ctx.update(&(part.len() as u64).to_be_bytes());
@@ -145,6 +147,9 @@ pub enum AuthzError {
 struct Loaded {
     enforcer: Enforcer,
     digest: PolicyDigest,
+    /// The model and policy files' text, as digested: what the coordinator records in the audit
+    /// trail (`policy.loaded`) so that readers can re-check decisions made under it.
+    text: PolicyText,
     quorum: Vec<QuorumRule>,
     stage_rules: Vec<crate::stage::StageRule>,
 }
@@ -219,6 +224,11 @@ impl Authorizer {
 
     pub fn policy_path(&self) -> &Path {
         &self.policy_path
+    }
+
+    /// The text of the model and policy in force, with their digest (one consistent snapshot).
+    pub fn text(&self) -> PolicyText {
+        self.loaded.load().text.clone()
     }
 
     /// Re-reads the files; swaps the new policy in if it differs. Returns whether it changed. On
@@ -366,6 +376,11 @@ async fn load(model_path: &Path, policy_path: &Path) -> Result<Loaded, AuthzErro
     let model_text = utf8(model_path, model_bytes)?;
     let policy_text = utf8(policy_path, policy_bytes)?;
     check_lines(policy_path, &policy_text)?;
+    let text = PolicyText {
+        digest,
+        model: model_text.clone(),
+        policy: policy_text.clone(),
+    };
     let model = DefaultModel::from_str(&model_text)
         .await
         .map_err(|e| AuthzError::Model {
@@ -417,6 +432,7 @@ async fn load(model_path: &Path, policy_path: &Path) -> Result<Loaded, AuthzErro
     Ok(Loaded {
         enforcer,
         digest,
+        text,
         quorum,
         stage_rules,
     })
@@ -425,16 +441,22 @@ async fn load(model_path: &Path, policy_path: &Path) -> Result<Loaded, AuthzErro
 /// casbin's string adapter skips lines it does not understand without a word; a policy is too
 /// important for that, so every line must be a comment, blank, or a known section.
 fn check_lines(path: &Path, text: &str) -> Result<(), AuthzError> {
+    check_policy_lines(text).map_err(|(line, problem)| AuthzError::Line {
+        path: path.to_path_buf(),
+        line,
+        problem,
+    })
+}
+
+/// [`check_lines`] without a file: the first bad line's number (from 1) and what is wrong with
+/// it. Also how a policy recorded in the audit trail is read back ([`crate::stage::StagePolicy`]).
+pub fn check_policy_lines(text: &str) -> Result<(), (usize, String)> {
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = |problem: String| AuthzError::Line {
-            path: path.to_path_buf(),
-            line: i + 1,
-            problem,
-        };
+        let bad = |problem: String| (i + 1, problem);
         let tokens: Vec<&str> = line.split(',').map(str::trim).collect();
         let want = match tokens[0] {
             "p" => 5,
@@ -465,6 +487,14 @@ fn check_lines(path: &Path, text: &str) -> Result<(), AuthzError> {
         }
     }
     Ok(())
+}
+
+/// The model and policy files' text as loaded, with their digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyText {
+    pub digest: PolicyDigest,
+    pub model: String,
+    pub policy: String,
 }
 
 #[cfg(test)]

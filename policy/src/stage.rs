@@ -112,6 +112,110 @@ pub fn wanted_roles(
         .collect()
 }
 
+/// What a reader of the audit trail needs of a policy to re-check a stage move without casbin:
+/// its stage rules (`p3`) and its role grants (`g`), read from the policy's text as recorded in
+/// the trail (`policy.loaded`). Roles are resolved as casbin's role manager resolves them for the
+/// coordinator ([`crate::Authorizer::has_role`]): a `g` line links an identity (or a role) to a
+/// role in one domain, transitively within that domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagePolicy {
+    rules: Vec<StageRule>,
+    /// (member, role, domain), as the `g` lines say.
+    grants: Vec<(String, String, String)>,
+}
+
+impl StagePolicy {
+    /// Reads a policy file's text; the first bad line (as the coordinator would refuse it to
+    /// load) is an error naming its number.
+    pub fn parse(policy_text: &str) -> Result<StagePolicy, String> {
+        crate::authz::check_policy_lines(policy_text)
+            .map_err(|(line, problem)| format!("policy line {line}: {problem}"))?;
+        let mut rules = Vec::new();
+        let mut grants = Vec::new();
+        for (i, raw) in policy_text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let tokens: Vec<String> = line.split(',').map(|t| t.trim().to_string()).collect();
+            match tokens[0].as_str() {
+                "p3" => rules.push(
+                    StageRule::from_tokens(&tokens[1..])
+                        .map_err(|p| format!("policy line {}: stage rule: {p}", i + 1))?,
+                ),
+                "g" => grants.push((tokens[1].clone(), tokens[2].clone(), tokens[3].clone())),
+                _ => {}
+            }
+        }
+        Ok(StagePolicy { rules, grants })
+    }
+
+    pub fn rules(&self) -> &[StageRule] {
+        &self.rules
+    }
+
+    /// Whether `subject` holds `role` in `domain`: a `g` line links it, directly or through
+    /// roles linked in the same domain.
+    pub fn has_role(&self, subject: &str, role: &str, domain: &str) -> bool {
+        let mut seen = vec![subject.to_string()];
+        let mut frontier = vec![subject.to_string()];
+        while let Some(who) = frontier.pop() {
+            for (member, granted, dom) in &self.grants {
+                if member == &who && dom == domain {
+                    if granted == role {
+                        return true;
+                    }
+                    if !seen.contains(granted) {
+                        seen.push(granted.clone());
+                        frontier.push(granted.clone());
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether `signers` meet this policy's stage rules for `moves` of a model the `sites`
+    /// contributed to, every signer holding a role the rules ask for; what is wrong if not.
+    pub fn check_signers(
+        &self,
+        moves: &[VersionMove],
+        sites: &[String],
+        signers: &[String],
+    ) -> Result<QuorumStatus, String> {
+        let wanted = wanted_roles(&self.rules, moves, sites);
+        for s in signers {
+            if !wanted
+                .iter()
+                .any(|(role, domain)| self.has_role(s, role, domain))
+            {
+                let asked: Vec<String> = wanted.iter().map(|(r, d)| format!("{r} of {d}")).collect();
+                return Err(format!(
+                    "{s} holds none of the roles whose signature this move needs ({})",
+                    if asked.is_empty() {
+                        "the policy has no stage rule for it".to_string()
+                    } else {
+                        asked.join(", ")
+                    }
+                ));
+            }
+        }
+        let status = evaluate_move(&self.rules, moves, sites, signers, |s, r, d| {
+            self.has_role(s, r, d)
+        });
+        if let Some(b) = &status.blocked {
+            return Err(b.clone());
+        }
+        if !status.is_met() {
+            return Err(format!(
+                "the signatures do not meet the stage rules: missing {}",
+                status.missing().join("; ")
+            ));
+        }
+        Ok(status)
+    }
+}
+
 /// A principal's signed move of a registered model's versions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedMove {
@@ -419,5 +523,67 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// A reader of the trail re-checks stage moves from the policy's text: the shipped policy
+    /// read that way gives the roles casbin gives the coordinator (same files, same answers).
+    #[tokio::test]
+    async fn a_policy_read_from_its_text_gives_the_coordinator_s_roles_and_stage_rules() {
+        let model = include_str!("../../deploy/policy/model.conf");
+        let policy_text = include_str!("../../deploy/policy/policy.csv");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.conf"), model).unwrap();
+        // A role linked through a role, as casbin resolves it, besides the shipped lines.
+        let policy_text = format!(
+            "{policy_text}\ng, spiffe://acme/operator/eve, release_manager, consortium\n\
+             g, release_manager, operator, consortium\n"
+        );
+        std::fs::write(dir.path().join("policy.csv"), &policy_text).unwrap();
+        let authz = crate::Authorizer::load(
+            &dir.path().join("model.conf"),
+            &dir.path().join("policy.csv"),
+        )
+        .await
+        .unwrap();
+        let text = authz.text();
+        assert_eq!(text.digest, crate::PolicyDigest::of(model.as_bytes(), policy_text.as_bytes()));
+        let read = StagePolicy::parse(&text.policy).unwrap();
+        assert_eq!(read.rules(), authz.stage_rules().as_slice());
+        for who in [
+            "spiffe://acme/operator/op",
+            "spiffe://acme/operator/eve",
+            "spiffe://acme/operator/mallory",
+            "spiffe://acme/site/st-mary/user/alice",
+            "spiffe://acme/site/st-mary/user/sam",
+            "spiffe://acme/site/general/user/dana",
+        ] {
+            for role in ["operator", "compliance_officer", "site_admin", "auditor"] {
+                for domain in ["consortium", "site:st-mary", "site:general"] {
+                    assert_eq!(
+                        read.has_role(who, role, domain),
+                        authz.has_role(who, role, domain),
+                        "{who} {role} {domain}"
+                    );
+                }
+            }
+        }
+        let prod = to(Stage::Production);
+        let sites = vec!["st-mary".to_string()];
+        let op = "spiffe://acme/operator/op".to_string();
+        let alice = "spiffe://acme/site/st-mary/user/alice".to_string();
+        read.check_signers(&prod, &sites, &[op.clone(), alice.clone()])
+            .unwrap();
+        let e = read.check_signers(&prod, &sites, std::slice::from_ref(&op)).unwrap_err();
+        assert!(e.contains("missing") && e.contains("site:st-mary"), "{e}");
+        let e = read
+            .check_signers(
+                &prod,
+                &sites,
+                &[op, alice, "spiffe://acme/site/st-mary/user/sam".into()],
+            )
+            .unwrap_err();
+        assert!(e.contains("sam holds none of the roles"), "{e}");
+        let e = StagePolicy::parse("g, a, b\n").unwrap_err();
+        assert!(e.contains("policy line 1"), "{e}");
     }
 }

@@ -27,7 +27,7 @@ pub use job::{
     WatermarkRegistered,
 };
 pub use pki::{CertificateIssued, CertificateRevoked};
-pub use policy::PolicyDecision;
+pub use policy::{PolicyDecision, PolicyLoaded};
 pub use quarantine::{AuditQuarantined, QuarantineSignature, QuarantineTerms, QuarantinedRow};
 pub use registry::{ModelRegistered, ModelStageChanged, StageSignature};
 pub use site::{DatasetDeidentified, NodeRegistered, TextDatasetDeidentified};
@@ -114,5 +114,6 @@ pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), Pa
         Action::ModelRegistered => shape::<ModelRegistered>(payload),
         Action::ModelStageChanged => shape::<ModelStageChanged>(payload),
         Action::AuditQuarantined => shape::<AuditQuarantined>(payload),
+        Action::PolicyLoaded => shape::<PolicyLoaded>(payload),
     }
 }

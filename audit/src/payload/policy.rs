@@ -1,5 +1,6 @@
 //! `policy.decision`: a decision of the consortium policy (the coordinator's or the audit
-//! service's enforcement layer, or the audit service refusing what a caller may not assert).
+//! service's enforcement layer, or the audit service refusing what a caller may not assert);
+//! `policy.loaded`: the policy's text, for readers that re-check decisions under it.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,5 +47,39 @@ impl PolicyDecision {
             rule: decision.rule.clone(),
             policy_digest: decision.policy_digest.to_hex(),
         }
+    }
+}
+
+/// `policy.loaded` (subject: the digest): the consortium policy the coordinator decides stage
+/// moves under, as the files' text; `digest` is `tutela_policy::PolicyDigest::of(model,
+/// policy)`, which every reader recomputes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyLoaded {
+    /// SHA-256 over both files, hex (what `policy_digest` fields name).
+    pub digest: String,
+    /// The casbin model file's text.
+    pub model: String,
+    /// The policy file's text.
+    pub policy: String,
+}
+
+impl ActionPayload for PolicyLoaded {
+    const ACTION: Action = Action::PolicyLoaded;
+}
+
+impl PolicyLoaded {
+    /// The record of a loaded policy.
+    pub fn of(text: &tutela_policy::authz::PolicyText) -> PolicyLoaded {
+        PolicyLoaded {
+            digest: text.digest.to_hex(),
+            model: text.model.clone(),
+            policy: text.policy.clone(),
+        }
+    }
+
+    /// The digest recomputed from the text, hex.
+    pub fn recomputed_digest(&self) -> String {
+        tutela_policy::PolicyDigest::of(self.model.as_bytes(), self.policy.as_bytes()).to_hex()
     }
 }
