@@ -1,9 +1,10 @@
 //! The coordinator's handle on the audit service: every state change that matters to a regulator
 //! is recorded there, as the coordinator's certificate identity.
 //!
-//! Configured by the optional `[audit]` table of coordinator.toml (`endpoint`, `server_identity`).
-//! Without it the coordinator runs and logs "audit disabled" at WARN once; events are then only
-//! in the tracing log, which is not tamper-evident.
+//! Configured by the `[audit]` table of coordinator.toml (`endpoint`, `server_identity`), which
+//! is required: only `insecure_no_audit = true` on a loopback listener (a development setup)
+//! runs without it, [`AuditTrail::disabled`], warning at start; events are then only in the
+//! tracing log, which is not tamper-evident.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -105,6 +106,24 @@ impl AuditTrail {
         payload: &P,
     ) -> Result<Option<Receipt>, AuditTrailError> {
         self.record(P::ACTION, subject, payload.to_value()).await
+    }
+
+    /// [`Self::record_payload`] unless this coordinator's events of the same action and subject
+    /// already include it (`is_it`): one look, then one append, failing closed on either (for
+    /// a caller that answers a request and must not wait for the service).
+    pub async fn record_payload_unless_present<P: ActionPayload>(
+        &self,
+        subject: &str,
+        payload: &P,
+        is_it: impl Fn(&Event) -> bool,
+    ) -> Result<(), AuditTrailError> {
+        if let Some(client) = &self.client {
+            let mut client = client.clone();
+            if self.find(&mut client, P::ACTION, subject, &is_it).await? {
+                return Ok(());
+            }
+        }
+        self.record_payload(subject, payload).await.map(|_| ())
     }
 
     /// [`Self::note`] of a typed payload: its action is the payload's.

@@ -23,7 +23,9 @@
 
 use std::collections::BTreeMap;
 
-use tutela_audit::payload::{ModelRegistered, ModelStageChanged, StageSignature};
+use tutela_audit::payload::{
+    ActionPayload, ModelRegistered, ModelStageChanged, PolicyLoaded, StageSignature,
+};
 use tutela_policy::stage::{SignedMove, evaluate_move, wanted_roles};
 use tutela_protocol::identity::Identity;
 use tutela_protocol::release::{
@@ -172,6 +174,9 @@ pub async fn move_stage(
     signed: SignedMove,
 ) -> Result<MoveOutcome, RegistryError> {
     let gate = engine.approvals.get().ok_or(RegistryError::NoPolicy)?;
+    // One snapshot of the policy decides the whole move, and is what the trail records and its
+    // readers re-check the signers against (a reload during the move is refused below).
+    let policy = gate.authorizer.text();
     let now = now_ms();
     let verifier = gate.verifier().map_err(RegistryError::NotAllowed)?;
     let signer = verifier
@@ -251,6 +256,13 @@ pub async fn move_stage(
             }
         }
     }
+    // A pending signature counts only while its signer still holds a role the move needs (the
+    // policy may have changed since it was given): readers refuse a move with any other.
+    counting.retain(|p| {
+        wanted
+            .iter()
+            .any(|(role, domain)| gate.authorizer.has_role(&p.signer, role, domain))
+    });
     let signers: Vec<String> = counting.iter().map(|p| p.signer.clone()).collect();
     let status = evaluate_move(&rules, &planned, &sites, &signers, |s, role, domain| {
         gate.authorizer.has_role(s, role, domain)
@@ -263,6 +275,23 @@ pub async fn move_stage(
             missing: status.missing(),
         });
     }
+    if gate.authorizer.digest() != policy.digest {
+        return Err(RegistryError::Invalid(format!(
+            "the policy was reloaded while the move was checked ({} -> {}): sign it again",
+            policy.digest,
+            gate.authorizer.digest()
+        )));
+    }
+    // The policy's text goes into the trail (once per digest) before the first move decided
+    // under it, so that every reader re-checks the signers' roles against it (fail closed).
+    let loaded = PolicyLoaded::of(&policy);
+    engine
+        .trail()
+        .record_payload_unless_present(&loaded.digest, &loaded, |e| {
+            PolicyLoaded::from_event(e).is_ok_and(|p| p == loaded)
+        })
+        .await
+        .map_err(|e| RegistryError::Audit(e.to_string()))?;
     let move_no = engine.store.next_move_no(&name).await?;
     let payload = ModelStageChanged {
         name: name.clone(),
@@ -285,7 +314,7 @@ pub async fn move_stage(
             })
             .collect(),
         quorum: status.gathered(),
-        policy_digest: gate.authorizer.digest().to_hex(),
+        policy_digest: policy.digest.to_hex(),
     };
     // Fail closed: a move the audit trail did not take is not applied.
     engine
