@@ -305,6 +305,8 @@ def check_chart() -> None:
         ({"externalDatabase": {"enabled": True, "existingSecret": "x"}, "postgresql": {"enabled": True}},
          "both true"),
         ({"externalDatabase": {"enabled": True}}, "existingSecret"),
+        # The coordinator's audit trail is mandatory (hole (a)): it cannot be switched off.
+        ({"coordinator": {"config": {"audit": {"enabled": False}}}}, "refuses to start without [audit]"),
     ]:
         try:
             render(values)

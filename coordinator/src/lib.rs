@@ -50,9 +50,17 @@ pub struct Config {
     #[serde(default = "default_reload_secs")]
     pub tls_reload_secs: u64,
     pub tls: TlsFiles,
-    /// The audit service to record events at (see `audit_trail`); absent: audit disabled.
+    /// The audit service to record events at (see `audit_trail`). Required: a coordinator
+    /// without it refuses to start (see [`Config::validate`]), unless `insecure_no_audit`
+    /// waives it for a development setup on one machine.
     #[serde(default)]
     pub audit: Option<audit_trail::AuditConfig>,
+    /// Runs without `[audit]`: nothing the coordinator does is in the tamper-evident trail
+    /// (events are only in its tracing log). For a development setup on one machine only: it
+    /// is refused unless `listen` is a loopback address, and together with an `[audit]` table;
+    /// the coordinator warns at start. An absent `[audit]` never means this by itself.
+    #[serde(default)]
+    pub insecure_no_audit: bool,
     /// Authorization and approvals (casbin model and policy). Required: a coordinator without it
     /// refuses to start (see [`Config::validate`]), unless `insecure_no_policy` waives it.
     #[serde(default)]
@@ -93,6 +101,27 @@ pub enum ConfigError {
          `insecure_no_policy`, which would waive the approvals that [policy] requires"
     )]
     PolicyAndInsecure,
+    #[error(
+        "no [audit] table: the coordinator refuses to start without one, since nothing it does \
+         (proposals, approvals, rounds, published models, stage moves) would be in the \
+         tamper-evident audit trail. Add an [audit] table naming the audit service (`endpoint`, \
+         and `server_identity` if it is not spiffe://<consortium>/audit; every key: the [audit] \
+         table of deploy/config/coordinator.toml). Only for a development setup on this machine \
+         (listen on a loopback address), `insecure_no_audit = true` runs without a trail"
+    )]
+    NoAudit,
+    #[error(
+        "`insecure_no_audit = true` and an [audit] table are both set: remove \
+         `insecure_no_audit`"
+    )]
+    AuditAndInsecure,
+    #[error(
+        "`insecure_no_audit = true` is only for a development setup on one machine, but listen = \
+         \"{listen}\" is reachable from other machines: a coordinator that sites can reach keeps \
+         an audit trail. Add an [audit] table and remove `insecure_no_audit` (or listen on \
+         127.0.0.1 for a development setup)"
+    )]
+    NoAuditNotLocal { listen: SocketAddr },
     /// A value outside the range deploy/config/coordinator.toml documents.
     #[error(transparent)]
     OutOfRange(#[from] tutela_protocol::config_range::OutOfRange),
@@ -154,7 +183,8 @@ impl Config {
 
     /// Checks what serde cannot: approvals are configured (`[policy]`) or waived by name
     /// (`insecure_no_policy = true`), never both and never neither. Fail closed: a setting left
-    /// out must not open the coordinator to unapproved jobs.
+    /// out must not open the coordinator to unapproved jobs. The audit trail likewise
+    /// (`[audit]`, or `insecure_no_audit = true` on a loopback listener only).
     /// Also checks every value against the range the example file documents.
     pub fn validate(&self) -> Result<(), ConfigError> {
         use tutela_protocol::config_range::{MAX_PERIOD_SECS, in_range};
@@ -162,6 +192,19 @@ impl Config {
             (Some(_), false) | (None, true) => {}
             (None, false) => return Err(ConfigError::NoPolicy),
             (Some(_), true) => return Err(ConfigError::PolicyAndInsecure),
+        }
+        // The trail, likewise: required, or waived by name for a development setup that no
+        // other machine can reach (a listener on loopback: no site, no operator elsewhere).
+        match (&self.audit, self.insecure_no_audit) {
+            (Some(_), false) => {}
+            (None, false) => return Err(ConfigError::NoAudit),
+            (Some(_), true) => return Err(ConfigError::AuditAndInsecure),
+            (None, true) if !self.listen.ip().is_loopback() => {
+                return Err(ConfigError::NoAuditNotLocal {
+                    listen: self.listen,
+                });
+            }
+            (None, true) => {}
         }
         in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
         if let Some(p) = &self.policy {
@@ -242,7 +285,16 @@ impl Coordinator {
         // approve, reject, node registration) and the policy decisions all go through it.
         let trail = Arc::new(match &self.config.audit {
             Some(a) => audit_trail::AuditTrail::connect(a, &self.tls.material())?,
-            None => audit_trail::AuditTrail::disabled(),
+            // `validate` let this through only with `insecure_no_audit = true` on loopback.
+            None => {
+                tracing::warn!(
+                    listen = %self.config.listen,
+                    "insecure_no_audit = true: NO AUDIT TRAIL. Nothing this coordinator does is \
+                     recorded where it can be verified; its events are only in this log. For a \
+                     development setup on this machine only; configure [audit]"
+                );
+                audit_trail::AuditTrail::disabled()
+            }
         });
         let _ = engine.audit.set(trail.clone());
         if let Some(w) = &self.config.watermark {
@@ -288,7 +340,7 @@ impl Coordinator {
             .set_serving::<pb::identity_server::IdentityServer<IdentityService>>()
             .await;
         reporter
-            .set_serving::<pb::model_exchange_server::ModelExchangeServer<DirModelStore>>()
+            .set_serving::<pb::model_exchange_server::ModelExchangeServer<service::ModelStoreService>>()
             .await;
         reporter
             .set_serving::<pb::federation_server::FederationServer<service::FederationService>>()
@@ -307,13 +359,18 @@ impl Coordinator {
         let registry = pb::registry_server::RegistryServer::new(service::RegistryService {
             engine: engine.clone(),
         });
+        // The model store, less the unmarked sources of watermarked publications.
+        let models = service::ModelStoreService {
+            store,
+            engine: engine.clone(),
+        };
         let jobs = pb::jobs_server::JobsServer::new(service::JobsService { engine });
         let router = router
             .add_service(enforce.wrap(federation))
             .add_service(enforce.wrap(jobs))
             .add_service(enforce.wrap(registry))
             .add_service(enforce.wrap(services::identity_service()))
-            .add_service(enforce.wrap(store.into_service()));
+            .add_service(enforce.wrap(models.into_service()));
         let _watcher = self
             .tls
             .spawn_watcher(Duration::from_secs(self.config.tls_reload_secs.max(1)));
@@ -369,9 +426,16 @@ mod tests {
     }
 
     /// Writes coordinator.toml with `top` (top-level keys) and `tables` after the base keys.
+    /// Without an `[audit]` or an `insecure_no_audit` of its own, the trail is waived (on
+    /// loopback) so that each test is about what it names.
     fn write_config(dir: &Path, top: &str, tables: &str) -> PathBuf {
+        let waiver = if top.contains("insecure_no_audit") || tables.contains("[audit]") {
+            ""
+        } else {
+            "insecure_no_audit = true\n"
+        };
         let text = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{top}\n{}{tables}",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{waiver}{top}\n{}{tables}",
             dir.join("data").display(),
             tls_table(dir)
         );
@@ -568,6 +632,72 @@ mod tests {
                 path.display(),
                 dir.path().join("gone.key").display()
             )
+        );
+    }
+
+    /// Hole (a) of the 2026-11 review: a coordinator ran with no trail at all when `[audit]` was
+    /// left out (the shipped example had it commented out). Now it refuses to start, naming the
+    /// table and the file; the waiver is by name, and only on a loopback listener.
+    #[tokio::test]
+    async fn without_audit_the_coordinator_refuses_to_start_unless_waived_on_loopback() {
+        init_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "insecure_no_audit = false", &policy_table());
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        for needle in [
+            path.to_str().unwrap(),
+            "no [audit] table",
+            "refuses to start",
+            "deploy/config/coordinator.toml",
+            "insecure_no_audit = true",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing from: {err}");
+        }
+        let config: Config = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let err = Coordinator::bind(config).await.err().expect("refused");
+        assert!(err.to_string().contains("no [audit] table"), "{err}");
+
+        // The waiver next to an [audit] table; the waiver on a listener other machines reach.
+        let audit = "[audit]\nendpoint = \"localhost:7444\"\n";
+        let path = write_config(
+            dir.path(),
+            "insecure_no_audit = true",
+            &format!("{}{audit}", policy_table()),
+        );
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("remove `insecure_no_audit`"), "{err}");
+        let path = write_config(dir.path(), "insecure_no_audit = true", &policy_table());
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("127.0.0.1:0", "0.0.0.0:0");
+        std::fs::write(&path, text).unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(path.to_str().unwrap())
+                && err.contains("only for a development setup")
+                && err.contains("0.0.0.0:0"),
+            "{err}"
+        );
+
+        // With [audit], or the waiver on loopback, it starts.
+        let path = write_config(dir.path(), "", &format!("{}{audit}", policy_table()));
+        Coordinator::bind(Config::from_file(&path).unwrap())
+            .await
+            .unwrap();
+        let path = write_config(dir.path(), "insecure_no_audit = true", &policy_table());
+        let c = Coordinator::bind(Config::from_file(&path).unwrap())
+            .await
+            .unwrap();
+        assert!(c.config.insecure_no_audit && c.config.audit.is_none());
+
+        // The shipped example configures [audit] and documents the waiver, commented out.
+        let shipped =
+            std::fs::read_to_string(repo().join("deploy/config/coordinator.toml")).unwrap();
+        let config: Config = toml::from_str(&shipped).unwrap();
+        assert!(config.audit.is_some() && !config.insecure_no_audit);
+        assert!(
+            shipped.lines().any(|l| l == "# insecure_no_audit = true"),
+            "deploy/config/coordinator.toml documents insecure_no_audit"
         );
     }
 }

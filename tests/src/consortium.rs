@@ -165,7 +165,8 @@ impl Consortium {
     }
 
     /// Starts (or restarts) the coordinator on the consortium's port and data directory. Unless
-    /// `coordinator_extra` configures a `[policy]`, it runs with `insecure_no_policy = true`: a
+    /// `coordinator_extra` configures a `[policy]`, it runs with `insecure_no_policy = true`, and
+    /// unless it configures an `[audit]`, with `insecure_no_audit = true` (on loopback): a
     /// coordinator refuses to start with neither.
     pub fn start_coordinator(&mut self) {
         let c = self.certs();
@@ -173,6 +174,13 @@ impl Consortium {
             ""
         } else {
             "insecure_no_policy = true\n"
+        };
+        // Nor without [audit]: a test that gives it none runs on loopback with the trail waived
+        // by name.
+        let approvals = if has_table(&self.coordinator_extra, "audit") {
+            approvals.to_string()
+        } else {
+            format!("{approvals}insecure_no_audit = true\n")
         };
         let toml = format!(
             "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntls_reload_secs = 3600\n{approvals}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
@@ -281,7 +289,8 @@ impl Consortium {
 
     /// Certifies a node for `site` and starts it with `dataset` (top-level keys first, then its
     /// `[datasets.*]` table) and `extra` appended to its node.toml. Unless `node_top_level` gives
-    /// the site a `site_policy`, the node runs with `insecure_no_approvals = true`.
+    /// the site a `site_policy`, the node runs with `insecure_no_approvals = true`; unless
+    /// `extra` has an `[audit]` table, with `insecure_no_audit = true`.
     fn spawn_node(&mut self, site: &str, dataset: &str, extra: &str) {
         let site_dir = self.dir.join("sites").join(site);
         let issued = self
@@ -310,6 +319,13 @@ impl Consortium {
             Some(top) if sets_top_level_key(top, "site_policy") => top.clone(),
             Some(top) => format!("insecure_no_approvals = true\n{top}"),
             None => "insecure_no_approvals = true".to_string(),
+        };
+        // Nor without [audit]: a test that gives the node none runs it (with its coordinator on
+        // localhost) with the trail waived by name.
+        let top = if has_table(extra, "audit") {
+            top
+        } else {
+            format!("insecure_no_audit = true\n{top}")
         };
         let toml = format!("{top}\n{toml}");
         let path = site_dir.join("node.toml");
@@ -409,16 +425,20 @@ impl Consortium {
     }
 
     pub async fn operator(&self) -> JobsClient<tonic::transport::Channel> {
+        JobsClient::new(self.operator_channel().await)
+    }
+
+    /// A channel to the coordinator as the operator `op`, for any of its services.
+    pub async fn operator_channel(&self) -> tonic::transport::Channel {
         let files = TlsFiles::in_dir(&self.certs(), "operator-op");
         let tls = ClientTls::load(
             &files,
             Some(Identity::new("e2e", Principal::Coordinator).unwrap()),
         )
         .unwrap();
-        let channel = client::connect(&format!("localhost:{}", self.port), tls)
+        client::connect(&format!("localhost:{}", self.port), tls)
             .await
-            .unwrap();
-        JobsClient::new(channel)
+            .unwrap()
     }
 
     /// Polls the job until `until` holds, it is in a final state, or `timeout` passes; returns

@@ -106,7 +106,7 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\ninsecure_no_policy = true\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\ninsecure_no_policy = true\ninsecure_no_audit = true\n\
              [tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{c}/crl.pem\"\n",
             data = data_dir.display(),
             c = c.display(),

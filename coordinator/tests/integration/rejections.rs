@@ -167,7 +167,7 @@ async fn start() -> Running {
     let data_dir = dir.path().join("coordinator");
     let c = ca.dir();
     let config = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\ntls_reload_secs = 3600\n\
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\ntls_reload_secs = 3600\ninsecure_no_audit = true\n\
          [tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{c}/crl.pem\"\n\
          [policy]\nmodel = \"{model}\"\npolicy = \"{policy}\"\nreload_secs = 3600\n",
         data = data_dir.display(),

@@ -59,6 +59,8 @@ data_dir = "{data}"
 tls_reload_secs = 3600
 # Only the transport and the Python client are under test here; no casbin policy.
 insecure_no_policy = true
+# Nor the audit trail (a development setup on loopback).
+insecure_no_audit = true
 [tls]
 ca = "{c}/ca.crt"
 cert = "{c}/coordinator.crt"
