@@ -303,3 +303,158 @@ fn the_verdict_takes_the_best_candidate_and_corrects_for_the_others() {
     // A threshold of 0 (or none given) never detects.
     assert!(!verdict(&[d(30.0)], &[0.0]).unwrap().detected);
 }
+
+/// A two-hidden-layer MLP as a thief holds it: `fc0` (128 units over 64 inputs), `fc1` (128 over
+/// 128), `out` (10 over 128), row-major `[out, in]` as torch writes them.
+fn mlp(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut m = model(seed);
+    m.retain(|(n, _, _)| matches!(n.as_str(), "fc0.weight" | "fc0.bias" | "fc1.weight" | "out.weight"));
+    m
+}
+
+fn tensor<'a>(m: &'a mut [(String, Vec<usize>, Vec<f32>)], name: &str) -> &'a mut Vec<f32> {
+    &mut m.iter_mut().find(|(n, _, _)| n == name).unwrap().2
+}
+
+/// Permutes hidden unit `j` of `layer` to position `perm[j]`: its row of `layer.weight` and
+/// entry of `layer.bias`, and its column of `next` (`[out, 128]`). The network computes the
+/// same function.
+fn permute_units(m: &mut [(String, Vec<usize>, Vec<f32>)], layer: &str, next: &str, perm: &[usize]) {
+    let width = perm.len();
+    let w = tensor(m, &format!("{layer}.weight")).clone();
+    let inputs = w.len() / width;
+    let mut moved = vec![0.0; w.len()];
+    for (j, &to) in perm.iter().enumerate() {
+        moved[to * inputs..(to + 1) * inputs].copy_from_slice(&w[j * inputs..(j + 1) * inputs]);
+    }
+    *tensor(m, &format!("{layer}.weight")) = moved;
+    if m.iter().any(|(n, _, _)| n == &format!("{layer}.bias")) {
+        let b = tensor(m, &format!("{layer}.bias")).clone();
+        let mut moved = vec![0.0; b.len()];
+        for (j, &to) in perm.iter().enumerate() {
+            moved[to] = b[j];
+        }
+        *tensor(m, &format!("{layer}.bias")) = moved;
+    }
+    let n = tensor(m, &format!("{next}.weight")).clone();
+    let outs = n.len() / width;
+    let mut moved = vec![0.0; n.len()];
+    for o in 0..outs {
+        for (j, &to) in perm.iter().enumerate() {
+            moved[o * width + to] = n[o * width + j];
+        }
+    }
+    *tensor(m, &format!("{next}.weight")) = moved;
+}
+
+/// Attacks of the 2026-12-07 review (`docs/security-review.md`, "Watermarks") that need no
+/// training, each function-preserving for a ReLU MLP. The p-values are printed (`--nocapture`)
+/// and the limits pinned: permuting hidden units or transposing the weight matrices removes the
+/// mark from this white-box test; rescaling units by positive factors (ReLU is positively
+/// homogeneous) does not, up to a large dynamic range.
+#[test]
+fn function_preserving_rewrites_of_an_mlp_and_what_they_do_to_the_mark() {
+    let mark = key(7).mark("job-1");
+    let mut marked = mlp(3);
+    embed_mem(&mark, &mut marked);
+    let base = detect_mem(&mark, &marked);
+    eprintln!("marked MLP: z = {:.2}, log10 p = {:.1}", base.z, base.log10_p());
+    assert!(base.log10_p() < -9.0, "{}", base.log10_p());
+
+    // 1. Permuting the hidden units of both layers (a random permutation each).
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut perm = |n: usize| {
+        let mut p: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            p.swap(i, rng.random_range(0..=i));
+        }
+        p
+    };
+    let mut permuted = marked.clone();
+    permute_units(&mut permuted, "fc0", "fc1", &perm(128));
+    permute_units(&mut permuted, "fc1", "out", &perm(128));
+    let d = detect_mem(&mark, &permuted);
+    eprintln!("hidden units permuted: z = {:.2}, p = {:.3}", d.z, d.p_value());
+    assert!(d.p_value() > 1e-3, "a permutation no longer strips the mark: update the review");
+
+    // 2. Rescaling each unit of fc0 by s_j in [1/100, 100] (log-uniform) and its column of fc1
+    //    by 1/s_j.
+    let mut scaled = marked.clone();
+    let s: Vec<f32> = (0..128).map(|_| 10f32.powf(rng.random_range(-2.0..2.0))).collect();
+    for (j, s_j) in s.iter().enumerate() {
+        for v in &mut tensor(&mut scaled, "fc0.weight")[j * 64..(j + 1) * 64] {
+            *v *= s_j;
+        }
+        tensor(&mut scaled, "fc0.bias")[j] *= s_j;
+        for o in 0..128 {
+            tensor(&mut scaled, "fc1.weight")[o * 128 + j] /= s_j;
+        }
+    }
+    let d = detect_mem(&mark, &scaled);
+    eprintln!("units rescaled by 1e-2..1e2: z = {:.2}, log10 p = {:.1}", d.z, d.log10_p());
+    assert!(d.log10_p() < -3.0, "rescaling strips the mark: z = {}", d.z);
+
+    // 3. The weights written transposed (`[in, out]`, as Keras or JAX lay them out).
+    let mut transposed = marked.clone();
+    for (_, shape, values) in transposed.iter_mut().filter(|(_, s, _)| s.len() == 2) {
+        let (rows, cols) = (shape[0], shape[1]);
+        let mut t = vec![0.0; values.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = values[r * cols + c];
+            }
+        }
+        *values = t;
+        *shape = vec![cols, rows];
+    }
+    let d = detect_mem(&mark, &transposed);
+    eprintln!("weights transposed: z = {:.2}, p = {:.3}", d.z, d.p_value());
+    assert!(d.p_value() > 1e-3, "transposition no longer strips the mark: update the review");
+}
+
+/// The null for adversarially chosen unmarked models: another job's model trained from the same
+/// initial weights (the same init plus independent updates), a model marked under another key,
+/// all-zero and constant tensors, tensors under the size the pattern marks, and the same
+/// unmarked model written in f16 and bf16. None may reach the detection threshold; the
+/// degenerate ones must give z = 0, not NaN.
+#[test]
+fn adversarially_chosen_unmarked_models_stay_under_the_null() {
+    let mark = key(7).mark("job-1");
+    let init = mlp(3);
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut worst = 0.0f64;
+    for k in 0..50 {
+        // Same init, another job's small updates.
+        let mut sibling = init.clone();
+        for (_, _, v) in sibling.iter_mut() {
+            for x in v.iter_mut() {
+                *x += 0.01 * (rng.random::<f32>() - 0.5);
+            }
+        }
+        // Marked, but by another consortium's key or another job's mark.
+        let mut other = init.clone();
+        embed_mem(&key(8).mark(&format!("job-{k}")), &mut other);
+        for m in [&sibling, &other] {
+            worst = worst.max(detect_mem(&mark, m).z);
+        }
+    }
+    eprintln!("largest z over 100 adversarial null models: {worst:.2}");
+    // Hoeffding: P(z ≥ 6.44) ≤ 1e-9 per model.
+    assert!(worst < 5.0, "z = {worst}");
+
+    let zeros = vec![("w".to_string(), vec![64, 64], vec![0.0f32; 4096])];
+    let constant = vec![("w".to_string(), vec![64, 64], vec![0.3f32; 4096])];
+    let small = vec![("w".to_string(), vec![255], vec![1.0f32; 255])];
+    for degenerate in [&zeros, &constant, &small] {
+        let d = detect_mem(&mark, degenerate);
+        assert_eq!((d.z, d.values), (0.0, 0), "{d:?}");
+        assert_eq!(d.log10_p(), 0.0);
+    }
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let path = dir.path().join(format!("init-{dtype:?}.safetensors"));
+        write(&path, &init, dtype);
+        let d = detect_file(&path, &mark).unwrap();
+        assert!(d.z < 5.0 && d.z.is_finite(), "{dtype:?}: z = {}", d.z);
+    }
+}
