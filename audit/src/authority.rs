@@ -49,7 +49,7 @@ use crate::payload::{
     UpdateRefused, check_shape,
 };
 use tutela_policy::stage::StagePolicy;
-use tutela_protocol::release::{Stage, VersionMove};
+use tutela_protocol::release::{MoveKind, Stage, VersionMove, VersionState, plan_rollback};
 
 /// Who may assert an action (see the module documentation's table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -773,6 +773,36 @@ impl TrailState {
                 .and_then(|(_, h)| h.last().map(|(_, s)| *s))
         })
         .map_err(bad)?;
+        // What the trail's history makes of the move, as the coordinator plans it: a rollback
+        // restores the retired version that left production last (never one that was never in
+        // production), and a name keeps at most one production version.
+        let states = self.version_states(&p.name);
+        if p.kind == MoveKind::Rollback {
+            let planned = plan_rollback(&p.name, &states).map_err(|e| bad(e.to_string()))?;
+            if planned != p.moves {
+                let show = |m: &[VersionMove]| {
+                    m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                };
+                return Err(bad(format!(
+                    "a rollback restores the version that left production last: the trail makes it ({}), the event says ({})",
+                    show(&planned),
+                    show(&p.moves)
+                )));
+            }
+        }
+        let in_production = states
+            .iter()
+            .filter(|v| {
+                let to = p.moves.iter().find(|m| m.version == v.version).map(|m| m.to);
+                to.unwrap_or(v.stage) == Stage::Production
+            })
+            .count();
+        if in_production > 1 {
+            return Err(bad(format!(
+                "it leaves {} with {in_production} production versions: a promotion into production retires the current one",
+                p.name
+            )));
+        }
         // A signature counts once: the same signed move (a rollback back and forth restores
         // the very same moves, reason and all) is signed again, never replayed.
         for s in &signed {
@@ -802,6 +832,28 @@ impl TrailState {
             job: None,
             signatures: signed.into_iter().map(|s| s.key).collect(),
         })
+    }
+
+    /// Every version of `name` the trail registered, at its current stage, with when it last
+    /// left production (the seq of that move: later is larger, as the coordinator's move number).
+    fn version_states(&self, name: &str) -> Vec<VersionState> {
+        let mut states: Vec<VersionState> = self
+            .stages
+            .iter()
+            .filter(|((n, _), _)| n == name)
+            .map(|((_, version), (digest, history))| VersionState {
+                version: *version,
+                model_digest: digest.clone(),
+                stage: history.last().map_or(Stage::Candidate, |(_, s)| *s),
+                left_production: history
+                    .windows(2)
+                    .filter(|w| w[0].1 == Stage::Production && w[1].1 != Stage::Production)
+                    .map(|w| w[1].0)
+                    .max(),
+            })
+            .collect();
+        states.sort_by_key(|v| v.version);
+        states
     }
 
     /// The stage history the trail shows for `name`'s `version`: its model digest and

@@ -377,6 +377,17 @@ mod tests {
             now,
         ))
         .unwrap();
+        // Into production without retiring v1: two production versions.
+        let e = t
+            .moved(&signed_move(
+                &[&op, &alice],
+                MoveKind::Promote,
+                vec![mv(2, &d2, Stage::Canary, Stage::Production)],
+                "v2 live",
+                now,
+            ))
+            .unwrap_err();
+        assert!(e.to_string().contains("2 production versions"), "{e}");
         t.moved(&signed_move(
             &[&op, &alice],
             MoveKind::Promote,
@@ -388,6 +399,31 @@ mod tests {
             now,
         ))
         .unwrap();
+        // v3, retired straight from candidate, was never in production: no rollback restores it.
+        let d3 = "ef".repeat(32);
+        t.register_version(3, &d3, "j3").unwrap();
+        t.round("j3", &["a"]);
+        t.moved(&signed_move(
+            &[&op],
+            MoveKind::Promote,
+            vec![mv(3, &d3, Stage::Candidate, Stage::Retired)],
+            "not needed",
+            now,
+        ))
+        .unwrap();
+        let e = t
+            .moved(&signed_move(
+                &[&op, &alice],
+                MoveKind::Rollback,
+                vec![
+                    mv(2, &d2, Stage::Production, Stage::Retired),
+                    mv(3, &d3, Stage::Retired, Stage::Production),
+                ],
+                "drift",
+                now,
+            ))
+            .unwrap_err();
+        assert!(e.to_string().contains("left production last"), "{e}");
         // Roll back and forth: the third rollback is the first one's very moves and reason.
         let back = vec![
             mv(2, &d2, Stage::Production, Stage::Retired),
