@@ -64,12 +64,31 @@ pub enum QuarantineCommand {
         policy_model: PathBuf,
         #[arg(long)]
         policy: PathBuf,
+        /// The audit service's audit.toml: its `checkpoint_every` must be 1 (a log that signs
+        /// every commit is the one whose unanchored rows are known to be forged).
+        #[arg(long)]
+        audit_config: PathBuf,
     },
     /// Show the quarantined rows as they were stored (for forensics), with their orders.
     Show {
         #[arg(long, env = "TUTELA_AUDIT_DATABASE_URL")]
         database_url: String,
     },
+}
+
+/// `checkpoint_every` of the audit service's audit.toml (its default, 1, when it is absent).
+fn checkpoint_every_of(path: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not TOML", path.display()))?;
+    match table.get("checkpoint_every") {
+        None => Ok(1),
+        Some(toml::Value::Integer(n)) if *n >= 1 => Ok(*n as u64),
+        Some(other) => bail!(
+            "{}: checkpoint_every = {other} is not a positive integer",
+            path.display()
+        ),
+    }
 }
 
 fn read_order(path: &Path) -> Result<AuditQuarantined> {
@@ -150,14 +169,16 @@ pub async fn run(cmd: QuarantineCommand) -> Result<()> {
             ca,
             policy_model,
             policy,
+            audit_config,
         } => {
+            let checkpoint_every = checkpoint_every_of(&audit_config)?;
             let o = read_order(&order)?;
             let ca_pem = std::fs::read_to_string(&ca).with_context(|| ca.display().to_string())?;
             let trust = OfficerTrust::ca_from_pem(&ca_pem)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
             let authorizer = Authorizer::load(&policy_model, &policy).await?;
             let store = AuditStore::open(&database_url).await?;
-            let recorded = ops::apply(&store, &o, &authorizer, &trust).await?;
+            let recorded = ops::apply(&store, &o, &authorizer, &trust, checkpoint_every).await?;
             println!(
                 "quarantined {} row(s) from seq {} ({}); start the audit service: it records audit.quarantined",
                 recorded.terms.rows.len(),

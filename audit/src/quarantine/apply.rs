@@ -47,6 +47,14 @@ pub enum QuarantineError {
     QuorumNotMet { sites: Vec<String>, missing: String },
     #[error("a stored order is not readable: {0}")]
     BadOrder(String),
+    #[error(
+        "this log signs a checkpoint only every {checkpoint_every} events (audit.toml \
+         checkpoint_every), so an unanchored row may be a genuine event the service acknowledged \
+         and had not signed yet when it stopped: a quarantine moves only rows the service never \
+         wrote, which only a log that signs every commit (checkpoint_every = 1) tells apart. Start \
+         the service to sign its tail, then inspect it (`tutela audit verify`)"
+    )]
+    MaySignLater { checkpoint_every: u64 },
 }
 
 fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> QuarantineError {
@@ -156,17 +164,25 @@ pub async fn plan(
     })
 }
 
-/// Applies a signed `order`: re-checks its rows against the store, its signatures (each
-/// certificate against `trust` now), that the operator may order it and that the officers meet
-/// the policy's quorum over its sites; then, in one transaction, copies the rows into
-/// `audit_quarantine` and removes them from `audit_events`. Returns the order as it will be
-/// recorded (with the quorum met and the policy's digest).
+/// Applies a signed `order`: re-checks that the rows are forged (unanchored in a log that signs
+/// every commit: `checkpoint_every` is the service's, from its audit.toml), its rows against the
+/// store, its signatures (each certificate against `trust` now), that the operator may order it
+/// and that the officers meet the policy's quorum over its sites; then, in one transaction,
+/// copies the rows into `audit_quarantine` and removes them from `audit_events`. Returns the
+/// order as it will be recorded (with the quorum met and the policy's digest).
 pub async fn apply(
     store: &AuditStore,
     order: &AuditQuarantined,
     authorizer: &Authorizer,
     trust: &OfficerTrust,
+    checkpoint_every: u64,
 ) -> Result<AuditQuarantined, QuarantineError> {
+    // What makes an unanchored row forged: the service signs a checkpoint in the transaction of
+    // every commit, so it never acknowledged a row no checkpoint covers. A log that signs less
+    // often has genuine unanchored rows after a crash, which a quorum must not be able to hide.
+    if checkpoint_every != 1 {
+        return Err(QuarantineError::MaySignLater { checkpoint_every });
+    }
     let terms = &order.terms;
     if terms.reason.trim().is_empty() {
         return Err(QuarantineError::NoReason);

@@ -199,7 +199,7 @@ async fn a_forged_row_is_quarantined_by_the_quorum_only_and_the_service_starts_a
             },
         ];
         for (i, bad) in refusals.iter().enumerate() {
-            let e = ops::apply(&store, bad, &authz, &trust(&ca))
+            let e = ops::apply(&store, bad, &authz, &trust(&ca), 1)
                 .await
                 .unwrap_err();
             assert!(
@@ -241,10 +241,31 @@ async fn a_forged_row_is_quarantined_by_the_quorum_only_and_the_service_starts_a
             &order(&terms, &op, &[&fake_officer]),
             &authz,
             &trust(&ca),
+            1,
         )
         .await
         .unwrap_err();
         assert!(matches!(e, QuarantineError::Signature(_)), "{e}");
+
+        // Review 2026-12-07: the quorum's own order, against a log that signs a checkpoint only
+        // every 10 events, is refused: there an unanchored row may be a genuine event the service
+        // acknowledged before it stopped (this one is chained and authorized like one), and a
+        // quorum must not be able to hide it. Nothing moves.
+        let e = ops::apply(
+            &store,
+            &order(&terms, &op, &[&officer]),
+            &authz,
+            &trust(&ca),
+            10,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(e, QuarantineError::MaySignLater { checkpoint_every: 10 }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("checkpoint_every = 1"), "{e}");
+        assert_eq!(store.count().await.unwrap(), seq + 1);
 
         // The quorum's order moves the row.
         let recorded = ops::apply(
@@ -252,6 +273,7 @@ async fn a_forged_row_is_quarantined_by_the_quorum_only_and_the_service_starts_a
             &order(&terms, &op, &[&officer]),
             &authz,
             &trust(&ca),
+            1,
         )
         .await
         .unwrap();
@@ -266,7 +288,8 @@ async fn a_forged_row_is_quarantined_by_the_quorum_only_and_the_service_starts_a
                 &store,
                 &order(&terms, &op, &[&officer]),
                 &authz,
-                &trust(&ca)
+                &trust(&ca),
+                1
             )
             .await
             .is_err()
