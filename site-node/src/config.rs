@@ -14,6 +14,8 @@ use serde::Deserialize;
 use tutela_protocol::identity::validate_segment;
 use tutela_protocol::tls::TlsFiles;
 
+mod trail;
+
 /// Why the configuration cannot be used. Every variant names the file, and the key where there
 /// is one.
 #[derive(Debug, thiserror::Error)]
@@ -90,9 +92,16 @@ pub struct NodeConfig {
     /// The consortium's audit service (see `crate::site_audit`): the node records there, as
     /// itself, each dataset's de-identification report before training on it, and checks before
     /// each training task that the trail's history is the one it saw (the log's checkpoint key
-    /// is pinned here). Absent: the report is only logged at the site.
+    /// is pinned here). Required to start a node (`tutela-node run`, [`NodeConfig::check_trail`]),
+    /// unless `insecure_no_audit` waives it for a development setup on one machine.
     #[serde(default)]
     pub audit: Option<crate::site_audit::NodeAuditConfig>,
+    /// Runs without `[audit]`: no de-identification report, privacy spend or checkpoint is
+    /// anchored in the consortium's trail. For a development setup on one machine only: refused
+    /// unless `coordinator` is on a loopback address, and together with an `[audit]` table; the
+    /// node warns at start.
+    #[serde(default)]
+    pub insecure_no_audit: bool,
     /// The site secret (a file of at least 32 bytes, mode 0600, outside `work_dir`): the key of
     /// pseudonyms and per-person date shifts, and the source of the salts of dataset
     /// commitments. It never leaves the site. Needed when a dataset declares `columns`.

@@ -729,7 +729,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Run { config: path } => {
             let config = NodeConfig::load(&path)?;
+            config.check_trail(&path)?;
             config.check_files(&path)?;
+            if config.audit.is_none() {
+                // `check_trail` let this through only with `insecure_no_audit = true`, the
+                // coordinator on loopback.
+                tracing::warn!(
+                    coordinator = %config.coordinator,
+                    "insecure_no_audit = true: NO AUDIT TRAIL. This node's de-identification                      reports and privacy spends are anchored nowhere but its own disk. For a                      development setup on this machine only; configure [audit]"
+                );
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let agent = Agent::new(config).context("the node cannot start")?;

@@ -150,12 +150,20 @@ fn node_config_with_dataset(
     extra: &str,
     dataset: &str,
 ) -> String {
+    // `tutela-node run` refuses to start without [audit] unless the trail is waived by name (the
+    // coordinator on loopback): a test that configures no trail waives it.
+    let waiver = if top_level.contains("insecure_no_audit") || extra.contains("[audit]") {
+        ""
+    } else {
+        "insecure_no_audit = true"
+    };
     format!(
         r#"
 site = "{site}"
 coordinator = "{coordinator}"
 work_dir = "work"
 device = "cpu"
+{waiver}
 {top_level}
 
 [tls]
@@ -1761,6 +1769,67 @@ fn a_missing_tls_file_is_named_by_node_toml_its_key_and_the_resolved_path() {
         dir.path().join("../certs/ca.crt").display()
     );
     assert!(log.contains(&expect), "{expect:?} missing from: {log}");
+}
+
+/// Hole (a) of the 2026-11 review: `tutela-node run` started and trained with no `[audit]`,
+/// anchoring nothing. Now the real process refuses to start without it, naming the table and
+/// the file; the waiver is by name, refused next to `[audit]` and for a coordinator that is not
+/// on this machine; the shipped example configures `[audit]` and documents the waiver.
+#[test]
+fn a_node_refuses_to_start_without_a_trail_unless_waived_for_a_local_setup() {
+    init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), SITE);
+    let config = dir.path().join("node.toml");
+    // No [audit], no waiver (an explicit `false` is the same as leaving it out).
+    let text = node_config_text(
+        SITE,
+        "127.0.0.1:1",
+        &pki.node,
+        &format!("{NO_APPROVALS}\ninsecure_no_audit = false"),
+        "",
+    );
+    std::fs::write(&config, &text).unwrap();
+    let mut node = NodeProcess::start(&config, &dir.path().join("node.log"));
+    let status = node.exit_status();
+    let log = node.log();
+    assert!(!status.success(), "{log}");
+    for needle in [
+        config.to_str().unwrap(),
+        "`audit` is required",
+        "refuses to start",
+        "deploy/config/node.toml",
+        "insecure_no_audit = true",
+    ] {
+        assert!(log.contains(needle), "{needle:?} missing from: {log}");
+    }
+
+    let check = |text: &str| {
+        NodeConfig::from_toml_str(text, &config)
+            .unwrap()
+            .check_trail(&config)
+    };
+    let waived = node_config_text(SITE, "127.0.0.1:1", &pki.node, NO_APPROVALS, "");
+    check(&waived).unwrap();
+    let elsewhere = waived.replace("127.0.0.1:1", "coordinator.example:7443");
+    let e = check(&elsewhere).unwrap_err();
+    assert_eq!(e.key(), Some("insecure_no_audit"), "{e}");
+    assert!(e.to_string().contains("not a loopback address"), "{e}");
+    let both = node_config_text(
+        SITE,
+        "127.0.0.1:1",
+        &pki.node,
+        &format!("{NO_APPROVALS}\ninsecure_no_audit = true"),
+        "[audit]\nendpoint = \"localhost:7444\"\ncheckpoint_public_key = \"00\"\n",
+    );
+    let e = check(&both).unwrap_err();
+    assert!(e.to_string().contains("remove `insecure_no_audit`"), "{e}");
+
+    let shipped = repo().join("deploy/config/node.toml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    assert!(text.lines().any(|l| l == "# insecure_no_audit = true"));
+    let c = NodeConfig::from_toml_str(&text, &shipped).unwrap();
+    c.check_trail(&shipped).unwrap();
 }
 
 /// The next thing the node process did other than (re)connecting; fails the test, showing the
