@@ -17,8 +17,11 @@ use crate::engine::{Engine, EngineError, mean_eval_accuracy};
 use crate::job::{JobId, JobState};
 use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
 
+mod models;
 mod registry;
 mod secagg;
+
+pub use models::ModelStoreService;
 
 pub use registry::RegistryService;
 

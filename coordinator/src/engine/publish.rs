@@ -35,6 +35,28 @@ impl Engine {
         self.state_dir.join("published").join(job.as_str())
     }
 
+    fn withheld_marker(&self, model_id: &str) -> PathBuf {
+        self.state_dir.join("withheld").join(model_id)
+    }
+
+    /// Withholds `model_id` from `ModelExchange.Download` for good (a marker file, so a restart
+    /// keeps it withheld): a watermarked job's unmarked final aggregate, which leaves only marked.
+    pub fn withhold_model(&self, model_id: &str) -> std::io::Result<()> {
+        let marker = self.withheld_marker(model_id);
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&marker, b"")
+    }
+
+    /// Whether `model_id` is withheld ([`Self::withhold_model`]). An id that is not a digest is
+    /// never a marker's name (the store refuses it on its own).
+    pub fn is_withheld(&self, model_id: &str) -> bool {
+        model_id.len() == 64
+            && model_id.bytes().all(|b| b.is_ascii_hexdigit())
+            && self.withheld_marker(model_id).exists()
+    }
+
     /// The digest of the model `job` published, when it differs from its last round's global
     /// model (a watermarked one).
     pub fn published_model(&self, job: &JobId) -> Option<String> {
@@ -76,6 +98,13 @@ impl Engine {
                  at the last round"
                     .into(),
             )
+        })?;
+        // The unmarked aggregate is withheld before the mark is embedded, so that no copy of it
+        // is served while (or after) the marked one is made; fail closed.
+        self.withhold_model(final_id).map_err(|e| {
+            EngineError::Failed(format!(
+                "watermark: withholding the unmarked final model {final_id}: {e}"
+            ))
         })?;
         let registered = self.embed(job, final_id, key, w.clone()).await?;
         let marker = self.published_marker(job);

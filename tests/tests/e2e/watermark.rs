@@ -126,6 +126,38 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     assert!(registered["seq"].as_u64() < seq_of("model.published")["seq"].as_u64());
     let source_digest = p["source_digest"].as_str().unwrap().to_string();
     assert_ne!(source_digest, published);
+    // The unmarked aggregate's digest is in the trail, but the coordinator never serves it
+    // (review 2026-12-07: `ModelExchange.Download` handed it to any caller); the published,
+    // marked model it serves.
+    let mut models_client = pb::model_exchange_client::ModelExchangeClient::new(c.operator_channel().await);
+    let refused = models_client
+        .download(pb::DownloadRequest {
+            model_id: source_digest.clone(),
+        })
+        .await
+        .err()
+        .expect("the unmarked source was served");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("never served"), "{refused}");
+    models_client
+        .download(pb::DownloadRequest {
+            model_id: published.clone(),
+        })
+        .await
+        .expect("the published model is served");
+    // The registry's version of the job is the published (marked) model, never its source.
+    let listed = pb::registry_client::RegistryClient::new(c.operator_channel().await)
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let digests: Vec<&str> = listed
+        .models
+        .iter()
+        .flat_map(|m| m.versions.iter().map(|v| v.model_digest.as_str()))
+        .collect();
+    assert!(digests.contains(&published.as_str()), "{listed:?}");
+    assert!(!digests.contains(&source_digest.as_str()), "{listed:?}");
     let completed = events
         .iter()
         .find(|e| e["action"] == "job.completed" && e["subject"] == job.as_str())
