@@ -537,8 +537,15 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
                     .filter(|e| e.action == Action::ModelPublished),
             );
             // The registry's history (every registration and stage move: a move is believed
-            // only against the history of every version it moves).
-            for action in [Action::ModelRegistered, Action::ModelStageChanged] {
+            // only against the history of every version it moves), and what each move is
+            // re-checked with: the policy texts it names and the rounds of every moved
+            // version's job (the `site:*` of its stage rules).
+            for action in [
+                Action::ModelRegistered,
+                Action::ModelStageChanged,
+                Action::PolicyLoaded,
+                Action::RoundCompleted,
+            ] {
                 job_events.extend(
                     reader
                         .events(&EventFilter {

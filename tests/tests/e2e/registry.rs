@@ -500,6 +500,27 @@ async fn versions_move_through_every_stage_by_signed_quorum_and_rollback_restore
         moves[4]["payload"]["signatures"].as_array().unwrap().len(),
         3
     );
+    // The policy every move was decided under is in the trail, as text, before the first move
+    // (review 2026-12-07: readers re-check the signers' roles against it).
+    let loaded = audit_cli(&c, &["log", "--action", "policy.loaded", "--json"]);
+    let loaded: Vec<serde_json::Value> = String::from_utf8_lossy(&loaded.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for m in &moves {
+        let digest = &m["payload"]["policy_digest"];
+        let policy = loaded
+            .iter()
+            .find(|p| &p["subject"] == digest)
+            .unwrap_or_else(|| panic!("no policy.loaded for {digest}: {loaded:#?}"));
+        assert!(policy["seq"].as_u64() < m["seq"].as_u64());
+        assert!(
+            policy["payload"]["policy"]
+                .as_str()
+                .is_some_and(|t| t.contains("p3, production")),
+            "{policy:#}"
+        );
+    }
     let ok = audit_cli(&c, &["verify"]);
     assert!(
         ok.status.success(),
