@@ -430,9 +430,15 @@ pub enum Effect {
         signatures: Vec<Hash>,
     },
     /// A policy's text recorded (`policy.loaded`).
-    Policy { digest: String, policy: StagePolicy },
+    Policy {
+        digest: String,
+        policy: StagePolicy,
+    },
     /// A round's accepted sites (`round.completed`, subject the job).
-    Round { job: String, sites: Vec<String> },
+    Round {
+        job: String,
+        sites: Vec<String>,
+    },
 }
 
 /// What makes two officers' decisions the same: the job, the officer, the action and the message
@@ -765,7 +771,8 @@ impl TrailState {
             return Err(bad(format!("its subject is not its name {:?}", p.name)));
         }
         let check = trust.chain_check(a.at);
-        let signed = crate::stage::verify_stage_signatures(&p, check.as_ref(), a.at).map_err(bad)?;
+        let signed =
+            crate::stage::verify_stage_signatures(&p, check.as_ref(), a.at).map_err(bad)?;
         tutela_protocol::release::check_move(p.kind, &p.moves, |version, digest| {
             self.stages
                 .get(&(p.name.clone(), version))
@@ -781,7 +788,10 @@ impl TrailState {
             let planned = plan_rollback(&p.name, &states).map_err(|e| bad(e.to_string()))?;
             if planned != p.moves {
                 let show = |m: &[VersionMove]| {
-                    m.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    m.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
                 return Err(bad(format!(
                     "a rollback restores the version that left production last: the trail makes it ({}), the event says ({})",
@@ -793,7 +803,11 @@ impl TrailState {
         let in_production = states
             .iter()
             .filter(|v| {
-                let to = p.moves.iter().find(|m| m.version == v.version).map(|m| m.to);
+                let to = p
+                    .moves
+                    .iter()
+                    .find(|m| m.version == v.version)
+                    .map(|m| m.to);
                 to.unwrap_or(v.stage) == Stage::Production
             })
             .count();

@@ -285,7 +285,12 @@ mod tests {
         }
 
         fn moved(&mut self, p: &ModelStageChanged) -> Result<Event, AuthorityError> {
-            self.append(COORDINATOR, Action::ModelStageChanged, "cancer", p.to_value())
+            self.append(
+                COORDINATOR,
+                Action::ModelStageChanged,
+                "cancer",
+                p.to_value(),
+            )
         }
     }
 
@@ -308,7 +313,12 @@ mod tests {
             CertificateAuthority::create("c", KeyAlgorithm::EcdsaP256, Validity::days_from_now(10))
                 .unwrap();
         let op = person(&ca, Principal::Operator { name: "op".into() });
-        let mallory = person(&ca, Principal::Operator { name: "mallory".into() });
+        let mallory = person(
+            &ca,
+            Principal::Operator {
+                name: "mallory".into(),
+            },
+        );
         let alice = person(
             &ca,
             Principal::User {
@@ -326,9 +336,16 @@ mod tests {
         assert!(e.to_string().contains("no policy.loaded"), "{e}");
         // A policy whose text is not what its digest says; one recorded by someone else.
         let mut lying = policy_loaded(POLICY);
-        lying.policy.push_str("g, spiffe://c/operator/mallory, operator, consortium\n");
+        lying
+            .policy
+            .push_str("g, spiffe://c/operator/mallory, operator, consortium\n");
         let e = t
-            .append(COORDINATOR, Action::PolicyLoaded, &lying.digest.clone(), lying.to_value())
+            .append(
+                COORDINATOR,
+                Action::PolicyLoaded,
+                &lying.digest.clone(),
+                lying.to_value(),
+            )
             .unwrap_err();
         assert!(e.to_string().contains("not the"), "{e}");
         let e = t
@@ -344,13 +361,25 @@ mod tests {
 
         // An operator the policy does not name, a site officer where the operator is asked.
         let e = t.moved(&signed_payload(&[&mallory], canary())).unwrap_err();
-        assert!(e.to_string().contains("mallory holds none of the roles"), "{e}");
+        assert!(
+            e.to_string().contains("mallory holds none of the roles"),
+            "{e}"
+        );
         let e = t.moved(&signed_payload(&[&alice], canary())).unwrap_err();
-        assert!(e.to_string().contains("alice holds none of the roles"), "{e}");
+        assert!(
+            e.to_string().contains("alice holds none of the roles"),
+            "{e}"
+        );
         // A signature older than a day (the coordinator would not have counted it).
         let old = Timestamp::now().unix_millis() - 2 * 24 * 3600 * 1000;
         let e = t
-            .moved(&signed_move(&[&op], MoveKind::Promote, canary(), "canary first", old))
+            .moved(&signed_move(
+                &[&op],
+                MoveKind::Promote,
+                canary(),
+                "canary first",
+                old,
+            ))
             .unwrap_err();
         assert!(e.to_string().contains("within the day"), "{e}");
         t.moved(&to_canary).unwrap();
@@ -359,11 +388,23 @@ mod tests {
         let to_prod = vec![mv(1, DIGEST, Stage::Canary, Stage::Production)];
         let now = Timestamp::now().unix_millis();
         let e = t
-            .moved(&signed_move(&[&op], MoveKind::Promote, to_prod.clone(), "go", now))
+            .moved(&signed_move(
+                &[&op],
+                MoveKind::Promote,
+                to_prod.clone(),
+                "go",
+                now,
+            ))
             .unwrap_err();
         assert!(e.to_string().contains("site:a"), "{e}");
-        t.moved(&signed_move(&[&op, &alice], MoveKind::Promote, to_prod, "go", now))
-            .unwrap();
+        t.moved(&signed_move(
+            &[&op, &alice],
+            MoveKind::Promote,
+            to_prod,
+            "go",
+            now,
+        ))
+        .unwrap();
 
         // v2 of job j2 (site a too) through canary into production, v1 retired.
         let d2 = "cd".repeat(32);
@@ -433,15 +474,33 @@ mod tests {
             mv(1, DIGEST, Stage::Production, Stage::Retired),
             mv(2, &d2, Stage::Retired, Stage::Production),
         ];
-        let first_rollback = signed_move(&[&op, &alice], MoveKind::Rollback, back.clone(), "drift", now);
+        let first_rollback = signed_move(
+            &[&op, &alice],
+            MoveKind::Rollback,
+            back.clone(),
+            "drift",
+            now,
+        );
         t.moved(&first_rollback).unwrap();
-        t.moved(&signed_move(&[&op, &alice], MoveKind::Rollback, forth, "drift", now))
-            .unwrap();
+        t.moved(&signed_move(
+            &[&op, &alice],
+            MoveKind::Rollback,
+            forth,
+            "drift",
+            now,
+        ))
+        .unwrap();
         let e = t.moved(&first_rollback).unwrap_err();
         assert!(e.to_string().contains("already counted"), "{e}");
         // Signed again, it is a new decision.
-        t.moved(&signed_move(&[&op, &alice], MoveKind::Rollback, back, "drift", now + 1))
-            .unwrap();
+        t.moved(&signed_move(
+            &[&op, &alice],
+            MoveKind::Rollback,
+            back,
+            "drift",
+            now + 1,
+        ))
+        .unwrap();
     }
 
     const COORDINATOR: &str = "spiffe://c/coordinator";

@@ -189,7 +189,8 @@ impl StagePolicy {
                 .iter()
                 .any(|(role, domain)| self.has_role(s, role, domain))
             {
-                let asked: Vec<String> = wanted.iter().map(|(r, d)| format!("{r} of {d}")).collect();
+                let asked: Vec<String> =
+                    wanted.iter().map(|(r, d)| format!("{r} of {d}")).collect();
                 return Err(format!(
                     "{s} holds none of the roles whose signature this move needs ({})",
                     if asked.is_empty() {
@@ -546,7 +547,10 @@ mod tests {
         .await
         .unwrap();
         let text = authz.text();
-        assert_eq!(text.digest, crate::PolicyDigest::of(model.as_bytes(), policy_text.as_bytes()));
+        assert_eq!(
+            text.digest,
+            crate::PolicyDigest::of(model.as_bytes(), policy_text.as_bytes())
+        );
         let read = StagePolicy::parse(&text.policy).unwrap();
         assert_eq!(read.rules(), authz.stage_rules().as_slice());
         for who in [
@@ -573,7 +577,9 @@ mod tests {
         let alice = "spiffe://acme/site/st-mary/user/alice".to_string();
         read.check_signers(&prod, &sites, &[op.clone(), alice.clone()])
             .unwrap();
-        let e = read.check_signers(&prod, &sites, std::slice::from_ref(&op)).unwrap_err();
+        let e = read
+            .check_signers(&prod, &sites, std::slice::from_ref(&op))
+            .unwrap_err();
         assert!(e.contains("missing") && e.contains("site:st-mary"), "{e}");
         let e = read
             .check_signers(

@@ -261,7 +261,12 @@ async fn a_forged_row_is_quarantined_by_the_quorum_only_and_the_service_starts_a
         .await
         .unwrap_err();
         assert!(
-            matches!(e, QuarantineError::MaySignLater { checkpoint_every: 10 }),
+            matches!(
+                e,
+                QuarantineError::MaySignLater {
+                    checkpoint_every: 10
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("checkpoint_every = 1"), "{e}");

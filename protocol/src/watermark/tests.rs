@@ -308,7 +308,12 @@ fn the_verdict_takes_the_best_candidate_and_corrects_for_the_others() {
 /// 128), `out` (10 over 128), row-major `[out, in]` as torch writes them.
 fn mlp(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut m = model(seed);
-    m.retain(|(n, _, _)| matches!(n.as_str(), "fc0.weight" | "fc0.bias" | "fc1.weight" | "out.weight"));
+    m.retain(|(n, _, _)| {
+        matches!(
+            n.as_str(),
+            "fc0.weight" | "fc0.bias" | "fc1.weight" | "out.weight"
+        )
+    });
     m
 }
 
@@ -319,7 +324,12 @@ fn tensor<'a>(m: &'a mut [(String, Vec<usize>, Vec<f32>)], name: &str) -> &'a mu
 /// Permutes hidden unit `j` of `layer` to position `perm[j]`: its row of `layer.weight` and
 /// entry of `layer.bias`, and its column of `next` (`[out, 128]`). The network computes the
 /// same function.
-fn permute_units(m: &mut [(String, Vec<usize>, Vec<f32>)], layer: &str, next: &str, perm: &[usize]) {
+fn permute_units(
+    m: &mut [(String, Vec<usize>, Vec<f32>)],
+    layer: &str,
+    next: &str,
+    perm: &[usize],
+) {
     let width = perm.len();
     let w = tensor(m, &format!("{layer}.weight")).clone();
     let inputs = w.len() / width;
@@ -358,7 +368,11 @@ fn function_preserving_rewrites_of_an_mlp_and_what_they_do_to_the_mark() {
     let mut marked = mlp(3);
     embed_mem(&mark, &mut marked);
     let base = detect_mem(&mark, &marked);
-    eprintln!("marked MLP: z = {:.2}, log10 p = {:.1}", base.z, base.log10_p());
+    eprintln!(
+        "marked MLP: z = {:.2}, log10 p = {:.1}",
+        base.z,
+        base.log10_p()
+    );
     assert!(base.log10_p() < -9.0, "{}", base.log10_p());
 
     // 1. Permuting the hidden units of both layers (a random permutation each).
@@ -374,13 +388,22 @@ fn function_preserving_rewrites_of_an_mlp_and_what_they_do_to_the_mark() {
     permute_units(&mut permuted, "fc0", "fc1", &perm(128));
     permute_units(&mut permuted, "fc1", "out", &perm(128));
     let d = detect_mem(&mark, &permuted);
-    eprintln!("hidden units permuted: z = {:.2}, p = {:.3}", d.z, d.p_value());
-    assert!(d.p_value() > 1e-3, "a permutation no longer strips the mark: update the review");
+    eprintln!(
+        "hidden units permuted: z = {:.2}, p = {:.3}",
+        d.z,
+        d.p_value()
+    );
+    assert!(
+        d.p_value() > 1e-3,
+        "a permutation no longer strips the mark: update the review"
+    );
 
     // 2. Rescaling each unit of fc0 by s_j in [1/100, 100] (log-uniform) and its column of fc1
     //    by 1/s_j.
     let mut scaled = marked.clone();
-    let s: Vec<f32> = (0..128).map(|_| 10f32.powf(rng.random_range(-2.0..2.0))).collect();
+    let s: Vec<f32> = (0..128)
+        .map(|_| 10f32.powf(rng.random_range(-2.0..2.0)))
+        .collect();
     for (j, s_j) in s.iter().enumerate() {
         for v in &mut tensor(&mut scaled, "fc0.weight")[j * 64..(j + 1) * 64] {
             *v *= s_j;
@@ -391,7 +414,11 @@ fn function_preserving_rewrites_of_an_mlp_and_what_they_do_to_the_mark() {
         }
     }
     let d = detect_mem(&mark, &scaled);
-    eprintln!("units rescaled by 1e-2..1e2: z = {:.2}, log10 p = {:.1}", d.z, d.log10_p());
+    eprintln!(
+        "units rescaled by 1e-2..1e2: z = {:.2}, log10 p = {:.1}",
+        d.z,
+        d.log10_p()
+    );
     assert!(d.log10_p() < -3.0, "rescaling strips the mark: z = {}", d.z);
 
     // 3. The weights written transposed (`[in, out]`, as Keras or JAX lay them out).
@@ -409,7 +436,10 @@ fn function_preserving_rewrites_of_an_mlp_and_what_they_do_to_the_mark() {
     }
     let d = detect_mem(&mark, &transposed);
     eprintln!("weights transposed: z = {:.2}, p = {:.3}", d.z, d.p_value());
-    assert!(d.p_value() > 1e-3, "transposition no longer strips the mark: update the review");
+    assert!(
+        d.p_value() > 1e-3,
+        "transposition no longer strips the mark: update the review"
+    );
 }
 
 /// The null for adversarially chosen unmarked models: another job's model trained from the same

@@ -74,7 +74,12 @@ mod tests {
 
     #[test]
     fn only_this_machine_is_a_development_setup() {
-        for local in ["localhost:7443", "127.0.0.1:1", "[::1]:7443", "https://localhost:9"] {
+        for local in [
+            "localhost:7443",
+            "127.0.0.1:1",
+            "[::1]:7443",
+            "https://localhost:9",
+        ] {
             assert!(is_loopback(local), "{local}");
         }
         for remote in [

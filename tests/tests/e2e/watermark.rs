@@ -129,7 +129,8 @@ async fn published_model_is_watermarked_registered_and_verified_against_the_trai
     // The unmarked aggregate's digest is in the trail, but the coordinator never serves it
     // (review 2026-12-07: `ModelExchange.Download` handed it to any caller); the published,
     // marked model it serves.
-    let mut models_client = pb::model_exchange_client::ModelExchangeClient::new(c.operator_channel().await);
+    let mut models_client =
+        pb::model_exchange_client::ModelExchangeClient::new(c.operator_channel().await);
     let refused = models_client
         .download(pb::DownloadRequest {
             model_id: source_digest.clone(),
