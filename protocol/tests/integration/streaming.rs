@@ -321,3 +321,37 @@ async fn an_unknown_or_malformed_model_id_is_refused() {
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
 }
+
+/// A stored model altered on the server's disk (the review of 2026-12-07: a registry consumer
+/// fetching production when the coordinator's spool no longer matches the registered digest).
+/// The server streams it under the digest it is named by (`send_known_digest`, as `Download`
+/// and `Registry.FetchModel` do) without hashing; the receiver hashes every byte and refuses it.
+#[tokio::test]
+async fn a_model_altered_on_the_servers_disk_is_refused_by_the_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut client) = setup(dir.path()).await;
+    let model = random_model(11);
+    let (frames, _) = stream::send_for_upload(MemorySource::new(model).unwrap());
+    let receipt = client.upload(frames).await.unwrap().into_inner();
+    let path = server
+        .store_dir
+        .join(format!("{}.safetensors", receipt.model_id));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let frames = client
+        .download(DownloadRequest {
+            model_id: receipt.model_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = stream::receive(frames, MemorySink::default())
+        .await
+        .expect_err("an altered model must not be received");
+    assert!(
+        matches!(err, stream::StreamError::DigestMismatch { .. }),
+        "{err}"
+    );
+}
