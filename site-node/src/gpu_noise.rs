@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use tch::{Device, Kind, Tensor};
 use tutela_privacy::noise::{
     DEVICE_KERNEL_NAME, DEVICE_KERNEL_SOURCE, KeyedGaussian, NoiseKey, split_u128,
@@ -106,6 +106,25 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// The noise kernel's source compiled to PTX by NVRTC (no GPU needed: NVRTC runs on the CPU;
+/// the driver turns the PTX into the device's code when [`GpuNoise::new`] loads it).
+pub fn compile_noise_kernel() -> Result<Ptx, GpuNoiseError> {
+    if !nvrtc_present() {
+        return Err(GpuNoiseError::NoNvrtc);
+    }
+    let options = CompileOptions {
+        // `unsigned __int128` where the Rust sampler uses u128.
+        options: vec!["--device-int128".to_owned()],
+        // The only floating-point step, (float)((double)x * g), has no addition to fuse; keep
+        // NVRTC from contracting anything all the same.
+        fmad: Some(false),
+        name: Some("tutela_discrete_gaussian.cu".to_owned()),
+        ..CompileOptions::default()
+    };
+    compile_ptx_with_opts(DEVICE_KERNEL_SOURCE, options)
+        .map_err(|e| GpuNoiseError::Compile(e.to_string()))
+}
+
 /// The noise kernel, compiled and loaded on one CUDA device.
 pub struct GpuNoise {
     ordinal: usize,
@@ -132,17 +151,7 @@ impl GpuNoise {
             return Err(GpuNoiseError::NoNvrtc);
         }
         let context = CudaContext::new(ordinal).map_err(driver("opening the device"))?;
-        let options = CompileOptions {
-            // `unsigned __int128` where the Rust sampler uses u128.
-            options: vec!["--device-int128".to_owned()],
-            // The only floating-point step, (float)((double)x * g), has no addition to fuse;
-            // keep NVRTC from contracting anything all the same.
-            fmad: Some(false),
-            name: Some("tutela_discrete_gaussian.cu".to_owned()),
-            ..CompileOptions::default()
-        };
-        let ptx = compile_ptx_with_opts(DEVICE_KERNEL_SOURCE, options)
-            .map_err(|e| GpuNoiseError::Compile(e.to_string()))?;
+        let ptx = compile_noise_kernel()?;
         let module = context
             .load_module(ptx)
             .map_err(driver("loading the noise kernel"))?;
@@ -254,6 +263,24 @@ impl GpuNoise {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_compiles_with_nvrtc_where_libnvrtc_is() {
+        // libnvrtc ships in torch's CUDA wheels (site-packages/nvidia/cu13/lib): with that on
+        // LD_LIBRARY_PATH this compiles the kernel here, without a GPU. Without it, the typed
+        // error.
+        match compile_noise_kernel() {
+            Ok(ptx) => {
+                let text = ptx.to_src();
+                assert!(text.contains(DEVICE_KERNEL_NAME), "no entry point in the PTX");
+                eprintln!("NVRTC compiled the noise kernel: {} bytes of PTX", text.len());
+            }
+            Err(e) => {
+                assert!(!nvrtc_present(), "libnvrtc is here, yet: {e}");
+                assert!(matches!(e, GpuNoiseError::NoNvrtc), "{e}");
+            }
+        }
+    }
 
     #[test]
     fn without_libcuda_the_gpu_sampler_is_a_typed_error() {
