@@ -57,7 +57,11 @@ fn bit_identity(gpu: &GpuNoise, elements: usize) -> Result<bool> {
     for (i, (sigma, g, share)) in cases.into_iter().enumerate() {
         let n = ((elements as f64 * share) as usize).max(1) + 37; // ends inside a chunk
         let sampler = KeyedGaussian::new(sigma, g)?;
-        let k = if i == 3 { NoiseKey::from_os()? } else { key(i as u8) };
+        let k = if i == 3 {
+            NoiseKey::from_os()?
+        } else {
+            key(i as u8)
+        };
         let on_gpu = gpu.draw(&sampler, &k, n)?;
         let from_gpu = Vec::<f32>::try_from(on_gpu.to_device(Device::Cpu))?;
         let mut on_cpu = vec![0f32; n];
@@ -226,10 +230,18 @@ fn lm(name: &str, config: &DecoderConfig, batch: i64, seq: i64, full: bool) -> R
     let spec = tutela_protocol::lora::LoraSpec {
         rank: 8,
         alpha: 16.0,
-        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         dropout: 0.0,
         aggregation: tutela_protocol::lora::LoraAggregation::Ffa,
     };
@@ -302,7 +314,10 @@ fn main() -> Result<()> {
         // ~0.5B: hidden 1280, 24 layers, 20 heads sharing 4, SwiGLU 3456, vocabulary 32 000.
         let large = DecoderConfig::llama(32_000, 1280, 3456, 24, 20, 4);
         if let Err(e) = lm("lm_lora_0_5b", &large, 8, 512, false) {
-            println!("{{\"check\":\"lm_lora_0_5b\",\"error\":{:?}}}", e.to_string());
+            println!(
+                "{{\"check\":\"lm_lora_0_5b\",\"error\":{:?}}}",
+                e.to_string()
+            );
             ok = false;
         }
     }

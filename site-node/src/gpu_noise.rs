@@ -54,7 +54,9 @@ pub enum GpuNoiseError {
     NoNvrtc,
     #[error("the noise buffer is on {0:?}, not on a CUDA device")]
     NotCuda(Device),
-    #[error("the noise buffer must be a contiguous float32 tensor, got {kind:?} (contiguous: {contiguous})")]
+    #[error(
+        "the noise buffer must be a contiguous float32 tensor, got {kind:?} (contiguous: {contiguous})"
+    )]
     BadBuffer { kind: Kind, contiguous: bool },
     #[error("the noise buffer is on CUDA device {buffer}, the sampler on device {sampler}")]
     WrongDevice { buffer: usize, sampler: usize },
@@ -215,12 +217,13 @@ impl GpuNoise {
         }
         let params = sampler.device_sampler();
         let chunks = n.div_ceil(params.chunk);
-        let blocks = u32::try_from(chunks.div_ceil(u64::from(THREADS_PER_BLOCK))).map_err(|_| {
-            GpuNoiseError::Driver {
-                context: "sizing the launch",
-                message: format!("{n} values need more than 2^32 blocks"),
-            }
-        })?;
+        let blocks =
+            u32::try_from(chunks.div_ceil(u64::from(THREADS_PER_BLOCK))).map_err(|_| {
+                GpuNoiseError::Driver {
+                    context: "sizing the launch",
+                    message: format!("{n} values need more than 2^32 blocks"),
+                }
+            })?;
         let pointer = out.data_ptr() as u64;
         let [k0, k1, k2, k3] = key.words();
         let (a_lo, a_hi) = split_u128(params.a);
@@ -272,8 +275,14 @@ mod tests {
         match compile_noise_kernel() {
             Ok(ptx) => {
                 let text = ptx.to_src();
-                assert!(text.contains(DEVICE_KERNEL_NAME), "no entry point in the PTX");
-                eprintln!("NVRTC compiled the noise kernel: {} bytes of PTX", text.len());
+                assert!(
+                    text.contains(DEVICE_KERNEL_NAME),
+                    "no entry point in the PTX"
+                );
+                eprintln!(
+                    "NVRTC compiled the noise kernel: {} bytes of PTX",
+                    text.len()
+                );
             }
             Err(e) => {
                 assert!(!nvrtc_present(), "libnvrtc is here, yet: {e}");

@@ -98,8 +98,11 @@ mod tests {
                 .chunks(4)
                 .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
                 .collect();
-            let got =
-                chacha20_block_with_kernel_source(&NoiseKey::insecure_from_bytes(k), stream, counter);
+            let got = chacha20_block_with_kernel_source(
+                &NoiseKey::insecure_from_bytes(k),
+                stream,
+                counter,
+            );
             assert_eq!(got[..], expected[..], "stream {stream}, counter {counter}");
         }
     }
@@ -125,7 +128,11 @@ mod tests {
         // Guards against comparing two constant buffers.
         let distinct: std::collections::HashSet<u32> =
             rust.iter().take(10_000).map(|x| x.to_bits()).collect();
-        assert!(distinct.len() > 3, "σ {sigma}: {} distinct values", distinct.len());
+        assert!(
+            distinct.len() > 3,
+            "σ {sigma}: {} distinct values",
+            distinct.len()
+        );
         n
     }
 

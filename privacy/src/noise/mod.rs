@@ -68,8 +68,8 @@ pub mod rng;
 use std::num::NonZeroUsize;
 
 pub use keyed::{
-    DEVICE_KERNEL_NAME, DEVICE_KERNEL_SOURCE, DeviceSampler, KEYED_CHUNK, KeyedGaussian,
-    NoiseKey, split_u128,
+    DEVICE_KERNEL_NAME, DEVICE_KERNEL_SOURCE, DeviceSampler, KEYED_CHUNK, KeyedGaussian, NoiseKey,
+    split_u128,
 };
 pub use rng::SecureRng;
 

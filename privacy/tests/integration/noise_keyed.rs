@@ -49,7 +49,11 @@ fn assert_chi2_fits(what: &str, observed: &[f64], expected: &[f64]) {
     assert!(o.len() >= 3, "{what}: too few bins");
     let stat: f64 = o.iter().zip(&e).map(|(o, e)| (o - e).powi(2) / e).sum();
     let crit = chi2_crit_001(o.len() - 1);
-    assert!(stat < crit, "{what}: chi-square {stat:.1} >= {crit:.1} ({} bins)", o.len());
+    assert!(
+        stat < crit,
+        "{what}: chi-square {stat:.1} >= {crit:.1} ({} bins)",
+        o.len()
+    );
 }
 
 #[test]
@@ -92,8 +96,14 @@ fn keyed_noise_on_a_fine_grid_has_the_right_variance_and_uses_the_grid() {
     let var = sum2 / n as f64;
     let expected = noise.grid_variance() * g * g;
     let se = expected * (2.0 / n as f64).sqrt();
-    assert!((var - expected).abs() < 4.0 * se, "variance {var}, expected {expected} ± {se}");
-    assert!((n * 49 / 100..n * 51 / 100).contains(&odd), "{odd} odd grid steps of {n}");
+    assert!(
+        (var - expected).abs() < 4.0 * se,
+        "variance {var}, expected {expected} ± {se}"
+    );
+    assert!(
+        (n * 49 / 100..n * 51 / 100).contains(&odd),
+        "{odd} odd grid steps of {n}"
+    );
 }
 
 #[test]

@@ -30,15 +30,18 @@ fn the_gpu_sampler_is_a_typed_error_without_libcuda_and_the_cpus_values_with_a_g
     let sampler = KeyedGaussian::new(1.0, 2f64.powi(-16)).unwrap();
     let key = NoiseKey::insecure_from_bytes([9; 32]);
     let n = 1_000_003;
-    let from_gpu = Vec::<f32>::try_from(gpu.draw(&sampler, &key, n).unwrap().to_device(Device::Cpu))
-        .unwrap();
+    let from_gpu =
+        Vec::<f32>::try_from(gpu.draw(&sampler, &key, n).unwrap().to_device(Device::Cpu)).unwrap();
     let mut on_cpu = vec![0f32; n];
     sampler.fill_parallel(&key, &mut on_cpu, NonZeroUsize::new(4).unwrap());
     let same = on_cpu
         .iter()
         .zip(&from_gpu)
         .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "the GPU's noise differs from the CPU's for the same key");
+    assert!(
+        same,
+        "the GPU's noise differs from the CPU's for the same key"
+    );
 }
 
 fn plan(dimension: usize) -> DpSgdPlan {
