@@ -269,9 +269,9 @@ mod tests {
 
     #[test]
     fn the_kernel_compiles_with_nvrtc_where_libnvrtc_is() {
-        // libnvrtc ships in torch's CUDA wheels (site-packages/nvidia/cu13/lib): with that on
-        // LD_LIBRARY_PATH this compiles the kernel here, without a GPU. Without it, the typed
-        // error.
+        // libnvrtc ships in torch's CUDA wheels: with site-packages/nvidia/cu13/lib on
+        // LD_LIBRARY_PATH this compiles the kernel here, without a GPU. (An rpath is not enough:
+        // libnvrtc loads libnvrtc-builtins by name itself.) Without libnvrtc, the typed error.
         match compile_noise_kernel() {
             Ok(ptx) => {
                 let text = ptx.to_src();
