@@ -1,5 +1,6 @@
 //! Throughput of the secure discrete Gaussian sampler (and of the reference implementation it
-//! replaced, on the same parameters) and of Poisson sampling.
+//! replaced, on the same parameters), of its keyed per-element form (what the GPU kernel draws;
+//! `noise/keyed.rs`), and of Poisson sampling.
 //!
 //! `cargo run --release -p tutela-privacy --example bench_noise [N] [THREADS]`
 //! (N defaults to 10^7 samples, THREADS to the number of available cores).
@@ -7,7 +8,7 @@
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use tutela_privacy::noise::{NoiseError, SecureGaussian};
+use tutela_privacy::noise::{KeyedGaussian, NoiseError, NoiseKey, SecureGaussian};
 use tutela_privacy::sampling::{PoissonSampler, SamplingError};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,22 @@ fn main() -> Result<(), BenchError> {
         let t = Instant::now();
         noise.fill_parallel(&mut buf, threads);
         let par = t.elapsed().as_secs_f64();
+        let keyed = KeyedGaussian::new(sigma, g)?;
+        let key = NoiseKey::from_os()?;
+        let t = Instant::now();
+        keyed.fill(&key, &mut buf);
+        let keyed_one = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        keyed.fill_parallel(&key, &mut buf, threads);
+        let keyed_par = t.elapsed().as_secs_f64();
+        println!(
+            "keyed (per-element streams, the GPU's layout) sigma={sigma:e} granularity=2^{:.0}: \
+             1 thread {:.3e} samples/s, {} threads {:.3e} samples/s",
+            g.log2(),
+            n as f64 / keyed_one,
+            threads,
+            n as f64 / keyed_par
+        );
         let mean = buf.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
         let var = buf
             .iter()

@@ -57,18 +57,22 @@
 //!
 //! # Noise: where it is drawn and why that is safe on a GPU too
 //!
-//! The noise is drawn on the CPU by [`SecureGaussian`]: an exact discrete Gaussian on a grid
-//! `g·ℤ` (g a power of two) from ChaCha20 keyed by the operating system — never torch's
-//! generator, whose state a user can seed and an observer can recover. The clipped sum is first
+//! The noise is an exact discrete Gaussian on a grid `g·ℤ` (g a power of two) from ChaCha20
+//! keyed by the operating system — never torch's generator, whose state a user can seed and an
+//! observer can recover. Where it is drawn is chosen in one place, from the release's device
+//! (`dp/noise.rs`, [`NoiseDevice`]): for CPU tensors by [`SecureGaussian`] on a worker thread,
+//! for CUDA tensors by the same sampler's keyed form on the GPU ([`crate::gpu_noise`]: a fresh
+//! OS key per release, the values bit-identical to [`tutela_privacy::noise::KeyedGaussian`]'s on
+//! the CPU), or on the CPU and copied where the GPU path is unavailable. The clipped sum is first
 //! rounded to the same grid in the model's kind (exact: `g` is a power of two), then the noise is
 //! added (exact while the result is below 2^24 grid steps in float32; beyond, the addition is
-//! correctly rounded, a deterministic function of the exact sum — post-processing). The released sum is therefore
-//! exactly "grid query + discrete Gaussian", whose low-order bits carry nothing (the
-//! floating-point attacks of Mironov 2012 and Jin et al. 2022 read information out of the low bits
-//! of a float sampler's output). This holds on a GPU as well: the device only receives the
-//! already-sampled integers (scaled by `g`) and performs the exact rounding and addition;
-//! nothing random is computed there. Dividing by the batch size comes after
-//! the release (post-processing). Rounding costs sensitivity `g·√d`; the plan accounts for it
+//! correctly rounded, a deterministic function of the exact sum — post-processing). The released
+//! sum is therefore exactly "grid query + discrete Gaussian", whose low-order bits carry nothing
+//! (the floating-point attacks of Mironov 2012 and Jin et al. 2022 read information out of the
+//! low bits of a float sampler's output). On a GPU too, no floating-point operation touches the
+//! sampling: the kernel is integer arithmetic from the keystream to the grid integer, which it
+//! scales by `g` exactly. Dividing by the batch size comes after the release
+//! (post-processing). Rounding costs sensitivity `g·√d`; the plan accounts for it
 //! ([`tutela_privacy::accountant::plan`]).
 //!
 //! # Sampling
@@ -79,8 +83,8 @@
 //! accountant counts it. [`train_dp`] builds the sampler and the step together from one
 //! [`DpSgdPlan`], so a DP step is never paired with shuffled fixed-size batches.
 
-use std::num::NonZeroUsize;
-use std::sync::mpsc;
+mod noise;
+
 use std::time::Instant;
 
 use rand::rngs::StdRng;
@@ -88,6 +92,9 @@ use tch::{Kind, Reduction, Tensor};
 use tutela_privacy::accountant::plan::DpSgdPlan;
 use tutela_privacy::noise::{SecureGaussian, SecureRng};
 use tutela_privacy::sampling::PoissonSampler;
+
+pub use noise::NoiseDevice;
+use noise::StepNoise;
 
 use crate::data::Table;
 use crate::models::{LayerNet, LayerTrace, Model, TracedKind};
@@ -858,120 +865,6 @@ pub fn clipped_gradient_sum_reference(
     })
 }
 
-/// Values a noise buffer holds at least (when a step needs fewer, a buffer serves several steps):
-/// 2^16 draws, some milliseconds of the sampler, so that a small model's steps hand work to the
-/// worker thread once every few dozen steps rather than every step (waking a thread costs tens
-/// of microseconds on a virtual machine, a tenth of a small MLP's step).
-const NOISE_BUFFER_VALUES: usize = 1 << 16;
-
-/// Draws noise on a background thread, ahead of the steps that add it.
-///
-/// The noise does not depend on the data, so it can be drawn before the gradients it will cover
-/// exist: the worker fills the next buffer while steps consume the current one, and the exact
-/// discrete Gaussian's cost (about 0.1 µs a value on this machine) stops adding to the step time
-/// whenever a core is free. The worker owns the generator and sees nothing but empty buffers;
-/// every value is handed out once, in the order drawn, so the released noise is the same
-/// sequence of draws as a synchronous fill would give. Values left over when a step needs more
-/// than the buffer has left are discarded, never released.
-#[derive(Debug)]
-struct NoiseWorker {
-    requests: Option<mpsc::Sender<Vec<f32>>>,
-    filled: mpsc::Receiver<Vec<f32>>,
-    /// Whether a buffer is being filled.
-    in_flight: bool,
-    /// The buffer being consumed, and how much of it is used.
-    current: Vec<f32>,
-    used: usize,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NoiseWorker {
-    fn spawn(mut noise: SecureGaussian) -> Result<Self, TrainError> {
-        let (requests, work) = mpsc::channel::<Vec<f32>>();
-        let (done, filled) = mpsc::channel::<Vec<f32>>();
-        // Leave one core to the training thread: the worker runs while the step does, and a
-        // worker on every core would take a slice of the step's own core each time.
-        let threads = std::thread::available_parallelism()
-            .ok()
-            .and_then(|n| NonZeroUsize::new(n.get() - 1))
-            .unwrap_or(NonZeroUsize::MIN);
-        let thread = std::thread::Builder::new()
-            .name("dp-noise".into())
-            .spawn(move || {
-                for mut buffer in work {
-                    noise.fill_parallel(&mut buffer, threads);
-                    if done.send(buffer).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| dp_error(format!("starting the noise thread: {e}")))?;
-        Ok(NoiseWorker {
-            requests: Some(requests),
-            filled,
-            in_flight: false,
-            current: Vec::new(),
-            used: 0,
-            thread: Some(thread),
-        })
-    }
-
-    fn request(&mut self, buffer: Vec<f32>) -> Result<(), TrainError> {
-        self.requests
-            .as_ref()
-            .and_then(|r| r.send(buffer).ok())
-            .ok_or_else(|| dp_error("the noise thread has stopped".into()))?;
-        self.in_flight = true;
-        Ok(())
-    }
-
-    fn receive(&mut self) -> Result<Vec<f32>, TrainError> {
-        self.in_flight = false;
-        self.filled
-            .recv()
-            .map_err(|_| dp_error("the noise thread has stopped".into()))
-    }
-
-    /// `len` fresh noise values (`g·X`, `X ~ N_ℤ(0, σ_g²)`), never handed out before; at most
-    /// `steps_left` steps of `len` values are drawn ahead (a short round does not pay for a
-    /// buffer it will not use).
-    fn next(&mut self, len: usize, steps_left: u64) -> Result<&[f32], TrainError> {
-        if self.current.len() - self.used < len {
-            let ahead = usize::try_from(steps_left.max(1)).unwrap_or(usize::MAX);
-            let size = len.max((NOISE_BUFFER_VALUES / len.max(1)).min(ahead) * len);
-            let mut fresh = if self.in_flight {
-                self.receive()?
-            } else {
-                Vec::new()
-            };
-            if fresh.len() < len {
-                // None was being filled, or one too small for this step (the model changed):
-                // draw one of the right size now.
-                fresh.resize(size, 0.0);
-                self.request(fresh)?;
-                fresh = self.receive()?;
-            }
-            let mut spent = std::mem::replace(&mut self.current, fresh);
-            self.used = 0;
-            // Refill the spent buffer's storage in the background for the steps to come.
-            spent.resize(size, 0.0);
-            self.request(spent)?;
-        }
-        let values = &self.current[self.used..self.used + len];
-        self.used += len;
-        Ok(values)
-    }
-}
-
-impl Drop for NoiseWorker {
-    fn drop(&mut self) {
-        self.requests = None; // ends the worker's loop after its current fill
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Refuses a step whose clipping covers fewer tensors than the model trains: a parameter outside
 /// a traced layer would be trained without clipping or noise.
 fn covers_every_parameter(covered: usize, trainable: usize) -> Result<(), TrainError> {
@@ -987,7 +880,7 @@ fn covers_every_parameter(covered: usize, trainable: usize) -> Result<(), TrainE
 #[derive(Debug)]
 pub struct DpSgdStep {
     clip: f64,
-    noise: NoiseWorker,
+    noise: StepNoise,
     granularity: f64,
     steps: u64,
     /// The plan's steps per round: how far ahead noise is worth drawing.
@@ -1049,7 +942,7 @@ impl DpSgdStep {
         let granularity = noise.granularity();
         Ok(DpSgdStep {
             clip,
-            noise: NoiseWorker::spawn(noise)?,
+            noise: StepNoise::new(noise)?,
             granularity,
             steps: 0,
             planned_steps,
@@ -1137,10 +1030,17 @@ impl DpSgdStep {
         Ok(())
     }
 
-    /// `len` fresh noise values for this step, drawn ahead no further than the plan's steps.
+    /// `len` fresh noise values for this step in host memory, drawn ahead no further than the
+    /// plan's steps.
     fn next_noise(&mut self, len: usize) -> Result<&[f32], TrainError> {
         let steps_left = self.planned_steps.saturating_sub(self.steps);
-        self.noise.next(len, steps_left)
+        self.noise.host(len, steps_left)
+    }
+
+    /// Where the last release's noise was drawn: the CPU sampler or the GPU kernel
+    /// ([`noise::NoiseDevice`]); `None` before the first release.
+    pub fn noise_device(&self) -> Option<NoiseDevice> {
+        self.noise.last_device()
     }
 
     /// Releases a clipped sum: `flat` holds `Σ_i c_i ∇ℓ_i` of `parameters`, flattened and
@@ -1195,7 +1095,11 @@ impl DpSgdStep {
     /// (post-processing).
     fn privatize_flat(&mut self, mut flat: Tensor, scale: f64) -> Result<Tensor, TrainError> {
         let g = self.granularity;
-        let noise = Tensor::f_from_slice(self.next_noise(flat.numel())?)?;
+        // Drawn where `flat` lives (the GPU for a CUDA tensor): `noise::StepNoise::tensor_for`.
+        let steps_left = self.planned_steps.saturating_sub(self.steps);
+        let noise = self
+            .noise
+            .tensor_for(flat.numel(), flat.device(), steps_left)?;
         release_with_tensor_ops(&mut flat, &noise, g, scale)?;
         Ok(flat)
     }

@@ -44,6 +44,7 @@ pub mod dataset;
 pub mod dp;
 pub mod dp_bench;
 pub mod failure;
+pub mod gpu_noise;
 pub mod jobspec;
 pub mod ledger;
 pub mod ledger_restore;

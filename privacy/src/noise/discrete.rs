@@ -227,6 +227,12 @@ impl DiscreteGaussian {
         })
     }
 
+    /// The integers the sampler computes with, for the device kernel (`noise/kernel/`), which
+    /// must decide exactly as [`DiscreteGaussian::sample`] does: `(a, b·t, 2·a·b·t², t)`.
+    pub(crate) fn integer_parameters(&self) -> (u128, u128, u128, u64) {
+        (self.a, self.bt, self.den, self.t)
+    }
+
     /// σ² as a float, for reporting only.
     pub(crate) fn variance_f64(&self) -> f64 {
         self.a as f64 / self.b as f64

@@ -49,13 +49,28 @@
 //! implementation (`noise/reference.rs`, kept as the tests' reference). `fill` runs on the
 //! calling thread; [`SecureGaussian::fill_parallel`] splits the slice over threads, each with
 //! its own ChaCha20 stream (same key, distinct stream id), and gives exactly the same guarantee.
+//!
+//! # Keyed releases and the GPU
+//!
+//! [`KeyedGaussian`] (`noise/keyed.rs`) draws the same sampler's values laid out per element:
+//! element `i` of a release comes from chunk `i / KEYED_CHUNK`'s own ChaCha20 stream under the
+//! release's [`NoiseKey`], so it is a pure function of `(key, i)` and any processor can draw
+//! any part of a release. `noise/discrete_gaussian.cu` is the same ChaCha20 and the same
+//! integer sampler in CUDA C ([`DEVICE_KERNEL_SOURCE`]): the site node draws DP noise for CUDA
+//! tensors with it, and the `tutela-noise-kernel-check` crate compiles it as C and checks it
+//! against [`KeyedGaussian::fill`] bit for bit.
 
 mod discrete;
+mod keyed;
 mod reference;
 pub mod rng;
 
 use std::num::NonZeroUsize;
 
+pub use keyed::{
+    DEVICE_KERNEL_NAME, DEVICE_KERNEL_SOURCE, DeviceSampler, KEYED_CHUNK, KeyedGaussian, NoiseKey,
+    split_u128,
+};
 pub use rng::SecureRng;
 
 use discrete::DiscreteGaussian;

@@ -120,6 +120,14 @@ impl SecureRng {
         Self::from_chacha(inner)
     }
 
+    /// The ChaCha20 keystream of `key` on stream `stream` from block 0: one chunk of a keyed
+    /// release (`noise/keyed.rs`). The caller owns the key (drawn from the OS per release).
+    pub(crate) fn keyed_stream(key: &[u8; 32], stream: u64) -> Self {
+        let mut inner = ChaCha20Rng::from_seed(*key);
+        inner.set_stream(stream);
+        Self::from_chacha(inner)
+    }
+
     /// A generator for an independent sub-stream: same key, a different ChaCha20 stream id.
     /// Used to hand each worker thread its own stream without reseeding from the OS.
     pub(crate) fn fork_stream(&self, stream: u64) -> Self {

@@ -11,5 +11,6 @@ mod at_rest;
 mod distributed;
 mod fuzz_corpus;
 mod noise;
+mod noise_keyed;
 mod pld_reference;
 mod text;

@@ -18,6 +18,7 @@ mod data_stays_home;
 mod dp;
 mod fed_stats;
 mod fuzz_corpus;
+mod gpu_noise;
 mod job_check;
 mod keys;
 mod lm;

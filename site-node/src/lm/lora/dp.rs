@@ -630,6 +630,12 @@ impl DpAdapterStep {
     pub fn steps_taken(&self) -> u64 {
         self.release.steps_taken()
     }
+
+    /// Where the last release's noise was drawn (the GPU for adapters on CUDA): the choice of
+    /// [`DpSgdStep`]'s one seam, `crate::dp::NoiseDevice`.
+    pub fn noise_device(&self) -> Option<crate::dp::NoiseDevice> {
+        self.release.noise_device()
+    }
 }
 
 impl AdapterGradientStep for DpAdapterStep {
