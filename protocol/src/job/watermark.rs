@@ -43,11 +43,11 @@ impl WatermarkScheme {
 }
 
 fn default_target_z() -> f64 {
-    16.0
+    crate::watermark::DEFAULT_STRENGTH.target_z
 }
 
 fn default_max_amplitude() -> f64 {
-    0.25
+    crate::watermark::DEFAULT_STRENGTH.max_amplitude
 }
 
 impl WatermarkSpec {

@@ -66,9 +66,17 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 mod detect;
 mod embed;
+mod merged;
 
-pub use detect::{Detection, Verdict, detect_file, detect_file_marks, detect_tensors, verdict};
+pub use detect::{
+    Detection, Verdict, detect_file, detect_file_marks, detect_tensors, detect_tensors_marks,
+    verdict,
+};
 pub use embed::{EmbedReport, embed_stream, embed_tensor, plan_amplitude};
+pub use merged::{
+    MergedRecovery, RecoveredAdapter, detect_merged_marks, job_base_weights, recover_adapters,
+    recover_b,
+};
 
 /// The scheme's name, as the job spec and the trail write it.
 pub const SCHEME: &str = "spread_spectrum_v1";
@@ -94,6 +102,8 @@ pub enum WatermarkError {
     Sink(#[from] crate::stream::SinkError),
     #[error("tensor {name:?}: {reason}")]
     Tensor { name: String, reason: String },
+    #[error("base checkpoint {dir}: {reason}")]
+    Base { dir: String, reason: String },
 }
 
 /// The consortium's secret watermark key: 32 bytes, written as 64 hex digits in its file. Its
@@ -223,6 +233,21 @@ pub struct Strength {
     /// The largest amplitude, relative to each tensor's standard deviation.
     pub max_amplitude: f64,
 }
+
+/// What a job's `[watermark]` asks for when it sets nothing (`protocol::job::WatermarkSpec`).
+///
+/// `target_z = 12` is the least z that keeps `p < 1e-9` (z ≥ 6.44) after the attacks measured
+/// on the demo's models, with room for the host weights' own correlation with the pattern
+/// (a standard normal: 3 of it): the worst attack kept 80% of z (Gaussian noise at a 2-point
+/// accuracy drop on the MLP), so `(6.44 + 3) / 0.8 ≈ 12`. The cost grows as `z² / N`, so the
+/// least sufficient z is the cheapest one, and the amplitude it needs, `12 / √N`, follows the
+/// model: 0.25 σ (the cap) for the MLP's 1.5K values, 0.05 σ for the CNN's 52K, 0.13 σ of the
+/// adapters for a LoRA job's 8K B values, 0.004 σ for 10M parameters (docs/architecture.md,
+/// "Watermarks", for the measured costs).
+pub const DEFAULT_STRENGTH: Strength = Strength {
+    target_z: 12.0,
+    max_amplitude: 0.25,
+};
 
 /// Whether a tensor of this shape is marked (and counted by detection), given that it is a
 /// floating tensor.

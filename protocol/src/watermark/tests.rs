@@ -303,3 +303,5 @@ fn the_verdict_takes_the_best_candidate_and_corrects_for_the_others() {
     // A threshold of 0 (or none given) never detects.
     assert!(!verdict(&[d(30.0)], &[0.0]).unwrap().detected);
 }
+
+mod merged;
