@@ -188,6 +188,52 @@ pub fn detect_file(path: &Path, mark: &MarkKey) -> Result<Detection, WatermarkEr
 /// [`detect_file`] for several mark keys at once (a registry's entries), reading the file once:
 /// one [`Detection`] per key, in order.
 pub fn detect_file_marks(path: &Path, marks: &[MarkKey]) -> Result<Vec<Detection>, WatermarkError> {
+    detect_file_marks_against(path, None, marks)
+}
+
+/// The unmarked model a suspect is compared with (*informed* detection, module documentation
+/// of [`super`]): the job's unmarked aggregate, which the coordinator keeps (`source_digest` of
+/// the registry entry). Its tensors are found by name and shape.
+pub struct Reference {
+    reader: SafetensorsReader,
+}
+
+impl Reference {
+    pub fn open(path: &Path) -> Result<Self, WatermarkError> {
+        Ok(Reference {
+            reader: SafetensorsReader::open(path)?,
+        })
+    }
+
+    /// Subtracts the reference's tensor `name` from `values` when it has one of that shape;
+    /// returns whether it did (a tensor it lacks is tested blind, which keeps the test valid).
+    pub(super) fn subtract(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &mut [f32],
+    ) -> Result<bool, WatermarkError> {
+        let same = self.reader.info(name).is_some_and(|i| {
+            i.shape == shape && (to_f32(i.dtype, &[]).is_some() || i.dtype == Dtype::I8)
+        });
+        if !same {
+            return Ok(false);
+        }
+        let reference = read_weights(&mut self.reader, name)?;
+        for (v, r) in values.iter_mut().zip(reference) {
+            *v -= r;
+        }
+        Ok(true)
+    }
+}
+
+/// [`detect_file_marks`], informed by `reference` when given: each tensor of the file minus the
+/// reference's tensor of the same name and shape.
+pub fn detect_file_marks_against(
+    path: &Path,
+    mut reference: Option<&mut Reference>,
+    marks: &[MarkKey],
+) -> Result<Vec<Detection>, WatermarkError> {
     let mut reader = SafetensorsReader::open(path)?;
     let names = reader.names();
     let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
@@ -213,7 +259,10 @@ pub fn detect_file_marks(path: &Path, marks: &[MarkKey]) -> Result<Vec<Detection
         let mut c = vec![0.0f64; shape.iter().product()];
         let mut counted = 0;
         for name in names {
-            let values = read_weights(&mut reader, &name)?;
+            let mut values = read_weights(&mut reader, &name)?;
+            if let Some(reference) = reference.as_deref_mut() {
+                reference.subtract(&name, &shape, &mut values)?;
+            }
             if accumulate(&mut c, &values) {
                 counted += 1;
             }

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
-use super::detect::{detect_tensors_marks, read_weights};
+use super::detect::{Reference, detect_tensors_marks, read_weights};
 use super::{Detection, MarkKey, WatermarkError};
 use crate::checkpoint::{SafetensorsReader, to_f32};
 use crate::checkpoint_digest::checkpoint_digest_of_dir;
@@ -237,15 +237,22 @@ pub fn recover_adapters(
 }
 
 /// Tests the merged checkpoint `merged` against each mark key in `marks`, on the adapters
-/// recovered with [`recover_adapters`]: one [`Detection`] per key, in order, and the recovery.
+/// recovered with [`recover_adapters`], informed by `reference` (the job's unmarked adapter)
+/// when given: one [`Detection`] per key, in order, and the recovery.
 pub fn detect_merged_marks(
     merged: &Path,
     base: &Path,
     lora: &LoraSpec,
     seed: u64,
+    reference: Option<&mut Reference>,
     marks: &[MarkKey],
 ) -> Result<(Vec<Detection>, MergedRecovery), WatermarkError> {
-    let recovery = recover_adapters(merged, base, lora, seed)?;
+    let mut recovery = recover_adapters(merged, base, lora, seed)?;
+    if let Some(reference) = reference {
+        for r in &mut recovery.adapters {
+            reference.subtract(&r.name, &r.shape, &mut r.values)?;
+        }
+    }
     let detections = detect_tensors_marks(
         marks,
         recovery

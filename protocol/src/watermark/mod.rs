@@ -44,8 +44,8 @@
 //! A marked model has `S ≈ a·N + (host noise ≈ ±√N)` and `V ≈ N(1 + a²)` for `N` marked values,
 //! so `z ≈ a√N`. [`Strength`] therefore asks for a *target z*: the embedder chooses
 //! `a = target_z / √N`, capped at `max_amplitude`. A large model reaches the target with an
-//! amplitude far below its weights' own spread (a 10M-parameter model needs `a ≈ 0.005` for
-//! `z = 16`); the breast-cancer MLP (about 1.5K marked values) needs the cap. Attacks lower `z`:
+//! amplitude far below its weights' own spread (a 10M-parameter model needs `a ≈ 0.004` for
+//! the default `z = 12`, [`DEFAULT_STRENGTH`]); the breast-cancer MLP (about 1.5K marked values) needs the cap. Attacks lower `z`:
 //! pruning removes a fraction of the signal, quantization and added noise raise `V`,
 //! fine-tuning both; detection holds while `z ≥ 6.44` (`p < 1e−9`).
 //!
@@ -56,8 +56,9 @@
 //! do (no libtorch, no data) and which the sites' DP-SGD training would have to take on as an
 //! extra, non-private objective. A weight perturbation of this size leaves predictions
 //! essentially unchanged, which is its point; it gives a prediction-only observer nothing to
-//! test. Detection needs the weights in the tensor layout they were published in (a transposed
-//! or re-factored copy, e.g. a LoRA adapter merged into a base, is not matched by this test).
+//! test. Detection needs the weights in the tensor layout they were published in, with one
+//! exception built for it: a LoRA job's adapter merged into its base, whose `B` is recovered
+//! against the job's base and seed ([`detect_merged_marks`], module `merged`).
 
 use std::path::Path;
 
@@ -69,8 +70,8 @@ mod embed;
 mod merged;
 
 pub use detect::{
-    Detection, Verdict, detect_file, detect_file_marks, detect_tensors, detect_tensors_marks,
-    verdict,
+    Detection, Reference, Verdict, detect_file, detect_file_marks, detect_file_marks_against,
+    detect_tensors, detect_tensors_marks, verdict,
 };
 pub use embed::{EmbedReport, embed_stream, embed_tensor, plan_amplitude};
 pub use merged::{
@@ -248,6 +249,29 @@ pub const DEFAULT_STRENGTH: Strength = Strength {
     target_z: 12.0,
     max_amplitude: 0.25,
 };
+
+/// The default for a LoRA job, which publishes its adapters' `B`: the same z, the amplitude
+/// capped at 0.05 of each `B`'s spread. A few thousand values of `B` carry the whole fine-tune
+/// (on the demo's shape it halves the perplexity), so a relative change of them costs far more
+/// than the same relative change of a full model: measured on the demo's `llama` shape with
+/// 8,192 values of `B`, 0.13 σ (z = 12 blind) cost +2.9% perplexity, 0.05 σ costs
+/// COST_LORA. Below `(12 / 0.05)² = 57,600` values the cap binds and the blind z is under 12
+/// (4.5 for 8,192 values); such an adapter is verified *informed*, against the job's unmarked
+/// adapter ([`Reference`]), where a clean copy shows `z = √N` whatever the amplitude. From
+/// 57,600 values (e.g. rank 8 on q and v of a 7B model: 2M) the blind z is 12 again.
+pub const LORA_DEFAULT_STRENGTH: Strength = Strength {
+    target_z: 12.0,
+    max_amplitude: 0.05,
+};
+
+/// [`DEFAULT_STRENGTH`], or [`LORA_DEFAULT_STRENGTH`] for a job that publishes adapters.
+pub fn default_strength(adapters: bool) -> Strength {
+    if adapters {
+        LORA_DEFAULT_STRENGTH
+    } else {
+        DEFAULT_STRENGTH
+    }
+}
 
 /// Whether a tensor of this shape is marked (and counted by detection), given that it is a
 /// floating tensor.

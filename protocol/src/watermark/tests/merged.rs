@@ -125,8 +125,15 @@ fn a_marked_adapter_is_detected_after_merging_and_nothing_else_is() {
 
     let detect = |file: &Path, seed: u64| {
         let (d, recovery) =
-            detect_merged_marks(file, &base_weights, &lora(), seed, std::slice::from_ref(&mark))
-                .unwrap();
+            detect_merged_marks(
+                file,
+                &base_weights,
+                &lora(),
+                seed,
+                None,
+                std::slice::from_ref(&mark),
+            )
+            .unwrap();
         assert_eq!(recovery.adapters.len(), 2 * LAYERS);
         d[0]
     };
@@ -192,4 +199,67 @@ fn a_base_other_than_the_jobs_is_refused_and_missing_modules_are_listed() {
         vec!["model.layers.0.self_attn.q_proj.weight".to_string()]
     );
     assert_eq!(recovery.adapters.len(), 2 * LAYERS - 1);
+}
+
+/// At a LoRA job's default strength (amplitude capped at 0.05 σ: a blind z of 2.8 over these
+/// 3,072 values), the merged model is still matched when the verifier subtracts the job's
+/// unmarked adapter (informed detection); the unmarked merge and other adapters are not.
+#[test]
+fn informed_detection_finds_a_lora_default_mark_the_blind_test_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    write_base(&base, 1);
+    let base_weights = base.join("model.safetensors");
+    let mark = key(9).mark("job-lora");
+    let published = dir.path().join("adapter.safetensors");
+    write(&published, &adapter(2), Dtype::F32);
+    let marked = dir.path().join("marked.safetensors");
+    let (_, _, report) = embed_stream(
+        &published,
+        SafetensorsFileSink::at(&marked),
+        &mark,
+        LORA_DEFAULT_STRENGTH,
+    )
+    .unwrap();
+    assert!((report.amplitude - 0.05).abs() < 1e-12, "{report:?}");
+    let detect = |file: &Path, informed: bool| {
+        let mut reference = Reference::open(&published).unwrap();
+        detect_merged_marks(
+            file,
+            &base_weights,
+            &lora(),
+            SEED,
+            informed.then_some(&mut reference),
+            std::slice::from_ref(&mark),
+        )
+        .unwrap()
+        .0[0]
+    };
+    let marked_merged = merged(&marked, &base, SEED, &dir.path().join("merged-marked"));
+    let (blind, informed) = (detect(&marked_merged, false), detect(&marked_merged, true));
+    println!(
+        "LoRA default (0.05 σ): blind z = {:.2}, informed z = {:.2} (log10 p = {:.1})",
+        blind.z,
+        informed.z,
+        informed.log10_p()
+    );
+    assert!(blind.log10_p() > -9.0, "{blind:?}");
+    assert!(informed.log10_p() < -100.0, "{informed:?}");
+    // The adapter file itself, informed by the same reference.
+    let mut reference = Reference::open(&published).unwrap();
+    let d = detect_file_marks_against(&marked, Some(&mut reference), std::slice::from_ref(&mark))
+        .unwrap()[0];
+    assert!(d.log10_p() < -100.0, "adapter, informed: {d:?}");
+
+    // Nothing made without the mark key is matched, informed either.
+    let clean = merged(&published, &base, SEED, &dir.path().join("merged-clean"));
+    let d = detect(&clean, true);
+    assert!(d.p_value() > 0.01, "unmarked merge, informed: {d:?}");
+    for s in 0..20 {
+        let other = dir.path().join(format!("other-{s}.safetensors"));
+        write(&other, &adapter(100 + s), Dtype::F32);
+        let file = merged(&other, &base, SEED, &dir.path().join(format!("merged-{s}")));
+        let d = detect(&file, true);
+        assert!(d.p_value() > 0.01, "other adapter {s}, informed: {d:?}");
+    }
 }
