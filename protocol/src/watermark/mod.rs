@@ -49,6 +49,20 @@
 //! pruning removes a fraction of the signal, quantization and added noise raise `V`,
 //! fine-tuning both; detection holds while `z ≥ 6.44` (`p < 1e−9`).
 //!
+//! # Informed detection
+//!
+//! The consortium keeps the unmarked aggregate each mark was added to (the registry entry's
+//! `source_digest`). A verifier holding it tests the *difference* suspect − reference
+//! ([`Reference`], [`detect_file_marks_against`]): the host weights cancel, and a clean copy
+//! shows the pattern alone, `z = S/√V` with no host term (`√N` for one tensor per shape; tensors
+//! of one shape share the pattern and add up, so a shape shared by `n` tensors counts `n`-fold
+//! in `V`: 41.5 rather than 90.5 for the demo's 8,192 adapter values), whatever the amplitude.
+//! After an attack the difference is the mark plus the attack's change, so `z` falls only as
+//! the change grows past the mark. The p-value is unchanged: under the null the suspect and the
+//! reference (made before any mark) are both independent of the key, hence so is their
+//! difference. This is what lets a small adapter carry a mark faint enough to cost under 1%
+//! perplexity ([`LORA_DEFAULT_STRENGTH`]).
+//!
 //! # What it does not do
 //!
 //! There is no black-box (prediction-only) detection: that needs a keyed trigger set whose
@@ -254,8 +268,8 @@ pub const DEFAULT_STRENGTH: Strength = Strength {
 /// capped at 0.05 of each `B`'s spread. A few thousand values of `B` carry the whole fine-tune
 /// (on the demo's shape it halves the perplexity), so a relative change of them costs far more
 /// than the same relative change of a full model: measured on the demo's `llama` shape with
-/// 8,192 values of `B`, 0.13 σ (z = 12 blind) cost +2.9% perplexity, 0.05 σ costs
-/// COST_LORA. Below `(12 / 0.05)² = 57,600` values the cap binds and the blind z is under 12
+/// 8,192 values of `B`, 0.13 σ (z = 12 blind) cost +2.7 to +2.9% perplexity, 0.05 σ costs
+/// +0.36 to +0.47% (the cost goes as the amplitude squared). Below `(12 / 0.05)² = 57,600` values the cap binds and the blind z is under 12
 /// (4.5 for 8,192 values); such an adapter is verified *informed*, against the job's unmarked
 /// adapter ([`Reference`]), where a clean copy shows `z = √N` whatever the amplitude. From
 /// 57,600 values (e.g. rank 8 on q and v of a 7B model: 2M) the blind z is 12 again.
