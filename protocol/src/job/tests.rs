@@ -396,10 +396,9 @@ mod watermark_section_tests {
         assert_eq!(w.strength(true), crate::watermark::LORA_DEFAULT_STRENGTH);
         assert_ne!(plain.digest(), marked.digest());
         // Spelling the defaults out is the same spec.
-        let explicit = JobSpec::from_toml_str(&with(
-            "scheme = \"spread_spectrum_v1\"\ntarget_z = 12.0",
-        ))
-        .unwrap();
+        let explicit =
+            JobSpec::from_toml_str(&with("scheme = \"spread_spectrum_v1\"\ntarget_z = 12.0"))
+                .unwrap();
         assert_eq!(explicit.digest(), marked.digest());
         let stronger = JobSpec::from_toml_str(&with("target_z = 20.0")).unwrap();
         assert_ne!(stronger.digest(), marked.digest());

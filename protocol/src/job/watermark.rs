@@ -48,7 +48,6 @@ fn default_target_z() -> f64 {
     crate::watermark::DEFAULT_STRENGTH.target_z
 }
 
-
 impl WatermarkSpec {
     pub(super) fn validate(&self) -> Result<(), SpecError> {
         if !(self.target_z.is_finite() && (7.0..=100.0).contains(&self.target_z)) {

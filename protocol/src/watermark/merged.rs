@@ -218,15 +218,16 @@ pub fn recover_adapters(
         let w = base_reader.read_f32(&name)?.1;
         let w_merged = read_weights(&mut suspect, &name)?;
         let a = init_lora_a(seed, path, rank, input);
-        let values = recover_b(&w_merged, &w, &a, out, rank, input, lora.scaling()).ok_or_else(
-            || WatermarkError::Tensor {
-                name: name.clone(),
-                reason: format!(
-                    "the adapter's rank {rank} exceeds the module's {input} inputs: its A·Aᵀ \
+        let values =
+            recover_b(&w_merged, &w, &a, out, rank, input, lora.scaling()).ok_or_else(|| {
+                WatermarkError::Tensor {
+                    name: name.clone(),
+                    reason: format!(
+                        "the adapter's rank {rank} exceeds the module's {input} inputs: its A·Aᵀ \
                      is singular and B cannot be recovered"
-                ),
-            },
-        )?;
+                    ),
+                }
+            })?;
         recovery.adapters.push(RecoveredAdapter {
             name: lora_b_name(path),
             shape: vec![out, rank],

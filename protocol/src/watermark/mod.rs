@@ -45,9 +45,10 @@
 //! so `z ≈ a√N`. [`Strength`] therefore asks for a *target z*: the embedder chooses
 //! `a = target_z / √N`, capped at `max_amplitude`. A large model reaches the target with an
 //! amplitude far below its weights' own spread (a 10M-parameter model needs `a ≈ 0.004` for
-//! the default `z = 12`, [`DEFAULT_STRENGTH`]); the breast-cancer MLP (about 1.5K marked values) needs the cap. Attacks lower `z`:
-//! pruning removes a fraction of the signal, quantization and added noise raise `V`,
-//! fine-tuning both; detection holds while `z ≥ 6.44` (`p < 1e−9`).
+//! the default `z = 12`, [`DEFAULT_STRENGTH`]); the breast-cancer MLP (about 1.5K marked
+//! values) needs the cap. Attacks lower `z`: pruning removes a fraction of the signal,
+//! quantization and added noise raise `V`, fine-tuning both; detection holds while `z ≥ 6.44`
+//! (`p < 1e−9`).
 //!
 //! # Informed detection
 //!

@@ -89,8 +89,7 @@ fn the_recovered_adapters_are_the_merged_ones() {
     let b = adapter(2);
     write(&published, &b, Dtype::F32);
     let file = merged(&published, &base, SEED, &dir.path().join("merged"));
-    let recovery =
-        recover_adapters(&file, &base.join("model.safetensors"), &lora(), SEED).unwrap();
+    let recovery = recover_adapters(&file, &base.join("model.safetensors"), &lora(), SEED).unwrap();
     assert!(recovery.missing.is_empty());
     assert_eq!(recovery.adapters.len(), b.len());
     for r in &recovery.adapters {
@@ -112,28 +111,31 @@ fn a_marked_adapter_is_detected_after_merging_and_nothing_else_is() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     write_base(&base, 1);
-    let base_weights = job_base_weights(&base, Some(&checkpoint_digest_of_dir(&base).unwrap()))
-        .unwrap();
+    let base_weights =
+        job_base_weights(&base, Some(&checkpoint_digest_of_dir(&base).unwrap())).unwrap();
     let mark = key(9).mark("job-lora");
     let published = dir.path().join("adapter.safetensors");
     write(&published, &adapter(2), Dtype::F32);
     let marked = dir.path().join("marked.safetensors");
-    let (_, _, report) =
-        embed_stream(&published, SafetensorsFileSink::at(&marked), &mark, DEFAULT_STRENGTH)
-            .unwrap();
+    let (_, _, report) = embed_stream(
+        &published,
+        SafetensorsFileSink::at(&marked),
+        &mark,
+        DEFAULT_STRENGTH,
+    )
+    .unwrap();
     assert_eq!(report.values, 3072);
 
     let detect = |file: &Path, seed: u64| {
-        let (d, recovery) =
-            detect_merged_marks(
-                file,
-                &base_weights,
-                &lora(),
-                seed,
-                None,
-                std::slice::from_ref(&mark),
-            )
-            .unwrap();
+        let (d, recovery) = detect_merged_marks(
+            file,
+            &base_weights,
+            &lora(),
+            seed,
+            None,
+            std::slice::from_ref(&mark),
+        )
+        .unwrap();
         assert_eq!(recovery.adapters.len(), 2 * LAYERS);
         d[0]
     };
@@ -183,8 +185,13 @@ fn a_base_other_than_the_jobs_is_refused_and_missing_modules_are_listed() {
     write_base(&base, 1);
     write_base(&other, 2);
     let digest = checkpoint_digest_of_dir(&base).unwrap();
-    let err = job_base_weights(&other, Some(&digest)).unwrap_err().to_string();
-    assert!(err.contains(&digest) && err.contains("model.base_sha256"), "{err}");
+    let err = job_base_weights(&other, Some(&digest))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&digest) && err.contains("model.base_sha256"),
+        "{err}"
+    );
     let err = job_base_weights(&base, None).unwrap_err().to_string();
     assert!(err.contains("names no model.base_sha256"), "{err}");
 

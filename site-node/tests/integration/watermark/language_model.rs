@@ -98,7 +98,10 @@ fn model_perplexity(model: &LanguageModel, ids: &Tensor) -> f64 {
 }
 
 fn perplexity(dir: &Path, ids: &Tensor) -> f64 {
-    model_perplexity(&load_checkpoint(dir, Device::Cpu, Kind::Float).unwrap(), ids)
+    model_perplexity(
+        &load_checkpoint(dir, Device::Cpu, Kind::Float).unwrap(),
+        ids,
+    )
 }
 
 /// `ids` as training data: each sequence one privacy unit of one window.
@@ -224,8 +227,13 @@ fn a_lora_jobs_mark_costs_under_1_percent_perplexity_and_is_found_in_the_merged_
     // What a full model's default (z = 12 blind, 0.13 σ of these 8,192 values) would cost here:
     // recorded, not asserted (why a LoRA job's cap is lower).
     let strong = path("adapter-z12.safetensors");
-    let (_, _, z12) =
-        embed_stream(&published, SafetensorsFileSink::at(&strong), &mark, STRENGTH).unwrap();
+    let (_, _, z12) = embed_stream(
+        &published,
+        SafetensorsFileSink::at(&strong),
+        &mark,
+        STRENGTH,
+    )
+    .unwrap();
     let strong_ppl = perplexity(
         &export_and_merge(&strong, &base, &path("merged-z12")),
         &held_out,
@@ -326,7 +334,9 @@ fn a_lora_jobs_mark_costs_under_1_percent_perplexity_and_is_found_in_the_merged_
     let noisy = path("merged-noisy");
     copy_config(&marked_merged, &noisy);
     let mut bounds = vec![0.05, 0.01];
-    for rel in [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5] {
+    for rel in [
+        0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5,
+    ] {
         write(&weights(&noisy), &add_noise(&tensors, rel, 99));
         let loss = perplexity(&noisy, &held_out) / marked_ppl - 1.0;
         let d = detect(&weights(&noisy));
