@@ -10,7 +10,10 @@ use tutela_audit::lineage::WatermarkRecord;
 use tutela_protocol::checkpoint::{export_int8, merge_lora};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::peft_export::export_peft_adapter;
-use tutela_protocol::watermark::{WatermarkKey, detect_file_marks, human_p_value, verdict};
+use tutela_protocol::watermark::{
+    MarkKey, Reference, WatermarkKey, detect_file_marks_against, detect_merged_marks,
+    human_p_value, job_base_weights, verdict,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -65,10 +68,25 @@ pub enum ModelCommand {
     /// every watermark the audit trail registered under this key and prints the decision, the
     /// p-value, and the entry it matched with its job's lineage (sites, approvals). Matches by
     /// detection, not by file digest: a renamed, reordered or re-serialized copy still matches.
-    /// Exits with status 1 when nothing is detected.
+    /// Exits with status 1 when nothing is detected. A LoRA job's mark is in its adapters' B;
+    /// a full checkpoint made by merging them into the base is tested with `--merged-base` and
+    /// `--job`: the adapters are recovered from it against the job's base and seed.
     VerifyWatermark {
-        /// The model file to test.
+        /// The model file to test (a directory means its model.safetensors).
         file: PathBuf,
+        /// FILE is a merged checkpoint of a LoRA job: the base model's directory the job named
+        /// (its digest must be the job's model.base_sha256).
+        #[arg(long, requires = "job")]
+        merged_base: Option<PathBuf>,
+        /// The LoRA job's spec (TOML), with --merged-base: its [lora], seed and
+        /// model.base_sha256.
+        #[arg(long, requires = "merged_base")]
+        job: Option<PathBuf>,
+        /// Informed detection: the job's unmarked model (the aggregate the registry entry names
+        /// as its source; for a LoRA job its adapters' B), subtracted tensor by tensor before
+        /// the test. Needed for a small LoRA adapter, whose mark is too faint to test blind.
+        #[arg(long)]
+        reference: Option<PathBuf>,
         /// The consortium's watermark key file.
         #[arg(long)]
         key: PathBuf,
@@ -149,11 +167,25 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
         }
         ModelCommand::VerifyWatermark {
             file,
+            merged_base,
+            job,
+            reference,
             key,
             mark_id,
             json,
             source,
-        } => return verify_watermark(&file, &key, mark_id, json, &source).await,
+        } => {
+            let merged = match (merged_base, job) {
+                (Some(base), Some(job)) => Some(MergedOrigin { base, job }),
+                _ => None,
+            };
+            let target = Target {
+                file,
+                merged,
+                reference,
+            };
+            return verify_watermark(&target, &key, mark_id, json, &source).await;
+        }
     }
     Ok(())
 }
@@ -177,8 +209,84 @@ struct Candidate {
     threshold: f64,
 }
 
+/// Where a merged checkpoint came from: the LoRA job's base and spec (`--merged-base`, `--job`).
+struct MergedOrigin {
+    base: PathBuf,
+    job: PathBuf,
+}
+
+/// What `verify-watermark` tests: the file, and how to read it.
+struct Target {
+    file: PathBuf,
+    merged: Option<MergedOrigin>,
+    reference: Option<PathBuf>,
+}
+
+/// `path`, or its `model.safetensors` when it is a directory.
+fn weights_file(path: &std::path::Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Each mark's detection in the target's file: directly, or on the adapters recovered from a
+/// merged checkpoint (`tutela_protocol::watermark::detect_merged_marks`); informed by the
+/// reference when one is given.
+fn detections(
+    target: &Target,
+    marks: &[MarkKey],
+) -> anyhow::Result<Vec<tutela_protocol::watermark::Detection>> {
+    let file = weights_file(&target.file);
+    let mut reference = match &target.reference {
+        Some(path) => Some(
+            Reference::open(&weights_file(path))
+                .with_context(|| format!("the reference model {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let Some(origin) = &target.merged else {
+        return Ok(detect_file_marks_against(&file, reference.as_mut(), marks)?);
+    };
+    let text = std::fs::read_to_string(&origin.job)
+        .with_context(|| format!("reading the job spec {}", origin.job.display()))?;
+    let spec = JobSpec::from_toml_str(&text)
+        .with_context(|| format!("the job spec {}", origin.job.display()))?;
+    let lora = spec.lora.as_ref().with_context(|| {
+        format!(
+            "the job spec {} has no [lora]: only a LoRA job's adapters are merged",
+            origin.job.display()
+        )
+    })?;
+    let base = job_base_weights(&origin.base, spec.model.base_sha256.as_deref())?;
+    let (detections, recovery) =
+        detect_merged_marks(&file, &base, lora, spec.seed, reference.as_mut(), marks)?;
+    if recovery.adapters.is_empty() {
+        anyhow::bail!(
+            "{} has none of the {} adapted modules of the job's base: it is not a merge of this job's adapters",
+            file.display(),
+            recovery.missing.len()
+        );
+    }
+    eprintln!(
+        "recovered the adapters of {} module(s) from the merged checkpoint against the job's base{}",
+        recovery.adapters.len(),
+        if recovery.missing.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} adapted module(s) absent from the file: {})",
+                recovery.missing.len(),
+                recovery.missing.join(", ")
+            )
+        }
+    );
+    Ok(detections)
+}
+
 async fn verify_watermark(
-    file: &std::path::Path,
+    target: &Target,
     key_file: &std::path::Path,
     mark_id: Option<String>,
     json: bool,
@@ -214,7 +322,8 @@ async fn verify_watermark(
         }
     };
     let marks: Vec<_> = candidates.iter().map(|c| key.mark(&c.mark_id)).collect();
-    let detections = detect_file_marks(file, &marks)?;
+    let detections = detections(target, &marks)?;
+    let file = target.file.as_path();
     let tried = candidates.len();
     let thresholds: Vec<f64> = candidates.iter().map(|c| c.threshold).collect();
     let Some(v) = verdict(&detections, &thresholds) else {

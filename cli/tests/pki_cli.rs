@@ -903,3 +903,5 @@ mod model_cli;
 // `tutela privacy ...`, likewise.
 #[path = "pki_cli/privacy_cli.rs"]
 mod privacy_cli;
+#[path = "pki_cli/watermark_cli.rs"]
+mod watermark_cli;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tutela_audit::payload;
 use tutela_protocol::job::WatermarkSpec;
 use tutela_protocol::stream::SafetensorsFileSink;
-use tutela_protocol::watermark::{WatermarkKey, embed_stream};
+use tutela_protocol::watermark::{Strength, WatermarkKey, embed_stream};
 
 use super::{Engine, EngineError};
 use crate::job::{JobId, JobSpec};
@@ -106,7 +106,8 @@ impl Engine {
                 "watermark: withholding the unmarked final model {final_id}: {e}"
             ))
         })?;
-        let registered = self.embed(job, final_id, key, w.clone()).await?;
+        let strength = w.strength(spec.lora.is_some());
+        let registered = self.embed(job, final_id, key, w.clone(), strength).await?;
         let marker = self.published_marker(job);
         let write = || -> std::io::Result<()> {
             let dir = marker.parent().unwrap_or(&self.state_dir);
@@ -132,12 +133,12 @@ impl Engine {
         final_id: &str,
         key: Arc<WatermarkKey>,
         spec: WatermarkSpec,
+        strength: Strength,
     ) -> Result<payload::WatermarkRegistered, EngineError> {
         let input = self.model_path(final_id);
         let dir = self.model_dir.clone();
         let mark_id = job.as_str().to_string();
         let mark = key.mark(&mark_id);
-        let strength = spec.strength();
         let started = std::time::Instant::now();
         let (_, digest, report) = tokio::task::spawn_blocking(move || {
             embed_stream(

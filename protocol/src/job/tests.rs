@@ -391,13 +391,14 @@ mod watermark_section_tests {
         let marked = JobSpec::from_toml_str(&with("")).unwrap();
         let w = marked.watermark.clone().unwrap();
         assert_eq!(w.scheme, WatermarkScheme::SpreadSpectrumV1);
-        assert_eq!((w.target_z, w.max_amplitude), (16.0, 0.25));
+        assert_eq!((w.target_z, w.max_amplitude), (12.0, None));
+        assert_eq!(w.strength(false), crate::watermark::DEFAULT_STRENGTH);
+        assert_eq!(w.strength(true), crate::watermark::LORA_DEFAULT_STRENGTH);
         assert_ne!(plain.digest(), marked.digest());
         // Spelling the defaults out is the same spec.
-        let explicit = JobSpec::from_toml_str(&with(
-            "scheme = \"spread_spectrum_v1\"\ntarget_z = 16.0\nmax_amplitude = 0.25",
-        ))
-        .unwrap();
+        let explicit =
+            JobSpec::from_toml_str(&with("scheme = \"spread_spectrum_v1\"\ntarget_z = 12.0"))
+                .unwrap();
         assert_eq!(explicit.digest(), marked.digest());
         let stronger = JobSpec::from_toml_str(&with("target_z = 20.0")).unwrap();
         assert_ne!(stronger.digest(), marked.digest());

@@ -20,8 +20,10 @@ pub struct WatermarkSpec {
     #[serde(default = "default_target_z")]
     pub target_z: f64,
     /// The largest amplitude, relative to each tensor's standard deviation, in (0, 0.5].
-    #[serde(default = "default_max_amplitude")]
-    pub max_amplitude: f64,
+    /// Unset: the default of the model the job publishes, 0.25, or 0.05 for a LoRA job's
+    /// adapters (`crate::watermark::default_strength`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_amplitude: Option<f64>,
 }
 
 /// The schemes a job may ask for.
@@ -43,11 +45,7 @@ impl WatermarkScheme {
 }
 
 fn default_target_z() -> f64 {
-    16.0
-}
-
-fn default_max_amplitude() -> f64 {
-    0.25
+    crate::watermark::DEFAULT_STRENGTH.target_z
 }
 
 impl WatermarkSpec {
@@ -61,25 +59,28 @@ impl WatermarkSpec {
                 ),
             ));
         }
-        if !(self.max_amplitude.is_finite()
-            && self.max_amplitude > 0.0
-            && self.max_amplitude <= 0.5)
+        if let Some(max_amplitude) = self.max_amplitude
+            && !(max_amplitude.is_finite() && max_amplitude > 0.0 && max_amplitude <= 0.5)
         {
             return Err(SpecError::invalid(
                 "watermark.max_amplitude",
                 format!(
                     "must be in (0, 0.5] (a fraction of each tensor's standard deviation), got {}",
-                    self.max_amplitude
+                    max_amplitude
                 ),
             ));
         }
         Ok(())
     }
 
-    pub fn strength(&self) -> Strength {
+    /// The strength to embed with; `adapters` says whether the job publishes LoRA adapters
+    /// (it has `[lora]`), whose default cap is lower.
+    pub fn strength(&self, adapters: bool) -> Strength {
         Strength {
             target_z: self.target_z,
-            max_amplitude: self.max_amplitude,
+            max_amplitude: self
+                .max_amplitude
+                .unwrap_or(crate::watermark::default_strength(adapters).max_amplitude),
         }
     }
 }

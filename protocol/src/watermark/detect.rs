@@ -125,6 +125,15 @@ pub fn detect_tensors<'a>(
     mark: &MarkKey,
     tensors: impl IntoIterator<Item = (&'a [usize], &'a [f32])>,
 ) -> Detection {
+    let mut all = detect_tensors_marks(std::slice::from_ref(mark), tensors);
+    all.pop().unwrap_or(NOTHING)
+}
+
+/// [`detect_tensors`] for several mark keys at once: one [`Detection`] per key, in order.
+pub fn detect_tensors_marks<'a>(
+    marks: &[MarkKey],
+    tensors: impl IntoIterator<Item = (&'a [usize], &'a [f32])>,
+) -> Vec<Detection> {
     let mut groups: BTreeMap<Vec<usize>, (Vec<f64>, usize)> = BTreeMap::new();
     for (shape, values) in tensors {
         if !marks_shape(shape) {
@@ -137,13 +146,34 @@ pub fn detect_tensors<'a>(
             *n += 1;
         }
     }
-    let mut corr = Correlation::default();
+    let mut corr: Vec<Correlation> = marks.iter().map(|_| Correlation::default()).collect();
     for (shape, (c, n)) in groups {
         if n > 0 {
-            corr.add_group(mark, &shape, &c, n);
+            for (mark, corr) in marks.iter().zip(corr.iter_mut()) {
+                corr.add_group(mark, &shape, &c, n);
+            }
         }
     }
-    corr.finish()
+    corr.into_iter().map(Correlation::finish).collect()
+}
+
+/// No evidence: what a model with no markable tensor gives.
+const NOTHING: Detection = Detection {
+    z: 0.0,
+    tensors: 0,
+    values: 0,
+};
+
+/// Tensor `name` of `reader` as f32: a float tensor converted, an INT8 export's quantized
+/// tensor (`tutela-int8-v1`) dequantized (`q · scale`).
+pub(super) fn read_weights(
+    reader: &mut SafetensorsReader,
+    name: &str,
+) -> Result<Vec<f32>, WatermarkError> {
+    Ok(match reader.info(name).map(|i| i.dtype) {
+        Some(Dtype::I8) => dequantize_int8_tensor(reader, name)?.1,
+        _ => reader.read_f32(name)?.1,
+    })
 }
 
 /// Detection over a safetensors file, one shape at a time: memory is one tensor plus one
@@ -152,16 +182,58 @@ pub fn detect_tensors<'a>(
 /// left out. Names and file order play no part.
 pub fn detect_file(path: &Path, mark: &MarkKey) -> Result<Detection, WatermarkError> {
     let mut all = detect_file_marks(path, std::slice::from_ref(mark))?;
-    Ok(all.pop().unwrap_or(Detection {
-        z: 0.0,
-        tensors: 0,
-        values: 0,
-    }))
+    Ok(all.pop().unwrap_or(NOTHING))
 }
 
 /// [`detect_file`] for several mark keys at once (a registry's entries), reading the file once:
 /// one [`Detection`] per key, in order.
 pub fn detect_file_marks(path: &Path, marks: &[MarkKey]) -> Result<Vec<Detection>, WatermarkError> {
+    detect_file_marks_against(path, None, marks)
+}
+
+/// The unmarked model a suspect is compared with (*informed* detection, module documentation
+/// of [`super`]): the job's unmarked aggregate, which the coordinator keeps (`source_digest` of
+/// the registry entry). Its tensors are found by name and shape.
+pub struct Reference {
+    reader: SafetensorsReader,
+}
+
+impl Reference {
+    pub fn open(path: &Path) -> Result<Self, WatermarkError> {
+        Ok(Reference {
+            reader: SafetensorsReader::open(path)?,
+        })
+    }
+
+    /// Subtracts the reference's tensor `name` from `values` when it has one of that shape;
+    /// returns whether it did (a tensor it lacks is tested blind, which keeps the test valid).
+    pub(super) fn subtract(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        values: &mut [f32],
+    ) -> Result<bool, WatermarkError> {
+        let same = self.reader.info(name).is_some_and(|i| {
+            i.shape == shape && (to_f32(i.dtype, &[]).is_some() || i.dtype == Dtype::I8)
+        });
+        if !same {
+            return Ok(false);
+        }
+        let reference = read_weights(&mut self.reader, name)?;
+        for (v, r) in values.iter_mut().zip(reference) {
+            *v -= r;
+        }
+        Ok(true)
+    }
+}
+
+/// [`detect_file_marks`], informed by `reference` when given: each tensor of the file minus the
+/// reference's tensor of the same name and shape.
+pub fn detect_file_marks_against(
+    path: &Path,
+    mut reference: Option<&mut Reference>,
+    marks: &[MarkKey],
+) -> Result<Vec<Detection>, WatermarkError> {
     let mut reader = SafetensorsReader::open(path)?;
     let names = reader.names();
     let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
@@ -187,10 +259,10 @@ pub fn detect_file_marks(path: &Path, marks: &[MarkKey]) -> Result<Vec<Detection
         let mut c = vec![0.0f64; shape.iter().product()];
         let mut counted = 0;
         for name in names {
-            let values = match reader.info(&name).map(|i| i.dtype) {
-                Some(Dtype::I8) => dequantize_int8_tensor(&mut reader, &name)?.1,
-                _ => reader.read_f32(&name)?.1,
-            };
+            let mut values = read_weights(&mut reader, &name)?;
+            if let Some(reference) = reference.as_deref_mut() {
+                reference.subtract(&name, &shape, &mut values)?;
+            }
             if accumulate(&mut c, &values) {
                 counted += 1;
             }

@@ -44,10 +44,25 @@
 //! A marked model has `S ≈ a·N + (host noise ≈ ±√N)` and `V ≈ N(1 + a²)` for `N` marked values,
 //! so `z ≈ a√N`. [`Strength`] therefore asks for a *target z*: the embedder chooses
 //! `a = target_z / √N`, capped at `max_amplitude`. A large model reaches the target with an
-//! amplitude far below its weights' own spread (a 10M-parameter model needs `a ≈ 0.005` for
-//! `z = 16`); the breast-cancer MLP (about 1.5K marked values) needs the cap. Attacks lower `z`:
-//! pruning removes a fraction of the signal, quantization and added noise raise `V`,
-//! fine-tuning both; detection holds while `z ≥ 6.44` (`p < 1e−9`).
+//! amplitude far below its weights' own spread (a 10M-parameter model needs `a ≈ 0.004` for
+//! the default `z = 12`, [`DEFAULT_STRENGTH`]); the breast-cancer MLP (about 1.5K marked
+//! values) needs the cap. Attacks lower `z`: pruning removes a fraction of the signal,
+//! quantization and added noise raise `V`, fine-tuning both; detection holds while `z ≥ 6.44`
+//! (`p < 1e−9`).
+//!
+//! # Informed detection
+//!
+//! The consortium keeps the unmarked aggregate each mark was added to (the registry entry's
+//! `source_digest`). A verifier holding it tests the *difference* suspect − reference
+//! ([`Reference`], [`detect_file_marks_against`]): the host weights cancel, and a clean copy
+//! shows the pattern alone, `z = S/√V` with no host term (`√N` for one tensor per shape; tensors
+//! of one shape share the pattern and add up, so a shape shared by `n` tensors counts `n`-fold
+//! in `V`: 41.5 rather than 90.5 for the demo's 8,192 adapter values), whatever the amplitude.
+//! After an attack the difference is the mark plus the attack's change, so `z` falls only as
+//! the change grows past the mark. The p-value is unchanged: under the null the suspect and the
+//! reference (made before any mark) are both independent of the key, hence so is their
+//! difference. This is what lets a small adapter carry a mark faint enough to cost under 1%
+//! perplexity ([`LORA_DEFAULT_STRENGTH`]).
 //!
 //! # What it does not do
 //!
@@ -56,8 +71,9 @@
 //! do (no libtorch, no data) and which the sites' DP-SGD training would have to take on as an
 //! extra, non-private objective. A weight perturbation of this size leaves predictions
 //! essentially unchanged, which is its point; it gives a prediction-only observer nothing to
-//! test. Detection needs the weights in the tensor layout they were published in (a transposed
-//! or re-factored copy, e.g. a LoRA adapter merged into a base, is not matched by this test).
+//! test. Detection needs the weights in the tensor layout they were published in, with one
+//! exception built for it: a LoRA job's adapter merged into its base, whose `B` is recovered
+//! against the job's base and seed ([`detect_merged_marks`], module `merged`).
 
 use std::path::Path;
 
@@ -66,9 +82,17 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 mod detect;
 mod embed;
+mod merged;
 
-pub use detect::{Detection, Verdict, detect_file, detect_file_marks, detect_tensors, verdict};
+pub use detect::{
+    Detection, Reference, Verdict, detect_file, detect_file_marks, detect_file_marks_against,
+    detect_tensors, detect_tensors_marks, verdict,
+};
 pub use embed::{EmbedReport, embed_stream, embed_tensor, plan_amplitude};
+pub use merged::{
+    MergedRecovery, RecoveredAdapter, detect_merged_marks, job_base_weights, recover_adapters,
+    recover_b,
+};
 
 /// The scheme's name, as the job spec and the trail write it.
 pub const SCHEME: &str = "spread_spectrum_v1";
@@ -94,6 +118,8 @@ pub enum WatermarkError {
     Sink(#[from] crate::stream::SinkError),
     #[error("tensor {name:?}: {reason}")]
     Tensor { name: String, reason: String },
+    #[error("base checkpoint {dir}: {reason}")]
+    Base { dir: String, reason: String },
 }
 
 /// The consortium's secret watermark key: 32 bytes, written as 64 hex digits in its file. Its
@@ -222,6 +248,44 @@ pub struct Strength {
     pub target_z: f64,
     /// The largest amplitude, relative to each tensor's standard deviation.
     pub max_amplitude: f64,
+}
+
+/// What a job's `[watermark]` asks for when it sets nothing (`protocol::job::WatermarkSpec`).
+///
+/// `target_z = 12` is the least z that keeps `p < 1e-9` (z ≥ 6.44) after the attacks measured
+/// on the demo's models, with room for the host weights' own correlation with the pattern
+/// (a standard normal: 3 of it): the worst attack kept 80% of z (Gaussian noise at a 2-point
+/// accuracy drop on the MLP), so `(6.44 + 3) / 0.8 ≈ 12`. The cost grows as `z² / N`, so the
+/// least sufficient z is the cheapest one, and the amplitude it needs, `12 / √N`, follows the
+/// model: 0.25 σ (the cap) for the MLP's 1.5K values, 0.05 σ for the CNN's 52K, 0.13 σ of the
+/// adapters for a LoRA job's 8K B values, 0.004 σ for 10M parameters (docs/architecture.md,
+/// "Watermarks", for the measured costs).
+pub const DEFAULT_STRENGTH: Strength = Strength {
+    target_z: 12.0,
+    max_amplitude: 0.25,
+};
+
+/// The default for a LoRA job, which publishes its adapters' `B`: the same z, the amplitude
+/// capped at 0.05 of each `B`'s spread. A few thousand values of `B` carry the whole fine-tune
+/// (on the demo's shape it halves the perplexity), so a relative change of them costs far more
+/// than the same relative change of a full model: measured on the demo's `llama` shape with
+/// 8,192 values of `B`, 0.13 σ (z = 12 blind) cost +2.7 to +2.9% perplexity, 0.05 σ costs
+/// +0.36 to +0.47% (the cost goes as the amplitude squared). Below `(12 / 0.05)² = 57,600` values the cap binds and the blind z is under 12
+/// (4.5 for 8,192 values); such an adapter is verified *informed*, against the job's unmarked
+/// adapter ([`Reference`]), where a clean copy shows `z = √N` whatever the amplitude. From
+/// 57,600 values (e.g. rank 8 on q and v of a 7B model: 2M) the blind z is 12 again.
+pub const LORA_DEFAULT_STRENGTH: Strength = Strength {
+    target_z: 12.0,
+    max_amplitude: 0.05,
+};
+
+/// [`DEFAULT_STRENGTH`], or [`LORA_DEFAULT_STRENGTH`] for a job that publishes adapters.
+pub fn default_strength(adapters: bool) -> Strength {
+    if adapters {
+        LORA_DEFAULT_STRENGTH
+    } else {
+        DEFAULT_STRENGTH
+    }
 }
 
 /// Whether a tensor of this shape is marked (and counted by detection), given that it is a

@@ -488,3 +488,5 @@ fn adversarially_chosen_unmarked_models_stay_under_the_null() {
         assert!(d.z < 5.0 && d.z.is_finite(), "{dtype:?}: z = {}", d.z);
     }
 }
+
+mod merged;
