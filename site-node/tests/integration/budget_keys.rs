@@ -16,6 +16,8 @@ use tutela_site_node::ledger::{AnchoredSpend, FixedCaps, PrivacyBudgetConfig, Si
 
 use super::dp::ledger::job;
 
+mod evasion;
+
 const ROWS: usize = 455;
 const DIMENSION: usize = 266;
 
