@@ -17,6 +17,7 @@ use tutela_site_node::ledger::{AnchoredSpend, FixedCaps, PrivacyBudgetConfig, Si
 use super::dp::ledger::job;
 
 mod evasion;
+mod failure;
 
 const ROWS: usize = 455;
 const DIMENSION: usize = 266;
