@@ -62,7 +62,7 @@ pub use records::BudgetSource;
 use sketch::RecordSketch;
 
 /// The most record sketches an entry keeps (the newest): each version of the data seen adds one.
-const SKETCHES_KEPT: usize = 8;
+const SKETCHES_KEPT: usize = 4;
 
 /// The longest prefix a fingerprint hashes: long enough that two unrelated files do not share
 /// it, short enough to read at every check.

@@ -2,7 +2,7 @@
 //! place a budget's data is read for its identity, whatever its source (CSV, JSON Lines,
 //! Parquet, a PostgreSQL query, a text file or a directory of documents).
 //!
-//! Each cell becomes a canonical key before hashing, so that the spellings one record gets from
+//! Each cell is hashed in a canonical form, so that the spellings one record gets from
 //! two exports are one record: text trimmed, case-folded and its runs of whitespace made one
 //! space; text that reads as a finite number, and every number, as that number's shortest
 //! decimal (`7`, `7.0`, `007`, a Parquet `7` and PostgreSQL's `7.00` are one key); booleans as
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tutela_privacy::anonymize::{Schema, Value};
 
 use super::IdentityError;
-use super::sketch::{RecordSketch, SketchBuilder};
+use super::sketch::{CellHasher, NUMBER_TAG, RecordSketch, SketchBuilder, TEXT_TAG};
 use crate::config::DatasetConfig;
 use crate::data::source::{self, SourceKind};
 use crate::data::{Cell, DataError};
@@ -87,9 +87,9 @@ impl BudgetSource {
     }
 }
 
-/// A text cell's key: trimmed, a number as its value, other text case-folded with its
-/// whitespace runs made one space; `None` when empty.
-fn text_key(text: &str) -> Option<String> {
+/// A text cell's hash: trimmed, text that reads as a finite number as that number, other text
+/// case-folded with its whitespace runs made one space; `None` when empty.
+fn text_hash(text: &str) -> Option<u64> {
     let text = text.trim();
     if text.is_empty() {
         return None;
@@ -97,43 +97,54 @@ fn text_key(text: &str) -> Option<String> {
     if let Ok(x) = text.parse::<f64>()
         && x.is_finite()
     {
-        return Some(number_key(x));
+        return Some(number_hash(x));
     }
-    Some(words(text))
+    Some(words_hash(text))
 }
 
-fn words(text: &str) -> String {
-    text.split_whitespace()
-        .map(str::to_lowercase)
-        .collect::<Vec<_>>()
-        .join(" ")
+/// The hash of `text` case-folded, its whitespace runs one space (streamed: no copy).
+pub fn words_hash(text: &str) -> u64 {
+    let mut h = CellHasher::new(TEXT_TAG);
+    let mut buf = [0u8; 4];
+    for (i, word) in text.split_whitespace().enumerate() {
+        if i > 0 {
+            h.write(b" ");
+        }
+        for c in word.chars().flat_map(char::to_lowercase) {
+            h.write(c.encode_utf8(&mut buf).as_bytes());
+        }
+    }
+    h.finish()
 }
 
-fn number_key(x: f64) -> String {
-    // -0 and 0 are one value; Rust's shortest form writes 7.0 as "7".
-    if x == 0.0 { "0".into() } else { format!("{x}") }
+/// A finite number's hash, by value (-0 is 0): `7`, `7.0`, `007` and a typed 7 are one.
+fn number_hash(x: f64) -> u64 {
+    let x = if x == 0.0 { 0.0 } else { x };
+    let mut h = CellHasher::new(NUMBER_TAG);
+    h.write(&x.to_bits().to_le_bytes());
+    h.finish()
 }
 
-/// A source cell's key (see the module documentation).
-pub fn cell_key(cell: Cell<'_>) -> Option<String> {
+/// A source cell's hash (see the module documentation).
+pub fn cell_hash(cell: Cell<'_>) -> Option<u64> {
     match cell {
         Cell::Missing => None,
-        Cell::Text(t) => text_key(t),
-        Cell::Number(x) if x.is_finite() => Some(number_key(x)),
-        Cell::Number(x) => Some(format!("{x}")),
-        Cell::Bool(b) => Some(b.to_string()),
-        Cell::Date(d) => Some(d.to_string()),
+        Cell::Text(t) => text_hash(t),
+        Cell::Number(x) if x.is_finite() => Some(number_hash(x)),
+        Cell::Number(x) => Some(words_hash(&x.to_string())),
+        Cell::Bool(b) => Some(words_hash(if b { "true" } else { "false" })),
+        Cell::Date(d) => Some(words_hash(&d.to_string())),
     }
 }
 
-/// A declared column's value's key: as the same cell read undeclared.
-pub fn value_key(value: &Value) -> Option<String> {
+/// A declared column's value's hash: as the same cell read undeclared.
+pub fn value_hash(value: &Value) -> Option<u64> {
     match value {
         Value::Null => None,
-        Value::Int(i) => Some(number_key(*i as f64)),
-        Value::Float(x) => cell_key(Cell::Number(*x)),
-        Value::Text(t) => text_key(t),
-        Value::Date(d) => Some(d.to_string()),
+        Value::Int(i) => Some(number_hash(*i as f64)),
+        Value::Float(x) => cell_hash(Cell::Number(*x)),
+        Value::Text(t) => text_hash(t),
+        Value::Date(d) => Some(words_hash(&d.to_string())),
     }
 }
 
@@ -179,8 +190,7 @@ fn sketch_table(dataset: &str, config: &DatasetConfig) -> Result<RecordSketch, I
             })?;
             let table = source::raw::read_raw(dataset, config, &columns).map_err(err)?;
             for row in &table.rows {
-                let keys: Vec<Option<String>> = row.iter().map(value_key).collect();
-                builder.add_record(keys.iter().map(Option::as_deref));
+                builder.add_record(row.iter().map(value_hash));
             }
         }
         None => {
@@ -194,11 +204,8 @@ fn sketch_table(dataset: &str, config: &DatasetConfig) -> Result<RecordSketch, I
                 })?;
             }
             let mut records = source::open(dataset, config).map_err(err)?;
-            let mut keys: Vec<Option<String>> = Vec::new();
             while let Some((_, record)) = records.next_record().map_err(err)? {
-                keys.clear();
-                keys.extend((0..record.len()).map(|i| cell_key(record.cell(i))));
-                builder.add_record(keys.iter().map(Option::as_deref));
+                builder.add_record((0..record.len()).map(|i| cell_hash(record.cell(i))));
             }
         }
     }
@@ -220,9 +227,8 @@ fn sketch_text(dataset: &str, source: &TextSource) -> Result<RecordSketch, Ident
     })?;
     let mut builder = SketchBuilder::new();
     for d in &documents {
-        let text = words(&d.text);
-        if !text.is_empty() {
-            builder.add_single(&text);
+        if d.text.split_whitespace().next().is_some() {
+            builder.add_single(words_hash(&d.text));
         }
     }
     Ok(builder.finish())
@@ -240,15 +246,27 @@ mod tests {
             (Cell::Text("-0"), Cell::Number(0.0)),
             (Cell::Text("Jane  DOE"), Cell::Text("jane doe")),
             (Cell::Text("TRUE"), Cell::Bool(true)),
+            (Cell::Text("NaN"), Cell::Number(f64::NAN)),
         ] {
-            assert_eq!(cell_key(a), cell_key(b), "{a:?} vs {b:?}");
+            assert_eq!(cell_hash(a), cell_hash(b), "{a:?} vs {b:?}");
         }
-        assert_eq!(cell_key(Cell::Text("  ")), None);
-        assert_eq!(value_key(&Value::Int(7)), cell_key(Cell::Text("7.00")));
+        assert_eq!(cell_hash(Cell::Text("  ")), None);
+        assert_eq!(value_hash(&Value::Int(7)), cell_hash(Cell::Text("7.00")));
         assert_eq!(
-            value_key(&Value::Text("0042".into())),
-            cell_key(Cell::Number(42.0))
+            value_hash(&Value::Text("0042".into())),
+            cell_hash(Cell::Number(42.0))
         );
-        assert_ne!(cell_key(Cell::Text("7.5")), cell_key(Cell::Text("7")));
+        let date = tutela_privacy::anonymize::Date::from_ymd(2020, 1, 5).unwrap();
+        assert_eq!(
+            value_hash(&Value::Date(date)),
+            cell_hash(Cell::Text("2020-01-05"))
+        );
+        assert_eq!(
+            cell_hash(Cell::Date(date)),
+            cell_hash(Cell::Text("2020-01-05"))
+        );
+        assert_ne!(cell_hash(Cell::Text("7.5")), cell_hash(Cell::Text("7")));
+        // A number and the text of another spelling never meet by accident of tags.
+        assert_ne!(cell_hash(Cell::Text("seven")), cell_hash(Cell::Number(7.0)));
     }
 }

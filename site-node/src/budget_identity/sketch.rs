@@ -23,10 +23,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// How many record hashes a sketch keeps. A dataset is compared through the records of both
 /// sketches' hash ranges: a subset smaller than about `MIN_SAMPLE / RECORDS_K` of a known
-/// dataset (1.6 %) is too thin a sample to tell.
+/// dataset (1.6 %) is too thin a sample to tell. 16 KiB in the map.
 pub const RECORDS_K: usize = 1024;
 /// How many hashes each column-dropped sketch keeps (one per column: kept smaller).
-pub const COLUMN_K: usize = 256;
+pub const COLUMN_K: usize = 128;
+/// The widest table whose column-dropped sketches are kept: a wider one (an image as pixel
+/// columns) would make the map megabytes per version; its column added or dropped is not
+/// found (its whole records still are).
+pub const MAX_SKETCHED_COLUMNS: usize = 32;
 /// The fewest records a comparison must see before it says anything: fewer distinct records
 /// (a tiny table) are matched by the file fingerprint only.
 pub const MIN_SAMPLE: usize = 16;
@@ -112,15 +116,44 @@ impl RecordSketch {
     }
 }
 
-/// The hash of one cell's canonical key ([`super::records`]).
-pub fn cell_hash(key: &str) -> u64 {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(CELL_DOMAIN);
-    ctx.update(key.as_bytes());
-    let d = ctx.finish();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d.as_ref()[..8]);
-    u64::from_be_bytes(first)
+/// The 64-bit hash of one cell's canonical form ([`super::records`]): FNV-1a over a tag and the
+/// form's bytes, spread by the finaliser. Not a cryptographic hash: the hashes never leave the
+/// node's encrypted map, and what matters is speed (a table's every cell is hashed at start) and
+/// that they are spread evenly, so that the smallest are a uniform sample. A fixed function, so
+/// that sketches stored by one build compare with the next.
+#[derive(Debug, Clone, Copy)]
+pub struct CellHasher(u64);
+
+impl CellHasher {
+    /// A hasher for a cell of kind `tag` (a number's bits and a text's bytes never collide).
+    pub fn new(tag: u8) -> Self {
+        let mut h = CellHasher(0xcbf2_9ce4_8422_2325);
+        h.write(CELL_DOMAIN);
+        h.write(&[tag]);
+        h
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        record_hash(self.0)
+    }
+}
+
+/// Tags of [`CellHasher`]: a number by its value, anything else by its text.
+pub const NUMBER_TAG: u8 = 1;
+pub const TEXT_TAG: u8 = 2;
+
+/// A text cell's hash, as written (tests and documents normalise first).
+pub fn cell_hash(text: &str) -> u64 {
+    let mut h = CellHasher::new(TEXT_TAG);
+    h.write(text.as_bytes());
+    h.finish()
 }
 
 /// A multiset's hash from the (wrapping) sum of its cells' hashes: independent of cell order,
@@ -184,26 +217,18 @@ impl SketchBuilder {
         Self::default()
     }
 
-    /// Adds one record: its cells' canonical keys in column order (`None`: a missing cell,
-    /// which is no part of the record, so a column of blanks added changes nothing).
-    pub fn add_record<'a>(&mut self, cells: impl IntoIterator<Item = Option<&'a str>>) {
+    /// Adds one record: its cells' hashes ([`CellHasher`]) in column order (`None`: a missing
+    /// cell, which is no part of the record, so a column of blanks added changes nothing).
+    pub fn add_record(&mut self, cells: impl IntoIterator<Item = Option<u64>>) {
         self.cells.clear();
-        self.cells
-            .extend(cells.into_iter().map(|c| c.map(cell_hash)));
+        self.cells.extend(cells);
         self.add_hashed();
     }
 
-    /// Adds one record of a single cell (a document's text).
-    pub fn add_single(&mut self, key: &str) {
-        self.cells.clear();
-        self.cells.push(Some(cell_hash(key)));
-        // One column: dropping it leaves nothing to compare.
-        let sum = self
-            .cells
-            .iter()
-            .flatten()
-            .fold(0u64, |a, h| a.wrapping_add(*h));
-        self.records.insert(record_hash(sum));
+    /// Adds one record of a single cell (a document's text): dropping its one column leaves
+    /// nothing to compare.
+    pub fn add_single(&mut self, cell: u64) {
+        self.records.insert(record_hash(cell));
     }
 
     fn add_hashed(&mut self) {
@@ -218,6 +243,9 @@ impl SketchBuilder {
             .fold(0u64, |a, h| a.wrapping_add(*h));
         let full = record_hash(sum);
         self.records.insert(full);
+        if self.cells.len() > MAX_SKETCHED_COLUMNS {
+            return;
+        }
         if self.without_column.len() < self.cells.len() {
             self.without_column
                 .resize_with(self.cells.len(), || BottomK::new(COLUMN_K));
@@ -293,7 +321,7 @@ mod tests {
     fn sketch(rows: &[Vec<String>]) -> RecordSketch {
         let mut b = SketchBuilder::new();
         for r in rows {
-            b.add_record(r.iter().map(|c| Some(c.as_str())));
+            b.add_record(r.iter().map(|c| Some(cell_hash(c))));
         }
         b.finish()
     }
