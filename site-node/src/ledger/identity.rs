@@ -92,7 +92,14 @@ impl SiteLedgers {
         if !read {
             return Ok(None);
         }
-        let sketch = Arc::new(source.sketch(dataset)?);
+        let sketch = match source.sketch(dataset) {
+            Ok(sketch) => Arc::new(sketch),
+            // Records the pipeline cannot parse are not trained on either: the round's own read
+            // declines them with their code and column (`data.invalid_value column=…`), which a
+            // budget refusal here would hide. Until then the budget is told by its file alone.
+            Err(IdentityError::Records { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         cache.insert(dataset.to_string(), (stamp, sketch.clone()));
         Ok(Some(sketch))
     }

@@ -125,3 +125,51 @@ fn a_clock_moved_back_changes_no_spend() {
             .steps
     );
 }
+
+/// A declared dataset with a cell its declaration refuses (found by the e2e `data_stays_home`):
+/// the budget is told by its file, not refused as unreadable, so the round's own read declines
+/// it with the code and column (`data.invalid_value column=…`) instead of `data.unreadable`.
+#[test]
+fn records_the_pipeline_cannot_parse_leave_the_budget_to_the_file_and_the_decline_to_the_round() {
+    use tutela_site_node::budget_identity::BudgetSource;
+    use tutela_site_node::config::DatasetConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let columns = dir.path().join("columns.toml");
+    std::fs::write(
+        &columns,
+        "[[column]]\nname = \"age\"\nrole = \"feature\"\ntype = \"int\"\n\
+         [[column]]\nname = \"label\"\nrole = \"label\"\ntype = \"int\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("cohort.csv");
+    let mut text = String::from("age,label\n");
+    for i in 0..100 {
+        text.push_str(&format!("{},{}\n", 20 + i, i % 2));
+    }
+    text.push_str("forty-two,1\n");
+    std::fs::write(&data, text).unwrap();
+    let ledgers = SiteLedgers::new(
+        dir.path().join("privacy-ledger"),
+        Some(kek()),
+        PrivacyBudgetConfig::default(),
+    )
+    .with_budget_sources(
+        [(
+            "cohort".to_string(),
+            BudgetSource::Table {
+                config: DatasetConfig {
+                    path: data.clone(),
+                    columns: Some(columns),
+                    ..DatasetConfig::default()
+                },
+            },
+        )]
+        .into(),
+    );
+    let key = ledgers.key("cohort").unwrap();
+    assert!(key.starts_with("b-"), "{key}");
+    assert_eq!(ledgers.spent("cohort").unwrap(), 0.0);
+    // A file gone is still the budget's own refusal (data.unreadable at the gate).
+    std::fs::remove_file(&data).unwrap();
+    assert!(ledgers.key("cohort").unwrap_err().is_source_unreadable());
+}
