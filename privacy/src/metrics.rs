@@ -252,6 +252,41 @@ mod tests {
         r.unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Security review 2026-12-07: a validation split of no unit or of one, and losses outside
+    /// `[0, L_max]` (NaN, ±inf, negative, huge), released with the same noise draws as their
+    /// clipped values: the release is the clipped one (NaN and +inf count as `L_max`, −inf and
+    /// negatives as 0, a NaN accuracy as 0), and every figure is finite with a positive σ.
+    #[test]
+    fn empty_or_single_unit_splits_and_losses_out_of_range_release_their_clipped_values() {
+        let release = ok(MetricsRelease::new(3.0, 10.0));
+        let seeded = |units: &[UnitMetric]| {
+            ok(release.release_with(units, SecureRng::insecure_from_seed([9; 32])))
+        };
+        let unit = |loss: f64, correct: f64| UnitMetric { loss, correct };
+        for units in [vec![], vec![unit(2.0, 1.0)]] {
+            let m = seeded(&units);
+            for x in [m.units, m.loss_mean, m.accuracy, m.loss_mean_stddev] {
+                assert!(x.is_finite(), "{m:?}");
+            }
+            assert!(m.loss_mean_stddev > 0.0 && m.accuracy_stddev > 0.0, "{m:?}");
+        }
+        for (wild, clipped) in [
+            (unit(f64::NAN, f64::NAN), unit(10.0, 0.0)),
+            (unit(f64::INFINITY, 2.0), unit(10.0, 1.0)),
+            (unit(f64::NEG_INFINITY, -1.0), unit(0.0, 0.0)),
+            (unit(-3.0, f64::INFINITY), unit(0.0, 1.0)),
+            (unit(1e300, 0.5), unit(10.0, 0.5)),
+        ] {
+            let others = vec![unit(4.0, 1.0); 5];
+            let with = |u: UnitMetric| {
+                let mut v = others.clone();
+                v.push(u);
+                seeded(&v)
+            };
+            assert_eq!(with(wild), with(clipped), "{wild:?}");
+        }
+    }
+
     /// The attack of the security review, as a test: the coordinator sends a model under which a
     /// planted record is very likely (loss 0) and everything else is not (loss `L_max`), and
     /// reads one round's reported loss. The best it can do is a threshold between the two worlds'

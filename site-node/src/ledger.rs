@@ -44,8 +44,32 @@ use tutela_privacy::ledger::{Caps, Group, Ledger, LedgerError, MechanismKind, Ro
 use tutela_privacy::metrics::MetricsRelease;
 use tutela_protocol::job::{AccountantName, PrivacyMode, PrivacySpec};
 
+use crate::budget_identity::records::Stamp;
+use crate::budget_identity::sketch::RecordSketch;
+use crate::budget_identity::{BudgetSource, IdentityError};
 use crate::dp::DpSpend;
 use crate::jobspec::JobView;
+
+/// Why a dataset's budget could not be read: its ledger, or its identity (the data could not be
+/// read to tell which budget it spends). Typed, so that the gate tells a source gone
+/// (`data.unreadable`) from a damaged ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+impl BudgetError {
+    /// Whether the dataset's own data could not be read (not the node's ledger or map).
+    pub fn is_source_unreadable(&self) -> bool {
+        matches!(
+            self,
+            BudgetError::Identity(IdentityError::Source { .. } | IdentityError::Records { .. })
+        )
+    }
+}
 
 /// `[privacy]` in `node.toml`: how the node accounts for its privacy budget. The caps themselves
 /// are in the site policy ([`EpsilonCaps`]).
@@ -283,9 +307,12 @@ pub struct SiteLedgers {
     budget: PrivacyBudgetConfig,
     /// The ε caps (the site policy's), read at every check.
     caps: Arc<dyn EpsilonCaps>,
-    /// Each file dataset's source, by name: its budget key is what its data determines
-    /// ([`crate::budget_identity`]). A dataset not listed (a Postgres source) is keyed by name.
-    sources: BTreeMap<String, PathBuf>,
+    /// Each dataset's source, by name: its budget key is what its data determines
+    /// ([`crate::budget_identity`]). A dataset not listed is keyed by name.
+    sources: BTreeMap<String, BudgetSource>,
+    /// The last sketch of each dataset's records, with the source's stamp when it was taken:
+    /// reused while the stamp holds, so that a check reads no record of unchanged data.
+    sketches: Mutex<BTreeMap<String, (Option<Stamp>, Arc<RecordSketch>)>>,
     /// Reads and writes of the ledgers are serialised (a node runs one task at a time, but the
     /// gate and a finishing round may overlap).
     lock: Mutex<()>,
@@ -314,6 +341,7 @@ impl SiteLedgers {
             budget,
             caps: Arc::new(FixedCaps::default()),
             sources: BTreeMap::new(),
+            sketches: Mutex::new(BTreeMap::new()),
             lock: Mutex::new(()),
         }
     }
@@ -322,85 +350,6 @@ impl SiteLedgers {
     pub fn with_caps(mut self, caps: Arc<dyn EpsilonCaps>) -> Self {
         self.caps = caps;
         self
-    }
-
-    /// Keys the budgets of these datasets (name → source file) by their data.
-    pub fn with_sources(mut self, sources: BTreeMap<String, PathBuf>) -> Self {
-        self.sources = sources;
-        self
-    }
-
-    /// The source files of a node's datasets and text datasets (not its Postgres sources, nor a
-    /// text dataset that is a directory).
-    pub fn sources_of(config: &crate::config::NodeConfig) -> BTreeMap<String, PathBuf> {
-        let tables = config
-            .datasets
-            .iter()
-            .filter(|(_, d)| d.postgres.is_none())
-            .map(|(name, d)| (name.clone(), d.path.clone()));
-        // A directory of text files has no one byte stream to fingerprint: keyed by name.
-        let texts = config
-            .text_datasets
-            .iter()
-            .filter(|(_, d)| !d.path.is_dir())
-            .map(|(name, d)| (name.clone(), d.path.clone()));
-        tables.chain(texts).collect()
-    }
-
-    /// The budget key of `dataset` ([`crate::budget_identity`]), learning its name and data
-    /// version in the identity map.
-    pub fn key(&self, dataset: &str) -> Result<String, LedgerError> {
-        self.resolve(dataset).map(|r| r.0)
-    }
-
-    /// The key and the data's fingerprint (none for a dataset keyed by name).
-    fn resolve(
-        &self,
-        dataset: &str,
-    ) -> Result<
-        (
-            String,
-            Option<tutela_audit::payload::privacy::DatasetSource>,
-        ),
-        LedgerError,
-    > {
-        let Some(source) = self.sources.get(dataset) else {
-            return Ok((dataset.to_string(), None));
-        };
-        let to_ledger_err = |e: crate::budget_identity::IdentityError| LedgerError::Corrupt {
-            path: self.dir.clone(),
-            reason: e.to_string(),
-        };
-        let mut map = crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
-            .map_err(to_ledger_err)?;
-        let legacy = self.path(dataset).exists();
-        let r = map
-            .resolve(dataset, source, legacy)
-            .map_err(to_ledger_err)?;
-        Ok((r.key, Some(r.source)))
-    }
-
-    /// The source file of `dataset`, when its budget is keyed by its data.
-    pub fn source_of(&self, dataset: &str) -> Option<&std::path::Path> {
-        self.sources.get(dataset).map(PathBuf::as_path)
-    }
-
-    /// Binds `dataset`'s data to the budget `key` the trail holds it under (an officer's restore
-    /// after the identity map was lost).
-    pub fn bind_to_trail_key(&self, dataset: &str, key: &str) -> Result<(), String> {
-        let _g = self.guard();
-        let Some(source) = self.sources.get(dataset) else {
-            return Ok(());
-        };
-        let source_fp = crate::budget_identity::fingerprint(source).map_err(|e| {
-            format!(
-                "the source of dataset {dataset:?} could not be read ({})",
-                e.kind()
-            )
-        })?;
-        crate::budget_identity::BudgetIdentities::open(&self.dir, self.kek.clone())
-            .and_then(|mut m| m.bind(dataset, key, &source_fp))
-            .map_err(|e| e.to_string())
     }
 
     pub fn budget(&self) -> &PrivacyBudgetConfig {
@@ -428,18 +377,19 @@ impl SiteLedgers {
     }
 
     /// The ledger of `dataset`'s budget, as on disk now.
-    pub fn open(&self, dataset: &str) -> Result<Ledger, LedgerError> {
+    pub fn open(&self, dataset: &str) -> Result<Ledger, BudgetError> {
         let key = self.key(dataset)?;
-        Ledger::open(self.path(&key), &key, self.kek.clone())
+        Ok(Ledger::open(self.path(&key), &key, self.kek.clone())?)
     }
 
     /// ε every job together has spent on `dataset`, composed by the site's accountant at its
     /// δ: what the site policy's total-budget clause weighs a new job against.
-    pub fn spent(&self, dataset: &str) -> Result<f64, LedgerError> {
+    pub fn spent(&self, dataset: &str) -> Result<f64, BudgetError> {
         let _g = self.guard();
         let budget = self.budget();
-        self.open(dataset)?
-            .spent(budget.delta, accountant(budget.accountant))
+        Ok(self
+            .open(dataset)?
+            .spent(budget.delta, accountant(budget.accountant))?)
     }
 
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -697,6 +647,7 @@ fn within_job_target(
     }
 }
 
+mod identity;
 mod trail;
 pub use trail::{AnchoredSpend, LedgerBehindTrail};
 

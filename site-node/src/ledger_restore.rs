@@ -123,7 +123,7 @@ pub async fn restore(
         kek.clone(),
         config.privacy.clone(),
     )
-    .with_sources(SiteLedgers::sources_of(config));
+    .with_budget_sources(SiteLedgers::sources_of(config));
     let all_spends = all_own_spends(&mut client, &node)
         .await
         .map_err(|e| audit_err(&e))?;

@@ -85,6 +85,20 @@ pub enum Refusal {
     ModelUnusable(String),
 }
 
+/// A dataset's budget that cannot be read, as a refusal: the dataset's own data unreadable
+/// (its source gone, its records unparseable) is [`Refusal::SourceUnreadable`], which the node
+/// declines `data.unreadable` and withdraws the dataset for; a ledger or identity map that cannot
+/// be read is [`Refusal::Ledger`] (its text names the node's file: never sent).
+pub fn budget_refusal(dataset: &str, e: crate::ledger::BudgetError) -> Refusal {
+    if e.is_source_unreadable() {
+        Refusal::SourceUnreadable {
+            dataset: dataset.to_string(),
+        }
+    } else {
+        Refusal::Ledger(e.to_string())
+    }
+}
+
 impl Refusal {
     /// Whether the refusal is sent to the coordinator. A task past its deadline is closed there
     /// already, so telling it would only be refused in turn.
@@ -370,14 +384,14 @@ impl TaskGate {
         let job = JobView::from_toml_str(&task.job_spec_toml)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         let data = self.job_data(&job)?;
-        if let (JobData::Table(_), Some(ledgers)) = (&data, &self.ledgers)
-            && ledgers
-                .source_of(data.name())
-                .is_some_and(|source| std::fs::metadata(source).is_err())
-        {
-            return Err(Refusal::SourceUnreadable {
-                dataset: data.name().to_string(),
-            });
+        // The dataset's budget is keyed by its data (`crate::budget_identity`): data that cannot
+        // be read now (a source file gone since the start) has no budget to tell, and is declined
+        // `data.unreadable` from the identity's own typed error. No record is read here, before
+        // the approvals; after them `admit` reads what changed.
+        if let Some(ledgers) = &self.ledgers {
+            ledgers
+                .known_key(data.name())
+                .map_err(|e| budget_refusal(data.name(), e))?;
         }
         // Before the approvals: a site whose schema file is not the one the officers signed
         // would encode other columns than the job expects, whatever its officers said.
@@ -389,8 +403,8 @@ impl TaskGate {
             // clause weighs the job's target ε against what the dataset has spent already.
             let spent = match &self.ledgers {
                 Some(ledgers) => ledgers
-                    .spent(data.name())
-                    .map_err(|e| Refusal::Ledger(e.to_string()))?,
+                    .spent_known(data.name())
+                    .map_err(|e| budget_refusal(data.name(), e))?,
                 None => 0.0,
             };
             approvals.check(task, now_ms, spent)?;
@@ -466,7 +480,7 @@ impl TaskGate {
             // string that names the ledger's file, which must not be sent as a budget reason.
             ledgers
                 .open(round.dataset_name())
-                .map_err(|e| Refusal::Ledger(e.to_string()))?;
+                .map_err(|e| budget_refusal(round.dataset_name(), e))?;
             ledgers
                 .check(
                     &task.job_id,

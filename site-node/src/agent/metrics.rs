@@ -7,6 +7,13 @@
 //! withheld: the training loss (per-example losses of the training data, outside DP-SGD's
 //! clipped and noised sums), and the "predicts one class" flag (a function of every validation
 //! row). A round whose metrics were not charged (no step ran, no ledger) releases none.
+//!
+//! Under `mode = "central"` (DP-FedAvg at the coordinator) the site charges no round to its own
+//! ledger, so no metric has a DP release: they are all withheld. The coordinator is trusted with
+//! the raw update, but it keeps a site's metrics in the round record that `tutela job status`
+//! shows to every operator, and its central accountant charges the noised model, not metrics:
+//! an exact metric there would be a per-site output outside any ε (security review 2026-12-07).
+//! `mode = "distributed"` is the distributed-DP rewrite's to decide (branch `dist-row`).
 
 use std::collections::BTreeMap;
 
@@ -18,6 +25,13 @@ use super::round::RoundResult;
 
 /// Below ln(f64::MAX) ≈ 709.8: the perplexity of any noised loss is a finite number.
 const MAX_EXP_ARGUMENT: f64 = 700.0;
+
+/// Whether a job of this privacy mode sends only DP releases of its metrics (and none when its
+/// round charged none): DP-SGD at the site (`local`) and DP at the coordinator (`central`).
+pub fn withholds_exact_metrics(mode: tutela_protocol::job::PrivacyMode) -> bool {
+    use tutela_protocol::job::PrivacyMode;
+    matches!(mode, PrivacyMode::Local | PrivacyMode::Central)
+}
 
 /// Rewrites the metrics in `metadata` (the exact ones, as [`super::worker`] wrote them) for a
 /// DP job: noised as charged, or withheld. `spec` is the job's privacy section.

@@ -382,7 +382,8 @@ impl Agent {
             kek.clone(),
             config.privacy.clone(),
         )
-        .with_sources(SiteLedgers::sources_of(&config));
+        .with_budget_sources(SiteLedgers::sources_of(&config));
+        ledgers.learn_budgets();
         let secagg_identity = match secagg::SecAggIdentity::from_tls(&material) {
             Ok(id) => Some(Arc::new(id)),
             Err(why) => {

@@ -436,7 +436,7 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     let mut released_metadata = round_metadata(task, &result);
     if let Some(spec) = privacy_spec
         .as_ref()
-        .filter(|p| p.mode == tutela_protocol::job::PrivacyMode::Local)
+        .filter(|p| super::metrics::withholds_exact_metrics(p.mode))
     {
         super::metrics::release_under_dp(&mut released_metadata, &result, spec)
             .map_err(|e| internal(format!("internal error releasing the round's metrics: {e}")))?;

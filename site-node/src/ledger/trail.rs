@@ -170,7 +170,7 @@ impl SiteLedgers {
     ) -> Result<String, String> {
         let _g = self.guard();
         let key = self.key(dataset).map_err(|e| e.to_string())?;
-        let Some(path) = self.sources.get(dataset) else {
+        let Some(path) = self.source_of(dataset) else {
             return Ok(key);
         };
         let in_trail = crate::budget_identity::key_in_trail(
@@ -201,7 +201,7 @@ impl SiteLedgers {
         dataset: &str,
         all_spends: &[AnchoredSpend],
     ) -> Result<Option<String>, String> {
-        let Some(path) = self.sources.get(dataset) else {
+        let Some(path) = self.source_of(dataset) else {
             return Ok(None);
         };
         crate::budget_identity::key_in_trail(

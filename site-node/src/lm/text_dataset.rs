@@ -204,7 +204,8 @@ impl TextDatasetConfig {
         }
     }
 
-    fn source(&self) -> TextSource {
+    /// Where and how its documents are read.
+    pub fn text_source(&self) -> TextSource {
         TextSource {
             path: self.path.clone(),
             format: self.format(),
@@ -316,7 +317,7 @@ impl TextDataset {
                 key,
                 problem,
             })?;
-        let source = config.source();
+        let source = config.text_source();
         source
             .check_present()
             .map_err(|source| TextDatasetError::Source {

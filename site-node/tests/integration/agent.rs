@@ -27,6 +27,8 @@ use tutela_site_node::config::{ConfigError, Corruption, NodeConfig};
 use tutela_site_node::models::{Model, ModelSpec};
 use tutela_site_node::weights::{NamedTensors, export_weights, f32_values, save_safetensors};
 
+/// What leaves of a round's metrics under central DP: nothing exact.
+mod metrics_modes;
 /// A dataset whose source is down at start: re-checked, announced when it comes up, withdrawn
 /// when it fails a task.
 mod readiness;

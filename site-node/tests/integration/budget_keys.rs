@@ -16,6 +16,9 @@ use tutela_site_node::ledger::{AnchoredSpend, FixedCaps, PrivacyBudgetConfig, Si
 
 use super::dp::ledger::job;
 
+mod evasion;
+mod failure;
+
 const ROWS: usize = 455;
 const DIMENSION: usize = 266;
 
@@ -232,10 +235,20 @@ fn a_deleted_identity_map_or_ledger_is_caught_by_the_trail_and_the_restore_rebui
     let why = ledgers.check_against_trail("cohort", &trail).unwrap_err();
     assert_eq!(why.missing, 5);
 
-    // The identity map deleted too, the dataset renamed and rows appended: the node now
-    // resolves another key, and the trail's spends of this data under the old one stop it.
+    // The identity map deleted too, the dataset renamed and a few rows appended: a budget is
+    // keyed by its records' smallest hashes, so the node finds the same key again, and the
+    // deleted ledger is behind the trail under it.
     std::fs::remove_file(dir.path().join("privacy-ledger/identities.json.enc")).unwrap();
     csv(&data, ROWS + 20);
+    let same = node(dir.path(), &[("renamed", &data)]);
+    assert_eq!(same.key("renamed").unwrap(), key);
+    let why = same.check_against_trail("renamed", &trail).unwrap_err();
+    assert_eq!(why.missing, 5);
+    std::fs::remove_file(dir.path().join("privacy-ledger/identities.json.enc")).unwrap();
+
+    // Many rows appended (the records' key changes): the node resolves another key, and the
+    // trail's spends of this data (its file extends their fingerprint) under the old one stop it.
+    csv(&data, ROWS * 10);
     let reset = node(dir.path(), &[("renamed", &data)]);
     assert_ne!(reset.key("renamed").unwrap(), key);
     assert_eq!(

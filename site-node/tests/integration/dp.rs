@@ -470,6 +470,8 @@ max_grad_norm = 1.0
     }
 
     /// The site policy's caps (per job 5, total 4), as the node reads them from it.
+    mod metrics_cap;
+
     fn caps() -> Arc<FixedCaps> {
         Arc::new(FixedCaps {
             per_job: Some(5.0),

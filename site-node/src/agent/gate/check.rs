@@ -28,10 +28,12 @@ impl TaskGate {
         }
         if let Some(approvals) = &self.approvals {
             let spent = match (&self.ledgers, &data) {
-                (Some(ledgers), Some(data)) => ledgers.spent(data.name()).unwrap_or_else(|e| {
-                    found.push(Refusal::Ledger(e.to_string()));
-                    0.0
-                }),
+                (Some(ledgers), Some(data)) => {
+                    ledgers.spent_known(data.name()).unwrap_or_else(|e| {
+                        found.push(super::budget_refusal(data.name(), e));
+                        0.0
+                    })
+                }
                 _ => 0.0,
             };
             match approvals.check_policy(task, now_ms, spent) {

@@ -93,7 +93,7 @@ const COLUMNS: [&str; 8] = [
 
 /// One record of the clinic table, typed as a database would hold it.
 #[derive(Clone)]
-struct Visit {
+pub(crate) struct Visit {
     age: Option<i64>,
     sex: Option<&'static str>,
     ward: &'static str,
@@ -106,7 +106,7 @@ struct Visit {
 }
 
 /// A site's table; `lacks_x` leaves out the category `X` of `sex` (a site that has none).
-fn visits(n: usize, lacks_x: bool) -> Vec<Visit> {
+pub(crate) fn visits(n: usize, lacks_x: bool) -> Vec<Visit> {
     let epoch = Date::from_ymd(2020, 1, 1).unwrap();
     (0..n)
         .map(|i| {
@@ -135,7 +135,7 @@ fn visits(n: usize, lacks_x: bool) -> Vec<Visit> {
         .collect()
 }
 
-fn write_csv(path: &Path, rows: &[Visit]) {
+pub(crate) fn write_csv(path: &Path, rows: &[Visit]) {
     let mut text = COLUMNS.join(",") + "\n";
     for v in rows {
         text.push_str(&format!(
@@ -154,7 +154,7 @@ fn write_csv(path: &Path, rows: &[Visit]) {
 }
 
 /// Snappy-compressed, `sex` dictionary-encoded (as pandas writes a categorical), dates as Date32.
-fn write_parquet(path: &Path, rows: &[Visit]) {
+pub(crate) fn write_parquet(path: &Path, rows: &[Visit]) {
     let column = |a: ArrayRef| a;
     let batch = RecordBatch::try_from_iter([
         (
@@ -232,7 +232,7 @@ fn file_config(data: &Path, schema: &Path) -> DatasetConfig {
 }
 
 /// A database of the test's own, with a read-only role that may only select the visits.
-struct TestDatabase {
+pub(crate) struct TestDatabase {
     admin_url: String,
     name: String,
     role: String,
@@ -277,7 +277,7 @@ pub(crate) async fn execute(url: &str, statements: &[String]) {
 }
 
 impl TestDatabase {
-    async fn create(admin_url: &str, rows: &[Visit]) -> TestDatabase {
+    pub(crate) async fn create(admin_url: &str, rows: &[Visit]) -> TestDatabase {
         let mut statements = vec![
             "CREATE TABLE visits (id serial PRIMARY KEY, age int8, sex text, ward varchar(8), \
              stage text, smoker boolean, admitted date, hb numeric(4,1), outcome text)"
@@ -331,7 +331,7 @@ impl TestDatabase {
         db
     }
 
-    fn config(&self, query: &str, password_file: &Path) -> PostgresConfig {
+    pub(crate) fn config(&self, query: &str, password_file: &Path) -> PostgresConfig {
         PostgresConfig {
             url: with_user(&with_database(&self.admin_url, &self.name), &self.role),
             query: query.to_string(),
@@ -342,7 +342,7 @@ impl TestDatabase {
         }
     }
 
-    async fn drop(self) {
+    pub(crate) async fn drop(self) {
         execute(
             &self.admin_url,
             &[
@@ -354,5 +354,5 @@ impl TestDatabase {
     }
 }
 
-const QUERY: &str =
+pub(crate) const QUERY: &str =
     "SELECT age, sex, ward, stage, smoker, admitted, hb, outcome FROM visits ORDER BY id";

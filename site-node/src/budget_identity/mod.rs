@@ -26,11 +26,25 @@
 //! ([`IdentityBehindTrail`]: the map was deleted, then the data changed); an officer's restore
 //! rebinds the data to the trail's key ([`BudgetIdentities::bind`]).
 //!
+//! # Records, not bytes
+//!
+//! A fingerprint of bytes misses what rewrites the bytes but keeps the records: a re-export that
+//! reorders rows or columns, CSV quoting, line endings or whitespace, a conversion between CSV,
+//! JSON Lines and Parquet, a dropped row, deduplication, a sample, a column added or dropped.
+//! So each version of a budget's data also keeps a sketch of its *records* ([`sketch`], read by
+//! [`records`] through the same sources the pipeline reads, after parsing and normalisation): a
+//! dataset sharing more than [`sketch::SHARED_FRACTION`] of its records with a budget's data
+//! spends that budget. The same covers PostgreSQL sources and directories of documents, which
+//! have no one file to fingerprint. The sketches stay in the encrypted map (never in the trail):
+//! a budget found only by its records after the map was deleted is found by its key, which for
+//! data with no file is derived from its records.
+//!
 //! # What it does not cover
 //!
-//! Data that is not a byte-wise extension of a version seen before: a re-export that reorders
-//! rows or columns, re-encodes values, or deletes rows, the same people's data in another table,
-//! and Postgres sources (keyed by their name, as before). Such data starts a budget of its own.
+//! The same people's records so changed that fewer than a quarter of them are equal after
+//! normalisation (other columns re-coded, another table of the same patients); a subset smaller
+//! than about 1.6 % of a known dataset (see [`sketch::RECORDS_K`]); and, when the map is
+//! deleted *and* the file rewritten, data whose new bytes extend no fingerprint in the trail.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -40,6 +54,15 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tutela_audit::payload::privacy::DatasetSource;
 use tutela_privacy::at_rest::{self, EncryptOptions, KeyEncryptionKey};
+
+pub mod records;
+pub mod sketch;
+
+pub use records::BudgetSource;
+use sketch::RecordSketch;
+
+/// The most record sketches an entry keeps (the newest): each version of the data seen adds one.
+const SKETCHES_KEPT: usize = 4;
 
 /// The longest prefix a fingerprint hashes: long enough that two unrelated files do not share
 /// it, short enough to read at every check.
@@ -59,6 +82,10 @@ pub enum IdentityError {
         dataset: String,
         kind: std::io::ErrorKind,
     },
+    /// The records could not be parsed (the details, naming file and line, are in the site's
+    /// log only).
+    #[error("the records of dataset {dataset:?} could not be read to find its privacy budget")]
+    Records { dataset: String },
     #[error("privacy budget identity map {}: {why}", .path.display())]
     Map { path: PathBuf, why: String },
 }
@@ -113,6 +140,9 @@ pub struct BudgetEntry {
     /// Set when the entry adopted a ledger written before budget keys (keyed by `key`, a name).
     #[serde(default)]
     pub migrated_from_name: bool,
+    /// Sketches of the records of the versions seen, newest last ([`SKETCHES_KEPT`] at most).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<RecordSketch>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,8 +163,17 @@ pub struct BudgetIdentities {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     pub key: String,
-    /// The data's fingerprint now.
-    pub source: DatasetSource,
+    /// The data's file fingerprint now (none for data that is not one file).
+    pub source: Option<DatasetSource>,
+}
+
+/// What the node knows of a dataset's data now, to find its budget: the fingerprint of its file
+/// (if it is one file) and the sketch of its records.
+#[derive(Debug, Clone, Copy)]
+pub struct DataSeen<'a> {
+    /// The data file and its fingerprint now.
+    pub file: Option<(&'a Path, &'a DatasetSource)>,
+    pub records: Option<&'a RecordSketch>,
 }
 
 impl BudgetIdentities {
@@ -177,30 +216,96 @@ impl BudgetIdentities {
         &self.file.budgets
     }
 
-    /// The budget of dataset `name` whose data is the file at `source_path`, recording what was
-    /// learned (a new name, a new version of the data, a new budget, a migrated ledger).
+    /// The budget of dataset `name` whose data is `seen`, recording what was learned (a new
+    /// name, a new version of the data, a new budget, a migrated ledger).
     /// `legacy_ledger_exists` says whether a ledger named after the dataset exists.
+    ///
+    /// Found, in this order: an entry whose file fingerprint the file extends (the same bytes,
+    /// or rows appended); the entry whose records the data's share most, when more than
+    /// [`sketch::SHARED_FRACTION`]; a ledger named after the dataset (migration); else a new
+    /// budget keyed by the file's fingerprint, or by the records' digest when there is no file.
     pub fn resolve(
         &mut self,
         name: &str,
-        source_path: &Path,
+        seen: DataSeen<'_>,
         legacy_ledger_exists: bool,
     ) -> Result<Resolved, IdentityError> {
+        let (key, adopt) = self.find(name, seen, legacy_ledger_exists)?;
+        if adopt {
+            tracing::warn!(
+                dataset = %name,
+                "adopting the privacy ledger keyed by the dataset's name as this data's \
+                 budget (migration to budget keys)"
+            );
+            self.file.budgets.push(BudgetEntry {
+                key: name.to_string(),
+                names: BTreeSet::new(),
+                sources: Vec::new(),
+                migrated_from_name: true,
+                records: Vec::new(),
+            });
+        }
+        self.bind(name, &key, seen.file.map(|(_, s)| s), seen.records)?;
+        Ok(Resolved {
+            key,
+            source: seen.file.map(|(_, s)| s.clone()),
+        })
+    }
+
+    /// The budget [`resolve`](Self::resolve) would find, learning and saving nothing (before a
+    /// task's approvals: the gate weighs the site policy's budget clause against it).
+    pub fn lookup(
+        &self,
+        name: &str,
+        seen: DataSeen<'_>,
+        legacy_ledger_exists: bool,
+    ) -> Result<String, IdentityError> {
+        self.find(name, seen, legacy_ledger_exists)
+            .map(|(key, _)| key)
+    }
+
+    /// The key of `seen`'s budget, and whether it is a ledger named after the dataset to adopt.
+    fn find(
+        &self,
+        name: &str,
+        seen: DataSeen<'_>,
+        legacy_ledger_exists: bool,
+    ) -> Result<(String, bool), IdentityError> {
         let read_err = |e: std::io::Error| IdentityError::Source {
             dataset: name.to_string(),
             kind: e.kind(),
         };
-        let source = fingerprint(source_path).map_err(read_err)?;
         let mut found = None;
-        for (i, entry) in self.file.budgets.iter().enumerate() {
-            for s in &entry.sources {
-                if extends(source_path, s).map_err(read_err)? {
-                    found = Some(i);
-                    break;
+        if let Some((path, _)) = seen.file {
+            'entries: for (i, entry) in self.file.budgets.iter().enumerate() {
+                for s in &entry.sources {
+                    if extends(path, s).map_err(read_err)? {
+                        found = Some(i);
+                        break 'entries;
+                    }
                 }
             }
-            if found.is_some() {
-                break;
+        }
+        if found.is_none()
+            && let Some(records) = seen.records
+        {
+            let mut best = (sketch::SHARED_FRACTION, None);
+            for (i, entry) in self.file.budgets.iter().enumerate() {
+                for known in &entry.records {
+                    let shared = sketch::shared_fraction(records, known);
+                    if shared > best.0 {
+                        best = (shared, Some(i));
+                    }
+                }
+            }
+            if let (shared, Some(i)) = best {
+                tracing::debug!(
+                    dataset = %name,
+                    budget = %self.file.budgets[i].key,
+                    shared = format!("{:.0} %", shared * 100.0),
+                    "the dataset's records are largely a known budget's: it spends that budget"
+                );
+                found = Some(i);
             }
         }
         let key = match found {
@@ -208,44 +313,48 @@ impl BudgetIdentities {
             None => {
                 let claimed = self.file.budgets.iter().any(|b| b.key == name);
                 if legacy_ledger_exists && !claimed {
-                    tracing::warn!(
-                        dataset = %name,
-                        "adopting the privacy ledger keyed by the dataset's name as this data's \
-                         budget (migration to budget keys)"
-                    );
-                    self.file.budgets.push(BudgetEntry {
-                        key: name.to_string(),
-                        names: BTreeSet::new(),
-                        sources: Vec::new(),
-                        migrated_from_name: true,
-                    });
-                    name.to_string()
+                    return Ok((name.to_string(), true));
                 } else {
-                    new_key(&source)
+                    // Keyed by the records when there are enough to tell (the same records in
+                    // any order or format, found again without the map), else by the file.
+                    let records = seen
+                        .records
+                        .filter(|r| r.records.0.len() >= sketch::MIN_SAMPLE);
+                    match (records, seen.file) {
+                        (Some(records), _) => format!("b-{}", &records.digest_hex()[..16]),
+                        (None, Some((_, source))) => new_key(source),
+                        // Nothing read to key by: the name, as before budget keys.
+                        (None, None) => name.to_string(),
+                    }
                 }
             }
         };
-        self.bind(name, &key, &source)?;
-        Ok(Resolved { key, source })
+        Ok((key, false))
     }
 
-    /// Binds dataset `name` and the data version `source` to the budget `key` (creating its
-    /// entry), taking them from any other entry; saves when anything changed.
+    /// Binds dataset `name` and the data version seen (`source`, `records`) to the budget `key`
+    /// (creating its entry), taking them from any other entry; saves when anything changed.
     pub fn bind(
         &mut self,
         name: &str,
         key: &str,
-        source: &DatasetSource,
+        source: Option<&DatasetSource>,
+        records: Option<&RecordSketch>,
     ) -> Result<(), IdentityError> {
         let before = self.file.budgets.clone();
         for other in self.file.budgets.iter_mut().filter(|b| b.key != key) {
             other.names.remove(name);
-            other.sources.retain(|s| s != source);
+            if let Some(source) = source {
+                other.sources.retain(|s| s != source);
+            }
+            if let Some(records) = records {
+                other.records.retain(|r| r != records);
+            }
         }
         // An entry left with no data and no ledger of its own says nothing: dropped.
-        self.file
-            .budgets
-            .retain(|b| b.key == key || !b.sources.is_empty() || b.migrated_from_name);
+        self.file.budgets.retain(|b| {
+            b.key == key || !b.sources.is_empty() || !b.records.is_empty() || b.migrated_from_name
+        });
         let entry = match self.file.budgets.iter().position(|b| b.key == key) {
             Some(i) => &mut self.file.budgets[i],
             None => {
@@ -254,14 +363,24 @@ impl BudgetIdentities {
                     names: BTreeSet::new(),
                     sources: Vec::new(),
                     migrated_from_name: false,
+                    records: Vec::new(),
                 });
                 let last = self.file.budgets.len() - 1;
                 &mut self.file.budgets[last]
             }
         };
         entry.names.insert(name.to_string());
-        if !entry.sources.contains(source) {
+        if let Some(source) = source
+            && !entry.sources.contains(source)
+        {
             entry.sources.push(source.clone());
+        }
+        if let Some(records) = records.filter(|r| !r.is_empty())
+            && !entry.records.contains(records)
+        {
+            entry.records.push(records.clone());
+            let extra = entry.records.len().saturating_sub(SKETCHES_KEPT);
+            entry.records.drain(..extra);
         }
         if self.file.budgets != before {
             self.save()?;
@@ -340,6 +459,24 @@ pub fn key_in_trail<'a>(
 mod tests {
     use super::*;
 
+    fn resolve(
+        map: &mut BudgetIdentities,
+        name: &str,
+        path: &Path,
+        legacy: bool,
+    ) -> Result<Resolved, IdentityError> {
+        let fp = fingerprint(path).unwrap();
+        let records = BudgetSource::table_file(path).sketch(name).unwrap();
+        map.resolve(
+            name,
+            DataSeen {
+                file: Some((path, &fp)),
+                records: Some(&records),
+            },
+            legacy,
+        )
+    }
+
     fn write(path: &Path, text: &str) {
         std::fs::write(path, text).unwrap();
     }
@@ -350,26 +487,44 @@ mod tests {
         let data = dir.path().join("a.csv");
         write(&data, "x,y\n1,2\n3,4\n");
         let mut map = BudgetIdentities::open(&dir.path().join("l"), None).unwrap();
-        let first = map.resolve("cohort", &data, false).unwrap();
+        let first = resolve(&mut map, "cohort", &data, false).unwrap();
         assert!(first.key.starts_with("b-"), "{first:?}");
         // Renamed, and declared twice.
-        assert_eq!(map.resolve("renamed", &data, false).unwrap().key, first.key);
-        assert_eq!(map.resolve("cohort", &data, false).unwrap().key, first.key);
+        assert_eq!(
+            resolve(&mut map, "renamed", &data, false).unwrap().key,
+            first.key
+        );
+        assert_eq!(
+            resolve(&mut map, "cohort", &data, false).unwrap().key,
+            first.key
+        );
         // Copied elsewhere.
         let copy = dir.path().join("elsewhere.csv");
         std::fs::copy(&data, &copy).unwrap();
-        assert_eq!(map.resolve("copy", &copy, false).unwrap().key, first.key);
+        assert_eq!(
+            resolve(&mut map, "copy", &copy, false).unwrap().key,
+            first.key
+        );
         // Rows appended, then appended again.
         write(&data, "x,y\n1,2\n3,4\n5,6\n");
-        assert_eq!(map.resolve("cohort", &data, false).unwrap().key, first.key);
+        assert_eq!(
+            resolve(&mut map, "cohort", &data, false).unwrap().key,
+            first.key
+        );
         write(&data, "x,y\n1,2\n3,4\n5,6\n7,8\n");
         // The map survives a reopen.
         let mut map = BudgetIdentities::open(&dir.path().join("l"), None).unwrap();
-        assert_eq!(map.resolve("cohort", &data, false).unwrap().key, first.key);
+        assert_eq!(
+            resolve(&mut map, "cohort", &data, false).unwrap().key,
+            first.key
+        );
         // Other data: another budget.
         let other = dir.path().join("other.csv");
         write(&other, "x,y\n9,9\n");
-        assert_ne!(map.resolve("other", &other, false).unwrap().key, first.key);
+        assert_ne!(
+            resolve(&mut map, "other", &other, false).unwrap().key,
+            first.key
+        );
     }
 
     #[test]
@@ -378,10 +533,10 @@ mod tests {
         let data = dir.path().join("a.csv");
         write(&data, "x\n1\n");
         let mut map = BudgetIdentities::open(dir.path(), None).unwrap();
-        assert_eq!(map.resolve("old", &data, true).unwrap().key, "old");
+        assert_eq!(resolve(&mut map, "old", &data, true).unwrap().key, "old");
         assert!(map.budgets()[0].migrated_from_name);
         // Renamed after the migration: still the adopted ledger.
-        assert_eq!(map.resolve("new", &data, false).unwrap().key, "old");
+        assert_eq!(resolve(&mut map, "new", &data, false).unwrap().key, "old");
     }
 
     #[test]
