@@ -105,7 +105,7 @@ async fn filled_log_with_key(url: &str, n: u64, every: u64, pkcs8: &[u8]) -> (Au
 }
 
 /// The attacker with superuser rights: drops the append-only triggers first.
-async fn drop_triggers(store: &AuditStore) {
+pub(crate) async fn drop_triggers(store: &AuditStore) {
     let statements: &[&str] = match store.backend() {
         Backend::Postgres => &[
             "DROP TRIGGER audit_events_append_only ON audit_events",
