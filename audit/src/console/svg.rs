@@ -180,11 +180,22 @@ pub fn layered_graph(specs: &[NodeSpec]) -> Graph {
     for (s, n) in specs.iter().zip(&nodes) {
         for from in &s.from {
             if let Some(f) = nodes.iter().find(|m| &m.id == from) {
-                edges.push(GraphEdge {
-                    x1: f.x + f.w,
-                    y1: f.y + f.h / 2.0,
-                    x2: n.x,
-                    y2: n.y + n.h / 2.0,
+                // Within a column (one round to the next) the edge runs down; across columns,
+                // from the right side of one box to the left side of the next.
+                edges.push(if f.x == n.x {
+                    GraphEdge {
+                        x1: f.x + f.w / 2.0,
+                        y1: f.y + f.h,
+                        x2: n.x + n.w / 2.0,
+                        y2: n.y,
+                    }
+                } else {
+                    GraphEdge {
+                        x1: f.x + f.w,
+                        y1: f.y + f.h / 2.0,
+                        x2: n.x,
+                        y2: n.y + n.h / 2.0,
+                    }
                 });
             }
         }
@@ -236,5 +247,7 @@ mod tests {
         assert!(g.nodes[2].y > g.nodes[1].y);
         assert_eq!(g.edges.len(), 3);
         assert_eq!(g.edges[0].x1, g.nodes[0].x + g.nodes[0].w);
+        // r1 -> r2, in one column, runs down from r1's bottom to r2's top.
+        assert_eq!((g.edges[2].y1, g.edges[2].y2), (g.nodes[1].y + g.nodes[1].h, g.nodes[2].y));
     }
 }

@@ -95,20 +95,19 @@ impl Consortium {
         TlsMaterial::load(&self.files(stem)).unwrap()
     }
 
-    /// `stem`'s certificate and key as a PKCS#12 file (openssl), as an officer imports it.
+    /// `stem`'s certificate, key and the CA as the PKCS#12 file `tutela pki issue --pkcs12`
+    /// writes, as an officer imports it into a browser.
     fn pkcs12(&self, stem: &str, out: &Path) {
-        let c = self.certs();
-        let status = Command::new("openssl")
-            .args(["pkcs12", "-export", "-passout", "pass:console-test", "-name", stem])
-            .arg("-in")
-            .arg(c.join(format!("{stem}.crt")))
-            .arg("-inkey")
-            .arg(c.join(format!("{stem}.key")))
-            .arg("-out")
-            .arg(out)
-            .status()
-            .expect("openssl runs");
-        assert!(status.success(), "openssl pkcs12 -export failed");
+        let read = |ext: &str| std::fs::read_to_string(self.certs().join(format!("{stem}.{ext}"))).unwrap();
+        let p12 = tutela_protocol::pki::pkcs12::to_pkcs12(
+            &read("crt"),
+            &read("key"),
+            &self.ca.ca().cert_pem(),
+            stem,
+            "console-test",
+        )
+        .unwrap();
+        std::fs::write(out, p12).unwrap();
     }
 
     fn signing_key(&self, stem: &str) -> EcdsaKeyPair {
@@ -447,6 +446,16 @@ struct Fetched {
 /// GET `path` from the console over TLS as `stem` (no client certificate when `None`), with a
 /// plain rustls client; `Err` carries the TLS or I/O failure.
 async fn https_get(c: &Consortium, addr: SocketAddr, stem: Option<&str>, path: &str) -> Result<Fetched, String> {
+    https_request(c, addr, stem, "GET", path).await
+}
+
+async fn https_request(
+    c: &Consortium,
+    addr: SocketAddr,
+    stem: Option<&str>,
+    method: &str,
+    path: &str,
+) -> Result<Fetched, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_file_iter(c.certs().join("ca.crt")).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -472,7 +481,9 @@ async fn https_get(c: &Consortium, addr: SocketAddr, stem: Option<&str>, path: &
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("handshake: {e}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     tls.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
     tls.read_to_end(&mut raw).await.map_err(|e| format!("read: {e}"))?;
@@ -670,6 +681,11 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
         assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
         assert!(!r.body.contains("<script"), "a page carries a script");
     }
+
+    // Read-only: an officer's POST is answered 405, and nothing is appended.
+    let post = https_request(&c, s.console, Some("alice"), "POST", "/events").await.unwrap();
+    assert_eq!(post.status, 405, "{}", post.body);
+    assert!(post.head.contains("allow: GET, HEAD") || post.head.contains("Allow: GET, HEAD"), "{}", post.head);
 
     // Let a checkpoint cover the whole trail and the verifier run.
     let mut intact = String::new();
