@@ -6,23 +6,17 @@
 //! certificate. The certificate operation is local and atomic and happens first; an event that
 //! cannot then be appended fails the command, which prints the event for the operator to record.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use tutela_audit::Action;
-use tutela_audit::client::AuditClient;
-use tutela_protocol::client::ClientTls;
 use tutela_protocol::identity::{Identity, Principal, Role};
 use tutela_protocol::pki::files::{self, FileMode};
 use tutela_protocol::pki::{
     self, CaDir, DEFAULT_CA_DAYS, DEFAULT_CRL_NEXT_UPDATE_DAYS, DEFAULT_LEAF_DAYS, KeyAlgorithm,
     LeafOptions, Validity,
 };
-use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 
 mod audit_record;
 
@@ -366,7 +360,17 @@ fn issue(a: IssueArgs) -> Result<()> {
     files::refuse_existing(targets, a.force)?;
     // Asked before anything is issued, so that a mistyped passphrase changes nothing.
     let passphrase = match &a.pkcs12 {
-        Some(_) => Some(pkcs12_passphrase(a.pkcs12_passphrase_file.as_deref())?),
+        Some(_) => {
+            let p = pkcs12_passphrase(a.pkcs12_passphrase_file.as_deref())?;
+            let got = p.chars().count();
+            if got < pki::pkcs12::MIN_PASSPHRASE_CHARS {
+                bail!(
+                    "the PKCS#12 passphrase has {got} characters; it needs at least {}: nothing was issued",
+                    pki::pkcs12::MIN_PASSPHRASE_CHARS
+                );
+            }
+            Some(p)
+        }
         None => None,
     };
     files::ensure_dir(&a.out, true)?;

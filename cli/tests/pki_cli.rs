@@ -903,3 +903,7 @@ mod model_cli;
 // `tutela privacy ...`, likewise.
 #[path = "pki_cli/privacy_cli.rs"]
 mod privacy_cli;
+
+// `tutela pki issue --pkcs12` and `tutela audit verify-proof`, the console's two CLI parts.
+#[path = "pki_cli/console_cli.rs"]
+mod console_cli;

@@ -10,10 +10,11 @@ use tutela_audit::Action;
 use tutela_audit::client::AuditClient;
 use tutela_protocol::client::ClientTls;
 use tutela_protocol::identity::{Identity, Principal};
+use tutela_protocol::pki::files;
 use tutela_protocol::pki::{self, CaDir};
 use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 
-use super::AuditArgs;
+use super::{AuditArgs, rfc3339};
 
 /// How long recording an event may take, connection included, before the command gives up.
 const AUDIT_TIMEOUT: Duration = Duration::from_secs(30);
