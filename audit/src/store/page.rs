@@ -4,6 +4,11 @@
 //! how deep the reader has paged, and the filters are one index range each (migration 0004). A
 //! time bound is turned into a seq bound first, with one probe of the `(timestamp_ms, seq)` index:
 //! timestamps never go back along seq on a log that verifies.
+//!
+//! Every query here is sent unprepared (`persistent(false)`): PostgreSQL then plans it with the
+//! actual values. A cached prepared statement soon gets a generic plan, which does not know that
+//! an action or actor is rare and scans the whole primary key backwards looking for it (measured:
+//! 2.5 s at 1,000,000 events for an action with no event, against 0.1 ms with the value known).
 
 use sqlx::any::AnyArguments;
 use sqlx::{Any, AssertSqlSafe, Row};
@@ -44,6 +49,7 @@ impl super::AuditStore {
             "SELECT seq FROM audit_events WHERE timestamp_ms >= $1 ORDER BY timestamp_ms, seq LIMIT 1",
         )
         .bind(t.unix_millis())
+        .persistent(false)
         .fetch_optional(self.pool())
         .await
         .map_err(db("find the first event at a time"))?;
@@ -111,6 +117,7 @@ impl super::AuditStore {
         // One more than the page, to know whether an older page exists.
         sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", limit + 1));
         let rows = sqlx::query_with::<Any, _>(AssertSqlSafe(sql), args)
+            .persistent(false)
             .fetch_all(self.pool())
             .await
             .map_err(db("read a page of events"))?;
@@ -136,6 +143,7 @@ impl super::AuditStore {
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(action.as_str())
+            .persistent(false)
             .fetch_all(self.pool())
             .await
             .map_err(db(format!("read {action} events")))?;
