@@ -83,8 +83,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut args = std::env::args().skip(1);
-    let url = args.next().ok_or("usage: bench_console DATABASE_URL [EVENTS] [REPEATS]")?;
-    let n: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1_000_000);
+    let url = args
+        .next()
+        .ok_or("usage: bench_console DATABASE_URL [EVENTS] [REPEATS]")?;
+    let n: u64 = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     let repeats: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20);
     let store = AuditStore::open(&url).await?;
     // A fixed key (a benchmark's, never a service's), so that a database filled by an earlier
@@ -108,7 +114,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut batch = Vec::with_capacity(1000);
     for i in (0..n).filter(|_| fill) {
         let (actor, action, subject, payload) = event_of(i, jobs, per_job);
-        let e = chain.append(Timestamp::from_unix_millis(base + i as i64)?, actor, action, subject, payload)?;
+        let e = chain.append(
+            Timestamp::from_unix_millis(base + i as i64)?,
+            actor,
+            action,
+            subject,
+            payload,
+        )?;
         tree.push_entry(&e.hash);
         batch.push(e);
         if batch.len() == 1000 || i + 1 == n {
@@ -147,7 +159,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("BENCH_CONSOLE_SKIP_VERIFY").is_none() {
         let t = Instant::now();
         state.verify_now().await;
-        println!("the overview's verification of the stored trail took {:.1?}", t.elapsed());
+        println!(
+            "the overview's verification of the stored trail took {:.1?}",
+            t.elapsed()
+        );
     }
 
     let viewer = Viewer {
@@ -159,11 +174,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let since: String = form_urlencoded::byte_serialize(old.to_string().as_bytes()).collect();
     let pages: Vec<(&str, String)> = vec![
         ("events (newest page)", String::new()),
-        ("events page 100 deep (keyset)", format!("before={}", n.saturating_sub(5000))),
-        ("events by actor (a node)", "actor=spiffe%3A%2F%2Fbench%2Fsite%2Flakeside%2Fnode".into()),
-        ("events by action (update.refused)", "action=update.refused".into()),
+        (
+            "events page 100 deep (keyset)",
+            format!("before={}", n.saturating_sub(5000)),
+        ),
+        (
+            "events by actor (a node)",
+            "actor=spiffe%3A%2F%2Fbench%2Fsite%2Flakeside%2Fnode".into(),
+        ),
+        (
+            "events by action (update.refused)",
+            "action=update.refused".into(),
+        ),
         ("events by subject (a job)", format!("subject={mid_job}")),
-        ("events by actor+action+time", format!("actor=spiffe%3A%2F%2Fbench%2Fcoordinator&action=job.proposed&since={since}")),
+        (
+            "events by actor+action+time",
+            format!("actor=spiffe%3A%2F%2Fbench%2Fcoordinator&action=job.proposed&since={since}"),
+        ),
     ];
     println!("| page | p50 | p95 |\n|---|---|---|");
     let report = |name: &str, mut times: Vec<Duration>| {
@@ -192,9 +219,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, q) in &pages {
         time_page!(*name, views::events::build(&state, &viewer, q).await);
     }
-    time_page!("event proof", views::events::proof(&state, &(n / 2).to_string()).await);
+    time_page!(
+        "event proof",
+        views::events::proof(&state, &(n / 2).to_string()).await
+    );
     time_page!("jobs", views::jobs::list(&state, &viewer).await);
-    time_page!("one job", views::jobs::detail(&state, &viewer, &mid_job).await);
+    time_page!(
+        "one job",
+        views::jobs::detail(&state, &viewer, &mid_job).await
+    );
     time_page!("sites", views::sites::build(&state, &viewer).await);
     time_page!("models", views::models::list(&state, &viewer).await);
     Ok(())

@@ -467,8 +467,8 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
         AuditCommand::Quarantine(cmd) => crate::quarantine_cmd::run(cmd).await,
         AuditCommand::VerifyProof { file, public_key } => {
             let key = pinned_key(&public_key)?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("{}", file.display()))?;
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let proof: tutela_audit::proof_file::ProofFile = serde_json::from_str(&text)
                 .map_err(|e| anyhow!("{}: not an inclusion proof file: {e}", file.display()))?;
             proof

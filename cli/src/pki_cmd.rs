@@ -407,7 +407,10 @@ fn issue(a: IssueArgs) -> Result<()> {
             &passphrase,
         )?;
         files::write_file(p12_path, &p12, FileMode::Private, a.force)?;
-        println!("  PKCS#12:      {} (mode 0600, PBES2/AES-256)", p12_path.display());
+        println!(
+            "  PKCS#12:      {} (mode 0600, PBES2/AES-256)",
+            p12_path.display()
+        );
     }
     record(
         recorder,
@@ -609,7 +612,9 @@ fn pkcs12_passphrase(file: Option<&std::path::Path>) -> Result<String> {
         use std::io::{BufRead as _, IsTerminal as _, Write as _};
         let stdin = std::io::stdin();
         if !stdin.is_terminal() {
-            bail!("--pkcs12 needs a passphrase: give --pkcs12-passphrase-file FILE, or run on a terminal to be asked");
+            bail!(
+                "--pkcs12 needs a passphrase: give --pkcs12-passphrase-file FILE, or run on a terminal to be asked"
+            );
         }
         eprint!("{prompt}");
         std::io::stderr().flush()?;

@@ -82,8 +82,14 @@ mod tests {
     fn typed_times_are_utc_and_bad_ones_are_named() {
         let day = parse_time("2025-12-07").unwrap();
         assert_eq!(utc(day), "2025-12-07 00:00:00 UTC");
-        assert_eq!(utc(parse_time("2025-12-07T15:04").unwrap()), "2025-12-07 15:04:00 UTC");
-        assert_eq!(utc(parse_time("2025-12-07 15:04:05").unwrap()), "2025-12-07 15:04:05 UTC");
+        assert_eq!(
+            utc(parse_time("2025-12-07T15:04").unwrap()),
+            "2025-12-07 15:04:00 UTC"
+        );
+        assert_eq!(
+            utc(parse_time("2025-12-07 15:04:05").unwrap()),
+            "2025-12-07 15:04:05 UTC"
+        );
         assert_eq!(
             utc(parse_time("2025-12-07T16:04:05+01:00").unwrap()),
             "2025-12-07 15:04:05 UTC"

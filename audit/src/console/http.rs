@@ -87,7 +87,10 @@ async fn handle(
             None,
             StatusCode::METHOD_NOT_ALLOWED,
             "The console is read-only",
-            &format!("{} is not answered here: the console only reads the trail.", req.method()),
+            &format!(
+                "{} is not answered here: the console only reads the trail.",
+                req.method()
+            ),
         );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -147,7 +150,11 @@ fn authorize(state: &ConsoleState, caller: &Caller) -> Result<Viewer, Response> 
         })
     } else {
         tracing::warn!(caller = %identity, rule = %d.rule, policy = %d.policy_digest, "console: read denied");
-        Err(views::forbidden_page(&identity, &d.rule, &d.policy_digest.to_hex()))
+        Err(views::forbidden_page(
+            &identity,
+            &d.rule,
+            &d.policy_digest.to_hex(),
+        ))
     }
 }
 
@@ -214,11 +221,7 @@ async fn model(State(s): St, axum::Extension(v): Who, Path(digest): Path<String>
 }
 
 async fn css() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        CSS,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], CSS).into_response()
 }
 
 async fn not_found(axum::Extension(v): Who, req: Request<Body>) -> Response {

@@ -241,13 +241,20 @@ mod tests {
             detail: String::new(),
             from: from.iter().map(|s| s.to_string()).collect(),
         };
-        let g = layered_graph(&[spec("base", 0, &[]), spec("r1", 1, &["base"]), spec("r2", 1, &["base", "r1"])]);
+        let g = layered_graph(&[
+            spec("base", 0, &[]),
+            spec("r1", 1, &["base"]),
+            spec("r2", 1, &["base", "r1"]),
+        ]);
         assert_eq!(g.nodes.len(), 3);
         assert!(g.nodes[1].x > g.nodes[0].x);
         assert!(g.nodes[2].y > g.nodes[1].y);
         assert_eq!(g.edges.len(), 3);
         assert_eq!(g.edges[0].x1, g.nodes[0].x + g.nodes[0].w);
         // r1 -> r2, in one column, runs down from r1's bottom to r2's top.
-        assert_eq!((g.edges[2].y1, g.edges[2].y2), (g.nodes[1].y + g.nodes[1].h, g.nodes[2].y));
+        assert_eq!(
+            (g.edges[2].y1, g.edges[2].y2),
+            (g.nodes[1].y + g.nodes[1].h, g.nodes[2].y)
+        );
     }
 }

@@ -79,7 +79,11 @@ pub(crate) async fn run(state: &ConsoleState) -> Verification {
     };
     match &v.outcome {
         VerificationOutcome::Intact { events, .. } => {
-            tracing::debug!(events, took_ms = v.took.as_millis() as u64, "console: trail verified")
+            tracing::debug!(
+                events,
+                took_ms = v.took.as_millis() as u64,
+                "console: trail verified"
+            )
         }
         VerificationOutcome::Broken { what, .. } => {
             tracing::error!(%what, "console: the stored trail does not verify")
@@ -94,7 +98,9 @@ pub(crate) async fn run(state: &ConsoleState) -> Verification {
 
 async fn check(state: &ConsoleState) -> VerificationOutcome {
     let store = state.log.store();
-    let read = async { Ok::<_, crate::store::StoreError>((store.all_events().await?, store.checkpoints().await?)) };
+    let read = async {
+        Ok::<_, crate::store::StoreError>((store.all_events().await?, store.checkpoints().await?))
+    };
     let (events, checkpoints) = match read.await {
         Ok(x) => x,
         // A row that cannot even be parsed is a broken trail at that row.
@@ -104,7 +110,11 @@ async fn check(state: &ConsoleState) -> VerificationOutcome {
                 what: format!("row seq {seq} is unreadable: {problem}"),
             };
         }
-        Err(e) => return VerificationOutcome::Unreadable { what: e.to_string() },
+        Err(e) => {
+            return VerificationOutcome::Unreadable {
+                what: e.to_string(),
+            };
+        }
     };
     let report = match verify_log(&events, &checkpoints, state.log.public_key()) {
         Ok(r) => r,

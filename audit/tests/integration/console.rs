@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
-use serde_json::json;
 use rustls_pki_types::pem::PemObject as _;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tutela_audit::client::AuditClient;
 use tutela_audit::payload::privacy::PrivacySpent;
@@ -50,8 +50,14 @@ struct Consortium {
 impl Consortium {
     fn new() -> Consortium {
         let dir = tempfile::tempdir().unwrap();
-        let ca = CaDir::init(&dir.path().join("ca"), "acme", KeyAlgorithm::EcdsaP256, 30, false)
-            .unwrap();
+        let ca = CaDir::init(
+            &dir.path().join("ca"),
+            "acme",
+            KeyAlgorithm::EcdsaP256,
+            30,
+            false,
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
         std::fs::write(dir.path().join("certs/ca.crt"), ca.ca().cert_pem()).unwrap();
         let c = Consortium { dir, ca };
@@ -62,9 +68,17 @@ impl Consortium {
         let client = LeafOptions::new(Validity::days_from_now(30));
         c.issue("coordinator", &Principal::Coordinator, &client);
         for site in ["st-mary", "general"] {
-            c.issue(&format!("node-{site}"), &Principal::Node { site: site.into() }, &client);
+            c.issue(
+                &format!("node-{site}"),
+                &Principal::Node { site: site.into() },
+                &client,
+            );
         }
-        for (site, name) in [("st-mary", "alice"), ("general", "bob"), ("general", "dana")] {
+        for (site, name) in [
+            ("st-mary", "alice"),
+            ("general", "bob"),
+            ("general", "dana"),
+        ] {
             let p = Principal::User {
                 site: site.into(),
                 name: name.into(),
@@ -98,7 +112,9 @@ impl Consortium {
     /// `stem`'s certificate, key and the CA as the PKCS#12 file `tutela pki issue --pkcs12`
     /// writes, as an officer imports it into a browser.
     fn pkcs12(&self, stem: &str, out: &Path) {
-        let read = |ext: &str| std::fs::read_to_string(self.certs().join(format!("{stem}.{ext}"))).unwrap();
+        let read = |ext: &str| {
+            std::fs::read_to_string(self.certs().join(format!("{stem}.{ext}"))).unwrap()
+        };
         let p12 = tutela_protocol::pki::pkcs12::to_pkcs12(
             &read("crt"),
             &read("key"),
@@ -210,8 +226,12 @@ impl Service {
 
 fn approval(c: &Consortium, stem: &str, site: &str, job: &str) -> JobApproved {
     let (from, until) = (1_700_000_000_000, 4_000_000_000_000);
-    let message = tutela_audit::approval::policy_signed_message(job, &hex::encode(SPEC), from, until);
-    let sig = c.signing_key(stem).sign(&SystemRandom::new(), &message).unwrap();
+    let message =
+        tutela_audit::approval::policy_signed_message(job, &hex::encode(SPEC), from, until);
+    let sig = c
+        .signing_key(stem)
+        .sign(&SystemRandom::new(), &message)
+        .unwrap();
     JobApproved {
         spec_digest: hex::encode(SPEC),
         signature: hex::encode(sig.as_ref()),
@@ -321,8 +341,13 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
         .await
         .unwrap()
         .seq;
-    alice.append_payload(JOB, &approval(c, "alice", "st-mary", JOB)).await.unwrap();
-    bob.append_payload(JOB, &approval(c, "bob", "general", JOB)).await.unwrap();
+    alice
+        .append_payload(JOB, &approval(c, "alice", "st-mary", JOB))
+        .await
+        .unwrap();
+    bob.append_payload(JOB, &approval(c, "bob", "general", JOB))
+        .await
+        .unwrap();
     coordinator
         .append_payload(
             JOB,
@@ -362,12 +387,18 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
         .await
         .unwrap()
         .seq;
-    general.append_payload("general/breast_cancer", &spend("general", 1, 0.8, 0.8)).await.unwrap();
+    general
+        .append_payload("general/breast_cancer", &spend("general", 1, 0.8, 0.8))
+        .await
+        .unwrap();
     coordinator
         .append_payload(JOB, &round(1, &[("general", 0.8), ("st-mary", 0.9)]))
         .await
         .unwrap();
-    st_mary.append_payload("st-mary/breast_cancer", &spend("st-mary", 2, 1.7, 2.2)).await.unwrap();
+    st_mary
+        .append_payload("st-mary/breast_cancer", &spend("st-mary", 2, 1.7, 2.2))
+        .await
+        .unwrap();
     coordinator
         .append_payload(
             JOB,
@@ -380,7 +411,10 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
         )
         .await
         .unwrap();
-    coordinator.append_payload(JOB, &round(2, &[("st-mary", 1.7)])).await.unwrap();
+    coordinator
+        .append_payload(JOB, &round(2, &[("st-mary", 1.7)]))
+        .await
+        .unwrap();
     coordinator
         .append_payload(
             JOB,
@@ -407,7 +441,10 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
         .await
         .unwrap();
     // A second job, rejected by general's officer.
-    coordinator.append_payload(REJECTED_JOB, &proposal("too greedy")).await.unwrap();
+    coordinator
+        .append_payload(REJECTED_JOB, &proposal("too greedy"))
+        .await
+        .unwrap();
     let signed_at = 1_765_000_000_000;
     let message = tutela_protocol::job::rejection_message(
         REJECTED_JOB,
@@ -415,7 +452,10 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
         "ε 3 per job exceeds what our board allows",
         signed_at,
     );
-    let sig = c.signing_key("bob").sign(&SystemRandom::new(), &message).unwrap();
+    let sig = c
+        .signing_key("bob")
+        .sign(&SystemRandom::new(), &message)
+        .unwrap();
     bob.append_payload(
         REJECTED_JOB,
         &JobRejected {
@@ -445,7 +485,12 @@ struct Fetched {
 
 /// GET `path` from the console over TLS as `stem` (no client certificate when `None`), with a
 /// plain rustls client; `Err` carries the TLS or I/O failure.
-async fn https_get(c: &Consortium, addr: SocketAddr, stem: Option<&str>, path: &str) -> Result<Fetched, String> {
+async fn https_get(
+    c: &Consortium,
+    addr: SocketAddr,
+    stem: Option<&str>,
+    path: &str,
+) -> Result<Fetched, String> {
     https_request(c, addr, stem, "GET", path).await
 }
 
@@ -468,25 +513,39 @@ async fn https_request(
     .with_root_certificates(roots);
     let config = match stem {
         Some(stem) => {
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(c.certs().join(format!("{stem}.crt")))
-                .unwrap()
-                .map(|c| c.unwrap())
-                .collect();
-            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(c.certs().join(format!("{stem}.key"))).unwrap();
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(
+                c.certs().join(format!("{stem}.crt")),
+            )
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(
+                c.certs().join(format!("{stem}.key")),
+            )
+            .unwrap();
             builder.with_client_auth_cert(certs, key).unwrap()
         }
         None => builder.with_no_client_auth(),
     };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = connector.connect(name, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    tls.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
-    tls.read_to_end(&mut raw).await.map_err(|e| format!("read: {e}"))?;
+    tls.read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP response")?;
     let status = head
@@ -494,7 +553,10 @@ async fn https_request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or("no status")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -567,7 +629,16 @@ impl Browser {
         };
         run(Command::new("certutil").args(["-N", "--empty-password", "-d", &nss]));
         run(Command::new("certutil")
-            .args(["-A", "-n", "tutela-consortium-ca", "-t", "C,,", "-d", &nss, "-i"])
+            .args([
+                "-A",
+                "-n",
+                "tutela-consortium-ca",
+                "-t",
+                "C,,",
+                "-d",
+                &nss,
+                "-i",
+            ])
             .arg(c.certs().join("ca.crt")));
         if let Some(stem) = identity {
             let p12 = home.path().join(format!("{stem}.p12"));
@@ -606,7 +677,12 @@ impl Browser {
 
     /// The page's DOM after it loaded.
     fn dom(&self, url: &str) -> String {
-        let out = self.command("profile-dom").arg("--dump-dom").arg(url).output().unwrap();
+        let out = self
+            .command("profile-dom")
+            .arg("--dump-dom")
+            .arg(url)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
@@ -664,52 +740,95 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
 
     // Without a client certificate the handshake is refused (TLS 1.3: at the first read).
     let refused = https_get(&c, s.console, None, "/").await;
-    assert!(refused.is_err(), "a request without a certificate was answered");
+    assert!(
+        refused.is_err(),
+        "a request without a certificate was answered"
+    );
     // A site node's certificate: 403, naming the identity and the rule.
-    let node = https_get(&c, s.console, Some("node-st-mary"), "/").await.unwrap();
+    let node = https_get(&c, s.console, Some("node-st-mary"), "/")
+        .await
+        .unwrap();
     assert_eq!(node.status, 403, "{}", node.body);
-    assert!(node.body.contains("spiffe://acme/site/st-mary/node"), "{}", node.body);
+    assert!(
+        node.body.contains("spiffe://acme/site/st-mary/node"),
+        "{}",
+        node.body
+    );
     assert!(node.body.contains("default deny"), "{}", node.body);
     // An operator: 403 too (the shipped policy gives operators audit write, not read).
-    let op = https_get(&c, s.console, Some("op"), "/events").await.unwrap();
+    let op = https_get(&c, s.console, Some("op"), "/events")
+        .await
+        .unwrap();
     assert_eq!(op.status, 403);
     // An officer and an auditor read; every response carries the strict CSP and no script.
     for who in ["alice", "dana"] {
         let r = https_get(&c, s.console, Some(who), "/").await.unwrap();
         assert_eq!(r.status, 200, "{who}: {}", r.body);
         let head = r.head.to_ascii_lowercase();
-        assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+        assert!(
+            head.contains("content-security-policy: default-src 'none'"),
+            "{head}"
+        );
         assert!(!r.body.contains("<script"), "a page carries a script");
     }
 
     // Read-only: an officer's POST is answered 405, and nothing is appended.
-    let post = https_request(&c, s.console, Some("alice"), "POST", "/events").await.unwrap();
+    let post = https_request(&c, s.console, Some("alice"), "POST", "/events")
+        .await
+        .unwrap();
     assert_eq!(post.status, 405, "{}", post.body);
-    assert!(post.head.contains("allow: GET, HEAD") || post.head.contains("Allow: GET, HEAD"), "{}", post.head);
+    assert!(
+        post.head.contains("allow: GET, HEAD") || post.head.contains("Allow: GET, HEAD"),
+        "{}",
+        post.head
+    );
 
     // Let a checkpoint cover the whole trail and the verifier run.
     let mut intact = String::new();
     for _ in 0..100 {
-        intact = https_get(&c, s.console, Some("alice"), "/").await.unwrap().body;
+        intact = https_get(&c, s.console, Some("alice"), "/")
+            .await
+            .unwrap()
+            .body;
         if intact.contains("The trail is intact") && intact.contains(&format!(">{n} events")) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(intact.contains("The trail is intact"), "{intact}");
-    assert!(intact.contains(&format!("id=\"event-count\">{n}<")), "{intact}");
+    assert!(
+        intact.contains(&format!("id=\"event-count\">{n}<")),
+        "{intact}"
+    );
 
     // The event search: keyset pages of 5, filters, and a proof file that verifies offline.
-    let page1 = https_get(&c, s.console, Some("alice"), "/events").await.unwrap().body;
-    let row = |seq: u64| format!("id=\"event-{seq}\"");
-    assert!(page1.contains(&row(n - 1)) && page1.contains(&row(n - 5)), "{page1}");
-    assert!(!page1.contains(&row(n - 6)));
-    assert!(page1.contains(&format!("href=\"/events?before={}\"", n - 5)), "{page1}");
-    let page2 = https_get(&c, s.console, Some("alice"), &format!("/events?before={}", n - 5))
+    let page1 = https_get(&c, s.console, Some("alice"), "/events")
         .await
         .unwrap()
         .body;
-    assert!(page2.contains(&row(n - 6)) && page2.contains(&row(n - 10)), "{page2}");
+    let row = |seq: u64| format!("id=\"event-{seq}\"");
+    assert!(
+        page1.contains(&row(n - 1)) && page1.contains(&row(n - 5)),
+        "{page1}"
+    );
+    assert!(!page1.contains(&row(n - 6)));
+    assert!(
+        page1.contains(&format!("href=\"/events?before={}\"", n - 5)),
+        "{page1}"
+    );
+    let page2 = https_get(
+        &c,
+        s.console,
+        Some("alice"),
+        &format!("/events?before={}", n - 5),
+    )
+    .await
+    .unwrap()
+    .body;
+    assert!(
+        page2.contains(&row(n - 6)) && page2.contains(&row(n - 10)),
+        "{page2}"
+    );
     assert!(!page2.contains(&row(n - 5)));
     let spends = https_get(
         &c,
@@ -721,21 +840,42 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
     .unwrap()
     .body;
     assert_eq!(spends.matches("<tr id=\"event-").count(), 2, "{spends}");
-    let bad = https_get(&c, s.console, Some("alice"), "/events?action=job.exploded").await.unwrap();
-    assert_eq!(bad.status, 400);
-    assert!(bad.body.contains("action: &#34;job.exploded&#34; is not an action"), "{}", bad.body);
-    let proof = https_get(&c, s.console, Some("alice"), &format!("/events/{}/proof", seqs.proposed))
+    let bad = https_get(&c, s.console, Some("alice"), "/events?action=job.exploded")
         .await
         .unwrap();
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body
+            .contains("action: &#34;job.exploded&#34; is not an action"),
+        "{}",
+        bad.body
+    );
+    let proof = https_get(
+        &c,
+        s.console,
+        Some("alice"),
+        &format!("/events/{}/proof", seqs.proposed),
+    )
+    .await
+    .unwrap();
     assert_eq!(proof.status, 200);
-    assert!(proof.head.to_ascii_lowercase().contains("content-disposition: attachment"));
+    assert!(
+        proof
+            .head
+            .to_ascii_lowercase()
+            .contains("content-disposition: attachment")
+    );
     let file: ProofFile = serde_json::from_str(&proof.body).unwrap();
     let key = info.public_key.clone();
-    file.verify(&key).expect("the downloaded proof verifies offline");
+    file.verify(&key)
+        .expect("the downloaded proof verifies offline");
     assert_eq!(file.event.seq, seqs.proposed);
     let mut edited = file.clone();
     edited.event.subject = "another-job".into();
-    assert!(edited.verify(&key).is_err(), "an edited proof file verified");
+    assert!(
+        edited.verify(&key).is_err(),
+        "an edited proof file verified"
+    );
     std::fs::write(artifacts().join("event-proof.json"), &proof.body).unwrap();
 
     // The browser, as alice with her imported PKCS#12.
@@ -743,23 +883,72 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
         let officer = Browser::new(&chromium, &c, Some("alice"));
         let out = artifacts();
         let pages: &[(&str, &str, &[&str])] = &[
-            ("overview", "/", &["The trail is intact", "spiffe://acme/audit", "Newest signed checkpoints"]),
-            ("events", "/events", &["model.published", "job.rejected", "Older events"]),
-            ("jobs", "/jobs", &[JOB, REJECTED_JOB, "breast cancer MLP", "completed"]),
+            (
+                "overview",
+                "/",
+                &[
+                    "The trail is intact",
+                    "spiffe://acme/audit",
+                    "Newest signed checkpoints",
+                ],
+            ),
+            (
+                "events",
+                "/events",
+                &["model.published", "job.rejected", "Older events"],
+            ),
+            (
+                "jobs",
+                "/jobs",
+                &[JOB, REJECTED_JOB, "breast cancer MLP", "completed"],
+            ),
             (
                 "job",
                 &format!("/jobs/{JOB}"),
-                &[&hex::encode(SPEC), ALICE, BOB, "update norm 12.5 exceeds the bound 10", "0.90", "c0ffee"],
+                &[
+                    &hex::encode(SPEC),
+                    ALICE,
+                    BOB,
+                    "update norm 12.5 exceeds the bound 10",
+                    "0.90",
+                    "c0ffee",
+                ],
             ),
-            ("job-rejected", &format!("/jobs/{REJECTED_JOB}"), &["rejected", "exceeds what our board allows"]),
-            ("sites", "/sites", &["st-mary / breast_cancer: ε 2.20", "general / breast_cancer: ε 0.80", "job job-7f3a target: ε 3.00", "7 (required 5)"]),
+            (
+                "job-rejected",
+                &format!("/jobs/{REJECTED_JOB}"),
+                &["rejected", "exceeds what our board allows"],
+            ),
+            (
+                "sites",
+                "/sites",
+                &[
+                    "st-mary / breast_cancer: ε 2.20",
+                    "general / breast_cancer: ε 0.80",
+                    "job job-7f3a target: ε 3.00",
+                    "7 (required 5)",
+                ],
+            ),
             ("models", "/models", &[&MODEL[..12], JOB]),
-            ("model", &format!("/models/{MODEL}"), &["lineage-graph", "base model", "round 2", "approved (st-mary)", "published model"]),
+            (
+                "model",
+                &format!("/models/{MODEL}"),
+                &[
+                    "lineage-graph",
+                    "base model",
+                    "round 2",
+                    "approved (st-mary)",
+                    "published model",
+                ],
+            ),
         ];
         for (name, path, expected) in pages {
             let url = format!("{base}{path}");
             let dom = officer.dom(&url);
-            assert!(dom.contains(ALICE), "{name}: the page is not served to alice: {dom}");
+            assert!(
+                dom.contains(ALICE),
+                "{name}: the page is not served to alice: {dom}"
+            );
             for text in *expected {
                 assert!(dom.contains(text), "{name} ({path}) lacks {text:?}: {dom}");
             }
@@ -774,29 +963,39 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
         // No certificate at all: the browser gets no page from the console.
         let anonymous = Browser::new(&chromium, &c, None);
         let dom = anonymous.dom(&format!("{base}/"));
-        assert!(!dom.contains("Tutela audit console"), "served without a certificate: {dom}");
+        assert!(
+            !dom.contains("Tutela audit console"),
+            "served without a certificate: {dom}"
+        );
     }
 
     // Tamper with a stored row under the running service: the overview names it.
-    let store = AuditStore::open(&AuditStore::sqlite_url(&s.db).unwrap()).await.unwrap();
+    let store = AuditStore::open(&AuditStore::sqlite_url(&s.db).unwrap())
+        .await
+        .unwrap();
     super::store::drop_triggers(&store).await;
     let bad = seqs.st_mary_first_spend;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE audit_events SET subject = 'st-mary/another_dataset' WHERE seq = {bad}"
     )))
     .execute(store.pool())
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     let mut broken = String::new();
     for _ in 0..100 {
-        broken = https_get(&c, s.console, Some("alice"), "/").await.unwrap().body;
+        broken = https_get(&c, s.console, Some("alice"), "/")
+            .await
+            .unwrap()
+            .body;
         if broken.contains("BROKEN") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        broken.contains(&format!("The trail is BROKEN: the first bad row is seq {bad}")),
+        broken.contains(&format!(
+            "The trail is BROKEN: the first bad row is seq {bad}"
+        )),
         "{}",
         around(&broken, "verification")
     );
@@ -808,8 +1007,14 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
     if let Some(chromium) = chromium() {
         let officer = Browser::new(&chromium, &c, Some("alice"));
         let dom = officer.dom(&format!("{base}/"));
-        assert!(dom.contains(&format!("first bad row is seq {bad}")), "{dom}");
-        officer.screenshot(&format!("{base}/"), &artifacts().join("overview-tampered.png"));
+        assert!(
+            dom.contains(&format!("first bad row is seq {bad}")),
+            "{dom}"
+        );
+        officer.screenshot(
+            &format!("{base}/"),
+            &artifacts().join("overview-tampered.png"),
+        );
     }
     s.stop().await;
 }

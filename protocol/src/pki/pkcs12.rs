@@ -18,12 +18,17 @@ pub const MIN_PASSPHRASE_CHARS: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum Pkcs12Error {
     #[error("{what}: no {label} PEM block")]
-    NoPem { what: &'static str, label: &'static str },
+    NoPem {
+        what: &'static str,
+        label: &'static str,
+    },
     #[error("{what}: not PEM: {why}")]
     Pem { what: &'static str, why: String },
     #[error("{what}: not an X.509 certificate: {why}")]
     Certificate { what: &'static str, why: String },
-    #[error("the passphrase has {got} characters; a PKCS#12 file holding a private key needs at least {MIN_PASSPHRASE_CHARS}")]
+    #[error(
+        "the passphrase has {got} characters; a PKCS#12 file holding a private key needs at least {MIN_PASSPHRASE_CHARS}"
+    )]
     ShortPassphrase { got: usize },
     #[error("writing the PKCS#12 file: {0}")]
     Write(String),
@@ -63,14 +68,17 @@ pub fn to_pkcs12(
     }
     let key = blocks(key_pem, "the key", "PRIVATE KEY")?.remove(0);
     let mut chain = Vec::new();
-    for (what, pem) in [("the certificate", cert_pem), ("the CA certificate", ca_pem)] {
+    for (what, pem) in [
+        ("the certificate", cert_pem),
+        ("the CA certificate", ca_pem),
+    ] {
         for der in blocks(pem, what, "CERTIFICATE")? {
-            chain.push(
-                p12_keystore::Certificate::from_der(&der).map_err(|e| Pkcs12Error::Certificate {
+            chain.push(p12_keystore::Certificate::from_der(&der).map_err(|e| {
+                Pkcs12Error::Certificate {
                     what,
                     why: e.to_string(),
-                })?,
-            );
+                }
+            })?);
         }
     }
     // The local key id ties the key to its certificate: the SHA-256 of the leaf, as a stable id.
@@ -105,8 +113,14 @@ mod tests {
     #[test]
     fn an_officers_identity_round_trips_and_openssl_reads_it() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = CaDir::init(&dir.path().join("ca"), "acme", KeyAlgorithm::EcdsaP256, 30, false)
-            .unwrap();
+        let ca = CaDir::init(
+            &dir.path().join("ca"),
+            "acme",
+            KeyAlgorithm::EcdsaP256,
+            30,
+            false,
+        )
+        .unwrap();
         let issued = ca
             .issue(
                 &Principal::User {
@@ -129,23 +143,46 @@ mod tests {
         let (name, chain) = back.private_key_chain().unwrap();
         assert_eq!(name, "alice (acme)");
         assert_eq!(chain.chain().len(), 2);
-        let leaf = blocks(&issued.cert_pem, "c", "CERTIFICATE").unwrap().remove(0);
+        let leaf = blocks(&issued.cert_pem, "c", "CERTIFICATE")
+            .unwrap()
+            .remove(0);
         assert_eq!(chain.chain()[0].as_der(), leaf.as_slice());
-        let key = blocks(&issued.key_pem, "k", "PRIVATE KEY").unwrap().remove(0);
+        let key = blocks(&issued.key_pem, "k", "PRIVATE KEY")
+            .unwrap()
+            .remove(0);
         assert_eq!(chain.key(), key.as_slice());
         assert!(p12_keystore::KeyStore::from_pkcs12(&p12, "wrong horse").is_err());
 
-        let e = to_pkcs12(&issued.cert_pem, &issued.key_pem, &ca.ca().cert_pem(), "a", "short")
-            .unwrap_err();
+        let e = to_pkcs12(
+            &issued.cert_pem,
+            &issued.key_pem,
+            &ca.ca().cert_pem(),
+            "a",
+            "short",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("at least 8"), "{e}");
-        let e = to_pkcs12(&issued.key_pem, &issued.key_pem, &ca.ca().cert_pem(), "a", "long enough")
-            .unwrap_err();
+        let e = to_pkcs12(
+            &issued.key_pem,
+            &issued.key_pem,
+            &ca.ca().cert_pem(),
+            "a",
+            "long enough",
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "the certificate: no CERTIFICATE PEM block");
 
         let path = dir.path().join("alice.p12");
         std::fs::write(&path, &p12).unwrap();
         match std::process::Command::new("openssl")
-            .args(["pkcs12", "-info", "-noout", "-passin", "pass:correct horse", "-in"])
+            .args([
+                "pkcs12",
+                "-info",
+                "-noout",
+                "-passin",
+                "pass:correct horse",
+                "-in",
+            ])
             .arg(&path)
             .output()
         {
@@ -153,10 +190,15 @@ mod tests {
                 let text = String::from_utf8_lossy(&out.stderr).to_string()
                     + &String::from_utf8_lossy(&out.stdout);
                 assert!(out.status.success(), "openssl pkcs12 -info: {text}");
-                assert!(text.contains("PBES2") && text.contains("AES-256-CBC"), "{text}");
+                assert!(
+                    text.contains("PBES2") && text.contains("AES-256-CBC"),
+                    "{text}"
+                );
                 assert!(text.contains("MAC: sha256"), "{text}");
             }
-            Err(e) => eprintln!("openssl is not installed ({e}): the OpenSSL cross-check is skipped"),
+            Err(e) => {
+                eprintln!("openssl is not installed ({e}): the OpenSSL cross-check is skipped")
+            }
         }
     }
 }

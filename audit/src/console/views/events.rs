@@ -157,7 +157,11 @@ fn page_link(filter: &FilterForm, before: u64) -> String {
     format!("/events?{}", parts.join("&"))
 }
 
-pub async fn build(state: &ConsoleState, viewer: &Viewer, q: &str) -> Result<Response, ConsoleError> {
+pub async fn build(
+    state: &ConsoleState,
+    viewer: &Viewer,
+    q: &str,
+) -> Result<Response, ConsoleError> {
     let (filter, query) = parse_filter(q, state.page_size);
     let mut page = EventsPage {
         who: viewer.identity.clone(),
@@ -180,7 +184,11 @@ pub async fn build(state: &ConsoleState, viewer: &Viewer, q: &str) -> Result<Res
         .log
         .latest_checkpoint()
         .map_or(0, |c| c.checkpoint.tree_size);
-    page.rows = found.events.iter().map(|e| EventRow::of(e, covered)).collect();
+    page.rows = found
+        .events
+        .iter()
+        .map(|e| EventRow::of(e, covered))
+        .collect();
     page.older = found
         .next_before_seq
         .map(|before| page_link(&page.filter, before));
@@ -202,10 +210,14 @@ pub async fn proof(state: &ConsoleState, seq: &str) -> Result<Response, ConsoleE
         other => ConsoleError::Log(other),
     })?;
     let file = ProofFile::new(proof, state.log.public_key());
-    let body = serde_json::to_string_pretty(&file).map_err(|e| ConsoleError::NotFound(e.to_string()))?;
+    let body =
+        serde_json::to_string_pretty(&file).map_err(|e| ConsoleError::NotFound(e.to_string()))?;
     let mut r = (StatusCode::OK, body).into_response();
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!(
         "attachment; filename=\"tutela-event-{seq}-proof.json\""
     )) {
@@ -237,13 +249,30 @@ mod tests {
 
         let (_, q) = parse_filter("action=job.exploded", 25);
         let e = q.unwrap_err().to_string();
-        assert!(e.starts_with("action: \"job.exploded\" is not an action"), "{e}");
+        assert!(
+            e.starts_with("action: \"job.exploded\" is not an action"),
+            "{e}"
+        );
         let (_, q) = parse_filter("until=tomorrow", 25);
-        assert!(q.unwrap_err().to_string().starts_with("until: \"tomorrow\" is not a time"));
+        assert!(
+            q.unwrap_err()
+                .to_string()
+                .starts_with("until: \"tomorrow\" is not a time")
+        );
         let (_, q) = parse_filter("offset=100", 25);
-        assert!(q.unwrap_err().to_string().starts_with("offset: is not a filter"));
+        assert!(
+            q.unwrap_err()
+                .to_string()
+                .starts_with("offset: is not a filter")
+        );
         // Empty fields (an unfilled form) are no filter.
         let (_, q) = parse_filter("actor=&action=&subject=", 25);
-        assert_eq!(q.unwrap(), PageQuery { limit: 25, ..Default::default() });
+        assert_eq!(
+            q.unwrap(),
+            PageQuery {
+                limit: 25,
+                ..Default::default()
+            }
+        );
     }
 }

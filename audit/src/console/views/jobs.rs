@@ -206,7 +206,12 @@ fn certificate_of(events: &[Event], seq: u64) -> (CertificateView, String) {
         ),
         Action::JobRejected => JobRejected::from_event(e).map_or_else(
             |_| (CertificateView::default(), String::new()),
-            |p| (CertificateView::of_pem(&p.certificate), utc_millis(p.signed_at_ms)),
+            |p| {
+                (
+                    CertificateView::of_pem(&p.certificate),
+                    utc_millis(p.signed_at_ms),
+                )
+            },
         ),
         _ => (CertificateView::default(), String::new()),
     }

@@ -97,7 +97,12 @@ pub struct Refusal {
 
 /// An error page (no template can fail to render here: it holds strings only, but if it did the
 /// status alone is answered).
-pub fn error_page(viewer: Option<&Viewer>, status: StatusCode, title: &str, message: &str) -> Response {
+pub fn error_page(
+    viewer: Option<&Viewer>,
+    status: StatusCode,
+    title: &str,
+    message: &str,
+) -> Response {
     let page = ErrorPage {
         who: viewer.map(|v| v.identity.clone()).unwrap_or_default(),
         nav: "",

@@ -148,11 +148,10 @@ fn graph_of(job: &JobView, base_model: &str, digest: &str) -> Graph {
     sites.sort();
     sites.dedup();
     for site in &sites {
-        let commitment = job
-            .commitments
-            .iter()
-            .find(|(s, _)| s == site)
-            .map_or_else(|| "no commitment recorded".to_string(), |(_, c)| format!("data {}", c.short));
+        let commitment = job.commitments.iter().find(|(s, _)| s == site).map_or_else(
+            || "no commitment recorded".to_string(),
+            |(_, c)| format!("data {}", c.short),
+        );
         specs.push(NodeSpec {
             id: format!("site-{site}"),
             column: 2,
@@ -173,7 +172,11 @@ fn graph_of(job: &JobView, base_model: &str, digest: &str) -> Graph {
         specs.push(NodeSpec {
             id: id.clone(),
             column: 3,
-            kind: if a.decision == "approved" { "approval" } else { "rejection" },
+            kind: if a.decision == "approved" {
+                "approval"
+            } else {
+                "rejection"
+            },
             label: format!("{} ({})", a.decision, a.site),
             detail: a.officer.clone(),
             from: vec![format!("site-{}", a.site)],
