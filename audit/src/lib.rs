@@ -22,7 +22,9 @@
 //!   computed from the events;
 //! - [`service`], [`client`], [`wire`] and [`server`]: the `tutela-audit` gRPC service over mutual
 //!   TLS behind the consortium's casbin policy (`tutela_policy::EnforceLayer`, with its decisions
-//!   recorded in this log), its client, and its configuration file.
+//!   recorded in this log), its client, and its configuration file;
+//! - [`console`]: the compliance officers' web console, HTTPS on its own port, read-only, behind
+//!   the same certificates and policy; [`proof_file`] is the inclusion proof it hands out.
 
 /// RFC 8785 canonical JSON, shared with the coordinator's job digest.
 pub use tutela_protocol::canonical;
@@ -35,6 +37,7 @@ pub mod filter;
 pub mod lineage;
 pub mod merkle;
 pub mod payload;
+pub mod proof_file;
 pub mod quarantine;
 pub mod receipt;
 pub mod stage;
@@ -46,6 +49,8 @@ pub mod wire;
 // crate with `default-features = false` and does not compile sqlx or a database driver.
 #[cfg(feature = "server")]
 pub mod bench;
+#[cfg(feature = "server")]
+pub mod console;
 #[cfg(feature = "server")]
 pub mod log;
 #[cfg(feature = "server")]

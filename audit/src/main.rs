@@ -1,5 +1,5 @@
-//! `tutela-audit --config audit.toml` serves the audit log behind the consortium's policy
-//! (SIGHUP reloads the TLS files and the policy); `tutela-audit keygen` makes a checkpoint key;
+//! `tutela-audit --config audit.toml` serves the audit log behind the consortium's policy, and
+//! with `[console]` the officers' web console (SIGHUP reloads the TLS files and the policy); `tutela-audit keygen` makes a checkpoint key;
 //! `tutela-audit init-db` installs the schema and the append-only grants; `tutela-audit probe`
 //! checks a running service's health.
 use std::path::PathBuf;
@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 /// The Tutela audit service: an append-only, hash-chained, signed event log over mutual TLS.
+/// With a [console] table it also serves the compliance officers' read-only web console over
+/// HTTPS on its own port (client certificates required; docs/console.md).
 /// See deploy/config/audit.toml for every configuration key.
 #[derive(Parser)]
 #[command(version)]

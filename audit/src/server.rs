@@ -74,6 +74,9 @@ pub struct Config {
     /// list (`tutela audit verify --ca-admin`).
     #[serde(default)]
     pub ca_admins: Vec<String>,
+    /// The compliance officers' web console (HTTPS, its own port). Absent: not served.
+    #[serde(default)]
+    pub console: Option<crate::console::ConsoleConfig>,
 }
 
 /// `[policy]` of audit.toml: the same files as the coordinator's `[policy]`.
@@ -177,6 +180,9 @@ impl Config {
         in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
         if let Some(p) = &self.policy {
             in_range("policy.reload_secs", p.reload_secs, 1, MAX_PERIOD_SECS)?;
+        }
+        if let Some(c) = &self.console {
+            c.check_ranges()?;
         }
         Ok(())
     }
@@ -339,7 +345,8 @@ impl Server {
         // Officers' certificates in the stored trail are re-checked against the consortium CA
         // (as of each event's time) when the log is opened.
         let material = tutela_protocol::tls::TlsMaterial::load(&config.tls)?;
-        log_config.ca_roots = Some(Arc::new(material.roots.roots.clone()));
+        let ca_roots = Arc::new(material.roots.roots.clone());
+        log_config.ca_roots = Some(ca_roots.clone());
         // Officers' certificates in approvals must chain to the consortium CA and not be revoked:
         // checked with the same (reloaded) CA and CRL that the TLS listener uses.
         let tls_for_check = Arc::downgrade(&tls);
@@ -366,11 +373,40 @@ impl Server {
         reporter
             .set_serving::<pb::audit_server::AuditServer<AuditService>>()
             .await;
-        let router = router
-            .add_service(enforce.wrap(pb::audit_server::AuditServer::new(AuditService { log })));
+        let router = router.add_service(enforce.wrap(pb::audit_server::AuditServer::new(
+            AuditService { log: log.clone() },
+        )));
         let _watcher = tls.spawn_watcher(Duration::from_secs(config.tls_reload_secs.max(1)));
+        // The console: its own port, the same TLS configuration (CA, CRL, reloads), the same
+        // policy, the same log; ended with the gRPC server.
+        let console = match &config.console {
+            Some(c) => {
+                let listener = tokio::net::TcpListener::bind(c.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("console: cannot listen on {}: {e}", c.listen))?;
+                let state = crate::console::ConsoleState::new(
+                    log.clone(),
+                    crate::authority::AuthorityRules::for_log(&identity.uri(), &config.ca_admins)?,
+                    crate::authority::OfficerTrust::CaAt(ca_roots),
+                    authorizer.clone(),
+                    c.page_size,
+                );
+                Some(tokio::spawn(crate::console::run(
+                    state,
+                    Duration::from_secs(c.verify_interval_secs.max(1)),
+                    listener,
+                    tls.clone(),
+                    std::future::pending(),
+                )))
+            }
+            None => None,
+        };
         tracing::info!(addr = %listener.local_addr()?, %identity, policy = %authorizer.as_ref().map_or("none (insecure_no_policy)".to_string(), |a| a.digest().to_hex()), "audit service listening");
-        tutela_protocol::server::serve(router, listener, tls, shutdown).await?;
+        let served = tutela_protocol::server::serve(router, listener, tls, shutdown).await;
+        if let Some(console) = console {
+            console.abort();
+        }
+        served?;
         Ok(())
     }
 }
@@ -485,6 +521,10 @@ mod tests {
             ("", "tls_reload_secs", 0),
             ("policy", "reload_secs", 0),
             ("policy", "reload_secs", 86_401),
+            ("console", "verify_interval_secs", 0),
+            ("console", "verify_interval_secs", 86_401),
+            ("console", "page_size", 0),
+            ("console", "page_size", 501),
         ];
         for &(table, key, value) in cases {
             let mut config: toml::Table = toml::from_str(shipped).unwrap();

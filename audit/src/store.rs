@@ -37,6 +37,9 @@ use crate::{Hash, hexser};
 /// Which database a store is on.
 pub use tutela_protocol::database::Backend;
 
+pub mod page;
+pub use page::{EventPage, PageQuery};
+
 /// One embedded migration; `postgres` and `sqlite` differ only where the SQL dialects do.
 struct Migration {
     version: i64,
@@ -67,7 +70,15 @@ const MIGRATIONS: &[Migration] = &[
         postgres: include_str!("../migrations/0003_quarantine.postgres.sql"),
         sqlite: include_str!("../migrations/0003_quarantine.sqlite.sql"),
     },
+    Migration {
+        version: 4,
+        name: "console_indexes",
+        postgres: CONSOLE_INDEXES,
+        sqlite: CONSOLE_INDEXES,
+    },
 ];
+
+const CONSOLE_INDEXES: &str = include_str!("../migrations/0004_console_indexes.sql");
 
 /// Prefixed so that the audit service can share a PostgreSQL database with the coordinator, which
 /// keeps its own `coordinator_schema_migrations`.

@@ -153,17 +153,7 @@ impl Reader {
     /// The pinned key if given, else the service's (trust on first use, said on stderr).
     async fn public_key(&mut self, pinned: &Option<String>) -> Result<Vec<u8>> {
         if let Some(p) = pinned {
-            let text = if std::path::Path::new(p).exists() {
-                std::fs::read_to_string(p).with_context(|| p.clone())?
-            } else {
-                p.clone()
-            };
-            let key =
-                hex::decode(text.trim()).map_err(|e| anyhow!("--public-key: not hex: {e}"))?;
-            if key.len() != 32 {
-                bail!("--public-key: {} bytes, an Ed25519 key has 32", key.len());
-            }
-            return Ok(key);
+            return pinned_key(p);
         }
         match self {
             Reader::Service(c) => {
@@ -222,6 +212,17 @@ pub enum AuditCommand {
         #[arg(long = "checkpoint")]
         checkpoints: Vec<PathBuf>,
     },
+    /// Check, offline, an inclusion proof file (the console's "proof" download, or `proof --out`):
+    /// the checkpoint's signature with the log's key, the event's hash, and the path from the
+    /// event to the signed root. Exits non-zero saying what does not hold.
+    VerifyProof {
+        /// The proof file (JSON, `tutela-inclusion-proof/v1`).
+        file: PathBuf,
+        /// The log's Ed25519 checkpoint key (64 hex digits, or a file holding them, e.g. the
+        /// service's checkpoint.key.pub), from a source you trust: never the copy in the file.
+        #[arg(long)]
+        public_key: String,
+    },
     /// Prove that event SEQ is in the log: its inclusion proof against a signed checkpoint,
     /// checked here.
     Proof {
@@ -236,6 +237,9 @@ pub enum AuditCommand {
         /// The log's key (hex or file); default: the service's.
         #[arg(long)]
         public_key: Option<String>,
+        /// Also write the proof as a file `tutela audit verify-proof` checks offline.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// A model's lineage: job, base model, rounds, sites and their dataset commitments, code
     /// version, privacy accounting, approvals; the registry versions it is and their stage
@@ -461,11 +465,33 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             }
         }
         AuditCommand::Quarantine(cmd) => crate::quarantine_cmd::run(cmd).await,
+        AuditCommand::VerifyProof { file, public_key } => {
+            let key = pinned_key(&public_key)?;
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let proof: tutela_audit::proof_file::ProofFile = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: not an inclusion proof file: {e}", file.display()))?;
+            proof
+                .verify(&key)
+                .map_err(|e| anyhow!("FAILED: {}: {e}", file.display()))?;
+            println!(
+                "verified: event {} ({} by {}, subject {}) is in the log {} of {} events signed at {}",
+                proof.event.seq,
+                proof.event.action,
+                proof.event.actor,
+                proof.event.subject,
+                proof.checkpoint.checkpoint.log_id,
+                proof.checkpoint.checkpoint.tree_size,
+                proof.checkpoint.checkpoint.timestamp
+            );
+            Ok(())
+        }
         AuditCommand::Proof {
             source,
             seq,
             tree_size,
             public_key,
+            out,
         } => {
             let mut reader = source.open().await?;
             let key = reader.public_key(&public_key).await?;
@@ -490,13 +516,18 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             .map_err(|e| {
                 anyhow!("FAILED: event {seq} is not in the signed tree of size {n}: {e}")
             })?;
-            let out = serde_json::json!({
+            let printed = serde_json::json!({
                 "event": p.event,
                 "checkpoint": p.checkpoint,
                 "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
                 "verified": true,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            if let Some(out) = out {
+                let file = tutela_audit::proof_file::ProofFile::new(p, &key);
+                std::fs::write(&out, serde_json::to_string_pretty(&file)?)
+                    .with_context(|| format!("{}", out.display()))?;
+            }
+            println!("{}", serde_json::to_string_pretty(&printed)?);
             Ok(())
         }
         AuditCommand::Lineage {
@@ -595,4 +626,18 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A pinned checkpoint key: 64 hex digits, or a file holding them.
+fn pinned_key(p: &str) -> Result<Vec<u8>> {
+    let text = if std::path::Path::new(p).exists() {
+        std::fs::read_to_string(p).with_context(|| p.to_string())?
+    } else {
+        p.to_string()
+    };
+    let key = hex::decode(text.trim()).map_err(|e| anyhow!("--public-key: not hex: {e}"))?;
+    if key.len() != 32 {
+        bail!("--public-key: {} bytes, an Ed25519 key has 32", key.len());
+    }
+    Ok(key)
 }

@@ -905,3 +905,7 @@ mod model_cli;
 mod privacy_cli;
 #[path = "pki_cli/watermark_cli.rs"]
 mod watermark_cli;
+
+// `tutela pki issue --pkcs12` and `tutela audit verify-proof`, the console's two CLI parts.
+#[path = "pki_cli/console_cli.rs"]
+mod console_cli;

@@ -137,8 +137,17 @@ impl AsyncWrite for AuthenticatedStream {
     }
 }
 
-/// Completes the handshake of one accepted TCP connection and reads the caller's identity.
-async fn authenticate(
+impl AuthenticatedStream {
+    /// The verified caller of this connection.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+}
+
+/// Completes the handshake of one accepted TCP connection and reads the caller's identity: the
+/// gRPC accept loop's and the audit service's HTTPS console's, so both take the principal from a
+/// certificate the same way and both cut a connection whose certificate is revoked.
+pub async fn authenticate(
     tcp: TcpStream,
     remote_addr: SocketAddr,
     tls: Arc<ReloadingServerConfig>,

@@ -7,5 +7,6 @@
 mod approval_message;
 mod authority;
 mod chain;
+mod console;
 mod quarantine;
 mod store;

@@ -9,6 +9,8 @@
 //! - [`describe`], [`identity_of_cert_der`], [`serial_of_cert_der`]: reading certificates, CRLs
 //!   and CSRs back.
 //! - [`files`]: writing keys and certificates without clobbering anything by accident.
+//! - `pkcs12` (feature `pkcs12`): a certificate, its key and the CA as a PKCS#12 file, which is
+//!   how an officer's identity gets into a browser (the audit console).
 //!
 //! Every leaf certificate carries exactly one URI SAN, its principal's identity
 //! (`spiffe://<consortium>/...`, see [`crate::identity`]), is signed with ECDSA P-256/SHA-256 or
@@ -18,6 +20,8 @@
 mod authority;
 pub mod files;
 mod inspect;
+#[cfg(feature = "pkcs12")]
+pub mod pkcs12;
 mod store;
 
 use std::fmt;
