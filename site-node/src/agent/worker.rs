@@ -434,10 +434,12 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     // answers, the round it asks for again is answered with this same update (see
     // [`crate::resend`]), once its spend is in the trail.
     let mut released_metadata = round_metadata(task, &result);
-    if let Some(spec) = privacy_spec
-        .as_ref()
-        .filter(|p| p.mode == tutela_protocol::job::PrivacyMode::Local)
-    {
+    if let Some(spec) = privacy_spec.as_ref().filter(|p| {
+        matches!(
+            p.mode,
+            tutela_protocol::job::PrivacyMode::Local | tutela_protocol::job::PrivacyMode::Distributed
+        )
+    }) {
         super::metrics::release_under_dp(&mut released_metadata, &result, spec)
             .map_err(|e| internal(format!("internal error releasing the round's metrics: {e}")))?;
     }

@@ -654,6 +654,7 @@ max_grad_norm = 1.0
                 steps: plan.steps_per_round,
                 sample_rate: plan.sample_rate,
                 effective_noise_multiplier: plan.effective_noise_multiplier,
+                kind: tutela_privacy::ledger::MechanismKind::DpSgd,
             };
             ledgers
                 .record(
@@ -735,6 +736,7 @@ max_grad_norm = 1.0
             steps: plan.steps_per_round,
             sample_rate: plan.sample_rate,
             effective_noise_multiplier: plan.effective_noise_multiplier,
+            kind: tutela_privacy::ledger::MechanismKind::DpSgd,
         };
         let mut trail = Vec::new();
         for round in 1..=2 {
