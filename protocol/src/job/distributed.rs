@@ -115,6 +115,39 @@ pub fn plan_parts(
     (min_sites, rounds): (u32, u32),
     dimension: usize,
 ) -> Result<RecordLevelPlan, SpecError> {
+    // The plan is a pure function of these parts, asked for several times a round (the gate,
+    // the round's check, the masked upload, the coordinator's aggregation) and each time
+    // calibrating two noise multipliers: computed once per process. Debug formatting of the
+    // parts is exact (f64 prints its shortest round-trip form).
+    static PLANS: std::sync::Mutex<Vec<(String, RecordLevelPlan)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key = format!(
+        "{p:?}|{secure:?}|{learning_rate:?}|{batch_size}|{min_sites}|{rounds}|{dimension}"
+    );
+    let cached = |plans: &Vec<(String, RecordLevelPlan)>| {
+        plans.iter().find(|(k, _)| *k == key).map(|(_, plan)| *plan)
+    };
+    if let Some(plan) =
+        cached(&PLANS.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    {
+        return Ok(plan);
+    }
+    let plan = compute_plan(p, secure, (learning_rate, batch_size), (min_sites, rounds), dimension)?;
+    let mut plans = PLANS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if plans.len() >= 64 {
+        plans.remove(0);
+    }
+    plans.push((key, plan));
+    Ok(plan)
+}
+
+fn compute_plan(
+    p: &super::PrivacySpec,
+    secure: &crate::secagg::SecureAggregationSpec,
+    (learning_rate, batch_size): (f64, u32),
+    (min_sites, rounds): (u32, u32),
+    dimension: usize,
+) -> Result<RecordLevelPlan, SpecError> {
     if p.mode != PrivacyMode::Distributed {
         return Err(SpecError::invalid(
             "privacy.mode",
@@ -159,12 +192,37 @@ pub fn plan_parts(
         noise_multiplier: p.noise_multiplier,
         metrics: Some(metrics),
     };
-    let plan = RecordLevelPlan::new(&inputs).map_err(|e| {
-        SpecError::invalid(
+    let plan = RecordLevelPlan::new(&inputs).map_err(|e| match e {
+        // Under half a grid step: the grid is too coarse for the share.
+        tutela_privacy::accountant::AccountantError::SiteNoise(steps) => SpecError::invalid(
+            "secure_aggregation.scale_bits",
+            format!(
+                "with mode = \"distributed\" each site's noise must be 1 to 65536 grid steps of \
+                 2^-{}, but is {steps:.3}: raise scale_bits",
+                secure.scale_bits
+            ),
+        ),
+        e => SpecError::invalid(
             "privacy",
             format!("mode = \"distributed\" cannot be planned: {e}"),
-        )
+        ),
     })?;
+    // Rounding adds up to √d grid steps to one row's s·C: on too coarse a grid that term, not
+    // the row, sets the noise (the job would pay for noise that protects nothing more).
+    let row_in_grid = inputs.clip * inputs.step_scale / granularity;
+    if plan.sensitivity_grid > 1.1 * row_in_grid {
+        return Err(SpecError::invalid(
+            "secure_aggregation.scale_bits",
+            format!(
+                "with mode = \"distributed\" one row moves a site's update by {row_in_grid:.1} \
+                 grid steps of 2^-{} (max_grad_norm x learning_rate / batch_size), and rounding \
+                 {dimension} coordinates adds up to {:.1} more: raise scale_bits until the \
+                 rounding adds at most 10 %",
+                secure.scale_bits,
+                plan.sensitivity_grid - row_in_grid
+            ),
+        ));
+    }
     // The sites' sampler draws 1 to 2^16 grid steps (`tutela_privacy::noise::MAX_GRID_SCALE`).
     let in_grid = plan.site_noise_grid;
     if !(1.0..=tutela_privacy::noise::MAX_GRID_SCALE).contains(&in_grid) {
