@@ -113,6 +113,9 @@ fn distributed_spec(local: &toml::Table, sites: usize, train_rows: usize) -> Res
     training.insert("batch_size".into(), toml::Value::Integer(expected_batch));
     spec.insert("training".into(), toml::Value::Table(training));
     spec.insert("rounds".into(), toml::Value::Integer(20));
+    // Each secure phase waits up to a quarter of the window for the slowest node: a short
+    // window keeps 20 rounds to minutes on a laptop.
+    spec.insert("round_deadline_secs".into(), toml::Value::Integer(40));
     spec.insert("min_sites".into(), toml::Value::Integer(sites as i64));
     spec.insert("update_norm_bound".into(), toml::Value::Float(2.0));
     let mut secure = toml::Table::new();
