@@ -167,15 +167,16 @@ fn under_record_level_distributed_dp_the_round_releases_the_sum_not_the_mean() {
     }
     assert!(compared > 0);
     // The sum of the five survivors' inputs (grid steps of 2^-16), exactly.
-    let expected: Vec<f64> = (0..SITES)
-        .filter(|&i| i != 2)
-        .map(input)
-        .fold(vec![0.0; 7], |mut acc, x| {
-            for (a, v) in acc.iter_mut().zip(&x) {
-                *a += *v as f64 / 65536.0;
-            }
-            acc
-        });
+    let expected: Vec<f64> =
+        (0..SITES)
+            .filter(|&i| i != 2)
+            .map(input)
+            .fold(vec![0.0; 7], |mut acc, x| {
+                for (a, v) in acc.iter_mut().zip(&x) {
+                    *a += *v as f64 / 65536.0;
+                }
+                acc
+            });
     for (e, s) in expected.iter().zip(sum.iter().flatten()) {
         assert!((e - s).abs() < 1e-9, "expected {e}, released {s}");
     }

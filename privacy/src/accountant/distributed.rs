@@ -672,11 +672,12 @@ impl RecordLevelPlan {
         }
         let z = plan.noise_multiplier_at(inputs.min_survivors);
         plan.dp_sgd.effective_noise_multiplier = z;
-        plan.dp_sgd.noise_multiplier =
-            plan.site_noise_grid * m.sqrt() * inputs.granularity / (inputs.step_scale * inputs.clip);
+        plan.dp_sgd.noise_multiplier = plan.site_noise_grid * m.sqrt() * inputs.granularity
+            / (inputs.step_scale * inputs.clip);
         let mut all = vec![SampledGaussian::new(inputs.sample_rate, z, inputs.rounds)?];
         all.extend(inputs.metrics);
-        plan.dp_sgd.planned_epsilon = super::epsilon(&all, inputs.delta, inputs.accountant)?.epsilon;
+        plan.dp_sgd.planned_epsilon =
+            super::epsilon(&all, inputs.delta, inputs.accountant)?.epsilon;
         Ok(plan)
     }
 
@@ -709,7 +710,11 @@ impl RecordLevelPlan {
         if z < charged * (1.0 - 1e-12) {
             let eps = |z: f64| {
                 super::epsilon(
-                    &[SampledGaussian::new(self.dp_sgd.sample_rate, z, self.dp_sgd.total_steps)?],
+                    &[SampledGaussian::new(
+                        self.dp_sgd.sample_rate,
+                        z,
+                        self.dp_sgd.total_steps,
+                    )?],
                     self.dp_sgd.delta,
                     self.dp_sgd.accountant,
                 )

@@ -121,19 +121,28 @@ pub fn plan_parts(
     // parts is exact (f64 prints its shortest round-trip form).
     static PLANS: std::sync::Mutex<Vec<(String, RecordLevelPlan)>> =
         std::sync::Mutex::new(Vec::new());
-    let key = format!(
-        "{p:?}|{secure:?}|{learning_rate:?}|{batch_size}|{min_sites}|{rounds}|{dimension}"
-    );
+    let key =
+        format!("{p:?}|{secure:?}|{learning_rate:?}|{batch_size}|{min_sites}|{rounds}|{dimension}");
     let cached = |plans: &Vec<(String, RecordLevelPlan)>| {
         plans.iter().find(|(k, _)| *k == key).map(|(_, plan)| *plan)
     };
-    if let Some(plan) =
-        cached(&PLANS.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-    {
+    if let Some(plan) = cached(
+        &PLANS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    ) {
         return Ok(plan);
     }
-    let plan = compute_plan(p, secure, (learning_rate, batch_size), (min_sites, rounds), dimension)?;
-    let mut plans = PLANS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let plan = compute_plan(
+        p,
+        secure,
+        (learning_rate, batch_size),
+        (min_sites, rounds),
+        dimension,
+    )?;
+    let mut plans = PLANS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if plans.len() >= 64 {
         plans.remove(0);
     }
@@ -149,10 +158,7 @@ fn compute_plan(
     dimension: usize,
 ) -> Result<RecordLevelPlan, SpecError> {
     if p.mode != PrivacyMode::Distributed {
-        return Err(SpecError::invalid(
-            "privacy.mode",
-            "is not \"distributed\"",
-        ));
+        return Err(SpecError::invalid("privacy.mode", "is not \"distributed\""));
     }
     let clip = p.max_grad_norm.ok_or_else(|| {
         SpecError::invalid(
@@ -268,7 +274,8 @@ schema = "breast_cancer"
         ))
     }
 
-    const SGD: &str = "optimizer = \"sgd\"\nlearning_rate = 1.0\nlocal_epochs = 1\nbatch_size = 180\n";
+    const SGD: &str =
+        "optimizer = \"sgd\"\nlearning_rate = 1.0\nlocal_epochs = 1\nbatch_size = 180\n";
     const PRIVACY: &str = "[privacy]\nmode = \"distributed\"\ntarget_epsilon = 1.0\nmax_grad_norm = 1.0\nsample_rate = 0.5\n";
     const SECURE: &str = "[secure_aggregation]\nscale_bits = 16\n";
 
@@ -287,8 +294,11 @@ schema = "breast_cancer"
         let no_clip = PRIVACY.replace("max_grad_norm = 1.0\n", "");
         let e = job(SGD, &format!("{no_clip}{SECURE}")).unwrap_err();
         assert_eq!(e.key(), Some("privacy.max_grad_norm"), "{e}");
-        let e = job(SGD, &format!("{}{SECURE}", PRIVACY.replace("target_epsilon = 1.0\n", "")))
-            .unwrap_err();
+        let e = job(
+            SGD,
+            &format!("{}{SECURE}", PRIVACY.replace("target_epsilon = 1.0\n", "")),
+        )
+        .unwrap_err();
         assert_eq!(e.key(), Some("privacy.target_epsilon"), "{e}");
         let e = job(SGD, &format!("{}{SECURE}", PRIVACY.replace("0.5", "1.5"))).unwrap_err();
         assert_eq!(e.key(), Some("privacy.sample_rate"), "{e}");
@@ -342,9 +352,16 @@ schema = "breast_cancer"
         assert!(plan.dp_sgd.metrics.is_some());
         assert!(plan.check_release(3).is_err());
         let at_five = plan.check_release(5).unwrap();
-        assert!(at_five > plan.dp_sgd.effective_noise_multiplier, "{at_five}");
+        assert!(
+            at_five > plan.dp_sgd.effective_noise_multiplier,
+            "{at_five}"
+        );
         // Too coarse a grid for the share: refused naming scale_bits.
-        let coarse = job(SGD, &format!("{PRIVACY}[secure_aggregation]\nscale_bits = 2\n")).unwrap();
+        let coarse = job(
+            SGD,
+            &format!("{PRIVACY}[secure_aggregation]\nscale_bits = 2\n"),
+        )
+        .unwrap();
         let e = super::plan(&coarse, 62).unwrap_err();
         assert_eq!(e.key(), Some("secure_aggregation.scale_bits"), "{e}");
         let none = job(SGD, "[privacy]\nmode = \"none\"\n").unwrap();

@@ -437,7 +437,8 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
     if let Some(spec) = privacy_spec.as_ref().filter(|p| {
         matches!(
             p.mode,
-            tutela_protocol::job::PrivacyMode::Local | tutela_protocol::job::PrivacyMode::Distributed
+            tutela_protocol::job::PrivacyMode::Local
+                | tutela_protocol::job::PrivacyMode::Distributed
         )
     }) {
         super::metrics::release_under_dp(&mut released_metadata, &result, spec)

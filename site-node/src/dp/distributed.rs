@@ -17,8 +17,8 @@
 use tch::Tensor;
 
 use super::{
-    FlatLayout, PoissonBatchSampler, clipped_gradient_sum_sliced, covers_every_parameter,
-    dp_error, ensure_gradients,
+    FlatLayout, PoissonBatchSampler, clipped_gradient_sum_sliced, covers_every_parameter, dp_error,
+    ensure_gradients,
 };
 use crate::data::Table;
 use crate::models::Model;

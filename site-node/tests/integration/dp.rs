@@ -830,7 +830,10 @@ max_grad_norm = 1.0
         let plan = tutela_site_node::ledger::plan(&view, 455, 266)
             .unwrap()
             .unwrap();
-        assert_eq!((plan.sample_rate, plan.steps_per_round, plan.total_steps), (0.5, 1, 5));
+        assert_eq!(
+            (plan.sample_rate, plan.steps_per_round, plan.total_steps),
+            (0.5, 1, 5)
+        );
         let spend = DpSpend {
             steps: 1,
             sample_rate: plan.sample_rate,
@@ -842,9 +845,19 @@ max_grad_norm = 1.0
             .unwrap();
         let charge = spent.charge.unwrap();
         assert_eq!(charge.group.kind, MechanismKind::DistributedDpSgd);
-        assert!(spent.round_epsilon > 0.0 && spent.job_epsilon < 3.0, "{spent:?}");
+        assert!(
+            spent.round_epsilon > 0.0 && spent.job_epsilon < 3.0,
+            "{spent:?}"
+        );
         let payload = ledgers
-            .spend_payload("st-mary", "breast_cancer", "j", &charge, 1e-5, Accountant::Rdp)
+            .spend_payload(
+                "st-mary",
+                "breast_cancer",
+                "j",
+                &charge,
+                1e-5,
+                Accountant::Rdp,
+            )
             .unwrap();
         assert_eq!(payload.mechanism.as_deref(), Some("distributed_dp_sgd"));
         // The kind survives a rebuild from the trail, and so does the ε.

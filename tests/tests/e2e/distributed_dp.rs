@@ -195,7 +195,9 @@ async fn record_level_distributed_dp_against_local_dp_at_the_same_epsilon_charge
             }
             let evaluated = evaluate_breast_cancer(&status.model_path, &spec_path, &test_csv);
             let q = Quality {
-                accuracy: evaluated["accuracy"].as_f64().expect("evaluate reports accuracy"),
+                accuracy: evaluated["accuracy"]
+                    .as_f64()
+                    .expect("evaluate reports accuracy"),
                 loss: evaluated["loss"].as_f64().expect("evaluate reports loss"),
             };
             eprintln!(
@@ -209,7 +211,10 @@ async fn record_level_distributed_dp_against_local_dp_at_the_same_epsilon_charge
         }
     }
     let log = c.log("coordinator.log");
-    assert!(log.contains("distributed DP (record level)"), "the plan was made:\n{log}");
+    assert!(
+        log.contains("distributed DP (record level)"),
+        "the plan was made:\n{log}"
+    );
     eprintln!("quality: {quality:?}");
     for epsilon in ["1", "3"] {
         let local = quality[&("local", epsilon.to_string())];
