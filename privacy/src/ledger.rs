@@ -102,11 +102,32 @@ pub enum MechanismKind {
     /// A round's evaluation metrics (`crate::metrics`): unsampled (`q = 1`) Gaussian releases of
     /// clipped per-unit sums, one step per released sum.
     Metrics,
+    /// Record-level distributed DP-SGD (`crate::accountant::distributed::RecordLevelPlan`): one
+    /// Poisson-sampled, clipped gradient sum per round, whose noise is the survivors' shares
+    /// summed under secure aggregation; charged at the noise multiplier of the minimum of
+    /// survivors, before the masked input leaves the site. A DP-SGD step for the plan's count of
+    /// steps.
+    DistributedDpSgd,
 }
 
 impl MechanismKind {
     pub fn is_dp_sgd(&self) -> bool {
         *self == MechanismKind::DpSgd
+    }
+
+    /// Whether the group's steps are training steps a job's plan counts (local or distributed
+    /// DP-SGD), as opposed to metric releases.
+    pub fn is_training_step(&self) -> bool {
+        matches!(self, MechanismKind::DpSgd | MechanismKind::DistributedDpSgd)
+    }
+
+    /// The name the trail's `privacy.spent` carries (`mechanism`) for a kind other than DP-SGD.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MechanismKind::DpSgd => "dp_sgd",
+            MechanismKind::Metrics => "metrics",
+            MechanismKind::DistributedDpSgd => "distributed_dp_sgd",
+        }
     }
 }
 
@@ -163,7 +184,7 @@ impl JobEntry {
     pub fn steps(&self) -> u64 {
         self.groups
             .iter()
-            .filter(|g| g.kind.is_dp_sgd())
+            .filter(|g| g.kind.is_training_step())
             .map(|g| g.steps)
             .sum()
     }
@@ -569,20 +590,42 @@ impl Ledger {
         rows: Option<usize>,
         now_unix_ms: i64,
     ) -> Result<RoundCharge, LedgerError> {
+        self.record_round_of_kind(
+            job_id,
+            (round, attempt),
+            Group::of(MechanismKind::DpSgd, mechanism),
+            metrics,
+            rows,
+            now_unix_ms,
+        )
+    }
+
+    /// [`record_round_with_metrics`](Self::record_round_with_metrics) for steps of any training
+    /// kind (`group.kind`: local or distributed DP-SGD), composed with everything else alike.
+    pub fn record_round_of_kind(
+        &mut self,
+        job_id: &str,
+        (round, attempt): (u32, u32),
+        group: Group,
+        metrics: Option<SampledGaussian>,
+        rows: Option<usize>,
+        now_unix_ms: i64,
+    ) -> Result<RoundCharge, LedgerError> {
         let metrics = metrics.map(|m| Group::of(MechanismKind::Metrics, m));
         let charge = RoundCharge {
             round,
             attempt,
-            group: Group::of(MechanismKind::DpSgd, mechanism),
+            group,
             metrics,
             anchored_seq: None,
         };
-        // Pushed first so that the one save in `record` writes both.
+        // Pushed first so that the one save below writes both.
         self.entry_mut(job_id, now_unix_ms).charges.push(charge);
         if let Some(m) = metrics {
             self.add_group_of(job_id, m, None, now_unix_ms);
         }
-        self.record(job_id, mechanism, rows, now_unix_ms)?;
+        self.add_group_of(job_id, group, rows, now_unix_ms);
+        self.save()?;
         Ok(charge)
     }
 
@@ -681,7 +724,7 @@ impl Ledger {
             if ledger.has_charge(s.job_id, s.round, s.attempt) {
                 continue;
             }
-            let mechanism = s.group.mechanism().map_err(|e| LedgerError::Corrupt {
+            s.group.mechanism().map_err(|e| LedgerError::Corrupt {
                 path: ledger.path.clone(),
                 reason: format!("the trail's spend at seq {}: {e}", s.seq),
             })?;
@@ -700,7 +743,8 @@ impl Ledger {
                 })?;
                 ledger.add_group_of(s.job_id, m, None, s.timestamp_unix_ms);
             }
-            ledger.add_group(s.job_id, mechanism, Some(s.rows), s.timestamp_unix_ms);
+            // Of the spend's own kind (local or distributed DP-SGD).
+            ledger.add_group_of(s.job_id, s.group, Some(s.rows), s.timestamp_unix_ms);
         }
         Ok(ledger)
     }

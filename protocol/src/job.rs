@@ -228,6 +228,13 @@ pub struct PrivacySpec {
     /// default `tutela_privacy::metrics::DEFAULT_METRICS_LOSS_MAX`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_loss_max: Option<f64>,
+    /// `distributed`: q, the probability with which every site includes each of its privacy
+    /// units (rows) in a round's one DP-SGD step (Poisson sampling, the same q at every site, so
+    /// that the job's noise is calibrated once for all of them). Absent: 1, every unit every
+    /// round (full batch, no amplification by sampling claimed). Left out of the canonical JSON
+    /// when absent, so jobs without it keep their digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<f64>,
 }
 
 /// `privacy.unit`: the privacy unit of DP-SGD at the sites.
@@ -377,12 +384,27 @@ impl PrivacySpec {
         let metrics_keys = self.metrics_noise_multiplier.is_some()
             || self.metrics_epsilon_share.is_some()
             || self.metrics_loss_max.is_some();
-        if metrics_keys && self.mode != PrivacyMode::Local {
+        if metrics_keys && !matches!(self.mode, PrivacyMode::Local | PrivacyMode::Distributed) {
             return Err(SpecError::invalid(
                 "privacy.metrics_noise_multiplier",
-                "and the other metrics_* keys apply only to mode = \"local\" (the sites' \
-                 metrics are released under DP there)",
+                "and the other metrics_* keys apply only to mode = \"local\" or \"distributed\" \
+                 (the sites' metrics are released under DP there)",
             ));
+        }
+        if let Some(q) = self.sample_rate {
+            if self.mode != PrivacyMode::Distributed {
+                return Err(SpecError::invalid(
+                    "privacy.sample_rate",
+                    "applies only to mode = \"distributed\" (with mode = \"local\" each site \
+                     samples at training.batch_size / its rows)",
+                ));
+            }
+            if !(q.is_finite() && q > 0.0 && q <= 1.0) {
+                return Err(SpecError::invalid(
+                    "privacy.sample_rate",
+                    format!("must be in (0, 1], got {q}"),
+                ));
+            }
         }
         if self.unit == PrivacyUnit::Patient && self.mode != PrivacyMode::Local {
             return Err(SpecError::invalid(
@@ -425,13 +447,18 @@ impl PrivacySpec {
                 }
             }
             PrivacyMode::Distributed => {
-                if self.max_grad_norm.is_some() || self.central.is_some() {
+                if self.max_grad_norm.is_none() {
                     return Err(SpecError::invalid(
                         "privacy.max_grad_norm",
-                        "max_grad_norm is DP-SGD's and privacy.central the coordinator's; with \
-                         mode = \"distributed\" each site clips its whole update to \
-                         update_norm_bound and privacy.noise_multiplier (if given) is the total \
-                         noise of the sum in units of update_norm_bound",
+                        "is required with mode = \"distributed\" (the per-row clipping norm C: \
+                         each site sums its sampled rows' clipped gradients, and the survivors' \
+                         noise shares add up to noise_multiplier x C on the sum)",
+                    ));
+                }
+                if self.central.is_some() {
+                    return Err(SpecError::invalid(
+                        "privacy.central",
+                        "applies only to mode = \"central\"",
                     ));
                 }
                 if self.target_epsilon.is_none() && self.noise_multiplier.is_none() {

@@ -85,6 +85,9 @@
 
 mod noise;
 
+mod distributed;
+pub use distributed::{ClippedSumStep, train_distributed_step};
+
 use std::time::Instant;
 
 use rand::rngs::StdRng;
@@ -1192,6 +1195,8 @@ pub struct DpSpend {
     pub steps: u64,
     pub sample_rate: f64,
     pub effective_noise_multiplier: f64,
+    /// Local DP-SGD, or record-level distributed DP-SGD (the ledger keeps them apart).
+    pub kind: tutela_privacy::ledger::MechanismKind,
 }
 
 /// DP-SGD's noise multiplier σ (as trained with, on the noise grid) and its expected batch
@@ -1227,6 +1232,7 @@ pub fn train_dp(
         steps: 0,
         sample_rate: plan.sample_rate,
         effective_noise_multiplier: plan.effective_noise_multiplier,
+        kind: tutela_privacy::ledger::MechanismKind::DpSgd,
     };
     let sampler = PoissonBatchSampler::new(data.n_rows, config.batch_size);
     let step = DpSgdStep::new(plan);

@@ -57,6 +57,14 @@ pub struct JobView {
     /// full-model job by a node that ignored the section.
     #[serde(default)]
     pub lora: Option<tutela_protocol::lora::LoraSpec>,
+    /// `min_sites`: under distributed DP, the fewest survivors a round's sum needs, which each
+    /// site's noise share is computed for.
+    #[serde(default)]
+    pub min_sites: Option<u32>,
+    /// `[secure_aggregation]`, read strictly (protocol's type): its grid fixes the distributed
+    /// DP plan's noise share.
+    #[serde(default)]
+    pub secure_aggregation: Option<tutela_protocol::secagg::SecureAggregationSpec>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
+use tutela_privacy::accountant::distributed::RecordLevelPlan;
 use tutela_privacy::accountant::plan::{DpSgdInputs, DpSgdPlan};
 use tutela_privacy::accountant::{Accountant, SampledGaussian};
 use tutela_privacy::at_rest::KeyEncryptionKey;
@@ -90,7 +91,9 @@ pub struct PrivacyBudgetConfig {
     #[serde(default)]
     pub accountant: AccountantName,
     /// Refuse jobs whose updates leave the site without DP-SGD (`privacy.mode` other than
-    /// `local`). Default: true when a cap is set (such a job's spend is unbounded).
+    /// `local`). Default: true when a cap is set (such a job's spend is unbounded), except for
+    /// record-level distributed DP (charged like DP-SGD); `true` set explicitly refuses that too
+    /// (part of its noise comes from the other sites).
     #[serde(default)]
     pub require_local_dp: Option<bool>,
 }
@@ -199,8 +202,12 @@ pub fn accountant(name: AccountantName) -> Accountant {
 }
 
 /// The job's DP-SGD plan on a dataset of `rows` training rows and a model of `dimension`
-/// parameters; `None` when the job does not use DP-SGD.
+/// parameters; `None` when the job does not use DP-SGD. Under record-level distributed DP it
+/// is the job's one plan ([`distributed_plan`]), the same at every site whatever its rows.
 pub fn plan(job: &JobView, rows: usize, dimension: usize) -> Result<Option<DpSgdPlan>, String> {
+    if let Some(distributed) = distributed_plan(job, dimension)? {
+        return Ok(Some(distributed.dp_sgd));
+    }
     let Some(p) = job
         .privacy
         .as_ref()
@@ -209,6 +216,46 @@ pub fn plan(job: &JobView, rows: usize, dimension: usize) -> Result<Option<DpSgd
         return Ok(None);
     };
     plan_for(p, job, rows, dimension).map(Some)
+}
+
+/// The job's record-level distributed DP plan (`tutela_protocol::job::distributed`, the one the
+/// coordinator and every site compute from the signed spec) for a model of `dimension`
+/// parameters; `None` unless `privacy.mode = "distributed"`.
+pub fn distributed_plan(
+    job: &JobView,
+    dimension: usize,
+) -> Result<Option<RecordLevelPlan>, String> {
+    let Some(p) = job
+        .privacy
+        .as_ref()
+        .filter(|p| p.mode == PrivacyMode::Distributed)
+    else {
+        return Ok(None);
+    };
+    let secure = job.secure_aggregation.as_ref().ok_or(
+        "privacy.mode = \"distributed\" requires [secure_aggregation] (each site's noise share \
+         protects it only inside the masked sum)",
+    )?;
+    let min_sites = job
+        .min_sites
+        .ok_or("privacy.mode = \"distributed\" needs the job's min_sites (the survivors the noise is shared among)")?;
+    tutela_protocol::job::distributed::plan_parts(
+        p,
+        secure,
+        (job.training.learning_rate, job.training.batch_size),
+        (min_sites, job.rounds()),
+        dimension,
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
+}
+
+/// The kind of training step a job's rounds charge.
+pub fn training_kind(job: &JobView) -> MechanismKind {
+    match job.privacy.as_ref().map(|p| p.mode) {
+        Some(PrivacyMode::Distributed) => MechanismKind::DistributedDpSgd,
+        _ => MechanismKind::DpSgd,
+    }
 }
 
 fn plan_for(
@@ -241,11 +288,11 @@ fn plan_for(
 }
 
 /// Whether `job` releases its per-round metrics under DP (a DP-SGD job: `privacy.mode =
-/// "local"`); other jobs' metrics stay exact.
+/// "local"` or `"distributed"`); other jobs' metrics stay exact.
 pub fn releases_dp_metrics(job: &JobView) -> bool {
     job.privacy
         .as_ref()
-        .is_some_and(|p| p.mode == PrivacyMode::Local)
+        .is_some_and(|p| matches!(p.mode, PrivacyMode::Local | PrivacyMode::Distributed))
 }
 
 /// How a DP job's per-round metrics are released (`tutela_privacy::metrics`): σ from
@@ -409,11 +456,33 @@ impl SiteLedgers {
         dimension: usize,
     ) -> Result<(), String> {
         let _g = self.guard();
+        let caps = self.caps(dataset);
+        if job
+            .privacy
+            .as_ref()
+            .is_some_and(|p| p.mode == PrivacyMode::Distributed)
+        {
+            // Record-level distributed DP is charged like DP-SGD, so the default lets it pass;
+            // a site that set `require_local_dp = true` in so many words does not rely on other
+            // sites' noise shares.
+            if self.budget.require_local_dp == Some(true) {
+                return Err(format!(
+                    "this site requires DP-SGD at the site (privacy.mode = \"local\", node.toml's \
+                     require_local_dp = true) for every job on dataset {dataset:?}: under \
+                     distributed DP part of its rows' noise comes from the other sites"
+                ));
+            }
+            // The job's plan does not depend on the rows, so it is checked whole (every round
+            // still to run, at the minimum of survivors) against the caps now, exactly as a
+            // local job on a dataset the ledger knows.
+            let ledger = self.open(dataset).map_err(|e| e.to_string())?;
+            let rows = ledger.rows().unwrap_or(1);
+            return self.check_plan(&ledger, dataset, (job_id, round), job, rows, dimension);
+        }
         let local = job
             .privacy
             .as_ref()
             .filter(|p| p.mode == PrivacyMode::Local);
-        let caps = self.caps(dataset);
         let Some(p) = local else {
             if self.budget.requires_local_dp(&caps) {
                 return Err(format!(
@@ -557,10 +626,10 @@ impl SiteLedgers {
             // The round's metrics leave with its update: charged in the same record.
             let metrics = round_metrics(plan)?;
             let charge = ledger
-                .record_round_with_metrics(
+                .record_round_of_kind(
                     job_id,
                     (round, attempt),
-                    m,
+                    Group::of(spend.kind, m),
                     metrics,
                     Some(rows),
                     now_unix_ms,

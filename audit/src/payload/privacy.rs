@@ -51,6 +51,12 @@ pub struct PrivacySpent {
     pub metrics_noise_multiplier: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_releases: Option<u64>,
+    /// The kind of the steps when they are not local DP-SGD: `distributed_dp_sgd` for a
+    /// record-level distributed DP round (one Poisson-sampled clipped sum whose noise is the
+    /// secure sum of the sites' shares, charged at the minimum of survivors before the masked
+    /// input left the site). Absent: local DP-SGD (and every event written before the kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<String>,
 }
 
 /// What identifies a dataset's data, whatever the operator calls it or wherever the file lies:

@@ -18,7 +18,10 @@
 //! exists only after the unmasking phase, and only as the sum of the survivors' inputs; it is
 //! decoded (`encode::decode_sum`) into the round's mean delta with every survivor weighing 1
 //! (sample counts are not revealed to the coordinator one by one, so FedAvg's weights are not
-//! used: the mean is over sites).
+//! used: the mean is over sites) — or, under record-level distributed DP
+//! ([`MaskedOutput::Sum`]), taken as it is: each site scaled its clipped gradient sum by the
+//! job's `−lr / B` (B the expected batch across all sites), so the survivors' sum is the round's
+//! central DP-SGD step, and the strategy (FedAvg: `global + delta`) applies it unchanged.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -107,6 +110,18 @@ pub enum Signing {
 /// with the reason refuses the release, and the round fails before any mask is removed.
 pub type ReleaseCheck = Arc<dyn Fn(usize) -> Result<(), String> + Send + Sync>;
 
+/// What the round's unmasked sum becomes: the `mean_delta` the strategy applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskedOutput {
+    /// The sum over the survivors' count: every survivor's update weighs 1 (plain secure
+    /// aggregation of the sites' local rounds).
+    Mean,
+    /// The sum itself (record-level distributed DP: each site's update is its share of one
+    /// central DP-SGD step, already divided by the job's expected batch across all sites;
+    /// dividing by the survivors again would shrink the step by their count).
+    Sum,
+}
+
 /// One secure aggregation round (see the module's documentation).
 pub struct MaskedAggregation {
     config: RoundConfig,
@@ -115,6 +130,7 @@ pub struct MaskedAggregation {
     scale_bits: u32,
     signing: Signing,
     release_check: Option<ReleaseCheck>,
+    output: MaskedOutput,
     inner: Mutex<Inner>,
     in_flight: AtomicUsize,
     notify: tokio::sync::Notify,
@@ -160,6 +176,25 @@ impl MaskedAggregation {
         signing: Signing,
         release_check: Option<ReleaseCheck>,
     ) -> Result<Arc<Self>, AggregateError> {
+        Self::with_output(
+            global,
+            participants,
+            config,
+            scale_bits,
+            (signing, release_check),
+            MaskedOutput::Mean,
+        )
+    }
+
+    /// As [`Self::with_signing`], the unmasked sum released as `output` says.
+    pub fn with_output(
+        global: &Manifest,
+        participants: Vec<String>,
+        config: RoundConfig,
+        scale_bits: u32,
+        (signing, release_check): (Signing, Option<ReleaseCheck>),
+        output: MaskedOutput,
+    ) -> Result<Arc<Self>, AggregateError> {
         let lens = super::f32_tensor_lens(global)?;
         let len: u64 = lens.iter().map(|&n| n as u64).sum();
         let tensors = global.tensors().to_vec();
@@ -194,6 +229,7 @@ impl MaskedAggregation {
             scale_bits,
             signing,
             release_check,
+            output,
             in_flight: AtomicUsize::new(0),
             notify: tokio::sync::Notify::new(),
         }))
@@ -510,11 +546,15 @@ impl RoundAggregation for MaskedAggregation {
         }
         let survivors = output.survivors.len() as f64;
         let sum = encode::decode_sum(&output.sum, self.scale_bits);
+        let divisor = match self.output {
+            MaskedOutput::Mean => survivors,
+            MaskedOutput::Sum => 1.0,
+        };
         let mut mean_delta = Vec::with_capacity(self.tensors.len());
         let mut at = 0usize;
         for t in &self.tensors {
             let n = t.numel().unwrap_or(0) as usize;
-            mean_delta.push(sum[at..at + n].iter().map(|v| v / survivors).collect());
+            mean_delta.push(sum[at..at + n].iter().map(|v| v / divisor).collect());
             at += n;
         }
         let survivor_names: Vec<&str> = output

@@ -18,12 +18,12 @@ use tutela_protocol::tensor::Manifest;
 use tutela_protocol::secagg::SecureAggregationSpec;
 
 use super::buffered::{BufferedAggregator, BufferedOptions};
-use super::masked::{MaskedAggregation, ReleaseCheck, Signing};
+use super::masked::{MaskedAggregation, MaskedOutput, ReleaseCheck, Signing};
 use super::robust::{RobustReport, RobustRule};
 use super::streaming::{AggregatorOptions, RoundAggregator, SpoolPool};
 use super::{AggregateError, FinishedRound, RoundAggregation, RoundResult, UpdateFilter};
 use crate::central_dp::{CentralDp, CentralDpRound, ClipToNorm};
-use tutela_privacy::accountant::distributed::DistributedPlan;
+use tutela_privacy::accountant::distributed::RecordLevelPlan;
 
 /// The round record's key (in its `site_metrics`, beside the sites) for a robust rule's report.
 /// Site names cannot contain parentheses, so it never collides with a site.
@@ -99,7 +99,7 @@ pub struct JobAggregation {
     secure: Option<SecureAggregationSpec>,
     /// `[privacy] mode = "distributed"`: the plan whose release check every masked round runs
     /// before it asks the sites to unmask.
-    distributed: Option<Arc<DistributedPlan>>,
+    distributed: Option<Arc<RecordLevelPlan>>,
     spools: Spools,
 }
 
@@ -156,13 +156,17 @@ impl JobAggregation {
             .map(Arc::new);
         if let Some(plan) = &distributed {
             tracing::info!(
-                site_noise = plan.site_noise(),
-                total_noise = plan.total_noise,
+                site_noise_grid_steps = plan.site_noise_grid,
+                noise_multiplier = plan.dp_sgd.noise_multiplier,
+                effective_noise_multiplier = plan.dp_sgd.effective_noise_multiplier,
+                sample_rate = plan.dp_sgd.sample_rate,
+                step_scale = plan.step_scale,
                 min_survivors = plan.min_survivors,
-                planned_epsilon = plan.planned_epsilon,
-                delta = plan.delta,
-                "distributed DP: each site adds its share of the noise; a round is released only \
-                 with at least the plan's survivors"
+                planned_epsilon = plan.dp_sgd.planned_epsilon,
+                delta = plan.dp_sgd.delta,
+                "distributed DP (record level): each site adds its share of the noise to one \
+                 clipped DP-SGD step; a round is released only with at least the plan's \
+                 survivors, and its unmasked sum is the round's step"
             );
         }
         Ok(JobAggregation {
@@ -245,13 +249,19 @@ impl JobAggregation {
                             .map_err(|e| format!("distributed DP refuses the release: {e}"))
                     })
                 });
-                MaskedAggregation::with_signing(
+                // Record-level distributed DP: the sum is the step (sites divided by B).
+                let output = if self.distributed.is_some() {
+                    MaskedOutput::Sum
+                } else {
+                    MaskedOutput::Mean
+                };
+                MaskedAggregation::with_output(
                     global,
                     round.participants.to_vec(),
                     config,
                     secure.scale_bits,
-                    Signing::Required,
-                    release_check,
+                    (Signing::Required, release_check),
+                    output,
                 )?
             }
         })

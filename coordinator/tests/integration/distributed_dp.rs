@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tutela_coordinator::aggregate::RoundAggregation;
-use tutela_coordinator::aggregate::masked::{MaskedAggregation, PhasedRound, Relay, Signing};
+use tutela_coordinator::aggregate::masked::{
+    MaskedAggregation, MaskedOutput, PhasedRound, Relay, Signing,
+};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::secagg::{ClientAdvertising, ClientMessage, Phase, SecureAggregationSpec};
 
@@ -33,17 +35,19 @@ name = "mlp"
 schema = "breast_cancer"
 
 [training]
-optimizer = "adam"
-learning_rate = 0.01
+optimizer = "sgd"
+learning_rate = 1.0
 local_epochs = 1
-batch_size = 32
+batch_size = 100
 
 [privacy]
 mode = "distributed"
 target_epsilon = 3.0
+max_grad_norm = 1.0
+sample_rate = 0.5
 
 [secure_aggregation]
-scale_bits = 12
+scale_bits = 16
 "#,
     )
     .unwrap()
@@ -52,6 +56,12 @@ scale_bits = 12
 /// A round where the sites in `silent` upload nothing; returns whether unmask requests went out
 /// and the round's outcome.
 fn round(silent: &[u32]) -> (bool, Result<(), String>) {
+    let (asked, result) = round_with(silent, MaskedOutput::Mean);
+    (asked, result.map(|_| ()))
+}
+
+/// [`round`] with the unmasked sum released as `output` says; the finished round's deltas.
+fn round_with(silent: &[u32], output: MaskedOutput) -> (bool, Result<Vec<Vec<f64>>, String>) {
     let spec = job();
     let plan = Arc::new(
         tutela_protocol::job::distributed::plan(&spec, 7)
@@ -63,18 +73,21 @@ fn round(silent: &[u32]) -> (bool, Result<(), String>) {
     let config = secure.round_config([5; 32], 1, 1, SITES, 3, 7);
     let names: Vec<String> = (0..SITES).map(|i| format!("site-{i:02}")).collect();
     let check = plan.clone();
-    let round = MaskedAggregation::with_signing(
+    let round = MaskedAggregation::with_output(
         &model(),
         names.clone(),
         config.clone(),
         secure.scale_bits,
-        Signing::Unsigned,
-        Some(Arc::new(move |survivors| {
-            check
-                .check_release(survivors)
-                .map(|_| ())
-                .map_err(|e| format!("distributed DP refuses the release: {e}"))
-        })),
+        (
+            Signing::Unsigned,
+            Some(Arc::new(move |survivors| {
+                check
+                    .check_release(survivors)
+                    .map(|_| ())
+                    .map_err(|e| format!("distributed DP refuses the release: {e}"))
+            })),
+        ),
+        output,
     )
     .unwrap();
     let phases: &dyn PhasedRound = round.masked().unwrap();
@@ -129,7 +142,44 @@ fn round(silent: &[u32]) -> (bool, Result<(), String>) {
         phases.close_phase().unwrap();
     }
     assert_eq!(phases.phase(), None);
-    (asked, round.finish().map(|_| ()).map_err(|e| e.to_string()))
+    (
+        asked,
+        round
+            .finish()
+            .map(|f| f.result.mean_delta)
+            .map_err(|e| e.to_string()),
+    )
+}
+
+/// Record-level distributed DP: each site's input is its share of one central step (already
+/// divided by the job's expected batch), so the round's delta is the survivors' sum; plain
+/// secure aggregation divides it by the survivors.
+#[test]
+fn under_record_level_distributed_dp_the_round_releases_the_sum_not_the_mean() {
+    let (_, mean) = round_with(&[2], MaskedOutput::Mean);
+    let (_, sum) = round_with(&[2], MaskedOutput::Sum);
+    let (mean, sum) = (mean.unwrap(), sum.unwrap());
+    let survivors = (SITES - 1) as f64;
+    let mut compared = 0;
+    for (m, s) in mean.iter().flatten().zip(sum.iter().flatten()) {
+        assert!((m * survivors - s).abs() < 1e-9, "mean {m}, sum {s}");
+        compared += 1;
+    }
+    assert!(compared > 0);
+    // The sum of the five survivors' inputs (grid steps of 2^-16), exactly.
+    let expected: Vec<f64> =
+        (0..SITES)
+            .filter(|&i| i != 2)
+            .map(input)
+            .fold(vec![0.0; 7], |mut acc, x| {
+                for (a, v) in acc.iter_mut().zip(&x) {
+                    *a += *v as f64 / 65536.0;
+                }
+                acc
+            });
+    for (e, s) in expected.iter().zip(sum.iter().flatten()) {
+        assert!((e - s).abs() < 1e-9, "expected {e}, released {s}");
+    }
 }
 
 #[test]

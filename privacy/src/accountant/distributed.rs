@@ -44,7 +44,9 @@
 //!   and [`DistributedGaussian::modulus_bits`] is the smallest b that keeps it below a bound.
 
 use super::rdp::{Conversion, RdpCurve};
-use super::{Accountant, AccountantError, Guarantee, validate_delta, validate_sample_rate};
+use super::{
+    Accountant, AccountantError, Guarantee, SampledGaussian, validate_delta, validate_sample_rate,
+};
 
 /// The RDP orders of the distributed accountant: integers (Zhu & Wang's bound holds there).
 pub fn orders() -> Vec<f64> {
@@ -503,4 +505,315 @@ fn calibrate_total_noise(
         }
     }
     Ok(hi)
+}
+
+/// What a record-level distributed DP-SGD plan is computed from (the job's spec and the model's
+/// size; the same at the coordinator and at every site).
+///
+/// **The mechanism.** Each round every site takes one DP-SGD step's worth of work: it includes
+/// each of its privacy units (rows) with probability `sample_rate` (Poisson), clips each unit's
+/// gradient to `clip` C, sums them, and multiplies the sum by `step_scale` s (the job's
+/// learning rate over its expected batch across all sites, `lr / B`): its update is
+/// `−s·Σ clip(∇ℓ_i)`. It rounds that onto the grid γ by unbiased randomized rounding, adds
+/// N_ℤ(0, σ_s²) per coordinate and masks it. The survivors' sum is
+/// `−s·(Σ_all sites Σ_i clip(∇ℓ_i)) + noise`: exactly one central DP-SGD step over the union of
+/// the sites' data, with the survivors' noise shares summed.
+///
+/// **Sensitivity.** Adding or removing one unit at one site moves that site's scaled sum by at
+/// most s·C; rounding each coordinate up or down moves two neighbouring rounded sums apart by
+/// at most one more grid step per coordinate (coupling the coins), so in grid units
+/// Δ = s·C/γ + √d ([`rounded_sensitivity`] with β = 0: plain randomized rounding, since
+/// conditional rounding's bound is on one vector's norm, not on the difference made by one of
+/// the units summed inside it). Clipping the site's whole update to a norm bound before
+/// rounding (to keep the ring from wrapping) is a projection, 1-Lipschitz: it does not raise Δ.
+///
+/// **Noise.** With k survivors the sum carries k·σ_s² per coordinate: a discrete Gaussian sum
+/// that KLS21 Prop. 14 bounds in RDP by a Gaussian of sensitivity Δ + τ·√(d·k)·σ_s (its third
+/// form, α/2·(s₂ + τ√d)²); so one round is the Poisson-subsampled Gaussian mechanism with
+/// noise multiplier z(k) = √k·σ_s / (Δ + τ_k·√(d·k)·σ_s) ([`RecordLevelPlan::noise_multiplier_at`]),
+/// which is what every site's ledger composes with its DP-SGD steps (RDP or PLD). With σ_s of at
+/// least one grid step τ is below 1e-3 and its term is negligible beside Δ (tens of grid
+/// steps or more); it is computed, not assumed. Each site adds σ_s = z·Δ/√m (before the τ term)
+/// so that m = `min_survivors` survivors carry the job's multiplier z: z(k) ≈ z·√(k/m).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordLevelInputs {
+    /// C: the per-unit clipping norm.
+    pub clip: f64,
+    /// s: the factor each site multiplies its clipped sum by (learning rate over the expected
+    /// batch across all sites); the update's units.
+    pub step_scale: f64,
+    /// γ: the grid step, in the update's units.
+    pub granularity: f64,
+    pub dimension: usize,
+    /// m: the fewest survivors whose sum may be released.
+    pub min_survivors: usize,
+    /// q: each unit's inclusion probability in a round.
+    pub sample_rate: f64,
+    /// One step per round.
+    pub rounds: u64,
+    pub delta: f64,
+    pub accountant: Accountant,
+    /// Calibrate z to this ε at m survivors every round (beside `metrics`) when
+    /// `noise_multiplier` is `None`.
+    pub target_epsilon: Option<f64>,
+    /// σ: the total noise on the clipped sum at m survivors is σ·C per coordinate.
+    pub noise_multiplier: Option<f64>,
+    /// The job's DP metric releases over all rounds, composed beside the steps.
+    pub metrics: Option<SampledGaussian>,
+}
+
+/// A record-level distributed DP-SGD plan (see [`RecordLevelInputs`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordLevelPlan {
+    /// What each site's ledger charges per round and the gate checks: q, one step per round,
+    /// `rounds` steps, C, σ, the effective multiplier z(m) at the minimum of survivors (the
+    /// charge made before the masked input leaves the site), the grid in the clipped sum's
+    /// units (γ/s), the planned ε (steps and metrics) at δ.
+    pub dp_sgd: super::plan::DpSgdPlan,
+    pub min_survivors: usize,
+    pub step_scale: f64,
+    pub granularity: f64,
+    pub dimension: usize,
+    /// Δ in grid units (s·C/γ + √d).
+    pub sensitivity_grid: f64,
+    /// σ_s in grid steps.
+    pub site_noise_grid: f64,
+}
+
+impl RecordLevelPlan {
+    pub fn new(inputs: &RecordLevelInputs) -> Result<Self, AccountantError> {
+        validate_delta(inputs.delta)?;
+        validate_sample_rate(inputs.sample_rate)?;
+        super::validate_steps(inputs.rounds)?;
+        if inputs.min_survivors == 0 {
+            return Err(AccountantError::Sites {
+                expected: 0,
+                minimum: 0,
+            });
+        }
+        if !(inputs.step_scale > 0.0 && inputs.step_scale.is_finite()) {
+            return Err(AccountantError::Numerical(
+                "the step scale (learning rate over the expected batch) must be a finite number > 0",
+            ));
+        }
+        if !(inputs.granularity > 0.0 && inputs.granularity.is_finite()) {
+            return Err(AccountantError::Granularity(inputs.granularity));
+        }
+        let sensitivity_grid = rounded_sensitivity(
+            inputs.clip * inputs.step_scale / inputs.granularity,
+            inputs.dimension,
+            0.0,
+        )?
+        .l2;
+        let m = inputs.min_survivors as f64;
+        let needed = match (inputs.noise_multiplier, inputs.target_epsilon) {
+            (Some(sigma), _) => {
+                super::validate_noise(sigma)?;
+                None
+            }
+            (None, Some(target)) => Some(
+                super::calibrate_noise_beside(
+                    target,
+                    inputs.sample_rate,
+                    inputs.rounds,
+                    inputs.metrics.as_slice(),
+                    inputs.delta,
+                    inputs.accountant,
+                    1e-4,
+                )?
+                .noise_multiplier,
+            ),
+            (None, None) => return Err(AccountantError::TargetEpsilon(f64::NAN)),
+        };
+        let total_grid = match (inputs.noise_multiplier, needed) {
+            // σ·C on the clipped sum is σ·C·s/γ grid steps on the update.
+            (Some(sigma), _) => sigma * inputs.clip * inputs.step_scale / inputs.granularity,
+            (None, Some(z)) => z * sensitivity_grid,
+            (None, None) => return Err(AccountantError::TargetEpsilon(f64::NAN)),
+        };
+        let mut plan = RecordLevelPlan {
+            dp_sgd: super::plan::DpSgdPlan {
+                sample_rate: inputs.sample_rate,
+                steps_per_round: 1,
+                total_steps: inputs.rounds,
+                clip: inputs.clip,
+                noise_multiplier: 0.0,
+                effective_noise_multiplier: 0.0,
+                granularity: inputs.granularity / inputs.step_scale,
+                planned_epsilon: 0.0,
+                delta: inputs.delta,
+                accountant: inputs.accountant,
+                metrics: inputs.metrics,
+            },
+            min_survivors: inputs.min_survivors,
+            step_scale: inputs.step_scale,
+            granularity: inputs.granularity,
+            dimension: inputs.dimension,
+            sensitivity_grid,
+            site_noise_grid: total_grid / m.sqrt(),
+        };
+        // The τ term lowers z(m) a hair below z·Δ/Δ: raise σ_s until it meets the calibration.
+        if let Some(needed) = needed {
+            for _ in 0..8 {
+                let eff = plan.noise_multiplier_at(inputs.min_survivors);
+                if eff >= needed {
+                    break;
+                }
+                plan.site_noise_grid *= needed / eff * (1.0 + 1e-12);
+            }
+            if plan.noise_multiplier_at(inputs.min_survivors) < needed {
+                return Err(AccountantError::Numerical(
+                    "the sum of discrete Gaussians' correction did not settle",
+                ));
+            }
+        }
+        if plan.site_noise_grid < 0.5 {
+            return Err(AccountantError::SiteNoise(plan.site_noise_grid));
+        }
+        let z = plan.noise_multiplier_at(inputs.min_survivors);
+        plan.dp_sgd.effective_noise_multiplier = z;
+        plan.dp_sgd.noise_multiplier = plan.site_noise_grid * m.sqrt() * inputs.granularity
+            / (inputs.step_scale * inputs.clip);
+        let mut all = vec![SampledGaussian::new(inputs.sample_rate, z, inputs.rounds)?];
+        all.extend(inputs.metrics);
+        plan.dp_sgd.planned_epsilon =
+            super::epsilon(&all, inputs.delta, inputs.accountant)?.epsilon;
+        Ok(plan)
+    }
+
+    /// σ_s in the update's units.
+    pub fn site_noise(&self) -> f64 {
+        self.site_noise_grid * self.granularity
+    }
+
+    /// z(k): the noise multiplier of one round whose sum holds `survivors` sites' noise shares
+    /// (module documentation of [`RecordLevelInputs`]).
+    pub fn noise_multiplier_at(&self, survivors: usize) -> f64 {
+        let k = survivors.max(1) as f64;
+        let spread = k.sqrt() * self.site_noise_grid;
+        let t = tau(self.site_noise_grid, survivors.max(1));
+        spread / (self.sensitivity_grid + t * (self.dimension as f64).sqrt() * spread)
+    }
+
+    /// The release check, the coordinator's and every site's: refused below the minimum of
+    /// survivors, or when `survivors` would carry less noise than the plan charged each round
+    /// (z(k) < z(m); computed, since τ grows with k). Otherwise z(k).
+    pub fn check_release(&self, survivors: usize) -> Result<f64, AccountantError> {
+        if survivors < self.min_survivors {
+            return Err(AccountantError::TooFewSurvivors {
+                survivors,
+                minimum: self.min_survivors,
+            });
+        }
+        let z = self.noise_multiplier_at(survivors);
+        let charged = self.dp_sgd.effective_noise_multiplier;
+        if z < charged * (1.0 - 1e-12) {
+            let eps = |z: f64| {
+                super::epsilon(
+                    &[SampledGaussian::new(
+                        self.dp_sgd.sample_rate,
+                        z,
+                        self.dp_sgd.total_steps,
+                    )?],
+                    self.dp_sgd.delta,
+                    self.dp_sgd.accountant,
+                )
+                .map(|g| g.epsilon)
+            };
+            return Err(AccountantError::OverBudget {
+                survivors,
+                epsilon: eps(z)?,
+                planned: eps(charged)?,
+            });
+        }
+        Ok(z)
+    }
+
+    /// One round's charge: the Poisson-subsampled Gaussian at z(m), one step.
+    pub fn round_mechanism(&self) -> Result<SampledGaussian, AccountantError> {
+        self.dp_sgd.mechanism(1)
+    }
+}
+
+#[cfg(test)]
+mod record_level_tests {
+    use super::*;
+
+    fn inputs() -> RecordLevelInputs {
+        RecordLevelInputs {
+            clip: 1.0,
+            step_scale: 0.5 / 100.0,
+            granularity: 2f64.powi(-16),
+            dimension: 62,
+            min_survivors: 4,
+            sample_rate: 0.25,
+            rounds: 20,
+            delta: 1e-5,
+            accountant: Accountant::Rdp,
+            target_epsilon: Some(1.0),
+            noise_multiplier: None,
+            metrics: None,
+        }
+    }
+
+    #[test]
+    fn m_survivors_carry_the_calibrated_multiplier_and_the_plan_meets_the_target() {
+        let plan = RecordLevelPlan::new(&inputs()).unwrap();
+        let needed = crate::accountant::calibrate_noise_beside(
+            1.0,
+            0.25,
+            20,
+            &[],
+            1e-5,
+            Accountant::Rdp,
+            1e-4,
+        )
+        .unwrap()
+        .noise_multiplier;
+        let z = plan.noise_multiplier_at(4);
+        assert!(z >= needed && z < needed * (1.0 + 1e-6), "{z} vs {needed}");
+        assert!(plan.dp_sgd.planned_epsilon <= 1.0, "{plan:?}");
+        assert!(plan.dp_sgd.planned_epsilon > 0.99, "{plan:?}");
+        // Δ in grid units: s·C/γ + √d.
+        let c = 0.005 * 65536.0;
+        assert!((plan.sensitivity_grid - (c + 62f64.sqrt())).abs() < 1e-9);
+        // σ_s = z·Δ/√m, and four shares of variance σ_s² add up to (z·Δ)².
+        assert!((plan.site_noise_grid * 2.0 / plan.sensitivity_grid - z).abs() < 1e-6 * z);
+        // The nominal σ on the clipped sum is the effective one plus the grid's share.
+        assert!(plan.dp_sgd.noise_multiplier > z);
+        assert_eq!(plan.round_mechanism().unwrap().steps(), 1);
+        assert_eq!(plan.dp_sgd.total_steps, 20);
+    }
+
+    #[test]
+    fn more_survivors_carry_more_noise_and_fewer_are_refused() {
+        let plan = RecordLevelPlan::new(&inputs()).unwrap();
+        assert!(matches!(
+            plan.check_release(3),
+            Err(AccountantError::TooFewSurvivors {
+                survivors: 3,
+                minimum: 4
+            })
+        ));
+        let at4 = plan.check_release(4).unwrap();
+        let at9 = plan.check_release(9).unwrap();
+        // z(k) = z·√(k/m) while τ is negligible.
+        assert!((at9 / at4 - 1.5).abs() < 1e-9, "{at4} {at9}");
+    }
+
+    #[test]
+    fn an_explicit_multiplier_is_the_noise_on_the_clipped_sum() {
+        let mut i = inputs();
+        i.target_epsilon = None;
+        i.noise_multiplier = Some(2.0);
+        let plan = RecordLevelPlan::new(&i).unwrap();
+        // σ·C·s/γ grid steps in all, split over m = 4.
+        let total = 2.0 * 0.005 * 65536.0;
+        assert!((plan.site_noise_grid - total / 2.0).abs() < 1e-9);
+        assert!((plan.dp_sgd.noise_multiplier - 2.0).abs() < 1e-12);
+        // The grid's √d costs a little: z_eff = σ·c/(c + √d).
+        let c = 0.005 * 65536.0;
+        let expected = 2.0 * c / (c + 62f64.sqrt());
+        assert!((plan.dp_sgd.effective_noise_multiplier - expected).abs() < 1e-9);
+    }
 }

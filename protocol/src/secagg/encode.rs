@@ -50,7 +50,9 @@ pub struct EncodeParams {
     pub clip_norm: f64,
     /// The grid: a value is `round(x · 2^scale_bits)`.
     pub scale_bits: u32,
-    /// β of conditional randomized rounding, in (0, 1).
+    /// β of conditional randomized rounding, in (0, 1); 0: plain unbiased randomized rounding,
+    /// never redrawn (record-level distributed DP, whose unit is a row inside the update: the
+    /// conditional bound is on the update's norm, not on what one row changes).
     pub rounding_beta: f64,
     /// σ_site in grid steps, or `None` for no noise (secure aggregation without distributed DP).
     pub noise_sigma_grid: Option<f64>,
@@ -87,9 +89,9 @@ impl EncodeParams {
                 self.clip_norm, self.scale_bits
             )));
         }
-        if !(self.rounding_beta > 0.0 && self.rounding_beta < 1.0) {
+        if !(self.rounding_beta >= 0.0 && self.rounding_beta < 1.0) {
             return Err(EncodeError::Params(format!(
-                "rounding beta must be in (0, 1), got {}",
+                "rounding beta must be in [0, 1), got {}",
                 self.rounding_beta
             )));
         }
@@ -107,6 +109,10 @@ impl EncodeParams {
 pub fn rounded_norm_bound(params: &EncodeParams, d: usize) -> f64 {
     let c = params.clip_norm * params.scale();
     let d = d as f64;
+    if params.rounding_beta == 0.0 {
+        // Plain randomized rounding: each coordinate moves by less than one grid step.
+        return c + d.sqrt();
+    }
     let slack = (2.0 * (1.0 / params.rounding_beta).ln()).sqrt();
     let conditioned = c * c + d / 4.0 + slack * (c + d.sqrt() / 2.0);
     let worst = (c + d.sqrt()).powi(2);

@@ -457,7 +457,14 @@ impl TaskGate {
             return Err(Refusal::NoGlobalModel);
         }
         // A round already released on this global model is sent again: it spends nothing.
+        // Not under record-level distributed DP: its noise is drawn at encoding, so a second
+        // masked input is a second release; the retried attempt trains a fresh step and is
+        // charged again (the first attempt's masked input left the site: it has spent), within
+        // the job's target (`SiteLedgers::check`).
+        let distributed = crate::ledger::training_kind(&job)
+            == tutela_privacy::ledger::MechanismKind::DistributedDpSgd;
         let work = if work == Work::Train
+            && !distributed
             && self
                 .resends
                 .holds(&task.job_id, task.round, &task.global_model_id)

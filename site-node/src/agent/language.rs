@@ -102,6 +102,17 @@ impl LocalRound for LanguageRound {
     }
 
     fn run(&self, admitted: &Admitted, input: RoundInput<'_>) -> Result<RoundResult, LocalError> {
+        if crate::ledger::training_kind(&admitted.job)
+            == tutela_privacy::ledger::MechanismKind::DistributedDpSgd
+        {
+            // Record-level distributed DP's one clipped step per round is built for the layer
+            // networks' rounds (`crate::dp::train_distributed_step`), not for adapters.
+            return Err(LocalError::Privacy(
+                "privacy.mode = \"distributed\" is not supported for language models: use \
+                 mode = \"local\""
+                    .into(),
+            ));
+        }
         let text = self
             .dataset
             .load()

@@ -27,10 +27,15 @@ use super::round::RoundResult;
 const MAX_EXP_ARGUMENT: f64 = 700.0;
 
 /// Whether a job of this privacy mode sends only DP releases of its metrics (and none when its
-/// round charged none): DP-SGD at the site (`local`) and DP at the coordinator (`central`).
+/// round charged none): DP-SGD at the site (`local`), DP at the coordinator (`central`: its
+/// rounds charge no metrics, so none leave), and record-level distributed DP (`distributed`,
+/// charged like `local`).
 pub fn withholds_exact_metrics(mode: tutela_protocol::job::PrivacyMode) -> bool {
     use tutela_protocol::job::PrivacyMode;
-    matches!(mode, PrivacyMode::Local | PrivacyMode::Central)
+    matches!(
+        mode,
+        PrivacyMode::Local | PrivacyMode::Central | PrivacyMode::Distributed
+    )
 }
 
 /// Rewrites the metrics in `metadata` (the exact ones, as [`super::worker`] wrote them) for a

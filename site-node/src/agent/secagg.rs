@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use tutela_policy::ApprovalVerifier;
-use tutela_privacy::accountant::distributed::DistributedPlan;
+use tutela_privacy::accountant::distributed::RecordLevelPlan;
 use tutela_protocol::identity::Principal;
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::pb;
@@ -138,7 +138,7 @@ pub(super) struct SecAggSession {
     /// their survivor-list signatures with them.
     certificates: Arc<RelayedCertificates>,
     /// `[privacy] mode = "distributed"`: this site's noise share and its own release check.
-    distributed: Option<DistributedPlan>,
+    distributed: Option<RecordLevelPlan>,
     norm_bound: f64,
     state: ClientAwaitingShares,
     shares: SharesRelay,
@@ -325,10 +325,15 @@ impl SecAggSession {
             )));
         }
         // Distributed DP: this site's share of the sum's noise, in grid steps (checked in range
-        // when the plan was made).
-        let scale = 2f64.powi(self.spec.scale_bits as i32);
-        let noise = self.distributed.as_ref().map(|p| p.site_noise() * scale);
-        let params = self.spec.encode_params(self.norm_bound, noise);
+        // when the plan was made), on plain randomized rounding (β = 0: the sensitivity is one
+        // row's, s·C + √d grid steps, which conditioning on the whole update's norm would not
+        // keep). The update is still clipped to update_norm_bound (a projection: it keeps the
+        // ring from wrapping and does not raise a row's sensitivity).
+        let noise = self.distributed.as_ref().map(|p| p.site_noise_grid);
+        let mut params = self.spec.encode_params(self.norm_bound, noise);
+        if self.distributed.is_some() {
+            params.rounding_beta = 0.0;
+        }
         let (state, masked) = self
             .state
             .masked_update(self.shares, &flat, &params)
@@ -373,15 +378,18 @@ impl SecAggSession {
         // Distributed DP: this site's own release check on the confirmed survivor list (never
         // the coordinator's word): with too few survivors, or more than the plan allows, it
         // reveals nothing and its update stays masked.
+        // Its ledger charged this round at the plan's minimum of survivors before the masked
+        // input left; more survivors only add noise.
         if let Some(plan) = &self.distributed {
-            let epsilon = plan
+            let noise_multiplier = plan
                 .check_release(survivors)
                 .map_err(|e| refuse(format!("distributed DP: this site refuses to unmask: {e}")))?;
             tracing::info!(
                 task = %self.task_id,
                 survivors,
-                job_epsilon_at_this_survivor_count = epsilon,
-                planned_epsilon = plan.planned_epsilon,
+                noise_multiplier_at_this_survivor_count = noise_multiplier,
+                charged_noise_multiplier = plan.dp_sgd.effective_noise_multiplier,
+                planned_epsilon = plan.dp_sgd.planned_epsilon,
                 "distributed DP: the release is within the plan"
             );
         }

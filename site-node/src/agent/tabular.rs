@@ -199,7 +199,8 @@ fn single_class_predicted(model: &Model, validation: &crate::data::Table) -> Opt
         .single_class_predicted
 }
 
-/// Trains one round: DP-SGD when the job says `privacy.mode = "local"` (checked against the
+/// Trains one round: DP-SGD when the job says `privacy.mode = "local"`, one clipped step of
+/// record-level distributed DP-SGD with `"distributed"` (both checked against the
 /// ledger with the real row count first, and the steps that ran recorded afterwards, even when
 /// training fails part-way), plain training otherwise.
 fn train_round(
@@ -234,7 +235,14 @@ fn train_round(
     let Some(plan) = plan else {
         return Ok((train_local(model, train, config)?, None, None));
     };
-    let (report, spend) = crate::dp::train_dp(model, train, config, &plan);
+    // Record-level distributed DP: one clipped step, its noise added at encoding as this
+    // site's share; charged below like a local round, before anything leaves.
+    let (report, spend) = match crate::ledger::training_kind(job) {
+        tutela_privacy::ledger::MechanismKind::DistributedDpSgd => {
+            crate::dp::train_distributed_step(model, train, config, &plan)
+        }
+        _ => crate::dp::train_dp(model, train, config, &plan),
+    };
     let spent = match &admitted.ledgers {
         Some(l) => l
             .record(
@@ -280,7 +288,11 @@ fn train_round(
         noise_multiplier = plan.noise_multiplier,
         "privacy spent"
     );
-    let noise = DpNoise::of_plan(&plan, train.n_rows);
+    let mut noise = DpNoise::of_plan(&plan, train.n_rows);
+    if spend.kind == tutela_privacy::ledger::MechanismKind::DistributedDpSgd {
+        // The job's noise is on the sum over every site's sample: its batch is the job's B.
+        noise.expected_batch = config.batch_size as f64;
+    }
     Ok((report?, Some(spent), Some(noise)))
 }
 

@@ -25,7 +25,11 @@ impl AnchoredSpend {
                 sample_rate: self.payload.sample_rate,
                 noise_multiplier: self.payload.noise_multiplier,
                 steps: self.payload.steps,
-                kind: MechanismKind::DpSgd,
+                kind: match self.payload.mechanism.as_deref() {
+                    Some("distributed_dp_sgd") => MechanismKind::DistributedDpSgd,
+                    // Absent: local DP-SGD; an unknown name is charged as DP-SGD, never dropped.
+                    _ => MechanismKind::DpSgd,
+                },
             },
             metrics: match (
                 self.payload.metrics_noise_multiplier,
@@ -124,6 +128,8 @@ impl SiteLedgers {
             dataset_delta: self.budget.delta,
             metrics_noise_multiplier: charge.metrics.map(|m| m.noise_multiplier),
             metrics_releases: charge.metrics.map(|m| m.steps),
+            mechanism: (!charge.group.kind.is_dp_sgd())
+                .then(|| charge.group.kind.as_str().to_string()),
         })
     }
 

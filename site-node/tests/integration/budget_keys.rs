@@ -76,6 +76,7 @@ fn charge(
         steps: plan.steps_per_round,
         sample_rate: plan.sample_rate,
         effective_noise_multiplier: plan.effective_noise_multiplier,
+        kind: tutela_privacy::ledger::MechanismKind::DpSgd,
     };
     let s = ledgers
         .record(job_id, (round, 1), dataset, ROWS, &plan, &spend, 1)

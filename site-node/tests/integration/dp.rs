@@ -656,6 +656,7 @@ max_grad_norm = 1.0
                 steps: plan.steps_per_round,
                 sample_rate: plan.sample_rate,
                 effective_noise_multiplier: plan.effective_noise_multiplier,
+                kind: tutela_privacy::ledger::MechanismKind::DpSgd,
             };
             ledgers
                 .record(
@@ -737,6 +738,7 @@ max_grad_norm = 1.0
             steps: plan.steps_per_round,
             sample_rate: plan.sample_rate,
             effective_noise_multiplier: plan.effective_noise_multiplier,
+            kind: tutela_privacy::ledger::MechanismKind::DpSgd,
         };
         let mut trail = Vec::new();
         for round in 1..=2 {
@@ -788,6 +790,96 @@ max_grad_norm = 1.0
             .check_against_trail("breast_cancer", &trail)
             .unwrap();
         assert_eq!(ledgers.open("breast_cancer").unwrap().rows(), Some(455));
+    }
+
+    /// Record-level distributed DP is charged like DP-SGD: a node whose site policy caps ε
+    /// admits it within the caps (the plan's ε for the whole job, checked before any record is
+    /// read), refuses it over them, and charges each round as a `distributed_dp_sgd` group that
+    /// the trail's `privacy.spent` names, so that a ledger rebuilt from the trail keeps it.
+    #[test]
+    fn a_node_with_caps_admits_distributed_dp_within_them_and_charges_it_by_kind() {
+        use tutela_privacy::ledger::MechanismKind;
+        use tutela_site_node::dp::DpSpend;
+        use tutela_site_node::jobspec::JobView;
+        use tutela_site_node::ledger::AnchoredSpend;
+        let distributed = |target: f64| {
+            job(target)
+                .replace("min_sites = 1", "min_sites = 2")
+                .replace(
+                    "mode = \"local\"",
+                    "mode = \"distributed\"\nsample_rate = 0.5",
+                )
+                + "[secure_aggregation]\nscale_bits = 16\n"
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers =
+            Arc::new(SiteLedgers::new(dir.path().join("l"), None, budget()).with_caps(caps()));
+        let gate = TaskGate::new(BTreeMap::from([(
+            "breast_cancer".to_string(),
+            dataset_without_its_file(dir.path()),
+        )]))
+        .with_ledgers(ledgers.clone());
+        // Within the caps (per job 5, total 4): admitted, no longer refused for not being local.
+        gate.check_task(&task("j", distributed(3.0))).unwrap();
+        match gate.check_task(&task("j", distributed(4.5))) {
+            Err(Refusal::PrivacyBudget(why)) => {
+                assert!(why.contains("total cap"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // One round, charged as the site node charges it (before its masked input leaves).
+        let view = JobView::from_toml_str(&distributed(3.0)).unwrap();
+        let plan = tutela_site_node::ledger::plan(&view, 455, 266)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (plan.sample_rate, plan.steps_per_round, plan.total_steps),
+            (0.5, 1, 5)
+        );
+        let spend = DpSpend {
+            steps: 1,
+            sample_rate: plan.sample_rate,
+            effective_noise_multiplier: plan.effective_noise_multiplier,
+            kind: MechanismKind::DistributedDpSgd,
+        };
+        let spent = ledgers
+            .record("j", (1, 1), "breast_cancer", 455, &plan, &spend, 1_000)
+            .unwrap();
+        let charge = spent.charge.unwrap();
+        assert_eq!(charge.group.kind, MechanismKind::DistributedDpSgd);
+        assert!(
+            spent.round_epsilon > 0.0 && spent.job_epsilon < 3.0,
+            "{spent:?}"
+        );
+        let payload = ledgers
+            .spend_payload(
+                "st-mary",
+                "breast_cancer",
+                "j",
+                &charge,
+                1e-5,
+                Accountant::Rdp,
+            )
+            .unwrap();
+        assert_eq!(payload.mechanism.as_deref(), Some("distributed_dp_sgd"));
+        // The kind survives a rebuild from the trail, and so does the ε.
+        let before = ledgers.spent("breast_cancer").unwrap();
+        std::fs::remove_dir_all(dir.path().join("l")).unwrap();
+        let trail = [AnchoredSpend {
+            seq: 7,
+            timestamp_unix_ms: 1_000,
+            payload,
+        }];
+        let rebuilt = ledgers.restore_from_trail("breast_cancer", &trail).unwrap();
+        assert!((rebuilt - before).abs() < 1e-12, "{rebuilt} vs {before}");
+        let ledger = ledgers.open("breast_cancer").unwrap();
+        let job = ledger.job("j").unwrap();
+        assert!(
+            job.groups
+                .iter()
+                .any(|g| g.kind == MechanismKind::DistributedDpSgd && g.steps == 1)
+        );
+        assert_eq!(job.steps(), 1);
     }
 
     #[test]

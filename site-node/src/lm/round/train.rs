@@ -61,6 +61,7 @@ pub fn train_adapters(
         steps: 0,
         sample_rate: p.sample_rate,
         effective_noise_multiplier: p.effective_noise_multiplier,
+        kind: tutela_privacy::ledger::MechanismKind::DpSgd,
     });
     let mut report = AdapterTrainReport::default();
     let start = Instant::now();
