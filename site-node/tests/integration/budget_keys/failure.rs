@@ -104,6 +104,7 @@ fn a_clock_moved_back_changes_no_spend() {
             steps: plan.steps_per_round,
             sample_rate: plan.sample_rate,
             effective_noise_multiplier: plan.effective_noise_multiplier,
+            kind: tutela_privacy::ledger::MechanismKind::DpSgd,
         };
         ledgers
             .record("j0", (round, 1), "cohort", ROWS, &plan, &spend, now_ms)
