@@ -578,6 +578,25 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     println!(
         "each round: the perplexity of the round's starting model on every site's validation notes (its own patients'), before local training"
     );
+    // Under DP each site's validation loss is a noised release (`tutela_privacy::metrics`):
+    // shown clamped to its range [0, L_max] before it is exponentiated, as `tutela job status`
+    // shows it, or a noised loss of -40 or 300 nats would print as 0.0 or 1e130.
+    let loss_max = tutela_protocol::job::JobSpec::from_toml_str(&spec_text)?
+        .privacy
+        .and_then(|p| p.metrics_loss_max)
+        .unwrap_or(tutela_privacy::metrics::DEFAULT_METRICS_LOSS_MAX);
+    if epsilon.is_finite() {
+        println!(
+            "  under DP these are noised releases charged to each site's budget (± one standard deviation in nats, each site's loss clamped to [0, {loss_max}]): with a few dozen validation notes a site they are mostly noise; the final scores below are exact, on held-out notes no site holds"
+        );
+    }
+    let shown_loss = move |m: &tutela_protocol::pb::SiteMetrics| {
+        if m.eval_loss_stddev > 0.0 {
+            m.eval_loss.clamp(0.0, loss_max)
+        } else {
+            m.eval_loss
+        }
+    };
     let bar = consortium::rounds_bar(status.rounds_total, "waiting for the initial adapters");
     let mut printed = 0;
     let last = job_cmd::watch_job(&mut jobs, &status.job_id, |s| {
@@ -586,14 +605,21 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
             let per_site: Vec<String> = r
                 .metrics
                 .iter()
-                .map(|m| format!("{} {:.1}", m.site, m.eval_perplexity))
+                .map(|m| {
+                    let noise = if m.eval_loss_stddev > 0.0 {
+                        format!(" ±{:.1}", m.eval_loss_stddev)
+                    } else {
+                        String::new()
+                    };
+                    format!("{} {:.1}{noise}", m.site, shown_loss(m).exp())
+                })
                 .collect();
             // The mean validation loss over all sites' tokens... weighted by their sequences.
             let n: u64 = r.metrics.iter().map(|m| m.eval_samples).sum();
             let loss: f64 = r
                 .metrics
                 .iter()
-                .map(|m| m.eval_loss * m.eval_samples as f64)
+                .map(|m| shown_loss(m) * m.eval_samples as f64)
                 .sum::<f64>()
                 / n.max(1) as f64;
             let spent = r
