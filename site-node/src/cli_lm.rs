@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use tutela_site_node::lm::central::{self, FinetuneOptions, PretrainOptions};
 
-use super::{DeviceArg, encode, load_tokenizer};
+use super::{DeviceArg, checkpoint_dir, encode_for, load_tokenizer, tokenizer_path};
 
 #[derive(Subcommand)]
 pub enum LmCommand {
@@ -25,9 +25,10 @@ pub enum LmCommand {
         /// The checkpoint directory (config.json, model.safetensors).
         #[arg(long)]
         model: PathBuf,
-        /// The tokenizer (tokenizer.json).
+        /// The tokenizer (tokenizer.json); default: the one in the --model directory, where
+        /// `lm pretrain`, `tutela model merge` and Hugging Face checkpoints keep it.
         #[arg(long)]
-        tokenizer: PathBuf,
+        tokenizer: Option<PathBuf>,
         /// The text to score (UTF-8).
         #[arg(long)]
         text: PathBuf,
@@ -172,7 +173,10 @@ pub fn run(command: LmCommand) -> anyhow::Result<()> {
             window,
             stride,
             device,
-        } => lm_perplexity(&model, &tokenizer, &text, window, stride, device.device()?),
+        } => {
+            let tokenizer = tokenizer_path(tokenizer, &checkpoint_dir(&model)?)?;
+            lm_perplexity(&model, &tokenizer, &text, window, stride, device.device()?)
+        }
         LmCommand::Pretrain {
             text,
             tokenizer,
@@ -298,7 +302,7 @@ pub fn run(command: LmCommand) -> anyhow::Result<()> {
 }
 
 fn lm_perplexity(
-    model: &std::path::Path,
+    model_dir: &std::path::Path,
     tokenizer: &std::path::Path,
     text: &std::path::Path,
     window: Option<usize>,
@@ -307,18 +311,39 @@ fn lm_perplexity(
 ) -> anyhow::Result<()> {
     use tutela_site_node::lm::{generate, hf};
     // An INT8 export is scored dequantized (its perplexity cost against the f32 model).
-    let model = if hf::is_int8_export(model) {
-        hf::load_int8_checkpoint(model, device)?
+    let model = if hf::is_int8_export(model_dir) {
+        hf::load_int8_checkpoint(model_dir, device)?
     } else {
-        hf::load_checkpoint(model, device, tch::Kind::Float)?
+        hf::load_checkpoint(model_dir, device, tch::Kind::Float)?
     };
     let tokenizer = load_tokenizer(tokenizer)?;
     let text =
         std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let ids = encode(&tokenizer, &text)?;
-    let window = window.unwrap_or(model.config().max_position_embeddings.min(512));
+    let ids = encode_for(&model, &tokenizer, &text)?;
+    let positions = model.config().max_position_embeddings;
+    let window = window.unwrap_or(positions.min(512));
+    // Positions past the ones the model was trained on score as if they were text it never saw
+    // (RoPE extrapolates silently), which would make the perplexity say nothing of the model.
+    anyhow::ensure!(
+        window <= positions,
+        "--window {window} is longer than the {positions} positions {} was trained on \
+         (max_position_embeddings): use --window {positions} or less",
+        model_dir.display()
+    );
     let stride = stride.unwrap_or((window / 2).max(1));
-    let result = generate::perplexity(&model.decoder, &ids, window, stride, device)?;
+    let bar = indicatif::ProgressBar::new(ids.len().saturating_sub(1) as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "scoring [{elapsed_precise}] {wide_bar} {pos}/{len} tokens, {eta} left",
+    )?);
+    let result = generate::perplexity_with_progress(
+        &model.decoder,
+        &ids,
+        window,
+        stride,
+        device,
+        &mut |scored, _| bar.set_position(scored as u64),
+    )?;
+    bar.finish_and_clear();
     eprintln!(
         "{} tokens scored (window {window}, stride {stride}), mean NLL {:.4} nats",
         result.tokens, result.mean_nll

@@ -20,10 +20,10 @@ mod cli_lm;
     after_help = "Examples:\n  \
     tutela-node run --config /etc/tutela/node.toml\n  \
     tutela-node tokenizer train --input notes.jsonl --vocab-size 8192 --output tok/\n  \
-    tutela-node lm perplexity --model ./llama-dir --tokenizer tokenizer.json --text notes.txt\n  \
+    tutela-node lm perplexity --model ./llama-dir --text notes.txt\n  \
     tutela-node lm pretrain --text tinyshakespeare.txt --tokenizer tok/tokenizer.json --config config.json --output base/\n  \
     tutela-node lm finetune --base base/ --tokenizer tok/tokenizer.json --dataset notes.jsonl --epsilon 8 --output adapter/\n  \
-    tutela-node generate --model ./llama-dir --tokenizer tokenizer.json --prompt 'Patient' --top-p 0.9\n  \
+    tutela-node generate --model ./llama-dir --prompt 'Patient' --top-p 0.9\n  \
     tutela-node evaluate --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
     --schema breast_cancer.schema.toml --standardize-from site-a.csv --standardize-from site-b.csv\n  \
     tutela-node predict --model final.safetensors --job-spec job.toml --csv test.csv \\\n    \
@@ -77,21 +77,28 @@ enum Command {
         /// The checkpoint directory (config.json, model.safetensors).
         #[arg(long)]
         model: PathBuf,
-        /// The tokenizer (tokenizer.json).
+        /// The tokenizer (tokenizer.json); default: the one in the --model directory, where
+        /// `lm pretrain`, `tutela model merge` and Hugging Face checkpoints keep it.
         #[arg(long)]
-        tokenizer: PathBuf,
+        tokenizer: Option<PathBuf>,
+        /// The text to continue.
         #[arg(long)]
         prompt: String,
+        /// Tokens to generate at most.
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// Nucleus sampling: draw among the most likely tokens holding this much probability.
+        /// Nucleus sampling: draw among the most likely tokens holding this much probability,
+        /// in (0, 1].
         #[arg(long)]
         top_p: Option<f64>,
+        /// Softens (> 1) or sharpens (< 1) the distribution --top-p draws from.
         #[arg(long, default_value_t = 1.0, requires = "top_p")]
         temperature: f64,
+        /// The seed of --top-p's draws: the same seed, the same text.
         #[arg(long, default_value_t = 0, requires = "top_p")]
         seed: u64,
-        /// Stop after this token id (for example the tokenizer's end-of-text id).
+        /// Stop after this token id; default: the checkpoint's `eos_token_id` (config.json),
+        /// else the tokenizer's `<|eos|>`.
         #[arg(long)]
         eos_token_id: Option<i64>,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -529,10 +536,95 @@ fn tokenizer_command(command: TokenizerCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `model` if it is a checkpoint directory; else an error that says what the user gave and
+/// what to do: the commands that take `--model` read a Hugging Face directory, and the
+/// look-alikes (a LoRA adapter's directory, a published `.safetensors` file) are the likely
+/// mistakes.
+fn checkpoint_dir(model: &std::path::Path) -> anyhow::Result<&std::path::Path> {
+    const EXPECTED: &str = "--model takes a Hugging Face checkpoint directory (config.json, \
+                            model.safetensors)";
+    if model.is_file() {
+        anyhow::bail!(
+            "{} is a file; {EXPECTED}. A LoRA job's published model holds only its adapters: \
+             write them out with `tutela model export-adapter`, then merge them into the base \
+             with `tutela model merge`",
+            model.display()
+        );
+    }
+    if !model.is_dir() {
+        anyhow::bail!("{} is not a directory; {EXPECTED}", model.display());
+    }
+    if !model.join("config.json").is_file() && model.join("adapter_config.json").is_file() {
+        anyhow::bail!(
+            "{} is a LoRA adapter (PEFT layout), not a model: merge it into its base first, \
+             `tutela model merge --base BASE_DIR --adapter {} --output MERGED_DIR`, and pass \
+             --model MERGED_DIR",
+            model.display(),
+            model.display()
+        );
+    }
+    Ok(model)
+}
+
+/// The tokenizer file given, else `tokenizer.json` in the checkpoint directory `model`.
+fn tokenizer_path(given: Option<PathBuf>, model: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let beside = model.join("tokenizer.json");
+    if beside.is_file() {
+        Ok(beside)
+    } else {
+        anyhow::bail!(
+            "{} has no tokenizer.json: name the model's tokenizer with --tokenizer FILE",
+            model.display()
+        )
+    }
+}
+
+/// The id generation stops at by default: config.json's `eos_token_id` (transformers' key; the
+/// first of a list), else the tokenizer's `<|eos|>` (what `tutela-node tokenizer train` names
+/// it), else none.
+fn eos_of(
+    model: &tutela_site_node::lm::llama::LanguageModel,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Option<i64> {
+    let configured = match model.config().extra.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_i64(),
+        Some(serde_json::Value::Array(ids)) => ids.first().and_then(serde_json::Value::as_i64),
+        _ => None,
+    };
+    configured.or_else(|| tokenizer.token_to_id("<|eos|>").map(i64::from))
+}
+
 fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
     tokenizers::Tokenizer::from_file(path)
         .map_err(anyhow::Error::from_boxed)
         .with_context(|| format!("reading the tokenizer {}", path.display()))
+}
+
+/// `text` encoded for `model`: an id past the model's vocabulary means the tokenizer is not the
+/// one the model was trained with, which is said as such (not as an index error deep inside).
+fn encode_for(
+    model: &tutela_site_node::lm::llama::LanguageModel,
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+) -> anyhow::Result<Vec<i64>> {
+    let ids = encode(tokenizer, text)?;
+    let vocab = model.config().vocab_size as i64;
+    if let Some(&id) = ids.iter().max()
+        && id >= vocab
+    {
+        anyhow::bail!(
+            "the tokenizer gave token id {id}, but the model's vocabulary has {vocab} ids \
+             (config.json vocab_size): it is not the tokenizer this model was trained with \
+             (pass that one with --tokenizer)"
+        );
+    }
+    if ids.is_empty() {
+        anyhow::bail!("the text is empty: nothing to encode");
+    }
+    Ok(ids)
 }
 
 fn encode(tokenizer: &tokenizers::Tokenizer, text: &str) -> anyhow::Result<Vec<i64>> {
@@ -697,10 +789,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             use tutela_site_node::lm::generate::{GenerateOptions, Sampling, generate};
             let device = device.device()?;
+            let tokenizer = load_tokenizer(&tokenizer_path(tokenizer, checkpoint_dir(&model)?)?)?;
             let model =
                 tutela_site_node::lm::hf::load_checkpoint(&model, device, tch::Kind::Float)?;
-            let tokenizer = load_tokenizer(&tokenizer)?;
-            let ids = encode(&tokenizer, &prompt)?;
+            let ids = encode_for(&model, &tokenizer, &prompt)?;
+            let eos_token_id = eos_token_id.or_else(|| eos_of(&model, &tokenizer));
             let sampling = match top_p {
                 Some(top_p) => Sampling::TopP {
                     top_p,

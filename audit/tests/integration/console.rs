@@ -288,6 +288,7 @@ fn spend(site: &str, round: u32, job_eps: f64, dataset_eps: f64) -> PrivacySpent
         source: None,
         metrics_noise_multiplier: None,
         metrics_releases: None,
+        mechanism: None,
     }
 }
 

@@ -69,6 +69,11 @@ pub struct DemoArgs {
     /// units can teach, and the model barely moves from the base.
     #[arg(long, default_value = "document", value_parser = ["patient", "document"])]
     privacy_unit: String,
+    /// `--dataset notes` only: skip the central baseline (a fine-tune on the pooled notes that
+    /// takes longer than the federated rounds on 2 CPU cores); the base and the federated model
+    /// are still scored. For sweeps (bench/lm_notes_federated_epsilon.sh).
+    #[arg(long)]
+    skip_central: bool,
     /// Tabular demos only: `local` trains with DP-SGD at every site; `distributed` runs that job
     /// and then record-level distributed DP over secure aggregation at the same ε per site and
     /// the same unit (a row): each round one DP-SGD step whose clipped per-row sums the sites

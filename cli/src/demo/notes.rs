@@ -24,6 +24,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+mod base;
+
+use self::base::{cached_base, default_cache_dir};
 use super::DemoArgs;
 use super::consortium::{self, Consortium, sibling, spawn_logged, toml_path};
 use crate::job_cmd;
@@ -34,28 +37,6 @@ const CORPUS: &str = "tinyshakespeare.txt";
 /// The fixed prompt of the samples before and after (greedy decoding: reproducible).
 const PROMPT: &str = "# Chief Complaint\n";
 const SAMPLE_TOKENS: &str = "40";
-
-/// How the cached base is made. Everything here, and the corpus's bytes, is in the cache key.
-struct BaseRecipe {
-    vocab_size: u32,
-    /// The decoder's Hugging Face config.json.
-    config: &'static str,
-    steps: u32,
-    seq_len: u32,
-    batch_size: u32,
-    lr: f64,
-}
-
-/// Chosen so that the build takes one to two minutes on 2 CPU cores in a debug build, and the
-/// base still scores notes far better than chance (it has learnt English spelling and layout).
-const BASE: BaseRecipe = BaseRecipe {
-    vocab_size: 512,
-    config: r#"{"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": true, "rms_norm_eps": 1e-6, "initializer_range": 0.02}"#,
-    steps: 150,
-    seq_len: 64,
-    batch_size: 16,
-    lr: 5e-3,
-};
 
 /// The federated fine-tuning's schedule (the rest is deploy/jobs/notes_lora_dp.toml's), chosen by
 /// measurement (BENCHMARKS.md, "The notes demo against the halving target"): every unit's
@@ -91,38 +72,6 @@ const EPSILON: f64 = 8.0;
 /// At most this many held-out notes (after de-duplication) are scored.
 const HELD_OUT_DOCUMENTS: usize = 40;
 
-impl BaseRecipe {
-    /// SHA-256 over the recipe and the corpus, in hex: the cache entry's name.
-    fn key(&self, corpus: &[u8]) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(
-            format!(
-                "tutela demo notes base v1\nvocab {}\nconfig {}\nsteps {} seq_len {} batch {} lr {}\n",
-                self.vocab_size, self.config, self.steps, self.seq_len, self.batch_size, self.lr
-            )
-            .as_bytes(),
-        );
-        ctx.update(corpus);
-        hex::encode(ctx.finish().as_ref())
-    }
-}
-
-/// The cached base: its tokenizer.json and its checkpoint directory.
-struct Base {
-    tokenizer: PathBuf,
-    model: PathBuf,
-}
-
-fn default_cache_dir() -> Result<PathBuf> {
-    // tutela runs from <target>/<profile>/tutela: the cache sits beside the profiles.
-    let exe = std::env::current_exe()?;
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .with_context(|| format!("{} has no target directory", exe.display()))?;
-    Ok(target.join("demo-cache"))
-}
-
 /// Runs a command to completion, its stderr (progress bars) on the terminal; returns stdout.
 fn run_step(cmd: &mut Command, what: &str) -> Result<String> {
     // The child's progress bar and summary, without its info logs.
@@ -152,74 +101,6 @@ fn run_quiet(cmd: &mut Command, what: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The cached base for `BASE` on this corpus, built first when absent.
-fn cached_base(node: &Path, data_dir: &Path, cache_dir: &Path) -> Result<Base> {
-    let corpus_path = data_dir.join(CORPUS);
-    let corpus = std::fs::read(&corpus_path)
-        .with_context(|| format!("cannot read {}", corpus_path.display()))?;
-    let entry = cache_dir.join(format!("notes-base-{}", &BASE.key(&corpus)[..16]));
-    let base = Base {
-        tokenizer: entry.join("tokenizer").join("tokenizer.json"),
-        model: entry.join("base"),
-    };
-    if base.tokenizer.is_file() && base.model.join("model.safetensors").is_file() {
-        println!("base model: cached in {}", entry.display());
-        return Ok(base);
-    }
-    // Built aside and renamed into place, so an interrupted build is never taken for a cache hit.
-    let started = Instant::now();
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
-    let building = cache_dir.join(format!(".building-{}", std::process::id()));
-    if building.exists() {
-        std::fs::remove_dir_all(&building)?;
-    }
-    std::fs::create_dir_all(&building)?;
-    println!(
-        "base model: not cached; building it once (tokenizer and {} pretraining steps on {CORPUS}) into {}",
-        BASE.steps,
-        entry.display()
-    );
-    run_quiet(
-        Command::new(node)
-            .args(["tokenizer", "train", "--quiet", "--input"])
-            .arg(&corpus_path)
-            .arg("--vocab-size")
-            .arg(BASE.vocab_size.to_string())
-            .arg("--output")
-            .arg(building.join("tokenizer")),
-        "training the tokenizer",
-    )?;
-    let config = building.join("config.json");
-    std::fs::write(&config, BASE.config)?;
-    run_step(
-        Command::new(node)
-            .args(["lm", "pretrain", "--text"])
-            .arg(&corpus_path)
-            .arg("--tokenizer")
-            .arg(building.join("tokenizer").join("tokenizer.json"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--output")
-            .arg(building.join("base"))
-            .args(["--steps", &BASE.steps.to_string()])
-            .args(["--seq-len", &BASE.seq_len.to_string()])
-            .args(["--batch-size", &BASE.batch_size.to_string()])
-            .args(["--lr", &BASE.lr.to_string()]),
-        "pretraining the base model",
-    )?;
-    if entry.exists() {
-        std::fs::remove_dir_all(&entry)?;
-    }
-    std::fs::rename(&building, &entry)
-        .with_context(|| format!("cannot move the built base to {}", entry.display()))?;
-    println!(
-        "base model: built in {:.1}s and cached",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(base)
 }
 
 /// The notes as JSON Lines, grouped by patient in file order.
@@ -578,6 +459,25 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     println!(
         "each round: the perplexity of the round's starting model on every site's validation notes (its own patients'), before local training"
     );
+    // Under DP each site's validation loss is a noised release (`tutela_privacy::metrics`):
+    // shown clamped to its range [0, L_max] before it is exponentiated, as `tutela job status`
+    // shows it, or a noised loss of -40 or 300 nats would print as 0.0 or 1e130.
+    let loss_max = tutela_protocol::job::JobSpec::from_toml_str(&spec_text)?
+        .privacy
+        .and_then(|p| p.metrics_loss_max)
+        .unwrap_or(tutela_privacy::metrics::DEFAULT_METRICS_LOSS_MAX);
+    if epsilon.is_finite() {
+        println!(
+            "  under DP these are noised releases charged to each site's budget (± one standard deviation in nats, each site's loss clamped to [0, {loss_max}]): with a few dozen validation notes a site they are mostly noise; the final scores below are exact, on held-out notes no site holds"
+        );
+    }
+    let shown_loss = move |m: &tutela_protocol::pb::SiteMetrics| {
+        if m.eval_loss_stddev > 0.0 {
+            m.eval_loss.clamp(0.0, loss_max)
+        } else {
+            m.eval_loss
+        }
+    };
     let bar = consortium::rounds_bar(status.rounds_total, "waiting for the initial adapters");
     let mut printed = 0;
     let last = job_cmd::watch_job(&mut jobs, &status.job_id, |s| {
@@ -586,14 +486,21 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
             let per_site: Vec<String> = r
                 .metrics
                 .iter()
-                .map(|m| format!("{} {:.1}", m.site, m.eval_perplexity))
+                .map(|m| {
+                    let noise = if m.eval_loss_stddev > 0.0 {
+                        format!(" ±{:.1}", m.eval_loss_stddev)
+                    } else {
+                        String::new()
+                    };
+                    format!("{} {:.1}{noise}", m.site, shown_loss(m).exp())
+                })
                 .collect();
             // The mean validation loss over all sites' tokens... weighted by their sequences.
             let n: u64 = r.metrics.iter().map(|m| m.eval_samples).sum();
             let loss: f64 = r
                 .metrics
                 .iter()
-                .map(|m| m.eval_loss * m.eval_samples as f64)
+                .map(|m| shown_loss(m) * m.eval_samples as f64)
                 .sum::<f64>()
                 / n.max(1) as f64;
             let spent = r
@@ -662,51 +569,59 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
     let federated = dir.join("federated-merged");
     tutela_protocol::checkpoint::merge_lora(&base.model, &adapter, &federated)
         .context("merging the federated adapters into the base")?;
-    println!(
-        "central baseline: the same LoRA fine-tuned on the pooled notes of all three hospitals, {}, {} epochs",
-        if epsilon.is_infinite() {
-            "no DP".to_string()
-        } else {
-            format!("ε = {epsilon} by {}", args.privacy_unit)
-        },
-        rounds * LOCAL_EPOCHS
-    );
-    let central = dir.join("central-merged");
-    let mut finetune = Command::new(&node);
-    finetune
-        .args(["lm", "finetune", "--base"])
-        .arg(&base.model)
-        .arg("--tokenizer")
-        .arg(&base.tokenizer)
-        .arg("--dataset")
-        .arg(&pooled)
-        .args([
-            "--patient-field",
-            "patient_id",
-            "--unit",
-            &args.privacy_unit,
-        ])
-        .arg("--output")
-        .arg(dir.join("central-adapter"))
-        .arg("--merged")
-        .arg(&central)
-        .args(["--rank", &lora.rank.to_string()])
-        .args(["--alpha", &lora.alpha.to_string()])
-        .args(["--targets", &lora.target_modules.join(",")])
-        .args(["--epochs", &(rounds * LOCAL_EPOCHS).to_string()])
-        .args(["--batch-size", &BATCH_SIZE.to_string()])
-        .args(["--seq-len", &SEQ_LEN.to_string()])
-        .args(["--lr", &LEARNING_RATE.to_string()])
-        .args(["--seed", &args.seed.to_string()]);
-    if epsilon.is_finite() {
-        finetune.args(["--epsilon", &epsilon.to_string()]);
-    }
-    run_step(&mut finetune, "the central fine-tune")?;
+    let central = if args.skip_central {
+        println!("central baseline: skipped (--skip-central)");
+        None
+    } else {
+        println!(
+            "central baseline: the same LoRA fine-tuned on the pooled notes of all three hospitals, {}, {} epochs",
+            if epsilon.is_infinite() {
+                "no DP".to_string()
+            } else {
+                format!("ε = {epsilon} by {}", args.privacy_unit)
+            },
+            rounds * LOCAL_EPOCHS
+        );
+        let central = dir.join("central-merged");
+        let mut finetune = Command::new(&node);
+        finetune
+            .args(["lm", "finetune", "--base"])
+            .arg(&base.model)
+            .arg("--tokenizer")
+            .arg(&base.tokenizer)
+            .arg("--dataset")
+            .arg(&pooled)
+            .args([
+                "--patient-field",
+                "patient_id",
+                "--unit",
+                &args.privacy_unit,
+            ])
+            .arg("--output")
+            .arg(dir.join("central-adapter"))
+            .arg("--merged")
+            .arg(&central)
+            .args(["--rank", &lora.rank.to_string()])
+            .args(["--alpha", &lora.alpha.to_string()])
+            .args(["--targets", &lora.target_modules.join(",")])
+            .args(["--epochs", &(rounds * LOCAL_EPOCHS).to_string()])
+            .args(["--batch-size", &BATCH_SIZE.to_string()])
+            .args(["--seq-len", &SEQ_LEN.to_string()])
+            .args(["--lr", &LEARNING_RATE.to_string()])
+            .args(["--seed", &args.seed.to_string()]);
+        if epsilon.is_finite() {
+            finetune.args(["--epsilon", &epsilon.to_string()]);
+        }
+        run_step(&mut finetune, "the central fine-tune")?;
+        Some(central)
+    };
 
     let scoring = spinner("scoring the held-out notes");
     let base_ppl = perplexity(&node, &base.model, &base.tokenizer, &held_out_text)?;
     let federated_ppl = perplexity(&node, &federated, &base.tokenizer, &held_out_text)?;
-    let central_ppl = perplexity(&node, &central, &base.tokenizer, &held_out_text)?;
+    let central_ppl = central
+        .map(|central| perplexity(&node, &central, &base.tokenizer, &held_out_text))
+        .transpose()?;
     scoring.set_message("generating the samples");
     let before = sample(&node, &base.model, &base.tokenizer)?;
     let after = sample(&node, &federated, &base.tokenizer)?;
@@ -726,15 +641,17 @@ pub(super) async fn run(args: DemoArgs) -> Result<()> {
         },
         base_ppl / federated_ppl
     );
-    println!(
-        "  central, pooled notes, {:<17} {central_ppl:>8.1}  ({:.2}x lower)",
-        if epsilon.is_infinite() {
-            "no DP".to_string()
-        } else {
-            format!("DP ε = {epsilon}")
-        },
-        base_ppl / central_ppl
-    );
+    if let Some(central_ppl) = central_ppl {
+        println!(
+            "  central, pooled notes, {:<17} {central_ppl:>8.1}  ({:.2}x lower)",
+            if epsilon.is_infinite() {
+                "no DP".to_string()
+            } else {
+                format!("DP ε = {epsilon}")
+            },
+            base_ppl / central_ppl
+        );
+    }
     println!("greedy sample of the base model:\n{}", indented(&before));
     println!(
         "greedy sample after federated fine-tuning:\n{}",

@@ -31,7 +31,8 @@ pub(super) async fn fetch_missing_base(
     let Some(cache) = base_models.cache() else {
         return Ok(());
     };
-    if base_models.holds(wanted) {
+    // The same test as the gate's, which weighed the budget of such a task before it came here.
+    if !base_models.would_fetch(wanted) {
         return Ok(());
     }
     let Some(mut client) = shared.client() else {

@@ -138,13 +138,30 @@ pub struct Admitted {
 }
 
 /// A task that passed the first half of the gate ([`TaskGate::approve`]): approved by the
-/// site's officers and policy, its tokenizer the site's. What the node may fetch for it (a base
-/// model) is fetched only now; [`TaskGate::admit`] finishes the checks.
+/// site's officers and policy, its tokenizer the site's, its planned privacy spend within the
+/// site's budget. What the node may fetch for it (a base model) is fetched only now;
+/// [`TaskGate::admit`] finishes the checks that need it.
 pub struct Approved {
     work: Work,
     job: JobView,
+    strategy: StrategyView,
     data: JobData,
     tokenizer: Option<ApprovedTokenizer>,
+    budget: BudgetChecked,
+}
+
+/// How far [`TaskGate::approve`] could check a task's planned spend against the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BudgetChecked {
+    /// Nothing to check: not a TRAIN task (a resend spends nothing) nor an INITIALIZE that
+    /// would fetch a base, or no ledgers.
+    NotNeeded,
+    /// With the exact number of trained parameters (a table's model, built from its schema).
+    Exact,
+    /// Before the base checkpoint was read: a language model's adapters take their shapes
+    /// from the base, so the plan was weighed at dimension 0 (no noise-grid correction);
+    /// [`TaskGate::admit`] weighs it again at the adapters' real size.
+    BeforeBase,
 }
 
 impl Approved {
@@ -358,12 +375,13 @@ impl TaskGate {
         self.admit(task, approved)
     }
 
-    /// The first half of the gate: what the job's officers and the site decide, before the node
-    /// fetches anything for the task (a base model it lacks): the deadline, the task's kind,
-    /// the spec, the dataset its schema names (and the table's schema digest), the signed
-    /// approvals and site policy, and the tokenizer. A job no officer of this site signed, or
-    /// that the site would decline anyway for its tokenizer, never makes the node download a
-    /// base or touch its cache.
+    /// The first half of the gate: every check that does not need the job's base checkpoint,
+    /// before the node fetches anything for the task (a base model it lacks): the deadline,
+    /// the task's kind, the spec, the dataset its schema names (its readiness and the table's
+    /// schema digest), the signed approvals and site policy, the tokenizer, the strategy, the
+    /// global model a TRAIN task names, a resend, and the privacy budget with the job's whole
+    /// plan. A job no officer of this site signed, or that the site would decline anyway for
+    /// its tokenizer or its spend, never makes the node download a base or touch its cache.
     pub fn approve(&self, task: &pb::Task) -> Result<Approved, Refusal> {
         self.approve_at(task, now_ms())
     }
@@ -425,32 +443,6 @@ impl TaskGate {
             Some(wanted) => Some(self.tokenizers.approve(wanted)?),
             None => None,
         };
-        Ok(Approved {
-            work,
-            job,
-            data,
-            tokenizer,
-        })
-    }
-
-    /// The second half of the gate, on a task [`approve`](Self::approve) passed: the base
-    /// checkpoint (the site's own, or one fetched after approval), the round, the strategy, a
-    /// resend, and the privacy budget.
-    pub fn admit(&self, task: &pb::Task, approved: Approved) -> Result<Admitted, Refusal> {
-        let Approved {
-            work,
-            job,
-            data,
-            tokenizer,
-        } = approved;
-        let base = match job
-            .base_sha256()
-            .map_err(|e| Refusal::JobSpec(e.to_string()))?
-        {
-            Some(wanted) => Some(self.base_models.approve(wanted)?),
-            None => None,
-        };
-        let round = Self::round_for(&job, data, tokenizer.as_ref(), base.as_ref())?;
         let strategy = StrategyView::from_json(&task.strategy_config_json)
             .map_err(|e| Refusal::JobSpec(e.to_string()))?;
         if work == Work::Train && task.global_model_id.is_empty() {
@@ -473,30 +465,82 @@ impl TaskGate {
         } else {
             work
         };
-        if work == Work::Train
+        // The budget before anything is fetched for the task: a job the site would decline
+        // for its spend must not cost it a download, disk or a trail event. The job's whole
+        // plan is weighed (every round still to run), as `admit` weighs it.
+        let weigh_budget = match work {
+            Work::Train => true,
+            // An INITIALIZE spends nothing, and a site over budget declines the job's TRAIN
+            // tasks; but it must not fetch a base for a job it would decline.
+            Work::Initialize => job
+                .base_sha256()
+                .ok()
+                .flatten()
+                .is_some_and(|wanted| self.base_models.would_fetch(wanted)),
+            Work::Resend => false,
+        };
+        let budget = match &self.ledgers {
+            Some(ledgers) if weigh_budget => match &data {
+                JobData::Table(dataset) => {
+                    // Building a table's model reads no data and needs no base.
+                    let dimension = TabularRound {
+                        dataset: dataset.clone(),
+                    }
+                    .trained_parameters(&job)
+                    .map_err(sizing_refusal)?;
+                    check_budget(ledgers, task, data.name(), &job, dimension)?;
+                    BudgetChecked::Exact
+                }
+                JobData::Text(dataset) => {
+                    // The adapters' shapes are the base's, which may not be here yet. At
+                    // dimension 0 the plan has no noise-grid correction: for a stated σ that
+                    // understates ε (so only what the exact check refuses too is refused
+                    // here); for a σ calibrated to the target the correction is absorbed in
+                    // σ and the planned ε is the same.
+                    check_budget(ledgers, task, dataset.name(), &job, 0)?;
+                    BudgetChecked::BeforeBase
+                }
+            },
+            _ => BudgetChecked::NotNeeded,
+        };
+        Ok(Approved {
+            work,
+            job,
+            strategy,
+            data,
+            tokenizer,
+            budget,
+        })
+    }
+
+    /// The second half of the gate, on a task [`approve`](Self::approve) passed: only what
+    /// needs the job's base checkpoint (the site's own, or one fetched after approval): the
+    /// base itself, the round built on it, and a language model's budget weighed again with
+    /// its adapters' real size.
+    pub fn admit(&self, task: &pb::Task, approved: Approved) -> Result<Admitted, Refusal> {
+        let Approved {
+            work,
+            job,
+            strategy,
+            data,
+            tokenizer,
+            budget,
+        } = approved;
+        let base = match job
+            .base_sha256()
+            .map_err(|e| Refusal::JobSpec(e.to_string()))?
+        {
+            Some(wanted) => Some(self.base_models.approve(wanted)?),
+            None => None,
+        };
+        let round = Self::round_for(&job, data, tokenizer.as_ref(), base.as_ref())?;
+        if budget == BudgetChecked::BeforeBase
             && let Some(ledgers) = &self.ledgers
         {
-            // The model's size enters the noise grid's correction; building it reads no data.
-            let dimension = round.trained_parameters(&job).map_err(|e| match e {
-                // About the job's spec: quoting it tells the coordinator nothing of the site.
-                LocalError::JobSpec(_) | LocalError::Model(_) => Refusal::JobSpec(e.to_string()),
-                // May name a file of the site (a base checkpoint's config.json).
-                other => Refusal::ModelUnusable(other.to_string()),
-            })?;
-            // A ledger that cannot be read is refused as such here: `check` reports it as a
-            // string that names the ledger's file, which must not be sent as a budget reason.
-            ledgers
-                .open(round.dataset_name())
-                .map_err(|e| budget_refusal(round.dataset_name(), e))?;
-            ledgers
-                .check(
-                    &task.job_id,
-                    task.round,
-                    round.dataset_name(),
-                    &job,
-                    dimension,
-                )
-                .map_err(Refusal::PrivacyBudget)?;
+            // The adapters' size enters the noise grid's correction; sizing them reads the
+            // base, no document.
+            let dimension = round.trained_parameters(&job).map_err(sizing_refusal)?;
+            check_budget(ledgers, task, round.dataset_name(), &job, dimension)?;
         }
         Ok(Admitted {
             work,
@@ -509,4 +553,33 @@ impl TaskGate {
             base,
         })
     }
+}
+
+/// A round that could not be sized for the ledger's plan, as a refusal.
+pub(super) fn sizing_refusal(e: LocalError) -> Refusal {
+    match e {
+        // About the job's spec: quoting it tells the coordinator nothing of the site.
+        LocalError::JobSpec(_) | LocalError::Model(_) => Refusal::JobSpec(e.to_string()),
+        // May name a file of the site (a base checkpoint's config.json).
+        other => Refusal::ModelUnusable(other.to_string()),
+    }
+}
+
+/// `job`'s whole planned spend on `dataset`, its model of `dimension` trained parameters,
+/// against the ledger's caps and what is left of the job's own target.
+pub(super) fn check_budget(
+    ledgers: &SiteLedgers,
+    task: &pb::Task,
+    dataset: &str,
+    job: &JobView,
+    dimension: usize,
+) -> Result<(), Refusal> {
+    // A ledger that cannot be read is refused as such here: `check` reports it as a string
+    // that names the ledger's file, which must not be sent as a budget reason.
+    ledgers
+        .open(dataset)
+        .map_err(|e| budget_refusal(dataset, e))?;
+    ledgers
+        .check(&task.job_id, task.round, dataset, job, dimension)
+        .map_err(Refusal::PrivacyBudget)
 }

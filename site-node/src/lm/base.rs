@@ -176,6 +176,13 @@ impl SiteBaseModels {
             || self.cache.as_ref().is_some_and(|c| c.contains(wanted))
     }
 
+    /// Whether a job naming base `wanted` makes the node fetch it (into the attached cache)
+    /// before admitting the job: fetching is on and neither the site's bases nor the cache
+    /// hold it.
+    pub fn would_fetch(&self, wanted: &str) -> bool {
+        self.cache.is_some() && !self.holds(wanted)
+    }
+
     /// The site's checkpoint whose digest is `wanted`, else the cached one decrypted for this
     /// use. A cached base that cannot be read (its error names the site's files: logged here,
     /// not sent) or no longer has its digest (dropped from the cache) is as good as not held.

@@ -165,6 +165,19 @@ pub fn perplexity(
     stride: usize,
     device: Device,
 ) -> Result<Perplexity, LmError> {
+    perplexity_with_progress(model, ids, window, stride, device, &mut |_, _| {})
+}
+
+/// [`perplexity`], calling `progress(scored, to_score)` after each window (tokens scored so
+/// far, of `ids.len() - 1`): a long text takes minutes on a CPU.
+pub fn perplexity_with_progress(
+    model: &Decoder,
+    ids: &[i64],
+    window: usize,
+    stride: usize,
+    device: Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Perplexity, LmError> {
     if window < 2 || stride == 0 || stride > window {
         return Err(LmError::InvalidInput(format!(
             "need window >= 2 and 1 <= stride <= window, found window {window}, stride {stride}"
@@ -203,6 +216,7 @@ pub fn perplexity(
                 total_nll += nll.double_value(&[]);
                 scored += count as usize;
                 scored_until = end;
+                progress(scored, ids.len() - 1);
             }
             if end == ids.len() {
                 break;

@@ -175,6 +175,8 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
     // the gate approves every fetch, as it admits every task.
     let mut unsigned = task(&good, OP);
     unsigned.kind = pb::TaskKind::Train as i32;
+    // A TRAIN task names the global model it trains (checked before any fetch too).
+    unsigned.global_model_id = "ab".repeat(32);
     assert!(!gate("mlp").approve(&unsigned).is_ok());
     unsigned.job_digest = "0".repeat(64);
     assert!(!gate("mlp").approve(&unsigned).is_ok());

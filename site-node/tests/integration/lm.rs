@@ -761,3 +761,193 @@ fn the_node_prints_perplexity_and_generates_from_a_checkpoint_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("config.json"), "{stderr}");
 }
+
+/// Runs `tutela-node ARGS`; returns (success, stdout, stderr).
+fn node(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tutela-node"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a new user types first, and the mistakes they make, as issue 17 item 6 writes the
+/// commands: `--tokenizer` may be left out when the checkpoint directory holds its
+/// tokenizer.json (as `lm pretrain`, `tutela model merge` and Hugging Face directories do);
+/// generation stops at the checkpoint's `eos_token_id` by default; and a LoRA adapter's
+/// directory, a published `.safetensors` file, another model's tokenizer or a window longer
+/// than the model's positions are refused saying what to do instead.
+#[test]
+fn lm_perplexity_and_generate_take_the_checkpoint_s_tokenizer_and_refuse_mistakes_plainly() {
+    use std::ffi::OsStr;
+    let root = tempfile::tempdir().unwrap();
+    let words = [
+        "the", "patient", "was", "seen", "today", "for", "a", "cough",
+    ];
+    let text = "the patient was seen today for a cough the patient was seen";
+    let text_path = root.path().join("notes.txt");
+    std::fs::write(&text_path, text).unwrap();
+    let ids: Vec<i64> = text
+        .split(' ')
+        .map(|w| words.iter().position(|x| *x == w).unwrap() as i64 + 1)
+        .collect();
+    // The checkpoint with its tokenizer beside it, and an eos_token_id in its config.json: the
+    // first token greedy decoding picks after "the patient", so a run that stops at it
+    // generates exactly that one token.
+    let config = tiny_llama();
+    let probe = LanguageModel::new(&config, Device::Cpu, 12).unwrap();
+    let first = generate(
+        &probe.decoder,
+        &[1, 2],
+        Device::Cpu,
+        &GenerateOptions {
+            max_new_tokens: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap()[0];
+    let mut with_eos = config.clone();
+    with_eos
+        .extra
+        .insert("eos_token_id".into(), serde_json::json!(first));
+    let model = LanguageModel::new(&with_eos, Device::Cpu, 12).unwrap();
+    let model_dir = root.path().join("model");
+    save_checkpoint(&model, &model_dir).unwrap();
+    std::fs::write(
+        model_dir.join("tokenizer.json"),
+        word_tokenizer(&words).to_string(),
+    )
+    .unwrap();
+    let expected = perplexity(&model.decoder, &ids, 8, 4, Device::Cpu).unwrap();
+    let m = model_dir.as_os_str();
+    let t = text_path.as_os_str();
+    let o = OsStr::new;
+
+    // No --tokenizer: the directory's.
+    let (ok, stdout, stderr) = node(&[
+        o("lm"),
+        o("perplexity"),
+        o("--window"),
+        o("8"),
+        o("--stride"),
+        o("4"),
+        o("--model"),
+        m,
+        o("--text"),
+        t,
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, format!("perplexity = {:.4}\n", expected.perplexity));
+    // Generation stops after the checkpoint's eos_token_id (one token here), unless told
+    // another id.
+    let generated = |extra: &[&OsStr]| {
+        let mut args = vec![
+            o("generate"),
+            o("--model"),
+            m,
+            o("--prompt"),
+            o("the patient"),
+            o("--max-new-tokens"),
+            o("5"),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = node(&args);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let word = |id: i64| match id {
+        0 => "[UNK]".to_string(),
+        i if (i as usize) <= words.len() => words[i as usize - 1].to_string(),
+        _ => String::new(),
+    };
+    assert_eq!(
+        generated(&[]).trim_end(),
+        format!("the patient {}", word(first)).trim_end()
+    );
+    let past_eos = generated(&[o("--eos-token-id=-1")]);
+    assert!(
+        past_eos.split_whitespace().count() >= generated(&[]).split_whitespace().count(),
+        "{past_eos}"
+    );
+
+    // The likely mistakes, each with what to do.
+    let refused = |args: &[&OsStr], says: &[&str]| {
+        let (ok, _, stderr) = node(args);
+        assert!(!ok, "{args:?} succeeded");
+        for s in says {
+            assert!(stderr.contains(s), "{args:?}: {stderr}");
+        }
+    };
+    // A window longer than the model's 64 positions.
+    refused(
+        &[
+            o("lm"),
+            o("perplexity"),
+            o("--window"),
+            o("65"),
+            o("--model"),
+            m,
+            o("--text"),
+            t,
+        ],
+        &["max_position_embeddings", "--window 64"],
+    );
+    // A LoRA adapter's directory.
+    let adapter = root.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), "{}").unwrap();
+    refused(
+        &[
+            o("generate"),
+            o("--model"),
+            adapter.as_os_str(),
+            o("--prompt"),
+            o("the"),
+        ],
+        &["LoRA adapter", "tutela model merge"],
+    );
+    // A published model file.
+    let file = model_dir.join("model.safetensors");
+    refused(
+        &[
+            o("lm"),
+            o("perplexity"),
+            o("--model"),
+            file.as_os_str(),
+            o("--text"),
+            t,
+        ],
+        &["is a file", "tutela model export-adapter"],
+    );
+    // A directory without its tokenizer, and none given.
+    std::fs::remove_file(model_dir.join("tokenizer.json")).unwrap();
+    refused(
+        &[o("generate"), o("--model"), m, o("--prompt"), o("the")],
+        &["no tokenizer.json", "--tokenizer"],
+    );
+    // Another model's tokenizer, whose ids pass this model's vocabulary (61 ids).
+    let many: Vec<String> = (0..70).map(|i| format!("w{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let big = root.path().join("big-tokenizer.json");
+    std::fs::write(&big, word_tokenizer(&many).to_string()).unwrap();
+    refused(
+        &[
+            o("generate"),
+            o("--model"),
+            m,
+            o("--tokenizer"),
+            big.as_os_str(),
+            o("--prompt"),
+            o("w1 w69"),
+        ],
+        &[
+            "token id 70",
+            "61 ids",
+            "not the tokenizer this model was trained with",
+        ],
+    );
+}

@@ -11,8 +11,9 @@ use tch::Device;
 use tutela_audit::Action;
 use tutela_audit::payload::{ActionPayload, check_shape};
 use tutela_protocol::pb;
-use tutela_site_node::agent::{Deidentification, Refusal, RoundInput, TaskGate};
+use tutela_site_node::agent::{Deidentification, Refusal, RoundInput, TaskGate, Work};
 use tutela_site_node::failure::SiteFailure;
+use tutela_site_node::ledger::{FixedCaps, PrivacyBudgetConfig, SiteLedgers};
 use tutela_site_node::lm::base::{BaseModelRefusal, BaseModelsError, SiteBaseModels};
 use tutela_site_node::lm::config::DecoderConfig;
 use tutela_site_node::lm::hf::{checkpoint_digest, save_checkpoint};
@@ -260,6 +261,90 @@ fn a_base_the_site_does_not_hold_is_declined_with_both_digests_and_no_path() {
     ))) {
         Err(Refusal::JobSpec(why)) => assert!(why.contains("model.base_sha256"), "{why}"),
         other => panic!("{other:?}"),
+    }
+}
+
+/// A language model's privacy budget is weighed in the gate's first half, before its base is
+/// needed (a site that lacks the base fetches it between the halves): a job over a cap, or one
+/// that has spent its own target already, is refused by `approve` even when it names a base the
+/// site does not hold; a job within budget passes `approve`, leaves the missing base to
+/// `admit`, and with the site's base is admitted (weighed again with the adapters' real size).
+#[test]
+fn a_language_model_job_over_its_budget_is_refused_before_its_base_is_needed() {
+    use tutela_privacy::accountant::{self, Accountant, SampledGaussian};
+    let s = site(true);
+    let dir = tempfile::tempdir().unwrap();
+    let ledgers = Arc::new(
+        SiteLedgers::new(
+            dir.path().join("ledger"),
+            None,
+            PrivacyBudgetConfig::default(),
+        )
+        .with_caps(Arc::new(FixedCaps {
+            per_job: Some(4.0),
+            total: Some(100.0),
+        })),
+    );
+    let gate = s.gate.clone().with_ledgers(ledgers.clone());
+    let dp = |epsilon: f64, base: &str| {
+        format!(
+            "{}[privacy]\nmode = \"local\"\ntarget_epsilon = {epsilon}\ndelta = 1e-5\nmax_grad_norm = 1.0\nunit = \"document\"\n",
+            lm_job("notes", Some(&s.tokenizer_sha256), Some(base))
+        )
+    };
+    let train = |spec: String| pb::Task {
+        task_id: "t2".into(),
+        job_id: "job-1".into(),
+        kind: pb::TaskKind::Train as i32,
+        round: 1,
+        job_spec_toml: spec,
+        global_model_id: "a".repeat(64),
+        ..Default::default()
+    };
+
+    // Over the per-job cap, naming a base the site does not hold: the budget refuses it first.
+    match gate.approve(&train(dp(6.0, &s.other_base_sha256))) {
+        Err(r @ Refusal::PrivacyBudget(_)) => {
+            let wire = sent(&r);
+            assert!(wire.starts_with("privacy.budget: "), "{wire}");
+            assert!(wire.contains("per-job cap ε ≤ 4"), "{wire}");
+        }
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("a job over the per-job cap passed the gate's first half"),
+    }
+    // Within the cap: approved; the base it names is the second half's to refuse.
+    let task = train(dp(3.0, &s.other_base_sha256));
+    let approved = gate.approve(&task).unwrap();
+    match gate.admit(&task, approved) {
+        Err(Refusal::BaseModel(BaseModelRefusal::NotHeld { .. })) => {}
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("admitted without its base"),
+    }
+    // Within the cap, on the site's base: admitted to train.
+    let admitted = gate.check_task(&train(dp(3.0, &s.base_sha256))).unwrap();
+    assert_eq!(admitted.work, Work::Train);
+
+    // job-1 has now spent more than its target (an earlier round, in the ledger): its next
+    // TRAIN task is refused before any base is needed, with the job's own figures.
+    let earlier = SampledGaussian::new(0.2, 0.7, 200).unwrap();
+    let spent = accountant::epsilon(&[earlier], 1e-5, Accountant::Rdp)
+        .unwrap()
+        .epsilon;
+    assert!(spent > 3.0, "{spent}");
+    ledgers
+        .open("notes")
+        .unwrap()
+        .record("job-1", earlier, Some(60), 1)
+        .unwrap();
+    for base in [&s.other_base_sha256, &s.base_sha256] {
+        match gate.approve(&train(dp(3.0, base))) {
+            Err(r @ Refusal::PrivacyBudget(_)) => {
+                let wire = sent(&r);
+                assert!(wire.contains("over the job's target ε = 3"), "{wire}");
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a job past its target passed the gate's first half"),
+        }
     }
 }
 

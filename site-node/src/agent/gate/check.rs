@@ -6,8 +6,7 @@
 
 use tutela_protocol::pb;
 
-use super::{JobData, Refusal, TaskGate};
-use crate::agent::round::LocalError;
+use super::{JobData, Refusal, TaskGate, sizing_refusal};
 use crate::failure::SiteFailure;
 use crate::jobspec::JobView;
 
@@ -76,18 +75,11 @@ impl TaskGate {
         if let (Some(ledgers), Some(data)) = (&self.ledgers, data) {
             let dataset = data.name().to_string();
             let budget = Self::round_for(&job, data, tokenizer.as_ref(), base.as_ref())
-                .and_then(|round| {
-                    round.trained_parameters(&job).map_err(|e| match e {
-                        LocalError::JobSpec(_) | LocalError::Model(_) => {
-                            Refusal::JobSpec(e.to_string())
-                        }
-                        other => Refusal::ModelUnusable(other.to_string()),
-                    })
-                })
+                .and_then(|round| round.trained_parameters(&job).map_err(sizing_refusal))
                 .and_then(|dimension| {
                     ledgers
                         .open(&dataset)
-                        .map_err(|e| Refusal::Ledger(e.to_string()))?;
+                        .map_err(|e| super::budget_refusal(&dataset, e))?;
                     ledgers
                         .check(&task.job_id, 1, &dataset, &job, dimension)
                         .map_err(Refusal::PrivacyBudget)
