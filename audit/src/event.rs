@@ -123,11 +123,17 @@ pub enum Action {
     /// officers' signatures, the quorum met and the policy's digest; readers re-check every
     /// signature.
     AuditQuarantined,
+    /// `statistics.published`: the coordinator summed the sites' noised sufficient statistics
+    /// of a consortium-statistics job (`kind = "statistics"`) and finished the data dictionary.
+    /// Subject: the job id. Payload ([`crate::payload::StatisticsPublished`]): the spec and
+    /// schema digests, the SHA-256 of the statistics file, the sites in the sum and the ε each
+    /// spent, whether the sum was masked, the bounds' confidence; no figure of the data.
+    StatisticsPublished,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 22] = [
+    pub const ALL: [Action; 23] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -150,6 +156,7 @@ impl Action {
         Action::ModelStageChanged,
         Action::ModelInitialized,
         Action::AuditQuarantined,
+        Action::StatisticsPublished,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -177,6 +184,7 @@ impl Action {
             Action::ModelStageChanged => "model.stage_changed",
             Action::ModelInitialized => "model.initialized",
             Action::AuditQuarantined => "audit.quarantined",
+            Action::StatisticsPublished => "statistics.published",
         }
     }
 }

@@ -248,7 +248,8 @@ fn action_names_round_trip() {
             "model.registered",
             "model.stage_changed",
             "model.initialized",
-            "audit.quarantined"
+            "audit.quarantined",
+            "statistics.published"
         ]
     );
     for a in Action::ALL {
