@@ -365,3 +365,87 @@ fn the_statistics_section_names_its_mistakes() {
         "{e}"
     );
 }
+
+/// A statistics *job* end to end through the libraries its services call: the job spec (the
+/// documented example's keys, on the clinic schema by its digest) gives each of three sites its
+/// release (`release_for_job`) and the coordinator its finishing step
+/// (`StatisticsJobSpec::finish`, after `sum_vectors`); the result is the pooled statistics within
+/// the bound, each site's ε is the spec's target, and the file it produces, named by a schema's
+/// `[standardize]` with the digest `finish` reported, standardizes that schema.
+#[test]
+fn a_statistics_job_spec_drives_the_sites_releases_and_the_coordinators_result() {
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_protocol::job::statistics::sum_vectors;
+    use tutela_site_node::data::stats::release_for_job_with;
+
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let layout = layout_of(&schema, Path::new("clinic.schema.toml")).unwrap();
+    let (files, rows): (Vec<_>, Vec<_>) = (0..3).map(|s| write_site(dir.path(), s, 4_000)).unzip();
+    let pooled = Pooled::of_rows(&layout, rows.iter().flatten().map(Vec::as_slice));
+    let schema_digest = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        SCHEMA.as_bytes(),
+    ));
+    let job = StatisticsJobSpec::from_toml_str(&format!(
+        "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 3\ndeadline_secs = 60\n\
+         [data]\nschema = \"clinic\"\nschema_sha256 = \"{schema_digest}\"\n\
+         [privacy]\ntarget_epsilon = 2.0\n"
+    ))
+    .unwrap();
+
+    let releases: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let mut source = CsvSource::open(path).unwrap();
+            release_for_job_with(
+                &mut source,
+                &schema,
+                &job,
+                Some(SecureRng::insecure_from_seed([i as u8 + 21; 32])),
+            )
+            .unwrap()
+        })
+        .collect();
+    for r in &releases {
+        // Every site derived the same query and noise from the spec and the schema.
+        assert_eq!(r.layout, layout);
+        assert_eq!(r.plan, releases[0].plan);
+        assert_eq!(r.rows, 4_000);
+        assert!(
+            r.plan.epsilon <= 2.0 + 1e-9 && r.plan.epsilon > 1.9,
+            "{}",
+            r.plan.epsilon
+        );
+    }
+    let sum = sum_vectors(layout.len(), releases.iter().map(|r| r.vector.as_slice())).unwrap();
+    let sites: Vec<String> = ["c", "a", "b"].map(String::from).to_vec();
+    let result = job.finish(&layout, &sum, &sites).unwrap();
+    let bad = result.dictionary.violations(&pooled);
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert_eq!(result.sites, ["a", "b", "c"]);
+    assert!(
+        result
+            .epsilon_per_site
+            .values()
+            .all(|e| (*e - releases[0].plan.epsilon).abs() < 1e-12)
+    );
+
+    // The file, named by a schema with the digest `finish` reported, standardizes it.
+    std::fs::write(dir.path().join("clinic.stats.toml"), &result.file_text).unwrap();
+    let schema_path = dir.path().join("clinic.schema.toml");
+    std::fs::write(
+        &schema_path,
+        format!(
+            "{SCHEMA}\n[standardize]\nstatistics = \"clinic.stats.toml\"\nsha256 = \"{}\"\n",
+            result.sha256
+        ),
+    )
+    .unwrap();
+    let named = DatasetSchema::load(&schema_path).unwrap();
+    let expected = standardize_from(&schema, &result.dictionary, &schema_path).unwrap();
+    let standardize = named.standardize.as_ref().unwrap();
+    assert_eq!(standardize.mean, expected.mean);
+    assert_eq!(standardize.std, expected.std);
+}
