@@ -27,8 +27,8 @@ use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
 use crate::payload::{
     ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
-    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified,
-    StatisticsPublished, UpdateRefused, WatermarkRegistered,
+    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, StatisticsPublished,
+    TextDatasetDeidentified, UpdateRefused, WatermarkRegistered,
 };
 
 /// An event a reader did not believe, and why.

@@ -972,7 +972,9 @@ fn statistics_published_is_the_coordinator_s_and_the_job_record_shows_the_result
         .unwrap();
     // A site's node cannot publish the consortium's statistics (nor its own ε in them).
     let mut forged_result = result.clone();
-    forged_result.epsilon_per_site.insert("hospital-a".into(), 0.0);
+    forged_result
+        .epsilon_per_site
+        .insert("hospital-a".into(), 0.0);
     let forged = chain
         .append(
             Timestamp::now(),
@@ -984,7 +986,10 @@ fn statistics_published_is_the_coordinator_s_and_the_job_record_shows_the_result
         .unwrap();
     let events = vec![genuine.clone(), forged.clone()];
     let record = job_record(&events, JOB, &check(&ca));
-    let stats = record.statistics.as_ref().expect("the coordinator's result");
+    let stats = record
+        .statistics
+        .as_ref()
+        .expect("the coordinator's result");
     assert_eq!(stats.seq, genuine.seq);
     assert_eq!(stats.published, result);
     assert_eq!(record.epsilon_per_site, result.epsilon_per_site);
@@ -998,11 +1003,8 @@ fn statistics_published_is_the_coordinator_s_and_the_job_record_shows_the_result
     let mut extra = result.to_value();
     extra["means"] = json!([1.0]);
     assert!(tutela_audit::payload::check_shape(Action::StatisticsPublished, &extra).is_err());
+    assert!(tutela_audit::payload::check_shape(Action::StatisticsPublished, &round()).is_err());
     assert!(
-        tutela_audit::payload::check_shape(Action::StatisticsPublished, &round()).is_err()
-    );
-    assert!(
-        tutela_audit::payload::check_shape(Action::StatisticsPublished, &result.to_value())
-            .is_ok()
+        tutela_audit::payload::check_shape(Action::StatisticsPublished, &result.to_value()).is_ok()
     );
 }

@@ -421,7 +421,10 @@ async fn run_tabular(args: DemoArgs, p: Plan) -> Result<()> {
     if let Some(r) = args.rounds {
         spec.insert("rounds".into(), toml::Value::Integer(r.into()));
     }
-    for (key, value) in [("batch_size", args.batch_size), ("local_epochs", args.local_epochs)] {
+    for (key, value) in [
+        ("batch_size", args.batch_size),
+        ("local_epochs", args.local_epochs),
+    ] {
         if let (Some(v), Some(toml::Value::Table(training))) = (value, spec.get_mut("training")) {
             training.insert(key.into(), toml::Value::Integer(v.into()));
         }

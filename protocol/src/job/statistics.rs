@@ -498,15 +498,27 @@ mod tests {
     #[test]
     fn each_bad_value_is_refused_naming_its_key() {
         for (from, to, key) in [
-            ("schema_sha256 = \"", "# schema_sha256 = \"", "data.schema_sha256"),
+            (
+                "schema_sha256 = \"",
+                "# schema_sha256 = \"",
+                "data.schema_sha256",
+            ),
             (
                 "schema_sha256 = \"52672ab8",
                 "schema_sha256 = \"52672AB8",
                 "data.schema_sha256",
             ),
-            ("target_epsilon = 1.0", "target_epsilon = 0.0", "privacy.target_epsilon"),
+            (
+                "target_epsilon = 1.0",
+                "target_epsilon = 0.0",
+                "privacy.target_epsilon",
+            ),
             ("delta = 1e-6", "delta = 1.0", "privacy.delta"),
-            ("confidence = 0.999999", "confidence = 1.0", "statistics.confidence"),
+            (
+                "confidence = 0.999999",
+                "confidence = 1.0",
+                "statistics.confidence",
+            ),
             ("min_sites = 3", "min_sites = 0", "min_sites"),
             ("min_sites = 3", "min_sites = 4", "min_sites"),
             ("deadline_secs = 120", "deadline_secs = 0", "deadline_secs"),
@@ -581,8 +593,8 @@ mod tests {
         let mut vectors = Vec::new();
         let mut pooled: Vec<f64> = Vec::new();
         let mut missing = 0usize;
-        for (k, _) in sites.iter().enumerate() {
-            let (v, ages) = site_vector(&plan, k as u8 + 1, 4000);
+        for seed in 1..=sites.len() as u8 {
+            let (v, ages) = site_vector(&plan, seed, 4000);
             missing += ages.iter().filter(|a| a.is_none()).count();
             pooled.extend(ages.into_iter().flatten());
             vectors.push(v);
@@ -591,7 +603,12 @@ mod tests {
         let out = spec.finish(&layout, &sum, &sites).unwrap();
 
         let d = &out.dictionary;
-        assert!((d.rows - 12_000.0).abs() <= d.rows_bound, "{} ± {}", d.rows, d.rows_bound);
+        assert!(
+            (d.rows - 12_000.0).abs() <= d.rows_bound,
+            "{} ± {}",
+            d.rows,
+            d.rows_bound
+        );
         let mean = pooled.iter().sum::<f64>() / pooled.len() as f64;
         let Some(ColumnDictionary::Numeric {
             mean: m,
@@ -603,7 +620,10 @@ mod tests {
         else {
             panic!("no age column: {d:?}");
         };
-        assert!((m - mean).abs() <= *mean_bound, "{m} ± {mean_bound} vs {mean}");
+        assert!(
+            (m - mean).abs() <= *mean_bound,
+            "{m} ± {mean_bound} vs {mean}"
+        );
         // Useful at this size and ε = 1: within 5 % of the 100-year range.
         assert!(*mean_bound < 5.0, "{mean_bound}");
         assert!((miss - missing as f64).abs() <= *missing_bound);
