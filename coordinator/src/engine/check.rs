@@ -12,7 +12,6 @@ use tokio::sync::oneshot;
 use tutela_protocol::pb;
 
 use super::{Engine, EngineError, new_task_id, now_ms};
-use crate::job::JobSpec;
 
 /// How long a check waits for the sites' answers: a node answers from its gate, without reading
 /// data, so a site silent this long is reported as not answering.
@@ -113,7 +112,7 @@ impl Engine {
         submitter: Option<&str>,
         wait: Duration,
     ) -> Result<Vec<pb::SiteCheck>, EngineError> {
-        let spec = JobSpec::from_toml_str(spec_toml)?;
+        let spec = super::training_spec(spec_toml)?;
         let digest = spec.digest().to_hex();
         let eligible = self.nodes.eligible(&spec.data.schema, &spec.sites);
         let mut sites: Vec<String> = if spec.sites.is_empty() {
