@@ -697,7 +697,9 @@ fn within_job_target(
     }
 }
 
+mod statistics;
 mod trail;
+pub use statistics::StatisticsCharge;
 pub use trail::{AnchoredSpend, LedgerBehindTrail};
 
 /// Where a round's DP-SGD spend is planned and charged: the node's ledgers, or none (central

@@ -449,3 +449,104 @@ fn a_statistics_job_spec_drives_the_sites_releases_and_the_coordinators_result()
     assert_eq!(standardize.mean, expected.mean);
     assert_eq!(standardize.std, expected.std);
 }
+
+/// The site's ledger charges a statistics job's release as one unsampled Gaussian step (round
+/// 1), within the site's caps, once: the `privacy.spent` record it anchors states q = 1, one
+/// step and the plan's ε; a per-job or total cap the release would pass refuses it with nothing
+/// recorded; the same job is not charged (so not released) twice; a masked (SecAgg) release is
+/// refused, since the ledger cannot state its ε yet.
+#[test]
+fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_caps() {
+    use std::sync::Arc;
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_site_node::ledger::{FixedCaps, PrivacyBudgetConfig, SiteLedgers};
+
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout_of(&schema(), Path::new("clinic.schema.toml")).unwrap();
+    let spec_text = "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 2\n\
+                     deadline_secs = 60\n[data]\nschema = \"clinic\"\nschema_sha256 = \
+                     \"0000000000000000000000000000000000000000000000000000000000000000\"\n\
+                     [privacy]\ntarget_epsilon = 2.0\n";
+    let job = StatisticsJobSpec::from_toml_str(spec_text).unwrap();
+    let plan = job.plan(&layout).unwrap();
+    let ledgers = |name: &str, per_job: Option<f64>, total: Option<f64>| {
+        SiteLedgers::new(dir.path().join(name), None, PrivacyBudgetConfig::default())
+            .with_caps(Arc::new(FixedCaps { per_job, total }))
+    };
+
+    // Uncapped: one step at q = 1 with the plan's noise multiplier, the plan's ε.
+    let open = ledgers("uncapped", None, None);
+    let charged = open
+        .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
+        .unwrap();
+    let g = &charged.charge.group;
+    assert_eq!((g.sample_rate, g.steps), (1.0, 1));
+    assert!((g.noise_multiplier - plan.site_noise / plan.sensitivity.l2).abs() < 1e-12);
+    assert_eq!((charged.charge.round, charged.charge.attempt), (1, 1));
+    assert_eq!(charged.epsilon, plan.epsilon);
+    let single = charged.dataset_epsilon;
+    assert!(single > 0.0 && single <= plan.epsilon, "{single}");
+    // What `spend_anchor::anchor_charge` appends before the vector leaves.
+    let spent = open
+        .spend_payload(
+            "hospital-a",
+            "clinic",
+            "job-1",
+            &charged.charge,
+            plan.delta,
+            Accountant::Rdp,
+        )
+        .unwrap();
+    assert_eq!(
+        (spent.sample_rate, spent.steps, spent.rows),
+        (1.0, 1, 4_000)
+    );
+    assert!(
+        (spent.job_epsilon - plan.epsilon).abs() < 1e-6 * plan.epsilon,
+        "{} vs {}",
+        spent.job_epsilon,
+        plan.epsilon
+    );
+    // Once: the same job again is refused, and the ledger still holds one step.
+    let e = open
+        .charge_statistics("job-1", "clinic", &plan, 4_000, 2_000)
+        .unwrap_err();
+    assert!(e.contains("released once"), "{e}");
+    assert_eq!(
+        open.open("clinic").unwrap().job("job-1").unwrap().steps(),
+        1
+    );
+
+    // A per-job cap below the release's ε: refused, nothing recorded.
+    let tight = ledgers("per-job", Some(0.5 * single), None);
+    let e = tight
+        .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
+        .unwrap_err();
+    assert!(e.contains("per-job") || e.contains("per job"), "{e}");
+    assert!(tight.open("clinic").unwrap().job("job-1").is_none());
+
+    // A total cap that holds one release and not two: the second job is refused.
+    let total = ledgers("total", None, Some(1.2 * single));
+    total
+        .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
+        .unwrap();
+    let e = total
+        .charge_statistics("job-2", "clinic", &plan, 4_000, 2_000)
+        .unwrap_err();
+    assert!(e.contains("total"), "{e}");
+    assert!(total.open("clinic").unwrap().job("job-2").is_none());
+
+    // Secure aggregation: not charged (the ledger cannot state the masked sum's ε yet).
+    let secure =
+        StatisticsJobSpec::from_toml_str(&format!("{spec_text}[secure_aggregation]\n")).unwrap();
+    let e = open
+        .charge_statistics(
+            "job-3",
+            "clinic",
+            &secure.plan(&layout).unwrap(),
+            4_000,
+            3_000,
+        )
+        .unwrap_err();
+    assert!(e.contains("secure_aggregation"), "{e}");
+}
