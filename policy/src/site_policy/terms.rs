@@ -3,7 +3,7 @@
 //! [`SitePolicy::evaluate_terms`](super::SitePolicy::evaluate_terms) holds every clause once and
 //! a new kind of job is a new constructor here, not a second evaluator.
 
-use tutela_protocol::job::{JobSpec, PrivacyMode, StatisticsJobSpec};
+use tutela_protocol::job::{JobSpec, PrivacyMode, StatisticsJobSpec, SubmittedSpec};
 
 /// The terms of a job a site policy's clauses are about.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +38,14 @@ impl<'a> JobTerms<'a> {
                 _ => p.noise_multiplier,
             }),
             schema: &spec.data.schema,
+        }
+    }
+
+    /// The terms of a job of either kind (what a site's gate holds a task's spec to).
+    pub fn of_submitted(spec: &'a SubmittedSpec) -> Self {
+        match spec {
+            SubmittedSpec::Training(s) => JobTerms::of_training(s),
+            SubmittedSpec::Statistics(s) => JobTerms::of_statistics(s),
         }
     }
 
