@@ -699,7 +699,7 @@ fn within_job_target(
 
 mod statistics;
 mod trail;
-pub use statistics::StatisticsCharge;
+pub use statistics::{StatisticsCharge, StatisticsChargeError};
 pub use trail::{AnchoredSpend, LedgerBehindTrail};
 
 /// Where a round's DP-SGD spend is planned and charged: the node's ledgers, or none (central

@@ -459,7 +459,15 @@ fn a_statistics_job_spec_drives_the_sites_releases_and_the_coordinators_result()
 fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_caps() {
     use std::sync::Arc;
     use tutela_protocol::job::StatisticsJobSpec;
-    use tutela_site_node::ledger::{FixedCaps, PrivacyBudgetConfig, SiteLedgers};
+    use tutela_site_node::ledger::{
+        FixedCaps, PrivacyBudgetConfig, SiteLedgers, StatisticsChargeError,
+    };
+
+    // A refusal of the budget, which may be the decline's reason (no path in it).
+    let refused = |r: Result<_, StatisticsChargeError>| match r {
+        Err(StatisticsChargeError::Refused(why)) => why,
+        other => panic!("expected a budget refusal, got {other:?}"),
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let layout = layout_of(&schema(), Path::new("clinic.schema.toml")).unwrap();
@@ -508,9 +516,7 @@ fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_c
         plan.epsilon
     );
     // Once: the same job again is refused, and the ledger still holds one step.
-    let e = open
-        .charge_statistics("job-1", "clinic", &plan, 4_000, 2_000)
-        .unwrap_err();
+    let e = refused(open.charge_statistics("job-1", "clinic", &plan, 4_000, 2_000));
     assert!(e.contains("released once"), "{e}");
     assert_eq!(
         open.open("clinic").unwrap().job("job-1").unwrap().steps(),
@@ -519,9 +525,7 @@ fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_c
 
     // A per-job cap below the release's ε: refused, nothing recorded.
     let tight = ledgers("per-job", Some(0.5 * single), None);
-    let e = tight
-        .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
-        .unwrap_err();
+    let e = refused(tight.charge_statistics("job-1", "clinic", &plan, 4_000, 1_000));
     assert!(e.contains("per-job") || e.contains("per job"), "{e}");
     assert!(tight.open("clinic").unwrap().job("job-1").is_none());
 
@@ -530,23 +534,28 @@ fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_c
     total
         .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
         .unwrap();
-    let e = total
-        .charge_statistics("job-2", "clinic", &plan, 4_000, 2_000)
-        .unwrap_err();
+    let e = refused(total.charge_statistics("job-2", "clinic", &plan, 4_000, 2_000));
     assert!(e.contains("total"), "{e}");
     assert!(total.open("clinic").unwrap().job("job-2").is_none());
 
     // Secure aggregation: not charged (the ledger cannot state the masked sum's ε yet).
     let secure =
         StatisticsJobSpec::from_toml_str(&format!("{spec_text}[secure_aggregation]\n")).unwrap();
-    let e = open
-        .charge_statistics(
-            "job-3",
-            "clinic",
-            &secure.plan(&layout).unwrap(),
-            4_000,
-            3_000,
-        )
-        .unwrap_err();
+    let e = refused(open.charge_statistics(
+        "job-3",
+        "clinic",
+        &secure.plan(&layout).unwrap(),
+        4_000,
+        3_000,
+    ));
     assert!(e.contains("secure_aggregation"), "{e}");
+
+    // A ledger that cannot be read is the ledger's error (it names the file: the site's log).
+    let broken = ledgers("broken", None, None);
+    std::fs::create_dir_all(dir.path().join("broken")).unwrap();
+    std::fs::write(dir.path().join("broken/clinic.json"), "not a ledger").unwrap();
+    assert!(matches!(
+        broken.charge_statistics("job-1", "clinic", &plan, 4_000, 1_000),
+        Err(StatisticsChargeError::Ledger(_))
+    ));
 }
