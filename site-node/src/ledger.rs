@@ -699,7 +699,9 @@ fn within_job_target(
 
 mod statistics;
 mod trail;
-pub use statistics::{StatisticsCharge, StatisticsChargeError};
+pub use statistics::{
+    ChargedRelease, StatisticsCharge, StatisticsChargeError, StatisticsReleaseError,
+};
 pub use trail::{AnchoredSpend, LedgerBehindTrail};
 
 /// Where a round's DP-SGD spend is planned and charged: the node's ledgers, or none (central

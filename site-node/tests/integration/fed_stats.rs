@@ -559,3 +559,136 @@ fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_c
         Err(StatisticsChargeError::Ledger(_))
     ));
 }
+
+/// The site's whole release in its private order (`SiteLedgers::release_statistics`): a job
+/// naming another schema file is refused with both digests' prefixes and nothing charged; a
+/// release over the budget is refused before any record is read (a file with an unreadable
+/// cell gives the budget's refusal, not the read's error); a readable dataset gives a release
+/// charged as one step, whose vector is the site's noised statistics; the job is not released
+/// twice; an unreadable cell within the budget is the data's error (for the site's log) and
+/// nothing is charged.
+#[test]
+fn the_sites_statistics_release_checks_the_schema_and_the_budget_before_the_read_and_is_charged() {
+    use std::sync::Arc;
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_site_node::ledger::{
+        FixedCaps, PrivacyBudgetConfig, SiteLedgers, StatisticsChargeError, StatisticsReleaseError,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let site_digest = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        SCHEMA.as_bytes(),
+    ));
+    let job_of = |digest: &str| {
+        StatisticsJobSpec::from_toml_str(&format!(
+            "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 1\n\
+             deadline_secs = 60\n[data]\nschema = \"clinic\"\nschema_sha256 = \"{digest}\"\n\
+             [privacy]\ntarget_epsilon = 2.0\n"
+        ))
+        .unwrap()
+    };
+    let job = job_of(&site_digest);
+    let ledgers = |name: &str, per_job: Option<f64>| {
+        SiteLedgers::new(dir.path().join(name), None, PrivacyBudgetConfig::default()).with_caps(
+            Arc::new(FixedCaps {
+                per_job,
+                total: None,
+            }),
+        )
+    };
+    let (good, _) = write_site(dir.path(), 0, 2_000);
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "outcome,age,sex,stage,smoker,admitted\nwell,40,F,I,no,2020-01-02\nill,forty,M,II,yes,2020-01-03\n",
+    )
+    .unwrap();
+    let open = |path: &Path| CsvSource::open(path).unwrap();
+    let rng = || Some(SecureRng::insecure_from_seed([9; 32]));
+
+    // Another schema file: refused naming both prefixes, nothing charged.
+    let site = ledgers("site", None);
+    let other = "ab".repeat(32);
+    let e = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job_of(&other),
+            (&schema, &site_digest),
+            &mut open(&good),
+            rng(),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, StatisticsReleaseError::SchemaDigest(m) if m.job == other[..12] && m.site == site_digest[..12]),
+        "{e}"
+    );
+    assert!(site.open("clinic").unwrap().job("job-1").is_none());
+
+    // Over the per-job cap: refused by the budget before the unreadable file is read.
+    let tight = ledgers("tight", Some(0.01));
+    let e = tight
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&bad),
+            rng(),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, StatisticsReleaseError::Charge(StatisticsChargeError::Refused(why)) if why.contains("per-job") || why.contains("per job")),
+        "{e}"
+    );
+
+    // Within the budget, an unreadable cell: the read's error, nothing charged.
+    let e = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&bad),
+            rng(),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(matches!(&e, StatisticsReleaseError::Data(_)), "{e}");
+    assert!(e.to_string().contains("line 3"), "{e}");
+    assert!(site.open("clinic").unwrap().job("job-1").is_none());
+
+    // The release: charged once, one step, the site's own noised vector.
+    let charged = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&good),
+            rng(),
+            1_000,
+        )
+        .unwrap();
+    let expected =
+        tutela_site_node::data::stats::release_for_job_with(&mut open(&good), &schema, &job, rng())
+            .unwrap();
+    assert_eq!(charged.release().vector, expected.vector);
+    assert_eq!(charged.release().rows, 2_000);
+    assert_eq!(charged.charge().charge.group.steps, 1);
+    assert_eq!(
+        site.open("clinic").unwrap().job("job-1").unwrap().steps(),
+        1
+    );
+    let e = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&good),
+            rng(),
+            2_000,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("released once"), "{e}");
+}
