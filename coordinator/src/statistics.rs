@@ -3,7 +3,9 @@
 //! checked to be the same (the schema's, which the coordinator does not hold itself: the spec
 //! binds it by `schema_sha256`), the noised vectors are summed (`sum_vectors`), the spec's
 //! `finish` makes the data dictionary and its file, the file is kept content-addressed, and the
-//! typed `statistics.published` record is made from the result.
+//! typed `statistics.published` record is made from the result. [`StatisticsCollection`] holds
+//! the answers as they arrive (each asked site's release or decline, once) and closes to the
+//! result or to the reason there is none.
 //!
 //! Not yet called by the engine: the job kind's task, the sites' upload and the runner that
 //! collects them are still to be wired (docs/architecture.md, "Consortium statistics"), and the
@@ -53,6 +55,23 @@ pub enum StatisticsRunError {
          so this coordinator finishes only plain statistics jobs"
     )]
     Masked,
+    #[error("site {0} was sent no task of this job, so its statistics are refused")]
+    NotAsked(String),
+    #[error("site {0} has answered this job already")]
+    AnsweredAlready(String),
+    /// Too few releases at the deadline (or once every site answered): nothing is published.
+    #[error(
+        "{arrived} site(s)' statistics arrived, the job needs at least {needed}{}",
+        missing_sites(declined, silent)
+    )]
+    TooFew {
+        arrived: usize,
+        needed: u32,
+        /// Site -> the reason it gave (the node's public failure text).
+        declined: std::collections::BTreeMap<String, String>,
+        /// Sites that neither released nor declined.
+        silent: Vec<String>,
+    },
     #[error("statistics file {path}: {source}")]
     File {
         path: PathBuf,
@@ -60,6 +79,96 @@ pub enum StatisticsRunError {
     },
     #[error("statistics file {path} does not have the SHA-256 it is stored under ({found})")]
     Digest { path: PathBuf, found: String },
+}
+
+fn missing_sites(
+    declined: &std::collections::BTreeMap<String, String>,
+    silent: &[String],
+) -> String {
+    let mut parts: Vec<String> = declined
+        .iter()
+        .map(|(site, why)| format!("{site} declined: {why}"))
+        .collect();
+    if !silent.is_empty() {
+        parts.push(format!("no answer from {}", silent.join(", ")));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join("; "))
+    }
+}
+
+/// A statistics job's answers as they arrive, from the sites it was sent to: each site's
+/// release or decline, once. Closed when every site has answered or at the job's deadline
+/// ([`StatisticsCollection::close`]): with at least `min_sites` releases the result is finished
+/// ([`finish_plain`]), otherwise the job fails naming who declined (and why) and who did not
+/// answer.
+#[derive(Clone, Debug, Default)]
+pub struct StatisticsCollection {
+    asked: std::collections::BTreeSet<String>,
+    releases: Vec<SiteRelease>,
+    declined: std::collections::BTreeMap<String, String>,
+}
+
+impl StatisticsCollection {
+    /// A collection of the answers of `sites` (those sent the job's task).
+    pub fn new(sites: impl IntoIterator<Item = String>) -> Self {
+        StatisticsCollection {
+            asked: sites.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    fn answering(&self, site: &str) -> Result<(), StatisticsRunError> {
+        if !self.asked.contains(site) {
+            return Err(StatisticsRunError::NotAsked(site.to_string()));
+        }
+        if self.declined.contains_key(site) || self.releases.iter().any(|r| r.site == site) {
+            return Err(StatisticsRunError::AnsweredAlready(site.to_string()));
+        }
+        Ok(())
+    }
+
+    /// A site's release; refused from a site not asked or that answered already.
+    pub fn accept(&mut self, release: SiteRelease) -> Result<(), StatisticsRunError> {
+        self.answering(&release.site)?;
+        self.releases.push(release);
+        Ok(())
+    }
+
+    /// A site's decline, with its public reason.
+    pub fn decline(&mut self, site: &str, reason: &str) -> Result<(), StatisticsRunError> {
+        self.answering(site)?;
+        self.declined.insert(site.to_string(), reason.to_string());
+        Ok(())
+    }
+
+    /// Whether every site asked has released or declined (the job need not wait longer).
+    pub fn all_answered(&self) -> bool {
+        self.releases.len() + self.declined.len() == self.asked.len()
+    }
+
+    /// The result from the releases in, or why there is none.
+    pub fn close(self, spec: &StatisticsJobSpec) -> Result<FinishedStatistics, StatisticsRunError> {
+        if self.releases.len() < spec.min_sites as usize {
+            let silent = self
+                .asked
+                .iter()
+                .filter(|s| {
+                    !self.declined.contains_key(*s) && !self.releases.iter().any(|r| &r.site == *s)
+                })
+                .cloned()
+                .collect();
+            return Err(StatisticsRunError::TooFew {
+                arrived: self.releases.len(),
+                needed: spec.min_sites,
+                declined: self.declined,
+                silent,
+            });
+        }
+        finish_plain(spec, &self.releases)
+    }
 }
 
 /// The finished result: what to store and what to record.
@@ -389,5 +498,65 @@ mod tests {
             finish_plain(&secure, &releases),
             Err(StatisticsRunError::Masked)
         ));
+    }
+
+    #[test]
+    fn the_collection_takes_each_asked_site_once_and_fails_naming_declines_and_silence() {
+        let spec = spec();
+        let (releases, _) = three_sites(&spec);
+        let asked = ["hospital-a", "hospital-b", "hospital-c"].map(String::from);
+
+        // Every site released: all answered, finished over the three.
+        let mut all = StatisticsCollection::new(asked.clone());
+        for r in &releases {
+            assert!(!all.all_answered());
+            all.accept(r.clone()).expect("accepted");
+        }
+        assert!(all.all_answered());
+        let e = all.accept(releases[0].clone()).unwrap_err();
+        assert!(
+            matches!(&e, StatisticsRunError::AnsweredAlready(s) if s == "hospital-b"),
+            "{e}"
+        );
+        let mut stranger = releases[0].clone();
+        stranger.site = "clinic-z".into();
+        let e = all.accept(stranger).unwrap_err();
+        assert!(
+            matches!(&e, StatisticsRunError::NotAsked(s) if s == "clinic-z"),
+            "{e}"
+        );
+        assert!(all.decline("hospital-a", "late").is_err());
+        let done = all.close(&spec).expect("finished");
+        assert_eq!(done.record.sites, asked);
+
+        // One declined, one silent at the deadline: too few for min_sites = 3, both named.
+        let mut short = StatisticsCollection::new(asked.clone());
+        short.accept(releases[1].clone()).expect("accepted");
+        short
+            .decline("hospital-c", "privacy budget: over the per-job cap")
+            .expect("declined");
+        assert!(!short.all_answered());
+        let e = short.close(&spec).unwrap_err().to_string();
+        assert!(
+            e.contains("1 site(s)' statistics arrived, the job needs at least 3")
+                && e.contains("hospital-c declined: privacy budget")
+                && e.contains("no answer from hospital-b"),
+            "{e}"
+        );
+
+        // With min_sites = 2, the two that released are the result; the decline is not in it.
+        let two =
+            StatisticsJobSpec::from_toml_str(&EXAMPLE.replace("min_sites = 3", "min_sites = 2"))
+                .expect("spec");
+        let (releases, _) = three_sites(&two);
+        let mut enough = StatisticsCollection::new(asked.clone());
+        enough.accept(releases[0].clone()).expect("accepted");
+        enough
+            .decline("hospital-a", "not approved")
+            .expect("declined");
+        enough.accept(releases[2].clone()).expect("accepted");
+        assert!(enough.all_answered());
+        let done = enough.close(&two).expect("finished");
+        assert_eq!(done.record.sites, ["hospital-b", "hospital-c"]);
     }
 }
