@@ -110,7 +110,8 @@ fn ms_to_time(ms: i64) -> time::OffsetDateTime {
 /// The training job spec in `spec_toml`. A consortium-statistics spec (`kind = "statistics"`,
 /// `tutela_protocol::job::statistics`) is checked as one, then refused saying that this
 /// coordinator does not run that kind yet: before any officer is asked to sign a job that could
-/// never start (docs/architecture.md, "Consortium statistics", what is left).
+/// never start (docs/architecture.md, "Consortium statistics", what is left). Used by `SubmitJob`
+/// and `AmendJob`; `CheckJob` creates no job and asks the sites about a job of either kind.
 pub fn training_spec(spec_toml: &str) -> Result<JobSpec, EngineError> {
     if JobKind::of_toml(spec_toml)? == JobKind::Statistics {
         StatisticsJobSpec::from_toml_str(spec_toml)?;

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tutela_protocol::job::SubmittedSpec;
 use tutela_protocol::pb;
 
 use super::{Engine, EngineError, new_task_id, now_ms};
@@ -112,13 +113,16 @@ impl Engine {
         submitter: Option<&str>,
         wait: Duration,
     ) -> Result<Vec<pb::SiteCheck>, EngineError> {
-        let spec = super::training_spec(spec_toml)?;
+        // Either kind: a check creates no job, so a consortium-statistics job may be checked
+        // before this coordinator runs the kind (the sites' gates judge it as such).
+        let spec = SubmittedSpec::from_toml_str(spec_toml)?;
+        let schema = spec.data().schema.clone();
         let digest = spec.digest().to_hex();
-        let eligible = self.nodes.eligible(&spec.data.schema, &spec.sites);
-        let mut sites: Vec<String> = if spec.sites.is_empty() {
+        let eligible = self.nodes.eligible(&schema, spec.sites());
+        let mut sites: Vec<String> = if spec.sites().is_empty() {
             eligible.clone()
         } else {
-            spec.sites.clone()
+            spec.sites().to_vec()
         };
         sites.sort();
         sites.dedup();
@@ -145,10 +149,7 @@ impl Engine {
                     site.clone(),
                     unanswered(
                         NO_DATASET,
-                        format!(
-                            "the site's node offers no ready dataset of schema {:?}",
-                            spec.data.schema
-                        ),
+                        format!("the site's node offers no ready dataset of schema {schema:?}"),
                     ),
                 );
                 continue;
