@@ -1,5 +1,5 @@
 //! Consortium statistics (`kind = "statistics"`) through the running services, as far as they
-//! are wired: `tutela job check` asks each site's node whether it would release the job's
+//! are wired: `tutela job check` (the RPC and the CLI) asks each site's node whether it would release the job's
 //! statistics, and each gate judges it as a statistics job — its table and schema digest, the
 //! site-policy clauses (not `allowed_models`: it trains no model), its one release against the
 //! site's ε caps —, reading no record and spending nothing. Submitting the job is still refused
@@ -83,6 +83,33 @@ async fn a_statistics_job_check_asks_each_site_and_its_gate_judges_the_release()
         for r in &s.refusals {
             assert!(!r.reason.contains(&*dir.path().to_string_lossy()), "{r:?}");
         }
+    }
+
+    // The CLI prints each refusal and the site that would release it, and exits non-zero.
+    let spec_path = dir.path().join("statistics.toml");
+    std::fs::write(&spec_path, &spec).unwrap();
+    let out = std::process::Command::new(tutela_e2e::bin("tutela"))
+        .args(["job", "check"])
+        .arg(&spec_path)
+        .arg("--coordinator")
+        .arg(format!("localhost:{}", c.port))
+        .arg("--tls-dir")
+        .arg(c.certs())
+        .args(["--stem", "operator-op"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "a\tpolicy.refused\tsite policy `privacy.max_epsilon_per_job`",
+        "a\tprivacy.budget\t",
+        "b\twould run the job",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(line)),
+            "{line:?} missing:\n{stdout}\n{stderr}"
+        );
     }
 
     // Another schema file than the sites': each names the two digests' prefixes.
