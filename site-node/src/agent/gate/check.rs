@@ -2,8 +2,9 @@
 //! run whatever the others found, so that the answer lists everything at once: the dataset and
 //! its schema digest, every site-policy clause, the tokenizer and base checkpoint, the privacy
 //! budget against the job's planned spend (for a consortium-statistics job: its table and
-//! schema digest, the policy, its one release against the caps). No approval is needed (a check comes before officers
-//! sign); no data is read, nothing is trained, spent, or recorded as approved.
+//! schema digest, the policy, its one release against the caps). No approval is needed (a
+//! check comes before officers sign); no data is read, nothing is trained, spent, or recorded
+//! as approved.
 
 use tutela_protocol::job::{JobKind, StatisticsJobSpec};
 use tutela_protocol::pb;
@@ -156,7 +157,11 @@ impl TaskGate {
                                 StatisticsChargeError::Ledger(why) => Refusal::Ledger(why),
                             })
                     });
-            if let Err(r) = budget {
+            // A ledger already reported unreadable (by the policy's spent figure) is not
+            // repeated.
+            if let Err(r) = budget
+                && !found.contains(&r)
+            {
                 found.push(r);
             }
         }
