@@ -692,3 +692,80 @@ fn the_sites_statistics_release_checks_the_schema_and_the_budget_before_the_read
         .unwrap_err();
     assert!(e.to_string().contains("released once"), "{e}");
 }
+
+/// A statistics release's spend is anchored like a round's: the `privacy.spent` made from its
+/// charge is one the ledger holds; a ledger lost since (a fresh file) is behind the trail and
+/// refused, and restored from the trail it holds the release's ε again and will not release
+/// the job a second time — losing the ledger does not reset the site's budget.
+#[test]
+fn a_statistics_spend_in_the_trail_survives_the_ledger_being_lost() {
+    use std::sync::Arc;
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_site_node::ledger::{
+        AnchoredSpend, FixedCaps, PrivacyBudgetConfig, SiteLedgers, StatisticsChargeError,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout_of(&schema(), Path::new("clinic.schema.toml")).unwrap();
+    let job = StatisticsJobSpec::from_toml_str(
+        "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 1\n\
+         deadline_secs = 60\n[data]\nschema = \"clinic\"\nschema_sha256 = \
+         \"0000000000000000000000000000000000000000000000000000000000000000\"\n\
+         [privacy]\ntarget_epsilon = 1.0\n",
+    )
+    .unwrap();
+    let plan = job.plan(&layout).unwrap();
+    let ledgers = |name: &str| {
+        SiteLedgers::new(dir.path().join(name), None, PrivacyBudgetConfig::default()).with_caps(
+            Arc::new(FixedCaps {
+                per_job: None,
+                total: Some(10.0),
+            }),
+        )
+    };
+
+    let site = ledgers("site");
+    let charged = site
+        .charge_statistics("job-1", "clinic", &plan, 500, 1_000)
+        .unwrap();
+    assert_eq!(site.unanchored("clinic").unwrap().len(), 1);
+    let payload = site
+        .spend_payload(
+            "hospital-a",
+            "clinic",
+            "job-1",
+            &charged.charge,
+            plan.delta,
+            Accountant::Rdp,
+        )
+        .unwrap();
+    let anchored = AnchoredSpend {
+        seq: 7,
+        timestamp_unix_ms: 1_000,
+        payload,
+    };
+    site.mark_anchored("clinic", "job-1", (1, 1), 7).unwrap();
+    assert!(site.unanchored("clinic").unwrap().is_empty());
+    site.check_against_trail("clinic", std::slice::from_ref(&anchored))
+        .unwrap();
+
+    // The ledger lost: behind the trail, refused; restored, the spend and the "once" are back.
+    let lost = ledgers("lost");
+    assert!(
+        lost.check_against_trail("clinic", std::slice::from_ref(&anchored))
+            .is_err()
+    );
+    let restored = lost
+        .restore_from_trail("clinic", std::slice::from_ref(&anchored))
+        .unwrap();
+    assert!(
+        (restored - charged.dataset_epsilon).abs() < 1e-9,
+        "{restored} vs {}",
+        charged.dataset_epsilon
+    );
+    lost.check_against_trail("clinic", &[anchored]).unwrap();
+    match lost.charge_statistics("job-1", "clinic", &plan, 500, 2_000) {
+        Err(StatisticsChargeError::Refused(why)) => assert!(why.contains("released once"), "{why}"),
+        other => panic!("expected the job refused, got {other:?}"),
+    }
+}
