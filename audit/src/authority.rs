@@ -7,7 +7,7 @@
 //!
 //! | action | who may assert it |
 //! |---|---|
-//! | `node.registered`, `job.proposed`, `job.started`, `model.initialized`, `round.completed`, `job.completed`, `job.failed`, `model.published`, `watermark.registered` | the coordinator |
+//! | `node.registered`, `job.proposed`, `job.started`, `model.initialized`, `round.completed`, `job.completed`, `job.failed`, `model.published`, `watermark.registered`, `statistics.published` | the coordinator |
 //! | `update.refused` | the coordinator (any site), or a site's node naming its own site in `site` |
 //! | `dataset.deidentified`, `dataset.text_deidentified`, `privacy.spent` | a site's node, for a subject `<its site>/<dataset>` and `site` its own |
 //! | `ledger.restored` | a user of the site (the policy lets only its compliance officers write), for a subject `<its site>/<dataset>` and `site` its own |
@@ -93,7 +93,8 @@ impl Authority {
             | Action::ModelPublished
             | Action::WatermarkRegistered
             | Action::ModelRegistered
-            | Action::PolicyLoaded => Authority::Coordinator,
+            | Action::PolicyLoaded
+            | Action::StatisticsPublished => Authority::Coordinator,
             Action::ModelStageChanged => Authority::SignedStageMove,
             Action::AuditQuarantined => Authority::SignedQuarantine,
             Action::UpdateRefused => Authority::CoordinatorOrOwnSiteNode,

@@ -130,11 +130,17 @@ pub enum Action {
     /// digest and both files' text; readers recompute the digest and re-check each
     /// `model.stage_changed` naming it against its stage rules and role grants.
     PolicyLoaded,
+    /// `statistics.published`: the coordinator summed the sites' noised sufficient statistics
+    /// of a consortium-statistics job (`kind = "statistics"`) and finished the data dictionary.
+    /// Subject: the job id. Payload ([`crate::payload::StatisticsPublished`]): the spec and
+    /// schema digests, the SHA-256 of the statistics file, the sites in the sum and the ε each
+    /// spent, whether the sum was masked, the bounds' confidence; no figure of the data.
+    StatisticsPublished,
 }
 
 impl Action {
     /// Every action, in declaration order.
-    pub const ALL: [Action; 23] = [
+    pub const ALL: [Action; 24] = [
         Action::NodeRegistered,
         Action::JobProposed,
         Action::JobApproved,
@@ -158,6 +164,7 @@ impl Action {
         Action::ModelInitialized,
         Action::AuditQuarantined,
         Action::PolicyLoaded,
+        Action::StatisticsPublished,
     ];
 
     /// The dotted name, as stored and hashed.
@@ -186,6 +193,7 @@ impl Action {
             Action::ModelInitialized => "model.initialized",
             Action::AuditQuarantined => "audit.quarantined",
             Action::PolicyLoaded => "policy.loaded",
+            Action::StatisticsPublished => "statistics.published",
         }
     }
 }

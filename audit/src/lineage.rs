@@ -27,8 +27,8 @@ use crate::authority::AuthorityCheck;
 use crate::event::{Action, Event};
 use crate::payload::{
     ActionPayload, JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted,
-    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, TextDatasetDeidentified,
-    UpdateRefused, WatermarkRegistered,
+    ModelInitialized, ModelPublished, PayloadError, RoundCompleted, StatisticsPublished,
+    TextDatasetDeidentified, UpdateRefused, WatermarkRegistered,
 };
 
 /// An event a reader did not believe, and why.
@@ -114,6 +114,16 @@ pub struct TextDeidentificationRecord {
     pub dataset_commitment: String,
 }
 
+/// A consortium-statistics job's result (`statistics.published`): the file's digest and what it
+/// cost (the per-site ε is also the record's `epsilon_per_site`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StatisticsRecord {
+    pub seq: u64,
+    pub timestamp: String,
+    #[serde(flatten)]
+    pub published: StatisticsPublished,
+}
+
 /// A watermark registered for a job's published model (`watermark.registered`).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct WatermarkRecord {
@@ -174,6 +184,9 @@ pub struct JobRecord {
     pub outcome_reason: Option<String>,
     pub model_digest: Option<String>,
     pub published_seq: Option<u64>,
+    /// A consortium-statistics job's result; `None` for training jobs (and before it is
+    /// published).
+    pub statistics: Option<StatisticsRecord>,
     /// The watermark registered for the published model, when the job asked for one.
     pub watermark: Option<WatermarkRecord>,
     /// Events about the job that break the trail's authority rules: not believed, not counted.
@@ -251,6 +264,7 @@ pub fn job_record(events: &[Event], job: &str, check: &AuthorityCheck) -> JobRec
         epsilon_per_site: BTreeMap::new(),
         dataset_commitments: BTreeMap::new(),
         language_model: None,
+        statistics: None,
         text_deidentified: BTreeMap::new(),
         outcome: "running".into(),
         outcome_seq: None,
@@ -453,6 +467,21 @@ fn apply_event(
                 seq: e.seq,
                 timestamp: ts,
                 registered: p,
+            });
+        }
+        Action::StatisticsPublished => {
+            let p = StatisticsPublished::from_event(e)?;
+            // The sites in the sum took part, and their one release is the job's whole spend.
+            for site in &p.sites {
+                if !r.participants.contains(site) {
+                    r.participants.push(site.clone());
+                }
+            }
+            r.epsilon_per_site = p.epsilon_per_site.clone();
+            r.statistics = Some(StatisticsRecord {
+                seq: e.seq,
+                timestamp: ts,
+                published: p,
             });
         }
         Action::PrivacySpent | Action::LedgerRestored | Action::AuditQuarantined => {}

@@ -57,7 +57,9 @@ pub enum JobCommand {
     /// Ask every site the job would run at whether it would (dataset, schema digest, each
     /// site-policy clause, tokenizer and base model, remaining privacy budget), before it is
     /// submitted and signed. Prints every refusal of every site; exits non-zero if there is any.
-    /// Nothing is stored, proposed, spent or approved.
+    /// Nothing is stored, proposed, spent or approved. A consortium-statistics spec
+    /// (`kind = "statistics"`) is checked as one: its table, schema digest, policy clauses and
+    /// its one release against each site's ε caps.
     Check {
         spec: PathBuf,
         #[command(flatten)]
@@ -535,7 +537,8 @@ async fn officer_signing(
     if let Some(path) = spec {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let local = tutela_protocol::job::JobSpec::from_toml_str(&text)
+        // Either kind of job: officers sign a statistics job's digest the same way.
+        let local = tutela_protocol::job::SubmittedSpec::from_toml_str(&text)
             .with_context(|| format!("{}", path.display()))?
             .digest();
         anyhow::ensure!(

@@ -22,7 +22,7 @@ use tutela_audit::payload;
 use tutela_protocol::pb;
 
 use crate::aggregate::plan::{JobAggregation, Spools};
-use crate::job::{JobId, JobSpec, JobState};
+use crate::job::{JobId, JobKind, JobSpec, JobState, StatisticsJobSpec};
 use crate::nodes::NodeRegistry;
 use crate::store::Store;
 use crate::strategy::StrategyConfig;
@@ -105,6 +105,23 @@ fn now_ms() -> i64 {
 fn ms_to_time(ms: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// The training job spec in `spec_toml`. A consortium-statistics spec (`kind = "statistics"`,
+/// `tutela_protocol::job::statistics`) is checked as one, then refused saying that this
+/// coordinator does not run that kind yet: before any officer is asked to sign a job that could
+/// never start (docs/architecture.md, "Consortium statistics", what is left). Used by `SubmitJob`
+/// and `AmendJob`; `CheckJob` creates no job and asks the sites about a job of either kind.
+pub fn training_spec(spec_toml: &str) -> Result<JobSpec, EngineError> {
+    if JobKind::of_toml(spec_toml)? == JobKind::Statistics {
+        StatisticsJobSpec::from_toml_str(spec_toml)?;
+        return Err(EngineError::NotConfigured(
+            "kind = \"statistics\": this coordinator does not run consortium-statistics jobs \
+             yet (the spec is valid; nothing was proposed or recorded)"
+                .into(),
+        ));
+    }
+    Ok(JobSpec::from_toml_str(spec_toml)?)
 }
 
 fn new_task_id() -> String {
@@ -268,7 +285,7 @@ impl Engine {
         spec_toml: &str,
         submitter: Option<&str>,
     ) -> Result<JobId, EngineError> {
-        let spec = JobSpec::from_toml_str(spec_toml)?;
+        let spec = training_spec(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
         self.check_watermark_key(&spec)?;
@@ -348,7 +365,7 @@ impl Engine {
     /// proposed in the audit trail first (fail closed): officers' approvals of its digest are
     /// accepted there only for a digest the trail shows proposed.
     pub async fn amend(&self, id: &JobId, spec_toml: &str) -> Result<(), EngineError> {
-        let spec = JobSpec::from_toml_str(spec_toml)?;
+        let spec = training_spec(spec_toml)?;
         StrategyConfig::from_spec(spec.strategy.as_ref())
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
         self.check_watermark_key(&spec)?;

@@ -16,6 +16,7 @@ pub mod job;
 pub mod nodes;
 pub mod registry;
 pub mod service;
+pub mod statistics;
 pub mod store;
 pub mod strategy;
 pub mod tasks;

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tutela_protocol::human::number;
 use tutela_protocol::identity::Identity;
-use tutela_protocol::job::{JobSpec, PrivacyMode};
+use tutela_protocol::job::JobSpec;
+
+mod terms;
+pub use terms::JobTerms;
 
 /// `site-policy.toml`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -24,7 +27,8 @@ pub struct SitePolicy {
     /// Operators whose jobs this site runs. Absent: any consortium operator.
     #[serde(default)]
     pub allowed_operators: Option<Vec<String>>,
-    /// Model registry names this site trains. Absent: any.
+    /// Model registry names this site trains. Absent: any. A job that trains no model (a
+    /// consortium-statistics job) is not restricted by it ([`JobTerms::model`]).
     #[serde(default)]
     pub allowed_models: Option<Vec<String>>,
     #[serde(default)]
@@ -310,6 +314,18 @@ impl SitePolicy {
         now: OffsetDateTime,
         spent_epsilon: f64,
     ) -> Result<(), Breaches> {
+        self.evaluate_terms(&JobTerms::of_training(spec), submitter, now, spent_epsilon)
+    }
+
+    /// [`SitePolicy::evaluate`] of a job of any kind, through its [`JobTerms`] (a statistics
+    /// job: `JobTerms::of_statistics`).
+    pub fn evaluate_terms(
+        &self,
+        spec: &JobTerms<'_>,
+        submitter: Option<&str>,
+        now: OffsetDateTime,
+        spent_epsilon: f64,
+    ) -> Result<(), Breaches> {
         let mut found = Vec::new();
         if let Some(allowed) = &self.allowed_operators {
             match submitter {
@@ -325,23 +341,20 @@ impl SitePolicy {
             }
         }
         if let Some(models) = &self.allowed_models
-            && !models.contains(&spec.model.name)
+            && let Some(model) = spec.model
+            && !models.iter().any(|m| m == model)
         {
             found.push(breach(
                 "allowed_models",
                 format!(
                     "model {:?} is not allowed here (allowed: {})",
-                    spec.model.name,
+                    model,
                     models.join(", ")
                 ),
             ));
         }
 
-        let dp = spec
-            .privacy
-            .as_ref()
-            .filter(|p| p.mode != PrivacyMode::None);
-        let epsilon = dp.and_then(|p| p.target_epsilon);
+        let epsilon = spec.epsilon;
         if let Some(max) = self.privacy.max_epsilon_per_job {
             match epsilon {
                 None => found.push(breach(
@@ -363,36 +376,29 @@ impl SitePolicy {
             }
         }
         if let Some(min) = self.privacy.min_noise_multiplier {
-            match dp {
-                None => found.push(breach(
+            if !spec.dp {
+                found.push(breach(
                     "privacy.min_noise_multiplier",
                     format!(
                         "the job has no DP noise, and this site requires σ ≥ {}",
                         number(min)
                     ),
-                )),
-                Some(p) => {
-                    let stated = match p.mode {
-                        PrivacyMode::Central => p.central.as_ref().and_then(|c| c.noise_multiplier),
-                        _ => p.noise_multiplier,
-                    };
-                    if let Some(z) = stated
-                        && z < min
-                    {
-                        found.push(breach(
-                            "privacy.min_noise_multiplier",
-                            format!(
-                                "the job's noise multiplier {} is below this site's minimum {}",
-                                number(z),
-                                number(min)
-                            ),
-                        ));
-                    }
-                }
+                ));
+            } else if let Some(z) = spec.noise_multiplier
+                && z < min
+            {
+                found.push(breach(
+                    "privacy.min_noise_multiplier",
+                    format!(
+                        "the job's noise multiplier {} is below this site's minimum {}",
+                        number(z),
+                        number(min)
+                    ),
+                ));
             }
         }
-        if let Some(total) = self.privacy.budget.get(&spec.data.schema) {
-            let clause = format!("privacy.budget.{}", spec.data.schema);
+        if let Some(total) = self.privacy.budget.get(spec.schema) {
+            let clause = format!("privacy.budget.{}", spec.schema);
             let left = (total - spent_epsilon).max(0.0);
             match epsilon {
                 None => found.push(breach(

@@ -25,6 +25,9 @@ pub use aggregation::{AggregationRuleName, AggregationSpec};
 mod watermark;
 pub use watermark::{WatermarkScheme, WatermarkSpec};
 
+pub mod statistics;
+pub use statistics::{JobKind, StatisticsJobSpec, SubmittedSpec};
+
 /// A job spec, as written in a job's TOML file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -676,32 +679,7 @@ impl JobSpec {
                 ),
             ));
         }
-        for (i, site) in self.sites.iter().enumerate() {
-            crate::identity::validate_segment("site", site).map_err(|_| {
-                SpecError::invalid(
-                    format!("sites[{i}]"),
-                    format!(
-                        "{site:?} is not a site name (1 to 63 of a-z, 0-9, '-', '_', '.', not starting with '.' or '-')"
-                    ),
-                )
-            })?;
-            if self.sites[..i].contains(site) {
-                return Err(SpecError::invalid(
-                    format!("sites[{i}]"),
-                    format!("{site:?} is listed twice"),
-                ));
-            }
-        }
-        if !self.sites.is_empty() && self.sites.len() < self.min_sites as usize {
-            return Err(SpecError::invalid(
-                "min_sites",
-                format!(
-                    "is {} but `sites` lists only {}: no round could ever complete",
-                    self.min_sites,
-                    self.sites.len()
-                ),
-            ));
-        }
+        check_sites(&self.sites, self.min_sites)?;
         if let Some(v) = &self.strategy {
             check_finite("strategy", v)?;
         }
@@ -747,18 +725,53 @@ impl JobSpec {
     pub fn digest(&self) -> SpecDigest {
         // Serializing a struct of strings, numbers and toml values into a `serde_json::Value`
         // cannot fail; the fallback keeps this function total without an `unwrap`.
-        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        let canonical = canonical_json(&value);
-        let d = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(d.as_ref());
-        SpecDigest(out)
+        digest_of_value(&serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
     }
 
     /// The canonical JSON text the digest is computed over, for a verifier to recompute it.
     pub fn canonical_json(&self) -> String {
         canonical_json(&serde_json::to_value(self).unwrap_or(serde_json::Value::Null))
     }
+}
+
+/// SHA-256 of a parsed spec's canonical JSON: the digest of every kind of job spec.
+fn digest_of_value(value: &serde_json::Value) -> SpecDigest {
+    let canonical = canonical_json(value);
+    let d = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    SpecDigest(out)
+}
+
+/// `sites`: site names, each once, and at least `min_sites` of them when any are listed.
+fn check_sites(sites: &[String], min_sites: u32) -> Result<(), SpecError> {
+    for (i, site) in sites.iter().enumerate() {
+        crate::identity::validate_segment("site", site).map_err(|_| {
+            SpecError::invalid(
+                format!("sites[{i}]"),
+                format!(
+                    "{site:?} is not a site name (1 to 63 of a-z, 0-9, '-', '_', '.', not starting with '.' or '-')"
+                ),
+            )
+        })?;
+        if sites[..i].contains(site) {
+            return Err(SpecError::invalid(
+                format!("sites[{i}]"),
+                format!("{site:?} is listed twice"),
+            ));
+        }
+    }
+    if !sites.is_empty() && sites.len() < min_sites as usize {
+        return Err(SpecError::invalid(
+            "min_sites",
+            format!(
+                "is {} but `sites` lists only {}: no round could ever complete",
+                min_sites,
+                sites.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_name(key: &str, value: &str, max: usize) -> Result<(), SpecError> {

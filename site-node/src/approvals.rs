@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use time::OffsetDateTime;
 
-use tutela_policy::site_policy::{ReloadingSitePolicy, SitePolicyError};
+use tutela_policy::site_policy::{JobTerms, ReloadingSitePolicy, SitePolicyError};
 use tutela_policy::{Approval, ApprovalVerifier, SitePolicy};
-use tutela_protocol::job::JobSpec;
+use tutela_protocol::job::SubmittedSpec;
 use tutela_protocol::pb;
 use tutela_protocol::tls::TlsMaterial;
 
@@ -120,7 +120,8 @@ impl SiteApprovals {
         now_ms: i64,
         spent_epsilon: f64,
     ) -> Result<(), ApprovalRefusal> {
-        let spec = JobSpec::from_toml_str(&task.job_spec_toml)
+        // Either kind of job: the approvals are over its digest, the policy over its terms.
+        let spec = SubmittedSpec::from_toml_str(&task.job_spec_toml)
             .map_err(|e| ApprovalRefusal::Spec(e.to_string()))?;
         let digest = spec.digest();
         if task.job_digest != digest.to_hex() {
@@ -175,7 +176,7 @@ impl SiteApprovals {
         now_ms: i64,
         spent_epsilon: f64,
     ) -> Result<(), ApprovalRefusal> {
-        let spec = JobSpec::from_toml_str(&task.job_spec_toml)
+        let spec = SubmittedSpec::from_toml_str(&task.job_spec_toml)
             .map_err(|e| ApprovalRefusal::Spec(e.to_string()))?;
         evaluate(&self.policy.current(), &spec, task, now_ms, spent_epsilon)
     }
@@ -184,7 +185,7 @@ impl SiteApprovals {
 /// `policy`'s clauses over `spec`, submitted by whom `task` says, at `now_ms`.
 fn evaluate(
     policy: &SitePolicy,
-    spec: &JobSpec,
+    spec: &SubmittedSpec,
     task: &pb::Task,
     now_ms: i64,
     spent_epsilon: f64,
@@ -192,7 +193,7 @@ fn evaluate(
     let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     let submitter = (!task.submitted_by.is_empty()).then_some(task.submitted_by.as_str());
-    policy.evaluate(spec, submitter, now, spent_epsilon)?;
+    policy.evaluate_terms(&JobTerms::of_submitted(spec), submitter, now, spent_epsilon)?;
     Ok(())
 }
 
@@ -204,6 +205,7 @@ mod tests {
     use std::sync::Arc;
 
     use tutela_protocol::identity::Principal;
+    use tutela_protocol::job::JobSpec;
     use tutela_protocol::pki::{
         CertificateAuthority, IssuedCertificate, KeyAlgorithm, LeafOptions, Validity,
     };
@@ -291,7 +293,10 @@ noise_multiplier = 1.0
             kind: pb::TaskKind::Train as i32,
             job_id: JOB.into(),
             job_spec_toml: spec_toml.into(),
-            job_digest: JobSpec::from_toml_str(spec_toml).unwrap().digest().to_hex(),
+            job_digest: SubmittedSpec::from_toml_str(spec_toml)
+                .unwrap()
+                .digest()
+                .to_hex(),
             approvals,
             submitted_by: OP.into(),
             ..Default::default()
@@ -303,7 +308,7 @@ noise_multiplier = 1.0
         cert_of: &IssuedCertificate,
         spec_toml: &str,
     ) -> pb::SignedApproval {
-        let digest = JobSpec::from_toml_str(spec_toml).unwrap().digest();
+        let digest = SubmittedSpec::from_toml_str(spec_toml).unwrap().digest();
         let t = now();
         Approval::sign(
             &key_of.key_pem,
@@ -452,5 +457,58 @@ noise_multiplier = 1.0
             }
             other => panic!("expected both breaches, got {other:?}"),
         }
+    }
+
+    /// A consortium-statistics job's task: the same approvals over its digest, the policy over
+    /// its terms — held to the operators and ε clauses, not to `allowed_models` (it trains no
+    /// model) —, and a signature over the training job of the same name does not admit it.
+    #[test]
+    fn a_statistics_job_is_approved_and_held_to_the_policy_like_a_training_job() {
+        let f = fixture();
+        let stats = |epsilon: f64| {
+            format!(
+                "kind = \"statistics\"\nname = \"t\"\nmin_sites = 1\ndeadline_secs = 30\n\
+                 sites = [\"st-mary\"]\n[data]\nschema = \"breast_cancer\"\n\
+                 schema_sha256 = \"{}\"\n[privacy]\ntarget_epsilon = {epsilon:?}\n",
+                "ab".repeat(32)
+            )
+        };
+        let s = stats(2.0);
+        // allowed_models = ["mlp"] does not restrict a job that trains no model.
+        f.gate
+            .check(&task(&s, vec![signed(&f.alice, &f.alice, &s)]), now(), 0.0)
+            .unwrap();
+        f.gate.check_policy(&task(&s, vec![]), now(), 0.0).unwrap();
+        not_approved(f.gate.check(&task(&s, vec![]), now(), 0.0), "no approvals");
+        let training = spec("mlp", 2.0);
+        not_approved(
+            f.gate.check(
+                &task(&s, vec![signed(&f.alice, &f.alice, &training)]),
+                now(),
+                0.0,
+            ),
+            "the spec changed after it was signed",
+        );
+        let clauses = |spec_toml: &str, submitter: &str, spent: f64| {
+            let mut t = task(spec_toml, vec![signed(&f.alice, &f.alice, spec_toml)]);
+            t.submitted_by = submitter.into();
+            match f.gate.check(&t, now(), spent) {
+                Err(ApprovalRefusal::Breach(b)) => b
+                    .clauses()
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>(),
+                other => panic!("expected a breach, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            clauses(&stats(5.0), OP, 0.0),
+            ["privacy.max_epsilon_per_job"]
+        );
+        assert_eq!(clauses(&s, OP, 9.0), ["privacy.budget.breast_cancer"]);
+        assert_eq!(
+            clauses(&s, "spiffe://acme/operator/eve", 0.0),
+            ["allowed_operators"]
+        );
     }
 }

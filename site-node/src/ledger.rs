@@ -717,7 +717,11 @@ fn within_job_target(
 }
 
 mod identity;
+mod statistics;
 mod trail;
+pub use statistics::{
+    ChargedRelease, StatisticsCharge, StatisticsChargeError, StatisticsReleaseError,
+};
 pub use trail::{AnchoredSpend, LedgerBehindTrail};
 
 /// Where a round's DP-SGD spend is planned and charged: the node's ledgers, or none (central

@@ -20,6 +20,7 @@ mod policy;
 mod quarantine;
 mod registry;
 mod site;
+mod statistics;
 
 pub use job::{
     JobApproved, JobCompleted, JobFailed, JobProposed, JobRejected, JobStarted, ModelInitialized,
@@ -31,6 +32,7 @@ pub use policy::{PolicyDecision, PolicyLoaded};
 pub use quarantine::{AuditQuarantined, QuarantineSignature, QuarantineTerms, QuarantinedRow};
 pub use registry::{ModelRegistered, ModelStageChanged, StageSignature};
 pub use site::{DatasetDeidentified, NodeRegistered, TextDatasetDeidentified};
+pub use statistics::StatisticsPublished;
 
 /// The payload of one action. `ACTION` ties the struct to its action so that a writer cannot
 /// append a payload under another action's name and a reader cannot decode one as another.
@@ -115,5 +117,6 @@ pub fn check_shape(action: Action, payload: &serde_json::Value) -> Result<(), Pa
         Action::ModelStageChanged => shape::<ModelStageChanged>(payload),
         Action::AuditQuarantined => shape::<AuditQuarantined>(payload),
         Action::PolicyLoaded => shape::<PolicyLoaded>(payload),
+        Action::StatisticsPublished => shape::<StatisticsPublished>(payload),
     }
 }

@@ -934,3 +934,77 @@ fn the_watermark_registry_believes_the_coordinator_only_and_the_lineage_shows_it
     extra["key"] = json!("00");
     assert!(tutela_audit::payload::WatermarkRegistered::from_value(1, &extra).is_err());
 }
+
+#[test]
+fn statistics_published_is_the_coordinator_s_and_the_job_record_shows_the_result_and_spends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, ca) = officer(dir.path());
+    assert_eq!(
+        Authority::of(Action::StatisticsPublished),
+        Authority::Coordinator
+    );
+    let result = tutela_audit::payload::StatisticsPublished {
+        spec_digest: hex::encode(DIGEST),
+        schema: "breast_cancer".into(),
+        schema_sha256: "5".repeat(64),
+        result_sha256: "6".repeat(64),
+        sites: vec!["hospital-a".into(), "hospital-b".into()],
+        epsilon_per_site: [
+            ("hospital-a".to_string(), 1.0),
+            ("hospital-b".to_string(), 1.0),
+        ]
+        .into(),
+        delta: 1e-6,
+        accountant: "rdp".into(),
+        secure_aggregation: false,
+        confidence: 1.0 - 1e-6,
+        rows: 412.3,
+    };
+    let mut chain = Chain::new();
+    let genuine = chain
+        .append(
+            Timestamp::now(),
+            COORDINATOR,
+            Action::StatisticsPublished,
+            JOB,
+            result.to_value(),
+        )
+        .unwrap();
+    // A site's node cannot publish the consortium's statistics (nor its own ε in them).
+    let mut forged_result = result.clone();
+    forged_result
+        .epsilon_per_site
+        .insert("hospital-a".into(), 0.0);
+    let forged = chain
+        .append(
+            Timestamp::now(),
+            NODE,
+            Action::StatisticsPublished,
+            JOB,
+            forged_result.to_value(),
+        )
+        .unwrap();
+    let events = vec![genuine.clone(), forged.clone()];
+    let record = job_record(&events, JOB, &check(&ca));
+    let stats = record
+        .statistics
+        .as_ref()
+        .expect("the coordinator's result");
+    assert_eq!(stats.seq, genuine.seq);
+    assert_eq!(stats.published, result);
+    assert_eq!(record.epsilon_per_site, result.epsilon_per_site);
+    assert_eq!(record.participants, result.sites);
+    assert!(
+        record.flagged.iter().any(|f| f.seq == forged.seq),
+        "{:?}",
+        record.flagged
+    );
+    // Typed: the shape check refuses an extra field and another action's payload.
+    let mut extra = result.to_value();
+    extra["means"] = json!([1.0]);
+    assert!(tutela_audit::payload::check_shape(Action::StatisticsPublished, &extra).is_err());
+    assert!(tutela_audit::payload::check_shape(Action::StatisticsPublished, &round()).is_err());
+    assert!(
+        tutela_audit::payload::check_shape(Action::StatisticsPublished, &result.to_value()).is_ok()
+    );
+}

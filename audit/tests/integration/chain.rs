@@ -249,7 +249,8 @@ fn action_names_round_trip() {
             "model.stage_changed",
             "model.initialized",
             "audit.quarantined",
-            "policy.loaded"
+            "policy.loaded",
+            "statistics.published"
         ]
     );
     for a in Action::ALL {

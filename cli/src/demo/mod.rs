@@ -81,6 +81,18 @@ pub struct DemoArgs {
     /// step over every site's rows; both test accuracies are printed side by side.
     #[arg(long, value_enum, default_value_t = PrivacyDemo::Local)]
     privacy: PrivacyDemo,
+    /// Tabular demos only: keep at most this many of each site's training rows (the rest of its
+    /// share is dropped; the held-out test split is unchanged), to see what small sites get under
+    /// DP (`docs/small-sites.md`). Default: every site keeps its whole share.
+    #[arg(long)]
+    site_rows: Option<usize>,
+    /// Tabular demos only: the job's `training.batch_size` (default: the job spec's), e.g. the
+    /// one `tutela privacy plan` suggests for the smallest site.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Tabular demos only: the job's `training.local_epochs` (default: the job spec's).
+    #[arg(long)]
+    local_epochs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -340,7 +352,13 @@ async fn run_tabular(args: DemoArgs, p: Plan) -> Result<()> {
     // 2. Each hospital's own data, and a test split nobody trains on.
     let (header, rows) = read_rows(&data_dir.join(p.csv))?;
     let total = rows.len();
-    let (shards, test) = split(&header, rows, p.label, p.sites.len(), args.seed)?;
+    let (mut shards, test) = split(&header, rows, p.label, p.sites.len(), args.seed)?;
+    if let Some(cap) = args.site_rows {
+        // The split shuffled each share, so its first rows are a random subset of it.
+        for shard in &mut shards {
+            shard.truncate(cap);
+        }
+    }
     let test_csv = dir.join("test.csv");
     write_csv(&test_csv, &header, &test)?;
     let union: Vec<String> = shards.iter().flatten().cloned().collect();
@@ -424,6 +442,14 @@ async fn run_tabular(args: DemoArgs, p: Plan) -> Result<()> {
         toml::from_str(p.job).context("the built-in demo job spec is not valid TOML")?;
     if let Some(r) = args.rounds {
         spec.insert("rounds".into(), toml::Value::Integer(r.into()));
+    }
+    for (key, value) in [
+        ("batch_size", args.batch_size),
+        ("local_epochs", args.local_epochs),
+    ] {
+        if let (Some(v), Some(toml::Value::Table(training))) = (value, spec.get_mut("training")) {
+            training.insert(key.into(), toml::Value::Integer(v.into()));
+        }
     }
     match args.epsilon {
         Some(e) if e.is_infinite() => {
@@ -613,6 +639,12 @@ async fn train_and_evaluate(
     let eval: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("tutela-node evaluate printed no JSON")?;
     let accuracy = eval["accuracy"].as_f64().unwrap_or(f64::NAN);
+    // Accuracy alone flatters a model that predicts the majority class for every row: show the
+    // figures that would reveal it (docs/small-sites.md).
+    println!(
+        "final model: AUC {}  F1 {}  confusion (rows: true class, columns: predicted) {}",
+        eval["auc"], eval["f1"], eval["confusion"]
+    );
     Ok((last, accuracy, eval["n"].clone()))
 }
 

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tutela_protocol::job::SubmittedSpec;
 use tutela_protocol::pb;
 
 use super::{Engine, EngineError, new_task_id, now_ms};
-use crate::job::JobSpec;
 
 /// How long a check waits for the sites' answers: a node answers from its gate, without reading
 /// data, so a site silent this long is reported as not answering.
@@ -113,13 +113,16 @@ impl Engine {
         submitter: Option<&str>,
         wait: Duration,
     ) -> Result<Vec<pb::SiteCheck>, EngineError> {
-        let spec = JobSpec::from_toml_str(spec_toml)?;
+        // Either kind: a check creates no job, so a consortium-statistics job may be checked
+        // before this coordinator runs the kind (the sites' gates judge it as such).
+        let spec = SubmittedSpec::from_toml_str(spec_toml)?;
+        let schema = spec.data().schema.clone();
         let digest = spec.digest().to_hex();
-        let eligible = self.nodes.eligible(&spec.data.schema, &spec.sites);
-        let mut sites: Vec<String> = if spec.sites.is_empty() {
+        let eligible = self.nodes.eligible(&schema, spec.sites());
+        let mut sites: Vec<String> = if spec.sites().is_empty() {
             eligible.clone()
         } else {
-            spec.sites.clone()
+            spec.sites().to_vec()
         };
         sites.sort();
         sites.dedup();
@@ -146,10 +149,7 @@ impl Engine {
                     site.clone(),
                     unanswered(
                         NO_DATASET,
-                        format!(
-                            "the site's node offers no ready dataset of schema {:?}",
-                            spec.data.schema
-                        ),
+                        format!("the site's node offers no ready dataset of schema {schema:?}"),
                     ),
                 );
                 continue;

@@ -768,3 +768,53 @@ async fn a_job_naming_a_model_no_site_has_is_refused_at_submission() {
     );
     c.stop().await;
 }
+
+/// A consortium-statistics spec (`kind = "statistics"`) is checked as one at submission (a bad
+/// value named by its key) and, valid, refused saying that this coordinator does not run the
+/// kind yet: no job is created, so no officer is asked to sign one that could never start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statistics_job_is_validated_and_refused_until_the_coordinator_runs_the_kind() {
+    let c = start().await;
+    let mut op = c.as_("op").await;
+    let example = include_str!("../../../deploy/jobs/breast_cancer_statistics.toml");
+    refused(
+        op.submit_job(pb::SubmitJobRequest {
+            spec_toml: example.replace("target_epsilon = 1.0", "target_epsilon = -1.0"),
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "a bad statistics spec",
+        Code::InvalidArgument,
+        "privacy.target_epsilon",
+    );
+    refused(
+        op.submit_job(pb::SubmitJobRequest {
+            spec_toml: example.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "a statistics job",
+        Code::FailedPrecondition,
+        "does not run consortium-statistics jobs yet",
+    );
+    let listed = op
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "{listed:?}");
+    // Nor does a proposed training job become one by amendment.
+    let (job, _) = submit(&mut op, "to-be-amended").await;
+    refused(
+        op.amend_job(pb::AmendJobRequest {
+            job_id: job,
+            spec_toml: example.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner()),
+        "a statistics spec as an amendment",
+        Code::FailedPrecondition,
+        "does not run consortium-statistics jobs yet",
+    );
+    c.stop().await;
+}

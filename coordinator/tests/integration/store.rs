@@ -294,9 +294,18 @@ fn example_job_specs_parse_and_validate() {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("readable");
-        let spec =
-            JobSpec::from_toml_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(spec.rounds >= 1 && spec.min_sites as usize <= spec.sites.len());
+        // Either kind: a consortium-statistics example (`kind = "statistics"`) sits beside the
+        // training ones.
+        match tutela_protocol::job::SubmittedSpec::from_toml_str(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        {
+            tutela_protocol::job::SubmittedSpec::Training(spec) => {
+                assert!(spec.rounds >= 1 && spec.min_sites as usize <= spec.sites.len());
+            }
+            tutela_protocol::job::SubmittedSpec::Statistics(spec) => {
+                assert!(spec.min_sites as usize <= spec.sites.len());
+            }
+        }
         seen += 1;
     }
     assert!(

@@ -303,31 +303,39 @@ impl TaskGate {
             .and_then(family_of)
             .is_some_and(|f| f == ModelFamily::Language);
         let schema = &job.data.schema;
-        let found = if language {
-            self.text_datasets.get(schema).cloned().map(JobData::Text)
-        } else {
-            self.datasets.ready(schema).map(JobData::Table)
-        };
-        if found.is_none() && !language && self.datasets.is_configured(schema) {
-            return Err(Refusal::DatasetNotReady {
-                schema: schema.clone(),
-            });
+        if !language {
+            return self.table_for(schema).map(JobData::Table);
         }
-        found.ok_or_else(|| {
-            let (kind, known): (_, Vec<String>) = if language {
-                ("text dataset", self.text_datasets.keys().cloned().collect())
-            } else {
-                ("dataset", self.datasets.ready_names())
-            };
-            Refusal::UnknownSchema {
-                kind,
+        self.text_datasets
+            .get(schema)
+            .cloned()
+            .map(JobData::Text)
+            .ok_or_else(|| Refusal::UnknownSchema {
+                kind: "text dataset",
                 schema: schema.clone(),
-                known: known
-                    .iter()
-                    .map(|k| k.as_str())
+                known: self
+                    .text_datasets
+                    .keys()
+                    .map(String::as_str)
                     .collect::<Vec<_>>()
                     .join(", "),
-            }
+            })
+    }
+
+    /// The ready table of `schema` (a layer network's or a statistics job's data).
+    fn table_for(&self, schema: &str) -> Result<Arc<SiteDataset>, Refusal> {
+        if let Some(found) = self.datasets.ready(schema) {
+            return Ok(found);
+        }
+        if self.datasets.is_configured(schema) {
+            return Err(Refusal::DatasetNotReady {
+                schema: schema.to_string(),
+            });
+        }
+        Err(Refusal::UnknownSchema {
+            kind: "dataset",
+            schema: schema.to_string(),
+            known: self.datasets.ready_names().join(", "),
         })
     }
 

@@ -17,8 +17,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use tutela_privacy::stats::{
-    ColumnDictionary, ColumnLayout, DataDictionary, SiteStatistics, StatsLayout, StatsValue,
+    ColumnDictionary, ColumnLayout, DataDictionary, SiteStatistics, StatsLayout, StatsPlan,
+    StatsValue,
 };
+use tutela_protocol::job::StatisticsJobSpec;
 
 use super::encode::{CellProblem, LevelKey};
 use super::read::{FailFast, ResolvedColumns, cell_error, resolve_columns};
@@ -249,6 +251,64 @@ pub fn site_statistics(
         return Err(DataError::NoRows { path });
     }
     Ok(stats)
+}
+
+/// What a site releases for a consortium-statistics job (`kind = "statistics"`): its noised
+/// sufficient statistics, to be uploaded as they are or masked (secure aggregation), and the
+/// query and noise they were made under (for the ledger's charge and the coordinator's check
+/// that every site used the same layout).
+#[derive(Debug, Clone)]
+pub struct StatsRelease {
+    pub layout: StatsLayout,
+    pub plan: StatsPlan,
+    /// The exact statistics plus this site's noise (or its share of the noise, under secure
+    /// aggregation), in grid units of `plan.scale()`.
+    pub vector: Vec<i64>,
+    /// Rows read (local: for the site's log, not part of the release).
+    pub rows: u64,
+}
+
+/// The site's release for `job` over every record of `source`: the schema's layout, the job's
+/// noise (`StatisticsJobSpec::plan`, the same derivation as the coordinator's), the exact
+/// statistics, then the noise from the OS-keyed generator. Nothing is charged here: the caller
+/// charges `plan.epsilon` to the ledger before the vector leaves the site. A cell that cannot be
+/// read ends it with the error training gives (for the site's log).
+pub fn release_for_job(
+    source: &mut dyn RecordSource,
+    schema: &DatasetSchema,
+    job: &StatisticsJobSpec,
+) -> Result<StatsRelease, DataError> {
+    release_for_job_with(source, schema, job, None)
+}
+
+/// As [`release_for_job`], with the noise from `rng` when given (tests pass a seeded one).
+pub fn release_for_job_with(
+    source: &mut dyn RecordSource,
+    schema: &DatasetSchema,
+    job: &StatisticsJobSpec,
+    rng: Option<tutela_privacy::noise::SecureRng>,
+) -> Result<StatsRelease, DataError> {
+    let origin = source.origin().to_path_buf();
+    let failed = |e: tutela_privacy::stats::StatsError| DataError::Source {
+        origin: origin.display().to_string(),
+        reason: format!("statistics job: {e}"),
+    };
+    let layout = layout_of(schema, &origin)?;
+    let plan = job.plan(&layout).map_err(failed)?;
+    let stats = site_statistics(source, schema, plan.scale())?;
+    let rows = stats.rows();
+    let mut vector = stats.into_sums();
+    match rng {
+        Some(rng) => plan.noise_site_with(&mut vector, rng),
+        None => plan.noise_site(&mut vector),
+    }
+    .map_err(failed)?;
+    Ok(StatsRelease {
+        layout,
+        plan,
+        vector,
+        rows,
+    })
 }
 
 /// The schema's `[standardize]` from the consortium's dictionary: the mean and population

@@ -245,7 +245,7 @@ async fn a_job_over_its_privacy_budget_fetches_no_base_and_is_declined_with_the_
             Some(Arc::new(kek)),
             config.privacy.clone(),
         )
-        .with_sources(SiteLedgers::sources_of(config))
+        .with_budget_sources(SiteLedgers::sources_of(config))
         .open("breast_cancer")
         .unwrap()
         .record("job-1", earlier, Some(455), 1)

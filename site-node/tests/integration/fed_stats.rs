@@ -365,3 +365,407 @@ fn the_statistics_section_names_its_mistakes() {
         "{e}"
     );
 }
+
+/// A statistics *job* end to end through the libraries its services call: the job spec (the
+/// documented example's keys, on the clinic schema by its digest) gives each of three sites its
+/// release (`release_for_job`) and the coordinator its finishing step
+/// (`StatisticsJobSpec::finish`, after `sum_vectors`); the result is the pooled statistics within
+/// the bound, each site's ε is the spec's target, and the file it produces, named by a schema's
+/// `[standardize]` with the digest `finish` reported, standardizes that schema.
+#[test]
+fn a_statistics_job_spec_drives_the_sites_releases_and_the_coordinators_result() {
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_protocol::job::statistics::sum_vectors;
+    use tutela_site_node::data::stats::release_for_job_with;
+
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let layout = layout_of(&schema, Path::new("clinic.schema.toml")).unwrap();
+    let (files, rows): (Vec<_>, Vec<_>) = (0..3).map(|s| write_site(dir.path(), s, 4_000)).unzip();
+    let pooled = Pooled::of_rows(&layout, rows.iter().flatten().map(Vec::as_slice));
+    let schema_digest = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        SCHEMA.as_bytes(),
+    ));
+    let job = StatisticsJobSpec::from_toml_str(&format!(
+        "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 3\ndeadline_secs = 60\n\
+         [data]\nschema = \"clinic\"\nschema_sha256 = \"{schema_digest}\"\n\
+         [privacy]\ntarget_epsilon = 2.0\n"
+    ))
+    .unwrap();
+
+    let releases: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let mut source = CsvSource::open(path).unwrap();
+            release_for_job_with(
+                &mut source,
+                &schema,
+                &job,
+                Some(SecureRng::insecure_from_seed([i as u8 + 21; 32])),
+            )
+            .unwrap()
+        })
+        .collect();
+    for r in &releases {
+        // Every site derived the same query and noise from the spec and the schema.
+        assert_eq!(r.layout, layout);
+        assert_eq!(r.plan, releases[0].plan);
+        assert_eq!(r.rows, 4_000);
+        assert!(
+            r.plan.epsilon <= 2.0 + 1e-9 && r.plan.epsilon > 1.9,
+            "{}",
+            r.plan.epsilon
+        );
+    }
+    let sum = sum_vectors(layout.len(), releases.iter().map(|r| r.vector.as_slice())).unwrap();
+    let sites: Vec<String> = ["c", "a", "b"].map(String::from).to_vec();
+    let result = job.finish(&layout, &sum, &sites).unwrap();
+    let bad = result.dictionary.violations(&pooled);
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert_eq!(result.sites, ["a", "b", "c"]);
+    assert!(
+        result
+            .epsilon_per_site
+            .values()
+            .all(|e| (*e - releases[0].plan.epsilon).abs() < 1e-12)
+    );
+
+    // The file, named by a schema with the digest `finish` reported, standardizes it.
+    std::fs::write(dir.path().join("clinic.stats.toml"), &result.file_text).unwrap();
+    let schema_path = dir.path().join("clinic.schema.toml");
+    std::fs::write(
+        &schema_path,
+        format!(
+            "{SCHEMA}\n[standardize]\nstatistics = \"clinic.stats.toml\"\nsha256 = \"{}\"\n",
+            result.sha256
+        ),
+    )
+    .unwrap();
+    let named = DatasetSchema::load(&schema_path).unwrap();
+    let expected = standardize_from(&schema, &result.dictionary, &schema_path).unwrap();
+    let standardize = named.standardize.as_ref().unwrap();
+    assert_eq!(standardize.mean, expected.mean);
+    assert_eq!(standardize.std, expected.std);
+}
+
+/// The site's ledger charges a statistics job's release as one unsampled Gaussian step (round
+/// 1), within the site's caps, once: the `privacy.spent` record it anchors states q = 1, one
+/// step and the plan's ε; a per-job or total cap the release would pass refuses it with nothing
+/// recorded; the same job is not charged (so not released) twice; a masked (SecAgg) release is
+/// refused, since the ledger cannot state its ε yet.
+#[test]
+fn a_statistics_release_is_charged_once_as_one_unsampled_step_within_the_sites_caps() {
+    use std::sync::Arc;
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_site_node::ledger::{
+        FixedCaps, PrivacyBudgetConfig, SiteLedgers, StatisticsChargeError,
+    };
+
+    // A refusal of the budget, which may be the decline's reason (no path in it).
+    let refused = |r: Result<_, StatisticsChargeError>| match r {
+        Err(StatisticsChargeError::Refused(why)) => why,
+        other => panic!("expected a budget refusal, got {other:?}"),
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout_of(&schema(), Path::new("clinic.schema.toml")).unwrap();
+    let spec_text = "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 2\n\
+                     deadline_secs = 60\n[data]\nschema = \"clinic\"\nschema_sha256 = \
+                     \"0000000000000000000000000000000000000000000000000000000000000000\"\n\
+                     [privacy]\ntarget_epsilon = 2.0\n";
+    let job = StatisticsJobSpec::from_toml_str(spec_text).unwrap();
+    let plan = job.plan(&layout).unwrap();
+    let ledgers = |name: &str, per_job: Option<f64>, total: Option<f64>| {
+        SiteLedgers::new(dir.path().join(name), None, PrivacyBudgetConfig::default())
+            .with_caps(Arc::new(FixedCaps { per_job, total }))
+    };
+
+    // Uncapped: one step at q = 1 with the plan's noise multiplier, the plan's ε.
+    let open = ledgers("uncapped", None, None);
+    let charged = open
+        .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
+        .unwrap();
+    let g = &charged.charge.group;
+    assert_eq!((g.sample_rate, g.steps), (1.0, 1));
+    assert!((g.noise_multiplier - plan.site_noise / plan.sensitivity.l2).abs() < 1e-12);
+    assert_eq!((charged.charge.round, charged.charge.attempt), (1, 1));
+    assert_eq!(charged.epsilon, plan.epsilon);
+    let single = charged.dataset_epsilon;
+    assert!(single > 0.0 && single <= plan.epsilon, "{single}");
+    // What `spend_anchor::anchor_charge` appends before the vector leaves.
+    let spent = open
+        .spend_payload(
+            "hospital-a",
+            "clinic",
+            "job-1",
+            &charged.charge,
+            plan.delta,
+            Accountant::Rdp,
+        )
+        .unwrap();
+    assert_eq!(
+        (spent.sample_rate, spent.steps, spent.rows),
+        (1.0, 1, 4_000)
+    );
+    assert!(
+        (spent.job_epsilon - plan.epsilon).abs() < 1e-6 * plan.epsilon,
+        "{} vs {}",
+        spent.job_epsilon,
+        plan.epsilon
+    );
+    // Once: the same job again is refused, and the ledger still holds one step.
+    let e = refused(open.charge_statistics("job-1", "clinic", &plan, 4_000, 2_000));
+    assert!(e.contains("released once"), "{e}");
+    assert_eq!(
+        open.open("clinic").unwrap().job("job-1").unwrap().steps(),
+        1
+    );
+
+    // A per-job cap below the release's ε: refused, nothing recorded.
+    let tight = ledgers("per-job", Some(0.5 * single), None);
+    let e = refused(tight.charge_statistics("job-1", "clinic", &plan, 4_000, 1_000));
+    assert!(e.contains("per-job") || e.contains("per job"), "{e}");
+    assert!(tight.open("clinic").unwrap().job("job-1").is_none());
+
+    // A total cap that holds one release and not two: the second job is refused.
+    let total = ledgers("total", None, Some(1.2 * single));
+    total
+        .charge_statistics("job-1", "clinic", &plan, 4_000, 1_000)
+        .unwrap();
+    let e = refused(total.charge_statistics("job-2", "clinic", &plan, 4_000, 2_000));
+    assert!(e.contains("total"), "{e}");
+    assert!(total.open("clinic").unwrap().job("job-2").is_none());
+
+    // Secure aggregation: not charged (the ledger cannot state the masked sum's ε yet).
+    let secure =
+        StatisticsJobSpec::from_toml_str(&format!("{spec_text}[secure_aggregation]\n")).unwrap();
+    let e = refused(open.charge_statistics(
+        "job-3",
+        "clinic",
+        &secure.plan(&layout).unwrap(),
+        4_000,
+        3_000,
+    ));
+    assert!(e.contains("secure_aggregation"), "{e}");
+
+    // A ledger that cannot be read is the ledger's error (it names the file: the site's log).
+    let broken = ledgers("broken", None, None);
+    std::fs::create_dir_all(dir.path().join("broken")).unwrap();
+    std::fs::write(dir.path().join("broken/clinic.json"), "not a ledger").unwrap();
+    assert!(matches!(
+        broken.charge_statistics("job-1", "clinic", &plan, 4_000, 1_000),
+        Err(StatisticsChargeError::Ledger(_))
+    ));
+}
+
+/// The site's whole release in its private order (`SiteLedgers::release_statistics`): a job
+/// naming another schema file is refused with both digests' prefixes and nothing charged; a
+/// release over the budget is refused before any record is read (a file with an unreadable
+/// cell gives the budget's refusal, not the read's error); a readable dataset gives a release
+/// charged as one step, whose vector is the site's noised statistics; the job is not released
+/// twice; an unreadable cell within the budget is the data's error (for the site's log) and
+/// nothing is charged.
+#[test]
+fn the_sites_statistics_release_checks_the_schema_and_the_budget_before_the_read_and_is_charged() {
+    use std::sync::Arc;
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_site_node::ledger::{
+        FixedCaps, PrivacyBudgetConfig, SiteLedgers, StatisticsChargeError, StatisticsReleaseError,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schema();
+    let site_digest = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        SCHEMA.as_bytes(),
+    ));
+    let job_of = |digest: &str| {
+        StatisticsJobSpec::from_toml_str(&format!(
+            "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 1\n\
+             deadline_secs = 60\n[data]\nschema = \"clinic\"\nschema_sha256 = \"{digest}\"\n\
+             [privacy]\ntarget_epsilon = 2.0\n"
+        ))
+        .unwrap()
+    };
+    let job = job_of(&site_digest);
+    let ledgers = |name: &str, per_job: Option<f64>| {
+        SiteLedgers::new(dir.path().join(name), None, PrivacyBudgetConfig::default()).with_caps(
+            Arc::new(FixedCaps {
+                per_job,
+                total: None,
+            }),
+        )
+    };
+    let (good, _) = write_site(dir.path(), 0, 2_000);
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "outcome,age,sex,stage,smoker,admitted\nwell,40,F,I,no,2020-01-02\nill,forty,M,II,yes,2020-01-03\n",
+    )
+    .unwrap();
+    let open = |path: &Path| CsvSource::open(path).unwrap();
+    let rng = || Some(SecureRng::insecure_from_seed([9; 32]));
+
+    // Another schema file: refused naming both prefixes, nothing charged.
+    let site = ledgers("site", None);
+    let other = "ab".repeat(32);
+    let e = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job_of(&other),
+            (&schema, &site_digest),
+            &mut open(&good),
+            rng(),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, StatisticsReleaseError::SchemaDigest(m) if m.job == other[..12] && m.site == site_digest[..12]),
+        "{e}"
+    );
+    assert!(site.open("clinic").unwrap().job("job-1").is_none());
+
+    // Over the per-job cap: refused by the budget before the unreadable file is read.
+    let tight = ledgers("tight", Some(0.01));
+    let e = tight
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&bad),
+            rng(),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, StatisticsReleaseError::Charge(StatisticsChargeError::Refused(why)) if why.contains("per-job") || why.contains("per job")),
+        "{e}"
+    );
+
+    // Within the budget, an unreadable cell: the read's error, nothing charged.
+    let e = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&bad),
+            rng(),
+            1_000,
+        )
+        .unwrap_err();
+    assert!(matches!(&e, StatisticsReleaseError::Data(_)), "{e}");
+    assert!(e.to_string().contains("line 3"), "{e}");
+    assert!(site.open("clinic").unwrap().job("job-1").is_none());
+
+    // The release: charged once, one step, the site's own noised vector.
+    let charged = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&good),
+            rng(),
+            1_000,
+        )
+        .unwrap();
+    let expected =
+        tutela_site_node::data::stats::release_for_job_with(&mut open(&good), &schema, &job, rng())
+            .unwrap();
+    assert_eq!(charged.release().vector, expected.vector);
+    assert_eq!(charged.release().rows, 2_000);
+    assert_eq!(charged.charge().charge.group.steps, 1);
+    assert_eq!(
+        site.open("clinic").unwrap().job("job-1").unwrap().steps(),
+        1
+    );
+    let e = site
+        .release_statistics(
+            ("job-1", "clinic"),
+            &job,
+            (&schema, &site_digest),
+            &mut open(&good),
+            rng(),
+            2_000,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("released once"), "{e}");
+}
+
+/// A statistics release's spend is anchored like a round's: the `privacy.spent` made from its
+/// charge is one the ledger holds; a ledger lost since (a fresh file) is behind the trail and
+/// refused, and restored from the trail it holds the release's ε again and will not release
+/// the job a second time — losing the ledger does not reset the site's budget.
+#[test]
+fn a_statistics_spend_in_the_trail_survives_the_ledger_being_lost() {
+    use std::sync::Arc;
+    use tutela_protocol::job::StatisticsJobSpec;
+    use tutela_site_node::ledger::{
+        AnchoredSpend, FixedCaps, PrivacyBudgetConfig, SiteLedgers, StatisticsChargeError,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout_of(&schema(), Path::new("clinic.schema.toml")).unwrap();
+    let job = StatisticsJobSpec::from_toml_str(
+        "kind = \"statistics\"\nname = \"clinic-dictionary\"\nmin_sites = 1\n\
+         deadline_secs = 60\n[data]\nschema = \"clinic\"\nschema_sha256 = \
+         \"0000000000000000000000000000000000000000000000000000000000000000\"\n\
+         [privacy]\ntarget_epsilon = 1.0\n",
+    )
+    .unwrap();
+    let plan = job.plan(&layout).unwrap();
+    let ledgers = |name: &str| {
+        SiteLedgers::new(dir.path().join(name), None, PrivacyBudgetConfig::default()).with_caps(
+            Arc::new(FixedCaps {
+                per_job: None,
+                total: Some(10.0),
+            }),
+        )
+    };
+
+    let site = ledgers("site");
+    let charged = site
+        .charge_statistics("job-1", "clinic", &plan, 500, 1_000)
+        .unwrap();
+    assert_eq!(site.unanchored("clinic").unwrap().len(), 1);
+    let payload = site
+        .spend_payload(
+            "hospital-a",
+            "clinic",
+            "job-1",
+            &charged.charge,
+            plan.delta,
+            Accountant::Rdp,
+        )
+        .unwrap();
+    let anchored = AnchoredSpend {
+        seq: 7,
+        timestamp_unix_ms: 1_000,
+        payload,
+    };
+    site.mark_anchored("clinic", "job-1", (1, 1), 7).unwrap();
+    assert!(site.unanchored("clinic").unwrap().is_empty());
+    site.check_against_trail("clinic", std::slice::from_ref(&anchored))
+        .unwrap();
+
+    // The ledger lost: behind the trail, refused; restored, the spend and the "once" are back.
+    let lost = ledgers("lost");
+    assert!(
+        lost.check_against_trail("clinic", std::slice::from_ref(&anchored))
+            .is_err()
+    );
+    let restored = lost
+        .restore_from_trail("clinic", std::slice::from_ref(&anchored))
+        .unwrap();
+    assert!(
+        (restored - charged.dataset_epsilon).abs() < 1e-9,
+        "{restored} vs {}",
+        charged.dataset_epsilon
+    );
+    lost.check_against_trail("clinic", &[anchored]).unwrap();
+    match lost.charge_statistics("job-1", "clinic", &plan, 500, 2_000) {
+        Err(StatisticsChargeError::Refused(why)) => assert!(why.contains("released once"), "{why}"),
+        other => panic!("expected the job refused, got {other:?}"),
+    }
+}

@@ -227,3 +227,101 @@ fn a_check_lists_every_refusal_at_once_without_approvals_data_or_spending() {
         .to_hex();
     assert!(!gate("mlp").approve(&tampered).is_ok());
 }
+
+/// A consortium-statistics job's CHECK (`kind = "statistics"`): its table and schema digest,
+/// each site-policy clause (not `allowed_models`: it trains no model), and its one release
+/// against the ledger's caps, from the schema's layout alone (the dataset's file is deleted:
+/// no record is read); nothing is charged.
+#[test]
+fn a_statistics_job_check_lists_its_refusals_without_reading_data_or_spending() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, digest) = dataset_without_its_file(dir.path());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca =
+        CertificateAuthority::create("acme", KeyAlgorithm::EcdsaP256, Validity::days_from_now(3))
+            .unwrap();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let ledgers = Arc::new(
+        SiteLedgers::new(
+            dir.path().join("ledger"),
+            None,
+            PrivacyBudgetConfig::default(),
+        )
+        .with_caps(Arc::new(FixedCaps {
+            per_job: None,
+            total: Some(4.0),
+        })),
+    );
+    let verifier = ApprovalVerifier::new(Arc::new(roots), vec![], "acme").unwrap();
+    let policy = SitePolicy::from_toml_str(&format!(
+        "site = \"st-mary\"\ncompliance_officers = [\"spiffe://acme/site/st-mary/user/alice\"]\n\
+         allowed_operators = [\"{OP}\"]\nallowed_models = [\"cnn\"]\n\
+         [privacy]\nmax_epsilon_per_job = 3.0\n"
+    ))
+    .unwrap();
+    let gate = TaskGate::new(BTreeMap::from([(
+        "breast_cancer".to_string(),
+        dataset.clone(),
+    )]))
+    .with_approvals(SiteApprovals::new("st-mary", policy, verifier))
+    .with_ledgers(ledgers.clone());
+    let stats = |target: f64, schema_sha256: &str| {
+        format!(
+            "kind = \"statistics\"\nname = \"dictionary\"\nmin_sites = 1\ndeadline_secs = 60\n\
+             [data]\nschema = \"breast_cancer\"\nschema_sha256 = \"{schema_sha256}\"\n\
+             [privacy]\ntarget_epsilon = {target:?}\ndelta = 1e-6\n"
+        )
+    };
+    let task = |spec: &str, submitted_by: &str| pb::Task {
+        task_id: "c2".into(),
+        kind: pb::TaskKind::Check as i32,
+        job_id: "check-2".into(),
+        job_digest: tutela_protocol::job::StatisticsJobSpec::from_toml_str(spec)
+            .unwrap()
+            .digest()
+            .to_hex(),
+        job_spec_toml: spec.into(),
+        submitted_by: submitted_by.into(),
+        ..Default::default()
+    };
+
+    // Within everything: nothing to refuse, though allowed_models names only "cnn".
+    assert_eq!(gate.check_job(&task(&stats(2.0, &digest), OP)), []);
+
+    // Another schema file, another operator, ε over the policy's cap and the ledger's total.
+    let refusals = gate.check_job(&task(
+        &stats(6.0, &"0".repeat(64)),
+        "spiffe://acme/operator/mallory",
+    ));
+    let codes: Vec<&str> = refusals.iter().map(|r| r.code.as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            "data.schema_mismatch",
+            "policy.refused",
+            "policy.refused",
+            "privacy.budget",
+        ],
+        "{refusals:#?}"
+    );
+    assert!(
+        refusals[1]
+            .reason
+            .starts_with("site policy `allowed_operators`")
+            && refusals[2]
+                .reason
+                .starts_with("site policy `privacy.max_epsilon_per_job`"),
+        "{refusals:#?}"
+    );
+    assert!(refusals[3].reason.contains("total"), "{refusals:#?}");
+    for r in &refusals {
+        assert!(!r.reason.contains(&*dir.path().to_string_lossy()), "{r:?}");
+    }
+    // A check spends nothing.
+    assert_eq!(ledgers.spent("breast_cancer").unwrap(), 0.0);
+
+    // A schema the site does not have.
+    let other = stats(2.0, &digest).replace("schema = \"breast_cancer\"", "schema = \"heart\"");
+    let refusals = gate.check_job(&task(&other, OP));
+    assert_eq!(refusals[0].code, "task.unknown_schema", "{refusals:#?}");
+}

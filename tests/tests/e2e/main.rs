@@ -22,4 +22,5 @@ mod robust;
 mod secagg;
 mod secagg_recovery;
 mod site_audit;
+mod statistics;
 mod watermark;
