@@ -743,7 +743,11 @@ async fn keyset_pages_cover_every_match_once_newest_first() {
             .rev()
             .collect();
         assert_eq!(seqs, expected, "{:?}", db.backend);
-        assert!(seqs.contains(&10) && !seqs.contains(&20), "{:?}", db.backend);
+        assert!(
+            seqs.contains(&10) && !seqs.contains(&20),
+            "{:?}",
+            db.backend
+        );
         // Nothing matches: an empty page, no cursor.
         let none = store
             .page(&PageQuery {
