@@ -61,7 +61,9 @@ impl SiteLedgers {
         let unusable =
             |e: tutela_privacy::ledger::LedgerError| StatisticsChargeError::Ledger(e.to_string());
         let _g = self.guard();
-        let mut ledger = self.open(dataset).map_err(unusable)?;
+        let mut ledger = self
+            .open(dataset)
+            .map_err(|e| StatisticsChargeError::Ledger(e.to_string()))?;
         let release = self.admissible(&ledger, job_id, dataset, plan)?;
         let charge = ledger
             .record_round_with_metrics(job_id, (1, 1), release, None, Some(rows), now_unix_ms)
