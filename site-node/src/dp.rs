@@ -268,6 +268,40 @@ pub fn clipped_gradient_sum(
     clipped_gradient_sum_sliced(net, inputs, labels, clip, train, &mut None)
 }
 
+/// A Poisson batch's per-row clipped gradient sum: the parameters it covers, the sum flattened,
+/// and the rows' summed loss. An empty batch (Poisson sampling may draw none) gives zeros over
+/// every trainable parameter, so the step still releases (its noise alone, or a zero share).
+pub(crate) fn clipped_sum_of_batch(
+    batch: &Batch<'_>,
+    rows: i64,
+    clip: f64,
+    rows_per_slice: &mut Option<i64>,
+) -> Result<(Vec<Tensor>, Tensor, f64), TrainError> {
+    if rows > 0 {
+        let sum = clipped_gradient_sum_sliced(
+            batch.net,
+            batch.inputs,
+            batch.labels,
+            clip,
+            true,
+            rows_per_slice,
+        )?;
+        let parameters: Vec<Tensor> = sum.gradients.into_iter().map(|(p, _)| p).collect();
+        return Ok((parameters, sum.flat, sum.loss_sum));
+    }
+    let layout = FlatLayout::of_parameters(batch.parameters.iter());
+    let first = batch
+        .parameters
+        .first()
+        .ok_or_else(|| dp_error("the model has no trainable parameters".into()))?;
+    let flat = Tensor::f_zeros([layout.numel], (first.kind(), first.device()))?;
+    Ok((
+        batch.parameters.iter().map(Tensor::shallow_clone).collect(),
+        flat,
+        0.0,
+    ))
+}
+
 /// [`clipped_gradient_sum`] in micro-batches of `*rows_per_slice` rows; `None` measures the
 /// per-example size on a first small slice and stores the slice size to use from then on.
 fn clipped_gradient_sum_sliced(
@@ -1154,31 +1188,9 @@ impl GradientStep for DpSgdStep {
             self.steps += 1;
             return Ok(loss_sum / rows as f64);
         }
-        let (parameters, flat, loss_sum) = if rows > 0 {
-            let sum = clipped_gradient_sum_sliced(
-                batch.net,
-                batch.inputs,
-                batch.labels,
-                self.clip,
-                true,
-                &mut self.rows_per_slice,
-            )?;
-            let parameters: Vec<Tensor> = sum.gradients.into_iter().map(|(p, _)| p).collect();
-            (parameters, sum.flat, sum.loss_sum)
-        } else {
-            // An empty Poisson batch: the release is noise alone.
-            let layout = FlatLayout::of_parameters(batch.parameters.iter());
-            let first = batch
-                .parameters
-                .first()
-                .ok_or_else(|| dp_error("the model has no trainable parameters".into()))?;
-            let flat = Tensor::f_zeros([layout.numel], (first.kind(), first.device()))?;
-            (
-                batch.parameters.iter().map(Tensor::shallow_clone).collect(),
-                flat,
-                0.0,
-            )
-        };
+        // An empty Poisson batch: the release is noise alone.
+        let (parameters, flat, loss_sum) =
+            clipped_sum_of_batch(batch, rows, self.clip, &mut self.rows_per_slice)?;
         covers_every_parameter(parameters.len(), batch.parameters.len())?;
         self.release_into_gradients(&parameters, flat, batch.expected_batch_size)?;
         Ok(if rows > 0 {

@@ -14,11 +14,8 @@
 //! update is `−lr/B · Σ_i clip(∇ℓ_i)`; the survivors' sum of these, plus their noise shares, is
 //! one central DP-SGD step, which the coordinator applies as it is.
 
-use tch::Tensor;
-
 use super::{
-    FlatLayout, PoissonBatchSampler, clipped_gradient_sum_sliced, covers_every_parameter, dp_error,
-    ensure_gradients,
+    PoissonBatchSampler, clipped_sum_of_batch, covers_every_parameter, dp_error, ensure_gradients,
 };
 use crate::data::Table;
 use crate::models::Model;
@@ -89,32 +86,10 @@ impl GradientStep for ClippedSumStep {
 
     fn compute_gradients(&mut self, batch: &Batch<'_>) -> Result<f64, TrainError> {
         let rows = batch.inputs.size().first().copied().unwrap_or(0);
-        let (parameters, flat, loss_sum) = if rows > 0 {
-            let sum = clipped_gradient_sum_sliced(
-                batch.net,
-                batch.inputs,
-                batch.labels,
-                self.clip,
-                true,
-                &mut self.rows_per_slice,
-            )?;
-            let parameters: Vec<Tensor> = sum.gradients.into_iter().map(|(p, _)| p).collect();
-            (parameters, sum.flat, sum.loss_sum)
-        } else {
-            // An empty Poisson batch: the site's part of the step is zero (its noise share is
-            // still added at encoding).
-            let layout = FlatLayout::of_parameters(batch.parameters.iter());
-            let first = batch
-                .parameters
-                .first()
-                .ok_or_else(|| dp_error("the model has no trainable parameters".into()))?;
-            let flat = Tensor::f_zeros([layout.numel], (first.kind(), first.device()))?;
-            (
-                batch.parameters.iter().map(Tensor::shallow_clone).collect(),
-                flat,
-                0.0,
-            )
-        };
+        // An empty Poisson batch: the site's part of the step is zero (its noise share is still
+        // added at encoding).
+        let (parameters, flat, loss_sum) =
+            clipped_sum_of_batch(batch, rows, self.clip, &mut self.rows_per_slice)?;
         covers_every_parameter(parameters.len(), batch.parameters.len())?;
         let scale = 1.0 / batch.expected_batch_size.max(1) as f64;
         let grads = ensure_gradients(&parameters)?;
