@@ -299,6 +299,14 @@ impl AccountantName {
             AccountantName::Pld => "pld",
         }
     }
+
+    /// The accountant this name denotes.
+    pub fn accountant(self) -> tutela_privacy::accountant::Accountant {
+        match self {
+            AccountantName::Rdp => tutela_privacy::accountant::Accountant::Rdp,
+            AccountantName::Pld => tutela_privacy::accountant::Accountant::pld(),
+        }
+    }
 }
 
 /// `[privacy.central]`: DP-FedAvg (McMahan et al., ICLR 2018) at the coordinator.
@@ -348,6 +356,28 @@ fn positive(key: &str, v: f64) -> Result<(), SpecError> {
 }
 
 impl PrivacySpec {
+    /// How a DP job's per-round metrics are released (`tutela_privacy::metrics`): σ from
+    /// `metrics_noise_multiplier`, else calibrated so that `rounds` rounds of metrics alone
+    /// spend `metrics_epsilon_share` (default 10 %) of the target, else (no target) the
+    /// default σ. The job's DP-SGD plan is calibrated beside it.
+    pub fn metrics_release(
+        &self,
+        rounds: u64,
+    ) -> Result<tutela_privacy::metrics::MetricsRelease, tutela_privacy::metrics::MetricsError>
+    {
+        tutela_privacy::metrics::MetricsRelease::for_job(
+            (
+                self.metrics_noise_multiplier,
+                self.metrics_epsilon_share,
+                self.metrics_loss_max,
+            ),
+            self.target_epsilon,
+            rounds,
+            self.delta,
+            self.accountant.accountant(),
+        )
+    }
+
     /// Checks the ranges and that the keys fit the mode; errors name the key.
     pub fn validate(&self) -> Result<(), SpecError> {
         if let Some(e) = self.target_epsilon {

@@ -195,10 +195,7 @@ impl EpsilonCaps for tutela_policy::site_policy::ReloadingSitePolicy {
 
 /// The accountant a name denotes.
 pub fn accountant(name: AccountantName) -> Accountant {
-    match name {
-        AccountantName::Rdp => Accountant::Rdp,
-        AccountantName::Pld => Accountant::pld(),
-    }
+    name.accountant()
 }
 
 /// The job's DP-SGD plan on a dataset of `rows` training rows and a model of `dimension`
@@ -300,18 +297,8 @@ pub fn releases_dp_metrics(job: &JobView) -> bool {
 /// spend `privacy.metrics_epsilon_share` (default 10 %) of the target, else (no target) the
 /// default σ. The job's DP-SGD plan is calibrated beside it.
 pub fn metrics_release(p: &PrivacySpec, rounds: u64) -> Result<MetricsRelease, String> {
-    MetricsRelease::for_job(
-        (
-            p.metrics_noise_multiplier,
-            p.metrics_epsilon_share,
-            p.metrics_loss_max,
-        ),
-        p.target_epsilon,
-        rounds,
-        p.delta,
-        accountant(p.accountant),
-    )
-    .map_err(|e| format!("the job's metrics release: {e}"))
+    p.metrics_release(rounds)
+        .map_err(|e| format!("the job's metrics release: {e}"))
 }
 
 /// One round's metric releases of `plan` (as charged with the round), if it releases any.

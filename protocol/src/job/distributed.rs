@@ -24,10 +24,9 @@
 //! Site-level distributed DP (each site's whole update as the unit), which this replaced, is
 //! gone: at five sites its noise swamped the sum (docs/architecture.md, "Distributed DP").
 
-use tutela_privacy::accountant::Accountant;
 use tutela_privacy::accountant::distributed::{RecordLevelInputs, RecordLevelPlan};
 
-use super::{AccountantName, JobSpec, Optimizer, PrivacyMode, SpecError};
+use super::{JobSpec, Optimizer, PrivacyMode, SpecError};
 
 fn is_distributed(job: &JobSpec) -> bool {
     job.privacy
@@ -70,14 +69,6 @@ pub(super) fn validate(job: &JobSpec) -> Result<(), SpecError> {
         ));
     }
     Ok(())
-}
-
-/// The accountant a job's name denotes.
-fn accountant_of(name: AccountantName) -> Accountant {
-    match name {
-        AccountantName::Rdp => Accountant::Rdp,
-        AccountantName::Pld => Accountant::pld(),
-    }
 }
 
 /// The job's distributed-DP plan for a model of `dimension` parameters; `None` when the job's
@@ -167,22 +158,13 @@ fn compute_plan(
         )
     })?;
     let rounds = u64::from(rounds);
-    let accountant = accountant_of(p.accountant);
+    let accountant = p.accountant.accountant();
     // The round's metrics leave each site too: released under DP as with local DP-SGD, and
     // the steps calibrated beside them.
-    let metrics = tutela_privacy::metrics::MetricsRelease::for_job(
-        (
-            p.metrics_noise_multiplier,
-            p.metrics_epsilon_share,
-            p.metrics_loss_max,
-        ),
-        p.target_epsilon,
-        rounds,
-        p.delta,
-        accountant,
-    )
-    .and_then(|m| m.mechanism(rounds))
-    .map_err(|e| SpecError::invalid("privacy", format!("the metrics release: {e}")))?;
+    let metrics = p
+        .metrics_release(rounds)
+        .and_then(|m| m.mechanism(rounds))
+        .map_err(|e| SpecError::invalid("privacy", format!("the metrics release: {e}")))?;
     let granularity = 2f64.powi(-(secure.scale_bits as i32));
     let inputs = RecordLevelInputs {
         clip,

@@ -25,7 +25,6 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tutela_privacy::accountant::Accountant;
 use tutela_privacy::stats::{
     DataDictionary, StatsAggregation, StatsError, StatsLayout, StatsPlan, StatsPrivacy,
 };
@@ -225,10 +224,7 @@ impl StatisticsJobSpec {
         StatsPrivacy {
             target_epsilon: self.privacy.target_epsilon,
             delta: self.privacy.delta,
-            accountant: match self.privacy.accountant {
-                AccountantName::Rdp => Accountant::Rdp,
-                AccountantName::Pld => Accountant::pld(),
-            },
+            accountant: self.privacy.accountant.accountant(),
         }
     }
 
