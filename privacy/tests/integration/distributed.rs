@@ -249,3 +249,94 @@ fn round_groups_compose_additively() {
     }
     assert_eq!(both.orders(), distributed::orders().as_slice());
 }
+
+/// Attacks on the record-level plan (2026-12-07, branch `attack-s8`): a coordinator (or a spec
+/// it wrote) choosing parameters that would make sites charge less than they release. Every
+/// impossible value is refused rather than planned; the release check refuses fewer survivors
+/// than the minimum (a site told it is one of many when it is alone) and any count whose noise
+/// would fall below what each site's ledger charged; and what is charged per round is never
+/// below the noise any admitted survivor count carries.
+#[test]
+fn record_level_plans_refuse_a_coordinator_s_impossible_settings_and_releases_below_the_charge() {
+    use tutela_privacy::accountant::Accountant;
+    use tutela_privacy::accountant::distributed::{RecordLevelInputs, RecordLevelPlan};
+    let inputs = || RecordLevelInputs {
+        clip: 1.0,
+        step_scale: 0.5 / 100.0,
+        granularity: 2f64.powi(-16),
+        dimension: 62,
+        min_survivors: 4,
+        sample_rate: 0.25,
+        rounds: 20,
+        delta: 1e-5,
+        accountant: Accountant::Rdp,
+        target_epsilon: Some(1.0),
+        noise_multiplier: None,
+        metrics: None,
+    };
+    let refused = |what: &str, f: &dyn Fn(&mut RecordLevelInputs)| {
+        let mut i = inputs();
+        f(&mut i);
+        if let Ok(plan) = RecordLevelPlan::new(&i) {
+            panic!("{what}: planned {plan:?}");
+        }
+    };
+    for q in [0.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
+        refused(&format!("sample rate {q}"), &|i| i.sample_rate = q);
+    }
+    for z in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        refused(&format!("noise multiplier {z}"), &|i| {
+            i.target_epsilon = None;
+            i.noise_multiplier = Some(z);
+        });
+    }
+    for eps in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        refused(&format!("target ε {eps}"), &|i| {
+            i.target_epsilon = Some(eps)
+        });
+    }
+    for s in [0.0, -0.005, f64::NAN, f64::INFINITY] {
+        refused(&format!("step scale {s}"), &|i| i.step_scale = s);
+    }
+    for c in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        refused(&format!("clip {c}"), &|i| i.clip = c);
+    }
+    for d in [0.0, 1.0, f64::NAN] {
+        refused(&format!("delta {d}"), &|i| i.delta = d);
+    }
+    refused("no survivors needed", &|i| i.min_survivors = 0);
+    refused("no rounds", &|i| i.rounds = 0);
+    refused("neither a target nor a multiplier", &|i| {
+        i.target_epsilon = None
+    });
+    // A noise share far below one grid step: refused, not rounded away.
+    refused("a share of 1e-6 grid steps", &|i| {
+        i.target_epsilon = None;
+        i.noise_multiplier = Some(1e-9);
+    });
+
+    let plan = ok(RecordLevelPlan::new(&inputs()));
+    let charged = plan.dp_sgd.effective_noise_multiplier;
+    // The charge is one step at (q, z(m)) per round, whatever the coordinator says later.
+    let m = ok(plan.round_mechanism());
+    assert_eq!(m.steps(), 1);
+    assert_eq!(m.noise_multiplier(), charged);
+    for k in 0..4 {
+        assert!(
+            matches!(
+                plan.check_release(k),
+                Err(AccountantError::TooFewSurvivors { minimum: 4, .. })
+            ),
+            "{k} survivors"
+        );
+    }
+    // Every admitted count carries at least the charged noise; past the point where the sum of
+    // discrete Gaussians' correction outgrows the extra shares, counts are refused.
+    for k in [4usize, 5, 8, 64, 2048] {
+        match plan.check_release(k) {
+            Ok(z) => assert!(z >= charged * (1.0 - 1e-12), "{k}: {z} < {charged}"),
+            Err(AccountantError::OverBudget { .. }) => {}
+            Err(e) => panic!("{k}: {e}"),
+        }
+    }
+}
