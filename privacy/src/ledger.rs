@@ -666,7 +666,11 @@ impl Ledger {
             .collect()
     }
 
-    /// Notes that the charge `(job, round, attempt)` is the trail's event `seq`, and saves.
+    /// Notes that a charge `(job, round, attempt)` is the trail's event `seq`, and saves: the
+    /// oldest such charge not yet anchored (none when one is anchored at `seq` already). A
+    /// `(round, attempt)` can be charged more than once (a coordinator that resumed after a
+    /// crash sends the same attempt again, and the node trains it again): each charge is its own
+    /// event, so one event never anchors two charges.
     pub fn mark_anchored(
         &mut self,
         job_id: &str,
@@ -676,10 +680,18 @@ impl Ledger {
         let Some(job) = self.file.jobs.iter_mut().find(|j| j.job_id == job_id) else {
             return Ok(());
         };
-        for c in job
+        let same = |c: &RoundCharge| c.round == round && c.attempt == attempt;
+        if job
+            .charges
+            .iter()
+            .any(|c| same(c) && c.anchored_seq == Some(seq))
+        {
+            return Ok(());
+        }
+        if let Some(c) = job
             .charges
             .iter_mut()
-            .filter(|c| c.round == round && c.attempt == attempt)
+            .find(|c| same(c) && c.anchored_seq.is_none())
         {
             c.anchored_seq = Some(seq);
         }
@@ -687,7 +699,7 @@ impl Ledger {
     }
 
     /// Rebuilds the ledger of `dataset` at `path` from the spends the audit trail holds (each
-    /// counted once per (job, round, attempt), in seq order) and writes it, replacing whatever
+    /// event one charge, in seq order) and writes it, replacing whatever
     /// file was there. Every charge is anchored at its event's seq.
     pub fn rebuild_from_trail<'a>(
         path: impl Into<PathBuf>,
@@ -720,10 +732,12 @@ impl Ledger {
         };
         let mut spends: Vec<TrailSpend<'a>> = spends.into_iter().collect();
         spends.sort_by_key(|s| s.seq);
+        // One charge per event (the same event read twice counts once). Not one per
+        // (job, round, attempt): a round attempt the node trained twice (a coordinator that
+        // resumed after a crash sent it again) was charged twice and is two events, and a
+        // rebuild that kept one would hand the site back a round's ε.
+        spends.dedup_by_key(|s| s.seq);
         for s in spends {
-            if ledger.has_charge(s.job_id, s.round, s.attempt) {
-                continue;
-            }
             s.group.mechanism().map_err(|e| LedgerError::Corrupt {
                 path: ledger.path.clone(),
                 reason: format!("the trail's spend at seq {}: {e}", s.seq),
@@ -929,8 +943,8 @@ mod tests {
         assert_eq!(l.job("j").unwrap().steps(), 40);
         let spent = l.spent(1e-5, Accountant::Rdp).unwrap();
 
-        // The file is lost; the trail holds both spends (one of them twice, as a writer that
-        // retried an append might leave it): the rebuilt ledger counts each once.
+        // The file is lost; the trail holds both spends (one of them read twice, as a reader
+        // that merged two pages might hand it over): the rebuilt ledger counts each event once.
         std::fs::remove_file(&path).unwrap();
         let g = Group {
             sample_rate: 0.1,
@@ -949,7 +963,7 @@ mod tests {
             timestamp_unix_ms: seq as i64,
         };
         let rebuilt =
-            Ledger::rebuild_from_trail(&path, "d", None, [spend(2, 9), spend(1, 7), spend(2, 12)])
+            Ledger::rebuild_from_trail(&path, "d", None, [spend(2, 9), spend(1, 7), spend(2, 9)])
                 .unwrap();
         assert_eq!(rebuilt.spent(1e-5, Accountant::Rdp).unwrap(), spent);
         assert_eq!(rebuilt.rows(), Some(300));
@@ -957,6 +971,28 @@ mod tests {
         let reopened = Ledger::open(&path, "d", None).unwrap();
         assert_eq!(reopened.job("j").unwrap().charges.len(), 2);
         assert_eq!(reopened.job("j").unwrap().steps(), 40);
+
+        // Round 2's attempt 1 trained twice (a coordinator that resumed after a crash sent it
+        // again): two charges, two events; the rebuild keeps both, each anchored at its own.
+        let mut l = Ledger::open(&path, "d", None).unwrap();
+        l.record_round("j", (2, 1), m, Some(300), 3).unwrap();
+        l.mark_anchored("j", (2, 1), 15).unwrap();
+        let twice = l.spent(1e-5, Accountant::Rdp).unwrap();
+        assert!(twice > spent);
+        let seqs: Vec<_> = l
+            .job("j")
+            .unwrap()
+            .charges
+            .iter()
+            .map(|c| c.anchored_seq)
+            .collect();
+        assert_eq!(seqs, vec![Some(7), Some(9), Some(15)]);
+        std::fs::remove_file(&path).unwrap();
+        let rebuilt =
+            Ledger::rebuild_from_trail(&path, "d", None, [spend(1, 7), spend(2, 9), spend(2, 15)])
+                .unwrap();
+        assert_eq!(rebuilt.spent(1e-5, Accountant::Rdp).unwrap(), twice);
+        assert_eq!(rebuilt.job("j").unwrap().charges.len(), 3);
     }
 
     #[test]

@@ -63,14 +63,20 @@ pub async fn reconcile(
         .map_err(|e| e.to_string())?;
     let budget = ledgers.budget();
     let site_privacy = (budget.delta, crate::ledger::accountant(budget.accountant));
+    // An event of the trail anchors one charge: those the ledger's anchored charges hold
+    // already cannot also stand for an unanchored one (a round attempt charged twice is two
+    // events, and the second charge is appended, not taken as the first's).
+    let mut taken: std::collections::BTreeSet<u64> = ledgers.anchored_seqs(dataset)?;
     for (job, charge) in ledgers.unanchored(dataset)? {
         let in_trail = spends.iter().find(|s| {
             s.payload.job == job
                 && s.payload.round == charge.round
                 && s.payload.attempt == charge.attempt
+                && !taken.contains(&s.seq)
         });
         match in_trail {
             Some(s) => {
+                taken.insert(s.seq);
                 ledgers.mark_anchored(dataset, &job, (charge.round, charge.attempt), s.seq)?
             }
             None => {

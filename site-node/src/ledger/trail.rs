@@ -76,6 +76,17 @@ impl SiteLedgers {
         Ok(self.open(dataset).map_err(|e| e.to_string())?.unanchored())
     }
 
+    /// The seqs of the trail's events that `dataset`'s charges are anchored at.
+    pub fn anchored_seqs(&self, dataset: &str) -> Result<std::collections::BTreeSet<u64>, String> {
+        let _g = self.guard();
+        let ledger = self.open(dataset).map_err(|e| e.to_string())?;
+        Ok(ledger
+            .jobs()
+            .iter()
+            .flat_map(|j| j.charges.iter().filter_map(|c| c.anchored_seq))
+            .collect())
+    }
+
     /// Notes that a charge is the trail's event `seq`.
     pub fn mark_anchored(
         &self,
@@ -143,16 +154,41 @@ impl SiteLedgers {
         let _g = self.guard();
         // An unreadable ledger holds none of them (the gate names its own error).
         let ledger = self.open(dataset).ok();
-        let missing: Vec<&AnchoredSpend> = spends
-            .iter()
-            .filter(|s| {
-                // The same key with a smaller or different spend is a ledger edited down.
-                !ledger.as_ref().is_some_and(|l| {
-                    l.charge(&s.payload.job, s.payload.round, s.payload.attempt)
-                        .is_some_and(|c| c.group == s.as_trail_spend().group)
+        // Each event of the trail must be its own charge of the ledger: the one anchored at its
+        // seq, else another of the same (job, round, attempt) and spend not claimed by another
+        // event (an append whose answer was lost). A round attempt charged twice is two events;
+        // a ledger holding one charge for both is behind by one. The same key with a smaller or different
+        // spend is a ledger edited down.
+        let mut sorted: Vec<&AnchoredSpend> = spends.iter().collect();
+        sorted.sort_by_key(|s| s.seq);
+        sorted.dedup_by_key(|s| s.seq);
+        let mut claimed = std::collections::BTreeSet::new();
+        let mut missing: Vec<&AnchoredSpend> = Vec::new();
+        for s in sorted {
+            let Some(job) = ledger.as_ref().and_then(|l| l.job(&s.payload.job)) else {
+                missing.push(s);
+                continue;
+            };
+            let group = s.as_trail_spend().group;
+            let candidates = || {
+                job.charges.iter().enumerate().filter(|(i, c)| {
+                    c.round == s.payload.round
+                        && c.attempt == s.payload.attempt
+                        && c.group == group
+                        && !claimed.contains(i)
                 })
-            })
-            .collect();
+            };
+            let found = candidates()
+                .find(|(_, c)| c.anchored_seq == Some(s.seq))
+                .or_else(|| candidates().next())
+                .map(|(i, _)| i);
+            match found {
+                Some(i) => {
+                    claimed.insert(i);
+                }
+                None => missing.push(s),
+            }
+        }
         match missing.first() {
             None => Ok(()),
             Some(first) => Err(LedgerBehindTrail {

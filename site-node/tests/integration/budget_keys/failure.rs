@@ -2,7 +2,8 @@
 //! real encrypted ledgers: a node killed after the spend and before the upload (its kept update
 //! lost with it) does not train the charged round twice past the job's target; a ledger file
 //! restored from an older backup (a valid file, every charge it holds genuine) is caught behind
-//! the trail; a clock moved back changes no spend.
+//! the trail; a clock moved back changes no spend; a round attempt charged twice stays two spends
+//! through a lost ledger and its restore.
 
 use super::*;
 
@@ -80,6 +81,83 @@ fn a_ledger_restored_from_an_older_backup_is_behind_the_trail() {
     let rebuilt = restored.restore_from_trail("cohort", &trail).unwrap();
     assert!((rebuilt - spent).abs() < 1e-9, "{rebuilt} vs {spent}");
     restored.check_against_trail("cohort", &trail).unwrap();
+}
+
+/// Attack (2026-12-07, branch `attack-s8`): the coordinator sends a round attempt the node has
+/// charged already (it resumed after a crash, or replays it on purpose); the node trains it
+/// again within the job's target and charges it again — two charges of round 2 attempt 1, two
+/// `privacy.spent` events. The ledger is then lost (or rolled back to before the second charge)
+/// and the officer restores it from the trail. Before the fix the rebuild counted one charge per
+/// (job, round, attempt), and an event anchored both charges, so the restored ledger handed a
+/// round's ε back and a ledger holding one of the two charges was not behind.
+#[test]
+fn a_round_attempt_charged_twice_is_two_spends_after_the_ledger_is_lost_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cohort.csv");
+    csv(&data, ROWS);
+    let ledgers = node(dir.path(), &[("cohort", &data)]);
+    let key = ledgers.key("cohort").unwrap();
+    let file = dir.path().join(format!("privacy-ledger/{key}.json.enc"));
+    let mut trail = vec![
+        charge(&ledgers, "j0", 1, "cohort", 1),
+        charge(&ledgers, "j0", 2, "cohort", 2),
+    ];
+    let backup = dir.path().join("ledger.backup");
+    std::fs::copy(&file, &backup).unwrap();
+    // Round 2, attempt 1 again: charged again, anchored at its own event.
+    trail.push(charge(&ledgers, "j0", 2, "cohort", 3));
+    let spent = ledgers.spent("cohort").unwrap();
+    let ledger = ledgers.open("cohort").unwrap();
+    let seqs: Vec<_> = ledger
+        .job("j0")
+        .unwrap()
+        .charges
+        .iter()
+        .map(|c| c.anchored_seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![Some(1), Some(2), Some(3)],
+        "one event anchors one charge"
+    );
+    assert_eq!(ledgers.anchored_seqs("cohort").unwrap(), [1, 2, 3].into());
+    ledgers.check_against_trail("cohort", &trail).unwrap();
+
+    // Rolled back to before the second charge: behind by that one event.
+    std::fs::copy(&backup, &file).unwrap();
+    let rolled_back = node(dir.path(), &[("cohort", &data)]);
+    assert!(rolled_back.spent("cohort").unwrap() < spent);
+    let behind = rolled_back
+        .check_against_trail("cohort", &trail)
+        .unwrap_err();
+    assert_eq!(
+        (behind.missing, behind.first_round, behind.first_seq),
+        (1, 2, 3)
+    );
+    // Lost altogether, then restored by the officer: all three charges, the same ε.
+    std::fs::remove_file(&file).unwrap();
+    let lost = node(dir.path(), &[("cohort", &data)]);
+    assert_eq!(
+        lost.check_against_trail("cohort", &trail)
+            .unwrap_err()
+            .missing,
+        3
+    );
+    let rebuilt = lost.restore_from_trail("cohort", &trail).unwrap();
+    assert!(
+        (rebuilt - spent).abs() < 1e-9,
+        "{rebuilt} vs {spent}: a round's ε handed back"
+    );
+    lost.check_against_trail("cohort", &trail).unwrap();
+    assert_eq!(
+        lost.open("cohort")
+            .unwrap()
+            .job("j0")
+            .unwrap()
+            .charges
+            .len(),
+        3
+    );
 }
 
 #[test]
