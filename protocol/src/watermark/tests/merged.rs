@@ -270,3 +270,121 @@ fn informed_detection_finds_a_lora_default_mark_the_blind_test_cannot() {
         assert!(d.p_value() > 0.01, "other adapter {s}, informed: {d:?}");
     }
 }
+
+/// Attacks on merged detection (2026-12-07, branch `attack-s8`): a suspect crafted to break the
+/// verifier rather than to carry a mark. Adapted modules full of NaN, infinities or values near
+/// f32's limit, the base itself, a module of another float dtype, an INT8 module with no scale or
+/// a scale of the wrong shape: each ends in a clear error or a detection that finds nothing
+/// (`p > 0.01`), never a panic, and the memory stays the base's (the suspect's tensors are read
+/// only at the base's shapes).
+#[test]
+fn crafted_merged_checkpoints_end_in_an_error_or_no_detection_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    write_base(&base, 1);
+    let base_file = base.join("model.safetensors");
+    let base_weights =
+        job_base_weights(&base, Some(&checkpoint_digest_of_dir(&base).unwrap())).unwrap();
+    let mark = key(9).mark("job-lora");
+    let tensors = read(&base_file);
+    let adapted = |n: &str| n.contains("q_proj") || n.contains("v_proj");
+    let with = |f: &dyn Fn(usize, &mut Vec<f32>)| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut t = tensors.clone();
+        for (i, (n, _, v)) in t.iter_mut().enumerate() {
+            if adapted(n) {
+                f(i, v);
+            }
+        }
+        t
+    };
+    let mut suspects: Vec<(&str, Vec<(String, Vec<usize>, Vec<f32>)>, Dtype)> = vec![
+        (
+            "the base itself (no change at all)",
+            tensors.clone(),
+            Dtype::F32,
+        ),
+        (
+            "NaN in every adapted module",
+            with(&|_, v| v[3] = f32::NAN),
+            Dtype::F32,
+        ),
+        (
+            "±infinity in every adapted module",
+            with(&|i, v| {
+                v[0] = if i % 2 == 0 {
+                    f32::INFINITY
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }),
+            Dtype::F32,
+        ),
+        (
+            "values near f32's limit",
+            with(&|_, v| v.iter_mut().for_each(|x| *x = f32::MAX * x.signum())),
+            Dtype::F32,
+        ),
+        ("the base as f16", tensors.clone(), Dtype::F16),
+    ];
+    for (what, t, dtype) in suspects.drain(..) {
+        let file = dir.path().join("suspect.safetensors");
+        write(&file, &t, dtype);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            detect_merged_marks(
+                &file,
+                &base_weights,
+                &lora(),
+                SEED,
+                None,
+                std::slice::from_ref(&mark),
+            )
+        }))
+        .unwrap_or_else(|_| panic!("{what}: detection panicked"));
+        match outcome {
+            Err(e) => assert!(!e.to_string().is_empty(), "{what}"),
+            Ok((d, _)) => assert!(
+                d[0].p_value() > 0.01 && d[0].z.is_finite(),
+                "{what}: a false detection {d:?}"
+            ),
+        }
+    }
+
+    // INT8 modules without their scale, or with a scale of the wrong shape: an error naming
+    // the tensor, not an index out of bounds.
+    for (what, scale_shape) in [("no scale", None), ("a scale of one row", Some(vec![1]))] {
+        let file = dir.path().join("int8.safetensors");
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        let mut declared: Vec<(String, Dtype, Vec<usize>)> = tensors
+            .iter()
+            .filter(|(n, _, _)| n != name)
+            .map(|(n, s, _)| (n.clone(), Dtype::F32, s.clone()))
+            .collect();
+        declared.push((name.to_string(), Dtype::I8, vec![64, 64]));
+        if let Some(s) = &scale_shape {
+            declared.push((
+                crate::checkpoint::int8_scale_name(name),
+                Dtype::F32,
+                s.clone(),
+            ));
+        }
+        let mut w = SafetensorsWriter::create(&file, &declared, None).unwrap();
+        for (n, d, s) in &declared {
+            let count: usize = s.iter().product();
+            let bytes = match (n.as_str(), d) {
+                (_, Dtype::I8) => vec![7u8; count],
+                (n, _) => match tensors.iter().find(|(m, _, _)| m == n) {
+                    Some((_, _, v)) => from_f32(Dtype::F32, v).unwrap(),
+                    None => from_f32(Dtype::F32, &vec![1.0; count]).unwrap(),
+                },
+            };
+            w.write_next(n, &bytes).unwrap();
+        }
+        w.finish().unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            recover_adapters(&file, &base_weights, &lora(), SEED)
+        }))
+        .unwrap_or_else(|_| panic!("INT8 with {what}: recovery panicked"));
+        let e = outcome.expect_err(what).to_string();
+        assert!(e.contains(name) || e.contains("scale"), "{what}: {e}");
+    }
+}
