@@ -79,6 +79,10 @@ pub enum StatisticsRunError {
     },
     #[error("statistics file {path} does not have the SHA-256 it is stored under ({found})")]
     Digest { path: PathBuf, found: String },
+    /// A statistics file is named by its SHA-256 alone (64 lowercase hex digits): anything else
+    /// (a path out of the store) is refused before the file system is asked.
+    #[error("{0:?} is not a statistics file's SHA-256 (64 lowercase hex digits)")]
+    NotADigest(String),
 }
 
 fn missing_sites(
@@ -310,8 +314,19 @@ impl StatisticsFiles {
         Ok(path)
     }
 
-    /// The file stored under `sha256`, checked against it.
+    /// The file stored under `sha256`, checked against it. A name that is not a digest is
+    /// refused unread: the name may come from outside (a schema's `[standardize] sha256`), and
+    /// a path in it would otherwise open any `.toml` file and report its digest.
     pub fn read(&self, sha256: &str) -> Result<String, StatisticsRunError> {
+        let is_digest = sha256.len() == 64
+            && sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !is_digest {
+            return Err(StatisticsRunError::NotADigest(
+                sha256.chars().take(80).collect(),
+            ));
+        }
         let path = self.path(sha256);
         let text = std::fs::read_to_string(&path).map_err(|source| StatisticsRunError::File {
             path: path.clone(),
