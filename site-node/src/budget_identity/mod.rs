@@ -42,7 +42,9 @@
 //! # What it does not cover
 //!
 //! The same people's records so changed that fewer than a quarter of them are equal after
-//! normalisation (other columns re-coded, another table of the same patients); a subset smaller
+//! normalisation (two or more columns re-coded or perturbed, or the one column that tells the
+//! records apart; another table of the same patients; one column changed is found while the
+//! others tell the records apart, [`sketch::shared_fraction`]); a subset smaller
 //! than about 1.6 % of a known dataset (see [`sketch::RECORDS_K`]); and, when the map is
 //! deleted *and* the file rewritten, data whose new bytes extend no fingerprint in the trail.
 

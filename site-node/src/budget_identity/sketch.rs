@@ -273,6 +273,22 @@ impl SketchBuilder {
     }
 }
 
+/// The distinct hashes a bottom-`k` sketch stands for: exact below `k`, else `(k − 1)` over the
+/// `k`-th smallest hash as a fraction of the range (Cohen & Kaplan's estimator).
+fn distinct_estimate(h: &Hashes, k: usize) -> f64 {
+    match h.0.get(k.saturating_sub(1)) {
+        Some(&kth) if h.0.len() >= k => (k as f64 - 1.0) / ((kth as f64 + 1.0) / 2f64.powi(64)),
+        _ => h.0.len() as f64,
+    }
+}
+
+/// Whether the records without one column (`column`, a [`COLUMN_K`] sketch) are still about as
+/// many as the records (`records`): the other columns tell the records apart, so sharing
+/// them says the records are shared.
+fn identifying(column: &Hashes, records: &Hashes) -> bool {
+    distinct_estimate(column, COLUMN_K) >= 0.75 * distinct_estimate(records, RECORDS_K)
+}
+
 /// The share of `a`'s records that `b` holds, estimated over the hash range both sketches hold
 /// completely; `None` when that range holds fewer than [`MIN_SAMPLE`] of `a`'s records.
 fn containment(a: &Hashes, a_k: usize, b: &Hashes, b_k: usize) -> Option<f64> {
@@ -296,8 +312,12 @@ fn containment(a: &Hashes, a_k: usize, b: &Hashes, b_k: usize) -> Option<f64> {
 }
 
 /// The estimated share of the records of the smaller of `a` and `b` that the other holds, the
-/// records compared whole and with one column dropped on either side (a column added or
-/// removed by a re-export). 0 when the sketches are too thin to tell.
+/// records compared whole, with one column dropped on either side (a column added or removed by
+/// a re-export), and with one column dropped on both (one column's values perturbed or
+/// re-coded: attack-s8). The last only where the records without that column are still
+/// nearly as many as the records ([`identifying`]): a column whose removal leaves few distinct
+/// records (two low-cardinality columns) would match unrelated tables. 0 when the sketches are
+/// too thin to tell.
 pub fn shared_fraction(a: &RecordSketch, b: &RecordSketch) -> f64 {
     let mut pairs: Vec<(&Hashes, usize, &Hashes, usize)> =
         vec![(&a.records, RECORDS_K, &b.records, RECORDS_K)];
@@ -306,6 +326,19 @@ pub fn shared_fraction(a: &RecordSketch, b: &RecordSketch) -> f64 {
     }
     for column in &a.without_column {
         pairs.push((column, COLUMN_K, &b.records, RECORDS_K));
+    }
+    for x in a
+        .without_column
+        .iter()
+        .filter(|c| identifying(c, &a.records))
+    {
+        for y in b
+            .without_column
+            .iter()
+            .filter(|c| identifying(c, &b.records))
+        {
+            pairs.push((x, COLUMN_K, y, COLUMN_K));
+        }
     }
     pairs
         .into_iter()
