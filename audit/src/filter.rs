@@ -36,3 +36,33 @@ impl EventFilter {
             && self.to_seq.is_none_or(|s| event.seq < s)
     }
 }
+
+/// The SQL `LIKE` pattern (with `ESCAPE '\'`) that narrows a job filter to events whose payload
+/// names the job: `%"job":<the id as JSON>%`, with the id's own `%`, `_` and `\` escaped. Unescaped,
+/// a job id of `%` (a reader's request for `/jobs/%25`, or a query's filter) matched every event
+/// that names any job, and the store loaded them all to find none.
+pub fn job_payload_pattern(job: &str) -> String {
+    let json = crate::canonical_json(&job.into());
+    let mut escaped = String::with_capacity(json.len() + 8);
+    for c in json.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    format!("%\"job\":{escaped}%")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_id_s_wildcards_are_escaped_in_the_payload_pattern() {
+        assert_eq!(job_payload_pattern("job-7f3a"), r#"%"job":"job-7f3a"%"#);
+        assert_eq!(job_payload_pattern("%"), r#"%"job":"\%"%"#);
+        assert_eq!(job_payload_pattern("a_b"), r#"%"job":"a\_b"%"#);
+        // A backslash is JSON-escaped first (`\\`), then each is escaped for LIKE.
+        assert_eq!(job_payload_pattern("a\\b"), r#"%"job":"a\\\\b"%"#);
+    }
+}

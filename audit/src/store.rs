@@ -550,9 +550,11 @@ impl AuditStore {
         if let Some(job) = &filter.job {
             // Narrowed in SQL, decided exactly by EventFilter::matches below (LIKE's `_` is a
             // wildcard, and the payload's `job` key may sit in a nested object).
+            // The id's own `%` and `_` are escaped: a job id of `%` would otherwise match every
+            // event naming any job, all loaded to find none.
             bind(&mut sql, " AND (subject = ?", Bound::S(job.clone()))?;
-            let pattern = format!("%\"job\":{}%", crate::canonical_json(&job.as_str().into()));
-            bind(&mut sql, " OR payload LIKE ?)", Bound::S(pattern))?;
+            let pattern = crate::filter::job_payload_pattern(job);
+            bind(&mut sql, " OR payload LIKE ? ESCAPE '\\')", Bound::S(pattern))?;
         }
         if let Some(s) = &filter.subject {
             bind(&mut sql, " AND subject = ?", Bound::S(s.clone()))?;

@@ -42,13 +42,13 @@ const ALICE: &str = "spiffe://acme/site/st-mary/user/alice";
 const BOB: &str = "spiffe://acme/site/general/user/bob";
 
 /// The consortium of the shipped policy: its CA, and a certificate for everyone the test acts as.
-struct Consortium {
-    dir: tempfile::TempDir,
-    ca: CaDir,
+pub(super) struct Consortium {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) ca: CaDir,
 }
 
 impl Consortium {
-    fn new() -> Consortium {
+    pub(super) fn new() -> Consortium {
         let dir = tempfile::tempdir().unwrap();
         let ca = CaDir::init(
             &dir.path().join("ca"),
@@ -89,11 +89,11 @@ impl Consortium {
         c
     }
 
-    fn certs(&self) -> PathBuf {
+    pub(super) fn certs(&self) -> PathBuf {
         self.dir.path().join("certs")
     }
 
-    fn issue(&self, stem: &str, p: &Principal, o: &LeafOptions) {
+    pub(super) fn issue(&self, stem: &str, p: &Principal, o: &LeafOptions) {
         let issued = self.ca.issue(p, o).unwrap();
         std::fs::write(self.certs().join(format!("{stem}.crt")), &issued.cert_pem).unwrap();
         std::fs::write(self.certs().join(format!("{stem}.key")), &issued.key_pem).unwrap();
@@ -139,9 +139,9 @@ impl Consortium {
 }
 
 /// A running audit service with its console.
-struct Service {
+pub(super) struct Service {
     grpc: SocketAddr,
-    console: SocketAddr,
+    pub(super) console: SocketAddr,
     db: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -155,7 +155,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_service(c: &Consortium) -> Service {
+pub(super) async fn start_service(c: &Consortium) -> Service {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let data = c.dir.path().join("audit");
     let console_port = free_port();
@@ -208,7 +208,7 @@ page_size = 5
 }
 
 impl Service {
-    async fn client(&self, c: &Consortium, stem: &str) -> AuditClient {
+    pub(super) async fn client(&self, c: &Consortium, stem: &str) -> AuditClient {
         let expect = Identity::new("acme", Principal::Audit).unwrap();
         let tls = ClientTls::from_material(&c.material(stem), Some(expect)).unwrap();
         AuditClient::connect(&format!("localhost:{}", self.grpc.port()), tls)
@@ -216,7 +216,7 @@ impl Service {
             .unwrap()
     }
 
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -478,15 +478,15 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
 }
 
 /// An HTTP/1.1 response read by [`https_get`].
-struct Fetched {
-    status: u16,
-    head: String,
-    body: String,
+pub(super) struct Fetched {
+    pub(super) status: u16,
+    pub(super) head: String,
+    pub(super) body: String,
 }
 
 /// GET `path` from the console over TLS as `stem` (no client certificate when `None`), with a
 /// plain rustls client; `Err` carries the TLS or I/O failure.
-async fn https_get(
+pub(super) async fn https_get(
     c: &Consortium,
     addr: SocketAddr,
     stem: Option<&str>,

@@ -8,5 +8,6 @@ mod approval_message;
 mod authority;
 mod chain;
 mod console;
+mod console_attack;
 mod quarantine;
 mod store;
