@@ -162,7 +162,9 @@ impl SiteLedgers {
         let mut sorted: Vec<&AnchoredSpend> = spends.iter().collect();
         sorted.sort_by_key(|s| s.seq);
         sorted.dedup_by_key(|s| s.seq);
-        let mut claimed = std::collections::BTreeSet::new();
+        // (job, index of the charge in that job's list): claimed by an event already.
+        let mut claimed: std::collections::BTreeSet<(&str, usize)> =
+            std::collections::BTreeSet::new();
         let mut missing: Vec<&AnchoredSpend> = Vec::new();
         for s in sorted {
             let Some(job) = ledger.as_ref().and_then(|l| l.job(&s.payload.job)) else {
@@ -175,7 +177,7 @@ impl SiteLedgers {
                     c.round == s.payload.round
                         && c.attempt == s.payload.attempt
                         && c.group == group
-                        && !claimed.contains(i)
+                        && !claimed.contains(&(s.payload.job.as_str(), *i))
                 })
             };
             let found = candidates()
@@ -184,7 +186,7 @@ impl SiteLedgers {
                 .map(|(i, _)| i);
             match found {
                 Some(i) => {
-                    claimed.insert(i);
+                    claimed.insert((s.payload.job.as_str(), i));
                 }
                 None => missing.push(s),
             }

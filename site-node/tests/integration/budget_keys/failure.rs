@@ -98,7 +98,10 @@ fn a_round_attempt_charged_twice_is_two_spends_after_the_ledger_is_lost_and_rest
     let ledgers = node(dir.path(), &[("cohort", &data)]);
     let key = ledgers.key("cohort").unwrap();
     let file = dir.path().join(format!("privacy-ledger/{key}.json.enc"));
+    // Another job's round 1 first: each job's charges are matched to that job's events (its
+    // charge 0 must not stand in for j0's charge 0).
     let mut trail = vec![
+        charge(&ledgers, "j1", 1, "cohort", 0),
         charge(&ledgers, "j0", 1, "cohort", 1),
         charge(&ledgers, "j0", 2, "cohort", 2),
     ];
@@ -120,7 +123,10 @@ fn a_round_attempt_charged_twice_is_two_spends_after_the_ledger_is_lost_and_rest
         vec![Some(1), Some(2), Some(3)],
         "one event anchors one charge"
     );
-    assert_eq!(ledgers.anchored_seqs("cohort").unwrap(), [1, 2, 3].into());
+    assert_eq!(
+        ledgers.anchored_seqs("cohort").unwrap(),
+        [0, 1, 2, 3].into()
+    );
     ledgers.check_against_trail("cohort", &trail).unwrap();
 
     // Rolled back to before the second charge: behind by that one event.
@@ -134,14 +140,14 @@ fn a_round_attempt_charged_twice_is_two_spends_after_the_ledger_is_lost_and_rest
         (behind.missing, behind.first_round, behind.first_seq),
         (1, 2, 3)
     );
-    // Lost altogether, then restored by the officer: all three charges, the same ε.
+    // Lost altogether, then restored by the officer: all four charges, the same ε.
     std::fs::remove_file(&file).unwrap();
     let lost = node(dir.path(), &[("cohort", &data)]);
     assert_eq!(
         lost.check_against_trail("cohort", &trail)
             .unwrap_err()
             .missing,
-        3
+        4
     );
     let rebuilt = lost.restore_from_trail("cohort", &trail).unwrap();
     assert!(
