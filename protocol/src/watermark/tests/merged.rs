@@ -297,7 +297,8 @@ fn crafted_merged_checkpoints_end_in_an_error_or_no_detection_never_a_panic() {
         }
         t
     };
-    let mut suspects: Vec<(&str, Vec<(String, Vec<usize>, Vec<f32>)>, Dtype)> = vec![
+    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+    let mut suspects: Vec<(&str, Tensors, Dtype)> = vec![
         (
             "the base itself (no change at all)",
             tensors.clone(),
