@@ -288,9 +288,9 @@ struct Fit {
 
 /// Permutations found so far, by length: the starts for other tensors' columns and vectors.
 #[derive(Default)]
-struct Found(BTreeMap<usize, Vec<Vec<usize>>>);
+struct FoundPermutations(BTreeMap<usize, Vec<Vec<usize>>>);
 
-impl Found {
+impl FoundPermutations {
     fn add(&mut self, p: &[usize]) {
         if p.len() < 2 || is_identity(p) {
             return;
@@ -318,7 +318,7 @@ impl Found {
 }
 
 /// Aligns `s` (already in the reference's orientation) to `r`, of view `v`.
-fn fit(s: &[f32], r: &[f32], v: View, found: &Found) -> Fit {
+fn fit(s: &[f32], r: &[f32], v: View, found: &FoundPermutations) -> Fit {
     if v.cols * v.rest == 1 {
         // A vector: a found row permutation of its length, or none.
         let mut starts = vec![identity(v.rows)];
@@ -445,7 +445,7 @@ pub fn align_to_reference(
             report.by_name += 1;
         }
     }
-    let mut found = Found::default();
+    let mut found = FoundPermutations::default();
     let mut chosen: Vec<Option<(Fit, bool)>> = vec![None; reference.len()];
     for pass in 0..2 {
         for (ri, r) in reference.iter().enumerate() {
