@@ -812,6 +812,61 @@ mod tests {
         );
     }
 
+    /// `[ha]` needs PostgreSQL (refused with the SQLite default, naming the table), a renewal
+    /// within half the TTL and documented ranges; the shipped example documents the table.
+    #[test]
+    fn ha_needs_postgres_and_a_renewal_well_within_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let ha = "[ha]\ninstance_id = \"c1\"\nlease_ttl_secs = 4\nrenew_every_secs = 2\n";
+        let path = write_config(dir.path(), "insecure_no_policy = true", ha);
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(path.to_str().unwrap())
+                && e.contains("[ha] needs PostgreSQL")
+                && e.contains("SQLite"),
+            "{e}"
+        );
+        let pg = "insecure_no_policy = true\ndatabase_url = \"postgres://c@db/t\"";
+        let path = write_config(dir.path(), pg, ha);
+        let c = Config::from_file(&path).unwrap();
+        let got = c.ha.as_ref().map(|h| (h.instance_id(), h.lease_ttl_secs));
+        assert_eq!(got, Some(("c1".to_string(), 4)));
+        // A database URL from a file is checked once read.
+        std::fs::write(dir.path().join("db-url"), "sqlite://x.db").unwrap();
+        let from_file = "insecure_no_policy = true\ndatabase_url_file = \"db-url\"";
+        let path = write_config(dir.path(), from_file, ha);
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("[ha] needs PostgreSQL"), "{e}");
+        for (table, want) in [
+            (
+                "[ha]\nlease_ttl_secs = 4\nrenew_every_secs = 3\n",
+                "at most half",
+            ),
+            ("[ha]\nlease_ttl_secs = 1\n", "ha.lease_ttl_secs"),
+            ("[ha]\nrenew_every_secs = 0\n", "ha.renew_every_secs"),
+            ("[ha]\ninstance_id = \" \"\n", "instance_id is empty"),
+            ("[ha]\nlease_ttl = 4\n", "unknown field"),
+        ] {
+            let path = write_config(dir.path(), pg, table);
+            let e = Config::from_file(&path).unwrap_err().to_string();
+            assert!(e.contains(want), "{table}: {e}");
+        }
+        let shipped =
+            std::fs::read_to_string(repo().join("deploy/config/coordinator.toml")).unwrap();
+        for key in [
+            "#[ha]",
+            "#instance_id",
+            "#lease_ttl_secs",
+            "#renew_every_secs",
+            "#advertise_address",
+        ] {
+            assert!(
+                shipped.contains(key),
+                "deploy/config/coordinator.toml documents {key}"
+            );
+        }
+    }
+
     /// Hole (a) of the 2026-11 review: a coordinator ran with no trail at all when `[audit]` was
     /// left out (the shipped example had it commented out). Now it refuses to start, naming the
     /// table and the file; the waiver is by name, and only on a loopback listener.
