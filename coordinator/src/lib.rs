@@ -519,6 +519,12 @@ impl Coordinator {
     }
 }
 
+/// The gRPC health service name `probe --leader` asks for: SERVING only on the leader (`[ha]`;
+/// always, without it).
+pub const LEADER_HEALTH_SERVICE: &str = <pb::federation_server::FederationServer<
+    service::FederationService,
+> as tonic::server::NamedService>::NAME;
+
 /// The services only a leader serves, SERVING or NOT_SERVING in gRPC health.
 async fn set_leader_services_serving(
     reporter: &tonic_health::server::HealthReporter,

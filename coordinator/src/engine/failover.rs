@@ -16,9 +16,9 @@ use super::{Engine, EngineError};
 use crate::job::{JobId, JobState};
 
 /// Why the attempt in progress at a takeover is recorded as failed.
-pub const INTERRUPTED: &str = "interrupted: the coordinator running this attempt lost the leader \
-     lease (stopped, or cut off from the database); the new leader re-issues the round as the \
-     next attempt";
+pub const INTERRUPTED: &str = "interrupted: the leader lease changed hands while this round was \
+     open (the coordinator that held it stopped, or was cut off from the database); the new \
+     leader re-issues the round as the next attempt";
 
 impl Engine {
     /// Whether global models and strategy states are copied into the database (`[ha]`).

@@ -99,6 +99,20 @@ async fn the_leader_killed_mid_round_is_replaced_and_the_job_completes_with_ever
         refused.message()
     );
     c.port = port_a;
+    // `probe --leader` (a readiness check that only the leader passes); the plain probe
+    // (liveness) passes on both.
+    let probe = |name: &str, leader: bool| {
+        let mut cmd = Command::new(bin("tutela-coordinator"));
+        cmd.arg("--config")
+            .arg(d.join(format!("{name}.toml")))
+            .arg("probe");
+        if leader {
+            cmd.arg("--leader");
+        }
+        cmd.output().unwrap().status.success()
+    };
+    assert!(probe("coord-a", true) && probe("coord-a", false));
+    assert!(!probe("coord-b", true) && probe("coord-b", false));
 
     // Every node knows both coordinators, the follower first for one of them: it is told "not
     // leader" and goes on to the leader.
