@@ -29,10 +29,12 @@ use crate::strategy::StrategyConfig;
 use crate::tasks::{SiteMetrics, TaskTable};
 
 mod check;
+mod failover;
 mod publish;
 mod round;
 
 pub use check::{CHECK_WAIT, CheckAnswerError, PendingChecks};
+pub use failover::INTERRUPTED;
 pub use publish::DETECTION_THRESHOLD;
 
 pub struct Engine {
@@ -65,6 +67,9 @@ pub struct Engine {
     /// Held while a stage move of the model registry is checked, recorded and applied
     /// (`crate::registry::move_stage`): moves are applied one at a time.
     pub registry_lock: tokio::sync::Mutex<()>,
+    /// With `[ha]`: models and strategy states are copied into the database for a new leader on
+    /// another machine (`failover`).
+    replicate_files: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +95,13 @@ pub enum EngineError {
     /// key): refused at submission.
     #[error("{0}")]
     NotConfigured(String),
+}
+
+impl EngineError {
+    /// Whether a write was refused because this coordinator no longer holds the leader lease.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, EngineError::Store(e) if e.is_fenced())
+    }
 }
 
 /// The buffered aggregation's spools, under `state_dir`.
@@ -167,6 +179,7 @@ impl Engine {
             secagg: Default::default(),
             watermark_key: std::sync::OnceLock::new(),
             registry_lock: tokio::sync::Mutex::new(()),
+            replicate_files: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -453,6 +466,11 @@ impl Engine {
             match result {
                 Ok(()) => tracing::info!(job = %job, "job completed"),
                 Err(EngineError::Cancelled) => tracing::info!(job = %job, "job cancelled"),
+                // Another coordinator holds the lease and goes on with the job: nothing of it
+                // is this one's to record any more.
+                Err(e) if e.is_fenced() => {
+                    tracing::warn!(job = %job, error = %e, "lost the leader lease: this coordinator stops running the job");
+                }
                 Err(e) => {
                     tracing::error!(job = %job, error = %e, "job failed");
                     let reason = e.to_string();
@@ -503,9 +521,13 @@ impl Engine {
         // Where the job stands: the last completed round and its global model.
         let (mut round, mut model_id) =
             match self.store.global_model(job_id, job.current_round).await? {
-                Some(m) => (job.current_round, m),
+                Some(m) => {
+                    self.ensure_local(job_id, job.current_round, &m).await?;
+                    (job.current_round, m)
+                }
                 None => {
                     let m = self.initial_model(&ctx).await?;
+                    self.replicate_model(&m).await?;
                     self.store.set_initial_model(job_id, &m).await?;
                     self.changed(job_id);
                     (0, m)
@@ -568,6 +590,7 @@ impl Engine {
         // The published model: the final global model, watermarked first when the job asks.
         let publication = self.publication(job_id, &spec, &model_id).await?;
         let published = publication.model_id.clone();
+        self.replicate_model(&published).await?;
         // Recorded before the job is marked completed, and looked for first: a coordinator that
         // stopped in between resumes the job here and records each once.
         let trail = self.trail();

@@ -40,7 +40,9 @@ use time::OffsetDateTime;
 
 use tutela_protocol::database::{self, redact_url};
 
+mod lease;
 mod registry;
+pub use lease::{Fence, LEASE_NAME, LeaseHolder, LeaseOutcome};
 pub use registry::{PendingSignature, RegisteredVersion, StageMoveRecord};
 
 use crate::job::{
@@ -75,6 +77,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "model_registry",
         sql: include_str!("../migrations/0004_model_registry.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "leader_lease",
+        sql: include_str!("../migrations/0005_leader_lease.sql"),
     },
 ];
 
@@ -243,6 +250,35 @@ pub enum StoreError {
     Corrupt { what: String, problem: String },
     #[error("cannot draw a random job id from the operating system")]
     Random,
+    /// A write of a coordinator that does not hold the leader lease at the epoch it was given
+    /// (another coordinator took it over): nothing was written.
+    #[error(
+        "{op}: refused: this coordinator's leader lease (epoch {epoch}) was taken over (the lease is at epoch {current}, held by {holder}); nothing was written"
+    )]
+    Fenced {
+        op: String,
+        epoch: i64,
+        current: i64,
+        holder: String,
+    },
+    /// A write of a coordinator that is a follower (holds no leader lease).
+    #[error("{op}: refused: this coordinator is not the leader (it holds no leader lease)")]
+    NotLeader { op: String },
+    /// `[ha]` on a database other than PostgreSQL.
+    #[error(
+        "the leader lease needs PostgreSQL, but the job store is {backend:?} at {location}: run a single coordinator on SQLite, or give every coordinator the same postgres:// database_url"
+    )]
+    LeaseNeedsPostgres { backend: Backend, location: String },
+}
+
+impl StoreError {
+    /// Whether the write was refused because this coordinator is no longer (or not) the leader.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Fenced { .. } | StoreError::NotLeader { .. }
+        )
+    }
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -386,6 +422,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     location: String,
+    /// With `[ha]`: the lease epoch every write transaction checks ([`Store::fenced`]).
+    fence: Option<Fence>,
 }
 
 impl Store {
@@ -416,6 +454,7 @@ impl Store {
             pool,
             backend,
             location,
+            fence: None,
         };
         store.migrate().await?;
         Ok(store)
@@ -433,12 +472,20 @@ impl Store {
     /// A write transaction. On SQLite `BEGIN IMMEDIATE` takes the write lock up front (waiting up
     /// to the busy timeout): a deferred transaction that reads and then writes can fail with
     /// SQLITE_BUSY instead of waiting when another connection wrote in between.
+    ///
+    /// A fenced store ([`Store::fenced`]) checks, first thing in the transaction, that its lease
+    /// epoch is still the lease's (a shared row lock until commit, which a takeover waits for):
+    /// a coordinator that lost the lease writes nothing.
     async fn begin_write(&self, op: &str) -> Result<Transaction<'static, Any>> {
-        match self.backend {
+        let mut tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
-        .map_err(db(format!("{op}: begin transaction")))
+        .map_err(db(format!("{op}: begin transaction")))?;
+        if let Some(fence) = &self.fence {
+            lease::check_fence(&mut tx, fence, op).await?;
+        }
+        Ok(tx)
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -580,6 +627,8 @@ impl Store {
         }
         let id = JobId::generate().map_err(|_| StoreError::Random)?;
         let now = now_ms();
+        let op = format!("create_job {id} ({})", parsed.name);
+        let mut tx = self.begin_write(&op).await?;
         sqlx::query(
             "INSERT INTO jobs (id, name, spec_toml, spec_digest, state, state_reason,
                                total_rounds, current_round, created_at_ms, updated_at_ms)
@@ -592,9 +641,10 @@ impl Store {
         .bind(JobState::Proposed.as_str())
         .bind(i64::from(parsed.rounds))
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
-        .map_err(db(format!("create_job {id} ({})", parsed.name)))?;
+        .map_err(db(&op))?;
+        tx.commit().await.map_err(db(format!("{op}: commit")))?;
         Ok(id)
     }
 
@@ -621,18 +671,22 @@ impl Store {
             "UPDATE jobs SET state = $1, state_reason = $2, updated_at_ms = $3
              WHERE id = $4 AND state = $5"
         };
+        let op = format!("set_job_state {job} {from} -> {to}");
+        let mut tx = self.begin_write(&op).await?;
         let done = sqlx::query(sql)
             .bind(to.as_str())
             .bind(reason)
             .bind(now_ms())
             .bind(job.as_str())
             .bind(from.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(db(format!("set_job_state {job} {from} -> {to}")))?;
+            .map_err(db(&op))?;
         if done.rows_affected() == 1 {
+            tx.commit().await.map_err(db(format!("{op}: commit")))?;
             return Ok(());
         }
+        drop(tx);
         // Nothing changed: say why. (Read after the fact, so only the message can race.)
         match self.get_job(job).await? {
             None => Err(StoreError::JobNotFound(job.clone())),

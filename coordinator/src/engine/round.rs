@@ -577,6 +577,9 @@ impl Engine {
     /// `round.completed` in the audit trail (waiting while it is down).
     async fn record(&self, job_id: &JobId, r: Released) -> Result<String, EngineError> {
         let (round, attempt) = r.round;
+        // A leader on another machine goes on from these (before the round names them).
+        self.replicate_model(&r.new_model).await?;
+        self.replicate_strategy_state(job_id, round).await?;
         self.store
             .complete_round(job_id, round, attempt, &r.record)
             .await?;

@@ -9,6 +9,7 @@ mod aggregate;
 mod central_dp;
 mod distributed_dp;
 mod initial_model;
+mod lease;
 mod registry;
 mod rejections;
 mod robust;

@@ -170,6 +170,9 @@ pub enum AgentError {
     BaseModels(String),
 }
 
+/// The pause before trying the next coordinator address after one failed.
+const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(100);
+
 /// Exponential backoff with jitter between connection attempts.
 ///
 /// Each delay is drawn uniformly from [d/2, d], where d starts at the initial delay and doubles
@@ -535,13 +538,25 @@ impl Agent {
             version = NODE_VERSION,
             "site node starting"
         );
+        // With several coordinator addresses (coordinators sharing one database, one leader at a
+        // time), a session that ends (the coordinator is unreachable, died, or answered that it is
+        // not the leader) is followed by one at the next address, at once; the backoff applies
+        // once every address was tried.
+        let addresses = &self.config.coordinator;
+        let mut next = 0usize;
         loop {
+            let address = addresses.nth_cyclic(next);
             let ended = tokio::select! {
                 _ = &mut shutdown => break,
-                ended = session.run(&mut backoff) => ended,
+                ended = session.run(address, &mut backoff) => ended,
             };
-            let wait = backoff.next_delay();
-            tracing::warn!(reason = %ended, retry_in_secs = wait.as_secs_f64(), "not connected to the coordinator; reconnecting");
+            next += 1;
+            let wait = if next % addresses.len().max(1) == 0 {
+                backoff.next_delay()
+            } else {
+                NEXT_ADDRESS_DELAY
+            };
+            tracing::warn!(coordinator = %address, reason = %ended, next = %addresses.nth_cyclic(next), retry_in_secs = wait.as_secs_f64(), "not connected to the coordinator; reconnecting");
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(wait) => {}

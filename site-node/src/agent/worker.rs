@@ -85,16 +85,16 @@ pub(super) struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Connects, announces the node and forwards tasks until the stream ends or breaks; returns
-    /// why it ended.
-    pub(super) async fn run(&self, backoff: &mut Backoff) -> String {
+    /// Connects to the coordinator at `address`, announces the node and forwards tasks until
+    /// the stream ends or breaks; returns why it ended.
+    pub(super) async fn run(&self, address: &str, backoff: &mut Backoff) -> String {
         // Re-read on every session: a renewed certificate or a new CRL applies at the next
         // reconnect without a restart.
         let tls = match ClientTls::load(&self.config.tls, Some(self.coordinator.clone())) {
             Ok(t) => t,
             Err(e) => return format!("loading the TLS files: {e}"),
         };
-        let channel = match client::connect_lazy(&self.config.coordinator, tls) {
+        let channel = match client::connect_lazy(address, tls) {
             Ok(c) => c,
             Err(e) => return e.to_string(),
         };
@@ -102,7 +102,7 @@ impl Session<'_> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         *self.shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
-        tracing::info!(coordinator = %self.config.coordinator, "connecting");
+        tracing::info!(coordinator = %address, "connecting");
         let mut readiness = self.shared.gate.tables().subscribe();
         readiness.borrow_and_update();
         let mut announced = self.shared.gate.dataset_names();
@@ -111,7 +111,7 @@ impl Session<'_> {
             Err(status) => return describe_status("Connect", &status),
         };
         backoff.reset();
-        tracing::info!(coordinator = %self.config.coordinator, "connected; waiting for tasks");
+        tracing::info!(coordinator = %address, "connected; waiting for tasks");
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,

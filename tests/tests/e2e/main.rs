@@ -11,6 +11,7 @@ mod central_dp;
 mod data_stays_home;
 mod demo;
 mod distributed_dp;
+mod failover;
 mod federation;
 mod job_check;
 mod language_model;
