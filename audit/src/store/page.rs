@@ -135,6 +135,31 @@ impl super::AuditStore {
         })
     }
 
+    /// The events of `action` with `from <= seq < to`, oldest first, at most `limit` of the
+    /// newest ones: what the console's sites cache is extended with.
+    pub async fn events_of_between(
+        &self,
+        action: Action,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE action = $1 AND seq >= $2 AND seq < $3 ORDER BY seq DESC LIMIT {limit}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(action.as_str())
+            .bind(clamp_i64(from))
+            .bind(clamp_i64(to))
+            .persistent(false)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db(format!("read {action} events {from}..{to}")))?;
+        let mut events = rows.iter().map(event_of_row).collect::<Result<Vec<_>>>()?;
+        events.reverse();
+        Ok(events)
+    }
+
     /// The events of `action`, oldest first, at most `limit` of the newest ones: what the
     /// console's jobs, sites and models pages are built from.
     pub async fn events_of(&self, action: Action, limit: u32) -> Result<Vec<Event>> {
