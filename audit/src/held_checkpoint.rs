@@ -20,9 +20,7 @@ use crate::store::{SiteCheckpoint, StoreError};
 /// Why a report was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error(
-        "only a site's node reports the checkpoint its site holds; {0} is not a site node"
-    )]
+    #[error("only a site's node reports the checkpoint its site holds; {0} is not a site node")]
     NotANode(String),
     #[error("the reported checkpoint is of log {got:?}, not this log ({expected:?})")]
     OtherLog { got: String, expected: String },

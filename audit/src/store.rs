@@ -40,8 +40,8 @@ pub use tutela_protocol::database::Backend;
 mod derived;
 pub mod page;
 pub mod site_checkpoints;
-pub use page::{EventPage, PageQuery};
 pub use derived::expected_event_job_rows;
+pub use page::{EventPage, PageQuery};
 pub use site_checkpoints::SiteCheckpoint;
 
 /// One embedded migration; `postgres` and `sqlite` differ only where the SQL dialects do.

@@ -85,7 +85,10 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         // requires the caller to be a site's node).
         (
             "tutela.v1.Audit",
-            "ListCheckpoints" | "GetCheckpoint" | "ConsistencyProof" | "LogInfo"
+            "ListCheckpoints"
+            | "GetCheckpoint"
+            | "ConsistencyProof"
+            | "LogInfo"
             | "ReportHeldCheckpoint",
         ) => fixed("audit", "verify"),
         (s, m) => (

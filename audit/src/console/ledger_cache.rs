@@ -107,8 +107,11 @@ impl Ledger {
         let limit = EVENTS_KEPT as u32;
         // Only events its site's node may assert count; the rules need no other event for them.
         let believed = |events: Vec<Event>| {
-            let flagged: std::collections::BTreeSet<u64> =
-                check.violations(&events).into_iter().map(|v| v.seq).collect();
+            let flagged: std::collections::BTreeSet<u64> = check
+                .violations(&events)
+                .into_iter()
+                .map(|v| v.seq)
+                .collect();
             events
                 .into_iter()
                 .filter(|e| !flagged.contains(&e.seq))

@@ -138,7 +138,9 @@ async fn check(state: &ConsoleState) -> VerificationOutcome {
     // from a job's page: it must be exactly what the verified events call for.
     match store.event_job_rows().await {
         Ok(stored) => {
-            if let Some(what) = index_difference(&crate::store::expected_event_job_rows(&events), &stored) {
+            if let Some(what) =
+                index_difference(&crate::store::expected_event_job_rows(&events), &stored)
+            {
                 return VerificationOutcome::Broken {
                     first_bad_seq: Some(what.0),
                     what: what.1,

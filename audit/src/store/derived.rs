@@ -112,7 +112,12 @@ fn job_rows_insert(
 fn job_pairs(events: &[Event]) -> Vec<(String, i64)> {
     events
         .iter()
-        .filter_map(|e| Some((payload_job(&e.payload)?.to_string(), i64::try_from(e.seq).ok()?)))
+        .filter_map(|e| {
+            Some((
+                payload_job(&e.payload)?.to_string(),
+                i64::try_from(e.seq).ok()?,
+            ))
+        })
         .collect()
 }
 

@@ -40,7 +40,10 @@ impl AuditStore {
         .bind(held.reported_at.unix_millis())
         .execute(self.pool())
         .await
-        .map_err(db(format!("record the checkpoint site {} holds", held.site)))?;
+        .map_err(db(format!(
+            "record the checkpoint site {} holds",
+            held.site
+        )))?;
         Ok(())
     }
 

@@ -1133,7 +1133,10 @@ async fn sites_report_their_held_checkpoints_for_themselves_only_and_the_overvie
         let row = site_row(&body, site).unwrap_or_else(|| panic!("no row for {site}: {body}"));
         let size = cp.checkpoint.tree_size;
         assert!(row.contains(&format!(">{size}<")), "{row}");
-        assert!(row.contains(&format!(">{}<", n - size)), "behind: {row} (log {n})");
+        assert!(
+            row.contains(&format!(">{}<", n - size)),
+            "behind: {row} (log {n})"
+        );
         assert!(
             row.contains(&format!("spiffe://acme/site/{site}/node")),
             "{row}"

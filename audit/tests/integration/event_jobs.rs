@@ -90,7 +90,12 @@ async fn job_queries_use_the_index_written_at_append_and_filled_by_the_migration
             db.backend
         );
         for job in ["job-0", "job-1", "job-2", "job_1", "job-9"] {
-            assert_eq!(found(&store, job).await, expected(&all, job), "{job} {:?}", db.backend);
+            assert_eq!(
+                found(&store, job).await,
+                expected(&all, job),
+                "{job} {:?}",
+                db.backend
+            );
         }
         // "job-1" by payload: seqs 10 (subject), 25 (payload) ... and never "job_1"'s.
         assert!(found(&store, "job-1").await.contains(&25));
@@ -132,7 +137,12 @@ async fn job_queries_use_the_index_written_at_append_and_filled_by_the_migration
             db.backend
         );
         for job in ["job-0", "job-1", "job_1"] {
-            assert_eq!(found(&reopened, job).await, expected(&all, job), "{job} {:?}", db.backend);
+            assert_eq!(
+                found(&reopened, job).await,
+                expected(&all, job),
+                "{job} {:?}",
+                db.backend
+            );
         }
         // The index is append-only like the log.
         let refused = sqlx::query("DELETE FROM audit_event_jobs WHERE seq = 0")

@@ -58,7 +58,10 @@ fn out_of_range_requests_are_refused_as_before() {
     let (t, _) = tree(11);
     assert_eq!(
         t.audit_path(11, 11),
-        Err(ProofError::IndexOutOfRange { index: 11, size: 11 })
+        Err(ProofError::IndexOutOfRange {
+            index: 11,
+            size: 11
+        })
     );
     assert_eq!(
         t.audit_path(3, 12),

@@ -182,58 +182,58 @@ fn page_of(ledger: &Ledger, viewer: &Viewer) -> SitesPage {
     let deidentified = ledger
         .deidentified
         .iter()
-    .rev()
-    .filter_map(|e| {
-        let p = DatasetDeidentified::from_event(e).ok()?;
-        let summary = serde_json::from_value::<DeidSummary>(p.report).ok();
-        let k = summary.as_ref().and_then(|s| s.k_anonymity.as_ref());
-        let opt = |v: Option<u64>| v.map_or_else(|| "—".to_string(), |v| v.to_string());
-        Some(DeidView {
-            seq: e.seq,
-            time: utc(e.timestamp),
-            site: p.site,
-            dataset: p.dataset,
-            job: p.job,
-            rows_in: opt(summary.as_ref().map(|s| s.rows_in)),
-            rows_out: opt(summary.as_ref().map(|s| s.rows_out)),
-            rows_changed: opt(summary.as_ref().and_then(|s| s.rows_changed)),
-            k: k.map_or_else(
-                || "—".into(),
-                |k| format!("{} (required {})", k.k_achieved, k.k_required),
-            ),
-            l: k.and_then(|k| k.l_achieved.map(|l| (l, k.l_required)))
-                .map_or_else(
+        .rev()
+        .filter_map(|e| {
+            let p = DatasetDeidentified::from_event(e).ok()?;
+            let summary = serde_json::from_value::<DeidSummary>(p.report).ok();
+            let k = summary.as_ref().and_then(|s| s.k_anonymity.as_ref());
+            let opt = |v: Option<u64>| v.map_or_else(|| "—".to_string(), |v| v.to_string());
+            Some(DeidView {
+                seq: e.seq,
+                time: utc(e.timestamp),
+                site: p.site,
+                dataset: p.dataset,
+                job: p.job,
+                rows_in: opt(summary.as_ref().map(|s| s.rows_in)),
+                rows_out: opt(summary.as_ref().map(|s| s.rows_out)),
+                rows_changed: opt(summary.as_ref().and_then(|s| s.rows_changed)),
+                k: k.map_or_else(
                     || "—".into(),
-                    |(l, req)| match req {
-                        Some(r) => format!("{l} (required {r})"),
-                        None => l.to_string(),
-                    },
+                    |k| format!("{} (required {})", k.k_achieved, k.k_required),
                 ),
-            suppressed: opt(k.map(|k| k.suppressed_rows)),
-            commitment: p.dataset_commitment.as_deref().map(Digest::new),
+                l: k.and_then(|k| k.l_achieved.map(|l| (l, k.l_required)))
+                    .map_or_else(
+                        || "—".into(),
+                        |(l, req)| match req {
+                            Some(r) => format!("{l} (required {r})"),
+                            None => l.to_string(),
+                        },
+                    ),
+                suppressed: opt(k.map(|k| k.suppressed_rows)),
+                commitment: p.dataset_commitment.as_deref().map(Digest::new),
+            })
         })
-    })
-    .collect();
+        .collect();
 
     let text_deidentified = ledger
         .text_deidentified
         .iter()
-    .rev()
-    .filter_map(|e| {
-        let p = TextDatasetDeidentified::from_event(e).ok()?;
-        Some(TextDeidView {
-            seq: e.seq,
-            time: utc(e.timestamp),
-            site: p.site,
-            dataset: p.dataset,
-            job: p.job,
-            split_unit: p.split_unit,
-            documents_in: p.documents_in,
-            documents_out: p.documents_out,
-            commitment: Digest::new(&p.dataset_commitment),
+        .rev()
+        .filter_map(|e| {
+            let p = TextDatasetDeidentified::from_event(e).ok()?;
+            Some(TextDeidView {
+                seq: e.seq,
+                time: utc(e.timestamp),
+                site: p.site,
+                dataset: p.dataset,
+                job: p.job,
+                split_unit: p.split_unit,
+                documents_in: p.documents_in,
+                documents_out: p.documents_out,
+                commitment: Digest::new(&p.dataset_commitment),
+            })
         })
-    })
-    .collect();
+        .collect();
 
     SitesPage {
         who: viewer.identity.clone(),
