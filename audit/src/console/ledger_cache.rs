@@ -84,21 +84,25 @@ impl Ledger {
         check: &AuthorityCheck,
         size: u64,
     ) -> Result<(), StoreError> {
-        if let Some((next, below)) = self.head {
-            let still_there = next == 0
-                || store
-                    .event(next - 1)
-                    .await?
-                    .is_some_and(|e| e.hash == below);
-            if !still_there {
-                tracing::warn!(
-                    seq = next.saturating_sub(1),
-                    "console: the stored trail changed under the sites cache; rebuilding it"
-                );
-                *self = Ledger::default();
-            } else if next >= size {
-                return Ok(());
+        match self.head {
+            Some((next, below)) => {
+                let still_there = next == 0
+                    || store
+                        .event(next - 1)
+                        .await?
+                        .is_some_and(|e| e.hash == below);
+                if !still_there {
+                    tracing::warn!(
+                        seq = next.saturating_sub(1),
+                        "console: the stored trail changed under the sites cache; rebuilding it"
+                    );
+                    *self = Ledger::default();
+                } else if next >= size {
+                    return Ok(());
+                }
             }
+            // Never built, or the last build found no head: start from nothing.
+            None => *self = Ledger::default(),
         }
         let from = self.head.map_or(0, |(next, _)| next);
         if size <= from {

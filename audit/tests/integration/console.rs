@@ -1066,11 +1066,25 @@ async fn sites_report_their_held_checkpoints_for_themselves_only_and_the_overvie
     let e = general.report_held_checkpoint(&forged).await.unwrap_err();
     assert_eq!(rpc_code(e), tonic::Code::InvalidArgument);
 
+    // The sites page derives its ledger once, then adds only what is new.
+    let sites = https_get(&c, s.console, Some("alice"), "/sites")
+        .await
+        .unwrap()
+        .body;
+    assert!(sites.contains("st-mary / breast_cancer: ε 1.40"), "{sites}");
+    assert!(!sites.contains("general / breast_cancer"), "{sites}");
+
     // The trail grows; general holds a newer checkpoint and reports it.
     general
         .append_payload("general/breast_cancer", &spend("general", 1, 0.8, 0.8))
         .await
         .unwrap();
+    let sites = https_get(&c, s.console, Some("alice"), "/sites")
+        .await
+        .unwrap()
+        .body;
+    assert!(sites.contains("st-mary / breast_cancer: ε 1.40"), "{sites}");
+    assert!(sites.contains("general / breast_cancer: ε 0.80"), "{sites}");
     let mut general_verifier = CheckpointVerifier::new(&info.public_key, info.log_id.clone());
     general.advance(&mut general_verifier).await.unwrap();
     let general_held = general_verifier.latest().unwrap().clone();

@@ -24,7 +24,7 @@ pub struct OverviewPage {
     pub events: u64,
     pub verification: VerificationView,
     pub checkpoints: Vec<CheckpointRow>,
-    pub checkpoints_total: usize,
+    pub checkpoints_total: u64,
     pub sites: Vec<SiteHeldRow>,
 }
 
@@ -119,12 +119,11 @@ pub struct CheckpointRow {
 
 pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, ConsoleError> {
     let store = state.log.store();
-    let checkpoints = store.checkpoints().await?;
-    let total = checkpoints.len();
-    let rows = checkpoints
+    let (newest, total) = store
+        .newest_checkpoints(CHECKPOINTS_SHOWN as u32)
+        .await?;
+    let rows = newest
         .iter()
-        .rev()
-        .take(CHECKPOINTS_SHOWN)
         .map(|c| CheckpointRow {
             tree_size: c.checkpoint.tree_size,
             covers: match c.checkpoint.tree_size {
