@@ -92,7 +92,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(1_000_000);
     let repeats: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20);
+    // Opening migrates: on a database filled before migration 5, that fills the events-by-job
+    // index for every stored event (timed here).
+    let t = Instant::now();
     let store = AuditStore::open(&url).await?;
+    println!("opened the store (and migrated it) in {:.1?}", t.elapsed());
     // A fixed key (a benchmark's, never a service's), so that a database filled by an earlier
     // run can be measured again without filling it again.
     let key = Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).map_err(|_| "key")?;

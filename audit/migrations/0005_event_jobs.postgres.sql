@@ -9,7 +9,7 @@
 -- in the migration's transaction (audit/src/store/derived.rs). It is an index, not evidence:
 -- every reader still decides on the event itself (EventFilter::matches), and the console's
 -- periodic verification re-derives the whole table from the verified events and reports a row
--- missing or extra. Append-only like the log.
+-- missing (a row too many only proposes a candidate that readers reject). Append-only like the log.
 CREATE TABLE audit_event_jobs (
     job TEXT   NOT NULL,
     seq BIGINT NOT NULL,

@@ -10,7 +10,7 @@
 //! The index is never evidence: readers decide on the events themselves
 //! ([`crate::filter::EventFilter::matches`]); a row missing would hide an event from a job
 //! query, so the console's periodic verification re-derives the index from the verified events
-//! and reports any difference ([`AuditStore::event_job_rows`]).
+//! and reports the first row missing ([`AuditStore::missing_event_job_row`]).
 
 use sqlx::any::AnyArguments;
 use sqlx::{Any, AssertSqlSafe, Row};
@@ -233,8 +233,20 @@ impl AuditStore {
         Ok(())
     }
 
-    /// Every row of the events-by-job index, as (job, seq), sorted: what the console's
-    /// verification compares with the rows it derives from the verified events.
+    /// The first (by seq) row that `events` call for and the events-by-job index lacks, as
+    /// (job, seq): what the console's verification checks after verifying the events.
+    pub async fn missing_event_job_row(&self, events: &[Event]) -> Result<Option<(String, u64)>> {
+        let stored: std::collections::BTreeSet<(String, u64)> =
+            self.event_job_rows().await?.into_iter().collect();
+        let mut missing: Vec<(String, u64)> = expected_event_job_rows(events)
+            .into_iter()
+            .filter(|row| !stored.contains(row))
+            .collect();
+        missing.sort_by_key(|(_, seq)| *seq);
+        Ok(missing.into_iter().next())
+    }
+
+    /// Every row of the events-by-job index, as (job, seq), sorted.
     pub async fn event_job_rows(&self) -> Result<Vec<(String, u64)>> {
         let rows = sqlx::query("SELECT job, seq FROM audit_event_jobs ORDER BY job, seq")
             .fetch_all(&self.pool)

@@ -149,5 +149,30 @@ async fn job_queries_use_the_index_written_at_append_and_filled_by_the_migration
             .execute(reopened.pool())
             .await;
         assert!(refused.is_err(), "{:?}: a row left the index", db.backend);
+        assert_eq!(reopened.missing_event_job_row(&all).await.unwrap(), None);
+        // An owner who drops the trigger and deletes rows hides events from a job's page: the
+        // check the console's verification runs names the first one missing.
+        let drop_trigger = match db.backend {
+            tutela_audit::store::Backend::Postgres => {
+                "DROP TRIGGER audit_event_jobs_append_only ON audit_event_jobs"
+            }
+            tutela_audit::store::Backend::Sqlite => "DROP TRIGGER audit_event_jobs_no_delete",
+        };
+        for s in [
+            drop_trigger,
+            "DELETE FROM audit_event_jobs WHERE seq IN (21, 25)",
+        ] {
+            sqlx::query(AssertSqlSafe(s))
+                .execute(reopened.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+        assert_eq!(
+            reopened.missing_event_job_row(&all).await.unwrap(),
+            Some(("job_1".to_string(), 21)),
+            "{:?}",
+            db.backend
+        );
+        assert!(!found(&reopened, "job-1").await.contains(&25));
     }
 }

@@ -119,9 +119,7 @@ pub struct CheckpointRow {
 
 pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, ConsoleError> {
     let store = state.log.store();
-    let (newest, total) = store
-        .newest_checkpoints(CHECKPOINTS_SHOWN as u32)
-        .await?;
+    let (newest, total) = store.newest_checkpoints(CHECKPOINTS_SHOWN as u32).await?;
     let rows = newest
         .iter()
         .map(|c| CheckpointRow {
