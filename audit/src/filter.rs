@@ -21,12 +21,19 @@ pub struct EventFilter {
     pub limit: Option<u64>,
 }
 
+/// The job an event's payload names (its top-level string `job`), if any: what a job filter
+/// matches besides the subject, and what the store's events-by-job index holds.
+pub fn payload_job(payload: &serde_json::Value) -> Option<&str> {
+    payload.get("job").and_then(|j| j.as_str())
+}
+
 impl EventFilter {
     /// True when `event` matches (the job test exactly, which SQL only narrows down).
     pub fn matches(&self, event: &Event) -> bool {
-        let job_ok = self.job.as_deref().is_none_or(|job| {
-            event.subject == job || event.payload.get("job").and_then(|j| j.as_str()) == Some(job)
-        });
+        let job_ok = self
+            .job
+            .as_deref()
+            .is_none_or(|job| event.subject == job || payload_job(&event.payload) == Some(job));
         job_ok
             && self.subject.as_deref().is_none_or(|s| event.subject == s)
             && self.actor.as_deref().is_none_or(|a| event.actor == a)

@@ -81,9 +81,15 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         // hold a checkpoint and check that history was not rewritten, without seeing the events.
         ("tutela.v1.Audit", "Append") => fixed("audit", "write"),
         ("tutela.v1.Audit", "Query" | "InclusionProof") => fixed("audit", "read"),
+        // Reporting the checkpoint a site now holds is part of holding one (the handler also
+        // requires the caller to be a site's node).
         (
             "tutela.v1.Audit",
-            "ListCheckpoints" | "GetCheckpoint" | "ConsistencyProof" | "LogInfo",
+            "ListCheckpoints"
+            | "GetCheckpoint"
+            | "ConsistencyProof"
+            | "LogInfo"
+            | "ReportHeldCheckpoint",
         ) => fixed("audit", "verify"),
         (s, m) => (
             s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase(),
@@ -507,6 +513,7 @@ mod tests {
             "GetCheckpoint",
             "ConsistencyProof",
             "LogInfo",
+            "ReportHeldCheckpoint",
         ] {
             assert_eq!(
                 p(&format!("/tutela.v1.Audit/{verify}")),

@@ -21,6 +21,7 @@
 
 mod format;
 mod http;
+pub mod ledger_cache;
 mod svg;
 mod verification;
 pub mod views;
@@ -87,6 +88,8 @@ pub struct ConsoleState {
     pub(crate) check: AuthorityCheck,
     pub(crate) authorizer: Option<Arc<Authorizer>>,
     pub(crate) verification: verification::Latest,
+    /// What the sites page is built from, derived once per event.
+    pub(crate) ledger: ledger_cache::LedgerCache,
     pub(crate) page_size: u32,
 }
 
@@ -105,6 +108,7 @@ impl ConsoleState {
             check: AuthorityCheck::new(rules, trust),
             authorizer,
             verification: verification::Latest::default(),
+            ledger: ledger_cache::LedgerCache::default(),
             page_size: page_size.clamp(1, crate::store::page::MAX_PAGE),
         })
     }
@@ -112,6 +116,19 @@ impl ConsoleState {
     /// Verifies the trail now and keeps the result for the overview.
     pub async fn verify_now(&self) -> Verification {
         verification::run(self).await
+    }
+
+    /// The live log the pages read.
+    pub fn log(&self) -> &AuditLog {
+        &self.log
+    }
+
+    /// Brings the sites page's derived ledger up to the log's head (what the first request of
+    /// the page would do).
+    pub async fn warm_ledger(&self) -> Result<(), crate::store::StoreError> {
+        self.ledger
+            .with(self.log.store(), &self.check, self.log.size(), |_| ())
+            .await
     }
 
     /// The last verification, if one has finished.
@@ -129,6 +146,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let verifier = verification::spawn(state.clone(), verify_every);
+    // The sites page's ledger is derived from the whole newest window once; do it before the
+    // first officer asks.
+    let warm = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warm.warm_ledger().await {
+            tracing::warn!(error = %e, "console: could not derive the sites ledger at start");
+        }
+    });
     let result = serve(state, listener, tls, shutdown).await;
     verifier.abort();
     result

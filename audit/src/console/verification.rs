@@ -134,6 +134,25 @@ async fn check(state: &ConsoleState) -> VerificationOutcome {
             ),
         };
     }
+    // The events-by-job index is not evidence, but a row missing from it would hide an event
+    // from a job's page. (A row too many only proposes a candidate that readers then reject:
+    // e.g. one left by a forged row that was quarantined.)
+    match store.missing_event_job_row(&events).await {
+        Ok(None) => {}
+        Ok(Some((job, seq))) => {
+            return VerificationOutcome::Broken {
+                first_bad_seq: Some(seq),
+                what: format!(
+                    "the events-by-job index lacks seq {seq} of job {job:?}: the job's page would not show it"
+                ),
+            };
+        }
+        Err(e) => {
+            return VerificationOutcome::Unreadable {
+                what: e.to_string(),
+            };
+        }
+    }
     VerificationOutcome::Intact {
         events: report.events,
         checkpoints: report.checkpoints,

@@ -8,5 +8,7 @@ mod approval_message;
 mod authority;
 mod chain;
 mod console;
+mod event_jobs;
+mod merkle_tree;
 mod quarantine;
 mod store;
