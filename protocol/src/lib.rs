@@ -38,6 +38,7 @@ pub mod identity;
 pub mod initial_model;
 pub mod job;
 pub mod logging;
+pub mod metrics;
 pub mod lora;
 pub mod model_registry;
 pub mod peft_export;
