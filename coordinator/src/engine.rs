@@ -65,6 +65,9 @@ pub struct Engine {
     /// Held while a stage move of the model registry is checked, recorded and applied
     /// (`crate::registry::move_stage`): moves are applied one at a time.
     pub registry_lock: tokio::sync::Mutex<()>,
+    /// The coordinator's Prometheus metrics (`crate::metrics`), counted whether or not
+    /// `[metrics]` serves them.
+    pub metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,10 +154,15 @@ impl Engine {
                 key.as_bytes(),
             ))
         };
+        let nodes = Arc::new(NodeRegistry::default());
+        let tasks = Arc::new(TaskTable::default());
+        let metrics = crate::metrics::CoordinatorMetrics::new(nodes.clone(), tasks.clone())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Arc::new(Engine {
             store,
-            nodes: Arc::new(NodeRegistry::default()),
-            tasks: Arc::new(TaskTable::default()),
+            nodes,
+            tasks,
+            metrics: Arc::new(metrics),
             checks: PendingChecks::default(),
             model_dir,
             spool_pool: crate::aggregate::SpoolPool::new(Some(state_dir.clone())),
@@ -354,6 +362,11 @@ impl Engine {
                 .set_job_state(id, JobState::Proposed, JobState::Running, None)
                 .await?;
             tracing::info!(job = %id, "approval quorum met: job starts");
+            if self.approvals.get().is_some() {
+                let waited = time::OffsetDateTime::now_utc() - job.created_at;
+                self.metrics
+                    .approval_quorum_met(waited.try_into().unwrap_or_default());
+            }
             self.audit_started(id).await;
             self.spawn(id.clone());
         }
@@ -451,9 +464,18 @@ impl Engine {
                 _ = token.cancelled() => Err(EngineError::Cancelled),
             };
             match result {
-                Ok(()) => tracing::info!(job = %job, "job completed"),
-                Err(EngineError::Cancelled) => tracing::info!(job = %job, "job cancelled"),
+                Ok(()) => {
+                    this.metrics
+                        .job_ended(crate::metrics::JobOutcome::Completed);
+                    tracing::info!(job = %job, "job completed")
+                }
+                Err(EngineError::Cancelled) => {
+                    this.metrics
+                        .job_ended(crate::metrics::JobOutcome::Cancelled);
+                    tracing::info!(job = %job, "job cancelled")
+                }
                 Err(e) => {
+                    this.metrics.job_ended(crate::metrics::JobOutcome::Failed);
                     tracing::error!(job = %job, error = %e, "job failed");
                     let reason = e.to_string();
                     if let Err(e2) = this
@@ -542,6 +564,7 @@ impl Engine {
                             .record_failed_attempt(job_id, next, attempt, &reason)
                             .await?;
                         self.changed(job_id);
+                        self.metrics.round_attempt_failed(job_id.as_str());
                         tracing::warn!(job = %job_id, round = next, attempt, %reason, "round attempt failed");
                         if attempt > spec.max_round_retries {
                             return Err(EngineError::Failed(format!(

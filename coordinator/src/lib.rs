@@ -13,6 +13,7 @@ pub mod base_models;
 pub mod central_dp;
 pub mod engine;
 pub mod job;
+pub mod metrics;
 pub mod nodes;
 pub mod registry;
 pub mod service;
@@ -76,6 +77,10 @@ pub struct Config {
     /// section. Absent: such jobs are refused at submission.
     #[serde(default)]
     pub watermark: Option<WatermarkConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`); none
+    /// without the table.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
 }
 
 /// `[watermark]` of coordinator.toml.
@@ -126,6 +131,9 @@ pub enum ConfigError {
     /// A value outside the range deploy/config/coordinator.toml documents.
     #[error(transparent)]
     OutOfRange(#[from] tutela_protocol::config_range::OutOfRange),
+    /// `[metrics]` refused (`tutela_protocol::metrics::MetricsConfig::validate`), as its message.
+    #[error("{0}")]
+    Metrics(String),
 }
 
 fn default_reload_secs() -> u64 {
@@ -208,6 +216,10 @@ impl Config {
             (None, true) => {}
         }
         in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
+        if let Some(m) = &self.metrics {
+            m.validate()
+                .map_err(|e| ConfigError::Metrics(e.to_string()))?;
+        }
         if let Some(p) = &self.policy {
             in_range("policy.reload_secs", p.reload_secs, 1, MAX_PERIOD_SECS)?;
         }
@@ -222,6 +234,8 @@ pub struct Coordinator {
     /// The consortium policy, when `[policy]` is configured (main reloads it on SIGHUP).
     pub authorizer: Option<Arc<tutela_policy::Authorizer>>,
     listener: tokio::net::TcpListener,
+    /// The `/metrics` listener of `[metrics]`, bound at start.
+    metrics_listener: Option<tutela_protocol::metrics::MetricsServer>,
 }
 
 impl Coordinator {
@@ -253,16 +267,28 @@ impl Coordinator {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let metrics_listener = match &config.metrics {
+            Some(m) => Some(tutela_protocol::metrics::MetricsServer::bind(m).await?),
+            None => None,
+        };
         Ok(Coordinator {
             config,
             tls,
             authorizer,
             listener,
+            metrics_listener,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes.
@@ -298,6 +324,10 @@ impl Coordinator {
             }
         });
         let _ = engine.audit.set(trail.clone());
+        let tls_metrics = engine.metrics.tls.clone();
+        let _metrics_task = self
+            .metrics_listener
+            .map(|m| m.spawn(engine.metrics.registry()));
         if let Some(w) = &self.config.watermark {
             // Read at start: a key file that cannot be used stops the coordinator here, not at
             // the end of a job. Its contents never appear in an error.
@@ -376,7 +406,14 @@ impl Coordinator {
             .tls
             .spawn_watcher(Duration::from_secs(self.config.tls_reload_secs.max(1)));
         tracing::info!(addr = %self.listener.local_addr()?, identity = %self.tls.identity(), "coordinator listening");
-        tutela_protocol::server::serve(router, self.listener, self.tls, shutdown).await?;
+        tutela_protocol::server::serve_with_metrics(
+            router,
+            self.listener,
+            self.tls,
+            tls_metrics,
+            shutdown,
+        )
+        .await?;
         Ok(())
     }
 }
