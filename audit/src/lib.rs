@@ -54,6 +54,8 @@ pub mod console;
 #[cfg(feature = "server")]
 pub mod log;
 #[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod service;
