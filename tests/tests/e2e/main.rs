@@ -14,6 +14,7 @@ mod distributed_dp;
 mod federation;
 mod job_check;
 mod language_model;
+mod metrics;
 mod off_the_record;
 mod pki_audit;
 mod python_client;
