@@ -123,11 +123,20 @@ pub fn check_exposition(what: &str, text: &str) -> Exposition {
     }
 }
 
-/// Scrapes `http://ADDR/metrics` and checks it ([`check_exposition`]).
+/// Scrapes `http://ADDR/metrics` and checks it ([`check_exposition`]). The text is kept as a
+/// test artifact, `$TUTELA_ARTIFACTS/metrics/<what>.prom` (default
+/// `target/test-artifacts/metrics`), for a person to read what a service exposes.
 pub async fn scrape_and_check(what: &str, addr: SocketAddr) -> Exposition {
     let text = tutela_protocol::metrics::scrape(addr)
         .await
         .unwrap_or_else(|e| panic!("{what}: scraping http://{addr}/metrics: {e}"));
+    let dir = match std::env::var_os("TUTELA_ARTIFACTS") {
+        Some(d) => std::path::PathBuf::from(d).join("metrics"),
+        None => crate::repo_root().join("target/test-artifacts/metrics"),
+    };
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join(format!("{}.prom", what.replace(' ', "-"))), &text);
+    }
     check_exposition(what, &text)
 }
 
