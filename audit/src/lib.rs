@@ -56,6 +56,8 @@ pub mod held_checkpoint;
 #[cfg(feature = "server")]
 pub mod log;
 #[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod service;

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 
 /// The Tutela audit service: an append-only, hash-chained, signed event log over mutual TLS.
 /// With a [console] table it also serves the compliance officers' read-only web console over
-/// HTTPS on its own port (client certificates required; docs/console.md).
+/// HTTPS on its own port (client certificates required; docs/console.md). With a [metrics] table
+/// it serves Prometheus metrics on a plain-HTTP loopback port (docs/monitoring.md).
 /// See deploy/config/audit.toml for every configuration key.
 #[derive(Parser)]
 #[command(version)]

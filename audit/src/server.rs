@@ -77,6 +77,10 @@ pub struct Config {
     /// The compliance officers' web console (HTTPS, its own port). Absent: not served.
     #[serde(default)]
     pub console: Option<crate::console::ConsoleConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`). Absent: no
+    /// metrics port.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
 }
 
 /// `[policy]` of audit.toml: the same files as the coordinator's `[policy]`.
@@ -130,6 +134,10 @@ impl Config {
         config
             .check_ranges()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(m) = &config.metrics {
+            m.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         config.resolve_paths(&tutela_protocol::config_path::ConfigFile::new(path))?;
         config.database_url = tutela_protocol::database::url_from_config(
             config.database_url.as_deref(),
@@ -277,6 +285,9 @@ pub struct Server {
     config: Config,
     tls: Arc<ReloadingServerConfig>,
     authorizer: Option<Arc<Authorizer>>,
+    metrics: crate::metrics::AuditMetrics,
+    /// The `/metrics` listener of `[metrics]`, bound at load.
+    metrics_listener: Option<tutela_protocol::metrics::MetricsServer>,
 }
 
 impl Server {
@@ -300,11 +311,24 @@ impl Server {
                 None
             }
         };
+        let metrics_listener = match &config.metrics {
+            Some(m) => Some(tutela_protocol::metrics::MetricsServer::bind(m).await?),
+            None => None,
+        };
         Ok(Server {
             config,
             tls,
             authorizer,
+            metrics: crate::metrics::AuditMetrics::new()?,
+            metrics_listener,
         })
+    }
+
+    /// Where `/metrics` is served, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// The TLS configuration in force (reloadable).
@@ -327,7 +351,11 @@ impl Server {
             config,
             tls,
             authorizer,
+            metrics,
+            metrics_listener,
         } = self;
+        // Served from before the log opens, so a scrape sees a service that is starting.
+        let metrics_task = metrics_listener.map(|m| m.spawn(metrics.registry()));
         let identity = tls.identity();
         let key_path = config.key_path();
         if !key_path.exists() {
@@ -342,6 +370,7 @@ impl Server {
             Duration::from_secs(config.checkpoint_interval_secs.max(1));
         log_config.max_batch = config.max_batch.clamp(1, crate::store::MAX_BATCH);
         log_config.ca_admins = config.ca_admins.clone();
+        log_config.metrics = metrics.clone();
         // Officers' certificates in the stored trail are re-checked against the consortium CA
         // (as of each event's time) when the log is opened.
         let material = tutela_protocol::tls::TlsMaterial::load(&config.tls)?;
@@ -402,10 +431,18 @@ impl Server {
             None => None,
         };
         tracing::info!(addr = %listener.local_addr()?, %identity, policy = %authorizer.as_ref().map_or("none (insecure_no_policy)".to_string(), |a| a.digest().to_hex()), "audit service listening");
-        let served = tutela_protocol::server::serve(router, listener, tls, shutdown).await;
+        let served = tutela_protocol::server::serve_with_metrics(
+            router,
+            listener,
+            tls,
+            metrics.tls,
+            shutdown,
+        )
+        .await;
         if let Some(console) = console {
             console.abort();
         }
+        drop(metrics_task);
         served?;
         Ok(())
     }

@@ -70,6 +70,9 @@ pub struct Engine {
     /// With `[ha]`: models and strategy states are copied into the database for a new leader on
     /// another machine (`failover`).
     replicate_files: std::sync::atomic::AtomicBool,
+    /// The coordinator's Prometheus metrics (`crate::metrics`), counted whether or not
+    /// `[metrics]` serves them.
+    pub metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,10 +166,15 @@ impl Engine {
                 key.as_bytes(),
             ))
         };
+        let nodes = Arc::new(NodeRegistry::default());
+        let tasks = Arc::new(TaskTable::default());
+        let metrics = crate::metrics::CoordinatorMetrics::new(nodes.clone(), tasks.clone())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Arc::new(Engine {
             store,
-            nodes: Arc::new(NodeRegistry::default()),
-            tasks: Arc::new(TaskTable::default()),
+            nodes,
+            tasks,
+            metrics: Arc::new(metrics),
             checks: PendingChecks::default(),
             model_dir,
             spool_pool: crate::aggregate::SpoolPool::new(Some(state_dir.clone())),
@@ -367,6 +375,11 @@ impl Engine {
                 .set_job_state(id, JobState::Proposed, JobState::Running, None)
                 .await?;
             tracing::info!(job = %id, "approval quorum met: job starts");
+            if self.approvals.get().is_some() {
+                let waited = time::OffsetDateTime::now_utc() - job.created_at;
+                self.metrics
+                    .approval_quorum_met(waited.try_into().unwrap_or_default());
+            }
             self.audit_started(id).await;
             self.spawn(id.clone());
         }
@@ -464,14 +477,23 @@ impl Engine {
                 _ = token.cancelled() => Err(EngineError::Cancelled),
             };
             match result {
-                Ok(()) => tracing::info!(job = %job, "job completed"),
-                Err(EngineError::Cancelled) => tracing::info!(job = %job, "job cancelled"),
+                Ok(()) => {
+                    this.metrics
+                        .job_ended(crate::metrics::JobOutcome::Completed);
+                    tracing::info!(job = %job, "job completed")
+                }
+                Err(EngineError::Cancelled) => {
+                    this.metrics
+                        .job_ended(crate::metrics::JobOutcome::Cancelled);
+                    tracing::info!(job = %job, "job cancelled")
+                }
                 // Another coordinator holds the lease and goes on with the job: nothing of it
                 // is this one's to record any more.
                 Err(e) if e.is_fenced() => {
                     tracing::warn!(job = %job, error = %e, "lost the leader lease: this coordinator stops running the job");
                 }
                 Err(e) => {
+                    this.metrics.job_ended(crate::metrics::JobOutcome::Failed);
                     tracing::error!(job = %job, error = %e, "job failed");
                     let reason = e.to_string();
                     if let Err(e2) = this
@@ -564,6 +586,7 @@ impl Engine {
                             .record_failed_attempt(job_id, next, attempt, &reason)
                             .await?;
                         self.changed(job_id);
+                        self.metrics.round_attempt_failed(job_id.as_str());
                         tracing::warn!(job = %job_id, round = next, attempt, %reason, "round attempt failed");
                         if attempt > spec.max_round_retries {
                             return Err(EngineError::Failed(format!(

@@ -14,6 +14,7 @@ pub mod central_dp;
 pub mod engine;
 pub mod job;
 pub mod leadership;
+pub mod metrics;
 pub mod nodes;
 pub mod registry;
 pub mod service;
@@ -81,6 +82,10 @@ pub struct Config {
     /// the database; see `leadership`). Absent: this coordinator is the only one.
     #[serde(default)]
     pub ha: Option<leadership::HaConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`); none
+    /// without the table.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
 }
 
 /// `[watermark]` of coordinator.toml.
@@ -146,6 +151,9 @@ pub enum ConfigError {
         "[ha] instance_id is empty: name this coordinator, or leave the key out for the host name"
     )]
     HaEmptyInstance,
+    /// `[metrics]` refused (`tutela_protocol::metrics::MetricsConfig::validate`), as its message.
+    #[error("{0}")]
+    Metrics(String),
 }
 
 fn default_reload_secs() -> u64 {
@@ -231,6 +239,10 @@ impl Config {
             (None, true) => {}
         }
         in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
+        if let Some(m) = &self.metrics {
+            m.validate()
+                .map_err(|e| ConfigError::Metrics(e.to_string()))?;
+        }
         if let Some(p) = &self.policy {
             in_range("policy.reload_secs", p.reload_secs, 1, MAX_PERIOD_SECS)?;
         }
@@ -279,6 +291,8 @@ pub struct Coordinator {
     /// The consortium policy, when `[policy]` is configured (main reloads it on SIGHUP).
     pub authorizer: Option<Arc<tutela_policy::Authorizer>>,
     listener: tokio::net::TcpListener,
+    /// The `/metrics` listener of `[metrics]`, bound at start.
+    metrics_listener: Option<tutela_protocol::metrics::MetricsServer>,
 }
 
 impl Coordinator {
@@ -310,16 +324,28 @@ impl Coordinator {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let metrics_listener = match &config.metrics {
+            Some(m) => Some(tutela_protocol::metrics::MetricsServer::bind(m).await?),
+            None => None,
+        };
         Ok(Coordinator {
             config,
             tls,
             authorizer,
             listener,
+            metrics_listener,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes.
@@ -385,6 +411,10 @@ impl Coordinator {
             trail.only_while_leader(engine.store.clone());
         }
         let _ = engine.audit.set(trail.clone());
+        let tls_metrics = engine.metrics.tls.clone();
+        let _metrics_task = self
+            .metrics_listener
+            .map(|m| m.spawn(engine.metrics.registry()));
         if let Some(w) = &self.config.watermark {
             // Read at start: a key file that cannot be used stops the coordinator here, not at
             // the end of a job. Its contents never appear in an error.
@@ -506,7 +536,14 @@ impl Coordinator {
             .tls
             .spawn_watcher(Duration::from_secs(self.config.tls_reload_secs.max(1)));
         tracing::info!(addr = %self.listener.local_addr()?, identity = %self.tls.identity(), "coordinator listening");
-        tutela_protocol::server::serve(router, self.listener, self.tls, shutdown).await?;
+        tutela_protocol::server::serve_with_metrics(
+            router,
+            self.listener,
+            self.tls,
+            tls_metrics,
+            shutdown,
+        )
+        .await?;
         // A clean stop hands the lease over at once rather than after its TTL.
         if let (Some((l, _)), Some(epoch)) = (&leadership, fence.epoch()) {
             fence.clear();

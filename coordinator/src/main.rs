@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 /// The Tutela coordinator: the consortium's server that site nodes connect out to, over mutual
 /// TLS. See deploy/config/coordinator.toml for every configuration key. It refuses to start
 /// without a [policy] (the casbin policy whose approval quorum every job must meet), unless the
-/// config sets `insecure_no_policy = true` for a lab or a test.
+/// config sets `insecure_no_policy = true` for a lab or a test. With a [metrics] table it serves
+/// Prometheus metrics on a plain-HTTP loopback port (docs/monitoring.md).
 #[derive(Parser)]
 #[command(version)]
 struct Args {

@@ -193,7 +193,11 @@ impl pb::federation_server::Federation for FederationService {
         let source =
             SafetensorsFileSource::open(&self.engine.model_path(&model)).map_err(Status::from)?;
         let digest = tutela_protocol::services::model_id_digest(&model)?;
-        let frames = futures::StreamExt::map(stream::send_known_digest(source, digest), |r| {
+        let metrics = self.engine.metrics.clone();
+        let frames = futures::StreamExt::map(stream::send_known_digest(source, digest), move |r| {
+            if let Ok(frame) = &r {
+                metrics.sent(prost::Message::encoded_len(frame));
+            }
             r.map_err(Status::from)
         });
         Ok(Response::new(Box::pin(frames)))
@@ -206,7 +210,13 @@ impl pb::federation_server::Federation for FederationService {
         let site = node_site(&request)?;
         let routed_to = Arc::new(Mutex::new(None::<String>));
         let sink = RoutingSink::new(self.engine.tasks.clone(), site.clone(), routed_to.clone());
-        let result = stream::receive(request.into_inner(), sink).await;
+        let metrics = self.engine.metrics.clone();
+        let frames = futures::StreamExt::inspect(request.into_inner(), move |r| {
+            if let Ok(frame) = r {
+                metrics.received(prost::Message::encoded_len(frame));
+            }
+        });
+        let result = stream::receive(frames, sink).await;
         let task_id = routed_to.lock().ok().and_then(|t| t.clone());
         match result {
             Ok(received) => {
@@ -220,6 +230,7 @@ impl pb::federation_server::Federation for FederationService {
                         model_id: routed.model_id,
                     },
                 );
+                self.engine.metrics.update_accepted();
                 tracing::info!(%site, task = %routed.task_id, update = %digest, "update accepted");
                 Ok(Response::new(pb::UpdateReceipt {
                     task_id: routed.task_id,
@@ -230,12 +241,17 @@ impl pb::federation_server::Federation for FederationService {
                 // A broken connection may be retried before the deadline; anything the node sent
                 // wrong is final for this task, and both the node and the operator see why.
                 if let (Some(task), false) = (&task_id, matches!(e, StreamError::Transport(_))) {
-                    self.engine.tasks.finish(
+                    let recorded = self.engine.tasks.finish(
                         task,
                         Outcome::Refused {
                             reason: e.to_string(),
                         },
                     );
+                    if let (true, Some(reason)) =
+                        (recorded, crate::metrics::UpdateRefusal::of_stream_error(&e))
+                    {
+                        self.engine.metrics.update_refused(reason);
+                    }
                 }
                 tracing::warn!(%site, task = ?task_id, error = %e, "update refused");
                 Err(Status::from(e))
@@ -290,9 +306,15 @@ impl pb::federation_server::Federation for FederationService {
             Some(s) if s == site => {
                 let reason = typed.to_string();
                 tracing::warn!(%site, task = %req.task_id, %reason, "task declined");
-                self.engine
+                if self
+                    .engine
                     .tasks
-                    .finish(&req.task_id, Outcome::Declined { reason });
+                    .finish(&req.task_id, Outcome::Declined { reason })
+                {
+                    self.engine
+                        .metrics
+                        .update_refused(crate::metrics::UpdateRefusal::Declined);
+                }
                 Ok(Response::new(pb::DeclineTaskReply {}))
             }
             Some(_) => Err(Status::permission_denied(format!(

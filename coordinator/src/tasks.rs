@@ -179,6 +179,14 @@ impl TaskTable {
         }
     }
 
+    /// Tasks sent and not answered yet (the `tutela_coordinator_open_tasks` gauge).
+    pub fn open_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| !e.closed && e.outcome.is_none())
+            .count()
+    }
+
     /// Whether every listed task has an outcome.
     pub fn all_finished(&self, task_ids: &[String]) -> bool {
         let entries = self.lock();

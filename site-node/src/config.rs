@@ -143,6 +143,10 @@ pub struct NodeConfig {
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`). Absent: no
+    /// metrics port.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
 }
 
 /// `[base_cache]` of node.toml: fetching a job's base from the coordinator, and the bounds of the
@@ -542,6 +546,10 @@ impl NodeConfig {
         }
         for address in self.coordinator.iter() {
             check_host_port(address).map_err(|why| invalid("coordinator", why))?;
+        }
+        if let Some(m) = &self.metrics {
+            m.validate()
+                .map_err(|e| invalid("metrics.listen", e.to_string()))?;
         }
         tutela_protocol::config_range::in_range(
             "torch_threads",

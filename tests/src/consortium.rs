@@ -374,6 +374,12 @@ impl Consortium {
     /// Its checkpoint key is made at first start, with the public half in
     /// DIR/audit/checkpoint.key.pub.
     pub fn start_audit(&self, port: u16, policy: AuditPolicy) -> ChildGuard {
+        self.start_audit_with(port, policy, "")
+    }
+
+    /// [`start_audit`](Self::start_audit) with `extra` appended to audit.toml (e.g. a
+    /// `[metrics]` table).
+    pub fn start_audit_with(&self, port: u16, policy: AuditPolicy, extra: &str) -> ChildGuard {
         let certs = self.certs();
         let mut opts = LeafOptions::new(Validity::days_from_now(30));
         opts.dns_names = vec!["localhost".into()];
@@ -397,7 +403,7 @@ impl Consortium {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n{top}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n{authorization}",
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n{top}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n{authorization}{extra}",
                 audit_dir.display(),
                 c = certs.display(),
                 crl = self.ca.crl_path().display(),

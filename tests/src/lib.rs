@@ -2,6 +2,7 @@
 //! virtualenv's Python, starting real processes, and cleaning them up.
 
 pub mod consortium;
+pub mod metrics_check;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -54,8 +54,12 @@ pub async fn serve(
         let router = router.clone();
         tokio::spawn(async move {
             let stream = match authenticate(tcp, addr, tls).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    state.log.metrics().tls.accepted();
+                    s
+                }
                 Err(why) => {
+                    state.log.metrics().tls.refused(why.reason);
                     tracing::warn!(%addr, reason = %why, "console: connection refused");
                     return;
                 }

@@ -78,6 +78,12 @@ pub(crate) async fn run(state: &ConsoleState) -> Verification {
         outcome,
     };
     match &v.outcome {
+        VerificationOutcome::Intact { .. } => state.log.metrics().verified(true),
+        VerificationOutcome::Broken { .. } => state.log.metrics().verified(false),
+        // Not a verdict on the trail: the gauge keeps the last one.
+        VerificationOutcome::Unreadable { .. } => {}
+    }
+    match &v.outcome {
         VerificationOutcome::Intact { events, .. } => {
             tracing::debug!(
                 events,

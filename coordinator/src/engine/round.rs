@@ -443,13 +443,20 @@ impl Engine {
                 Some(Outcome::Declined { reason }) => {
                     refused.push((site, format!("declined: {reason}")))
                 }
-                None => refused.push((site, "no update by the round's deadline".to_string())),
+                None => {
+                    self.metrics
+                        .update_refused(crate::metrics::UpdateRefusal::Deadline);
+                    refused.push((site, "no update by the round's deadline".to_string()))
+                }
             }
         }
         // Recorded now, whatever becomes of the attempt: a refusal that makes the round fail
         // matters to a regulator as much as one the round survives.
         self.note_refusals(job_id, (round, attempt), &refused).await;
         self.unmasking(&d).await;
+        let finishing = Instant::now();
+        let finished = d.aggregator.finish();
+        self.metrics.aggregation_finished(finishing.elapsed());
         Collected {
             round: d.round,
             started: d.started,
@@ -457,7 +464,7 @@ impl Engine {
             metrics,
             refused,
             min: d.min,
-            finished: d.aggregator.finish(),
+            finished,
             manifest: d.manifest,
             global: d.global,
         }
@@ -583,6 +590,7 @@ impl Engine {
         self.store
             .complete_round(job_id, round, attempt, &r.record)
             .await?;
+        self.metrics.round_completed(job_id.as_str());
         tracing::info!(job = %job_id, round, accepted = r.accepted, model = %r.new_model, "round completed");
         self.trail()
             .note_payload_durably(

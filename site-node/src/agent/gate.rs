@@ -273,6 +273,11 @@ impl TaskGate {
     }
 
     /// The node's last released update.
+    /// The site's privacy ledgers, when it keeps a budget.
+    pub fn ledgers(&self) -> Option<&Arc<SiteLedgers>> {
+        self.ledgers.as_ref()
+    }
+
     pub fn resends(&self) -> &Arc<ResendCache> {
         &self.resends
     }

@@ -120,6 +120,8 @@ const KEEP_MODELS: usize = 8;
 pub enum AgentError {
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Metrics(String),
     #[error("[at_rest]: {0}")]
     KeyEncryptionKey(#[from] tutela_privacy::at_rest::AtRestError),
     #[error(
@@ -224,6 +226,8 @@ pub struct Agent {
     audit: Option<Arc<SiteAudit>>,
     /// Signs and checks secure aggregation's keys and survivor lists.
     secagg_identity: Option<Arc<secagg::SecAggIdentity>>,
+    /// The node's Prometheus metrics (`crate::node_metrics`), served with `[metrics]`.
+    metrics: Arc<crate::node_metrics::NodeMetrics>,
 }
 
 impl Agent {
@@ -451,8 +455,17 @@ impl Agent {
                 }
             },
             filters: Vec::new(),
+            metrics: Arc::new(
+                crate::node_metrics::NodeMetrics::new()
+                    .map_err(|e| AgentError::Metrics(e.to_string()))?,
+            ),
             config,
         })
+    }
+
+    /// The node's metrics handle.
+    pub fn metrics(&self) -> &Arc<crate::node_metrics::NodeMetrics> {
+        &self.metrics
     }
 
     /// Adds an update filter (DP clipping and noise, later masking). Filters run in the order
@@ -499,7 +512,24 @@ impl Agent {
             secagg_identity: self.secagg_identity,
             client: Mutex::new(None),
             answered: Mutex::new(VecDeque::new()),
+            metrics: self.metrics.clone(),
         });
+        // `[metrics]`: served for as long as the agent runs; each budget read once now, then
+        // after every round that charges it.
+        let _metrics_task = match &self.config.metrics {
+            Some(m) => Some(
+                tutela_protocol::metrics::MetricsServer::bind(m)
+                    .await
+                    .map_err(|e| AgentError::Metrics(e.to_string()))?
+                    .spawn(self.metrics.registry()),
+            ),
+            None => None,
+        };
+        if let Some(ledgers) = shared.gate.ledgers() {
+            for dataset in shared.gate.dataset_names() {
+                self.metrics.refresh_budget(ledgers, &dataset);
+            }
+        }
         // The site policy is re-read when its file changes and on SIGHUP, like the
         // coordinator's; a file that does not load leaves the policy in force (logged). The
         // tables that are not ready are re-checked on SIGHUP too, and on a backoff. The watchers

@@ -48,6 +48,7 @@ pub(super) struct Shared {
     pub(super) client: Mutex<Option<FederationClient<Channel>>>,
     /// Task ids already answered, oldest first.
     pub(super) answered: Mutex<VecDeque<String>>,
+    pub(super) metrics: Arc<crate::node_metrics::NodeMetrics>,
 }
 
 impl Shared {
@@ -244,10 +245,12 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
             match result {
                 Ok(Done::Uploaded(receipt)) => {
                     shared.mark_answered(&task.task_id);
+                    shared.metrics.update_accepted();
                     tracing::info!(update = %receipt.update_digest, "update accepted by the coordinator");
                 }
                 Ok(Done::Declined(failure)) => {
                     shared.mark_answered(&task.task_id);
+                    shared.metrics.task_declined(failure.code());
                     tracing::warn!(reason = %failure, "task declined");
                 }
                 Ok(Done::Skipped(reason)) => tracing::warn!(%reason, "task skipped"),
@@ -261,6 +264,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
                     match decline(&shared, &task.task_id, &failure).await {
                         Ok(()) => {
                             shared.mark_answered(&task.task_id);
+                            shared.metrics.task_declined(failure.code());
                             tracing::warn!(reason = %failure, "task declined");
                         }
                         Err(e) => tracing::warn!(reason = %failure, error = %e, "task failed, and declining it failed too"),
@@ -430,6 +434,7 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         train_samples = result.train_samples,
         "local round done"
     );
+    shared.metrics.round_trained(result.train_seconds);
     // Kept at once: if the spend cannot be recorded now, or the coordinator dies before it
     // answers, the round it asks for again is answered with this same update (see
     // [`crate::resend`]), once its spend is in the trail.
@@ -472,6 +477,9 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         )
         .await
         .map_err(|why| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, why)))?;
+    }
+    if let Some(ledgers) = &ledgers {
+        shared.metrics.refresh_budget(ledgers, &dataset_name);
     }
     let mut update = result.delta;
     super::filter::filter_update(shared, &mut update)?;
