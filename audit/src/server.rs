@@ -77,6 +77,9 @@ pub struct Config {
     /// The compliance officers' web console (HTTPS, its own port). Absent: not served.
     #[serde(default)]
     pub console: Option<crate::console::ConsoleConfig>,
+    /// `[retention]`: events younger than `min_days` (at least 183) are never pruned.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// `[policy]` of audit.toml: the same files as the coordinator's `[policy]`.
@@ -184,6 +187,7 @@ impl Config {
         if let Some(c) = &self.console {
             c.check_ranges()?;
         }
+        self.retention.check_ranges()?;
         Ok(())
     }
 
@@ -391,6 +395,7 @@ impl Server {
                     authorizer.clone(),
                     c.page_size,
                 );
+                let _ = state.retention_min_days.set(config.retention.min_days);
                 Some(tokio::spawn(crate::console::run(
                     state,
                     Duration::from_secs(c.verify_interval_secs.max(1)),

@@ -4,6 +4,7 @@
 //! (`pki_cmd`, ...) and calls library code that is tested on its own.
 
 mod audit_cmd;
+mod report_cmd;
 mod bench_cmd;
 mod demo;
 mod demo_policy;

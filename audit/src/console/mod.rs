@@ -19,9 +19,9 @@
 //! embedded; charts and the lineage graph are inline SVG drawn on the server. The CSP allows
 //! nothing else (`default-src 'none'`), so a page works offline and loads nothing from anywhere.
 
-mod format;
+pub(crate) mod format;
 mod http;
-mod svg;
+pub(crate) mod svg;
 mod verification;
 pub mod views;
 
@@ -36,6 +36,7 @@ use tutela_protocol::tls::ReloadingServerConfig;
 use crate::authority::{AuthorityCheck, AuthorityRules, OfficerTrust};
 use crate::log::AuditLog;
 
+pub use format::parse_time;
 pub use http::serve;
 pub use verification::{Verification, VerificationOutcome};
 
@@ -88,6 +89,8 @@ pub struct ConsoleState {
     pub(crate) authorizer: Option<Arc<Authorizer>>,
     pub(crate) verification: verification::Latest,
     pub(crate) page_size: u32,
+    /// `[retention] min_days`, set once by the server at start: what reports state.
+    pub retention_min_days: std::sync::OnceLock<u32>,
 }
 
 impl ConsoleState {
@@ -106,6 +109,7 @@ impl ConsoleState {
             authorizer,
             verification: verification::Latest::default(),
             page_size: page_size.clamp(1, crate::store::page::MAX_PAGE),
+            retention_min_days: std::sync::OnceLock::new(),
         })
     }
 

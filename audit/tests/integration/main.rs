@@ -9,4 +9,5 @@ mod authority;
 mod chain;
 mod console;
 mod quarantine;
+mod report;
 mod store;
