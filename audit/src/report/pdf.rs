@@ -150,6 +150,24 @@ impl Layout {
         }
     }
 
+    /// A bold label in a left column and its value wrapped beside it.
+    fn label_value(&mut self, label: &str, value: &str) {
+        const LABEL_W: f32 = 170.0;
+        let lead = BODY * 1.3;
+        let labels = wrap(label, chars_in(LABEL_W - 6.0, BODY, true));
+        let values = wrap(value, chars_in(TEXT_W - LABEL_W, BODY, false));
+        let lines = labels.len().max(values.len());
+        self.ensure(lead * lines as f32);
+        let top = self.y;
+        for (k, l) in labels.iter().enumerate() {
+            self.text_at(MARGIN, top - lead * (k as f32 + 1.0), BOLD, BODY, l);
+        }
+        for (k, v) in values.iter().enumerate() {
+            self.text_at(MARGIN + LABEL_W, top - lead * (k as f32 + 1.0), REGULAR, BODY, v);
+        }
+        self.y = top - lead * lines as f32 - 1.5;
+    }
+
     fn heading(&mut self, size: f32, text: &str) {
         self.ensure(size * 3.0);
         self.y -= size * 0.8;
@@ -175,11 +193,25 @@ impl Layout {
                     .max(4)
             })
             .collect();
-        let total: usize = longest.iter().sum();
-        let widths: Vec<f32> = longest
+        // Narrow columns (up to 22 characters) keep their natural width; the wide ones share
+        // what is left in proportion to theirs. Everything scales up when it all fits.
+        let natural: Vec<f32> = longest
             .iter()
-            .map(|l| TEXT_W * *l as f32 / total as f32)
+            .map(|l| width_of(*l, SMALL, true) + 6.0)
             .collect();
+        let total: f32 = natural.iter().sum();
+        let widths: Vec<f32> = if total <= TEXT_W {
+            natural.iter().map(|w| w * TEXT_W / total).collect()
+        } else {
+            let narrow_limit = width_of(22, SMALL, true) + 6.0;
+            let fixed: f32 = natural.iter().filter(|w| **w <= narrow_limit).sum();
+            let wide: f32 = natural.iter().filter(|w| **w > narrow_limit).sum();
+            let room = (TEXT_W - fixed).max(TEXT_W * 0.3);
+            natural
+                .iter()
+                .map(|w| if *w <= narrow_limit { *w } else { w * room / wide })
+                .collect()
+        };
         let lead = SMALL * 1.3;
         let draw_row = |lay: &mut Layout, cells: &[String], font: Name<'_>| {
             let wrapped: Vec<Vec<String>> = (0..n)
@@ -301,10 +333,7 @@ pub fn render(m: &ReportManifest) -> Result<Vec<u8>, ReportError> {
     );
 
     lay.heading(12.0, "Trail integrity");
-    let kv = |lay: &mut Layout, k: &str, v: &str| {
-        lay.para(BOLD, BODY, 0.0, k);
-        lay.para(REGULAR, BODY, 12.0, v);
-    };
+    let kv = |lay: &mut Layout, k: &str, v: &str| lay.label_value(k, v);
     kv(
         &mut lay,
         "Verification",
@@ -350,6 +379,8 @@ pub fn render(m: &ReportManifest) -> Result<Vec<u8>, ReportError> {
         lay.para(REGULAR, BODY, 0.0, "No privacy spend is recorded in scope.");
     }
     for b in &c.budgets {
+        // Keep a budget's heading, line and chart on one page.
+        lay.ensure(250.0);
         lay.heading(10.0, &format!("{}/{}", b.site, b.dataset));
         lay.para(
             REGULAR,
