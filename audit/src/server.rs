@@ -530,6 +530,8 @@ mod tests {
             ("console", "verify_interval_secs", 86_401),
             ("console", "page_size", 0),
             ("console", "page_size", 501),
+            ("retention", "min_days", 182),
+            ("retention", "min_days", 36_526),
         ];
         for &(table, key, value) in cases {
             let mut config: toml::Table = toml::from_str(shipped).unwrap();

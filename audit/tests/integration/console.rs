@@ -482,6 +482,8 @@ pub(super) struct Fetched {
     pub(super) status: u16,
     pub(super) head: String,
     pub(super) body: String,
+    /// The body as bytes (a PDF is not UTF-8).
+    pub(super) bytes: Vec<u8>,
 }
 
 /// GET `path` from the console over TLS as `stem` (no client certificate when `None`), with a
@@ -562,11 +564,37 @@ async fn https_request(
     } else {
         body.to_string()
     };
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(raw.len());
+    let raw_body = raw.get(at + 4..).unwrap_or_default();
+    let bytes = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk_bytes(raw_body)
+    } else {
+        raw_body.to_vec()
+    };
     Ok(Fetched {
         status,
         head: head.to_string(),
         body,
+        bytes,
     })
+}
+
+fn dechunk_bytes(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&s[..eol]).unwrap_or("0");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        let rest = &s[eol + 2..];
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 fn dechunk(mut s: &str) -> String {

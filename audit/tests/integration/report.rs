@@ -22,7 +22,7 @@ use tutela_audit::report::{
 use tutela_audit::store::AuditStore;
 use tutela_audit::{SignedCheckpoint, Timestamp};
 
-use super::console::{Consortium, JOB, Service, fill_trail, spend, start_service};
+use super::console::{Consortium, JOB, Service, fill_trail, https_get, spend, start_service};
 
 fn artifacts() -> PathBuf {
     let dir = std::env::var_os("TUTELA_ARTIFACTS")
@@ -248,6 +248,40 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         "the period counts the rejection: {:?}",
         period.content.tables[0]
     );
+
+    // The console's download, as an officer: the same report, stating the service's retention;
+    // a site node is refused by the policy; a bad date is named.
+    for format in ["pdf", "html"] {
+        let got = https_get(
+            &c,
+            service.console,
+            Some("alice"),
+            &format!("/reports?job={JOB}&format={format}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.status, 200, "{}", got.body);
+        let head = got.head.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("attachment; filename=\"report-{JOB}.{format}\"")),
+            "{head}"
+        );
+        let (_, served) = check_document(&got.bytes).unwrap();
+        assert_eq!(served.context.retention_min_days, Some(183));
+        assert!(served.context.generated_by.contains("user/alice"));
+        check_against_trail(&served, &key, &mut officer, &check)
+            .await
+            .unwrap();
+    }
+    let got = https_get(&c, service.console, Some("node-st-mary"), &format!("/reports?job={JOB}"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 403);
+    let got = https_get(&c, service.console, Some("alice"), "/reports?from=yesterday&to=2026-01-01")
+        .await
+        .unwrap();
+    assert_eq!(got.status, 400);
+    assert!(got.body.contains("yesterday"), "{}", got.body);
 
     // Edits. A number in the visible HTML.
     let body_end = html_doc.find("<script").unwrap();
