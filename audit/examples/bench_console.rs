@@ -234,11 +234,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // fixture's events are a millisecond apart).
     time_page!(
         "job report (PDF)",
-        tutela_audit::report::console::download(&state, &viewer, &format!("job={mid_job}&format=pdf")).await
+        tutela_audit::report::console::download(
+            &state,
+            &viewer,
+            &format!("job={mid_job}&format=pdf")
+        )
+        .await
     );
     time_page!(
         "job report (HTML)",
-        tutela_audit::report::console::download(&state, &viewer, &format!("job={mid_job}&format=html")).await
+        tutela_audit::report::console::download(
+            &state,
+            &viewer,
+            &format!("job={mid_job}&format=html")
+        )
+        .await
     );
     let hour_from = Timestamp::from_unix_millis(base + (n / 2) as i64)?;
     let hour_to = Timestamp::from_unix_millis(base + (n / 2) as i64 + 10_000)?;

@@ -654,7 +654,8 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             };
             if let Some(document) = document {
                 let scope = crate::report_cmd::scope(job, from, to)?;
-                let out = out.ok_or_else(|| anyhow!("--format html|pdf writes a file: give --out FILE"))?;
+                let out =
+                    out.ok_or_else(|| anyhow!("--format html|pdf writes a file: give --out FILE"))?;
                 return crate::report_cmd::make(&source, scope, document, &out, &public_key).await;
             }
             let Some(job) = job else {

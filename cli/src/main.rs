@@ -4,7 +4,6 @@
 //! (`pki_cmd`, ...) and calls library code that is tested on its own.
 
 mod audit_cmd;
-mod report_cmd;
 mod bench_cmd;
 mod demo;
 mod demo_policy;
@@ -15,6 +14,7 @@ mod pki_cmd;
 mod privacy_cmd;
 mod quarantine_cmd;
 mod registry_cmd;
+mod report_cmd;
 
 use std::process::ExitCode;
 

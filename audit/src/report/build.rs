@@ -15,9 +15,7 @@ use crate::payload::privacy::PrivacySpent;
 use crate::payload::{ActionPayload, JobProposed, UpdateRefused};
 
 use super::compliance::{self, SectionInput};
-use super::{
-    BudgetSeries, Fact, MAX_CHART_POINTS, ReportContent, ReportError, ReportScope, Table,
-};
+use super::{BudgetSeries, Fact, MAX_CHART_POINTS, ReportContent, ReportError, ReportScope, Table};
 
 /// δ for people: one significant digit in scientific notation.
 pub fn delta(v: f64) -> String {
@@ -74,11 +72,7 @@ fn thin(points: Vec<(i64, f64)>) -> Vec<(i64, f64)> {
 /// The budgets spent by `spends` (believed `privacy.spent` events in scope), one series per
 /// `<site>/<dataset>`, with each spending job's target as a cap. `per_job`: plot the job's ε
 /// (a job report) instead of the dataset's (a period).
-fn budgets(
-    spends: &[&Event],
-    targets: &BTreeMap<String, f64>,
-    per_job: bool,
-) -> Vec<BudgetSeries> {
+fn budgets(spends: &[&Event], targets: &BTreeMap<String, f64>, per_job: bool) -> Vec<BudgetSeries> {
     let mut by: BTreeMap<(String, String), Vec<(i64, f64, String)>> = BTreeMap::new();
     for e in spends {
         if let Ok(p) = PrivacySpent::from_event(e) {
@@ -87,11 +81,9 @@ fn budgets(
             } else {
                 p.dataset_epsilon
             };
-            by.entry((p.site.clone(), p.dataset.clone())).or_default().push((
-                e.timestamp.unix_millis(),
-                v,
-                p.job.clone(),
-            ));
+            by.entry((p.site.clone(), p.dataset.clone()))
+                .or_default()
+                .push((e.timestamp.unix_millis(), v, p.job.clone()));
         }
     }
     by.into_iter()
@@ -218,15 +210,10 @@ pub fn build_content(
                     ]
                 })
                 .collect(),
-            source: "trail, re-checked against the authority rules and officers' signatures"
-                .into(),
+            source: "trail, re-checked against the authority rules and officers' signatures".into(),
         });
     }
-    let budgets = budgets(
-        &spends,
-        &targets,
-        matches!(scope, ReportScope::Job { .. }),
-    );
+    let budgets = budgets(&spends, &targets, matches!(scope, ReportScope::Job { .. }));
     let sections = compliance::sections(&SectionInput {
         scope,
         tree_size,
@@ -260,7 +247,10 @@ fn job_facts(
             value,
         })
     };
-    push("Job name (its purpose as stated)", proposal.map_or_else(|| "not recorded".into(), |p| p.name.clone()));
+    push(
+        "Job name (its purpose as stated)",
+        proposal.map_or_else(|| "not recorded".into(), |p| p.name.clone()),
+    );
     push("Spec digest (what officers signed)", opt(&r.spec_digest));
     push("Proposed by", opt(&r.proposed_by));
     push("Code version", opt(&r.code_version));
@@ -280,13 +270,21 @@ fn job_facts(
         },
     );
     push("Participating sites", r.participants.join(", "));
-    let approved = r.approvals.iter().filter(|a| a.decision == "approved").count();
+    let approved = r
+        .approvals
+        .iter()
+        .filter(|a| a.decision == "approved")
+        .count();
     push("Approvals", count(approved as u64));
     push("Rejections", count((r.approvals.len() - approved) as u64));
     push("Refused updates", count(r.refused_updates.len() as u64));
-    push("Target ε per site (spec)", target.map_or_else(|| "none stated".into(), epsilon));
+    push(
+        "Target ε per site (spec)",
+        target.map_or_else(|| "none stated".into(), epsilon),
+    );
     if let Some(p) = proposal
-        && let Ok(spec) = serde_json::from_value::<tutela_protocol::job::PrivacySpec>(p.privacy.clone())
+        && let Ok(spec) =
+            serde_json::from_value::<tutela_protocol::job::PrivacySpec>(p.privacy.clone())
     {
         push("δ (spec)", delta(spec.delta));
     }
@@ -364,7 +362,9 @@ fn job_tables(tables: &mut Vec<Table>, r: &lineage::JobRecord) {
     });
     tables.push(Table {
         title: "ε spent per site over the job".into(),
-        columns: ["site", "ε", "dataset commitment"].map(String::from).to_vec(),
+        columns: ["site", "ε", "dataset commitment"]
+            .map(String::from)
+            .to_vec(),
         rows: r
             .epsilon_per_site
             .iter()
@@ -395,7 +395,12 @@ fn period_tables(tables: &mut Vec<Table>, believed: &[&Event]) {
         rows: by_action
             .iter()
             .map(|(a, (n, first, last))| {
-                vec![a.to_string(), count(*n), first.to_string(), last.to_string()]
+                vec![
+                    a.to_string(),
+                    count(*n),
+                    first.to_string(),
+                    last.to_string(),
+                ]
             })
             .collect(),
         source: "trail: every believed event in the period".into(),

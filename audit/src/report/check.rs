@@ -230,7 +230,9 @@ pub async fn check_against_trail<T: Trail>(
     }
     if h.tree_size == cp.tree_size {
         if h.root != cp.root {
-            return Err(inconsistent("same size, different root (a split view)".into()));
+            return Err(inconsistent(
+                "same size, different root (a split view)".into(),
+            ));
         }
     } else {
         let proof = trail
@@ -253,12 +255,17 @@ pub async fn check_against_trail<T: Trail>(
                     .into(),
             });
         }
-        verify_inclusion(c.seq, cp.tree_size, &leaf_hash(&event.hash), &path, &cp.root).map_err(
-            |e| CheckError::Cited {
-                seq: c.seq,
-                why: format!("not included in the report's checkpoint: {e}"),
-            },
-        )?;
+        verify_inclusion(
+            c.seq,
+            cp.tree_size,
+            &leaf_hash(&event.hash),
+            &path,
+            &cp.root,
+        )
+        .map_err(|e| CheckError::Cited {
+            seq: c.seq,
+            why: format!("not included in the report's checkpoint: {e}"),
+        })?;
         let trail_says = CitedEvent::of(&event);
         if &trail_says != *c {
             return Err(CheckError::Cited {
@@ -283,13 +290,7 @@ pub async fn check_against_trail<T: Trail>(
     })
     .await
     .map_err(CheckError::Trail)?;
-    let rebuilt = super::build_content(
-        &events,
-        &m.content.scope,
-        cp.tree_size,
-        check,
-        &cp.log_id,
-    )?;
+    let rebuilt = super::build_content(&events, &m.content.scope, cp.tree_size, check, &cp.log_id)?;
     compare_content(&m.content, &rebuilt)?;
     Ok(TrailCheck {
         head_size: h.tree_size,

@@ -93,7 +93,11 @@ fn seqs_source(what: &str, events: &[&Event]) -> String {
 }
 
 fn of<'a>(events: &[&'a Event], action: Action) -> Vec<&'a Event> {
-    events.iter().copied().filter(|e| e.action == action).collect()
+    events
+        .iter()
+        .copied()
+        .filter(|e| e.action == action)
+        .collect()
 }
 
 fn of_kinds<'a>(believed: &[&'a Event], actions: &[Action]) -> Vec<&'a Event> {
@@ -108,7 +112,11 @@ fn of_kinds<'a>(believed: &[&'a Event], actions: &[Action]) -> Vec<&'a Event> {
 fn kinds_text(actions: &[Action]) -> String {
     format!(
         "events of kinds {}",
-        actions.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
+        actions
+            .iter()
+            .map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -144,12 +152,7 @@ fn st(text: impl Into<String>, source: impl Into<String>) -> Statement {
 
 /// The four sections, in the order the report prints them.
 pub fn sections(input: &SectionInput<'_>) -> Vec<ComplianceSection> {
-    vec![
-        art12(input),
-        art19(input),
-        gdpr30(input),
-        hipaa(input),
-    ]
+    vec![art12(input), art19(input), gdpr30(input), hipaa(input)]
 }
 
 fn art12(i: &SectionInput<'_>) -> ComplianceSection {
@@ -228,12 +231,10 @@ fn art19(i: &SectionInput<'_>) -> ComplianceSection {
     let first = i.in_scope.first();
     let last = i.in_scope.last();
     let quarantines = of(i.believed, Action::AuditQuarantined);
-    let mut s = vec![
-        st(
-            "The audit service refuses to prune events younger than its configured [retention] min_days, which cannot be set below 183 days (six months); the value in force when this report was made is stated under Trail integrity.",
-            "audit service configuration ([retention] in audit.toml), not the trail",
-        ),
-    ];
+    let mut s = vec![st(
+        "The audit service refuses to prune events younger than its configured [retention] min_days, which cannot be set below 183 days (six months); the value in force when this report was made is stated under Trail integrity.",
+        "audit service configuration ([retention] in audit.toml), not the trail",
+    )];
     if let (Some(a), Some(b)) = (first, last) {
         s.push(st(
             format!(
@@ -317,7 +318,11 @@ fn gdpr30(i: &SectionInput<'_>) -> ComplianceSection {
             format!(
                 "(b) Purposes, as each job's signed spec names them: {}.",
                 jobs.iter()
-                    .map(|(j, p, _)| format!("job {j} \"{}\" (spec digest {})", p.name, short(&p.spec_digest)))
+                    .map(|(j, p, _)| format!(
+                        "job {j} \"{}\" (spec digest {})",
+                        p.name,
+                        short(&p.spec_digest)
+                    ))
                     .collect::<Vec<_>>()
                     .join("; ")
             )
@@ -345,7 +350,12 @@ fn gdpr30(i: &SectionInput<'_>) -> ComplianceSection {
         },
         seqs_source(
             "dataset.deidentified / dataset.text_deidentified / privacy.spent",
-            &deid.iter().chain(text_deid.iter()).chain(spends.iter()).copied().collect::<Vec<_>>(),
+            &deid
+                .iter()
+                .chain(text_deid.iter())
+                .chain(spends.iter())
+                .copied()
+                .collect::<Vec<_>>(),
         ),
     ));
     let sites: BTreeSet<String> = jobs
@@ -392,19 +402,22 @@ fn gdpr30(i: &SectionInput<'_>) -> ComplianceSection {
     ];
     let targets: Vec<String> = jobs
         .iter()
-        .filter_map(|(j, _, _)| i.targets.get(j).map(|t| format!("job {j}: target ε {}", epsilon(*t))))
+        .filter_map(|(j, _, _)| {
+            i.targets
+                .get(j)
+                .map(|t| format!("job {j}: target ε {}", epsilon(*t)))
+        })
         .collect();
     if !targets.is_empty() {
         measures.push(format!("differential privacy ({})", targets.join(", ")));
     }
-    let max_spent: BTreeMap<String, f64> =
-        spends.iter().fold(BTreeMap::new(), |mut m, e| {
-            if let Ok(p) = PrivacySpent::from_event(e) {
-                let v = m.entry(e.subject.clone()).or_insert(0.0_f64);
-                *v = v.max(p.dataset_epsilon);
-            }
-            m
-        });
+    let max_spent: BTreeMap<String, f64> = spends.iter().fold(BTreeMap::new(), |mut m, e| {
+        if let Ok(p) = PrivacySpent::from_event(e) {
+            let v = m.entry(e.subject.clone()).or_insert(0.0_f64);
+            *v = v.max(p.dataset_epsilon);
+        }
+        m
+    });
     if !max_spent.is_empty() {
         measures.push(format!(
             "each site's privacy ledger anchored in the trail (highest ε per dataset in scope: {})",

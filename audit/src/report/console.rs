@@ -24,7 +24,9 @@ fn bad(field: &str, problem: impl Into<String>) -> ConsoleError {
 
 fn report_error(e: ReportError) -> ConsoleError {
     match e {
-        ReportError::Empty { .. } | ReportError::NoCheckpoint => ConsoleError::NotFound(e.to_string()),
+        ReportError::Empty { .. } | ReportError::NoCheckpoint => {
+            ConsoleError::NotFound(e.to_string())
+        }
         other => bad("report", other.to_string()),
     }
 }
@@ -45,9 +47,8 @@ pub async fn download(
             _ => {}
         }
     }
-    let time = |field: &str, t: &str| {
-        crate::console::parse_time(t).map_err(|problem| bad(field, problem))
-    };
+    let time =
+        |field: &str, t: &str| crate::console::parse_time(t).map_err(|problem| bad(field, problem));
     let scope = match (job, from, to) {
         (Some(job), None, None) => ReportScope::job(&job).map_err(report_error)?,
         (None, Some(f), Some(t)) => {
@@ -70,8 +71,16 @@ pub async fn download(
     let n = head.checkpoint.tree_size;
     let store = state.log.store();
     // A plain loop, not `gather`'s async closure: the handler's future must be `Send`.
+    // A period ends at a seq too (the trail's times never go back): the first event at or after
+    // its end bounds the queries, instead of reading to the head and dropping the rest.
+    let bound = match &scope {
+        ReportScope::Period { to, .. } => {
+            store.first_seq_at_or_after(*to).await?.unwrap_or(n).min(n)
+        }
+        ReportScope::Job { .. } => n,
+    };
     let mut events = Vec::new();
-    for f in filters(&scope, n) {
+    for f in filters(&scope, bound) {
         events.extend(store.events(&f).await?);
     }
     let events = merge(&scope, n, events);
@@ -137,10 +146,19 @@ pub async fn download(
     };
     let name: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let (body, mime) = if format == "pdf" {
-        (super::pdf::render(&manifest).map_err(report_error)?, "application/pdf")
+        (
+            super::pdf::render(&manifest).map_err(report_error)?,
+            "application/pdf",
+        )
     } else {
         (
             super::html::render(&manifest)

@@ -253,7 +253,9 @@ pub enum ReportError {
     BadScope(String),
     #[error("the manifest cannot be written as JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("the trail has no signed checkpoint yet: a report must carry one (wait for the service to sign its first)")]
+    #[error(
+        "the trail has no signed checkpoint yet: a report must carry one (wait for the service to sign its first)"
+    )]
     NoCheckpoint,
     #[error("no event of the trail up to its checkpoint (size {tree_size}) is in scope ({scope})")]
     Empty { scope: String, tree_size: u64 },
@@ -353,7 +355,11 @@ pub fn merge(scope: &ReportScope, tree_size: u64, mut events: Vec<Event>) -> Vec
 
 /// [`filters`] run through `query` (the store, the service's client, a CLI reader), then
 /// [`merge`]d.
-pub async fn gather<E, Q>(scope: &ReportScope, tree_size: u64, mut query: Q) -> Result<Vec<Event>, E>
+pub async fn gather<E, Q>(
+    scope: &ReportScope,
+    tree_size: u64,
+    mut query: Q,
+) -> Result<Vec<Event>, E>
 where
     Q: AsyncFnMut(EventFilter) -> Result<Vec<Event>, E>,
 {

@@ -163,7 +163,13 @@ impl Layout {
             self.text_at(MARGIN, top - lead * (k as f32 + 1.0), BOLD, BODY, l);
         }
         for (k, v) in values.iter().enumerate() {
-            self.text_at(MARGIN + LABEL_W, top - lead * (k as f32 + 1.0), REGULAR, BODY, v);
+            self.text_at(
+                MARGIN + LABEL_W,
+                top - lead * (k as f32 + 1.0),
+                REGULAR,
+                BODY,
+                v,
+            );
         }
         self.y = top - lead * lines as f32 - 1.5;
     }
@@ -209,7 +215,13 @@ impl Layout {
             let room = (TEXT_W - fixed).max(TEXT_W * 0.3);
             natural
                 .iter()
-                .map(|w| if *w <= narrow_limit { *w } else { w * room / wide })
+                .map(|w| {
+                    if *w <= narrow_limit {
+                        *w
+                    } else {
+                        w * room / wide
+                    }
+                })
                 .collect()
         };
         let lead = SMALL * 1.3;
@@ -350,7 +362,11 @@ pub fn render(m: &ReportManifest) -> Result<Vec<u8>, ReportError> {
         &format!("tree size {}, signed {}", cp.tree_size, utc(cp.timestamp)),
     );
     kv(&mut lay, "Root hash", &hex::encode(cp.root));
-    kv(&mut lay, "Signature (Ed25519)", &hex::encode(m.checkpoint.signature));
+    kv(
+        &mut lay,
+        "Signature (Ed25519)",
+        &hex::encode(m.checkpoint.signature),
+    );
     kv(
         &mut lay,
         "Retention",
@@ -422,7 +438,10 @@ pub fn render(m: &ReportManifest) -> Result<Vec<u8>, ReportError> {
         }
         lay.heading(
             9.5,
-            &format!("Evidence: {} event(s): {}", s.evidence_total, s.evidence_kinds),
+            &format!(
+                "Evidence: {} event(s): {}",
+                s.evidence_total, s.evidence_kinds
+            ),
         );
         let rows: Vec<Vec<String>> = s
             .evidence

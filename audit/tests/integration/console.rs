@@ -564,7 +564,10 @@ async fn https_request(
     } else {
         body.to_string()
     };
-    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(raw.len());
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
     let raw_body = raw.get(at + 4..).unwrap_or_default();
     let bytes = if head
         .to_ascii_lowercase()

@@ -64,7 +64,11 @@ async fn settled_head(client: &mut AuditClient) -> SignedCheckpoint {
 
 /// A report of `scope` made as `tutela audit report` makes it: from the service's newest
 /// checkpoint and the events up to it.
-async fn make(client: &mut AuditClient, check: &AuthorityCheck, scope: ReportScope) -> ReportManifest {
+async fn make(
+    client: &mut AuditClient,
+    check: &AuthorityCheck,
+    scope: ReportScope,
+) -> ReportManifest {
     let head = settled_head(client).await;
     let events = gather(&scope, head.checkpoint.tree_size, async |f| {
         client.query(&f).await
@@ -139,7 +143,12 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
     let ids: Vec<&str> = m.content.sections.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(
         ids,
-        ["eu-ai-act-art-12", "eu-ai-act-art-19", "gdpr-art-30", "hipaa-164-312-b"]
+        [
+            "eu-ai-act-art-12",
+            "eu-ai-act-art-19",
+            "gdpr-art-30",
+            "hipaa-164-312-b"
+        ]
     );
     for s in &m.content.sections {
         assert!(!s.evidence.is_empty(), "{} cites no event", s.id);
@@ -158,7 +167,10 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         .iter()
         .find(|b| b.site == "st-mary")
         .expect("st-mary's budget is charted");
-    assert_eq!(budget.points.iter().map(|p| p.1).collect::<Vec<_>>(), [0.9, 1.7]);
+    assert_eq!(
+        budget.points.iter().map(|p| p.1).collect::<Vec<_>>(),
+        [0.9, 1.7]
+    );
     assert_eq!(budget.caps, [(format!("job {JOB} target"), 3.0)]);
 
     // Both documents, as written.
@@ -174,7 +186,11 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         m,
         "the HTML's manifest reads back"
     );
-    assert_eq!(check_document(&pdf_doc).unwrap().1, m, "the PDF's manifest reads back");
+    assert_eq!(
+        check_document(&pdf_doc).unwrap().1,
+        m,
+        "the PDF's manifest reads back"
+    );
 
     // A stock PDF reader opens it and finds the sections' text and the manifest attachment.
     let out = Command::new(python())
@@ -200,7 +216,10 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         "update norm 12.5 exceeds the bound 10",
         &hex::encode(m.checkpoint.checkpoint.root),
     ] {
-        assert!(pdf_text.contains(needle), "the PDF's text lacks {needle:?}:\n{pdf_text}");
+        assert!(
+            pdf_text.contains(needle),
+            "the PDF's text lacks {needle:?}:\n{pdf_text}"
+        );
     }
     assert_eq!(read["manifest_digest"], m.content_digest.as_str());
     assert!(read["pages"].as_u64().unwrap() >= 2);
@@ -244,7 +263,10 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         .await
         .unwrap();
     assert!(
-        period.content.tables[0].rows.iter().any(|r| r[0] == "job.rejected"),
+        period.content.tables[0]
+            .rows
+            .iter()
+            .any(|r| r[0] == "job.rejected"),
         "the period counts the rejection: {:?}",
         period.content.tables[0]
     );
@@ -273,13 +295,23 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
             .await
             .unwrap();
     }
-    let got = https_get(&c, service.console, Some("node-st-mary"), &format!("/reports?job={JOB}"))
-        .await
-        .unwrap();
+    let got = https_get(
+        &c,
+        service.console,
+        Some("node-st-mary"),
+        &format!("/reports?job={JOB}"),
+    )
+    .await
+    .unwrap();
     assert_eq!(got.status, 403);
-    let got = https_get(&c, service.console, Some("alice"), "/reports?from=yesterday&to=2026-01-01")
-        .await
-        .unwrap();
+    let got = https_get(
+        &c,
+        service.console,
+        Some("alice"),
+        "/reports?from=yesterday&to=2026-01-01",
+    )
+    .await
+    .unwrap();
     assert_eq!(got.status, 400);
     assert!(got.body.contains("yesterday"), "{}", got.body);
 
@@ -340,7 +372,10 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, CheckError::Checkpoint(tutela_audit::CheckpointError::BadSignature { .. })),
+        matches!(
+            e,
+            CheckError::Checkpoint(tutela_audit::CheckpointError::BadSignature { .. })
+        ),
         "{e}"
     );
 
@@ -414,7 +449,11 @@ async fn prune_refuses_events_younger_than_the_retention_and_drops_nothing() {
 
         let retention = RetentionConfig::default();
         let plan = prune_plan(&store, ago(200), now, &retention).await.unwrap();
-        assert_eq!(plan.events, 2, "{:?}: the two events older than 200 days", db.backend);
+        assert_eq!(
+            plan.events, 2,
+            "{:?}: the two events older than 200 days",
+            db.backend
+        );
         assert_eq!(plan.covered_by_checkpoint, Some(2));
         let plan = prune_plan(&store, ago(350), now, &retention).await.unwrap();
         assert_eq!((plan.events, plan.covered_by_checkpoint), (1, None));

@@ -42,9 +42,19 @@ fn fill(db: &std::path::Path) -> String {
             "job-1",
             json!({"spec_digest": "4a".repeat(32), "approvals": 1, "participants": ["st-mary"]}),
         ),
-        (NODE, Action::PrivacySpent, "st-mary/records", spend(1, 0.93)),
+        (
+            NODE,
+            Action::PrivacySpent,
+            "st-mary/records",
+            spend(1, 0.93),
+        ),
         (COORDINATOR, Action::RoundCompleted, "job-1", round(1, 0.93)),
-        (NODE, Action::PrivacySpent, "st-mary/records", spend(2, 1.46)),
+        (
+            NODE,
+            Action::PrivacySpent,
+            "st-mary/records",
+            spend(2, 1.46),
+        ),
         (COORDINATOR, Action::RoundCompleted, "job-1", round(2, 1.46)),
         (
             COORDINATOR,
@@ -75,7 +85,10 @@ fn fill(db: &std::path::Path) -> String {
         let store = AuditStore::open(&AuditStore::sqlite_url(db).unwrap())
             .await
             .unwrap();
-        store.insert_events_with_checkpoint(&events, &cp).await.unwrap();
+        store
+            .insert_events_with_checkpoint(&events, &cp)
+            .await
+            .unwrap();
     });
     hex::encode(key.public_key().as_ref())
 }
@@ -98,8 +111,18 @@ fn reports_made_by_the_cli_verify_and_an_edited_one_is_refused() {
         args
     }
 
-    let out = report(&["--job", "job-1", "--format", "pdf", "--out", &s.arg("job.pdf")]);
-    assert!(out.contains("7 events in scope, checkpoint of size 7"), "{out}");
+    let out = report(&[
+        "--job",
+        "job-1",
+        "--format",
+        "pdf",
+        "--out",
+        &s.arg("job.pdf"),
+    ]);
+    assert!(
+        out.contains("7 events in scope, checkpoint of size 7"),
+        "{out}"
+    );
     let out = ok(&verify(&s.arg("job.pdf"), &source));
     assert!(
         out.contains("ok: PDF document matches its manifest")
@@ -107,7 +130,14 @@ fn reports_made_by_the_cli_verify_and_an_edited_one_is_refused() {
             && out.contains("verified:"),
         "{out}"
     );
-    report(&["--job", "job-1", "--format", "html", "--out", &s.arg("job.html")]);
+    report(&[
+        "--job",
+        "job-1",
+        "--format",
+        "html",
+        "--out",
+        &s.arg("job.html"),
+    ]);
     ok(&verify(&s.arg("job.html"), &source));
     report(&[
         "--from",
@@ -124,8 +154,11 @@ fn reports_made_by_the_cli_verify_and_an_edited_one_is_refused() {
     // A number edited on the page.
     let html = std::fs::read_to_string(s.path("job.html")).unwrap();
     assert!(html.contains("<td>1.46</td>"), "st-mary's ε on the page");
-    std::fs::write(s.path("edited.html"), html.replacen("<td>1.46</td>", "<td>0.46</td>", 1))
-        .unwrap();
+    std::fs::write(
+        s.path("edited.html"),
+        html.replacen("<td>1.46</td>", "<td>0.46</td>", 1),
+    )
+    .unwrap();
     let err = fails(&verify(&s.arg("edited.html"), &source));
     assert!(
         err.contains("FAILED") && err.contains("<td>0.46</td>") && err.contains("<td>1.46</td>"),
@@ -139,10 +172,28 @@ fn reports_made_by_the_cli_verify_and_an_edited_one_is_refused() {
     assert!(fails(&args).contains("--out FILE"));
     let mut args = vec!["audit", "report"];
     args.extend(source);
-    args.extend(["--from", "2025-12-31", "--to", "2025-12-01", "--format", "pdf", "--out", "x"]);
+    args.extend([
+        "--from",
+        "2025-12-31",
+        "--to",
+        "2025-12-01",
+        "--format",
+        "pdf",
+        "--out",
+        "x",
+    ]);
     assert!(fails(&args).contains("is not before its end"));
     let mut args = vec!["audit", "report"];
     args.extend(source);
-    args.extend(["--from", "yesterday", "--to", "2025-12-01", "--format", "pdf", "--out", "x"]);
+    args.extend([
+        "--from",
+        "yesterday",
+        "--to",
+        "2025-12-01",
+        "--format",
+        "pdf",
+        "--out",
+        "x",
+    ]);
     assert!(fails(&args).contains("--from: \"yesterday\" is not a time"));
 }
