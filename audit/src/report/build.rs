@@ -98,9 +98,9 @@ fn budgets(spends: &[&Event], targets: &BTreeMap<String, f64>, per_job: bool) ->
                 site,
                 dataset,
                 measure: if per_job {
-                    "the job's ε on the dataset after each round's spend".into()
+                    "The job's ε on the dataset after each round's spend".into()
                 } else {
-                    "the dataset's ε over every job after each spend".into()
+                    "The dataset's ε over every job after each spend".into()
                 },
                 spends: spends.len() as u64,
                 epsilon_now,

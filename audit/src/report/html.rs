@@ -16,7 +16,7 @@ const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-se
 h1{font-size:1.5rem}h2{font-size:1.2rem;border-bottom:1px solid #ccc;padding-bottom:.2rem;margin-top:2rem}h3{font-size:1rem}
 table{border-collapse:collapse;width:100%;margin:.5rem 0 1rem;font-size:.85rem}th,td{border:1px solid #ddd;padding:.2rem .4rem;text-align:left;vertical-align:top}th{background:#f3f4f6}
 .ok{color:#1a7f37;font-weight:bold}.bad{color:#b3261e;font-weight:bold}.source{color:#555;font-size:.8rem}code{font-size:.8rem;word-break:break-all}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0;overflow-wrap:anywhere}
 @media print{body{max-width:none}h2{page-break-after:avoid}}";
 
 /// `text` with `&`, `<`, `>`, `"` and `'` escaped.
