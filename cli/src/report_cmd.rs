@@ -54,7 +54,7 @@ fn verification(
     match verify_log(events, checkpoints, key) {
         Ok(r) => match check.verify(events) {
             Ok(_) => VerificationSummary {
-                intact: true,
+                intact: Some(true),
                 verified_at,
                 events: r.events,
                 checkpoints: r.checkpoints as u64,
@@ -64,7 +64,7 @@ fn verification(
                 ),
             },
             Err(e) => VerificationSummary {
-                intact: false,
+                intact: Some(false),
                 verified_at,
                 events: r.events,
                 checkpoints: r.checkpoints as u64,
@@ -72,7 +72,7 @@ fn verification(
             },
         },
         Err(e) => VerificationSummary {
-            intact: false,
+            intact: Some(false),
             verified_at,
             events: events.len() as u64,
             checkpoints: checkpoints.len() as u64,
@@ -100,7 +100,7 @@ pub async fn make(
         .cloned()
         .ok_or(tutela_audit::report::ReportError::NoCheckpoint)?;
     let verified = verification(&all, &cps, &key, &check);
-    if !verified.intact {
+    if verified.intact != Some(true) {
         eprintln!(
             "WARNING: the trail does not verify ({}); the report says so",
             verified.detail

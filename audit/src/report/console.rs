@@ -31,6 +31,45 @@ fn report_error(e: ReportError) -> ConsoleError {
     }
 }
 
+/// The console's verification as a report states it.
+fn summary_of(v: crate::console::Verification) -> VerificationSummary {
+    match v.outcome {
+        VerificationOutcome::Intact {
+            events,
+            checkpoints,
+            unanchored,
+        } => VerificationSummary {
+            intact: Some(true),
+            verified_at: v.finished_at,
+            events,
+            checkpoints: checkpoints as u64,
+            detail: format!(
+                "{events} events and {checkpoints} checkpoint(s) verified (hashes, links, signatures, roots), every actor's authority and officer's signature checked; {unanchored} event(s) after the newest checkpoint"
+            ),
+        },
+        VerificationOutcome::Broken {
+            first_bad_seq,
+            what,
+        } => VerificationSummary {
+            intact: Some(false),
+            verified_at: v.finished_at,
+            events: 0,
+            checkpoints: 0,
+            detail: match first_bad_seq {
+                Some(seq) => format!("first bad row: seq {seq}: {what}"),
+                None => what,
+            },
+        },
+        VerificationOutcome::Unreadable { what } => VerificationSummary {
+            intact: Some(false),
+            verified_at: v.finished_at,
+            events: 0,
+            checkpoints: 0,
+            detail: format!("the store could not be read: {what}"),
+        },
+    }
+}
+
 /// The report the query asks for, as a download.
 pub async fn download(
     state: &ConsoleState,
@@ -86,44 +125,17 @@ pub async fn download(
     let events = merge(&scope, n, events);
     let content = build_content(&events, &scope, n, &state.check, &head.checkpoint.log_id)
         .map_err(report_error)?;
-    let verification = match state.last_verification() {
-        Some(v) => v,
-        None => state.verify_now().await,
-    };
-    let summary = match verification.outcome {
-        VerificationOutcome::Intact {
-            events,
-            checkpoints,
-            unanchored,
-        } => VerificationSummary {
-            intact: true,
-            verified_at: verification.finished_at,
-            events,
-            checkpoints: checkpoints as u64,
-            detail: format!(
-                "{events} events and {checkpoints} checkpoint(s) verified (hashes, links, signatures, roots), every actor's authority and officer's signature checked; {unanchored} event(s) after the newest checkpoint"
-            ),
-        },
-        VerificationOutcome::Broken {
-            first_bad_seq,
-            what,
-        } => VerificationSummary {
-            intact: false,
-            verified_at: verification.finished_at,
+    // The console's last verification; a request never runs one itself (over a large trail it
+    // takes minutes): before the first has finished, the report says so.
+    let summary = match state.last_verification() {
+        None => VerificationSummary {
+            intact: None,
+            verified_at: Timestamp::now(),
             events: 0,
             checkpoints: 0,
-            detail: match first_bad_seq {
-                Some(seq) => format!("first bad row: seq {seq}: {what}"),
-                None => what,
-            },
+            detail: "the console's first verification of the trail had not finished when this report was made: run tutela audit verify".into(),
         },
-        VerificationOutcome::Unreadable { what } => VerificationSummary {
-            intact: false,
-            verified_at: verification.finished_at,
-            events: 0,
-            checkpoints: 0,
-            detail: format!("the store could not be read: {what}"),
-        },
+        Some(v) => summary_of(v),
     };
     let manifest = ReportManifest::new(
         head,

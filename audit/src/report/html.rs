@@ -136,8 +136,15 @@ pub fn render(m: &ReportManifest) -> Result<String, ReportError> {
     let _ = writeln!(
         out,
         "<dt>Verification</dt><dd><span class=\"{}\">{}</span> at {}: {}</dd>",
-        if v.intact { "ok" } else { "bad" },
-        if v.intact { "INTACT" } else { "BROKEN" },
+        match v.intact {
+            Some(true) => "ok",
+            _ => "bad",
+        },
+        match v.intact {
+            Some(true) => "INTACT",
+            Some(false) => "BROKEN",
+            None => "NOT YET VERIFIED",
+        },
         esc(&utc(v.verified_at)),
         esc(&v.detail)
     );

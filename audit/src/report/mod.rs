@@ -99,8 +99,11 @@ impl ReportScope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerificationSummary {
-    /// Every hash, link and checkpoint verified, and every event passed the authority rules.
-    pub intact: bool,
+    /// Every hash, link and checkpoint verified, and every event passed the authority rules
+    /// (`Some(true)`), or not (`Some(false)`); `None`: no verification had finished when the
+    /// report was made (the console's first run over a large trail takes minutes, and a request
+    /// does not wait for it).
+    pub intact: Option<bool>,
     /// When the verification finished.
     pub verified_at: Timestamp,
     /// Events verified.

@@ -351,7 +351,11 @@ pub fn render(m: &ReportManifest) -> Result<Vec<u8>, ReportError> {
         "Verification",
         &format!(
             "{} at {}: {}",
-            if v.intact { "INTACT" } else { "BROKEN" },
+            match v.intact {
+                Some(true) => "INTACT",
+                Some(false) => "BROKEN",
+                None => "NOT YET VERIFIED",
+            },
             utc(v.verified_at),
             v.detail
         ),

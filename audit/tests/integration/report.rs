@@ -89,7 +89,7 @@ async fn make(
             generated_at: Timestamp::now(),
             generated_by: "spiffe://acme/site/st-mary/user/alice".into(),
             verification: VerificationSummary {
-                intact: true,
+                intact: Some(true),
                 verified_at: Timestamp::now(),
                 events: head.checkpoint.tree_size,
                 checkpoints: 1,
@@ -239,7 +239,9 @@ async fn job_and_period_reports_verify_and_every_kind_of_edit_is_named() {
         let t = check_against_trail(&read, &key, &mut officer, &check)
             .await
             .unwrap();
-        assert_eq!(t.head_size, head.checkpoint.tree_size);
+        // The service may have signed a newer head since (its own policy.decision events).
+        assert!(t.head_size >= head.checkpoint.tree_size);
+        assert!(t.head_size > m.checkpoint.checkpoint.tree_size);
         assert!(t.cited > 5);
     }
     let store = AuditStore::open(&AuditStore::sqlite_url(&service.db).unwrap())
