@@ -275,6 +275,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         times.push(t.elapsed());
     }
     report("sites, 100 new spends since the previous request", times);
+    // Issue 15 item 2: a job's report a regulator reads, as the console's download builds it
+    // (events, authority check, content, rendering), and a period's of 10,000 events (the
+    // fixture's events are a millisecond apart).
+    time_page!(
+        "job report (PDF)",
+        tutela_audit::report::console::download(
+            &state,
+            &viewer,
+            &format!("job={mid_job}&format=pdf")
+        )
+        .await
+    );
+    time_page!(
+        "job report (HTML)",
+        tutela_audit::report::console::download(
+            &state,
+            &viewer,
+            &format!("job={mid_job}&format=html")
+        )
+        .await
+    );
+    let hour_from = Timestamp::from_unix_millis(base + (n / 2) as i64)?;
+    let hour_to = Timestamp::from_unix_millis(base + (n / 2) as i64 + 10_000)?;
+    let period = format!(
+        "from={}&to={}&format=pdf",
+        form_urlencoded::byte_serialize(hour_from.to_string().as_bytes()).collect::<String>(),
+        form_urlencoded::byte_serialize(hour_to.to_string().as_bytes()).collect::<String>()
+    );
+    time_page!(
+        "period report, 10,000 events (PDF)",
+        tutela_audit::report::console::download(&state, &viewer, &period).await
+    );
     time_page!("models", views::models::list(&state, &viewer).await);
     Ok(())
 }

@@ -81,6 +81,9 @@ pub struct Config {
     /// metrics port.
     #[serde(default)]
     pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
+    /// `[retention]`: events younger than `min_days` (at least 183) are never pruned.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// `[policy]` of audit.toml: the same files as the coordinator's `[policy]`.
@@ -192,6 +195,7 @@ impl Config {
         if let Some(c) = &self.console {
             c.check_ranges()?;
         }
+        self.retention.check_ranges()?;
         Ok(())
     }
 
@@ -420,6 +424,7 @@ impl Server {
                     authorizer.clone(),
                     c.page_size,
                 );
+                let _ = state.retention_min_days.set(config.retention.min_days);
                 Some(tokio::spawn(crate::console::run(
                     state,
                     Duration::from_secs(c.verify_interval_secs.max(1)),
@@ -562,6 +567,8 @@ mod tests {
             ("console", "verify_interval_secs", 86_401),
             ("console", "page_size", 0),
             ("console", "page_size", 501),
+            ("retention", "min_days", 182),
+            ("retention", "min_days", 36_526),
         ];
         for &(table, key, value) in cases {
             let mut config: toml::Table = toml::from_str(shipped).unwrap();

@@ -19,10 +19,10 @@
 //! embedded; charts and the lineage graph are inline SVG drawn on the server. The CSP allows
 //! nothing else (`default-src 'none'`), so a page works offline and loads nothing from anywhere.
 
-mod format;
+pub(crate) mod format;
 mod http;
 pub mod ledger_cache;
-mod svg;
+pub(crate) mod svg;
 mod verification;
 pub mod views;
 
@@ -37,6 +37,7 @@ use tutela_protocol::tls::ReloadingServerConfig;
 use crate::authority::{AuthorityCheck, AuthorityRules, OfficerTrust};
 use crate::log::AuditLog;
 
+pub use format::parse_time;
 pub use http::serve;
 pub use verification::{Verification, VerificationOutcome};
 
@@ -91,6 +92,8 @@ pub struct ConsoleState {
     /// What the sites page is built from, derived once per event.
     pub(crate) ledger: ledger_cache::LedgerCache,
     pub(crate) page_size: u32,
+    /// `[retention] min_days`, set once by the server at start: what reports state.
+    pub retention_min_days: std::sync::OnceLock<u32>,
 }
 
 impl ConsoleState {
@@ -110,6 +113,7 @@ impl ConsoleState {
             verification: verification::Latest::default(),
             ledger: ledger_cache::LedgerCache::default(),
             page_size: page_size.clamp(1, crate::store::page::MAX_PAGE),
+            retention_min_days: std::sync::OnceLock::new(),
         })
     }
 

@@ -34,7 +34,7 @@ use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
 use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 
-const JOB: &str = "job-7f3a";
+pub(super) const JOB: &str = "job-7f3a";
 const REJECTED_JOB: &str = "job-9c01";
 const MODEL: &str = "5e1d0c2b9a8f7e6d5c4b3a291807f6e5d4c3b2a1908f7e6d5c4b3a2918070605";
 const SPEC: [u8; 32] = [0x4a; 32];
@@ -42,13 +42,13 @@ const ALICE: &str = "spiffe://acme/site/st-mary/user/alice";
 const BOB: &str = "spiffe://acme/site/general/user/bob";
 
 /// The consortium of the shipped policy: its CA, and a certificate for everyone the test acts as.
-struct Consortium {
+pub(super) struct Consortium {
     dir: tempfile::TempDir,
     ca: CaDir,
 }
 
 impl Consortium {
-    fn new() -> Consortium {
+    pub(super) fn new() -> Consortium {
         let dir = tempfile::tempdir().unwrap();
         let ca = CaDir::init(
             &dir.path().join("ca"),
@@ -89,7 +89,7 @@ impl Consortium {
         c
     }
 
-    fn certs(&self) -> PathBuf {
+    pub(super) fn certs(&self) -> PathBuf {
         self.dir.path().join("certs")
     }
 
@@ -139,10 +139,10 @@ impl Consortium {
 }
 
 /// A running audit service with its console.
-struct Service {
-    grpc: SocketAddr,
-    console: SocketAddr,
-    db: PathBuf,
+pub(super) struct Service {
+    pub(super) grpc: SocketAddr,
+    pub(super) console: SocketAddr,
+    pub(super) db: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -155,7 +155,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_service(c: &Consortium) -> Service {
+pub(super) async fn start_service(c: &Consortium) -> Service {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let data = c.dir.path().join("audit");
     let console_port = free_port();
@@ -208,7 +208,7 @@ page_size = 5
 }
 
 impl Service {
-    async fn client(&self, c: &Consortium, stem: &str) -> AuditClient {
+    pub(super) async fn client(&self, c: &Consortium, stem: &str) -> AuditClient {
         let expect = Identity::new("acme", Principal::Audit).unwrap();
         let tls = ClientTls::from_material(&c.material(stem), Some(expect)).unwrap();
         AuditClient::connect(&format!("localhost:{}", self.grpc.port()), tls)
@@ -216,7 +216,7 @@ impl Service {
             .unwrap()
     }
 
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -270,7 +270,7 @@ fn proposal(name: &str) -> JobProposed {
     }
 }
 
-fn spend(site: &str, round: u32, job_eps: f64, dataset_eps: f64) -> PrivacySpent {
+pub(super) fn spend(site: &str, round: u32, job_eps: f64, dataset_eps: f64) -> PrivacySpent {
     PrivacySpent {
         site: site.into(),
         dataset: "breast_cancer".into(),
@@ -323,14 +323,14 @@ fn round(n: u32, sites: &[(&str, f64)]) -> RoundCompleted {
 }
 
 /// The seqs of events the test looks at again.
-struct Seqs {
+pub(super) struct Seqs {
     proposed: u64,
     st_mary_first_spend: u64,
 }
 
 /// A federated job's trail, appended by whoever asserts each event, through the real client.
 /// (The service adds its own `policy.decision` events between them.)
-async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
+pub(super) async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
     let mut coordinator = s.client(c, "coordinator").await;
     let mut alice = s.client(c, "alice").await;
     let mut bob = s.client(c, "bob").await;
@@ -478,15 +478,17 @@ async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
 }
 
 /// An HTTP/1.1 response read by [`https_get`].
-struct Fetched {
-    status: u16,
-    head: String,
-    body: String,
+pub(super) struct Fetched {
+    pub(super) status: u16,
+    pub(super) head: String,
+    pub(super) body: String,
+    /// The body as bytes (a PDF is not UTF-8).
+    pub(super) bytes: Vec<u8>,
 }
 
 /// GET `path` from the console over TLS as `stem` (no client certificate when `None`), with a
 /// plain rustls client; `Err` carries the TLS or I/O failure.
-async fn https_get(
+pub(super) async fn https_get(
     c: &Consortium,
     addr: SocketAddr,
     stem: Option<&str>,
@@ -562,11 +564,40 @@ async fn https_request(
     } else {
         body.to_string()
     };
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let raw_body = raw.get(at + 4..).unwrap_or_default();
+    let bytes = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk_bytes(raw_body)
+    } else {
+        raw_body.to_vec()
+    };
     Ok(Fetched {
         status,
         head: head.to_string(),
         body,
+        bytes,
     })
+}
+
+fn dechunk_bytes(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&s[..eol]).unwrap_or("0");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        let rest = &s[eol + 2..];
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -11,4 +11,5 @@ mod console;
 mod event_jobs;
 mod merkle_tree;
 mod quarantine;
+mod report;
 mod store;
