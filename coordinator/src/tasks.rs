@@ -37,6 +37,9 @@ pub enum Destination {
     Round {
         aggregator: Arc<dyn RoundAggregation>,
     },
+    /// A statistics job's release (`SubmitStatistics`, never a tensor stream): kept as the
+    /// task's outcome ([`Outcome::Released`]) for the job's runner to collect.
+    Statistics,
 }
 
 /// What a site reported with its update.
@@ -95,6 +98,10 @@ pub enum Outcome {
     },
     Declined {
         reason: String,
+    },
+    /// A statistics task's release, as the site sent it (checked by the runner's collection).
+    Released {
+        release: crate::statistics::SiteRelease,
     },
 }
 
@@ -226,6 +233,34 @@ impl TaskTable {
 
     pub fn site_of(&self, task_id: &str) -> Option<String> {
         self.lock().get(task_id).map(|e| e.site.clone())
+    }
+
+    /// Records `site`'s statistics release for `task_id`: only for a statistics task of that
+    /// site, open, before its deadline and without an answer yet ([`TaskTable::claim`]'s
+    /// checks, whose errors say which failed).
+    pub fn release_statistics(
+        &self,
+        task_id: &str,
+        site: &str,
+        release: crate::statistics::SiteRelease,
+    ) -> Result<(), SinkError> {
+        match self.claim(task_id, site)? {
+            Destination::Statistics => {}
+            _ => {
+                self.release(task_id);
+                return Err(SinkError::Rejected(format!(
+                    "task {task_id} is not a statistics task: its result is a model update \
+                     (SubmitUpdate)"
+                )));
+            }
+        }
+        if self.finish(task_id, Outcome::Released { release }) {
+            Ok(())
+        } else {
+            Err(SinkError::Rejected(format!(
+                "task {task_id} closed while its statistics arrived: they are refused"
+            )))
+        }
     }
 
     /// Checks that `site` may submit for `task_id` now and marks the stream in flight.
@@ -457,6 +492,13 @@ impl TensorSink for RoutingSink {
                     zeros_only: expected.must_be_zero(),
                     finite,
                 };
+            }
+            Destination::Statistics => {
+                return Err(SinkError::Rejected(format!(
+                    "task {task_id} is a statistics task: its release goes through \
+                     SubmitStatistics, not an update stream",
+                    task_id = self.task_id.as_deref().unwrap_or_default()
+                )));
             }
             Destination::Round { aggregator } => {
                 if self.metrics.train_samples == 0 {
