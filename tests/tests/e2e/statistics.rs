@@ -224,53 +224,12 @@ async fn a_statistics_job_runs_across_three_sites_within_its_bound_and_on_the_re
             .replace("deadline_secs = 120", "deadline_secs = 60"),
         &schema_digest,
     );
-    let mut op = c.operator().await;
 
     // Proposed, approved by each site's officer, run.
-    let run =
-        async |op: &mut tutela_protocol::pb::jobs_client::JobsClient<tonic::transport::Channel>,
-               spec: String| {
-            let s = op
-                .submit_job(pb::SubmitJobRequest {
-                    spec_toml: spec.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(
-                (s.state.as_str(), s.kind.as_str()),
-                ("proposed", "statistics"),
-                "{s:?}"
-            );
-            let digest: tutela_protocol::job::SpecDigest = s.spec_digest.parse().unwrap();
-            for officer in &officers {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis() as i64;
-                let approval = tutela_policy::Approval::sign(
-                    &officer.key_pem,
-                    &officer.cert_pem,
-                    &s.job_id,
-                    &digest,
-                    t,
-                    t + 3_600_000,
-                )
-                .unwrap();
-                let mut as_officer = officer_client(&c, officer).await;
-                as_officer
-                    .approve_job(pb::ApproveJobRequest {
-                        approval: Some(approval.to_pb()),
-                    })
-                    .await
-                    .unwrap();
-            }
-            c.wait_for_job(&s.job_id, Duration::from_secs(90), |s| {
-                matches!(s.state.as_str(), "completed" | "failed" | "cancelled")
-            })
-            .await
-        };
-    let done = run(&mut op, spec.clone()).await;
+    let job = propose_and_approve(&c, &officers, &spec).await;
+    let done = c
+        .wait_for_job(&job, Duration::from_secs(90), |_| false)
+        .await;
     assert_eq!(
         done.state,
         "completed",
@@ -401,7 +360,10 @@ async fn a_statistics_job_runs_across_three_sites_within_its_bound_and_on_the_re
         "name = \"breast-cancer-dictionary\"",
         "name = \"breast-cancer-dictionary-2\"",
     );
-    let failed = run(&mut op, second).await;
+    let second = propose_and_approve(&c, &officers, &second).await;
+    let failed = c
+        .wait_for_job(&second, Duration::from_secs(90), |_| false)
+        .await;
     assert_eq!(failed.state, "failed", "{failed:#?}");
     // The coordinator keeps a decline's code only (`tutela_protocol::refusal`); the clause
     // and its numbers are in the site's log.
@@ -429,6 +391,80 @@ async fn a_statistics_job_runs_across_three_sites_within_its_bound_and_on_the_re
         .filter(|e| e["payload"]["job"] == failed.job_id.as_str())
         .count();
     assert_eq!(spends_after, 0);
+
+    // A coordinator that stops while a statistics job is out: at its restart the job fails
+    // saying why (the releases held in memory are lost, and sites refuse to release a job
+    // twice), instead of asking the sites again. Site c's node is down, so the job waits for it.
+    c.kill_node("c");
+    let third = spec.replace(
+        "name = \"breast-cancer-dictionary\"",
+        "name = \"breast-cancer-dictionary-3\"",
+    );
+    let third = propose_and_approve(&c, &officers, &third).await;
+    let running = c
+        .wait_for_job(&third, Duration::from_secs(10), |s| s.state == "running")
+        .await;
+    assert_eq!(running.state, "running", "{running:#?}");
+    c.coordinator.take().unwrap().signal("KILL");
+    c.start_coordinator();
+    let after = c
+        .wait_for_job(&third, Duration::from_secs(30), |_| false)
+        .await;
+    assert_eq!(after.state, "failed", "{after:#?}");
+    assert!(
+        after
+            .reason
+            .contains("the coordinator restarted while this statistics job"),
+        "{}",
+        after.reason
+    );
+}
+
+/// Submits the statistics job `spec` as the operator and has each of `officers` approve it;
+/// returns its id.
+async fn propose_and_approve(
+    c: &Consortium,
+    officers: &[tutela_protocol::pki::IssuedCertificate],
+    spec: &str,
+) -> String {
+    let s = c
+        .operator()
+        .await
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.state.as_str(), s.kind.as_str()),
+        ("proposed", "statistics"),
+        "{s:?}"
+    );
+    let digest: tutela_protocol::job::SpecDigest = s.spec_digest.parse().unwrap();
+    for officer in officers {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let approval = tutela_policy::Approval::sign(
+            &officer.key_pem,
+            &officer.cert_pem,
+            &s.job_id,
+            &digest,
+            t,
+            t + 3_600_000,
+        )
+        .unwrap();
+        officer_client(c, officer)
+            .await
+            .approve_job(pb::ApproveJobRequest {
+                approval: Some(approval.to_pb()),
+            })
+            .await
+            .unwrap();
+    }
+    s.job_id
 }
 
 /// A Jobs client with `officer`'s certificate (written beside the consortium's certificates).
