@@ -159,3 +159,76 @@ async fn a_statistics_job_is_proposed_and_starts_only_with_every_sites_approval(
     assert!(e.message().contains("has no statistics result"), "{e:?}");
     c.stop().await;
 }
+
+/// A statistics job's result in the store: kept only for a running statistics job still at its
+/// round 0, with the job's one round marked done in the same transaction; the same record again
+/// is accepted (a runner resumed after storing it), another one refused, and the job can then
+/// be completed.
+#[tokio::test]
+async fn a_statistics_result_is_stored_once_with_the_jobs_round() {
+    use tutela_audit::payload::StatisticsPublished;
+    use tutela_coordinator::job::JobState;
+    use tutela_coordinator::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&Store::sqlite_url(&dir.path().join("c.db")).unwrap())
+        .await
+        .unwrap();
+    let text = statistics_spec();
+    let spec = SubmittedSpec::from_toml_str(&text).unwrap();
+    let job = store
+        .create_job(&text, &spec, &spec.digest())
+        .await
+        .unwrap();
+    let stored = store.get_job(&job).await.unwrap().unwrap();
+    assert_eq!((stored.current_round, stored.total_rounds), (0, 1));
+    assert_eq!(stored.sites().unwrap(), ["a", "b"]);
+    assert!(stored.spec().is_err(), "not a training spec");
+    let record = StatisticsPublished {
+        spec_digest: spec.digest().to_hex(),
+        schema: "breast_cancer".into(),
+        schema_sha256: "ab".repeat(32),
+        result_sha256: "cd".repeat(32),
+        sites: vec!["a".into(), "b".into()],
+        epsilon_per_site: [("a".to_string(), 1.0), ("b".to_string(), 1.0)].into(),
+        delta: 1e-6,
+        accountant: "rdp".into(),
+        secure_aggregation: false,
+        confidence: 0.999999,
+        rows: 455.0,
+    };
+    // Not running yet: refused, nothing kept.
+    let e = store
+        .record_statistics_result(&job, &record)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("not a running statistics job"),
+        "{e}"
+    );
+    assert!(store.statistics_result(&job).await.unwrap().is_none());
+    store
+        .set_job_state(&job, JobState::Proposed, JobState::Running, None)
+        .await
+        .unwrap();
+    store.record_statistics_result(&job, &record).await.unwrap();
+    assert_eq!(
+        store.statistics_result(&job).await.unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(store.get_job(&job).await.unwrap().unwrap().current_round, 1);
+    store.record_statistics_result(&job, &record).await.unwrap();
+    let other = StatisticsPublished {
+        result_sha256: "ef".repeat(32),
+        ..record.clone()
+    };
+    let e = store
+        .record_statistics_result(&job, &other)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("has a result already"), "{e}");
+    store
+        .set_job_state(&job, JobState::Running, JobState::Completed, None)
+        .await
+        .unwrap();
+}
