@@ -51,8 +51,12 @@ impl ApprovalGate {
     }
 
     /// The (role, domain) pairs whose holders' approvals count for `job`.
+    /// A stored spec that does not parse wants nothing anyone holds: no approval is accepted
+    /// for it (and [`ApprovalGate::standing`] blocks its quorum).
     fn wanted(&self, job: &JobRecord) -> Vec<(String, String)> {
-        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
+        let Ok(sites) = job.sites() else {
+            return Vec::new();
+        };
         quorum::evaluate(&self.authorizer.quorum_rules(), &sites, &[], |_, _, _| {
             false
         })
@@ -62,16 +66,14 @@ impl ApprovalGate {
         .collect()
     }
 
-    /// Per site `spec` lists, the identities that may decide for it: the users of that site who
-    /// hold, in its domain, a role one of the quorum rules (`site:*` or `site:<that site>`) asks
-    /// to approve. Written into the job's `job.proposed`, so that the audit trail and its readers
-    /// refuse a decision by any other user of the site without the policy at hand.
-    pub fn approvers(
-        &self,
-        spec: &tutela_protocol::job::JobSpec,
-    ) -> std::collections::BTreeMap<String, Vec<String>> {
+    /// Per site a job's spec lists (`sites`, of a spec of either kind), the identities that may
+    /// decide for it: the users of that site who hold, in its domain, a role one of the quorum
+    /// rules (`site:*` or `site:<that site>`) asks to approve. Written into the job's
+    /// `job.proposed`, so that the audit trail and its readers refuse a decision by any other
+    /// user of the site without the policy at hand.
+    pub fn approvers(&self, sites: &[String]) -> std::collections::BTreeMap<String, Vec<String>> {
         let rules = self.authorizer.quorum_rules();
-        spec.sites
+        sites
             .iter()
             .map(|site| {
                 let domain = tutela_policy::authz::site_domain(site);
@@ -167,14 +169,14 @@ impl ApprovalGate {
                 "{signer} is not a site user: only a compliance officer of a participating site may reject a job"
             ));
         };
-        let spec = job
-            .spec()
+        let sites = job
+            .sites()
             .map_err(|e| format!("job {}'s stored spec does not parse: {e}", job.id))?;
-        if !spec.sites.is_empty() && !spec.sites.contains(site) {
+        if !sites.is_empty() && !sites.contains(site) {
             return Err(format!(
                 "{signer} is an officer of site {site}, which does not take part in job {} (its sites: {})",
                 job.id,
-                spec.sites.join(", ")
+                sites.join(", ")
             ));
         }
         let domain = tutela_policy::authz::site_domain(site);
@@ -242,13 +244,23 @@ impl ApprovalGate {
                 standing,
             });
         }
-        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
-        let quorum = quorum::evaluate(
-            &self.authorizer.quorum_rules(),
-            &sites,
-            &signers,
-            |s, role, domain| self.authorizer.has_role(s, role, domain),
-        );
+        // Read from the spec of either kind: a statistics job's sites need their officers'
+        // approvals exactly as a training job's do. A stored spec that does not parse blocks
+        // the quorum (fail closed), rather than counting as a job that names no site.
+        let quorum = match job.sites() {
+            Ok(sites) => quorum::evaluate(
+                &self.authorizer.quorum_rules(),
+                &sites,
+                &signers,
+                |s, role, domain| self.authorizer.has_role(s, role, domain),
+            ),
+            Err(e) => QuorumStatus {
+                requirements: Vec::new(),
+                blocked: Some(format!(
+                    "the job's stored spec does not parse ({e}), so its quorum cannot be judged"
+                )),
+            },
+        };
         Standing {
             approvals,
             quorum,

@@ -22,7 +22,7 @@ use tutela_audit::payload;
 use tutela_protocol::pb;
 
 use crate::aggregate::plan::{JobAggregation, Spools};
-use crate::job::{JobId, JobKind, JobSpec, JobState, StatisticsJobSpec};
+use crate::job::{JobId, JobSpec, JobState, SubmittedSpec};
 use crate::nodes::NodeRegistry;
 use crate::store::Store;
 use crate::strategy::StrategyConfig;
@@ -32,6 +32,7 @@ mod check;
 mod failover;
 mod publish;
 mod round;
+mod statistics;
 
 pub use check::{CHECK_WAIT, CheckAnswerError, PendingChecks};
 pub use failover::INTERRUPTED;
@@ -122,22 +123,12 @@ fn ms_to_time(ms: i64) -> time::OffsetDateTime {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// The training job spec in `spec_toml`. A consortium-statistics spec (`kind = "statistics"`,
-/// `tutela_protocol::job::statistics`) is checked as one, then refused saying that this
-/// coordinator does not run that kind yet: before any officer is asked to sign a job that could
-/// never start (docs/architecture.md, "Consortium statistics", what is left). Used by `SubmitJob`
-/// and `AmendJob`; `CheckJob` creates no job and asks the sites about a job of either kind.
-pub fn training_spec(spec_toml: &str) -> Result<JobSpec, EngineError> {
-    if JobKind::of_toml(spec_toml)? == JobKind::Statistics {
-        StatisticsJobSpec::from_toml_str(spec_toml)?;
-        return Err(EngineError::NotConfigured(
-            "kind = \"statistics\": this coordinator does not run consortium-statistics jobs \
-             yet (the spec is valid; nothing was proposed or recorded)"
-                .into(),
-        ));
-    }
-    Ok(JobSpec::from_toml_str(spec_toml)?)
-}
+/// Why a statistics spec with `[secure_aggregation]` is refused at submission.
+pub const MASKED_STATISTICS_REFUSAL: &str = "[secure_aggregation]: this coordinator does not run \
+     a consortium-statistics job's masked sum yet (the masked round carries no statistics vector, \
+     and a site's ledger cannot state the masked sum's ε); submit it without \
+     [secure_aggregation], so that each site releases its own noised vector (the spec is valid; \
+     nothing was proposed or recorded)";
 
 fn new_task_id() -> String {
     use ring::rand::SecureRandom;
@@ -229,7 +220,8 @@ impl Engine {
             Ok(Some(s)) => s.counting.len(),
             _ => 0,
         };
-        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
+        // The sites of a spec of either kind (a statistics job's are its participants too).
+        let sites = job.sites().unwrap_or_default();
         self.trail()
             .record_payload_once(
                 id.as_str(),
@@ -244,10 +236,34 @@ impl Engine {
             .await;
     }
 
-    /// Who may decide for each site `spec` lists, by the policy in force (`None` without a
-    /// policy: the trail then admits no officer's decision of the job).
-    fn approvers(&self, spec: &JobSpec) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
-        self.approvals.get().map(|gate| gate.approvers(spec))
+    /// Who may decide for each of `sites` (a spec's, of either kind), by the policy in force
+    /// (`None` without a policy: the trail then admits no officer's decision of the job).
+    fn approvers(
+        &self,
+        sites: &[String],
+    ) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+        self.approvals.get().map(|gate| gate.approvers(sites))
+    }
+
+    /// The spec in `spec_toml`, of either kind, if this coordinator can run it: a training
+    /// job's strategy and watermark key; a statistics job without `[secure_aggregation]`
+    /// ([`MASKED_STATISTICS_REFUSAL`]). Used by `SubmitJob` and `AmendJob`, before anything is
+    /// stored or proposed; `CheckJob` creates no job and asks the sites about either kind.
+    pub fn accepted_spec(&self, spec_toml: &str) -> Result<SubmittedSpec, EngineError> {
+        let spec = SubmittedSpec::from_toml_str(spec_toml)?;
+        match &spec {
+            SubmittedSpec::Training(training) => {
+                StrategyConfig::from_spec(training.strategy.as_ref())
+                    .map_err(|e| EngineError::Strategy(e.to_string()))?;
+                self.check_watermark_key(training)?;
+            }
+            SubmittedSpec::Statistics(statistics) => {
+                if statistics.secure_aggregation.is_some() {
+                    return Err(EngineError::NotConfigured(MASKED_STATISTICS_REFUSAL.into()));
+                }
+            }
+        }
+        Ok(spec)
     }
 
     pub async fn get_job(&self, id: &JobId) -> Result<crate::store::JobRecord, EngineError> {
@@ -282,6 +298,12 @@ impl Engine {
         let running = self.store.list_jobs(Some(JobState::Running)).await?;
         let n = running.len();
         for job in running {
+            if let Ok(SubmittedSpec::Statistics(_)) = job.submitted() {
+                tracing::info!(job = %job.id, "resuming statistics job");
+                let this = self.clone();
+                tokio::spawn(async move { this.resume_statistics(job.id).await });
+                continue;
+            }
             tracing::info!(job = %job.id, round = job.current_round, "resuming job");
             // A coordinator that stopped between marking the job running and recording
             // `job.started` (the trail down at the time) records it now, before any round.
@@ -306,10 +328,7 @@ impl Engine {
         spec_toml: &str,
         submitter: Option<&str>,
     ) -> Result<JobId, EngineError> {
-        let spec = training_spec(spec_toml)?;
-        StrategyConfig::from_spec(spec.strategy.as_ref())
-            .map_err(|e| EngineError::Strategy(e.to_string()))?;
-        self.check_watermark_key(&spec)?;
+        let spec = self.accepted_spec(spec_toml)?;
         let digest = spec.digest();
         let id = self.store.create_job(spec_toml, &spec, &digest).await?;
         if let Some(who) = submitter {
@@ -320,7 +339,7 @@ impl Engine {
             .trail()
             .record_payload(
                 id.as_str(),
-                &proposal(&spec, &digest, submitter, self.approvers(&spec)),
+                &proposal(&spec, &digest, submitter, self.approvers(spec.sites())),
             )
             .await;
         if let Err(e) = proposed {
@@ -391,10 +410,7 @@ impl Engine {
     /// proposed in the audit trail first (fail closed): officers' approvals of its digest are
     /// accepted there only for a digest the trail shows proposed.
     pub async fn amend(&self, id: &JobId, spec_toml: &str) -> Result<(), EngineError> {
-        let spec = training_spec(spec_toml)?;
-        StrategyConfig::from_spec(spec.strategy.as_ref())
-            .map_err(|e| EngineError::Strategy(e.to_string()))?;
-        self.check_watermark_key(&spec)?;
+        let spec = self.accepted_spec(spec_toml)?;
         let submitter = self.store.submitter(id).await?;
         self.trail()
             .record_payload(
@@ -403,7 +419,7 @@ impl Engine {
                     &spec,
                     &spec.digest(),
                     submitter.as_deref(),
-                    self.approvers(&spec),
+                    self.approvers(spec.sites()),
                 ),
             )
             .await
@@ -495,32 +511,39 @@ impl Engine {
                 Err(e) => {
                     this.metrics.job_ended(crate::metrics::JobOutcome::Failed);
                     tracing::error!(job = %job, error = %e, "job failed");
-                    let reason = e.to_string();
-                    if let Err(e2) = this
-                        .store
-                        .set_job_state(&job, JobState::Running, JobState::Failed, Some(&reason))
-                        .await
-                    {
-                        tracing::error!(job = %job, error = %e2, "could not record the failure");
-                    }
-                    this.trail()
-                        .note_payload_durably(
-                            job.as_str(),
-                            &payload::JobFailed {
-                                state: "failed".into(),
-                                reason,
-                            },
-                        )
-                        .await;
+                    this.fail_running(&job, &e.to_string()).await;
                 }
             }
             this.changed(&job);
         });
     }
 
+    /// Marks a running job failed with `reason`, and records `job.failed`.
+    async fn fail_running(&self, job: &JobId, reason: &str) {
+        if let Err(e2) = self
+            .store
+            .set_job_state(job, JobState::Running, JobState::Failed, Some(reason))
+            .await
+        {
+            tracing::error!(job = %job, error = %e2, "could not record the failure");
+        }
+        self.trail()
+            .note_payload_durably(
+                job.as_str(),
+                &payload::JobFailed {
+                    state: "failed".into(),
+                    reason: reason.to_string(),
+                },
+            )
+            .await;
+    }
+
     async fn run_job(self: &Arc<Self>, job_id: &JobId) -> Result<(), EngineError> {
         let job = self.get_job(job_id).await?;
-        let spec = JobSpec::from_toml_str(&job.spec_toml)?;
+        let spec = match job.submitted()? {
+            SubmittedSpec::Training(spec) => *spec,
+            SubmittedSpec::Statistics(spec) => return self.run_statistics(&job, &spec).await,
+        };
         let digest_hex = job.spec_digest.to_hex();
         // The approvals that count go with every task, for the nodes to verify themselves.
         let approvals = match self.standing(&job).await? {
@@ -661,7 +684,7 @@ impl Engine {
     }
 }
 
-/// What every task of a job carries.
+/// A training job's context: its spec, and what every task of it carries.
 struct JobCtx<'a> {
     id: &'a JobId,
     spec: &'a JobSpec,
@@ -669,6 +692,55 @@ struct JobCtx<'a> {
     digest_hex: &'a str,
     approvals: &'a [pb::SignedApproval],
     submitted_by: &'a str,
+}
+
+impl<'a> JobCtx<'a> {
+    fn header(&self) -> TaskHeader<'a> {
+        TaskHeader {
+            id: self.id,
+            spec_toml: self.spec_toml,
+            digest_hex: self.digest_hex,
+            approvals: self.approvals,
+            submitted_by: self.submitted_by,
+        }
+    }
+}
+
+/// What every task of a job (of either kind) carries.
+struct TaskHeader<'a> {
+    id: &'a JobId,
+    spec_toml: &'a str,
+    digest_hex: &'a str,
+    approvals: &'a [pb::SignedApproval],
+    submitted_by: &'a str,
+}
+
+impl TaskHeader<'_> {
+    /// A new task of `kind` for the job, with a fresh id.
+    fn task(
+        &self,
+        kind: pb::TaskKind,
+        (round, attempt): (u32, u32),
+        model_id: &str,
+        strategy_json: &str,
+        deadline_ms: i64,
+    ) -> pb::Task {
+        pb::Task {
+            task_id: new_task_id(),
+            kind: kind as i32,
+            job_id: self.id.to_string(),
+            round,
+            attempt,
+            job_spec_toml: self.spec_toml.to_string(),
+            job_digest: self.digest_hex.to_string(),
+            global_model_id: model_id.to_string(),
+            strategy_config_json: strategy_json.to_string(),
+            deadline_unix_ms: deadline_ms,
+            approvals: self.approvals.to_vec(),
+            submitted_by: self.submitted_by.to_string(),
+            secagg_participants: Vec::new(),
+        }
+    }
 }
 
 /// Metrics of a completed round, for the operator.
@@ -684,13 +756,34 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
         / n as f64
 }
 
-/// The `job.proposed` payload of `spec` (at submission and at every amendment).
+/// The `job.proposed` payload of `spec` (at submission and at every amendment). A statistics
+/// job has no model and no rounds (`base_model` empty, `rounds` 0); its `privacy` is its own
+/// `[privacy]` (ε per site's release, δ, accountant).
 fn proposal(
-    spec: &JobSpec,
+    spec: &SubmittedSpec,
     digest: &tutela_protocol::job::SpecDigest,
     submitter: Option<&str>,
     approvers: Option<std::collections::BTreeMap<String, Vec<String>>>,
 ) -> payload::JobProposed {
+    let spec = match spec {
+        SubmittedSpec::Training(spec) => spec,
+        SubmittedSpec::Statistics(spec) => {
+            return payload::JobProposed {
+                spec_digest: digest.to_hex(),
+                code_version: crate::audit_trail::code_version(),
+                base_model: String::new(),
+                name: spec.name.clone(),
+                operator: submitter.map(str::to_string),
+                participants: spec.sites.clone(),
+                approvers,
+                rounds: 0,
+                privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
+                tokenizer_sha256: None,
+                base_sha256: None,
+                lora: None,
+            };
+        }
+    };
     payload::JobProposed {
         spec_digest: digest.to_hex(),
         code_version: crate::audit_trail::code_version(),

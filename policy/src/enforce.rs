@@ -61,7 +61,10 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         ("tutela.v1.Jobs", "SubmitJob" | "AmendJob" | "UploadBaseModel" | "CheckJob") => {
             fixed("jobs", "submit")
         }
-        ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob") => fixed("jobs", "read"),
+        // A statistics job's result file is read as its status is.
+        ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob" | "GetStatistics") => {
+            fixed("jobs", "read")
+        }
         ("tutela.v1.Jobs", "CancelJob") => fixed("jobs", "cancel"),
         ("tutela.v1.Jobs", "ApproveJob" | "RejectJob" | "WithdrawApproval") => {
             fixed("jobs", "approve")
@@ -469,6 +472,10 @@ mod tests {
         );
         assert_eq!(
             p("/tutela.v1.Jobs/WatchJob"),
+            ("jobs".into(), "read".into())
+        );
+        assert_eq!(
+            p("/tutela.v1.Jobs/GetStatistics"),
             ("jobs".into(), "read".into())
         );
         assert_eq!(

@@ -15,4 +15,5 @@ mod rejections;
 mod robust;
 mod secagg;
 mod secagg_signed;
+mod statistics_jobs;
 mod store;

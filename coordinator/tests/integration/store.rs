@@ -1483,7 +1483,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
 
         let store = open(db).await;
         let info = store.describe().await.expect("describe");
-        assert_eq!(info.schema_version, 5);
+        assert_eq!(info.schema_version, 6);
         assert_eq!(
             store.get_job(&job).await.expect("get").expect("job").state,
             JobState::Running
@@ -1555,7 +1555,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
             .fetch_one(&pool)
             .await
             .expect("count");
-        assert_eq!(n, 5, "[{}] one row per migration", db.label);
+        assert_eq!(n, 6, "[{}] one row per migration", db.label);
         assert_eq!(store.rounds(&job).await.expect("rounds").len(), 3);
         pool.close().await;
         store.close().await;
@@ -1592,7 +1592,7 @@ async fn migrations_refuse_an_edited_or_newer_schema() {
                 e,
                 StoreError::SchemaTooNew {
                     found: 999,
-                    known: 5,
+                    known: 6,
                     ..
                 }
             ),
@@ -1616,7 +1616,7 @@ async fn sqlite_store_runs_wal_with_synchronous_full() {
     assert_eq!(info.backend, Backend::Sqlite);
     assert_eq!(info.sqlite_journal_mode.as_deref(), Some("wal"));
     assert_eq!(info.sqlite_synchronous, Some(2), "2 is FULL");
-    assert_eq!(info.schema_version, 5);
+    assert_eq!(info.schema_version, 6);
     store.close().await;
 
     let e = Store::open("mysql://root:pw@localhost/x")

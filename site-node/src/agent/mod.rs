@@ -67,6 +67,7 @@ mod metrics;
 pub mod readiness;
 pub mod round;
 mod secagg;
+mod statistics;
 pub mod tabular;
 mod transfer;
 mod worker;

@@ -204,6 +204,8 @@ pub(super) enum Done {
     Stalled,
     /// A job check answered, with this many refusals.
     Checked(usize),
+    /// A statistics job's release accepted by the coordinator.
+    StatisticsReleased,
 }
 
 /// Why a task failed.
@@ -254,6 +256,10 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
                     tracing::warn!(reason = %failure, "task declined");
                 }
                 Ok(Done::Skipped(reason)) => tracing::warn!(%reason, "task skipped"),
+                Ok(Done::StatisticsReleased) => {
+                    shared.mark_answered(&task.task_id);
+                    tracing::info!("statistics accepted by the coordinator");
+                }
                 Ok(Done::Checked(refusals)) => {
                     shared.mark_answered(&task.task_id);
                     tracing::info!(refusals, "job check answered");
@@ -278,7 +284,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
 }
 
 /// A failure inside the node itself (a panicked or cancelled blocking task): code only.
-fn internal(detail: String) -> Failure {
+pub(super) fn internal(detail: String) -> Failure {
     Failure::Decline(SiteFailure::new(FailureCode::Internal, detail))
 }
 
@@ -310,6 +316,9 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
     if task.kind == pb::TaskKind::Check as i32 {
         return answer_check(&shared, &task).await;
     }
+    if task.kind == pb::TaskKind::Statistics as i32 {
+        return super::statistics::release(&shared, &task).await;
+    }
     // Approved first: a job this site's officers did not sign never makes it fetch a base.
     let approved = match shared.gate.approve(&task) {
         Ok(a) => a,
@@ -329,7 +338,11 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
 
 /// A task the gate refused: declined with the refusal's wire reason, or skipped when the
 /// coordinator has closed it already.
-async fn refused(shared: &Shared, task: &pb::Task, refusal: Refusal) -> Result<Done, Failure> {
+pub(super) async fn refused(
+    shared: &Shared,
+    task: &pb::Task,
+    refusal: Refusal,
+) -> Result<Done, Failure> {
     if !refusal.is_reported() {
         return Ok(Done::Skipped(refusal.to_string()));
     }

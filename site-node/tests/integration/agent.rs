@@ -588,6 +588,15 @@ impl pb::federation_server::Federation for FakeFederation {
         let _ = request;
         Ok(Response::new(pb::CheckAnswerReply {}))
     }
+
+    async fn submit_statistics(
+        &self,
+        _request: Request<pb::StatisticsRelease>,
+    ) -> Result<Response<pb::StatisticsReceipt>, Status> {
+        Err(Status::unimplemented(
+            "the fake coordinator sends no STATISTICS task (tests/tests/e2e/statistics.rs runs one)",
+        ))
+    }
 }
 
 pub(crate) struct Coordinator {
