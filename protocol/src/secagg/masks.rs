@@ -10,8 +10,9 @@
 //!
 //! The keystream is RustCrypto's `chacha20` RNG (64-bit block counter, stream 0: the original
 //! ChaCha20, which `rand_chacha` also implements, word for word): its AVX2 backend is chosen at
-//! run time, and it made keystream about 3x faster per CPU-second than `rand_chacha` on the project's machines
-//! (BENCHMARKS.md, "Secure aggregation"). The tests hold it to `rand_chacha`'s words.
+//! run time, and it makes about 3x the keystream per CPU-second of `rand_chacha` on the
+//! project's machines (BENCHMARKS.md, "Secure aggregation"). The tests hold it to
+//! `rand_chacha`'s words.
 
 use chacha20::ChaCha20Rng;
 use chacha20::rand_core::{Rng, SeedableRng};

@@ -60,6 +60,9 @@ pub struct RoundCosts {
     pub server_cpu: Duration,
 }
 
+/// What sees the server's state after each masked input is folded, with the input (tests).
+pub type Observer<'a> = &'a mut dyn FnMut(&ServerCollectingMasked, &MaskedInput);
+
 /// A process CPU clock (`CLOCK_PROCESS_CPUTIME_ID`): the library has no libc, the benchmark does.
 pub type CpuClock = fn() -> Duration;
 
@@ -97,7 +100,7 @@ pub fn run_round(
     dropouts: &Dropouts,
     client_threads: usize,
     server_threads: usize,
-    observe: Option<&mut dyn FnMut(&ServerCollectingMasked, &MaskedInput)>,
+    observe: Option<Observer<'_>>,
 ) -> Result<(AggregateOutput, RoundCosts), SecAggError> {
     run_round_measured(
         config,
@@ -117,7 +120,7 @@ pub fn run_round_measured(
     dropouts: &Dropouts,
     client_threads: usize,
     server_threads: usize,
-    mut observe: Option<&mut dyn FnMut(&ServerCollectingMasked, &MaskedInput)>,
+    mut observe: Option<Observer<'_>>,
     cpu: Option<CpuClock>,
 ) -> Result<(AggregateOutput, RoundCosts), SecAggError> {
     let mut costs = RoundCosts::default();
