@@ -13,6 +13,7 @@ mod demo;
 mod distributed_dp;
 mod federation;
 mod job_check;
+mod loadgen;
 mod language_model;
 mod off_the_record;
 mod pki_audit;
