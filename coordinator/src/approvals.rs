@@ -13,7 +13,8 @@
 //! rejection's own message, and the signer must be a compliance officer of a site that takes part
 //! in the job, holding in that site's domain a role whose approval the job's quorum rules ask for.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tutela_policy::quorum::{self, QuorumDomain, QuorumStatus};
 use tutela_policy::{
@@ -21,7 +22,7 @@ use tutela_policy::{
 };
 use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::pb;
-use tutela_protocol::tls::ReloadingServerConfig;
+use tutela_protocol::tls::{ReloadingServerConfig, TlsMaterial};
 
 use crate::store::{ApprovalRecord, JobRecord};
 
@@ -29,6 +30,48 @@ use crate::store::{ApprovalRecord, JobRecord};
 pub struct ApprovalGate {
     pub authorizer: Arc<Authorizer>,
     tls: Arc<ReloadingServerConfig>,
+    verified: Mutex<VerifiedApprovals>,
+}
+
+/// How long a verified approval is taken as verified without checking its chain and signature
+/// again (its expiry, withdrawal and digest are still judged on every count). A new CRL or CA
+/// empties the cache at once; this bounds how late a signer's certificate expiring is noticed.
+const VERIFIED_FOR_MS: i64 = 60_000;
+
+/// Approvals whose signature and certificate chain verified, by the exact bytes verified.
+///
+/// Counting a job's quorum judges every stored approval, and the coordinator counts on every
+/// approval, every start and every status: with a thousand sites, verifying a thousand chains
+/// and signatures each time made approving a job quadratic (BENCHMARKS.md, "Hundreds of
+/// sites"). A signature that verified under the trust anchors and CRLs in force verifies again.
+#[derive(Default)]
+struct VerifiedApprovals {
+    /// The TLS material (CA, CRLs) the entries were verified under; another empties the cache.
+    material: Option<Arc<TlsMaterial>>,
+    /// Digest of (job, digest, approval) → the signer and when it was verified (unix ms).
+    entries: HashMap<[u8; 32], (Identity, i64)>,
+}
+
+/// What verifying `approval` for `job` depends on besides the trust anchors and the time.
+fn verified_key(approval: &Approval, job: &JobRecord) -> [u8; 32] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut field = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    field(job.id.as_str().as_bytes());
+    field(&job.spec_digest.0);
+    field(approval.job_id.as_bytes());
+    field(&approval.spec_digest.0);
+    field(&approval.signed_at_ms.to_le_bytes());
+    field(&approval.expires_at_ms.to_le_bytes());
+    for der in &approval.signer_chain_der {
+        field(der);
+    }
+    field(&approval.signature);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(h.finish().as_ref());
+    key
 }
 
 /// What the store's approvals of a job amount to.
@@ -42,7 +85,56 @@ pub struct Standing {
 
 impl ApprovalGate {
     pub fn new(authorizer: Arc<Authorizer>, tls: Arc<ReloadingServerConfig>) -> Self {
-        ApprovalGate { authorizer, tls }
+        ApprovalGate {
+            authorizer,
+            tls,
+            verified: Mutex::new(VerifiedApprovals::default()),
+        }
+    }
+
+    /// The signer of `approval` of `job` if it verifies at `now_ms` under `material` (with
+    /// `verifier`, made from it): from the cache when the same bytes verified under the same
+    /// material less than [`VERIFIED_FOR_MS`] ago and the approval has not expired.
+    fn verify_cached(
+        &self,
+        material: &Arc<TlsMaterial>,
+        verifier: &ApprovalVerifier,
+        approval: &Approval,
+        job: &JobRecord,
+        now_ms: i64,
+    ) -> Result<Identity, String> {
+        let key = verified_key(approval, job);
+        let lock = || self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut cache = lock();
+            if !cache
+                .material
+                .as_ref()
+                .is_some_and(|m| Arc::ptr_eq(m, material))
+            {
+                cache.material = Some(material.clone());
+                cache.entries.clear();
+            }
+            if let Some((signer, at)) = cache.entries.get(&key)
+                && now_ms >= *at
+                && now_ms - at < VERIFIED_FOR_MS
+                && now_ms < approval.expires_at_ms
+            {
+                return Ok(signer.clone());
+            }
+        }
+        let v = verifier
+            .verify(approval, job.id.as_str(), &job.spec_digest, now_ms)
+            .map_err(|e| e.to_string())?;
+        let mut cache = lock();
+        if cache
+            .material
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, material))
+        {
+            cache.entries.insert(key, (v.signer.clone(), now_ms));
+        }
+        Ok(v.signer)
     }
 
     /// The verifier over the TLS material in force (so a new CRL applies to approvals too).
@@ -210,7 +302,8 @@ impl ApprovalGate {
 
     /// Judges every stored approval of `job` at `now_ms` and counts the quorum.
     pub fn standing(&self, job: &JobRecord, records: &[ApprovalRecord], now_ms: i64) -> Standing {
-        let verifier = self.verifier();
+        let material = self.tls.material();
+        let verifier = ApprovalVerifier::from_tls(&material).map_err(|e| e.to_string());
         let mut approvals = Vec::new();
         let mut signers = Vec::new();
         let mut counting = Vec::new();
@@ -223,11 +316,10 @@ impl ApprovalGate {
                 "expired".to_string()
             } else {
                 match verifier.as_ref().map_err(Clone::clone).and_then(|v| {
-                    v.verify(&r.approval, job.id.as_str(), &job.spec_digest, now_ms)
-                        .map_err(|e| e.to_string())
+                    self.verify_cached(&material, v, &r.approval, job, now_ms)
                 }) {
-                    Ok(v) => {
-                        signers.push(v.signer.uri());
+                    Ok(signer) => {
+                        signers.push(signer.uri());
                         counting.push(to_pb(&r.approval));
                         "counts".to_string()
                     }
@@ -243,10 +335,14 @@ impl ApprovalGate {
             });
         }
         let sites = job.spec().map(|s| s.sites).unwrap_or_default();
-        let quorum = quorum::evaluate(
+        // Through each signer's own domains: sites × signers role look-ups made counting a
+        // thousand sites' approvals take seconds.
+        let linked = self.authorizer.linked_domains();
+        let quorum = quorum::evaluate_linked(
             &self.authorizer.quorum_rules(),
             &sites,
             &signers,
+            |s| linked.get(s).cloned().unwrap_or_default(),
             |s, role, domain| self.authorizer.has_role(s, role, domain),
         );
         Standing {
