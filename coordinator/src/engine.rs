@@ -19,7 +19,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_audit::payload;
-use tutela_protocol::pb;
 
 use crate::aggregate::plan::{JobAggregation, Spools};
 use crate::job::{JobId, JobKind, JobSpec, JobState, StatisticsJobSpec};
@@ -350,9 +349,25 @@ impl Engine {
             None => true,
         };
         if met {
-            self.store
+            match self
+                .store
                 .set_job_state(id, JobState::Proposed, JobState::Running, None)
-                .await?;
+                .await
+            {
+                Ok(()) => {}
+                // Two last approvals arriving together both see the quorum met; the first to
+                // start the job wins, and the other's approval, recorded and counted all the
+                // same, must not be answered as an error (found with 300 sites approving at
+                // once: the loser was told its approval failed).
+                Err(crate::store::StoreError::StaleState {
+                    actual: JobState::Running,
+                    ..
+                }) => {
+                    self.changed(id);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(job = %id, "approval quorum met: job starts");
             self.audit_started(id).await;
             self.spawn(id.clone());
@@ -482,11 +497,12 @@ impl Engine {
         let job = self.get_job(job_id).await?;
         let spec = JobSpec::from_toml_str(&job.spec_toml)?;
         let digest_hex = job.spec_digest.to_hex();
-        // The approvals that count go with every task, for the nodes to verify themselves.
-        let approvals = match self.standing(&job).await? {
+        // The approvals that count go with the tasks, each site's to its own node, for the nodes
+        // to verify themselves.
+        let approvals = crate::approvals::SiteApprovals::new(&match self.standing(&job).await? {
             Some(s) => s.counting,
             None => Vec::new(),
-        };
+        });
         let submitted_by = self.store.submitter(job_id).await?.unwrap_or_default();
         let ctx = JobCtx {
             id: job_id,
@@ -621,7 +637,7 @@ struct JobCtx<'a> {
     spec: &'a JobSpec,
     spec_toml: &'a str,
     digest_hex: &'a str,
-    approvals: &'a [pb::SignedApproval],
+    approvals: &'a crate::approvals::SiteApprovals,
     submitted_by: &'a str,
 }
 

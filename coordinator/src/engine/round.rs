@@ -94,9 +94,11 @@ impl Engine {
         }
     }
 
+    /// A task of `job` for `site`'s node.
     pub(super) fn task(
         &self,
         job: &JobCtx<'_>,
+        site: &str,
         kind: pb::TaskKind,
         (round, attempt): (u32, u32),
         model_id: &str,
@@ -114,7 +116,7 @@ impl Engine {
             global_model_id: model_id.to_string(),
             strategy_config_json: strategy_json.to_string(),
             deadline_unix_ms: deadline_ms,
-            approvals: job.approvals.to_vec(),
+            approvals: job.approvals.for_site(site),
             submitted_by: job.submitted_by.to_string(),
             secagg_participants: Vec::new(),
         }
@@ -145,6 +147,7 @@ impl Engine {
             let deadline_ms = now_ms() + window.as_millis() as i64;
             let task = self.task(
                 job,
+                &site,
                 pb::TaskKind::Initialize,
                 (0, attempt),
                 "",
@@ -336,6 +339,7 @@ impl Engine {
         for site in &participants {
             let mut task = self.task(
                 job,
+                site,
                 pb::TaskKind::Train,
                 (round, attempt),
                 model_id,
