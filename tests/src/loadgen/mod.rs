@@ -137,6 +137,9 @@ pub struct RoundReport {
     pub coordinator_sockets_peak: u64,
     pub audit_events: u64,
     pub audit_events_per_second: f64,
+    /// The generator's own CPU seconds over `wall_seconds` (its agents, TLS and streams): if it
+    /// nears the machine's cores, the generator, not the coordinator, sets the pace.
+    pub generator_cpu_seconds: f64,
 }
 
 /// A whole run as measured.
@@ -438,6 +441,8 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
     let mut mark = Instant::now();
     let mut cpu_mark = probe::sample(coordinator_pid).unwrap_or_default().cpu_seconds;
     let mut audit_mark = audit_size(&mut reader).await;
+    let me = std::process::id();
+    let mut own_cpu_mark = probe::sample(me).unwrap_or_default().cpu_seconds;
     let uploads_mark = |s: &AgentShared| s.counters.uploads_accepted.load(Ordering::Relaxed);
     let mut uploads_at_round_start = uploads_mark(&shared);
     observer.phase("round 1", sites.len() as u64);
@@ -468,6 +473,9 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
             let events = audit_now.saturating_sub(audit_mark);
             audit_mark = audit_now;
             let peaks = sampler.take();
+            let own_cpu = probe::sample(me).unwrap_or_default().cpu_seconds;
+            let generator_cpu_seconds = own_cpu - own_cpu_mark;
+            own_cpu_mark = own_cpu;
             let report = RoundReport {
                 round: r.round,
                 seconds: r.seconds,
@@ -481,6 +489,7 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
                 coordinator_sockets_peak: peaks.sockets.max(now.sockets),
                 audit_events: events,
                 audit_events_per_second: events as f64 / wall.max(1e-9),
+                generator_cpu_seconds,
             };
             observer.round(&report);
             reports.push(report);
@@ -611,9 +620,14 @@ async fn approve_all(
                             })
                             .await
                             .map(|_| ())
-                            .map_err(|s| {
-                                let transient = s.code() == tonic::Code::Unavailable;
-                                (transient, format!("ApproveJob: {}", s.message()))
+                            .or_else(|s| match s.code() {
+                                // A retry of an approval the coordinator took before the
+                                // connection broke, which completed the quorum: done.
+                                tonic::Code::FailedPrecondition if attempt > 1 => Ok(()),
+                                code => Err((
+                                    code == tonic::Code::Unavailable,
+                                    format!("ApproveJob: {}", s.message()),
+                                )),
                             }),
                         Err(e) => Err((true, e.to_string())),
                     };
