@@ -360,9 +360,11 @@ impl ApprovalGate {
             } else if now_ms >= r.approval.expires_at_ms {
                 "expired".to_string()
             } else {
-                match verifier.as_ref().map_err(Clone::clone).and_then(|v| {
-                    self.verify_cached(&material, v, &r.approval, job, now_ms)
-                }) {
+                match verifier
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|v| self.verify_cached(&material, v, &r.approval, job, now_ms))
+                {
                     Ok(signer) => {
                         signers.push(signer.uri());
                         counting.push(to_pb(&r.approval));
@@ -457,8 +459,9 @@ mod tests {
     /// by no site's user goes to every site.
     #[test]
     fn a_site_gets_its_own_officers_approvals() {
-        let ca = CertificateAuthority::create("c", KeyAlgorithm::EcdsaP256, Validity::days_from_now(1))
-            .unwrap();
+        let ca =
+            CertificateAuthority::create("c", KeyAlgorithm::EcdsaP256, Validity::days_from_now(1))
+                .unwrap();
         let user = |site: &str, name: &str| Principal::User {
             site: site.into(),
             name: name.into(),

@@ -417,10 +417,10 @@ impl Store {
             &["PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 30000"],
         )
         .await
-            .map_err(|source| StoreError::Open {
-                location: location.clone(),
-                source,
-            })?;
+        .map_err(|source| StoreError::Open {
+            location: location.clone(),
+            source,
+        })?;
         let store = Store {
             pool,
             backend,

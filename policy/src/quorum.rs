@@ -177,8 +177,7 @@ pub fn evaluate_linked(
         }
     }
     evaluate_with(rules, sites, |domain, rule| {
-        let mut candidates: BTreeSet<&String> =
-            by_domain.get(domain).cloned().unwrap_or_default();
+        let mut candidates: BTreeSet<&String> = by_domain.get(domain).cloned().unwrap_or_default();
         if let Some(s) = distinct.get(&rule.role) {
             candidates.insert(s);
         }

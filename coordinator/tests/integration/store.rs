@@ -1644,7 +1644,10 @@ async fn a_sqlite_write_waits_for_a_lock_held_past_five_seconds() {
         .expect("the write lock");
     let holder = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_secs(7)).await;
-        sqlx::query("COMMIT").execute(&mut other).await.expect("commit");
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("commit");
         other
     });
     let started = std::time::Instant::now();
@@ -1652,7 +1655,11 @@ async fn a_sqlite_write_waits_for_a_lock_held_past_five_seconds() {
         .register_node("a", "spiffe://c/site/a/node", OffsetDateTime::now_utc())
         .await
         .expect("the write waits for the lock");
-    assert!(started.elapsed() >= std::time::Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
     holder.await.expect("holder").close().await.expect("close");
     store.close().await;
 }

@@ -67,18 +67,18 @@ impl Observer for Bar {
 
 fn describe_round(r: &RoundReport) -> String {
     format!(
-            "round {:>3}: {:>7.2} s ({:.2} s wall), {}/{} accepted, CPU {:>5.1} s ({:>4.0} %), RSS peak {:>6.1} MiB, sockets {:>5}, audit {:>6.1} events/s; generator CPU {:.1} s",
-            r.round,
-            r.seconds,
-            r.wall_seconds,
-            r.accepted,
-            r.participants,
-            r.coordinator_cpu_seconds,
-            r.coordinator_cpu_percent,
-            r.coordinator_rss_peak_bytes as f64 / (1 << 20) as f64,
-            r.coordinator_sockets_peak,
-            r.audit_events_per_second,
-            r.generator_cpu_seconds,
+        "round {:>3}: {:>7.2} s ({:.2} s wall), {}/{} accepted, CPU {:>5.1} s ({:>4.0} %), RSS peak {:>6.1} MiB, sockets {:>5}, audit {:>6.1} events/s; generator CPU {:.1} s",
+        r.round,
+        r.seconds,
+        r.wall_seconds,
+        r.accepted,
+        r.participants,
+        r.coordinator_cpu_seconds,
+        r.coordinator_cpu_percent,
+        r.coordinator_rss_peak_bytes as f64 / (1 << 20) as f64,
+        r.coordinator_sockets_peak,
+        r.audit_events_per_second,
+        r.generator_cpu_seconds,
     )
 }
 

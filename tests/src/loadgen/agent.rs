@@ -168,7 +168,10 @@ pub async fn run_agent(
         let channel = match client::connect(&shared.coordinator, tls.clone()).await {
             Ok(c) => c,
             Err(e) => {
-                shared.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 shared.counters.fail(&site, "connect", e);
                 sleep_or_stop(&stop, backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -188,7 +191,10 @@ pub async fn run_agent(
         let mut tasks = match tasks {
             Ok(t) => t.into_inner(),
             Err(status) => {
-                shared.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .counters
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 shared.counters.fail(&site, "Connect", status.message());
                 sleep_or_stop(&stop, backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -296,7 +302,10 @@ async fn answer(
 
 /// Downloads the task's global model through `FetchModel` and checks its stream digest is the
 /// model the task names; returns its manifest.
-async fn fetch(client: &mut FederationClient<Channel>, task: &pb::Task) -> Result<Manifest, String> {
+async fn fetch(
+    client: &mut FederationClient<Channel>,
+    task: &pb::Task,
+) -> Result<Manifest, String> {
     let frames = client
         .fetch_model(pb::FetchModelRequest {
             task_id: task.task_id.clone(),
@@ -349,7 +358,10 @@ async fn upload(
     let (frames, _source_error) = stream::send_for_upload(source);
     match client.submit_update(frames).await {
         Ok(_) => {
-            shared.counters.uploads_accepted.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .uploads_accepted
+                .fetch_add(1, Ordering::Relaxed);
         }
         Err(s) => shared.counters.fail(site, "SubmitUpdate", s.message()),
     }

@@ -321,7 +321,10 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
     for (i, site) in sites.iter().enumerate() {
         let opts = LeafOptions::new(Validity::days_from_now(2));
         for (principal, stem) in [
-            (Principal::Node { site: site.clone() }, format!("node-{site}")),
+            (
+                Principal::Node { site: site.clone() },
+                format!("node-{site}"),
+            ),
             (
                 Principal::User {
                     site: site.clone(),
@@ -332,7 +335,10 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
         ] {
             // From the CA in memory: `CaDir::issue` rewrites its index on every certificate,
             // which made issuing two thousand of them take minutes.
-            let issued = c.ca.ca().issue(&principal, &opts).map_err(setup("issuing"))?;
+            let issued =
+                c.ca.ca()
+                    .issue(&principal, &opts)
+                    .map_err(setup("issuing"))?;
             std::fs::write(certs.join(format!("{stem}.crt")), &issued.cert_pem)
                 .map_err(setup("writing a certificate"))?;
             std::fs::write(certs.join(format!("{stem}.key")), &issued.key_pem)
@@ -408,7 +414,12 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
                 detail: format!(
                     "{n} connected, {} connect failures, last: {:?}",
                     shared.counters.connect_failures.load(Ordering::Relaxed),
-                    shared.counters.last_failure.lock().ok().and_then(|l| l.clone())
+                    shared
+                        .counters
+                        .last_failure
+                        .lock()
+                        .ok()
+                        .and_then(|l| l.clone())
                 ),
             });
         }
@@ -433,7 +444,15 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
         .map_err(|e| LoadError::Rpc(format!("the job's spec digest: {e:?}")))?;
     observer.phase("approving", sites.len() as u64);
     let approving = Instant::now();
-    approve_all(&c, &job, &digest, &sites, config.approve_concurrency, observer).await?;
+    approve_all(
+        &c,
+        &job,
+        &digest,
+        &sites,
+        config.approve_concurrency,
+        observer,
+    )
+    .await?;
     let approve_seconds = approving.elapsed().as_secs_f64();
 
     // The rounds.
@@ -441,16 +460,17 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
     let sampler = probe::Sampler::start(coordinator_pid, Duration::from_millis(100));
     let mut reports = Vec::new();
     let mut mark = Instant::now();
-    let mut cpu_mark = probe::sample(coordinator_pid).unwrap_or_default().cpu_seconds;
+    let mut cpu_mark = probe::sample(coordinator_pid)
+        .unwrap_or_default()
+        .cpu_seconds;
     let mut audit_mark = audit_size(&mut reader).await;
     let me = std::process::id();
     let mut own_cpu_mark = probe::sample(me).unwrap_or_default().cpu_seconds;
     let uploads_mark = |s: &AgentShared| s.counters.uploads_accepted.load(Ordering::Relaxed);
     let mut uploads_at_round_start = uploads_mark(&shared);
     observer.phase("round 1", sites.len() as u64);
-    let job_timeout = Duration::from_secs(
-        (config.round_deadline_secs + 30) * (u64::from(config.rounds) + 1) * 2,
-    );
+    let job_timeout =
+        Duration::from_secs((config.round_deadline_secs + 30) * (u64::from(config.rounds) + 1) * 2);
     // The job's status once a second: an operator's `tutela job status --watch` costs the
     // coordinator as much, and polling faster would measure the polling.
     let final_status = loop {
@@ -526,8 +546,7 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
         coordinator_rss_start_bytes: start.rss_bytes,
         coordinator_rss_connected_bytes: connected.rss_bytes,
         coordinator_rss_hwm_bytes: end.rss_peak_bytes,
-        coordinator_bytes_per_connected_site: (connected.rss_bytes as f64
-            - start.rss_bytes as f64)
+        coordinator_bytes_per_connected_site: (connected.rss_bytes as f64 - start.rss_bytes as f64)
             / config.sites.max(1) as f64,
         coordinator_sockets_connected: connected.sockets,
         coordinator_threads: connected.threads,

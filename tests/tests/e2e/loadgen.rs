@@ -66,7 +66,12 @@ async fn a_hundred_sites_each_round_accepts_every_update_and_the_trail_holds_the
         .collect();
     sites.sort();
     sites.dedup();
-    assert_eq!(sites.len(), SITES, "node.registered for {} sites", sites.len());
+    assert_eq!(
+        sites.len(),
+        SITES,
+        "node.registered for {} sites",
+        sites.len()
+    );
 
     let approved = trail
         .query(&EventFilter {
@@ -76,7 +81,12 @@ async fn a_hundred_sites_each_round_accepts_every_update_and_the_trail_holds_the
         })
         .await
         .unwrap();
-    assert_eq!(approved.len(), SITES, "{} job.approved events", approved.len());
+    assert_eq!(
+        approved.len(),
+        SITES,
+        "{} job.approved events",
+        approved.len()
+    );
 
     let rounds = trail
         .query(&EventFilter {
