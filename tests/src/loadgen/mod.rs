@@ -478,13 +478,27 @@ pub async fn run(config: &LoadConfig, observer: &dyn Observer) -> Result<LoadRun
             observer.progress(uploads_mark(&shared).saturating_sub(uploads_at_round_start));
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let s = op
-            .get_job(pb::GetJobRequest {
-                job_id: job.clone(),
-            })
-            .await
-            .map_err(|e| LoadError::Rpc(format!("GetJob: {}", e.message())))?
-            .into_inner();
+        // The operator's connection, idle through a long approval phase on starved cores, can
+        // be closed under it (seen at 1,000 sites: "h2 protocol error"): connect again, as an
+        // operator's `tutela job status` would, a few times before giving up.
+        let mut tries = 0;
+        let s = loop {
+            match op
+                .get_job(pb::GetJobRequest {
+                    job_id: job.clone(),
+                })
+                .await
+            {
+                Ok(s) => break s.into_inner(),
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    tracing_note(&format!("GetJob, attempt {tries}: {}", e.message()));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    op = c.operator().await;
+                }
+                Err(e) => return Err(LoadError::Rpc(format!("GetJob: {}", e.message()))),
+            }
+        };
         for r in s.rounds.iter().skip(reports.len()) {
             let wall = mark.elapsed().as_secs_f64();
             mark = Instant::now();
