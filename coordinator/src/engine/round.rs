@@ -94,7 +94,8 @@ impl Engine {
         }
     }
 
-    /// A task of `job` for `site`'s node.
+    /// A task of `job` for `site`'s node (the site picks the approvals it carries).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn task(
         &self,
         job: &JobCtx<'_>,
