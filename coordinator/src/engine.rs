@@ -19,7 +19,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_audit::payload;
-use tutela_protocol::pb;
 
 use crate::aggregate::plan::{JobAggregation, Spools};
 use crate::job::{JobId, JobSpec, JobState, SubmittedSpec};
@@ -390,9 +389,25 @@ impl Engine {
             None => true,
         };
         if met {
-            self.store
+            match self
+                .store
                 .set_job_state(id, JobState::Proposed, JobState::Running, None)
-                .await?;
+                .await
+            {
+                Ok(()) => {}
+                // Two last approvals arriving together both see the quorum met; the first to
+                // start the job wins, and the other's approval, recorded and counted all the
+                // same, must not be answered as an error (found with 300 sites approving at
+                // once: the loser was told its approval failed).
+                Err(crate::store::StoreError::StaleState {
+                    actual: JobState::Running,
+                    ..
+                }) => {
+                    self.changed(id);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(job = %id, "approval quorum met: job starts");
             if self.approvals.get().is_some() {
                 let waited = time::OffsetDateTime::now_utc() - job.created_at;
@@ -545,11 +560,12 @@ impl Engine {
             SubmittedSpec::Statistics(spec) => return self.run_statistics(&job, &spec).await,
         };
         let digest_hex = job.spec_digest.to_hex();
-        // The approvals that count go with every task, for the nodes to verify themselves.
-        let approvals = match self.standing(&job).await? {
+        // The approvals that count go with the tasks, each site's to its own node, for the nodes
+        // to verify themselves.
+        let approvals = crate::approvals::SiteApprovals::new(&match self.standing(&job).await? {
             Some(s) => s.counting,
             None => Vec::new(),
-        };
+        });
         let submitted_by = self.store.submitter(job_id).await?.unwrap_or_default();
         let ctx = JobCtx {
             id: job_id,
@@ -690,7 +706,7 @@ struct JobCtx<'a> {
     spec: &'a JobSpec,
     spec_toml: &'a str,
     digest_hex: &'a str,
-    approvals: &'a [pb::SignedApproval],
+    approvals: &'a crate::approvals::SiteApprovals,
     submitted_by: &'a str,
 }
 
@@ -711,14 +727,16 @@ struct TaskHeader<'a> {
     id: &'a JobId,
     spec_toml: &'a str,
     digest_hex: &'a str,
-    approvals: &'a [pb::SignedApproval],
+    /// The approvals that count; each site's node gets its own site's (`SiteApprovals::for_site`).
+    approvals: &'a crate::approvals::SiteApprovals,
     submitted_by: &'a str,
 }
 
 impl TaskHeader<'_> {
-    /// A new task of `kind` for the job, with a fresh id.
+    /// A new task of `kind` for the job and `site`'s node, with a fresh id.
     fn task(
         &self,
+        site: &str,
         kind: pb::TaskKind,
         (round, attempt): (u32, u32),
         model_id: &str,
@@ -736,7 +754,7 @@ impl TaskHeader<'_> {
             global_model_id: model_id.to_string(),
             strategy_config_json: strategy_json.to_string(),
             deadline_unix_ms: deadline_ms,
-            approvals: self.approvals.to_vec(),
+            approvals: self.approvals.for_site(site),
             submitted_by: self.submitted_by.to_string(),
             secagg_participants: Vec::new(),
         }

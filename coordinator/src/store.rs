@@ -462,13 +462,22 @@ impl Store {
             return Err(StoreError::UnsupportedUrl(location));
         };
         // sqlx turns foreign keys on by default; the store says so too, as its schema relies on
-        // them.
-        let pool = database::open_pool(url, backend, 8, "job store", &["PRAGMA foreign_keys = ON"])
-            .await
-            .map_err(|source| StoreError::Open {
-                location: location.clone(),
-                source,
-            })?;
+        // them. A writer waits up to 30 s for SQLite's lock (as long as for a pooled connection;
+        // sqlx's default is 5 s): a thousand nodes connecting and officers approving at once
+        // queued writes past 5 s on a loaded machine, and an approval already in the audit trail
+        // failed to be stored with "database is locked".
+        let pool = database::open_pool(
+            url,
+            backend,
+            8,
+            "job store",
+            &["PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 30000"],
+        )
+        .await
+        .map_err(|source| StoreError::Open {
+            location: location.clone(),
+            source,
+        })?;
         let store = Store {
             pool,
             backend,

@@ -118,6 +118,7 @@ impl Engine {
             };
             let deadline_ms = now_ms() + window.as_millis() as i64;
             let task = job.header().task(
+                &site,
                 pb::TaskKind::Initialize,
                 (0, attempt),
                 "",
@@ -308,6 +309,7 @@ impl Engine {
         let mut ids = Vec::new();
         for site in &participants {
             let mut task = job.header().task(
+                site,
                 pb::TaskKind::Train,
                 (round, attempt),
                 model_id,

@@ -47,10 +47,10 @@ impl Engine {
             return self.publish_statistics(&job.id, &record).await;
         }
         let digest_hex = job.spec_digest.to_hex();
-        let approvals = match self.standing(job).await? {
+        let approvals = crate::approvals::SiteApprovals::new(&match self.standing(job).await? {
             Some(s) => s.counting,
             None => Vec::new(),
-        };
+        });
         let submitted_by = self.store.submitter(&job.id).await?.unwrap_or_default();
         let header = TaskHeader {
             id: &job.id,
@@ -89,7 +89,7 @@ impl Engine {
         let group = Arc::new(TaskGroup::default());
         let mut ids = Vec::new();
         for site in &sites {
-            let task = header.task(pb::TaskKind::Statistics, (0, 1), "", "{}", deadline_ms);
+            let task = header.task(site, pb::TaskKind::Statistics, (0, 1), "", "{}", deadline_ms);
             self.tasks.register(
                 &task.task_id,
                 &task.job_id,

@@ -1625,3 +1625,41 @@ async fn sqlite_store_runs_wal_with_synchronous_full() {
     assert!(matches!(e, StoreError::UnsupportedUrl(_)), "{e}");
     assert!(!e.to_string().contains("pw"), "no password in: {e}");
 }
+
+/// A write waits for SQLite's lock held by another writer longer than sqlx's default 5 s busy
+/// timeout, instead of failing with "database is locked" (seen with a thousand sites connecting
+/// and approving at once: tutela-loadgen, BENCHMARKS.md "Hundreds of sites").
+#[tokio::test]
+async fn a_sqlite_write_waits_for_a_lock_held_past_five_seconds() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = Store::sqlite_url(&dir.path().join("jobs.db")).expect("url");
+    let store = Store::open(&url).await.expect("open");
+    let mut other = sqlx::sqlite::SqliteConnection::connect(&url)
+        .await
+        .expect("a second connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("the write lock");
+    let holder = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("commit");
+        other
+    });
+    let started = std::time::Instant::now();
+    store
+        .register_node("a", "spiffe://c/site/a/node", OffsetDateTime::now_utc())
+        .await
+        .expect("the write waits for the lock");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.await.expect("holder").close().await.expect("close");
+    store.close().await;
+}

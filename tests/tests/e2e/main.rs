@@ -15,6 +15,7 @@ mod failover;
 mod federation;
 mod job_check;
 mod language_model;
+mod loadgen;
 mod metrics;
 mod off_the_record;
 mod pki_audit;
