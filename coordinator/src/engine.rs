@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tutela_audit::payload;
+use tutela_protocol::pb;
 
 use crate::aggregate::plan::{JobAggregation, Spools};
 use crate::job::{JobId, JobSpec, JobState, SubmittedSpec};

@@ -2,8 +2,8 @@
 //! virtualenv's Python, starting real processes, and cleaning them up.
 
 pub mod consortium;
-pub mod metrics_check;
 pub mod loadgen;
+pub mod metrics_check;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -89,7 +89,14 @@ impl Engine {
         let group = Arc::new(TaskGroup::default());
         let mut ids = Vec::new();
         for site in &sites {
-            let task = header.task(site, pb::TaskKind::Statistics, (0, 1), "", "{}", deadline_ms);
+            let task = header.task(
+                site,
+                pb::TaskKind::Statistics,
+                (0, 1),
+                "",
+                "{}",
+                deadline_ms,
+            );
             self.tasks.register(
                 &task.task_id,
                 &task.job_id,

@@ -296,7 +296,13 @@ async fn answer(
             ]);
             upload(site, &mut client, shared, &update, metadata).await;
         }
-        pb::TaskKind::Unspecified => shared.counters.fail(site, "task", "unknown task kind"),
+        // The generator's agents run training jobs only (a statistics job's spec is not a
+        // training spec, so such a task already failed above).
+        pb::TaskKind::Statistics | pb::TaskKind::Unspecified => {
+            shared
+                .counters
+                .fail(site, "task", "a task kind the load generator does not run")
+        }
     }
 }
 
