@@ -16,6 +16,10 @@ source scripts/test-postgres.sh
 # is missing.
 scripts/setup-chromium.sh
 export TUTELA_REQUIRE_CHROMIUM=1
+# promtool for the metrics tests (`promtool check metrics|rules`, `promtool test rules`), which
+# then fail rather than skip if it is missing.
+scripts/setup-promtool.sh
+export TUTELA_REQUIRE_PROMTOOL=1
 export TUTELA_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace
 # deploy/: the Helm chart rendered by Helm's engine for each values file and validated against the

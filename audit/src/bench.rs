@@ -203,6 +203,8 @@ async fn break_chain_for_next_run(store: &AuditStore) -> anyhow::Result<()> {
     for s in [
         // Its triggers use audit_refuse_change(), dropped below.
         "DROP TABLE audit_quarantine",
+        "DROP TABLE audit_event_jobs",
+        "DROP TABLE audit_site_checkpoints",
         "DROP TABLE audit_events",
         "DROP TABLE audit_checkpoints",
         "DROP TABLE audit_schema_migrations",

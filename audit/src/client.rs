@@ -217,6 +217,16 @@ impl AuditClient {
         })
     }
 
+    /// Tells the service that this node's site now holds `held` (after verifying it): what the
+    /// console's overview shows for the site. The service takes the site from this client's
+    /// certificate and accepts only a checkpoint it signed.
+    pub async fn report_held_checkpoint(&mut self, held: &SignedCheckpoint) -> Result<()> {
+        self.inner
+            .report_held_checkpoint(wire::checkpoint_to_pb(held))
+            .await?;
+        Ok(())
+    }
+
     /// Fetches the latest checkpoint and, with a consistency proof from the one `verifier`
     /// holds, advances it. Fails (and leaves the verifier as it was) if the log's history
     /// diverged from what the verifier saw.

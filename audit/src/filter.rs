@@ -21,12 +21,19 @@ pub struct EventFilter {
     pub limit: Option<u64>,
 }
 
+/// The job an event's payload names (its top-level string `job`), if any: what a job filter
+/// matches besides the subject, and what the store's events-by-job index holds.
+pub fn payload_job(payload: &serde_json::Value) -> Option<&str> {
+    payload.get("job").and_then(|j| j.as_str())
+}
+
 impl EventFilter {
     /// True when `event` matches (the job test exactly, which SQL only narrows down).
     pub fn matches(&self, event: &Event) -> bool {
-        let job_ok = self.job.as_deref().is_none_or(|job| {
-            event.subject == job || event.payload.get("job").and_then(|j| j.as_str()) == Some(job)
-        });
+        let job_ok = self
+            .job
+            .as_deref()
+            .is_none_or(|job| event.subject == job || payload_job(&event.payload) == Some(job));
         job_ok
             && self.subject.as_deref().is_none_or(|s| event.subject == s)
             && self.actor.as_deref().is_none_or(|a| event.actor == a)
@@ -34,35 +41,5 @@ impl EventFilter {
             && self.since.is_none_or(|t| event.timestamp >= t)
             && self.from_seq.is_none_or(|s| event.seq >= s)
             && self.to_seq.is_none_or(|s| event.seq < s)
-    }
-}
-
-/// The SQL `LIKE` pattern (with `ESCAPE '\'`) that narrows a job filter to events whose payload
-/// names the job: `%"job":<the id as JSON>%`, with the id's own `%`, `_` and `\` escaped. Unescaped,
-/// a job id of `%` (a reader's request for `/jobs/%25`, or a query's filter) matched every event
-/// that names any job, and the store loaded them all to find none.
-pub fn job_payload_pattern(job: &str) -> String {
-    let json = crate::canonical_json(&job.into());
-    let mut escaped = String::with_capacity(json.len() + 8);
-    for c in json.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    format!("%\"job\":{escaped}%")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_job_id_s_wildcards_are_escaped_in_the_payload_pattern() {
-        assert_eq!(job_payload_pattern("job-7f3a"), r#"%"job":"job-7f3a"%"#);
-        assert_eq!(job_payload_pattern("%"), r#"%"job":"\%"%"#);
-        assert_eq!(job_payload_pattern("a_b"), r#"%"job":"a\_b"%"#);
-        // A backslash is JSON-escaped first (`\\`), then each is escaped for LIKE.
-        assert_eq!(job_payload_pattern("a\\b"), r#"%"job":"a\\\\b"%"#);
     }
 }

@@ -24,7 +24,9 @@
 //!   TLS behind the consortium's casbin policy (`tutela_policy::EnforceLayer`, with its decisions
 //!   recorded in this log), its client, and its configuration file;
 //! - [`console`]: the compliance officers' web console, HTTPS on its own port, read-only, behind
-//!   the same certificates and policy; [`proof_file`] is the inclusion proof it hands out.
+//!   the same certificates and policy; [`proof_file`] is the inclusion proof it hands out;
+//! - [`report`]: reports a regulator reads (HTML, PDF) with the checkpoint they were made from,
+//!   and what `verify-report` checks of them.
 
 /// RFC 8785 canonical JSON, shared with the coordinator's job digest.
 pub use tutela_protocol::canonical;
@@ -40,6 +42,7 @@ pub mod payload;
 pub mod proof_file;
 pub mod quarantine;
 pub mod receipt;
+pub mod retention;
 pub mod stage;
 pub mod verify;
 pub mod wire;
@@ -52,7 +55,13 @@ pub mod bench;
 #[cfg(feature = "server")]
 pub mod console;
 #[cfg(feature = "server")]
+pub mod held_checkpoint;
+#[cfg(feature = "server")]
 pub mod log;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

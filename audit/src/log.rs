@@ -51,6 +51,9 @@ pub struct LogConfig {
     /// re-checked when the log is opened (valid at the time each event was recorded). Without
     /// it, only their signatures are.
     pub ca_roots: Option<Arc<Vec<TrustAnchor<'static>>>>,
+    /// Where the log counts its appends, chain length, checkpoints and verifications (the
+    /// service's registry; a scratch one by default).
+    pub metrics: crate::metrics::AuditMetrics,
 }
 
 impl LogConfig {
@@ -62,6 +65,7 @@ impl LogConfig {
             max_batch: crate::store::MAX_BATCH,
             ca_admins: Vec::new(),
             ca_roots: None,
+            metrics: crate::metrics::AuditMetrics::unregistered(),
         }
     }
 }
@@ -149,6 +153,7 @@ pub struct AuditLog {
     store: AuditStore,
     public_key: Vec<u8>,
     log_id: String,
+    metrics: crate::metrics::AuditMetrics,
 }
 
 impl AuditLog {
@@ -220,7 +225,11 @@ impl AuditLog {
             store: store.clone(),
             public_key,
             log_id: config.log_id.clone(),
+            metrics: config.metrics.clone(),
         };
+        // The stored trail verified above (the log would not open otherwise).
+        config.metrics.verified(true);
+        config.metrics.chain_length(chain.next_seq());
         let appender = Appender {
             store,
             key,
@@ -277,8 +286,10 @@ impl AuditLog {
         payload: serde_json::Value,
     ) -> Result<Receipt, AppendError> {
         let subject = subject.into();
+        let started = std::time::Instant::now();
         let (reply, rx) = oneshot::channel();
-        self.tx
+        let result = match self
+            .tx
             .send(Request {
                 actor: actor.into(),
                 action,
@@ -287,8 +298,18 @@ impl AuditLog {
                 reply,
             })
             .await
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        {
+            Ok(()) => rx.await.unwrap_or(Err(AppendError::Closed)),
+            Err(_) => Err(AppendError::Closed),
+        };
+        self.metrics
+            .appended(crate::metrics::AppendResult::of(&result), started.elapsed());
+        result
+    }
+
+    /// The log's metrics handle.
+    pub fn metrics(&self) -> &crate::metrics::AuditMetrics {
+        &self.metrics
     }
 
     pub fn store(&self) -> &AuditStore {
@@ -504,8 +525,10 @@ impl Appender {
                     if let Some(cp) = checkpoint {
                         self.checkpointed = cp.checkpoint.tree_size;
                         shared.latest = Some(cp);
+                        self.config.metrics.checkpoint_signed();
                     }
                 }
+                self.config.metrics.chain_length(self.size());
                 replies
                     .into_iter()
                     .map(|(reply, seq, hash, timestamp)| {
@@ -649,6 +672,7 @@ impl Appender {
                 self.checkpointed = size;
                 let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
                 shared.latest = Some(signed);
+                self.config.metrics.checkpoint_signed();
                 tracing::debug!(tree_size = size, "audit checkpoint signed");
             }
             Err(e) => tracing::error!(error = %e, tree_size = size, "audit checkpoint not stored"),

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 
 /// The Tutela audit service: an append-only, hash-chained, signed event log over mutual TLS.
 /// With a [console] table it also serves the compliance officers' read-only web console over
-/// HTTPS on its own port (client certificates required; docs/console.md).
+/// HTTPS on its own port (client certificates required; docs/console.md). With a [metrics] table
+/// it serves Prometheus metrics on a plain-HTTP loopback port (docs/monitoring.md).
 /// See deploy/config/audit.toml for every configuration key.
 #[derive(Parser)]
 #[command(version)]
@@ -59,6 +60,17 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
     },
+    /// Prune events older than DATE from the store of --config, within `[retention] min_days`
+    /// (default 183, at least six months: EU AI Act Art. 19). A DATE younger than that is
+    /// refused, naming the latest DATE allowed. This build never drops an event (the store is
+    /// append-only): for an older DATE it prints what pruning would remove and keeps it
+    /// (docs/reports.md, "Retention").
+    Prune {
+        /// Drop events recorded before this instant (2026-06-01, 2026-06-01T09:00 or RFC 3339;
+        /// UTC).
+        #[arg(long, value_name = "DATE")]
+        before: String,
+    },
 }
 
 #[tokio::main]
@@ -106,6 +118,35 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             println!("serving");
+            Ok(())
+        }
+        Some(Command::Prune { before }) => {
+            let path = args
+                .config
+                .ok_or_else(|| anyhow::anyhow!("--config audit.toml is required to prune"))?;
+            let config = tutela_audit::server::Config::from_file(&path)?;
+            let before = tutela_audit::console::parse_time(&before)
+                .map_err(|e| anyhow::anyhow!("--before: {e}"))?;
+            let store = tutela_audit::store::AuditStore::open(&config.database_url()?).await?;
+            let plan = tutela_audit::retention::prune_plan(
+                &store,
+                before,
+                tutela_audit::Timestamp::now(),
+                &config.retention,
+            )
+            .await?;
+            println!(
+                "{} event(s) (seq 0..{}) were recorded before {}, older than [retention] min_days = {}; the newest signed checkpoint inside them covers {}",
+                plan.events,
+                plan.events,
+                plan.before,
+                config.retention.min_days,
+                plan.covered_by_checkpoint
+                    .map_or_else(|| "none".to_string(), |n| format!("{n} event(s)"))
+            );
+            println!(
+                "kept: this build does not drop events (the store is append-only; docs/reports.md, Retention)"
+            );
             Ok(())
         }
         None => {

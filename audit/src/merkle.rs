@@ -7,9 +7,11 @@
 //! preimage protection, RFC 6962 §2.1). For n entries, MTH splits at k, the largest power of two
 //! strictly less than n. The empty tree's hash is SHA-256 of the empty string.
 //!
-//! Functions over slices take *leaf hashes* (already prefixed with 0x00). Proof generation is the
-//! RFC's recursive definition, O(n) hashes per proof; [`Frontier`] gives the root of a growing
-//! tree in O(log n) per appended leaf, which is what [`crate::verify_log`] streams with.
+//! Functions over slices take *leaf hashes* (already prefixed with 0x00) and are the RFC's recursive
+//! definition, O(n) hashes per proof: the reference. [`MerkleTree`] (what the log serves proofs
+//! from) keeps every perfect subtree's root and answers the same proofs in O(log n) kept nodes;
+//! [`Frontier`] gives the root of a growing tree in O(log n) per appended leaf, which is what
+//! [`crate::verify_log`] streams with.
 
 use crate::{Hash, sha256};
 
@@ -349,12 +351,24 @@ impl Frontier {
     }
 }
 
-/// An in-memory Merkle tree over event hashes: the leaf hashes plus a [`Frontier`] for the current
-/// root. Proofs are computed from the leaves on demand (O(n) hashes each; correctness first — a
-/// cache of perfect-subtree roots would make them O(log n) and is future work).
+/// An in-memory Merkle tree over event hashes, with every complete perfect subtree's root kept,
+/// so that a root, an audit path or a consistency proof of any prefix costs O(log n) stored nodes
+/// and at most O(log² n) fresh hashes, never a pass over the leaves.
+///
+/// Why this is enough: RFC 6962's split makes every left part of every (sub)tree a perfect
+/// subtree of 2^h leaves starting at a multiple of 2^h, and every right part either such a
+/// subtree or a smaller tree that splits the same way. `levels[h][i]` is the root of leaves
+/// `i·2^h .. (i+1)·2^h`, kept as soon as its last leaf arrives (amortised one hash per append),
+/// so a proof reads one kept node per level of its leaf's branch and hashes together only the
+/// right edges of non-perfect right parts. The proofs are the RFC's, node for node: the
+/// slice functions above stay the reference the tests compare with.
+///
+/// Memory: about two hashes per event (64 bytes), 64 MB at a million events.
 #[derive(Clone, Debug, Default)]
 pub struct MerkleTree {
-    leaves: Vec<Hash>,
+    /// `levels[0]` are the leaf hashes; `levels[h][i]` the root of the i-th perfect subtree of
+    /// 2^h leaves.
+    levels: Vec<Vec<Hash>>,
     frontier: Frontier,
 }
 
@@ -363,11 +377,26 @@ impl MerkleTree {
         MerkleTree::default()
     }
 
-    /// Appends an entry (an event hash); stores its leaf hash.
+    /// Appends an entry (an event hash); stores its leaf hash and every perfect subtree it
+    /// completes.
     pub fn push_entry(&mut self, entry: &Hash) {
         let leaf = leaf_hash(entry);
-        self.leaves.push(leaf);
         self.frontier.push(leaf);
+        if self.levels.is_empty() {
+            self.levels.push(Vec::new());
+        }
+        self.levels[0].push(leaf);
+        let mut h = 0;
+        // A level of even length just completed a pair: its parent is complete too.
+        while self.levels[h].len() % 2 == 0 {
+            let n = self.levels[h].len();
+            let parent = node_hash(&self.levels[h][n - 2], &self.levels[h][n - 1]);
+            if self.levels.len() == h + 1 {
+                self.levels.push(Vec::new());
+            }
+            self.levels[h + 1].push(parent);
+            h += 1;
+        }
     }
 
     /// The right edge of the tree, to compute the root after more entries without pushing them.
@@ -376,15 +405,15 @@ impl MerkleTree {
     }
 
     pub fn len(&self) -> u64 {
-        self.leaves.len() as u64
+        self.frontier.size()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.leaves.is_empty()
+        self.len() == 0
     }
 
     pub fn leaves(&self) -> &[Hash] {
-        &self.leaves
+        self.levels.first().map_or(&[], |l| l.as_slice())
     }
 
     /// The root over all leaves.
@@ -392,28 +421,90 @@ impl MerkleTree {
         self.frontier.root()
     }
 
-    fn prefix(&self, n: u64) -> Result<&[Hash], ProofError> {
-        usize::try_from(n)
-            .ok()
-            .and_then(|n| self.leaves.get(..n))
-            .ok_or(ProofError::SizeOutOfRange {
+    fn check_size(&self, n: u64) -> Result<(), ProofError> {
+        if n > self.len() {
+            return Err(ProofError::SizeOutOfRange {
                 size: n,
                 available: self.len(),
-            })
+            });
+        }
+        Ok(())
+    }
+
+    /// MTH of leaves `lo .. lo + n` (n ≥ 1), a range the RFC's split produces: `lo` is a
+    /// multiple of the largest power of two not above n.
+    fn range_root(&self, lo: u64, n: u64) -> Hash {
+        if n.is_power_of_two() {
+            let h = n.trailing_zeros() as usize;
+            return self.levels[h][(lo >> h) as usize];
+        }
+        let k = split(n as usize) as u64;
+        node_hash(&self.range_root(lo, k), &self.range_root(lo + k, n - k))
     }
 
     /// The root over the first `n` leaves.
     pub fn root_at(&self, n: u64) -> Result<Hash, ProofError> {
-        Ok(root(self.prefix(n)?))
+        self.check_size(n)?;
+        Ok(match n {
+            0 => empty_root(),
+            n => self.range_root(0, n),
+        })
     }
 
-    /// PATH(m, D[n]).
+    /// PATH(m, D[n]) (RFC 6962 §2.1.1), deepest sibling first.
     pub fn audit_path(&self, m: u64, n: u64) -> Result<Vec<Hash>, ProofError> {
-        audit_path(m, self.prefix(n)?)
+        self.check_size(n)?;
+        if m >= n {
+            return Err(ProofError::IndexOutOfRange { index: m, size: n });
+        }
+        // The RFC's recursion from the top, collecting siblings root-first.
+        let (mut lo, mut size, mut m) = (0u64, n, m);
+        let mut path = Vec::new();
+        while size > 1 {
+            let k = split(size as usize) as u64;
+            if m < k {
+                path.push(self.range_root(lo + k, size - k));
+                size = k;
+            } else {
+                path.push(self.range_root(lo, k));
+                lo += k;
+                m -= k;
+                size -= k;
+            }
+        }
+        path.reverse();
+        Ok(path)
     }
 
-    /// PROOF(m, D[n]).
+    /// PROOF(m, D[n]) (RFC 6962 §2.1.2).
     pub fn consistency_proof(&self, m: u64, n: u64) -> Result<Vec<Hash>, ProofError> {
-        consistency_proof(m, self.prefix(n)?)
+        self.check_size(n)?;
+        if m == 0 || m > n {
+            return Err(ProofError::BadSizes { old: m, new: n });
+        }
+        // SUBPROOF(m, D[lo..lo+size], b), unrolled: siblings collected root-first.
+        let (mut lo, mut size, mut m, mut b) = (0u64, n, m, true);
+        let mut proof = Vec::new();
+        loop {
+            if m == size {
+                if !b {
+                    proof.push(self.range_root(lo, size));
+                }
+                break;
+            }
+            let k = split(size as usize) as u64;
+            if m <= k {
+                proof.push(self.range_root(lo + k, size - k));
+                size = k;
+            } else {
+                proof.push(self.range_root(lo, k));
+                lo += k;
+                m -= k;
+                size -= k;
+                b = false;
+            }
+        }
+        proof.reverse();
+        Ok(proof)
     }
 }

@@ -77,6 +77,13 @@ pub struct Config {
     /// The compliance officers' web console (HTTPS, its own port). Absent: not served.
     #[serde(default)]
     pub console: Option<crate::console::ConsoleConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`). Absent: no
+    /// metrics port.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
+    /// `[retention]`: events younger than `min_days` (at least 183) are never pruned.
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// `[policy]` of audit.toml: the same files as the coordinator's `[policy]`.
@@ -130,6 +137,10 @@ impl Config {
         config
             .check_ranges()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(m) = &config.metrics {
+            m.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         config.resolve_paths(&tutela_protocol::config_path::ConfigFile::new(path))?;
         config.database_url = tutela_protocol::database::url_from_config(
             config.database_url.as_deref(),
@@ -184,6 +195,7 @@ impl Config {
         if let Some(c) = &self.console {
             c.check_ranges()?;
         }
+        self.retention.check_ranges()?;
         Ok(())
     }
 
@@ -277,6 +289,9 @@ pub struct Server {
     config: Config,
     tls: Arc<ReloadingServerConfig>,
     authorizer: Option<Arc<Authorizer>>,
+    metrics: crate::metrics::AuditMetrics,
+    /// The `/metrics` listener of `[metrics]`, bound at load.
+    metrics_listener: Option<tutela_protocol::metrics::MetricsServer>,
 }
 
 impl Server {
@@ -300,11 +315,24 @@ impl Server {
                 None
             }
         };
+        let metrics_listener = match &config.metrics {
+            Some(m) => Some(tutela_protocol::metrics::MetricsServer::bind(m).await?),
+            None => None,
+        };
         Ok(Server {
             config,
             tls,
             authorizer,
+            metrics: crate::metrics::AuditMetrics::new()?,
+            metrics_listener,
         })
+    }
+
+    /// Where `/metrics` is served, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// The TLS configuration in force (reloadable).
@@ -327,7 +355,11 @@ impl Server {
             config,
             tls,
             authorizer,
+            metrics,
+            metrics_listener,
         } = self;
+        // Served from before the log opens, so a scrape sees a service that is starting.
+        let metrics_task = metrics_listener.map(|m| m.spawn(metrics.registry()));
         let identity = tls.identity();
         let key_path = config.key_path();
         if !key_path.exists() {
@@ -342,6 +374,7 @@ impl Server {
             Duration::from_secs(config.checkpoint_interval_secs.max(1));
         log_config.max_batch = config.max_batch.clamp(1, crate::store::MAX_BATCH);
         log_config.ca_admins = config.ca_admins.clone();
+        log_config.metrics = metrics.clone();
         // Officers' certificates in the stored trail are re-checked against the consortium CA
         // (as of each event's time) when the log is opened.
         let material = tutela_protocol::tls::TlsMaterial::load(&config.tls)?;
@@ -391,6 +424,7 @@ impl Server {
                     authorizer.clone(),
                     c.page_size,
                 );
+                let _ = state.retention_min_days.set(config.retention.min_days);
                 Some(tokio::spawn(crate::console::run(
                     state,
                     Duration::from_secs(c.verify_interval_secs.max(1)),
@@ -402,10 +436,18 @@ impl Server {
             None => None,
         };
         tracing::info!(addr = %listener.local_addr()?, %identity, policy = %authorizer.as_ref().map_or("none (insecure_no_policy)".to_string(), |a| a.digest().to_hex()), "audit service listening");
-        let served = tutela_protocol::server::serve(router, listener, tls, shutdown).await;
+        let served = tutela_protocol::server::serve_with_metrics(
+            router,
+            listener,
+            tls,
+            metrics.tls,
+            shutdown,
+        )
+        .await;
         if let Some(console) = console {
             console.abort();
         }
+        drop(metrics_task);
         served?;
         Ok(())
     }
@@ -525,6 +567,8 @@ mod tests {
             ("console", "verify_interval_secs", 86_401),
             ("console", "page_size", 0),
             ("console", "page_size", 501),
+            ("retention", "min_days", 182),
+            ("retention", "min_days", 36_526),
         ];
         for &(table, key, value) in cases {
             let mut config: toml::Table = toml::from_str(shipped).unwrap();

@@ -269,4 +269,23 @@ impl pb::audit_server::Audit for AuditService {
             size: self.log.size(),
         }))
     }
+
+    async fn report_held_checkpoint(
+        &self,
+        request: Request<pb::AuditCheckpoint>,
+    ) -> Result<Response<pb::ReportHeldCheckpointResponse>, Status> {
+        let caller = &tutela_protocol::server::caller(&request)?.identity;
+        let held = wire::checkpoint_from_pb(request.get_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = crate::held_checkpoint::check_report(&self.log, caller, &held)
+            .await
+            .map_err(|e| e.status())?;
+        self.log
+            .store()
+            .record_site_checkpoint(&record)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        tracing::debug!(site = %record.site, tree_size = record.tree_size, "a site reported the checkpoint it holds");
+        Ok(Response::new(pb::ReportHeldCheckpointResponse {}))
+    }
 }

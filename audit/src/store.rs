@@ -37,8 +37,12 @@ use crate::{Hash, hexser};
 /// Which database a store is on.
 pub use tutela_protocol::database::Backend;
 
+mod derived;
 pub mod page;
+pub mod site_checkpoints;
+pub use derived::expected_event_job_rows;
 pub use page::{EventPage, PageQuery};
+pub use site_checkpoints::SiteCheckpoint;
 
 /// One embedded migration; `postgres` and `sqlite` differ only where the SQL dialects do.
 struct Migration {
@@ -46,6 +50,8 @@ struct Migration {
     name: &'static str,
     postgres: &'static str,
     sqlite: &'static str,
+    /// Rows the store derives from the stored events after the SQL, in the same transaction.
+    backfill: Option<derived::Backfill>,
 }
 
 const SCHEMA: &str = include_str!("../migrations/0001_events_checkpoints.sql");
@@ -57,26 +63,46 @@ const MIGRATIONS: &[Migration] = &[
         name: "events_checkpoints",
         postgres: SCHEMA,
         sqlite: SCHEMA,
+        backfill: None,
     },
     Migration {
         version: 2,
         name: "append_only",
         postgres: include_str!("../migrations/0002_append_only.postgres.sql"),
         sqlite: include_str!("../migrations/0002_append_only.sqlite.sql"),
+        backfill: None,
     },
     Migration {
         version: 3,
         name: "quarantine",
         postgres: include_str!("../migrations/0003_quarantine.postgres.sql"),
         sqlite: include_str!("../migrations/0003_quarantine.sqlite.sql"),
+        backfill: None,
     },
     Migration {
         version: 4,
         name: "console_indexes",
         postgres: CONSOLE_INDEXES,
         sqlite: CONSOLE_INDEXES,
+        backfill: None,
+    },
+    Migration {
+        version: 5,
+        name: "event_jobs",
+        postgres: include_str!("../migrations/0005_event_jobs.postgres.sql"),
+        sqlite: include_str!("../migrations/0005_event_jobs.sqlite.sql"),
+        backfill: Some(derived::Backfill::EventJobs),
+    },
+    Migration {
+        version: 6,
+        name: "site_checkpoints",
+        postgres: SITE_CHECKPOINTS,
+        sqlite: SITE_CHECKPOINTS,
+        backfill: None,
     },
 ];
+
+const SITE_CHECKPOINTS: &str = include_str!("../migrations/0006_site_checkpoints.sql");
 
 const CONSOLE_INDEXES: &str = include_str!("../migrations/0004_console_indexes.sql");
 
@@ -327,6 +353,9 @@ impl AuditStore {
                 source,
             };
             sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(failed)?;
+            if let Some(backfill) = m.backfill {
+                backfill.run(&mut tx).await.map_err(failed)?;
+            }
             sqlx::query(
                 "INSERT INTO audit_schema_migrations (version, name, checksum, applied_at_ms)
                  VALUES ($1, $2, $3, $4)",
@@ -357,9 +386,13 @@ impl AuditStore {
         let quoted = format!("\"{}\"", role.replace('"', "\"\""));
         let statements = [
             format!(
-                "REVOKE ALL ON audit_events, audit_checkpoints, audit_schema_migrations, audit_quarantine FROM {quoted}"
+                "REVOKE ALL ON audit_events, audit_checkpoints, audit_schema_migrations, audit_quarantine, audit_event_jobs, audit_site_checkpoints FROM {quoted}"
             ),
-            format!("GRANT SELECT, INSERT ON audit_events, audit_checkpoints TO {quoted}"),
+            format!(
+                "GRANT SELECT, INSERT ON audit_events, audit_checkpoints, audit_event_jobs TO {quoted}"
+            ),
+            // The newest checkpoint each site holds is replaced by its next report.
+            format!("GRANT SELECT, INSERT, UPDATE ON audit_site_checkpoints TO {quoted}"),
             format!("GRANT SELECT ON audit_schema_migrations, audit_quarantine TO {quoted}"),
         ];
         let mut tx = self.pool.begin().await.map_err(db("grant: begin"))?;
@@ -375,8 +408,12 @@ impl AuditStore {
 
     /// Stores `events` (consecutive, in seq order) in one multi-row INSERT; returns after COMMIT.
     /// Either every event is stored or none (a taken seq fails the whole batch).
+    /// Each event's events-by-job row (migration 5) is written in the same statement.
     pub async fn insert_events(&self, events: &[Event]) -> Result<()> {
-        self.insert_rows("audit_events", events).await
+        for chunk in events.chunks(MAX_BATCH) {
+            self.write_batch(chunk, None).await?;
+        }
+        Ok(())
     }
 
     /// The same rows into `bench_plain_events`, an unchained table the benchmark compares with.
@@ -419,66 +456,7 @@ impl AuditStore {
                 problem: format!("more than {MAX_BATCH} with a checkpoint"),
             });
         }
-        let c = &checkpoint.checkpoint;
-        let what = format!(
-            "insert events {}..{} and their checkpoint",
-            events.first().map_or(c.tree_size, |e| e.seq),
-            c.tree_size
-        );
-        let cp_insert = |first: usize| {
-            format!(
-                "INSERT INTO audit_checkpoints (tree_size, root, timestamp_ms, log_id, signature) VALUES (${},${},${},${},${})",
-                first + 1,
-                first + 2,
-                first + 3,
-                first + 4,
-                first + 5
-            )
-        };
-        let bind_cp = |args: &mut AnyArguments| -> Result<()> {
-            use sqlx::Arguments as _;
-            let add = |r: std::result::Result<(), sqlx::error::BoxDynError>| {
-                r.map_err(|e| StoreError::Db {
-                    op: "bind a checkpoint".into(),
-                    source: sqlx::Error::Encode(e),
-                })
-            };
-            add(args.add(c.tree_size as i64))?;
-            add(args.add(hex::encode(c.root)))?;
-            add(args.add(c.timestamp.unix_millis()))?;
-            add(args.add(c.log_id.clone()))?;
-            add(args.add(hex::encode(checkpoint.signature)))?;
-            Ok(())
-        };
-        match self.backend {
-            Backend::Postgres if !events.is_empty() => {
-                let (rows, mut args) = rows_insert("audit_events", events)?;
-                bind_cp(&mut args)?;
-                let sql = format!("WITH ev AS ({rows}) {}", cp_insert(events.len() * 8));
-                sqlx::query_with::<Any, _>(AssertSqlSafe(sql), args)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(db(what))?;
-            }
-            _ => {
-                let mut tx = self.pool.begin().await.map_err(db(what.clone()))?;
-                if !events.is_empty() {
-                    let (rows, args) = rows_insert("audit_events", events)?;
-                    sqlx::query_with::<Any, _>(AssertSqlSafe(rows), args)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db(what.clone()))?;
-                }
-                let mut args = AnyArguments::default();
-                bind_cp(&mut args)?;
-                sqlx::query_with::<Any, _>(AssertSqlSafe(cp_insert(0)), args)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(what.clone()))?;
-                tx.commit().await.map_err(db(what))?;
-            }
-        }
-        Ok(())
+        self.write_batch(events, Some(checkpoint)).await
     }
 
     /// Stores a signed checkpoint.
@@ -548,13 +526,19 @@ impl AuditStore {
             })
         };
         if let Some(job) = &filter.job {
-            // Narrowed in SQL, decided exactly by EventFilter::matches below (LIKE's `_` is a
-            // wildcard, and the payload's `job` key may sit in a nested object).
-            // The id's own `%` and `_` are escaped: a job id of `%` would otherwise match every
-            // event naming any job, all loaded to find none.
-            bind(&mut sql, " AND (subject = ?", Bound::S(job.clone()))?;
-            let pattern = crate::filter::job_payload_pattern(job);
-            bind(&mut sql, " OR payload LIKE ? ESCAPE '\\')", Bound::S(pattern))?;
+            // Two index lookups: the subject index and the events-by-job index (migration 5),
+            // never a scan of payloads. Decided exactly by EventFilter::matches below: the index
+            // only proposes candidates.
+            bind(
+                &mut sql,
+                " AND seq IN (SELECT seq FROM audit_events WHERE subject = ?",
+                Bound::S(job.clone()),
+            )?;
+            bind(
+                &mut sql,
+                " UNION SELECT seq FROM audit_event_jobs WHERE job = ?)",
+                Bound::S(job.clone()),
+            )?;
         }
         if let Some(s) = &filter.subject {
             bind(&mut sql, " AND subject = ?", Bound::S(s.clone()))?;

@@ -50,7 +50,7 @@ pub struct Source {
     pub ca_admins: Vec<String>,
 }
 
-enum Reader {
+pub(crate) enum Reader {
     Service(AuditClient),
     Db(AuditStore),
 }
@@ -59,7 +59,7 @@ impl Source {
     /// How this reader checks who asserted what: the consortium is the log's (its checkpoints'
     /// log id, else this reader's certificate's), officers' certificates are checked against
     /// the CA, and certificate events are believed from `--ca-admin` only.
-    async fn authority_check(&self, reader: &mut Reader) -> Result<AuthorityCheck> {
+    pub(crate) async fn authority_check(&self, reader: &mut Reader) -> Result<AuthorityCheck> {
         let log_id = match reader.checkpoints().await?.first() {
             Some(cp) => cp.checkpoint.log_id.clone(),
             None => match reader {
@@ -117,7 +117,7 @@ impl Source {
         Ok(AuthorityCheck::new(rules, trust))
     }
 
-    async fn open(&self) -> Result<Reader> {
+    pub(crate) async fn open(&self) -> Result<Reader> {
         if let Some(url) = &self.database_url {
             return Ok(Reader::Db(AuditStore::open(url).await?));
         }
@@ -136,14 +136,14 @@ impl Source {
 }
 
 impl Reader {
-    async fn events(&mut self, filter: &EventFilter) -> Result<Vec<Event>> {
+    pub(crate) async fn events(&mut self, filter: &EventFilter) -> Result<Vec<Event>> {
         Ok(match self {
             Reader::Service(c) => c.query(filter).await?,
             Reader::Db(s) => s.events(filter).await?,
         })
     }
 
-    async fn checkpoints(&mut self) -> Result<Vec<SignedCheckpoint>> {
+    pub(crate) async fn checkpoints(&mut self) -> Result<Vec<SignedCheckpoint>> {
         Ok(match self {
             Reader::Service(c) => c.checkpoints().await?,
             Reader::Db(s) => s.checkpoints().await?,
@@ -151,7 +151,7 @@ impl Reader {
     }
 
     /// The pinned key if given, else the service's (trust on first use, said on stderr).
-    async fn public_key(&mut self, pinned: &Option<String>) -> Result<Vec<u8>> {
+    pub(crate) async fn public_key(&mut self, pinned: &Option<String>) -> Result<Vec<u8>> {
         if let Some(p) = pinned {
             return pinned_key(p);
         }
@@ -171,8 +171,13 @@ impl Reader {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Format {
+    /// A report a regulator reads (sections mapped to the rules, charts, the checkpoint).
     Html,
+    /// The same report as PDF.
+    Pdf,
+    /// The job's record as rows (section, seq, time, who, detail).
     Csv,
+    /// The job's record as JSON.
     Json,
 }
 
@@ -258,17 +263,48 @@ pub enum AuditCommand {
     /// policy's quorum of officers: docs/runbooks/audit-forged-row.md.
     #[command(subcommand)]
     Quarantine(crate::quarantine_cmd::QuarantineCommand),
-    /// A job's compliance report: approvals, rounds, participants, ε per site, lineage, refused
-    /// updates.
+    /// A compliance report of one job (--job) or one period (--from/--to). HTML and PDF: the
+    /// report a regulator reads (figures rounded, each site's ε against its caps as a chart, the
+    /// trail's verification, sections mapped to EU AI Act Art. 12 and 19, GDPR Art. 30 and HIPAA
+    /// §164.312(b) citing their events), carrying the signed checkpoint it was made from and a
+    /// digest of its content, for `verify-report`. JSON and CSV: the job's raw record.
+    /// docs/reports.md.
     Report {
         #[command(flatten)]
         source: Source,
         /// The job id.
         #[arg(long)]
-        job: String,
+        job: Option<String>,
+        /// The period's start (2026-06-01, 2026-06-01T09:00 or RFC 3339; UTC), inclusive.
+        #[arg(long, value_name = "DATE")]
+        from: Option<String>,
+        /// The period's end, exclusive.
+        #[arg(long, value_name = "DATE")]
+        to: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value = "json")]
         format: Format,
+        /// Write the report here (required for html and pdf).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The log's checkpoint key (hex or file) the trail is verified with; default: the
+        /// service's. Required with --database-url.
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Check a report (HTML or PDF) against the trail: its content digest; that the document is
+    /// what its manifest renders to; the checkpoint's signature; that the trail's current head is
+    /// consistent with the checkpoint; that every cited event is included in it with the content
+    /// stated; and that the content is what the trail says. Exits non-zero naming what differs.
+    VerifyReport {
+        /// The report file.
+        file: PathBuf,
+        #[command(flatten)]
+        source: Source,
+        /// The log's checkpoint key (64 hex digits or a file), from a source you trust; default:
+        /// the key the service reports. Required with --database-url.
+        #[arg(long)]
+        public_key: Option<String>,
     },
 }
 
@@ -597,11 +633,34 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
+        AuditCommand::VerifyReport {
+            file,
+            source,
+            public_key,
+        } => crate::report_cmd::verify(&file, &source, &public_key).await,
         AuditCommand::Report {
             source,
             job,
+            from,
+            to,
             format,
+            out,
+            public_key,
         } => {
+            let document = match format {
+                Format::Html => Some(crate::report_cmd::DocumentFormat::Html),
+                Format::Pdf => Some(crate::report_cmd::DocumentFormat::Pdf),
+                Format::Csv | Format::Json => None,
+            };
+            if let Some(document) = document {
+                let scope = crate::report_cmd::scope(job, from, to)?;
+                let out =
+                    out.ok_or_else(|| anyhow!("--format html|pdf writes a file: give --out FILE"))?;
+                return crate::report_cmd::make(&source, scope, document, &out, &public_key).await;
+            }
+            let Some(job) = job else {
+                bail!("--format json|csv prints a job's record: give --job ID");
+            };
             let mut reader = source.open().await?;
             let check = source.authority_check(&mut reader).await?;
             let events = reader
@@ -615,9 +674,8 @@ pub async fn run(cmd: AuditCommand) -> Result<()> {
             }
             let record = lineage::job_record(&events, &job, &check);
             let format = match format {
-                Format::Html => ReportFormat::Html,
                 Format::Csv => ReportFormat::Csv,
-                Format::Json => ReportFormat::Json,
+                _ => ReportFormat::Json,
             };
             print!("{}", lineage::render_report(&record, format));
             if format == ReportFormat::Json {

@@ -14,6 +14,7 @@ mod pki_cmd;
 mod privacy_cmd;
 mod quarantine_cmd;
 mod registry_cmd;
+mod report_cmd;
 
 use std::process::ExitCode;
 

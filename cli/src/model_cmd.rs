@@ -10,9 +10,10 @@ use tutela_audit::lineage::WatermarkRecord;
 use tutela_protocol::checkpoint::{export_int8, merge_lora};
 use tutela_protocol::job::JobSpec;
 use tutela_protocol::peft_export::export_peft_adapter;
+use tutela_protocol::stream::model_digest_of_file;
 use tutela_protocol::watermark::{
-    MarkKey, Reference, WatermarkKey, detect_file_marks_against, detect_merged_marks,
-    human_p_value, job_base_weights, verdict,
+    MarkKey, Reference, WatermarkKey, detect_aligned_marks, detect_file_marks_against,
+    detect_merged_marks, human_p_value, job_base_weights, verdict,
 };
 
 #[derive(Debug, Subcommand)]
@@ -70,7 +71,9 @@ pub enum ModelCommand {
     /// detection, not by file digest: a renamed, reordered or re-serialized copy still matches.
     /// Exits with status 1 when nothing is detected. A LoRA job's mark is in its adapters' B;
     /// a full checkpoint made by merging them into the base is tested with `--merged-base` and
-    /// `--job`: the adapters are recovered from it against the job's base and seed.
+    /// `--job`: the adapters are recovered from it against the job's base and seed (modules
+    /// renamed in the file are found by content). A copy whose hidden units were permuted or
+    /// whose weights were written transposed is tested with `--reference` and `--align`.
     VerifyWatermark {
         /// The model file to test (a directory means its model.safetensors).
         file: PathBuf,
@@ -82,11 +85,22 @@ pub enum ModelCommand {
         /// model.base_sha256.
         #[arg(long, requires = "merged_base")]
         job: Option<PathBuf>,
-        /// Informed detection: the job's unmarked model (the aggregate the registry entry names
-        /// as its source; for a LoRA job its adapters' B), subtracted tensor by tensor before
-        /// the test. Needed for a small LoRA adapter, whose mark is too faint to test blind.
+        /// Informed detection: the registry's model, subtracted tensor by tensor before the
+        /// test. It must be the registered model: its digest must be a registry entry's source
+        /// (the unmarked aggregate; for a LoRA job its adapters' B) or published digest (then
+        /// the mark is taken out with the entry's mark key and amplitude before use), else it
+        /// is refused naming both digests; only that entry is then tried. Needed for a small
+        /// LoRA adapter, whose mark is too faint to test blind. With --mark-id the trail is not
+        /// read, so the reference is taken as the unmarked model, unchecked.
         #[arg(long)]
         reference: Option<PathBuf>,
+        /// Lay FILE onto the --reference model before testing: tensors paired by name or, when
+        /// renamed, by content; matrices stored transposed turned back; hidden units (rows of
+        /// one layer with the columns of the next, convolution channels) matched to the
+        /// reference's by weight-vector similarity. Finds copies whose units were permuted or
+        /// whose weights were written [in, out]. Holds both models in memory.
+        #[arg(long, requires = "reference", conflicts_with = "merged_base")]
+        align: bool,
         /// The consortium's watermark key file.
         #[arg(long)]
         key: PathBuf,
@@ -170,6 +184,7 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             merged_base,
             job,
             reference,
+            align,
             key,
             mark_id,
             json,
@@ -183,6 +198,7 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 file,
                 merged,
                 reference,
+                align,
             };
             return verify_watermark(&target, &key, mark_id, json, &source).await;
         }
@@ -220,6 +236,68 @@ struct Target {
     file: PathBuf,
     merged: Option<MergedOrigin>,
     reference: Option<PathBuf>,
+    align: bool,
+}
+
+/// The `--reference` model as the registry knows it: the unmarked source, or the published
+/// model with the mark to take out of it.
+enum ReferenceKind {
+    Source,
+    Published { mark: MarkKey, amplitude: f64 },
+}
+
+/// Checks the `--reference` file against the registry entries under the key: its digest must
+/// be an entry's source or published digest. Keeps only the entries it belongs to, and says
+/// how to read it. Without entries (`--mark-id`), it is taken as the unmarked source.
+fn check_reference(
+    path: &std::path::Path,
+    candidates: &mut Vec<Candidate>,
+    key: &WatermarkKey,
+) -> anyhow::Result<ReferenceKind> {
+    let digest = hex::encode(
+        model_digest_of_file(&weights_file(path))
+            .with_context(|| format!("reading the reference model {}", path.display()))?,
+    );
+    if candidates.iter().all(|c| c.entry.is_none()) {
+        eprintln!(
+            "reference {} (digest {digest}) is taken as the unmarked model: with --mark-id the \
+             trail's registry is not read, so it is not checked against it",
+            path.display()
+        );
+        return Ok(ReferenceKind::Source);
+    }
+    let registered: Vec<String> = candidates
+        .iter()
+        .filter_map(|c| c.entry.as_ref())
+        .map(|e| {
+            format!(
+                "job {}: published {}, source {}",
+                e.registered.job, e.registered.model_digest, e.registered.source_digest
+            )
+        })
+        .collect();
+    candidates.retain(|c| {
+        c.entry.as_ref().is_some_and(|e| {
+            e.registered.source_digest == digest || e.registered.model_digest == digest
+        })
+    });
+    let Some(entry) = candidates.first().and_then(|c| c.entry.as_ref()) else {
+        anyhow::bail!(
+            "the reference {} has digest {digest}, which is neither the published nor the source \
+             digest of any registry entry under this key ({}): a --reference must be the \
+             registered model",
+            path.display(),
+            registered.join("; ")
+        );
+    };
+    Ok(if entry.registered.model_digest == digest {
+        ReferenceKind::Published {
+            mark: key.mark(&entry.registered.mark_id),
+            amplitude: entry.registered.amplitude,
+        }
+    } else {
+        ReferenceKind::Source
+    })
 }
 
 /// `path`, or its `model.safetensors` when it is a directory.
@@ -236,16 +314,44 @@ fn weights_file(path: &std::path::Path) -> PathBuf {
 /// reference when one is given.
 fn detections(
     target: &Target,
+    reference_kind: Option<ReferenceKind>,
     marks: &[MarkKey],
 ) -> anyhow::Result<Vec<tutela_protocol::watermark::Detection>> {
     let file = weights_file(&target.file);
-    let mut reference = match &target.reference {
-        Some(path) => Some(
-            Reference::open(&weights_file(path))
-                .with_context(|| format!("the reference model {}", path.display()))?,
-        ),
-        None => None,
+    let mut reference = match (&target.reference, reference_kind) {
+        (Some(path), kind) => {
+            let weights = weights_file(path);
+            let opened = match kind {
+                Some(ReferenceKind::Published { mark, amplitude }) => {
+                    Reference::open_published(&weights, mark, amplitude)
+                }
+                _ => Reference::open(&weights),
+            };
+            Some(opened.with_context(|| format!("the reference model {}", path.display()))?)
+        }
+        (None, _) => None,
     };
+    if let (true, Some(reference)) = (target.align, reference.as_mut()) {
+        let (detections, report) = detect_aligned_marks(&file, reference, marks)?;
+        eprintln!(
+            "aligned to the reference: {} tensor(s) paired by name, {} by content, {} transposed \
+             back, {} with units moved{}",
+            report.by_name,
+            report.by_content,
+            report.transposed,
+            report.permuted,
+            if report.unpaired_reference.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; the reference's {} tensor(s) the file has no match for are left out: {}",
+                    report.unpaired_reference.len(),
+                    report.unpaired_reference.join(", ")
+                )
+            }
+        );
+        return Ok(detections);
+    }
     let Some(origin) = &target.merged else {
         return Ok(detect_file_marks_against(&file, reference.as_mut(), marks)?);
     };
@@ -267,6 +373,17 @@ fn detections(
             "{} has none of the {} adapted modules of the job's base: it is not a merge of this job's adapters",
             file.display(),
             recovery.missing.len()
+        );
+    }
+    if !recovery.by_content.is_empty() {
+        eprintln!(
+            "matched by content, not by name: {}",
+            recovery
+                .by_content
+                .iter()
+                .map(|(base, found)| format!("{base} = {found}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     eprintln!(
@@ -294,7 +411,7 @@ async fn verify_watermark(
 ) -> anyhow::Result<()> {
     let key = WatermarkKey::read_file(key_file)?;
     let commitment = key.commitment();
-    let candidates: Vec<Candidate> = match mark_id {
+    let mut candidates: Vec<Candidate> = match mark_id {
         Some(id) => vec![Candidate {
             entry: None,
             mark_id: id,
@@ -321,8 +438,12 @@ async fn verify_watermark(
             mine
         }
     };
+    let reference_kind = match &target.reference {
+        Some(path) => Some(check_reference(path, &mut candidates, &key)?),
+        None => None,
+    };
     let marks: Vec<_> = candidates.iter().map(|c| key.mark(&c.mark_id)).collect();
-    let detections = detections(target, &marks)?;
+    let detections = detections(target, reference_kind, &marks)?;
     let file = target.file.as_path();
     let tried = candidates.len();
     let thresholds: Vec<f64> = candidates.iter().map(|c| c.threshold).collect();

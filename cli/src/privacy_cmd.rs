@@ -385,7 +385,7 @@ mod tests {
 }
 
 /// A data dictionary for people: 3 significant digits, each figure with its bound.
-fn render_dictionary(d: &tutela_privacy::stats::DataDictionary) -> String {
+pub(crate) fn render_dictionary(d: &tutela_privacy::stats::DataDictionary) -> String {
     use std::fmt::Write as _;
     use tutela_privacy::stats::ColumnDictionary;
     let n = |v: f64| tutela_protocol::human::significant(v, 3);

@@ -909,3 +909,7 @@ mod watermark_cli;
 // `tutela pki issue --pkcs12` and `tutela audit verify-proof`, the console's two CLI parts.
 #[path = "pki_cli/console_cli.rs"]
 mod console_cli;
+
+// `tutela audit report --format html|pdf` and `tutela audit verify-report`.
+#[path = "pki_cli/report_cli.rs"]
+mod report_cli;

@@ -35,6 +35,13 @@ pub type AuditConfig = tutela_audit::client::AuditEndpoint;
 pub enum AuditTrailError {
     #[error("audit: {0}")]
     Client(#[from] AuditClientError),
+    /// With `[ha]`: this coordinator no longer holds the leader lease, so the event is the new
+    /// leader's to record (it records each once: `record_once` looks first).
+    #[error("audit: not appended: this coordinator is not the leader")]
+    NotLeader,
+    /// With `[ha]`: whether this coordinator still holds the lease could not be read.
+    #[error("audit: not appended: the leader lease could not be checked: {0}")]
+    LeaseCheck(String),
 }
 
 /// The longest wait between two tries of a durable append.
@@ -49,6 +56,10 @@ pub struct AuditTrail {
     warned: AtomicBool,
     /// The longest wait between two tries of a durable append.
     max_backoff: Duration,
+    /// With `[ha]`: the fenced job store, asked before every append whether this coordinator
+    /// still holds the leader lease (an old leader that woke up must not append what the new
+    /// leader records).
+    leader: std::sync::OnceLock<crate::store::Store>,
 }
 
 impl AuditTrail {
@@ -59,6 +70,7 @@ impl AuditTrail {
             identity: String::new(),
             warned: AtomicBool::new(false),
             max_backoff: MAX_BACKOFF,
+            leader: std::sync::OnceLock::new(),
         }
     }
 
@@ -69,11 +81,30 @@ impl AuditTrail {
             identity: tls.identity.uri(),
             warned: AtomicBool::new(false),
             max_backoff: MAX_BACKOFF,
+            leader: std::sync::OnceLock::new(),
         })
     }
 
     pub fn enabled(&self) -> bool {
         self.client.is_some()
+    }
+
+    /// Appends only while `store`'s leader lease is this coordinator's (`[ha]`; see
+    /// [`crate::store::Store::still_leader`]).
+    pub fn only_while_leader(&self, store: crate::store::Store) {
+        let _ = self.leader.set(store);
+    }
+
+    /// Whether this coordinator may append now: always without `[ha]`.
+    async fn check_leader(&self) -> Result<(), AuditTrailError> {
+        let Some(store) = self.leader.get() else {
+            return Ok(());
+        };
+        match store.still_leader().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AuditTrailError::NotLeader),
+            Err(e) => Err(AuditTrailError::LeaseCheck(e.to_string())),
+        }
     }
 
     /// Records one event and waits until the audit service has committed it. `Ok(None)` when
@@ -94,6 +125,7 @@ impl AuditTrail {
             tracing::debug!(action = %action, subject, %payload, "audit event (not recorded)");
             return Ok(None);
         };
+        self.check_leader().await?;
         // tonic clients are cheap clones sharing one channel.
         let mut client = client.clone();
         Ok(Some(client.append(action, subject, &payload).await?))
@@ -196,6 +228,19 @@ impl AuditTrail {
         let mut delay = Duration::from_millis(100);
         let mut waiting_since: Option<std::time::Instant> = None;
         loop {
+            match self.check_leader().await {
+                Ok(()) => {}
+                Err(AuditTrailError::NotLeader) => {
+                    tracing::warn!(action = %action, subject, "not the leader any more: the event is left to the new leader, which records it once");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, action = %action, subject, "cannot tell whether this coordinator is still the leader: waiting before appending");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.max_backoff);
+                    continue;
+                }
+            }
             let outcome = async {
                 if look {
                     match self.find(&mut client, action, subject, &is_it).await {

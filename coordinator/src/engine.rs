@@ -22,17 +22,20 @@ use tutela_audit::payload;
 use tutela_protocol::pb;
 
 use crate::aggregate::plan::{JobAggregation, Spools};
-use crate::job::{JobId, JobKind, JobSpec, JobState, StatisticsJobSpec};
+use crate::job::{JobId, JobSpec, JobState, SubmittedSpec};
 use crate::nodes::NodeRegistry;
 use crate::store::Store;
 use crate::strategy::StrategyConfig;
 use crate::tasks::{SiteMetrics, TaskTable};
 
 mod check;
+mod failover;
 mod publish;
 mod round;
+mod statistics;
 
 pub use check::{CHECK_WAIT, CheckAnswerError, PendingChecks};
+pub use failover::INTERRUPTED;
 pub use publish::DETECTION_THRESHOLD;
 
 pub struct Engine {
@@ -65,6 +68,12 @@ pub struct Engine {
     /// Held while a stage move of the model registry is checked, recorded and applied
     /// (`crate::registry::move_stage`): moves are applied one at a time.
     pub registry_lock: tokio::sync::Mutex<()>,
+    /// With `[ha]`: models and strategy states are copied into the database for a new leader on
+    /// another machine (`failover`).
+    replicate_files: std::sync::atomic::AtomicBool,
+    /// The coordinator's Prometheus metrics (`crate::metrics`), counted whether or not
+    /// `[metrics]` serves them.
+    pub metrics: Arc<crate::metrics::CoordinatorMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +101,13 @@ pub enum EngineError {
     NotConfigured(String),
 }
 
+impl EngineError {
+    /// Whether a write was refused because this coordinator no longer holds the leader lease.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, EngineError::Store(e) if e.is_fenced())
+    }
+}
+
 /// The buffered aggregation's spools, under `state_dir`.
 const UPDATE_SPOOL_DIR: &str = "update-spools";
 
@@ -107,22 +123,12 @@ fn ms_to_time(ms: i64) -> time::OffsetDateTime {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// The training job spec in `spec_toml`. A consortium-statistics spec (`kind = "statistics"`,
-/// `tutela_protocol::job::statistics`) is checked as one, then refused saying that this
-/// coordinator does not run that kind yet: before any officer is asked to sign a job that could
-/// never start (docs/architecture.md, "Consortium statistics", what is left). Used by `SubmitJob`
-/// and `AmendJob`; `CheckJob` creates no job and asks the sites about a job of either kind.
-pub fn training_spec(spec_toml: &str) -> Result<JobSpec, EngineError> {
-    if JobKind::of_toml(spec_toml)? == JobKind::Statistics {
-        StatisticsJobSpec::from_toml_str(spec_toml)?;
-        return Err(EngineError::NotConfigured(
-            "kind = \"statistics\": this coordinator does not run consortium-statistics jobs \
-             yet (the spec is valid; nothing was proposed or recorded)"
-                .into(),
-        ));
-    }
-    Ok(JobSpec::from_toml_str(spec_toml)?)
-}
+/// Why a statistics spec with `[secure_aggregation]` is refused at submission.
+pub const MASKED_STATISTICS_REFUSAL: &str = "[secure_aggregation]: this coordinator does not run \
+     a consortium-statistics job's masked sum yet (the masked round carries no statistics vector, \
+     and a site's ledger cannot state the masked sum's ε); submit it without \
+     [secure_aggregation], so that each site releases its own noised vector (the spec is valid; \
+     nothing was proposed or recorded)";
 
 fn new_task_id() -> String {
     use ring::rand::SecureRandom;
@@ -151,10 +157,15 @@ impl Engine {
                 key.as_bytes(),
             ))
         };
+        let nodes = Arc::new(NodeRegistry::default());
+        let tasks = Arc::new(TaskTable::default());
+        let metrics = crate::metrics::CoordinatorMetrics::new(nodes.clone(), tasks.clone())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Arc::new(Engine {
             store,
-            nodes: Arc::new(NodeRegistry::default()),
-            tasks: Arc::new(TaskTable::default()),
+            nodes,
+            tasks,
+            metrics: Arc::new(metrics),
             checks: PendingChecks::default(),
             model_dir,
             spool_pool: crate::aggregate::SpoolPool::new(Some(state_dir.clone())),
@@ -167,6 +178,7 @@ impl Engine {
             secagg: Default::default(),
             watermark_key: std::sync::OnceLock::new(),
             registry_lock: tokio::sync::Mutex::new(()),
+            replicate_files: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -208,7 +220,8 @@ impl Engine {
             Ok(Some(s)) => s.counting.len(),
             _ => 0,
         };
-        let sites = job.spec().map(|s| s.sites).unwrap_or_default();
+        // The sites of a spec of either kind (a statistics job's are its participants too).
+        let sites = job.sites().unwrap_or_default();
         self.trail()
             .record_payload_once(
                 id.as_str(),
@@ -223,10 +236,34 @@ impl Engine {
             .await;
     }
 
-    /// Who may decide for each site `spec` lists, by the policy in force (`None` without a
-    /// policy: the trail then admits no officer's decision of the job).
-    fn approvers(&self, spec: &JobSpec) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
-        self.approvals.get().map(|gate| gate.approvers(spec))
+    /// Who may decide for each of `sites` (a spec's, of either kind), by the policy in force
+    /// (`None` without a policy: the trail then admits no officer's decision of the job).
+    fn approvers(
+        &self,
+        sites: &[String],
+    ) -> Option<std::collections::BTreeMap<String, Vec<String>>> {
+        self.approvals.get().map(|gate| gate.approvers(sites))
+    }
+
+    /// The spec in `spec_toml`, of either kind, if this coordinator can run it: a training
+    /// job's strategy and watermark key; a statistics job without `[secure_aggregation]`
+    /// ([`MASKED_STATISTICS_REFUSAL`]). Used by `SubmitJob` and `AmendJob`, before anything is
+    /// stored or proposed; `CheckJob` creates no job and asks the sites about either kind.
+    pub fn accepted_spec(&self, spec_toml: &str) -> Result<SubmittedSpec, EngineError> {
+        let spec = SubmittedSpec::from_toml_str(spec_toml)?;
+        match &spec {
+            SubmittedSpec::Training(training) => {
+                StrategyConfig::from_spec(training.strategy.as_ref())
+                    .map_err(|e| EngineError::Strategy(e.to_string()))?;
+                self.check_watermark_key(training)?;
+            }
+            SubmittedSpec::Statistics(statistics) => {
+                if statistics.secure_aggregation.is_some() {
+                    return Err(EngineError::NotConfigured(MASKED_STATISTICS_REFUSAL.into()));
+                }
+            }
+        }
+        Ok(spec)
     }
 
     pub async fn get_job(&self, id: &JobId) -> Result<crate::store::JobRecord, EngineError> {
@@ -261,6 +298,12 @@ impl Engine {
         let running = self.store.list_jobs(Some(JobState::Running)).await?;
         let n = running.len();
         for job in running {
+            if let Ok(SubmittedSpec::Statistics(_)) = job.submitted() {
+                tracing::info!(job = %job.id, "resuming statistics job");
+                let this = self.clone();
+                tokio::spawn(async move { this.resume_statistics(job.id).await });
+                continue;
+            }
             tracing::info!(job = %job.id, round = job.current_round, "resuming job");
             // A coordinator that stopped between marking the job running and recording
             // `job.started` (the trail down at the time) records it now, before any round.
@@ -285,10 +328,7 @@ impl Engine {
         spec_toml: &str,
         submitter: Option<&str>,
     ) -> Result<JobId, EngineError> {
-        let spec = training_spec(spec_toml)?;
-        StrategyConfig::from_spec(spec.strategy.as_ref())
-            .map_err(|e| EngineError::Strategy(e.to_string()))?;
-        self.check_watermark_key(&spec)?;
+        let spec = self.accepted_spec(spec_toml)?;
         let digest = spec.digest();
         let id = self.store.create_job(spec_toml, &spec, &digest).await?;
         if let Some(who) = submitter {
@@ -299,7 +339,7 @@ impl Engine {
             .trail()
             .record_payload(
                 id.as_str(),
-                &proposal(&spec, &digest, submitter, self.approvers(&spec)),
+                &proposal(&spec, &digest, submitter, self.approvers(spec.sites())),
             )
             .await;
         if let Err(e) = proposed {
@@ -350,10 +390,31 @@ impl Engine {
             None => true,
         };
         if met {
-            self.store
+            match self
+                .store
                 .set_job_state(id, JobState::Proposed, JobState::Running, None)
-                .await?;
+                .await
+            {
+                Ok(()) => {}
+                // Two last approvals arriving together both see the quorum met; the first to
+                // start the job wins, and the other's approval, recorded and counted all the
+                // same, must not be answered as an error (found with 300 sites approving at
+                // once: the loser was told its approval failed).
+                Err(crate::store::StoreError::StaleState {
+                    actual: JobState::Running,
+                    ..
+                }) => {
+                    self.changed(id);
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(job = %id, "approval quorum met: job starts");
+            if self.approvals.get().is_some() {
+                let waited = time::OffsetDateTime::now_utc() - job.created_at;
+                self.metrics
+                    .approval_quorum_met(waited.try_into().unwrap_or_default());
+            }
             self.audit_started(id).await;
             self.spawn(id.clone());
         }
@@ -365,10 +426,7 @@ impl Engine {
     /// proposed in the audit trail first (fail closed): officers' approvals of its digest are
     /// accepted there only for a digest the trail shows proposed.
     pub async fn amend(&self, id: &JobId, spec_toml: &str) -> Result<(), EngineError> {
-        let spec = training_spec(spec_toml)?;
-        StrategyConfig::from_spec(spec.strategy.as_ref())
-            .map_err(|e| EngineError::Strategy(e.to_string()))?;
-        self.check_watermark_key(&spec)?;
+        let spec = self.accepted_spec(spec_toml)?;
         let submitter = self.store.submitter(id).await?;
         self.trail()
             .record_payload(
@@ -377,7 +435,7 @@ impl Engine {
                     &spec,
                     &spec.digest(),
                     submitter.as_deref(),
-                    self.approvers(&spec),
+                    self.approvers(spec.sites()),
                 ),
             )
             .await
@@ -451,42 +509,64 @@ impl Engine {
                 _ = token.cancelled() => Err(EngineError::Cancelled),
             };
             match result {
-                Ok(()) => tracing::info!(job = %job, "job completed"),
-                Err(EngineError::Cancelled) => tracing::info!(job = %job, "job cancelled"),
+                Ok(()) => {
+                    this.metrics
+                        .job_ended(crate::metrics::JobOutcome::Completed);
+                    tracing::info!(job = %job, "job completed")
+                }
+                Err(EngineError::Cancelled) => {
+                    this.metrics
+                        .job_ended(crate::metrics::JobOutcome::Cancelled);
+                    tracing::info!(job = %job, "job cancelled")
+                }
+                // Another coordinator holds the lease and goes on with the job: nothing of it
+                // is this one's to record any more.
+                Err(e) if e.is_fenced() => {
+                    tracing::warn!(job = %job, error = %e, "lost the leader lease: this coordinator stops running the job");
+                }
                 Err(e) => {
+                    this.metrics.job_ended(crate::metrics::JobOutcome::Failed);
                     tracing::error!(job = %job, error = %e, "job failed");
-                    let reason = e.to_string();
-                    if let Err(e2) = this
-                        .store
-                        .set_job_state(&job, JobState::Running, JobState::Failed, Some(&reason))
-                        .await
-                    {
-                        tracing::error!(job = %job, error = %e2, "could not record the failure");
-                    }
-                    this.trail()
-                        .note_payload_durably(
-                            job.as_str(),
-                            &payload::JobFailed {
-                                state: "failed".into(),
-                                reason,
-                            },
-                        )
-                        .await;
+                    this.fail_running(&job, &e.to_string()).await;
                 }
             }
             this.changed(&job);
         });
     }
 
+    /// Marks a running job failed with `reason`, and records `job.failed`.
+    async fn fail_running(&self, job: &JobId, reason: &str) {
+        if let Err(e2) = self
+            .store
+            .set_job_state(job, JobState::Running, JobState::Failed, Some(reason))
+            .await
+        {
+            tracing::error!(job = %job, error = %e2, "could not record the failure");
+        }
+        self.trail()
+            .note_payload_durably(
+                job.as_str(),
+                &payload::JobFailed {
+                    state: "failed".into(),
+                    reason: reason.to_string(),
+                },
+            )
+            .await;
+    }
+
     async fn run_job(self: &Arc<Self>, job_id: &JobId) -> Result<(), EngineError> {
         let job = self.get_job(job_id).await?;
-        let spec = JobSpec::from_toml_str(&job.spec_toml)?;
+        let spec = match job.submitted()? {
+            SubmittedSpec::Training(spec) => *spec,
+            SubmittedSpec::Statistics(spec) => return self.run_statistics(&job, &spec).await,
+        };
         let digest_hex = job.spec_digest.to_hex();
-        // The approvals that count go with every task, for the nodes to verify themselves.
-        let approvals = match self.standing(&job).await? {
+        // The approvals that count go with the tasks, each site's to its own node, for the nodes
+        // to verify themselves.
+        let approvals = crate::approvals::SiteApprovals::new(&match self.standing(&job).await? {
             Some(s) => s.counting,
             None => Vec::new(),
-        };
+        });
         let submitted_by = self.store.submitter(job_id).await?.unwrap_or_default();
         let ctx = JobCtx {
             id: job_id,
@@ -503,9 +583,13 @@ impl Engine {
         // Where the job stands: the last completed round and its global model.
         let (mut round, mut model_id) =
             match self.store.global_model(job_id, job.current_round).await? {
-                Some(m) => (job.current_round, m),
+                Some(m) => {
+                    self.ensure_local(job_id, job.current_round, &m).await?;
+                    (job.current_round, m)
+                }
                 None => {
                     let m = self.initial_model(&ctx).await?;
+                    self.replicate_model(&m).await?;
                     self.store.set_initial_model(job_id, &m).await?;
                     self.changed(job_id);
                     (0, m)
@@ -542,6 +626,7 @@ impl Engine {
                             .record_failed_attempt(job_id, next, attempt, &reason)
                             .await?;
                         self.changed(job_id);
+                        self.metrics.round_attempt_failed(job_id.as_str());
                         tracing::warn!(job = %job_id, round = next, attempt, %reason, "round attempt failed");
                         if attempt > spec.max_round_retries {
                             return Err(EngineError::Failed(format!(
@@ -568,6 +653,7 @@ impl Engine {
         // The published model: the final global model, watermarked first when the job asks.
         let publication = self.publication(job_id, &spec, &model_id).await?;
         let published = publication.model_id.clone();
+        self.replicate_model(&published).await?;
         // Recorded before the job is marked completed, and looked for first: a coordinator that
         // stopped in between resumes the job here and records each once.
         let trail = self.trail();
@@ -615,14 +701,65 @@ impl Engine {
     }
 }
 
-/// What every task of a job carries.
+/// A training job's context: its spec, and what every task of it carries.
 struct JobCtx<'a> {
     id: &'a JobId,
     spec: &'a JobSpec,
     spec_toml: &'a str,
     digest_hex: &'a str,
-    approvals: &'a [pb::SignedApproval],
+    approvals: &'a crate::approvals::SiteApprovals,
     submitted_by: &'a str,
+}
+
+impl<'a> JobCtx<'a> {
+    fn header(&self) -> TaskHeader<'a> {
+        TaskHeader {
+            id: self.id,
+            spec_toml: self.spec_toml,
+            digest_hex: self.digest_hex,
+            approvals: self.approvals,
+            submitted_by: self.submitted_by,
+        }
+    }
+}
+
+/// What every task of a job (of either kind) carries.
+struct TaskHeader<'a> {
+    id: &'a JobId,
+    spec_toml: &'a str,
+    digest_hex: &'a str,
+    /// The approvals that count; each site's node gets its own site's (`SiteApprovals::for_site`).
+    approvals: &'a crate::approvals::SiteApprovals,
+    submitted_by: &'a str,
+}
+
+impl TaskHeader<'_> {
+    /// A new task of `kind` for the job and `site`'s node, with a fresh id.
+    fn task(
+        &self,
+        site: &str,
+        kind: pb::TaskKind,
+        (round, attempt): (u32, u32),
+        model_id: &str,
+        strategy_json: &str,
+        deadline_ms: i64,
+    ) -> pb::Task {
+        pb::Task {
+            task_id: new_task_id(),
+            kind: kind as i32,
+            job_id: self.id.to_string(),
+            round,
+            attempt,
+            job_spec_toml: self.spec_toml.to_string(),
+            job_digest: self.digest_hex.to_string(),
+            global_model_id: model_id.to_string(),
+            strategy_config_json: strategy_json.to_string(),
+            deadline_unix_ms: deadline_ms,
+            approvals: self.approvals.for_site(site),
+            submitted_by: self.submitted_by.to_string(),
+            secagg_participants: Vec::new(),
+        }
+    }
 }
 
 /// Metrics of a completed round, for the operator.
@@ -638,13 +775,34 @@ pub fn mean_eval_accuracy(metrics: &[SiteMetrics]) -> f64 {
         / n as f64
 }
 
-/// The `job.proposed` payload of `spec` (at submission and at every amendment).
+/// The `job.proposed` payload of `spec` (at submission and at every amendment). A statistics
+/// job has no model and no rounds (`base_model` empty, `rounds` 0); its `privacy` is its own
+/// `[privacy]` (ε per site's release, δ, accountant).
 fn proposal(
-    spec: &JobSpec,
+    spec: &SubmittedSpec,
     digest: &tutela_protocol::job::SpecDigest,
     submitter: Option<&str>,
     approvers: Option<std::collections::BTreeMap<String, Vec<String>>>,
 ) -> payload::JobProposed {
+    let spec = match spec {
+        SubmittedSpec::Training(spec) => spec,
+        SubmittedSpec::Statistics(spec) => {
+            return payload::JobProposed {
+                spec_digest: digest.to_hex(),
+                code_version: crate::audit_trail::code_version(),
+                base_model: String::new(),
+                name: spec.name.clone(),
+                operator: submitter.map(str::to_string),
+                participants: spec.sites.clone(),
+                approvers,
+                rounds: 0,
+                privacy: serde_json::to_value(&spec.privacy).unwrap_or_default(),
+                tokenizer_sha256: None,
+                base_sha256: None,
+                lora: None,
+            };
+        }
+    };
     payload::JobProposed {
         spec_digest: digest.to_hex(),
         code_version: crate::audit_trail::code_version(),

@@ -13,6 +13,8 @@ pub mod base_models;
 pub mod central_dp;
 pub mod engine;
 pub mod job;
+pub mod leadership;
+pub mod metrics;
 pub mod nodes;
 pub mod registry;
 pub mod service;
@@ -76,6 +78,14 @@ pub struct Config {
     /// section. Absent: such jobs are refused at submission.
     #[serde(default)]
     pub watermark: Option<WatermarkConfig>,
+    /// `[ha]`: several coordinators on one PostgreSQL database, one leader at a time (a lease in
+    /// the database; see `leadership`). Absent: this coordinator is the only one.
+    #[serde(default)]
+    pub ha: Option<leadership::HaConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`); none
+    /// without the table.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
 }
 
 /// `[watermark]` of coordinator.toml.
@@ -126,6 +136,24 @@ pub enum ConfigError {
     /// A value outside the range deploy/config/coordinator.toml documents.
     #[error(transparent)]
     OutOfRange(#[from] tutela_protocol::config_range::OutOfRange),
+    #[error(
+        "[ha] needs PostgreSQL: coordinators share their jobs and the leader lease in one \
+         postgres:// database_url (or database_url_file), but this one uses {backend}. Remove \
+         [ha] to run a single coordinator on SQLite"
+    )]
+    HaNeedsPostgres { backend: &'static str },
+    #[error(
+        "[ha] renew_every_secs = {renew} must be at most half of lease_ttl_secs = {ttl}, or the \
+         lease would lapse between two renewals of a live leader"
+    )]
+    HaRenewTooSlow { renew: u64, ttl: u64 },
+    #[error(
+        "[ha] instance_id is empty: name this coordinator, or leave the key out for the host name"
+    )]
+    HaEmptyInstance,
+    /// `[metrics]` refused (`tutela_protocol::metrics::MetricsConfig::validate`), as its message.
+    #[error("{0}")]
+    Metrics(String),
 }
 
 fn default_reload_secs() -> u64 {
@@ -171,6 +199,9 @@ impl Config {
             config.database_url_file.as_deref(),
         )
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config
+            .check_ha_database()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         file.tls_files("tls", &mut config.tls)?;
         if let Some(p) = &mut config.policy {
             file.existing_file("policy.model", &mut p.model)?;
@@ -208,10 +239,48 @@ impl Config {
             (None, true) => {}
         }
         in_range("tls_reload_secs", self.tls_reload_secs, 1, MAX_PERIOD_SECS)?;
+        if let Some(m) = &self.metrics {
+            m.validate()
+                .map_err(|e| ConfigError::Metrics(e.to_string()))?;
+        }
         if let Some(p) = &self.policy {
             in_range("policy.reload_secs", p.reload_secs, 1, MAX_PERIOD_SECS)?;
         }
+        if let Some(ha) = &self.ha {
+            in_range("ha.lease_ttl_secs", ha.lease_ttl_secs, 2, 300)?;
+            in_range("ha.renew_every_secs", ha.renew_every_secs, 1, 150)?;
+            if ha.renew_every_secs * 2 > ha.lease_ttl_secs {
+                return Err(ConfigError::HaRenewTooSlow {
+                    renew: ha.renew_every_secs,
+                    ttl: ha.lease_ttl_secs,
+                });
+            }
+            if ha
+                .instance_id
+                .as_deref()
+                .is_some_and(|i| i.trim().is_empty())
+            {
+                return Err(ConfigError::HaEmptyInstance);
+            }
+            // The URL is known here when given inline; from a file, after `from_file` read it.
+            self.check_ha_database()?;
+        }
         Ok(())
+    }
+
+    /// `[ha]` with a database other than PostgreSQL (SQLite, the default, included).
+    fn check_ha_database(&self) -> Result<(), ConfigError> {
+        if self.ha.is_none() || (self.database_url_file.is_some() && self.database_url.is_none()) {
+            return Ok(());
+        }
+        match self
+            .database_url
+            .as_deref()
+            .and_then(tutela_protocol::database::Backend::of_url)
+        {
+            Some(tutela_protocol::database::Backend::Postgres) => Ok(()),
+            _ => Err(ConfigError::HaNeedsPostgres { backend: "SQLite" }),
+        }
     }
 }
 
@@ -222,6 +291,8 @@ pub struct Coordinator {
     /// The consortium policy, when `[policy]` is configured (main reloads it on SIGHUP).
     pub authorizer: Option<Arc<tutela_policy::Authorizer>>,
     listener: tokio::net::TcpListener,
+    /// The `/metrics` listener of `[metrics]`, bound at start.
+    metrics_listener: Option<tutela_protocol::metrics::MetricsServer>,
 }
 
 impl Coordinator {
@@ -253,16 +324,28 @@ impl Coordinator {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let metrics_listener = match &config.metrics {
+            Some(m) => Some(tutela_protocol::metrics::MetricsServer::bind(m).await?),
+            None => None,
+        };
         Ok(Coordinator {
             config,
             tls,
             authorizer,
             listener,
+            metrics_listener,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Where `/metrics` is served, when `[metrics]` is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|m| m.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes.
@@ -279,9 +362,36 @@ impl Coordinator {
             }
         };
         let db = store::Store::open(&db_url).await?;
+        // With [ha], every write of this coordinator is fenced by the lease epoch it holds (none
+        // until it takes the lease: a follower writes nothing).
+        let fence = store::Fence::default();
+        let leadership = match &self.config.ha {
+            Some(ha) => {
+                if db.backend() != store::Backend::Postgres {
+                    anyhow::bail!(
+                        "{}",
+                        store::StoreError::LeaseNeedsPostgres {
+                            backend: db.backend(),
+                            location: tutela_protocol::database::redact_url(&db_url),
+                        }
+                    );
+                }
+                Some((leadership::Leadership::new(ha.instance_id()), ha.clone()))
+            }
+            None => None,
+        };
+        let unfenced = db.clone();
+        let db = if leadership.is_some() {
+            db.fenced(fence.clone())
+        } else {
+            db
+        };
         let model_dir = self.config.data_dir.join("models");
         let engine =
             engine::Engine::new(db, model_dir.clone(), self.config.data_dir.join("state"))?;
+        if leadership.is_some() {
+            engine.set_replicate_files();
+        }
         // One audit trail for the whole coordinator: the engine's events, the services' (submit,
         // approve, reject, node registration) and the policy decisions all go through it.
         let trail = Arc::new(match &self.config.audit {
@@ -297,7 +407,14 @@ impl Coordinator {
                 audit_trail::AuditTrail::disabled()
             }
         });
+        if leadership.is_some() {
+            trail.only_while_leader(engine.store.clone());
+        }
         let _ = engine.audit.set(trail.clone());
+        let tls_metrics = engine.metrics.tls.clone();
+        let _metrics_task = self
+            .metrics_listener
+            .map(|m| m.spawn(engine.metrics.registry()));
         if let Some(w) = &self.config.watermark {
             // Read at start: a key file that cannot be used stops the coordinator here, not at
             // the end of a job. Its contents never appear in an error.
@@ -323,7 +440,11 @@ impl Coordinator {
             }
             None => tutela_policy::EnforceLayer::off(),
         };
-        let resumed = engine.resume().await?;
+        // With [ha] the lease decides when this coordinator resumes (takes over) the jobs.
+        let resumed = match &leadership {
+            Some(_) => 0,
+            None => engine.resume().await?,
+        };
         if resumed > 0 {
             tracing::info!(jobs = resumed, "resumed running jobs");
             if self.authorizer.is_none() {
@@ -365,19 +486,117 @@ impl Coordinator {
             store,
             engine: engine.clone(),
         };
-        let jobs = pb::jobs_server::JobsServer::new(service::JobsService { engine });
+        let jobs = pb::jobs_server::JobsServer::new(service::JobsService {
+            engine: engine.clone(),
+        });
+        // A follower serves only health, reflection and Identity; the rest is the leader's.
+        let gate = match &leadership {
+            Some((l, ha)) => {
+                let (l, ha) = (l.clone(), ha.clone());
+                tracing::info!(
+                    instance = l.instance_id(),
+                    ttl_secs = ha.lease_ttl_secs,
+                    "[ha]: trying the leader lease"
+                );
+                tokio::spawn(leadership::run(
+                    l.clone(),
+                    engine.clone(),
+                    unfenced.clone(),
+                    fence.clone(),
+                    ha,
+                ));
+                let mut roles = l.subscribe();
+                let reporter = reporter.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let leader =
+                            matches!(*roles.borrow_and_update(), leadership::Role::Leader { .. });
+                        set_leader_services_serving(&reporter, leader).await;
+                        if roles.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                l
+            }
+            // Without [ha] this coordinator is always the leader.
+            None => {
+                let l = leadership::Leadership::new("single".into());
+                l.force_leader();
+                l
+            }
+        };
         let router = router
-            .add_service(enforce.wrap(federation))
-            .add_service(enforce.wrap(jobs))
-            .add_service(enforce.wrap(registry))
+            .add_service(gate.gate(enforce.wrap(federation)))
+            .add_service(gate.gate(enforce.wrap(jobs)))
+            .add_service(gate.gate(enforce.wrap(registry)))
             .add_service(enforce.wrap(services::identity_service()))
-            .add_service(enforce.wrap(models.into_service()));
+            .add_service(gate.gate(enforce.wrap(models.into_service())));
         let _watcher = self
             .tls
             .spawn_watcher(Duration::from_secs(self.config.tls_reload_secs.max(1)));
         tracing::info!(addr = %self.listener.local_addr()?, identity = %self.tls.identity(), "coordinator listening");
-        tutela_protocol::server::serve(router, self.listener, self.tls, shutdown).await?;
+        tutela_protocol::server::serve_with_metrics(
+            router,
+            self.listener,
+            self.tls,
+            tls_metrics,
+            shutdown,
+        )
+        .await?;
+        // A clean stop hands the lease over at once rather than after its TTL.
+        if let (Some((l, _)), Some(epoch)) = (&leadership, fence.epoch()) {
+            fence.clear();
+            engine.stand_down("the leader is stopping");
+            if let Err(e) = unfenced.release_lease(l.instance_id(), epoch).await {
+                tracing::warn!(error = %e, "could not release the leader lease; it expires by itself");
+            }
+        }
         Ok(())
+    }
+}
+
+/// The gRPC health service name `probe --leader` asks for: SERVING only on the leader (`[ha]`;
+/// always, without it).
+pub const LEADER_HEALTH_SERVICE: &str = <pb::federation_server::FederationServer<
+    service::FederationService,
+> as tonic::server::NamedService>::NAME;
+
+/// The services only a leader serves, SERVING or NOT_SERVING in gRPC health.
+async fn set_leader_services_serving(
+    reporter: &tonic_health::server::HealthReporter,
+    leader: bool,
+) {
+    use pb::federation_server::FederationServer;
+    use pb::jobs_server::JobsServer;
+    use pb::model_exchange_server::ModelExchangeServer;
+    use pb::registry_server::RegistryServer;
+    if leader {
+        reporter
+            .set_serving::<FederationServer<service::FederationService>>()
+            .await;
+        reporter
+            .set_serving::<JobsServer<service::JobsService>>()
+            .await;
+        reporter
+            .set_serving::<RegistryServer<service::RegistryService>>()
+            .await;
+        reporter
+            .set_serving::<ModelExchangeServer<service::ModelStoreService>>()
+            .await;
+    } else {
+        reporter
+            .set_not_serving::<FederationServer<service::FederationService>>()
+            .await;
+        reporter
+            .set_not_serving::<JobsServer<service::JobsService>>()
+            .await;
+        reporter
+            .set_not_serving::<RegistryServer<service::RegistryService>>()
+            .await;
+        reporter
+            .set_not_serving::<ModelExchangeServer<service::ModelStoreService>>()
+            .await;
     }
 }
 
@@ -634,6 +853,61 @@ mod tests {
                 dir.path().join("gone.key").display()
             )
         );
+    }
+
+    /// `[ha]` needs PostgreSQL (refused with the SQLite default, naming the table), a renewal
+    /// within half the TTL and documented ranges; the shipped example documents the table.
+    #[test]
+    fn ha_needs_postgres_and_a_renewal_well_within_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let ha = "[ha]\ninstance_id = \"c1\"\nlease_ttl_secs = 4\nrenew_every_secs = 2\n";
+        let path = write_config(dir.path(), "insecure_no_policy = true", ha);
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(path.to_str().unwrap())
+                && e.contains("[ha] needs PostgreSQL")
+                && e.contains("SQLite"),
+            "{e}"
+        );
+        let pg = "insecure_no_policy = true\ndatabase_url = \"postgres://c@db/t\"";
+        let path = write_config(dir.path(), pg, ha);
+        let c = Config::from_file(&path).unwrap();
+        let got = c.ha.as_ref().map(|h| (h.instance_id(), h.lease_ttl_secs));
+        assert_eq!(got, Some(("c1".to_string(), 4)));
+        // A database URL from a file is checked once read.
+        std::fs::write(dir.path().join("db-url"), "sqlite://x.db").unwrap();
+        let from_file = "insecure_no_policy = true\ndatabase_url_file = \"db-url\"";
+        let path = write_config(dir.path(), from_file, ha);
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("[ha] needs PostgreSQL"), "{e}");
+        for (table, want) in [
+            (
+                "[ha]\nlease_ttl_secs = 4\nrenew_every_secs = 3\n",
+                "at most half",
+            ),
+            ("[ha]\nlease_ttl_secs = 1\n", "ha.lease_ttl_secs"),
+            ("[ha]\nrenew_every_secs = 0\n", "ha.renew_every_secs"),
+            ("[ha]\ninstance_id = \" \"\n", "instance_id is empty"),
+            ("[ha]\nlease_ttl = 4\n", "unknown field"),
+        ] {
+            let path = write_config(dir.path(), pg, table);
+            let e = Config::from_file(&path).unwrap_err().to_string();
+            assert!(e.contains(want), "{table}: {e}");
+        }
+        let shipped =
+            std::fs::read_to_string(repo().join("deploy/config/coordinator.toml")).unwrap();
+        for key in [
+            "#[ha]",
+            "#instance_id",
+            "#lease_ttl_secs",
+            "#renew_every_secs",
+            "#advertise_address",
+        ] {
+            assert!(
+                shipped.contains(key),
+                "deploy/config/coordinator.toml documents {key}"
+            );
+        }
     }
 
     /// Hole (a) of the 2026-11 review: a coordinator ran with no trail at all when `[audit]` was

@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 /// The Tutela coordinator: the consortium's server that site nodes connect out to, over mutual
 /// TLS. See deploy/config/coordinator.toml for every configuration key. It refuses to start
 /// without a [policy] (the casbin policy whose approval quorum every job must meet), unless the
-/// config sets `insecure_no_policy = true` for a lab or a test.
+/// config sets `insecure_no_policy = true` for a lab or a test. With a [metrics] table it serves
+/// Prometheus metrics on a plain-HTTP loopback port (docs/monitoring.md).
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -30,6 +31,11 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 5)]
         timeout_secs: u64,
+        /// Exit 0 only if this coordinator is the leader ([ha]: it serves nodes); a follower is
+        /// alive (the plain probe passes) but not ready for nodes. Without [ha], the same as
+        /// the plain probe.
+        #[arg(long)]
+        leader: bool,
     },
 }
 
@@ -39,10 +45,20 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tutela_protocol::logging::init(args.log_json);
     let config = tutela_coordinator::Config::from_file(&args.config)?;
-    if let Some(Command::Probe { timeout_secs }) = args.command {
-        tutela_protocol::health::probe_own_server(
+    if let Some(Command::Probe {
+        timeout_secs,
+        leader,
+    }) = args.command
+    {
+        let service = if leader {
+            tutela_coordinator::LEADER_HEALTH_SERVICE
+        } else {
+            ""
+        };
+        tutela_protocol::health::probe_own_service(
             &config.tls,
             config.listen,
+            service,
             Duration::from_secs(timeout_secs),
         )
         .await?;

@@ -94,6 +94,20 @@ impl NodeRegistry {
         }
     }
 
+    /// Ends every node's task stream with `status` and forgets them (this coordinator stopped
+    /// being the leader: the nodes go on to the next coordinator address they know).
+    pub fn disconnect_all(&self, status: Status) {
+        let nodes: Vec<(String, Connected)> = self.lock().drain().collect();
+        if nodes.is_empty() {
+            return;
+        }
+        for (site, n) in nodes {
+            let _ = n.tx.try_send(Err(status.clone()));
+            tracing::info!(%site, "node sent away: {}", status.message());
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
     /// Queues a task for a site's node. False if the node is not connected or not reading.
     pub fn send(&self, site: &str, task: pb::Task) -> bool {
         let nodes = self.lock();

@@ -13,13 +13,17 @@ use tutela_protocol::stream::{self, SafetensorsFileSource, StreamError};
 
 use crate::audit_trail::AuditTrailError;
 use crate::base_models::{BaseModelStore, BaseModelStoreError};
-use crate::engine::{Engine, EngineError, mean_eval_accuracy};
+use crate::engine::{Engine, EngineError};
 use crate::job::{JobId, JobState};
-use crate::tasks::{Outcome, RoutingSink, SiteMetrics};
+use crate::tasks::{Outcome, RoutingSink};
 
 mod models;
 mod registry;
 mod secagg;
+mod statistics;
+mod status;
+
+pub use status::job_status;
 
 pub use models::ModelStoreService;
 
@@ -193,7 +197,11 @@ impl pb::federation_server::Federation for FederationService {
         let source =
             SafetensorsFileSource::open(&self.engine.model_path(&model)).map_err(Status::from)?;
         let digest = tutela_protocol::services::model_id_digest(&model)?;
-        let frames = futures::StreamExt::map(stream::send_known_digest(source, digest), |r| {
+        let metrics = self.engine.metrics.clone();
+        let frames = futures::StreamExt::map(stream::send_known_digest(source, digest), move |r| {
+            if let Ok(frame) = &r {
+                metrics.sent(prost::Message::encoded_len(frame));
+            }
             r.map_err(Status::from)
         });
         Ok(Response::new(Box::pin(frames)))
@@ -206,7 +214,13 @@ impl pb::federation_server::Federation for FederationService {
         let site = node_site(&request)?;
         let routed_to = Arc::new(Mutex::new(None::<String>));
         let sink = RoutingSink::new(self.engine.tasks.clone(), site.clone(), routed_to.clone());
-        let result = stream::receive(request.into_inner(), sink).await;
+        let metrics = self.engine.metrics.clone();
+        let frames = futures::StreamExt::inspect(request.into_inner(), move |r| {
+            if let Ok(frame) = r {
+                metrics.received(prost::Message::encoded_len(frame));
+            }
+        });
+        let result = stream::receive(frames, sink).await;
         let task_id = routed_to.lock().ok().and_then(|t| t.clone());
         match result {
             Ok(received) => {
@@ -220,6 +234,7 @@ impl pb::federation_server::Federation for FederationService {
                         model_id: routed.model_id,
                     },
                 );
+                self.engine.metrics.update_accepted();
                 tracing::info!(%site, task = %routed.task_id, update = %digest, "update accepted");
                 Ok(Response::new(pb::UpdateReceipt {
                     task_id: routed.task_id,
@@ -230,12 +245,17 @@ impl pb::federation_server::Federation for FederationService {
                 // A broken connection may be retried before the deadline; anything the node sent
                 // wrong is final for this task, and both the node and the operator see why.
                 if let (Some(task), false) = (&task_id, matches!(e, StreamError::Transport(_))) {
-                    self.engine.tasks.finish(
+                    let recorded = self.engine.tasks.finish(
                         task,
                         Outcome::Refused {
                             reason: e.to_string(),
                         },
                     );
+                    if let (true, Some(reason)) =
+                        (recorded, crate::metrics::UpdateRefusal::of_stream_error(&e))
+                    {
+                        self.engine.metrics.update_refused(reason);
+                    }
                 }
                 tracing::warn!(%site, task = ?task_id, error = %e, "update refused");
                 Err(Status::from(e))
@@ -290,9 +310,15 @@ impl pb::federation_server::Federation for FederationService {
             Some(s) if s == site => {
                 let reason = typed.to_string();
                 tracing::warn!(%site, task = %req.task_id, %reason, "task declined");
-                self.engine
+                if self
+                    .engine
                     .tasks
-                    .finish(&req.task_id, Outcome::Declined { reason });
+                    .finish(&req.task_id, Outcome::Declined { reason })
+                {
+                    self.engine
+                        .metrics
+                        .update_refused(crate::metrics::UpdateRefusal::Declined);
+                }
                 Ok(Response::new(pb::DeclineTaskReply {}))
             }
             Some(_) => Err(Status::permission_denied(format!(
@@ -374,6 +400,14 @@ impl pb::federation_server::Federation for FederationService {
             .map(Response::new)
     }
 
+    async fn submit_statistics(
+        &self,
+        request: Request<pb::StatisticsRelease>,
+    ) -> Result<Response<pb::StatisticsReceipt>, Status> {
+        let site = node_site(&request)?;
+        statistics::receive_release(&self.engine, &site, request.into_inner()).map(Response::new)
+    }
+
     async fn answer_check(
         &self,
         request: Request<pb::CheckAnswer>,
@@ -452,178 +486,6 @@ fn now_unix_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// The operator's view of a job, from the store and the node registry.
-pub async fn job_status(engine: &Engine, id: &JobId) -> Result<pb::JobStatus, EngineError> {
-    let job = engine.get_job(id).await?;
-    let rounds = engine.store.rounds(id).await?;
-    // A completed job shows the model it published (watermarked, when it asked for that).
-    let model_id = match engine.published_model(id) {
-        Some(published) if job.state == JobState::Completed => published,
-        _ => engine
-            .store
-            .global_model(id, job.current_round)
-            .await?
-            .unwrap_or_default(),
-    };
-    let state = job.state;
-    let standing = engine.standing(&job).await?;
-    let submitted_by = engine.store.submitter(id).await?.unwrap_or_default();
-    let (approvals, approvals_gathered, approvals_missing) = match &standing {
-        Some(s) => (s.approvals.clone(), s.quorum.gathered(), s.quorum.missing()),
-        None => Default::default(),
-    };
-    let waiting_reason = if state == JobState::Proposed && !approvals_missing.is_empty() {
-        format!("waiting for approvals: {}", approvals_missing.join("; "))
-    } else {
-        String::new()
-    };
-    Ok(pb::JobStatus {
-        approvals,
-        approvals_gathered,
-        approvals_missing,
-        waiting_reason,
-        submitted_by,
-        job_id: id.to_string(),
-        name: job.name.clone(),
-        state: state.as_str().to_string(),
-        reason: job.state_reason.clone().unwrap_or_default(),
-        rounds_total: job.total_rounds,
-        rounds_completed: job.current_round,
-        spec_digest: job.spec_digest.to_hex(),
-        model_path: if state == JobState::Completed && !model_id.is_empty() {
-            // Absolute, whatever directory the coordinator was started in: the operator copies
-            // it from `job status` to wherever they are.
-            tutela_protocol::config_path::absolute(&engine.model_path(&model_id))
-                .display()
-                .to_string()
-        } else {
-            String::new()
-        },
-        model_id,
-        rounds: rounds
-            .iter()
-            .map(|c| {
-                let r = &c.record;
-                // The central-DP entry shares the map with the sites' metrics under a key no
-                // site can have; it is reported on its own, never as a site.
-                let metrics: Vec<SiteMetrics> = r
-                    .site_metrics
-                    .iter()
-                    .filter(|(key, _)| !crate::aggregate::plan::is_report_key(key))
-                    .filter_map(|(_, v)| serde_json::from_value(v.clone()).ok())
-                    .collect();
-                let central_dp = central_dp_summary(id, c.round, &r.site_metrics);
-                pb::RoundSummary {
-                    round: c.round,
-                    attempt: c.attempt,
-                    participants: r.participants.clone(),
-                    eval_accuracy: mean_eval_accuracy(&metrics),
-                    metrics: metrics
-                        .iter()
-                        .map(|m| pb::SiteMetrics {
-                            site: m.site.clone(),
-                            eval_loss: m.eval_loss,
-                            eval_accuracy: m.eval_accuracy,
-                            eval_samples: m.eval_samples,
-                            train_samples: m.train_samples,
-                            train_loss: m.train_loss,
-                            train_seconds: m.train_seconds,
-                            dataset_commitment: m.dataset_commitment.clone(),
-                            deid_config_sha256: m.deid_config_sha256.clone(),
-                            dp_round_epsilon: m.dp_round_epsilon,
-                            dp_job_epsilon: m.dp_job_epsilon,
-                            dp_delta: m.dp_delta,
-                            eval_perplexity: m.eval_perplexity,
-                            eval_loss_stddev: m.eval_loss_stddev,
-                            eval_accuracy_stddev: m.eval_accuracy_stddev,
-                            dp_noise_multiplier: m.dp_noise_multiplier,
-                            dp_expected_batch: m.dp_expected_batch,
-                            single_class_predicted: m.single_class_predicted,
-                        })
-                        .collect(),
-                    refused: r
-                        .refused
-                        .iter()
-                        .map(|x| pb::RefusedUpdate {
-                            site: x.site.clone(),
-                            reason: x.reason.clone(),
-                        })
-                        .collect(),
-                    model_id: r.global_model_digest.clone(),
-                    seconds: (r.completed_at - r.started_at).as_seconds_f64(),
-                    central_dp,
-                    robust_aggregation: robust_summary(id, c.round, &r.site_metrics),
-                }
-            })
-            .collect(),
-        connected_sites: engine.nodes.list().into_iter().map(|n| n.site).collect(),
-    })
-}
-
-/// The round's central-DP figures for the operator, from the [`CentralDpRound`] the engine
-/// stored in the round record (`None` for a round without central DP).
-///
-/// A stored entry that does not parse is a corrupt record; it is logged and left out rather
-/// than failing the whole status call, so the operator still sees the job.
-///
-/// [`CentralDpRound`]: crate::central_dp::CentralDpRound
-fn central_dp_summary(
-    job: &JobId,
-    round: u32,
-    site_metrics: &std::collections::BTreeMap<String, serde_json::Value>,
-) -> Option<pb::CentralDpSummary> {
-    let stored = site_metrics.get(crate::central_dp::ROUND_RECORD_KEY)?;
-    let dp: crate::central_dp::CentralDpRound = match serde_json::from_value(stored.clone()) {
-        Ok(dp) => dp,
-        Err(e) => {
-            tracing::warn!(job = %job, round, error = %e, "the round record's central DP entry does not parse; not reported");
-            return None;
-        }
-    };
-    Some(pb::CentralDpSummary {
-        noise_multiplier: dp.noise_multiplier,
-        clip: dp.clip,
-        next_clip: dp.next_clip,
-        round_epsilon: dp.round_epsilon,
-        job_epsilon: dp.job_epsilon,
-        delta: dp.delta,
-        sites: u32::try_from(dp.sites).unwrap_or(u32::MAX),
-        unclipped: u32::try_from(dp.unclipped).unwrap_or(u32::MAX),
-    })
-}
-
-/// The round's robust-rule report for the operator (`None` for FedAvg's weighted sum); a
-/// stored entry that does not parse is logged and left out, like central DP's.
-fn robust_summary(
-    job: &JobId,
-    round: u32,
-    site_metrics: &std::collections::BTreeMap<String, serde_json::Value>,
-) -> Option<pb::RobustAggregationSummary> {
-    let stored = site_metrics.get(crate::aggregate::plan::ROUND_RECORD_KEY)?;
-    let report: crate::aggregate::RobustReport = match serde_json::from_value(stored.clone()) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(job = %job, round, error = %e, "the round record's aggregation entry does not parse; not reported");
-            return None;
-        }
-    };
-    let mut trimmed: Vec<pb::SiteTrimmed> = report
-        .trimmed
-        .iter()
-        .map(|(site, fraction)| pb::SiteTrimmed {
-            site: site.clone(),
-            fraction: *fraction,
-        })
-        .collect();
-    // Most trimmed first; the sort is stable, so ties keep the sites' order.
-    trimmed.sort_by(|a, b| b.fraction.total_cmp(&a.fraction));
-    Some(pb::RobustAggregationSummary {
-        rule: report.rule,
-        excluded: report.excluded,
-        trimmed,
-    })
-}
-
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -663,6 +525,20 @@ impl pb::jobs_server::Jobs for JobsService {
             )
             .await?;
         Ok(Response::new(pb::CheckJobReply { sites }))
+    }
+
+    async fn get_statistics(
+        &self,
+        request: Request<pb::GetStatisticsRequest>,
+    ) -> Result<Response<pb::StatisticsFile>, Status> {
+        if self.legacy_checks() {
+            require_reader(&request)?;
+        }
+        let req = request.into_inner();
+        let id = parse_job_id(&req.job_id)?;
+        statistics::result_file(&self.engine, &id, &req.sha256)
+            .await
+            .map(Response::new)
     }
 
     async fn get_job(

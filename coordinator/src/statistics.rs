@@ -7,11 +7,11 @@
 //! the answers as they arrive (each asked site's release or decline, once) and closes to the
 //! result or to the reason there is none.
 //!
-//! Not yet called by the engine: the job kind's task, the sites' upload and the runner that
-//! collects them are still to be wired (docs/architecture.md, "Consortium statistics"), and the
-//! coordinator refuses the kind at submission until they are. Only the plain aggregation is
-//! here: under `[secure_aggregation]` the coordinator would see only the masked sum, which the
-//! masked round does not produce for statistics yet, so such a spec is refused naming why.
+//! The engine's runner (`engine::statistics`) holds a [`StatisticsCollection`] while the job's
+//! STATISTICS tasks are out and finishes it here. Only the plain aggregation is here: under
+//! `[secure_aggregation]` the coordinator would see only the masked sum, which the masked round
+//! does not produce for statistics yet, so such a spec is refused at submission (and here)
+//! naming why.
 
 use std::path::{Path, PathBuf};
 

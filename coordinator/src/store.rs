@@ -40,7 +40,11 @@ use time::OffsetDateTime;
 
 use tutela_protocol::database::{self, redact_url};
 
+mod jobs;
+mod lease;
 mod registry;
+mod statistics;
+pub use lease::{Fence, LEASE_NAME, LeaseHolder, LeaseOutcome};
 pub use registry::{PendingSignature, RegisteredVersion, StageMoveRecord};
 
 use crate::job::{
@@ -75,6 +79,16 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "model_registry",
         sql: include_str!("../migrations/0004_model_registry.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "leader_lease",
+        sql: include_str!("../migrations/0005_leader_lease.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "statistics_results",
+        sql: include_str!("../migrations/0006_statistics_results.sql"),
     },
 ];
 
@@ -243,6 +257,35 @@ pub enum StoreError {
     Corrupt { what: String, problem: String },
     #[error("cannot draw a random job id from the operating system")]
     Random,
+    /// A write of a coordinator that does not hold the leader lease at the epoch it was given
+    /// (another coordinator took it over): nothing was written.
+    #[error(
+        "{op}: refused: this coordinator's leader lease (epoch {epoch}) was taken over (the lease is at epoch {current}, held by {holder}); nothing was written"
+    )]
+    Fenced {
+        op: String,
+        epoch: i64,
+        current: i64,
+        holder: String,
+    },
+    /// A write of a coordinator that is a follower (holds no leader lease).
+    #[error("{op}: refused: this coordinator is not the leader (it holds no leader lease)")]
+    NotLeader { op: String },
+    /// `[ha]` on a database other than PostgreSQL.
+    #[error(
+        "the leader lease needs PostgreSQL, but the job store is {backend:?} at {location}: run a single coordinator on SQLite, or give every coordinator the same postgres:// database_url"
+    )]
+    LeaseNeedsPostgres { backend: Backend, location: String },
+}
+
+impl StoreError {
+    /// Whether the write was refused because this coordinator is no longer (or not) the leader.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Fenced { .. } | StoreError::NotLeader { .. }
+        )
+    }
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -275,6 +318,18 @@ impl JobRecord {
     /// The stored spec, parsed and validated again.
     pub fn spec(&self) -> Result<JobSpec, SpecError> {
         JobSpec::from_toml_str(&self.spec_toml)
+    }
+
+    /// The stored spec of either kind ([`JobRecord::spec`] is a training job's only).
+    pub fn submitted(&self) -> Result<crate::job::SubmittedSpec, SpecError> {
+        crate::job::SubmittedSpec::from_toml_str(&self.spec_toml)
+    }
+
+    /// The sites the stored spec lists, whatever its kind: what the approvals' quorum, the
+    /// approvers and `job.started` are judged over. An error when the stored spec does not
+    /// parse, which callers must not read as "no sites".
+    pub fn sites(&self) -> Result<Vec<String>, SpecError> {
+        self.submitted().map(|s| s.sites().to_vec())
     }
 }
 
@@ -386,6 +441,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     location: String,
+    /// With `[ha]`: the lease epoch every write transaction checks ([`Store::fenced`]).
+    fence: Option<Fence>,
 }
 
 impl Store {
@@ -405,17 +462,27 @@ impl Store {
             return Err(StoreError::UnsupportedUrl(location));
         };
         // sqlx turns foreign keys on by default; the store says so too, as its schema relies on
-        // them.
-        let pool = database::open_pool(url, backend, 8, "job store", &["PRAGMA foreign_keys = ON"])
-            .await
-            .map_err(|source| StoreError::Open {
-                location: location.clone(),
-                source,
-            })?;
+        // them. A writer waits up to 30 s for SQLite's lock (as long as for a pooled connection;
+        // sqlx's default is 5 s): a thousand nodes connecting and officers approving at once
+        // queued writes past 5 s on a loaded machine, and an approval already in the audit trail
+        // failed to be stored with "database is locked".
+        let pool = database::open_pool(
+            url,
+            backend,
+            8,
+            "job store",
+            &["PRAGMA foreign_keys = ON", "PRAGMA busy_timeout = 30000"],
+        )
+        .await
+        .map_err(|source| StoreError::Open {
+            location: location.clone(),
+            source,
+        })?;
         let store = Store {
             pool,
             backend,
             location,
+            fence: None,
         };
         store.migrate().await?;
         Ok(store)
@@ -433,12 +500,20 @@ impl Store {
     /// A write transaction. On SQLite `BEGIN IMMEDIATE` takes the write lock up front (waiting up
     /// to the busy timeout): a deferred transaction that reads and then writes can fail with
     /// SQLITE_BUSY instead of waiting when another connection wrote in between.
+    ///
+    /// A fenced store ([`Store::fenced`]) checks, first thing in the transaction, that its lease
+    /// epoch is still the lease's (a shared row lock until commit, which a takeover waits for):
+    /// a coordinator that lost the lease writes nothing.
     async fn begin_write(&self, op: &str) -> Result<Transaction<'static, Any>> {
-        match self.backend {
+        let mut tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
-        .map_err(db(format!("{op}: begin transaction")))
+        .map_err(db(format!("{op}: begin transaction")))?;
+        if let Some(fence) = &self.fence {
+            lease::check_fence(&mut tx, fence, op).await?;
+        }
+        Ok(tx)
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -551,139 +626,6 @@ impl Store {
             sqlite_journal_mode: journal,
             sqlite_synchronous: sync,
         })
-    }
-
-    // ---------------------------------------------------------------------------------------
-    // Jobs
-
-    /// Records a new job in state `Proposed`. `spec_toml` is kept verbatim; it must parse to
-    /// `spec`, and `digest` must be their digest (the one the approvals sign), else nothing is
-    /// stored.
-    pub async fn create_job(
-        &self,
-        spec_toml: &str,
-        spec: &JobSpec,
-        digest: &SpecDigest,
-    ) -> Result<JobId> {
-        let parsed = JobSpec::from_toml_str(spec_toml)?;
-        let from_text = parsed.digest();
-        if from_text != *digest {
-            return Err(StoreError::SpecMismatch(format!(
-                "the digest given, {digest}, is not the spec text's digest, {from_text}"
-            )));
-        }
-        if spec.digest() != from_text {
-            return Err(StoreError::SpecMismatch(format!(
-                "the parsed spec given (digest {}) is not the spec text (digest {from_text})",
-                spec.digest()
-            )));
-        }
-        let id = JobId::generate().map_err(|_| StoreError::Random)?;
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO jobs (id, name, spec_toml, spec_digest, state, state_reason,
-                               total_rounds, current_round, created_at_ms, updated_at_ms)
-             VALUES ($1, $2, $3, $4, $5, NULL, $6, 0, $7, $7)",
-        )
-        .bind(id.as_str())
-        .bind(&parsed.name)
-        .bind(spec_toml)
-        .bind(digest.to_hex())
-        .bind(JobState::Proposed.as_str())
-        .bind(i64::from(parsed.rounds))
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(db(format!("create_job {id} ({})", parsed.name)))?;
-        Ok(id)
-    }
-
-    /// Moves `job` from `from` to `to`, if the state machine allows it and the job is still in
-    /// `from` (one `UPDATE … WHERE state = from`: a compare-and-set). `Completed` also requires every
-    /// round to be recorded. `reason` is stored with the new state (say why for failed and
-    /// cancelled).
-    pub async fn set_job_state(
-        &self,
-        job: &JobId,
-        from: JobState,
-        to: JobState,
-        reason: Option<&str>,
-    ) -> Result<()> {
-        from.transition(to)
-            .map_err(|source| StoreError::IllegalTransition {
-                job: job.clone(),
-                source,
-            })?;
-        let sql = if to == JobState::Completed {
-            "UPDATE jobs SET state = $1, state_reason = $2, updated_at_ms = $3
-             WHERE id = $4 AND state = $5 AND current_round = total_rounds"
-        } else {
-            "UPDATE jobs SET state = $1, state_reason = $2, updated_at_ms = $3
-             WHERE id = $4 AND state = $5"
-        };
-        let done = sqlx::query(sql)
-            .bind(to.as_str())
-            .bind(reason)
-            .bind(now_ms())
-            .bind(job.as_str())
-            .bind(from.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(db(format!("set_job_state {job} {from} -> {to}")))?;
-        if done.rows_affected() == 1 {
-            return Ok(());
-        }
-        // Nothing changed: say why. (Read after the fact, so only the message can race.)
-        match self.get_job(job).await? {
-            None => Err(StoreError::JobNotFound(job.clone())),
-            Some(j) if j.state != from => Err(StoreError::StaleState {
-                job: job.clone(),
-                expected: from,
-                actual: j.state,
-            }),
-            Some(j) => Err(StoreError::JobIncomplete {
-                job: job.clone(),
-                current: j.current_round,
-                total: j.total_rounds,
-            }),
-        }
-    }
-
-    pub async fn get_job(&self, job: &JobId) -> Result<Option<JobRecord>> {
-        let row = sqlx::query(
-            "SELECT id, name, spec_toml, spec_digest, state, state_reason, total_rounds,
-                    current_round, created_at_ms, updated_at_ms
-             FROM jobs WHERE id = $1",
-        )
-        .bind(job.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db(format!("get_job {job}")))?;
-        row.as_ref().map(job_from_row).transpose()
-    }
-
-    /// Every job, or those in `state`, oldest first.
-    pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<JobRecord>> {
-        let rows =
-            match state {
-                Some(s) => sqlx::query(
-                    "SELECT id, name, spec_toml, spec_digest, state, state_reason, total_rounds,
-                        current_round, created_at_ms, updated_at_ms
-                 FROM jobs WHERE state = $1 ORDER BY created_at_ms, id",
-                )
-                .bind(s.as_str())
-                .fetch_all(&self.pool)
-                .await,
-                None => sqlx::query(
-                    "SELECT id, name, spec_toml, spec_digest, state, state_reason, total_rounds,
-                        current_round, created_at_ms, updated_at_ms
-                 FROM jobs ORDER BY created_at_ms, id",
-                )
-                .fetch_all(&self.pool)
-                .await,
-            }
-            .map_err(db("list_jobs"))?;
-        rows.iter().map(job_from_row).collect()
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1687,50 +1629,6 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    /// Replaces the spec of a job still proposed. Its digest changes with any field, so the
-    /// approvals recorded so far (over the old digest) no longer count.
-    pub async fn amend_job(
-        &self,
-        job: &JobId,
-        spec_toml: &str,
-        spec: &JobSpec,
-        digest: &SpecDigest,
-    ) -> Result<()> {
-        let parsed = JobSpec::from_toml_str(spec_toml)?;
-        if parsed.digest() != *digest || spec.digest() != *digest {
-            return Err(StoreError::SpecMismatch(format!(
-                "the digest given, {digest}, is not the spec's, {}",
-                parsed.digest()
-            )));
-        }
-        let done = sqlx::query(
-            "UPDATE jobs SET spec_toml = $1, spec_digest = $2, name = $3, total_rounds = $4,
-                             updated_at_ms = $5
-             WHERE id = $6 AND state = $7",
-        )
-        .bind(spec_toml)
-        .bind(digest.to_hex())
-        .bind(&parsed.name)
-        .bind(i64::from(parsed.rounds))
-        .bind(now_ms())
-        .bind(job.as_str())
-        .bind(JobState::Proposed.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(db(format!("amend_job {job}")))?;
-        if done.rows_affected() == 1 {
-            return Ok(());
-        }
-        match self.get_job(job).await? {
-            None => Err(StoreError::JobNotFound(job.clone())),
-            Some(j) => Err(StoreError::StaleState {
-                job: job.clone(),
-                expected: JobState::Proposed,
-                actual: j.state,
-            }),
-        }
     }
 }
 

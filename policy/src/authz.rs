@@ -13,6 +13,7 @@
 //! the digest of exactly what decided it. A reload that fails (a typo in the file) keeps the
 //! policy in force and says why; a good one is swapped in atomically.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -321,6 +322,24 @@ impl Authorizer {
         holders
     }
 
+    /// Subject → every domain in which one of its own `g` lines links it to a role: the only
+    /// domains where [`has_role`](Self::has_role) can answer true for it (the model's `g` has
+    /// no domain patterns), for counting a quorum over many signers
+    /// ([`crate::quorum::evaluate_linked`]). Built from the policy in force, in one pass.
+    pub fn linked_domains(&self) -> HashMap<String, Vec<String>> {
+        let loaded = self.loaded.load();
+        let mut linked: HashMap<String, Vec<String>> = HashMap::new();
+        for g in loaded.enforcer.get_named_grouping_policy("g") {
+            if let [subject, _role, domain, ..] = g.as_slice() {
+                let domains = linked.entry(subject.clone()).or_default();
+                if !domains.contains(domain) {
+                    domains.push(domain.clone());
+                }
+            }
+        }
+        linked
+    }
+
     /// The quorum rules (`p2` lines) of the policy in force.
     pub fn quorum_rules(&self) -> Vec<QuorumRule> {
         self.loaded.load().quorum.clone()
@@ -547,6 +566,70 @@ mod tests {
             vec!["spiffe://acme/site/a/user/eve".to_string()]
         );
         assert!(a.holders("operator", "site:a").is_empty());
+    }
+
+    /// Counting a quorum through the signers' own domains gives what asking every signer in
+    /// every domain gives, roles held through another role included.
+    #[tokio::test]
+    async fn a_quorum_counted_through_linked_domains_is_the_quorum() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}g, spiffe://acme/site/b/user/bob, b_officer, site:b\n\
+             g, b_officer, compliance_officer, site:b\n\
+             g, spiffe://acme/site/c/user/carol, compliance_officer, site:a\n\
+             g, spiffe://acme/site/c/user/carol, auditor, site:c\n\
+             p2, consortium, compliance_officer, 1\n",
+            policy("acme")
+        );
+        let a = authorizer(dir.path(), &text).await;
+        let linked = a.linked_domains();
+        assert_eq!(
+            linked["spiffe://acme/site/c/user/carol"],
+            vec!["site:a".to_string(), "site:c".to_string()]
+        );
+        let sites: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let everyone: Vec<String> = [
+            "spiffe://acme/site/a/user/alice",
+            "spiffe://acme/site/a/user/eve",
+            "spiffe://acme/site/b/user/bob",
+            "spiffe://acme/site/c/user/carol",
+            "spiffe://acme/operator/op",
+            "compliance_officer",
+            "spiffe://acme/site/d/user/nobody",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let has_role = |s: &str, r: &str, d: &str| a.has_role(s, r, d);
+        let rules = a.quorum_rules();
+        // Every subset of the signers, so that each requirement is seen met and unmet.
+        for mask in 0u32..(1 << everyone.len()) {
+            let signers: Vec<String> = everyone
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let plain = crate::quorum::evaluate(&rules, &sites, &signers, has_role);
+            let fast = crate::quorum::evaluate_linked(
+                &rules,
+                &sites,
+                &signers,
+                |s| linked.get(s).cloned().unwrap_or_default(),
+                has_role,
+            );
+            assert_eq!(plain, fast, "signers {signers:?}");
+        }
+        // Bob holds the officer role of site b through a role of his own.
+        let bob = vec!["spiffe://acme/site/b/user/bob".to_string()];
+        let s = crate::quorum::evaluate_linked(
+            &rules,
+            &sites,
+            &bob,
+            |s| linked.get(s).cloned().unwrap_or_default(),
+            has_role,
+        );
+        assert!(s.gathered().iter().any(|g| g.contains("site:b")), "{s:?}");
     }
 
     #[test]

@@ -61,7 +61,10 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         ("tutela.v1.Jobs", "SubmitJob" | "AmendJob" | "UploadBaseModel" | "CheckJob") => {
             fixed("jobs", "submit")
         }
-        ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob") => fixed("jobs", "read"),
+        // A statistics job's result file is read as its status is.
+        ("tutela.v1.Jobs", "GetJob" | "ListJobs" | "WatchJob" | "GetStatistics") => {
+            fixed("jobs", "read")
+        }
         ("tutela.v1.Jobs", "CancelJob") => fixed("jobs", "cancel"),
         ("tutela.v1.Jobs", "ApproveJob" | "RejectJob" | "WithdrawApproval") => {
             fixed("jobs", "approve")
@@ -81,9 +84,15 @@ pub fn rpc_permission(path: &str) -> (String, String) {
         // hold a checkpoint and check that history was not rewritten, without seeing the events.
         ("tutela.v1.Audit", "Append") => fixed("audit", "write"),
         ("tutela.v1.Audit", "Query" | "InclusionProof") => fixed("audit", "read"),
+        // Reporting the checkpoint a site now holds is part of holding one (the handler also
+        // requires the caller to be a site's node).
         (
             "tutela.v1.Audit",
-            "ListCheckpoints" | "GetCheckpoint" | "ConsistencyProof" | "LogInfo",
+            "ListCheckpoints"
+            | "GetCheckpoint"
+            | "ConsistencyProof"
+            | "LogInfo"
+            | "ReportHeldCheckpoint",
         ) => fixed("audit", "verify"),
         (s, m) => (
             s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase(),
@@ -466,6 +475,10 @@ mod tests {
             ("jobs".into(), "read".into())
         );
         assert_eq!(
+            p("/tutela.v1.Jobs/GetStatistics"),
+            ("jobs".into(), "read".into())
+        );
+        assert_eq!(
             p("/tutela.v1.Jobs/ApproveJob"),
             ("jobs".into(), "approve".into())
         );
@@ -507,6 +520,7 @@ mod tests {
             "GetCheckpoint",
             "ConsistencyProof",
             "LogInfo",
+            "ReportHeldCheckpoint",
         ] {
             assert_eq!(
                 p(&format!("/tutela.v1.Audit/{verify}")),

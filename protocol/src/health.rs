@@ -93,6 +93,17 @@ pub async fn probe_own_server(
     listen: SocketAddr,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
+    probe_own_service(files, listen, "", timeout).await
+}
+
+/// [`probe_own_server`] for one gRPC service (`package.Service`; empty: the whole server), e.g.
+/// a service only a leading coordinator serves.
+pub async fn probe_own_service(
+    files: &TlsFiles,
+    listen: SocketAddr,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
     let material = TlsMaterial::load(files)?;
     let server_name = server_name_of(&files.cert)?;
     // The server must be this very principal, not any server the CA signed.
@@ -102,7 +113,7 @@ pub async fn probe_own_server(
         let channel = client::connect_at(addr, &server_name, tls).await?;
         let answer = HealthClient::new(channel)
             .check(HealthCheckRequest {
-                service: String::new(),
+                service: service.to_string(),
             })
             .await
             .map_err(|s| ProbeError::Rpc {

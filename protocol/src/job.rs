@@ -238,7 +238,19 @@ pub struct PrivacySpec {
     /// when absent, so jobs without it keep their digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_rate: Option<f64>,
+    /// `distributed`: retried round attempts the plan sets ε aside for (absent: 0). Every
+    /// attempt of a distributed round spends at each site (its noised, masked input left it even
+    /// when the round is not released), so the plan is calibrated for `rounds + retry_reserve`
+    /// steps: up to that many retried attempts over the whole job fit within `target_epsilon`
+    /// and within the caps a site checks the plan against before it joins; past them a site
+    /// refuses the next attempt, naming this key. Left out of the canonical JSON when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_reserve: Option<u32>,
 }
+
+/// The most retried attempts `privacy.retry_reserve` may set ε aside for: each one is a step the
+/// whole job's noise is calibrated for, so a large reserve buys noise for rounds never run.
+pub const MAX_RETRY_RESERVE: u32 = 1000;
 
 /// `privacy.unit`: the privacy unit of DP-SGD at the sites.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,6 +448,21 @@ impl PrivacySpec {
                 return Err(SpecError::invalid(
                     "privacy.sample_rate",
                     format!("must be in (0, 1], got {q}"),
+                ));
+            }
+        }
+        if let Some(reserve) = self.retry_reserve {
+            if self.mode != PrivacyMode::Distributed {
+                return Err(SpecError::invalid(
+                    "privacy.retry_reserve",
+                    "applies only to mode = \"distributed\" (a local DP-SGD round retried is \
+                     answered by re-sending the update released for it, which spends nothing)",
+                ));
+            }
+            if reserve > MAX_RETRY_RESERVE {
+                return Err(SpecError::invalid(
+                    "privacy.retry_reserve",
+                    format!("must be at most {MAX_RETRY_RESERVE}, got {reserve}"),
                 ));
             }
         }

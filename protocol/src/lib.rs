@@ -39,6 +39,7 @@ pub mod initial_model;
 pub mod job;
 pub mod logging;
 pub mod lora;
+pub mod metrics;
 pub mod model_registry;
 pub mod peft_export;
 pub mod pki;

@@ -26,6 +26,7 @@ use tonic::transport::server::{Connected, Router};
 use tonic::{Request, Status};
 
 use crate::identity::Identity;
+use crate::metrics::{HandshakeRefusal, TlsMetrics};
 use crate::pki;
 use crate::stream::MAX_FRAME_BYTES;
 use crate::tls::ReloadingServerConfig;
@@ -144,6 +145,65 @@ impl AuthenticatedStream {
     }
 }
 
+/// Why [`authenticate`] refused a connection: a bounded reason for the
+/// `tutela_tls_handshakes_refused_total` metric, and the detail for the log.
+#[derive(Debug)]
+pub struct HandshakeRefused {
+    pub reason: HandshakeRefusal,
+    pub detail: String,
+}
+
+impl std::fmt::Display for HandshakeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl HandshakeRefused {
+    fn new(reason: HandshakeRefusal, detail: String) -> Self {
+        HandshakeRefused { reason, detail }
+    }
+
+    /// The refusal of a failed tokio-rustls accept: the rustls error inside the I/O error
+    /// names what the client did wrong; anything else is the connection failing.
+    fn of_accept(e: &io::Error) -> Self {
+        let detail = format!("TLS handshake refused: {e}");
+        let reason = match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => refusal_of_rustls(tls),
+            None => HandshakeRefusal::ConnectionClosed,
+        };
+        HandshakeRefused::new(reason, detail)
+    }
+}
+
+/// Maps what rustls (with webpki's and `ConsortiumClientVerifier`'s checks) refused to a
+/// bounded reason.
+pub fn refusal_of_rustls(e: &rustls::Error) -> HandshakeRefusal {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::NoCertificatesPresented => HandshakeRefusal::NoClientCert,
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => HandshakeRefusal::UnknownCa,
+            C::Revoked => HandshakeRefusal::Revoked,
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => HandshakeRefusal::Expired,
+            C::UnknownRevocationStatus
+            | C::ExpiredRevocationList
+            | C::ExpiredRevocationListContext { .. } => HandshakeRefusal::RevocationUnknown,
+            // ConsortiumClientVerifier: no identity, or one of another consortium.
+            C::ApplicationVerificationFailure => HandshakeRefusal::WrongIdentity,
+            _ => HandshakeRefusal::BadCertificate,
+        },
+        rustls::Error::InvalidCertRevocationList(_) => HandshakeRefusal::RevocationUnknown,
+        _ => HandshakeRefusal::Protocol,
+    }
+}
+
 /// Completes the handshake of one accepted TCP connection and reads the caller's identity: the
 /// gRPC accept loop's and the audit service's HTTPS console's, so both take the principal from a
 /// certificate the same way and both cut a connection whose certificate is revoked.
@@ -151,13 +211,15 @@ pub async fn authenticate(
     tcp: TcpStream,
     remote_addr: SocketAddr,
     tls: Arc<ReloadingServerConfig>,
-) -> Result<AuthenticatedStream, String> {
+) -> Result<AuthenticatedStream, HandshakeRefused> {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake refused: {e}"))?;
+        .map_err(|_| {
+            HandshakeRefused::new(HandshakeRefusal::Timeout, "TLS handshake timed out".into())
+        })?
+        .map_err(|e| HandshakeRefused::of_accept(&e))?;
     let chain: Vec<CertificateDer<'static>> = stream
         .get_ref()
         .1
@@ -165,11 +227,21 @@ pub async fn authenticate(
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
     // The verifier required a client certificate, so an empty chain cannot pass the handshake.
-    let leaf = chain.first().ok_or("no client certificate")?;
-    let identity =
-        pki::identity_of_cert_der(leaf).map_err(|e| format!("client certificate: {e}"))?;
+    let leaf = chain.first().ok_or_else(|| {
+        HandshakeRefused::new(
+            HandshakeRefusal::NoClientCert,
+            "no client certificate".into(),
+        )
+    })?;
+    let bad_identity = |e: pki::PkiError| {
+        HandshakeRefused::new(
+            HandshakeRefusal::WrongIdentity,
+            format!("client certificate: {e}"),
+        )
+    };
+    let identity = pki::identity_of_cert_der(leaf).map_err(bad_identity)?;
     // The verifier (tls::client_verifier) already refused certificates of other consortia.
-    let serial = pki::serial_of_cert_der(leaf).map_err(|e| format!("client certificate: {e}"))?;
+    let serial = pki::serial_of_cert_der(leaf).map_err(bad_identity)?;
 
     let revoked = CancellationToken::new();
     let closed = CancellationToken::new();
@@ -238,6 +310,17 @@ pub async fn serve(
     tls: Arc<ReloadingServerConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_metrics(router, listener, tls, TlsMetrics::unregistered(), shutdown).await
+}
+
+/// [`serve`], counting handshakes accepted and refused (by reason) in `metrics`.
+pub async fn serve_with_metrics(
+    router: Router,
+    listener: TcpListener,
+    tls: Arc<ReloadingServerConfig>,
+    metrics: TlsMetrics,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<AuthenticatedStream, io::Error>>(64);
     let accept_loop = tokio::spawn(async move {
         loop {
@@ -251,13 +334,18 @@ pub async fn serve(
             };
             let tx = tx.clone();
             let tls = tls.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 match authenticate(tcp, addr, tls).await {
                     Ok(conn) => {
+                        metrics.accepted();
                         tracing::debug!(peer = %conn.caller.identity, %addr, "client authenticated");
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Err(why) => tracing::warn!(%addr, reason = %why, "connection refused"),
+                    Err(why) => {
+                        metrics.refused(why.reason);
+                        tracing::warn!(%addr, reason = %why, "connection refused")
+                    }
                 }
             });
         }

@@ -59,8 +59,9 @@ impl ConfigError {
 pub struct NodeConfig {
     /// The site this node serves; must equal the site in the node certificate.
     pub site: String,
-    /// The coordinator's `HOST:PORT`; HOST must be a name or address in its certificate.
-    pub coordinator: String,
+    /// The coordinator's `HOST:PORT`, or several (coordinators sharing one database, one
+    /// leader at a time), tried in order; HOST must be a name or address in its certificate.
+    pub coordinator: CoordinatorAddresses,
     pub tls: TlsFiles,
     /// The node's own directory: received global models are kept under `models/`.
     pub work_dir: PathBuf,
@@ -142,6 +143,10 @@ pub struct NodeConfig {
     /// Misbehaviour for tests of the coordinator. Never in production.
     #[serde(default)]
     pub testing: Option<TestingConfig>,
+    /// `[metrics]`: the plain-HTTP Prometheus listener (`tutela_protocol::metrics`). Absent: no
+    /// metrics port.
+    #[serde(default)]
+    pub metrics: Option<tutela_protocol::metrics::MetricsConfig>,
 }
 
 /// `[base_cache]` of node.toml: fetching a job's base from the coordinator, and the bounds of the
@@ -533,7 +538,19 @@ impl NodeConfig {
                 "needs exactly one of kek_file and kek_env".to_string(),
             ));
         }
-        check_host_port(&self.coordinator).map_err(|why| invalid("coordinator", why))?;
+        if self.coordinator.is_empty() {
+            return Err(invalid(
+                "coordinator",
+                "is an empty list: give at least one HOST:PORT".into(),
+            ));
+        }
+        for address in self.coordinator.iter() {
+            check_host_port(address).map_err(|why| invalid("coordinator", why))?;
+        }
+        if let Some(m) = &self.metrics {
+            m.validate()
+                .map_err(|e| invalid("metrics.listen", e.to_string()))?;
+        }
         tutela_protocol::config_range::in_range(
             "torch_threads",
             self.torch_threads,
@@ -767,6 +784,74 @@ pub const MAX_TORCH_THREADS: usize = 1024;
 
 /// `HOST:PORT` with a host usable as a TLS server name and a port number (IPv6 hosts in
 /// brackets), as `tutela_protocol::client` accepts it.
+/// `coordinator` of node.toml: one `HOST:PORT` (`coordinator = "c1:7443"`), or a list of them
+/// (`coordinator = ["c1:7443", "c2:7443"]`: coordinators sharing one database, of which one
+/// leads at a time). The node tries them in order and goes on to the next when one is
+/// unreachable or answers that it is not the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoordinatorAddresses(Vec<String>);
+
+impl CoordinatorAddresses {
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `i`th address, wrapping around.
+    pub fn nth_cyclic(&self, i: usize) -> &str {
+        if self.0.is_empty() {
+            return "";
+        }
+        &self.0[i % self.0.len()]
+    }
+}
+
+impl From<&str> for CoordinatorAddresses {
+    fn from(a: &str) -> Self {
+        CoordinatorAddresses(vec![a.to_string()])
+    }
+}
+
+impl From<String> for CoordinatorAddresses {
+    fn from(a: String) -> Self {
+        CoordinatorAddresses(vec![a])
+    }
+}
+
+impl From<Vec<String>> for CoordinatorAddresses {
+    fn from(a: Vec<String>) -> Self {
+        CoordinatorAddresses(a)
+    }
+}
+
+impl std::fmt::Display for CoordinatorAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for CoordinatorAddresses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a \"HOST:PORT\" string or a list of them")]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(a) => CoordinatorAddresses(vec![a]),
+            OneOrMany::Many(v) => CoordinatorAddresses(v),
+        })
+    }
+}
+
 fn check_host_port(addr: &str) -> Result<(), String> {
     let (host, port) = addr
         .rsplit_once(':')

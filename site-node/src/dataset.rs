@@ -201,6 +201,32 @@ impl SiteDataset {
         }
     }
 
+    /// Runs `read` over the dataset's records as training reads them (through the
+    /// anonymization pipeline when it declares its columns), keeping nothing: what a
+    /// consortium-statistics release reads (`SiteLedgers::release_statistics`).
+    pub fn with_records<T, E: From<DataError>>(
+        &self,
+        read: impl FnOnce(&mut dyn source::RecordSource) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let Some(protection) = &self.protection else {
+            return read(source::open(&self.name, &self.config)?.as_mut());
+        };
+        let raw = read_raw(&self.name, &self.config, protection.pipeline.schema())?;
+        let (anonymized, _) =
+            protection
+                .pipeline
+                .run(&raw, &protection.secret)
+                .map_err(|source| DataError::Anonymize {
+                    path: self.origin(),
+                    source,
+                })?;
+        read(&mut anonymized_source(
+            &anonymized,
+            &self.schema,
+            &self.origin(),
+        ))
+    }
+
     /// The data file, or `postgres:<name>` for a query: what errors and logs name.
     pub fn origin(&self) -> std::path::PathBuf {
         match SourceKind::of(&self.config) {

@@ -537,9 +537,16 @@ impl SiteLedgers {
         };
         within_job_target(ledger, (job_id, round), job, &plan)?;
         let recorded = ledger.job(job_id).map_or(0, |j| j.steps());
+        // What is left of the plan's steps (retried attempts use up its reserve, if any), and
+        // never less than the rounds still to run from this one: a job whose retries ate the
+        // reserve still needs a step per round left, and the caps must hold for all of them.
+        let rounds_left = job
+            .rounds
+            .map_or(1, |r| u64::from(r.saturating_sub(round.max(1))) + 1);
         let remaining = plan
             .total_steps
             .saturating_sub(recorded)
+            .max(rounds_left * plan.steps_per_round)
             .max(plan.steps_per_round);
         let mechanism = plan.mechanism(remaining).map_err(|e| e.to_string())?;
         let mut remaining_mechanisms = vec![mechanism];
@@ -567,7 +574,17 @@ impl SiteLedgers {
                 accountant(self.budget.accountant),
             )
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                let retried = retried_attempts(ledger, job_id);
+                if retried == 0 {
+                    return e.to_string();
+                }
+                format!(
+                    "{e} (the job's spend so far includes {retried} retried round attempt(s), \
+                     each charged as it ran; its spec reserves ε for {}: privacy.retry_reserve)",
+                    retry_reserve(job)
+                )
+            })
     }
 
     /// The check again with the dataset's real row count, after the read and before the first
@@ -686,7 +703,19 @@ fn within_job_target(
                 .collect()
         })
         .unwrap_or_default();
-    if attempts.is_empty() {
+    let retried = retried_attempts(ledger, job_id);
+    if attempts.is_empty() && retried > 0 {
+        // Under distributed DP every attempt spends: retries used the job's share for its
+        // later rounds once its reserve ran out.
+        Err(format!(
+            "privacy budget: one more round of job {job_id} would bring its ε on dataset \
+             {dataset:?} to {after:.4} (δ = {:e}), over the job's target ε = {target}: {retried} \
+             retried round attempt(s) were charged (each attempt spends) and the plan reserves \
+             ε for {} (privacy.retry_reserve)",
+            plan.delta,
+            retry_reserve(job)
+        ))
+    } else if attempts.is_empty() {
         Err(format!(
             "privacy budget: one more round of job {job_id} would bring its ε on dataset \
              {dataset:?} to {after:.4} (δ = {:e}), over the job's target ε = {target}",
@@ -701,6 +730,23 @@ fn within_job_target(
             plan.delta
         ))
     }
+}
+
+/// The round attempts of `job_id` charged beyond the first of their round (retries, and rounds
+/// trained again after a resume).
+fn retried_attempts(ledger: &Ledger, job_id: &str) -> usize {
+    ledger.job(job_id).map_or(0, |j| {
+        let rounds: std::collections::BTreeSet<u32> = j.charges.iter().map(|c| c.round).collect();
+        j.charges.len().saturating_sub(rounds.len())
+    })
+}
+
+/// `privacy.retry_reserve` of the job (0 when absent).
+fn retry_reserve(job: &JobView) -> u32 {
+    job.privacy
+        .as_ref()
+        .and_then(|p| p.retry_reserve)
+        .unwrap_or(0)
 }
 
 mod identity;

@@ -52,6 +52,7 @@ pub mod lm;
 pub mod local;
 pub mod metrics;
 pub mod models;
+pub mod node_metrics;
 pub mod offline;
 pub mod resend;
 pub mod site_audit;

@@ -47,6 +47,10 @@ enum Command {
     /// approval by one of the compliance officers of the config's `site_policy`, and every
     /// clause of that policy; it declines the task otherwise. A config without `site_policy` is
     /// refused (only `insecure_no_approvals = true`, for labs and tests, runs tasks unapproved).
+    ///
+    /// With a [metrics] table it serves Prometheus metrics (ε spent per dataset and its cap,
+    /// rounds, training time, bytes uploaded, declines by reason) on a plain-HTTP loopback port
+    /// (docs/monitoring.md).
     Run {
         /// The node's config file; every key is documented in deploy/config/node.toml.
         #[arg(long, short)]

@@ -236,6 +236,13 @@ impl SiteAudit {
                 tracing::debug!(?update, "audit trail checkpoint verified");
                 // The checkpoint file now says what the site saw; the marker is no longer needed.
                 clear_pin_marker(&self.work_dir);
+                // Tell the service what this site now holds, for the officers' overview. Not
+                // needed for anything the node does: a failure is logged, never fatal.
+                if let Some(held) = checkpoint.latest()
+                    && let Err(e) = client.report_held_checkpoint(held).await
+                {
+                    tracing::warn!(error = %e, tree_size = held.checkpoint.tree_size, "could not report the held audit checkpoint");
+                }
                 Ok(Some(update))
             }
             Err(AuditCheckpointError::Client(AuditClientError::Rpc(s)))

@@ -40,6 +40,9 @@ pub struct Consortium {
     /// `site_policy = "..."`), by site. A site without `site_policy` here is started with
     /// `insecure_no_approvals = true` (its node checks no approvals).
     pub node_top_level: std::collections::BTreeMap<String, String>,
+    /// node.toml's `coordinator` value (TOML) for nodes started after it is set, e.g. a list of
+    /// several coordinators' addresses; `"localhost:<port>"` when `None`.
+    pub node_coordinators: Option<String>,
 }
 
 /// Whether the TOML text has the table `[name]`.
@@ -157,6 +160,7 @@ impl Consortium {
             database_url: None,
             coordinator_extra: String::new(),
             node_top_level: Default::default(),
+            node_coordinators: None,
         }
     }
 
@@ -169,6 +173,45 @@ impl Consortium {
     /// unless it configures an `[audit]`, with `insecure_no_audit = true` (on loopback): a
     /// coordinator refuses to start with neither.
     pub fn start_coordinator(&mut self) {
+        let toml = self.coordinator_toml(self.port, &self.dir.join("coordinator"), "");
+        let path = self.dir.join("coordinator.toml");
+        std::fs::write(&path, toml).unwrap();
+        let child = self.spawn_coordinator(&path, &self.dir.join("coordinator.log"), self.port);
+        self.coordinator = Some(child);
+    }
+
+    /// Starts one more coordinator, `name`, on `port` with its own data directory (DIR/`name`),
+    /// config (DIR/`name`.toml) and log (DIR/`name`.log), on the consortium's database:
+    /// `coordinator_extra` and then `extra` (e.g. its `[ha]` table) appended to its config.
+    pub fn start_coordinator_instance(&self, name: &str, port: u16, extra: &str) -> ChildGuard {
+        let toml = self.coordinator_toml(port, &self.dir.join(name), extra);
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        self.spawn_coordinator(&path, &self.dir.join(format!("{name}.log")), port)
+    }
+
+    fn spawn_coordinator(&self, config: &Path, log: &Path, port: u16) -> ChildGuard {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = ChildGuard::spawn(
+            Command::new(bin("tutela-coordinator"))
+                .arg("--config")
+                .arg(config)
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log)),
+        );
+        wait_for_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(30),
+        );
+        child
+    }
+
+    /// A coordinator.toml on `port` and `data_dir` (see [`Self::start_coordinator`]).
+    fn coordinator_toml(&self, port: u16, data_dir: &Path, extra: &str) -> String {
         let c = self.certs();
         let approvals = if has_table(&self.coordinator_extra, "policy") {
             ""
@@ -183,9 +226,8 @@ impl Consortium {
             format!("{approvals}insecure_no_audit = true\n")
         };
         let toml = format!(
-            "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ntls_reload_secs = 3600\n{approvals}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
-            self.port,
-            self.dir.join("coordinator").display(),
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ntls_reload_secs = 3600\n{approvals}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n",
+            data_dir.display(),
             self.ca.crl_path().display(),
             c = c.display()
         );
@@ -193,26 +235,7 @@ impl Consortium {
             Some(url) => format!("database_url = \"{url}\"\n{toml}"),
             None => toml,
         };
-        let toml = format!("{toml}{}", self.coordinator_extra);
-        let path = self.dir.join("coordinator.toml");
-        std::fs::write(&path, toml).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("coordinator.log"))
-            .unwrap();
-        let child = ChildGuard::spawn(
-            Command::new(bin("tutela-coordinator"))
-                .arg("--config")
-                .arg(&path)
-                .stdout(Stdio::from(log.try_clone().unwrap()))
-                .stderr(Stdio::from(log)),
-        );
-        wait_for_port(
-            format!("127.0.0.1:{}", self.port).parse().unwrap(),
-            Duration::from_secs(30),
-        );
-        self.coordinator = Some(child);
+        format!("{toml}{}{extra}", self.coordinator_extra)
     }
 
     /// Starts a node for `site` holding `rows`; `extra` is appended to its node.toml (e.g. a
@@ -306,8 +329,11 @@ impl Consortium {
         tutela_privacy::at_rest::LocalKek::generate_key_file(&kek).unwrap();
         // `dataset` may start with top-level keys, so it comes before every table.
         let toml = format!(
-            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\n{dataset}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[at_rest]\nkek_file = \"{kek}\"\n{extra}\n",
-            port = self.port,
+            "site = \"{site}\"\ncoordinator = {coordinator}\ntorch_threads = 1\nwork_dir = \"{w}\"\n{dataset}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{s}/node.crt\"\nkey = \"{s}/node.key\"\ncrl = \"{crl}\"\n[reconnect]\ninitial_backoff_secs = 0.2\nmax_backoff_secs = 1.0\n[at_rest]\nkek_file = \"{kek}\"\n{extra}\n",
+            coordinator = self
+                .node_coordinators
+                .clone()
+                .unwrap_or_else(|| format!("\"localhost:{}\"", self.port)),
             w = site_dir.join("work").display(),
             c = self.certs().display(),
             s = site_dir.display(),
@@ -348,6 +374,12 @@ impl Consortium {
     /// Its checkpoint key is made at first start, with the public half in
     /// DIR/audit/checkpoint.key.pub.
     pub fn start_audit(&self, port: u16, policy: AuditPolicy) -> ChildGuard {
+        self.start_audit_with(port, policy, "")
+    }
+
+    /// [`start_audit`](Self::start_audit) with `extra` appended to audit.toml (e.g. a
+    /// `[metrics]` table).
+    pub fn start_audit_with(&self, port: u16, policy: AuditPolicy, extra: &str) -> ChildGuard {
         let certs = self.certs();
         let mut opts = LeafOptions::new(Validity::days_from_now(30));
         opts.dns_names = vec!["localhost".into()];
@@ -371,7 +403,7 @@ impl Consortium {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n{top}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n{authorization}",
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ncheckpoint_interval_secs = 1\n{top}[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{crl}\"\n{authorization}{extra}",
                 audit_dir.display(),
                 c = certs.display(),
                 crl = self.ca.crl_path().display(),

@@ -2,6 +2,8 @@
 //! virtualenv's Python, starting real processes, and cleaning them up.
 
 pub mod consortium;
+pub mod loadgen;
+pub mod metrics_check;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -37,11 +39,14 @@ pub fn repo_root() -> PathBuf {
 /// builds every package's binaries before it runs any test).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a binary of this crate (the load
+    // generator) is in target/<profile> itself.
+    let parent = exe.parent().expect("an executable is in a directory");
+    let dir = if parent.ends_with("deps") {
+        parent.parent().expect("target/<profile>/deps has a parent")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -54,8 +54,12 @@ pub async fn serve(
         let router = router.clone();
         tokio::spawn(async move {
             let stream = match authenticate(tcp, addr, tls).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    state.log.metrics().tls.accepted();
+                    s
+                }
                 Err(why) => {
+                    state.log.metrics().tls.refused(why.reason);
                     tracing::warn!(%addr, reason = %why, "console: connection refused");
                     return;
                 }
@@ -168,6 +172,7 @@ fn routes(state: Arc<ConsoleState>) -> Router {
         .route("/sites", get(sites))
         .route("/models", get(models))
         .route("/models/{digest}", get(model))
+        .route("/reports", get(report))
         .route("/static/console.css", get(css))
         .fallback(not_found)
         .with_state(state)
@@ -217,6 +222,11 @@ async fn models(State(s): St, axum::Extension(v): Who) -> Response {
 
 async fn model(State(s): St, axum::Extension(v): Who, Path(digest): Path<String>) -> Response {
     let r = views::models::detail(&s, &v, &digest).await;
+    page(&v, r)
+}
+
+async fn report(State(s): St, axum::Extension(v): Who, RawQuery(q): RawQuery) -> Response {
+    let r = crate::report::console::download(&s, &v, q.as_deref().unwrap_or("")).await;
     page(&v, r)
 }
 

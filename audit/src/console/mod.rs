@@ -19,9 +19,10 @@
 //! embedded; charts and the lineage graph are inline SVG drawn on the server. The CSP allows
 //! nothing else (`default-src 'none'`), so a page works offline and loads nothing from anywhere.
 
-mod format;
+pub(crate) mod format;
 mod http;
-mod svg;
+pub mod ledger_cache;
+pub(crate) mod svg;
 mod verification;
 pub mod views;
 
@@ -36,6 +37,7 @@ use tutela_protocol::tls::ReloadingServerConfig;
 use crate::authority::{AuthorityCheck, AuthorityRules, OfficerTrust};
 use crate::log::AuditLog;
 
+pub use format::parse_time;
 pub use http::serve;
 pub use verification::{Verification, VerificationOutcome};
 
@@ -87,7 +89,11 @@ pub struct ConsoleState {
     pub(crate) check: AuthorityCheck,
     pub(crate) authorizer: Option<Arc<Authorizer>>,
     pub(crate) verification: verification::Latest,
+    /// What the sites page is built from, derived once per event.
+    pub(crate) ledger: ledger_cache::LedgerCache,
     pub(crate) page_size: u32,
+    /// `[retention] min_days`, set once by the server at start: what reports state.
+    pub retention_min_days: std::sync::OnceLock<u32>,
 }
 
 impl ConsoleState {
@@ -105,13 +111,28 @@ impl ConsoleState {
             check: AuthorityCheck::new(rules, trust),
             authorizer,
             verification: verification::Latest::default(),
+            ledger: ledger_cache::LedgerCache::default(),
             page_size: page_size.clamp(1, crate::store::page::MAX_PAGE),
+            retention_min_days: std::sync::OnceLock::new(),
         })
     }
 
     /// Verifies the trail now and keeps the result for the overview.
     pub async fn verify_now(&self) -> Verification {
         verification::run(self).await
+    }
+
+    /// The live log the pages read.
+    pub fn log(&self) -> &AuditLog {
+        &self.log
+    }
+
+    /// Brings the sites page's derived ledger up to the log's head (what the first request of
+    /// the page would do).
+    pub async fn warm_ledger(&self) -> Result<(), crate::store::StoreError> {
+        self.ledger
+            .with(self.log.store(), &self.check, self.log.size(), |_| ())
+            .await
     }
 
     /// The last verification, if one has finished.
@@ -129,6 +150,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let verifier = verification::spawn(state.clone(), verify_every);
+    // The sites page's ledger is derived from the whole newest window once; do it before the
+    // first officer asks.
+    let warm = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warm.warm_ledger().await {
+            tracing::warn!(error = %e, "console: could not derive the sites ledger at start");
+        }
+    });
     let result = serve(state, listener, tls, shutdown).await;
     verifier.abort();
     result

@@ -65,18 +65,52 @@ pub fn ledger_chart(points: &[(i64, f64)], caps: &[(String, f64)]) -> Chart {
         }
     };
     let y_of = |v: f64| TOP + plot_h * (1.0 - (v / top).clamp(0.0, 1.0));
-    let pts: Vec<ChartPoint> = points
+    // A chart is a few hundred pixels wide, a ledger may hold tens of thousands of spends: per
+    // pixel column the line keeps the first, lowest, highest and last point (what a line through
+    // all of them would draw there), and one marker (the column's last, newest ε) carries a
+    // title. Formatting and writing every point made the page cost ~20 ms per thousand spends.
+    let xy: Vec<(f64, f64)> = points
         .iter()
         .enumerate()
-        .map(|(i, &(t, v))| ChartPoint {
-            x: round1(x_of(i, t)),
-            y: round1(y_of(v)),
-            title: format!("ε {} at {}", epsilon(v), utc_millis(t)),
+        .map(|(i, &(t, v))| (round1(x_of(i, t)), round1(y_of(v))))
+        .collect();
+    let mut kept: Vec<usize> = Vec::new();
+    let mut markers: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < xy.len() {
+        let column = xy[i].0.round() as i64;
+        let mut j = i;
+        let (mut lowest, mut highest) = (i, i);
+        while j + 1 < xy.len() && xy[j + 1].0.round() as i64 == column {
+            j += 1;
+            if xy[j].1 > xy[lowest].1 {
+                lowest = j;
+            }
+            if xy[j].1 < xy[highest].1 {
+                highest = j;
+            }
+        }
+        let mut in_column = [i, lowest, highest, j];
+        in_column.sort_unstable();
+        for k in in_column {
+            if kept.last() != Some(&k) {
+                kept.push(k);
+            }
+        }
+        markers.push(j);
+        i = j + 1;
+    }
+    let pts: Vec<ChartPoint> = markers
+        .iter()
+        .map(|&k| ChartPoint {
+            x: xy[k].0,
+            y: xy[k].1,
+            title: format!("ε {} at {}", epsilon(points[k].1), utc_millis(points[k].0)),
         })
         .collect();
-    let line = pts
+    let line = kept
         .iter()
-        .map(|p| format!("{},{}", p.x, p.y))
+        .map(|&k| format!("{},{}", xy[k].0, xy[k].1))
         .collect::<Vec<_>>()
         .join(" ");
     let ticks = (0..=4)
@@ -229,6 +263,39 @@ mod tests {
         assert_eq!(c.points[1].title, "ε 1.00 at 1970-01-01 00:00:02 UTC");
         let empty = ledger_chart(&[], &[]);
         assert!(empty.line.is_empty());
+    }
+
+    #[test]
+    fn a_long_ledger_is_drawn_with_a_few_points_per_pixel_column_and_keeps_its_extremes() {
+        // 20,000 spends, rising, with one dip: the line keeps the dip and both ends.
+        let points: Vec<(i64, f64)> = (0..20_000i64)
+            .map(|i| {
+                (
+                    i * 1_000,
+                    if i == 10_000 { 0.0 } else { i as f64 / 1_000.0 },
+                )
+            })
+            .collect();
+        let c = ledger_chart(&points, &[]);
+        let plot = (f64::from(W) - LEFT - RIGHT) as usize + 1;
+        assert!(c.points.len() <= plot, "{} markers", c.points.len());
+        let line: Vec<&str> = c.line.split(' ').collect();
+        assert!(line.len() <= 4 * plot, "{} line points", line.len());
+        assert_eq!(
+            line.first(),
+            Some(&format!("{},{}", LEFT, round1(TOP + (f64::from(H) - TOP - BOTTOM))).as_str())
+        );
+        assert_eq!(c.points.last().unwrap().x, f64::from(W) - RIGHT);
+        assert_eq!(
+            c.points.last().unwrap().title,
+            format!("ε 20.00 at {}", utc_millis(19_999_000))
+        );
+        // The dip to 0 at the middle is on the line (y at the bottom of the plot).
+        let bottom = round1(TOP + (f64::from(H) - TOP - BOTTOM));
+        assert!(
+            line[1..].iter().any(|p| p.ends_with(&format!(",{bottom}"))),
+            "the dip is not drawn"
+        );
     }
 
     #[test]

@@ -78,6 +78,12 @@ pub(crate) async fn run(state: &ConsoleState) -> Verification {
         outcome,
     };
     match &v.outcome {
+        VerificationOutcome::Intact { .. } => state.log.metrics().verified(true),
+        VerificationOutcome::Broken { .. } => state.log.metrics().verified(false),
+        // Not a verdict on the trail: the gauge keeps the last one.
+        VerificationOutcome::Unreadable { .. } => {}
+    }
+    match &v.outcome {
         VerificationOutcome::Intact { events, .. } => {
             tracing::debug!(
                 events,
@@ -133,6 +139,25 @@ async fn check(state: &ConsoleState) -> VerificationOutcome {
                 v.seq, v.action, v.actor, v.error
             ),
         };
+    }
+    // The events-by-job index is not evidence, but a row missing from it would hide an event
+    // from a job's page. (A row too many only proposes a candidate that readers then reject:
+    // e.g. one left by a forged row that was quarantined.)
+    match store.missing_event_job_row(&events).await {
+        Ok(None) => {}
+        Ok(Some((job, seq))) => {
+            return VerificationOutcome::Broken {
+                first_bad_seq: Some(seq),
+                what: format!(
+                    "the events-by-job index lacks seq {seq} of job {job:?}: the job's page would not show it"
+                ),
+            };
+        }
+        Err(e) => {
+            return VerificationOutcome::Unreadable {
+                what: e.to_string(),
+            };
+        }
     }
     VerificationOutcome::Intact {
         events: report.events,

@@ -13,7 +13,11 @@
 use sqlx::any::AnyArguments;
 use sqlx::{Any, AssertSqlSafe, Row};
 
-use super::{EVENT_COLUMNS, Result, StoreError, clamp_i64, db, event_of_row};
+use super::{
+    CHECKPOINT_COLUMNS, EVENT_COLUMNS, Result, StoreError, checkpoint_of_row, clamp_i64, db,
+    event_of_row,
+};
+use crate::checkpoint::SignedCheckpoint;
 use crate::event::{Action, Event, Timestamp};
 
 /// The most events one page may hold.
@@ -133,6 +137,54 @@ impl super::AuditStore {
             events,
             next_before_seq,
         })
+    }
+
+    /// The newest `limit` signed checkpoints, newest first, and how many are stored: the
+    /// overview's list, without reading every checkpoint (a log that signs with every commit has
+    /// one per commit).
+    pub async fn newest_checkpoints(&self, limit: u32) -> Result<(Vec<SignedCheckpoint>, u64)> {
+        let sql = format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size DESC LIMIT {limit}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .persistent(false)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("read the newest checkpoints"))?;
+        let newest = rows
+            .iter()
+            .map(checkpoint_of_row)
+            .collect::<Result<Vec<_>>>()?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_checkpoints")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db("count checkpoints"))?;
+        Ok((newest, total.max(0) as u64))
+    }
+
+    /// The events of `action` with `from <= seq < to`, oldest first, at most `limit` of the
+    /// newest ones: what the console's sites cache is extended with.
+    pub async fn events_of_between(
+        &self,
+        action: Action,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE action = $1 AND seq >= $2 AND seq < $3 ORDER BY seq DESC LIMIT {limit}"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(action.as_str())
+            .bind(clamp_i64(from))
+            .bind(clamp_i64(to))
+            .persistent(false)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db(format!("read {action} events {from}..{to}")))?;
+        let mut events = rows.iter().map(event_of_row).collect::<Result<Vec<_>>>()?;
+        events.reverse();
+        Ok(events)
     }
 
     /// The events of `action`, oldest first, at most `limit` of the newest ones: what the

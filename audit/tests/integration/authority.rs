@@ -292,6 +292,35 @@ async fn forged_actions_are_refused_at_append_and_nothing_is_stored() {
             "{:?}",
             db.backend
         );
+        // The log's metrics: each refusal counted as refused (the trail working), not failed; the
+        // chain and its checkpoints as stored (one commit, one checkpoint, each append).
+        let text = tutela_protocol::metrics::render(&log.metrics().registry()).unwrap();
+        let refused = node_forgeries().len() + 7;
+        for (series, value) in [
+            ("tutela_audit_appends_total{result=\"ok\"}".to_string(), 5),
+            (
+                "tutela_audit_appends_total{result=\"refused\"}".to_string(),
+                refused,
+            ),
+            (
+                "tutela_audit_appends_total{result=\"failed\"}".to_string(),
+                0,
+            ),
+            ("tutela_audit_appends_failed_total".to_string(), 0),
+            ("tutela_audit_chain_length".to_string(), 5),
+            ("tutela_audit_checkpoints_signed_total".to_string(), 5),
+            ("tutela_audit_last_verification_ok".to_string(), 1),
+            (
+                "tutela_audit_append_duration_seconds_count".to_string(),
+                5 + refused,
+            ),
+        ] {
+            assert!(
+                text.contains(&format!("\n{series} {value}\n")),
+                "{:?}: {series} is not {value}:\n{text}",
+                db.backend
+            );
+        }
     }
 }
 

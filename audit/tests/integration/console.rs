@@ -34,7 +34,7 @@ use tutela_protocol::identity::{Identity, Principal};
 use tutela_protocol::pki::{CaDir, KeyAlgorithm, LeafOptions, Validity};
 use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 
-const JOB: &str = "job-7f3a";
+pub(super) const JOB: &str = "job-7f3a";
 const REJECTED_JOB: &str = "job-9c01";
 const MODEL: &str = "5e1d0c2b9a8f7e6d5c4b3a291807f6e5d4c3b2a1908f7e6d5c4b3a2918070605";
 const SPEC: [u8; 32] = [0x4a; 32];
@@ -140,9 +140,9 @@ impl Consortium {
 
 /// A running audit service with its console.
 pub(super) struct Service {
-    grpc: SocketAddr,
+    pub(super) grpc: SocketAddr,
     pub(super) console: SocketAddr,
-    db: PathBuf,
+    pub(super) db: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -270,7 +270,7 @@ fn proposal(name: &str) -> JobProposed {
     }
 }
 
-fn spend(site: &str, round: u32, job_eps: f64, dataset_eps: f64) -> PrivacySpent {
+pub(super) fn spend(site: &str, round: u32, job_eps: f64, dataset_eps: f64) -> PrivacySpent {
     PrivacySpent {
         site: site.into(),
         dataset: "breast_cancer".into(),
@@ -323,14 +323,14 @@ fn round(n: u32, sites: &[(&str, f64)]) -> RoundCompleted {
 }
 
 /// The seqs of events the test looks at again.
-struct Seqs {
+pub(super) struct Seqs {
     proposed: u64,
     st_mary_first_spend: u64,
 }
 
 /// A federated job's trail, appended by whoever asserts each event, through the real client.
 /// (The service adds its own `policy.decision` events between them.)
-async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
+pub(super) async fn fill_trail(c: &Consortium, s: &Service) -> Seqs {
     let mut coordinator = s.client(c, "coordinator").await;
     let mut alice = s.client(c, "alice").await;
     let mut bob = s.client(c, "bob").await;
@@ -482,6 +482,8 @@ pub(super) struct Fetched {
     pub(super) status: u16,
     pub(super) head: String,
     pub(super) body: String,
+    /// The body as bytes (a PDF is not UTF-8).
+    pub(super) bytes: Vec<u8>,
 }
 
 /// GET `path` from the console over TLS as `stem` (no client certificate when `None`), with a
@@ -562,11 +564,40 @@ async fn https_request(
     } else {
         body.to_string()
     };
+    let at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let raw_body = raw.get(at + 4..).unwrap_or_default();
+    let bytes = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk_bytes(raw_body)
+    } else {
+        raw_body.to_vec()
+    };
     Ok(Fetched {
         status,
         head: head.to_string(),
         body,
+        bytes,
     })
+}
+
+fn dechunk_bytes(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&s[..eol]).unwrap_or("0");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        let rest = &s[eol + 2..];
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
+    }
+    out
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -1016,6 +1047,147 @@ async fn officers_read_every_page_others_are_refused_and_a_tampered_trail_shows_
             &format!("{base}/"),
             &artifacts().join("overview-tampered.png"),
         );
+    }
+    s.stop().await;
+}
+
+/// The `<tr data-site="SITE">` row of the overview's held-checkpoint table.
+fn site_row<'a>(body: &'a str, site: &str) -> Option<&'a str> {
+    let start = body.find(&format!("<tr data-site=\"{site}\">"))?;
+    let rest = &body[start..];
+    Some(&rest[..rest.find("</tr>")?])
+}
+
+fn rpc_code(e: tutela_audit::client::AuditClientError) -> tonic::Code {
+    match e {
+        tutela_audit::client::AuditClientError::Rpc(s) => s.code(),
+        other => panic!("not an RPC error: {other}"),
+    }
+}
+
+/// Each site's node reports the checkpoint it verified and now holds; the overview shows it, how
+/// far behind the log it is and when. Only a node reports, only for the site of its certificate,
+/// and only a checkpoint this log signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sites_report_their_held_checkpoints_for_themselves_only_and_the_overview_shows_them() {
+    use tutela_audit::CheckpointVerifier;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c = Consortium::new();
+    let s = start_service(&c).await;
+    let mut st_mary = s.client(&c, "node-st-mary").await;
+    let mut general = s.client(&c, "node-general").await;
+    let mut alice = s.client(&c, "alice").await;
+    st_mary
+        .append_payload("st-mary/breast_cancer", &spend("st-mary", 1, 0.9, 1.4))
+        .await
+        .unwrap();
+    let info = st_mary.log_info().await.unwrap();
+    // What a node does: advance its verifier to the latest checkpoint, then report it.
+    let mut verifier = CheckpointVerifier::new(&info.public_key, info.log_id.clone());
+    st_mary.advance(&mut verifier).await.unwrap();
+    let held = verifier.latest().unwrap().clone();
+    st_mary.report_held_checkpoint(&held).await.unwrap();
+
+    // An officer may call `verify` methods but is no site node: refused.
+    let e = alice.report_held_checkpoint(&held).await.unwrap_err();
+    assert_eq!(rpc_code(e), tonic::Code::PermissionDenied);
+    // A checkpoint this log did not sign (its root edited): refused, nothing recorded.
+    let mut forged = held.clone();
+    forged.checkpoint.root = [7; 32];
+    let e = general.report_held_checkpoint(&forged).await.unwrap_err();
+    assert_eq!(rpc_code(e), tonic::Code::InvalidArgument);
+
+    // The sites page derives its ledger once, then adds only what is new.
+    let sites = https_get(&c, s.console, Some("alice"), "/sites")
+        .await
+        .unwrap()
+        .body;
+    assert!(sites.contains("st-mary / breast_cancer: ε 1.40"), "{sites}");
+    assert!(!sites.contains("general / breast_cancer"), "{sites}");
+
+    // The trail grows; general holds a newer checkpoint and reports it.
+    general
+        .append_payload("general/breast_cancer", &spend("general", 1, 0.8, 0.8))
+        .await
+        .unwrap();
+    let sites = https_get(&c, s.console, Some("alice"), "/sites")
+        .await
+        .unwrap()
+        .body;
+    assert!(sites.contains("st-mary / breast_cancer: ε 1.40"), "{sites}");
+    assert!(sites.contains("general / breast_cancer: ε 0.80"), "{sites}");
+    let mut general_verifier = CheckpointVerifier::new(&info.public_key, info.log_id.clone());
+    general.advance(&mut general_verifier).await.unwrap();
+    let general_held = general_verifier.latest().unwrap().clone();
+    assert!(general_held.checkpoint.tree_size > held.checkpoint.tree_size);
+    general.report_held_checkpoint(&general_held).await.unwrap();
+
+    let store = AuditStore::open(&AuditStore::sqlite_url(&s.db).unwrap())
+        .await
+        .unwrap();
+    let recorded = store.site_checkpoints().await.unwrap();
+    let sites: Vec<(&str, &str, u64)> = recorded
+        .iter()
+        .map(|r| (r.site.as_str(), r.node.as_str(), r.tree_size))
+        .collect();
+    assert_eq!(
+        sites,
+        vec![
+            (
+                "general",
+                "spiffe://acme/site/general/node",
+                general_held.checkpoint.tree_size
+            ),
+            (
+                "st-mary",
+                "spiffe://acme/site/st-mary/node",
+                held.checkpoint.tree_size
+            ),
+        ]
+    );
+    // A node reporting another site's checkpoint records it as its own site's, never the other's:
+    // the request has no site; the site is its certificate's.
+    general.report_held_checkpoint(&held).await.unwrap();
+    let after = store.site_checkpoints().await.unwrap();
+    assert_eq!(after[1], recorded[1], "st-mary's row changed");
+    assert_eq!(after[0].site, "general");
+    assert_eq!(after[0].tree_size, held.checkpoint.tree_size);
+    general.report_held_checkpoint(&general_held).await.unwrap();
+
+    // The overview: each site's held size, events behind the log's committed size, when, and who.
+    let mut body = String::new();
+    let mut n = 0;
+    for _ in 0..50 {
+        body = https_get(&c, s.console, Some("alice"), "/")
+            .await
+            .unwrap()
+            .body;
+        let count = around(&body, "event-count");
+        n = count
+            .split('>')
+            .nth(1)
+            .and_then(|t| t.split('<').next())
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if site_row(&body, "general").is_some() && n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (site, cp) in [("st-mary", &held), ("general", &general_held)] {
+        let row = site_row(&body, site).unwrap_or_else(|| panic!("no row for {site}: {body}"));
+        let size = cp.checkpoint.tree_size;
+        assert!(row.contains(&format!(">{size}<")), "{row}");
+        assert!(
+            row.contains(&format!(">{}<", n - size)),
+            "behind: {row} (log {n})"
+        );
+        assert!(
+            row.contains(&format!("spiffe://acme/site/{site}/node")),
+            "{row}"
+        );
+        assert!(row.contains(&hex::encode(cp.checkpoint.root)), "{row}");
+        assert!(row.contains(" UTC") || row.contains('Z'), "no time: {row}");
     }
     s.stop().await;
 }

@@ -9,5 +9,8 @@ mod authority;
 mod chain;
 mod console;
 mod console_attack;
+mod event_jobs;
+mod merkle_tree;
 mod quarantine;
+mod report;
 mod store;

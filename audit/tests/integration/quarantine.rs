@@ -450,6 +450,14 @@ async fn a_running_log_halts_at_a_row_forged_under_it_and_never_signs_over_it() 
             }
             other => panic!("{:?}: not halted: {other:?}", db.backend),
         }
+        // Both count as failed appends: what the TutelaAuditAppendFailing alert watches.
+        let text = tutela_protocol::metrics::render(&log.metrics().registry()).unwrap();
+        for series in [
+            "tutela_audit_appends_failed_total 2\n",
+            "tutela_audit_appends_total{result=\"failed\"} 2\n",
+        ] {
+            assert!(text.contains(series), "{:?}: {series}{text}", db.backend);
+        }
         drop(log);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let store = AuditStore::open(&db.url).await.unwrap();

@@ -199,13 +199,15 @@ impl Consortium {
     /// coordinator, which records every job, round and model there.
     pub fn start(&mut self) -> Result<()> {
         let audit_port = free_port()?;
+        // Each service's Prometheus metrics on a loopback port of its own (docs/monitoring.md).
+        let audit_metrics = free_port()?;
         let audit_dir = &self.audit_dir;
         std::fs::create_dir_all(audit_dir)?;
         let audit_toml = audit_dir.join("audit.toml");
         std::fs::write(
             &audit_toml,
             format!(
-                "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n",
+                "listen = \"127.0.0.1:{audit_port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/audit.crt\"\nkey = \"{c}/audit.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n[metrics]\nlisten = \"127.0.0.1:{audit_metrics}\"\n",
                 toml_path(audit_dir),
                 toml_path(&self.crl),
                 c = toml_path(&self.certs),
@@ -222,16 +224,19 @@ impl Consortium {
         wait_for_port(audit_port, &mut audit, "the audit service", &audit_log)?;
         self.procs.0.push(("audit".into(), audit));
         self.audit_port = audit_port;
-        println!("audit service listening on 127.0.0.1:{audit_port} (SQLite, signed checkpoints)");
+        println!(
+            "audit service listening on 127.0.0.1:{audit_port} (SQLite, signed checkpoints); metrics: http://127.0.0.1:{audit_metrics}/metrics"
+        );
 
         let port = free_port()?;
+        let coordinator_metrics = free_port()?;
         let coord_dir = self.dir.join("coordinator");
         std::fs::create_dir_all(&coord_dir)?;
         let coord_toml = coord_dir.join("coordinator.toml");
         std::fs::write(
             &coord_toml,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\n",
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{}\"\n[policy]\nmodel = \"{pd}/model.conf\"\npolicy = \"{pd}/policy.csv\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\n[metrics]\nlisten = \"127.0.0.1:{coordinator_metrics}\"\n",
                 toml_path(&coord_dir),
                 toml_path(&self.crl),
                 c = toml_path(&self.certs),
@@ -248,7 +253,9 @@ impl Consortium {
         wait_for_port(port, &mut coordinator, "the coordinator", &log)?;
         self.procs.0.push(("coordinator".into(), coordinator));
         self.port = port;
-        println!("coordinator listening on 127.0.0.1:{port} (mutual TLS 1.3)");
+        println!(
+            "coordinator listening on 127.0.0.1:{port} (mutual TLS 1.3); metrics: http://127.0.0.1:{coordinator_metrics}/metrics"
+        );
         Ok(())
     }
 
@@ -256,8 +263,10 @@ impl Consortium {
     /// keys, TLS, encryption at rest and the audit service. The caller appends its datasets.
     pub fn node_toml_head(&self, site: &str, site_dir: &Path, kek: &Path, secret: &Path) -> String {
         format!(
-            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\ncheckpoint_public_key = \"{audit_pub}\"\n",
+            "site = \"{site}\"\ncoordinator = \"localhost:{port}\"\ntorch_threads = 1\nwork_dir = \"{w}\"\nsite_secret_file = \"{secret}\"\nsite_policy = \"{sp}\"\n[tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/node-{site}.crt\"\nkey = \"{c}/node-{site}.key\"\ncrl = \"{crl}\"\n[at_rest]\nkek_file = \"{kek}\"\n[audit]\nendpoint = \"localhost:{audit_port}\"\ncheckpoint_public_key = \"{audit_pub}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
             port = self.port,
+            // Its metrics port is in its log (`metrics listening`); 0 lets the system pick one.
+            metrics = free_port().unwrap_or(0),
             audit_port = self.audit_port,
             kek = toml_path(kek),
             // The audit service made its checkpoint key at start; each site pins its public

@@ -203,3 +203,207 @@ fn a_merged_lora_checkpoint_is_verified_against_the_jobs_base() {
         "{err}"
     );
 }
+
+/// A one-hidden-layer MLP `[32, 24]`, `[32]`, `[10, 32]`, plus a `[32, 32]` middle layer, as
+/// torch writes it (`[out, in]`).
+fn mlp(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    vec![
+        (
+            "fc0.weight".into(),
+            vec![32, 24],
+            values(32 * 24, seed, 0.2),
+        ),
+        ("fc0.bias".into(), vec![32], values(32, seed + 1, 0.02)),
+        (
+            "fc1.weight".into(),
+            vec![32, 32],
+            values(32 * 32, seed + 2, 0.2),
+        ),
+        (
+            "out.weight".into(),
+            vec![10, 32],
+            values(10 * 32, seed + 3, 0.2),
+        ),
+    ]
+}
+
+/// The thief's disguise: hidden units of both layers permuted (a rotation by 7 and by 13, with
+/// the next layer's columns), every matrix written transposed, tensors renamed.
+fn permuted_and_transposed(
+    m: &[(String, Vec<usize>, Vec<f32>)],
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let p0: Vec<usize> = (0..32).map(|j| (j * 7 + 3) % 32).collect();
+    let p1: Vec<usize> = (0..32).map(|j| (j * 13 + 5) % 32).collect();
+    let get = |n: &str| m.iter().find(|(name, _, _)| name == n).unwrap().2.clone();
+    let (fc0, b0, fc1, out) = (
+        get("fc0.weight"),
+        get("fc0.bias"),
+        get("fc1.weight"),
+        get("out.weight"),
+    );
+    let (mut fc0p, mut b0p, mut fc1p, mut outp) =
+        (fc0.clone(), b0.clone(), fc1.clone(), out.clone());
+    for j in 0..32 {
+        fc0p[p0[j] * 24..(p0[j] + 1) * 24].copy_from_slice(&fc0[j * 24..(j + 1) * 24]);
+        b0p[p0[j]] = b0[j];
+    }
+    for r in 0..32 {
+        for c in 0..32 {
+            fc1p[p1[r] * 32 + p0[c]] = fc1[r * 32 + c];
+        }
+    }
+    for r in 0..10 {
+        for c in 0..32 {
+            outp[r * 32 + p1[c]] = out[r * 32 + c];
+        }
+    }
+    let t = |v: &[f32], rows: usize, cols: usize| {
+        let mut t = vec![0.0; v.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = v[r * cols + c];
+            }
+        }
+        t
+    };
+    vec![
+        ("dense.kernel".into(), vec![24, 32], t(&fc0p, 32, 24)),
+        ("dense.bias".into(), vec![32], b0p),
+        ("dense_1.kernel".into(), vec![32, 32], t(&fc1p, 32, 32)),
+        ("logits.kernel".into(), vec![32, 10], t(&outp, 10, 32)),
+    ]
+}
+
+/// Issue 14: `--reference` must be the registered model (its digest the entry's published or
+/// source digest), else it is refused naming both; with it, `--align` finds a copy whose hidden
+/// units were permuted and whose matrices were written transposed, which the plain test misses;
+/// an unrelated model stays undetected.
+#[test]
+fn a_permuted_transposed_copy_is_found_against_the_registered_reference() {
+    use tutela_audit::payload::ActionPayload;
+    use tutela_audit::payload::WatermarkRegistered;
+    use tutela_audit::store::AuditStore;
+    use tutela_audit::{Action, Chain, Timestamp};
+    use tutela_protocol::stream::model_digest_of_file;
+
+    let s = Scratch::new("watermark-align");
+    let p = |rel: &str| s.arg(rel);
+    let key = WatermarkKey::from_bytes([5; 32]);
+    std::fs::write(s.path("key"), key.to_hex()).unwrap();
+    let mark = key.mark("job-align-1");
+    write(&s.path("source.safetensors"), &mlp(11));
+    let (_, digest, report) = embed_stream(
+        &s.path("source.safetensors"),
+        SafetensorsFileSink::at(&s.path("published.safetensors")),
+        &mark,
+        DEFAULT_STRENGTH,
+    )
+    .unwrap();
+    let published = hex::encode(digest);
+    let source = hex::encode(model_digest_of_file(&s.path("source.safetensors")).unwrap());
+
+    // The trail: one watermark.registered by the coordinator.
+    let url = format!("sqlite://{}?mode=rwc", s.path("trail.db").display());
+    let registered = WatermarkRegistered {
+        job: "job-align-1".into(),
+        model_digest: published.clone(),
+        source_digest: source.clone(),
+        scheme: "spread_spectrum_v1".into(),
+        key_commitment: key.commitment(),
+        mark_id: "job-align-1".into(),
+        amplitude: report.amplitude,
+        expected_z: report.expected_z,
+        threshold: 1e-9,
+    };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = AuditStore::open(&url).await.unwrap();
+        let event = Chain::new()
+            .append(
+                Timestamp::now(),
+                "spiffe://test/coordinator",
+                Action::WatermarkRegistered,
+                published.clone(),
+                registered.to_value(),
+            )
+            .unwrap();
+        store.insert_events(&[event]).await.unwrap();
+    });
+
+    let read = |path: &str| {
+        let mut r = tutela_protocol::checkpoint::SafetensorsReader::open(&s.path(path)).unwrap();
+        r.names()
+            .into_iter()
+            .map(|n| {
+                let (shape, v) = r.read_f32(&n).unwrap();
+                (n, shape, v)
+            })
+            .collect::<Vec<_>>()
+    };
+    write(
+        &s.path("suspect.safetensors"),
+        &permuted_and_transposed(&read("published.safetensors")),
+    );
+    write(
+        &s.path("stranger.safetensors"),
+        &permuted_and_transposed(&mlp(99)),
+    );
+    let verify = |file: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["model", "verify-watermark"].map(String::from).to_vec();
+        args.extend([
+            p(file),
+            "--key".into(),
+            p("key"),
+            "--database-url".into(),
+            url.clone(),
+        ]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let run_ok = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run_fails = |args: Vec<String>| fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Tested, and not detected (exit status 1), as opposed to refused.
+    let not_detected = |args: Vec<String>| {
+        let out = super::tutela(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("not detected"), "{stdout}");
+    };
+
+    // Without alignment the disguised copy shows nothing.
+    not_detected(verify("suspect.safetensors", &[]));
+    // Aligned to the published model (unmarked with the entry's key and amplitude) or to the
+    // source: detected, and matched to the entry.
+    for reference in ["published.safetensors", "source.safetensors"] {
+        let out = run_ok(verify(
+            "suspect.safetensors",
+            &["--reference", &p(reference), "--align"],
+        ));
+        assert!(
+            out.contains("DETECTED") && out.contains("job-align-1"),
+            "{out}"
+        );
+    }
+    // An unrelated model, disguised the same way: not detected.
+    not_detected(verify(
+        "stranger.safetensors",
+        &["--reference", &p("published.safetensors"), "--align"],
+    ));
+    // A reference that is not the registered model is refused, naming both digests.
+    let stranger = hex::encode(model_digest_of_file(&s.path("stranger.safetensors")).unwrap());
+    let err = run_fails(verify(
+        "suspect.safetensors",
+        &["--reference", &p("stranger.safetensors"), "--align"],
+    ));
+    assert!(
+        err.contains(&stranger) && err.contains(&published) && err.contains(&source),
+        "{err}"
+    );
+    // --align needs a reference.
+    let err = run_fails(verify("suspect.safetensors", &["--align"]));
+    assert!(err.contains("--reference"), "{err}");
+}

@@ -13,7 +13,7 @@ use tutela_protocol::pb;
 use tutela_protocol::stream;
 use tutela_protocol::tensor::Manifest;
 
-use super::{Engine, EngineError, JobCtx, ms_to_time, new_task_id, now_ms};
+use super::{Engine, EngineError, JobCtx, ms_to_time, now_ms};
 use crate::aggregate::masked::PhasedRound;
 use crate::aggregate::plan::{JobAggregation, RoundContext};
 use crate::aggregate::{AggregateError, FinishedRound, RoundAggregation};
@@ -94,32 +94,6 @@ impl Engine {
         }
     }
 
-    pub(super) fn task(
-        &self,
-        job: &JobCtx<'_>,
-        kind: pb::TaskKind,
-        (round, attempt): (u32, u32),
-        model_id: &str,
-        strategy_json: &str,
-        deadline_ms: i64,
-    ) -> pb::Task {
-        pb::Task {
-            task_id: new_task_id(),
-            kind: kind as i32,
-            job_id: job.id.to_string(),
-            round,
-            attempt,
-            job_spec_toml: job.spec_toml.to_string(),
-            job_digest: job.digest_hex.to_string(),
-            global_model_id: model_id.to_string(),
-            strategy_config_json: strategy_json.to_string(),
-            deadline_unix_ms: deadline_ms,
-            approvals: job.approvals.to_vec(),
-            submitted_by: job.submitted_by.to_string(),
-            secagg_participants: Vec::new(),
-        }
-    }
-
     /// Asks one site for the job's initial weights, retrying with another site on failure.
     pub(super) async fn initial_model(&self, job: &JobCtx<'_>) -> Result<String, EngineError> {
         let (job_id, spec) = (job.id, job.spec);
@@ -143,8 +117,8 @@ impl Engine {
                 continue;
             };
             let deadline_ms = now_ms() + window.as_millis() as i64;
-            let task = self.task(
-                job,
+            let task = job.header().task(
+                &site,
                 pb::TaskKind::Initialize,
                 (0, attempt),
                 "",
@@ -334,8 +308,8 @@ impl Engine {
         let group = Arc::new(TaskGroup::default());
         let mut ids = Vec::new();
         for site in &participants {
-            let mut task = self.task(
-                job,
+            let mut task = job.header().task(
+                site,
                 pb::TaskKind::Train,
                 (round, attempt),
                 model_id,
@@ -443,13 +417,24 @@ impl Engine {
                 Some(Outcome::Declined { reason }) => {
                     refused.push((site, format!("declined: {reason}")))
                 }
-                None => refused.push((site, "no update by the round's deadline".to_string())),
+                // Only a statistics task is answered so; a round's tasks are update streams.
+                Some(Outcome::Released { .. }) => {
+                    refused.push((site, "sent statistics for a training task".to_string()))
+                }
+                None => {
+                    self.metrics
+                        .update_refused(crate::metrics::UpdateRefusal::Deadline);
+                    refused.push((site, "no update by the round's deadline".to_string()))
+                }
             }
         }
         // Recorded now, whatever becomes of the attempt: a refusal that makes the round fail
         // matters to a regulator as much as one the round survives.
         self.note_refusals(job_id, (round, attempt), &refused).await;
         self.unmasking(&d).await;
+        let finishing = Instant::now();
+        let finished = d.aggregator.finish();
+        self.metrics.aggregation_finished(finishing.elapsed());
         Collected {
             round: d.round,
             started: d.started,
@@ -457,7 +442,7 @@ impl Engine {
             metrics,
             refused,
             min: d.min,
-            finished: d.aggregator.finish(),
+            finished,
             manifest: d.manifest,
             global: d.global,
         }
@@ -577,9 +562,13 @@ impl Engine {
     /// `round.completed` in the audit trail (waiting while it is down).
     async fn record(&self, job_id: &JobId, r: Released) -> Result<String, EngineError> {
         let (round, attempt) = r.round;
+        // A leader on another machine goes on from these (before the round names them).
+        self.replicate_model(&r.new_model).await?;
+        self.replicate_strategy_state(job_id, round).await?;
         self.store
             .complete_round(job_id, round, attempt, &r.record)
             .await?;
+        self.metrics.round_completed(job_id.as_str());
         tracing::info!(job = %job_id, round, accepted = r.accepted, model = %r.new_model, "round completed");
         self.trail()
             .note_payload_durably(

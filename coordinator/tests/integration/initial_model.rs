@@ -107,7 +107,8 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
         &path,
         format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\ninsecure_no_policy = true\ninsecure_no_audit = true\n\
-             [tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{c}/crl.pem\"\n",
+             [tls]\nca = \"{c}/ca.crt\"\ncert = \"{c}/coordinator.crt\"\nkey = \"{c}/coordinator.key\"\ncrl = \"{c}/crl.pem\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n",
             data = data_dir.display(),
             c = c.display(),
         ),
@@ -116,6 +117,7 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
     let config = tutela_coordinator::Config::from_file(&path).unwrap();
     let coordinator = tutela_coordinator::Coordinator::bind(config).await.unwrap();
     let addr = format!("localhost:{}", coordinator.local_addr().unwrap().port());
+    let metrics = coordinator.metrics_addr().expect("[metrics] is configured");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(coordinator.serve(async move {
         let _ = stopped.await;
@@ -258,6 +260,33 @@ async fn a_rogue_initial_model_is_refused_and_the_job_does_not_start_with_it() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(stored.is_empty(), "{stored:?}");
+
+    // The metrics count the four refused uploads and the decline by bounded reason, and carry
+    // nothing of what the node sent.
+    let text = tutela_protocol::metrics::scrape(metrics).await.unwrap();
+    for (series, value) in [
+        (
+            "tutela_coordinator_updates_refused_total{reason=\"rejected\"}",
+            4,
+        ),
+        (
+            "tutela_coordinator_updates_refused_total{reason=\"declined\"}",
+            1,
+        ),
+        (
+            "tutela_coordinator_updates_refused_total{reason=\"deadline\"}",
+            0,
+        ),
+        ("tutela_coordinator_updates_accepted_total", 0),
+        ("tutela_coordinator_jobs_ended_total{outcome=\"failed\"}", 1),
+        ("tutela_coordinator_connected_nodes", 1),
+    ] {
+        assert!(
+            text.contains(&format!("\n{series} {value}\n")),
+            "{series} is not {value}:\n{text}"
+        );
+    }
+    assert!(!text.contains("SECRET") && !text.contains("evil"), "{text}");
 
     drop(tasks);
     let _ = stop.send(());

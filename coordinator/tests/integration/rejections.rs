@@ -22,7 +22,7 @@ use tutela_protocol::tls::{TlsFiles, TlsMaterial};
 
 const CONSORTIUM: &str = "rej";
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -73,22 +73,22 @@ g, spiffe://rej/site/a/user/mallory, user, site:a\n\
 p2, site:*, compliance_officer, 1\n";
 
 /// A coordinator serving in this process, the CA that issued its certificates, and the people.
-struct Running {
+pub(crate) struct Running {
     _dir: tempfile::TempDir,
     ca_dir: PathBuf,
     addr: String,
     db_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    alice: IssuedCertificate,
-    bob: IssuedCertificate,
+    pub(crate) alice: IssuedCertificate,
+    pub(crate) bob: IssuedCertificate,
     mallory: IssuedCertificate,
     /// A certificate for "alice" from another CA of the same consortium name.
     fake_alice: IssuedCertificate,
 }
 
 impl Running {
-    async fn as_(&self, stem: &str) -> JobsClient<tonic::transport::Channel> {
+    pub(crate) async fn as_(&self, stem: &str) -> JobsClient<tonic::transport::Channel> {
         let tls = ClientTls::load(
             &TlsFiles::in_dir(&self.ca_dir, stem),
             Some(Identity::new(CONSORTIUM, Principal::Coordinator).unwrap()),
@@ -97,7 +97,7 @@ impl Running {
         JobsClient::new(client::connect(&self.addr, tls).await.unwrap())
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -129,7 +129,7 @@ fn user(site: &str, name: &str) -> Principal {
     }
 }
 
-async fn start() -> Running {
+pub(crate) async fn start() -> Running {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let ca = CaDir::init(
@@ -231,7 +231,12 @@ async fn reject(
     client.reject_job(request).await.map(|r| r.into_inner())
 }
 
-fn refused(r: Result<pb::JobStatus, tonic::Status>, what: &str, code: Code, expect: &str) {
+pub(crate) fn refused(
+    r: Result<pb::JobStatus, tonic::Status>,
+    what: &str,
+    code: Code,
+    expect: &str,
+) {
     let e = r.expect_err(what);
     assert_eq!(e.code(), code, "{what}: {e:?}");
     assert!(
@@ -241,7 +246,7 @@ fn refused(r: Result<pb::JobStatus, tonic::Status>, what: &str, code: Code, expe
     );
 }
 
-async fn submit(
+pub(crate) async fn submit(
     op: &mut JobsClient<tonic::transport::Channel>,
     name: &str,
 ) -> (String, SpecDigest) {
@@ -765,56 +770,6 @@ async fn a_job_naming_a_model_no_site_has_is_refused_at_submission() {
         "unknown model in an amendment",
         Code::InvalidArgument,
         "unknown model",
-    );
-    c.stop().await;
-}
-
-/// A consortium-statistics spec (`kind = "statistics"`) is checked as one at submission (a bad
-/// value named by its key) and, valid, refused saying that this coordinator does not run the
-/// kind yet: no job is created, so no officer is asked to sign one that could never start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_statistics_job_is_validated_and_refused_until_the_coordinator_runs_the_kind() {
-    let c = start().await;
-    let mut op = c.as_("op").await;
-    let example = include_str!("../../../deploy/jobs/breast_cancer_statistics.toml");
-    refused(
-        op.submit_job(pb::SubmitJobRequest {
-            spec_toml: example.replace("target_epsilon = 1.0", "target_epsilon = -1.0"),
-        })
-        .await
-        .map(|r| r.into_inner()),
-        "a bad statistics spec",
-        Code::InvalidArgument,
-        "privacy.target_epsilon",
-    );
-    refused(
-        op.submit_job(pb::SubmitJobRequest {
-            spec_toml: example.to_string(),
-        })
-        .await
-        .map(|r| r.into_inner()),
-        "a statistics job",
-        Code::FailedPrecondition,
-        "does not run consortium-statistics jobs yet",
-    );
-    let listed = op
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.jobs.is_empty(), "{listed:?}");
-    // Nor does a proposed training job become one by amendment.
-    let (job, _) = submit(&mut op, "to-be-amended").await;
-    refused(
-        op.amend_job(pb::AmendJobRequest {
-            job_id: job,
-            spec_toml: example.to_string(),
-        })
-        .await
-        .map(|r| r.into_inner()),
-        "a statistics spec as an amendment",
-        Code::FailedPrecondition,
-        "does not run consortium-statistics jobs yet",
     );
     c.stop().await;
 }

@@ -119,7 +119,7 @@ fn at(secs: i64) -> OffsetDateTime {
 }
 
 /// A record for `round` in which site-a and site-b are accepted and site-c refused.
-fn record(round: u32) -> RoundRecord {
+pub(crate) fn record(round: u32) -> RoundRecord {
     let mut metrics = BTreeMap::new();
     metrics.insert(
         "site-a".to_string(),
@@ -264,7 +264,7 @@ async fn count(pool: &sqlx::AnyPool, sql: &'static str, job: &JobId) -> i64 {
 }
 
 /// A job of [`SPEC`] in state Running with its initial model recorded.
-async fn running_job(store: &Store) -> JobId {
+pub(crate) async fn running_job(store: &Store) -> JobId {
     let (text, spec, digest) = spec();
     let job = store
         .create_job(&text, &spec, &digest)
@@ -1483,7 +1483,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
 
         let store = open(db).await;
         let info = store.describe().await.expect("describe");
-        assert_eq!(info.schema_version, 4);
+        assert_eq!(info.schema_version, 6);
         assert_eq!(
             store.get_job(&job).await.expect("get").expect("job").state,
             JobState::Running
@@ -1555,7 +1555,7 @@ async fn state_rounds_and_resume_point_survive_reopening() {
             .fetch_one(&pool)
             .await
             .expect("count");
-        assert_eq!(n, 4, "[{}] one row per migration", db.label);
+        assert_eq!(n, 6, "[{}] one row per migration", db.label);
         assert_eq!(store.rounds(&job).await.expect("rounds").len(), 3);
         pool.close().await;
         store.close().await;
@@ -1592,7 +1592,7 @@ async fn migrations_refuse_an_edited_or_newer_schema() {
                 e,
                 StoreError::SchemaTooNew {
                     found: 999,
-                    known: 4,
+                    known: 6,
                     ..
                 }
             ),
@@ -1616,7 +1616,7 @@ async fn sqlite_store_runs_wal_with_synchronous_full() {
     assert_eq!(info.backend, Backend::Sqlite);
     assert_eq!(info.sqlite_journal_mode.as_deref(), Some("wal"));
     assert_eq!(info.sqlite_synchronous, Some(2), "2 is FULL");
-    assert_eq!(info.schema_version, 4);
+    assert_eq!(info.schema_version, 6);
     store.close().await;
 
     let e = Store::open("mysql://root:pw@localhost/x")
@@ -1624,4 +1624,42 @@ async fn sqlite_store_runs_wal_with_synchronous_full() {
         .expect_err("unsupported");
     assert!(matches!(e, StoreError::UnsupportedUrl(_)), "{e}");
     assert!(!e.to_string().contains("pw"), "no password in: {e}");
+}
+
+/// A write waits for SQLite's lock held by another writer longer than sqlx's default 5 s busy
+/// timeout, instead of failing with "database is locked" (seen with a thousand sites connecting
+/// and approving at once: tutela-loadgen, BENCHMARKS.md "Hundreds of sites").
+#[tokio::test]
+async fn a_sqlite_write_waits_for_a_lock_held_past_five_seconds() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = Store::sqlite_url(&dir.path().join("jobs.db")).expect("url");
+    let store = Store::open(&url).await.expect("open");
+    let mut other = sqlx::sqlite::SqliteConnection::connect(&url)
+        .await
+        .expect("a second connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("the write lock");
+    let holder = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("commit");
+        other
+    });
+    let started = std::time::Instant::now();
+    store
+        .register_node("a", "spiffe://c/site/a/node", OffsetDateTime::now_utc())
+        .await
+        .expect("the write waits for the lock");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.await.expect("holder").close().await.expect("close");
+    store.close().await;
 }

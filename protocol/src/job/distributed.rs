@@ -21,6 +21,11 @@
 //! to the central one): `training.local_epochs` must be 1 and `training.optimizer` "sgd" without
 //! momentum or weight decay; each is refused otherwise, with the reason.
 //!
+//! Every attempt spends: a round that is not released (too few survivors) and is retried costs
+//! each site that sent its masked input one more step. `privacy.retry_reserve` R makes the plan
+//! cover `rounds + R` steps (the noise calibrated for them, the sites' caps checked against
+//! them), so that up to R retried attempts fit within the job's target.
+//!
 //! Site-level distributed DP (each site's whole update as the unit), which this replaced, is
 //! gone: at five sites its noise swamped the sum (docs/architecture.md, "Distributed DP").
 
@@ -157,7 +162,9 @@ fn compute_plan(
             "is required with mode = \"distributed\"",
         )
     })?;
-    let rounds = u64::from(rounds);
+    // Every attempt of a round spends (its masked input left the site, released or not): the
+    // plan covers the job's rounds and the retried attempts its spec reserves ε for.
+    let rounds = u64::from(rounds) + u64::from(p.retry_reserve.unwrap_or(0));
     let accountant = p.accountant.accountant();
     // The round's metrics leave each site too: released under DP as with local DP-SGD, and
     // the steps calibrated beside them.
@@ -306,6 +313,38 @@ schema = "breast_cancer"
         )
         .unwrap_err();
         assert_eq!(e.key(), Some("privacy.sample_rate"), "{e}");
+    }
+
+    /// `retry_reserve`: in the digest, distributed mode only, bounded; the plan covers the
+    /// reserved attempts as steps (more noise per step at the same target).
+    #[test]
+    fn the_retry_reserve_is_planned_as_steps_and_belongs_to_the_distributed_mode() {
+        let plain = job(SGD, &format!("{PRIVACY}{SECURE}")).unwrap();
+        let reserved = job(SGD, &format!("{PRIVACY}retry_reserve = 4\n{SECURE}")).unwrap();
+        assert!(reserved.canonical_json().contains("\"retry_reserve\":4"));
+        assert!(!plain.canonical_json().contains("retry_reserve"));
+        assert_ne!(plain.digest(), reserved.digest());
+        let (p0, p4) = (
+            plan(&plain, 62).unwrap().unwrap(),
+            plan(&reserved, 62).unwrap().unwrap(),
+        );
+        assert_eq!((p0.dp_sgd.total_steps, p4.dp_sgd.total_steps), (20, 24));
+        assert!(p4.dp_sgd.noise_multiplier > p0.dp_sgd.noise_multiplier);
+        assert!(p4.dp_sgd.planned_epsilon <= 1.0, "{p4:?}");
+        let metrics_steps = |p: &RecordLevelPlan| p.dp_sgd.metrics.map(|m| m.steps());
+        assert!(
+            metrics_steps(&p4) > metrics_steps(&p0),
+            "the reserved attempts' metrics too"
+        );
+
+        let e = job(
+            SGD,
+            "[privacy]\nmode = \"local\"\ntarget_epsilon = 1.0\nmax_grad_norm = 1.0\nretry_reserve = 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("privacy.retry_reserve"), "{e}");
+        let e = job(SGD, &format!("{PRIVACY}retry_reserve = 1001\n{SECURE}")).unwrap_err();
+        assert_eq!(e.key(), Some("privacy.retry_reserve"), "{e}");
     }
 
     #[test]

@@ -367,6 +367,24 @@ pub enum SubmittedSpec {
     Statistics(StatisticsJobSpec),
 }
 
+impl From<&JobSpec> for SubmittedSpec {
+    fn from(spec: &JobSpec) -> Self {
+        SubmittedSpec::Training(Box::new(spec.clone()))
+    }
+}
+
+impl From<&StatisticsJobSpec> for SubmittedSpec {
+    fn from(spec: &StatisticsJobSpec) -> Self {
+        SubmittedSpec::Statistics(spec.clone())
+    }
+}
+
+impl From<&SubmittedSpec> for SubmittedSpec {
+    fn from(spec: &SubmittedSpec) -> Self {
+        spec.clone()
+    }
+}
+
 impl SubmittedSpec {
     /// Parses and validates the spec of whichever kind `text` says it is.
     pub fn from_toml_str(text: &str) -> Result<Self, SpecError> {
@@ -411,6 +429,15 @@ impl SubmittedSpec {
         match self {
             SubmittedSpec::Training(s) => &s.data,
             SubmittedSpec::Statistics(s) => &s.data,
+        }
+    }
+
+    /// The rounds the job runs: a training job's `rounds`; a statistics job's one release (its
+    /// sites each answer one task, and the job completes once the result is recorded).
+    pub fn rounds(&self) -> u32 {
+        match self {
+            SubmittedSpec::Training(s) => s.rounds,
+            SubmittedSpec::Statistics(_) => 1,
         }
     }
 }

@@ -270,6 +270,23 @@ pub fn store_model(
     Ok((digest, path))
 }
 
+/// The stream digest of a safetensors model file (its model id: what the coordinator names it
+/// by and the trail records), read one tensor at a time.
+pub fn model_digest_of_file(path: &Path) -> Result<[u8; 32], StreamError> {
+    let mut source = SafetensorsFileSource::open(path)?;
+    let manifest = source.manifest().clone();
+    let mut digest = StreamDigest::new(&manifest);
+    for i in 0..manifest.len() {
+        let bytes = source
+            .read_chunk(manifest.byte_len(i) as usize)
+            .map_err(|e| {
+                StreamError::Source(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+            })?;
+        digest.update(&bytes);
+    }
+    Ok(digest.finish())
+}
+
 /// Reads a whole safetensors model into memory: its manifest and each tensor's bytes.
 pub fn load_model(path: &Path) -> Result<(Manifest, Vec<Vec<u8>>), StreamError> {
     let mut source = SafetensorsFileSource::open(path)?;

@@ -29,7 +29,9 @@ use crate::pb::{self, tensor_frame::Frame};
 use crate::tensor::{Manifest, ManifestError, TensorSpec};
 
 mod file;
-pub use file::{SafetensorsFileSink, SafetensorsFileSource, load_model, store_model};
+pub use file::{
+    SafetensorsFileSink, SafetensorsFileSource, load_model, model_digest_of_file, store_model,
+};
 
 /// The largest chunk a sender may send and a receiver accepts: 4 MiB of tensor bytes.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;

@@ -176,6 +176,28 @@ pub(super) fn read_weights(
     })
 }
 
+/// The file's weight tensors, in file order: every floating tensor, and an INT8 export's
+/// (`tutela-int8-v1`) quantized tensors, but not their scales.
+pub(super) fn weight_names(reader: &SafetensorsReader) -> Vec<String> {
+    reader
+        .names()
+        .into_iter()
+        .filter(|name| {
+            let Some(info) = reader.info(name) else {
+                return false;
+            };
+            let quantized =
+                info.dtype == Dtype::I8 && reader.info(&int8_scale_name(name)).is_some();
+            let is_scale = name
+                .strip_suffix("_scale")
+                .and_then(|base| reader.info(base))
+                .is_some_and(|base| base.dtype == Dtype::I8);
+            let float = to_f32(info.dtype, &[]).is_some();
+            float && !is_scale || quantized
+        })
+        .collect()
+}
+
 /// Detection over a safetensors file, one shape at a time: memory is one tensor plus one
 /// accumulator of its size, whatever the model's size. Every floating tensor counts; an INT8
 /// export's (`tutela-int8-v1`) quantized tensors are dequantized (`q · scale`) and their scales
@@ -194,15 +216,67 @@ pub fn detect_file_marks(path: &Path, marks: &[MarkKey]) -> Result<Vec<Detection
 /// The unmarked model a suspect is compared with (*informed* detection, module documentation
 /// of [`super`]): the job's unmarked aggregate, which the coordinator keeps (`source_digest` of
 /// the registry entry). Its tensors are found by name and shape.
+///
+/// The registry's *published* model serves as well ([`Reference::open_published`]): its mark is
+/// taken out again with the entry's mark key and amplitude ([`super::unmark_tensor`]), which
+/// gives back the unmarked aggregate up to float rounding.
 pub struct Reference {
     reader: SafetensorsReader,
+    /// The mark to take out of each tensor read: set for the published (marked) model.
+    unmark: Option<(MarkKey, f64)>,
 }
 
 impl Reference {
+    /// The unmarked model (the registry entry's source).
     pub fn open(path: &Path) -> Result<Self, WatermarkError> {
         Ok(Reference {
             reader: SafetensorsReader::open(path)?,
+            unmark: None,
         })
+    }
+
+    /// The published model, marked with `mark` at `amplitude` (the registry entry's): each
+    /// tensor is read with the mark taken out.
+    pub fn open_published(
+        path: &Path,
+        mark: MarkKey,
+        amplitude: f64,
+    ) -> Result<Self, WatermarkError> {
+        Ok(Reference {
+            reader: SafetensorsReader::open(path)?,
+            unmark: Some((mark, amplitude)),
+        })
+    }
+
+    /// Tensor `name` (of the file's [`weight_names`]) as the unmarked model holds it.
+    fn read(&mut self, name: &str) -> Result<Vec<f32>, WatermarkError> {
+        let mut values = read_weights(&mut self.reader, name)?;
+        if let (Some((mark, amplitude)), Some(info)) = (&self.unmark, self.reader.info(name)) {
+            // The coordinator marks floating tensors only, as `embed_stream` does.
+            if to_f32(info.dtype, &[]).is_some() {
+                super::unmark_tensor(mark, &info.shape, &mut values, *amplitude);
+            }
+        }
+        Ok(values)
+    }
+
+    /// Every weight tensor, unmarked, in file order (for [`super::detect_aligned_marks`]).
+    pub fn read_all(&mut self) -> Result<Vec<super::NamedTensor>, WatermarkError> {
+        let mut out = Vec::new();
+        for name in weight_names(&self.reader) {
+            let shape = self
+                .reader
+                .info(&name)
+                .map(|i| i.shape.clone())
+                .unwrap_or_default();
+            let values = self.read(&name)?;
+            out.push(super::NamedTensor {
+                name,
+                shape,
+                values,
+            });
+        }
+        Ok(out)
     }
 
     /// Subtracts the reference's tensor `name` from `values` when it has one of that shape;
@@ -219,7 +293,7 @@ impl Reference {
         if !same {
             return Ok(false);
         }
-        let reference = read_weights(&mut self.reader, name)?;
+        let reference = self.read(name)?;
         for (v, r) in values.iter_mut().zip(reference) {
             *v -= r;
         }
@@ -235,23 +309,13 @@ pub fn detect_file_marks_against(
     marks: &[MarkKey],
 ) -> Result<Vec<Detection>, WatermarkError> {
     let mut reader = SafetensorsReader::open(path)?;
-    let names = reader.names();
     let mut groups: BTreeMap<Vec<usize>, Vec<String>> = BTreeMap::new();
-    for name in &names {
-        let Some(info) = reader.info(name) else {
+    for name in weight_names(&reader) {
+        let Some(info) = reader.info(&name) else {
             continue;
         };
-        let quantized = info.dtype == Dtype::I8 && reader.info(&int8_scale_name(name)).is_some();
-        let is_scale = name
-            .strip_suffix("_scale")
-            .and_then(|base| reader.info(base))
-            .is_some_and(|base| base.dtype == Dtype::I8);
-        let float = to_f32(info.dtype, &[]).is_some();
-        if (float && !is_scale || quantized) && marks_shape(&info.shape) {
-            groups
-                .entry(info.shape.clone())
-                .or_default()
-                .push(name.clone());
+        if marks_shape(&info.shape) {
+            groups.entry(info.shape.clone()).or_default().push(name);
         }
     }
     let mut corr: Vec<Correlation> = marks.iter().map(|_| Correlation::default()).collect();

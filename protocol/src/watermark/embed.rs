@@ -47,6 +47,52 @@ pub fn embed_tensor(mark: &MarkKey, shape: &[usize], values: &mut [f32], amplitu
     true
 }
 
+/// Removes the mark [`embed_tensor`] added with this `mark` and `amplitude`, giving back the
+/// unmarked tensor up to the float rounding of the stored values. Returns whether it did.
+///
+/// Why it is needed: the registry's *published* model is marked, and a model aligned to a
+/// marked reference picks up the mark's pattern (the alignment chooses, among many
+/// permutations, the one that best matches the reference, pattern included), which breaks the
+/// null hypothesis; aligning to the unmarked weights does not ([`super::align`]). The
+/// embedding added `a·σ·p` with `σ` the *unmarked* spread, so `σ` is solved from the marked
+/// tensor: with `c = a·σ`, `Var(w′) = σ² + 2c·Cov(w, p) + c²·Var(p)` and
+/// `Cov(w′, p) = Cov(w, p) + c·Var(p)`, hence `(1 − a²·Var(p))·σ² + 2a·Cov(w′, p)·σ − Var(w′) = 0`.
+pub fn unmark_tensor(mark: &MarkKey, shape: &[usize], values: &mut [f32], amplitude: f64) -> bool {
+    if !marks_shape(shape) || amplitude <= 0.0 || values.is_empty() {
+        return false;
+    }
+    let (mean, marked_std) = mean_std(values);
+    if !(marked_std.is_finite() && marked_std > 0.0) {
+        return false;
+    }
+    let mut pattern = mark.pattern(shape);
+    let signs: Vec<f32> = (0..values.len()).map(|_| pattern.next_sign()).collect();
+    let n = values.len() as f64;
+    let sign_mean = signs.iter().map(|&s| f64::from(s)).sum::<f64>() / n;
+    let sign_var = 1.0 - sign_mean * sign_mean;
+    let cov = values
+        .iter()
+        .zip(&signs)
+        .map(|(&v, &s)| (f64::from(v) - mean) * (f64::from(s) - sign_mean))
+        .sum::<f64>()
+        / n;
+    let qa = 1.0 - amplitude * amplitude * sign_var;
+    let qb = 2.0 * amplitude * cov;
+    let disc = qb * qb + 4.0 * qa * marked_std * marked_std;
+    if !(qa > 0.0 && disc.is_finite()) {
+        return false;
+    }
+    let std = (-qb + disc.sqrt()) / (2.0 * qa);
+    if !(std.is_finite() && std > 0.0) {
+        return false;
+    }
+    let step = (amplitude * std) as f32;
+    for (v, s) in values.iter_mut().zip(signs) {
+        *v -= step * s;
+    }
+    true
+}
+
 /// Whether the stream carries tensor `i` of `manifest` as a float the mark goes into.
 fn marked(manifest: &Manifest, i: usize) -> bool {
     let spec = &manifest.tensors()[i];

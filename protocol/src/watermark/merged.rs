@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
+use super::align::transpose;
 use super::detect::{Reference, detect_tensors_marks, read_weights};
 use super::{Detection, MarkKey, WatermarkError};
 use crate::checkpoint::{SafetensorsReader, to_f32};
@@ -55,11 +56,14 @@ pub struct RecoveredAdapter {
 }
 
 /// The adapters recovered from a merged checkpoint, and the adapted modules of the base the
-/// suspect file lacks (renamed or dropped), which therefore add nothing to the test.
+/// suspect file lacks (dropped, or renamed and changed past recognition), which therefore add
+/// nothing to the test.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MergedRecovery {
     pub adapters: Vec<RecoveredAdapter>,
     pub missing: Vec<String>,
+    /// Modules found by content under another name: (the base's name, the suspect's).
+    pub by_content: Vec<(String, String)>,
 }
 
 fn base_error(dir: &Path, reason: String) -> WatermarkError {
@@ -182,11 +186,103 @@ pub fn recover_b(
     Some(b)
 }
 
+/// A merged tensor is taken for a base module by content only when it is this close to the
+/// base's weight (`‖W′ − W‖ / ‖W‖`): a merge moves a module by its small low-rank update,
+/// while any other module of the same shape is about `√2` away (independent weights of one
+/// scale).
+pub const MAX_CONTENT_DISTANCE: f64 = 0.5;
+
+/// One adapted module of the base: its weight's name, module path and `[out, in]`.
+struct Module {
+    name: String,
+    path: String,
+    out: usize,
+    input: usize,
+}
+
+/// Where a module's merged weight is in the suspect file: the tensor's name, and whether it is
+/// stored transposed (`[in, out]`).
+struct Found {
+    name: String,
+    transposed: bool,
+}
+
+fn usable(info: &safetensors::tensor::TensorInfo) -> bool {
+    info.shape.len() == 2 && (to_f32(info.dtype, &[]).is_some() || info.dtype == Dtype::I8)
+}
+
+/// The suspect tensor, not yet taken, whose content is nearest the base weight `w` (`[out,
+/// in]`), as it is or transposed, if within [`MAX_CONTENT_DISTANCE`]. Reads one candidate at a
+/// time.
+fn find_by_content(
+    suspect: &mut SafetensorsReader,
+    taken: &std::collections::HashSet<String>,
+    w: &[f32],
+    out: usize,
+    input: usize,
+) -> Result<Option<Found>, WatermarkError> {
+    let norm = w.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    if !(norm > 0.0 && norm.is_finite()) {
+        return Ok(None);
+    }
+    let mut best: Option<(f64, Found)> = None;
+    for name in super::detect::weight_names(suspect) {
+        if taken.contains(&name) {
+            continue;
+        }
+        let Some(info) = suspect.info(&name) else {
+            continue;
+        };
+        if !usable(info) {
+            continue;
+        }
+        let shape = info.shape.clone();
+        let as_is = shape == [out, input];
+        let flipped = shape == [input, out];
+        if !as_is && !flipped {
+            continue;
+        }
+        let values = read_weights(suspect, &name)?;
+        let distance = |v: &[f32]| {
+            v.iter()
+                .zip(w)
+                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                / norm
+        };
+        let mut consider = |d: f64, transposed: bool| {
+            if d.is_finite() && best.as_ref().is_none_or(|(b, _)| d < *b) {
+                best = Some((
+                    d,
+                    Found {
+                        name: name.clone(),
+                        transposed,
+                    },
+                ));
+            }
+        };
+        if as_is {
+            consider(distance(&values), false);
+        }
+        if flipped {
+            consider(distance(&transpose(&values, input, out)), true);
+        }
+    }
+    Ok(best
+        .filter(|(d, _)| *d <= MAX_CONTENT_DISTANCE)
+        .map(|(_, found)| found))
+}
+
 /// Recovers every adapted module's `B` from the merged checkpoint `merged` (a safetensors file,
 /// or an INT8 export of one) against the base weights `base` (a file checked with
 /// [`job_base_weights`]), for the job's `[lora]` and `seed`. The adapted modules are the base's
 /// 2-D floating `X.weight` tensors whose module path `X` the job targets, as the site's decoder
-/// adapts them; the suspect's tensors are found by the same name.
+/// adapts them. The suspect's tensors are found by the same name; a module whose name the
+/// suspect lacks (renamed: another naming scheme, a prefix stripped) is found by content, the
+/// suspect tensor of its shape (or transposed) nearest the base's weight, within
+/// [`MAX_CONTENT_DISTANCE`] ([`MergedRecovery::by_content`]). That choice depends on the
+/// suspect and the base only, never on the key, so the null is unchanged.
 pub fn recover_adapters(
     merged: &Path,
     base: &Path,
@@ -197,6 +293,7 @@ pub fn recover_adapters(
     let mut suspect = SafetensorsReader::open(merged)?;
     let rank = lora.rank as usize;
     let mut recovery = MergedRecovery::default();
+    let mut modules = Vec::new();
     for name in base_reader.names() {
         let Some(info) = base_reader.info(&name).cloned() else {
             continue;
@@ -207,21 +304,59 @@ pub fn recover_adapters(
         if info.shape.len() != 2 || to_f32(info.dtype, &[]).is_none() || !lora.targets(path) {
             continue;
         }
-        let (out, input) = (info.shape[0], info.shape[1]);
-        let usable = suspect.info(&name).is_some_and(|s| {
-            s.shape == info.shape && (to_f32(s.dtype, &[]).is_some() || s.dtype == Dtype::I8)
+        modules.push(Module {
+            path: path.to_string(),
+            name: name.clone(),
+            out: info.shape[0],
+            input: info.shape[1],
         });
-        if !usable {
-            recovery.missing.push(name);
+    }
+    // By name first, so that a content match never takes a tensor its own module names.
+    let mut taken = std::collections::HashSet::new();
+    let mut located: Vec<Option<Found>> = modules
+        .iter()
+        .map(|m| {
+            let fits = suspect
+                .info(&m.name)
+                .is_some_and(|s| usable(s) && s.shape == [m.out, m.input]);
+            fits.then(|| {
+                taken.insert(m.name.clone());
+                Found {
+                    name: m.name.clone(),
+                    transposed: false,
+                }
+            })
+        })
+        .collect();
+    for (m, place) in modules.iter().zip(located.iter_mut()) {
+        if place.is_some() {
             continue;
         }
-        let w = base_reader.read_f32(&name)?.1;
-        let w_merged = read_weights(&mut suspect, &name)?;
-        let a = init_lora_a(seed, path, rank, input);
+        let w = base_reader.read_f32(&m.name)?.1;
+        *place = find_by_content(&mut suspect, &taken, &w, m.out, m.input)?;
+        if let Some(found) = place {
+            taken.insert(found.name.clone());
+            recovery
+                .by_content
+                .push((m.name.clone(), found.name.clone()));
+        }
+    }
+    for (m, place) in modules.into_iter().zip(located) {
+        let Some(found) = place else {
+            recovery.missing.push(m.name);
+            continue;
+        };
+        let (out, input) = (m.out, m.input);
+        let w = base_reader.read_f32(&m.name)?.1;
+        let mut w_merged = read_weights(&mut suspect, &found.name)?;
+        if found.transposed {
+            w_merged = transpose(&w_merged, input, out);
+        }
+        let a = init_lora_a(seed, &m.path, rank, input);
         let values =
             recover_b(&w_merged, &w, &a, out, rank, input, lora.scaling()).ok_or_else(|| {
                 WatermarkError::Tensor {
-                    name: name.clone(),
+                    name: m.name.clone(),
                     reason: format!(
                         "the adapter's rank {rank} exceeds the module's {input} inputs: its A·Aᵀ \
                      is singular and B cannot be recovered"
@@ -229,7 +364,7 @@ pub fn recover_adapters(
                 }
             })?;
         recovery.adapters.push(RecoveredAdapter {
-            name: lora_b_name(path),
+            name: lora_b_name(&m.path),
             shape: vec![out, rank],
             values,
         });

@@ -71,24 +71,32 @@
 //! do (no libtorch, no data) and which the sites' DP-SGD training would have to take on as an
 //! extra, non-private objective. A weight perturbation of this size leaves predictions
 //! essentially unchanged, which is its point; it gives a prediction-only observer nothing to
-//! test. Detection needs the weights in the tensor layout they were published in, with one
-//! exception built for it: a LoRA job's adapter merged into its base, whose `B` is recovered
-//! against the job's base and seed ([`detect_merged_marks`], module `merged`).
+//! test. The plain test needs the weights in the tensor layout they were published in; two
+//! exceptions are built for it: a LoRA job's adapter merged into its base, whose `B` is
+//! recovered against the job's base and seed, its modules found by name or, renamed, by content
+//! ([`detect_merged_marks`], module `merged`); and a copy whose hidden units were permuted or
+//! whose matrices were written transposed, laid back onto the registry's model before the
+//! informed test ([`detect_aligned_marks`], module `align`).
 
 use std::path::Path;
 
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
+mod align;
 mod detect;
 mod embed;
 mod merged;
 
+pub use align::{
+    AlignmentReport, MAX_UNITS, NamedTensor, align_to_reference, detect_aligned_marks,
+    detect_aligned_tensors, read_tensors,
+};
 pub use detect::{
     Detection, Reference, Verdict, detect_file, detect_file_marks, detect_file_marks_against,
     detect_tensors, detect_tensors_marks, verdict,
 };
-pub use embed::{EmbedReport, embed_stream, embed_tensor, plan_amplitude};
+pub use embed::{EmbedReport, embed_stream, embed_tensor, plan_amplitude, unmark_tensor};
 pub use merged::{
     MergedRecovery, RecoveredAdapter, detect_merged_marks, job_base_weights, recover_adapters,
     recover_b,

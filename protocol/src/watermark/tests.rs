@@ -489,4 +489,5 @@ fn adversarially_chosen_unmarked_models_stay_under_the_null() {
     }
 }
 
+mod align;
 mod merged;

@@ -97,6 +97,8 @@ async fn a_client_without_a_certificate_is_refused() {
     };
     let err = who_am_i(tls, &server, "").await.unwrap_err();
     assert_refused(&err, "CertificateRequired");
+    assert!(server.refused("no_client_cert").await >= 1.0);
+    assert_eq!(server.refused("unknown_ca").await, 0.0);
 }
 
 /// Under TLS 1.3 the client learns of a refused certificate at its first request: the server's
@@ -134,6 +136,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     let err = who_am_i(tls, &server, "").await.unwrap_err();
     // The rogue CA's signature does not verify under the real CA's key.
     assert_refused(&err, "DecryptError");
+    assert!(server.refused("bad_certificate").await >= 1.0);
 }
 
 #[tokio::test]
@@ -152,6 +155,7 @@ async fn an_expired_certificate_is_refused() {
     let tls = client_tls(&dir.path().join("c"), &ca, &issued, None);
     let err = who_am_i(tls, &server, "").await.unwrap_err();
     assert_refused(&err, "CertificateExpired");
+    assert!(server.refused("expired").await >= 1.0);
 }
 
 #[tokio::test]
@@ -187,6 +191,7 @@ async fn a_revoked_certificate_is_refused_after_the_crl_is_reloaded_and_its_live
     // A new connection is refused at the handshake.
     let err = who_am_i(tls.clone(), &server, "").await.unwrap_err();
     assert_refused(&err, "CertificateRevoked");
+    assert!(server.refused("revoked").await >= 1.0);
 
     // The connection opened before the revocation is closed by the server.
     let mut cut = false;
@@ -351,10 +356,12 @@ async fn a_certificate_of_another_consortium_signed_by_a_trusted_ca_is_refused()
     let addr = listener.local_addr().unwrap();
     let router = tutela_protocol::server::builder()
         .add_service(tutela_protocol::services::identity_service());
-    tokio::spawn(tutela_protocol::server::serve(
+    let metrics = tutela_protocol::metrics::prometheus::Registry::new();
+    tokio::spawn(tutela_protocol::server::serve_with_metrics(
         router,
         listener,
         tls,
+        tutela_protocol::metrics::TlsMetrics::register(&metrics).unwrap(),
         std::future::pending(),
     ));
 
@@ -373,6 +380,18 @@ async fn a_certificate_of_another_consortium_signed_by_a_trusted_ca_is_refused()
         .await
         .unwrap_err();
     assert_refused(&err, "AccessDenied");
+    // Counted as an identity this service does not take, not as an unknown CA (the server's
+    // accept task may count a moment after the client saw the alert).
+    let counted = "tutela_tls_handshakes_refused_total{reason=\"wrong_identity\"} 1\n";
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = tutela_protocol::metrics::render(&metrics).unwrap();
+        if text.contains(counted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(text.contains(counted), "{text}");
 }
 
 #[tokio::test]

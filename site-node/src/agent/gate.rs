@@ -1,6 +1,9 @@
 //! The checks a task passes before the node touches data.
 
 mod check;
+mod statistics;
+
+pub use statistics::AdmittedStatistics;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,8 +31,8 @@ pub enum Refusal {
     #[error("the task's deadline passed {late_ms} ms ago")]
     DeadlinePassed { late_ms: i64 },
     #[error(
-        "unknown task kind {0}: this node (version {NODE_VERSION}) does INITIALIZE and TRAIN \
-         (and answers CHECK without training)"
+        "unknown task kind {0}: this node (version {NODE_VERSION}) does INITIALIZE, TRAIN and \
+         STATISTICS (and answers CHECK without training)"
     )]
     UnknownKind(i32),
     #[error("{0}")]
@@ -273,6 +276,11 @@ impl TaskGate {
     }
 
     /// The node's last released update.
+    /// The site's privacy ledgers, when it keeps a budget.
+    pub fn ledgers(&self) -> Option<&Arc<SiteLedgers>> {
+        self.ledgers.as_ref()
+    }
+
     pub fn resends(&self) -> &Arc<ResendCache> {
         &self.resends
     }

@@ -67,6 +67,7 @@ mod metrics;
 pub mod readiness;
 pub mod round;
 mod secagg;
+mod statistics;
 pub mod tabular;
 mod transfer;
 mod worker;
@@ -120,6 +121,8 @@ const KEEP_MODELS: usize = 8;
 pub enum AgentError {
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Metrics(String),
     #[error("[at_rest]: {0}")]
     KeyEncryptionKey(#[from] tutela_privacy::at_rest::AtRestError),
     #[error(
@@ -169,6 +172,9 @@ pub enum AgentError {
     #[error("{0}")]
     BaseModels(String),
 }
+
+/// The pause before trying the next coordinator address after one failed.
+const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(100);
 
 /// Exponential backoff with jitter between connection attempts.
 ///
@@ -221,6 +227,8 @@ pub struct Agent {
     audit: Option<Arc<SiteAudit>>,
     /// Signs and checks secure aggregation's keys and survivor lists.
     secagg_identity: Option<Arc<secagg::SecAggIdentity>>,
+    /// The node's Prometheus metrics (`crate::node_metrics`), served with `[metrics]`.
+    metrics: Arc<crate::node_metrics::NodeMetrics>,
 }
 
 impl Agent {
@@ -448,8 +456,17 @@ impl Agent {
                 }
             },
             filters: Vec::new(),
+            metrics: Arc::new(
+                crate::node_metrics::NodeMetrics::new()
+                    .map_err(|e| AgentError::Metrics(e.to_string()))?,
+            ),
             config,
         })
+    }
+
+    /// The node's metrics handle.
+    pub fn metrics(&self) -> &Arc<crate::node_metrics::NodeMetrics> {
+        &self.metrics
     }
 
     /// Adds an update filter (DP clipping and noise, later masking). Filters run in the order
@@ -496,7 +513,24 @@ impl Agent {
             secagg_identity: self.secagg_identity,
             client: Mutex::new(None),
             answered: Mutex::new(VecDeque::new()),
+            metrics: self.metrics.clone(),
         });
+        // `[metrics]`: served for as long as the agent runs; each budget read once now, then
+        // after every round that charges it.
+        let _metrics_task = match &self.config.metrics {
+            Some(m) => Some(
+                tutela_protocol::metrics::MetricsServer::bind(m)
+                    .await
+                    .map_err(|e| AgentError::Metrics(e.to_string()))?
+                    .spawn(self.metrics.registry()),
+            ),
+            None => None,
+        };
+        if let Some(ledgers) = shared.gate.ledgers() {
+            for dataset in shared.gate.dataset_names() {
+                self.metrics.refresh_budget(ledgers, &dataset);
+            }
+        }
         // The site policy is re-read when its file changes and on SIGHUP, like the
         // coordinator's; a file that does not load leaves the policy in force (logged). The
         // tables that are not ready are re-checked on SIGHUP too, and on a backoff. The watchers
@@ -535,13 +569,25 @@ impl Agent {
             version = NODE_VERSION,
             "site node starting"
         );
+        // With several coordinator addresses (coordinators sharing one database, one leader at a
+        // time), a session that ends (the coordinator is unreachable, died, or answered that it is
+        // not the leader) is followed by one at the next address, at once; the backoff applies
+        // once every address was tried.
+        let addresses = &self.config.coordinator;
+        let mut next = 0usize;
         loop {
+            let address = addresses.nth_cyclic(next);
             let ended = tokio::select! {
                 _ = &mut shutdown => break,
-                ended = session.run(&mut backoff) => ended,
+                ended = session.run(address, &mut backoff) => ended,
             };
-            let wait = backoff.next_delay();
-            tracing::warn!(reason = %ended, retry_in_secs = wait.as_secs_f64(), "not connected to the coordinator; reconnecting");
+            next += 1;
+            let wait = if next % addresses.len().max(1) == 0 {
+                backoff.next_delay()
+            } else {
+                NEXT_ADDRESS_DELAY
+            };
+            tracing::warn!(coordinator = %address, reason = %ended, next = %addresses.nth_cyclic(next), retry_in_secs = wait.as_secs_f64(), "not connected to the coordinator; reconnecting");
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(wait) => {}

@@ -109,6 +109,10 @@ pub(super) async fn upload(
         .ok_or_else(|| Failure::Coordinator("not connected".into()))?;
     tracing::info!("uploading the update");
     let (frames, source_error) = stream::send_for_upload(source);
+    let metrics = shared.metrics.clone();
+    let frames = futures::StreamExt::inspect(frames, move |frame| {
+        metrics.uploaded_frame(prost::Message::encoded_len(frame));
+    });
     match client.submit_update(frames).await {
         Ok(r) => Ok(r.into_inner()),
         Err(status) => {

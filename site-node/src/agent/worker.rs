@@ -48,6 +48,7 @@ pub(super) struct Shared {
     pub(super) client: Mutex<Option<FederationClient<Channel>>>,
     /// Task ids already answered, oldest first.
     pub(super) answered: Mutex<VecDeque<String>>,
+    pub(super) metrics: Arc<crate::node_metrics::NodeMetrics>,
 }
 
 impl Shared {
@@ -85,16 +86,16 @@ pub(super) struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Connects, announces the node and forwards tasks until the stream ends or breaks; returns
-    /// why it ended.
-    pub(super) async fn run(&self, backoff: &mut Backoff) -> String {
+    /// Connects to the coordinator at `address`, announces the node and forwards tasks until
+    /// the stream ends or breaks; returns why it ended.
+    pub(super) async fn run(&self, address: &str, backoff: &mut Backoff) -> String {
         // Re-read on every session: a renewed certificate or a new CRL applies at the next
         // reconnect without a restart.
         let tls = match ClientTls::load(&self.config.tls, Some(self.coordinator.clone())) {
             Ok(t) => t,
             Err(e) => return format!("loading the TLS files: {e}"),
         };
-        let channel = match client::connect_lazy(&self.config.coordinator, tls) {
+        let channel = match client::connect_lazy(address, tls) {
             Ok(c) => c,
             Err(e) => return e.to_string(),
         };
@@ -102,7 +103,7 @@ impl Session<'_> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         *self.shared.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
-        tracing::info!(coordinator = %self.config.coordinator, "connecting");
+        tracing::info!(coordinator = %address, "connecting");
         let mut readiness = self.shared.gate.tables().subscribe();
         readiness.borrow_and_update();
         let mut announced = self.shared.gate.dataset_names();
@@ -111,7 +112,7 @@ impl Session<'_> {
             Err(status) => return describe_status("Connect", &status),
         };
         backoff.reset();
-        tracing::info!(coordinator = %self.config.coordinator, "connected; waiting for tasks");
+        tracing::info!(coordinator = %address, "connected; waiting for tasks");
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
@@ -203,6 +204,8 @@ pub(super) enum Done {
     Stalled,
     /// A job check answered, with this many refusals.
     Checked(usize),
+    /// A statistics job's release accepted by the coordinator.
+    StatisticsReleased,
 }
 
 /// Why a task failed.
@@ -244,13 +247,19 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
             match result {
                 Ok(Done::Uploaded(receipt)) => {
                     shared.mark_answered(&task.task_id);
+                    shared.metrics.update_accepted();
                     tracing::info!(update = %receipt.update_digest, "update accepted by the coordinator");
                 }
                 Ok(Done::Declined(failure)) => {
                     shared.mark_answered(&task.task_id);
+                    shared.metrics.task_declined(failure.code());
                     tracing::warn!(reason = %failure, "task declined");
                 }
                 Ok(Done::Skipped(reason)) => tracing::warn!(%reason, "task skipped"),
+                Ok(Done::StatisticsReleased) => {
+                    shared.mark_answered(&task.task_id);
+                    tracing::info!("statistics accepted by the coordinator");
+                }
                 Ok(Done::Checked(refusals)) => {
                     shared.mark_answered(&task.task_id);
                     tracing::info!(refusals, "job check answered");
@@ -261,6 +270,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
                     match decline(&shared, &task.task_id, &failure).await {
                         Ok(()) => {
                             shared.mark_answered(&task.task_id);
+                            shared.metrics.task_declined(failure.code());
                             tracing::warn!(reason = %failure, "task declined");
                         }
                         Err(e) => tracing::warn!(reason = %failure, error = %e, "task failed, and declining it failed too"),
@@ -274,7 +284,7 @@ pub(super) async fn worker(shared: Arc<Shared>, mut rx: mpsc::Receiver<pb::Task>
 }
 
 /// A failure inside the node itself (a panicked or cancelled blocking task): code only.
-fn internal(detail: String) -> Failure {
+pub(super) fn internal(detail: String) -> Failure {
     Failure::Decline(SiteFailure::new(FailureCode::Internal, detail))
 }
 
@@ -306,6 +316,9 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
     if task.kind == pb::TaskKind::Check as i32 {
         return answer_check(&shared, &task).await;
     }
+    if task.kind == pb::TaskKind::Statistics as i32 {
+        return super::statistics::release(&shared, &task).await;
+    }
     // Approved first: a job this site's officers did not sign never makes it fetch a base.
     let approved = match shared.gate.approve(&task) {
         Ok(a) => a,
@@ -325,7 +338,11 @@ async fn handle_task(shared: Arc<Shared>, task: pb::Task) -> Result<Done, Failur
 
 /// A task the gate refused: declined with the refusal's wire reason, or skipped when the
 /// coordinator has closed it already.
-async fn refused(shared: &Shared, task: &pb::Task, refusal: Refusal) -> Result<Done, Failure> {
+pub(super) async fn refused(
+    shared: &Shared,
+    task: &pb::Task,
+    refusal: Refusal,
+) -> Result<Done, Failure> {
     if !refusal.is_reported() {
         return Ok(Done::Skipped(refusal.to_string()));
     }
@@ -430,6 +447,7 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         train_samples = result.train_samples,
         "local round done"
     );
+    shared.metrics.round_trained(result.train_seconds);
     // Kept at once: if the spend cannot be recorded now, or the coordinator dies before it
     // answers, the round it asks for again is answered with this same update (see
     // [`crate::resend`]), once its spend is in the trail.
@@ -472,6 +490,9 @@ async fn train(shared: &Shared, task: &pb::Task, admitted: Admitted) -> Result<D
         )
         .await
         .map_err(|why| Failure::Decline(SiteFailure::new(FailureCode::AuditUnavailable, why)))?;
+    }
+    if let Some(ledgers) = &ledgers {
+        shared.metrics.refresh_budget(ledgers, &dataset_name);
     }
     let mut update = result.delta;
     super::filter::filter_update(shared, &mut update)?;

@@ -38,10 +38,10 @@ impl NodeConfig {
                 "insecure_no_audit",
                 "is set together with an [audit] table: remove `insecure_no_audit`".into(),
             )),
-            (None, true) if !is_loopback(&self.coordinator) => Err(invalid(
+            (None, true) if !self.coordinator.iter().all(is_loopback) => Err(invalid(
                 "insecure_no_audit",
                 format!(
-                    "is only for a development setup on one machine, but coordinator = {:?} is \
+                    "is only for a development setup on one machine, but coordinator = \"{}\" is \
                      not a loopback address: a node that trains for a coordinator elsewhere keeps \
                      the trail. Add an [audit] table and remove `insecure_no_audit`",
                     self.coordinator

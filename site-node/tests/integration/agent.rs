@@ -588,6 +588,15 @@ impl pb::federation_server::Federation for FakeFederation {
         let _ = request;
         Ok(Response::new(pb::CheckAnswerReply {}))
     }
+
+    async fn submit_statistics(
+        &self,
+        _request: Request<pb::StatisticsRelease>,
+    ) -> Result<Response<pb::StatisticsReceipt>, Status> {
+        Err(Status::unimplemented(
+            "the fake coordinator sends no STATISTICS task (tests/tests/e2e/statistics.rs runs one)",
+        ))
+    }
 }
 
 pub(crate) struct Coordinator {
@@ -671,6 +680,8 @@ struct Harness {
     events: mpsc::UnboundedReceiver<Event>,
     stop_node: Option<oneshot::Sender<()>>,
     node: tokio::task::JoinHandle<()>,
+    /// The running agent's metrics handle (`Agent::metrics`).
+    metrics: Arc<tutela_site_node::node_metrics::NodeMetrics>,
 }
 
 impl Harness {
@@ -732,6 +743,7 @@ impl Harness {
         };
         let config = NodeConfig::from_toml_str(&text, dir.path().join("node.toml")).unwrap();
         let agent = Agent::new(config).unwrap();
+        let metrics = agent.metrics().clone();
         let (stop_node, stopped) = oneshot::channel::<()>();
         let node = tokio::spawn(async move {
             agent
@@ -748,7 +760,31 @@ impl Harness {
             events,
             stop_node: Some(stop_node),
             node,
+            metrics,
         }
+    }
+
+    /// The sum of the node's `name` series, once it reaches `at_least` (the node counts after
+    /// the coordinator's answer, which may come a moment after the fake coordinator saw the
+    /// request); the last sum after 2 s otherwise.
+    async fn metric_sum(&self, name: &str, at_least: f64) -> f64 {
+        let mut sum = 0.0;
+        for _ in 0..100 {
+            let text = tutela_protocol::metrics::render(&self.metrics.registry()).unwrap();
+            sum = text
+                .lines()
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                })
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum();
+            if sum >= at_least {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sum
     }
 
     async fn next_event(&mut self) -> Event {
@@ -1153,6 +1189,12 @@ async fn tasks_the_node_cannot_do_are_declined_with_the_reason() {
             other => panic!("expected {} to be declined, got {other:?}", t.task_id),
         }
     }
+    // Each decline is counted once, by its refusal code; the late task was not declined.
+    assert_eq!(
+        h.metric_sum("tutela_node_tasks_declined_total", cases.len() as f64)
+            .await,
+        cases.len() as f64
+    );
     // The node is still serving.
     h.send(task(
         "init-ok",
@@ -1177,6 +1219,12 @@ async fn tasks_the_node_cannot_do_are_declined_with_the_reason() {
     }
     let (manifest, _) = h.update().await;
     assert_eq!(manifest.metadata[meta::TASK], "init-ok-2");
+    assert_eq!(
+        h.metric_sum("tutela_node_updates_uploaded_total", 2.0)
+            .await,
+        2.0
+    );
+    assert!(h.metric_sum("tutela_node_uploaded_bytes_total", 1.0).await > 0.0);
     h.shutdown().await;
 }
 

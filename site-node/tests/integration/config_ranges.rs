@@ -140,3 +140,42 @@ fn node_toml_epsilon_caps_are_refused_with_the_lines_for_the_site_policy() {
         }
     }
 }
+
+/// `coordinator` takes one `HOST:PORT` (as before) or a list of them, tried in order; an empty
+/// list, or a bad entry in it, is refused naming the key and the entry.
+#[test]
+fn coordinator_takes_one_address_or_a_list_and_checks_each() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/node.toml");
+    let shipped = std::fs::read_to_string(&path).unwrap();
+    let with = |value: toml::Value| {
+        let mut table: toml::Table = toml::from_str(&shipped).unwrap();
+        set(&mut table, &["coordinator"], value);
+        NodeConfig::from_toml_str(&toml::to_string(&table).unwrap(), &path)
+    };
+    let one = NodeConfig::from_toml_str(&shipped, &path).unwrap();
+    assert_eq!(
+        one.coordinator.iter().collect::<Vec<_>>(),
+        ["coordinator.consortium.example:7443"]
+    );
+    let list = |v: &[&str]| {
+        toml::Value::Array(
+            v.iter()
+                .map(|a| toml::Value::String(a.to_string()))
+                .collect(),
+        )
+    };
+    let two = with(list(&["c1.example:7443", "10.0.0.2:7443"])).unwrap();
+    assert_eq!(
+        two.coordinator.iter().collect::<Vec<_>>(),
+        ["c1.example:7443", "10.0.0.2:7443"]
+    );
+    assert_eq!(two.coordinator.nth_cyclic(3), "10.0.0.2:7443");
+    let e = with(list(&[])).unwrap_err().to_string();
+    assert!(e.contains("coordinator") && e.contains("empty list"), "{e}");
+    let e = with(list(&["c1.example:7443", "no-port"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("coordinator") && e.contains("no-port"), "{e}");
+    let e = with(toml::Value::Integer(7443)).unwrap_err().to_string();
+    assert!(e.contains("HOST:PORT"), "{e}");
+}

@@ -882,6 +882,154 @@ max_grad_norm = 1.0
         assert_eq!(job.steps(), 1);
     }
 
+    /// Under distributed DP every attempt of a round spends (its masked input left the site,
+    /// released or not). Each retried attempt is charged as it ran; the plan covers
+    /// `privacy.retry_reserve` of them, so the job still ends within its target; one retry past
+    /// the reserve is paid for by a later round, which the node then refuses, naming the retries
+    /// and the key. A reserve the site's caps cannot hold is refused up front, before any record
+    /// is read.
+    #[test]
+    fn distributed_retries_are_charged_each_within_the_reserve_and_refused_past_it() {
+        use tutela_privacy::ledger::MechanismKind;
+        use tutela_site_node::dp::DpSpend;
+        use tutela_site_node::jobspec::JobView;
+        let distributed = |privacy: &str| {
+            job(3.0).replace("min_sites = 1", "min_sites = 2").replace(
+                "mode = \"local\"",
+                &format!("mode = \"distributed\"\nsample_rate = 0.5\n{privacy}"),
+            ) + "[secure_aggregation]\nscale_bits = 16\n"
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ledgers =
+            Arc::new(SiteLedgers::new(dir.path().join("l"), None, budget()).with_caps(caps()));
+        let spec = distributed("retry_reserve = 2");
+        let view = JobView::from_toml_str(&spec).unwrap();
+        let (rows, dimension) = (455, 266);
+        let charge = |round: u32, attempt: u32| {
+            let plan = ledgers
+                .check_with_rows("j", round, "breast_cancer", &view, rows, dimension)?
+                .expect("a DP-SGD job");
+            let spend = DpSpend {
+                steps: 1,
+                sample_rate: plan.sample_rate,
+                effective_noise_multiplier: plan.effective_noise_multiplier,
+                kind: MechanismKind::DistributedDpSgd,
+            };
+            ledgers
+                .record(
+                    "j",
+                    (round, attempt),
+                    "breast_cancer",
+                    rows,
+                    &plan,
+                    &spend,
+                    1,
+                )
+                .map(|s| s.job_epsilon)
+        };
+        let plan = tutela_site_node::ledger::plan(&view, rows, dimension)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            plan.total_steps,
+            5 + 2,
+            "the rounds and the reserved attempts"
+        );
+
+        // Round 2 fails twice at the coordinator (too few survivors): three attempts, each
+        // charged; with the reserve of two, rounds 3 to 5 still fit.
+        charge(1, 1).unwrap();
+        for attempt in 1..=3 {
+            charge(2, attempt).unwrap();
+        }
+        for round in 3..=5 {
+            let spent = charge(round, 1).unwrap();
+            assert!(spent <= 3.0 + 1e-9, "round {round}: {spent}");
+        }
+        let ledger = ledgers.open("breast_cancer").unwrap();
+        assert_eq!(ledger.job("j").unwrap().charges.len(), 7);
+        assert_eq!(ledger.job("j").unwrap().steps(), 7);
+        let spent = ledger.spent_by_job("j", 1e-5, Accountant::Rdp).unwrap();
+        assert!(spent <= 3.0 + 1e-9 && spent > 2.9, "{spent}");
+
+        // The same job on another dataset with a third retry of round 2: charged (it fits), and
+        // then round 5 is refused: the retries ate its share. The refusal says why.
+        let other =
+            Arc::new(SiteLedgers::new(dir.path().join("m"), None, budget()).with_caps(caps()));
+        let charge_other = |round: u32, attempt: u32| {
+            let plan = other
+                .check_with_rows("j", round, "breast_cancer", &view, rows, dimension)?
+                .expect("a DP-SGD job");
+            let spend = DpSpend {
+                steps: 1,
+                sample_rate: plan.sample_rate,
+                effective_noise_multiplier: plan.effective_noise_multiplier,
+                kind: MechanismKind::DistributedDpSgd,
+            };
+            other
+                .record(
+                    "j",
+                    (round, attempt),
+                    "breast_cancer",
+                    rows,
+                    &plan,
+                    &spend,
+                    1,
+                )
+                .map(|s| s.job_epsilon)
+        };
+        charge_other(1, 1).unwrap();
+        for attempt in 1..=4 {
+            charge_other(2, attempt).unwrap();
+        }
+        charge_other(3, 1).unwrap();
+        charge_other(4, 1).unwrap();
+        let why = charge_other(5, 1).unwrap_err();
+        assert!(
+            why.contains("over the job's target ε = 3")
+                && why.contains("3 retried round attempt(s)")
+                && why.contains("privacy.retry_reserve"),
+            "{why}"
+        );
+        let ledger = other.open("breast_cancer").unwrap();
+        assert!(ledger.spent_by_job("j", 1e-5, Accountant::Rdp).unwrap() <= 3.0 + 1e-9);
+
+        // Up front: a job with an explicit noise multiplier fits the caps (per job 5, total 4)
+        // without a reserve, and not with one the caps cannot hold; the gate refuses it before
+        // any record is read (the dataset's file is gone), naming the cap.
+        let gate = TaskGate::new(BTreeMap::from([(
+            "breast_cancer".to_string(),
+            dataset_without_its_file(dir.path()),
+        )]))
+        .with_ledgers(Arc::new(
+            SiteLedgers::new(dir.path().join("n"), None, budget()).with_caps(caps()),
+        ));
+        let explicit = |reserve: u32| {
+            distributed(&format!(
+                "noise_multiplier = 3.0\nretry_reserve = {reserve}"
+            ))
+            .replace("target_epsilon = 3\n", "")
+        };
+        let planned = |reserve: u32| {
+            let view = JobView::from_toml_str(&explicit(reserve)).unwrap();
+            tutela_site_node::ledger::plan(&view, rows, dimension)
+                .unwrap()
+                .unwrap()
+                .planned_epsilon
+        };
+        assert!(
+            planned(0) < 4.0 && planned(200) > 4.0,
+            "{} {}",
+            planned(0),
+            planned(200)
+        );
+        gate.check_task(&task("k", explicit(0))).unwrap();
+        match gate.check_task(&task("k", explicit(200))) {
+            Err(Refusal::PrivacyBudget(why)) => assert!(why.contains("cap"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_node_with_caps_refuses_a_job_without_local_dp() {
         let dir = tempfile::tempdir().unwrap();

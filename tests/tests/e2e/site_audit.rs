@@ -118,6 +118,30 @@ async fn nodes_record_their_deidentification_and_decline_an_untrusted_or_reset_t
     assert_eq!(deidentified_events(d).len(), 1);
     let held = d.join("sites/st-mary/work/audit-checkpoint.json.enc");
     assert!(held.exists(), "st-mary holds no checkpoint");
+    // And it told the audit service so (`ReportHeldCheckpoint`, for the console's overview): the
+    // service keeps st-mary's latest held checkpoint, under st-mary only; general, which trusts
+    // no checkpoint of this log, reports none.
+    let held_reports = {
+        let url = format!("sqlite://{}?mode=ro", d.join("audit/audit.db").display());
+        let start = Instant::now();
+        loop {
+            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+                .await
+                .expect("the audit database");
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT site, tree_size FROM audit_site_checkpoints ORDER BY site")
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("audit_site_checkpoints");
+            if !rows.is_empty() || start.elapsed() > Duration::from_secs(15) {
+                break rows;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    assert_eq!(held_reports.len(), 1, "{held_reports:?}");
+    assert_eq!(held_reports[0].0, "st-mary", "{held_reports:?}");
+    assert!(held_reports[0].1 > 0, "{held_reports:?}");
 
     // The operator replaces the trail: same key, fresh database. st-mary declines to train.
     audit.signal("KILL");

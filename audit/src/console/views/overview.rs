@@ -1,5 +1,6 @@
 //! The overview: is the trail intact (the last verification, when, and the first bad row if it
-//! is broken), how large it is, and its signed checkpoints.
+//! is broken), how large it is, its signed checkpoints, and the checkpoint each site's node last
+//! reported holding ([`crate::held_checkpoint`]).
 
 use askama::Template;
 use axum::response::Response;
@@ -23,7 +24,20 @@ pub struct OverviewPage {
     pub events: u64,
     pub verification: VerificationView,
     pub checkpoints: Vec<CheckpointRow>,
-    pub checkpoints_total: usize,
+    pub checkpoints_total: u64,
+    pub sites: Vec<SiteHeldRow>,
+}
+
+/// The checkpoint a site's node last reported holding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteHeldRow {
+    pub site: String,
+    pub node: String,
+    pub tree_size: u64,
+    /// Events the log has committed past it.
+    pub behind: u64,
+    pub root: Digest,
+    pub reported_at: String,
 }
 
 /// The verification as the page states it.
@@ -105,12 +119,9 @@ pub struct CheckpointRow {
 
 pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, ConsoleError> {
     let store = state.log.store();
-    let checkpoints = store.checkpoints().await?;
-    let total = checkpoints.len();
-    let rows = checkpoints
+    let (newest, total) = store.newest_checkpoints(CHECKPOINTS_SHOWN as u32).await?;
+    let rows = newest
         .iter()
-        .rev()
-        .take(CHECKPOINTS_SHOWN)
         .map(|c| CheckpointRow {
             tree_size: c.checkpoint.tree_size,
             covers: match c.checkpoint.tree_size {
@@ -121,6 +132,20 @@ pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, Co
             root: Digest::new(&hex::encode(c.checkpoint.root)),
         })
         .collect();
+    let size = state.log.size();
+    let sites = store
+        .site_checkpoints()
+        .await?
+        .into_iter()
+        .map(|c| SiteHeldRow {
+            behind: size.saturating_sub(c.tree_size),
+            site: c.site,
+            node: c.node,
+            tree_size: c.tree_size,
+            root: Digest::new(&hex::encode(c.root)),
+            reported_at: utc(c.reported_at),
+        })
+        .collect();
     let page = OverviewPage {
         who: viewer.identity.clone(),
         nav: "overview",
@@ -128,10 +153,11 @@ pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, Co
         public_key: hex::encode(state.log.public_key()),
         // The log's committed size, from memory: a COUNT(*) scans millions of rows on
         // PostgreSQL. What the database holds is what the verification above reads.
-        events: state.log.size(),
+        events: size,
         verification: VerificationView::of(state.last_verification().as_ref()),
         checkpoints: rows,
         checkpoints_total: total,
+        sites,
     };
     html(StatusCode::OK, &page)
 }

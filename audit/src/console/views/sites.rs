@@ -12,13 +12,11 @@ use serde::Deserialize;
 use super::{ConsoleError, Digest, Viewer, html};
 use crate::console::ConsoleState;
 use crate::console::format::{epsilon, utc};
+use crate::console::ledger_cache::{Ledger, Spend};
 use crate::console::svg::{Chart, ledger_chart};
-use crate::event::Action;
 use crate::payload::privacy::PrivacySpent;
-use crate::payload::{ActionPayload, DatasetDeidentified, JobProposed, TextDatasetDeidentified};
+use crate::payload::{ActionPayload, DatasetDeidentified, TextDatasetDeidentified};
 
-/// The most events of each kind the page reads (the newest).
-const EVENTS_READ: u32 = 20_000;
 /// Spends listed under each chart (the newest).
 const SPENDS_LISTED: usize = 20;
 
@@ -112,49 +110,37 @@ struct KAnonSummary {
 }
 
 pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, ConsoleError> {
-    let store = state.log.store();
-    let believed = |events: Vec<crate::Event>| {
-        let flagged: std::collections::BTreeSet<u64> = state
-            .check
-            .violations(&events)
-            .into_iter()
-            .map(|v| v.seq)
-            .collect();
-        events
-            .into_iter()
-            .filter(|e| !flagged.contains(&e.seq))
-            .collect::<Vec<_>>()
-    };
-    // Caps: each job's target ε, as its signed spec states it.
-    let mut targets: BTreeMap<String, f64> = BTreeMap::new();
-    for e in store.events_of(Action::JobProposed, EVENTS_READ).await? {
-        if let Ok(p) = JobProposed::from_event(&e)
-            && let Ok(spec) = serde_json::from_value::<tutela_protocol::job::PrivacySpec>(p.privacy)
-            && let Some(t) = spec.target_epsilon
-        {
-            targets.insert(e.subject.clone(), t);
-        }
-    }
+    // Derived once per event, kept, and extended with what was appended since (see
+    // crate::console::ledger_cache for what is re-checked when).
+    let page = state
+        .ledger
+        .with(
+            state.log.store(),
+            &state.check,
+            state.log.size(),
+            |ledger| page_of(ledger, viewer),
+        )
+        .await?;
+    html(StatusCode::OK, &page)
+}
 
-    // The spends are appended by the sites' nodes: only those their authority rules believe
-    // (a node's own site) count. The authority check needs no other events for them.
-    let spends = believed(store.events_of(Action::PrivacySpent, EVENTS_READ).await?);
-    let mut by_budget: BTreeMap<(String, String), Vec<(crate::Event, PrivacySpent)>> =
-        BTreeMap::new();
-    for e in spends {
-        if let Ok(p) = PrivacySpent::from_event(&e) {
-            by_budget
-                .entry((p.site.clone(), p.dataset.clone()))
-                .or_default()
-                .push((e, p));
-        }
+/// The page from the derived ledger: the spends (believed: from their own site's node) by
+/// budget with the caps the trail records, and the de-identification reports.
+fn page_of(ledger: &Ledger, viewer: &Viewer) -> SitesPage {
+    let targets = &ledger.targets;
+    let mut by_budget: BTreeMap<(String, String), Vec<(&Spend, &PrivacySpent)>> = BTreeMap::new();
+    for s in &ledger.spends {
+        by_budget
+            .entry((s.spent.site.clone(), s.spent.dataset.clone()))
+            .or_default()
+            .push((s, &s.spent));
     }
     let datasets = by_budget
         .into_iter()
         .map(|((site, dataset), spends)| {
             let points: Vec<(i64, f64)> = spends
                 .iter()
-                .map(|(e, p)| (e.timestamp.unix_millis(), p.dataset_epsilon))
+                .map(|(s, p)| (s.timestamp.unix_millis(), p.dataset_epsilon))
                 .collect();
             let mut jobs: Vec<&str> = spends.iter().map(|(_, p)| p.job.as_str()).collect();
             jobs.sort();
@@ -179,9 +165,9 @@ pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, Co
                     .iter()
                     .rev()
                     .take(SPENDS_LISTED)
-                    .map(|(e, p)| SpendRow {
-                        seq: e.seq,
-                        time: utc(e.timestamp),
+                    .map(|(s, p)| SpendRow {
+                        seq: s.seq,
+                        time: utc(s.timestamp),
                         job: p.job.clone(),
                         round: p.round,
                         rows: p.rows,
@@ -193,76 +179,67 @@ pub async fn build(state: &ConsoleState, viewer: &Viewer) -> Result<Response, Co
         })
         .collect();
 
-    let deidentified = believed(
-        store
-            .events_of(Action::DatasetDeidentified, EVENTS_READ)
-            .await?,
-    )
-    .iter()
-    .rev()
-    .filter_map(|e| {
-        let p = DatasetDeidentified::from_event(e).ok()?;
-        let summary = serde_json::from_value::<DeidSummary>(p.report).ok();
-        let k = summary.as_ref().and_then(|s| s.k_anonymity.as_ref());
-        let opt = |v: Option<u64>| v.map_or_else(|| "—".to_string(), |v| v.to_string());
-        Some(DeidView {
-            seq: e.seq,
-            time: utc(e.timestamp),
-            site: p.site,
-            dataset: p.dataset,
-            job: p.job,
-            rows_in: opt(summary.as_ref().map(|s| s.rows_in)),
-            rows_out: opt(summary.as_ref().map(|s| s.rows_out)),
-            rows_changed: opt(summary.as_ref().and_then(|s| s.rows_changed)),
-            k: k.map_or_else(
-                || "—".into(),
-                |k| format!("{} (required {})", k.k_achieved, k.k_required),
-            ),
-            l: k.and_then(|k| k.l_achieved.map(|l| (l, k.l_required)))
-                .map_or_else(
+    let deidentified = ledger
+        .deidentified
+        .iter()
+        .rev()
+        .filter_map(|e| {
+            let p = DatasetDeidentified::from_event(e).ok()?;
+            let summary = serde_json::from_value::<DeidSummary>(p.report).ok();
+            let k = summary.as_ref().and_then(|s| s.k_anonymity.as_ref());
+            let opt = |v: Option<u64>| v.map_or_else(|| "—".to_string(), |v| v.to_string());
+            Some(DeidView {
+                seq: e.seq,
+                time: utc(e.timestamp),
+                site: p.site,
+                dataset: p.dataset,
+                job: p.job,
+                rows_in: opt(summary.as_ref().map(|s| s.rows_in)),
+                rows_out: opt(summary.as_ref().map(|s| s.rows_out)),
+                rows_changed: opt(summary.as_ref().and_then(|s| s.rows_changed)),
+                k: k.map_or_else(
                     || "—".into(),
-                    |(l, req)| match req {
-                        Some(r) => format!("{l} (required {r})"),
-                        None => l.to_string(),
-                    },
+                    |k| format!("{} (required {})", k.k_achieved, k.k_required),
                 ),
-            suppressed: opt(k.map(|k| k.suppressed_rows)),
-            commitment: p.dataset_commitment.as_deref().map(Digest::new),
+                l: k.and_then(|k| k.l_achieved.map(|l| (l, k.l_required)))
+                    .map_or_else(
+                        || "—".into(),
+                        |(l, req)| match req {
+                            Some(r) => format!("{l} (required {r})"),
+                            None => l.to_string(),
+                        },
+                    ),
+                suppressed: opt(k.map(|k| k.suppressed_rows)),
+                commitment: p.dataset_commitment.as_deref().map(Digest::new),
+            })
         })
-    })
-    .collect();
+        .collect();
 
-    let text_deidentified = believed(
-        store
-            .events_of(Action::TextDatasetDeidentified, EVENTS_READ)
-            .await?,
-    )
-    .iter()
-    .rev()
-    .filter_map(|e| {
-        let p = TextDatasetDeidentified::from_event(e).ok()?;
-        Some(TextDeidView {
-            seq: e.seq,
-            time: utc(e.timestamp),
-            site: p.site,
-            dataset: p.dataset,
-            job: p.job,
-            split_unit: p.split_unit,
-            documents_in: p.documents_in,
-            documents_out: p.documents_out,
-            commitment: Digest::new(&p.dataset_commitment),
+    let text_deidentified = ledger
+        .text_deidentified
+        .iter()
+        .rev()
+        .filter_map(|e| {
+            let p = TextDatasetDeidentified::from_event(e).ok()?;
+            Some(TextDeidView {
+                seq: e.seq,
+                time: utc(e.timestamp),
+                site: p.site,
+                dataset: p.dataset,
+                job: p.job,
+                split_unit: p.split_unit,
+                documents_in: p.documents_in,
+                documents_out: p.documents_out,
+                commitment: Digest::new(&p.dataset_commitment),
+            })
         })
-    })
-    .collect();
+        .collect();
 
-    html(
-        StatusCode::OK,
-        &SitesPage {
-            who: viewer.identity.clone(),
-            nav: "sites",
-            datasets,
-            deidentified,
-            text_deidentified,
-        },
-    )
+    SitesPage {
+        who: viewer.identity.clone(),
+        nav: "sites",
+        datasets,
+        deidentified,
+        text_deidentified,
+    }
 }

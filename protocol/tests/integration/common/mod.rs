@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use time::OffsetDateTime;
 use tutela_protocol::client::{self, ClientTls};
@@ -87,6 +88,8 @@ pub struct TestServer {
     pub tls: Arc<ReloadingServerConfig>,
     pub store_dir: PathBuf,
     pub files: TlsFiles,
+    /// Where the server counts its handshakes (`tutela_tls_handshakes_*`).
+    pub metrics: tutela_protocol::metrics::prometheus::Registry,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -131,8 +134,10 @@ pub async fn start_server(
         .add_service(store.into_service());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let tls2 = tls.clone();
+    let metrics = tutela_protocol::metrics::prometheus::Registry::new();
+    let tls_metrics = tutela_protocol::metrics::TlsMetrics::register(&metrics).unwrap();
     let task = tokio::spawn(async move {
-        tutela_protocol::server::serve(router, listener, tls2, async {
+        tutela_protocol::server::serve_with_metrics(router, listener, tls2, tls_metrics, async {
             let _ = rx.await;
         })
         .await
@@ -143,8 +148,31 @@ pub async fn start_server(
         tls,
         store_dir,
         files,
+        metrics,
         shutdown: Some(tx),
         task,
+    }
+}
+
+impl TestServer {
+    /// Waits (up to 2 s: the server counts in its accept task, which may lag the client's error)
+    /// until `tutela_tls_handshakes_refused_total{reason}` is at least 1; returns it.
+    pub async fn refused(&self, reason: &str) -> f64 {
+        let series = format!("tutela_tls_handshakes_refused_total{{reason=\"{reason}\"}} ");
+        let mut value = 0.0;
+        for _ in 0..100 {
+            let text = tutela_protocol::metrics::render(&self.metrics).unwrap();
+            value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+            if value >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        value
     }
 }
 
