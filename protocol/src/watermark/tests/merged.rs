@@ -272,6 +272,101 @@ fn informed_detection_finds_a_lora_default_mark_the_blind_test_cannot() {
     }
 }
 
+/// Issue 14: a merged checkpoint whose tensors were renamed (another naming scheme, the
+/// `model.` prefix stripped), one of them stored transposed, and written in another order is
+/// matched to the base by content and still detected; the same renaming of an unmarked merge
+/// is not.
+#[test]
+fn a_merged_checkpoint_with_renamed_tensors_is_matched_by_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    write_base(&base, 1);
+    let base_weights = base.join("model.safetensors");
+    let mark = key(9).mark("job-lora");
+    let published = dir.path().join("adapter.safetensors");
+    write(&published, &adapter(2), Dtype::F32);
+    let marked = dir.path().join("marked.safetensors");
+    embed_stream(
+        &published,
+        SafetensorsFileSink::at(&marked),
+        &mark,
+        DEFAULT_STRENGTH,
+    )
+    .unwrap();
+    let renamed = |merged: &Path, out: &Path| {
+        let mut tensors: Vec<_> = read(merged)
+            .into_iter()
+            .map(|(name, mut shape, mut values)| {
+                let name = name
+                    .trim_start_matches("model.")
+                    .replace("layers.", "h.")
+                    .replace("self_attn.", "attn.");
+                if name == "h.1.attn.v_proj.weight" {
+                    values = transpose(&values, shape[0], shape[1]);
+                    shape.reverse();
+                }
+                (name, shape, values)
+            })
+            .collect();
+        tensors.reverse();
+        write(out, &tensors, Dtype::F32);
+    };
+    let detect = |file: &Path| {
+        let (d, recovery) = detect_merged_marks(
+            file,
+            &base_weights,
+            &lora(),
+            SEED,
+            None,
+            std::slice::from_ref(&mark),
+        )
+        .unwrap();
+        (d[0], recovery)
+    };
+
+    let marked_merged = merged(&marked, &base, SEED, &dir.path().join("merged-marked"));
+    let (by_name, _) = detect(&marked_merged);
+    let suspect = dir.path().join("renamed.safetensors");
+    renamed(&marked_merged, &suspect);
+    let (d, recovery) = detect(&suspect);
+    println!(
+        "renamed merged checkpoint: z = {:.2} (by name before renaming: {:.2}), log10 p = {:.1}; \
+         {} module(s) matched by content",
+        d.z,
+        by_name.z,
+        d.log10_p(),
+        recovery.by_content.len()
+    );
+    assert!(recovery.missing.is_empty(), "{:?}", recovery.missing);
+    assert_eq!(recovery.by_content.len(), 2 * LAYERS);
+    assert!(
+        recovery.by_content.contains(&(
+            "model.layers.2.self_attn.q_proj.weight".into(),
+            "h.2.attn.q_proj.weight".into()
+        )),
+        "{:?}",
+        recovery.by_content
+    );
+    assert!(d.log10_p() < -9.0, "{d:?}");
+    assert!((d.z - by_name.z).abs() < 0.01, "{d:?} vs {by_name:?}");
+
+    let clean = merged(&published, &base, SEED, &dir.path().join("merged-clean"));
+    let suspect = dir.path().join("renamed-clean.safetensors");
+    renamed(&clean, &suspect);
+    let (d, recovery) = detect(&suspect);
+    assert_eq!(recovery.by_content.len(), 2 * LAYERS);
+    assert!(d.p_value() > 0.01, "unmarked, renamed: {d:?}");
+
+    // A model of the same layout that is not a merge of this base: nothing is taken by content.
+    let stranger = dir.path().join("stranger");
+    write_base(&stranger, 3);
+    let suspect = dir.path().join("renamed-stranger.safetensors");
+    renamed(&stranger.join("model.safetensors"), &suspect);
+    let (_, recovery) = detect(&suspect);
+    assert!(recovery.adapters.is_empty(), "{:?}", recovery.by_content);
+    assert_eq!(recovery.missing.len(), 2 * LAYERS);
+}
+
 /// Attacks on merged detection (2026-12-07, branch `attack-s8`): a suspect crafted to break the
 /// verifier rather than to carry a mark. Adapted modules full of NaN, infinities or values near
 /// f32's limit, the base itself, a module of another float dtype, an INT8 module with no scale or
@@ -389,98 +484,4 @@ fn crafted_merged_checkpoints_end_in_an_error_or_no_detection_never_a_panic() {
         let e = outcome.expect_err(what).to_string();
         assert!(e.contains(name) || e.contains("scale"), "{what}: {e}");
     }
-
-/// Issue 14: a merged checkpoint whose tensors were renamed (another naming scheme, the
-/// `model.` prefix stripped), one of them stored transposed, and written in another order is
-/// matched to the base by content and still detected; the same renaming of an unmarked merge
-/// is not.
-#[test]
-fn a_merged_checkpoint_with_renamed_tensors_is_matched_by_content() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    write_base(&base, 1);
-    let base_weights = base.join("model.safetensors");
-    let mark = key(9).mark("job-lora");
-    let published = dir.path().join("adapter.safetensors");
-    write(&published, &adapter(2), Dtype::F32);
-    let marked = dir.path().join("marked.safetensors");
-    embed_stream(
-        &published,
-        SafetensorsFileSink::at(&marked),
-        &mark,
-        DEFAULT_STRENGTH,
-    )
-    .unwrap();
-    let renamed = |merged: &Path, out: &Path| {
-        let mut tensors: Vec<_> = read(merged)
-            .into_iter()
-            .map(|(name, mut shape, mut values)| {
-                let name = name
-                    .trim_start_matches("model.")
-                    .replace("layers.", "h.")
-                    .replace("self_attn.", "attn.");
-                if name == "h.1.attn.v_proj.weight" {
-                    values = transpose(&values, shape[0], shape[1]);
-                    shape.reverse();
-                }
-                (name, shape, values)
-            })
-            .collect();
-        tensors.reverse();
-        write(out, &tensors, Dtype::F32);
-    };
-    let detect = |file: &Path| {
-        let (d, recovery) = detect_merged_marks(
-            file,
-            &base_weights,
-            &lora(),
-            SEED,
-            None,
-            std::slice::from_ref(&mark),
-        )
-        .unwrap();
-        (d[0], recovery)
-    };
-
-    let marked_merged = merged(&marked, &base, SEED, &dir.path().join("merged-marked"));
-    let (by_name, _) = detect(&marked_merged);
-    let suspect = dir.path().join("renamed.safetensors");
-    renamed(&marked_merged, &suspect);
-    let (d, recovery) = detect(&suspect);
-    println!(
-        "renamed merged checkpoint: z = {:.2} (by name before renaming: {:.2}), log10 p = {:.1}; \
-         {} module(s) matched by content",
-        d.z,
-        by_name.z,
-        d.log10_p(),
-        recovery.by_content.len()
-    );
-    assert!(recovery.missing.is_empty(), "{:?}", recovery.missing);
-    assert_eq!(recovery.by_content.len(), 2 * LAYERS);
-    assert!(
-        recovery.by_content.contains(&(
-            "model.layers.2.self_attn.q_proj.weight".into(),
-            "h.2.attn.q_proj.weight".into()
-        )),
-        "{:?}",
-        recovery.by_content
-    );
-    assert!(d.log10_p() < -9.0, "{d:?}");
-    assert!((d.z - by_name.z).abs() < 0.01, "{d:?} vs {by_name:?}");
-
-    let clean = merged(&published, &base, SEED, &dir.path().join("merged-clean"));
-    let suspect = dir.path().join("renamed-clean.safetensors");
-    renamed(&clean, &suspect);
-    let (d, recovery) = detect(&suspect);
-    assert_eq!(recovery.by_content.len(), 2 * LAYERS);
-    assert!(d.p_value() > 0.01, "unmarked, renamed: {d:?}");
-
-    // A model of the same layout that is not a merge of this base: nothing is taken by content.
-    let stranger = dir.path().join("stranger");
-    write_base(&stranger, 3);
-    let suspect = dir.path().join("renamed-stranger.safetensors");
-    renamed(&stranger.join("model.safetensors"), &suspect);
-    let (_, recovery) = detect(&suspect);
-    assert!(recovery.adapters.is_empty(), "{:?}", recovery.by_content);
-    assert_eq!(recovery.missing.len(), 2 * LAYERS);
 }
