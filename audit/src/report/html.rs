@@ -234,19 +234,7 @@ pub fn render(m: &ReportManifest) -> Result<String, ReportError> {
             s.evidence_total,
             esc(&s.evidence_kinds)
         );
-        let rows: Vec<Vec<String>> = s
-            .evidence
-            .iter()
-            .map(|e| {
-                vec![
-                    e.seq.to_string(),
-                    e.action.to_string(),
-                    utc(e.time),
-                    e.actor.clone(),
-                    e.subject.clone(),
-                ]
-            })
-            .collect();
+        let rows: Vec<Vec<String>> = s.evidence.iter().map(|e| e.table_row()).collect();
         table(
             &mut out,
             &["seq", "action", "time", "actor", "subject"].map(String::from),

@@ -168,6 +168,18 @@ impl CitedEvent {
             hash: hex::encode(e.hash),
         }
     }
+
+    /// The row both renderings (HTML and PDF) print for it: seq, action, time (UTC), actor,
+    /// subject. One place, so that the two documents cite an event alike.
+    pub fn table_row(&self) -> Vec<String> {
+        vec![
+            self.seq.to_string(),
+            self.action.to_string(),
+            crate::console::format::utc(self.time),
+            self.actor.clone(),
+            self.subject.clone(),
+        ]
+    }
 }
 
 /// A section mapped to a rule: what the rule asks, what the trail says, and the evidence.

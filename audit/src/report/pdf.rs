@@ -447,19 +447,7 @@ pub fn render(m: &ReportManifest) -> Result<Vec<u8>, ReportError> {
                 s.evidence_total, s.evidence_kinds
             ),
         );
-        let rows: Vec<Vec<String>> = s
-            .evidence
-            .iter()
-            .map(|e| {
-                vec![
-                    e.seq.to_string(),
-                    e.action.to_string(),
-                    utc(e.time),
-                    e.actor.clone(),
-                    e.subject.clone(),
-                ]
-            })
-            .collect();
+        let rows: Vec<Vec<String>> = s.evidence.iter().map(|e| e.table_row()).collect();
         lay.table(
             &["seq", "action", "time", "actor", "subject"].map(String::from),
             &rows,
