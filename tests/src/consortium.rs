@@ -511,6 +511,36 @@ impl Consortium {
         }
     }
 
+    /// `tutela job check`'s RPC for `spec`, asked again until `answered` sites have answered
+    /// (nodes announce their data a moment after they start), or the test fails after 90 s.
+    pub async fn check_until_answered(
+        &self,
+        op: &mut JobsClient<tonic::transport::Channel>,
+        spec: &str,
+        answered: usize,
+    ) -> Vec<pb::SiteCheck> {
+        let start = Instant::now();
+        loop {
+            let sites = op
+                .check_job(pb::CheckJobRequest {
+                    spec_toml: spec.to_string(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .sites;
+            if sites.iter().filter(|s| s.answered).count() == answered {
+                return sites;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "not {answered} nodes answered: {sites:#?}; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }

@@ -139,6 +139,24 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Waits until the log file `path` holds `needle` at least `count` times, and returns the log;
+/// fails the test naming the file after `timeout`.
+pub fn wait_for_log(path: &Path, needle: &str, count: usize, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{needle:?} not {count} time(s) in {} after {timeout:?}:\n{log}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The events of `action` in the audit database `db` (SQLite file), read with
 /// `tutela audit log --database-url ... --json`, oldest first.
 pub fn audit_events(db: &Path, action: &str) -> Vec<serde_json::Value> {

@@ -83,7 +83,7 @@ impl Backfill {
     }
 }
 
-/// `INSERT INTO audit_event_jobs` of `pairs`, placeholders from `$offset+1`, binds added to `args`.
+/// `INSERT INTO audit_event_jobs` of `pairs`, its bind parameters numbered from `$offset+1`, their values added to `args`.
 fn job_rows_insert(
     pairs: &[(String, i64)],
     offset: usize,
@@ -121,7 +121,7 @@ fn job_pairs(events: &[Event]) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// `INSERT INTO audit_checkpoints` of `cp`, placeholders from `$offset+1`.
+/// `INSERT INTO audit_checkpoints` of `cp`, its bind parameters numbered from `$offset+1`.
 fn checkpoint_insert(
     cp: &SignedCheckpoint,
     offset: usize,

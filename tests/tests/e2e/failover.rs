@@ -8,29 +8,12 @@
 //! so and does nothing, like the other PostgreSQL variants.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tutela_e2e::consortium::{AuditPolicy, Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::{audit_events, bin, free_port, run_ok};
+use tutela_e2e::{audit_events, bin, free_port, run_ok, wait_for_log};
 use tutela_protocol::pb;
-
-fn wait_for_log(path: &Path, needle: &str, count: usize, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.matches(needle).count() >= count {
-            return log;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{needle:?} not {count} time(s) in {} after {timeout:?}:\n{log}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// `[ha]` of coordinator `name`, reachable by nodes at `localhost:port`.
 fn ha_table(name: &str, port: u16) -> String {

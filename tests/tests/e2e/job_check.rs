@@ -64,26 +64,7 @@ async fn a_job_check_lists_every_clause_every_site_would_refuse_before_anyone_si
     // c is named by the job and never started.
     let spec = job_spec(1, 1, 30, &["a", "b", "c", "d"]);
     let mut op = c.operator().await;
-    let start = Instant::now();
-    let sites = loop {
-        let sites = op
-            .check_job(pb::CheckJobRequest {
-                spec_toml: spec.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sites;
-        if sites.iter().filter(|s| s.answered).count() == 3 {
-            break sites;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the nodes did not all answer: {sites:#?}; logs in {}",
-            dir.path().display()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let sites = c.check_until_answered(&mut op, &spec, 3).await;
     let names: Vec<&str> = sites.iter().map(|s| s.site.as_str()).collect();
     assert_eq!(names, ["a", "b", "c", "d"], "{sites:#?}");
     let policy = |clause: &str| ("policy.refused".to_string(), clause.to_string());

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tutela_e2e::consortium::{AuditPolicy, Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::{audit_events, bin, free_port, run_ok};
+use tutela_e2e::{audit_events, bin, free_port, run_ok, wait_for_log};
 use tutela_privacy::accountant::Accountant;
 use tutela_privacy::at_rest::{KeyEncryptionKey, LocalKek};
 use tutela_privacy::ledger::Ledger;
@@ -50,22 +50,6 @@ async fn submit(c: &Consortium, spec: String) -> String {
         .expect("the job is accepted")
         .into_inner()
         .job_id
-}
-
-fn wait_for_log(path: &Path, needle: &str, count: usize, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.matches(needle).count() >= count {
-            return log;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{needle:?} not {count} time(s) in {} after {timeout:?}:\n{log}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The trail's events of `action` about `job`.

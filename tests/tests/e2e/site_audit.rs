@@ -12,28 +12,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tutela_e2e::consortium::{AuditPolicy, Consortium, breast_cancer_shares, job_spec};
-use tutela_e2e::{audit_events, free_port};
+use tutela_e2e::{audit_events, free_port, wait_for_log};
 use tutela_protocol::pb;
 
 /// The trail's `dataset.deidentified` events.
 fn deidentified_events(d: &Path) -> Vec<serde_json::Value> {
     audit_events(&d.join("audit/audit.db"), "dataset.deidentified")
-}
-
-fn wait_for_log_line(path: &Path, needle: &str, timeout: Duration) -> String {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{needle:?} not in {} after {timeout:?}:\n{log}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,9 +64,10 @@ async fn nodes_record_their_deidentification_and_decline_an_untrusted_or_reset_t
     let last = run_job(2, 60).await;
     assert_eq!(last.state, "completed", "{last:?}; logs in {}", d.display());
     let general_log = d.join("sites/general/node.log");
-    wait_for_log_line(
+    wait_for_log(
         &general_log,
         "its checkpoints are not trusted",
+        1,
         Duration::from_secs(5),
     );
     let events = deidentified_events(d);
@@ -157,9 +142,10 @@ async fn nodes_record_their_deidentification_and_decline_an_untrusted_or_reset_t
     let st_mary_log = d.join("sites/st-mary/node.log");
     // Nobody appends to the fresh log before st-mary looks (the coordinator has no [audit], and
     // general is refused its key first), so it finds no checkpoint where it held one.
-    let log = wait_for_log_line(
+    let log = wait_for_log(
         &st_mary_log,
         "the trail's history was reset or replaced",
+        1,
         Duration::from_secs(5),
     );
     assert!(log.contains("task declined"), "{log}");

@@ -12,7 +12,7 @@
 //! `tutela job stats` writes, and a second job past the sites' budget is declined by each site
 //! (the clause and its numbers in the site's log), failing with every site named.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tutela_e2e::consortium::{Consortium, breast_cancer_shares};
 use tutela_e2e::repo_root;
@@ -55,26 +55,7 @@ async fn a_statistics_job_check_asks_each_site_and_its_gate_judges_the_release()
         .replace("min_sites = 3", "min_sites = 2");
     let spec = replace_schema_digest(&spec, &digest);
     let mut op = c.operator().await;
-    let start = Instant::now();
-    let sites = loop {
-        let sites = op
-            .check_job(pb::CheckJobRequest {
-                spec_toml: spec.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sites;
-        if sites.iter().filter(|s| s.answered).count() == 2 {
-            break sites;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the nodes did not both answer: {sites:#?}; logs in {}",
-            dir.path().display()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let sites = c.check_until_answered(&mut op, &spec, 2).await;
     let names: Vec<&str> = sites.iter().map(|s| s.site.as_str()).collect();
     assert_eq!(names, ["a", "b"], "{sites:#?}");
     let codes: Vec<&str> = sites[0].refusals.iter().map(|r| r.code.as_str()).collect();
